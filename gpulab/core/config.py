@@ -1,0 +1,92 @@
+"""SplitConfig: the llama.cpp settings that decide placement and memory, with their flag names."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from ..errors import ConfigError
+from .ggml_types import KV_CACHE_TYPES
+
+__all__ = ["SplitConfig", "SPLIT_MODES", "FLASH_ATTN_MODES", "parse_tensor_split"]
+
+SPLIT_MODES = ("none", "layer", "row")        # -sm, enum llama_split_mode 0..2
+FLASH_ATTN_MODES = ("auto", "on", "off")      # -fa, enum llama_flash_attn_type
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    n_gpu_layers: int = -1            # -ngl; negative: all layers (llama_model::n_gpu_layers)
+    split_mode: str = "layer"         # -sm
+    main_gpu: int = 0                 # -mg
+    tensor_split: tuple[float, ...] = ()   # -ts; empty or all zero: by free memory
+    n_ctx: int = 4096                 # -c
+    n_batch: int = 2048               # -b
+    n_ubatch: int = 512               # -ub
+    type_k: str = "f16"               # -ctk
+    type_v: str = "f16"               # -ctv
+    flash_attn: str = "auto"          # -fa
+    offload_kqv: bool = True          # -nkvo inverts it
+    devices: tuple[str, ...] = field(default=())  # --device: use only these (by llama.cpp name)
+    n_seq_max: int = 1                # -np
+    swa_full: bool = False            # --swa-full
+
+    def __post_init__(self) -> None:
+        ts = self.tensor_split
+        if not isinstance(ts, tuple):
+            object.__setattr__(self, "tensor_split", tuple(float(x) for x in ts))
+        if not isinstance(self.devices, tuple):
+            object.__setattr__(self, "devices", tuple(self.devices))
+        self._check_values()
+
+    def _check_values(self) -> None:
+        if self.split_mode not in SPLIT_MODES:
+            raise ConfigError(f"split_mode {self.split_mode!r} is not one of {', '.join(SPLIT_MODES)}")
+        if self.flash_attn not in FLASH_ATTN_MODES:
+            raise ConfigError(f"flash_attn {self.flash_attn!r} is not one of {', '.join(FLASH_ATTN_MODES)}")
+        for name in ("type_k", "type_v"):
+            t = getattr(self, name)
+            if t not in KV_CACHE_TYPES:
+                raise ConfigError(f"{name} {t!r} is not a KV cache type; use one of {', '.join(KV_CACHE_TYPES)}")
+        if self.type_v not in ("f32", "f16", "bf16") and self.flash_attn == "off":
+            # llama_init_from_model: "V cache quantization requires flash_attn"
+            raise ConfigError(f"a quantized V cache (type_v={self.type_v}) needs flash attention; use -fa on or auto")
+        for x in self.tensor_split:
+            if not math.isfinite(x) or x < 0:
+                raise ConfigError(f"tensor_split entries must be finite and >= 0, got {list(self.tensor_split)}")
+        for name in ("n_ctx", "n_batch", "n_ubatch", "n_seq_max"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.main_gpu < 0:
+            raise ConfigError(f"main_gpu must be >= 0, got {self.main_gpu}")
+
+    def check_devices(self, n_devices: int) -> None:
+        """Checks that need the number of devices llama.cpp will see (after --device)."""
+        if len(self.tensor_split) > n_devices:
+            raise ConfigError(
+                f"tensor_split has {len(self.tensor_split)} entries but there are only {n_devices} devices; "
+                f"give at most {n_devices} values")
+        if self.split_mode == "none" and n_devices and self.main_gpu >= n_devices:
+            raise ConfigError(f"main_gpu {self.main_gpu} is out of range: there are {n_devices} devices "
+                              f"(0..{n_devices - 1})")
+
+    @property
+    def default_split(self) -> bool:
+        """llama.cpp splits by free memory when tensor_split is absent or all zero."""
+        return not any(self.tensor_split)
+
+    def replace(self, **changes) -> "SplitConfig":
+        return replace(self, **changes)
+
+
+def parse_tensor_split(text: str) -> tuple[float, ...]:
+    """'3,1' or '3/1' (llama-bench) -> (3.0, 1.0)."""
+    sep = "/" if "/" in text else ","
+    try:
+        values = tuple(float(x) for x in text.split(sep) if x.strip() != "")
+    except ValueError:
+        raise ConfigError(f"cannot parse tensor split {text!r}: expected numbers like '3,1' or '3/1'") from None
+    for x in values:
+        if not math.isfinite(x) or x < 0:
+            raise ConfigError(f"tensor split {text!r}: entries must be finite and >= 0")
+    return values

@@ -1,0 +1,83 @@
+"""Device: one place llama.cpp can put layers, named as llama.cpp names it.
+
+Simulated "what-if" devices come from a spec string; the other sources (NVML, the devices
+llama.cpp sees, RPC endpoints) live in `gpulab.sources` and produce the same dataclass.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..errors import DeviceSpecError
+from .units import parse_bytes
+
+__all__ = ["Device", "parse_sim_spec", "HOST_NAME"]
+
+HOST_NAME = "CPU"  # llama.cpp's name for the host device, and the last row of every plan
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str                 # 'CUDA0', 'RPC0', 'SIM1': what llama.cpp prints in its logs
+    total_bytes: int
+    free_bytes: int
+    source: str               # 'nvml' | 'llama' | 'rpc' | 'sim'
+    kind: str = "gpu"         # 'gpu' | 'rpc' | 'cpu'  (llama.cpp lists RPC devices before GPUs)
+    description: str = ""
+    uuid: str = ""
+    pci_bus_id: str = ""
+    endpoint: str = ""        # 'host:port' for RPC devices
+    bandwidth_bytes_per_s: float | None = None   # memory bandwidth, when known
+
+    def __post_init__(self) -> None:
+        if self.total_bytes < 0 or self.free_bytes < 0:
+            raise DeviceSpecError(f"device {self.name}: memory cannot be negative")
+        if self.free_bytes > self.total_bytes:
+            raise DeviceSpecError(
+                f"device {self.name}: free memory ({self.free_bytes} B) exceeds total ({self.total_bytes} B)")
+
+    @property
+    def used_bytes(self) -> int:
+        return self.total_bytes - self.free_bytes
+
+
+# '24GiB', '24GiB@20GiB' (total@free), optionally ':1008GB/s' (memory bandwidth)
+_SIM_ITEM = re.compile(r"^(?P<total>[^@:]+)(?:@(?P<free>[^@:]+))?(?::(?P<bw>[^@:]+)/s)?$")
+
+
+def parse_sim_spec(spec: str) -> list[Device]:
+    """'24GiB,24GiB,12GiB@10GiB' -> three simulated devices SIM0..SIM2.
+
+    Each item is TOTAL[@FREE][:BANDWIDTH/s]; free defaults to total. An 'Nx' prefix repeats
+    an item: '8x24GiB' is eight 24 GiB devices.
+    """
+    if not spec or not spec.strip():
+        raise DeviceSpecError("empty device spec (try e.g. --sim 24GiB,24GiB or --sim 8x80GiB)")
+    devices: list[Device] = []
+    for raw in spec.split(","):
+        item = raw.strip().replace(" ", "")
+        count = 1
+        rep = re.match(r"^(\d+)[x*](.+)$", item)
+        if rep:
+            count, item = int(rep.group(1)), rep.group(2)
+            if count < 1 or count > 256:
+                raise DeviceSpecError(f"bad repeat count in device spec item {raw.strip()!r}")
+        m = _SIM_ITEM.match(item)
+        try:
+            if m is None:
+                raise ValueError(item)
+            total = parse_bytes(m.group("total"))
+            free = parse_bytes(m.group("free")) if m.group("free") else total
+            bw = float(parse_bytes(m.group("bw"))) if m.group("bw") else None
+        except ValueError:
+            raise DeviceSpecError(
+                f"cannot parse device spec item {raw.strip()!r}: expected TOTAL[@FREE][:BW/s], "
+                "e.g. '24GiB', '24GiB@20GiB', '80GiB:3350GB/s', '8x24GiB'") from None
+        if free > total:
+            raise DeviceSpecError(f"device spec item {raw.strip()!r}: free exceeds total")
+        for _ in range(count):
+            i = len(devices)
+            devices.append(Device(name=f"SIM{i}", total_bytes=total, free_bytes=free, source="sim",
+                                  kind="gpu", description="simulated", bandwidth_bytes_per_s=bw))
+    return devices

@@ -1,0 +1,167 @@
+"""The planner: llama.cpp's placement rules, mirrored in pure Python.
+
+Every rule names the llama.cpp function it copies (llama.cpp as vendored by the pinned
+llama-cpp-python, see pyproject.toml). Arithmetic on split points is done in float32, as
+llama.cpp does, so that layers on a split boundary land where llama.cpp puts them.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+
+import numpy as np
+
+from ..errors import ConfigError
+from .compute import estimate_compute_bytes
+from .config import SplitConfig
+from .devices import HOST_NAME, Device
+from .ggml_types import row_bytes
+from .plan import DevicePlan, Plan
+from .profile import ModelProfile
+
+__all__ = ["plan", "select_devices", "kv_cells", "split_points", "assign_layers"]
+
+_PAD = 256  # llama_context: cparams.n_ctx = GGML_PAD(n_ctx, 256)
+
+
+def _pad(x: int, n: int) -> int:
+    return (x + n - 1) // n * n
+
+
+def select_devices(devices: list[Device], config: SplitConfig) -> list[Device]:
+    """llama_prepare_model_devices (src/llama.cpp): the devices a model may use, in order.
+
+    Without --device: RPC servers first ("to minimize network transfers"), then GPUs.
+    With --device: exactly those, in the order given. split_mode none keeps devices[main_gpu].
+    """
+    if config.devices:
+        by_name = {d.name: d for d in devices}
+        missing = [n for n in config.devices if n not in by_name]
+        if missing:
+            raise ConfigError(f"unknown device(s) {', '.join(missing)}; available: "
+                              f"{', '.join(by_name) or 'none'}")
+        chosen = [by_name[n] for n in config.devices]
+    else:
+        chosen = [d for d in devices if d.kind == "rpc"] + [d for d in devices if d.kind not in ("rpc", "cpu")]
+    config.check_devices(len(chosen))
+    if config.split_mode == "none" and chosen:
+        chosen = [chosen[config.main_gpu]]
+    return chosen
+
+
+def split_points(devices: list[Device], config: SplitConfig) -> list[float]:
+    """llama_model_base::load_tensors: cumulative split points normalised to 1, in float32.
+
+    All-zero tensor_split: proportions are each device's free memory at load time.
+    """
+    n = len(devices)
+    ts = list(config.tensor_split[:n]) + [0.0] * (n - len(config.tensor_split[:n]))
+    if not any(ts):
+        raw = np.array([d.free_bytes for d in devices], dtype=np.float32)
+    else:
+        raw = np.array(ts, dtype=np.float32)
+    cum = np.cumsum(raw, dtype=np.float32)  # float split_sum += splits[i], sequentially
+    if n == 0 or cum[-1] == 0:
+        if n:
+            raise ConfigError("every device has 0 bytes free, so llama.cpp's default split is undefined; "
+                              "give -ts explicitly")
+        return []
+    return [float(x) for x in (cum / cum[-1]).astype(np.float32)]
+
+
+def assign_layers(n_layer: int, n_gpu_layers: int, devices: list[Device],
+                  points: list[float]) -> list[str]:
+    """Device name of each layer 0..n_layer (the last is the output layer).
+
+    llama_model_base::load_tensors: i_gpu_start = max(n_layer + 1 - ngl, 0); layer il goes to
+    upper_bound(splits, float(il - i_gpu_start) / act_gpu_layers); below i_gpu_start: CPU.
+    """
+    ngl = n_gpu_layers if n_gpu_layers >= 0 else n_layer + 1   # llama_model::n_gpu_layers
+    i_gpu_start = max(n_layer + 1 - ngl, 0)
+    act = min(ngl, n_layer + 1) if devices else 0
+    names = []
+    for il in range(n_layer + 1):
+        if il < i_gpu_start or il - i_gpu_start >= act:
+            names.append(HOST_NAME)
+            continue
+        frac = float(np.float32(il - i_gpu_start) / np.float32(act))
+        names.append(devices[min(bisect_right(points, frac), len(devices) - 1)].name)
+    return names
+
+
+def kv_cells(profile: ModelProfile, config: SplitConfig) -> tuple[int, int]:
+    """(cells per full-attention layer, cells per SWA layer), summed over streams.
+
+    llama_context ctor: n_ctx padded to 256, n_ctx_seq = pad(n_ctx / n_seq_max, 256) per stream;
+    llama_kv_cache_iswa: size_swa = pad(min(size_base, n_swa + n_ubatch), 256) unless --swa-full.
+    """
+    n_ctx = _pad(config.n_ctx, _PAD)
+    n_ctx_seq = _pad(n_ctx // config.n_seq_max, _PAD)
+    n_stream = config.n_seq_max
+    base = n_ctx_seq
+    swa = base
+    if profile.n_swa and not config.swa_full:
+        swa = _pad(min(base, profile.n_swa + config.n_ubatch), _PAD)
+    return base * n_stream, swa * n_stream
+
+
+def _flash_attn_on(config: SplitConfig) -> bool:
+    # 'auto' resolves to on wherever the device supports it (CPU, CUDA, RPC all do)
+    return config.flash_attn != "off"
+
+
+def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | None = None,
+         host: Device | None = None) -> Plan:
+    """Predict llama.cpp's placement and per-device memory for `config` on `devices`.
+
+    `devices` are the offload devices (GPUs, RPC servers, simulated); `host` is the CPU with
+    system memory (None: unknown, then the host row has 0 free and is never "over-full").
+    """
+    config = config or SplitConfig()
+    used = select_devices(devices, config)
+    points = split_points(used, config)
+    layer_devices = assign_layers(profile.n_layer, config.n_gpu_layers, used, points)
+
+    names = [d.name for d in used] + [HOST_NAME]
+    weights = dict.fromkeys(names, 0)
+    kv = dict.fromkeys(names, 0)
+    n_layers = dict.fromkeys(names, 0)
+
+    # input layer: always on the CPU ("very little benefit to offloading the input layer")
+    weights[HOST_NAME] += profile.input_weights_bytes
+    out_dev = layer_devices[profile.n_layer]
+    weights[out_dev] += sum(t.n_bytes for t in profile.output_tensors)
+    if profile.tied_output and out_dev != HOST_NAME and profile.token_embd is not None:
+        # llama_model_loader::create_tensor: TENSOR_DUPLICATED token_embd loaded as the output
+        weights[out_dev] += profile.token_embd.n_bytes
+
+    full_cells, swa_cells = kv_cells(profile, config)
+    v_trans = not _flash_attn_on(config)
+    v_max = max((l.n_embd_v_gqa for l in profile.layers if l.has_kv), default=0)
+    for layer in profile.layers:
+        dev = layer_devices[layer.index]
+        weights[dev] += layer.weights_bytes
+        n_layers[dev] += 1
+        if not layer.has_kv:
+            continue
+        # llama_kv_cache ctor: a layer's K/V live on model.dev_layer(il) when offloading
+        kv_dev = dev if config.offload_kqv else HOST_NAME
+        cells = swa_cells if layer.is_swa else full_cells
+        n_v = v_max if v_trans else layer.n_embd_v_gqa
+        kv[kv_dev] += cells * (row_bytes(config.type_k, layer.n_embd_k_gqa) + row_bytes(config.type_v, n_v))
+
+    compute = estimate_compute_bytes(profile, config, layer_devices, names)
+
+    by_name = {d.name: d for d in used}
+    rows = []
+    for name in names:
+        is_host = name == HOST_NAME
+        src = host if is_host else by_name[name]
+        rows.append(DevicePlan(
+            name=name,
+            total_bytes=src.total_bytes if src else 0,
+            free_bytes=src.free_bytes if src else 0,
+            weights_bytes=weights[name], kv_bytes=kv[name], compute_bytes=compute.get(name, 0),
+            n_layers=n_layers[name], has_output=out_dev == name, is_host=is_host))
+    return Plan(profile=profile, config=config, devices=tuple(rows), layer_devices=tuple(layer_devices),
+                split_points=tuple(points), kv_cells=full_cells, kv_cells_swa=swa_cells)

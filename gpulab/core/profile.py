@@ -1,0 +1,105 @@
+"""ModelProfile: what the planner needs to know of a GGUF, read without its weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["TensorInfo", "LayerProfile", "ModelProfile"]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str            # as in the GGUF: 'blk.3.attn_q.weight'
+    ggml_type: str       # 'Q4_0', 'F16', ...
+    shape: tuple[int, ...]  # ggml order (ne0 first)
+    n_bytes: int
+
+    @property
+    def is_expert(self) -> bool:
+        # MoE expert tensors: ffn_{gate,up,down}_exps (and their fused/bias variants)
+        return "_exps" in self.name
+
+
+@dataclass(frozen=True)
+class LayerProfile:
+    """One repeating block `blk.N`; its KV geometry follows llama_hparams (per-layer arrays)."""
+
+    index: int
+    tensors: tuple[TensorInfo, ...]
+    n_head: int
+    n_head_kv: int
+    n_embd_head_k: int
+    n_embd_head_v: int
+    is_swa: bool = False     # sliding-window attention layer (smaller KV cache)
+    has_kv: bool = True      # False for layers without attention (recurrent, shared KV)
+
+    @property
+    def weights_bytes(self) -> int:
+        return sum(t.n_bytes for t in self.tensors)
+
+    @property
+    def expert_bytes(self) -> int:
+        return sum(t.n_bytes for t in self.tensors if t.is_expert)
+
+    @property
+    def n_embd_k_gqa(self) -> int:
+        return self.n_embd_head_k * self.n_head_kv
+
+    @property
+    def n_embd_v_gqa(self) -> int:
+        return self.n_embd_head_v * self.n_head_kv
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    path: str
+    arch: str
+    name: str
+    file_bytes: int
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_vocab: int
+    n_ctx_train: int
+    layers: tuple[LayerProfile, ...]
+    # tensors of llama.cpp's input layer (always on the CPU): token_embd, pos_embd, ...
+    input_tensors: tuple[TensorInfo, ...]
+    # tensors of the output layer (index n_layer): output_norm, output, ...
+    output_tensors: tuple[TensorInfo, ...]
+    # no `output.weight` in the file: llama.cpp duplicates token_embd as the output matrix
+    tied_output: bool
+    n_expert: int = 0
+    n_expert_used: int = 0
+    n_swa: int = 0           # sliding window size in tokens (0: none)
+    file_type: str = ""      # 'Q4_1', 'MOSTLY_Q4_0', ... as the GGUF names it
+    other_tensors: tuple[TensorInfo, ...] = ()   # not placed by the planner (e.g. rope_freqs)
+    metadata: dict = field(default_factory=dict, compare=False, hash=False)  # scalar KV pairs
+
+    @property
+    def output_layer(self) -> int:
+        """llama.cpp numbers the output layer n_layer: the first to be offloaded."""
+        return self.n_layer
+
+    @property
+    def token_embd(self) -> TensorInfo | None:
+        return next((t for t in self.input_tensors if t.name == "token_embd.weight"), None)
+
+    @property
+    def output_weights_bytes(self) -> int:
+        """Bytes of the output layer, including the duplicated token_embd when tied."""
+        own = sum(t.n_bytes for t in self.output_tensors)
+        emb = self.token_embd
+        return own + (emb.n_bytes if self.tied_output and emb is not None else 0)
+
+    @property
+    def input_weights_bytes(self) -> int:
+        return sum(t.n_bytes for t in self.input_tensors)
+
+    @property
+    def weights_bytes(self) -> int:
+        return sum(l.weights_bytes for l in self.layers) + sum(
+            t.n_bytes for t in self.input_tensors + self.output_tensors + self.other_tensors)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_expert > 0
