@@ -65,7 +65,7 @@ def parse_sim_spec(spec: str) -> list[Device]:
                 raise DeviceSpecError(f"bad repeat count in device spec item {raw.strip()!r}")
         m = _SIM_ITEM.match(item)
         try:
-            if m is None:
+            if m is None or not re.search(r"[a-zA-Z]$", m.group("total")):  # '24' is a typo, not 24 bytes
                 raise ValueError(item)
             total = parse_bytes(m.group("total"))
             free = parse_bytes(m.group("free")) if m.group("free") else total

@@ -7,8 +7,6 @@ llama.cpp does, so that layers on a split boundary land where llama.cpp puts the
 
 from __future__ import annotations
 
-from bisect import bisect_right
-
 import numpy as np
 
 from ..errors import ConfigError
@@ -79,13 +77,15 @@ def assign_layers(n_layer: int, n_gpu_layers: int, devices: list[Device],
     ngl = n_gpu_layers if n_gpu_layers >= 0 else n_layer + 1   # llama_model::n_gpu_layers
     i_gpu_start = max(n_layer + 1 - ngl, 0)
     act = min(ngl, n_layer + 1) if devices else 0
-    names = []
-    for il in range(n_layer + 1):
-        if il < i_gpu_start or il - i_gpu_start >= act:
-            names.append(HOST_NAME)
-            continue
-        frac = float(np.float32(il - i_gpu_start) / np.float32(act))
-        names.append(devices[min(bisect_right(points, frac), len(devices) - 1)].name)
+    names = [HOST_NAME] * (n_layer + 1)
+    if act == 0:
+        return names
+    # float(il - i_gpu_start) / act_gpu_layers, in float32 like llama.cpp
+    fracs = np.arange(act, dtype=np.float32) / np.float32(act)
+    idx = np.searchsorted(np.asarray(points, dtype=np.float32), fracs, side="right")  # upper_bound
+    last = len(devices) - 1
+    for k, i in enumerate(idx.tolist()):
+        names[i_gpu_start + k] = devices[min(i, last)].name
     return names
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 __all__ = ["TensorInfo", "LayerProfile", "ModelProfile"]
 
@@ -33,7 +34,7 @@ class LayerProfile:
     is_swa: bool = False     # sliding-window attention layer (smaller KV cache)
     has_kv: bool = True      # False for layers without attention (recurrent, shared KV)
 
-    @property
+    @cached_property  # the planner reads this for every layer on every slider move
     def weights_bytes(self) -> int:
         return sum(t.n_bytes for t in self.tensors)
 

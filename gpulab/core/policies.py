@@ -1,0 +1,104 @@
+"""Policies: ways to choose a tensor_split, each returning the split llama.cpp should be given.
+
+- llama          llama.cpp's own default: no -ts, proportions = free memory at load time
+- ollama-spread  Ollama's legacy scheduler: layers dealt round-robin to every visible GPU, so a
+                 61-block model on 8 GPUs gets -ts 8,8,8,8,8,8,7,7 however small it is
+- pack           the fewest devices (largest free memory first) that hold the model
+- balanced       equal free memory left on every device
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ..errors import ConfigError
+from .config import SplitConfig
+from .devices import Device
+from .planner import plan, select_devices
+from .profile import ModelProfile
+
+__all__ = ["POLICIES", "apply_policy", "policy_split"]
+
+POLICIES = ("llama", "ollama-spread", "pack", "balanced")
+
+
+def _n_offloaded(profile: ModelProfile, config: SplitConfig) -> int:
+    ngl = config.n_gpu_layers
+    return profile.n_layer + 1 if ngl < 0 else min(ngl, profile.n_layer + 1)
+
+
+def _ollama_spread(profile: ModelProfile, used: list[Device], config: SplitConfig) -> tuple[float, ...]:
+    # Ollama (llm/memory.go, before per-model GPU selection): layers, the output layer counted,
+    # dealt one at a time across all GPUs; the counts were passed as --tensor-split.
+    n, count = len(used), _n_offloaded(profile, config)
+    return tuple(float(count // n + (1 if i < count % n else 0)) for i in range(n))
+
+
+def _pack(used: list[Device], try_split) -> tuple[float, ...]:
+    order = sorted(range(len(used)), key=lambda i: -used[i].free_bytes)
+    for k in range(1, len(used) + 1):
+        chosen = set(order[:k])
+        split = tuple(float(used[i].free_bytes) if i in chosen else 0.0 for i in range(len(used)))
+        if try_split(split).fits:
+            return split
+    return tuple(float(d.free_bytes) for d in used)   # nothing fits: llama.cpp's proportions
+
+
+def _balanced(used: list[Device], try_split) -> tuple[float, ...]:
+    # Water-filling: aim every device at the same headroom c, take_i = free_i - fixed_i - c with
+    # sum(take_i) = need; a device whose share would be negative drops out. Then correct the
+    # targets by the headroom the planner actually leaves (layers are whole, the output layer
+    # is bigger), keeping the split with the smallest spread.
+    free = [float(d.free_bytes) for d in used]
+    base = try_split(tuple(free))
+    fixed = [d.compute_bytes for d in base.offload_devices]
+    need = float(sum(d.weights_bytes + d.kv_bytes for d in base.offload_devices))
+    active = [i for i in range(len(used)) if free[i] - fixed[i] > 0]
+    take: dict[int, float] = {}
+    while active:
+        c = (sum(free[i] - fixed[i] for i in active) - need) / len(active)
+        take = {i: free[i] - fixed[i] - c for i in active}
+        if all(v > 0 for v in take.values()):
+            break
+        active = [i for i in active if take[i] > 0]
+    if not active:
+        return tuple(free)
+    target = [take.get(i, 0.0) for i in range(len(used))]
+    best, best_spread = target, float("inf")
+    for _ in range(6):
+        got = try_split(tuple(target))
+        left = [d.free_bytes - d.used_bytes for d in got.offload_devices]
+        spread = max(left[i] for i in active) - min(left[i] for i in active)
+        if spread < best_spread:
+            best, best_spread = list(target), spread
+        mean = sum(left[i] for i in active) / len(active)
+        target = [max(0.0, t + (left[i] - mean)) if i in active else 0.0 for i, t in enumerate(target)]
+    top = max(best)
+    return tuple(round(t / top, 4) for t in best)
+
+
+def policy_split(name: str, profile: ModelProfile, devices: list[Device], config: SplitConfig | None = None,
+                 host: Device | None = None) -> tuple[float, ...]:
+    """The tensor_split a policy chooses for the devices `config` selects (empty for 'llama')."""
+    config = config or SplitConfig()
+    if name not in POLICIES:
+        raise ConfigError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
+    if name == "llama" or config.split_mode == "none":
+        return ()
+    used = select_devices(devices, replace(config, tensor_split=()))
+    if not used:
+        return ()
+    if name == "ollama-spread":
+        return _ollama_spread(profile, used, config)
+    def try_split(split: tuple[float, ...]):
+        return plan(profile, devices, replace(config, tensor_split=split), host)
+
+    if name == "pack":
+        return _pack(used, try_split)
+    return _balanced(used, try_split)
+
+
+def apply_policy(name: str, profile: ModelProfile, devices: list[Device], config: SplitConfig | None = None,
+                 host: Device | None = None) -> SplitConfig:
+    config = config or SplitConfig()
+    return replace(config, tensor_split=policy_split(name, profile, devices, config, host))

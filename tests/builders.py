@@ -1,0 +1,26 @@
+"""Hand-built objects for unit tests (importable as `builders`: tests/ is on pythonpath)."""
+
+from __future__ import annotations
+
+from gpulab.core.profile import LayerProfile, ModelProfile, TensorInfo
+
+MiB = 1024**2
+
+
+def make_profile(n_layer: int = 30, layer_bytes: int = 60 * MiB, n_head: int = 32, n_head_kv: int = 8,
+                 head_dim: int = 128, embd_bytes: int = 300 * MiB, out_bytes: int = 400 * MiB,
+                 tied: bool = False, swa_layers: tuple[int, ...] = (), n_swa: int = 0,
+                 n_vocab: int = 128256, n_embd: int = 4096) -> ModelProfile:
+    """A hand-built profile for planner rules; its shape, not its file, matters."""
+    layers = tuple(
+        LayerProfile(index=i, tensors=(TensorInfo(f"blk.{i}.ffn_down.weight", "Q4_0", (n_embd, n_embd), layer_bytes),),
+                     n_head=n_head, n_head_kv=n_head_kv, n_embd_head_k=head_dim, n_embd_head_v=head_dim,
+                     is_swa=i in swa_layers)
+        for i in range(n_layer))
+    out = (TensorInfo("output_norm.weight", "F32", (n_embd,), 4 * n_embd),)
+    if not tied:
+        out += (TensorInfo("output.weight", "Q6_K", (n_embd, n_vocab), out_bytes),)
+    return ModelProfile(path="hand-built", arch="llama", name="hand-built", file_bytes=0, n_layer=n_layer,
+                        n_embd=n_embd, n_ff=4 * n_embd, n_vocab=n_vocab, n_ctx_train=8192, layers=layers,
+                        input_tensors=(TensorInfo("token_embd.weight", "Q4_0", (n_embd, n_vocab), embd_bytes),),
+                        output_tensors=out, tied_output=tied, n_swa=n_swa)
