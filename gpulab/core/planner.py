@@ -137,18 +137,21 @@ def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | Non
 
     full_cells, swa_cells = kv_cells(profile, config)
     v_trans = not _flash_attn_on(config)
-    v_max = max((l.n_embd_v_gqa for l in profile.layers if l.has_kv), default=0)
+    cell_bytes: dict[tuple[int, int], int] = {}   # (K row, V row) -> bytes per cell, this config
     for layer in profile.layers:
         dev = layer_devices[layer.index]
         weights[dev] += layer.weights_bytes
         n_layers[dev] += 1
         if not layer.has_kv:
             continue
-        # llama_kv_cache ctor: a layer's K/V live on model.dev_layer(il) when offloading
+        # llama_kv_cache ctor: a layer's K/V live on model.dev_layer(il) when offloading; a
+        # transposed V (no flash attention) is padded to the widest V row (n_embd_v_gqa_max)
+        key = (layer.n_embd_k_gqa, profile.max_n_embd_v_gqa if v_trans else layer.n_embd_v_gqa)
+        per_cell = cell_bytes.get(key)
+        if per_cell is None:
+            per_cell = cell_bytes[key] = row_bytes(config.type_k, key[0]) + row_bytes(config.type_v, key[1])
         kv_dev = dev if config.offload_kqv else HOST_NAME
-        cells = swa_cells if layer.is_swa else full_cells
-        n_v = v_max if v_trans else layer.n_embd_v_gqa
-        kv[kv_dev] += cells * (row_bytes(config.type_k, layer.n_embd_k_gqa) + row_bytes(config.type_v, n_v))
+        kv[kv_dev] += (swa_cells if layer.is_swa else full_cells) * per_cell
 
     compute = estimate_compute_bytes(profile, config, layer_devices, names)
 

@@ -42,11 +42,11 @@ class LayerProfile:
     def expert_bytes(self) -> int:
         return sum(t.n_bytes for t in self.tensors if t.is_expert)
 
-    @property
+    @cached_property
     def n_embd_k_gqa(self) -> int:
         return self.n_embd_head_k * self.n_head_kv
 
-    @property
+    @cached_property
     def n_embd_v_gqa(self) -> int:
         return self.n_embd_head_v * self.n_head_kv
 
@@ -100,6 +100,11 @@ class ModelProfile:
     def weights_bytes(self) -> int:
         return sum(l.weights_bytes for l in self.layers) + sum(
             t.n_bytes for t in self.input_tensors + self.output_tensors + self.other_tensors)
+
+    @cached_property
+    def max_n_embd_v_gqa(self) -> int:
+        """The V row llama.cpp pads every layer to when V is transposed (no flash attention)."""
+        return max((l.n_embd_v_gqa for l in self.layers if l.has_kv), default=0)
 
     @property
     def is_moe(self) -> bool:

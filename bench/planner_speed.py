@@ -1,0 +1,43 @@
+"""Planner speed: one plan for a 128-layer profile on 8 devices, the slider-drag case.
+
+A ratio against a reference measured in the same run, not a timed test: the reference is
+copying the profile's per-layer byte list (the least any planner must touch), so the ratio
+says how much work the planner does per layer beyond reading it.
+    .venv/bin/python bench/planner_speed.py
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import timeit
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from builders import make_profile  # noqa: E402
+
+from gpulab import SplitConfig, parse_sim_spec, plan  # noqa: E402
+
+
+def best_us(fn, number: int, repeat: int = 7) -> float:
+    return min(timeit.repeat(fn, number=number, repeat=repeat)) / number * 1e6
+
+
+def main() -> None:
+    prof = make_profile(n_layer=127)        # 127 blocks + output = 128 placed layers
+    devices = parse_sim_spec("8x80GiB")
+    configs = [SplitConfig(tensor_split=tuple(float(1 + (i + k) % 3) for i in range(8)), n_ctx=4096 * (1 + k % 4))
+               for k in range(16)]
+    it = iter(range(1 << 30))
+    t_plan = best_us(lambda: plan(prof, devices, configs[next(it) % 16]), number=500)
+    t_ref = best_us(lambda: [l.weights_bytes for l in prof.layers], number=5000)
+    print("| case | time per call | ratio to reading the layers |")
+    print("|---|---|---|")
+    print(f"| plan(), 128 layers x 8 devices | {t_plan:.0f} µs | {t_plan / t_ref:.0f}x |")
+    print(f"| reference: read 127 layer sizes | {t_ref:.1f} µs | 1x |")
+    print(f"python {sys.version.split()[0]}; budget: well under 1000 µs per plan "
+          f"({'met' if t_plan < 1000 else 'MISSED'})")
+
+
+if __name__ == "__main__":
+    main()
