@@ -1,0 +1,201 @@
+"""detect_devices: simulated, NVML (through an injected probe), RPC first, the host, no GPU."""
+
+from __future__ import annotations
+
+import sys
+import types
+from types import SimpleNamespace
+
+import pytest
+
+import gpulab.runtime
+from gpulab.core.devices import Device
+from gpulab.errors import DeviceSpecError, GpulabError, RuntimeUnavailableError
+from gpulab.sources.detect import DeviceSet, detect_devices, host_device
+from gpulab.sources.nvml import NvmlProbe
+
+GiB = 1024**3
+NO_GPU = "no GPU found (NVML unavailable); plan with --sim 24GiB,24GiB or --rpc HOST:PORT"
+
+
+class FakeNvml:
+    """A two-GPU NVML (different models); a fuller fake lives in test_nvml.py."""
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, names=("NVIDIA GeForce RTX 3090", "NVIDIA GeForce RTX 4090"), fail_count=False):
+        self.names = names
+        self.fail_count = fail_count
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlShutdown(self):
+        pass
+
+    def nvmlDeviceGetCount(self):
+        if self.fail_count:
+            raise self.NVMLError("Unknown Error")
+        return len(self.names)
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return i
+
+    def nvmlDeviceGetName(self, h):
+        return self.names[h]
+
+    def nvmlDeviceGetUUID(self, h):
+        return f"GPU-{h}{h}{h}{h}-cafe"
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        return SimpleNamespace(total=24 * GiB, free=(20 + h) * GiB, used=(4 - h) * GiB)
+
+
+class UnavailableNvml(FakeNvml):
+    def nvmlInit(self):
+        raise self.NVMLError("NVML Shared Library Not Found")
+
+
+def test_sim_replaces_detection():
+    ds = detect_devices(sim="24GiB,12GiB@10GiB", probe=NvmlProbe(FakeNvml()))
+    assert isinstance(ds, DeviceSet)
+    assert [(d.name, d.source, d.free_bytes) for d in ds.devices] == [
+        ("SIM0", "sim", 24 * GiB), ("SIM1", "sim", 10 * GiB)]
+    assert ds.source_note.startswith("simulated: 2 devices") and ds.warnings == ()
+    assert ds.host is not None and ds.host.name == "CPU"
+    with pytest.raises(DeviceSpecError):
+        detect_devices(sim="24 apples")
+    with pytest.raises(DeviceSpecError, match="--sim replaces"):
+        detect_devices(sim="24GiB", rpc=["127.0.0.1:50052"])
+
+
+def test_nvml_gpus_through_an_injected_probe():
+    ds = detect_devices(probe=NvmlProbe(FakeNvml()), env={})
+    assert [(d.name, d.source, d.free_bytes) for d in ds.devices] == [
+        ("CUDA0", "nvml", 20 * GiB), ("CUDA1", "nvml", 21 * GiB)]
+    assert ds.source_note == "NVML: 2 GPUs (NVIDIA GeForce RTX 3090, NVIDIA GeForce RTX 4090)"
+    assert len(ds.warnings) == 1 and "CUDA_DEVICE_ORDER=PCI_BUS_ID" in ds.warnings[0]
+    ds = detect_devices(probe=NvmlProbe(FakeNvml(names=("H100",) * 2)),
+                        env={"CUDA_VISIBLE_DEVICES": "1"})
+    assert [(d.name, d.uuid) for d in ds.devices] == [("CUDA0", "GPU-1111-cafe")]
+    assert ds.source_note == "NVML: 1 GPU (H100)" and ds.warnings == ()
+
+
+def test_no_gpu_gives_the_plain_note_and_still_a_host():
+    ds = detect_devices(probe=NvmlProbe(UnavailableNvml()))
+    assert ds.devices == () and ds.source_note == NO_GPU
+    assert ds.host.kind == "cpu" and ds.host.source == "host" and ds.host.total_bytes > 0
+
+
+def test_real_nvml_on_this_machine_never_raises():
+    probe = NvmlProbe()
+    if probe.available():
+        probe.shutdown()
+        pytest.skip("this machine has an NVIDIA driver")
+    ds = detect_devices()
+    assert ds.devices == () and ds.source_note == NO_GPU
+    assert ds.host is not None and ds.host.name == "CPU" and 0 < ds.host.free_bytes <= ds.host.total_bytes
+
+
+def test_nvml_that_fails_after_init_is_a_warning_not_an_error():
+    ds = detect_devices(probe=NvmlProbe(FakeNvml(fail_count=True)))
+    assert ds.devices == () and "could not count" in ds.warnings[0]
+    assert ds.source_note.startswith("no GPU found (NVML failed); plan with --sim")
+
+
+def test_nothing_asked_for():
+    ds = detect_devices(use_nvml=False)
+    assert ds.devices == () and ds.source_note.startswith("no GPU found (NVML not used)")
+
+
+# -- RPC and llama.cpp's own list: modules other engineers write; stand-ins here -----------
+
+def rpc_device(i: int, endpoint: str) -> Device:
+    return Device(name=f"RPC{i}", total_bytes=8 * GiB, free_bytes=8 * GiB, source="rpc", kind="rpc",
+                  description=f"RPC {endpoint}", endpoint=endpoint)
+
+
+@pytest.fixture
+def fake_runtime(monkeypatch):
+    """Installs stand-in gpulab.runtime.rpc / llama_lib modules; returns their call log."""
+    calls = []
+
+    def register(endpoints):
+        calls.append(list(endpoints))
+        return [rpc_device(i, e) for i, e in enumerate(endpoints)]
+
+    def install(name, **attrs):
+        mod = types.ModuleType(f"gpulab.runtime.{name}")
+        mod.__dict__.update(attrs)
+        monkeypatch.setitem(sys.modules, mod.__name__, mod)
+        monkeypatch.setattr(gpulab.runtime, name, mod, raising=False)
+
+    install("rpc", register=register)
+    cuda0 = Device(name="CUDA0", total_bytes=24 * GiB, free_bytes=23 * GiB, source="llama",
+                   description="NVIDIA GeForce RTX 4090")
+    cpu = Device(name="CPU", total_bytes=64 * GiB, free_bytes=60 * GiB, source="llama", kind="cpu")
+    # llama.cpp's registry lists the RPC device after CUDA; the load puts it first
+    install("llama_lib", llama_devices=lambda: [cuda0, rpc_device(0, "127.0.0.1:50052"), cpu])
+    return calls
+
+
+def test_rpc_servers_come_before_the_gpus(fake_runtime):
+    ds = detect_devices(rpc=["127.0.0.1:50052", "10.0.0.2:50052"], probe=NvmlProbe(FakeNvml(("A",))))
+    assert fake_runtime == [["127.0.0.1:50052", "10.0.0.2:50052"]]
+    assert [d.name for d in ds.devices] == ["RPC0", "RPC1", "CUDA0"]
+    assert ds.source_note == "2 RPC servers (127.0.0.1:50052, 10.0.0.2:50052); NVML: 1 GPU (A)"
+
+
+def test_rpc_alone_on_a_machine_without_gpus(fake_runtime):
+    ds = detect_devices(rpc="127.0.0.1:50052", probe=NvmlProbe(UnavailableNvml()))
+    assert [d.name for d in ds.devices] == ["RPC0"]
+    assert ds.source_note == "1 RPC server (127.0.0.1:50052); no GPU found (NVML unavailable)"
+
+
+def test_bad_rpc_endpoint():
+    with pytest.raises(DeviceSpecError, match="HOST:PORT"):
+        detect_devices(rpc=["localhost"], use_nvml=False)
+
+
+def test_rpc_without_the_rpc_runtime_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gpulab.runtime.rpc", None)   # import fails
+    monkeypatch.delattr(gpulab.runtime, "rpc", raising=False)
+    with pytest.raises(RuntimeUnavailableError, match="GGML_RPC=ON"):
+        detect_devices(rpc=["127.0.0.1:50052"], use_nvml=False)
+    assert issubclass(RuntimeUnavailableError, GpulabError)
+
+
+def test_use_llama_takes_llama_cpps_list(fake_runtime):
+    ds = detect_devices(use_llama=True, rpc=["127.0.0.1:50052"], probe=NvmlProbe(UnavailableNvml()))
+    assert [d.name for d in ds.devices] == ["RPC0", "CUDA0"]     # RPC once, first; CPU is the host
+    assert ds.host.source == "host"
+    assert ds.source_note.endswith("llama.cpp: 1 GPU (NVIDIA GeForce RTX 4090)")
+
+
+# -- the host -------------------------------------------------------------------------------
+
+MEMINFO = "MemTotal:       32000000 kB\nMemFree:         1000000 kB\nMemAvailable:   20000000 kB\n"
+
+
+def test_host_from_meminfo(tmp_path):
+    (tmp_path / "meminfo").write_text(MEMINFO)
+    host = host_device(str(tmp_path / "meminfo"), cgroup_dir=str(tmp_path / "none"))
+    assert (host.name, host.kind, host.source) == ("CPU", "cpu", "host")
+    assert (host.total_bytes, host.free_bytes) == (32000000 * 1024, 20000000 * 1024)
+
+
+def test_host_capped_by_a_cgroup_limit(tmp_path):
+    (tmp_path / "meminfo").write_text(MEMINFO)
+    (tmp_path / "memory.max").write_text(f"{8 * GiB}\n")
+    (tmp_path / "memory.current").write_text(f"{3 * GiB}\n")
+    host = host_device(str(tmp_path / "meminfo"), cgroup_dir=str(tmp_path))
+    assert (host.total_bytes, host.free_bytes) == (8 * GiB, 5 * GiB)
+    (tmp_path / "memory.max").write_text("max\n")
+    assert host_device(str(tmp_path / "meminfo"), cgroup_dir=str(tmp_path)).total_bytes == 32000000 * 1024
+
+
+def test_host_without_proc_falls_back_to_sysconf(tmp_path):
+    host = host_device(str(tmp_path / "missing"), cgroup_dir=str(tmp_path))
+    assert host is not None and 0 <= host.free_bytes <= host.total_bytes
+    assert "sysconf" in host.description
