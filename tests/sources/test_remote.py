@@ -115,8 +115,9 @@ class Handler(BaseHTTPRequestHandler):
         view = memoryview(body)
         try:
             for i in range(0, len(view), 1 << 16):
-                self.wfile.write(view[i:i + (1 << 16)])
+                # count before writing: the client may finish before write() returns here
                 self.server.served += min(1 << 16, len(view) - i)
+                self.wfile.write(view[i:i + (1 << 16)])
         except (BrokenPipeError, ConnectionResetError):
             return False   # the client hung up: what it should do when a 200 brings the whole file
         return True
