@@ -1,0 +1,98 @@
+"""llama_lib: the devices ggml lists, and clear errors when llama-cpp-python is not usable."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from gpulab.runtime import llama_lib
+
+pytest.importorskip("llama_cpp")
+
+
+def test_cpu_device():
+    devices = llama_lib.llama_devices()
+    cpu = [d for d in devices if d.kind == "cpu"]
+    assert [d.name for d in cpu] == ["CPU"]
+    assert cpu[0].source == "llama" and cpu[0].total_bytes > 0 and 0 < cpu[0].free_bytes <= cpu[0].total_bytes
+    assert all(d.kind in ("cpu", "gpu", "igpu", "rpc") for d in devices)   # 'accel' only on request
+    assert all(d.kind != "accel" for d in devices)
+
+
+def test_default_device_names_never_list_the_cpu():
+    assert "CPU" not in llama_lib.default_device_names()
+
+
+def test_libraries_are_the_ones_libllama_uses():
+    # ggml opened by soname is the copy libllama links: one backend registry, not two
+    import ctypes
+
+    llama_lib.llama_cpp()
+    from llama_cpp import llama_cpp as raw   # the module holding libllama's CDLL
+
+    def addr(fn) -> int:
+        return ctypes.cast(fn, ctypes.c_void_p).value
+
+    assert addr(raw._lib.ggml_backend_dev_count) == addr(llama_lib.ggml().ggml_backend_dev_count)
+    assert addr(raw._lib.ggml_backend_rpc_add_server) == addr(llama_lib.rpc_lib().ggml_backend_rpc_add_server)
+
+
+def test_endpoints():
+    assert llama_lib.split_endpoint("127.0.0.1:50052") == ("127.0.0.1", 50052)
+    for bad in ("127.0.0.1", ":50052", "h:0", "h:70000", "h:x"):
+        with pytest.raises(Exception, match="HOST:PORT"):
+            llama_lib.split_endpoint(bad)
+    assert not llama_lib.endpoint_reachable("127.0.0.1:1", timeout=0.5)
+
+
+def _run(code: str, pythonpath: str) -> str:
+    env = dict(os.environ, PYTHONPATH=pythonpath)
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                         env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_without_rpc_backend_the_error_says_how_to_rebuild(tmp_path, repo_root):
+    """A llama_cpp whose lib/ has no libggml-rpc (ggml itself comes from the real one)."""
+    real = llama_lib.lib_dir()
+    fake = tmp_path / "llama_cpp"
+    (fake / "lib").mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    for name in ("libggml.so.0", "libggml-base.so.0", "libggml-cpu.so.0"):
+        (fake / "lib" / name).symlink_to(real / name)
+    out = _run(f"""
+        import ctypes
+        ctypes.CDLL({str(real / 'libggml.so.0')!r}, mode=ctypes.RTLD_GLOBAL)  # its libggml-rpc is loaded
+        from gpulab.runtime import llama_lib
+        from gpulab.errors import RuntimeUnavailableError
+        print(llama_lib.rpc_supported())
+        try:
+            llama_lib.rpc_lib()
+        except RuntimeUnavailableError as e:
+            print(e)
+    """, f"{tmp_path}{os.pathsep}{repo_root}")
+    supported, message = out.splitlines()
+    assert supported == "False"
+    assert "without the RPC backend" in message and 'CMAKE_ARGS="-DGGML_RPC=ON"' in message
+    assert "scripts/setup.sh" in message
+
+
+def test_broken_install_is_a_runtime_unavailable_error(tmp_path, repo_root):
+    (tmp_path / "llama_cpp").mkdir()
+    (tmp_path / "llama_cpp" / "__init__.py").write_text("")
+    out = _run("""
+        from gpulab.runtime import llama_lib
+        from gpulab.errors import RuntimeUnavailableError
+        for f in (llama_lib.llama_devices, llama_lib.llama_cpp, llama_lib.rpc_lib):
+            try:
+                f()
+            except RuntimeUnavailableError as e:
+                print(e)
+    """, f"{tmp_path}{os.pathsep}{repo_root}")
+    lines = out.splitlines()
+    assert len(lines) == 3 and all("no lib/ folder" in ln and "-DGGML_RPC=ON" in ln for ln in lines)
