@@ -10,7 +10,7 @@ types `CPU`, `CPU_Mapped`, `CPU_REPACK`, `CUDA_Host`, ...) is reported under `"C
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 __all__ = ["BufferReport", "LoadReport", "BUFFER_KINDS"]
 
@@ -76,3 +76,16 @@ class LoadReport:
             kinds = out[b.device]
             kinds[b.kind] = kinds.get(b.kind, 0) + b.n_bytes
         return out
+
+    def to_dict(self) -> dict:
+        """Plain JSON types, for the worker protocol and the results store."""
+        return {"layer_devices": list(self.layer_devices), "buffers": [asdict(b) for b in self.buffers],
+                "devices": list(self.devices), "log": self.log, "kv_layer_devices": list(self.kv_layer_devices),
+                "dry_run": self.dry_run, "kv_total_bytes": self.kv_total_bytes}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoadReport":
+        return cls(layer_devices=tuple(d["layer_devices"]), buffers=tuple(BufferReport(**b) for b in d["buffers"]),
+                   devices=tuple(d["devices"]), log=d.get("log", ""),
+                   kv_layer_devices=tuple(d.get("kv_layer_devices", ())), dry_run=d.get("dry_run", False),
+                   kv_total_bytes=d.get("kv_total_bytes", 0))

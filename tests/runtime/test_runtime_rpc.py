@@ -1,7 +1,7 @@
 """RPC servers as devices: real llama.cpp spreading SmolLM2-135M across three CPU servers.
 
 The servers run as child processes of this test process; the loads run in a worker process
-(see rpc_worker.py: registered RPC devices never leave a process, and once their servers stop,
+(see gpulab.runtime.worker: registered RPC devices never leave a process, and once their servers stop,
 llama.cpp's own device selection would abort it). The expected placement is computed here from
 llama.cpp's rule (llama_model_base::load_tensors), in float32 as llama.cpp does it.
 """
@@ -20,6 +20,7 @@ import time
 import numpy as np
 import pytest
 
+from gpulab.core.config import SplitConfig
 from gpulab.errors import DeviceError
 from gpulab.runtime import llama_lib
 from gpulab.runtime.logcapture import parse_load_log
@@ -149,7 +150,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_layer_split_across_servers(worker, rpc_names, smollm2_path, case):
     settings, split, ngl = CASES[case]
-    r, raw = worker.load(smollm2_path, config=dict(n_ctx=512, **settings))
+    r, raw = worker.load(smollm2_path, SplitConfig(n_ctx=512, **settings))
     assert r.devices == tuple(rpc_names)
     assert r.layer_devices == expected_layers(rpc_names, split, ngl)
     check_buffers(r, rpc_names)
@@ -157,7 +158,7 @@ def test_layer_split_across_servers(worker, rpc_names, smollm2_path, case):
 
 
 def test_default_split_follows_free_memory(worker, rpc_names, smollm2_path):
-    r, _ = worker.load(smollm2_path, config=dict(n_ctx=512))
+    r, _ = worker.load(smollm2_path, SplitConfig(n_ctx=512))
     # the three servers share one machine, so they report about the same free memory
     counts = [r.layer_devices.count(n) for n in rpc_names]
     assert sum(counts) == N_LAYER + 1 and max(counts) - min(counts) <= 1
@@ -165,21 +166,21 @@ def test_default_split_follows_free_memory(worker, rpc_names, smollm2_path):
 
 
 def test_split_mode_none_uses_main_gpu_only(worker, rpc_names, smollm2_path):
-    r, _ = worker.load(smollm2_path, config=dict(n_ctx=512, split_mode="none", main_gpu=1))
+    r, _ = worker.load(smollm2_path, SplitConfig(n_ctx=512, split_mode="none", main_gpu=1))
     assert r.devices == ("RPC1",)
     assert r.layer_devices == ("RPC1",) * (N_LAYER + 1)
     check_buffers(r, rpc_names)
 
 
 def test_device_list_sets_order(worker, rpc_names, smollm2_path):
-    r, _ = worker.load(smollm2_path, config=dict(n_ctx=512, devices=("RPC2", "RPC0"), tensor_split=(1, 1)))
+    r, _ = worker.load(smollm2_path, SplitConfig(n_ctx=512, devices=("RPC2", "RPC0"), tensor_split=(1, 1)))
     assert r.devices == ("RPC2", "RPC0")
     assert r.layer_devices == expected_layers(["RPC2", "RPC0"], [1, 1])
     check_buffers(r, rpc_names)
 
 
 def test_kv_stays_on_host_without_kv_offload(worker, rpc_names, smollm2_path):
-    r, _ = worker.load(smollm2_path, config=dict(n_ctx=512, tensor_split=(1, 1, 1), offload_kqv=False))
+    r, _ = worker.load(smollm2_path, SplitConfig(n_ctx=512, tensor_split=(1, 1, 1), offload_kqv=False))
     assert r.layer_devices == expected_layers(rpc_names, [1, 1, 1])
     assert r.kv_layer_devices == ("CPU",) * N_LAYER
     assert all(r.bytes_on(n, "kv") == 0 for n in rpc_names)
@@ -188,8 +189,8 @@ def test_kv_stays_on_host_without_kv_offload(worker, rpc_names, smollm2_path):
 
 def test_dry_run_matches_real_load(worker, rpc_names, smollm2_path):
     config = dict(n_ctx=512, tensor_split=(1, 3, 0))
-    real, _ = worker.load(smollm2_path, config=config)
-    dry, raw = worker.load(smollm2_path, config=config, dry_run=True)
+    real, _ = worker.load(smollm2_path, SplitConfig(**config))
+    dry, raw = worker.load(smollm2_path, SplitConfig(**config), dry_run=True)
     assert dry.dry_run and not real.dry_run
     assert dry.layer_devices == real.layer_devices and dry.devices == real.devices
     assert dry.kv_layer_devices == real.kv_layer_devices
@@ -210,7 +211,7 @@ def test_dry_run_matches_real_load(worker, rpc_names, smollm2_path):
 
 
 def test_real_rpc_log_parses_the_same_here(worker, rpc_names, cluster, smollm2_path):
-    r, _ = worker.load(smollm2_path, config=dict(n_ctx=512, tensor_split=(1, 2, 1)))
+    r, _ = worker.load(smollm2_path, SplitConfig(n_ctx=512, tensor_split=(1, 2, 1)))
     assert "RPC0[" + cluster.endpoints[2] + "]" in r.log   # every server's first buffer is 'RPC0[...]'
     # from the log alone ('using device RPCn (endpoint)' names the endpoints)...
     assert parse_load_log(r.log) == r
@@ -232,7 +233,7 @@ def test_stopped_server_is_left_out(worker, rpc_names, smollm2_path):
     assert names == ["RPC3"] and not extra.alive
     assert [d["name"] for d in worker.call("devices") if d["kind"] == "rpc"] == rpc_names
     assert worker.call("default_device_names") == rpc_names
-    r, raw = worker.load(smollm2_path, config=dict(n_ctx=256, tensor_split=(1, 1, 1)))
+    r, raw = worker.load(smollm2_path, SplitConfig(n_ctx=256, tensor_split=(1, 1, 1)))
     assert r.devices == tuple(rpc_names) and raw["effective_devices"] == rpc_names
     assert "RPC3" in raw["notes"][0]
     with pytest.raises(DeviceError, match="RPC3"):
