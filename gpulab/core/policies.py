@@ -45,25 +45,28 @@ def _pack(used: list[Device], try_split) -> tuple[float, ...]:
 
 
 def _balanced(used: list[Device], try_split) -> tuple[float, ...]:
-    # Water-filling: aim every device at the same headroom c, take_i = free_i - fixed_i - c with
+    # Water-filling: aim every device at the same headroom c, take_i = free_i - c with
     # sum(take_i) = need; a device whose share would be negative drops out. Then correct the
     # targets by the headroom the planner actually leaves (layers are whole, the output layer
     # is bigger), keeping the split with the smallest spread.
     free = [float(d.free_bytes) for d in used]
     base = try_split(tuple(free))
-    fixed = [d.compute_bytes for d in base.offload_devices]
-    need = float(sum(d.weights_bytes + d.kv_bytes for d in base.offload_devices))
-    active = [i for i in range(len(used)) if free[i] - fixed[i] > 0]
+    # compute buffers follow the layers (the logits buffer follows the output layer), so they are
+    # part of what is placed, not a fixed cost per device
+    need = float(sum(d.weights_bytes + d.kv_bytes + d.compute_bytes for d in base.offload_devices))
+    active = list(range(len(used)))
     take: dict[int, float] = {}
     while active:
-        c = (sum(free[i] - fixed[i] for i in active) - need) / len(active)
-        take = {i: free[i] - fixed[i] - c for i in active}
+        c = (sum(free[i] for i in active) - need) / len(active)
+        take = {i: free[i] - c for i in active}
         if all(v > 0 for v in take.values()):
             break
         active = [i for i in active if take[i] > 0]
     if not active:
         return tuple(free)
     target = [take.get(i, 0.0) for i in range(len(used))]
+    # a device the water-filling kept keeps a share: refinement trades layers, it does not drop devices
+    floor = [0.5 * t for t in target]
     best, best_spread = target, float("inf")
     for _ in range(6):
         got = try_split(tuple(target))
@@ -72,9 +75,14 @@ def _balanced(used: list[Device], try_split) -> tuple[float, ...]:
         if spread < best_spread:
             best, best_spread = list(target), spread
         mean = sum(left[i] for i in active) / len(active)
-        target = [max(0.0, t + (left[i] - mean)) if i in active else 0.0 for i, t in enumerate(target)]
-    top = max(best)
-    return tuple(round(t / top, 4) for t in best)
+        target = [max(floor[i], t + (left[i] - mean)) if i in active else 0.0 for i, t in enumerate(target)]
+    return best
+
+
+def _readable(split: tuple[float, ...] | list[float]) -> tuple[float, ...]:
+    """Proportions scaled so the largest is 1, four decimals: '-ts 1,0.4375' rather than bytes."""
+    top = max(split, default=0.0)
+    return tuple(round(x / top, 4) for x in split) if top > 0 else tuple(split)
 
 
 def policy_split(name: str, profile: ModelProfile, devices: list[Device], config: SplitConfig | None = None,
@@ -89,13 +97,13 @@ def policy_split(name: str, profile: ModelProfile, devices: list[Device], config
     if not used:
         return ()
     if name == "ollama-spread":
-        return _ollama_spread(profile, used, config)
+        return _ollama_spread(profile, used, config)   # whole layer counts, as Ollama passed them
     def try_split(split: tuple[float, ...]):
         return plan(profile, devices, replace(config, tensor_split=split), host)
 
     if name == "pack":
-        return _pack(used, try_split)
-    return _balanced(used, try_split)
+        return _readable(_pack(used, try_split))
+    return _readable(_balanced(used, try_split))
 
 
 def apply_policy(name: str, profile: ModelProfile, devices: list[Device], config: SplitConfig | None = None,
