@@ -15,10 +15,14 @@ from .core.ggml_types import KV_CACHE_TYPES
 from .core.policies import POLICIES, apply_policy
 from .errors import GpulabError
 
-__all__ = ["main", "build_parser", "config_from_args"]
+__all__ = ["main", "build_parser", "config_from_args", "add_config_flags", "add_device_flags", "devices_from_args"]
+
+# Further commands live in their own modules, each with `register(subparsers)` adding its parser
+# and setting `func`; they reuse the flag groups below so every command speaks llama.cpp's flags.
+COMMAND_MODULES: tuple[str, ...] = ()
 
 
-def _add_device_flags(p: argparse.ArgumentParser) -> None:
+def add_device_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("devices (default: the GPUs NVML sees)")
     g.add_argument("--sim", metavar="SPEC", help="simulated devices instead, e.g. 24GiB,24GiB,12GiB@10GiB or 8x80GiB")
     g.add_argument("--rpc", metavar="HOST:PORT,...", help="llama.cpp RPC servers to add (listed before GPUs)")
@@ -26,7 +30,7 @@ def _add_device_flags(p: argparse.ArgumentParser) -> None:
                    help="ask llama.cpp for its devices instead of NVML (loads llama.cpp)")
 
 
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
+def add_config_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("llama.cpp settings (same names as llama-server)")
     g.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1, help="layers to offload; -1 all (default)")
     g.add_argument("-sm", "--split-mode", choices=SPLIT_MODES, default="layer")
@@ -55,7 +59,7 @@ def config_from_args(a: argparse.Namespace) -> SplitConfig:
     )
 
 
-def _devices(a: argparse.Namespace):
+def devices_from_args(a: argparse.Namespace):
     from .sources.detect import detect_devices
     rpc = [x.strip() for x in a.rpc.split(",") if x.strip()] if a.rpc else None
     found = detect_devices(sim=a.sim, rpc=rpc, use_llama=a.llama_devices)
@@ -66,7 +70,7 @@ def _devices(a: argparse.Namespace):
 
 def _cmd_devices(a: argparse.Namespace) -> int:
     from .ui.text import devices_text
-    found = _devices(a)
+    found = devices_from_args(a)
     if a.json:
         from dataclasses import asdict
         print(json.dumps({"devices": [asdict(d) for d in found.devices],
@@ -94,7 +98,7 @@ def _cmd_plan(a: argparse.Namespace) -> int:
     from .ui.text import plan_text
     config = config_from_args(a)
     prof = read_profile(a.model)
-    found = _devices(a)
+    found = devices_from_args(a)
     devices = list(found.devices)
     if a.policy:
         config = apply_policy(a.policy, prof, devices, config, found.host)
@@ -119,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("devices", help="list the devices gpulab would plan for")
-    _add_device_flags(p)
+    add_device_flags(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_devices)
 
@@ -130,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="predict llama.cpp's placement and per-device memory")
     p.add_argument("model", help="path or URL of a .gguf")
-    _add_config_flags(p)
-    _add_device_flags(p)
+    add_config_flags(p)
+    add_device_flags(p)
     p.add_argument("--policy", choices=POLICIES, help="choose -ts by a policy")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_plan)
@@ -143,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--cache-dir", default=None, help="local tensor cache directory")
     p.set_defaults(func=_cmd_rpc_server)
+
+    import importlib
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     return top
 
 
