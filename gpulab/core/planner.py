@@ -42,9 +42,27 @@ def select_devices(devices: list[Device], config: SplitConfig) -> list[Device]:
     else:
         chosen = [d for d in devices if d.kind == "rpc"] + [d for d in devices if d.kind not in ("rpc", "cpu")]
     config.check_devices(len(chosen))
+    if config.split_mode == "row" and chosen:
+        _check_row_split(chosen)
     if config.split_mode == "none" and chosen:
         chosen = [chosen[config.main_gpu]]
     return chosen
+
+
+# Backends whose registry exports "ggml_backend_split_buffer_type" in the vendored llama.cpp:
+# SYCL and Hexagon. CUDA no longer does (tensor parallelism moved to split mode "tensor").
+_ROW_SPLIT_BACKENDS = ("SYCL", "HTP")
+
+
+def _check_row_split(devices: list[Device]) -> None:
+    """make_gpu_buft_list (src/llama-model.cpp) throws for every device whose backend has no
+    split buffer type, whatever n_gpu_layers is; gpulab refuses the same configurations."""
+    refused = [d.name for d in devices if not d.name.startswith(_ROW_SPLIT_BACKENDS)]
+    if refused:
+        raise ConfigError(
+            f"split_mode row is refused by this llama.cpp on {', '.join(refused)} "
+            f"(\"device {refused[0]} does not support split buffers\"): only SYCL devices split rows; use -sm layer")
+    raise ConfigError("split_mode row on SYCL devices is not modelled by gpulab yet; plan with -sm layer")
 
 
 def split_points(devices: list[Device], config: SplitConfig) -> list[float]:

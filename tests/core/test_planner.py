@@ -187,3 +187,12 @@ def test_placement_invariants(n_layer, ngl, ts):
         counts = [order.count(i) for i in range(len(ts))]
         for i, c in enumerate(counts):                               # within one layer of its share
             assert math.isclose(c, n_gpu * ts[i] / sum(ts), abs_tol=1.0 + 1e-6)
+
+
+def test_row_split_is_refused_where_llama_cpp_refuses_it():
+    # the vendored llama.cpp's CUDA, RPC and CPU backends export no split buffer type
+    cuda = [Device(f"CUDA{i}", 24 * GiB, 24 * GiB, source="nvml") for i in range(2)]
+    with pytest.raises(ConfigError, match="does not support split buffers"):
+        plan(make_profile(), cuda, SplitConfig(split_mode="row", n_gpu_layers=0))
+    cpu_only = plan(make_profile(n_layer=3), [], SplitConfig(split_mode="row"))   # no devices: nothing to refuse
+    assert set(cpu_only.layer_devices) == {"CPU"}

@@ -110,3 +110,13 @@ def teardown_module(module):
                    "within_10pct": sum(e <= 0.10 for e in errs) / len(errs)}
         (ARTIFACTS / "compute_error.json").write_text(json.dumps({"summary": summary, "cases": _compute_errors},
                                                                  indent=1))
+
+
+def test_row_split_is_refused_by_both(model_paths, worker):
+    from gpulab import ConfigError, LoadError
+    config = SplitConfig(split_mode="row", tensor_split=(1, 1, 1), n_ctx=512)
+    devices = [d for d in worker.devices() if d.kind == "rpc"]
+    with pytest.raises(ConfigError, match="does not support split buffers"):
+        plan(read_profile(model_paths["llama-gqa-7"]), devices, config)
+    with pytest.raises(LoadError, match="does not support split buffers"):
+        worker.load(model_paths["llama-gqa-7"], config)
