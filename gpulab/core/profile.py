@@ -16,6 +16,13 @@ class TensorInfo:
     n_bytes: int
 
     @property
+    def n_elements(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
     def is_expert(self) -> bool:
         # MoE expert tensors: ffn_{gate,up,down}_exps (and their fused/bias variants)
         return "_exps" in self.name
@@ -105,6 +112,28 @@ class ModelProfile:
     def max_n_embd_v_gqa(self) -> int:
         """The V row llama.cpp pads every layer to when V is transposed (no flash attention)."""
         return max((l.n_embd_v_gqa for l in self.layers if l.has_kv), default=0)
+
+    @cached_property
+    def active_bytes_per_layer(self) -> tuple[int, ...]:
+        """Weight bytes one token reads in each layer: all dense tensors, and of the expert
+        tensors only the n_expert_used / n_expert share the router picks."""
+        share = self.n_expert_used / self.n_expert if self.n_expert else 1.0
+        return tuple(int(l.weights_bytes - l.expert_bytes + share * l.expert_bytes) for l in self.layers)
+
+    @cached_property
+    def active_params_per_layer(self) -> tuple[int, ...]:
+        """Matrix elements one token multiplies with in each layer (2 FLOPs each)."""
+        share = self.n_expert_used / self.n_expert if self.n_expert else 1.0
+        return tuple(int(sum((share if t.is_expert else 1.0) * t.n_elements
+                                 for t in l.tensors if len(t.shape) >= 2)) for l in self.layers)
+
+    @cached_property
+    def output_params(self) -> int:
+        """Elements of the output matrix (token_embd when tied): n_embd x n_vocab."""
+        mats = [t for t in self.output_tensors if len(t.shape) >= 2]
+        if not mats and self.tied_output and self.token_embd is not None:
+            mats = [self.token_embd]
+        return sum(t.n_elements for t in mats)
 
     @property
     def is_moe(self) -> bool:
