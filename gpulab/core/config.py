@@ -71,6 +71,12 @@ class SplitConfig:
                               f"(0..{n_devices - 1})")
 
     @property
+    def effective_n_ubatch(self) -> int:
+        """llama_context ctor: n_batch = min(n_ctx, n_batch) (causal attention, n_ctx before its
+        padding to 256), then n_ubatch = min(n_batch, n_ubatch)."""
+        return min(self.n_ctx, self.n_batch, self.n_ubatch)
+
+    @property
     def default_split(self) -> bool:
         """llama.cpp splits by free memory when tensor_split is absent or all zero."""
         return not any(self.tensor_split)

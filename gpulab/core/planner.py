@@ -119,7 +119,7 @@ def kv_cells(profile: ModelProfile, config: SplitConfig) -> tuple[int, int]:
     base = n_ctx_seq
     swa = base
     if profile.n_swa and not config.swa_full:
-        swa = _pad(min(base, profile.n_swa + config.n_ubatch), _PAD)
+        swa = _pad(min(base, profile.n_swa + config.effective_n_ubatch), _PAD)
     return base * n_stream, swa * n_stream
 
 

@@ -114,7 +114,7 @@ def predict_speed(plan: Plan, model: SpeedModel | None = None, *, n_prompt: int 
     weights, flops, kv = per_device_load(plan, n_past)
     hops = _hops(plan)
     n_embd = plan.profile.n_embd
-    u = min(plan.config.n_ubatch, plan.config.n_batch, n_prompt)
+    u = min(plan.config.effective_n_ubatch, n_prompt)
     n_steps = -(-n_prompt // u)
 
     tg_s, pp_s, roof_s, per_tok = {}, {}, 0.0, {}

@@ -53,6 +53,8 @@ CONFIGS = {
     "kv-q8-ctx-2000": SplitConfig(tensor_split=(2, 1, 1), n_ctx=2000, type_k="q8_0", type_v="q8_0", flash_attn="on"),
     "kv-q4-no-fa-k": SplitConfig(tensor_split=(1, 1, 2), n_ctx=1024, type_k="q4_0", flash_attn="on"),
     "no-kv-offload": SplitConfig(tensor_split=(1, 1, 1), n_ctx=512, offload_kqv=False),
+    # llama.cpp caps n_ubatch at n_batch: the SWA cache is sized with 512, not 2048
+    "ubatch-over-batch": SplitConfig(tensor_split=(1, 1, 1), n_ctx=4096, n_batch=512, n_ubatch=2048),
 }
 
 _compute_errors: list[dict] = []
