@@ -19,7 +19,9 @@ __all__ = ["main", "build_parser", "config_from_args", "add_config_flags", "add_
 
 # Further commands live in their own modules, each with `register(subparsers)` adding its parser
 # and setting `func`; they reuse the flag groups below so every command speaks llama.cpp's flags.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = (
+    "gpulab.commands.bench",
+)
 
 
 def add_device_flags(p: argparse.ArgumentParser) -> None:

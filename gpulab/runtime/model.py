@@ -23,7 +23,7 @@ from pathlib import Path
 from ..core.config import SplitConfig
 from ..core.devices import Device
 from ..core.report import LoadReport
-from ..errors import DeviceError, LoadError
+from ..errors import ConfigError, DeviceError, LoadError
 from . import llama_lib
 from .logcapture import LogCapture, parse_load_log
 from .params import llama_params
@@ -48,6 +48,9 @@ class LoadedModel:
         self.dry_run = dry_run
         self.load_seconds = load_seconds          # llama_model_load_from_file
         self.context_seconds = context_seconds    # llama_init_from_model
+        # from asking to a context ready to run: the whole open_model call (resplit: the close
+        # of the previous model included)
+        self.ready_seconds = load_seconds + context_seconds
         self.notes = notes
         self._model = model
         self._ctx = ctx
@@ -129,7 +132,8 @@ def _safe_config(config: SplitConfig) -> tuple[SplitConfig, tuple[str, ...]]:
 
 def open_model(path: str | os.PathLike, config: SplitConfig | None = None, *,
                devices: list[Device] | None = None, dry_run: bool = False,
-               progress: Callable[[float], object] | None = None, verbose: bool = False) -> LoadedModel:
+               progress: Callable[[float], object] | None = None, verbose: bool = False,
+               context_params: dict | None = None) -> LoadedModel:
     """Load `path` with llama.cpp as `config` says; a `LoadedModel` with the parsed `.report`.
 
     devices: the devices llama.cpp sees (default: `llama_devices()`); used to check the config
@@ -143,10 +147,13 @@ def open_model(path: str | os.PathLike, config: SplitConfig | None = None, *,
     progress: called with the fraction loaded (llama.cpp's progress_callback), and with 1.0 at
       the end. If it raises, the load is cancelled and the exception re-raised.
     verbose: echo llama.cpp's log to stderr as it comes.
+    context_params: further llama_context_params fields to set, by name, for settings a
+      SplitConfig does not carry (e.g. {'no_perf': False} to have llama.cpp time its decodes).
 
     Raises LoadError (with llama.cpp's last error lines) when llama.cpp refuses the file or the
     settings; nothing stays allocated then.
     """
+    t_call = time.perf_counter()
     config = config or SplitConfig()
     path = os.fspath(path)
     if not Path(path).is_file():
@@ -155,6 +162,10 @@ def open_model(path: str | os.PathLike, config: SplitConfig | None = None, *,
     devs = list(devices) if devices is not None else llama_lib.llama_devices()
     effective, notes = _safe_config(config)
     mp, cp = llama_params(effective, devs, dry_run=dry_run)
+    for name, value in (context_params or {}).items():
+        if name not in {f[0] for f in cp._fields_}:
+            raise ConfigError(f"llama_context_params has no field {name!r}")
+        setattr(cp, name, value)
 
     failure: list[BaseException] = []
     last = [0.0]
@@ -200,9 +211,11 @@ def open_model(path: str | os.PathLike, config: SplitConfig | None = None, *,
         lc.llama_free(ctx)
         lc.llama_model_free(model)
         raise
-    return LoadedModel(path=path, config=config, effective_config=effective, devices=devs, report=report,
-                       model=model, ctx=ctx, dry_run=dry_run, load_seconds=t1 - t0,
-                       context_seconds=t2 - t1, notes=notes)
+    loaded = LoadedModel(path=path, config=config, effective_config=effective, devices=devs, report=report,
+                         model=model, ctx=ctx, dry_run=dry_run, load_seconds=t1 - t0,
+                         context_seconds=t2 - t1, notes=notes)
+    loaded.ready_seconds = time.perf_counter() - t_call
+    return loaded
 
 
 def _failure_message(what: str, path: str, cap: LogCapture) -> str:

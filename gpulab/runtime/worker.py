@@ -8,7 +8,9 @@ garbage. In the notebook kernel that would end hours of work. In a worker, the w
 
 Protocol (no pickle): one JSON request per line on the worker's stdin
 {"op": ..., "args": {...}}, one JSON answer per line on its original stdout, {"ok": result} or
-{"error": class name, "message": ..., "traceback": ...}. Whatever C code prints goes to stderr.
+{"error": class name, "message": ..., "traceback": ...}. Before its answer an op may send any
+number of {"progress": [phase, fraction]} lines (measure does: load, warmup, pp, tg). Whatever
+C code prints goes to stderr.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from .. import errors as gerrors
 from ..core.config import SplitConfig
 from ..core.devices import Device
 from ..core.report import LoadReport
+from ..core.run import Run
 from ..errors import GpulabError, LoadError
 
-__all__ = ["Worker"]
+__all__ = ["Worker", "RemoteModel"]
 
 
 class Worker:
@@ -85,17 +88,27 @@ class Worker:
         self.close()
 
     # -- requests ----------------------------------------------------------------------------
-    def _request(self, op: str, args: dict):
-        self.proc.stdin.write(json.dumps({"op": op, "args": args}) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait(10)
-            tail = self.stderr().strip().splitlines()[-3:]
-            code = self.proc.returncode
-            raise LoadError(f"llama.cpp ended the worker process (exit {code}) during {op}: "
-                            + (" | ".join(tail) or "no message"))
-        answer = json.loads(line)
+    def _request(self, op: str, args: dict, on_progress=None):
+        try:
+            self.proc.stdin.write(json.dumps({"op": op, "args": args}) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass   # the worker is gone; reading its stdout below says so
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                self._died(op)
+            answer = json.loads(line)
+            if "progress" not in answer:
+                break
+            if on_progress is not None:
+                try:
+                    on_progress(*answer["progress"])
+                except BaseException:
+                    # the caller gave up: the worker's answer never comes, so it cannot be reused
+                    self.proc.kill()
+                    self.close()
+                    raise
         if "error" in answer:
             cls = getattr(gerrors, answer["error"], None)
             if isinstance(cls, type) and issubclass(cls, GpulabError):
@@ -103,11 +116,29 @@ class Worker:
             raise RuntimeError(f"{answer['error']} in the gpulab worker: {answer['message']}\n{answer['traceback']}")
         return answer["ok"]
 
-    def call(self, op: str, **args):
+    def _died(self, op: str):
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        code = self.proc.returncode
+        lines = [ln for ln in self.stderr().strip().splitlines() if ln.strip()]
+        # llama.cpp's own reason (GGML_ABORT prints 'file:line: message' before the backtrace)
+        reason = [ln.strip() for ln in lines if "GGML_ABORT" in ln or "error" in ln.lower()
+                  or "failed" in ln.lower() or ": " in ln and ".cpp:" in ln][-2:]
+        tail = reason or [ln.strip() for ln in lines[-3:]]
+        how = f"signal {-code}" if code is not None and code < 0 else f"exit {code}"
+        raise LoadError(f"llama.cpp ended the worker process ({how}) during {op}"
+                        + (" (an RPC server it used stopped answering?)" if self.rpc_endpoints else "")
+                        + ": " + (" | ".join(tail) or "no message")
+                        + ". This process is fine; the next call starts a new worker.")
+
+    def call(self, op: str, _on_progress=None, **args):
         if not self.alive:
             self.close()
             self._start()
-        return self._request(op, args)
+        return self._request(op, args, _on_progress)
 
     def devices(self) -> list[Device]:
         """The devices llama.cpp sees in the worker (RPC endpoints registered)."""
@@ -118,6 +149,88 @@ class Worker:
         """Load, report, close. Returns the LoadReport and the raw answer (notes, timings)."""
         raw = self.call("load", path=str(path), config=asdict(config), dry_run=dry_run, use_devices=use_devices)
         return LoadReport.from_dict(raw["report"]), raw
+
+    def measure(self, path: str | os.PathLike, config: SplitConfig | None = None, *, n_prompt: int = 512,
+                n_gen: int = 128, repetitions: int = 5, n_threads: int | None = None, warmup: bool = True,
+                progress=None, seed: int | None = None, nvml: bool = True) -> Run:
+        """gpulab.runtime.bench.measure in the worker; the Run (a BenchRun) comes back as JSON.
+
+        If llama.cpp aborts the worker (an RPC server died mid-run), this raises LoadError and
+        the calling process carries on; the next call starts a fresh worker.
+        progress(phase, fraction) is called here as the worker reports it."""
+        from ..core.results import config_to_dict, run_from_dict
+        cfg = config_to_dict(config) if config is not None else None
+        raw = self.call("measure", _on_progress=progress, path=str(path), config=cfg, n_prompt=n_prompt,
+                        n_gen=n_gen, repetitions=repetitions, n_threads=n_threads, warmup=warmup, seed=seed,
+                        nvml=nvml)
+        return run_from_dict(raw)
+
+    def open(self, path: str | os.PathLike, config: SplitConfig | None = None) -> "RemoteModel":
+        """Load a model in the worker and keep it open there: measure it, re-split it, close it.
+
+        The in-worker counterpart of open_model + measure_loaded + resplit, for RPC devices."""
+        from ..core.results import config_to_dict
+        raw = self.call("open", path=str(path), config=config_to_dict(config or SplitConfig()))
+        return RemoteModel(self, raw)
+
+
+class RemoteModel:
+    """A model loaded and kept open in a Worker (see Worker.open). Close it (or use `with`)."""
+
+    def __init__(self, worker: Worker, raw: dict):
+        self.worker = worker
+        self._pid = worker.proc.pid if worker.proc else None
+        self._update(raw)
+
+    def _update(self, raw: dict) -> None:
+        from ..core.results import config_from_dict
+        self.id = raw["id"]
+        self.path = raw["path"]
+        self.config = config_from_dict(raw["config"])
+        self.report = LoadReport.from_dict(raw["report"])
+        self.load_seconds = raw["load_seconds"]
+        self.context_seconds = raw["context_seconds"]
+        self.ready_seconds = raw["ready_seconds"]
+        self.notes = tuple(raw.get("notes", ()))
+        self.closed = False
+
+    def _call(self, op: str, _on_progress=None, **args):
+        if self.closed:
+            raise LoadError(f"{Path(self.path).name} is closed in the worker; open it again")
+        if not self.worker.alive or self.worker.proc.pid != self._pid:
+            self.closed = True
+            raise LoadError(f"the worker that held {Path(self.path).name} has ended (llama.cpp aborted it?); "
+                            "open the model again")
+        return self.worker.call(op, _on_progress=_on_progress, id=self.id, **args)
+
+    def measure(self, *, n_prompt: int = 512, n_gen: int = 128, repetitions: int = 5, n_threads: int | None = None,
+                warmup: bool = True, progress=None, seed: int | None = None, nvml: bool = True) -> Run:
+        """gpulab.runtime.bench.measure_loaded on the open model, in the worker."""
+        from ..core.results import run_from_dict
+        raw = self._call("measure_loaded", _on_progress=progress, n_prompt=n_prompt, n_gen=n_gen,
+                         repetitions=repetitions, n_threads=n_threads, warmup=warmup, seed=seed, nvml=nvml)
+        return run_from_dict(raw)
+
+    def resplit(self, config: SplitConfig) -> "RemoteModel":
+        """Close and reload with `config` in the worker (gpulab.runtime.bench.resplit); `ready_seconds`
+        is then the time from this call's start in the worker to a context ready to measure."""
+        from ..core.results import config_to_dict
+        self._update(self._call("resplit", config=config_to_dict(config)))
+        return self
+
+    def close(self) -> None:
+        if not self.closed and self.worker.alive and self.worker.proc.pid == self._pid:
+            self.worker.call("close", id=self.id)
+        self.closed = True
+
+    def __enter__(self) -> "RemoteModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"RemoteModel({Path(self.path).name!r}, id={self.id}, closed={self.closed})"
 
 
 # -- the worker side -----------------------------------------------------------------------------
@@ -150,6 +263,68 @@ def _serve() -> None:
                     "load_seconds": m.load_seconds, "context_seconds": m.context_seconds,
                     "n_progress": len(fractions), "last_progress": fractions[-1] if fractions else None}
 
+    def op_measure(path, config=None, **kw):
+        from ..core.results import config_from_dict, run_to_dict
+        from .bench import measure
+
+        last = {}
+
+        def progress(phase: str, fraction: float) -> None:
+            # llama.cpp reports load progress hundreds of times: pass on whole percents
+            if fraction < 1.0 and fraction - last.get(phase, -1.0) < 0.01:
+                return
+            last[phase] = fraction
+            out.write(json.dumps({"progress": [phase, fraction]}) + "\n")
+
+        cfg = config_from_dict(config) if config is not None else None
+        return run_to_dict(measure(path, cfg, progress=progress, **kw))
+
+    models: dict[int, object] = {}    # open models by id (Worker.open)
+
+    def _answer(mid, m):
+        from ..core.results import config_to_dict
+        return {"id": mid, "path": m.path, "config": config_to_dict(m.config), "report": m.report.to_dict(),
+                "load_seconds": m.load_seconds, "context_seconds": m.context_seconds,
+                "ready_seconds": m.ready_seconds, "notes": list(m.notes)}
+
+    def _model(mid):
+        m = models.get(mid)
+        if m is None:
+            raise LoadError(f"no open model {mid} in this worker")
+        return m
+
+    def op_open(path, config):
+        from ..core.results import config_from_dict
+        m = open_model(path, config_from_dict(config), devices=llama_lib.llama_devices())
+        mid = max(models, default=0) + 1
+        models[mid] = m
+        return _answer(mid, m)
+
+    def op_measure_loaded(id, **kw):
+        from ..core.results import run_to_dict
+        from .bench import measure_loaded
+
+        def progress(phase: str, fraction: float) -> None:
+            out.write(json.dumps({"progress": [phase, fraction]}) + "\n")
+        return run_to_dict(measure_loaded(_model(id), progress=progress, **kw))
+
+    def op_resplit(id, config):
+        from ..core.results import config_from_dict
+        from .bench import resplit
+        old = _model(id)
+        try:
+            models[id] = m = resplit(old, config_from_dict(config), devices=llama_lib.llama_devices())
+        except BaseException:
+            models.pop(id, None)   # the old model is closed already
+            raise
+        return _answer(id, m)
+
+    def op_close(id):
+        m = models.pop(id, None)
+        if m is not None:
+            m.close()
+        return None
+
     ops = {name[3:]: fn for name, fn in locals().items() if name.startswith("op_")}
     for line in sys.stdin:
         if not line.strip():
@@ -160,6 +335,8 @@ def _serve() -> None:
         except Exception as e:  # noqa: BLE001 - every failure is answered, the loop goes on
             answer = {"error": type(e).__name__, "message": str(e), "traceback": traceback.format_exc()}
         out.write(json.dumps(answer) + "\n")
+    for m in models.values():   # stdin closed: Worker.close()
+        m.close()
 
 
 if __name__ == "__main__":
