@@ -20,6 +20,10 @@ __all__ = ["main", "build_parser", "config_from_args", "add_config_flags", "add_
 # Further commands live in their own modules, each with `register(subparsers)` adding its parser
 # and setting `func`; they reuse the flag groups below so every command speaks llama.cpp's flags.
 COMMAND_MODULES: tuple[str, ...] = (
+    "gpulab.commands.export",
+    "gpulab.commands.profile",
+    "gpulab.commands.sweep",
+    "gpulab.commands.tune",
     "gpulab.commands.bench",
 )
 

@@ -1,10 +1,11 @@
 """The one translation point from a `SplitConfig` to llama.cpp.
 
 `llama_params` fills llama.cpp's own structs (llama_model_params, llama_context_params) for an
-in-process load; `llama_kwargs` gives the keyword arguments of `llama_cpp.Llama(...)` for
-exports. Both walk the same table, `FIELDS`, so a setting cannot be mapped one way here and
-another way there. Where `Llama()` has no keyword for a setting, the table says so and
-`llama_kwargs_gaps` names it.
+in-process load, walking `FIELDS`. `llama_kwargs` gives the keyword arguments of
+`llama_cpp.Llama(...)`: it is the 'python' column of `gpulab.core.exports.SPELLINGS`, the table
+every export (llama-server, llama-bench, Ollama, KoboldCpp) is rendered from, so a setting
+cannot be spelled one way here and another way there. Where `Llama()` has no keyword for a
+setting, that table says so and `llama_kwargs_gaps` names it.
 """
 
 from __future__ import annotations
@@ -16,24 +17,14 @@ from typing import Any
 
 from ..core.config import SplitConfig
 from ..core.devices import Device
+from ..core.exports import FLASH_ATTN_IDS, SPLIT_MODE_IDS, python_gaps, python_kwargs
 from ..core.ggml_types import ggml_type_id
 from ..errors import ConfigError
 
 __all__ = ["FIELDS", "Field", "llama_params", "llama_kwargs", "llama_kwargs_gaps",
            "SPLIT_MODE_IDS", "FLASH_ATTN_IDS"]
 
-# enum llama_split_mode (include/llama.h)
-SPLIT_MODE_IDS = {"none": 0, "layer": 1, "row": 2}
-# enum llama_flash_attn_type (include/llama.h): AUTO = -1, DISABLED = 0, ENABLED = 1
-FLASH_ATTN_IDS = {"auto": -1, "off": 0, "on": 1}
 _LOAD_MODE_NONE = 0  # enum llama_load_mode (include/llama.h): LLAMA_LOAD_MODE_NONE
-
-
-class _Gap:
-    """A value llama_cpp.Llama() cannot express; `why` says what it does instead."""
-
-    def __init__(self, why: str):
-        self.why = why
 
 
 def _same(v, _c=None):
@@ -47,52 +38,23 @@ class Field:
     struct: str                  # 'model' (llama_model_params) or 'context' (llama_context_params)
     c_name: str | None           # field of that struct; None: set by special code (arrays)
     to_c: Callable[..., Any]     # value -> C field value
-    kwarg: str | None            # llama_cpp.Llama keyword; None: Llama() has none
-    to_kwarg: Callable[..., Any]  # value -> keyword value, or a _Gap
-
-
-def _ts_kwarg(ts, _c=None):
-    return list(ts) if ts else None
-
-
-def _fa_kwarg(mode, _c=None):
-    # Llama(flash_attn: bool) sets LLAMA_FLASH_ATTN_TYPE_ENABLED or _DISABLED: no 'auto'
-    if mode == "auto":
-        return _Gap("flash_attn='auto' (-fa auto): Llama() takes flash_attn as a bool, on or off; "
-                    "without it Llama() turns flash attention off")
-    return mode == "on"
-
-
-def _devices_kwarg(devs, _c=None):
-    if devs:
-        return _Gap(f"devices={list(devs)} (--device): Llama() has no keyword for it and uses "
-                    "every device llama.cpp finds")
-    return None
-
-
-def _seq_kwarg(n, _c=None):
-    if n != 1:
-        return _Gap(f"n_seq_max={n} (-np): Llama() has no keyword for it and uses 1")
-    return None
 
 
 FIELDS: tuple[Field, ...] = (
-    Field("n_gpu_layers", "-ngl", "model", "n_gpu_layers", int, "n_gpu_layers", int),
-    Field("split_mode", "-sm", "model", "split_mode", SPLIT_MODE_IDS.__getitem__, "split_mode",
-          SPLIT_MODE_IDS.__getitem__),
-    Field("main_gpu", "-mg", "model", "main_gpu", int, "main_gpu", int),
-    Field("tensor_split", "-ts", "model", None, _same, "tensor_split", _ts_kwarg),
-    Field("devices", "--device", "model", None, _same, None, _devices_kwarg),
-    Field("n_ctx", "-c", "context", "n_ctx", int, "n_ctx", int),
-    Field("n_batch", "-b", "context", "n_batch", int, "n_batch", int),
-    Field("n_ubatch", "-ub", "context", "n_ubatch", int, "n_ubatch", int),
-    Field("type_k", "-ctk", "context", "type_k", ggml_type_id, "type_k", ggml_type_id),
-    Field("type_v", "-ctv", "context", "type_v", ggml_type_id, "type_v", ggml_type_id),
-    Field("flash_attn", "-fa", "context", "flash_attn_type", FLASH_ATTN_IDS.__getitem__,
-          "flash_attn", _fa_kwarg),
-    Field("offload_kqv", "-nkvo", "context", "offload_kqv", bool, "offload_kqv", bool),
-    Field("n_seq_max", "-np", "context", "n_seq_max", int, None, _seq_kwarg),
-    Field("swa_full", "--swa-full", "context", "swa_full", bool, "swa_full", bool),
+    Field("n_gpu_layers", "-ngl", "model", "n_gpu_layers", int),
+    Field("split_mode", "-sm", "model", "split_mode", SPLIT_MODE_IDS.__getitem__),
+    Field("main_gpu", "-mg", "model", "main_gpu", int),
+    Field("tensor_split", "-ts", "model", None, _same),
+    Field("devices", "--device", "model", None, _same),
+    Field("n_ctx", "-c", "context", "n_ctx", int),
+    Field("n_batch", "-b", "context", "n_batch", int),
+    Field("n_ubatch", "-ub", "context", "n_ubatch", int),
+    Field("type_k", "-ctk", "context", "type_k", ggml_type_id),
+    Field("type_v", "-ctv", "context", "type_v", ggml_type_id),
+    Field("flash_attn", "-fa", "context", "flash_attn_type", FLASH_ATTN_IDS.__getitem__),
+    Field("offload_kqv", "-nkvo", "context", "offload_kqv", bool),
+    Field("n_seq_max", "-np", "context", "n_seq_max", int),
+    Field("swa_full", "--swa-full", "context", "swa_full", bool),
 )
 
 
@@ -181,32 +143,15 @@ def llama_params(config: SplitConfig, devices: list[Device] | None = None, *,
     return mp, cp
 
 
-def _kwarg_items(config: SplitConfig):
-    _check_fields_cover_config()
-    for f in FIELDS:
-        value = getattr(config, f.attr)
-        kw = f.to_kwarg(value)
-        yield f, kw
-
-
 def llama_kwargs(config: SplitConfig, *, strict: bool = False) -> dict:
     """Keyword arguments for `llama_cpp.Llama(model_path, **kwargs)` that reproduce `config`.
 
     Settings Llama() cannot express (see `llama_kwargs_gaps`) are left out, or with
     strict=True raise ConfigError.
     """
-    out: dict[str, Any] = {}
-    gaps = []
-    for f, kw in _kwarg_items(config):
-        if isinstance(kw, _Gap):
-            gaps.append(kw.why)
-        elif f.kwarg is not None and kw is not None:
-            out[f.kwarg] = kw
-    if strict and gaps:
-        raise ConfigError("llama_cpp.Llama() cannot express " + "; ".join(gaps))
-    return out
+    return python_kwargs(config, strict=strict)
 
 
 def llama_kwargs_gaps(config: SplitConfig) -> list[str]:
     """Human lines for each setting of `config` that llama_cpp.Llama() cannot express."""
-    return [kw.why for _, kw in _kwarg_items(config) if isinstance(kw, _Gap)]
+    return python_gaps(config)

@@ -1,0 +1,116 @@
+"""`gpulab sweep MODEL [llama-bench grid flags]`: measure a grid of placements, resumably.
+
+    gpulab sweep model.gguf --rpc 127.0.0.1:50052,127.0.0.1:50053 -ts 1/1,3/1 -fa on,off -ub 64,128 \\
+        -p 128 -n 32 -r 3 -o md
+
+Grid flags take llama-bench's lists and ranges (-ngl 10-40+10, -ts 1/1,3/1; see
+gpulab.core.sweep_grid). Results go to the results store as each point finishes; running the
+same command again measures only the points not stored yet (--fresh: all of them). Points the
+planner says cannot fit are skipped, not loaded. Output: llama-bench's md, csv, json, jsonl or sql
+on stdout; progress with an ETA on stderr. Exit 0 when every point has its result, 1 when some
+failed or were skipped, 130 when interrupted (what finished is stored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..core.results import OUTPUT_FORMATS
+from ..core.sweep_grid import GRID_FLAGS
+
+__all__ = ["register", "grid_from_args"]
+
+_LONG = {"-ngl": "--n-gpu-layers", "-sm": "--split-mode", "-mg": "--main-gpu", "-dev": "--device",
+         "-ts": "--tensor-split", "-c": "--ctx-size", "-b": "--batch-size", "-ub": "--ubatch-size",
+         "-ctk": "--cache-type-k", "-ctv": "--cache-type-v", "-nkvo": "--no-kv-offload", "-fa": "--flash-attn"}
+
+
+def add_grid_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("grid (llama-bench syntax: lists a,b and ranges first-last+step or *factor)")
+    for flag in GRID_FLAGS:
+        g.add_argument(flag, _LONG[flag], dest="grid_" + flag[1:], action="append", metavar="VALUES")
+
+
+def grid_from_args(a: argparse.Namespace):
+    from ..core.sweep_grid import parse_grid
+    given = {flag: getattr(a, "grid_" + flag[1:]) for flag in GRID_FLAGS}
+    return parse_grid({f: v for f, v in given.items() if v})
+
+
+def add_bench_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("tests (llama-bench's)")
+    g.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens (0: no pp test)")
+    g.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens (0: no tg test)")
+    g.add_argument("-r", "--repetitions", type=int, default=5)
+    g.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: llama-bench's)")
+    g.add_argument("--rpc", metavar="HOST:PORT,...", help="llama.cpp RPC servers to run on (in a worker process)")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("sweep", help="measure a grid of settings (llama-bench syntax); resumable")
+    p.add_argument("model", help="path of a .gguf")
+    add_grid_flags(p)
+    add_bench_flags(p)
+    p.add_argument("-o", "--output", choices=OUTPUT_FORMATS, default="md", help="output format (llama-bench's)")
+    p.add_argument("--fresh", action="store_true", help="measure every point again, even those stored")
+    p.add_argument("--store", default=None, metavar="PATH", help="results store (default: the user's)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_sweep)
+
+
+def planner_check(model: str, devices, host=None):
+    """fits(config) -> '' or the planner's reason the config cannot be loaded on `devices`."""
+    from .. import read_profile
+    from ..core.planner import plan
+    from ..errors import GpulabError
+    prof = read_profile(model)
+
+    def fits(config) -> str:
+        try:
+            p = plan(prof, list(devices), config, host)
+        except GpulabError as e:
+            return str(e)
+        return "" if p.fits else "does not fit: " + "; ".join(p.deficits())
+    return fits
+
+
+def measuring_setup(a: argparse.Namespace, keep: list):
+    """(measure function, devices llama.cpp sees) for --rpc (a worker) or this process."""
+    rpc = [x.strip() for x in a.rpc.split(",") if x.strip()] if a.rpc else []
+    if rpc:
+        # RPC servers serve one client at a time and abort the client that loses them: only
+        # the worker connects to them, this process never does
+        from ..runtime.worker import Worker
+        w = Worker(rpc)
+        keep.append(w)
+        devices = [d for d in w.devices() if d.kind not in ("cpu", "accel")]
+
+        def measure(path, config, *, n_prompt, n_gen, repetitions, n_threads, progress):
+            return w.measure(path, config, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions,
+                             n_threads=n_threads, progress=progress)
+        return measure, devices
+    from ..runtime.llama_lib import llama_devices
+    return None, [d for d in llama_devices() if d.kind not in ("cpu", "accel")]
+
+
+def _cmd_sweep(a: argparse.Namespace) -> int:
+    from ..core.config import SplitConfig
+    from ..runtime.store import ResultsStore
+    from ..runtime.sweep import run_sweep
+    grid = grid_from_args(a)
+    keep: list = []
+    try:
+        measure, devices = measuring_setup(a, keep)
+        res = run_sweep(a.model, grid, base=SplitConfig(n_ctx=max(1, a.n_prompt + a.n_gen)), n_prompt=a.n_prompt,
+                        n_gen=a.n_gen, repetitions=a.repetitions, n_threads=a.threads,
+                        store=ResultsStore(a.store) if a.store else None, measure=measure,
+                        progress=not a.no_progress, resume=not a.fresh, fits=planner_check(a.model, devices))
+    finally:
+        for w in keep:
+            w.close()
+    sys.stdout.write(res.format(a.output))
+    bad = [p for p in res.points if p.status in ("failed", "skipped", "invalid")]
+    for p in bad:
+        print(f"gpulab: point {p.index} {p.values}: {p.status}: {p.error}", file=sys.stderr)
+    return 1 if bad else 0
