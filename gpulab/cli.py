@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "gpulab.commands.sweep",
     "gpulab.commands.tune",
     "gpulab.commands.bench",
+    "gpulab.commands.calibrate",
 )
 
 
@@ -114,7 +115,7 @@ def _cmd_plan(a: argparse.Namespace) -> int:
     else:
         if found.source_note and not devices:
             print(found.source_note, file=sys.stderr)
-        print(plan_text(p))
+        print(plan_text(p, devices + ([found.host] if found.host else [])))
     return 0 if p.fits else 1
 
 

@@ -55,7 +55,39 @@ def plan_rows(p: Plan) -> list[dict]:
     return rows
 
 
-def plan_text(p: Plan) -> str:
+def plan_text(p: Plan, devices: list[Device] | None = None, *, speed_model=None, n_threads: int | None = None,
+              n_prompt: int = 512, n_gen: int = 128) -> str:
+    """The plan as text: settings, the memory table, predicted speed, whether it fits.
+
+    devices: the Devices planned for (host included or not), so that each one's speed comes from
+    its calibration, spec (--sim ...:BW/s) or NVML; without them the names alone are looked up.
+    speed_model: a SpeedModel to use instead (gpulab.runtime.calibrate.speed_model_for)."""
+    def _speed_text(p: Plan, devices, speed_model, n_threads, n_prompt: int, n_gen: int) -> str:
+        """Predicted pp/tg (gpulab.core.speed) and where each device's figures come from."""
+        from ..core.speed import predict_speed
+        try:
+            if speed_model is None:
+                from ..runtime.calibrate import speed_model_for
+                if devices is None:   # names only: what the plan knows of its devices
+                    devices = [Device(name=d.name, total_bytes=d.total_bytes, free_bytes=d.free_bytes,
+                                      source="host" if d.is_host else "sim" if d.name.startswith("SIM") else "plan",
+                                      kind="cpu" if d.is_host else "rpc" if d.name.startswith("RPC") else "gpu")
+                               for d in p.devices]
+                speed_model = speed_model_for(devices, n_threads=n_threads)
+            s = predict_speed(p, speed_model, n_prompt=n_prompt, n_gen=n_gen)
+        except Exception as e:  # noqa: BLE001 - the memory plan stands without a speed
+            return f"speed: not predicted ({type(e).__name__}: {e})"
+        hops = f"; {s.n_hops} hop{'s' if s.n_hops != 1 else ''} between devices" if s.n_hops else ""
+        line = (f"speed (predicted, pp{n_prompt}/tg{n_gen}): tg {s.tg_tokens_per_s:.1f} t/s, "
+                f"pp {s.pp_tokens_per_s:.1f} t/s; "
+                f"{100 * s.roofline_fraction:.0f}% of the memory roofline ({s.roofline_tg_tokens_per_s:.1f} t/s){hops}")
+        by_source: dict[str, list[str]] = {}
+        for name, source in s.sources.items():
+            by_source.setdefault(source, []).append(name)
+        src = "; ".join(f"{source}: {', '.join(names)}" for source, names in by_source.items())
+        hint = " (rough guesses: run `gpulab calibrate`)" if "default" in by_source else ""
+        return f"{line}\nspeed figures: {src}{hint}"
+
     c = p.config
     ts = ",".join(f"{x:g}" for x in c.tensor_split) if c.tensor_split else "default (free memory)"
     head = (f"{p.profile.name or p.profile.arch}: {p.profile.n_layer} layers + output, "
@@ -64,7 +96,7 @@ def plan_text(p: Plan) -> str:
             f"({p.kv_cells} KV cells)")
     body = render_table(plan_rows(p), right=("weights", "KV", "compute", "used", "free"))
     verdict = "fits" if p.fits else "DOES NOT FIT: " + "; ".join(p.deficits())
-    return f"{head}\n{body}\n{verdict}"
+    return f"{head}\n{body}\n{_speed_text(p, devices, speed_model, n_threads, n_prompt, n_gen)}\n{verdict}"
 
 
 def profile_text(prof: ModelProfile) -> str:
