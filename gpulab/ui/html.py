@@ -1,0 +1,127 @@
+"""HTML tables for notebooks and magics: the same rows as the CLI's text tables, as HTML.
+
+Each `*_html` function returns a string; the result classes (`HtmlTable` and friends) are what
+the magics return, so a notebook shows a table and `result.to_dataframe()` gives pandas.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+
+from ..core.devices import Device
+from ..core.plan import Plan
+from ..core.profile import ModelProfile
+from ..core.units import format_bytes
+from .text import plan_rows
+
+__all__ = ["table_html", "plan_html", "devices_html", "profile_html", "pre_html", "HtmlTable",
+           "device_rows", "profile_rows", "plan_frame_rows"]
+
+_STYLE = ("<style>.gpulab-t{border-collapse:collapse;font-size:12px;font-family:var(--jp-code-font-family,monospace)}"
+          ".gpulab-t th,.gpulab-t td{padding:2px 8px;border-bottom:1px solid #ddd;text-align:left}"
+          ".gpulab-t td.r{text-align:right}.gpulab-t tr.bad td{color:#d62728;font-weight:bold}"
+          ".gpulab-t caption{caption-side:top;text-align:left;font-weight:bold;padding:4px 0}</style>")
+
+
+def table_html(rows: Sequence[dict], *, right: Sequence[str] = (), caption: str | None = None,
+               bad: Sequence[bool] | None = None) -> str:
+    """An HTML table of `rows` (dicts sharing keys); `bad[i]` marks row i red."""
+    if not rows:
+        return "<i>(none)</i>"
+    cols = list(rows[0])
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
+    body = []
+    for i, r in enumerate(rows):
+        cls = " class='bad'" if bad is not None and bad[i] else ""
+        cells = "".join(f"<td{' class=r' if c in right else ''}>{html.escape(str(r.get(c, '')))}</td>" for c in cols)
+        body.append(f"<tr{cls}>{cells}</tr>")
+    cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
+    return f"{_STYLE}<table class='gpulab-t'>{cap}<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def pre_html(text: str, title: str | None = None) -> str:
+    t = f"<div style='font-weight:bold;margin-top:6px'>{html.escape(title)}</div>" if title else ""
+    return (f"{t}<pre style='user-select:all;white-space:pre-wrap;background:#f6f6f6;padding:6px;"
+            f"margin:2px 0;font-size:12px'>{html.escape(text)}</pre>")
+
+
+def plan_html(p: Plan) -> str:
+    c = p.config
+    ts = ",".join(f"{x:g}" for x in c.tensor_split) if c.tensor_split else "default (free memory)"
+    head = (f"{p.profile.name or p.profile.arch}: {p.profile.n_layer} layers + output, "
+            f"{format_bytes(p.profile.file_bytes)} | -ngl {c.n_gpu_layers} -sm {c.split_mode} -mg {c.main_gpu} "
+            f"-ts {ts} -c {c.n_ctx} -ctk {c.type_k} -ctv {c.type_v} ({p.kv_cells} KV cells)")
+    verdict = ("<div style='color:#2a7d2a;font-weight:bold'>fits</div>" if p.fits else
+               "<div style='color:#d62728;font-weight:bold'>DOES NOT FIT: "
+               + html.escape("; ".join(p.deficits())) + "</div>")
+    return (table_html(plan_rows(p), right=("weights", "KV", "compute", "used", "free"), caption=head,
+                       bad=[not d.fits for d in p.devices]) + verdict)
+
+
+def plan_frame_rows(p: Plan) -> list[dict]:
+    """Plain numbers per device (bytes as int) for a DataFrame."""
+    from .text import layer_ranges
+    ranges = layer_ranges(p.layer_devices, p.profile.n_layer)
+    return [{"device": d.name, "layers": ranges.get(d.name, ""), "n_layers": d.n_layers, "has_output": d.has_output,
+             "weights_bytes": d.weights_bytes, "kv_bytes": d.kv_bytes, "compute_bytes": d.compute_bytes,
+             "overhead_bytes": d.overhead_bytes, "used_bytes": d.used_bytes, "free_bytes": d.free_bytes,
+             "total_bytes": d.total_bytes, "fits": d.fits, "deficit_bytes": d.deficit_bytes}
+            for d in p.devices]
+
+
+def device_rows(devices: Sequence[Device], host: Device | None = None) -> list[dict]:
+    return [{"device": d.name, "kind": d.kind, "source": d.source, "description": d.description,
+             "endpoint": d.endpoint, "total_bytes": d.total_bytes, "free_bytes": d.free_bytes}
+            for d in list(devices) + ([host] if host else [])]
+
+
+def devices_html(devices: Sequence[Device], host: Device | None = None, note: str = "") -> str:
+    rows = [{"device": d.name, "kind": d.kind, "source": d.source, "description": d.description,
+             "total": format_bytes(d.total_bytes), "free": format_bytes(d.free_bytes)}
+            for d in list(devices) + ([host] if host else [])]
+    return table_html(rows, right=("total", "free"), caption=note or None)
+
+
+def profile_rows(prof: ModelProfile) -> list[dict]:
+    return [{"layer": l.index, "tensors": len(l.tensors), "weights_bytes": l.weights_bytes,
+             "expert_bytes": l.expert_bytes, "n_head": l.n_head, "n_head_kv": l.n_head_kv,
+             "n_embd_head_k": l.n_embd_head_k, "n_embd_head_v": l.n_embd_head_v, "is_swa": l.is_swa,
+             "has_kv": l.has_kv} for l in prof.layers]
+
+
+def profile_html(prof: ModelProfile, max_rows: int = 200) -> str:
+    head = (f"{prof.name or '(unnamed)'} — arch {prof.arch}, {prof.file_type or '?'}, {format_bytes(prof.file_bytes)}; "
+            f"n_layer {prof.n_layer}, n_embd {prof.n_embd}, n_ff {prof.n_ff}, vocab {prof.n_vocab}, "
+            f"ctx_train {prof.n_ctx_train}; input (CPU) {format_bytes(prof.input_weights_bytes)}, output layer "
+            f"{format_bytes(prof.output_weights_bytes)}" + (" (tied)" if prof.tied_output else ""))
+    rows = [{"layer": l.index, "tensors": len(l.tensors), "weights": format_bytes(l.weights_bytes),
+             "heads": l.n_head, "kv_heads": l.n_head_kv, "head_k/v": f"{l.n_embd_head_k}/{l.n_embd_head_v}",
+             "swa": "yes" if l.is_swa else "", "kv": "" if l.has_kv else "none"} for l in prof.layers[:max_rows]]
+    more = f"<div>… {len(prof.layers) - max_rows} more layers</div>" if len(prof.layers) > max_rows else ""
+    return table_html(rows, right=("weights",), caption=head) + more
+
+
+class HtmlTable:
+    """A result that shows as HTML in a notebook and converts to a pandas DataFrame.
+
+    `rows` are plain values (bytes as int) for the DataFrame; `html` is what people see.
+    Extra attributes (the Plan, the profile, ...) ride along as keyword arguments.
+    """
+
+    def __init__(self, html_text: str, rows: Sequence[dict], text: str = "", **extra):
+        self._html = html_text
+        self.rows = list(rows)
+        self._text = text
+        for k, v in extra.items():
+            setattr(self, k, v)
+
+    def _repr_html_(self) -> str:
+        return self._html
+
+    def __repr__(self) -> str:
+        return self._text or f"<{type(self).__name__}: {len(self.rows)} rows>"
+
+    def to_dataframe(self):
+        import pandas as pd
+        return pd.DataFrame(self.rows)

@@ -1,0 +1,157 @@
+"""The %gpulab magics, run through a real IPython shell (IPython.testing.globalipapp)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("IPython")
+pytest.importorskip("ipywidgets")
+
+from IPython.core.error import UsageError  # noqa: E402
+from IPython.testing.globalipapp import start_ipython  # noqa: E402
+from IPython.utils.capture import capture_output  # noqa: E402
+
+import gpulab  # noqa: E402
+from gpulab import cli  # noqa: E402
+from gpulab.magics import build_parser  # noqa: E402
+
+PLOTLY = "application/vnd.plotly.v1+json"
+
+
+@pytest.fixture(scope="module")
+def ip():
+    from IPython.testing.globalipapp import get_ipython
+    shell = start_ipython() or get_ipython()
+    shell.run_line_magic("load_ext", "gpulab")
+    yield shell
+    shell.run_line_magic("unload_ext", "gpulab")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from gpulab.sources.synth import SynthSpec, write_model
+    return str(write_model(tmp_path_factory.mktemp("m") / "tiny.gguf",
+                           SynthSpec(n_layer=6, n_embd=256, n_ff=512, n_vocab=512)))
+
+
+def magic(ip, line):
+    return ip.run_line_magic("gpulab", line)
+
+
+def test_help_on_the_magic_lists_every_command(ip):
+    doc = ip.find_line_magic("gpulab").__doc__
+    for cmd in ("devices", "inspect", "plan", "lab", "bench", "monitor", "export"):
+        assert f"--- %gpulab {cmd} ---" in doc
+    assert "-ngl N_GPU_LAYERS" in doc and "--sim SPEC" in doc
+    with capture_output() as cap:                       # what `%gpulab?` shows
+        ip.run_line_magic("pinfo", "%gpulab")
+    assert "--- %gpulab plan ---" in cap.stdout and "--tensor-split" in cap.stdout
+
+
+def test_the_flags_are_the_clis(ip):
+    def options(parser, name):
+        sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+        return {o for a in sub.choices[name]._actions for o in a.option_strings}
+    cli_plan, magic_plan = options(cli.build_parser(), "plan"), options(build_parser(), "plan")
+    assert cli_plan - {"--json"} <= magic_plan
+    for cmd in ("lab", "bench", "export"):
+        assert cli_plan - {"--json"} <= options(build_parser(), cmd)
+
+
+def test_devices_as_html_and_dataframe(ip):
+    r = magic(ip, "devices --sim 2x24GiB,12GiB@10GiB")
+    html = r._repr_html_()
+    assert "SIM0" in html and "SIM2" in html and "<table" in html
+    df = r.to_dataframe()
+    assert list(df["device"])[:3] == ["SIM0", "SIM1", "SIM2"]
+    assert int(df["free_bytes"][2]) == 10 * 1024**3
+
+
+def test_inspect(ip, model):
+    r = magic(ip, f"inspect {model}")
+    assert len(r.to_dataframe()) == 6 and "n_layer 6" in r._repr_html_()
+
+
+def test_plan_matches_the_planner_and_shows_figures(ip, model):
+    with capture_output() as cap:
+        r = magic(ip, f"plan {model} --sim 2x1GiB -ts 1,3 -c 2048 -ctk q8_0 -ngl 5")
+    from gpulab.sources.detect import host_device
+    want = gpulab.plan(gpulab.read_profile(model), gpulab.parse_sim_spec("2x1GiB"),
+                       gpulab.SplitConfig(tensor_split=(1, 3), n_ctx=2048, type_k="q8_0", n_gpu_layers=5), host_device())
+    assert r.plan.layer_devices == want.layer_devices
+    assert [d.kv_bytes for d in r.plan.devices] == [d.kv_bytes for d in want.devices]
+    figs = [o for o in cap.outputs if PLOTLY in o.data]
+    assert len(figs) == 2                                   # layer map and memory bars, no browser
+    df = r.to_dataframe()
+    assert list(df["device"]) == ["SIM0", "SIM1", "CPU"]
+    assert "fits" in r._repr_html_()
+
+
+def test_results_are_the_cell_value(ip, model):
+    ip.run_cell(f"%gpulab plan {model} --sim 3x24GiB --policy pack --no-figures", store_history=True)
+    r = ip.user_ns["_"]
+    assert r.plan.config.tensor_split == (1.0, 0.0, 0.0)
+    assert r.to_dataframe()["n_layers"].tolist()[:3] == [6, 0, 0]
+
+
+def test_bad_input_is_a_usage_error_not_a_traceback(ip, model):
+    with pytest.raises(UsageError, match="cannot parse tensor split"):
+        magic(ip, f"plan {model} --sim 2x24GiB -ts x")
+    with pytest.raises(UsageError, match="invalid choice"):
+        magic(ip, f"plan {model} --sim 2x24GiB -ctk q3")
+    with pytest.raises(UsageError, match="no such file|not|No such"):
+        magic(ip, "plan /nonexistent.gguf --sim 24GiB")
+    with pytest.raises(UsageError):
+        magic(ip, "frobnicate")
+    with capture_output() as cap:
+        assert magic(ip, "plan -h") is None
+    assert "--tensor-split" in cap.stdout
+
+
+def test_export(ip, model):
+    r = magic(ip, f"export {model} --sim 2x24GiB -ts 3,1 -c 8192")
+    assert "llama-server" in r.texts and "-ts 3,1" in r.texts["llama-server"]
+    assert "-c 8192" in r.texts["llama-server"]
+    assert set(r.to_dataframe()["target"]) >= {"llama-server", "llama-cpp-python", "Ollama"}
+
+
+def test_lab_takes_the_flags(ip, model):
+    from gpulab.ui.lab import SplitLab
+    lab = magic(ip, f"lab {model} --sim 2x24GiB -ts 1,2 -c 2048 -ngl 3")
+    assert isinstance(lab, SplitLab)
+    assert lab.config.tensor_split == (1.0, 2.0) and lab.config.n_ctx == 2048 and lab.config.n_gpu_layers == 3
+    lab.close()
+    lab = magic(ip, f"lab {model} --sim 2x24GiB --policy pack --monitor")
+    assert lab.config.tensor_split == (1.0,) and lab.monitor is lab.children[-1]
+    lab.close()
+
+
+def test_monitor_without_nvml_says_so(ip):
+    from gpulab.sources.nvml import NvmlProbe
+    m = magic(ip, "monitor --interval 0.5")
+    try:
+        if not NvmlProbe().available():
+            assert m.source == "none" and "nothing to monitor" in m.header.value
+        else:
+            assert m.running
+    finally:
+        m.close()
+    assert not m.running
+
+
+@pytest.mark.slow
+def test_bench_on_virtual_devices(ip, model):
+    r = magic(ip, f"bench {model} --virtual 2 -ts 1,1 -c 256 -p 16 -n 4 -r 1")
+    df = r.to_dataframe()
+    assert bool(df["placement_as_planned"][0])
+    assert df["devices"][0] == "RPC0,RPC1"
+    if r.run.pp is not None:                 # measurement installed: throughput too
+        assert df["pp_ts"][0] > 0 and df["tg_ts"][0] > 0
+
+
+def test_unload_removes_the_magic(ip):
+    assert ip.find_line_magic("gpulab") is not None
+    ip.run_line_magic("unload_ext", "gpulab")
+    assert ip.find_line_magic("gpulab") is None
+    ip.run_line_magic("load_ext", "gpulab")
+    assert ip.find_line_magic("gpulab") is not None

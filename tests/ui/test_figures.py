@@ -1,0 +1,118 @@
+"""Figure builders: pure functions of a Plan whose data says what the planner says."""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+import pytest
+
+from gpulab import SplitConfig, parse_sim_spec, plan
+from gpulab.core.report import BufferReport, LoadReport
+from gpulab.core.run import Run, Throughput
+from gpulab.ui import figures as F
+
+CONFIGS = [
+    SplitConfig(tensor_split=(1, 3)),
+    SplitConfig(tensor_split=(1, 1), n_gpu_layers=5, n_ctx=8192),
+    SplitConfig(tensor_split=(2, 1), flash_attn="off"),
+    SplitConfig(tensor_split=(1, 1), offload_kqv=False),
+    SplitConfig(tensor_split=(1, 1), type_k="q8_0", type_v="q4_0", n_gpu_layers=1),
+    SplitConfig(split_mode="none", main_gpu=1),
+]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("config", CONFIGS, ids=range(len(CONFIGS)))
+def test_layer_bytes_add_up_to_the_plan(profile_factory, config, tied):
+    prof = profile_factory(n_layer=12, swa_layers=(1, 3, 5), n_swa=512, tied=tied)
+    p = plan(prof, parse_sim_spec("2x24GiB"), config)
+    weights, kv = F.layer_bytes(p)
+    for d in p.devices:
+        on = [i for i, x in enumerate(p.layer_devices) if x == d.name]
+        w = int(sum(weights[i] for i in on)) + (prof.input_weights_bytes if d.is_host else 0)
+        assert w == d.weights_bytes, d.name
+        if config.offload_kqv:
+            assert int(sum(kv[i] for i in on)) == d.kv_bytes, d.name
+    assert int(kv.sum()) == sum(d.kv_bytes for d in p.devices)
+
+
+def test_layer_map_one_bar_per_layer_coloured_by_device(profile_factory):
+    prof = profile_factory(n_layer=10)
+    p = plan(prof, parse_sim_spec("3x24GiB"), SplitConfig(tensor_split=(1, 2, 1), n_gpu_layers=8))
+    fig = F.layer_map(p)
+    assert [t.name for t in fig.data] == ["SIM0", "SIM1", "SIM2", "CPU"]
+    xs = sorted(x for t in fig.data for x in t.x)
+    assert xs == list(range(11))                       # 10 blocks + the output layer
+    for t in fig.data:
+        assert [p.layer_devices[x] for x in t.x] == [t.name] * len(t.x)
+        assert len(t.hovertext) == len(t.x)
+    colors = {t.name: t.marker.color for t in fig.data}
+    assert len(set(colors.values())) == 4 and colors["CPU"] == F.HOST_COLOR
+    out = next(t for t in fig.data if 10 in t.x)
+    assert "output layer" in out.hovertext[list(out.x).index(10)]
+    assert "KV" in out.hovertext[0] and "weights" in out.hovertext[0]
+
+
+def test_memory_bars_stack_the_plan_and_flag_an_overfull_device(profile_factory):
+    prof = profile_factory(n_layer=20)              # ~1.6 GiB of layers
+    p = plan(prof, parse_sim_spec("2GiB,1GiB"), SplitConfig(tensor_split=(1, 3)))
+    assert not p.device("SIM1").fits and p.device("SIM0").fits
+    fig = F.memory_bars(p)
+    by = {t.name: t for t in fig.data}
+    unit = F.memory_unit(max(max(d.total_bytes, d.used_bytes) for d in p.devices))[1]
+    for term, attr in (("weights", "weights_bytes"), ("KV", "kv_bytes"), ("compute", "compute_bytes")):
+        assert list(by[term].y) == pytest.approx([getattr(d, attr) / unit for d in p.devices])
+    assert list(by["free"].y)[:2] == pytest.approx([2 * 1024**3 / unit, 1024**3 / unit])
+    # the over-full device: red outline, red label, the deficit in words
+    assert by["weights"].marker.line.color[1] == F.OVERFULL_COLOR
+    assert by["weights"].marker.line.color[0] != F.OVERFULL_COLOR
+    assert "needs" in by["deficit"].text[1] and by["deficit"].text[0] == ""
+    assert "OVER" in fig.layout.xaxis.ticktext[1]
+    assert "DOES NOT FIT" in fig.layout.title.text
+
+
+def test_apply_updates_in_place_like_a_fresh_figure(profile_factory):
+    prof = profile_factory(n_layer=16)
+    devs = parse_sim_spec("4x8GiB")
+    a = plan(prof, devs, SplitConfig(tensor_split=(1, 1, 1, 1)))
+    b = plan(prof, devs, SplitConfig(tensor_split=(3, 0, 1, 0), n_gpu_layers=9))
+    for kind, build in (("layers", F.layer_map), ("memory", F.memory_bars)):
+        fig = go.FigureWidget(build(a))
+        with fig.batch_update():
+            F.apply(fig, b, kind)
+        fresh = build(b)
+        for got, want in zip(fig.data, fresh.data):
+            assert list(got.x) == list(want.x)
+            assert list(got.y) == pytest.approx(list(want.y)) if want.y is not None else got.y is None
+        assert fig.layout.title.text == fresh.layout.title.text
+
+
+def _run(ts, pp, tg):
+    rep = LoadReport(layer_devices=(), buffers=(BufferReport("RPC0", "RPC0", "model", 1 << 20),), devices=("RPC0",))
+    t = lambda n_p, n_g, v: Throughput(n_p, n_g, (1,), (v,), v, 0.5)  # noqa: E731
+    return Run("m.gguf", 1, SplitConfig(tensor_split=ts), rep, pp=t(128, 0, pp), tg=t(0, 32, tg))
+
+
+def test_throughput_chart_one_group_per_run():
+    runs = [_run((1, 1), 100.0, 20.0), _run((1, 3), 90.0, 25.0)]
+    fig = F.throughput_chart(runs)
+    pp, tg = fig.data
+    assert list(pp.y) == [100.0, 90.0] and list(tg.y) == [20.0, 25.0]
+    assert pp.x[1].startswith("#2 -ts 1,3")
+    assert list(F.throughput_chart([]).layout.annotations)[0].text == "no throughput measured yet"
+
+
+def test_memory_compare_predicted_vs_reported(profile_factory):
+    prof = profile_factory(n_layer=4)
+    p = plan(prof, parse_sim_spec("2x8GiB"), SplitConfig(tensor_split=(1, 1)))
+    rep = LoadReport(layer_devices=p.layer_devices, devices=("SIM0", "SIM1"),
+                     buffers=(BufferReport("SIM0", "SIM0", "model", 2 << 20), BufferReport("SIM0", "SIM0", "kv", 1 << 20)))
+    fig = F.memory_compare(p, rep, {"SIM0": 5 << 20})
+    assert [t.name for t in fig.data] == ["gpulab predicts", "llama.cpp reports", "NVML measured"]
+    assert fig.data[1].y[0] == pytest.approx(3.0)       # MiB: model + KV on SIM0
+
+
+def test_mimebundle_needs_no_browser(profile_factory):
+    p = plan(profile_factory(n_layer=3), parse_sim_spec("24GiB"))
+    b = F.mimebundle(F.memory_bars(p))
+    assert set(b) == {"application/vnd.plotly.v1+json", "text/plain"}
+    assert b["application/vnd.plotly.v1+json"]["data"][0]["type"] == "bar"
