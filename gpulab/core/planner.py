@@ -17,7 +17,7 @@ from .ggml_types import row_bytes
 from .plan import DevicePlan, Plan
 from .profile import ModelProfile
 
-__all__ = ["plan", "select_devices", "kv_cells", "split_points", "assign_layers"]
+__all__ = ["plan", "select_devices", "kv_cells", "kv_cell_bytes", "split_points", "assign_layers"]
 
 _PAD = 256  # llama_context: cparams.n_ctx = GGML_PAD(n_ctx, 256)
 
@@ -123,6 +123,27 @@ def kv_cells(profile: ModelProfile, config: SplitConfig) -> tuple[int, int]:
     return base * n_stream, swa * n_stream
 
 
+def kv_cell_bytes(profile: ModelProfile, config: SplitConfig) -> list[int]:
+    """Bytes of one KV cell (K row + V row) of each layer; 0 for layers without a KV cache.
+
+    llama_kv_cache ctor: K is n_embd_k_gqa(il) of type_k; V is n_embd_v_gqa(il) of type_v, or,
+    when V is transposed (no flash attention), padded to the widest V row (n_embd_v_gqa_max).
+    """
+    v_trans = not _flash_attn_on(config)
+    by_shape: dict[tuple[int, int], int] = {}
+    out = []
+    for layer in profile.layers:
+        if not layer.has_kv:
+            out.append(0)
+            continue
+        key = (layer.n_embd_k_gqa, profile.max_n_embd_v_gqa if v_trans else layer.n_embd_v_gqa)
+        b = by_shape.get(key)
+        if b is None:
+            b = by_shape[key] = row_bytes(config.type_k, key[0]) + row_bytes(config.type_v, key[1])
+        out.append(b)
+    return out
+
+
 def _flash_attn_on(config: SplitConfig) -> bool:
     # 'auto' resolves to on wherever the device supports it (CPU, CUDA, RPC all do)
     return config.flash_attn != "off"
@@ -154,22 +175,14 @@ def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | Non
         weights[out_dev] += profile.token_embd.n_bytes
 
     full_cells, swa_cells = kv_cells(profile, config)
-    v_trans = not _flash_attn_on(config)
-    cell_bytes: dict[tuple[int, int], int] = {}   # (K row, V row) -> bytes per cell, this config
+    per_cell = kv_cell_bytes(profile, config)
     for layer in profile.layers:
         dev = layer_devices[layer.index]
         weights[dev] += layer.weights_bytes
         n_layers[dev] += 1
-        if not layer.has_kv:
-            continue
-        # llama_kv_cache ctor: a layer's K/V live on model.dev_layer(il) when offloading; a
-        # transposed V (no flash attention) is padded to the widest V row (n_embd_v_gqa_max)
-        key = (layer.n_embd_k_gqa, profile.max_n_embd_v_gqa if v_trans else layer.n_embd_v_gqa)
-        per_cell = cell_bytes.get(key)
-        if per_cell is None:
-            per_cell = cell_bytes[key] = row_bytes(config.type_k, key[0]) + row_bytes(config.type_v, key[1])
+        # llama_kv_cache ctor: a layer's K/V live on model.dev_layer(il) when offloading
         kv_dev = dev if config.offload_kqv else HOST_NAME
-        kv[kv_dev] += (swa_cells if layer.is_swa else full_cells) * per_cell
+        kv[kv_dev] += (swa_cells if layer.is_swa else full_cells) * per_cell[layer.index]
 
     compute = estimate_compute_bytes(profile, config, layer_devices, names)
 

@@ -37,7 +37,7 @@ import math
 from dataclasses import dataclass, field
 
 from .devices import HOST_NAME
-from .ggml_types import row_bytes
+from .planner import kv_cell_bytes
 from .plan import Plan
 
 __all__ = ["DeviceSpeed", "LinkSpeed", "SpeedModel", "SpeedPrediction", "predict_speed", "per_device_load",
@@ -145,6 +145,7 @@ def _load(plan: Plan, n_past: int) -> _Load:
     for dev in plan.layer_devices:
         ld.layers[dev] += 1
     active_bytes, active_params = prof.active_bytes_per_layer, prof.active_params_per_layer
+    per_cell = kv_cell_bytes(prof, cfg) if n_past else None
     for layer in prof.layers:
         dev = plan.layer_devices[layer.index]
         ld.weights[dev] += active_bytes[layer.index]
@@ -152,8 +153,7 @@ def _load(plan: Plan, n_past: int) -> _Load:
         if layer.has_kv and n_past:
             kv_dev = dev if cfg.offload_kqv else HOST_NAME
             ctx = min(n_past, plan.kv_cells_swa if layer.is_swa else plan.kv_cells)
-            ld.kv[kv_dev] += ctx * (row_bytes(cfg.type_k, layer.n_embd_k_gqa)
-                                    + row_bytes(cfg.type_v, layer.n_embd_v_gqa))
+            ld.kv[kv_dev] += ctx * per_cell[layer.index]
             ld.flops[kv_dev] += 4.0 * ctx * layer.n_head * layer.n_embd_head_k   # QK^T and softmax(QK^T)V
     out = plan.layer_devices[prof.n_layer]
     # the output matrix is read for every token; tied: token_embd serves as it (duplicated on a device)

@@ -19,9 +19,8 @@ import numpy as np
 import plotly.graph_objects as go
 
 from ..core.devices import HOST_NAME
-from ..core.ggml_types import row_bytes
 from ..core.plan import Plan
-from ..core.planner import kv_cells
+from ..core.planner import kv_cell_bytes, kv_cells
 from ..core.units import GiB, MiB, format_bytes
 
 __all__ = ["device_colors", "layer_bytes", "layer_map", "memory_bars", "throughput_chart", "show", "mimebundle", "run_label",
@@ -76,17 +75,10 @@ def layer_bytes(plan: Plan) -> tuple[np.ndarray, np.ndarray]:
     weights = np.zeros(n + 1, dtype=np.int64)
     kv = np.zeros(n + 1, dtype=np.int64)
     full_cells, swa_cells = kv_cells(prof, config)
-    v_trans = config.flash_attn == "off"
-    cache: dict[tuple[int, int], int] = {}
+    per_cell = kv_cell_bytes(prof, config)
     for layer in prof.layers:
         weights[layer.index] = layer.weights_bytes
-        if not layer.has_kv:
-            continue
-        key = (layer.n_embd_k_gqa, prof.max_n_embd_v_gqa if v_trans else layer.n_embd_v_gqa)
-        per_cell = cache.get(key)
-        if per_cell is None:
-            per_cell = cache[key] = row_bytes(config.type_k, key[0]) + row_bytes(config.type_v, key[1])
-        kv[layer.index] = (swa_cells if layer.is_swa else full_cells) * per_cell
+        kv[layer.index] = (swa_cells if layer.is_swa else full_cells) * per_cell[layer.index]
     out = sum(t.n_bytes for t in prof.output_tensors)
     if prof.tied_output and plan.layer_devices[n] != HOST_NAME and prof.token_embd is not None:
         out += prof.token_embd.n_bytes   # llama.cpp duplicates token_embd on the output device
