@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SplitConfig", "Device", "parse_sim_spec", "Plan", "DevicePlan", "plan",
-    "ModelProfile", "LayerProfile", "TensorInfo", "read_profile", *_errors_all,
+    "ModelProfile", "LayerProfile", "TensorInfo", "read_profile", "load", *_errors_all,
 ]
 
 
@@ -33,6 +33,21 @@ def read_profile(source: str, **kwargs) -> ModelProfile:
         return read_remote_profile(str(source), **kwargs)
     from .sources.gguf_file import read_profile as _read
     return _read(source, **kwargs)
+
+
+def load(model, config: SplitConfig | None = None, **open_kwargs):
+    """Open `model` in this process with its saved allocation profile (`gpulab profile`, the
+    lab's save button, `gpulab tune --save`) for the devices present, else with `config` (or
+    the defaults). A profile made for devices that are gone raises ProfileMismatchError naming
+    them instead of loading elsewhere. Returns a LoadedModel: use it in a `with` block so device
+    memory is freed before the next load. For RPC devices use gpulab.runtime.worker.Worker.
+    """
+    from .profiles import config_for
+    from .runtime.llama_lib import llama_devices
+    from .runtime.model import open_model
+    devices = open_kwargs.pop("devices", None) or llama_devices()
+    chosen = config if config is not None else config_for(model, [d for d in devices if d.kind != "cpu"])
+    return open_model(model, chosen, devices=devices, **open_kwargs)
 
 
 def load_ipython_extension(ipython) -> None:

@@ -168,3 +168,19 @@ def test_cli_export_all_targets(model, capsys):
     assert d["python"]["data"]["n_gpu_layers"] == -1
     assert main(["export", str(model), "--sim", "24GiB", "--to", "python", "--strict"]) == 2
     assert "flash_attn='auto'" in capsys.readouterr().err
+
+
+def test_gpulab_load_applies_the_saved_profile(tmp_path, monkeypatch):
+    """gpulab.load(model) opens the model with the profile saved for the devices present."""
+    import gpulab
+    from gpulab.profiles import save_profile
+    from gpulab.runtime.llama_lib import llama_devices
+    from gpulab.sources.demo import demo_model_path
+
+    monkeypatch.setenv("GPULAB_CONFIG_DIR", str(tmp_path))
+    model = demo_model_path()
+    offload = [d for d in llama_devices() if d.kind != "cpu"]   # none on a CPU-only machine
+    save_profile(model, SplitConfig(n_gpu_layers=0, n_ctx=768, type_k="q8_0"), offload)
+    with gpulab.load(model) as loaded:
+        assert loaded.config.n_ctx == 768 and loaded.config.type_k == "q8_0"
+        assert loaded.report.bytes_on("CPU", "kv") > 0
