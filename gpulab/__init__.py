@@ -35,14 +35,26 @@ def read_profile(source: str, **kwargs) -> ModelProfile:
     return _read(source, **kwargs)
 
 
-def load(model, config: SplitConfig | None = None, **open_kwargs):
-    """Open `model` in this process with its saved allocation profile (`gpulab profile`, the
-    lab's save button, `gpulab tune --save`) for the devices present, else with `config` (or
-    the defaults). A profile made for devices that are gone raises ProfileMismatchError naming
-    them instead of loading elsewhere. Returns a LoadedModel: use it in a `with` block so device
-    memory is freed before the next load. For RPC devices use gpulab.runtime.worker.Worker.
+def load(model, config: SplitConfig | None = None, *, isolate: bool = False, rpc: tuple[str, ...] = (),
+         **open_kwargs):
+    """Open `model` with its saved allocation profile (`gpulab profile`, the lab's save button,
+    `gpulab tune --save`) for the devices present, else with `config` (or the defaults).
+
+    A profile made for devices that are gone raises ProfileMismatchError naming them instead of
+    loading elsewhere; a configuration the plan says cannot fit raises DoesNotFitError before
+    llama.cpp is called. In this process it returns a LoadedModel (use `with`, so device memory
+    is freed before the next load). isolate=True (always, with `rpc` endpoints) loads in a worker
+    process instead and returns its RemoteModel: llama.cpp failures that abort a process (an RPC
+    server dying: GGML_ABORT in ggml-rpc.cpp) then end the worker, not the caller.
     """
     from .profiles import config_for
+    if isolate or rpc:
+        from .runtime.worker import Worker
+        worker = Worker(tuple(rpc))
+        devices = [d for d in worker.devices() if d.kind != "cpu"]
+        remote = worker.open(model, config if config is not None else config_for(model, devices))
+        remote.owns_worker = True
+        return remote
     from .runtime.llama_lib import llama_devices
     from .runtime.model import open_model
     devices = open_kwargs.pop("devices", None) or llama_devices()

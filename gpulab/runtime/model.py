@@ -23,7 +23,7 @@ from pathlib import Path
 from ..core.config import SplitConfig
 from ..core.devices import Device
 from ..core.report import LoadReport
-from ..errors import ConfigError, DeviceError, LoadError
+from ..errors import ConfigError, DeviceError, DoesNotFitError, LoadError
 from . import llama_lib
 from .logcapture import LogCapture, parse_load_log
 from .params import llama_params
@@ -133,7 +133,7 @@ def _safe_config(config: SplitConfig) -> tuple[SplitConfig, tuple[str, ...]]:
 def open_model(path: str | os.PathLike, config: SplitConfig | None = None, *,
                devices: list[Device] | None = None, dry_run: bool = False,
                progress: Callable[[float], object] | None = None, verbose: bool = False,
-               context_params: dict | None = None) -> LoadedModel:
+               context_params: dict | None = None, check_fit: bool = True) -> LoadedModel:
     """Load `path` with llama.cpp as `config` says; a `LoadedModel` with the parsed `.report`.
 
     devices: the devices llama.cpp sees (default: `llama_devices()`); used to check the config
@@ -150,6 +150,12 @@ def open_model(path: str | os.PathLike, config: SplitConfig | None = None, *,
     context_params: further llama_context_params fields to set, by name, for settings a
       SplitConfig does not carry (e.g. {'no_perf': False} to have llama.cpp time its decodes).
 
+    check_fit: plan the load first (gpulab.core.planner.plan on these devices) and raise
+      DoesNotFitError, naming each over-full device and its deficit, when the plan says it
+      cannot fit; llama.cpp is then not called, so a CUDA out-of-memory mid-load is avoided
+      rather than survived. On by default; False leaves the judgement to llama.cpp. Ignored
+      for dry runs.
+
     Raises LoadError (with llama.cpp's last error lines) when llama.cpp refuses the file or the
     settings; nothing stays allocated then.
     """
@@ -161,6 +167,8 @@ def open_model(path: str | os.PathLike, config: SplitConfig | None = None, *,
     lc = llama_lib.llama_cpp()
     devs = list(devices) if devices is not None else llama_lib.llama_devices()
     effective, notes = _safe_config(config)
+    if check_fit and not dry_run:
+        _check_fit(path, effective, devs)
     mp, cp = llama_params(effective, devs, dry_run=dry_run)
     for name, value in (context_params or {}).items():
         if name not in {f[0] for f in cp._fields_}:
@@ -216,6 +224,18 @@ def open_model(path: str | os.PathLike, config: SplitConfig | None = None, *,
                          context_seconds=t2 - t1, notes=notes)
     loaded.ready_seconds = time.perf_counter() - t_call
     return loaded
+
+
+def _check_fit(path: str, config: SplitConfig, devices: list[Device]) -> None:
+    from ..core.planner import plan
+    from ..sources.gguf_file import read_profile
+    host = next((d for d in devices if d.kind == "cpu"), None)
+    offload = [d for d in devices if d.kind not in ("cpu", "accel")]
+    p = plan(read_profile(path), offload, config, host)
+    if not p.fits:
+        raise DoesNotFitError(f"{Path(path).name} does not fit with this configuration: "
+                              + "; ".join(p.deficits())
+                              + ". Lower n_gpu_layers or n_ctx, or move layers with tensor_split")
 
 
 def _failure_message(what: str, path: str, cap: LogCapture) -> str:

@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import traceback
 from dataclasses import asdict
 from pathlib import Path
@@ -41,12 +42,21 @@ class Worker:
     (same class and message). If the worker dies (llama.cpp aborted it), the call raises
     LoadError with the end of its stderr, and the next call starts a new worker, registering
     the same RPC endpoints again.
+
+    timeout_s: the longest the worker may stay silent (no answer and no progress line) during
+    a request; then it is killed and the call raises LoadError saying so. For an RPC server
+    that stops answering without closing its connection (llama.cpp's client waits on it
+    forever). None (the default): wait as long as it takes.
     """
 
-    def __init__(self, rpc_endpoints: list[str] | tuple[str, ...] = ()):
+    def __init__(self, rpc_endpoints: list[str] | tuple[str, ...] = (), *, timeout_s: float | None = None):
+        if timeout_s is not None and not timeout_s > 0:
+            raise ValueError(f"timeout_s must be positive or None, got {timeout_s!r}")
         self.rpc_endpoints = tuple(rpc_endpoints)
+        self.timeout_s = timeout_s
         self.proc: subprocess.Popen | None = None
         self._err = None
+        self._timed_out = False
 
     # -- process -----------------------------------------------------------------------------
     def _start(self) -> None:
@@ -57,7 +67,14 @@ class Worker:
         self.proc = subprocess.Popen([sys.executable, "-m", "gpulab.runtime.worker"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self._err, text=True, env=env)
         if self.rpc_endpoints:
-            self._request("register", {"endpoints": list(self.rpc_endpoints)})
+            try:
+                self._request("register", {"endpoints": list(self.rpc_endpoints)})
+            except BaseException:
+                # a worker without its RPC devices must not serve the next call
+                if self.proc is not None:
+                    self.proc.kill()
+                self.close()
+                raise
 
     @property
     def alive(self) -> bool:
@@ -94,8 +111,14 @@ class Worker:
             self.proc.stdin.flush()
         except (BrokenPipeError, OSError):
             pass   # the worker is gone; reading its stdout below says so
+        self._timed_out = False
         while True:
-            line = self.proc.stdout.readline()
+            watchdog = self._watchdog()
+            try:
+                line = self.proc.stdout.readline()
+            finally:
+                if watchdog is not None:
+                    watchdog.cancel()
             if not line:
                 self._died(op)
             answer = json.loads(line)
@@ -116,7 +139,26 @@ class Worker:
             raise RuntimeError(f"{answer['error']} in the gpulab worker: {answer['message']}\n{answer['traceback']}")
         return answer["ok"]
 
+    def _watchdog(self) -> threading.Timer | None:
+        if self.timeout_s is None:
+            return None
+        proc = self.proc
+
+        def expire() -> None:
+            self._timed_out = True
+            proc.kill()
+
+        t = threading.Timer(self.timeout_s, expire)
+        t.daemon = True
+        t.start()
+        return t
+
     def _died(self, op: str):
+        if self._timed_out:
+            self.proc.wait(10)
+            raise LoadError(f"the gpulab worker gave no answer within {self.timeout_s:g} s during {op}"
+                            + (" (an RPC server it used stopped answering?)" if self.rpc_endpoints else "")
+                            + "; it was killed. This process is fine; the next call starts a new worker.")
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
@@ -145,9 +187,11 @@ class Worker:
         return [Device(**d) for d in self.call("devices")]
 
     def load(self, path: str | os.PathLike, config: SplitConfig, *, dry_run: bool = False,
-             use_devices: bool = True) -> tuple[LoadReport, dict]:
-        """Load, report, close. Returns the LoadReport and the raw answer (notes, timings)."""
-        raw = self.call("load", path=str(path), config=asdict(config), dry_run=dry_run, use_devices=use_devices)
+             use_devices: bool = True, check_fit: bool = True) -> tuple[LoadReport, dict]:
+        """Load, report, close. Returns the LoadReport and the raw answer (notes, timings).
+        check_fit: refuse (DoesNotFitError) what the plan says cannot fit, before loading."""
+        raw = self.call("load", path=str(path), config=asdict(config), dry_run=dry_run, use_devices=use_devices,
+                        check_fit=check_fit)
         return LoadReport.from_dict(raw["report"]), raw
 
     def measure(self, path: str | os.PathLike, config: SplitConfig | None = None, *, n_prompt: int = 512,
@@ -218,10 +262,14 @@ class RemoteModel:
         self._update(self._call("resplit", config=config_to_dict(config)))
         return self
 
+    owns_worker = False   # set by gpulab.load(isolate=True): the worker ends with the model
+
     def close(self) -> None:
         if not self.closed and self.worker.alive and self.worker.proc.pid == self._pid:
             self.worker.call("close", id=self.id)
         self.closed = True
+        if self.owns_worker:
+            self.worker.close()
 
     def __enter__(self) -> "RemoteModel":
         return self
@@ -253,11 +301,11 @@ def _serve() -> None:
     def op_default_device_names():
         return llama_lib.default_device_names()
 
-    def op_load(path, config, dry_run=False, use_devices=True):
+    def op_load(path, config, dry_run=False, use_devices=True, check_fit=True):
         devices = llama_lib.llama_devices() if use_devices else None
         fractions: list[float] = []
         with open_model(path, SplitConfig(**config), devices=devices, dry_run=dry_run,
-                        progress=fractions.append) as m:
+                        progress=fractions.append, check_fit=check_fit) as m:
             return {"report": m.report.to_dict(), "notes": list(m.notes),
                     "effective_devices": list(m.effective_config.devices),
                     "load_seconds": m.load_seconds, "context_seconds": m.context_seconds,

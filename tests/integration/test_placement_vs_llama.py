@@ -120,5 +120,5 @@ def test_row_split_is_refused_by_both(model_paths, worker):
     devices = [d for d in worker.devices() if d.kind == "rpc"]
     with pytest.raises(ConfigError, match="does not support split buffers"):
         plan(read_profile(model_paths["llama-gqa-7"]), devices, config)
-    with pytest.raises(LoadError, match="does not support split buffers"):
-        worker.load(model_paths["llama-gqa-7"], config)
+    with pytest.raises(LoadError, match="does not support split buffers"):   # llama.cpp itself, unplanned
+        worker.load(model_paths["llama-gqa-7"], config, check_fit=False)

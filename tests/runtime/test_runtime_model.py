@@ -122,8 +122,16 @@ def corrupt_files(tmp_path_factory, smollm2_path):
 @pytest.mark.parametrize("dry_run", [False, True])
 def test_corrupt_file_is_a_load_error(corrupt_files, name, message, dry_run):
     # llama.cpp rejects these with an exception it catches itself: the process survives
+    # (check_fit=False: hand the file to llama.cpp without gpulab's own reader in front)
     with pytest.raises(LoadError, match=message):
-        open_model(corrupt_files[name], CPU_ONLY, dry_run=dry_run)
+        open_model(corrupt_files[name], CPU_ONLY, dry_run=dry_run, check_fit=False)
+
+
+@pytest.mark.parametrize("name", ["empty", "not-gguf", "bad-header", "cut-in-metadata", "cut-in-tensor-data"])
+def test_corrupt_file_is_refused_before_llama_cpp_by_default(corrupt_files, name):
+    from gpulab.errors import ModelFormatError
+    with pytest.raises(ModelFormatError):
+        open_model(corrupt_files[name], CPU_ONLY)
 
 
 def test_missing_file():
