@@ -8,7 +8,6 @@ says how much work the planner does per layer beyond reading it.
 
 from __future__ import annotations
 
-import statistics
 import sys
 import timeit
 from pathlib import Path

@@ -320,7 +320,7 @@ def test_real_binaries_parse_the_flags(config, tmp_path):
 
 # -- llama-cpp-python ----------------------------------------------------------------------------
 def test_python_kwargs_are_the_runtime_kwargs():
-    llama_cpp = pytest.importorskip("llama_cpp")   # noqa: F841 - the runtime needs it
+    pytest.importorskip("llama_cpp")   # the runtime needs it
     from gpulab.runtime.params import llama_kwargs, llama_kwargs_gaps
     for c in CONFIGS:
         exp = render(c, "python")

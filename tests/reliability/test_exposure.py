@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from processes import wait_gone
 
 from gpulab.runtime import llama_lib, rpc
 
@@ -61,17 +62,6 @@ def test_any_other_address_must_be_asked_for_and_warns():
         assert "WARNING" in out and "NO authentication" in out and f"0.0.0.0:{s.port}" in out
 
 
-def _gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.05)
-    return False
-
-
 @pytest.mark.parametrize("ending", ["exit", "sigkill"])
 def test_workers_die_with_their_parent(ending):
     """A worker left open by a kernel that exits (or is killed) sees its stdin close and ends."""
@@ -88,7 +78,7 @@ def test_workers_die_with_their_parent(ending):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     pids = [int(p) for p in out.stdout.split()]
     assert len(pids) == 1, out.stderr
-    assert _gone(pids[0], 10), f"worker {pids[0]} outlived its parent ({ending})"
+    assert wait_gone(pids[0], 10), f"worker {pids[0]} outlived its parent ({ending})"
 
 
 # --- no pickle, marshal, eval or exec on anything read from files or the network -------------

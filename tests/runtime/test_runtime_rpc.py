@@ -15,10 +15,10 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 
 import numpy as np
 import pytest
+from processes import wait_gone
 
 from gpulab.core.config import SplitConfig
 from gpulab.errors import DeviceError
@@ -280,17 +280,6 @@ def test_server_lifecycle(cluster):
         RpcServer(port=busy_port).start()
 
 
-def _gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.05)
-    return False
-
-
 @pytest.mark.parametrize("ending", ["exit", "sigkill"])
 def test_servers_die_with_their_parent(ending, repo_root):
     """A parent that exits without stop() (weakref finalizer at exit), or is killed outright
@@ -311,7 +300,7 @@ def test_servers_die_with_their_parent(ending, repo_root):
     if ending == "sigkill":
         assert out.returncode == -signal.SIGKILL
     for pid in pids:
-        assert _gone(pid, 5), f"server {pid} outlived its parent ({ending})"
+        assert wait_gone(pid, 5), f"server {pid} outlived its parent ({ending})"
 
 
 def test_stopping_a_server_registered_here_warns(repo_root):

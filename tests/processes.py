@@ -1,0 +1,18 @@
+"""Process helpers shared by tests (importable as `processes`: tests/ is on pythonpath)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+def wait_gone(pid: int, timeout: float) -> bool:
+    """True once no process has `pid` (polled every 50 ms), False after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
