@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .core.config import SplitConfig
+from .sources.fingerprint import sampled_sha256
 from .core.devices import Device
 from .errors import ConfigError, GpulabError
 
@@ -33,7 +34,6 @@ __all__ = ["Profile", "ProfileDevice", "ProfileMismatchError", "config_dir", "pr
            "to_toml"]
 
 _VERSION = 1
-_MiB = 1 << 20
 
 
 class ProfileMismatchError(GpulabError):
@@ -79,12 +79,7 @@ def model_hash(path: str | os.PathLike) -> str:
     if key in _hash_cache:
         return _hash_cache[key]
     prof = read_profile(p)
-    h = hashlib.sha256(b"gpulab-model-hash-1\0")
-    h.update(st.st_size.to_bytes(8, "little"))
-    with open(p, "rb") as f:
-        h.update(f.read(_MiB))
-        f.seek(max(0, st.st_size - _MiB))
-        h.update(f.read(_MiB))
+    h = sampled_sha256(p, prefix=b"gpulab-model-hash-1\0")
     tensors = [*prof.input_tensors, *(t for layer in prof.layers for t in layer.tensors),
                *prof.output_tensors, *prof.other_tensors]
     for t in tensors:

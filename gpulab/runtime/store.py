@@ -16,7 +16,6 @@ naming the file and the cause; the records already there stay as they were.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -25,10 +24,10 @@ from ..core.config import SplitConfig
 from ..core.results import config_to_dict, data_dir, runs_from_records, to_llama_bench_records
 from ..core.run import Run
 from ..errors import GpulabError
+from ..sources.fingerprint import sampled_sha256
 
 __all__ = ["ResultsStore", "StoreError", "model_fingerprint", "default_store_path"]
 
-_FINGERPRINT_BYTES = 1 << 20
 
 
 class StoreError(GpulabError):
@@ -40,17 +39,9 @@ def default_store_path() -> Path:
 
 
 def model_fingerprint(path: str | os.PathLike) -> str:
-    """A cheap identity for a GGUF: sha256 of its size, first and last MiB (the header, which
-    names every tensor, its type, shape and offset, and the end of the weights). 16 hex digits."""
-    p = Path(path)
-    size = p.stat().st_size
-    h = hashlib.sha256(str(size).encode() + b":")
-    with open(p, "rb") as f:
-        h.update(f.read(_FINGERPRINT_BYTES))
-        if size > _FINGERPRINT_BYTES:
-            f.seek(max(_FINGERPRINT_BYTES, size - _FINGERPRINT_BYTES))
-            h.update(f.read(_FINGERPRINT_BYTES))
-    return h.hexdigest()[:16]
+    """A cheap identity for a GGUF, 16 hex digits: size, first and last MiB (the header, which
+    names every tensor, its type, shape and offset, and the end of the weights)."""
+    return sampled_sha256(path).hexdigest()[:16]
 
 
 def _why(e: OSError) -> str:

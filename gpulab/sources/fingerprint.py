@@ -1,0 +1,29 @@
+"""Cheap identity of a model file at any size: its size and its first and last MiB.
+
+The first MiB holds the GGUF header (every tensor's name, type, shape and offset) for all but
+huge vocabularies, the last MiB the end of the weights, so re-quantisations and fine-tunes of
+the same shape differ; hashing a 40 GB file whole would take minutes. The results store keys
+runs by this; allocation profiles add the parsed header on top (gpulab.profiles.model_hash).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+__all__ = ["sampled_sha256"]
+
+SAMPLE_BYTES = 1 << 20
+
+
+def sampled_sha256(path: str | os.PathLike, prefix: bytes = b""):
+    """A sha256 object fed with `prefix`, the file size, its first and (if distinct) last MiB.
+    Raises OSError when the file cannot be read."""
+    size = os.stat(path).st_size
+    h = hashlib.sha256(prefix + str(size).encode() + b":")
+    with open(path, "rb") as f:
+        h.update(f.read(SAMPLE_BYTES))
+        if size > SAMPLE_BYTES:
+            f.seek(max(SAMPLE_BYTES, size - SAMPLE_BYTES))
+            h.update(f.read(SAMPLE_BYTES))
+    return h
