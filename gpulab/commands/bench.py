@@ -2,8 +2,10 @@
 
 Measures pp and tg as llama-bench does (gpulab.runtime.bench) and prints the results as
 llama-bench prints them; every result is appended to the results store as soon as it is
-measured. With --rpc the run happens in a worker process (an RPC server that dies would
-otherwise abort this one). The progress bar goes to stderr, only when stderr is a terminal.
+measured. The run happens in a worker process, so that llama.cpp dying (an RPC server that
+goes away, a crash) ends the worker and this command says why; the measured loop is the same
+code as in-process (bench/llama_bench_compare.py measures the two against llama-bench). The
+progress bar goes to stderr, only when stderr is a terminal.
 """
 
 from __future__ import annotations
@@ -31,12 +33,12 @@ def register(subparsers) -> None:
     g.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: llama-bench's)")
     g.add_argument("-o", "--output", choices=OUTPUT_FORMATS, default="md")
     g.add_argument("--no-warmup", action="store_true", help="skip the warm-up runs")
-    g.add_argument("--rpc", metavar="HOST:PORT,...", help="llama.cpp RPC servers to use (runs in a worker process)")
+    g.add_argument("--rpc", metavar="HOST:PORT,...", help="llama.cpp RPC servers to use")
     g.add_argument("--no-store", action="store_true", help="do not append the results to the results store")
     g.add_argument("--store", metavar="PATH", help="results store file (default: <data dir>/results.jsonl)")
     g.add_argument("--reconcile", action="store_true",
                    help="also print predicted vs llama.cpp vs NVML memory per device and term")
-    g.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log")
+    g.add_argument("-v", "--verbose", action="store_true", help="print llama.cpp's load log (stderr) after the run")
     p.set_defaults(func=run_bench)
 
 
@@ -83,16 +85,16 @@ def run_bench(a: argparse.Namespace) -> int:
     bar = _Bar()
     kw = dict(n_prompt=a.n_prompt, n_gen=a.n_gen, repetitions=a.repetitions, n_threads=a.threads,
               warmup=not a.no_warmup, progress=bar)
+    from ..runtime.worker import Worker
     try:
-        if endpoints:
-            from ..runtime.worker import Worker
-            with Worker(endpoints) as w:
-                run = w.measure(a.model, config, **kw)
-        else:
-            from ..runtime.bench import measure
-            run = measure(a.model, config, verbose=a.verbose, **kw)
+        # always in a worker process: whatever kills llama.cpp (a dying RPC server, a CPU build
+        # this host cannot run) ends the worker, and this process says why in one line
+        with Worker(endpoints) as w:
+            run = w.measure(a.model, config, **kw)
     finally:
         bar.clear()
+    if a.verbose:
+        sys.stderr.write(run.report.log)
     records = to_llama_bench_records(run)
     if not a.no_store:
         store = ResultsStore(a.store)

@@ -76,22 +76,16 @@ def planner_check(model: str, devices, host=None):
 
 
 def measuring_setup(a: argparse.Namespace, keep: list):
-    """(measure function, devices llama.cpp sees) for --rpc (a worker) or this process."""
-    rpc = [x.strip() for x in a.rpc.split(",") if x.strip()] if a.rpc else []
-    if rpc:
-        # RPC servers serve one client at a time and abort the client that loses them: only
-        # the worker connects to them, this process never does
-        from ..runtime.worker import Worker
-        w = Worker(rpc)
-        keep.append(w)
-        devices = [d for d in w.devices() if d.kind not in ("cpu", "accel")]
+    """(measure function, devices llama.cpp sees), measuring in a worker process.
 
-        def measure(path, config, *, n_prompt, n_gen, repetitions, n_threads, progress):
-            return w.measure(path, config, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions,
-                             n_threads=n_threads, progress=progress)
-        return measure, devices
-    from ..runtime.llama_lib import llama_devices
-    return None, [d for d in llama_devices() if d.kind not in ("cpu", "accel")]
+    Always a worker: RPC servers serve one client at a time and abort the client that loses
+    them, and a llama.cpp crash must end the worker, not this command (it then says why)."""
+    from ..runtime.worker import Worker
+    rpc = [x.strip() for x in a.rpc.split(",") if x.strip()] if a.rpc else []
+    w = Worker(rpc)
+    keep.append(w)
+    from ..runtime.sweep import worker_measure
+    return worker_measure(w), [d for d in w.devices() if d.kind not in ("cpu", "accel")]
 
 
 def _cmd_sweep(a: argparse.Namespace) -> int:

@@ -44,6 +44,7 @@ from ..core.devices import Device
 from ..core.results import BenchRun, throughput_from_samples
 from ..errors import ConfigError, LoadError
 from . import llama_lib
+from .crash import guard
 from .model import LoadedModel, open_model
 
 __all__ = ["measure", "measure_loaded", "resplit", "default_threads", "system_facts", "Progress"]
@@ -276,48 +277,9 @@ def _plan_dict(loaded: LoadedModel) -> tuple[dict | None, str | None]:
         return None, f"no plan for this run: {type(e).__name__}: {e}"
 
 
-def measure_loaded(loaded: LoadedModel, *, n_prompt: int = 512, n_gen: int = 128, repetitions: int = 5,
-                   n_threads: int | None = None, progress: Progress | None = None, warmup: bool = True,
-                   seed: int | None = None, nvml: bool = True, _sampler=None, _load_seconds: float | None = None,
-                   ) -> BenchRun:
-    """Measure pp (n_prompt tokens) and tg (n_gen tokens) on a model opened by `open_model`.
-
-    n_prompt=0 or n_gen=0 skips that test. Raises LoadError when llama.cpp fails a decode
-    and ConfigError when the context is too small for the tests.
-    """
-    if loaded.closed:
-        raise LoadError(f"{Path(loaded.path).name} is closed; open it again (or use resplit)")
-    if loaded.dry_run:
-        raise ConfigError("a dry-run load (no_alloc) allocated nothing to run; open the model without dry_run")
-    if repetitions < 1 or n_prompt < 0 or n_gen < 0 or (n_prompt == 0 and n_gen == 0):
-        raise ConfigError("need repetitions >= 1 and n_prompt, n_gen >= 0, not both 0")
-    n_threads = int(n_threads) if n_threads else default_threads()
-    if n_threads < 1:
-        raise ConfigError(f"n_threads must be at least 1, got {n_threads}")
-    lc = llama_lib.llama_cpp()
-    ctx, model = loaded.ctx, loaded.model
-    n_ctx_seq = int(lc.llama_n_ctx_seq(ctx)) if hasattr(lc, "llama_n_ctx_seq") else int(lc.llama_n_ctx(ctx))
-    need = max(n_prompt, n_gen)
-    if need > n_ctx_seq:
-        raise ConfigError(f"the context holds {n_ctx_seq} tokens per sequence but the tests need {need} "
-                          f"(n_prompt {n_prompt}, n_gen {n_gen}); load with n_ctx >= {need} "
-                          "(llama-bench uses n_prompt + n_gen)")
-    n_batch = max(1, min(loaded.effective_config.n_batch, int(lc.llama_n_batch(ctx))))
-
-    def report(phase: str, fraction: float) -> None:
-        if progress is not None:
-            progress(phase, fraction)
-
-    sampler = _sampler
-    own_sampler = sampler is None and nvml
-    if own_sampler:
-        from .nvml_sampler import NvmlSampler
-        sampler = NvmlSampler().start()
-
-    started = _now_iso()
-    facts = system_facts()
-    mfacts = _model_facts(lc, model)
-    plan, plan_note = _plan_dict(loaded)
+def _timed_tests(lc, ctx, model, n_batch: int, n_threads: int, seed: int | None, *, n_prompt: int, n_gen: int,
+                 repetitions: int, warmup: bool, report) -> tuple:
+    """(pp, tg) Throughputs of llama-bench's test_prompt / test_gen on a loaded context."""
     tp = None
     fns = _threadpool_fns()
     loop = _Loop(lc, ctx, model, n_batch, seed)
@@ -366,6 +328,56 @@ def measure_loaded(loaded: LoadedModel, *, n_prompt: int = 512, n_gen: int = 128
         if tp:
             fns[4](ctx)      # llama_detach_threadpool, then free it
             fns[2](tp)
+    return pp, tg
+
+
+def measure_loaded(loaded: LoadedModel, *, n_prompt: int = 512, n_gen: int = 128, repetitions: int = 5,
+                   n_threads: int | None = None, progress: Progress | None = None, warmup: bool = True,
+                   seed: int | None = None, nvml: bool = True, _sampler=None, _load_seconds: float | None = None,
+                   ) -> BenchRun:
+    """Measure pp (n_prompt tokens) and tg (n_gen tokens) on a model opened by `open_model`.
+
+    n_prompt=0 or n_gen=0 skips that test. Raises LoadError when llama.cpp fails a decode
+    and ConfigError when the context is too small for the tests.
+    """
+    if loaded.closed:
+        raise LoadError(f"{Path(loaded.path).name} is closed; open it again (or use resplit)")
+    if loaded.dry_run:
+        raise ConfigError("a dry-run load (no_alloc) allocated nothing to run; open the model without dry_run")
+    if repetitions < 1 or n_prompt < 0 or n_gen < 0 or (n_prompt == 0 and n_gen == 0):
+        raise ConfigError("need repetitions >= 1 and n_prompt, n_gen >= 0, not both 0")
+    n_threads = int(n_threads) if n_threads else default_threads()
+    if n_threads < 1:
+        raise ConfigError(f"n_threads must be at least 1, got {n_threads}")
+    lc = llama_lib.llama_cpp()
+    ctx, model = loaded.ctx, loaded.model
+    n_ctx_seq = int(lc.llama_n_ctx_seq(ctx)) if hasattr(lc, "llama_n_ctx_seq") else int(lc.llama_n_ctx(ctx))
+    need = max(n_prompt, n_gen)
+    if need > n_ctx_seq:
+        raise ConfigError(f"the context holds {n_ctx_seq} tokens per sequence but the tests need {need} "
+                          f"(n_prompt {n_prompt}, n_gen {n_gen}); load with n_ctx >= {need} "
+                          "(llama-bench uses n_prompt + n_gen)")
+    n_batch = max(1, min(loaded.effective_config.n_batch, int(lc.llama_n_batch(ctx))))
+
+    def report(phase: str, fraction: float) -> None:
+        if progress is not None:
+            progress(phase, fraction)
+
+    sampler = _sampler
+    own_sampler = sampler is None and nvml
+    if own_sampler:
+        from .nvml_sampler import NvmlSampler
+        sampler = NvmlSampler().start()
+
+    started = _now_iso()
+    facts = system_facts()
+    mfacts = _model_facts(lc, model)
+    plan, plan_note = _plan_dict(loaded)
+    try:
+        with guard(f"the measurement of {Path(loaded.path).name}"):
+            pp, tg = _timed_tests(lc, ctx, model, n_batch, n_threads, seed, n_prompt=n_prompt, n_gen=n_gen,
+                                  repetitions=repetitions, warmup=warmup, report=report)
+    finally:
         if own_sampler:
             sampler.stop()
     notes = list(loaded.notes)

@@ -25,6 +25,7 @@ from ..core.devices import Device
 from ..core.report import LoadReport
 from ..errors import ConfigError, DeviceError, DoesNotFitError, LoadError
 from . import llama_lib
+from .crash import guard
 from .logcapture import LogCapture, parse_load_log
 from .params import llama_params
 
@@ -194,7 +195,8 @@ def open_model(path: str | os.PathLike, config: SplitConfig | None = None, *,
     mp.progress_callback = callback
 
     model = ctx = None
-    with _load_lock, LogCapture(echo=sys.stderr.write if verbose else None) as cap:
+    with _load_lock, guard(f"the load of {Path(path).name}"), \
+            LogCapture(echo=sys.stderr.write if verbose else None) as cap:
         t0 = time.perf_counter()
         model = lc.llama_model_load_from_file(path.encode(), mp)
         t1 = time.perf_counter()

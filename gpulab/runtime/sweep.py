@@ -8,8 +8,9 @@ Each measured run goes to the results store (gpulab.runtime.store) before the ne
 starts. A point counts as done when the store holds its tests (pp and/or tg) for the same model
 fingerprint, config, n_prompt, n_gen and repetitions; a rerun of an interrupted sweep measures
 only the rest. The measuring function is injected (`measure`), so the resume logic is tested
-with a fake one; by default it is gpulab.runtime.bench.measure in this process, or, with RPC
-devices, in a worker process (an RPC server that dies aborts the process it serves).
+with a fake one; by default every point is measured in a gpulab worker process (with the `rpc`
+endpoints registered there), so that llama.cpp dying, as it does when an RPC server goes away,
+fails that point instead of killing the caller (a notebook kernel, the CLI).
 """
 
 from __future__ import annotations
@@ -227,22 +228,20 @@ def _index_store(store, model_hash: str, n_prompt: int, n_gen: int, repetitions:
     return out
 
 
-def _default_measure(rpc: Sequence[str], devices, keep: list) -> Measure:
-    if rpc:
-        from .worker import Worker
-        w = Worker(list(rpc))
-        keep.append(w)
+def worker_measure(worker) -> Measure:
+    """A Measure that runs each point in `worker` (a gpulab Worker): llama.cpp dying ends the
+    worker, the point fails with the reason, and the next point starts a fresh worker."""
+    def via_worker(path, config, *, n_prompt, n_gen, repetitions, n_threads, progress):
+        return worker.measure(path, config, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions,
+                              n_threads=n_threads, progress=progress)
+    return via_worker
 
-        def via_worker(path, config, *, n_prompt, n_gen, repetitions, n_threads, progress):
-            return w.measure(path, config, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions,
-                             n_threads=n_threads, progress=progress)
-        return via_worker
-    from .bench import measure
 
-    def in_process(path, config, *, n_prompt, n_gen, repetitions, n_threads, progress):
-        return measure(path, config, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions, n_threads=n_threads,
-                       devices=devices, progress=progress)
-    return in_process
+def _default_measure(rpc: Sequence[str], keep: list) -> Measure:
+    from .worker import Worker
+    w = Worker(list(rpc))
+    keep.append(w)
+    return worker_measure(w)
 
 
 _PHASE_WEIGHT = {"load": (0.0, 0.3), "warmup": (0.3, 0.05), "pp": (0.35, 0.35), "tg": (0.7, 0.3)}
@@ -250,7 +249,7 @@ _PHASE_WEIGHT = {"load": (0.0, 0.3), "warmup": (0.3, 0.05), "pp": (0.35, 0.35), 
 
 def run_sweep(model_path: str | os.PathLike, grid: Grid | Sequence[SplitConfig], *, base: SplitConfig | None = None,
               n_prompt: int = 512, n_gen: int = 128, repetitions: int = 5, n_threads: int | None = None,
-              rpc: Sequence[str] = (), devices=None, store=None, measure: Measure | None = None,
+              rpc: Sequence[str] = (), store=None, measure: Measure | None = None,
               progress: bool | Callable[[dict], Any] = True, resume: bool = True,
               fits: Callable[[SplitConfig], str] | None = None) -> SweepResult:
     """Measure every point of `grid` (a Grid, or a list of SplitConfigs) on `model_path`.
@@ -299,7 +298,7 @@ def run_sweep(model_path: str | os.PathLike, grid: Grid | Sequence[SplitConfig],
                 _finish(bar, notify, p, label, None)
                 continue
             if measure is None:
-                measure = _default_measure(rpc, devices, keep)
+                measure = _default_measure(rpc, keep)
 
             def on_phase(phase: str, fraction: float, _label=label, _p=p) -> None:
                 start, width = _PHASE_WEIGHT.get(phase, (0.0, 1.0))

@@ -31,6 +31,7 @@ from ..core.devices import Device
 from ..core.report import LoadReport
 from ..core.run import Run
 from ..errors import GpulabError, LoadError
+from .crash import describe_death
 
 __all__ = ["Worker", "RemoteModel"]
 
@@ -64,6 +65,7 @@ class Worker:
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parents[2])   # this checkout, for editable and plain runs
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env["GPULAB_WORKER"] = "1"   # its deaths are reported here (crash.guard stays quiet in it)
         self.proc = subprocess.Popen([sys.executable, "-m", "gpulab.runtime.worker"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self._err, text=True, env=env)
         if self.rpc_endpoints:
@@ -170,11 +172,10 @@ class Worker:
         reason = [ln.strip() for ln in lines if "GGML_ABORT" in ln or "error" in ln.lower()
                   or "failed" in ln.lower() or ": " in ln and ".cpp:" in ln][-2:]
         tail = reason or [ln.strip() for ln in lines[-3:]]
-        how = f"signal {-code}" if code is not None and code < 0 else f"exit {code}"
-        raise LoadError(f"llama.cpp ended the worker process ({how}) during {op}"
-                        + (" (an RPC server it used stopped answering?)" if self.rpc_endpoints else "")
-                        + ": " + (" | ".join(tail) or "no message")
-                        + ". This process is fine; the next call starts a new worker.")
+        rpc = " (an RPC server it used stopped answering?)" if self.rpc_endpoints else ""
+        said = " | ".join(tail) or "it wrote nothing"
+        raise LoadError(f"llama.cpp ended the worker process with {describe_death(code, op)}{rpc}. "
+                        f"Its last words: {said}. This process is fine; the next call starts a new worker.")
 
     def call(self, op: str, _on_progress=None, **args):
         if not self.alive:
