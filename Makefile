@@ -1,18 +1,23 @@
 # The two commands the README opens with:
 #   make lab    set up, then JupyterLab on the tour notebook
-#   make test   set up, then the whole test suite
+#   make test   set up, then the whole test suite (with llama.cpp's own tools built to check against)
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup lab test bench clean
+.PHONY: setup tools lab test bench clean
 
 setup:
 	@scripts/setup.sh
 
-lab: setup
-	$(VENV)/bin/jupyter lab notebooks/01-tour.ipynb
+# llama-server, llama-bench and llama-fit-params from the vendored source: the real consumers
+# the tests check exports, results and the fit policy against (built once per build key)
+tools: setup
+	@PY=$(PY) scripts/llama-tools.sh >/dev/null
 
-test: setup
+lab: setup
+	@scripts/lab.sh notebooks/01-tour.ipynb
+
+test: setup tools
 	$(PY) -m pytest
 
 bench: setup

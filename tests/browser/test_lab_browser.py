@@ -29,19 +29,24 @@ def lab_server(tmp_path_factory):
     note.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
     port = free_port()
     env = dict(os.environ, JUPYTER_CONFIG_DIR=str(home / "config"), JUPYTER_RUNTIME_DIR=str(home / "runtime"),
-               IPYTHONDIR=str(home / "ipython"))
-    cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-           "--IdentityProvider.token=", "--ServerApp.password=", "--ServerApp.disable_check_xsrf=True",
-           f"--ServerApp.root_dir={root}", f"--LabApp.workspaces_dir={home / 'workspaces'}",
-           f"--LabApp.user_settings_dir={home / 'settings'}", "--LabApp.news_url=",
-           "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate", "--LabApp.extension_manager=readonly"]
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        cmd.append("--allow-root")     # containers and CI run as root
+               IPYTHONDIR=str(home / "ipython"), GPULAB_PYTHON=sys.executable, GPULAB_LAB_PORT=str(port),
+               GPULAB_LAB_TOKEN="", GPULAB_LAB_BROWSER="no")
+    # started as `make lab` starts it (scripts/lab.sh: --allow-root as root, loopback, no browser
+    # without a display), so that a lab `make lab` cannot serve cannot pass this test
+    cmd = [str(REPO / "scripts" / "lab.sh"), "tour.ipynb", "--ServerApp.password=",
+           "--ServerApp.disable_check_xsrf=True", f"--ServerApp.root_dir={root}",
+           f"--LabApp.workspaces_dir={home / 'workspaces'}", f"--LabApp.user_settings_dir={home / 'settings'}",
+           "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+           "--LabApp.extension_manager=readonly"]
     log = home / "jupyter.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root)
         url = f"http://127.0.0.1:{port}"
         wait_http(f"{url}/api/status", proc, log)
+        said = log.read_text()
+        assert f"open http://127.0.0.1:{port}/lab/tree/tour.ipynb" in said, said
+        if os.geteuid() == 0:
+            assert "running as root: passing --allow-root" in said, said
         yield url
         stop(proc)
 
