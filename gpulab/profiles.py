@@ -18,7 +18,10 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import tomllib
+try:
+    import tomllib
+except ImportError:          # Python 3.10: the same parser, from PyPI (pyproject.toml)
+    import tomli as tomllib
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
