@@ -4,15 +4,14 @@
     .venv/bin/python bench/llama_bench_compare.py --rounds 3 --models demo
     .venv/bin/python bench/llama_bench_compare.py --build-only    # just build llama-bench
 
-llama-bench is built from the llama.cpp vendored in the pinned llama-cpp-python sdist (the same
-source as the installed wheel's libllama), once, into a cache folder ($GPULAB_BENCH_CACHE or
-~/.cache/gpulab/llama-bench): `pip download --no-deps --no-binary :all: llama-cpp-python==VERSION`,
-then `cmake -DGGML_RPC=ON -DCMAKE_BUILD_TYPE=Release` and `--target llama-bench`. Later runs reuse
-the binary.
+llama-bench is built by scripts/llama-tools.sh from the llama.cpp vendored in the pinned
+llama-cpp-python sdist (the same source as the installed wheel's libllama), with the same
+CPU-feature decision as the wheel (gpulab/sources/cpu_features.py), once per build key.
 
-Each round runs llama-bench and gpulab.runtime.bench.measure on the same model with the same
--t/-b/-ub/-p/-n/-r, alternating which goes first (ABBA), and the table gives gpulab/llama-bench
-for pp and tg per round, then over all rounds two ways: the ratio of the means, and the ratio of
+Each round runs llama-bench, gpulab.runtime.bench.measure in this process, and the same through a
+gpulab worker process (what `gpulab bench`, `sweep` and `tune` use) on the same model with the
+same -t/-b/-ub/-p/-n/-r, rotating which goes first, and the table gives each gpulab side /
+llama-bench for pp and tg per round, then over all rounds two ways: the ratio of the means, and the ratio of
 the best single repetitions (the fastest of rounds x -r samples per side: on a shared machine
 the least disturbed one, and so the steadiest figure of what each loop can do). A benchmark,
 not a test: the ratios are what matter (target >= 0.97 on CPU), and other work on the machine
@@ -24,21 +23,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-LCP_VERSION = "0.3.36"   # keep in step with pyproject.toml
 
 
 def cache_dir() -> Path:
+    """Where the synthetic models live between runs."""
     return Path(os.environ.get("GPULAB_BENCH_CACHE", Path.home() / ".cache" / "gpulab" / "llama-bench"))
 
 
@@ -59,62 +56,17 @@ def loadavg1() -> str:
 
 # --- building llama-bench ---------------------------------------------------------------------
 
-def _sdist(root: Path, local: str | None) -> Path:
-    name = f"llama_cpp_python-{LCP_VERSION}.tar.gz"
-    target = root / name
-    if target.exists():
-        return target
-    if local:
-        shutil.copy(local, target)
-        return target
-    log(f"downloading the llama-cpp-python {LCP_VERSION} sdist (pip download)")
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-                    f"llama-cpp-python=={LCP_VERSION}", "-d", str(root)], check=True)
-    found = sorted(root.glob(f"llama_cpp_python-{LCP_VERSION}.tar.gz")) + sorted(
-        root.glob(f"llama-cpp-python-{LCP_VERSION}.tar.gz"))
-    if not found:
-        raise SystemExit(f"pip download left no sdist in {root}")
-    return found[0]
-
-
-def build_llama_bench(local_sdist: str | None = None, jobs: int | None = None) -> tuple[Path, float | None]:
-    """(path of llama-bench, seconds the build took or None when reused)."""
-    root = cache_dir() / LCP_VERSION
-    exe = root / "build" / "bin" / "llama-bench"
-    if exe.exists():
-        return exe, None
-    root.mkdir(parents=True, exist_ok=True)
-    sdist = _sdist(root, local_sdist)
-    src = root / "src"
-    if not (src / "vendor" / "llama.cpp" / "CMakeLists.txt").exists():
-        log(f"unpacking {sdist.name}")
-        tmp = root / "unpack"
-        shutil.rmtree(tmp, ignore_errors=True)
-        with tarfile.open(sdist) as tf:
-            tf.extractall(tmp)
-        inner = next(tmp.iterdir())
-        shutil.rmtree(src, ignore_errors=True)
-        inner.rename(src)
-        shutil.rmtree(tmp, ignore_errors=True)
-    jobs = jobs or os.cpu_count() or 2
-    build = root / "build"
+def build_llama_bench() -> tuple[Path, float | None]:
+    """(path of llama-bench, seconds the build took or None when reused), from scripts/llama-tools.sh:
+    the vendored source, built with the same CPU-feature decision as the installed wheel."""
+    tools = REPO / "scripts" / "llama-tools.sh"
+    env = dict(os.environ, PY=sys.executable)
+    found = subprocess.run([str(tools), "--find-only", "llama-bench"], capture_output=True, text=True, env=env)
+    if found.returncode == 0:
+        return Path(found.stdout.strip()) / "llama-bench", None
     t0 = time.perf_counter()
-    # The wheel is built by scikit-build-core in Release with the same defaults (GGML_NATIVE,
-    # OpenMP); GGML_RPC as scripts/setup.sh builds it. No HTTPS: llama-bench reads local files.
-    cfg = ["cmake", "-S", str(src / "vendor" / "llama.cpp"), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
-           "-DGGML_RPC=ON", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-           "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF"]
-    if shutil.which("ninja"):
-        cfg += ["-G", "Ninja"]
-    log(f"building llama-bench in {build} with {jobs} jobs (several minutes on 2 cores)")
-    with open(root / "build.log", "w") as out:
-        subprocess.run(cfg, check=True, stdout=out, stderr=subprocess.STDOUT)
-        subprocess.run(["cmake", "--build", str(build), "--target", "llama-bench", "-j", str(jobs)],
-                       check=True, stdout=out, stderr=subprocess.STDOUT)
-    seconds = time.perf_counter() - t0
-    (root / "build_seconds.txt").write_text(f"{seconds:.0f}\n")
-    log(f"built llama-bench in {seconds:.0f} s")
-    return exe, seconds
+    out = subprocess.run([str(tools), "llama-bench"], stdout=subprocess.PIPE, text=True, env=env, check=True)
+    return Path(out.stdout.strip()) / "llama-bench", time.perf_counter() - t0
 
 
 # --- models -------------------------------------------------------------------------------------
@@ -157,6 +109,13 @@ def run_gpulab(model: Path, a) -> dict:
     return {"pp": (run.pp.avg_ts, max(run.pp.samples_ts)), "tg": (run.tg.avg_ts, max(run.tg.samples_ts))}
 
 
+def run_gpulab_worker(model: Path, a, worker) -> dict:
+    from gpulab.core.config import SplitConfig
+    cfg = SplitConfig(n_ctx=a.p + a.n, n_batch=a.b, n_ubatch=a.ub)
+    run = worker.measure(model, cfg, n_prompt=a.p, n_gen=a.n, repetitions=a.r, n_threads=a.t)
+    return {"pp": (run.pp.avg_ts, max(run.pp.samples_ts)), "tg": (run.tg.avg_ts, max(run.tg.samples_ts))}
+
+
 def in_loop_share(model: Path, a) -> dict:
     """The share of gpulab's timed wall time that llama.cpp itself accounts for.
 
@@ -195,7 +154,6 @@ def main(argv=None) -> int:
     ap.add_argument("-ub", type=int, default=512)
     ap.add_argument("--libs", choices=("own", "wheel"), default="own",
                     help="llama-bench with its own build's libraries (default), or the wheel's libllama")
-    ap.add_argument("--sdist", default=None, help="a local llama-cpp-python sdist instead of pip download")
     ap.add_argument("--nice", type=int, default=0,
                     help="change this process's niceness first (both sides inherit it; negative needs root): "
                          "on a machine others use, both loops then get a steadier share of the CPU")
@@ -204,10 +162,8 @@ def main(argv=None) -> int:
     if a.nice:
         os.nice(a.nice)
 
-    exe, build_s = build_llama_bench(a.sdist)
-    build_note = (f"built in {build_s:.0f} s" if build_s is not None else
-                  "reused" + (f" (built in {(exe.parents[2] / 'build_seconds.txt').read_text().strip()} s)"
-                              if (exe.parents[2] / "build_seconds.txt").exists() else ""))
+    exe, build_s = build_llama_bench()
+    build_note = f"built in {build_s:.0f} s" if build_s is not None else "reused"
     log(f"llama-bench: {exe} ({build_note})")
     if a.build_only:
         return 0
@@ -226,36 +182,38 @@ def main(argv=None) -> int:
     print(f"loadavg at start: {loadavg()}; threads {a.t}; n_batch {a.b}; n_ubatch {a.ub}; "
           f"llama-bench libs: {a.libs}; niceness {os.nice(0)}; python {sys.version.split()[0]}")
     print()
-    print("| model | test | round | loadavg | llama-bench t/s | gpulab t/s | gpulab / llama-bench |")
-    print("|---|---|---|---|---:|---:|---:|")
+    print("| model | test | round | loadavg | llama-bench t/s | gpulab t/s | gpulab worker t/s "
+          "| gpulab / llama-bench | worker / llama-bench |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|")
+    from gpulab.runtime.worker import Worker
     summary = []
-    for label, path, (dp, dn, dr) in models:
-        ma = argparse.Namespace(**vars(a))
-        ma.p, ma.n, ma.r = a.p or dp, a.n or dn, a.r or dr
-        per: dict[str, list[tuple]] = {"pp": [], "tg": []}
-        for k in range(a.rounds):
-            load = loadavg1()
-            if k % 2 == 0:
-                lb = run_llama_bench(exe, path, ma, a.libs)
-                gl = run_gpulab(path, ma)
-            else:
-                gl = run_gpulab(path, ma)
-                lb = run_llama_bench(exe, path, ma, a.libs)
+    with Worker() as worker:
+        for label, path, (dp, dn, dr) in models:
+            ma = argparse.Namespace(**vars(a))
+            ma.p, ma.n, ma.r = a.p or dp, a.n or dn, a.r or dr
+            sides = [("lb", lambda: run_llama_bench(exe, path, ma, a.libs)), ("gl", lambda: run_gpulab(path, ma)),
+                     ("wk", lambda: run_gpulab_worker(path, ma, worker))]
+            per: dict[str, list[dict]] = {"pp": [], "tg": []}
+            for k in range(a.rounds):
+                load = loadavg1()
+                got = {}
+                for name, fn in sides[k % 3:] + sides[:k % 3]:     # each side goes first in turn
+                    got[name] = fn()
+                for test in ("pp", "tg"):
+                    row = {side: got[side][test] for side in got}
+                    per[test].append(row)
+                    tname = f"pp{ma.p}" if test == "pp" else f"tg{ma.n}"
+                    print(f"| {label} | {tname} | {k + 1} | {load} | {row['lb'][0]:.2f} | {row['gl'][0]:.2f} | "
+                          f"{row['wk'][0]:.2f} | {row['gl'][0] / row['lb'][0]:.3f} | "
+                          f"{row['wk'][0] / row['lb'][0]:.3f} |", flush=True)
             for test in ("pp", "tg"):
-                per[test].append((lb[test], gl[test]))
-                name = f"pp{ma.p}" if test == "pp" else f"tg{ma.n}"
-                print(f"| {label} | {name} | {k + 1} | {load} | {lb[test][0]:.2f} | {gl[test][0]:.2f} | "
-                      f"{gl[test][0] / lb[test][0]:.3f} |", flush=True)
-        for test in ("pp", "tg"):
-            name = f"pp{ma.p}" if test == "pp" else f"tg{ma.n}"
-            lbm = statistics.fmean(x[0] for x, _ in per[test])
-            glm = statistics.fmean(y[0] for _, y in per[test])
-            lbb = max(x[1] for x, _ in per[test])
-            glb = max(y[1] for _, y in per[test])
-            summary.append((label, name, lbm, glm, lbb, glb))
-            print(f"| {label} | {name} | mean of all | | {lbm:.2f} | {glm:.2f} | **{glm / lbm:.3f}** |")
-            print(f"| {label} | {name} | best repetition | | {lbb:.2f} | {glb:.2f} | **{glb / lbb:.3f}** |",
-                  flush=True)
+                tname = f"pp{ma.p}" if test == "pp" else f"tg{ma.n}"
+                mean = {side: statistics.fmean(r[side][0] for r in per[test]) for side in ("lb", "gl", "wk")}
+                best = {side: max(r[side][1] for r in per[test]) for side in ("lb", "gl", "wk")}
+                summary.append((label, tname, mean, best))
+                for how, v in (("mean of all", mean), ("best repetition", best)):
+                    print(f"| {label} | {tname} | {how} | | {v['lb']:.2f} | {v['gl']:.2f} | {v['wk']:.2f} | "
+                          f"**{v['gl'] / v['lb']:.3f}** | **{v['wk'] / v['lb']:.3f}** |", flush=True)
     print()
     print("In-loop share: of gpulab's timed wall time, the part llama.cpp's own decode timers account for")
     print("(llama_perf_context with no_perf off; the rest is the Python loop between calls):")
@@ -269,10 +227,11 @@ def main(argv=None) -> int:
         print(f"| {label} | {100 * sh['pp']:.2f}% (pp{ma.p}) | {100 * sh['tg']:.2f}% (tg{ma.n}) |", flush=True)
     print()
     print(f"loadavg at end: {loadavg()}")
-    worst_mean = min(s[3] / s[2] for s in summary)
-    worst_best = min(s[5] / s[4] for s in summary)
-    print(f"lowest ratio, means: {worst_mean:.3f}; best repetitions: {worst_best:.3f} "
-          f"(target >= 0.97: {'met' if worst_best >= 0.97 else 'MISSED'} on the best repetitions)")
+    for side, what in (("gl", "in-process"), ("wk", "worker")):
+        worst_mean = min(m[side] / m["lb"] for _, _, m, _ in summary)
+        worst_best = min(b[side] / b["lb"] for _, _, _, b in summary)
+        print(f"{what}: lowest ratio, means: {worst_mean:.3f}; best repetitions: {worst_best:.3f} "
+              f"(target >= 0.97: {'met' if worst_best >= 0.97 else 'MISSED'} on the best repetitions)")
     print("command: " + " ".join([Path(sys.executable).name, *sys.argv]))
     return 0
 

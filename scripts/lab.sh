@@ -33,7 +33,9 @@ else
   TOKEN=$GPULAB_LAB_TOKEN
 fi
 
-args=(--ServerApp.root_dir="$PWD" --ip="$IP" --port="$PORT" --ServerApp.port_retries=0 --IdentityProvider.token="$TOKEN")
+args=(--ip="$IP" --port="$PORT" --ServerApp.port_retries=0 --IdentityProvider.token="$TOKEN")
+# the root is this folder, so the URL below is right (given a notebook, Jupyter would root at its folder)
+case " $* " in *" --ServerApp.root_dir="*|*" --notebook-dir="*) ;; *) args+=(--ServerApp.root_dir="$PWD") ;; esac
 if [ "$(id -u)" = 0 ]; then
   say "running as root: passing --allow-root to Jupyter (it refuses root otherwise)"
   args+=(--allow-root)

@@ -2,22 +2,22 @@
 
 llama-server/llama-cli flags are checked against llama.cpp's own definitions (common/arg.cpp)
 and llama-bench's against its parser (tools/llama-bench/llama-bench.cpp), read from the llama.cpp
-source vendored by the pinned llama-cpp-python where it is unpacked (GPULAB_LLAMA_CPP_SRC, or
-/tmp/lcp/...), else from the extract checked in below; where llama-server / llama-bench binaries
-built from that source are at hand (GPULAB_LLAMA_BIN), they parse the flags themselves. The
+source vendored by the pinned llama-cpp-python (tests/llama_tools.py finds it), else from the
+extract checked in below; the llama-server / llama-bench binaries built from that source parse
+the flags themselves. The
 llama-cpp-python kwargs load the demo model.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 from dataclasses import fields
 from pathlib import Path
 
 import pytest
+from llama_tools import NOT_BUILT, tools_bin, vendored_src
 
 from gpulab.core.config import SplitConfig
 from gpulab.core.devices import Device
@@ -25,11 +25,8 @@ from gpulab.core.exports import SPELLINGS, TARGETS, cuda_visible_devices, render
 from gpulab.errors import ConfigError
 
 GiB = 1024**3
-_SRC_CANDIDATES = [os.environ.get("GPULAB_LLAMA_CPP_SRC", ""),
-                   "/tmp/lcp/llama_cpp_python-0.3.36/vendor/llama.cpp"]
-SRC = next((Path(p) for p in _SRC_CANDIDATES if p and (Path(p) / "common" / "arg.cpp").is_file()), None)
-_BIN_CANDIDATES = [os.environ.get("GPULAB_LLAMA_BIN", ""), "/tmp/lcpbuild/b/bin"]
-BIN = next((Path(p) for p in _BIN_CANDIDATES if p and (Path(p) / "llama-server").is_file()), None)
+SRC = vendored_src()
+BIN = tools_bin()
 
 
 def cuda(i: int, free: int = 20 * GiB, **kw) -> Device:
@@ -301,7 +298,7 @@ def test_bench_spellings_and_gaps():
         render(CONFIGS[2], "llama-bench", strict=True)
 
 
-@pytest.mark.skipif(BIN is None, reason="no llama-server / llama-bench built from the vendored source")
+@pytest.mark.skipif(BIN is None, reason=NOT_BUILT)
 @pytest.mark.parametrize("config", [c for c in CONFIGS if not c.devices or c.devices == ("none",)])
 def test_real_binaries_parse_the_flags(config, tmp_path):
     """The binaries parse every flag with their own handlers; --version, last, exits 0 once

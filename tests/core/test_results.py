@@ -6,12 +6,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
 import sqlite3
 from pathlib import Path
 
 import pytest
+from llama_tools import NOT_BUILT, tools_bin, vendored_src
 
 from gpulab.core.config import SplitConfig
 from gpulab.core.report import BufferReport, LoadReport
@@ -25,14 +25,8 @@ MiB = 1024 ** 2
 
 def _vendored_llama_bench() -> Path | None:
     """tools/llama-bench/llama-bench.cpp of the pinned llama-cpp-python sdist, where one is unpacked."""
-    roots = [os.environ.get("GPULAB_LLAMA_CPP_SRC", ""),
-             str(Path.home() / ".cache/gpulab/llama-bench/0.3.36/src/vendor/llama.cpp"),
-             "/tmp/lcp/llama_cpp_python-0.3.36/vendor/llama.cpp"]
-    for r in roots:
-        p = Path(r) / "tools" / "llama-bench" / "llama-bench.cpp"
-        if r and p.is_file():
-            return p
-    return None
+    src = vendored_src()
+    return src / "tools" / "llama-bench" / "llama-bench.cpp" if src is not None else None
 
 
 def make_run(**over) -> BenchRun:
@@ -199,8 +193,8 @@ def test_throughput_statistics_match_llama_bench():
 
 
 def _llama_bench_binary() -> Path | None:
-    p = Path(os.environ.get("GPULAB_BENCH_CACHE", Path.home() / ".cache/gpulab/llama-bench")) / "0.3.36/build/bin/llama-bench"
-    return p if p.is_file() else None
+    b = tools_bin()
+    return b / "llama-bench" if b is not None else None
 
 
 def test_markdown_and_csv_equal_llama_benchs_own(tmp_path):
@@ -209,7 +203,7 @@ def test_markdown_and_csv_equal_llama_benchs_own(tmp_path):
     import subprocess
     exe = _llama_bench_binary()
     if exe is None:
-        pytest.skip("llama-bench not built (bench/llama_bench_compare.py --build-only)")
+        pytest.skip(NOT_BUILT)
     from gpulab.sources.synth import PRESETS, write_model
     model = write_model(tmp_path / "tiny.gguf", PRESETS["tiny"])
     for extra in (["-ts", "3/1"], ["-b", "64", "-fa", "on"]):

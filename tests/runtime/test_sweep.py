@@ -18,6 +18,7 @@ import types
 from pathlib import Path
 
 import pytest
+from llama_tools import vendored_src
 
 from gpulab.core.config import SplitConfig
 from gpulab.core.report import LoadReport
@@ -132,12 +133,9 @@ def _load_compare_module():
     load llama-bench's json/jsonl/csv into SQLite. The script parses its command line and
     imports GitPython at the top, so its constants and reader classes are taken verbatim and run
     on their own."""
-    src = None
-    for p in (os.environ.get("GPULAB_LLAMA_CPP_SRC", ""), "/tmp/lcp/llama_cpp_python-0.3.36/vendor/llama.cpp"):
-        if p and (Path(p) / "scripts" / "compare-llama-bench.py").is_file():
-            src = Path(p) / "scripts" / "compare-llama-bench.py"
-            break
-    if src is None:
+    root = vendored_src()
+    src = root / "scripts" / "compare-llama-bench.py" if root is not None else None
+    if src is None or not src.is_file():
         return None
     text = src.read_text()
     consts = text[text.index("# All llama-bench SQL fields"):text.index("DESCRIPTION = ")]
