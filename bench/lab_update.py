@@ -69,12 +69,12 @@ def main() -> None:
 
     # parts, for the table: figures only, the export panel only
     from gpulab.ui import figures as F
-    from gpulab.ui.lab import export_texts
+    from gpulab.ui.html import exports_html
     p = lab.plan
     t_fig = min(timeit.repeat(lambda: (F.apply(lab.layer_fig, p, "layers", order=lab.order),
                                        F.apply(lab.memory_fig, p, "memory", order=lab.order, unit=lab.unit)),
                               number=50, repeat=5)) / 50
-    t_exp = min(timeit.repeat(lambda: export_texts(p, lab.model_path, lab.devices), number=50, repeat=5)) / 50
+    t_exp = min(timeit.repeat(lambda: exports_html(lab.exports(p)), number=50, repeat=5)) / 50
     t_sync = min(timeit.repeat(lambda: (F.sync_widget_state(lab.layer_fig), F.sync_widget_state(lab.memory_fig)),
                                number=50, repeat=5)) / 50
 
@@ -88,7 +88,7 @@ def main() -> None:
     print(f"| of which: both figures (`figures.apply`) | {t_fig * ms:.1f} ms | {t_fig / t_plan:.0f}x |")
     print(f"| of which: saved state for later views (`sync_widget_state`) | {t_sync * ms:.1f} ms | "
           f"{t_sync / t_plan:.0f}x |")
-    print(f"| of which: export panel (`export_texts`) | {t_exp * ms:.1f} ms | {t_exp / t_plan:.0f}x |")
+    print(f"| of which: export panel (`exports_html(lab.exports())`) | {t_exp * ms:.1f} ms | {t_exp / t_plan:.0f}x |")
     print(f"| reference: `plan()` alone | {t_plan * ms:.2f} ms | 1x |")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"{msgs:.1f} widget messages per update (JSON-encoded, not sent); python {sys.version.split()[0]}; "

@@ -34,10 +34,12 @@ from gpulab import read_profile  # noqa: E402
 from gpulab.core.config import SplitConfig  # noqa: E402
 from gpulab.core.planner import plan  # noqa: E402
 from gpulab.core.speed import predict_speed  # noqa: E402
-from gpulab.runtime.calibrate import SpeedCache, calibrate, measure_best, update_from_run, _spec  # noqa: E402
+from gpulab.runtime.calibrate import calibrate, measure_best, update_from_run, _spec  # noqa: E402
 from gpulab.runtime.rpc import start_servers  # noqa: E402
 from gpulab.runtime.worker import Worker  # noqa: E402
-from gpulab.sources.detect import host_device  # noqa: E402
+from gpulab.sources.host import host_device  # noqa: E402
+from gpulab.storage.speed_cache import SpeedCache  # noqa: E402
+from gpulab.ui.text import calibration_text  # noqa: E402
 from gpulab.sources.synth import write_model  # noqa: E402
 
 # (n_layer, n_embd): calibration uses 6x1024 and 8x1536; these are other shapes
@@ -98,7 +100,7 @@ def main(argv=None) -> int:
         cache_path = Path(tmp) / "speed.json"
         cal = calibrate(cluster.endpoints, n_threads=a.threads, rounds=a.rounds, n_prompt=n_prompt, n_gen=n_gen,
                         cache=SpeedCache(cache_path))
-        print(cal.text())
+        print(calibration_text(cal))
         print()
         paths = [write_model(Path(tmp) / f"val-{nl}x{ne}.gguf", _spec(nl, ne, "Q4_0")) for nl, ne in VALIDATION_MODELS]
         profiles = [read_profile(p) for p in paths]
@@ -168,7 +170,7 @@ def main(argv=None) -> int:
     print(f"after, against llama-bench's mean instead (tg and pp): {summary(mean_err)}")
     print(f"load average before {load_before}, after {load_after}; {time.monotonic() - t_start:.0f} s")
     if a.json:
-        Path(a.json).write_text(json.dumps({"rows": rows, "calibration": cal.text(), "load_before": load_before,
+        Path(a.json).write_text(json.dumps({"rows": rows, "calibration": calibration_text(cal), "load_before": load_before,
                                             "load_after": load_after, "args": vars(a)}, indent=1))
     return 0
 

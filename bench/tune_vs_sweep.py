@@ -53,7 +53,7 @@ def main() -> int:
     a = ap.parse_args()
 
     from gpulab.runtime.rpc import start_servers
-    from gpulab.runtime.store import ResultsStore
+    from gpulab.storage.results import ResultsStore
     from gpulab.runtime.sweep import run_sweep
     from gpulab.runtime.worker import Worker
     from gpulab.sources.demo import demo_model_path

@@ -48,14 +48,50 @@ def test_help_on_the_magic_lists_every_command(ip):
     assert "--- %gpulab plan ---" in cap.stdout and "--tensor-split" in cap.stdout
 
 
-def test_the_flags_are_the_clis(ip):
-    def options(parser, name):
-        sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-        return {o for a in sub.choices[name]._actions for o in a.option_strings}
-    cli_plan, magic_plan = options(cli.build_parser(), "plan"), options(build_parser(), "plan")
-    assert cli_plan - {"--json"} <= magic_plan
-    for cmd in ("lab", "bench", "export"):
-        assert cli_plan - {"--json"} <= options(build_parser(), cmd)
+# flags only one front end has: --json prints on a terminal; figures, --virtual and an opt-in store
+# belong to notebooks
+_CLI_ONLY = {"--json", "--no-store"}
+_MAGIC_ONLY = {"--no-figures", "--virtual"}
+
+
+def _options(parser) -> dict[str, set[str]]:
+    from gpulab.commands import command_parsers
+    return {name: {o for a in p._actions for o in a.option_strings} for name, p in command_parsers(parser).items()}
+
+
+def test_every_command_has_the_same_flags_in_both_front_ends(ip):
+    cli_opts, magic_opts = _options(cli.build_parser()), _options(build_parser())
+    shared = set(cli_opts) & set(magic_opts)
+    assert {"devices", "inspect", "plan", "export", "bench", "sweep", "tune", "alloc", "calibrate"} <= shared
+    for name in shared:
+        assert cli_opts[name] - _CLI_ONLY == magic_opts[name] - _MAGIC_ONLY, name
+
+
+def test_a_setting_declared_once_is_in_the_cli_the_magic_and_the_lab(ip, model):
+    """Every row of gpulab.core.settings, --no-op-offload among them, shows in `gpulab plan --help`,
+    in `%gpulab plan?`, and as a control of the lab that reaches the plan's config."""
+    import subprocess
+    import sys
+
+    from gpulab.core.settings import SETTINGS
+    help_text = subprocess.run([sys.executable, "-m", "gpulab", "plan", "--help"], capture_output=True,
+                               text=True).stdout
+    with capture_output() as cap:
+        ip.run_cell("%gpulab plan?")
+    lab = magic(ip, f"lab {model} --sim 2x24GiB --no-op-offload")
+    try:
+        assert lab.config.op_offload is False
+        for st in SETTINGS:
+            assert st.flags[-1] in help_text and st.flags[-1] in cap.stdout, st.flags
+        ctl = lab.setting_controls["op_offload"]
+        assert ctl.description == "--no-op-offload" and ctl.value is True
+        ctl.value = False
+        assert lab.plan.config.op_offload is True
+        assert "--no-op-offload" not in lab.export_html.value
+        ctl.value = True
+        assert "--no-op-offload" in lab.export_html.value      # exported as llama-server spells it
+    finally:
+        lab.close()
 
 
 def test_devices_as_html_and_dataframe(ip):
@@ -112,7 +148,8 @@ def test_export(ip, model):
     r = magic(ip, f"export {model} --sim 2x24GiB -ts 3,1 -c 8192")
     assert "llama-server" in r.texts and "-ts 3,1" in r.texts["llama-server"]
     assert "-c 8192" in r.texts["llama-server"]
-    assert set(r.to_dataframe()["target"]) >= {"llama-server", "llama-cpp-python", "Ollama"}
+    assert set(r.to_dataframe()["target"]) >= {"llama-server", "python", "ollama"}
+    assert "llama-cpp-python" in r._repr_html_() and "Ollama" in r._repr_html_()
 
 
 def test_lab_takes_the_flags(ip, model):

@@ -1,2 +1,44 @@
-"""`gpulab` subcommands that live in their own modules (see gpulab.cli.COMMAND_MODULES): each
-module has `register(subparsers)`, which adds its parser and sets `func`."""
+"""The commands every front end runs: one module each, `register(subparsers, frontend)` adding its
+parser (and setting `run`), and `run(args, session) -> Result`.
+
+gpulab.cli renders a Result as text or JSON, gpulab.magics as HTML and DataFrames; both build
+their parser tree with `build_parser`, from the same modules and flag groups (gpulab.commands.flags).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+__all__ = ["COMMAND_MODULES", "build_parser", "command_parsers"]
+
+# (module, the front ends that offer it)
+COMMAND_MODULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("devices", ("cli", "magic")),
+    ("inspect", ("cli", "magic")),
+    ("plan", ("cli", "magic")),
+    ("export", ("cli", "magic")),
+    ("bench", ("cli", "magic")),
+    ("sweep", ("cli", "magic")),
+    ("tune", ("cli", "magic")),
+    ("alloc", ("cli", "magic")),
+    ("calibrate", ("cli", "magic")),
+    ("rpc_server", ("cli",)),
+    ("lab", ("magic",)),
+    ("monitor", ("magic",)),
+)
+
+
+def build_parser(prog: str, frontend: str, parser_class=argparse.ArgumentParser) -> argparse.ArgumentParser:
+    top = parser_class(prog=prog, description="See where llama.cpp puts each layer of a GGUF model.")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=parser_class)
+    for name, frontends in COMMAND_MODULES:
+        if frontend in frontends:
+            importlib.import_module(f"{__name__}.{name}").register(sub, frontend)
+    return top
+
+
+def command_parsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """{command name: its parser} of a tree made by build_parser."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)

@@ -2,44 +2,50 @@
 
 Measures pp and tg as llama-bench does (gpulab.runtime.bench) and prints the results as
 llama-bench prints them; every result is appended to the results store as soon as it is
-measured. The run happens in a worker process, so that llama.cpp dying (an RPC server that
-goes away, a crash) ends the worker and this command says why; the measured loop is the same
-code as in-process (bench/llama_bench_compare.py measures the two against llama-bench). The
-progress bar goes to stderr, only when stderr is a terminal.
+measured (the CLI's default; `--store` in a notebook). The run happens in a worker process, so
+that llama.cpp dying (an RPC server that goes away, a crash) ends the worker and this command
+says why; the measured loop is the same code as in-process (bench/llama_bench_compare.py
+measures both against llama-bench). The progress bar goes to stderr when it is a terminal.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-__all__ = ["register", "run_bench"]
+from ..core.bench_format import OUTPUT_FORMATS
+from ..core.policies import POLICIES
+from .flags import add_bench_flags, add_config_flags, add_device_flags, add_model_arg
+from .result import Result
+
+__all__ = ["register", "run"]
 
 
-def register(subparsers) -> None:
-    from ..cli import add_config_flags
-    from ..core.results import OUTPUT_FORMATS
-    p = subparsers.add_parser("bench", help="measure pp/tg tokens per second as llama-bench does",
-                              description="Measure prompt processing (pp) and generation (tg) speed the way "
-                                          "llama-bench does, with gpulab's split settings; results go to the "
-                                          "results store too.")
-    p.add_argument("model", help="path of a .gguf")
-    add_config_flags(p)
-    p.set_defaults(ctx_size=None)   # default: n_prompt + n_gen, llama-bench's context
-    g = p.add_argument_group("benchmark (llama-bench's flags)")
-    g.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens (0: no pp test)")
-    g.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens (0: no tg test)")
-    g.add_argument("-r", "--repetitions", type=int, default=5)
-    g.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: llama-bench's)")
+def register(sub, frontend: str) -> None:
+    magic = frontend == "magic"
+    p = sub.add_parser("bench", help="measure pp/tg tokens per second as llama-bench does",
+                       description="Measure prompt processing (pp) and generation (tg) speed the way llama-bench "
+                                   "does, with gpulab's split settings, in a worker process.")
+    add_model_arg(p, optional=magic)
+    add_config_flags(p, n_ctx=None)     # default: n_prompt + n_gen, llama-bench's context
+    add_device_flags(p, sim=False, virtual=magic)
+    p.add_argument("--policy", choices=POLICIES, help="choose -ts by a policy")
+    if magic:
+        add_bench_flags(p, n_prompt=128, n_gen=32, repetitions=2)
+    else:
+        add_bench_flags(p)
+    g = p.add_argument_group("output")
     g.add_argument("-o", "--output", choices=OUTPUT_FORMATS, default="md")
     g.add_argument("--no-warmup", action="store_true", help="skip the warm-up runs")
-    g.add_argument("--rpc", metavar="HOST:PORT,...", help="llama.cpp RPC servers to use")
-    g.add_argument("--no-store", action="store_true", help="do not append the results to the results store")
-    g.add_argument("--store", metavar="PATH", help="results store file (default: <data dir>/results.jsonl)")
+    if magic:
+        g.add_argument("--store", nargs="?", const="", default=None, metavar="PATH",
+                       help="append the results to the results store (PATH, or the user's)")
+    else:
+        g.add_argument("--no-store", action="store_true", help="do not append the results to the results store")
+        g.add_argument("--store", metavar="PATH", help="results store file (default: <data dir>/results.jsonl)")
     g.add_argument("--reconcile", action="store_true",
                    help="also print predicted vs llama.cpp vs NVML memory per device and term")
     g.add_argument("-v", "--verbose", action="store_true", help="print llama.cpp's load log (stderr) after the run")
-    p.set_defaults(func=run_bench)
+    p.set_defaults(run=run, frontend=frontend)
 
 
 class _Bar:
@@ -69,42 +75,49 @@ class _Bar:
             self.shown = False
 
 
-def run_bench(a: argparse.Namespace) -> int:
-    from ..cli import config_from_args
-    from ..core.results import format_results, to_llama_bench_records
-    from ..errors import ConfigError
-    from ..runtime.bench import default_threads
-    from ..runtime.store import ResultsStore
+def run(a, session) -> Result:
+    from dataclasses import replace
+
+    from ..core.bench_format import format_results
+    from ..core.errors import ConfigError
+    from ..core.reconcile import comparison_rows, reconcile
+    from ..core.results import to_llama_bench_records
+    from ..sources.host import default_threads
+    from ..storage.results import ResultsStore
+    from ..ui.html import run_rows, table_html
+    from .plan import planned
 
     if a.ctx_size is None:
         a.ctx_size = max(1, a.n_prompt + a.n_gen)
-    config = config_from_args(a)
     if a.repetitions < 1:
         raise ConfigError("-r must be at least 1")
-    endpoints = [x.strip() for x in a.rpc.split(",") if x.strip()] if a.rpc else []
+    path, prof, choice, config, p = planned(a, session, for_load=True, virtual_if_no_gpu=a.frontend == "magic")
     bar = _Bar()
-    kw = dict(n_prompt=a.n_prompt, n_gen=a.n_gen, repetitions=a.repetitions, n_threads=a.threads,
-              warmup=not a.no_warmup, progress=bar)
-    from ..runtime.worker import Worker
     try:
-        # always in a worker process: whatever kills llama.cpp (a dying RPC server, a CPU build
-        # this host cannot run) ends the worker, and this process says why in one line
-        with Worker(endpoints) as w:
-            run = w.measure(a.model, config, **kw)
+        run = choice.worker.measure(path, config, n_prompt=a.n_prompt, n_gen=a.n_gen, repetitions=a.repetitions,
+                                    n_threads=a.threads, warmup=not a.no_warmup, progress=bar)
     finally:
         bar.clear()
+    if run.plan is None:
+        run = replace(run, plan=p.to_dict())
+    notes = list(getattr(run, "notes", ()))
+    records = to_llama_bench_records(run)
+    store_path = a.store if a.frontend == "magic" else (None if a.no_store else (a.store or ""))
+    if store_path is not None:
+        store = ResultsStore(store_path or None)
+        store.append_run(run)
+        notes.append(f"{len(records)} result(s) appended to {store.path}")
     if a.verbose:
         sys.stderr.write(run.report.log)
-    records = to_llama_bench_records(run)
-    if not a.no_store:
-        store = ResultsStore(a.store)
-        store.append_run(run)
-        print(f"gpulab: {len(records)} result(s) appended to {store.path}", file=sys.stderr)
-    for note in getattr(run, "notes", ()):
-        print(f"gpulab: note: {note}", file=sys.stderr)
-    sys.stdout.write(format_results(records, a.output, default_threads=default_threads()))
-    if a.reconcile:
-        from ..core.reconcile import reconcile
-        out = sys.stdout if a.output == "md" else sys.stderr
-        print("\n" + reconcile(run).text(), file=out)
-    return 0
+    text = format_results(records, a.output, default_threads=default_threads())
+    extra = ""
+    if a.reconcile:   # with the table on stdout; beside machine-readable output, on stderr
+        if a.output == "md":
+            text += "\n" + reconcile(run).text() + "\n"
+        else:
+            extra = reconcile(run).text() + "\n"
+    rows = run_rows([run])
+    html = table_html(rows, caption=choice.note or None) + table_html(comparison_rows(p, run),
+                                                                      caption="predicted vs llama.cpp")
+    return Result(text=text.rstrip("\n"), data=records, html=html, rows=rows, notes=notes, stderr=extra,
+                  objects={"run": run, "plan": p, "records": records})

@@ -15,10 +15,12 @@ import argparse
 import json
 import sys
 
-__all__ = ["register"]
+from .result import Result
+
+__all__ = ["register", "run"]
 
 
-def register(sub) -> None:
+def register(sub, frontend: str) -> None:
     p = sub.add_parser("calibrate", help="measure device speeds for the throughput model and cache them",
                        description="Measure every device llama.cpp sees (and the host) with two small synthetic "
                                    "models and a 1/1 split per device pair, fit bandwidth, FLOP rate, overheads "
@@ -34,44 +36,28 @@ def register(sub) -> None:
     p.add_argument("-r", "--repetitions", type=int, default=2)
     p.add_argument("--cache", metavar="PATH", help="cache file (default: <data dir>/speed.json)")
     p.add_argument("--show", action="store_true", help="print the cached figures, measure nothing")
-    p.add_argument("--json", action="store_true", help="print the cache as JSON")
-    p.set_defaults(func=_cmd_calibrate)
+    if frontend == "cli":
+        p.add_argument("--json", action="store_true", help="print the cache as JSON")
+    p.set_defaults(run=run)
 
 
-def _show(cache) -> str:
-    from ..ui.text import render_table
-    rows = []
-    for key, e in cache.devices.items():
-        fit = e.get("fit") or {}
-        rows.append({"key": key, "name": e.get("name", ""),
-                     "bandwidth": f"{fit['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s" if fit else "-",
-                     "FLOP rate": f"{fit['flops_per_s'] / 1e9:.0f} GFLOP/s" if fit else "-",
-                     "overhead": f"{fit['overhead_s'] * 1e6:.0f} us" if fit else "-",
-                     "measurements": e.get("n_observations", 0), "updated": e.get("updated", "")})
-    lines = [f"{cache.path}: {len(cache.observations)} measurements"]
-    lines.append(render_table(rows, right=("bandwidth", "FLOP rate", "overhead", "measurements")) if rows
-                 else "(no device calibrated yet: run `gpulab calibrate`)")
-    for cls, ln in cache.data.get("links", {}).items():
-        if "latency_s" in ln:
-            lines.append(f"hop ({cls}): {ln['latency_s'] * 1e6:.0f} us + {ln['bytes_per_s'] / 1e9:.2f} GB/s")
-    return "\n".join(lines)
-
-
-def _cmd_calibrate(a: argparse.Namespace) -> int:
-    from ..errors import ConfigError
-    from ..runtime.calibrate import SpeedCache, calibrate
+def run(a: argparse.Namespace, session) -> Result:
+    from ..core.devices import parse_endpoints
+    from ..core.errors import ConfigError
+    from ..runtime.calibrate import calibrate
+    from ..sources.host import default_threads
+    from ..storage.speed_cache import SpeedCache
+    from ..ui.text import calibration_text, speed_cache_text
     cache = SpeedCache(a.cache)
-    if a.show or a.json:
-        print(json.dumps(cache.data, indent=1) if a.json else _show(cache))
-        return 0
+    if a.show or getattr(a, "json", False):
+        return Result(text=json.dumps(cache.data, indent=1) if getattr(a, "json", False) else
+                      speed_cache_text(cache.path, cache.devices, cache.data.get("links", {}), len(cache.observations)),
+                      data=cache.data)
     if a.rounds < 1 or a.repetitions < 1:
         raise ConfigError("--rounds and -r must be at least 1")
-    endpoints = [x.strip() for x in a.rpc.split(",") if x.strip()] if a.rpc else []
+    endpoints = list(parse_endpoints(a.rpc))
     devices = [x.strip() for x in a.device.split(",") if x.strip()] or None
-    threads = a.threads
-    if threads is None:
-        from ..runtime.bench import default_threads
-        threads = default_threads()
+    threads = a.threads if a.threads is not None else default_threads()
     if endpoints:
         from ..runtime.rpc import probe
         for ep in endpoints:
@@ -91,5 +77,4 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
     finally:
         if shown[0]:
             sys.stderr.write("\r" + " " * 60 + "\r")
-    print(cal.text())
-    return 0
+    return Result(text=calibration_text(cal), objects={"calibration": cal})

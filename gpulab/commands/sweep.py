@@ -14,12 +14,13 @@ failed or were skipped, 130 when interrupted (what finished is stored).
 from __future__ import annotations
 
 import argparse
-import sys
 
-from ..core.results import OUTPUT_FORMATS
+from ..core.bench_format import OUTPUT_FORMATS
 from ..core.sweep_grid import GRID_FLAGS
+from .flags import add_bench_flags, add_device_flags, add_model_arg, devices_from_args, model_path
+from .result import Result
 
-__all__ = ["register", "grid_from_args"]
+__all__ = ["register", "run", "add_grid_flags", "grid_from_args", "planner_check", "measuring_setup"]
 
 _LONG = {"-ngl": "--n-gpu-layers", "-sm": "--split-mode", "-mg": "--main-gpu", "-dev": "--device",
          "-ts": "--tensor-split", "-c": "--ctx-size", "-b": "--batch-size", "-ub": "--ubatch-size",
@@ -38,32 +39,24 @@ def grid_from_args(a: argparse.Namespace):
     return parse_grid({f: v for f, v in given.items() if v})
 
 
-def add_bench_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("tests (llama-bench's)")
-    g.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens (0: no pp test)")
-    g.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens (0: no tg test)")
-    g.add_argument("-r", "--repetitions", type=int, default=5)
-    g.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: llama-bench's)")
-    g.add_argument("--rpc", metavar="HOST:PORT,...", help="llama.cpp RPC servers to run on (in a worker process)")
-
-
-def register(sub) -> None:
+def register(sub, frontend: str) -> None:
     p = sub.add_parser("sweep", help="measure a grid of settings (llama-bench syntax); resumable")
-    p.add_argument("model", help="path of a .gguf")
+    add_model_arg(p)
     add_grid_flags(p)
     add_bench_flags(p)
+    add_device_flags(p, sim=False)
     p.add_argument("-o", "--output", choices=OUTPUT_FORMATS, default="md", help="output format (llama-bench's)")
     p.add_argument("--fresh", action="store_true", help="measure every point again, even those stored")
     p.add_argument("--store", default=None, metavar="PATH", help="results store (default: the user's)")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_cmd_sweep)
+    p.set_defaults(run=run)
 
 
 def planner_check(model: str, devices, host=None):
     """fits(config) -> '' or the planner's reason the config cannot be loaded on `devices`."""
-    from .. import read_profile
+    from ..core.errors import GpulabError
     from ..core.planner import plan
-    from ..errors import GpulabError
+    from ..sources.read import read_profile
     prof = read_profile(model)
 
     def fits(config) -> str:
@@ -75,36 +68,27 @@ def planner_check(model: str, devices, host=None):
     return fits
 
 
-def measuring_setup(a: argparse.Namespace, keep: list):
-    """(measure function, devices llama.cpp sees), measuring in a worker process.
-
-    Always a worker: RPC servers serve one client at a time and abort the client that loses
-    them, and a llama.cpp crash must end the worker, not this command (it then says why)."""
-    from ..runtime.worker import Worker
-    rpc = [x.strip() for x in a.rpc.split(",") if x.strip()] if a.rpc else []
-    w = Worker(rpc)
-    keep.append(w)
+def measuring_setup(a: argparse.Namespace, session):
+    """(measure function, offload devices), measuring in the session's worker: RPC servers serve
+    one client at a time and abort the client that loses them, and a llama.cpp crash must end
+    the worker, not this command (which then says why)."""
     from ..runtime.sweep import worker_measure
-    return worker_measure(w), [d for d in w.devices() if d.kind not in ("cpu", "accel")]
+    choice = devices_from_args(a, session, for_load=True)
+    return worker_measure(choice.worker), list(choice.devices)
 
 
-def _cmd_sweep(a: argparse.Namespace) -> int:
+def run(a, session) -> Result:
     from ..core.config import SplitConfig
-    from ..runtime.store import ResultsStore
     from ..runtime.sweep import run_sweep
+    from ..storage.results import ResultsStore
+    path = model_path(a.model)
     grid = grid_from_args(a)
-    keep: list = []
-    try:
-        measure, devices = measuring_setup(a, keep)
-        res = run_sweep(a.model, grid, base=SplitConfig(n_ctx=max(1, a.n_prompt + a.n_gen)), n_prompt=a.n_prompt,
-                        n_gen=a.n_gen, repetitions=a.repetitions, n_threads=a.threads,
-                        store=ResultsStore(a.store) if a.store else None, measure=measure,
-                        progress=not a.no_progress, resume=not a.fresh, fits=planner_check(a.model, devices))
-    finally:
-        for w in keep:
-            w.close()
-    sys.stdout.write(res.format(a.output))
+    measure, devices = measuring_setup(a, session)
+    res = run_sweep(path, grid, base=SplitConfig(n_ctx=max(1, a.n_prompt + a.n_gen)), n_prompt=a.n_prompt,
+                    n_gen=a.n_gen, repetitions=a.repetitions, n_threads=a.threads,
+                    store=ResultsStore(a.store) if a.store else None, measure=measure,
+                    progress=not a.no_progress, resume=not a.fresh, fits=planner_check(path, devices))
     bad = [p for p in res.points if p.status in ("failed", "skipped", "invalid")]
-    for p in bad:
-        print(f"gpulab: point {p.index} {p.values}: {p.status}: {p.error}", file=sys.stderr)
-    return 1 if bad else 0
+    return Result(text=res.format(a.output).rstrip("\n"), data=res.records, rows=res.records,
+                  notes=[f"point {p.index} {p.values}: {p.status}: {p.error}" for p in bad],
+                  exit_code=1 if bad else 0, objects={"sweep": res})

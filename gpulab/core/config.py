@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from ..errors import ConfigError
+from .errors import ConfigError
 from .ggml_types import KV_CACHE_TYPES
 
 __all__ = ["SplitConfig", "SPLIT_MODES", "FLASH_ATTN_MODES", "parse_tensor_split"]
@@ -30,6 +30,7 @@ class SplitConfig:
     devices: tuple[str, ...] = field(default=())  # --device: use only these (by llama.cpp name)
     n_seq_max: int = 1                # -np
     swa_full: bool = False            # --swa-full
+    op_offload: bool = True           # --no-op-offload turns it off: host weights' ops stay on the CPU
 
     def __post_init__(self) -> None:
         ts = self.tensor_split

@@ -7,14 +7,22 @@ llama.cpp sees, RPC endpoints) live in `gpulab.sources` and produce the same dat
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
-from ..errors import DeviceSpecError
+from .errors import DeviceSpecError
 from .units import parse_bytes
 
-__all__ = ["Device", "parse_sim_spec", "HOST_NAME"]
+__all__ = ["Device", "DeviceKind", "OFFLOAD_KINDS", "parse_sim_spec", "parse_endpoints", "split_endpoint",
+           "HOST_NAME"]
 
 HOST_NAME = "CPU"  # llama.cpp's name for the host device, and the last row of every plan
+
+# enum ggml_backend_dev_type (CPU, GPU, IGPU, ACCEL, META), with RPC servers' GPU-type devices
+# told apart: llama.cpp lists them first ("to minimize network transfers")
+DeviceKind = Literal["gpu", "igpu", "rpc", "cpu", "accel", "meta"]
+OFFLOAD_KINDS: frozenset[str] = frozenset({"gpu", "igpu", "rpc"})   # can hold layers
 
 
 @dataclass(frozen=True)
@@ -22,13 +30,16 @@ class Device:
     name: str                 # 'CUDA0', 'RPC0', 'SIM1': what llama.cpp prints in its logs
     total_bytes: int
     free_bytes: int
-    source: str               # 'nvml' | 'llama' | 'rpc' | 'sim'
-    kind: str = "gpu"         # 'gpu' | 'rpc' | 'cpu'  (llama.cpp lists RPC devices before GPUs)
+    source: str               # 'nvml' | 'llama' | 'rpc' | 'sim' | 'host'
+    kind: DeviceKind = "gpu"
     description: str = ""
     uuid: str = ""
     pci_bus_id: str = ""
     endpoint: str = ""        # 'host:port' for RPC devices
     bandwidth_bytes_per_s: float | None = None   # memory bandwidth, when known
+    # runtime memory beyond llama.cpp's buffers (CUDA context, cuBLAS workspaces), learned from
+    # NVML by earlier runs on this device (gpulab.storage.overheads); the planner counts it
+    overhead_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.total_bytes < 0 or self.free_bytes < 0:
@@ -40,6 +51,34 @@ class Device:
     @property
     def used_bytes(self) -> int:
         return self.total_bytes - self.free_bytes
+
+    @property
+    def is_offload(self) -> bool:
+        """Can hold layers: a GPU, an integrated GPU or an RPC server's device (not the CPU, nor
+        CPU helpers such as BLAS and AMX, nor the meta device of -sm tensor)."""
+        return self.kind in OFFLOAD_KINDS
+
+
+def split_endpoint(endpoint: str) -> tuple[str, int]:
+    """'host:port' -> (host, port), split where ggml-rpc's parse_endpoint splits (the first ':',
+    so no IPv6 literals); DeviceSpecError for anything else."""
+    host, sep, port = endpoint.strip().partition(":")
+    p = int(port) if port.isdigit() else -1
+    if not sep or not host or not 0 < p < 65536:
+        raise DeviceSpecError(f"RPC endpoint {endpoint!r} is not HOST:PORT with a port from 1 to 65535 "
+                              "(e.g. 127.0.0.1:50052)")
+    return host, p
+
+
+def parse_endpoints(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    """'h1:50052,h2:50052' (llama.cpp's --rpc) or a list -> validated endpoints, in order."""
+    if not value:
+        return ()
+    items = value.split(",") if isinstance(value, str) else [str(x) for x in value]
+    out = tuple(x.strip() for x in items if x.strip())
+    for e in out:
+        split_endpoint(e)
+    return out
 
 
 # '24GiB', '24GiB@20GiB' (total@free), optionally ':1008GB/s' (memory bandwidth)

@@ -13,6 +13,9 @@ __all__ = [
     "DoesNotFitError",
     "RuntimeUnavailableError",
     "LoadError",
+    "StoreError",
+    "AllocationMismatchError",
+    "ProfileMismatchError",
 ]
 
 
@@ -50,3 +53,14 @@ class RuntimeUnavailableError(GpulabError):
 
 class LoadError(GpulabError):
     """llama.cpp refused or failed a load."""
+
+
+class StoreError(GpulabError):
+    """A file gpulab keeps (the results store, a cache) could not be written or read."""
+
+
+class AllocationMismatchError(GpulabError):
+    """A saved allocation exists for this model, but for devices that are not all present now."""
+
+
+ProfileMismatchError = AllocationMismatchError   # the name before 0.2 ("allocation profile")

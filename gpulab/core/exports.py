@@ -29,20 +29,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ..errors import ConfigError
+from .errors import ConfigError
 from .config import SplitConfig
 from .devices import Device
 from .ggml_types import ggml_type_id
+from .settings import SPLIT_MODE_IDS
 
 __all__ = ["TARGETS", "Export", "Gap", "Spelling", "SPELLINGS", "render", "render_all",
-           "python_kwargs", "python_gaps", "SPLIT_MODE_IDS", "FLASH_ATTN_IDS", "cuda_visible_devices"]
+           "python_kwargs", "python_gaps", "cuda_visible_devices"]
 
 TARGETS = ("llama-server", "llama-cli", "llama-bench", "python", "ollama", "koboldcpp")
 
-# enum llama_split_mode (include/llama.h)
-SPLIT_MODE_IDS = {"none": 0, "layer": 1, "row": 2}
-# enum llama_flash_attn_type (include/llama.h): AUTO = -1, DISABLED = 0, ENABLED = 1
-FLASH_ATTN_IDS = {"auto": -1, "off": 0, "on": 1}
 
 
 class Gap:
@@ -411,6 +408,11 @@ SPELLINGS: tuple[Spelling, ...] = (
     Spelling("n_seq_max", _flag("-np"), _bench_seq, _py_seq, _ollama_seq, _kobold_seq),
     Spelling("swa_full", lambda v, _c: ["--swa-full"] if v else None, _bench_swa, _py("swa_full", bool),
              _ollama_swa, _kobold_swa),
+    # common/arg.cpp --op-offload/--no-op-offload; llama-bench -nopo 0|1; Llama(op_offload=)
+    Spelling("op_offload", lambda v, _c: None if v else ["--no-op-offload"],
+             lambda v, _c: None if v else ["-nopo", "1"], lambda v, _c: None if v else ("op_offload", False),
+             lambda v, _c: None if v else Gap("--no-op-offload: Ollama has no setting for it"),
+             lambda v, _c: None if v else Gap("--no-op-offload: KoboldCpp has no setting for it")),
 )
 
 
@@ -461,6 +463,10 @@ def render(config: SplitConfig, target: str, *, model_path: str = "model.gguf", 
             gaps.append(out.why)
         elif out is not None:
             parts.append(out)
+    rpc = _rpc_servers(ctx)
+    if rpc and target == "python":
+        gaps.append(f"RPC servers {','.join(rpc)}: llama_cpp.Llama() cannot add them; load with "
+                    "gpulab.load(model, rpc=[...]) instead")
     if strict and gaps:
         who = "llama_cpp.Llama()" if target == "python" else target
         raise ConfigError(f"{who} cannot express " + "; ".join(gaps))
@@ -468,10 +474,11 @@ def render(config: SplitConfig, target: str, *, model_path: str = "model.gguf", 
     if target in ("llama-server", "llama-cli"):
         # -fit off: llama-server/llama-cli default to -fit on, where common_fit_params re-chooses
         # settings left unset (-ngl, -ts, -c) to fit free memory: the placement would not be this one
-        argv = [target, "-m", model_path] + [t for p in parts for t in p] + ["-fit", "off"]
+        argv = ([target, "-m", model_path] + (["--rpc", ",".join(rpc)] if rpc else []) + [t for p in parts for t in p]
+                + ["-fit", "off"])
         return Export(target, shlex.join(argv), argv, tuple(gaps))
     if target == "llama-bench":
-        argv = ["llama-bench", "-m", model_path] + [t for p in parts for t in p]
+        argv = ["llama-bench", "-m", model_path] + (["-rpc", ",".join(rpc)] if rpc else []) + [t for p in parts for t in p]
         return Export(target, shlex.join(argv), argv, tuple(gaps))
     if target == "python":
         kwargs = dict(parts)
@@ -480,6 +487,13 @@ def render(config: SplitConfig, target: str, *, model_path: str = "model.gguf", 
     if target == "ollama":
         return _assemble_ollama(parts, model_path, gaps)
     return _assemble_kobold(parts, model_path, config, gaps)
+
+
+def _rpc_servers(ctx: _Ctx) -> list[str]:
+    """The endpoints of the RPC servers whose devices the config uses: llama.cpp must be told
+    them (--rpc) before it can see those devices at all."""
+    chosen = ctx.selected() or []
+    return list(dict.fromkeys(d.endpoint for d in chosen if d.kind == "rpc" and d.endpoint))
 
 
 def _assemble_ollama(parts, model_path: str, gaps: list[str]) -> Export:

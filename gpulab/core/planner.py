@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import ConfigError
+from .errors import ConfigError
 from .compute import estimate_compute_bytes
 from .config import SplitConfig
 from .devices import HOST_NAME, Device
@@ -42,7 +42,9 @@ def select_devices(devices: list[Device], config: SplitConfig) -> list[Device]:
                               f"{', '.join(by_name) or 'none'}")
         chosen = [by_name[n] for n in config.devices]
     else:
-        chosen = [d for d in devices if d.kind == "rpc"] + [d for d in devices if d.kind not in ("rpc", "cpu")]
+        gpus = [d for d in devices if d.kind == "gpu"]
+        # integrated GPUs only where there is no discrete one; CPU, ACCEL and META never hold layers
+        chosen = [d for d in devices if d.kind == "rpc"] + (gpus or [d for d in devices if d.kind == "igpu"])
     config.check_devices(len(chosen))
     if config.split_mode == "row" and chosen:
         _check_row_split(chosen)
@@ -198,6 +200,8 @@ def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | Non
             total_bytes=src.total_bytes if src else 0,
             free_bytes=src.free_bytes if src else 0,
             weights_bytes=weights[name], kv_bytes=kv[name], compute_bytes=compute.get(name, 0),
+            # learned from NVML by earlier runs (CUDA context, workspaces): what "fits" must leave
+            overhead_bytes=src.overhead_bytes if src is not None and not is_host else 0,
             n_layers=n_layers[name], has_output=out_dev == name, is_host=is_host))
     return Plan(profile=profile, config=config, devices=tuple(rows), layer_devices=tuple(layer_devices),
                 split_points=tuple(points), kv_cells=full_cells, kv_cells_swa=swa_cells)

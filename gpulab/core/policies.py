@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..errors import ConfigError
+from .errors import ConfigError
 from .config import SplitConfig
 from .devices import Device
 from .planner import plan, select_devices

@@ -12,34 +12,25 @@ Terms: 'weights' (model buffers), 'kv' (KV cache), 'compute' (scheduler compute 
 measured = NVML - the buffers llama.cpp reported; unknown without NVML, i.e. on the CPU and
 RPC devices), and 'total'.
 
-Learned overhead: `learn_overhead(run)` keeps each GPU's measured overhead in a small JSON file
-per device UUID under <data dir>/overhead/, and `learned_overhead(device)` gives the median of
-the recent observations (0 when there are none), for the planner's DevicePlan.overhead_bytes.
-
-Standard library only. Host weights: llama.cpp maps the whole tensor-data range of the file on
+The overheads measured here are kept per GPU by gpulab.storage.overheads and come back to the
+planner as Device.overhead_bytes. Pure: no files, no environment. Host weights: llama.cpp maps the whole tensor-data range of the file on
 the CPU ('CPU_Mapped'), so its host 'model' figure includes bytes of layers placed elsewhere;
 the row says so in `note`.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import statistics
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
-from .results import BenchRun, data_dir
+from .results import BenchRun
 from .run import Run
+from .units import format_bytes
 
-__all__ = ["TermRow", "Reconciliation", "reconcile", "learn_overhead", "learned_overhead", "overhead_path",
-           "TERMS"]
+__all__ = ["TermRow", "Reconciliation", "reconcile", "comparison_rows", "TERMS"]
 
 TERMS = ("weights", "kv", "compute", "output", "overhead", "total")
 _KIND = {"weights": "model", "kv": "kv", "compute": "compute", "output": "output"}
 _PLAN_KEY = {"weights": "weights_bytes", "kv": "kv_bytes", "compute": "compute_bytes"}
-_MAX_SAMPLES = 20
 
 
 @dataclass(frozen=True)
@@ -182,57 +173,23 @@ def reconcile(run: Run, plan=None) -> Reconciliation:
     return Reconciliation(rows=tuple(rows), notes=tuple(notes), overhead_bytes=overheads)
 
 
-# --- learned overhead -------------------------------------------------------------------------
-
-def overhead_path(uuid: str) -> Path:
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in uuid)
-    return data_dir() / "overhead" / f"{safe}.json"
-
-
-def _device_key(device) -> str:
-    """The UUID of a Device (or a UUID string)."""
-    if isinstance(device, str):
-        return device
-    return getattr(device, "uuid", "") or ""
-
-
-def learned_overhead(device) -> int:
-    """The runtime overhead learned for a device (a Device with a uuid, or a UUID string):
-    the median of its recent observations, 0 when nothing was learned (CPU, RPC, a new GPU)."""
-    key = _device_key(device)
-    if not key:
-        return 0
-    try:
-        data = json.loads(overhead_path(key).read_text())
-    except (OSError, ValueError):
-        return 0
-    samples = [int(x) for x in data.get("samples", []) if isinstance(x, (int, float))]
-    return int(statistics.median(samples)) if samples else 0
-
-
-def learn_overhead(run: Run, rec: Reconciliation | None = None) -> dict[str, int]:
-    """Record the overhead each NVML-measured device of `run` showed, by device UUID.
-
-    Returns {device name: learned overhead after this observation}; devices without NVML or
-    without a known UUID (the run must be a BenchRun with device_uuids) are left out."""
-    rec = rec or reconcile(run)
-    uuids = run.device_uuids if isinstance(run, BenchRun) else {}
-    out = {}
-    for name, over in rec.overhead_bytes.items():
-        uid = uuids.get(name)
-        if not uid or over < 0:
-            continue
-        path = overhead_path(uid)
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            data = {}
-        samples = list(data.get("samples", []))[-(_MAX_SAMPLES - 1):] + [int(over)]
-        data = {"uuid": uid, "name": name, "samples": samples, "overhead_bytes": int(statistics.median(samples))}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".overhead-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, path)    # whole file or the old one, never half of it
-        out[name] = data["overhead_bytes"]
-    return out
+def comparison_rows(plan, run: Run) -> list[dict]:
+    """Per device, for people: predicted weights/KV/compute against llama.cpp's buffers (and the
+    NVML peak where there is one), with the relative error of the total."""
+    kinds = run.report.kinds_by_device()
+    rows = []
+    for d in plan.devices:
+        k = kinds.get(d.name, {})
+        got = sum(k.values())
+        row = {"device": d.name, "predicted": format_bytes(d.used_bytes),
+               "llama.cpp": format_bytes(got) if k else "-",
+               "weights pred/llama": f"{format_bytes(d.weights_bytes)} / {format_bytes(k.get('model', 0))}",
+               "KV pred/llama": f"{format_bytes(d.kv_bytes)} / {format_bytes(k.get('kv', 0))}",
+               "compute pred/llama": f"{format_bytes(d.compute_bytes)} / "
+                                     f"{format_bytes(k.get('compute', 0) + k.get('output', 0))}",
+               "error": (f"{(d.used_bytes - got) / got * 100:+.1f}%" if got else "-")}
+        nv = (run.nvml_peak_bytes or {}).get(d.name)
+        if nv is not None:
+            row["NVML peak"] = format_bytes(nv)
+        rows.append(row)
+    return rows

@@ -1,7 +1,7 @@
-"""Results in llama-bench's terms: Run <-> JSON, llama-bench records, and their output formats.
+"""Results in llama-bench's terms: Run <-> JSON and llama-bench records (printed by
+gpulab.core.bench_format, stored by gpulab.storage.results).
 
     records = to_llama_bench_records(run)         # one per test (pp, tg), llama-bench's JSON fields
-    print(format_results(records, "md"))          # llama-bench's markdown table
     d = run_to_dict(run); run_from_dict(d) == run # plain JSON for the worker and the store
 
 A record has exactly the fields of llama-bench's JSON output (`test::get_fields()` in the
@@ -15,12 +15,9 @@ Standard library only, like the rest of gpulab.core.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
-from pathlib import Path
 
 from .config import SplitConfig
 from .report import LoadReport
@@ -28,8 +25,8 @@ from .run import Run, Throughput
 
 __all__ = [
     "BenchRun", "run_to_dict", "run_from_dict", "to_llama_bench_records", "runs_from_records",
-    "format_results", "OUTPUT_FORMATS", "LLAMA_BENCH_FIELDS", "LLAMA_BENCH_SAMPLE_FIELDS",
-    "format_tensor_split", "data_dir", "throughput_from_samples", "config_to_dict", "config_from_dict",
+    "LLAMA_BENCH_FIELDS", "LLAMA_BENCH_SAMPLE_FIELDS", "INT_FIELDS", "BOOL_FIELDS", "FLOAT_FIELDS",
+    "format_tensor_split", "throughput_from_samples", "config_to_dict", "config_from_dict",
 ]
 
 # test::get_fields() of the vendored llama-bench.cpp, in order (tests/runtime/test_bench_results.py
@@ -50,15 +47,14 @@ LLAMA_BENCH_FIELDS: tuple[str, ...] = (
 LLAMA_BENCH_SAMPLE_FIELDS = ("samples_ns", "samples_ts")
 
 # test::get_field_type: everything else is a string
-_INT_FIELDS = frozenset({
+INT_FIELDS = frozenset({
     "build_number", "n_batch", "n_ubatch", "n_threads", "poll", "model_size", "model_n_params",
     "n_gpu_layers", "main_gpu", "n_prompt", "n_gen", "n_depth", "avg_ns", "stddev_ns", "no_op_offload",
     "n_cpu_moe", "fit_target", "fit_min_ctx", "flash_attn"})
-_BOOL_FIELDS = frozenset({"no_kv_offload", "cpu_strict", "embeddings", "no_host", "repack"})
-_FLOAT_FIELDS = frozenset({"avg_ts", "stddev_ts"})
+BOOL_FIELDS = frozenset({"no_kv_offload", "cpu_strict", "embeddings", "no_host", "repack"})
+FLOAT_FIELDS = frozenset({"avg_ts", "stddev_ts"})
 
 _FLASH_ATTN_INT = {"auto": -1, "off": 0, "on": 1}   # enum llama_flash_attn_type
-OUTPUT_FORMATS = ("md", "json", "jsonl", "csv", "sql")
 
 
 @dataclass(frozen=True)
@@ -70,7 +66,7 @@ class BenchRun(Run):
 
     model_type: str = ""               # llama_model_desc: 'llama 135M Q4_1'
     model_n_params: int = 0            # llama_model_n_params
-    model_hash: str = ""               # a fingerprint of the GGUF (see gpulab.runtime.store)
+    model_hash: str = ""               # a fingerprint of the GGUF (gpulab.sources.fingerprint)
     cpu_info: str = ""                 # llama-bench get_cpu_info: CPU/ACCEL device descriptions
     gpu_info: str = ""                 # llama-bench get_gpu_info: GPU/IGPU device descriptions
     backends: str = ""                 # llama-bench test::get_backend: 'CPU', 'CUDA', 'RPC', ...
@@ -84,17 +80,6 @@ class BenchRun(Run):
     nvml_per_process: bool = False     # nvml_peak_bytes is this process's own usage (else device used - baseline)
     run_id: str = ""                   # groups a run's records in the store
     notes: tuple[str, ...] = ()
-
-
-def data_dir() -> Path:
-    """gpulab's data folder: $GPULAB_DATA_DIR, else $XDG_DATA_HOME/gpulab, else ~/.local/share/gpulab."""
-    env = os.environ.get("GPULAB_DATA_DIR")
-    if env:
-        return Path(env)
-    xdg = os.environ.get("XDG_DATA_HOME")
-    if xdg:
-        return Path(xdg) / "gpulab"
-    return Path.home() / ".local" / "share" / "gpulab"
 
 
 # --- statistics as llama-bench computes them ------------------------------------------------
@@ -325,141 +310,3 @@ def runs_from_records(records: list[dict]) -> list[Run]:
         run = run_from_dict(d)
         runs.append(replace(run, pp=tp.get("pp"), tg=tp.get("tg")))
     return runs
-
-
-# --- output formats ---------------------------------------------------------------------------
-
-def _value_str(field_name: str, v) -> str:
-    """A value as llama-bench's get_values() strings it (bools '0'/'1', floats '%f')."""
-    if isinstance(v, bool):
-        return "1" if v else "0"
-    if field_name in _FLOAT_FIELDS:
-        return f"{float(v):f}"
-    return str(v)
-
-
-def _json_clean(rec: dict, include_gpulab: bool) -> dict:
-    out = {k: rec[k] for k in (*LLAMA_BENCH_FIELDS, *LLAMA_BENCH_SAMPLE_FIELDS) if k in rec}
-    if include_gpulab and "gpulab" in rec:
-        out["gpulab"] = rec["gpulab"]
-    return out
-
-
-# markdown_printer::get_field_width and get_field_display_name
-_MD_WIDTH = {"model": -30, "t/s": 20, "size": 10, "params": 10, "n_gpu_layers": 3, "n_threads": 7, "n_batch": 7,
-             "n_ubatch": 8, "type_k": 6, "type_v": 6, "split_mode": 6, "load_mode": 10, "flash_attn": 3,
-             "devices": -12, "test": 15, "no_op_offload": 4, "no_host": 4, "repack": 3}
-_MD_NAME = {"n_gpu_layers": "ngl", "split_mode": "sm", "n_threads": "threads", "no_kv_offload": "nkvo",
-            "flash_attn": "fa", "load_mode": "lm", "embeddings": "embd", "no_op_offload": "nopo", "no_host": "noh",
-            "repack": "rpk", "devices": "dev", "tensor_split": "ts", "tensor_buft_overrides": "ot",
-            "fit_target": "fitt", "fit_min_ctx": "fitc"}
-# cmd_params_defaults: a column appears when a value differs from these (or values differ)
-_MD_DEFAULTS = {"n_batch": 2048, "n_ubatch": 512, "type_k": "f16", "type_v": "f16", "main_gpu": 0,
-                "split_mode": "layer", "no_kv_offload": False, "flash_attn": -1, "devices": "auto",
-                "tensor_split": "0.00", "load_mode": "auto"}
-_MD_OPTIONAL = ("n_batch", "n_ubatch", "type_k", "type_v", "main_gpu", "split_mode", "no_kv_offload",
-                "flash_attn", "devices", "tensor_split", "load_mode")
-
-
-def _md_width(f: str) -> int:
-    if f in _MD_WIDTH:
-        return _MD_WIDTH[f]
-    w = max(len(f), 10)
-    string = f not in _INT_FIELDS and f not in _BOOL_FIELDS and f not in _FLOAT_FIELDS
-    return -w if string else w
-
-
-def _cell(text: str, width: int) -> str:
-    return text.ljust(-width) if width < 0 else text.rjust(width)
-
-
-def _size(n: int) -> str:
-    return f"{n / 1024 / 1024:.2f} MiB" if n < 1024 ** 3 else f"{n / 1024 ** 3:.2f} GiB"
-
-
-def _params(n: int) -> str:
-    return f"{n / 1e6:.2f} M" if n < 1000 ** 3 else f"{n / 1e9:.2f} B"
-
-
-def _md(records: list[dict], default_threads: int | None) -> str:
-    cols = ["model", "size", "params", "backend"]
-    cpu_backend = any(("CPU" in r["backends"] or "BLAS" in r["backends"]) for r in records)
-    if not cpu_backend:
-        cols.append("n_gpu_layers")
-    threads = {r["n_threads"] for r in records}
-    if cpu_backend or len(threads) > 1 or default_threads is None or threads != {default_threads}:
-        cols.append("n_threads")
-    for f in _MD_OPTIONAL:
-        values = {r[f] for r in records}
-        if len(values) > 1 or values != {_MD_DEFAULTS[f]}:
-            cols.append(f)
-    cols += ["test", "t/s"]
-    lines = ["|" + "".join(f" {_cell(_MD_NAME.get(c, c), _md_width(c))} |" for c in cols),
-             "|" + "".join(f" {'-' * (abs(_md_width(c)) - 1)}{':' if _md_width(c) > 0 else '-'} |" for c in cols)]
-    for r in records:
-        cells = []
-        for c in cols:
-            if c == "model":
-                v = r["model_type"]
-            elif c == "size":
-                v = _size(r["model_size"])
-            elif c == "params":
-                v = _params(r["model_n_params"])
-            elif c == "backend":
-                v = r["backends"]
-            elif c == "test":
-                v = (f"pp{r['n_prompt']}" if r["n_prompt"] > 0 and r["n_gen"] == 0 else
-                     f"tg{r['n_gen']}" if r["n_gen"] > 0 and r["n_prompt"] == 0 else
-                     f"pp{r['n_prompt']}+tg{r['n_gen']}")
-            elif c == "t/s":
-                v = f"{r['avg_ts']:.2f} ± {r['stddev_ts']:.2f}"
-            else:
-                v = _value_str(c, r[c])
-            cells.append(f" {_cell(v, _md_width(c))} |")
-        lines.append("|" + "".join(cells))
-    builds = sorted({(r["build_commit"], r["build_number"]) for r in records})
-    lines.append("")
-    lines += [f"build: {b} ({n})" for b, n in builds]
-    return "\n".join(lines) + "\n"
-
-
-def _csv(records: list[dict]) -> str:
-    def esc(s: str) -> str:   # csv_printer::escape_csv: always quoted, quotes doubled
-        return '"' + s.replace('"', '""') + '"'
-    lines = [",".join(LLAMA_BENCH_FIELDS)]
-    lines += [",".join(esc(_value_str(f, r[f])) for f in LLAMA_BENCH_FIELDS) for r in records]
-    return "\n".join(lines) + "\n"
-
-
-def _sql(records: list[dict]) -> str:
-    def sql_type(f):
-        return "REAL" if f in _FLOAT_FIELDS else "INTEGER" if (f in _INT_FIELDS or f in _BOOL_FIELDS) else "TEXT"
-    lines = ["CREATE TABLE IF NOT EXISTS llama_bench ("]
-    lines += [f"  {f} {sql_type(f)}{',' if i < len(LLAMA_BENCH_FIELDS) - 1 else ''}"
-              for i, f in enumerate(LLAMA_BENCH_FIELDS)]
-    lines += [");", ""]
-    for r in records:
-        vals = ", ".join("'" + _value_str(f, r[f]).replace("'", "''") + "'" for f in LLAMA_BENCH_FIELDS)
-        lines.append(f"INSERT INTO llama_bench ({', '.join(LLAMA_BENCH_FIELDS)}) VALUES ({vals});")
-    return "\n".join(lines) + "\n"
-
-
-def format_results(records: list[dict], fmt: str = "md", *, include_gpulab: bool = True,
-                   default_threads: int | None = None) -> str:
-    """Records as llama-bench prints them: 'md' (its table), 'json' (a list), 'jsonl', 'csv', 'sql'.
-
-    json/jsonl carry the "gpulab" object unless include_gpulab=False; csv, sql and md have
-    llama-bench's columns only. default_threads: llama-bench's default -t on this machine (the
-    md table then shows 'threads' only where it differs, or on a CPU backend, as llama-bench does).
-    """
-    if fmt not in OUTPUT_FORMATS:
-        raise ValueError(f"output format {fmt!r} is not one of {', '.join(OUTPUT_FORMATS)}")
-    if fmt == "md":
-        return _md(records, default_threads) if records else ""
-    if fmt == "json":
-        return json.dumps([_json_clean(r, include_gpulab) for r in records], indent=2) + "\n"
-    if fmt == "jsonl":
-        return "".join(json.dumps(_json_clean(r, include_gpulab)) + "\n" for r in records)
-    if fmt == "csv":
-        return _csv(records)
-    return _sql(records)

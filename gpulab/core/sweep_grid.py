@@ -23,7 +23,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from ..errors import ConfigError
+from .errors import ConfigError
 from .config import SplitConfig, parse_tensor_split
 
 __all__ = ["Grid", "parse_grid", "parse_int_range", "GRID_FLAGS"]

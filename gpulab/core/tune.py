@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import ConfigError, GpulabError
+from .errors import ConfigError, GpulabError
 from .config import SplitConfig
 from .devices import HOST_NAME, Device
 from .planner import plan
@@ -301,7 +301,7 @@ def default_grid_args(profile: ModelProfile, devices: Sequence[Device]) -> list[
     n = profile.n_layer + 1
     ngl = sorted({-1, 3 * n // 4, n // 2, n // 4, 0}, key=lambda x: -x if x >= 0 else -10**9)
     args = ["-ngl", ",".join(map(str, ngl))]
-    k = len([d for d in devices if d.kind not in ("cpu", "accel")])
+    k = len([d for d in devices if d.is_offload])
     if k >= 2:
         splits = ["0", "/".join(["1"] * k)]
         splits += ["/".join("1" if j == i else "0" for j in range(k)) for i in range(k)]

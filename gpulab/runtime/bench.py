@@ -42,12 +42,13 @@ from pathlib import Path
 from ..core.config import SplitConfig
 from ..core.devices import Device
 from ..core.results import BenchRun, throughput_from_samples
-from ..errors import ConfigError, LoadError
+from ..core.errors import ConfigError, LoadError
 from . import llama_lib
+from ..sources.host import default_threads
 from .crash import guard
 from .model import LoadedModel, open_model
 
-__all__ = ["measure", "measure_loaded", "resplit", "default_threads", "system_facts", "Progress"]
+__all__ = ["measure", "measure_loaded", "resplit", "system_facts", "Progress"]
 
 # progress(phase, fraction): phase one of 'load', 'warmup', 'pp', 'tg'; fraction in [0, 1]
 Progress = Callable[[str, float], object]
@@ -93,21 +94,6 @@ def _threadpool_fns():
             fns = None
         _extras["tp"] = fns
         return fns
-
-
-def default_threads() -> int:
-    """llama-bench's default -t: common_cpu_get_num_math, i.e. physical cores on Linux (the
-    distinct thread_siblings sets), else the logical CPU count."""
-    siblings = set()
-    cpu = 0
-    while True:
-        p = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings")
-        try:
-            siblings.add(p.read_text().strip())
-        except OSError:
-            break
-        cpu += 1
-    return len(siblings) or os.cpu_count() or 1
 
 
 def system_facts() -> dict:
@@ -266,11 +252,11 @@ def _now_iso() -> str:
 def _plan_dict(loaded: LoadedModel) -> tuple[dict | None, str | None]:
     """The planner's prediction for the config llama.cpp got, on the devices it saw at load."""
     try:
-        from .. import read_profile
+        from ..sources.read import read_profile
         from ..core.planner import plan
         devices = list(loaded.devices)
         host = next((d for d in devices if d.kind == "cpu"), None)
-        offload = [d for d in devices if d.kind not in ("cpu", "accel")]
+        offload = [d for d in devices if d.is_offload]
         p = plan(read_profile(loaded.path), offload, loaded.effective_config, host)
         return p.to_dict(), None
     except Exception as e:  # noqa: BLE001 - a run without a prediction is still a run
@@ -386,7 +372,7 @@ def measure_loaded(loaded: LoadedModel, *, n_prompt: int = 512, n_gen: int = 128
     if sampler is not None and not sampler.available and sampler.reason:
         notes.append(f"no NVML figures: {sampler.reason}")
     load_s = _load_seconds if _load_seconds is not None else loaded.load_seconds + loaded.context_seconds
-    return BenchRun(
+    run = BenchRun(
         model_path=loaded.path, model_bytes=mfacts["model_size"], config=loaded.effective_config,
         report=loaded.report, pp=pp, tg=tg, load_seconds=load_s, n_threads=n_threads,
         devices=tuple(loaded.report.devices),
@@ -399,10 +385,18 @@ def measure_loaded(loaded: LoadedModel, *, n_prompt: int = 512, n_gen: int = 128
         nvml_baseline_bytes=dict(sampler.baseline_bytes) if sampler is not None else {},
         nvml_per_process=bool(sampler.per_process) if sampler is not None else False,
         run_id=uuid.uuid4().hex, notes=tuple(notes))
+    if run.nvml_peak_bytes and run.device_uuids:
+        # what NVML saw beyond llama.cpp's buffers, kept per GPU for the planner's next "fits"
+        from ..storage.overheads import learn_overhead
+        try:
+            learn_overhead(run)
+        except OSError:
+            pass
+    return run
 
 
 def _model_hash(path: str) -> str:
-    from .store import model_fingerprint
+    from ..sources.fingerprint import model_fingerprint
     try:
         return model_fingerprint(path)
     except OSError:

@@ -1,7 +1,7 @@
 """Device characteristics for the throughput model: measured, cached per device, refined by runs.
 
     cal = calibrate(["127.0.0.1:50052", "127.0.0.1:50053"], n_threads=1)   # ~30 s for 2 RPC CPUs
-    model = speed_model_for(devices)     # a SpeedModel from the cache, else spec/NVML/defaults
+    model = speed_model_for(devices)     # gpulab.storage.speed_cache: calibrated, else spec/NVML/defaults
     predict_speed(plan, model)           # gpulab.core.speed
     update_from_run(run)                 # a measured Run refines the devices it used
 
@@ -30,352 +30,22 @@ GPUs by PCI bus id, else UUID, else name and description.
 
 from __future__ import annotations
 
-import json
 import os
-import socket
-import struct
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 from ..core.config import SplitConfig
 from ..core.devices import HOST_NAME, Device
-from ..core.speed import (DEFAULT_GPU, DEFAULT_HOST, DeviceSpeed, LinkSpeed, SpeedModel, design_row, fit_params,
-                          priors_for, speed_from_bandwidth, speeds_from_params)
+from ..core.speed import SpeedModel, design_row
+from ..core.speed_priors import link_default
+from ..sources.host import cpu_model
+from ..storage.speed_cache import SpeedCache, cache_key, host_key_here
+from .rpc import round_trip
 
-__all__ = ["SpeedCache", "Calibration", "calibrate", "update_from_run", "speed_model_for", "device_key",
-           "host_key", "rpc_round_trip", "measure_best", "Best", "CALIBRATION_MODELS"]
-
-_MAX_OBSERVATIONS = 500
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-# --- keys ---------------------------------------------------------------------------------------
-
-def cpu_model() -> str:
-    """The host CPU's model name (/proc/cpuinfo), what llama.cpp's CPU device describes too."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return " ".join(line.partition(":")[2].split())
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or platform.machine() or "cpu"
-
-
-def _default_threads() -> int:
-    from .bench import default_threads
-    return default_threads()
-
-
-def host_key(n_threads: int | None = None) -> str:
-    return f"cpu:{cpu_model()}:t{int(n_threads) if n_threads else _default_threads()}"
-
-
-def _pci(bus_id: str) -> str:
-    """'00000000:01:00.0' (NVML) and '0000:01:00.0' (llama.cpp) -> '0000:01:00.0'."""
-    parts = bus_id.strip().lower().split(":")
-    if len(parts) == 3:
-        try:
-            return f"{int(parts[0], 16):04x}:{parts[1]}:{parts[2]}"
-        except ValueError:
-            pass
-    return bus_id.strip().lower()
-
-
-def device_key(d: Device, n_threads: int | None = None) -> str | None:
-    """The cache key of a device; None for simulated devices (never calibrated)."""
-    if d.kind == "cpu" or d.name == HOST_NAME:
-        return host_key(n_threads)
-    if d.source == "sim":
-        return None
-    if d.kind == "rpc" or d.endpoint:
-        return f"rpc:{d.endpoint or d.description}"
-    if d.pci_bus_id:
-        return f"pci:{_pci(d.pci_bus_id)}"
-    if d.uuid:
-        return f"uuid:{d.uuid}"
-    return f"dev:{d.name}:{d.description}"
-
-
-def _kind_of_key(key: str) -> str:
-    return "cpu" if key.startswith("cpu:") else "rpc" if key.startswith("rpc:") else "gpu"
-
-
-# --- uncalibrated speeds ------------------------------------------------------------------------
-
-_RPC_DEFAULT_RTT = 150e-6      # loopback TCP round trip incl. the server's dispatch, when not measured
-
-
-def _rpc_default(rtt: float | None, endpoint: str = "") -> DeviceSpeed:
-    # a step on an RPC device: inputs set, graph computed, result fetched: about three round trips
-    r = rtt if rtt else _RPC_DEFAULT_RTT
-    note = f"RPC round trip {r * 1e6:.0f} us" + ("" if rtt else " (assumed)")
-    return DeviceSpeed(DEFAULT_GPU.bandwidth_bytes_per_s, DEFAULT_GPU.flops_per_s, 3 * r + 50e-6, "default",
-                       layer_overhead_s=DEFAULT_GPU.layer_overhead_s, layer_token_s=DEFAULT_GPU.layer_token_s,
-                       note=note)
-
-
-def _link_default(kind: str, rtt: float | None = None, endpoint: str = "") -> LinkSpeed:
-    if kind == "rpc":
-        loopback = endpoint.startswith(("127.", "localhost", "[::1]", "::1")) or not endpoint
-        return LinkSpeed(latency_s=2 * (rtt or _RPC_DEFAULT_RTT), bytes_per_s=(1e9 if loopback else 0.1e9))
-    return LinkSpeed()
-
-
-def uncalibrated_speed(d: Device, info: dict | None = None) -> DeviceSpeed:
-    """What is known of a device without calibration: its spec (--sim ...:BW/s), NVML's
-    theoretical bandwidth, an RPC round trip measured earlier, else the defaults."""
-    info = info or {}
-    if d.kind == "cpu" or d.name == HOST_NAME:
-        return DEFAULT_HOST
-    if d.bandwidth_bytes_per_s:
-        return speed_from_bandwidth(d.bandwidth_bytes_per_s, "spec" if d.source == "sim" else "nvml")
-    if info.get("peak_bandwidth_bytes_per_s"):
-        return speed_from_bandwidth(info["peak_bandwidth_bytes_per_s"], "nvml")
-    if d.kind == "rpc":
-        return _rpc_default(info.get("rtt_s"), d.endpoint)
-    return DEFAULT_GPU
-
-
-def _uncalibrated_from_info(key: str, info: dict) -> DeviceSpeed:
-    kind = _kind_of_key(key)
-    if kind == "cpu":
-        return DEFAULT_HOST
-    if info.get("peak_bandwidth_bytes_per_s"):
-        return speed_from_bandwidth(info["peak_bandwidth_bytes_per_s"], "nvml")
-    if kind == "rpc":
-        return _rpc_default(info.get("rtt_s"))
-    return DEFAULT_GPU
-
-
-# --- the cache ----------------------------------------------------------------------------------
-
-class SpeedCache:
-    """<data dir>/speed.json: device info and fits by key, the observations they come from.
-
-    {"version": 1,
-     "devices": {key: {"name", "kind", "description", "endpoint", "rtt_s", "peak_bandwidth_bytes_per_s",
-                       "fit": {"bandwidth_bytes_per_s", "flops_per_s", "overhead_s", "layer_overhead_s",
-                               "layer_token_s"},
-                       "n_observations", "updated"}},
-     "links": {"rpc" | "local": {"latency_s", "bytes_per_s", "n_observations"}},
-     "observations": [{"kind": "tg"|"pp", "seconds", "coef": {param: x}, "keys": [...],
-                       "source": "calibration"|"run", "label", "at"}]}
-    """
-
-    VERSION = 1
-
-    def __init__(self, path: str | os.PathLike | None = None):
-        if path is None:
-            from ..core.results import data_dir
-            path = data_dir() / "speed.json"
-        self.path = Path(path)
-        self.data = self._read()
-
-    def _read(self) -> dict:
-        try:
-            data = json.loads(self.path.read_text())
-            if isinstance(data, dict) and data.get("version") == self.VERSION:
-                data.setdefault("devices", {})
-                data.setdefault("links", {})
-                data.setdefault("observations", [])
-                return data
-        except (OSError, ValueError):
-            pass
-        return {"version": self.VERSION, "devices": {}, "links": {}, "observations": []}
-
-    def save(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".speed-", suffix=".json", dir=self.path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.data, f, indent=1)
-        os.replace(tmp, self.path)
-        return self.path
-
-    # -- devices --
-    @property
-    def devices(self) -> dict:
-        return self.data["devices"]
-
-    @property
-    def observations(self) -> list:
-        return self.data["observations"]
-
-    def note_device(self, key: str, d: Device | None = None, **info) -> None:
-        e = self.devices.setdefault(key, {})
-        if d is not None:
-            e.update(name=d.name, kind=d.kind, description=d.description, endpoint=d.endpoint)
-            if d.bandwidth_bytes_per_s and d.source != "sim":
-                e["peak_bandwidth_bytes_per_s"] = d.bandwidth_bytes_per_s
-        e.update({k: v for k, v in info.items() if v is not None})
-
-    def speed(self, key: str | None) -> DeviceSpeed | None:
-        """The calibrated speed of a key, None when it has no fit."""
-        e = self.devices.get(key) if key else None
-        fit = (e or {}).get("fit")
-        if not fit:
-            return None
-        n = e.get("n_observations", 0)
-        return DeviceSpeed(fit["bandwidth_bytes_per_s"], fit["flops_per_s"], fit["overhead_s"], "calibrated",
-                           layer_overhead_s=fit.get("layer_overhead_s", 0.0),
-                           layer_token_s=fit.get("layer_token_s", 0.0),
-                           peak_bandwidth_bytes_per_s=e.get("peak_bandwidth_bytes_per_s"),
-                           note=f"{n} measurement{'s' if n != 1 else ''}, {e.get('updated', '?')}")
-
-    def link(self, kind: str) -> LinkSpeed | None:
-        ln = self.data["links"].get(kind)
-        if not ln or "latency_s" not in ln:
-            return None
-        return LinkSpeed(ln["latency_s"], ln["bytes_per_s"], "calibrated")
-
-    # -- observations --
-    def add(self, kind: str, coef: dict, seconds: float, *, source: str, label: str = "") -> None:
-        keys = sorted({p.split("|", 1)[1] for p in coef if not p.startswith("link|")})
-        self.observations.append({"kind": kind, "seconds": seconds, "coef": coef, "keys": keys,
-                                  "source": source, "label": label, "at": _now()})
-        del self.observations[:-_MAX_OBSERVATIONS]
-
-    def drop(self, keys) -> int:
-        """Forget the observations that involve any of these keys (a fresh calibration)."""
-        keys = set(keys)
-        before = len(self.observations)
-        self.data["observations"] = [o for o in self.observations if not keys & set(o["keys"])]
-        return before - len(self.observations)
-
-    def refit(self) -> dict:
-        """One least-squares fit over all observations; stores every key's speeds and the links."""
-        rows = [(o["coef"], o["seconds"]) for o in self.observations if o["seconds"] > 0]
-        keys = sorted({k for o in self.observations for k in o["keys"]})
-        priors: dict = {}
-        for k in keys:
-            priors.update(priors_for(k, _uncalibrated_from_info(k, self.devices.get(k, {}))))
-        link_params = {p for coef, _ in rows for p in coef if p.startswith("link|")}
-        classes = {p.split("|")[2] for p in link_params}
-        fixed = {}
-        for cls in classes:
-            rtt = next((e.get("rtt_s") for e in self.devices.values() if e.get("rtt_s")), None)
-            default = _link_default(cls, rtt)
-            priors[f"link|lat|{cls}"] = default.latency_s
-            # the link's bandwidth is measured (from loads, see calibrate) or assumed, not fitted:
-            # the activations it carries are too small here for the fit to see it
-            bw = self.data["links"].get(cls, {}).get("bytes_per_s_measured") or default.bytes_per_s
-            fixed[f"link|inv_bw|{cls}"] = 1 / bw
-        values = fit_params(rows, priors, fixed=fixed)
-        now = _now()
-        for k in keys:
-            base = _uncalibrated_from_info(k, self.devices.get(k, {}))
-            sp = speeds_from_params(values, k, base)
-            e = self.devices.setdefault(k, {})
-            e["fit"] = {"bandwidth_bytes_per_s": sp.bandwidth_bytes_per_s, "flops_per_s": sp.flops_per_s,
-                        "overhead_s": sp.overhead_s, "layer_overhead_s": sp.layer_overhead_s,
-                        "layer_token_s": sp.layer_token_s}
-            e["n_observations"] = sum(1 for o in self.observations if k in o["keys"])
-            e["updated"] = now
-        for cls in classes:
-            ln = self.data["links"].setdefault(cls, {})
-            ln.update(latency_s=values.get(f"link|lat|{cls}", 0.0), bytes_per_s=1 / values[f"link|inv_bw|{cls}"],
-                      n_observations=sum(1 for coef, _ in rows if f"link|lat|{cls}" in coef))
-        return values
-
-    def residuals(self, source: str | None = None) -> list[tuple[str, float]]:
-        """(label, predicted/measured - 1) of stored observations under the current fit."""
-        values = self._values()
-        out = []
-        for o in self.observations:
-            if source and o["source"] != source:
-                continue
-            pred = sum(x * values.get(p, 0.0) for p, x in o["coef"].items())
-            out.append((f"{o['label']} {o['kind']}", pred / o["seconds"] - 1.0))
-        return out
-
-    def _values(self) -> dict:
-        vals = {}
-        for k, e in self.devices.items():
-            fit = e.get("fit")
-            if fit:
-                vals[f"a|{k}"] = 1 / fit["bandwidth_bytes_per_s"]
-                vals[f"o|{k}"] = fit["overhead_s"]
-                vals[f"l|{k}"] = fit.get("layer_overhead_s", 0.0)
-                vals[f"q|{k}"] = fit.get("layer_token_s", 0.0)
-                vals[f"f|{k}"] = 1 / fit["flops_per_s"]
-        for cls, ln in self.data["links"].items():
-            if "latency_s" not in ln:
-                continue
-            vals[f"link|lat|{cls}"] = ln["latency_s"]
-            vals[f"link|inv_bw|{cls}"] = 1 / ln["bytes_per_s"]
-        return vals
-
-    def model_for(self, devices, n_threads: int | None = None) -> SpeedModel:
-        """A SpeedModel for these devices (the host is added when absent)."""
-        speeds: dict[str, DeviceSpeed] = {}
-        devices = list(devices)
-        if not any(d.kind == "cpu" or d.name == HOST_NAME for d in devices):
-            devices.append(Device(name=HOST_NAME, total_bytes=0, free_bytes=0, source="host", kind="cpu"))
-        kinds = set()
-        rtt = None
-        endpoint = ""
-        for d in devices:
-            key = device_key(d, n_threads)
-            info = self.devices.get(key, {}) if key else {}
-            sp = self.speed(key) or uncalibrated_speed(d, info)
-            if d.bandwidth_bytes_per_s and sp.peak_bandwidth_bytes_per_s is None:
-                sp = replace(sp, peak_bandwidth_bytes_per_s=d.bandwidth_bytes_per_s)
-            speeds[d.name] = sp
-            if d.kind == "rpc":
-                kinds.add("rpc")
-                rtt = rtt or info.get("rtt_s")
-                endpoint = endpoint or d.endpoint
-            elif d.kind != "cpu":
-                kinds.add("local")
-        cls = "rpc" if "rpc" in kinds else "local"
-        link = self.link(cls) or _link_default(cls, rtt, endpoint)
-        return SpeedModel(devices=speeds, link=link)
-
-
-def speed_model_for(devices, *, n_threads: int | None = None, cache: SpeedCache | None = None) -> SpeedModel:
-    """The SpeedModel for these devices: calibrated where the cache knows them, else from their
-    spec (--sim 80GiB:3350GB/s), NVML's clock x bus width, an RPC round trip, or the defaults.
-    Each DeviceSpeed says which in `source`. n_threads: the host's threads (default: llama-bench's)."""
-    return (cache or SpeedCache()).model_for(devices, n_threads)
-
-
-# --- RPC round trip -----------------------------------------------------------------------------
-
-def rpc_round_trip(endpoint: str, n: int = 20, timeout: float = 5.0) -> float:
-    """Median seconds of one request/answer with an RPC server (DEVICE_COUNT after HELLO, the
-    smallest command of ggml-rpc's protocol). The server serves one client at a time: measure
-    before registering it. Raises DeviceError when nothing answers."""
-    from ..errors import DeviceError
-    from . import llama_lib
-    from .rpc import _RPC_CMD_DEVICE_COUNT, _RPC_CMD_HELLO, _RPC_CONN_CAPS_SIZE, _recv_exact
-    host, port = llama_lib.split_endpoint(endpoint)
-    times = []
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as s:
-            s.settimeout(timeout)
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            s.sendall(bytes([_RPC_CMD_HELLO]) + struct.pack("<Q", _RPC_CONN_CAPS_SIZE) + bytes(_RPC_CONN_CAPS_SIZE))
-            (size,) = struct.unpack("<Q", _recv_exact(s, 8))
-            _recv_exact(s, size)
-            req = bytes([_RPC_CMD_DEVICE_COUNT]) + struct.pack("<Q", 0)
-            for _ in range(max(1, n)):
-                t0 = time.perf_counter()
-                s.sendall(req)
-                (size,) = struct.unpack("<Q", _recv_exact(s, 8))
-                _recv_exact(s, size)
-                times.append(time.perf_counter() - t0)
-    except (OSError, ConnectionError, struct.error) as e:
-        raise DeviceError(f"cannot time a round trip to the RPC server at {endpoint}: {e}") from None
-    times.sort()
-    return times[len(times) // 2]
+__all__ = ["Calibration", "calibrate", "update_from_run", "measure_best", "Best",
+           "CALIBRATION_MODELS"]
 
 
 # --- calibration --------------------------------------------------------------------------------
@@ -407,27 +77,6 @@ class Calibration:
     devices: list = field(default_factory=list)        # the Devices calibrated, the host last
     validation: dict = field(default_factory=dict)     # label -> Best, for calibrate(validate=...)
     measurements: dict = field(default_factory=dict)   # label -> Best of every calibration config
-
-    def text(self) -> str:
-        from ..ui.text import render_table
-        rows = [{"device": n, "key": self.keys.get(n, ""), "bandwidth": f"{sp.bandwidth_bytes_per_s / 1e9:.1f} GB/s",
-                 "FLOP rate": f"{sp.flops_per_s / 1e9:.0f} GFLOP/s", "per step": f"{sp.overhead_s * 1e6:.0f} us",
-                 "per layer": f"{sp.layer_overhead_s * 1e6:.1f} us",
-                 "per layer-token (pp)": f"{sp.layer_token_s * 1e6:.2f} us",
-                 "peak": f"{sp.peak_bandwidth_bytes_per_s / 1e9:.0f} GB/s" if sp.peak_bandwidth_bytes_per_s else ""}
-                for n, sp in self.speeds.items()]
-        lines = [render_table(rows, right=("bandwidth", "FLOP rate", "per step", "per layer", "per layer-token (pp)",
-                                           "peak"))]
-        for cls, ln in self.links.items():
-            lines.append(f"hop ({cls}): {ln.latency_s * 1e6:.0f} us + {ln.bytes_per_s / 1e9:.2f} GB/s")
-        for ep, r in self.rtt_s.items():
-            lines.append(f"RPC round trip {ep}: {r * 1e6:.0f} us")
-        if self.residuals:
-            errs = sorted(abs(r) for _, r in self.residuals)
-            lines.append(f"fit: median |error| {100 * errs[len(errs) // 2]:.1f}%, max {100 * errs[-1]:.1f}% over "
-                         f"{len(errs)} calibration points")
-        lines.append(f"{self.seconds:.0f} s; host threads {self.n_threads}; cached in {self.cache_path}")
-        return "\n".join(lines)
 
 
 @dataclass
@@ -533,7 +182,7 @@ def _run_plan(profile, devices: list[Device], config: SplitConfig, layer_devices
     """The plan llama.cpp carried out: the planner's, with llama.cpp's reported placement."""
     from ..core.planner import plan
     host = next((d for d in devices if d.kind == "cpu"), None)
-    offload = [d for d in devices if d.kind not in ("cpu", "accel")]
+    offload = [d for d in devices if d.is_offload]
     p = plan(profile, offload, config, host)
     if layer_devices and len(layer_devices) == len(p.layer_devices):
         p = replace(p, layer_devices=tuple(layer_devices))
@@ -579,13 +228,13 @@ def calibrate(endpoints=(), *, devices: list[str] | None = None, n_threads: int 
     not to fit, so that a check of the predictions sees the load the calibration saw; their
     results are in Calibration.validation. progress(what, fraction).
     """
-    from .. import read_profile
+    from ..sources.read import read_profile
     from ..sources.synth import write_model
     from .worker import Worker
 
     t0 = time.monotonic()
     cache = cache if cache is not None else SpeedCache()
-    rtt = {ep: rpc_round_trip(ep) for ep in endpoints}
+    rtt = {ep: round_trip(ep) for ep in endpoints}
 
     def report(what: str, fraction: float) -> None:
         if progress is not None:
@@ -598,18 +247,18 @@ def calibrate(endpoints=(), *, devices: list[str] | None = None, n_threads: int 
         base = SplitConfig(n_ctx=ctx, n_batch=n_prompt, n_ubatch=n_prompt)
         with Worker(list(endpoints)) as w:
             seen = w.devices()
-            offload = [d for d in seen if d.kind not in ("cpu", "accel")]
+            offload = [d for d in seen if d.is_offload]
             if devices is not None:
                 missing = set(devices) - {d.name for d in offload}
                 if missing:
-                    from ..errors import ConfigError
+                    from ..core.errors import ConfigError
                     raise ConfigError(f"no device {', '.join(sorted(missing))} among "
                                       f"{', '.join(d.name for d in offload) or 'none'}")
                 offload = [d for d in offload if d.name in devices]
             host_dev = next((d for d in seen if d.kind == "cpu"),
                             Device(name=HOST_NAME, total_bytes=0, free_bytes=0, source="host", kind="cpu"))
-            key_of = {d.name: device_key(d) for d in offload}
-            key_of[HOST_NAME] = host_key(n_threads)
+            key_of = {d.name: cache_key(d) for d in offload}
+            key_of[HOST_NAME] = host_key_here(n_threads)
             # (label, model index, config)
             configs = []
             for i, _ in enumerate(paths):
@@ -682,7 +331,7 @@ def _note_link_bandwidth(cache: SpeedCache, best: dict, profiles: list, offload:
 
 def _run_keys(run, devices: list[Device] | None = None) -> dict:
     """Device name -> cache key for the devices of a Run."""
-    keys = {HOST_NAME: host_key(run.n_threads or None)}
+    keys = {HOST_NAME: host_key_here(run.n_threads or None)}
     by_name = {d.name: d for d in devices or ()}
     endpoints = {}
     for b in run.report.buffers:   # 'RPC0[127.0.0.1:50052]'
@@ -692,8 +341,8 @@ def _run_keys(run, devices: list[Device] | None = None) -> dict:
     for name in list(run.devices) + [d for d in run.report.layer_devices if d != HOST_NAME]:
         if name in keys:
             continue
-        if name in by_name and device_key(by_name[name]):
-            keys[name] = device_key(by_name[name])
+        if name in by_name and cache_key(by_name[name]):
+            keys[name] = cache_key(by_name[name])
         elif name in endpoints:
             keys[name] = f"rpc:{endpoints[name]}"
         elif name in uuids:
@@ -716,11 +365,11 @@ def update_from_run(run, plan=None, *, devices: list[Device] | None = None, cach
     cpu = getattr(run, "cpu_info", "")
     if cpu and HOST_NAME in run.report.layer_devices[:-1] and _norm(cpu) not in _norm(cpu_model()) \
             and _norm(cpu_model()) not in _norm(cpu):
-        from ..errors import ConfigError
+        from ..core.errors import ConfigError
         raise ConfigError(f"this run's host CPU ({cpu}) is not this machine's ({cpu_model()}): "
                           "its host layers cannot refine this machine's calibration")
     if plan is None:
-        from .. import read_profile
+        from ..sources.read import read_profile
         names = list(dict.fromkeys(list(run.devices) + [d for d in run.report.layer_devices if d != HOST_NAME]))
         devs = [Device(name=n, total_bytes=1 << 50, free_bytes=1 << 50, source="run", kind="gpu") for n in names]
         devs.append(Device(name=HOST_NAME, total_bytes=0, free_bytes=0, source="host", kind="cpu"))
@@ -729,7 +378,7 @@ def update_from_run(run, plan=None, *, devices: list[Device] | None = None, cach
         plan = replace(plan, layer_devices=tuple(run.report.layer_devices))
     key_of = _run_keys(run, devices)
     for d in devices or ():
-        k = device_key(d, run.n_threads or None)
+        k = cache_key(d, run.n_threads or None)
         if k:
             cache.note_device(k, d)
     ts = ",".join(f"{x:g}" for x in run.config.tensor_split) or "default"
@@ -747,7 +396,7 @@ def update_from_run(run, plan=None, *, devices: list[Device] | None = None, cach
         if sp is not None:
             speeds[name] = sp
     rpc = any(k.startswith("rpc:") for k in key_of.values())
-    link = cache.link("rpc" if rpc else "local") or _link_default("rpc" if rpc else "local")
+    link = cache.link("rpc" if rpc else "local") or link_default("rpc" if rpc else "local")
     return SpeedModel(devices=speeds, link=link)
 
 

@@ -19,12 +19,12 @@ import sys
 import threading
 from pathlib import Path
 
-from ..core.devices import Device
-from ..errors import ConfigError, RuntimeUnavailableError
+from ..core.devices import Device, split_endpoint
+from ..core.errors import ConfigError, DeviceSpecError, RuntimeUnavailableError
 
 __all__ = [
     "lib_dir", "llama_cpp", "ggml", "rpc_lib", "rpc_supported", "llama_devices",
-    "device_handle", "default_device_names", "endpoint_reachable", "split_endpoint",
+    "device_handle", "default_device_names", "endpoint_reachable",
     "DEV_TYPE_NAMES",
 ]
 
@@ -161,25 +161,13 @@ def llama_cpp():
 
 # --- devices -------------------------------------------------------------------------------
 
-def split_endpoint(endpoint: str) -> tuple[str, int]:
-    """'host:port' -> (host, port), split where ggml's parse_endpoint splits (the first ':')."""
-    host, sep, port = endpoint.partition(":")
-    try:
-        p = int(port)
-    except ValueError:
-        p = -1
-    if not sep or not host or not 0 < p < 65536:
-        raise ConfigError(f"RPC endpoint {endpoint!r} is not HOST:PORT (e.g. 127.0.0.1:50052)")
-    return host, p
-
-
 def endpoint_reachable(endpoint: str, timeout: float = 1.0) -> bool:
     """Whether a TCP connection to the endpoint opens (a listening RPC server, busy or not)."""
     try:
         host, port = split_endpoint(endpoint)
         with socket.create_connection((host, port), timeout=timeout):
             return True
-    except (OSError, ConfigError):
+    except (OSError, DeviceSpecError):
         return False
 
 

@@ -59,11 +59,14 @@ def _get_callback(llama_cpp):
     return _callback
 
 
-def install_quiet_logger(llama_cpp=None) -> None:
-    """Route llama.cpp's and ggml's log to gpulab's callback (quiet outside captures)."""
-    if llama_cpp is None:
-        from .llama_lib import llama_cpp as _get
-        llama_cpp = _get()
+_module = None           # the llama_cpp module the callback was installed in
+
+
+def install_quiet_logger(llama_cpp) -> None:
+    """Route llama.cpp's and ggml's log to gpulab's callback (quiet outside captures).
+    gpulab.runtime.llama_lib.llama_cpp() calls this once, as it imports llama_cpp."""
+    global _module
+    _module = llama_cpp
     llama_cpp.llama_log_set(_get_callback(llama_cpp), None)
 
 
@@ -98,8 +101,9 @@ class LogCapture:
                 self.echo = None
 
     def __enter__(self) -> "LogCapture":
-        from .llama_lib import llama_cpp
-        lc = llama_cpp()
+        lc = _module
+        if lc is None:
+            raise RuntimeError("LogCapture before llama.cpp was loaded: call gpulab.runtime.llama_lib.llama_cpp() first")
         with _lock:
             _sinks.append(self)
             # (re)install: someone (e.g. llama_cpp.Llama) may have set another logger since

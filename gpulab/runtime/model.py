@@ -23,7 +23,7 @@ from pathlib import Path
 from ..core.config import SplitConfig
 from ..core.devices import Device
 from ..core.report import LoadReport
-from ..errors import ConfigError, DeviceError, DoesNotFitError, LoadError
+from ..core.errors import ConfigError, DeviceError, DoesNotFitError, LoadError
 from . import llama_lib
 from .crash import guard
 from .logcapture import LogCapture, parse_load_log
@@ -232,7 +232,7 @@ def _check_fit(path: str, config: SplitConfig, devices: list[Device]) -> None:
     from ..core.planner import plan
     from ..sources.gguf_file import read_profile
     host = next((d for d in devices if d.kind == "cpu"), None)
-    offload = [d for d in devices if d.kind not in ("cpu", "accel")]
+    offload = [d for d in devices if d.is_offload]
     p = plan(read_profile(path), offload, config, host)
     if not p.fits:
         raise DoesNotFitError(f"{Path(path).name} does not fit with this configuration: "

@@ -1,79 +1,29 @@
 """The one translation point from a `SplitConfig` to llama.cpp.
 
 `llama_params` fills llama.cpp's own structs (llama_model_params, llama_context_params) for an
-in-process load, walking `FIELDS`. `llama_kwargs` gives the keyword arguments of
-`llama_cpp.Llama(...)`: it is the 'python' column of `gpulab.core.exports.SPELLINGS`, the table
-every export (llama-server, llama-bench, Ollama, KoboldCpp) is rendered from, so a setting
-cannot be spelled one way here and another way there. Where `Llama()` has no keyword for a
-setting, that table says so and `llama_kwargs_gaps` names it.
+in-process load, walking `gpulab.core.settings.SETTINGS` (each setting names its struct and
+field). `llama_kwargs` gives the keyword arguments of `llama_cpp.Llama(...)`: it is the 'python'
+column of `gpulab.core.exports.SPELLINGS`, the table every export (llama-server, llama-bench,
+Ollama, KoboldCpp) is rendered from, so a setting cannot be spelled one way here and another way
+there. Where `Llama()` has no keyword for a setting, that table says so and `llama_kwargs_gaps`
+names it.
 """
 
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from ..core.config import SplitConfig
 from ..core.devices import Device
-from ..core.exports import FLASH_ATTN_IDS, SPLIT_MODE_IDS, python_gaps, python_kwargs
-from ..core.ggml_types import ggml_type_id
-from ..errors import ConfigError
+from ..core.errors import ConfigError
+from ..core.exports import python_gaps, python_kwargs
+from ..core.planner import select_devices
+from ..core.settings import SETTINGS, check_settings_cover_config
 
-__all__ = ["FIELDS", "Field", "llama_params", "llama_kwargs", "llama_kwargs_gaps",
-           "SPLIT_MODE_IDS", "FLASH_ATTN_IDS"]
+__all__ = ["llama_params", "llama_kwargs", "llama_kwargs_gaps"]
 
 _LOAD_MODE_NONE = 0  # enum llama_load_mode (include/llama.h): LLAMA_LOAD_MODE_NONE
-
-
-def _same(v, _c=None):
-    return v
-
-
-@dataclass(frozen=True)
-class Field:
-    attr: str                    # SplitConfig attribute
-    flag: str                    # llama.cpp command-line flag
-    struct: str                  # 'model' (llama_model_params) or 'context' (llama_context_params)
-    c_name: str | None           # field of that struct; None: set by special code (arrays)
-    to_c: Callable[..., Any]     # value -> C field value
-
-
-FIELDS: tuple[Field, ...] = (
-    Field("n_gpu_layers", "-ngl", "model", "n_gpu_layers", int),
-    Field("split_mode", "-sm", "model", "split_mode", SPLIT_MODE_IDS.__getitem__),
-    Field("main_gpu", "-mg", "model", "main_gpu", int),
-    Field("tensor_split", "-ts", "model", None, _same),
-    Field("devices", "--device", "model", None, _same),
-    Field("n_ctx", "-c", "context", "n_ctx", int),
-    Field("n_batch", "-b", "context", "n_batch", int),
-    Field("n_ubatch", "-ub", "context", "n_ubatch", int),
-    Field("type_k", "-ctk", "context", "type_k", ggml_type_id),
-    Field("type_v", "-ctv", "context", "type_v", ggml_type_id),
-    Field("flash_attn", "-fa", "context", "flash_attn_type", FLASH_ATTN_IDS.__getitem__),
-    Field("offload_kqv", "-nkvo", "context", "offload_kqv", bool),
-    Field("n_seq_max", "-np", "context", "n_seq_max", int),
-    Field("swa_full", "--swa-full", "context", "swa_full", bool),
-)
-
-
-def _check_fields_cover_config() -> None:
-    from dataclasses import fields as dc_fields
-    missing = {f.name for f in dc_fields(SplitConfig)} - {f.attr for f in FIELDS}
-    if missing:  # a new SplitConfig setting must be mapped here before it can be used
-        raise RuntimeError(f"gpulab.runtime.params.FIELDS does not map SplitConfig.{sorted(missing)}")
-
-
-def _n_offload_devices(config: SplitConfig, devices: list[Device] | None) -> int | None:
-    if config.devices:
-        return 0 if tuple(config.devices) == ("none",) else len(config.devices)
-    if devices is None:
-        return None
-    offload = [d for d in devices if d.kind in ("rpc", "gpu")]
-    if not offload:  # iGPUs count only when there is no discrete GPU (llama_prepare_model_devices)
-        offload = [d for d in devices if d.kind == "igpu"]
-    return len(offload)
 
 
 def llama_params(config: SplitConfig, devices: list[Device] | None = None, *,
@@ -90,27 +40,24 @@ def llama_params(config: SplitConfig, devices: list[Device] | None = None, *,
     """
     from .llama_lib import device_handle, ggml, llama_cpp
 
-    _check_fields_cover_config()
+    check_settings_cover_config()
     lc = llama_cpp()
     g = ggml()
-    if devices is not None and config.devices and tuple(config.devices) != ("none",):
-        known = {d.name for d in devices}
-        missing = [n for n in config.devices if n not in known]
-        if missing:
-            raise ConfigError(f"--device {', '.join(missing)}: llama.cpp has no such device; it has "
-                              f"{', '.join(sorted(known)) or 'none'}")
-    n_off = _n_offload_devices(config, devices)
-    if n_off is not None:
-        config.check_devices(n_off)
+    if devices is not None:
+        # the planner's checks of names, -ts length and -mg; whether llama.cpp takes -sm row is
+        # llama.cpp's to say here (the planner predicts its refusal, and is tested against it)
+        select_devices(list(devices), config.replace(split_mode="layer") if config.split_mode == "row" else config)
+    elif config.devices and config.devices != ("none",):
+        config.check_devices(len(config.devices))
 
     mp = lc.llama_model_default_params()
     cp = lc.llama_context_default_params()
     keep: list[Any] = []
-    for f in FIELDS:
+    for f in SETTINGS:
         value = getattr(config, f.attr)
         target = mp if f.struct == "model" else cp
-        if f.c_name is not None:
-            setattr(target, f.c_name, f.to_c(value))
+        if f.c_field is not None:
+            setattr(target, f.c_field, f.to_c(value))
         elif f.attr == "tensor_split":
             n_max = int(lc.llama_max_devices())
             if len(value) > n_max:
@@ -130,7 +77,7 @@ def llama_params(config: SplitConfig, devices: list[Device] | None = None, *,
                 arr = (ctypes.c_void_p * (len(handles) + 1))(*handles, None)
                 mp.devices = ctypes.cast(arr, ctypes.c_void_p).value
                 keep.append(arr)
-        else:  # pragma: no cover - a Field without c_name must be handled above
+        else:  # pragma: no cover - a Setting without c_field must be handled above
             raise RuntimeError(f"no C translation for {f.attr}")
     if dry_run:
         # as llama.cpp's own dry run does (common_get_device_memory_data, common/fit.cpp):

@@ -35,8 +35,8 @@ import weakref
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..core.devices import Device
-from ..errors import DeviceError
+from ..core.devices import Device, split_endpoint
+from ..core.errors import DeviceError
 from . import llama_lib
 
 __all__ = ["serve", "RpcServer", "RpcCluster", "start_servers", "register", "probe",
@@ -397,28 +397,38 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return buf
 
 
+def _hello(s: socket.socket, endpoint: str) -> tuple[int, int, int]:
+    """The protocol's HELLO on a connected socket: the server's (major, minor, patch)."""
+    s.sendall(bytes([_RPC_CMD_HELLO]) + struct.pack("<Q", _RPC_CONN_CAPS_SIZE) + bytes(_RPC_CONN_CAPS_SIZE))
+    (size,) = struct.unpack("<Q", _recv_exact(s, 8))
+    if size != 4 + _RPC_CONN_CAPS_SIZE:
+        raise DeviceError(f"{endpoint} answered the RPC handshake with {size} bytes: not a compatible "
+                          "llama.cpp RPC server")
+    major, minor, patch = _recv_exact(s, size)[:3]
+    return major, minor, patch
+
+
+def _device_count(s: socket.socket) -> int:
+    s.sendall(bytes([_RPC_CMD_DEVICE_COUNT]) + struct.pack("<Q", 0))
+    (size,) = struct.unpack("<Q", _recv_exact(s, 8))
+    (count,) = struct.unpack("<I", _recv_exact(s, size)[:4])
+    return int(count)
+
+
 def probe(endpoint: str, timeout: float = 5.0) -> tuple[tuple[int, int, int], int]:
     """((major, minor, patch), n_devices) of the RPC server at endpoint, by the protocol's own
     HELLO and DEVICE_COUNT (ggml-rpc.cpp). Raises DeviceError for anything llama.cpp's client
     would abort on: no server, not an RPC server, an incompatible protocol version."""
-    host, port = llama_lib.split_endpoint(endpoint)
+    host, port = split_endpoint(endpoint)
     try:
         with socket.create_connection((host, port), timeout=timeout) as s:
             s.settimeout(timeout)
-            s.sendall(bytes([_RPC_CMD_HELLO]) + struct.pack("<Q", _RPC_CONN_CAPS_SIZE) + bytes(_RPC_CONN_CAPS_SIZE))
-            (size,) = struct.unpack("<Q", _recv_exact(s, 8))
-            if size != 4 + _RPC_CONN_CAPS_SIZE:
-                raise DeviceError(f"{endpoint} answered the RPC handshake with {size} bytes: not a compatible "
-                                  "llama.cpp RPC server")
-            major, minor, patch = _recv_exact(s, size)[:3]
+            major, minor, patch = _hello(s, endpoint)
             if major != RPC_PROTO_MAJOR or minor > RPC_PROTO_MINOR:
                 raise DeviceError(f"the RPC server at {endpoint} speaks protocol {major}.{minor}.{patch}; this "
                                   f"llama.cpp needs {RPC_PROTO_MAJOR}.{RPC_PROTO_MINOR}.x: run the same "
                                   "llama.cpp version on both sides")
-            s.sendall(bytes([_RPC_CMD_DEVICE_COUNT]) + struct.pack("<Q", 0))
-            (size,) = struct.unpack("<Q", _recv_exact(s, 8))
-            (count,) = struct.unpack("<I", _recv_exact(s, size)[:4])
-            return (major, minor, patch), int(count)
+            return (major, minor, patch), _device_count(s)
     except socket.timeout:
         raise DeviceError(f"the RPC server at {endpoint} did not answer within {timeout:g} s; it serves one "
                           "client at a time, so another process may be connected to it") from None
@@ -427,6 +437,28 @@ def probe(endpoint: str, timeout: float = 5.0) -> tuple[tuple[int, int, int], in
                           f"`gpulab rpc-server --port {port}`") from None
     except (OSError, ConnectionError, struct.error) as e:
         raise DeviceError(f"cannot talk to an RPC server at {endpoint}: {e}") from None
+
+
+def round_trip(endpoint: str, n: int = 20, timeout: float = 5.0) -> float:
+    """Median seconds of one request/answer with an RPC server (DEVICE_COUNT after HELLO, the
+    smallest command of the protocol): the latency prior of the throughput model. The server
+    serves one client at a time: measure before registering it. Raises DeviceError when
+    nothing answers."""
+    host, port = split_endpoint(endpoint)
+    times = []
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.settimeout(timeout)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _hello(s, endpoint)
+            for _ in range(max(1, n)):
+                t0 = time.perf_counter()
+                _device_count(s)
+                times.append(time.perf_counter() - t0)
+    except (OSError, ConnectionError, struct.error) as e:
+        raise DeviceError(f"cannot time a round trip to the RPC server at {endpoint}: {e}") from None
+    times.sort()
+    return times[len(times) // 2]
 
 
 def registered_endpoints() -> list[str]:
@@ -455,7 +487,7 @@ def register(endpoints: Iterable[str] | str, *, timeout: float = 5.0) -> list[De
     rpc = llama_lib.rpc_lib()
     with _reg_lock:
         for ep in endpoints:
-            llama_lib.split_endpoint(ep)
+            split_endpoint(ep)
             reg = _registered.get(ep)
             if reg is None:
                 _, count = probe(ep, timeout)

@@ -4,7 +4,7 @@
                n_prompt=128, n_gen=32, repetitions=3)        # a pandas DataFrame, one row per test
     res = run_sweep(...); print(res.format("md"))            # llama-bench's table
 
-Each measured run goes to the results store (gpulab.runtime.store) before the next point
+Each measured run goes to the results store (gpulab.storage.results) before the next point
 starts. A point counts as done when the store holds its tests (pp and/or tg) for the same model
 fingerprint, config, n_prompt, n_gen and repetitions; a rerun of an interrupted sweep measures
 only the rest. The measuring function is injected (`measure`), so the resume logic is tested
@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from ..core.config import SplitConfig
-from ..core.results import BenchRun, config_from_dict, config_to_dict, format_results
+from ..core.bench_format import format_results
+from ..core.results import BenchRun, config_from_dict, config_to_dict
 from ..core.run import Run
 from ..core.sweep_grid import Grid
-from ..errors import GpulabError
+from ..core.errors import GpulabError
 
 __all__ = ["run_sweep", "sweep", "SweepResult", "SweepPoint", "sweep_key", "ProgressBar", "pareto_front"]
 
@@ -263,7 +264,8 @@ def run_sweep(model_path: str | os.PathLike, grid: Grid | Sequence[SplitConfig],
     A KeyboardInterrupt stops the sweep after what was stored; a point that fails is recorded
     as 'failed' and the sweep goes on.
     """
-    from .store import ResultsStore, model_fingerprint
+    from ..sources.fingerprint import model_fingerprint
+    from ..storage.results import ResultsStore
     path = os.fspath(model_path)
     if not Path(path).is_file():
         raise GpulabError(f"no model file at {path}")

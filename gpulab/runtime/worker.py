@@ -25,12 +25,12 @@ import traceback
 from dataclasses import asdict
 from pathlib import Path
 
-from .. import errors as gerrors
+from ..core import errors as gerrors
 from ..core.config import SplitConfig
 from ..core.devices import Device
 from ..core.report import LoadReport
 from ..core.run import Run
-from ..errors import GpulabError, LoadError
+from ..core.errors import GpulabError, LoadError
 from .crash import describe_death
 
 __all__ = ["Worker", "RemoteModel"]
@@ -58,6 +58,9 @@ class Worker:
         self.proc: subprocess.Popen | None = None
         self._err = None
         self._timed_out = False
+        # the pipe carries one request at a time: every call holds this (a lab's measurement in
+        # a thread, the monitor polling devices)
+        self._lock = threading.RLock()
 
     # -- process -----------------------------------------------------------------------------
     def _start(self) -> None:
@@ -178,14 +181,24 @@ class Worker:
                         f"Its last words: {said}. This process is fine; the next call starts a new worker.")
 
     def call(self, op: str, _on_progress=None, **args):
-        if not self.alive:
-            self.close()
-            self._start()
-        return self._request(op, args, _on_progress)
+        with self._lock:
+            if not self.alive:
+                self.close()
+                self._start()
+            return self._request(op, args, _on_progress)
 
     def devices(self) -> list[Device]:
         """The devices llama.cpp sees in the worker (RPC endpoints registered)."""
         return [Device(**d) for d in self.call("devices")]
+
+    def try_devices(self) -> list[Device] | None:
+        """devices(), or None at once when another request holds the worker (a load running)."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            return self.devices()
+        finally:
+            self._lock.release()
 
     def load(self, path: str | os.PathLike, config: SplitConfig, *, dry_run: bool = False,
              use_devices: bool = True, check_fit: bool = True) -> tuple[LoadReport, dict]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from ..errors import GpulabError
+from ..core.errors import GpulabError
 
 __all__ = ["demo_model_path"]
 

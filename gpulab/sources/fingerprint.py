@@ -2,8 +2,8 @@
 
 The first MiB holds the GGUF header (every tensor's name, type, shape and offset) for all but
 huge vocabularies, the last MiB the end of the weights, so re-quantisations and fine-tunes of
-the same shape differ; hashing a 40 GB file whole would take minutes. The results store keys
-runs by this; allocation profiles add the parsed header on top (gpulab.profiles.model_hash).
+the same shape differ; hashing a 40 GB file whole would take minutes. `model_fingerprint` is
+the one identity results and saved allocations are both keyed by, so they can be joined.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 
-__all__ = ["sampled_sha256"]
+__all__ = ["sampled_sha256", "model_fingerprint"]
 
 SAMPLE_BYTES = 1 << 20
 
@@ -27,3 +27,9 @@ def sampled_sha256(path: str | os.PathLike, prefix: bytes = b""):
             f.seek(max(SAMPLE_BYTES, size - SAMPLE_BYTES))
             h.update(f.read(SAMPLE_BYTES))
     return h
+
+
+def model_fingerprint(path: str | os.PathLike) -> str:
+    """A cheap identity for a GGUF, 16 hex digits: its size, first and last MiB (the header,
+    which names every tensor, its type, shape and offset, and the end of the weights)."""
+    return sampled_sha256(path).hexdigest()[:16]

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Mapping, NamedTuple, Sequence
 
 from ..core.devices import Device
-from ..errors import DeviceError
+from ..core.errors import DeviceError
 
 __all__ = ["NvmlProbe", "GpuInfo", "GpuProcess", "cuda_order", "NVML_FUNCTIONS"]
 

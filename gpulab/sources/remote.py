@@ -16,8 +16,9 @@ import urllib.error
 import urllib.request
 
 from ..core.profile import ModelProfile
-from ..errors import ModelFormatError, RemoteModelError
-from .gguf_file import _build_profile, _parse_header, _Truncated
+from ..core.errors import ModelFormatError, RemoteModelError
+from .gguf_arch import build_profile
+from .gguf_header import Truncated, parse_header
 
 __all__ = ["read_remote_profile"]
 
@@ -49,9 +50,9 @@ def read_remote_profile(url: str, *, max_bytes: int = 64 * 1024**2, timeout_s: f
         chunk, total = fetch(len(prefix), want - 1)   # inclusive range, clamped by the server
         prefix += chunk
         try:
-            header = _parse_header(prefix, len(prefix), total, fail)
-            return _build_profile(header, url, total, fail)
-        except _Truncated as t:
+            header = parse_header(prefix, len(prefix), total, fail)
+            return build_profile(header, url, total, fail)
+        except Truncated as t:
             needed = t.needed
         if needed > max_bytes:
             raise RemoteModelError(f"{url}: the GGUF header is larger than max_bytes={max_bytes} "

@@ -1,6 +1,6 @@
 """The local results store: every measured test appended as one JSON line, durably.
 
-    store = ResultsStore()                      # <data dir>/results.jsonl (see core.results.data_dir)
+    store = ResultsStore()                      # <data dir>/results.jsonl (gpulab.storage.paths)
     store.append_run(run)                       # one llama-bench record per test, fsync'd each
     store.records(model_hash=run.model_hash)    # read back, filtered
     store.runs(config=cfg)                      # as Runs again
@@ -21,27 +21,16 @@ import os
 from pathlib import Path
 
 from ..core.config import SplitConfig
-from ..core.results import config_to_dict, data_dir, runs_from_records, to_llama_bench_records
+from ..core.errors import StoreError
+from ..core.results import config_to_dict, runs_from_records, to_llama_bench_records
 from ..core.run import Run
-from ..errors import GpulabError
-from ..sources.fingerprint import sampled_sha256
+from .paths import data_dir
 
-__all__ = ["ResultsStore", "StoreError", "model_fingerprint", "default_store_path"]
-
-
-
-class StoreError(GpulabError):
-    """The results store could not be written or read."""
+__all__ = ["ResultsStore", "default_store_path"]
 
 
 def default_store_path() -> Path:
     return data_dir() / "results.jsonl"
-
-
-def model_fingerprint(path: str | os.PathLike) -> str:
-    """A cheap identity for a GGUF, 16 hex digits: size, first and last MiB (the header, which
-    names every tensor, its type, shape and offset, and the end of the weights)."""
-    return sampled_sha256(path).hexdigest()[:16]
 
 
 def _why(e: OSError) -> str:

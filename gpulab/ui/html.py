@@ -1,7 +1,7 @@
 """HTML tables for notebooks and magics: the same rows as the CLI's text tables, as HTML.
 
-Each `*_html` function returns a string; the result classes (`HtmlTable` and friends) are what
-the magics return, so a notebook shows a table and `result.to_dataframe()` gives pandas.
+Each `*_html` function returns a string; each `*_rows` function plain values (bytes as int) for a
+DataFrame. The commands' Results (gpulab.commands.result) carry both.
 """
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ from collections.abc import Sequence
 from ..core.devices import Device
 from ..core.plan import Plan
 from ..core.profile import ModelProfile
+from ..core.run import Run
 from ..core.units import format_bytes
 from .text import plan_rows
 
-__all__ = ["table_html", "plan_html", "devices_html", "profile_html", "pre_html", "HtmlTable",
-           "device_rows", "profile_rows", "plan_frame_rows"]
+__all__ = ["table_html", "plan_html", "devices_html", "profile_html", "pre_html", "device_rows", "profile_rows",
+           "plan_frame_rows", "run_rows", "exports_html", "EXPORT_LABELS"]
 
 _STYLE = ("<style>.gpulab-t{border-collapse:collapse;font-size:12px;font-family:var(--jp-code-font-family,monospace)}"
           ".gpulab-t th,.gpulab-t td{padding:2px 8px;border-bottom:1px solid #ddd;text-align:left}"
@@ -57,6 +58,16 @@ def plan_html(p: Plan) -> str:
                + html.escape("; ".join(p.deficits())) + "</div>")
     return (table_html(plan_rows(p), right=("weights", "KV", "compute", "used", "free"), caption=head,
                        bad=[not d.fits for d in p.devices]) + verdict)
+
+
+EXPORT_LABELS = {"llama-server": "llama-server", "llama-cli": "llama-cli", "llama-bench": "llama-bench",
+                 "python": "llama-cpp-python", "ollama": "Ollama", "koboldcpp": "KoboldCpp (.kcpps)"}
+
+
+def exports_html(exports: dict) -> str:
+    """{target: gpulab.core.exports.Export} as copy-ready blocks, each with what it cannot express."""
+    return "".join(pre_html(e.text.rstrip("\n") + "".join(f"\n# cannot express: {g}" for g in e.gaps),
+                            EXPORT_LABELS.get(t, t)) for t, e in exports.items())
 
 
 def plan_frame_rows(p: Plan) -> list[dict]:
@@ -102,26 +113,23 @@ def profile_html(prof: ModelProfile, max_rows: int = 200) -> str:
     return table_html(rows, right=("weights",), caption=head) + more
 
 
-class HtmlTable:
-    """A result that shows as HTML in a notebook and converts to a pandas DataFrame.
-
-    `rows` are plain values (bytes as int) for the DataFrame; `html` is what people see.
-    Extra attributes (the Plan, the profile, ...) ride along as keyword arguments.
-    """
-
-    def __init__(self, html_text: str, rows: Sequence[dict], text: str = "", **extra):
-        self._html = html_text
-        self.rows = list(rows)
-        self._text = text
-        for k, v in extra.items():
-            setattr(self, k, v)
-
-    def _repr_html_(self) -> str:
-        return self._html
-
-    def __repr__(self) -> str:
-        return self._text or f"<{type(self).__name__}: {len(self.rows)} rows>"
-
-    def to_dataframe(self):
-        import pandas as pd
-        return pd.DataFrame(self.rows)
+def run_rows(runs: list[Run], plans: list[dict | None] | None = None) -> list[dict]:
+    """One flat row per run (numbers, not text), for the results table and DataFrames."""
+    rows = []
+    for i, r in enumerate(runs, 1):
+        c = r.config
+        p = r.plan or {}
+        match = None
+        if p.get("layers") and r.report.layer_devices:
+            match = tuple(x["device"] for x in p["layers"]) == tuple(r.report.layer_devices)
+        row = {"run": i, "tensor_split": ",".join(f"{x:g}" for x in c.tensor_split) or "auto",
+               "n_gpu_layers": c.n_gpu_layers, "split_mode": c.split_mode, "main_gpu": c.main_gpu,
+               "n_ctx": c.n_ctx, "type_k": c.type_k, "type_v": c.type_v, "flash_attn": c.flash_attn,
+               "devices": ",".join(r.devices or r.report.devices), "predicted_fits": p.get("fits"),
+               "placement_as_planned": match, "load_s": round(r.load_seconds, 3),
+               "pp_ts": round(r.pp.avg_ts, 2) if r.pp else None, "tg_ts": round(r.tg.avg_ts, 2) if r.tg else None}
+        for d in (p.get("devices") or []):
+            row[f"{d['name']}_pred_MiB"] = round(d["used_bytes"] / 2**20, 2)
+            row[f"{d['name']}_llama_MiB"] = round(r.report.bytes_on(d["name"]) / 2**20, 2)
+        rows.append(row)
+    return rows

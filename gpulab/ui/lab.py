@@ -9,9 +9,12 @@
 Every control change re-plans (gpulab.core.planner.plan, well under a millisecond) and copies the
 new data into the two FigureWidgets inside `batch_update`; slider drags are throttled to one
 redraw per `debounce` seconds, always ending on the latest value. `lab.plan` is the current Plan,
-`lab.config` the current SplitConfig, `lab.runs` this session's measured runs.
+`lab.config` the current SplitConfig, `lab.runs` this session's measured runs. Every llama.cpp
+setting without a control of its own here gets a generic one from gpulab.core.settings, so a
+setting added there appears in the lab too.
 
-Loads never happen in the notebook kernel: they go to a gpulab worker process
+Devices come from a gpulab.runtime.session.Session (the magics pass theirs), by the same rules as
+the CLI's. Loads never happen in the notebook kernel: they go to a gpulab worker process
 (gpulab.runtime.worker), because llama.cpp aborts a process whose RPC server dies and ggml cannot
 unregister an RPC backend. RPC endpoints are registered only in the worker.
 """
@@ -19,9 +22,7 @@ unregister an RPC backend. RPC endpoints are registered only in the worker.
 from __future__ import annotations
 
 import asyncio
-import datetime as _dt
 import html
-import inspect
 import math
 import threading
 import time
@@ -34,182 +35,33 @@ import plotly.graph_objects as go
 
 from ..core.config import FLASH_ATTN_MODES, SPLIT_MODES, SplitConfig
 from ..core.devices import HOST_NAME, Device, parse_sim_spec
+from ..core.errors import GpulabError
+from ..core.exports import TARGETS, render
 from ..core.ggml_types import KV_CACHE_TYPES
 from ..core.plan import Plan
 from ..core.planner import plan as make_plan
 from ..core.policies import POLICIES, policy_split
 from ..core.profile import ModelProfile
+from ..core.reconcile import comparison_rows
 from ..core.run import Run
+from ..core.settings import SETTINGS
 from ..core.units import format_bytes
-from ..errors import GpulabError
 from . import figures as F
-from .html import pre_html, table_html
-from .monitor import worker_lock
+from .html import exports_html, run_rows, table_html
 
-__all__ = ["SplitLab", "export_texts", "run_rows", "comparison_rows", "measure_with"]
+__all__ = ["SplitLab"]
 
 _POLICY_LABELS = {"llama": "llama.cpp default", "ollama-spread": "ollama spread", "pack": "pack", "balanced": "balanced"}
+# settings with a control of their own below; every other one gets a generic control
+_CUSTOM = {"tensor_split", "devices", "main_gpu", "n_gpu_layers", "split_mode", "n_ctx", "type_k", "type_v",
+           "flash_attn"}
+_EXPORT_TARGETS = tuple(t for t in TARGETS if t != "llama-cli")
 
 
-# -- exports: through gpulab.core.exports when it is installed ---------------------------------
-
-def export_texts(plan: Plan, model_path: str, devices: list[Device] | tuple[Device, ...] = ()) -> dict[str, str]:
-    """{'llama-server': ..., 'llama-cpp-python': ..., 'Ollama': ..., ...}: copy-ready text for the
-    plan's settings, rendered by gpulab.core.exports (the one renderer of every export) when it is
-    installed, else by `_local_exports`. What a target cannot express is listed under it."""
-    try:
-        from ..core.exports import render
-    except ImportError:
-        return _local_exports(plan, model_path, devices)
-    c = plan.config
-    rpc = list(dict.fromkeys(d.endpoint for d in devices if d.kind == "rpc" and d.endpoint))
-    offload = [d for d in devices if d.kind != "cpu"]
-    out: dict[str, str] = {}
-    for key, target in (("llama-server", "llama-server"), ("llama-cpp-python", "python"),
-                        ("Ollama", "ollama"), ("llama-bench", "llama-bench"), ("KoboldCpp (.kcpps)", "koboldcpp")):
+def _cleanup(session) -> None:
+    if session is not None:
         try:
-            e = render(c, target, model_path=str(model_path), n_layer=plan.profile.n_layer, devices=offload)
-        except Exception as err:  # noqa: BLE001 - one target failing must not hide the others
-            out[key] = f"# cannot render: {err}"
-            continue
-        text = e.text.rstrip("\n")
-        if rpc and target in ("llama-server", "llama-bench") and isinstance(e.data, list) and "--rpc" not in e.data:
-            # the RPC servers must be named for llama.cpp to see their devices at all
-            import shlex
-            text = shlex.join(e.data[:3] + ["--rpc", ",".join(rpc)] + e.data[3:])
-        if rpc and target == "python":
-            text += f"\n# RPC devices: add rpc_servers={','.join(rpc)!r}"
-        if e.gaps:
-            text += "\n# cannot express: " + "\n# ".join(e.gaps)
-        out[key] = text
-    return out
-
-
-def _local_exports(plan: Plan, model_path: str, devices) -> dict[str, str]:
-    """TEMPORARY, to be replaced by gpulab.core.exports: minimal renderings of the settings."""
-    c = plan.config
-    n = plan.profile.n_layer
-    ngl = "all" if c.n_gpu_layers < 0 or c.n_gpu_layers > n else str(c.n_gpu_layers)
-    rpc = [d.endpoint for d in devices if d.kind == "rpc" and d.endpoint]
-    flags = ["llama-server", "-m", str(model_path)]
-    if rpc:
-        flags += ["--rpc", ",".join(dict.fromkeys(rpc))]
-    if c.devices:
-        flags += ["--device", ",".join(c.devices)]
-    flags += ["-ngl", ngl, "-sm", c.split_mode, "-mg", str(c.main_gpu)]
-    if c.tensor_split:
-        flags += ["-ts", ",".join(f"{x:g}" for x in c.tensor_split)]
-    flags += ["-c", str(c.n_ctx), "-ctk", c.type_k, "-ctv", c.type_v, "-fa", c.flash_attn]
-    if (c.n_batch, c.n_ubatch) != (2048, 512):
-        flags += ["-b", str(c.n_batch), "-ub", str(c.n_ubatch)]
-    if not c.offload_kqv:
-        flags.append("-nkvo")
-    if c.n_seq_max != 1:
-        flags += ["-np", str(c.n_seq_max)]
-    if c.swa_full:
-        flags.append("--swa-full")
-    from ..runtime.params import llama_kwargs, llama_kwargs_gaps   # light: no llama_cpp import
-    kw = llama_kwargs(c)
-    if rpc:
-        kw["rpc_servers"] = ",".join(dict.fromkeys(rpc))
-    kw_text = "llama_cpp.Llama(\n    model_path=%r,\n%s)" % (str(model_path), "".join(
-        f"    {k}={v!r},\n" for k, v in kw.items()))
-    gaps = llama_kwargs_gaps(c)
-    if gaps:
-        kw_text += "\n# Llama() cannot express: " + "\n# ".join(gaps)
-    gpus = [d for d in plan.offload_devices]
-    cuda = [name[4:] for name in (c.devices or [d.name for d in gpus]) if name.startswith("CUDA")]
-    n_off = sum(1 for x in plan.layer_devices if x != HOST_NAME)
-    oll = []
-    if cuda:
-        oll.append(f"CUDA_VISIBLE_DEVICES={','.join(cuda)} ollama serve   # the GPUs this model may use")
-    oll += ["# Modelfile", f"PARAMETER num_gpu {n_off}", f"PARAMETER main_gpu {c.main_gpu}",
-            f"PARAMETER num_ctx {c.n_ctx}",
-            "# Ollama has no tensor_split parameter: it chooses the split itself"]
-    if c.type_k != "f16" or c.type_v != "f16":
-        oll.append(f"# KV cache type: OLLAMA_KV_CACHE_TYPE={c.type_k} (server-wide, needs OLLAMA_FLASH_ATTENTION=1)")
-    return {"llama-server": " ".join(flags), "llama-cpp-python": kw_text, "Ollama": "\n".join(oll)}
-
-
-# -- runs ---------------------------------------------------------------------------------------
-
-def measure_with(worker, path: str, config: SplitConfig, plan: Plan | None = None, *,
-                 n_prompt: int = 128, n_gen: int = 32, repetitions: int = 2, progress=None) -> Run:
-    """One Run on `worker`: Worker.measure when the runtime has it (pp/tg t/s), else Worker.load
-    (llama.cpp's memory report only). Raises GpulabError (LoadError when the worker died)."""
-    meas = getattr(worker, "measure", None)
-    if callable(meas):
-        kw = dict(n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions)
-        try:
-            params = inspect.signature(meas).parameters
-        except (TypeError, ValueError):
-            params = {}
-        if progress is not None and "progress" in params:
-            kw["progress"] = progress
-        run = meas(path, config, **kw)
-    else:
-        report, raw = worker.load(path, config)
-        run = Run(model_path=str(path), model_bytes=plan.profile.file_bytes if plan else 0, config=config,
-                  report=report, load_seconds=float(raw.get("load_seconds", 0.0)),
-                  devices=tuple(report.devices),
-                  timestamp=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-    if plan is not None and getattr(run, "plan", None) is None:
-        run = replace(run, plan=plan.to_dict())
-    return run
-
-
-def comparison_rows(plan: Plan, run: Run) -> list[dict]:
-    """Per device: predicted weights/KV/compute vs llama.cpp's buffers (vs NVML peak)."""
-    kinds = run.report.kinds_by_device()
-    rows = []
-    for d in plan.devices:
-        k = kinds.get(d.name, {})
-        got = sum(k.values())
-        row = {"device": d.name, "predicted": format_bytes(d.used_bytes),
-               "llama.cpp": format_bytes(got) if k else "-",
-               "weights pred/llama": f"{format_bytes(d.weights_bytes)} / {format_bytes(k.get('model', 0))}",
-               "KV pred/llama": f"{format_bytes(d.kv_bytes)} / {format_bytes(k.get('kv', 0))}",
-               "compute pred/llama": f"{format_bytes(d.compute_bytes)} / "
-                                     f"{format_bytes(k.get('compute', 0) + k.get('output', 0))}",
-               "error": (f"{(d.used_bytes - got) / got * 100:+.1f}%" if got else "-")}
-        nv = (run.nvml_peak_bytes or {}).get(d.name)
-        if nv is not None:
-            row["NVML peak"] = format_bytes(nv)
-        rows.append(row)
-    return rows
-
-
-def run_rows(runs: list[Run], plans: list[dict | None] | None = None) -> list[dict]:
-    """One flat row per run (numbers, not text), for the results table and DataFrames."""
-    rows = []
-    for i, r in enumerate(runs, 1):
-        c = r.config
-        p = r.plan or {}
-        match = None
-        if p.get("layers") and r.report.layer_devices:
-            match = tuple(x["device"] for x in p["layers"]) == tuple(r.report.layer_devices)
-        row = {"run": i, "tensor_split": ",".join(f"{x:g}" for x in c.tensor_split) or "auto",
-               "n_gpu_layers": c.n_gpu_layers, "split_mode": c.split_mode, "main_gpu": c.main_gpu,
-               "n_ctx": c.n_ctx, "type_k": c.type_k, "type_v": c.type_v, "flash_attn": c.flash_attn,
-               "devices": ",".join(r.devices or r.report.devices), "predicted_fits": p.get("fits"),
-               "placement_as_planned": match, "load_s": round(r.load_seconds, 3),
-               "pp_ts": round(r.pp.avg_ts, 2) if r.pp else None, "tg_ts": round(r.tg.avg_ts, 2) if r.tg else None}
-        for d in (p.get("devices") or []):
-            row[f"{d['name']}_pred_MiB"] = round(d["used_bytes"] / 2**20, 2)
-            row[f"{d['name']}_llama_MiB"] = round(r.report.bytes_on(d["name"]) / 2**20, 2)
-        rows.append(row)
-    return rows
-
-
-# -- the widget ---------------------------------------------------------------------------------
-
-def _cleanup(worker, cluster) -> None:
-    # the worker first: it has the servers registered, and must not outlive them mid-call
-    for thing in (worker, cluster):
-        if thing is None:
-            continue
-        try:
-            thing.close() if hasattr(thing, "close") else thing.stop()
+            session.close()
         except Exception:  # noqa: BLE001 - best effort at exit
             pass
 
@@ -229,15 +81,15 @@ class SplitLab(W.VBox):
 
     def __init__(self, model: str | Path | ModelProfile, devices: list[Device] | None = None, *,
                  config: SplitConfig | None = None, host: Device | None = None, sim: str | None = None,
-                 rpc: list[str] | str | None = None, virtual: int | None = None, worker=None,
-                 debounce: float = 0.05, background: bool = True, monitor=None,
+                 rpc: list[str] | str | None = None, virtual: int | None = None, llama_devices: bool = False,
+                 worker=None, session=None, debounce: float = 0.05, background: bool = True, monitor=None,
                  n_prompt: int = 128, n_gen: int = 32, repetitions: int = 2):
         super().__init__()
         if isinstance(model, ModelProfile):
             self.profile = model
             self.model_path = model.path
         else:
-            from .. import read_profile
+            from ..sources.read import read_profile
             self.model_path = str(model)
             self.profile = read_profile(self.model_path)
         self.debounce = debounce
@@ -252,60 +104,48 @@ class SplitLab(W.VBox):
         self._last_draw = 0.0
         self._busy = False
         self._thread: threading.Thread | None = None
-        self._owned_worker = self._cluster = None
+        self._own_session = None
         self.worker = worker
         self.notes: list[str] = []
         self.devices, self.host, self.can_load, self.load_reason = self._resolve_devices(
-            devices, host, sim, rpc, virtual, worker)
-        self._finalizer = weakref.finalize(self, _cleanup, self._owned_worker, self._cluster)
+            devices, host, sim, rpc, virtual, llama_devices, worker, session)
+        self._finalizer = weakref.finalize(self, _cleanup, self._own_session)
         self._build(config or SplitConfig(), n_prompt, n_gen, repetitions)
         self.redraw()
 
     # -- devices ---------------------------------------------------------------------------
-    def _resolve_devices(self, devices, host, sim, rpc, virtual, worker):
-        from ..sources.detect import detect_devices, host_device
-        if host is None:
-            host = host_device()
+    def _resolve_devices(self, devices, host, sim, rpc, virtual, llama_devices, worker, session):
         load_ok = isinstance(self.profile.path, str) and Path(self.profile.path).is_file()
         no_file = "the model is a profile without a file to load"
-        if devices is not None:
-            devs = [d for d in devices if d.kind != "cpu"]
+        if devices is not None or worker is not None:
+            if host is None:
+                from ..sources.host import host_device
+                host = host_device()
+            devs = [d for d in (devices if devices is not None else worker.devices()) if d.is_offload]
             if any(d.source == "sim" for d in devs):
                 return devs, host, False, "simulated devices cannot load a model (plan only)"
-            if worker is None and any(d.kind == "rpc" for d in devs):
-                return devs, host, False, "RPC devices given without their worker: pass worker=Worker(endpoints)"
+            if worker is None:
+                why = ("RPC devices given without their worker: pass worker=Worker(endpoints)"
+                       if any(d.kind == "rpc" for d in devs) else "no worker to load with: pass worker=Worker()")
+                return devs, host, False, why
             return devs, host, load_ok, "" if load_ok else no_file
-        if sim is not None:
-            self.notes.append(f"simulated devices ({sim}): plan only")
-            return parse_sim_spec(sim), host, False, "simulated devices cannot load a model (plan only)"
-        if worker is not None:
-            devs = [d for d in worker.devices() if d.kind != "cpu"]
-            return devs, host, load_ok, "" if load_ok else no_file
-        from ..runtime.worker import Worker
-        endpoints = [e.strip() for e in rpc.split(",")] if isinstance(rpc, str) else list(rpc or [])
-        gpus = []
-        if not endpoints and not virtual:
-            found = detect_devices()
-            gpus = list(found.devices)
-            if found.source_note:
-                self.notes.append(found.source_note)
-            if gpus:
-                self._owned_worker = self.worker = Worker()
-                return gpus, host, load_ok, "" if load_ok else no_file
-            virtual = 2
-        if virtual:
-            from ..runtime.rpc import start_servers
-            try:
-                self._cluster = start_servers(int(virtual))
-            except Exception as e:  # noqa: BLE001 - no RPC runtime: still teach with simulated devices
-                self.notes.append(f"could not start virtual devices ({e}); showing 2 simulated 8 GiB devices")
-                return parse_sim_spec("2x8GiB"), host, False, "no virtual devices: plan only"
-            endpoints = list(self._cluster.endpoints) + endpoints
-            self.notes.append(f"{virtual} virtual devices: llama.cpp RPC servers on {', '.join(self._cluster.endpoints)} "
-                              "served by this machine's CPU")
-        self._owned_worker = self.worker = Worker(endpoints)
-        devs = [d for d in self.worker.devices() if d.kind != "cpu"]
-        return devs, host, load_ok, "" if load_ok else no_file
+        if session is None:
+            from ..runtime.session import Session
+            session = self._own_session = Session()
+        try:
+            choice = session.devices(sim=sim, rpc=rpc, llama_devices=llama_devices, virtual=virtual,
+                                     for_load=sim is None, virtual_if_no_gpu=sim is None)
+        except GpulabError as e:
+            if sim is not None or rpc:
+                raise
+            # no RPC runtime for the virtual devices: still teach, with simulated ones
+            self.notes.append(f"could not start virtual devices ({e}); showing 2 simulated 8 GiB devices")
+            return parse_sim_spec("2x8GiB"), host, False, "no virtual devices: plan only"
+        if choice.note:
+            self.notes.append(choice.note)
+        self.worker = choice.worker
+        can = choice.can_load and load_ok
+        return list(choice.devices), host or choice.host, can, choice.why_not or ("" if load_ok else no_file)
 
     # -- building --------------------------------------------------------------------------
     def _build(self, config: SplitConfig, n_prompt: int, n_gen: int, repetitions: int) -> None:
@@ -366,6 +206,24 @@ class SplitLab(W.VBox):
         self.y_scale = W.ToggleButtons(options=[("device memory", "device"), ("used only", "used")],
                                        value=self._default_scale(), description="y-axis",
                                        style={"description_width": "60px", "button_width": "100px"})
+        # every other setting: a generic control, named by its llama.cpp flag
+        self.setting_controls: dict[str, W.ValueWidget] = {}
+        for st in SETTINGS:
+            if st.attr in _CUSTOM or not st.lab:
+                continue
+            value = getattr(config, st.attr)
+            label = st.flags[-1] if st.flags[-1].startswith("--") else st.flags[0]
+            if st.kind in ("off", "on"):
+                ctl = W.Checkbox(value=(not value) if st.kind == "off" else bool(value), description=label,
+                                 indent=False, tooltip=st.help, layout=W.Layout(width="auto"))
+            elif st.kind == "int":
+                ctl = W.BoundedIntText(value=int(value), min=1, max=1 << 20, description=st.flags[0],
+                                       tooltip=st.help, style={"description_width": "40px"},
+                                       layout=W.Layout(width="150px"))
+            else:
+                ctl = W.Dropdown(options=list(st.choices), value=value, description=st.flags[0], tooltip=st.help)
+            ctl.observe(self._changed, "value")
+            self.setting_controls[st.attr] = ctl
         for w in (self.ngl_slider, self.split_mode, self.main_gpu, self.n_ctx, self.type_k, self.type_v,
                   self.flash_attn, self.y_scale):
             w.observe(self._changed, "value")
@@ -411,7 +269,8 @@ class SplitLab(W.VBox):
                               "device; all at 0 = llama.cpp's default, by free memory)</span>"), *rows])
         right = W.VBox([W.HTML("<b>policies</b> set the sliders"), W.HBox(list(self.policy_buttons.values()), layout=W.Layout(flex_flow="row wrap")),
                         self.ngl_slider, self.split_mode, self.main_gpu, self.n_ctx,
-                        W.HBox([self.type_k, self.type_v]), self.flash_attn, self.y_scale])
+                        W.HBox([self.type_k, self.type_v]), self.flash_attn, self.y_scale,
+                        W.HBox(list(self.setting_controls.values()), layout=W.Layout(flex_flow="row wrap"))])
         measure_box = W.VBox([
             W.HTML("<b>Load &amp; measure</b> <span style='color:#666;font-size:12px'>(in a worker process: the "
                    "kernel survives whatever llama.cpp does)</span>"),
@@ -453,14 +312,17 @@ class SplitLab(W.VBox):
             devices = tuple(names[i] for i in sel) or ("none",)
         n_max = self.profile.n_layer + 1
         ngl = self.ngl_slider.value
+        generic = {}
+        for st in SETTINGS:
+            ctl = self.setting_controls.get(st.attr)
+            if ctl is not None:
+                generic[st.attr] = (not ctl.value) if st.kind == "off" else ctl.value
         return self._base_config.replace(
             tensor_split=ts, devices=devices, n_gpu_layers=-1 if ngl >= n_max else ngl,
             split_mode=self.split_mode.value, main_gpu=self.main_gpu.value or 0, n_ctx=self.n_ctx.value,
-            type_k=self.type_k.value, type_v=self.type_v.value, flash_attn=self.flash_attn.value)
+            type_k=self.type_k.value, type_v=self.type_v.value, flash_attn=self.flash_attn.value, **generic)
 
     def _plan(self, config: SplitConfig) -> Plan:
-        if config.devices == ("none",):   # --device none: nothing offloaded
-            return replace(make_plan(self.profile, [], config.replace(devices=()), self.host), config=config)
         return make_plan(self.profile, self.devices, config, self.host)
 
     def _safe_plan(self, config) -> Plan | None:
@@ -540,8 +402,13 @@ class SplitLab(W.VBox):
         F.sync_widget_state(self.memory_fig)
         self._update_shares(p)
         self._update_status(p)
-        self.export_html.value = "".join(pre_html(text, title) for title, text in
-                                         export_texts(p, self.model_path, self.devices).items())
+        self.export_html.value = exports_html(self.exports(p))
+
+    def exports(self, p: Plan | None = None) -> dict:
+        """{target: Export} of the current (or a given) plan's settings (gpulab.core.exports)."""
+        p = p or self.plan
+        return {t: render(p.config, t, model_path=str(self.model_path), n_layer=self.profile.n_layer,
+                          devices=self.devices) for t in _EXPORT_TARGETS}
 
     def _update_shares(self, p: Plan) -> None:
         used = [d.name for d in p.offload_devices]
@@ -691,16 +558,15 @@ class SplitLab(W.VBox):
         self.measure_button.disabled = True
         self.progress.bar_style = "info"
         self.progress.value = 0.05
-        has_measure = callable(getattr(self.worker, "measure", None))
-        self.progress_label.value = "loading and measuring…" if has_measure else "loading (memory only)…"
+        self.progress_label.value = "loading and measuring…"
         if self.monitor is not None:
             self.monitor.mark_phase("load")
         t0 = time.perf_counter()
         try:
-            with worker_lock(self.worker):
-                run = measure_with(self.worker, self.model_path, cfg, p, n_prompt=self.n_prompt.value,
-                                   n_gen=self.n_gen.value, repetitions=self.repetitions.value,
-                                   progress=self._progress)
+            run = self.worker.measure(self.model_path, cfg, n_prompt=self.n_prompt.value, n_gen=self.n_gen.value,
+                                      repetitions=self.repetitions.value, progress=self._progress)
+            if run.plan is None:
+                run = replace(run, plan=p.to_dict())
         except GpulabError as e:
             self.progress.bar_style = "danger"
             self.progress_label.value = "failed"
@@ -724,8 +590,7 @@ class SplitLab(W.VBox):
             tps.append(f"pp{run.pp.n_prompt} {run.pp.avg_ts:.1f} ± {run.pp.stddev_ts:.1f} t/s")
         if run.tg:
             tps.append(f"tg{run.tg.n_gen} {run.tg.avg_ts:.1f} ± {run.tg.stddev_ts:.1f} t/s")
-        self.progress_label.value = (" · ".join(tps) or "loaded (memory only: this runtime has no measurement yet)") \
-            + f" · {time.perf_counter() - t0:.1f} s"
+        self.progress_label.value = " · ".join(tps + [f"{time.perf_counter() - t0:.1f} s"])
         self._show_run(p, run)
         return run
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 import html
 import threading
 import time
-import weakref
-from contextlib import contextmanager
 
 import ipywidgets as W
 import plotly.graph_objects as go
@@ -28,35 +26,9 @@ from . import figures as F
 from .figures import device_colors
 from .html import table_html
 
-__all__ = ["Monitor", "worker_lock"]
+__all__ = ["Monitor"]
 
-_LOCKS: "weakref.WeakKeyDictionary[object, threading.Lock]" = weakref.WeakKeyDictionary()
-_LOCKS_GUARD = threading.Lock()
 _PHASE_COLORS = {"load": "rgba(120,120,120,0.15)", "pp": "rgba(76,120,168,0.18)", "tg": "rgba(245,133,24,0.18)"}
-
-
-def _lock_for(worker) -> threading.Lock:
-    with _LOCKS_GUARD:
-        lock = _LOCKS.get(worker)
-        if lock is None:
-            lock = _LOCKS[worker] = threading.Lock()
-        return lock
-
-
-@contextmanager
-def worker_lock(worker, blocking: bool = True):
-    """Hold a worker for one request: its pipe carries one request at a time. With
-    blocking=False, yields False (and holds nothing) when the worker is busy."""
-    if worker is None:
-        yield True
-        return
-    lock = _lock_for(worker)
-    got = lock.acquire(blocking)
-    try:
-        yield got
-    finally:
-        if got:
-            lock.release()
 
 
 class Monitor(W.VBox):
@@ -121,16 +93,18 @@ class Monitor(W.VBox):
         """[{key, name, used, total, util, processes}] now; None when nothing could be read."""
         if self.source == "nvml":
             out = []
+            # named as llama.cpp names them (CUDA0...: CUDA's order, CUDA_VISIBLE_DEVICES applied)
+            cuda = {d.uuid: d.name for d in self.probe.cuda_devices()[0] if d.uuid}
             for g in self.probe.devices():
-                out.append({"key": g.uuid or str(g.index), "name": f"GPU{g.index}", "description": g.name,
+                name = cuda.get(g.uuid) or f"NVML{g.index} (not visible to CUDA)"
+                out.append({"key": g.uuid or str(g.index), "name": name, "description": g.name,
                             "used": g.used_bytes, "total": g.total_bytes, "util": g.utilization_gpu_percent,
                             "processes": list(g.processes)})
             return out
         if self.source == "llama":
-            with worker_lock(self.worker, blocking=False) as free:
-                if not free:
-                    return None          # a load is running in the worker: read again later
-                devices = self.worker.devices()
+            devices = self.worker.try_devices()
+            if devices is None:
+                return None              # a load is running in the worker: read again later
             return [{"key": d.name, "name": d.name, "description": d.description,
                      "used": d.total_bytes - d.free_bytes, "total": d.total_bytes, "util": None, "processes": []}
                     for d in devices]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from ..core.devices import Device
 from ..core.plan import Plan
 from ..core.profile import ModelProfile
-from ..core.devices import Device
+from ..core.speed import SpeedPrediction
 from ..core.units import format_bytes
 
-__all__ = ["render_table", "plan_rows", "plan_text", "profile_text", "devices_text", "layer_ranges"]
+__all__ = ["render_table", "plan_rows", "plan_text", "speed_text", "profile_text", "devices_text", "layer_ranges",
+           "calibration_text", "speed_cache_text"]
 
 
 def render_table(rows: list[dict], right: tuple[str, ...] = ()) -> str:
@@ -55,39 +57,24 @@ def plan_rows(p: Plan) -> list[dict]:
     return rows
 
 
-def plan_text(p: Plan, devices: list[Device] | None = None, *, speed_model=None, n_threads: int | None = None,
-              n_prompt: int = 512, n_gen: int = 128) -> str:
-    """The plan as text: settings, the memory table, predicted speed, whether it fits.
+def speed_text(s: SpeedPrediction, *, n_prompt: int = 512, n_gen: int = 128) -> str:
+    """Predicted pp/tg (gpulab.core.speed) and where each device's figures come from."""
+    hops = f"; {s.n_hops} hop{'s' if s.n_hops != 1 else ''} between devices" if s.n_hops else ""
+    line = (f"speed (predicted, pp{n_prompt}/tg{n_gen}): tg {s.tg_tokens_per_s:.1f} t/s, "
+            f"pp {s.pp_tokens_per_s:.1f} t/s; "
+            f"{100 * s.roofline_fraction:.0f}% of the memory roofline ({s.roofline_tg_tokens_per_s:.1f} t/s){hops}")
+    by_source: dict[str, list[str]] = {}
+    for name, source in s.sources.items():
+        by_source.setdefault(source, []).append(name)
+    src = "; ".join(f"{source}: {', '.join(names)}" for source, names in by_source.items())
+    hint = " (rough guesses: run `gpulab calibrate`)" if "default" in by_source else ""
+    return f"{line}\nspeed figures: {src}{hint}"
 
-    devices: the Devices planned for (host included or not), so that each one's speed comes from
-    its calibration, spec (--sim ...:BW/s) or NVML; without them the names alone are looked up.
-    speed_model: a SpeedModel to use instead (gpulab.runtime.calibrate.speed_model_for)."""
-    def _speed_text(p: Plan, devices, speed_model, n_threads, n_prompt: int, n_gen: int) -> str:
-        """Predicted pp/tg (gpulab.core.speed) and where each device's figures come from."""
-        from ..core.speed import predict_speed
-        try:
-            if speed_model is None:
-                from ..runtime.calibrate import speed_model_for
-                if devices is None:   # names only: what the plan knows of its devices
-                    devices = [Device(name=d.name, total_bytes=d.total_bytes, free_bytes=d.free_bytes,
-                                      source="host" if d.is_host else "sim" if d.name.startswith("SIM") else "plan",
-                                      kind="cpu" if d.is_host else "rpc" if d.name.startswith("RPC") else "gpu")
-                               for d in p.devices]
-                speed_model = speed_model_for(devices, n_threads=n_threads)
-            s = predict_speed(p, speed_model, n_prompt=n_prompt, n_gen=n_gen)
-        except Exception as e:  # noqa: BLE001 - the memory plan stands without a speed
-            return f"speed: not predicted ({type(e).__name__}: {e})"
-        hops = f"; {s.n_hops} hop{'s' if s.n_hops != 1 else ''} between devices" if s.n_hops else ""
-        line = (f"speed (predicted, pp{n_prompt}/tg{n_gen}): tg {s.tg_tokens_per_s:.1f} t/s, "
-                f"pp {s.pp_tokens_per_s:.1f} t/s; "
-                f"{100 * s.roofline_fraction:.0f}% of the memory roofline ({s.roofline_tg_tokens_per_s:.1f} t/s){hops}")
-        by_source: dict[str, list[str]] = {}
-        for name, source in s.sources.items():
-            by_source.setdefault(source, []).append(name)
-        src = "; ".join(f"{source}: {', '.join(names)}" for source, names in by_source.items())
-        hint = " (rough guesses: run `gpulab calibrate`)" if "default" in by_source else ""
-        return f"{line}\nspeed figures: {src}{hint}"
 
+def plan_text(p: Plan, speed: SpeedPrediction | None = None, *, n_prompt: int = 512, n_gen: int = 128,
+              speed_error: str = "") -> str:
+    """The plan as text: settings, the memory table, the predicted speed (when given), whether it fits.
+    speed_error: why there is no prediction, said in its place."""
     c = p.config
     ts = ",".join(f"{x:g}" for x in c.tensor_split) if c.tensor_split else "default (free memory)"
     head = (f"{p.profile.name or p.profile.arch}: {p.profile.n_layer} layers + output, "
@@ -96,7 +83,12 @@ def plan_text(p: Plan, devices: list[Device] | None = None, *, speed_model=None,
             f"({p.kv_cells} KV cells)")
     body = render_table(plan_rows(p), right=("weights", "KV", "compute", "used", "free"))
     verdict = "fits" if p.fits else "DOES NOT FIT: " + "; ".join(p.deficits())
-    return f"{head}\n{body}\n{_speed_text(p, devices, speed_model, n_threads, n_prompt, n_gen)}\n{verdict}"
+    parts = [head, body]
+    if speed is not None:
+        parts.append(speed_text(speed, n_prompt=n_prompt, n_gen=n_gen))
+    elif speed_error:
+        parts.append(f"speed: not predicted ({speed_error})")
+    return "\n".join(parts + [verdict])
 
 
 def profile_text(prof: ModelProfile) -> str:
@@ -122,3 +114,44 @@ def devices_text(devices: list[Device], host: Device | None = None) -> str:
              "total": format_bytes(d.total_bytes), "free": format_bytes(d.free_bytes)}
             for d in list(devices) + ([host] if host else [])]
     return render_table(rows, right=("total", "free"))
+
+
+def calibration_text(cal) -> str:
+    """A gpulab.runtime.calibrate.Calibration: each device's fitted figures, the hops, the fit."""
+    rows = [{"device": n, "key": cal.keys.get(n, ""), "bandwidth": f"{sp.bandwidth_bytes_per_s / 1e9:.1f} GB/s",
+             "FLOP rate": f"{sp.flops_per_s / 1e9:.0f} GFLOP/s", "per step": f"{sp.overhead_s * 1e6:.0f} us",
+             "per layer": f"{sp.layer_overhead_s * 1e6:.1f} us",
+             "per layer-token (pp)": f"{sp.layer_token_s * 1e6:.2f} us",
+             "peak": f"{sp.peak_bandwidth_bytes_per_s / 1e9:.0f} GB/s" if sp.peak_bandwidth_bytes_per_s else ""}
+            for n, sp in cal.speeds.items()]
+    lines = [render_table(rows, right=("bandwidth", "FLOP rate", "per step", "per layer", "per layer-token (pp)",
+                                       "peak"))]
+    for cls, ln in cal.links.items():
+        lines.append(f"hop ({cls}): {ln.latency_s * 1e6:.0f} us + {ln.bytes_per_s / 1e9:.2f} GB/s")
+    for ep, r in cal.rtt_s.items():
+        lines.append(f"RPC round trip {ep}: {r * 1e6:.0f} us")
+    if cal.residuals:
+        errs = sorted(abs(r) for _, r in cal.residuals)
+        lines.append(f"fit: median |error| {100 * errs[len(errs) // 2]:.1f}%, max {100 * errs[-1]:.1f}% over "
+                     f"{len(errs)} calibration points")
+    lines.append(f"{cal.seconds:.0f} s; host threads {cal.n_threads}; cached in {cal.cache_path}")
+    return "\n".join(lines)
+
+
+def speed_cache_text(path, devices: dict, links: dict, n_observations: int) -> str:
+    """What the speed cache (gpulab.storage.speed_cache) knows, per device key."""
+    rows = []
+    for key, e in devices.items():
+        fit = e.get("fit") or {}
+        rows.append({"key": key, "name": e.get("name", ""),
+                     "bandwidth": f"{fit['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s" if fit else "-",
+                     "FLOP rate": f"{fit['flops_per_s'] / 1e9:.0f} GFLOP/s" if fit else "-",
+                     "overhead": f"{fit['overhead_s'] * 1e6:.0f} us" if fit else "-",
+                     "measurements": e.get("n_observations", 0), "updated": e.get("updated", "")})
+    lines = [f"{path}: {n_observations} measurements"]
+    lines.append(render_table(rows, right=("bandwidth", "FLOP rate", "overhead", "measurements")) if rows
+                 else "(no device calibrated yet: run `gpulab calibrate`)")
+    for cls, ln in links.items():
+        if "latency_s" in ln:
+            lines.append(f"hop ({cls}): {ln['latency_s'] * 1e6:.0f} us + {ln['bytes_per_s'] / 1e9:.2f} GB/s")
+    return "\n".join(lines)

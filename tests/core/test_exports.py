@@ -22,7 +22,7 @@ from llama_tools import NOT_BUILT, tools_bin, vendored_src
 from gpulab.core.config import SplitConfig
 from gpulab.core.devices import Device
 from gpulab.core.exports import SPELLINGS, TARGETS, cuda_visible_devices, render, render_all
-from gpulab.errors import ConfigError
+from gpulab.core.errors import ConfigError
 
 GiB = 1024**3
 SRC = vendored_src()
@@ -38,7 +38,7 @@ CONFIGS = [
     SplitConfig(tensor_split=(3, 1), n_ctx=8192, type_k="q8_0", type_v="q8_0", flash_attn="on"),
     SplitConfig(n_gpu_layers=12, split_mode="row", main_gpu=1, tensor_split=(0.4375, 1), n_batch=256,
                 n_ubatch=128, type_k="q4_0", type_v="q4_0", flash_attn="auto", offload_kqv=False,
-                n_seq_max=4, swa_full=True, devices=("CUDA1", "CUDA0")),
+                n_seq_max=4, swa_full=True, devices=("CUDA1", "CUDA0"), op_offload=False),
     SplitConfig(split_mode="none", main_gpu=1, flash_attn="off", n_ctx=300),
     SplitConfig(n_gpu_layers=0, devices=("none",)),
 ]
@@ -125,6 +125,7 @@ SERVER_EXTRACT = {
     "-ngl": "N", "-sm": "{none,layer,row,tensor}", "-mg": "INDEX", "-ts": "N0,N1,N2,...",
     "--device": "<dev1,dev2,..>", "-c": "N", "-b": "N", "-ub": "N", "-ctk": "TYPE", "-ctv": "TYPE",
     "-fa": "[on|off|auto]", "-nkvo": None, "-np": "N", "--swa-full": None, "-fit": "[on|off]", "-m": "FNAME",
+    "--no-op-offload": None,
 }
 KV_TYPES_EXTRACT = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
 
@@ -198,7 +199,7 @@ def test_server_spellings():
     argv = render(CONFIGS[2], "llama-server", model_path="m.gguf").data
     text = " ".join(argv)
     assert "-ngl 12 -sm row -mg 1 -ts 0.4375,1 --device CUDA1,CUDA0" in text
-    assert "-ctk q4_0 -ctv q4_0 -fa auto -nkvo -np 4 --swa-full -fit off" in text
+    assert "-ctk q4_0 -ctv q4_0 -fa auto -nkvo -np 4 --swa-full --no-op-offload -fit off" in text
     assert render(SplitConfig(), "llama-server").data[3:5] == ["-ngl", "all"]   # -1 is 'auto' there
 
 
@@ -219,7 +220,7 @@ def bench_options_from_source(src: Path) -> dict[str, str]:
 BENCH_EXTRACT = {   # flag -> value form, from llama-bench.cpp parse_cmd_params
     "-m": "str", "-ngl": "int_range_neg", "-sm": "choice:none,layer,row,tensor", "-mg": "int_range",
     "-ts": "ts", "-dev": "dev", "-b": "int_range", "-ub": "int_range", "-ctk": "type", "-ctv": "type",
-    "-fa": "fa", "-nkvo": "bool",
+    "-fa": "fa", "-nkvo": "bool", "-nopo": "bool",
 }
 
 
@@ -316,13 +317,30 @@ def test_real_binaries_parse_the_flags(config, tmp_path):
 
 
 # -- llama-cpp-python ----------------------------------------------------------------------------
-def test_python_kwargs_are_the_runtime_kwargs():
-    pytest.importorskip("llama_cpp")   # the runtime needs it
-    from gpulab.runtime.params import llama_kwargs, llama_kwargs_gaps
+def test_python_kwargs_fill_llamas_structs_as_the_runtime_does(tmp_path):
+    """For every config, llama_cpp.Llama(**the exported kwargs) sets each struct field that the
+    export does not list as a gap exactly as gpulab's own in-process load does (llama_params).
+    Llama.__init__ fills its params before it checks the path, so nothing is loaded."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from gpulab.core.settings import SETTINGS
+    from gpulab.runtime.params import llama_params
     for c in CONFIGS:
         exp = render(c, "python")
-        assert exp.data == llama_kwargs(c)
-        assert list(exp.gaps) == llama_kwargs_gaps(c)
+        llm = llama_cpp.Llama.__new__(llama_cpp.Llama)
+        with pytest.raises(ValueError, match="does not exist"):
+            llm.__init__(model_path=str(tmp_path / "absent.gguf"), verbose=False, **exp.data)
+        mp, cp = llama_params(c.replace(devices=()))       # --device is a gap for Llama(): not compared
+        gapped = " ".join(exp.gaps)
+        for f in SETTINGS:
+            if f.c_field is None or f.flags[0] in gapped or f.flags[-1] in gapped:
+                continue
+            ours = getattr(mp if f.struct == "model" else cp, f.c_field)
+            theirs = getattr(llm.model_params if f.struct == "model" else llm.context_params, f.c_field)
+            if f.attr == "n_gpu_layers" and ours < 0:   # Llama() writes "all" as INT32_MAX, llama.cpp's -1 too
+                ours = 0x7FFFFFFF
+            if f.attr in ("n_batch", "n_ubatch"):   # Llama() caps them at n_ctx itself, as llama.cpp's
+                ours = min(ours, cp.n_ctx)             # llama_context ctor does anyway (effective_n_ubatch)
+            assert ours == theirs, (c, f.attr)
 
 
 def test_python_kwargs_load_the_demo_model():

@@ -1,5 +1,5 @@
-"""Reconciliation: predicted vs llama.cpp-reported vs NVML-measured, per device and term, and the
-runtime overhead learned per GPU UUID."""
+"""Reconciliation: predicted vs llama.cpp-reported vs NVML-measured, per device and term (the
+overhead learned from it: tests/storage/test_overheads.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from gpulab.core.config import SplitConfig
 from gpulab.core.devices import Device
-from gpulab.core.reconcile import learn_overhead, learned_overhead, overhead_path, reconcile
+from gpulab.core.reconcile import reconcile
 from gpulab.core.report import BufferReport, LoadReport
 from gpulab.core.results import BenchRun
 
@@ -84,26 +84,6 @@ def test_without_nvml_and_without_plan():
 def test_device_level_nvml_is_flagged():
     rec = reconcile(gpu_run(nvml_per_process=False))
     assert any("minus used before the load" in n for n in rec.notes)
-
-
-def test_learned_overhead(monkeypatch, tmp_path):
-    monkeypatch.setenv("GPULAB_DATA_DIR", str(tmp_path))
-    gpu = Device("CUDA0", 80 << 30, 79 << 30, "nvml", uuid=UUID)
-    assert learned_overhead(gpu) == 0 and learned_overhead(UUID) == 0
-    assert learn_overhead(gpu_run(900 * MiB)) == {"CUDA0": 236 * MiB}
-    assert overhead_path(UUID).is_file() and overhead_path(UUID).parent == tmp_path / "overhead"
-    learn_overhead(gpu_run(1000 * MiB))
-    learn_overhead(gpu_run(910 * MiB))
-    assert learned_overhead(gpu) == 246 * MiB        # median of 236, 336, 246
-    data = json.loads(overhead_path(UUID).read_text())
-    assert data["samples"] == [236 * MiB, 336 * MiB, 246 * MiB] and data["name"] == "CUDA0"
-    # CPU, RPC and devices without a UUID learn nothing and read 0
-    assert learned_overhead(Device("RPC0", 1, 1, "rpc", kind="rpc")) == 0
-    assert learn_overhead(gpu_run(nvml_used=None)) == {}
-    # the planner side can take it as DevicePlan.overhead_bytes
-    from gpulab.core.plan import DevicePlan
-    dp = DevicePlan("CUDA0", 80 << 30, 79 << 30, 1, 1, 1, overhead_bytes=learned_overhead(gpu))
-    assert dp.used_bytes == 3 + 246 * MiB
 
 
 def test_reconcile_with_a_plan_object(profile_factory):

@@ -15,8 +15,9 @@ from llama_tools import NOT_BUILT, tools_bin, vendored_src
 
 from gpulab.core.config import SplitConfig
 from gpulab.core.report import BufferReport, LoadReport
-from gpulab.core.results import (LLAMA_BENCH_FIELDS, LLAMA_BENCH_SAMPLE_FIELDS, BenchRun, _BOOL_FIELDS,
-                                 _FLOAT_FIELDS, _INT_FIELDS, format_results, format_tensor_split, run_from_dict,
+from gpulab.core.bench_format import format_results
+from gpulab.core.results import (BOOL_FIELDS, FLOAT_FIELDS, INT_FIELDS, LLAMA_BENCH_FIELDS, LLAMA_BENCH_SAMPLE_FIELDS,
+                                 BenchRun, format_tensor_split, run_from_dict,
                                  run_to_dict, runs_from_records, throughput_from_samples, to_llama_bench_records)
 from gpulab.core.run import Run
 
@@ -65,9 +66,9 @@ def test_fields_match_the_vendored_llama_bench():
     sets = {}
     for cond, kind in blocks:
         sets.setdefault(kind, set()).update(re.findall(r'field == "(\w+)"', cond))
-    assert sets["INT"] == set(_INT_FIELDS)
-    assert sets["BOOL"] - {"f16_kv"} == set(_BOOL_FIELDS)
-    assert sets["FLOAT"] == set(_FLOAT_FIELDS)
+    assert sets["INT"] == set(INT_FIELDS)
+    assert sets["BOOL"] - {"f16_kv"} == set(BOOL_FIELDS)
+    assert sets["FLOAT"] == set(FLOAT_FIELDS)
     # the JSON printers append the samples
     assert r'\"samples_ns\": [ %s ],' in text and r'\"samples_ts\": [ %s ]' in text
 
@@ -79,11 +80,11 @@ def test_record_fields_types_and_formats():
         assert list(r) == [*LLAMA_BENCH_FIELDS, *LLAMA_BENCH_SAMPLE_FIELDS, "gpulab"]
         for f in LLAMA_BENCH_FIELDS:
             v = r[f]
-            if f in _BOOL_FIELDS:
+            if f in BOOL_FIELDS:
                 assert isinstance(v, bool), f
-            elif f in _INT_FIELDS:
+            elif f in INT_FIELDS:
                 assert isinstance(v, int) and not isinstance(v, bool), f
-            elif f in _FLOAT_FIELDS:
+            elif f in FLOAT_FIELDS:
                 assert isinstance(v, float), f
             else:
                 assert isinstance(v, str), f

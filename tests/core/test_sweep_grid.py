@@ -7,7 +7,7 @@ import pytest
 from gpulab.core.config import SplitConfig
 from gpulab.core.exports import render
 from gpulab.core.sweep_grid import parse_grid, parse_int_range
-from gpulab.errors import ConfigError
+from gpulab.core.errors import ConfigError
 
 
 @pytest.mark.parametrize("text, allow_neg, want", [

@@ -11,7 +11,7 @@ from gpulab.core.devices import Device, parse_sim_spec
 from gpulab.core.planner import plan
 from gpulab.core.sweep_grid import parse_grid
 from gpulab.core.tune import Tuner, default_grid_args, objective_value, run_tuner
-from gpulab.errors import ConfigError
+from gpulab.core.errors import ConfigError
 
 GiB = 1024**3
 MiB = 1024**2

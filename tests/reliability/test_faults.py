@@ -19,10 +19,11 @@ import pytest
 
 from gpulab.core.config import SplitConfig
 from gpulab.core.planner import plan
-from gpulab.errors import DeviceError, GpulabError, LoadError
+from gpulab.core.errors import DeviceError, GpulabError, LoadError
 from gpulab.runtime import llama_lib
 from gpulab.runtime.rpc import RpcServer, start_servers
-from gpulab.runtime.store import ResultsStore, StoreError
+from gpulab.core.errors import StoreError
+from gpulab.storage.results import ResultsStore
 from gpulab.runtime.worker import Worker
 from gpulab.sources.gguf_file import read_profile
 

@@ -9,7 +9,7 @@ import signal
 import pytest
 
 from gpulab.core.config import SplitConfig
-from gpulab.errors import DoesNotFitError, GpulabError
+from gpulab.core.errors import DoesNotFitError, GpulabError
 from gpulab.runtime import llama_lib
 from gpulab.runtime.model import open_model
 from gpulab.runtime.rpc import start_servers

@@ -65,7 +65,7 @@ def test_bench_errors_are_one_line(capsys, smollm2_path, tmp_path):
                        "--no-store")
     assert code == 2 and "tests need 300" in err
     code, _, err = run(capsys, "bench", tmp_path / "missing.gguf", "--no-store")
-    assert code == 2 and "no model file" in err
+    assert code == 2 and "missing.gguf" in err and "No such file" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.skipif(not llama_lib.rpc_supported(), reason="llama-cpp-python built without RPC")

@@ -12,10 +12,10 @@ import pytest
 
 from gpulab.core.config import SplitConfig
 from gpulab.core.reconcile import reconcile
-from gpulab.errors import LoadError
+from gpulab.core.errors import LoadError
 from gpulab.runtime import llama_lib
 from gpulab.runtime.rpc import RpcServer, start_servers
-from gpulab.runtime.store import ResultsStore
+from gpulab.storage.results import ResultsStore
 from gpulab.runtime.worker import Worker
 
 pytestmark = pytest.mark.skipif(not llama_lib.rpc_supported(),

@@ -42,10 +42,15 @@ def test_libraries_are_the_ones_libllama_uses():
 
 
 def test_endpoints():
-    assert llama_lib.split_endpoint("127.0.0.1:50052") == ("127.0.0.1", 50052)
+    from gpulab.core.devices import parse_endpoints, split_endpoint
+    from gpulab.core.errors import DeviceSpecError
+    assert split_endpoint("127.0.0.1:50052") == ("127.0.0.1", 50052)
     for bad in ("127.0.0.1", ":50052", "h:0", "h:70000", "h:x"):
-        with pytest.raises(Exception, match="HOST:PORT"):
-            llama_lib.split_endpoint(bad)
+        with pytest.raises(DeviceSpecError, match="HOST:PORT"):
+            split_endpoint(bad)
+        with pytest.raises(DeviceSpecError, match="HOST:PORT"):
+            parse_endpoints(f"127.0.0.1:50052,{bad}")
+    assert parse_endpoints(" 127.0.0.1:50052, h:1 ,") == ("127.0.0.1:50052", "h:1")
     assert not llama_lib.endpoint_reachable("127.0.0.1:1", timeout=0.5)
 
 
@@ -69,7 +74,7 @@ def test_without_rpc_backend_the_error_says_how_to_rebuild(tmp_path, repo_root):
         import ctypes
         ctypes.CDLL({str(real / 'libggml.so.0')!r}, mode=ctypes.RTLD_GLOBAL)  # its libggml-rpc is loaded
         from gpulab.runtime import llama_lib
-        from gpulab.errors import RuntimeUnavailableError
+        from gpulab.core.errors import RuntimeUnavailableError
         print(llama_lib.rpc_supported())
         try:
             llama_lib.rpc_lib()
@@ -87,7 +92,7 @@ def test_broken_install_is_a_runtime_unavailable_error(tmp_path, repo_root):
     (tmp_path / "llama_cpp" / "__init__.py").write_text("")
     out = _run("""
         from gpulab.runtime import llama_lib
-        from gpulab.errors import RuntimeUnavailableError
+        from gpulab.core.errors import RuntimeUnavailableError
         for f in (llama_lib.llama_devices, llama_lib.llama_cpp, llama_lib.rpc_lib):
             try:
                 f()

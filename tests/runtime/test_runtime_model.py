@@ -12,7 +12,7 @@ import os
 import pytest
 
 from gpulab.core.config import SplitConfig
-from gpulab.errors import LoadError
+from gpulab.core.errors import LoadError
 from gpulab.runtime import logcapture
 from gpulab.runtime.logcapture import LogCapture, parse_load_log
 from gpulab.runtime.model import open_model
@@ -129,7 +129,7 @@ def test_corrupt_file_is_a_load_error(corrupt_files, name, message, dry_run):
 
 @pytest.mark.parametrize("name", ["empty", "not-gguf", "bad-header", "cut-in-metadata", "cut-in-tensor-data"])
 def test_corrupt_file_is_refused_before_llama_cpp_by_default(corrupt_files, name):
-    from gpulab.errors import ModelFormatError
+    from gpulab.core.errors import ModelFormatError
     with pytest.raises(ModelFormatError):
         open_model(corrupt_files[name], CPU_ONLY)
 

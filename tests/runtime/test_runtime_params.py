@@ -9,8 +9,9 @@ import pytest
 
 from gpulab.core.config import SplitConfig
 from gpulab.core.devices import Device
-from gpulab.errors import ConfigError
-from gpulab.runtime.params import FIELDS, llama_kwargs, llama_kwargs_gaps, llama_params
+from gpulab.core.errors import ConfigError
+from gpulab.core.settings import SETTINGS
+from gpulab.runtime.params import llama_kwargs, llama_kwargs_gaps, llama_params
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -20,7 +21,7 @@ def _ts(mp) -> list[float]:
 
 
 def test_every_splitconfig_field_is_mapped():
-    assert {f.name for f in fields(SplitConfig)} == {f.attr for f in FIELDS}
+    assert {f.name for f in fields(SplitConfig)} == {f.attr for f in SETTINGS}
 
 
 def test_defaults():
@@ -33,18 +34,19 @@ def test_defaults():
     assert cp.flash_attn_type == -1                    # LLAMA_FLASH_ATTN_TYPE_AUTO
     assert cp.offload_kqv is True
     assert cp.swa_full is False                        # llama.cpp's struct default is true; -swa-full's is off
+    assert cp.op_offload is True
 
 
 def test_every_setting_reaches_the_structs():
     c = SplitConfig(n_gpu_layers=12, split_mode="row", main_gpu=1, tensor_split=(3, 1), n_ctx=1000,
                     n_batch=256, n_ubatch=128, type_k="q8_0", type_v="q4_0", flash_attn="on",
-                    offload_kqv=False, n_seq_max=4, swa_full=True)
+                    offload_kqv=False, n_seq_max=4, swa_full=True, op_offload=False)
     mp, cp = llama_params(c)
     assert (mp.n_gpu_layers, mp.split_mode, mp.main_gpu) == (12, 2, 1)
     assert _ts(mp)[:3] == [3.0, 1.0, 0.0]
     assert (cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max) == (1000, 256, 128, 4)
     assert (cp.type_k, cp.type_v) == (8, 2)            # GGML_TYPE_Q8_0, GGML_TYPE_Q4_0
-    assert cp.flash_attn_type == 1 and cp.offload_kqv is False and cp.swa_full is True
+    assert cp.flash_attn_type == 1 and cp.offload_kqv is False and cp.swa_full is True and cp.op_offload is False
     assert llama_params(c.replace(flash_attn="off", type_v="f16"))[1].flash_attn_type == 0
     assert llama_params(c.replace(split_mode="none"))[0].split_mode == 0
 
@@ -112,16 +114,16 @@ def test_llama_kwargs_give_llama_the_same_structs(tmp_path):
     right after, before anything is loaded."""
     c = SplitConfig(n_gpu_layers=7, split_mode="row", main_gpu=1, tensor_split=(2, 1), n_ctx=300,
                     n_batch=200, n_ubatch=100, type_k="q8_0", type_v="q8_0", flash_attn="on",
-                    offload_kqv=False, swa_full=True)
+                    offload_kqv=False, swa_full=True, op_offload=False)
     assert llama_kwargs_gaps(c) == []
     llm = llama_cpp.Llama.__new__(llama_cpp.Llama)
     with pytest.raises(ValueError, match="does not exist"):
         llm.__init__(model_path=str(tmp_path / "absent.gguf"), verbose=False, **llama_kwargs(c))
     mp, cp = llama_params(c)
-    for f in FIELDS:
-        if f.c_name is None:
+    for f in SETTINGS:
+        if f.c_field is None:
             continue
-        ours = getattr(mp if f.struct == "model" else cp, f.c_name)
-        theirs = getattr(llm.model_params if f.struct == "model" else llm.context_params, f.c_name)
+        ours = getattr(mp if f.struct == "model" else cp, f.c_field)
+        theirs = getattr(llm.model_params if f.struct == "model" else llm.context_params, f.c_field)
         assert ours == theirs, f.attr
     assert _ts(mp) == [llm.model_params.tensor_split[i] for i in range(llama_cpp.llama_max_devices())]

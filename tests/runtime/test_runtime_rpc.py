@@ -21,7 +21,7 @@ import pytest
 from processes import wait_gone
 
 from gpulab.core.config import SplitConfig
-from gpulab.errors import DeviceError
+from gpulab.core.errors import DeviceError
 from gpulab.runtime import llama_lib
 from gpulab.runtime.logcapture import parse_load_log
 from gpulab.runtime.rpc import (RpcServer, insecure_bind_warning, is_loopback, probe, serve,

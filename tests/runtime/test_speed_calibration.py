@@ -26,9 +26,11 @@ from gpulab.core.devices import HOST_NAME, Device, parse_sim_spec
 from gpulab.core.planner import plan
 from gpulab.core.speed import DEFAULT_HOST, predict_speed
 from gpulab.runtime import llama_lib
-from gpulab.runtime.calibrate import (SpeedCache, calibrate, device_key, host_key, speed_model_for,
-                                      update_from_run)
+from gpulab.runtime.calibrate import calibrate, update_from_run
+from gpulab.storage.speed_cache import SpeedCache, host_key_here, speed_model_for
+from gpulab.storage.speed_cache import cache_key as device_key
 from gpulab.sources.synth import SynthSpec, write_model
+from gpulab.ui.text import calibration_text
 
 from builders import make_profile
 
@@ -62,7 +64,7 @@ def test_speed_model_for_says_where_each_speed_comes_from(tmp_path):
     assert "round trip" in m.devices["RPC0"].note
     # the key of a GPU is its PCI bus id, written the same by NVML and by llama.cpp
     assert device_key(nvml) == device_key(replace(nvml, source="llama", uuid="", pci_bus_id="0000:01:00.0"))
-    assert device_key(sim[0]) is None and host_key(4).endswith(":t4")
+    assert device_key(sim[0]) is None and host_key_here(4).endswith(":t4")
 
 
 def _observe_synthetic(cache: SpeedCache, truth: dict, prof, devices, configs) -> None:
@@ -109,21 +111,22 @@ def test_the_fit_recovers_known_device_parameters(tmp_path):
     assert again.devices["RPC0"] == m.devices["RPC0"]
 
 
-def test_plan_text_shows_predicted_speed_and_where_it_comes_from(tmp_path, monkeypatch):
+def test_plan_text_shows_predicted_speed_and_where_it_comes_from(tmp_path, monkeypatch, capsys):
     from gpulab.cli import main
     from gpulab.ui.text import plan_text
     monkeypatch.setenv("GPULAB_DATA_DIR", str(tmp_path))      # no calibration cached
     path = write_model(tmp_path / "m.gguf", SynthSpec(n_layer=4, n_embd=256, n_ff=512, n_head=8, n_head_kv=4))
-    from gpulab import read_profile
+    from gpulab.sources.read import read_profile
     devices = parse_sim_spec("24GiB:1008GB/s,24GiB")
     p = plan(read_profile(path), devices, SplitConfig(tensor_split=(1, 1)))
-    text = plan_text(p, devices)
+    text = plan_text(p, predict_speed(p, speed_model_for(devices)))
     lines = text.splitlines()
     assert lines[-1] == "fits" and "speed (predicted, pp512/tg128): tg " in lines[-3]
     assert "of the memory roofline" in lines[-3] and "1 hop between devices" in lines[-3]
     assert lines[-2].startswith("speed figures: spec: SIM0; default: SIM1") and "gpulab calibrate" in lines[-2]
-    # the command line (which passes the plan alone) keeps every line it printed before
-    assert main(["plan", str(path), "--sim", "24GiB,24GiB", "-ts", "1,1"]) == 0
+    # the command line predicts it the same way
+    assert main(["plan", str(path), "--sim", "24GiB:1008GB/s,24GiB", "-ts", "1,1"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-3:] == lines[-3:]
 
 
 def test_calibrate_show_lists_the_cache(tmp_path, capsys):
@@ -178,7 +181,7 @@ def calibrated(tmp_path_factory):
 
 
 def _predict(cal, cache, model, label):
-    from gpulab import read_profile
+    from gpulab.sources.read import read_profile
     devices = [d for d in cal.devices if d.kind != "cpu"]
     best = cal.validation[label]
     p = plan(read_profile(model), devices, SPLITS[label])
@@ -192,7 +195,7 @@ def test_calibration_is_cached_per_device(calibrated):
     assert set(cal.speeds) == {"RPC0", "RPC1", HOST_NAME}
     assert all(sp.source == "calibrated" for sp in cal.speeds.values())
     data = json.loads(Path(cal.cache_path).read_text())
-    keys = {f"rpc:{ep}" for ep in cal.rtt_s} | {host_key(THREADS)}
+    keys = {f"rpc:{ep}" for ep in cal.rtt_s} | {host_key_here(THREADS)}
     assert keys <= set(data["devices"]) and all(data["devices"][k]["fit"] for k in keys)
     for sp in cal.speeds.values():   # one CPU core: GB/s and tens of GFLOP/s, not defaults
         assert 1e9 < sp.bandwidth_bytes_per_s < 200e9 and 1e9 < sp.flops_per_s < 2e12
@@ -216,7 +219,7 @@ def test_predicted_pp_and_tg_within_25_percent_of_measured(calibrated):
     noise_median = noise[len(noise) // 2]
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "speed_error.json").write_text(json.dumps(
-        {"rows": rows, "calibration": cal.text(), "loadavg_before": load, "loadavg_after": _loadavg(),
+        {"rows": rows, "calibration": calibration_text(cal), "loadavg_before": load, "loadavg_after": _loadavg(),
          "cpus": os.cpu_count(), "round_spread_median": noise_median,
          "round_spread": {k: _spread(b) for k, b in {**cal.measurements, **cal.validation}.items()}}, indent=1))
     bad = {k: (round(r["tg_error"], 3), round(r["pp_error"], 3)) for k, r in rows.items()

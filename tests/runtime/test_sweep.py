@@ -25,8 +25,8 @@ from gpulab.core.report import LoadReport
 from gpulab.core.results import LLAMA_BENCH_FIELDS, throughput_from_samples
 from gpulab.core.run import Run
 from gpulab.core.sweep_grid import parse_grid
-from gpulab.errors import LoadError
-from gpulab.runtime.store import ResultsStore
+from gpulab.core.errors import LoadError
+from gpulab.storage.results import ResultsStore
 from gpulab.runtime.sweep import ProgressBar, pareto_front, run_sweep, sweep
 
 GRID = ["-ts", "1/1,3/1", "-fa", "on,off", "-ub", "64,128"]
@@ -217,10 +217,11 @@ def test_real_sweep_on_rpc_devices_interrupted_and_resumed(smollm2_path, tmp_pat
 
 
 @pytest.mark.slow
-def test_real_tune_saves_a_profile_that_is_applied(smollm2_path, tmp_path, monkeypatch):
+def test_real_tune_saves_an_allocation_that_is_applied(smollm2_path, tmp_path, monkeypatch):
     pytest.importorskip("llama_cpp")
     from gpulab.core.devices import Device
-    from gpulab.profiles import ProfileMismatchError, config_for, find_profile
+    from gpulab.core.errors import AllocationMismatchError
+    from gpulab.storage.allocations import config_for, find_allocation
     from gpulab.runtime.rpc import start_servers
     from gpulab.runtime.worker import Worker
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]),
@@ -236,10 +237,10 @@ def test_real_tune_saves_a_profile_that_is_applied(smollm2_path, tmp_path, monke
         with Worker(cluster.endpoints) as w:
             devices = [d for d in w.devices() if d.kind == "rpc"]
     monkeypatch.setenv("GPULAB_CONFIG_DIR", env["GPULAB_CONFIG_DIR"])
-    prof = find_profile(smollm2_path, devices)
+    prof = find_allocation(smollm2_path, devices)
     assert prof is not None and prof.source == "tune" and prof.measurement["tg_tokens_per_s"] > 0
     assert prof.measurement["loads"] == 2 and prof.config.n_ctx == 4096
     assert config_for(smollm2_path, devices).devices == ("RPC0", "RPC1")
     gone = [Device("RPC0", devices[0].total_bytes, 0, "rpc", "rpc", endpoint="127.0.0.1:1")]
-    with pytest.raises(ProfileMismatchError, match="not present now"):
+    with pytest.raises(AllocationMismatchError, match="not present now"):
         config_for(smollm2_path, gone)

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import sys
-import types
 from types import SimpleNamespace
 
 import pytest
 
-import gpulab.runtime
 from gpulab.core.devices import Device
-from gpulab.errors import DeviceSpecError, GpulabError, RuntimeUnavailableError
-from gpulab.sources.detect import DeviceSet, detect_devices, host_device
+from gpulab.core.errors import DeviceSpecError, GpulabError
+from gpulab.sources.detect import DeviceSet, detect_devices
+from gpulab.sources.host import host_device
 from gpulab.sources.nvml import NvmlProbe
 
 GiB = 1024**3
@@ -66,8 +64,6 @@ def test_sim_replaces_detection():
     assert ds.host is not None and ds.host.name == "CPU"
     with pytest.raises(DeviceSpecError):
         detect_devices(sim="24 apples")
-    with pytest.raises(DeviceSpecError, match="--sim replaces"):
-        detect_devices(sim="24GiB", rpc=["127.0.0.1:50052"])
 
 
 def test_nvml_gpus_through_an_injected_probe():
@@ -109,68 +105,78 @@ def test_nothing_asked_for():
     assert ds.devices == () and ds.source_note.startswith("no GPU found (NVML not used)")
 
 
-# -- RPC and llama.cpp's own list: modules other engineers write; stand-ins here -----------
+# -- RPC and llama.cpp's own list: passed in as functions (gpulab.runtime.session passes a worker's) --
 
 def rpc_device(i: int, endpoint: str) -> Device:
     return Device(name=f"RPC{i}", total_bytes=8 * GiB, free_bytes=8 * GiB, source="rpc", kind="rpc",
                   description=f"RPC {endpoint}", endpoint=endpoint)
 
 
-@pytest.fixture
-def fake_runtime(monkeypatch):
-    """Installs stand-in gpulab.runtime.rpc / llama_lib modules; returns their call log."""
-    calls = []
-
-    def register(endpoints):
-        calls.append(list(endpoints))
-        return [rpc_device(i, e) for i, e in enumerate(endpoints)]
-
-    def install(name, **attrs):
-        mod = types.ModuleType(f"gpulab.runtime.{name}")
-        mod.__dict__.update(attrs)
-        monkeypatch.setitem(sys.modules, mod.__name__, mod)
-        monkeypatch.setattr(gpulab.runtime, name, mod, raising=False)
-
-    install("rpc", register=register)
-    cuda0 = Device(name="CUDA0", total_bytes=24 * GiB, free_bytes=23 * GiB, source="llama",
-                   description="NVIDIA GeForce RTX 4090")
-    cpu = Device(name="CPU", total_bytes=64 * GiB, free_bytes=60 * GiB, source="llama", kind="cpu")
-    # llama.cpp's registry lists the RPC device after CUDA; the load puts it first
-    install("llama_lib", llama_devices=lambda: [cuda0, rpc_device(0, "127.0.0.1:50052"), cpu])
-    return calls
+CUDA0 = Device(name="CUDA0", total_bytes=24 * GiB, free_bytes=23 * GiB, source="llama",
+               description="NVIDIA GeForce RTX 4090")
+CPU = Device(name="CPU", total_bytes=64 * GiB, free_bytes=60 * GiB, source="llama", kind="cpu")
+BLAS = Device(name="BLAS", total_bytes=0, free_bytes=0, source="llama", kind="accel")
 
 
-def test_rpc_servers_come_before_the_gpus(fake_runtime):
-    ds = detect_devices(rpc=["127.0.0.1:50052", "10.0.0.2:50052"], probe=NvmlProbe(FakeNvml(("A",))))
-    assert fake_runtime == [["127.0.0.1:50052", "10.0.0.2:50052"]]
+def test_rpc_servers_come_before_the_gpus():
+    asked = []
+
+    def rpc_devices():
+        asked.append(True)
+        return [rpc_device(0, "127.0.0.1:50052"), rpc_device(1, "10.0.0.2:50052")]
+    ds = detect_devices(rpc_devices=rpc_devices, probe=NvmlProbe(FakeNvml(("A",))), env={})
+    assert asked == [True]
     assert [d.name for d in ds.devices] == ["RPC0", "RPC1", "CUDA0"]
-    assert ds.source_note == "2 RPC servers (127.0.0.1:50052, 10.0.0.2:50052); NVML: 1 GPU (A)"
+    assert ds.source_note == "2 RPC devices (127.0.0.1:50052, 10.0.0.2:50052); NVML: 1 GPU (A)"
 
 
-def test_rpc_alone_on_a_machine_without_gpus(fake_runtime):
-    ds = detect_devices(rpc="127.0.0.1:50052", probe=NvmlProbe(UnavailableNvml()))
+def test_rpc_alone_on_a_machine_without_gpus():
+    ds = detect_devices(rpc_devices=lambda: [rpc_device(0, "127.0.0.1:50052")], probe=NvmlProbe(UnavailableNvml()))
     assert [d.name for d in ds.devices] == ["RPC0"]
-    assert ds.source_note == "1 RPC server (127.0.0.1:50052); no GPU found (NVML unavailable)"
+    assert ds.source_note == "1 RPC device (127.0.0.1:50052); no GPU found (NVML unavailable)"
 
 
-def test_bad_rpc_endpoint():
-    with pytest.raises(DeviceSpecError, match="HOST:PORT"):
-        detect_devices(rpc=["localhost"], use_nvml=False)
+def test_a_source_that_answers_garbage_is_a_clear_error():
+    with pytest.raises(GpulabError, match="rpc_devices returned str, not gpulab Device"):
+        detect_devices(rpc_devices=lambda: ["RPC0"], use_nvml=False)
 
 
-def test_rpc_without_the_rpc_runtime_is_a_clear_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "gpulab.runtime.rpc", None)   # import fails
-    monkeypatch.delattr(gpulab.runtime, "rpc", raising=False)
-    with pytest.raises(RuntimeUnavailableError, match="GGML_RPC=ON"):
-        detect_devices(rpc=["127.0.0.1:50052"], use_nvml=False)
-    assert issubclass(RuntimeUnavailableError, GpulabError)
-
-
-def test_use_llama_takes_llama_cpps_list(fake_runtime):
-    ds = detect_devices(use_llama=True, rpc=["127.0.0.1:50052"], probe=NvmlProbe(UnavailableNvml()))
+def test_llama_devices_replace_nvml_and_leave_out_the_cpu_and_helpers():
+    # llama.cpp's registry lists the RPC device after CUDA; the load puts it first
+    ds = detect_devices(llama_devices=lambda: [CUDA0, rpc_device(0, "127.0.0.1:50052"), CPU, BLAS],
+                        rpc_devices=lambda: [rpc_device(0, "127.0.0.1:50052")], probe=NvmlProbe(FakeNvml()))
     assert [d.name for d in ds.devices] == ["RPC0", "CUDA0"]     # RPC once, first; CPU is the host
     assert ds.host.source == "host"
     assert ds.source_note.endswith("llama.cpp: 1 GPU (NVIDIA GeForce RTX 4090)")
+
+
+def test_the_session_takes_rpc_devices_from_a_worker_only():
+    """The front ends' resolver never registers an RPC endpoint in this process: it asks the
+    worker (here a stand-in that records what it was asked)."""
+    from gpulab.runtime import session as session_mod
+
+    made = []
+
+    class FakeWorkerProcess:
+        def __init__(self, endpoints):
+            made.append(tuple(endpoints))
+
+        def devices(self):
+            return [rpc_device(0, "127.0.0.1:50052"), CPU]
+
+        def close(self):
+            pass
+
+    s = session_mod.Session(probe=NvmlProbe(UnavailableNvml()), worker_factory=FakeWorkerProcess)
+    choice = s.devices(rpc="127.0.0.1:50052")
+    assert made == [("127.0.0.1:50052",)] and [d.name for d in choice.devices] == ["RPC0"]
+    assert choice.can_load and choice.worker is s._workers[("127.0.0.1:50052",)]
+    with pytest.raises(DeviceSpecError, match="HOST:PORT"):
+        s.devices(rpc="localhost")
+    with pytest.raises(DeviceSpecError, match="--sim replaces"):
+        s.devices(sim="24GiB", rpc="127.0.0.1:50052")
+    sim = s.devices(sim="2x24GiB")
+    assert not sim.can_load and "plan only" in sim.why_not
 
 
 # -- the host -------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ gguf = pytest.importorskip("gguf")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from gpulab.errors import GpulabError, ModelFormatError  # noqa: E402
+from gpulab.core.errors import GpulabError, ModelFormatError  # noqa: E402
 from gpulab.sources.gguf_file import read_profile  # noqa: E402
 
 Q8_0 = gguf.GGMLQuantizationType.Q8_0

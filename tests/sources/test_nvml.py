@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from gpulab.core.devices import Device
-from gpulab.errors import DeviceError
+from gpulab.core.errors import DeviceError
 from gpulab.sources.nvml import NVML_FUNCTIONS, GpuInfo, GpuProcess, NvmlProbe, cuda_order
 
 GiB = 1024**3

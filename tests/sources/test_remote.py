@@ -21,7 +21,7 @@ import pytest
 gguf = pytest.importorskip("gguf")
 
 import gpulab  # noqa: E402
-from gpulab.errors import ModelFormatError, RemoteModelError  # noqa: E402
+from gpulab.core.errors import ModelFormatError, RemoteModelError  # noqa: E402
 from gpulab.sources.gguf_file import read_profile  # noqa: E402
 from gpulab.sources.remote import read_remote_profile  # noqa: E402
 

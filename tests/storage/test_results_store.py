@@ -12,10 +12,12 @@ import subprocess
 import pytest
 
 from gpulab.core.config import SplitConfig
-from gpulab.core.results import data_dir
-from gpulab.errors import GpulabError
-from gpulab.runtime import store as store_mod
-from gpulab.runtime.store import ResultsStore, StoreError, default_store_path, model_fingerprint
+from gpulab.storage.paths import data_dir
+from gpulab.core.errors import GpulabError
+from gpulab.storage import results as store_mod
+from gpulab.core.errors import StoreError
+from gpulab.sources.fingerprint import model_fingerprint
+from gpulab.storage.results import ResultsStore, default_store_path
 
 from core.test_results import make_run   # tests/ is on sys.path (pyproject pythonpath)
 

@@ -8,8 +8,9 @@ import pytest
 
 from gpulab import SplitConfig, parse_sim_spec, plan
 from gpulab.core.policies import policy_split
-from gpulab.errors import LoadError
+from gpulab.core.errors import LoadError
 from gpulab.ui.lab import SplitLab
+from ui.conftest import FakeWorker
 
 
 @pytest.fixture
@@ -192,6 +193,8 @@ def test_redraw_time_is_recorded(profile_factory):
 # -- load & measure with a fake worker -------------------------------------------------------
 
 def test_load_appends_a_run_and_compares_memory(tiny_gguf, fake_worker):
+    from gpulab.core.protocols import Runtime
+    assert isinstance(fake_worker, Runtime)
     lab = SplitLab(tiny_gguf, worker=fake_worker, debounce=0)
     assert [d.name for d in lab.devices] == ["RPC0", "RPC1"]
     lab.split_sliders[0].value = 1.0
@@ -204,6 +207,15 @@ def test_load_appends_a_run_and_compares_memory(tiny_gguf, fake_worker):
     assert list(df["tensor_split"]) == ["1,1"] and bool(df["placement_as_planned"][0])
     assert "this session&#x27;s runs" in lab.results_html.value or "this session's runs" in lab.results_html.value
     assert "--rpc 127.0.0.1:5000,127.0.0.1:5001" in lab.export_html.value
+
+
+def test_a_placement_llama_cpp_did_differently_is_flagged(tiny_gguf, fake_worker):
+    lab = SplitLab(tiny_gguf, worker=fake_worker, debounce=0)
+    lab.set_split([3, 1])                       # the plan puts 6 layers on RPC0 ...
+    assert lab.plan.layer_devices.count("RPC0") == 6
+    assert lab.measure(wait=True) is not None   # ... the (fake) llama.cpp reports its 4/4 split
+    assert "placement DIFFERS from the plan" in lab.result_html.value
+    assert not bool(lab.to_dataframe()["placement_as_planned"][0])
 
 
 def test_a_worker_death_is_a_message_not_a_dead_widget(tiny_gguf, fake_worker):
@@ -221,56 +233,37 @@ def test_a_worker_death_is_a_message_not_a_dead_widget(tiny_gguf, fake_worker):
 
 def test_a_plan_that_does_not_fit_is_not_loaded_unless_asked(tiny_gguf):
     from gpulab.core.devices import Device
-    small = [Device(f"RPC{i}", 2 << 20, 2 << 20, "rpc", "rpc", endpoint=f"127.0.0.1:{6000 + i}") for i in range(2)]
 
-    class W:
-        def __init__(self):
-            self.n = 0
-
+    class Small(FakeWorker):
         def devices(self):
-            return small
+            return [Device(f"RPC{i}", 2 << 20, 2 << 20, "rpc", "rpc", endpoint=f"127.0.0.1:{6000 + i}")
+                    for i in range(2)]
 
-        def load(self, path, config):
-            self.n += 1
-            raise LoadError("llama.cpp could not load: out of memory")
-
-    w = W()
+    w = Small()
+    w.fail_with = LoadError("llama.cpp could not load: out of memory")
     lab = SplitLab(tiny_gguf, worker=w, debounce=0)
     assert not lab.plan.fits
-    assert lab.measure(wait=True) is None and w.n == 0
+    assert lab.measure(wait=True) is None and w.loads == []
     assert "does not fit" in lab.result_html.value
     lab.force_load.value = True
-    assert lab.measure(wait=True) is None and w.n == 1
+    assert lab.measure(wait=True) is None and len(w.loads) == 1
     assert "out of memory" in lab.result_html.value
 
 
-def test_measure_is_used_when_the_runtime_has_it(tiny_gguf, fake_worker):
-    from dataclasses import replace
-
-    from gpulab.core.run import Throughput
+def test_a_measurement_shows_its_phases_and_throughput(tiny_gguf, fake_worker):
     phases = []
 
     class Monitor:
         def mark_phase(self, name):
             phases.append(name)
 
-    class Measuring(type(fake_worker)):
-        def measure(self, path, config, *, n_prompt, n_gen, repetitions, progress=None):
-            rep, _ = self.load(path, config)
-            for ph in ("load", "warmup", "pp", "tg"):
-                progress(ph, 0.5)
-            from gpulab.core.run import Run
-            t = Throughput(n_prompt, 0, (1,), (123.0,), 123.0, 1.0)
-            g = Throughput(0, n_gen, (1,), (45.0,), 45.0, 0.5)
-            return replace(Run(str(path), 1, config, rep), pp=t, tg=g)
-
-    lab = SplitLab(tiny_gguf, worker=Measuring(), debounce=0, monitor=Monitor())
+    lab = SplitLab(tiny_gguf, worker=fake_worker, debounce=0, monitor=Monitor())
     run = lab.measure(wait=True)
-    assert run.pp.avg_ts == 123.0 and run.plan is not None
+    assert run.pp.avg_ts == FakeWorker.PP_TS and run.plan is not None
     assert "pp128 123.0" in lab.progress_label.value and "tg32 45.0" in lab.progress_label.value
     assert phases == ["load", "load", "warmup", "pp", "tg", None]
     pp, tg = lab.throughput_fig.data
-    assert list(pp.y) == [123.0] and list(tg.y) == [45.0]
+    assert list(pp.y) == [FakeWorker.PP_TS] and list(tg.y) == [FakeWorker.TG_TS]
 
 
 def test_background_measure_from_the_button(tiny_gguf, fake_worker):
@@ -311,6 +304,6 @@ def test_an_attached_monitor_is_shown_and_closed_with_the_lab(tiny_gguf, fake_wo
     lab.attach_monitor(m)
     assert lab.children[-1] is m and m.running
     lab.measure(wait=True)
-    assert [p[0] for p in m.phases] == ["load"] and m.phases[0][2] is not None
+    assert [p[0] for p in m.phases] == ["load", "warmup", "pp", "tg"] and all(p[2] is not None for p in m.phases)
     lab.close()
     assert not m.running

@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 
 from gpulab.sources.nvml import GpuInfo, GpuProcess
-from gpulab.ui.monitor import Monitor, worker_lock
+from gpulab.core.devices import Device
+from gpulab.ui.monitor import Monitor
 
 GiB = 1024**3
 
@@ -29,6 +30,10 @@ class FakeProbe:
                         processes=(GpuProcess(4242, used, "python"),))
                 for i in range(self.n)]
 
+    def cuda_devices(self, env=None):
+        # as CUDA numbers them: in PCI order, i.e. the NVML index order here
+        return [Device(f"CUDA{i}", 24 * GiB, 20 * GiB, "nvml", uuid=f"GPU-{i}") for i in range(self.n)], []
+
     def shutdown(self):
         self.shut = True
 
@@ -48,11 +53,23 @@ def test_poll_draws_memory_and_utilisation_per_gpu():
     for _ in range(3):
         clock.t += 1.0
         assert m.poll()
-    assert [t.name for t in m.mem_fig.data] == ["GPU0 NVIDIA Fake 24GB", "GPU1 NVIDIA Fake 24GB"]
+    assert [t.name for t in m.mem_fig.data] == ["CUDA0 NVIDIA Fake 24GB", "CUDA1 NVIDIA Fake 24GB"]
     assert list(m.mem_fig.data[0].x) == [1.0, 2.0, 3.0]
     assert list(m.mem_fig.data[0].y) == [1024.0, 2048.0, 3072.0]     # MiB
     assert list(m.util_fig.data[1].y) == [10, 20, 30]
     assert "4242" in m.processes.value and "python" in m.processes.value and "3.00 GiB" in m.processes.value
+
+
+def test_gpus_are_named_as_llama_cpp_names_them():
+    """CUDA_VISIBLE_DEVICES=1: NVML's GPU 1 is llama.cpp's CUDA0, and GPU 0 is no CUDA device."""
+    class OnlySecond(FakeProbe):
+        def cuda_devices(self, env=None):
+            return [Device("CUDA0", 24 * GiB, 20 * GiB, "nvml", uuid="GPU-1")], []
+
+    m = Monitor(OnlySecond(), autostart=False)
+    assert m.poll()
+    assert [t.name for t in m.mem_fig.data] == ["NVML0 (not visible to CUDA) NVIDIA Fake 24GB",
+                                                "CUDA0 NVIDIA Fake 24GB"]
 
 
 def test_history_is_bounded():
@@ -120,6 +137,7 @@ def test_without_nvml_llama_cpp_device_memory_from_the_worker(fake_worker):
     assert m.poll()
     assert [t.name.split()[0] for t in m.mem_fig.data] == ["RPC0", "RPC1", "CPU"]
     assert list(m.mem_fig.data[2].y) == [4096.0]          # CPU: 16 GiB total, 12 free
-    with worker_lock(fake_worker):                         # a load holds the worker: skip, don't block
-        assert not m.poll()
+    fake_worker.busy = True                                # a load holds the worker: skip, don't block
+    assert not m.poll()
+    fake_worker.busy = False
     assert m.poll()

@@ -1,0 +1,88 @@
+"""The flags every front end speaks, declared once: llama.cpp's settings (built from
+gpulab.core.settings), the device flags, llama-bench's test flags, and the model argument.
+
+The CLI (gpulab.cli) and the magics (gpulab.magics) build their parsers from the command modules,
+which add these groups; the lab builds its controls from the same settings table.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..core.config import SplitConfig
+from ..core.settings import SETTINGS, check_settings_cover_config, value_from_text
+
+__all__ = ["add_config_flags", "config_from_args", "add_device_flags", "devices_from_args", "add_bench_flags",
+           "add_model_arg", "model_path"]
+
+
+def add_config_flags(p: argparse.ArgumentParser, **defaults) -> None:
+    """llama.cpp's placement and memory settings, as llama-server spells them. `defaults`
+    overrides a setting's default by SplitConfig attribute (bench: n_ctx=None)."""
+    check_settings_cover_config()
+    g = p.add_argument_group("llama.cpp settings (same names as llama-server)")
+    for s in SETTINGS:
+        default = defaults.get(s.attr, s.default)
+        kw: dict = {"dest": s.dest, "help": s.help}
+        if s.kind == "int":
+            kw.update(type=int, default=default)
+        elif s.kind == "choice":
+            kw.update(choices=list(s.choices), default=default)
+        elif s.kind in ("off", "on"):
+            kw.update(action="store_true")
+        else:   # split, names: text, parsed by config_from_args
+            kw.update(default="", metavar=s.metavar)
+        g.add_argument(*s.flags, **kw)
+
+
+def config_from_args(a: argparse.Namespace) -> SplitConfig:
+    values = {}
+    for s in SETTINGS:
+        v = getattr(a, s.dest)
+        if s.kind == "off":
+            v = not v
+        elif s.kind in ("split", "names"):
+            v = value_from_text(s, v or "")
+        values[s.attr] = v
+    return SplitConfig(**values)
+
+
+def add_device_flags(p: argparse.ArgumentParser, *, sim: bool = True, virtual: bool = False) -> None:
+    g = p.add_argument_group("devices (default: the GPUs NVML sees)")
+    if sim:
+        g.add_argument("--sim", metavar="SPEC", help="simulated devices instead, e.g. 24GiB,24GiB,12GiB@10GiB or 8x80GiB")
+    g.add_argument("--rpc", metavar="HOST:PORT,...", help="llama.cpp RPC servers to add (listed before GPUs)")
+    g.add_argument("--llama-devices", action="store_true",
+                   help="take the GPUs from llama.cpp (in a worker process) instead of NVML")
+    if virtual:
+        g.add_argument("--virtual", type=int, default=None, metavar="N",
+                       help="N virtual devices (llama.cpp RPC servers on this machine's CPU)")
+
+
+def devices_from_args(a: argparse.Namespace, session, *, for_load: bool = False, virtual_if_no_gpu: bool = False):
+    """The DeviceChoice the device flags describe (gpulab.runtime.session.Session.devices)."""
+    return session.devices(sim=getattr(a, "sim", None), rpc=a.rpc, llama_devices=a.llama_devices,
+                           virtual=getattr(a, "virtual", None), for_load=for_load,
+                           virtual_if_no_gpu=virtual_if_no_gpu)
+
+
+def add_bench_flags(p: argparse.ArgumentParser, *, n_prompt: int = 512, n_gen: int = 128,
+                    repetitions: int = 5) -> None:
+    g = p.add_argument_group("tests (llama-bench's)")
+    g.add_argument("-p", "--n-prompt", type=int, default=n_prompt, help="prompt tokens (0: no pp test)")
+    g.add_argument("-n", "--n-gen", type=int, default=n_gen, help="generated tokens (0: no tg test)")
+    g.add_argument("-r", "--repetitions", type=int, default=repetitions)
+    g.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: llama-bench's)")
+
+
+def add_model_arg(p: argparse.ArgumentParser, *, optional: bool = False) -> None:
+    p.add_argument("model", nargs="?" if optional else None, default="demo" if optional else None,
+                   help="path or http(s) URL of a .gguf, or 'demo' (SmolLM2-135M)")
+
+
+def model_path(name: str) -> str:
+    """'demo' is the bundled demo model; anything else is a path or URL as given."""
+    if name == "demo":
+        from ..sources.demo import demo_model_path
+        return str(demo_model_path())
+    return str(name)

@@ -1,0 +1,299 @@
+"""llama.cpp's reading of a GGUF header: which tensors are the input, the output and each layer's,
+the per-layer attention geometry (heads, KV heads, head sizes, sliding windows, layers without a
+KV cache) and the MoE counts: a ModelProfile. These rules mirror llama.cpp (src/llama-arch.cpp,
+src/llama-model.cpp load_hparams, src/llama-hparams.cpp) as the planner mirrors its placement.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import gguf
+
+from ..core.profile import LayerProfile, ModelProfile, TensorInfo
+from .gguf_header import INT_TYPES, Array, Header
+
+__all__ = ["build_profile"]
+
+_MAX_LAYERS = 512             # LLAMA_MAX_LAYERS (src/llama-hparams.h)
+_MAX_EXPERTS = 1024           # LLAMA_MAX_EXPERTS
+
+# --- llama.cpp's view of the tensors (llm_tensor_info_mapping, src/llama-arch.cpp) -------------
+# Base names (the tensor name without '.weight' / '.bias') of the INPUT and OUTPUT layers.
+_INPUT_NAMES = frozenset({"token_embd", "position_embd", "token_types", "per_layer_token_embd",
+                          "masked_embd_centroids", "masked_embd_ordering"})
+_OUTPUT_NAMES = frozenset({
+    "output", "output_norm", "cls", "cls.output", "cls.norm", "dense_2", "dense_3",
+    "dec.output_norm", "enc.output_norm", "output_res_score", "output_hc_fn", "output_hc_base",
+    "output_hc_scale", "output_hc_norm", "output_hc_down", "output_hc_up", "altup_proj",
+    "altup_unembd_proj", "nextn.post_projection", "fc", "d2t", "markov_w1", "markov_w2",
+    "conf_proj", "selector_predecessor", "selector_successor", "selector_hidden"})
+# lfm2 stores its output norm as token_embd_norm (LLM_TENSOR_OUTPUT_NORM_LFM2); elsewhere that
+# name is LLM_TENSOR_TOKEN_EMBD_NORM, a norm that llama.cpp puts with layer 0.
+_LFM2_ARCHS = frozenset({"lfm2", "lfm2moe"})
+# Encoders that have no output matrix at all: a missing output.weight is not a tied one there.
+_NO_OUTPUT_ARCHS = frozenset({"bert", "jina-bert-v2", "jina-bert-v3", "nomic-bert",
+                              "nomic-bert-moe", "neo-bert", "eurobert", "modern-bert"})
+# llama_model::create_memory (src/llama-model.cpp): no memory at all for these.
+_NO_MEMORY_ARCHS = _NO_OUTPUT_ARCHS | {"wavtokenizer-dec", "gemma-embedding", "dream", "llada",
+                                       "llada-moe", "rnd1"}
+# llm_arch_is_recurrent (src/llama-arch.cpp): a recurrent state, no KV cache.
+_RECURRENT_ARCHS = frozenset({"mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7"})
+# Hybrids whose load_arch_hparams marks a layer recurrent when its n_head_kv is 0.
+_HYBRID_BY_HEADS = frozenset({"jamba", "granitehybrid", "lfm2", "lfm2moe", "plamo2",
+                              "kimi-linear", "bailingmoe3", "kimi-k3", "glm5-next"})
+# Hybrids with {arch}.attention.recurrent_layers, or else attention on every
+# {arch}.full_attention_interval-th layer (this default otherwise).
+_HYBRID_BY_INTERVAL = {"qwen3next": 4, "qwen35": 4, "qwen35moe": 4, "qwen4exp": 4, "minimax-01": 8}
+
+
+@dataclass(frozen=True)
+class _Swa:
+    """How one arch's load_arch_hparams (src/models/<arch>.cpp) marks its sliding-window layers."""
+
+    pattern: int = 0            # n_pattern for load_swa_pattern / llama_hparams::set_swa_pattern
+    dense_first: bool = False
+    if_window: bool = False     # SWA only when {arch}.attention.sliding_window is present and > 0
+    default: int | None = None  # window when the key is absent; None: llama.cpp requires the key
+    forced: int | None = None   # window llama.cpp sets whatever the key says
+    array_only: bool = False    # the per-layer {arch}.attention.sliding_window_pattern is required
+
+
+_SWA_RULES: dict[str, _Swa] = {
+    "gemma2": _Swa(2, default=4096),
+    "gemma3": _Swa(6, if_window=True),
+    "gemma3n": _Swa(5),
+    "gemma-embedding": _Swa(6),
+    "cohere2": _Swa(4),
+    "cohere2moe": _Swa(4, dense_first=True),
+    "exaone-moe": _Swa(4),
+    "afmoe": _Swa(4, if_window=True),
+    "mellum": _Swa(4, if_window=True),
+    "muse-glimmer": _Swa(4),
+    "olmo2": _Swa(4, if_window=True),
+    "gpt-oss": _Swa(2),
+    "plamo3": _Swa(8, if_window=True),
+    "smallthinker": _Swa(4, dense_first=True, if_window=True, forced=4096),
+    "laguna": _Swa(4, dense_first=True, if_window=True),
+    "modern-bert": _Swa(3, dense_first=True, if_window=True),
+    **{a: _Swa(array_only=True) for a in ("gemma4", "gemma4-assistant", "granite_swa", "maple",
+                                          "mimo2", "spark2_5", "step35", "dots3note")},
+    # Not SWA in llama.cpp even when the GGUF carries a window: llama (Mistral 7B), mistral3,
+    # qwen2/qwen3 and their MoEs, phi3 (its SWA is disabled) -- they are simply not listed.
+}
+
+
+def _count(kv: dict, key: str, default, fail):
+    v = kv.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise fail(f"{key} is {v!r}, expected a non-negative integer")
+    return v
+
+
+def _per_layer(kv: dict, key: str, n_layer: int, default: list[int], fail) -> list[int]:
+    """llama_model_loader::get_key_or_arr: one value for all layers, or exactly one per layer."""
+    v = kv.get(key)
+    if not isinstance(v, Array):
+        c = _count(kv, key, None, fail)
+        return list(default) if c is None else [c] * n_layer
+    if v.values is None or v.elem_type not in INT_TYPES | {gguf.GGUFValueType.BOOL} or v.length != n_layer:
+        raise fail(f"{key} has {v.length} entries, expected {n_layer} integers (one per layer)")
+    if any(x < 0 for x in v.values):
+        raise fail(f"{key} has a negative entry")
+    return [int(x) for x in v.values]
+
+
+def _flags(kv: dict, key: str, n_layer: int, fail) -> list[bool] | None:
+    """A per-layer flag array ({arch}.attention.sliding_window_pattern, .recurrent_layers)."""
+    v = kv.get(key)
+    if not isinstance(v, Array):
+        return None
+    if v.values is None or v.elem_type not in INT_TYPES | {gguf.GGUFValueType.BOOL} or v.length > _MAX_LAYERS:
+        raise fail(f"{key} has {v.length} entries, expected up to {_MAX_LAYERS} per-layer flags")
+    return ([bool(x) for x in v.values] + [False] * n_layer)[:n_layer]
+
+
+def _swa_layers(arch, kv, n_layer, n_main, n_head_kv, fail) -> tuple[list[bool], int]:
+    """(is_swa per layer, n_swa) as llama.cpp's load_arch_hparams leaves hparams.is_swa_impl."""
+    none = [False] * n_layer, 0
+    key = f"{arch}.attention.sliding_window"
+    window = _count(kv, key, None, fail)
+    pattern_key = f"{arch}.attention.sliding_window_pattern"
+
+    def pattern(n_pattern: int, dense_first: bool = False) -> list[bool]:
+        # llama_model_base::load_swa_pattern: a per-layer array wins, then a scalar pattern,
+        # then the arch default, applied by llama_hparams::set_swa_pattern to non-nextn layers.
+        flags = _flags(kv, pattern_key, n_layer, fail)
+        if flags is not None:
+            return flags
+        n_pattern = _count(kv, pattern_key, n_pattern, fail)
+        if dense_first:
+            return [il < n_main and (n_pattern == 0 or il % n_pattern != 0) for il in range(n_layer)]
+        return [il < n_main and (n_pattern == 0 or il % n_pattern < n_pattern - 1)
+                for il in range(n_layer)]
+
+    if arch == "llama4":   # chunked attention, 3 chunked : 1 full, unless the window is 0
+        return none if window == 0 else (pattern(4), 8192)
+    if arch == "exaone4":  # only the 64-layer (32B) model interleaves
+        return (pattern(4), 4096 if window is None else window) if n_main == 64 else none
+    if arch == "lfm2":     # every attention layer slides when a window is given
+        return ([il < n_main and n_head_kv[il] > 0 for il in range(n_layer)], window) if window else none
+    rule = _SWA_RULES.get(arch)
+    if rule is None or (rule.if_window and not window):
+        return none
+    if rule.array_only:
+        layers = _flags(kv, pattern_key, n_layer, fail)
+        if layers is None:
+            raise fail(f"{pattern_key} (per-layer flags) is missing; llama.cpp requires it for {arch}")
+    else:
+        layers = pattern(rule.pattern, rule.dense_first)
+    if window is None:
+        if rule.default is None and rule.forced is None:
+            raise fail(f"{key} is missing; llama.cpp requires it for {arch}")
+        window = rule.default
+    if rule.forced is not None:
+        window = rule.forced
+    return (layers, window) if any(layers) and window else none
+
+
+def _kv_layers(arch, kv, n_layer, n_main, n_head_kv, n_ff, fail) -> list[bool]:
+    """Which layers get a KV cache: llama_model::create_memory's layer filters and reuse."""
+    if arch in _NO_MEMORY_ARCHS or arch in _RECURRENT_ARCHS:
+        return [False] * n_layer
+    if arch == "falcon-h1":   # attention and SSM side by side in every layer
+        return [True] * n_layer
+    if arch in ("nemotron_h", "nemotron_h_moe"):
+        # is_recr = n_head_kv == 0 && n_ff == 0 on main layers; filter_attn = !is_recr && n_ff == 0
+        return [n_ff[i] == 0 and not (i < n_main and n_head_kv[i] == 0) for i in range(n_layer)]
+    if arch in _HYBRID_BY_HEADS:
+        return [h > 0 for h in n_head_kv]
+    if arch in _HYBRID_BY_INTERVAL:
+        recr = _flags(kv, f"{arch}.attention.recurrent_layers", n_layer, fail)
+        if recr is None and isinstance(kv.get(f"{arch}.attention.recurrent_layers"), int):
+            recr = [bool(kv[f"{arch}.attention.recurrent_layers"])] * n_layer
+        if recr is None:
+            every = _count(kv, f"{arch}.full_attention_interval", _HYBRID_BY_INTERVAL[arch], fail) or 1
+            recr = [(i + 1) % every != 0 for i in range(n_layer)]
+        return [i < n_main and not recr[i] for i in range(n_layer)]
+    has = [True] * n_layer
+    if arch == "gemma3n":       # layers from 20 on reuse the KV of earlier layers
+        has = [i < 20 for i in range(n_layer)]
+    elif arch == "gemma4":
+        shared = _count(kv, f"{arch}.attention.shared_kv_layers", 0, fail)
+        has = [i < n_layer - shared for i in range(n_layer)]
+    if n_main < n_layer and n_main > 0:   # nextn (MTP) layers: no KV in the main context
+        has = [h and i < n_main for i, h in enumerate(has)]
+    return has
+
+
+def _base_name(name: str) -> str:
+    return name.rsplit(".", 1)[0] if name.endswith((".weight", ".bias")) else name
+
+
+def build_profile(h: Header, path: str, file_bytes: int, fail) -> ModelProfile:
+    kv = h.kv
+    arch = kv.get("general.architecture")
+    if not isinstance(arch, str) or not arch:
+        raise fail("general.architecture is missing")
+    n_layer = _count(kv, f"{arch}.block_count", None, fail)
+    if n_layer is None:
+        raise fail(f"{arch}.block_count is missing")
+    if not 0 < n_layer <= _MAX_LAYERS:
+        raise fail(f"{arch}.block_count is {n_layer}; llama.cpp accepts 1 to {_MAX_LAYERS}")
+    for required in ("embedding_length", "context_length"):   # llama_model_base::load_hparams
+        if f"{arch}.{required}" not in kv:
+            raise fail(f"{arch}.{required} is missing")
+    n_embd = _count(kv, f"{arch}.embedding_length", 0, fail)
+    n_nextn = _count(kv, f"{arch}.nextn_predict_layers", 0, fail)
+    if n_nextn > n_layer:
+        raise fail(f"{arch}.nextn_predict_layers ({n_nextn}) exceeds block_count ({n_layer})")
+    n_main = n_layer - n_nextn
+
+    n_head = _per_layer(kv, f"{arch}.attention.head_count", n_layer, [0] * n_layer, fail)
+    n_head_kv = _per_layer(kv, f"{arch}.attention.head_count_kv", n_layer, n_head, fail)
+    n_ff = _per_layer(kv, f"{arch}.feed_forward_length", n_layer, [0] * n_layer, fail)
+    n_expert = _count(kv, f"{arch}.expert_count", 0, fail)
+    n_expert_used = max(_per_layer(kv, f"{arch}.expert_used_count", n_layer, [0] * n_layer, fail))
+    if n_expert > _MAX_EXPERTS:
+        raise fail(f"{arch}.expert_count is {n_expert}; llama.cpp accepts up to {_MAX_EXPERTS}")
+    if n_expert_used > n_expert:
+        raise fail(f"{arch}.expert_used_count ({n_expert_used}) exceeds expert_count ({n_expert})")
+
+    # load_hparams: head sizes default to n_embd / n_head(0); SWA layers may have their own.
+    head0 = n_embd // n_head[0] if n_head[0] else 0
+    k_full = _count(kv, f"{arch}.attention.key_length", head0, fail) if n_head[0] else 0
+    v_full = _count(kv, f"{arch}.attention.value_length", head0, fail) if n_head[0] else 0
+    k_swa = _count(kv, f"{arch}.attention.key_length_swa", k_full, fail)
+    v_swa = _count(kv, f"{arch}.attention.value_length_swa", v_full, fail)
+    is_swa, n_swa = _swa_layers(arch, kv, n_layer, n_main, n_head_kv, fail)
+    has_kv = _kv_layers(arch, kv, n_layer, n_main, n_head_kv, n_ff, fail)
+
+    per_layer: list[list[TensorInfo]] = [[] for _ in range(n_layer)]
+    inputs, outputs, others = [], [], []
+    for t in h.tensors:
+        info = TensorInfo(t.name, t.type_name, t.shape, t.n_bytes)
+        parts = t.name.split(".", 2)
+        if parts[0] == "blk" and len(parts) == 3 and parts[1].isdigit():
+            il = int(parts[1])
+            if il >= n_layer:
+                raise fail(f"tensor {t.name!r} is in layer {il} but block_count is {n_layer}")
+            per_layer[il].append(info)
+            continue
+        base = _base_name(t.name)
+        if base in _INPUT_NAMES:
+            inputs.append(info)
+        elif base in _OUTPUT_NAMES or t.name in _OUTPUT_NAMES or (
+                base == "token_embd_norm" and arch in _LFM2_ARCHS):
+            outputs.append(info)
+        else:
+            others.append(info)
+
+    names = {t.name for t in h.tensors}
+    tokens = kv.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, Array):
+        n_vocab = tokens.length
+    else:
+        embd = next((t for t in h.tensors if t.name == "token_embd.weight"), None)
+        fallback = embd.shape[1] if embd is not None and len(embd.shape) > 1 else 0
+        n_vocab = _count(kv, f"{arch}.vocab_size", fallback, fail)
+
+    file_type = kv.get("general.file_type")
+    if isinstance(file_type, int) and not isinstance(file_type, bool):
+        try:
+            file_type = gguf.LlamaFileType(file_type).name
+        except ValueError:
+            file_type = str(file_type)
+    else:
+        file_type = ""
+    name = kv.get("general.name")
+    if not isinstance(name, str) or not name:
+        if "://" in path:   # a URL: drop the query (?download=true) before taking the file name
+            path_part = path.split("?", 1)[0].split("#", 1)[0]
+        else:
+            path_part = path
+        name = os.path.basename(path_part.rstrip("/")).removesuffix(".gguf")
+    metadata = {k: (v.values if isinstance(v, Array) else v) for k, v in kv.items()
+                if v is not None and not (isinstance(v, Array) and v.values is None)}
+
+    layers = tuple(
+        LayerProfile(
+            index=il, tensors=tuple(per_layer[il]), n_head=n_head[il], n_head_kv=n_head_kv[il],
+            n_embd_head_k=k_swa if is_swa[il] else k_full,
+            n_embd_head_v=v_swa if is_swa[il] else v_full,
+            is_swa=is_swa[il], has_kv=has_kv[il])
+        for il in range(n_layer))
+    return ModelProfile(
+        path=path, arch=arch, name=name, file_bytes=file_bytes, n_layer=n_layer, n_embd=n_embd,
+        n_ff=max(n_ff), n_vocab=n_vocab,
+        n_ctx_train=_count(kv, f"{arch}.context_length", 0, fail),
+        layers=layers, input_tensors=tuple(inputs), output_tensors=tuple(outputs),
+        # llama.cpp loads token_embd a second time as the output matrix (TENSOR_DUPLICATED)
+        tied_output=("output.weight" not in names and "token_embd.weight" in names
+                     and arch not in _NO_OUTPUT_ARCHS),
+        n_expert=n_expert, n_expert_used=n_expert_used, n_swa=n_swa, file_type=file_type,
+        other_tensors=tuple(others), metadata=metadata)
+
+

@@ -1,0 +1,74 @@
+"""The runtime overhead learned per GPU from NVML, and the planner counting it: a GPU that ran
+once knows what CUDA takes beyond llama.cpp's buffers, and the next plan leaves room for it."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+from core.test_reconcile import MiB, UUID, gpu_run
+
+from gpulab.core.config import SplitConfig
+from gpulab.core.devices import Device
+from gpulab.runtime.session import Session
+from gpulab.sources.nvml import NvmlProbe
+from gpulab.storage.overheads import learn_overhead, learned_overhead, overhead_path
+
+
+class OneGpuNvml:
+    """NVML with one 80 GiB GPU whose UUID is the one the runs above carry."""
+
+    class NVMLError(Exception):
+        pass
+
+    def nvmlInit(self): pass
+    def nvmlShutdown(self): pass
+    def nvmlDeviceGetCount(self): return 1
+    def nvmlDeviceGetHandleByIndex(self, i): return i
+    def nvmlDeviceGetName(self, h): return "NVIDIA H200"
+    def nvmlDeviceGetUUID(self, h): return UUID
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        return SimpleNamespace(total=80 << 30, free=79 << 30, used=1 << 30)
+
+
+def test_learned_overhead_is_kept_per_gpu(monkeypatch, tmp_path):
+    monkeypatch.setenv("GPULAB_DATA_DIR", str(tmp_path))
+    gpu = Device("CUDA0", 80 << 30, 79 << 30, "nvml", uuid=UUID)
+    assert learned_overhead(gpu) == 0 and learned_overhead(UUID) == 0
+    assert learn_overhead(gpu_run(900 * MiB)) == {"CUDA0": 236 * MiB}
+    assert overhead_path(UUID).is_file() and overhead_path(UUID).parent == tmp_path / "overhead"
+    learn_overhead(gpu_run(1000 * MiB))
+    learn_overhead(gpu_run(910 * MiB))
+    assert learned_overhead(gpu) == 246 * MiB        # median of 236, 336, 246
+    data = json.loads(overhead_path(UUID).read_text())
+    assert data["samples"] == [236 * MiB, 336 * MiB, 246 * MiB] and data["name"] == "CUDA0"
+    # CPU, RPC and devices without a UUID learn nothing and read 0
+    assert learned_overhead(Device("RPC0", 1, 1, "rpc", kind="rpc")) == 0
+    assert learn_overhead(gpu_run(nvml_used=None)) == {}
+
+
+def test_the_next_plan_counts_it(monkeypatch, tmp_path, profile_factory):
+    """Through the front ends' path: the session's NVML device carries the learned overhead, and
+    the plan's device row counts it in used bytes and in whether the model fits."""
+    from gpulab.core.planner import plan
+    monkeypatch.setenv("GPULAB_DATA_DIR", str(tmp_path))
+    prof = profile_factory(n_layer=4)
+    with Session(probe=NvmlProbe(OneGpuNvml()), env={}) as s:
+        before = s.devices()
+    assert before.devices[0].name == "CUDA0" and before.devices[0].overhead_bytes == 0
+    p0 = plan(prof, list(before.devices), SplitConfig(n_ctx=512))
+    assert p0.device("CUDA0").overhead_bytes == 0
+
+    learn_overhead(gpu_run(900 * MiB))
+    with Session(probe=NvmlProbe(OneGpuNvml()), env={}) as s:
+        after = s.devices()
+    assert after.devices[0].overhead_bytes == 236 * MiB
+    p1 = plan(prof, list(after.devices), SplitConfig(n_ctx=512))
+    d0, d1 = p0.device("CUDA0"), p1.device("CUDA0")
+    assert d1.overhead_bytes == 236 * MiB and d1.used_bytes == d0.used_bytes + 236 * MiB
+    # a GPU with less free memory than buffers + overhead no longer "fits"
+    tight = [Device("CUDA0", 80 << 30, d0.used_bytes + MiB, "nvml", uuid=UUID, overhead_bytes=236 * MiB)]
+    assert plan(prof, [Device("CUDA0", 80 << 30, d0.used_bytes + MiB, "nvml", uuid=UUID)],
+                SplitConfig(n_ctx=512)).fits
+    assert not plan(prof, tight, SplitConfig(n_ctx=512)).fits
