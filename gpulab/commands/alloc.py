@@ -13,7 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..core.exports import TARGETS
-from .flags import add_config_flags, add_device_flags, add_model_arg, config_from_args, devices_from_args, model_path
+from .flags import (add_config_flags, add_device_flags, add_json_flag, add_model_arg, config_from_args,
+                    devices_from_args, model_path)
 from .result import Result
 
 __all__ = ["register", "run"]
@@ -26,8 +27,7 @@ def register(sub, frontend: str) -> None:
                             parser_class=type(p))
 
     q = psub.add_parser("list", help="every saved allocation")
-    if frontend == "cli":
-        q.add_argument("--json", action="store_true")
+    add_json_flag(q, frontend)
     q.set_defaults(run=run, action=_list)
 
     q = psub.add_parser("show", help="the allocation of MODEL that applies on these devices")

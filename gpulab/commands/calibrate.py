@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 
+from .flags import add_json_flag
 from .result import Result
 
 __all__ = ["register", "run"]
@@ -36,8 +37,7 @@ def register(sub, frontend: str) -> None:
     p.add_argument("-r", "--repetitions", type=int, default=2)
     p.add_argument("--cache", metavar="PATH", help="cache file (default: <data dir>/speed.json)")
     p.add_argument("--show", action="store_true", help="print the cached figures, measure nothing")
-    if frontend == "cli":
-        p.add_argument("--json", action="store_true", help="print the cache as JSON")
+    add_json_flag(p, frontend, help="print the cache as JSON")
     p.set_defaults(run=run)
 
 

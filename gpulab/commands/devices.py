@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from .flags import add_device_flags, devices_from_args
+from .flags import add_device_flags, add_json_flag, devices_from_args
 from .result import Result
 
 __all__ = ["register", "run"]
@@ -13,8 +13,7 @@ __all__ = ["register", "run"]
 def register(sub, frontend: str) -> None:
     p = sub.add_parser("devices", help="list the devices gpulab would plan for")
     add_device_flags(p)
-    if frontend == "cli":
-        p.add_argument("--json", action="store_true")
+    add_json_flag(p, frontend)
     p.set_defaults(run=run)
 
 

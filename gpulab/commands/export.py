@@ -13,7 +13,7 @@ from __future__ import annotations
 from ..core.errors import GpulabError
 from ..core.exports import TARGETS, render
 from ..core.policies import POLICIES
-from .flags import add_config_flags, add_device_flags, add_model_arg
+from .flags import add_config_flags, add_device_flags, add_json_flag, add_model_arg
 from .result import Result
 
 __all__ = ["register", "run"]
@@ -29,8 +29,7 @@ def register(sub, frontend: str) -> None:
                    help="use the saved allocation of this model on these devices")
     p.add_argument("--policy", choices=POLICIES, help="choose -ts by a policy")
     p.add_argument("--strict", action="store_true", help="fail when a target cannot express a setting")
-    if frontend == "cli":
-        p.add_argument("--json", action="store_true", help="{target: {text, data, gaps}}")
+    add_json_flag(p, frontend, help="{target: {text, data, gaps}}")
     p.set_defaults(run=run)
 
 

@@ -13,7 +13,7 @@ from ..core.config import SplitConfig
 from ..core.settings import SETTINGS, check_settings_cover_config, value_from_text
 
 __all__ = ["add_config_flags", "config_from_args", "add_device_flags", "devices_from_args", "add_bench_flags",
-           "add_model_arg", "model_path"]
+           "add_model_arg", "model_path", "add_json_flag"]
 
 
 def add_config_flags(p: argparse.ArgumentParser, **defaults) -> None:
@@ -50,7 +50,8 @@ def config_from_args(a: argparse.Namespace) -> SplitConfig:
 def add_device_flags(p: argparse.ArgumentParser, *, sim: bool = True, virtual: bool = False) -> None:
     g = p.add_argument_group("devices (default: the GPUs NVML sees)")
     if sim:
-        g.add_argument("--sim", metavar="SPEC", help="simulated devices instead, e.g. 24GiB,24GiB,12GiB@10GiB or 8x80GiB")
+        g.add_argument("--sim", metavar="SPEC",
+                       help="simulated devices instead, e.g. 24GiB,24GiB,12GiB@10GiB or 8x80GiB")
     g.add_argument("--rpc", metavar="HOST:PORT,...", help="llama.cpp RPC servers to add (listed before GPUs)")
     g.add_argument("--llama-devices", action="store_true",
                    help="take the GPUs from llama.cpp (in a worker process) instead of NVML")
@@ -86,3 +87,9 @@ def model_path(name: str) -> str:
         from ..sources.demo import demo_model_path
         return str(demo_model_path())
     return str(name)
+
+
+def add_json_flag(p: argparse.ArgumentParser, frontend: str, help: str = "print the result as JSON") -> None:
+    """--json, on the command line only: in a notebook the Result itself is the data."""
+    if frontend == "cli":
+        p.add_argument("--json", action="store_true", help=help)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .flags import add_model_arg, model_path
+from .flags import add_json_flag, add_model_arg, model_path
 from .result import Result
 
 __all__ = ["register", "run"]
@@ -11,8 +11,7 @@ __all__ = ["register", "run"]
 def register(sub, frontend: str) -> None:
     p = sub.add_parser("inspect", help="a GGUF's layers and tensors, from a path or an http(s) URL")
     add_model_arg(p)
-    if frontend == "cli":
-        p.add_argument("--json", action="store_true")
+    add_json_flag(p, frontend)
     p.add_argument("--max-rows", type=int, default=200, help="layers shown in a notebook's table")
     p.set_defaults(run=run)
 

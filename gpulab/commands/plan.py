@@ -7,7 +7,8 @@ Exit status (CLI): 0 when the plan fits, 1 when it does not, 2 on bad input.
 from __future__ import annotations
 
 from ..core.policies import POLICIES
-from .flags import add_config_flags, add_device_flags, add_model_arg, config_from_args, devices_from_args, model_path
+from .flags import (add_config_flags, add_device_flags, add_json_flag, add_model_arg, config_from_args,
+                    devices_from_args, model_path)
 from .result import Result
 
 __all__ = ["register", "run", "planned"]
@@ -19,9 +20,8 @@ def register(sub, frontend: str) -> None:
     add_config_flags(p)
     add_device_flags(p)
     p.add_argument("--policy", choices=POLICIES, help="choose -ts by a policy")
-    if frontend == "cli":
-        p.add_argument("--json", action="store_true")
-    else:
+    add_json_flag(p, frontend)
+    if frontend == "magic":
         p.add_argument("--no-figures", action="store_true", help="the table only")
     p.set_defaults(run=run, figures=frontend == "magic")
 
