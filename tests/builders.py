@@ -7,6 +7,16 @@ from gpulab.core.profile import LayerProfile, ModelProfile, TensorInfo
 MiB = 1024**2
 
 
+def _laid_out(tensors):
+    """The tensors with file offsets, one after the other (the host's mapped span needs them)."""
+    from dataclasses import replace
+    out, at = [], 1 << 20
+    for t in tensors:
+        out.append(replace(t, offset=at))
+        at += t.n_bytes
+    return out
+
+
 def make_profile(n_layer: int = 30, layer_bytes: int = 60 * MiB, n_head: int = 32, n_head_kv: int = 8,
                  head_dim: int = 128, embd_bytes: int = 300 * MiB, out_bytes: int = 400 * MiB,
                  tied: bool = False, swa_layers: tuple[int, ...] = (), n_swa: int = 0,
@@ -20,7 +30,12 @@ def make_profile(n_layer: int = 30, layer_bytes: int = 60 * MiB, n_head: int = 3
     out = (TensorInfo("output_norm.weight", "F32", (n_embd,), 4 * n_embd),)
     if not tied:
         out += (TensorInfo("output.weight", "Q6_K", (n_embd, n_vocab), out_bytes),)
+    emb = (TensorInfo("token_embd.weight", "Q4_0", (n_embd, n_vocab), embd_bytes),)
+    placed = iter(_laid_out([*emb, *(t for layer in layers for t in layer.tensors), *out]))
+    emb = (next(placed),)
+    from dataclasses import replace
+    layers = tuple(replace(layer, tensors=tuple(next(placed) for _ in layer.tensors)) for layer in layers)
+    out = tuple(next(placed) for _ in out)
     return ModelProfile(path="hand-built", arch="llama", name="hand-built", file_bytes=0, n_layer=n_layer,
                         n_embd=n_embd, n_ff=4 * n_embd, n_vocab=n_vocab, n_ctx_train=8192, layers=layers,
-                        input_tensors=(TensorInfo("token_embd.weight", "Q4_0", (n_embd, n_vocab), embd_bytes),),
-                        output_tensors=out, tied_output=tied, n_swa=n_swa)
+                        input_tensors=emb, output_tensors=out, tied_output=tied, n_swa=n_swa)

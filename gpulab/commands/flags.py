@@ -30,6 +30,8 @@ def add_config_flags(p: argparse.ArgumentParser, **defaults) -> None:
             kw.update(choices=list(s.choices), default=default)
         elif s.kind in ("off", "on"):
             kw.update(action="store_true")
+        elif s.kind == "rules":   # repeatable, as llama.cpp's -ot (each value also comma-separated)
+            kw.update(action="append", default=None, metavar=s.metavar)
         else:   # split, names: text, parsed by config_from_args
             kw.update(default="", metavar=s.metavar)
         g.add_argument(*s.flags, **kw)
@@ -43,6 +45,8 @@ def config_from_args(a: argparse.Namespace) -> SplitConfig:
             v = not v
         elif s.kind in ("split", "names"):
             v = value_from_text(s, v or "")
+        elif s.kind == "rules":
+            v = tuple(item for text in (v or ()) for item in value_from_text(s, text))
         values[s.attr] = v
     return SplitConfig(**values)
 

@@ -139,17 +139,21 @@ def pipeline_copies(config: SplitConfig, layer_devices: list[str], n_devices: in
     overrides, and async compute and events on every device (CUDA and RPC have both).
     """
     if (n_devices > 1 and config.split_mode == "layer" and config.offload_kqv
-            and HOST_NAME not in layer_devices):
+            and HOST_NAME not in layer_devices and not config.has_tensor_overrides):
         return SCHED_MAX_COPIES
     return 1
 
 
 def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_devices: list[str],
-                           names: list[str]) -> dict[str, int]:
+                           names: list[str], ffn_devices: list[str] | None = None,
+                           stray: frozenset[str] = frozenset()) -> dict[str, int]:
     """Bytes of the compute buffer of every backend in `names` (0 where nothing runs).
 
     `layer_devices` is the device of each layer 0..n_layer (the last entry is the output
     layer, 'CPU' the host); `names` the offload devices in llama.cpp's order, then 'CPU'.
+    With tensor overrides: `ffn_devices` is where each layer's FFN weights are (an op runs where
+    its weight is: ggml_backend_sched_backend_id_from_cur), `stray` the devices that got other
+    weights of layers that are not theirs (an attention matrix moved alone).
     """
     g = _geom(profile)
     n_layer = profile.n_layer
@@ -241,6 +245,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     offloaded = any(d != HOST_NAME for d in stats)
 
     out = dict.fromkeys(names, 0)
+    own_inputs: dict[str, int] = {}
     for name in names:
         s = stats.get(name)
         has_out = out_dev == name
@@ -277,6 +282,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         inputs = pos + (kv_in_full if has_full else 0) + (kv_in_swa if has_swa else 0)
         if last_dev == name:
             inputs += out_ids
+        own_inputs[name] = inputs
         kq_dev = kq_full if has_full else kq_swa
         # what the layer before sends: the host's closing add operands, embd (layer 0) or
         # the previous device's l_out (norm pinned), or that device's norm and l_out
@@ -335,4 +341,45 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             # GLU output fitted below ffn_inp: then ffn_down went on top of everything.
             peaks.append((low + 2 * e if glu_low else e) + logits)
         out[name] = max(peaks)
+    if ffn_devices is not None:
+        _moved_ffn(out, profile, layer_devices, ffn_devices, stray, own_inputs, nc * (tok + e + all_inputs),
+                   e=e, q=q, kq=None if fa else max(kq_full, kq_swa), ffn_big=ffn_big, logits=logits,
+                   small=_a(4 * (g.n_expert_used or 1) * T) * 2)
     return out
+
+
+def _moved_ffn(out: dict, profile: ModelProfile, layer_devices: list[str], ffn_devices: list[str],
+               stray: frozenset[str], own_inputs: dict, host_persist: int, *, e: int, q: int, kq: int | None,
+               ffn_big: int, logits: int, small: int) -> None:
+    """Tensor overrides move a layer's FFN (its experts, or its dense FFN) to another device: the
+    FFN's ops then run there (the scheduler puts an op where its weight is), with the layer's
+    normed hidden state and, for MoE, the router's choice copied over, and its result copied back.
+    A device whose layers all lost their FFN keeps attention only; a device that runs FFNs of
+    layers not its own gets the FFN's peak on top of what it has. Checked against llama.cpp's
+    compute buffers on RPC devices (tests/integration/test_overrides_vs_llama.py)."""
+    n_layer = profile.n_layer
+    mine: dict[str, list[int]] = {}
+    guest: set[str] = set()
+    for il in range(n_layer):
+        mine.setdefault(layer_devices[il], []).append(il)
+        if ffn_devices[il] != layer_devices[il]:
+            guest.add(ffn_devices[il])
+    for dev, layers in mine.items():
+        if dev not in out or all(ffn_devices[il] == dev for il in layers):
+            continue
+        if all(ffn_devices[il] != dev for il in layers):
+            base = host_persist if dev == HOST_NAME else own_inputs.get(dev, 0)
+            # the residual, the norm, Q before and after RoPE, and the FFN's result coming back
+            attn = [base + 3 * e + 2 * q] + ([base + 3 * e + q + kq] if kq is not None else [])
+            if layer_devices[n_layer] == dev:
+                attn.append(base + e + logits)
+            out[dev] = max(attn)
+    for dev in guest:
+        if dev not in out:
+            continue
+        base = host_persist if dev == HOST_NAME else own_inputs.get(dev, 0)
+        # the normed hidden state (and the router's ids and weights) in, the FFN's tensors on top
+        out[dev] = max(out[dev], base + e + small + ffn_big)
+    for dev in stray:
+        if dev in out:
+            out[dev] += e      # a matrix product's input copy (or its output) beside what was there

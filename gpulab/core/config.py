@@ -31,6 +31,14 @@ class SplitConfig:
     n_seq_max: int = 1                # -np
     swa_full: bool = False            # --swa-full
     op_offload: bool = True           # --no-op-offload turns it off: host weights' ops stay on the CPU
+    # tensor buffer overrides (gpulab.core.overrides): -ot items 'PATTERN=BUFFER_TYPE', then
+    # --cpu-moe, --n-cpu-moe N, --n-cpu-ffn N, tried in that order, the first match deciding
+    tensor_overrides: tuple[str, ...] = ()   # -ot (each item one PATTERN=BUFFER_TYPE)
+    cpu_moe: bool = False             # -cmoe: every layer's experts on the CPU
+    n_cpu_moe: int = 0                # -ncmoe N: the experts of layers 0..N-1 on the CPU
+    n_cpu_ffn: int = 0                # -ncffn N: the dense FFN of layers 0..N-1 on the CPU
+    no_host: bool = False             # --no-host: no pinned GPU host buffer for host weights
+    use_extra_bufts: bool = True      # -nr/--no-repack turns it off: no CPU_REPACK copies
 
     def __post_init__(self) -> None:
         ts = self.tensor_split
@@ -38,6 +46,10 @@ class SplitConfig:
             object.__setattr__(self, "tensor_split", tuple(float(x) for x in ts))
         if not isinstance(self.devices, tuple):
             object.__setattr__(self, "devices", tuple(self.devices))
+        if isinstance(self.tensor_overrides, str):
+            object.__setattr__(self, "tensor_overrides", (self.tensor_overrides,))
+        elif not isinstance(self.tensor_overrides, tuple):
+            object.__setattr__(self, "tensor_overrides", tuple(self.tensor_overrides))
         self._check_values()
 
     def _check_values(self) -> None:
@@ -60,6 +72,13 @@ class SplitConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.main_gpu < 0:
             raise ConfigError(f"main_gpu must be >= 0, got {self.main_gpu}")
+        from .overrides import effective_rules
+        effective_rules(self)   # each -ot item parses, each pattern is one gpulab can mirror, N >= 0
+
+    @property
+    def has_tensor_overrides(self) -> bool:
+        """llama_model ctor: has_tensor_overrides = any rule at all (even one matching nothing)."""
+        return bool(self.tensor_overrides or self.cpu_moe or self.n_cpu_moe or self.n_cpu_ffn)
 
     def check_devices(self, n_devices: int) -> None:
         """Checks that need the number of devices llama.cpp will see (after --device)."""

@@ -40,6 +40,10 @@ class Device:
     # runtime memory beyond llama.cpp's buffers (CUDA context, cuBLAS workspaces), learned from
     # NVML by earlier runs on this device (gpulab.storage.overheads); the planner counts it
     overhead_bytes: int = 0
+    server_index: int = 0     # RPC: the device's index within its server (buffer type RPC<i>[endpoint])
+    # the host: the weight types llama.cpp's CPU backend repacks into CPU_REPACK on this CPU
+    # (ggml-cpu/repack.cpp, decided by the instruction sets the backend was built for)
+    repack_types: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.total_bytes < 0 or self.free_bytes < 0:

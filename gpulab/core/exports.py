@@ -376,6 +376,51 @@ def _kobold_swa(v, _c):
     return {"useswa": not v}    # --useswa: the sliding-window KV cache; off means full size
 
 
+# tensor overrides (common/arg.cpp -ot -cmoe -ncmoe -ncffn --no-host -nr; llama-bench -ot -ncmoe
+# --no-host --repack) --------------------------------------------------------------------------
+def _buft_name(target: str, c: _Ctx) -> str:
+    """A rule's target as llama.cpp's buffer type name: RPC devices as 'RPC<i>[endpoint]'."""
+    from .overrides import llama_buffer_type_name
+    d = next((d for d in c.devices if d.name == target), None)
+    return llama_buffer_type_name(d) if d is not None else target
+
+
+def _ot_items(v, c: _Ctx) -> list[str]:
+    from .overrides import parse_override_text
+    return [f"{r.pattern}={_buft_name(r.target, c)}" for item in v for r in parse_override_text(item)]
+
+
+def _server_ot(v, c):
+    return ["-ot", ",".join(_ot_items(v, c))] if v else None
+
+
+def _bench_ot(_v, c):
+    # llama-bench has no -cmoe or -ncffn: their rules join the -ot entries (';' apart, one variant),
+    # which llama-bench applies before its -ncmoe rules, as gpulab orders them too
+    from .overrides import cpu_moe_rule, n_cpu_ffn_rules, FFN_DENSE_REGEX
+    cfg = c.config
+    items = _ot_items(cfg.tensor_overrides, c)
+    if cfg.cpu_moe:
+        items.append(cpu_moe_rule().text)
+    items += [r.text for r in n_cpu_ffn_rules(cfg.n_cpu_ffn, FFN_DENSE_REGEX, "-ncffn")]
+    return ["-ot", ";".join(items)] if items else None
+
+
+def _no_rules(flag: str, who: str):
+    def cell(v, _c):
+        return Gap(f"{flag}: {who} cannot place single tensors; use llama-server or gpulab.load") if v else None
+    return cell
+
+
+def _py_rules(flag: str):
+    def cell(v, _c):
+        if not v:
+            return None
+        return Gap(f"{flag}: llama_cpp.Llama() cannot pass tensor overrides (its tensor_buft_overrides is unused); "
+                   "load with gpulab.load(model, config), which can")
+    return cell
+
+
 @dataclass(frozen=True)
 class Spelling:
     attr: str            # SplitConfig field
@@ -413,6 +458,23 @@ SPELLINGS: tuple[Spelling, ...] = (
              lambda v, _c: None if v else ["-nopo", "1"], lambda v, _c: None if v else ("op_offload", False),
              lambda v, _c: None if v else Gap("--no-op-offload: Ollama has no setting for it"),
              lambda v, _c: None if v else Gap("--no-op-offload: KoboldCpp has no setting for it")),
+    Spelling("tensor_overrides", _server_ot, _bench_ot, _py_rules("-ot"), _no_rules("-ot", "Ollama"),
+             _no_rules("-ot", "KoboldCpp")),
+    Spelling("cpu_moe", lambda v, _c: ["-cmoe"] if v else None, _none, _py_rules("-cmoe"),
+             _no_rules("-cmoe", "Ollama"), _no_rules("-cmoe", "KoboldCpp")),
+    Spelling("n_cpu_moe", lambda v, _c: ["-ncmoe", str(v)] if v else None,
+             lambda v, _c: ["-ncmoe", str(v)] if v else None, _py_rules("-ncmoe"),
+             _no_rules("-ncmoe", "Ollama"), _no_rules("-ncmoe", "KoboldCpp")),
+    Spelling("n_cpu_ffn", lambda v, _c: ["-ncffn", str(v)] if v else None, _none, _py_rules("-ncffn"),
+             _no_rules("-ncffn", "Ollama"), _no_rules("-ncffn", "KoboldCpp")),
+    Spelling("no_host", lambda v, _c: ["--no-host"] if v else None, lambda v, _c: ["--no-host", "1"] if v else None,
+             lambda v, _c: Gap("--no-host: Llama() has no keyword for it") if v else None,
+             lambda v, _c: Gap("--no-host: Ollama has no setting for it") if v else None,
+             lambda v, _c: Gap("--no-host: KoboldCpp has no setting for it") if v else None),
+    Spelling("use_extra_bufts", lambda v, _c: None if v else ["-nr"], lambda v, _c: None if v else ["--repack", "0"],
+             lambda v, _c: None if v else Gap("-nr: Llama() has no keyword for it"),
+             lambda v, _c: None if v else Gap("-nr: Ollama has no setting for it"),
+             lambda v, _c: None if v else Gap("-nr: KoboldCpp has no setting for it")),
 )
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from .config import SplitConfig
 from .profile import ModelProfile
@@ -22,6 +23,10 @@ class DevicePlan:
     n_layers: int = 0             # repeating layers placed here
     has_output: bool = False      # holds the output layer (index n_layer)
     is_host: bool = False
+    expert_bytes: int = 0         # of weights_bytes: MoE expert tensors
+    # the host only, its weights as llama.cpp allocates them (weights_bytes = the two together):
+    mapped_bytes: int = 0         # CPU_Mapped: the file span from its first to its last host tensor
+    repack_bytes: int = 0         # CPU_REPACK: copies of the weights the CPU backend repacks
 
     @property
     def used_bytes(self) -> int:
@@ -46,6 +51,9 @@ class Plan:
     split_points: tuple[float, ...]    # llama.cpp's normalised cumulative split (float32 values)
     kv_cells: int                      # KV cells per full-attention layer (n_ctx padded to 256)
     kv_cells_swa: int                  # KV cells per sliding-window layer
+    moved_tensors: Mapping[str, str] = field(default_factory=dict)   # tensor -> device, where not its layer's
+    rule_matches: tuple = ()           # gpulab.core.tensor_placement.RuleMatch per tensor override rule
+    notes: tuple[str, ...] = ()        # warnings (a rule that matches nothing, ...)
 
     @property
     def fits(self) -> bool:

@@ -14,8 +14,10 @@ from .compute import estimate_compute_bytes
 from .config import SplitConfig
 from .devices import HOST_NAME, Device
 from .ggml_types import row_bytes
+from .overrides import effective_rules
 from .plan import DevicePlan, Plan
 from .profile import ModelProfile
+from .tensor_placement import compute_sites, place_tensors
 
 __all__ = ["plan", "select_devices", "kv_cells", "kv_cell_bytes", "split_points", "assign_layers"]
 
@@ -166,29 +168,32 @@ def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | Non
     layer_devices = assign_layers(profile.n_layer, config.n_gpu_layers, used, points)
 
     names = [d.name for d in used] + [HOST_NAME]
-    weights = dict.fromkeys(names, 0)
     kv = dict.fromkeys(names, 0)
     n_layers = dict.fromkeys(names, 0)
-
-    # input layer: always on the CPU ("very little benefit to offloading the input layer")
-    weights[HOST_NAME] += profile.input_weights_bytes
     out_dev = layer_devices[profile.n_layer]
-    weights[out_dev] += sum(t.n_bytes for t in profile.output_tensors)
-    if profile.tied_output and out_dev != HOST_NAME and profile.token_embd is not None:
-        # llama_model_loader::create_tensor: TENSOR_DUPLICATED token_embd loaded as the output
-        weights[out_dev] += profile.token_embd.n_bytes
+
+    # every tensor's buffer: its layer's device unless a tensor override decides
+    # (llama_model_loader::create_tensor), and the host's buffers as llama.cpp allocates them
+    rules = effective_rules(config)
+    tp = place_tensors(profile, rules, layer_devices, used, list(devices),
+                       host_buffer=bool(used) and used[0].kind in ("gpu", "igpu") and not config.no_host,
+                       use_extra_bufts=config.use_extra_bufts,
+                       repack_types=frozenset(host.repack_types) if host is not None else frozenset())
+    weights = {n: tp.weights.get(n, 0) for n in names}
 
     full_cells, swa_cells = kv_cells(profile, config)
     per_cell = kv_cell_bytes(profile, config)
     for layer in profile.layers:
         dev = layer_devices[layer.index]
-        weights[dev] += layer.weights_bytes
         n_layers[dev] += 1
-        # llama_kv_cache ctor: a layer's K/V live on model.dev_layer(il) when offloading
+        # llama_kv_cache ctor: a layer's K/V live on model.dev_layer(il) when offloading, whatever
+        # the tensor overrides moved
         kv_dev = dev if config.offload_kqv else HOST_NAME
         kv[kv_dev] += (swa_cells if layer.is_swa else full_cells) * per_cell[layer.index]
 
-    compute = estimate_compute_bytes(profile, config, layer_devices, names)
+    ffn_sites, stray = compute_sites(profile, layer_devices, tp.moved)
+    compute = estimate_compute_bytes(profile, config, layer_devices, names,
+                                     ffn_devices=ffn_sites if tp.moved else None, stray=stray)
 
     by_name = {d.name: d for d in used}
     rows = []
@@ -202,6 +207,9 @@ def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | Non
             weights_bytes=weights[name], kv_bytes=kv[name], compute_bytes=compute.get(name, 0),
             # learned from NVML by earlier runs (CUDA context, workspaces): what "fits" must leave
             overhead_bytes=src.overhead_bytes if src is not None and not is_host else 0,
-            n_layers=n_layers[name], has_output=out_dev == name, is_host=is_host))
+            n_layers=n_layers[name], has_output=out_dev == name, is_host=is_host,
+            expert_bytes=tp.expert_weights.get(name, 0),
+            mapped_bytes=tp.mapped_bytes if is_host else 0, repack_bytes=tp.repack_bytes if is_host else 0))
     return Plan(profile=profile, config=config, devices=tuple(rows), layer_devices=tuple(layer_devices),
-                split_points=tuple(points), kv_cells=full_cells, kv_cells_swa=swa_cells)
+                split_points=tuple(points), kv_cells=full_cells, kv_cells_swa=swa_cells,
+                moved_tensors=tp.moved, rule_matches=tp.matches, notes=tp.notes)

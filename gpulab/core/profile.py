@@ -14,6 +14,7 @@ class TensorInfo:
     ggml_type: str       # 'Q4_0', 'F16', ...
     shape: tuple[int, ...]  # ggml order (ne0 first)
     n_bytes: int
+    offset: int = 0      # where its data starts in the file (llama_model_loader's weight->offs)
 
     @property
     def n_elements(self) -> int:

@@ -46,6 +46,8 @@ class LoadReport:
     dry_run: bool = False
     # sum of 'llama_kv_cache: size = X MiB' over the KV caches (real even in a dry run)
     kv_total_bytes: int = 0
+    # (tensor, buffer type) of every tensor a tensor override placed (create_tensor, debug level)
+    overridden: tuple[tuple[str, str], ...] = ()
 
     @property
     def n_layer(self) -> int:
@@ -81,11 +83,13 @@ class LoadReport:
         """Plain JSON types, for the worker protocol and the results store."""
         return {"layer_devices": list(self.layer_devices), "buffers": [asdict(b) for b in self.buffers],
                 "devices": list(self.devices), "log": self.log, "kv_layer_devices": list(self.kv_layer_devices),
-                "dry_run": self.dry_run, "kv_total_bytes": self.kv_total_bytes}
+                "dry_run": self.dry_run, "kv_total_bytes": self.kv_total_bytes,
+                "overridden": [list(x) for x in self.overridden]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "LoadReport":
         return cls(layer_devices=tuple(d["layer_devices"]), buffers=tuple(BufferReport(**b) for b in d["buffers"]),
                    devices=tuple(d["devices"]), log=d.get("log", ""),
                    kv_layer_devices=tuple(d.get("kv_layer_devices", ())), dry_run=d.get("dry_run", False),
-                   kv_total_bytes=d.get("kv_total_bytes", 0))
+                   kv_total_bytes=d.get("kv_total_bytes", 0),
+                   overridden=tuple(tuple(x) for x in d.get("overridden", ())))

@@ -119,10 +119,8 @@ def _throughput(d) -> Throughput | None:
 
 
 def config_to_dict(c: SplitConfig) -> dict:
-    d = asdict(c)
-    d["tensor_split"] = list(c.tensor_split)
-    d["devices"] = list(c.devices)
-    return d
+    """Plain JSON types: tuples as lists (what json.loads gives back)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(c).items()}
 
 
 def config_from_dict(d: dict) -> SplitConfig:

@@ -28,8 +28,9 @@ SPLIT_MODE_IDS = {"none": 0, "layer": 1, "row": 2}
 FLASH_ATTN_IDS = {"auto": -1, "off": 0, "on": 1}
 
 # int: a number; choice: one of `choices`; off: a flag that sets the field False (-nkvo);
-# on: a flag that sets it True (--swa-full); split: '3,1'; names: 'CUDA0,CUDA1' or 'none'
-Kind = Literal["int", "choice", "off", "on", "split", "names"]
+# on: a flag that sets it True (--swa-full); split: '3,1'; names: 'CUDA0,CUDA1' or 'none';
+# rules: -ot, repeatable, each value a comma-separated list of PATTERN=BUFFER_TYPE
+Kind = Literal["int", "choice", "off", "on", "split", "names", "rules"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,18 @@ SETTINGS: tuple[Setting, ...] = (
             struct="context", c_field="swa_full", to_c=bool),
     Setting("op_offload", ("--no-op-offload",), "do not let the GPU run ops of weights kept on the host", "off",
             struct="context", c_field="op_offload", to_c=bool),
+    Setting("tensor_overrides", ("-ot", "--override-tensor"),
+            "PATTERN=BUFFER_TYPE,...: tensors whose name the regex finds go to that device (CPU, CUDA0, RPC1...); "
+            "repeatable, the first matching rule wins", "rules", metavar="PATTERN=TYPE,...", struct="model"),
+    Setting("cpu_moe", ("-cmoe", "--cpu-moe"), "keep every layer's MoE experts on the CPU", "on", struct="model"),
+    Setting("n_cpu_moe", ("-ncmoe", "--n-cpu-moe"), "keep the MoE experts of the first N layers on the CPU", "int",
+            struct="model"),
+    Setting("n_cpu_ffn", ("-ncffn", "--n-cpu-ffn"), "keep the dense FFN of the first N layers on the CPU", "int",
+            struct="model"),
+    Setting("no_host", ("--no-host",), "no pinned GPU host buffer for weights on the host (lets CPU_REPACK work)",
+            "on", struct="model", c_field="no_host", to_c=bool),
+    Setting("use_extra_bufts", ("-nr", "--no-repack"), "no CPU_REPACK copies of host weights", "off",
+            struct="model", c_field="use_extra_bufts", to_c=bool),
 )
 
 _BY_ATTR = {s.attr: s for s in SETTINGS}
@@ -110,4 +123,6 @@ def value_from_text(s: Setting, text: str) -> Any:
         return parse_tensor_split(text) if text else ()
     if s.kind == "names":
         return tuple(x.strip() for x in text.split(",") if x.strip())
+    if s.kind == "rules":   # one -ot value may list several rules: kept item by item, in order
+        return tuple(item for item in text.split(",")) if text else ()
     return text

@@ -66,6 +66,11 @@ _GGML_SIGNATURES = {
     "ggml_backend_reg_count": ([], ctypes.c_size_t),
     "ggml_backend_reg_get": ([ctypes.c_size_t], _P),
     "ggml_backend_register": ([_P], None),
+    # buffer types (ggml-backend.h), for tensor overrides and RPC buffer names
+    "ggml_backend_dev_buffer_type": ([_P], _P),
+    "ggml_backend_dev_host_buffer_type": ([_P], _P),
+    "ggml_backend_buft_name": ([_P], ctypes.c_char_p),
+    "ggml_backend_cpu_buffer_type": ([], _P),
 }
 _RPC_SIGNATURES = {
     "ggml_backend_rpc_add_server": ([ctypes.c_char_p], _P),
@@ -203,9 +208,15 @@ def _device(g, dev: int, rpc: bool) -> Device:
     total = max(total, free)
     kind = "rpc" if rpc else _KIND_OF_TYPE.get(props.type, "gpu")
     dev_id = (props.device_id or b"").decode()
+    server_index = 0
+    if rpc:   # its buffer type is 'RPC<index within its server>[<endpoint>]' (ggml_backend_rpc_buffer_type)
+        buft = g.ggml_backend_dev_buffer_type(dev)
+        bname = (g.ggml_backend_buft_name(buft) or b"").decode() if buft else ""
+        if bname.startswith("RPC") and "[" in bname and bname[3:bname.index("[")].isdigit():
+            server_index = int(bname[3:bname.index("[")])
     return Device(name=name, total_bytes=total, free_bytes=free, source="rpc" if rpc else "llama",
                   kind=kind, description=desc, pci_bus_id=dev_id if kind in ("gpu", "igpu") else "",
-                  endpoint=desc if rpc else "")
+                  endpoint=desc if rpc else "", server_index=server_index)
 
 
 def llama_devices(*, include_accel: bool = False) -> list[Device]:

@@ -143,6 +143,8 @@ _BUFFER = re.compile(
     r"^\s*(?P<fn>[\w~]+): +(?P<buf>\S+) +(?P<what>model|KV|RS|DSV4 \S+ state|compute|output) buffer size = +"
     r"(?P<mib>[\d.]+) MiB")
 _KV_TOTAL = re.compile(r"llama_kv_cache: size = +([\d.]+) MiB")
+# create_tensor (debug level): "tensor blk.0.ffn_up_exps.weight (3 MiB q8_0) buffer type overridden to CPU_REPACK"
+_OVERRIDDEN = re.compile(r"tensor (\S+) \(\d+ MiB \S+\) buffer type overridden to (\S+)")
 _NO_ALLOC = re.compile(r"print_info: no_alloc += (\d)")
 _RESERVING = re.compile(r"sched_reserve: reserving \.\.\.")
 _RPC_BUF = re.compile(r"^RPC(\d+)\[(.+)\]$")
@@ -217,6 +219,7 @@ def parse_load_log(text: str, devices: list[Device] | None = None) -> LoadReport
     compute: list[tuple[str, str, int]] = []  # the current reservation's compute buffers
     kv_total = 0
     dry_run = False
+    overridden: list[tuple[str, str]] = []
     for line in lines:
         if "using device" in line:
             m = _USING.search(line)
@@ -252,6 +255,11 @@ def parse_load_log(text: str, devices: list[Device] | None = None) -> LoadReport
         if m:
             kv_total += _mib(m.group(1))
             continue
+        if "overridden" in line:
+            m = _OVERRIDDEN.search(line)
+            if m:
+                overridden.append((m.group(1), m.group(2)))
+                continue
         m = _NO_ALLOC.search(line)
         if m:
             dry_run = m.group(1) == "1"
@@ -268,4 +276,5 @@ def parse_load_log(text: str, devices: list[Device] | None = None) -> LoadReport
         kv_layer_devices=tuple(kv_layers.get(i, "") for i in range(n_kv)),
         dry_run=dry_run,
         kv_total_bytes=kv_total,
+        overridden=tuple(overridden),
     )

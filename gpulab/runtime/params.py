@@ -18,12 +18,32 @@ from ..core.config import SplitConfig
 from ..core.devices import Device
 from ..core.errors import ConfigError
 from ..core.exports import python_gaps, python_kwargs
+from ..core.overrides import effective_rules
 from ..core.planner import select_devices
 from ..core.settings import SETTINGS, check_settings_cover_config
 
 __all__ = ["llama_params", "llama_kwargs", "llama_kwargs_gaps"]
 
 _LOAD_MODE_NONE = 0  # enum llama_load_mode (include/llama.h): LLAMA_LOAD_MODE_NONE
+
+
+class _BuftOverride(ctypes.Structure):   # struct llama_model_tensor_buft_override (include/llama.h)
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+def _buffer_type(g, target: str) -> int:
+    """The buffer type a rule names: the CPU's own (llama.cpp compares the pointer with
+    ggml_backend_cpu_buffer_type() to choose among the host's buffers), else the default buffer
+    type of the device by gpulab's name or by llama.cpp's buffer type name ('RPC0[host:port]')."""
+    if target == "CPU":
+        return g.ggml_backend_cpu_buffer_type()
+    for i in range(g.ggml_backend_dev_count()):
+        dev = g.ggml_backend_dev_get(i)
+        name = (g.ggml_backend_dev_name(dev) or b"").decode()
+        buft = g.ggml_backend_dev_buffer_type(dev)
+        if target == name or (buft and (g.ggml_backend_buft_name(buft) or b"").decode() == target):
+            return buft
+    raise ConfigError(f"tensor override buffer type {target!r}: llama.cpp has no such device")
 
 
 def llama_params(config: SplitConfig, devices: list[Device] | None = None, *,
@@ -77,6 +97,18 @@ def llama_params(config: SplitConfig, devices: list[Device] | None = None, *,
                 arr = (ctypes.c_void_p * (len(handles) + 1))(*handles, None)
                 mp.devices = ctypes.cast(arr, ctypes.c_void_p).value
                 keep.append(arr)
+        elif f.attr == "tensor_overrides":
+            # llama_model_params.tensor_buft_overrides: a {pattern, buft} array ending in {NULL,
+            # NULL} (include/llama.h). llama-cpp-python declares the field but leaves it unused;
+            # ctypes fills it. -cmoe, -ncmoe and -ncffn are rules too (gpulab.core.overrides).
+            rules = effective_rules(config)
+            if rules:
+                arr = (_BuftOverride * (len(rules) + 1))(
+                    *[(r.pattern.encode(), _buffer_type(g, r.target)) for r in rules], (None, None))
+                mp.tensor_buft_overrides = ctypes.cast(arr, ctypes.c_void_p).value
+                keep.append(arr)
+        elif f.attr in ("cpu_moe", "n_cpu_moe", "n_cpu_ffn"):
+            continue          # in the tensor_overrides array above
         else:  # pragma: no cover - a Setting without c_field must be handled above
             raise RuntimeError(f"no C translation for {f.attr}")
     if dry_run:

@@ -234,7 +234,7 @@ def build_profile(h: Header, path: str, file_bytes: int, fail) -> ModelProfile:
     per_layer: list[list[TensorInfo]] = [[] for _ in range(n_layer)]
     inputs, outputs, others = [], [], []
     for t in h.tensors:
-        info = TensorInfo(t.name, t.type_name, t.shape, t.n_bytes)
+        info = TensorInfo(t.name, t.type_name, t.shape, t.n_bytes, offset=h.data_offset + t.offset)
         parts = t.name.split(".", 2)
         if parts[0] == "blk" and len(parts) == 3 and parts[1].isdigit():
             il = int(parts[1])

@@ -5,12 +5,13 @@ Read from /proc and /sys (sysconf elsewhere); nothing here raises for a machine 
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 from ..core.devices import HOST_NAME, Device
 
-__all__ = ["host_device", "cpu_model", "default_threads"]
+__all__ = ["host_device", "cpu_model", "default_threads", "repack_types"]
 
 
 def host_device(meminfo_path: str = "/proc/meminfo",
@@ -50,7 +51,33 @@ def host_device(meminfo_path: str = "/proc/meminfo",
         note += " (cgroup memory.max)"
     free = max(0, min(free, total))
     return Device(name=HOST_NAME, total_bytes=total, free_bytes=free, source="host", kind="cpu",
-                  description="system memory" + note)
+                  description="system memory" + note, repack_types=_this_cpu_repack_types())
+
+
+@functools.lru_cache(maxsize=1)
+def _this_cpu_repack_types() -> tuple[str, ...]:
+    return repack_types()
+
+
+def repack_types(flags: frozenset[str] | None = None, off: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """The weight types the CPU backend repacks into CPU_REPACK on this CPU, for a native build
+    with the set-up's CPU-feature decision (ggml-cpu/repack.cpp ggml_repack_get_optimal_repack_type,
+    x86: Q4_0, Q4_K, IQ4_NL and MXFP4 need AVX2, Q2_K AVX-512). Other architectures: () (not
+    modelled yet; the host row then shows no CPU_REPACK copy)."""
+    from .cpu_features import _cpuinfo_flags, host_decision
+    import platform
+    if flags is None:
+        if platform.machine() not in ("x86_64", "AMD64"):
+            return ()
+        flags = _cpuinfo_flags()
+    if off is None:
+        off = host_decision().off
+    out: list[str] = []
+    if "avx2" in flags and "AVX" not in off:
+        out += ["Q4_0", "Q4_K", "IQ4_NL", "MXFP4"]
+        if "avx512f" in flags and "AVX-512" not in off:
+            out.append("Q2_K")
+    return tuple(out)
 
 
 def _read_int(path: str) -> int | None:

@@ -44,7 +44,7 @@ from ..core.policies import POLICIES, policy_split
 from ..core.profile import ModelProfile
 from ..core.reconcile import comparison_rows
 from ..core.run import Run
-from ..core.settings import SETTINGS
+from ..core.settings import SETTINGS, value_from_text
 from ..core.units import format_bytes
 from . import figures as F
 from .html import exports_html, run_rows, table_html
@@ -56,6 +56,7 @@ _POLICY_LABELS = {"llama": "llama.cpp default", "ollama-spread": "ollama spread"
 _CUSTOM = {"tensor_split", "devices", "main_gpu", "n_gpu_layers", "split_mode", "n_ctx", "type_k", "type_v",
            "flash_attn"}
 _EXPORT_TARGETS = tuple(t for t in TARGETS if t != "llama-cli")
+_PROMINENT = ("n_cpu_moe", "tensor_overrides")     # on their own rows; the rest share one
 
 
 def _cleanup(session) -> None:
@@ -216,10 +217,19 @@ class SplitLab(W.VBox):
             if st.kind in ("off", "on"):
                 ctl = W.Checkbox(value=(not value) if st.kind == "off" else bool(value), description=label,
                                  indent=False, tooltip=st.help, layout=W.Layout(width="auto"))
+            elif st.attr == "n_cpu_moe" and prof.is_moe:
+                # the experts-on-CPU slider: the experts of layers 0..N-1 go to the host
+                ctl = W.IntSlider(value=int(value), min=0, max=prof.n_layer, description="-ncmoe",
+                                  tooltip=st.help, continuous_update=True, style={"description_width": "60px"},
+                                  layout=W.Layout(width="330px"))
             elif st.kind == "int":
-                ctl = W.BoundedIntText(value=int(value), min=1, max=1 << 20, description=st.flags[0],
-                                       tooltip=st.help, style={"description_width": "40px"},
-                                       layout=W.Layout(width="150px"))
+                ctl = W.BoundedIntText(value=int(value), min=0 if st.default == 0 else 1, max=1 << 20,
+                                       description=st.flags[0], tooltip=st.help,
+                                       style={"description_width": "50px"}, layout=W.Layout(width="150px"))
+            elif st.kind == "rules":
+                ctl = W.Text(value=",".join(value), description=st.flags[0], tooltip=st.help,
+                             placeholder=r"blk\.[0-9]\.ffn_.*_exps=CPU,...", continuous_update=False,
+                             style={"description_width": "60px"}, layout=W.Layout(width="660px"))
             else:
                 ctl = W.Dropdown(options=list(st.choices), value=value, description=st.flags[0], tooltip=st.help)
             ctl.observe(self._changed, "value")
@@ -270,7 +280,9 @@ class SplitLab(W.VBox):
         right = W.VBox([W.HTML("<b>policies</b> set the sliders"), W.HBox(list(self.policy_buttons.values()), layout=W.Layout(flex_flow="row wrap")),
                         self.ngl_slider, self.split_mode, self.main_gpu, self.n_ctx,
                         W.HBox([self.type_k, self.type_v]), self.flash_attn, self.y_scale,
-                        W.HBox(list(self.setting_controls.values()), layout=W.Layout(flex_flow="row wrap"))])
+                        *[c for a, c in self.setting_controls.items() if a in _PROMINENT],
+                        W.HBox([c for a, c in self.setting_controls.items() if a not in _PROMINENT],
+                               layout=W.Layout(flex_flow="row wrap"))])
         measure_box = W.VBox([
             W.HTML("<b>Load &amp; measure</b> <span style='color:#666;font-size:12px'>(in a worker process: the "
                    "kernel survives whatever llama.cpp does)</span>"),
@@ -315,8 +327,14 @@ class SplitLab(W.VBox):
         generic = {}
         for st in SETTINGS:
             ctl = self.setting_controls.get(st.attr)
-            if ctl is not None:
-                generic[st.attr] = (not ctl.value) if st.kind == "off" else ctl.value
+            if ctl is None:
+                continue
+            if st.kind == "off":
+                generic[st.attr] = not ctl.value
+            elif st.kind == "rules":
+                generic[st.attr] = value_from_text(st, ctl.value.strip())
+            else:
+                generic[st.attr] = ctl.value
         return self._base_config.replace(
             tensor_split=ts, devices=devices, n_gpu_layers=-1 if ngl >= n_max else ngl,
             split_mode=self.split_mode.value, main_gpu=self.main_gpu.value or 0, n_ctx=self.n_ctx.value,

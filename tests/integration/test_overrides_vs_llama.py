@@ -1,0 +1,157 @@
+"""Tensor overrides (-ot, --cpu-moe, --n-cpu-moe, --n-cpu-ffn) planned, against real llama.cpp.
+
+Models written here: a Mixtral-style MoE (4 experts, untied), a qwen3moe (8 experts, tied
+output) and a dense llama (Q4_0, whose host weights llama.cpp also repacks), loaded by llama.cpp
+on three CPU RPC devices in a worker. Each expert tensor is over 1 MiB, so a misplaced one shows
+beyond the tolerance. For every case:
+  - every layer's device exactly llama.cpp's (the overrides must not move a layer);
+  - every tensor llama.cpp logs as overridden is one the plan moved, to the same device;
+  - weights and KV per offload device within 1% or 1 MiB; the host's CPU_Mapped span and
+    CPU_REPACK copies each within 1% or 1 MiB of llama.cpp's buffers;
+  - compute buffers on the offload devices within 25% (the host's too: it runs the moved FFNs).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from gpulab import SplitConfig, plan, read_profile
+from gpulab.core.overrides import parse_llama_rpc_buffer_type
+from gpulab.sources.host import host_device
+from gpulab.sources.synth import SynthSpec, write_model
+from llama_tools import NOT_BUILT, tools_bin
+
+MiB = 1024**2
+
+MODELS = {
+    "mixtral-4x": SynthSpec(arch="llama", n_layer=6, n_embd=512, n_ff=1024, n_head=8, n_head_kv=4, n_vocab=1024,
+                            n_expert=4, n_expert_used=2, weight_type="Q8_0"),
+    "qwen3moe-8x-tied": SynthSpec(arch="qwen3moe", n_layer=5, n_embd=512, n_ff=512, n_head=8, n_head_kv=2,
+                                  n_vocab=1024, n_expert=8, n_expert_used=2, n_ff_exp=512, weight_type="Q8_0",
+                                  tied_output=True),
+    "dense-q4": SynthSpec(arch="llama", n_layer=6, n_embd=512, n_ff=1536, n_head=8, n_head_kv=4, n_vocab=1024,
+                          weight_type="Q4_0"),
+    # the host row without any rule: a tied Q4_0 model, its output copy of token_embd repacked
+    "tied-q4": SynthSpec(arch="llama", n_layer=5, n_embd=512, n_ff=1024, n_head=8, n_head_kv=4, n_vocab=4096,
+                         weight_type="Q4_0", tied_output=True),
+}
+CTX = dict(n_ctx=512)
+CASES = [
+    ("mixtral-4x", "cpu-moe", SplitConfig(tensor_split=(1, 1), cpu_moe=True, **CTX)),
+    ("qwen3moe-8x-tied", "cpu-moe", SplitConfig(tensor_split=(1, 1, 1), cpu_moe=True, **CTX)),
+    ("mixtral-4x", "ncmoe-3-full", SplitConfig(tensor_split=(1, 1), n_cpu_moe=3, **CTX)),
+    ("mixtral-4x", "ncmoe-2-ngl-4", SplitConfig(tensor_split=(1, 1), n_gpu_layers=4, n_cpu_moe=2, **CTX)),
+    ("qwen3moe-8x-tied", "ncmoe-5-no-fa", SplitConfig(tensor_split=(2, 1, 1), n_cpu_moe=5, flash_attn="off",
+                                                       n_ctx=1024)),
+    ("mixtral-4x", "experts-to-rpc1", SplitConfig(tensor_split=(1, 1), tensor_overrides=(r"blk\.[0-2]\.ffn_.*_exps=RPC1",),
+                                                  **CTX)),
+    ("qwen3moe-8x-tied", "experts-to-rpc2-llama-name",
+     SplitConfig(tensor_split=(1, 1, 1), tensor_overrides=(r"blk\.[0-1]\.ffn_.*_exps=RPC2",), **CTX)),
+    ("mixtral-4x", "first-match-wins", SplitConfig(tensor_split=(1, 1), tensor_overrides=(r"blk\.1\.=CPU",
+                                                                                          r"blk\.[0-3]\.=RPC1"), **CTX)),
+    ("mixtral-4x", "attention-and-router", SplitConfig(tensor_split=(1, 1), tensor_overrides=(
+        "attn_q=CPU", "ffn_gate_inp=RPC0"), **CTX)),
+    ("dense-q4", "ncffn-3", SplitConfig(tensor_split=(1, 1), n_cpu_ffn=3, **CTX)),
+    ("dense-q4", "attn-output-cpu", SplitConfig(tensor_split=(1, 1), tensor_overrides=("attn_output=CPU",), **CTX)),
+    ("dense-q4", "ffn-to-rpc0", SplitConfig(tensor_split=(1, 1), tensor_overrides=(r"blk\.[45]\.ffn=RPC0",), **CTX)),
+    ("dense-q4", "ncffn-all-no-fa", SplitConfig(tensor_split=(1, 1, 1), n_cpu_ffn=6, flash_attn="off", **CTX)),
+    ("tied-q4", "no-rules-ngl-0", SplitConfig(n_gpu_layers=0, **CTX)),
+    ("tied-q4", "no-rules-ngl-3", SplitConfig(n_gpu_layers=3, tensor_split=(1, 1), **CTX)),
+    ("tied-q4", "no-repack", SplitConfig(n_gpu_layers=0, use_extra_bufts=False, **CTX)),
+]
+
+
+@pytest.fixture(scope="module")
+def worker():
+    from gpulab.runtime.rpc import start_servers
+    from gpulab.runtime.worker import Worker
+    with start_servers(3) as cluster, Worker(cluster.endpoints) as w:
+        yield w
+
+
+@pytest.fixture(scope="module")
+def model_paths(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ot-models")
+    return {name: write_model(root / f"{name}.gguf", spec) for name, spec in MODELS.items()}
+
+
+def _close(predicted: int, actual: int) -> bool:
+    return abs(predicted - actual) <= max(0.01 * actual, 1 * MiB)
+
+
+def _llama_names(config: SplitConfig, devices) -> SplitConfig:
+    """The same rules with RPC devices named as llama.cpp names their buffer types."""
+    from gpulab.core.overrides import llama_buffer_type_name
+    by_name = {d.name: llama_buffer_type_name(d) for d in devices}
+    items = []
+    for item in config.tensor_overrides:
+        pattern, _, target = item.partition("=")
+        items.append(f"{pattern}={by_name.get(target, target)}")
+    return config.replace(tensor_overrides=tuple(items))
+
+
+@pytest.mark.parametrize("model_name,case,config", CASES, ids=[f"{m}-{c}" for m, c, _ in CASES])
+def test_overrides_match_llama_cpp(model_name, case, config, model_paths, worker):
+    devices = [d for d in worker.devices() if d.kind == "rpc"]
+    n = len(config.tensor_split)
+    config = config.replace(devices=tuple(d.name for d in devices[:n]))
+    if "llama-name" in case:
+        config = _llama_names(config, devices)
+        assert "RPC0[" in config.tensor_overrides[0]
+    predicted = plan(read_profile(model_paths[model_name]), devices, config, host_device())
+    report, _ = worker.load(model_paths[model_name], config, check_fit=False)
+
+    assert list(report.layer_devices) == list(predicted.layer_devices), "a layer moved"
+    # every tensor llama.cpp says an override placed, on the device the plan has it
+    by_endpoint = {(d.endpoint, d.server_index): d.name for d in devices}
+    for tensor, buft in report.overridden:
+        rpc = parse_llama_rpc_buffer_type(buft)
+        where = by_endpoint[(rpc[1], rpc[0])] if rpc else ("CPU" if buft.startswith("CPU") else buft)
+        home = predicted.moved_tensors.get(tensor)
+        if home is None:      # a rule sent it where its layer is anyway (not moved)
+            il = int(tensor.split(".")[1]) if tensor.startswith("blk.") else predicted.profile.n_layer
+            home = predicted.layer_devices[il]
+        assert where == home, f"{tensor}: llama.cpp {buft}, plan {home}"
+    assert set(predicted.moved_tensors) <= {t for t, _ in report.overridden}
+
+    for d in predicted.devices:
+        got = report.kinds_by_device().get(d.name, {})
+        assert _close(d.kv_bytes, got.get("kv", 0)), f"{d.name} KV: {d.kv_bytes} vs {got.get('kv', 0)}"
+        if d.is_host:
+            bufs = {b.buffer_type: b.n_bytes for b in report.buffers if b.device == "CPU" and b.kind == "model"}
+            assert _close(d.mapped_bytes, bufs.get("CPU_Mapped", 0)), f"CPU_Mapped: {d.mapped_bytes} vs {bufs}"
+            assert _close(d.repack_bytes, bufs.get("CPU_REPACK", 0)), f"CPU_REPACK: {d.repack_bytes} vs {bufs}"
+        else:
+            assert _close(d.weights_bytes, got.get("model", 0)), f"{d.name} weights: {d.weights_bytes} vs {got}"
+        actual = got.get("compute", 0)
+        if actual:
+            assert abs(d.compute_bytes - actual) <= 0.25 * actual, \
+                f"{d.name} compute: predicted {d.compute_bytes / MiB:.2f} MiB, llama.cpp {actual / MiB:.2f} MiB"
+
+
+def test_a_rule_to_a_device_the_model_does_not_use_is_refused(model_paths, worker):
+    from gpulab import ConfigError
+    devices = [d for d in worker.devices() if d.kind == "rpc"]
+    config = SplitConfig(devices=("RPC0", "RPC1"), tensor_overrides=("exps=RPC2",), **CTX)
+    with pytest.raises(ConfigError, match="RPC2 is not one of the devices the model uses"):
+        plan(read_profile(model_paths["mixtral-4x"]), devices, config)
+    with pytest.raises(ConfigError, match="no device here .* available: CPU, RPC0 \\(RPC0\\["):
+        plan(read_profile(model_paths["mixtral-4x"]), devices, SplitConfig(tensor_overrides=("exps=CUDA7",)))
+
+
+@pytest.mark.skipif(tools_bin() is None, reason=NOT_BUILT)
+@pytest.mark.parametrize("flags,gpulab_says,llama_says", [
+    (["-ot", "exps=CUDA7"], "no device here", "unknown buffer type"),
+    (["-ot", "exps"], "has no '='", "invalid value"),
+    (["-ncmoe", "-1"], "takes a count from 0", "invalid value"),
+])
+def test_bad_rules_are_refused_as_llama_server_refuses_them(flags, gpulab_says, llama_says, model_paths):
+    """The same flags, to gpulab and to llama-server built from the vendored source."""
+    import subprocess
+    import sys
+    g = subprocess.run([sys.executable, "-m", "gpulab", "plan", str(model_paths["mixtral-4x"]), "--sim", "2x24GiB",
+                        *flags], capture_output=True, text=True)
+    assert g.returncode == 2 and gpulab_says in g.stderr and len(g.stderr.strip().splitlines()) == 1, g.stderr
+    r = subprocess.run([str(tools_bin() / "llama-server"), "-m", str(model_paths["mixtral-4x"]), *flags, "--version"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and llama_says in r.stderr + r.stdout
