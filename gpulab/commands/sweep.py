@@ -16,15 +16,15 @@ from __future__ import annotations
 import argparse
 
 from ..core.bench_format import OUTPUT_FORMATS
-from ..core.sweep_grid import GRID_FLAGS
+from ..core.sweep_grid import GRID_FLAGS, LONG_FLAGS
 from .flags import add_bench_flags, add_device_flags, add_model_arg, devices_from_args, model_path
 from .result import Result
 
 __all__ = ["register", "run", "add_grid_flags", "grid_from_args", "planner_check", "measuring_setup"]
 
-_LONG = {"-ngl": "--n-gpu-layers", "-sm": "--split-mode", "-mg": "--main-gpu", "-dev": "--device",
-         "-ts": "--tensor-split", "-c": "--ctx-size", "-b": "--batch-size", "-ub": "--ubatch-size",
-         "-ctk": "--cache-type-k", "-ctv": "--cache-type-v", "-nkvo": "--no-kv-offload", "-fa": "--flash-attn"}
+
+
+_LONG = {short: long for long, short in LONG_FLAGS.items()}
 
 
 def add_grid_flags(p: argparse.ArgumentParser) -> None:

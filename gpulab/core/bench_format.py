@@ -44,9 +44,12 @@ _MD_NAME = {"n_gpu_layers": "ngl", "split_mode": "sm", "n_threads": "threads", "
 # cmd_params_defaults: a column appears when a value differs from these (or values differ)
 _MD_DEFAULTS = {"n_batch": 2048, "n_ubatch": 512, "type_k": "f16", "type_v": "f16", "main_gpu": 0,
                 "split_mode": "layer", "no_kv_offload": False, "flash_attn": -1, "devices": "auto",
-                "tensor_split": "0.00", "load_mode": "auto"}
+                "tensor_split": "0.00", "tensor_buft_overrides": "none", "load_mode": "auto",
+                "no_op_offload": 0, "no_host": False, "repack": True}
+# markdown_printer::print_header's order, after n_threads (n_cpu_moe comes before it)
 _MD_OPTIONAL = ("n_batch", "n_ubatch", "type_k", "type_v", "main_gpu", "split_mode", "no_kv_offload",
-                "flash_attn", "devices", "tensor_split", "load_mode")
+                "flash_attn", "devices", "tensor_split", "tensor_buft_overrides", "load_mode",
+                "no_op_offload", "no_host", "repack")
 
 
 def _md_width(f: str) -> int:
@@ -74,6 +77,8 @@ def _md(records: list[dict], default_threads: int | None) -> str:
     cpu_backend = any(("CPU" in r["backends"] or "BLAS" in r["backends"]) for r in records)
     if not cpu_backend:
         cols.append("n_gpu_layers")
+    if {r["n_cpu_moe"] for r in records} != {0}:
+        cols.append("n_cpu_moe")
     threads = {r["n_threads"] for r in records}
     if cpu_backend or len(threads) > 1 or default_threads is None or threads != {default_threads}:
         cols.append("n_threads")

@@ -118,6 +118,15 @@ def _throughput(d) -> Throughput | None:
                       samples_ts=tuple(d["samples_ts"]), avg_ts=d["avg_ts"], stddev_ts=d["stddev_ts"])
 
 
+def _overrides_str(c: SplitConfig) -> str:
+    """llama-bench's tensor_buft_overrides field (cmd_params_instance::get_values): the -ot rules as
+    PATTERN=BUFFER_TYPE joined by ';', or 'none'. --n-cpu-moe has its own field; --cpu-moe and
+    --n-cpu-ffn, which llama-bench lacks, are written as the rules they stand for."""
+    from .overrides import effective_rules
+    rules = [r for r in effective_rules(c) if r.source != "-ncmoe"]
+    return ";".join(r.text for r in rules) or "none"
+
+
 def config_to_dict(c: SplitConfig) -> dict:
     """Plain JSON types: tuples as lists (what json.loads gives back)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(c).items()}
@@ -243,20 +252,20 @@ def to_llama_bench_records(run: Run, *, include_gpulab: bool = True) -> list[dic
             "type_k": c.type_k,
             "type_v": c.type_v,
             "n_gpu_layers": c.n_gpu_layers,
-            "n_cpu_moe": 0,
+            "n_cpu_moe": c.n_cpu_moe,
             "split_mode": c.split_mode,
             "main_gpu": c.main_gpu,
             "no_kv_offload": not c.offload_kqv,
             "flash_attn": _FLASH_ATTN_INT[c.flash_attn],
             "devices": _devices_str(c.devices),
             "tensor_split": format_tensor_split(c.tensor_split),
-            "tensor_buft_overrides": "none",
+            "tensor_buft_overrides": _overrides_str(c),
             "load_mode": "none" if run.report.dry_run else "auto",
             "lazy_mode": "auto",
             "embeddings": False,
-            "no_op_offload": 0,
-            "no_host": False,
-            "repack": True,
+            "no_op_offload": int(not c.op_offload),
+            "no_host": c.no_host,
+            "repack": c.use_extra_bufts,
             "fit_target": 0,
             "fit_min_ctx": 0,
             "n_prompt": t.n_prompt,

@@ -10,10 +10,13 @@ The syntax is tools/llama-bench/llama-bench.cpp's (parse_cmd_params) of the vend
   as in `-ngl 10-40+10` (10,20,30,40) or `-ub 64-512*2`; -ngl alone accepts negative values;
 - one -ts value lists the devices' shares separated by '/' (or ';'): `-ts 1/1,3/1`;
 - one -dev value lists devices separated by '/': `-dev RPC0/RPC1,RPC1`;
-- -fa takes on/off/auto (or 1/0/-1, true/false), -nkvo takes 0/1.
+- -fa takes on/off/auto (or 1/0/-1, true/false), -nkvo takes 0/1;
+- -ncmoe takes integer ranges (the experts of the first N layers on the CPU);
+- -ot: ',' separates variants, ';' the rules of one variant, and an empty variant is "no
+  overrides": `-ot "blk\\.[0-3]\\.ffn_.*_exps=CPU;attn=RPC1,"` is two points.
 `-c` is gpulab's own (llama-bench sizes the context from -p/-n/-d); it takes integer ranges.
-The product runs in llama-bench's loop order (get_cmd_params_instances: ngl, sm, mg, dev, ts,
-then b, ub, ctk, ctv, nkvo, fa), -c placed with the load settings after -ts.
+The product runs in llama-bench's loop order (get_cmd_params_instances: ngl, ncmoe, sm, mg, dev,
+ts, ot, then b, ub, ctk, ctv, nkvo, fa), -c placed with the load settings after -ot.
 """
 
 from __future__ import annotations
@@ -26,16 +29,17 @@ from dataclasses import dataclass
 from .errors import ConfigError
 from .config import SplitConfig, parse_tensor_split
 
-__all__ = ["Grid", "parse_grid", "parse_int_range", "GRID_FLAGS"]
+__all__ = ["Grid", "parse_grid", "parse_int_range", "GRID_FLAGS", "LONG_FLAGS"]
 
 # flag -> SplitConfig attribute, in llama-bench's loop order; long names as llama-bench's
 GRID_FLAGS: dict[str, str] = {
-    "-ngl": "n_gpu_layers", "-sm": "split_mode", "-mg": "main_gpu", "-dev": "devices", "-ts": "tensor_split",
-    "-c": "n_ctx", "-b": "n_batch", "-ub": "n_ubatch", "-ctk": "type_k", "-ctv": "type_v",
+    "-ngl": "n_gpu_layers", "-ncmoe": "n_cpu_moe", "-sm": "split_mode", "-mg": "main_gpu", "-dev": "devices",
+    "-ts": "tensor_split", "-ot": "tensor_overrides", "-c": "n_ctx", "-b": "n_batch", "-ub": "n_ubatch", "-ctk": "type_k", "-ctv": "type_v",
     "-nkvo": "offload_kqv", "-fa": "flash_attn",
 }
-_LONG = {"--n-gpu-layers": "-ngl", "--split-mode": "-sm", "--main-gpu": "-mg", "--device": "-dev",
-         "--tensor-split": "-ts", "--ctx-size": "-c", "--batch-size": "-b", "--ubatch-size": "-ub",
+# long name -> short, as llama-bench spells them
+LONG_FLAGS = {"--n-gpu-layers": "-ngl", "--n-cpu-moe": "-ncmoe", "--split-mode": "-sm", "--main-gpu": "-mg",
+              "--device": "-dev", "--tensor-split": "-ts", "--override-tensor": "-ot", "--ctx-size": "-c", "--batch-size": "-b", "--ubatch-size": "-ub",
          "--cache-type-k": "-ctk", "--cache-type-v": "-ctv", "--no-kv-offload": "-nkvo", "--flash-attn": "-fa"}
 
 # parse_int_range's regex; its character class [\+|\*] also admits '|', which it then rejects
@@ -93,8 +97,10 @@ def _fa(v: str) -> str:
 def _values(flag: str, text: str) -> list:
     if flag == "-ngl":
         return parse_int_range(text, allow_negative=True, flag=flag)
-    if flag in ("-mg", "-c", "-b", "-ub"):
+    if flag in ("-mg", "-c", "-b", "-ub", "-ncmoe"):
         return parse_int_range(text, flag=flag)
+    if flag == "-ot":
+        return [_ot_variant(x) for x in text.split(",")]
     items = text.split(",")
     if any(not x.strip() for x in items):
         raise ConfigError(f"{flag} {text!r}: an empty value")
@@ -113,6 +119,16 @@ def _values(flag: str, text: str) -> list:
             out.append(x.strip() == "0")
         return out
     return [x.strip() for x in items]   # -sm, -ctk, -ctv: checked by SplitConfig
+
+
+def _ot_variant(text: str) -> tuple[str, ...]:
+    """One -ot variant of llama-bench ('PAT=BUFT;PAT=BUFT', '' for none) as SplitConfig.tensor_overrides,
+    each rule checked as llama.cpp would parse it."""
+    from .overrides import parse_override_text
+    rules = [r for r in text.split(";") if r]
+    for r in rules:
+        parse_override_text(r)
+    return tuple(rules)
 
 
 @dataclass(frozen=True)
@@ -162,7 +178,7 @@ def parse_grid(argv: Sequence[str] | dict[str, str | Sequence[str]]) -> Grid:
         given = list(zip(args[::2], args[1::2]))
     collected: dict[str, list] = {}
     for flag, text in given:
-        flag = _LONG.get(flag, flag)
+        flag = LONG_FLAGS.get(flag, flag)
         if flag not in GRID_FLAGS:
             raise ConfigError(f"{flag}: not a sweep flag; use {' '.join(GRID_FLAGS)}")
         collected.setdefault(flag, []).extend(_values(flag, text))   # repeated flags add values

@@ -116,6 +116,18 @@ def test_devices_and_flash_attn_strings():
     assert r["devices"] == "none" and r["flash_attn"] == 0 and r["no_kv_offload"] is True
 
 
+def test_expert_offload_and_overrides_in_llama_bench_fields():
+    r = to_llama_bench_records(make_run(config=SplitConfig(
+        n_cpu_moe=2, tensor_overrides=(r"blk\.1\.attn_q=CPU", "output=CPU"), op_offload=False, no_host=True,
+        use_extra_bufts=False)))[0]
+    assert r["n_cpu_moe"] == 2 and r["tensor_buft_overrides"] == r"blk\.1\.attn_q=CPU;output=CPU"
+    assert r["no_op_offload"] == 1 and r["no_host"] is True and r["repack"] is False
+    plain = to_llama_bench_records(make_run())[0]
+    assert plain["tensor_buft_overrides"] == "none" and plain["n_cpu_moe"] == 0
+    head, _ = parse_md(format_results([r], "md", default_threads=None))
+    assert head[4:6] == ["ngl", "n_cpu_moe"] and head[-6:-2] == ["ot", "nopo", "noh", "rpk"]
+
+
 def parse_md(text: str) -> tuple[list[str], list[dict]]:
     lines = [ln for ln in text.splitlines() if ln.startswith("|")]
     cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
@@ -207,7 +219,8 @@ def test_markdown_and_csv_equal_llama_benchs_own(tmp_path):
         pytest.skip(NOT_BUILT)
     from gpulab.sources.synth import PRESETS, write_model
     model = write_model(tmp_path / "tiny.gguf", PRESETS["tiny"])
-    for extra in (["-ts", "3/1"], ["-b", "64", "-fa", "on"]):
+    for extra in (["-ts", "3/1"], ["-b", "64", "-fa", "on"],
+                  ["-ncmoe", "1", "-ot", r"blk\.0\.attn_q=CPU;output=CPU", "-nopo", "1", "--repack", "0"]):
         p = subprocess.run([str(exe), "-m", str(model), "-p", "8", "-n", "4", "-r", "2", "-t", "1", *extra,
                             "-o", "md", "-oe", "jsonl"], capture_output=True, text=True, timeout=120, check=True)
         recs = [json.loads(ln) for ln in p.stderr.splitlines() if ln.startswith("{")]

@@ -59,6 +59,26 @@ def test_every_grid_flag():
     assert len(g.configs()) == len(g)
 
 
+def test_expert_offload_and_override_sets_as_llama_bench_takes_them():
+    # llama-bench: -ncmoe takes ranges; -ot ',' separates variants, ';' rules, '' is "no overrides"
+    g = parse_grid(["-ngl", "99", "-ncmoe", "0-4+2", "--override-tensor", r"blk\.[0-3]\.ffn_.*_exps=CPU;attn_q=CPU,"])
+    assert g.varying() == ["n_cpu_moe", "tensor_overrides"] and len(g) == 6
+    cs = g.configs()
+    assert [(c.n_cpu_moe, c.tensor_overrides) for c in cs[:2]] == [
+        (0, (r"blk\.[0-3]\.ffn_.*_exps=CPU", "attn_q=CPU")), (0, ())]
+    assert cs[-1].n_cpu_moe == 4 and cs[-1].has_tensor_overrides
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["-ot", "attn_q"], "has no '='"),
+    (["-ot", "attn_(q=CPU"], "does not compile"),
+    (["-ncmoe", "-1"], "invalid range"),
+])
+def test_bad_override_grids(argv, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_grid(argv)
+
+
 def test_repeated_flags_and_long_names_add_values():
     g = parse_grid(["-ngl", "10", "--n-gpu-layers", "20", "-ngl", "10"])
     assert dict(g.axes)["n_gpu_layers"] == (10, 20)
@@ -88,6 +108,7 @@ def test_bad_grids(argv, match):
     SplitConfig(n_gpu_layers=12, split_mode="none", main_gpu=1, tensor_split=(0.4375, 1), n_batch=256,
                 n_ubatch=128, type_k="q4_0", type_v="q4_0", flash_attn="on", offload_kqv=False,
                 devices=("RPC1", "RPC0")),
+    SplitConfig(tensor_overrides=(r"blk\.[0-2]\.ffn_.*_exps=CPU", "attn_q=RPC1"), n_cpu_moe=3),
 ])
 def test_llama_bench_export_parses_back_to_the_config(config):
     """The llama-bench export and the sweep grammar are each other's inverse (n_ctx aside:
