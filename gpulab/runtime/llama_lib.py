@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import os
 import socket
 import sys
 import threading
@@ -80,7 +81,16 @@ _RPC_SIGNATURES = {
 
 
 def lib_dir() -> Path:
-    """llama_cpp/lib of the installed llama-cpp-python, found without importing it."""
+    """llama_cpp/lib of the installed llama-cpp-python, found without importing it; or
+    $LLAMA_CPP_LIB_PATH, where llama-cpp-python itself then loads libllama from (llama_cpp.py
+    `_override_base_path`): a llama.cpp built apart, e.g. with CUDA on a GPU machine."""
+    override = os.environ.get("LLAMA_CPP_LIB_PATH")
+    if override:
+        d = Path(override)
+        if not d.is_dir():
+            raise RuntimeUnavailableError(f"LLAMA_CPP_LIB_PATH={override} is not a folder; unset it or point it at "
+                                          "a llama.cpp build's bin/ (the folder holding libllama.so)")
+        return d
     spec = importlib.util.find_spec("llama_cpp")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeUnavailableError(f"llama-cpp-python is not installed; {_INSTALL_HINT}")

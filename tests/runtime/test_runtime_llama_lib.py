@@ -101,3 +101,27 @@ def test_broken_install_is_a_runtime_unavailable_error(tmp_path, repo_root):
     """, f"{tmp_path}{os.pathsep}{repo_root}")
     lines = out.splitlines()
     assert len(lines) == 3 and all("no lib/ folder" in ln and "-DGGML_RPC=ON" in ln for ln in lines)
+
+
+def test_llama_cpp_lib_path_points_gpulab_where_llama_cpp_python_loads_from(tmp_path, repo_root):
+    """A llama.cpp built apart (CUDA on a GPU machine: bench/gpu_truth.sh) is used through
+    LLAMA_CPP_LIB_PATH by llama-cpp-python; gpulab's libggml/libggml-rpc must come from the same folder,
+    or the two would hold two device registries."""
+    real = llama_lib.lib_dir()
+    elsewhere = tmp_path / "build" / "bin"
+    elsewhere.mkdir(parents=True)
+    for lib in real.glob("lib*.so*"):
+        (elsewhere / lib.name).symlink_to(lib)
+    code = """
+        from gpulab.runtime import llama_lib
+        print(llama_lib.lib_dir())
+        print(llama_lib.rpc_supported())
+    """
+    env_path = f"{repo_root}"
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, PYTHONPATH=env_path, LLAMA_CPP_LIB_PATH=str(elsewhere)))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [str(elsewhere), "True"]
+    missing = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60,
+                             env=dict(os.environ, PYTHONPATH=env_path, LLAMA_CPP_LIB_PATH=str(tmp_path / "nope")))
+    assert missing.returncode != 0 and "LLAMA_CPP_LIB_PATH" in missing.stderr and "is not a folder" in missing.stderr
