@@ -68,8 +68,8 @@ _SERVER = r"""
 import ctypes, importlib.util, os, sys, threading, time
 # libggml by soname from llama_cpp/lib, found without importing llama_cpp
 d = os.path.join(importlib.util.find_spec("llama_cpp").submodule_search_locations[0], "lib")
-ggml = ctypes.CDLL(os.path.join(d, "libggml.so.0"), mode=ctypes.RTLD_GLOBAL)
-rpc = ctypes.CDLL(os.path.join(d, "libggml-rpc.so.0"), mode=ctypes.RTLD_GLOBAL)
+ggml = ctypes.CDLL(os.path.join(d, "libggml.so.0"))
+rpc = ctypes.CDLL(os.path.join(d, "libggml-rpc.so.0"))
 ggml.ggml_backend_load_all()
 ggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
 ggml.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
@@ -117,8 +117,8 @@ class LlamaCpp:
         import llama_cpp
         self.llama = llama_cpp
         d = _lib_dir()
-        ggml = ctypes.CDLL(str(d / "libggml.so.0"), mode=ctypes.RTLD_GLOBAL)
-        rpc = ctypes.CDLL(str(d / "libggml-rpc.so.0"), mode=ctypes.RTLD_GLOBAL)
+        ggml = ctypes.CDLL(str(d / "libggml.so.0"))
+        rpc = ctypes.CDLL(str(d / "libggml-rpc.so.0"))
         rpc.ggml_backend_rpc_add_server.restype = ctypes.c_void_p
         rpc.ggml_backend_rpc_add_server.argtypes = [ctypes.c_char_p]
         ggml.ggml_backend_register.argtypes = [ctypes.c_void_p]

@@ -41,10 +41,11 @@ export PYTHONPATH=$ROOT:$SRC:$SITE${PYTHONPATH:+:$PYTHONPATH}
 MODELS=${GPULAB_TRUTH_MODELS:-/tmp/gpulab-truth-models}
 
 # the models are written while llama.cpp compiles (disk and one core against nvcc's sixteen)
-python3 bench/gpu_truth.py --write-models --models-dir "$MODELS" --out "$OUT" >"$OUT/models.log" 2>&1 &
+{ python3 bench/gpu_truth.py --write-models --quick --models-dir "$MODELS" --out "$OUT" \
+  && python3 bench/gpu_truth.py --write-models --models-dir "$MODELS" --out "$OUT"; } >"$OUT/models.log" 2>&1 &
 models_pid=$!
 
-BASE=(-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DGGML_CUDA=ON -DGGML_RPC=ON
+BASE=(-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DGGML_CUDA=ON -DGGML_RPC=ON ${GPULAB_CUDA_CMAKE_ARGS:-}
       -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCH:-90}" -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
       -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF)
 eval "$(python3 gpulab/sources/cpu_features.py --shell --lcp-version="$LCP_VERSION" --cmake-args="${BASE[*]}")"
@@ -66,6 +67,10 @@ fi
 wait "$models_pid" || { cat "$OUT/models.log" >&2; say "writing the models failed"; exit 1; }
 
 export LLAMA_CPP_LIB_PATH=$B/bin
+# a tiny load in a child first: where it crashes, a backtrace and the remedies tried (bench/gpu_preflight.py)
+fix=$(python3 bench/gpu_preflight.py "$MODELS/$(ls "$MODELS" | grep -m1 quick || true)" "$OUT") \
+  || { say "llama.cpp cannot load a model in this Python (see $OUT/preflight.log)"; [ "${GPULAB_TRUTH_FORCE:-0}" = 1 ] || exit 1; }
+[ -n "$fix" ] && { say "preflight remedy: $fix"; eval "$fix"; }
 # what is left of a 9-minute call, less a minute for the summary and the transfers
 budget=$(( ${GPULAB_TRUTH_CALL_S:-540} - ($(date +%s) - T0) - 60 ))
 python3 bench/gpu_truth.py --out "$OUT" --models-dir "$MODELS" --llama-bench "$B/bin/llama-bench" \

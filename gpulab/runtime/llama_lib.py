@@ -117,7 +117,12 @@ def _open(base: str, signatures: dict, missing_msg: str) -> ctypes.CDLL:
         if path is None:
             raise RuntimeUnavailableError(missing_msg)
         try:
-            lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+            # RTLD_LOCAL (ctypes' default), as llama-cpp-python loads libllama. Made global, libggml's
+            # dependency tree put libggml-cuda ahead of libstdc++ in the global scope, so libllama's
+            # std::ostream calls bound to the copies inside libggml-cuda and every CUDA load died in
+            # llama_model::print_info (SIGSEGV; seen on an H200, docs/BENCHMARKS.md "GPU truth"). The
+            # registry is shared either way: libllama's libggml.so.0 is this very object.
+            lib = ctypes.CDLL(str(path))
         except OSError as e:
             raise RuntimeUnavailableError(f"cannot load {path}: {e}; {_INSTALL_HINT}") from None
         for name, (argtypes, restype) in signatures.items():
@@ -131,7 +136,7 @@ def _open(base: str, signatures: dict, missing_msg: str) -> ctypes.CDLL:
 
 
 def ggml() -> ctypes.CDLL:
-    """libggml.so.0 (backend registry and devices), loaded once with RTLD_GLOBAL."""
+    """libggml.so.0 (backend registry and devices), loaded once."""
     return _open("ggml", _GGML_SIGNATURES,
                  f"llama-cpp-python's lib/ has no libggml; {_INSTALL_HINT}")
 

@@ -125,3 +125,18 @@ def test_llama_cpp_lib_path_points_gpulab_where_llama_cpp_python_loads_from(tmp_
     missing = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60,
                              env=dict(os.environ, PYTHONPATH=env_path, LLAMA_CPP_LIB_PATH=str(tmp_path / "nope")))
     assert missing.returncode != 0 and "LLAMA_CPP_LIB_PATH" in missing.stderr and "is not a folder" in missing.stderr
+
+
+def test_ggml_stays_out_of_the_global_symbol_scope(repo_root):
+    """gpulab opens libggml as llama-cpp-python opens libllama (RTLD_LOCAL). Opened RTLD_GLOBAL, its
+    dependency tree (libggml-cuda before libstdc++) took over libllama's C++ runtime symbols and every
+    CUDA load crashed in llama_model::print_info (docs/BENCHMARKS.md, GPU truth). No CPU build shows
+    that crash, so this checks the cause: no ggml symbol is resolvable from the global scope."""
+    out = _run("""
+        import ctypes
+        from gpulab.runtime import llama_lib
+        llama_lib.ggml(); llama_lib.llama_cpp(); llama_lib.rpc_supported()
+        print(hasattr(ctypes.CDLL(None), "ggml_backend_dev_count"))
+        print(llama_lib.ggml().ggml_backend_dev_count() > 0)
+    """, str(repo_root))
+    assert out.split() == ["False", "True"]
