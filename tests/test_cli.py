@@ -40,6 +40,36 @@ def test_plan_table_and_policy(capsys, model):
     assert "fits" in out.splitlines()[-1]
 
 
+@pytest.fixture(scope="module")
+def moe_model(tmp_path_factory):
+    return write_model(tmp_path_factory.mktemp("cli") / "moe.gguf",
+                       SynthSpec(n_layer=6, n_embd=512, n_ff=1024, n_head=8, n_head_kv=4, n_vocab=1024, n_expert=8,
+                                 n_expert_used=2, weight_type="Q8_0"))
+
+
+def test_plan_moe_balance_prints_the_flags_and_what_each_rule_matched(capsys, moe_model):
+    argv = ["plan", moe_model, "--sim", "36MiB,28MiB,20MiB", "-c", "512", "-b", "64", "-ub", "64",
+            "--policy", "moe-balance"]
+    code, out, err = run(capsys, *argv)
+    assert code == 0, out + err
+    flags = next(line for line in out.splitlines() if line.startswith("flags: "))
+    assert " -ts " in flags and " -ot " in flags and "--n-cpu-moe" not in flags
+    code, js, _ = run(capsys, *argv, "--json")
+    d = json.loads(js)
+    assert d["flags"] == flags[len("flags: "):]
+    # one rule per -ot item, each naming the expert tensors it moved and their bytes
+    assert [r["rule"] for r in d["rules"]] == list(d["config"]["tensor_overrides"])
+    for r in d["rules"]:
+        assert r["tensors"] and all("_exps." in t for t in r["tensors"]) and r["bytes"] > 0
+        assert r["rule"] in out
+    assert "tensor overrides (first match wins)" in out and "_exps.weight of blk" in out
+
+
+def test_plan_moe_balance_on_a_dense_model_says_why_not(capsys, model):
+    code, _, err = run(capsys, "plan", model, "--sim", "2x24GiB", "--policy", "moe-balance")
+    assert code == 2 and "use --policy balanced" in err and len(err.strip().splitlines()) == 1
+
+
 def test_plan_that_does_not_fit_exits_1_and_names_the_deficit(capsys, model):
     code, out, _ = run(capsys, "plan", model, "--sim", "24GiB,1MiB", "-ts", "1,1")
     assert code == 1
