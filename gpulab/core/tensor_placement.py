@@ -316,23 +316,39 @@ def _is_ffn(t: TensorInfo) -> bool:
     return t.is_expert or base.startswith(("ffn_up.", "ffn_gate.", "ffn_down."))
 
 
-def compute_sites(profile: ModelProfile, layer_devices: list[str], moved: dict) -> tuple[list[str], frozenset[str]]:
-    """(the device each layer's FFN runs on, the devices that run other ops of layers not theirs):
-    an op runs where its weight is (ggml_backend_sched_backend_id_from_cur), so moving a layer's
-    experts (or dense FFN) moves its FFN, and moving one attention matrix moves that product."""
+def _ffn_part(t: TensorInfo) -> str:
+    """'gate', 'up' or 'down': which of the FFN's products a weight (or its bias) belongs to."""
+    base = t.name.split(".", 2)[-1].split(".")[0]      # ffn_gate_exps, ffn_up, ffn_down_chexps, ...
+    part = base[len("ffn_"):].split("_")[0]
+    return "gate" if part == "gate" and "gate_up" not in base else ("up" if "up" in base else part)
+
+
+def compute_sites(profile: ModelProfile, layer_devices: list[str],
+                  moved: dict) -> tuple[list[str], frozenset[str], dict[str, frozenset[str]]]:
+    """(the device each layer's FFN runs on, the devices that run other ops of layers not theirs,
+    the devices that run only some of a layer's FFN products: device -> the largest set of them,
+    'gate', 'up', 'down'): an op runs where its weight is (ggml_backend_sched_backend_id_from_cur),
+    so moving a layer's experts (or dense FFN) moves its FFN, moving one of its three expert
+    tensors moves that product alone, and moving one attention matrix moves that product."""
     ffn = list(layer_devices[:profile.n_layer])
     stray = set()
+    partial: dict[str, frozenset[str]] = {}
     if not moved:
-        return ffn, frozenset()
+        return ffn, frozenset(), partial
     for layer in profile.layers:
         home = layer_devices[layer.index]
         where: dict[str, int] = {}
+        parts: dict[str, set[str]] = {}
         for t in layer.tensors:
             dev = moved.get(t.name, home)
             if _is_ffn(t):
                 where[dev] = where.get(dev, 0) + t.n_bytes
+                parts.setdefault(dev, set()).add(_ffn_part(t))
             elif dev != home and "norm" not in t.name:
                 stray.add(dev)
         if where:
-            ffn[layer.index] = max(where, key=where.get)
-    return ffn, frozenset(stray)
+            site = ffn[layer.index] = max(where, key=where.get)
+            for dev, ps in parts.items():
+                if dev != site and len(ps) > len(partial.get(dev, ())):
+                    partial[dev] = frozenset(ps)
+    return ffn, frozenset(stray), partial
