@@ -72,7 +72,7 @@ def run(a, session) -> Result:
         figures = [F.layer_map(p), F.memory_bars(p)]
     html = plan_html(p)
     if p.rule_matches:
-        html += f"<pre>{_escape(rules_text(p))}</pre>"
+        html += f"<pre>{_escape(rules_text(p.rule_matches))}</pre>"
     if flags:
         html += f"<pre>flags: {_escape(flags)}</pre>"
     data = p.to_dict()

@@ -101,8 +101,7 @@ class Plan:
             ],
             "layers": [{"index": i, "device": name} for i, name in enumerate(self.layer_devices)],
             # every tensor override in the order llama.cpp tries them (-ot, then -cmoe, -ncmoe, -ncffn)
-            "rules": [{"rule": m.rule.text, "source": m.rule.source, "device": m.device,
-                       "tensors": list(m.tensors), "bytes": m.n_bytes} for m in self.rule_matches],
+            "rules": [m.to_dict() for m in self.rule_matches],
             "fits": self.fits,
         }
 

@@ -32,7 +32,8 @@ from .errors import ConfigError
 from .overrides import OverrideRule, _compile, llama_buffer_type_name, parse_llama_rpc_buffer_type
 from .profile import ModelProfile, TensorInfo
 
-__all__ = ["TensorPlacement", "RuleMatch", "place_tensors", "repackable", "resolve_target", "compute_sites"]
+__all__ = ["TensorPlacement", "RuleMatch", "place_tensors", "rule_matches", "repackable", "resolve_target",
+           "compute_sites"]
 
 _ALIGN = 32   # TENSOR_ALIGNMENT of CPU buffers
 
@@ -43,6 +44,10 @@ class RuleMatch:
     device: str                  # where the rule sends its tensors (gpulab's device name)
     tensors: tuple[str, ...]     # the tensors it decides (first match), in file order
     n_bytes: int
+
+    def to_dict(self) -> dict:
+        return {"rule": self.rule.text, "source": self.rule.source, "device": self.device,
+                "tensors": list(self.tensors), "bytes": self.n_bytes}
 
 
 @dataclass(frozen=True)
@@ -309,6 +314,19 @@ def place_tensors(profile: ModelProfile, rules: tuple[OverrideRule, ...], layer_
                          "them all); llama.cpp ignores it, but it still turns pipeline parallelism off")
     return TensorPlacement(weights=weights, expert_weights=experts, moved=moved, matches=tuple(matches),
                            mapped_bytes=span, repack_bytes=repack, host_tensor_bytes=host_bytes, notes=tuple(notes))
+
+
+def rule_matches(profile: ModelProfile, rules: tuple[OverrideRule, ...]) -> tuple[RuleMatch, ...]:
+    """What each rule decides in this model (first match wins), without devices: the target is
+    the rule's buffer type as written (`gpulab inspect -ot`)."""
+    decided = _rule_of(profile, tuple(rules)) if rules else {}
+    per_rule: dict[int, list[TensorInfo]] = {}
+    for t in _all_tensors(profile):
+        i = decided.get(t.name)
+        if i is not None:
+            per_rule.setdefault(i, []).append(t)
+    return tuple(RuleMatch(r, r.target, tuple(t.name for t in per_rule.get(i, ())),
+                           sum(t.n_bytes for t in per_rule.get(i, ()))) for i, r in enumerate(rules))
 
 
 def _is_ffn(t: TensorInfo) -> bool:

@@ -88,12 +88,12 @@ def tensor_list(names) -> str:
                      for layers, kinds in by_layers.items())
 
 
-def rules_text(p: Plan) -> str:
-    """The tensor override rules in the order llama.cpp tries them: where each sends what it
-    matched (first match wins), and how many bytes that is."""
+def rules_text(matches) -> str:
+    """Tensor override rules (RuleMatch, a plan's or `inspect -ot`'s) in the order llama.cpp tries
+    them: where each sends what it matched (first match wins), and how many bytes that is."""
     rows = [{"#": i, "rule": m.rule.text, "from": m.rule.source, "to": m.device, "tensors": len(m.tensors),
              "bytes": format_bytes(m.n_bytes), "matched": tensor_list(m.tensors) or "(nothing)"}
-            for i, m in enumerate(p.rule_matches)]
+            for i, m in enumerate(matches)]
     return "tensor overrides (first match wins):\n" + render_table(rows, right=("tensors", "bytes"))
 
 
@@ -112,7 +112,7 @@ def plan_text(p: Plan, speed: SpeedPrediction | None = None, *, n_prompt: int = 
     verdict = "fits" if p.fits else "DOES NOT FIT: " + "; ".join(p.deficits())
     parts = [head, body]
     if p.rule_matches:
-        parts.append(rules_text(p))
+        parts.append(rules_text(p.rule_matches))
     if speed is not None:
         parts.append(speed_text(speed, n_prompt=n_prompt, n_gen=n_gen))
     elif speed_error:
