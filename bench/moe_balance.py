@@ -1,6 +1,6 @@
 """moe-balance against --n-cpu-moe: how evenly each fills the GPUs, planned (no GPU needed).
 
-For MoE profiles shaped like real models (tests/builders.py make_moe_profile) on simulated GPUs
+For MoE profiles shaped like real models (gpulab.sources.synth.moe_profile) on simulated GPUs
 too small for the whole model:
   - -ncmoe N: the fewest N whose plan fits with llama.cpp's default split (-ts by free memory),
     as a user who raises N until the load stops failing ends up with;
@@ -17,21 +17,18 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from builders import make_moe_profile  # noqa: E402
-
-from gpulab import SplitConfig, parse_sim_spec, plan  # noqa: E402
-from gpulab.core.moe_balance import expert_bytes_on, moe_balance, spread_bytes  # noqa: E402
+from gpulab import SplitConfig, parse_sim_spec, plan
+from gpulab.core.moe_balance import expert_bytes_on, moe_balance, spread_bytes
+from gpulab.sources.synth import moe_profile
 
 GiB = 1024**3
 
 MODELS = {
     # Qwen3-30B-A3B: 48 layers, 128 experts of 768, ~4.5 bits per weight
-    "Qwen3-30B-A3B-like (16.0 GiB)": make_moe_profile(),
+    "Qwen3-30B-A3B-like (16.0 GiB)": moe_profile(),
     # Qwen3-235B-A22B: 94 layers, n_embd 4096, 128 experts of 1536, 64 heads
-    "Qwen3-235B-A22B-like (124 GiB)": make_moe_profile(n_layer=94, n_embd=4096, n_ff_exp=1536, n_head=64),
+    "Qwen3-235B-A22B-like (124 GiB)": moe_profile(n_layer=94, n_embd=4096, n_ff_exp=1536, n_head=64),
 }
 CASES = [
     ("Qwen3-30B-A3B-like (16.0 GiB)", "2x8GiB"),
