@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from gpulab.core.profile import LayerProfile, ModelProfile, TensorInfo
+from gpulab.sources.synth import moe_profile as make_moe_profile  # noqa: F401 (a MoE shaped like a real one)
 
 MiB = 1024**2
 

@@ -40,6 +40,56 @@ def test_plan_table_and_policy(capsys, model):
     assert "fits" in out.splitlines()[-1]
 
 
+@pytest.fixture(scope="module")
+def moe_model(tmp_path_factory):
+    return write_model(tmp_path_factory.mktemp("cli") / "moe.gguf",
+                       SynthSpec(n_layer=6, n_embd=512, n_ff=1024, n_head=8, n_head_kv=4, n_vocab=1024, n_expert=8,
+                                 n_expert_used=2, weight_type="Q8_0"))
+
+
+def test_plan_moe_balance_prints_the_flags_and_what_each_rule_matched(capsys, moe_model):
+    argv = ["plan", moe_model, "--sim", "36MiB,28MiB,20MiB", "-c", "512", "-b", "64", "-ub", "64",
+            "--policy", "moe-balance"]
+    code, out, err = run(capsys, *argv)
+    assert code == 0, out + err
+    flags = next(line for line in out.splitlines() if line.startswith("flags: "))
+    assert " -ts " in flags and " -ot " in flags and "--n-cpu-moe" not in flags
+    code, js, _ = run(capsys, *argv, "--json")
+    d = json.loads(js)
+    assert d["flags"] == flags[len("flags: "):]
+    # one rule per -ot item, each naming the expert tensors it moved and their bytes
+    assert [r["rule"] for r in d["rules"]] == list(d["config"]["tensor_overrides"])
+    for r in d["rules"]:
+        assert r["tensors"] and all("_exps." in t for t in r["tensors"]) and r["bytes"] > 0
+        assert r["rule"] in out
+    assert "tensor overrides (first match wins)" in out and "_exps.weight of blk" in out
+
+
+def test_plan_moe_balance_on_a_dense_model_says_why_not(capsys, model):
+    code, _, err = run(capsys, "plan", model, "--sim", "2x24GiB", "--policy", "moe-balance")
+    assert code == 2 and "use --policy balanced" in err and len(err.strip().splitlines()) == 1
+
+
+def test_inspect_ot_lists_what_each_rule_matches_first_match_wins(capsys, moe_model):
+    code, out, err = run(capsys, "inspect", moe_model, "-ot", r"blk\.[0-2]\.ffn_.*_exps=CPU,attn_q=RPC1",
+                         "-ncmoe", "4", "-ot", "nothing_here=CPU", "--json")
+    assert code == 0
+    rules = json.loads(out)["rules"]
+    assert [(r["rule"], r["source"]) for r in rules] == [
+        (r"blk\.[0-2]\.ffn_.*_exps=CPU", "-ot"), ("attn_q=RPC1", "-ot"), ("nothing_here=CPU", "-ot"),
+        *((rf"blk\.{i}\.ffn_(up|down|gate|gate_up)_(ch|)exps=CPU", "-ncmoe") for i in range(4))]
+    exps = [f"blk.{i}.ffn_{k}_exps.weight" for i in range(3) for k in ("gate", "up", "down")]
+    assert rules[0]["tensors"] == exps and rules[1]["tensors"] == [f"blk.{i}.attn_q.weight" for i in range(6)]
+    # -ncmoe's rules for layers 0-2 come after the -ot rule that took those tensors: nothing left
+    assert [len(r["tensors"]) for r in rules[2:]] == [0, 0, 0, 0, 3]
+    # bytes are the tensors' own: 8 experts x 512 x 1024 Q8_0 (34 bytes a block of 32)
+    assert rules[0]["bytes"] == 9 * 8 * 512 * 1024 // 32 * 34
+    assert "nothing_here=CPU' matches no tensor" in err and "-ncmoe" not in err
+    code, out, _ = run(capsys, "inspect", moe_model, "-ot", r"blk\.[0-2]\.ffn_.*_exps=CPU")
+    assert "ffn_gate_exps.weight, ffn_up_exps.weight, ffn_down_exps.weight of blk 0,1,2" in out
+    assert "38.25 MiB" in out
+
+
 def test_plan_that_does_not_fit_exits_1_and_names_the_deficit(capsys, model):
     code, out, _ = run(capsys, "plan", model, "--sim", "24GiB,1MiB", "-ts", "1,1")
     assert code == 1
@@ -60,6 +110,15 @@ def test_inspect_json_lists_layers(capsys, model):
     (["plan", "{model}", "--sim", "24GiB,24GiB", "-sm", "none", "-mg", "2"], "main_gpu 2 is out of range"),
     (["plan", "{model}", "--sim", "24XB"], "cannot parse device spec item"),
     (["plan", "{model}", "--sim", "24GiB", "--device", "CUDA7"], "unknown device"),
+    # tensor overrides: what llama.cpp refuses (common/arg.cpp), and what gpulab cannot mirror
+    (["plan", "{model}", "--sim", "2x24GiB", "-ot", r"blk\.[=CPU"], "does not compile"),
+    (["inspect", "{model}", "-ot", r"blk\.(=CPU"], "does not compile"),
+    (["plan", "{model}", "--sim", "2x24GiB", "-ot", "exps=CUDA7"], "is no device here (llama.cpp: unknown buffer"),
+    (["plan", "{model}", "--sim", "2x24GiB", "-ot", "exps=CPU_Mapped"], "does not take CPU_Mapped"),
+    (["plan", "{model}", "--sim", "2x24GiB", "-ot", "exps"], "has no '='"),
+    (["plan", "{model}", "--sim", "2x24GiB", "-ot", "(?<=x)exps=CPU"], "cannot mirror"),
+    (["plan", "{model}", "--sim", "2x24GiB", "-ncmoe", "-1"], "--n-cpu-moe -1: llama.cpp takes a count from 0"),
+    (["inspect", "{model}", "-ncffn", "-2"], "--n-cpu-ffn -2"),
     (["inspect", "{notgguf}"], "GGUF"),
     (["inspect", "{truncated}"], "truncated"),
     (["inspect", "{missing}"], "missing.gguf"),

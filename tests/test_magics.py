@@ -108,6 +108,13 @@ def test_inspect(ip, model):
     assert len(r.to_dataframe()) == 6 and "n_layer 6" in r._repr_html_()
 
 
+def test_inspect_with_a_rule_shows_what_it_matches(ip, model):
+    r = magic(ip, rf"inspect {model} -ot blk\.[0-1]\.ffn_(up|down)=CPU")
+    html = r._repr_html_()
+    assert "ffn_up.weight, ffn_down.weight of blk 0,1" in html and "first match wins" in html
+    assert [len(x["tensors"]) for x in r.data["rules"]] == [4]
+
+
 def test_plan_matches_the_planner_and_shows_figures(ip, model):
     with capture_output() as cap:
         r = magic(ip, f"plan {model} --sim 2x1GiB -ts 1,3 -c 2048 -ctk q8_0 -ngl 5")

@@ -12,16 +12,22 @@ import argparse
 from ..core.config import SplitConfig
 from ..core.settings import SETTINGS, check_settings_cover_config, value_from_text
 
-__all__ = ["add_config_flags", "config_from_args", "add_device_flags", "devices_from_args", "add_bench_flags",
+__all__ = ["RULE_SETTINGS", "add_config_flags", "config_from_args", "add_device_flags", "devices_from_args", "add_bench_flags",
            "add_model_arg", "model_path", "add_json_flag"]
 
 
-def add_config_flags(p: argparse.ArgumentParser, **defaults) -> None:
+RULE_SETTINGS = ("tensor_overrides", "cpu_moe", "n_cpu_moe", "n_cpu_ffn")   # what makes tensor override rules
+
+
+def add_config_flags(p: argparse.ArgumentParser, *, only: tuple[str, ...] = (), **defaults) -> None:
     """llama.cpp's placement and memory settings, as llama-server spells them. `defaults`
-    overrides a setting's default by SplitConfig attribute (bench: n_ctx=None)."""
+    overrides a setting's default by SplitConfig attribute (bench: n_ctx=None); `only`: just
+    these settings (inspect: RULE_SETTINGS)."""
     check_settings_cover_config()
     g = p.add_argument_group("llama.cpp settings (same names as llama-server)")
     for s in SETTINGS:
+        if only and s.attr not in only:
+            continue
         default = defaults.get(s.attr, s.default)
         kw: dict = {"dest": s.dest, "help": s.help}
         if s.kind == "int":
@@ -37,9 +43,12 @@ def add_config_flags(p: argparse.ArgumentParser, **defaults) -> None:
         g.add_argument(*s.flags, **kw)
 
 
-def config_from_args(a: argparse.Namespace) -> SplitConfig:
+def config_from_args(a: argparse.Namespace, *, only: tuple[str, ...] = ()) -> SplitConfig:
+    """The SplitConfig of the flags (with `only`: of those settings, the rest default)."""
     values = {}
     for s in SETTINGS:
+        if only and s.attr not in only:
+            continue
         v = getattr(a, s.dest)
         if s.kind == "off":
             v = not v

@@ -146,14 +146,16 @@ def pipeline_copies(config: SplitConfig, layer_devices: list[str], n_devices: in
 
 def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_devices: list[str],
                            names: list[str], ffn_devices: list[str] | None = None,
-                           stray: frozenset[str] = frozenset()) -> dict[str, int]:
+                           stray: frozenset[str] = frozenset(),
+                           ffn_parts: dict[str, frozenset[str]] | None = None) -> dict[str, int]:
     """Bytes of the compute buffer of every backend in `names` (0 where nothing runs).
 
     `layer_devices` is the device of each layer 0..n_layer (the last entry is the output
     layer, 'CPU' the host); `names` the offload devices in llama.cpp's order, then 'CPU'.
     With tensor overrides: `ffn_devices` is where each layer's FFN weights are (an op runs where
     its weight is: ggml_backend_sched_backend_id_from_cur), `stray` the devices that got other
-    weights of layers that are not theirs (an attention matrix moved alone).
+    weights of layers that are not theirs (an attention matrix moved alone), `ffn_parts` the
+    devices that run some of a layer's FFN products but not its FFN (one expert tensor moved).
     """
     g = _geom(profile)
     n_layer = profile.n_layer
@@ -213,12 +215,14 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         n_fit = min(2, max(0, room) // fe) if fe else 0
         ffn_after_host = host_boundary + (3 - n_fit) * fe + (fd if down_on_top else 0)
         ffn_unit = fe
+        part_out = {"gate": fe, "up": fe, "down": fd}
     else:
         ffn_big = 3 * f
         ffn_slots = 3 * e
         host_boundary = 2 * e           # ffn_out and ffn_inp of the host layer's closing add
         ffn_after_host = 0
         ffn_unit = f
+        part_out = {"gate": f, "up": f, "down": e}
 
     # One pass over the runs of layers (llama.cpp gives each device one contiguous run):
     # per device [n_layers, has full-attention layers, has SWA layers, device before it,
@@ -345,6 +349,17 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         _moved_ffn(out, profile, layer_devices, ffn_devices, stray, own_inputs, nc * (tok + e + all_inputs),
                    e=e, q=q, kq=None if fa else max(kq_full, kq_swa), ffn_big=ffn_big, logits=logits,
                    small=_a(4 * (g.n_expert_used or 1) * T) * 2)
+    for dev, parts in (ffn_parts or {}).items():
+        if dev not in out:
+            continue
+        # a product run away from the rest of its FFN: its input (the normed hidden state, or
+        # for down the GLU output) and the router's ids and weights in, its output on top, and
+        # the GLU output too where gate and up both run here
+        need = (_a(4 * (g.n_expert_used or 1) * T) * 2 + sum(part_out[p] for p in parts)
+                + (e if parts & {"gate", "up"} else part_out["gate"])
+                + (part_out["gate"] if {"gate", "up"} <= parts else 0))
+        base = nc * (tok + e + all_inputs) if dev == HOST_NAME else own_inputs.get(dev, 0)
+        out[dev] = max(out[dev], base + need)
     return out
 
 

@@ -91,7 +91,7 @@ class Plan:
                 "n_gpu_layers": c.n_gpu_layers, "split_mode": c.split_mode, "main_gpu": c.main_gpu,
                 "tensor_split": list(c.tensor_split), "n_ctx": c.n_ctx, "type_k": c.type_k,
                 "type_v": c.type_v, "n_batch": c.n_batch, "n_ubatch": c.n_ubatch,
-                "flash_attn": c.flash_attn,
+                "flash_attn": c.flash_attn, "tensor_overrides": list(c.tensor_overrides),
             },
             "devices": [
                 {"name": d.name, "total_bytes": d.total_bytes, "free_bytes": d.free_bytes,
@@ -100,6 +100,8 @@ class Plan:
                 for d in self.devices
             ],
             "layers": [{"index": i, "device": name} for i, name in enumerate(self.layer_devices)],
+            # every tensor override in the order llama.cpp tries them (-ot, then -cmoe, -ncmoe, -ncffn)
+            "rules": [m.to_dict() for m in self.rule_matches],
             "fits": self.fits,
         }
 

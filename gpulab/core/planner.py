@@ -191,9 +191,10 @@ def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | Non
         kv_dev = dev if config.offload_kqv else HOST_NAME
         kv[kv_dev] += (swa_cells if layer.is_swa else full_cells) * per_cell[layer.index]
 
-    ffn_sites, stray = compute_sites(profile, layer_devices, tp.moved)
+    ffn_sites, stray, ffn_parts = compute_sites(profile, layer_devices, tp.moved)
     compute = estimate_compute_bytes(profile, config, layer_devices, names,
-                                     ffn_devices=ffn_sites if tp.moved else None, stray=stray)
+                                     ffn_devices=ffn_sites if tp.moved else None, stray=stray,
+                                     ffn_parts=ffn_parts)
 
     by_name = {d.name: d for d in used}
     rows = []

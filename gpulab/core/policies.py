@@ -5,6 +5,8 @@
                  61-block model on 8 GPUs gets -ts 8,8,8,8,8,8,7,7 however small it is
 - pack           the fewest devices (largest free memory first) that hold the model
 - balanced       equal free memory left on every device
+- moe-balance    a MoE model: -ts and -ot rules that move expert tensors (to another device, or to
+                 the CPU when they must) so every device is equally full (gpulab.core.moe_balance)
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from .profile import ModelProfile
 
 __all__ = ["POLICIES", "apply_policy", "policy_split"]
 
-POLICIES = ("llama", "ollama-spread", "pack", "balanced")
+POLICIES = ("llama", "ollama-spread", "pack", "balanced", "moe-balance")
 
 
 def _n_offloaded(profile: ModelProfile, config: SplitConfig) -> int:
@@ -91,6 +93,8 @@ def policy_split(name: str, profile: ModelProfile, devices: list[Device], config
     config = config or SplitConfig()
     if name not in POLICIES:
         raise ConfigError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
+    if name == "moe-balance":
+        return apply_policy(name, profile, devices, config, host).tensor_split
     if name == "llama" or config.split_mode == "none":
         return ()
     used = select_devices(devices, replace(config, tensor_split=()))
@@ -108,5 +112,9 @@ def policy_split(name: str, profile: ModelProfile, devices: list[Device], config
 
 def apply_policy(name: str, profile: ModelProfile, devices: list[Device], config: SplitConfig | None = None,
                  host: Device | None = None) -> SplitConfig:
+    """`config` with what the policy chooses: -ts, and for moe-balance its -ot rules too."""
     config = config or SplitConfig()
+    if name == "moe-balance":
+        from .moe_balance import moe_balance
+        return moe_balance(profile, devices, config, host).config
     return replace(config, tensor_split=policy_split(name, profile, devices, config, host))

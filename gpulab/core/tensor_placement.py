@@ -32,7 +32,8 @@ from .errors import ConfigError
 from .overrides import OverrideRule, _compile, llama_buffer_type_name, parse_llama_rpc_buffer_type
 from .profile import ModelProfile, TensorInfo
 
-__all__ = ["TensorPlacement", "RuleMatch", "place_tensors", "repackable", "resolve_target", "compute_sites"]
+__all__ = ["TensorPlacement", "RuleMatch", "place_tensors", "rule_matches", "repackable", "resolve_target",
+           "compute_sites"]
 
 _ALIGN = 32   # TENSOR_ALIGNMENT of CPU buffers
 
@@ -43,6 +44,10 @@ class RuleMatch:
     device: str                  # where the rule sends its tensors (gpulab's device name)
     tensors: tuple[str, ...]     # the tensors it decides (first match), in file order
     n_bytes: int
+
+    def to_dict(self) -> dict:
+        return {"rule": self.rule.text, "source": self.rule.source, "device": self.device,
+                "tensors": list(self.tensors), "bytes": self.n_bytes}
 
 
 @dataclass(frozen=True)
@@ -311,28 +316,57 @@ def place_tensors(profile: ModelProfile, rules: tuple[OverrideRule, ...], layer_
                            mapped_bytes=span, repack_bytes=repack, host_tensor_bytes=host_bytes, notes=tuple(notes))
 
 
+def rule_matches(profile: ModelProfile, rules: tuple[OverrideRule, ...]) -> tuple[RuleMatch, ...]:
+    """What each rule decides in this model (first match wins), without devices: the target is
+    the rule's buffer type as written (`gpulab inspect -ot`)."""
+    decided = _rule_of(profile, tuple(rules)) if rules else {}
+    per_rule: dict[int, list[TensorInfo]] = {}
+    for t in _all_tensors(profile):
+        i = decided.get(t.name)
+        if i is not None:
+            per_rule.setdefault(i, []).append(t)
+    return tuple(RuleMatch(r, r.target, tuple(t.name for t in per_rule.get(i, ())),
+                           sum(t.n_bytes for t in per_rule.get(i, ()))) for i, r in enumerate(rules))
+
+
 def _is_ffn(t: TensorInfo) -> bool:
     base = t.name.split(".", 2)[-1]
     return t.is_expert or base.startswith(("ffn_up.", "ffn_gate.", "ffn_down."))
 
 
-def compute_sites(profile: ModelProfile, layer_devices: list[str], moved: dict) -> tuple[list[str], frozenset[str]]:
-    """(the device each layer's FFN runs on, the devices that run other ops of layers not theirs):
-    an op runs where its weight is (ggml_backend_sched_backend_id_from_cur), so moving a layer's
-    experts (or dense FFN) moves its FFN, and moving one attention matrix moves that product."""
+def _ffn_part(t: TensorInfo) -> str:
+    """'gate', 'up' or 'down': which of the FFN's products a weight (or its bias) belongs to."""
+    base = t.name.split(".", 2)[-1].split(".")[0]      # ffn_gate_exps, ffn_up, ffn_down_chexps, ...
+    part = base[len("ffn_"):].split("_")[0]
+    return "gate" if part == "gate" and "gate_up" not in base else ("up" if "up" in base else part)
+
+
+def compute_sites(profile: ModelProfile, layer_devices: list[str],
+                  moved: dict) -> tuple[list[str], frozenset[str], dict[str, frozenset[str]]]:
+    """(the device each layer's FFN runs on, the devices that run other ops of layers not theirs,
+    the devices that run only some of a layer's FFN products: device -> the largest set of them,
+    'gate', 'up', 'down'): an op runs where its weight is (ggml_backend_sched_backend_id_from_cur),
+    so moving a layer's experts (or dense FFN) moves its FFN, moving one of its three expert
+    tensors moves that product alone, and moving one attention matrix moves that product."""
     ffn = list(layer_devices[:profile.n_layer])
     stray = set()
+    partial: dict[str, frozenset[str]] = {}
     if not moved:
-        return ffn, frozenset()
+        return ffn, frozenset(), partial
     for layer in profile.layers:
         home = layer_devices[layer.index]
         where: dict[str, int] = {}
+        parts: dict[str, set[str]] = {}
         for t in layer.tensors:
             dev = moved.get(t.name, home)
             if _is_ffn(t):
                 where[dev] = where.get(dev, 0) + t.n_bytes
+                parts.setdefault(dev, set()).add(_ffn_part(t))
             elif dev != home and "norm" not in t.name:
                 stray.add(dev)
         if where:
-            ffn[layer.index] = max(where, key=where.get)
-    return ffn, frozenset(stray)
+            site = ffn[layer.index] = max(where, key=where.get)
+            for dev, ps in parts.items():
+                if dev != site and len(ps) > len(partial.get(dev, ())):
+                    partial[dev] = frozenset(ps)
+    return ffn, frozenset(stray), partial

@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import pathlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-__all__ = ["SynthSpec", "write_model", "PRESETS", "ARCHES", "WEIGHT_TYPES", "layer_tensor_names"]
+if TYPE_CHECKING:
+    from ..core.profile import ModelProfile
+
+__all__ = ["SynthSpec", "write_model", "PRESETS", "ARCHES", "WEIGHT_TYPES", "layer_tensor_names", "moe_profile"]
 
 # GGUF `general.architecture` values this module writes (llama-arch.cpp LLM_ARCH_NAMES).
 ARCHES = ("llama", "gemma2", "gemma3", "qwen3moe")
@@ -278,3 +282,52 @@ PRESETS: dict[str, SynthSpec] = {
     "llama3-70b-8layers": SynthSpec(n_layer=8, n_embd=8192, n_ff=28672, name="llama3-70b-8layers-synth",
                                     **{**_LLAMA3, "n_head": 64}),
 }
+
+
+def moe_profile(n_layer: int = 48, n_embd: int = 2048, n_expert: int = 128, n_expert_used: int = 8,
+                n_ff_exp: int = 768, n_head: int = 32, n_head_kv: int = 4, head_dim: int = 128,
+                n_vocab: int = 151936, bits_per_weight: float = 4.5, name: str = "moe") -> "ModelProfile":
+    """The profile of a MoE model shaped like a real one, without writing it (defaults:
+    Qwen3-30B-A3B at ~4.5 bits per weight): per layer attention, norms, a router and three
+    expert stacks of n_expert experts each, named, shaped and ordered as write_model writes a
+    qwen3moe (tests/sources check that), laid out one after the other. For
+    what-ifs at sizes no test should write (planner only: llama.cpp cannot load it)."""
+    from dataclasses import replace
+
+    from ..core.profile import LayerProfile, ModelProfile, TensorInfo
+
+    def t(name_: str, shape: tuple[int, ...], bpw: float = bits_per_weight) -> TensorInfo:
+        n = 1
+        for d in shape:
+            n *= d
+        return TensorInfo(name_, "Q4_K" if bpw < 16 else "F32", shape, int(n * bpw / 8))
+    q, kv = n_head * head_dim, n_head_kv * head_dim
+    layers = []
+    for i in range(n_layer):
+        b = f"blk.{i}."
+        tensors = (t(b + "attn_norm.weight", (n_embd,), 32), t(b + "attn_q.weight", (n_embd, q)),
+                   t(b + "attn_k.weight", (n_embd, kv)), t(b + "attn_v.weight", (n_embd, kv)),
+                   t(b + "attn_output.weight", (q, n_embd)), t(b + "attn_q_norm.weight", (head_dim,), 32),
+                   t(b + "attn_k_norm.weight", (head_dim,), 32), t(b + "ffn_norm.weight", (n_embd,), 32),
+                   t(b + "ffn_gate_inp.weight", (n_embd, n_expert), 32),
+                   t(b + "ffn_gate_exps.weight", (n_embd, n_ff_exp, n_expert)),
+                   t(b + "ffn_up_exps.weight", (n_embd, n_ff_exp, n_expert)),
+                   t(b + "ffn_down_exps.weight", (n_ff_exp, n_embd, n_expert)))
+        layers.append(LayerProfile(index=i, tensors=tensors, n_head=n_head, n_head_kv=n_head_kv,
+                                   n_embd_head_k=head_dim, n_embd_head_v=head_dim))
+    emb = (t("token_embd.weight", (n_embd, n_vocab)),)
+    out = (t("output_norm.weight", (n_embd,), 32), t("output.weight", (n_embd, n_vocab)))
+    at = 1 << 20
+    laid = []
+    for x in [*emb, *(x for layer in layers for x in layer.tensors), *out]:
+        laid.append(replace(x, offset=at))
+        at += x.n_bytes
+    placed = iter(laid)
+    emb = (next(placed),)
+    layers = tuple(replace(layer, tensors=tuple(next(placed) for _ in layer.tensors)) for layer in layers)
+    out = tuple(next(placed) for _ in out)
+    total = sum(x.n_bytes for x in emb + out) + sum(layer.weights_bytes for layer in layers)
+    return ModelProfile(path=f"{name} (no file)", arch="qwen3moe", name=name, file_bytes=total, n_layer=n_layer,
+                        n_embd=n_embd, n_ff=n_ff_exp, n_vocab=n_vocab, n_ctx_train=40960, layers=layers,
+                        input_tensors=emb, output_tensors=out, tied_output=False, n_expert=n_expert,
+                        n_expert_used=n_expert_used)

@@ -23,7 +23,7 @@ from ..core.plan import Plan
 from ..core.planner import kv_cell_bytes, kv_cells
 from ..core.units import GiB, MiB, format_bytes
 
-__all__ = ["device_colors", "layer_bytes", "layer_map", "memory_bars", "throughput_chart", "show", "mimebundle", "run_label",
+__all__ = ["device_colors", "layer_bytes", "layer_expert_bytes", "layer_map", "memory_bars", "throughput_chart", "show", "mimebundle", "run_label",
            "memory_compare", "apply", "memory_unit", "sync_widget_state", "TERM_COLORS", "OVERFULL_COLOR"]
 
 # Okabe-Ito-like palette: distinguishable for colour-blind readers; the host is grey
@@ -88,10 +88,35 @@ def layer_bytes(plan: Plan) -> tuple[np.ndarray, np.ndarray]:
 
 # -- layer map ---------------------------------------------------------------------------------
 
+def layer_expert_bytes(plan: Plan) -> dict[str, np.ndarray]:
+    """device -> the MoE expert bytes of each layer 0..n_layer-1 that sit there: on the layer's
+    own device unless a tensor override moved them (-ot, -cmoe, -ncmoe, moe-balance)."""
+    prof = plan.profile
+    out: dict[str, np.ndarray] = {}
+    moved = plan.moved_tensors
+    for layer in prof.layers:
+        home = plan.layer_devices[layer.index]
+        for t in layer.tensors:
+            if t.is_expert:
+                dev = moved.get(t.name, home)
+                if dev not in out:
+                    out[dev] = np.zeros(prof.n_layer, dtype=np.int64)
+                out[dev][layer.index] += t.n_bytes
+    return out
+
+
 def _layer_traces(plan: Plan, names: list[str]) -> list[dict]:
+    """One trace per device: its layers' dense weights and KV. For a MoE model, then one trace
+    per device of expert bytes (hatched, in the colour of the device they sit on), stacked on
+    the layer's bar wherever the experts are: a moved expert shows in its new device's colour."""
     weights, kv = layer_bytes(plan)
-    total = weights + kv
     n = plan.profile.n_layer
+    moe = plan.profile.is_moe
+    experts = layer_expert_bytes(plan) if moe else {}
+    all_experts = np.zeros(n + 1, dtype=np.int64)
+    for arr in experts.values():
+        all_experts[:n] += arr
+    dense = weights - all_experts
     devs = np.asarray(plan.layer_devices)
     idx = np.arange(n + 1)
     kv_dev_note = "" if plan.config.offload_kqv else " (KV on CPU: -nkvo)"
@@ -99,16 +124,29 @@ def _layer_traces(plan: Plan, names: list[str]) -> list[dict]:
     for name in names:
         sel = idx[devs == name]
         labels = [("output layer" if i == n else f"layer {i}") for i in sel.tolist()]
-        hover = [f"<b>{lab}</b> on {name}<br>weights {format_bytes(int(weights[i]))}<br>"
-                 f"KV {format_bytes(int(kv[i]))}{kv_dev_note}" for lab, i in zip(labels, sel.tolist())]
-        traces.append(dict(x=sel, y=total[sel] / MiB, hovertext=hover, name=name,
+        hover = [f"<b>{lab}</b> on {name}<br>weights {format_bytes(int(weights[i]))}"
+                 + (f" (dense {format_bytes(int(dense[i]))}, experts {format_bytes(int(all_experts[i]))})"
+                    if moe and i < n else "")
+                 + f"<br>KV {format_bytes(int(kv[i]))}{kv_dev_note}" for lab, i in zip(labels, sel.tolist())]
+        traces.append(dict(x=sel, y=(dense[sel] + kv[sel]) / MiB, hovertext=hover, name=name,
                            hovertemplate="%{hovertext}<extra></extra>"))
+    if moe:
+        below = (dense + kv).astype(np.float64)
+        for name in names:
+            arr = experts.get(name, np.zeros(n, dtype=np.int64))
+            sel = np.nonzero(arr)[0]
+            hover = [f"<b>layer {i}</b> (on {plan.layer_devices[i]}): experts on {name} "
+                     f"{format_bytes(int(arr[i]))} of {format_bytes(int(all_experts[i]))}" for i in sel.tolist()]
+            traces.append(dict(x=sel, y=arr[sel] / MiB, base=below[sel] / MiB, hovertext=hover,
+                               name=f"{name} experts", hovertemplate="%{hovertext}<extra></extra>"))
+            below[:n] += arr
     return traces
 
 
 def layer_map(plan: Plan, *, order: Sequence[str] | None = None, height: int = 300) -> go.Figure:
     """One bar per layer (the output layer last, at x = n_layer), coloured by the device
-    llama.cpp puts it on, as tall as the bytes (weights + KV) it puts there."""
+    llama.cpp puts it on, as tall as the bytes (weights + KV) it puts there. A MoE model's expert
+    bytes are the hatched top of each bar, coloured by the device they sit on."""
     names = _order(plan, order)
     colors = device_colors(names)
     fig = go.Figure(layout=dict(
@@ -119,7 +157,9 @@ def layer_map(plan: Plan, *, order: Sequence[str] | None = None, height: int = 3
         legend=dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom"),
         template="plotly_white"))
     for t in _layer_traces(plan, names):
-        fig.add_trace(go.Bar(marker=dict(color=colors[t["name"]]), **t))
+        dev = t["name"].removesuffix(" experts")
+        hatch = dict(pattern=dict(shape="/", fgcolor="white", solidity=0.35)) if dev != t["name"] else {}
+        fig.add_trace(go.Bar(marker=dict(color=colors[dev], **hatch), **t))
     return fig
 
 
@@ -233,6 +273,9 @@ def apply(fig: go.Figure, plan: Plan, kind: str, *, order: Sequence[str] | None 
         traces = _layer_traces(plan, names)
         fig.plotly_restyle({"x": [t["x"].tolist() for t in traces], "y": [t["y"].tolist() for t in traces],
                             "hovertext": [t["hovertext"] for t in traces]}, list(range(len(traces))))
+        stacked = [i for i, t in enumerate(traces) if "base" in t]
+        if stacked:
+            fig.plotly_restyle({"base": [traces[i]["base"].tolist() for i in stacked]}, stacked)
         fig.plotly_relayout({"title.text": _layer_title(plan),
                              "xaxis.range": [-0.7, plan.profile.n_layer + 0.7]})
     elif kind == "memory":

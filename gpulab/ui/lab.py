@@ -40,7 +40,7 @@ from ..core.exports import TARGETS, render
 from ..core.ggml_types import KV_CACHE_TYPES
 from ..core.plan import Plan
 from ..core.planner import plan as make_plan
-from ..core.policies import POLICIES, policy_split
+from ..core.policies import POLICIES, apply_policy, policy_split
 from ..core.profile import ModelProfile
 from ..core.reconcile import comparison_rows
 from ..core.run import Run
@@ -51,7 +51,8 @@ from .html import exports_html, run_rows, table_html
 
 __all__ = ["SplitLab"]
 
-_POLICY_LABELS = {"llama": "llama.cpp default", "ollama-spread": "ollama spread", "pack": "pack", "balanced": "balanced"}
+_POLICY_LABELS = {"llama": "llama.cpp default", "ollama-spread": "ollama spread", "pack": "pack", "balanced": "balanced",
+                  "moe-balance": "MoE balance"}
 # settings with a control of their own below; every other one gets a generic control
 _CUSTOM = {"tensor_split", "devices", "main_gpu", "n_gpu_layers", "split_mode", "n_ctx", "type_k", "type_v",
            "flash_attn"}
@@ -180,6 +181,8 @@ class SplitLab(W.VBox):
             rows.append(W.HBox([use, sl, share, free]))
         self.policy_buttons = {}
         for p in POLICIES:
+            if p == "moe-balance" and not prof.is_moe:
+                continue        # it places expert tensors: a dense model has none
             b = W.Button(description=_POLICY_LABELS.get(p, p), tooltip=f"set the sliders by the {p} policy",
                          layout=W.Layout(width="auto", min_width="90px"))
             b.on_click(lambda _b, p=p: self.apply_policy(p))
@@ -497,17 +500,33 @@ class SplitLab(W.VBox):
         self.redraw()
 
     def apply_policy(self, name: str) -> Plan | None:
-        """Set the sliders to what a policy (gpulab.core.policies) chooses for the selected devices."""
+        """Set the sliders to what a policy (gpulab.core.policies) chooses for the selected devices;
+        moe-balance also writes its rules into the -ot field (and clears -cmoe and -ncmoe, whose
+        experts it places itself)."""
+        rules = None
         try:
             cfg = self.current_config()
             devices = [] if cfg.devices == ("none",) else self.devices
-            split = policy_split(name, self.profile, devices, cfg.replace(tensor_split=()), self.host)
+            if name == "moe-balance":
+                cfg = cfg.replace(tensor_overrides=(), cpu_moe=False, n_cpu_moe=0)
+                chosen = apply_policy(name, self.profile, devices, cfg.replace(tensor_split=()), self.host)
+                split, rules = chosen.tensor_split, chosen.tensor_overrides
+            else:
+                split = policy_split(name, self.profile, devices, cfg.replace(tensor_split=()), self.host)
         except GpulabError as e:
             self._set_error(f"policy {name}: {e}")
             return None
         except Exception as e:  # noqa: BLE001
             self._set_error(f"policy {name}: {type(e).__name__}: {e}")
             return None
+        if rules is not None:
+            self._suspend += 1
+            try:
+                for attr, value in (("tensor_overrides", ",".join(rules)), ("cpu_moe", False), ("n_cpu_moe", 0)):
+                    if attr in self.setting_controls:
+                        self.setting_controls[attr].value = value
+            finally:
+                self._suspend -= 1
         self.set_split(split or [0.0] * len(self.selected))
         return self.plan
 

@@ -8,8 +8,8 @@ from ..core.profile import ModelProfile
 from ..core.speed import SpeedPrediction
 from ..core.units import format_bytes
 
-__all__ = ["render_table", "plan_rows", "plan_text", "speed_text", "profile_text", "devices_text", "layer_ranges",
-           "calibration_text", "speed_cache_text"]
+__all__ = ["render_table", "plan_rows", "plan_text", "rules_text", "tensor_list", "speed_text", "profile_text",
+           "devices_text", "layer_ranges", "calibration_text", "speed_cache_text"]
 
 
 def render_table(rows: list[dict], right: tuple[str, ...] = ()) -> str:
@@ -71,9 +71,36 @@ def speed_text(s: SpeedPrediction, *, n_prompt: int = 512, n_gen: int = 128) -> 
     return f"{line}\nspeed figures: {src}{hint}"
 
 
+def tensor_list(names) -> str:
+    """'ffn_down_exps.weight, ffn_up_exps.weight of blk 0,1,25; attn_q.weight of blk 3': tensor names
+    grouped by what follows 'blk.<i>.', their layers listed once."""
+    by_kind: dict[str, list[str]] = {}
+    for n in names:
+        parts = n.split(".", 2)
+        if parts[0] == "blk" and len(parts) == 3:
+            by_kind.setdefault(parts[2], []).append(parts[1])
+        else:
+            by_kind.setdefault(n, [])
+    by_layers: dict[tuple[str, ...], list[str]] = {}
+    for kind, layers in by_kind.items():
+        by_layers.setdefault(tuple(layers), []).append(kind)
+    return "; ".join(", ".join(kinds) + (f" of blk {','.join(layers)}" if layers else "")
+                     for layers, kinds in by_layers.items())
+
+
+def rules_text(matches) -> str:
+    """Tensor override rules (RuleMatch, a plan's or `inspect -ot`'s) in the order llama.cpp tries
+    them: where each sends what it matched (first match wins), and how many bytes that is."""
+    rows = [{"#": i, "rule": m.rule.text, "from": m.rule.source, "to": m.device, "tensors": len(m.tensors),
+             "bytes": format_bytes(m.n_bytes), "matched": tensor_list(m.tensors) or "(nothing)"}
+            for i, m in enumerate(matches)]
+    return "tensor overrides (first match wins):\n" + render_table(rows, right=("tensors", "bytes"))
+
+
 def plan_text(p: Plan, speed: SpeedPrediction | None = None, *, n_prompt: int = 512, n_gen: int = 128,
-              speed_error: str = "") -> str:
-    """The plan as text: settings, the memory table, the predicted speed (when given), whether it fits.
+              speed_error: str = "", flags: str = "") -> str:
+    """The plan as text: settings, the memory table, the tensor override rules (when any), the
+    predicted speed (when given), the flags that give this plan (when given), whether it fits.
     speed_error: why there is no prediction, said in its place."""
     c = p.config
     ts = ",".join(f"{x:g}" for x in c.tensor_split) if c.tensor_split else "default (free memory)"
@@ -84,10 +111,14 @@ def plan_text(p: Plan, speed: SpeedPrediction | None = None, *, n_prompt: int = 
     body = render_table(plan_rows(p), right=("weights", "KV", "compute", "used", "free"))
     verdict = "fits" if p.fits else "DOES NOT FIT: " + "; ".join(p.deficits())
     parts = [head, body]
+    if p.rule_matches:
+        parts.append(rules_text(p.rule_matches))
     if speed is not None:
         parts.append(speed_text(speed, n_prompt=n_prompt, n_gen=n_gen))
     elif speed_error:
         parts.append(f"speed: not predicted ({speed_error})")
+    if flags:
+        parts.append(f"flags: {flags}")
     return "\n".join(parts + [verdict])
 
 

@@ -243,3 +243,20 @@ def test_matches_llama_cpp_on_recorded_loads(shape, n_ctx, n_ub, fa, ngl, ts, me
     for name, want in measured.items():
         assert out[name] == pytest.approx(want, rel=0.05), name
     assert sum(out.values()) == pytest.approx(sum(measured.values()), rel=0.03)
+
+
+def test_one_expert_tensor_moved_alone_runs_its_product_where_it_is():
+    """An op runs where its weight is: one expert tensor of a layer on the host runs that
+    product there, so the host's buffer holds its [n_ff_exp, n_expert_used, T] output on top of
+    the hidden state copied in (llama.cpp: 0.81 MiB for this shape at -ub 64, on RPC devices;
+    tests/integration/test_overrides_vs_llama.py::test_moe_balance_plan_is_llama_cpps_placement)."""
+    prof = shaped_profile(n_layer=6, n_embd=512, n_ff=1024, n_head=8, n_head_kv=4, n_expert=8, n_expert_used=2,
+                          n_vocab=1024)
+    config = SplitConfig(n_ctx=512, n_batch=64, n_ubatch=64, tensor_split=(1, 1))
+    none = compute(prof, config.replace(tensor_overrides=(r"blk\.5\.attn_norm=RPC1",)))
+    one = compute(prof, config.replace(tensor_overrides=(r"blk\.4\.ffn_gate_exps=CPU",)))
+    fe = 4 * 1024 * 2 * 64                 # gate's output: n_ff_exp x n_expert_used x T, f32
+    assert one["CPU"] - none["CPU"] >= fe
+    # the whole FFN moved is more than one product of it
+    whole = compute(prof, config.replace(tensor_overrides=(r"blk\.4\.ffn_.*_exps=CPU",)))
+    assert whole["CPU"] > one["CPU"]

@@ -1,6 +1,6 @@
 """Tensor overrides (-ot, --cpu-moe, --n-cpu-moe, --n-cpu-ffn) planned, against real llama.cpp.
 
-Models written here: a Mixtral-style MoE (4 experts, untied), a qwen3moe (8 experts, tied
+Models written here: Mixtral-style MoEs (4 and 8 experts, untied), a qwen3moe (8 experts, tied
 output) and a dense llama (Q4_0, whose host weights llama.cpp also repacks), loaded by llama.cpp
 on three CPU RPC devices in a worker. Each expert tensor is over 1 MiB, so a misplaced one shows
 beyond the tolerance. For every case:
@@ -9,6 +9,7 @@ beyond the tolerance. For every case:
   - weights and KV per offload device within 1% or 1 MiB; the host's CPU_Mapped span and
     CPU_REPACK copies each within 1% or 1 MiB of llama.cpp's buffers;
   - compute buffers on the offload devices within 25% (the host's too: it runs the moved FFNs).
+The moe-balance policy's rules are checked the same way, on devices told they are small.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ MODELS = {
                                   tied_output=True),
     "dense-q4": SynthSpec(arch="llama", n_layer=6, n_embd=512, n_ff=1536, n_head=8, n_head_kv=4, n_vocab=1024,
                           weight_type="Q4_0"),
+    # moe-balance: 8 experts of 4.25 MiB a tensor, so whole tensors can even the devices out
+    "mixtral-8x": SynthSpec(arch="llama", n_layer=6, n_embd=512, n_ff=1024, n_head=8, n_head_kv=4, n_vocab=1024,
+                            n_expert=8, n_expert_used=2, weight_type="Q8_0"),
     # the host row without any rule: a tied Q4_0 model, its output copy of token_embd repacked
     "tied-q4": SynthSpec(arch="llama", n_layer=5, n_embd=512, n_ff=1024, n_head=8, n_head_kv=4, n_vocab=4096,
                          weight_type="Q4_0", tied_output=True),
@@ -100,7 +104,10 @@ def test_overrides_match_llama_cpp(model_name, case, config, model_paths, worker
         assert "RPC0[" in config.tensor_overrides[0]
     predicted = plan(read_profile(model_paths[model_name]), devices, config, host_device())
     report, _ = worker.load(model_paths[model_name], config, check_fit=False)
+    _assert_placed_as_llama_cpp(predicted, report, devices)
 
+
+def _assert_placed_as_llama_cpp(predicted, report, devices) -> None:
     assert list(report.layer_devices) == list(predicted.layer_devices), "a layer moved"
     # every tensor llama.cpp says an override placed, on the device the plan has it
     by_endpoint = {(d.endpoint, d.server_index): d.name for d in devices}
@@ -127,6 +134,30 @@ def test_overrides_match_llama_cpp(model_name, case, config, model_paths, worker
         if actual:
             assert abs(d.compute_bytes - actual) <= 0.25 * actual, \
                 f"{d.name} compute: predicted {d.compute_bytes / MiB:.2f} MiB, llama.cpp {actual / MiB:.2f} MiB"
+
+
+def test_moe_balance_plan_is_llama_cpps_placement(model_paths, worker):
+    """The moe-balance policy on three RPC devices told they hold 36, 28 and 20 MiB: its -ts and
+    -ot rules (experts to the CPU and to another RPC device), loaded by llama.cpp, place every
+    layer and tensor as planned, and each device's weights, KV and compute as the policy counted."""
+    from dataclasses import replace
+
+    from gpulab.core.moe_balance import moe_balance
+    rpc = [d for d in worker.devices() if d.kind == "rpc"]
+    small = [replace(d, total_bytes=f * MiB, free_bytes=f * MiB) for d, f in zip(rpc, (36, 28, 20))]
+    config = SplitConfig(devices=tuple(d.name for d in small), n_ctx=512, n_batch=64, n_ubatch=64)
+    b = moe_balance(read_profile(model_paths["mixtral-8x"]), small, config, host_device())
+    targets = {item.rpartition("=")[2] for item in b.config.tensor_overrides}
+    assert "CPU" in targets and targets - {"CPU"}, f"the case should move experts both ways: {targets}"
+    assert b.plan.fits
+    report, _ = worker.load(model_paths["mixtral-8x"], b.config, check_fit=False)
+    _assert_placed_as_llama_cpp(b.plan, report, rpc)
+    # and what llama.cpp allocated fits the memory the policy was given, as evenly as it planned
+    got = report.kinds_by_device()
+    used = {d.name: sum(got.get(d.name, {}).get(k, 0) for k in ("model", "kv", "compute")) for d in small}
+    left = [d.free_bytes - used[d.name] for d in small]
+    assert min(left) >= -1 * MiB, f"llama.cpp's buffers overflow a device: {used}"
+    assert max(left) - min(left) <= b.spread_bytes + 2 * MiB
 
 
 def test_a_rule_to_a_device_the_model_does_not_use_is_refused(model_paths, worker):

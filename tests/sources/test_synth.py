@@ -224,3 +224,23 @@ def test_presets_shapes():
 def test_rejects_what_llama_cpp_would(tmp_path, bad):
     with pytest.raises(ValueError):
         write_model(tmp_path / "m.gguf", replace(SMALL, **bad))
+
+
+def test_moe_profile_is_shaped_as_a_written_qwen3moe(tmp_path):
+    """moe_profile (what-ifs at sizes no test writes) names, shapes and orders tensors as the
+    file write_model writes and read_profile reads."""
+    from gpulab.sources.read import read_profile
+    from gpulab.sources.synth import moe_profile
+    shape = dict(n_layer=2, n_embd=256, n_expert=4, n_expert_used=2, n_head=4, n_head_kv=2, n_vocab=512)
+    built = moe_profile(n_ff_exp=128, head_dim=64, **shape)
+    read = read_profile(write_model(tmp_path / "q.gguf", SynthSpec(arch="qwen3moe", n_ff=128, n_ff_exp=128,
+                                                                   head_dim=64, **shape)))
+
+    def names_shapes(p):
+        return [(t.name, t.shape) for t in (*p.input_tensors, *(t for l in p.layers for t in l.tensors),
+                                            *p.output_tensors)]
+    assert names_shapes(built) == names_shapes(read)
+    for a, b in zip(built.layers, read.layers):
+        assert (a.n_head, a.n_head_kv, a.n_embd_head_k, a.n_embd_head_v) == (b.n_head, b.n_head_kv,
+                                                                            b.n_embd_head_k, b.n_embd_head_v)
+    assert (built.n_expert, built.n_expert_used, built.arch) == (read.n_expert, read.n_expert_used, read.arch)

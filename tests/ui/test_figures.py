@@ -52,6 +52,45 @@ def test_layer_map_one_bar_per_layer_coloured_by_device(profile_factory):
     assert "KV" in out.hovertext[0] and "weights" in out.hovertext[0]
 
 
+def test_layer_map_marks_expert_bytes_where_they_sit():
+    from builders import make_moe_profile
+    prof = make_moe_profile(n_layer=8, n_expert=16)
+    MiB = 1024**2
+    p = plan(prof, parse_sim_spec("2x24GiB"), SplitConfig(tensor_split=(1, 1), n_cpu_moe=2,
+                                                           tensor_overrides=(r"blk\.7\.ffn_down_exps=SIM0",)))
+    fig = F.layer_map(p)
+    by = {t.name: t for t in fig.data}
+    assert list(by) == ["SIM0", "SIM1", "CPU", "SIM0 experts", "SIM1 experts", "CPU experts"]
+    assert by["CPU experts"].marker.pattern.shape == "/" and by["SIM0"].marker.pattern.shape in (None, "")
+    assert by["CPU experts"].marker.color == by["CPU"].marker.color
+    exp = prof.layers[0].expert_bytes
+    down = next(t.n_bytes for t in prof.layers[7].tensors if t.name.endswith("ffn_down_exps.weight"))
+    # -ncmoe 2: layers 0 and 1's experts on the CPU, drawn on their own layers' bars
+    assert list(by["CPU experts"].x) == [0, 1] and list(by["CPU experts"].y) == pytest.approx([exp / MiB] * 2)
+    on_sim0 = [i for i in range(2, 7) if p.layer_devices[i] == "SIM0"]
+    assert on_sim0 and p.layer_devices[7] == "SIM1"
+    assert list(by["SIM0 experts"].x) == on_sim0 + [7]
+    assert list(by["SIM0 experts"].y)[-1] == pytest.approx(down / MiB)
+    assert list(by["SIM1 experts"].y)[-1] == pytest.approx((exp - down) / MiB)
+    # segments stack: each bar is as tall as before (weights + KV of the layer), dense at the bottom
+    weights, kv = F.layer_bytes(p)
+    tops: dict[int, float] = {}
+    for t in fig.data:
+        for x, y, b in zip(t.x, t.y, t.base if t.base is not None else [0] * len(t.x)):
+            tops[x] = max(tops.get(x, 0.0), y + b)
+    assert [tops[i] for i in range(9)] == pytest.approx(list((weights + kv) / MiB))
+    # apply() moves the segments too
+    q = plan(prof, parse_sim_spec("2x24GiB"), SplitConfig(tensor_split=(1, 1), n_cpu_moe=5))
+    w = go.FigureWidget(fig)
+    F.apply(w, q, "layers")
+    fresh = F.layer_map(q)
+    for got, want in zip(w.data, fresh.data):
+        assert list(got.x) == list(want.x) and list(got.y) == pytest.approx(list(want.y))
+        assert (got.base is None) == (want.base is None)
+        if want.base is not None:
+            assert list(got.base) == pytest.approx(list(want.base))
+
+
 def test_memory_bars_stack_the_plan_and_flag_an_overfull_device(profile_factory):
     prof = profile_factory(n_layer=20)              # ~1.6 GiB of layers
     p = plan(prof, parse_sim_spec("2GiB,1GiB"), SplitConfig(tensor_split=(1, 3)))

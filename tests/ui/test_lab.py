@@ -90,6 +90,27 @@ def test_policy_buttons_set_the_sliders(prof, policy):
     assert lab.error is None
 
 
+def test_moe_balance_button_writes_the_split_and_the_rules(prof):
+    from builders import make_moe_profile
+    from gpulab.core.policies import apply_policy
+    moe = make_moe_profile()
+    assert "moe-balance" not in make_lab(prof).policy_buttons       # a dense model has no experts
+    lab = make_lab(moe, "2x8GiB", config=SplitConfig(n_ctx=8192, n_cpu_moe=30))
+    assert lab.plan.config.n_cpu_moe == 30
+    lab.policy_buttons["moe-balance"].click()
+    assert lab.error is None
+    want = apply_policy("moe-balance", moe, parse_sim_spec("2x8GiB"), SplitConfig(n_ctx=8192), lab.host)
+    assert lab.setting_controls["n_cpu_moe"].value == 0
+    assert lab.setting_controls["tensor_overrides"].value == ",".join(want.tensor_overrides)
+    assert lab.config.tensor_overrides == want.tensor_overrides
+    assert [s.value for s in lab.split_sliders] == pytest.approx(list(want.tensor_split))
+    assert lab.plan.layer_devices == plan(moe, parse_sim_spec("2x8GiB"), want, lab.host).layer_devices
+    assert lab.plan.fits and set(lab.plan.moved_tensors.values()) == {"CPU"}
+    # the layer map shows the experts that went to the CPU
+    cpu = next(t for t in lab.layer_fig.data if t.name == "CPU experts")
+    assert len(cpu.x) > 0
+
+
 def test_pack_uses_fewer_devices_than_ollama_spread(prof):
     lab = make_lab(prof, "8x24GiB")
     lab.apply_policy("ollama-spread")
