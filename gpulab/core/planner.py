@@ -162,7 +162,7 @@ def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | Non
     `devices` are the offload devices (GPUs, RPC servers, simulated); `host` is the CPU with
     system memory (None: unknown, then the host row has 0 free and is never "over-full").
     """
-    config = config or SplitConfig()
+    config = (config or SplitConfig()).with_ctx(profile.n_ctx_train)   # -c 0: the training context
     used = select_devices(devices, config)
     points = split_points(used, config)
     layer_devices = assign_layers(profile.n_layer, config.n_gpu_layers, used, points)

@@ -226,6 +226,10 @@ class SplitLab(W.VBox):
                 ctl = W.BoundedIntText(value=int(value), min=0 if st.default == 0 else 1, max=1 << 20,
                                        description=st.flags[0], tooltip=st.help,
                                        style={"description_width": "50px"}, layout=W.Layout(width="150px"))
+            elif st.kind == "mibs":
+                ctl = W.Text(value=",".join(str(x) for x in value), description=st.flags[0], tooltip=st.help,
+                             placeholder="1024", continuous_update=False,
+                             style={"description_width": "60px"}, layout=W.Layout(width="200px"))
             elif st.kind == "rules":
                 ctl = W.Text(value=",".join(value), description=st.flags[0], tooltip=st.help,
                              placeholder=r"blk\.[0-9]\.ffn_.*_exps=CPU,...", continuous_update=False,
@@ -331,7 +335,7 @@ class SplitLab(W.VBox):
                 continue
             if st.kind == "off":
                 generic[st.attr] = not ctl.value
-            elif st.kind == "rules":
+            elif st.kind in ("rules", "mibs"):
                 generic[st.attr] = value_from_text(st, ctl.value.strip())
             else:
                 generic[st.attr] = ctl.value
