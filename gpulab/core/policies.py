@@ -5,6 +5,9 @@
                  61-block model on 8 GPUs gets -ts 8,8,8,8,8,8,7,7 however small it is
 - pack           the fewest devices (largest free memory first) that hold the model
 - balanced       equal free memory left on every device
+- fit            llama-server's and llama-cli's own (common_fit_params, gpulab.core.fit): it may also
+                 change -c (when 0), -ngl (when auto) and the tensor overrides, so `apply_policy`
+                 returns its whole config; `policy_split` and the lab's buttons take the others
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ from .devices import Device
 from .planner import plan, select_devices
 from .profile import ModelProfile
 
-__all__ = ["POLICIES", "apply_policy", "policy_split"]
+__all__ = ["POLICIES", "ALL_POLICIES", "apply_policy", "policy_split"]
 
-POLICIES = ("llama", "ollama-spread", "pack", "balanced")
+POLICIES = ("llama", "ollama-spread", "pack", "balanced")     # each chooses -ts only
+ALL_POLICIES = (*POLICIES, "fit")
 
 
 def _n_offloaded(profile: ModelProfile, config: SplitConfig) -> int:
@@ -109,4 +113,7 @@ def policy_split(name: str, profile: ModelProfile, devices: list[Device], config
 def apply_policy(name: str, profile: ModelProfile, devices: list[Device], config: SplitConfig | None = None,
                  host: Device | None = None) -> SplitConfig:
     config = config or SplitConfig()
+    if name == "fit":
+        from .fit import fit
+        return fit(profile, devices, config, host).config
     return replace(config, tensor_split=policy_split(name, profile, devices, config, host))
