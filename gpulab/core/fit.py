@@ -132,6 +132,8 @@ class Decision:
     projected_bytes: int
     target_bytes: int
     uncertainty_bytes: int
+    tokens_to_step: int | None = None    # context rounding: tokens from the nearest step of 256 * streams
+    bytes_per_token: float = 0.0
 
     @property
     def slack_bytes(self) -> int:
@@ -171,10 +173,20 @@ class FitResult:
     @property
     def near_boundary(self) -> tuple[str, ...]:
         """Decisions closer to their target than gpulab's compute-buffer uncertainty."""
-        return tuple(f"{d.what} on {d.device}: projected {d.projected_bytes / MiB:.1f} MiB vs target "
-                     f"{d.target_bytes / MiB:.1f} MiB, within gpulab's compute-buffer uncertainty "
-                     f"({d.uncertainty_bytes / MiB:.1f} MiB): fit's dry run may decide the other way"
-                     for d in self.decisions if d.near)
+        out = []
+        for d in self.decisions:
+            if not d.near:
+                continue
+            if d.tokens_to_step is not None:
+                tokens = int(d.uncertainty_bytes / d.bytes_per_token) if d.bytes_per_token else 0
+                out.append(f"{d.what}: {d.tokens_to_step} tokens from the next step, but gpulab's compute buffers "
+                           f"(uncertain by {d.uncertainty_bytes / MiB:.1f} MiB over the devices, ~{tokens} tokens) "
+                           "decide the interpolation: llama.cpp's dry runs may give a context a step or more away")
+            else:
+                out.append(f"{d.what} on {d.device}: projected {d.projected_bytes / MiB:.1f} MiB vs target "
+                           f"{d.target_bytes / MiB:.1f} MiB, within gpulab's compute-buffer uncertainty "
+                           f"({d.uncertainty_bytes / MiB:.1f} MiB): fit's dry run may decide the other way")
+        return tuple(out)
 
     def flags(self, devices: list[Device] | None = None) -> str:
         """What llama-fit-params prints (tools/fit-params/fit-params.cpp), '' unless fit succeeded.
@@ -381,14 +393,12 @@ class _Fit:
                         n_ctx = n_ctx_min_total + _div((n_ctx_max - n_ctx_min_total) * (sum_used_target - used_min),
                                                        sum_used - used_min)
                         align = 256 * n_streams
+                        self._rounding(n_ctx, align, n_ctx_min_total, n_ctx_max, sum_used, used_min, cfg, cfg_min)
                         n_ctx = max(n_ctx - n_ctx % align, n_ctx_min_total)
                         self.cfg = cfg = replace(cfg, n_ctx=n_ctx)
                         bytes_per_ctx = _div(sum_used - used_min, n_ctx_max - n_ctx_min_total)
                         self.log(f"context size reduced from {n_ctx_max} to {n_ctx} -> need "
                                  f"{_div((n_ctx_max - n_ctx) * bytes_per_ctx, MiB)} MiB less memory in total")
-                        self.decisions.append(Decision(
-                            "context interpolation (sum over devices)", "all", used_min, sum_used_target,
-                            self._sum_uncertainty(cfg_min)))
                         if nd <= 1:
                             self.log("entire model can be fit by reducing context")
                             self.mem = self.measure(cfg) if nd else []
@@ -420,6 +430,19 @@ class _Fit:
         if cfg.has_tensor_overrides:
             raise _Abort("model_params::tensor_buft_overrides already set by user, abort")
         self._fill(cfg, hp_ngl, hp_nex, free, margins)
+
+    def _rounding(self, raw: int, align: int, lo: int, hi: int, used_max: int, used_min: int,
+                  cfg_max: SplitConfig, cfg_min: SplitConfig) -> None:
+        """The interpolated context is rounded down to a step of `align`: how far (in bytes of the
+        sum over devices) it was from the next step either way, against gpulab's uncertainty."""
+        if raw <= lo or used_max <= used_min:
+            return
+        bytes_per_token = (used_max - used_min) / max(hi - lo, 1)
+        to_step = min(raw % align, align - raw % align)
+        self.decisions.append(Decision(
+            f"context {raw} rounded to a step of {align}", "all devices", 0, int(to_step * bytes_per_token),
+            self._sum_uncertainty(cfg_max) + self._sum_uncertainty(cfg_min), tokens_to_step=to_step,
+            bytes_per_token=bytes_per_token))
 
     def _sum_uncertainty(self, cfg: SplitConfig) -> int:
         return sum(self._uncertainty(cfg, i) for i in range(self.nd))
