@@ -27,6 +27,9 @@ def register(sub, frontend: str) -> None:
     add_device_flags(p)
     p.add_argument("--policy", choices=ALL_POLICIES,
                    help="choose -ts by a policy; fit: llama-server's own -fit (also -c, -ngl, -ot)")
+    p.add_argument("--ctx-table", action="store_true",
+                   help="the largest context that leaves -fitt free on every device, for KV types f16, q8_0, q4_0 "
+                        "(steps of 256 x -np; -np 1 is llama-server's default of 4 slots sharing one unified cache)")
     add_json_flag(p, frontend)
     if frontend == "magic":
         p.add_argument("--no-figures", action="store_true", help="the table only")
@@ -98,10 +101,18 @@ def run(a, session) -> Result:
         from ..ui.text import fit_text
         fitted = server_fit(a, prof, choice, config)
         fitted_plan = make_plan(prof, list(choice.devices), fitted.config, choice.host)
-        text = (fit_text(fitted, fitted_plan, list(choice.devices)) + "\n\n"
+        from ..core.context import largest_ctx
+        most = largest_ctx(prof, list(choice.devices), fitted.config, choice.host) if fitted.ok else None
+        text = (fit_text(fitted, fitted_plan, list(choice.devices), most) + "\n\n"
                 + "plain layer split, no fit (llama-bench, llama-cpp-python, llama-server -fit off):\n" + text)
-        data["fit"] = fit_data(fitted, fitted_plan, list(choice.devices))
+        data["fit"] = {**fit_data(fitted, fitted_plan, list(choice.devices)), "largest_ctx": most}
         objects = {"fit": fitted, "fitted_plan": fitted_plan}
+    if getattr(a, "ctx_table", False):
+        from ..core.context import ctx_table
+        from ..ui.text import ctx_table_text
+        rows = ctx_table(prof, list(choice.devices), config, choice.host)
+        text += "\n\n" + ctx_table_text(rows, config)
+        data["ctx_table"] = [{"type_k": r.type_k, "type_v": r.type_v, "n_ctx": r.n_ctx} for r in rows]
     return Result(text=text, data=data, html=plan_html(p),
                   rows=plan_frame_rows(p), notes=notes, exit_code=0 if p.fits else 1, figures=figures,
                   objects={"plan": p, "profile": prof, "note": choice.note, "speed": speed, **objects})

@@ -170,7 +170,7 @@ def _setting_text(attr: str, value) -> str:
     return f"{len(value)} rule(s)" if value else "none"
 
 
-def fit_text(r, fitted_plan: Plan, devices) -> str:
+def fit_text(r, fitted_plan: Plan, devices, largest_ctx: int | None = None) -> str:
     """What llama-server/llama-cli load after common_fit_params (gpulab.core.fit): the flags
     llama-fit-params would print, what changed, fit's log, and the fitted plan."""
     lines = ["llama-server / llama-cli (-fit on, their default) would load:"]
@@ -191,5 +191,20 @@ def fit_text(r, fitted_plan: Plan, devices) -> str:
         lines.append(f"  warning: {x}")
     if len(near) > 4:
         lines.append(f"  warning: and {len(near) - 4} more decisions within the uncertainty (--json lists them)")
+    if largest_ctx is not None:
+        lines.append(f"  the largest context that leaves -fitt free with fit's -ngl/-ts/-ot: {largest_ctx} "
+                     f"(fit chose {r.config.n_ctx}: it interpolates, in steps of {256 * r.config.n_seq_max})")
     lines.append(plan_text(fitted_plan))
     return "\n".join(lines)
+
+
+def ctx_table_text(rows, config) -> str:
+    """gpulab.core.context.ctx_table as text."""
+    from ..core.fit import fit_margins
+    margin = ",".join(str(m // 1024**2) for m in fit_margins(config, 1)) if len(config.fit_target) <= 1 else \
+        ",".join(str(x) for x in config.fit_target)
+    head = (f"largest context leaving {margin} MiB free per device (-fitt), -ngl/-ts/-ot as planned, "
+            f"steps of {256 * config.n_seq_max} (-np {config.n_seq_max}; llama-server's default 4 slots share one "
+            "unified cache: plan -np 1):")
+    return head + "\n" + render_table([{"-ctk/-ctv": r.type_k, "largest -c": str(r.n_ctx)} for r in rows],
+                                       right=("largest -c",))
