@@ -472,11 +472,12 @@ class _Fit:
 
     def _mem(self, ngl: list[_Ngl], bufts: list[str]) -> list[int]:
         cfg, _ = self._config_for(ngl, bufts)
+        self._last = cfg
         return self.measure(cfg)
 
     def _check(self, what: str, ngl: list[_Ngl], bufts: list[str], dev: int, mem: list[int], strict: bool = False) -> bool:
-        cfg, _ = self._config_for(ngl, bufts)
-        self.decide(what, cfg, dev, mem[dev], self.targets[dev])
+        """Compare the last dry run (of `ngl`) on device `dev` with its target."""
+        self.decide(what, self._last, dev, mem[dev], self.targets[dev])
         return mem[dev] < self.targets[dev] if strict else mem[dev] <= self.targets[dev]
 
     def _fill(self, cfg: SplitConfig, hp_ngl: int, hp_nex: int, free: list[int], margins: list[int]) -> None:

@@ -316,6 +316,16 @@ def _is_ffn(t: TensorInfo) -> bool:
     return t.is_expert or base.startswith(("ffn_up.", "ffn_gate.", "ffn_down."))
 
 
+def _layer_kinds(profile: ModelProfile) -> tuple[tuple[tuple[str, bool, bool, int], ...], ...]:
+    """Per layer, (name, is FFN, is a norm, bytes) of each tensor, cached per profile."""
+    table = _table(profile)
+    got = table.get("kinds")
+    if got is None:
+        got = table["kinds"] = tuple(tuple((t.name, _is_ffn(t), "norm" in t.name, t.n_bytes) for t in layer.tensors)
+                                     for layer in profile.layers)
+    return got
+
+
 def compute_sites(profile: ModelProfile, layer_devices: list[str], moved: dict) -> tuple[list[str], frozenset[str]]:
     """(the device each layer's FFN runs on, the devices that run other ops of layers not theirs):
     an op runs where its weight is (ggml_backend_sched_backend_id_from_cur), so moving a layer's
@@ -324,14 +334,14 @@ def compute_sites(profile: ModelProfile, layer_devices: list[str], moved: dict) 
     stray = set()
     if not moved:
         return ffn, frozenset()
-    for layer in profile.layers:
+    for layer, kinds in zip(profile.layers, _layer_kinds(profile)):
         home = layer_devices[layer.index]
         where: dict[str, int] = {}
-        for t in layer.tensors:
-            dev = moved.get(t.name, home)
-            if _is_ffn(t):
-                where[dev] = where.get(dev, 0) + t.n_bytes
-            elif dev != home and "norm" not in t.name:
+        for name, is_ffn, is_norm, n_bytes in kinds:
+            dev = moved.get(name, home)
+            if is_ffn:
+                where[dev] = where.get(dev, 0) + n_bytes
+            elif dev != home and not is_norm:
                 stray.add(dev)
         if where:
             ffn[layer.index] = max(where, key=where.get)

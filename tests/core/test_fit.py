@@ -9,29 +9,16 @@ import re
 
 import pytest
 
-from builders import MiB, make_profile
+from builders import MiB, make_moe_profile, make_profile
 from gpulab.core.config import SplitConfig, parse_mib_list, parse_ngl
 from gpulab.core.devices import parse_sim_spec
 from gpulab.core.errors import ConfigError
 from gpulab.core.fit import UINT32_MAX, fit, fit_margins, needs_fit, overflow_pattern
 from gpulab.core.planner import plan
-from gpulab.core.profile import LayerProfile, TensorInfo
 
 
-def _moe_profile(n_layer=8, expert_bytes=40 * MiB, dense_bytes=4 * MiB):
-    """A hand-built MoE: each layer an attention matrix and three expert stacks."""
-    from dataclasses import replace
-    base = make_profile(n_layer=n_layer, layer_bytes=dense_bytes, n_embd=1024, n_vocab=32000,
-                        embd_bytes=20 * MiB, out_bytes=20 * MiB)
-    layers = []
-    for layer in base.layers:
-        i = layer.index
-        ts = (TensorInfo(f"blk.{i}.attn_q.weight", "Q8_0", (1024, 1024), dense_bytes),
-              *(TensorInfo(f"blk.{i}.ffn_{k}_exps.weight", "Q8_0", (1024, 512, 8), expert_bytes // 3)
-                for k in ("gate", "up", "down")),
-              TensorInfo(f"blk.{i}.ffn_gate_inp.weight", "F32", (1024, 8), 32 * 1024))
-        layers.append(replace(layer, tensors=ts))
-    return replace(base, layers=tuple(layers), n_expert=8, n_expert_used=2)
+def _moe_profile():
+    return make_moe_profile(n_layer=8, expert_bytes=40 * MiB, dense_bytes=4 * MiB)
 
 
 def _left(p, i):
