@@ -186,7 +186,9 @@ class _Group:
     repack_bytes: int          # padded CPU_REPACK copies, where repacking applies
     mapped_span: tuple[int, int] | None     # (first offset, last end) of what is mapped otherwise
     all_span: tuple[int, int] | None        # ... of all of them (no repacking)
-    decided: tuple[tuple[TensorInfo, int], ...]   # (tensor, rule index) a rule decides
+    # the tensors rules decide, by rule (in order of first use): (rule index, tensors, their names,
+    # bytes, expert bytes, file span), so placing them costs one step per rule, not per tensor
+    decided: tuple[tuple[int, tuple[TensorInfo, ...], tuple[str, ...], int, int, tuple[int, int]], ...]
 
 
 def _span(ts) -> tuple[int, int] | None:
@@ -205,7 +207,15 @@ def _group(tensors, decided: dict[str, int], repack_types: frozenset[str], *, ou
     return _Group(n_bytes=sum(t.n_bytes for t in rest), expert_bytes=sum(t.n_bytes for t in rest if t.is_expert),
                   repack_bytes=sum(_pad32(t.n_bytes) for t in rep),
                   mapped_span=_span(t for t in rest if t.name not in rep_names), all_span=_span(rest),
-                  decided=tuple((t, decided[t.name]) for t in tensors if t.name in decided))
+                  decided=_by_rule([(t, decided[t.name]) for t in tensors if t.name in decided]))
+
+
+def _by_rule(pairs):
+    out: dict[int, list[TensorInfo]] = {}
+    for t, i in pairs:
+        out.setdefault(i, []).append(t)
+    return tuple((i, tuple(ts), tuple(t.name for t in ts), sum(t.n_bytes for t in ts),
+                  sum(t.n_bytes for t in ts if t.is_expert), _span(ts)) for i, ts in out.items())
 
 
 def _groups(profile: ModelProfile, rules: tuple[OverrideRule, ...], repack_types: frozenset[str]):
@@ -247,12 +257,12 @@ def place_tensors(profile: ModelProfile, rules: tuple[OverrideRule, ...], layer_
         if e:
             experts[dev] = experts.get(dev, 0) + e
 
-    def host_tensor(t: TensorInfo, op: str) -> None:
+    def host_tensor(t: TensorInfo, output: bool) -> None:
         nonlocal repack, host_bytes
         host_bytes += t.n_bytes
         if t.is_expert:
             experts[HOST_NAME] = experts.get(HOST_NAME, 0) + t.n_bytes
-        if repacking and repackable(t, op, repack_types):
+        if repacking and repackable(t, _op(t, as_output=output), repack_types):
             repack += _pad32(t.n_bytes)
         else:
             spans.append((t.offset, t.offset + t.n_bytes))
@@ -269,15 +279,21 @@ def place_tensors(profile: ModelProfile, rules: tuple[OverrideRule, ...], layer_
                 spans.append(span)
         else:
             add(home, g.n_bytes, g.expert_bytes)
-        for t, i in g.decided:
+        for i, ts, names, n_bytes, e_bytes, span in g.decided:
             dev = targets[i]
-            per_rule.setdefault(i, []).append(t)
+            per_rule.setdefault(i, []).extend(ts)
             if dev != home:
-                moved[t.name] = dev
-            if dev == HOST_NAME:
-                host_tensor(t, _op(t, as_output=output))
+                moved.update(dict.fromkeys(names, dev))
+            if dev != HOST_NAME:
+                add(dev, n_bytes, e_bytes)
+            elif repacking:
+                for t in ts:
+                    host_tensor(t, output)
             else:
-                add(dev, t.n_bytes, t.n_bytes if t.is_expert else 0)
+                host_bytes += n_bytes
+                if e_bytes:
+                    experts[HOST_NAME] = experts.get(HOST_NAME, 0) + e_bytes
+                spans.append(span)
 
     place(g_in, HOST_NAME)
     for layer, g in zip(profile.layers, g_layers):
