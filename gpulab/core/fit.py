@@ -575,8 +575,9 @@ class _Fit:
             else:
                 ngl, mem, id_dense_start = high, mem_high, id_dense_start_high
 
-            # try to fit at least part of one more layer
-            if ngl[id_dense_start].n_layer > (0 if id_ < nd - 1 else 1):
+            # try to fit at least part of one more layer (llama.cpp reads ngl_per_device[nd] when
+            # every dense-only layer was converted: past the end, so nothing to try)
+            if id_dense_start < nd and ngl[id_dense_start].n_layer > (0 if id_ < nd - 1 else 1):
                 test = _copy(ngl)
                 ids_test = id_dense_start
                 test[ids_test].n_layer -= 1

@@ -156,3 +156,41 @@ def test_fit_prints_what_llama_fit_params_prints(case, rpc, models):
         return
     assert got.returncode == 0 and printed, why
     assert ours.flags(devices) == printed[-1], why
+
+
+def _fit_print(path, endpoints, flags) -> list[int]:
+    """llama-fit-params -fitp on: llama.cpp's own dry-run memory (model + context + compute, each
+    printed in whole MiB) of every device, for these flags."""
+    argv = [str(tools_bin() / "llama-fit-params"), "-m", str(path), "--rpc", ",".join(endpoints), "-fitp", "on",
+            *flags]
+    got = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert got.returncode == 0, got.stderr[-2000:]
+    rows = [line.split() for line in got.stdout.splitlines() if line.startswith("RPC")]
+    return [int(m) + int(c) + int(k) for _, m, c, k in rows]
+
+
+def test_the_largest_context_fits_in_llama_cpps_dry_run_and_one_step_more_does_not(rpc, tmp_path):
+    """gpulab.core.context.largest_ctx with -ngl/-ts fixed, checked against llama.cpp's dry run of
+    that context and of one step (256) more. Each printed number is truncated to a MiB, so a device
+    is taken to fit when the printed sum is at most the budget, and not to fit when it is above it;
+    the budget is set half a step above gpulab's prediction so that neither side is a coin toss."""
+    from gpulab.core.context import largest_ctx
+    endpoints, devices = rpc
+    # wide KV rows (no GQA, 2048 wide): one step of 256 tokens is 8 MiB on each device
+    path = write_model(tmp_path / "kv.gguf", SynthSpec(arch="llama", n_layer=12, n_embd=2048, n_ff=2048, n_head=16,
+                                                       n_head_kv=16, n_vocab=4096, weight_type="Q8_0",
+                                                       n_ctx_train=65536))
+    prof = read_profile(path)
+    cfg = SplitConfig(n_gpu_layers=13, tensor_split=(1, 1, 1), n_ctx=20000)
+    mid = plan(prof, devices, cfg)
+    step = [plan(prof, devices, cfg.replace(n_ctx=20256)).offload_devices[i].used_bytes - d.used_bytes
+            for i, d in enumerate(mid.offload_devices)]
+    budgets = [(d.used_bytes + s // 2) // MiB for d, s in zip(mid.offload_devices, step)]
+    margins = [d.free_bytes - b * MiB for d, b in zip(devices, budgets)]
+    n = largest_ctx(prof, devices, cfg, margins_bytes=margins)
+    assert 19456 <= n <= 20480 and n % 256 == 0
+    flags = ["-ngl", "13", "-ts", "1,1,1"]
+    at_n = _fit_print(path, endpoints, [*flags, "-c", str(n)])
+    above = _fit_print(path, endpoints, [*flags, "-c", str(n + 256)])
+    assert all(u <= b for u, b in zip(at_n, budgets)), f"llama.cpp at -c {n}: {at_n} MiB vs budgets {budgets}"
+    assert any(u > b for u, b in zip(above, budgets)), f"llama.cpp at -c {n + 256}: {above} MiB vs budgets {budgets}"
