@@ -241,7 +241,11 @@ def place_tensors(profile: ModelProfile, rules: tuple[OverrideRule, ...], layer_
     model's offload devices; all_devices: every device llama.cpp sees (a rule may name any);
     host_buffer: the first model device has a pinned host buffer type (a GPU, not an RPC server).
     O(layers + decided tensors) per call: the per-tensor work is cached per profile and rules."""
-    targets = {i: resolve_target(r.target, devices, all_devices) for i, r in enumerate(rules)}
+    by_name: dict[str, str] = {}        # many rules, few targets (fit writes one rule per layer)
+    for r in rules:
+        if r.target not in by_name:
+            by_name[r.target] = resolve_target(r.target, devices, all_devices)
+    targets = {i: by_name[r.target] for i, r in enumerate(rules)}
     repacking = use_extra_bufts and not host_buffer
     g_in, g_layers, g_out = _groups(profile, rules, repack_types if repacking else frozenset())
     weights: dict[str, int] = {}
