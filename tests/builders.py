@@ -40,3 +40,21 @@ def make_profile(n_layer: int = 30, layer_bytes: int = 60 * MiB, n_head: int = 3
     return ModelProfile(path="hand-built", arch="llama", name="hand-built", file_bytes=0, n_layer=n_layer,
                         n_embd=n_embd, n_ff=4 * n_embd, n_vocab=n_vocab, n_ctx_train=8192, layers=layers,
                         input_tensors=emb, output_tensors=out, tied_output=tied, n_swa=n_swa)
+
+
+def make_hand_moe_profile(n_layer: int = 8, expert_bytes: int = 40 * MiB, dense_bytes: int = 4 * MiB, n_expert: int = 8,
+                     n_embd: int = 1024, n_vocab: int = 32000) -> ModelProfile:
+    """A small hand-built MoE (sizes in bytes, not shapes): each layer an attention matrix, the router and
+    three expert stacks. For a MoE shaped like a real one, make_moe_profile (gpulab.sources.synth)."""
+    from dataclasses import replace
+    base = make_profile(n_layer=n_layer, layer_bytes=dense_bytes, n_embd=n_embd, n_vocab=n_vocab,
+                        embd_bytes=20 * MiB, out_bytes=20 * MiB)
+    layers = []
+    for layer in base.layers:
+        i = layer.index
+        ts = (TensorInfo(f"blk.{i}.attn_q.weight", "Q8_0", (n_embd, n_embd), dense_bytes),
+              TensorInfo(f"blk.{i}.ffn_gate_inp.weight", "F32", (n_embd, n_expert), 4 * n_embd * n_expert),
+              *(TensorInfo(f"blk.{i}.ffn_{k}_exps.weight", "Q8_0", (n_embd, 512, n_expert), expert_bytes // 3)
+                for k in ("gate", "up", "down")))
+        layers.append(replace(layer, tensors=ts))
+    return replace(base, layers=tuple(layers), n_expert=n_expert, n_expert_used=2)

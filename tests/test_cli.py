@@ -88,6 +88,29 @@ def test_inspect_ot_lists_what_each_rule_matches_first_match_wins(capsys, moe_mo
     code, out, _ = run(capsys, "inspect", moe_model, "-ot", r"blk\.[0-2]\.ffn_.*_exps=CPU")
     assert "ffn_gate_exps.weight, ffn_up_exps.weight, ffn_down_exps.weight of blk 0,1,2" in out
     assert "38.25 MiB" in out
+def test_plan_without_split_flags_shows_what_llama_server_fits_and_the_plain_split(capsys, model):
+    from gpulab.core.fit import fit
+    from gpulab.core.devices import parse_sim_spec
+    from gpulab.core.config import SplitConfig
+    from gpulab.sources.read import read_profile
+    code, out, err = run(capsys, "plan", model, "--sim", "2x600MiB", "-fitt", "595", "--json")
+    d = json.loads(out)
+    expected = fit(read_profile(str(model)), parse_sim_spec("2x600MiB"), SplitConfig(n_ctx=0, fit_target=(595,)))
+    assert d["fit"]["flags"] == expected.flags() and d["fit"]["status"] == "success"
+    assert d["config"]["n_ctx"] == 4096 and d["config"]["tensor_split"] == []       # the plain split
+    assert d["fit"]["plan"]["config"]["tensor_split"] == list(expected.config.tensor_split)
+    code, out, _ = run(capsys, "plan", model, "--sim", "2x600MiB", "-fitt", "595")
+    assert "llama-server / llama-cli (-fit on, their default) would load:" in out
+    assert "plain layer split, no fit (llama-bench, llama-cpp-python" in out
+    # given -ts, or -fit off, there is nothing for fit to choose: only the plan
+    for flags in (["-ts", "1,1"], ["-fit", "off"], ["-ngl", "all"]):
+        code, out, _ = run(capsys, "plan", model, "--sim", "2x600MiB", *flags)
+        assert "would load" not in out
+    # --policy fit plans fit's choice, and the export writes it out with -fit off
+    code, out, _ = run(capsys, "export", model, "--sim", "2x600MiB", "-fitt", "595", "-c", "0", "--policy", "fit",
+                       "--to", "llama-server")
+    assert f"-c {expected.config.n_ctx}" in out and "-ngl " + str(expected.config.n_gpu_layers) in out
+    assert out.rstrip().endswith("-fit off")
 
 
 def test_plan_that_does_not_fit_exits_1_and_names_the_deficit(capsys, model):

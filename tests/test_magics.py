@@ -42,7 +42,7 @@ def test_help_on_the_magic_lists_every_command(ip):
     doc = ip.find_line_magic("gpulab").__doc__
     for cmd in ("devices", "inspect", "plan", "lab", "bench", "monitor", "export"):
         assert f"--- %gpulab {cmd} ---" in doc
-    assert "-ngl N_GPU_LAYERS" in doc and "--sim SPEC" in doc
+    assert "-ngl N|auto|all" in doc and "--sim SPEC" in doc
     with capture_output() as cap:                       # what `%gpulab?` shows
         ip.run_line_magic("pinfo", "%gpulab")
     assert "--- %gpulab plan ---" in cap.stdout and "--tensor-split" in cap.stdout

@@ -32,6 +32,8 @@ def add_config_flags(p: argparse.ArgumentParser, *, only: tuple[str, ...] = (), 
         kw: dict = {"dest": s.dest, "help": s.help}
         if s.kind == "int":
             kw.update(type=int, default=default)
+        elif s.kind == "ngl":   # a number, 'auto' or 'all' (common/arg.cpp)
+            kw.update(type=str, default=str(default), metavar=s.metavar)
         elif s.kind == "choice":
             kw.update(choices=list(s.choices), default=default)
         elif s.kind in ("off", "on"):
@@ -52,8 +54,8 @@ def config_from_args(a: argparse.Namespace, *, only: tuple[str, ...] = ()) -> Sp
         v = getattr(a, s.dest)
         if s.kind == "off":
             v = not v
-        elif s.kind in ("split", "names"):
-            v = value_from_text(s, v or "")
+        elif s.kind in ("split", "names", "mibs", "ngl"):
+            v = value_from_text(s, v if isinstance(v, str) else str(v))
         elif s.kind == "rules":
             v = tuple(item for text in (v or ()) for item in value_from_text(s, text))
         values[s.attr] = v

@@ -1,7 +1,13 @@
 """`gpulab plan MODEL [llama.cpp flags] [device flags] [--policy P] [--json]`: llama.cpp's placement
 and per-device memory, predicted, and the predicted speed.
 
-Exit status (CLI): 0 when the plan fits, 1 when it does not, 2 on bad input.
+llama-server and llama-cli fit before they load (-fit on, their default: gpulab.core.fit); llama-bench
+and llama-cpp-python do not. So without -ts, -ngl and -ot (and -fit off), the plan shows first what
+llama-server would load (its default -c 0 unless -c is given), what fit changed and why, and then
+the plain layer split that llama-bench and llama-cpp-python load. `--policy fit` plans fit's choice
+alone.
+
+Exit status (CLI): 0 when the plain plan fits, 1 when it does not, 2 on bad input.
 """
 
 from __future__ import annotations
@@ -9,7 +15,7 @@ from __future__ import annotations
 import shlex
 from html import escape as _escape
 
-from ..core.policies import POLICIES
+from ..core.policies import ALL_POLICIES
 from .flags import (add_config_flags, add_device_flags, add_json_flag, add_model_arg, config_from_args,
                     devices_from_args, model_path)
 from .result import Result
@@ -20,10 +26,14 @@ __all__ = ["register", "run", "planned"]
 def register(sub, frontend: str) -> None:
     p = sub.add_parser("plan", help="predict llama.cpp's placement and per-device memory")
     add_model_arg(p)
-    add_config_flags(p)
+    add_config_flags(p, n_ctx=None)      # None: -c not given (llama-server's default is -c 0)
     add_device_flags(p)
-    p.add_argument("--policy", choices=POLICIES,
-                   help="choose -ts by a policy (moe-balance: -ts and -ot rules for a MoE model); prints the flags")
+    p.add_argument("--policy", choices=ALL_POLICIES,
+                   help="choose -ts by a policy (moe-balance: -ts and -ot rules for a MoE model; fit: llama-server's "
+                        "own -fit, also -c, -ngl, -ot); prints the flags")
+    p.add_argument("--ctx-table", action="store_true",
+                   help="the largest context that leaves -fitt free on every device, for KV types f16, q8_0, q4_0 "
+                        "(steps of 256 x -np; -np 1 is llama-server's default of 4 slots sharing one unified cache)")
     add_json_flag(p, frontend)
     if frontend == "magic":
         p.add_argument("--no-figures", action="store_true", help="the table only")
@@ -38,8 +48,10 @@ def planned(a, session, *, for_load: bool = False, virtual_if_no_gpu: bool = Fal
     path = model_path(a.model)
     prof = read_profile(path)
     choice = devices_from_args(a, session, for_load=for_load, virtual_if_no_gpu=virtual_if_no_gpu)
-    config = config_from_args(a)
-    if getattr(a, "policy", None):
+    config = config_from_args(_with_ctx(a))
+    if getattr(a, "policy", None) == "fit":
+        config = server_fit(a, prof, choice, config).config
+    elif getattr(a, "policy", None):
         config = apply_policy(a.policy, prof, list(choice.devices), config, choice.host)
     return path, prof, choice, config, plan(prof, list(choice.devices), config, choice.host)
 
@@ -49,6 +61,29 @@ def policy_flags(path, config, devices) -> str:
     from ..core.exports import render
     argv = render(config, "llama-server", model_path=str(path), devices=devices).data
     return shlex.join(argv[3:-2] if argv[-2:] == ["-fit", "off"] else argv[3:])
+def _with_ctx(a):
+    """The arguments with gpulab's default context where -c was not given."""
+    if getattr(a, "ctx_size", 0) is not None:
+        return a
+    from argparse import Namespace
+    from ..core.config import SplitConfig
+    return Namespace(**{**vars(a), "ctx_size": SplitConfig().n_ctx})
+
+
+def server_fit(a, prof, choice, config):
+    """common_fit_params as llama-server runs it on these flags: -c 0 where -c was not given (an
+    explicit -c 0 asks for the full context: fit's minimum becomes UINT32_MAX, common/arg.cpp)."""
+    from ..core.fit import UINT32_MAX, fit
+    ctx_given = getattr(a, "ctx_size", None) is not None
+    server = config if ctx_given else config.replace(n_ctx=0)
+    return fit(prof, list(choice.devices), server, choice.host,
+               n_ctx_min=UINT32_MAX if ctx_given and config.n_ctx == 0 else None)
+
+
+def server_would_fit(config) -> bool:
+    """llama-server would choose something here: -fit on and -ngl, -ts and the overrides unset."""
+    return (config.fit == "on" and config.n_gpu_layers == -1 and not any(config.tensor_split)
+            and not config.has_tensor_overrides and config.split_mode == "layer")
 
 
 def run(a, session) -> Result:
@@ -75,9 +110,33 @@ def run(a, session) -> Result:
         html += f"<pre>{_escape(rules_text(p.rule_matches))}</pre>"
     if flags:
         html += f"<pre>flags: {_escape(flags)}</pre>"
-    data = p.to_dict()
+    text, data, objects = plan_text(p, speed, speed_error=speed_error, flags=flags), p.to_dict(), {}
     if flags:
         data["flags"] = flags
-    return Result(text=plan_text(p, speed, speed_error=speed_error, flags=flags), data=data, html=html,
+    if not getattr(a, "policy", None) and server_would_fit(config):
+        from ..core.planner import plan as make_plan
+        from ..ui.text import fit_text
+        fitted = server_fit(a, prof, choice, config)
+        fitted_plan = make_plan(prof, list(choice.devices), fitted.config, choice.host)
+        from ..core.context import largest_ctx
+        most = largest_ctx(prof, list(choice.devices), fitted.config, choice.host) if fitted.ok else None
+        text = (fit_text(fitted, fitted_plan, list(choice.devices), most) + "\n\n"
+                + "plain layer split, no fit (llama-bench, llama-cpp-python, llama-server -fit off):\n" + text)
+        data["fit"] = {**fit_data(fitted, fitted_plan, list(choice.devices)), "largest_ctx": most}
+        objects = {"fit": fitted, "fitted_plan": fitted_plan}
+    if getattr(a, "ctx_table", False):
+        from ..core.context import ctx_table
+        from ..ui.text import ctx_table_text
+        rows = ctx_table(prof, list(choice.devices), config, choice.host)
+        text += "\n\n" + ctx_table_text(rows, config)
+        data["ctx_table"] = [{"type_k": r.type_k, "type_v": r.type_v, "n_ctx": r.n_ctx} for r in rows]
+    return Result(text=text, data=data, html=html,
                   rows=plan_frame_rows(p), notes=notes, exit_code=0 if p.fits else 1, figures=figures,
-                  objects={"plan": p, "profile": prof, "note": choice.note, "speed": speed})
+                  objects={"plan": p, "profile": prof, "note": choice.note, "speed": speed, **objects})
+
+
+def fit_data(r, fitted_plan, devices) -> dict:
+    """The `fit` object of `gpulab plan --json`: what llama-server would load, and why."""
+    return {"status": r.status, "flags": r.flags(devices), "changed": list(r.changed), "reasons": list(r.reasons),
+            "near_boundary": list(r.near_boundary), "layers_per_device": list(r.layers_per_device),
+            "overrides": [f"{p}={t}" for p, t in r.overrides], "plan": fitted_plan.to_dict()}

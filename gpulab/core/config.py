@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, replace
 
 from .errors import ConfigError
 from .ggml_types import KV_CACHE_TYPES
 
-__all__ = ["SplitConfig", "SPLIT_MODES", "FLASH_ATTN_MODES", "parse_tensor_split"]
+__all__ = ["SplitConfig", "SPLIT_MODES", "FLASH_ATTN_MODES", "parse_tensor_split", "parse_ngl", "parse_mib_list"]
 
 SPLIT_MODES = ("none", "layer", "row")        # -sm, enum llama_split_mode 0..2
 FLASH_ATTN_MODES = ("auto", "on", "off")      # -fa, enum llama_flash_attn_type
@@ -16,11 +17,13 @@ FLASH_ATTN_MODES = ("auto", "on", "off")      # -fa, enum llama_flash_attn_type
 
 @dataclass(frozen=True)
 class SplitConfig:
-    n_gpu_layers: int = -1            # -ngl; negative: all layers (llama_model::n_gpu_layers)
+    # -ngl: -1 'auto' (llama.cpp's default: common_fit_params may choose it), -2 'all'; any negative
+    # count offloads every layer when nothing fits it (llama_model::n_gpu_layers)
+    n_gpu_layers: int = -1
     split_mode: str = "layer"         # -sm
     main_gpu: int = 0                 # -mg
     tensor_split: tuple[float, ...] = ()   # -ts; empty or all zero: by free memory
-    n_ctx: int = 4096                 # -c
+    n_ctx: int = 4096                 # -c; 0: the model's training context (llama-server's default)
     n_batch: int = 2048               # -b
     n_ubatch: int = 512               # -ub
     type_k: str = "f16"               # -ctk
@@ -39,11 +42,18 @@ class SplitConfig:
     n_cpu_ffn: int = 0                # -ncffn N: the dense FFN of layers 0..N-1 on the CPU
     no_host: bool = False             # --no-host: no pinned GPU host buffer for host weights
     use_extra_bufts: bool = True      # -nr/--no-repack turns it off: no CPU_REPACK copies
+    # common_fit_params (common/fit.cpp), which llama-server and llama-cli run before loading:
+    # it rewrites the settings left unset (-c 0, -ngl auto, no -ts, no overrides) to fit free memory
+    fit: str = "on"                   # -fit on|off (llama-bench and llama-cpp-python never fit)
+    fit_target: tuple[int, ...] = ()  # -fitt MiB,...: free memory to leave per device; () = 1024 each
+    fit_ctx: int = 4096               # -fitc: the smallest context fit may choose
 
     def __post_init__(self) -> None:
         ts = self.tensor_split
         if not isinstance(ts, tuple):
             object.__setattr__(self, "tensor_split", tuple(float(x) for x in ts))
+        if not isinstance(self.fit_target, tuple):
+            object.__setattr__(self, "fit_target", tuple(int(x) for x in self.fit_target))
         if not isinstance(self.devices, tuple):
             object.__setattr__(self, "devices", tuple(self.devices))
         if isinstance(self.tensor_overrides, str):
@@ -67,9 +77,15 @@ class SplitConfig:
         for x in self.tensor_split:
             if not math.isfinite(x) or x < 0:
                 raise ConfigError(f"tensor_split entries must be finite and >= 0, got {list(self.tensor_split)}")
-        for name in ("n_ctx", "n_batch", "n_ubatch", "n_seq_max"):
+        for name in ("n_batch", "n_ubatch", "n_seq_max", "fit_ctx"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.n_ctx < 0:
+            raise ConfigError(f"n_ctx must be >= 0 (0: the model's training context), got {self.n_ctx}")
+        if self.fit not in ("on", "off"):
+            raise ConfigError(f"fit {self.fit!r} is not 'on' or 'off'")
+        if any(x < 0 for x in self.fit_target):
+            raise ConfigError(f"fit targets are MiB to leave free, >= 0; got {list(self.fit_target)}")
         if self.main_gpu < 0:
             raise ConfigError(f"main_gpu must be >= 0, got {self.main_gpu}")
         from .overrides import effective_rules
@@ -101,8 +117,39 @@ class SplitConfig:
         """llama.cpp splits by free memory when tensor_split is absent or all zero."""
         return not any(self.tensor_split)
 
+    def with_ctx(self, n_ctx_train: int) -> "SplitConfig":
+        """-c 0 resolved as llama_context does: the model's training context (llama_context ctor)."""
+        return self if self.n_ctx else replace(self, n_ctx=n_ctx_train or 4096)
+
     def replace(self, **changes) -> "SplitConfig":
         return replace(self, **changes)
+
+
+def parse_ngl(text: str | int) -> int:
+    """-ngl as common/arg.cpp reads it: 'auto' -1, 'all' -2, else a number."""
+    if isinstance(text, int):
+        return text
+    t = str(text).strip()
+    if t == "auto":
+        return -1
+    if t == "all":
+        return -2
+    try:
+        return int(t)
+    except ValueError:
+        raise ConfigError(f"-ngl {text!r}: expected a number, 'auto' or 'all'") from None
+
+
+def parse_mib_list(text: str) -> tuple[int, ...]:
+    """-fitt '1024' or '512,2048' (split on ',' and '/', as common/arg.cpp does) -> MiB per device."""
+    items = [x for x in re.split(r"[,/]+", text or "") if x.strip()]
+    try:
+        values = tuple(int(x) for x in items)
+    except ValueError:
+        raise ConfigError(f"cannot parse {text!r}: expected MiB per device like '1024' or '512,2048'") from None
+    if any(v < 0 for v in values):
+        raise ConfigError(f"{text!r}: MiB must be >= 0")
+    return values
 
 
 def parse_tensor_split(text: str) -> tuple[float, ...]:

@@ -475,6 +475,13 @@ SPELLINGS: tuple[Spelling, ...] = (
              lambda v, _c: None if v else Gap("-nr: Llama() has no keyword for it"),
              lambda v, _c: None if v else Gap("-nr: Ollama has no setting for it"),
              lambda v, _c: None if v else Gap("-nr: KoboldCpp has no setting for it")),
+    # -fit, -fitt, -fitc: llama-server/llama-cli's common_fit_params. An export is the planned
+    # placement, so the llama-server and llama-cli commands always end in "-fit off" (see render),
+    # and a fitted plan is exported with fit's choices written out (gpulab.core.fit). llama-bench
+    # and llama-cpp-python never fit; Ollama and KoboldCpp do their own fitting.
+    Spelling("fit", _none, _none, _none, _none, _none),
+    Spelling("fit_target", _none, _none, _none, _none, _none),
+    Spelling("fit_ctx", _none, _none, _none, _none, _none),
 )
 
 

@@ -109,6 +109,7 @@ def _compile(pattern: str) -> re.Pattern:
 
 
 # -- parsing and expanding --------------------------------------------------------------------------
+@lru_cache(maxsize=8192)   # fit re-plans the same rules many times (gpulab.core.fit)
 def parse_override_text(text: str, source: str = "-ot") -> tuple[OverrideRule, ...]:
     """One -ot value ('PAT=BUFT,PAT=BUFT'), as parse_tensor_buffer_overrides splits it."""
     rules = []

@@ -7,6 +7,8 @@ llama.cpp does, so that layers on a split boundary land where llama.cpp puts the
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
 from .errors import ConfigError
@@ -129,25 +131,35 @@ def kv_cells(profile: ModelProfile, config: SplitConfig) -> tuple[int, int]:
     return base * n_stream, swa * n_stream
 
 
-def kv_cell_bytes(profile: ModelProfile, config: SplitConfig) -> list[int]:
+def kv_cell_bytes(profile: ModelProfile, config: SplitConfig) -> tuple[int, ...]:
     """Bytes of one KV cell (K row + V row) of each layer; 0 for layers without a KV cache.
 
     llama_kv_cache ctor: K is n_embd_k_gqa(il) of type_k; V is n_embd_v_gqa(il) of type_v, or,
     when V is transposed (no flash attention), padded to the widest V row (n_embd_v_gqa_max).
     """
     v_trans = not _flash_attn_on(config)
+    key = (config.type_k, config.type_v, v_trans)
+    hit = _KV_BYTES.get(id(profile))
+    if hit is not None and hit[0]() is profile and key in hit[1]:
+        return hit[1][key]
     by_shape: dict[tuple[int, int], int] = {}
     out = []
     for layer in profile.layers:
         if not layer.has_kv:
             out.append(0)
             continue
-        key = (layer.n_embd_k_gqa, profile.max_n_embd_v_gqa if v_trans else layer.n_embd_v_gqa)
-        b = by_shape.get(key)
+        shape = (layer.n_embd_k_gqa, profile.max_n_embd_v_gqa if v_trans else layer.n_embd_v_gqa)
+        b = by_shape.get(shape)
         if b is None:
-            b = by_shape[key] = row_bytes(config.type_k, key[0]) + row_bytes(config.type_v, key[1])
+            b = by_shape[shape] = row_bytes(config.type_k, shape[0]) + row_bytes(config.type_v, shape[1])
         out.append(b)
+    if hit is None or hit[0]() is not profile:   # cached per profile and KV types: fit re-plans often
+        hit = _KV_BYTES[id(profile)] = (weakref.ref(profile, lambda _r, k=id(profile): _KV_BYTES.pop(k, None)), {})
+    hit[1][key] = out = tuple(out)
     return out
+
+
+_KV_BYTES: dict[int, tuple] = {}
 
 
 def _flash_attn_on(config: SplitConfig) -> bool:
@@ -162,7 +174,7 @@ def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | Non
     `devices` are the offload devices (GPUs, RPC servers, simulated); `host` is the CPU with
     system memory (None: unknown, then the host row has 0 free and is never "over-full").
     """
-    config = config or SplitConfig()
+    config = (config or SplitConfig()).with_ctx(profile.n_ctx_train)   # -c 0: the training context
     used = select_devices(devices, config)
     points = split_points(used, config)
     layer_devices = assign_layers(profile.n_layer, config.n_gpu_layers, used, points)

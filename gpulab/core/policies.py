@@ -7,6 +7,9 @@
 - balanced       equal free memory left on every device
 - moe-balance    a MoE model: -ts and -ot rules that move expert tensors (to another device, or to
                  the CPU when they must) so every device is equally full (gpulab.core.moe_balance)
+- fit            llama-server's and llama-cli's own (common_fit_params, gpulab.core.fit): it may also
+                 change -c (when 0), -ngl (when auto) and the tensor overrides, so `apply_policy`
+                 returns its whole config; `policy_split` and the lab's policy buttons take the others
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ from .devices import Device
 from .planner import plan, select_devices
 from .profile import ModelProfile
 
-__all__ = ["POLICIES", "apply_policy", "policy_split"]
+__all__ = ["POLICIES", "ALL_POLICIES", "apply_policy", "policy_split"]
 
-POLICIES = ("llama", "ollama-spread", "pack", "balanced", "moe-balance")
+POLICIES = ("llama", "ollama-spread", "pack", "balanced", "moe-balance")   # -ts (moe-balance: and -ot)
+ALL_POLICIES = (*POLICIES, "fit")                                           # fit: -c, -ngl, -ts, -ot
 
 
 def _n_offloaded(profile: ModelProfile, config: SplitConfig) -> int:
@@ -117,4 +121,7 @@ def apply_policy(name: str, profile: ModelProfile, devices: list[Device], config
     if name == "moe-balance":
         from .moe_balance import moe_balance
         return moe_balance(profile, devices, config, host).config
+    if name == "fit":
+        from .fit import fit
+        return fit(profile, devices, config, host).config
     return replace(config, tensor_split=policy_split(name, profile, devices, config, host))

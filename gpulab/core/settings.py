@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
-from .config import FLASH_ATTN_MODES, SPLIT_MODES, SplitConfig, parse_tensor_split
+from .config import FLASH_ATTN_MODES, SPLIT_MODES, SplitConfig, parse_mib_list, parse_ngl, parse_tensor_split
 from .ggml_types import KV_CACHE_TYPES, ggml_type_id
 
 __all__ = ["Setting", "SETTINGS", "setting", "SPLIT_MODE_IDS", "FLASH_ATTN_IDS", "check_settings_cover_config",
@@ -29,8 +29,9 @@ FLASH_ATTN_IDS = {"auto": -1, "off": 0, "on": 1}
 
 # int: a number; choice: one of `choices`; off: a flag that sets the field False (-nkvo);
 # on: a flag that sets it True (--swa-full); split: '3,1'; names: 'CUDA0,CUDA1' or 'none';
-# rules: -ot, repeatable, each value a comma-separated list of PATTERN=BUFFER_TYPE
-Kind = Literal["int", "choice", "off", "on", "split", "names", "rules"]
+# rules: -ot, repeatable, each value a comma-separated list of PATTERN=BUFFER_TYPE;
+# ngl: a number, 'auto' (-1) or 'all' (-2); mibs: MiB per device '1024' or '512,2048'
+Kind = Literal["int", "choice", "off", "on", "split", "names", "rules", "ngl", "mibs"]
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,9 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("n_gpu_layers", ("-ngl", "--n-gpu-layers"), "layers to offload; -1 all (llama.cpp's `all`)", "int",
+    Setting("n_gpu_layers", ("-ngl", "--n-gpu-layers"),
+            "layers to offload: a number, 'auto' (-1, llama-server's default: -fit chooses) or 'all' (-2); "
+            "without fit both offload every layer", "ngl", metavar="N|auto|all",
             struct="model", c_field="n_gpu_layers", to_c=int),
     Setting("split_mode", ("-sm", "--split-mode"), "how to split the model across devices", "choice",
             choices=SPLIT_MODES, struct="model", c_field="split_mode", to_c=SPLIT_MODE_IDS.__getitem__),
@@ -67,7 +70,8 @@ SETTINGS: tuple[Setting, ...] = (
             metavar="N,N,...", struct="model"),
     Setting("devices", ("-dev", "--device"), "use only these devices, e.g. CUDA0,CUDA2 (none: the CPU only)",
             "names", metavar="NAME,...", struct="model"),
-    Setting("n_ctx", ("-c", "--ctx-size"), "context size in tokens", "int",
+    Setting("n_ctx", ("-c", "--ctx-size"), "context size in tokens (0: the model's training context, "
+            "llama-server's default, which -fit may shrink)", "int",
             struct="context", c_field="n_ctx", to_c=int),
     Setting("n_batch", ("-b", "--batch-size"), "logical batch size", "int",
             struct="context", c_field="n_batch", to_c=int),
@@ -99,6 +103,14 @@ SETTINGS: tuple[Setting, ...] = (
             "on", struct="model", c_field="no_host", to_c=bool),
     Setting("use_extra_bufts", ("-nr", "--no-repack"), "no CPU_REPACK copies of host weights", "off",
             struct="model", c_field="use_extra_bufts", to_c=bool),
+    # common_params, not llama.cpp structs: what llama-server's common_fit_params does before loading
+    # (common/fit.cpp, gpulab.core.fit); an in-process load (llama-cpp-python) never fits
+    Setting("fit", ("-fit", "--fit"), "llama-server/llama-cli: fit the settings left unset (-c 0, -ngl auto, "
+            "no -ts, no -ot) to free memory; llama-bench and llama-cpp-python do not", "choice",
+            choices=("on", "off")),
+    Setting("fit_target", ("-fitt", "--fit-target"), "MiB to leave free per device for -fit (one value: every "
+            "device; default 1024)", "mibs", metavar="MiB,..."),
+    Setting("fit_ctx", ("-fitc", "--fit-ctx"), "the smallest context -fit may choose (default 4096)", "int"),
 )
 
 _BY_ATTR = {s.attr: s for s in SETTINGS}
@@ -119,6 +131,10 @@ def value_from_text(s: Setting, text: str) -> Any:
     """The SplitConfig value of a flag's text (for 'int', 'choice', 'split', 'names')."""
     if s.kind == "int":
         return int(text)
+    if s.kind == "ngl":
+        return parse_ngl(text)
+    if s.kind == "mibs":
+        return parse_mib_list(text)
     if s.kind == "split":
         return parse_tensor_split(text) if text else ()
     if s.kind == "names":

@@ -191,7 +191,9 @@ class _Group:
     repack_bytes: int          # padded CPU_REPACK copies, where repacking applies
     mapped_span: tuple[int, int] | None     # (first offset, last end) of what is mapped otherwise
     all_span: tuple[int, int] | None        # ... of all of them (no repacking)
-    decided: tuple[tuple[TensorInfo, int], ...]   # (tensor, rule index) a rule decides
+    # the tensors rules decide, by rule (in order of first use): (rule index, tensors, their names,
+    # bytes, expert bytes, file span), so placing them costs one step per rule, not per tensor
+    decided: tuple[tuple[int, tuple[TensorInfo, ...], tuple[str, ...], int, int, tuple[int, int]], ...]
 
 
 def _span(ts) -> tuple[int, int] | None:
@@ -210,7 +212,15 @@ def _group(tensors, decided: dict[str, int], repack_types: frozenset[str], *, ou
     return _Group(n_bytes=sum(t.n_bytes for t in rest), expert_bytes=sum(t.n_bytes for t in rest if t.is_expert),
                   repack_bytes=sum(_pad32(t.n_bytes) for t in rep),
                   mapped_span=_span(t for t in rest if t.name not in rep_names), all_span=_span(rest),
-                  decided=tuple((t, decided[t.name]) for t in tensors if t.name in decided))
+                  decided=_by_rule([(t, decided[t.name]) for t in tensors if t.name in decided]))
+
+
+def _by_rule(pairs):
+    out: dict[int, list[TensorInfo]] = {}
+    for t, i in pairs:
+        out.setdefault(i, []).append(t)
+    return tuple((i, tuple(ts), tuple(t.name for t in ts), sum(t.n_bytes for t in ts),
+                  sum(t.n_bytes for t in ts if t.is_expert), _span(ts)) for i, ts in out.items())
 
 
 def _groups(profile: ModelProfile, rules: tuple[OverrideRule, ...], repack_types: frozenset[str]):
@@ -236,7 +246,11 @@ def place_tensors(profile: ModelProfile, rules: tuple[OverrideRule, ...], layer_
     model's offload devices; all_devices: every device llama.cpp sees (a rule may name any);
     host_buffer: the first model device has a pinned host buffer type (a GPU, not an RPC server).
     O(layers + decided tensors) per call: the per-tensor work is cached per profile and rules."""
-    targets = {i: resolve_target(r.target, devices, all_devices) for i, r in enumerate(rules)}
+    by_name: dict[str, str] = {}        # many rules, few targets (fit writes one rule per layer)
+    for r in rules:
+        if r.target not in by_name:
+            by_name[r.target] = resolve_target(r.target, devices, all_devices)
+    targets = {i: by_name[r.target] for i, r in enumerate(rules)}
     repacking = use_extra_bufts and not host_buffer
     g_in, g_layers, g_out = _groups(profile, rules, repack_types if repacking else frozenset())
     weights: dict[str, int] = {}
@@ -252,12 +266,12 @@ def place_tensors(profile: ModelProfile, rules: tuple[OverrideRule, ...], layer_
         if e:
             experts[dev] = experts.get(dev, 0) + e
 
-    def host_tensor(t: TensorInfo, op: str) -> None:
+    def host_tensor(t: TensorInfo, output: bool) -> None:
         nonlocal repack, host_bytes
         host_bytes += t.n_bytes
         if t.is_expert:
             experts[HOST_NAME] = experts.get(HOST_NAME, 0) + t.n_bytes
-        if repacking and repackable(t, op, repack_types):
+        if repacking and repackable(t, _op(t, as_output=output), repack_types):
             repack += _pad32(t.n_bytes)
         else:
             spans.append((t.offset, t.offset + t.n_bytes))
@@ -274,15 +288,21 @@ def place_tensors(profile: ModelProfile, rules: tuple[OverrideRule, ...], layer_
                 spans.append(span)
         else:
             add(home, g.n_bytes, g.expert_bytes)
-        for t, i in g.decided:
+        for i, ts, names, n_bytes, e_bytes, span in g.decided:
             dev = targets[i]
-            per_rule.setdefault(i, []).append(t)
+            per_rule.setdefault(i, []).extend(ts)
             if dev != home:
-                moved[t.name] = dev
-            if dev == HOST_NAME:
-                host_tensor(t, _op(t, as_output=output))
+                moved.update(dict.fromkeys(names, dev))
+            if dev != HOST_NAME:
+                add(dev, n_bytes, e_bytes)
+            elif repacking:
+                for t in ts:
+                    host_tensor(t, output)
             else:
-                add(dev, t.n_bytes, t.n_bytes if t.is_expert else 0)
+                host_bytes += n_bytes
+                if e_bytes:
+                    experts[HOST_NAME] = experts.get(HOST_NAME, 0) + e_bytes
+                spans.append(span)
 
     place(g_in, HOST_NAME)
     for layer, g in zip(profile.layers, g_layers):
@@ -334,9 +354,19 @@ def _is_ffn(t: TensorInfo) -> bool:
     return t.is_expert or base.startswith(("ffn_up.", "ffn_gate.", "ffn_down."))
 
 
-def _ffn_part(t: TensorInfo) -> str:
+def _layer_kinds(profile: ModelProfile) -> tuple[tuple[tuple[str, bool, bool, int], ...], ...]:
+    """Per layer, (name, is FFN, is a norm, bytes) of each tensor, cached per profile."""
+    table = _table(profile)
+    got = table.get("kinds")
+    if got is None:
+        got = table["kinds"] = tuple(tuple((t.name, _is_ffn(t), "norm" in t.name, t.n_bytes) for t in layer.tensors)
+                                     for layer in profile.layers)
+    return got
+
+
+def _ffn_part(name: str) -> str:
     """'gate', 'up' or 'down': which of the FFN's products a weight (or its bias) belongs to."""
-    base = t.name.split(".", 2)[-1].split(".")[0]      # ffn_gate_exps, ffn_up, ffn_down_chexps, ...
+    base = name.split(".", 2)[-1].split(".")[0]      # ffn_gate_exps, ffn_up, ffn_down_chexps, ...
     part = base[len("ffn_"):].split("_")[0]
     return "gate" if part == "gate" and "gate_up" not in base else ("up" if "up" in base else part)
 
@@ -353,16 +383,16 @@ def compute_sites(profile: ModelProfile, layer_devices: list[str],
     partial: dict[str, frozenset[str]] = {}
     if not moved:
         return ffn, frozenset(), partial
-    for layer in profile.layers:
+    for layer, kinds in zip(profile.layers, _layer_kinds(profile)):
         home = layer_devices[layer.index]
         where: dict[str, int] = {}
         parts: dict[str, set[str]] = {}
-        for t in layer.tensors:
-            dev = moved.get(t.name, home)
-            if _is_ffn(t):
-                where[dev] = where.get(dev, 0) + t.n_bytes
-                parts.setdefault(dev, set()).add(_ffn_part(t))
-            elif dev != home and "norm" not in t.name:
+        for name, is_ffn, is_norm, n_bytes in kinds:
+            dev = moved.get(name, home)
+            if is_ffn:
+                where[dev] = where.get(dev, 0) + n_bytes
+                parts.setdefault(dev, set()).add(_ffn_part(name))
+            elif dev != home and not is_norm:
                 stray.add(dev)
         if where:
             site = ffn[layer.index] = max(where, key=where.get)

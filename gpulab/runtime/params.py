@@ -109,6 +109,8 @@ def llama_params(config: SplitConfig, devices: list[Device] | None = None, *,
                 keep.append(arr)
         elif f.attr in ("cpu_moe", "n_cpu_moe", "n_cpu_ffn"):
             continue          # in the tensor_overrides array above
+        elif f.attr in ("fit", "fit_target", "fit_ctx"):
+            continue          # common_params of llama-server/llama-cli: an in-process load never fits
         else:  # pragma: no cover - a Setting without c_field must be handled above
             raise RuntimeError(f"no C translation for {f.attr}")
     if dry_run:

@@ -52,7 +52,7 @@ from .html import exports_html, run_rows, table_html
 __all__ = ["SplitLab"]
 
 _POLICY_LABELS = {"llama": "llama.cpp default", "ollama-spread": "ollama spread", "pack": "pack", "balanced": "balanced",
-                  "moe-balance": "MoE balance"}
+                  "moe-balance": "MoE balance", "fit": "llama-server -fit"}
 # settings with a control of their own below; every other one gets a generic control
 _CUSTOM = {"tensor_split", "devices", "main_gpu", "n_gpu_layers", "split_mode", "n_ctx", "type_k", "type_v",
            "flash_attn"}
@@ -180,10 +180,12 @@ class SplitLab(W.VBox):
             self.share_labels.append(share)
             rows.append(W.HBox([use, sl, share, free]))
         self.policy_buttons = {}
-        for p in POLICIES:
+        for p in (*POLICIES, "fit"):
             if p == "moe-balance" and not prof.is_moe:
                 continue        # it places expert tensors: a dense model has none
-            b = W.Button(description=_POLICY_LABELS.get(p, p), tooltip=f"set the sliders by the {p} policy",
+            b = W.Button(description=_POLICY_LABELS.get(p, p),
+                         tooltip=("set -c, -ngl, -ts and -ot to what llama-server's -fit chooses from its defaults "
+                                  "(-c 0, -ngl auto, no -ts, no -ot)") if p == "fit" else f"set the sliders by the {p} policy",
                          layout=W.Layout(width="auto", min_width="90px"))
             b.on_click(lambda _b, p=p: self.apply_policy(p))
             self.policy_buttons[p] = b
@@ -229,6 +231,10 @@ class SplitLab(W.VBox):
                 ctl = W.BoundedIntText(value=int(value), min=0 if st.default == 0 else 1, max=1 << 20,
                                        description=st.flags[0], tooltip=st.help,
                                        style={"description_width": "50px"}, layout=W.Layout(width="150px"))
+            elif st.kind == "mibs":
+                ctl = W.Text(value=",".join(str(x) for x in value), description=st.flags[0], tooltip=st.help,
+                             placeholder="1024", continuous_update=False,
+                             style={"description_width": "60px"}, layout=W.Layout(width="200px"))
             elif st.kind == "rules":
                 ctl = W.Text(value=",".join(value), description=st.flags[0], tooltip=st.help,
                              placeholder=r"blk\.[0-9]\.ffn_.*_exps=CPU,...", continuous_update=False,
@@ -334,7 +340,7 @@ class SplitLab(W.VBox):
                 continue
             if st.kind == "off":
                 generic[st.attr] = not ctl.value
-            elif st.kind == "rules":
+            elif st.kind in ("rules", "mibs"):
                 generic[st.attr] = value_from_text(st, ctl.value.strip())
             else:
                 generic[st.attr] = ctl.value
@@ -502,7 +508,11 @@ class SplitLab(W.VBox):
     def apply_policy(self, name: str) -> Plan | None:
         """Set the sliders to what a policy (gpulab.core.policies) chooses for the selected devices;
         moe-balance also writes its rules into the -ot field (and clears -cmoe and -ncmoe, whose
-        experts it places itself)."""
+        experts it places itself). 'fit': llama-server's common_fit_params from its defaults
+        (gpulab.core.fit), which also sets -c, -ngl and the -ot rules; `last_fit` keeps its result
+        (flags, log, near-boundary notes)."""
+        if name == "fit":
+            return self._apply_fit()
         rules = None
         try:
             cfg = self.current_config()
@@ -528,6 +538,39 @@ class SplitLab(W.VBox):
             finally:
                 self._suspend -= 1
         self.set_split(split or [0.0] * len(self.selected))
+        return self.plan
+
+    def _apply_fit(self) -> Plan | None:
+        from ..core.fit import fit
+        try:
+            cfg = self.current_config().replace(n_ctx=0, n_gpu_layers=-1, tensor_split=(), tensor_overrides=(),
+                                                cpu_moe=False, n_cpu_moe=0, n_cpu_ffn=0, fit="on")
+            devices = [] if cfg.devices == ("none",) else self.devices
+            r = fit(self.profile, devices, cfg, self.host)
+        except GpulabError as e:
+            self._set_error(f"fit: {e}")
+            return None
+        self.last_fit = r
+        c = r.config
+        used = [d for d in self.selected]
+        self._suspend += 1
+        try:
+            if c.n_ctx not in self.n_ctx.options:
+                self.n_ctx.options = sorted({*self.n_ctx.options, c.n_ctx})
+            self.n_ctx.value = c.n_ctx
+            self.ngl_slider.value = self.ngl_slider.max if c.n_gpu_layers < 0 else min(c.n_gpu_layers,
+                                                                                        self.ngl_slider.max)
+            ot = self.setting_controls.get("tensor_overrides")
+            if ot is not None:
+                ot.value = ",".join(c.tensor_overrides)
+        finally:
+            self._suspend -= 1
+        self.set_split(c.tensor_split or [0.0] * len(used))
+        if not r.ok:
+            self._say(f"llama-server's fit gives up: {r.reasons[-1]}", "warning")
+        elif r.near_boundary:
+            self._say(f"fit: {r.flags(self.devices)} ({len(r.near_boundary)} decision(s) within gpulab's "
+                      "compute-buffer uncertainty: llama.cpp may choose one layer or context step differently)", "info")
         return self.plan
 
     # -- load & measure --------------------------------------------------------------------

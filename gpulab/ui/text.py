@@ -186,3 +186,56 @@ def speed_cache_text(path, devices: dict, links: dict, n_observations: int) -> s
         if "latency_s" in ln:
             lines.append(f"hop ({cls}): {ln['latency_s'] * 1e6:.0f} us + {ln['bytes_per_s'] / 1e9:.2f} GB/s")
     return "\n".join(lines)
+
+
+_FIT_FLAG = {"n_ctx": "-c", "n_gpu_layers": "-ngl", "tensor_split": "-ts", "tensor_overrides": "-ot"}
+
+
+def _setting_text(attr: str, value) -> str:
+    if attr == "n_ctx":
+        return "0 (the training context)" if value == 0 else str(value)
+    if attr == "n_gpu_layers":
+        return {-1: "auto", -2: "all"}.get(value, str(value))
+    if attr == "tensor_split":
+        return ",".join(f"{x:g}" for x in value) if any(value) else "unset (free memory)"
+    return f"{len(value)} rule(s)" if value else "none"
+
+
+def fit_text(r, fitted_plan: Plan, devices, largest_ctx: int | None = None) -> str:
+    """What llama-server/llama-cli load after common_fit_params (gpulab.core.fit): the flags
+    llama-fit-params would print, what changed, fit's log, and the fitted plan."""
+    lines = ["llama-server / llama-cli (-fit on, their default) would load:"]
+    if r.ok:
+        lines.append(f"  {r.flags(devices)}" + ("   (nothing needed changing)" if r.status == "unchanged" else ""))
+    elif r.status == "off":
+        lines.append("  the settings as given (-fit off)")
+    else:
+        lines.append(f"  fit gave up ({r.status}); llama-fit-params prints nothing, llama-server loads the settings "
+                     "as given" + (" with the context fit chose" if "n_ctx" in r.changed else ""))
+    for attr in r.changed:
+        lines.append(f"  changed {_FIT_FLAG[attr]}: {_setting_text(attr, getattr(r.given, attr))} -> "
+                     f"{_setting_text(attr, getattr(r.config, attr))}")
+    lines.append("  fit's log:")
+    lines += [f"    {x}" for x in r.reasons]
+    near = r.near_boundary
+    for x in near[:4]:
+        lines.append(f"  warning: {x}")
+    if len(near) > 4:
+        lines.append(f"  warning: and {len(near) - 4} more decisions within the uncertainty (--json lists them)")
+    if largest_ctx is not None:
+        lines.append(f"  the largest context that leaves -fitt free with fit's -ngl/-ts/-ot: {largest_ctx} "
+                     f"(fit chose {r.config.n_ctx}: it interpolates, in steps of {256 * r.config.n_seq_max})")
+    lines.append(plan_text(fitted_plan))
+    return "\n".join(lines)
+
+
+def ctx_table_text(rows, config) -> str:
+    """gpulab.core.context.ctx_table as text."""
+    from ..core.fit import fit_margins
+    margin = ",".join(str(m // 1024**2) for m in fit_margins(config, 1)) if len(config.fit_target) <= 1 else \
+        ",".join(str(x) for x in config.fit_target)
+    head = (f"largest context leaving {margin} MiB free per device (-fitt), -ngl/-ts/-ot as planned, "
+            f"steps of {256 * config.n_seq_max} (-np {config.n_seq_max}; llama-server's default 4 slots share one "
+            "unified cache: plan -np 1):")
+    return head + "\n" + render_table([{"-ctk/-ctv": r.type_k, "largest -c": str(r.n_ctx)} for r in rows],
+                                       right=("largest -c",))

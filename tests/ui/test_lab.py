@@ -109,6 +109,18 @@ def test_moe_balance_button_writes_the_split_and_the_rules(prof):
     # the layer map shows the experts that went to the CPU
     cpu = next(t for t in lab.layer_fig.data if t.name == "CPU experts")
     assert len(cpu.x) > 0
+def test_the_fit_button_sets_what_llama_server_would_load(prof):
+    from gpulab.core.fit import fit
+    spec = "2500MiB,2000MiB@1900MiB"
+    lab = make_lab(prof, spec)
+    lab.policy_buttons["fit"].click()
+    want = fit(prof, parse_sim_spec(spec), SplitConfig(n_ctx=0), lab.host)
+    assert want.ok and 0 < want.config.n_gpu_layers < prof.n_layer + 1     # too small for the whole model
+    assert lab.last_fit.flags() == want.flags()
+    c = lab.current_config()
+    assert (c.n_ctx, c.n_gpu_layers, c.tensor_split) == (want.config.n_ctx, want.config.n_gpu_layers,
+                                                        want.config.tensor_split)
+    assert lab.plan.layer_devices == plan(prof, parse_sim_spec(spec), want.config, lab.host).layer_devices
 
 
 def test_pack_uses_fewer_devices_than_ollama_spread(prof):
