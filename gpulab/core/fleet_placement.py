@@ -25,10 +25,12 @@ __all__ = ["place_model", "subsets", "fits_budget", "deficit_bytes"]
 
 
 def _budget_devices(devices: Sequence[Device], left: Mapping[str, int]) -> list[Device]:
-    """The devices with free_bytes = what the fleet leaves this model (never below 0)."""
+    """The devices with free_bytes = what the fleet leaves this model, at least 1 byte: a device
+    with nothing left still has a share by free memory when it is the only one (split_points),
+    and whatever the model puts there is then over the budget."""
     out = []
     for d in devices:
-        b = max(0, left.get(d.name, 0))
+        b = max(1, left.get(d.name, 0))
         out.append(replace(d, free_bytes=b, total_bytes=max(d.total_bytes, b)))
     return out
 
