@@ -165,3 +165,21 @@ def test_magic_fleet(models):
         assert res.figures and len(res.figures[0].data) == 3 * 3 + 1   # 3 models x 3 terms + the budget ticks
     finally:
         ip.run_line_magic("unload_ext", "gpulab")
+
+
+def test_fleet_import_and_plan_from_a_llama_swap_config(capsys, models, tmp_path):
+    root, paths = models
+    code, out, err = run(capsys, "fleet", "export", _fleet(root, FLEET), "--sim", "4GiB,4GiB,2GiB",
+                         "--to", "llama-swap")
+    assert code == 0
+    cfg = root / "config.yaml"
+    cfg.write_text(out)
+    code, out, err = run(capsys, "fleet", "import", cfg, "-o", tmp_path / "again.toml")
+    assert code == 0 and "-ts" in err      # the split is left to the planner, and it says so
+    from gpulab.storage.fleet_files import read_fleet
+    again = read_fleet(tmp_path / "again.toml")
+    assert [m.name for m in again.models] == ["chat", "coder", "embed"]
+    assert again.model("chat").devices == ("SIM0", "SIM1") and again.model("embed").keep_loaded is False
+    # and the config itself is a fleet for `fleet plan`
+    code, out, _ = run(capsys, "fleet", "plan", cfg, "--sim", "4GiB,4GiB,2GiB", "--json")
+    assert code == 0 and [m["name"] for m in json.loads(out)["models"]] == ["chat", "coder", "embed"]

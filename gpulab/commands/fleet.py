@@ -3,6 +3,10 @@
     gpulab fleet plan fleet.toml --sim 2x24GiB,12GiB            # a table; --json: one object
     gpulab fleet plan fleet.toml --rpc 127.0.0.1:50052,... --objective balanced
     gpulab fleet export fleet.toml --sim 2x24GiB,12GiB --to llama-swap > config.yaml
+    gpulab fleet import config.yaml -o fleet.toml       # a llama-swap config or a router INI as a start
+
+FLEET may also be a llama-swap config.yaml or a llama-server --models-preset INI, read as the
+fleet's starting point (gpulab.core.fleet_import); what it leaves out is said on stderr.
 
 The fleet description is gpulab.core.fleet's TOML; the planner gpulab.core.fleet_planner; the
 exports gpulab.core.fleet_exports. Exit status (CLI): 0 when the fleet fits, 1 when it does not
@@ -37,6 +41,11 @@ def register(sub, frontend: str) -> None:
     add_json_flag(q, frontend, help="{text, data, gaps}")
     q.set_defaults(run=run, action=_export)
 
+    q = psub.add_parser("import", help="a llama-swap config.yaml or llama-server --models-preset INI as a fleet TOML")
+    q.add_argument("source", help="config.yaml (llama-swap) or presets .ini (llama-server router)")
+    q.add_argument("-o", "--output", help="write the fleet TOML here (default: print it)")
+    q.set_defaults(run=run, action=_import)
+
 
 def _common(q) -> None:
     q.add_argument("fleet", help="the fleet description (TOML: [[models]] name, model, ctx, ...)")
@@ -50,13 +59,13 @@ def run(a, session) -> Result:
 
 
 def planned_fleet(a, session):
-    """(Fleet, {name: path}, DeviceChoice, FleetPlan) for the fleet file and device flags."""
+    """(Fleet, {name: path}, DeviceChoice, FleetPlan, notes) for the fleet file and device flags."""
     from ..core.fleet_planner import plan_fleet
     from ..sources.model_refs import resolve_model
     from ..sources.read import read_profile
-    from ..storage.fleet_files import read_fleet
+    from ..storage.fleet_files import read_any_fleet
     from .flags import devices_from_args
-    fleet = read_fleet(a.fleet)
+    fleet, read_notes = read_any_fleet(a.fleet)
     base = Path(a.fleet).resolve().parent
     paths = {m.name: resolve_model(m.model, base=base) for m in fleet.models}
     profiles = {name: read_profile(path) for name, path in paths.items()}
@@ -68,11 +77,11 @@ def planned_fleet(a, session):
         model = speed_model_for(choice.all_devices)
         speed = lambda p: predict_speed(p, model).tg_tokens_per_s   # noqa: E731
     fplan = plan_fleet(fleet, profiles, list(choice.devices), choice.host, objective=a.objective, speed=speed)
-    return fleet, paths, choice, fplan
+    return fleet, paths, choice, fplan, [f"note: {n}" for n in read_notes]
 
 
-def _notes(choice) -> list[str]:
-    notes = [f"warning: {w}" for w in choice.warnings]
+def _notes(choice, more=()) -> list[str]:
+    notes = list(more) + [f"warning: {w}" for w in choice.warnings]
     if choice.note and not choice.devices:
         notes.append(choice.note)
     return notes
@@ -80,21 +89,32 @@ def _notes(choice) -> list[str]:
 
 def _plan(a, session) -> Result:
     from ..ui.text import fleet_text
-    _, _, choice, fplan = planned_fleet(a, session)
+    _, _, choice, fplan, read_notes = planned_fleet(a, session)
     rows = [{"device": d.name, "model": n, "used_bytes": b} for d in fplan.devices for n, b in d.by_model]
     figures = []
     if getattr(a, "figures", False):
         from ..ui import figures as F
         figures = [F.fleet_bars(fplan)]
-    return Result(text=fleet_text(fplan), data=fplan.to_dict(), rows=rows, notes=_notes(choice),
+    return Result(text=fleet_text(fplan), data=fplan.to_dict(), rows=rows, notes=_notes(choice, read_notes),
                   exit_code=0 if fplan.fits else 1, figures=figures, objects={"plan": fplan})
 
 
 def _export(a, session) -> Result:
     from ..core.fleet_exports import render_fleet
     from ..storage.fleet_files import llama_swap_yaml
-    _, paths, choice, fplan = planned_fleet(a, session)
+    _, paths, choice, fplan, read_notes = planned_fleet(a, session)
     exp = render_fleet(fplan, a.to, paths, list(choice.devices), yaml_dump=llama_swap_yaml)
-    notes = _notes(choice) + [f"note: {a.to}: {g}" for g in exp.gaps]
+    notes = _notes(choice, read_notes) + [f"note: {a.to}: {g}" for g in exp.gaps]
     return Result(text=exp.text.rstrip("\n"), data={"text": exp.text, "data": exp.data, "gaps": list(exp.gaps)},
                   notes=notes, exit_code=0 if fplan.fits else 1, objects={"export": exp, "plan": fplan})
+
+
+def _import(a, session) -> Result:
+    from ..storage.fleet_files import fleet_text, read_any_fleet, write_fleet
+    fleet, notes = read_any_fleet(a.source)
+    text = fleet_text(fleet)
+    if a.output:
+        write_fleet(a.output, fleet)
+        notes = notes + [f"wrote {a.output}"]
+    return Result(text="" if a.output else text.rstrip("\n"), data=None,
+                  notes=[f"note: {n}" for n in notes], objects={"fleet": fleet, "toml": text})

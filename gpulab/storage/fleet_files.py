@@ -1,5 +1,6 @@
 """Fleet files: the fleet description (TOML, through gpulab.storage.files' tomllib/tomli-w
-helpers) and llama-swap's config.yaml (PyYAML)."""
+helpers), llama-swap's config.yaml (PyYAML), and llama-server's --models-preset INI read as a
+fleet's starting point."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from ..core.errors import ConfigError
 from ..core.fleet import Fleet, fleet_from_dict, fleet_to_dict
 from .files import TOMLDecodeError, atomic_write_text, read_toml, to_toml
 
-__all__ = ["read_fleet", "write_fleet", "fleet_text", "llama_swap_yaml", "read_yaml"]
+__all__ = ["read_fleet", "read_any_fleet", "write_fleet", "fleet_text", "llama_swap_yaml", "read_yaml"]
 
 
 def read_fleet(path: str | os.PathLike) -> Fleet:
@@ -49,3 +50,22 @@ def read_yaml(path: str | os.PathLike):
         raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
+
+
+def read_any_fleet(path: str | os.PathLike) -> tuple[Fleet, list[str]]:
+    """(Fleet, notes) from a fleet TOML, a llama-swap config.yaml (.yaml, .yml) or a llama-server
+    --models-preset INI (.ini): the last two as a fleet's starting point (gpulab.core.fleet_import)."""
+    from ..core.fleet_import import fleet_from_llama_swap, fleet_from_router_ini
+    suffix = Path(path).suffix.lower()
+    try:
+        if suffix in (".yaml", ".yml"):
+            return fleet_from_llama_swap(read_yaml(path))
+        if suffix == ".ini":
+            try:
+                text = Path(path).read_text()
+            except OSError as e:
+                raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
+            return fleet_from_router_ini(text)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return read_fleet(path), []

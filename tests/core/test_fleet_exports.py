@@ -23,6 +23,7 @@ from llama_tools import vendored_src
 from gpulab.core.devices import Device
 from gpulab.core.fleet import Fleet, FleetModel
 from gpulab.core.fleet_exports import llama_swap_doc, ollama_fleet, router_ini, server_commands
+from gpulab.core.fleet_import import parse_preset_ini
 from gpulab.core.fleet_planner import plan_fleet
 from gpulab.storage.fleet_files import llama_swap_yaml
 
@@ -106,31 +107,11 @@ def test_llama_swap_yaml_round_trips_and_groups_what_runs_together(fplan):
     assert "${PORT}" in doc["models"]["chat"]["cmd"] and "'${PORT}'" not in doc["models"]["chat"]["cmd"]
 
 
-def _read_preset_ini(text: str) -> dict[str, dict[str, str]]:
-    """common/preset.cpp parse_ini_from_file's grammar: [section], ident = value, ;/# comments;
-    keys before any section belong to 'default'. Anything else is a parse failure."""
-    ident = r"[a-zA-Z_][a-zA-Z0-9_.-]*"
-    out: dict[str, dict[str, str]] = {}
-    section = "default"
-    for line in text.splitlines():
-        if re.fullmatch(r"[ \t]*([;#].*)?", line):
-            continue
-        m = re.fullmatch(r"\[[ \t]*([^\]]+?)[ \t]*\][ \t]*([;#].*)?", line)
-        if m:
-            section = m.group(1)
-            out[section] = {}
-            continue
-        m = re.fullmatch(rf"({ident})[ \t]*=[ \t]*(.*?)[ \t]*([;#].*)?", line)
-        assert m, f"llama.cpp's preset parser rejects the line {line!r}"
-        out.setdefault(section, {})[m.group(1)] = m.group(2)
-    return out
-
-
 @needs_src
 def test_router_ini_keys_are_the_ones_load_from_ini_accepts(fplan):
     fp, devices = fplan
     text, gaps = router_ini(fp, PATHS, devices)
-    parsed = _read_preset_ini(text)
+    parsed = parse_preset_ini(text)       # common/preset.cpp parse_ini_from_file's grammar
     assert parsed.pop("default") == {"version": "1"}      # load_from_ini skips 'version'
     assert set(parsed) == {"chat", "coder", "draft", "embed"}
     options = server_options_from_source(SRC)
