@@ -229,8 +229,11 @@ def _exhaustive(pr: _Problem) -> dict[str, Plan] | None:
     return best[1]
 
 
-def _best_single(pr: _Problem, m: FleetModel, left: dict[str, int], placed: dict[str, Plan]) -> Plan | None:
-    """The device set the objective prefers for `m` among those that hold it now (greedy step)."""
+def _best_single(pr: _Problem, m: FleetModel, left: dict[str, int], placed: dict[str, Plan], *,
+                 best_fit: bool = False) -> Plan | None:
+    """The device set the objective prefers for `m` among those that hold it now (greedy step).
+    best_fit: among the fewest devices, the set it fills tightest (best-fit decreasing), which keeps
+    large holes open for the models after it, instead of the objective's headroom."""
     best = None
     size_found = None
     for subset in pr.candidates[m.name]:
@@ -240,21 +243,38 @@ def _best_single(pr: _Problem, m: FleetModel, left: dict[str, int], placed: dict
         if not fits_budget(p):
             continue
         size_found = len(subset)
-        s = _score(pr, {**placed, m.name: p}, _take(left, p))
+        after = _take(left, p)
+        s = (len(subset), sum(after[n] for n in subset)) if best_fit else _score(pr, {**placed, m.name: p}, after)
         if best is None or s < best[0]:
             best = (s, p)
     return best[1] if best else None
 
 
-def _greedy(pr: _Problem) -> dict[str, Plan] | None:
+def _greedy_pass(pr: _Problem, best_fit: bool) -> dict[str, Plan] | None:
     left, placed = dict(pr.budgets), {}
     for m in pr.order:
-        p = _best_single(pr, m, left, placed)
+        p = _best_single(pr, m, left, placed, best_fit=best_fit)
         if p is None:
             return None
         placed[m.name] = p
         left = _take(left, p)
     return placed
+
+
+def _greedy(pr: _Problem) -> dict[str, Plan] | None:
+    """Largest first, each model where the objective prefers it, no going back; for 'fewest' a
+    second pass by best fit, and the better of the two by the objective."""
+    passes = [False, True] if pr.objective == "fewest" else [False]
+    results = [r for r in (_greedy_pass(pr, bf) for bf in passes) if r is not None]
+    if not results:
+        return None
+
+    def key(placed):
+        left = dict(pr.budgets)
+        for p in placed.values():
+            left = _take(left, p)
+        return _score(pr, placed, left)
+    return min(results, key=key)
 
 
 def _least_short(pr: _Problem, models: Sequence[FleetModel], left: dict[str, int]) -> dict[str, Plan]:

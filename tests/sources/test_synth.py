@@ -224,3 +224,17 @@ def test_presets_shapes():
 def test_rejects_what_llama_cpp_would(tmp_path, bad):
     with pytest.raises(ValueError):
         write_model(tmp_path / "m.gguf", replace(SMALL, **bad))
+
+
+def test_header_only_model_is_the_same_file_less_its_weights(tmp_path):
+    """weights=False: same size, same header, same profile; the weights are a hole (zeros)."""
+    import os
+    from gpulab.sources.read import read_profile
+    spec = SynthSpec(n_layer=3, n_embd=256, n_ff=512, n_vocab=512, weight_type="Q8_0")
+    full = write_model(tmp_path / "full.gguf", spec)
+    sparse = write_model(tmp_path / "sparse.gguf", spec, weights=False)
+    assert os.path.getsize(full) == os.path.getsize(sparse)
+    a, b = read_profile(full), read_profile(sparse)
+    assert a.layers == b.layers and a.output_tensors == b.output_tensors and a.input_tensors == b.input_tensors
+    assert full.read_bytes()[:2048] == sparse.read_bytes()[:2048]     # the header (its vocab runs past this)
+    assert not any(sparse.read_bytes()[-1024:])
