@@ -32,6 +32,8 @@ def register(sub, frontend: str) -> None:
     q = psub.add_parser("plan", help="a device set and split for every model so that all fit together")
     _common(q)
     add_json_flag(q, frontend)
+    if frontend == "magic":
+        q.add_argument("--no-figures", action="store_true", help="the table only")
     q.set_defaults(run=run, action=_plan, figures=frontend == "magic")
 
     q = psub.add_parser("export", help="the fleet plan as llama-swap config.yaml, a llama-server --models-preset "
@@ -92,7 +94,7 @@ def _plan(a, session) -> Result:
     _, _, choice, fplan, read_notes = planned_fleet(a, session)
     rows = [{"device": d.name, "model": n, "used_bytes": b} for d in fplan.devices for n, b in d.by_model]
     figures = []
-    if getattr(a, "figures", False):
+    if getattr(a, "figures", False) and not getattr(a, "no_figures", False):
         from ..ui import figures as F
         figures = [F.fleet_bars(fplan)]
     return Result(text=fleet_text(fplan), data=fplan.to_dict(), rows=rows, notes=_notes(choice, read_notes),

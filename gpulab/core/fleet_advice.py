@@ -4,8 +4,10 @@ For a fleet plan with short devices:
 - short      each device that lacks memory: by how many bytes, and who holds what there;
 - swappable  a resident model whose swapping out (keep_loaded = false) lets everything fit,
              re-planned as such;
-- shrink     for a model on a short device: the largest context (a multiple of 256, llama.cpp's
-             KV padding) whose bytes saved there cover the deficit, and what a q8_0 KV cache saves;
+- shrink     a change to one model that makes the whole fleet fit, re-planned (a q8_0 KV cache,
+             the context halved up to three times); and per short device, for each model on it,
+             the largest context (a multiple of 256, llama.cpp's KV padding) whose bytes saved
+             there cover that device's deficit, and what a q8_0 KV cache saves there;
 - move       a model on a short device that fits elsewhere, on devices that are not short.
 
 The split of a model on a device set is chosen as gpulab.core.fleet_placement chooses it.
@@ -119,6 +121,34 @@ def _shrink(result, pr) -> list:
     return out
 
 
+def _shrink_fleet(result, pr) -> list:
+    """Changes to one model that make the whole fleet fit, re-planned as such: a q8_0 KV cache,
+    or the context halved (up to three times)."""
+    out = []
+    for m in result.fleet.models:
+        now = sum(d.used_bytes for d in result.placement(m.name).plan.offload_devices)
+        tries = []
+        if m.type_k == "f16" and m.type_v == "f16" and m.flash_attn != "off":
+            tries.append((dict(type_k="q8_0", type_v="q8_0"), 'a q8_0 KV cache (type_k = type_v = "q8_0")'))
+        for k in (2, 4, 8):
+            ctx = max(_STEP, m.ctx // k // _STEP * _STEP)
+            if ctx < m.ctx and all(c.get("ctx") != ctx for c, _ in tries):
+                tries.append((dict(ctx=ctx), f"ctx = {ctx} (from {m.ctx})"))
+        for change, words in tries:
+            models = tuple(replace(x, **change) if x.name == m.name else x for x in result.fleet.models)
+            try:
+                alt = pr.replan(replace(result.fleet, models=models))
+            except ConfigError:
+                continue
+            if alt.fits:
+                after = sum(d.used_bytes for d in alt.placement(m.name).plan.offload_devices)
+                out.append(Advice("shrink", f"give {m.name!r} {words}: then the whole fleet fits (re-planned; "
+                                            f"{m.name!r} takes {now - after} B less)", model=m.name,
+                                  bytes=now - after))
+                break
+    return out
+
+
 def _move(result, pr) -> list:
     out = []
     short = {d.name for d in result.devices if not d.fits}
@@ -153,4 +183,4 @@ def advise(result, profiles: Mapping[str, ModelProfile], devices: Sequence[Devic
     """Advice for a FleetPlan with short devices. replan(fleet) plans another fleet on the same
     devices (without advice): how 'make it swappable' is checked."""
     pr = _Ctx(profiles, devices, host, replan)
-    return _short(result) + _swappable(result, pr) + _shrink(result, pr) + _move(result, pr)
+    return _short(result) + _swappable(result, pr) + _shrink_fleet(result, pr) + _shrink(result, pr) + _move(result, pr)
