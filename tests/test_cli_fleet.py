@@ -163,6 +163,10 @@ def test_magic_fleet(models):
         assert res.plan.fits and res.exit_code == 0
         assert {r["model"] for r in res.rows} == {"chat", "coder", "embed"}
         assert res.figures and len(res.figures[0].data) == 3 * 3 + 1   # 3 models x 3 terms + the budget ticks
+        lab = ip.run_line_magic("gpulab", f"fleet lab {_fleet(root, FLEET)} --sim 4GiB,4GiB,2GiB")
+        assert lab.plan.to_dict() == res.plan.to_dict()
+        lab.pin("coder", ["SIM2"])
+        assert lab.plan.placement("coder").devices == ("SIM2",)
     finally:
         ip.run_line_magic("unload_ext", "gpulab")
 

@@ -43,6 +43,11 @@ def register(sub, frontend: str) -> None:
     add_json_flag(q, frontend, help="{text, data, gaps}")
     q.set_defaults(run=run, action=_export)
 
+    if frontend == "magic":
+        q = psub.add_parser("lab", help="the fleet's plan as a widget: pin, move, change a context, re-plan at once")
+        _common(q)
+        q.set_defaults(run=run, action=_lab)
+
     q = psub.add_parser("import", help="a llama-swap config.yaml or llama-server --models-preset INI as a fleet TOML")
     q.add_argument("source", help="config.yaml (llama-swap) or presets .ini (llama-server router)")
     q.add_argument("-o", "--output", help="write the fleet TOML here (default: print it)")
@@ -109,6 +114,14 @@ def _export(a, session) -> Result:
     notes = _notes(choice, read_notes) + [f"note: {a.to}: {g}" for g in exp.gaps]
     return Result(text=exp.text.rstrip("\n"), data={"text": exp.text, "data": exp.data, "gaps": list(exp.gaps)},
                   notes=notes, exit_code=0 if fplan.fits else 1, objects={"export": exp, "plan": fplan})
+
+
+def _lab(a, session) -> Result:
+    from ..ui.fleet_lab import FleetLab
+    fleet, _, choice, fplan, read_notes = planned_fleet(a, session)
+    profiles = {p.name: p.plan.profile for p in fplan.placements}
+    lab = FleetLab(fleet, profiles, list(choice.devices), choice.host, objective=a.objective)
+    return Result(widget=lab, notes=_notes(choice, read_notes), objects={"lab": lab})
 
 
 def _import(a, session) -> Result:
