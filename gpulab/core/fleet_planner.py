@@ -213,8 +213,9 @@ def _exhaustive(pr: _Problem) -> dict[str, Plan] | None:
             return
         m = pr.order[i]
         if pr.objective == "fewest" and best[0] is not None:
-            # every model still to place takes at least one device
-            if sum(len(p.offload_devices) for p in placed.values()) + (len(pr.order) - i) > best[0][0]:
+            # every model still to place takes at least one device (a CPU-only one none)
+            still = sum(1 for x in pr.order[i:] if pr.candidates[x.name] != [()])
+            if sum(len(p.offload_devices) for p in placed.values()) + still > best[0][0]:
                 return
         for subset in pr.candidates[m.name]:
             p = pr.place(m, subset, left)

@@ -43,7 +43,7 @@ def _check_sums(fp):
         assert d.used_bytes == resident + swap
         assert dict(d.by_model) == {p.name: p.bytes_on(d.name) for p in fp.placements if p.bytes_on(d.name)}
     for p in fp.placements:
-        assert p.plan.config.devices == p.devices
+        assert p.plan.config.devices == (p.devices or ("none",))
         if len(p.devices) > 1:
             assert len(p.plan.config.tensor_split) == len(p.devices)   # always an explicit -ts
 
@@ -206,3 +206,15 @@ def test_an_unpinned_model_on_a_short_device_is_moved_where_it_fits():
     moves = {a.model: a for a in fp.advice if a.kind == "move"}
     assert "small" in moves and moves["small"].device == "SIM1" and "unpin" in moves["small"].text
     assert moves["small"].bytes == _alone(profs["small"], devs[1])
+
+
+def test_a_cpu_only_model_takes_no_device_and_the_rest_still_plan():
+    profs = _profiles()
+    devs = parse_sim_spec("8GiB,8GiB")
+    fleet = Fleet((FleetModel("big", "b"), FleetModel("small", "s", n_gpu_layers=0), FleetModel("mid", "m")))
+    fp = plan_fleet(fleet, profs, devs)
+    assert fp.fits and fp.placement("small").devices == ()
+    assert fp.placement("small").plan.config.devices == ("none",)
+    assert all(len(fp.placement(n).devices) == 1 for n in ("big", "mid"))
+    assert fp.placement("big").devices != fp.placement("mid").devices    # leximin: both devices used
+    _check_sums(fp)
