@@ -27,6 +27,7 @@ never dropped.
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -115,6 +116,16 @@ def router_sections(fplan: FleetPlan, paths: Mapping[str, str], devices: Sequenc
     return out
 
 
+def _router_name(section: str) -> str:
+    """common/preset.cpp load_from_ini: the tag after the last ':' becomes its canonical_tag
+    (the last [-.]WORD of it, else all of it, upper-cased)."""
+    base, colon, tag = section.rpartition(":")
+    if not colon:
+        return section
+    m = re.search(r"[-.]([A-Z0-9_]+)$", tag, re.I)
+    return base + ":" + (m.group(1) if m else tag).upper()
+
+
 def router_ini(fplan: FleetPlan, paths: Mapping[str, str], devices: Sequence[Device]) -> tuple[str, list[str]]:
     """(the --models-preset INI, gaps)."""
     sections = router_sections(fplan, paths, devices)
@@ -127,6 +138,11 @@ def router_ini(fplan: FleetPlan, paths: Mapping[str, str], devices: Sequence[Dev
         lines += [f"{k} = {_ini_value(v)}" for k, v in keys.items()]
         lines.append("")
     gaps = []
+    for name in sections:
+        canon = _router_name(name)
+        if canon != name:
+            gaps.append(f"[{name}]: the router names this model {canon!r} (load_from_ini upper-cases the tag "
+                        "after ':', canonical_tag in common/preset.cpp); requests must use that name")
     if models_max > n_resident:
         gaps.append("the router cannot keep the resident models loaded while a swappable one loads: past "
                     "--models-max it unloads the least recently used model (this llama.cpp has no 'pin' preset "

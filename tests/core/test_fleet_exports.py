@@ -157,3 +157,14 @@ def test_ollama_one_instance_per_device_set(fplan):
     assert "PARAMETER num_gpu 31" in chat        # all 30 blocks and the output layer
     assert any("no per-model pinning" in g for g in gaps) and any("tensor_split" in g for g in gaps)
     assert any("draft" in g and "-ot" in g for g in gaps)     # Ollama cannot place single tensors
+
+
+def test_router_names_with_a_tag_are_said_to_change():
+    from gpulab.core.fleet_exports import _router_name
+    assert _router_name("chat") == "chat"
+    assert _router_name("qwen3:30b") == "qwen3:30B"
+    assert _router_name("org/model:model-q4_k_m") == "org/model:Q4_K_M"
+    profs = {"qwen3:30b": make_profile(n_layer=4)}
+    fp = plan_fleet(Fleet((FleetModel("qwen3:30b", "m.gguf"),)), profs, [cuda(0)])
+    _, gaps = router_ini(fp, {"qwen3:30b": "/m.gguf"}, [cuda(0)])
+    assert any("'qwen3:30B'" in g for g in gaps)
