@@ -66,6 +66,24 @@ def server_commands(fplan: FleetPlan, paths: Mapping[str, str], devices: Sequenc
     return out
 
 
+def _shared_rpc_servers(fplan: FleetPlan, devices: Sequence[Device]) -> list[str]:
+    """Gaps for RPC servers that several models use: an RPC server serves one client at a time
+    (ggml_backend_rpc_start_server accepts the next connection when the last one closes), so
+    two llama-server processes cannot both use it; gpulab's own worker loads them in one process."""
+    by_name = {d.name: d for d in devices}
+    users: dict[str, list[str]] = {}
+    for pl in fplan.placements:
+        for name in pl.devices:
+            d = by_name.get(name)
+            if d is not None and d.kind == "rpc" and d.endpoint:
+                users.setdefault(d.endpoint, [])
+                if pl.name not in users[d.endpoint]:
+                    users[d.endpoint].append(pl.name)
+    return [f"the RPC server {ep} is used by {', '.join(names)}: it serves one process at a time, so their "
+            "llama-server processes cannot run together on it (one rpc-server per model, or one process)"
+            for ep, names in users.items() if len(names) > 1]
+
+
 def llama_swap_doc(fplan: FleetPlan, paths: Mapping[str, str], devices: Sequence[Device]) -> tuple[dict, list[str]]:
     """(config.yaml as a dict, gaps)."""
     cmds = server_commands(fplan, paths, devices)
@@ -80,7 +98,7 @@ def llama_swap_doc(fplan: FleetPlan, paths: Mapping[str, str], devices: Sequence
         groups["fleet"] = {"swap": False, "exclusive": False, "persistent": True, "members": resident}
     if swappable:
         groups["swappable"] = {"swap": True, "exclusive": False, "members": swappable}
-    gaps = []
+    gaps = _shared_rpc_servers(fplan, devices)
     if not fplan.fits:
         gaps.append("the fleet does not fit (see `gpulab fleet plan`): llama-swap would start these models "
                     "together and one of them would fail to load")
@@ -137,7 +155,7 @@ def router_ini(fplan: FleetPlan, paths: Mapping[str, str], devices: Sequence[Dev
         lines.append(f"[{name}]")
         lines += [f"{k} = {_ini_value(v)}" for k, v in keys.items()]
         lines.append("")
-    gaps = []
+    gaps = _shared_rpc_servers(fplan, devices)
     for name in sections:
         canon = _router_name(name)
         if canon != name:

@@ -168,3 +168,23 @@ def test_router_names_with_a_tag_are_said_to_change():
     fp = plan_fleet(Fleet((FleetModel("qwen3:30b", "m.gguf"),)), profs, [cuda(0)])
     _, gaps = router_ini(fp, {"qwen3:30b": "/m.gguf"}, [cuda(0)])
     assert any("'qwen3:30B'" in g for g in gaps)
+
+
+def test_rpc_devices_are_named_as_the_exported_process_sees_them():
+    """ggml-rpc names devices RPC<n> by a counter over the servers a process registers, and each
+    cmd registers only the servers it uses: the planned RPC1 is RPC0 in a process given one server."""
+    devs = [Device(f"RPC{i}", 8 * GiB, 8 * GiB, "rpc", "rpc", endpoint=f"127.0.0.1:5005{i}") for i in range(3)]
+    profs = {"a": make_profile(n_layer=8, layer_bytes=20 * MiB), "b": make_profile(n_layer=6, layer_bytes=20 * MiB)}
+    fleet = Fleet((FleetModel("a", "a.gguf", devices=("RPC2", "RPC0")), FleetModel("b", "b.gguf", devices=("RPC1",))))
+    fp = plan_fleet(fleet, profs, devs)
+    cmds = server_commands(fp, {"a": "/a.gguf", "b": "/b.gguf"}, devs)
+    a, b = cmds["a"], cmds["b"]
+    assert a[a.index("--rpc") + 1] == "127.0.0.1:50052,127.0.0.1:50050"
+    assert a[a.index("--device") + 1] == "RPC0,RPC1"        # RPC2 registered first, then RPC0
+    assert b[b.index("--rpc") + 1] == "127.0.0.1:50051" and b[b.index("--device") + 1] == "RPC0"
+    _, gaps = llama_swap_doc(fp, {"a": "/a.gguf", "b": "/b.gguf"}, devs)
+    assert gaps == []                                       # no server is shared
+    shared = Fleet((FleetModel("a", "a.gguf", devices=("RPC0",)), FleetModel("b", "b.gguf", devices=("RPC0",))))
+    fp = plan_fleet(shared, profs, devs)
+    _, gaps = llama_swap_doc(fp, {"a": "/a.gguf", "b": "/b.gguf"}, devs)
+    assert any("127.0.0.1:50050 is used by a, b" in g for g in gaps)
