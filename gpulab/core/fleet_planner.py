@@ -104,7 +104,7 @@ class FleetPlan:
     devices: tuple[FleetDevice, ...]         # every offload device, in llama.cpp's order
     objective: str
     search: str                              # 'exhaustive' | 'greedy'
-    evaluated: int                           # model plans computed
+    evaluated: int                           # model plans computed (a balanced-policy split counted as 7)
     advice: tuple[Advice, ...] = ()
 
     @property
