@@ -8,9 +8,11 @@ never dropped.
 
 - llama-swap (config.yaml): `models.NAME.cmd` is `llama-server --port ${PORT} ...` (llama-swap
   replaces the ${PORT} macro); the resident models form one group with swap: false (loaded
-  together) and persistent: true (no other group unloads them); swappable models a group with
-  swap: true (one at a time). This module returns the document as a dict; the YAML text is
-  gpulab.storage.fleet_files.llama_swap_yaml.
+  together) and persistent: true (no other group unloads them), preloaded at start
+  (hooks.on_startup.preload); swappable models a group with swap: true, exclusive: false (one at
+  a time, evicting only each other: internal/router/group.go groupSwapper.EvictionFor). Checked
+  against llama-swap's config-schema.json (tests/core/test_fleet_exports.py). This module
+  returns the document as a dict; the YAML text is gpulab.storage.fleet_files.llama_swap_yaml.
 - llama-server router (--models-preset FILE.ini). The format is common/preset.cpp's
   (parse_ini_from_file, common_preset_context::load_from_ini): `[section]` per model, the
   section name being the model name; `key = value` lines where a key is any spelling of a
@@ -98,11 +100,14 @@ def llama_swap_doc(fplan: FleetPlan, paths: Mapping[str, str], devices: Sequence
         groups["fleet"] = {"swap": False, "exclusive": False, "persistent": True, "members": resident}
     if swappable:
         groups["swappable"] = {"swap": True, "exclusive": False, "members": swappable}
+    doc = {"models": models, "groups": groups}
+    if resident:   # loaded when llama-swap starts, as the router's load-on-startup
+        doc["hooks"] = {"on_startup": {"preload": resident}}
     gaps = _shared_rpc_servers(fplan, devices)
     if not fplan.fits:
         gaps.append("the fleet does not fit (see `gpulab fleet plan`): llama-swap would start these models "
                     "together and one of them would fail to load")
-    return {"models": models, "groups": groups}, gaps
+    return doc, gaps
 
 
 def _ini_value(v: str) -> str:

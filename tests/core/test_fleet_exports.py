@@ -6,14 +6,16 @@
   load_from_ini accepts (an option spelling without dashes, or a preset-only key);
 - the Ollama instances cover every model once, one per device set, with their environment.
 
-The llama-swap JSON schema is not checked here: it was not at hand when this was written (no
-network); see the report of issue 15.
+The llama-swap export is validated against llama-swap's published config-schema.json where a copy
+is in tests/data/ (see test_llama_swap_export_validates_against_llama_swaps_schema).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
+from pathlib import Path
 
 import pytest
 import yaml
@@ -97,6 +99,23 @@ def test_llama_swap_cmds_are_llama_server_command_lines(fplan):
         assert argv[argv.index("-c") + 1] == str(cfg.n_ctx)
 
 
+SCHEMA = Path(__file__).resolve().parents[1] / "data" / "llama-swap-config-schema.json"
+
+
+@pytest.mark.skipif(not SCHEMA.is_file(), reason="llama-swap's config-schema.json is not in tests/data/ (it is "
+                    "mostlygeek/llama-swap's, MIT, file config-schema.json, last changed in f94c94ac)")
+def test_llama_swap_export_validates_against_llama_swaps_schema(fplan):
+    jsonschema = pytest.importorskip("jsonschema")
+    fp, devices = fplan
+    doc, _ = llama_swap_doc(fp, PATHS, devices)
+    # draft-07, as its $schema says
+    validator = jsonschema.Draft7Validator(json.loads(SCHEMA.read_text()), format_checker=jsonschema.FormatChecker())
+    validator.validate(yaml.safe_load(llama_swap_yaml(doc)))
+    # and the check has teeth: a group member that is not a list fails
+    with pytest.raises(jsonschema.ValidationError):
+        validator.validate({**doc, "groups": {"fleet": {"swap": "no", "members": "chat"}}})
+
+
 def test_llama_swap_yaml_round_trips_and_groups_what_runs_together(fplan):
     fp, devices = fplan
     doc, _ = llama_swap_doc(fp, PATHS, devices)
@@ -104,6 +123,7 @@ def test_llama_swap_yaml_round_trips_and_groups_what_runs_together(fplan):
     assert doc["groups"]["fleet"]["members"] == ["chat", "coder", "draft"]
     assert doc["groups"]["fleet"]["swap"] is False
     assert doc["groups"]["swappable"] == {"swap": True, "exclusive": False, "members": ["embed"]}
+    assert doc["hooks"] == {"on_startup": {"preload": ["chat", "coder", "draft"]}}
     assert "${PORT}" in doc["models"]["chat"]["cmd"] and "'${PORT}'" not in doc["models"]["chat"]["cmd"]
 
 
