@@ -18,6 +18,7 @@ COMMAND_MODULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("inspect", ("cli", "magic")),
     ("plan", ("cli", "magic")),
     ("export", ("cli", "magic")),
+    ("fleet", ("cli", "magic")),
     ("bench", ("cli", "magic")),
     ("sweep", ("cli", "magic")),
     ("tune", ("cli", "magic")),

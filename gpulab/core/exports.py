@@ -117,8 +117,29 @@ def _server_ts(v, _c):
     return ["-ts", ",".join(_num(x) for x in v)] if any(v) else None
 
 
-def _server_devices(v, _c):
-    return ["--device", ",".join(v)] if v else None   # 'none' is parse_device_list's "no offload"
+def _process_names(v, c) -> list[str]:
+    """--device names as the exported process will see them. RPC devices are named RPC<n> by a
+    counter over the servers in the order they are registered (ggml_backend_rpc_add_server in
+    ggml-rpc.cpp), and the process gets --rpc with only the servers it uses: a device that is
+    RPC1 where gpulab planned may be RPC0 there."""
+    if not v or v == ("none",) or not c.devices:
+        return list(v)
+    by_name = {d.name: d for d in c.devices}
+    order = _rpc_servers(c)
+    per_server = {ep: sum(1 for d in c.devices if d.kind == "rpc" and d.endpoint == ep) for ep in order}
+    out = []
+    for name in v:
+        d = by_name.get(name)
+        if d is not None and d.kind == "rpc" and d.endpoint in per_server:
+            before = sum(per_server[ep] for ep in order[:order.index(d.endpoint)])
+            out.append(f"RPC{before + d.server_index}")
+        else:
+            out.append(name)
+    return out
+
+
+def _server_devices(v, c):
+    return ["--device", ",".join(_process_names(v, c))] if v else None   # 'none': parse_device_list's "no offload"
 
 
 # llama-bench (tools/llama-bench/llama-bench.cpp) -------------------------------------------------
@@ -126,8 +147,8 @@ def _bench_ts(v, _c):
     return ["-ts", "/".join(_num(x) for x in v)] if any(v) else None
 
 
-def _bench_devices(v, _c):
-    return ["-dev", "/".join(v)] if v else None       # parse_devices_arg: 'dev0/dev1', or 'none'
+def _bench_devices(v, c):
+    return ["-dev", "/".join(_process_names(v, c))] if v else None   # parse_devices_arg: 'dev0/dev1', or 'none'
 
 
 def _bench_ctx(v, _c):

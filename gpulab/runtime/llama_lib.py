@@ -181,8 +181,33 @@ def llama_cpp():
 
 # --- devices -------------------------------------------------------------------------------
 
+# RPC endpoints a model loaded in this process holds buffers on: {endpoint: number of models}.
+# llama.cpp keeps one connection per endpoint while anything uses it (ggml-rpc.cpp get_dispatcher),
+# and the server serves one client at a time with a listen backlog of 1 (transport.cpp listen(fd, 1)):
+# while it serves this process, a probe connection queues and the next one times out. Such a
+# server is alive by construction, so it is not probed (several models loaded at once: a fleet).
+_held_endpoints: dict[str, int] = {}
+
+
+def hold_endpoints(endpoints) -> None:
+    for ep in endpoints:
+        _held_endpoints[ep] = _held_endpoints.get(ep, 0) + 1
+
+
+def release_endpoints(endpoints) -> None:
+    for ep in endpoints:
+        n = _held_endpoints.get(ep, 0) - 1
+        if n > 0:
+            _held_endpoints[ep] = n
+        else:
+            _held_endpoints.pop(ep, None)
+
+
 def endpoint_reachable(endpoint: str, timeout: float = 1.0) -> bool:
-    """Whether a TCP connection to the endpoint opens (a listening RPC server, busy or not)."""
+    """Whether a TCP connection to the endpoint opens (a listening RPC server, busy or not), or
+    a model of this process holds a connection to it (hold_endpoints)."""
+    if endpoint in _held_endpoints:
+        return True
     try:
         host, port = split_endpoint(endpoint)
         with socket.create_connection((host, port), timeout=timeout):

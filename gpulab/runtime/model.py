@@ -55,6 +55,10 @@ class LoadedModel:
         self.notes = notes
         self._model = model
         self._ctx = ctx
+        # RPC servers this model has buffers on: known alive while it is loaded (llama_lib.hold_endpoints)
+        self._endpoints = tuple(dict.fromkeys(d.endpoint for d in devices
+                                              if d.kind == "rpc" and d.endpoint and d.name in report.devices))
+        llama_lib.hold_endpoints(self._endpoints)
 
     @property
     def model(self):
@@ -81,6 +85,7 @@ class LoadedModel:
             if ctx:
                 lc.llama_free(ctx)
             lc.llama_model_free(model)
+        llama_lib.release_endpoints(self._endpoints)
 
     def __enter__(self) -> "LoadedModel":
         return self

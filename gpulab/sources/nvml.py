@@ -46,6 +46,7 @@ class GpuProcess(NamedTuple):
     pid: int
     used_bytes: int | None   # None where the driver does not say (WDDM, MIG without privileges)
     name: str | None         # from /proc/PID/comm when visible (not across PID namespaces)
+    argv: tuple[str, ...] = ()   # from /proc/PID/cmdline, when visible: which model it serves
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,14 @@ def _process_name(pid: int) -> str | None:
             return f.read().strip() or None
     except OSError:
         return None
+
+
+def _process_argv(pid: int) -> tuple[str, ...]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return tuple(a.decode("utf-8", "replace") for a in f.read().split(b"\0") if a)
+    except OSError:
+        return ()
 
 
 class NvmlProbe:
@@ -251,7 +260,8 @@ class NvmlProbe:
                 old = found.get(pid)
                 if old is not None and old.used_bytes is not None and (used is None or old.used_bytes >= used):
                     continue   # a process both computing and drawing is listed twice
-                found[pid] = GpuProcess(pid, used, old.name if old else _process_name(pid))
+                found[pid] = (GpuProcess(pid, used, old.name, old.argv) if old else
+                              GpuProcess(pid, used, _process_name(pid), _process_argv(pid)))
         return tuple(found.values())
 
     # -- CUDA's view -------------------------------------------------------------------

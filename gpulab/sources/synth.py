@@ -178,8 +178,12 @@ def _n_bytes(shape: tuple[int, ...], gtype: str) -> int:
     return int(np.prod(shape)) // block * type_size
 
 
-def write_model(path, spec: SynthSpec) -> pathlib.Path:
-    """Write `spec` as a GGUF file at `path` and return the path."""
+def write_model(path, spec: SynthSpec, *, weights: bool = True) -> pathlib.Path:
+    """Write `spec` as a GGUF file at `path` and return the path.
+
+    weights=False: the header only, the file extended to its full size as a sparse file (the
+    weights read as zeros, no disk is used): a 70B-sized model to plan in a notebook in
+    milliseconds. Loading it gives zeros for every weight."""
     import gguf
 
     _check(spec)
@@ -188,13 +192,13 @@ def write_model(path, spec: SynthSpec) -> pathlib.Path:
 
     w = gguf.GGUFWriter(path, spec.arch)
     try:
-        _write(w, spec, tensors)
+        _write(w, spec, tensors, weights)
     finally:
         w.close()
     return path
 
 
-def _write(w, s: SynthSpec, tensors: list[tuple[str, tuple[int, ...], str, int]]) -> None:
+def _write(w, s: SynthSpec, tensors: list[tuple[str, tuple[int, ...], str, int]], weights: bool = True) -> None:
     import gguf
 
     arch = s.arch
@@ -251,6 +255,12 @@ def _write(w, s: SynthSpec, tensors: list[tuple[str, tuple[int, ...], str, int]]
     pools: dict[str, memoryview] = {}
     ones = memoryview(np.ones(max(s.n_embd, s.head_dim_), np.float32).tobytes())
     f = w.fout[0]
+    if not weights:                    # the same offsets, nothing written: a sparse file
+        end = f.tell()
+        for *_, nbytes in tensors:
+            end = (end + w.data_alignment - 1) // w.data_alignment * w.data_alignment + nbytes
+        f.truncate((end + w.data_alignment - 1) // w.data_alignment * w.data_alignment)
+        return
     for name, shape, gtype, nbytes in tensors:
         w.write_padding(f, f.tell())
         if len(shape) == 1:            # norm weights: 1.0, the identity scale

@@ -23,8 +23,9 @@ from ..core.plan import Plan
 from ..core.planner import kv_cell_bytes, kv_cells
 from ..core.units import GiB, MiB, format_bytes
 
-__all__ = ["device_colors", "layer_bytes", "layer_expert_bytes", "layer_map", "memory_bars", "throughput_chart", "show", "mimebundle", "run_label",
-           "memory_compare", "apply", "memory_unit", "sync_widget_state", "TERM_COLORS", "OVERFULL_COLOR"]
+__all__ = ["device_colors", "layer_bytes", "layer_expert_bytes", "layer_map", "memory_bars", "throughput_chart", "show",
+           "mimebundle", "run_label", "memory_compare", "apply", "memory_unit", "sync_widget_state", "TERM_COLORS",
+           "OVERFULL_COLOR", "fleet_bars"]
 
 # Okabe-Ito-like palette: distinguishable for colour-blind readers; the host is grey
 _PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#7F3C8D",
@@ -410,3 +411,36 @@ def sync_widget_state(fig) -> None:
     if hasattr(fig, "_widget_data") and hasattr(fig, "_layout_obj"):
         fig._widget_data = [_copy(t) for t in fig._data]
         fig._widget_layout = _copy(fig._layout_obj._props)
+
+
+# shading of a model's colour by term: weights full, KV lighter, compute lightest
+_TERM_OPACITY = {"weights": 1.0, "KV": 0.65, "compute": 0.35}
+
+
+def fleet_bars(fp, *, height: int = 360) -> go.Figure:
+    """A fleet plan (gpulab.core.fleet_planner.FleetPlan): one bar per device, stacked by model
+    (a colour per model, its weights / KV / compute shaded from full to light), with each device's
+    budget (free memory less keep_free, black tick). A short device is titled with its deficit."""
+    names = [d.name for d in fp.devices]
+    used = [d.used_bytes for d in fp.devices] + [d.budget_bytes for d in fp.devices]
+    unit_name, unit = memory_unit(max(used or [0]))
+    colors = {p.name: _PALETTE[i % len(_PALETTE)] for i, p in enumerate(fp.placements)}
+    fig = go.Figure(layout=dict(barmode="stack", height=height, template="plotly_white",
+                                margin=dict(l=60, r=10, t=50, b=40), legend=dict(orientation="h", y=-0.18, x=0),
+                                yaxis=dict(title=unit_name)))
+    for p in fp.placements:
+        rows = {d.name: d for d in p.plan.offload_devices}
+        for term, attr in (("weights", "weights_bytes"), ("KV", "kv_bytes"), ("compute", "compute_bytes")):
+            ys = [getattr(rows[n], attr) / unit if n in rows else 0.0 for n in names]
+            suffix = "" if p.resident else " (swappable)"
+            fig.add_trace(go.Bar(x=names, y=ys, name=f"{p.name} {term}{suffix}", legendgroup=p.name,
+                                 marker=dict(color=colors[p.name], opacity=_TERM_OPACITY[term]),
+                                 hovertemplate=f"{p.name} {term}: %{{y:.2f}} {unit_name}<extra></extra>"))
+    fig.add_trace(go.Scatter(x=names, y=[d.budget_bytes / unit for d in fp.devices], mode="markers",
+                             name="free less keep_free",
+                             marker=dict(symbol="line-ew-open", size=46, color="black", line=dict(width=3))))
+    short = [f"{d.name} short by {format_bytes(d.deficit_bytes)}" for d in fp.devices if not d.fits]
+    title = ("fits: every model loaded together" if fp.fits else
+             f"<span style='color:{OVERFULL_COLOR}'><b>DOES NOT FIT</b></span>: " + "; ".join(short))
+    fig.update_layout(title=dict(text=title, font=dict(size=13)))
+    return fig

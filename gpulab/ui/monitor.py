@@ -35,8 +35,11 @@ class Monitor(W.VBox):
     """Memory and utilisation timelines of the GPUs (see the module docstring)."""
 
     def __init__(self, probe=None, *, interval: float = 1.0, history: int = 600, worker=None,
-                 autostart: bool = True, clock=time.monotonic):
+                 autostart: bool = True, clock=time.monotonic, models=None):
         super().__init__()
+        # a fleet's models, name -> resolved path: each GPU process is attributed to the model it
+        # serves (gpulab.core.fleet_processes), and the memory is summed per model
+        self.models = dict(models or {})
         self.interval = float(interval)
         self.history = int(history)
         self.worker = worker
@@ -154,11 +157,15 @@ class Monitor(W.VBox):
         F.sync_widget_state(self.mem_fig)
         F.sync_widget_state(self.util_fig)
         if self.source == "nvml":
+            from ..core.fleet_processes import model_of_process
             rows = []
             for s in sample:
                 for p in s["processes"]:
-                    rows.append({"GPU": s["name"], "pid": p.pid, "process": p.name or "?",
-                                 "memory": format_bytes(p.used_bytes) if p.used_bytes is not None else "n/a"})
+                    row = {"GPU": s["name"], "pid": p.pid, "process": p.name or "?"}
+                    if self.models:
+                        row["model"] = model_of_process(p.argv, self.models) or "-"
+                    row["memory"] = format_bytes(p.used_bytes) if p.used_bytes is not None else "n/a"
+                    rows.append(row)
             totals = ", ".join(f"{s['name']} {format_bytes(s['used'] or 0)} / {format_bytes(s['total'] or 0)}"
                                for s in sample)
             self.processes.value = table_html(rows, caption=f"processes on the GPUs ({totals})",

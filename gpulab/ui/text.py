@@ -9,7 +9,7 @@ from ..core.speed import SpeedPrediction
 from ..core.units import format_bytes
 
 __all__ = ["render_table", "plan_rows", "plan_text", "rules_text", "tensor_list", "speed_text", "profile_text",
-           "devices_text", "layer_ranges", "calibration_text", "speed_cache_text"]
+           "devices_text", "layer_ranges", "calibration_text", "speed_cache_text", "fleet_text"]
 
 
 def render_table(rows: list[dict], right: tuple[str, ...] = ()) -> str:
@@ -239,3 +239,23 @@ def ctx_table_text(rows, config) -> str:
             "unified cache: plan -np 1):")
     return head + "\n" + render_table([{"-ctk/-ctv": r.type_k, "largest -c": str(r.n_ctx)} for r in rows],
                                        right=("largest -c",))
+def fleet_text(fp) -> str:
+    """`gpulab fleet plan`: the models (devices, split, context, bytes per device), then the
+    devices (the sum over models against free memory less keep_free), then what would fit."""
+    models = []
+    for p in fp.placements:
+        c = p.plan.config
+        models.append({
+            "model": p.name, "loaded": "resident" if p.resident else "swappable",
+            "devices": ",".join(p.devices) or "CPU", "-ts": ",".join(f"{x:g}" for x in c.tensor_split) or "-",
+            "-c": c.n_ctx, "KV": f"{c.type_k}/{c.type_v}",
+            "per device": "  ".join(f"{d.name} {format_bytes(d.used_bytes)}" for d in p.plan.offload_devices) or "-",
+        })
+    devices = [{"device": d.name, "free": format_bytes(d.free_bytes), "keep free": format_bytes(d.keep_free_bytes),
+                "used": format_bytes(d.used_bytes), "left": format_bytes(d.budget_bytes - d.used_bytes),
+                "fits": "yes" if d.fits else f"NO, short by {format_bytes(d.deficit_bytes)}"} for d in fp.devices]
+    out = [render_table(models, right=("-c",)), "", render_table(devices, right=("free", "keep free", "used", "left")), ""]
+    out.append(f"fleet {'fits' if fp.fits else 'DOES NOT FIT'} (objective {fp.objective}, {fp.search} search, "
+               f"{fp.evaluated} model plans)")
+    out += [f"  - {a.text}" for a in fp.advice]
+    return "\n".join(out)

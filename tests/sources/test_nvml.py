@@ -165,9 +165,12 @@ def test_devices_reports_every_field():
         index=0, name="NVIDIA GeForce RTX 4090", uuid=fake.gpus[0].uuid, pci_bus_id="00000000:01:00.0",
         total_bytes=24 * GiB, free_bytes=23 * GiB, used_bytes=1 * GiB,
         utilization_gpu_percent=7, utilization_memory_percent=3,
-        processes=(GpuProcess(me, 512 * 1024**2, g.processes[0].name), GpuProcess(999_999_999, None, None)),
+        processes=(GpuProcess(me, 512 * 1024**2, g.processes[0].name, g.processes[0].argv),
+                   GpuProcess(999_999_999, None, None, ())),
         memory_clock_mhz=10501, memory_bus_width_bits=384)
     assert g.processes[0].name  # our own /proc/PID/comm is readable
+    # and our own command line: which fleet model a process serves is read from it
+    assert g.processes[0].argv == tuple(open(f"/proc/{me}/cmdline", "rb").read().decode().split("\0")[:-1])
     assert g.peak_bandwidth_bytes_per_s == pytest.approx(1008e9, rel=1e-3)  # RTX 4090 datasheet
 
 

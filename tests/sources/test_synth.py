@@ -244,3 +244,15 @@ def test_moe_profile_is_shaped_as_a_written_qwen3moe(tmp_path):
         assert (a.n_head, a.n_head_kv, a.n_embd_head_k, a.n_embd_head_v) == (b.n_head, b.n_head_kv,
                                                                             b.n_embd_head_k, b.n_embd_head_v)
     assert (built.n_expert, built.n_expert_used, built.arch) == (read.n_expert, read.n_expert_used, read.arch)
+def test_header_only_model_is_the_same_file_less_its_weights(tmp_path):
+    """weights=False: same size, same header, same profile; the weights are a hole (zeros)."""
+    import os
+    from gpulab.sources.read import read_profile
+    spec = SynthSpec(n_layer=3, n_embd=256, n_ff=512, n_vocab=512, weight_type="Q8_0")
+    full = write_model(tmp_path / "full.gguf", spec)
+    sparse = write_model(tmp_path / "sparse.gguf", spec, weights=False)
+    assert os.path.getsize(full) == os.path.getsize(sparse)
+    a, b = read_profile(full), read_profile(sparse)
+    assert a.layers == b.layers and a.output_tensors == b.output_tensors and a.input_tensors == b.input_tensors
+    assert full.read_bytes()[:2048] == sparse.read_bytes()[:2048]     # the header (its vocab runs past this)
+    assert not any(sparse.read_bytes()[-1024:])

@@ -1,0 +1,71 @@
+"""Fleet files: the fleet description (TOML, through gpulab.storage.files' tomllib/tomli-w
+helpers), llama-swap's config.yaml (PyYAML), and llama-server's --models-preset INI read as a
+fleet's starting point."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..core.errors import ConfigError
+from ..core.fleet import Fleet, fleet_from_dict, fleet_to_dict
+from .files import TOMLDecodeError, atomic_write_text, read_toml, to_toml
+
+__all__ = ["read_fleet", "read_any_fleet", "write_fleet", "fleet_text", "llama_swap_yaml", "read_yaml"]
+
+
+def read_fleet(path: str | os.PathLike) -> Fleet:
+    """The Fleet in a TOML file; ConfigError naming the file for anything wrong with it."""
+    try:
+        doc = read_toml(path)
+    except OSError as e:
+        raise ConfigError(f"cannot read the fleet {path}: {e.strerror or e}") from None
+    except TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    try:
+        return fleet_from_dict(doc)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def fleet_text(fleet: Fleet) -> str:
+    return to_toml(fleet_to_dict(fleet))
+
+
+def write_fleet(path: str | os.PathLike, fleet: Fleet) -> Path:
+    return atomic_write_text(path, fleet_text(fleet))
+
+
+def llama_swap_yaml(doc: dict) -> str:
+    """llama-swap's config.yaml for the dict gpulab.core.fleet_exports.llama_swap_doc returns."""
+    import yaml
+    return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=1 << 16)
+
+
+def read_yaml(path: str | os.PathLike):
+    import yaml
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+
+
+def read_any_fleet(path: str | os.PathLike) -> tuple[Fleet, list[str]]:
+    """(Fleet, notes) from a fleet TOML, a llama-swap config.yaml (.yaml, .yml) or a llama-server
+    --models-preset INI (.ini): the last two as a fleet's starting point (gpulab.core.fleet_import)."""
+    from ..core.fleet_import import fleet_from_llama_swap, fleet_from_router_ini
+    suffix = Path(path).suffix.lower()
+    try:
+        if suffix in (".yaml", ".yml"):
+            return fleet_from_llama_swap(read_yaml(path))
+        if suffix == ".ini":
+            try:
+                text = Path(path).read_text()
+            except OSError as e:
+                raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
+            return fleet_from_router_ini(text)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return read_fleet(path), []
