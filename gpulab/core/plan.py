@@ -56,7 +56,7 @@ class Plan:
     rule_matches: tuple = ()           # gpulab.core.tensor_placement.RuleMatch per tensor override rule
     notes: tuple[str, ...] = ()        # warnings (a rule that matches nothing, ...)
     # -sm tensor: what each member of the meta device holds (layer_devices then names the meta
-    # device, 'Meta(RPC0,RPC1)', as llama.cpp's log does); None for the other split modes
+    # device, 'Meta()', as llama.cpp's log does); None for the other split modes
     tensor_split: TensorSplit | None = None
 
     @property

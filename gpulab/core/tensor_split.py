@@ -3,7 +3,7 @@
 llama.cpp (the vendored version) implements tensor parallelism with a *meta device*:
 - `llama_prepare_model_devices` (src/llama.cpp) wraps the model's devices (with --device: those;
   otherwise every device whose buffer type is not the CPU's) into one `ggml_backend_meta_device`
-  named `Meta(RPC0,RPC1)`. Layers are then assigned as in a layer split over that one device:
+  (named `Meta()` in this version: see meta_device_name). Layers are then assigned as in a layer split over that one device:
   -ngl chooses between the meta device and the CPU, the input layer stays on the CPU.
 - `llama_meta_device_get_split_state` (src/llama-model.cpp) decides per tensor: split along an
   axis (attn_q/k/v and ffn_up/gate, experts included, along their output rows = ne[1];
@@ -18,7 +18,7 @@ llama.cpp (the vendored version) implements tensor parallelism with a *meta devi
   last device takes the rest.
 - `ggml_backend_meta_alloc_ctx_tensors_from_buft` (ggml/src/ggml-backend-meta.cpp) then allocates
   each device's slices in one buffer of that device; the meta buffer's size, the figure llama.cpp
-  logs as `Meta(...) model buffer size`, is the largest of them. Compute buffers are allocated
+  logs as `Meta() model buffer size`, is the largest of them. Compute buffers are allocated
   at the meta buffer's size on every device (`ggml_backend_meta_buffer_type_alloc_buffer`).
 
 Refusals, each with llama.cpp's words: an architecture `llm_arch_supports_sm_tensor` excludes
@@ -61,8 +61,15 @@ PARTIAL = -2           # GGML_BACKEND_SPLIT_AXIS_PARTIAL: a full-size copy per d
 
 
 def meta_device_name(devices: list[Device]) -> str:
-    """ggml_backend_meta_device_context: 'Meta(' + the devices' names joined by ',' + ')'."""
-    return "Meta(" + ",".join(d.name for d in devices) + ")"
+    """The name llama.cpp gives the meta device, and logs its layers and buffers under: 'Meta()'.
+
+    ggml_backend_meta_device_context's constructor means 'Meta(' + the devices' names + ')', but
+    its body iterates the constructor parameter it has just moved into the member (the parameter
+    shadows the member), so in this version every meta device is named 'Meta()'. gpulab names it as
+    llama.cpp does, so plans and llama.cpp's log compare layer by layer; the members are
+    TensorSplit.devices."""
+    del devices
+    return "Meta()"
 
 
 def check_tensor_split(profile: ModelProfile, config: SplitConfig, devices: list[Device]) -> None:
@@ -282,7 +289,7 @@ def _slice_bytes(t: TensorInfo, axis: int, per_dev: tuple[int, ...], n: int) -> 
 @dataclass(frozen=True)
 class TensorSplit:
     """What each device of the meta device holds under -sm tensor."""
-    meta_name: str                              # 'Meta(RPC0,RPC1)', as llama.cpp logs it
+    meta_name: str                              # 'Meta()', as llama.cpp logs it (meta_device_name)
     devices: tuple[str, ...]                    # the meta device's members, in order
     weights: tuple[int, ...]                    # bytes of weight slices and mirrors, per device
     mirrored: tuple[int, ...]                   # of which: whole copies (norms, routers, ...)
