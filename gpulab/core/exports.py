@@ -291,7 +291,7 @@ def _kobold_sm(v, _c):
     # --usecuda takes 'rowsplit' for llama.cpp's row split; 'none' is one visible GPU (below)
     if v == "tensor":
         return Gap("-sm tensor: KoboldCpp's --usecuda knows normal (layer split) and rowsplit, not llama.cpp's "
-                   "split mode tensor")
+                   "split mode tensor; written as a layer split")
     return {"usecuda": ["normal", "rowsplit"] if v == "row" else ["normal"]}
 
 
@@ -581,6 +581,7 @@ def _assemble_kobold(parts, model_path: str, config: SplitConfig, gaps: list[str
                 # the device cell ('normal', '2') and the split-mode cell ('rowsplit') both speak here
                 v = list(dict.fromkeys(doc["usecuda"] + v))
             doc[k] = v
+    doc.setdefault("usecuda", ["normal"])   # -sm tensor, a gap: the layer split KoboldCpp can do
     if "flashattention" not in doc:   # 'auto': recorded as a gap, written as llama.cpp resolves it
         doc["flashattention"] = _kobold_fa_value(config.flash_attn)
     return Export("koboldcpp", json.dumps(doc, indent=2) + "\n", doc, tuple(gaps))
