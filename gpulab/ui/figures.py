@@ -265,7 +265,8 @@ def apply(fig: go.Figure, plan: Plan, kind: str, *, order: Sequence[str] | None 
         fig.plotly_restyle({"x": [t["x"].tolist() for t in traces], "y": [t["y"].tolist() for t in traces],
                             "hovertext": [t["hovertext"] for t in traces]}, list(range(len(traces))))
         fig.plotly_relayout({"title.text": _layer_title(plan),
-                             "xaxis.range": [-0.7, plan.profile.n_layer + 0.7]})
+                             "xaxis.range": [-0.7, plan.profile.n_layer + 0.7],
+                             "barmode": "stack" if plan.tensor_split is not None else "overlay"})
     elif kind == "memory":
         unit = unit or memory_unit(max([max(d.total_bytes, d.used_bytes) for d in plan.devices] or [0]))
         traces, patch = _memory_data(plan, names, unit)
