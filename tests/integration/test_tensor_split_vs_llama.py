@@ -100,6 +100,25 @@ def test_tensor_split_matches_each_rpc_server(model_name, split_name, model_path
         assert _close(h.compute_bytes, report.bytes_on("Meta()", "compute"))
 
 
+@pytest.mark.parametrize("config", [
+    SplitConfig(split_mode="tensor", tensor_split=(1, 2, 1), n_ctx=1024, n_gpu_layers=3),   # 3 on Meta(), 3 on the CPU
+    SplitConfig(split_mode="tensor", n_ctx=1024, offload_kqv=False),                         # KV stays on the CPU
+], ids=["ngl-3", "no-kv-offload"])
+def test_partial_offload_and_host_kv(config, model_paths, cluster_and_worker):
+    from gpulab.runtime.rpc import server_buffers
+    cluster, worker = cluster_and_worker
+    devices = [d for d in worker.devices() if d.kind == "rpc"]
+    predicted = plan(read_profile(model_paths["llama-q8-dense"]), devices, config, host_device())
+    marks = {s.endpoint: len(s.output()) for s in cluster}
+    report, _ = worker.load(model_paths["llama-q8-dense"], config)
+    assert list(report.layer_devices) == list(predicted.layer_devices)
+    for d, s in zip(devices, cluster):
+        got = server_buffers(s.output()[marks[s.endpoint]:])
+        assert _same(predicted.device(d.name).weights_bytes, got.model_bytes), (d.name, got)
+        assert _same(predicted.device(d.name).kv_bytes, got.kv_bytes), (d.name, got)
+    assert _close(predicted.host.kv_bytes, report.bytes_on("CPU", "kv"))
+
+
 def test_flash_attention_off_is_refused_by_both(model_paths, tmp_path):
     with pytest.raises(ConfigError, match="SPLIT_MODE_TENSOR requires flash_attn to be enabled"):
         SplitConfig(split_mode="tensor", flash_attn="off")
