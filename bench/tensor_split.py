@@ -10,7 +10,11 @@ and prints measured pp/tg beside gpulab.core.speed.predict_speed's prediction fr
 model (the tensor split: slowest member + two all-reduces per layer, each allreduce_stages
 copies over the link), and the ratio tensor / layer, measured and predicted.
 Measured: each round's fastest repetition, median over rounds (as calibration measures).
-Calibration fits layer-split runs only; the tensor-split predictions use its figures unchanged.
+Calibration fits layer-split runs only. Two predictions for the tensor splits: "cal" with the
+calibrated link as is (an all-reduce stage costs one hop's latency), and "fit" with the cost of an
+all-reduce stage fitted to ONE run (the first model's equal tensor split, tg) and used for every
+other config: over RPC a stage is several round trips through the client (copies both ways, an
+ADD graph per device), which no layer-split run measures.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -28,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gpulab import read_profile  # noqa: E402
 from gpulab.core.config import SplitConfig  # noqa: E402
 from gpulab.core.planner import plan  # noqa: E402
-from gpulab.core.speed import predict_speed  # noqa: E402
+from gpulab.core.speed import allreduce_stages, predict_speed  # noqa: E402
 from gpulab.runtime.calibrate import _spec, calibrate, measure_best  # noqa: E402
 from gpulab.runtime.rpc import start_servers  # noqa: E402
 from gpulab.runtime.worker import Worker  # noqa: E402
@@ -89,24 +94,38 @@ def main(argv=None) -> int:
             measured = measure_best(w, items, rounds=a.rounds, n_prompt=n_prompt, n_gen=n_gen, n_threads=a.threads)
         host = host_device()
         model = SpeedCache(cache_path).model_for(devices + ([host] if host else []), a.threads)
+        plans = {label: plan(profiles[label.split()[0]], devices, cfg, host) for label, _, cfg in items}
+        # the all-reduce stage's cost, from one run: measured tg seconds less the prediction without it
+        ref = f"{MODELS[0][0]}x{MODELS[0][1]} tensor"
+        free = replace(model, link=replace(model.link, allreduce_latency_s=0.0))
+        s0 = predict_speed(plans[ref], free, n_prompt=n_prompt, n_gen=n_gen)
+        stages = s0.n_allreduce * allreduce_stages(2)
+        stage_s = max(0.0, (1 / measured[ref].tg_ts - 1 / s0.tg_tokens_per_s) / stages)
+        fitted = replace(model, link=replace(model.link, allreduce_latency_s=stage_s))
+        print(f"all-reduce stage fitted on {ref} tg: {stage_s * 1e6:.0f} us "
+              f"(calibrated hop latency {model.link.latency_s * 1e6:.0f} us)")
         for label, _, cfg in items:
-            prof = profiles[label.split()[0]]
-            s = predict_speed(plan(prof, devices, cfg, host), model, n_prompt=n_prompt, n_gen=n_gen)
+            s = predict_speed(plans[label], model, n_prompt=n_prompt, n_gen=n_gen)
+            f = predict_speed(plans[label], fitted, n_prompt=n_prompt, n_gen=n_gen)
             b = measured[label]
             rows.append({"config": label, "tg_measured": b.tg_ts, "tg_predicted": s.tg_tokens_per_s,
-                         "pp_measured": b.pp_ts, "pp_predicted": s.pp_tokens_per_s,
+                         "tg_fit": f.tg_tokens_per_s, "pp_measured": b.pp_ts, "pp_predicted": s.pp_tokens_per_s,
+                         "pp_fit": f.pp_tokens_per_s, "fitted_on": label == ref,
                          "layers": "".join("C" if d == "CPU" else ("M" if d == "Meta()" else d[-1])
                                            for d in b.run.report.layer_devices)})
     load_after = loadavg()
 
     print(f"pp{n_prompt} / tg{n_gen}, 2 RPC servers x {a.threads} thread(s), {a.rounds} rounds, niceness {os.nice(0)}")
-    head = f"{'config':<24} {'tg meas':>8} {'pred':>7} {'err':>6}   {'pp meas':>8} {'pred':>7} {'err':>6}"
+    head = (f"{'config':<24} {'tg meas':>8} {'cal':>7} {'err':>6} {'fit':>7} {'err':>6}   {'pp meas':>8} {'cal':>7} "
+            f"{'err':>6} {'fit':>7} {'err':>6}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['config']:<24} {r['tg_measured']:8.1f} {r['tg_predicted']:7.1f} "
-              f"{100 * (r['tg_predicted'] / r['tg_measured'] - 1):+5.0f}%   {r['pp_measured']:8.1f} "
-              f"{r['pp_predicted']:7.1f} {100 * (r['pp_predicted'] / r['pp_measured'] - 1):+5.0f}%")
+        e = {k: 100 * (r[k] / r[k[:2] + "_measured"] - 1) for k in ("tg_predicted", "tg_fit", "pp_predicted", "pp_fit")}
+        print(f"{r['config']:<24} {r['tg_measured']:8.1f} {r['tg_predicted']:7.1f} {e['tg_predicted']:+5.0f}% "
+              f"{r['tg_fit']:7.1f} {e['tg_fit']:+5.0f}%{'*' if r['fitted_on'] else ' '}  {r['pp_measured']:8.1f} "
+              f"{r['pp_predicted']:7.1f} {e['pp_predicted']:+5.0f}% {r['pp_fit']:7.1f} {e['pp_fit']:+5.0f}%")
+    print("* the run the all-reduce stage was fitted on")
     print()
     by = {r["config"]: r for r in rows}
     for nl, ne in MODELS:
@@ -114,11 +133,13 @@ def main(argv=None) -> int:
         for t in ("tensor", "tensor -ts 3/1"):
             lay, ten = by[f"{m} layer -ts 1/1"], by[f"{m} {t}"]
             print(f"{m} {t} / layer -ts 1/1: tg measured {ten['tg_measured'] / lay['tg_measured']:.2f}, "
-                  f"predicted {ten['tg_predicted'] / lay['tg_predicted']:.2f}; pp measured "
-                  f"{ten['pp_measured'] / lay['pp_measured']:.2f}, predicted {ten['pp_predicted'] / lay['pp_predicted']:.2f}")
+                  f"cal {ten['tg_predicted'] / lay['tg_predicted']:.2f}, fit {ten['tg_fit'] / lay['tg_fit']:.2f}; "
+                  f"pp measured {ten['pp_measured'] / lay['pp_measured']:.2f}, cal "
+                  f"{ten['pp_predicted'] / lay['pp_predicted']:.2f}, fit {ten['pp_fit'] / lay['pp_fit']:.2f}")
     print(f"load average before {load_before}, after {load_after}; {time.monotonic() - t_start:.0f} s")
     if a.json:
         Path(a.json).write_text(json.dumps({"rows": rows, "calibration": calibration_text(cal),
+                                            "allreduce_stage_s": stage_s,
                                             "load_before": load_before, "load_after": load_after, "args": vars(a)},
                                            indent=1))
     return 0

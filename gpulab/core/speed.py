@@ -77,6 +77,13 @@ class LinkSpeed:
     latency_s: float = 20e-6           # per hop and step: copy launch + synchronisation
     bytes_per_s: float = 25 * GB       # PCIe 4.0 x16-ish; RPC over loopback is slower (calibrate)
     source: str = "default"
+    # -sm tensor: per all-reduce stage (copies both ways, an ADD graph on each device); None: latency_s.
+    # Over RPC a stage is several round trips through the client, far more than one hop's latency
+    allreduce_latency_s: float | None = None
+
+    @property
+    def allreduce_stage_s(self) -> float:
+        return self.latency_s if self.allreduce_latency_s is None else self.allreduce_latency_s
 
 
 # Defaults when nothing is known: a mid-range GPU, a desktop CPU. Calibration replaces them.
@@ -229,7 +236,7 @@ def _allreduce_seconds(plan: Plan, link: LinkSpeed, tokens: int, steps: int) -> 
     n_layers = sum(1 for d in plan.layer_devices[:plan.profile.n_layer] if d == ts.meta_name)
     stages = allreduce_stages(len(ts.devices))
     n_ar = 2 * n_layers
-    seconds = n_ar * stages * (steps * link.latency_s + tokens * plan.profile.n_embd * 4 / link.bytes_per_s)
+    seconds = n_ar * stages * (steps * link.allreduce_stage_s + tokens * plan.profile.n_embd * 4 / link.bytes_per_s)
     return n_ar, seconds
 
 

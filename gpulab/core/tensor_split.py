@@ -45,7 +45,7 @@ from .ggml_types import block_size, row_bytes
 from .profile import LayerProfile, ModelProfile, TensorInfo
 
 __all__ = ["TensorSplit", "meta_device_name", "check_tensor_split", "split_tensor", "plan_tensor_split",
-           "SM_TENSOR_EXCLUDED_ARCHS"]
+           "layer_cuts", "SM_TENSOR_EXCLUDED_ARCHS"]
 
 # llm_arch_supports_sm_tensor (src/llama-arch.cpp): the architectures it returns false for
 SM_TENSOR_EXCLUDED_ARCHS = frozenset({
@@ -277,6 +277,23 @@ def split_tensor(ctx: _Ctx, name: str, shape: tuple[int, ...]) -> tuple[int, tup
             low = high
         per_dev[(n - 1 + rotation) % n] += (ne_s - low) * nr_s
     return axis, tuple(per_dev)
+
+
+def layer_cuts(profile: ModelProfile, config: SplitConfig, n_devices: int, il: int) -> list[tuple[str, str, tuple]]:
+    """How -sm tensor treats each tensor of layer il and its K/V cache, for people:
+    [(name, 'cut along ne[1] (output rows)' | 'cut along ne[0] (input)' | 'whole copy on each device',
+    elements along the cut on each device)]."""
+    ctx = _context(profile, n_devices, config)
+    layer = profile.layers[il]
+    shapes = [(t.name, t.shape) for t in layer.tensors]
+    if layer.has_kv:
+        shapes += [(f"cache_k_l{il}", (layer.n_embd_k_gqa, 1)), (f"cache_v_l{il}", (layer.n_embd_v_gqa, 1))]
+    out = []
+    for name, shape in shapes:
+        axis, per_dev = split_tensor(ctx, name, shape)
+        how = {0: "cut along ne[0] (input)", 1: "cut along ne[1] (output rows)"}.get(axis, "whole copy on each device")
+        out.append((name, how, per_dev))
+    return out
 
 
 def _slice_bytes(t: TensorInfo, axis: int, per_dev: tuple[int, ...], n: int) -> list[int]:
