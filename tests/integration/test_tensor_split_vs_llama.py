@@ -28,6 +28,10 @@ MODELS = {
     # in lcm(32, 128) steps; n_ff 1408 does not halve or third on such a step
     "llama-q8-dense": SynthSpec(arch="llama", n_layer=5, n_embd=1024, n_ff=1408, n_head=16, n_head_kv=4,
                                 n_vocab=4096, weight_type="Q8_0"),
+    # SmolLM2's attention: 3 KV heads of 64, 3 query heads each; a cut must hold lcm(192, 128) = 384
+    # rows (two KV heads), so with two shares a layer's attention goes whole to one device
+    "llama-3-kv-heads": SynthSpec(arch="llama", n_layer=4, n_embd=576, n_ff=1536, n_head=9, n_head_kv=3,
+                                  n_vocab=4096, weight_type="Q4_1"),
     # mixture of experts: expert stacks cut like the dense FFN, routers mirrored
     "qwen3moe": SynthSpec(arch="qwen3moe", n_layer=4, n_embd=512, n_ff=512, n_head=8, n_head_kv=4,
                           n_vocab=4096, n_expert=8, n_expert_used=2, n_ff_exp=384),
