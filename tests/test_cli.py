@@ -33,6 +33,18 @@ def test_plan_json_is_one_object_with_every_layer(capsys, model):
     assert [x["name"] for x in d["devices"]] == ["SIM0", "SIM1", "CPU"] and d["fits"] is True
 
 
+def test_plan_with_split_mode_tensor(capsys, model):
+    code, out, err = run(capsys, "plan", model, "--sim", "24GiB,24GiB", "-sm", "tensor", "-ts", "3,1", "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["config"]["split_mode"] == "tensor" and {x["device"] for x in d["layers"]} == {"Meta()"}
+    assert d["tensor_split"]["devices"] == ["SIM0", "SIM1"]
+    code, out, _ = run(capsys, "plan", model, "--sim", "24GiB,24GiB", "-sm", "tensor")
+    assert code == 0 and "0-8,out (a slice of each)" in out and "all-reduces per token" in out
+    code, _, err = run(capsys, "plan", model, "--sim", "24GiB,24GiB", "-sm", "tensor", "-fa", "off")
+    assert code != 0 and "requires flash_attn" in err and "Traceback" not in err
+
+
 def test_plan_table_and_policy(capsys, model):
     code, out, _ = run(capsys, "plan", model, "--sim", "8x24GiB", "--policy", "ollama-spread")
     assert code == 0

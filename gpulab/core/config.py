@@ -11,7 +11,7 @@ from .ggml_types import KV_CACHE_TYPES
 
 __all__ = ["SplitConfig", "SPLIT_MODES", "FLASH_ATTN_MODES", "parse_tensor_split", "parse_ngl", "parse_mib_list"]
 
-SPLIT_MODES = ("none", "layer", "row")        # -sm, enum llama_split_mode 0..2
+SPLIT_MODES = ("none", "layer", "row", "tensor")   # -sm, enum llama_split_mode 0..3
 FLASH_ATTN_MODES = ("auto", "on", "off")      # -fa, enum llama_flash_attn_type
 
 
@@ -74,6 +74,9 @@ class SplitConfig:
         if self.type_v not in ("f32", "f16", "bf16") and self.flash_attn == "off":
             # llama_init_from_model: "V cache quantization requires flash_attn"
             raise ConfigError(f"a quantized V cache (type_v={self.type_v}) needs flash attention; use -fa on or auto")
+        if self.split_mode == "tensor" and self.flash_attn == "off":
+            # llama_init_from_model (src/llama-context.cpp)
+            raise ConfigError("SPLIT_MODE_TENSOR requires flash_attn to be enabled (llama.cpp); use -fa on or auto")
         for x in self.tensor_split:
             if not math.isfinite(x) or x < 0:
                 raise ConfigError(f"tensor_split entries must be finite and >= 0, got {list(self.tensor_split)}")

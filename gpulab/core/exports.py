@@ -82,8 +82,8 @@ class _Ctx:
         """selected() less the devices a tensor_split gives no share: those that hold layers."""
         chosen = self.selected()
         ts = self.config.tensor_split
-        if chosen is None or self.config.split_mode == "none" or not any(ts):
-            return chosen
+        if chosen is None or self.config.split_mode in ("none", "tensor") or not any(ts):
+            return chosen       # -sm tensor: a member with no share is still one of the meta device's
         return [d for i, d in enumerate(chosen) if i < len(ts) and ts[i] > 0]
 
 
@@ -207,6 +207,8 @@ def _ollama_ngl(v, c):
 def _ollama_sm(v, _c):
     if v == "row":
         return Gap("-sm row: Ollama has no row split; it always splits by layer")
+    if v == "tensor":
+        return Gap("-sm tensor: Ollama has no tensor parallelism (llama.cpp's meta device); it always splits by layer")
     return None   # 'none' is expressed by making only the main GPU visible (see _ollama_devices)
 
 
@@ -308,6 +310,9 @@ def _kobold_ngl(v, c):
 
 def _kobold_sm(v, _c):
     # --usecuda takes 'rowsplit' for llama.cpp's row split; 'none' is one visible GPU (below)
+    if v == "tensor":
+        return Gap("-sm tensor: KoboldCpp's --usecuda knows normal (layer split) and rowsplit, not llama.cpp's "
+                   "split mode tensor; written as a layer split")
     return {"usecuda": ["normal", "rowsplit"] if v == "row" else ["normal"]}
 
 
@@ -604,6 +609,7 @@ def _assemble_kobold(parts, model_path: str, config: SplitConfig, gaps: list[str
                 # the device cell ('normal', '2') and the split-mode cell ('rowsplit') both speak here
                 v = list(dict.fromkeys(doc["usecuda"] + v))
             doc[k] = v
+    doc.setdefault("usecuda", ["normal"])   # -sm tensor, a gap: the layer split KoboldCpp can do
     if "flashattention" not in doc:   # 'auto': recorded as a gap, written as llama.cpp resolves it
         doc["flashattention"] = _kobold_fa_value(config.flash_attn)
     return Export("koboldcpp", json.dumps(doc, indent=2) + "\n", doc, tuple(gaps))

@@ -7,7 +7,7 @@ The core may not import `gguf`, so it keeps this small table; tests check it aga
 
 from __future__ import annotations
 
-__all__ = ["KV_CACHE_TYPES", "row_bytes", "ggml_type_id"]
+__all__ = ["KV_CACHE_TYPES", "row_bytes", "ggml_type_id", "block_size"]
 
 # name -> (elements per block, bytes per block)
 KV_CACHE_TYPES: dict[str, tuple[int, int]] = {
@@ -37,3 +37,23 @@ def row_bytes(type_name: str, n_elements: int) -> int:
 
 def ggml_type_id(type_name: str) -> int:
     return _GGML_TYPE_ID[type_name]
+
+
+# elements per block of every ggml type a weight can have (ggml_blck_size; ggml/src/ggml.c
+# type_traits), by the name the GGUF header gives it. Split mode `tensor` cuts quantized tensors
+# on block boundaries. Checked against gguf.GGML_QUANT_SIZES by the tests.
+_BLOCK_SIZES: dict[str, int] = {
+    **dict.fromkeys(("F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64"), 1),
+    **dict.fromkeys(("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "IQ4_NL", "MXFP4"), 32),
+    **dict.fromkeys(("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS",
+                     "IQ1_S", "IQ3_S", "IQ2_S", "IQ4_XS", "IQ1_M", "TQ1_0", "TQ2_0"), 256),
+    "NVFP4": 64, "Q1_0": 128,
+}
+
+
+def block_size(type_name: str) -> int:
+    """ggml_blck_size of a weight type ('Q4_K' -> 256); ValueError for a type gpulab does not know."""
+    try:
+        return _BLOCK_SIZES[type_name.upper()]
+    except KeyError:
+        raise ValueError(f"unknown ggml type {type_name!r}: its block size is not in gpulab's table") from None

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from .config import SplitConfig
 from .profile import ModelProfile
+from .tensor_split import TensorSplit
 
 __all__ = ["DevicePlan", "Plan"]
 
@@ -54,6 +55,9 @@ class Plan:
     moved_tensors: Mapping[str, str] = field(default_factory=dict)   # tensor -> device, where not its layer's
     rule_matches: tuple = ()           # gpulab.core.tensor_placement.RuleMatch per tensor override rule
     notes: tuple[str, ...] = ()        # warnings (a rule that matches nothing, ...)
+    # -sm tensor: what each member of the meta device holds (layer_devices then names the meta
+    # device, 'Meta()', as llama.cpp's log does); None for the other split modes
+    tensor_split: TensorSplit | None = None
 
     @property
     def fits(self) -> bool:
@@ -103,5 +107,12 @@ class Plan:
             # every tensor override in the order llama.cpp tries them (-ot, then -cmoe, -ncmoe, -ncffn)
             "rules": [m.to_dict() for m in self.rule_matches],
             "fits": self.fits,
+            **({"tensor_split": self._tensor_split_dict()} if self.tensor_split is not None else {}),
         }
+
+    def _tensor_split_dict(self) -> dict:
+        ts = self.tensor_split
+        return {"meta_device": ts.meta_name, "devices": list(ts.devices),
+                "mirrored_bytes": list(ts.mirrored), "kv_heads_per_layer": [list(h) for h in ts.kv_heads],
+                "layer_bytes": [[w + k for w, k in zip(lw, lk)] for lw, lk in zip(ts.layer_weights, ts.layer_kv)]}
 

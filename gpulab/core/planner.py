@@ -20,6 +20,7 @@ from .overrides import effective_rules
 from .plan import DevicePlan, Plan
 from .profile import ModelProfile
 from .tensor_placement import compute_sites, place_tensors
+from .tensor_split import check_overrides_for_tensor_split, check_tensor_split, meta_device_name, plan_tensor_split
 
 __all__ = ["plan", "select_devices", "kv_cells", "kv_cell_bytes", "split_points", "assign_layers"]
 
@@ -176,19 +177,30 @@ def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | Non
     """
     config = (config or SplitConfig()).with_ctx(profile.n_ctx_train)   # -c 0: the training context
     used = select_devices(devices, config)
-    points = split_points(used, config)
-    layer_devices = assign_layers(profile.n_layer, config.n_gpu_layers, used, points)
+    rules = effective_rules(config)
+    tensor_mode = config.split_mode == "tensor" and bool(used)
+    if config.split_mode == "tensor":
+        check_tensor_split(profile, config, used)
+        check_overrides_for_tensor_split({i: r.target for i, r in enumerate(rules)})
+    # -sm tensor: llama_prepare_model_devices makes the devices one meta device, and layers are
+    # assigned to it (or the CPU, by -ngl) as in a layer split over that one device
+    layer_used = [_meta_device(used)] if tensor_mode else used
+    points = [1.0] if tensor_mode else split_points(used, config)
+    layer_devices = assign_layers(profile.n_layer, config.n_gpu_layers, layer_used, points)
 
-    names = [d.name for d in used] + [HOST_NAME]
+    names = [d.name for d in layer_used] + [HOST_NAME]
     kv = dict.fromkeys(names, 0)
     n_layers = dict.fromkeys(names, 0)
     out_dev = layer_devices[profile.n_layer]
 
     # every tensor's buffer: its layer's device unless a tensor override decides
     # (llama_model_loader::create_tensor), and the host's buffers as llama.cpp allocates them
-    rules = effective_rules(config)
-    tp = place_tensors(profile, rules, layer_devices, used, list(devices),
-                       host_buffer=bool(used) and used[0].kind in ("gpu", "igpu") and not config.no_host,
+    # the host's pinned buffer type: the first model device's (make_cpu_buft_list); the meta
+    # device has one only where all its members share it (ggml_backend_meta_device_get_host_buffer_type)
+    host_buft_from = used if tensor_mode else used[:1]
+    tp = place_tensors(profile, rules, layer_devices, layer_used, list(devices),
+                       host_buffer=bool(host_buft_from) and all(d.kind in ("gpu", "igpu") for d in host_buft_from)
+                       and not config.no_host,
                        use_extra_bufts=config.use_extra_bufts,
                        repack_types=frozenset(host.repack_types) if host is not None else frozenset())
     weights = {n: tp.weights.get(n, 0) for n in names}
@@ -207,6 +219,17 @@ def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | Non
     compute = estimate_compute_bytes(profile, config, layer_devices, names,
                                      ffn_devices=ffn_sites if tp.moved else None, stray=stray,
                                      ffn_parts=ffn_parts)
+    experts = {n: tp.expert_weights.get(n, 0) for n in names}
+    split = None
+    if tensor_mode:
+        # each member of the meta device: its slices and mirrors (the meta figures replaced);
+        # compute buffers are allocated at the meta buffer's size on every member
+        meta = names[0]
+        split = plan_tensor_split(profile, config, used, layer_devices, tp.moved, (full_cells, swa_cells))
+        names = [d.name for d in used] + [HOST_NAME]
+        for i, d in enumerate(used):
+            weights[d.name], kv[d.name], experts[d.name] = split.weights[i], split.kv[i], split.experts[i]
+            n_layers[d.name], compute[d.name] = n_layers[meta], compute.get(meta, 0)
 
     by_name = {d.name: d for d in used}
     rows = []
@@ -220,9 +243,16 @@ def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | Non
             weights_bytes=weights[name], kv_bytes=kv[name], compute_bytes=compute.get(name, 0),
             # learned from NVML by earlier runs (CUDA context, workspaces): what "fits" must leave
             overhead_bytes=src.overhead_bytes if src is not None and not is_host else 0,
-            n_layers=n_layers[name], has_output=out_dev == name, is_host=is_host,
-            expert_bytes=tp.expert_weights.get(name, 0),
+            n_layers=n_layers[name], has_output=out_dev == name or (split is not None and out_dev == split.meta_name
+                                                                   and not is_host),
+            is_host=is_host, expert_bytes=experts[name],
             mapped_bytes=tp.mapped_bytes if is_host else 0, repack_bytes=tp.repack_bytes if is_host else 0))
     return Plan(profile=profile, config=config, devices=tuple(rows), layer_devices=tuple(layer_devices),
                 split_points=tuple(points), kv_cells=full_cells, kv_cells_swa=swa_cells,
-                moved_tensors=tp.moved, rule_matches=tp.matches, notes=tp.notes)
+                moved_tensors=tp.moved, rule_matches=tp.matches, notes=tp.notes, tensor_split=split)
+
+
+def _meta_device(used: list[Device]) -> Device:
+    """The meta device llama.cpp makes of `used` (ggml_backend_meta_device_get_memory: the sums)."""
+    return Device(name=meta_device_name(used), total_bytes=sum(d.total_bytes for d in used),
+                  free_bytes=sum(d.free_bytes for d in used), source="meta", kind="meta")

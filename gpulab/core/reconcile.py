@@ -117,7 +117,22 @@ def _plan_devices(plan) -> dict[str, dict]:
     if not isinstance(plan, dict):   # a Plan object also knows the overhead it assumed
         for dp in plan.devices:
             out[dp.name]["overhead_bytes"] = dp.overhead_bytes
+    ts = d.get("tensor_split")
+    if ts:
+        out[ts["meta_device"]] = _meta_row([out[n] for n in ts["devices"]])
     return out
+
+
+def _meta_row(members: list[dict]) -> dict:
+    """-sm tensor: llama.cpp logs each buffer of the Meta() device at its largest member's size
+    (ggml_backend_meta_alloc_ctx_tensors_from_buft); the prediction of that line."""
+    row = {k: max(m[k] for m in members) for k in ("weights_bytes", "kv_bytes", "compute_bytes")}
+    row["used_bytes"] = sum(row.values())
+    return row
+
+
+_META_NOTE = ("-sm tensor: llama.cpp logs one Meta() device, each buffer the size of its largest member's; the "
+              "members have no line of their own (their own allocations: gpulab.runtime.rpc.server_buffers)")
 
 
 def reconcile(run: Run, plan=None) -> Reconciliation:
@@ -133,6 +148,8 @@ def reconcile(run: Run, plan=None) -> Reconciliation:
     notes: list[str] = []
     if plan is None:
         notes.append("the run carries no plan: predicted figures are missing")
+    if any(n.startswith("Meta(") for n in names):
+        notes.append(_META_NOTE)
     rows: list[TermRow] = []
     overheads: dict[str, int] = {}
     no_nvml = [n for n in names if n not in nvml]
@@ -178,7 +195,14 @@ def comparison_rows(plan, run: Run) -> list[dict]:
     NVML peak where there is one), with the relative error of the total."""
     kinds = run.report.kinds_by_device()
     rows = []
-    for d in plan.devices:
+    devices = list(plan.devices)
+    if plan.tensor_split is not None:     # the line llama.cpp logs: the largest member's buffers
+        from .plan import DevicePlan
+        m = _meta_row([{"weights_bytes": d.weights_bytes, "kv_bytes": d.kv_bytes, "compute_bytes": d.compute_bytes}
+                       for d in devices if d.name in plan.tensor_split.devices])
+        devices.insert(len(devices) - 1, DevicePlan(plan.tensor_split.meta_name, 0, 0, m["weights_bytes"],
+                                                    m["kv_bytes"], m["compute_bytes"]))
+    for d in devices:
         k = kinds.get(d.name, {})
         got = sum(k.values())
         row = {"device": d.name, "predicted": format_bytes(d.used_bytes),

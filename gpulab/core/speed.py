@@ -23,6 +23,15 @@ bytes go over the link; they are not hops (a partial offload, host layers first,
 transfers than a full one). One exception to the sum: a prompt longer than n_ubatch, fully
 offloaded to several devices, runs as a pipeline (pipeline_parallel), so its ubatches overlap.
 
+Split mode `tensor` is where splitting does speed one sequence up: every layer is cut across the
+members of the meta device (gpulab.core.tensor_split), which read their slices side by side, so
+a step costs the SLOWEST member's slice (plus the host's part) instead of the sum; in exchange
+each layer ends in two all-reduces (after attn_output and after ffn_down, whose partial sums
+are added across devices), each a few copy-and-add stages over the link (allreduce_stages) of the
+layer's activations. Fast links and memory-bound generation gain; slow links, small models
+(latency per all-reduce against microseconds of reading) and prompts (bandwidth of T x n_embd
+activations per all-reduce) lose.
+
 Cheap: a pass over the layers and O(devices) arithmetic, recomputed on every slider move.
 
 The same arithmetic, written as a linear function of the unknown device parameters
@@ -41,7 +50,7 @@ from .planner import kv_cell_bytes
 from .plan import Plan
 
 __all__ = ["DeviceSpeed", "LinkSpeed", "SpeedModel", "SpeedPrediction", "predict_speed", "per_device_load",
-           "pipeline_parallel",
+           "pipeline_parallel", "allreduce_stages",
            "design_row", "fit_params", "speeds_from_params", "SOURCES", "DEFAULT_GPU", "DEFAULT_HOST",
            "prediction_error"]
 
@@ -68,6 +77,13 @@ class LinkSpeed:
     latency_s: float = 20e-6           # per hop and step: copy launch + synchronisation
     bytes_per_s: float = 25 * GB       # PCIe 4.0 x16-ish; RPC over loopback is slower (calibrate)
     source: str = "default"
+    # -sm tensor: per all-reduce stage (copies both ways, an ADD graph on each device); None: latency_s.
+    # Over RPC a stage is several round trips through the client, far more than one hop's latency
+    allreduce_latency_s: float | None = None
+
+    @property
+    def allreduce_stage_s(self) -> float:
+        return self.latency_s if self.allreduce_latency_s is None else self.allreduce_latency_s
 
 
 # Defaults when nothing is known: a mid-range GPU, a desktop CPU. Calibration replaces them.
@@ -122,6 +138,7 @@ class SpeedPrediction:
     n_prompt: int = 0
     n_gen: int = 0
     pipelined: bool = False            # pp ran as a pipeline over the devices (pipeline_parallel)
+    n_allreduce: int = 0               # -sm tensor: all-reduces per step (2 per layer); their time is in hop_*_seconds
 
     @property
     def roofline_fraction(self) -> float:
@@ -140,6 +157,9 @@ class _Load:
 def _load(plan: Plan, n_past: int) -> _Load:
     prof, cfg = plan.profile, plan.config
     names = [d.name for d in plan.devices]
+    ts = plan.tensor_split
+    if ts is not None:
+        names.append(ts.meta_name)
     ld = _Load(dict.fromkeys(names, 0), dict.fromkeys(names, 0), dict.fromkeys(names, 0.0),
                dict.fromkeys(names, 0.0), dict.fromkeys(names, 0))
     for dev in plan.layer_devices:
@@ -159,7 +179,65 @@ def _load(plan: Plan, n_past: int) -> _Load:
     # the output matrix is read for every token; tied: token_embd serves as it (duplicated on a device)
     ld.weights[out] += prof.output_weights_bytes
     ld.out_flops[out] += 2.0 * prof.output_params
+    if ts is not None:
+        _share_meta(plan, ld)
     return ld
+
+
+def _share_meta(plan: Plan, ld: _Load) -> None:
+    """-sm tensor: what the meta device does per token, done by its members side by side, each
+    its slice of every layer: the bytes, FLOPs and KV of layer il in proportion to the bytes of
+    that layer the member holds (TensorSplit.layer_weights; mirrored norms and routers are read by
+    every member, so the shares add up to a little more than 1)."""
+    ts, prof = plan.tensor_split, plan.profile
+    meta = ts.meta_name
+    on_meta = [i for i, d in enumerate(plan.layer_devices) if d == meta]
+    totals = [prof.layers[i].weights_bytes if i < prof.n_layer else prof.output_weights_bytes for i in on_meta]
+    n = len(ts.devices)
+    w_frac = [0.0] * n
+    kv_frac = [0.0] * n
+    for i, total in zip(on_meta, totals):
+        for j in range(n):
+            w_frac[j] += ts.layer_weights[i][j] / total / len(on_meta) if total else 0.0
+    kv_total = sum(ts.kv)
+    for j in range(n):
+        kv_frac[j] = ts.kv[j] / kv_total if kv_total else 0.0
+        name = ts.devices[j]
+        ld.weights[name] += ld.weights[meta] * w_frac[j]
+        ld.flops[name] += ld.flops[meta] * w_frac[j]
+        ld.out_flops[name] += ld.out_flops[meta] * w_frac[j]
+        ld.kv[name] += ld.kv[meta] * kv_frac[j]
+        ld.layers[name] += ld.layers[meta]
+    for d in (ld.weights, ld.kv, ld.flops, ld.out_flops, ld.layers):
+        d.pop(meta)
+
+
+def allreduce_stages(n_devices: int) -> int:
+    """Sequential copy-and-add stages of one all-reduce over n devices (ggml-backend-meta.cpp,
+    allreduce_fallback): the devices beyond the largest power of two fold in first, a butterfly of
+    log2 steps follows, and the result is copied back to the ones that folded in."""
+    if n_devices < 2:
+        return 0
+    p = 1
+    while p * 2 <= n_devices:
+        p *= 2
+    steps = p.bit_length() - 1
+    return steps + (2 if n_devices > p else 0)
+
+
+def _allreduce_seconds(plan: Plan, link: LinkSpeed, tokens: int, steps: int) -> tuple[int, float]:
+    """(all-reduces per step, seconds for all of them over `steps` steps of `tokens` tokens in
+    all): two per layer on the meta device (after attn_output and after ffn_down, whose partial
+    sums are reduced), each a few stages of latency plus the layer's activations (F32, n_embd per
+    token) over the link."""
+    ts = plan.tensor_split
+    if ts is None:
+        return 0, 0.0
+    n_layers = sum(1 for d in plan.layer_devices[:plan.profile.n_layer] if d == ts.meta_name)
+    stages = allreduce_stages(len(ts.devices))
+    n_ar = 2 * n_layers
+    seconds = n_ar * stages * (steps * link.allreduce_stage_s + tokens * plan.profile.n_embd * 4 / link.bytes_per_s)
+    return n_ar, seconds
 
 
 def per_device_load(plan: Plan, n_past: int) -> tuple[dict, dict, dict]:
@@ -220,13 +298,13 @@ def predict_speed(plan: Plan, model: SpeedModel | None = None, *, n_prompt: int 
     steps, calls = _pp_steps(plan, n_prompt)
     link = model.link
 
-    tg_s, pp_s, per_tok, sources, roof_s = {}, {}, {}, {}, 0.0
+    tg_s, pp_s, per_tok, sources, roof = {}, {}, {}, {}, {}
     for name in _active(tg_load):
         sp = model.of(name, hints.get(name))
         sources[name] = sp.source
         read = tg_load.weights[name] + tg_load.kv[name]
         per_tok[name] = read
-        roof_s += read / (sp.peak_bandwidth_bytes_per_s or sp.bandwidth_bytes_per_s)
+        roof[name] = read / (sp.peak_bandwidth_bytes_per_s or sp.bandwidth_bytes_per_s)
         fixed = sp.overhead_s + tg_load.layers[name] * sp.layer_overhead_s   # per step
         tg_s[name] = max(read / sp.bandwidth_bytes_per_s,
                          (tg_load.flops[name] + tg_load.out_flops[name]) / sp.flops_per_s) + fixed
@@ -241,8 +319,25 @@ def predict_speed(plan: Plan, model: SpeedModel | None = None, *, n_prompt: int 
     hop_tg = hops * link.latency_s + (hops * n_embd * 4 + _io_bytes(plan, 1, 1)) / link.bytes_per_s
     hop_pp = (hops * steps * link.latency_s
               + (hops * n_prompt * n_embd * 4 + _io_bytes(plan, n_prompt, calls)) / link.bytes_per_s)
-    tg_total = sum(tg_s.values()) + hop_tg
-    pp_total = sum(pp_s.values()) + hop_pp if n_prompt > 0 else 0.0
+    n_ar = 0
+    roof_s = sum(roof.values())
+    if plan.tensor_split is not None:
+        # -sm tensor: the members run each layer side by side, so a step costs the slowest member,
+        # plus the all-reduces that join their partial sums
+        members = set(plan.tensor_split.devices)
+        n_ar, ar_tg = _allreduce_seconds(plan, link, 1, 1)
+        hop_tg += ar_tg
+        roof_s = (sum(t for n, t in roof.items() if n not in members)
+                  + max((t for n, t in roof.items() if n in members), default=0.0))
+        if n_prompt > 0:
+            hop_pp += _allreduce_seconds(plan, link, n_prompt, steps)[1]
+        tg_total = (sum(t for n, t in tg_s.items() if n not in members)
+                    + max((t for n, t in tg_s.items() if n in members), default=0.0) + hop_tg)
+        pp_total = (sum(t for n, t in pp_s.items() if n not in members)
+                    + max((t for n, t in pp_s.items() if n in members), default=0.0) + hop_pp) if n_prompt > 0 else 0.0
+    else:
+        tg_total = sum(tg_s.values()) + hop_tg
+        pp_total = sum(pp_s.values()) + hop_pp if n_prompt > 0 else 0.0
     pipelined = n_prompt > 0 and steps > calls and pipeline_parallel(plan)
     if pipelined:
         # llama.cpp's pipeline parallelism: within one llama_decode the ubatches flow through the
@@ -257,7 +352,7 @@ def predict_speed(plan: Plan, model: SpeedModel | None = None, *, n_prompt: int 
         roofline_tg_tokens_per_s=1.0 / roof_s if roof_s else 0.0,
         tg_seconds=tg_s, pp_seconds=pp_s, bytes_per_token=per_tok, n_hops=hops,
         hop_tg_seconds=hop_tg, hop_pp_seconds=hop_pp if n_prompt > 0 else 0.0, sources=sources,
-        n_prompt=n_prompt, n_gen=n_gen, pipelined=pipelined)
+        n_prompt=n_prompt, n_gen=n_gen, pipelined=pipelined, n_allreduce=n_ar)
 
 
 def pipeline_parallel(plan: Plan) -> bool:
@@ -301,7 +396,10 @@ def prediction_error(pred: SpeedPrediction, *, pp_ts: float | None = None, tg_ts
 def design_row(plan: Plan, kind: str, key_of: dict, *, n_prompt: int = 0, n_gen: int = 0,
                n_past: int | None = None) -> dict:
     """{parameter: coefficient} such that the measured seconds of one test ('tg': per generated
-    token; 'pp': the whole prompt) = sum(coefficient x parameter). key_of: device name -> cache key."""
+    token; 'pp': the whole prompt) = sum(coefficient x parameter). key_of: device name -> cache key.
+    Layer and none split only: a tensor split's time is a max over devices, not a linear sum."""
+    if plan.tensor_split is not None:
+        raise ValueError("calibration fits layer-split runs only; a -sm tensor run is not linear in the parameters")
     coef: dict[str, float] = {}
 
     def add(p: str, x: float) -> None:

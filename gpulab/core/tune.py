@@ -144,7 +144,9 @@ class Tuner:
                 self.pruned.append((c, why))
                 continue
             others = tuple((a, getattr(c, a)) for a in c.__dataclass_fields__ if a not in _PLACEMENT)
-            sig = (p.layer_devices, others, p.config.offload_kqv)
+            # -sm tensor: every -ts puts the layers on Meta(); what differs is each member's slices
+            cut = (p.tensor_split.weights, p.tensor_split.kv) if p.tensor_split is not None else None
+            sig = (p.layer_devices, others, p.config.offload_kqv, cut)
             if sig in by_sig:
                 by_sig[sig].twins.append(c)
                 continue

@@ -23,6 +23,7 @@ import contextlib
 import ctypes
 import ipaddress
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -33,6 +34,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.devices import Device, split_endpoint
@@ -40,7 +42,7 @@ from ..core.errors import DeviceError
 from . import llama_lib
 
 __all__ = ["serve", "RpcServer", "RpcCluster", "start_servers", "register", "probe",
-           "registered_endpoints", "is_loopback", "insecure_bind_warning"]
+           "registered_endpoints", "is_loopback", "insecure_bind_warning", "ServerBuffers", "server_buffers"]
 
 # ggml/include/ggml-rpc.h of the vendored llama.cpp: the client aborts on another major version
 RPC_PROTO_MAJOR = 7
@@ -214,8 +216,11 @@ class RpcServer:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, device: str = "CPU",
                  threads: int | None = 1, cache_dir: str | os.PathLike | None = None,
-                 startup_timeout: float = 30.0):
+                 startup_timeout: float = 30.0, debug_log: bool = False):
         self.host, self.port, self.device = _bind_address(host), int(port), device
+        # GGML_RPC_DEBUG=1 (ggml-rpc.cpp): the server logs every command, its buffer allocations
+        # included; server_buffers() reads them (the per-device truth behind a Meta() device)
+        self.debug_log = debug_log
         self.threads, self.cache_dir, self.startup_timeout = threads, cache_dir, startup_timeout
         self._proc: subprocess.Popen | None = None
         self._log_path = ""
@@ -247,6 +252,9 @@ class RpcServer:
         pkg_root = str(Path(__file__).resolve().parents[2])
         env = dict(os.environ)
         env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env.pop("GGML_RPC_DEBUG", None)
+        if self.debug_log:
+            env["GGML_RPC_DEBUG"] = "1"
         cmd = [sys.executable, "-m", "gpulab.runtime.rpc", "--host", self.host, "--port", str(self.port),
                "--device", self.device, "--parent-pid", str(os.getpid())]
         if self.threads:
@@ -350,13 +358,14 @@ class RpcCluster:
 
 
 def start_servers(n: int, host: str = "127.0.0.1", threads: int | None = 1, *, device: str = "CPU",
-                  startup_timeout: float = 30.0) -> RpcCluster:
-    """Start n RPC servers on free ports of `host`, in parallel; returns when all accept."""
+                  startup_timeout: float = 30.0, debug_log: bool = False) -> RpcCluster:
+    """Start n RPC servers on free ports of `host`, in parallel; returns when all accept.
+    debug_log: the servers log their allocations (see RpcServer, server_buffers)."""
     if n < 1:
         raise ValueError("start_servers needs n >= 1")
     llama_lib.rpc_lib()
-    servers = [RpcServer(host, 0, device=device, threads=threads, startup_timeout=startup_timeout)
-               for _ in range(n)]
+    servers = [RpcServer(host, 0, device=device, threads=threads, startup_timeout=startup_timeout,
+                         debug_log=debug_log) for _ in range(n)]
     try:
         for s in servers:
             s._launch()
@@ -372,13 +381,44 @@ def start_servers(n: int, host: str = "127.0.0.1", threads: int | None = 1, *, d
                         raise
                     s.stop()
                     servers[i] = s = RpcServer(host, 0, device=device, threads=threads,
-                                               startup_timeout=startup_timeout)
+                                               startup_timeout=startup_timeout, debug_log=debug_log)
                     s._launch()
     except BaseException:
         for s in servers:
             s.stop()
         raise
     return RpcCluster(servers)
+
+
+# --- what a server allocated, from its own log --------------------------------------------------
+
+@dataclass(frozen=True)
+class ServerBuffers:
+    """One load's buffers on one RPC server (its device), as the server itself allocated them."""
+    model_bytes: int
+    kv_bytes: int
+    compute_bytes: int
+
+
+_ALLOC = re.compile(r"\[alloc_buffer\] device: (\d+), size: (\d+) -> remote_ptr: ([0-9a-f]+), remote_size: (\d+)")
+_CLEAR = re.compile(r"\[buffer_clear\] remote_ptr: ([0-9a-f]+), value: 0\b")
+
+
+def server_buffers(output: str, device: int = 0) -> ServerBuffers:
+    """Read an RPC server's debug log (RpcServer(debug_log=True)) over one load of a model and
+    its context: llama.cpp allocates the weights first (llama_model::load_tensors), then the KV
+    cache, which it clears (llama_kv_cache ctor: ggml_backend_buffer_clear), then the compute
+    buffer(s) (sched_reserve; a bigger one replaces a smaller). Under -sm tensor llama.cpp's own
+    log names only the Meta() device, whose buffer size is the largest member's; this is what
+    each member holds."""
+    allocs = [(m.group(3), int(m.group(4))) for m in _ALLOC.finditer(output) if int(m.group(1)) == device]
+    cleared = {m.group(1) for m in _CLEAR.finditer(output)}
+    first_kv = next((i for i, (ptr, _) in enumerate(allocs) if ptr in cleared), None)
+    if first_kv is None:
+        return ServerBuffers(sum(n for _, n in allocs[:1]), 0, max((n for _, n in allocs[1:]), default=0))
+    kv = sum(n for ptr, n in allocs if ptr in cleared)
+    rest = [n for ptr, n in allocs[first_kv:] if ptr not in cleared]
+    return ServerBuffers(sum(n for _, n in allocs[:first_kv]), kv, max(rest, default=0))
 
 
 # --- registering endpoints with the in-process llama.cpp -----------------------------------

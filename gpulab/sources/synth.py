@@ -25,7 +25,8 @@ import numpy as np
 if TYPE_CHECKING:
     from ..core.profile import ModelProfile
 
-__all__ = ["SynthSpec", "write_model", "PRESETS", "ARCHES", "WEIGHT_TYPES", "layer_tensor_names", "moe_profile"]
+__all__ = ["SynthSpec", "write_model", "PRESETS", "ARCHES", "WEIGHT_TYPES", "layer_tensor_names", "moe_profile",
+           "synth_profile"]
 
 # GGUF `general.architecture` values this module writes (llama-arch.cpp LLM_ARCH_NAMES).
 ARCHES = ("llama", "gemma2", "gemma3", "qwen3moe")
@@ -196,6 +197,34 @@ def write_model(path, spec: SynthSpec, *, weights: bool = True) -> pathlib.Path:
     finally:
         w.close()
     return path
+
+
+def synth_profile(spec: SynthSpec, path: str = "synth (not written)"):
+    """The ModelProfile of the file write_model would write, without writing it: for what-ifs on
+    models too big to write (PRESETS['llama3-8b'] is 4.6 GB). Models without sliding-window
+    layers only (their pattern is gpulab.sources.gguf_arch's to decide); tests check it against
+    read_profile of a written file."""
+    from ..core.profile import LayerProfile, ModelProfile, TensorInfo
+    _check(spec)
+    if spec.sliding_window:
+        raise ValueError("synth_profile does not place sliding-window layers; write the model and read it")
+    tensors, at = [], 0
+    for n, shape, t in _tensors(spec):
+        nb = _n_bytes(shape, t)
+        tensors.append(TensorInfo(n, t, shape, nb, at))
+        at += -(-nb // 32) * 32          # GGUF's default alignment
+    hd = spec.head_dim_
+    by_layer: dict[int, list] = {}
+    for t in tensors:
+        if t.name.startswith("blk."):
+            by_layer.setdefault(int(t.name.split(".")[1]), []).append(t)
+    layers = tuple(LayerProfile(i, tuple(by_layer[i]), n_head=spec.n_head, n_head_kv=spec.n_head_kv,
+                                n_embd_head_k=hd, n_embd_head_v=hd) for i in range(spec.n_layer))
+    return ModelProfile(path=path, arch=spec.arch, name=spec.name, file_bytes=at, n_layer=spec.n_layer,
+                        n_embd=spec.n_embd, n_ff=spec.n_ff, n_vocab=spec.n_vocab, n_ctx_train=spec.n_ctx_train,
+                        layers=layers, input_tensors=tuple(t for t in tensors if t.name == "token_embd.weight"),
+                        output_tensors=tuple(t for t in tensors if t.name.startswith("output")),
+                        tied_output=spec.tied_output, n_expert=spec.n_expert, n_expert_used=spec.n_expert_used)
 
 
 def _write(w, s: SynthSpec, tensors: list[tuple[str, tuple[int, ...], str, int]], weights: bool = True) -> None:

@@ -104,6 +104,31 @@ def layer_expert_bytes(plan: Plan) -> dict[str, np.ndarray]:
                     out[dev] = np.zeros(prof.n_layer, dtype=np.int64)
                 out[dev][layer.index] += t.n_bytes
     return out
+def _tensor_split_traces(plan: Plan, names: list[str], weights, kv) -> list[dict]:
+    """-sm tensor: each layer on the meta device is on every member, in proportion: one trace per
+    member with its slice of every such layer (stacked), the host's whole layers as usual."""
+    ts = plan.tensor_split
+    n = plan.profile.n_layer
+    devs = np.asarray(plan.layer_devices)
+    meta_idx = np.flatnonzero(devs == ts.meta_name)
+    traces = []
+    for name in names:
+        if name in ts.devices:
+            j = ts.devices.index(name)
+            w = np.array([ts.layer_weights[i][j] for i in meta_idx.tolist()], dtype=np.int64)
+            k = np.array([ts.layer_kv[i][j] for i in meta_idx.tolist()], dtype=np.int64)
+            hover = [f"<b>{'output layer' if i == n else f'layer {i}'}</b>: {name}'s slice<br>"
+                     f"weights {format_bytes(int(a))}<br>KV {format_bytes(int(b))}"
+                     for i, a, b in zip(meta_idx.tolist(), w.tolist(), k.tolist())]
+            traces.append(dict(x=meta_idx, y=(w + k) / MiB, hovertext=hover, name=name,
+                               hovertemplate="%{hovertext}<extra></extra>"))
+        else:
+            sel = np.flatnonzero(devs == name)
+            hover = [f"<b>{'output layer' if i == n else f'layer {i}'}</b> on {name}<br>weights "
+                     f"{format_bytes(int(weights[i]))}<br>KV {format_bytes(int(kv[i]))}" for i in sel.tolist()]
+            traces.append(dict(x=sel, y=(weights[sel] + kv[sel]) / MiB, hovertext=hover, name=name,
+                               hovertemplate="%{hovertext}<extra></extra>"))
+    return traces
 
 
 def _layer_traces(plan: Plan, names: list[str]) -> list[dict]:
@@ -111,6 +136,9 @@ def _layer_traces(plan: Plan, names: list[str]) -> list[dict]:
     per device of expert bytes (hatched, in the colour of the device they sit on), stacked on
     the layer's bar wherever the experts are: a moved expert shows in its new device's colour."""
     weights, kv = layer_bytes(plan)
+    if plan.tensor_split is not None:
+        return _tensor_split_traces(plan, names, weights, kv)
+    total = weights + kv
     n = plan.profile.n_layer
     moe = plan.profile.is_moe
     experts = layer_expert_bytes(plan) if moe else {}
@@ -147,11 +175,12 @@ def _layer_traces(plan: Plan, names: list[str]) -> list[dict]:
 def layer_map(plan: Plan, *, order: Sequence[str] | None = None, height: int = 300) -> go.Figure:
     """One bar per layer (the output layer last, at x = n_layer), coloured by the device
     llama.cpp puts it on, as tall as the bytes (weights + KV) it puts there. A MoE model's expert
-    bytes are the hatched top of each bar, coloured by the device they sit on."""
+    bytes are the hatched top of each bar, coloured by the device they sit on. Under -sm tensor a
+    layer's bar is stacked from every device's slice of it."""
     names = _order(plan, order)
     colors = device_colors(names)
     fig = go.Figure(layout=dict(
-        barmode="overlay", bargap=0.08, height=height, margin=dict(l=60, r=10, t=40, b=40),
+        barmode="stack" if plan.tensor_split is not None else "overlay", bargap=0.08, height=height, margin=dict(l=60, r=10, t=40, b=40),
         title=dict(text=_layer_title(plan), font=dict(size=14)),
         xaxis=dict(title="layer (the last is the output layer)", range=[-0.7, plan.profile.n_layer + 0.7]),
         yaxis=dict(title="MiB on its device", rangemode="tozero"),
@@ -166,7 +195,8 @@ def layer_map(plan: Plan, *, order: Sequence[str] | None = None, height: int = 3
 
 def _layer_title(plan: Plan) -> str:
     p = plan.profile
-    return f"{p.name or p.arch}: {p.n_layer} layers + output"
+    cut = " (-sm tensor: every offloaded layer cut across the devices)" if plan.tensor_split is not None else ""
+    return f"{p.name or p.arch}: {p.n_layer} layers + output{cut}"
 
 
 # -- memory bars -------------------------------------------------------------------------------
@@ -278,7 +308,8 @@ def apply(fig: go.Figure, plan: Plan, kind: str, *, order: Sequence[str] | None 
         if stacked:
             fig.plotly_restyle({"base": [traces[i]["base"].tolist() for i in stacked]}, stacked)
         fig.plotly_relayout({"title.text": _layer_title(plan),
-                             "xaxis.range": [-0.7, plan.profile.n_layer + 0.7]})
+                             "xaxis.range": [-0.7, plan.profile.n_layer + 0.7],
+                             "barmode": "stack" if plan.tensor_split is not None else "overlay"})
     elif kind == "memory":
         unit = unit or memory_unit(max([max(d.total_bytes, d.used_bytes) for d in plan.devices] or [0]))
         traces, patch = _memory_data(plan, names, unit)

@@ -445,11 +445,19 @@ class SplitLab(W.VBox):
             shares[name] = pt - prev
             prev = pt
         default = p.config.default_split
+        ts = p.tensor_split
+        if ts is not None:   # -sm tensor: every device a slice of each layer, the -ts rounded to heads
+            shares = {name: ts.share(name) for name in ts.devices}
+            default = False
         for d, lab in zip(self.devices, self.share_labels):
             if d.name not in shares:
                 lab.value = "<span style='color:#aaa'>not used</span>"
                 continue
             dp = p.device(d.name)
+            if ts is not None:
+                lab.value = (f"<b>{shares[d.name] * 100:.1f}%</b> of the split bytes, a slice of each of "
+                             f"{dp.n_layers} layers" + (" +out" if dp.has_output else ""))
+                continue
             layers = dp.n_layers + (1 if dp.has_output else 0)
             how = " by free memory" if default else ""
             lab.value = (f"<b>{shares[d.name] * 100:.1f}%</b>{how} → {layers} layer{'s' if layers != 1 else ''}"
@@ -459,6 +467,9 @@ class SplitLab(W.VBox):
         notes = []
         if p.config.split_mode == "row":
             notes.append("row mode is planned as layer placement (its per-row division of matrices is not modelled)")
+        if p.tensor_split is not None:
+            notes.append("split mode tensor: every offloaded layer is cut across the devices (llama.cpp's Meta() "
+                         "device); -ts all 0 = equal shares; 2 all-reduces per layer cross the link each token")
         if p.config.split_mode == "none":
             notes.append(f"split mode none: only -mg's device ({p.offload_devices[0].name if p.offload_devices else 'none'}) is used")
         on_cpu = sum(1 for x in p.layer_devices if x == HOST_NAME)

@@ -45,6 +45,11 @@ def layer_ranges(layer_devices: tuple[str, ...] | list[str], n_layer: int) -> di
 
 def plan_rows(p: Plan) -> list[dict]:
     ranges = layer_ranges(p.layer_devices, p.profile.n_layer)
+    if p.tensor_split is not None and p.tensor_split.meta_name in ranges:
+        # -sm tensor: every member holds a slice of each layer on the meta device
+        cut = ranges.pop(p.tensor_split.meta_name)
+        for name in p.tensor_split.devices:
+            ranges[name] = f"{cut} (a slice of each)"
     rows = []
     for d in p.devices:
         rows.append({
@@ -60,6 +65,8 @@ def plan_rows(p: Plan) -> list[dict]:
 def speed_text(s: SpeedPrediction, *, n_prompt: int = 512, n_gen: int = 128) -> str:
     """Predicted pp/tg (gpulab.core.speed) and where each device's figures come from."""
     hops = f"; {s.n_hops} hop{'s' if s.n_hops != 1 else ''} between devices" if s.n_hops else ""
+    if s.n_allreduce:
+        hops += f"; {s.n_allreduce} all-reduces per token between devices (-sm tensor)"
     line = (f"speed (predicted, pp{n_prompt}/tg{n_gen}): tg {s.tg_tokens_per_s:.1f} t/s, "
             f"pp {s.pp_tokens_per_s:.1f} t/s; "
             f"{100 * s.roofline_fraction:.0f}% of the memory roofline ({s.roofline_tg_tokens_per_s:.1f} t/s){hops}")

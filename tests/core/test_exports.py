@@ -42,6 +42,7 @@ CONFIGS = [
                 n_seq_max=4, swa_full=True, devices=("CUDA1", "CUDA0"), op_offload=False),
     SplitConfig(split_mode="none", main_gpu=1, flash_attn="off", n_ctx=300),
     SplitConfig(n_gpu_layers=0, devices=("none",)),
+    SplitConfig(split_mode="tensor", tensor_split=(3, 1), flash_attn="on"),
 ]
 
 
@@ -380,3 +381,17 @@ def test_every_setting_is_spelled_for_every_target():
 def test_unknown_target():
     with pytest.raises(ConfigError, match="unknown export target"):
         render(SplitConfig(), "vllm")
+
+
+def test_tensor_split_is_written_for_llama_cpp_and_a_gap_elsewhere():
+    c = SplitConfig(split_mode="tensor", tensor_split=(3, 1), flash_attn="on")
+    devs = [cuda(0), cuda(1)]
+    server = " ".join(render(c, "llama-server", model_path="m.gguf", devices=devs).data)
+    # -fit off: llama-server's fit only warns "llama_params_fit is not implemented for SPLIT_MODE_TENSOR"
+    assert "-sm tensor" in server and "-ts 3,1" in server and "-fa on" in server and server.endswith("-fit off")
+    bench = " ".join(render(c, "llama-bench", model_path="m.gguf", devices=devs).data)
+    assert "-sm tensor" in bench and "-ts 3/1" in bench
+    assert render(c, "python").data["split_mode"] == 3          # LLAMA_SPLIT_MODE_TENSOR
+    for target, who in (("ollama", "Ollama"), ("koboldcpp", "KoboldCpp")):
+        gaps = render(c, target, model_path="/m.gguf", n_layer=30, devices=devs).gaps
+        assert any(g.startswith("-sm tensor") and who in g for g in gaps), gaps

@@ -94,3 +94,23 @@ def test_reconcile_with_a_plan_object(profile_factory):
     rec = reconcile(gpu_run(), p)
     assert rec.row("CUDA0", "kv").predicted == p.device("CUDA0").kv_bytes
     assert rec.row("CUDA0", "overhead").predicted == 0
+
+
+def test_tensor_split_is_compared_on_the_meta_line_llama_cpp_logs():
+    from builders import make_llama_profile
+    from gpulab import parse_sim_spec, plan as make_plan
+    from gpulab.core.reconcile import comparison_rows
+    from gpulab.core.run import Run
+    p = make_plan(make_llama_profile(), parse_sim_spec("2x24GiB"), SplitConfig(split_mode="tensor", tensor_split=(3, 1)))
+    biggest = max(p.offload_devices, key=lambda d: d.weights_bytes)
+    report = LoadReport(layer_devices=("Meta()",) * 5, devices=("SIM0", "SIM1"),
+                        buffers=(BufferReport("Meta()", "Meta()", "model", biggest.weights_bytes),
+                                 BufferReport("Meta()", "Meta()", "kv", biggest.kv_bytes),
+                                 BufferReport("CPU", "CPU_Mapped", "model", p.host.weights_bytes)))
+    run = Run(model_path="m.gguf", model_bytes=0, config=p.config, report=report, plan=p.to_dict(), devices=("SIM0", "SIM1"))
+    rec = reconcile(run)
+    w = rec.row("Meta()", "weights")
+    assert w.predicted == biggest.weights_bytes and w.error_bytes == 0
+    assert any("Meta()" in n for n in rec.notes)
+    rows = {r["device"]: r for r in comparison_rows(p, run)}
+    assert set(rows) == {"SIM0", "SIM1", "Meta()", "CPU"} and rows["SIM0"]["llama.cpp"] == "-"

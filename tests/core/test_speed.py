@@ -195,3 +195,37 @@ def test_long_prompts_over_several_gpus_run_as_a_pipeline_but_not_over_rpc():
     assert not pipeline_parallel(plan(prof, devs, cfg.replace(n_gpu_layers=10)))   # host layers: no pipeline
     rpc = dc_replace(p, layer_devices=tuple("RPC0" if d == "SIM0" else "RPC1" for d in p.layer_devices))
     assert not pipeline_parallel(rpc)   # copies between RPC servers synchronise
+
+
+# -- split mode tensor ---------------------------------------------------------------------------
+def test_allreduce_stages_follow_the_meta_backends_butterfly():
+    from gpulab.core.speed import allreduce_stages
+    # 2, 4, 8: log2 butterfly steps; 3, 5, 6: fold in the excess, butterfly, copy back
+    assert [allreduce_stages(n) for n in (1, 2, 3, 4, 5, 6, 8)] == [0, 1, 3, 2, 4, 4, 3]
+
+
+def test_tensor_split_generation_costs_the_slowest_member_plus_two_allreduces_per_layer():
+    from builders import make_llama_profile
+    prof = make_llama_profile(n_layer=8, n_embd=2048, n_ff=8192, n_head=16, n_head_kv=4, n_vocab=8192)
+    link = LinkSpeed(latency_s=1e-4, bytes_per_s=1e12)
+    p = plan(prof, parse_sim_spec("2x80GiB"), SplitConfig(split_mode="tensor"))
+    s = predict_speed(p, uniform(2, link), n_past=0)
+    assert s.n_allreduce == 16 and s.n_hops == 0
+    members = [s.tg_seconds["SIM0"], s.tg_seconds["SIM1"]]
+    io = (4 * prof.n_embd + 4 * prof.n_vocab) / 1e12
+    allreduces = 16 * (1e-4 + 4 * prof.n_embd / 1e12)
+    assert 1 / s.tg_tokens_per_s == pytest.approx(max(members) + allreduces + io)
+    # each member reads about half the layers' bytes (mirrored norms on both)
+    assert s.bytes_per_token["SIM0"] == pytest.approx(p.device("SIM0").weights_bytes, rel=0.01)
+
+
+def test_tensor_split_speeds_generation_up_only_over_a_fast_link():
+    from builders import make_llama_profile
+    prof = make_llama_profile(n_layer=8, n_embd=2048, n_ff=8192, n_head=16, n_head_kv=4, n_vocab=8192)
+    slow_gpu = DeviceSpeed(bandwidth_bytes_per_s=100 * GB, flops_per_s=100e12)
+    for latency, faster in ((2e-6, True), (1e-3, False)):
+        model = SpeedModel(devices={"SIM0": slow_gpu, "SIM1": slow_gpu},
+                           link=LinkSpeed(latency_s=latency, bytes_per_s=50 * GB))
+        layer = predict_speed(plan(prof, parse_sim_spec("2x80GiB"), SplitConfig(tensor_split=(1, 1))), model)
+        tensor = predict_speed(plan(prof, parse_sim_spec("2x80GiB"), SplitConfig(split_mode="tensor")), model)
+        assert (tensor.tg_tokens_per_s > layer.tg_tokens_per_s) == faster, (latency, tensor, layer)

@@ -4,7 +4,7 @@ import gguf
 import pytest
 
 from gpulab import DeviceSpecError, parse_sim_spec
-from gpulab.core.ggml_types import KV_CACHE_TYPES, ggml_type_id
+from gpulab.core.ggml_types import KV_CACHE_TYPES, block_size, ggml_type_id
 from gpulab.core.units import format_bytes, parse_bytes
 
 GiB = 1024**3
@@ -39,3 +39,11 @@ def test_kv_cache_type_table_matches_gguf():
         t = gguf.GGMLQuantizationType[name.upper()]
         assert gguf.GGML_QUANT_SIZES[t] == (block, size)
         assert ggml_type_id(name) == int(t)
+
+
+def test_block_size_table_matches_gguf():
+    # every weight type gguf knows a size for (split mode tensor cuts on these blocks)
+    for t, (block, _size) in gguf.GGML_QUANT_SIZES.items():
+        assert block_size(t.name) == block, t.name
+    with pytest.raises(ValueError, match="unknown ggml type"):
+        block_size("Q9_9")

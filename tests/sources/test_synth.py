@@ -256,3 +256,19 @@ def test_header_only_model_is_the_same_file_less_its_weights(tmp_path):
     assert a.layers == b.layers and a.output_tensors == b.output_tensors and a.input_tensors == b.input_tensors
     assert full.read_bytes()[:2048] == sparse.read_bytes()[:2048]     # the header (its vocab runs past this)
     assert not any(sparse.read_bytes()[-1024:])
+@pytest.mark.parametrize("spec", [SynthSpec(n_layer=3, n_embd=256, n_ff=512, n_head=8, n_head_kv=2, weight_type="Q8_0"),
+                                  SynthSpec(arch="qwen3moe", n_layer=2, n_expert=4, n_expert_used=2, n_ff_exp=128),
+                                  SynthSpec(n_layer=2, tied_output=True)], ids=["dense-q8", "moe", "tied"])
+def test_synth_profile_is_what_read_profile_reads(tmp_path, spec):
+    from gpulab import read_profile
+    from gpulab.sources.synth import synth_profile
+    got, want = synth_profile(spec), read_profile(write_model(tmp_path / "m.gguf", spec))
+    for a in ("arch", "n_layer", "n_embd", "n_ff", "n_vocab", "tied_output", "n_expert", "n_expert_used"):
+        assert getattr(got, a) == getattr(want, a), a
+    strip = lambda ts: [(t.name, t.ggml_type, t.shape, t.n_bytes) for t in ts]  # noqa: E731
+    assert strip(got.input_tensors) == strip(want.input_tensors)
+    assert strip(got.output_tensors) == strip(want.output_tensors)
+    for g, w in zip(got.layers, want.layers, strict=True):
+        assert strip(g.tensors) == strip(w.tensors)
+        assert (g.n_head, g.n_head_kv, g.n_embd_head_k, g.is_swa, g.has_kv) == (w.n_head, w.n_head_kv, w.n_embd_head_k,
+                                                                               w.is_swa, w.has_kv)

@@ -155,3 +155,21 @@ def test_mimebundle_needs_no_browser(profile_factory):
     b = F.mimebundle(F.memory_bars(p))
     assert set(b) == {"application/vnd.plotly.v1+json", "text/plain"}
     assert b["application/vnd.plotly.v1+json"]["data"][0]["type"] == "bar"
+
+
+def test_layer_map_stacks_every_devices_slice_of_each_layer_under_tensor_split():
+    from builders import make_llama_profile
+    from gpulab import SplitConfig, parse_sim_spec, plan
+    from gpulab.ui.figures import layer_map
+    from gpulab.ui.text import plan_rows
+    p = plan(make_llama_profile(n_layer=4), parse_sim_spec("2x24GiB"),
+             SplitConfig(split_mode="tensor", tensor_split=(3, 1), n_gpu_layers=3))
+    fig = layer_map(p)
+    assert fig.layout.barmode == "stack"
+    by = {t.name: t for t in fig.data}
+    for d in p.offload_devices:   # layers 2, 3 and the output layer, each on both devices
+        assert list(by[d.name].x) == [2, 3, 4]
+        assert sum(by[d.name].y) * 2**20 == pytest.approx(d.weights_bytes + d.kv_bytes)
+    assert list(by["CPU"].x) == [0, 1]
+    rows = {r["device"]: r["layers"] for r in plan_rows(p)}
+    assert rows["SIM0"] == rows["SIM1"] == "2-3,out (a slice of each)" and rows["CPU"] == "0-1"

@@ -155,6 +155,23 @@ def test_split_mode_none_uses_the_main_gpu(prof):
     assert "-sm none" in lab.export_html.value and "-mg 2" in lab.export_html.value
 
 
+def test_split_mode_tensor_cuts_every_layer_across_the_devices(profile_factory):
+    from builders import make_llama_profile
+    lab = SplitLab(make_llama_profile(n_layer=6), sim="2x24GiB", debounce=0)
+    lab.split_mode.value = "tensor"
+    p = lab.plan
+    assert lab.error is None and set(p.layer_devices) == {"Meta()"}
+    assert lab.layer_fig.layout.barmode == "stack"
+    assert layer_x(lab, "SIM0") == layer_x(lab, "SIM1") == list(range(7))   # every layer on both
+    assert "split mode tensor" in lab.status.value and "a slice of each" in lab.share_labels[0].value
+    assert "-sm tensor" in lab.export_html.value
+    lab.flash_attn.value = "off"      # refused, as llama.cpp refuses it
+    assert "requires flash_attn" in lab.error
+    lab.flash_attn.value = "auto"
+    lab.split_mode.value = "layer"
+    assert lab.layer_fig.layout.barmode == "overlay" and lab.plan.tensor_split is None
+
+
 def test_context_and_kv_types_change_the_kv_bars(prof):
     lab = make_lab(prof, "2x24GiB")
     kv = sum(memory_y(lab, "KV"))
