@@ -202,7 +202,9 @@ def ollama_fleet(fplan: FleetPlan, paths: Mapping[str, str], devices: Sequence[D
         if not dev_set:
             env["CUDA_VISIBLE_DEVICES"] = "-1"   # no GPU: CPU only
         env["OLLAMA_HOST"] = f"127.0.0.1:{port}"
-        # resident models stay; a swappable one is loaded when asked (so one slot more)
+        # resident models stay; a swappable one is loaded when asked (so one slot more). Ollama's
+        # scheduler (server/sched.go processPending) counts every loaded runner of the instance
+        # against OLLAMA_MAX_LOADED_MODELS
         resident = sum(pl.resident for pl in members)
         env["OLLAMA_MAX_LOADED_MODELS"] = str(resident + (1 if resident < len(members) else 0))
         if resident == len(members):
