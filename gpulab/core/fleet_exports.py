@@ -91,7 +91,8 @@ def llama_swap_doc(fplan: FleetPlan, paths: Mapping[str, str], devices: Sequence
     cmds = server_commands(fplan, paths, devices)
     models = {}
     for name, argv in cmds.items():
-        # '${PORT}' left unquoted: llama-swap substitutes the macro in the text, then splits it
+        # '${PORT}' left unquoted: llama-swap substitutes the macro in the text, then splits it as a
+        # POSIX shell would (internal/config/commands.go SanitizeCommand: shlex.Posix.Split)
         models[name] = {"cmd": " ".join(t if t == "${PORT}" else shlex.quote(t) for t in argv)}
     resident = [p.name for p in fplan.placements if p.resident]
     swappable = [p.name for p in fplan.placements if not p.resident]
