@@ -187,3 +187,14 @@ def test_fleet_import_and_plan_from_a_llama_swap_config(capsys, models, tmp_path
     # and the config itself is a fleet for `fleet plan`
     code, out, _ = run(capsys, "fleet", "plan", cfg, "--sim", "4GiB,4GiB,2GiB", "--json")
     assert code == 0 and [m["name"] for m in json.loads(out)["models"]] == ["chat", "coder", "embed"]
+
+
+def test_fleet_plan_tg_objective(capsys, models):
+    root, _ = models
+    text = FLEET.replace('devices = ["SIM0", "SIM1"]\n', "")
+    code, out, err = run(capsys, "fleet", "plan", _fleet(root, text), "--sim", "4GiB:300GB/s,4GiB:3000GB/s,2GiB",
+                         "--objective", "tg:chat", "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["objective"] == "tg:chat"
+    assert d["models"][0]["devices"] == ["SIM1"]     # the fastest device, alone: no hop

@@ -56,9 +56,12 @@ def parse_model_ref(text: str) -> ModelRef:
     text = text.strip()
     if text.startswith("ollama:"):
         rest = text[len("ollama:"):]
-        name, _, tag = rest.rpartition(":") if ":" in rest else (rest, "", "")
+        # Ollama's ParseNameBare (types/model/name.go): a tag only after a ':' that follows the last '/'
+        name, tag = rest, ""
+        if rest.rfind(":") > rest.rfind("/"):
+            name, _, tag = rest.rpartition(":")
         tag = tag or "latest"
-        if not name or not re.fullmatch(r"[A-Za-z0-9._/-]+", name) or not re.fullmatch(r"[A-Za-z0-9._-]+", tag):
+        if not name or not re.fullmatch(r"[A-Za-z0-9._/:-]+", name) or not re.fullmatch(r"[A-Za-z0-9._-]+", tag):
             raise ConfigError(f"{text!r} is not an Ollama name: write ollama:NAME[:TAG], e.g. ollama:qwen3:30b")
         return ModelRef("ollama", text, name, tag)
     if text.startswith("hf:"):

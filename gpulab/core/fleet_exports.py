@@ -91,7 +91,8 @@ def llama_swap_doc(fplan: FleetPlan, paths: Mapping[str, str], devices: Sequence
     cmds = server_commands(fplan, paths, devices)
     models = {}
     for name, argv in cmds.items():
-        # '${PORT}' left unquoted: llama-swap substitutes the macro in the text, then splits it
+        # '${PORT}' left unquoted: llama-swap substitutes the macro in the text, then splits it as a
+        # POSIX shell would (internal/config/commands.go SanitizeCommand: shlex.Posix.Split)
         models[name] = {"cmd": " ".join(t if t == "${PORT}" else shlex.quote(t) for t in argv)}
     resident = [p.name for p in fplan.placements if p.resident]
     swappable = [p.name for p in fplan.placements if not p.resident]
@@ -202,7 +203,9 @@ def ollama_fleet(fplan: FleetPlan, paths: Mapping[str, str], devices: Sequence[D
         if not dev_set:
             env["CUDA_VISIBLE_DEVICES"] = "-1"   # no GPU: CPU only
         env["OLLAMA_HOST"] = f"127.0.0.1:{port}"
-        # resident models stay; a swappable one is loaded when asked (so one slot more)
+        # resident models stay; a swappable one is loaded when asked (so one slot more). Ollama's
+        # scheduler (server/sched.go processPending) counts every loaded runner of the instance
+        # against OLLAMA_MAX_LOADED_MODELS
         resident = sum(pl.resident for pl in members)
         env["OLLAMA_MAX_LOADED_MODELS"] = str(resident + (1 if resident < len(members) else 0))
         if resident == len(members):

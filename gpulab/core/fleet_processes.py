@@ -4,7 +4,8 @@ GPU's per-process memory (NVML) to the models of a fleet.
 - a llama-server started by the router: `--alias NAME` (server-models.cpp update_args sets
   LLAMA_ARG_ALIAS to the preset's name), and any llama-server given --alias;
 - any llama-server (llama-swap's cmd, a hand-started one): `-m PATH` / `--model PATH`;
-- Ollama's runner process: `ollama runner --model PATH` (the blob of the model).
+- Ollama's runner process: `ollama runner --model PATH`, or, in the Ollama of 2026-08
+  (llm/llama_server.go), the llama-server it starts with `--model PATH` (the model's blob).
 A path matches a fleet model when both name the same file after normalisation (the caller
 passes resolved paths: gpulab.sources.model_refs.resolve_model).
 """

@@ -1,14 +1,15 @@
 """The GGUF file behind a fleet's model reference: a path, a URL, an Ollama name, or an entry of
 llama.cpp's model cache (gpulab.core.fleet.ModelRef says which).
 
-Ollama (`ollama:qwen3:30b`). The store is $OLLAMA_MODELS, else ~/.ollama/models. A name is
-[HOST/][NAMESPACE/]MODEL[:TAG] with HOST registry.ollama.ai, NAMESPACE library and TAG latest
-when left out; its manifest is manifests/HOST/NAMESPACE/MODEL/TAG, a JSON document whose
-`layers` list one entry of mediaType application/vnd.ollama.image.model: the GGUF, stored as
-blobs/<digest with ':' replaced by '-'> (blobs/sha256-<hex>). This follows Ollama's layout as
-its docs and server (server/modelpath.go, types/model/name.go) describe it; the search tool
-was not available when this was written, so the layout is the one issue 15 states, and the
-tests lay out a store of that shape themselves.
+Ollama (`ollama:qwen3:30b`), as Ollama's source has it (github.com/ollama/ollama at fb307609,
+2026-08-21): the store is $OLLAMA_MODELS, else ~/.ollama/models (envconfig/config.go Models);
+a name is [HOST/][NAMESPACE/]MODEL[:TAG], the tag being what follows the last ':' when that
+comes after the last '/', with HOST registry.ollama.ai, NAMESPACE library and TAG latest when
+left out (types/model/name.go ParseNameBare, DefaultName); its manifest is
+manifests/HOST/NAMESPACE/MODEL/TAG (Name.Filepath, manifest/paths.go PathForName), a JSON
+document whose `layers` list one entry of mediaType application/vnd.ollama.image.model (the
+GGUF: server/model.go), stored as blobs/<digest, ':' replaced by '-'> (manifest/paths.go
+BlobsPath, which accepts only sha256[:-]<64 hex>). The tests lay out a store of that shape.
 
 llama.cpp's cache (`hf:user/repo:Q4_K_M`, what `llama-server -hf user/repo:Q4_K_M` downloads).
 The vendored llama.cpp keeps Hugging Face's hub layout (common/hf-cache.cpp): the folder is
@@ -63,7 +64,7 @@ def ollama_blob(name: str, tag: str = "latest", env: Mapping[str, str] | None = 
     if len(digests) != 1:
         raise ConfigError(f"ollama:{name}:{tag}: the manifest {manifest} lists {len(digests)} layers of type "
                           f"{OLLAMA_MODEL_MEDIA_TYPE}, expected one")
-    if not re.fullmatch(r"sha256:[0-9a-f]{64}", digests[0]):
+    if not re.fullmatch(r"sha256[:-][0-9a-fA-F]{64}", digests[0]):   # BlobsPath's check
         raise ConfigError(f"ollama:{name}:{tag}: bad model digest {digests[0]!r} in {manifest}")
     blob = store / "blobs" / digests[0].replace(":", "-")
     if not blob.is_file():

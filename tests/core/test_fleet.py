@@ -135,6 +135,10 @@ def test_model_references():
     assert parse_model_ref("ollama:qwen3").tag == "latest"
     r = parse_model_ref("ollama:user/model:7b")
     assert (r.kind, r.name, r.tag) == ("ollama", "user/model", "7b")
+    # a host with a port: its ':' is not a tag (Ollama's ParseNameBare)
+    r = parse_model_ref("ollama:localhost:5000/team/model")
+    assert (r.name, r.tag) == ("localhost:5000/team/model", "latest")
+    assert parse_model_ref("ollama:localhost:5000/team/model:q4").tag == "q4"
     assert parse_model_ref("hf:org/repo").tag == ""
     assert parse_model_ref("hf:org/repo:q4_k_m").tag == "Q4_K_M"
     assert parse_model_ref("http://host/m.gguf").kind == "url"

@@ -106,3 +106,9 @@ def test_paths_are_relative_to_the_fleet_file(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         resolve_model("nope.gguf", base=tmp_path)
     assert resolve_model("https://h/m.gguf") == "https://h/m.gguf"
+
+
+def test_ollama_name_with_a_host(tmp_path):
+    store = tmp_path / "ollama"
+    blob = _ollama_store(store, ["localhost:5000", "team", "model"], "latest")
+    assert resolve_model("ollama:localhost:5000/team/model", env={"OLLAMA_MODELS": str(store)}) == str(blob)
