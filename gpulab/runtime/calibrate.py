@@ -389,6 +389,11 @@ def update_from_run(run, plan=None, *, devices: list[Device] | None = None, cach
     from the run's report). Default: planned again from the model file. devices: the Device
     objects the run used (for their keys; default: from the run's report). stat: 'best' (the
     fastest repetition, as calibration uses) or 'mean' (llama-bench's average)."""
+    if run.config.split_mode == "tensor":
+        from ..core.errors import ConfigError
+        raise ConfigError("a -sm tensor run does not refine device speeds (its time is the slowest member's plus "
+                          "the all-reduces, not a sum the fit can use); `gpulab calibrate` measures the all-reduce "
+                          "stage with a tensor-split run of its own")
     cache = cache if cache is not None else SpeedCache()
     cpu = getattr(run, "cpu_info", "")
     if cpu and HOST_NAME in run.report.layer_devices[:-1] and _norm(cpu) not in _norm(cpu_model()) \
