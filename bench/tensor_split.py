@@ -10,11 +10,11 @@ and prints measured pp/tg beside gpulab.core.speed.predict_speed's prediction fr
 model (the tensor split: slowest member + two all-reduces per layer, each allreduce_stages
 copies over the link), and the ratio tensor / layer, measured and predicted.
 Measured: each round's fastest repetition, median over rounds (as calibration measures).
-Calibration fits layer-split runs only. Two predictions for the tensor splits: "cal" with the
-calibrated link as is (an all-reduce stage costs one hop's latency), and "fit" with the cost of an
-all-reduce stage fitted to ONE run (the first model's equal tensor split, tg) and used for every
-other config: over RPC a stage is several round trips through the client (copies both ways, an
-ADD graph per device), which no layer-split run measures.
+Two predictions for the tensor splits: "cal" with the calibration as is (its all-reduce stage
+fitted on its own tensor-split run of a calibration model: gpulab.runtime.calibrate), and "fit"
+with the stage fitted instead on ONE of this bench's runs (the first model's equal tensor split,
+tg) and used for every other config. Over RPC a stage is several round trips through the client
+(copies both ways, an ADD graph per device), far more than a layer split's hop.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gpulab import read_profile  # noqa: E402
 from gpulab.core.config import SplitConfig  # noqa: E402
 from gpulab.core.planner import plan  # noqa: E402
-from gpulab.core.speed import allreduce_stages, predict_speed  # noqa: E402
+from gpulab.core.speed import fit_allreduce_stage, predict_speed  # noqa: E402
 from gpulab.runtime.calibrate import _spec, calibrate, measure_best  # noqa: E402
 from gpulab.runtime.rpc import start_servers  # noqa: E402
 from gpulab.runtime.worker import Worker  # noqa: E402
@@ -97,13 +97,10 @@ def main(argv=None) -> int:
         plans = {label: plan(profiles[label.split()[0]], devices, cfg, host) for label, _, cfg in items}
         # the all-reduce stage's cost, from one run: measured tg seconds less the prediction without it
         ref = f"{MODELS[0][0]}x{MODELS[0][1]} tensor"
-        free = replace(model, link=replace(model.link, allreduce_latency_s=0.0))
-        s0 = predict_speed(plans[ref], free, n_prompt=n_prompt, n_gen=n_gen)
-        stages = s0.n_allreduce * allreduce_stages(2)
-        stage_s = max(0.0, (1 / measured[ref].tg_ts - 1 / s0.tg_tokens_per_s) / stages)
+        stage_s = fit_allreduce_stage(plans[ref], model, 1 / measured[ref].tg_ts, n_gen=n_gen)
         fitted = replace(model, link=replace(model.link, allreduce_latency_s=stage_s))
-        print(f"all-reduce stage fitted on {ref} tg: {stage_s * 1e6:.0f} us "
-              f"(calibrated hop latency {model.link.latency_s * 1e6:.0f} us)")
+        print(f"all-reduce stage fitted on {ref} tg: {stage_s * 1e6:.0f} us (calibration's: "
+              f"{model.link.allreduce_stage_s * 1e6:.0f} us; its hop latency {model.link.latency_s * 1e6:.0f} us)")
         for label, _, cfg in items:
             s = predict_speed(plans[label], model, n_prompt=n_prompt, n_gen=n_gen)
             f = predict_speed(plans[label], fitted, n_prompt=n_prompt, n_gen=n_gen)

@@ -62,12 +62,14 @@ SETTINGS: tuple[Setting, ...] = (
             "layers to offload: a number, 'auto' (-1, llama-server's default: -fit chooses) or 'all' (-2); "
             "without fit both offload every layer", "ngl", metavar="N|auto|all",
             struct="model", c_field="n_gpu_layers", to_c=int),
-    Setting("split_mode", ("-sm", "--split-mode"), "how to split the model across devices: layer (pipeline), tensor (every layer cut across "
-            "the devices; needs flash attention), none (one device), row (refused by this llama.cpp)", "choice",
+    Setting("split_mode", ("-sm", "--split-mode"),
+            "how to split the model across devices: layer (pipeline), tensor (every layer cut across the devices; "
+            "needs flash attention), none (one device), row (refused by this llama.cpp)", "choice",
             choices=SPLIT_MODES, struct="model", c_field="split_mode", to_c=SPLIT_MODE_IDS.__getitem__),
     Setting("main_gpu", ("-mg", "--main-gpu"), "the device for -sm none (index among the devices used)", "int",
             struct="model", c_field="main_gpu", to_c=int),
-    Setting("tensor_split", ("-ts", "--tensor-split"), "proportions, e.g. 3,1 (default: free memory; -sm tensor: equal shares)", "split",
+    Setting("tensor_split", ("-ts", "--tensor-split"),
+            "proportions, e.g. 3,1 (default: free memory; -sm tensor: equal shares)", "split",
             metavar="N,N,...", struct="model"),
     Setting("devices", ("-dev", "--device"), "use only these devices, e.g. CUDA0,CUDA2 (none: the CPU only)",
             "names", metavar="NAME,...", struct="model"),

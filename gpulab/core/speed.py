@@ -50,7 +50,7 @@ from .planner import kv_cell_bytes
 from .plan import Plan
 
 __all__ = ["DeviceSpeed", "LinkSpeed", "SpeedModel", "SpeedPrediction", "predict_speed", "per_device_load",
-           "pipeline_parallel", "allreduce_stages",
+           "pipeline_parallel", "allreduce_stages", "fit_allreduce_stage",
            "design_row", "fit_params", "speeds_from_params", "SOURCES", "DEFAULT_GPU", "DEFAULT_HOST",
            "prediction_error"]
 
@@ -392,6 +392,21 @@ def prediction_error(pred: SpeedPrediction, *, pp_ts: float | None = None, tg_ts
 # 'link|lat' seconds per hop and step, 'link|inv_bw' seconds per byte over the link. tg is
 # fitted as memory-bound and pp as compute-bound (where each is on every device that matters).
 # The same overheads for tg and pp keep a few calibration models enough to tell them apart.
+
+def fit_allreduce_stage(plan: Plan, model: SpeedModel, tg_seconds: float, *, n_gen: int) -> float:
+    """The seconds of one all-reduce stage that make predict_speed's tg of this -sm tensor plan
+    take `tg_seconds` per token (measured), the devices' own figures held: what a tensor-split run
+    tells about the link that layer-split runs do not. 0 when the devices alone are slower."""
+    from dataclasses import replace
+    if plan.tensor_split is None:
+        raise ValueError("fit_allreduce_stage needs a -sm tensor plan")
+    free = replace(model, link=replace(model.link, allreduce_latency_s=0.0))
+    s = predict_speed(plan, free, n_prompt=0, n_gen=n_gen)
+    stages = s.n_allreduce * allreduce_stages(len(plan.tensor_split.devices))
+    if not stages or not s.tg_tokens_per_s:
+        return 0.0
+    return max(0.0, (tg_seconds - 1.0 / s.tg_tokens_per_s) / stages)
+
 
 def design_row(plan: Plan, kind: str, key_of: dict, *, n_prompt: int = 0, n_gen: int = 0,
                n_past: int | None = None) -> dict:

@@ -3,8 +3,9 @@
 llama.cpp (the vendored version) implements tensor parallelism with a *meta device*:
 - `llama_prepare_model_devices` (src/llama.cpp) wraps the model's devices (with --device: those;
   otherwise every device whose buffer type is not the CPU's) into one `ggml_backend_meta_device`
-  (named `Meta()` in this version: see meta_device_name). Layers are then assigned as in a layer split over that one device:
-  -ngl chooses between the meta device and the CPU, the input layer stays on the CPU.
+  (named `Meta()` in this version: see meta_device_name). Layers are then assigned as in a
+  layer split over that one device: -ngl chooses between the meta device and the CPU, and the
+  input layer stays on the CPU.
 - `llama_meta_device_get_split_state` (src/llama-model.cpp) decides per tensor: split along an
   axis (attn_q/k/v and ffn_up/gate, experts included, along their output rows = ne[1];
   attn_output and ffn_down along their input = ne[0], their partial sums all-reduced; the K/V
@@ -22,9 +23,12 @@ llama.cpp (the vendored version) implements tensor parallelism with a *meta devi
   at the meta buffer's size on every device (`ggml_backend_meta_buffer_type_alloc_buffer`).
 
 Refusals, each with llama.cpp's words: an architecture `llm_arch_supports_sm_tensor` excludes
-(llama_model_create), flash attention off (llama_init_from_model), --fit (common/fit.cpp).
-docs/multi-gpu.md also names a refusal of quantized KV caches; this version has no such check
-(and loads them), so gpulab does not refuse them.
+(llama_model_create; check_tensor_split), flash attention off (llama_init_from_model;
+SplitConfig), no device (llama_prepare_model_devices). llama-server's --fit does not refuse: its
+common_params_fit_impl throws "llama_params_fit is not implemented for SPLIT_MODE_TENSOR, abort",
+common_fit_params turns that into a warning and the load goes on unfitted (gpulab's exports write
+`-fit off` anyway). docs/multi-gpu.md also names a refusal of quantized KV caches; this version
+has no such check and loads them (tested), so gpulab does not refuse them.
 
 Not modelled (ConfigError): recurrent or hybrid layers, DeepSeek-V4's and Qwen3-Next's own
 split rules, tensor overrides to a device other than the CPU.

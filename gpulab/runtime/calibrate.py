@@ -270,6 +270,12 @@ def calibrate(endpoints=(), *, devices: list[str] | None = None, n_threads: int 
                 for a, b in zip(offload, offload[1:]):
                     configs.append((f"{a.name}/{b.name} m{len(paths) - 1}", len(paths) - 1,
                                     base.replace(devices=(a.name, b.name), tensor_split=(1.0, 1.0))))
+                if len(offload) >= 2:
+                    # -sm tensor over the first pair: the cost of an all-reduce stage (not fitted
+                    # with the rest: a tensor split's time is a max over devices, see below)
+                    a, b = offload[:2]
+                    configs.append((f"{a.name}+{b.name} tensor m{len(paths) - 1}", len(paths) - 1,
+                                    base.replace(devices=(a.name, b.name), split_mode="tensor")))
             extra = [(f"validate {label}", str(path), cfg) for label, path, cfg in validate]
             best = measure_best(w, [(label, paths[i], cfg) for label, i, cfg in configs] + extra, rounds=rounds,
                                 repetitions=repetitions, n_prompt=n_prompt, n_gen=n_gen, n_threads=n_threads,
@@ -283,12 +289,18 @@ def calibrate(endpoints=(), *, devices: list[str] | None = None, n_threads: int 
         cache.note_device(key_of[HOST_NAME], host_dev, description=cpu_model(), threads=n_threads)
         _note_link_bandwidth(cache, best, profiles, offload, key_of)
         runs = []
+        tensor_runs = []
         for label, i, cfg in configs:
             b = best[label]
+            runs.append((label, b.run))
+            if cfg.split_mode == "tensor":
+                tensor_runs.append((profiles[i], cfg, b))
+                continue
             p = _run_plan(profiles[i], all_devices, cfg, b.run.report.layer_devices)
             _observe(cache, p, b.run, key_of, source="calibration", label=label, tg_s=b.tg_s, pp_s=b.pp_s)
-            runs.append((label, b.run))
         cache.refit()
+        for prof, cfg, b in tensor_runs:
+            _note_allreduce(cache, prof, cfg, b, all_devices, n_threads, n_gen)
         cache.save()
     names = [d.name for d in offload] + ([HOST_NAME] if host else [])
     speeds = {n: cache.speed(key_of[n]) for n in names if cache.speed(key_of[n])}
@@ -299,6 +311,22 @@ def calibrate(endpoints=(), *, devices: list[str] | None = None, n_threads: int 
                        devices=all_devices,
                        validation={label: best[f"validate {label}"] for label, _, _ in validate},
                        measurements={label: best[label] for label, _, _ in configs})
+
+
+def _note_allreduce(cache: SpeedCache, profile, config: SplitConfig, best, devices: list[Device], n_threads: int,
+                    n_gen: int) -> None:
+    """The seconds of one all-reduce stage (gpulab.core.speed.fit_allreduce_stage) from a -sm tensor
+    run, the devices' fitted figures held, kept with the link class: over RPC a stage is several
+    round trips through the client, much more than a layer split's hop."""
+    from ..core.planner import plan as make_plan
+    from ..core.speed import fit_allreduce_stage
+    if best.tg_s is None:
+        return
+    p = make_plan(profile, [d for d in devices if d.kind != "cpu"], config)
+    members = [d for d in devices if d.name in p.tensor_split.devices]
+    cls = "rpc" if any(d.kind == "rpc" for d in members) else "local"
+    stage = fit_allreduce_stage(p, cache.model_for(devices, n_threads), best.tg_s, n_gen=n_gen)
+    cache.data["links"].setdefault(cls, {})["allreduce_latency_s"] = stage
 
 
 def _note_link_bandwidth(cache: SpeedCache, best: dict, profiles: list, offload: list, key_of: dict) -> None:
@@ -361,6 +389,11 @@ def update_from_run(run, plan=None, *, devices: list[Device] | None = None, cach
     from the run's report). Default: planned again from the model file. devices: the Device
     objects the run used (for their keys; default: from the run's report). stat: 'best' (the
     fastest repetition, as calibration uses) or 'mean' (llama-bench's average)."""
+    if run.config.split_mode == "tensor":
+        from ..core.errors import ConfigError
+        raise ConfigError("a -sm tensor run does not refine device speeds (its time is the slowest member's plus "
+                          "the all-reduces, not a sum the fit can use); `gpulab calibrate` measures the all-reduce "
+                          "stage with a tensor-split run of its own")
     cache = cache if cache is not None else SpeedCache()
     cpu = getattr(run, "cpu_info", "")
     if cpu and HOST_NAME in run.report.layer_devices[:-1] and _norm(cpu) not in _norm(cpu_model()) \

@@ -47,7 +47,7 @@ class SpeedCache:
                        "fit": {"bandwidth_bytes_per_s", "flops_per_s", "overhead_s", "layer_overhead_s",
                                "layer_token_s"},
                        "n_observations", "updated"}},
-     "links": {"rpc" | "local": {"latency_s", "bytes_per_s", "n_observations"}},
+     "links": {"rpc" | "local": {"latency_s", "bytes_per_s", "n_observations", "allreduce_latency_s"}},
      "observations": [{"kind": "tg"|"pp", "seconds", "coef": {param: x}, "keys": [...],
                        "source": "calibration"|"run", "label", "at"}]}
     """
@@ -106,7 +106,8 @@ class SpeedCache:
         ln = self.data["links"].get(kind)
         if not ln or "latency_s" not in ln:
             return None
-        return LinkSpeed(ln["latency_s"], ln["bytes_per_s"], "calibrated")
+        return LinkSpeed(ln["latency_s"], ln["bytes_per_s"], "calibrated",
+                         allreduce_latency_s=ln.get("allreduce_latency_s"))
 
     # -- observations --
     def add(self, kind: str, coef: dict, seconds: float, *, source: str, label: str = "") -> None:

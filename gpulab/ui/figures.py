@@ -180,7 +180,8 @@ def layer_map(plan: Plan, *, order: Sequence[str] | None = None, height: int = 3
     names = _order(plan, order)
     colors = device_colors(names)
     fig = go.Figure(layout=dict(
-        barmode="stack" if plan.tensor_split is not None else "overlay", bargap=0.08, height=height, margin=dict(l=60, r=10, t=40, b=40),
+        barmode="stack" if plan.tensor_split is not None else "overlay", bargap=0.08, height=height,
+        margin=dict(l=60, r=10, t=40, b=40),
         title=dict(text=_layer_title(plan), font=dict(size=14)),
         xaxis=dict(title="layer (the last is the output layer)", range=[-0.7, plan.profile.n_layer + 0.7]),
         yaxis=dict(title="MiB on its device", rangemode="tozero"),

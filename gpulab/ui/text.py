@@ -166,6 +166,8 @@ def calibration_text(cal) -> str:
                                        "peak"))]
     for cls, ln in cal.links.items():
         lines.append(f"hop ({cls}): {ln.latency_s * 1e6:.0f} us + {ln.bytes_per_s / 1e9:.2f} GB/s")
+        if ln.allreduce_latency_s is not None:
+            lines.append(f"all-reduce stage ({cls}, -sm tensor): {ln.allreduce_latency_s * 1e6:.0f} us")
     for ep, r in cal.rtt_s.items():
         lines.append(f"RPC round trip {ep}: {r * 1e6:.0f} us")
     if cal.residuals:

@@ -107,7 +107,8 @@ def test_tensor_split_is_compared_on_the_meta_line_llama_cpp_logs():
                         buffers=(BufferReport("Meta()", "Meta()", "model", biggest.weights_bytes),
                                  BufferReport("Meta()", "Meta()", "kv", biggest.kv_bytes),
                                  BufferReport("CPU", "CPU_Mapped", "model", p.host.weights_bytes)))
-    run = Run(model_path="m.gguf", model_bytes=0, config=p.config, report=report, plan=p.to_dict(), devices=("SIM0", "SIM1"))
+    run = Run(model_path="m.gguf", model_bytes=0, config=p.config, report=report, plan=p.to_dict(),
+              devices=("SIM0", "SIM1"))
     rec = reconcile(run)
     w = rec.row("Meta()", "weights")
     assert w.predicted == biggest.weights_bytes and w.error_bytes == 0

@@ -229,3 +229,16 @@ def test_tensor_split_speeds_generation_up_only_over_a_fast_link():
         layer = predict_speed(plan(prof, parse_sim_spec("2x80GiB"), SplitConfig(tensor_split=(1, 1))), model)
         tensor = predict_speed(plan(prof, parse_sim_spec("2x80GiB"), SplitConfig(split_mode="tensor")), model)
         assert (tensor.tg_tokens_per_s > layer.tg_tokens_per_s) == faster, (latency, tensor, layer)
+
+
+def test_the_allreduce_stage_is_recovered_from_a_tensor_split_runs_time():
+    from builders import make_llama_profile
+    from gpulab.core.speed import fit_allreduce_stage
+    prof = make_llama_profile(n_layer=6, n_embd=1024, n_ff=4096, n_head=16, n_head_kv=4)
+    p = plan(prof, parse_sim_spec("3x80GiB"), SplitConfig(split_mode="tensor"))
+    truth = uniform(3, LinkSpeed(latency_s=50e-6, bytes_per_s=25 * GB, allreduce_latency_s=2.5e-3))
+    measured = 1 / predict_speed(p, truth, n_prompt=0, n_gen=16).tg_tokens_per_s
+    guess = uniform(3, LinkSpeed(latency_s=50e-6, bytes_per_s=25 * GB))     # a hop's latency: far too little
+    assert fit_allreduce_stage(p, guess, measured, n_gen=16) == pytest.approx(2.5e-3)
+    with pytest.raises(ValueError):
+        fit_allreduce_stage(plan(prof, parse_sim_spec("3x80GiB"), SplitConfig()), guess, measured, n_gen=16)

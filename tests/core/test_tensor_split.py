@@ -143,7 +143,8 @@ def test_overrides_to_the_cpu_take_tensors_out_of_the_split():
 
 def test_layer_cuts_name_every_tensor_and_the_kv_cache():
     from gpulab.core.tensor_split import layer_cuts
-    cuts = {name: (how, per) for name, how, per in layer_cuts(make_llama_profile(), SplitConfig(split_mode="tensor"), 2, 0)}
+    cuts = {name: (how, per)
+            for name, how, per in layer_cuts(make_llama_profile(), SplitConfig(split_mode="tensor"), 2, 0)}
     assert cuts["blk.0.attn_q.weight"] == ("cut along ne[1] (output rows)", (256, 256))
     assert cuts["blk.0.ffn_down.weight"] == ("cut along ne[0] (input)", (768, 768))
     assert cuts["blk.0.attn_norm.weight"][0] == "whole copy on each device"

@@ -95,7 +95,8 @@ def test_tensor_split_matches_each_rpc_server(model_name, split_name, model_path
         p = predicted.device(d.name)
         assert _same(p.weights_bytes, got.model_bytes), \
             f"{d.name} weights: predicted {p.weights_bytes}, the server allocated {got.model_bytes}"
-        assert _same(p.kv_bytes, got.kv_bytes), f"{d.name} KV: predicted {p.kv_bytes}, the server allocated {got.kv_bytes}"
+        assert _same(p.kv_bytes, got.kv_bytes), \
+            f"{d.name} KV: predicted {p.kv_bytes}, the server allocated {got.kv_bytes}"
     # llama.cpp's Meta() lines (printed to 0.01 MiB): the largest member's buffers; compute buffers
     # are allocated at the meta buffer's size on every member
     assert _close(max(h.model_bytes for h in held.values()), report.bytes_on("Meta()", "model"))

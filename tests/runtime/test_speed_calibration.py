@@ -200,6 +200,10 @@ def test_calibration_is_cached_per_device(calibrated):
     for sp in cal.speeds.values():   # one CPU core: GB/s and tens of GFLOP/s, not defaults
         assert 1e9 < sp.bandwidth_bytes_per_s < 200e9 and 1e9 < sp.flops_per_s < 2e12
     assert all(0 < r < 0.05 for r in cal.rtt_s.values()) and "rpc" in cal.links
+    # the -sm tensor run: an all-reduce stage is several RPC round trips, kept with the link
+    stage = cal.links["rpc"].allreduce_latency_s
+    assert stage is not None and min(cal.rtt_s.values()) < stage < 1.0
+    assert data["links"]["rpc"]["allreduce_latency_s"] == stage
 
 
 @needs_rpc
