@@ -109,3 +109,8 @@ def make_llama_profile(n_layer: int = 4, n_embd: int = 512, n_ff: int = 1536, n_
                         n_embd=n_embd, n_ff=n_ff, n_vocab=n_vocab, n_ctx_train=4096, layers=tuple(layers),
                         input_tensors=emb, output_tensors=out, tied_output=tied, n_expert=n_expert,
                         n_expert_used=2 if n_expert else 0, n_swa=256 if swa_layers else 0)
+
+
+def close_to_llama(predicted: int, actual: int) -> bool:
+    """The bar for weights and KV against llama.cpp's log (printed to 0.01 MiB): 1% or 1 MiB."""
+    return abs(predicted - actual) <= max(0.01 * actual, 1 * MiB)

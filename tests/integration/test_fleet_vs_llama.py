@@ -16,6 +16,7 @@ import shlex
 import subprocess
 
 import pytest
+from builders import close_to_llama
 
 from gpulab.core.fleet_exports import llama_swap_doc
 from gpulab.core.fleet_planner import plan_fleet
@@ -95,10 +96,6 @@ def planned(cluster, fleet_file):
     return fp, paths, devices
 
 
-def _close(predicted: int, actual: int) -> bool:
-    return abs(predicted - actual) <= max(0.01 * actual, 1 * MiB)
-
-
 def test_fleet_loaded_together_matches_the_plan_per_device(cluster, planned):
     _, worker = cluster
     fp, paths, devices = planned
@@ -114,8 +111,8 @@ def test_fleet_loaded_together_matches_the_plan_per_device(cluster, planned):
             actual = {k: sum(m.report.bytes_on(d.name, k) for _, m in opened) for k in ("model", "kv", "compute")}
             planned_ = {k: sum(getattr(dp, a) for p, _ in opened for dp in p.plan.offload_devices if dp.name == d.name)
                         for k, a in (("model", "weights_bytes"), ("kv", "kv_bytes"), ("compute", "compute_bytes"))}
-            assert _close(planned_["model"], actual["model"]), f"{d.name} weights: {planned_['model']} vs {actual['model']}"
-            assert _close(planned_["kv"], actual["kv"]), f"{d.name} KV: {planned_['kv']} vs {actual['kv']}"
+            assert close_to_llama(planned_["model"], actual["model"]), f"{d.name} weights: {planned_['model']} vs {actual['model']}"
+            assert close_to_llama(planned_["kv"], actual["kv"]), f"{d.name} KV: {planned_['kv']} vs {actual['kv']}"
             assert abs(planned_["compute"] - actual["compute"]) <= COMPUTE_TOLERANCE * actual["compute"] + 1, \
                 f"{d.name} compute: {planned_['compute']} vs {actual['compute']}"
             # and the fleet's device row is that sum (resident models: no swappable one here)
@@ -125,8 +122,8 @@ def test_fleet_loaded_together_matches_the_plan_per_device(cluster, planned):
                 assert actual["model"] > 0
         for p, m in opened:          # each model's own share too
             for dp in p.plan.offload_devices:
-                assert _close(dp.weights_bytes, m.report.bytes_on(dp.name, "model")), (p.name, dp.name)
-                assert _close(dp.kv_bytes, m.report.bytes_on(dp.name, "kv")), (p.name, dp.name)
+                assert close_to_llama(dp.weights_bytes, m.report.bytes_on(dp.name, "model")), (p.name, dp.name)
+                assert close_to_llama(dp.kv_bytes, m.report.bytes_on(dp.name, "kv")), (p.name, dp.name)
             # and nothing on the devices the plan did not give it
             for d in devices:
                 if d.name not in p.devices:

@@ -15,11 +15,12 @@ The moe-balance policy's rules are checked the same way, on devices told they ar
 from __future__ import annotations
 
 import pytest
+from builders import close_to_llama
 
 from gpulab import SplitConfig, plan, read_profile
 from gpulab.core.overrides import parse_llama_rpc_buffer_type
 from gpulab.sources.host import host_device
-from gpulab.sources.synth import SynthSpec, write_model
+from gpulab.sources.synth import SynthSpec
 from llama_tools import NOT_BUILT, tools_bin
 
 MiB = 1024**2
@@ -65,24 +66,6 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def worker():
-    from gpulab.runtime.rpc import start_servers
-    from gpulab.runtime.worker import Worker
-    with start_servers(3) as cluster, Worker(cluster.endpoints) as w:
-        yield w
-
-
-@pytest.fixture(scope="module")
-def model_paths(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ot-models")
-    return {name: write_model(root / f"{name}.gguf", spec) for name, spec in MODELS.items()}
-
-
-def _close(predicted: int, actual: int) -> bool:
-    return abs(predicted - actual) <= max(0.01 * actual, 1 * MiB)
-
-
 def _llama_names(config: SplitConfig, devices) -> SplitConfig:
     """The same rules with RPC devices named as llama.cpp names their buffer types."""
     from gpulab.core.overrides import llama_buffer_type_name
@@ -123,13 +106,13 @@ def _assert_placed_as_llama_cpp(predicted, report, devices) -> None:
 
     for d in predicted.devices:
         got = report.kinds_by_device().get(d.name, {})
-        assert _close(d.kv_bytes, got.get("kv", 0)), f"{d.name} KV: {d.kv_bytes} vs {got.get('kv', 0)}"
+        assert close_to_llama(d.kv_bytes, got.get("kv", 0)), f"{d.name} KV: {d.kv_bytes} vs {got.get('kv', 0)}"
         if d.is_host:
             bufs = {b.buffer_type: b.n_bytes for b in report.buffers if b.device == "CPU" and b.kind == "model"}
-            assert _close(d.mapped_bytes, bufs.get("CPU_Mapped", 0)), f"CPU_Mapped: {d.mapped_bytes} vs {bufs}"
-            assert _close(d.repack_bytes, bufs.get("CPU_REPACK", 0)), f"CPU_REPACK: {d.repack_bytes} vs {bufs}"
+            assert close_to_llama(d.mapped_bytes, bufs.get("CPU_Mapped", 0)), f"CPU_Mapped: {d.mapped_bytes} vs {bufs}"
+            assert close_to_llama(d.repack_bytes, bufs.get("CPU_REPACK", 0)), f"CPU_REPACK: {d.repack_bytes} vs {bufs}"
         else:
-            assert _close(d.weights_bytes, got.get("model", 0)), f"{d.name} weights: {d.weights_bytes} vs {got}"
+            assert close_to_llama(d.weights_bytes, got.get("model", 0)), f"{d.name} weights: {d.weights_bytes} vs {got}"
         actual = got.get("compute", 0)
         if actual:
             assert abs(d.compute_bytes - actual) <= 0.25 * actual, \

@@ -16,10 +16,11 @@ import json
 from pathlib import Path
 
 import pytest
+from builders import close_to_llama
 
 from gpulab import SplitConfig, plan, read_profile
 from gpulab.sources.host import host_device
-from gpulab.sources.synth import SynthSpec, write_model
+from gpulab.sources.synth import SynthSpec
 
 MiB = 1024**2
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -62,24 +63,6 @@ CONFIGS = {
 _compute_errors: list[dict] = []
 
 
-@pytest.fixture(scope="module")
-def worker():
-    from gpulab.runtime.rpc import start_servers
-    from gpulab.runtime.worker import Worker
-    with start_servers(3) as cluster, Worker(cluster.endpoints) as w:
-        yield w
-
-
-@pytest.fixture(scope="module")
-def model_paths(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    return {name: write_model(root / f"{name}.gguf", spec) for name, spec in MODELS.items()}
-
-
-def _close(predicted: int, actual: int) -> bool:
-    return abs(predicted - actual) <= max(0.01 * actual, 1 * MiB)
-
-
 @pytest.mark.parametrize("config_name", list(CONFIGS))
 @pytest.mark.parametrize("model_name", list(MODELS))
 def test_plan_matches_llama_cpp(model_name, config_name, model_paths, worker):
@@ -95,9 +78,9 @@ def test_plan_matches_llama_cpp(model_name, config_name, model_paths, worker):
     assert list(report.layer_devices) == list(predicted.layer_devices), "placement differs from llama.cpp"
     for d in predicted.devices:
         # the host's weights as llama.cpp allocates them: the CPU_Mapped file span and CPU_REPACK copies
-        assert _close(d.weights_bytes, report.bytes_on(d.name, "model")), \
+        assert close_to_llama(d.weights_bytes, report.bytes_on(d.name, "model")), \
             f"{d.name} weights: predicted {d.weights_bytes}, llama.cpp {report.bytes_on(d.name, 'model')}"
-        assert _close(d.kv_bytes, report.bytes_on(d.name, "kv")), \
+        assert close_to_llama(d.kv_bytes, report.bytes_on(d.name, "kv")), \
             f"{d.name} KV: predicted {d.kv_bytes}, llama.cpp {report.bytes_on(d.name, 'kv')}"
         actual_compute = report.bytes_on(d.name, "compute")
         if actual_compute:

@@ -16,10 +16,11 @@ The refusals are checked against llama.cpp's messages.
 from __future__ import annotations
 
 import pytest
+from builders import close_to_llama
 
 from gpulab import ConfigError, LoadError, SplitConfig, plan, read_profile
 from gpulab.sources.host import host_device
-from gpulab.sources.synth import SynthSpec, write_model
+from gpulab.sources.synth import SynthSpec
 
 MiB = 1024**2
 
@@ -56,17 +57,6 @@ def cluster_and_worker():
         yield cluster, w
 
 
-@pytest.fixture(scope="module")
-def model_paths(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    return {name: write_model(root / f"{name}.gguf", spec) for name, spec in MODELS.items()}
-
-
-def _close(predicted: int, actual: int) -> bool:
-    """The issue's bar, for llama.cpp's log lines (printed to 0.01 MiB)."""
-    return abs(predicted - actual) <= max(0.01 * actual, 1 * MiB)
-
-
 def _same(predicted: int, actual: int) -> bool:
     """A server's own allocation is exact; 4 KiB allows for alignment padding (32 bytes a tensor).
     Tighter than the 1%-or-1-MiB bar on purpose: a slice a head or a 128-row step off is 64 KiB
@@ -99,10 +89,10 @@ def test_tensor_split_matches_each_rpc_server(model_name, split_name, model_path
             f"{d.name} KV: predicted {p.kv_bytes}, the server allocated {got.kv_bytes}"
     # llama.cpp's Meta() lines (printed to 0.01 MiB): the largest member's buffers; compute buffers
     # are allocated at the meta buffer's size on every member
-    assert _close(max(h.model_bytes for h in held.values()), report.bytes_on("Meta()", "model"))
-    assert _close(max(h.kv_bytes for h in held.values()), report.bytes_on("Meta()", "kv"))
+    assert close_to_llama(max(h.model_bytes for h in held.values()), report.bytes_on("Meta()", "model"))
+    assert close_to_llama(max(h.kv_bytes for h in held.values()), report.bytes_on("Meta()", "kv"))
     for h in held.values():
-        assert _close(h.compute_bytes, report.bytes_on("Meta()", "compute"))
+        assert close_to_llama(h.compute_bytes, report.bytes_on("Meta()", "compute"))
 
 
 @pytest.mark.parametrize("config", [
@@ -121,7 +111,7 @@ def test_partial_offload_and_host_kv(config, model_paths, cluster_and_worker):
         got = server_buffers(s.output()[marks[s.endpoint]:])
         assert _same(predicted.device(d.name).weights_bytes, got.model_bytes), (d.name, got)
         assert _same(predicted.device(d.name).kv_bytes, got.kv_bytes), (d.name, got)
-    assert _close(predicted.host.kv_bytes, report.bytes_on("CPU", "kv"))
+    assert close_to_llama(predicted.host.kv_bytes, report.bytes_on("CPU", "kv"))
 
 
 def test_flash_attention_off_is_refused_by_both(model_paths, tmp_path):
