@@ -43,13 +43,6 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90) 
             time.sleep(0.5)
 
 
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
 
 
 def bar_paths(page) -> list[str]:

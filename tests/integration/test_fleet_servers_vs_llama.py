@@ -25,6 +25,7 @@ from gpulab.core.fleet_planner import plan_fleet
 from gpulab.sources.read import read_profile
 from gpulab.sources.synth import SynthSpec, write_model
 from llama_tools import NOT_BUILT, tools_bin
+from processes import stop
 
 GiB = 1024**3
 
@@ -57,13 +58,6 @@ def _fleet(tmp_path, endpoints):
     return fp, paths, devices
 
 
-def _stop(proc) -> None:
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
 
 
 @pytest.mark.skipif(tools_bin() is None, reason=NOT_BUILT)
@@ -96,7 +90,7 @@ def test_llama_swap_cmds_serve_together(tmp_path):
                 assert "model loaded" in (tmp_path / f"{name}.log").read_text()
         finally:
             for p in procs.values():
-                _stop(p)
+                stop(p, 30)
 
 
 @pytest.mark.skipif(tools_bin() is None, reason=NOT_BUILT)
@@ -134,5 +128,5 @@ def test_router_loads_the_exported_presets(tmp_path):
                 assert args[args.index("--model") + 1] == paths[name]
             assert models["coder"]["status"]["args"][models["coder"]["status"]["args"].index("--cache-type-k") + 1] == "q8_0"
         finally:
-            _stop(router)
+            stop(router, 30)
             log.close()
