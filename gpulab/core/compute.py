@@ -54,7 +54,7 @@ from .config import SplitConfig
 from .devices import HOST_NAME
 from .profile import ModelProfile
 
-__all__ = ["estimate_compute_bytes", "compute_tokens", "pipeline_copies", "SCHED_MAX_COPIES"]
+__all__ = ["estimate_compute_bytes", "compute_tokens", "pipeline_copies", "SCHED_MAX_COPIES", "dry_run_extra_bytes"]
 
 SCHED_MAX_COPIES = 4          # GGML_SCHED_MAX_COPIES (ggml-backend.cpp)
 _ALIGN = 32                   # TENSOR_ALIGNMENT: CPU and RPC buffers (CUDA pads to 128)
@@ -142,6 +142,26 @@ def pipeline_copies(config: SplitConfig, layer_devices: list[str], n_devices: in
             and HOST_NAME not in layer_devices and not config.has_tensor_overrides):
         return SCHED_MAX_COPIES
     return 1
+
+
+def dry_run_extra_bytes(profile: ModelProfile, config: SplitConfig, layer_devices: list[str],
+                        names: list[str]) -> dict[str, int]:
+    """What llama.cpp's `no_alloc` dry run (the measurement of common_fit_params, and of
+    llama-fit-params -fitp) counts in a compute buffer beyond what a real load allocates.
+
+    Measured, not derived: with pipeline parallelism, every offload device after the first that holds
+    repeating layers holds
+    GGML_SCHED_MAX_COPIES more [n_embd, n_tokens] f32 row sets in the dry run's breakdown than in the
+    buffer a real load logs (RPC devices; dense and MoE, n_embd 512-1024, -ub 256/512, -fa on/off;
+    tests/integration/test_fit_vs_llama.py). Nothing otherwise."""
+    nc = pipeline_copies(config, layer_devices, len(names) - 1)
+    if nc == 1:
+        return {}
+    T = compute_tokens(config)[0]
+    e = _a(4 * profile.n_embd * T)
+    first = layer_devices[0]
+    # a device holding the output layer alone gets nothing more
+    return {d: nc * e for d in dict.fromkeys(layer_devices[:profile.n_layer]) if d != first and d != HOST_NAME}
 
 
 def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_devices: list[str],

@@ -60,6 +60,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
+from .compute import dry_run_extra_bytes
 from .config import SplitConfig
 from .devices import HOST_NAME, Device
 from .errors import ConfigError
@@ -289,8 +290,11 @@ class _Fit:
         if self.measure_fn is not None:
             return list(self.measure_fn(cfg))
         p = plan(self.profile, self.devices, cfg, self.host)
-        self.compute[cfg] = [d.compute_bytes for d in p.offload_devices]
-        return [d.weights_bytes + d.kv_bytes + d.compute_bytes for d in p.offload_devices]
+        # a dry run's breakdown is not quite a real load's (gpulab.core.compute.dry_run_extra_bytes)
+        extra = dry_run_extra_bytes(self.profile, p.config, list(p.layer_devices), [d.name for d in p.devices])
+        compute = [d.compute_bytes + extra.get(d.name, 0) for d in p.offload_devices]
+        self.compute[cfg] = compute
+        return [d.weights_bytes + d.kv_bytes + c for d, c in zip(p.offload_devices, compute)]
 
     def _uncertainty(self, cfg: SplitConfig, dev: int) -> int:
         """How far gpulab's compute buffer (gpulab.core.compute) may be from llama.cpp's, plus the
