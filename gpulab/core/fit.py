@@ -189,6 +189,14 @@ class FitResult:
                            f"({d.uncertainty_bytes / MiB:.1f} MiB): fit's dry run may decide the other way")
         return tuple(out)
 
+    @property
+    def over_target(self) -> tuple[tuple[str, int], ...]:
+        """(device, bytes) where the settings fit chose use more than free - margin. Fit checks each
+        device when it fills it; filling the devices before it can still change its compute buffer
+        (offloading every layer turns on pipeline parallelism: 4 copies of its inputs)."""
+        return tuple((n, u - t) for n, u, t in zip(self.device_names, self.projected_used_bytes, self.targets_bytes)
+                     if u > t)
+
     def flags(self, devices: list[Device] | None = None) -> str:
         """What llama-fit-params prints (tools/fit-params/fit-params.cpp), '' unless fit succeeded.
         `devices`: for RPC devices' buffer type names ('RPC0[127.0.0.1:50052]') in -ot."""

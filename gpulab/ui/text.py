@@ -186,6 +186,10 @@ def fit_text(r, fitted_plan: Plan, devices, largest_ctx: int | None = None) -> s
                      f"{_setting_text(attr, getattr(r.config, attr))}")
     lines.append("  fit's log:")
     lines += [f"    {x}" for x in r.reasons]
+    for name, over in r.over_target:
+        lines.append(f"  warning: with these settings {name} is projected {over / 1024**2:.0f} MiB over its -fitt target: fit "
+                     "filled it before the devices ahead of it, and offloading every layer turns on pipeline "
+                     "parallelism (4 copies of the compute inputs), which its dry runs for that device did not see")
     near = r.near_boundary
     for x in near[:4]:
         lines.append(f"  warning: {x}")

@@ -191,3 +191,34 @@ def test_the_largest_context_loads_within_the_margin_and_one_step_more_does_not(
     mib = lambda xs: [round(x / MiB, 2) for x in xs]  # noqa: E731
     assert all(u <= b for u, b in zip(at_n, budgets)), f"llama.cpp at -c {n}: {mib(at_n)} MiB vs {mib(budgets)}"
     assert any(u > b for u, b in zip(above, budgets)), f"llama.cpp at -c {n + 256}: {mib(above)} MiB vs {mib(budgets)}"
+
+
+def _fit_print(path, endpoints, flags) -> list[int]:
+    """llama-fit-params -fitp on: llama.cpp's own dry-run memory (model + context + compute, each
+    printed in whole MiB, truncated) of every device, for these flags."""
+    argv = [str(tools_bin() / "llama-fit-params"), "-m", str(path), "--rpc", ",".join(endpoints), "-fitp", "on",
+            *flags]
+    got = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert got.returncode == 0, got.stderr[-2000:]
+    rows = [line.split() for line in got.stdout.splitlines() if line.startswith("RPC")]
+    return [int(m) + int(c) + int(k) for _, m, c, k in rows]
+
+
+def test_fit_overshoots_where_gpulab_says_it_does(rpc, models):
+    """llama.cpp's fit fills the last device first, measuring it while the devices ahead hold no
+    layers; once every layer is offloaded, pipeline parallelism (4 copies of the compute inputs)
+    makes the devices filled early use more than their target. gpulab's FitResult.over_target
+    predicts which devices, and llama.cpp's own dry run of the chosen flags (-fitp) agrees."""
+    endpoints, devices = rpc
+    prof = read_profile(models["dense"])
+    budgets = [320, 275, 238]
+    r = fit(prof, devices, _config_of((), fit_target=tuple(d.total_bytes // MiB - b for d, b in zip(devices, budgets))))
+    assert r.ok and r.over_target, "this case should overshoot"
+    flags = [f.strip('"') for f in r.flags(devices).split()]
+    used = _fit_print(models["dense"], endpoints, flags)
+    checked = 0
+    for name, u, t, b, got in zip(r.device_names, r.projected_used_bytes, r.targets_bytes, budgets, used):
+        if abs(u - t) > 3 * MiB:        # -fitp prints three truncated MiB numbers per device
+            assert (u > t) == (got > b), f"{name}: gpulab {u / MiB:.1f} MiB vs target {t / MiB:.1f}; llama.cpp {got}"
+            checked += 1
+    assert checked >= 2
