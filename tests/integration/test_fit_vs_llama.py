@@ -79,6 +79,10 @@ CASES = [
         "RPC0/RPC1 52/60 MiB, gpulab 54/62; with an f16 cache they agree to the MiB). Fit's context interpolation "
         "divides by about 7.5 KiB per token here, so 4 MiB summed over two devices moves it by two steps of 256: "
         "gpulab -c 7680, llama.cpp -c 7936. The -ngl/-ts it chooses agree."))),
+    # two sequences, KV not unified (llama-fit-params' default): two streams, steps of 512
+    Case("dense-3-np2", "dense", 3, (1.1, 1.1, 1.1), SplitConfig(n_ctx=24576, n_seq_max=2), flags=("-np", "2")),
+    # an explicit -c 0 asks for the full context: no reduction, layers only
+    Case("dense-3-full-ctx", "dense", 3, (0.8, 0.8, 0.8), SplitConfig(n_ctx=32768), flags=("-c", "0")),
     # -ngl given: fit reduces the context, then gives up (llama-fit-params exits 1)
     Case("dense-3-user-ngl", "dense", 3, (0.5, 0.5, 0.5), CTX, flags=("-ngl", "10"), expect="failure"),
     # MoE: the dense-only layers fit with room to spare: full layers front to back, overflow layers
@@ -97,7 +101,7 @@ def _config_of(flags: tuple[str, ...], **kw) -> SplitConfig:
     for f in it:
         v = next(it)
         key = {"-c": "n_ctx", "-fitc": "fit_ctx", "-ngl": "n_gpu_layers", "-ctk": "type_k", "-ctv": "type_v",
-               "-ub": "n_ubatch", "-b": "n_batch"}[f]
+               "-ub": "n_ubatch", "-b": "n_batch", "-np": "n_seq_max"}[f]
         values[key] = v if key.startswith("type") else int(v)
     return SplitConfig(**values)
 
@@ -119,7 +123,13 @@ def models(tmp_path_factory):
     return {name: write_model(root / f"{name}.gguf", spec) for name, spec in MODELS.items()}
 
 
-def _settled(prof, devices, budgets, config_for):
+def _n_ctx_min(flags):
+    """common/arg.cpp: an explicit -c 0 sets fit's minimum context to UINT32_MAX."""
+    from gpulab.core.fit import UINT32_MAX
+    return UINT32_MAX if "-c" in flags and flags[flags.index("-c") + 1] == "0" else None
+
+
+def _settled(prof, devices, budgets, config_for, n_ctx_min=None):
     """Move budgets 1 MiB at a time until no decision of gpulab's fit is within its uncertainty of
     its target, and an interpolated context is mid-way between two steps of 256 (there the
     uncertainty of the compute buffers, summed over the two dry runs, is always more than half a
@@ -127,7 +137,7 @@ def _settled(prof, devices, budgets, config_for):
     budgets = list(budgets)
     names = [d.name for d in devices]
     for _ in range(64):
-        r = fit(prof, devices, config_for(budgets))
+        r = fit(prof, devices, config_for(budgets), n_ctx_min=n_ctx_min)
         near = [d for d in r.decisions if d.near and (d.tokens_to_step is None or d.tokens_to_step < 72)]
         if not near:
             return budgets, r
@@ -148,7 +158,7 @@ def test_fit_prints_what_llama_fit_params_prints(case, rpc, models):
     def config_for(budgets):
         return _config_of(case.flags, fit_target=tuple(d.total_bytes // MiB - b for d, b in zip(devices, budgets)))
 
-    budgets, ours = _settled(prof, devices, start, config_for)
+    budgets, ours = _settled(prof, devices, start, config_for, _n_ctx_min(case.flags))
     assert ours.status == case.expect, ours.reasons
     targets = config_for(budgets).fit_target
     argv = [str(tools_bin() / "llama-fit-params"), "-m", str(path), "--rpc", ",".join(endpoints[:case.n_dev]),
