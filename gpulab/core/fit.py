@@ -63,11 +63,10 @@ from typing import Callable
 from .compute import dry_run_extra_bytes
 from .config import SplitConfig
 from .devices import HOST_NAME, Device
-from .errors import ConfigError
 from .planner import plan, select_devices
 from .profile import ModelProfile
 
-__all__ = ["FitResult", "fit", "fit_flags", "needs_fit", "DEFAULT_TARGET_MIB", "UINT32_MAX", "fit_margins",
+__all__ = ["FitResult", "fit", "fit_flags", "DEFAULT_TARGET_MIB", "UINT32_MAX", "fit_margins",
            "MOE_ALL_PATTERN", "overflow_pattern"]
 
 MiB = 1024 * 1024
@@ -78,8 +77,7 @@ COMPUTE_UNCERTAINTY = 0.10           # gpulab.core.compute: closed forms within 
 COMPUTE_UNCERTAINTY_OVERRIDES = 0.25  # with tensor overrides (tests/integration/test_overrides_vs_llama.py)
 
 # enum common_layer_fraction_t: which part of a layer a device keeps before the rest overflows
-NONE, ATTN, UP, GATE, MOE = 0, 1, 2, 3, 4
-_FRACTION_NAMES = {ATTN: "ATTN", UP: "UP", GATE: "GATE", MOE: "MOE"}
+ATTN, UP, GATE, MOE = 1, 2, 3, 4
 
 
 def overflow_pattern(il: int, fraction: int) -> str:
@@ -230,12 +228,6 @@ def fit_margins(config: SplitConfig, n_devices: int) -> list[int]:
     return [(t[i] if i < len(t) else DEFAULT_TARGET_MIB) * MiB for i in range(max(n_devices, 1))]
 
 
-def needs_fit(config: SplitConfig) -> bool:
-    """Whether llama-server would run fit and fit could change anything: -fit on and at least one of
-    -c 0, -ngl auto, -ts unset, no overrides left for it to choose."""
-    return config.fit == "on" and (config.n_ctx == 0 or config.n_gpu_layers == -1)
-
-
 class _Abort(Exception):
     """common_params_fit_exception (status failure) or runtime_error (status error)."""
 
@@ -343,7 +335,8 @@ class _Fit:
             sum_used = host_plan.host.weights_bytes + host_plan.host.kv_bytes + host_plan.host.compute_bytes
             sum_free = self.host.total_bytes if self.host is not None else 0
             sum_projected_free = sum_free - sum_used
-            self.log(f"projected to use {sum_used // MiB} MiB of host memory vs. {sum_free // MiB} MiB of total host memory")
+            self.log(f"projected to use {sum_used // MiB} MiB of host memory vs. {sum_free // MiB} MiB of total "
+                     "host memory")
             if sum_projected_free >= margins[0]:
                 self.log(f"will leave {sum_projected_free // MiB} >= {margins[0] // MiB} MiB of system memory, "
                          "no changes needed")
@@ -487,7 +480,8 @@ class _Fit:
         self._last = cfg
         return self.measure(cfg)
 
-    def _check(self, what: str, ngl: list[_Ngl], bufts: list[str], dev: int, mem: list[int], strict: bool = False) -> bool:
+    def _check(self, what: str, ngl: list[_Ngl], bufts: list[str], dev: int, mem: list[int],
+               strict: bool = False) -> bool:
         """Compare the last dry run (of `ngl`) on device `dev` with its target."""
         self.decide(what, self._last, dev, mem[dev], self.targets[dev])
         return mem[dev] < self.targets[dev] if strict else mem[dev] <= self.targets[dev]

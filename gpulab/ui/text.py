@@ -187,9 +187,9 @@ def fit_text(r, fitted_plan: Plan, devices, largest_ctx: int | None = None) -> s
     lines.append("  fit's log:")
     lines += [f"    {x}" for x in r.reasons]
     for name, over in r.over_target:
-        lines.append(f"  warning: with these settings {name} is projected {over / 1024**2:.0f} MiB over its -fitt target: fit "
-                     "filled it before the devices ahead of it, and offloading every layer turns on pipeline "
-                     "parallelism (4 copies of the compute inputs), which its dry runs for that device did not see")
+        lines.append(f"  warning: with these settings {name} is projected {over / 1024**2:.0f} MiB over its -fitt "
+                     "target: fit checked it when it filled it, and filling the devices ahead of it changed what it "
+                     "uses (offloading every layer turns on pipeline parallelism: 4 copies of the compute inputs)")
     near = r.near_boundary
     for x in near[:4]:
         lines.append(f"  warning: {x}")

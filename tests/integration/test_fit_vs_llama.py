@@ -165,7 +165,8 @@ def test_fit_prints_what_llama_fit_params_prints(case, rpc, models):
             "-fitt", ",".join(map(str, targets)), *case.flags]
     got = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     printed = [line for line in got.stdout.splitlines() if line.startswith("-c ")]
-    why = f"budgets {budgets} MiB\ngpulab's fit:\n  " + "\n  ".join(ours.reasons) + "\nllama.cpp:\n" + got.stderr[-3000:]
+    why = (f"budgets {budgets} MiB\ngpulab's fit:\n  " + "\n  ".join(ours.reasons) + "\nllama.cpp:\n"
+           + got.stderr[-3000:])
     if case.expect == "failure":
         assert got.returncode == 1 and not printed, why
         return
