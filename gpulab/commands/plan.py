@@ -102,7 +102,8 @@ def run(a, session) -> Result:
         fitted = server_fit(a, prof, choice, config)
         fitted_plan = make_plan(prof, list(choice.devices), fitted.config, choice.host)
         from ..core.context import largest_ctx
-        most = largest_ctx(prof, list(choice.devices), fitted.config, choice.host) if fitted.ok else None
+        most = (largest_ctx(prof, list(choice.devices), fitted.config, choice.host)
+                if fitted.ok and fitted.device_names else None)
         text = (fit_text(fitted, fitted_plan, list(choice.devices), most) + "\n\n"
                 + "plain layer split, no fit (llama-bench, llama-cpp-python, llama-server -fit off):\n" + text)
         data["fit"] = {**fit_data(fitted, fitted_plan, list(choice.devices)), "largest_ctx": most}
