@@ -103,6 +103,14 @@ def run(a, session) -> Result:
     if run.plan is None:
         run = replace(run, plan=p.to_dict())
     notes = list(getattr(run, "notes", ()))
+    from .plan import server_would_fit
+    if not getattr(a, "policy", None) and server_would_fit(config):
+        # llama-bench and llama-cpp-python load the settings as given; llama-server fits first
+        from ..core.fit import fit
+        fitted = fit(prof, list(choice.devices), config.replace(n_ctx=0), choice.host)
+        if fitted.ok and fitted.changed != ("n_ctx",):
+            notes.append(f"note: measured without -fit, as llama-bench does; llama-server would load "
+                         f"{fitted.flags(list(choice.devices))} (gpulab plan shows why; --policy fit measures it)")
     records = to_llama_bench_records(run)
     store_path = a.store if a.frontend == "magic" else (None if a.no_store else (a.store or ""))
     if store_path is not None:
