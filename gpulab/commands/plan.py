@@ -3,7 +3,8 @@ and per-device memory, predicted, and the predicted speed.
 
 llama-server and llama-cli fit before they load (-fit on, their default: gpulab.core.fit); llama-bench
 and llama-cpp-python do not. So without -ts, -ngl and -ot (and -fit off), the plan shows first what
-llama-server would load (its default -c 0 unless -c is given), what fit changed and why, and then
+llama-server would load (its defaults -c 0 and -np 4 -kvu unless -c / -np are given), what fit
+changed and why, and then
 the plain layer split that llama-bench and llama-cpp-python load. `--policy fit` plans fit's choice
 alone.
 
@@ -23,13 +24,14 @@ __all__ = ["register", "run", "planned"]
 def register(sub, frontend: str) -> None:
     p = sub.add_parser("plan", help="predict llama.cpp's placement and per-device memory")
     add_model_arg(p)
-    add_config_flags(p, n_ctx=None)      # None: -c not given (llama-server's default is -c 0)
+    # None: -c / -np not given (llama-server's defaults are -c 0 and -np auto: 4 slots, unified KV)
+    add_config_flags(p, n_ctx=None, n_seq_max=None)
     add_device_flags(p)
     p.add_argument("--policy", choices=ALL_POLICIES,
                    help="choose -ts by a policy; fit: llama-server's own -fit (also -c, -ngl, -ot)")
     p.add_argument("--ctx-table", action="store_true",
                    help="the largest context that leaves -fitt free on every device, for KV types f16, q8_0, q4_0 "
-                        "(steps of 256 x -np; -np 1 is llama-server's default of 4 slots sharing one unified cache)")
+                        "(steps of 256 x streams; llama-server's defaults are -np 4 -kvu: one stream)")
     add_json_flag(p, frontend)
     if frontend == "magic":
         p.add_argument("--no-figures", action="store_true", help="the table only")
@@ -53,20 +55,24 @@ def planned(a, session, *, for_load: bool = False, virtual_if_no_gpu: bool = Fal
 
 
 def _with_ctx(a):
-    """The arguments with gpulab's default context where -c was not given."""
-    if getattr(a, "ctx_size", 0) is not None:
-        return a
+    """The arguments with gpulab's defaults where -c or -np was not given (plan leaves them unset to
+    know: llama-server's own defaults differ, see server_fit)."""
     from argparse import Namespace
     from ..core.config import SplitConfig
-    return Namespace(**{**vars(a), "ctx_size": SplitConfig().n_ctx})
+    missing = {k: getattr(SplitConfig(), attr) for k, attr in (("ctx_size", "n_ctx"), ("parallel", "n_seq_max"))
+               if hasattr(a, k) and getattr(a, k) is None}
+    return Namespace(**{**vars(a), **missing}) if missing else a
 
 
 def server_fit(a, prof, choice, config):
-    """common_fit_params as llama-server runs it on these flags: -c 0 where -c was not given (an
-    explicit -c 0 asks for the full context: fit's minimum becomes UINT32_MAX, common/arg.cpp)."""
+    """common_fit_params as llama-server runs it on these flags, with its defaults for what was not
+    given: -c 0 (an explicit -c 0 asks for the full context: fit's minimum becomes UINT32_MAX,
+    common/arg.cpp) and -np auto, which is 4 slots sharing one unified KV cache (tools/server/server.cpp)."""
     from ..core.fit import UINT32_MAX, fit
     ctx_given = getattr(a, "ctx_size", None) is not None
     server = config if ctx_given else config.replace(n_ctx=0)
+    if getattr(a, "parallel", 1) is None:
+        server = server.replace(n_seq_max=4, kv_unified=True)
     return fit(prof, list(choice.devices), server, choice.host,
                n_ctx_min=UINT32_MAX if ctx_given and config.n_ctx == 0 else None)
 

@@ -187,10 +187,11 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
 
     # KV cells per stream (llama_context ctor: n_ctx_seq), and the sliding-window cache
     # (llama_kv_cache_iswa: pad(min(size_base, n_swa + n_ubatch), 256) unless --swa-full)
-    n_kv = _pad(_pad(config.n_ctx, 256) // n_seqs, 256)
+    n_stream = config.n_streams         # one stream with a unified cache (-kvu)
+    n_kv = _pad(config.n_ctx, 256) if config.kv_unified else _pad(_pad(config.n_ctx, 256) // n_seqs, 256)
     n_kv_swa = n_kv
     if g.has_swa and not config.swa_full:
-        n_kv_swa = min(n_kv, _pad(profile.n_swa + n_ubatch, 256))
+        n_kv_swa = min(n_kv, _pad(profile.n_swa * (config.n_seq_max if config.kv_unified else 1) + n_ubatch, 256))
 
     E = g.n_embd
     e = _a(4 * E * T)                  # a row set: [n_embd, T] f32
@@ -210,8 +211,8 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     kv_in_swa = k_idxs + v_idxs + _a(n_kv_swa * T * mask_elt) if g.has_swa else 0
     all_inputs = pos + kv_in_full + kv_in_swa + out_ids
     # KQ of build_attn_mha: [n_kv, T / n_stream, n_head, n_stream] f32, one stream per sequence
-    kq_full = _a(4 * n_kv * (T // n_seqs) * g.n_head * n_seqs)
-    kq_swa = _a(4 * n_kv_swa * (T // n_seqs) * g.n_head * n_seqs)
+    kq_full = _a(4 * n_kv * (T // n_stream) * g.n_head * n_stream)
+    kq_swa = _a(4 * n_kv_swa * (T // n_stream) * g.n_head * n_stream)
 
     if g.moe:
         # build_moe_ffn: up, gate and GLU [n_ff_exp, n_expert_used, T]; the expert outputs

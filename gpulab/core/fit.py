@@ -11,8 +11,8 @@ loads read through `llama_get_memory_breakdown`: per device model + context + co
 The algorithm (common_params_fit_impl), step by step:
 
 0. Refused: split mode tensor ("not implemented for SPLIT_MODE_TENSOR"). n_streams is 1 with a
-   unified KV cache, else n_seq_max (gpulab plans -np N as N streams: --kv-unified off; llama-server's
-   default -np auto is 4 slots with one unified cache = 1 stream, which is what -np 1 plans).
+   unified KV cache (-kvu), else n_seq_max (llama-server's default -np auto is 4 slots with one
+   unified cache: -np 4 -kvu, one stream; llama-fit-params' default is -np 1).
    n_ctx_max = n_ctx_train * n_streams, n_ctx_min_total = fit_ctx * n_streams (`-c 0` given
    explicitly sets fit_ctx to UINT32_MAX: "user has requested full context size").
 1. Dry run with the settings as given (-c 0 resolved to n_ctx_max). Per device: projected free =
@@ -314,7 +314,7 @@ class _Fit:
         cfg, prof = self.given, self.profile
         if cfg.split_mode == "tensor":
             raise _Abort("llama_params_fit is not implemented for SPLIT_MODE_TENSOR, abort")
-        n_streams = max(1, cfg.n_seq_max)   # gpulab's -np N is N streams (--kv-unified off)
+        n_streams = cfg.n_streams   # 1 with a unified KV cache, else n_seq_max
         n_ctx_auto = cfg.n_ctx == 0
         hp_ngl, hp_nct, hp_nex = prof.n_layer, prof.n_ctx_train or 4096, prof.n_expert
         n_ctx_max = min(hp_nct * n_streams, UINT32_MAX)
