@@ -205,7 +205,11 @@ class FitResult:
 
 def fit_flags(config: SplitConfig, overrides, devices: list[Device]) -> str:
     """llama_fit_params' printf: -c, -ngl, -ts of whole layer counts with trailing zero entries
-    dropped (none when one is left), -ot in quotes with each rule's buffer type name."""
+    dropped (none when one is left), -ot in quotes with each rule's buffer type name.
+
+    Mirrored as printed, quirk included: when fit gives every layer to the first device (-ts 5,0,0)
+    llama-fit-params prints no -ts, and those flags would spread the layers by free memory instead;
+    gpulab's exports of the fitted config write the -ts fit chose."""
     from .overrides import llama_buffer_type_name
     by_name = {d.name: llama_buffer_type_name(d) for d in devices}
     out = f"-c {config.n_ctx} -ngl {config.n_gpu_layers}"
