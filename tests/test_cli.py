@@ -87,6 +87,7 @@ def test_inspect_json_lists_layers(capsys, model):
     (["plan", "{model}", "--sim", "24GiB,24GiB", "-sm", "none", "-mg", "2"], "main_gpu 2 is out of range"),
     (["plan", "{model}", "--sim", "24XB"], "cannot parse device spec item"),
     (["plan", "{model}", "--sim", "24GiB", "--device", "CUDA7"], "unknown device"),
+    (["plan", "{model}", "--sim", "24GiB", "--fit-dry-run"], "--fit-dry-run loads the model with llama.cpp"),
     (["inspect", "{notgguf}"], "GGUF"),
     (["inspect", "{truncated}"], "truncated"),
     (["inspect", "{missing}"], "missing.gguf"),

@@ -29,6 +29,9 @@ def register(sub, frontend: str) -> None:
     add_device_flags(p)
     p.add_argument("--policy", choices=ALL_POLICIES,
                    help="choose -ts by a policy; fit: llama-server's own -fit (also -c, -ngl, -ot)")
+    p.add_argument("--fit-dry-run", action="store_true",
+                   help="make fit's dry runs with llama.cpp (no_alloc loads on the devices present, seconds) instead "
+                        "of the planner (milliseconds), where gpulab's estimate is too close to call")
     p.add_argument("--ctx-table", action="store_true",
                    help="the largest context that leaves -fitt free on every device, for KV types f16, q8_0, q4_0 "
                         "(steps of 256 x streams; llama-server's defaults are -np 4 -kvu: one stream)")
@@ -48,7 +51,7 @@ def planned(a, session, *, for_load: bool = False, virtual_if_no_gpu: bool = Fal
     choice = devices_from_args(a, session, for_load=for_load, virtual_if_no_gpu=virtual_if_no_gpu)
     config = config_from_args(_with_ctx(a))
     if getattr(a, "policy", None) == "fit":
-        config = server_fit(a, prof, choice, config).config
+        config = server_fit(a, prof, choice, config, path).config
     elif getattr(a, "policy", None):
         config = apply_policy(a.policy, prof, list(choice.devices), config, choice.host)
     return path, prof, choice, config, plan(prof, list(choice.devices), config, choice.host)
@@ -64,7 +67,7 @@ def _with_ctx(a):
     return Namespace(**{**vars(a), **missing}) if missing else a
 
 
-def server_fit(a, prof, choice, config):
+def server_fit(a, prof, choice, config, path=None):
     """common_fit_params as llama-server runs it on these flags, with its defaults for what was not
     given: -c 0 (an explicit -c 0 asks for the full context: fit's minimum becomes UINT32_MAX,
     common/arg.cpp) and -np auto, which is 4 slots sharing one unified KV cache (tools/server/server.cpp)."""
@@ -73,8 +76,16 @@ def server_fit(a, prof, choice, config):
     server = config if ctx_given else config.replace(n_ctx=0)
     if getattr(a, "parallel", 1) is None:
         server = server.replace(n_seq_max=4, kv_unified=True)
+    measure = None
+    if getattr(a, "fit_dry_run", False):
+        if choice.worker is None or not choice.can_load or path is None:
+            from ..core.errors import GpulabError
+            raise GpulabError("--fit-dry-run loads the model with llama.cpp: it needs devices llama.cpp can load on "
+                              f"(--rpc, --llama-devices){': ' + choice.why_not if choice.why_not else ''}")
+        from ..runtime.fit_dry_run import dry_run_measure
+        measure = dry_run_measure(choice.worker, path, prof, list(choice.devices), choice.host)
     return fit(prof, list(choice.devices), server, choice.host,
-               n_ctx_min=UINT32_MAX if ctx_given and config.n_ctx == 0 else None)
+               n_ctx_min=UINT32_MAX if ctx_given and config.n_ctx == 0 else None, measure=measure)
 
 
 def server_would_fit(config) -> bool:
@@ -88,7 +99,7 @@ def run(a, session) -> Result:
     from ..storage.speed_cache import speed_model_for
     from ..ui.html import plan_frame_rows, plan_html
     from ..ui.text import plan_text
-    path, prof, choice, config, p = planned(a, session)
+    path, prof, choice, config, p = planned(a, session, for_load=getattr(a, "fit_dry_run", False))
     speed, speed_error = None, ""
     try:
         speed = predict_speed(p, speed_model_for(choice.all_devices))
@@ -105,7 +116,7 @@ def run(a, session) -> Result:
     if not getattr(a, "policy", None) and server_would_fit(config):
         from ..core.planner import plan as make_plan
         from ..ui.text import fit_text
-        fitted = server_fit(a, prof, choice, config)
+        fitted = server_fit(a, prof, choice, config, path)
         fitted_plan = make_plan(prof, list(choice.devices), fitted.config, choice.host)
         from ..core.context import largest_ctx
         most = (largest_ctx(prof, list(choice.devices), fitted.config, choice.host)

@@ -227,3 +227,30 @@ def test_fit_overshoots_where_gpulab_says_it_does(rpc, models):
             assert (u > t) == (got > b), f"{name}: gpulab {u / MiB:.1f} MiB vs target {t / MiB:.1f}; llama.cpp {got}"
             checked += 1
     assert checked >= 2
+
+
+# budgets the settling had to move (gpulab alone was within its uncertainty of a boundary there)
+@pytest.mark.parametrize("case_id", ["dense-2-unequal-ngl", "moe-3-overflow", "moe-3-deficit"])
+def test_fit_on_llama_cpps_own_dry_runs_needs_no_settling(case_id, rpc, models):
+    """gpulab's fit with llama.cpp's dry runs as its measure (gpulab.runtime.fit_dry_run): the
+    budgets as first computed, near a boundary or not, and the same flags as llama-fit-params."""
+    from gpulab.runtime.fit_dry_run import dry_run_measure
+    from gpulab.runtime.worker import Worker
+    case = next(c for c in CASES if getattr(c, "id", None) == case_id)
+    endpoints, all_devices = rpc
+    devices = all_devices[:case.n_dev]
+    path = models[case.model]
+    prof = read_profile(path)
+    base = plan(prof, devices, case.base)
+    budgets = [max(8, int(s * d.used_bytes / MiB) + case.add_mib) for s, d in zip(case.scale, base.offload_devices)]
+    targets = tuple(d.total_bytes // MiB - b for d, b in zip(devices, budgets))
+    with Worker(endpoints[:case.n_dev]) as w:
+        ours = fit(prof, devices, _config_of(case.flags, fit_target=targets),
+                   measure=dry_run_measure(w, path, prof, devices))
+    argv = [str(tools_bin() / "llama-fit-params"), "-m", str(path), "--rpc", ",".join(endpoints[:case.n_dev]),
+            "-fitt", ",".join(map(str, targets)), *case.flags]
+    got = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    printed = [line for line in got.stdout.splitlines() if line.startswith("-c ")]
+    assert got.returncode == 0 and printed, got.stderr[-2000:]
+    assert ours.flags(devices) == printed[-1], "\n".join(ours.reasons)
+    assert not ours.near_boundary      # llama.cpp's own numbers: nothing uncertain left
