@@ -336,13 +336,16 @@ def _is_ffn(t: TensorInfo) -> bool:
     return t.is_expert or base.startswith(("ffn_up.", "ffn_gate.", "ffn_down."))
 
 
-def _layer_kinds(profile: ModelProfile) -> tuple[tuple[tuple[str, bool, bool, int], ...], ...]:
-    """Per layer, (name, is FFN, is a norm, bytes) of each tensor, cached per profile."""
+def _layer_kinds(profile: ModelProfile) -> tuple[tuple[tuple[tuple[str, int], ...], tuple[str, ...]], ...]:
+    """Per layer, ((name, bytes) of its FFN tensors, names of its other tensors but norms), cached
+    per profile: compute_sites runs once per plan, fit plans ~45 times."""
     table = _table(profile)
     got = table.get("kinds")
     if got is None:
-        got = table["kinds"] = tuple(tuple((t.name, _is_ffn(t), "norm" in t.name, t.n_bytes) for t in layer.tensors)
-                                     for layer in profile.layers)
+        got = table["kinds"] = tuple(
+            (tuple((t.name, t.n_bytes) for t in layer.tensors if _is_ffn(t)),
+             tuple(t.name for t in layer.tensors if not _is_ffn(t) and "norm" not in t.name))
+            for layer in profile.layers)
     return got
 
 
@@ -354,15 +357,22 @@ def compute_sites(profile: ModelProfile, layer_devices: list[str], moved: dict) 
     stray = set()
     if not moved:
         return ffn, frozenset()
-    for layer, kinds in zip(profile.layers, _layer_kinds(profile)):
-        home = layer_devices[layer.index]
-        where: dict[str, int] = {}
-        for name, is_ffn, is_norm, n_bytes in kinds:
-            dev = moved.get(name, home)
-            if is_ffn:
-                where[dev] = where.get(dev, 0) + n_bytes
-            elif dev != home and not is_norm:
+    get = moved.get
+    for layer, (ffn_tensors, others) in zip(profile.layers, _layer_kinds(profile)):
+        il = layer.index
+        home = layer_devices[il]
+        for name in others:
+            dev = get(name)
+            if dev is not None and dev != home:
                 stray.add(dev)
-        if where:
-            ffn[layer.index] = max(where, key=where.get)
+        if not ffn_tensors:
+            continue
+        where: dict[str, int] = {}
+        for name, n_bytes in ffn_tensors:
+            dev = get(name, home)
+            where[dev] = where.get(dev, 0) + n_bytes
+        if len(where) == 1:
+            ffn[il] = next(iter(where))
+        else:
+            ffn[il] = max(where, key=where.get)
     return ffn, frozenset(stray)
