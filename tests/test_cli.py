@@ -107,7 +107,9 @@ def test_plan_without_split_flags_shows_what_llama_server_fits_and_the_plain_spl
     from gpulab.sources.read import read_profile
     code, out, err = run(capsys, "plan", model, "--sim", "2x600MiB", "-fitt", "595", "--json")
     d = json.loads(out)
-    expected = fit(read_profile(str(model)), parse_sim_spec("2x600MiB"), SplitConfig(n_ctx=0, fit_target=(595,)))
+    # llama-server's defaults where -c and -np are not given: -c 0, -np 4 -kvu
+    expected = fit(read_profile(str(model)), parse_sim_spec("2x600MiB"),
+                   SplitConfig(n_ctx=0, n_seq_max=4, kv_unified=True, fit_target=(595,)))
     assert d["fit"]["flags"] == expected.flags() and d["fit"]["status"] == "success"
     assert d["config"]["n_ctx"] == 4096 and d["config"]["tensor_split"] == []       # the plain split
     assert d["fit"]["plan"]["config"]["tensor_split"] == list(expected.config.tensor_split)
@@ -154,6 +156,7 @@ def test_inspect_json_lists_layers(capsys, model):
     (["plan", "{model}", "--sim", "2x24GiB", "-ot", "(?<=x)exps=CPU"], "cannot mirror"),
     (["plan", "{model}", "--sim", "2x24GiB", "-ncmoe", "-1"], "--n-cpu-moe -1: llama.cpp takes a count from 0"),
     (["inspect", "{model}", "-ncffn", "-2"], "--n-cpu-ffn -2"),
+    (["plan", "{model}", "--sim", "24GiB", "--fit-dry-run"], "--fit-dry-run loads the model with llama.cpp"),
     (["inspect", "{notgguf}"], "GGUF"),
     (["inspect", "{truncated}"], "truncated"),
     (["inspect", "{missing}"], "missing.gguf"),

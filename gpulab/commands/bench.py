@@ -28,7 +28,9 @@ def register(sub, frontend: str) -> None:
     add_model_arg(p, optional=magic)
     add_config_flags(p, n_ctx=None)     # default: n_prompt + n_gen, llama-bench's context
     add_device_flags(p, sim=False, virtual=magic)
-    p.add_argument("--policy", choices=ALL_POLICIES, help="choose -ts by a policy (moe-balance: -ts and -ot rules; fit: llama-server's -fit, which may also choose -c, -ngl and -ot; write -c 0 for its default context)")
+    p.add_argument("--policy", choices=ALL_POLICIES,
+                   help="choose -ts by a policy (moe-balance: -ts and -ot rules; fit: llama-server's -fit, which may "
+                        "also choose -c, -ngl and -ot; write -c 0 for its default context)")
     if magic:
         add_bench_flags(p, n_prompt=128, n_gen=32, repetitions=2)
     else:
@@ -101,6 +103,14 @@ def run(a, session) -> Result:
     if run.plan is None:
         run = replace(run, plan=p.to_dict())
     notes = list(getattr(run, "notes", ()))
+    from .plan import server_would_fit
+    if not getattr(a, "policy", None) and server_would_fit(config):
+        # llama-bench and llama-cpp-python load the settings as given; llama-server fits first
+        from ..core.fit import fit
+        fitted = fit(prof, list(choice.devices), config.replace(n_ctx=0), choice.host)
+        if fitted.ok and fitted.changed != ("n_ctx",):
+            notes.append(f"note: measured without -fit, as llama-bench does; llama-server would load "
+                         f"{fitted.flags(list(choice.devices))} (gpulab plan shows why; --policy fit measures it)")
     records = to_llama_bench_records(run)
     store_path = a.store if a.frontend == "magic" else (None if a.no_store else (a.store or ""))
     if store_path is not None:

@@ -3,7 +3,8 @@ and per-device memory, predicted, and the predicted speed.
 
 llama-server and llama-cli fit before they load (-fit on, their default: gpulab.core.fit); llama-bench
 and llama-cpp-python do not. So without -ts, -ngl and -ot (and -fit off), the plan shows first what
-llama-server would load (its default -c 0 unless -c is given), what fit changed and why, and then
+llama-server would load (its defaults -c 0 and -np 4 -kvu unless -c / -np are given), what fit
+changed and why, and then
 the plain layer split that llama-bench and llama-cpp-python load. `--policy fit` plans fit's choice
 alone.
 
@@ -26,14 +27,18 @@ __all__ = ["register", "run", "planned"]
 def register(sub, frontend: str) -> None:
     p = sub.add_parser("plan", help="predict llama.cpp's placement and per-device memory")
     add_model_arg(p)
-    add_config_flags(p, n_ctx=None)      # None: -c not given (llama-server's default is -c 0)
+    # None: -c / -np not given (llama-server's defaults are -c 0 and -np auto: 4 slots, unified KV)
+    add_config_flags(p, n_ctx=None, n_seq_max=None)
     add_device_flags(p)
     p.add_argument("--policy", choices=ALL_POLICIES,
                    help="choose -ts by a policy (moe-balance: -ts and -ot rules for a MoE model; fit: llama-server's "
                         "own -fit, also -c, -ngl, -ot); prints the flags")
+    p.add_argument("--fit-dry-run", action="store_true",
+                   help="make fit's dry runs with llama.cpp (no_alloc loads on the devices present, seconds) instead "
+                        "of the planner (milliseconds), where gpulab's estimate is too close to call")
     p.add_argument("--ctx-table", action="store_true",
                    help="the largest context that leaves -fitt free on every device, for KV types f16, q8_0, q4_0 "
-                        "(steps of 256 x -np; -np 1 is llama-server's default of 4 slots sharing one unified cache)")
+                        "(steps of 256 x streams; llama-server's defaults are -np 4 -kvu: one stream)")
     add_json_flag(p, frontend)
     if frontend == "magic":
         p.add_argument("--no-figures", action="store_true", help="the table only")
@@ -50,7 +55,7 @@ def planned(a, session, *, for_load: bool = False, virtual_if_no_gpu: bool = Fal
     choice = devices_from_args(a, session, for_load=for_load, virtual_if_no_gpu=virtual_if_no_gpu)
     config = config_from_args(_with_ctx(a))
     if getattr(a, "policy", None) == "fit":
-        config = server_fit(a, prof, choice, config).config
+        config = server_fit(a, prof, choice, config, path).config
     elif getattr(a, "policy", None):
         config = apply_policy(a.policy, prof, list(choice.devices), config, choice.host)
     return path, prof, choice, config, plan(prof, list(choice.devices), config, choice.host)
@@ -62,22 +67,34 @@ def policy_flags(path, config, devices) -> str:
     argv = render(config, "llama-server", model_path=str(path), devices=devices).data
     return shlex.join(argv[3:-2] if argv[-2:] == ["-fit", "off"] else argv[3:])
 def _with_ctx(a):
-    """The arguments with gpulab's default context where -c was not given."""
-    if getattr(a, "ctx_size", 0) is not None:
-        return a
+    """The arguments with gpulab's defaults where -c or -np was not given (plan leaves them unset to
+    know: llama-server's own defaults differ, see server_fit)."""
     from argparse import Namespace
     from ..core.config import SplitConfig
-    return Namespace(**{**vars(a), "ctx_size": SplitConfig().n_ctx})
+    missing = {k: getattr(SplitConfig(), attr) for k, attr in (("ctx_size", "n_ctx"), ("parallel", "n_seq_max"))
+               if hasattr(a, k) and getattr(a, k) is None}
+    return Namespace(**{**vars(a), **missing}) if missing else a
 
 
-def server_fit(a, prof, choice, config):
-    """common_fit_params as llama-server runs it on these flags: -c 0 where -c was not given (an
-    explicit -c 0 asks for the full context: fit's minimum becomes UINT32_MAX, common/arg.cpp)."""
+def server_fit(a, prof, choice, config, path=None):
+    """common_fit_params as llama-server runs it on these flags, with its defaults for what was not
+    given: -c 0 (an explicit -c 0 asks for the full context: fit's minimum becomes UINT32_MAX,
+    common/arg.cpp) and -np auto, which is 4 slots sharing one unified KV cache (tools/server/server.cpp)."""
     from ..core.fit import UINT32_MAX, fit
     ctx_given = getattr(a, "ctx_size", None) is not None
     server = config if ctx_given else config.replace(n_ctx=0)
+    if getattr(a, "parallel", 1) is None:
+        server = server.replace(n_seq_max=4, kv_unified=True)
+    measure = None
+    if getattr(a, "fit_dry_run", False):
+        if choice.worker is None or not choice.can_load or path is None:
+            from ..core.errors import GpulabError
+            raise GpulabError("--fit-dry-run loads the model with llama.cpp: it needs devices llama.cpp can load on "
+                              f"(--rpc, --llama-devices){': ' + choice.why_not if choice.why_not else ''}")
+        from ..runtime.fit_dry_run import dry_run_measure
+        measure = dry_run_measure(choice.worker, path, prof, list(choice.devices), choice.host)
     return fit(prof, list(choice.devices), server, choice.host,
-               n_ctx_min=UINT32_MAX if ctx_given and config.n_ctx == 0 else None)
+               n_ctx_min=UINT32_MAX if ctx_given and config.n_ctx == 0 else None, measure=measure)
 
 
 def server_would_fit(config) -> bool:
@@ -91,7 +108,7 @@ def run(a, session) -> Result:
     from ..storage.speed_cache import speed_model_for
     from ..ui.html import plan_frame_rows, plan_html
     from ..ui.text import plan_text, rules_text
-    path, prof, choice, config, p = planned(a, session)
+    path, prof, choice, config, p = planned(a, session, for_load=getattr(a, "fit_dry_run", False))
     flags = policy_flags(path, config, list(choice.devices)) if getattr(a, "policy", None) else ""
     speed, speed_error = None, ""
     try:
@@ -116,10 +133,11 @@ def run(a, session) -> Result:
     if not getattr(a, "policy", None) and server_would_fit(config):
         from ..core.planner import plan as make_plan
         from ..ui.text import fit_text
-        fitted = server_fit(a, prof, choice, config)
+        fitted = server_fit(a, prof, choice, config, path)
         fitted_plan = make_plan(prof, list(choice.devices), fitted.config, choice.host)
         from ..core.context import largest_ctx
-        most = largest_ctx(prof, list(choice.devices), fitted.config, choice.host) if fitted.ok else None
+        most = (largest_ctx(prof, list(choice.devices), fitted.config, choice.host)
+                if fitted.ok and fitted.device_names else None)
         text = (fit_text(fitted, fitted_plan, list(choice.devices), most) + "\n\n"
                 + "plain layer split, no fit (llama-bench, llama-cpp-python, llama-server -fit off):\n" + text)
         data["fit"] = {**fit_data(fitted, fitted_plan, list(choice.devices)), "largest_ctx": most}

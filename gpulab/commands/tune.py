@@ -35,6 +35,8 @@ def register(sub, frontend: str) -> None:
     add_device_flags(p, sim=False)
     p.add_argument("--store", default=None, metavar="PATH", help="results store (default: the user's)")
     p.add_argument("--fresh", action="store_true", help="measure again what the store already has")
+    p.add_argument("--no-fit", dest="vs_fit", action="store_false",
+                   help="do not measure llama-server's -fit choice next to the best (one more load unless stored)")
     p.set_defaults(run=run)
 
 
@@ -90,6 +92,10 @@ def run(a: argparse.Namespace, session) -> Result:
              f"pp {cand.pp_ts or 0:.2f} t/s, tg {cand.tg_ts or 0:.2f} t/s",
              render(config, "llama-server", model_path=path, n_layer=prof.n_layer, devices=devices).text]
     notes = []
+    fit_data = None
+    if getattr(a, "vs_fit", True):
+        fit_line, fit_data = _fit_candidate(prof, devices, base, one, a, value)
+        lines.insert(1, fit_line)
     saved_to = None
     if a.save:
         from ..storage.allocations import save_allocation
@@ -108,8 +114,29 @@ def run(a: argparse.Namespace, session) -> Result:
         lines.append(f"saved {saved_to.path}")
     return Result(text="\n".join(lines), notes=notes,
                   data={"best": {"objective": a.objective, "tokens_per_s": value, "pp_tokens_per_s": cand.pp_ts,
-                                 "tg_tokens_per_s": cand.tg_ts}, "loads": tuner.loads, "configurations": len(configs)},
+                                 "tg_tokens_per_s": cand.tg_ts}, "loads": tuner.loads, "configurations": len(configs),
+                        "fit": fit_data},
                   objects={"config": config, "tuner": tuner, "allocation": saved_to})
+
+
+def _fit_candidate(prof, devices, base, one, a, best_value):
+    """llama-server's own choice (-fit on from its defaults: -c 0, -ngl auto, gpulab.core.fit), its
+    placement measured at the tune's context like every candidate: fit maximises what it offloads,
+    and this says how far that is from the fastest placement found."""
+    from ..core.config import SplitConfig
+    from ..core.fit import fit
+    from ..core.tune import objective_value
+    r = fit(prof, devices, SplitConfig(n_ctx=0))
+    if not r.ok:
+        return f"llama-server's -fit gives up here ({r.reasons[-1]})", {"status": r.status}
+    cfg = r.config.replace(n_ctx=base.n_ctx)
+    pp, tg, _ = one(cfg)
+    v = objective_value(a.objective, pp, tg, a.n_prompt or 512, a.n_gen or 128)
+    ratio = v / best_value if best_value else 0.0
+    line = (f"llama-server's -fit choice ({r.flags(devices)}): pp {pp or 0:.2f} t/s, tg {tg or 0:.2f} t/s, "
+            f"{ratio:.2f} of the best {a.objective}")
+    return line, {"flags": r.flags(devices), "pp_tokens_per_s": pp, "tg_tokens_per_s": tg,
+                  "ratio_to_best": ratio}
 
 
 def _others(c, grid) -> str:

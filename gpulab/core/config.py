@@ -32,6 +32,9 @@ class SplitConfig:
     offload_kqv: bool = True          # -nkvo inverts it
     devices: tuple[str, ...] = field(default=())  # --device: use only these (by llama.cpp name)
     n_seq_max: int = 1                # -np
+    # -kvu: one KV cache shared by the -np sequences (llama-server's default with -np auto: 4 slots,
+    # tools/server/server.cpp); off: one stream of n_ctx / n_seq_max cells per sequence
+    kv_unified: bool = False
     swa_full: bool = False            # --swa-full
     op_offload: bool = True           # --no-op-offload turns it off: host weights' ops stay on the CPU
     # tensor buffer overrides (gpulab.core.overrides): -ot items 'PATTERN=BUFFER_TYPE', then
@@ -108,6 +111,11 @@ class SplitConfig:
         if self.split_mode == "none" and n_devices and self.main_gpu >= n_devices:
             raise ConfigError(f"main_gpu {self.main_gpu} is out of range: there are {n_devices} devices "
                               f"(0..{n_devices - 1})")
+
+    @property
+    def n_streams(self) -> int:
+        """KV streams (llama_kv_cache ctor: n_stream = unified ? 1 : n_seq_max)."""
+        return 1 if self.kv_unified else max(1, self.n_seq_max)
 
     @property
     def effective_n_ubatch(self) -> int:

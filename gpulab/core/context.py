@@ -6,10 +6,9 @@ The margin is fit's (-fitt, 1024 MiB per device by default, gpulab.core.fit.fit_
 a device uses is what fit's dry runs count: weights + KV + compute (the planner's numbers; a
 runtime overhead learned from NVML, when known, is counted too, as `Plan.fits` does).
 
-Streams: gpulab plans -np N as N KV streams (--kv-unified off), so the step is 256 * N.
-llama-server's default (-np auto: 4 slots sharing one unified KV cache, tools/server/server.cpp)
-is one stream: n_ctx is the total shared by the slots, which is what -np 1 plans (the compute
-buffers of 4 parallel sequences are not modelled).
+Streams: -np N without -kvu is N KV streams, so the step is 256 * N; with -kvu (llama-server's
+default: -np auto is 4 slots sharing one unified KV cache, tools/server/server.cpp) it is one
+stream and n_ctx is the total the slots share: plan `-np 4 -kvu` for llama-server's defaults.
 """
 
 from __future__ import annotations
@@ -36,14 +35,14 @@ def _fits(profile, devices, config, host, margins) -> bool:
 def largest_ctx(profile: ModelProfile, devices: list[Device], config: SplitConfig | None = None,
                 host: Device | None = None, *, margins_bytes: list[int] | None = None,
                 max_ctx: int | None = None) -> int:
-    """The largest n_ctx, a multiple of 256 * n_seq_max and at most `max_ctx` (default: the
+    """The largest n_ctx, a multiple of 256 * streams and at most `max_ctx` (default: the
     training context times the streams, fit's n_ctx_max), whose plan leaves each offload device
     `margins_bytes` free (default: the config's -fitt). 0 when not even one step fits.
     The rest of `config` (-ngl, -ts, -ot, KV types) is kept."""
     config = config or SplitConfig()
     used = select_devices(devices, config)
     margins = margins_bytes if margins_bytes is not None else fit_margins(config, len(used))
-    streams = max(1, config.n_seq_max)
+    streams = config.n_streams
     step = 256 * streams
     top = max_ctx if max_ctx is not None else (profile.n_ctx_train or 4096) * streams
     if top < step:

@@ -477,6 +477,13 @@ SPELLINGS: tuple[Spelling, ...] = (
     # llama-server's default -np is -1: 4 slots sharing one unified KV cache (tools/server/server.cpp),
     # a different KV layout from the planned one, so -np is always written
     Spelling("n_seq_max", _flag("-np"), _bench_seq, _py_seq, _ollama_seq, _kobold_seq),
+    # -kvu: llama-server/llama-cli; llama-bench has no flag (one sequence); Llama() always sets it
+    # (llama_cpp/llama.py: context_params.kv_unified = True) and has one sequence
+    Spelling("kv_unified", lambda v, _c: ["-kvu"] if v else None,
+             lambda v, c: Gap("-kvu: llama-bench has no flag for it") if v and c.config.n_seq_max > 1 else None,
+             _none,   # Llama() decodes one sequence (the -np cell says so), with a unified cache
+             lambda v, c: Gap("-kvu: Ollama has no setting for it") if v and c.config.n_seq_max > 1 else None,
+             lambda v, c: Gap("-kvu: KoboldCpp has no setting for it") if v and c.config.n_seq_max > 1 else None),
     Spelling("swa_full", lambda v, _c: ["--swa-full"] if v else None, _bench_swa, _py("swa_full", bool),
              _ollama_swa, _kobold_swa),
     # common/arg.cpp --op-offload/--no-op-offload; llama-bench -nopo 0|1; Llama(op_offload=)

@@ -11,8 +11,8 @@ loads read through `llama_get_memory_breakdown`: per device model + context + co
 The algorithm (common_params_fit_impl), step by step:
 
 0. Refused: split mode tensor ("not implemented for SPLIT_MODE_TENSOR"). n_streams is 1 with a
-   unified KV cache, else n_seq_max (gpulab plans -np N as N streams: --kv-unified off; llama-server's
-   default -np auto is 4 slots with one unified cache = 1 stream, which is what -np 1 plans).
+   unified KV cache (-kvu), else n_seq_max (llama-server's default -np auto is 4 slots with one
+   unified cache: -np 4 -kvu, one stream; llama-fit-params' default is -np 1).
    n_ctx_max = n_ctx_train * n_streams, n_ctx_min_total = fit_ctx * n_streams (`-c 0` given
    explicitly sets fit_ctx to UINT32_MAX: "user has requested full context size").
 1. Dry run with the settings as given (-c 0 resolved to n_ctx_max). Per device: projected free =
@@ -60,13 +60,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
+from .compute import dry_run_extra_bytes
 from .config import SplitConfig
 from .devices import HOST_NAME, Device
-from .errors import ConfigError
 from .planner import plan, select_devices
 from .profile import ModelProfile
 
-__all__ = ["FitResult", "fit", "fit_flags", "needs_fit", "DEFAULT_TARGET_MIB", "UINT32_MAX", "fit_margins",
+__all__ = ["FitResult", "fit", "fit_flags", "DEFAULT_TARGET_MIB", "UINT32_MAX", "fit_margins",
            "MOE_ALL_PATTERN", "overflow_pattern"]
 
 MiB = 1024 * 1024
@@ -77,8 +77,7 @@ COMPUTE_UNCERTAINTY = 0.10           # gpulab.core.compute: closed forms within 
 COMPUTE_UNCERTAINTY_OVERRIDES = 0.25  # with tensor overrides (tests/integration/test_overrides_vs_llama.py)
 
 # enum common_layer_fraction_t: which part of a layer a device keeps before the rest overflows
-NONE, ATTN, UP, GATE, MOE = 0, 1, 2, 3, 4
-_FRACTION_NAMES = {ATTN: "ATTN", UP: "UP", GATE: "GATE", MOE: "MOE"}
+ATTN, UP, GATE, MOE = 1, 2, 3, 4
 
 
 def overflow_pattern(il: int, fraction: int) -> str:
@@ -188,6 +187,14 @@ class FitResult:
                            f"({d.uncertainty_bytes / MiB:.1f} MiB): fit's dry run may decide the other way")
         return tuple(out)
 
+    @property
+    def over_target(self) -> tuple[tuple[str, int], ...]:
+        """(device, bytes) where the settings fit chose use more than free - margin. Fit checks each
+        device when it fills it; filling the devices before it can still change its compute buffer
+        (offloading every layer turns on pipeline parallelism: 4 copies of its inputs)."""
+        return tuple((n, u - t) for n, u, t in zip(self.device_names, self.projected_used_bytes, self.targets_bytes)
+                     if u > t)
+
     def flags(self, devices: list[Device] | None = None) -> str:
         """What llama-fit-params prints (tools/fit-params/fit-params.cpp), '' unless fit succeeded.
         `devices`: for RPC devices' buffer type names ('RPC0[127.0.0.1:50052]') in -ot."""
@@ -198,7 +205,11 @@ class FitResult:
 
 def fit_flags(config: SplitConfig, overrides, devices: list[Device]) -> str:
     """llama_fit_params' printf: -c, -ngl, -ts of whole layer counts with trailing zero entries
-    dropped (none when one is left), -ot in quotes with each rule's buffer type name."""
+    dropped (none when one is left), -ot in quotes with each rule's buffer type name.
+
+    Mirrored as printed, quirk included: when fit gives every layer to the first device (-ts 5,0,0)
+    llama-fit-params prints no -ts, and those flags would spread the layers by free memory instead;
+    gpulab's exports of the fitted config write the -ts fit chose."""
     from .overrides import llama_buffer_type_name
     by_name = {d.name: llama_buffer_type_name(d) for d in devices}
     out = f"-c {config.n_ctx} -ngl {config.n_gpu_layers}"
@@ -219,12 +230,6 @@ def fit_margins(config: SplitConfig, n_devices: int) -> list[int]:
     if len(t) == 1:
         return [t[0] * MiB] * max(n_devices, 1)
     return [(t[i] if i < len(t) else DEFAULT_TARGET_MIB) * MiB for i in range(max(n_devices, 1))]
-
-
-def needs_fit(config: SplitConfig) -> bool:
-    """Whether llama-server would run fit and fit could change anything: -fit on and at least one of
-    -c 0, -ngl auto, -ts unset, no overrides left for it to choose."""
-    return config.fit == "on" and (config.n_ctx == 0 or config.n_gpu_layers == -1)
 
 
 class _Abort(Exception):
@@ -289,8 +294,11 @@ class _Fit:
         if self.measure_fn is not None:
             return list(self.measure_fn(cfg))
         p = plan(self.profile, self.devices, cfg, self.host)
-        self.compute[cfg] = [d.compute_bytes for d in p.offload_devices]
-        return [d.weights_bytes + d.kv_bytes + d.compute_bytes for d in p.offload_devices]
+        # a dry run's breakdown is not quite a real load's (gpulab.core.compute.dry_run_extra_bytes)
+        extra = dry_run_extra_bytes(self.profile, p.config, list(p.layer_devices), [d.name for d in p.devices])
+        compute = [d.compute_bytes + extra.get(d.name, 0) for d in p.offload_devices]
+        self.compute[cfg] = compute
+        return [d.weights_bytes + d.kv_bytes + c for d, c in zip(p.offload_devices, compute)]
 
     def _uncertainty(self, cfg: SplitConfig, dev: int) -> int:
         """How far gpulab's compute buffer (gpulab.core.compute) may be from llama.cpp's, plus the
@@ -310,7 +318,7 @@ class _Fit:
         cfg, prof = self.given, self.profile
         if cfg.split_mode == "tensor":
             raise _Abort("llama_params_fit is not implemented for SPLIT_MODE_TENSOR, abort")
-        n_streams = max(1, cfg.n_seq_max)   # gpulab's -np N is N streams (--kv-unified off)
+        n_streams = cfg.n_streams   # 1 with a unified KV cache, else n_seq_max
         n_ctx_auto = cfg.n_ctx == 0
         hp_ngl, hp_nct, hp_nex = prof.n_layer, prof.n_ctx_train or 4096, prof.n_expert
         n_ctx_max = min(hp_nct * n_streams, UINT32_MAX)
@@ -331,7 +339,8 @@ class _Fit:
             sum_used = host_plan.host.weights_bytes + host_plan.host.kv_bytes + host_plan.host.compute_bytes
             sum_free = self.host.total_bytes if self.host is not None else 0
             sum_projected_free = sum_free - sum_used
-            self.log(f"projected to use {sum_used // MiB} MiB of host memory vs. {sum_free // MiB} MiB of total host memory")
+            self.log(f"projected to use {sum_used // MiB} MiB of host memory vs. {sum_free // MiB} MiB of total "
+                     "host memory")
             if sum_projected_free >= margins[0]:
                 self.log(f"will leave {sum_projected_free // MiB} >= {margins[0] // MiB} MiB of system memory, "
                          "no changes needed")
@@ -475,7 +484,8 @@ class _Fit:
         self._last = cfg
         return self.measure(cfg)
 
-    def _check(self, what: str, ngl: list[_Ngl], bufts: list[str], dev: int, mem: list[int], strict: bool = False) -> bool:
+    def _check(self, what: str, ngl: list[_Ngl], bufts: list[str], dev: int, mem: list[int],
+               strict: bool = False) -> bool:
         """Compare the last dry run (of `ngl`) on device `dev` with its target."""
         self.decide(what, self._last, dev, mem[dev], self.targets[dev])
         return mem[dev] < self.targets[dev] if strict else mem[dev] <= self.targets[dev]

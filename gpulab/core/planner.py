@@ -119,16 +119,20 @@ def assign_layers(n_layer: int, n_gpu_layers: int, devices: list[Device],
 def kv_cells(profile: ModelProfile, config: SplitConfig) -> tuple[int, int]:
     """(cells per full-attention layer, cells per SWA layer), summed over streams.
 
-    llama_context ctor: n_ctx padded to 256, n_ctx_seq = pad(n_ctx / n_seq_max, 256) per stream;
-    llama_kv_cache_iswa: size_swa = pad(min(size_base, n_swa + n_ubatch), 256) unless --swa-full.
+    llama_context ctor: n_ctx padded to 256, n_ctx_seq = pad(n_ctx / n_seq_max, 256) per stream, or
+    n_ctx in one stream with a unified cache (-kvu);
+    llama_kv_cache_iswa: size_swa = pad(min(size_base, n_swa (x n_seq_max when unified) + n_ubatch), 256)
+    unless --swa-full.
     """
     n_ctx = _pad(config.n_ctx, _PAD)
-    n_ctx_seq = _pad(n_ctx // config.n_seq_max, _PAD)
-    n_stream = config.n_seq_max
+    n_ctx_seq = n_ctx if config.kv_unified else _pad(n_ctx // config.n_seq_max, _PAD)
+    n_stream = config.n_streams
     base = n_ctx_seq
     swa = base
     if profile.n_swa and not config.swa_full:
-        swa = _pad(min(base, profile.n_swa + config.effective_n_ubatch), _PAD)
+        # a unified cache keeps n_swa cells for each sequence (llama_kv_cache_iswa ctor)
+        n_swa = profile.n_swa * (config.n_seq_max if config.kv_unified else 1)
+        swa = _pad(min(base, n_swa + config.effective_n_ubatch), _PAD)
     return base * n_stream, swa * n_stream
 
 

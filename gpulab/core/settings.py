@@ -90,6 +90,8 @@ SETTINGS: tuple[Setting, ...] = (
             struct="context", c_field="offload_kqv", to_c=bool),
     Setting("n_seq_max", ("-np", "--parallel"), "sequences (KV streams)", "int",
             struct="context", c_field="n_seq_max", to_c=int),
+    Setting("kv_unified", ("-kvu", "--kv-unified"), "one KV cache shared by the -np sequences (llama-server's "
+            "default with -np auto: 4 slots)", "on", struct="context", c_field="kv_unified", to_c=bool),
     Setting("swa_full", ("--swa-full",), "full-size KV cache for sliding-window layers", "on",
             struct="context", c_field="swa_full", to_c=bool),
     Setting("op_offload", ("--no-op-offload",), "do not let the GPU run ops of weights kept on the host", "off",

@@ -354,13 +354,16 @@ def _is_ffn(t: TensorInfo) -> bool:
     return t.is_expert or base.startswith(("ffn_up.", "ffn_gate.", "ffn_down."))
 
 
-def _layer_kinds(profile: ModelProfile) -> tuple[tuple[tuple[str, bool, bool, int], ...], ...]:
-    """Per layer, (name, is FFN, is a norm, bytes) of each tensor, cached per profile."""
+def _layer_kinds(profile: ModelProfile) -> tuple[tuple[tuple[tuple[str, int], ...], tuple[str, ...]], ...]:
+    """Per layer, ((name, bytes) of its FFN tensors, names of its other tensors but norms), cached
+    per profile: compute_sites runs once per plan, fit plans ~45 times."""
     table = _table(profile)
     got = table.get("kinds")
     if got is None:
-        got = table["kinds"] = tuple(tuple((t.name, _is_ffn(t), "norm" in t.name, t.n_bytes) for t in layer.tensors)
-                                     for layer in profile.layers)
+        got = table["kinds"] = tuple(
+            (tuple((t.name, t.n_bytes) for t in layer.tensors if _is_ffn(t)),
+             tuple(t.name for t in layer.tensors if not _is_ffn(t) and "norm" not in t.name))
+            for layer in profile.layers)
     return got
 
 
@@ -383,20 +386,27 @@ def compute_sites(profile: ModelProfile, layer_devices: list[str],
     partial: dict[str, frozenset[str]] = {}
     if not moved:
         return ffn, frozenset(), partial
-    for layer, kinds in zip(profile.layers, _layer_kinds(profile)):
-        home = layer_devices[layer.index]
+    get = moved.get
+    for layer, (ffn_tensors, others) in zip(profile.layers, _layer_kinds(profile)):
+        il = layer.index
+        home = layer_devices[il]
+        for name in others:
+            dev = get(name)
+            if dev is not None and dev != home:
+                stray.add(dev)
+        if not ffn_tensors:
+            continue
         where: dict[str, int] = {}
         parts: dict[str, set[str]] = {}
-        for name, is_ffn, is_norm, n_bytes in kinds:
-            dev = moved.get(name, home)
-            if is_ffn:
-                where[dev] = where.get(dev, 0) + n_bytes
-                parts.setdefault(dev, set()).add(_ffn_part(name))
-            elif dev != home and not is_norm:
-                stray.add(dev)
-        if where:
-            site = ffn[layer.index] = max(where, key=where.get)
-            for dev, ps in parts.items():
-                if dev != site and len(ps) > len(partial.get(dev, ())):
-                    partial[dev] = frozenset(ps)
+        for name, n_bytes in ffn_tensors:
+            dev = get(name, home)
+            where[dev] = where.get(dev, 0) + n_bytes
+            parts.setdefault(dev, set()).add(_ffn_part(name))
+        if len(where) == 1:
+            ffn[il] = next(iter(where))
+            continue
+        site = ffn[il] = max(where, key=where.get)
+        for dev, ps in parts.items():
+            if dev != site and len(ps) > len(partial.get(dev, ())):
+                partial[dev] = frozenset(ps)
     return ffn, frozenset(stray), partial

@@ -226,6 +226,10 @@ def fit_text(r, fitted_plan: Plan, devices, largest_ctx: int | None = None) -> s
                      f"{_setting_text(attr, getattr(r.config, attr))}")
     lines.append("  fit's log:")
     lines += [f"    {x}" for x in r.reasons]
+    for name, over in r.over_target:
+        lines.append(f"  warning: with these settings {name} is projected {over / 1024**2:.0f} MiB over its -fitt "
+                     "target: fit checked it when it filled it, and filling the devices ahead of it changed what it "
+                     "uses (offloading every layer turns on pipeline parallelism: 4 copies of the compute inputs)")
     near = r.near_boundary
     for x in near[:4]:
         lines.append(f"  warning: {x}")
@@ -233,7 +237,7 @@ def fit_text(r, fitted_plan: Plan, devices, largest_ctx: int | None = None) -> s
         lines.append(f"  warning: and {len(near) - 4} more decisions within the uncertainty (--json lists them)")
     if largest_ctx is not None:
         lines.append(f"  the largest context that leaves -fitt free with fit's -ngl/-ts/-ot: {largest_ctx} "
-                     f"(fit chose {r.config.n_ctx}: it interpolates, in steps of {256 * r.config.n_seq_max})")
+                     f"(fit chose {r.config.n_ctx}: it interpolates, in steps of {256 * r.config.n_streams})")
     lines.append(plan_text(fitted_plan))
     return "\n".join(lines)
 
@@ -243,9 +247,9 @@ def ctx_table_text(rows, config) -> str:
     from ..core.fit import fit_margins
     margin = ",".join(str(m // 1024**2) for m in fit_margins(config, 1)) if len(config.fit_target) <= 1 else \
         ",".join(str(x) for x in config.fit_target)
+    kv = f"-np {config.n_seq_max}" + (" -kvu" if config.kv_unified else "")
     head = (f"largest context leaving {margin} MiB free per device (-fitt), -ngl/-ts/-ot as planned, "
-            f"steps of {256 * config.n_seq_max} (-np {config.n_seq_max}; llama-server's default 4 slots share one "
-            "unified cache: plan -np 1):")
+            f"steps of {256 * config.n_streams} ({kv}; llama-server's defaults are -np 4 -kvu):")
     return head + "\n" + render_table([{"-ctk/-ctv": r.type_k, "largest -c": str(r.n_ctx)} for r in rows],
                                        right=("largest -c",))
 def fleet_text(fp) -> str:

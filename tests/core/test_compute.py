@@ -260,3 +260,17 @@ def test_one_expert_tensor_moved_alone_runs_its_product_where_it_is():
     # the whole FFN moved is more than one product of it
     whole = compute(prof, config.replace(tensor_overrides=(r"blk\.4\.ffn_.*_exps=CPU",)))
     assert whole["CPU"] > one["CPU"]
+def test_a_dry_run_counts_four_more_row_sets_on_pipelined_devices_after_the_first():
+    """gpulab.core.compute.dry_run_extra_bytes: what llama.cpp's no_alloc breakdown (fit's measure)
+    counts beyond a real load; the numbers behind it are in tests/integration/test_fit_vs_llama.py."""
+    from gpulab.core.compute import dry_run_extra_bytes
+    prof = make_profile(n_layer=6, n_embd=1024)
+    devs = parse_sim_spec("3x80GiB")
+    row_set = 4 * 1024 * 512
+    for cfg, want in ((SplitConfig(tensor_split=(1, 1, 1)), {"SIM1": 4 * row_set, "SIM2": 4 * row_set}),
+                      (SplitConfig(tensor_split=(6, 0, 1)), {}),        # SIM2 holds the output layer only
+                      (SplitConfig(n_gpu_layers=5, tensor_split=(1, 1, 1)), {}),   # not pipelined
+                      (SplitConfig(tensor_split=(1, 1, 1), cpu_moe=True), {})):   # overrides: not pipelined
+        p = plan(prof, devs, cfg)
+        got = dry_run_extra_bytes(prof, p.config, list(p.layer_devices), [d.name for d in p.devices])
+        assert {k: v for k, v in got.items() if v} == want, cfg

@@ -13,7 +13,7 @@ from builders import MiB, make_hand_moe_profile, make_profile
 from gpulab.core.config import SplitConfig, parse_mib_list, parse_ngl
 from gpulab.core.devices import parse_sim_spec
 from gpulab.core.errors import ConfigError
-from gpulab.core.fit import UINT32_MAX, fit, fit_margins, needs_fit, overflow_pattern
+from gpulab.core.fit import UINT32_MAX, fit, fit_margins, overflow_pattern
 from gpulab.core.planner import plan
 
 
@@ -91,7 +91,7 @@ def test_user_settings_make_fit_give_up_after_the_context_step():
 def test_fit_off_changes_nothing():
     prof = make_profile(n_layer=30, layer_bytes=200 * MiB)
     r = fit(prof, parse_sim_spec("2x4GiB"), SplitConfig(n_ctx=0, fit="off"))
-    assert r.status == "off" and r.config == r.given and not needs_fit(r.given)
+    assert r.status == "off" and r.config == r.given and r.flags() == ""
 
 
 def test_moe_experts_go_to_the_cpu_and_each_rule_names_a_layer():

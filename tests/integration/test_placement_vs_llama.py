@@ -56,6 +56,10 @@ CONFIGS = {
     "kv-q8-ctx-2000": SplitConfig(tensor_split=(2, 1, 1), n_ctx=2000, type_k="q8_0", type_v="q8_0", flash_attn="on"),
     "kv-q4-no-fa-k": SplitConfig(tensor_split=(1, 1, 2), n_ctx=1024, type_k="q4_0", flash_attn="on"),
     "no-kv-offload": SplitConfig(tensor_split=(1, 1, 1), n_ctx=512, offload_kqv=False),
+    # llama-server's default KV layout: 4 slots sharing one unified cache of n_ctx cells
+    "np4-kvu": SplitConfig(tensor_split=(1, 1, 1), n_ctx=2048, n_seq_max=4, kv_unified=True),
+    # the same 4 sequences without -kvu: 4 streams of n_ctx / 4 cells
+    "np4-streams": SplitConfig(tensor_split=(1, 1, 1), n_ctx=2048, n_seq_max=4),
     # llama.cpp caps n_ubatch at n_batch: the SWA cache is sized with 512, not 2048
     "ubatch-over-batch": SplitConfig(tensor_split=(1, 1, 1), n_ctx=4096, n_batch=512, n_ubatch=2048),
 }

@@ -234,6 +234,7 @@ def test_real_tune_saves_an_allocation_that_is_applied(smollm2_path, tmp_path, m
                            capture_output=True, text=True, env=env, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         assert "after 2 loads" in r.stdout and "saved " in r.stdout and "llama-server -m" in r.stdout
+        assert "llama-server's -fit choice (-c " in r.stdout and "of the best tg" in r.stdout
         with Worker(cluster.endpoints) as w:
             devices = [d for d in w.devices() if d.kind == "rpc"]
     monkeypatch.setenv("GPULAB_CONFIG_DIR", env["GPULAB_CONFIG_DIR"])
