@@ -28,7 +28,7 @@ def register(sub, frontend: str) -> None:
     add_model_arg(p, optional=magic)
     add_config_flags(p, n_ctx=None)     # default: n_prompt + n_gen, llama-bench's context
     add_device_flags(p, sim=False, virtual=magic)
-    p.add_argument("--policy", choices=ALL_POLICIES, help="choose -ts by a policy (moe-balance: -ts and -ot rules; fit: llama-server's -fit, which may also choose -c, -ngl and -ot; write -c 0 for its default context)")
+    p.add_argument("--policy", choices=ALL_POLICIES, help="choose -ts by a policy (moe-balance: -ts and -ot rules; fit: llama-server's -fit, which may also choose -c, -ngl and -ot; write -c 0 for its default context; ollama: the GPUs and flags today's Ollama launches llama-server with, then its -fit)")
     if magic:
         add_bench_flags(p, n_prompt=128, n_gen=32, repetitions=2)
     else:

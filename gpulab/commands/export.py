@@ -27,7 +27,7 @@ def register(sub, frontend: str) -> None:
     p.add_argument("--to", default="all", choices=(*TARGETS, "all"), help="target (default: all)")
     p.add_argument("--from-alloc", "--from-profile", dest="from_alloc", action="store_true",
                    help="use the saved allocation of this model on these devices")
-    p.add_argument("--policy", choices=ALL_POLICIES, help="choose -ts by a policy (moe-balance: -ts and -ot rules; fit: llama-server's -fit, which may also choose -c, -ngl and -ot; write -c 0 for its default context)")
+    p.add_argument("--policy", choices=ALL_POLICIES, help="choose -ts by a policy (moe-balance: -ts and -ot rules; fit: llama-server's -fit, which may also choose -c, -ngl and -ot; write -c 0 for its default context; ollama: the GPUs and flags today's Ollama launches llama-server with, then its -fit)")
     p.add_argument("--strict", action="store_true", help="fail when a target cannot express a setting")
     add_json_flag(p, frontend, help="{target: {text, data, gaps}}")
     p.set_defaults(run=run)

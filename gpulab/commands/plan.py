@@ -30,7 +30,8 @@ def register(sub, frontend: str) -> None:
     add_device_flags(p)
     p.add_argument("--policy", choices=ALL_POLICIES,
                    help="choose -ts by a policy (moe-balance: -ts and -ot rules for a MoE model; fit: llama-server's "
-                        "own -fit, also -c, -ngl, -ot); prints the flags")
+                        "own -fit, also -c, -ngl, -ot; ollama: today's Ollama's GPUs and flags, then llama-server's -fit, "
+                        "from Ollama's defaults, not the flags given); prints the flags")
     p.add_argument("--ctx-table", action="store_true",
                    help="the largest context that leaves -fitt free on every device, for KV types f16, q8_0, q4_0 "
                         "(steps of 256 x -np; -np 1 is llama-server's default of 4 slots sharing one unified cache)")
