@@ -52,6 +52,14 @@ def test_plan_table_and_policy(capsys, model):
     assert "fits" in out.splitlines()[-1]
 
 
+def test_plan_with_todays_ollama_policy(capsys, model):
+    # gpulab.core.ollama_policy: a small model goes to the GPU with the most free memory, alone
+    code, out, err = run(capsys, "plan", model, "--sim", "24GiB@10GiB,24GiB@20GiB", "--policy", "ollama")
+    assert code == 0, err
+    flags = next(line for line in out.splitlines() if line.startswith("flags:"))
+    assert "--device SIM1" in flags and "-sm none -mg 0" in flags
+
+
 @pytest.fixture(scope="module")
 def moe_model(tmp_path_factory):
     return write_model(tmp_path_factory.mktemp("cli") / "moe.gguf",

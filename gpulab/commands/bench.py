@@ -13,8 +13,7 @@ from __future__ import annotations
 import sys
 
 from ..core.bench_format import OUTPUT_FORMATS
-from ..core.policies import ALL_POLICIES
-from .flags import add_bench_flags, add_config_flags, add_device_flags, add_model_arg
+from .flags import add_policy_flag, add_bench_flags, add_config_flags, add_device_flags, add_model_arg
 from .result import Result
 
 __all__ = ["register", "run"]
@@ -28,9 +27,7 @@ def register(sub, frontend: str) -> None:
     add_model_arg(p, optional=magic)
     add_config_flags(p, n_ctx=None)     # default: n_prompt + n_gen, llama-bench's context
     add_device_flags(p, sim=False, virtual=magic)
-    p.add_argument("--policy", choices=ALL_POLICIES,
-                   help="choose -ts by a policy (moe-balance: -ts and -ot rules; fit: llama-server's -fit, which may "
-                        "also choose -c, -ngl and -ot; write -c 0 for its default context)")
+    add_policy_flag(p)
     if magic:
         add_bench_flags(p, n_prompt=128, n_gen=32, repetitions=2)
     else:

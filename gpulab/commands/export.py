@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from ..core.errors import GpulabError
 from ..core.exports import TARGETS, render
-from ..core.policies import ALL_POLICIES
-from .flags import add_config_flags, add_device_flags, add_json_flag, add_model_arg
+from .flags import add_policy_flag, add_config_flags, add_device_flags, add_json_flag, add_model_arg
 from .result import Result
 
 __all__ = ["register", "run"]
@@ -27,9 +26,7 @@ def register(sub, frontend: str) -> None:
     p.add_argument("--to", default="all", choices=(*TARGETS, "all"), help="target (default: all)")
     p.add_argument("--from-alloc", "--from-profile", dest="from_alloc", action="store_true",
                    help="use the saved allocation of this model on these devices")
-    p.add_argument("--policy", choices=ALL_POLICIES,
-                   help="choose -ts by a policy (moe-balance: -ts and -ot rules; fit: llama-server's -fit, which may "
-                        "also choose -c, -ngl and -ot; write -c 0 for its default context)")
+    add_policy_flag(p)
     p.add_argument("--strict", action="store_true", help="fail when a target cannot express a setting")
     add_json_flag(p, frontend, help="{target: {text, data, gaps}}")
     p.set_defaults(run=run)

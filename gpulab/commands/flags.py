@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from ..core.config import SplitConfig
+from ..core.policies import ALL_POLICIES
 from ..core.settings import SETTINGS, check_settings_cover_config, value_from_text
 
 __all__ = ["RULE_SETTINGS", "add_config_flags", "config_from_args", "add_device_flags", "devices_from_args", "add_bench_flags",
@@ -108,3 +109,14 @@ def add_json_flag(p: argparse.ArgumentParser, frontend: str, help: str = "print 
     """--json, on the command line only: in a notebook the Result itself is the data."""
     if frontend == "cli":
         p.add_argument("--json", action="store_true", help=help)
+
+
+POLICY_HELP = ("choose the settings by a policy: -ts (llama, ollama-spread, pack, balanced); moe-balance: -ts and "
+               "-ot rules for a MoE model; fit: llama-server's own -fit, which may also choose -c, -ngl and -ot "
+               "(write -c 0 for its default context); ollama: the GPUs and flags today's Ollama launches "
+               "llama-server with, then its -fit, from Ollama's defaults rather than the flags given")
+
+
+def add_policy_flag(p: argparse.ArgumentParser) -> None:
+    """--policy, as plan, export and bench take it (gpulab.core.policies)."""
+    p.add_argument("--policy", choices=ALL_POLICIES, help=POLICY_HELP)

@@ -16,9 +16,8 @@ from __future__ import annotations
 import shlex
 from html import escape as _escape
 
-from ..core.policies import ALL_POLICIES
-from .flags import (add_config_flags, add_device_flags, add_json_flag, add_model_arg, config_from_args,
-                    devices_from_args, model_path)
+from .flags import (add_config_flags, add_device_flags, add_json_flag, add_model_arg, add_policy_flag,
+                    config_from_args, devices_from_args, model_path)
 from .result import Result
 
 __all__ = ["register", "run", "planned"]
@@ -30,9 +29,7 @@ def register(sub, frontend: str) -> None:
     # None: -c / -np not given (llama-server's defaults are -c 0 and -np auto: 4 slots, unified KV)
     add_config_flags(p, n_ctx=None, n_seq_max=None)
     add_device_flags(p)
-    p.add_argument("--policy", choices=ALL_POLICIES,
-                   help="choose -ts by a policy (moe-balance: -ts and -ot rules for a MoE model; fit: llama-server's "
-                        "own -fit, also -c, -ngl, -ot); prints the flags")
+    add_policy_flag(p)
     p.add_argument("--fit-dry-run", action="store_true",
                    help="make fit's dry runs with llama.cpp (no_alloc loads on the devices present, seconds) instead "
                         "of the planner (milliseconds), where gpulab's estimate is too close to call")

@@ -1,8 +1,16 @@
 """Policies: ways to choose a tensor_split, each returning the split llama.cpp should be given.
 
 - llama          llama.cpp's own default: no -ts, proportions = free memory at load time
-- ollama-spread  Ollama's legacy scheduler: layers dealt round-robin to every visible GPU, so a
-                 61-block model on 8 GPUs gets -ts 8,8,8,8,8,8,7,7 however small it is
+- ollama-spread  Ollama <= 0.12 (its llama.cpp engine, llm/memory.go `estimateGPULayers`, read at
+                 v0.3.0, v0.9.0, v0.12.0 and v0.12.10; gone in v0.12.11, commit f560bd077): layers
+                 dealt round-robin to every GPU, so a 61-block model on 8 GPUs gets
+                 -ts 8,8,8,8,8,8,7,7 however small it is. Those releases dealt over every GPU with
+                 OLLAMA_SCHED_SPREAD set, or when no smaller set of GPUs (largest free first) held
+                 the model (`pickBestFullFitByLibrary`: server/sched.go, llm/memory.go in v0.12.x)
+- ollama         today's Ollama (v0.30 to v0.33.0-rc2, gpulab.core.ollama_policy): it picks the GPUs
+                 (one GPU when the model fits in 80% of it), passes -c, -np, -b/-ub and, only when
+                 set, -ngl and --main-gpu, and llama-server's fit chooses -ngl, -ts and -ot; like fit,
+                 `apply_policy` returns its whole config
 - pack           the fewest devices (largest free memory first) that hold the model
 - balanced       equal free memory left on every device
 - moe-balance    a MoE model: -ts and -ot rules that move expert tensors (to another device, or to
@@ -25,7 +33,7 @@ from .profile import ModelProfile
 __all__ = ["POLICIES", "ALL_POLICIES", "apply_policy", "policy_split"]
 
 POLICIES = ("llama", "ollama-spread", "pack", "balanced", "moe-balance")   # -ts (moe-balance: and -ot)
-ALL_POLICIES = (*POLICIES, "fit")                                           # fit: -c, -ngl, -ts, -ot
+ALL_POLICIES = (*POLICIES, "fit", "ollama")          # fit, ollama: -c, -ngl, -ts, -ot (ollama: and the devices)
 
 
 def _n_offloaded(profile: ModelProfile, config: SplitConfig) -> int:
@@ -34,8 +42,9 @@ def _n_offloaded(profile: ModelProfile, config: SplitConfig) -> int:
 
 
 def _ollama_spread(profile: ModelProfile, used: list[Device], config: SplitConfig) -> tuple[float, ...]:
-    # Ollama (llm/memory.go, before per-model GPU selection): layers, the output layer counted,
-    # dealt one at a time across all GPUs; the counts were passed as --tensor-split.
+    # Ollama <= 0.12 (v0.12.0 llm/memory.go estimateGPULayers): layers, the output layer counted,
+    # dealt one at a time across the GPUs (`gpusWithSpace[i%j]`); the counts were passed as
+    # --tensor-split. gpulab deals over every selected device, as if each had room.
     n, count = len(used), _n_offloaded(profile, config)
     return tuple(float(count // n + (1 if i < count % n else 0)) for i in range(n))
 
@@ -124,4 +133,9 @@ def apply_policy(name: str, profile: ModelProfile, devices: list[Device], config
     if name == "fit":
         from .fit import fit
         return fit(profile, devices, config, host).config
+    if name == "ollama":
+        # Ollama sets every placement flag itself, from its own defaults (OllamaSettings); `config`
+        # is not what it would pass, so it is not read
+        from .ollama_policy import ollama
+        return ollama(profile, devices, host=host).config
     return replace(config, tensor_split=policy_split(name, profile, devices, config, host))

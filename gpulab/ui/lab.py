@@ -52,7 +52,7 @@ from .html import exports_html, run_rows, table_html
 __all__ = ["SplitLab"]
 
 _POLICY_LABELS = {"llama": "llama.cpp default", "ollama-spread": "ollama spread", "pack": "pack", "balanced": "balanced",
-                  "moe-balance": "MoE balance", "fit": "llama-server -fit"}
+                  "moe-balance": "MoE balance", "fit": "llama-server -fit", "ollama": "ollama (today)"}
 # settings with a control of their own below; every other one gets a generic control
 _CUSTOM = {"tensor_split", "devices", "main_gpu", "n_gpu_layers", "split_mode", "n_ctx", "type_k", "type_v",
            "flash_attn"}
@@ -180,12 +180,15 @@ class SplitLab(W.VBox):
             self.share_labels.append(share)
             rows.append(W.HBox([use, sl, share, free]))
         self.policy_buttons = {}
-        for p in (*POLICIES, "fit"):
+        tooltips = {"fit": "set -c, -ngl, -ts and -ot to what llama-server's -fit chooses from its defaults "
+                           "(-c 0, -ngl auto, no -ts, no -ot)",
+                    "ollama": "set the devices and every flag to what today's Ollama (0.30-0.33) launches "
+                              "llama-server with, and what its -fit then chooses"}
+        for p in (*POLICIES, "fit", "ollama"):
             if p == "moe-balance" and not prof.is_moe:
                 continue        # it places expert tensors: a dense model has none
             b = W.Button(description=_POLICY_LABELS.get(p, p),
-                         tooltip=("set -c, -ngl, -ts and -ot to what llama-server's -fit chooses from its defaults "
-                                  "(-c 0, -ngl auto, no -ts, no -ot)") if p == "fit" else f"set the sliders by the {p} policy",
+                         tooltip=tooltips.get(p, f"set the sliders by the {p} policy"),
                          layout=W.Layout(width="auto", min_width="90px"))
             b.on_click(lambda _b, p=p: self.apply_policy(p))
             self.policy_buttons[p] = b
@@ -524,6 +527,8 @@ class SplitLab(W.VBox):
         (flags, log, near-boundary notes)."""
         if name == "fit":
             return self._apply_fit()
+        if name == "ollama":
+            return self._apply_ollama()
         rules = None
         try:
             cfg = self.current_config()
@@ -582,6 +587,43 @@ class SplitLab(W.VBox):
         elif r.near_boundary:
             self._say(f"fit: {r.flags(self.devices)} ({len(r.near_boundary)} decision(s) within gpulab's "
                       "compute-buffer uncertainty: llama.cpp may choose one layer or context step differently)", "info")
+        return self.plan
+
+    def _apply_ollama(self) -> Plan | None:
+        """Today's Ollama (gpulab.core.ollama_policy) on every device the lab has: tick the GPUs it
+        lets llama-server see and set every flag it passes, then what llama-server's fit chose;
+        `last_ollama` keeps its result (Ollama's flags and reasons)."""
+        from ..core.ollama_policy import ollama
+        try:
+            r = ollama(self.profile, self.devices, host=self.host)
+        except GpulabError as e:
+            self._set_error(f"ollama: {e}")
+            return None
+        self.last_ollama = r
+        c = r.config
+        chosen = set(c.devices) if c.devices else {d.name for d in self.devices}
+        self._suspend += 1
+        try:
+            for d, box in zip(self.devices, self.use_boxes):
+                box.value = d.name in chosen
+            self._sync_main_gpu()
+            self.split_mode.value, self.main_gpu.value = c.split_mode, c.main_gpu
+            if c.n_ctx not in self.n_ctx.options:
+                self.n_ctx.options = sorted({*self.n_ctx.options, c.n_ctx})
+            self.n_ctx.value = c.n_ctx
+            self.ngl_slider.value = self.ngl_slider.max if c.n_gpu_layers < 0 else min(c.n_gpu_layers,
+                                                                                        self.ngl_slider.max)
+            self.flash_attn.value, self.type_k.value, self.type_v.value = c.flash_attn, c.type_k, c.type_v
+            for attr, value in (("n_batch", c.n_batch), ("n_ubatch", c.n_ubatch), ("n_seq_max", c.n_seq_max),
+                                ("tensor_overrides", ",".join(c.tensor_overrides)),
+                                ("fit_target", ",".join(str(x) for x in c.fit_target))):
+                if attr in self.setting_controls:
+                    self.setting_controls[attr].value = value
+        finally:
+            self._suspend -= 1
+        self.set_split(c.tensor_split or [0.0] * len(self.selected))
+        why = next(x for x in r.reasons if x.startswith("selectLlamaServerPlacement"))
+        self._say(f"ollama passes {' '.join(r.args)} ({why})", "info")
         return self.plan
 
     # -- load & measure --------------------------------------------------------------------

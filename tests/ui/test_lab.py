@@ -123,6 +123,22 @@ def test_the_fit_button_sets_what_llama_server_would_load(prof):
     assert lab.plan.layer_devices == plan(prof, parse_sim_spec(spec), want.config, lab.host).layer_devices
 
 
+def test_the_ollama_button_ticks_ollamas_gpus_and_sets_its_flags(prof):
+    # gpulab.core.ollama_policy: a model that fits one GPU goes to the one with most free memory, alone
+    from gpulab.core.ollama_policy import ollama
+    spec = "24GiB@10GiB,24GiB@20GiB,24GiB@16GiB"
+    lab = make_lab(prof, spec)
+    lab.policy_buttons["ollama"].click()
+    assert lab.error is None
+    want = ollama(prof, parse_sim_spec(spec), host=lab.host)
+    assert lab.selected == ["SIM1"] == list(want.gpus)
+    c = lab.current_config()
+    assert (c.split_mode, c.main_gpu, c.n_ctx, c.n_batch, c.n_ubatch) == (
+        "none", 0, want.config.n_ctx, want.config.n_batch, want.config.n_ubatch)
+    assert lab.plan.layer_devices == plan(prof, parse_sim_spec(spec), want.config, lab.host).layer_devices
+    assert "--split-mode none --main-gpu 0" in lab.result_html.value
+
+
 def test_pack_uses_fewer_devices_than_ollama_spread(prof):
     lab = make_lab(prof, "8x24GiB")
     lab.apply_policy("ollama-spread")
