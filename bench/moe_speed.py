@@ -25,6 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchkit import loadavg  # noqa: E402 (after the path set-up)
 
 from gpulab import SplitConfig, read_profile  # noqa: E402
 from gpulab.core.moe_balance import expert_bytes_on, moe_balance  # noqa: E402
@@ -39,13 +40,6 @@ from gpulab.storage.results import ResultsStore  # noqa: E402
 SPEC = SynthSpec(arch="qwen3moe", n_layer=8, n_embd=768, n_ff=384, n_ff_exp=384, n_head=12, n_head_kv=4,
                  n_vocab=4096, n_expert=16, n_expert_used=2, weight_type="Q8_0", name="qwen3moe-16x-synth")
 N_PROMPT, N_GEN = 128, 32
-
-
-def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchkit import add_rpc_run_args, loadavg  # noqa: E402 (after the path set-up)
 
 from gpulab import read_profile  # noqa: E402
 from gpulab.core.config import SplitConfig  # noqa: E402
@@ -44,13 +45,6 @@ from gpulab.sources.synth import write_model  # noqa: E402
 
 # (n_layer, n_embd): calibration uses 6x1024 and 8x1536; these are other shapes
 VALIDATION_MODELS = ((12, 1024), (16, 768))
-
-
-def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
 
 
 def configs_for(n_layer: int, n_servers: int) -> list[tuple[str, SplitConfig]]:
@@ -81,13 +75,8 @@ def summary(errors: list[float]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=3)
+    add_rpc_run_args(ap)
     ap.add_argument("--servers", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1, help="threads of the RPC servers and of the host")
-    ap.add_argument("--n-prompt", type=int, default=32)
-    ap.add_argument("--n-gen", type=int, default=16)
-    ap.add_argument("--nice", type=int, default=0, help="change this process's niceness first")
-    ap.add_argument("--json", help="write every figure to this file")
     a = ap.parse_args(argv)
     if a.nice:
         os.nice(a.nice)
