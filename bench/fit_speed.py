@@ -17,7 +17,7 @@ import timeit
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from builders import MiB, make_moe_profile  # noqa: E402
+from builders import MiB, make_hand_moe_profile  # noqa: E402
 
 from gpulab import SplitConfig, parse_sim_spec, plan  # noqa: E402
 from gpulab.core.fit import fit  # noqa: E402
@@ -28,7 +28,7 @@ def best_ms(fn, number: int, repeat: int = 7) -> float:
 
 
 def main() -> None:
-    prof = make_moe_profile(n_layer=127, expert_bytes=600 * MiB, dense_bytes=50 * MiB, n_embd=4096)
+    prof = make_hand_moe_profile(n_layer=127, expert_bytes=600 * MiB, dense_bytes=50 * MiB, n_embd=4096)
     devices = parse_sim_spec("8x10GiB")
     config = SplitConfig(n_ctx=0)
     r = fit(prof, devices, config)

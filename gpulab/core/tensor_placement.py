@@ -354,14 +354,14 @@ def _is_ffn(t: TensorInfo) -> bool:
     return t.is_expert or base.startswith(("ffn_up.", "ffn_gate.", "ffn_down."))
 
 
-def _layer_kinds(profile: ModelProfile) -> tuple[tuple[tuple[tuple[str, int], ...], tuple[str, ...]], ...]:
-    """Per layer, ((name, bytes) of its FFN tensors, names of its other tensors but norms), cached
-    per profile: compute_sites runs once per plan, fit plans ~45 times."""
+def _layer_kinds(profile: ModelProfile) -> tuple[tuple[tuple[tuple[str, int, str], ...], tuple[str, ...]], ...]:
+    """Per layer, ((name, bytes, FFN product) of its FFN tensors, names of its other tensors but norms),
+    cached per profile: compute_sites runs once per plan, fit plans ~45 times."""
     table = _table(profile)
     got = table.get("kinds")
     if got is None:
         got = table["kinds"] = tuple(
-            (tuple((t.name, t.n_bytes) for t in layer.tensors if _is_ffn(t)),
+            (tuple((t.name, t.n_bytes, _ffn_part(t.name)) for t in layer.tensors if _is_ffn(t)),
              tuple(t.name for t in layer.tensors if not _is_ffn(t) and "norm" not in t.name))
             for layer in profile.layers)
     return got
@@ -387,8 +387,13 @@ def compute_sites(profile: ModelProfile, layer_devices: list[str],
     if not moved:
         return ffn, frozenset(), partial
     get = moved.get
-    for layer, (ffn_tensors, others) in zip(profile.layers, _layer_kinds(profile)):
-        il = layer.index
+    kinds = _layer_kinds(profile)
+    # only layers with a moved tensor can run anything away from home ('blk.<il>.' names)
+    touched = sorted({int(n.split(".", 2)[1]) for n in moved if n.startswith("blk.")})
+    for il in touched:
+        if il >= len(kinds):
+            continue
+        ffn_tensors, others = kinds[il]
         home = layer_devices[il]
         for name in others:
             dev = get(name)
@@ -397,15 +402,16 @@ def compute_sites(profile: ModelProfile, layer_devices: list[str],
         if not ffn_tensors:
             continue
         where: dict[str, int] = {}
-        parts: dict[str, set[str]] = {}
-        for name, n_bytes in ffn_tensors:
+        for name, n_bytes, _part in ffn_tensors:
             dev = get(name, home)
             where[dev] = where.get(dev, 0) + n_bytes
-            parts.setdefault(dev, set()).add(_ffn_part(name))
         if len(where) == 1:
             ffn[il] = next(iter(where))
             continue
         site = ffn[il] = max(where, key=where.get)
+        parts: dict[str, set[str]] = {}      # a layer split over devices: which products run where
+        for name, _n_bytes, part in ffn_tensors:
+            parts.setdefault(get(name, home), set()).add(part)
         for dev, ps in parts.items():
             if dev != site and len(ps) > len(partial.get(dev, ())):
                 partial[dev] = frozenset(ps)
