@@ -63,6 +63,8 @@ def policy_flags(path, config, devices) -> str:
     from ..core.exports import render
     argv = render(config, "llama-server", model_path=str(path), devices=devices).data
     return shlex.join(argv[3:-2] if argv[-2:] == ["-fit", "off"] else argv[3:])
+
+
 def _with_ctx(a):
     """The arguments with gpulab's defaults where -c or -np was not given (plan leaves them unset to
     know: llama-server's own defaults differ, see server_fit)."""

@@ -125,7 +125,8 @@ def policy_split(name: str, profile: ModelProfile, devices: list[Device], config
 
 def apply_policy(name: str, profile: ModelProfile, devices: list[Device], config: SplitConfig | None = None,
                  host: Device | None = None) -> SplitConfig:
-    """`config` with what the policy chooses: -ts, and for moe-balance its -ot rules too."""
+    """`config` with what the policy chooses: -ts; moe-balance its -ot rules too; fit and ollama the
+    whole config (-c, -ngl, -ts, -ot; ollama also the devices)."""
     config = config or SplitConfig()
     if name == "moe-balance":
         from .moe_balance import moe_balance

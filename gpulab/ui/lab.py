@@ -40,7 +40,7 @@ from ..core.exports import TARGETS, render
 from ..core.ggml_types import KV_CACHE_TYPES
 from ..core.plan import Plan
 from ..core.planner import plan as make_plan
-from ..core.policies import POLICIES, apply_policy, policy_split
+from ..core.policies import ALL_POLICIES, apply_policy, policy_split
 from ..core.profile import ModelProfile
 from ..core.reconcile import comparison_rows
 from ..core.run import Run
@@ -184,7 +184,7 @@ class SplitLab(W.VBox):
                            "(-c 0, -ngl auto, no -ts, no -ot)",
                     "ollama": "set the devices and every flag to what today's Ollama (0.30-0.33) launches "
                               "llama-server with, and what its -fit then chooses"}
-        for p in (*POLICIES, "fit", "ollama"):
+        for p in ALL_POLICIES:
             if p == "moe-balance" and not prof.is_moe:
                 continue        # it places expert tensors: a dense model has none
             b = W.Button(description=_POLICY_LABELS.get(p, p),
