@@ -141,10 +141,6 @@ class Truth:
             c.stop()
 
 
-def _reps(args, full: int, quick: int) -> int:
-    return quick if args.quick else full
-
-
 def facts(t: Truth) -> dict:
     from gpulab.sources import cpu_features
     from gpulab.sources.nvml import NvmlProbe
