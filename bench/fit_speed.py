@@ -1,4 +1,4 @@
-"""Fit speed: gpulab's `fit` policy (common_params_fit mirrored, gpulab.core.fit) for a 128-layer
+"""Fit speed: gpulab's `fit` policy (common_params_fit mirrored, gpulab.core.policies.server_fit) for a 128-layer
 MoE model on 8 devices, the slider case: the budget is 20 ms per call.
 
 The sizes make fit take its longest path: the whole model does not fit, the dense-only layers do
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from builders import MiB, make_hand_moe_profile  # noqa: E402
 
 from gpulab import SplitConfig, parse_sim_spec, plan  # noqa: E402
-from gpulab.core.fit import fit  # noqa: E402
+from gpulab.core.policies.server_fit import fit  # noqa: E402
 
 
 def best_ms(fn, number: int, repeat: int = 7) -> float:

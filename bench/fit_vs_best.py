@@ -1,4 +1,4 @@
-"""Fit against the fastest placement: llama-server's `-fit` choice (gpulab.core.fit, which agrees
+"""Fit against the fastest placement: llama-server's `-fit` choice (gpulab.core.policies.server_fit, which agrees
 with llama-fit-params, tests/integration/test_fit_vs_llama.py) measured next to every other
 placement that leaves the same free memory, on CPU RPC devices.
 
@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from gpulab import plan, read_profile  # noqa: E402
 from gpulab.core.config import SplitConfig  # noqa: E402
-from gpulab.core.fit import fit  # noqa: E402
+from gpulab.core.policies.server_fit import fit  # noqa: E402
 from gpulab.sources.synth import SynthSpec, write_model  # noqa: E402
 
 N_PROMPT, N_GEN, REPS, THREADS, ROUNDS = 64, 16, 3, 1, 3

@@ -23,8 +23,8 @@ from builders import make_profile  # noqa: E402
 
 from gpulab import SplitConfig, parse_sim_spec, plan  # noqa: E402
 from gpulab.core.devices import Device  # noqa: E402
-from gpulab.core.fleet import Fleet, FleetModel  # noqa: E402
-from gpulab.core.fleet_planner import plan_fleet  # noqa: E402
+from gpulab.core.fleet.model import Fleet, FleetModel  # noqa: E402
+from gpulab.core.fleet.planner import plan_fleet  # noqa: E402
 
 MiB = 1024**2
 GiB = 1024**3

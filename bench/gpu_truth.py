@@ -230,7 +230,7 @@ def fidelity(t: Truth, models: dict) -> dict:
                   "ratio_of_best": gl_best / lb_best}
     # roofline: each generated token reads every offloaded weight once, plus the KV in use
     from gpulab import read_profile
-    from gpulab.core.planner import plan
+    from gpulab.core.placement.planner import plan
     from gpulab.core.config import SplitConfig
     with t.primary_worker() as w:
         devs = [d for d in w.devices() if d.name == t.gpu_name()]
@@ -278,7 +278,7 @@ def _nvml_bytes(pid: int) -> tuple[int | None, int | None]:
 
 def memory(t: Truth, models: dict) -> dict:
     from gpulab import read_profile
-    from gpulab.core.planner import plan
+    from gpulab.core.placement.planner import plan
     from gpulab.sources.host import host_device
     rows = []
     overhead = None
@@ -336,8 +336,8 @@ def _memory_line(row: dict) -> str:
 def two_devices(t: Truth, models: dict) -> dict:
     from gpulab import read_profile
     from gpulab.core.config import SplitConfig
-    from gpulab.core.planner import plan
-    from gpulab.core.speed import predict_speed
+    from gpulab.core.placement.planner import plan
+    from gpulab.core.measure.speed import predict_speed
     from gpulab.runtime.worker import Worker
     from gpulab.sources.host import host_device
     model = models["dense"]
@@ -383,7 +383,7 @@ def two_devices(t: Truth, models: dict) -> dict:
 def calibrated_prediction(rows: list[dict], devices, out: Path, p: int, n: int) -> None:
     """The speed model calibrated in this run on the one-device and -ts 1/1 runs (device speed and
     link cost), then asked for the held-out splits: predicted against measured t/s."""
-    from gpulab.core.speed import predict_speed
+    from gpulab.core.measure.speed import predict_speed
     from gpulab.runtime.calibrate import update_from_run
     from gpulab.storage.speed_cache import SpeedCache
     cache = SpeedCache(out / "speed-calibration.json")

@@ -19,7 +19,7 @@ import sys
 import time
 
 from gpulab import SplitConfig, parse_sim_spec, plan
-from gpulab.core.moe_balance import expert_bytes_on, moe_balance, spread_bytes
+from gpulab.core.policies.moe_balance import expert_bytes_on, moe_balance, spread_bytes
 from gpulab.sources.synth import moe_profile
 
 GiB = 1024**3

@@ -33,8 +33,8 @@ from benchkit import add_rpc_run_args, loadavg  # noqa: E402 (after the path set
 
 from gpulab import read_profile  # noqa: E402
 from gpulab.core.config import SplitConfig  # noqa: E402
-from gpulab.core.planner import plan  # noqa: E402
-from gpulab.core.speed import predict_speed  # noqa: E402
+from gpulab.core.placement.planner import plan  # noqa: E402
+from gpulab.core.measure.speed import predict_speed  # noqa: E402
 from gpulab.runtime.calibrate import calibrate, measure_best, update_from_run, _spec  # noqa: E402
 from gpulab.runtime.rpc import start_servers  # noqa: E402
 from gpulab.runtime.worker import Worker  # noqa: E402

@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT))
 
 from gpulab import read_profile  # noqa: E402
 from gpulab.core.config import SplitConfig  # noqa: E402
-from gpulab.core.sweep_grid import parse_grid  # noqa: E402
-from gpulab.core.tune import Tuner, objective_value, run_tuner  # noqa: E402
+from gpulab.core.measure.sweep_grid import parse_grid  # noqa: E402
+from gpulab.core.measure.tune import Tuner, objective_value, run_tuner  # noqa: E402
 
 GRID = ["-ngl", "0,8,16,24,31", "-ts", "1/1,3/1,1/3", "-fa", "on,off", "-ub", "32,128"]
 N_PROMPT, N_GEN, REPS, THREADS = 64, 16, 3, 1
@@ -170,7 +170,7 @@ def main() -> int:
 def simulate(prof, grid, configs, budget, say) -> None:
     import numpy as np
     from gpulab.core.devices import Device
-    from gpulab.core.planner import plan
+    from gpulab.core.placement.planner import plan
     GiB = 1 << 30
     devices = [Device(f"RPC{i}", 16 * GiB, 16 * GiB, "rpc", "rpc", endpoint=f"h:{i}") for i in range(2)]
     host = Device("CPU", 64 * GiB, 64 * GiB, "host", "cpu")

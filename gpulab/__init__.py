@@ -16,10 +16,10 @@ from .core.config import SplitConfig
 from .core.devices import Device, parse_sim_spec
 from .core.errors import *  # noqa: F403
 from .core.errors import __all__ as _errors_all
-from .core.fleet import Fleet, FleetModel
-from .core.fleet_planner import FleetPlan, plan_fleet
-from .core.plan import DevicePlan, Plan
-from .core.planner import plan
+from .core.fleet.model import Fleet, FleetModel
+from .core.fleet.planner import FleetPlan, plan_fleet
+from .core.placement.plan import DevicePlan, Plan
+from .core.placement.planner import plan
 from .core.profile import LayerProfile, ModelProfile, TensorInfo
 from .sources.read import read_profile
 

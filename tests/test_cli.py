@@ -38,7 +38,7 @@ def test_plan_with_split_mode_tensor(capsys, model):
     assert code == 0, err
     d = json.loads(out)
     assert d["config"]["split_mode"] == "tensor" and {x["device"] for x in d["layers"]} == {"Meta()"}
-    assert d["tensor_split"]["devices"] == ["SIM0", "SIM1"]
+    assert d["tensor_parallel"]["devices"] == ["SIM0", "SIM1"]
     code, out, _ = run(capsys, "plan", model, "--sim", "24GiB,24GiB", "-sm", "tensor")
     assert code == 0 and "0-8,out (a slice of each)" in out and "all-reduces per token" in out
     code, _, err = run(capsys, "plan", model, "--sim", "24GiB,24GiB", "-sm", "tensor", "-fa", "off")
@@ -53,7 +53,7 @@ def test_plan_table_and_policy(capsys, model):
 
 
 def test_plan_with_todays_ollama_policy(capsys, model):
-    # gpulab.core.ollama_policy: a small model goes to the GPU with the most free memory, alone
+    # gpulab.core.policies.ollama: a small model goes to the GPU with the most free memory, alone
     code, out, err = run(capsys, "plan", model, "--sim", "24GiB@10GiB,24GiB@20GiB", "--policy", "ollama")
     assert code == 0, err
     flags = next(line for line in out.splitlines() if line.startswith("flags:"))
@@ -109,7 +109,7 @@ def test_inspect_ot_lists_what_each_rule_matches_first_match_wins(capsys, moe_mo
     assert "ffn_gate_exps.weight, ffn_up_exps.weight, ffn_down_exps.weight of blk 0,1,2" in out
     assert "38.25 MiB" in out
 def test_plan_without_split_flags_shows_what_llama_server_fits_and_the_plain_split(capsys, model):
-    from gpulab.core.fit import fit
+    from gpulab.core.policies.server_fit import fit
     from gpulab.core.devices import parse_sim_spec
     from gpulab.core.config import SplitConfig
     from gpulab.sources.read import read_profile

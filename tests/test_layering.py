@@ -1,7 +1,11 @@
 """The import contract: gpulab's layers import downwards only, no module cycles, and `import gpulab`
-stays light. The layer table is ARCHITECTURE.md's, read off the folder names:
+stays light. The layer table is docs/ARCHITECTURE.md's, read off the folder names:
 
     core  <  sources  <  storage  <  runtime  <  ui, commands  <  cli, magics, gpulab/__init__
+
+and inside core, by package:
+
+    core's own modules (the types)  <  placement  <  policies  <  measure  <  fleet  <  exports
 
 A module may import its own layer and the layers below it. Imports inside functions count as
 well: an upward import there is still an upward dependency, only a deferred one.
@@ -19,6 +23,8 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "gpulab"
 LAYERS = {"core": 0, "sources": 1, "storage": 2, "runtime": 3, "ui": 4, "commands": 4,
           "cli": 5, "magics": 5, "__init__": 5, "__main__": 5}
+# inside core: the types (core's own modules) first, then each package on those before it
+CORE_PACKAGES = {"placement": 1, "policies": 2, "measure": 3, "fleet": 4, "exports": 5}
 # third-party imports allowed per layer (core: standard library and numpy only)
 CORE_ALLOWED = {"numpy"}
 
@@ -31,10 +37,17 @@ def _module_name(path: Path, root: Path = PKG) -> str:
     return ".".join(parts)
 
 
-def _layer(module: str) -> int:
+def _layer(module: str) -> tuple[int, int]:
+    """(layer, rank inside core): compared as a pair, so all of core sits below sources."""
     parts = module.split(".")
     top = parts[1] if len(parts) > 1 else "__init__"
-    return LAYERS[top]
+    sub = CORE_PACKAGES.get(parts[2], 0) if top == "core" and len(parts) > 2 else 0
+    return LAYERS[top], sub
+
+
+def _show(module: str) -> str:
+    top, sub = _layer(module)
+    return f"{top}.{sub}" if sub else str(top)
 
 
 def _imports(path: Path, root: Path = PKG) -> list[tuple[str, int]]:
@@ -77,8 +90,8 @@ def violations(root: Path = PKG) -> list[str]:
             if target == "gpulab":
                 target = "gpulab.__init__"
             if _layer(target) > _layer(me):
-                bad.append(f"{path.relative_to(root.parent)}:{line}: {me} (layer {_layer(me)}) imports "
-                           f"{target} (layer {_layer(target)})")
+                bad.append(f"{path.relative_to(root.parent)}:{line}: {me} (layer {_show(me)}) imports "
+                           f"{target} (layer {_show(target)})")
         if me.startswith("gpulab.core"):
             extra = _third_party(path) - CORE_ALLOWED
             if extra:
@@ -130,6 +143,8 @@ def test_every_folder_is_a_layer():
     folders = {p.name for p in PKG.iterdir() if p.is_dir() and p.name != "__pycache__"}
     modules = {p.stem for p in PKG.glob("*.py")}
     assert folders | modules <= set(LAYERS), "a new folder or top-level module needs a row in LAYERS and in ARCHITECTURE.md"
+    core = {p.name for p in (PKG / "core").iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert core == set(CORE_PACKAGES), "a new package in core needs a rank in CORE_PACKAGES and in ARCHITECTURE.md"
 
 
 def test_the_contract_catches_an_upward_import_and_a_cycle(tmp_path):
@@ -138,12 +153,16 @@ def test_the_contract_catches_an_upward_import_and_a_cycle(tmp_path):
     import shutil
     copy = tmp_path / "gpulab"
     shutil.copytree(PKG, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    planner = copy / "core" / "planner.py"
-    planner.write_text(planner.read_text() + "\n\ndef _oops():\n    from ..ui import figures  # noqa\n")
+    planner = copy / "core" / "placement" / "planner.py"
+    planner.write_text(planner.read_text() + "\n\ndef _oops():\n    from ...ui import figures  # noqa\n")
+    compute = copy / "core" / "placement" / "compute.py"      # placement reaching up into the fleet planner
+    compute.write_text(compute.read_text() + "\n\ndef _oops():\n    from ..fleet.planner import plan_fleet  # noqa\n")
     (copy / "runtime" / "a_mod.py").write_text("from . import b_mod\n")
     (copy / "runtime" / "b_mod.py").write_text("from .a_mod import x\n")
     bad = violations(copy)
-    assert any("gpulab.core.planner (layer 0) imports gpulab.ui (layer 4)" in b for b in bad), bad
+    assert any("gpulab.core.placement.planner (layer 0.1) imports gpulab.ui (layer 4)" in b for b in bad), bad
+    assert any("gpulab.core.placement.compute (layer 0.1) imports gpulab.core.fleet.planner (layer 0.4)" in b
+               for b in bad), bad
     assert ["gpulab.runtime.a_mod", "gpulab.runtime.b_mod", "gpulab.runtime.a_mod"] in cycles(copy) or \
         ["gpulab.runtime.b_mod", "gpulab.runtime.a_mod", "gpulab.runtime.b_mod"] in cycles(copy)
 

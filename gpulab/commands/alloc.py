@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..core.exports import TARGETS
+from ..core.exports.render import TARGETS
 from .flags import (add_config_flags, add_device_flags, add_json_flag, add_model_arg, config_from_args,
                     devices_from_args, model_path)
 from .result import Result
@@ -88,7 +88,7 @@ def _show(a, session) -> Result:
     text = f"# {x.path}\n" + x.path.read_text().rstrip("\n")
     notes = []
     if a.to:
-        from ..core.exports import render
+        from ..core.exports.render import render
         from ..sources.read import read_profile
         e = render(x.config_for_devices(devices), a.to, model_path=path, n_layer=read_profile(path).n_layer,
                    devices=devices)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from ..core.bench_format import OUTPUT_FORMATS
+from ..core.measure.llama_bench import OUTPUT_FORMATS
 from .flags import add_policy_flag, add_bench_flags, add_config_flags, add_device_flags, add_model_arg
 from .result import Result
 
@@ -77,10 +77,10 @@ class _Bar:
 def run(a, session) -> Result:
     from dataclasses import replace
 
-    from ..core.bench_format import format_results
+    from ..core.measure.llama_bench import format_results
     from ..core.errors import ConfigError
-    from ..core.reconcile import comparison_rows, reconcile
-    from ..core.results import to_llama_bench_records
+    from ..core.measure.reconcile import comparison_rows, reconcile
+    from ..core.measure.results import to_llama_bench_records
     from ..sources.host import default_threads
     from ..storage.results import ResultsStore
     from ..ui.html import run_rows, table_html
@@ -103,7 +103,7 @@ def run(a, session) -> Result:
     from .plan import server_would_fit
     if not getattr(a, "policy", None) and server_would_fit(config):
         # llama-bench and llama-cpp-python load the settings as given; llama-server fits first
-        from ..core.fit import fit
+        from ..core.policies.server_fit import fit
         fitted = fit(prof, list(choice.devices), config.replace(n_ctx=0), choice.host)
         if fitted.ok and fitted.changed != ("n_ctx",):
             notes.append(f"note: measured without -fit, as llama-bench does; llama-server would load "

@@ -3,7 +3,7 @@
     gpulab export model.gguf -ts 3,1 -c 8192 --to llama-server
     gpulab export model.gguf --from-alloc --to ollama        # the saved allocation
 
-One renderer (gpulab.core.exports) writes every target, so they cannot drift apart. What a
+One renderer (gpulab.core.exports.render) writes every target, so they cannot drift apart. What a
 target cannot express is said on stderr ("gpulab: note: ...") and never silently dropped;
 --strict turns those notes into an error (exit 2).
 """
@@ -11,7 +11,7 @@ target cannot express is said on stderr ("gpulab: note: ...") and never silently
 from __future__ import annotations
 
 from ..core.errors import GpulabError
-from ..core.exports import TARGETS, render
+from ..core.exports.render import TARGETS, render
 from .flags import add_policy_flag, add_config_flags, add_device_flags, add_json_flag, add_model_arg
 from .result import Result
 

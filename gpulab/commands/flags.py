@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from ..core.config import SplitConfig
-from ..core.policies import ALL_POLICIES
+from ..core.policies.apply import ALL_POLICIES
 from ..core.settings import SETTINGS, check_settings_cover_config, value_from_text
 
 __all__ = ["RULE_SETTINGS", "add_config_flags", "config_from_args", "add_device_flags", "devices_from_args", "add_bench_flags",
@@ -118,5 +118,5 @@ POLICY_HELP = ("choose the settings by a policy: -ts (llama, ollama-spread, pack
 
 
 def add_policy_flag(p: argparse.ArgumentParser) -> None:
-    """--policy, as plan, export and bench take it (gpulab.core.policies)."""
+    """--policy, as plan, export and bench take it (gpulab.core.policies.apply)."""
     p.add_argument("--policy", choices=ALL_POLICIES, help=POLICY_HELP)

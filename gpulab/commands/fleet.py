@@ -6,10 +6,10 @@
     gpulab fleet import config.yaml -o fleet.toml       # a llama-swap config or a router INI as a start
 
 FLEET may also be a llama-swap config.yaml or a llama-server --models-preset INI, read as the
-fleet's starting point (gpulab.core.fleet_import); what it leaves out is said on stderr.
+fleet's starting point (gpulab.core.fleet.from_tools); what it leaves out is said on stderr.
 
-The fleet description is gpulab.core.fleet's TOML; the planner gpulab.core.fleet_planner; the
-exports gpulab.core.fleet_exports. Exit status (CLI): 0 when the fleet fits, 1 when it does not
+The fleet description is gpulab.core.fleet.model's TOML; the planner gpulab.core.fleet.planner; the
+exports gpulab.core.exports.fleet. Exit status (CLI): 0 when the fleet fits, 1 when it does not
 (the table says why and what would fit), 2 on bad input.
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..core.fleet_exports import FLEET_TARGETS
+from ..core.exports.fleet import FLEET_TARGETS
 from .flags import add_device_flags, add_json_flag
 from .result import Result
 
@@ -67,7 +67,7 @@ def run(a, session) -> Result:
 
 def planned_fleet(a, session):
     """(Fleet, {name: path}, DeviceChoice, FleetPlan, notes) for the fleet file and device flags."""
-    from ..core.fleet_planner import plan_fleet
+    from ..core.fleet.planner import plan_fleet
     from ..sources.model_refs import resolve_model
     from ..sources.read import read_profile
     from ..storage.fleet_files import read_any_fleet
@@ -79,7 +79,7 @@ def planned_fleet(a, session):
     choice = devices_from_args(a, session)
     speed = None
     if a.objective.startswith("tg:"):
-        from ..core.speed import predict_speed
+        from ..core.measure.speed import predict_speed
         from ..storage.speed_cache import speed_model_for
         model = speed_model_for(choice.all_devices)
         speed = lambda p: predict_speed(p, model).tg_tokens_per_s   # noqa: E731
@@ -107,7 +107,7 @@ def _plan(a, session) -> Result:
 
 
 def _export(a, session) -> Result:
-    from ..core.fleet_exports import render_fleet
+    from ..core.exports.fleet import render_fleet
     from ..storage.fleet_files import llama_swap_yaml
     _, paths, choice, fplan, read_notes = planned_fleet(a, session)
     exp = render_fleet(fplan, a.to, paths, list(choice.devices), yaml_dump=llama_swap_yaml)

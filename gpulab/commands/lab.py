@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..core.policies import POLICIES
+from ..core.policies.apply import POLICIES
 from .flags import add_config_flags, add_device_flags, add_model_arg, config_from_args, model_path
 from .result import Result
 

@@ -1,7 +1,7 @@
 """`gpulab plan MODEL [llama.cpp flags] [device flags] [--policy P] [--json]`: llama.cpp's placement
 and per-device memory, predicted, and the predicted speed.
 
-llama-server and llama-cli fit before they load (-fit on, their default: gpulab.core.fit); llama-bench
+llama-server and llama-cli fit before they load (-fit on, their default: gpulab.core.policies.server_fit); llama-bench
 and llama-cpp-python do not. So without -ts, -ngl and -ot (and -fit off), the plan shows first what
 llama-server would load (its defaults -c 0 and -np 4 -kvu unless -c / -np are given), what fit
 changed and why, and then
@@ -44,8 +44,8 @@ def register(sub, frontend: str) -> None:
 
 def planned(a, session, *, for_load: bool = False, virtual_if_no_gpu: bool = False):
     """(path, profile, DeviceChoice, config, Plan) for the model, config and device flags."""
-    from ..core.planner import plan
-    from ..core.policies import apply_policy
+    from ..core.placement.planner import plan
+    from ..core.policies.apply import apply_policy
     from ..sources.read import read_profile
     path = model_path(a.model)
     prof = read_profile(path)
@@ -60,7 +60,7 @@ def planned(a, session, *, for_load: bool = False, virtual_if_no_gpu: bool = Fal
 
 def policy_flags(path, config, devices) -> str:
     """The llama-server flags (less the model and -fit off) that give a policy's plan."""
-    from ..core.exports import render
+    from ..core.exports.render import render
     argv = render(config, "llama-server", model_path=str(path), devices=devices).data
     return shlex.join(argv[3:-2] if argv[-2:] == ["-fit", "off"] else argv[3:])
 
@@ -79,7 +79,7 @@ def server_fit(a, prof, choice, config, path=None):
     """common_fit_params as llama-server runs it on these flags, with its defaults for what was not
     given: -c 0 (an explicit -c 0 asks for the full context: fit's minimum becomes UINT32_MAX,
     common/arg.cpp) and -np auto, which is 4 slots sharing one unified KV cache (tools/server/server.cpp)."""
-    from ..core.fit import UINT32_MAX, fit
+    from ..core.policies.server_fit import UINT32_MAX, fit
     ctx_given = getattr(a, "ctx_size", None) is not None
     server = config if ctx_given else config.replace(n_ctx=0)
     if getattr(a, "parallel", 1) is None:
@@ -103,7 +103,7 @@ def server_would_fit(config) -> bool:
 
 
 def run(a, session) -> Result:
-    from ..core.speed import predict_speed
+    from ..core.measure.speed import predict_speed
     from ..storage.speed_cache import speed_model_for
     from ..ui.html import plan_frame_rows, plan_html
     from ..ui.text import plan_text, rules_text
@@ -130,11 +130,11 @@ def run(a, session) -> Result:
     if flags:
         data["flags"] = flags
     if not getattr(a, "policy", None) and server_would_fit(config):
-        from ..core.planner import plan as make_plan
+        from ..core.placement.planner import plan as make_plan
         from ..ui.text import fit_text
         fitted = server_fit(a, prof, choice, config, path)
         fitted_plan = make_plan(prof, list(choice.devices), fitted.config, choice.host)
-        from ..core.context import largest_ctx
+        from ..core.policies.context import largest_ctx
         most = (largest_ctx(prof, list(choice.devices), fitted.config, choice.host)
                 if fitted.ok and fitted.device_names else None)
         text = (fit_text(fitted, fitted_plan, list(choice.devices), most) + "\n\n"
@@ -142,7 +142,7 @@ def run(a, session) -> Result:
         data["fit"] = {**fit_data(fitted, fitted_plan, list(choice.devices)), "largest_ctx": most}
         objects = {"fit": fitted, "fitted_plan": fitted_plan}
     if getattr(a, "ctx_table", False):
-        from ..core.context import ctx_table
+        from ..core.policies.context import ctx_table
         from ..ui.text import ctx_table_text
         rows = ctx_table(prof, list(choice.devices), config, choice.host)
         text += "\n\n" + ctx_table_text(rows, config)

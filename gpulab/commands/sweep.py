@@ -4,7 +4,7 @@
         -p 128 -n 32 -r 3 -o md
 
 Grid flags take llama-bench's lists and ranges (-ngl 10-40+10, -ts 1/1,3/1; see
-gpulab.core.sweep_grid). Results go to the results store as each point finishes; running the
+gpulab.core.measure.sweep_grid). Results go to the results store as each point finishes; running the
 same command again measures only the points not stored yet (--fresh: all of them). Points the
 planner says cannot fit are skipped, not loaded. Output: llama-bench's md, csv, json, jsonl or sql
 on stdout; progress with an ETA on stderr. Exit 0 when every point has its result, 1 when some
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..core.bench_format import OUTPUT_FORMATS
-from ..core.sweep_grid import GRID_FLAGS, LONG_FLAGS
+from ..core.measure.llama_bench import OUTPUT_FORMATS
+from ..core.measure.sweep_grid import GRID_FLAGS, LONG_FLAGS
 from .flags import add_bench_flags, add_device_flags, add_model_arg, devices_from_args, model_path
 from .result import Result
 
@@ -34,7 +34,7 @@ def add_grid_flags(p: argparse.ArgumentParser) -> None:
 
 
 def grid_from_args(a: argparse.Namespace):
-    from ..core.sweep_grid import parse_grid
+    from ..core.measure.sweep_grid import parse_grid
     given = {flag: getattr(a, "grid_" + flag[1:]) for flag in GRID_FLAGS}
     return parse_grid({f: v for f, v in given.items() if v})
 
@@ -55,7 +55,7 @@ def register(sub, frontend: str) -> None:
 def planner_check(model: str, devices, host=None):
     """fits(config) -> '' or the planner's reason the config cannot be loaded on `devices`."""
     from ..core.errors import GpulabError
-    from ..core.planner import plan
+    from ..core.placement.planner import plan
     from ..sources.read import read_profile
     prof = read_profile(model)
 

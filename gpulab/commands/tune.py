@@ -1,10 +1,10 @@
 """`gpulab tune MODEL --objective tg|pp|mixed [--budget N] [--save]`: the fastest placement of a
-grid, found with few loads (gpulab.core.tune explains how).
+grid, found with few loads (gpulab.core.measure.tune explains how).
 
     gpulab tune model.gguf --rpc 127.0.0.1:50052,127.0.0.1:50053 --objective mixed --save
     gpulab tune model.gguf -ngl 0-31+8 -ts 1/1,3/1,1/3 --budget 6 -p 128 -n 32
 
-Without grid flags the grid is gpulab.core.tune.default_grid_args. Every load is measured as
+Without grid flags the grid is gpulab.core.measure.tune.default_grid_args. Every load is measured as
 `gpulab sweep` measures (same store: a config measured before costs no load now), --budget
 caps the loads (default: a quarter of the grid). --save writes the winner as the model's
 saved allocation on these devices, with the measurement that justified it.
@@ -46,9 +46,9 @@ def _ts(c) -> str:
 
 def run(a: argparse.Namespace, session) -> Result:
     from ..core.config import SplitConfig
-    from ..core.exports import render
-    from ..core.sweep_grid import parse_grid
-    from ..core.tune import Tuner, default_grid_args, run_tuner
+    from ..core.exports.render import render
+    from ..core.measure.sweep_grid import parse_grid
+    from ..core.measure.tune import Tuner, default_grid_args, run_tuner
     from ..runtime.sweep import run_sweep
     from ..sources.read import read_profile
     from ..storage.results import ResultsStore
@@ -120,12 +120,12 @@ def run(a: argparse.Namespace, session) -> Result:
 
 
 def _fit_candidate(prof, devices, base, one, a, best_value):
-    """llama-server's own choice (-fit on from its defaults: -c 0, -ngl auto, gpulab.core.fit), its
+    """llama-server's own choice (-fit on from its defaults: -c 0, -ngl auto, gpulab.core.policies.server_fit), its
     placement measured at the tune's context like every candidate: fit maximises what it offloads,
     and this says how far that is from the fastest placement found."""
     from ..core.config import SplitConfig
-    from ..core.fit import fit
-    from ..core.tune import objective_value
+    from ..core.policies.server_fit import fit
+    from ..core.measure.tune import objective_value
     r = fit(prof, devices, SplitConfig(n_ctx=0))
     if not r.ok:
         return f"llama-server's -fit gives up here ({r.reasons[-1]})", {"status": r.status}

@@ -109,7 +109,7 @@ def _compile(pattern: str) -> re.Pattern:
 
 
 # -- parsing and expanding --------------------------------------------------------------------------
-@lru_cache(maxsize=8192)   # fit re-plans the same rules many times (gpulab.core.fit)
+@lru_cache(maxsize=8192)   # fit re-plans the same rules many times (gpulab.core.policies.server_fit)
 def parse_override_text(text: str, source: str = "-ot") -> tuple[OverrideRule, ...]:
     """One -ot value ('PAT=BUFT,PAT=BUFT'), as parse_tensor_buffer_overrides splits it."""
     rules = []

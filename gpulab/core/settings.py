@@ -4,8 +4,8 @@ llama.cpp's structs, and whether the lab gets a generic control for it.
 A row here is what a SplitConfig field needs to become a command-line flag (gpulab.commands.flags
 builds the CLI's and the magics' parsers from this table), a lab control (gpulab.ui.lab), and a
 field of llama_model_params / llama_context_params (gpulab.runtime.params walks this table). How
-each *export target* spells the setting is gpulab.core.exports.SPELLINGS, the one other table a
-new setting needs a row in; both tables are checked to cover SplitConfig (tests/core/test_settings.py, tests/core/test_exports.py).
+each *export target* spells the setting is gpulab.core.exports.render.SPELLINGS, the one other table a
+new setting needs a row in; both tables are checked to cover SplitConfig (tests/core/test_settings.py, tests/core/exports/test_render.py).
 
 Flags are llama-server's (common/arg.cpp of the vendored llama.cpp), short spelling first.
 """
@@ -109,7 +109,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("use_extra_bufts", ("-nr", "--no-repack"), "no CPU_REPACK copies of host weights", "off",
             struct="model", c_field="use_extra_bufts", to_c=bool),
     # common_params, not llama.cpp structs: what llama-server's common_fit_params does before loading
-    # (common/fit.cpp, gpulab.core.fit); an in-process load (llama-cpp-python) never fits
+    # (common/fit.cpp, gpulab.core.policies.server_fit); an in-process load (llama-cpp-python) never fits
     Setting("fit", ("-fit", "--fit"), "llama-server/llama-cli: fit the settings left unset (-c 0, -ngl auto, "
             "no -ts, no -ot) to free memory; llama-bench and llama-cpp-python do not", "choice",
             choices=("on", "off")),

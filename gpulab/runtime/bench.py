@@ -41,7 +41,7 @@ from pathlib import Path
 
 from ..core.config import SplitConfig
 from ..core.devices import Device
-from ..core.results import BenchRun, throughput_from_samples
+from ..core.measure.results import BenchRun, throughput_from_samples
 from ..core.errors import ConfigError, LoadError
 from . import llama_lib
 from ..sources.host import default_threads
@@ -253,7 +253,7 @@ def _plan_dict(loaded: LoadedModel) -> tuple[dict | None, str | None]:
     """The planner's prediction for the config llama.cpp got, on the devices it saw at load."""
     try:
         from ..sources.read import read_profile
-        from ..core.planner import plan
+        from ..core.placement.planner import plan
         devices = list(loaded.devices)
         host = next((d for d in devices if d.kind == "cpu"), None)
         offload = [d for d in devices if d.is_offload]

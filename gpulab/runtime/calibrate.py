@@ -2,7 +2,7 @@
 
     cal = calibrate(["127.0.0.1:50052", "127.0.0.1:50053"], n_threads=1)   # ~30 s for 2 RPC CPUs
     model = speed_model_for(devices)     # gpulab.storage.speed_cache: calibrated, else spec/NVML/defaults
-    predict_speed(plan, model)           # gpulab.core.speed
+    predict_speed(plan, model)           # gpulab.core.measure.speed
     update_from_run(run)                 # a measured Run refines the devices it used
 
 What `calibrate` measures, in one worker process (gpulab.runtime.worker: a dying RPC server
@@ -20,7 +20,7 @@ aborts the process that uses it):
 A measurement is the fastest repetition of a config in each of `rounds` interleaved rounds (the
 one least disturbed by other processes), then the median over rounds (measure_best).
 
-Every observation is stored with its coefficients (gpulab.core.speed.design_row) in
+Every observation is stored with its coefficients (gpulab.core.measure.speed.design_row) in
 <data dir>/speed.json, and the parameters of all devices are one least-squares fit over all
 stored observations, so a run measured later (`update_from_run`) refines the devices it used.
 Cache keys: the host by CPU model and thread count; RPC devices by endpoint (the server's own
@@ -38,8 +38,8 @@ from pathlib import Path
 
 from ..core.config import SplitConfig
 from ..core.devices import HOST_NAME, Device
-from ..core.speed import SpeedModel, design_row
-from ..core.speed_priors import link_default
+from ..core.measure.speed import SpeedModel, design_row
+from ..core.measure.speed_priors import link_default
 from ..sources.host import cpu_model
 from ..storage.speed_cache import SpeedCache, cache_key, host_key_here
 from .rpc import round_trip
@@ -180,7 +180,7 @@ def _best_seconds(run, kind: str, stat: str = "best") -> float | None:
 
 def _run_plan(profile, devices: list[Device], config: SplitConfig, layer_devices) -> "object":
     """The plan llama.cpp carried out: the planner's, with llama.cpp's reported placement."""
-    from ..core.planner import plan
+    from ..core.placement.planner import plan
     host = next((d for d in devices if d.kind == "cpu"), None)
     offload = [d for d in devices if d.is_offload]
     p = plan(profile, offload, config, host)
@@ -315,15 +315,15 @@ def calibrate(endpoints=(), *, devices: list[str] | None = None, n_threads: int 
 
 def _note_allreduce(cache: SpeedCache, profile, config: SplitConfig, best, devices: list[Device], n_threads: int,
                     n_gen: int) -> None:
-    """The seconds of one all-reduce stage (gpulab.core.speed.fit_allreduce_stage) from a -sm tensor
+    """The seconds of one all-reduce stage (gpulab.core.measure.speed.fit_allreduce_stage) from a -sm tensor
     run, the devices' fitted figures held, kept with the link class: over RPC a stage is several
     round trips through the client, much more than a layer split's hop."""
-    from ..core.planner import plan as make_plan
-    from ..core.speed import fit_allreduce_stage
+    from ..core.placement.planner import plan as make_plan
+    from ..core.measure.speed import fit_allreduce_stage
     if best.tg_s is None:
         return
     p = make_plan(profile, [d for d in devices if d.kind != "cpu"], config)
-    members = [d for d in devices if d.name in p.tensor_split.devices]
+    members = [d for d in devices if d.name in p.tensor_parallel.devices]
     cls = "rpc" if any(d.kind == "rpc" for d in members) else "local"
     stage = fit_allreduce_stage(p, cache.model_for(devices, n_threads), best.tg_s, n_gen=n_gen)
     cache.data["links"].setdefault(cls, {})["allreduce_latency_s"] = stage

@@ -1,4 +1,4 @@
-"""Fit's dry runs made by llama.cpp itself: a `measure` for gpulab.core.fit.fit that loads the model
+"""Fit's dry runs made by llama.cpp itself: a `measure` for gpulab.core.policies.server_fit.fit that loads the model
 with `no_alloc` in a worker, as common_get_device_memory_data does (common/fit.cpp).
 
 gpulab's fit plans each dry run (milliseconds); where a decision lies within the compute-buffer
@@ -6,7 +6,7 @@ estimate's uncertainty (FitResult.near_boundary) this gives llama.cpp's own numb
 the devices present (seconds: one no_alloc load per dry run). Weights and KV are the planner's (a
 dry run logs them as 0.00 MiB, and they are exact); compute buffers are what llama.cpp's dry run
 reports, which is also what its fit counts (with pipeline parallelism more than a real load
-allocates, see gpulab.core.compute.dry_run_extra_bytes).
+allocates, see gpulab.core.placement.compute.dry_run_extra_bytes).
 
     from gpulab.runtime.fit_dry_run import dry_run_measure
     with Worker(endpoints) as w:
@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from ..core.config import SplitConfig
 from ..core.devices import Device
-from ..core.planner import plan
+from ..core.placement.planner import plan
 from ..core.profile import ModelProfile
 
 __all__ = ["dry_run_measure"]

@@ -156,7 +156,7 @@ def open_model(path: str | os.PathLike, config: SplitConfig | None = None, *,
     context_params: further llama_context_params fields to set, by name, for settings a
       SplitConfig does not carry (e.g. {'no_perf': False} to have llama.cpp time its decodes).
 
-    check_fit: plan the load first (gpulab.core.planner.plan on these devices) and raise
+    check_fit: plan the load first (gpulab.core.placement.planner.plan on these devices) and raise
       DoesNotFitError, naming each over-full device and its deficit, when the plan says it
       cannot fit; llama.cpp is then not called, so a CUDA out-of-memory mid-load is avoided
       rather than survived. On by default; False leaves the judgement to llama.cpp. Ignored
@@ -234,7 +234,7 @@ def open_model(path: str | os.PathLike, config: SplitConfig | None = None, *,
 
 
 def _check_fit(path: str, config: SplitConfig, devices: list[Device]) -> None:
-    from ..core.planner import plan
+    from ..core.placement.planner import plan
     from ..sources.gguf_file import read_profile
     host = next((d for d in devices if d.kind == "cpu"), None)
     offload = [d for d in devices if d.is_offload]

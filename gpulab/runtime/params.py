@@ -3,7 +3,7 @@
 `llama_params` fills llama.cpp's own structs (llama_model_params, llama_context_params) for an
 in-process load, walking `gpulab.core.settings.SETTINGS` (each setting names its struct and
 field). `llama_kwargs` gives the keyword arguments of `llama_cpp.Llama(...)`: it is the 'python'
-column of `gpulab.core.exports.SPELLINGS`, the table every export (llama-server, llama-bench,
+column of `gpulab.core.exports.render.SPELLINGS`, the table every export (llama-server, llama-bench,
 Ollama, KoboldCpp) is rendered from, so a setting cannot be spelled one way here and another way
 there. Where `Llama()` has no keyword for a setting, that table says so and `llama_kwargs_gaps`
 names it.
@@ -17,9 +17,9 @@ from typing import Any
 from ..core.config import SplitConfig
 from ..core.devices import Device
 from ..core.errors import ConfigError
-from ..core.exports import python_gaps, python_kwargs
+from ..core.exports.render import python_gaps, python_kwargs
 from ..core.overrides import effective_rules
-from ..core.planner import select_devices
+from ..core.placement.planner import select_devices
 from ..core.settings import SETTINGS, check_settings_cover_config
 
 __all__ = ["llama_params", "llama_kwargs", "llama_kwargs_gaps"]

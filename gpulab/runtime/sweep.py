@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from ..core.config import SplitConfig
-from ..core.bench_format import format_results
-from ..core.results import BenchRun, config_from_dict, config_to_dict
+from ..core.measure.llama_bench import format_results
+from ..core.measure.results import BenchRun, config_from_dict, config_to_dict
 from ..core.run import Run
-from ..core.sweep_grid import Grid
+from ..core.measure.sweep_grid import Grid
 from ..core.errors import GpulabError
 
 __all__ = ["run_sweep", "sweep", "SweepResult", "SweepPoint", "sweep_key", "ProgressBar", "pareto_front"]

@@ -216,7 +216,7 @@ class Worker:
         If llama.cpp aborts the worker (an RPC server died mid-run), this raises LoadError and
         the calling process carries on; the next call starts a fresh worker.
         progress(phase, fraction) is called here as the worker reports it."""
-        from ..core.results import config_to_dict, run_from_dict
+        from ..core.measure.results import config_to_dict, run_from_dict
         cfg = config_to_dict(config) if config is not None else None
         raw = self.call("measure", _on_progress=progress, path=str(path), config=cfg, n_prompt=n_prompt,
                         n_gen=n_gen, repetitions=repetitions, n_threads=n_threads, warmup=warmup, seed=seed,
@@ -227,7 +227,7 @@ class Worker:
         """Load a model in the worker and keep it open there: measure it, re-split it, close it.
 
         The in-worker counterpart of open_model + measure_loaded + resplit, for RPC devices."""
-        from ..core.results import config_to_dict
+        from ..core.measure.results import config_to_dict
         raw = self.call("open", path=str(path), config=config_to_dict(config or SplitConfig()))
         return RemoteModel(self, raw)
 
@@ -241,7 +241,7 @@ class RemoteModel:
         self._update(raw)
 
     def _update(self, raw: dict) -> None:
-        from ..core.results import config_from_dict
+        from ..core.measure.results import config_from_dict
         self.id = raw["id"]
         self.path = raw["path"]
         self.config = config_from_dict(raw["config"])
@@ -264,7 +264,7 @@ class RemoteModel:
     def measure(self, *, n_prompt: int = 512, n_gen: int = 128, repetitions: int = 5, n_threads: int | None = None,
                 warmup: bool = True, progress=None, seed: int | None = None, nvml: bool = True) -> Run:
         """gpulab.runtime.bench.measure_loaded on the open model, in the worker."""
-        from ..core.results import run_from_dict
+        from ..core.measure.results import run_from_dict
         raw = self._call("measure_loaded", _on_progress=progress, n_prompt=n_prompt, n_gen=n_gen,
                          repetitions=repetitions, n_threads=n_threads, warmup=warmup, seed=seed, nvml=nvml)
         return run_from_dict(raw)
@@ -272,7 +272,7 @@ class RemoteModel:
     def resplit(self, config: SplitConfig) -> "RemoteModel":
         """Close and reload with `config` in the worker (gpulab.runtime.bench.resplit); `ready_seconds`
         is then the time from this call's start in the worker to a context ready to measure."""
-        from ..core.results import config_to_dict
+        from ..core.measure.results import config_to_dict
         self._update(self._call("resplit", config=config_to_dict(config)))
         return self
 
@@ -326,7 +326,7 @@ def _serve() -> None:
                     "n_progress": len(fractions), "last_progress": fractions[-1] if fractions else None}
 
     def op_measure(path, config=None, **kw):
-        from ..core.results import config_from_dict, run_to_dict
+        from ..core.measure.results import config_from_dict, run_to_dict
         from .bench import measure
 
         last = {}
@@ -344,7 +344,7 @@ def _serve() -> None:
     models: dict[int, object] = {}    # open models by id (Worker.open)
 
     def _answer(mid, m):
-        from ..core.results import config_to_dict
+        from ..core.measure.results import config_to_dict
         return {"id": mid, "path": m.path, "config": config_to_dict(m.config), "report": m.report.to_dict(),
                 "load_seconds": m.load_seconds, "context_seconds": m.context_seconds,
                 "ready_seconds": m.ready_seconds, "notes": list(m.notes)}
@@ -356,14 +356,14 @@ def _serve() -> None:
         return m
 
     def op_open(path, config):
-        from ..core.results import config_from_dict
+        from ..core.measure.results import config_from_dict
         m = open_model(path, config_from_dict(config), devices=llama_lib.llama_devices())
         mid = max(models, default=0) + 1
         models[mid] = m
         return _answer(mid, m)
 
     def op_measure_loaded(id, **kw):
-        from ..core.results import run_to_dict
+        from ..core.measure.results import run_to_dict
         from .bench import measure_loaded
 
         def progress(phase: str, fraction: float) -> None:
@@ -371,7 +371,7 @@ def _serve() -> None:
         return run_to_dict(measure_loaded(_model(id), progress=progress, **kw))
 
     def op_resplit(id, config):
-        from ..core.results import config_from_dict
+        from ..core.measure.results import config_from_dict
         from .bench import resplit
         old = _model(id)
         try:

@@ -1,5 +1,5 @@
 """The GGUF file behind a fleet's model reference: a path, a URL, an Ollama name, or an entry of
-llama.cpp's model cache (gpulab.core.fleet.ModelRef says which).
+llama.cpp's model cache (gpulab.core.fleet.model.ModelRef says which).
 
 Ollama (`ollama:qwen3:30b`), as Ollama's source has it (github.com/ollama/ollama at fb307609,
 2026-08-21): the store is $OLLAMA_MODELS, else ~/.ollama/models (envconfig/config.go Models);
@@ -30,7 +30,7 @@ from pathlib import Path
 from collections.abc import Mapping
 
 from ..core.errors import ConfigError
-from ..core.fleet import ModelRef, parse_model_ref
+from ..core.fleet.model import ModelRef, parse_model_ref
 
 __all__ = ["resolve_model", "ollama_store", "ollama_blob", "llama_cache_dir", "llama_cache_file"]
 

@@ -122,7 +122,7 @@ def _now() -> str:
 def _pinned(config: SplitConfig, devices: Sequence[Device]) -> tuple[SplitConfig, list[Device]]:
     """The config with an explicit --device list (same devices, same order as llama.cpp would
     choose them), and those devices."""
-    from ..core.planner import select_devices
+    from ..core.placement.planner import select_devices
     if config.devices == ("none",):
         return config, []
     probe = config.replace(split_mode="layer") if config.split_mode != "layer" else config

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from ..core.errors import ConfigError
-from ..core.fleet import Fleet, fleet_from_dict, fleet_to_dict
+from ..core.fleet.model import Fleet, fleet_from_dict, fleet_to_dict
 from .files import TOMLDecodeError, atomic_write_text, read_toml, to_toml
 
 __all__ = ["read_fleet", "read_any_fleet", "write_fleet", "fleet_text", "llama_swap_yaml", "read_yaml"]
@@ -37,7 +37,7 @@ def write_fleet(path: str | os.PathLike, fleet: Fleet) -> Path:
 
 
 def llama_swap_yaml(doc: dict) -> str:
-    """llama-swap's config.yaml for the dict gpulab.core.fleet_exports.llama_swap_doc returns."""
+    """llama-swap's config.yaml for the dict gpulab.core.exports.fleet.llama_swap_doc returns."""
     import yaml
     return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=1 << 16)
 
@@ -54,8 +54,8 @@ def read_yaml(path: str | os.PathLike):
 
 def read_any_fleet(path: str | os.PathLike) -> tuple[Fleet, list[str]]:
     """(Fleet, notes) from a fleet TOML, a llama-swap config.yaml (.yaml, .yml) or a llama-server
-    --models-preset INI (.ini): the last two as a fleet's starting point (gpulab.core.fleet_import)."""
-    from ..core.fleet_import import fleet_from_llama_swap, fleet_from_router_ini
+    --models-preset INI (.ini): the last two as a fleet's starting point (gpulab.core.fleet.from_tools)."""
+    from ..core.fleet.from_tools import fleet_from_llama_swap, fleet_from_router_ini
     suffix = Path(path).suffix.lower()
     try:
         if suffix in (".yaml", ".yml"):

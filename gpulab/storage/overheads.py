@@ -14,8 +14,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from ..core.reconcile import Reconciliation, reconcile
-from ..core.results import BenchRun
+from ..core.measure.reconcile import Reconciliation, reconcile
+from ..core.measure.results import BenchRun
 from ..core.run import Run
 from .files import read_json, write_json
 from .paths import data_dir

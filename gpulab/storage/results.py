@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..core.config import SplitConfig
 from ..core.errors import StoreError
-from ..core.results import config_to_dict, runs_from_records, to_llama_bench_records
+from ..core.measure.results import config_to_dict, runs_from_records, to_llama_bench_records
 from ..core.run import Run
 from .paths import data_dir
 

@@ -3,7 +3,7 @@
     cache = SpeedCache()                       # gpulab.storage.paths.data_dir() / "speed.json"
     cache.model_for(devices, n_threads)        # a SpeedModel: calibrated where known, else priors
 
-Measuring is gpulab.runtime.calibrate's; the priors and keys are gpulab.core.speed_priors'.
+Measuring is gpulab.runtime.calibrate's; the priors and keys are gpulab.core.measure.speed_priors'.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..core.devices import HOST_NAME, Device
-from ..core.speed import DeviceSpeed, LinkSpeed, SpeedModel, fit_params, priors_for, speeds_from_params
-from ..core.speed_priors import device_key, host_key, link_default, uncalibrated_from_info, uncalibrated_speed
+from ..core.measure.speed import DeviceSpeed, LinkSpeed, SpeedModel, fit_params, priors_for, speeds_from_params
+from ..core.measure.speed_priors import device_key, host_key, link_default, uncalibrated_from_info, uncalibrated_speed
 from ..sources.host import cpu_model, default_threads
 from .files import read_json, write_json
 from .paths import data_dir
@@ -35,7 +35,7 @@ def host_key_here(n_threads: int | None = None) -> str:
 
 
 def cache_key(d: Device, n_threads: int | None = None) -> str | None:
-    """The cache key of a device on this host (see gpulab.core.speed_priors.device_key)."""
+    """The cache key of a device on this host (see gpulab.core.measure.speed_priors.device_key)."""
     return device_key(d, host_key_here(n_threads))
 
 

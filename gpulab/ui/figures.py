@@ -19,8 +19,8 @@ import numpy as np
 import plotly.graph_objects as go
 
 from ..core.devices import HOST_NAME
-from ..core.plan import Plan
-from ..core.planner import kv_cell_bytes, kv_cells
+from ..core.placement.plan import Plan
+from ..core.placement.planner import kv_cell_bytes, kv_cells
 from ..core.units import GiB, MiB, format_bytes
 
 __all__ = ["device_colors", "layer_bytes", "layer_expert_bytes", "layer_map", "memory_bars", "throughput_chart", "show",
@@ -66,7 +66,7 @@ def memory_unit(n_bytes: int | float) -> tuple[str, int]:
 def layer_bytes(plan: Plan) -> tuple[np.ndarray, np.ndarray]:
     """(weights, KV) bytes each layer 0..n_layer puts on its device (the last is the output layer).
 
-    Mirrors the planner's sums (gpulab.core.planner.plan), per layer instead of per device: the
+    Mirrors the planner's sums (gpulab.core.placement.planner.plan), per layer instead of per device: the
     output layer carries a tied token_embd copy only when offloaded, KV follows the layer's
     device (or stays on the host with -nkvo, then it is drawn with the layer anyway: the hover
     says where it lives). The UI tests check that these add up to the plan's per-device totals.
@@ -107,7 +107,7 @@ def layer_expert_bytes(plan: Plan) -> dict[str, np.ndarray]:
 def _tensor_split_traces(plan: Plan, names: list[str], weights, kv) -> list[dict]:
     """-sm tensor: each layer on the meta device is on every member, in proportion: one trace per
     member with its slice of every such layer (stacked), the host's whole layers as usual."""
-    ts = plan.tensor_split
+    ts = plan.tensor_parallel
     n = plan.profile.n_layer
     devs = np.asarray(plan.layer_devices)
     meta_idx = np.flatnonzero(devs == ts.meta_name)
@@ -136,7 +136,7 @@ def _layer_traces(plan: Plan, names: list[str]) -> list[dict]:
     per device of expert bytes (hatched, in the colour of the device they sit on), stacked on
     the layer's bar wherever the experts are: a moved expert shows in its new device's colour."""
     weights, kv = layer_bytes(plan)
-    if plan.tensor_split is not None:
+    if plan.tensor_parallel is not None:
         return _tensor_split_traces(plan, names, weights, kv)
     total = weights + kv
     n = plan.profile.n_layer
@@ -180,7 +180,7 @@ def layer_map(plan: Plan, *, order: Sequence[str] | None = None, height: int = 3
     names = _order(plan, order)
     colors = device_colors(names)
     fig = go.Figure(layout=dict(
-        barmode="stack" if plan.tensor_split is not None else "overlay", bargap=0.08, height=height,
+        barmode="stack" if plan.tensor_parallel is not None else "overlay", bargap=0.08, height=height,
         margin=dict(l=60, r=10, t=40, b=40),
         title=dict(text=_layer_title(plan), font=dict(size=14)),
         xaxis=dict(title="layer (the last is the output layer)", range=[-0.7, plan.profile.n_layer + 0.7]),
@@ -196,7 +196,7 @@ def layer_map(plan: Plan, *, order: Sequence[str] | None = None, height: int = 3
 
 def _layer_title(plan: Plan) -> str:
     p = plan.profile
-    cut = " (-sm tensor: every offloaded layer cut across the devices)" if plan.tensor_split is not None else ""
+    cut = " (-sm tensor: every offloaded layer cut across the devices)" if plan.tensor_parallel is not None else ""
     return f"{p.name or p.arch}: {p.n_layer} layers + output{cut}"
 
 
@@ -310,7 +310,7 @@ def apply(fig: go.Figure, plan: Plan, kind: str, *, order: Sequence[str] | None 
             fig.plotly_restyle({"base": [traces[i]["base"].tolist() for i in stacked]}, stacked)
         fig.plotly_relayout({"title.text": _layer_title(plan),
                              "xaxis.range": [-0.7, plan.profile.n_layer + 0.7],
-                             "barmode": "stack" if plan.tensor_split is not None else "overlay"})
+                             "barmode": "stack" if plan.tensor_parallel is not None else "overlay"})
     elif kind == "memory":
         unit = unit or memory_unit(max([max(d.total_bytes, d.used_bytes) for d in plan.devices] or [0]))
         traces, patch = _memory_data(plan, names, unit)
@@ -450,7 +450,7 @@ _TERM_OPACITY = {"weights": 1.0, "KV": 0.65, "compute": 0.35}
 
 
 def fleet_bars(fp, *, height: int = 360) -> go.Figure:
-    """A fleet plan (gpulab.core.fleet_planner.FleetPlan): one bar per device, stacked by model
+    """A fleet plan (gpulab.core.fleet.planner.FleetPlan): one bar per device, stacked by model
     (a colour per model, its weights / KV / compute shaded from full to light), with each device's
     budget (free memory less keep_free, black tick). A short device is titled with its deficit."""
     names = [d.name for d in fp.devices]

@@ -1,7 +1,7 @@
 """FleetLab: a fleet's plan in a notebook, one bar per device stacked by model, with a row of
 controls per model: pin it to devices (none selected: the planner chooses), its context, whether
 it stays loaded; and the objective. Every change re-plans the whole fleet at once
-(gpulab.core.fleet_planner.plan_fleet) and redraws the figure (gpulab.ui.figures.fleet_bars).
+(gpulab.core.fleet.planner.plan_fleet) and redraws the figure (gpulab.ui.figures.fleet_bars).
 
     lab = FleetLab(fleet, profiles, devices)        # a Fleet, {name: ModelProfile}, offload devices
     lab.set_ctx("chat", 32768); lab.pin("coder", ["CUDA2"]); lab.set_keep_loaded("embed", False)
@@ -21,8 +21,8 @@ import plotly.graph_objects as go
 
 from ..core.devices import Device
 from ..core.errors import GpulabError
-from ..core.fleet import Fleet
-from ..core.fleet_planner import FleetPlan, plan_fleet
+from ..core.fleet.model import Fleet
+from ..core.fleet.planner import FleetPlan, plan_fleet
 from ..core.profile import ModelProfile
 from . import figures as F
 

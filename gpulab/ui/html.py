@@ -10,7 +10,7 @@ import html
 from collections.abc import Sequence
 
 from ..core.devices import Device
-from ..core.plan import Plan
+from ..core.placement.plan import Plan
 from ..core.profile import ModelProfile
 from ..core.run import Run
 from ..core.units import format_bytes
@@ -65,7 +65,7 @@ EXPORT_LABELS = {"llama-server": "llama-server", "llama-cli": "llama-cli", "llam
 
 
 def exports_html(exports: dict) -> str:
-    """{target: gpulab.core.exports.Export} as copy-ready blocks, each with what it cannot express."""
+    """{target: gpulab.core.exports.render.Export} as copy-ready blocks, each with what it cannot express."""
     return "".join(pre_html(e.text.rstrip("\n") + "".join(f"\n# cannot express: {g}" for g in e.gaps),
                             EXPORT_LABELS.get(t, t)) for t, e in exports.items())
 

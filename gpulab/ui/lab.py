@@ -6,7 +6,7 @@
     lab = SplitLab("model.gguf", worker=w)          # devices (and loads) of an existing Worker
     lab                                             # in a notebook: the widget
 
-Every control change re-plans (gpulab.core.planner.plan, well under a millisecond) and copies the
+Every control change re-plans (gpulab.core.placement.planner.plan, well under a millisecond) and copies the
 new data into the two FigureWidgets inside `batch_update`; slider drags are throttled to one
 redraw per `debounce` seconds, always ending on the latest value. `lab.plan` is the current Plan,
 `lab.config` the current SplitConfig, `lab.runs` this session's measured runs. Every llama.cpp
@@ -36,13 +36,13 @@ import plotly.graph_objects as go
 from ..core.config import FLASH_ATTN_MODES, SPLIT_MODES, SplitConfig
 from ..core.devices import HOST_NAME, Device, parse_sim_spec
 from ..core.errors import GpulabError
-from ..core.exports import TARGETS, render
+from ..core.exports.render import TARGETS, render
 from ..core.ggml_types import KV_CACHE_TYPES
-from ..core.plan import Plan
-from ..core.planner import plan as make_plan
-from ..core.policies import ALL_POLICIES, apply_policy, policy_split
+from ..core.placement.plan import Plan
+from ..core.placement.planner import plan as make_plan
+from ..core.policies.apply import ALL_POLICIES, apply_policy, policy_split
 from ..core.profile import ModelProfile
-from ..core.reconcile import comparison_rows
+from ..core.measure.reconcile import comparison_rows
 from ..core.run import Run
 from ..core.settings import SETTINGS, value_from_text
 from ..core.units import format_bytes
@@ -435,7 +435,7 @@ class SplitLab(W.VBox):
         self.export_html.value = exports_html(self.exports(p))
 
     def exports(self, p: Plan | None = None) -> dict:
-        """{target: Export} of the current (or a given) plan's settings (gpulab.core.exports)."""
+        """{target: Export} of the current (or a given) plan's settings (gpulab.core.exports.render)."""
         p = p or self.plan
         return {t: render(p.config, t, model_path=str(self.model_path), n_layer=self.profile.n_layer,
                           devices=self.devices) for t in _EXPORT_TARGETS}
@@ -448,7 +448,7 @@ class SplitLab(W.VBox):
             shares[name] = pt - prev
             prev = pt
         default = p.config.default_split
-        ts = p.tensor_split
+        ts = p.tensor_parallel
         if ts is not None:   # -sm tensor: every device a slice of each layer, the -ts rounded to heads
             shares = {name: ts.share(name) for name in ts.devices}
             default = False
@@ -470,7 +470,7 @@ class SplitLab(W.VBox):
         notes = []
         if p.config.split_mode == "row":
             notes.append("row mode is planned as layer placement (its per-row division of matrices is not modelled)")
-        if p.tensor_split is not None:
+        if p.tensor_parallel is not None:
             notes.append("split mode tensor: every offloaded layer is cut across the devices (llama.cpp's Meta() "
                          "device); -ts all 0 = equal shares; 2 all-reduces per layer cross the link each token")
         if p.config.split_mode == "none":
@@ -520,10 +520,10 @@ class SplitLab(W.VBox):
         self.redraw()
 
     def apply_policy(self, name: str) -> Plan | None:
-        """Set the sliders to what a policy (gpulab.core.policies) chooses for the selected devices;
+        """Set the sliders to what a policy (gpulab.core.policies.apply) chooses for the selected devices;
         moe-balance also writes its rules into the -ot field (and clears -cmoe and -ncmoe, whose
         experts it places itself). 'fit': llama-server's common_fit_params from its defaults
-        (gpulab.core.fit), which also sets -c, -ngl and the -ot rules; `last_fit` keeps its result
+        (gpulab.core.policies.server_fit), which also sets -c, -ngl and the -ot rules; `last_fit` keeps its result
         (flags, log, near-boundary notes)."""
         if name == "fit":
             return self._apply_fit()
@@ -557,7 +557,7 @@ class SplitLab(W.VBox):
         return self.plan
 
     def _apply_fit(self) -> Plan | None:
-        from ..core.fit import fit
+        from ..core.policies.server_fit import fit
         try:
             cfg = self.current_config().replace(n_ctx=0, n_gpu_layers=-1, tensor_split=(), tensor_overrides=(),
                                                 cpu_moe=False, n_cpu_moe=0, n_cpu_ffn=0, fit="on")
@@ -590,10 +590,10 @@ class SplitLab(W.VBox):
         return self.plan
 
     def _apply_ollama(self) -> Plan | None:
-        """Today's Ollama (gpulab.core.ollama_policy) on every device the lab has: tick the GPUs it
+        """Today's Ollama (gpulab.core.policies.ollama) on every device the lab has: tick the GPUs it
         lets llama-server see and set every flag it passes, then what llama-server's fit chose;
         `last_ollama` keeps its result (Ollama's flags and reasons)."""
-        from ..core.ollama_policy import ollama
+        from ..core.policies.ollama import ollama
         try:
             r = ollama(self.profile, self.devices, host=self.host)
         except GpulabError as e:

@@ -38,7 +38,7 @@ class Monitor(W.VBox):
                  autostart: bool = True, clock=time.monotonic, models=None):
         super().__init__()
         # a fleet's models, name -> resolved path: each GPU process is attributed to the model it
-        # serves (gpulab.core.fleet_processes), and the memory is summed per model
+        # serves (gpulab.core.fleet.processes), and the memory is summed per model
         self.models = dict(models or {})
         self.interval = float(interval)
         self.history = int(history)
@@ -157,7 +157,7 @@ class Monitor(W.VBox):
         F.sync_widget_state(self.mem_fig)
         F.sync_widget_state(self.util_fig)
         if self.source == "nvml":
-            from ..core.fleet_processes import model_of_process
+            from ..core.fleet.processes import model_of_process
             rows = []
             for s in sample:
                 for p in s["processes"]:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from ..core.devices import Device
-from ..core.plan import Plan
+from ..core.placement.plan import Plan
 from ..core.profile import ModelProfile
-from ..core.speed import SpeedPrediction
+from ..core.measure.speed import SpeedPrediction
 from ..core.units import format_bytes
 
 __all__ = ["render_table", "plan_rows", "plan_text", "rules_text", "tensor_list", "speed_text", "profile_text",
@@ -45,10 +45,10 @@ def layer_ranges(layer_devices: tuple[str, ...] | list[str], n_layer: int) -> di
 
 def plan_rows(p: Plan) -> list[dict]:
     ranges = layer_ranges(p.layer_devices, p.profile.n_layer)
-    if p.tensor_split is not None and p.tensor_split.meta_name in ranges:
+    if p.tensor_parallel is not None and p.tensor_parallel.meta_name in ranges:
         # -sm tensor: every member holds a slice of each layer on the meta device
-        cut = ranges.pop(p.tensor_split.meta_name)
-        for name in p.tensor_split.devices:
+        cut = ranges.pop(p.tensor_parallel.meta_name)
+        for name in p.tensor_parallel.devices:
             ranges[name] = f"{cut} (a slice of each)"
     rows = []
     for d in p.devices:
@@ -63,7 +63,7 @@ def plan_rows(p: Plan) -> list[dict]:
 
 
 def speed_text(s: SpeedPrediction, *, n_prompt: int = 512, n_gen: int = 128) -> str:
-    """Predicted pp/tg (gpulab.core.speed) and where each device's figures come from."""
+    """Predicted pp/tg (gpulab.core.measure.speed) and where each device's figures come from."""
     hops = f"; {s.n_hops} hop{'s' if s.n_hops != 1 else ''} between devices" if s.n_hops else ""
     if s.n_allreduce:
         hops += f"; {s.n_allreduce} all-reduces per token between devices (-sm tensor)"
@@ -211,7 +211,7 @@ def _setting_text(attr: str, value) -> str:
 
 
 def fit_text(r, fitted_plan: Plan, devices, largest_ctx: int | None = None) -> str:
-    """What llama-server/llama-cli load after common_fit_params (gpulab.core.fit): the flags
+    """What llama-server/llama-cli load after common_fit_params (gpulab.core.policies.server_fit): the flags
     llama-fit-params would print, what changed, fit's log, and the fitted plan."""
     lines = ["llama-server / llama-cli (-fit on, their default) would load:"]
     if r.ok:
@@ -243,8 +243,8 @@ def fit_text(r, fitted_plan: Plan, devices, largest_ctx: int | None = None) -> s
 
 
 def ctx_table_text(rows, config) -> str:
-    """gpulab.core.context.ctx_table as text."""
-    from ..core.fit import fit_margins
+    """gpulab.core.policies.context.ctx_table as text."""
+    from ..core.policies.server_fit import fit_margins
     margin = ",".join(str(m // 1024**2) for m in fit_margins(config, 1)) if len(config.fit_target) <= 1 else \
         ",".join(str(x) for x in config.fit_target)
     kv = f"-np {config.n_seq_max}" + (" -kvu" if config.kv_unified else "")

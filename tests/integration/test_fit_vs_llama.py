@@ -1,4 +1,4 @@
-"""gpulab's fit (gpulab.core.fit) against llama.cpp's own: llama-fit-params on CPU RPC devices.
+"""gpulab's fit (gpulab.core.policies.server_fit) against llama.cpp's own: llama-fit-params on CPU RPC devices.
 
 llama-fit-params (tools/fit-params, built from the vendored source by scripts/llama-tools.sh) runs
 common_fit_params with real dry runs and prints the flags it chose: `-c N -ngl N [-ts ..] [-ot ..]`.
@@ -10,7 +10,7 @@ of it is free"), so a fit target of (total - B) MiB leaves each device a budget 
 plan of each model (a fraction of what the plain split uses), then moved, 1 MiB at a time, until no
 decision of gpulab's fit lies within its compute-buffer uncertainty of its target (FitResult.
 near_boundary): near a boundary the result depends on compute buffers to the MiB, which gpulab
-estimates (gpulab.core.compute) rather than replays. Weights and KV are exact, so away from
+estimates (gpulab.core.placement.compute) rather than replays. Weights and KV are exact, so away from
 boundaries the flags must agree exactly.
 
 Models written here: a dense llama (12 layers of 29 MiB, F16, 32k training context, so KV matters)
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import pytest
 
 from gpulab import SplitConfig, plan, read_profile
-from gpulab.core.fit import fit
+from gpulab.core.policies.server_fit import fit
 from gpulab.sources.synth import SynthSpec, write_model
 from llama_tools import NOT_BUILT, tools_bin
 
@@ -119,7 +119,7 @@ def models(tmp_path_factory):
 
 def _n_ctx_min(flags):
     """common/arg.cpp: an explicit -c 0 sets fit's minimum context to UINT32_MAX."""
-    from gpulab.core.fit import UINT32_MAX
+    from gpulab.core.policies.server_fit import UINT32_MAX
     return UINT32_MAX if "-c" in flags and flags[flags.index("-c") + 1] == "0" else None
 
 
@@ -169,11 +169,11 @@ def test_fit_prints_what_llama_fit_params_prints(case, rpc, models):
 
 
 def test_the_largest_context_loads_within_the_margin_and_one_step_more_does_not(rpc, tmp_path):
-    """gpulab.core.context.largest_ctx with -ngl/-ts fixed, checked against what llama.cpp allocates
+    """gpulab.core.policies.context.largest_ctx with -ngl/-ts fixed, checked against what llama.cpp allocates
     in real loads on the RPC devices (weights, KV and compute buffers, to the byte) at that context
     and at one step (256) more. The budget is set half a step above gpulab's prediction at a
     context, so that neither side is a coin toss for the compute-buffer estimate."""
-    from gpulab.core.context import largest_ctx
+    from gpulab.core.policies.context import largest_ctx
     from gpulab.runtime.worker import Worker
     endpoints, devices = rpc
     # wide KV rows (no GQA, 2048 wide): one step of 256 tokens is 6 MiB of KV on each device

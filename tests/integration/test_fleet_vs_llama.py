@@ -18,8 +18,8 @@ import subprocess
 import pytest
 from builders import close_to_llama
 
-from gpulab.core.fleet_exports import llama_swap_doc
-from gpulab.core.fleet_planner import plan_fleet
+from gpulab.core.exports.fleet import llama_swap_doc
+from gpulab.core.fleet.planner import plan_fleet
 from gpulab.sources.host import host_device
 from gpulab.sources.model_refs import resolve_model
 from gpulab.sources.read import read_profile

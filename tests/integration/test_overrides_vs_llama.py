@@ -125,7 +125,7 @@ def test_moe_balance_plan_is_llama_cpps_placement(model_paths, worker):
     layer and tensor as planned, and each device's weights, KV and compute as the policy counted."""
     from dataclasses import replace
 
-    from gpulab.core.moe_balance import moe_balance
+    from gpulab.core.policies.moe_balance import moe_balance
     rpc = [d for d in worker.devices() if d.kind == "rpc"]
     small = [replace(d, total_bytes=f * MiB, free_bytes=f * MiB) for d, f in zip(rpc, (36, 28, 20))]
     config = SplitConfig(devices=tuple(d.name for d in small), n_ctx=512, n_batch=64, n_ubatch=64)

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from gpulab.core.config import SplitConfig
-from gpulab.core.planner import plan
+from gpulab.core.placement.planner import plan
 from gpulab.core.errors import DeviceError, GpulabError, LoadError
 from gpulab.runtime import llama_lib
 from gpulab.runtime.rpc import RpcServer, start_servers

@@ -11,7 +11,7 @@ import signal
 import pytest
 
 from gpulab.core.config import SplitConfig
-from gpulab.core.reconcile import reconcile
+from gpulab.core.measure.reconcile import reconcile
 from gpulab.core.errors import LoadError
 from gpulab.runtime import llama_lib
 from gpulab.runtime.rpc import RpcServer, start_servers

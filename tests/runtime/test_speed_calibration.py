@@ -23,8 +23,8 @@ import pytest
 
 from gpulab.core.config import SplitConfig
 from gpulab.core.devices import HOST_NAME, Device, parse_sim_spec
-from gpulab.core.planner import plan
-from gpulab.core.speed import DEFAULT_HOST, predict_speed
+from gpulab.core.placement.planner import plan
+from gpulab.core.measure.speed import DEFAULT_HOST, predict_speed
 from gpulab.runtime import llama_lib
 from gpulab.runtime.calibrate import calibrate, update_from_run
 from gpulab.storage.speed_cache import SpeedCache, host_key_here, speed_model_for
@@ -69,7 +69,7 @@ def test_speed_model_for_says_where_each_speed_comes_from(tmp_path):
 
 def _observe_synthetic(cache: SpeedCache, truth: dict, prof, devices, configs) -> None:
     """Observations that a device with the given (s/byte, s/step, s/FLOP) would produce."""
-    from gpulab.core.speed import design_row
+    from gpulab.core.measure.speed import design_row
     key_of = {d.name: device_key(d, 1) for d in devices}
     for cfg in configs:
         p = plan(prof, [d for d in devices if d.kind != "cpu"], cfg)

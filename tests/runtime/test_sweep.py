@@ -22,9 +22,9 @@ from llama_tools import vendored_src
 
 from gpulab.core.config import SplitConfig
 from gpulab.core.report import LoadReport
-from gpulab.core.results import LLAMA_BENCH_FIELDS, throughput_from_samples
+from gpulab.core.measure.results import LLAMA_BENCH_FIELDS, throughput_from_samples
 from gpulab.core.run import Run
-from gpulab.core.sweep_grid import parse_grid
+from gpulab.core.measure.sweep_grid import parse_grid
 from gpulab.core.errors import LoadError
 from gpulab.storage.results import ResultsStore
 from gpulab.runtime.sweep import ProgressBar, pareto_front, run_sweep, sweep

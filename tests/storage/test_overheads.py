@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-from core.test_reconcile import MiB, UUID, gpu_run
+from core.measure.test_reconcile import MiB, UUID, gpu_run
 
 from gpulab.core.config import SplitConfig
 from gpulab.core.devices import Device
@@ -51,7 +51,7 @@ def test_learned_overhead_is_kept_per_gpu(monkeypatch, tmp_path):
 def test_the_next_plan_counts_it(monkeypatch, tmp_path, profile_factory):
     """Through the front ends' path: the session's NVML device carries the learned overhead, and
     the plan's device row counts it in used bytes and in whether the model fits."""
-    from gpulab.core.planner import plan
+    from gpulab.core.placement.planner import plan
     monkeypatch.setenv("GPULAB_DATA_DIR", str(tmp_path))
     prof = profile_factory(n_layer=4)
     with Session(probe=NvmlProbe(OneGpuNvml()), env={}) as s:

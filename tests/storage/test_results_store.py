@@ -19,7 +19,7 @@ from gpulab.core.errors import StoreError
 from gpulab.sources.fingerprint import model_fingerprint
 from gpulab.storage.results import ResultsStore, default_store_path
 
-from core.test_results import make_run   # tests/ is on sys.path (pyproject pythonpath)
+from core.measure.test_results import make_run   # tests/ is on sys.path (pyproject pythonpath)
 
 
 def test_data_dir_resolution(monkeypatch, tmp_path):

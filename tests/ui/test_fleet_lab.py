@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from gpulab.core.devices import parse_sim_spec
-from gpulab.core.fleet import Fleet, FleetModel
-from gpulab.core.fleet_planner import plan_fleet
+from gpulab.core.fleet.model import Fleet, FleetModel
+from gpulab.core.fleet.planner import plan_fleet
 from gpulab.ui.fleet_lab import FleetLab
 
 from builders import make_profile

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from gpulab import SplitConfig, parse_sim_spec, plan
-from gpulab.core.policies import policy_split
+from gpulab.core.policies.apply import policy_split
 from gpulab.core.errors import LoadError
 from gpulab.ui.lab import SplitLab
 from ui.conftest import FakeWorker
@@ -92,7 +92,7 @@ def test_policy_buttons_set_the_sliders(prof, policy):
 
 def test_moe_balance_button_writes_the_split_and_the_rules(prof):
     from builders import make_moe_profile
-    from gpulab.core.policies import apply_policy
+    from gpulab.core.policies.apply import apply_policy
     moe = make_moe_profile()
     assert "moe-balance" not in make_lab(prof).policy_buttons       # a dense model has no experts
     lab = make_lab(moe, "2x8GiB", config=SplitConfig(n_ctx=8192, n_cpu_moe=30))
@@ -110,7 +110,7 @@ def test_moe_balance_button_writes_the_split_and_the_rules(prof):
     cpu = next(t for t in lab.layer_fig.data if t.name == "CPU experts")
     assert len(cpu.x) > 0
 def test_the_fit_button_sets_what_llama_server_would_load(prof):
-    from gpulab.core.fit import fit
+    from gpulab.core.policies.server_fit import fit
     spec = "2500MiB,2000MiB@1900MiB"
     lab = make_lab(prof, spec)
     lab.policy_buttons["fit"].click()
@@ -124,8 +124,8 @@ def test_the_fit_button_sets_what_llama_server_would_load(prof):
 
 
 def test_the_ollama_button_ticks_ollamas_gpus_and_sets_its_flags(prof):
-    # gpulab.core.ollama_policy: a model that fits one GPU goes to the one with most free memory, alone
-    from gpulab.core.ollama_policy import ollama
+    # gpulab.core.policies.ollama: a model that fits one GPU goes to the one with most free memory, alone
+    from gpulab.core.policies.ollama import ollama
     spec = "24GiB@10GiB,24GiB@20GiB,24GiB@16GiB"
     lab = make_lab(prof, spec)
     lab.policy_buttons["ollama"].click()
@@ -185,7 +185,7 @@ def test_split_mode_tensor_cuts_every_layer_across_the_devices(profile_factory):
     assert "requires flash_attn" in lab.error
     lab.flash_attn.value = "auto"
     lab.split_mode.value = "layer"
-    assert lab.layer_fig.layout.barmode == "overlay" and lab.plan.tensor_split is None
+    assert lab.layer_fig.layout.barmode == "overlay" and lab.plan.tensor_parallel is None
 
 
 def test_context_and_kv_types_change_the_kv_bars(prof):

@@ -1,0 +1,173 @@
+"""A fleet's starting point read from what people already run: a llama-swap config.yaml (as a
+parsed dict) or a llama-server --models-preset INI (as text).
+
+Each model's llama-server arguments become a FleetModel: the model (-m, or -hf as a llama.cpp
+cache entry), -c, -ctk, -ctv, -np, --device (a pin), -ot, -fa, -ngl. The split (-ts, -sm, -mg)
+is dropped: choosing it is the planner's job; every argument left out is named in the notes,
+never dropped silently.
+
+Which models run together:
+- llama-swap: the members of a group with `swap: false` are resident (keep_loaded); every
+  other model swaps (llama-swap's default group swaps: one model at a time);
+- the router: a preset with load-on-startup is resident, the rest are loaded on demand.
+The INI grammar is common/preset.cpp's parse_ini_from_file; `[*]` applies to every model.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+from ..errors import ConfigError
+from .model import Fleet, FleetModel, fleet_from_dict
+
+__all__ = ["model_from_server_args", "fleet_from_llama_swap", "fleet_from_router_ini", "parse_preset_ini"]
+
+# llama-server spellings (common/arg.cpp) of what a FleetModel holds -> its key
+_KEYS = {
+    "-m": "model", "--model": "model", "-hf": "hf", "--hf-repo": "hf", "-hfr": "hf",
+    "-c": "ctx", "--ctx-size": "ctx",
+    "-ctk": "type_k", "--cache-type-k": "type_k", "-ctv": "type_v", "--cache-type-v": "type_v",
+    "-np": "parallel", "--parallel": "parallel",
+    "-dev": "devices", "--device": "devices",
+    "-ot": "overrides", "--override-tensor": "overrides",
+    "-fa": "flash_attn", "--flash-attn": "flash_attn",
+    "-ngl": "n_gpu_layers", "--gpu-layers": "n_gpu_layers", "--n-gpu-layers": "n_gpu_layers",
+}
+_PLANNED = {"-ts", "--tensor-split", "-sm", "--split-mode", "-mg", "--main-gpu", "-fit", "--fit"}
+# flags without a value that a fleet model does not hold
+_FLAGS = {"-nkvo", "--no-kv-offload", "--swa-full", "--no-op-offload", "-nr", "--no-repack", "--no-host",
+          "--jinja", "--no-webui", "--metrics", "--no-mmap", "--mlock", "-cb", "--cont-batching", "--verbose", "-v"}
+
+
+def model_from_server_args(name: str, argv: list[str], *, keep_loaded: bool) -> tuple[dict, list[str]]:
+    """([[models]] table, notes) for one model's llama-server arguments (argv[0] may be the program)."""
+    doc: dict = {"name": name}
+    notes: list[str] = []
+    args: list[str] = []
+    for t in argv:                          # --ctx-size=8192 is --ctx-size 8192
+        args += t.split("=", 1) if t.startswith("--") and "=" in t else [t]
+    if args and not args[0].startswith("-"):
+        args = args[1:]                     # the program: llama-server, or its path
+    i = 0
+    while i < len(args):
+        flag = args[i]
+        value = args[i + 1] if i + 1 < len(args) else None
+        key = _KEYS.get(flag)
+        if key is not None:
+            if value is None:
+                raise ConfigError(f"{name}: {flag} needs a value")
+            _put(doc, key, value, name)
+            i += 2
+        elif flag in _FLAGS or not flag.startswith("-"):
+            notes.append(f"{name}: {flag} left out (not part of a fleet model)")
+            i += 1
+        else:
+            why = "the planner chooses the split" if flag in _PLANNED else "not part of a fleet model"
+            if value is not None and not value.startswith("-"):
+                notes.append(f"{name}: {flag} {value} left out ({why})")
+                i += 2
+            else:
+                notes.append(f"{name}: {flag} left out ({why})")
+                i += 1
+    if "model" not in doc:
+        raise ConfigError(f"{name}: no -m MODEL or -hf REPO in its arguments")
+    if not keep_loaded:
+        doc["keep_loaded"] = False
+    return doc, notes
+
+
+def _put(doc: dict, key: str, value: str, name: str) -> None:
+    if key == "hf":
+        doc["model"] = "hf:" + value
+    elif key in ("ctx", "parallel"):
+        if not re.fullmatch(r"\d+", value):
+            raise ConfigError(f"{name}: {key} {value!r} is not a number")
+        doc[key] = int(value)
+    elif key == "n_gpu_layers":
+        doc[key] = -1 if value in ("all", "auto") else int(value) if re.fullmatch(r"-?\d+", value) else None
+        if doc[key] is None:
+            raise ConfigError(f"{name}: -ngl {value!r} is not a number, 'auto' or 'all'")
+        if doc[key] < 0:
+            del doc[key]      # all layers: the default
+    elif key == "devices":
+        doc[key] = [d for d in value.split(",") if d]
+    elif key == "overrides":
+        doc.setdefault(key, []).extend(x for x in value.split(",") if x)
+    elif key == "flash_attn":
+        doc[key] = {"1": "on", "0": "off", "true": "on", "false": "off"}.get(value, value)
+    else:
+        doc[key] = value
+
+
+def fleet_from_llama_swap(doc) -> tuple[Fleet, list[str]]:
+    """(Fleet, notes) from a parsed llama-swap config.yaml: `models.NAME.cmd`, `groups`, `macros`."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("models"), dict) or not doc["models"]:
+        raise ConfigError("a llama-swap config needs a `models:` map with at least one model")
+    macros = {k: str(v) for k, v in (doc.get("macros") or {}).items()}
+    resident = set()
+    for gname, g in (doc.get("groups") or {}).items():
+        if isinstance(g, dict) and g.get("swap") is False:
+            resident.update(g.get("members") or [])
+    models, notes = [], []
+    for name, m in doc["models"].items():
+        cmd = m.get("cmd") if isinstance(m, dict) else None
+        if not isinstance(cmd, str):
+            raise ConfigError(f"llama-swap model {name!r} has no cmd")
+        for k, v in macros.items():
+            cmd = cmd.replace("${" + k + "}", v)
+        cmd = cmd.replace("${PORT}", "0")
+        left = re.findall(r"\$\{[^}]*\}", cmd)
+        if left:
+            raise ConfigError(f"llama-swap model {name!r}: unknown macro(s) {', '.join(left)} in its cmd")
+        table, n = model_from_server_args(str(name), shlex.split(cmd), keep_loaded=name in resident)
+        models.append(table)
+        notes += [x for x in n if not x.endswith("--port 0 left out (not part of a fleet model)")]
+    return fleet_from_dict({"models": models}), notes
+
+
+def parse_preset_ini(text: str) -> dict[str, dict[str, str]]:
+    """{section: {key: value}} as common/preset.cpp's parse_ini_from_file reads it: keys before any
+    section go to 'default'; ';' and '#' start comments; a line it would reject is a ConfigError."""
+    ident = r"[a-zA-Z_][a-zA-Z0-9_.-]*"
+    out: dict[str, dict[str, str]] = {}
+    section = "default"
+    for n, line in enumerate(text.splitlines(), 1):
+        if re.fullmatch(r"[ \t]*([;#].*)?", line):
+            continue
+        m = re.fullmatch(r"\[[ \t]*([^\]]+?)[ \t]*\][ \t]*([;#].*)?", line)
+        if m:
+            section = m.group(1)
+            out[section] = {}
+            continue
+        m = re.fullmatch(rf"({ident})[ \t]*=[ \t]*(.*?)[ \t]*([;#].*)?", line)
+        if not m:
+            raise ConfigError(f"line {n} of the preset INI is neither [section], key = value nor a comment: {line!r}")
+        out.setdefault(section, {})[m.group(1)] = m.group(2)
+    return out
+
+
+def fleet_from_router_ini(text: str) -> tuple[Fleet, list[str]]:
+    """(Fleet, notes) from a llama-server --models-preset INI."""
+    sections = parse_preset_ini(text)
+    sections.pop("default", None)     # 'version' and router-wide keys
+    common = sections.pop("*", {})
+    models, notes = [], []
+    for name, keys in sections.items():
+        keys = {**common, **keys}
+        argv: list[str] = []
+        start = keys.pop("load-on-startup", "false").lower() in ("1", "true", "on", "yes")
+        for k, v in keys.items():
+            flag = ("-" if len(k) <= 3 and f"-{k}" in _KEYS or f"-{k}" in _PLANNED else "--") + k
+            if flag == "--model":
+                flag = "-m"
+            if v.lower() == "true" and flag not in _KEYS:
+                argv.append(flag)
+            else:
+                argv += [flag, v]
+        table, n = model_from_server_args(name, argv, keep_loaded=start)
+        models.append(table)
+        notes += n
+    if not models:
+        raise ConfigError("the preset INI has no [model] section")
+    return fleet_from_dict({"models": models}), notes

@@ -1,0 +1,83 @@
+"""One model of a fleet on one device set: its plan with the split the fleet gives it.
+
+The split is explicit (-ts), never llama.cpp's default: with no -ts llama.cpp splits by the
+free memory at load time, which in a fleet depends on which model loaded first. It is the split
+proportional to what each device has left once the models placed before this one are counted;
+if that does not fit, the `balanced` policy's split over the same budgets
+(gpulab.core.policies.apply), which equalises the headroom the planner actually leaves.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+
+from ..config import SplitConfig
+from ..devices import Device
+from .model import FleetModel
+from ..placement.plan import Plan
+from ..placement.planner import plan
+from ..policies.apply import policy_split
+from ..profile import ModelProfile
+
+__all__ = ["place_model", "subsets", "fits_budget", "deficit_bytes"]
+
+
+def _budget_devices(devices: Sequence[Device], left: Mapping[str, int]) -> list[Device]:
+    """The devices with free_bytes = what the fleet leaves this model, at least 1 byte: a device
+    with nothing left still has a share by free memory when it is the only one (split_points),
+    and whatever the model puts there is then over the budget."""
+    out = []
+    for d in devices:
+        b = max(1, left.get(d.name, 0))
+        out.append(replace(d, free_bytes=b, total_bytes=max(d.total_bytes, b)))
+    return out
+
+
+def _readable(split: Sequence[float]) -> tuple[float, ...]:
+    top = max(split, default=0.0)
+    return tuple(round(x / top, 4) for x in split) if top > 0 else tuple(1.0 for _ in split)
+
+
+def fits_budget(p: Plan) -> bool:
+    return all(d.fits for d in p.offload_devices)
+
+
+def place_model(m: FleetModel, profile: ModelProfile, subset: Sequence[str], devices: Sequence[Device],
+                left: Mapping[str, int], host: Device | None = None, *, counter: list | None = None,
+                config: SplitConfig | None = None) -> Plan:
+    """The model's plan on `subset` (device names, llama.cpp's order) with the split the fleet
+    gives it, each device's free_bytes being `left[name]` (its budget once the others are counted)."""
+    budget = _budget_devices(devices, left)
+    base = (config or m.config()).replace(devices=tuple(subset) if subset else ("none",), tensor_split=())
+
+    def attempt(cfg: SplitConfig) -> Plan:
+        if counter is not None:
+            counter[0] += 1
+        return plan(profile, budget, cfg, host)
+
+    if len(subset) <= 1:
+        return attempt(base)
+    shares = [float(max(0, left.get(n, 0))) for n in subset]
+    first = attempt(base.replace(tensor_split=_readable(shares)))
+    if fits_budget(first) or not any(shares):
+        return first
+    ts = _readable(policy_split("balanced", profile, budget, base, host))
+    if counter is not None:
+        counter[0] += 7   # the balanced policy plans about seven splits
+    second = attempt(base.replace(tensor_split=ts))
+    return second if fits_budget(second) or deficit_bytes(second) < deficit_bytes(first) else first
+
+
+def deficit_bytes(p: Plan) -> int:
+    return sum(d.deficit_bytes for d in p.offload_devices)
+
+
+def subsets(names: Sequence[str]) -> list[tuple[str, ...]]:
+    out = []
+    for k in range(1, len(names) + 1):
+        out += list(itertools.combinations(names, k))   # keeps llama.cpp's device order within a set
+    return out
+
+

@@ -1,0 +1,382 @@
+"""The fleet planner: a device set and a split for every model of a Fleet, so that on every
+device the models loaded together fit in its free memory less its margin (keep_free).
+
+Each model is planned by gpulab.core.placement.planner.plan, as llama.cpp would place it with its own
+`--device` set and `-ts`: weights, KV and compute per device, the model's compute buffers its
+own (every model runs in its own llama-server process, as llama-swap, llama-server's router and
+one `ollama serve` per device set do). The fleet planner only chooses the device set and split
+of each model and adds up what every device holds.
+
+What is loaded together. Models with keep_loaded = true (the default) are resident: they must
+all fit at once. A swappable model (keep_loaded = false) is loaded beside the resident ones,
+one swappable model at a time (a llama-swap group with swap: true), so a device must hold the
+resident models plus the largest swappable model it hosts.
+
+The split on a device set is explicit (-ts), chosen from what each device has left once the
+models placed before are counted (gpulab.core.fleet.placement says how).
+
+Search. Resident models are placed largest first (weight bytes). Where the product of the
+candidate device sets over the models is at most `exhaustive_limit`, every assignment of
+device sets is tried (depth first, an infeasible prefix cut off), and the best by the
+objective is kept: EXHAUSTIVE over device subsets (the split on each subset is the one above,
+chosen given the models before it, not searched). Otherwise GREEDY, the stated heuristic: each
+model, largest first, takes the device set the objective prefers among those that hold it
+given the models already placed, with no going back; for 'fewest' also a best-fit pass (each
+model on the fewest devices it fills tightest), the better of the two kept. It can miss a fit
+that exists; its gap against the exhaustive search is measured by bench/fleet_speed.py
+(docs/BENCHMARKS.md: on 60 random tight fleets it missed none, and used 2 more devices in all).
+
+Objectives:
+- fewest     (default) the fewest devices per model: no split when one device holds a model;
+             ties: the most memory left on the tightest device, then the next tightest (leximin);
+- balanced   the most memory left on the tightest device, then the next (equal headroom
+             everywhere); ties: fewer devices;
+- tg:NAME    the best predicted tg tokens/s of model NAME (gpulab.core.measure.speed), others fewest.
+
+When nothing fits, no model is dropped: every model still gets the placement that leaves the
+least memory missing, each short device is named with the exact bytes it lacks, and the
+advice says what would fit, with the planner's bytes: which model to make swappable, shrink
+(context, KV type) or move.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+from ..devices import Device
+from ..errors import ConfigError
+from .model import Fleet, FleetModel
+from .advice import Advice, advise as advice_for
+from .placement import fits_budget, place_model, subsets
+from ..placement.plan import Plan
+from ..profile import ModelProfile
+
+__all__ = ["OBJECTIVES", "ModelPlacement", "FleetDevice", "Advice", "FleetPlan", "plan_fleet"]
+
+OBJECTIVES = ("fewest", "balanced", "tg:NAME")
+EXHAUSTIVE_LIMIT = 20000     # assignments of device sets; beyond this, the greedy heuristic
+
+
+@dataclass(frozen=True)
+class ModelPlacement:
+    name: str
+    resident: bool                    # keep_loaded: loaded with every other resident model
+    plan: Plan                        # the model's plan on its devices (free_bytes: the budget it was given)
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return tuple(d.name for d in self.plan.offload_devices)
+
+    def bytes_on(self, device: str) -> int:
+        for d in self.plan.offload_devices:
+            if d.name == device:
+                return d.used_bytes
+        return 0
+
+
+@dataclass(frozen=True)
+class FleetDevice:
+    name: str
+    free_bytes: int
+    keep_free_bytes: int
+    used_bytes: int                               # resident models + the largest swappable one here
+    by_model: tuple[tuple[str, int], ...] = ()    # (model, bytes) of every model with bytes here
+
+    @property
+    def budget_bytes(self) -> int:
+        return self.free_bytes - self.keep_free_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.used_bytes <= self.budget_bytes
+
+    @property
+    def deficit_bytes(self) -> int:
+        return max(0, self.used_bytes - self.budget_bytes)
+
+
+@dataclass(frozen=True)
+class FleetPlan:
+    fleet: Fleet
+    placements: tuple[ModelPlacement, ...]   # in the fleet's order
+    devices: tuple[FleetDevice, ...]         # every offload device, in llama.cpp's order
+    objective: str
+    search: str                              # 'exhaustive' | 'greedy'
+    evaluated: int                           # model plans computed (a balanced-policy split counted as 7)
+    advice: tuple[Advice, ...] = ()
+
+    @property
+    def fits(self) -> bool:
+        return all(d.fits for d in self.devices)
+
+    def placement(self, name: str) -> ModelPlacement:
+        for p in self.placements:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def device(self, name: str) -> FleetDevice:
+        for d in self.devices:
+            if d.name == name:
+                return d
+        raise KeyError(name)
+
+    def to_dict(self) -> dict:
+        """The `gpulab fleet plan --json` object (issue 15's spelling, plus objective, search, advice)."""
+        return {
+            "models": [{
+                "name": p.name, "devices": list(p.devices), "keep_loaded": p.resident,
+                "config": p.plan.to_dict()["config"],
+                "per_device": [{"name": d.name, "weights_bytes": d.weights_bytes, "kv_bytes": d.kv_bytes,
+                                "compute_bytes": d.compute_bytes, "overhead_bytes": d.overhead_bytes,
+                                "used_bytes": d.used_bytes}
+                               for d in p.plan.offload_devices],
+            } for p in self.placements],
+            "devices": [{"name": d.name, "free_bytes": d.free_bytes, "keep_free_bytes": d.keep_free_bytes,
+                         "used_bytes": d.used_bytes, "fits": d.fits,
+                         "models": [{"name": n, "used_bytes": b} for n, b in d.by_model]} for d in self.devices],
+            "fits": self.fits,
+            "objective": self.objective,
+            "search": self.search,
+            "advice": [a.to_dict() for a in self.advice],
+        }
+
+
+# -- the fleet -----------------------------------------------------------------------------------
+@dataclass
+class _Problem:
+    fleet: Fleet
+    profiles: Mapping[str, ModelProfile]
+    devices: list[Device]
+    host: Device | None
+    objective: str
+    speed: Callable[[Plan], float] | None
+    budgets: dict[str, int]
+    order: list[FleetModel]              # the resident models, largest first
+    candidates: dict[str, list[tuple[str, ...]]]
+    counter: list = field(default_factory=lambda: [0])
+
+    def place(self, m: FleetModel, subset, left) -> Plan:
+        return place_model(m, self.profiles[m.name], subset, self.devices, left, self.host, counter=self.counter)
+
+
+def _check(fleet: Fleet, profiles: Mapping[str, ModelProfile], devices: Sequence[Device], objective: str) -> None:
+    names = [d.name for d in devices]
+    for dev in fleet.keep_free:
+        if dev not in names:
+            raise ConfigError(f"[devices.{dev}]: no such device; the devices are {', '.join(names) or 'none'}")
+    for m in fleet.models:
+        bad = [d for d in m.devices if d not in names]
+        if bad:
+            raise ConfigError(f"model {m.name!r} is pinned to {', '.join(bad)}, which is not a device here "
+                              f"({', '.join(names) or 'none'})")
+        if m.name not in profiles:
+            raise ConfigError(f"no profile for model {m.name!r}")
+    if objective.startswith("tg:"):
+        if objective[3:] not in [m.name for m in fleet.models]:
+            raise ConfigError(f"objective {objective!r} names no model of the fleet")
+    elif objective not in ("fewest", "balanced"):
+        raise ConfigError(f"objective {objective!r} is not one of fewest, balanced, tg:NAME")
+
+
+def _score(pr: _Problem, placed: Mapping[str, Plan], left: Mapping[str, int]) -> tuple:
+    """Smaller is better. Headroom is compared leximin: the memory left on the tightest device,
+    then on the next tightest, and so on (so spare devices are used rather than piled on)."""
+    n_devices = sum(len(p.offload_devices) for p in placed.values())
+    headroom = tuple(-v for v in sorted(left.values()))
+    if pr.objective == "balanced":
+        return (headroom, n_devices)
+    if pr.objective.startswith("tg:"):
+        target = placed.get(pr.objective[3:])
+        tg = pr.speed(target) if target is not None and pr.speed is not None else 0.0
+        return (-tg, n_devices, headroom)
+    return (n_devices, headroom)
+
+
+def _take(left: dict[str, int], p: Plan) -> dict[str, int]:
+    out = dict(left)
+    for d in p.offload_devices:
+        out[d.name] -= d.used_bytes
+    return out
+
+
+def _exhaustive(pr: _Problem) -> dict[str, Plan] | None:
+    best: list = [None, None]
+
+    def walk(i: int, left: dict[str, int], placed: dict[str, Plan]) -> None:
+        if i == len(pr.order):
+            s = _score(pr, placed, left)
+            if best[0] is None or s < best[0]:
+                best[0], best[1] = s, dict(placed)
+            return
+        m = pr.order[i]
+        if pr.objective == "fewest" and best[0] is not None:
+            # every model still to place takes at least one device (a CPU-only one none)
+            still = sum(1 for x in pr.order[i:] if pr.candidates[x.name] != [()])
+            if sum(len(p.offload_devices) for p in placed.values()) + still > best[0][0]:
+                return
+        for subset in pr.candidates[m.name]:
+            p = pr.place(m, subset, left)
+            if not fits_budget(p):
+                continue
+            placed[m.name] = p
+            walk(i + 1, _take(left, p), placed)
+            del placed[m.name]
+
+    walk(0, dict(pr.budgets), {})
+    return best[1]
+
+
+def _best_single(pr: _Problem, m: FleetModel, left: dict[str, int], placed: dict[str, Plan], *,
+                 best_fit: bool = False) -> Plan | None:
+    """The device set the objective prefers for `m` among those that hold it now (greedy step).
+    best_fit: among the fewest devices, the set it fills tightest (best-fit decreasing), which keeps
+    large holes open for the models after it, instead of the objective's headroom."""
+    best = None
+    size_found = None
+    for subset in pr.candidates[m.name]:
+        if pr.objective == "fewest" and size_found is not None and len(subset) > size_found:
+            break   # candidates come smallest first: no larger set can beat a fitting smaller one
+        p = pr.place(m, subset, left)
+        if not fits_budget(p):
+            continue
+        size_found = len(subset)
+        after = _take(left, p)
+        s = (len(subset), sum(after[n] for n in subset)) if best_fit else _score(pr, {**placed, m.name: p}, after)
+        if best is None or s < best[0]:
+            best = (s, p)
+    return best[1] if best else None
+
+
+def _greedy_pass(pr: _Problem, best_fit: bool) -> dict[str, Plan] | None:
+    left, placed = dict(pr.budgets), {}
+    for m in pr.order:
+        p = _best_single(pr, m, left, placed, best_fit=best_fit)
+        if p is None:
+            return None
+        placed[m.name] = p
+        left = _take(left, p)
+    return placed
+
+
+def _greedy(pr: _Problem) -> dict[str, Plan] | None:
+    """Largest first, each model where the objective prefers it, no going back; for 'fewest' a
+    second pass by best fit, and the better of the two by the objective."""
+    passes = [False, True] if pr.objective == "fewest" else [False]
+    results = [r for r in (_greedy_pass(pr, bf) for bf in passes) if r is not None]
+    if not results:
+        return None
+
+    def key(placed):
+        left = dict(pr.budgets)
+        for p in placed.values():
+            left = _take(left, p)
+        return _score(pr, placed, left)
+    return min(results, key=key)
+
+
+def _least_short(pr: _Problem, models: Sequence[FleetModel], left: dict[str, int]) -> dict[str, Plan]:
+    """When nothing fits: each model, largest first, where it leaves the least memory missing."""
+    placed = {}
+    for m in models:
+        best = None
+        for subset in pr.candidates[m.name]:
+            p = pr.place(m, subset, left)
+            after = _take(left, p)
+            missing = sum(max(0, -after[d.name]) - max(0, -left[d.name]) for d in p.offload_devices)
+            key = (missing, len(subset), -min(after.values(), default=0))
+            if best is None or key < best[0]:
+                best = (key, p)
+        placed[m.name] = best[1]
+        left = _take(left, best[1])
+    return placed
+
+
+def _tree_size(pr: _Problem) -> int:
+    return math.prod(len(pr.candidates[m.name]) for m in pr.order)
+
+
+def _place_resident(pr: _Problem, exhaustive_limit: int) -> tuple[dict[str, Plan] | None, str]:
+    if _tree_size(pr) <= exhaustive_limit:
+        return _exhaustive(pr), "exhaustive"
+    return _greedy(pr), "greedy"
+
+
+def _place_swappable(pr: _Problem, swappable: Sequence[FleetModel], left: dict[str, int]) -> dict[str, Plan]:
+    """Each swappable model beside the resident ones, on its own (one is loaded at a time)."""
+    placed = {}
+    for m in swappable:
+        p = _best_single(pr, m, left, {})
+        placed[m.name] = p if p is not None else _least_short(pr, [m], dict(left))[m.name]
+    return placed
+
+
+def _devices_use(pr: _Problem, resident: Mapping[str, Plan], swappable: Mapping[str, Plan]) -> tuple[FleetDevice, ...]:
+    rows = []
+    for d in pr.devices:
+        mine = [(n, _on(p, d.name)) for n, p in {**resident, **swappable}.items() if _on(p, d.name)]
+        fixed = sum(_on(p, d.name) for p in resident.values())
+        swap = max((_on(p, d.name) for p in swappable.values()), default=0)
+        order = [m.name for m in pr.fleet.models]
+        mine.sort(key=lambda x: order.index(x[0]))
+        rows.append(FleetDevice(d.name, d.free_bytes, pr.fleet.keep_free_bytes(d.name), fixed + swap, tuple(mine)))
+    return tuple(rows)
+
+
+def _on(p: Plan, device: str) -> int:
+    for d in p.offload_devices:
+        if d.name == device:
+            return d.used_bytes
+    return 0
+
+
+def plan_fleet(fleet: Fleet, profiles: Mapping[str, ModelProfile], devices: Sequence[Device],
+               host: Device | None = None, *, objective: str = "fewest",
+               speed: Callable[[Plan], float] | None = None,
+               exhaustive_limit: int = EXHAUSTIVE_LIMIT, advise: bool = True) -> FleetPlan:
+    """Plan every model of `fleet` (profiles by model name) on the offload `devices`.
+
+    speed: plan -> predicted tg tokens/s, for objective 'tg:NAME' (gpulab.core.measure.speed.predict_speed
+    with a SpeedModel; the command passes the calibrated one)."""
+    devices = [d for d in devices if d.is_offload]
+    _check(fleet, profiles, devices, objective)
+    if objective.startswith("tg:") and speed is None:
+        from ..measure.speed import predict_speed
+        hints = {d.name: d.bandwidth_bytes_per_s for d in devices if d.bandwidth_bytes_per_s}
+        # gpulab's default device speeds, or the bandwidth a device spec gives
+        speed = lambda p: predict_speed(p, bandwidth_hints=hints).tg_tokens_per_s   # noqa: E731
+    names = [d.name for d in devices]
+    budgets = {d.name: d.free_bytes - fleet.keep_free_bytes(d.name) for d in devices}
+
+    def candidates(m: FleetModel) -> list[tuple[str, ...]]:
+        if m.n_gpu_layers == 0:
+            return [()]
+        if m.devices:
+            return [m.devices]
+        return subsets(names)
+
+    resident = [m for m in fleet.models if m.keep_loaded]
+    swappable = [m for m in fleet.models if not m.keep_loaded]
+    by_size = lambda ms: sorted(ms, key=lambda m: (-profiles[m.name].weights_bytes, m.name))   # noqa: E731
+    pr = _Problem(fleet, profiles, devices, host, objective, speed, budgets, by_size(resident),
+                  {m.name: candidates(m) for m in fleet.models})
+    placed, search = _place_resident(pr, exhaustive_limit)
+    if placed is None:
+        placed = _least_short(pr, pr.order, dict(budgets))
+    left = budgets
+    for p in placed.values():
+        left = _take(left, p)
+    swapped = _place_swappable(pr, by_size(swappable), left)
+
+    placements = tuple(ModelPlacement(m.name, m.keep_loaded, (placed if m.keep_loaded else swapped)[m.name])
+                       for m in fleet.models)
+    rows = _devices_use(pr, placed, swapped)
+    result = FleetPlan(fleet, placements, rows, objective, search, pr.counter[0])
+    if advise and not result.fits:
+        def replan(other: Fleet) -> FleetPlan:
+            return plan_fleet(other, profiles, devices, host, objective=objective, speed=speed,
+                              exhaustive_limit=exhaustive_limit, advise=False)
+        result = replace(result, advice=tuple(advice_for(result, profiles, devices, host, replan)))
+    return result

@@ -1,0 +1,425 @@
+"""Compute buffers: the scratch memory llama.cpp's scheduler reserves on each backend.
+
+llama.cpp sizes them in `llama_context::sched_reserve` (src/llama-context.cpp): it builds the
+worst-case prompt graph (`graph_reserve`: n_tokens = min(n_ctx, n_ubatch) tokens, every one an
+output), splits it across the backends (`ggml_backend_sched_split_graph`,
+ggml/src/ggml-backend.cpp) and lets ggml-alloc (`ggml_gallocr_reserve_n`, ggml/src/ggml-alloc.c)
+place every intermediate tensor in one buffer per backend: a tensor is freed after its last
+use, freed ranges are reused best-fit, and RMS_NORM/MUL/ADD/SOFT_MAX/ROPE... write into their
+input when it has no other user. The `sched_reserve: <buffer> compute buffer size` line is the
+high-water mark of that buffer.
+
+The high-water mark is reached at one of a few moments of one layer, and it is the same
+whether a backend holds 2 or 40 layers (the layers repeat), so the model is a handful of closed
+forms per backend: "what is live, plus the holes ggml-alloc leaves below it, when the biggest
+tensor of that phase is allocated". In units of T = n_tokens rows:
+
+  ffn      gate, up and the GLU output, [n_ff, T] f32 each (llm_graph_context::build_ffn), or
+           the MoE up/gate/GLU [n_ff_exp, n_expert_used, T] and expert outputs
+           [n_embd, n_expert_used, T] (build_moe_ffn)
+  attn     without flash attention: KQ = [n_kv, T, n_head] f32 (build_attn_mha), the term that
+           grows with n_ctx * n_ubatch * n_head; with flash attention only Q before/after RoPE
+  output   the logits [n_vocab, T] f32 and the normed hidden state, on the output layer's
+           backend (exactly 4 * T * (n_vocab + n_embd) when that backend holds nothing else)
+
+on top of what a backend keeps for the whole graph: its copies of the graph inputs
+(`llm_graph_input_*`: KQ mask, positions, KV row indices, output ids), and on the host the
+inputs themselves. "Row sets" below are [n_embd, T] f32 tensors (the residual stream, norms,
+attention output): the holes ggml-alloc leaves are counted in those.
+
+With pipeline parallelism (`ggml_backend_sched_new(..., parallel=true)`: several devices, the
+whole model offloaded) the scheduler keeps GGML_SCHED_MAX_COPIES = 4 copies of every graph and
+split input, none of them ever freed.
+
+How it was derived: a Python replay of the scheduler's split pass and of ggml-alloc over the
+llama, gemma2/gemma3 (sliding window), qwen3moe and Mixtral-style graphs (too slow to run per
+plan, so not part of gpulab) matched every buffer llama.cpp logged in the calibration runs to
+the byte; these closed forms stay within 10% of that replay for 99.9% of backends over the
+shapes of Llama 2/3, Qwen2.5, Phi-3, SmolLM2, Gemma 2/3, Mixtral and Qwen3-30B-A3B (max 10.3%).
+bench/compute_calibration.py measures them against real llama.cpp (RPC devices).
+
+Not modelled: op offload (CUDA, with layers on the host and n_ubatch >= 32, runs the host
+layers' matrix products on the first GPU and copies their weights into its compute buffer),
+split_mode row, KV cache not offloaded (-nkvo), recurrent/hybrid layers (no KV): these are
+treated like a layer split of attention layers.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from itertools import accumulate, groupby
+
+from ..config import SplitConfig
+from ..devices import HOST_NAME
+from ..profile import ModelProfile
+
+__all__ = ["estimate_compute_bytes", "compute_tokens", "pipeline_copies", "SCHED_MAX_COPIES", "dry_run_extra_bytes"]
+
+SCHED_MAX_COPIES = 4          # GGML_SCHED_MAX_COPIES (ggml-backend.cpp)
+_ALIGN = 32                   # TENSOR_ALIGNMENT: CPU and RPC buffers (CUDA pads to 128)
+
+
+def _pad(x: int, n: int) -> int:
+    return (x + n - 1) // n * n
+
+
+def _a(nbytes: int) -> int:
+    """ggml_dyn_tallocr_alloc pads every tensor to the buffer's alignment."""
+    return (nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+@dataclass(frozen=True)
+class _Geom:
+    """Per-profile constants (elements per token), computed once per profile."""
+    n_embd: int
+    n_vocab: int
+    n_ff: int                    # dense FFN width
+    q: int                       # widest n_head * n_embd_head_k: Q and the attention output
+    kv: int                      # widest n_head_kv * n_embd_head_k: K and V of the ubatch
+    n_head: int                  # most heads: KQ has n_kv * n_head values per token
+    v_gqa_max: int               # n_embd_v_gqa_max: the transposed-V row indices per token
+    moe: bool
+    n_expert_used: int
+    n_ff_exp: int                # expert FFN width
+    swa: tuple[bool, ...]        # per layer: uses the sliding-window KV cache
+    swa_prefix: tuple[int, ...]  # swa_prefix[i] = sliding-window layers among layers 0..i-1
+    has_swa: bool
+
+
+_GEOM: dict[int, tuple[weakref.ref, _Geom]] = {}
+
+
+def _geom(profile: ModelProfile) -> _Geom:
+    hit = _GEOM.get(id(profile))
+    if hit is not None and hit[0]() is profile:
+        return hit[1]
+    layers = profile.layers
+    n_ff_exp = 0
+    for layer in layers:        # ffn_{up,gate}_exps: ggml shape (n_embd, n_ff_exp, n_expert)
+        n_ff_exp = max((t.shape[1] for t in layer.tensors
+                        if t.is_expert and ("up_exps" in t.name or "gate_exps" in t.name) and len(t.shape) >= 2),
+                       default=0)
+        if n_ff_exp:
+            break
+    moe = profile.n_expert > 0
+    swa = tuple(bool(l.is_swa) for l in layers)
+    g = _Geom(
+        n_embd=profile.n_embd, n_vocab=profile.n_vocab, n_ff=profile.n_ff,
+        q=max((l.n_head * l.n_embd_head_k for l in layers), default=profile.n_embd),
+        kv=max((l.n_head_kv * l.n_embd_head_k for l in layers), default=profile.n_embd),
+        n_head=max((l.n_head for l in layers), default=1),
+        v_gqa_max=profile.max_n_embd_v_gqa,
+        moe=moe, n_expert_used=max(profile.n_expert_used, 1) if moe else 0,
+        n_ff_exp=n_ff_exp or profile.n_ff,
+        swa=swa, swa_prefix=(0, *accumulate(int(x) for x in swa)),
+        has_swa=any(swa) and profile.n_swa > 0)
+    _GEOM[id(profile)] = (weakref.ref(profile, lambda _r, k=id(profile): _GEOM.pop(k, None)), g)
+    return g
+
+
+def compute_tokens(config: SplitConfig) -> tuple[int, int, int]:
+    """(n_tokens, n_seqs, n_ubatch) of the graph llama_context::sched_reserve reserves.
+
+    llama_context ctor: n_batch capped at n_ctx (causal attention), n_ubatch at n_batch (see
+    SplitConfig.effective_n_ubatch), then n_ctx padded to 256; sched_reserve: n_tokens = min(n_ctx, n_ubatch), n_seqs = n_seq_max;
+    graph_reserve rounds n_tokens up to a multiple of n_seqs.
+    """
+    n_ctx = _pad(config.n_ctx, 256)
+    n_ubatch = config.effective_n_ubatch
+    n_seqs = max(1, config.n_seq_max)
+    return _pad(min(n_ctx, n_ubatch), n_seqs), n_seqs, n_ubatch
+
+
+def pipeline_copies(config: SplitConfig, layer_devices: list[str], n_devices: int) -> int:
+    """Copies the scheduler keeps of every input: GGML_SCHED_MAX_COPIES when pipelining.
+
+    llama_context ctor: pipeline parallelism needs more than one model device, every layer and
+    the output offloaded (n_gpu_layers > n_layer), split_mode layer, KV offload, no tensor
+    overrides, and async compute and events on every device (CUDA and RPC have both).
+    """
+    if (n_devices > 1 and config.split_mode == "layer" and config.offload_kqv
+            and HOST_NAME not in layer_devices and not config.has_tensor_overrides):
+        return SCHED_MAX_COPIES
+    return 1
+
+
+def dry_run_extra_bytes(profile: ModelProfile, config: SplitConfig, layer_devices: list[str],
+                        names: list[str]) -> dict[str, int]:
+    """What llama.cpp's `no_alloc` dry run (the measurement of common_fit_params, and of
+    llama-fit-params -fitp) counts in a compute buffer beyond what a real load allocates.
+
+    Measured, not derived: with pipeline parallelism, every offload device after the first that holds
+    repeating layers holds
+    GGML_SCHED_MAX_COPIES more [n_embd, n_tokens] f32 row sets in the dry run's breakdown than in the
+    buffer a real load logs (RPC devices; dense and MoE, n_embd 512-1024, -ub 256/512, -fa on/off;
+    tests/integration/test_fit_vs_llama.py). Nothing otherwise."""
+    nc = pipeline_copies(config, layer_devices, len(names) - 1)
+    if nc == 1:
+        return {}
+    T = compute_tokens(config)[0]
+    e = _a(4 * profile.n_embd * T)
+    first = layer_devices[0]
+    # a device holding the output layer alone gets nothing more
+    return {d: nc * e for d in dict.fromkeys(layer_devices[:profile.n_layer]) if d != first and d != HOST_NAME}
+
+
+def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_devices: list[str],
+                           names: list[str], ffn_devices: list[str] | None = None,
+                           stray: frozenset[str] = frozenset(),
+                           ffn_parts: dict[str, frozenset[str]] | None = None) -> dict[str, int]:
+    """Bytes of the compute buffer of every backend in `names` (0 where nothing runs).
+
+    `layer_devices` is the device of each layer 0..n_layer (the last entry is the output
+    layer, 'CPU' the host); `names` the offload devices in llama.cpp's order, then 'CPU'.
+    With tensor overrides: `ffn_devices` is where each layer's FFN weights are (an op runs where
+    its weight is: ggml_backend_sched_backend_id_from_cur), `stray` the devices that got other
+    weights of layers that are not theirs (an attention matrix moved alone), `ffn_parts` the
+    devices that run some of a layer's FFN products but not its FFN (one expert tensor moved).
+    """
+    g = _geom(profile)
+    n_layer = profile.n_layer
+    T, n_seqs, n_ubatch = compute_tokens(config)
+    fa = config.flash_attn != "off"            # 'auto' resolves to on for CPU, CUDA and RPC
+    nc = pipeline_copies(config, layer_devices, len(names) - 1)
+    # llama_context::graph_get_cb pins each layer's "norm" to the layer's device when the
+    # whole model is offloaded or the ubatch is small. Otherwise the scheduler computes a
+    # device's first norm on the device before it, which then sends the norm and the residual.
+    pinned_norm = HOST_NAME not in layer_devices or T < 32
+
+    # KV cells per stream (llama_context ctor: n_ctx_seq), and the sliding-window cache
+    # (llama_kv_cache_iswa: pad(min(size_base, n_swa + n_ubatch), 256) unless --swa-full)
+    n_stream = config.n_streams         # one stream with a unified cache (-kvu)
+    n_kv = _pad(config.n_ctx, 256) if config.kv_unified else _pad(_pad(config.n_ctx, 256) // n_seqs, 256)
+    n_kv_swa = n_kv
+    if g.has_swa and not config.swa_full:
+        n_kv_swa = min(n_kv, _pad(profile.n_swa * (config.n_seq_max if config.kv_unified else 1) + n_ubatch, 256))
+
+    E = g.n_embd
+    e = _a(4 * E * T)                  # a row set: [n_embd, T] f32
+    q = _a(4 * g.q * T)                # Q (before and after RoPE), the attention output
+    kvh = _a(4 * g.kv * T)             # K or V of the ubatch
+    f = _a(4 * g.n_ff * T)             # ffn_gate, ffn_up, the GLU output
+    logits = _a(4 * g.n_vocab * T)     # result_output: sched_reserve makes every token an output
+    # graph inputs (llm_graph_input_*): built on the host, copied to each backend that uses them
+    tok = _a(4 * T)                    # inp_tokens (i32)
+    pos = _a(4 * T)                    # inp_pos (i32)
+    out_ids = _a(4 * T)                # inp_out_ids (i32): the model's last layer gathers these
+    k_idxs = _a(8 * T)                 # attn_inp_k_idxs (i64): KV rows to store K in
+    # attn_inp_v_idxs (i64): with a transposed V cache (no flash attention) one per element
+    v_idxs = _a(8 * T * (1 if fa else g.v_gqa_max))
+    mask_elt = 2 if fa else 4          # build_attn_inp_kq_mask: f16 for flash attention
+    kv_in_full = k_idxs + v_idxs + _a(n_kv * T * mask_elt)
+    kv_in_swa = k_idxs + v_idxs + _a(n_kv_swa * T * mask_elt) if g.has_swa else 0
+    all_inputs = pos + kv_in_full + kv_in_swa + out_ids
+    # KQ of build_attn_mha: [n_kv, T / n_stream, n_head, n_stream] f32, one stream per sequence
+    kq_full = _a(4 * n_kv * (T // n_stream) * g.n_head * n_stream)
+    kq_swa = _a(4 * n_kv_swa * (T // n_stream) * g.n_head * n_stream)
+
+    if g.moe:
+        # build_moe_ffn: up, gate and GLU [n_ff_exp, n_expert_used, T]; the expert outputs
+        # [n_embd, n_expert_used, T] reuse up's and gate's range if they fit, else go on top
+        U = g.n_expert_used
+        fe = _a(4 * g.n_ff_exp * U * T)
+        fd = _a(4 * E * U * T)
+        down_on_top = fd > 2 * fe
+        ffn_big = 3 * fe + (fd if down_on_top else 0)
+        # row sets below the FFN: residual, norm, a hole, and the router's small tensors
+        # (logits, argsort, weights) take one more when the expert outputs go on top
+        ffn_slots = 3 * e + (e if down_on_top else 0)
+        # the closing ops of a host layer (expert weighting, the sum over experts, the add)
+        # run on the next device, which receives the expert outputs, weights and ffn_inp
+        host_boundary = fd + _a(4 * U * T) + e
+        # ... and puts the layer's small tensors (residual, norms, Q) and as many of up/gate
+        # as fit into their range
+        room = host_boundary - 2 * e - 2 * max(0, q - e)
+        n_fit = min(2, max(0, room) // fe) if fe else 0
+        ffn_after_host = host_boundary + (3 - n_fit) * fe + (fd if down_on_top else 0)
+        ffn_unit = fe
+        part_out = {"gate": fe, "up": fe, "down": fd}
+    else:
+        ffn_big = 3 * f
+        ffn_slots = 3 * e
+        host_boundary = 2 * e           # ffn_out and ffn_inp of the host layer's closing add
+        ffn_after_host = 0
+        ffn_unit = f
+        part_out = {"gate": f, "up": f, "down": e}
+
+    # One pass over the runs of layers (llama.cpp gives each device one contiguous run):
+    # per device [n_layers, has full-attention layers, has SWA layers, device before it,
+    #             full layers after its first, SWA layers after its first]
+    stats: dict[str, list] = {}
+    prev = None
+    i = 0
+    pre = g.swa_prefix
+    for d, run in groupby(layer_devices[:n_layer]):
+        n = len(list(run))
+        n_swa = pre[i + n] - pre[i] if g.has_swa else 0
+        n_swa_later = n_swa - (1 if g.has_swa and g.swa[i] else 0)
+        s = stats.get(d)
+        if s is None:
+            stats[d] = [n, n_swa < n, n_swa > 0, prev, n - 1 - n_swa_later > 0, n_swa_later > 0]
+        else:                           # not a llama.cpp placement; count it sensibly
+            s[0] += n
+            s[1] = s[4] = s[1] or n_swa < n
+            s[2] = s[5] = s[2] or n_swa > 0
+        prev = d
+        i += n
+    out_dev = layer_devices[n_layer]
+    last_dev = layer_devices[n_layer - 1] if n_layer else out_dev
+    offloaded = any(d != HOST_NAME for d in stats)
+
+    out = dict.fromkeys(names, 0)
+    own_inputs: dict[str, int] = {}
+    for name in names:
+        s = stats.get(name)
+        has_out = out_dev == name
+
+        if name == HOST_NAME:
+            # Graph inputs are allocated first. inp_embd (the embeddings input, which a text
+            # batch never reads) is never freed; nor is an input copied to another backend
+            # (the split graph keeps a view of it). embd = get_rows(token_embd) runs here.
+            persist = nc * (tok + e + all_inputs)
+            if s is None:
+                out[name] = persist + e
+                continue
+            peaks = [persist + ffn_slots + ffn_big]
+            if not fa:
+                peaks.append(persist + 3 * e + q + (kq_full if s[1] else kq_swa))
+            if has_out:        # ngl 0: inputs only used here are freed after the last layer
+                peaks.append(tok + e + (all_inputs if offloaded else 0) + e + logits)
+            out[name] = max(peaks)
+            continue
+
+        if s is None:
+            if has_out:
+                # the output layer alone: the hidden state comes over, is normed in place,
+                # and the logits go above it
+                after_host = n_layer == 0 or layer_devices[n_layer - 1] == HOST_NAME
+                if g.moe and after_host and nc == 1:
+                    out[name] = host_boundary + e + logits   # + the new sum over the experts
+                else:
+                    out[name] = nc * e + (e if nc > 1 else 0) + logits
+            continue
+
+        n_l, has_full, has_swa, before, full_later, swa_later = s
+        # this device's copies of the graph inputs
+        inputs = pos + (kv_in_full if has_full else 0) + (kv_in_swa if has_swa else 0)
+        if last_dev == name:
+            inputs += out_ids
+        own_inputs[name] = inputs
+        kq_dev = kq_full if has_full else kq_swa
+        # what the layer before sends: the host's closing add operands, embd (layer 0) or
+        # the previous device's l_out (norm pinned), or that device's norm and l_out
+        if before == HOST_NAME:
+            boundary = host_boundary
+        elif before is None or pinned_norm:
+            boundary = e
+        else:
+            boundary = 2 * e
+
+        if nc > 1:
+            # pipelined: every input copy is kept 4 times and none is ever freed
+            base = nc * (boundary + inputs)
+            # a quantized V cache leaves no hole below the FFN on a device without the output layer:
+            # one row set less (measured on RPC devices, n_embd 512 real loads and 1024 dry runs,
+            # q8_0 and q4_0; the output layer's device did not follow one rule; issue 14)
+            slots = ffn_slots - (e if config.type_v not in ("f32", "f16", "bf16") and not has_out else 0)
+            peaks = [base + slots + ffn_big, base + 2 * e + 2 * q]
+            if not fa:
+                peaks.append(base + 3 * e + q + kq_dev)
+            if has_out:
+                peaks.append(base + e + logits)
+            out[name] = max(peaks)
+            continue
+
+        if n_l == 1:
+            # one layer: its attention is the last use of the input copies, so the FFN reuses
+            # their range (after the host's operands, the model's last layer gathers its
+            # ffn_inp into it: one more row set); K and V land above Q, not in older holes
+            below = 3 * e if last_dev == name and before == HOST_NAME else 2 * e
+            peaks = [below + ffn_big, boundary + e + inputs + 2 * q]
+            if not fa:
+                peaks.append(inputs + 3 * e + 2 * kvh + q + kq_dev)
+        else:
+            # during the FFN of the first layer, the inputs of a KV kind with no later layer on
+            # this device are already freed, and reused when an FFN tensor fits in them
+            ffn_inputs = inputs
+            for present, later, size in ((has_full, full_later, kv_in_full), (has_swa, swa_later, kv_in_swa)):
+                if present and not later and size >= ffn_unit:
+                    ffn_inputs -= size
+            if g.moe:
+                ffn = ffn_after_host if before == HOST_NAME else ffn_slots + ffn_big
+            else:
+                # the residual and one hole below the FFN; two host operands leave room for both
+                ffn = (2 * e if boundary >= 2 * e else 3 * e) + ffn_big
+            # attention: Q before and after RoPE (a ROPE of a reshaped view is not in place)
+            peaks = [ffn_inputs + ffn, inputs + 2 * e + 2 * q]
+            if not fa:
+                peaks.append(inputs + 3 * e + q + kq_dev)
+
+        # The model's last layer: when its input copies are smaller than a row set, its
+        # ffn_inp (the gathered attention output) lands above them and the FFN on top.
+        low = 2 * e + inputs
+        glu_low = not g.moe and inputs < e and f <= low
+        if last_dev == name and not g.moe and inputs < e:
+            peaks.append(low + e + (2 * f if glu_low else 3 * f))
+        if has_out:
+            # After the last layer only the hidden state is live: result_norm is where the last
+            # ffn_down went, the logits above it. That is the bottom of the buffer unless the
+            # GLU output fitted below ffn_inp: then ffn_down went on top of everything.
+            peaks.append((low + 2 * e if glu_low else e) + logits)
+        out[name] = max(peaks)
+    if ffn_devices is not None:
+        _moved_ffn(out, profile, layer_devices, ffn_devices, stray, own_inputs, nc * (tok + e + all_inputs),
+                   e=e, q=q, kq=None if fa else max(kq_full, kq_swa), ffn_big=ffn_big, logits=logits,
+                   small=_a(4 * (g.n_expert_used or 1) * T) * 2)
+    for dev, parts in (ffn_parts or {}).items():
+        if dev not in out:
+            continue
+        # a product run away from the rest of its FFN: its input (the normed hidden state, or
+        # for down the GLU output) and the router's ids and weights in, its output on top, and
+        # the GLU output too where gate and up both run here
+        need = (_a(4 * (g.n_expert_used or 1) * T) * 2 + sum(part_out[p] for p in parts)
+                + (e if parts & {"gate", "up"} else part_out["gate"])
+                + (part_out["gate"] if {"gate", "up"} <= parts else 0))
+        base = nc * (tok + e + all_inputs) if dev == HOST_NAME else own_inputs.get(dev, 0)
+        out[dev] = max(out[dev], base + need)
+    return out
+
+
+def _moved_ffn(out: dict, profile: ModelProfile, layer_devices: list[str], ffn_devices: list[str],
+               stray: frozenset[str], own_inputs: dict, host_persist: int, *, e: int, q: int, kq: int | None,
+               ffn_big: int, logits: int, small: int) -> None:
+    """Tensor overrides move a layer's FFN (its experts, or its dense FFN) to another device: the
+    FFN's ops then run there (the scheduler puts an op where its weight is), with the layer's
+    normed hidden state and, for MoE, the router's choice copied over, and its result copied back.
+    A device whose layers all lost their FFN keeps attention only; a device that runs FFNs of
+    layers not its own gets the FFN's peak on top of what it has. Checked against llama.cpp's
+    compute buffers on RPC devices (tests/integration/test_overrides_vs_llama.py)."""
+    n_layer = profile.n_layer
+    mine: dict[str, list[int]] = {}
+    guest: set[str] = set()
+    for il in range(n_layer):
+        mine.setdefault(layer_devices[il], []).append(il)
+        if ffn_devices[il] != layer_devices[il]:
+            guest.add(ffn_devices[il])
+    for dev, layers in mine.items():
+        if dev not in out or all(ffn_devices[il] == dev for il in layers):
+            continue
+        if all(ffn_devices[il] != dev for il in layers):
+            base = host_persist if dev == HOST_NAME else own_inputs.get(dev, 0)
+            # the residual, the norm, Q before and after RoPE, and the FFN's result coming back
+            attn = [base + 3 * e + 2 * q] + ([base + 3 * e + q + kq] if kq is not None else [])
+            if layer_devices[n_layer] == dev:
+                attn.append(base + e + logits)
+            out[dev] = max(attn)
+    for dev in guest:
+        if dev not in out:
+            continue
+        base = host_persist if dev == HOST_NAME else own_inputs.get(dev, 0)
+        # the normed hidden state (and the router's ids and weights) in, the FFN's tensors on top
+        out[dev] = max(out[dev], base + e + small + ffn_big)
+    for dev in stray:
+        if dev in out:
+            out[dev] += e      # a matrix product's input copy (or its output) beside what was there

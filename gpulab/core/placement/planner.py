@@ -1,0 +1,262 @@
+"""The planner: llama.cpp's placement rules, mirrored in pure Python.
+
+Every rule names the llama.cpp function it copies (llama.cpp as vendored by the pinned
+llama-cpp-python, see pyproject.toml). Arithmetic on split points is done in float32, as
+llama.cpp does, so that layers on a split boundary land where llama.cpp puts them.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+
+from ..errors import ConfigError
+from .compute import estimate_compute_bytes
+from ..config import SplitConfig
+from ..devices import HOST_NAME, Device
+from ..ggml_types import row_bytes
+from ..overrides import effective_rules
+from .plan import DevicePlan, Plan
+from ..profile import ModelProfile
+from .tensors import compute_sites, place_tensors
+from .tensor_parallel import check_overrides_for_tensor_parallel, check_tensor_parallel, meta_device_name, plan_tensor_parallel
+
+__all__ = ["plan", "select_devices", "kv_cells", "kv_cell_bytes", "split_points", "assign_layers"]
+
+_PAD = 256  # llama_context: cparams.n_ctx = GGML_PAD(n_ctx, 256)
+
+
+def _pad(x: int, n: int) -> int:
+    return (x + n - 1) // n * n
+
+
+def select_devices(devices: list[Device], config: SplitConfig) -> list[Device]:
+    """llama_prepare_model_devices (src/llama.cpp): the devices a model may use, in order.
+
+    Without --device: RPC servers first ("to minimize network transfers"), then GPUs.
+    With --device: exactly those, in the order given. split_mode none keeps devices[main_gpu].
+    """
+    if config.devices == ("none",):
+        chosen: list[Device] = []   # common/arg.cpp parse_device_list: 'none' is no offload device
+    elif config.devices:
+        by_name = {d.name: d for d in devices}
+        missing = [n for n in config.devices if n not in by_name]
+        if missing:
+            raise ConfigError(f"unknown device(s) {', '.join(missing)}; available: "
+                              f"{', '.join(by_name) or 'none'}")
+        chosen = [by_name[n] for n in config.devices]
+    else:
+        gpus = [d for d in devices if d.kind == "gpu"]
+        # integrated GPUs only where there is no discrete one; CPU, ACCEL and META never hold layers
+        chosen = [d for d in devices if d.kind == "rpc"] + (gpus or [d for d in devices if d.kind == "igpu"])
+    config.check_devices(len(chosen))
+    if config.split_mode == "row" and chosen:
+        _check_row_split(chosen)
+    if config.split_mode == "none" and chosen:
+        chosen = [chosen[config.main_gpu]]
+    return chosen
+
+
+# Backends whose registry exports "ggml_backend_split_buffer_type" in the vendored llama.cpp:
+# SYCL and Hexagon. CUDA no longer does (tensor parallelism moved to split mode "tensor").
+_ROW_SPLIT_BACKENDS = ("SYCL", "HTP")
+
+
+def _check_row_split(devices: list[Device]) -> None:
+    """make_gpu_buft_list (src/llama-model.cpp) throws for every device whose backend has no
+    split buffer type, whatever n_gpu_layers is; gpulab refuses the same configurations."""
+    refused = [d.name for d in devices if not d.name.startswith(_ROW_SPLIT_BACKENDS)]
+    if refused:
+        raise ConfigError(
+            f"split_mode row is refused by this llama.cpp on {', '.join(refused)} "
+            f"(\"device {refused[0]} does not support split buffers\"): only SYCL devices split rows; use -sm layer")
+    raise ConfigError("split_mode row on SYCL devices is not modelled by gpulab yet; plan with -sm layer")
+
+
+def split_points(devices: list[Device], config: SplitConfig) -> list[float]:
+    """llama_model_base::load_tensors: cumulative split points normalised to 1, in float32.
+
+    All-zero tensor_split: proportions are each device's free memory at load time.
+    """
+    n = len(devices)
+    ts = list(config.tensor_split[:n]) + [0.0] * (n - len(config.tensor_split[:n]))
+    if not any(ts):
+        raw = np.array([d.free_bytes for d in devices], dtype=np.float32)
+    else:
+        raw = np.array(ts, dtype=np.float32)
+    cum = np.cumsum(raw, dtype=np.float32)  # float split_sum += splits[i], sequentially
+    if n == 0 or cum[-1] == 0:
+        if n:
+            raise ConfigError("every device has 0 bytes free, so llama.cpp's default split is undefined; "
+                              "give -ts explicitly")
+        return []
+    return [float(x) for x in (cum / cum[-1]).astype(np.float32)]
+
+
+def assign_layers(n_layer: int, n_gpu_layers: int, devices: list[Device],
+                  points: list[float]) -> list[str]:
+    """Device name of each layer 0..n_layer (the last is the output layer).
+
+    llama_model_base::load_tensors: i_gpu_start = max(n_layer + 1 - ngl, 0); layer il goes to
+    upper_bound(splits, float(il - i_gpu_start) / act_gpu_layers); below i_gpu_start: CPU.
+    """
+    ngl = n_gpu_layers if n_gpu_layers >= 0 else n_layer + 1   # llama_model::n_gpu_layers
+    i_gpu_start = max(n_layer + 1 - ngl, 0)
+    act = min(ngl, n_layer + 1) if devices else 0
+    names = [HOST_NAME] * (n_layer + 1)
+    if act == 0:
+        return names
+    # float(il - i_gpu_start) / act_gpu_layers, in float32 like llama.cpp
+    fracs = np.arange(act, dtype=np.float32) / np.float32(act)
+    idx = np.searchsorted(np.asarray(points, dtype=np.float32), fracs, side="right")  # upper_bound
+    last = len(devices) - 1
+    for k, i in enumerate(idx.tolist()):
+        names[i_gpu_start + k] = devices[min(i, last)].name
+    return names
+
+
+def kv_cells(profile: ModelProfile, config: SplitConfig) -> tuple[int, int]:
+    """(cells per full-attention layer, cells per SWA layer), summed over streams.
+
+    llama_context ctor: n_ctx padded to 256, n_ctx_seq = pad(n_ctx / n_seq_max, 256) per stream, or
+    n_ctx in one stream with a unified cache (-kvu);
+    llama_kv_cache_iswa: size_swa = pad(min(size_base, n_swa (x n_seq_max when unified) + n_ubatch), 256)
+    unless --swa-full.
+    """
+    n_ctx = _pad(config.n_ctx, _PAD)
+    n_ctx_seq = n_ctx if config.kv_unified else _pad(n_ctx // config.n_seq_max, _PAD)
+    n_stream = config.n_streams
+    base = n_ctx_seq
+    swa = base
+    if profile.n_swa and not config.swa_full:
+        # a unified cache keeps n_swa cells for each sequence (llama_kv_cache_iswa ctor)
+        n_swa = profile.n_swa * (config.n_seq_max if config.kv_unified else 1)
+        swa = _pad(min(base, n_swa + config.effective_n_ubatch), _PAD)
+    return base * n_stream, swa * n_stream
+
+
+def kv_cell_bytes(profile: ModelProfile, config: SplitConfig) -> tuple[int, ...]:
+    """Bytes of one KV cell (K row + V row) of each layer; 0 for layers without a KV cache.
+
+    llama_kv_cache ctor: K is n_embd_k_gqa(il) of type_k; V is n_embd_v_gqa(il) of type_v, or,
+    when V is transposed (no flash attention), padded to the widest V row (n_embd_v_gqa_max).
+    """
+    v_trans = not _flash_attn_on(config)
+    key = (config.type_k, config.type_v, v_trans)
+    hit = _KV_BYTES.get(id(profile))
+    if hit is not None and hit[0]() is profile and key in hit[1]:
+        return hit[1][key]
+    by_shape: dict[tuple[int, int], int] = {}
+    out = []
+    for layer in profile.layers:
+        if not layer.has_kv:
+            out.append(0)
+            continue
+        shape = (layer.n_embd_k_gqa, profile.max_n_embd_v_gqa if v_trans else layer.n_embd_v_gqa)
+        b = by_shape.get(shape)
+        if b is None:
+            b = by_shape[shape] = row_bytes(config.type_k, shape[0]) + row_bytes(config.type_v, shape[1])
+        out.append(b)
+    if hit is None or hit[0]() is not profile:   # cached per profile and KV types: fit re-plans often
+        hit = _KV_BYTES[id(profile)] = (weakref.ref(profile, lambda _r, k=id(profile): _KV_BYTES.pop(k, None)), {})
+    hit[1][key] = out = tuple(out)
+    return out
+
+
+_KV_BYTES: dict[int, tuple] = {}
+
+
+def _flash_attn_on(config: SplitConfig) -> bool:
+    # 'auto' resolves to on wherever the device supports it (CPU, CUDA, RPC all do)
+    return config.flash_attn != "off"
+
+
+def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | None = None,
+         host: Device | None = None) -> Plan:
+    """Predict llama.cpp's placement and per-device memory for `config` on `devices`.
+
+    `devices` are the offload devices (GPUs, RPC servers, simulated); `host` is the CPU with
+    system memory (None: unknown, then the host row has 0 free and is never "over-full").
+    """
+    config = (config or SplitConfig()).with_ctx(profile.n_ctx_train)   # -c 0: the training context
+    used = select_devices(devices, config)
+    rules = effective_rules(config)
+    tensor_mode = config.split_mode == "tensor" and bool(used)
+    if config.split_mode == "tensor":
+        check_tensor_parallel(profile, config, used)
+        check_overrides_for_tensor_parallel({i: r.target for i, r in enumerate(rules)})
+    # -sm tensor: llama_prepare_model_devices makes the devices one meta device, and layers are
+    # assigned to it (or the CPU, by -ngl) as in a layer split over that one device
+    layer_used = [_meta_device(used)] if tensor_mode else used
+    points = [1.0] if tensor_mode else split_points(used, config)
+    layer_devices = assign_layers(profile.n_layer, config.n_gpu_layers, layer_used, points)
+
+    names = [d.name for d in layer_used] + [HOST_NAME]
+    kv = dict.fromkeys(names, 0)
+    n_layers = dict.fromkeys(names, 0)
+    out_dev = layer_devices[profile.n_layer]
+
+    # every tensor's buffer: its layer's device unless a tensor override decides
+    # (llama_model_loader::create_tensor), and the host's buffers as llama.cpp allocates them
+    # the host's pinned buffer type: the first model device's (make_cpu_buft_list); the meta
+    # device has one only where all its members share it (ggml_backend_meta_device_get_host_buffer_type)
+    host_buft_from = used if tensor_mode else used[:1]
+    tp = place_tensors(profile, rules, layer_devices, layer_used, list(devices),
+                       host_buffer=bool(host_buft_from) and all(d.kind in ("gpu", "igpu") for d in host_buft_from)
+                       and not config.no_host,
+                       use_extra_bufts=config.use_extra_bufts,
+                       repack_types=frozenset(host.repack_types) if host is not None else frozenset())
+    weights = {n: tp.weights.get(n, 0) for n in names}
+
+    full_cells, swa_cells = kv_cells(profile, config)
+    per_cell = kv_cell_bytes(profile, config)
+    for layer in profile.layers:
+        dev = layer_devices[layer.index]
+        n_layers[dev] += 1
+        # llama_kv_cache ctor: a layer's K/V live on model.dev_layer(il) when offloading, whatever
+        # the tensor overrides moved
+        kv_dev = dev if config.offload_kqv else HOST_NAME
+        kv[kv_dev] += (swa_cells if layer.is_swa else full_cells) * per_cell[layer.index]
+
+    ffn_sites, stray, ffn_parts = compute_sites(profile, layer_devices, tp.moved)
+    compute = estimate_compute_bytes(profile, config, layer_devices, names,
+                                     ffn_devices=ffn_sites if tp.moved else None, stray=stray,
+                                     ffn_parts=ffn_parts)
+    experts = {n: tp.expert_weights.get(n, 0) for n in names}
+    split = None
+    if tensor_mode:
+        # each member of the meta device: its slices and mirrors (the meta figures replaced);
+        # compute buffers are allocated at the meta buffer's size on every member
+        meta = names[0]
+        split = plan_tensor_parallel(profile, config, used, layer_devices, tp.moved, (full_cells, swa_cells))
+        names = [d.name for d in used] + [HOST_NAME]
+        for i, d in enumerate(used):
+            weights[d.name], kv[d.name], experts[d.name] = split.weights[i], split.kv[i], split.experts[i]
+            n_layers[d.name], compute[d.name] = n_layers[meta], compute.get(meta, 0)
+
+    by_name = {d.name: d for d in used}
+    rows = []
+    for name in names:
+        is_host = name == HOST_NAME
+        src = host if is_host else by_name[name]
+        rows.append(DevicePlan(
+            name=name,
+            total_bytes=src.total_bytes if src else 0,
+            free_bytes=src.free_bytes if src else 0,
+            weights_bytes=weights[name], kv_bytes=kv[name], compute_bytes=compute.get(name, 0),
+            # learned from NVML by earlier runs (CUDA context, workspaces): what "fits" must leave
+            overhead_bytes=src.overhead_bytes if src is not None and not is_host else 0,
+            n_layers=n_layers[name], has_output=out_dev == name or (split is not None and out_dev == split.meta_name
+                                                                   and not is_host),
+            is_host=is_host, expert_bytes=experts[name],
+            mapped_bytes=tp.mapped_bytes if is_host else 0, repack_bytes=tp.repack_bytes if is_host else 0))
+    return Plan(profile=profile, config=config, devices=tuple(rows), layer_devices=tuple(layer_devices),
+                split_points=tuple(points), kv_cells=full_cells, kv_cells_swa=swa_cells,
+                moved_tensors=tp.moved, rule_matches=tp.matches, notes=tp.notes, tensor_parallel=split)
+
+
+def _meta_device(used: list[Device]) -> Device:
+    """The meta device llama.cpp makes of `used` (ggml_backend_meta_device_get_memory: the sums)."""
+    return Device(name=meta_device_name(used), total_bytes=sum(d.total_bytes for d in used),
+                  free_bytes=sum(d.free_bytes for d in used), source="meta", kind="meta")
