@@ -28,10 +28,11 @@ class DevicePlan:
     # the host only, its weights as llama.cpp allocates them (weights_bytes = the two together):
     mapped_bytes: int = 0         # CPU_Mapped: the file span from its first to its last host tensor
     repack_bytes: int = 0         # CPU_REPACK: copies of the weights the CPU backend repacks
+    state_bytes: int = 0          # recurrent state (llama_memory_recurrent's RS buffer): r_l and s_l rows
 
     @property
     def used_bytes(self) -> int:
-        return self.weights_bytes + self.kv_bytes + self.compute_bytes + self.overhead_bytes
+        return self.weights_bytes + self.kv_bytes + self.state_bytes + self.compute_bytes + self.overhead_bytes
 
     @property
     def fits(self) -> bool:
@@ -58,6 +59,9 @@ class Plan:
     # -sm tensor: what each member of the meta device holds (layer_devices then names the meta
     # device, 'Meta()', as llama.cpp's log does); None for the other split modes
     tensor_parallel: TensorParallel | None = None
+    # what this plan does not model exactly for this architecture and these settings, one line each
+    # (gpulab.core.placement.coverage); empty: every term is exact
+    doubts: tuple[str, ...] = ()
 
     @property
     def fits(self) -> bool:
@@ -99,7 +103,7 @@ class Plan:
             },
             "devices": [
                 {"name": d.name, "total_bytes": d.total_bytes, "free_bytes": d.free_bytes,
-                 "weights_bytes": d.weights_bytes, "kv_bytes": d.kv_bytes,
+                 "weights_bytes": d.weights_bytes, "kv_bytes": d.kv_bytes, "state_bytes": d.state_bytes,
                  "compute_bytes": d.compute_bytes, "used_bytes": d.used_bytes, "fits": d.fits}
                 for d in self.devices
             ],
@@ -107,6 +111,7 @@ class Plan:
             # every tensor override in the order llama.cpp tries them (-ot, then -cmoe, -ncmoe, -ncffn)
             "rules": [m.to_dict() for m in self.rule_matches],
             "fits": self.fits,
+            "doubts": list(self.doubts),
             **({"tensor_parallel": self._tensor_parallel_dict()} if self.tensor_parallel is not None else {}),
         }
 
