@@ -197,6 +197,10 @@ def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | Non
     system memory (None: unknown, then the host row has 0 free and is never "over-full").
     """
     config = (config or SplitConfig()).with_ctx(profile.n_ctx_train)   # -c 0: the training context
+    if config.type_k != config.type_v and any(l.has_kv and not l.has_v for l in profile.layers):
+        # llama_init_from_model (src/llama-context.cpp): MLA keeps one cache; it refuses the load
+        raise ConfigError(f"{profile.arch} uses MLA, and llama.cpp refuses different K ({config.type_k}) and "
+                          f"V ({config.type_v}) cache types for it; give -ctk and -ctv the same type")
     used = select_devices(devices, config)
     rules = effective_rules(config)
     tensor_mode = config.split_mode == "tensor" and bool(used)
