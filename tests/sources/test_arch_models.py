@@ -70,10 +70,17 @@ def test_recurrent_state_per_layer_and_sequence(models):
 
 def test_doubts_are_silent_where_exact_and_one_line_per_term_elsewhere(models):
     sim = parse_sim_spec("24GiB,24GiB")
-    assert plan(models["llama"], sim, SplitConfig()).doubts == ()
-    assert plan(models["gemma3"], sim, SplitConfig()).doubts == ()
+    assert plan(models["llama"], sim, SplitConfig(split_mode="none")).doubts == ()
+    assert plan(models["gemma3"], sim, SplitConfig(n_gpu_layers=5, tensor_split=(1, 1))).doubts == ()
+    # pipelined, the output layer's device also holds layers: measured 2 MiB off there
+    assert [d.bound_bytes for d in plan(models["llama"], sim, SplitConfig()).doubts] == [int(2.1 * MiB)]
     qn = plan(models["qwen3next"], sim, SplitConfig()).doubts
-    assert len(qn) == 1 and qn[0].startswith("compute: qwen3next's recurrent layers")
+    assert len(qn) == 1 and qn[0].text.startswith("compute: qwen3next's recurrent layers") and qn[0].term == "compute"
     ds = plan(models["deepseek2"], sim, SplitConfig())
-    assert len(ds.doubts) == 1 and "MLA" in ds.doubts[0] and ds.to_dict()["doubts"] == list(ds.doubts)
-    assert plan(models["llama"], sim, SplitConfig(offload_kqv=False)).doubts[0].startswith("compute: with the KV cache")
+    assert len(ds.doubts) == 1 and "MLA" in str(ds.doubts[0])
+    assert ds.to_dict()["doubts"] == [ds.doubts[0].text]
+    assert plan(models["llama"], sim, SplitConfig(offload_kqv=False)).doubts[0].text.startswith("compute: with the KV")
+    # settings: a quantized cache; a MoE split between host and devices
+    assert [d.bound_bytes for d in plan(models["llama"], sim, SplitConfig(type_k="q8_0", split_mode="none")).doubts] == [int(2.2 * MiB)]
+    moe = plan(models["qwen3moe"], sim, SplitConfig(n_gpu_layers=4, tensor_split=(1, 1))).doubts
+    assert [d.text.split(",")[0] for d in moe] == ["compute: MoE layers split between the host and devices"]

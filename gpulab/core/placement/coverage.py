@@ -8,14 +8,16 @@ says so in one line: the term, why, and how large the doubt is where it was meas
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..config import SplitConfig
 from ..profile import ModelProfile
 
-__all__ = ["COMPUTE_CHECKED", "plan_doubts", "CACHE_NOT_MODELLED"]
+__all__ = ["COMPUTE_CHECKED", "CACHE_NOT_MODELLED", "Doubt", "doubts"]
 
 # Architectures whose compute buffers the closed forms of gpulab.core.placement.compute were
 # derived from and checked on (real llama.cpp on RPC devices): llama-like graphs.
-COMPUTE_CHECKED = frozenset({"llama", "gemma2", "gemma3", "qwen3moe", "qwen2", "qwen3", "mistral3"})
+COMPUTE_CHECKED = frozenset({"llama", "gemma2", "gemma3", "qwen3moe"})
 
 # Architectures whose memory is not llama_kv_cache / llama_memory_recurrent as gpulab sizes them
 # (llama_model::create_memory, src/llama-model.cpp): a lightning-indexer cache beside MLA, the
@@ -31,25 +33,57 @@ CACHE_NOT_MODELLED = {
 }
 
 
-def plan_doubts(profile: ModelProfile, config: SplitConfig) -> tuple[str, ...]:
-    """One line per term of this plan that is not exact; () when all are."""
-    out: list[str] = []
+@dataclass(frozen=True)
+class Doubt:
+    term: str              # 'weights', 'kv', 'state', 'compute'
+    text: str              # the one line a person reads
+    bound_bytes: int       # the largest error measured where this doubt applies (0: not measured)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+_MiB = 1 << 20
+_QUANTIZED_FREE = ("f32", "f16", "bf16")
+
+
+def doubts(profile: ModelProfile, config: SplitConfig, layer_devices: list[str] | None = None,
+           output_shares_layers: bool = False) -> tuple[Doubt, ...]:
+    """The terms of a plan of `profile` under `config` that are not exact, each with the largest error
+    the architecture matrix measured where it applies (tests/integration/test_arch_matrix_vs_llama.py,
+    CPU RPC devices, n_embd 1024). `layer_devices`: the plan's placement (for settings that matter
+    only on some devices); `output_shares_layers`: pipelined, and the output layer's device holds
+    repeating layers too."""
+    out: list[Doubt] = []
     arch = profile.arch
     if arch in CACHE_NOT_MODELLED:
-        out.append(f"KV: {CACHE_NOT_MODELLED[arch]} for {arch}")
+        out.append(Doubt("kv", f"KV: {CACHE_NOT_MODELLED[arch]} for {arch}", 0))
     recurrent = any(l.is_recurrent for l in profile.layers)
     mla = any(l.has_kv and not l.has_v for l in profile.layers)
     if recurrent:
-        out.append(f"compute: {arch}'s recurrent layers are sized as attention layers "
-                   "(devices holding only recurrent layers: up to ~35 MiB too high at n_embd 1024)")
+        out.append(Doubt("compute", f"compute: {arch}'s recurrent layers are not modelled "
+                         "(measured up to 12.4 MiB too low per device)", 13 * _MiB))
     elif mla:
-        out.append(f"compute: {arch}'s MLA attention graph is sized as plain attention "
-                   "(measured within ~6 MiB per device at n_embd 1024, more with -fa on and a quantized cache)")
+        out.append(Doubt("compute", f"compute: {arch}'s MLA attention is sized as plain attention "
+                         "(measured up to 16.1 MiB too low per device)", 17 * _MiB))
     elif arch not in COMPUTE_CHECKED:
-        out.append(f"compute: {arch}'s graph is sized as a llama-like graph; not checked against llama.cpp")
+        out.append(Doubt("compute", f"compute: {arch}'s graph is sized as a llama-like graph "
+                         "(measured up to 15 MiB off per device where checked)", 16 * _MiB))
+    else:
+        if config.type_k not in _QUANTIZED_FREE or config.type_v not in _QUANTIZED_FREE:
+            out.append(Doubt("compute", "compute: with a quantized KV cache, up to 2.1 MiB off per device "
+                             "(measured; the rule is not derived)", int(2.2 * _MiB)))
+        if profile.n_expert and layer_devices is not None and "CPU" in layer_devices \
+                and any(d != "CPU" for d in layer_devices):
+            out.append(Doubt("compute", "compute: MoE layers split between the host and devices, up to 8 MiB "
+                             "too low on the first device (measured)", int(8.1 * _MiB)))
+        if output_shares_layers:
+            out.append(Doubt("compute", "compute: pipelined, the output layer's device is up to 2 MiB off "
+                             "(measured)", int(2.1 * _MiB)))
     if profile.n_nextn and any(l.is_nextn and l.tensors for l in profile.layers):
-        out.append(f"weights/KV: {arch} loads its {profile.n_nextn} MTP layer(s) with the model; "
-                   "their compute is not modelled")
+        out.append(Doubt("compute", f"compute: {arch} loads its {profile.n_nextn} MTP layer(s) with the "
+                         "model; their graph is not modelled", 0))
     if not config.offload_kqv:
-        out.append("compute: with the KV cache on the host (-nkvo) the attention runs there; not modelled")
+        out.append(Doubt("compute", "compute: with the KV cache on the host (-nkvo) the attention runs there; "
+                         "not modelled", 0))
     return tuple(out)

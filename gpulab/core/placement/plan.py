@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from ..config import SplitConfig
 from ..profile import ModelProfile
+from .coverage import Doubt
 from .tensor_parallel import TensorParallel
 
 __all__ = ["DevicePlan", "Plan"]
@@ -60,8 +61,9 @@ class Plan:
     # device, 'Meta()', as llama.cpp's log does); None for the other split modes
     tensor_parallel: TensorParallel | None = None
     # what this plan does not model exactly for this architecture and these settings, one line each
-    # (gpulab.core.placement.coverage); empty: every term is exact
-    doubts: tuple[str, ...] = ()
+    # (str(doubt)) with the term and the largest error measured (gpulab.core.placement.coverage);
+    # empty: every term is exact
+    doubts: tuple[Doubt, ...] = ()
 
     @property
     def fits(self) -> bool:
@@ -111,7 +113,7 @@ class Plan:
             # every tensor override in the order llama.cpp tries them (-ot, then -cmoe, -ncmoe, -ncffn)
             "rules": [m.to_dict() for m in self.rule_matches],
             "fits": self.fits,
-            "doubts": list(self.doubts),
+            "doubts": [d.text for d in self.doubts],
             **({"tensor_parallel": self._tensor_parallel_dict()} if self.tensor_parallel is not None else {}),
         }
 

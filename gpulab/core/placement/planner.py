@@ -12,8 +12,8 @@ import weakref
 import numpy as np
 
 from ..errors import ConfigError
-from .compute import estimate_compute_bytes
-from .coverage import plan_doubts
+from .compute import estimate_compute_bytes, pipeline_copies
+from .coverage import doubts
 from ..config import SplitConfig
 from ..devices import HOST_NAME, Device
 from ..ggml_types import row_bytes
@@ -282,7 +282,9 @@ def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | Non
     return Plan(profile=profile, config=config, devices=tuple(rows), layer_devices=tuple(layer_devices),
                 split_points=tuple(points), kv_cells=full_cells, kv_cells_swa=swa_cells,
                 moved_tensors=tp.moved, rule_matches=tp.matches, notes=tp.notes, tensor_parallel=split,
-                doubts=plan_doubts(profile, config))
+                doubts=doubts(profile, config, layer_devices, output_shares_layers=(
+                    pipeline_copies(config, graph_devices, len(layer_used)) > 1
+                    and out_dev in graph_devices[:trunk.n_layer])))
 
 
 def _meta_device(used: list[Device]) -> Device:
