@@ -212,6 +212,8 @@ def _memory_data(plan: Plan, names: list[str], unit: tuple[str, int]) -> tuple[l
 
     terms = [("weights", "weights_bytes"), ("KV", "kv_bytes"), ("compute", "compute_bytes"),
              ("overhead", "overhead_bytes")]
+    if any(d.state_bytes for d in plan.devices):   # recurrent layers: their state (RS buffer) as its own shade
+        terms.insert(2, ("state", "state_bytes"))
     line_colors = [OVERFULL_COLOR if d is not None and not d.fits else "rgba(0,0,0,0)" for d in rows]
     line_widths = [3 if d is not None and not d.fits else 0 for d in rows]
     traces = []

@@ -28,9 +28,9 @@ from ..units import format_bytes
 
 __all__ = ["TermRow", "Reconciliation", "reconcile", "comparison_rows", "TERMS"]
 
-TERMS = ("weights", "kv", "compute", "output", "overhead", "total")
-_KIND = {"weights": "model", "kv": "kv", "compute": "compute", "output": "output"}
-_PLAN_KEY = {"weights": "weights_bytes", "kv": "kv_bytes", "compute": "compute_bytes"}
+TERMS = ("weights", "kv", "state", "compute", "output", "overhead", "total")
+_KIND = {"weights": "model", "kv": "kv", "state": "state", "compute": "compute", "output": "output"}
+_PLAN_KEY = {"weights": "weights_bytes", "kv": "kv_bytes", "state": "state_bytes", "compute": "compute_bytes"}
 
 
 @dataclass(frozen=True)
@@ -158,9 +158,11 @@ def reconcile(run: Run, plan=None) -> Reconciliation:
         kinds = by_dev.get(name, {})
         measured_total = nvml.get(name)
         reported_total = sum(kinds.values()) if kinds else (0 if name in by_dev else None)
-        for term in ("weights", "kv", "compute", "output"):
+        for term in ("weights", "kv", "state", "compute", "output"):
             pred = p.get(_PLAN_KEY[term]) if (p is not None and term in _PLAN_KEY) else None
             rep = kinds.get(_KIND[term], 0) if name in by_dev else None
+            if term == "state" and not pred and not rep:    # a row only for models with recurrent layers
+                continue
             note = ""
             if term == "weights" and name == "CPU":
                 note = "llama.cpp maps the file's whole tensor data on the host (CPU_Mapped)"
@@ -178,7 +180,8 @@ def reconcile(run: Run, plan=None) -> Reconciliation:
             rows.append(TermRow(name, "overhead", pred_over, None, None, why))
         pred_total = p.get("used_bytes") if p is not None else None
         if p is not None and pred_total is None:
-            pred_total = sum(p.get(k, 0) for k in ("weights_bytes", "kv_bytes", "compute_bytes", "overhead_bytes"))
+            pred_total = sum(p.get(k, 0) for k in ("weights_bytes", "kv_bytes", "state_bytes", "compute_bytes",
+                                                    "overhead_bytes"))
         rows.append(TermRow(name, "total", pred_total, reported_total, measured_total,
                             "" if measured_total is not None else "llama.cpp's buffers only"))
     if no_nvml:

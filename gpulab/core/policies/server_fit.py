@@ -298,7 +298,7 @@ class _Fit:
         extra = dry_run_extra_bytes(self.profile, p.config, list(p.layer_devices), [d.name for d in p.devices])
         compute = [d.compute_bytes + extra.get(d.name, 0) for d in p.offload_devices]
         self.compute[cfg] = compute
-        return [d.weights_bytes + d.kv_bytes + c for d, c in zip(p.offload_devices, compute)]
+        return [d.weights_bytes + d.kv_bytes + d.state_bytes + c for d, c in zip(p.offload_devices, compute)]
 
     def _uncertainty(self, cfg: SplitConfig, dev: int) -> int:
         """How far gpulab's compute buffer (gpulab.core.placement.compute) may be from llama.cpp's, plus the
@@ -336,7 +336,8 @@ class _Fit:
         sum_free = sum(free)
         if nd == 0:
             host_plan = plan(prof, [], cfg, self.host)
-            sum_used = host_plan.host.weights_bytes + host_plan.host.kv_bytes + host_plan.host.compute_bytes
+            sum_used = (host_plan.host.weights_bytes + host_plan.host.kv_bytes + host_plan.host.state_bytes
+                        + host_plan.host.compute_bytes)
             sum_free = self.host.total_bytes if self.host is not None else 0
             sum_projected_free = sum_free - sum_used
             self.log(f"projected to use {sum_used // MiB} MiB of host memory vs. {sum_free // MiB} MiB of total "
@@ -395,7 +396,7 @@ class _Fit:
                     cfg_min = self.cfg = replace(cfg, n_ctx=n_ctx_min_total)
                     if nd == 0:
                         hp = plan(prof, [], cfg_min, self.host).host
-                        used_min = hp.weights_bytes + hp.kv_bytes + hp.compute_bytes
+                        used_min = hp.weights_bytes + hp.kv_bytes + hp.state_bytes + hp.compute_bytes
                     else:
                         used_min = sum(self.measure(cfg_min))
                     if sum_used_target > used_min:
