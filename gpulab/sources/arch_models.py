@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["ARCH_MODELS", "write_arch_model", "arch_tensors"]
+__all__ = ["ARCH_MODELS", "arch_tensors", "write_arch_model"]
 
 _Tensor = tuple[str, tuple[int, ...], str]      # name, ggml shape (ne0 first), ggml type
 _E, _V = 1024, 8192                             # n_embd, n_vocab of every model here
@@ -74,16 +74,40 @@ def _nextn(b: str) -> list[_Tensor]:
 
 # --- the architectures: (GGUF key/values under '{arch}.', tensors) ------------------------------
 
-def _llama() -> tuple[dict, list[_Tensor]]:
+def _dense_llama(bias: bool = False, qk_norm: bool = False, tied: bool = False, extra: dict | None = None) -> Callable[[], tuple[dict, list[_Tensor]]]:
+    """llama and the architectures whose loader creates the same blocks (src/models/llama.cpp, qwen2.cpp:
+    Q/K/V biases, qwen3.cpp: Q/K norms, mistral3.cpp, smollm3.cpp)."""
+    def build() -> tuple[dict, list[_Tensor]]:
+        n_layer, n_head, n_kv, hd, n_ff = 6, 16, 4, 64, 3072
+        head, tail = _io(tied)
+        body = []
+        for i in range(n_layer):
+            b = f"blk.{i}."
+            body += [_norm(b + "attn_norm.weight", _E), *_attn(b, n_head * hd, n_kv * hd, bias=bias,
+                                                                qk_norm=hd if qk_norm else 0),
+                     _mat(b + "attn_output.weight", n_head * hd, _E), _norm(b + "ffn_norm.weight", _E),
+                     *_dense(b, n_ff)]
+        kv = dict(block_count=n_layer, feed_forward_length=n_ff, **{
+            "attention.head_count": n_head, "attention.head_count_kv": n_kv, "attention.key_length": hd,
+            "attention.value_length": hd, "rope.dimension_count": hd, "attention.layer_norm_rms_epsilon": 1e-5},
+                  **(extra or {}))
+        return kv, head + body + tail
+    return build
+
+
+def _olmo2() -> tuple[dict, list[_Tensor]]:
+    """OLMo 2 (src/models/olmo2.cpp): full-width Q/K norms, norms after attention and FFN only."""
     n_layer, n_head, n_kv, hd, n_ff = 6, 16, 4, 64, 3072
     head, tail = _io()
     body = []
     for i in range(n_layer):
         b = f"blk.{i}."
-        body += [_norm(b + "attn_norm.weight", _E), *_attn(b, n_head * hd, n_kv * hd),
-                 _mat(b + "attn_output.weight", n_head * hd, _E), _norm(b + "ffn_norm.weight", _E), *_dense(b, n_ff)]
-    kv = dict(block_count=n_layer, feed_forward_length=n_ff, **{"attention.head_count": n_head,
-              "attention.head_count_kv": n_kv, "rope.dimension_count": hd, "attention.layer_norm_rms_epsilon": 1e-5})
+        body += [*_attn(b, n_head * hd, n_kv * hd), _mat(b + "attn_output.weight", n_head * hd, _E),
+                 _norm(b + "attn_q_norm.weight", _E), _norm(b + "attn_k_norm.weight", n_kv * hd),
+                 _norm(b + "post_attention_norm.weight", _E), *_dense(b, n_ff), _norm(b + "post_ffw_norm.weight", _E)]
+    kv = dict(block_count=n_layer, feed_forward_length=n_ff, **{
+        "attention.head_count": n_head, "attention.head_count_kv": n_kv, "rope.dimension_count": hd,
+        "attention.layer_norm_rms_epsilon": 1e-6})
     return kv, head + body + tail
 
 
@@ -194,10 +218,10 @@ def _qwen3next() -> tuple[dict, list[_Tensor]]:
                      _norm(b + "attn_q_norm.weight", hd), _norm(b + "attn_k_norm.weight", hd)]
         else:
             body += [_mat(b + "attn_qkv.weight", _E, key_dim * 2 + value_dim), _mat(b + "attn_gate.weight", _E, value_dim),
-                     ("%sssm_conv1d.weight" % b, (d_conv, key_dim * 2 + value_dim), "F32"),
+                     (b + "ssm_conv1d.weight", (d_conv, key_dim * 2 + value_dim), "F32"),
                      _norm(b + "ssm_dt.bias", dt_rank), _norm(b + "ssm_a", dt_rank), _mat(b + "ssm_ba.weight", _E, dt_rank * 2),
                      _norm(b + "ssm_norm.weight", d_state), _mat(b + "ssm_out.weight", value_dim, _E)]
-        body += [*_experts(b, n_ff_exp, n_exp), ("%sffn_gate_inp_shexp.weight" % b, (_E,), "F32"), *_shared(b, n_ff_exp)]
+        body += [*_experts(b, n_ff_exp, n_exp), (b + "ffn_gate_inp_shexp.weight", (_E,), "F32"), *_shared(b, n_ff_exp)]
     kv = dict(block_count=n_layer, feed_forward_length=3072, expert_count=n_exp, expert_used_count=n_used,
               expert_feed_forward_length=n_ff_exp, expert_shared_feed_forward_length=n_ff_exp, full_attention_interval=4,
               **{"attention.head_count": n_head, "attention.head_count_kv": n_kv, "attention.key_length": hd,
@@ -246,7 +270,11 @@ def _gpt_oss() -> tuple[dict, list[_Tensor]]:
 
 
 ARCH_MODELS: dict[str, Callable[[], tuple[dict, list[_Tensor]]]] = {
-    "llama": _llama, "gemma2": _gemma("gemma2"), "gemma3": _gemma("gemma3"), "qwen3moe": _qwen3moe,
+    "llama": _dense_llama(), "qwen2": _dense_llama(bias=True), "qwen3": _dense_llama(qk_norm=True, tied=True),
+    "mistral3": _dense_llama(), "smollm3": _dense_llama(tied=True),
+    "granite": _dense_llama(extra={"logit_scale": 8.0, "residual_scale": 0.22, "embedding_scale": 12.0,
+                                   "attention.scale": 0.015625}),
+    "olmo2": _olmo2, "gemma2": _gemma("gemma2"), "gemma3": _gemma("gemma3"), "qwen3moe": _qwen3moe,
     "deepseek2": _deepseek2, "glm4moe": _glm4moe, "qwen3next": _qwen3next, "llama4": _llama4, "gpt-oss": _gpt_oss,
 }
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from ..config import SplitConfig
 from ..profile import ModelProfile
 
-__all__ = ["COMPUTE_CHECKED", "CACHE_NOT_MODELLED", "Doubt", "doubts"]
+__all__ = ["CACHE_NOT_MODELLED", "COMPUTE_CHECKED", "Doubt", "doubts"]
 
 # Architectures whose compute buffers the closed forms of gpulab.core.placement.compute were
 # derived from and checked on (real llama.cpp on RPC devices): llama-like graphs.
