@@ -323,6 +323,7 @@ def write_arch_model(path, arch: str) -> pathlib.Path:
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
+        assert w.fout is not None    # opened by write_header_to_file
         f = w.fout[0]
         end = f.tell()
         for name, shape, gtype in tensors:

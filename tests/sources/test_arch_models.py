@@ -84,3 +84,16 @@ def test_doubts_are_silent_where_exact_and_one_line_per_term_elsewhere(models):
     assert [d.bound_bytes for d in plan(models["llama"], sim, SplitConfig(type_k="q8_0", split_mode="none")).doubts] == [int(2.2 * MiB)]
     moe = plan(models["qwen3moe"], sim, SplitConfig(n_gpu_layers=4, tensor_split=(1, 1))).doubts
     assert [d.text.split(",")[0] for d in moe] == ["compute: MoE layers split between the host and devices"]
+
+
+@pytest.mark.parametrize("arch,kv,expected", [
+    # Mamba-130m: (d_conv - 1) * d_inner conv rows, d_state * d_inner SSM state
+    ("mamba", {"mamba.ssm.conv_kernel": 4, "mamba.ssm.inner_size": 1536, "mamba.ssm.state_size": 16}, (4608, 24576)),
+    # RWKV-6 1.6B: token_shift_count (default 2) x n_embd, n_embd x head size
+    ("rwkv6", {"rwkv6.wkv.head_size": 64}, (2 * 2048, 2048 * 64)),
+    # LFM2: n_embd x (l_cache - 1) short-convolution rows, no SSM state
+    ("lfm2", {"lfm2.shortconv.l_cache": 3}, (2 * 2048, 0)),
+])
+def test_state_rows_follow_llama_hparams(arch, kv, expected):
+    from gpulab.sources.gguf_arch import _state_row
+    assert _state_row(arch, kv, 2048, 32, 64, ValueError) == expected
