@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from ..config import SplitConfig
 from ..profile import ModelProfile
+from .compute import compute_tokens
 
 __all__ = ["CACHE_NOT_MODELLED", "COMPUTE_CHECKED", "Doubt", "doubts"]
 
@@ -80,6 +81,15 @@ def doubts(profile: ModelProfile, config: SplitConfig, layer_devices: list[str] 
                 and any(d != "CPU" for d in layer_devices):
             out.append(Doubt("compute", "compute: MoE layers split between the host and devices, up to 8 MiB "
                              "too low on the first device (measured)", int(8.1 * _MiB)))
+        if layer_devices and layer_devices[-1] == "CPU":
+            # -ngl 0: ggml-alloc puts the logits above what the last layer left, not at the bottom
+            # (SmolLM2 on RPC devices: 0 to 4.26 MiB, not monotonic in -c; at most two row sets and
+            # the KQ mask, tests/integration/test_real_models_vs_llama.py)
+            T, _, _ = compute_tokens(config)
+            n_kv = -(-max(config.n_ctx, 1) // 256) * 256
+            bound = 2 * 4 * profile.n_embd * T + n_kv * T * (2 if config.flash_attn != "off" else 4) + 64 * 1024
+            out.append(Doubt("compute", f"compute: the host's buffer with the output layer on it can be up to "
+                             f"{bound / _MiB:.1f} MiB higher (where ggml-alloc puts the logits; measured)", bound))
         if output_shares_layers:
             out.append(Doubt("compute", "compute: pipelined, the output layer's device is up to 2 MiB off "
                              "(measured)", int(2.1 * _MiB)))
