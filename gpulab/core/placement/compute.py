@@ -239,7 +239,10 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         # as fit into their range
         room = host_boundary - 2 * e - 2 * max(0, q - e)
         n_fit = min(2, max(0, room) // fe) if fe else 0
-        ffn_after_host = host_boundary + (3 - n_fit) * fe + (fd if down_on_top else 0)
+        # the expert outputs reuse up's and gate's range only where the two lie side by side: with
+        # one of them in the host operands' range they do not (measured: RPC devices, n_embd 1024,
+        # qwen3moe and gpt-oss, fd = 2 fe; issue 27)
+        ffn_after_host = host_boundary + (3 - n_fit) * fe + (fd if down_on_top or (n_fit == 1 and fd > fe) else 0)
         ffn_unit = fe
         part_out = {"gate": fe, "up": fe, "down": fd}
     else:
