@@ -269,6 +269,24 @@ def _gpt_oss() -> tuple[dict, list[_Tensor]]:
     return kv, head + body + tail
 
 
+def _mamba2() -> tuple[dict, list[_Tensor]]:
+    """Mamba-2 (src/models/mamba2.cpp): recurrent layers only, no attention, no KV cache."""
+    n_layer, d_conv, d_inner, d_state, n_group, dt_rank = 6, 4, 2048, 128, 1, 32
+    conv_dim = d_inner + 2 * n_group * d_state
+    head, tail = _io()
+    body = []
+    for i in range(n_layer):
+        b = f"blk.{i}."
+        body += [_norm(b + "attn_norm.weight", _E), _mat(b + "ssm_in.weight", _E, d_inner + conv_dim + dt_rank),
+                 (b + "ssm_conv1d.weight", (d_conv, conv_dim), "F32"), _norm(b + "ssm_conv1d.bias", conv_dim),
+                 _norm(b + "ssm_dt.bias", dt_rank), (b + "ssm_a", (1, dt_rank), "F32"), (b + "ssm_d", (1, dt_rank), "F32"),
+                 (b + "ssm_norm.weight", (d_inner // n_group, n_group), "F32"), _mat(b + "ssm_out.weight", d_inner, _E)]
+    kv = dict(block_count=n_layer, feed_forward_length=0, **{
+        "attention.head_count": 0, "attention.layer_norm_rms_epsilon": 1e-5, "ssm.conv_kernel": d_conv,
+        "ssm.inner_size": d_inner, "ssm.state_size": d_state, "ssm.time_step_rank": dt_rank, "ssm.group_count": n_group})
+    return kv, head + body + tail
+
+
 ARCH_MODELS: dict[str, Callable[[], tuple[dict, list[_Tensor]]]] = {
     "llama": _dense_llama(), "qwen2": _dense_llama(bias=True), "qwen3": _dense_llama(qk_norm=True, tied=True),
     "mistral3": _dense_llama(), "smollm3": _dense_llama(tied=True),
@@ -276,6 +294,7 @@ ARCH_MODELS: dict[str, Callable[[], tuple[dict, list[_Tensor]]]] = {
                                    "attention.scale": 0.015625}),
     "olmo2": _olmo2, "gemma2": _gemma("gemma2"), "gemma3": _gemma("gemma3"), "qwen3moe": _qwen3moe,
     "deepseek2": _deepseek2, "glm4moe": _glm4moe, "qwen3next": _qwen3next, "llama4": _llama4, "gpt-oss": _gpt_oss,
+    "mamba2": _mamba2,
 }
 
 

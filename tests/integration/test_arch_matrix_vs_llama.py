@@ -88,6 +88,10 @@ def test_arch_matches_llama_cpp(arch, config_name, arch_paths, worker):
 
 
 def teardown_module(module):
+    """Merged into what earlier runs wrote: a run of a few cases (-k) replaces those cases only."""
     if _rows:
         ARTIFACTS.mkdir(exist_ok=True)
-        (ARTIFACTS / "arch_matrix.json").write_text(json.dumps(_rows, indent=1))
+        path = ARTIFACTS / "arch_matrix.json"
+        done = {(r["arch"], r["config"]) for r in _rows}
+        old = json.loads(path.read_text()) if path.exists() else []
+        path.write_text(json.dumps([r for r in old if (r["arch"], r["config"]) not in done] + _rows, indent=1))

@@ -68,6 +68,15 @@ def test_recurrent_state_per_layer_and_sequence(models):
         == 6 * per_layer
 
 
+def test_pure_recurrent_model_has_state_and_no_kv(models):
+    mb = models["mamba2"]
+    # (d_conv - 1) * (d_inner + 2 * n_group * d_state) and d_state * d_inner, f32: llama.cpp logs 6.16 MiB
+    assert {(l.n_embd_r, l.n_embd_s, l.has_kv) for l in mb.layers} == {(3 * (2048 + 2 * 128), 128 * 2048, False)}
+    p = plan(mb, parse_sim_spec("24GiB"), SplitConfig(n_ctx=4096))
+    assert p.device("SIM0").state_bytes == 6 * 4 * (6912 + 262144) and p.device("SIM0").kv_bytes == 0
+    assert [d.bound_bytes for d in p.doubts] == [0]      # its compute: not modelled, said so
+
+
 def test_doubts_are_silent_where_exact_and_one_line_per_term_elsewhere(models):
     sim = parse_sim_spec("24GiB,24GiB")
     assert plan(models["llama"], sim, SplitConfig(split_mode="none")).doubts == ()
