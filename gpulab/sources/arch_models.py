@@ -287,6 +287,54 @@ def _mamba2() -> tuple[dict, list[_Tensor]]:
     return kv, head + body + tail
 
 
+def _moe_dense_attn(arch: str) -> Callable[[], tuple[dict, list[_Tensor]]]:
+    """qwen2moe (src/models/qwen2moe.cpp: biased QKV, a gated shared expert) and olmoe (olmoe.cpp:
+    full-width Q/K norms, experts n_ff wide)."""
+    def build() -> tuple[dict, list[_Tensor]]:
+        n_layer, n_head, hd, n_exp, n_used, n_ff_exp = 6, 16, 64, 16, 4, 512
+        n_kv = 16 if arch == "olmoe" else 4      # olmoe's K norm is n_embd wide: multi-head attention
+        head, tail = _io()
+        body = []
+        for i in range(n_layer):
+            b = f"blk.{i}."
+            body += [_norm(b + "attn_norm.weight", _E), *_attn(b, _E, n_kv * hd, bias=arch == "qwen2moe"),
+                     _mat(b + "attn_output.weight", _E, _E)]
+            if arch == "olmoe":
+                body += [_norm(b + "attn_q_norm.weight", _E), _norm(b + "attn_k_norm.weight", _E)]
+            body += [_norm(b + "ffn_norm.weight", _E), *_experts(b, n_ff_exp, n_exp)]
+            if arch == "qwen2moe":
+                body += [(b + "ffn_gate_inp_shexp.weight", (_E,), "F32"), *_shared(b, 1024)]
+        kv = dict(block_count=n_layer, feed_forward_length=n_ff_exp if arch == "olmoe" else 3072, expert_count=n_exp,
+                  expert_used_count=n_used, **({"expert_feed_forward_length": n_ff_exp,
+                                                "expert_shared_feed_forward_length": 1024} if arch == "qwen2moe" else {}),
+                  **{"attention.head_count": n_head, "attention.head_count_kv": n_kv, "rope.dimension_count": hd,
+                     "attention.layer_norm_rms_epsilon": 1e-6})
+        return kv, head + body + tail
+    return build
+
+
+def _lfm2() -> tuple[dict, list[_Tensor]]:
+    """LFM2 (src/models/lfm2.cpp): short-convolution layers (head_count_kv 0) between attention layers."""
+    n_layer, n_head, n_kv, hd, n_ff, l_cache = 6, 16, 4, 64, 3072, 3
+    heads_kv = [0, 0, n_kv, 0, 0, n_kv]
+    head, tail = _io(tied=True)
+    tail = [("token_embd_norm.weight", (_E,), "F32")]
+    body = []
+    for i in range(n_layer):
+        b = f"blk.{i}."
+        body += [_norm(b + "ffn_norm.weight", _E), *_dense(b, n_ff), _norm(b + "attn_norm.weight", _E)]
+        if heads_kv[i]:
+            body += [_norm(b + "attn_q_norm.weight", hd), _norm(b + "attn_k_norm.weight", hd),
+                     *_attn(b, _E, n_kv * hd), _mat(b + "attn_output.weight", _E, _E)]
+        else:
+            body += [(b + "shortconv.conv.weight", (l_cache, _E), "F32"), _mat(b + "shortconv.in_proj.weight", _E, 3 * _E),
+                     _mat(b + "shortconv.out_proj.weight", _E, _E)]
+    kv = dict(block_count=n_layer, feed_forward_length=n_ff, **{
+        "attention.head_count": n_head, "attention.head_count_kv": heads_kv, "rope.dimension_count": hd,
+        "attention.layer_norm_rms_epsilon": 1e-5, "shortconv.l_cache": l_cache})
+    return kv, head + body + tail
+
+
 ARCH_MODELS: dict[str, Callable[[], tuple[dict, list[_Tensor]]]] = {
     "llama": _dense_llama(), "qwen2": _dense_llama(bias=True), "qwen3": _dense_llama(qk_norm=True, tied=True),
     "mistral3": _dense_llama(), "smollm3": _dense_llama(tied=True),
@@ -294,7 +342,7 @@ ARCH_MODELS: dict[str, Callable[[], tuple[dict, list[_Tensor]]]] = {
                                    "attention.scale": 0.015625}),
     "olmo2": _olmo2, "gemma2": _gemma("gemma2"), "gemma3": _gemma("gemma3"), "qwen3moe": _qwen3moe,
     "deepseek2": _deepseek2, "glm4moe": _glm4moe, "qwen3next": _qwen3next, "llama4": _llama4, "gpt-oss": _gpt_oss,
-    "mamba2": _mamba2,
+    "mamba2": _mamba2, "qwen2moe": _moe_dense_attn("qwen2moe"), "olmoe": _moe_dense_attn("olmoe"), "lfm2": _lfm2,
 }
 
 
@@ -323,7 +371,9 @@ def write_arch_model(path, arch: str) -> pathlib.Path:
         w.add_vocab_size(_V)
         for key, value in kv.items():
             full = f"{arch}.{key}"
-            if isinstance(value, bool):
+            if isinstance(value, list):
+                w.add_array(full, value)
+            elif isinstance(value, bool):
                 w.add_bool(full, value)
             elif isinstance(value, float):
                 w.add_float32(full, value)

@@ -18,10 +18,10 @@ __all__ = ["CACHE_NOT_MODELLED", "COMPUTE_CHECKED", "Doubt", "doubts"]
 
 # Architectures whose compute buffers the closed forms of gpulab.core.placement.compute were
 # derived from (llama, gemma2/3, qwen3moe) or checked on by the architecture matrix with the same
-# errors as llama's (qwen2, qwen3, mistral3, granite, gpt-oss; smollm3's RoPE-less layers and
+# errors as llama's (qwen2, qwen3, mistral3, granite, gpt-oss, olmoe; smollm3's RoPE-less layers and
 # olmo2's norms differ). The others get a compute doubt.
 COMPUTE_CHECKED = frozenset({"llama", "gemma2", "gemma3", "qwen3moe", "qwen2", "qwen3", "mistral3", "granite",
-                             "gpt-oss"})
+                             "gpt-oss", "olmoe"})
 
 # Architectures whose memory is not llama_kv_cache / llama_memory_recurrent as gpulab sizes them
 # (llama_model::create_memory, src/llama-model.cpp): a lightning-indexer cache beside MLA, the
@@ -69,7 +69,7 @@ def doubts(profile: ModelProfile, config: SplitConfig, layer_devices: list[str] 
                          "40 MiB too low per device)", 0))
     elif recurrent:
         out.append(Doubt("compute", f"compute: {arch}'s recurrent layers are not modelled "
-                         "(measured up to 12.4 MiB too low per device at n_embd 1024)", 13 * _MiB))
+                         "(measured up to 17 MiB too low per device at n_embd 1024: lfm2, qwen3next)", 18 * _MiB))
     elif mla:
         out.append(Doubt("compute", f"compute: {arch}'s MLA attention is sized as plain attention "
                          "(measured up to 16.1 MiB too low per device)", 17 * _MiB))
