@@ -97,6 +97,8 @@ class ModelProfile:
     other_tensors: tuple[TensorInfo, ...] = ()   # not placed by the planner (e.g. rope_freqs)
     metadata: dict = field(default_factory=dict, compare=False, hash=False)  # scalar KV pairs
     n_nextn: int = 0         # {arch}.nextn_predict_layers: the last n_nextn layers are MTP heads
+    # the arch's loader skips its MTP layers even with MTP on (no MTP graph yet in this llama.cpp)
+    mtp_never_loaded: bool = False
 
     @property
     def n_layer_main(self) -> int:

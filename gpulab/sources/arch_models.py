@@ -335,6 +335,39 @@ def _lfm2() -> tuple[dict, list[_Tensor]]:
     return kv, head + body + tail
 
 
+def _exaone4() -> tuple[dict, list[_Tensor]]:
+    """EXAONE 4 (src/models/exaone4.cpp): post norms, Q/K norms, an MTP layer it never loads."""
+    n_layer, n_nextn, n_head, n_kv, hd, n_ff = 6, 1, 16, 4, 64, 3072
+    head, tail = _io()
+    body = []
+    for i in range(n_layer + n_nextn):
+        b = f"blk.{i}."
+        body += [*_attn(b, n_head * hd, n_kv * hd), _mat(b + "attn_output.weight", _E, _E),
+                 _norm(b + "post_attention_norm.weight", _E), _norm(b + "attn_q_norm.weight", hd),
+                 _norm(b + "attn_k_norm.weight", hd), *_dense(b, n_ff), _norm(b + "post_ffw_norm.weight", _E)]
+        if i >= n_layer:
+            body += _nextn(b)
+    kv = dict(block_count=n_layer + n_nextn, nextn_predict_layers=n_nextn, feed_forward_length=n_ff, **{
+        "attention.head_count": n_head, "attention.head_count_kv": n_kv, "rope.dimension_count": hd,
+        "attention.layer_norm_rms_epsilon": 1e-5})
+    return kv, head + body + tail
+
+
+def _cohere2() -> tuple[dict, list[_Tensor]]:
+    """Command R7B (src/models/cohere2.cpp): parallel attention and FFN, 3 sliding : 1 global."""
+    n_layer, n_head, n_kv, hd, n_ff = 8, 16, 4, 64, 3072
+    head, tail = _io(tied=True)
+    body = []
+    for i in range(n_layer):
+        b = f"blk.{i}."
+        body += [_norm(b + "attn_norm.weight", _E), *_attn(b, _E, n_kv * hd), _mat(b + "attn_output.weight", _E, _E),
+                 *_dense(b, n_ff)]
+    kv = dict(block_count=n_layer, feed_forward_length=n_ff, logit_scale=0.25, **{
+        "attention.head_count": n_head, "attention.head_count_kv": n_kv, "rope.dimension_count": hd,
+        "attention.layer_norm_epsilon": 1e-5, "attention.sliding_window": 512})
+    return kv, head + body + tail
+
+
 ARCH_MODELS: dict[str, Callable[[], tuple[dict, list[_Tensor]]]] = {
     "llama": _dense_llama(), "qwen2": _dense_llama(bias=True), "qwen3": _dense_llama(qk_norm=True, tied=True),
     "mistral3": _dense_llama(), "smollm3": _dense_llama(tied=True),
@@ -343,6 +376,7 @@ ARCH_MODELS: dict[str, Callable[[], tuple[dict, list[_Tensor]]]] = {
     "olmo2": _olmo2, "gemma2": _gemma("gemma2"), "gemma3": _gemma("gemma3"), "qwen3moe": _qwen3moe,
     "deepseek2": _deepseek2, "glm4moe": _glm4moe, "qwen3next": _qwen3next, "llama4": _llama4, "gpt-oss": _gpt_oss,
     "mamba2": _mamba2, "qwen2moe": _moe_dense_attn("qwen2moe"), "olmoe": _moe_dense_attn("olmoe"), "lfm2": _lfm2,
+    "exaone4": _exaone4, "cohere2": _cohere2, "internlm2": _dense_llama(),
 }
 
 

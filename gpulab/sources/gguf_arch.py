@@ -54,7 +54,10 @@ _MLA_ARCHS = frozenset({"deepseek2", "deepseek32", "dots3note", "glm-dsa", "glm5
 # (grep mtp_flags src/models/*.cpp): "model has unused tensor ... -- ignoring".
 _MTP_SKIP_ARCHS = frozenset({"bailingmoe3", "cohere2moe", "deepseek2", "deepseek32", "deepseek4", "glm-dsa",
                              "glm4moe", "glm5-next", "hy_v3", "mimo2", "nemotron_h", "nemotron_h_moe", "qwen35",
-                             "qwen35moe", "qwen3next", "step35"})
+                             "qwen35moe", "qwen3next", "step35"}) | frozenset({
+    # ... and those that skip them whatever MTP says ("preserved in GGUF but not executed yet")
+    "bailingmoe2", "dots3note", "exaone-moe", "exaone4", "glm4"})
+_MTP_NEVER_LOADED = frozenset({"bailingmoe2", "dots3note", "exaone-moe", "exaone4", "glm4"})
 
 
 @dataclass(frozen=True)
@@ -352,6 +355,7 @@ def build_profile(h: Header, path: str, file_bytes: int, fail) -> ModelProfile:
         tied_output=("output.weight" not in names and "token_embd.weight" in names
                      and arch not in _NO_OUTPUT_ARCHS),
         n_expert=n_expert, n_expert_used=n_expert_used, n_swa=n_swa, file_type=file_type,
-        other_tensors=tuple(others), metadata=metadata, n_nextn=n_nextn)
+        other_tensors=tuple(others), metadata=metadata, n_nextn=n_nextn,
+        mtp_never_loaded=n_nextn > 0 and arch in _MTP_NEVER_LOADED)
 
 

@@ -106,3 +106,9 @@ def test_doubts_are_silent_where_exact_and_one_line_per_term_elsewhere(models):
 def test_state_rows_follow_llama_hparams(arch, kv, expected):
     from gpulab.sources.gguf_arch import _state_row
     assert _state_row(arch, kv, 2048, 32, 64, ValueError) == expected
+
+
+def test_exaone4_never_loads_its_mtp_layer(models):
+    ex = models["exaone4"]
+    assert ex.n_nextn == 1 and ex.mtp_never_loaded and ex.layers[6].tensors == () and ex.layers[6].mtp_tensors
+    assert not models["glm4moe"].mtp_never_loaded      # glm4moe loads them with MTP on
