@@ -65,8 +65,8 @@ def doubts(profile: ModelProfile, config: SplitConfig, layer_devices: list[str] 
     recurrent = any(l.is_recurrent for l in profile.layers)
     mla = any(l.has_kv and not l.has_v for l in profile.layers)
     if recurrent and not any(l.has_kv for l in profile.layers):
-        out.append(Doubt("compute", f"compute: {arch}'s recurrent graph is not modelled (mamba2 at n_embd 1024: "
-                         "40 MiB too low per device)", 0))
+        out.append(Doubt("compute", f"compute: {arch}'s recurrent graph is not modelled (mamba2 at n_embd 1024: up to "
+                         "75 MiB too low per device)", 0))
     elif recurrent:
         out.append(Doubt("compute", f"compute: {arch}'s recurrent layers are not modelled "
                          "(measured up to 17 MiB too low per device at n_embd 1024: lfm2, qwen3next)", 18 * _MiB))
