@@ -33,10 +33,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpulab import Device, SplitConfig, plan  # noqa: E402
-from gpulab.core.ggml_types import ggml_type_id  # noqa: E402
-from gpulab.core.profile import LayerProfile, ModelProfile, TensorInfo  # noqa: E402
-from gpulab.sources.synth import SynthSpec, _n_bytes, _tensors, write_model  # noqa: E402
+from gpulab import Device, SplitConfig, plan
+from gpulab.core.ggml_types import ggml_type_id
+from gpulab.core.profile import LayerProfile, ModelProfile, TensorInfo
+from gpulab.sources.synth import SynthSpec, _n_bytes, _tensors, write_model
 
 MiB = 1024 ** 2
 

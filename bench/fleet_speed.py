@@ -19,12 +19,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from builders import make_profile  # noqa: E402
-
-from gpulab import SplitConfig, parse_sim_spec, plan  # noqa: E402
-from gpulab.core.devices import Device  # noqa: E402
-from gpulab.core.fleet.model import Fleet, FleetModel  # noqa: E402
-from gpulab.core.fleet.planner import plan_fleet  # noqa: E402
+from builders import make_profile
+from gpulab import SplitConfig, parse_sim_spec, plan
+from gpulab.core.devices import Device
+from gpulab.core.fleet.model import Fleet, FleetModel
+from gpulab.core.fleet.planner import plan_fleet
 
 MiB = 1024**2
 GiB = 1024**3

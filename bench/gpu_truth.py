@@ -230,8 +230,8 @@ def fidelity(t: Truth, models: dict) -> dict:
                   "ratio_of_best": gl_best / lb_best}
     # roofline: each generated token reads every offloaded weight once, plus the KV in use
     from gpulab import read_profile
-    from gpulab.core.placement.planner import plan
     from gpulab.core.config import SplitConfig
+    from gpulab.core.placement.planner import plan
     with t.primary_worker() as w:
         devs = [d for d in w.devices() if d.name == t.gpu_name()]
     pl = plan(read_profile(model), devs, SplitConfig(n_ctx=p + n))
@@ -336,8 +336,8 @@ def _memory_line(row: dict) -> str:
 def two_devices(t: Truth, models: dict) -> dict:
     from gpulab import read_profile
     from gpulab.core.config import SplitConfig
-    from gpulab.core.placement.planner import plan
     from gpulab.core.measure.speed import predict_speed
+    from gpulab.core.placement.planner import plan
     from gpulab.runtime.worker import Worker
     from gpulab.sources.host import host_device
     model = models["dense"]
@@ -406,6 +406,7 @@ def calibrated_prediction(rows: list[dict], devices, out: Path, p: int, n: int) 
 
 def resplit_latency(t: Truth, models: dict) -> dict:
     from resplit import fresh_process_seconds
+
     from gpulab.core.config import SplitConfig
     model = models["dense"]
     half = 4 if t.quick else 16

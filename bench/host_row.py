@@ -17,12 +17,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "tests" / "integration")]
 
+from test_overrides_vs_llama import CASES, MODELS  # noqa: E402
+
 from gpulab import plan, read_profile  # noqa: E402
 from gpulab.runtime.rpc import start_servers  # noqa: E402
 from gpulab.runtime.worker import Worker  # noqa: E402
 from gpulab.sources.host import host_device  # noqa: E402
 from gpulab.sources.synth import write_model  # noqa: E402
-from test_overrides_vs_llama import CASES, MODELS  # noqa: E402
 
 MiB = 2**20
 

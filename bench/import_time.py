@@ -59,7 +59,7 @@ def main() -> int:
             here = [x for r in rows for x in r[1]]
             there = [x for r in rows for x in r[2]]
             b = statistics.median(base)
-            print(f"| tree | median `import gpulab` | added to `python -c pass` | ratio to `pass` | heavy modules loaded |")
+            print("| tree | median `import gpulab` | added to `python -c pass` | ratio to `pass` | heavy modules loaded |")
             print("|---|---:|---:|---:|---|")
             for label, ts, path in ((f"{a.ref} (before)", there, ref), ("this tree", here, REPO)):
                 m = statistics.median(ts)

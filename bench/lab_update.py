@@ -21,7 +21,7 @@ import timeit
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from builders import make_profile  # noqa: E402
+from builders import make_profile
 
 TARGET_MS = 30.0
 

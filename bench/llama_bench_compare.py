@@ -34,7 +34,6 @@ sys.path.insert(0, str(REPO))
 from benchkit import loadavg  # noqa: E402 (after the path set-up)
 
 
-
 def cache_dir() -> Path:
     """Where the synthetic models live between runs."""
     return Path(os.environ.get("GPULAB_BENCH_CACHE", Path.home() / ".cache" / "gpulab" / "llama-bench"))

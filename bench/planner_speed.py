@@ -13,9 +13,8 @@ import timeit
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from builders import make_profile  # noqa: E402
-
-from gpulab import SplitConfig, parse_sim_spec, plan  # noqa: E402
+from builders import make_profile
+from gpulab import SplitConfig, parse_sim_spec, plan
 
 
 def best_us(fn, number: int, repeat: int = 7) -> float:

@@ -53,10 +53,10 @@ def main() -> int:
     a = ap.parse_args()
 
     from gpulab.runtime.rpc import start_servers
-    from gpulab.storage.results import ResultsStore
     from gpulab.runtime.sweep import run_sweep
     from gpulab.runtime.worker import Worker
     from gpulab.sources.demo import demo_model_path
+    from gpulab.storage.results import ResultsStore
 
     model = str(demo_model_path())
     prof = read_profile(model)
@@ -169,6 +169,7 @@ def main() -> int:
 
 def simulate(prof, grid, configs, budget, say) -> None:
     import numpy as np
+
     from gpulab.core.devices import Device
     from gpulab.core.placement.planner import plan
     GiB = 1 << 30

@@ -7,13 +7,13 @@ import pytest
 pytest.importorskip("IPython")
 pytest.importorskip("ipywidgets")
 
-from IPython.core.error import UsageError  # noqa: E402
-from IPython.testing.globalipapp import start_ipython  # noqa: E402
-from IPython.utils.capture import capture_output  # noqa: E402
+from IPython.core.error import UsageError
+from IPython.testing.globalipapp import start_ipython
+from IPython.utils.capture import capture_output
 
-import gpulab  # noqa: E402
-from gpulab import cli  # noqa: E402
-from gpulab.magics import build_parser  # noqa: E402
+import gpulab
+from gpulab import cli
+from gpulab.magics import build_parser
 
 PLOTLY = "application/vnd.plotly.v1+json"
 

@@ -13,8 +13,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..core.exports.render import TARGETS
-from .flags import (add_config_flags, add_device_flags, add_json_flag, add_model_arg, config_from_args,
-                    devices_from_args, model_path)
+from .flags import (
+    add_config_flags,
+    add_device_flags,
+    add_json_flag,
+    add_model_arg,
+    config_from_args,
+    devices_from_args,
+    model_path,
+)
 from .result import Result
 
 __all__ = ["register", "run"]

@@ -41,10 +41,10 @@ from pathlib import Path
 
 from ..core.config import SplitConfig
 from ..core.devices import Device
-from ..core.measure.results import BenchRun, throughput_from_samples
 from ..core.errors import ConfigError, LoadError
-from . import llama_lib
+from ..core.measure.results import BenchRun, throughput_from_samples
 from ..sources.host import default_threads
+from . import llama_lib
 from .crash import guard
 from .model import LoadedModel, open_model
 
@@ -252,8 +252,8 @@ def _now_iso() -> str:
 def _plan_dict(loaded: LoadedModel) -> tuple[dict | None, str | None]:
     """The planner's prediction for the config llama.cpp got, on the devices it saw at load."""
     try:
-        from ..sources.read import read_profile
         from ..core.placement.planner import plan
+        from ..sources.read import read_profile
         devices = list(loaded.devices)
         host = next((d for d in devices if d.kind == "cpu"), None)
         offload = [d for d in devices if d.is_offload]

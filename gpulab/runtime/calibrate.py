@@ -178,7 +178,7 @@ def _best_seconds(run, kind: str, stat: str = "best") -> float | None:
     return (1.0 / ts) if kind == "tg" else (n / ts)
 
 
-def _run_plan(profile, devices: list[Device], config: SplitConfig, layer_devices) -> "object":
+def _run_plan(profile, devices: list[Device], config: SplitConfig, layer_devices) -> object:
     """The plan llama.cpp carried out: the planner's, with llama.cpp's reported placement."""
     from ..core.placement.planner import plan
     host = next((d for d in devices if d.kind == "cpu"), None)
@@ -318,8 +318,8 @@ def _note_allreduce(cache: SpeedCache, profile, config: SplitConfig, best, devic
     """The seconds of one all-reduce stage (gpulab.core.measure.speed.fit_allreduce_stage) from a -sm tensor
     run, the devices' fitted figures held, kept with the link class: over RPC a stage is several
     round trips through the client, much more than a layer split's hop."""
-    from ..core.placement.planner import plan as make_plan
     from ..core.measure.speed import fit_allreduce_stage
+    from ..core.placement.planner import plan as make_plan
     if best.tg_s is None:
         return
     p = make_plan(profile, [d for d in devices if d.kind != "cpu"], config)

@@ -167,7 +167,7 @@ def llama_cpp():
             return mod
         ggml()  # the registry the module's libllama will share (same soname)
         try:
-            import llama_cpp as mod  # noqa: PLC0415 (heavy: only on first use)
+            import llama_cpp as mod
         except ImportError as e:
             raise RuntimeUnavailableError(f"cannot import llama_cpp ({e}); {_INSTALL_HINT}") from None
         except OSError as e:

@@ -291,7 +291,7 @@ class RpcServer:
                                   f"{self.startup_timeout:.0f} s")
             time.sleep(0.05)
 
-    def start(self) -> "RpcServer":
+    def start(self) -> RpcServer:
         if self.alive:
             return self
         llama_lib.rpc_lib()  # fail here, clearly, when llama.cpp has no RPC backend
@@ -316,7 +316,7 @@ class RpcServer:
         self._finalizer = None
         return stopped
 
-    def __enter__(self) -> "RpcServer":
+    def __enter__(self) -> RpcServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -341,7 +341,7 @@ class RpcCluster:
         stopped = [s.endpoint for s in self.servers if s._stop()]
         _warn_if_registered(stopped)
 
-    def __enter__(self) -> "RpcCluster":
+    def __enter__(self) -> RpcCluster:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -469,7 +469,7 @@ def probe(endpoint: str, timeout: float = 5.0) -> tuple[tuple[int, int, int], in
                                   f"llama.cpp needs {RPC_PROTO_MAJOR}.{RPC_PROTO_MINOR}.x: run the same "
                                   "llama.cpp version on both sides")
             return (major, minor, patch), _device_count(s)
-    except socket.timeout:
+    except TimeoutError:
         raise DeviceError(f"the RPC server at {endpoint} did not answer within {timeout:g} s; it serves one "
                           "client at a time, so another process may be connected to it") from None
     except ConnectionRefusedError:

@@ -20,8 +20,8 @@ Each device carries the runtime overhead learned for it (gpulab.storage.overhead
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 from ..core.devices import Device, parse_endpoints
 from ..core.errors import DeviceSpecError
@@ -122,7 +122,7 @@ class Session:
         self._workers.clear()
         self._clusters.clear()
 
-    def __enter__(self) -> "Session":
+    def __enter__(self) -> Session:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -28,9 +28,9 @@ from pathlib import Path
 from ..core import errors as gerrors
 from ..core.config import SplitConfig
 from ..core.devices import Device
+from ..core.errors import GpulabError, LoadError
 from ..core.report import LoadReport
 from ..core.run import Run
-from ..core.errors import GpulabError, LoadError
 from .crash import describe_death
 
 __all__ = ["Worker", "RemoteModel"]
@@ -103,7 +103,7 @@ class Worker:
             self._err.close()
         self.proc, self._err = None, None
 
-    def __enter__(self) -> "Worker":
+    def __enter__(self) -> Worker:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -223,7 +223,7 @@ class Worker:
                         nvml=nvml)
         return run_from_dict(raw)
 
-    def open(self, path: str | os.PathLike, config: SplitConfig | None = None) -> "RemoteModel":
+    def open(self, path: str | os.PathLike, config: SplitConfig | None = None) -> RemoteModel:
         """Load a model in the worker and keep it open there: measure it, re-split it, close it.
 
         The in-worker counterpart of open_model + measure_loaded + resplit, for RPC devices."""
@@ -269,7 +269,7 @@ class RemoteModel:
                          repetitions=repetitions, n_threads=n_threads, warmup=warmup, seed=seed, nvml=nvml)
         return run_from_dict(raw)
 
-    def resplit(self, config: SplitConfig) -> "RemoteModel":
+    def resplit(self, config: SplitConfig) -> RemoteModel:
         """Close and reload with `config` in the worker (gpulab.runtime.bench.resplit); `ready_seconds`
         is then the time from this call's start in the worker to a context ready to measure."""
         from ..core.measure.results import config_to_dict
@@ -285,7 +285,7 @@ class RemoteModel:
         if self.owns_worker:
             self.worker.close()
 
-    def __enter__(self) -> "RemoteModel":
+    def __enter__(self) -> RemoteModel:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -325,7 +325,7 @@ PRESETS: dict[str, SynthSpec] = {
 
 def moe_profile(n_layer: int = 48, n_embd: int = 2048, n_expert: int = 128, n_expert_used: int = 8,
                 n_ff_exp: int = 768, n_head: int = 32, n_head_kv: int = 4, head_dim: int = 128,
-                n_vocab: int = 151936, bits_per_weight: float = 4.5, name: str = "moe") -> "ModelProfile":
+                n_vocab: int = 151936, bits_per_weight: float = 4.5, name: str = "moe") -> ModelProfile:
     """The profile of a MoE model shaped like a real one, without writing it (defaults:
     Qwen3-30B-A3B at ~4.5 bits per weight): per layer attention, norms, a router and three
     expert stacks of n_expert experts each, named, shaped and ordered as write_model writes a

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
 
 from ..core.config import SplitConfig
 from ..core.devices import Device
@@ -56,7 +56,7 @@ class AllocationDevice:
     description: str = ""
 
     @classmethod
-    def of(cls, d: Device) -> "AllocationDevice":
+    def of(cls, d: Device) -> AllocationDevice:
         return cls(d.name, int(d.total_bytes), d.uuid, d.endpoint, d.description)
 
     def matches(self, d: Device) -> bool:

@@ -38,11 +38,11 @@ from ..core.devices import HOST_NAME, Device, parse_sim_spec
 from ..core.errors import GpulabError
 from ..core.exports.render import TARGETS, render
 from ..core.ggml_types import KV_CACHE_TYPES
+from ..core.measure.reconcile import comparison_rows
 from ..core.placement.plan import Plan
 from ..core.placement.planner import plan as make_plan
 from ..core.policies.apply import ALL_POLICIES, apply_policy, policy_split
 from ..core.profile import ModelProfile
-from ..core.measure.reconcile import comparison_rows
 from ..core.run import Run
 from ..core.settings import SETTINGS, value_from_text
 from ..core.units import format_bytes

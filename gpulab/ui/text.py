@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from ..core.devices import Device
+from ..core.measure.speed import SpeedPrediction
 from ..core.placement.plan import Plan
 from ..core.profile import ModelProfile
-from ..core.measure.speed import SpeedPrediction
 from ..core.units import format_bytes
 
 __all__ = ["render_table", "plan_rows", "plan_text", "rules_text", "tensor_list", "speed_text", "profile_text",

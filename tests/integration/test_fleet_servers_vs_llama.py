@@ -19,8 +19,8 @@ import urllib.request
 import pytest
 
 from gpulab.core.devices import Device
-from gpulab.core.fleet.model import Fleet, FleetModel
 from gpulab.core.exports.fleet import llama_swap_doc, router_ini
+from gpulab.core.fleet.model import Fleet, FleetModel
 from gpulab.core.fleet.planner import plan_fleet
 from gpulab.sources.read import read_profile
 from gpulab.sources.synth import SynthSpec, write_model

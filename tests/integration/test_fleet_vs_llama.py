@@ -16,8 +16,8 @@ import shlex
 import subprocess
 
 import pytest
-from builders import close_to_llama
 
+from builders import close_to_llama
 from gpulab.core.exports.fleet import llama_swap_doc
 from gpulab.core.fleet.planner import plan_fleet
 from gpulab.sources.host import host_device

@@ -15,8 +15,8 @@ The moe-balance policy's rules are checked the same way, on devices told they ar
 from __future__ import annotations
 
 import pytest
-from builders import close_to_llama
 
+from builders import close_to_llama
 from gpulab import SplitConfig, plan, read_profile
 from gpulab.core.overrides import parse_llama_rpc_buffer_type
 from gpulab.sources.host import host_device

@@ -8,14 +8,13 @@ import os
 
 import pytest
 
+from core.measure.test_results import parse_md  # tests/ is on sys.path
 from gpulab.cli import main
 from gpulab.commands.bench import _Bar
 from gpulab.core.measure.results import LLAMA_BENCH_FIELDS
 from gpulab.runtime import llama_lib
 from gpulab.runtime.nvml_sampler import NvmlSampler
 from gpulab.sources.nvml import NvmlProbe
-
-from core.measure.test_results import parse_md               # tests/ is on sys.path
 from sources.test_nvml import FakeNvml, gpu
 
 pytest.importorskip("llama_cpp")

@@ -21,18 +21,17 @@ from pathlib import Path
 
 import pytest
 
+from builders import make_profile
 from gpulab.core.config import SplitConfig
 from gpulab.core.devices import HOST_NAME, Device, parse_sim_spec
-from gpulab.core.placement.planner import plan
 from gpulab.core.measure.speed import DEFAULT_HOST, predict_speed
+from gpulab.core.placement.planner import plan
 from gpulab.runtime import llama_lib
 from gpulab.runtime.calibrate import calibrate, update_from_run
+from gpulab.sources.synth import SynthSpec, write_model
 from gpulab.storage.speed_cache import SpeedCache, host_key_here, speed_model_for
 from gpulab.storage.speed_cache import cache_key as device_key
-from gpulab.sources.synth import SynthSpec, write_model
 from gpulab.ui.text import calibration_text
-
-from builders import make_profile
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 THREADS = 1            # the host's threads and every RPC server's, as in calibration

@@ -18,16 +18,16 @@ import types
 from pathlib import Path
 
 import pytest
-from llama_tools import vendored_src
 
 from gpulab.core.config import SplitConfig
-from gpulab.core.report import LoadReport
-from gpulab.core.measure.results import LLAMA_BENCH_FIELDS, throughput_from_samples
-from gpulab.core.run import Run
-from gpulab.core.measure.sweep_grid import parse_grid
 from gpulab.core.errors import LoadError
-from gpulab.storage.results import ResultsStore
+from gpulab.core.measure.results import LLAMA_BENCH_FIELDS, throughput_from_samples
+from gpulab.core.measure.sweep_grid import parse_grid
+from gpulab.core.report import LoadReport
+from gpulab.core.run import Run
 from gpulab.runtime.sweep import ProgressBar, pareto_front, run_sweep, sweep
+from gpulab.storage.results import ResultsStore
+from llama_tools import vendored_src
 
 GRID = ["-ts", "1/1,3/1", "-fa", "on,off", "-ub", "64,128"]
 
@@ -221,9 +221,9 @@ def test_real_tune_saves_an_allocation_that_is_applied(smollm2_path, tmp_path, m
     pytest.importorskip("llama_cpp")
     from gpulab.core.devices import Device
     from gpulab.core.errors import AllocationMismatchError
-    from gpulab.storage.allocations import config_for, find_allocation
     from gpulab.runtime.rpc import start_servers
     from gpulab.runtime.worker import Worker
+    from gpulab.storage.allocations import config_for, find_allocation
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]),
                GPULAB_CONFIG_DIR=str(tmp_path / "cfg"))
     with start_servers(2) as cluster:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gpulab.sources.cpu_features import (FEATURE_GROUPS, HostCpu, build_key, decide, library_has_amx, probe)
+from gpulab.sources.cpu_features import FEATURE_GROUPS, HostCpu, build_key, decide, library_has_amx, probe
 
 REPO = Path(__file__).resolve().parents[2]
 SAPPHIRE = frozenset("fpu sse sse2 avx avx2 fma f16c avx512f avx512bw avx512_vnni amx_tile amx_int8 amx_bf16 xsave".split())

@@ -12,10 +12,16 @@ from gpulab.core.config import SplitConfig
 from gpulab.core.devices import Device, parse_sim_spec
 from gpulab.core.errors import AllocationMismatchError, ProfileMismatchError
 from gpulab.sources.fingerprint import model_fingerprint
-from gpulab.storage.allocations import (allocations_for, config_for, delete_allocation, find_allocation,
-                                        list_allocations, save_allocation)
-from gpulab.storage.files import read_toml, to_toml
 from gpulab.sources.synth import SynthSpec, write_model
+from gpulab.storage.allocations import (
+    allocations_for,
+    config_for,
+    delete_allocation,
+    find_allocation,
+    list_allocations,
+    save_allocation,
+)
+from gpulab.storage.files import read_toml, to_toml
 
 GiB = 1024**3
 
@@ -115,7 +121,7 @@ def test_split_none_and_sim_and_rpc_devices(model):
 
 
 def test_results_and_allocations_share_one_fingerprint(model, other_model, tmp_path):
-    from gpulab.runtime.bench import _model_hash      # what every measured run is stored under
+    from gpulab.runtime.bench import _model_hash  # what every measured run is stored under
     h = model_fingerprint(model)
     assert len(h) == 16 and model_fingerprint(model) == h == _model_hash(str(model))
     assert model_fingerprint(other_model) != h

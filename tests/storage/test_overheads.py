@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-from core.measure.test_reconcile import MiB, UUID, gpu_run
-
+from core.measure.test_reconcile import UUID, MiB, gpu_run
 from gpulab.core.config import SplitConfig
 from gpulab.core.devices import Device
 from gpulab.runtime.session import Session

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 from gpulab.core.devices import Device
-from gpulab.core.report import BufferReport, LoadReport
 from gpulab.core.errors import LoadError
+from gpulab.core.report import BufferReport, LoadReport
 
 pytest.importorskip("ipywidgets")
 pytest.importorskip("plotly")

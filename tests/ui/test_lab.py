@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from gpulab import SplitConfig, parse_sim_spec, plan
-from gpulab.core.policies.apply import policy_split
 from gpulab.core.errors import LoadError
+from gpulab.core.policies.apply import policy_split
 from gpulab.ui.lab import SplitLab
 from ui.conftest import FakeWorker
 

@@ -35,8 +35,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ..devices import Device
-from .render import render
 from ..fleet.planner import FleetPlan
+from .render import render
 
 __all__ = ["FLEET_TARGETS", "FleetExport", "llama_swap_doc", "router_ini", "ollama_fleet", "render_fleet",
            "OLLAMA_BASE_PORT"]

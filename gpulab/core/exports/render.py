@@ -29,9 +29,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ..errors import ConfigError
 from ..config import SplitConfig
 from ..devices import Device
+from ..errors import ConfigError
 from ..ggml_types import ggml_type_id
 from ..settings import SPLIT_MODE_IDS
 
@@ -423,7 +423,7 @@ def _server_ot(v, c):
 def _bench_ot(_v, c):
     # llama-bench has no -cmoe or -ncffn: their rules join the -ot entries (';' apart, one variant),
     # which llama-bench applies before its -ncmoe rules, as gpulab orders them too
-    from ..overrides import cpu_moe_rule, n_cpu_ffn_rules, FFN_DENSE_REGEX
+    from ..overrides import FFN_DENSE_REGEX, cpu_moe_rule, n_cpu_ffn_rules
     cfg = c.config
     items = _ot_items(cfg.tensor_overrides, c)
     if cfg.cpu_moe:

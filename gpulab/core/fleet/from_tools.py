@@ -19,7 +19,7 @@ import re
 import shlex
 
 from ..errors import ConfigError
-from .model import Fleet, FleetModel, fleet_from_dict
+from .model import Fleet, fleet_from_dict
 
 __all__ = ["model_from_server_args", "fleet_from_llama_swap", "fleet_from_router_ini", "parse_preset_ini"]
 

@@ -47,11 +47,12 @@ from dataclasses import dataclass, field, replace
 
 from ..devices import Device
 from ..errors import ConfigError
-from .model import Fleet, FleetModel
-from .advice import Advice, advise as advice_for
-from .placement import fits_budget, place_model, subsets
 from ..placement.plan import Plan
 from ..profile import ModelProfile
+from .advice import Advice
+from .advice import advise as advice_for
+from .model import Fleet, FleetModel
+from .placement import fits_budget, place_model, subsets
 
 __all__ = ["OBJECTIVES", "ModelPlacement", "FleetDevice", "Advice", "FleetPlan", "plan_fleet"]
 

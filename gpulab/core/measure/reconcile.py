@@ -22,9 +22,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .results import BenchRun
 from ..run import Run
 from ..units import format_bytes
+from .results import BenchRun
 
 __all__ = ["TermRow", "Reconciliation", "reconcile", "comparison_rows", "TERMS"]
 

@@ -46,8 +46,8 @@ import math
 from dataclasses import dataclass, field
 
 from ..devices import HOST_NAME
-from ..placement.planner import kv_cell_bytes
 from ..placement.plan import Plan
+from ..placement.planner import kv_cell_bytes
 
 __all__ = ["DeviceSpeed", "LinkSpeed", "SpeedModel", "SpeedPrediction", "predict_speed", "per_device_load",
            "pipeline_parallel", "allreduce_stages", "fit_allreduce_stage",

@@ -26,8 +26,8 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from ..errors import ConfigError
 from ..config import SplitConfig, parse_tensor_split
+from ..errors import ConfigError
 
 __all__ = ["Grid", "parse_grid", "parse_int_range", "GRID_FLAGS", "LONG_FLAGS"]
 

@@ -36,9 +36,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import ConfigError, GpulabError
 from ..config import SplitConfig
 from ..devices import HOST_NAME, Device
+from ..errors import ConfigError, GpulabError
 from ..placement.planner import plan
 from ..profile import ModelProfile
 from .speed import DEFAULT_HOST, SpeedModel, per_device_load

@@ -11,16 +11,21 @@ import weakref
 
 import numpy as np
 
-from ..errors import ConfigError
-from .compute import estimate_compute_bytes
 from ..config import SplitConfig
 from ..devices import HOST_NAME, Device
+from ..errors import ConfigError
 from ..ggml_types import row_bytes
 from ..overrides import effective_rules
-from .plan import DevicePlan, Plan
 from ..profile import ModelProfile
+from .compute import estimate_compute_bytes
+from .plan import DevicePlan, Plan
+from .tensor_parallel import (
+    check_overrides_for_tensor_parallel,
+    check_tensor_parallel,
+    meta_device_name,
+    plan_tensor_parallel,
+)
 from .tensors import compute_sites, place_tensors
-from .tensor_parallel import check_overrides_for_tensor_parallel, check_tensor_parallel, meta_device_name, plan_tensor_parallel
 
 __all__ = ["plan", "select_devices", "kv_cells", "kv_cell_bytes", "split_points", "assign_layers"]
 

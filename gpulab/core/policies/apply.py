@@ -24,9 +24,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..errors import ConfigError
 from ..config import SplitConfig
 from ..devices import Device
+from ..errors import ConfigError
 from ..placement.planner import plan, select_devices
 from ..profile import ModelProfile
 

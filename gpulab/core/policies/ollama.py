@@ -69,9 +69,9 @@ from dataclasses import dataclass
 from ..config import SplitConfig
 from ..devices import Device
 from ..errors import ConfigError
-from .server_fit import FitResult, fit
 from ..profile import ModelProfile
 from ..units import GiB, MiB
+from .server_fit import FitResult, fit
 
 __all__ = ["OllamaSettings", "OllamaLaunch", "ollama", "default_num_ctx", "predict_server_vram",
            "select_placement", "automatic_batch"]

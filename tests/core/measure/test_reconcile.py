@@ -10,8 +10,8 @@ import pytest
 from gpulab.core.config import SplitConfig
 from gpulab.core.devices import Device
 from gpulab.core.measure.reconcile import reconcile
-from gpulab.core.report import BufferReport, LoadReport
 from gpulab.core.measure.results import BenchRun
+from gpulab.core.report import BufferReport, LoadReport
 
 MiB = 1024 ** 2
 UUID = "GPU-11111111-2222-3333-4444-555555555555"
@@ -98,7 +98,8 @@ def test_reconcile_with_a_plan_object(profile_factory):
 
 def test_tensor_split_is_compared_on_the_meta_line_llama_cpp_logs():
     from builders import make_llama_profile
-    from gpulab import parse_sim_spec, plan as make_plan
+    from gpulab import parse_sim_spec
+    from gpulab import plan as make_plan
     from gpulab.core.measure.reconcile import comparison_rows
     from gpulab.core.run import Run
     p = make_plan(make_llama_profile(), parse_sim_spec("2x24GiB"), SplitConfig(split_mode="tensor", tensor_split=(3, 1)))

@@ -11,15 +11,26 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from llama_tools import NOT_BUILT, tools_bin, vendored_src
 
 from gpulab.core.config import SplitConfig
-from gpulab.core.report import BufferReport, LoadReport
 from gpulab.core.measure.llama_bench import format_results
-from gpulab.core.measure.results import (BOOL_FIELDS, FLOAT_FIELDS, INT_FIELDS, LLAMA_BENCH_FIELDS, LLAMA_BENCH_SAMPLE_FIELDS,
-                                 BenchRun, format_tensor_split, run_from_dict,
-                                 run_to_dict, runs_from_records, throughput_from_samples, to_llama_bench_records)
+from gpulab.core.measure.results import (
+    BOOL_FIELDS,
+    FLOAT_FIELDS,
+    INT_FIELDS,
+    LLAMA_BENCH_FIELDS,
+    LLAMA_BENCH_SAMPLE_FIELDS,
+    BenchRun,
+    format_tensor_split,
+    run_from_dict,
+    run_to_dict,
+    runs_from_records,
+    throughput_from_samples,
+    to_llama_bench_records,
+)
+from gpulab.core.report import BufferReport, LoadReport
 from gpulab.core.run import Run
+from llama_tools import NOT_BUILT, tools_bin, vendored_src
 
 MiB = 1024 ** 2
 

@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import pytest
 
-from gpulab import SplitConfig, parse_sim_spec, plan
-from gpulab.core.measure.speed import (DeviceSpeed, LinkSpeed, SpeedModel, design_row, fit_params, per_device_load,
-                               predict_speed, prediction_error)
-from gpulab.sources.synth import SynthSpec, write_model
-
 from builders import make_profile
+from gpulab import SplitConfig, parse_sim_spec, plan
+from gpulab.core.measure.speed import (
+    DeviceSpeed,
+    LinkSpeed,
+    SpeedModel,
+    design_row,
+    fit_params,
+    per_device_load,
+    predict_speed,
+    prediction_error,
+)
+from gpulab.sources.synth import SynthSpec, write_model
 
 GB = 1e9
 FAST = DeviceSpeed(bandwidth_bytes_per_s=1000 * GB, flops_per_s=100e12, overhead_s=0.0)
@@ -178,6 +185,7 @@ def test_prediction_is_cheap_enough_for_a_slider():
 
 def test_long_prompts_over_several_gpus_run_as_a_pipeline_but_not_over_rpc():
     from dataclasses import replace as dc_replace
+
     from gpulab.core.measure.speed import pipeline_parallel
     prof = make_profile(n_layer=16, layer_bytes=64 * 2**20, n_head=1, n_head_kv=1, head_dim=8)
     devs = parse_sim_spec("2x80GiB")

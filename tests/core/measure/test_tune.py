@@ -8,10 +8,10 @@ import pytest
 
 from gpulab.core.config import SplitConfig
 from gpulab.core.devices import Device, parse_sim_spec
-from gpulab.core.placement.planner import plan
+from gpulab.core.errors import ConfigError
 from gpulab.core.measure.sweep_grid import parse_grid
 from gpulab.core.measure.tune import Tuner, default_grid_args, objective_value, run_tuner
-from gpulab.core.errors import ConfigError
+from gpulab.core.placement.planner import plan
 
 GiB = 1024**3
 MiB = 1024**2

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import pytest
 
+from builders import make_llama_profile
 from gpulab import ConfigError, SplitConfig, parse_sim_spec, plan
 from gpulab.core.placement.tensor_parallel import _context, split_tensor
-
-from builders import make_llama_profile
 
 TWO = "24GiB,24GiB"
 

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import pytest
 
+from builders import make_moe_profile, make_profile
 from gpulab import ConfigError, SplitConfig, parse_sim_spec, plan
-from gpulab.core.policies.moe_balance import expert_bytes_on, moe_balance, spread_bytes
 from gpulab.core.overrides import parse_override_text
 from gpulab.core.policies.apply import apply_policy, policy_split
-
-from builders import make_moe_profile, make_profile
+from gpulab.core.policies.moe_balance import expert_bytes_on, moe_balance, spread_bytes
 
 GiB = 1024**3
 CTX = SplitConfig(n_ctx=8192)

@@ -13,8 +13,8 @@ from builders import MiB, make_hand_moe_profile, make_profile
 from gpulab.core.config import SplitConfig, parse_mib_list, parse_ngl
 from gpulab.core.devices import parse_sim_spec
 from gpulab.core.errors import ConfigError
-from gpulab.core.policies.server_fit import UINT32_MAX, fit, fit_margins, overflow_pattern
 from gpulab.core.placement.planner import plan
+from gpulab.core.policies.server_fit import UINT32_MAX, fit, fit_margins, overflow_pattern
 
 
 def _moe_profile():
