@@ -54,7 +54,7 @@ def eight_on_eight() -> None:
     print("|---|---|---|---|")
     for objective in ("fewest", "balanced"):
         fp = plan_fleet(fleet, profs, devices, objective=objective)
-        t = best_s(lambda: plan_fleet(fleet, profs, devices, objective=objective), 3)
+        t = best_s(lambda o=objective: plan_fleet(fleet, profs, devices, objective=o), 3)
         used = sum(len(p.devices) for p in fp.placements)
         print(f"| 8 models x 8 devices, {objective} ({fp.search}; fits: {fp.fits}, {used} device slots) "
               f"| {t * 1e3:.0f} ms | {fp.evaluated} | {t / t_one:.0f}x |")

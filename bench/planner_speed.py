@@ -28,7 +28,7 @@ def main() -> None:
                for k in range(16)]
     it = iter(range(1 << 30))
     t_plan = best_us(lambda: plan(prof, devices, configs[next(it) % 16]), number=500)
-    t_ref = best_us(lambda: [l.weights_bytes for l in prof.layers], number=5000)
+    t_ref = best_us(lambda: [layer.weights_bytes for layer in prof.layers], number=5000)
     print("| case | time per call | ratio to reading the layers |")
     print("|---|---|---|")
     print(f"| plan(), 128 layers x 8 devices | {t_plan:.0f} µs | {t_plan / t_ref:.0f}x |")

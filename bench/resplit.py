@@ -87,7 +87,7 @@ def main(argv=None) -> int:
         for label, eps, before, after in cases:
             rs, closes, fresh = [], [], []
             for k in range(a.rounds):
-                def in_process():
+                def in_process(before=before, after=after, rs=rs, closes=closes):
                     m = open_model(path, before)
                     t0 = time.perf_counter()
                     m.close()

@@ -115,7 +115,7 @@ def main(argv=None) -> int:
             return replace(p, layer_devices=tuple(run.report.layer_devices))
 
         plans = {label: plan_of(prof, cfg, measured[label].run) for (label, _, cfg), prof in zip(items, meta)}
-        for label, _, cfg in items:
+        for label, _, _cfg in items:
             # leave one out: the calibration plus every other config's runs
             loo = SpeedCache(Path(tmp) / "loo.json")
             loo.data = json.loads(cache_path.read_text())

@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         fitted = replace(model, link=replace(model.link, allreduce_latency_s=stage_s))
         print(f"all-reduce stage fitted on {ref} tg: {stage_s * 1e6:.0f} us (calibration's: "
               f"{model.link.allreduce_stage_s * 1e6:.0f} us; its hop latency {model.link.latency_s * 1e6:.0f} us)")
-        for label, _, cfg in items:
+        for label, _, _cfg in items:
             s = predict_speed(plans[label], model, n_prompt=n_prompt, n_gen=n_gen)
             f = predict_speed(plans[label], fitted, n_prompt=n_prompt, n_gen=n_gen)
             b = measured[label]

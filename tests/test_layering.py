@@ -142,7 +142,8 @@ def test_no_import_cycles():
 def test_every_folder_is_a_layer():
     folders = {p.name for p in PKG.iterdir() if p.is_dir() and p.name != "__pycache__"}
     modules = {p.stem for p in PKG.glob("*.py")}
-    assert folders | modules <= set(LAYERS), "a new folder or top-level module needs a row in LAYERS and in ARCHITECTURE.md"
+    assert folders | modules <= set(LAYERS), \
+        "a new folder or top-level module needs a row in LAYERS and in ARCHITECTURE.md"
     core = {p.name for p in (PKG / "core").iterdir() if p.is_dir() and p.name != "__pycache__"}
     assert core == set(CORE_PACKAGES), "a new package in core needs a rank in CORE_PACKAGES and in ARCHITECTURE.md"
 

@@ -103,7 +103,8 @@ class LogCapture:
     def __enter__(self) -> LogCapture:
         lc = _module
         if lc is None:
-            raise RuntimeError("LogCapture before llama.cpp was loaded: call gpulab.runtime.llama_lib.llama_cpp() first")
+            raise RuntimeError("LogCapture before llama.cpp was loaded: "
+                               "call gpulab.runtime.llama_lib.llama_cpp() first")
         with _lock:
             _sinks.append(self)
             # (re)install: someone (e.g. llama_cpp.Llama) may have set another logger since

@@ -290,7 +290,7 @@ def _write(w, s: SynthSpec, tensors: list[tuple[str, tuple[int, ...], str, int]]
             end = (end + w.data_alignment - 1) // w.data_alignment * w.data_alignment + nbytes
         f.truncate((end + w.data_alignment - 1) // w.data_alignment * w.data_alignment)
         return
-    for name, shape, gtype, nbytes in tensors:
+    for _name, shape, gtype, nbytes in tensors:
         w.write_padding(f, f.tell())
         if len(shape) == 1:            # norm weights: 1.0, the identity scale
             f.write(ones[:nbytes])

@@ -51,8 +51,9 @@ from .html import exports_html, run_rows, table_html
 
 __all__ = ["SplitLab"]
 
-_POLICY_LABELS = {"llama": "llama.cpp default", "ollama-spread": "ollama spread", "pack": "pack", "balanced": "balanced",
-                  "moe-balance": "MoE balance", "fit": "llama-server -fit", "ollama": "ollama (today)"}
+_POLICY_LABELS = {"llama": "llama.cpp default", "ollama-spread": "ollama spread", "pack": "pack",
+                  "balanced": "balanced", "moe-balance": "MoE balance", "fit": "llama-server -fit",
+                  "ollama": "ollama (today)"}
 # settings with a control of their own below; every other one gets a generic control
 _CUSTOM = {"tensor_split", "devices", "main_gpu", "n_gpu_layers", "split_mode", "n_ctx", "type_k", "type_v",
            "flash_attn"}
@@ -160,7 +161,7 @@ class SplitLab(W.VBox):
         self.use_boxes, self.split_sliders, self.share_labels = [], [], []
         rows = []
         sel_i = 0
-        for i, d in enumerate(self.devices):
+        for d in self.devices:
             use = W.Checkbox(value=d.name in chosen, indent=False, layout=W.Layout(width="22px"),
                              tooltip=f"use {d.name}")
             val = 0.0
@@ -289,7 +290,8 @@ class SplitLab(W.VBox):
                       "(try sim='2x24GiB' or virtual=2)</span>")
         left = W.VBox([W.HTML("<b>tensor_split</b> <span style='color:#666;font-size:12px'>(tick = use this "
                               "device; all at 0 = llama.cpp's default, by free memory)</span>"), *rows])
-        right = W.VBox([W.HTML("<b>policies</b> set the sliders"), W.HBox(list(self.policy_buttons.values()), layout=W.Layout(flex_flow="row wrap")),
+        right = W.VBox([W.HTML("<b>policies</b> set the sliders"),
+                        W.HBox(list(self.policy_buttons.values()), layout=W.Layout(flex_flow="row wrap")),
                         self.ngl_slider, self.split_mode, self.main_gpu, self.n_ctx,
                         W.HBox([self.type_k, self.type_v]), self.flash_attn, self.y_scale,
                         *[c for a, c in self.setting_controls.items() if a in _PROMINENT],
@@ -308,7 +310,7 @@ class SplitLab(W.VBox):
 
     def _default_scale(self) -> str:
         # virtual devices report the host's memory: a 100 MiB model would be invisible against it
-        total = sum(l.weights_bytes for l in self.profile.layers) or 1
+        total = sum(layer.weights_bytes for layer in self.profile.layers) or 1
         small = min([d.free_bytes for d in self.devices] or [0])
         return "used" if small and total < 0.05 * small else "device"
 
@@ -474,7 +476,8 @@ class SplitLab(W.VBox):
             notes.append("split mode tensor: every offloaded layer is cut across the devices (llama.cpp's Meta() "
                          "device); -ts all 0 = equal shares; 2 all-reduces per layer cross the link each token")
         if p.config.split_mode == "none":
-            notes.append(f"split mode none: only -mg's device ({p.offload_devices[0].name if p.offload_devices else 'none'}) is used")
+            mg = p.offload_devices[0].name if p.offload_devices else "none"
+            notes.append(f"split mode none: only -mg's device ({mg}) is used")
         on_cpu = sum(1 for x in p.layer_devices if x == HOST_NAME)
         if on_cpu:
             notes.append(f"{on_cpu} of {p.profile.n_layer + 1} layers stay on the CPU")

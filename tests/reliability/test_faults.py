@@ -199,7 +199,8 @@ def test_store_path_under_a_file(tmp_path, monkeypatch, earlier_run):
     (tmp_path / "afile").write_text("x")
     monkeypatch.setenv("GPULAB_DATA_DIR", str(tmp_path / "afile" / "data"))
     bad = ResultsStore()
-    with pytest.raises(StoreError, match=r"cannot write the results store .*afile.*Not a directory.*GPULAB_DATA_DIR") as err:
+    with pytest.raises(StoreError,
+                       match=r"cannot write the results store .*afile.*Not a directory.*GPULAB_DATA_DIR") as err:
         bad.append_run(earlier_run)
     print(f"FAULT store-under-file: {type(err.value).__name__}: {err.value}")
     assert bad.records() == []

@@ -236,7 +236,7 @@ def test_moe_profile_is_shaped_as_a_written_qwen3moe(tmp_path):
                                                                    head_dim=64, **shape)))
 
     def names_shapes(p):
-        return [(t.name, t.shape) for t in (*p.input_tensors, *(t for l in p.layers for t in l.tensors),
+        return [(t.name, t.shape) for t in (*p.input_tensors, *(t for layer in p.layers for t in layer.tensors),
                                             *p.output_tensors)]
     assert names_shapes(built) == names_shapes(read)
     for a, b in zip(built.layers, read.layers):

@@ -560,7 +560,7 @@ def render(config: SplitConfig, target: str, *, model_path: str = "model.gguf", 
     """
     ctx = _Ctx(config, n_layer, tuple(devices))
     parts, gaps = [], []
-    for s, out in _cells(config, target, ctx):
+    for _cell, out in _cells(config, target, ctx):
         if isinstance(out, Gap):
             gaps.append(out.why)
         elif out is not None:
@@ -580,7 +580,8 @@ def render(config: SplitConfig, target: str, *, model_path: str = "model.gguf", 
                 + ["-fit", "off"])
         return Export(target, shlex.join(argv), argv, tuple(gaps))
     if target == "llama-bench":
-        argv = ["llama-bench", "-m", model_path] + (["-rpc", ",".join(rpc)] if rpc else []) + [t for p in parts for t in p]
+        argv = ["llama-bench", "-m", model_path, *(["-rpc", ",".join(rpc)] if rpc else []),
+                *(t for p in parts for t in p)]
         return Export(target, shlex.join(argv), argv, tuple(gaps))
     if target == "python":
         kwargs = dict(parts)

@@ -115,9 +115,11 @@ def _shrink(result, pr) -> list:
                     saved = now - _bytes_on(pr, name, cfg.replace(type_k="q8_0", type_v="q8_0"), d.name)
                 except ConfigError:
                     continue
-                enough = "enough" if saved >= d.deficit_bytes else f"not enough alone: it is short by {d.deficit_bytes} B"
+                enough = ("enough" if saved >= d.deficit_bytes
+                          else f"not enough alone: it is short by {d.deficit_bytes} B")
                 out.append(Advice("shrink", f"give {name!r} a q8_0 KV cache (type_k = type_v = \"q8_0\"): saves "
-                                            f"{saved} B on {d.name} ({enough})", model=name, device=d.name, bytes=saved))
+                                            f"{saved} B on {d.name} ({enough})",
+                                  model=name, device=d.name, bytes=saved))
     return out
 
 

@@ -164,7 +164,8 @@ def kv_cell_bytes(profile: ModelProfile, config: SplitConfig) -> tuple[int, ...]
             b = by_shape[shape] = row_bytes(config.type_k, shape[0]) + row_bytes(config.type_v, shape[1])
         out.append(b)
     if hit is None or hit[0]() is not profile:   # cached per profile and KV types: fit re-plans often
-        hit = _KV_BYTES[id(profile)] = (weakref.ref(profile, lambda _r, k=id(profile): _KV_BYTES.pop(k, None)), {})
+        pid = id(profile)
+        hit = _KV_BYTES[pid] = (weakref.ref(profile, lambda _r: _KV_BYTES.pop(pid, None)), {})
     hit[1][key] = out = tuple(out)
     return out
 

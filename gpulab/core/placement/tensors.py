@@ -150,8 +150,9 @@ def _table(profile: ModelProfile) -> dict:
     """This profile's cache (rule matches, tensor groups), dropped with the profile."""
     hit = _CACHE.get(id(profile))
     if hit is None or hit[0]() is not profile:
-        hit = (weakref.ref(profile, lambda _r, k=id(profile): _CACHE.pop(k, None)), {})
-        _CACHE[id(profile)] = hit
+        pid = id(profile)
+        hit = (weakref.ref(profile, lambda _r: _CACHE.pop(pid, None)), {})
+        _CACHE[pid] = hit
     if len(hit[1]) > 128:
         hit[1].clear()
     return hit[1]

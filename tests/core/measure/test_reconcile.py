@@ -102,7 +102,8 @@ def test_tensor_split_is_compared_on_the_meta_line_llama_cpp_logs():
     from gpulab import plan as make_plan
     from gpulab.core.measure.reconcile import comparison_rows
     from gpulab.core.run import Run
-    p = make_plan(make_llama_profile(), parse_sim_spec("2x24GiB"), SplitConfig(split_mode="tensor", tensor_split=(3, 1)))
+    p = make_plan(make_llama_profile(), parse_sim_spec("2x24GiB"),
+                  SplitConfig(split_mode="tensor", tensor_split=(3, 1)))
     biggest = max(p.offload_devices, key=lambda d: d.weights_bytes)
     report = LoadReport(layer_devices=("Meta()",) * 5, devices=("SIM0", "SIM1"),
                         buffers=(BufferReport("Meta()", "Meta()", "model", biggest.weights_bytes),

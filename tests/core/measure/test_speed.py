@@ -23,7 +23,10 @@ GB = 1e9
 FAST = DeviceSpeed(bandwidth_bytes_per_s=1000 * GB, flops_per_s=100e12, overhead_s=0.0)
 
 
-def uniform(n: int, link=LinkSpeed(latency_s=50e-6, bytes_per_s=25 * GB)) -> SpeedModel:
+PCIE = LinkSpeed(latency_s=50e-6, bytes_per_s=25 * GB)
+
+
+def uniform(n: int, link: LinkSpeed = PCIE) -> SpeedModel:
     return SpeedModel(devices={f"SIM{i}": FAST for i in range(n)}, link=link)
 
 

@@ -70,7 +70,7 @@ def test_within_3_percent_with_a_quarter_of_the_loads(prof, objective, grid_name
     for seed in range(12):
         truth = world(seed, prof, devices, HOST)
         tuner = Tuner(prof, devices, configs, objective=objective, host=HOST, n_prompt=64, n_gen=16)
-        pick, _ = run_tuner(tuner, lambda c: (*truth(c), True), budget)
+        pick, _ = run_tuner(tuner, lambda c, truth=truth: (*truth(c), True), budget)
         vals = [objective_value(objective, *truth(c, False), 64, 16) for c in configs]
         ratios.append(objective_value(objective, *truth(pick, False), 64, 16) / max(vals))
         loads.append(tuner.loads)
