@@ -80,7 +80,7 @@ def _list(a, session) -> Result:
         meas = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in x.measurement.items()
                          if k.endswith("tokens_per_s") or k == "objective")
         lines.append(f"{Path(x.model_path).name}  [{x.model_fingerprint[:12]}]  on {','.join(r['devices']) or 'CPU'}  "
-                     f"-ngl {r['n_gpu_layers']} -ts {ts} -c {r['n_ctx']}  {meas}  ({x.created}, {x.path.name})")
+                     f"-ngl {r['n_gpu_layers']} -ts {ts} -c {r['n_ctx']}  {meas}  ({x.created}, {x.path.name if x.path else ''})")
     return Result(text="\n".join(lines), data=rows, rows=rows, objects={"allocations": found})
 
 
@@ -92,6 +92,7 @@ def _show(a, session) -> Result:
     if x is None:
         config_for(path, devices, None)   # raises, naming the missing devices, when stale ones exist
         return Result(notes=[f"no saved allocation for {a.model} on these devices"], exit_code=1)
+    assert x.path is not None   # found on disk
     text = f"# {x.path}\n" + x.path.read_text().rstrip("\n")
     notes = []
     if a.to:

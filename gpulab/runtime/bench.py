@@ -38,6 +38,7 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from ..core.config import SplitConfig
 from ..core.devices import Device
@@ -63,7 +64,7 @@ class _ThreadpoolParams(ctypes.Structure):   # struct ggml_threadpool_params (gg
 
 
 _extras_lock = threading.Lock()
-_extras: dict[str, object] = {}
+_extras: dict[str, Any] = {}   # threadpool functions ('tp'), ggml_commit ('commit')
 
 
 def _threadpool_fns():

@@ -35,14 +35,19 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ..core.config import SplitConfig
 from ..core.devices import HOST_NAME, Device
 from ..core.measure.speed import SpeedModel, design_row
 from ..core.measure.speed_priors import link_default
+from ..core.run import Run
 from ..sources.host import cpu_model
 from ..storage.speed_cache import SpeedCache, cache_key, host_key_here
 from .rpc import round_trip
+
+if TYPE_CHECKING:
+    from .worker import RemoteModel
 
 __all__ = ["Calibration", "calibrate", "update_from_run", "measure_best", "Best",
            "CALIBRATION_MODELS"]
@@ -82,7 +87,7 @@ class Calibration:
 @dataclass
 class Best:
     """Several measurements of one config reduced to one figure per test (see measure_best)."""
-    run: object                        # the Run of the first round
+    run: Run                           # the Run of the first round
     runs: list = field(default_factory=list)   # every round's Run
     stat: str = "median"
 
@@ -110,7 +115,7 @@ class Best:
     @property
     def pp_ts(self) -> float:
         s = self.pp_s
-        return self.run.pp.n_prompt / s if s else 0.0
+        return self.run.pp.n_prompt / s if s and self.run.pp else 0.0
 
     @property
     def tg_mean_ts(self) -> float:
@@ -137,7 +142,7 @@ def measure_best(worker, items, *, rounds: int = 1, repetitions: int = 2, n_prom
     at a time with a listen backlog of 1, so while this worker holds a model on it, the
     reachability checks of the next load (gpulab.runtime.model) find it unreachable."""
     out: dict[str, Best] = {}
-    opened: dict[str, object] = {}
+    opened: dict[str, RemoteModel] = {}
     done, total = 0, max(1, rounds * len(items) + (len(items) if keep_loaded else 0))
 
     def tick(label: str) -> None:
@@ -146,7 +151,7 @@ def measure_best(worker, items, *, rounds: int = 1, repetitions: int = 2, n_prom
             progress(label, done / total)
         done += 1
 
-    kw = dict(n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions, n_threads=n_threads, nvml=False)
+    kw: dict[str, Any] = dict(n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions, n_threads=n_threads, nvml=False)
     try:
         if keep_loaded:
             for label, path, cfg in items:
@@ -323,6 +328,8 @@ def _note_allreduce(cache: SpeedCache, profile, config: SplitConfig, best, devic
     if best.tg_s is None:
         return
     p = make_plan(profile, [d for d in devices if d.kind != "cpu"], config)
+    if p.tensor_parallel is None:   # not a -sm tensor plan: no all-reduce to fit
+        return
     members = [d for d in devices if d.name in p.tensor_parallel.devices]
     cls = "rpc" if any(d.kind == "rpc" for d in members) else "local"
     stage = fit_allreduce_stage(p, cache.model_for(devices, n_threads), best.tg_s, n_gen=n_gen)
@@ -361,7 +368,7 @@ def _run_keys(run, devices: list[Device] | None = None) -> dict:
     """Device name -> cache key for the devices of a Run."""
     keys = {HOST_NAME: host_key_here(run.n_threads or None)}
     by_name = {d.name: d for d in devices or ()}
-    endpoints = {}
+    endpoints: dict[str, str] = {}
     for b in run.report.buffers:   # 'RPC0[127.0.0.1:50052]'
         if "[" in b.buffer_type and b.buffer_type.endswith("]"):
             endpoints.setdefault(b.device, b.buffer_type[b.buffer_type.index("[") + 1:-1])
@@ -369,8 +376,8 @@ def _run_keys(run, devices: list[Device] | None = None) -> dict:
     for name in list(run.devices) + [d for d in run.report.layer_devices if d != HOST_NAME]:
         if name in keys:
             continue
-        if name in by_name and cache_key(by_name[name]):
-            keys[name] = cache_key(by_name[name])
+        if name in by_name and (key := cache_key(by_name[name])):
+            keys[name] = key
         elif name in endpoints:
             keys[name] = f"rpc:{endpoints[name]}"
         elif name in uuids:

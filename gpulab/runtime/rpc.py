@@ -64,7 +64,7 @@ def is_loopback(host: str) -> bool:
         infos = socket.getaddrinfo(host, None)
     except OSError:
         return False
-    return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
+    return bool(infos) and all(ipaddress.ip_address(str(i[4][0]).split("%")[0]).is_loopback for i in infos)
 
 
 def insecure_bind_warning(host: str, port: int) -> str | None:
@@ -224,7 +224,7 @@ class RpcServer:
         self.threads, self.cache_dir, self.startup_timeout = threads, cache_dir, startup_timeout
         self._proc: subprocess.Popen | None = None
         self._log_path = ""
-        self._finalizer = None
+        self._finalizer: weakref.finalize | None = None
 
     @property
     def endpoint(self) -> str:
@@ -310,11 +310,11 @@ class RpcServer:
             _warn_if_registered([self.endpoint])
 
     def _stop(self) -> bool:
-        stopped = self._finalizer is not None and self._finalizer.alive
-        if stopped:
-            self._finalizer()  # runs _kill once
-        self._finalizer = None
-        return stopped
+        fin, self._finalizer = self._finalizer, None
+        if fin is None or not fin.alive:
+            return False
+        fin()  # runs _kill once
+        return True
 
     def __enter__(self) -> RpcServer:
         return self.start()

@@ -218,7 +218,7 @@ class NvmlProbe:
         util = q("nvmlDeviceGetUtilizationRates", handle)
         pci = q("nvmlDeviceGetPciInfo", handle) if parent is None else None
         mig_mode = q("nvmlDeviceGetMigMode", handle) if parent is None else None
-        mig_enabled = bool(mig_mode) and mig_mode[0] == getattr(
+        mig_enabled = mig_mode is not None and bool(mig_mode) and mig_mode[0] == getattr(
             self._nvml, "NVML_DEVICE_MIG_ENABLE", _NVML_DEVICE_MIG_ENABLE)
         info = GpuInfo(
             index=index,

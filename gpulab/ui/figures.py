@@ -108,6 +108,7 @@ def _tensor_split_traces(plan: Plan, names: list[str], weights, kv) -> list[dict
     """-sm tensor: each layer on the meta device is on every member, in proportion: one trace per
     member with its slice of every such layer (stacked), the host's whole layers as usual."""
     ts = plan.tensor_parallel
+    assert ts is not None   # drawn for -sm tensor plans only
     n = plan.profile.n_layer
     devs = np.asarray(plan.layer_devices)
     meta_idx = np.flatnonzero(devs == ts.meta_name)
