@@ -80,7 +80,8 @@ def _list(a, session) -> Result:
         meas = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in x.measurement.items()
                          if k.endswith("tokens_per_s") or k == "objective")
         lines.append(f"{Path(x.model_path).name}  [{x.model_fingerprint[:12]}]  on {','.join(r['devices']) or 'CPU'}  "
-                     f"-ngl {r['n_gpu_layers']} -ts {ts} -c {r['n_ctx']}  {meas}  ({x.created}, {x.path.name if x.path else ''})")
+                     f"-ngl {r['n_gpu_layers']} -ts {ts} -c {r['n_ctx']}  {meas}  "
+                     f"({x.created}, {x.path.name if x.path else ''})")
     return Result(text="\n".join(lines), data=rows, rows=rows, objects={"allocations": found})
 
 

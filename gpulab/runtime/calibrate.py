@@ -262,8 +262,9 @@ def calibrate(endpoints=(), *, devices: list[str] | None = None, n_threads: int 
                 offload = [d for d in offload if d.name in devices]
             host_dev = next((d for d in seen if d.kind == "cpu"),
                             Device(name=HOST_NAME, total_bytes=0, free_bytes=0, source="host", kind="cpu"))
+            host_key = host_key_here(n_threads)
             key_of = {d.name: cache_key(d) for d in offload}
-            key_of[HOST_NAME] = host_key_here(n_threads)
+            key_of[HOST_NAME] = host_key
             # (label, model index, config)
             configs = []
             for i, _ in enumerate(paths):
@@ -290,8 +291,10 @@ def calibrate(endpoints=(), *, devices: list[str] | None = None, n_threads: int 
         # a fresh calibration replaces what was measured of these devices before
         cache.drop({key_of[d.name] for d in offload} | ({key_of[HOST_NAME]} if host else set()))
         for d in offload:
-            cache.note_device(key_of[d.name], d, rtt_s=rtt.get(d.endpoint))
-        cache.note_device(key_of[HOST_NAME], host_dev, description=cpu_model(), threads=n_threads)
+            key = key_of[d.name]
+            if key is not None:   # a device with no identity on this host (cache_key) is not kept
+                cache.note_device(key, d, rtt_s=rtt.get(d.endpoint))
+        cache.note_device(host_key, host_dev, description=cpu_model(), threads=n_threads)
         _note_link_bandwidth(cache, best, profiles, offload, key_of)
         runs = []
         tensor_runs = []

@@ -29,6 +29,7 @@ import time
 import weakref
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ipywidgets as W
 import plotly.graph_objects as go
@@ -48,6 +49,9 @@ from ..core.settings import SETTINGS, value_from_text
 from ..core.units import format_bytes
 from . import figures as F
 from .html import exports_html, run_rows, table_html
+
+if TYPE_CHECKING:
+    from ..runtime.session import Session
 
 __all__ = ["SplitLab"]
 
@@ -103,11 +107,11 @@ class SplitLab(W.VBox):
         self.error: str | None = None
         self.last_update_s = 0.0
         self._suspend = 0
-        self._handle = None
+        self._handle: asyncio.TimerHandle | None = None
         self._last_draw = 0.0
         self._busy = False
         self._thread: threading.Thread | None = None
-        self._own_session = None
+        self._own_session: Session | None = None
         self.worker = worker
         self.notes: list[str] = []
         self.devices, self.host, self.can_load, self.load_reason = self._resolve_devices(
@@ -439,6 +443,7 @@ class SplitLab(W.VBox):
     def exports(self, p: Plan | None = None) -> dict:
         """{target: Export} of the current (or a given) plan's settings (gpulab.core.exports.render)."""
         p = p or self.plan
+        assert p is not None   # the lab draws a plan when it is built
         return {t: render(p.config, t, model_path=str(self.model_path), n_layer=self.profile.n_layer,
                           devices=self.devices) for t in _EXPORT_TARGETS}
 
@@ -750,7 +755,7 @@ class SplitLab(W.VBox):
     def attach_monitor(self, monitor) -> None:
         """Show a Monitor under the lab; loads and measurements then mark their phases on it."""
         self.monitor = monitor
-        self.children = tuple(self.children) + (monitor,)
+        self.children = [*self.children, monitor]
 
     def to_dataframe(self):
         """This session's runs as a pandas DataFrame (one row per run)."""

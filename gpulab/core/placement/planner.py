@@ -166,8 +166,8 @@ def kv_cell_bytes(profile: ModelProfile, config: SplitConfig) -> tuple[int, ...]
     if hit is None or hit[0]() is not profile:   # cached per profile and KV types: fit re-plans often
         pid = id(profile)
         hit = _KV_BYTES[pid] = (weakref.ref(profile, lambda _r: _KV_BYTES.pop(pid, None)), {})
-    hit[1][key] = out = tuple(out)
-    return out
+    cells = hit[1][key] = tuple(out)
+    return cells
 
 
 _KV_BYTES: dict[int, tuple] = {}

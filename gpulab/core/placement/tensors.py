@@ -173,8 +173,8 @@ def _rule_of(profile: ModelProfile, rules: tuple[OverrideRule, ...]) -> dict[str
     decided: dict[str, int] = {}
     for i, r in enumerate(rules):
         lit = _literal_prefix(r.pattern)
-        m = _BLK.search(lit)
-        pool = by_blk.get(m.group(0), []) if m else names
+        blk = _BLK.search(lit)
+        pool = by_blk.get(blk.group(0), []) if blk else names
         rx = _compile(r.pattern)
         for n in pool:
             if n not in decided and (not lit or lit in n) and rx.search(n):
@@ -409,7 +409,7 @@ def compute_sites(profile: ModelProfile, layer_devices: list[str],
         if len(where) == 1:
             ffn[il] = next(iter(where))
             continue
-        site = ffn[il] = max(where, key=where.get)
+        site = ffn[il] = max(where, key=lambda d: where[d])
         parts: dict[str, set[str]] = {}      # a layer split over devices: which products run where
         for name, _n_bytes, part in ffn_tensors:
             parts.setdefault(get(name, home), set()).add(part)
