@@ -75,6 +75,8 @@ class _Bar:
 
 
 def run(a, session) -> Result:
+    from ..runtime.llama_lib import require
+    require()   # llama-cpp-python: the `run` extra
     from dataclasses import replace
 
     from ..core.errors import ConfigError

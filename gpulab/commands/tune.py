@@ -45,6 +45,8 @@ def _ts(c) -> str:
 
 
 def run(a: argparse.Namespace, session) -> Result:
+    from ..runtime.llama_lib import require
+    require()   # llama-cpp-python: the `run` extra
     from ..core.config import SplitConfig
     from ..core.exports.render import render
     from ..core.measure.sweep_grid import parse_grid

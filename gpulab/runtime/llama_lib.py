@@ -25,13 +25,15 @@ from ..core.devices import Device, DeviceKind, split_endpoint
 from ..core.errors import ConfigError, DeviceSpecError, RuntimeUnavailableError
 
 __all__ = [
-    "lib_dir", "llama_cpp", "ggml", "rpc_lib", "rpc_supported", "llama_devices",
+    "require", "lib_dir", "llama_cpp", "ggml", "rpc_lib", "rpc_supported", "llama_devices",
     "device_handle", "default_device_names", "endpoint_reachable",
     "DEV_TYPE_NAMES",
 ]
 
-_INSTALL_HINT = ('install it with the RPC backend: CMAKE_ARGS="-DGGML_RPC=ON" pip install --force-reinstall '
-                 '--no-cache-dir llama-cpp-python==0.3.36 (about 5 minutes to build), or run scripts/setup.sh')
+# measuring needs the `run` extra (pyproject.toml): llama-cpp-python, built here with the RPC backend
+_INSTALL_HINT = ("""install gpulab's run extra with the RPC backend: CMAKE_ARGS="-DGGML_RPC=ON" """
+                 """pip install 'gpulab[run]' (builds llama-cpp-python 0.3.36, about 5 minutes), """
+                 "or run scripts/setup.sh")
 
 # enum ggml_backend_dev_type (ggml/include/ggml-backend.h)
 DEV_TYPE_NAMES = {0: "CPU", 1: "GPU", 2: "IGPU", 3: "ACCEL", 4: "META"}
@@ -79,6 +81,12 @@ _RPC_SIGNATURES = {
     "ggml_backend_rpc_start_server": ([ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t,
                                        ctypes.c_size_t, _P], None),
 }
+
+
+def require() -> None:
+    """RuntimeUnavailableError, one line naming the `run` extra, where llama-cpp-python is not
+    installed: the commands that measure call this before they start."""
+    lib_dir()
 
 
 def lib_dir() -> Path:
