@@ -18,12 +18,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from builders import make_profile
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # this checkout's gpulab
 from gpulab import SplitConfig, parse_sim_spec, plan
 from gpulab.core.devices import Device
 from gpulab.core.fleet.model import Fleet, FleetModel
 from gpulab.core.fleet.planner import plan_fleet
+from gpulab.testing import make_profile
 
 MiB = 1024**2
 GiB = 1024**3

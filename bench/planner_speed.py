@@ -12,9 +12,9 @@ import sys
 import timeit
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from builders import make_profile
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # this checkout's gpulab
 from gpulab import SplitConfig, parse_sim_spec, plan
+from gpulab.testing import make_profile
 
 
 def best_us(fn, number: int, repeat: int = 7) -> float:

@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from core.measure.test_results import make_run  # tests/ is on sys.path (pyproject pythonpath)
+from builders import make_run
 from gpulab.core.config import SplitConfig
 from gpulab.core.errors import GpulabError, StoreError
 from gpulab.sources.fingerprint import model_fingerprint

@@ -7,35 +7,11 @@ import json
 
 import pytest
 
+from builders import UUID, MiB, gpu_run
 from gpulab.core.config import SplitConfig
 from gpulab.core.devices import Device
 from gpulab.core.measure.reconcile import reconcile
-from gpulab.core.measure.results import BenchRun
 from gpulab.core.report import BufferReport, LoadReport
-
-MiB = 1024 ** 2
-UUID = "GPU-11111111-2222-3333-4444-555555555555"
-
-
-def gpu_run(nvml_used: int | None = 900 * MiB, **over) -> BenchRun:
-    report = LoadReport(
-        layer_devices=("CUDA0",) * 5, devices=("CUDA0",),
-        buffers=(BufferReport("CUDA0", "CUDA0", "model", 500 * MiB),
-                 BufferReport("CPU", "CPU_Mapped", "model", 560 * MiB),
-                 BufferReport("CUDA0", "CUDA0", "kv", 64 * MiB),
-                 BufferReport("CPU", "CPU", "output", 1 * MiB),
-                 BufferReport("CUDA0", "CUDA0", "compute", 100 * MiB),
-                 BufferReport("CPU", "CUDA_Host", "compute", 8 * MiB)))
-    plan = {"devices": [
-        {"name": "CUDA0", "total_bytes": 80 << 30, "free_bytes": 79 << 30, "weights_bytes": 505 * MiB,
-         "kv_bytes": 64 * MiB, "compute_bytes": 90 * MiB, "used_bytes": 659 * MiB, "fits": True},
-        {"name": "CPU", "total_bytes": 0, "free_bytes": 0, "weights_bytes": 60 * MiB, "kv_bytes": 0,
-         "compute_bytes": 10 * MiB, "used_bytes": 70 * MiB, "fits": True}]}
-    kw = dict(model_path="m.gguf", model_bytes=560 * MiB, config=SplitConfig(), report=report, plan=plan,
-              devices=("CUDA0",), nvml_peak_bytes={"CUDA0": nvml_used} if nvml_used is not None else {},
-              device_uuids={"CUDA0": UUID}, nvml_per_process=True)
-    kw.update(over)
-    return BenchRun(**kw)
 
 
 def test_table_numbers():
