@@ -113,9 +113,15 @@ def test_dataframe_and_pareto(model, tmp_path):
     assert len(df) == 16 and set(df["test"]) == {"pp16", "tg8"}
     assert {"tensor_split", "flash_attn", "n_ubatch", "avg_ts", "min_headroom_bytes"} <= set(df.columns)
     assert df.attrs["sweep"].n_measured == 8
-    tg = df[df["test"] == "tg8"].assign(min_headroom_bytes=[8, 7, 6, 5, 4, 3, 2, 1])
-    front = pareto_front(tg)
-    assert list(front["avg_ts"]) == sorted(front["avg_ts"]) and len(front) >= 1
+
+
+def test_pareto_front_keeps_the_points_nothing_beats_on_speed_and_headroom():
+    import pandas as pd
+    pts = pd.DataFrame({"config": ["a", "b", "c", "d", "e", "f"],
+                        "avg_ts": [10.0, 8.0, 9.0, 7.0, 10.0, 12.0],
+                        "min_headroom_bytes": [1, 5, 2, 4, 0, None]})
+    # d is beaten by b (faster, more room), e by a (as fast, more room); f has no headroom figure
+    assert list(pareto_front(pts)["config"]) == ["b", "c", "a"]
 
 
 def test_progress_bar_shows_eta():

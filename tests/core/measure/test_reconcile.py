@@ -80,16 +80,19 @@ def test_tensor_split_is_compared_on_the_meta_line_llama_cpp_logs():
     from gpulab.core.run import Run
     p = make_plan(make_llama_profile(), parse_sim_spec("2x24GiB"),
                   SplitConfig(split_mode="tensor", tensor_split=(3, 1)))
-    biggest = max(p.offload_devices, key=lambda d: d.weights_bytes)
+    # llama.cpp logs one Meta() line per buffer, each at its largest member's size
     report = LoadReport(layer_devices=("Meta()",) * 5, devices=("SIM0", "SIM1"),
-                        buffers=(BufferReport("Meta()", "Meta()", "model", biggest.weights_bytes),
-                                 BufferReport("Meta()", "Meta()", "kv", biggest.kv_bytes),
-                                 BufferReport("CPU", "CPU_Mapped", "model", p.host.weights_bytes)))
+                        buffers=(BufferReport("Meta()", "Meta()", "model", 20 * MiB),
+                                 BufferReport("Meta()", "Meta()", "kv", 6 * MiB),
+                                 BufferReport("CPU", "CPU_Mapped", "model", 4 * MiB)))
     run = Run(model_path="m.gguf", model_bytes=0, config=p.config, report=report, plan=p.to_dict(),
               devices=("SIM0", "SIM1"))
     rec = reconcile(run)
+    # the prediction on that line is SIM0's 3/4 share (20.27 MiB), not SIM1's (6.77 MiB) nor the sum
     w = rec.row("Meta()", "weights")
-    assert w.predicted == biggest.weights_bytes and w.error_bytes == 0
+    assert (w.predicted, w.reported, w.error_bytes) == (21_252_096, 20 * MiB, 21_252_096 - 20 * MiB)
+    kv = rec.row("Meta()", "kv")
+    assert (kv.predicted, kv.reported, kv.error_bytes) == (6 * MiB, 6 * MiB, 0)
     assert any("Meta()" in n for n in rec.notes)
     rows = {r["device"]: r for r in comparison_rows(p, run)}
     assert set(rows) == {"SIM0", "SIM1", "Meta()", "CPU"} and rows["SIM0"]["llama.cpp"] == "-"
