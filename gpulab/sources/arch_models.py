@@ -64,7 +64,8 @@ def _shared(b: str, n_ff: int) -> list[_Tensor]:
 
 
 def _dense(b: str, n_ff: int) -> list[_Tensor]:
-    return [_mat(b + "ffn_gate.weight", _E, n_ff), _mat(b + "ffn_down.weight", n_ff, _E), _mat(b + "ffn_up.weight", _E, n_ff)]
+    return [_mat(b + "ffn_gate.weight", _E, n_ff), _mat(b + "ffn_down.weight", n_ff, _E),
+            _mat(b + "ffn_up.weight", _E, n_ff)]
 
 
 def _nextn(b: str) -> list[_Tensor]:
@@ -74,7 +75,8 @@ def _nextn(b: str) -> list[_Tensor]:
 
 # --- the architectures: (GGUF key/values under '{arch}.', tensors) ------------------------------
 
-def _dense_llama(bias: bool = False, qk_norm: bool = False, tied: bool = False, extra: dict | None = None) -> Callable[[], tuple[dict, list[_Tensor]]]:
+def _dense_llama(bias: bool = False, qk_norm: bool = False, tied: bool = False,
+                 extra: dict | None = None) -> Callable[[], tuple[dict, list[_Tensor]]]:
     """llama and the architectures whose loader creates the same blocks (src/models/llama.cpp, qwen2.cpp:
     Q/K/V biases, qwen3.cpp: Q/K norms, mistral3.cpp, smollm3.cpp)."""
     def build() -> tuple[dict, list[_Tensor]]:
@@ -118,7 +120,8 @@ def _gemma(arch: str) -> Callable[[], tuple[dict, list[_Tensor]]]:
         body = []
         for i in range(n_layer):
             b = f"blk.{i}."
-            body += [_norm(b + "attn_norm.weight", _E), *_attn(b, n_head * hd, n_kv * hd, qk_norm=hd if arch == "gemma3" else 0),
+            body += [_norm(b + "attn_norm.weight", _E),
+                     *_attn(b, n_head * hd, n_kv * hd, qk_norm=hd if arch == "gemma3" else 0),
                      _mat(b + "attn_output.weight", n_head * hd, _E), _norm(b + "post_attention_norm.weight", _E),
                      _norm(b + "ffn_norm.weight", _E), *_dense(b, n_ff), _norm(b + "post_ffw_norm.weight", _E)]
         kv = dict(block_count=n_layer, feed_forward_length=n_ff, **{
@@ -156,7 +159,8 @@ def _deepseek2() -> tuple[dict, list[_Tensor]]:
                  _norm(b + "attn_kv_a_norm.weight", kv_lora), _mat(b + "attn_q_a.weight", _E, q_lora),
                  _mat(b + "attn_q_b.weight", q_lora, n_head * (nope + rope)),
                  _mat(b + "attn_kv_a_mqa.weight", _E, kv_lora + rope),
-                 _mat(b + "attn_k_b.weight", nope, kv_lora, n_head), _mat(b + "attn_v_b.weight", kv_lora, v_mla, n_head),
+                 _mat(b + "attn_k_b.weight", nope, kv_lora, n_head),
+                 _mat(b + "attn_v_b.weight", kv_lora, v_mla, n_head),
                  _mat(b + "attn_output.weight", n_head * v_mla, _E), _norm(b + "ffn_norm.weight", _E)]
         if i < 1:
             body += _dense(b, n_ff)
@@ -217,13 +221,16 @@ def _qwen3next() -> tuple[dict, list[_Tensor]]:
             body += [*_attn(b, n_head * hd * 2, n_kv * hd), _mat(b + "attn_output.weight", n_head * hd, _E),
                      _norm(b + "attn_q_norm.weight", hd), _norm(b + "attn_k_norm.weight", hd)]
         else:
-            body += [_mat(b + "attn_qkv.weight", _E, key_dim * 2 + value_dim), _mat(b + "attn_gate.weight", _E, value_dim),
+            body += [_mat(b + "attn_qkv.weight", _E, key_dim * 2 + value_dim),
+                     _mat(b + "attn_gate.weight", _E, value_dim),
                      (b + "ssm_conv1d.weight", (d_conv, key_dim * 2 + value_dim), "F32"),
-                     _norm(b + "ssm_dt.bias", dt_rank), _norm(b + "ssm_a", dt_rank), _mat(b + "ssm_ba.weight", _E, dt_rank * 2),
+                     _norm(b + "ssm_dt.bias", dt_rank), _norm(b + "ssm_a", dt_rank),
+                     _mat(b + "ssm_ba.weight", _E, dt_rank * 2),
                      _norm(b + "ssm_norm.weight", d_state), _mat(b + "ssm_out.weight", value_dim, _E)]
         body += [*_experts(b, n_ff_exp, n_exp), (b + "ffn_gate_inp_shexp.weight", (_E,), "F32"), *_shared(b, n_ff_exp)]
     kv = dict(block_count=n_layer, feed_forward_length=3072, expert_count=n_exp, expert_used_count=n_used,
-              expert_feed_forward_length=n_ff_exp, expert_shared_feed_forward_length=n_ff_exp, full_attention_interval=4,
+              expert_feed_forward_length=n_ff_exp, expert_shared_feed_forward_length=n_ff_exp,
+              full_attention_interval=4,
               **{"attention.head_count": n_head, "attention.head_count_kv": n_kv, "attention.key_length": hd,
                  "attention.value_length": hd, "rope.dimension_count": hd // 4,
                  "attention.layer_norm_rms_epsilon": 1e-6, "ssm.conv_kernel": d_conv, "ssm.inner_size": value_dim,
@@ -279,11 +286,13 @@ def _mamba2() -> tuple[dict, list[_Tensor]]:
         b = f"blk.{i}."
         body += [_norm(b + "attn_norm.weight", _E), _mat(b + "ssm_in.weight", _E, d_inner + conv_dim + dt_rank),
                  (b + "ssm_conv1d.weight", (d_conv, conv_dim), "F32"), _norm(b + "ssm_conv1d.bias", conv_dim),
-                 _norm(b + "ssm_dt.bias", dt_rank), (b + "ssm_a", (1, dt_rank), "F32"), (b + "ssm_d", (1, dt_rank), "F32"),
+                 _norm(b + "ssm_dt.bias", dt_rank), (b + "ssm_a", (1, dt_rank), "F32"),
+                 (b + "ssm_d", (1, dt_rank), "F32"),
                  (b + "ssm_norm.weight", (d_inner // n_group, n_group), "F32"), _mat(b + "ssm_out.weight", d_inner, _E)]
     kv = dict(block_count=n_layer, feed_forward_length=0, **{
         "attention.head_count": 0, "attention.layer_norm_rms_epsilon": 1e-5, "ssm.conv_kernel": d_conv,
-        "ssm.inner_size": d_inner, "ssm.state_size": d_state, "ssm.time_step_rank": dt_rank, "ssm.group_count": n_group})
+        "ssm.inner_size": d_inner, "ssm.state_size": d_state, "ssm.time_step_rank": dt_rank,
+        "ssm.group_count": n_group})
     return kv, head + body + tail
 
 
@@ -304,9 +313,9 @@ def _moe_dense_attn(arch: str) -> Callable[[], tuple[dict, list[_Tensor]]]:
             body += [_norm(b + "ffn_norm.weight", _E), *_experts(b, n_ff_exp, n_exp)]
             if arch == "qwen2moe":
                 body += [(b + "ffn_gate_inp_shexp.weight", (_E,), "F32"), *_shared(b, 1024)]
+        shared = {"expert_feed_forward_length": n_ff_exp, "expert_shared_feed_forward_length": 1024}
         kv = dict(block_count=n_layer, feed_forward_length=n_ff_exp if arch == "olmoe" else 3072, expert_count=n_exp,
-                  expert_used_count=n_used, **({"expert_feed_forward_length": n_ff_exp,
-                                                "expert_shared_feed_forward_length": 1024} if arch == "qwen2moe" else {}),
+                  expert_used_count=n_used, **(shared if arch == "qwen2moe" else {}),
                   **{"attention.head_count": n_head, "attention.head_count_kv": n_kv, "rope.dimension_count": hd,
                      "attention.layer_norm_rms_epsilon": 1e-6})
         return kv, head + body + tail
@@ -327,7 +336,8 @@ def _lfm2() -> tuple[dict, list[_Tensor]]:
             body += [_norm(b + "attn_q_norm.weight", hd), _norm(b + "attn_k_norm.weight", hd),
                      *_attn(b, _E, n_kv * hd), _mat(b + "attn_output.weight", _E, _E)]
         else:
-            body += [(b + "shortconv.conv.weight", (l_cache, _E), "F32"), _mat(b + "shortconv.in_proj.weight", _E, 3 * _E),
+            body += [(b + "shortconv.conv.weight", (l_cache, _E), "F32"),
+                     _mat(b + "shortconv.in_proj.weight", _E, 3 * _E),
                      _mat(b + "shortconv.out_proj.weight", _E, _E)]
     kv = dict(block_count=n_layer, feed_forward_length=n_ff, **{
         "attention.head_count": n_head, "attention.head_count_kv": heads_kv, "rope.dimension_count": hd,
@@ -429,7 +439,7 @@ def write_arch_model(path, arch: str) -> pathlib.Path:
         assert w.fout is not None    # opened by write_header_to_file
         f = w.fout[0]
         end = f.tell()
-        for name, shape, gtype in tensors:
+        for _name, shape, gtype in tensors:
             end = (end + w.data_alignment - 1) // w.data_alignment * w.data_alignment + _n_bytes(shape, gtype)
         f.truncate((end + w.data_alignment - 1) // w.data_alignment * w.data_alignment)
     finally:

@@ -81,7 +81,8 @@ def test_arch_matches_llama_cpp(arch, config_name, arch_paths, worker):
     assert placement, f"placement differs from llama.cpp: {report.layer_devices} against {predicted.layer_devices}"
     for name, want, got in figures:
         for term in ("model", "kv", "state"):
-            assert abs(want[term] - got[term]) <= 32 * KiB, f"{name} {term}: predicted {want[term]}, llama.cpp {got[term]}"
+            assert abs(want[term] - got[term]) <= 32 * KiB, \
+                f"{name} {term}: predicted {want[term]}, llama.cpp {got[term]}"
         if bound:
             assert abs(want["compute"] - got["compute"]) <= bound, \
                 f"{name} compute: predicted {want['compute']}, llama.cpp {got['compute']}; doubts: {compute_doubts}"

@@ -21,8 +21,8 @@ def models(tmp_path_factory):
 
 def test_mla_caches_k_only_at_kv_lora_rank_plus_rope(models):
     ds = models["deepseek2"]
-    main = [l for l in ds.layers if not l.is_nextn]
-    assert all(not l.has_v and l.n_embd_k_gqa == 256 + 64 for l in main)
+    main = [layer for layer in ds.layers if not layer.is_nextn]
+    assert all(not layer.has_v and layer.n_embd_k_gqa == 256 + 64 for layer in main)
     # 6 trunk layers x 4096 cells x 320 f16 values; no V cache (llama.cpp logs K (f16): 15.00 MiB)
     p = plan(ds, parse_sim_spec("24GiB"), SplitConfig(n_ctx=4096))
     assert p.device("SIM0").kv_bytes == 6 * 4096 * 320 * 2 == 15 * MiB
@@ -54,8 +54,8 @@ def test_recurrent_state_per_layer_and_sequence(models):
     qn = models["qwen3next"]
     # n_embd_r = (d_conv - 1) * (d_inner + 2 * n_group * d_state) = 3 * (1024 + 2 * 4 * 128);
     # n_embd_s = d_state * d_inner = 128 * 1024; f32; attention every 4th layer
-    assert [l.n_embd_r for l in qn.layers] == [6144, 6144, 6144, 0] * 2
-    assert [l.n_embd_s for l in qn.layers] == [131072, 131072, 131072, 0] * 2
+    assert [layer.n_embd_r for layer in qn.layers] == [6144, 6144, 6144, 0] * 2
+    assert [layer.n_embd_s for layer in qn.layers] == [131072, 131072, 131072, 0] * 2
     per_layer = 4 * (6144 + 131072)
     p = plan(qn, parse_sim_spec("24GiB,24GiB"), SplitConfig(tensor_split=(1, 1), n_ctx=1024))
     assert p.layers_on("SIM0") == [0, 1, 2, 3, 4] and p.device("SIM0").state_bytes == 4 * per_layer
@@ -71,7 +71,8 @@ def test_recurrent_state_per_layer_and_sequence(models):
 def test_pure_recurrent_model_has_state_and_no_kv(models):
     mb = models["mamba2"]
     # (d_conv - 1) * (d_inner + 2 * n_group * d_state) and d_state * d_inner, f32: llama.cpp logs 6.16 MiB
-    assert {(l.n_embd_r, l.n_embd_s, l.has_kv) for l in mb.layers} == {(3 * (2048 + 2 * 128), 128 * 2048, False)}
+    rows = {(layer.n_embd_r, layer.n_embd_s, layer.has_kv) for layer in mb.layers}
+    assert rows == {(3 * (2048 + 2 * 128), 128 * 2048, False)}
     p = plan(mb, parse_sim_spec("24GiB"), SplitConfig(n_ctx=4096))
     assert p.device("SIM0").state_bytes == 6 * 4 * (6912 + 262144) and p.device("SIM0").kv_bytes == 0
     assert [d.bound_bytes for d in p.doubts] == [0]      # its compute: not modelled, said so
@@ -90,7 +91,8 @@ def test_doubts_are_silent_where_exact_and_one_line_per_term_elsewhere(models):
     assert ds.to_dict()["doubts"] == [ds.doubts[0].text]
     assert plan(models["llama"], sim, SplitConfig(offload_kqv=False)).doubts[0].text.startswith("compute: with the KV")
     # settings: a quantized cache; a MoE split between host and devices
-    assert [d.bound_bytes for d in plan(models["llama"], sim, SplitConfig(type_k="q8_0", split_mode="none")).doubts] == [int(2.2 * MiB)]
+    quantized = plan(models["llama"], sim, SplitConfig(type_k="q8_0", split_mode="none"))
+    assert [d.bound_bytes for d in quantized.doubts] == [int(2.2 * MiB)]
     moe = plan(models["qwen3moe"], sim, SplitConfig(n_gpu_layers=4, tensor_split=(1, 1))).doubts
     assert [d.text.split(",")[0] for d in moe] == ["compute: MoE layers split between the host and devices"]
 

@@ -62,9 +62,9 @@ def doubts(profile: ModelProfile, config: SplitConfig, layer_devices: list[str] 
     arch = profile.arch
     if arch in CACHE_NOT_MODELLED:
         out.append(Doubt("kv", f"KV: {CACHE_NOT_MODELLED[arch]} for {arch}", 0))
-    recurrent = any(l.is_recurrent for l in profile.layers)
-    mla = any(l.has_kv and not l.has_v for l in profile.layers)
-    if recurrent and not any(l.has_kv for l in profile.layers):
+    recurrent = any(layer.is_recurrent for layer in profile.layers)
+    mla = any(layer.has_kv and not layer.has_v for layer in profile.layers)
+    if recurrent and not any(layer.has_kv for layer in profile.layers):
         out.append(Doubt("compute", f"compute: {arch}'s recurrent graph is not modelled (mamba2 at n_embd 1024: up to "
                          "75 MiB too low per device)", 0))
     elif recurrent:
@@ -96,7 +96,7 @@ def doubts(profile: ModelProfile, config: SplitConfig, layer_devices: list[str] 
         if output_shares_layers:
             out.append(Doubt("compute", "compute: pipelined, the output layer's device is up to 2 MiB off "
                              "(measured)", int(2.1 * _MiB)))
-    if profile.n_nextn and any(l.is_nextn and l.tensors for l in profile.layers):
+    if profile.n_nextn and any(layer.is_nextn and layer.tensors for layer in profile.layers):
         out.append(Doubt("compute", f"compute: {arch} loads its {profile.n_nextn} MTP layer(s) with the "
                          "model; their graph is not modelled", 0))
     if not config.offload_kqv:

@@ -11,17 +11,22 @@ import weakref
 
 import numpy as np
 
-from ..errors import ConfigError
-from .compute import estimate_compute_bytes, pipeline_copies
-from .coverage import doubts
 from ..config import SplitConfig
 from ..devices import HOST_NAME, Device
+from ..errors import ConfigError
 from ..ggml_types import row_bytes
 from ..overrides import effective_rules
-from .plan import DevicePlan, Plan
 from ..profile import ModelProfile
+from .compute import estimate_compute_bytes, pipeline_copies
+from .coverage import doubts
+from .plan import DevicePlan, Plan
+from .tensor_parallel import (
+    check_overrides_for_tensor_parallel,
+    check_tensor_parallel,
+    meta_device_name,
+    plan_tensor_parallel,
+)
 from .tensors import compute_sites, place_tensors
-from .tensor_parallel import check_overrides_for_tensor_parallel, check_tensor_parallel, meta_device_name, plan_tensor_parallel
 
 __all__ = ["plan", "select_devices", "kv_cells", "kv_cell_bytes", "split_points", "assign_layers", "state_cells",
            "state_bytes_per_layer"]
@@ -163,9 +168,10 @@ def kv_cell_bytes(profile: ModelProfile, config: SplitConfig) -> tuple[int, ...]
             b = by_shape[shape] = row_bytes(config.type_k, shape[0]) + row_bytes(config.type_v, shape[1])
         out.append(b)
     if hit is None or hit[0]() is not profile:   # cached per profile and KV types: fit re-plans often
-        hit = _KV_BYTES[id(profile)] = (weakref.ref(profile, lambda _r, k=id(profile): _KV_BYTES.pop(k, None)), {})
-    hit[1][key] = out = tuple(out)
-    return out
+        pid = id(profile)
+        hit = _KV_BYTES[pid] = (weakref.ref(profile, lambda _r: _KV_BYTES.pop(pid, None)), {})
+    cells = hit[1][key] = tuple(out)
+    return cells
 
 
 _KV_BYTES: dict[int, tuple] = {}
@@ -181,7 +187,7 @@ def state_cells(config: SplitConfig) -> int:
 def state_bytes_per_layer(profile: ModelProfile, config: SplitConfig) -> tuple[int, ...]:
     """llama_memory_recurrent ctor: r_l [n_embd_r, cells] and s_l [n_embd_s, cells] f32 per recurrent layer."""
     n = state_cells(config)
-    return tuple(_STATE_ELT * (l.n_embd_r + l.n_embd_s) * n for l in profile.layers)
+    return tuple(_STATE_ELT * (layer.n_embd_r + layer.n_embd_s) * n for layer in profile.layers)
 
 
 def _flash_attn_on(config: SplitConfig) -> bool:
@@ -197,7 +203,7 @@ def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | Non
     system memory (None: unknown, then the host row has 0 free and is never "over-full").
     """
     config = (config or SplitConfig()).with_ctx(profile.n_ctx_train)   # -c 0: the training context
-    if config.type_k != config.type_v and any(l.has_kv and not l.has_v for l in profile.layers):
+    if config.type_k != config.type_v and any(layer.has_kv and not layer.has_v for layer in profile.layers):
         # llama_init_from_model (src/llama-context.cpp): MLA keeps one cache; it refuses the load
         raise ConfigError(f"{profile.arch} uses MLA, and llama.cpp refuses different K ({config.type_k}) and "
                           f"V ({config.type_v}) cache types for it; give -ctk and -ctv the same type")
