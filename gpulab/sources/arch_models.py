@@ -387,6 +387,9 @@ ARCH_MODELS: dict[str, Callable[[], tuple[dict, list[_Tensor]]]] = {
     "deepseek2": _deepseek2, "glm4moe": _glm4moe, "qwen3next": _qwen3next, "llama4": _llama4, "gpt-oss": _gpt_oss,
     "mamba2": _mamba2, "qwen2moe": _moe_dense_attn("qwen2moe"), "olmoe": _moe_dense_attn("olmoe"), "lfm2": _lfm2,
     "exaone4": _exaone4, "cohere2": _cohere2, "internlm2": _dense_llama(),
+    # the loaders that create llama's blocks (src/models/<arch>.cpp)
+    "baichuan": _dense_llama(), "exaone": _dense_llama(), "nanbeige": _dense_llama(), "xverse": _dense_llama(),
+    "maincoder": _dense_llama(qk_norm=True),
 }
 
 

@@ -18,10 +18,11 @@ __all__ = ["CACHE_NOT_MODELLED", "COMPUTE_CHECKED", "Doubt", "doubts"]
 
 # Architectures whose compute buffers the closed forms of gpulab.core.placement.compute were
 # derived from (llama, gemma2/3, qwen3moe) or checked on by the architecture matrix with the same
-# errors as llama's (qwen2, qwen3, mistral3, granite, gpt-oss, olmoe, internlm2; smollm3's RoPE-less layers and
-# olmo2's norms differ). The others get a compute doubt.
+# errors as llama's (qwen2, qwen3, mistral3, granite, gpt-oss, olmoe, internlm2, exaone, maincoder,
+# nanbeige, xverse; smollm3's RoPE-less layers, olmo2's norms and baichuan differ). The others get a
+# compute doubt.
 COMPUTE_CHECKED = frozenset({"llama", "gemma2", "gemma3", "qwen3moe", "qwen2", "qwen3", "mistral3", "granite",
-                             "gpt-oss", "olmoe", "internlm2"})
+                             "gpt-oss", "olmoe", "internlm2", "exaone", "maincoder", "nanbeige", "xverse"})
 
 # Architectures whose memory is not llama_kv_cache / llama_memory_recurrent as gpulab sizes them
 # (llama_model::create_memory, src/llama-model.cpp): a lightning-indexer cache beside MLA, the
