@@ -100,10 +100,9 @@ def run(a, session) -> Result:
     if run.plan is None:
         run = replace(run, plan=p.to_dict())
     notes = list(getattr(run, "notes", ()))
-    from .plan import server_would_fit
-    if not getattr(a, "policy", None) and server_would_fit(config):
+    from ..core.policies.server_fit import fit, server_would_fit
+    if not getattr(a, "policy", None) and server_would_fit(config, list(choice.devices)):
         # llama-bench and llama-cpp-python load the settings as given; llama-server fits first
-        from ..core.policies.server_fit import fit
         fitted = fit(prof, list(choice.devices), config.replace(n_ctx=0), choice.host)
         if fitted.ok and fitted.changed != ("n_ctx",):
             notes.append(f"note: measured without -fit, as llama-bench does; llama-server would load "

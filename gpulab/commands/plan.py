@@ -77,13 +77,10 @@ def _with_ctx(a):
 
 def server_fit(a, prof, choice, config, path=None):
     """common_fit_params as llama-server runs it on these flags, with its defaults for what was not
-    given: -c 0 (an explicit -c 0 asks for the full context: fit's minimum becomes UINT32_MAX,
-    common/arg.cpp) and -np auto, which is 4 slots sharing one unified KV cache (tools/server/server.cpp)."""
-    from ..core.policies.server_fit import UINT32_MAX, fit
-    ctx_given = getattr(a, "ctx_size", None) is not None
-    server = config if ctx_given else config.replace(n_ctx=0)
-    if getattr(a, "parallel", 1) is None:
-        server = server.replace(n_seq_max=4, kv_unified=True)
+    given (gpulab.core.policies.server_fit.server_config)."""
+    from ..core.policies.server_fit import fit, server_config
+    server, n_ctx_min = server_config(config, ctx_given=getattr(a, "ctx_size", None) is not None,
+                                      parallel_given=getattr(a, "parallel", 1) is not None)
     measure = None
     if getattr(a, "fit_dry_run", False):
         if choice.worker is None or not choice.can_load or path is None:
@@ -92,14 +89,7 @@ def server_fit(a, prof, choice, config, path=None):
                               f"(--rpc, --llama-devices){': ' + choice.why_not if choice.why_not else ''}")
         from ..runtime.fit_dry_run import dry_run_measure
         measure = dry_run_measure(choice.worker, path, prof, list(choice.devices), choice.host)
-    return fit(prof, list(choice.devices), server, choice.host,
-               n_ctx_min=UINT32_MAX if ctx_given and config.n_ctx == 0 else None, measure=measure)
-
-
-def server_would_fit(config) -> bool:
-    """llama-server would choose something here: -fit on and -ngl, -ts and the overrides unset."""
-    return (config.fit == "on" and config.n_gpu_layers == -1 and not any(config.tensor_split)
-            and not config.has_tensor_overrides and config.split_mode == "layer")
+    return fit(prof, list(choice.devices), server, choice.host, n_ctx_min=n_ctx_min, measure=measure)
 
 
 def run(a, session) -> Result:
@@ -129,7 +119,8 @@ def run(a, session) -> Result:
     text, data, objects = plan_text(p, speed, speed_error=speed_error, flags=flags), p.to_dict(), {}
     if flags:
         data["flags"] = flags
-    if not getattr(a, "policy", None) and server_would_fit(config):
+    from ..core.policies.server_fit import server_would_fit
+    if not getattr(a, "policy", None) and server_would_fit(config, list(choice.devices)):
         from ..core.placement.planner import plan as make_plan
         from ..ui.text import fit_text
         fitted = server_fit(a, prof, choice, config, path)

@@ -67,7 +67,8 @@ from ..placement.planner import plan, select_devices
 from ..profile import ModelProfile
 
 __all__ = ["FitResult", "fit", "fit_flags", "DEFAULT_TARGET_MIB", "UINT32_MAX", "fit_margins",
-           "MOE_ALL_PATTERN", "overflow_pattern"]
+           "MOE_ALL_PATTERN", "overflow_pattern", "SERVER_N_SEQ", "server_config", "user_placement",
+           "server_would_fit"]
 
 MiB = 1024 * 1024
 DEFAULT_TARGET_MIB = 1024            # common_params.fit_params_target
@@ -75,6 +76,8 @@ UINT32_MAX = 2**32 - 1
 MOE_ALL_PATTERN = r"blk\.\d+\.ffn_(up|down|gate_up|gate)_(ch|)exps"   # common_params_fit_impl
 COMPUTE_UNCERTAINTY = 0.10           # gpulab.core.placement.compute: closed forms within ~10% of the replay
 COMPUTE_UNCERTAINTY_OVERRIDES = 0.25  # with tensor overrides (tests/integration/test_overrides_vs_llama.py)
+
+SERVER_N_SEQ = 4                     # -np auto: 4 slots sharing one unified KV cache (tools/server/server.cpp)
 
 # enum common_layer_fraction_t: which part of a layer a device keeps before the rest overflows
 ATTN, UP, GATE, MOE = 1, 2, 3, 4
@@ -230,6 +233,40 @@ def fit_margins(config: SplitConfig, n_devices: int) -> list[int]:
     if len(t) == 1:
         return [t[0] * MiB] * max(n_devices, 1)
     return [(t[i] if i < len(t) else DEFAULT_TARGET_MIB) * MiB for i in range(max(n_devices, 1))]
+
+
+def server_config(config: SplitConfig, *, ctx_given: bool, parallel_given: bool) -> tuple[SplitConfig, int | None]:
+    """(the config llama-server fits, fit's minimum context or None for -fitc) with llama-server's
+    defaults for the flags not given: -c 0 and -np auto, which is 4 slots sharing one unified KV
+    cache (tools/server/server.cpp). An explicit -c 0 asks for the full context: fit's minimum
+    becomes UINT32_MAX (common/arg.cpp)."""
+    server = config if ctx_given else replace(config, n_ctx=0)
+    if not parallel_given:
+        server = replace(server, n_seq_max=SERVER_N_SEQ, kv_unified=True)
+    return server, (UINT32_MAX if ctx_given and config.n_ctx == 0 else None)
+
+
+def user_placement(config: SplitConfig, n_devices: int) -> str | None:
+    """Why fit leaves the weights where the user put them (common_params_fit_impl's checks before it
+    fills devices, its words), or None when fit may place them: -ngl, -ts (several devices), split
+    mode row (several devices), tensor overrides."""
+    if config.n_gpu_layers != -1:
+        return f"n_gpu_layers already set by user to {config.n_gpu_layers}, abort"
+    if n_devices > 1:
+        if any(config.tensor_split):
+            return "model_params::tensor_split already set by user, abort"
+        if config.split_mode == "row":
+            return "changing weight allocation for LLAMA_SPLIT_MODE_ROW not implemented, abort"
+    if config.has_tensor_overrides:
+        return "model_params::tensor_buft_overrides already set by user, abort"
+    return None
+
+
+def server_would_fit(config: SplitConfig, devices: list[Device]) -> bool:
+    """llama-server's fit would place the weights itself here: -fit on, a split mode it implements,
+    and nothing of the placement set by the user (user_placement)."""
+    return (config.fit == "on" and config.split_mode != "tensor"
+            and user_placement(config, len(select_devices(devices, config))) is None)
 
 
 class _Abort(Exception):
@@ -429,15 +466,9 @@ class _Fit:
             raise _Abort("was unable to fit model into system memory by reducing context, abort")
 
         # step 3: the checks
-        if cfg.n_gpu_layers != -1:
-            raise _Abort(f"n_gpu_layers already set by user to {cfg.n_gpu_layers}, abort")
-        if nd > 1:
-            if any(cfg.tensor_split):
-                raise _Abort("model_params::tensor_split already set by user, abort")
-            if cfg.split_mode == "row":
-                raise _Abort("changing weight allocation for LLAMA_SPLIT_MODE_ROW not implemented, abort")
-        if cfg.has_tensor_overrides:
-            raise _Abort("model_params::tensor_buft_overrides already set by user, abort")
+        why = user_placement(cfg, nd)
+        if why:
+            raise _Abort(why)
         self._fill(cfg, hp_ngl, hp_nex, free, margins)
 
     def _rounding(self, raw: int, align: int, lo: int, hi: int, used_max: int, used_min: int,

@@ -13,7 +13,8 @@ from builders import MiB, make_hand_moe_profile, make_profile
 from gpulab.core.config import SplitConfig, parse_mib_list, parse_ngl
 from gpulab.core.devices import parse_sim_spec
 from gpulab.core.errors import ConfigError
-from gpulab.core.policies.server_fit import UINT32_MAX, fit, fit_margins, overflow_pattern
+from gpulab.core.policies.server_fit import (UINT32_MAX, fit, fit_margins, overflow_pattern, server_config,
+                                              server_would_fit, user_placement)
 from gpulab.core.placement.planner import plan
 
 
@@ -134,3 +135,27 @@ def test_near_boundary_decisions_are_reported():
     for d in r.decisions:
         assert d.near == (abs(d.projected_bytes - d.target_bytes) < d.uncertainty_bytes)
     assert len(r.near_boundary) == sum(d.near for d in r.decisions)
+
+
+def test_llama_servers_defaults_fill_what_was_not_given():
+    given = SplitConfig(n_ctx=4096, n_seq_max=2)
+    assert server_config(given, ctx_given=False, parallel_given=False) == (
+        SplitConfig(n_ctx=0, n_seq_max=4, kv_unified=True), None)
+    assert server_config(given, ctx_given=True, parallel_given=True) == (given, None)
+    # an explicit -c 0 asks for the full context: fit may not shrink it
+    assert server_config(SplitConfig(n_ctx=0), ctx_given=True, parallel_given=True)[1] == UINT32_MAX
+
+
+def test_fit_places_the_weights_only_where_the_user_did_not():
+    two, one = parse_sim_spec("2x24GiB"), parse_sim_spec("1x24GiB")
+    assert server_would_fit(SplitConfig(), two)
+    assert not server_would_fit(SplitConfig(fit="off"), two)
+    assert not server_would_fit(SplitConfig(n_gpu_layers=10), one)
+    assert not server_would_fit(SplitConfig(tensor_split=(1.0, 1.0)), two)
+    assert server_would_fit(SplitConfig(split_mode="none"), two)      # one device: fit places its layers
+    # row (SYCL devices only) is refused with several devices, not with one
+    assert user_placement(SplitConfig(split_mode="row"), 2) == (
+        "changing weight allocation for LLAMA_SPLIT_MODE_ROW not implemented, abort")
+    assert user_placement(SplitConfig(split_mode="row"), 1) is None
+    assert not server_would_fit(SplitConfig(split_mode="tensor"), two)
+    assert not server_would_fit(SplitConfig(tensor_overrides=("blk\\.0\\..*=CPU",)), one)
