@@ -26,9 +26,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from ..core.config import SplitConfig
+from ..core.config import SplitConfig, config_from_dict, config_to_dict
 from ..core.measure.llama_bench import format_results
-from ..core.measure.results import BenchRun, config_from_dict, config_to_dict
+from ..core.measure.results import BenchRun
 from ..core.run import Run
 from ..core.measure.sweep_grid import Grid
 from ..core.errors import GpulabError

@@ -26,7 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..core import errors as gerrors
-from ..core.config import SplitConfig
+from ..core.config import SplitConfig, config_to_dict
 from ..core.devices import Device
 from ..core.report import LoadReport
 from ..core.run import Run
@@ -204,7 +204,7 @@ class Worker:
              use_devices: bool = True, check_fit: bool = True) -> tuple[LoadReport, dict]:
         """Load, report, close. Returns the LoadReport and the raw answer (notes, timings).
         check_fit: refuse (DoesNotFitError) what the plan says cannot fit, before loading."""
-        raw = self.call("load", path=str(path), config=asdict(config), dry_run=dry_run, use_devices=use_devices,
+        raw = self.call("load", path=str(path), config=config_to_dict(config), dry_run=dry_run, use_devices=use_devices,
                         check_fit=check_fit)
         return LoadReport.from_dict(raw["report"]), raw
 
@@ -216,7 +216,8 @@ class Worker:
         If llama.cpp aborts the worker (an RPC server died mid-run), this raises LoadError and
         the calling process carries on; the next call starts a fresh worker.
         progress(phase, fraction) is called here as the worker reports it."""
-        from ..core.measure.results import config_to_dict, run_from_dict
+        from ..core.config import config_to_dict
+        from ..core.measure.results import run_from_dict
         cfg = config_to_dict(config) if config is not None else None
         raw = self.call("measure", _on_progress=progress, path=str(path), config=cfg, n_prompt=n_prompt,
                         n_gen=n_gen, repetitions=repetitions, n_threads=n_threads, warmup=warmup, seed=seed,
@@ -227,7 +228,7 @@ class Worker:
         """Load a model in the worker and keep it open there: measure it, re-split it, close it.
 
         The in-worker counterpart of open_model + measure_loaded + resplit, for RPC devices."""
-        from ..core.measure.results import config_to_dict
+        from ..core.config import config_to_dict
         raw = self.call("open", path=str(path), config=config_to_dict(config or SplitConfig()))
         return RemoteModel(self, raw)
 
@@ -241,7 +242,7 @@ class RemoteModel:
         self._update(raw)
 
     def _update(self, raw: dict) -> None:
-        from ..core.measure.results import config_from_dict
+        from ..core.config import config_from_dict
         self.id = raw["id"]
         self.path = raw["path"]
         self.config = config_from_dict(raw["config"])
@@ -272,7 +273,7 @@ class RemoteModel:
     def resplit(self, config: SplitConfig) -> "RemoteModel":
         """Close and reload with `config` in the worker (gpulab.runtime.bench.resplit); `ready_seconds`
         is then the time from this call's start in the worker to a context ready to measure."""
-        from ..core.measure.results import config_to_dict
+        from ..core.config import config_to_dict
         self._update(self._call("resplit", config=config_to_dict(config)))
         return self
 
@@ -318,7 +319,8 @@ def _serve() -> None:
     def op_load(path, config, dry_run=False, use_devices=True, check_fit=True):
         devices = llama_lib.llama_devices() if use_devices else None
         fractions: list[float] = []
-        with open_model(path, SplitConfig(**config), devices=devices, dry_run=dry_run,
+        from ..core.config import config_from_dict
+        with open_model(path, config_from_dict(config), devices=devices, dry_run=dry_run,
                         progress=fractions.append, check_fit=check_fit) as m:
             return {"report": m.report.to_dict(), "notes": list(m.notes),
                     "effective_devices": list(m.effective_config.devices),
@@ -326,7 +328,8 @@ def _serve() -> None:
                     "n_progress": len(fractions), "last_progress": fractions[-1] if fractions else None}
 
     def op_measure(path, config=None, **kw):
-        from ..core.measure.results import config_from_dict, run_to_dict
+        from ..core.config import config_from_dict
+        from ..core.measure.results import run_to_dict
         from .bench import measure
 
         last = {}
@@ -344,7 +347,7 @@ def _serve() -> None:
     models: dict[int, object] = {}    # open models by id (Worker.open)
 
     def _answer(mid, m):
-        from ..core.measure.results import config_to_dict
+        from ..core.config import config_to_dict
         return {"id": mid, "path": m.path, "config": config_to_dict(m.config), "report": m.report.to_dict(),
                 "load_seconds": m.load_seconds, "context_seconds": m.context_seconds,
                 "ready_seconds": m.ready_seconds, "notes": list(m.notes)}
@@ -356,7 +359,7 @@ def _serve() -> None:
         return m
 
     def op_open(path, config):
-        from ..core.measure.results import config_from_dict
+        from ..core.config import config_from_dict
         m = open_model(path, config_from_dict(config), devices=llama_lib.llama_devices())
         mid = max(models, default=0) + 1
         models[mid] = m
@@ -371,7 +374,7 @@ def _serve() -> None:
         return run_to_dict(measure_loaded(_model(id), progress=progress, **kw))
 
     def op_resplit(id, config):
-        from ..core.measure.results import config_from_dict
+        from ..core.config import config_from_dict
         from .bench import resplit
         old = _model(id)
         try:

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
-from ..core.config import SplitConfig
+from ..core.config import SplitConfig, config_from_dict, config_to_dict
 from ..core.devices import Device
 from ..core.errors import AllocationMismatchError, ConfigError, GpulabError
 from ..core.units import format_bytes
@@ -159,9 +159,7 @@ def _fingerprint(model_path) -> str:
 
 
 def _doc(a: Allocation) -> dict:
-    cfg = asdict(a.config)
-    cfg["tensor_split"] = [float(x) for x in a.config.tensor_split]
-    cfg["devices"] = list(a.config.devices)
+    cfg = config_to_dict(a.config)
     return {"version": _VERSION, "model_fingerprint": a.model_fingerprint, "model_path": a.model_path,
             "model_bytes": a.model_bytes, "created": a.created, "source": a.source,
             "config": cfg, "devices": [asdict(d) for d in a.devices], "measurement": a.measurement}
@@ -170,12 +168,10 @@ def _doc(a: Allocation) -> dict:
 def _load(path: Path) -> Allocation:
     try:
         doc = read_toml(path)
-        known = {f.name for f in fields(SplitConfig)}
-        cfg = {k: (tuple(v) if isinstance(v, list) else v) for k, v in doc["config"].items() if k in known}
         version = int(doc.get("version", 1))
         return Allocation(model_fingerprint=doc["model_fingerprint"] if version >= 2 else doc["model_hash"],
                           model_path=doc.get("model_path", ""), model_bytes=int(doc.get("model_bytes", 0)),
-                          config=SplitConfig(**cfg),
+                          config=config_from_dict(doc["config"]),
                           devices=tuple(AllocationDevice(**d) for d in doc.get("devices", [])),
                           measurement=dict(doc.get("measurement", {})), created=doc.get("created", ""),
                           source=doc.get("source", ""), path=path, version=version)

@@ -20,9 +20,9 @@ import json
 import os
 from pathlib import Path
 
-from ..core.config import SplitConfig
+from ..core.config import SplitConfig, config_to_dict
 from ..core.errors import StoreError
-from ..core.measure.results import config_to_dict, runs_from_records, to_llama_bench_records
+from ..core.measure.results import runs_from_records, to_llama_bench_records
 from ..core.run import Run
 from .paths import data_dir
 

@@ -16,17 +16,17 @@ Standard library only, like the rest of gpulab.core.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 
-from ..config import SplitConfig
+from ..config import SplitConfig, config_from_dict, config_to_dict
 from ..report import LoadReport
 from ..run import Run, Throughput
 
 __all__ = [
     "BenchRun", "run_to_dict", "run_from_dict", "to_llama_bench_records", "runs_from_records",
     "LLAMA_BENCH_FIELDS", "LLAMA_BENCH_SAMPLE_FIELDS", "INT_FIELDS", "BOOL_FIELDS", "FLOAT_FIELDS",
-    "format_tensor_split", "throughput_from_samples", "config_to_dict", "config_from_dict",
+    "format_tensor_split", "throughput_from_samples",
 ]
 
 # test::get_fields() of the vendored llama-bench.cpp, in order (tests/runtime/test_bench_results.py
@@ -125,16 +125,6 @@ def _overrides_str(c: SplitConfig) -> str:
     from ..overrides import effective_rules
     rules = [r for r in effective_rules(c) if r.source != "-ncmoe"]
     return ";".join(r.text for r in rules) or "none"
-
-
-def config_to_dict(c: SplitConfig) -> dict:
-    """Plain JSON types: tuples as lists (what json.loads gives back)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(c).items()}
-
-
-def config_from_dict(d: dict) -> SplitConfig:
-    known = {f.name for f in fields(SplitConfig)}
-    return SplitConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known})
 
 
 _RUN_FIELDS = tuple(f.name for f in fields(Run))
