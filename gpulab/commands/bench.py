@@ -94,11 +94,11 @@ def run(a, session) -> Result:
     bar = _Bar()
     try:
         run = choice.worker.measure(path, config, n_prompt=a.n_prompt, n_gen=a.n_gen, repetitions=a.repetitions,
-                                    n_threads=a.threads, warmup=not a.no_warmup, progress=bar)
+                                    n_threads=a.threads, warmup=not a.no_warmup, progress=bar, plan=p.memory())
     finally:
         bar.clear()
     if run.plan is None:
-        run = replace(run, plan=p.to_dict())
+        run = replace(run, plan=p.memory())
     notes = list(getattr(run, "notes", ()))
     from ..core.policies.server_fit import fit, server_would_fit
     if not getattr(a, "policy", None) and server_would_fit(config, list(choice.devices)):

@@ -46,7 +46,8 @@ from ..core.errors import ConfigError, LoadError
 from . import llama_lib
 from ..sources.host import default_threads
 from .crash import guard
-from .model import LoadedModel, open_model
+from ..core.run import PlannedMemory
+from .model import LoadedModel, open_model, plan_load
 
 __all__ = ["measure", "measure_loaded", "resplit", "system_facts", "Progress"]
 
@@ -249,16 +250,13 @@ def _now_iso() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _plan_dict(loaded: LoadedModel) -> tuple[dict | None, str | None]:
-    """The planner's prediction for the config llama.cpp got, on the devices it saw at load."""
+def _planned(loaded: LoadedModel) -> tuple[PlannedMemory | None, str | None]:
+    """The prediction the load was checked against, else the planner's for the config llama.cpp
+    got, on the devices it saw at load."""
+    if loaded.plan is not None:
+        return loaded.plan, None
     try:
-        from ..sources.read import read_profile
-        from ..core.placement.planner import plan
-        devices = list(loaded.devices)
-        host = next((d for d in devices if d.kind == "cpu"), None)
-        offload = [d for d in devices if d.is_offload]
-        p = plan(read_profile(loaded.path), offload, loaded.effective_config, host)
-        return p.to_dict(), None
+        return plan_load(loaded.path, loaded.effective_config, list(loaded.devices)), None
     except Exception as e:  # noqa: BLE001 - a run without a prediction is still a run
         return None, f"no plan for this run: {type(e).__name__}: {e}"
 
@@ -358,7 +356,7 @@ def measure_loaded(loaded: LoadedModel, *, n_prompt: int = 512, n_gen: int = 128
     started = _now_iso()
     facts = system_facts()
     mfacts = _model_facts(lc, model)
-    plan, plan_note = _plan_dict(loaded)
+    plan, plan_note = _planned(loaded)
     try:
         with guard(f"the measurement of {Path(loaded.path).name}"):
             pp, tg = _timed_tests(lc, ctx, model, n_batch, n_threads, seed, n_prompt=n_prompt, n_gen=n_gen,
@@ -406,13 +404,16 @@ def _model_hash(path: str) -> str:
 def measure(path: str | os.PathLike, config: SplitConfig | None = None, *, n_prompt: int = 512,
             n_gen: int = 128, repetitions: int = 5, n_threads: int | None = None,
             devices: list[Device] | None = None, progress: Progress | None = None, warmup: bool = True,
-            seed: int | None = None, nvml: bool = True, verbose: bool = False) -> BenchRun:
+            seed: int | None = None, nvml: bool = True, verbose: bool = False,
+            plan: PlannedMemory | None = None) -> BenchRun:
     """Load `path` with `config`, measure pp and tg as llama-bench does, close; the Run.
 
     config: default SplitConfig(n_ctx=n_prompt + n_gen), llama-bench's context size.
     devices: the devices llama.cpp sees (default llama_devices()), as open_model takes them.
     progress(phase, fraction): 'load', 'warmup', 'pp', 'tg'.
     nvml: sample GPU memory with NVML during load and run, where NVML is available.
+    plan: the caller's prediction for this load (Plan.memory()): checked and kept instead of
+      planning again (open_model's `plan`).
     """
     config = config or SplitConfig(n_ctx=max(1, n_prompt + n_gen))
     sampler = None
@@ -421,7 +422,8 @@ def measure(path: str | os.PathLike, config: SplitConfig | None = None, *, n_pro
         sampler = NvmlSampler().start()
     try:
         load_progress = (lambda f: progress("load", f)) if progress is not None else None
-        with open_model(path, config, devices=devices, progress=load_progress, verbose=verbose) as m:
+        with open_model(path, config, devices=devices, progress=load_progress, verbose=verbose,
+                        plan=plan) as m:
             return measure_loaded(m, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions, n_threads=n_threads,
                                   progress=progress, warmup=warmup, seed=seed, nvml=nvml, _sampler=sampler)
     finally:

@@ -29,7 +29,7 @@ from ..core import errors as gerrors
 from ..core.config import SplitConfig, config_to_dict
 from ..core.devices import Device
 from ..core.report import LoadReport
-from ..core.run import Run
+from ..core.run import PlannedMemory, Run
 from ..core.errors import GpulabError, LoadError
 from .crash import describe_death
 
@@ -210,18 +210,21 @@ class Worker:
 
     def measure(self, path: str | os.PathLike, config: SplitConfig | None = None, *, n_prompt: int = 512,
                 n_gen: int = 128, repetitions: int = 5, n_threads: int | None = None, warmup: bool = True,
-                progress=None, seed: int | None = None, nvml: bool = True) -> Run:
+                progress=None, seed: int | None = None, nvml: bool = True,
+                plan: PlannedMemory | None = None) -> Run:
         """gpulab.runtime.bench.measure in the worker; the Run (a BenchRun) comes back as JSON.
 
         If llama.cpp aborts the worker (an RPC server died mid-run), this raises LoadError and
         the calling process carries on; the next call starts a fresh worker.
-        progress(phase, fraction) is called here as the worker reports it."""
+        progress(phase, fraction) is called here as the worker reports it.
+        plan: this process's prediction for the load (Plan.memory()): the worker checks the load
+        against it and keeps it in the Run instead of reading the header and planning again."""
         from ..core.config import config_to_dict
         from ..core.measure.results import run_from_dict
         cfg = config_to_dict(config) if config is not None else None
         raw = self.call("measure", _on_progress=progress, path=str(path), config=cfg, n_prompt=n_prompt,
                         n_gen=n_gen, repetitions=repetitions, n_threads=n_threads, warmup=warmup, seed=seed,
-                        nvml=nvml)
+                        nvml=nvml, plan=plan.to_dict() if plan is not None else None)
         return run_from_dict(raw)
 
     def open(self, path: str | os.PathLike, config: SplitConfig | None = None) -> "RemoteModel":
@@ -327,7 +330,7 @@ def _serve() -> None:
                     "load_seconds": m.load_seconds, "context_seconds": m.context_seconds,
                     "n_progress": len(fractions), "last_progress": fractions[-1] if fractions else None}
 
-    def op_measure(path, config=None, **kw):
+    def op_measure(path, config=None, plan=None, **kw):
         from ..core.config import config_from_dict
         from ..core.measure.results import run_to_dict
         from .bench import measure
@@ -342,7 +345,8 @@ def _serve() -> None:
             out.write(json.dumps({"progress": [phase, fraction]}) + "\n")
 
         cfg = config_from_dict(config) if config is not None else None
-        return run_to_dict(measure(path, cfg, progress=progress, **kw))
+        planned = PlannedMemory.from_dict(plan) if plan is not None else None
+        return run_to_dict(measure(path, cfg, progress=progress, plan=planned, **kw))
 
     models: dict[int, object] = {}    # open models by id (Worker.open)
 

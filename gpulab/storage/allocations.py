@@ -234,12 +234,12 @@ _v1_cache: dict[tuple[str, int, int], str] = {}
 def _v1_model_hash(path: str | os.PathLike) -> str:
     """The fingerprint version 1 files carry: sha256 over the sampled file and the parsed header
     (every tensor's name, type and shape, and the metadata). Only to find those files."""
-    from ..sources.gguf_file import read_profile
+    from ..sources.gguf_file import read_local_profile
     p = os.fspath(path)
     st = os.stat(p)
     key = (os.path.realpath(p), st.st_size, st.st_mtime_ns)
     if key not in _v1_cache:
-        prof = read_profile(p)
+        prof = read_local_profile(p)
         h = sampled_sha256(p, prefix=b"gpulab-model-hash-1\0")
         for t in [*prof.input_tensors, *(t for layer in prof.layers for t in layer.tensors),
                   *prof.output_tensors, *prof.other_tensors]:

@@ -699,7 +699,7 @@ class SplitLab(W.VBox):
             run = self.worker.measure(self.model_path, cfg, n_prompt=self.n_prompt.value, n_gen=self.n_gen.value,
                                       repetitions=self.repetitions.value, progress=self._progress)
             if run.plan is None:
-                run = replace(run, plan=p.to_dict())
+                run = replace(run, plan=p.memory())
         except GpulabError as e:
             self.progress.bar_style = "danger"
             self.progress_label.value = "failed"

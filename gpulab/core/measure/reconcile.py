@@ -2,7 +2,7 @@
 per device and per term, with the errors; and the runtime overhead learned per device.
 
     rec = reconcile(run)                  # run.plan is the prediction the run carries
-    rec = reconcile(run, plan)            # or any Plan / Plan.to_dict() for the same config
+    rec = reconcile(run, plan)            # or a Plan / PlannedMemory for the same config
     rec.rows                              # TermRow(device, term, predicted, reported, measured)
     print(rec.text())
 
@@ -20,13 +20,13 @@ the row says so in `note`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from .results import BenchRun
-from ..run import Run
+from ..run import PlannedMemory, Run
 from ..units import format_bytes
 
-__all__ = ["TermRow", "Reconciliation", "reconcile", "comparison_rows", "TERMS"]
+__all__ = ["TermRow", "Reconciliation", "reconcile", "as_planned_memory", "comparison_rows", "TERMS"]
 
 TERMS = ("weights", "kv", "compute", "output", "overhead", "total")
 _KIND = {"weights": "model", "kv": "kv", "compute": "compute", "output": "output"}
@@ -107,19 +107,21 @@ class Reconciliation:
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
 
-def _plan_devices(plan) -> dict[str, dict]:
+def as_planned_memory(plan) -> PlannedMemory | None:
+    """A Plan (live), a PlannedMemory (a run's) or its stored dict, as the one type reconcile reads."""
+    if plan is None or isinstance(plan, PlannedMemory):
+        return plan
+    if isinstance(plan, dict):
+        return PlannedMemory.from_dict(plan)
+    return plan.memory()
+
+
+def _plan_devices(plan: PlannedMemory | None) -> dict[str, dict]:
     if plan is None:
         return {}
-    d = plan if isinstance(plan, dict) else plan.to_dict()
-    out = {}
-    for dev in d.get("devices", []):
-        out[dev["name"]] = dev
-    if not isinstance(plan, dict):   # a Plan object also knows the overhead it assumed
-        for dp in plan.devices:
-            out[dp.name]["overhead_bytes"] = dp.overhead_bytes
-    ts = d.get("tensor_parallel")
-    if ts:
-        out[ts["meta_device"]] = _meta_row([out[n] for n in ts["devices"]])
+    out = {d.name: asdict(d) for d in plan.devices}
+    if plan.meta_device:
+        out[plan.meta_device] = _meta_row([out[n] for n in plan.meta_members])
     return out
 
 
@@ -137,7 +139,7 @@ _META_NOTE = ("-sm tensor: llama.cpp logs one Meta() device, each buffer the siz
 
 def reconcile(run: Run, plan=None) -> Reconciliation:
     """The error table for `run` against `plan` (default: the plan the run carries)."""
-    plan = run.plan if plan is None else plan
+    plan = as_planned_memory(run.plan if plan is None else plan)
     pdevs = _plan_devices(plan)
     report = run.report
     by_dev = report.kinds_by_device()
@@ -176,9 +178,7 @@ def reconcile(run: Run, plan=None) -> Reconciliation:
             why = ("no NVML on the CPU and RPC devices: overhead unknown" if name == "CPU" or name.startswith("RPC")
                    else "no NVML figure for this device: overhead unknown")
             rows.append(TermRow(name, "overhead", pred_over, None, None, why))
-        pred_total = p.get("used_bytes") if p is not None else None
-        if p is not None and pred_total is None:
-            pred_total = sum(p.get(k, 0) for k in ("weights_bytes", "kv_bytes", "compute_bytes", "overhead_bytes"))
+        pred_total = p["used_bytes"] if p is not None else None
         rows.append(TermRow(name, "total", pred_total, reported_total, measured_total,
                             "" if measured_total is not None else "llama.cpp's buffers only"))
     if no_nvml:

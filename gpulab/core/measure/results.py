@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 
 from ..config import SplitConfig, config_from_dict, config_to_dict
 from ..report import LoadReport
-from ..run import Run, Throughput
+from ..run import PlannedMemory, Run, Throughput
 
 __all__ = [
     "BenchRun", "run_to_dict", "run_from_dict", "to_llama_bench_records", "runs_from_records",
@@ -139,7 +139,7 @@ def run_to_dict(run: Run, *, include_log: bool = True) -> dict:
     d = {"model_path": run.model_path, "model_bytes": run.model_bytes, "config": config_to_dict(run.config),
          "report": report, "pp": _throughput_dict(run.pp), "tg": _throughput_dict(run.tg),
          "load_seconds": run.load_seconds, "n_threads": run.n_threads, "devices": list(run.devices),
-         "nvml_peak_bytes": dict(run.nvml_peak_bytes), "plan": run.plan, "timestamp": run.timestamp,
+         "nvml_peak_bytes": dict(run.nvml_peak_bytes), "plan": _plan_dict(run), "timestamp": run.timestamp,
          "build": run.build}
     if isinstance(run, BenchRun):
         for name in _BENCH_FIELDS:
@@ -148,13 +148,18 @@ def run_to_dict(run: Run, *, include_log: bool = True) -> dict:
     return d
 
 
+def _plan_dict(run: Run) -> dict | None:
+    return run.plan.to_dict() if run.plan is not None else None
+
+
 def run_from_dict(d: dict) -> Run:
     """Inverse of run_to_dict: a BenchRun when the dict has BenchRun's fields, else a Run."""
     kw = dict(model_path=d["model_path"], model_bytes=d["model_bytes"], config=config_from_dict(d["config"]),
               report=LoadReport.from_dict(d["report"]), pp=_throughput(d.get("pp")), tg=_throughput(d.get("tg")),
               load_seconds=d.get("load_seconds", 0.0), n_threads=d.get("n_threads", 0),
               devices=tuple(d.get("devices", ())), nvml_peak_bytes=dict(d.get("nvml_peak_bytes", {})),
-              plan=d.get("plan"), timestamp=d.get("timestamp", ""), build=d.get("build", ""))
+              plan=PlannedMemory.from_dict(d["plan"]) if d.get("plan") else None,
+              timestamp=d.get("timestamp", ""), build=d.get("build", ""))
     extra = {k: d[k] for k in _BENCH_FIELDS if k in d}
     if not extra:
         return Run(**kw)
@@ -196,7 +201,7 @@ def _test_time(ts: str) -> str:
 def _gpulab_object(run: Run, t: Throughput) -> dict:
     report = run.report.to_dict()
     report.pop("log", None)
-    g = {"test": t.name, "config": config_to_dict(run.config), "plan": run.plan, "report": report,
+    g = {"test": t.name, "config": config_to_dict(run.config), "plan": _plan_dict(run), "report": report,
          "buffers": run.report.kinds_by_device(), "nvml_peak_bytes": dict(run.nvml_peak_bytes),
          "load_seconds": run.load_seconds, "devices": list(run.devices), "model_path": run.model_path,
          "timestamp": run.timestamp, "build": run.build}
@@ -216,7 +221,7 @@ def to_llama_bench_records(run: Run, *, include_gpulab: bool = True) -> list[dic
     """
     c = run.config
     bench = run if isinstance(run, BenchRun) else None
-    model_type = bench.model_type if bench and bench.model_type else (run.plan or {}).get("model", {}).get("arch", "")
+    model_type = bench.model_type if bench and bench.model_type else (run.plan.arch if run.plan else "")
     out = []
     for t in (run.pp, run.tg):
         if t is None:

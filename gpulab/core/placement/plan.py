@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from ..config import SplitConfig
 from ..profile import ModelProfile
+from ..run import PlannedMemory, deficit_lines
 from .tensor_parallel import TensorParallel
 
 __all__ = ["DevicePlan", "Plan"]
@@ -35,7 +36,9 @@ class DevicePlan:
 
     @property
     def fits(self) -> bool:
-        # the host's free memory is advisory (mmap pages can be evicted), devices' is not
+        """Memory fitting: this device's bytes within its free memory (not llama-server's -fit,
+        which is gpulab.core.policies.server_fit). The host's free memory is advisory (mmap pages
+        can be evicted), devices' is not."""
         return self.used_bytes <= self.free_bytes or (self.is_host and self.free_bytes == 0)
 
     @property
@@ -61,6 +64,8 @@ class Plan:
 
     @property
     def fits(self) -> bool:
+        """Memory fitting: every device's bytes within its free memory. Not llama-server's -fit,
+        which changes the settings until they fit (gpulab.core.policies.server_fit)."""
         return all(d.fits for d in self.devices)
 
     @property
@@ -82,9 +87,11 @@ class Plan:
 
     def deficits(self) -> list[str]:
         """Human lines for every device that is over-full, e.g. 'CUDA1: needs 1.20 GiB more'."""
-        from ..units import format_bytes
-        return [f"{d.name}: needs {format_bytes(d.deficit_bytes)} more than its "
-                f"{format_bytes(d.free_bytes)} free" for d in self.devices if not d.fits]
+        return deficit_lines(self.devices)
+
+    def memory(self) -> PlannedMemory:
+        """The prediction as a run keeps it (and the results store writes it)."""
+        return PlannedMemory.from_dict(self.to_dict())
 
     def to_dict(self) -> dict:
         """The `gpulab plan --json` object (schema documented in the README)."""
@@ -100,7 +107,8 @@ class Plan:
             "devices": [
                 {"name": d.name, "total_bytes": d.total_bytes, "free_bytes": d.free_bytes,
                  "weights_bytes": d.weights_bytes, "kv_bytes": d.kv_bytes,
-                 "compute_bytes": d.compute_bytes, "used_bytes": d.used_bytes, "fits": d.fits}
+                 "compute_bytes": d.compute_bytes, "overhead_bytes": d.overhead_bytes, "used_bytes": d.used_bytes,
+                 "fits": d.fits}
                 for d in self.devices
             ],
             "layers": [{"index": i, "device": name} for i, name in enumerate(self.layer_devices)],

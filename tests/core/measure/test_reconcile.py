@@ -11,7 +11,8 @@ from gpulab.core.config import SplitConfig
 from gpulab.core.devices import Device
 from gpulab.core.measure.reconcile import reconcile
 from gpulab.core.report import BufferReport, LoadReport
-from gpulab.core.measure.results import BenchRun
+from gpulab.core.measure.results import BenchRun, run_from_dict, run_to_dict
+from gpulab.core.run import PlannedMemory
 
 MiB = 1024 ** 2
 UUID = "GPU-11111111-2222-3333-4444-555555555555"
@@ -31,6 +32,7 @@ def gpu_run(nvml_used: int | None = 900 * MiB, **over) -> BenchRun:
          "kv_bytes": 64 * MiB, "compute_bytes": 90 * MiB, "used_bytes": 659 * MiB, "fits": True},
         {"name": "CPU", "total_bytes": 0, "free_bytes": 0, "weights_bytes": 60 * MiB, "kv_bytes": 0,
          "compute_bytes": 10 * MiB, "used_bytes": 70 * MiB, "fits": True}]}
+    plan = PlannedMemory.from_dict(plan)
     kw = dict(model_path="m.gguf", model_bytes=560 * MiB, config=SplitConfig(), report=report, plan=plan,
               devices=("CUDA0",), nvml_peak_bytes={"CUDA0": nvml_used} if nvml_used is not None else {},
               device_uuids={"CUDA0": UUID}, nvml_per_process=True)
@@ -96,6 +98,18 @@ def test_reconcile_with_a_plan_object(profile_factory):
     assert rec.row("CUDA0", "overhead").predicted == 0
 
 
+def test_a_stored_run_reconciles_as_the_live_one(profile_factory):
+    """The overhead the planner assumed (learned from earlier runs) is predicted in both."""
+    from gpulab.core.placement.planner import plan
+    devs = [Device("CUDA0", 80 << 30, 80 << 30, "nvml", uuid=UUID, overhead_bytes=300 * MiB)]
+    p = plan(profile_factory(n_layer=4), devs, SplitConfig(n_ctx=512))
+    live = gpu_run(plan=p.memory())
+    stored = run_from_dict(json.loads(json.dumps(run_to_dict(live))))
+    assert stored.plan == live.plan
+    assert reconcile(stored).table() == reconcile(live).table() == reconcile(live, p).table()
+    assert reconcile(stored).row("CUDA0", "overhead").predicted == 300 * MiB
+
+
 def test_tensor_split_is_compared_on_the_meta_line_llama_cpp_logs():
     from builders import make_llama_profile
     from gpulab import parse_sim_spec, plan as make_plan
@@ -107,7 +121,7 @@ def test_tensor_split_is_compared_on_the_meta_line_llama_cpp_logs():
                         buffers=(BufferReport("Meta()", "Meta()", "model", biggest.weights_bytes),
                                  BufferReport("Meta()", "Meta()", "kv", biggest.kv_bytes),
                                  BufferReport("CPU", "CPU_Mapped", "model", p.host.weights_bytes)))
-    run = Run(model_path="m.gguf", model_bytes=0, config=p.config, report=report, plan=p.to_dict(),
+    run = Run(model_path="m.gguf", model_bytes=0, config=p.config, report=report, plan=p.memory(),
               devices=("SIM0", "SIM1"))
     rec = reconcile(run)
     w = rec.row("Meta()", "weights")

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from llama_tools import NOT_BUILT, tools_bin, vendored_src
 
+from gpulab.core.run import PlannedMemory
 from gpulab.core.config import SplitConfig
 from gpulab.core.report import BufferReport, LoadReport
 from gpulab.core.measure.llama_bench import format_results
@@ -45,7 +46,7 @@ def make_run(**over) -> BenchRun:
     kw = dict(model_path="/m/x.gguf", model_bytes=123 * MiB, config=SplitConfig(tensor_split=(3, 1), n_ctx=640),
               report=report, pp=throughput_from_samples(512, 0, [1_000_000_000, 1_100_000_000]),
               tg=throughput_from_samples(0, 128, [2_000_000_000, 2_000_000_000]), load_seconds=1.5, n_threads=2,
-              devices=("RPC0", "RPC1"), plan={"model": {"arch": "llama"}, "devices": [], "layers": []},
+              devices=("RPC0", "RPC1"), plan=PlannedMemory(model_path="/m/x.gguf", arch="llama", devices=(), layer_devices=(), fits=True),
               timestamp="2025-01-02T03:04:05Z", build="llama-cpp-python-0.3.36", model_type="llama 1B Q4_0",
               model_n_params=1_235_814_400, model_hash="abcd", cpu_info="AMD EPYC", gpu_info="127.0.0.1:1",
               backends="RPC", run_id="r1", notes=("n1",))
@@ -98,7 +99,7 @@ def test_record_fields_types_and_formats():
     assert pp["test_time"] == "2025-01-02T03:04:05Z" and pp["model_size"] == 123 * MiB
     g = pp["gpulab"]
     assert g["test"] == "pp512" and g["buffers"]["RPC0"] == {"model": 30 * MiB, "kv": 3 * MiB, "compute": 10 * MiB}
-    assert g["plan"] == make_run().plan and g["load_seconds"] == 1.5 and "log" not in g["report"]
+    assert g["plan"] == make_run().plan.to_dict() and g["load_seconds"] == 1.5 and "log" not in g["report"]
     json.dumps(recs, allow_nan=False)
 
 
