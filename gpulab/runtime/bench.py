@@ -42,8 +42,8 @@ from pathlib import Path
 from ..core.config import SplitConfig
 from ..core.devices import Device
 from ..core.measure.results import BenchRun, throughput_from_samples
-from ..core.errors import ConfigError, LoadError
-from . import llama_lib
+from ..core.errors import ConfigError, LoadError, RuntimeUnavailableError
+from . import ggml, llama_lib
 from ..sources.host import default_threads
 from .crash import guard
 from ..core.run import PlannedMemory
@@ -75,9 +75,7 @@ def _threadpool_fns():
             return _extras["tp"]
         fns = None
         try:
-            d = llama_lib.lib_dir()
-            base = ctypes.CDLL(str(next(p for p in (d / "libggml-base.so.0", d / "libggml-base.so") if p.exists())))
-            cpu = ctypes.CDLL(str(next(p for p in (d / "libggml-cpu.so.0", d / "libggml-cpu.so") if p.exists())))
+            base, cpu = llama_lib.ggml_base(), llama_lib.ggml_cpu()
             lc = llama_lib.llama_cpp()
             lib = lc._lib
             pd = base.ggml_threadpool_params_default
@@ -91,7 +89,7 @@ def _threadpool_fns():
             detach = lib.llama_detach_threadpool
             detach.argtypes, detach.restype = [ctypes.c_void_p], None
             fns = (pd, new, free, attach, detach)
-        except (OSError, AttributeError, StopIteration):
+        except (RuntimeUnavailableError, AttributeError):
             fns = None
         _extras["tp"] = fns
         return fns
@@ -109,26 +107,23 @@ def system_facts() -> dict:
             _extras["reg_dev_count"] = fn
     reg_dev_count = _extras["reg_dev_count"]
     cpu, gpu = [], []
-    for i in range(g.ggml_backend_dev_count()):
-        dev = g.ggml_backend_dev_get(i)
+    for dev in ggml.device_handles(g):
         t = g.ggml_backend_dev_type(dev)
-        desc = (g.ggml_backend_dev_description(dev) or b"").decode(errors="replace")
+        desc = ggml.dev_description(g, dev)
         if t in (0, 3):      # CPU, ACCEL
             cpu.append(desc)
         elif t in (1, 2):    # GPU, IGPU (RPC devices are GPU-type)
             gpu.append(desc)
     backends, rpc_used = [], False
-    for i in range(g.ggml_backend_reg_count()):
-        reg = g.ggml_backend_reg_get(i)
-        name = (g.ggml_backend_reg_name(reg) or b"").decode()
+    for reg in ggml.reg_handles(g):
+        name = ggml.reg_name(g, reg)
         if name.startswith("RPC"):
             rpc_used = rpc_used or reg_dev_count(reg) > 0
         elif name != "CPU":
             backends.append(name)
     if rpc_used:
         backends.append("RPC")
-    info = lc.llama_print_system_info()
-    info = (info.decode(errors="replace") if isinstance(info, bytes) else str(info)).strip()
+    info = ggml.text(lc.llama_print_system_info()).strip()
     lcp = f"llama-cpp-python {getattr(lc, '__version__', '') or _lcp_version()}"
     return {"cpu_info": ", ".join(cpu), "gpu_info": ", ".join(gpu),
             "backends": ",".join(backends) if backends else "CPU",
@@ -142,12 +137,10 @@ def _ggml_commit() -> str:
         if "commit" not in _extras:
             commit = ""
             try:
-                d = llama_lib.lib_dir()
-                lib = ctypes.CDLL(str(next(p for p in (d / "libggml-base.so.0", d / "libggml-base.so") if p.exists())))
-                fn = lib.ggml_commit
+                fn = llama_lib.ggml_base().ggml_commit
                 fn.argtypes, fn.restype = [], ctypes.c_char_p
-                commit = (fn() or b"").decode(errors="replace")
-            except (OSError, AttributeError, StopIteration):
+                commit = ggml.text(fn())
+            except (RuntimeUnavailableError, AttributeError):
                 pass
             _extras["commit"] = "" if commit in ("", "unknown") else commit
         return _extras["commit"]
@@ -164,7 +157,7 @@ def _lcp_version() -> str:
 def _model_facts(lc, model) -> dict:
     buf = ctypes.create_string_buffer(256)
     lc.llama_model_desc(model, buf, ctypes.sizeof(buf))
-    return {"model_type": buf.value.decode(errors="replace"), "model_size": int(lc.llama_model_size(model)),
+    return {"model_type": ggml.text(buf.value), "model_size": int(lc.llama_model_size(model)),
             "model_n_params": int(lc.llama_model_n_params(model))}
 
 

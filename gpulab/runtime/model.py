@@ -26,6 +26,7 @@ from ..core.devices import Device
 from ..core.report import LoadReport
 from ..core.errors import ConfigError, DeviceError, DoesNotFitError, LoadError
 from . import llama_lib
+from . import ggml
 from .crash import guard
 from .logcapture import LogCapture, parse_load_log
 from .params import llama_params
@@ -117,14 +118,11 @@ def _safe_config(config: SplitConfig) -> tuple[SplitConfig, tuple[str, ...]]:
     """
     g = llama_lib.ggml()
     if config.devices:
-        by_name = {}
-        for i in range(g.ggml_backend_dev_count()):
-            dev = g.ggml_backend_dev_get(i)
-            by_name[(g.ggml_backend_dev_name(dev) or b"").decode()] = dev
+        by_name = {ggml.dev_name(g, dev): dev for dev in ggml.device_handles(g)}
         for name in config.devices:
             dev = by_name.get(name)  # unknown names are llama_params' to report
             if dev is not None and llama_lib._is_rpc(g, dev):
-                ep = (g.ggml_backend_dev_description(dev) or b"").decode()
+                ep = ggml.dev_description(g, dev)
                 if not llama_lib.endpoint_reachable(ep):
                     raise DeviceError(f"--device {name}: its RPC server {ep} does not accept connections "
                                       "(llama.cpp would abort the process)")

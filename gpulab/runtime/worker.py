@@ -304,7 +304,7 @@ def _serve() -> None:
     out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)   # llama.cpp/ggml printf must not corrupt the answers
 
-    from . import llama_lib, rpc
+    from . import ggml, llama_lib, rpc
     from .model import open_model
 
     def op_register(endpoints):
@@ -314,7 +314,7 @@ def _serve() -> None:
         return [asdict(d) for d in llama_lib.llama_devices()]
 
     def op_dev_count():
-        return int(llama_lib.ggml().ggml_backend_dev_count())
+        return len(ggml.device_handles(llama_lib.ggml()))
 
     def op_default_device_names():
         return llama_lib.default_device_names()
