@@ -370,7 +370,7 @@ def measure_loaded(loaded: LoadedModel, *, n_prompt: int = 512, n_gen: int = 128
         nvml_peak_bytes=dict(sampler.peak_bytes) if sampler is not None else {},
         plan=plan, timestamp=started, build=facts["build"],
         model_type=mfacts["model_type"], model_n_params=mfacts["model_n_params"],
-        model_hash=_model_hash(loaded.path), cpu_info=facts["cpu_info"], gpu_info=facts["gpu_info"],
+        model_fingerprint=_model_fingerprint(loaded.path), cpu_info=facts["cpu_info"], gpu_info=facts["gpu_info"],
         backends=facts["backends"], system_info=facts["system_info"], context_seconds=loaded.context_seconds,
         warmup=warmup, device_uuids=dict(sampler.uuids) if sampler is not None else {},
         nvml_baseline_bytes=dict(sampler.baseline_bytes) if sampler is not None else {},
@@ -386,7 +386,7 @@ def measure_loaded(loaded: LoadedModel, *, n_prompt: int = 512, n_gen: int = 128
     return run
 
 
-def _model_hash(path: str) -> str:
+def _model_fingerprint(path: str) -> str:
     from ..sources.fingerprint import model_fingerprint
     try:
         return model_fingerprint(path)

@@ -192,7 +192,7 @@ def allocations_for(model_path: str | os.PathLike) -> list[Allocation]:
         for a in (_load(f) for f in sorted(folder.glob("*.toml"))):
             if a.version >= 2 and a.model_fingerprint == fp:
                 out.append(a)
-            elif a.version == 1 and a.model_fingerprint == _v1_model_hash(model_path):
+            elif a.version == 1 and a.model_fingerprint == _v1_fingerprint(model_path):
                 out.append(a)
     return out
 
@@ -231,7 +231,7 @@ def delete_allocation(allocation: Allocation) -> None:
 _v1_cache: dict[tuple[str, int, int], str] = {}
 
 
-def _v1_model_hash(path: str | os.PathLike) -> str:
+def _v1_fingerprint(path: str | os.PathLike) -> str:
     """The fingerprint version 1 files carry: sha256 over the sampled file and the parsed header
     (every tensor's name, type and shape, and the metadata). Only to find those files."""
     from ..sources.gguf_file import read_local_profile

@@ -38,7 +38,7 @@ def test_run_structure(cpu_run, smollm2_path):
     assert 130e6 < run.model_n_params < 140e6 and 90 * 2**20 < run.model_bytes < 95 * 2**20
     assert run.backends == "CPU" and run.cpu_info and run.build and "llama-cpp-python" in run.system_info
     assert run.load_seconds > 0 and run.context_seconds > 0 and run.timestamp.endswith("Z")
-    assert len(run.model_hash) == 16 and run.run_id
+    assert len(run.model_fingerprint) == 16 and run.run_id
     assert run.nvml_peak_bytes == {} and any("NVML" in n for n in run.notes)   # no GPU here
 
 

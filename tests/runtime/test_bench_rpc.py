@@ -91,8 +91,8 @@ def test_results_in_the_store(runs):
     back = store.runs(config=one.config)
     assert len(back) == 1 and back[0].pp == one.pp and back[0].tg == one.tg
     assert back[0].report.layer_devices == one.report.layer_devices and back[0].plan == one.plan
-    assert len(store.records(model_hash=one.model_hash)) == 2 * len(SPLITS)
-    assert store.records(model_hash="0" * 16) == []
+    assert len(store.records(model_fingerprint=one.model_fingerprint)) == 2 * len(SPLITS)
+    assert store.records(model_fingerprint="0" * 16) == []
 
 
 def test_killing_a_server_mid_run_fails_the_run_not_this_process(smollm2_path):

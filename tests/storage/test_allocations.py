@@ -115,9 +115,9 @@ def test_split_none_and_sim_and_rpc_devices(model):
 
 
 def test_results_and_allocations_share_one_fingerprint(model, other_model, tmp_path):
-    from gpulab.runtime.bench import _model_hash      # what every measured run is stored under
+    from gpulab.runtime.bench import _model_fingerprint      # what every measured run is stored under
     h = model_fingerprint(model)
-    assert len(h) == 16 and model_fingerprint(model) == h == _model_hash(str(model))
+    assert len(h) == 16 and model_fingerprint(model) == h == _model_fingerprint(str(model))
     assert model_fingerprint(other_model) != h
     copy = tmp_path / "renamed.gguf"
     copy.write_bytes(model.read_bytes())
@@ -131,10 +131,10 @@ def test_results_and_allocations_share_one_fingerprint(model, other_model, tmp_p
 
 def test_version_1_profiles_are_still_found(model, config_home):
     """A file gpulab 0.1 wrote (<config>/profiles/, keyed by the header hash) still applies."""
-    from gpulab.storage.allocations import _v1_model_hash
-    old = config_home / "profiles" / f"{_v1_model_hash(model)[:16]}-abc.toml"
+    from gpulab.storage.allocations import _v1_fingerprint
+    old = config_home / "profiles" / f"{_v1_fingerprint(model)[:16]}-abc.toml"
     old.parent.mkdir(parents=True)
-    old.write_text(to_toml({"version": 1, "model_hash": _v1_model_hash(model), "model_path": str(model),
+    old.write_text(to_toml({"version": 1, "model_hash": _v1_fingerprint(model), "model_path": str(model),
                             "model_bytes": 1, "created": "2026-11-24T00:00:00Z", "source": "cli",
                             "config": {"tensor_split": [2.0, 1.0], "devices": ["CUDA0", "CUDA1"], "n_ctx": 3333},
                             "devices": [{"name": "CUDA0", "total_bytes": 24 * GiB, "uuid": "GPU-000-uuid"},

@@ -26,7 +26,7 @@ from ..run import PlannedMemory, Run, Throughput
 __all__ = [
     "BenchRun", "run_to_dict", "run_from_dict", "to_llama_bench_records", "runs_from_records",
     "LLAMA_BENCH_FIELDS", "LLAMA_BENCH_SAMPLE_FIELDS", "INT_FIELDS", "BOOL_FIELDS", "FLOAT_FIELDS",
-    "format_tensor_split", "throughput_from_samples",
+    "format_tensor_split", "throughput_from_samples", "stored_fingerprint",
 ]
 
 # test::get_fields() of the vendored llama-bench.cpp, in order (tests/runtime/test_bench_results.py
@@ -66,7 +66,7 @@ class BenchRun(Run):
 
     model_type: str = ""               # llama_model_desc: 'llama 135M Q4_1'
     model_n_params: int = 0            # llama_model_n_params
-    model_hash: str = ""               # a fingerprint of the GGUF (gpulab.sources.fingerprint)
+    model_fingerprint: str = ""        # the GGUF's fingerprint (gpulab.sources.fingerprint)
     cpu_info: str = ""                 # llama-bench get_cpu_info: CPU/ACCEL device descriptions
     gpu_info: str = ""                 # llama-bench get_gpu_info: GPU/IGPU device descriptions
     backends: str = ""                 # llama-bench test::get_backend: 'CPU', 'CUDA', 'RPC', ...
@@ -148,6 +148,12 @@ def run_to_dict(run: Run, *, include_log: bool = True) -> dict:
     return d
 
 
+def stored_fingerprint(g: dict) -> str:
+    """The model fingerprint of a stored record's "gpulab" object (records written before the field
+    was named model_fingerprint call it model_hash)."""
+    return g.get("model_fingerprint") or g.get("model_hash", "")
+
+
 def _plan_dict(run: Run) -> dict | None:
     return run.plan.to_dict() if run.plan is not None else None
 
@@ -206,7 +212,7 @@ def _gpulab_object(run: Run, t: Throughput) -> dict:
          "load_seconds": run.load_seconds, "devices": list(run.devices), "model_path": run.model_path,
          "timestamp": run.timestamp, "build": run.build}
     if isinstance(run, BenchRun):
-        g.update(model_hash=run.model_hash, run_id=run.run_id, context_seconds=run.context_seconds,
+        g.update(model_fingerprint=run.model_fingerprint, run_id=run.run_id, context_seconds=run.context_seconds,
                  warmup=run.warmup, device_uuids=dict(run.device_uuids),
                  nvml_baseline_bytes=dict(run.nvml_baseline_bytes), nvml_per_process=run.nvml_per_process,
                  system_info=run.system_info, notes=list(run.notes))
@@ -303,7 +309,7 @@ def runs_from_records(records: list[dict]) -> list[Run]:
              "plan": g.get("plan"), "timestamp": g.get("timestamp", ""), "build": g.get("build", "")}
         if "run_id" in g:
             d.update(model_type=r0["model_type"], model_n_params=r0["model_n_params"], cpu_info=r0["cpu_info"],
-                     gpu_info=r0["gpu_info"], backends=r0["backends"], model_hash=g.get("model_hash", ""),
+                     gpu_info=r0["gpu_info"], backends=r0["backends"], model_fingerprint=stored_fingerprint(g),
                      run_id=g["run_id"], context_seconds=g.get("context_seconds", 0.0),
                      warmup=g.get("warmup", True), device_uuids=g.get("device_uuids", {}),
                      nvml_baseline_bytes=g.get("nvml_baseline_bytes", {}),

@@ -48,7 +48,7 @@ def make_run(**over) -> BenchRun:
               tg=throughput_from_samples(0, 128, [2_000_000_000, 2_000_000_000]), load_seconds=1.5, n_threads=2,
               devices=("RPC0", "RPC1"), plan=PlannedMemory(model_path="/m/x.gguf", arch="llama", devices=(), layer_devices=(), fits=True),
               timestamp="2025-01-02T03:04:05Z", build="llama-cpp-python-0.3.36", model_type="llama 1B Q4_0",
-              model_n_params=1_235_814_400, model_hash="abcd", cpu_info="AMD EPYC", gpu_info="127.0.0.1:1",
+              model_n_params=1_235_814_400, model_fingerprint="abcd", cpu_info="AMD EPYC", gpu_info="127.0.0.1:1",
               backends="RPC", run_id="r1", notes=("n1",))
     kw.update(over)
     return BenchRun(**kw)
