@@ -21,7 +21,7 @@ __all__ = ["register", "run"]
 
 
 def register(sub, frontend: str) -> None:
-    p = sub.add_parser("alloc", aliases=["profile"],
+    p = sub.add_parser("alloc",
                        help="saved allocations (per model and device set): list, show, save, delete")
     psub = p.add_subparsers(dest="alloc_command", required=True, metavar="ACTION",
                             parser_class=type(p))
