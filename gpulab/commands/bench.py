@@ -100,10 +100,10 @@ def run(a, session) -> Result:
     if run.plan is None:
         run = replace(run, plan=p.memory())
     notes = list(getattr(run, "notes", ()))
-    from ..core.policies.server_fit import fit, server_would_fit
+    from ..core.policies.server_fit import server_fit, server_would_fit
     if not getattr(a, "policy", None) and server_would_fit(config, list(choice.devices)):
         # llama-bench and llama-cpp-python load the settings as given; llama-server fits first
-        fitted = fit(prof, list(choice.devices), config.replace(n_ctx=0), choice.host)
+        fitted = server_fit(prof, list(choice.devices), config.replace(n_ctx=0), choice.host)
         if fitted.ok and fitted.changed != ("n_ctx",):
             notes.append(f"note: measured without -fit, as llama-bench does; llama-server would load "
                          f"{fitted.flags(list(choice.devices))} (gpulab plan shows why; --policy fit measures it)")

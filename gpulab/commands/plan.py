@@ -52,7 +52,7 @@ def planned(a, session, *, for_load: bool = False, virtual_if_no_gpu: bool = Fal
     choice = devices_from_args(a, session, for_load=for_load, virtual_if_no_gpu=virtual_if_no_gpu)
     config = config_from_args(_with_ctx(a))
     if getattr(a, "policy", None) == "fit":
-        config = server_fit(a, prof, choice, config, path).config
+        config = fit_as_server(a, prof, choice, config, path).config
     elif getattr(a, "policy", None):
         config = apply_policy(a.policy, prof, list(choice.devices), config, choice.host)
     return path, prof, choice, config, plan(prof, list(choice.devices), config, choice.host)
@@ -75,10 +75,10 @@ def _with_ctx(a):
     return Namespace(**{**vars(a), **missing}) if missing else a
 
 
-def server_fit(a, prof, choice, config, path=None):
+def fit_as_server(a, prof, choice, config, path=None):
     """common_fit_params as llama-server runs it on these flags, with its defaults for what was not
     given (gpulab.core.policies.server_fit.server_config)."""
-    from ..core.policies.server_fit import fit, server_config
+    from ..core.policies.server_fit import server_config, server_fit
     server, n_ctx_min = server_config(config, ctx_given=getattr(a, "ctx_size", None) is not None,
                                       parallel_given=getattr(a, "parallel", 1) is not None)
     measure = None
@@ -89,7 +89,7 @@ def server_fit(a, prof, choice, config, path=None):
                               f"(--rpc, --llama-devices){': ' + choice.why_not if choice.why_not else ''}")
         from ..runtime.fit_dry_run import dry_run_measure
         measure = dry_run_measure(choice.worker, path, prof, list(choice.devices), choice.host)
-    return fit(prof, list(choice.devices), server, choice.host, n_ctx_min=n_ctx_min, measure=measure)
+    return server_fit(prof, list(choice.devices), server, choice.host, n_ctx_min=n_ctx_min, measure=measure)
 
 
 def run(a, session) -> Result:
@@ -123,7 +123,7 @@ def run(a, session) -> Result:
     if not getattr(a, "policy", None) and server_would_fit(config, list(choice.devices)):
         from ..core.placement.planner import plan as make_plan
         from ..ui.text import fit_text
-        fitted = server_fit(a, prof, choice, config, path)
+        fitted = fit_as_server(a, prof, choice, config, path)
         fitted_plan = make_plan(prof, list(choice.devices), fitted.config, choice.host)
         from ..core.policies.context import largest_ctx
         most = (largest_ctx(prof, list(choice.devices), fitted.config, choice.host)

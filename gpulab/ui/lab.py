@@ -557,12 +557,12 @@ class SplitLab(W.VBox):
         return self.plan
 
     def _apply_fit(self) -> Plan | None:
-        from ..core.policies.server_fit import fit
+        from ..core.policies.server_fit import server_fit
         try:
             cfg = self.current_config().replace(n_ctx=0, n_gpu_layers=-1, tensor_split=(), tensor_overrides=(),
                                                 cpu_moe=False, n_cpu_moe=0, n_cpu_ffn=0, fit="on")
             devices = [] if cfg.devices == ("none",) else self.devices
-            r = fit(self.profile, devices, cfg, self.host)
+            r = server_fit(self.profile, devices, cfg, self.host)
         except GpulabError as e:
             self._set_error(f"fit: {e}")
             return None

@@ -66,7 +66,7 @@ from ..devices import HOST_NAME, Device
 from ..placement.planner import plan, select_devices
 from ..profile import ModelProfile
 
-__all__ = ["FitResult", "fit", "fit_flags", "DEFAULT_TARGET_MIB", "UINT32_MAX", "fit_margins",
+__all__ = ["FitResult", "server_fit", "fit_flags", "DEFAULT_TARGET_MIB", "UINT32_MAX", "fit_margins",
            "MOE_ALL_PATTERN", "overflow_pattern", "SERVER_N_SEQ", "server_config", "user_placement",
            "server_would_fit"]
 
@@ -277,10 +277,12 @@ class _Abort(Exception):
         self.status = status
 
 
-def fit(profile: ModelProfile, devices: list[Device], config: SplitConfig | None = None,
+def server_fit(profile: ModelProfile, devices: list[Device], config: SplitConfig | None = None,
         host: Device | None = None, *, n_ctx_min: int | None = None,
         measure: Callable[[SplitConfig], list[int]] | None = None) -> FitResult:
-    """common_params_fit for `config` on `devices` (their free memory as llama.cpp would see it).
+    """common_params_fit for `config` on `devices` (their free memory as llama.cpp would see it):
+    llama-server's -fit, which changes the settings left unset until they fit. Whether a given
+    plan fits in memory is Plan.fits.
 
     config.fit_target / fit_ctx are -fitt / -fitc; n_ctx_min overrides fit_ctx (UINT32_MAX: what an
     explicit `-c 0` sets). `measure(config)` returns the bytes (model + context + compute) of each

@@ -13,7 +13,7 @@ from builders import MiB, make_hand_moe_profile, make_profile
 from gpulab.core.config import SplitConfig, parse_mib_list, parse_ngl
 from gpulab.core.devices import parse_sim_spec
 from gpulab.core.errors import ConfigError
-from gpulab.core.policies.server_fit import (UINT32_MAX, fit, fit_margins, overflow_pattern, server_config,
+from gpulab.core.policies.server_fit import (UINT32_MAX, server_fit, fit_margins, overflow_pattern, server_config,
                                               server_would_fit, user_placement)
 from gpulab.core.placement.planner import plan
 
@@ -30,7 +30,7 @@ def _left(p, i):
 def test_nothing_to_change_keeps_the_settings_and_resolves_c_0():
     prof = make_profile(n_layer=10, layer_bytes=50 * MiB)
     devs = parse_sim_spec("2x24GiB")
-    r = fit(prof, devs, SplitConfig(n_ctx=0))
+    r = server_fit(prof, devs, SplitConfig(n_ctx=0))
     assert r.status == "unchanged" and r.ok
     assert r.config.n_ctx == prof.n_ctx_train and r.config.n_gpu_layers == -1 and r.config.fit == "off"
     assert r.flags(devs) == f"-c {prof.n_ctx_train} -ngl -1"
@@ -41,7 +41,7 @@ def test_one_device_shrinks_the_context_in_steps_of_256_and_no_further():
     prof = make_profile(n_layer=10, layer_bytes=50 * MiB)
     need = plan(prof, parse_sim_spec("80GiB"), SplitConfig(n_ctx=4096)).offload_devices[0].used_bytes
     devs = parse_sim_spec(f"{(need + 1104 * MiB) // MiB}MiB")     # 80 MiB above what -c 4096 needs
-    r = fit(prof, devs, SplitConfig(n_ctx=0))
+    r = server_fit(prof, devs, SplitConfig(n_ctx=0))
     assert r.status == "success" and r.changed == ("n_ctx",)
     assert r.config.n_ctx % 256 == 0 and 4096 < r.config.n_ctx < prof.n_ctx_train
     assert _left(plan(prof, devs, r.config), 0) >= 1024 * MiB
@@ -51,17 +51,17 @@ def test_one_device_shrinks_the_context_in_steps_of_256_and_no_further():
 def test_an_explicit_c_0_is_full_context_and_fit_ctx_is_the_floor():
     prof = make_profile(n_layer=10, layer_bytes=50 * MiB)
     devs = parse_sim_spec("1600MiB,1600MiB")
-    full = fit(prof, devs, SplitConfig(n_ctx=0), n_ctx_min=UINT32_MAX)
+    full = server_fit(prof, devs, SplitConfig(n_ctx=0), n_ctx_min=UINT32_MAX)
     assert full.config.n_ctx == prof.n_ctx_train
     assert any("user has requested full context size" in x for x in full.reasons)
-    floor = fit(prof, devs, SplitConfig(n_ctx=0, fit_ctx=6144))
+    floor = server_fit(prof, devs, SplitConfig(n_ctx=0, fit_ctx=6144))
     assert floor.config.n_ctx >= 6144
 
 
 def test_dense_layers_fill_the_last_device_first_and_every_device_meets_its_target():
     prof = make_profile(n_layer=30, layer_bytes=400 * MiB)
     devs = parse_sim_spec("4GiB,6GiB,3GiB")
-    r = fit(prof, devs, SplitConfig(n_ctx=0, fit_target=(512, 256, 768)))
+    r = server_fit(prof, devs, SplitConfig(n_ctx=0, fit_target=(512, 256, 768)))
     assert r.status == "success" and set(r.changed) >= {"n_gpu_layers", "tensor_split"}
     assert r.config.n_gpu_layers == sum(r.layers_per_device) < prof.n_layer + 1
     assert r.config.tensor_split == tuple(float(x) for x in r.layers_per_device)
@@ -83,7 +83,7 @@ def test_user_settings_make_fit_give_up_after_the_context_step():
                      (SplitConfig(n_ctx=0, n_gpu_layers=-2), "n_gpu_layers already set by user to -2"),
                      (SplitConfig(n_ctx=0, tensor_split=(1, 1)), "tensor_split already set by user"),
                      (SplitConfig(n_ctx=0, tensor_overrides=(r"blk\.0\.=CPU",)), "tensor_buft_overrides already set")):
-        r = fit(prof, devs, cfg)
+        r = server_fit(prof, devs, cfg)
         assert r.status == "failure" and why in r.reasons[-1] and r.flags(devs) == ""
         # llama-server still loads the reduced context fit chose before giving up
         assert r.config.n_ctx == 4096 and r.config.n_gpu_layers == cfg.n_gpu_layers
@@ -91,14 +91,14 @@ def test_user_settings_make_fit_give_up_after_the_context_step():
 
 def test_fit_off_changes_nothing():
     prof = make_profile(n_layer=30, layer_bytes=200 * MiB)
-    r = fit(prof, parse_sim_spec("2x4GiB"), SplitConfig(n_ctx=0, fit="off"))
+    r = server_fit(prof, parse_sim_spec("2x4GiB"), SplitConfig(n_ctx=0, fit="off"))
     assert r.status == "off" and r.config == r.given and r.flags() == ""
 
 
 def test_moe_experts_go_to_the_cpu_and_each_rule_names_a_layer():
     prof = _moe_profile()
     devs = parse_sim_spec("2x1300MiB")
-    r = fit(prof, devs, SplitConfig(n_ctx=0, fit_target=(1024,)))
+    r = server_fit(prof, devs, SplitConfig(n_ctx=0, fit_target=(1024,)))
     assert r.status == "success", r.reasons
     assert r.overrides and all(t in ("CPU", "SIM0", "SIM1") for _, t in r.overrides)
     assert any("with only dense weights in device memory" in x for x in r.reasons)
@@ -131,7 +131,7 @@ def test_flags_parse_as_common_arg_does():
 def test_near_boundary_decisions_are_reported():
     prof = make_profile(n_layer=30, layer_bytes=200 * MiB)
     devs = parse_sim_spec("2x4GiB")
-    r = fit(prof, devs, SplitConfig(n_ctx=0, fit_target=(512,)))
+    r = server_fit(prof, devs, SplitConfig(n_ctx=0, fit_target=(512,)))
     for d in r.decisions:
         assert d.near == (abs(d.projected_bytes - d.target_bytes) < d.uncertainty_bytes)
     assert len(r.near_boundary) == sum(d.near for d in r.decisions)
