@@ -18,7 +18,8 @@ from .core.errors import *  # noqa: F403
 from .core.errors import __all__ as _errors_all
 from .core.fleet.model import Fleet, FleetModel
 from .core.fleet.planner import FleetPlan, plan_fleet
-from .core.placement.plan import DevicePlan, Plan
+from .core.memory import DevicePlan
+from .core.placement.plan import Plan
 from .core.placement.planner import plan
 from .core.profile import LayerProfile, ModelProfile, TensorInfo
 from .sources.read import read_profile

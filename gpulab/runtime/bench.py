@@ -46,7 +46,7 @@ from ..core.errors import ConfigError, LoadError, RuntimeUnavailableError
 from . import ggml, llama_lib
 from ..sources.host import default_threads
 from .crash import guard
-from ..core.run import PlannedMemory
+from ..core.memory import PlannedMemory
 from .model import LoadedModel, open_model, plan_load
 
 __all__ = ["measure", "measure_loaded", "resplit", "system_facts", "Progress"]

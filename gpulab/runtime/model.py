@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from ..core.run import PlannedMemory
+from ..core.memory import PlannedMemory
 from ..core.config import SplitConfig
 from ..core.devices import Device
 from ..core.report import LoadReport

@@ -29,7 +29,8 @@ from ..core import errors as gerrors
 from ..core.config import SplitConfig, config_to_dict
 from ..core.devices import Device
 from ..core.report import LoadReport
-from ..core.run import PlannedMemory, Run
+from ..core.memory import PlannedMemory
+from ..core.run import Run
 from ..core.errors import GpulabError, LoadError
 from .crash import describe_death
 

@@ -20,10 +20,11 @@ the row says so in `note`.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from .results import BenchRun
-from ..run import PlannedMemory, Run
+from ..memory import DevicePlan, PlannedMemory
+from ..run import Run
 from ..units import format_bytes
 
 __all__ = ["TermRow", "Reconciliation", "reconcile", "as_planned_memory", "comparison_rows", "TERMS"]
@@ -116,21 +117,20 @@ def as_planned_memory(plan) -> PlannedMemory | None:
     return plan.memory()
 
 
-def _plan_devices(plan: PlannedMemory | None) -> dict[str, dict]:
+def _plan_devices(plan: PlannedMemory | None) -> dict[str, DevicePlan]:
     if plan is None:
         return {}
-    out = {d.name: asdict(d) for d in plan.devices}
+    out = {d.name: d for d in plan.devices}
     if plan.meta_device:
-        out[plan.meta_device] = _meta_row([out[n] for n in plan.meta_members])
+        out[plan.meta_device] = _meta_row(plan.meta_device, [out[n] for n in plan.meta_members])
     return out
 
 
-def _meta_row(members: list[dict]) -> dict:
+def _meta_row(name: str, members: list[DevicePlan]) -> DevicePlan:
     """-sm tensor: llama.cpp logs each buffer of the Meta() device at its largest member's size
     (ggml_backend_meta_alloc_ctx_tensors_from_buft); the prediction of that line."""
-    row = {k: max(m[k] for m in members) for k in ("weights_bytes", "kv_bytes", "compute_bytes")}
-    row["used_bytes"] = sum(row.values())
-    return row
+    return DevicePlan(name, 0, 0, max(m.weights_bytes for m in members), max(m.kv_bytes for m in members),
+                      max(m.compute_bytes for m in members))
 
 
 _META_NOTE = ("-sm tensor: llama.cpp logs one Meta() device, each buffer the size of its largest member's; the "
@@ -161,7 +161,7 @@ def reconcile(run: Run, plan=None) -> Reconciliation:
         measured_total = nvml.get(name)
         reported_total = sum(kinds.values()) if kinds else (0 if name in by_dev else None)
         for term in ("weights", "kv", "compute", "output"):
-            pred = p.get(_PLAN_KEY[term]) if (p is not None and term in _PLAN_KEY) else None
+            pred = getattr(p, _PLAN_KEY[term]) if (p is not None and term in _PLAN_KEY) else None
             rep = kinds.get(_KIND[term], 0) if name in by_dev else None
             note = ""
             if term == "weights" and name == "CPU":
@@ -169,7 +169,7 @@ def reconcile(run: Run, plan=None) -> Reconciliation:
             if term == "output" and pred is None:
                 note = "not modelled by the planner"
             rows.append(TermRow(name, term, pred, rep, None, note))
-        pred_over = p.get("overhead_bytes", 0) if p is not None else None
+        pred_over = p.overhead_bytes if p is not None else None
         if measured_total is not None and reported_total is not None:
             over = measured_total - reported_total
             overheads[name] = over
@@ -178,7 +178,7 @@ def reconcile(run: Run, plan=None) -> Reconciliation:
             why = ("no NVML on the CPU and RPC devices: overhead unknown" if name == "CPU" or name.startswith("RPC")
                    else "no NVML figure for this device: overhead unknown")
             rows.append(TermRow(name, "overhead", pred_over, None, None, why))
-        pred_total = p["used_bytes"] if p is not None else None
+        pred_total = p.used_bytes if p is not None else None
         rows.append(TermRow(name, "total", pred_total, reported_total, measured_total,
                             "" if measured_total is not None else "llama.cpp's buffers only"))
     if no_nvml:
@@ -197,11 +197,8 @@ def comparison_rows(plan, run: Run) -> list[dict]:
     rows = []
     devices = list(plan.devices)
     if plan.tensor_parallel is not None:     # the line llama.cpp logs: the largest member's buffers
-        from ..placement.plan import DevicePlan
-        m = _meta_row([{"weights_bytes": d.weights_bytes, "kv_bytes": d.kv_bytes, "compute_bytes": d.compute_bytes}
-                       for d in devices if d.name in plan.tensor_parallel.devices])
-        devices.insert(len(devices) - 1, DevicePlan(plan.tensor_parallel.meta_name, 0, 0, m["weights_bytes"],
-                                                    m["kv_bytes"], m["compute_bytes"]))
+        devices.insert(len(devices) - 1, _meta_row(plan.tensor_parallel.meta_name,
+                                                   [d for d in devices if d.name in plan.tensor_parallel.devices]))
     for d in devices:
         k = kinds.get(d.name, {})
         got = sum(k.values())

@@ -21,7 +21,8 @@ from datetime import datetime, timezone
 
 from ..config import SplitConfig, config_from_dict, config_to_dict
 from ..report import LoadReport
-from ..run import PlannedMemory, Run, Throughput
+from ..memory import PlannedMemory
+from ..run import Run, Throughput
 
 __all__ = [
     "BenchRun", "run_to_dict", "run_from_dict", "to_llama_bench_records", "runs_from_records",

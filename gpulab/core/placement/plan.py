@@ -7,43 +7,10 @@ from dataclasses import dataclass, field
 
 from ..config import SplitConfig
 from ..profile import ModelProfile
-from ..run import PlannedMemory, deficit_lines
+from ..memory import DevicePlan, PlannedMemory, deficit_lines
 from .tensor_parallel import TensorParallel
 
-__all__ = ["DevicePlan", "Plan"]
-
-
-@dataclass(frozen=True)
-class DevicePlan:
-    name: str
-    total_bytes: int
-    free_bytes: int
-    weights_bytes: int
-    kv_bytes: int
-    compute_bytes: int
-    overhead_bytes: int = 0       # runtime overhead (CUDA context, ...), learned from runs
-    n_layers: int = 0             # repeating layers placed here
-    has_output: bool = False      # holds the output layer (index n_layer)
-    is_host: bool = False
-    expert_bytes: int = 0         # of weights_bytes: MoE expert tensors
-    # the host only, its weights as llama.cpp allocates them (weights_bytes = the two together):
-    mapped_bytes: int = 0         # CPU_Mapped: the file span from its first to its last host tensor
-    repack_bytes: int = 0         # CPU_REPACK: copies of the weights the CPU backend repacks
-
-    @property
-    def used_bytes(self) -> int:
-        return self.weights_bytes + self.kv_bytes + self.compute_bytes + self.overhead_bytes
-
-    @property
-    def fits(self) -> bool:
-        """Memory fitting: this device's bytes within its free memory (not llama-server's -fit,
-        which is gpulab.core.policies.server_fit). The host's free memory is advisory (mmap pages
-        can be evicted), devices' is not."""
-        return self.used_bytes <= self.free_bytes or (self.is_host and self.free_bytes == 0)
-
-    @property
-    def deficit_bytes(self) -> int:
-        return max(0, self.used_bytes - self.free_bytes)
+__all__ = ["Plan"]
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ from ..config import SplitConfig
 from ..devices import HOST_NAME, Device
 from ..ggml_types import row_bytes
 from ..overrides import effective_rules
-from .plan import DevicePlan, Plan
+from ..memory import DevicePlan
+from .plan import Plan
 from ..profile import ModelProfile
 from .tensors import compute_sites, place_tensors
 from .tensor_parallel import check_overrides_for_tensor_parallel, check_tensor_parallel, meta_device_name, plan_tensor_parallel

@@ -12,7 +12,7 @@ from gpulab.core.devices import Device
 from gpulab.core.measure.reconcile import reconcile
 from gpulab.core.report import BufferReport, LoadReport
 from gpulab.core.measure.results import BenchRun, run_from_dict, run_to_dict
-from gpulab.core.run import PlannedMemory
+from gpulab.core.memory import PlannedMemory
 
 MiB = 1024 ** 2
 UUID = "GPU-11111111-2222-3333-4444-555555555555"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from llama_tools import NOT_BUILT, tools_bin, vendored_src
 
-from gpulab.core.run import PlannedMemory
+from gpulab.core.memory import PlannedMemory
 from gpulab.core.config import SplitConfig
 from gpulab.core.report import BufferReport, LoadReport
 from gpulab.core.measure.llama_bench import format_results
