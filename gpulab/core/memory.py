@@ -55,9 +55,13 @@ class PlannedMemory:
     arch: str
     devices: tuple[DevicePlan, ...]        # the offload devices in llama.cpp's order, then the host
     layer_devices: tuple[str, ...]         # n_layer + 1 device names; the last is the output layer
-    fits: bool                             # memory: every device's bytes within its free memory
     meta_device: str = ""                  # -sm tensor: the Meta() device llama.cpp logs ...
     meta_members: tuple[str, ...] = ()     # ... and the devices it spans
+
+    @property
+    def fits(self) -> bool:
+        """Memory fitting: every device's bytes within its free memory (as Plan.fits)."""
+        return all(d.fits for d in self.devices)
 
     def deficits(self) -> list[str]:
         return deficit_lines(self.devices)
@@ -88,7 +92,6 @@ class PlannedMemory:
             is_host=i == len(rows) - 1) for i, x in enumerate(rows))
         return cls(model_path=model.get("path", ""), arch=model.get("arch", ""), devices=devices,
                    layer_devices=tuple(x["device"] for x in d.get("layers", ())),
-                   fits=bool(d.get("fits", all(x.fits for x in devices))),
                    meta_device=tp.get("meta_device", ""), meta_members=tuple(tp.get("devices", ())))
 
 
