@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
 
 from .errors import ConfigError
 from .ggml_types import KV_CACHE_TYPES
@@ -188,4 +189,5 @@ def config_from_dict(d: dict) -> SplitConfig:
     """Inverse of config_to_dict. Keys that are not SplitConfig fields (a newer or older writer's)
     are ignored; missing ones take the defaults."""
     known = {f.name for f in fields(SplitConfig)}
-    return SplitConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known})
+    kw: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known}
+    return SplitConfig(**kw)
