@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from ..config import SplitConfig
+from ..config import SplitConfig, config_to_dict
 from ..profile import ModelProfile
 from ..memory import DevicePlan, PlannedMemory, deficit_lines
 from .tensor_parallel import TensorParallel
@@ -65,12 +65,7 @@ class Plan:
         p, c = self.profile, self.config
         return {
             "model": {"path": p.path, "arch": p.arch, "n_layer": p.n_layer, "size_bytes": p.file_bytes},
-            "config": {
-                "n_gpu_layers": c.n_gpu_layers, "split_mode": c.split_mode, "main_gpu": c.main_gpu,
-                "tensor_split": list(c.tensor_split), "n_ctx": c.n_ctx, "type_k": c.type_k,
-                "type_v": c.type_v, "n_batch": c.n_batch, "n_ubatch": c.n_ubatch,
-                "flash_attn": c.flash_attn, "tensor_overrides": list(c.tensor_overrides),
-            },
+            "config": config_to_dict(c),     # every SplitConfig field, by its name
             "devices": [
                 {"name": d.name, "total_bytes": d.total_bytes, "free_bytes": d.free_bytes,
                  "weights_bytes": d.weights_bytes, "kv_bytes": d.kv_bytes,
