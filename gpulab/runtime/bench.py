@@ -38,15 +38,16 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from ..core.config import SplitConfig
 from ..core.devices import Device
-from ..core.measure.results import BenchRun, throughput_from_samples
 from ..core.errors import ConfigError, LoadError, RuntimeUnavailableError
-from . import ggml, llama_lib
-from ..sources.host import default_threads
-from .crash import guard
+from ..core.measure.results import BenchRun, throughput_from_samples
 from ..core.memory import PlannedMemory
+from ..sources.host import default_threads
+from . import ggml, llama_lib
+from .crash import guard
 from .model import LoadedModel, open_model, plan_load
 
 __all__ = ["measure", "measure_loaded", "resplit", "system_facts", "Progress"]
@@ -64,7 +65,7 @@ class _ThreadpoolParams(ctypes.Structure):   # struct ggml_threadpool_params (gg
 
 
 _extras_lock = threading.Lock()
-_extras: dict[str, object] = {}
+_extras: dict[str, Any] = {}   # threadpool functions ('tp'), ggml_commit ('commit')
 
 
 def _threadpool_fns():

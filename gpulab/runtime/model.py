@@ -23,8 +23,8 @@ from pathlib import Path
 from ..core.memory import PlannedMemory
 from ..core.config import SplitConfig
 from ..core.devices import Device
-from ..core.report import LoadReport
 from ..core.errors import ConfigError, DeviceError, DoesNotFitError, LoadError
+from ..core.report import LoadReport
 from . import llama_lib
 from . import ggml
 from .crash import guard
@@ -91,7 +91,7 @@ class LoadedModel:
             lc.llama_model_free(model)
         llama_lib.release_endpoints(self._endpoints)
 
-    def __enter__(self) -> "LoadedModel":
+    def __enter__(self) -> LoadedModel:
         return self
 
     def __exit__(self, *exc) -> None:

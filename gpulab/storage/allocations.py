@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 from ..core.config import SplitConfig, config_from_dict, config_to_dict
 from ..core.devices import Device
@@ -47,7 +48,7 @@ class AllocationDevice:
     description: str = ""
 
     @classmethod
-    def of(cls, d: Device) -> "AllocationDevice":
+    def of(cls, d: Device) -> AllocationDevice:
         return cls(d.name, int(d.total_bytes), d.uuid, d.endpoint, d.description)
 
     def matches(self, d: Device) -> bool:

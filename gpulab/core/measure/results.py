@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
+from typing import Any
 
 from ..config import SplitConfig, config_from_dict, config_to_dict
 from ..report import LoadReport
