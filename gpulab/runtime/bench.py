@@ -77,8 +77,7 @@ def _threadpool_fns():
         fns = None
         try:
             base, cpu = llama_lib.ggml_base(), llama_lib.ggml_cpu()
-            lc = llama_lib.llama_cpp()
-            lib = lc._lib
+            lib = llama_lib.llama_cpp().llama_cpp._lib    # libllama as llama-cpp-python loaded it
             pd = base.ggml_threadpool_params_default
             pd.argtypes, pd.restype = [ctypes.c_int], _ThreadpoolParams
             new = cpu.ggml_threadpool_new
