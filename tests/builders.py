@@ -38,7 +38,8 @@ def make_run(**over) -> BenchRun:
     kw = dict(model_path="/m/x.gguf", model_bytes=123 * MiB, config=SplitConfig(tensor_split=(3, 1), n_ctx=640),
               report=report, pp=throughput_from_samples(512, 0, [1_000_000_000, 1_100_000_000]),
               tg=throughput_from_samples(0, 128, [2_000_000_000, 2_000_000_000]), load_seconds=1.5, n_threads=2,
-              devices=("RPC0", "RPC1"), plan=PlannedMemory(model_path="/m/x.gguf", arch="llama", devices=(), layer_devices=()),
+              devices=("RPC0", "RPC1"),
+              plan=PlannedMemory(model_path="/m/x.gguf", arch="llama", devices=(), layer_devices=()),
               timestamp="2025-01-02T03:04:05Z", build="llama-cpp-python-0.3.36", model_type="llama 1B Q4_0",
               model_n_params=1_235_814_400, model_fingerprint="abcd", cpu_info="AMD EPYC", gpu_info="127.0.0.1:1",
               backends="RPC", run_id="r1", notes=("n1",))

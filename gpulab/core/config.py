@@ -10,7 +10,8 @@ from typing import Any
 from .errors import ConfigError
 from .ggml_types import KV_CACHE_TYPES
 
-__all__ = ["SplitConfig", "config_to_dict", "config_from_dict", "SPLIT_MODES", "FLASH_ATTN_MODES", "parse_tensor_split", "parse_ngl", "parse_mib_list"]
+__all__ = ["SplitConfig", "config_to_dict", "config_from_dict", "SPLIT_MODES", "FLASH_ATTN_MODES", "parse_tensor_split",
+           "parse_ngl", "parse_mib_list"]
 
 SPLIT_MODES = ("none", "layer", "row", "tensor")   # -sm, enum llama_split_mode 0..3
 FLASH_ATTN_MODES = ("auto", "on", "off")      # -fa, enum llama_flash_attn_type

@@ -79,7 +79,7 @@ class PlannedMemory:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PlannedMemory":
+    def from_dict(cls, d: dict) -> PlannedMemory:
         """From `to_dict()` or a `gpulab plan --json` object (runs stored before overhead_bytes was
         written read it as 0)."""
         model = d.get("model") or {}

@@ -14,8 +14,8 @@ from typing import Protocol, runtime_checkable
 
 from .config import SplitConfig
 from .devices import Device
-from .report import LoadReport
 from .memory import PlannedMemory
+from .report import LoadReport
 from .run import Run
 
 __all__ = ["DeviceProbe", "Runtime", "Progress"]

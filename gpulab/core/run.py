@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .config import SplitConfig
-from .report import LoadReport
 from .memory import PlannedMemory
+from .report import LoadReport
 
 __all__ = ["Throughput", "Run"]
 

@@ -1,5 +1,5 @@
-"""Fit's dry runs made by llama.cpp itself: a `measure` for gpulab.core.policies.server_fit.server_fit that loads the model
-with `no_alloc` in a worker, as common_get_device_memory_data does (common/fit.cpp).
+"""Fit's dry runs made by llama.cpp itself: a `measure` for gpulab.core.policies.server_fit.server_fit that loads
+the model with `no_alloc` in a worker, as common_get_device_memory_data does (common/fit.cpp).
 
 gpulab's fit plans each dry run (milliseconds); where a decision lies within the compute-buffer
 estimate's uncertainty (FitResult.near_boundary) this gives llama.cpp's own numbers instead, on

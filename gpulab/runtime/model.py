@@ -20,13 +20,12 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from ..core.memory import PlannedMemory
 from ..core.config import SplitConfig
 from ..core.devices import Device
 from ..core.errors import ConfigError, DeviceError, DoesNotFitError, LoadError
+from ..core.memory import PlannedMemory
 from ..core.report import LoadReport
-from . import llama_lib
-from . import ggml
+from . import ggml, llama_lib
 from .crash import guard
 from .logcapture import LogCapture, parse_load_log
 from .params import llama_params

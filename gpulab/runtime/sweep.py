@@ -193,8 +193,8 @@ def _as_bench_run(run: Run, model_fingerprint: str, key: str) -> BenchRun:
         base = {f.name: getattr(run, f.name) for f in fields(Run)}
         run = BenchRun(**base)
     notes = tuple(n for n in run.notes if not n.startswith(_KEY_NOTE)) + (_KEY_NOTE + key,)
-    return replace(run, model_fingerprint=run.model_fingerprint or model_fingerprint, run_id=run.run_id or uuid.uuid4().hex,
-                   notes=notes)
+    return replace(run, model_fingerprint=run.model_fingerprint or model_fingerprint,
+                   run_id=run.run_id or uuid.uuid4().hex, notes=notes)
 
 
 def _stored(records_by_key: dict, key: str, want_tests: set[str]) -> list[dict] | None:

@@ -30,8 +30,8 @@ from ..core import errors as gerrors
 from ..core.config import SplitConfig, config_to_dict
 from ..core.devices import Device
 from ..core.errors import GpulabError, LoadError
-from ..core.report import LoadReport
 from ..core.memory import PlannedMemory
+from ..core.report import LoadReport
 from ..core.run import Run
 from .crash import describe_death
 

@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 from ..core.config import SplitConfig, config_from_dict, config_to_dict
 from ..core.devices import Device

@@ -218,7 +218,8 @@ def test_fit_overshoots_where_gpulab_says_it_does(rpc, models):
     endpoints, devices = rpc
     prof = read_profile(models["dense"])
     budgets = [320, 275, 238]
-    r = server_fit(prof, devices, _config_of((), fit_target=tuple(d.total_bytes // MiB - b for d, b in zip(devices, budgets))))
+    targets = tuple(d.total_bytes // MiB - b for d, b in zip(devices, budgets))
+    r = server_fit(prof, devices, _config_of((), fit_target=targets))
     assert r.ok and r.over_target, "this case should overshoot"
     flags = [f.strip('"') for f in r.flags(devices).split()]
     used = _fit_print(models["dense"], endpoints, flags)

@@ -18,11 +18,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
-from typing import Any
 
 from ..config import SplitConfig, config_from_dict, config_to_dict
-from ..report import LoadReport
 from ..memory import PlannedMemory
+from ..report import LoadReport
 from ..run import Run, Throughput
 
 __all__ = [

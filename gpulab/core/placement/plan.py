@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ..config import SplitConfig, config_to_dict
-from ..profile import ModelProfile
 from ..memory import DevicePlan, PlannedMemory, deficit_lines
+from ..profile import ModelProfile
 from .tensor_parallel import TensorParallel
 
 __all__ = ["Plan"]

@@ -11,8 +11,8 @@ from builders import UUID, MiB, gpu_run
 from gpulab.core.config import SplitConfig
 from gpulab.core.devices import Device
 from gpulab.core.measure.reconcile import reconcile
-from gpulab.core.report import BufferReport, LoadReport
 from gpulab.core.measure.results import run_from_dict, run_to_dict
+from gpulab.core.report import BufferReport, LoadReport
 
 
 def test_table_numbers():

@@ -14,8 +14,15 @@ from gpulab.core.config import SplitConfig, parse_mib_list, parse_ngl
 from gpulab.core.devices import parse_sim_spec
 from gpulab.core.errors import ConfigError
 from gpulab.core.placement.planner import plan
-from gpulab.core.policies.server_fit import (UINT32_MAX, fit_margins, overflow_pattern, server_config, server_fit,
-                                              server_would_fit, user_placement)
+from gpulab.core.policies.server_fit import (
+    UINT32_MAX,
+    fit_margins,
+    overflow_pattern,
+    server_config,
+    server_fit,
+    server_would_fit,
+    user_placement,
+)
 
 
 def _moe_profile():
