@@ -13,6 +13,7 @@ Exit status (CLI): 0 when the plain plan fits, 1 when it does not, 2 on bad inpu
 
 from __future__ import annotations
 
+import os
 import shlex
 from html import escape as _escape
 
@@ -24,8 +25,12 @@ __all__ = ["register", "run", "planned"]
 
 
 def register(sub, frontend: str) -> None:
-    p = sub.add_parser("plan", help="predict llama.cpp's placement and per-device memory")
+    p = sub.add_parser("plan", help="predict llama.cpp's placement and per-device memory",
+                       epilog="paste a command: gpulab plan [device flags] -- llama-server -m A.gguf --mmproj P.gguf "
+                              "-md D.gguf -ngl 99 ... (llama-server, llama-cli, llama-bench): the whole process, "
+                              "every flag read as that program reads it")
     add_model_arg(p)
+    p.add_argument("pasted", nargs="*", metavar="ARG", help="after `--`: the rest of a pasted command")
     # None: -c / -np not given (llama-server's defaults are -c 0 and -np auto: 4 slots, unified KV)
     add_config_flags(p, n_ctx=None, n_seq_max=None)
     add_device_flags(p)
@@ -102,7 +107,19 @@ def server_would_fit(config) -> bool:
             and not config.has_tensor_overrides and config.split_mode == "layer")
 
 
+def _is_program(name: str) -> bool:
+    from ..core.command_line import PROGRAMS
+    base = os.path.basename(str(name))
+    return any(base == p or base.startswith(p + ".") for p in PROGRAMS)
+
+
 def run(a, session) -> Result:
+    if _is_program(a.model):
+        return run_pasted(a, session)
+    if getattr(a, "pasted", None):
+        from ..core.errors import ConfigError
+        raise ConfigError(f"unexpected arguments {' '.join(a.pasted)}: to paste a command, write "
+                          "`gpulab plan -- llama-server -m MODEL ...`")
     from ..core.measure.speed import predict_speed
     from ..storage.speed_cache import speed_model_for
     from ..ui.html import plan_frame_rows, plan_html
@@ -157,3 +174,33 @@ def fit_data(r, fitted_plan, devices) -> dict:
     return {"status": r.status, "flags": r.flags(devices), "changed": list(r.changed), "reasons": list(r.reasons),
             "near_boundary": list(r.near_boundary), "layers_per_device": list(r.layers_per_device),
             "overrides": [f"{p}={t}" for p, t in r.overrides], "plan": fitted_plan.to_dict()}
+
+
+def run_pasted(a, session) -> Result:
+    """`gpulab plan -- llama-server ...`: the pasted command's whole process (gpulab.core.policies.process)."""
+    from argparse import Namespace
+    from ..core.command_line import parse_command
+    from ..core.policies.process import plan_command
+    from ..sources.projector import read_projector
+    from ..sources.read import read_profile
+    from ..ui.text import process_text
+    cmd = parse_command([a.model, *a.pasted])
+    if cmd.rpc and not a.rpc and not getattr(a, "sim", None):
+        a = Namespace(**{**vars(a), "rpc": ",".join(cmd.rpc)})   # the devices the command itself adds
+    choice = devices_from_args(a, session)
+    prof = read_profile(model_path(cmd.model))
+    draft = read_profile(cmd.draft.path) if cmd.draft is not None else None
+    proj = read_projector(cmd.projector.path) if cmd.projector is not None else None
+    cp = plan_command(cmd, prof, list(choice.devices), choice.host, draft=draft, projector=proj)
+    notes = [*(f"ignored (no effect on memory): {x}" for x in cmd.ignored),
+             *(f"not modelled: {x}" for x in cmd.unmodelled), *(f"warning: {w}" for w in choice.warnings)]
+    data = {"command": {"program": cmd.program, "model": cmd.model, "ignored": list(cmd.ignored),
+                        "unmodelled": list(cmd.unmodelled)},
+            "plan": cp.process.main.to_dict(), "process": cp.process.to_dict(), "notes": list(cp.notes)}
+    if cp.fit is not None:
+        data["fit"] = {"status": cp.fit.status, "changed": list(cp.fit.changed)}
+    return Result(text=process_text(cp), data=data, notes=notes, exit_code=0 if cp.process.fits else 1,
+                  rows=[{"device": r.name, "main": r.main_bytes, "draft": r.draft_bytes, "projector": r.projector_bytes,
+                         "base cost": r.overhead_bytes, "free": r.free_bytes, "fits": r.fits}
+                        for r in cp.process.rows],
+                  objects={"plan": cp.process.main, "process": cp.process, "command": cmd, "fit": cp.fit})

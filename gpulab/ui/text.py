@@ -272,3 +272,34 @@ def fleet_text(fp) -> str:
                f"{fp.evaluated} model plans)")
     out += [f"  - {a.text}" for a in fp.advice]
     return "\n".join(out)
+
+
+def process_text(cp) -> str:
+    """A pasted command's whole process (gpulab.core.policies.process.CommandPlan): per device the
+    main model, the draft, the projector and the base cost, against free memory."""
+    pp, cmd = cp.process, cp.command
+    lines = [f"{cmd.program}: {cmd.model}" + (f" + draft {cmd.draft.path}" if cmd.draft else "")
+             + (f" + projector {cmd.projector.path}" if cmd.projector else "")]
+    if cp.fit is not None:
+        lines.append(f"fit: {cp.fit.status}" + (f" ({', '.join(cp.fit.changed)})" if cp.fit.changed else ""))
+    c = pp.main.config
+    lines.append(f"main: -ngl {c.n_gpu_layers} -c {c.n_ctx} -np {c.n_seq_max}{' -kvu' if c.kv_unified else ''} "
+                 f"-ctk {c.type_k} -ctv {c.type_v}" + (f" -ts {','.join(f'{x:g}' for x in c.tensor_split)}"
+                                                      if c.tensor_split else ""))
+    if pp.projector is not None:
+        pr = pp.projector
+        lines.append(f"projector on {pr.device} ({pr.why}): weights {format_bytes(pr.weights_bytes)}, "
+                     f"compute {format_bytes(pr.compute_bytes)} (estimate)")
+    head = f"{'device':<10}{'main':>12}{'draft':>12}{'projector':>12}{'base cost':>14}{'total':>12}{'free':>12}  fits"
+    lines += ["", head]
+    for r in pp.rows:
+        base = format_bytes(r.overhead_bytes) + ("*" if r.overhead_is_default else "")
+        free = "-" if r.is_host else format_bytes(r.free_bytes)
+        lines.append(f"{r.name:<10}{format_bytes(r.main_bytes):>12}{format_bytes(r.draft_bytes):>12}"
+                     f"{format_bytes(r.projector_bytes):>12}{base:>14}{format_bytes(r.used_bytes):>12}{free:>12}  "
+                     f"{'yes' if r.fits else 'NO'}")
+    if any(r.overhead_is_default for r in pp.rows):
+        lines.append("* default base cost for a CUDA device (nothing learned on it yet)")
+    lines += [""] + list(cp.notes) if cp.notes else []
+    lines.append("fits" if pp.fits else "does NOT fit")
+    return "\n".join(lines)

@@ -242,13 +242,16 @@ class _Abort(Exception):
 
 def fit(profile: ModelProfile, devices: list[Device], config: SplitConfig | None = None,
         host: Device | None = None, *, n_ctx_min: int | None = None,
-        measure: Callable[[SplitConfig], list[int]] | None = None) -> FitResult:
+        measure: Callable[[SplitConfig], list[int]] | None = None,
+        extra: Callable[[SplitConfig], list[int]] | None = None) -> FitResult:
     """common_params_fit for `config` on `devices` (their free memory as llama.cpp would see it).
 
     config.fit_target / fit_ctx are -fitt / -fitc; n_ctx_min overrides fit_ctx (UINT32_MAX: what an
     explicit `-c 0` sets). `measure(config)` returns the bytes (model + context + compute) of each
     device the config uses; default: gpulab's planner. The result's config is what llama-server
-    loads."""
+    loads. `extra(config)`: the bytes a second model (the draft) adds to each device the config uses,
+    measured at config's context, as common_fit_extra_model's add_extra_memory adds them to every
+    dry run (common/fit.cpp)."""
     config = config or SplitConfig()
     if config.fit == "off":
         return FitResult("off", config, config, ("-fit off: llama.cpp uses the settings as given",), (), (), (),
@@ -256,6 +259,7 @@ def fit(profile: ModelProfile, devices: list[Device], config: SplitConfig | None
     used = select_devices(devices, config)
     run = _Fit(profile, list(devices), used, config, host, measure,
                config.fit_ctx if n_ctx_min is None else n_ctx_min)
+    run.extra_fn = extra
     try:
         run.go()
     except _Abort as e:
@@ -270,6 +274,7 @@ class _Fit:
                  host: Device | None, measure, n_ctx_min: int):
         self.profile, self.devices, self.used, self.given, self.host = profile, devices, used, config, host
         self.measure_fn = measure
+        self.extra_fn: Callable[[SplitConfig], list[int]] | None = None
         self.compute: dict[SplitConfig, list[int]] = {}   # the planner's compute buffers per dry run
         self.n_ctx_min = n_ctx_min
         self.cfg = config                  # cparams/mparams as fit changes them
@@ -291,14 +296,15 @@ class _Fit:
     def measure(self, cfg: SplitConfig) -> list[int]:
         """One dry run (common_get_device_memory_data): model + context + compute per device."""
         self.n_dry_runs += 1
+        added = self.extra_fn(cfg) if self.extra_fn is not None else [0] * self.nd
         if self.measure_fn is not None:
-            return list(self.measure_fn(cfg))
+            return [m + a for m, a in zip(self.measure_fn(cfg), added)]
         p = plan(self.profile, self.devices, cfg, self.host)
         # a dry run's breakdown is not quite a real load's (gpulab.core.placement.compute.dry_run_extra_bytes)
         extra = dry_run_extra_bytes(self.profile, p.config, list(p.layer_devices), [d.name for d in p.devices])
         compute = [d.compute_bytes + extra.get(d.name, 0) for d in p.offload_devices]
         self.compute[cfg] = compute
-        return [d.weights_bytes + d.kv_bytes + c for d, c in zip(p.offload_devices, compute)]
+        return [d.weights_bytes + d.kv_bytes + c + a for d, c, a in zip(p.offload_devices, compute, added)]
 
     def _uncertainty(self, cfg: SplitConfig, dev: int) -> int:
         """How far gpulab's compute buffer (gpulab.core.placement.compute) may be from llama.cpp's, plus the
