@@ -130,5 +130,11 @@ class Session:
 
 
 def _with_overhead(d: Device) -> Device:
+    """The learned overhead; for a CUDA GPU with none learned yet, gpulab's labelled default."""
     over = learned_overhead(d)
-    return replace(d, overhead_bytes=over) if over else d
+    if over:
+        return replace(d, overhead_bytes=over)
+    if d.kind == "gpu" and (d.source == "nvml" or d.name.startswith("CUDA")):
+        from ..core.placement.process import DEFAULT_CUDA_OVERHEAD_BYTES
+        return replace(d, overhead_bytes=DEFAULT_CUDA_OVERHEAD_BYTES, overhead_is_default=True)
+    return d

@@ -247,13 +247,19 @@ def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | Non
             weights_bytes=weights[name], kv_bytes=kv[name], compute_bytes=compute.get(name, 0),
             # learned from NVML by earlier runs (CUDA context, workspaces): what "fits" must leave
             overhead_bytes=src.overhead_bytes if src is not None and not is_host else 0,
+            overhead_is_default=bool(src is not None and not is_host and src.overhead_is_default),
             n_layers=n_layers[name], has_output=out_dev == name or (split is not None and out_dev == split.meta_name
                                                                    and not is_host),
             is_host=is_host, expert_bytes=experts[name],
             mapped_bytes=tp.mapped_bytes if is_host else 0, repack_bytes=tp.repack_bytes if is_host else 0))
+    from ..units import format_bytes
+    defaults = tuple(f"{r.name}: counts a base cost of {format_bytes(r.overhead_bytes)}, gpulab's default for a CUDA "
+                     "device (nothing learned on it yet; a run with NVML replaces it)"
+                     for r in rows if r.overhead_is_default)
     return Plan(profile=profile, config=config, devices=tuple(rows), layer_devices=tuple(layer_devices),
                 split_points=tuple(points), kv_cells=full_cells, kv_cells_swa=swa_cells,
-                moved_tensors=tp.moved, rule_matches=tp.matches, notes=tp.notes, tensor_parallel=split)
+                moved_tensors=tp.moved, rule_matches=tp.matches, notes=tuple(tp.notes) + defaults,
+                tensor_parallel=split)
 
 
 def _meta_device(used: list[Device]) -> Device:

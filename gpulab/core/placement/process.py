@@ -146,7 +146,7 @@ def base_cost(d: Device) -> tuple[int, bool]:
     """(bytes, is the default): the learned overhead where a run learned one, else the CUDA default
     for CUDA devices (RPC, CPU and simulated devices: 0, none known)."""
     if d.overhead_bytes:
-        return d.overhead_bytes, False
+        return d.overhead_bytes, d.overhead_is_default
     if d.name.startswith("CUDA"):
         return DEFAULT_CUDA_OVERHEAD_BYTES, True
     return 0, False
