@@ -17,7 +17,7 @@ import os
 import shlex
 from html import escape as _escape
 
-from .flags import (add_config_flags, add_device_flags, add_json_flag, add_model_arg, add_policy_flag,
+from .flags import (add_config_flags, add_process_flags, process_argv, add_device_flags, add_json_flag, add_model_arg, add_policy_flag,
                     config_from_args, devices_from_args, model_path)
 from .result import Result
 
@@ -31,6 +31,9 @@ def register(sub, frontend: str) -> None:
                               "every flag read as that program reads it")
     add_model_arg(p)
     p.add_argument("pasted", nargs="*", metavar="ARG", help="after `--`: the rest of a pasted command")
+    add_process_flags(p)
+    p.add_argument("--llama-swap", metavar="CONFIG", default=None,
+                   help="plan the cmd of the llama-swap model named MODEL in this config.yaml (the whole process)")
     # None: -c / -np not given (llama-server's defaults are -c 0 and -np auto: 4 slots, unified KV)
     add_config_flags(p, n_ctx=None, n_seq_max=None)
     add_device_flags(p)
@@ -114,8 +117,20 @@ def _is_program(name: str) -> bool:
 
 
 def run(a, session) -> Result:
+    if getattr(a, "llama_swap", None):
+        from argparse import Namespace
+        from ..core.fleet.from_tools import llama_swap_commands
+        from ..storage.fleet_files import read_yaml
+        cmds = llama_swap_commands(read_yaml(a.llama_swap))
+        if a.model not in cmds:
+            from ..core.errors import ConfigError
+            raise ConfigError(f"{a.llama_swap} has no model {a.model!r}; its models: {', '.join(cmds)}")
+        argv = cmds[a.model]
+        return run_pasted(Namespace(**{**vars(a), "model": argv[0], "pasted": argv[1:]}), session)
     if _is_program(a.model):
         return run_pasted(a, session)
+    if process_argv(a):
+        return run_pasted(a, session, command=command_from_args(a))
     if getattr(a, "pasted", None):
         from ..core.errors import ConfigError
         raise ConfigError(f"unexpected arguments {' '.join(a.pasted)}: to paste a command, write "
@@ -176,7 +191,28 @@ def fit_data(r, fitted_plan, devices) -> dict:
             "overrides": [f"{p}={t}" for p, t in r.overrides], "plan": fitted_plan.to_dict()}
 
 
-def run_pasted(a, session) -> Result:
+def command_from_args(a):
+    """The llama-server Command of gpulab's own flags (plan MODEL ... --mmproj P -md D): the settings
+    through the flag table, llama-server's defaults for -c and -np where they are not given."""
+    from ..core.command_line import Command, parse_command, program_defaults
+    given = {k: v for k, v in (("n_ctx", a.ctx_size), ("n_seq_max", a.parallel)) if v is not None}
+    config = config_from_args(_with_ctx(a))
+    config = config.replace(**{k: v for k, v in program_defaults("llama-server", given).items() if k not in given})
+    # the projector and draft flags read as a pasted command reads them: one parser for both
+    extras = parse_command(["llama-server", "-m", model_path(a.model), *process_argv(a)])
+    draft = None
+    if extras.draft is not None:
+        from ..core.command_line import Draft, draft_config
+        d = extras.draft.config
+        draft = Draft(extras.draft.path, draft_config(config, {
+            "devices": d.devices, "n_gpu_layers": d.n_gpu_layers, "rules": d.tensor_overrides,
+            "type_k": d.type_k, "type_v": d.type_v} if a.device_draft else {
+            "n_gpu_layers": d.n_gpu_layers, "rules": d.tensor_overrides, "type_k": d.type_k, "type_v": d.type_v}))
+    return Command(program="llama-server", model=model_path(a.model), config=config, given=frozenset(given),
+                   projector=extras.projector, draft=draft)
+
+
+def run_pasted(a, session, command=None) -> Result:
     """`gpulab plan -- llama-server ...`: the pasted command's whole process (gpulab.core.policies.process)."""
     from argparse import Namespace
     from ..core.command_line import parse_command
@@ -184,7 +220,7 @@ def run_pasted(a, session) -> Result:
     from ..sources.projector import read_projector
     from ..sources.read import read_profile
     from ..ui.text import process_text
-    cmd = parse_command([a.model, *a.pasted])
+    cmd = command or parse_command([a.model, *a.pasted])
     if cmd.rpc and not a.rpc and not getattr(a, "sim", None):
         a = Namespace(**{**vars(a), "rpc": ",".join(cmd.rpc)})   # the devices the command itself adds
     choice = devices_from_args(a, session)
