@@ -11,7 +11,9 @@ import numpy as np
 def write_projector(path: Path, *, projector_type: str = "gemma3", image_size: int = 224, patch_size: int = 14,
                     n_embd: int = 128, n_ff: int = 512, n_head: int = 4, n_layer: int = 2,
                     proj_dim: int = 576, weights: bool = True) -> Path:
-    """A vision encoder: patch embedding, position embedding, n_layer ViT blocks, the projection."""
+    """A vision encoder: patch embedding, position embedding, n_layer ViT blocks, the projection.
+    projector_type 'gemma3' (SigLIP, pooled 4x4, clip_graph_siglip) or 'mlp' (LLaVA, clip_graph_llava);
+    proj_dim must be the text model's n_embd (mtmd checks it)."""
     import gguf
     w = gguf.GGUFWriter(str(path), "clip")
     w.add_string("clip.projector_type", projector_type)
@@ -34,9 +36,14 @@ def write_projector(path: Path, *, projector_type: str = "gemma3", image_size: i
     def t(name: str, *shape: int, dtype=np.float32) -> None:
         w.add_tensor(name, (rng.standard_normal(shape) * 0.02).astype(dtype))
 
+    llava = projector_type == "mlp"      # CLIP with a class token, a pre-norm and a 2-layer MLP (LLaVA)
     t("v.patch_embd.weight", n_embd, 3, patch_size, patch_size, dtype=np.float16)
     t("v.patch_embd.bias", n_embd)
-    t("v.position_embd.weight", n_pos, n_embd, dtype=np.float16)
+    t("v.position_embd.weight", n_pos + llava, n_embd, dtype=np.float16)
+    if llava:
+        t("v.class_embd", n_embd)
+        t("v.pre_ln.weight", n_embd)
+        t("v.pre_ln.bias", n_embd)
     for i in range(n_layer):
         for x in ("q", "k", "v"):
             t(f"v.blk.{i}.attn_{x}.weight", n_embd, n_embd, dtype=np.float16)
@@ -50,10 +57,16 @@ def write_projector(path: Path, *, projector_type: str = "gemma3", image_size: i
         t(f"v.blk.{i}.ffn_up.bias", n_ff)
         t(f"v.blk.{i}.ffn_down.weight", n_embd, n_ff, dtype=np.float16)
         t(f"v.blk.{i}.ffn_down.bias", n_embd)
-    t("v.post_ln.weight", n_embd)
-    t("v.post_ln.bias", n_embd)
-    t("mm.soft_emb_norm.weight", n_embd)
-    t("mm.input_projection.weight", proj_dim, n_embd, dtype=np.float16)
+    if llava:       # mm.0: vision -> hidden, GELU, mm.2: hidden -> the text model's n_embd (= proj_dim)
+        t("mm.0.weight", proj_dim, n_embd, dtype=np.float16)
+        t("mm.0.bias", proj_dim)
+        t("mm.2.weight", proj_dim, proj_dim, dtype=np.float16)
+        t("mm.2.bias", proj_dim)
+    else:           # gemma3: post-norm, soft-embedding norm, projection to the text model's n_embd
+        t("v.post_ln.weight", n_embd)
+        t("v.post_ln.bias", n_embd)
+        t("mm.soft_emb_norm.weight", n_embd)
+        t("mm.input_projection.weight", n_embd, proj_dim, dtype=np.float16)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
