@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from projectors import write_projector
 
 from gpulab.cli import main
-from projectors import write_projector
 
 
 def run(capsys, *argv):

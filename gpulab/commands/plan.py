@@ -17,11 +17,21 @@ import os
 import shlex
 from html import escape as _escape
 
-from .flags import (add_config_flags, add_process_flags, process_argv, add_device_flags, add_json_flag, add_model_arg, add_policy_flag,
-                    config_from_args, devices_from_args, model_path)
+from .flags import (
+    add_config_flags,
+    add_device_flags,
+    add_json_flag,
+    add_model_arg,
+    add_policy_flag,
+    add_process_flags,
+    config_from_args,
+    devices_from_args,
+    model_path,
+    process_argv,
+)
 from .result import Result
 
-__all__ = ["register", "run", "planned"]
+__all__ = ["planned", "register", "run"]
 
 
 def register(sub, frontend: str) -> None:
@@ -77,6 +87,7 @@ def _with_ctx(a):
     """The arguments with gpulab's defaults where -c or -np was not given (plan leaves them unset to
     know: llama-server's own defaults differ, see server_fit)."""
     from argparse import Namespace
+
     from ..core.config import SplitConfig
     missing = {k: getattr(SplitConfig(), attr) for k, attr in (("ctx_size", "n_ctx"), ("parallel", "n_seq_max"))
                if hasattr(a, k) and getattr(a, k) is None}
@@ -119,6 +130,7 @@ def _is_program(name: str) -> bool:
 def run(a, session) -> Result:
     if getattr(a, "llama_swap", None):
         from argparse import Namespace
+
         from ..core.fleet.from_tools import llama_swap_commands
         from ..storage.fleet_files import read_yaml
         cmds = llama_swap_commands(read_yaml(a.llama_swap))
@@ -215,6 +227,7 @@ def command_from_args(a):
 def run_pasted(a, session, command=None) -> Result:
     """`gpulab plan -- llama-server ...`: the pasted command's whole process (gpulab.core.policies.process)."""
     from argparse import Namespace
+
     from ..core.command_line import parse_command
     from ..core.policies.process import plan_command
     from ..sources.projector import read_projector

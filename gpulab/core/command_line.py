@@ -23,8 +23,19 @@ from .errors import ConfigError
 from .ggml_types import KV_CACHE_TYPES
 from .settings import SETTINGS, Setting, value_from_text
 
-__all__ = ["Command", "Projector", "Draft", "parse_command", "PROGRAMS", "PROCESS_FLAGS", "IGNORED", "UNMODELLED",
-           "SETTING_ALIASES", "draft_config", "program_defaults"]
+__all__ = [
+    "IGNORED",
+    "PROCESS_FLAGS",
+    "PROGRAMS",
+    "SETTING_ALIASES",
+    "UNMODELLED",
+    "Command",
+    "Draft",
+    "Projector",
+    "draft_config",
+    "parse_command",
+    "program_defaults",
+]
 
 PROGRAMS = ("llama-server", "llama-cli", "llama-bench")
 
@@ -127,80 +138,10 @@ UNMODELLED: dict[str, str] = {
 
 # flags that do not change where or how much memory goes (sampling, serving, logging, prompts, threads,
 # rope/yarn scaling, other tools' flags): accepted and listed as ignored
-IGNORED: frozenset[str] = frozenset("""
--h --help --usage --version -cl --cache-list --completion-bash --server-base --verbose-prompt --display-prompt
---no-display-prompt -co --color -t --threads -tb --threads-batch -C --cpu-mask -Cr --cpu-range --cpu-strict --prio
---poll -Cb --cpu-mask-batch -Crb --cpu-range-batch --cpu-strict-batch --prio-batch --poll-batch -lcs
---lookup-cache-static -lcd --lookup-cache-dynamic -n --predict --n-predict --keep --context-shift --no-context-shift
---chunks -p --prompt -sys --system-prompt --perf --no-perf --show-timings --no-show-timings -f --file -sysf
---system-prompt-file --in-file -bf --binary-file -e --escape --no-escape -ptc --print-token-count --prompt-cache
---prompt-cache-all --prompt-cache-ro -r --reverse-prompt -sp --special -cnv --conversation -no-cnv
---no-conversation -st --single-turn -i --interactive -if --interactive-first -mli --multiline-input
---in-prefix-bos --in-prefix --in-suffix --spm-infill --samplers -s --seed --sampler-seq --sampling-seq
---ignore-eos --temp --temperature --top-k --top-p --min-p --top-nsigma --top-n-sigma --xtc-probability
---xtc-threshold --typical --typical-p --repeat-last-n --repeat-penalty --presence-penalty --frequency-penalty
---dry-multiplier --dry-base --dry-allowed-length --dry-penalty-last-n --dry-sequence-breaker --adaptive-target
---adaptive-decay --dynatemp-range --dynatemp-exp --mirostat --mirostat-lr --mirostat-ent -l --logit-bias
---grammar --grammar-file -j --json-schema -jf --json-schema-file --rope-scaling --rope-scale --rope-freq-base
---rope-freq-scale --yarn-orig-ctx --yarn-ext-factor --yarn-attn-factor --yarn-beta-slow --yarn-beta-fast -gan
---grp-attn-n -gaw --grp-attn-w --hellaswag --hellaswag-tasks --winogrande --winogrande-tasks --multiple-choice
---multiple-choice-tasks --kl-divergence --save-all-logits --kl-divergence-base --ppl-stride --ppl-output-type
--ns --sequences -cb --cont-batching -nocb --no-cont-batching --no-mmproj --no-mmproj-auto --image --audio --video
---video-fps --video-timestamp-interval --video-ffmpeg-dir --list-devices -a --alias --tags -hft --hf-token
---context-file --chunk-size --chunk-separator --junk --pos -o --output --output-file -ofreq --output-frequency
---output-format --save-frequency --process-output --ppl --no-ppl --chunk --from-chunk --show-statistics
---parse-special --ids --stdin --no-bos --no-parse-special --show-count -pps -tgs -npp -ntg -npl --embd-normalize
---embd-output-format --embd-separator --cls-separator --host --port --reuse-port --path --cors-origins
---cors-methods --cors-headers --cors-credentials --no-cors-credentials --api-prefix --ui-config --webui-config
---ui-config-file --webui-config-file --ui-mcp-proxy --webui-mcp-proxy --no-ui-mcp-proxy --no-webui-mcp-proxy
---tools --tools-runtime --mcp-servers-config --mcp-servers-json -ag --agent -no-ag --no-agent --ui --webui --no-ui
---no-webui --api-key --api-key-file --ssl-key-file --ssl-cert-file --chat-template-kwargs -to --timeout
---sse-ping-interval --threads-http --cache-prompt --no-cache-prompt --cache-reuse --metrics --props --slots
---no-slots --slot-save-path --media-path --jinja --no-jinja --reasoning-format -rea --reasoning --reasoning-effort
---reasoning-budget --reasoning-budget-message --reasoning-preserve --no-reasoning-preserve --chat-template
---chat-template-file --skip-chat-parsing --no-skip-chat-parsing --prefill-assistant --no-prefill-assistant -sps
---slot-prompt-similarity --sleep-idle-seconds --simple-io --positive-file --negative-file --pca-batch --pca-iter
---method --log-disable --log-file --log-jsonl --no-log-jsonl --log-prompts-dir --log-colors -v --verbose
---log-verbose --offline -lv --verbosity --log-verbosity --log-prefix --no-log-prefix --log-timestamps
---no-log-timestamps --spec-draft-threads -td --threads-draft --spec-draft-threads-batch -tbd --threads-batch-draft
---spec-draft-cpu-mask -Cd --cpu-mask-draft --spec-draft-cpu-range -Crd --cpu-range-draft --spec-draft-cpu-strict
---cpu-strict-draft --spec-draft-prio --prio-draft --spec-draft-poll --poll-draft --spec-draft-cpu-mask-batch -Cbd
---cpu-mask-batch-draft --spec-draft-cpu-range-batch -Crbd --cpu-range-batch-draft --spec-draft-cpu-strict-batch
---cpu-strict-batch-draft --spec-draft-prio-batch --prio-batch-draft --spec-draft-poll-batch --poll-batch-draft
---spec-draft-n-min --spec-synth-len --spec-synth-rates --spec-draft-p-split --draft-p-split --spec-draft-p-min
---draft-p-min --spec-ngram-mod-n-min --spec-ngram-mod-n-max --spec-ngram-mod-n-match --spec-ngram-simple-size-n
---spec-ngram-simple-size-m --spec-ngram-simple-min-hits --spec-ngram-map-k-size-n --spec-ngram-map-k-size-m
---spec-ngram-map-k-min-hits --spec-ngram-map-k4v-size-n --spec-ngram-map-k4v-size-m --spec-ngram-map-k4v-min-hits
---draft-min --draft-n-min --spec-ngram-size-n --spec-ngram-size-m --spec-ngram-min-hits --tts-lang
---tts-speaker-file --diffusion-steps --diffusion-visual --diffusion-eps --diffusion-algorithm --diffusion-alg-temp
---diffusion-block-length --diffusion-cfg-scale --diffusion-add-gumbel-noise -lr --learning-rate -lr-min
---learning-rate-min -decay-epochs --learning-rate-decay-epochs -wd --weight-decay -val-split --val-split -epochs
---epochs -opt --optimizer --check --save-logits --logits-output-dir --tensor-filter
-""".split())
+IGNORED: frozenset[str] = frozenset(["-h", "--help", "--usage", "--version", "-cl", "--cache-list", "--completion-bash", "--server-base", "--verbose-prompt", "--display-prompt", "--no-display-prompt", "-co", "--color", "-t", "--threads", "-tb", "--threads-batch", "-C", "--cpu-mask", "-Cr", "--cpu-range", "--cpu-strict", "--prio", "--poll", "-Cb", "--cpu-mask-batch", "-Crb", "--cpu-range-batch", "--cpu-strict-batch", "--prio-batch", "--poll-batch", "-lcs", "--lookup-cache-static", "-lcd", "--lookup-cache-dynamic", "-n", "--predict", "--n-predict", "--keep", "--context-shift", "--no-context-shift", "--chunks", "-p", "--prompt", "-sys", "--system-prompt", "--perf", "--no-perf", "--show-timings", "--no-show-timings", "-f", "--file", "-sysf", "--system-prompt-file", "--in-file", "-bf", "--binary-file", "-e", "--escape", "--no-escape", "-ptc", "--print-token-count", "--prompt-cache", "--prompt-cache-all", "--prompt-cache-ro", "-r", "--reverse-prompt", "-sp", "--special", "-cnv", "--conversation", "-no-cnv", "--no-conversation", "-st", "--single-turn", "-i", "--interactive", "-if", "--interactive-first", "-mli", "--multiline-input", "--in-prefix-bos", "--in-prefix", "--in-suffix", "--spm-infill", "--samplers", "-s", "--seed", "--sampler-seq", "--sampling-seq", "--ignore-eos", "--temp", "--temperature", "--top-k", "--top-p", "--min-p", "--top-nsigma", "--top-n-sigma", "--xtc-probability", "--xtc-threshold", "--typical", "--typical-p", "--repeat-last-n", "--repeat-penalty", "--presence-penalty", "--frequency-penalty", "--dry-multiplier", "--dry-base", "--dry-allowed-length", "--dry-penalty-last-n", "--dry-sequence-breaker", "--adaptive-target", "--adaptive-decay", "--dynatemp-range", "--dynatemp-exp", "--mirostat", "--mirostat-lr", "--mirostat-ent", "-l", "--logit-bias", "--grammar", "--grammar-file", "-j", "--json-schema", "-jf", "--json-schema-file", "--rope-scaling", "--rope-scale", "--rope-freq-base", "--rope-freq-scale", "--yarn-orig-ctx", "--yarn-ext-factor", "--yarn-attn-factor", "--yarn-beta-slow", "--yarn-beta-fast", "-gan", "--grp-attn-n", "-gaw", "--grp-attn-w", "--hellaswag", "--hellaswag-tasks", "--winogrande", "--winogrande-tasks", "--multiple-choice", "--multiple-choice-tasks", "--kl-divergence", "--save-all-logits", "--kl-divergence-base", "--ppl-stride", "--ppl-output-type", "-ns", "--sequences", "-cb", "--cont-batching", "-nocb", "--no-cont-batching", "--no-mmproj", "--no-mmproj-auto", "--image", "--audio", "--video", "--video-fps", "--video-timestamp-interval", "--video-ffmpeg-dir", "--list-devices", "-a", "--alias", "--tags", "-hft", "--hf-token", "--context-file", "--chunk-size", "--chunk-separator", "--junk", "--pos", "-o", "--output", "--output-file", "-ofreq", "--output-frequency", "--output-format", "--save-frequency", "--process-output", "--ppl", "--no-ppl", "--chunk", "--from-chunk", "--show-statistics", "--parse-special", "--ids", "--stdin", "--no-bos", "--no-parse-special", "--show-count", "-pps", "-tgs", "-npp", "-ntg", "-npl", "--embd-normalize", "--embd-output-format", "--embd-separator", "--cls-separator", "--host", "--port", "--reuse-port", "--path", "--cors-origins", "--cors-methods", "--cors-headers", "--cors-credentials", "--no-cors-credentials", "--api-prefix", "--ui-config", "--webui-config", "--ui-config-file", "--webui-config-file", "--ui-mcp-proxy", "--webui-mcp-proxy", "--no-ui-mcp-proxy", "--no-webui-mcp-proxy", "--tools", "--tools-runtime", "--mcp-servers-config", "--mcp-servers-json", "-ag", "--agent", "-no-ag", "--no-agent", "--ui", "--webui", "--no-ui", "--no-webui", "--api-key", "--api-key-file", "--ssl-key-file", "--ssl-cert-file", "--chat-template-kwargs", "-to", "--timeout", "--sse-ping-interval", "--threads-http", "--cache-prompt", "--no-cache-prompt", "--cache-reuse", "--metrics", "--props", "--slots", "--no-slots", "--slot-save-path", "--media-path", "--jinja", "--no-jinja", "--reasoning-format", "-rea", "--reasoning", "--reasoning-effort", "--reasoning-budget", "--reasoning-budget-message", "--reasoning-preserve", "--no-reasoning-preserve", "--chat-template", "--chat-template-file", "--skip-chat-parsing", "--no-skip-chat-parsing", "--prefill-assistant", "--no-prefill-assistant", "-sps", "--slot-prompt-similarity", "--sleep-idle-seconds", "--simple-io", "--positive-file", "--negative-file", "--pca-batch", "--pca-iter", "--method", "--log-disable", "--log-file", "--log-jsonl", "--no-log-jsonl", "--log-prompts-dir", "--log-colors", "-v", "--verbose", "--log-verbose", "--offline", "-lv", "--verbosity", "--log-verbosity", "--log-prefix", "--no-log-prefix", "--log-timestamps", "--no-log-timestamps", "--spec-draft-threads", "-td", "--threads-draft", "--spec-draft-threads-batch", "-tbd", "--threads-batch-draft", "--spec-draft-cpu-mask", "-Cd", "--cpu-mask-draft", "--spec-draft-cpu-range", "-Crd", "--cpu-range-draft", "--spec-draft-cpu-strict", "--cpu-strict-draft", "--spec-draft-prio", "--prio-draft", "--spec-draft-poll", "--poll-draft", "--spec-draft-cpu-mask-batch", "-Cbd", "--cpu-mask-batch-draft", "--spec-draft-cpu-range-batch", "-Crbd", "--cpu-range-batch-draft", "--spec-draft-cpu-strict-batch", "--cpu-strict-batch-draft", "--spec-draft-prio-batch", "--prio-batch-draft", "--spec-draft-poll-batch", "--poll-batch-draft", "--spec-draft-n-min", "--spec-synth-len", "--spec-synth-rates", "--spec-draft-p-split", "--draft-p-split", "--spec-draft-p-min", "--draft-p-min", "--spec-ngram-mod-n-min", "--spec-ngram-mod-n-max", "--spec-ngram-mod-n-match", "--spec-ngram-simple-size-n", "--spec-ngram-simple-size-m", "--spec-ngram-simple-min-hits", "--spec-ngram-map-k-size-n", "--spec-ngram-map-k-size-m", "--spec-ngram-map-k-min-hits", "--spec-ngram-map-k4v-size-n", "--spec-ngram-map-k4v-size-m", "--spec-ngram-map-k4v-min-hits", "--draft-min", "--draft-n-min", "--spec-ngram-size-n", "--spec-ngram-size-m", "--spec-ngram-min-hits", "--tts-lang", "--tts-speaker-file", "--diffusion-steps", "--diffusion-visual", "--diffusion-eps", "--diffusion-algorithm", "--diffusion-alg-temp", "--diffusion-block-length", "--diffusion-cfg-scale", "--diffusion-add-gumbel-noise", "-lr", "--learning-rate", "-lr-min", "--learning-rate-min", "-decay-epochs", "--learning-rate-decay-epochs", "-wd", "--weight-decay", "-val-split", "--val-split", "-epochs", "--epochs", "-opt", "--optimizer", "--check", "--save-logits", "--logits-output-dir", "--tensor-filter"])
 
 # flags of the ignored kind whose next token is not their value
-_NO_VALUE = frozenset("""
--h --help --usage --version -cl --cache-list --completion-bash --verbose-prompt --display-prompt --no-display-prompt
---cpu-strict --cpu-strict-batch --context-shift --no-context-shift --perf --no-perf --show-timings --no-show-timings
--e --escape --no-escape --prompt-cache-all --prompt-cache-ro -sp --special -cnv --conversation -no-cnv
---no-conversation -st --single-turn -i --interactive -if --interactive-first -mli --multiline-input --in-prefix-bos
---spm-infill --ignore-eos --hellaswag --winogrande --multiple-choice --kl-divergence -cb --cont-batching -nocb
---no-cont-batching --no-mmproj --no-mmproj-auto --list-devices --ppl --no-ppl --show-statistics --parse-special
---ids --stdin --no-bos --no-parse-special --show-count -pps --reuse-port --cors-credentials --no-cors-credentials
---ui-mcp-proxy --webui-mcp-proxy --no-ui-mcp-proxy --no-webui-mcp-proxy -ag --agent -no-ag --no-agent --ui --webui
---no-ui --no-webui --cache-prompt --no-cache-prompt --metrics --props --slots --no-slots --jinja --no-jinja
---reasoning-preserve --no-reasoning-preserve --skip-chat-parsing --no-skip-chat-parsing --prefill-assistant
---no-prefill-assistant --simple-io --log-disable --log-jsonl --no-log-jsonl --log-colors -v --verbose --log-verbose
---offline --log-prefix --no-log-prefix --log-timestamps --no-log-timestamps --spec-draft-cpu-strict
---cpu-strict-draft --spec-draft-poll --poll-draft --spec-draft-cpu-strict-batch --cpu-strict-batch-draft
---diffusion-visual --diffusion-add-gumbel-noise --check --save-logits
---mmproj-auto --lora-init-without-apply --kv-unified-per-slot --cache-idle-slots --no-cache-idle-slots --warmup
---no-warmup --embedding --embeddings --rerank --reranking -bs --backend-sampling --spec-draft-backend-sampling
---no-spec-draft-backend-sampling --models-autoload --no-models-autoload --gpt-oss-20b-default --gpt-oss-120b-default
---vision-gemma-4b-default --vision-gemma-12b-default --fim-qwen-1.5b-default --fim-qwen-3b-default
---fim-qwen-7b-default --fim-qwen-7b-spec --fim-qwen-14b-spec --fim-qwen-30b-default --embd-gemma-default
---spec-default -fitp --fit-print --check-tensors --mtp --dflash --eagle3
-""".split())
+_NO_VALUE = frozenset(["-h", "--help", "--usage", "--version", "-cl", "--cache-list", "--completion-bash", "--verbose-prompt", "--display-prompt", "--no-display-prompt", "--cpu-strict", "--cpu-strict-batch", "--context-shift", "--no-context-shift", "--perf", "--no-perf", "--show-timings", "--no-show-timings", "-e", "--escape", "--no-escape", "--prompt-cache-all", "--prompt-cache-ro", "-sp", "--special", "-cnv", "--conversation", "-no-cnv", "--no-conversation", "-st", "--single-turn", "-i", "--interactive", "-if", "--interactive-first", "-mli", "--multiline-input", "--in-prefix-bos", "--spm-infill", "--ignore-eos", "--hellaswag", "--winogrande", "--multiple-choice", "--kl-divergence", "-cb", "--cont-batching", "-nocb", "--no-cont-batching", "--no-mmproj", "--no-mmproj-auto", "--list-devices", "--ppl", "--no-ppl", "--show-statistics", "--parse-special", "--ids", "--stdin", "--no-bos", "--no-parse-special", "--show-count", "-pps", "--reuse-port", "--cors-credentials", "--no-cors-credentials", "--ui-mcp-proxy", "--webui-mcp-proxy", "--no-ui-mcp-proxy", "--no-webui-mcp-proxy", "-ag", "--agent", "-no-ag", "--no-agent", "--ui", "--webui", "--no-ui", "--no-webui", "--cache-prompt", "--no-cache-prompt", "--metrics", "--props", "--slots", "--no-slots", "--jinja", "--no-jinja", "--reasoning-preserve", "--no-reasoning-preserve", "--skip-chat-parsing", "--no-skip-chat-parsing", "--prefill-assistant", "--no-prefill-assistant", "--simple-io", "--log-disable", "--log-jsonl", "--no-log-jsonl", "--log-colors", "-v", "--verbose", "--log-verbose", "--offline", "--log-prefix", "--no-log-prefix", "--log-timestamps", "--no-log-timestamps", "--spec-draft-cpu-strict", "--cpu-strict-draft", "--spec-draft-poll", "--poll-draft", "--spec-draft-cpu-strict-batch", "--cpu-strict-batch-draft", "--diffusion-visual", "--diffusion-add-gumbel-noise", "--check", "--save-logits", "--mmproj-auto", "--lora-init-without-apply", "--kv-unified-per-slot", "--cache-idle-slots", "--no-cache-idle-slots", "--warmup", "--no-warmup", "--embedding", "--embeddings", "--rerank", "--reranking", "-bs", "--backend-sampling", "--spec-draft-backend-sampling", "--no-spec-draft-backend-sampling", "--models-autoload", "--no-models-autoload", "--gpt-oss-20b-default", "--gpt-oss-120b-default", "--vision-gemma-4b-default", "--vision-gemma-12b-default", "--fim-qwen-1.5b-default", "--fim-qwen-3b-default", "--fim-qwen-7b-default", "--fim-qwen-7b-spec", "--fim-qwen-14b-spec", "--fim-qwen-30b-default", "--embd-gemma-default", "--spec-default", "-fitp", "--fit-print", "--check-tensors", "--mtp", "--dflash", "--eagle3"])
 
 # llama-bench (tools/llama-bench/llama-bench.cpp parse_cmd_params): its spellings of the table's
 # settings (values are comma-separated lists of tests; 0/1 for booleans) and its other flags
@@ -278,12 +219,6 @@ def _parse_server(program: str, args: list[str]) -> Command:
     i = 0
     while i < len(args):
         flag = args[i]
-
-        def value() -> str:
-            if i + 1 >= len(args):
-                raise ConfigError(f"{flag} needs a value")
-            return args[i + 1]
-
         s = _BY_FLAG.get(SETTING_ALIASES.get(flag, flag))
         if s is not None:
             if s.kind in ("on", "off"):
@@ -291,7 +226,7 @@ def _parse_server(program: str, args: list[str]) -> Command:
                 values[s.attr] = on if s.kind == "on" else not on
                 i += 1
                 continue
-            v = value()
+            v = _value(args, i)
             if s.kind == "rules":
                 rules.append(v)
             elif s.kind == "choice" and s.attr == "flash_attn":
@@ -301,7 +236,7 @@ def _parse_server(program: str, args: list[str]) -> Command:
             i += 2
             continue
         if flag in PROCESS_FLAGS:
-            v = value() if PROCESS_FLAGS[flag] else ""
+            v = _value(args, i) if PROCESS_FLAGS[flag] else ""
             _process_flag(flag, v, locals_=(proj, draft, spec_types, rpc))
             if flag in ("-m", "--model"):
                 model = v
@@ -334,6 +269,12 @@ def _parse_server(program: str, args: list[str]) -> Command:
     return Command(program=program, model=model, config=config, given=frozenset(values), rpc=tuple(rpc),
                    projector=projector, draft=dcfg, spec_types=tuple(spec_types), ignored=tuple(ignored),
                    unmodelled=tuple(unmodelled))
+
+
+def _value(args: list[str], i: int) -> str:
+    if i + 1 >= len(args):
+        raise ConfigError(f"{args[i]} needs a value")
+    return args[i + 1]
 
 
 def program_defaults(program: str, given: dict) -> dict:

@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 from ..core.devices import Device
+from ..core.measure.speed import SpeedPrediction
 from ..core.placement.plan import Plan
 from ..core.profile import ModelProfile
-from ..core.measure.speed import SpeedPrediction
 from ..core.units import format_bytes
 
-__all__ = ["render_table", "plan_rows", "plan_text", "rules_text", "tensor_list", "speed_text", "profile_text",
-           "devices_text", "layer_ranges", "calibration_text", "speed_cache_text", "fleet_text"]
+__all__ = [
+    "calibration_text",
+    "devices_text",
+    "fleet_text",
+    "layer_ranges",
+    "plan_rows",
+    "plan_text",
+    "profile_text",
+    "render_table",
+    "rules_text",
+    "speed_cache_text",
+    "speed_text",
+    "tensor_list",
+]
 
 
 def render_table(rows: list[dict], right: tuple[str, ...] = ()) -> str:

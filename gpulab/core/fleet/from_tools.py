@@ -19,9 +19,9 @@ import re
 import shlex
 
 from ..errors import ConfigError
-from .model import Fleet, FleetModel, fleet_from_dict
+from .model import Fleet, fleet_from_dict
 
-__all__ = ["model_from_server_args", "llama_swap_commands", "fleet_from_llama_swap", "fleet_from_router_ini", "parse_preset_ini"]
+__all__ = ["fleet_from_llama_swap", "fleet_from_router_ini", "llama_swap_commands", "model_from_server_args", "parse_preset_ini"]
 
 # llama-server spellings (common/arg.cpp) of what a FleetModel holds -> its key
 _KEYS = {
@@ -125,7 +125,7 @@ def fleet_from_llama_swap(doc) -> tuple[Fleet, list[str]]:
     if not isinstance(doc, dict) or not isinstance(doc.get("models"), dict) or not doc["models"]:
         raise ConfigError("a llama-swap config needs a `models:` map with at least one model")
     resident = set()
-    for gname, g in (doc.get("groups") or {}).items():
+    for g in (doc.get("groups") or {}).values():
         if isinstance(g, dict) and g.get("swap") is False:
             resident.update(g.get("members") or [])
     models, notes = [], []

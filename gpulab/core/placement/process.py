@@ -17,8 +17,15 @@ from dataclasses import dataclass
 from ..devices import HOST_NAME, Device
 from .plan import Plan
 
-__all__ = ["ProjectorProfile", "ProjectorPlacement", "ProcessRow", "ProcessPlan", "plan_process",
-           "projector_device", "DEFAULT_CUDA_OVERHEAD_BYTES"]
+__all__ = [
+    "DEFAULT_CUDA_OVERHEAD_BYTES",
+    "ProcessPlan",
+    "ProcessRow",
+    "ProjectorPlacement",
+    "ProjectorProfile",
+    "plan_process",
+    "projector_device",
+]
 
 MiB = 1024 * 1024
 
@@ -55,6 +62,10 @@ class ProjectorProfile:
         without flash attention the KQ scores and their softmax (n_head x n_pos^2 each). Not mirrored
         from clip's graph builders; checked against llama-server's log where the tests can."""
         out = 0
+        side = self.patch_size * round(self.warmup_tokens ** 0.5) if self.has_vision else 0
+        # graph inputs, alive for the whole graph: the warm-up image (3 x side x side f32) and the
+        # patch embedding's im2col (3 p^2 x n_pos, f16 like the kernel)
+        inputs = 4 * 3 * side * side + 2 * 3 * self.patch_size ** 2 * self.warmup_tokens if side else 0
         for n_pos, n_embd, n_ff, n_head in ((self.warmup_tokens, self.n_embd, self.n_ff, self.n_head),
                                             (self.warmup_tokens if not self.has_vision else 0, self.audio_n_embd,
                                              self.audio_n_ff, self.audio_n_head)):
@@ -64,7 +75,7 @@ class ProjectorProfile:
             if not flash_attn:
                 b += 2 * 4 * max(n_head, 1) * n_pos * n_pos
             out = max(out, b)
-        return out
+        return out + inputs
 
 
 @dataclass(frozen=True)

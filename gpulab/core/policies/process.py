@@ -20,8 +20,13 @@ from dataclasses import dataclass
 from ..command_line import Command
 from ..devices import HOST_NAME, Device
 from ..placement.planner import plan, select_devices
-from ..placement.process import (ProcessPlan, ProjectorPlacement, ProjectorProfile, plan_process,
-                                 projector_device)
+from ..placement.process import (
+    ProcessPlan,
+    ProjectorPlacement,
+    ProjectorProfile,
+    plan_process,
+    projector_device,
+)
 from ..profile import ModelProfile
 from ..units import format_bytes
 from .server_fit import UINT32_MAX, FitResult, fit, fit_margins

@@ -57,17 +57,25 @@ context step; a dry run on the devices present settles it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
-from ..placement.compute import dry_run_extra_bytes
 from ..config import SplitConfig
 from ..devices import HOST_NAME, Device
+from ..placement.compute import dry_run_extra_bytes
 from ..placement.planner import plan, select_devices
 from ..profile import ModelProfile
 
-__all__ = ["FitResult", "fit", "fit_flags", "DEFAULT_TARGET_MIB", "UINT32_MAX", "fit_margins",
-           "MOE_ALL_PATTERN", "overflow_pattern"]
+__all__ = [
+    "DEFAULT_TARGET_MIB",
+    "MOE_ALL_PATTERN",
+    "UINT32_MAX",
+    "FitResult",
+    "fit",
+    "fit_flags",
+    "fit_margins",
+    "overflow_pattern",
+]
 
 MiB = 1024 * 1024
 DEFAULT_TARGET_MIB = 1024            # common_params.fit_params_target
@@ -104,7 +112,7 @@ class _Ngl:
     def n_full(self) -> int:
         return self.n_layer - self.n_part
 
-    def copy(self) -> "_Ngl":
+    def copy(self) -> _Ngl:
         return _Ngl(self.n_layer, self.n_part, self.overflow)
 
 
@@ -556,7 +564,7 @@ class _Fit:
         self.log("converting dense-only layers to full layers and filling them front-to-back with overflow to "
                  "next device/system memory:")
         id_ = 0
-        while id_ <= id_dense_start and id_dense_start < nd:
+        while id_ <= id_dense_start < nd:
             high = _copy(ngl)
             for jd in range(id_dense_start, nd):
                 n_move = high[jd].n_layer if jd < nd - 1 else high[jd].n_layer - 1
