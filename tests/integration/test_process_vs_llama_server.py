@@ -152,3 +152,42 @@ def teardown_module(module):
     if _records:
         ARTIFACTS.mkdir(exist_ok=True)
         (ARTIFACTS / "process_vs_llama_server.json").write_text(json.dumps(_records, indent=1))
+
+
+def test_gemma3_projector_with_a_large_warmup_image(servers, gemma3, tmp_path):
+    """A SigLIP projector (Gemma 3 type) warmed up at 896 x 896 pixels: 4096 patches."""
+    mmproj = write_projector(tmp_path / "mmproj-gemma3.gguf", projector_type="gemma3", image_size=896, patch_size=14,
+                             n_embd=128, n_ff=512, n_head=2, n_layer=2, proj_dim=640)
+    devices = _devices(servers.endpoints)
+    cmd = (f"llama-server -m {gemma3} --mmproj {mmproj} --rpc {','.join(servers.endpoints)} -dev RPC1,RPC2 "
+           f"-ts 1,1 -ngl 99 -c 4096 -np 1 -fit off --no-webui")
+    cp = plan_command(parse_command(shlex.split(cmd)), read_profile(gemma3), devices, projector=read_projector(mmproj))
+    main_log, _, clip_log = _parts(_serve(shlex.split(cmd), tmp_path / "server.log"))
+    _check_model(cp.process.main, parse_load_log(main_log, devices), "main gemma3", ("RPC1", "RPC2"))
+    device, weights, compute = _clip(clip_log, devices)
+    pr = cp.process.projector
+    _records.append({"who": "projector gemma3-896", "device": device, "weights": [pr.weights_bytes, weights],
+                     "compute": [pr.compute_bytes, compute]})
+    assert device == pr.device == "RPC1"
+    assert abs(pr.weights_bytes - weights) <= MiB
+    assert compute > 0 and 0.5 <= pr.compute_bytes / compute <= 2.0, (pr.compute_bytes, compute)
+
+
+def test_fit_adds_the_projector_to_another_devices_target(servers, smollm2, tmp_path):
+    """-fit on with --mmproj: llama-server adds mtmd_get_memory_usage to fit_params_target by ggml
+    registry index (tools/server/server-context.cpp). With RPC servers the CPU is index 0 and RPC0 is
+    index 1, so the projector on RPC0 raises the target of the model's second device, RPC1, as gpulab
+    says; fit's own trace prints each device's target."""
+    mmproj = write_projector(tmp_path / "mmproj.gguf", **PROJECTORS["llava-mlp-336"])
+    devices = _devices(servers.endpoints)
+    cmd = (f"llama-server -m {smollm2} --mmproj {mmproj} --rpc {','.join(servers.endpoints)} -dev RPC0,RPC1 "
+           f"-c 4096 -np 1 --verbose --no-webui")
+    cp = plan_command(parse_command(shlex.split(cmd)), read_profile(smollm2), devices, projector=read_projector(mmproj))
+    assert any("to the margin of RPC1 (ggml registry index 1), not of RPC0" in n for n in cp.notes)
+    log = _serve(shlex.split(cmd), tmp_path / "server.log")
+    targets = {m.group(1): int(m.group(2)) for m in
+               re.finditer(r"- (RPC\d) \(.*?\): +-?\d+ total, +-?\d+ used, +-?\d+ free vs\. target of +(\d+)", log)}
+    proj_mib = (cp.process.projector.weights_bytes + cp.process.projector.compute_bytes) / MiB
+    _records.append({"who": "fit targets", "targets_mib": targets, "projector_mib_predicted": proj_mib})
+    assert targets["RPC0"] < targets["RPC1"], targets
+    assert abs(targets["RPC1"] - 1024 - proj_mib) <= max(1.0, 0.5 * proj_mib), (targets, proj_mib)
