@@ -64,6 +64,7 @@ def plan_command(cmd: Command, profile: ModelProfile, devices: list[Device], hos
         fa = config.flash_attn != "off"     # mtmd gets params_base.flash_attn_type
         proj_place = ProjectorPlacement(where, projector.weights_bytes, projector.compute_bytes(fa), why)
     fitted = None
+    extra = None
     if cmd.program != "llama-bench" and config.fit == "on":
         fit_cfg = config
         if proj_place is not None and proj_place.device != HOST_NAME:
@@ -78,7 +79,6 @@ def plan_command(cmd: Command, profile: ModelProfile, devices: list[Device], hos
                 if target != proj_place.device:
                     notes.append(f"fit adds the projector's {format_bytes(size)} to the margin of {target} "
                                  f"(ggml registry index {i}), not of {proj_place.device}, where clip puts it")
-        extra = None
         if draft is not None and cmd.draft is not None:
             d0 = cmd.draft.config.replace(tensor_split=())
             d0 = d0.replace(tensor_split=cmd.config.tensor_split[:len(select_devices(devices, d0))])
@@ -98,6 +98,14 @@ def plan_command(cmd: Command, profile: ModelProfile, devices: list[Device], hos
         # llama.cpp reads -ts for as many devices as the draft has (llama_model_base::load_tensors)
         dcfg = dcfg.replace(tensor_split=config.tensor_split[:len(select_devices(devices, dcfg))])
         draft_plan = plan(draft, devices, dcfg, host)
+        if fitted is not None and extra is not None:
+            # fit measured the draft with the -ts given; it loads with the -ts fit wrote: the gap
+            counted = dict(zip(main_names, extra(main_plan.config)))
+            for d in draft_plan.offload_devices:
+                real = d.weights_bytes + d.kv_bytes + d.compute_bytes
+                if d.name in counted and abs(real - counted[d.name]) > MiB:
+                    notes.append(f"fit counted {format_bytes(counted[d.name])} of the draft on {d.name}; llama-server "
+                                 f"allocates {format_bytes(real)} there (the draft loads with the -ts fit wrote)")
         off_main = [d.name for d in draft_plan.offload_devices if d.name not in main_names and
                     d.weights_bytes + d.kv_bytes + d.compute_bytes]
         if fitted is not None and off_main:

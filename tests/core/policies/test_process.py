@@ -122,3 +122,19 @@ def test_the_default_base_cost_counts_in_fits(free_gib, fits):
     cmd = parse_command(shlex.split("llama-server -m A -c 4096 -np 1 -ngl 99 -fit off"))
     cp = plan_command(cmd, main, _cuda(1, free=free_gib * GiB - 400 * MiB))
     assert cp.process.fits is fits
+
+
+def test_the_gap_between_the_draft_fit_counted_and_the_draft_loaded():
+    """Fit measures the draft with the -ts given (none: by free memory) but llama-server loads it with
+    the -ts fit wrote into params.tensor_split; the plan says where the two differ, with bytes."""
+    main, draft = make_profile(n_layer=16, layer_bytes=100 * MiB), make_profile(n_layer=8, layer_bytes=40 * MiB)
+    devs = parse_sim_spec("3GiB,1500MiB")
+    cp = plan_command(parse_command(shlex.split("llama-server -m A -md D -c 4096 -np 1")), main, devs, draft=draft)
+    assert cp.fit is not None and "tensor_split" in cp.fit.changed
+    # the draft as loaded: fit's -ts over the same devices
+    loaded = plan(draft, devs, cp.command.draft.config.replace(n_ctx=cp.process.main.config.n_ctx,
+                                                                 tensor_split=cp.process.main.config.tensor_split))
+    assert cp.process.row("SIM1").draft_bytes == sum(
+        getattr(loaded.device("SIM1"), k) for k in ("weights_bytes", "kv_bytes", "compute_bytes"))
+    gaps = [n for n in cp.notes if n.startswith("fit counted")]
+    assert gaps and all("(the draft loads with the -ts fit wrote)" in n for n in gaps)
