@@ -39,7 +39,8 @@ DOC_COMMANDS = {
     # tools/server/README.md, "Quick Start"
     "server README": ("./llama-server -m {main} -c 2048", ["-c", "2048"]),
     # docs/speculative.md, EAGLE-3 (a plain draft model in place of the EAGLE-3 head)
-    "speculative": ("llama-server -m {main} -md {draft} --spec-type draft-eagle3", ["-md", "{draft}"]),
+    "speculative": ("llama-server -m {main} -md {draft} --spec-type draft-eagle3",
+                    ["-md", "{draft}", "--spec-type", "draft-eagle3"]),
     # docs/multimodal.md, llama-server with a local projector
     "multimodal": ("llama-server -m {main} --mmproj {mmproj}", ["--mmproj", "{mmproj}"]),
 }

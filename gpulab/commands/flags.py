@@ -90,6 +90,10 @@ def add_process_flags(p: argparse.ArgumentParser) -> None:
                    help="the draft's tensor overrides")
     g.add_argument("-ctkd", "--cache-type-k-draft", metavar="TYPE", default=None, help="the draft's K cache (f16)")
     g.add_argument("-ctvd", "--cache-type-v-draft", metavar="TYPE", default=None, help="the draft's V cache (f16)")
+    g.add_argument("--spec-type", metavar="TYPE,...", default=None,
+                   help="speculative decoding types (draft-simple, draft-mtp, ...): llama-server reserves logits "
+                        "for the drafted tokens")
+    g.add_argument("--spec-draft-n-max", metavar="N", type=int, default=None, help="tokens to draft (default 3)")
 
 
 def process_argv(a: argparse.Namespace) -> list[str]:
@@ -101,6 +105,10 @@ def process_argv(a: argparse.Namespace) -> list[str]:
             out.append("--no-mmproj-offload")
         if a.mmproj_device:
             out += ["-mmdev", a.mmproj_device]
+    if getattr(a, "spec_type", None):
+        out += ["--spec-type", a.spec_type]
+    if getattr(a, "spec_draft_n_max", None) is not None:
+        out += ["--spec-draft-n-max", str(a.spec_draft_n_max)]
     if getattr(a, "model_draft", None):
         out += ["-md", a.model_draft]
         for flag, v in (("-devd", a.device_draft), ("-ngld", a.gpu_layers_draft), ("-ctkd", a.cache_type_k_draft),

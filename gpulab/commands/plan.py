@@ -111,8 +111,10 @@ def server_fit(a, prof, choice, config, path=None):
                               f"(--rpc, --llama-devices){': ' + choice.why_not if choice.why_not else ''}")
         from ..runtime.fit_dry_run import dry_run_measure
         measure = dry_run_measure(choice.worker, path, prof, list(choice.devices), choice.host)
+    from ..core.command_line import server_n_outputs
     return fit(prof, list(choice.devices), server, choice.host,
-               n_ctx_min=UINT32_MAX if ctx_given and config.n_ctx == 0 else None, measure=measure)
+               n_ctx_min=UINT32_MAX if ctx_given and config.n_ctx == 0 else None, measure=measure,
+               n_outputs=server_n_outputs(server))
 
 
 def server_would_fit(config) -> bool:
@@ -177,7 +179,10 @@ def run(a, session) -> Result:
         from ..core.placement.planner import plan as make_plan
         from ..ui.text import fit_text
         fitted = server_fit(a, prof, choice, config, path)
-        fitted_plan = make_plan(prof, list(choice.devices), fitted.config, choice.host)
+        from ..core.command_line import server_n_outputs
+        # llama-server's context: n_outputs_max = its slots (server_output_limits)
+        fitted_plan = make_plan(prof, list(choice.devices), fitted.config, choice.host,
+                                n_outputs=server_n_outputs(fitted.config))
         from ..core.policies.context import largest_ctx
         most = (largest_ctx(prof, list(choice.devices), fitted.config, choice.host)
                 if fitted.ok and fitted.device_names else None)
@@ -221,7 +226,8 @@ def command_from_args(a):
             "type_k": d.type_k, "type_v": d.type_v} if a.device_draft else {
             "n_gpu_layers": d.n_gpu_layers, "rules": d.tensor_overrides, "type_k": d.type_k, "type_v": d.type_v}))
     return Command(program="llama-server", model=model_path(a.model), config=config, given=frozenset(given),
-                   projector=extras.projector, draft=draft)
+                   projector=extras.projector, draft=draft, spec_types=extras.spec_types,
+                   draft_n_max=extras.draft_n_max)
 
 
 def run_pasted(a, session, command=None) -> Result:

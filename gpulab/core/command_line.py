@@ -70,6 +70,19 @@ class Command:
     ignored: tuple[str, ...] = ()              # flags as given that do not change memory
     unmodelled: tuple[str, ...] = ()           # one line each: changes memory, not modelled
     bench_tests: tuple[str, ...] = ()          # llama-bench: the tests it runs (pp512, tg128)
+    draft_n_max: int = 3                       # --spec-draft-n-max (common_params_speculative_draft)
+
+    def n_outputs(self) -> tuple[int | None, int | None]:
+        """(main, draft) llama_context_params.n_outputs_max as the program sets them; None: n_batch.
+        llama-server: server_output_limits (tools/server/server-context.cpp) = min(n_batch, slots x
+        (1 + common_speculative_n_max)), where a draft type drafts --spec-draft-n-max tokens and no
+        type drafts none; the draft's context: n_parallel outputs (common_base_params_to_speculative)."""
+        c = self.config
+        draft = c.n_seq_max if self.draft is not None or "draft-mtp" in self.spec_types else None
+        if self.program != "llama-server":
+            return None, draft
+        n_draft = self.draft_n_max if any(t.startswith("draft-") for t in self.spec_types) else 0
+        return server_n_outputs(c, n_draft), draft
 
 
 # llama-server's spellings beyond the settings table's two (common/arg.cpp), -> the table's flag
@@ -91,7 +104,7 @@ PROCESS_FLAGS: dict[str, bool] = {
     "--spec-draft-n-cpu-moe": True, "--spec-draft-ncmoe": True, "-ncmoed": True, "--n-cpu-moe-draft": True,
     "--spec-draft-type-k": True, "-ctkd": True, "--cache-type-k-draft": True,
     "--spec-draft-type-v": True, "-ctvd": True, "--cache-type-v-draft": True,
-    "--spec-type": True,
+    "--spec-type": True, "--spec-draft-n-max": True,
 }
 
 # flags that change memory and that gpulab does not model: flag -> why (named in one line)
@@ -121,8 +134,8 @@ UNMODELLED: dict[str, str] = {
                     "embedding outputs change the output buffer, not modelled"),
     **dict.fromkeys(("-bs", "--backend-sampling", "--spec-draft-backend-sampling", "--no-spec-draft-backend-sampling"),
                     "backend sampling adds sampler buffers on the device, not modelled"),
-    **dict.fromkeys(("--spec-draft-n-max", "--draft", "--draft-n", "--draft-max"),
-                    "block drafts (dflash/dspark) size their outputs by it; other drafts do not, not modelled"),
+    **dict.fromkeys(("--draft", "--draft-n", "--draft-max"),
+                    "removed from this llama.cpp (llama-server refuses it): use --spec-draft-n-max"),
     **dict.fromkeys(("--override-kv",), "metadata overrides can change the model's shape"),
     **dict.fromkeys(("--models-dir", "--models-preset", "--models-max", "--models-autoload", "--no-models-autoload"),
                     "router mode: plan each model's own command (gpulab fleet import reads a preset)"),
@@ -264,17 +277,26 @@ def _parse_server(program: str, args: list[str]) -> Command:
     dcfg = None
     if "path" in draft:
         dcfg = Draft(path=draft["path"], config=draft_config(config, draft))
-    elif len(draft) > 1:
+    elif len(set(draft) - {"n_max"}) > 1:
         unmodelled.append("draft flags without -md: llama-server loads no draft model; they change nothing here")
+    if any(t.startswith("ngram") for t in spec_types):
+        unmodelled.append("--spec-type " + ",".join(spec_types) + ": n-gram drafts add outputs to the main "
+                          "context (n_outputs_max), not modelled")
     return Command(program=program, model=model, config=config, given=frozenset(values), rpc=tuple(rpc),
                    projector=projector, draft=dcfg, spec_types=tuple(spec_types), ignored=tuple(ignored),
-                   unmodelled=tuple(unmodelled))
+                   unmodelled=tuple(unmodelled), draft_n_max=draft.get("n_max", 3))
 
 
 def _value(args: list[str], i: int) -> str:
     if i + 1 >= len(args):
         raise ConfigError(f"{args[i]} needs a value")
     return args[i + 1]
+
+
+def server_n_outputs(config: SplitConfig, n_draft: int = 0) -> int:
+    """llama-server's n_outputs_max: server_output_limits (tools/server/server-context.cpp) =
+    min(n_batch, n_parallel x (1 + n_draft)) (common_speculative_get_output_limits)."""
+    return max(1, min(config.n_batch, config.n_seq_max * (1 + n_draft)))
 
 
 def program_defaults(program: str, given: dict) -> dict:
@@ -325,6 +347,8 @@ def _process_flag(flag: str, v: str, locals_) -> None:
         draft["type_v"] = _kv_type(flag, v)
     elif flag == "--spec-type":
         spec_types.extend(x for x in v.split(",") if x)
+    elif flag == "--spec-draft-n-max":
+        draft["n_max"] = int(v)
 
 
 def _kv_type(flag: str, v: str) -> str:

@@ -81,15 +81,18 @@ def _serve(argv: list[str], log_path: Path) -> str:
 
 
 def _parts(text: str) -> tuple[str, str, str]:
-    """(main, draft, clip) parts of one llama-server log, in the order it loads them."""
+    """(main, draft, clip) parts of one llama-server log, in the order it loads them, without the
+    '0.00.367.923 I ' time and level prefix of each line."""
+    text = re.sub(r"(?m)^\d+\.\d+\.\d+\.\d+ [A-Z] ", "", text)
     d = text.find("loading draft model")
     c = min((i for i in (text.find("clip_model_loader"), text.find("CLIP using")) if i >= 0), default=len(text))
     main_end = d if d >= 0 else c
     return text[:main_end], (text[d:c] if d >= 0 else ""), text[c:]
 
 
-def _clip(text: str, devices: list[Device]) -> tuple[str, int, int]:
-    """(device, model bytes, compute bytes on that device) of clip's log lines (tools/mtmd/clip.cpp)."""
+def _clip(text: str, devices: list[Device]) -> tuple[str, int, int, int]:
+    """(device, model bytes, compute bytes on that device, CPU compute bytes) of clip's log lines
+    (tools/mtmd/clip.cpp)."""
     from gpulab.runtime.logcapture import _BufferNames
     names = _BufferNames(devices, [])
     backend = re.search(r"CLIP using (\S+) backend", text).group(1)
@@ -98,7 +101,7 @@ def _clip(text: str, devices: list[Device]) -> tuple[str, int, int]:
     for m in re.finditer(r"reserve_compute_meta: +(\S+) compute buffer size = +([\d.]+) MiB", text):
         compute[names.device_of(m.group(1))] = round(float(m.group(2)) * MiB)   # the last reservation
     device = names.device_of(backend) if backend != "CPU" else "CPU"
-    return device, round(float(size.group(1)) * MiB), compute.get(device, 0)
+    return device, round(float(size.group(1)) * MiB), compute.get(device, 0), compute.get("CPU", 0)
 
 
 def _check_model(plan, report, who: str, names) -> None:
@@ -127,8 +130,9 @@ def test_main_draft_and_projector_vs_llama_server(proj, servers, smollm2, tmp_pa
     mmproj = write_projector(tmp_path / "mmproj.gguf", **PROJECTORS[proj])
     devices = _devices(servers.endpoints)
     rpc = ",".join(servers.endpoints)
-    cmd = (f"llama-server -m {smollm2} --mmproj {mmproj} -md {smollm2} -devd RPC2 -ngld 99 --rpc {rpc} "
-           f"-dev RPC0,RPC1 -ts 1,1 -ngl 99 -c 4096 -np 1 -fit off --no-webui")
+    # --rpc first: llama-server reads its flags in order, and -dev/-devd need the RPC devices registered
+    cmd = (f"llama-server --rpc {rpc} -m {smollm2} --mmproj {mmproj} -md {smollm2} -devd RPC2 -ngld 99 "
+           f"-dev RPC0,RPC1 -ts 1,1 -ngl 99 -c 4096 -np 1 -fit off --no-webui -lv 5")
     c = parse_command(shlex.split(cmd))
     cp = plan_command(c, read_profile(smollm2), devices, draft=read_profile(smollm2),
                       projector=read_projector(mmproj))
@@ -139,13 +143,14 @@ def test_main_draft_and_projector_vs_llama_server(proj, servers, smollm2, tmp_pa
     assert list(draft.layer_devices) == list(cp.process.draft.layer_devices)
     _check_model(cp.process.main, main, "main", ("RPC0", "RPC1"))
     _check_model(cp.process.draft, draft, "draft", ("RPC2",))
-    device, weights, compute = _clip(clip_log, devices)
+    device, weights, compute, host = _clip(clip_log, devices)
     pr = cp.process.projector
     _records.append({"who": f"projector {proj}", "device": device, "weights": [pr.weights_bytes, weights],
-                     "compute": [pr.compute_bytes, compute]})
+                     "compute": [pr.compute_bytes, compute], "host_compute": [pr.host_compute_bytes, host]})
     assert device == pr.device == "RPC0"            # the first --device (common/arg.cpp)
     assert abs(pr.weights_bytes - weights) <= MiB
-    assert compute > 0 and 0.5 <= pr.compute_bytes / compute <= 2.0, (pr.compute_bytes, compute)
+    assert abs(pr.compute_bytes - compute) <= max(MiB, 0.10 * compute), (pr.compute_bytes, compute)
+    assert abs(pr.host_compute_bytes - host) <= MiB, (pr.host_compute_bytes, host)
 
 
 def teardown_module(module):
@@ -159,18 +164,19 @@ def test_gemma3_projector_with_a_large_warmup_image(servers, gemma3, tmp_path):
     mmproj = write_projector(tmp_path / "mmproj-gemma3.gguf", projector_type="gemma3", image_size=896, patch_size=14,
                              n_embd=128, n_ff=512, n_head=2, n_layer=2, proj_dim=640)
     devices = _devices(servers.endpoints)
-    cmd = (f"llama-server -m {gemma3} --mmproj {mmproj} --rpc {','.join(servers.endpoints)} -dev RPC1,RPC2 "
-           f"-ts 1,1 -ngl 99 -c 4096 -np 1 -fit off --no-webui")
+    cmd = (f"llama-server --rpc {','.join(servers.endpoints)} -m {gemma3} --mmproj {mmproj} -dev RPC1,RPC2 "
+           f"-ts 1,1 -ngl 99 -c 4096 -np 1 -fit off --no-webui -lv 5")
     cp = plan_command(parse_command(shlex.split(cmd)), read_profile(gemma3), devices, projector=read_projector(mmproj))
     main_log, _, clip_log = _parts(_serve(shlex.split(cmd), tmp_path / "server.log"))
     _check_model(cp.process.main, parse_load_log(main_log, devices), "main gemma3", ("RPC1", "RPC2"))
-    device, weights, compute = _clip(clip_log, devices)
+    device, weights, compute, host = _clip(clip_log, devices)
     pr = cp.process.projector
     _records.append({"who": "projector gemma3-896", "device": device, "weights": [pr.weights_bytes, weights],
-                     "compute": [pr.compute_bytes, compute]})
+                     "compute": [pr.compute_bytes, compute], "host_compute": [pr.host_compute_bytes, host]})
     assert device == pr.device == "RPC1"
     assert abs(pr.weights_bytes - weights) <= MiB
-    assert compute > 0 and 0.5 <= pr.compute_bytes / compute <= 2.0, (pr.compute_bytes, compute)
+    assert abs(pr.compute_bytes - compute) <= max(MiB, 0.10 * compute), (pr.compute_bytes, compute)
+    assert abs(pr.host_compute_bytes - host) <= MiB, (pr.host_compute_bytes, host)
 
 
 def test_fit_adds_the_projector_to_another_devices_target(servers, smollm2, tmp_path):
@@ -180,14 +186,19 @@ def test_fit_adds_the_projector_to_another_devices_target(servers, smollm2, tmp_
     says; fit's own trace prints each device's target."""
     mmproj = write_projector(tmp_path / "mmproj.gguf", **PROJECTORS["llava-mlp-336"])
     devices = _devices(servers.endpoints)
-    cmd = (f"llama-server -m {smollm2} --mmproj {mmproj} --rpc {','.join(servers.endpoints)} -dev RPC0,RPC1 "
+    cmd = (f"llama-server --rpc {','.join(servers.endpoints)} -m {smollm2} --mmproj {mmproj} -dev RPC0,RPC1 "
            f"-c 4096 -np 1 --verbose --no-webui")
     cp = plan_command(parse_command(shlex.split(cmd)), read_profile(smollm2), devices, projector=read_projector(mmproj))
     assert any("to the margin of RPC1 (ggml registry index 1), not of RPC0" in n for n in cp.notes)
     log = _serve(shlex.split(cmd), tmp_path / "server.log")
     targets = {m.group(1): int(m.group(2)) for m in
                re.finditer(r"- (RPC\d) \(.*?\): +-?\d+ total, +-?\d+ used, +-?\d+ free vs\. target of +(\d+)", log)}
-    proj_mib = (cp.process.projector.weights_bytes + cp.process.projector.compute_bytes) / MiB
-    _records.append({"who": "fit targets", "targets_mib": targets, "projector_mib_predicted": proj_mib})
-    assert targets["RPC0"] < targets["RPC1"], targets
-    assert abs(targets["RPC1"] - 1024 - proj_mib) <= max(1.0, 0.5 * proj_mib), (targets, proj_mib)
+    pr = cp.process.projector
+    proj_mib, host_mib = (pr.weights_bytes + pr.compute_bytes) / MiB, pr.host_compute_bytes / MiB
+    _records.append({"who": "fit targets", "targets_mib": targets, "projector_mib_predicted": proj_mib,
+                     "host_mib_predicted": host_mib})
+    # RPC1 (registry index 1 = RPC0's) gets the projector's weights and compute; RPC0 (index 0 = the
+    # CPU's) gets clip's CPU compute buffer; fit prints whole MiB
+    assert abs(targets["RPC1"] - (1024 + proj_mib)) <= 1, (targets, proj_mib)
+    assert abs(targets["RPC0"] - (1024 + host_mib)) <= 1, (targets, host_mib)
+    assert targets["RPC0"] < targets["RPC1"]

@@ -173,7 +173,7 @@ def _flash_attn_on(config: SplitConfig) -> bool:
 
 
 def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | None = None,
-         host: Device | None = None) -> Plan:
+         host: Device | None = None, *, n_outputs: int | None = None) -> Plan:
     """Predict llama.cpp's placement and per-device memory for `config` on `devices`.
 
     `devices` are the offload devices (GPUs, RPC servers, simulated); `host` is the CPU with
@@ -222,7 +222,7 @@ def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | Non
     ffn_sites, stray, ffn_parts = compute_sites(profile, layer_devices, tp.moved)
     compute = estimate_compute_bytes(profile, config, layer_devices, names,
                                      ffn_devices=ffn_sites if tp.moved else None, stray=stray,
-                                     ffn_parts=ffn_parts)
+                                     ffn_parts=ffn_parts, n_outputs=n_outputs)
     experts = {n: tp.expert_weights.get(n, 0) for n in names}
     split = None
     if tensor_mode:

@@ -56,26 +56,32 @@ class ProjectorProfile:
     warmup_tokens: int = 0             # patches (or audio frames) of the warm-up input
 
     def compute_bytes(self, flash_attn: bool) -> int:
-        """An ESTIMATE of the compute buffer clip's warm-up reserves (clip_model_loader::warmup ->
-        ggml_backend_sched_reserve on the graph of the largest image): the live f32 activations of
-        one encoder block at warm-up size (x, its norm, Q, K, V, the FFN's two widest tensors), plus
-        without flash attention the KQ scores and their softmax (n_head x n_pos^2 each). Not mirrored
-        from clip's graph builders; checked against llama-server's log where the tests can."""
+        """An ESTIMATE of the compute buffer clip's warm-up reserves on the projector's device
+        (clip_model_loader::warmup -> ggml_backend_sched_reserve on the graph of the warm-up image):
+        the larger of one encoder block's two phases, in f32 rows of n_pos: the FFN (its up
+        projection [n_ff] beside the residual, the norm and the attention output [n_embd] each) and
+        the attention (the residual, the norm, Q, K, V, their f16 copies and the output: about 6
+        [n_embd] rows), plus without flash attention the KQ scores and their softmax
+        [n_pos, n_pos, n_head] f32. Not mirrored from clip's graph builders (checked against
+        llama-server's log: tests/integration/test_process_vs_llama_server.py)."""
         out = 0
-        side = self.patch_size * round(self.warmup_tokens ** 0.5) if self.has_vision else 0
-        # graph inputs, alive for the whole graph: the warm-up image (3 x side x side f32) and the
-        # patch embedding's im2col (3 p^2 x n_pos, f16 like the kernel)
-        inputs = 4 * 3 * side * side + 2 * 3 * self.patch_size ** 2 * self.warmup_tokens if side else 0
-        for n_pos, n_embd, n_ff, n_head in ((self.warmup_tokens, self.n_embd, self.n_ff, self.n_head),
+        for n_pos, n_embd, n_ff, n_head in ((self.warmup_tokens if self.has_vision else 0, self.n_embd, self.n_ff,
+                                             self.n_head),
                                             (self.warmup_tokens if not self.has_vision else 0, self.audio_n_embd,
                                              self.audio_n_ff, self.audio_n_head)):
             if n_pos <= 0 or n_embd <= 0:
                 continue
-            b = 4 * n_pos * (5 * n_embd + 2 * max(n_ff, n_embd))
+            b = 4 * n_pos * max(n_ff + 3 * n_embd, 6 * n_embd)
             if not flash_attn:
-                b += 2 * 4 * max(n_head, 1) * n_pos * n_pos
+                b = max(b, 4 * n_pos * 3 * n_embd + 2 * 4 * max(n_head, 1) * n_pos * n_pos)
             out = max(out, b)
-        return out + inputs
+        return out
+
+    def host_compute_bytes(self) -> int:
+        """The CPU's compute buffer beside it: the graph's input, the warm-up image (3 x side x side
+        f32), which clip's scheduler keeps on the CPU backend where the image is set."""
+        side = self.patch_size * round(self.warmup_tokens ** 0.5) if self.has_vision else 0
+        return 4 * 3 * side * side
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,7 @@ class ProjectorPlacement:
     weights_bytes: int
     compute_bytes: int
     why: str                 # which rule chose the device
+    host_compute_bytes: int = 0   # clip's CPU compute buffer (the image input), on the host
 
 
 def projector_device(devices: Sequence[Device], *, offload: bool, device: str, main_devices: Sequence[str]) -> tuple[str, str]:
@@ -148,6 +155,7 @@ class ProcessPlan:
             "projector": None if self.projector is None else {
                 "device": self.projector.device, "weights_bytes": self.projector.weights_bytes,
                 "compute_bytes": self.projector.compute_bytes, "compute_is_estimate": True,
+                "host_compute_bytes": self.projector.host_compute_bytes,
                 "why": self.projector.why},
             "fits": self.fits,
         }
@@ -190,6 +198,8 @@ def plan_process(main: Plan, draft: Plan | None, projector: ProjectorPlacement |
         host_free = main.host.free_bytes if is_host else 0
         proj = (projector.weights_bytes + projector.compute_bytes
                 if projector is not None and projector.device == name else 0)
+        if projector is not None and is_host:
+            proj += projector.host_compute_bytes
         rows.append(ProcessRow(name=name, free_bytes=host_free if is_host else (dev.free_bytes if dev else 0),
                                main_bytes=part(main, name), draft_bytes=part(draft, name), projector_bytes=proj,
                                overhead_bytes=over, overhead_is_default=default, is_host=is_host))

@@ -55,6 +55,7 @@ def registry_index(devices: Sequence[Device], name: str) -> int | None:
 def plan_command(cmd: Command, profile: ModelProfile, devices: list[Device], host: Device | None = None, *,
                  draft: ModelProfile | None = None, projector: ProjectorProfile | None = None) -> CommandPlan:
     config = cmd.config
+    n_out, n_out_draft = cmd.n_outputs()
     notes: list[str] = []
     main_names = [d.name for d in select_devices(devices, config)]
     proj_place = None
@@ -62,7 +63,8 @@ def plan_command(cmd: Command, profile: ModelProfile, devices: list[Device], hos
         where, why = projector_device(devices, offload=cmd.projector.offload, device=cmd.projector.device,
                                       main_devices=config.devices)
         fa = config.flash_attn != "off"     # mtmd gets params_base.flash_attn_type
-        proj_place = ProjectorPlacement(where, projector.weights_bytes, projector.compute_bytes(fa), why)
+        proj_place = ProjectorPlacement(where, projector.weights_bytes, projector.compute_bytes(fa), why,
+                                        host_compute_bytes=projector.host_compute_bytes())
     fitted = None
     extra = None
     if cmd.program != "llama-bench" and config.fit == "on":
@@ -72,8 +74,13 @@ def plan_command(cmd: Command, profile: ModelProfile, devices: list[Device], hos
             margins = fit_margins(config, max(len(main_names), 1))
             i = registry_index(devices, proj_place.device)
             size = proj_place.weights_bytes + proj_place.compute_bytes
-            if i is not None and i < len(margins):
-                margins[i] += size
+            # mtmd_get_memory_usage counts clip's CPU compute buffer too, at the CPU's registry index
+            widened = False
+            for j, b in ((i, size), (registry_index(devices, HOST_NAME), proj_place.host_compute_bytes)):
+                if j is not None and j < len(margins) and b:
+                    margins[j] += b
+                    widened = True
+            if widened:
                 fit_cfg = config.replace(fit_target=tuple(-(-m // MiB) for m in margins))
                 target = main_names[i] if i < len(main_names) else f"device #{i}"
                 if target != proj_place.device:
@@ -84,20 +91,20 @@ def plan_command(cmd: Command, profile: ModelProfile, devices: list[Device], hos
             d0 = d0.replace(tensor_split=cmd.config.tensor_split[:len(select_devices(devices, d0))])
 
             def extra(cfg, _d=d0):
-                p = plan(draft, devices, _d.replace(n_ctx=cfg.n_ctx, fit="off"), host)
+                p = plan(draft, devices, _d.replace(n_ctx=cfg.n_ctx, fit="off"), host, n_outputs=n_out_draft)
                 by = {x.name: x.weights_bytes + x.kv_bytes + x.compute_bytes for x in p.offload_devices}
                 return [by.get(n, 0) for n in main_names]
         n_ctx_min = UINT32_MAX if "n_ctx" in cmd.given and config.n_ctx == 0 else None
-        fitted = fit(profile, devices, fit_cfg, host, n_ctx_min=n_ctx_min, extra=extra)
+        fitted = fit(profile, devices, fit_cfg, host, n_ctx_min=n_ctx_min, extra=extra, n_outputs=n_out)
         config = fitted.config.replace(fit_target=config.fit_target)
-    main_plan = plan(profile, devices, config, host)
+    main_plan = plan(profile, devices, config, host, n_outputs=n_out)
     draft_plan = None
     if draft is not None and cmd.draft is not None:
         # the draft context holds llama_n_ctx(ctx_tgt) tokens; -ts is params.tensor_split as fit left it
         dcfg = cmd.draft.config.replace(n_ctx=main_plan.config.n_ctx, tensor_split=())
         # llama.cpp reads -ts for as many devices as the draft has (llama_model_base::load_tensors)
         dcfg = dcfg.replace(tensor_split=config.tensor_split[:len(select_devices(devices, dcfg))])
-        draft_plan = plan(draft, devices, dcfg, host)
+        draft_plan = plan(draft, devices, dcfg, host, n_outputs=n_out_draft)
         if fitted is not None and extra is not None:
             # fit measured the draft with the -ts given; it loads with the -ts fit wrote: the gap
             counted = dict(zip(main_names, extra(main_plan.config)))

@@ -38,11 +38,12 @@ def test_the_draft_is_planned_on_its_own_devices_and_added_there():
     devs = parse_sim_spec("24GiB,24GiB")
     cmd = parse_command(shlex.split("llama-server -m A -md D -ngl 99 -ts 1,1 -c 8192 -np 1 -devd SIM1 -fit off"))
     cp = plan_command(cmd, main, devs, draft=draft)
-    alone = plan(draft, devs, cmd.draft.config.replace(n_ctx=8192, tensor_split=(1.0,)))
+    # the draft's context has n_parallel outputs (common_base_params_to_speculative)
+    alone = plan(draft, devs, cmd.draft.config.replace(n_ctx=8192, tensor_split=(1.0,)), n_outputs=1)
     d1 = alone.device("SIM1")
     assert cp.process.row("SIM1").draft_bytes == d1.weights_bytes + d1.kv_bytes + d1.compute_bytes
     assert cp.process.row("SIM0").draft_bytes == 0
-    main_alone = plan(main, devs, cmd.config)
+    main_alone = plan(main, devs, cmd.config, n_outputs=1)     # llama-server: 1 slot x (1 + 0 drafted)
     s0 = main_alone.device("SIM0")
     assert cp.process.row("SIM0").main_bytes == s0.weights_bytes + s0.kv_bytes + s0.compute_bytes
     assert cp.fit is None or cp.fit.status == "off"
@@ -133,8 +134,27 @@ def test_the_gap_between_the_draft_fit_counted_and_the_draft_loaded():
     assert cp.fit is not None and "tensor_split" in cp.fit.changed
     # the draft as loaded: fit's -ts over the same devices
     loaded = plan(draft, devs, cp.command.draft.config.replace(n_ctx=cp.process.main.config.n_ctx,
-                                                                 tensor_split=cp.process.main.config.tensor_split))
+                                                                 tensor_split=cp.process.main.config.tensor_split),
+                  n_outputs=1)
     assert cp.process.row("SIM1").draft_bytes == sum(
         getattr(loaded.device("SIM1"), k) for k in ("weights_bytes", "kv_bytes", "compute_bytes"))
     gaps = [n for n in cp.notes if n.startswith("fit counted")]
     assert gaps and all("(the draft loads with the -ts fit wrote)" in n for n in gaps)
+
+
+def test_llama_server_reserves_logits_for_its_slots_not_for_the_ubatch():
+    """server_output_limits: n_outputs_max = min(n_batch, slots x (1 + drafted tokens)); llama-bench
+    leaves it at n_batch, so every token of the reserved ubatch has logits [n_vocab] f32."""
+    main = make_profile(n_layer=4, n_vocab=128256)
+    devs = _rpc(1)
+    server = parse_command(shlex.split("llama-server -m A -c 4096 -np 2 -ngl 99 -fit off"))
+    bench = parse_command(shlex.split("llama-bench -m A -p 4096 -n 0 -ngl 99"))
+    assert server.n_outputs() == (2, None) and bench.n_outputs() == (None, None)
+    spec = parse_command(shlex.split("llama-server -m A -md D -c 4096 -np 2 --spec-type draft-simple "
+                                     "--spec-draft-n-max 5"))
+    assert spec.n_outputs() == (2 * (1 + 5), 2)
+    s = plan_command(server, main, devs).process.main.device("RPC0").compute_bytes
+    b = plan_command(bench, main, devs).process.main.device("RPC0").compute_bytes
+    logits = 4 * 128256 * 512                       # llama-bench: [n_vocab, 512] f32 logits are its peak
+    assert logits <= b <= logits + 16 * MiB
+    assert s < b - 100 * MiB                        # llama-server: 2 rows of logits; another phase peaks
