@@ -191,6 +191,8 @@ _BENCH_NO_VALUE = frozenset({"--cpu-strict", "--progress", "--no-warmup", "-v", 
                              "--version", "--list-devices", "--offline"})
 
 _BY_FLAG: dict[str, Setting] = {f: s for s in SETTINGS for f in s.flags}
+_DEVICE_FLAGS = frozenset({"-dev", "--device", "-devd", "--device-draft", "--spec-draft-device", "-mmdev",
+                           "--mmproj-device"})
 
 
 def _program(argv0: str) -> str:
@@ -232,6 +234,11 @@ def _parse_server(program: str, args: list[str]) -> Command:
     i = 0
     while i < len(args):
         flag = args[i]
+        if (flag in _DEVICE_FLAGS and i + 1 < len(args) and "RPC" in args[i + 1] and not rpc
+                and ("--rpc" in args[i:])):
+            # common/arg.cpp parses in order: the RPC devices exist only once --rpc has been read
+            raise ConfigError(f"{flag} {args[i + 1]} comes before --rpc: llama-server reads its flags in order and "
+                              f"stops with 'invalid device'; put --rpc first")
         s = _BY_FLAG.get(SETTING_ALIASES.get(flag, flag))
         if s is not None:
             if s.kind in ("on", "off"):

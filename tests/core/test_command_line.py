@@ -119,3 +119,10 @@ def test_llama_bench_flags_are_its_own():
     ours = (set(cl._BENCH_SETTINGS) | set(cl.BENCH_TESTS) | cl.BENCH_IGNORED | set(cl.BENCH_UNMODELLED)
             | {"-m", "--model", "-rpc", "--rpc"})
     assert sorted(flags - ours) == [] and sorted(ours - flags) == []
+
+
+def test_a_device_named_before_rpc_registers_it_is_refused_as_llama_server_refuses_it():
+    with pytest.raises(ConfigError, match=r"^-devd RPC2 comes before --rpc: .* put --rpc first"):
+        cl.parse_command(shlex.split("llama-server -m A -md D -devd RPC2 --rpc 127.0.0.1:50052"))
+    c = cl.parse_command(shlex.split("llama-server --rpc 127.0.0.1:50052 -m A -md D -devd RPC0"))
+    assert c.rpc == ("127.0.0.1:50052",) and c.draft.config.devices == ("RPC0",)
