@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from projectors import write_projector
 
 from gpulab.cli import main
+from projectors import write_projector
 
 
 def run(capsys, *argv):
@@ -79,7 +79,8 @@ def test_pasted_process_text_and_notes(capsys, smollm2, mmproj):
     assert "gpulab: ignored (no effect on memory): --port 8080" in err
     assert "gpulab: not modelled: --lora x.gguf: LoRA adapters' weights are not planned" in err
     code, _, err = run(capsys, "plan", "--sim", "2GiB", "--", "llama-server", "-m", smollm2, "--frob")
-    assert code == 2 and err.strip() == "gpulab: error: --frob: not a flag of the vendored llama-server (common/arg.cpp)"
+    assert code == 2
+    assert err.strip() == "gpulab: error: --frob: not a flag of the vendored llama-server (common/arg.cpp)"
 
 
 def test_llama_swap_cmd_is_the_same_process(capsys, tmp_path, smollm2):

@@ -7,11 +7,11 @@ import re
 import shlex
 
 import pytest
-from llama_tools import vendored_src
 
 from gpulab.core import command_line as cl
 from gpulab.core.errors import ConfigError
 from gpulab.core.settings import SETTINGS
+from llama_tools import vendored_src
 
 
 def _arg_cpp_flags() -> set[str]:

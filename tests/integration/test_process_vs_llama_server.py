@@ -19,17 +19,17 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from builders import close_to_llama
-from llama_tools import NOT_BUILT, tools_bin
-from processes import stop
-from projectors import write_projector
 
+from builders import close_to_llama
 from gpulab.core.command_line import parse_command
 from gpulab.core.devices import Device
 from gpulab.core.policies.process import plan_command
 from gpulab.runtime.logcapture import parse_load_log
 from gpulab.sources.projector import read_projector
 from gpulab.sources.read import read_profile
+from llama_tools import NOT_BUILT, tools_bin
+from processes import stop
+from projectors import write_projector
 
 MiB = 1024**2
 GiB = 1024**3

@@ -21,7 +21,8 @@ import shlex
 from ..errors import ConfigError
 from .model import Fleet, fleet_from_dict
 
-__all__ = ["fleet_from_llama_swap", "fleet_from_router_ini", "llama_swap_commands", "model_from_server_args", "parse_preset_ini"]
+__all__ = ["fleet_from_llama_swap", "fleet_from_router_ini", "llama_swap_commands", "model_from_server_args",
+           "parse_preset_ini"]
 
 # llama-server spellings (common/arg.cpp) of what a FleetModel holds -> its key
 _KEYS = {
@@ -124,7 +125,7 @@ def fleet_from_llama_swap(doc) -> tuple[Fleet, list[str]]:
     """(Fleet, notes) from a parsed llama-swap config.yaml: `models.NAME.cmd`, `groups`, `macros`."""
     if not isinstance(doc, dict) or not isinstance(doc.get("models"), dict) or not doc["models"]:
         raise ConfigError("a llama-swap config needs a `models:` map with at least one model")
-    resident = set()
+    resident: set[str] = set()
     for g in (doc.get("groups") or {}).values():
         if isinstance(g, dict) and g.get("swap") is False:
             resident.update(g.get("members") or [])

@@ -93,7 +93,8 @@ class ProjectorPlacement:
     host_compute_bytes: int = 0   # clip's CPU compute buffer (the image input), on the host
 
 
-def projector_device(devices: Sequence[Device], *, offload: bool, device: str, main_devices: Sequence[str]) -> tuple[str, str]:
+def projector_device(devices: Sequence[Device], *, offload: bool, device: str,
+                     main_devices: Sequence[str]) -> tuple[str, str]:
     """clip_ctx ctor (tools/mtmd/clip.cpp): use_gpu off -> the CPU; -mmdev -> that device; else
     common/arg.cpp's default, the first --device; else ggml_backend_init_by_type(GPU): the first GPU
     in ggml's registry, where CUDA (and the other GPU backends) come before the RPC servers' devices,

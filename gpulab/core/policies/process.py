@@ -82,8 +82,8 @@ def plan_command(cmd: Command, profile: ModelProfile, devices: list[Device], hos
                     widened = True
             if widened:
                 fit_cfg = config.replace(fit_target=tuple(-(-m // MiB) for m in margins))
-                target = main_names[i] if i < len(main_names) else f"device #{i}"
-                if target != proj_place.device:
+                target = main_names[i] if i is not None and i < len(main_names) else f"device #{i}"
+                if i is not None and target != proj_place.device:
                     notes.append(f"fit adds the projector's {format_bytes(size)} to the margin of {target} "
                                  f"(ggml registry index {i}), not of {proj_place.device}, where clip puts it")
         if draft is not None and cmd.draft is not None:
@@ -113,12 +113,15 @@ def plan_command(cmd: Command, profile: ModelProfile, devices: list[Device], hos
                 if d.name in counted and abs(real - counted[d.name]) > MiB:
                     notes.append(f"fit counted {format_bytes(counted[d.name])} of the draft on {d.name}; llama-server "
                                  f"allocates {format_bytes(real)} there (the draft loads with the -ts fit wrote)")
+        def _bytes(name: str) -> int:
+            d = draft_plan.device(name)
+            return d.weights_bytes + d.kv_bytes + d.compute_bytes
+
         off_main = [d.name for d in draft_plan.offload_devices if d.name not in main_names and
                     d.weights_bytes + d.kv_bytes + d.compute_bytes]
         if fitted is not None and off_main:
             notes.append("fit counts the draft only on the main model's devices (common_fit_extra_model): its "
-                         + ", ".join(f"{format_bytes(draft_plan.device(n).weights_bytes + draft_plan.device(n).kv_bytes + draft_plan.device(n).compute_bytes)} on {n}"
-                                     for n in off_main) + " are not in fit's sums")
+                         + ", ".join(f"{format_bytes(_bytes(n))} on {n}" for n in off_main) + " are not in fit's sums")
     pp = plan_process(main_plan, draft_plan, proj_place, devices)
     if fitted is not None and proj_place is not None:
         row = next((r for r in pp.rows if r.name == proj_place.device), None)

@@ -7,9 +7,8 @@ from __future__ import annotations
 import shlex
 
 import pytest
-from builders import make_profile
-from projectors import write_projector
 
+from builders import make_profile
 from gpulab.core.command_line import parse_command
 from gpulab.core.devices import Device, parse_sim_spec
 from gpulab.core.placement.planner import plan
@@ -20,6 +19,7 @@ from gpulab.core.placement.process import (
 )
 from gpulab.core.policies.process import plan_command, registry_index
 from gpulab.sources.projector import read_projector
+from projectors import write_projector
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
