@@ -356,6 +356,11 @@ def _parse_server(program: str, args: list[str]) -> Command:
         dcfg = Draft(path=draft["path"], config=draft_config(config, draft))
     elif len(set(draft) - {"n_max"}) > 1:
         unmodelled.append("draft flags without -md: llama-server loads no draft model; they change nothing here")
+    if "draft-mtp" in spec_types:
+        # common_init_result: mparams.load_mtp (the nextn layers' tensors) and a second context of
+        # ctx_type MTP holding KV for the nextn layers only (llama_model::create_memory)
+        unmodelled.append("--spec-type draft-mtp: the MTP context (KV and compute of the model's nextn layers) "
+                          "is not planned yet; the main model is")
     if any(t.startswith("ngram") for t in spec_types):
         unmodelled.append("--spec-type " + ",".join(spec_types) + ": n-gram drafts add outputs to the main "
                           "context (n_outputs_max), not modelled")

@@ -126,3 +126,11 @@ def test_a_device_named_before_rpc_registers_it_is_refused_as_llama_server_refus
         cl.parse_command(shlex.split("llama-server -m A -md D -devd RPC2 --rpc 127.0.0.1:50052"))
     c = cl.parse_command(shlex.split("llama-server --rpc 127.0.0.1:50052 -m A -md D -devd RPC0"))
     assert c.rpc == ("127.0.0.1:50052",) and c.draft.config.devices == ("RPC0",)
+
+
+def test_mtp_is_named_as_not_planned():
+    c = cl.parse_command(shlex.split("llama-server -m A --spec-type draft-mtp"))
+    assert c.spec_types == ("draft-mtp",) and c.draft is None
+    assert c.unmodelled == ("--spec-type draft-mtp: the MTP context (KV and compute of the model's nextn layers) "
+                            "is not planned yet; the main model is",)
+    assert c.n_outputs() == (4 * (1 + 3), 4)     # -np auto: 4 slots, 3 drafted tokens each
