@@ -63,11 +63,15 @@ def plan_rows(p: Plan) -> list[dict]:
         for name in p.tensor_parallel.devices:
             ranges[name] = f"{cut} (a slice of each)"
     rows = []
+    base = any(d.overhead_bytes for d in p.devices)   # the base cost column only where a device has one
     for d in p.devices:
         rows.append({
             "device": d.name, "layers": ranges.get(d.name, "-") if not d.is_host or d.name in ranges else "input",
             "weights": format_bytes(d.weights_bytes), "KV": format_bytes(d.kv_bytes),
-            "compute": format_bytes(d.compute_bytes), "used": format_bytes(d.used_bytes),
+            "compute": format_bytes(d.compute_bytes),
+            **({"base": format_bytes(d.overhead_bytes) + (" (default)" if d.overhead_is_default else "")}
+               if base else {}),
+            "used": format_bytes(d.used_bytes),
             "free": format_bytes(d.free_bytes) if d.free_bytes else "?",
             "fits": "yes" if d.fits else f"NO (-{format_bytes(d.deficit_bytes)})",
         })
@@ -127,7 +131,7 @@ def plan_text(p: Plan, speed: SpeedPrediction | None = None, *, n_prompt: int = 
             f"{format_bytes(p.profile.file_bytes)} | -ngl {c.n_gpu_layers} -sm {c.split_mode} "
             f"-mg {c.main_gpu} -ts {ts} -c {c.n_ctx} -ctk {c.type_k} -ctv {c.type_v} "
             f"({p.kv_cells} KV cells)")
-    body = render_table(plan_rows(p), right=("weights", "KV", "compute", "used", "free"))
+    body = render_table(plan_rows(p), right=("weights", "KV", "compute", "base", "used", "free"))
     verdict = "fits" if p.fits else "DOES NOT FIT: " + "; ".join(p.deficits())
     parts = [head, body]
     if p.rule_matches:

@@ -50,6 +50,8 @@ def test_the_next_plan_counts_it(monkeypatch, tmp_path, profile_factory):
     assert p0.device("CUDA0").overhead_bytes == 523 * MiB and p0.device("CUDA0").overhead_is_default
     assert any(n.startswith("CUDA0: counts a base cost of 523.00 MiB, gpulab's default") for n in p0.notes)
     assert p0.to_dict()["devices"][0]["overhead_is_default"] is True
+    from gpulab.ui.text import plan_text
+    assert "523.00 MiB (default)" in plan_text(p0)          # the table's base column says it is a default
 
     learn_overhead(gpu_run(900 * MiB))
     with Session(probe=NvmlProbe(one_gpu_nvml()), env={}) as s:
