@@ -26,7 +26,6 @@ from typing import Sequence
 from ..core.devices import Device, parse_endpoints
 from ..core.errors import DeviceSpecError
 from ..sources.detect import detect_devices
-from ..storage.overheads import learned_overhead
 
 __all__ = ["Session", "DeviceChoice"]
 
@@ -130,5 +129,6 @@ class Session:
 
 
 def _with_overhead(d: Device) -> Device:
+    from ..storage.overheads import learned_overhead   # detected devices only: --sim plans skip it
     over = learned_overhead(d)
     return replace(d, overhead_bytes=over) if over else d

@@ -48,11 +48,12 @@ _GGML_TYPES = T.GGML_TYPES   # id -> (name, block size, bytes per block)
 
 class Truncated(Exception):
     """The bytes at hand end before the header does: the walker goes on once it has bytes
-    `start` to `needed` (it never reads the bytes it skipped before `start`)."""
+    `start` to `needed` (it never reads the bytes it skipped before `start`). Inside a string
+    array, `hint` guesses where the array ends, from the strings read so far (0: no guess)."""
 
-    def __init__(self, needed: int, start: int = 0):
+    def __init__(self, needed: int, start: int = 0, hint: int = 0):
         super().__init__(needed)
-        self.needed, self.start = needed, start
+        self.needed, self.start, self.hint = needed, start, hint
 
 
 @dataclass(frozen=True)
@@ -242,8 +243,13 @@ def _skip_strings(w: _Walker, key: str, n: int) -> None:
     if 0 <= off <= min(w.avail, w.total):
         w.off = off
         return
+    first = w.off
     for i in range(n):   # raises for the element that reaches past the end
-        w.skip_string(f"element {i} of {key!r}")
+        try:
+            w.skip_string(f"element {i} of {key!r}")
+        except Truncated as t:   # the strings to come are likely as long as those read
+            t.hint = w.off + (w.off - first) * (n - i) // max(i, 1) + 4096
+            raise
     raise AssertionError("unreachable: the fast walk overshot but the careful one did not")
 
 

@@ -4,7 +4,8 @@ HTTP Range requests fetch the header (1 MiB, then doubling) until the header wal
 `gguf_header` gets through the KV pairs and tensor infos; the total size comes from
 Content-Range. The bytes the walker skips (a tokenizer's scores and token types) are not
 fetched: the walker says where it goes on (Truncated.start), and the buffer keeps zeros there,
-which it never reads. The walker is the same one the local reader uses, so both give the same profile.
+which it never reads. Inside a string array the next request ends where the walker guesses the
+array ends (Truncated.hint); after a skip the doubling starts again from _AFTER_SKIP. The walker is the same one the local reader uses, so both give the same profile.
 Standard library only: `opener` is anything with urllib's `OpenerDirector.open(request,
 timeout=...)`, which lets tests inject a fake transport.
 """
@@ -25,6 +26,7 @@ from .gguf_header import Truncated, parse_header
 __all__ = ["read_remote_profile"]
 
 _FIRST_FETCH = 1 << 20
+_AFTER_SKIP = 1 << 16    # after a skipped array: the next KV pair, or tensor infos (~100 bytes each)
 _READ_CHUNK = 1 << 16
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
 
@@ -48,24 +50,28 @@ def read_remote_profile(url: str, *, max_bytes: int = 64 * 1024**2, timeout_s: f
     buf = bytearray()   # bytes 0..len(buf) of the file, but for the holes the walker skipped
     total = None
     start, want = 0, min(_FIRST_FETCH, max_bytes)
-    fetched = 0
+    run = 0   # bytes fetched since the last hole
     while True:
         if start > len(buf):
             buf += bytes(start - len(buf))   # a hole: skipped by the walker, never read
         chunk, total = fetch(start, want - 1)   # inclusive range, clamped by the server
         buf[start:] = chunk
-        fetched += len(chunk)
+        run += len(chunk)
         try:
             header = parse_header(buf, len(buf), total, fail)
             return build_profile(header, url, total, fail)
         except Truncated as t:
-            needed = t.needed
+            needed, hint = t.needed, t.hint
+            hole = t.start > len(buf)
             start = max(t.start, len(buf))
         if needed > max_bytes:
             raise RemoteModelError(f"{url}: the GGUF header is larger than max_bytes={max_bytes} "
                                    f"(at least {needed} bytes); raise max_bytes to read it")
+        if hole:
+            run = 0
         # Doubling what was fetched keeps the number of round trips logarithmic in the header size.
-        want = min(max(needed, start + fetched), max_bytes, total)
+        guess = hint or start + max(run, _AFTER_SKIP)
+        want = min(max(needed, guess), max_bytes, total)
 
 
 class _Fetcher:

@@ -8,10 +8,10 @@ llama.cpp does, so that layers on a split boundary land where llama.cpp puts the
 from __future__ import annotations
 
 import weakref
-
-import numpy as np
+from bisect import bisect_right
 
 from ..errors import ConfigError
+from ..float32 import cumsum_f32, f32
 from .compute import estimate_compute_bytes
 from ..config import SplitConfig
 from ..devices import HOST_NAME, Device
@@ -81,17 +81,14 @@ def split_points(devices: list[Device], config: SplitConfig) -> list[float]:
     """
     n = len(devices)
     ts = list(config.tensor_split[:n]) + [0.0] * (n - len(config.tensor_split[:n]))
-    if not any(ts):
-        raw = np.array([d.free_bytes for d in devices], dtype=np.float32)
-    else:
-        raw = np.array(ts, dtype=np.float32)
-    cum = np.cumsum(raw, dtype=np.float32)  # float split_sum += splits[i], sequentially
+    raw = [d.free_bytes for d in devices] if not any(ts) else ts
+    cum = cumsum_f32(raw)  # float split_sum += splits[i], sequentially
     if n == 0 or cum[-1] == 0:
         if n:
             raise ConfigError("every device has 0 bytes free, so llama.cpp's default split is undefined; "
                               "give -ts explicitly")
         return []
-    return [float(x) for x in (cum / cum[-1]).astype(np.float32)]
+    return [f32(x / cum[-1]) for x in cum]
 
 
 def assign_layers(n_layer: int, n_gpu_layers: int, devices: list[Device],
@@ -108,10 +105,10 @@ def assign_layers(n_layer: int, n_gpu_layers: int, devices: list[Device],
     if act == 0:
         return names
     # float(il - i_gpu_start) / act_gpu_layers, in float32 like llama.cpp
-    fracs = np.arange(act, dtype=np.float32) / np.float32(act)
-    idx = np.searchsorted(np.asarray(points, dtype=np.float32), fracs, side="right")  # upper_bound
+    pts = [f32(x) for x in points]
     last = len(devices) - 1
-    for k, i in enumerate(idx.tolist()):
+    for k in range(act):
+        i = bisect_right(pts, f32(k / act))   # std::upper_bound
         names[i_gpu_start + k] = devices[min(i, last)].name
     return names
 
