@@ -199,8 +199,10 @@ def test_devices_without_gpu_says_so_and_lists_the_host(capsys):
 
 
 # What a `gpulab plan` / `gpulab inspect` process must not load: the fleet planner and exports, the
-# notebook stack, llama.cpp, and numpy and gguf (the header walker and the planner need neither).
+# notebook stack, llama.cpp, -sm tensor's rules, and numpy and gguf (the header walker and the planner
+# need neither).
 NOT_FOR_PLAN = ("numpy", "gguf", "gpulab.core.fleet", "gpulab.core.fleet.planner", "gpulab.core.exports.fleet",
+                "gpulab.core.placement.tensor_parallel",
                 "gpulab.runtime.worker", "gpulab.storage.overheads", "plotly", "ipywidgets", "anywidget",
                 "llama_cpp", "pandas", "IPython")
 

@@ -248,7 +248,7 @@ def _skip_strings(w: _Walker, key: str, n: int) -> None:
         try:
             w.skip_string(f"element {i} of {key!r}")
         except Truncated as t:   # the strings to come are likely as long as those read
-            t.hint = w.off + (w.off - first) * (n - i) // max(i, 1) + 4096
+            t.hint = w.off + (w.off - first) * (n - i) * 9 // (8 * max(i, 1)) + 4096   # +1/8: later ones run longer
             raise
     raise AssertionError("unreachable: the fast walk overshot but the careful one did not")
 
