@@ -22,7 +22,6 @@ installed:
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import os
 import platform
@@ -242,6 +241,7 @@ def build_key(lcp_version: str, cmake_args: str, decision: BuildDecision, host: 
     isa = _native_macros(compiler, decision.compiler_flags)
     if isa is None:
         isa = "flags:" + " ".join(sorted(host.flags))
+    import hashlib   # the set-up's build key only, not the planner's host row
     h = hashlib.sha256()
     for part in (lcp_version, cmake_args, " ".join(decision.compiler_flags), host.machine, isa):
         h.update(part.encode() + b"\0")
