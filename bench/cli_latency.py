@@ -30,11 +30,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchkit import loadavg  # noqa: E402
+from benchkit import loadavg
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from gpulab.sources.demo import demo_model_path, gemma3_path  # noqa: E402
+from gpulab.sources.demo import demo_model_path, gemma3_path
 
 PLAN = ("--sim", "2x24GiB", "-c", "4096", "-fit", "off")
 
@@ -47,7 +47,8 @@ def _env(tree: Path) -> dict[str, str]:
 
 def _run(argv: list[str], tree: Path) -> float:
     t0 = time.perf_counter()
-    r = subprocess.run(argv, cwd=tree, env=_env(tree), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    r = subprocess.run(argv, cwd=tree, env=_env(tree), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                       check=False)
     dt = time.perf_counter() - t0
     if r.returncode not in (0, 1):   # plan: 1 when it does not fit
         raise SystemExit(f"{' '.join(argv)} failed ({r.returncode}): {r.stderr.decode()[-500:]}")
@@ -90,7 +91,7 @@ def _fetched(path: Path, tree: Path) -> tuple[int, list[str]]:
     try:
         url = f"http://127.0.0.1:{srv.server_address[1]}/{path.name}"
         r = subprocess.run([sys.executable, "-m", "gpulab", "inspect", url], cwd=tree, env=_env(tree),
-                           capture_output=True, text=True, timeout=120)
+                           capture_output=True, text=True, timeout=120, check=False)
         if r.returncode:
             raise SystemExit(f"inspect {url} failed: {r.stderr[-500:]}")
         return srv.served, srv.requests
@@ -152,7 +153,8 @@ def main() -> int:
                 served, reqs = _fetched(models["Gemma 3 270M Q4_K_M"], tree)
                 print(f"| {tname} | {served:,} ({served / 2**20:.2f} MiB) | {len(reqs)}: {', '.join(reqs)} |")
         finally:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(ref)], capture_output=True)
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(ref)], capture_output=True,
+                           check=False)
     return 0
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import struct
 
-__all__ = ["f32", "cumsum_f32"]
+__all__ = ["cumsum_f32", "f32"]
 
 _F32 = struct.Struct("<f")
 

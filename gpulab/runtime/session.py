@@ -129,6 +129,8 @@ class Session:
 
 
 def _with_overhead(d: Device) -> Device:
-    from ..storage.overheads import learned_overhead   # detected devices only: --sim plans skip it
+    # detected devices only: --sim plans skip the learned overheads
+    from ..storage.overheads import learned_overhead
+
     over = learned_overhead(d)
     return replace(d, overhead_bytes=over) if over else d

@@ -8,9 +8,8 @@ them; tests/sources/test_gguf_tables.py checks them against the installed `gguf`
 
 from __future__ import annotations
 
-__all__ = ["UINT8", "INT8", "UINT16", "INT16", "UINT32", "INT32", "FLOAT32", "BOOL", "STRING", "ARRAY",
-           "UINT64", "INT64", "FLOAT64", "VALUE_TYPE_NAMES", "GGML_TYPES", "FILE_TYPE_NAMES",
-           "DEFAULT_ALIGNMENT"]
+__all__ = ["ARRAY", "BOOL", "DEFAULT_ALIGNMENT", "FILE_TYPE_NAMES", "FLOAT32", "FLOAT64", "GGML_TYPES", "INT8",
+           "INT16", "INT32", "INT64", "STRING", "UINT8", "UINT16", "UINT32", "UINT64", "VALUE_TYPE_NAMES"]
 
 # enum gguf_type (gguf.h) = gguf.GGUFValueType
 UINT8, INT8, UINT16, INT16, UINT32, INT32, FLOAT32, BOOL, STRING, ARRAY, UINT64, INT64, FLOAT64 = range(13)

@@ -181,7 +181,11 @@ def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | Non
     tensor_mode = config.split_mode == "tensor" and bool(used)
     if config.split_mode == "tensor":
         # -sm tensor's rules (and their regexes) load only for -sm tensor plans
-        from .tensor_parallel import check_overrides_for_tensor_parallel, check_tensor_parallel
+        from .tensor_parallel import (
+            check_overrides_for_tensor_parallel,
+            check_tensor_parallel,
+        )
+
         check_tensor_parallel(profile, config, used)
         check_overrides_for_tensor_parallel({i: r.target for i, r in enumerate(rules)})
     # -sm tensor: llama_prepare_model_devices makes the devices one meta device, and layers are
@@ -228,6 +232,7 @@ def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | Non
         # compute buffers are allocated at the meta buffer's size on every member
         meta = names[0]
         from .tensor_parallel import plan_tensor_parallel
+
         split = plan_tensor_parallel(profile, config, used, layer_devices, tp.moved, (full_cells, swa_cells))
         names = [d.name for d in used] + [HOST_NAME]
         for i, d in enumerate(used):
@@ -258,5 +263,6 @@ def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | Non
 def _meta_device(used: list[Device]) -> Device:
     """The meta device llama.cpp makes of `used` (ggml_backend_meta_device_get_memory: the sums)."""
     from .tensor_parallel import meta_device_name
+
     return Device(name=meta_device_name(used), total_bytes=sum(d.total_bytes for d in used),
                   free_bytes=sum(d.free_bytes for d in used), source="meta", kind="meta")
