@@ -9,7 +9,10 @@ and for the demo model (SmolLM2-135M) and Gemma 3 270M `gpulab plan MODEL --sim 
 temporary git worktree, same virtual environment). The table gives medians, the ratio to
 `python -c pass`'s median and the median of the per-round ratios (paired: both taken in the same
 round). Byte code is written and warm before timing, as in an installed package. The load average
-is printed before and after: the machine is shared.
+is printed before and after: the machine is shared. Beside the wall time, each process's CPU time
+(user + system, from getrusage): on a loaded machine a process waits for a core, and its CPU time
+is what its wall time would be on an idle one (these commands neither sleep nor wait for I/O once
+the files are in the page cache).
 
 Then `gpulab inspect URL` for Gemma 3 from a local HTTP server that answers Range requests and
 counts the bytes it sends: bytes fetched and requests, under both trees.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -45,14 +49,20 @@ def _env(tree: Path) -> dict[str, str]:
     return env
 
 
-def _run(argv: list[str], tree: Path) -> float:
-    t0 = time.perf_counter()
+def _cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _run(argv: list[str], tree: Path) -> tuple[float, float]:
+    """(wall, CPU) seconds of one process."""
+    c0, t0 = _cpu(), time.perf_counter()
     r = subprocess.run(argv, cwd=tree, env=_env(tree), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                        check=False)
-    dt = time.perf_counter() - t0
+    dt, dc = time.perf_counter() - t0, _cpu() - c0
     if r.returncode not in (0, 1):   # plan: 1 when it does not fit
         raise SystemExit(f"{' '.join(argv)} failed ({r.returncode}): {r.stderr.decode()[-500:]}")
-    return dt
+    return dt, dc
 
 
 class _Range(BaseHTTPRequestHandler):
@@ -130,22 +140,26 @@ def main() -> int:
             load_before = loadavg()
             rng = random.Random(a.seed)
             times: list[list[float]] = [[] for _ in cases]
+            cpus: list[list[float]] = [[] for _ in cases]
             for _ in range(a.rounds):
                 order = list(range(len(cases)))
                 rng.shuffle(order)
                 for i in order:
-                    times[i].append(_run(cases[i][2], cases[i][3]))
+                    wall, cpu = _run(cases[i][2], cases[i][3])
+                    times[i].append(wall)
+                    cpus[i].append(cpu)
             load_after = loadavg()
-            base = times[0]
-            b = statistics.median(base)
+            base, base_cpu = times[0], cpus[0]
+            b, bc = statistics.median(base), statistics.median(base_cpu)
             print(f"{a.rounds} rounds; load average {load_before} before, {load_after} after; "
                   f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs\n")
-            print("| command | tree | median | / `pass` median | median of paired / `pass` |")
-            print("|---|---|---:|---:|---:|")
-            for (label, tname, _, _), ts in zip(cases, times):
-                m = statistics.median(ts)
+            print("| command | tree | wall, median | / `pass` | paired / `pass`, median | CPU, median | CPU / `pass` CPU |")
+            print("|---|---|---:|---:|---:|---:|---:|")
+            for (label, tname, _, _), ts, cs in zip(cases, times, cpus):
+                m, mc = statistics.median(ts), statistics.median(cs)
                 paired = statistics.median(t / p for t, p in zip(ts, base))
-                print(f"| {label} | {tname or '-'} | {m * 1e3:.0f} ms | {m / b:.2f} | {paired:.2f} |")
+                print(f"| {label} | {tname or '-'} | {m * 1e3:.0f} ms | {m / b:.2f} | {paired:.2f} | "
+                      f"{mc * 1e3:.0f} ms | {mc / bc:.2f} |")
             print("\n`gpulab inspect URL`, Gemma 3 270M from a local Range server:\n")
             print("| tree | bytes fetched | requests |")
             print("|---|---:|---|")
