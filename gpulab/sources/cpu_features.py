@@ -24,9 +24,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import platform
 import shlex
-import subprocess
 import sys
 from dataclasses import dataclass, field
 
@@ -181,8 +179,21 @@ def _xcomp_supp() -> tuple[int | None, str]:
         return None, f"no arch_prctl: {e}"
 
 
+def uname() -> tuple[str, str]:
+    """(platform.system(), platform.machine()), without importing `platform` where os.uname has them."""
+    try:
+        u = os.uname()
+    except AttributeError:   # Windows
+        import platform
+
+        return platform.system(), platform.machine()
+    return u.sysname, u.machine
+
+
 def _xcr0() -> int | None:
     """XCR0 by XGETBV, in a child process: where XGETBV is not allowed the child dies, not us."""
+    import subprocess   # here and in _native_macros only: the planner's host row seldom needs it
+
     try:
         out = subprocess.run([sys.executable, "-c", _XCR0_CHILD], capture_output=True, text=True, timeout=20)
         return int(out.stdout.strip()) if out.returncode == 0 else None
@@ -193,7 +204,7 @@ def _xcr0() -> int | None:
 def probe() -> HostCpu:
     """This host's advertised flags and OS-enabled XSAVE mask (the kernel's own answer first,
     XCR0 where the kernel is too old to give it)."""
-    system, machine = platform.system(), platform.machine()
+    system, machine = uname()
     if system != "Linux" or machine not in ("x86_64", "AMD64"):
         return HostCpu(system, machine)
     flags = _cpuinfo_flags()
@@ -219,6 +230,8 @@ def host_decision() -> BuildDecision:
 def _native_macros(compiler: str, flags: tuple[str, ...]) -> str | None:
     """The predefined macros of `compiler -march=native FLAGS`: exactly the ISA a native build
     of llama.cpp assumes (__AVX2__, __AMX_INT8__, ...)."""
+    import subprocess
+
     try:
         out = subprocess.run([compiler, "-march=native", *flags, "-dM", "-E", "-x", "c", os.devnull],
                              capture_output=True, text=True, timeout=60)
