@@ -5,7 +5,8 @@ HTTP Range requests fetch the header (1 MiB, then doubling) until the header wal
 Content-Range. The bytes the walker skips (a tokenizer's scores and token types) are not
 fetched: the walker says where it goes on (Truncated.start), and the buffer keeps zeros there,
 which it never reads. Inside a string array the next request ends where the walker guesses the
-array ends (Truncated.hint); after a skip the doubling starts again from _AFTER_SKIP. The walker is the same one the local reader uses, so both give the same profile.
+array ends (Truncated.hint); after a skip the doubling starts again from _AFTER_SKIP. The
+walker is the same one the local reader uses, so both give the same profile.
 Standard library only: `opener` is anything with urllib's `OpenerDirector.open(request,
 timeout=...)`, which lets tests inject a fake transport.
 """
