@@ -65,6 +65,7 @@ def repack_types(flags: frozenset[str] | None = None, off: tuple[str, ...] | Non
     x86: Q4_0, Q4_K, IQ4_NL and MXFP4 need AVX2, Q2_K AVX-512). Other architectures: () (not
     modelled yet; the host row then shows no CPU_REPACK copy)."""
     from .cpu_features import _cpuinfo_flags, host_decision, uname
+
     if flags is None:
         if uname()[1] not in ("x86_64", "AMD64"):
             return ()
