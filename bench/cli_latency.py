@@ -33,12 +33,12 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # this checkout's gpulab
 from benchkit import loadavg
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 from gpulab.sources.demo import demo_model_path, gemma3_path
+
+REPO = Path(__file__).resolve().parents[1]
 
 PLAN = ("--sim", "2x24GiB", "-c", "4096", "-fit", "off")
 

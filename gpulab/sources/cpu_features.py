@@ -194,7 +194,8 @@ def uname() -> tuple[str, str]:
 
 def _xcr0() -> int | None:
     """XCR0 by XGETBV, in a child process: where XGETBV is not allowed the child dies, not us."""
-    import subprocess   # here and in _native_macros only: the planner's host row seldom needs it
+    # here and in _native_macros only: the planner's host row seldom needs subprocess
+    import subprocess
 
     try:
         out = subprocess.run([sys.executable, "-c", _XCR0_CHILD], capture_output=True, text=True, timeout=20)
@@ -256,7 +257,7 @@ def build_key(lcp_version: str, cmake_args: str, decision: BuildDecision, host: 
     isa = _native_macros(compiler, decision.compiler_flags)
     if isa is None:
         isa = "flags:" + " ".join(sorted(host.flags))
-    import hashlib   # the set-up's build key only, not the planner's host row
+    import hashlib  # the set-up's build key only, not the planner's host row
     h = hashlib.sha256()
     for part in (lcp_version, cmake_args, " ".join(decision.compiler_flags), host.machine, isa):
         h.update(part.encode() + b"\0")

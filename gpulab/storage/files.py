@@ -27,7 +27,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     file is either its old content or the new, never half of it (also across a crash)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    import tempfile   # writers only: readers (every `gpulab plan`) skip tempfile, shutil, random
+    # writers only: readers (every `gpulab plan`) skip tempfile, shutil, random
+    import tempfile
+
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:

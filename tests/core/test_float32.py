@@ -32,4 +32,5 @@ def test_agrees_with_numpy_on_split_arithmetic():
             assert [int(f32(f32(f32(ne) * s) / ours[-1])) for s in ours] == \
                 [int(np.float32(ne) * s / theirs[-1]) for s in theirs]
     for act in range(1, 600):
-        assert [f32(k / act) for k in range(act)] == [float(x) for x in np.arange(act, dtype=np.float32) / np.float32(act)]
+        theirs = np.arange(act, dtype=np.float32) / np.float32(act)
+        assert [f32(k / act) for k in range(act)] == [float(x) for x in theirs]
