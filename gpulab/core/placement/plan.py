@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..config import SplitConfig
 from ..profile import ModelProfile
-from .tensor_parallel import TensorParallel
+
+if TYPE_CHECKING:   # -sm tensor's module loads with the -sm tensor plans that carry one
+    from .tensor_parallel import TensorParallel
 
 __all__ = ["DevicePlan", "Plan"]
 
