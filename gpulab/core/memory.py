@@ -20,6 +20,7 @@ class DevicePlan:
     kv_bytes: int
     compute_bytes: int
     overhead_bytes: int = 0       # runtime overhead (CUDA context, ...), learned from runs
+    overhead_is_default: bool = False   # overhead_bytes is gpulab's CUDA default, nothing learned yet
     n_layers: int = 0             # repeating layers placed here
     has_output: bool = False      # holds the output layer (index n_layer)
     is_host: bool = False
@@ -71,6 +72,7 @@ class PlannedMemory:
                    "devices": [{"name": x.name, "total_bytes": x.total_bytes, "free_bytes": x.free_bytes,
                                 "weights_bytes": x.weights_bytes, "kv_bytes": x.kv_bytes,
                                 "compute_bytes": x.compute_bytes, "overhead_bytes": x.overhead_bytes,
+                                "overhead_is_default": x.overhead_is_default,
                                 "used_bytes": x.used_bytes, "fits": x.fits} for x in self.devices],
                    "layers": [{"index": i, "device": n} for i, n in enumerate(self.layer_devices)],
                    "fits": self.fits}
@@ -89,6 +91,7 @@ class PlannedMemory:
             name=x["name"], total_bytes=int(x.get("total_bytes", 0)), free_bytes=int(x.get("free_bytes", 0)),
             weights_bytes=int(x.get("weights_bytes", 0)), kv_bytes=int(x.get("kv_bytes", 0)),
             compute_bytes=int(x.get("compute_bytes", 0)), overhead_bytes=int(x.get("overhead_bytes", 0)),
+            overhead_is_default=bool(x.get("overhead_is_default", False)),
             is_host=i == len(rows) - 1) for i, x in enumerate(rows))
         return cls(model_path=model.get("path", ""), arch=model.get("arch", ""), devices=devices,
                    layer_devices=tuple(x["device"] for x in d.get("layers", ())),
