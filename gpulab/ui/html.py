@@ -58,7 +58,7 @@ def plan_html(p: Plan) -> str:
                + html.escape("; ".join(p.deficits())) + "</div>")
     doubts = "".join(f"<div style='color:#b35c00;font-size:12px'>not exact: {html.escape(str(d))}</div>"
                      for d in p.doubts)
-    return (table_html(plan_rows(p), right=("weights", "KV", "state", "compute", "used", "free"), caption=head,
+    return (table_html(plan_rows(p), right=("weights", "KV", "state", "compute", "base", "used", "free"), caption=head,
                        bad=[not d.fits for d in p.devices]) + doubts + verdict)
 
 
@@ -123,18 +123,18 @@ def run_rows(runs: list[Run], plans: list[dict | None] | None = None) -> list[di
     rows = []
     for i, r in enumerate(runs, 1):
         c = r.config
-        p = r.plan or {}
+        p = r.plan
         match = None
-        if p.get("layers") and r.report.layer_devices:
-            match = tuple(x["device"] for x in p["layers"]) == tuple(r.report.layer_devices)
+        if p is not None and p.layer_devices and r.report.layer_devices:
+            match = p.layer_devices == tuple(r.report.layer_devices)
         row = {"run": i, "tensor_split": ",".join(f"{x:g}" for x in c.tensor_split) or "auto",
                "n_gpu_layers": c.n_gpu_layers, "split_mode": c.split_mode, "main_gpu": c.main_gpu,
                "n_ctx": c.n_ctx, "type_k": c.type_k, "type_v": c.type_v, "flash_attn": c.flash_attn,
-               "devices": ",".join(r.devices or r.report.devices), "predicted_fits": p.get("fits"),
+               "devices": ",".join(r.devices or r.report.devices), "predicted_fits": p.fits if p is not None else None,
                "placement_as_planned": match, "load_s": round(r.load_seconds, 3),
                "pp_ts": round(r.pp.avg_ts, 2) if r.pp else None, "tg_ts": round(r.tg.avg_ts, 2) if r.tg else None}
-        for d in (p.get("devices") or []):
-            row[f"{d['name']}_pred_MiB"] = round(d["used_bytes"] / 2**20, 2)
-            row[f"{d['name']}_llama_MiB"] = round(r.report.bytes_on(d["name"]) / 2**20, 2)
+        for d in (p.devices if p is not None else ()):
+            row[f"{d.name}_pred_MiB"] = round(d.used_bytes / 2**20, 2)
+            row[f"{d.name}_llama_MiB"] = round(r.report.bytes_on(d.name) / 2**20, 2)
         rows.append(row)
     return rows

@@ -567,12 +567,12 @@ class SplitLab(W.VBox):
         return self.plan
 
     def _apply_fit(self) -> Plan | None:
-        from ..core.policies.server_fit import fit
+        from ..core.policies.server_fit import server_fit
         try:
             cfg = self.current_config().replace(n_ctx=0, n_gpu_layers=-1, tensor_split=(), tensor_overrides=(),
                                                 cpu_moe=False, n_cpu_moe=0, n_cpu_ffn=0, fit="on")
             devices = [] if cfg.devices == ("none",) else self.devices
-            r = fit(self.profile, devices, cfg, self.host)
+            r = server_fit(self.profile, devices, cfg, self.host)
         except GpulabError as e:
             self._set_error(f"fit: {e}")
             return None
@@ -709,7 +709,7 @@ class SplitLab(W.VBox):
             run = self.worker.measure(self.model_path, cfg, n_prompt=self.n_prompt.value, n_gen=self.n_gen.value,
                                       repetitions=self.repetitions.value, progress=self._progress)
             if run.plan is None:
-                run = replace(run, plan=p.to_dict())
+                run = replace(run, plan=p.memory())
         except GpulabError as e:
             self.progress.bar_style = "danger"
             self.progress_label.value = "failed"

@@ -111,11 +111,11 @@ def test_moe_balance_button_writes_the_split_and_the_rules(prof):
     cpu = next(t for t in lab.layer_fig.data if t.name == "CPU experts")
     assert len(cpu.x) > 0
 def test_the_fit_button_sets_what_llama_server_would_load(prof):
-    from gpulab.core.policies.server_fit import fit
+    from gpulab.core.policies.server_fit import server_fit
     spec = "2500MiB,2000MiB@1900MiB"
     lab = make_lab(prof, spec)
     lab.policy_buttons["fit"].click()
-    want = fit(prof, parse_sim_spec(spec), SplitConfig(n_ctx=0), lab.host)
+    want = server_fit(prof, parse_sim_spec(spec), SplitConfig(n_ctx=0), lab.host)
     assert want.ok and 0 < want.config.n_gpu_layers < prof.n_layer + 1     # too small for the whole model
     assert lab.last_fit.flags() == want.flags()
     c = lab.current_config()

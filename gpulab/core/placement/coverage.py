@@ -88,7 +88,7 @@ def doubts(profile: ModelProfile, config: SplitConfig, layer_devices: list[str] 
         if layer_devices and layer_devices[-1] == "CPU":
             # -ngl 0: ggml-alloc puts the logits above what the last layer left, not at the bottom
             # (SmolLM2 on RPC devices: 0 to 4.26 MiB, not monotonic in -c; at most two row sets and
-            # the KQ mask, tests/integration/test_real_models_vs_llama.py)
+            # the KQ mask, tests/integration/test_real_models_exact_vs_llama.py)
             T, _, _ = compute_tokens(config)
             n_kv = -(-max(config.n_ctx, 1) // 256) * 256
             bound = 2 * 4 * profile.n_embd * T + n_kv * T * (2 if config.flash_attn != "off" else 4) + 64 * 1024
