@@ -31,8 +31,13 @@ class DevicePlan:
     state_bytes: int = 0          # recurrent state (llama_memory_recurrent's RS buffer): r_l and s_l rows
 
     @property
+    def buffer_bytes(self) -> int:
+        """What llama.cpp allocates here: weights, KV, recurrent state and compute (no base cost)."""
+        return self.weights_bytes + self.kv_bytes + self.state_bytes + self.compute_bytes
+
+    @property
     def used_bytes(self) -> int:
-        return self.weights_bytes + self.kv_bytes + self.state_bytes + self.compute_bytes + self.overhead_bytes
+        return self.buffer_bytes + self.overhead_bytes
 
     @property
     def fits(self) -> bool:
