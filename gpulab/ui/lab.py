@@ -41,7 +41,7 @@ import plotly.graph_objects as go
 
 from ..core.config import FLASH_ATTN_MODES, SPLIT_MODES, SplitConfig
 from ..core.devices import HOST_NAME, Device, parse_sim_spec
-from ..core.errors import ConfigError, GpulabError
+from ..core.errors import GpulabError
 from ..core.exports.render import TARGETS, render
 from ..core.ggml_types import KV_CACHE_TYPES
 from ..core.placement.plan import Plan
@@ -57,7 +57,7 @@ from . import figures as F
 from .html import exports_html, run_rows, table_html
 from .strip import LayerStrip
 
-__all__ = ["SplitLab", "GROUPS"]
+__all__ = ["GROUPS", "SplitLab"]
 
 _TOOLTIPS = {"fit": "set every device, -sm layer, -c 0, -ngl auto, no -ts/-ot, then what llama-server's -fit "
                     "chooses from them",

@@ -7,7 +7,7 @@ llama.cpp's defaults first, so the same flags on the command line plan the same.
 
 - llama, ollama-spread, pack, balanced: every device, -sm layer, -mg 0, then the policy's -ts
 - moe-balance: the same, and its -ot rules instead of -ot/-cmoe/-ncmoe
-- fit: llama-server's defaults (every device, -sm layer, -c 0, -ngl auto, no -ts/-ot), then its fit
+- fit: llama-server's defaults (every device, -sm layer, no -c/-np/-ngl/-ts/-ot), then its fit
 - ollama: Ollama's own flags and devices (it reads none of the current settings)
 """
 
@@ -21,7 +21,7 @@ from ..errors import GpulabError
 from ..profile import ModelProfile
 from .apply import ALL_POLICIES, apply_policy
 
-__all__ = ["PolicyChoice", "choose", "policy_base", "LABELS"]
+__all__ = ["LABELS", "PolicyChoice", "choose", "policy_base"]
 
 LABELS = {"llama": "llama.cpp default", "ollama-spread": "ollama spread", "pack": "pack", "balanced": "balanced",
           "moe-balance": "MoE balance", "fit": "llama-server -fit", "ollama": "ollama (today)"}
@@ -45,8 +45,10 @@ def policy_base(name: str, current: SplitConfig) -> SplitConfig:
     if name == "moe-balance":
         base = base.replace(tensor_overrides=(), cpu_moe=False, n_cpu_moe=0)
     if name == "fit":
+        # llama-server without -c, -np, -ngl, -ts, -ot: -np auto is 4 slots sharing one unified KV
+        # cache (tools/server/server.cpp), as `gpulab plan --policy fit` without those flags
         base = base.replace(n_ctx=0, n_gpu_layers=-1, tensor_overrides=(), cpu_moe=False, n_cpu_moe=0,
-                            n_cpu_ffn=0, fit="on")
+                            n_cpu_ffn=0, fit="on", n_seq_max=4, kv_unified=True)
     return base
 
 
