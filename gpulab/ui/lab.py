@@ -213,6 +213,7 @@ class SplitLab(W.VBox):
             rows.append(W.HBox([swatch, use, share, free], layout=W.Layout(margin="0 24px 0 0")))
         self.strip = LayerStrip(colors={**self.colors, "Meta()": "#555"})
         self.strip.layout = W.Layout(width="100%", min_width="600px")
+        self._request_seq = -1
         self.strip.observe(self._strip_request, "request")
         self.ts_text = W.Text(value=_ts_text(config.tensor_split), description="-ts (tensor split, e.g. 3,1)",
                               placeholder="empty: by free memory", continuous_update=False, style=_STYLE,
@@ -501,6 +502,7 @@ class SplitLab(W.VBox):
 
     def _strip_request(self, change) -> None:
         req = change["new"] or {}
+        self._request_seq = int(req.get("seq", -1))
         if "counts" in req:
             self.set_counts([int(c) for c in req["counts"]])
         elif "ngl" in req:
@@ -625,6 +627,7 @@ class SplitLab(W.VBox):
             self.strip.segments = segs
             self.strip.ngl = n_max if p.config.n_gpu_layers < 0 else min(p.config.n_gpu_layers, n_max)
             self.strip.draggable = p.config.split_mode == "layer" and len(segs) > 1
+            self.strip.applied = self._request_seq
 
     def _draw_fit(self, cfg: SplitConfig) -> None:
         """The thin strip: what llama-server's -fit loads for the current -c/-fitt (its own -ngl/-ts)."""
@@ -715,6 +718,8 @@ class SplitLab(W.VBox):
 
     def _set_error(self, msg: str) -> None:
         self.error = msg
+        if hasattr(self, "strip"):
+            self.strip.applied = self._request_seq     # the strip drops its preview: the plan stays
         self.status.value = (f"<div class='gpulab-error' style='color:#d62728;font-weight:bold'>"
                              f"{html.escape(msg)}</div><div style='color:#666;font-size:12px'>the figures show "
                              "the last valid settings</div>")

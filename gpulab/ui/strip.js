@@ -14,6 +14,11 @@ function render({ model, el }) {
   root.className = "gpulab-strip";
   const main = document.createElement("div");
   main.className = "gls-row gls-main";
+  const cellRow = document.createElement("div");     // the cells; rebuilt when their number changes
+  cellRow.className = "gls-cells";
+  const overlay = document.createElement("div");     // the handles: never moved in the DOM, so a
+  overlay.className = "gls-overlay";                 // drag under way keeps its pointer
+  main.append(cellRow, overlay);
   const axis = document.createElement("div");
   axis.className = "gls-axis";
   const fitRow = document.createElement("div");
@@ -30,6 +35,7 @@ function render({ model, el }) {
   let dragging = null;    // {kind: "boundary"|"ngl", k}
   let local = null;       // the cells shown while a drag is under way
   let seq = 0;
+  let pendingNgl = null;  // -ngl sent, not yet answered: arrow keys pressed fast build on it
 
   const cells = () => local || model.get("cells");
   const n = () => model.get("cells").length;
@@ -94,7 +100,7 @@ function render({ model, el }) {
         h.dataset.k = String(k);
         h.addEventListener("pointerdown", (e) => startDrag(e, { kind: "boundary", k }));
         h.addEventListener("keydown", (e) => key(e, { kind: "boundary", k }));
-        main.appendChild(h);
+        overlay.appendChild(h);
         handles.push(h);
       }
     }
@@ -114,9 +120,9 @@ function render({ model, el }) {
       nglHandle.setAttribute("aria-label", "-ngl");
       nglHandle.addEventListener("pointerdown", (e) => startDrag(e, { kind: "ngl" }));
       nglHandle.addEventListener("keydown", (e) => key(e, { kind: "ngl" }));
-      main.appendChild(nglHandle);
+      overlay.appendChild(nglHandle);
     }
-    const ngl = dragging && dragging.kind === "ngl" ? dragging.ngl : model.get("ngl");
+    const ngl = dragging && dragging.kind === "ngl" ? dragging.ngl : currentNgl();
     nglHandle.style.left = pct(N - ngl);
     nglHandle.setAttribute("aria-valuenow", String(ngl));
     nglHandle.title = `-ngl ${ngl}: the last ${ngl} layers go to the devices; drag, or focus and use the arrow keys`;
@@ -125,11 +131,8 @@ function render({ model, el }) {
   function redraw() {
     const cs = cells();
     const colors = model.get("colors");
-    cellEls = buildCells(main, cs.length, cellEls, "gls-cell");
-    // cells were rebuilt: put the handles back on top
-    handles.forEach((h) => main.appendChild(h));
-    if (nglHandle) main.appendChild(nglHandle);
-    paint(main, cellEls, cs, colors);
+    cellEls = buildCells(cellRow, cs.length, cellEls, "gls-cell");
+    paint(cellRow, cellEls, cs, colors);
     const N = cs.length;
     axis.textContent = "";
     for (const [i, txt] of [[0, "0"], [Math.floor((N - 1) / 2), String(Math.floor((N - 1) / 2))], [N - 1, "out"]]) {
@@ -146,9 +149,13 @@ function render({ model, el }) {
     place();
   }
 
+  function currentNgl() {
+    return pendingNgl !== null ? pendingNgl : model.get("ngl");
+  }
+
   // the cells after moving boundary k to position b (in cells) or -ngl to ngl
   function moved(target, pos) {
-    const cs = model.get("cells");
+    const cs = cells();
     const g = geometry(cs);
     if (target.kind === "ngl") {
       const ngl = Math.max(0, Math.min(cs.length, cs.length - pos));
@@ -169,14 +176,15 @@ function render({ model, el }) {
   function apply(target, pos) {
     const m = moved(target, pos);
     if (target.kind === "ngl") {
-      const now = dragging ? dragging.ngl : model.get("ngl");
+      const now = dragging ? dragging.ngl : currentNgl();
       if (m.ngl === now) return;
       if (dragging) dragging.ngl = m.ngl;
+      pendingNgl = m.ngl;
       send({ ngl: m.ngl });
     } else {
       const before = segmentCounts(cells(), model.get("segments"));
       if (m.counts.every((c, i) => c === before[i])) return;
-      local = dragging ? m.cells : null;
+      local = m.cells;      // shown until Python answers this request
       send({ counts: m.counts });
     }
     redraw();
@@ -191,23 +199,22 @@ function render({ model, el }) {
     e.preventDefault();
     const h = e.currentTarget;
     h.focus();
-    h.setPointerCapture(e.pointerId);
     dragging = { ...target, ngl: model.get("ngl") };
     root.classList.add("gls-dragging");
     const move = (ev) => apply(target, posOf(ev));
     const up = (ev) => {
       apply(target, posOf(ev));
-      h.removeEventListener("pointermove", move);
-      h.removeEventListener("pointerup", up);
-      h.removeEventListener("pointercancel", up);
+      window.removeEventListener("pointermove", move);
+      window.removeEventListener("pointerup", up);
+      window.removeEventListener("pointercancel", up);
       dragging = null;
-      local = null;
       root.classList.remove("gls-dragging");
       redraw();
     };
-    h.addEventListener("pointermove", move);
-    h.addEventListener("pointerup", up);
-    h.addEventListener("pointercancel", up);
+    // on the window, not the handle: the pointer may leave the handle's 14 px while dragging
+    window.addEventListener("pointermove", move);
+    window.addEventListener("pointerup", up);
+    window.addEventListener("pointercancel", up);
   }
 
   function key(e, target) {
@@ -215,13 +222,22 @@ function render({ model, el }) {
     if (!step) return;
     e.preventDefault();
     e.stopPropagation();    // JupyterLab must not move between cells
-    const g = geometry(model.get("cells"));
-    const pos = target.kind === "ngl" ? n() - model.get("ngl") : g.cum[target.k];
+    const g = geometry(cells());
+    const pos = target.kind === "ngl" ? n() - currentNgl() : g.cum[target.k];
     apply(target, pos + step);
   }
 
-  for (const name of ["cells", "segments", "colors", "draggable", "fit_cells", "fit_label", "ngl"]) {
-    model.on(`change:${name}`, () => { if (!dragging) local = null; redraw(); });
+  // Python answers each request with the plan and `applied` (the last request's seq it drew):
+  // the local preview stays until the answer to the last request sent
+  function answered() {
+    if (model.get("applied") >= seq) {
+      pendingNgl = null;
+      if (!dragging) local = null;
+    }
+    redraw();
+  }
+  for (const name of ["cells", "segments", "colors", "draggable", "fit_cells", "fit_label", "ngl", "applied"]) {
+    model.on(`change:${name}`, answered);
   }
   redraw();
 }

@@ -31,3 +31,4 @@ class LayerStrip(anywidget.AnyWidget):
     fit_cells = T.List(T.Unicode()).tag(sync=True)
     fit_label = T.Unicode("").tag(sync=True)
     request = T.Dict().tag(sync=True)                   # from the browser: {"counts"|"ngl", "seq"}
+    applied = T.Int(-1).tag(sync=True)                  # the seq of the last request drawn
