@@ -5,7 +5,8 @@ re-plans and redraws. Two times per drag, from the same drags:
 - drag -> figures redrawn: plan, layer map and memory bars (FigureWidgets, plotly_restyle), their
   saved state, the strip, the share labels, status and export panel (`lab.last_update_s`);
 - drag -> live fit line: llama-server's -fit for the current -c/-fitt and the plan of its result,
-  for the thin strip (`lab.last_fit_s`).
+  for the thin strip (`lab.last_fit_s`). Fit chooses -ngl and -ts itself, so a drag leaves its
+  input unchanged and the lab keeps its last answer; a -c step (the next row) runs fit again.
 Every widget message is built and JSON-encoded as ipykernel would (nothing is sent). Each drag
 moves one boundary by one layer (what a mouse move or an arrow key does). Profiles: a dense
 128-layer model (127 blocks + output) on 8x80GiB, and bench/fit_speed.py's 128-layer MoE on
@@ -62,6 +63,17 @@ def drags(lab, n: int) -> tuple[list[float], list[float]]:
     return draw, fit
 
 
+def ctx_steps(lab, n: int) -> list[float]:
+    """n changes of -c (up and down the slider's options): the live fit runs each time."""
+    opts = [c for c in lab.n_ctx.options if 1024 <= c <= 32768]
+    out = []
+    for k in range(n):
+        lab.n_ctx.value = opts[k % len(opts)] if (k // len(opts)) % 2 == 0 else opts[-1 - k % len(opts)]
+        assert lab.error is None, lab.error
+        out.append(lab.last_fit_s)
+    return out
+
+
 def main() -> None:
     sent = _serialising_comms()
     from gpulab import SplitConfig, parse_sim_spec, plan
@@ -83,8 +95,10 @@ def main() -> None:
         cfg = SplitConfig(tensor_split=tuple(float(x) for x in [16] * 7 + [prof.n_layer + 1 - 112]))
         t_plan = min(timeit.repeat(lambda: plan(prof, devices, cfg, lab.host), number=50, repeat=5)) / 50
         d, f = statistics.median(draw), statistics.median(fit)
-        print(f"| {name}: median of {N_DRAGS} ({msgs:.0f} widget messages a drag) | {d * ms:.1f} ms "
-              f"| {f * ms:.1f} ms | {d / t_plan:.0f}x / {f / t_plan:.0f}x (plan {t_plan * ms:.2f} ms) |")
+        c = statistics.median(ctx_steps(lab, 24))
+        print(f"| {name}: drags, median of {N_DRAGS} ({msgs:.0f} widget messages a drag) | {d * ms:.1f} ms "
+              f"| {f * ms:.2f} ms | {d / t_plan:.0f}x / {f / t_plan:.1f}x (plan {t_plan * ms:.2f} ms) |")
+        print(f"| {name}: -c steps, median of 24 | | {c * ms:.1f} ms | - / {c / t_plan:.0f}x |")
         lab.close()
     load = os.getloadavg()
     print(f"python {sys.version.split()[0]}; {os.cpu_count()} CPUs; load average {load[0]:.1f} {load[1]:.1f} "

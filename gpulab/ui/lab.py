@@ -133,7 +133,8 @@ class SplitLab(W.VBox):
         self._note_config: SplitConfig | None = None
         self.last_update_s = 0.0
         self.last_fit_s = 0.0
-        self.live_fit_result = None
+        self.live_fit_result: object | None = None
+        self._fit_given: SplitConfig | None = None
         self._suspend = 0
         self._handle = None
         self._last_draw = 0.0
@@ -633,7 +634,11 @@ class SplitLab(W.VBox):
         """The thin strip: what llama-server's -fit loads for the current -c/-fitt (its own -ngl/-ts)."""
         from ..core.policies.server_fit import fit, fit_flags
         t0 = time.perf_counter()
+        # fit chooses -ngl and -ts itself: a drag leaves its input as it was, and the last answer stands
         given = cfg.replace(n_gpu_layers=-1, tensor_split=(), fit="on")
+        if given == self._fit_given:
+            self.last_fit_s = time.perf_counter() - t0
+            return
         try:
             r = fit(self.profile, self.devices, given, self.host)
             self.live_fit_result = r
@@ -645,6 +650,7 @@ class SplitLab(W.VBox):
                 cells, label = [], f"llama-server -fit at -c {cfg.n_ctx} gives up: {r.reasons[-1]}"
         except GpulabError as e:
             cells, label = [], f"llama-server -fit: {e}"
+        self._fit_given = given
         with self.strip.hold_sync():
             self.strip.fit_cells = cells
             self.strip.fit_label = label
@@ -752,7 +758,7 @@ class SplitLab(W.VBox):
             self.last_fit = c.result
         if name == "ollama" and c.result is not None:
             self.last_ollama = c.result
-        if not c.ok:
+        if c.config is None:
             self._show_note(c.note, "warning", cfg)
             return None
         p = self.set_config(c.config)

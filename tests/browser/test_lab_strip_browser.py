@@ -17,9 +17,16 @@ import os
 
 import nbformat
 import pytest
-
-from browser.kit import (ARTIFACTS, MEMORY_PLOT, REPO, drag_boundary, plot_trace, run_all, start_lab,
-                         strip_cells)
+from browser.kit import (
+    ARTIFACTS,
+    MEMORY_PLOT,
+    REPO,
+    drag_boundary,
+    plot_trace,
+    run_all,
+    start_lab,
+    strip_cells,
+)
 
 pytestmark = pytest.mark.slow
 NAME = "strip.ipynb"
@@ -51,14 +58,8 @@ def wait_cells(page, lab, want: list[str], timeout_ms: int = 60_000) -> list[str
 
 
 def show_memory_plot(page, lab) -> None:
-    """Scroll down to the memory bars (JupyterLab renders output that comes into view) and wait for them."""
-    lab.hover()
-    for _ in range(40):
-        if page.locator(MEMORY_PLOT).count() and page.locator(MEMORY_PLOT).first.is_visible():
-            break
-        page.mouse.wheel(0, 400)
-        page.wait_for_timeout(500)
-    page.wait_for_selector(MEMORY_PLOT, timeout=120_000)
+    """Wait for the memory bars (plotly renders them a while after the strip on a loaded machine)."""
+    page.wait_for_selector(MEMORY_PLOT, state="attached", timeout=240_000)
     page.locator(MEMORY_PLOT).first.scroll_into_view_if_needed()
 
 

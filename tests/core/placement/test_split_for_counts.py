@@ -5,12 +5,13 @@ exactly those counts on each device, for any counts: zeros, long strips, many de
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from gpulab.core.config import SplitConfig
 from gpulab.core.devices import parse_sim_spec
 from gpulab.core.errors import ConfigError
 from gpulab.core.placement.planner import assign_layers, split_for_counts, split_points
-from gpulab.core.config import SplitConfig
 
 
 def placed(counts: list[int], n_layer: int, ngl: int) -> list[int]:
