@@ -101,6 +101,14 @@ def _ts_text(values) -> str:
     return ",".join(f"{float(v):g}" for v in values)
 
 
+def _layers(n_blocks: int, has_output: bool) -> str:
+    """'22 layers + output': the blocks counted apart from the output layer (as ui.text.layers_text
+    on the lab-figures branch, which replaces this once both are in)."""
+    if n_blocks == 0:
+        return "the output layer" if has_output else "no layers"
+    return f"{n_blocks} layer{'s' if n_blocks != 1 else ''}" + (" + output" if has_output else "")
+
+
 def _group_of(attr: str) -> str:
     return next((g for g, attrs in GROUPS.items() if attr in attrs), "experts & overrides")
 
@@ -319,7 +327,7 @@ class SplitLab(W.VBox):
         self.throughput_fig = go.FigureWidget(F.throughput_chart([]))
         self.export_html = W.HTML()
 
-        title = (f"<b>{html.escape(prof.name or prof.arch)}</b> — {prof.n_layer} blocks + the output layer, "
+        title = (f"<b>{html.escape(prof.name or prof.arch)}</b> — {prof.n_layer} layers + output, "
                  f"{format_bytes(prof.file_bytes)}")
         if self.notes:
             title += "<br>" + _GREY.format(html.escape("; ".join(self.notes)))
@@ -364,6 +372,7 @@ class SplitLab(W.VBox):
         self.children = [W.HTML(title), *self.groups.values(), self.status, self.y_scale, self.layer_fig,
                          self.memory_fig, measure_box, W.HTML("<b>Export</b> (copy-ready, for the current settings)"),
                          self.export_html]
+        self.layout.padding = "0 0 0 6px"       # labels at the left edge are not cut by the output area
         self.add_class("gpulab-splitlab")
 
     def _default_scale(self) -> str:
@@ -696,12 +705,10 @@ class SplitLab(W.VBox):
             dp = p.device(d.name)
             if ts is not None:
                 lab.value = (f"<b>{shares[d.name] * 100:.1f}%</b> of the split bytes, a slice of each of "
-                             f"{dp.n_layers} blocks" + (" and the output layer" if dp.has_output else ""))
+                             f"{_layers(dp.n_layers, dp.has_output)}")
                 continue
-            # n_layers counts the blocks; the output layer is said apart, never inside the count
             how = " by free memory" if default else ""
-            lab.value = (f"<b>{shares[d.name] * 100:.1f}%</b>{how} → {dp.n_layers} block"
-                         f"{'s' if dp.n_layers != 1 else ''}" + (" + output" if dp.has_output else ""))
+            lab.value = f"<b>{shares[d.name] * 100:.1f}%</b>{how} → {_layers(dp.n_layers, dp.has_output)}"
 
     def _update_status(self, p: Plan) -> None:
         notes = []

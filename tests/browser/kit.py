@@ -81,8 +81,13 @@ def start_lab(tmp_path_factory, notebook: Path, name: str):
         url = f"http://127.0.0.1:{port}"
         try:
             wait_http(f"{url}/api/status", proc, log)
+            # lab.sh may print the URL once Jupyter answers: a moment after the server does
+            want = f"open http://127.0.0.1:{port}/lab/tree/{name}"
+            deadline = time.monotonic() + 15
+            while want not in log.read_text() and time.monotonic() < deadline:
+                time.sleep(0.2)
             said = log.read_text()
-            assert f"open http://127.0.0.1:{port}/lab/tree/{name}" in said, said
+            assert want in said, said
             if os.geteuid() == 0:
                 assert "running as root: passing --allow-root" in said, said
             yield url

@@ -58,8 +58,16 @@ def wait_cells(page, lab, want: list[str], timeout_ms: int = 60_000) -> list[str
 
 
 def show_memory_plot(page, lab) -> None:
-    """Wait for the memory bars (plotly renders them a while after the strip on a loaded machine)."""
-    page.wait_for_selector(MEMORY_PLOT, state="attached", timeout=240_000)
+    """Bring the memory bars into view and wait for them: JupyterLab lays out output only near the
+    view, and plotly draws a figure once its box has a size (a resize event makes it look again)."""
+    for _ in range(120):
+        if page.locator(MEMORY_PLOT).count():
+            break
+        plots = lab.locator(".js-plotly-plot")
+        if plots.count() > 1:
+            plots.nth(1).scroll_into_view_if_needed()
+            page.evaluate("() => window.dispatchEvent(new Event('resize'))")
+        page.wait_for_timeout(2000)
     page.locator(MEMORY_PLOT).first.scroll_into_view_if_needed()
 
 
@@ -125,7 +133,7 @@ def test_drag_and_keys_move_layers_as_llama_cpp_places_them(playwright_api, lab_
         assert wait_cells(page, lab, want) == want
         assert ts.input_value() == "10,3,6,6"           # -ngl keeps the proportions
         text = lab.inner_text()
-        for line in ("→ 8 blocks", "→ 3 blocks", "→ 5 blocks", "→ 3 blocks + output"):
+        for line in ("→ 8 layers", "→ 3 layers", "→ 5 layers", "→ 3 layers + output"):
             assert line in text, line
 
         # the memory bars as the page draws them: 60 MiB a block, 400.02 MiB the output, 16 MiB KV a block
@@ -140,18 +148,20 @@ def test_drag_and_keys_move_layers_as_llama_cpp_places_them(playwright_api, lab_
         lab.locator(".gls-main").first.scroll_into_view_if_needed()
         page.screenshot(path=str(ARTIFACTS / "lab_strip_after.png"))
         if os.environ.get("GPULAB_DOCS_SCREENSHOT"):
-            box = lab.bounding_box()
-            page.set_viewport_size({"width": 1280, "height": 1600})
-            lab.screenshot(path=str(REPO / "docs" / "lab.png"))
+            # the README's picture: the lab at 1280 px, from its title down to the memory bars
+            page.set_viewport_size({"width": 1280, "height": 1500})
+            lab.locator(".widget-html").first.scroll_into_view_if_needed()
+            page.wait_for_timeout(1500)
+            page.screenshot(path=str(REPO / "docs" / "lab.png"))
             page.set_viewport_size({"width": 1280, "height": 800})
-            del box
 
         # every group open: no label cut, no legend under a toolbar
-        for header in lab.locator(".jupyter-widget-Collapse-header").all():
-            if "mod-expanded" not in (header.get_attribute("class") or ""):
-                header.click()
+        for group in lab.locator(".gpulab-group").all():
+            if group.bounding_box()["height"] < 60:          # closed: only its title shows
+                group.locator(".jupyter-widget-Collapse-header").first.click()
         page.wait_for_timeout(500)
-        page.screenshot(path=str(ARTIFACTS / "lab_strip_groups.png"), full_page=True)
+        lab.locator(".gpulab-group").nth(2).scroll_into_view_if_needed()
+        page.screenshot(path=str(ARTIFACTS / "lab_strip_groups.png"))
         assert lab.evaluate(LABELS_CUT) == []
         assert lab.evaluate(LEGEND_UNDER_TOOLBAR) == []
     except Exception:

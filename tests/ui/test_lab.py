@@ -52,8 +52,8 @@ def test_the_strip_shows_each_layer_on_its_device(prof):
     assert lab.strip.ngl == 25 and lab.strip.draggable
     assert lab.strip.colors["CPU"] == "#8c8c8c"                       # the host is grey
     assert len({lab.strip.colors[n] for n in ("SIM0", "SIM1", "SIM2", "SIM3")}) == 4
-    assert "by free memory" in lab.share_labels[0].value and "7 blocks" in lab.share_labels[0].value
-    assert "5 blocks + output" in lab.share_labels[3].value          # the output is said apart
+    assert "by free memory" in lab.share_labels[0].value and "7 layers" in lab.share_labels[0].value
+    assert "5 layers + output" in lab.share_labels[3].value          # the output is said apart
     assert memory_mib(lab, "weights")[:4] == [420.0, 360.0, 360.0, 700.02]
     assert memory_mib(lab, "KV")[:4] == [112.0, 96.0, 96.0, 80.0]
     lab.close()
@@ -97,7 +97,7 @@ def test_ts_typed_as_text_shows_the_proportions_as_they_are(prof):
     lab.ts_text.value = "3,1"                  # points 0.75, 1: layers 0-18 (k/25 < 0.75) on SIM0
     assert lab.config.tensor_split == (3.0, 1.0)
     assert lab.strip.cells == ["SIM0"] * 19 + ["SIM1"] * 6
-    assert "75.0%" in lab.share_labels[0].value and "19 blocks" in lab.share_labels[0].value
+    assert "75.0%" in lab.share_labels[0].value and "19 layers" in lab.share_labels[0].value
     assert lab.ts_text.value == "3,1"          # not rewritten as layer counts
     lab.ts_text.value = "3,x"
     assert lab.error and "-ts '3,x'" in lab.error and "gpulab-error" in lab.status.value
