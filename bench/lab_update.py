@@ -25,8 +25,8 @@ import sys
 import timeit
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from builders import MiB, make_hand_moe_profile, make_profile  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # this checkout's gpulab
+from gpulab.testing import MiB, make_hand_moe_profile, make_profile  # noqa: E402
 
 N_DRAGS = 120
 

@@ -35,6 +35,7 @@ import time
 import weakref
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ipywidgets as W
 import plotly.graph_objects as go
@@ -44,18 +45,22 @@ from ..core.devices import HOST_NAME, Device, parse_sim_spec
 from ..core.errors import GpulabError
 from ..core.exports.render import TARGETS, render
 from ..core.ggml_types import KV_CACHE_TYPES
+from ..core.measure.reconcile import comparison_rows
 from ..core.placement.plan import Plan
-from ..core.placement.planner import plan as make_plan, select_devices, split_for_counts
+from ..core.placement.planner import plan as make_plan
+from ..core.placement.planner import select_devices, split_for_counts
 from ..core.policies.apply import ALL_POLICIES
 from ..core.policies.choose import LABELS, choose
 from ..core.profile import ModelProfile
-from ..core.measure.reconcile import comparison_rows
 from ..core.run import Run
 from ..core.settings import SETTINGS, value_from_text
 from ..core.units import format_bytes
 from . import figures as F
 from .html import exports_html, run_rows, table_html
 from .strip import LayerStrip
+
+if TYPE_CHECKING:
+    from ..runtime.session import Session
 
 __all__ = ["GROUPS", "SplitLab"]
 
@@ -144,11 +149,11 @@ class SplitLab(W.VBox):
         self.live_fit_result: object | None = None
         self._fit_given: SplitConfig | None = None
         self._suspend = 0
-        self._handle = None
+        self._handle: asyncio.TimerHandle | None = None
         self._last_draw = 0.0
         self._busy = False
         self._thread: threading.Thread | None = None
-        self._own_session = None
+        self._own_session: Session | None = None
         self.worker = worker
         self.notes: list[str] = []
         self.devices, self.host, self.can_load, self.load_reason = self._resolve_devices(
@@ -377,7 +382,7 @@ class SplitLab(W.VBox):
 
     def _default_scale(self) -> str:
         # virtual devices report the host's memory: a 100 MiB model would be invisible against it
-        total = sum(l.weights_bytes for l in self.profile.layers) or 1
+        total = sum(layer.weights_bytes for layer in self.profile.layers) or 1
         small = min([d.free_bytes for d in self.devices] or [0])
         return "used" if small and total < 0.05 * small else "device"
 
@@ -683,6 +688,7 @@ class SplitLab(W.VBox):
     def exports(self, p: Plan | None = None) -> dict:
         """{target: Export} of the current (or a given) plan's settings (gpulab.core.exports.render)."""
         p = p or self.plan
+        assert p is not None   # the lab draws a plan when it is built
         return {t: render(p.config, t, model_path=str(self.model_path), n_layer=self.profile.n_layer,
                           devices=self.devices) for t in _EXPORT_TARGETS}
 
@@ -718,7 +724,8 @@ class SplitLab(W.VBox):
             notes.append("split mode tensor: every offloaded layer is cut across the devices (llama.cpp's Meta() "
                          "device); -ts all 0 = equal shares; 2 all-reduces per layer cross the link each token")
         if p.config.split_mode == "none":
-            notes.append(f"split mode none: only -mg's device ({p.offload_devices[0].name if p.offload_devices else 'none'}) is used")
+            mg = p.offload_devices[0].name if p.offload_devices else "none"
+            notes.append(f"split mode none: only -mg's device ({mg}) is used")
         on_cpu = sum(1 for x in p.layer_devices if x == HOST_NAME)
         if on_cpu:
             notes.append(f"{on_cpu} of {p.profile.n_layer + 1} layers (blocks and output) stay on the CPU")
@@ -901,7 +908,7 @@ class SplitLab(W.VBox):
     def attach_monitor(self, monitor) -> None:
         """Show a Monitor under the lab; loads and measurements then mark their phases on it."""
         self.monitor = monitor
-        self.children = tuple(self.children) + (monitor,)
+        self.children = [*self.children, monitor]
 
     def to_dataframe(self):
         """This session's runs as a pandas DataFrame (one row per run)."""

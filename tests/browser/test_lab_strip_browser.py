@@ -6,7 +6,7 @@ placements worked out by hand (not by the planner). It also checks that every co
 fully visible, that no legend sits under a plotly toolbar and that the strip is at least 600 px wide.
 Screenshots: test-artifacts/lab_strip_*.png; with GPULAB_DOCS_SCREENSHOT=1 also docs/lab.png.
 
-The model (tests/builders.make_profile, n_layer=24): 24 blocks of 60 MiB with 16 MiB of KV each at
+The model (gpulab.testing.make_profile, n_layer=24): 24 blocks of 60 MiB with 16 MiB of KV each at
 -c 4096, and a 400 MiB output layer, on 4 simulated 24 GiB devices. llama.cpp's rule: layer k of the
 offloaded ones goes to the first device whose split point is above k / (layers offloaded).
 """
@@ -36,9 +36,7 @@ NAME = "strip.ipynb"
 def lab_server(tmp_path_factory):
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(
-        "import sys\n"
-        f"sys.path.insert(0, {str(REPO / 'tests')!r})   # the tests' hand-built profile\n"
-        "from builders import make_profile\n"
+        "from gpulab.testing import make_profile   # the tests' hand-built profile\n"
         "from gpulab.ui.lab import SplitLab\n"
         "lab = SplitLab(make_profile(n_layer=24), sim='4x24GiB')\n"
         "lab")]
