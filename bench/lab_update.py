@@ -26,7 +26,7 @@ import timeit
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # this checkout's gpulab
-from gpulab.testing import MiB, make_hand_moe_profile, make_profile  # noqa: E402
+from gpulab.testing import MiB, make_hand_moe_profile, make_profile
 
 N_DRAGS = 120
 
@@ -93,7 +93,8 @@ def main() -> None:
         msgs = (sent[0] - k0) / N_DRAGS
         devices = parse_sim_spec(spec)
         cfg = SplitConfig(tensor_split=tuple(float(x) for x in [16] * 7 + [prof.n_layer + 1 - 112]))
-        t_plan = min(timeit.repeat(lambda: plan(prof, devices, cfg, lab.host), number=50, repeat=5)) / 50
+        t_plan = min(timeit.repeat(lambda p=prof, d=devices, c=cfg, h=lab.host: plan(p, d, c, h), number=50,
+                                   repeat=5)) / 50
         d, f = statistics.median(draw), statistics.median(fit)
         c = statistics.median(ctx_steps(lab, 24))
         print(f"| {name}: drags, median of {N_DRAGS} ({msgs:.0f} widget messages a drag) | {d * ms:.1f} ms "

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from ..core.policies.apply import ALL_POLICIES
-from .flags import (add_config_flags, add_device_flags, add_model_arg, config_from_args, devices_from_args,
-                    model_path)
+from .flags import add_config_flags, add_device_flags, add_model_arg, config_from_args, devices_from_args, model_path
 from .result import Result
 
 __all__ = ["register", "run"]

@@ -277,7 +277,8 @@ class SplitLab(W.VBox):
                                  indent=False, tooltip=st.help, style=_STYLE, layout=W.Layout(width="auto"))
             elif st.attr == "n_cpu_moe" and prof.is_moe:
                 # the experts-on-CPU slider: the experts of layers 0..N-1 go to the host
-                ctl = W.IntSlider(value=int(value), min=0, max=prof.n_layer, description="-ncmoe (expert layers on CPU)",
+                ctl = W.IntSlider(value=int(value), min=0, max=prof.n_layer,
+                                  description="-ncmoe (expert layers on CPU)",
                                   tooltip=st.help, continuous_update=True, style=_STYLE,
                                   layout=W.Layout(width="460px"))
             elif st.kind == "int":

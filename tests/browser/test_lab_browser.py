@@ -5,6 +5,7 @@ Screenshots go to test-artifacts/ (lab_browser_before.png, lab_browser_after.png
 from __future__ import annotations
 
 import pytest
+
 from browser.kit import ARTIFACTS, MEMORY_PLOT, REPO, bar_paths, drag_first_split_slider, start_lab, wait_changed
 
 pytestmark = pytest.mark.slow

@@ -17,6 +17,7 @@ import os
 
 import nbformat
 import pytest
+
 from browser.kit import (
     ARTIFACTS,
     MEMORY_PLOT,

@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from ui.conftest import FakeWorker
 
 from gpulab.core.errors import LoadError
 from gpulab.ui.lab import GROUPS, SplitLab
+from ui.conftest import FakeWorker
 
 MiB = 1 << 20
 

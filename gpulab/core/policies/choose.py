@@ -64,7 +64,8 @@ def choose(name: str, profile: ModelProfile, devices: list[Device], current: Spl
     if not devices and name != "ollama":
         return PolicyChoice(name, None, f"{label}: no offload device to place layers on")
     if name == "moe-balance" and not profile.is_moe:
-        return PolicyChoice(name, None, f"{label}: {profile.name or profile.arch} is not a MoE model (no experts to place)")
+        return PolicyChoice(name, None,
+                            f"{label}: {profile.name or profile.arch} is not a MoE model (no experts to place)")
     base = policy_base(name, current)
     try:
         if name == "fit":
