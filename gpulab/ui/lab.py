@@ -150,6 +150,7 @@ class SplitLab(W.VBox):
         self._fit_given: SplitConfig | None = None
         self._suspend = 0
         self._handle: asyncio.TimerHandle | None = None
+        self._fit_handle: asyncio.TimerHandle | None = None
         self._last_draw = 0.0
         self._busy = False
         self._thread: threading.Thread | None = None
@@ -615,7 +616,7 @@ class SplitLab(W.VBox):
         self._draw(p)
         self.last_update_s = time.perf_counter() - t0
         if self.live_fit:
-            self._draw_fit(cfg)
+            self._schedule_fit(cfg)
         self._mark_stale(cfg)
         return p
 
@@ -644,6 +645,29 @@ class SplitLab(W.VBox):
             self.strip.ngl = n_max if p.config.n_gpu_layers < 0 else min(p.config.n_gpu_layers, n_max)
             self.strip.draggable = p.config.split_mode == "layer" and len(segs) > 1
             self.strip.applied = self._request_seq
+
+    def _schedule_fit(self, cfg: SplitConfig) -> None:
+        """The live fit after the figures: at once in plain Python; in a notebook once the controls
+        rest for `debounce` seconds (fit takes up to hundreds of ms on a large MoE: a -c drag must
+        not wait for it at every step)."""
+        if self._fit_handle is not None:
+            self._fit_handle.cancel()
+            self._fit_handle = None
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is None or not self.debounce:
+            self._draw_fit(cfg)
+            return
+        self._fit_handle = loop.call_later(self.debounce, self._fit_now)
+
+    def _fit_now(self) -> None:
+        self._fit_handle = None
+        try:
+            self._draw_fit(self.current_config())
+        except GpulabError:
+            pass        # the status line already says what is wrong with the settings
 
     def _draw_fit(self, cfg: SplitConfig) -> None:
         """The thin strip: what llama-server's -fit loads for the current -c/-fitt (its own -ngl/-ts)."""
@@ -919,9 +943,10 @@ class SplitLab(W.VBox):
     # -- closing ---------------------------------------------------------------------------
     def close(self) -> None:
         """Close the widget and stop what the lab started (its worker, its virtual devices)."""
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+        for h in (self._handle, self._fit_handle):
+            if h is not None:
+                h.cancel()
+        self._handle = self._fit_handle = None
         self.wait(30)
         if self.monitor is not None and hasattr(self.monitor, "close"):
             self.monitor.close()

@@ -377,3 +377,20 @@ def test_an_attached_monitor_is_shown_and_closed_with_the_lab(tiny_gguf, fake_wo
     assert [p[0] for p in m.phases] == ["load", "warmup", "pp", "tg"] and all(p[2] is not None for p in m.phases)
     lab.close()
     assert not m.running
+
+
+def test_in_a_notebook_the_live_fit_waits_for_the_controls_to_rest(prof):
+    lab = make_lab(prof, "2500MiB,2000MiB@1900MiB", debounce=0.05, live_fit=True)
+    fits = []
+    orig = lab._draw_fit
+    lab._draw_fit = lambda cfg: (fits.append(cfg.n_ctx), orig(cfg))
+
+    async def steps():
+        for c in (1024, 2048, 512, 1024):
+            lab.n_ctx.value = c
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.2)
+
+    asyncio.run(steps())
+    assert fits == [1024]                        # once, for the settings the controls rest on
+    assert lab.strip.fit_label.startswith("llama-server -fit at -c 1024:")
