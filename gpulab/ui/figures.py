@@ -197,7 +197,7 @@ def layer_map(plan: Plan, *, order: Sequence[str] | None = None, height: int = 3
 def _layer_title(plan: Plan) -> str:
     p = plan.profile
     cut = " (-sm tensor: every offloaded layer cut across the devices)" if plan.tensor_parallel is not None else ""
-    return f"{p.name or p.arch}: {p.n_layer} layers + output{cut}"
+    return f"{p.title}: {p.n_layer} layers + output{cut}"
 
 
 # -- memory bars -------------------------------------------------------------------------------

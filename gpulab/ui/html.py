@@ -50,7 +50,7 @@ def pre_html(text: str, title: str | None = None) -> str:
 def plan_html(p: Plan) -> str:
     c = p.config
     ts = ",".join(f"{x:g}" for x in c.tensor_split) if c.tensor_split else "default (free memory)"
-    head = (f"{p.profile.name or p.profile.arch}: {p.profile.n_layer} layers + output, "
+    head = (f"{p.profile.title}: {p.profile.n_layer} layers + output, "
             f"{format_bytes(p.profile.file_bytes)} | -ngl {c.n_gpu_layers} -sm {c.split_mode} -mg {c.main_gpu} "
             f"-ts {ts} -c {c.n_ctx} -ctk {c.type_k} -ctv {c.type_v} ({p.kv_cells} KV cells)")
     verdict = ("<div style='color:#2a7d2a;font-weight:bold'>fits</div>" if p.fits else
@@ -102,7 +102,7 @@ def profile_rows(prof: ModelProfile) -> list[dict]:
 
 
 def profile_html(prof: ModelProfile, max_rows: int = 200) -> str:
-    head = (f"{prof.name or '(unnamed)'} — arch {prof.arch}, {prof.file_type or '?'}, {format_bytes(prof.file_bytes)}; "
+    head = (f"{prof.title} — arch {prof.arch}, {prof.file_type or '?'}, {format_bytes(prof.file_bytes)}; "
             f"n_layer {prof.n_layer}, n_embd {prof.n_embd}, n_ff {prof.n_ff}, vocab {prof.n_vocab}, "
             f"ctx_train {prof.n_ctx_train}; input (CPU) {format_bytes(prof.input_weights_bytes)}, output layer "
             f"{format_bytes(prof.output_weights_bytes)}" + (" (tied)" if prof.tied_output else ""))

@@ -9,7 +9,7 @@ from ..core.measure.speed import SpeedPrediction
 from ..core.units import format_bytes
 
 __all__ = ["render_table", "plan_rows", "plan_text", "rules_text", "tensor_list", "speed_text", "profile_text",
-           "devices_text", "layer_ranges", "calibration_text", "speed_cache_text", "fleet_text"]
+           "devices_text", "layer_ranges", "layers_text", "calibration_text", "speed_cache_text", "fleet_text"]
 
 
 def render_table(rows: list[dict], right: tuple[str, ...] = ()) -> str:
@@ -23,6 +23,14 @@ def render_table(rows: list[dict], right: tuple[str, ...] = ()) -> str:
         return "  ".join(v.rjust(w) if c in right else v.ljust(w)
                          for v, w, c in zip(values, widths, cols)).rstrip()
     return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def layers_text(n_blocks: int, has_output: bool) -> str:
+    """'22 layers + output', '1 layer', 'the output layer': what a device holds, the repeating layers
+    (blocks) counted apart from the output layer, as the layer tables number them."""
+    if n_blocks == 0:
+        return "the output layer" if has_output else "no layers"
+    return f"{n_blocks} layer{'s' if n_blocks != 1 else ''}" + (" + output" if has_output else "")
 
 
 def layer_ranges(layer_devices: tuple[str, ...] | list[str], n_layer: int) -> dict[str, str]:
@@ -111,7 +119,7 @@ def plan_text(p: Plan, speed: SpeedPrediction | None = None, *, n_prompt: int = 
     speed_error: why there is no prediction, said in its place."""
     c = p.config
     ts = ",".join(f"{x:g}" for x in c.tensor_split) if c.tensor_split else "default (free memory)"
-    head = (f"{p.profile.name or p.profile.arch}: {p.profile.n_layer} layers + output, "
+    head = (f"{p.profile.title}: {p.profile.n_layer} layers + output, "
             f"{format_bytes(p.profile.file_bytes)} | -ngl {c.n_gpu_layers} -sm {c.split_mode} "
             f"-mg {c.main_gpu} -ts {ts} -c {c.n_ctx} -ctk {c.type_k} -ctv {c.type_v} "
             f"({p.kv_cells} KV cells)")
@@ -131,7 +139,7 @@ def plan_text(p: Plan, speed: SpeedPrediction | None = None, *, n_prompt: int = 
 
 def profile_text(prof: ModelProfile) -> str:
     head = [
-        f"{prof.name or '(unnamed)'} — arch {prof.arch}, {prof.file_type or '?'}, {format_bytes(prof.file_bytes)}",
+        f"{prof.title} — arch {prof.arch}, {prof.file_type or '?'}, {format_bytes(prof.file_bytes)}",
         f"n_layer {prof.n_layer}, n_embd {prof.n_embd}, n_ff {prof.n_ff}, vocab {prof.n_vocab}, "
         f"ctx_train {prof.n_ctx_train}" + (f", experts {prof.n_expert_used}/{prof.n_expert}" if prof.n_expert else "")
         + (f", sliding window {prof.n_swa}" if prof.n_swa else ""),
