@@ -23,8 +23,8 @@ import plotly.graph_objects as go
 
 from ..core.units import MiB, format_bytes
 from . import figures as F
-from .figures import device_colors
 from .html import table_html
+from .palette import device_colors
 
 __all__ = ["Monitor"]
 
