@@ -162,4 +162,5 @@ def _is_slug_title(name: str) -> bool:
     was. A name with its authors' casing ('SmolLM2', 'Qwen3-30B-A3B', 'LLaMA') is not one; a plain
     one ('Llama 3.1 8B') may be taken for one, and then shows as its file name, also the authors'."""
     words = name.split()
-    return bool(words) and "-" not in name and all(re.match(r"^(v\d+(?:\.\d+)*|\d.*)$", w) or w == w.lower().title() for w in words)
+    kept = re.compile(r"^(v\d+(?:\.\d+)*|\d.*)$")     # id_to_title leaves versions and numbers as they are
+    return bool(words) and "-" not in name and all(kept.match(w) or w == w.lower().title() for w in words)
