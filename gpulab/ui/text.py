@@ -218,10 +218,19 @@ def _setting_text(attr: str, value) -> str:
     return f"{len(value)} rule(s)" if value else "none"
 
 
+FIT_HEAD = "llama-server / llama-cli (-fit on, their default) would load:"
+PLAIN_HEAD = "plain layer split, no fit (llama-bench, llama-cpp-python, llama-server -fit off):"
+
+
 def fit_text(r, fitted_plan: Plan, devices, largest_ctx: int | None = None) -> str:
     """What llama-server/llama-cli load after common_fit_params (gpulab.core.policies.server_fit): the flags
     llama-fit-params would print, what changed, fit's log, and the fitted plan."""
-    lines = ["llama-server / llama-cli (-fit on, their default) would load:"]
+    return "\n".join([FIT_HEAD, *fit_lines(r, devices, largest_ctx), plan_text(fitted_plan)])
+
+
+def fit_lines(r, devices, largest_ctx: int | None = None) -> list[str]:
+    """fit_text less its heading and the fitted plan: the flags, what changed, fit's log, warnings."""
+    lines = []
     if r.ok:
         lines.append(f"  {r.flags(devices)}" + ("   (nothing needed changing)" if r.status == "unchanged" else ""))
     elif r.status == "off":
@@ -235,7 +244,7 @@ def fit_text(r, fitted_plan: Plan, devices, largest_ctx: int | None = None) -> s
     lines.append("  fit's log:")
     lines += [f"    {x}" for x in r.reasons]
     for name, over in r.over_target:
-        lines.append(f"  warning: with these settings {name} is projected {over / 1024**2:.0f} MiB over its -fitt "
+        lines.append(f"  warning: with these settings {name} is projected {format_bytes(over)} over its -fitt "
                      "target: fit checked it when it filled it, and filling the devices ahead of it changed what it "
                      "uses (offloading every layer turns on pipeline parallelism: 4 copies of the compute inputs)")
     near = r.near_boundary
@@ -246,8 +255,7 @@ def fit_text(r, fitted_plan: Plan, devices, largest_ctx: int | None = None) -> s
     if largest_ctx is not None:
         lines.append(f"  the largest context that leaves -fitt free with fit's -ngl/-ts/-ot: {largest_ctx} "
                      f"(fit chose {r.config.n_ctx}: it interpolates, in steps of {256 * r.config.n_streams})")
-    lines.append(plan_text(fitted_plan))
-    return "\n".join(lines)
+    return lines
 
 
 def ctx_table_text(rows, config) -> str:
