@@ -109,7 +109,7 @@ def profile_html(prof: ModelProfile, max_rows: int = 200) -> str:
     rows = [{"layer": l.index, "tensors": len(l.tensors), "weights": format_bytes(l.weights_bytes),
              "heads": l.n_head, "kv_heads": l.n_head_kv, "head_k/v": f"{l.n_embd_head_k}/{l.n_embd_head_v}",
              "swa": "yes" if l.is_swa else "", "kv": "" if l.has_kv else "none"} for l in prof.layers[:max_rows]]
-    more = f"<div>… {len(prof.layers) - max_rows} more layers</div>" if len(prof.layers) > max_rows else ""
+    more = (f"<div>the first {max_rows} of {prof.n_layer} layers</div>" if len(prof.layers) > max_rows else "")
     return table_html(rows, right=("weights",), caption=head) + more
 
 

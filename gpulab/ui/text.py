@@ -137,7 +137,9 @@ def plan_text(p: Plan, speed: SpeedPrediction | None = None, *, n_prompt: int = 
     return "\n".join(parts + [verdict])
 
 
-def profile_text(prof: ModelProfile) -> str:
+def profile_text(prof: ModelProfile, max_rows: int | None = None) -> str:
+    """The model's header, then one row per layer: all of them, or the first `max_rows` and a
+    line that says how many of how many are shown."""
     head = [
         f"{prof.title} — arch {prof.arch}, {prof.file_type or '?'}, {format_bytes(prof.file_bytes)}",
         f"n_layer {prof.n_layer}, n_embd {prof.n_embd}, n_ff {prof.n_ff}, vocab {prof.n_vocab}, "
@@ -151,8 +153,10 @@ def profile_text(prof: ModelProfile) -> str:
         "experts": format_bytes(l.expert_bytes) if l.expert_bytes else "", "heads": l.n_head,
         "kv_heads": l.n_head_kv, "head_k/v": f"{l.n_embd_head_k}/{l.n_embd_head_v}",
         "swa": "yes" if l.is_swa else "", "kv": "" if l.has_kv else "none",
-    } for l in prof.layers]
-    return "\n".join(head) + "\n" + render_table(rows, right=("weights", "experts"))
+    } for l in prof.layers[:max_rows]]
+    more = (f"\n(the first {max_rows} of {prof.n_layer} layers; the output layer is layer {prof.n_layer})"
+            if max_rows is not None and max_rows < prof.n_layer else "")
+    return "\n".join(head) + "\n" + render_table(rows, right=("weights", "experts")) + more
 
 
 def devices_text(devices: list[Device], host: Device | None = None) -> str:
