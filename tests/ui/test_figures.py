@@ -267,3 +267,11 @@ def test_fleet_terms_of_one_model_are_told_apart(profile_factory):
     w, kv, c = (t for t in F.fleet_bars(fp).data if t.type == "bar")
     assert len({w.marker.color, kv.marker.color, c.marker.color}) == 3
     assert (kv.marker.pattern.shape, c.marker.pattern.shape) == ("/", ".")
+
+
+def test_layer_counts_say_blocks_and_the_output_apart():
+    from gpulab.ui.text import layers_text
+    assert layers_text(30, True) == "30 layers + output"
+    assert layers_text(22, False) == "22 layers"
+    assert layers_text(1, False) == "1 layer"
+    assert layers_text(0, True) == "the output layer"
