@@ -37,7 +37,7 @@ from .palette import device_colors as _device_colors
 
 __all__ = ["device_colors", "layer_bytes", "layer_expert_bytes", "layer_map", "memory_bars", "throughput_chart", "show",
            "mimebundle", "run_label", "memory_compare", "runs_compare", "apply", "memory_unit", "memory_scale",
-           "sync_widget_state", "memory_terms", "HOST_COLOR", "OVERFULL_COLOR", "fleet_bars", "SMALL_SHARE"]
+           "sync_widget_state", "memory_terms", "styled", "HOST_COLOR", "OVERFULL_COLOR", "fleet_bars", "SMALL_SHARE"]
 
 # the model is "small" on its devices when each uses less than this share of its free memory:
 # then the memory axis fits the model and the free memory is written, not drawn to scale
@@ -522,10 +522,22 @@ def mimebundle(fig: go.Figure) -> dict:
             "text/plain": f"<figure: {title}>"}
 
 
+def styled(fig: go.Figure) -> go.Figure:
+    """A figure built by hand (in a notebook) in the house style: a white template and, unless it
+    places its legend itself, the legend below the plot, clear of the toolbar. A copy."""
+    fig = go.Figure(fig)
+    if fig.layout.legend.orientation is None and fig.layout.legend.y is None:
+        margin = fig.layout.margin.b
+        fig.update_layout(legend=legend_below(), margin_b=max(margin or 0, BOTTOM_MARGIN))
+    if fig.layout.template.layout.paper_bgcolor is None:       # no template chosen
+        fig.update_layout(template="plotly_white")
+    return fig
+
+
 def show(fig: go.Figure) -> None:
-    """Display a figure in the notebook through its mime bundle (see `mimebundle`)."""
+    """Display a figure in the notebook through its mime bundle (see `mimebundle`), `styled`."""
     from IPython.display import display
-    display(mimebundle(fig), raw=True)
+    display(mimebundle(styled(fig)), raw=True)
 
 
 def _copy(v):

@@ -275,3 +275,12 @@ def test_layer_counts_say_blocks_and_the_output_apart():
     assert layers_text(22, False) == "22 layers"
     assert layers_text(1, False) == "1 layer"
     assert layers_text(0, True) == "the output layer"
+
+
+def test_a_hand_built_figure_is_shown_with_its_legend_below():
+    raw = go.Figure(go.Bar(x=[1], y=[2], name="a"))
+    shown = F.mimebundle(F.styled(raw))["application/vnd.plotly.v1+json"]["layout"]
+    assert shown["legend"]["yref"] == "container" and shown["legend"]["yanchor"] == "bottom"
+    assert raw.layout.legend.yref is None                            # the caller's figure is untouched
+    placed = go.Figure(layout=dict(legend=dict(orientation="v", x=1.1)))
+    assert F.styled(placed).layout.legend.x == 1.1                    # a legend placed on purpose stays
