@@ -139,6 +139,7 @@ def _tensor_split_traces(plan: Plan, names: list[str], weights, kv, unit: tuple[
     """-sm tensor: each layer on the meta device is on every member, in proportion: one trace per
     member with its slice of every such layer (stacked), the host's whole layers as usual."""
     ts = plan.tensor_parallel
+    assert ts is not None
     n = plan.profile.n_layer
     devs = np.asarray(plan.layer_devices)
     meta_idx = np.flatnonzero(devs == ts.meta_name)

@@ -68,12 +68,15 @@ def term_marker(colors: str | Sequence[str], term: str) -> dict:
     """A bar trace's marker for memory term `term` in the given device colour(s): the shade and
     pattern of TERMS, the pattern drawn in the full device colour so that it reads on the shade."""
     keep, shape = TERMS[term]
-    many = not isinstance(colors, str)
-    fill = [tint(c, keep) for c in colors] if many else tint(colors, keep)
+    fill: str | list[str]
+    line: str | list[str]
+    if isinstance(colors, str):
+        fill, line = tint(colors, keep), colors
+    else:
+        fill, line = [tint(c, keep) for c in colors], list(colors)
     marker: dict = {"color": fill}
     if shape:
-        marker["pattern"] = {"shape": shape, "fgcolor": list(colors) if many else colors, "solidity": 0.3,
-                             "fillmode": "overlay"}
+        marker["pattern"] = {"shape": shape, "fgcolor": line, "solidity": 0.3, "fillmode": "overlay"}
     return marker
 
 

@@ -77,7 +77,7 @@ def _short(result) -> list:
 
 def _swappable(result, pr) -> list:
     resident = [m for m in result.fleet.models if m.keep_loaded]
-    out = []
+    out: list[Advice] = []
     if len(resident) < 2:
         return out
     for m in resident:
@@ -155,7 +155,7 @@ def _shrink_fleet(result, pr) -> list:
 
 
 def _move(result, pr) -> list:
-    out = []
+    out: list[Advice] = []
     short = {d.name for d in result.devices if not d.fits}
     free_names = [d.name for d in pr.devices if d.name not in short]
     if not free_names:
