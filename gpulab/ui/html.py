@@ -38,7 +38,9 @@ def table_html(rows: Sequence[dict], *, right: Sequence[str] = (), caption: str 
         cells = "".join(f"<td{' class=r' if c in right else ''}>{html.escape(str(r.get(c, '')))}</td>" for c in cols)
         body.append(f"<tr{cls}>{cells}</tr>")
     cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
-    return f"{_STYLE}<table class='gpulab-t'>{cap}<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    # a table wider than its cell scrolls sideways instead of being cut off on the right
+    return (f"{_STYLE}<div class='gpulab-tw' style='overflow-x:auto;max-width:100%'><table class='gpulab-t'>{cap}"
+            f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>")
 
 
 def pre_html(text: str, title: str | None = None) -> str:
