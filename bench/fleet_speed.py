@@ -18,13 +18,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from builders import make_profile  # noqa: E402
-
-from gpulab import SplitConfig, parse_sim_spec, plan  # noqa: E402
-from gpulab.core.devices import Device  # noqa: E402
-from gpulab.core.fleet.model import Fleet, FleetModel  # noqa: E402
-from gpulab.core.fleet.planner import plan_fleet  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # this checkout's gpulab
+from gpulab import SplitConfig, parse_sim_spec, plan
+from gpulab.core.devices import Device
+from gpulab.core.fleet.model import Fleet, FleetModel
+from gpulab.core.fleet.planner import plan_fleet
+from gpulab.testing import make_profile
 
 MiB = 1024**2
 GiB = 1024**3
@@ -55,7 +54,7 @@ def eight_on_eight() -> None:
     print("|---|---|---|---|")
     for objective in ("fewest", "balanced"):
         fp = plan_fleet(fleet, profs, devices, objective=objective)
-        t = best_s(lambda: plan_fleet(fleet, profs, devices, objective=objective), 3)
+        t = best_s(lambda o=objective: plan_fleet(fleet, profs, devices, objective=o), 3)
         used = sum(len(p.devices) for p in fp.placements)
         print(f"| 8 models x 8 devices, {objective} ({fp.search}; fits: {fp.fits}, {used} device slots) "
               f"| {t * 1e3:.0f} ms | {fp.evaluated} | {t / t_one:.0f}x |")

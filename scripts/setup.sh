@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv/ and install gpulab (editable) with everything it needs, on a fresh machine.
-#   scripts/setup.sh            the library, CLI, Jupyter front end and test tools
+#   scripts/setup.sh            the library, CLI, Jupyter front end, test tools, ruff and mypy
 #
 # llama-cpp-python (the version pinned in pyproject.toml) comes from scripts/llama-wheel.sh: built
 # once with the RPC backend (about 5 min on 2 cores) for what this CPU and kernel can run, and
@@ -47,9 +47,10 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$build" ] || ! "$VENV/bin/python" -c \
   echo "$build" > "$STAMP"
 fi
 
-say "installing gpulab (editable) with its Jupyter and test extras"
-# its build backend's notices go to a log, shown only if the install fails
-if ! "${PIP[@]}" install -e ".[jupyter,test]" >"$VENV/gpulab-install.log" 2>&1; then
+say "installing gpulab (editable) with its run, Jupyter and test extras"
+# `run` is llama-cpp-python, pinned: the RPC build installed above satisfies it; the build
+# backend's notices go to a log, shown only if the install fails
+if ! "${PIP[@]}" install -e ".[run,jupyter,test]" >"$VENV/gpulab-install.log" 2>&1; then
   cat "$VENV/gpulab-install.log"
   exit 1
 fi

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from gpulab.cli import main
-from gpulab.core.units import GiB, MiB
+from gpulab.core.units import GiB
 from gpulab.sources.synth import SynthSpec, write_model
 
 

@@ -22,7 +22,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "gpulab"
 LAYERS = {"core": 0, "sources": 1, "storage": 2, "runtime": 3, "ui": 4, "commands": 4,
-          "cli": 5, "magics": 5, "__init__": 5, "__main__": 5}
+          "cli": 5, "magics": 5, "__init__": 5, "__main__": 5, "testing": 5}
 # inside core: the types (core's own modules) first, then each package on those before it
 CORE_PACKAGES = {"placement": 1, "policies": 2, "measure": 3, "fleet": 4, "exports": 5}
 # third-party imports allowed per layer (core: standard library and numpy only)
@@ -142,7 +142,8 @@ def test_no_import_cycles():
 def test_every_folder_is_a_layer():
     folders = {p.name for p in PKG.iterdir() if p.is_dir() and p.name != "__pycache__"}
     modules = {p.stem for p in PKG.glob("*.py")}
-    assert folders | modules <= set(LAYERS), "a new folder or top-level module needs a row in LAYERS and in ARCHITECTURE.md"
+    assert folders | modules <= set(LAYERS), \
+        "a new folder or top-level module needs a row in LAYERS and in ARCHITECTURE.md"
     core = {p.name for p in (PKG / "core").iterdir() if p.is_dir() and p.name != "__pycache__"}
     assert core == set(CORE_PACKAGES), "a new package in core needs a rank in CORE_PACKAGES and in ARCHITECTURE.md"
 
@@ -167,8 +168,22 @@ def test_the_contract_catches_an_upward_import_and_a_cycle(tmp_path):
         ["gpulab.runtime.b_mod", "gpulab.runtime.a_mod", "gpulab.runtime.b_mod"] in cycles(copy)
 
 
-@pytest.mark.parametrize("heavy", ["llama_cpp", "ipywidgets", "plotly", "pynvml", "IPython", "pandas"])
+@pytest.mark.parametrize("heavy", ["llama_cpp", "ipywidgets", "plotly", "pynvml", "IPython", "pandas",
+                                   "numpy", "gguf", "gpulab.core.fleet.planner"])
 def test_import_gpulab_is_light(heavy):
+    """`import gpulab` and its planner load none of these (the fleet planner loads on first use)."""
     code = f"import sys, gpulab; gpulab.plan; sys.exit(1 if {heavy!r} in sys.modules else 0)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, f"`import gpulab` loads {heavy}: {r.stderr}"
+
+
+def test_lazy_names_of_gpulab():
+    """Every name in gpulab.__all__ resolves (the lazy ones on first use) to the object it names."""
+    code = ("import gpulab\nfrom gpulab.core.fleet.planner import plan_fleet\n"
+            "from gpulab.core.placement.planner import plan\n"
+            "assert gpulab.plan_fleet is plan_fleet and gpulab.plan is plan\n"
+            "missing = [n for n in gpulab.__all__ if not hasattr(gpulab, n)]\n"
+            "assert not missing, missing\nassert set(gpulab.__all__) <= set(dir(gpulab))\n"
+            "try:\n    gpulab.no_such_name\nexcept AttributeError:\n    pass\nelse:\n    raise SystemExit(1)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr

@@ -9,13 +9,13 @@ import pytest
 pytest.importorskip("IPython")
 pytest.importorskip("ipywidgets")
 
-from IPython.core.error import UsageError  # noqa: E402
-from IPython.testing.globalipapp import start_ipython  # noqa: E402
-from IPython.utils.capture import capture_output  # noqa: E402
+from IPython.core.error import UsageError
+from IPython.testing.globalipapp import start_ipython
+from IPython.utils.capture import capture_output
 
-import gpulab  # noqa: E402
-from gpulab import cli  # noqa: E402
-from gpulab.magics import build_parser  # noqa: E402
+import gpulab
+from gpulab import cli
+from gpulab.magics import build_parser
 
 PLOTLY = "application/vnd.plotly.v1+json"
 
@@ -122,7 +122,8 @@ def test_plan_matches_the_planner_and_shows_figures(ip, model):
         r = magic(ip, f"plan {model} --sim 2x1GiB -ts 1,3 -c 2048 -ctk q8_0 -ngl 5")
     from gpulab.sources.detect import host_device
     want = gpulab.plan(gpulab.read_profile(model), gpulab.parse_sim_spec("2x1GiB"),
-                       gpulab.SplitConfig(tensor_split=(1, 3), n_ctx=2048, type_k="q8_0", n_gpu_layers=5), host_device())
+                       gpulab.SplitConfig(tensor_split=(1, 3), n_ctx=2048, type_k="q8_0", n_gpu_layers=5),
+                       host_device())
     assert r.plan.layer_devices == want.layer_devices
     assert [d.kv_bytes for d in r.plan.devices] == [d.kv_bytes for d in want.devices]
     figs = [o for o in cap.outputs if PLOTLY in o.data]
@@ -218,3 +219,13 @@ def test_unload_removes_the_magic(ip):
     assert ip.find_line_magic("gpulab") is None
     ip.run_line_magic("load_ext", "gpulab")
     assert ip.find_line_magic("gpulab") is not None
+
+
+def test_a_pasted_llama_server_command_in_a_notebook(ip, model):
+    """%gpulab plan -- llama-server ...: the same parser and process plan as the command line."""
+    with capture_output():
+        r = magic(ip, f"plan --sim 2x1GiB -- llama-server -m {model} -md {model} -devd SIM1 -ngl 99 -ts 1,1 "
+                      "-c 2048 -np 1 --port 8080")
+    assert r.command.program == "llama-server" and r.command.ignored == ("--port 8080",)
+    assert r.process.row("SIM1").draft_bytes > 0 and r.process.row("SIM0").draft_bytes == 0
+    assert list(r.to_dataframe()["device"]) == ["SIM0", "SIM1", "CPU"]

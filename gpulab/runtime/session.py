@@ -20,13 +20,16 @@ Each device carries the runtime overhead learned for it (gpulab.storage.overhead
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import TYPE_CHECKING
 
 from ..core.devices import Device, parse_endpoints
 from ..core.errors import DeviceSpecError
 from ..sources.detect import detect_devices
-from ..storage.overheads import learned_overhead
+
+if TYPE_CHECKING:
+    from .worker import Worker
 
 __all__ = ["Session", "DeviceChoice"]
 
@@ -53,7 +56,7 @@ class Session:
         self._probe = probe          # a DeviceProbe for tests; None: the real NVML
         self._env = env
         self._worker_factory = worker_factory   # endpoints -> a Runtime; None: gpulab's Worker
-        self._workers: dict[tuple[str, ...], object] = {}
+        self._workers: dict[tuple[str, ...], Worker] = {}
         self._clusters: list = []
 
     def worker(self, endpoints: Sequence[str] = ()):
@@ -93,6 +96,7 @@ class Session:
 
         def from_worker() -> list[Device]:
             nonlocal seen
+            assert worker is not None   # only asked for where there is one
             if seen is None:
                 seen = list(worker.devices())
             return seen
@@ -122,7 +126,7 @@ class Session:
         self._workers.clear()
         self._clusters.clear()
 
-    def __enter__(self) -> "Session":
+    def __enter__(self) -> Session:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -130,5 +134,13 @@ class Session:
 
 
 def _with_overhead(d: Device) -> Device:
+    """The learned overhead; for a CUDA GPU with none learned yet, gpulab's labelled default.
+    Detected devices only: --sim plans skip the learned overheads (imported here, off their path)."""
+    from ..storage.overheads import learned_overhead
     over = learned_overhead(d)
-    return replace(d, overhead_bytes=over) if over else d
+    if over:
+        return replace(d, overhead_bytes=over)
+    if d.kind == "gpu" and (d.source == "nvml" or d.name.startswith("CUDA")):
+        from ..core.placement.process import DEFAULT_CUDA_OVERHEAD_BYTES
+        return replace(d, overhead_bytes=DEFAULT_CUDA_OVERHEAD_BYTES, overhead_is_default=True)
+    return d

@@ -139,7 +139,7 @@ def _tensor_split_traces(plan: Plan, names: list[str], weights, kv, unit: tuple[
     """-sm tensor: each layer on the meta device is on every member, in proportion: one trace per
     member with its slice of every such layer (stacked), the host's whole layers as usual."""
     ts = plan.tensor_parallel
-    assert ts is not None
+    assert ts is not None   # drawn for -sm tensor plans only
     n = plan.profile.n_layer
     devs = np.asarray(plan.layer_devices)
     meta_idx = np.flatnonzero(devs == ts.meta_name)
@@ -264,7 +264,9 @@ def _memory_data(plan: Plan, names: list[str], unit: tuple[str, int],
     for label, attr in memory_terms():
         traces.append(dict(
             x=names, y=col(attr), name=label,
-            hovertext=[f"{n} {label}: {_q(getattr(d, attr), unit)}" if d else f"{n}: not used"
+            hovertext=[f"{n} {label}: {_q(getattr(d, attr), unit)}"
+                       + (" (gpulab's CUDA default, nothing learned yet)" if attr == "overhead_bytes"
+                          and d.overhead_is_default else "") if d else f"{n}: not used"
                        for n, d in zip(names, rows)],
             marker=dict(term_marker(colors, label), line=dict(color=line_colors, width=line_widths)),
             hovertemplate="%{hovertext}<extra></extra>"))
@@ -275,7 +277,8 @@ def _memory_data(plan: Plan, names: list[str], unit: tuple[str, int],
                        hovertext=[f"{n} free: {_q(d.free_bytes, unit)}" if d else "" for n, d in zip(names, rows)],
                        hovertemplate="%{hovertext}<extra></extra>"))
     traces.append(dict(x=names, y=total, name="total",
-                       hovertext=[f"{n} total: {_q(d.total_bytes, unit)}" if d else "" for n, d in zip(names, rows)],
+                       hovertext=[f"{n} total: {_q(d.total_bytes, unit)}" if d else ""
+                                  for n, d in zip(names, rows)],
                        hovertemplate="%{hovertext}<extra></extra>"))
     # the deficit in words, over each over-full bar (a text trace keeps the trace count fixed)
     used = [d.used_bytes / usize if d is not None else 0.0 for d in rows]
@@ -307,8 +310,7 @@ def _memory_title(plan: Plan, zoomed: bool = False) -> str:
     if plan.fits:
         return ("fits: memory per device (weights, KV, compute), the axis fitted to the model" if zoomed
                 else "fits: memory per device (weights, KV, compute) against free memory")
-    return "<span style='color:%s'><b>DOES NOT FIT</b></span>: %s" % (
-        OVERFULL_COLOR, "; ".join(plan.deficits()))
+    return f"<span style='color:{OVERFULL_COLOR}'><b>DOES NOT FIT</b></span>: {'; '.join(plan.deficits())}"
 
 
 def memory_bars(plan: Plan, *, order: Sequence[str] | None = None, unit: tuple[str, int] | None = None,

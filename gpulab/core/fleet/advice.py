@@ -22,10 +22,10 @@ from dataclasses import dataclass, replace
 from ..config import SplitConfig
 from ..devices import Device
 from ..errors import ConfigError
-from .placement import fits_budget, place_model, subsets
 from ..placement.planner import plan
 from ..profile import ModelProfile
 from ..units import format_bytes
+from .placement import fits_budget, place_model, subsets
 
 __all__ = ["Advice", "advise"]
 

@@ -47,11 +47,12 @@ from dataclasses import dataclass, field, replace
 
 from ..devices import Device
 from ..errors import ConfigError
-from .model import Fleet, FleetModel
-from .advice import Advice, advise as advice_for
-from .placement import fits_budget, place_model, subsets
 from ..placement.plan import Plan
 from ..profile import ModelProfile
+from .advice import Advice
+from .advice import advise as advice_for
+from .model import Fleet, FleetModel
+from .placement import fits_budget, place_model, subsets
 
 __all__ = ["OBJECTIVES", "ModelPlacement", "FleetDevice", "Advice", "FleetPlan", "plan_fleet"]
 
@@ -251,7 +252,8 @@ def _best_single(pr: _Problem, m: FleetModel, left: dict[str, int], placed: dict
 
 
 def _greedy_pass(pr: _Problem, best_fit: bool) -> dict[str, Plan] | None:
-    left, placed = dict(pr.budgets), {}
+    left = dict(pr.budgets)
+    placed: dict[str, Plan] = {}
     for m in pr.order:
         p = _best_single(pr, m, left, placed, best_fit=best_fit)
         if p is None:
@@ -279,9 +281,9 @@ def _greedy(pr: _Problem) -> dict[str, Plan] | None:
 
 def _least_short(pr: _Problem, models: Sequence[FleetModel], left: dict[str, int]) -> dict[str, Plan]:
     """When nothing fits: each model, largest first, where it leaves the least memory missing."""
-    placed = {}
+    placed: dict[str, Plan] = {}
     for m in models:
-        best = None
+        best: tuple[tuple[int, int, int], Plan] | None = None
         for subset in pr.candidates[m.name]:
             p = pr.place(m, subset, left)
             after = _take(left, p)
@@ -289,6 +291,7 @@ def _least_short(pr: _Problem, models: Sequence[FleetModel], left: dict[str, int
             key = (missing, len(subset), -min(after.values(), default=0))
             if best is None or key < best[0]:
                 best = (key, p)
+        assert best is not None   # every model has at least one candidate subset
         placed[m.name] = best[1]
         left = _take(left, best[1])
     return placed

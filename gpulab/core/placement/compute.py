@@ -103,18 +103,19 @@ def _geom(profile: ModelProfile) -> _Geom:
         if n_ff_exp:
             break
     moe = profile.n_expert > 0
-    swa = tuple(bool(l.is_swa) for l in layers)
+    swa = tuple(bool(layer.is_swa) for layer in layers)
     g = _Geom(
         n_embd=profile.n_embd, n_vocab=profile.n_vocab, n_ff=profile.n_ff,
-        q=max((l.n_head * l.n_embd_head_k for l in layers), default=profile.n_embd),
-        kv=max((l.n_head_kv * l.n_embd_head_k for l in layers), default=profile.n_embd),
-        n_head=max((l.n_head for l in layers), default=1),
+        q=max((layer.n_head * layer.n_embd_head_k for layer in layers), default=profile.n_embd),
+        kv=max((layer.n_head_kv * layer.n_embd_head_k for layer in layers), default=profile.n_embd),
+        n_head=max((layer.n_head for layer in layers), default=1),
         v_gqa_max=profile.max_n_embd_v_gqa,
         moe=moe, n_expert_used=max(profile.n_expert_used, 1) if moe else 0,
         n_ff_exp=n_ff_exp or profile.n_ff,
         swa=swa, swa_prefix=(0, *accumulate(int(x) for x in swa)),
         has_swa=any(swa) and profile.n_swa > 0)
-    _GEOM[id(profile)] = (weakref.ref(profile, lambda _r, k=id(profile): _GEOM.pop(k, None)), g)
+    key = id(profile)
+    _GEOM[key] = (weakref.ref(profile, lambda _r: _GEOM.pop(key, None)), g)
     return g
 
 
@@ -122,8 +123,8 @@ def compute_tokens(config: SplitConfig) -> tuple[int, int, int]:
     """(n_tokens, n_seqs, n_ubatch) of the graph llama_context::sched_reserve reserves.
 
     llama_context ctor: n_batch capped at n_ctx (causal attention), n_ubatch at n_batch (see
-    SplitConfig.effective_n_ubatch), then n_ctx padded to 256; sched_reserve: n_tokens = min(n_ctx, n_ubatch), n_seqs = n_seq_max;
-    graph_reserve rounds n_tokens up to a multiple of n_seqs.
+    SplitConfig.effective_n_ubatch), then n_ctx padded to 256; sched_reserve: n_tokens = min(n_ctx, n_ubatch),
+    n_seqs = n_seq_max; graph_reserve rounds n_tokens up to a multiple of n_seqs.
     """
     n_ctx = _pad(config.n_ctx, 256)
     n_ubatch = config.effective_n_ubatch
@@ -167,8 +168,14 @@ def dry_run_extra_bytes(profile: ModelProfile, config: SplitConfig, layer_device
 def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_devices: list[str],
                            names: list[str], ffn_devices: list[str] | None = None,
                            stray: frozenset[str] = frozenset(),
-                           ffn_parts: dict[str, frozenset[str]] | None = None) -> dict[str, int]:
+                           ffn_parts: dict[str, frozenset[str]] | None = None,
+                           n_outputs: int | None = None) -> dict[str, int]:
     """Bytes of the compute buffer of every backend in `names` (0 where nothing runs).
+
+    `n_outputs`: llama_context_params.n_outputs_max where a program sets it (llama-server: its slots
+    x (1 + the draft length), tools/server/server-context.cpp server_output_limits); None: n_batch,
+    llama.cpp's default, so every token of the reserved ubatch is an output (graph_reserve gets
+    min(n_tokens, n_outputs_max) outputs, llama_context::sched_reserve).
 
     `layer_devices` is the device of each layer 0..n_layer (the last entry is the output
     layer, 'CPU' the host); `names` the offload devices in llama.cpp's order, then 'CPU'.
@@ -200,11 +207,12 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     q = _a(4 * g.q * T)                # Q (before and after RoPE), the attention output
     kvh = _a(4 * g.kv * T)             # K or V of the ubatch
     f = _a(4 * g.n_ff * T)             # ffn_gate, ffn_up, the GLU output
-    logits = _a(4 * g.n_vocab * T)     # result_output: sched_reserve makes every token an output
+    T_out = T if n_outputs is None else max(1, min(T, n_outputs))
+    logits = _a(4 * g.n_vocab * T_out)  # result_output: min(n_tokens, n_outputs_max) rows
     # graph inputs (llm_graph_input_*): built on the host, copied to each backend that uses them
     tok = _a(4 * T)                    # inp_tokens (i32)
     pos = _a(4 * T)                    # inp_pos (i32)
-    out_ids = _a(4 * T)                # inp_out_ids (i32): the model's last layer gathers these
+    out_ids = _a(4 * T_out)            # inp_out_ids (i32): the model's last layer gathers these
     k_idxs = _a(8 * T)                 # attn_inp_k_idxs (i64): KV rows to store K in
     # attn_inp_v_idxs (i64): with a transposed V cache (no flash attention) one per element
     v_idxs = _a(8 * T * (1 if fa else g.v_gqa_max))

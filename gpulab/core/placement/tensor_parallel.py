@@ -40,11 +40,10 @@ import math
 import re
 from dataclasses import dataclass
 
-import numpy as np
-
 from ..config import SplitConfig
 from ..devices import HOST_NAME, Device
 from ..errors import ConfigError
+from ..float32 import cumsum_f32, f32
 from ..ggml_types import block_size, row_bytes
 from ..profile import LayerProfile, ModelProfile, TensorInfo
 
@@ -141,7 +140,8 @@ def _context(profile: ModelProfile, n_devices: int, config: SplitConfig) -> _Ctx
     ts = tuple(config.tensor_split[:n_devices]) + (0.0,) * max(0, n_devices - len(config.tensor_split))
     by_name = {t.name: t for t in (*profile.input_tensors, *profile.output_tensors,
                                    *(t for layer in profile.layers for t in layer.tensors))}
-    il_eff, seen = [], {}
+    il_eff: list[int] = []
+    seen: dict[bool, int] = {}
     for layer in profile.layers:          # count only previous layers of the same kind (SWA or not)
         il_eff.append(seen.get(layer.is_swa, 0))
         seen[layer.is_swa] = seen.get(layer.is_swa, 0) + 1
@@ -261,13 +261,12 @@ def split_tensor(ctx: _Ctx, name: str, shape: tuple[int, ...]) -> tuple[int, tup
         return axis, ()
     ref_t = ctx.by_name[ref] if ref in ctx.by_name else None
     blck = block_size(ref_t.ggml_type) if ref_t is not None else 1
-    layer = ctx.profile.layers[il] if ctx.profile.layers else None
+    layer = ctx.profile.layers[il]
     ne_axis = shape[axis] if axis < len(shape) else 1
     segments = _segments(ctx, name, ne_axis, layer)
     gran = _granularity(ctx, name, blck, layer, len(segments))
     # tensor_split_scan: float, -ts rotated by `rotation`, summed in order
-    scan = np.cumsum(np.array([ctx.tensor_split[(j + rotation) % n] for j in range(n)], dtype=np.float32),
-                     dtype=np.float32)
+    scan = cumsum_f32(ctx.tensor_split[(j + rotation) % n] for j in range(n))
     per_dev = [0] * n
     for (ne_s, nr_s), g_s in zip(segments, gran):
         low = 0
@@ -275,7 +274,7 @@ def split_tensor(ctx: _Ctx, name: str, shape: tuple[int, ...]) -> tuple[int, tup
             if scan[-1] == 0:
                 high = ne_s * (j + 1) // n
             else:   # int64 * float / float: float32 arithmetic, truncated back to int64
-                high = int(np.float32(ne_s) * scan[j] / scan[-1])
+                high = int(f32(f32(f32(ne_s) * scan[j]) / scan[-1]))
             high -= high % g_s
             per_dev[(j + rotation) % n] += (high - low) * nr_s
             low = high

@@ -10,13 +10,13 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from builders import make_profile
 from gpulab import ConfigError, SplitConfig, parse_sim_spec, plan
 from gpulab.core.devices import Device
 from gpulab.core.placement.planner import assign_layers, kv_cells, split_points
-
-from builders import make_profile
 
 GiB = 1024**3
 MiB = 1024**2
@@ -167,7 +167,7 @@ def test_plan_json_has_the_documented_shape():
                                 "type_v", "n_batch", "n_ubatch", "flash_attn", "tensor_overrides"}
     assert [x["name"] for x in d["devices"]] == ["SIM0", "SIM1", "CPU"]
     assert set(d["devices"][0]) == {"name", "total_bytes", "free_bytes", "weights_bytes", "kv_bytes",
-                                    "compute_bytes", "used_bytes", "fits"}
+                                    "compute_bytes", "overhead_bytes", "overhead_is_default", "used_bytes", "fits"}
     assert len(d["layers"]) == 6 and d["layers"][-1] == {"index": 5, "device": "SIM1"}
 
 
