@@ -49,6 +49,7 @@ from ..core.settings import SETTINGS, value_from_text
 from ..core.units import format_bytes
 from . import figures as F
 from .html import exports_html, run_rows, table_html
+from .text import layers_text
 
 if TYPE_CHECKING:
     from ..runtime.session import Session
@@ -285,7 +286,7 @@ class SplitLab(W.VBox):
         self.throughput_fig = go.FigureWidget(F.throughput_chart([]))
         self.export_html = W.HTML()
 
-        title = (f"<b>{html.escape(prof.name or prof.arch)}</b> — {prof.n_layer} layers + output, "
+        title = (f"<b>{html.escape(prof.title)}</b> — {prof.n_layer} layers + output, "
                  f"{format_bytes(prof.file_bytes)}")
         if self.notes:
             title += "<br><span style='color:#666;font-size:12px'>" + html.escape("; ".join(self.notes)) + "</span>"
@@ -466,12 +467,10 @@ class SplitLab(W.VBox):
             dp = p.device(d.name)
             if ts is not None:
                 lab.value = (f"<b>{shares[d.name] * 100:.1f}%</b> of the split bytes, a slice of each of "
-                             f"{dp.n_layers} layers" + (" +out" if dp.has_output else ""))
+                             f"{layers_text(dp.n_layers, dp.has_output)}")
                 continue
-            layers = dp.n_layers + (1 if dp.has_output else 0)
             how = " by free memory" if default else ""
-            lab.value = (f"<b>{shares[d.name] * 100:.1f}%</b>{how} → {layers} layer{'s' if layers != 1 else ''}"
-                         + (" +out" if dp.has_output else ""))
+            lab.value = f"<b>{shares[d.name] * 100:.1f}%</b>{how} → {layers_text(dp.n_layers, dp.has_output)}"
 
     def _update_status(self, p: Plan) -> None:
         notes = []

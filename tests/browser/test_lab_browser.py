@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -53,8 +54,13 @@ def lab_server(tmp_path_factory):
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root)
         url = f"http://127.0.0.1:{port}"
         wait_http(f"{url}/api/status", proc, log)
+        # lab.sh prints the URL once Jupyter answers: a moment after the server does
+        want = f"open http://127.0.0.1:{port}/lab/tree/tour.ipynb"
+        deadline = time.monotonic() + 15
+        while want not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
         said = log.read_text()
-        assert f"open http://127.0.0.1:{port}/lab/tree/tour.ipynb" in said, said
+        assert want in said, said
         if os.geteuid() == 0:
             assert "running as root: passing --allow-root" in said, said
         yield url
