@@ -58,6 +58,7 @@ from ..core.units import format_bytes
 from . import figures as F
 from .html import exports_html, run_rows, table_html
 from .strip import LayerStrip
+from .text import layers_text
 
 if TYPE_CHECKING:
     from ..runtime.session import Session
@@ -104,14 +105,6 @@ def _ctx_options(n_ctx_train: int, current: int) -> list[int]:
 
 def _ts_text(values) -> str:
     return ",".join(f"{float(v):g}" for v in values)
-
-
-def _layers(n_blocks: int, has_output: bool) -> str:
-    """'22 layers + output': the blocks counted apart from the output layer (as ui.text.layers_text
-    on the lab-figures branch, which replaces this once both are in)."""
-    if n_blocks == 0:
-        return "the output layer" if has_output else "no layers"
-    return f"{n_blocks} layer{'s' if n_blocks != 1 else ''}" + (" + output" if has_output else "")
 
 
 def _group_of(attr: str) -> str:
@@ -334,7 +327,7 @@ class SplitLab(W.VBox):
         self.throughput_fig = go.FigureWidget(F.throughput_chart([]))
         self.export_html = W.HTML()
 
-        title = (f"<b>{html.escape(prof.name or prof.arch)}</b> — {prof.n_layer} layers + output, "
+        title = (f"<b>{html.escape(prof.title)}</b> — {prof.n_layer} layers + output, "
                  f"{format_bytes(prof.file_bytes)}")
         if self.notes:
             title += "<br>" + _GREY.format(html.escape("; ".join(self.notes)))
@@ -671,7 +664,7 @@ class SplitLab(W.VBox):
 
     def _draw_fit(self, cfg: SplitConfig) -> None:
         """The thin strip: what llama-server's -fit loads for the current -c/-fitt (its own -ngl/-ts)."""
-        from ..core.policies.server_fit import fit, fit_flags
+        from ..core.policies.server_fit import fit_flags, server_fit
         t0 = time.perf_counter()
         # fit chooses -ngl and -ts itself: a drag leaves its input as it was, and the last answer stands
         given = cfg.replace(n_gpu_layers=-1, tensor_split=(), fit="on")
@@ -679,7 +672,7 @@ class SplitLab(W.VBox):
             self.last_fit_s = time.perf_counter() - t0
             return
         try:
-            r = fit(self.profile, self.devices, given, self.host)
+            r = server_fit(self.profile, self.devices, given, self.host)
             self.live_fit_result = r
             if r.ok:
                 cells = list(self._plan(r.config).layer_devices)
@@ -736,10 +729,10 @@ class SplitLab(W.VBox):
             dp = p.device(d.name)
             if ts is not None:
                 lab.value = (f"<b>{shares[d.name] * 100:.1f}%</b> of the split bytes, a slice of each of "
-                             f"{_layers(dp.n_layers, dp.has_output)}")
+                             f"{layers_text(dp.n_layers, dp.has_output)}")
                 continue
             how = " by free memory" if default else ""
-            lab.value = f"<b>{shares[d.name] * 100:.1f}%</b>{how} → {_layers(dp.n_layers, dp.has_output)}"
+            lab.value = f"<b>{shares[d.name] * 100:.1f}%</b>{how} → {layers_text(dp.n_layers, dp.has_output)}"
 
     def _update_status(self, p: Plan) -> None:
         notes = []
@@ -884,7 +877,7 @@ class SplitLab(W.VBox):
             run = self.worker.measure(self.model_path, cfg, n_prompt=self.n_prompt.value, n_gen=self.n_gen.value,
                                       repetitions=self.repetitions.value, progress=self._progress)
             if run.plan is None:
-                run = replace(run, plan=p.to_dict())
+                run = replace(run, plan=p.memory())
         except GpulabError as e:
             self.progress.bar_style = "danger"
             self.progress_label.value = "failed"

@@ -15,10 +15,11 @@ from ..devices import HOST_NAME, Device
 from ..errors import ConfigError
 from ..float32 import cumsum_f32, f32
 from ..ggml_types import row_bytes
+from ..memory import DevicePlan
 from ..overrides import effective_rules
 from ..profile import ModelProfile
 from .compute import estimate_compute_bytes
-from .plan import DevicePlan, Plan
+from .plan import Plan
 from .tensors import compute_sites, place_tensors
 
 __all__ = ["plan", "select_devices", "kv_cells", "kv_cell_bytes", "split_points", "assign_layers", "split_for_counts"]

@@ -69,8 +69,8 @@ def choose(name: str, profile: ModelProfile, devices: list[Device], current: Spl
     base = policy_base(name, current)
     try:
         if name == "fit":
-            from .server_fit import fit
-            r = fit(profile, devices, base, host)
+            from .server_fit import server_fit
+            r = server_fit(profile, devices, base, host)
             if not r.ok:
                 return PolicyChoice(name, None, f"llama-server's fit gives up: {r.reasons[-1]}", r)
             near = (f" ({len(r.near_boundary)} decision(s) within gpulab's compute-buffer uncertainty: llama.cpp "
