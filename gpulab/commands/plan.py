@@ -141,8 +141,8 @@ def run(a, session) -> Result:
                           "`gpulab plan -- llama-server -m MODEL ...`")
     from ..core.measure.speed import predict_speed
     from ..storage.speed_cache import speed_model_for
-    from ..ui.html import plan_frame_rows, plan_html
-    from ..ui.text import plan_text, rules_text
+    from ..ui.html import plan_frame_rows, plan_html, pre_html
+    from ..ui.text import PLAIN_HEAD, plan_text, rules_text, speed_text
     path, prof, choice, config, p = planned(a, session, for_load=getattr(a, "fit_dry_run", False))
     flags = policy_flags(path, config, list(choice.devices)) if getattr(a, "policy", None) else ""
     speed, speed_error = None, ""
@@ -153,43 +153,67 @@ def run(a, session) -> Result:
     notes = [f"warning: {w}" for w in (*choice.warnings, *p.notes)]
     if choice.note and not choice.devices:
         notes.append(choice.note)
-    figures = []
-    if a.figures and not getattr(a, "no_figures", False):
-        from ..ui import figures as F
-        figures = [F.layer_map(p), F.memory_bars(p)]
+    want_figures = a.figures and not getattr(a, "no_figures", False)
+    # the notebook's HTML carries the CLI text's sections, in its order
     html = plan_html(p)
     if p.rule_matches:
-        html += f"<pre>{_escape(rules_text(p.rule_matches))}</pre>"
+        html += pre_html(rules_text(p.rule_matches))
+    if speed is not None:
+        html += pre_html(speed_text(speed))
+    elif speed_error:
+        html += pre_html(f"speed: not predicted ({speed_error})")
     if flags:
-        html += f"<pre>flags: {_escape(flags)}</pre>"
+        html += pre_html(f"flags: {flags}")
     text, data, objects = plan_text(p, speed, speed_error=speed_error, flags=flags), p.to_dict(), {}
+    figures = []
+    if want_figures:
+        from ..ui import figures as F
+        figures = [F.layer_map(p), F.memory_bars(p)]
     if flags:
         data["flags"] = flags
     from ..core.policies.server_fit import server_would_fit
     if not getattr(a, "policy", None) and server_would_fit(config, list(choice.devices)):
-        from ..core.placement.planner import plan as make_plan
-        from ..ui.text import fit_text
-        fitted = fit_as_server(a, prof, choice, config, path)
         from ..core.command_line import server_n_outputs
+        from ..core.placement.planner import plan as make_plan
+        from ..core.policies.context import largest_ctx
+        from ..ui.text import FIT_HEAD, fit_lines, fit_text
+        fitted = fit_as_server(a, prof, choice, config, path)
         # llama-server's context: n_outputs_max = its slots (server_output_limits)
         fitted_plan = make_plan(prof, list(choice.devices), fitted.config, choice.host,
                                 n_outputs=server_n_outputs(fitted.config))
-        from ..core.policies.context import largest_ctx
         most = (largest_ctx(prof, list(choice.devices), fitted.config, choice.host)
                 if fitted.ok and fitted.device_names else None)
-        text = (fit_text(fitted, fitted_plan, list(choice.devices), most) + "\n\n"
-                + "plain layer split, no fit (llama-bench, llama-cpp-python, llama-server -fit off):\n" + text)
+        text = fit_text(fitted, fitted_plan, list(choice.devices), most) + "\n\n" + PLAIN_HEAD + "\n" + text
+        log = "\n".join(x.removeprefix("  ") for x in fit_lines(fitted, list(choice.devices), most))
+        html = _section(FIT_HEAD) + pre_html(log) + plan_html(fitted_plan) + _section(PLAIN_HEAD) + html
+        if want_figures:
+            from ..ui import figures as F
+            figures = [_titled(F.memory_bars(fitted_plan), "llama-server (fit)"), *figures]
         data["fit"] = {**fit_data(fitted, fitted_plan, list(choice.devices)), "largest_ctx": most}
         objects = {"fit": fitted, "fitted_plan": fitted_plan}
     if getattr(a, "ctx_table", False):
         from ..core.policies.context import ctx_table
+        from ..ui.html import table_html
         from ..ui.text import ctx_table_text
         rows = ctx_table(prof, list(choice.devices), config, choice.host)
-        text += "\n\n" + ctx_table_text(rows, config)
+        table = ctx_table_text(rows, config)
+        text += "\n\n" + table
+        html += table_html([{"-ctk/-ctv": r.type_k, "largest -c": r.n_ctx} for r in rows], right=("largest -c",),
+                           caption=table.split("\n", 1)[0])
         data["ctx_table"] = [{"type_k": r.type_k, "type_v": r.type_v, "n_ctx": r.n_ctx} for r in rows]
     return Result(text=text, data=data, html=html,
                   rows=plan_frame_rows(p), notes=notes, exit_code=0 if p.fits else 1, figures=figures,
                   objects={"plan": p, "profile": prof, "note": choice.note, "speed": speed, **objects})
+
+
+def _section(title: str) -> str:
+    return f"<div style='font-weight:bold;margin:10px 0 2px 0'>{_escape(title)}</div>"
+
+
+def _titled(fig, prefix: str):
+    """The figure with `prefix: ` before its title: which section of the plan it belongs to."""
+    fig.update_layout(title_text=f"{prefix}: {fig.layout.title.text}")
+    return fig
 
 
 def fit_data(r, fitted_plan, devices) -> dict:

@@ -138,6 +138,15 @@ def test_llama_swap_yaml_round_trips_and_groups_what_runs_together(fplan):
     assert "${PORT}" in doc["models"]["chat"]["cmd"] and "'${PORT}'" not in doc["models"]["chat"]["cmd"]
 
 
+def test_llama_swap_yaml_writes_shared_lists_in_full_without_anchors(fplan):
+    fp, devices = fplan
+    doc, _ = llama_swap_doc(fp, PATHS, devices)
+    assert doc["hooks"]["on_startup"]["preload"] is doc["groups"]["fleet"]["members"]   # one list, two keys
+    text = llama_swap_yaml(doc)
+    assert "&id" not in text and "*id" not in text
+    assert text.count("  - chat\n") == 2        # the members and the preload list, each written out
+
+
 @needs_src
 def test_router_ini_keys_are_the_ones_load_from_ini_accepts(fplan):
     fp, devices = fplan
