@@ -377,7 +377,9 @@ class _Fit:
             raise _Abort("llama_params_fit is not implemented for SPLIT_MODE_TENSOR, abort")
         n_streams = cfg.n_streams   # 1 with a unified KV cache, else n_seq_max
         n_ctx_auto = cfg.n_ctx == 0
-        hp_ngl, hp_nct, hp_nex = prof.n_layer, prof.n_ctx_train or 4096, prof.n_expert
+        # common/fit.cpp: hp_ngl = llama_model_n_layer (hparams.n_layer(): MTP layers not counted unless
+        # load_mtp), so a model with nextn layers is fitted as if it had n_layer_main layers
+        hp_ngl, hp_nct, hp_nex = prof.n_layer_main, prof.n_ctx_train or 4096, prof.n_expert
         n_ctx_max = min(hp_nct * n_streams, UINT32_MAX)
         n_ctx_min_total = min(self.n_ctx_min * n_streams, UINT32_MAX)
         nd = self.nd
@@ -515,7 +517,7 @@ class _Fit:
     # -- steps 3 and 4 -----------------------------------------------------------------------
     def _config_for(self, ngl: list[_Ngl], bufts: list[str]) -> tuple[SplitConfig, tuple[tuple[str, str], ...]]:
         """set_ngl_tensor_split_tbo: -ngl, -ts (layer counts) and the overflow overrides."""
-        nd, hp_ngl = self.nd, self.profile.n_layer
+        nd, hp_ngl = self.nd, self.profile.n_layer_main
         n_gpu_layers = sum(x.n_layer for x in ngl)
         ts = tuple(float(x.n_layer) for x in ngl) if nd > 1 else ()
         il0 = hp_ngl + 1 - n_gpu_layers
