@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from ..config import SplitConfig
 from ..devices import Device
 from ..errors import ConfigError
-from .placement import fits_budget, place_model, subsets
+from .placement import contiguous_sets, fits_budget, place_model, subsets
 from ..placement.planner import plan
 from ..profile import ModelProfile
 from ..units import format_bytes
@@ -166,7 +166,9 @@ def _move(result, pr) -> list:
             m = result.fleet.model(name)
             mine = result.placement(name)
             left = {x.name: x.budget_bytes - x.used_bytes + mine.bytes_on(x.name) for x in result.devices}
-            for subset in subsets(free_names):
+            names = [x.name for x in pr.devices]
+            sets = subsets(free_names) if len(free_names) <= 8 else contiguous_sets(free_names, left, names)
+            for subset in sets:
                 p = place_model(m, pr.profiles[name], subset, pr.devices, left, pr.host)
                 if fits_budget(p):
                     need = ", ".join(f"{x.name} {x.used_bytes} B of {left[x.name]} B left" for x in p.offload_devices)
