@@ -48,7 +48,8 @@ __all__ = ["SMALL_DEVICES", "PLAN_LIMIT", "Outcome", "Search", "device_class", "
 
 SMALL_DEVICES = 5      # up to this many devices, every subset is a candidate (31 at most)
 PLAN_LIMIT = 3000      # model plans (cached or not) the improvement may ask for after the first greedy pass
-WIDTH = 3              # sets per model the branch-and-bound tries (the greedy's choice and two more)
+WIDTH = 3              # sets per model the branch-and-bound tries (the greedy's choice and two more),
+                       # on more than SMALL_DEVICES devices
 
 Progress = Callable[[float, str], None]
 
@@ -218,9 +219,10 @@ class Search:
             yield from (reversed(size) if tightest_first else size)
 
     def options(self, m: FleetModel, left: Mapping[str, int], placed: Mapping[str, Plan], *,
-                best_fit: bool = False, all_sizes: bool = False) -> list[tuple[tuple, Plan]]:
+                best_fit: bool = False, all_sizes: bool = False, more_sizes: int = 0) -> list[tuple[tuple, Plan]]:
         """The fitting plans of `m`, best first by the objective (best_fit: the fewest devices,
-        filled tightest). 'fewest' and best fit stop at the first size that fits; the others
+        filled tightest). 'fewest' and best fit stop at the first size that fits (or more_sizes
+        after it: a model on more devices may leave the room another needs); the others
         stop once two larger sizes in a row bring nothing better."""
         found: list[tuple[tuple, Plan]] = []
         size_found = None
@@ -232,7 +234,7 @@ class Search:
         tries = fits = 0
         for subset in self.candidates(m, left, tightest_first=best_fit):
             k = len(subset)
-            if stop_early and size_found is not None and k > size_found:
+            if stop_early and size_found is not None and k > size_found + more_sizes:
                 break
             if k != size:
                 flat = 0 if improved or best is None else flat + 1
@@ -312,6 +314,7 @@ class Search:
             m = self.order[i]
             rest_need[i] = rest_need[i + 1] + self.least_slots(m)
         narrowed = [False]
+        width = WIDTH if len(self.devices) > SMALL_DEVICES else 1 << 30   # few devices: every fitting set
 
         def bound_cuts(i: int, left: Mapping[str, int], placed: Mapping[str, Plan]) -> bool:
             if best[0] is None:
@@ -335,10 +338,10 @@ class Search:
             if bound_cuts(i, left, placed):
                 return
             m = self.order[i]
-            opts = self.options(m, left, placed)
-            if len(opts) > WIDTH:
+            opts = self.options(m, left, placed, more_sizes=1)
+            if len(opts) > width:
                 narrowed[0] = True
-            for j, (_, p) in enumerate(opts[:WIDTH]):
+            for j, (_, p) in enumerate(opts[:width]):
                 if j > 0 and disc == 0:
                     break
                 placed[m.name] = p

@@ -1,0 +1,98 @@
+"""The fleet search at cluster size (gpulab.core.fleet.search): against the exhaustive search on
+fleets small enough for it, and the same plan whichever order equal cards are listed in."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from gpulab.core.devices import Device, parse_sim_spec
+from gpulab.core.fleet.model import Fleet, FleetModel
+from gpulab.core.fleet.planner import plan_fleet
+
+from builders import make_profile
+
+GiB = 1024**3
+MiB = 1024**2
+
+
+def random_fleet(rng: random.Random):
+    """2-3 models of 8-40 layers on 3-4 devices of mixed sizes whose budgets add up to 1.0-1.5x
+    what the models need: tight, so that the choice of device sets matters."""
+    n_models, n_dev = rng.randint(2, 3), rng.randint(3, 4)
+    profs, models = {}, []
+    for i in range(n_models):
+        name = f"m{i}"
+        layers, size = rng.randint(8, 40), rng.randint(40, 400)
+        profs[name] = make_profile(n_layer=layers, layer_bytes=size * MiB)
+        models.append(FleetModel(name, f"{name}.gguf", ctx=rng.choice((2048, 4096, 8192))))
+    need = sum(p.weights_bytes for p in profs.values())
+    shares = [rng.uniform(0.5, 1.5) for _ in range(n_dev)]
+    scale = rng.uniform(1.0, 1.5) * need / sum(shares)
+    devices = [Device(f"SIM{i}", int(s * scale), int(s * scale), "sim") for i, s in enumerate(shares)]
+    return Fleet(tuple(models)), profs, devices
+
+
+def relative_loss(objective: str, heuristic: float, exhaustive: float) -> float:
+    """How much worse the heuristic's value is, relative to the exhaustive optimum (0: as good)."""
+    if objective == "fewest":     # device slots: fewer is better
+        return (heuristic - exhaustive) / exhaustive
+    return (exhaustive - heuristic) / exhaustive if exhaustive > 0 else 0.0
+
+
+def compare(objective: str, n: int, seed: int):
+    """(fleets the exhaustive search fits, the heuristic's misses, [relative loss per fleet both fit])."""
+    rng = random.Random(seed)
+    fits, missed, losses = 0, 0, []
+    for _ in range(n):
+        fleet, profs, devices = random_fleet(rng)
+        obj = objective if objective != "tg" else f"tg:{fleet.models[0].name}"
+        ex = plan_fleet(fleet, profs, devices, objective=obj, exhaustive_limit=10**6, advise=False)
+        he = plan_fleet(fleet, profs, devices, objective=obj, exhaustive_limit=0, advise=False)
+        assert ex.search == "exhaustive" and he.search == "heuristic"
+        assert not (he.fits and not ex.fits)
+        if ex.fits:
+            fits += 1
+            if not he.fits:
+                missed += 1
+            else:
+                losses.append(relative_loss(objective, he.value, ex.value))
+    return fits, missed, losses
+
+
+@pytest.mark.parametrize("objective", ["fewest", "balanced", "tg"])
+def test_the_heuristic_fits_whenever_the_exhaustive_search_does_and_is_within_5_percent(objective):
+    fits, missed, losses = compare(objective, 6, seed=28)
+    assert fits >= 3            # the seed gives fleets that fit (and some that do not)
+    assert missed == 0
+    assert max(losses) <= 0.05, sorted(losses)
+
+
+def _equal_cards_plan(order):
+    profs = {"big": make_profile(n_layer=32, layer_bytes=400 * MiB),      # ~12.5 GiB: two 8 GiB cards
+             "mid": make_profile(n_layer=24, layer_bytes=200 * MiB),
+             "mid2": make_profile(n_layer=24, layer_bytes=200 * MiB),
+             "small": make_profile(n_layer=12, layer_bytes=100 * MiB)}
+    fleet = Fleet(tuple(FleetModel(n, f"{n}.gguf", ctx=4096) for n in profs))
+    devices = parse_sim_spec("12x8GiB")
+    return plan_fleet(fleet, profs, [devices[i] for i in order], advise=False)
+
+
+@pytest.mark.parametrize("objective_order", [list(range(11, -1, -1)), [5, 0, 11, 3, 8, 1, 10, 2, 7, 4, 9, 6]])
+def test_equal_cards_get_the_same_plan_whichever_order_they_are_listed_in(objective_order):
+    ref = _equal_cards_plan(list(range(12)))
+    other = _equal_cards_plan(objective_order)
+    assert ref.search == other.search == "heuristic" and ref.fits and other.fits
+    # the same models on the same cards; a split model's -ts follows the order its cards are
+    # listed in (llama.cpp's device order: the output layer goes to the last), so its bytes per
+    # card are compared as a multiset, the others card by card
+    assert {p.name: sorted(p.devices) for p in ref.placements} == {p.name: sorted(p.devices) for p in other.placements}
+    assert {p.name: sorted(d.used_bytes for d in p.plan.offload_devices) for p in ref.placements} == \
+        {p.name: sorted(d.used_bytes for d in p.plan.offload_devices) for p in other.placements}
+    single = {d for p in ref.placements if len(p.devices) == 1 for d in p.devices}
+    assert {d.name: d.used_bytes for d in ref.devices if d.name in single} == \
+        {d.name: d.used_bytes for d in other.devices if d.name in single}
+    # 'big' is split over two cards, the others take one each: the first five cards by name
+    assert {p.name: len(p.devices) for p in ref.placements} == {"big": 2, "mid": 1, "mid2": 1, "small": 1}
+    assert sorted(d for p in ref.placements for d in p.devices) == ["SIM0", "SIM1", "SIM2", "SIM3", "SIM4"]
