@@ -47,7 +47,7 @@ from .placement import fits_budget, place_model
 __all__ = ["SMALL_DEVICES", "PLAN_LIMIT", "Outcome", "Search", "device_class", "natural_key"]
 
 SMALL_DEVICES = 5      # up to this many devices, every subset is a candidate (31 at most)
-PLAN_LIMIT = 3000      # model plans (cached or not) the improvement may ask for after the first greedy pass
+PLAN_LIMIT = 1000      # model plans (cached or not) the improvement may ask for after the first greedy pass
 WIDTH = 3              # sets per model the branch-and-bound tries (the greedy's choice and two more),
                        # on more than SMALL_DEVICES devices
 
