@@ -16,6 +16,7 @@ exports gpulab.core.exports.fleet. Exit status (CLI): 0 when the fleet fits, 1 w
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def _seconds(text: str | None) -> float | None:
         v = float(text)
     except ValueError:
         v = -1.0
-    if not v > 0 or v != v or v == float("inf"):
+    if not (v > 0 and math.isfinite(v)):
         raise ConfigError(f"--time-budget takes seconds > 0, e.g. 2 or 0.5, got {text!r}")
     return v
 

@@ -19,12 +19,13 @@ Search. Resident models are placed largest first (weight bytes). Where the produ
 candidate device sets over the models is at most `exhaustive_limit`, every assignment of
 device sets is tried (depth first, an infeasible prefix cut off), and the best by the
 objective is kept: EXHAUSTIVE over device subsets (the split on each subset is the one above,
-chosen given the models before it, not searched). Otherwise GREEDY, the stated heuristic: each
-model, largest first, takes the device set the objective prefers among those that hold it
-given the models already placed, with no going back; for 'fewest' also a best-fit pass (each
-model on the fewest devices it fills tightest), the better of the two kept. It can miss a fit
-that exists; its gap against the exhaustive search is measured by bench/fleet_speed.py
-(docs/BENCHMARKS.md: on 60 random tight fleets it missed none, and used 2 more devices in all).
+chosen given the models before it, not searched). Otherwise the HEURISTIC of
+gpulab.core.fleet.search (issue 28): device sets contiguous by memory left, equal devices as one
+class, a plan cache, greedy passes and a bounded branch and bound, limited by `plan_limit` and
+`time_budget`; the plan says what limited it (search_limit), its objective value, a bound on
+the best value any plan could reach, and the gap between the two. Its loss against the
+exhaustive search is measured by bench/fleet_speed.py (docs/BENCHMARKS.md) and asserted by
+tests/core/fleet/test_search.py.
 
 Objectives:
 - fewest     (default) the fewest devices per model: no split when one device holds a model;

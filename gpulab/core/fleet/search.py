@@ -44,7 +44,7 @@ from ..profile import ModelProfile
 from .model import FleetModel
 from .placement import fits_budget, place_model
 
-__all__ = ["SMALL_DEVICES", "PLAN_LIMIT", "Outcome", "Search", "device_class", "natural_key"]
+__all__ = ["PLAN_LIMIT", "SMALL_DEVICES", "WIDTH", "Outcome", "Search", "Stop", "device_class", "natural_key", "take"]
 
 SMALL_DEVICES = 5      # up to this many devices, every subset is a candidate (31 at most)
 PLAN_LIMIT = 1000      # model plans (cached or not) the improvement may ask for after the first greedy pass
@@ -181,9 +181,9 @@ class Search:
         if len(names) <= SMALL_DEVICES:
             for k in range(1, len(names) + 1):
                 for c in combinations(names, k):
-                    key = tuple(sorted((self.cls[n], left[n]) for n in c))
-                    if key not in seen and sum(max(0, left[n]) for n in c) >= need + k * self.min_overhead:
-                        seen.add(key)
+                    multiset = tuple(sorted((self.cls[n], left[n]) for n in c))
+                    if multiset not in seen and sum(max(0, left[n]) for n in c) >= need + k * self.min_overhead:
+                        seen.add(multiset)
                         yield ordered(c)
             return
         hosts = sorted({self.host_of[n] for n in names})
@@ -193,7 +193,8 @@ class Search:
             prefix = [0]
             for n in g:
                 prefix.append(prefix[-1] + max(0, left[n]))
-            run_of, start = [], []
+            run_of: list[int] = []
+            start: list[int] = []
             for i, n in enumerate(g):
                 if i and (self.cls[n], left[n]) == (self.cls[g[i - 1]], left[g[i - 1]]):
                     run_of.append(run_of[-1])
@@ -205,7 +206,7 @@ class Search:
             size: list[tuple[str, ...]] = []
             for gi, g in enumerate(groups):
                 prefix, run_of, start = runs[gi]
-                for s in range(0, len(g) - k + 1):
+                for s in range(len(g) - k + 1):
                     if prefix[s + k] - prefix[s] < need + k * self.min_overhead:
                         break    # sorted by memory left: every later window has less
                     # the window's multiset of (class, memory left): its first and last runs, and
@@ -246,6 +247,8 @@ class Search:
             tries += 1
             p = self.place(m, subset, left)
             if not fits_budget(p):
+                if capped:
+                    tries = 2 * WIDTH    # the sets after it at this size have less memory left
                 continue
             fits += 1
             size_found = k if size_found is None else size_found
@@ -259,7 +262,8 @@ class Search:
 
     # -- the search --------------------------------------------------------------------------
     def greedy(self, best_fit: bool = False) -> dict[str, Plan] | None:
-        left, placed = dict(self.budgets), {}
+        left = dict(self.budgets)
+        placed: dict[str, Plan] = {}
         for i, m in enumerate(self.order):
             opts = self.options(m, left, placed, best_fit=best_fit)
             if not opts:
