@@ -51,7 +51,7 @@ from ..errors import ConfigError
 from .model import Fleet, FleetModel
 from .advice import Advice, advise as advice_for
 from .placement import fits_budget, place_model, subsets
-from .search import PLAN_LIMIT, WIDTH, Search
+from .search import WIDTH, Search
 from ..placement.plan import Plan
 from ..profile import ModelProfile
 
@@ -345,7 +345,7 @@ def plan_fleet(fleet: Fleet, profiles: Mapping[str, ModelProfile], devices: Sequ
                host: Device | None = None, *, objective: str = "fewest",
                speed: Callable[[Plan], float] | None = None,
                exhaustive_limit: int = EXHAUSTIVE_LIMIT, advise: bool = True,
-               time_budget: float | None = None, plan_limit: int = PLAN_LIMIT,
+               time_budget: float | None = None, plan_limit: int | None = None,
                progress: Callable[[float, str], None] | None = None) -> FleetPlan:
     """Plan every model of `fleet` (profiles by model name) on the offload `devices`.
 
@@ -384,7 +384,7 @@ def plan_fleet(fleet: Fleet, profiles: Mapping[str, ModelProfile], devices: Sequ
         how = (f"greedy, then branch and bound over the {WIDTH} best device sets per model "
                "(contiguous by memory left, equal devices as one class)")
         limit = (f"{how}: stopped at the {out.stopped}" + (f" ({time_budget:g} s)" if out.stopped == "time budget"
-                                                             else f" ({plan_limit} model plans, cached or not)" if out.stopped else "")
+                                                             else f" ({sr.limit_plans} model plans)" if out.stopped else "")
                  if out.stopped else f"{how}: explored" + ("" if out.complete else " (within that width)"))
     if placed is None:
         placed = _least_short(sr, pr.order, dict(budgets))

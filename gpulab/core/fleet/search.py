@@ -44,10 +44,12 @@ from ..profile import ModelProfile
 from .model import FleetModel
 from .placement import fits_budget, place_model
 
-__all__ = ["PLAN_LIMIT", "SMALL_DEVICES", "WIDTH", "Outcome", "Search", "Stop", "device_class", "natural_key", "take"]
+__all__ = ["PLAN_LIMIT", "SMALL_DEVICES", "SMALL_PLAN_LIMIT", "WIDTH", "Outcome", "Search", "Stop", "device_class", "natural_key", "take"]
 
 SMALL_DEVICES = 5      # up to this many devices, every subset is a candidate (31 at most)
-PLAN_LIMIT = 1000      # model plans (cached or not) the improvement may ask for after the first greedy pass
+PLAN_LIMIT = 500       # model plans the improvement may compute after the first greedy pass,
+SMALL_PLAN_LIMIT = 2000  # or on at most SMALL_DEVICES devices (cheap plans, a tree worth walking)
+STEPS_PER_PLAN = 5     # and ask for, from the cache or not, five times as many
 WIDTH = 3              # sets per model the branch-and-bound tries (the greedy's choice and two more),
                        # on more than SMALL_DEVICES devices
 
@@ -74,7 +76,7 @@ class Stop(Exception):
 class Outcome:
     placed: dict[str, Plan] | None
     complete: bool          # the branch-and-bound explored its whole (pruned) tree
-    stopped: str            # '' | 'step limit' | 'time budget'
+    stopped: str            # '' | 'plan limit' | 'time budget'
 
 
 @dataclass
@@ -88,7 +90,7 @@ class Search:
     objective: str
     counter: list
     time_budget: float | None = None
-    plan_limit: int = PLAN_LIMIT
+    plan_limit: int | None = None     # None: PLAN_LIMIT, or SMALL_PLAN_LIMIT on few devices
     progress: Progress | None = None
     started: float = field(default_factory=time.perf_counter)
     cache: dict = field(default_factory=dict)
@@ -107,7 +109,10 @@ class Search:
         self.target = self.objective[3:] if self.objective.startswith("tg:") else ""
         self.need = {m.name: self._least_bytes(m) for m in self.order}
         self.deadline = None if self.time_budget is None else self.started + self.time_budget
-        self.limit_at: int | None = None
+        default = SMALL_PLAN_LIMIT if len(self.devices) <= SMALL_DEVICES else PLAN_LIMIT
+        self.limit_plans: int = default if self.plan_limit is None else self.plan_limit
+        self.limit_at: int | None = None    # steps (model plans asked for, cached or not)
+        self.plans_at = 0                   # model plans computed (the counter), once limit_at is set
 
     # -- plans -------------------------------------------------------------------------------
     def _least_bytes(self, m: FleetModel) -> int:
@@ -143,9 +148,11 @@ class Search:
         self.steps += 1
         if self.limit_at is not None:
             if self.steps >= self.limit_at:
-                raise Stop("step limit")
+                raise Stop("plan limit")
             if self.deadline is not None and time.perf_counter() >= self.deadline:
                 raise Stop("time budget")
+            if self.steps % 50 == 0:
+                self._report(f"improving: {self.steps} model plans")
         hit = self.cache.get(key)
         if hit is not None and hit[0] == subset:
             self.hits += 1
@@ -156,6 +163,8 @@ class Search:
             if moved is None:
                 moved = self.cache[(key, subset)] = (subset, _renamed(hit[1], hit[0], subset))
             return moved[1]
+        if self.limit_at is not None and self.counter[0] >= self.plans_at:
+            raise Stop("plan limit")
         p = place_model(m, self.profiles[m.name], subset, self.devices, left, self.host, counter=self.counter)
         self.cache[key] = (subset, p)
         return p
@@ -220,14 +229,16 @@ class Search:
             yield from (reversed(size) if tightest_first else size)
 
     def options(self, m: FleetModel, left: Mapping[str, int], placed: Mapping[str, Plan], *,
-                best_fit: bool = False, all_sizes: bool = False, more_sizes: int = 0) -> list[tuple[tuple, Plan]]:
+                best_fit: bool = False, all_sizes: bool = False, more_sizes: int = 0,
+                per_size: int = 1, fewest_sizes: bool = False) -> list[tuple[tuple, Plan]]:
         """The fitting plans of `m`, best first by the objective (best_fit: the fewest devices,
         filled tightest). 'fewest' and best fit stop at the first size that fits (or more_sizes
         after it: a model on more devices may leave the room another needs); the others
-        stop once two larger sizes in a row bring nothing better."""
+        stop once two larger sizes in a row bring nothing better. On many devices, at most
+        per_size fitting sets of a size (sets come most memory left first, or tightest first)."""
         found: list[tuple[tuple, Plan]] = []
         size_found = None
-        stop_early = not all_sizes and (best_fit or self.objective == "fewest"
+        stop_early = not all_sizes and (best_fit or fewest_sizes or self.objective == "fewest"
                                         or (self.target and m.name != self.target))
         best: tuple | None = None
         size, improved, flat = 0, False, 0
@@ -242,13 +253,13 @@ class Search:
                 size, improved, tries, fits = k, False, 0, 0
                 if not stop_early and not all_sizes and flat >= 2:
                     break    # two sizes in a row brought nothing better than a smaller one
-            if capped and (fits >= WIDTH or tries >= 2 * WIDTH):
+            if capped and (fits >= per_size or tries >= 2 * per_size):
                 continue     # enough sets of this size
             tries += 1
             p = self.place(m, subset, left)
             if not fits_budget(p):
                 if capped:
-                    tries = 2 * WIDTH    # the sets after it at this size have less memory left
+                    tries = 2 * per_size    # the sets after it at this size have less memory left
                 continue
             fits += 1
             size_found = k if size_found is None else size_found
@@ -261,11 +272,11 @@ class Search:
         return found
 
     # -- the search --------------------------------------------------------------------------
-    def greedy(self, best_fit: bool = False) -> dict[str, Plan] | None:
+    def greedy(self, best_fit: bool = False, fewest_sizes: bool = False) -> dict[str, Plan] | None:
         left = dict(self.budgets)
         placed: dict[str, Plan] = {}
         for i, m in enumerate(self.order):
-            opts = self.options(m, left, placed, best_fit=best_fit)
+            opts = self.options(m, left, placed, best_fit=best_fit, fewest_sizes=fewest_sizes)
             if not opts:
                 return None
             placed[m.name] = opts[0][1]
@@ -281,16 +292,27 @@ class Search:
 
     def run(self) -> Outcome:
         """Greedy passes, then the branch-and-bound until done or out of plans or time."""
-        passes = [False, True] if self.objective == "fewest" else [False]
         self.limit_at = None
         results = []
-        for bf in passes:
-            if bf:
-                self.limit_at = self.steps + self.plan_limit
+        first = self.greedy()
+        if first is not None:
+            results.append(first)
+        # best fit keeps large holes open for the models after it: for 'fewest' a second pass
+        # within the limits. For the others, when the objective's pass finds no fit (spreading
+        # for headroom or speed can fragment a tight fleet), each model on the fewest devices
+        # the objective prefers, then best fit, each run to its end
+        if self.objective == "fewest":
+            self._limit()
             try:
-                r = self.greedy(best_fit=bf)
+                r = self.greedy(best_fit=True)
             except Stop:
                 r = None
+            if r is not None:
+                results.append(r)
+        elif first is None:
+            r = self.greedy(fewest_sizes=True)
+            if r is None:
+                r = self.greedy(best_fit=True)
             if r is not None:
                 results.append(r)
         best: list = [None, None]
@@ -299,7 +321,7 @@ class Search:
             if best[0] is None or s < best[0]:
                 best[0], best[1] = s, r
         if self.limit_at is None:
-            self.limit_at = self.steps + self.plan_limit
+            self._limit()
         stopped = ""
         complete = False
         try:
@@ -308,6 +330,11 @@ class Search:
             stopped = str(e)
         self.limit_at = None     # what plan_fleet asks after the search is not limited
         return Outcome(best[1], complete, stopped)
+
+    def _limit(self) -> None:
+        """From now on: at most plan_limit model plans computed, STEPS_PER_PLAN times that asked for."""
+        self.limit_at = self.steps + STEPS_PER_PLAN * self.limit_plans
+        self.plans_at = self.counter[0] + self.limit_plans
 
     def _branch_and_bound(self, best: list) -> bool:
         """Limited discrepancy: paths that leave the greedy's choice at most d times, d = 1, 2, ...
@@ -342,7 +369,7 @@ class Search:
             if bound_cuts(i, left, placed):
                 return
             m = self.order[i]
-            opts = self.options(m, left, placed, more_sizes=1)
+            opts = self.options(m, left, placed, more_sizes=1, per_size=WIDTH)
             if len(opts) > width:
                 narrowed[0] = True
             for j, (_, p) in enumerate(opts[:width]):
@@ -363,7 +390,8 @@ class Search:
             return
         used = 0.0
         if self.limit_at is not None:
-            used = 1 - max(0, self.limit_at - self.steps) / max(1, self.plan_limit)
+            used = max(1 - max(0, self.limit_at - self.steps) / max(1, STEPS_PER_PLAN * self.limit_plans),
+                       1 - max(0, self.plans_at - self.counter[0]) / max(1, self.limit_plans))
         if self.deadline is not None and self.time_budget:
             used = max(used, (time.perf_counter() - self.started) / self.time_budget)
         self.progress(min(1.0, used), text)
