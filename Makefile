@@ -4,7 +4,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup tools lab test bench clean
+.PHONY: setup tools lab lint test bench clean
 
 setup:
 	@scripts/setup.sh
@@ -17,11 +17,16 @@ tools: setup
 lab: setup
 	@scripts/lab.sh notebooks/01-tour.ipynb
 
-test: setup tools
+# ruff and mypy, configured in pyproject.toml (seconds; `make test` runs it first)
+lint: setup
+	$(PY) -m ruff check gpulab tests bench
+	$(PY) -m mypy
+
+test: setup lint tools
 	$(PY) -m pytest
 
 bench: setup
 	$(PY) bench/planner_speed.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -33,10 +33,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpulab import Device, SplitConfig, plan  # noqa: E402
-from gpulab.core.ggml_types import ggml_type_id  # noqa: E402
-from gpulab.core.profile import LayerProfile, ModelProfile, TensorInfo  # noqa: E402
-from gpulab.sources.synth import SynthSpec, _n_bytes, _tensors, write_model  # noqa: E402
+from gpulab import Device, SplitConfig, plan
+from gpulab.core.ggml_types import ggml_type_id
+from gpulab.core.profile import LayerProfile, ModelProfile, TensorInfo
+from gpulab.sources.synth import SynthSpec, _n_bytes, _tensors, write_model
 
 MiB = 1024 ** 2
 
@@ -211,7 +211,7 @@ def profile_of(spec: SynthSpec) -> ModelProfile:
 def _shape(p: ModelProfile) -> tuple:
     # what the compute model reads of a profile
     return (p.arch, p.n_layer, p.n_embd, p.n_ff, p.n_vocab, p.n_expert, p.n_expert_used, p.n_swa,
-            tuple((l.n_head, l.n_head_kv, l.n_embd_head_k, l.n_embd_head_v, l.is_swa) for l in p.layers),
+            tuple((layer.n_head, layer.n_head_kv, layer.n_embd_head_k, layer.n_embd_head_v, layer.is_swa) for layer in p.layers),
             tuple(t.shape for t in p.layers[0].tensors if t.is_expert))
 
 
@@ -219,7 +219,7 @@ def check_reader(paths: dict[str, str]) -> str:
     try:
         from gpulab import read_profile
         differ = [n for n, path in paths.items() if _shape(read_profile(path)) != _shape(profile_of(MODELS[n]))]
-    except Exception as exc:    # the reader is optional here
+    except Exception as exc:    # noqa: BLE001 - the reader is optional here
         return f"gpulab.read_profile not checked ({type(exc).__name__}: {exc})"
     return ("gpulab.read_profile reads every model as its spec" if not differ
             else f"gpulab.read_profile DIFFERS from the spec for: {', '.join(differ)}")

@@ -16,11 +16,10 @@ import sys
 import timeit
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from builders import MiB, make_hand_moe_profile  # noqa: E402
-
-from gpulab import SplitConfig, parse_sim_spec, plan  # noqa: E402
-from gpulab.core.policies.server_fit import fit  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # this checkout's gpulab
+from gpulab import SplitConfig, parse_sim_spec, plan
+from gpulab.core.policies.server_fit import fit
+from gpulab.testing import MiB, make_hand_moe_profile
 
 
 def best_ms(fn, number: int, repeat: int = 7) -> float:

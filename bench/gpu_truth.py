@@ -110,7 +110,7 @@ class Truth:
         t0 = time.perf_counter()
         try:
             res = fn()
-        except (Exception, SystemExit) as e:   # a section that fails is recorded; the next one still runs
+        except (Exception, SystemExit) as e:   # noqa: BLE001 - a section that fails is recorded; the next one still runs
             res = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=6)}
             log(f"{name} failed: {type(e).__name__}: {e}")
         res["seconds"] = round(time.perf_counter() - t0, 1)
@@ -192,7 +192,7 @@ def copy_bandwidth(quick: bool) -> tuple[float, str]:
         try:
             out = subprocess.run([sys.executable, "-c", _TORCH_COPY], capture_output=True, text=True, timeout=120)
             return float(out.stdout.strip().splitlines()[-1]), "torch device-to-device copy, 2 GiB, median of 10"
-        except Exception as e:   # no torch: say so, keep the rest
+        except Exception as e:   # noqa: BLE001 - no torch: say so, keep the rest
             return 0.0, f"no copy measured ({type(e).__name__}: {e})"
     import numpy as np
     a = np.ones(256 * MiB, dtype=np.uint8)
@@ -230,8 +230,8 @@ def fidelity(t: Truth, models: dict) -> dict:
                   "ratio_of_best": gl_best / lb_best}
     # roofline: each generated token reads every offloaded weight once, plus the KV in use
     from gpulab import read_profile
-    from gpulab.core.placement.planner import plan
     from gpulab.core.config import SplitConfig
+    from gpulab.core.placement.planner import plan
     with t.primary_worker() as w:
         devs = [d for d in w.devices() if d.name == t.gpu_name()]
     pl = plan(read_profile(model), devs, SplitConfig(n_ctx=p + n))
@@ -312,7 +312,7 @@ def memory(t: Truth, models: dict) -> dict:
                                    "llama_cpp_buffers": llama_total}
                 if device_used is not None and device_baseline is not None:
                     row["nvml_device_delta_bytes"] = device_used - device_baseline
-            except Exception as e:
+            except Exception as e:   # noqa: BLE001 - recorded in the row; the bench goes on
                 row["error"] = f"{type(e).__name__}: {e}"
             rows.append(row)
             log(f"memory {label}: {_memory_line(row)}")
@@ -336,8 +336,8 @@ def _memory_line(row: dict) -> str:
 def two_devices(t: Truth, models: dict) -> dict:
     from gpulab import read_profile
     from gpulab.core.config import SplitConfig
-    from gpulab.core.placement.planner import plan
     from gpulab.core.measure.speed import predict_speed
+    from gpulab.core.placement.planner import plan
     from gpulab.runtime.worker import Worker
     from gpulab.sources.host import host_device
     model = models["dense"]
@@ -368,7 +368,7 @@ def two_devices(t: Truth, models: dict) -> dict:
             try:
                 pred = predict_speed(pl, n_prompt=p, n_gen=n)
                 row["predicted_uncalibrated"] = {"pp_ts": pred.pp_tokens_per_s, "tg_ts": pred.tg_tokens_per_s}
-            except Exception as e:
+            except Exception as e:   # noqa: BLE001 - recorded in the row; the bench goes on
                 row["predicted_uncalibrated"] = {"error": str(e)}
             row["_run"], row["_plan"] = run, pl
             rows.append(row)
@@ -398,7 +398,7 @@ def calibrated_prediction(rows: list[dict], devices, out: Path, p: int, n: int) 
                                            "pp_error": pred.pp_tokens_per_s / row["pp_ts"] - 1,
                                            "tg_error": pred.tg_tokens_per_s / row["tg_ts"] - 1,
                                            "held_out": row is not rows[0] and row is not rows[1]}
-        except Exception as e:
+        except Exception as e:   # noqa: BLE001 - recorded in the row; the bench goes on
             row["predicted_calibrated"] = {"error": f"{type(e).__name__}: {e}"}
 
 
@@ -406,6 +406,7 @@ def calibrated_prediction(rows: list[dict], devices, out: Path, p: int, n: int) 
 
 def resplit_latency(t: Truth, models: dict) -> dict:
     from resplit import fresh_process_seconds
+
     from gpulab.core.config import SplitConfig
     model = models["dense"]
     half = 4 if t.quick else 16

@@ -14,15 +14,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "tests" / "integration")]
-
-from gpulab import plan, read_profile  # noqa: E402
-from gpulab.runtime.rpc import start_servers  # noqa: E402
-from gpulab.runtime.worker import Worker  # noqa: E402
-from gpulab.sources.host import host_device  # noqa: E402
-from gpulab.sources.synth import write_model  # noqa: E402
-from test_overrides_vs_llama import CASES, MODELS  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # this checkout's gpulab
+from gpulab import plan, read_profile
+from gpulab.runtime.rpc import start_servers
+from gpulab.runtime.worker import Worker
+from gpulab.sources.host import host_device
+from gpulab.sources.synth import write_model
+from gpulab.testing import OVERRIDE_CASES as CASES
+from gpulab.testing import OVERRIDE_MODELS as MODELS
 
 MiB = 2**20
 

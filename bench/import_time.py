@@ -4,7 +4,7 @@
 
 Each sample is a new `python -c "import gpulab"` (wall time, so the interpreter's own start is
 in it); `python -c pass` is the reference measured in the same run, and the table gives what
-importing gpulab adds to it, as milliseconds and as a ratio. The other revision is checked out
+importing gpulab adds to it, as milliseconds and as a ratio, with the load average before and after. The other revision is checked out
 in a temporary git worktree and imported from there with the same virtual environment. Also
 printed: which heavy modules each import pulls in (llama_cpp, numpy, ipywidgets, plotly, pynvml).
 """
@@ -18,6 +18,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchkit import loadavg
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("llama_cpp", "numpy", "gguf", "ipywidgets", "plotly", "pynvml", "IPython", "pandas")
@@ -49,6 +51,7 @@ def main() -> int:
         subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(ref), a.ref], check=True,
                        capture_output=True)
         try:
+            print(f"load average before: {loadavg()}")
             rows = []
             for _ in range(2):     # interleaved: both trees see the same machine
                 base = _times("pass", REPO, a.runs)
@@ -59,14 +62,14 @@ def main() -> int:
             here = [x for r in rows for x in r[1]]
             there = [x for r in rows for x in r[2]]
             b = statistics.median(base)
-            print(f"| tree | median `import gpulab` | added to `python -c pass` | ratio to `pass` | heavy modules loaded |")
+            print("| tree | median `import gpulab` | added to `python -c pass` | ratio to `pass` | heavy modules loaded |")
             print("|---|---:|---:|---:|---|")
             for label, ts, path in ((f"{a.ref} (before)", there, ref), ("this tree", here, REPO)):
                 m = statistics.median(ts)
                 print(f"| {label} | {m * 1e3:.0f} ms | {(m - b) * 1e3:.0f} ms | {m / b:.2f} | "
                       f"{', '.join(_loaded(path)) or 'none'} |")
             print(f"\n`python -c pass`: {b * 1e3:.0f} ms median; {len(base)} samples per row; python "
-                  f"{sys.version.split()[0]}")
+                  f"{sys.version.split()[0]}; load average after: {loadavg()}")
         finally:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(ref)], capture_output=True)
     return 0

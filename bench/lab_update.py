@@ -20,8 +20,8 @@ import time
 import timeit
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from builders import make_profile  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # this checkout's gpulab
+from gpulab.testing import make_profile
 
 TARGET_MS = 30.0
 

@@ -34,7 +34,6 @@ sys.path.insert(0, str(REPO))
 from benchkit import loadavg  # noqa: E402 (after the path set-up)
 
 
-
 def cache_dir() -> Path:
     """Where the synthetic models live between runs."""
     return Path(os.environ.get("GPULAB_BENCH_CACHE", Path.home() / ".cache" / "gpulab" / "llama-bench"))
@@ -185,8 +184,9 @@ def main(argv=None) -> int:
         for label, path, (dp, dn, dr) in models:
             ma = argparse.Namespace(**vars(a))
             ma.p, ma.n, ma.r = a.p or dp, a.n or dn, a.r or dr
-            sides = [("lb", lambda: run_llama_bench(exe, path, ma, a.libs)), ("gl", lambda: run_gpulab(path, ma)),
-                     ("wk", lambda: run_gpulab_worker(path, ma, worker))]
+            sides = [("lb", lambda path=path, ma=ma: run_llama_bench(exe, path, ma, a.libs)),
+                     ("gl", lambda path=path, ma=ma: run_gpulab(path, ma)),
+                     ("wk", lambda path=path, ma=ma: run_gpulab_worker(path, ma, worker))]
             per: dict[str, list[dict]] = {"pp": [], "tg": []}
             for k in range(a.rounds):
                 load = loadavg1()

@@ -28,8 +28,8 @@ sys.path.insert(0, str(REPO))
 from benchkit import loadavg  # noqa: E402 (after the path set-up)
 
 from gpulab import SplitConfig, read_profile  # noqa: E402
-from gpulab.core.policies.moe_balance import expert_bytes_on, moe_balance  # noqa: E402
 from gpulab.core.placement.planner import plan  # noqa: E402
+from gpulab.core.policies.moe_balance import expert_bytes_on, moe_balance  # noqa: E402
 from gpulab.runtime.calibrate import measure_best  # noqa: E402
 from gpulab.runtime.rpc import start_servers  # noqa: E402
 from gpulab.runtime.worker import Worker  # noqa: E402

@@ -43,6 +43,7 @@ with open_model({path!r}, cfg) as m:
 
 def fresh_process_seconds(path: str, cfg, endpoints: list[str]) -> float:
     import json
+
     from gpulab.core.measure.results import config_to_dict
     code = _CHILD.format(repo=str(REPO), cfg=json.dumps(config_to_dict(cfg)), eps=list(endpoints), path=path)
     t0 = time.perf_counter()
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
         for label, eps, before, after in cases:
             rs, closes, fresh = [], [], []
             for k in range(a.rounds):
-                def in_process():
+                def in_process(before=before, after=after, rs=rs, closes=closes):
                     m = open_model(path, before)
                     t0 = time.perf_counter()
                     m.close()

@@ -29,19 +29,19 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchkit import add_rpc_run_args, loadavg  # noqa: E402 (after the path set-up)
+from benchkit import add_rpc_run_args, loadavg
 
-from gpulab import read_profile  # noqa: E402
-from gpulab.core.config import SplitConfig  # noqa: E402
-from gpulab.core.placement.planner import plan  # noqa: E402
-from gpulab.core.measure.speed import predict_speed  # noqa: E402
-from gpulab.runtime.calibrate import calibrate, measure_best, update_from_run, _spec  # noqa: E402
-from gpulab.runtime.rpc import start_servers  # noqa: E402
-from gpulab.runtime.worker import Worker  # noqa: E402
-from gpulab.sources.host import host_device  # noqa: E402
-from gpulab.storage.speed_cache import SpeedCache  # noqa: E402
-from gpulab.ui.text import calibration_text  # noqa: E402
-from gpulab.sources.synth import write_model  # noqa: E402
+from gpulab import read_profile
+from gpulab.core.config import SplitConfig
+from gpulab.core.measure.speed import predict_speed
+from gpulab.core.placement.planner import plan
+from gpulab.runtime.calibrate import _spec, calibrate, measure_best, update_from_run
+from gpulab.runtime.rpc import start_servers
+from gpulab.runtime.worker import Worker
+from gpulab.sources.host import host_device
+from gpulab.sources.synth import write_model
+from gpulab.storage.speed_cache import SpeedCache
+from gpulab.ui.text import calibration_text
 
 # (n_layer, n_embd): calibration uses 6x1024 and 8x1536; these are other shapes
 VALIDATION_MODELS = ((12, 1024), (16, 768))
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
             return replace(p, layer_devices=tuple(run.report.layer_devices))
 
         plans = {label: plan_of(prof, cfg, measured[label].run) for (label, _, cfg), prof in zip(items, meta)}
-        for label, _, cfg in items:
+        for label, _, _cfg in items:
             # leave one out: the calibration plus every other config's runs
             loo = SpeedCache(Path(tmp) / "loo.json")
             loo.data = json.loads(cache_path.read_text())

@@ -29,19 +29,19 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchkit import add_rpc_run_args, loadavg  # noqa: E402 (after the path set-up)
+from benchkit import add_rpc_run_args, loadavg
 
-from gpulab import read_profile  # noqa: E402
-from gpulab.core.config import SplitConfig  # noqa: E402
-from gpulab.core.placement.planner import plan  # noqa: E402
-from gpulab.core.measure.speed import fit_allreduce_stage, predict_speed  # noqa: E402
-from gpulab.runtime.calibrate import _spec, calibrate, measure_best  # noqa: E402
-from gpulab.runtime.rpc import start_servers  # noqa: E402
-from gpulab.runtime.worker import Worker  # noqa: E402
-from gpulab.sources.host import host_device  # noqa: E402
-from gpulab.sources.synth import write_model  # noqa: E402
-from gpulab.storage.speed_cache import SpeedCache  # noqa: E402
-from gpulab.ui.text import calibration_text  # noqa: E402
+from gpulab import read_profile
+from gpulab.core.config import SplitConfig
+from gpulab.core.measure.speed import fit_allreduce_stage, predict_speed
+from gpulab.core.placement.planner import plan
+from gpulab.runtime.calibrate import _spec, calibrate, measure_best
+from gpulab.runtime.rpc import start_servers
+from gpulab.runtime.worker import Worker
+from gpulab.sources.host import host_device
+from gpulab.sources.synth import write_model
+from gpulab.storage.speed_cache import SpeedCache
+from gpulab.ui.text import calibration_text
 
 # (n_layer, n_embd), Q4_0: 12x1024 is 82 MB (bandwidth-bound tg), 8x2048 is 220 MB (wider layers:
 # the same all-reduce count per layer moves twice the activations, against four times the bytes)
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         fitted = replace(model, link=replace(model.link, allreduce_latency_s=stage_s))
         print(f"all-reduce stage fitted on {ref} tg: {stage_s * 1e6:.0f} us (calibration's: "
               f"{model.link.allreduce_stage_s * 1e6:.0f} us; its hop latency {model.link.latency_s * 1e6:.0f} us)")
-        for label, _, cfg in items:
+        for label, _, _cfg in items:
             s = predict_speed(plans[label], model, n_prompt=n_prompt, n_gen=n_gen)
             f = predict_speed(plans[label], fitted, n_prompt=n_prompt, n_gen=n_gen)
             b = measured[label]

@@ -53,10 +53,10 @@ def main() -> int:
     a = ap.parse_args()
 
     from gpulab.runtime.rpc import start_servers
-    from gpulab.storage.results import ResultsStore
     from gpulab.runtime.sweep import run_sweep
     from gpulab.runtime.worker import Worker
     from gpulab.sources.demo import demo_model_path
+    from gpulab.storage.results import ResultsStore
 
     model = str(demo_model_path())
     prof = read_profile(model)
@@ -122,7 +122,7 @@ def main() -> int:
                 store = ResultsStore(tmp / f"tune-{objective}-{rnd}.jsonl")   # empty: every config costs a load
                 tuner = Tuner(prof, devices, configs, objective=objective, n_prompt=N_PROMPT, n_gen=N_GEN)
 
-                def one(config):
+                def one(config, store=store):
                     res = run_sweep(model, [config], n_prompt=N_PROMPT, n_gen=N_GEN, repetitions=REPS,
                                     n_threads=THREADS, store=store, measure=measure, progress=False)
                     return (*_pp_tg(res.points[0].records), True)
@@ -169,6 +169,7 @@ def main() -> int:
 
 def simulate(prof, grid, configs, budget, say) -> None:
     import numpy as np
+
     from gpulab.core.devices import Device
     from gpulab.core.placement.planner import plan
     GiB = 1 << 30
@@ -197,14 +198,14 @@ def simulate(prof, grid, configs, budget, say) -> None:
                     for d in plans[c].devices:
                         b = d.weights_bytes + d.kv_bytes - (prof.input_weights_bytes if d.is_host else 0)
                         if b > 0:
-                            t += b / bw[d.name] + hop[d.name]
-                            tp += b / (bw[d.name] * ppf[d.name]) + hop[d.name] / 20
-                    tp *= fa[c.flash_attn] * ub[c.n_ubatch]
-                    n = (lambda: rng.normal(1, noise)) if noisy else (lambda: 1.0)
+                            t += b / bw[d.name] + hop[d.name]   # noqa: B023 - called in this iteration only
+                            tp += b / (bw[d.name] * ppf[d.name]) + hop[d.name] / 20   # noqa: B023 - called in this iteration only
+                    tp *= fa[c.flash_attn] * ub[c.n_ubatch]   # noqa: B023 - called in this iteration only
+                    n = (lambda: rng.normal(1, noise)) if noisy else (lambda: 1.0)   # noqa: B023 - called in this iteration only
                     return 1 / (tp * n()), 1 / (t * n())
 
                 def val(c, noisy=False):
-                    return objective_value(objective, *truth(c, noisy), N_PROMPT, N_GEN)
+                    return objective_value(objective, *truth(c, noisy), N_PROMPT, N_GEN)   # noqa: B023 - called in this iteration only
                 best = max(val(c) for c in configs)
                 tuner = Tuner(prof, devices, configs, objective=objective, host=host, n_prompt=N_PROMPT, n_gen=N_GEN)
                 pick, _ = run_tuner(tuner, lambda c: (*truth(c), True), budget)

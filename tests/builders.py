@@ -1,114 +1,79 @@
-"""Hand-built objects for unit tests (importable as `builders`: tests/ is on pythonpath)."""
+"""Hand-built objects for unit tests (importable as `builders`: tests/ is on pythonpath).
+
+The synthetic models live in gpulab.testing (bench scripts and notebooks use them too); this
+module adds what only tests use: canned runs, a markdown table reader, llama.cpp's tolerance.
+Test modules share helpers through here, never by importing one another.
+"""
 
 from __future__ import annotations
 
-from gpulab.core.profile import LayerProfile, ModelProfile, TensorInfo
-from gpulab.sources.synth import moe_profile as make_moe_profile  # noqa: F401 (a MoE shaped like a real one)
+import re
 
-MiB = 1024**2
+from gpulab.core.config import SplitConfig
+from gpulab.core.measure.results import BenchRun, throughput_from_samples
+from gpulab.core.report import BufferReport, LoadReport
+from gpulab.sources.synth import moe_profile as make_moe_profile
+from gpulab.testing import MiB, make_hand_moe_profile, make_llama_profile, make_profile
 
+__all__ = ["MiB", "UUID", "make_profile", "make_hand_moe_profile", "make_llama_profile", "make_moe_profile",
+           "make_run", "gpu_run", "parse_md", "close_to_llama"]
 
-def _laid_out(tensors):
-    """The tensors with file offsets, one after the other (the host's mapped span needs them)."""
-    from dataclasses import replace
-    out, at = [], 1 << 20
-    for t in tensors:
-        out.append(replace(t, offset=at))
-        at += t.n_bytes
-    return out
+UUID = "GPU-11111111-2222-3333-4444-555555555555"   # gpu_run's CUDA0
 
 
-def make_profile(n_layer: int = 30, layer_bytes: int = 60 * MiB, n_head: int = 32, n_head_kv: int = 8,
-                 head_dim: int = 128, embd_bytes: int = 300 * MiB, out_bytes: int = 400 * MiB,
-                 tied: bool = False, swa_layers: tuple[int, ...] = (), n_swa: int = 0,
-                 n_vocab: int = 128256, n_embd: int = 4096) -> ModelProfile:
-    """A hand-built profile for planner rules; its shape, not its file, matters."""
-    layers = tuple(
-        LayerProfile(index=i, tensors=(TensorInfo(f"blk.{i}.ffn_down.weight", "Q4_0", (n_embd, n_embd), layer_bytes),),
-                     n_head=n_head, n_head_kv=n_head_kv, n_embd_head_k=head_dim, n_embd_head_v=head_dim,
-                     is_swa=i in swa_layers)
-        for i in range(n_layer))
-    out = (TensorInfo("output_norm.weight", "F32", (n_embd,), 4 * n_embd),)
-    if not tied:
-        out += (TensorInfo("output.weight", "Q6_K", (n_embd, n_vocab), out_bytes),)
-    emb = (TensorInfo("token_embd.weight", "Q4_0", (n_embd, n_vocab), embd_bytes),)
-    placed = iter(_laid_out([*emb, *(t for layer in layers for t in layer.tensors), *out]))
-    emb = (next(placed),)
-    from dataclasses import replace
-    layers = tuple(replace(layer, tensors=tuple(next(placed) for _ in layer.tensors)) for layer in layers)
-    out = tuple(next(placed) for _ in out)
-    return ModelProfile(path="hand-built", arch="llama", name="hand-built", file_bytes=0, n_layer=n_layer,
-                        n_embd=n_embd, n_ff=4 * n_embd, n_vocab=n_vocab, n_ctx_train=8192, layers=layers,
-                        input_tensors=emb, output_tensors=out, tied_output=tied, n_swa=n_swa)
+def make_run(**over) -> BenchRun:
+    """A two-RPC-device run of a 1B llama with every field set; `over` replaces fields."""
+    report = LoadReport(
+        layer_devices=("RPC0",) * 3 + ("RPC1",) * 2, devices=("RPC0", "RPC1"),
+        buffers=(BufferReport("RPC0", "RPC0[127.0.0.1:1]", "model", 30 * MiB),
+                 BufferReport("RPC1", "RPC0[127.0.0.1:2]", "model", 25 * MiB),
+                 BufferReport("CPU", "CPU_Mapped", "model", 60 * MiB),
+                 BufferReport("RPC0", "RPC0[127.0.0.1:1]", "kv", 3 * MiB),
+                 BufferReport("RPC1", "RPC0[127.0.0.1:2]", "kv", 1 * MiB),
+                 BufferReport("CPU", "CPU", "output", MiB // 2),
+                 BufferReport("RPC0", "RPC0[127.0.0.1:1]", "compute", 10 * MiB),
+                 BufferReport("CPU", "CPU", "compute", 2 * MiB)),
+        kv_layer_devices=("RPC0",) * 3 + ("RPC1",), kv_total_bytes=4 * MiB, log="a log\n")
+    kw = dict(model_path="/m/x.gguf", model_bytes=123 * MiB, config=SplitConfig(tensor_split=(3, 1), n_ctx=640),
+              report=report, pp=throughput_from_samples(512, 0, [1_000_000_000, 1_100_000_000]),
+              tg=throughput_from_samples(0, 128, [2_000_000_000, 2_000_000_000]), load_seconds=1.5, n_threads=2,
+              devices=("RPC0", "RPC1"), plan={"model": {"arch": "llama"}, "devices": [], "layers": []},
+              timestamp="2025-01-02T03:04:05Z", build="llama-cpp-python-0.3.36", model_type="llama 1B Q4_0",
+              model_n_params=1_235_814_400, model_hash="abcd", cpu_info="AMD EPYC", gpu_info="127.0.0.1:1",
+              backends="RPC", run_id="r1", notes=("n1",))
+    kw.update(over)
+    return BenchRun(**kw)
 
 
-def make_hand_moe_profile(n_layer: int = 8, expert_bytes: int = 40 * MiB, dense_bytes: int = 4 * MiB, n_expert: int = 8,
-                     n_embd: int = 1024, n_vocab: int = 32000) -> ModelProfile:
-    """A small hand-built MoE (sizes in bytes, not shapes): each layer an attention matrix, the router and
-    three expert stacks. For a MoE shaped like a real one, make_moe_profile (gpulab.sources.synth)."""
-    from dataclasses import replace
-    base = make_profile(n_layer=n_layer, layer_bytes=dense_bytes, n_embd=n_embd, n_vocab=n_vocab,
-                        embd_bytes=20 * MiB, out_bytes=20 * MiB)
-    layers = []
-    for layer in base.layers:
-        i = layer.index
-        ts = (TensorInfo(f"blk.{i}.attn_q.weight", "Q8_0", (n_embd, n_embd), dense_bytes),
-              TensorInfo(f"blk.{i}.ffn_gate_inp.weight", "F32", (n_embd, n_expert), 4 * n_embd * n_expert),
-              *(TensorInfo(f"blk.{i}.ffn_{k}_exps.weight", "Q8_0", (n_embd, 512, n_expert), expert_bytes // 3)
-                for k in ("gate", "up", "down")))
-        layers.append(replace(layer, tensors=ts))
-    return replace(base, layers=tuple(layers), n_expert=n_expert, n_expert_used=2)
-_BYTES_PER_BLOCK = {"F32": (1, 4), "F16": (1, 2), "Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_K": (256, 144)}
+def gpu_run(nvml_used: int | None = 900 * MiB, **over) -> BenchRun:
+    """A one-GPU run (CUDA0, UUID) with its plan and NVML's peak; `over` replaces fields."""
+    report = LoadReport(
+        layer_devices=("CUDA0",) * 5, devices=("CUDA0",),
+        buffers=(BufferReport("CUDA0", "CUDA0", "model", 500 * MiB),
+                 BufferReport("CPU", "CPU_Mapped", "model", 560 * MiB),
+                 BufferReport("CUDA0", "CUDA0", "kv", 64 * MiB),
+                 BufferReport("CPU", "CPU", "output", 1 * MiB),
+                 BufferReport("CUDA0", "CUDA0", "compute", 100 * MiB),
+                 BufferReport("CPU", "CUDA_Host", "compute", 8 * MiB)))
+    plan = {"devices": [
+        {"name": "CUDA0", "total_bytes": 80 << 30, "free_bytes": 79 << 30, "weights_bytes": 505 * MiB,
+         "kv_bytes": 64 * MiB, "compute_bytes": 90 * MiB, "used_bytes": 659 * MiB, "fits": True},
+        {"name": "CPU", "total_bytes": 0, "free_bytes": 0, "weights_bytes": 60 * MiB, "kv_bytes": 0,
+         "compute_bytes": 10 * MiB, "used_bytes": 70 * MiB, "fits": True}]}
+    kw = dict(model_path="m.gguf", model_bytes=560 * MiB, config=SplitConfig(), report=report, plan=plan,
+              devices=("CUDA0",), nvml_peak_bytes={"CUDA0": nvml_used} if nvml_used is not None else {},
+              device_uuids={"CUDA0": UUID}, nvml_per_process=True)
+    kw.update(over)
+    return BenchRun(**kw)
 
 
-def _tensor(name: str, shape: tuple[int, ...], gtype: str) -> TensorInfo:
-    block, size = _BYTES_PER_BLOCK[gtype]
-    n = 1
-    for d in shape:
-        n *= d
-    return TensorInfo(name, gtype, shape, n // block * size)
-
-
-def make_llama_profile(n_layer: int = 4, n_embd: int = 512, n_ff: int = 1536, n_head: int = 8, n_head_kv: int = 2,
-                       n_vocab: int = 4096, weight_type: str = "F16", n_expert: int = 0, n_ff_exp: int = 0,
-                       tied: bool = False, arch: str = "llama", swa_layers: tuple[int, ...] = ()) -> ModelProfile:
-    """Every tensor of a llama-shaped model (or a qwen3moe-shaped one with n_expert), with the
-    names and shapes llama.cpp gives them: for rules that cut tensors (split mode tensor)."""
-    hd = n_embd // n_head
-    wt = weight_type
-    layers = []
-    for i in range(n_layer):
-        b = f"blk.{i}."
-        ts = [_tensor(b + "attn_norm.weight", (n_embd,), "F32"),
-              _tensor(b + "attn_q.weight", (n_embd, n_head * hd), wt),
-              _tensor(b + "attn_k.weight", (n_embd, n_head_kv * hd), wt),
-              _tensor(b + "attn_v.weight", (n_embd, n_head_kv * hd), wt),
-              _tensor(b + "attn_output.weight", (n_head * hd, n_embd), wt),
-              _tensor(b + "ffn_norm.weight", (n_embd,), "F32")]
-        if n_expert:
-            ts += [_tensor(b + "ffn_gate_inp.weight", (n_embd, n_expert), "F32"),
-                   _tensor(b + "ffn_gate_exps.weight", (n_embd, n_ff_exp, n_expert), wt),
-                   _tensor(b + "ffn_up_exps.weight", (n_embd, n_ff_exp, n_expert), wt),
-                   _tensor(b + "ffn_down_exps.weight", (n_ff_exp, n_embd, n_expert), wt)]
-        else:
-            ts += [_tensor(b + "ffn_gate.weight", (n_embd, n_ff), wt),
-                   _tensor(b + "ffn_up.weight", (n_embd, n_ff), wt),
-                   _tensor(b + "ffn_down.weight", (n_ff, n_embd), wt)]
-        layers.append(LayerProfile(index=i, tensors=tuple(ts), n_head=n_head, n_head_kv=n_head_kv, n_embd_head_k=hd,
-                                   n_embd_head_v=hd, is_swa=i in swa_layers))
-    emb = (_tensor("token_embd.weight", (n_embd, n_vocab), wt),)
-    out = (_tensor("output_norm.weight", (n_embd,), "F32"),)
-    if not tied:
-        out += (_tensor("output.weight", (n_embd, n_vocab), wt),)
-    placed = iter(_laid_out([*emb, *(t for layer in layers for t in layer.tensors), *out]))
-    from dataclasses import replace
-    emb = (next(placed),)
-    layers = [replace(layer, tensors=tuple(next(placed) for _ in layer.tensors)) for layer in layers]
-    out = tuple(next(placed) for _ in out)
-    return ModelProfile(path="hand-built", arch=arch, name=f"hand-built {arch}", file_bytes=0, n_layer=n_layer,
-                        n_embd=n_embd, n_ff=n_ff, n_vocab=n_vocab, n_ctx_train=4096, layers=tuple(layers),
-                        input_tensors=emb, output_tensors=out, tied_output=tied, n_expert=n_expert,
-                        n_expert_used=2 if n_expert else 0, n_swa=256 if swa_layers else 0)
+def parse_md(text: str) -> tuple[list[str], list[dict]]:
+    """(header, rows as dicts) of a markdown table in `text`."""
+    lines = [ln for ln in text.splitlines() if ln.startswith("|")]
+    cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
+    head, sep, rows = cells[0], cells[1], cells[2:]
+    assert all(re.fullmatch(r"-+[-:]", s) for s in sep)
+    return head, [dict(zip(head, r)) for r in rows]
 
 
 def close_to_llama(predicted: int, actual: int) -> bool:

@@ -109,9 +109,9 @@ def test_inspect_ot_lists_what_each_rule_matches_first_match_wins(capsys, moe_mo
     assert "ffn_gate_exps.weight, ffn_up_exps.weight, ffn_down_exps.weight of blk 0,1,2" in out
     assert "38.25 MiB" in out
 def test_plan_without_split_flags_shows_what_llama_server_fits_and_the_plain_split(capsys, model):
-    from gpulab.core.policies.server_fit import fit
-    from gpulab.core.devices import parse_sim_spec
     from gpulab.core.config import SplitConfig
+    from gpulab.core.devices import parse_sim_spec
+    from gpulab.core.policies.server_fit import fit
     from gpulab.sources.read import read_profile
     code, out, err = run(capsys, "plan", model, "--sim", "2x600MiB", "-fitt", "595", "--json")
     d = json.loads(out)

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from gpulab.cli import main
-from gpulab.core.units import GiB, MiB
+from gpulab.core.units import GiB
 from gpulab.sources.synth import SynthSpec, write_model
 
 
@@ -232,6 +232,7 @@ def test_fleet_plan_on_a_cluster_says_what_the_search_did(capsys, models):
 
 def test_the_progress_line_goes_to_a_terminal_and_is_cleared():
     import io
+
     from gpulab.commands.fleet import _Progress
     stream = io.StringIO()
     bar = _Progress(True, stream)

@@ -7,13 +7,13 @@ import pytest
 pytest.importorskip("IPython")
 pytest.importorskip("ipywidgets")
 
-from IPython.core.error import UsageError  # noqa: E402
-from IPython.testing.globalipapp import start_ipython  # noqa: E402
-from IPython.utils.capture import capture_output  # noqa: E402
+from IPython.core.error import UsageError
+from IPython.testing.globalipapp import start_ipython
+from IPython.utils.capture import capture_output
 
-import gpulab  # noqa: E402
-from gpulab import cli  # noqa: E402
-from gpulab.magics import build_parser  # noqa: E402
+import gpulab
+from gpulab import cli
+from gpulab.magics import build_parser
 
 PLOTLY = "application/vnd.plotly.v1+json"
 
@@ -120,7 +120,8 @@ def test_plan_matches_the_planner_and_shows_figures(ip, model):
         r = magic(ip, f"plan {model} --sim 2x1GiB -ts 1,3 -c 2048 -ctk q8_0 -ngl 5")
     from gpulab.sources.detect import host_device
     want = gpulab.plan(gpulab.read_profile(model), gpulab.parse_sim_spec("2x1GiB"),
-                       gpulab.SplitConfig(tensor_split=(1, 3), n_ctx=2048, type_k="q8_0", n_gpu_layers=5), host_device())
+                       gpulab.SplitConfig(tensor_split=(1, 3), n_ctx=2048, type_k="q8_0", n_gpu_layers=5),
+                       host_device())
     assert r.plan.layer_devices == want.layer_devices
     assert [d.kv_bytes for d in r.plan.devices] == [d.kv_bytes for d in want.devices]
     figs = [o for o in cap.outputs if PLOTLY in o.data]

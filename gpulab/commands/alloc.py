@@ -13,8 +13,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..core.exports.render import TARGETS
-from .flags import (add_config_flags, add_device_flags, add_json_flag, add_model_arg, config_from_args,
-                    devices_from_args, model_path)
+from .flags import (
+    add_config_flags,
+    add_device_flags,
+    add_json_flag,
+    add_model_arg,
+    config_from_args,
+    devices_from_args,
+    model_path,
+)
 from .result import Result
 
 __all__ = ["register", "run"]
@@ -73,7 +80,8 @@ def _list(a, session) -> Result:
         meas = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in x.measurement.items()
                          if k.endswith("tokens_per_s") or k == "objective")
         lines.append(f"{Path(x.model_path).name}  [{x.model_fingerprint[:12]}]  on {','.join(r['devices']) or 'CPU'}  "
-                     f"-ngl {r['n_gpu_layers']} -ts {ts} -c {r['n_ctx']}  {meas}  ({x.created}, {x.path.name})")
+                     f"-ngl {r['n_gpu_layers']} -ts {ts} -c {r['n_ctx']}  {meas}  "
+                     f"({x.created}, {x.path.name if x.path else ''})")
     return Result(text="\n".join(lines), data=rows, rows=rows, objects={"allocations": found})
 
 
@@ -85,6 +93,7 @@ def _show(a, session) -> Result:
     if x is None:
         config_for(path, devices, None)   # raises, naming the missing devices, when stale ones exist
         return Result(notes=[f"no saved allocation for {a.model} on these devices"], exit_code=1)
+    assert x.path is not None   # found on disk
     text = f"# {x.path}\n" + x.path.read_text().rstrip("\n")
     notes = []
     if a.to:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 
 from ..core.measure.llama_bench import OUTPUT_FORMATS
-from .flags import add_policy_flag, add_bench_flags, add_config_flags, add_device_flags, add_model_arg
+from .flags import add_bench_flags, add_config_flags, add_device_flags, add_model_arg, add_policy_flag
 from .result import Result
 
 __all__ = ["register", "run"]
@@ -75,10 +75,12 @@ class _Bar:
 
 
 def run(a, session) -> Result:
+    from ..runtime.llama_lib import require
+    require()   # llama-cpp-python: the `run` extra
     from dataclasses import replace
 
-    from ..core.measure.llama_bench import format_results
     from ..core.errors import ConfigError
+    from ..core.measure.llama_bench import format_results
     from ..core.measure.reconcile import comparison_rows, reconcile
     from ..core.measure.results import to_llama_bench_records
     from ..sources.host import default_threads

@@ -42,6 +42,8 @@ def register(sub, frontend: str) -> None:
 
 
 def run(a: argparse.Namespace, session) -> Result:
+    from ..runtime.llama_lib import require
+    require()   # llama-cpp-python: the `run` extra
     from ..core.devices import parse_endpoints
     from ..core.errors import ConfigError
     from ..runtime.calibrate import calibrate

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from ..core.errors import GpulabError
 from ..core.exports.render import TARGETS, render
-from .flags import add_policy_flag, add_config_flags, add_device_flags, add_json_flag, add_model_arg
+from .flags import add_config_flags, add_device_flags, add_json_flag, add_model_arg, add_policy_flag
 from .result import Result
 
 __all__ = ["register", "run"]

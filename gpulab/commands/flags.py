@@ -13,8 +13,8 @@ from ..core.config import SplitConfig
 from ..core.policies.apply import ALL_POLICIES
 from ..core.settings import SETTINGS, check_settings_cover_config, value_from_text
 
-__all__ = ["RULE_SETTINGS", "add_config_flags", "config_from_args", "add_device_flags", "devices_from_args", "add_bench_flags",
-           "add_model_arg", "model_path", "add_json_flag"]
+__all__ = ["RULE_SETTINGS", "add_config_flags", "config_from_args", "add_device_flags", "devices_from_args",
+           "add_bench_flags", "add_model_arg", "model_path", "add_json_flag"]
 
 
 RULE_SETTINGS = ("tensor_overrides", "cpu_moe", "n_cpu_moe", "n_cpu_ffn")   # what makes tensor override rules

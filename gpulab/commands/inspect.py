@@ -24,8 +24,8 @@ def run(a, session) -> Result:
     from html import escape
 
     from ..core.overrides import effective_rules
-    from ..core.schema import profile_to_dict
     from ..core.placement.tensors import rule_matches
+    from ..core.schema import profile_to_dict
     from ..sources.read import read_profile
     from ..ui.html import profile_html, profile_rows
     from ..ui.text import profile_text, rules_text

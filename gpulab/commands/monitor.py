@@ -21,6 +21,7 @@ def run(a, session) -> Result:
     models = None
     if a.fleet:
         from pathlib import Path
+
         from ..sources.model_refs import resolve_model
         from ..storage.fleet_files import read_any_fleet
         fleet, _ = read_any_fleet(a.fleet)

@@ -16,8 +16,16 @@ from __future__ import annotations
 import shlex
 from html import escape as _escape
 
-from .flags import (add_config_flags, add_device_flags, add_json_flag, add_model_arg, add_policy_flag,
-                    config_from_args, devices_from_args, model_path)
+from .flags import (
+    add_config_flags,
+    add_device_flags,
+    add_json_flag,
+    add_model_arg,
+    add_policy_flag,
+    config_from_args,
+    devices_from_args,
+    model_path,
+)
 from .result import Result
 
 __all__ = ["register", "run", "planned"]
@@ -69,6 +77,7 @@ def _with_ctx(a):
     """The arguments with gpulab's defaults where -c or -np was not given (plan leaves them unset to
     know: llama-server's own defaults differ, see server_fit)."""
     from argparse import Namespace
+
     from ..core.config import SplitConfig
     missing = {k: getattr(SplitConfig(), attr) for k, attr in (("ctx_size", "n_ctx"), ("parallel", "n_seq_max"))
                if hasattr(a, k) and getattr(a, k) is None}

@@ -18,6 +18,8 @@ def register(sub, frontend: str) -> None:
 
 
 def run(a, session) -> Result:
+    from ..runtime.llama_lib import require
+    require()   # llama-cpp-python: the `run` extra
     from ..runtime.rpc import serve
     serve(a.host, a.port, device=a.device, threads=a.threads, cache_dir=a.cache_dir)
     return Result()

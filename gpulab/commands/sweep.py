@@ -78,6 +78,8 @@ def measuring_setup(a: argparse.Namespace, session):
 
 
 def run(a, session) -> Result:
+    from ..runtime.llama_lib import require
+    require()   # llama-cpp-python: the `run` extra
     from ..core.config import SplitConfig
     from ..runtime.sweep import run_sweep
     from ..storage.results import ResultsStore

@@ -45,6 +45,8 @@ def _ts(c) -> str:
 
 
 def run(a: argparse.Namespace, session) -> Result:
+    from ..runtime.llama_lib import require
+    require()   # llama-cpp-python: the `run` extra
     from ..core.config import SplitConfig
     from ..core.exports.render import render
     from ..core.measure.sweep_grid import parse_grid
@@ -124,8 +126,8 @@ def _fit_candidate(prof, devices, base, one, a, best_value):
     placement measured at the tune's context like every candidate: fit maximises what it offloads,
     and this says how far that is from the fastest placement found."""
     from ..core.config import SplitConfig
-    from ..core.policies.server_fit import fit
     from ..core.measure.tune import objective_value
+    from ..core.policies.server_fit import fit
     r = fit(prof, devices, SplitConfig(n_ctx=0))
     if not r.ok:
         return f"llama-server's -fit gives up here ({r.reasons[-1]})", {"status": r.status}

@@ -128,11 +128,11 @@ class SplitConfig:
         """llama.cpp splits by free memory when tensor_split is absent or all zero."""
         return not any(self.tensor_split)
 
-    def with_ctx(self, n_ctx_train: int) -> "SplitConfig":
+    def with_ctx(self, n_ctx_train: int) -> SplitConfig:
         """-c 0 resolved as llama_context does: the model's training context (llama_context ctor)."""
         return self if self.n_ctx else replace(self, n_ctx=n_ctx_train or 4096)
 
-    def replace(self, **changes) -> "SplitConfig":
+    def replace(self, **changes) -> SplitConfig:
         return replace(self, **changes)
 
 

@@ -106,27 +106,28 @@ class ModelProfile:
 
     @property
     def weights_bytes(self) -> int:
-        return sum(l.weights_bytes for l in self.layers) + sum(
+        return sum(layer.weights_bytes for layer in self.layers) + sum(
             t.n_bytes for t in self.input_tensors + self.output_tensors + self.other_tensors)
 
     @cached_property
     def max_n_embd_v_gqa(self) -> int:
         """The V row llama.cpp pads every layer to when V is transposed (no flash attention)."""
-        return max((l.n_embd_v_gqa for l in self.layers if l.has_kv), default=0)
+        return max((layer.n_embd_v_gqa for layer in self.layers if layer.has_kv), default=0)
 
     @cached_property
     def active_bytes_per_layer(self) -> tuple[int, ...]:
         """Weight bytes one token reads in each layer: all dense tensors, and of the expert
         tensors only the n_expert_used / n_expert share the router picks."""
         share = self.n_expert_used / self.n_expert if self.n_expert else 1.0
-        return tuple(int(l.weights_bytes - l.expert_bytes + share * l.expert_bytes) for l in self.layers)
+        return tuple(int(layer.weights_bytes - layer.expert_bytes + share * layer.expert_bytes)
+                     for layer in self.layers)
 
     @cached_property
     def active_params_per_layer(self) -> tuple[int, ...]:
         """Matrix elements one token multiplies with in each layer (2 FLOPs each)."""
         share = self.n_expert_used / self.n_expert if self.n_expert else 1.0
         return tuple(int(sum((share if t.is_expert else 1.0) * t.n_elements
-                                 for t in l.tensors if len(t.shape) >= 2)) for l in self.layers)
+                                 for t in layer.tensors if len(t.shape) >= 2)) for layer in self.layers)
 
     @cached_property
     def output_params(self) -> int:

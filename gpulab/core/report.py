@@ -87,7 +87,7 @@ class LoadReport:
                 "overridden": [list(x) for x in self.overridden]}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "LoadReport":
+    def from_dict(cls, d: dict) -> LoadReport:
         return cls(layer_devices=tuple(d["layer_devices"]), buffers=tuple(BufferReport(**b) for b in d["buffers"]),
                    devices=tuple(d["devices"]), log=d.get("log", ""),
                    kv_layer_devices=tuple(d.get("kv_layer_devices", ())), dry_run=d.get("dry_run", False),

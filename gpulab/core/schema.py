@@ -20,9 +20,9 @@ def profile_to_dict(p: ModelProfile) -> dict:
         "input_tensors": [_tensor(t) for t in p.input_tensors],
         "output_tensors": [_tensor(t) for t in p.output_tensors],
         "layers": [{
-            "index": l.index, "weights_bytes": l.weights_bytes, "expert_bytes": l.expert_bytes,
-            "n_head": l.n_head, "n_head_kv": l.n_head_kv, "n_embd_head_k": l.n_embd_head_k,
-            "n_embd_head_v": l.n_embd_head_v, "is_swa": l.is_swa, "has_kv": l.has_kv,
-            "tensors": [_tensor(t) for t in l.tensors],
-        } for l in p.layers],
+            "index": layer.index, "weights_bytes": layer.weights_bytes, "expert_bytes": layer.expert_bytes,
+            "n_head": layer.n_head, "n_head_kv": layer.n_head_kv, "n_embd_head_k": layer.n_embd_head_k,
+            "n_embd_head_v": layer.n_embd_head_v, "is_swa": layer.is_swa, "has_kv": layer.has_kv,
+            "tensors": [_tensor(t) for t in layer.tensors],
+        } for layer in p.layers],
     }

@@ -5,7 +5,8 @@ A row here is what a SplitConfig field needs to become a command-line flag (gpul
 builds the CLI's and the magics' parsers from this table), a lab control (gpulab.ui.lab), and a
 field of llama_model_params / llama_context_params (gpulab.runtime.params walks this table). How
 each *export target* spells the setting is gpulab.core.exports.render.SPELLINGS, the one other table a
-new setting needs a row in; both tables are checked to cover SplitConfig (tests/core/test_settings.py, tests/core/exports/test_render.py).
+new setting needs a row in; both tables are checked to cover SplitConfig (tests/core/test_settings.py,
+tests/core/exports/test_render.py).
 
 Flags are llama-server's (common/arg.cpp of the vendored llama.cpp), short spelling first.
 """

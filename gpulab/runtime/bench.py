@@ -38,13 +38,14 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from ..core.config import SplitConfig
 from ..core.devices import Device
-from ..core.measure.results import BenchRun, throughput_from_samples
 from ..core.errors import ConfigError, LoadError
-from . import llama_lib
+from ..core.measure.results import BenchRun, throughput_from_samples
 from ..sources.host import default_threads
+from . import llama_lib
 from .crash import guard
 from .model import LoadedModel, open_model
 
@@ -63,7 +64,7 @@ class _ThreadpoolParams(ctypes.Structure):   # struct ggml_threadpool_params (gg
 
 
 _extras_lock = threading.Lock()
-_extras: dict[str, object] = {}
+_extras: dict[str, Any] = {}   # threadpool functions ('tp'), ggml_commit ('commit')
 
 
 def _threadpool_fns():
@@ -252,8 +253,8 @@ def _now_iso() -> str:
 def _plan_dict(loaded: LoadedModel) -> tuple[dict | None, str | None]:
     """The planner's prediction for the config llama.cpp got, on the devices it saw at load."""
     try:
-        from ..sources.read import read_profile
         from ..core.placement.planner import plan
+        from ..sources.read import read_profile
         devices = list(loaded.devices)
         host = next((d for d in devices if d.kind == "cpu"), None)
         offload = [d for d in devices if d.is_offload]

@@ -35,14 +35,19 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ..core.config import SplitConfig
 from ..core.devices import HOST_NAME, Device
 from ..core.measure.speed import SpeedModel, design_row
 from ..core.measure.speed_priors import link_default
+from ..core.run import Run
 from ..sources.host import cpu_model
 from ..storage.speed_cache import SpeedCache, cache_key, host_key_here
 from .rpc import round_trip
+
+if TYPE_CHECKING:
+    from .worker import RemoteModel
 
 __all__ = ["Calibration", "calibrate", "update_from_run", "measure_best", "Best",
            "CALIBRATION_MODELS"]
@@ -82,7 +87,7 @@ class Calibration:
 @dataclass
 class Best:
     """Several measurements of one config reduced to one figure per test (see measure_best)."""
-    run: object                        # the Run of the first round
+    run: Run                           # the Run of the first round
     runs: list = field(default_factory=list)   # every round's Run
     stat: str = "median"
 
@@ -110,7 +115,7 @@ class Best:
     @property
     def pp_ts(self) -> float:
         s = self.pp_s
-        return self.run.pp.n_prompt / s if s else 0.0
+        return self.run.pp.n_prompt / s if s and self.run.pp else 0.0
 
     @property
     def tg_mean_ts(self) -> float:
@@ -137,7 +142,7 @@ def measure_best(worker, items, *, rounds: int = 1, repetitions: int = 2, n_prom
     at a time with a listen backlog of 1, so while this worker holds a model on it, the
     reachability checks of the next load (gpulab.runtime.model) find it unreachable."""
     out: dict[str, Best] = {}
-    opened: dict[str, object] = {}
+    opened: dict[str, RemoteModel] = {}
     done, total = 0, max(1, rounds * len(items) + (len(items) if keep_loaded else 0))
 
     def tick(label: str) -> None:
@@ -146,7 +151,7 @@ def measure_best(worker, items, *, rounds: int = 1, repetitions: int = 2, n_prom
             progress(label, done / total)
         done += 1
 
-    kw = dict(n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions, n_threads=n_threads, nvml=False)
+    kw: dict[str, Any] = dict(n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions, n_threads=n_threads, nvml=False)
     try:
         if keep_loaded:
             for label, path, cfg in items:
@@ -178,7 +183,7 @@ def _best_seconds(run, kind: str, stat: str = "best") -> float | None:
     return (1.0 / ts) if kind == "tg" else (n / ts)
 
 
-def _run_plan(profile, devices: list[Device], config: SplitConfig, layer_devices) -> "object":
+def _run_plan(profile, devices: list[Device], config: SplitConfig, layer_devices) -> object:
     """The plan llama.cpp carried out: the planner's, with llama.cpp's reported placement."""
     from ..core.placement.planner import plan
     host = next((d for d in devices if d.kind == "cpu"), None)
@@ -257,8 +262,9 @@ def calibrate(endpoints=(), *, devices: list[str] | None = None, n_threads: int 
                 offload = [d for d in offload if d.name in devices]
             host_dev = next((d for d in seen if d.kind == "cpu"),
                             Device(name=HOST_NAME, total_bytes=0, free_bytes=0, source="host", kind="cpu"))
+            host_key = host_key_here(n_threads)
             key_of = {d.name: cache_key(d) for d in offload}
-            key_of[HOST_NAME] = host_key_here(n_threads)
+            key_of[HOST_NAME] = host_key
             # (label, model index, config)
             configs = []
             for i, _ in enumerate(paths):
@@ -285,8 +291,10 @@ def calibrate(endpoints=(), *, devices: list[str] | None = None, n_threads: int 
         # a fresh calibration replaces what was measured of these devices before
         cache.drop({key_of[d.name] for d in offload} | ({key_of[HOST_NAME]} if host else set()))
         for d in offload:
-            cache.note_device(key_of[d.name], d, rtt_s=rtt.get(d.endpoint))
-        cache.note_device(key_of[HOST_NAME], host_dev, description=cpu_model(), threads=n_threads)
+            key = key_of[d.name]
+            if key is not None:   # a device with no identity on this host (cache_key) is not kept
+                cache.note_device(key, d, rtt_s=rtt.get(d.endpoint))
+        cache.note_device(host_key, host_dev, description=cpu_model(), threads=n_threads)
         _note_link_bandwidth(cache, best, profiles, offload, key_of)
         runs = []
         tensor_runs = []
@@ -318,11 +326,13 @@ def _note_allreduce(cache: SpeedCache, profile, config: SplitConfig, best, devic
     """The seconds of one all-reduce stage (gpulab.core.measure.speed.fit_allreduce_stage) from a -sm tensor
     run, the devices' fitted figures held, kept with the link class: over RPC a stage is several
     round trips through the client, much more than a layer split's hop."""
-    from ..core.placement.planner import plan as make_plan
     from ..core.measure.speed import fit_allreduce_stage
+    from ..core.placement.planner import plan as make_plan
     if best.tg_s is None:
         return
     p = make_plan(profile, [d for d in devices if d.kind != "cpu"], config)
+    if p.tensor_parallel is None:   # not a -sm tensor plan: no all-reduce to fit
+        return
     members = [d for d in devices if d.name in p.tensor_parallel.devices]
     cls = "rpc" if any(d.kind == "rpc" for d in members) else "local"
     stage = fit_allreduce_stage(p, cache.model_for(devices, n_threads), best.tg_s, n_gen=n_gen)
@@ -361,7 +371,7 @@ def _run_keys(run, devices: list[Device] | None = None) -> dict:
     """Device name -> cache key for the devices of a Run."""
     keys = {HOST_NAME: host_key_here(run.n_threads or None)}
     by_name = {d.name: d for d in devices or ()}
-    endpoints = {}
+    endpoints: dict[str, str] = {}
     for b in run.report.buffers:   # 'RPC0[127.0.0.1:50052]'
         if "[" in b.buffer_type and b.buffer_type.endswith("]"):
             endpoints.setdefault(b.device, b.buffer_type[b.buffer_type.index("[") + 1:-1])
@@ -369,8 +379,8 @@ def _run_keys(run, devices: list[Device] | None = None) -> dict:
     for name in list(run.devices) + [d for d in run.report.layer_devices if d != HOST_NAME]:
         if name in keys:
             continue
-        if name in by_name and cache_key(by_name[name]):
-            keys[name] = cache_key(by_name[name])
+        if name in by_name and (key := cache_key(by_name[name])):
+            keys[name] = key
         elif name in endpoints:
             keys[name] = f"rpc:{endpoints[name]}"
         elif name in uuids:

@@ -100,8 +100,8 @@ def _start_watcher():
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     try:
-        subprocess.Popen([sys.executable, "-m", "gpulab.runtime.crash", "--watch", str(r), str(os.getpid())], pass_fds=(r,),
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env)
+        subprocess.Popen([sys.executable, "-m", "gpulab.runtime.crash", "--watch", str(r), str(os.getpid())],
+                         pass_fds=(r,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env)
     except OSError:
         os.close(r)
         os.close(w)

@@ -19,25 +19,28 @@ import socket
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
-from ..core.devices import Device, split_endpoint
+from ..core.devices import Device, DeviceKind, split_endpoint
 from ..core.errors import ConfigError, DeviceSpecError, RuntimeUnavailableError
 
 __all__ = [
-    "lib_dir", "llama_cpp", "ggml", "rpc_lib", "rpc_supported", "llama_devices",
+    "require", "lib_dir", "llama_cpp", "ggml", "rpc_lib", "rpc_supported", "llama_devices",
     "device_handle", "default_device_names", "endpoint_reachable",
     "DEV_TYPE_NAMES",
 ]
 
-_INSTALL_HINT = ('install it with the RPC backend: CMAKE_ARGS="-DGGML_RPC=ON" pip install --force-reinstall '
-                 '--no-cache-dir llama-cpp-python==0.3.36 (about 5 minutes to build), or run scripts/setup.sh')
+# measuring needs the `run` extra (pyproject.toml): llama-cpp-python, built here with the RPC backend
+_INSTALL_HINT = ("""install gpulab's run extra with the RPC backend: CMAKE_ARGS="-DGGML_RPC=ON" """
+                 """pip install 'gpulab[run]' (builds llama-cpp-python 0.3.36, about 5 minutes), """
+                 "or run scripts/setup.sh")
 
 # enum ggml_backend_dev_type (ggml/include/ggml-backend.h)
 DEV_TYPE_NAMES = {0: "CPU", 1: "GPU", 2: "IGPU", 3: "ACCEL", 4: "META"}
-_KIND_OF_TYPE = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel", 4: "meta"}
+_KIND_OF_TYPE: dict[int, DeviceKind] = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel", 4: "meta"}
 
 _lock = threading.RLock()
-_libs: dict[str, object] = {}
+_libs: dict[str, Any] = {}   # loaded CDLLs and the llama_cpp module
 
 
 class _DevCaps(ctypes.Structure):  # struct ggml_backend_dev_caps
@@ -80,6 +83,12 @@ _RPC_SIGNATURES = {
 }
 
 
+def require() -> None:
+    """RuntimeUnavailableError, one line naming the `run` extra, where llama-cpp-python is not
+    installed: the commands that measure call this before they start."""
+    lib_dir()
+
+
 def lib_dir() -> Path:
     """llama_cpp/lib of the installed llama-cpp-python, found without importing it; or
     $LLAMA_CPP_LIB_PATH, where llama-cpp-python itself then loads libllama from (llama_cpp.py
@@ -111,7 +120,7 @@ def _soname_candidates(base: str) -> list[str]:
 def _open(base: str, signatures: dict, missing_msg: str) -> ctypes.CDLL:
     with _lock:
         if base in _libs:
-            return _libs[base]  # type: ignore[return-value]
+            return _libs[base]
         d = lib_dir()
         path = next((d / n for n in _soname_candidates(base) if (d / n).exists()), None)
         if path is None:
@@ -162,12 +171,12 @@ def rpc_supported() -> bool:
 def llama_cpp():
     """The llama_cpp module, imported on first use; backend initialised, logging made quiet."""
     with _lock:
-        mod = _libs.get("llama_cpp")
-        if mod is not None:
-            return mod
+        loaded = _libs.get("llama_cpp")
+        if loaded is not None:
+            return loaded
         ggml()  # the registry the module's libllama will share (same soname)
         try:
-            import llama_cpp as mod  # noqa: PLC0415 (heavy: only on first use)
+            import llama_cpp as mod
         except ImportError as e:
             raise RuntimeUnavailableError(f"cannot import llama_cpp ({e}); {_INSTALL_HINT}") from None
         except OSError as e:
@@ -246,7 +255,7 @@ def _device(g, dev: int, rpc: bool) -> Device:
     total, free = int(props.memory_total), int(props.memory_free)
     free = min(free, total) if total else free
     total = max(total, free)
-    kind = "rpc" if rpc else _KIND_OF_TYPE.get(props.type, "gpu")
+    kind: DeviceKind = "rpc" if rpc else _KIND_OF_TYPE.get(props.type, "gpu")
     dev_id = (props.device_id or b"").decode()
     server_index = 0
     if rpc:   # its buffer type is 'RPC<index within its server>[<endpoint>]' (ggml_backend_rpc_buffer_type)

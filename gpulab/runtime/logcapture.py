@@ -27,7 +27,7 @@ __all__ = ["LogCapture", "capture_log", "parse_load_log", "install_quiet_logger"
 LEVEL_NONE, LEVEL_DEBUG, LEVEL_INFO, LEVEL_WARN, LEVEL_ERROR, LEVEL_CONT = range(6)
 
 _lock = threading.Lock()
-_sinks: list["LogCapture"] = []
+_sinks: list[LogCapture] = []
 _callback = None          # the ctypes callback; referenced for the life of the process
 _last_level = LEVEL_INFO  # for LEVEL_CONT pieces in quiet mode
 _lcp_logger = logging.getLogger("llama-cpp-python")
@@ -100,10 +100,11 @@ class LogCapture:
             except Exception:  # noqa: BLE001
                 self.echo = None
 
-    def __enter__(self) -> "LogCapture":
+    def __enter__(self) -> LogCapture:
         lc = _module
         if lc is None:
-            raise RuntimeError("LogCapture before llama.cpp was loaded: call gpulab.runtime.llama_lib.llama_cpp() first")
+            raise RuntimeError("LogCapture before llama.cpp was loaded: "
+                               "call gpulab.runtime.llama_lib.llama_cpp() first")
         with _lock:
             _sinks.append(self)
             # (re)install: someone (e.g. llama_cpp.Llama) may have set another logger since

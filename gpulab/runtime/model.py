@@ -22,8 +22,8 @@ from pathlib import Path
 
 from ..core.config import SplitConfig
 from ..core.devices import Device
-from ..core.report import LoadReport
 from ..core.errors import ConfigError, DeviceError, DoesNotFitError, LoadError
+from ..core.report import LoadReport
 from . import llama_lib
 from .crash import guard
 from .logcapture import LogCapture, parse_load_log
@@ -87,7 +87,7 @@ class LoadedModel:
             lc.llama_model_free(model)
         llama_lib.release_endpoints(self._endpoints)
 
-    def __enter__(self) -> "LoadedModel":
+    def __enter__(self) -> LoadedModel:
         return self
 
     def __exit__(self, *exc) -> None:

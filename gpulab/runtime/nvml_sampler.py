@@ -72,7 +72,7 @@ class NvmlSampler:
                 value = max(0, used - self.baseline_bytes.get(name, used))
             self.peak_bytes[name] = max(self.peak_bytes.get(name, 0), value)
 
-    def start(self) -> "NvmlSampler":
+    def start(self) -> NvmlSampler:
         if self._probe is None:
             from ..sources.nvml import NvmlProbe
             self._probe = NvmlProbe()
@@ -119,7 +119,7 @@ class NvmlSampler:
             except Exception:  # noqa: BLE001
                 pass
 
-    def __enter__(self) -> "NvmlSampler":
+    def __enter__(self) -> NvmlSampler:
         return self.start()
 
     def __exit__(self, *exc) -> None:

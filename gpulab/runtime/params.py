@@ -94,19 +94,20 @@ def llama_params(config: SplitConfig, devices: list[Device] | None = None, *,
                     if g.ggml_backend_dev_type(h) == 0:   # GGML_BACKEND_DEVICE_TYPE_CPU
                         raise ConfigError(f"--device {name}: the CPU is not an offload device; layers "
                                           "not offloaded stay on it anyway (use -ngl, or --device none)")
-                arr = (ctypes.c_void_p * (len(handles) + 1))(*handles, None)
-                mp.devices = ctypes.cast(arr, ctypes.c_void_p).value
-                keep.append(arr)
+                dev_arr = (ctypes.c_void_p * (len(handles) + 1))(*handles, None)
+                mp.devices = ctypes.cast(dev_arr, ctypes.c_void_p).value
+                keep.append(dev_arr)
         elif f.attr == "tensor_overrides":
             # llama_model_params.tensor_buft_overrides: a {pattern, buft} array ending in {NULL,
             # NULL} (include/llama.h). llama-cpp-python declares the field but leaves it unused;
             # ctypes fills it. -cmoe, -ncmoe and -ncffn are rules too (gpulab.core.overrides).
             rules = effective_rules(config)
             if rules:
-                arr = (_BuftOverride * (len(rules) + 1))(
-                    *[(r.pattern.encode(), _buffer_type(g, r.target)) for r in rules], (None, None))
-                mp.tensor_buft_overrides = ctypes.cast(arr, ctypes.c_void_p).value
-                keep.append(arr)
+                ot_arr = (_BuftOverride * (len(rules) + 1))(
+                    *[_BuftOverride(r.pattern.encode(), _buffer_type(g, r.target)) for r in rules],
+                    _BuftOverride())   # zeroed: {NULL, NULL}
+                mp.tensor_buft_overrides = ctypes.cast(ot_arr, ctypes.c_void_p).value
+                keep.append(ot_arr)
         elif f.attr in ("cpu_moe", "n_cpu_moe", "n_cpu_ffn"):
             continue          # in the tensor_overrides array above
         elif f.attr in ("fit", "fit_target", "fit_ctx"):

@@ -64,7 +64,7 @@ def is_loopback(host: str) -> bool:
         infos = socket.getaddrinfo(host, None)
     except OSError:
         return False
-    return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
+    return bool(infos) and all(ipaddress.ip_address(str(i[4][0]).split("%")[0]).is_loopback for i in infos)
 
 
 def insecure_bind_warning(host: str, port: int) -> str | None:
@@ -224,7 +224,7 @@ class RpcServer:
         self.threads, self.cache_dir, self.startup_timeout = threads, cache_dir, startup_timeout
         self._proc: subprocess.Popen | None = None
         self._log_path = ""
-        self._finalizer = None
+        self._finalizer: weakref.finalize | None = None
 
     @property
     def endpoint(self) -> str:
@@ -291,7 +291,7 @@ class RpcServer:
                                   f"{self.startup_timeout:.0f} s")
             time.sleep(0.05)
 
-    def start(self) -> "RpcServer":
+    def start(self) -> RpcServer:
         if self.alive:
             return self
         llama_lib.rpc_lib()  # fail here, clearly, when llama.cpp has no RPC backend
@@ -310,13 +310,13 @@ class RpcServer:
             _warn_if_registered([self.endpoint])
 
     def _stop(self) -> bool:
-        stopped = self._finalizer is not None and self._finalizer.alive
-        if stopped:
-            self._finalizer()  # runs _kill once
-        self._finalizer = None
-        return stopped
+        fin, self._finalizer = self._finalizer, None
+        if fin is None or not fin.alive:
+            return False
+        fin()  # runs _kill once
+        return True
 
-    def __enter__(self) -> "RpcServer":
+    def __enter__(self) -> RpcServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -341,7 +341,7 @@ class RpcCluster:
         stopped = [s.endpoint for s in self.servers if s._stop()]
         _warn_if_registered(stopped)
 
-    def __enter__(self) -> "RpcCluster":
+    def __enter__(self) -> RpcCluster:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -469,7 +469,7 @@ def probe(endpoint: str, timeout: float = 5.0) -> tuple[tuple[int, int, int], in
                                   f"llama.cpp needs {RPC_PROTO_MAJOR}.{RPC_PROTO_MINOR}.x: run the same "
                                   "llama.cpp version on both sides")
             return (major, minor, patch), _device_count(s)
-    except socket.timeout:
+    except TimeoutError:
         raise DeviceError(f"the RPC server at {endpoint} did not answer within {timeout:g} s; it serves one "
                           "client at a time, so another process may be connected to it") from None
     except ConnectionRefusedError:

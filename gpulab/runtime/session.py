@@ -20,13 +20,17 @@ Each device carries the runtime overhead learned for it (gpulab.storage.overhead
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import TYPE_CHECKING
 
 from ..core.devices import Device, parse_endpoints
 from ..core.errors import DeviceSpecError
 from ..sources.detect import detect_devices
 from ..storage.overheads import learned_overhead
+
+if TYPE_CHECKING:
+    from .worker import Worker
 
 __all__ = ["Session", "DeviceChoice"]
 
@@ -53,7 +57,7 @@ class Session:
         self._probe = probe          # a DeviceProbe for tests; None: the real NVML
         self._env = env
         self._worker_factory = worker_factory   # endpoints -> a Runtime; None: gpulab's Worker
-        self._workers: dict[tuple[str, ...], object] = {}
+        self._workers: dict[tuple[str, ...], Worker] = {}
         self._clusters: list = []
 
     def worker(self, endpoints: Sequence[str] = ()):
@@ -93,6 +97,7 @@ class Session:
 
         def from_worker() -> list[Device]:
             nonlocal seen
+            assert worker is not None   # only asked for where there is one
             if seen is None:
                 seen = list(worker.devices())
             return seen
@@ -122,7 +127,7 @@ class Session:
         self._workers.clear()
         self._clusters.clear()
 
-    def __enter__(self) -> "Session":
+    def __enter__(self) -> Session:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -28,6 +28,7 @@ def run_smoke(model: str) -> str:
     t0 = time.perf_counter()
     run = measure(model, SplitConfig(devices=("none",), n_ctx=256, n_batch=N_PROMPT, n_ubatch=N_PROMPT),
                   n_prompt=N_PROMPT, n_gen=N_GEN, repetitions=1, warmup=False, nvml=False)
+    assert run.pp is not None and run.tg is not None   # both tests were asked for
     return (f"smoke test passed: {N_PROMPT}-token prompt at {run.pp.avg_ts:.0f} t/s and {N_GEN} tokens at "
             f"{run.tg.avg_ts:.0f} t/s on {run.cpu_info or 'the CPU'} ({time.perf_counter() - t0:.1f} s)")
 

@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from ..core.config import SplitConfig
+from ..core.errors import GpulabError
 from ..core.measure.llama_bench import format_results
 from ..core.measure.results import BenchRun, config_from_dict, config_to_dict
-from ..core.run import Run
 from ..core.measure.sweep_grid import Grid
-from ..core.errors import GpulabError
+from ..core.run import Run
 
 __all__ = ["run_sweep", "sweep", "SweepResult", "SweepPoint", "sweep_key", "ProgressBar", "pareto_front"]
 
@@ -80,7 +80,7 @@ class SweepResult:
     def to_frame(self):
         """One row per test (pp, tg) of every finished point: the grid's values, llama-bench's
         fields, and the memory the plan left on the fullest device (for a headroom/speed Pareto)."""
-        import pandas as pd   # lazily: pandas is an optional (jupyter) dependency
+        import pandas as pd  # lazily: pandas is an optional (jupyter) dependency
         rows = []
         for p in self.points:
             for r in p.records:

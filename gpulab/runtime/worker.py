@@ -24,14 +24,18 @@ import threading
 import traceback
 from dataclasses import asdict
 from pathlib import Path
+from typing import IO, TYPE_CHECKING
 
 from ..core import errors as gerrors
 from ..core.config import SplitConfig
 from ..core.devices import Device
+from ..core.errors import GpulabError, LoadError
 from ..core.report import LoadReport
 from ..core.run import Run
-from ..core.errors import GpulabError, LoadError
 from .crash import describe_death
+
+if TYPE_CHECKING:
+    from .model import LoadedModel
 
 __all__ = ["Worker", "RemoteModel"]
 
@@ -55,8 +59,8 @@ class Worker:
             raise ValueError(f"timeout_s must be positive or None, got {timeout_s!r}")
         self.rpc_endpoints = tuple(rpc_endpoints)
         self.timeout_s = timeout_s
-        self.proc: subprocess.Popen | None = None
-        self._err = None
+        self.proc: subprocess.Popen[str] | None = None
+        self._err: IO[bytes] | None = None
         self._timed_out = False
         # the pipe carries one request at a time: every call holds this (a lab's measurement in
         # a thread, the monitor polling devices)
@@ -92,35 +96,44 @@ class Worker:
         return self._err.read().decode(errors="replace")
 
     def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.stdin.close()
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            if proc.stdin is not None:
+                proc.stdin.close()
             try:
-                self.proc.wait(20)
+                proc.wait(20)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+                proc.kill()
+                proc.wait(5)
         if self._err is not None:
             self._err.close()
         self.proc, self._err = None, None
 
-    def __enter__(self) -> "Worker":
+    def __enter__(self) -> Worker:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
     # -- requests ----------------------------------------------------------------------------
+    def _started(self) -> subprocess.Popen[str]:
+        # requests and deaths only come between _start and close
+        assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
+        return self.proc
+
     def _request(self, op: str, args: dict, on_progress=None):
+        proc = self._started()
+        assert proc.stdin is not None and proc.stdout is not None   # started with pipes
         try:
-            self.proc.stdin.write(json.dumps({"op": op, "args": args}) + "\n")
-            self.proc.stdin.flush()
+            proc.stdin.write(json.dumps({"op": op, "args": args}) + "\n")
+            proc.stdin.flush()
         except (BrokenPipeError, OSError):
             pass   # the worker is gone; reading its stdout below says so
         self._timed_out = False
         while True:
             watchdog = self._watchdog()
             try:
-                line = self.proc.stdout.readline()
+                line = proc.stdout.readline()
             finally:
                 if watchdog is not None:
                     watchdog.cancel()
@@ -134,7 +147,7 @@ class Worker:
                     on_progress(*answer["progress"])
                 except BaseException:
                     # the caller gave up: the worker's answer never comes, so it cannot be reused
-                    self.proc.kill()
+                    proc.kill()
                     self.close()
                     raise
         if "error" in answer:
@@ -147,7 +160,7 @@ class Worker:
     def _watchdog(self) -> threading.Timer | None:
         if self.timeout_s is None:
             return None
-        proc = self.proc
+        proc = self._started()
 
         def expire() -> None:
             self._timed_out = True
@@ -159,17 +172,18 @@ class Worker:
         return t
 
     def _died(self, op: str):
+        proc = self._started()
         if self._timed_out:
-            self.proc.wait(10)
+            proc.wait(10)
             raise LoadError(f"the gpulab worker gave no answer within {self.timeout_s:g} s during {op}"
                             + (" (an RPC server it used stopped answering?)" if self.rpc_endpoints else "")
                             + "; it was killed. This process is fine; the next call starts a new worker.")
         try:
-            self.proc.wait(10)
+            proc.wait(10)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-        code = self.proc.returncode
+            proc.kill()
+            proc.wait(5)
+        code = proc.returncode
         lines = [ln for ln in self.stderr().strip().splitlines() if ln.strip()]
         # llama.cpp's own reason (GGML_ABORT prints 'file:line: message' before the backtrace)
         reason = [ln.strip() for ln in lines if "GGML_ABORT" in ln or "error" in ln.lower()
@@ -223,7 +237,7 @@ class Worker:
                         nvml=nvml)
         return run_from_dict(raw)
 
-    def open(self, path: str | os.PathLike, config: SplitConfig | None = None) -> "RemoteModel":
+    def open(self, path: str | os.PathLike, config: SplitConfig | None = None) -> RemoteModel:
         """Load a model in the worker and keep it open there: measure it, re-split it, close it.
 
         The in-worker counterpart of open_model + measure_loaded + resplit, for RPC devices."""
@@ -252,10 +266,14 @@ class RemoteModel:
         self.notes = tuple(raw.get("notes", ()))
         self.closed = False
 
+    def _same_worker(self) -> bool:
+        proc = self.worker.proc
+        return self.worker.alive and proc is not None and proc.pid == self._pid
+
     def _call(self, op: str, _on_progress=None, **args):
         if self.closed:
             raise LoadError(f"{Path(self.path).name} is closed in the worker; open it again")
-        if not self.worker.alive or self.worker.proc.pid != self._pid:
+        if not self._same_worker():
             self.closed = True
             raise LoadError(f"the worker that held {Path(self.path).name} has ended (llama.cpp aborted it?); "
                             "open the model again")
@@ -269,7 +287,7 @@ class RemoteModel:
                          repetitions=repetitions, n_threads=n_threads, warmup=warmup, seed=seed, nvml=nvml)
         return run_from_dict(raw)
 
-    def resplit(self, config: SplitConfig) -> "RemoteModel":
+    def resplit(self, config: SplitConfig) -> RemoteModel:
         """Close and reload with `config` in the worker (gpulab.runtime.bench.resplit); `ready_seconds`
         is then the time from this call's start in the worker to a context ready to measure."""
         from ..core.measure.results import config_to_dict
@@ -279,13 +297,13 @@ class RemoteModel:
     owns_worker = False   # set by gpulab.load(isolate=True): the worker ends with the model
 
     def close(self) -> None:
-        if not self.closed and self.worker.alive and self.worker.proc.pid == self._pid:
+        if not self.closed and self._same_worker():
             self.worker.call("close", id=self.id)
         self.closed = True
         if self.owns_worker:
             self.worker.close()
 
-    def __enter__(self) -> "RemoteModel":
+    def __enter__(self) -> RemoteModel:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -329,7 +347,7 @@ def _serve() -> None:
         from ..core.measure.results import config_from_dict, run_to_dict
         from .bench import measure
 
-        last = {}
+        last: dict[str, float] = {}
 
         def progress(phase: str, fraction: float) -> None:
             # llama.cpp reports load progress hundreds of times: pass on whole percents
@@ -341,7 +359,7 @@ def _serve() -> None:
         cfg = config_from_dict(config) if config is not None else None
         return run_to_dict(measure(path, cfg, progress=progress, **kw))
 
-    models: dict[int, object] = {}    # open models by id (Worker.open)
+    models: dict[int, LoadedModel] = {}    # open models by id (Worker.open)
 
     def _answer(mid, m):
         from ..core.measure.results import config_to_dict

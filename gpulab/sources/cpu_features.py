@@ -117,7 +117,9 @@ def decide(host: HostCpu, force_off: tuple[str, ...] = ()) -> BuildDecision:
         return BuildDecision(notes=(f"{host.system or 'this OS'}: only Linux hosts are probed",))
     if host.machine not in ("x86_64", "AMD64", "i686", "i386"):
         return BuildDecision(notes=(f"{host.machine}: no XSAVE-gated features to check",))
-    off, flags, reasons = [], [], []
+    off: list[str] = []
+    flags: list[str] = []
+    reasons: list[str] = []
     for g in FEATURE_GROUPS:
         advertised = [f for f in g.flags if f in host.flags]
         if not advertised:

@@ -84,7 +84,7 @@ def detect_devices(*, sim: str | None = None, rpc_devices: Callable[[], Sequence
     elif use_nvml:
         origin = "NVML"
         own_probe = probe is None
-        if own_probe:
+        if probe is None:
             from .nvml import NvmlProbe
             probe = NvmlProbe()
         try:

@@ -232,6 +232,7 @@ def _read_value(w: _Walker, key: str) -> tuple[int, object]:
 
 def _read_tensor_info(w: _Walker, fail) -> _Tensor:
     name = w.string("a tensor name", _GGML_MAX_NAME - 1, strict=True)
+    assert name is not None   # strict: a name too long raised
     n_dims = w.scalar("I")
     if n_dims > _GGML_MAX_DIMS:
         raise fail(f"tensor {name!r} has {n_dims} dimensions (at most {_GGML_MAX_DIMS})")

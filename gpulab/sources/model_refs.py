@@ -26,8 +26,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 
 from ..core.errors import ConfigError
 from ..core.fleet.model import ModelRef, parse_model_ref

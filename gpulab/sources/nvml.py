@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 from ..core.devices import Device
 from ..core.errors import DeviceError
@@ -66,7 +67,7 @@ class GpuInfo:
     memory_clock_mhz: int | None = None       # the maximum memory clock, not the (idle) current one
     memory_bus_width_bits: int | None = None
     mig_enabled: bool = False                 # MIG mode is on: CUDA sees its MIG devices, not it
-    mig_devices: tuple["GpuInfo", ...] = ()   # the MIG devices of a MIG-enabled GPU
+    mig_devices: tuple[GpuInfo, ...] = ()   # the MIG devices of a MIG-enabled GPU
     parent_index: int | None = None           # set on MIG devices: the physical GPU's NVML index
     gpu_instance_id: int | None = None        # MIG: for the legacy MIG-GPU-<uuid>/<gi>/<ci> ids
     compute_instance_id: int | None = None
@@ -164,7 +165,7 @@ class NvmlProbe:
                 pass
         self._unavailable = None
 
-    def __enter__(self) -> "NvmlProbe":
+    def __enter__(self) -> NvmlProbe:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -217,7 +218,7 @@ class NvmlProbe:
         util = q("nvmlDeviceGetUtilizationRates", handle)
         pci = q("nvmlDeviceGetPciInfo", handle) if parent is None else None
         mig_mode = q("nvmlDeviceGetMigMode", handle) if parent is None else None
-        mig_enabled = bool(mig_mode) and mig_mode[0] == getattr(
+        mig_enabled = mig_mode is not None and bool(mig_mode) and mig_mode[0] == getattr(
             self._nvml, "NVML_DEVICE_MIG_ENABLE", _NVML_DEVICE_MIG_ENABLE)
         info = GpuInfo(
             index=index,

@@ -15,8 +15,8 @@ import time
 import urllib.error
 import urllib.request
 
-from ..core.profile import ModelProfile
 from ..core.errors import ModelFormatError, RemoteModelError
+from ..core.profile import ModelProfile
 from .gguf_arch import build_profile
 from .gguf_header import Truncated, parse_header
 
@@ -90,7 +90,7 @@ class _Fetcher:
             if isinstance(e.reason, (TimeoutError, socket.timeout)):
                 raise RemoteModelError(f"{self.url}: timed out after {self.timeout_s:g} s") from None
             raise RemoteModelError(f"{self.url}: cannot connect ({e.reason})") from None
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             raise RemoteModelError(f"{self.url}: timed out after {self.timeout_s:g} s") from None
         except (OSError, ValueError) as e:   # http.client errors, bad URLs
             raise RemoteModelError(f"{self.url}: request failed ({e})") from None
@@ -128,7 +128,7 @@ class _Fetcher:
             self._set_socket_timeout(resp)
             try:
                 chunk = resp.read(min(_READ_CHUNK, length - len(out)))
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 raise RemoteModelError(f"{self.url}: timed out after {self.timeout_s:g} s") from None
             except OSError as e:
                 raise RemoteModelError(f"{self.url}: connection failed ({e})") from None

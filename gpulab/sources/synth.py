@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import pathlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -102,7 +102,7 @@ def _tensors(s: SynthSpec) -> list[tuple[str, tuple[int, ...], str]]:
     wt, hd = s.weight_type, s.head_dim_
     q, kv = s.n_head * hd, s.n_head_kv * hd
     ff_exp = s.n_ff_exp or s.n_ff
-    out = [("token_embd.weight", (s.n_embd, s.n_vocab), wt)]
+    out: list[tuple[str, tuple[int, ...], str]] = [("token_embd.weight", (s.n_embd, s.n_vocab), wt)]
     for i in range(s.n_layer):
         b = f"blk.{i}."
         out += [(b + "attn_norm.weight", (s.n_embd,), "F32"),
@@ -208,10 +208,11 @@ def synth_profile(spec: SynthSpec, path: str = "synth (not written)"):
     _check(spec)
     if spec.sliding_window:
         raise ValueError("synth_profile does not place sliding-window layers; write the model and read it")
-    tensors, at = [], 0
-    for n, shape, t in _tensors(spec):
-        nb = _n_bytes(shape, t)
-        tensors.append(TensorInfo(n, t, shape, nb, at))
+    tensors: list[TensorInfo] = []
+    at = 0
+    for n, shape, gtype in _tensors(spec):
+        nb = _n_bytes(shape, gtype)
+        tensors.append(TensorInfo(n, gtype, shape, nb, at))
         at += -(-nb // 32) * 32          # GGUF's default alignment
     hd = spec.head_dim_
     by_layer: dict[int, list] = {}
@@ -290,7 +291,7 @@ def _write(w, s: SynthSpec, tensors: list[tuple[str, tuple[int, ...], str, int]]
             end = (end + w.data_alignment - 1) // w.data_alignment * w.data_alignment + nbytes
         f.truncate((end + w.data_alignment - 1) // w.data_alignment * w.data_alignment)
         return
-    for name, shape, gtype, nbytes in tensors:
+    for _name, shape, gtype, nbytes in tensors:
         w.write_padding(f, f.tell())
         if len(shape) == 1:            # norm weights: 1.0, the identity scale
             f.write(ones[:nbytes])
@@ -308,7 +309,7 @@ def _write(w, s: SynthSpec, tensors: list[tuple[str, tuple[int, ...], str, int]]
     w.write_padding(f, f.tell())
 
 
-_LLAMA3 = dict(n_head=32, n_head_kv=8, n_vocab=128256, n_ctx_train=8192, weight_type="Q4_0")
+_LLAMA3: dict[str, Any] = dict(n_head=32, n_head_kv=8, n_vocab=128256, n_ctx_train=8192, weight_type="Q4_0")
 
 PRESETS: dict[str, SynthSpec] = {
     # fast tests: ~1 MiB, loads and decodes in well under a second on CPU
@@ -325,7 +326,7 @@ PRESETS: dict[str, SynthSpec] = {
 
 def moe_profile(n_layer: int = 48, n_embd: int = 2048, n_expert: int = 128, n_expert_used: int = 8,
                 n_ff_exp: int = 768, n_head: int = 32, n_head_kv: int = 4, head_dim: int = 128,
-                n_vocab: int = 151936, bits_per_weight: float = 4.5, name: str = "moe") -> "ModelProfile":
+                n_vocab: int = 151936, bits_per_weight: float = 4.5, name: str = "moe") -> ModelProfile:
     """The profile of a MoE model shaped like a real one, without writing it (defaults:
     Qwen3-30B-A3B at ~4.5 bits per weight): per layer attention, norms, a router and three
     expert stacks of n_expert experts each, named, shaped and ordered as write_model writes a
@@ -341,7 +342,7 @@ def moe_profile(n_layer: int = 48, n_embd: int = 2048, n_expert: int = 128, n_ex
             n *= d
         return TensorInfo(name_, "Q4_K" if bpw < 16 else "F32", shape, int(n * bpw / 8))
     q, kv = n_head * head_dim, n_head_kv * head_dim
-    layers = []
+    built: list[LayerProfile] = []
     for i in range(n_layer):
         b = f"blk.{i}."
         tensors = (t(b + "attn_norm.weight", (n_embd,), 32), t(b + "attn_q.weight", (n_embd, q)),
@@ -352,18 +353,18 @@ def moe_profile(n_layer: int = 48, n_embd: int = 2048, n_expert: int = 128, n_ex
                    t(b + "ffn_gate_exps.weight", (n_embd, n_ff_exp, n_expert)),
                    t(b + "ffn_up_exps.weight", (n_embd, n_ff_exp, n_expert)),
                    t(b + "ffn_down_exps.weight", (n_ff_exp, n_embd, n_expert)))
-        layers.append(LayerProfile(index=i, tensors=tensors, n_head=n_head, n_head_kv=n_head_kv,
-                                   n_embd_head_k=head_dim, n_embd_head_v=head_dim))
-    emb = (t("token_embd.weight", (n_embd, n_vocab)),)
-    out = (t("output_norm.weight", (n_embd,), 32), t("output.weight", (n_embd, n_vocab)))
+        built.append(LayerProfile(index=i, tensors=tensors, n_head=n_head, n_head_kv=n_head_kv,
+                                  n_embd_head_k=head_dim, n_embd_head_v=head_dim))
+    emb: tuple[TensorInfo, ...] = (t("token_embd.weight", (n_embd, n_vocab)),)
+    out: tuple[TensorInfo, ...] = (t("output_norm.weight", (n_embd,), 32), t("output.weight", (n_embd, n_vocab)))
     at = 1 << 20
     laid = []
-    for x in [*emb, *(x for layer in layers for x in layer.tensors), *out]:
+    for x in [*emb, *(x for layer in built for x in layer.tensors), *out]:
         laid.append(replace(x, offset=at))
         at += x.n_bytes
     placed = iter(laid)
     emb = (next(placed),)
-    layers = tuple(replace(layer, tensors=tuple(next(placed) for _ in layer.tensors)) for layer in layers)
+    layers = tuple(replace(layer, tensors=tuple(next(placed) for _ in layer.tensors)) for layer in built)
     out = tuple(next(placed) for _ in out)
     total = sum(x.n_bytes for x in emb + out) + sum(layer.weights_bytes for layer in layers)
     return ModelProfile(path=f"{name} (no file)", arch="qwen3moe", name=name, file_bytes=total, n_layer=n_layer,

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 from ..core.config import SplitConfig
 from ..core.devices import Device
@@ -56,7 +57,7 @@ class AllocationDevice:
     description: str = ""
 
     @classmethod
-    def of(cls, d: Device) -> "AllocationDevice":
+    def of(cls, d: Device) -> AllocationDevice:
         return cls(d.name, int(d.total_bytes), d.uuid, d.endpoint, d.description)
 
     def matches(self, d: Device) -> bool:
@@ -171,7 +172,8 @@ def _load(path: Path) -> Allocation:
     try:
         doc = read_toml(path)
         known = {f.name for f in fields(SplitConfig)}
-        cfg = {k: (tuple(v) if isinstance(v, list) else v) for k, v in doc["config"].items() if k in known}
+        cfg: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v)
+                               for k, v in doc["config"].items() if k in known}
         version = int(doc.get("version", 1))
         return Allocation(model_fingerprint=doc["model_fingerprint"] if version >= 2 else doc["model_hash"],
                           model_path=doc.get("model_path", ""), model_bytes=int(doc.get("model_bytes", 0)),

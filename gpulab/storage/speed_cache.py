@@ -91,8 +91,8 @@ class SpeedCache:
 
     def speed(self, key: str | None) -> DeviceSpeed | None:
         """The calibrated speed of a key, None when it has no fit."""
-        e = self.devices.get(key) if key else None
-        fit = (e or {}).get("fit")
+        e = (self.devices.get(key) if key else None) or {}
+        fit = e.get("fit")
         if not fit:
             return None
         n = e.get("n_observations", 0)

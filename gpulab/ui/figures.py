@@ -108,6 +108,7 @@ def _tensor_split_traces(plan: Plan, names: list[str], weights, kv) -> list[dict
     """-sm tensor: each layer on the meta device is on every member, in proportion: one trace per
     member with its slice of every such layer (stacked), the host's whole layers as usual."""
     ts = plan.tensor_parallel
+    assert ts is not None   # drawn for -sm tensor plans only
     n = plan.profile.n_layer
     devs = np.asarray(plan.layer_devices)
     meta_idx = np.flatnonzero(devs == ts.meta_name)
@@ -138,7 +139,6 @@ def _layer_traces(plan: Plan, names: list[str]) -> list[dict]:
     weights, kv = layer_bytes(plan)
     if plan.tensor_parallel is not None:
         return _tensor_split_traces(plan, names, weights, kv)
-    total = weights + kv
     n = plan.profile.n_layer
     moe = plan.profile.is_moe
     experts = layer_expert_bytes(plan) if moe else {}
@@ -229,7 +229,8 @@ def _memory_data(plan: Plan, names: list[str], unit: tuple[str, int]) -> tuple[l
                        hovertext=[f"{n} free: {format_bytes(d.free_bytes)}" if d else "" for n, d in zip(names, rows)],
                        hovertemplate="%{hovertext}<extra></extra>"))
     traces.append(dict(x=names, y=total, name="total",
-                       hovertext=[f"{n} total: {format_bytes(d.total_bytes)}" if d else "" for n, d in zip(names, rows)],
+                       hovertext=[f"{n} total: {format_bytes(d.total_bytes)}" if d else ""
+                                  for n, d in zip(names, rows)],
                        hovertemplate="%{hovertext}<extra></extra>"))
     # the deficit in words, over each over-full bar (a text trace keeps the trace count fixed)
     used = [d.used_bytes / usize if d is not None else 0.0 for d in rows]
@@ -254,8 +255,7 @@ def _memory_data(plan: Plan, names: list[str], unit: tuple[str, int]) -> tuple[l
 def _memory_title(plan: Plan) -> str:
     if plan.fits:
         return "fits: memory per device (weights, KV, compute) against free memory"
-    return "<span style='color:%s'><b>DOES NOT FIT</b></span>: %s" % (
-        OVERFULL_COLOR, "; ".join(plan.deficits()))
+    return f"<span style='color:{OVERFULL_COLOR}'><b>DOES NOT FIT</b></span>: {'; '.join(plan.deficits())}"
 
 
 def memory_bars(plan: Plan, *, order: Sequence[str] | None = None, unit: tuple[str, int] | None = None,

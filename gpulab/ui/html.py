@@ -95,10 +95,10 @@ def devices_html(devices: Sequence[Device], host: Device | None = None, note: st
 
 
 def profile_rows(prof: ModelProfile) -> list[dict]:
-    return [{"layer": l.index, "tensors": len(l.tensors), "weights_bytes": l.weights_bytes,
-             "expert_bytes": l.expert_bytes, "n_head": l.n_head, "n_head_kv": l.n_head_kv,
-             "n_embd_head_k": l.n_embd_head_k, "n_embd_head_v": l.n_embd_head_v, "is_swa": l.is_swa,
-             "has_kv": l.has_kv} for l in prof.layers]
+    return [{"layer": layer.index, "tensors": len(layer.tensors), "weights_bytes": layer.weights_bytes,
+             "expert_bytes": layer.expert_bytes, "n_head": layer.n_head, "n_head_kv": layer.n_head_kv,
+             "n_embd_head_k": layer.n_embd_head_k, "n_embd_head_v": layer.n_embd_head_v, "is_swa": layer.is_swa,
+             "has_kv": layer.has_kv} for layer in prof.layers]
 
 
 def profile_html(prof: ModelProfile, max_rows: int = 200) -> str:
@@ -106,9 +106,11 @@ def profile_html(prof: ModelProfile, max_rows: int = 200) -> str:
             f"n_layer {prof.n_layer}, n_embd {prof.n_embd}, n_ff {prof.n_ff}, vocab {prof.n_vocab}, "
             f"ctx_train {prof.n_ctx_train}; input (CPU) {format_bytes(prof.input_weights_bytes)}, output layer "
             f"{format_bytes(prof.output_weights_bytes)}" + (" (tied)" if prof.tied_output else ""))
-    rows = [{"layer": l.index, "tensors": len(l.tensors), "weights": format_bytes(l.weights_bytes),
-             "heads": l.n_head, "kv_heads": l.n_head_kv, "head_k/v": f"{l.n_embd_head_k}/{l.n_embd_head_v}",
-             "swa": "yes" if l.is_swa else "", "kv": "" if l.has_kv else "none"} for l in prof.layers[:max_rows]]
+    rows = [{"layer": layer.index, "tensors": len(layer.tensors), "weights": format_bytes(layer.weights_bytes),
+             "heads": layer.n_head, "kv_heads": layer.n_head_kv,
+             "head_k/v": f"{layer.n_embd_head_k}/{layer.n_embd_head_v}",
+             "swa": "yes" if layer.is_swa else "", "kv": "" if layer.has_kv else "none"}
+            for layer in prof.layers[:max_rows]]
     more = f"<div>… {len(prof.layers) - max_rows} more layers</div>" if len(prof.layers) > max_rows else ""
     return table_html(rows, right=("weights",), caption=head) + more
 

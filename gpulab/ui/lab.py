@@ -29,6 +29,7 @@ import time
 import weakref
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ipywidgets as W
 import plotly.graph_objects as go
@@ -38,21 +39,25 @@ from ..core.devices import HOST_NAME, Device, parse_sim_spec
 from ..core.errors import GpulabError
 from ..core.exports.render import TARGETS, render
 from ..core.ggml_types import KV_CACHE_TYPES
+from ..core.measure.reconcile import comparison_rows
 from ..core.placement.plan import Plan
 from ..core.placement.planner import plan as make_plan
 from ..core.policies.apply import ALL_POLICIES, apply_policy, policy_split
 from ..core.profile import ModelProfile
-from ..core.measure.reconcile import comparison_rows
 from ..core.run import Run
 from ..core.settings import SETTINGS, value_from_text
 from ..core.units import format_bytes
 from . import figures as F
 from .html import exports_html, run_rows, table_html
 
+if TYPE_CHECKING:
+    from ..runtime.session import Session
+
 __all__ = ["SplitLab"]
 
-_POLICY_LABELS = {"llama": "llama.cpp default", "ollama-spread": "ollama spread", "pack": "pack", "balanced": "balanced",
-                  "moe-balance": "MoE balance", "fit": "llama-server -fit", "ollama": "ollama (today)"}
+_POLICY_LABELS = {"llama": "llama.cpp default", "ollama-spread": "ollama spread", "pack": "pack",
+                  "balanced": "balanced", "moe-balance": "MoE balance", "fit": "llama-server -fit",
+                  "ollama": "ollama (today)"}
 # settings with a control of their own below; every other one gets a generic control
 _CUSTOM = {"tensor_split", "devices", "main_gpu", "n_gpu_layers", "split_mode", "n_ctx", "type_k", "type_v",
            "flash_attn"}
@@ -102,11 +107,11 @@ class SplitLab(W.VBox):
         self.error: str | None = None
         self.last_update_s = 0.0
         self._suspend = 0
-        self._handle = None
+        self._handle: asyncio.TimerHandle | None = None
         self._last_draw = 0.0
         self._busy = False
         self._thread: threading.Thread | None = None
-        self._own_session = None
+        self._own_session: Session | None = None
         self.worker = worker
         self.notes: list[str] = []
         self.devices, self.host, self.can_load, self.load_reason = self._resolve_devices(
@@ -160,7 +165,7 @@ class SplitLab(W.VBox):
         self.use_boxes, self.split_sliders, self.share_labels = [], [], []
         rows = []
         sel_i = 0
-        for i, d in enumerate(self.devices):
+        for d in self.devices:
             use = W.Checkbox(value=d.name in chosen, indent=False, layout=W.Layout(width="22px"),
                              tooltip=f"use {d.name}")
             val = 0.0
@@ -289,7 +294,8 @@ class SplitLab(W.VBox):
                       "(try sim='2x24GiB' or virtual=2)</span>")
         left = W.VBox([W.HTML("<b>tensor_split</b> <span style='color:#666;font-size:12px'>(tick = use this "
                               "device; all at 0 = llama.cpp's default, by free memory)</span>"), *rows])
-        right = W.VBox([W.HTML("<b>policies</b> set the sliders"), W.HBox(list(self.policy_buttons.values()), layout=W.Layout(flex_flow="row wrap")),
+        right = W.VBox([W.HTML("<b>policies</b> set the sliders"),
+                        W.HBox(list(self.policy_buttons.values()), layout=W.Layout(flex_flow="row wrap")),
                         self.ngl_slider, self.split_mode, self.main_gpu, self.n_ctx,
                         W.HBox([self.type_k, self.type_v]), self.flash_attn, self.y_scale,
                         *[c for a, c in self.setting_controls.items() if a in _PROMINENT],
@@ -308,7 +314,7 @@ class SplitLab(W.VBox):
 
     def _default_scale(self) -> str:
         # virtual devices report the host's memory: a 100 MiB model would be invisible against it
-        total = sum(l.weights_bytes for l in self.profile.layers) or 1
+        total = sum(layer.weights_bytes for layer in self.profile.layers) or 1
         small = min([d.free_bytes for d in self.devices] or [0])
         return "used" if small and total < 0.05 * small else "device"
 
@@ -437,6 +443,7 @@ class SplitLab(W.VBox):
     def exports(self, p: Plan | None = None) -> dict:
         """{target: Export} of the current (or a given) plan's settings (gpulab.core.exports.render)."""
         p = p or self.plan
+        assert p is not None   # the lab draws a plan when it is built
         return {t: render(p.config, t, model_path=str(self.model_path), n_layer=self.profile.n_layer,
                           devices=self.devices) for t in _EXPORT_TARGETS}
 
@@ -474,7 +481,8 @@ class SplitLab(W.VBox):
             notes.append("split mode tensor: every offloaded layer is cut across the devices (llama.cpp's Meta() "
                          "device); -ts all 0 = equal shares; 2 all-reduces per layer cross the link each token")
         if p.config.split_mode == "none":
-            notes.append(f"split mode none: only -mg's device ({p.offload_devices[0].name if p.offload_devices else 'none'}) is used")
+            mg = p.offload_devices[0].name if p.offload_devices else "none"
+            notes.append(f"split mode none: only -mg's device ({mg}) is used")
         on_cpu = sum(1 for x in p.layer_devices if x == HOST_NAME)
         if on_cpu:
             notes.append(f"{on_cpu} of {p.profile.n_layer + 1} layers stay on the CPU")
@@ -747,7 +755,7 @@ class SplitLab(W.VBox):
     def attach_monitor(self, monitor) -> None:
         """Show a Monitor under the lab; loads and measurements then mark their phases on it."""
         self.monitor = monitor
-        self.children = tuple(self.children) + (monitor,)
+        self.children = [*self.children, monitor]
 
     def to_dataframe(self):
         """This session's runs as a pandas DataFrame (one row per run)."""

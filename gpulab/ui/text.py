@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from ..core.devices import Device
+from ..core.measure.speed import SpeedPrediction
 from ..core.placement.plan import Plan
 from ..core.profile import ModelProfile
-from ..core.measure.speed import SpeedPrediction
 from ..core.units import format_bytes
 
-__all__ = ["fleet_search_lines", "render_table", "plan_rows", "plan_text", "rules_text", "tensor_list", "speed_text", "profile_text",
+__all__ = ["fleet_search_lines",
+           "render_table", "plan_rows", "plan_text", "rules_text", "tensor_list", "speed_text", "profile_text",
            "devices_text", "layer_ranges", "calibration_text", "speed_cache_text", "fleet_text"]
 
 
@@ -139,11 +140,11 @@ def profile_text(prof: ModelProfile) -> str:
         f"{format_bytes(prof.output_weights_bytes)}" + (" (tied to token_embd)" if prof.tied_output else ""),
     ]
     rows = [{
-        "layer": l.index, "tensors": len(l.tensors), "weights": format_bytes(l.weights_bytes),
-        "experts": format_bytes(l.expert_bytes) if l.expert_bytes else "", "heads": l.n_head,
-        "kv_heads": l.n_head_kv, "head_k/v": f"{l.n_embd_head_k}/{l.n_embd_head_v}",
-        "swa": "yes" if l.is_swa else "", "kv": "" if l.has_kv else "none",
-    } for l in prof.layers]
+        "layer": layer.index, "tensors": len(layer.tensors), "weights": format_bytes(layer.weights_bytes),
+        "experts": format_bytes(layer.expert_bytes) if layer.expert_bytes else "", "heads": layer.n_head,
+        "kv_heads": layer.n_head_kv, "head_k/v": f"{layer.n_embd_head_k}/{layer.n_embd_head_v}",
+        "swa": "yes" if layer.is_swa else "", "kv": "" if layer.has_kv else "none",
+    } for layer in prof.layers]
     return "\n".join(head) + "\n" + render_table(rows, right=("weights", "experts"))
 
 
@@ -285,7 +286,8 @@ def fleet_text(fp) -> str:
     devices = [{"device": d.name, "free": format_bytes(d.free_bytes), "keep free": format_bytes(d.keep_free_bytes),
                 "used": format_bytes(d.used_bytes), "left": format_bytes(d.budget_bytes - d.used_bytes),
                 "fits": "yes" if d.fits else f"NO, short by {format_bytes(d.deficit_bytes)}"} for d in fp.devices]
-    out = [render_table(models, right=("-c",)), "", render_table(devices, right=("free", "keep free", "used", "left")), ""]
+    out = [render_table(models, right=("-c",)), "",
+           render_table(devices, right=("free", "keep free", "used", "left")), ""]
     out += [f"search: {line}" for line in fleet_search_lines(fp)]
     out.append(f"fleet {'fits' if fp.fits else 'DOES NOT FIT'} (objective {fp.objective}, {fp.search} search, "
                f"{fp.evaluated} model plans)")

@@ -8,9 +8,18 @@ import subprocess
 import sys
 
 import pytest
+
+from browser.kit import (
+    ARTIFACTS,
+    MEMORY_PLOT,
+    REPO,
+    bar_paths,
+    drag_first_split_slider,
+    free_port,
+    wait_changed,
+    wait_http,
+)
 from processes import stop
-from browser.kit import (ARTIFACTS, MEMORY_PLOT, REPO, bar_paths, drag_first_split_slider, free_port,
-                      wait_changed, wait_http)
 
 pytestmark = pytest.mark.slow
 

@@ -72,7 +72,8 @@ CASES = [
     # -fitc raises the floor of the context reduction
     Case("dense-3-fitc", "dense", 3, (0.7, 0.7, 0.7), SplitConfig(n_ctx=8192), flags=("-fitc", "8192")),
     # quantized KV: a different context per MiB
-    Case("dense-3-kv-q8", "dense", 3, (0.8, 0.8, 0.8), SplitConfig(n_ctx=16384), flags=("-ctk", "q8_0", "-ctv", "q8_0")),
+    Case("dense-3-kv-q8", "dense", 3, (0.8, 0.8, 0.8), SplitConfig(n_ctx=16384),
+         flags=("-ctk", "q8_0", "-ctv", "q8_0")),
     # two sequences, KV not unified (llama-fit-params' default): two streams, steps of 512
     Case("dense-3-np2", "dense", 3, (1.1, 1.1, 1.1), SplitConfig(n_ctx=24576, n_seq_max=2), flags=("-np", "2")),
     # an explicit -c 0 asks for the full context: no reduction, layers only

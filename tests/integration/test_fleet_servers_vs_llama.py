@@ -19,8 +19,8 @@ import urllib.request
 import pytest
 
 from gpulab.core.devices import Device
-from gpulab.core.fleet.model import Fleet, FleetModel
 from gpulab.core.exports.fleet import llama_swap_doc, router_ini
+from gpulab.core.fleet.model import Fleet, FleetModel
 from gpulab.core.fleet.planner import plan_fleet
 from gpulab.sources.read import read_profile
 from gpulab.sources.synth import SynthSpec, write_model
@@ -118,7 +118,8 @@ def test_router_loads_the_exported_presets(tmp_path):
                 except OSError:
                     pass
                 time.sleep(1)
-            assert status == {"chat": "loaded", "coder": "loaded"}, (status, (tmp_path / "router.log").read_text()[-2000:])
+            assert status == {"chat": "loaded", "coder": "loaded"}, \
+                (status, (tmp_path / "router.log").read_text()[-2000:])
             for name in ("chat", "coder"):
                 args = models[name]["status"]["args"]
                 endpoint = next(d.endpoint for d in devices if d.name == fp.placement(name).devices[0])
@@ -126,7 +127,8 @@ def test_router_loads_the_exported_presets(tmp_path):
                 assert args[args.index("--device") + 1] == "RPC0"      # the only server its process registers
                 assert args[args.index("--ctx-size") + 1] == str(fp.placement(name).plan.config.n_ctx)
                 assert args[args.index("--model") + 1] == paths[name]
-            assert models["coder"]["status"]["args"][models["coder"]["status"]["args"].index("--cache-type-k") + 1] == "q8_0"
+            coder_args = models["coder"]["status"]["args"]
+            assert coder_args[coder_args.index("--cache-type-k") + 1] == "q8_0"
         finally:
             stop(router, 30)
             log.close()

@@ -16,8 +16,8 @@ import shlex
 import subprocess
 
 import pytest
-from builders import close_to_llama
 
+from builders import close_to_llama
 from gpulab.core.exports.fleet import llama_swap_doc
 from gpulab.core.fleet.planner import plan_fleet
 from gpulab.sources.host import host_device
@@ -111,7 +111,8 @@ def test_fleet_loaded_together_matches_the_plan_per_device(cluster, planned):
             actual = {k: sum(m.report.bytes_on(d.name, k) for _, m in opened) for k in ("model", "kv", "compute")}
             planned_ = {k: sum(getattr(dp, a) for p, _ in opened for dp in p.plan.offload_devices if dp.name == d.name)
                         for k, a in (("model", "weights_bytes"), ("kv", "kv_bytes"), ("compute", "compute_bytes"))}
-            assert close_to_llama(planned_["model"], actual["model"]), f"{d.name} weights: {planned_['model']} vs {actual['model']}"
+            assert close_to_llama(planned_["model"], actual["model"]), \
+                f"{d.name} weights: {planned_['model']} vs {actual['model']}"
             assert close_to_llama(planned_["kv"], actual["kv"]), f"{d.name} KV: {planned_['kv']} vs {actual['kv']}"
             assert abs(planned_["compute"] - actual["compute"]) <= COMPUTE_TOLERANCE * actual["compute"] + 1, \
                 f"{d.name} compute: {planned_['compute']} vs {actual['compute']}"

@@ -15,55 +15,17 @@ The moe-balance policy's rules are checked the same way, on devices told they ar
 from __future__ import annotations
 
 import pytest
-from builders import close_to_llama
 
+from builders import close_to_llama
 from gpulab import SplitConfig, plan, read_profile
 from gpulab.core.overrides import parse_llama_rpc_buffer_type
 from gpulab.sources.host import host_device
-from gpulab.sources.synth import SynthSpec
+from gpulab.testing import OVERRIDE_CASES, OVERRIDE_MODELS
 from llama_tools import NOT_BUILT, tools_bin
 
 MiB = 1024**2
 
-MODELS = {
-    "mixtral-4x": SynthSpec(arch="llama", n_layer=6, n_embd=512, n_ff=1024, n_head=8, n_head_kv=4, n_vocab=1024,
-                            n_expert=4, n_expert_used=2, weight_type="Q8_0"),
-    "qwen3moe-8x-tied": SynthSpec(arch="qwen3moe", n_layer=5, n_embd=512, n_ff=512, n_head=8, n_head_kv=2,
-                                  n_vocab=1024, n_expert=8, n_expert_used=2, n_ff_exp=512, weight_type="Q8_0",
-                                  tied_output=True),
-    "dense-q4": SynthSpec(arch="llama", n_layer=6, n_embd=512, n_ff=1536, n_head=8, n_head_kv=4, n_vocab=1024,
-                          weight_type="Q4_0"),
-    # moe-balance: 8 experts of 4.25 MiB a tensor, so whole tensors can even the devices out
-    "mixtral-8x": SynthSpec(arch="llama", n_layer=6, n_embd=512, n_ff=1024, n_head=8, n_head_kv=4, n_vocab=1024,
-                            n_expert=8, n_expert_used=2, weight_type="Q8_0"),
-    # the host row without any rule: a tied Q4_0 model, its output copy of token_embd repacked
-    "tied-q4": SynthSpec(arch="llama", n_layer=5, n_embd=512, n_ff=1024, n_head=8, n_head_kv=4, n_vocab=4096,
-                         weight_type="Q4_0", tied_output=True),
-}
-CTX = dict(n_ctx=512)
-CASES = [
-    ("mixtral-4x", "cpu-moe", SplitConfig(tensor_split=(1, 1), cpu_moe=True, **CTX)),
-    ("qwen3moe-8x-tied", "cpu-moe", SplitConfig(tensor_split=(1, 1, 1), cpu_moe=True, **CTX)),
-    ("mixtral-4x", "ncmoe-3-full", SplitConfig(tensor_split=(1, 1), n_cpu_moe=3, **CTX)),
-    ("mixtral-4x", "ncmoe-2-ngl-4", SplitConfig(tensor_split=(1, 1), n_gpu_layers=4, n_cpu_moe=2, **CTX)),
-    ("qwen3moe-8x-tied", "ncmoe-5-no-fa", SplitConfig(tensor_split=(2, 1, 1), n_cpu_moe=5, flash_attn="off",
-                                                       n_ctx=1024)),
-    ("mixtral-4x", "experts-to-rpc1", SplitConfig(tensor_split=(1, 1), tensor_overrides=(r"blk\.[0-2]\.ffn_.*_exps=RPC1",),
-                                                  **CTX)),
-    ("qwen3moe-8x-tied", "experts-to-rpc2-llama-name",
-     SplitConfig(tensor_split=(1, 1, 1), tensor_overrides=(r"blk\.[0-1]\.ffn_.*_exps=RPC2",), **CTX)),
-    ("mixtral-4x", "first-match-wins", SplitConfig(tensor_split=(1, 1), tensor_overrides=(r"blk\.1\.=CPU",
-                                                                                          r"blk\.[0-3]\.=RPC1"), **CTX)),
-    ("mixtral-4x", "attention-and-router", SplitConfig(tensor_split=(1, 1), tensor_overrides=(
-        "attn_q=CPU", "ffn_gate_inp=RPC0"), **CTX)),
-    ("dense-q4", "ncffn-3", SplitConfig(tensor_split=(1, 1), n_cpu_ffn=3, **CTX)),
-    ("dense-q4", "attn-output-cpu", SplitConfig(tensor_split=(1, 1), tensor_overrides=("attn_output=CPU",), **CTX)),
-    ("dense-q4", "ffn-to-rpc0", SplitConfig(tensor_split=(1, 1), tensor_overrides=(r"blk\.[45]\.ffn=RPC0",), **CTX)),
-    ("dense-q4", "ncffn-all-no-fa", SplitConfig(tensor_split=(1, 1, 1), n_cpu_ffn=6, flash_attn="off", **CTX)),
-    ("tied-q4", "no-rules-ngl-0", SplitConfig(n_gpu_layers=0, **CTX)),
-    ("tied-q4", "no-rules-ngl-3", SplitConfig(n_gpu_layers=3, tensor_split=(1, 1), **CTX)),
-    ("tied-q4", "no-repack", SplitConfig(n_gpu_layers=0, use_extra_bufts=False, **CTX)),
-]
+MODELS, CASES = OVERRIDE_MODELS, OVERRIDE_CASES   # shared with bench/host_row.py
 
 
 def _llama_names(config: SplitConfig, devices) -> SplitConfig:
@@ -146,7 +108,7 @@ def test_moe_balance_plan_is_llama_cpps_placement(model_paths, worker):
 def test_a_rule_to_a_device_the_model_does_not_use_is_refused(model_paths, worker):
     from gpulab import ConfigError
     devices = [d for d in worker.devices() if d.kind == "rpc"]
-    config = SplitConfig(devices=("RPC0", "RPC1"), tensor_overrides=("exps=RPC2",), **CTX)
+    config = SplitConfig(devices=("RPC0", "RPC1"), tensor_overrides=("exps=RPC2",), n_ctx=512)
     with pytest.raises(ConfigError, match="RPC2 is not one of the devices the model uses"):
         plan(read_profile(model_paths["mixtral-4x"]), devices, config)
     with pytest.raises(ConfigError, match="no device here .* available: CPU, RPC0 \\(RPC0\\["):

@@ -16,8 +16,8 @@ import json
 from pathlib import Path
 
 import pytest
-from builders import close_to_llama
 
+from builders import close_to_llama
 from gpulab import SplitConfig, plan, read_profile
 from gpulab.sources.host import host_device
 from gpulab.sources.synth import SynthSpec

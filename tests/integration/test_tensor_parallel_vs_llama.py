@@ -16,8 +16,8 @@ The refusals are checked against llama.cpp's messages.
 from __future__ import annotations
 
 import pytest
-from builders import close_to_llama
 
+from builders import close_to_llama
 from gpulab import ConfigError, LoadError, SplitConfig, plan, read_profile
 from gpulab.sources.host import host_device
 from gpulab.sources.synth import SynthSpec
@@ -121,6 +121,7 @@ def test_flash_attention_off_is_refused_by_both(model_paths, tmp_path):
     # refuses to be rebuilt that way in a worker) on a server of its own (one client at a time)
     import subprocess
     import sys
+
     from gpulab.runtime.rpc import start_servers
     script = tmp_path / "fa_off.py"
     script.write_text(f"""
@@ -145,8 +146,9 @@ except Exception as e:
 
 def test_excluded_architecture_is_refused_by_both(tmp_path, cluster_and_worker):
     import gguf
-    from gpulab.core.placement.tensor_parallel import check_tensor_parallel
+
     from builders import make_llama_profile
+    from gpulab.core.placement.tensor_parallel import check_tensor_parallel
     _, worker = cluster_and_worker
     config = SplitConfig(split_mode="tensor", n_ctx=512)
     with pytest.raises(ConfigError, match="LLAMA_SPLIT_MODE_TENSOR not implemented for architecture 'olmoe'"):

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
-from processes import wait_gone
 
 from gpulab.runtime import llama_lib, rpc
+from processes import wait_gone
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -18,14 +18,13 @@ import time
 import pytest
 
 from gpulab.core.config import SplitConfig
+from gpulab.core.errors import DeviceError, GpulabError, LoadError, StoreError
 from gpulab.core.placement.planner import plan
-from gpulab.core.errors import DeviceError, GpulabError, LoadError
 from gpulab.runtime import llama_lib
 from gpulab.runtime.rpc import RpcServer, start_servers
-from gpulab.core.errors import StoreError
-from gpulab.storage.results import ResultsStore
 from gpulab.runtime.worker import Worker
 from gpulab.sources.gguf_file import read_profile
+from gpulab.storage.results import ResultsStore
 
 pytestmark = pytest.mark.skipif(not llama_lib.rpc_supported(),
                                 reason="llama-cpp-python built without RPC (CMAKE_ARGS=-DGGML_RPC=ON)")
@@ -200,7 +199,8 @@ def test_store_path_under_a_file(tmp_path, monkeypatch, earlier_run):
     (tmp_path / "afile").write_text("x")
     monkeypatch.setenv("GPULAB_DATA_DIR", str(tmp_path / "afile" / "data"))
     bad = ResultsStore()
-    with pytest.raises(StoreError, match=r"cannot write the results store .*afile.*Not a directory.*GPULAB_DATA_DIR") as err:
+    with pytest.raises(StoreError,
+                       match=r"cannot write the results store .*afile.*Not a directory.*GPULAB_DATA_DIR") as err:
         bad.append_run(earlier_run)
     print(f"FAULT store-under-file: {type(err.value).__name__}: {err.value}")
     assert bad.records() == []

@@ -69,7 +69,7 @@ def test_fifty_loads_through_one_worker(smollm2_path, capsys):
     with start_servers(2) as c, Worker(c.endpoints) as w:
         server_pids = [s.pid for s in c]
         worker_pids = set()
-        for i, cfg in enumerate(cfgs):
+        for cfg in cfgs:
             report, raw = w.load(smollm2_path, cfg)
             assert set(report.layer_devices) <= {"RPC0", "RPC1", "CPU"}, report.layer_devices
             worker_pids.add(w.proc.pid)
@@ -86,7 +86,8 @@ def test_fifty_loads_through_one_worker(smollm2_path, capsys):
               f"(growth {growth / 2**20:+.1f} MiB); RPC servers' RSS {server_rss[0] / 2**20:.1f} -> "
               f"{server_rss[-1] / 2**20:.1f} MiB ({server_growth / 2**20:+.1f} MiB)")
         print("worker RSS MiB at loads 1,10,20,30,40,50:", [round(rss[i] / 2**20, 1) for i in (0, 9, 19, 29, 39, 49)])
-        print("servers RSS MiB at loads 1,10,20,30,40,50:", [round(server_rss[i] / 2**20, 1) for i in (0, 9, 19, 29, 39, 49)])
+        print("servers RSS MiB at loads 1,10,20,30,40,50:",
+              [round(server_rss[i] / 2**20, 1) for i in (0, 9, 19, 29, 39, 49)])
     assert growth < RSS_GROWTH_LIMIT
     # warmed up after the first few loads (allocator arenas, ggml's caches): flat from then on.
     # Medians of five loads, since one load's RSS can spike transiently (seen: +48 MiB on the servers).

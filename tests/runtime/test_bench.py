@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 
 from gpulab.core.config import SplitConfig
-from gpulab.core.measure.results import BenchRun, LLAMA_BENCH_FIELDS, run_from_dict, run_to_dict, to_llama_bench_records
-from gpulab.core.run import Run
 from gpulab.core.errors import ConfigError, LoadError
+from gpulab.core.measure.results import LLAMA_BENCH_FIELDS, BenchRun, run_from_dict, run_to_dict, to_llama_bench_records
+from gpulab.core.run import Run
 from gpulab.runtime.bench import default_threads, measure, measure_loaded, resplit, system_facts
 from gpulab.runtime.model import open_model
 

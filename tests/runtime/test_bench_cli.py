@@ -8,15 +8,15 @@ import os
 
 import pytest
 
+from builders import parse_md
 from gpulab.cli import main
 from gpulab.commands.bench import _Bar
 from gpulab.core.measure.results import LLAMA_BENCH_FIELDS
 from gpulab.runtime import llama_lib
 from gpulab.runtime.nvml_sampler import NvmlSampler
 from gpulab.sources.nvml import NvmlProbe
-
-from core.measure.test_results import parse_md               # tests/ is on sys.path
-from sources.test_nvml import FakeNvml, gpu
+from gpulab.testing import FakeNvml
+from gpulab.testing import fake_gpu as gpu
 
 pytest.importorskip("llama_cpp")
 MiB = 1024 ** 2

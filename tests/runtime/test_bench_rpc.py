@@ -11,12 +11,12 @@ import signal
 import pytest
 
 from gpulab.core.config import SplitConfig
-from gpulab.core.measure.reconcile import reconcile
 from gpulab.core.errors import LoadError
+from gpulab.core.measure.reconcile import reconcile
 from gpulab.runtime import llama_lib
 from gpulab.runtime.rpc import RpcServer, start_servers
-from gpulab.storage.results import ResultsStore
 from gpulab.runtime.worker import Worker
+from gpulab.storage.results import ResultsStore
 
 pytestmark = pytest.mark.skipif(not llama_lib.rpc_supported(),
                                 reason="llama-cpp-python built without RPC (CMAKE_ARGS=-DGGML_RPC=ON)")

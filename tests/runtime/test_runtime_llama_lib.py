@@ -32,7 +32,7 @@ def test_libraries_are_the_ones_libllama_uses():
     import ctypes
 
     llama_lib.llama_cpp()
-    from llama_cpp import llama_cpp as raw   # the module holding libllama's CDLL
+    from llama_cpp import llama_cpp as raw  # the module holding libllama's CDLL
 
     def addr(fn) -> int:
         return ctypes.cast(fn, ctypes.c_void_p).value

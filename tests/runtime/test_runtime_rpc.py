@@ -18,14 +18,13 @@ import threading
 
 import numpy as np
 import pytest
-from processes import wait_gone
 
 from gpulab.core.config import SplitConfig
 from gpulab.core.errors import DeviceError
 from gpulab.runtime import llama_lib
 from gpulab.runtime.logcapture import parse_load_log
-from gpulab.runtime.rpc import (RpcServer, insecure_bind_warning, is_loopback, probe, serve,
-                                start_servers)
+from gpulab.runtime.rpc import RpcServer, insecure_bind_warning, is_loopback, probe, serve, start_servers
+from processes import wait_gone
 
 pytestmark = pytest.mark.skipif(not llama_lib.rpc_supported(),
                                 reason="llama-cpp-python built without RPC (CMAKE_ARGS=-DGGML_RPC=ON)")

@@ -18,16 +18,16 @@ import types
 from pathlib import Path
 
 import pytest
-from llama_tools import vendored_src
 
 from gpulab.core.config import SplitConfig
-from gpulab.core.report import LoadReport
-from gpulab.core.measure.results import LLAMA_BENCH_FIELDS, throughput_from_samples
-from gpulab.core.run import Run
-from gpulab.core.measure.sweep_grid import parse_grid
 from gpulab.core.errors import LoadError
-from gpulab.storage.results import ResultsStore
+from gpulab.core.measure.results import LLAMA_BENCH_FIELDS, throughput_from_samples
+from gpulab.core.measure.sweep_grid import parse_grid
+from gpulab.core.report import LoadReport
+from gpulab.core.run import Run
 from gpulab.runtime.sweep import ProgressBar, pareto_front, run_sweep, sweep
+from gpulab.storage.results import ResultsStore
+from llama_tools import vendored_src
 
 GRID = ["-ts", "1/1,3/1", "-fa", "on,off", "-ub", "64,128"]
 
@@ -113,9 +113,15 @@ def test_dataframe_and_pareto(model, tmp_path):
     assert len(df) == 16 and set(df["test"]) == {"pp16", "tg8"}
     assert {"tensor_split", "flash_attn", "n_ubatch", "avg_ts", "min_headroom_bytes"} <= set(df.columns)
     assert df.attrs["sweep"].n_measured == 8
-    tg = df[df["test"] == "tg8"].assign(min_headroom_bytes=[8, 7, 6, 5, 4, 3, 2, 1])
-    front = pareto_front(tg)
-    assert list(front["avg_ts"]) == sorted(front["avg_ts"]) and len(front) >= 1
+
+
+def test_pareto_front_keeps_the_points_nothing_beats_on_speed_and_headroom():
+    import pandas as pd
+    pts = pd.DataFrame({"config": ["a", "b", "c", "d", "e", "f"],
+                        "avg_ts": [10.0, 8.0, 9.0, 7.0, 10.0, 12.0],
+                        "min_headroom_bytes": [1, 5, 2, 4, 0, None]})
+    # d is beaten by b (faster, more room), e by a (as fast, more room); f has no headroom figure
+    assert list(pareto_front(pts)["config"]) == ["b", "c", "a"]
 
 
 def test_progress_bar_shows_eta():
@@ -221,9 +227,9 @@ def test_real_tune_saves_an_allocation_that_is_applied(smollm2_path, tmp_path, m
     pytest.importorskip("llama_cpp")
     from gpulab.core.devices import Device
     from gpulab.core.errors import AllocationMismatchError
-    from gpulab.storage.allocations import config_for, find_allocation
     from gpulab.runtime.rpc import start_servers
     from gpulab.runtime.worker import Worker
+    from gpulab.storage.allocations import config_for, find_allocation
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]),
                GPULAB_CONFIG_DIR=str(tmp_path / "cfg"))
     with start_servers(2) as cluster:

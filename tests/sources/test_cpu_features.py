@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from gpulab.sources.cpu_features import (FEATURE_GROUPS, HostCpu, build_key, decide, library_has_amx, probe)
+from gpulab.sources.cpu_features import FEATURE_GROUPS, HostCpu, build_key, decide, library_has_amx, probe
 
 REPO = Path(__file__).resolve().parents[2]
-SAPPHIRE = frozenset("fpu sse sse2 avx avx2 fma f16c avx512f avx512bw avx512_vnni amx_tile amx_int8 amx_bf16 xsave".split())
+SAPPHIRE = frozenset("fpu sse sse2 avx avx2 fma f16c avx512f avx512bw avx512_vnni amx_tile amx_int8 amx_bf16 "
+                     "xsave".split())
 # the mask of issue 11's host: x87, SSE, AVX, opmask, ZMM_Hi256, Hi16_ZMM and tile config, no tile data
 FIRECRACKER_MASK = 0x200e7
 FULL_MASK = 0x600e7

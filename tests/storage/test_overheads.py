@@ -4,32 +4,19 @@ once knows what CUDA takes beyond llama.cpp's buffers, and the next plan leaves 
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
-from core.measure.test_reconcile import MiB, UUID, gpu_run
-
+from builders import UUID, MiB, gpu_run
 from gpulab.core.config import SplitConfig
 from gpulab.core.devices import Device
 from gpulab.runtime.session import Session
 from gpulab.sources.nvml import NvmlProbe
 from gpulab.storage.overheads import learn_overhead, learned_overhead, overhead_path
+from gpulab.testing import FakeGpu, FakeNvml
 
 
-class OneGpuNvml:
-    """NVML with one 80 GiB GPU whose UUID is the one the runs above carry."""
-
-    class NVMLError(Exception):
-        pass
-
-    def nvmlInit(self): pass
-    def nvmlShutdown(self): pass
-    def nvmlDeviceGetCount(self): return 1
-    def nvmlDeviceGetHandleByIndex(self, i): return i
-    def nvmlDeviceGetName(self, h): return "NVIDIA H200"
-    def nvmlDeviceGetUUID(self, h): return UUID
-
-    def nvmlDeviceGetMemoryInfo(self, h):
-        return SimpleNamespace(total=80 << 30, free=79 << 30, used=1 << 30)
+def one_gpu_nvml() -> FakeNvml:
+    """NVML with one 80 GiB GPU, 1 GiB used, whose UUID is the one gpu_run carries."""
+    return FakeNvml([FakeGpu(name="NVIDIA H200", uuid=UUID, total=80 << 30, used=1 << 30)])
 
 
 def test_learned_overhead_is_kept_per_gpu(monkeypatch, tmp_path):
@@ -54,14 +41,14 @@ def test_the_next_plan_counts_it(monkeypatch, tmp_path, profile_factory):
     from gpulab.core.placement.planner import plan
     monkeypatch.setenv("GPULAB_DATA_DIR", str(tmp_path))
     prof = profile_factory(n_layer=4)
-    with Session(probe=NvmlProbe(OneGpuNvml()), env={}) as s:
+    with Session(probe=NvmlProbe(one_gpu_nvml()), env={}) as s:
         before = s.devices()
     assert before.devices[0].name == "CUDA0" and before.devices[0].overhead_bytes == 0
     p0 = plan(prof, list(before.devices), SplitConfig(n_ctx=512))
     assert p0.device("CUDA0").overhead_bytes == 0
 
     learn_overhead(gpu_run(900 * MiB))
-    with Session(probe=NvmlProbe(OneGpuNvml()), env={}) as s:
+    with Session(probe=NvmlProbe(one_gpu_nvml()), env={}) as s:
         after = s.devices()
     assert after.devices[0].overhead_bytes == 236 * MiB
     p1 = plan(prof, list(after.devices), SplitConfig(n_ctx=512))

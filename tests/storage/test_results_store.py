@@ -11,15 +11,13 @@ import subprocess
 
 import pytest
 
+from builders import make_run
 from gpulab.core.config import SplitConfig
-from gpulab.storage.paths import data_dir
-from gpulab.core.errors import GpulabError
-from gpulab.storage import results as store_mod
-from gpulab.core.errors import StoreError
+from gpulab.core.errors import GpulabError, StoreError
 from gpulab.sources.fingerprint import model_fingerprint
+from gpulab.storage import results as store_mod
+from gpulab.storage.paths import data_dir
 from gpulab.storage.results import ResultsStore, default_store_path
-
-from core.measure.test_results import make_run   # tests/ is on sys.path (pyproject pythonpath)
 
 
 def test_data_dir_resolution(monkeypatch, tmp_path):

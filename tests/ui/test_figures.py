@@ -144,7 +144,8 @@ def test_memory_compare_predicted_vs_reported(profile_factory):
     prof = profile_factory(n_layer=4)
     p = plan(prof, parse_sim_spec("2x8GiB"), SplitConfig(tensor_split=(1, 1)))
     rep = LoadReport(layer_devices=p.layer_devices, devices=("SIM0", "SIM1"),
-                     buffers=(BufferReport("SIM0", "SIM0", "model", 2 << 20), BufferReport("SIM0", "SIM0", "kv", 1 << 20)))
+                     buffers=(BufferReport("SIM0", "SIM0", "model", 2 << 20),
+                              BufferReport("SIM0", "SIM0", "kv", 1 << 20)))
     fig = F.memory_compare(p, rep, {"SIM0": 5 << 20})
     assert [t.name for t in fig.data] == ["gpulab predicts", "llama.cpp reports", "NVML measured"]
     assert fig.data[1].y[0] == pytest.approx(3.0)       # MiB: model + KV on SIM0

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+from builders import make_profile
 from gpulab.core.devices import parse_sim_spec
 from gpulab.core.fleet.model import Fleet, FleetModel
 from gpulab.core.fleet.planner import plan_fleet
 from gpulab.ui.fleet_lab import FleetLab
-
-from builders import make_profile
 
 MiB = 1024**2
 

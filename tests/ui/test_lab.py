@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from gpulab import SplitConfig, parse_sim_spec, plan
-from gpulab.core.policies.apply import policy_split
 from gpulab.core.errors import LoadError
+from gpulab.core.policies.apply import policy_split
 from gpulab.ui.lab import SplitLab
 from ui.conftest import FakeWorker
 
@@ -78,7 +78,8 @@ def test_ngl_slider_keeps_layers_on_the_cpu_and_offloads_the_output_first(prof):
 def test_policy_buttons_set_the_sliders(prof, policy):
     lab = make_lab(prof, "24GiB,16GiB,8GiB@6GiB,24GiB")
     lab.policy_buttons[policy].click()
-    want = policy_split(policy, prof, parse_sim_spec("24GiB,16GiB,8GiB@6GiB,24GiB"), lab.config.replace(tensor_split=()),
+    want = policy_split(policy, prof, parse_sim_spec("24GiB,16GiB,8GiB@6GiB,24GiB"),
+                        lab.config.replace(tensor_split=()),
                         lab.host)
     got = [s.value for s in lab.split_sliders]
     if want:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-from gpulab.sources.nvml import GpuInfo, GpuProcess
 from gpulab.core.devices import Device
+from gpulab.sources.nvml import GpuInfo, GpuProcess
 from gpulab.ui.monitor import Monitor
 
 GiB = 1024**3

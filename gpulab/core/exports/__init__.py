@@ -1,1 +1,2 @@
-"""Plans and fleets spelled for the tools people run: llama-server, llama-bench, llama-cpp-python, Ollama, KoboldCpp, llama-swap."""
+"""Plans and fleets spelled for the tools people run: llama-server, llama-bench, llama-cpp-python, Ollama,
+KoboldCpp, llama-swap."""

@@ -33,10 +33,11 @@ import re
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ..devices import Device
-from .render import render
 from ..fleet.planner import FleetPlan
+from .render import render
 
 __all__ = ["FLEET_TARGETS", "FleetExport", "llama_swap_doc", "router_ini", "ollama_fleet", "render_fleet",
            "OLLAMA_BASE_PORT"]
@@ -182,7 +183,8 @@ def ollama_fleet(fplan: FleetPlan, paths: Mapping[str, str], devices: Sequence[D
     by_set: dict[tuple[str, ...], list] = {}
     for pl in fplan.placements:
         by_set.setdefault(pl.devices, []).append(pl)
-    instances, modelfiles = [], {}
+    instances: list[dict[str, Any]] = []
+    modelfiles: dict[str, str] = {}
     for i, (dev_set, members) in enumerate(by_set.items()):
         port = OLLAMA_BASE_PORT + i
         env: dict[str, str] = {}
@@ -217,7 +219,7 @@ def ollama_fleet(fplan: FleetPlan, paths: Mapping[str, str], devices: Sequence[D
             gaps.append(f"keep_free differs between {', '.join(dev_set)}: Ollama's OLLAMA_GPU_OVERHEAD is one "
                         "value for every GPU of an instance")
         instances.append({"devices": list(dev_set), "port": port, "env": env, "models": [pl.name for pl in members]})
-    shared = {}
+    shared: dict[str, list[int]] = {}
     for inst in instances:
         for d in inst["devices"]:
             shared.setdefault(d, []).append(inst["port"])

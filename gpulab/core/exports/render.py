@@ -29,9 +29,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ..errors import ConfigError
 from ..config import SplitConfig
 from ..devices import Device
+from ..errors import ConfigError
 from ..ggml_types import ggml_type_id
 from ..settings import SPLIT_MODE_IDS
 
@@ -423,7 +423,7 @@ def _server_ot(v, c):
 def _bench_ot(_v, c):
     # llama-bench has no -cmoe or -ncffn: their rules join the -ot entries (';' apart, one variant),
     # which llama-bench applies before its -ncmoe rules, as gpulab orders them too
-    from ..overrides import cpu_moe_rule, n_cpu_ffn_rules, FFN_DENSE_REGEX
+    from ..overrides import FFN_DENSE_REGEX, cpu_moe_rule, n_cpu_ffn_rules
     cfg = c.config
     items = _ot_items(cfg.tensor_overrides, c)
     if cfg.cpu_moe:
@@ -560,7 +560,7 @@ def render(config: SplitConfig, target: str, *, model_path: str = "model.gguf", 
     """
     ctx = _Ctx(config, n_layer, tuple(devices))
     parts, gaps = [], []
-    for s, out in _cells(config, target, ctx):
+    for _cell, out in _cells(config, target, ctx):
         if isinstance(out, Gap):
             gaps.append(out.why)
         elif out is not None:
@@ -580,7 +580,8 @@ def render(config: SplitConfig, target: str, *, model_path: str = "model.gguf", 
                 + ["-fit", "off"])
         return Export(target, shlex.join(argv), argv, tuple(gaps))
     if target == "llama-bench":
-        argv = ["llama-bench", "-m", model_path] + (["-rpc", ",".join(rpc)] if rpc else []) + [t for p in parts for t in p]
+        argv = ["llama-bench", "-m", model_path, *(["-rpc", ",".join(rpc)] if rpc else []),
+                *(t for p in parts for t in p)]
         return Export(target, shlex.join(argv), argv, tuple(gaps))
     if target == "python":
         kwargs = dict(parts)

@@ -22,10 +22,10 @@ from dataclasses import dataclass, replace
 from ..config import SplitConfig
 from ..devices import Device
 from ..errors import ConfigError
-from .placement import contiguous_sets, fits_budget, place_model, subsets
 from ..placement.planner import plan
 from ..profile import ModelProfile
 from ..units import format_bytes
+from .placement import contiguous_sets, fits_budget, place_model, subsets
 
 __all__ = ["Advice", "advise"]
 
@@ -75,7 +75,7 @@ def _short(result) -> list:
 
 def _swappable(result, pr) -> list:
     resident = [m for m in result.fleet.models if m.keep_loaded]
-    out = []
+    out: list[Advice] = []
     if len(resident) < 2:
         return out
     for m in resident:
@@ -115,9 +115,11 @@ def _shrink(result, pr) -> list:
                     saved = now - _bytes_on(pr, name, cfg.replace(type_k="q8_0", type_v="q8_0"), d.name)
                 except ConfigError:
                     continue
-                enough = "enough" if saved >= d.deficit_bytes else f"not enough alone: it is short by {d.deficit_bytes} B"
+                enough = ("enough" if saved >= d.deficit_bytes
+                          else f"not enough alone: it is short by {d.deficit_bytes} B")
                 out.append(Advice("shrink", f"give {name!r} a q8_0 KV cache (type_k = type_v = \"q8_0\"): saves "
-                                            f"{saved} B on {d.name} ({enough})", model=name, device=d.name, bytes=saved))
+                                            f"{saved} B on {d.name} ({enough})",
+                                  model=name, device=d.name, bytes=saved))
     return out
 
 
@@ -150,7 +152,7 @@ def _shrink_fleet(result, pr) -> list:
 
 
 def _move(result, pr) -> list:
-    out = []
+    out: list[Advice] = []
     short = {d.name for d in result.devices if not d.fits}
     free_names = [d.name for d in pr.devices if d.name not in short]
     if not free_names:

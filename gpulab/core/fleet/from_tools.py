@@ -19,7 +19,7 @@ import re
 import shlex
 
 from ..errors import ConfigError
-from .model import Fleet, FleetModel, fleet_from_dict
+from .model import Fleet, fleet_from_dict
 
 __all__ = ["model_from_server_args", "fleet_from_llama_swap", "fleet_from_router_ini", "parse_preset_ini"]
 
@@ -105,8 +105,8 @@ def fleet_from_llama_swap(doc) -> tuple[Fleet, list[str]]:
     if not isinstance(doc, dict) or not isinstance(doc.get("models"), dict) or not doc["models"]:
         raise ConfigError("a llama-swap config needs a `models:` map with at least one model")
     macros = {k: str(v) for k, v in (doc.get("macros") or {}).items()}
-    resident = set()
-    for gname, g in (doc.get("groups") or {}).items():
+    resident: set[str] = set()
+    for g in (doc.get("groups") or {}).values():
         if isinstance(g, dict) and g.get("swap") is False:
             resident.update(g.get("members") or [])
     models, notes = [], []

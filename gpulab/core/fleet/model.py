@@ -216,7 +216,8 @@ def fleet_from_dict(doc) -> Fleet:
             raise ConfigError(f"devices.{dev} must be a table with keep_free, got {d!r}")
         bad = sorted(set(d) - set(_DEVICE_KEYS))
         if bad:
-            raise ConfigError(f"devices.{dev}: unknown key(s) {', '.join(bad)}; a device takes {', '.join(_DEVICE_KEYS)}")
+            raise ConfigError(f"devices.{dev}: unknown key(s) {', '.join(bad)}; "
+                              f"a device takes {', '.join(_DEVICE_KEYS)}")
         if "keep_free" in d:
             v = d["keep_free"]
             try:

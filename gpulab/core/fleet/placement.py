@@ -15,11 +15,11 @@ from dataclasses import replace
 
 from ..config import SplitConfig
 from ..devices import Device
-from .model import FleetModel
 from ..placement.plan import Plan
 from ..placement.planner import plan
 from ..policies.apply import policy_split
 from ..profile import ModelProfile
+from .model import FleetModel
 
 __all__ = ["place_model", "subsets", "contiguous_sets", "fits_budget", "deficit_bytes"]
 

@@ -48,12 +48,13 @@ from dataclasses import dataclass, field, replace
 
 from ..devices import Device
 from ..errors import ConfigError
-from .model import Fleet, FleetModel
-from .advice import Advice, advise as advice_for
-from .placement import fits_budget, place_model, subsets
-from .search import WIDTH, Search
 from ..placement.plan import Plan
 from ..profile import ModelProfile
+from .advice import Advice
+from .advice import advise as advice_for
+from .model import Fleet, FleetModel
+from .placement import fits_budget, place_model, subsets
+from .search import WIDTH, Search
 
 __all__ = ["OBJECTIVES", "ModelPlacement", "FleetDevice", "Advice", "FleetPlan", "plan_fleet"]
 
@@ -151,9 +152,8 @@ class FleetPlan:
             "fits": self.fits,
             "objective": self.objective,
             "search": self.search,
-            "search_detail": {"limit": self.search_limit, "value": self.value, "bound": self.bound,
-                              "gap": self.gap, "value_is": VALUE_IS[self.objective[:3] if self.objective.startswith("tg:")
-                                                                      else self.objective]},
+            "search_detail": {"limit": self.search_limit, "value": self.value, "bound": self.bound, "gap": self.gap,
+                              "value_is": VALUE_IS["tg:" if self.objective.startswith("tg:") else self.objective]},
             "advice": [a.to_dict() for a in self.advice],
         }
 
@@ -245,9 +245,9 @@ def _exhaustive(pr: _Problem) -> dict[str, Plan] | None:
 
 def _least_short(sr: Search, models: Sequence[FleetModel], left: dict[str, int]) -> dict[str, Plan]:
     """When nothing fits: each model, largest first, where it leaves the least memory missing."""
-    placed = {}
+    placed: dict[str, Plan] = {}
     for m in models:
-        best = None
+        best: tuple[tuple[int, int, int], Plan] | None = None
         for subset in sr.candidates(m, left, prune=False):
             p = sr.place(m, subset, left)
             after = _take(left, p)
@@ -255,7 +255,7 @@ def _least_short(sr: Search, models: Sequence[FleetModel], left: dict[str, int])
             key = (missing, len(subset), -min(after.values(), default=0))
             if best is None or key < best[0]:
                 best = (key, p)
-        assert best is not None
+        assert best is not None   # every model has at least one candidate set
         placed[m.name] = best[1]
         left = _take(left, best[1])
     return placed
@@ -383,9 +383,12 @@ def plan_fleet(fleet: Fleet, profiles: Mapping[str, ModelProfile], devices: Sequ
         placed, search = out.placed, "heuristic"
         how = (f"greedy, then branch and bound over the {WIDTH} best device sets per model "
                "(contiguous by memory left, equal devices as one class)")
-        limit = (f"{how}: stopped at the {out.stopped}" + (f" ({time_budget:g} s)" if out.stopped == "time budget"
-                                                             else f" ({sr.limit_plans} model plans)" if out.stopped else "")
-                 if out.stopped else f"{how}: explored" + ("" if out.complete else " (within that width)"))
+        if out.stopped == "time budget":
+            limit = f"{how}: stopped at the time budget ({time_budget:g} s)"
+        elif out.stopped:
+            limit = f"{how}: stopped at the plan limit ({sr.limit_plans} model plans)"
+        else:
+            limit = f"{how}: explored" + ("" if out.complete else " (within that width)")
     if placed is None:
         placed = _least_short(sr, pr.order, dict(budgets))
     # every kept plan planned again on its own devices, in the order it was placed (the cache may

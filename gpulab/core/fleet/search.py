@@ -44,7 +44,8 @@ from ..profile import ModelProfile
 from .model import FleetModel
 from .placement import fits_budget, place_model
 
-__all__ = ["PLAN_LIMIT", "SMALL_DEVICES", "SMALL_PLAN_LIMIT", "WIDTH", "Outcome", "Search", "Stop", "device_class", "natural_key", "take"]
+__all__ = ["PLAN_LIMIT", "SMALL_DEVICES", "SMALL_PLAN_LIMIT", "WIDTH", "Outcome", "Search", "Stop", "device_class",
+           "natural_key", "take"]
 
 SMALL_DEVICES = 5      # up to this many devices, every subset is a candidate (31 at most)
 PLAN_LIMIT = 500       # model plans the improvement may compute after the first greedy pass,

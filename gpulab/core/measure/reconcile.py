@@ -13,18 +13,18 @@ measured = NVML - the buffers llama.cpp reported; unknown without NVML, i.e. on 
 RPC devices), and 'total'.
 
 The overheads measured here are kept per GPU by gpulab.storage.overheads and come back to the
-planner as Device.overhead_bytes. Pure: no files, no environment. Host weights: llama.cpp maps the whole tensor-data range of the file on
-the CPU ('CPU_Mapped'), so its host 'model' figure includes bytes of layers placed elsewhere;
-the row says so in `note`.
+planner as Device.overhead_bytes. Pure: no files, no environment. Host weights: llama.cpp maps the
+whole tensor-data range of the file on the CPU ('CPU_Mapped'), so its host 'model' figure includes
+bytes of layers placed elsewhere; the row says so in `note`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .results import BenchRun
 from ..run import Run
 from ..units import format_bytes
+from .results import BenchRun
 
 __all__ = ["TermRow", "Reconciliation", "reconcile", "comparison_rows", "TERMS"]
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
+from typing import Any
 
 from ..config import SplitConfig
 from ..report import LoadReport
@@ -134,7 +135,8 @@ def config_to_dict(c: SplitConfig) -> dict:
 
 def config_from_dict(d: dict) -> SplitConfig:
     known = {f.name for f in fields(SplitConfig)}
-    return SplitConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known})
+    kw: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known}
+    return SplitConfig(**kw)
 
 
 _RUN_FIELDS = tuple(f.name for f in fields(Run))

@@ -46,8 +46,8 @@ import math
 from dataclasses import dataclass, field
 
 from ..devices import HOST_NAME
-from ..placement.planner import kv_cell_bytes
 from ..placement.plan import Plan
+from ..placement.planner import kv_cell_bytes
 
 __all__ = ["DeviceSpeed", "LinkSpeed", "SpeedModel", "SpeedPrediction", "predict_speed", "per_device_load",
            "pipeline_parallel", "allreduce_stages", "fit_allreduce_stage",
@@ -165,7 +165,7 @@ def _load(plan: Plan, n_past: int) -> _Load:
     for dev in plan.layer_devices:
         ld.layers[dev] += 1
     active_bytes, active_params = prof.active_bytes_per_layer, prof.active_params_per_layer
-    per_cell = kv_cell_bytes(prof, cfg) if n_past else None
+    per_cell = kv_cell_bytes(prof, cfg) if n_past else ()   # read only when n_past
     for layer in prof.layers:
         dev = plan.layer_devices[layer.index]
         ld.weights[dev] += active_bytes[layer.index]
@@ -190,6 +190,7 @@ def _share_meta(plan: Plan, ld: _Load) -> None:
     that layer the member holds (TensorParallel.layer_weights; mirrored norms and routers are read by
     every member, so the shares add up to a little more than 1)."""
     ts, prof = plan.tensor_parallel, plan.profile
+    assert ts is not None   # a -sm tensor plan
     meta = ts.meta_name
     on_meta = [i for i, d in enumerate(plan.layer_devices) if d == meta]
     totals = [prof.layers[i].weights_bytes if i < prof.n_layer else prof.output_weights_bytes for i in on_meta]

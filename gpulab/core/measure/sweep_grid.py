@@ -26,21 +26,23 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from ..errors import ConfigError
 from ..config import SplitConfig, parse_tensor_split
+from ..errors import ConfigError
 
 __all__ = ["Grid", "parse_grid", "parse_int_range", "GRID_FLAGS", "LONG_FLAGS"]
 
 # flag -> SplitConfig attribute, in llama-bench's loop order; long names as llama-bench's
 GRID_FLAGS: dict[str, str] = {
     "-ngl": "n_gpu_layers", "-ncmoe": "n_cpu_moe", "-sm": "split_mode", "-mg": "main_gpu", "-dev": "devices",
-    "-ts": "tensor_split", "-ot": "tensor_overrides", "-c": "n_ctx", "-b": "n_batch", "-ub": "n_ubatch", "-ctk": "type_k", "-ctv": "type_v",
+    "-ts": "tensor_split", "-ot": "tensor_overrides", "-c": "n_ctx", "-b": "n_batch", "-ub": "n_ubatch",
+    "-ctk": "type_k", "-ctv": "type_v",
     "-nkvo": "offload_kqv", "-fa": "flash_attn",
 }
 # long name -> short, as llama-bench spells them
 LONG_FLAGS = {"--n-gpu-layers": "-ngl", "--n-cpu-moe": "-ncmoe", "--split-mode": "-sm", "--main-gpu": "-mg",
-              "--device": "-dev", "--tensor-split": "-ts", "--override-tensor": "-ot", "--ctx-size": "-c", "--batch-size": "-b", "--ubatch-size": "-ub",
-         "--cache-type-k": "-ctk", "--cache-type-v": "-ctv", "--no-kv-offload": "-nkvo", "--flash-attn": "-fa"}
+              "--device": "-dev", "--tensor-split": "-ts", "--override-tensor": "-ot", "--ctx-size": "-c",
+              "--batch-size": "-b", "--ubatch-size": "-ub",
+              "--cache-type-k": "-ctk", "--cache-type-v": "-ctv", "--no-kv-offload": "-nkvo", "--flash-attn": "-fa"}
 
 # parse_int_range's regex; its character class [\+|\*] also admits '|', which it then rejects
 _RANGE = re.compile(r"(-?\d+)(?:-(\d+)(?:([+|*])(\d+))?)?(?:,|$)")

@@ -36,9 +36,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import ConfigError, GpulabError
 from ..config import SplitConfig
 from ..devices import HOST_NAME, Device
+from ..errors import ConfigError, GpulabError
 from ..placement.planner import plan
 from ..profile import ModelProfile
 from .speed import DEFAULT_HOST, SpeedModel, per_device_load
@@ -196,16 +196,18 @@ class Tuner:
         scale = 1e9 if kind == "tg" else 1e12          # GB, TFLOP: coefficients of order 1
         a0 = self._seconds_per_unit(kind) * scale
         n = len(self._names)
-        base, ind, t0 = [], [], []
+        base: list[np.ndarray] = []
+        ind: list[list[float]] = []
+        times: list[float] = []
         for cand in self.candidates:
             b = np.array([cand.load[kind].get(nm, 0) for nm in self._names], dtype=float) / scale
             used = np.array([cand.load["tg"].get(nm, 0) > 0 for nm in self._names], dtype=float)
-            t0.append(float(a0 @ b))
+            times.append(float(a0 @ b))
             # hops and intercept in ms
             base.append(np.concatenate([b, used * 1e-3, [1e-3]]))
             vals = dict(cand.signature[1])
             ind.append([1.0 if vals.get(a) == v else 0.0 for a, v in self._effects])
-        t0 = np.array(t0)
+        t0 = np.array(times)
         t_ms = max(float(np.median(t0)), 1e-9) / 1e-3
         m0 = np.concatenate([a0, np.zeros(n), [0.0], np.zeros(len(self._effects))])
         sd = np.concatenate([a0 * self.prior_spread,            # speed: off by ~this factor

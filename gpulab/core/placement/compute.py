@@ -103,18 +103,19 @@ def _geom(profile: ModelProfile) -> _Geom:
         if n_ff_exp:
             break
     moe = profile.n_expert > 0
-    swa = tuple(bool(l.is_swa) for l in layers)
+    swa = tuple(bool(layer.is_swa) for layer in layers)
     g = _Geom(
         n_embd=profile.n_embd, n_vocab=profile.n_vocab, n_ff=profile.n_ff,
-        q=max((l.n_head * l.n_embd_head_k for l in layers), default=profile.n_embd),
-        kv=max((l.n_head_kv * l.n_embd_head_k for l in layers), default=profile.n_embd),
-        n_head=max((l.n_head for l in layers), default=1),
+        q=max((layer.n_head * layer.n_embd_head_k for layer in layers), default=profile.n_embd),
+        kv=max((layer.n_head_kv * layer.n_embd_head_k for layer in layers), default=profile.n_embd),
+        n_head=max((layer.n_head for layer in layers), default=1),
         v_gqa_max=profile.max_n_embd_v_gqa,
         moe=moe, n_expert_used=max(profile.n_expert_used, 1) if moe else 0,
         n_ff_exp=n_ff_exp or profile.n_ff,
         swa=swa, swa_prefix=(0, *accumulate(int(x) for x in swa)),
         has_swa=any(swa) and profile.n_swa > 0)
-    _GEOM[id(profile)] = (weakref.ref(profile, lambda _r, k=id(profile): _GEOM.pop(k, None)), g)
+    key = id(profile)
+    _GEOM[key] = (weakref.ref(profile, lambda _r: _GEOM.pop(key, None)), g)
     return g
 
 
@@ -122,8 +123,8 @@ def compute_tokens(config: SplitConfig) -> tuple[int, int, int]:
     """(n_tokens, n_seqs, n_ubatch) of the graph llama_context::sched_reserve reserves.
 
     llama_context ctor: n_batch capped at n_ctx (causal attention), n_ubatch at n_batch (see
-    SplitConfig.effective_n_ubatch), then n_ctx padded to 256; sched_reserve: n_tokens = min(n_ctx, n_ubatch), n_seqs = n_seq_max;
-    graph_reserve rounds n_tokens up to a multiple of n_seqs.
+    SplitConfig.effective_n_ubatch), then n_ctx padded to 256; sched_reserve: n_tokens = min(n_ctx, n_ubatch),
+    n_seqs = n_seq_max; graph_reserve rounds n_tokens up to a multiple of n_seqs.
     """
     n_ctx = _pad(config.n_ctx, 256)
     n_ubatch = config.effective_n_ubatch

@@ -112,6 +112,7 @@ class Plan:
 
     def _tensor_parallel_dict(self) -> dict:
         ts = self.tensor_parallel
+        assert ts is not None   # asked for where there is one
         return {"meta_device": ts.meta_name, "devices": list(ts.devices),
                 "mirrored_bytes": list(ts.mirrored), "kv_heads_per_layer": [list(h) for h in ts.kv_heads],
                 "layer_bytes": [[w + k for w, k in zip(lw, lk)] for lw, lk in zip(ts.layer_weights, ts.layer_kv)]}

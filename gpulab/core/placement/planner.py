@@ -11,16 +11,21 @@ import weakref
 
 import numpy as np
 
-from ..errors import ConfigError
-from .compute import estimate_compute_bytes
 from ..config import SplitConfig
 from ..devices import HOST_NAME, Device
+from ..errors import ConfigError
 from ..ggml_types import row_bytes
 from ..overrides import effective_rules
-from .plan import DevicePlan, Plan
 from ..profile import ModelProfile
+from .compute import estimate_compute_bytes
+from .plan import DevicePlan, Plan
+from .tensor_parallel import (
+    check_overrides_for_tensor_parallel,
+    check_tensor_parallel,
+    meta_device_name,
+    plan_tensor_parallel,
+)
 from .tensors import compute_sites, place_tensors
-from .tensor_parallel import check_overrides_for_tensor_parallel, check_tensor_parallel, meta_device_name, plan_tensor_parallel
 
 __all__ = ["plan", "select_devices", "kv_cells", "kv_cell_bytes", "split_points", "assign_layers"]
 
@@ -159,9 +164,10 @@ def kv_cell_bytes(profile: ModelProfile, config: SplitConfig) -> tuple[int, ...]
             b = by_shape[shape] = row_bytes(config.type_k, shape[0]) + row_bytes(config.type_v, shape[1])
         out.append(b)
     if hit is None or hit[0]() is not profile:   # cached per profile and KV types: fit re-plans often
-        hit = _KV_BYTES[id(profile)] = (weakref.ref(profile, lambda _r, k=id(profile): _KV_BYTES.pop(k, None)), {})
-    hit[1][key] = out = tuple(out)
-    return out
+        pid = id(profile)
+        hit = _KV_BYTES[pid] = (weakref.ref(profile, lambda _r: _KV_BYTES.pop(pid, None)), {})
+    cells = hit[1][key] = tuple(out)
+    return cells
 
 
 _KV_BYTES: dict[int, tuple] = {}

@@ -141,7 +141,8 @@ def _context(profile: ModelProfile, n_devices: int, config: SplitConfig) -> _Ctx
     ts = tuple(config.tensor_split[:n_devices]) + (0.0,) * max(0, n_devices - len(config.tensor_split))
     by_name = {t.name: t for t in (*profile.input_tensors, *profile.output_tensors,
                                    *(t for layer in profile.layers for t in layer.tensors))}
-    il_eff, seen = [], {}
+    il_eff: list[int] = []
+    seen: dict[bool, int] = {}
     for layer in profile.layers:          # count only previous layers of the same kind (SWA or not)
         il_eff.append(seen.get(layer.is_swa, 0))
         seen[layer.is_swa] = seen.get(layer.is_swa, 0) + 1
@@ -261,7 +262,7 @@ def split_tensor(ctx: _Ctx, name: str, shape: tuple[int, ...]) -> tuple[int, tup
         return axis, ()
     ref_t = ctx.by_name[ref] if ref in ctx.by_name else None
     blck = block_size(ref_t.ggml_type) if ref_t is not None else 1
-    layer = ctx.profile.layers[il] if ctx.profile.layers else None
+    layer = ctx.profile.layers[il]
     ne_axis = shape[axis] if axis < len(shape) else 1
     segments = _segments(ctx, name, ne_axis, layer)
     gran = _granularity(ctx, name, blck, layer, len(segments))

@@ -150,8 +150,9 @@ def _table(profile: ModelProfile) -> dict:
     """This profile's cache (rule matches, tensor groups), dropped with the profile."""
     hit = _CACHE.get(id(profile))
     if hit is None or hit[0]() is not profile:
-        hit = (weakref.ref(profile, lambda _r, k=id(profile): _CACHE.pop(k, None)), {})
-        _CACHE[id(profile)] = hit
+        pid = id(profile)
+        hit = (weakref.ref(profile, lambda _r: _CACHE.pop(pid, None)), {})
+        _CACHE[pid] = hit
     if len(hit[1]) > 128:
         hit[1].clear()
     return hit[1]
@@ -172,8 +173,8 @@ def _rule_of(profile: ModelProfile, rules: tuple[OverrideRule, ...]) -> dict[str
     decided: dict[str, int] = {}
     for i, r in enumerate(rules):
         lit = _literal_prefix(r.pattern)
-        m = _BLK.search(lit)
-        pool = by_blk.get(m.group(0), []) if m else names
+        blk = _BLK.search(lit)
+        pool = by_blk.get(blk.group(0), []) if blk else names
         rx = _compile(r.pattern)
         for n in pool:
             if n not in decided and (not lit or lit in n) and rx.search(n):
@@ -408,7 +409,7 @@ def compute_sites(profile: ModelProfile, layer_devices: list[str],
         if len(where) == 1:
             ffn[il] = next(iter(where))
             continue
-        site = ffn[il] = max(where, key=where.get)
+        site = ffn[il] = max(where, key=lambda d: where[d])
         parts: dict[str, set[str]] = {}      # a layer split over devices: which products run where
         for name, _n_bytes, part in ffn_tensors:
             parts.setdefault(get(name, home), set()).add(part)

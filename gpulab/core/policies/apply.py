@@ -24,9 +24,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..errors import ConfigError
 from ..config import SplitConfig
 from ..devices import Device
+from ..errors import ConfigError
 from ..placement.planner import plan, select_devices
 from ..profile import ModelProfile
 
@@ -82,13 +82,14 @@ def _balanced(used: list[Device], try_split) -> tuple[float, ...]:
     target = [take.get(i, 0.0) for i in range(len(used))]
     # a device the water-filling kept keeps a share: refinement trades layers, it does not drop devices
     floor = [0.5 * t for t in target]
-    best, best_spread = target, float("inf")
+    best: tuple[float, ...] = tuple(target)
+    best_spread = float("inf")
     for _ in range(6):
         got = try_split(tuple(target))
         left = [d.free_bytes - d.used_bytes for d in got.offload_devices]
         spread = max(left[i] for i in active) - min(left[i] for i in active)
         if spread < best_spread:
-            best, best_spread = list(target), spread
+            best, best_spread = tuple(target), spread
         mean = sum(left[i] for i in active) / len(active)
         target = [max(floor[i], t + (left[i] - mean)) if i in active else 0.0 for i, t in enumerate(target)]
     return best

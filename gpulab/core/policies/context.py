@@ -18,9 +18,9 @@ from dataclasses import dataclass, replace
 from ..config import SplitConfig
 from ..devices import Device
 from ..errors import ConfigError
-from .server_fit import fit_margins
 from ..placement.planner import plan, select_devices
 from ..profile import ModelProfile
+from .server_fit import fit_margins
 
 __all__ = ["largest_ctx", "ctx_table", "CtxRow", "KV_TABLE_TYPES"]
 

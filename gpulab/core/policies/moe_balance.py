@@ -76,7 +76,7 @@ def expert_bytes_on(p: Plan, device: str) -> int:
 
 
 def _units(profile: ModelProfile, layer_devices: tuple[str, ...]) -> list[_Unit]:
-    out = []
+    out: list[_Unit] = []
     for layer in profile.layers:
         home = layer_devices[layer.index]
         if home == HOST_NAME:
@@ -153,9 +153,9 @@ def _rules(where: dict[_Unit, str]) -> tuple[str, ...]:
     for (dev, layer), kinds in sorted(moved.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         groups.setdefault((dev, tuple(sorted(kinds))), []).append(layer)
     items = []
-    for (dev, kinds), layers in groups.items():
+    for (dev, group_kinds), layers in groups.items():
         blk = str(layers[0]) if len(layers) == 1 else "(" + "|".join(map(str, layers)) + ")"
-        kind = kinds[0] if len(kinds) == 1 else "(" + "|".join(kinds) + ")"
+        kind = group_kinds[0] if len(group_kinds) == 1 else "(" + "|".join(group_kinds) + ")"
         # '\.' after the kind: ffn_up_exps must not take ffn_up_exps_b... of another kind
         items.append(rf"blk\.{blk}\.{kind}\.={dev}")
     return tuple(items)
@@ -179,7 +179,7 @@ def moe_balance(profile: ModelProfile, devices: list[Device], config: SplitConfi
     used = select_devices(devices, config.replace(tensor_split=()))
     if not used:
         raise ConfigError("moe-balance needs at least one offload device")
-    capacity = [max(d.free_bytes - d.overhead_bytes, 1) for d in used]
+    capacity: list[float] = [max(d.free_bytes - d.overhead_bytes, 1) for d in used]
     best = _balance_for_split(profile, devices, config, host, capacity, cpu_expert_bytes_at_least)
     # -ts by capacity spreads the dense part (and KV) as the memory; when the experts left on the
     # devices are too few to even out what that leaves, split by what each device should end up
@@ -227,6 +227,7 @@ def _balance_for_split(profile: ModelProfile, devices: list[Device], config: Spl
         if new_room == room:
             break
         room = new_room
+    assert best is not None   # _ROUNDS >= 1: the first round sets it
     return best
 
 

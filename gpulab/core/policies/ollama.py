@@ -46,9 +46,9 @@ llama-server, whose `common_params_fit` (-fit on, the default; gpulab.core.polic
    within 80% of the chosen GPUs' free memory, and the guess within 60% / 75% of it); with flash
    attention off on CUDA: 512, or 256 above 4096 tokens on a CUDA GPU with <= 8 GiB.
 5. A vision projector (since v0.31.2; llm/llama_server.go `appendMMProjArgs`,
-   `shouldDisableMMProjOffload`, `extraEnvsForStart`): offloaded unless num_gpu is 0, -ngl is a partial offload or a chosen GPU has
-   less than projector + 1 GiB; when offloaded, LLAMA_ARG_FIT_TARGET (fit's margin, -fitt) becomes
-   ceil((projector + 1 GiB) / MiB) unless the user's environment already sets it.
+   `shouldDisableMMProjOffload`, `extraEnvsForStart`): offloaded unless num_gpu is 0, -ngl is a partial
+   offload or a chosen GPU has less than projector + 1 GiB; when offloaded, LLAMA_ARG_FIT_TARGET
+   (fit's margin, -fitt) becomes ceil((projector + 1 GiB) / MiB) unless the user's environment already sets it.
 
 What gpulab assumes where it cannot know: devices of kind gpu, igpu and rpc are Ollama's GPUs (rpc
 so the policy can be tried on RPC test devices; Ollama itself never passes --rpc), their library is
@@ -69,9 +69,9 @@ from dataclasses import dataclass
 from ..config import SplitConfig
 from ..devices import Device
 from ..errors import ConfigError
-from .server_fit import FitResult, fit
 from ..profile import ModelProfile
 from ..units import GiB, MiB
+from .server_fit import FitResult, fit
 
 __all__ = ["OllamaSettings", "OllamaLaunch", "ollama", "default_num_ctx", "predict_server_vram",
            "select_placement", "automatic_batch"]
@@ -267,7 +267,7 @@ def ollama(profile: ModelProfile, devices: list[Device], settings: OllamaSetting
     if profile.n_ctx_train > 0 and num_ctx > profile.n_ctx_train:      # llm/server.go NewLlamaServer
         reasons.append(f"NewLlamaServer: num_ctx {num_ctx} capped at the training context {profile.n_ctx_train}")
         num_ctx = profile.n_ctx_train
-    n_ctx = num_ctx * s.num_parallel                                   # startLlamaServer -c, effectiveLlamaServerContext
+    n_ctx = num_ctx * s.num_parallel                         # startLlamaServer -c, effectiveLlamaServerContext
     predicted = predict_server_vram(profile, n_ctx)
 
     chosen, main_gpu, why = select_placement(gpus, predicted, s)

@@ -57,12 +57,12 @@ context step; a dry run on the devices present settles it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
-from ..placement.compute import dry_run_extra_bytes
 from ..config import SplitConfig
 from ..devices import HOST_NAME, Device
+from ..placement.compute import dry_run_extra_bytes
 from ..placement.planner import plan, select_devices
 from ..profile import ModelProfile
 
@@ -104,7 +104,7 @@ class _Ngl:
     def n_full(self) -> int:
         return self.n_layer - self.n_part
 
-    def copy(self) -> "_Ngl":
+    def copy(self) -> _Ngl:
         return _Ngl(self.n_layer, self.n_part, self.overflow)
 
 

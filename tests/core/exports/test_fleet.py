@@ -20,17 +20,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from llama_args import kv_cache_types_from_source, preset_only_keys_from_source, server_options_from_source
-from llama_tools import vendored_src
-
-from gpulab.core.devices import Device
-from gpulab.core.fleet.model import Fleet, FleetModel
-from gpulab.core.exports.fleet import llama_swap_doc, ollama_fleet, router_ini, server_commands
-from gpulab.core.fleet.from_tools import parse_preset_ini
-from gpulab.core.fleet.planner import plan_fleet
-from gpulab.storage.fleet_files import llama_swap_yaml
 
 from builders import make_profile
+from gpulab.core.devices import Device
+from gpulab.core.exports.fleet import llama_swap_doc, ollama_fleet, router_ini, server_commands
+from gpulab.core.fleet.from_tools import parse_preset_ini
+from gpulab.core.fleet.model import Fleet, FleetModel
+from gpulab.core.fleet.planner import plan_fleet
+from gpulab.storage.fleet_files import llama_swap_yaml
+from llama_args import kv_cache_types_from_source, preset_only_keys_from_source, server_options_from_source
+from llama_tools import vendored_src
 
 GiB = 1024**3
 MiB = 1024**2

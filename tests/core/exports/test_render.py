@@ -17,13 +17,13 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
-from llama_args import kv_cache_types_from_source, server_options_from_source
-from llama_tools import NOT_BUILT, tools_bin, vendored_src
 
 from gpulab.core.config import SplitConfig
 from gpulab.core.devices import Device
-from gpulab.core.exports.render import SPELLINGS, TARGETS, cuda_visible_devices, render, render_all
 from gpulab.core.errors import ConfigError
+from gpulab.core.exports.render import SPELLINGS, TARGETS, cuda_visible_devices, render, render_all
+from llama_args import kv_cache_types_from_source, server_options_from_source
+from llama_tools import NOT_BUILT, tools_bin, vendored_src
 
 GiB = 1024**3
 SRC = vendored_src()

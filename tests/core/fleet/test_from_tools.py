@@ -8,15 +8,14 @@ from dataclasses import replace
 import pytest
 import yaml
 
+from builders import make_profile
 from gpulab.core.devices import Device
 from gpulab.core.errors import ConfigError
-from gpulab.core.fleet.model import Fleet, FleetModel
 from gpulab.core.exports.fleet import llama_swap_doc, router_ini
 from gpulab.core.fleet.from_tools import fleet_from_llama_swap, fleet_from_router_ini
+from gpulab.core.fleet.model import Fleet, FleetModel
 from gpulab.core.fleet.planner import plan_fleet
 from gpulab.storage.fleet_files import llama_swap_yaml
-
-from builders import make_profile
 
 GiB = 1024**3
 MiB = 1024**2

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import pytest
 
+from builders import make_profile
 from gpulab.core.config import SplitConfig
 from gpulab.core.devices import Device, parse_sim_spec
 from gpulab.core.errors import ConfigError
 from gpulab.core.fleet.model import Fleet, FleetModel
 from gpulab.core.fleet.planner import plan_fleet
 from gpulab.core.placement.planner import plan
-
-from builders import make_profile
 
 GiB = 1024**3
 MiB = 1024**2

@@ -3,67 +3,17 @@ fleets small enough for it, and the same plan whichever order equal cards are li
 
 from __future__ import annotations
 
-import random
-
 import pytest
 
-from gpulab.core.devices import Device, parse_sim_spec
+from gpulab.core.devices import parse_sim_spec
 from gpulab.core.fleet.model import Fleet, FleetModel
 from gpulab.core.fleet.planner import plan_fleet
-
-from builders import make_profile
-
-GiB = 1024**3
-MiB = 1024**2
-
-
-def random_fleet(rng: random.Random):
-    """2-3 models of 8-40 layers on 3-4 devices of mixed sizes whose budgets add up to 1.0-1.5x
-    what the models need: tight, so that the choice of device sets matters."""
-    n_models, n_dev = rng.randint(2, 3), rng.randint(3, 4)
-    profs, models = {}, []
-    for i in range(n_models):
-        name = f"m{i}"
-        layers, size = rng.randint(8, 40), rng.randint(40, 400)
-        profs[name] = make_profile(n_layer=layers, layer_bytes=size * MiB)
-        models.append(FleetModel(name, f"{name}.gguf", ctx=rng.choice((2048, 4096, 8192))))
-    need = sum(p.weights_bytes for p in profs.values())
-    shares = [rng.uniform(0.5, 1.5) for _ in range(n_dev)]
-    scale = rng.uniform(1.0, 1.5) * need / sum(shares)
-    devices = [Device(f"SIM{i}", int(s * scale), int(s * scale), "sim") for i, s in enumerate(shares)]
-    return Fleet(tuple(models)), profs, devices
-
-
-def relative_loss(objective: str, heuristic: float, exhaustive: float) -> float:
-    """How much worse the heuristic's value is, relative to the exhaustive optimum (0: as good)."""
-    if objective == "fewest":     # device slots: fewer is better
-        return (heuristic - exhaustive) / exhaustive
-    return (exhaustive - heuristic) / exhaustive if exhaustive > 0 else 0.0
-
-
-def compare(objective: str, n: int, seed: int):
-    """(fleets the exhaustive search fits, the heuristic's misses, [relative loss per fleet both fit])."""
-    rng = random.Random(seed)
-    fits, missed, losses = 0, 0, []
-    for _ in range(n):
-        fleet, profs, devices = random_fleet(rng)
-        obj = objective if objective != "tg" else f"tg:{fleet.models[0].name}"
-        ex = plan_fleet(fleet, profs, devices, objective=obj, exhaustive_limit=10**6, advise=False)
-        he = plan_fleet(fleet, profs, devices, objective=obj, exhaustive_limit=0, advise=False)
-        assert ex.search == "exhaustive" and he.search == "heuristic"
-        assert not (he.fits and not ex.fits)
-        if ex.fits:
-            fits += 1
-            if not he.fits:
-                missed += 1
-            else:
-                losses.append(relative_loss(objective, he.value, ex.value))
-    return fits, missed, losses
+from gpulab.testing import MiB, heuristic_vs_exhaustive, make_profile
 
 
 @pytest.mark.parametrize("objective", ["fewest", "balanced", "tg"])
 def test_the_heuristic_fits_whenever_the_exhaustive_search_does_and_is_within_5_percent(objective):
-    fits, missed, losses = compare(objective, 6, seed=28)
+    fits, missed, losses = heuristic_vs_exhaustive(objective, 6, seed=28)
     assert fits >= 3            # the seed gives fleets that fit (and some that do not)
     assert missed == 0
     assert max(losses) <= 0.05, sorted(losses)

@@ -7,35 +7,11 @@ import json
 
 import pytest
 
+from builders import UUID, MiB, gpu_run
 from gpulab.core.config import SplitConfig
 from gpulab.core.devices import Device
 from gpulab.core.measure.reconcile import reconcile
 from gpulab.core.report import BufferReport, LoadReport
-from gpulab.core.measure.results import BenchRun
-
-MiB = 1024 ** 2
-UUID = "GPU-11111111-2222-3333-4444-555555555555"
-
-
-def gpu_run(nvml_used: int | None = 900 * MiB, **over) -> BenchRun:
-    report = LoadReport(
-        layer_devices=("CUDA0",) * 5, devices=("CUDA0",),
-        buffers=(BufferReport("CUDA0", "CUDA0", "model", 500 * MiB),
-                 BufferReport("CPU", "CPU_Mapped", "model", 560 * MiB),
-                 BufferReport("CUDA0", "CUDA0", "kv", 64 * MiB),
-                 BufferReport("CPU", "CPU", "output", 1 * MiB),
-                 BufferReport("CUDA0", "CUDA0", "compute", 100 * MiB),
-                 BufferReport("CPU", "CUDA_Host", "compute", 8 * MiB)))
-    plan = {"devices": [
-        {"name": "CUDA0", "total_bytes": 80 << 30, "free_bytes": 79 << 30, "weights_bytes": 505 * MiB,
-         "kv_bytes": 64 * MiB, "compute_bytes": 90 * MiB, "used_bytes": 659 * MiB, "fits": True},
-        {"name": "CPU", "total_bytes": 0, "free_bytes": 0, "weights_bytes": 60 * MiB, "kv_bytes": 0,
-         "compute_bytes": 10 * MiB, "used_bytes": 70 * MiB, "fits": True}]}
-    kw = dict(model_path="m.gguf", model_bytes=560 * MiB, config=SplitConfig(), report=report, plan=plan,
-              devices=("CUDA0",), nvml_peak_bytes={"CUDA0": nvml_used} if nvml_used is not None else {},
-              device_uuids={"CUDA0": UUID}, nvml_per_process=True)
-    kw.update(over)
-    return BenchRun(**kw)
 
 
 def test_table_numbers():
@@ -98,20 +74,25 @@ def test_reconcile_with_a_plan_object(profile_factory):
 
 def test_tensor_split_is_compared_on_the_meta_line_llama_cpp_logs():
     from builders import make_llama_profile
-    from gpulab import parse_sim_spec, plan as make_plan
+    from gpulab import parse_sim_spec
+    from gpulab import plan as make_plan
     from gpulab.core.measure.reconcile import comparison_rows
     from gpulab.core.run import Run
-    p = make_plan(make_llama_profile(), parse_sim_spec("2x24GiB"), SplitConfig(split_mode="tensor", tensor_split=(3, 1)))
-    biggest = max(p.offload_devices, key=lambda d: d.weights_bytes)
+    p = make_plan(make_llama_profile(), parse_sim_spec("2x24GiB"),
+                  SplitConfig(split_mode="tensor", tensor_split=(3, 1)))
+    # llama.cpp logs one Meta() line per buffer, each at its largest member's size
     report = LoadReport(layer_devices=("Meta()",) * 5, devices=("SIM0", "SIM1"),
-                        buffers=(BufferReport("Meta()", "Meta()", "model", biggest.weights_bytes),
-                                 BufferReport("Meta()", "Meta()", "kv", biggest.kv_bytes),
-                                 BufferReport("CPU", "CPU_Mapped", "model", p.host.weights_bytes)))
+                        buffers=(BufferReport("Meta()", "Meta()", "model", 20 * MiB),
+                                 BufferReport("Meta()", "Meta()", "kv", 6 * MiB),
+                                 BufferReport("CPU", "CPU_Mapped", "model", 4 * MiB)))
     run = Run(model_path="m.gguf", model_bytes=0, config=p.config, report=report, plan=p.to_dict(),
               devices=("SIM0", "SIM1"))
     rec = reconcile(run)
+    # the prediction on that line is SIM0's 3/4 share (20.27 MiB), not SIM1's (6.77 MiB) nor the sum
     w = rec.row("Meta()", "weights")
-    assert w.predicted == biggest.weights_bytes and w.error_bytes == 0
+    assert (w.predicted, w.reported, w.error_bytes) == (21_252_096, 20 * MiB, 21_252_096 - 20 * MiB)
+    kv = rec.row("Meta()", "kv")
+    assert (kv.predicted, kv.reported, kv.error_bytes) == (6 * MiB, 6 * MiB, 0)
     assert any("Meta()" in n for n in rec.notes)
     rows = {r["device"]: r for r in comparison_rows(p, run)}
     assert set(rows) == {"SIM0", "SIM1", "Meta()", "CPU"} and rows["SIM0"]["llama.cpp"] == "-"

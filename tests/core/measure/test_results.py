@@ -11,15 +11,25 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from llama_tools import NOT_BUILT, tools_bin, vendored_src
 
+from builders import make_run, parse_md
 from gpulab.core.config import SplitConfig
-from gpulab.core.report import BufferReport, LoadReport
 from gpulab.core.measure.llama_bench import format_results
-from gpulab.core.measure.results import (BOOL_FIELDS, FLOAT_FIELDS, INT_FIELDS, LLAMA_BENCH_FIELDS, LLAMA_BENCH_SAMPLE_FIELDS,
-                                 BenchRun, format_tensor_split, run_from_dict,
-                                 run_to_dict, runs_from_records, throughput_from_samples, to_llama_bench_records)
+from gpulab.core.measure.results import (
+    BOOL_FIELDS,
+    FLOAT_FIELDS,
+    INT_FIELDS,
+    LLAMA_BENCH_FIELDS,
+    LLAMA_BENCH_SAMPLE_FIELDS,
+    format_tensor_split,
+    run_from_dict,
+    run_to_dict,
+    runs_from_records,
+    throughput_from_samples,
+    to_llama_bench_records,
+)
 from gpulab.core.run import Run
+from llama_tools import NOT_BUILT, tools_bin, vendored_src
 
 MiB = 1024 ** 2
 
@@ -28,29 +38,6 @@ def _vendored_llama_bench() -> Path | None:
     """tools/llama-bench/llama-bench.cpp of the pinned llama-cpp-python sdist, where one is unpacked."""
     src = vendored_src()
     return src / "tools" / "llama-bench" / "llama-bench.cpp" if src is not None else None
-
-
-def make_run(**over) -> BenchRun:
-    report = LoadReport(
-        layer_devices=("RPC0",) * 3 + ("RPC1",) * 2, devices=("RPC0", "RPC1"),
-        buffers=(BufferReport("RPC0", "RPC0[127.0.0.1:1]", "model", 30 * MiB),
-                 BufferReport("RPC1", "RPC0[127.0.0.1:2]", "model", 25 * MiB),
-                 BufferReport("CPU", "CPU_Mapped", "model", 60 * MiB),
-                 BufferReport("RPC0", "RPC0[127.0.0.1:1]", "kv", 3 * MiB),
-                 BufferReport("RPC1", "RPC0[127.0.0.1:2]", "kv", 1 * MiB),
-                 BufferReport("CPU", "CPU", "output", MiB // 2),
-                 BufferReport("RPC0", "RPC0[127.0.0.1:1]", "compute", 10 * MiB),
-                 BufferReport("CPU", "CPU", "compute", 2 * MiB)),
-        kv_layer_devices=("RPC0",) * 3 + ("RPC1",), kv_total_bytes=4 * MiB, log="a log\n")
-    kw = dict(model_path="/m/x.gguf", model_bytes=123 * MiB, config=SplitConfig(tensor_split=(3, 1), n_ctx=640),
-              report=report, pp=throughput_from_samples(512, 0, [1_000_000_000, 1_100_000_000]),
-              tg=throughput_from_samples(0, 128, [2_000_000_000, 2_000_000_000]), load_seconds=1.5, n_threads=2,
-              devices=("RPC0", "RPC1"), plan={"model": {"arch": "llama"}, "devices": [], "layers": []},
-              timestamp="2025-01-02T03:04:05Z", build="llama-cpp-python-0.3.36", model_type="llama 1B Q4_0",
-              model_n_params=1_235_814_400, model_hash="abcd", cpu_info="AMD EPYC", gpu_info="127.0.0.1:1",
-              backends="RPC", run_id="r1", notes=("n1",))
-    kw.update(over)
-    return BenchRun(**kw)
 
 
 def test_fields_match_the_vendored_llama_bench():
@@ -126,14 +113,6 @@ def test_expert_offload_and_overrides_in_llama_bench_fields():
     assert plain["tensor_buft_overrides"] == "none" and plain["n_cpu_moe"] == 0
     head, _ = parse_md(format_results([r], "md", default_threads=None))
     assert head[4:6] == ["ngl", "n_cpu_moe"] and head[-6:-2] == ["ot", "nopo", "noh", "rpk"]
-
-
-def parse_md(text: str) -> tuple[list[str], list[dict]]:
-    lines = [ln for ln in text.splitlines() if ln.startswith("|")]
-    cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
-    head, sep, rows = cells[0], cells[1], cells[2:]
-    assert all(re.fullmatch(r"-+[-:]", s) for s in sep)
-    return head, [dict(zip(head, r)) for r in rows]
 
 
 def test_markdown_table_parses():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from gpulab.core.config import SplitConfig
+from gpulab.core.errors import ConfigError
 from gpulab.core.exports.render import render
 from gpulab.core.measure.sweep_grid import parse_grid, parse_int_range
-from gpulab.core.errors import ConfigError
 
 
 @pytest.mark.parametrize("text, allow_neg, want", [

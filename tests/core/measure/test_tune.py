@@ -8,10 +8,10 @@ import pytest
 
 from gpulab.core.config import SplitConfig
 from gpulab.core.devices import Device, parse_sim_spec
-from gpulab.core.placement.planner import plan
+from gpulab.core.errors import ConfigError
 from gpulab.core.measure.sweep_grid import parse_grid
 from gpulab.core.measure.tune import Tuner, default_grid_args, objective_value, run_tuner
-from gpulab.core.errors import ConfigError
+from gpulab.core.placement.planner import plan
 
 GiB = 1024**3
 MiB = 1024**2
@@ -70,7 +70,7 @@ def test_within_3_percent_with_a_quarter_of_the_loads(prof, objective, grid_name
     for seed in range(12):
         truth = world(seed, prof, devices, HOST)
         tuner = Tuner(prof, devices, configs, objective=objective, host=HOST, n_prompt=64, n_gen=16)
-        pick, _ = run_tuner(tuner, lambda c: (*truth(c), True), budget)
+        pick, _ = run_tuner(tuner, lambda c, truth=truth: (*truth(c), True), budget)
         vals = [objective_value(objective, *truth(c, False), 64, 16) for c in configs]
         ratios.append(objective_value(objective, *truth(pick, False), 64, 16) / max(vals))
         loads.append(tuner.loads)

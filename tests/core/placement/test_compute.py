@@ -8,15 +8,14 @@ that breaks the model against llama.cpp also fails here.
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings, strategies as st
-
-from gpulab import SplitConfig, parse_sim_spec, plan
-from gpulab.core.placement.compute import (SCHED_MAX_COPIES, compute_tokens, estimate_compute_bytes,
-                                 pipeline_copies)
-from gpulab.core.devices import Device
-from gpulab.core.profile import LayerProfile, ModelProfile, TensorInfo
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from builders import make_profile
+from gpulab import SplitConfig, parse_sim_spec, plan
+from gpulab.core.devices import Device
+from gpulab.core.placement.compute import SCHED_MAX_COPIES, compute_tokens, estimate_compute_bytes, pipeline_copies
+from gpulab.core.profile import LayerProfile, ModelProfile, TensorInfo
 
 MiB = 1024**2
 

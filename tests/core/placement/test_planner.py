@@ -10,13 +10,13 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from builders import make_profile
 from gpulab import ConfigError, SplitConfig, parse_sim_spec, plan
 from gpulab.core.devices import Device
 from gpulab.core.placement.planner import assign_layers, kv_cells, split_points
-
-from builders import make_profile
 
 GiB = 1024**3
 MiB = 1024**2

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import pytest
 
+from builders import make_llama_profile
 from gpulab import ConfigError, SplitConfig, parse_sim_spec, plan
 from gpulab.core.placement.tensor_parallel import _context, split_tensor
 
-from builders import make_llama_profile
-
 TWO = "24GiB,24GiB"
+MiB = 1024**2
 
 
 def _split(profile, name, shape, ts=(), n=2):
@@ -95,13 +95,16 @@ def test_plan_puts_every_offloaded_layer_on_the_meta_device_and_slices_on_its_me
     assert d["config"]["split_mode"] == "tensor" and d["tensor_parallel"]["meta_device"] == "Meta()"
 
 
-def test_layer_shares_add_up_to_the_device_totals():
+def test_three_devices_hold_whole_kv_heads_and_their_share_of_the_weights():
     prof = make_llama_profile(n_layer=5)
     p = plan(prof, parse_sim_spec("24GiB,24GiB,24GiB"), SplitConfig(split_mode="tensor", tensor_split=(3, 1, 2)))
     ts = p.tensor_parallel
-    for j, d in enumerate(p.offload_devices):
-        assert sum(lw[j] for lw in ts.layer_weights) == d.weights_bytes
-        assert sum(lk[j] for lk in ts.layer_kv) == d.kv_bytes
+    # 2 KV heads (1 MiB each per layer at this context) over three devices: whole heads, never halves
+    assert ts.kv_heads == ((1, 0, 1), (1, 0, 1), (1, 1, 0), (1, 0, 1), (1, 0, 1))
+    assert ts.layer_kv[:5] == ((MiB, 0, MiB),) * 2 + ((MiB, MiB, 0),) + ((MiB, 0, MiB),) * 2
+    # what the plan table shows per device (the layer bars of the lab are these, layer by layer)
+    assert [(d.name, d.weights_bytes, d.kv_bytes) for d in p.offload_devices] == [
+        ("SIM0", 17_192_960, 5 * MiB), ("SIM1", 5_309_440, 1 * MiB), ("SIM2", 11_906_048, 4 * MiB)]
 
 
 def test_partial_offload_keeps_the_first_layers_whole_on_the_cpu():

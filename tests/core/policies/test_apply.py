@@ -2,10 +2,9 @@ from __future__ import annotations
 
 import pytest
 
+from builders import make_profile
 from gpulab import ConfigError, SplitConfig, parse_sim_spec, plan
 from gpulab.core.policies.apply import apply_policy, policy_split
-
-from builders import make_profile
 
 GiB = 1024**3
 MiB = 1024**2

@@ -6,9 +6,9 @@ import pytest
 
 from builders import MiB, make_profile
 from gpulab.core.config import SplitConfig
-from gpulab.core.policies.context import ctx_table, largest_ctx
 from gpulab.core.devices import parse_sim_spec
 from gpulab.core.placement.planner import plan
+from gpulab.core.policies.context import ctx_table, largest_ctx
 
 
 def _left(p):

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import pytest
 
-from gpulab import ConfigError, SplitConfig, parse_sim_spec, plan
-from gpulab.core.policies.moe_balance import expert_bytes_on, moe_balance, spread_bytes
-from gpulab.core.overrides import parse_override_text
-from gpulab.core.policies.apply import apply_policy, policy_split
-
 from builders import make_moe_profile, make_profile
+from gpulab import ConfigError, SplitConfig, parse_sim_spec, plan
+from gpulab.core.overrides import parse_override_text
+from gpulab.core.policies.apply import apply_policy
+from gpulab.core.policies.moe_balance import expert_bytes_on, moe_balance, spread_bytes
 
 GiB = 1024**3
 CTX = SplitConfig(n_ctx=8192)
@@ -78,7 +77,11 @@ def test_when_everything_fits_nothing_goes_to_the_cpu_and_uneven_cards_fill_even
 def test_the_rules_are_llama_cpp_flags_that_give_the_same_plan(qwen30b):
     devices = parse_sim_spec("4x4GiB")
     cfg = apply_policy("moe-balance", qwen30b, devices, CTX)
-    assert cfg.tensor_split == policy_split("moe-balance", qwen30b, devices, CTX)
+    # what a user copies to llama-server: four equal GPUs share the dense part evenly, and the experts
+    # that do not fit stay on the CPU, whole tensors of five layers
+    assert cfg.tensor_split == (1.0, 1.0, 1.0, 1.0)
+    assert cfg.tensor_overrides == (r"blk\.(0|1|37)\.(ffn_down_exps|ffn_gate_exps|ffn_up_exps)\.=CPU",
+                                    r"blk\.(13|25)\.(ffn_gate_exps|ffn_up_exps)\.=CPU")
     rules = [r for item in cfg.tensor_overrides for r in parse_override_text(item)]
     assert rules and {r.target for r in rules} <= {"CPU", "SIM0", "SIM1", "SIM2", "SIM3"}
     p = plan(qwen30b, devices, cfg)

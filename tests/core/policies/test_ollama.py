@@ -7,14 +7,12 @@ from dataclasses import replace
 
 import pytest
 
+from builders import make_profile
 from gpulab import ConfigError, parse_sim_spec, plan
 from gpulab.core.devices import Device
-from gpulab.core.policies.server_fit import fit
-from gpulab.core.policies.ollama import (OllamaSettings, automatic_batch, default_num_ctx, ollama,
-                                       predict_server_vram)
 from gpulab.core.policies.apply import ALL_POLICIES, POLICIES, apply_policy, policy_split
-
-from builders import make_profile
+from gpulab.core.policies.ollama import OllamaSettings, automatic_batch, default_num_ctx, ollama, predict_server_vram
+from gpulab.core.policies.server_fit import fit
 
 GiB = 1024**3
 MiB = 1024**2

@@ -13,8 +13,8 @@ from builders import MiB, make_hand_moe_profile, make_profile
 from gpulab.core.config import SplitConfig, parse_mib_list, parse_ngl
 from gpulab.core.devices import parse_sim_spec
 from gpulab.core.errors import ConfigError
-from gpulab.core.policies.server_fit import UINT32_MAX, fit, fit_margins, overflow_pattern
 from gpulab.core.placement.planner import plan
+from gpulab.core.policies.server_fit import UINT32_MAX, fit, fit_margins, overflow_pattern
 
 
 def _moe_profile():
@@ -131,6 +131,11 @@ def test_near_boundary_decisions_are_reported():
     prof = make_profile(n_layer=30, layer_bytes=200 * MiB)
     devs = parse_sim_spec("2x4GiB")
     r = fit(prof, devs, SplitConfig(n_ctx=0, fit_target=(512,)))
-    for d in r.decisions:
-        assert d.near == (abs(d.projected_bytes - d.target_bytes) < d.uncertainty_bytes)
-    assert len(r.near_boundary) == sum(d.near for d in r.decisions)
+    # fit settles on 16 + 14 layers; SIM0's 16th lands 12 MiB under its target, inside what gpulab's
+    # compute buffers may be off by: that decision, and no other (SIM1's 14 layers leave 117 MiB), is flagged
+    assert (r.config.n_gpu_layers, r.config.tensor_split) == (30, (16.0, 14.0))
+    assert r.near_boundary == (
+        "16 layers on SIM0: projected 3572.0 MiB vs target 3584.0 MiB, within gpulab's compute-buffer "
+        "uncertainty (12.1 MiB): fit's dry run may decide the other way",)
+    # with a 1 GiB margin no decision is that close
+    assert fit(prof, devs, SplitConfig(n_ctx=0, fit_target=(1024,))).near_boundary == ()
