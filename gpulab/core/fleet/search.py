@@ -373,7 +373,16 @@ class Search:
             opts = self.options(m, left, placed, more_sizes=1, per_size=WIDTH)
             if len(opts) > width:
                 narrowed[0] = True
-            for j, (_, p) in enumerate(opts[:width]):
+            branches = [p for _, p in opts[:width]]
+            if len(self.devices) > SMALL_DEVICES:
+                # and the set the model fills tightest, which keeps large holes for the others
+                # (contiguous sets from the most memory left miss it on uneven devices)
+                have = {tuple(d.name for d in p.offload_devices) for p in branches}
+                for _, p in self.options(m, left, placed, best_fit=True, more_sizes=1):
+                    if tuple(d.name for d in p.offload_devices) not in have:
+                        branches.insert(1, p)
+                        break
+            for j, p in enumerate(branches):
                 if j > 0 and disc == 0:
                     break
                 placed[m.name] = p
