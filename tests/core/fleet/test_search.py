@@ -46,3 +46,18 @@ def test_equal_cards_get_the_same_plan_whichever_order_they_are_listed_in(object
     # 'big' is split over two cards, the others take one each: the first five cards by name
     assert {p.name: len(p.devices) for p in ref.placements} == {"big": 2, "mid": 1, "mid2": 1, "small": 1}
     assert sorted(d for p in ref.placements for d in p.devices) == ["SIM0", "SIM1", "SIM2", "SIM3", "SIM4"]
+
+
+def test_a_spent_time_budget_still_returns_the_first_greedy_plan_whole():
+    """A budget that ends before the improvement starts: the first greedy pass still runs to its
+    end, so every model has its plan, the plan says the budget stopped it, and progress was told."""
+    seen = []
+    profs = {f"m{i}": make_profile(n_layer=8, layer_bytes=50 * MiB) for i in range(10)}
+    fleet = Fleet(tuple(FleetModel(n, f"{n}.gguf") for n in profs))
+    fp = plan_fleet(fleet, profs, parse_sim_spec("10x2GiB"), objective="balanced", time_budget=1e-9,
+                    progress=lambda f, text: seen.append((f, text)))
+    assert fp.search == "heuristic" and fp.fits and len(fp.placements) == 10
+    assert fp.search_limit.endswith("stopped at the time budget (1e-09 s)")
+    assert all(p.devices for p in fp.placements)
+    assert [t for _, t in seen][:2] == ["greedy 1/10 models", "greedy 2/10 models"]
+    assert all(0.0 <= f <= 1.0 for f, _ in seen)
