@@ -196,3 +196,25 @@ def test_devices_without_gpu_says_so_and_lists_the_host(capsys):
     assert code == 0 and d["host"]["name"] == "CPU"
     if not d["devices"]:
         assert "no GPU found" in d["note"]
+
+
+# What a `gpulab plan` / `gpulab inspect` process must not load: the fleet planner and exports, the
+# notebook stack, llama.cpp, -sm tensor's rules, and numpy and gguf (the header walker and the planner
+# need neither).
+NOT_FOR_PLAN = ("numpy", "gguf", "gpulab.core.fleet", "gpulab.core.fleet.planner", "gpulab.core.exports.fleet",
+                "gpulab.core.placement.tensor_parallel",
+                "gpulab.runtime.worker", "gpulab.storage.overheads", "plotly", "ipywidgets", "anywidget",
+                "llama_cpp", "pandas", "IPython")
+
+
+@pytest.mark.parametrize("argv", [("plan", "--sim", "2x24GiB", "-c", "4096", "-fit", "off"), ("inspect",)])
+def test_plan_and_inspect_processes_import_only_what_they_use(model, argv):
+    """sys.modules of a child process that ran the command (a contract, not a timing)."""
+    code = ("import json, sys\nfrom gpulab.cli import main\nrc = main(sys.argv[1:])\n"
+            "print(json.dumps(sorted(sys.modules)))\nsys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code, argv[0], str(model), *argv[1:]],
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr
+    loaded = set(json.loads(r.stdout.splitlines()[-1]))
+    assert "gpulab.sources.gguf_header" in loaded   # the check sees what the command imported
+    assert sorted(loaded & set(NOT_FOR_PLAN)) == []

@@ -200,3 +200,13 @@ def test_unload_removes_the_magic(ip):
     assert ip.find_line_magic("gpulab") is None
     ip.run_line_magic("load_ext", "gpulab")
     assert ip.find_line_magic("gpulab") is not None
+
+
+def test_a_pasted_llama_server_command_in_a_notebook(ip, model):
+    """%gpulab plan -- llama-server ...: the same parser and process plan as the command line."""
+    with capture_output():
+        r = magic(ip, f"plan --sim 2x1GiB -- llama-server -m {model} -md {model} -devd SIM1 -ngl 99 -ts 1,1 "
+                      "-c 2048 -np 1 --port 8080")
+    assert r.command.program == "llama-server" and r.command.ignored == ("--port 8080",)
+    assert r.process.row("SIM1").draft_bytes > 0 and r.process.row("SIM0").draft_bytes == 0
+    assert list(r.to_dataframe()["device"]) == ["SIM0", "SIM1", "CPU"]

@@ -218,7 +218,9 @@ def _memory_data(plan: Plan, names: list[str], unit: tuple[str, int]) -> tuple[l
     for label, attr in terms:
         traces.append(dict(
             x=names, y=col(attr), name=label,
-            hovertext=[f"{n} {label}: {format_bytes(getattr(d, attr))}" if d else f"{n}: not used"
+            hovertext=[f"{n} {label}: {format_bytes(getattr(d, attr))}"
+                       + (" (gpulab's CUDA default, nothing learned yet)" if attr == "overhead_bytes"
+                          and d.overhead_is_default else "") if d else f"{n}: not used"
                        for n, d in zip(names, rows)],
             marker=dict(line=dict(color=line_colors, width=line_widths)),
             hovertemplate="%{hovertext}<extra></extra>"))

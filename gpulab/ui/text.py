@@ -8,9 +8,21 @@ from ..core.placement.plan import Plan
 from ..core.profile import ModelProfile
 from ..core.units import format_bytes
 
-__all__ = ["fleet_search_lines",
-           "render_table", "plan_rows", "plan_text", "rules_text", "tensor_list", "speed_text", "profile_text",
-           "devices_text", "layer_ranges", "calibration_text", "speed_cache_text", "fleet_text"]
+__all__ = [
+    "calibration_text",
+    "devices_text",
+    "fleet_search_lines",
+    "fleet_text",
+    "layer_ranges",
+    "plan_rows",
+    "plan_text",
+    "profile_text",
+    "render_table",
+    "rules_text",
+    "speed_cache_text",
+    "speed_text",
+    "tensor_list",
+]
 
 
 def render_table(rows: list[dict], right: tuple[str, ...] = ()) -> str:
@@ -52,11 +64,15 @@ def plan_rows(p: Plan) -> list[dict]:
         for name in p.tensor_parallel.devices:
             ranges[name] = f"{cut} (a slice of each)"
     rows = []
+    base = any(d.overhead_bytes for d in p.devices)   # the base cost column only where a device has one
     for d in p.devices:
         rows.append({
             "device": d.name, "layers": ranges.get(d.name, "-") if not d.is_host or d.name in ranges else "input",
             "weights": format_bytes(d.weights_bytes), "KV": format_bytes(d.kv_bytes),
-            "compute": format_bytes(d.compute_bytes), "used": format_bytes(d.used_bytes),
+            "compute": format_bytes(d.compute_bytes),
+            **({"base": format_bytes(d.overhead_bytes) + (" (default)" if d.overhead_is_default else "")}
+               if base else {}),
+            "used": format_bytes(d.used_bytes),
             "free": format_bytes(d.free_bytes) if d.free_bytes else "?",
             "fits": "yes" if d.fits else f"NO (-{format_bytes(d.deficit_bytes)})",
         })
@@ -116,7 +132,7 @@ def plan_text(p: Plan, speed: SpeedPrediction | None = None, *, n_prompt: int = 
             f"{format_bytes(p.profile.file_bytes)} | -ngl {c.n_gpu_layers} -sm {c.split_mode} "
             f"-mg {c.main_gpu} -ts {ts} -c {c.n_ctx} -ctk {c.type_k} -ctv {c.type_v} "
             f"({p.kv_cells} KV cells)")
-    body = render_table(plan_rows(p), right=("weights", "KV", "compute", "used", "free"))
+    body = render_table(plan_rows(p), right=("weights", "KV", "compute", "base", "used", "free"))
     verdict = "fits" if p.fits else "DOES NOT FIT: " + "; ".join(p.deficits())
     parts = [head, body]
     if p.rule_matches:
@@ -293,3 +309,34 @@ def fleet_text(fp) -> str:
                f"{fp.evaluated} model plans)")
     out += [f"  - {a.text}" for a in fp.advice]
     return "\n".join(out)
+
+
+def process_text(cp) -> str:
+    """A pasted command's whole process (gpulab.core.policies.process.CommandPlan): per device the
+    main model, the draft, the projector and the base cost, against free memory."""
+    pp, cmd = cp.process, cp.command
+    lines = [f"{cmd.program}: {cmd.model}" + (f" + draft {cmd.draft.path}" if cmd.draft else "")
+             + (f" + projector {cmd.projector.path}" if cmd.projector else "")]
+    if cp.fit is not None:
+        lines.append(f"fit: {cp.fit.status}" + (f" ({', '.join(cp.fit.changed)})" if cp.fit.changed else ""))
+    c = pp.main.config
+    lines.append(f"main: -ngl {c.n_gpu_layers} -c {c.n_ctx} -np {c.n_seq_max}{' -kvu' if c.kv_unified else ''} "
+                 f"-ctk {c.type_k} -ctv {c.type_v}" + (f" -ts {','.join(f'{x:g}' for x in c.tensor_split)}"
+                                                      if c.tensor_split else ""))
+    if pp.projector is not None:
+        pr = pp.projector
+        lines.append(f"projector on {pr.device} ({pr.why}): weights {format_bytes(pr.weights_bytes)}, "
+                     f"compute {format_bytes(pr.compute_bytes)} (estimate)")
+    head = f"{'device':<10}{'main':>12}{'draft':>12}{'projector':>12}{'base cost':>14}{'total':>12}{'free':>12}  fits"
+    lines += ["", head]
+    for r in pp.rows:
+        base = format_bytes(r.overhead_bytes) + ("*" if r.overhead_is_default else "")
+        free = "-" if r.is_host else format_bytes(r.free_bytes)
+        lines.append(f"{r.name:<10}{format_bytes(r.main_bytes):>12}{format_bytes(r.draft_bytes):>12}"
+                     f"{format_bytes(r.projector_bytes):>12}{base:>14}{format_bytes(r.used_bytes):>12}{free:>12}  "
+                     f"{'yes' if r.fits else 'NO'}")
+    if any(r.overhead_is_default for r in pp.rows):
+        lines.append("* default base cost for a CUDA device (nothing learned on it yet)")
+    lines += [""] + list(cp.notes) if cp.notes else []
+    lines.append("fits" if pp.fits else "does NOT fit")
+    return "\n".join(lines)

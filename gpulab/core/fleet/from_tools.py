@@ -21,7 +21,8 @@ import shlex
 from ..errors import ConfigError
 from .model import Fleet, fleet_from_dict
 
-__all__ = ["model_from_server_args", "fleet_from_llama_swap", "fleet_from_router_ini", "parse_preset_ini"]
+__all__ = ["fleet_from_llama_swap", "fleet_from_router_ini", "llama_swap_commands", "model_from_server_args",
+           "parse_preset_ini"]
 
 # llama-server spellings (common/arg.cpp) of what a FleetModel holds -> its key
 _KEYS = {
@@ -100,16 +101,12 @@ def _put(doc: dict, key: str, value: str, name: str) -> None:
         doc[key] = value
 
 
-def fleet_from_llama_swap(doc) -> tuple[Fleet, list[str]]:
-    """(Fleet, notes) from a parsed llama-swap config.yaml: `models.NAME.cmd`, `groups`, `macros`."""
+def llama_swap_commands(doc) -> dict[str, list[str]]:
+    """{model name: its cmd as argv, macros expanded (${PORT} as 0)} of a parsed llama-swap config.yaml."""
     if not isinstance(doc, dict) or not isinstance(doc.get("models"), dict) or not doc["models"]:
         raise ConfigError("a llama-swap config needs a `models:` map with at least one model")
     macros = {k: str(v) for k, v in (doc.get("macros") or {}).items()}
-    resident: set[str] = set()
-    for g in (doc.get("groups") or {}).values():
-        if isinstance(g, dict) and g.get("swap") is False:
-            resident.update(g.get("members") or [])
-    models, notes = [], []
+    out = {}
     for name, m in doc["models"].items():
         cmd = m.get("cmd") if isinstance(m, dict) else None
         if not isinstance(cmd, str):
@@ -120,7 +117,21 @@ def fleet_from_llama_swap(doc) -> tuple[Fleet, list[str]]:
         left = re.findall(r"\$\{[^}]*\}", cmd)
         if left:
             raise ConfigError(f"llama-swap model {name!r}: unknown macro(s) {', '.join(left)} in its cmd")
-        table, n = model_from_server_args(str(name), shlex.split(cmd), keep_loaded=name in resident)
+        out[str(name)] = shlex.split(cmd)
+    return out
+
+
+def fleet_from_llama_swap(doc) -> tuple[Fleet, list[str]]:
+    """(Fleet, notes) from a parsed llama-swap config.yaml: `models.NAME.cmd`, `groups`, `macros`."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("models"), dict) or not doc["models"]:
+        raise ConfigError("a llama-swap config needs a `models:` map with at least one model")
+    resident: set[str] = set()
+    for g in (doc.get("groups") or {}).values():
+        if isinstance(g, dict) and g.get("swap") is False:
+            resident.update(g.get("members") or [])
+    models, notes = [], []
+    for name, argv in llama_swap_commands(doc).items():
+        table, n = model_from_server_args(str(name), argv, keep_loaded=name in resident)
         models.append(table)
         notes += [x for x in n if not x.endswith("--port 0 left out (not part of a fleet model)")]
     return fleet_from_dict({"models": models}), notes

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..config import SplitConfig
 from ..profile import ModelProfile
-from .tensor_parallel import TensorParallel
+
+if TYPE_CHECKING:   # -sm tensor's module loads with the -sm tensor plans that carry one
+    from .tensor_parallel import TensorParallel
 
 __all__ = ["DevicePlan", "Plan"]
 
@@ -21,6 +24,7 @@ class DevicePlan:
     kv_bytes: int
     compute_bytes: int
     overhead_bytes: int = 0       # runtime overhead (CUDA context, ...), learned from runs
+    overhead_is_default: bool = False   # overhead_bytes is gpulab's CUDA default, nothing learned yet
     n_layers: int = 0             # repeating layers placed here
     has_output: bool = False      # holds the output layer (index n_layer)
     is_host: bool = False
@@ -100,7 +104,8 @@ class Plan:
             "devices": [
                 {"name": d.name, "total_bytes": d.total_bytes, "free_bytes": d.free_bytes,
                  "weights_bytes": d.weights_bytes, "kv_bytes": d.kv_bytes,
-                 "compute_bytes": d.compute_bytes, "used_bytes": d.used_bytes, "fits": d.fits}
+                 "compute_bytes": d.compute_bytes, "overhead_bytes": d.overhead_bytes,
+                 "overhead_is_default": d.overhead_is_default, "used_bytes": d.used_bytes, "fits": d.fits}
                 for d in self.devices
             ],
             "layers": [{"index": i, "device": name} for i, name in enumerate(self.layer_devices)],

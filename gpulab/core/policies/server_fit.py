@@ -66,8 +66,16 @@ from ..placement.compute import dry_run_extra_bytes
 from ..placement.planner import plan, select_devices
 from ..profile import ModelProfile
 
-__all__ = ["FitResult", "fit", "fit_flags", "DEFAULT_TARGET_MIB", "UINT32_MAX", "fit_margins",
-           "MOE_ALL_PATTERN", "overflow_pattern"]
+__all__ = [
+    "DEFAULT_TARGET_MIB",
+    "MOE_ALL_PATTERN",
+    "UINT32_MAX",
+    "FitResult",
+    "fit",
+    "fit_flags",
+    "fit_margins",
+    "overflow_pattern",
+]
 
 MiB = 1024 * 1024
 DEFAULT_TARGET_MIB = 1024            # common_params.fit_params_target
@@ -242,13 +250,17 @@ class _Abort(Exception):
 
 def fit(profile: ModelProfile, devices: list[Device], config: SplitConfig | None = None,
         host: Device | None = None, *, n_ctx_min: int | None = None,
-        measure: Callable[[SplitConfig], list[int]] | None = None) -> FitResult:
+        measure: Callable[[SplitConfig], list[int]] | None = None,
+        extra: Callable[[SplitConfig], list[int]] | None = None, n_outputs: int | None = None) -> FitResult:
     """common_params_fit for `config` on `devices` (their free memory as llama.cpp would see it).
 
     config.fit_target / fit_ctx are -fitt / -fitc; n_ctx_min overrides fit_ctx (UINT32_MAX: what an
     explicit `-c 0` sets). `measure(config)` returns the bytes (model + context + compute) of each
     device the config uses; default: gpulab's planner. The result's config is what llama-server
-    loads."""
+    loads. `extra(config)`: the bytes a second model (the draft) adds to each device the config uses,
+    measured at config's context, as common_fit_extra_model's add_extra_memory adds them to every
+    dry run (common/fit.cpp). `n_outputs`: the context's n_outputs_max as the program sets it
+    (llama-server does, llama-fit-params does not: gpulab.core.placement.compute)."""
     config = config or SplitConfig()
     if config.fit == "off":
         return FitResult("off", config, config, ("-fit off: llama.cpp uses the settings as given",), (), (), (),
@@ -256,6 +268,8 @@ def fit(profile: ModelProfile, devices: list[Device], config: SplitConfig | None
     used = select_devices(devices, config)
     run = _Fit(profile, list(devices), used, config, host, measure,
                config.fit_ctx if n_ctx_min is None else n_ctx_min)
+    run.extra_fn = extra
+    run.n_outputs = n_outputs
     try:
         run.go()
     except _Abort as e:
@@ -270,6 +284,8 @@ class _Fit:
                  host: Device | None, measure, n_ctx_min: int):
         self.profile, self.devices, self.used, self.given, self.host = profile, devices, used, config, host
         self.measure_fn = measure
+        self.extra_fn: Callable[[SplitConfig], list[int]] | None = None
+        self.n_outputs: int | None = None
         self.compute: dict[SplitConfig, list[int]] = {}   # the planner's compute buffers per dry run
         self.n_ctx_min = n_ctx_min
         self.cfg = config                  # cparams/mparams as fit changes them
@@ -291,14 +307,15 @@ class _Fit:
     def measure(self, cfg: SplitConfig) -> list[int]:
         """One dry run (common_get_device_memory_data): model + context + compute per device."""
         self.n_dry_runs += 1
+        added = self.extra_fn(cfg) if self.extra_fn is not None else [0] * self.nd
         if self.measure_fn is not None:
-            return list(self.measure_fn(cfg))
-        p = plan(self.profile, self.devices, cfg, self.host)
+            return [m + a for m, a in zip(self.measure_fn(cfg), added)]
+        p = plan(self.profile, self.devices, cfg, self.host, n_outputs=self.n_outputs)
         # a dry run's breakdown is not quite a real load's (gpulab.core.placement.compute.dry_run_extra_bytes)
         extra = dry_run_extra_bytes(self.profile, p.config, list(p.layer_devices), [d.name for d in p.devices])
         compute = [d.compute_bytes + extra.get(d.name, 0) for d in p.offload_devices]
         self.compute[cfg] = compute
-        return [d.weights_bytes + d.kv_bytes + c for d, c in zip(p.offload_devices, compute)]
+        return [d.weights_bytes + d.kv_bytes + c + a for d, c, a in zip(p.offload_devices, compute, added)]
 
     def _uncertainty(self, cfg: SplitConfig, dev: int) -> int:
         """How far gpulab's compute buffer (gpulab.core.placement.compute) may be from llama.cpp's, plus the
@@ -335,7 +352,7 @@ class _Fit:
         free = [d.free_bytes for d in self.used]
         sum_free = sum(free)
         if nd == 0:
-            host_plan = plan(prof, [], cfg, self.host)
+            host_plan = plan(prof, [], cfg, self.host, n_outputs=self.n_outputs)
             sum_used = host_plan.host.weights_bytes + host_plan.host.kv_bytes + host_plan.host.compute_bytes
             sum_free = self.host.total_bytes if self.host is not None else 0
             sum_projected_free = sum_free - sum_used
@@ -394,7 +411,7 @@ class _Fit:
                         sum_used_target -= (nd + 1) * model_per_layer // (2 if hp_nex == 0 else 6)
                     cfg_min = self.cfg = replace(cfg, n_ctx=n_ctx_min_total)
                     if nd == 0:
-                        hp = plan(prof, [], cfg_min, self.host).host
+                        hp = plan(prof, [], cfg_min, self.host, n_outputs=self.n_outputs).host
                         used_min = hp.weights_bytes + hp.kv_bytes + hp.compute_bytes
                     else:
                         used_min = sum(self.measure(cfg_min))
@@ -457,7 +474,7 @@ class _Fit:
         return sum(self._uncertainty(cfg, i) for i in range(self.nd))
 
     def _model_bytes(self, cfg: SplitConfig) -> int:
-        p = plan(self.profile, self.devices, cfg, self.host)
+        p = plan(self.profile, self.devices, cfg, self.host, n_outputs=self.n_outputs)
         return sum(d.weights_bytes for d in p.offload_devices)
 
     # -- steps 3 and 4 -----------------------------------------------------------------------
@@ -550,7 +567,7 @@ class _Fit:
         self.log("converting dense-only layers to full layers and filling them front-to-back with overflow to "
                  "next device/system memory:")
         id_ = 0
-        while id_ <= id_dense_start and id_dense_start < nd:
+        while id_ <= id_dense_start < nd:
             high = _copy(ngl)
             for jd in range(id_dense_start, nd):
                 n_move = high[jd].n_layer if jd < nd - 1 else high[jd].n_layer - 1

@@ -167,7 +167,7 @@ def test_plan_json_has_the_documented_shape():
                                 "type_v", "n_batch", "n_ubatch", "flash_attn", "tensor_overrides"}
     assert [x["name"] for x in d["devices"]] == ["SIM0", "SIM1", "CPU"]
     assert set(d["devices"][0]) == {"name", "total_bytes", "free_bytes", "weights_bytes", "kv_bytes",
-                                    "compute_bytes", "used_bytes", "fits"}
+                                    "compute_bytes", "overhead_bytes", "overhead_is_default", "used_bytes", "fits"}
     assert len(d["layers"]) == 6 and d["layers"][-1] == {"index": 5, "device": "SIM1"}
 
 
