@@ -47,7 +47,7 @@ class _Ctx:
     profiles: Mapping[str, ModelProfile]
     devices: Sequence[Device]
     host: Device | None
-    replan: Callable     # Fleet -> FleetPlan, without advice
+    replan: Callable     # Fleet -> FleetPlan without advice, or None where it finds no fit
 
 _STEP = 256   # llama_context pads n_ctx to 256
 
@@ -81,7 +81,7 @@ def _swappable(result, pr) -> list:
     for m in resident:
         models = tuple(replace(x, keep_loaded=False) if x.name == m.name else x for x in result.fleet.models)
         alt = pr.replan(replace(result.fleet, models=models))
-        if alt.fits:
+        if alt is not None and alt.fits:
             p = alt.placement(m.name)
             where = ", ".join(f"{d.name} {d.used_bytes} B" for d in p.plan.offload_devices) or "the CPU"
             out.append(Advice("swappable", f"make {m.name!r} swappable (keep_loaded = false): the resident models "
@@ -142,7 +142,7 @@ def _shrink_fleet(result, pr) -> list:
                 alt = pr.replan(replace(result.fleet, models=models))
             except ConfigError:
                 continue
-            if alt.fits:
+            if alt is not None and alt.fits:
                 after = sum(d.used_bytes for d in alt.placement(m.name).plan.offload_devices)
                 out.append(Advice("shrink", f"give {m.name!r} {words}: then the whole fleet fits (re-planned; "
                                             f"{m.name!r} takes {now - after} B less)", model=m.name,
@@ -185,6 +185,6 @@ def _move(result, pr) -> list:
 def advise(result, profiles: Mapping[str, ModelProfile], devices: Sequence[Device], host: Device | None,
            replan: Callable) -> list[Advice]:
     """Advice for a FleetPlan with short devices. replan(fleet) plans another fleet on the same
-    devices (without advice): how 'make it swappable' is checked."""
+    devices (without advice; None where it finds no fit): how 'make it swappable' is checked."""
     pr = _Ctx(profiles, devices, host, replan)
     return _short(result) + _swappable(result, pr) + _shrink_fleet(result, pr) + _shrink(result, pr) + _move(result, pr)

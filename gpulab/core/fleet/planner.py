@@ -54,7 +54,7 @@ from .advice import Advice
 from .advice import advise as advice_for
 from .model import Fleet, FleetModel
 from .placement import fits_budget, place_model, subsets
-from .search import WIDTH, Search
+from .search import SMALL_DEVICES, WIDTH, Search
 
 __all__ = ["OBJECTIVES", "ModelPlacement", "FleetDevice", "Advice", "FleetPlan", "plan_fleet"]
 
@@ -246,9 +246,14 @@ def _exhaustive(pr: _Problem) -> dict[str, Plan] | None:
 def _least_short(sr: Search, models: Sequence[FleetModel], left: dict[str, int]) -> dict[str, Plan]:
     """When nothing fits: each model, largest first, where it leaves the least memory missing."""
     placed: dict[str, Plan] = {}
+    few = len(sr.devices) <= SMALL_DEVICES
     for m in models:
         best: tuple[tuple[int, int, int], Plan] | None = None
+        sizes: set[int] = set()
         for subset in sr.candidates(m, left, prune=False):
+            if not few and len(subset) in sizes:
+                continue    # a cluster: the set with the most memory left of each size
+            sizes.add(len(subset))
             p = sr.place(m, subset, left)
             after = _take(left, p)
             missing = sum(max(0, -after[d.name]) - max(0, -left[d.name]) for d in p.offload_devices)
@@ -354,6 +359,20 @@ def plan_fleet(fleet: Fleet, profiles: Mapping[str, ModelProfile], devices: Sequ
     time_budget (seconds) and plan_limit bound the heuristic's improvement after its first greedy
     pass (which always completes: the best plan so far is returned, never nothing); progress(fraction,
     text) is called as it goes."""
+    result = _plan_fleet(fleet, profiles, devices, host, objective=objective, speed=speed,
+                         exhaustive_limit=exhaustive_limit, advise=advise, time_budget=time_budget,
+                         plan_limit=plan_limit, progress=progress, fit_only=False)
+    assert result is not None   # fit_only=False: a fleet that does not fit is planned as least short
+    return result
+
+
+def _plan_fleet(fleet: Fleet, profiles: Mapping[str, ModelProfile], devices: Sequence[Device],
+                host: Device | None, *, objective: str, speed: Callable[[Plan], float] | None,
+                exhaustive_limit: int, advise: bool, time_budget: float | None, plan_limit: int | None,
+                progress: Callable[[float, str], None] | None, fit_only: bool) -> FleetPlan | None:
+    """plan_fleet; fit_only: None when no fit is found (what advice asks of each change it tries:
+    placing every model of a fleet that does not fit where it is least short costs more than the
+    search on a cluster)."""
     devices = [d for d in devices if d.is_offload]
     _check(fleet, profiles, devices, objective)
     if objective.startswith("tg:") and speed is None:
@@ -390,6 +409,8 @@ def plan_fleet(fleet: Fleet, profiles: Mapping[str, ModelProfile], devices: Sequ
         else:
             limit = f"{how}: explored" + ("" if out.complete else " (within that width)")
     if placed is None:
+        if fit_only:
+            return None
         placed = _least_short(sr, pr.order, dict(budgets))
     # every kept plan planned again on its own devices, in the order it was placed (the cache may
     # have lent it from equal devices)
@@ -414,9 +435,10 @@ def plan_fleet(fleet: Fleet, profiles: Mapping[str, ModelProfile], devices: Sequ
     result = FleetPlan(fleet, placements, rows, objective, search, pr.counter[0], search_limit=limit,
                        value=value, bound=bound, gap=gap)
     if advise and not result.fits:
-        def replan(other: Fleet) -> FleetPlan:
-            # the greedy passes only: advice re-plans the fleet once per change it tries
-            return plan_fleet(other, profiles, devices, host, objective=objective, speed=speed,
-                              exhaustive_limit=exhaustive_limit, advise=False, plan_limit=0)
+        def replan(other: Fleet) -> FleetPlan | None:
+            # the greedy passes only, and None for no fit: advice re-plans the fleet once per change it tries
+            return _plan_fleet(other, profiles, devices, host, objective=objective, speed=speed,
+                               exhaustive_limit=exhaustive_limit, advise=False, time_budget=None, plan_limit=0,
+                               progress=None, fit_only=True)
         result = replace(result, advice=tuple(advice_for(result, profiles, devices, host, replan)))
     return result
