@@ -22,7 +22,8 @@ if TYPE_CHECKING:   # what _LAZY provides, for type checkers and editors
     from .core.devices import Device, parse_sim_spec
     from .core.fleet.model import Fleet, FleetModel
     from .core.fleet.planner import FleetPlan, plan_fleet
-    from .core.placement.plan import DevicePlan, Plan
+    from .core.memory import DevicePlan
+    from .core.placement.plan import Plan
     from .core.placement.planner import plan
     from .core.profile import LayerProfile, ModelProfile, TensorInfo
     from .sources.read import read_profile
@@ -33,7 +34,7 @@ __version__ = "0.1.0"
 # `import gpulab` and `gpulab plan` do not pay for the fleet planner they do not use.
 _LAZY = {
     "SplitConfig": "core.config", "Device": "core.devices", "parse_sim_spec": "core.devices",
-    "Plan": "core.placement.plan", "DevicePlan": "core.placement.plan", "plan": "core.placement.planner",
+    "Plan": "core.placement.plan", "DevicePlan": "core.memory", "plan": "core.placement.planner",
     "ModelProfile": "core.profile", "LayerProfile": "core.profile", "TensorInfo": "core.profile",
     "read_profile": "sources.read",
     "Fleet": "core.fleet.model", "FleetModel": "core.fleet.model",

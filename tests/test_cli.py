@@ -111,12 +111,12 @@ def test_inspect_ot_lists_what_each_rule_matches_first_match_wins(capsys, moe_mo
 def test_plan_without_split_flags_shows_what_llama_server_fits_and_the_plain_split(capsys, model):
     from gpulab.core.config import SplitConfig
     from gpulab.core.devices import parse_sim_spec
-    from gpulab.core.policies.server_fit import fit
+    from gpulab.core.policies.server_fit import server_fit
     from gpulab.sources.read import read_profile
     code, out, err = run(capsys, "plan", model, "--sim", "2x600MiB", "-fitt", "595", "--json")
     d = json.loads(out)
     # llama-server's defaults where -c and -np are not given: -c 0, -np 4 -kvu
-    expected = fit(read_profile(str(model)), parse_sim_spec("2x600MiB"),
+    expected = server_fit(read_profile(str(model)), parse_sim_spec("2x600MiB"),
                    SplitConfig(n_ctx=0, n_seq_max=4, kv_unified=True, fit_target=(595,)))
     assert d["fit"]["flags"] == expected.flags() and d["fit"]["status"] == "success"
     assert d["config"]["n_ctx"] == 4096 and d["config"]["tensor_split"] == []       # the plain split

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from html import escape as html_escape
+
 import pytest
 
 pytest.importorskip("IPython")
@@ -129,6 +131,23 @@ def test_plan_matches_the_planner_and_shows_figures(ip, model):
     df = r.to_dataframe()
     assert list(df["device"]) == ["SIM0", "SIM1", "CPU"]
     assert "fits" in r._repr_html_()
+
+
+def test_plan_shows_what_the_command_line_shows(ip, model):
+    """With no -ts/-ngl, `gpulab plan` prints fit's section, then the plain split, then the speed
+    line: the notebook shows the same sections in the same order, and fit's memory figure first."""
+    from gpulab.ui.text import FIT_HEAD, PLAIN_HEAD
+    with capture_output() as cap:
+        r = magic(ip, f"plan {model} --sim 2x8GiB")
+    assert r.text.startswith(FIT_HEAD) and PLAIN_HEAD in r.text and "speed (predicted" in r.text
+    page = r._repr_html_()
+    at = 0
+    for mark in (html_escape(FIT_HEAD), "fit&#x27;s log:", "<table", html_escape(PLAIN_HEAD), "<table",
+                 "speed (predicted"):
+        assert mark in page[at:], mark
+        at = page.index(mark, at) + 1
+    titles = [o.data[PLOTLY]["layout"]["title"]["text"] for o in cap.outputs if PLOTLY in o.data]
+    assert len(titles) == 3 and titles[0].startswith("llama-server (fit): ")
 
 
 def test_results_are_the_cell_value(ip, model):

@@ -70,7 +70,7 @@ def planned(a, session, *, for_load: bool = False, virtual_if_no_gpu: bool = Fal
     choice = devices_from_args(a, session, for_load=for_load, virtual_if_no_gpu=virtual_if_no_gpu)
     config = config_from_args(_with_ctx(a))
     if getattr(a, "policy", None) == "fit":
-        config = server_fit(a, prof, choice, config, path).config
+        config = fit_as_server(a, prof, choice, config, path).config
     elif getattr(a, "policy", None):
         config = apply_policy(a.policy, prof, list(choice.devices), config, choice.host)
     return path, prof, choice, config, plan(prof, list(choice.devices), config, choice.host)
@@ -94,15 +94,12 @@ def _with_ctx(a):
     return Namespace(**{**vars(a), **missing}) if missing else a
 
 
-def server_fit(a, prof, choice, config, path=None):
+def fit_as_server(a, prof, choice, config, path=None):
     """common_fit_params as llama-server runs it on these flags, with its defaults for what was not
-    given: -c 0 (an explicit -c 0 asks for the full context: fit's minimum becomes UINT32_MAX,
-    common/arg.cpp) and -np auto, which is 4 slots sharing one unified KV cache (tools/server/server.cpp)."""
-    from ..core.policies.server_fit import UINT32_MAX, fit
-    ctx_given = getattr(a, "ctx_size", None) is not None
-    server = config if ctx_given else config.replace(n_ctx=0)
-    if getattr(a, "parallel", 1) is None:
-        server = server.replace(n_seq_max=4, kv_unified=True)
+    given (gpulab.core.policies.server_fit.server_config)."""
+    from ..core.policies.server_fit import server_config, server_fit
+    server, n_ctx_min = server_config(config, ctx_given=getattr(a, "ctx_size", None) is not None,
+                                      parallel_given=getattr(a, "parallel", 1) is not None)
     measure = None
     if getattr(a, "fit_dry_run", False):
         if choice.worker is None or not choice.can_load or path is None:
@@ -112,15 +109,8 @@ def server_fit(a, prof, choice, config, path=None):
         from ..runtime.fit_dry_run import dry_run_measure
         measure = dry_run_measure(choice.worker, path, prof, list(choice.devices), choice.host)
     from ..core.command_line import server_n_outputs
-    return fit(prof, list(choice.devices), server, choice.host,
-               n_ctx_min=UINT32_MAX if ctx_given and config.n_ctx == 0 else None, measure=measure,
-               n_outputs=server_n_outputs(server))
-
-
-def server_would_fit(config) -> bool:
-    """llama-server would choose something here: -fit on and -ngl, -ts and the overrides unset."""
-    return (config.fit == "on" and config.n_gpu_layers == -1 and not any(config.tensor_split)
-            and not config.has_tensor_overrides and config.split_mode == "layer")
+    return server_fit(prof, list(choice.devices), server, choice.host, n_ctx_min=n_ctx_min, measure=measure,
+                      n_outputs=server_n_outputs(server))
 
 
 def _is_program(name: str) -> bool:
@@ -151,8 +141,8 @@ def run(a, session) -> Result:
                           "`gpulab plan -- llama-server -m MODEL ...`")
     from ..core.measure.speed import predict_speed
     from ..storage.speed_cache import speed_model_for
-    from ..ui.html import plan_frame_rows, plan_html
-    from ..ui.text import plan_text, rules_text
+    from ..ui.html import plan_frame_rows, plan_html, pre_html
+    from ..ui.text import PLAIN_HEAD, plan_text, rules_text, speed_text
     path, prof, choice, config, p = planned(a, session, for_load=getattr(a, "fit_dry_run", False))
     flags = policy_flags(path, config, list(choice.devices)) if getattr(a, "policy", None) else ""
     speed, speed_error = None, ""
@@ -163,42 +153,67 @@ def run(a, session) -> Result:
     notes = [f"warning: {w}" for w in (*choice.warnings, *p.notes)]
     if choice.note and not choice.devices:
         notes.append(choice.note)
-    figures = []
-    if a.figures and not getattr(a, "no_figures", False):
-        from ..ui import figures as F
-        figures = [F.layer_map(p), F.memory_bars(p)]
+    want_figures = a.figures and not getattr(a, "no_figures", False)
+    # the notebook's HTML carries the CLI text's sections, in its order
     html = plan_html(p)
     if p.rule_matches:
-        html += f"<pre>{_escape(rules_text(p.rule_matches))}</pre>"
+        html += pre_html(rules_text(p.rule_matches))
+    if speed is not None:
+        html += pre_html(speed_text(speed))
+    elif speed_error:
+        html += pre_html(f"speed: not predicted ({speed_error})")
     if flags:
-        html += f"<pre>flags: {_escape(flags)}</pre>"
+        html += pre_html(f"flags: {flags}")
     text, data, objects = plan_text(p, speed, speed_error=speed_error, flags=flags), p.to_dict(), {}
+    figures = []
+    if want_figures:
+        from ..ui import figures as F
+        figures = [F.layer_map(p), F.memory_bars(p)]
     if flags:
         data["flags"] = flags
-    if not getattr(a, "policy", None) and server_would_fit(config):
-        from ..core.placement.planner import plan as make_plan
-        from ..ui.text import fit_text
-        fitted = server_fit(a, prof, choice, config, path)
+    from ..core.policies.server_fit import server_would_fit
+    if not getattr(a, "policy", None) and server_would_fit(config, list(choice.devices)):
         from ..core.command_line import server_n_outputs
+        from ..core.placement.planner import plan as make_plan
+        from ..core.policies.context import largest_ctx
+        from ..ui.text import FIT_HEAD, fit_lines, fit_text
+        fitted = fit_as_server(a, prof, choice, config, path)
         # llama-server's context: n_outputs_max = its slots (server_output_limits)
         fitted_plan = make_plan(prof, list(choice.devices), fitted.config, choice.host,
                                 n_outputs=server_n_outputs(fitted.config))
-        from ..core.policies.context import largest_ctx
         most = (largest_ctx(prof, list(choice.devices), fitted.config, choice.host)
                 if fitted.ok and fitted.device_names else None)
-        text = (fit_text(fitted, fitted_plan, list(choice.devices), most) + "\n\n"
-                + "plain layer split, no fit (llama-bench, llama-cpp-python, llama-server -fit off):\n" + text)
+        text = fit_text(fitted, fitted_plan, list(choice.devices), most) + "\n\n" + PLAIN_HEAD + "\n" + text
+        log = "\n".join(x.removeprefix("  ") for x in fit_lines(fitted, list(choice.devices), most))
+        html = _section(FIT_HEAD) + pre_html(log) + plan_html(fitted_plan) + _section(PLAIN_HEAD) + html
+        if want_figures:
+            from ..ui import figures as F
+            figures = [_titled(F.memory_bars(fitted_plan), "llama-server (fit)"), *figures]
         data["fit"] = {**fit_data(fitted, fitted_plan, list(choice.devices)), "largest_ctx": most}
         objects = {"fit": fitted, "fitted_plan": fitted_plan}
     if getattr(a, "ctx_table", False):
         from ..core.policies.context import ctx_table
+        from ..ui.html import table_html
         from ..ui.text import ctx_table_text
         rows = ctx_table(prof, list(choice.devices), config, choice.host)
-        text += "\n\n" + ctx_table_text(rows, config)
+        table = ctx_table_text(rows, config)
+        text += "\n\n" + table
+        html += table_html([{"-ctk/-ctv": r.type_k, "largest -c": r.n_ctx} for r in rows], right=("largest -c",),
+                           caption=table.split("\n", 1)[0])
         data["ctx_table"] = [{"type_k": r.type_k, "type_v": r.type_v, "n_ctx": r.n_ctx} for r in rows]
     return Result(text=text, data=data, html=html,
                   rows=plan_frame_rows(p), notes=notes, exit_code=0 if p.fits else 1, figures=figures,
                   objects={"plan": p, "profile": prof, "note": choice.note, "speed": speed, **objects})
+
+
+def _section(title: str) -> str:
+    return f"<div style='font-weight:bold;margin:10px 0 2px 0'>{_escape(title)}</div>"
+
+
+def _titled(fig, prefix: str):
+    """The figure with `prefix: ` before its title: which section of the plan it belongs to."""
+    fig.update_layout(title_text=f"{prefix}: {fig.layout.title.text}")
+    return fig
 
 
 def fit_data(r, fitted_plan, devices) -> dict:

@@ -16,6 +16,7 @@ llama-bench's flags are tools/llama-bench/llama-bench.cpp's parse_cmd_params.
 from __future__ import annotations
 
 import os
+from collections.abc import Container
 from dataclasses import dataclass
 
 from .config import SplitConfig, parse_ngl, parse_tensor_split
@@ -381,7 +382,7 @@ def server_n_outputs(config: SplitConfig, n_draft: int = 0) -> int:
     return max(1, min(config.n_batch, config.n_seq_max * (1 + n_draft)))
 
 
-def program_defaults(program: str, given: dict) -> dict:
+def program_defaults(program: str, given: Container[str]) -> dict:
     """What the program sets where the command does not: common_params' n_ctx = 0 (the training
     context, which fit may shrink); llama-server's -np -1, which tools/server/server.cpp turns into
     4 slots sharing one unified KV cache (llama-cli: 1 sequence)."""

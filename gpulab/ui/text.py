@@ -14,6 +14,7 @@ __all__ = [
     "fleet_search_lines",
     "fleet_text",
     "layer_ranges",
+    "layers_text",
     "plan_rows",
     "plan_text",
     "profile_text",
@@ -36,6 +37,14 @@ def render_table(rows: list[dict], right: tuple[str, ...] = ()) -> str:
         return "  ".join(v.rjust(w) if c in right else v.ljust(w)
                          for v, w, c in zip(values, widths, cols)).rstrip()
     return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def layers_text(n_blocks: int, has_output: bool) -> str:
+    """'22 layers + output', '1 layer', 'the output layer': what a device holds, the repeating layers
+    (blocks) counted apart from the output layer, as the layer tables number them."""
+    if n_blocks == 0:
+        return "the output layer" if has_output else "no layers"
+    return f"{n_blocks} layer{'s' if n_blocks != 1 else ''}" + (" + output" if has_output else "")
 
 
 def layer_ranges(layer_devices: tuple[str, ...] | list[str], n_layer: int) -> dict[str, str]:
@@ -128,7 +137,7 @@ def plan_text(p: Plan, speed: SpeedPrediction | None = None, *, n_prompt: int = 
     speed_error: why there is no prediction, said in its place."""
     c = p.config
     ts = ",".join(f"{x:g}" for x in c.tensor_split) if c.tensor_split else "default (free memory)"
-    head = (f"{p.profile.name or p.profile.arch}: {p.profile.n_layer} layers + output, "
+    head = (f"{p.profile.title}: {p.profile.n_layer} layers + output, "
             f"{format_bytes(p.profile.file_bytes)} | -ngl {c.n_gpu_layers} -sm {c.split_mode} "
             f"-mg {c.main_gpu} -ts {ts} -c {c.n_ctx} -ctk {c.type_k} -ctv {c.type_v} "
             f"({p.kv_cells} KV cells)")
@@ -146,9 +155,11 @@ def plan_text(p: Plan, speed: SpeedPrediction | None = None, *, n_prompt: int = 
     return "\n".join(parts + [verdict])
 
 
-def profile_text(prof: ModelProfile) -> str:
+def profile_text(prof: ModelProfile, max_rows: int | None = None) -> str:
+    """The model's header, then one row per layer: all of them, or the first `max_rows` and a
+    line that says how many of how many are shown."""
     head = [
-        f"{prof.name or '(unnamed)'} — arch {prof.arch}, {prof.file_type or '?'}, {format_bytes(prof.file_bytes)}",
+        f"{prof.title} — arch {prof.arch}, {prof.file_type or '?'}, {format_bytes(prof.file_bytes)}",
         f"n_layer {prof.n_layer}, n_embd {prof.n_embd}, n_ff {prof.n_ff}, vocab {prof.n_vocab}, "
         f"ctx_train {prof.n_ctx_train}" + (f", experts {prof.n_expert_used}/{prof.n_expert}" if prof.n_expert else "")
         + (f", sliding window {prof.n_swa}" if prof.n_swa else ""),
@@ -160,8 +171,10 @@ def profile_text(prof: ModelProfile) -> str:
         "experts": format_bytes(layer.expert_bytes) if layer.expert_bytes else "", "heads": layer.n_head,
         "kv_heads": layer.n_head_kv, "head_k/v": f"{layer.n_embd_head_k}/{layer.n_embd_head_v}",
         "swa": "yes" if layer.is_swa else "", "kv": "" if layer.has_kv else "none",
-    } for layer in prof.layers]
-    return "\n".join(head) + "\n" + render_table(rows, right=("weights", "experts"))
+    } for layer in prof.layers[:max_rows]]
+    more = (f"\n(the first {max_rows} of {prof.n_layer} layers; the output layer is layer {prof.n_layer})"
+            if max_rows is not None and max_rows < prof.n_layer else "")
+    return "\n".join(head) + "\n" + render_table(rows, right=("weights", "experts")) + more
 
 
 def devices_text(devices: list[Device], host: Device | None = None) -> str:
@@ -227,10 +240,19 @@ def _setting_text(attr: str, value) -> str:
     return f"{len(value)} rule(s)" if value else "none"
 
 
+FIT_HEAD = "llama-server / llama-cli (-fit on, their default) would load:"
+PLAIN_HEAD = "plain layer split, no fit (llama-bench, llama-cpp-python, llama-server -fit off):"
+
+
 def fit_text(r, fitted_plan: Plan, devices, largest_ctx: int | None = None) -> str:
     """What llama-server/llama-cli load after common_fit_params (gpulab.core.policies.server_fit): the flags
     llama-fit-params would print, what changed, fit's log, and the fitted plan."""
-    lines = ["llama-server / llama-cli (-fit on, their default) would load:"]
+    return "\n".join([FIT_HEAD, *fit_lines(r, devices, largest_ctx), plan_text(fitted_plan)])
+
+
+def fit_lines(r, devices, largest_ctx: int | None = None) -> list[str]:
+    """fit_text less its heading and the fitted plan: the flags, what changed, fit's log, warnings."""
+    lines = []
     if r.ok:
         lines.append(f"  {r.flags(devices)}" + ("   (nothing needed changing)" if r.status == "unchanged" else ""))
     elif r.status == "off":
@@ -244,7 +266,7 @@ def fit_text(r, fitted_plan: Plan, devices, largest_ctx: int | None = None) -> s
     lines.append("  fit's log:")
     lines += [f"    {x}" for x in r.reasons]
     for name, over in r.over_target:
-        lines.append(f"  warning: with these settings {name} is projected {over / 1024**2:.0f} MiB over its -fitt "
+        lines.append(f"  warning: with these settings {name} is projected {format_bytes(over)} over its -fitt "
                      "target: fit checked it when it filled it, and filling the devices ahead of it changed what it "
                      "uses (offloading every layer turns on pipeline parallelism: 4 copies of the compute inputs)")
     near = r.near_boundary
@@ -255,8 +277,7 @@ def fit_text(r, fitted_plan: Plan, devices, largest_ctx: int | None = None) -> s
     if largest_ctx is not None:
         lines.append(f"  the largest context that leaves -fitt free with fit's -ngl/-ts/-ot: {largest_ctx} "
                      f"(fit chose {r.config.n_ctx}: it interpolates, in steps of {256 * r.config.n_streams})")
-    lines.append(plan_text(fitted_plan))
-    return "\n".join(lines)
+    return lines
 
 
 def ctx_table_text(rows, config) -> str:

@@ -22,7 +22,7 @@ gguf = pytest.importorskip("gguf")
 
 import gpulab  # noqa: E402
 from gpulab.core.errors import ModelFormatError, RemoteModelError  # noqa: E402
-from gpulab.sources.gguf_file import read_profile  # noqa: E402
+from gpulab.sources.gguf_file import read_local_profile  # noqa: E402
 from gpulab.sources.remote import read_remote_profile  # noqa: E402
 
 MiB = 1024**2
@@ -150,7 +150,7 @@ def same_profile(remote, local, url):
 
 def test_remote_equals_local_and_reads_only_the_header(server, big):
     server.payload = big.read_bytes()
-    local = read_profile(big)
+    local = read_local_profile(big)
     remote = read_remote_profile(server.url)
     same_profile(remote, local, server.url)
     assert remote.file_bytes == len(server.payload) and remote.n_vocab == 100_000
@@ -169,7 +169,7 @@ def scored(tmp_path_factory) -> Path:
 
 def test_skipped_arrays_are_not_fetched(server, scored):
     server.payload = scored.read_bytes()
-    local = read_profile(scored)
+    local = read_local_profile(scored)
     same_profile(read_remote_profile(server.url), local, server.url)
     header = local.file_bytes - local.weights_bytes
     skipped = 100_000 * 4 * 2   # scores and token types
@@ -183,7 +183,7 @@ def test_skipped_arrays_are_not_fetched(server, scored):
 def test_small_file_in_one_request(server, small):
     server.payload = small.read_bytes()
     remote = read_remote_profile(server.url)
-    same_profile(remote, read_profile(small), server.url)
+    same_profile(remote, read_local_profile(small), server.url)
     assert len(server.requests) == 1 and server.served == len(server.payload)
 
 
@@ -212,7 +212,7 @@ def test_server_ignoring_range(server, small):
 def test_server_without_range_support_and_a_small_file(server, small):
     # the 200 body is the whole file and announced to fit max_bytes: take it
     server.mode, server.payload = "no-range-small", small.read_bytes()
-    same_profile(read_remote_profile(server.url), read_profile(small), server.url)
+    same_profile(read_remote_profile(server.url), read_local_profile(small), server.url)
     with pytest.raises(RemoteModelError, match="does not support range requests"):
         read_remote_profile(server.url, max_bytes=len(server.payload) - 1)
 
@@ -290,7 +290,7 @@ class FakeOpener:
 def test_fake_opener(small):
     opener = FakeOpener(small.read_bytes())
     remote = read_remote_profile("https://models.example/m.gguf", opener=opener, timeout_s=7)
-    same_profile(remote, read_profile(small), "https://models.example/m.gguf")
+    same_profile(remote, read_local_profile(small), "https://models.example/m.gguf")
     assert opener.calls[0][0] == "bytes=0-1048575" and 0 < opener.calls[0][1] <= 7
 
 
@@ -345,7 +345,7 @@ def test_fuzz_remote_equals_local(small, scratch, cut, flips):
     data = bytes(data[:len(data) - cut % 64 if cut % 3 else len(data)])
     scratch.write_bytes(data)
     url = "https://models.example/f.gguf"
-    local = outcome(lambda: read_profile(scratch), str(scratch))
+    local = outcome(lambda: read_local_profile(scratch), str(scratch))
     remote = outcome(lambda: read_remote_profile(url, opener=FakeOpener(data)), url)
     if isinstance(local, tuple):
         assert remote == local

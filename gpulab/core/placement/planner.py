@@ -15,13 +15,14 @@ from ..devices import HOST_NAME, Device
 from ..errors import ConfigError
 from ..float32 import cumsum_f32, f32
 from ..ggml_types import row_bytes
+from ..memory import DevicePlan
 from ..overrides import effective_rules
 from ..profile import ModelProfile
 from .compute import estimate_compute_bytes
-from .plan import DevicePlan, Plan
+from .plan import Plan
 from .tensors import compute_sites, place_tensors
 
-__all__ = ["plan", "select_devices", "kv_cells", "kv_cell_bytes", "split_points", "assign_layers"]
+__all__ = ["plan", "select_devices", "kv_cells", "kv_cell_bytes", "split_points", "assign_layers", "split_for_counts"]
 
 _PAD = 256  # llama_context: cparams.n_ctx = GGML_PAD(n_ctx, 256)
 
@@ -110,6 +111,23 @@ def assign_layers(n_layer: int, n_gpu_layers: int, devices: list[Device],
         i = bisect_right(pts, f32(k / act))   # std::upper_bound
         names[i_gpu_start + k] = devices[min(i, last)].name
     return names
+
+
+def split_for_counts(counts: list[int] | tuple[int, ...]) -> tuple[float, ...]:
+    """The -ts that puts exactly counts[i] offloaded layers on device i (counts sum to the layers
+    offloaded, the output layer included).
+
+    The counts themselves: split point i is then float32(c_i) / float32(total) with c_i the running
+    sum, and assign_layers' fraction of layer c_i is float32(c_i) / float32(total), the same two
+    float32 operands, so upper_bound sends layer c_i - 1 to device i and layer c_i past it. A device
+    with 0 layers repeats the previous point and upper_bound skips it. Trailing zeros are dropped
+    (llama.cpp pads -ts with zeros); an all-zero list is () (the free-memory default)."""
+    ts = [float(c) for c in counts]
+    if any(c < 0 for c in ts):
+        raise ConfigError(f"layer counts must not be negative: {list(counts)}")
+    while ts and ts[-1] == 0.0:
+        ts.pop()
+    return tuple(ts)
 
 
 def kv_cells(profile: ModelProfile, config: SplitConfig) -> tuple[int, int]:

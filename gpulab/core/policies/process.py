@@ -29,7 +29,7 @@ from ..placement.process import (
 )
 from ..profile import ModelProfile
 from ..units import format_bytes
-from .server_fit import UINT32_MAX, FitResult, fit, fit_margins
+from .server_fit import UINT32_MAX, FitResult, fit_margins, server_fit
 
 __all__ = ["CommandPlan", "plan_command", "registry_index"]
 
@@ -95,7 +95,7 @@ def plan_command(cmd: Command, profile: ModelProfile, devices: list[Device], hos
                 by = {x.name: x.weights_bytes + x.kv_bytes + x.compute_bytes for x in p.offload_devices}
                 return [by.get(n, 0) for n in main_names]
         n_ctx_min = UINT32_MAX if "n_ctx" in cmd.given and config.n_ctx == 0 else None
-        fitted = fit(profile, devices, fit_cfg, host, n_ctx_min=n_ctx_min, extra=extra, n_outputs=n_out)
+        fitted = server_fit(profile, devices, fit_cfg, host, n_ctx_min=n_ctx_min, extra=extra, n_outputs=n_out)
         config = fitted.config.replace(fit_target=config.fit_target)
     main_plan = plan(profile, devices, config, host, n_outputs=n_out)
     draft_plan = None

@@ -71,10 +71,13 @@ __all__ = [
     "MOE_ALL_PATTERN",
     "UINT32_MAX",
     "FitResult",
-    "fit",
     "fit_flags",
     "fit_margins",
     "overflow_pattern",
+    "server_config",
+    "server_fit",
+    "server_would_fit",
+    "user_placement",
 ]
 
 MiB = 1024 * 1024
@@ -240,6 +243,40 @@ def fit_margins(config: SplitConfig, n_devices: int) -> list[int]:
     return [(t[i] if i < len(t) else DEFAULT_TARGET_MIB) * MiB for i in range(max(n_devices, 1))]
 
 
+def server_config(config: SplitConfig, *, ctx_given: bool, parallel_given: bool) -> tuple[SplitConfig, int | None]:
+    """(the config llama-server fits, fit's minimum context or None for -fitc) with llama-server's
+    defaults for the flags not given (gpulab.core.command_line.program_defaults: -c 0, and -np auto,
+    4 slots sharing one unified KV cache). An explicit -c 0 asks for the full context: fit's
+    minimum becomes UINT32_MAX (common/arg.cpp)."""
+    from ..command_line import program_defaults
+    given = {k for k, g in (("n_ctx", ctx_given), ("n_seq_max", parallel_given)) if g}
+    server = replace(config, **{k: v for k, v in program_defaults("llama-server", given).items() if k not in given})
+    return server, (UINT32_MAX if ctx_given and config.n_ctx == 0 else None)
+
+
+def user_placement(config: SplitConfig, n_devices: int) -> str | None:
+    """Why fit leaves the weights where the user put them (common_params_fit_impl's checks before it
+    fills devices, its words), or None when fit may place them: -ngl, -ts (several devices), split
+    mode row (several devices), tensor overrides."""
+    if config.n_gpu_layers != -1:
+        return f"n_gpu_layers already set by user to {config.n_gpu_layers}, abort"
+    if n_devices > 1:
+        if any(config.tensor_split):
+            return "model_params::tensor_split already set by user, abort"
+        if config.split_mode == "row":
+            return "changing weight allocation for LLAMA_SPLIT_MODE_ROW not implemented, abort"
+    if config.has_tensor_overrides:
+        return "model_params::tensor_buft_overrides already set by user, abort"
+    return None
+
+
+def server_would_fit(config: SplitConfig, devices: list[Device]) -> bool:
+    """llama-server's fit would place the weights itself here: -fit on, a split mode it implements,
+    and nothing of the placement set by the user (user_placement)."""
+    return (config.fit == "on" and config.split_mode != "tensor"
+            and user_placement(config, len(select_devices(devices, config))) is None)
+
+
 class _Abort(Exception):
     """common_params_fit_exception (status failure) or runtime_error (status error)."""
 
@@ -248,11 +285,13 @@ class _Abort(Exception):
         self.status = status
 
 
-def fit(profile: ModelProfile, devices: list[Device], config: SplitConfig | None = None,
+def server_fit(profile: ModelProfile, devices: list[Device], config: SplitConfig | None = None,
         host: Device | None = None, *, n_ctx_min: int | None = None,
         measure: Callable[[SplitConfig], list[int]] | None = None,
         extra: Callable[[SplitConfig], list[int]] | None = None, n_outputs: int | None = None) -> FitResult:
-    """common_params_fit for `config` on `devices` (their free memory as llama.cpp would see it).
+    """common_params_fit for `config` on `devices` (their free memory as llama.cpp would see it):
+    llama-server's -fit, which changes the settings left unset until they fit. Whether a given
+    plan fits in memory is Plan.fits.
 
     config.fit_target / fit_ctx are -fitt / -fitc; n_ctx_min overrides fit_ctx (UINT32_MAX: what an
     explicit `-c 0` sets). `measure(config)` returns the bytes (model + context + compute) of each
@@ -446,15 +485,9 @@ class _Fit:
             raise _Abort("was unable to fit model into system memory by reducing context, abort")
 
         # step 3: the checks
-        if cfg.n_gpu_layers != -1:
-            raise _Abort(f"n_gpu_layers already set by user to {cfg.n_gpu_layers}, abort")
-        if nd > 1:
-            if any(cfg.tensor_split):
-                raise _Abort("model_params::tensor_split already set by user, abort")
-            if cfg.split_mode == "row":
-                raise _Abort("changing weight allocation for LLAMA_SPLIT_MODE_ROW not implemented, abort")
-        if cfg.has_tensor_overrides:
-            raise _Abort("model_params::tensor_buft_overrides already set by user, abort")
+        why = user_placement(cfg, nd)
+        if why:
+            raise _Abort(why)
         self._fill(cfg, hp_ngl, hp_nex, free, margins)
 
     def _rounding(self, raw: int, align: int, lo: int, hi: int, used_max: int, used_min: int,
