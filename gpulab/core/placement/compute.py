@@ -340,13 +340,20 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         if nc > 1:
             # pipelined: every input copy is kept 4 times and none is ever freed
             base = nc * (boundary + inputs)
-            # a quantized V cache leaves no hole below the FFN on a device without the output layer:
-            # one row set less (measured on RPC devices, n_embd 512 real loads and 1024 dry runs,
-            # q8_0 and q4_0; the output layer's device did not follow one rule; issue 14)
-            slots = ffn_slots - (e if config.type_v not in ("f32", "f16", "bf16") and not has_out else 0)
+            # The hole below the FFN: a quantized V cache leaves none on a device without the model's
+            # last layer (n_embd 512 real loads and 1024 dry runs, q8_0 and q4_0; issue 14), nor does
+            # the device of the last layer and the output (f16 and quantized); the last layer's device
+            # without the output keeps it. With flash attention off, a quantized K cache leaves none
+            # below KQ either. Measured on RPC devices over llama's dense graph, within 1 MiB on every
+            # device of the architecture matrix (tests/integration/test_arch_matrix_vs_llama.py) and on
+            # SmolLM2 (test_real_models_exact_vs_llama.py); issue 27.
+            quant_v = config.type_v not in ("f32", "f16", "bf16")
+            holds_last = last_dev == name
+            slots = ffn_slots - (e if (holds_last and has_out) or (quant_v and not holds_last) else 0)
             peaks = [base + slots + ffn_big, base + 2 * e + 2 * q]
             if not fa:
-                peaks.append(base + 3 * e + q + kq_dev)
+                quant_k = config.type_k not in ("f32", "f16", "bf16")
+                peaks.append(base + (2 * e if quant_k else 3 * e) + q + kq_dev)
             if has_out:
                 peaks.append(base + e + logits)
             out[name] = max(peaks)

@@ -273,3 +273,27 @@ def test_a_dry_run_counts_four_more_row_sets_on_pipelined_devices_after_the_firs
         p = plan(prof, devs, cfg)
         got = dry_run_extra_bytes(prof, p.config, list(p.layer_devices), [d.name for d in p.devices])
         assert {k: v for k, v in got.items() if v} == want, cfg
+
+
+# llama's dense graph (gpulab.sources.arch_models "llama": 6 layers, n_embd 1024, 16/4 heads of 64, n_ff 3072,
+# n_vocab 8192), pipelined over RPC devices: llama.cpp's logged compute buffers in the architecture matrix
+# (tests/integration/test_arch_matrix_vs_llama.py), the settings where quantized caches and the output
+# layer's device were off by one row set (2 MiB) before issue 27's second round.
+LLAMA_ARCH = dict(n_layer=6, n_embd=1024, n_ff=3072, n_head=16, n_head_kv=4, head_dim=64, n_vocab=8192)
+PIPELINED_LLAMA = [
+    # config, {device: llama.cpp bytes}
+    (SplitConfig(tensor_split=(3, 1), n_ctx=2048, type_k="q8_0", type_v="q8_0", flash_attn="on"),
+     {"RPC0": 42121298, "RPC1": 27262976, "CPU": 19063112}),
+    (SplitConfig(tensor_split=(1, 1), n_ctx=1024), {"RPC0": 37790679, "RPC1": 35704013, "CPU": 14732493}),
+    (SplitConfig(tensor_split=(1, 2, 1), n_ctx=4096, type_k="q8_0", flash_attn="off"),
+     {"RPC0": 186740900, "RPC1": 186740900, "RPC2": 27262976, "CPU": 48339354}),
+    (SplitConfig(tensor_split=(1, 1, 1), n_ctx=4096, type_k="q4_0", type_v="q4_0", flash_attn="on"),
+     {"RPC0": 48402268, "RPC1": 48402268, "RPC2": 48412754, "CPU": 27451720}),
+]
+
+
+@pytest.mark.parametrize("config,measured", PIPELINED_LLAMA)
+def test_pipelined_llama_graph_is_within_a_mib_of_llama_cpp(config, measured):
+    out = compute(shaped_profile(**LLAMA_ARCH), config, rpc(len(config.tensor_split)))
+    for name, want in measured.items():
+        assert abs(out[name] - want) <= MiB, (name, out[name], want)
