@@ -390,6 +390,10 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         glu_low = not g.moe and inputs < e and f <= low
         if last_dev == name and not g.moe and inputs < e:
             peaks.append(low + e + (2 * f if glu_low else 3 * f))
+        elif last_dev == name and g.moe and n_l == 1 and inputs < e:
+            # MoE, the model's last layer alone: the gathered rows land above the input copies (out_ids
+            # is still live), the FFN on top (qwen3moe, olmoe: arch matrix, -ngl 4 over 3 devices)
+            peaks.append(low + e + ffn_big)
         if has_out:
             # After the last layer only the hidden state is live: result_norm is where the last
             # ffn_down went, the logits above it. That is the bottom of the buffer unless the

@@ -25,10 +25,11 @@ COMPUTE_CHECKED = frozenset({"llama", "gemma2", "gemma3", "qwen3moe", "qwen2", "
                              "gpt-oss", "olmoe", "internlm2", "exaone", "maincoder", "nanbeige", "xverse"})
 
 # Architectures whose compute buffers the architecture matrix found within 1 MiB of llama.cpp's on every
-# device in every setting (llama's dense graph: src/models/llama.cpp and the loaders that build it), f16
+# device in every setting (llama's dense graph: src/models/llama.cpp and the loaders that build it; the
+# qwen3moe/olmoe MoE graph), f16
 # and quantized caches and the pipelined output device included: no compute doubt in those settings.
 COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "internlm2", "exaone", "maincoder",
-                           "nanbeige", "xverse"})
+                           "nanbeige", "xverse", "qwen3moe", "olmoe"})
 
 # Architectures whose memory is not llama_kv_cache / llama_memory_recurrent as gpulab sizes them
 # (llama_model::create_memory, src/llama-model.cpp): a lightning-indexer cache beside MLA, the
