@@ -87,9 +87,13 @@ class _Geom:
     has_swa: bool
     # attn_prefix[i] = layers with attention (a KV cache) among layers 0..i-1; None when every layer has one
     attn_prefix: tuple[int, ...] | None = None
+    # nope_prefix[i] = layers without RoPE among layers 0..i-1 (smollm3: every 4th, src/models/smollm3.cpp)
+    nope_prefix: tuple[int, ...] | None = None
 
 
 _GEOM: dict[int, tuple[weakref.ref, _Geom]] = {}
+# hparams.n_no_rope_layer_step where the model's graph skips RoPE on every n-th layer (llama_model_smollm3)
+_NO_ROPE_STEP = {"smollm3": 4}
 
 
 def _geom(profile: ModelProfile) -> _Geom:
@@ -118,7 +122,9 @@ def _geom(profile: ModelProfile) -> _Geom:
         has_swa=any(swa) and profile.n_swa > 0,
         # recurrent (hybrid) models: a device may hold no attention layer at all
         attn_prefix=(0, *accumulate(int(layer.has_kv) for layer in layers))
-        if any(layer.is_recurrent for layer in layers) else None)
+        if any(layer.is_recurrent for layer in layers) else None,
+        nope_prefix=(0, *accumulate(int((i + 1) % _NO_ROPE_STEP[profile.arch] == 0) for i in range(len(layers))))
+        if profile.arch in _NO_ROPE_STEP else None)
     key = id(profile)
     _GEOM[key] = (weakref.ref(profile, lambda _r: _GEOM.pop(key, None)), g)
     return g
@@ -268,11 +274,14 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     prev = None
     i = 0
     pre = g.swa_prefix
+    nope_devs: set[str] = set()
     for d, run in groupby(layer_devices[:n_layer]):
         n = len(list(run))
         n_swa = pre[i + n] - pre[i] if g.has_swa else 0
         n_swa_later = n_swa - (1 if g.has_swa and g.swa[i] else 0)
         n_attn = g.attn_prefix[i + n] - g.attn_prefix[i] if g.attn_prefix is not None else n
+        if g.nope_prefix is not None and g.nope_prefix[i + n] > g.nope_prefix[i]:
+            nope_devs.add(d)
         s = stats.get(d)
         if s is None:
             # a device of recurrent layers only has no attention inputs (mask, KV indices) and no KQ
@@ -353,7 +362,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             peaks = [base + slots + ffn_big, base + 2 * e + 2 * q]
             if not fa:
                 quant_k = config.type_k not in ("f32", "f16", "bf16")
-                peaks.append(base + (2 * e if quant_k else 3 * e) + q + kq_dev)
+                peaks.append(base + (2 * e if quant_k and name not in nope_devs else 3 * e) + q + kq_dev)
             if has_out:
                 peaks.append(base + e + logits)
             out[name] = max(peaks)
@@ -378,7 +387,8 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
                 ffn = ffn_after_host if before == HOST_NAME else ffn_slots + ffn_big
             else:
                 # the residual and one hole below the FFN; two host operands leave room for both
-                ffn = (2 * e if boundary >= 2 * e else 3 * e) + ffn_big
+                # (a layer without RoPE leaves the hole: smollm3, -ngl 4 in the arch matrix)
+                ffn = (2 * e if boundary >= 2 * e and name not in nope_devs else 3 * e) + ffn_big
             # attention: Q before and after RoPE (a ROPE of a reshaped view is not in place)
             peaks = [ffn_inputs + ffn, inputs + 2 * e + 2 * q]
             if not fa:

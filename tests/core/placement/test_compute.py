@@ -307,3 +307,18 @@ def test_moe_last_layer_alone_puts_its_ffn_above_the_gathered_rows():
     out = compute(prof, SplitConfig(n_gpu_layers=4, tensor_split=(1, 1, 1), n_ctx=1024), rpc(3))
     for name, want in {"RPC0": 28332524, "RPC1": 19933430, "RPC2": 18874368, "CPU": 22030582}.items():
         assert abs(out[name] - want) <= MiB, (name, out[name], want)
+
+
+@pytest.mark.parametrize("config,measured", [
+    (SplitConfig(n_gpu_layers=4, tensor_split=(1, 1, 1), n_ctx=1024),
+     {"RPC0": 26224886, "RPC1": 26224886, "RPC2": 18874368, "CPU": 28322038}),
+    (SplitConfig(tensor_split=(1, 2, 1), n_ctx=4096, type_k="q8_0", flash_attn="off"),
+     {"RPC0": 186740900, "RPC1": 188838052, "RPC2": 27262976, "CPU": 48339354}),
+])
+def test_a_layer_without_rope_keeps_the_hole_llama_leaves_out(config, measured):
+    """smollm3 skips RoPE on every 4th layer: a device holding one (RPC0 at -ngl 4, RPC1 at -ts 1,2,1) has one
+    row set more than llama's graph of the same shapes (llama.cpp's logged bytes, arch matrix)."""
+    prof = shaped_profile(arch="smollm3", **LLAMA_ARCH)
+    out = compute(prof, config, rpc(len(config.tensor_split)))
+    for name, want in measured.items():
+        assert abs(out[name] - want) <= MiB, (name, out[name], want)
