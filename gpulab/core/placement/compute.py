@@ -94,6 +94,8 @@ class _Geom:
 _GEOM: dict[int, tuple[weakref.ref, _Geom]] = {}
 # hparams.n_no_rope_layer_step where the model's graph skips RoPE on every n-th layer (llama_model_smollm3)
 _NO_ROPE_STEP = {"smollm3": 4}
+# graphs with their norms after attention and the FFN, none before (src/models/olmo2.cpp, exaone4.cpp)
+_POST_NORM = frozenset({"olmo2", "exaone4"})
 
 
 def _geom(profile: ModelProfile) -> _Geom:
@@ -298,6 +300,10 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     offloaded = any(d != HOST_NAME for d in stats)
 
     out = dict.fromkeys(names, 0)
+    # no norm before attention (the norms follow attention and the FFN: olmo2, exaone4): one row set
+    # less below KQ, and no hole the quantized V cache closes below the FFN
+    post = profile.arch in _POST_NORM
+    post_e = e if post else 0
     own_inputs: dict[str, int] = {}
     for name in names:
         s = stats.get(name)
@@ -358,11 +364,11 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             # SmolLM2 (test_real_models_exact_vs_llama.py); issue 27.
             quant_v = config.type_v not in ("f32", "f16", "bf16")
             holds_last = last_dev == name
-            slots = ffn_slots - (e if (holds_last and has_out) or (quant_v and not holds_last) else 0)
+            slots = ffn_slots - (e if (holds_last and has_out) or (quant_v and not holds_last and not post) else 0)
             peaks = [base + slots + ffn_big, base + 2 * e + 2 * q]
             if not fa:
                 quant_k = config.type_k not in ("f32", "f16", "bf16")
-                peaks.append(base + (2 * e if quant_k and name not in nope_devs else 3 * e) + q + kq_dev)
+                peaks.append(base + (2 * e if quant_k and name not in nope_devs else 3 * e) - post_e + q + kq_dev)
             if has_out:
                 peaks.append(base + e + logits)
             out[name] = max(peaks)
@@ -375,7 +381,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             below = 3 * e if last_dev == name and before == HOST_NAME else 2 * e
             peaks = [below + ffn_big, boundary + e + inputs + 2 * q]
             if not fa:
-                peaks.append(inputs + 3 * e + 2 * kvh + q + kq_dev)
+                peaks.append(inputs + 3 * e - post_e + 2 * kvh + q + kq_dev)
         else:
             # during the FFN of the first layer, the inputs of a KV kind with no later layer on
             # this device are already freed, and reused when an FFN tensor fits in them
@@ -392,7 +398,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             # attention: Q before and after RoPE (a ROPE of a reshaped view is not in place)
             peaks = [ffn_inputs + ffn, inputs + 2 * e + 2 * q]
             if not fa:
-                peaks.append(inputs + 3 * e + q + kq_dev)
+                peaks.append(inputs + 3 * e - post_e + q + kq_dev)
 
         # The model's last layer: when its input copies are smaller than a row set, its
         # ffn_inp (the gathered attention output) lands above them and the FFN on top.

@@ -29,7 +29,7 @@ COMPUTE_CHECKED = frozenset({"llama", "gemma2", "gemma3", "qwen3moe", "qwen2", "
 # qwen3moe/olmoe MoE graph), f16
 # and quantized caches and the pipelined output device included: no compute doubt in those settings.
 COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "internlm2", "exaone", "maincoder",
-                           "nanbeige", "xverse", "qwen3moe", "olmoe", "smollm3"})
+                           "nanbeige", "xverse", "qwen3moe", "olmoe", "smollm3", "exaone4"})
 
 # Architectures whose memory is not llama_kv_cache / llama_memory_recurrent as gpulab sizes them
 # (llama_model::create_memory, src/llama-model.cpp): a lightning-indexer cache beside MLA, the
