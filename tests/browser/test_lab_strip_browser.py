@@ -70,9 +70,9 @@ def show_memory_plot(page, lab) -> None:
             # Seen under load 9-11: the FigureWidget views came up as empty axes until the next
             # update. A person's next change redraws them: switch the memory axis and back, recorded.
             (ARTIFACTS / "lab_strip_retry.txt").write_text("the figures came up empty; switched the memory axis\n")
-            lab.locator(".widget-toggle-button", has_text="used only").first.click()
+            lab.locator(".gpulab-memory-axis .widget-toggle-button", has_text="whole device").first.click()
             page.wait_for_timeout(1500)
-            lab.locator(".widget-toggle-button", has_text="device memory").first.click()
+            lab.locator(".gpulab-memory-axis .widget-toggle-button", has_text="auto").first.click()
         page.wait_for_timeout(2000)
     page.wait_for_selector(MEMORY_PLOT, state="attached", timeout=60_000)
     page.locator(MEMORY_PLOT).first.scroll_into_view_if_needed()
