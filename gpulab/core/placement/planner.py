@@ -101,16 +101,26 @@ def assign_layers(n_layer: int, n_gpu_layers: int, devices: list[Device],
     ngl = n_gpu_layers if n_gpu_layers >= 0 else n_layer + 1   # llama_model::n_gpu_layers
     i_gpu_start = max(n_layer + 1 - ngl, 0)
     act = min(ngl, n_layer + 1) if devices else 0
-    names = [HOST_NAME] * (n_layer + 1)
     if act == 0:
-        return names
-    # float(il - i_gpu_start) / act_gpu_layers, in float32 like llama.cpp
-    pts = [f32(x) for x in points]
-    last = len(devices) - 1
-    for k in range(act):
-        i = bisect_right(pts, f32(k / act))   # std::upper_bound
-        names[i_gpu_start + k] = devices[min(i, last)].name
-    return names
+        return [HOST_NAME] * (n_layer + 1)
+    # fit's dry runs ask for the same split again and again (only its -ot rules change)
+    key = (n_layer, i_gpu_start, act, tuple(d.name for d in devices), tuple(points))
+    got = _ASSIGNED.get(key)
+    if got is None:
+        names = [HOST_NAME] * (n_layer + 1)
+        # float(il - i_gpu_start) / act_gpu_layers, in float32 like llama.cpp
+        pts = [f32(x) for x in points]
+        last = len(devices) - 1
+        for k in range(act):
+            i = bisect_right(pts, f32(k / act))   # std::upper_bound
+            names[i_gpu_start + k] = devices[min(i, last)].name
+        if len(_ASSIGNED) > 256:
+            _ASSIGNED.clear()
+        got = _ASSIGNED[key] = tuple(names)
+    return list(got)
+
+
+_ASSIGNED: dict[tuple, tuple[str, ...]] = {}
 
 
 def split_for_counts(counts: list[int] | tuple[int, ...]) -> tuple[float, ...]:
