@@ -20,7 +20,7 @@ from ..overrides import effective_rules
 from ..profile import ModelProfile
 from .compute import estimate_compute_bytes
 from .plan import Plan
-from .tensors import compute_sites, place_tensors
+from .tensors import place_layers
 
 __all__ = ["plan", "select_devices", "kv_cells", "kv_cell_bytes", "split_points", "assign_layers", "split_for_counts"]
 
@@ -233,11 +233,13 @@ def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | Non
     # the host's pinned buffer type: the first model device's (make_cpu_buft_list); the meta
     # device has one only where all its members share it (ggml_backend_meta_device_get_host_buffer_type)
     host_buft_from = used if tensor_mode else used[:1]
-    tp = place_tensors(profile, rules, layer_devices, layer_used, list(devices),
-                       host_buffer=bool(host_buft_from) and all(d.kind in ("gpu", "igpu") for d in host_buft_from)
-                       and not config.no_host,
-                       use_extra_bufts=config.use_extra_bufts,
-                       repack_types=frozenset(host.repack_types) if host is not None else frozenset())
+    # with the sites of each layer's FFN: both depend on the layer split and rules only (cached)
+    tp, (ffn_sites, stray, ffn_parts) = place_layers(
+        profile, rules, layer_devices, layer_used, list(devices),
+        host_buffer=bool(host_buft_from) and all(d.kind in ("gpu", "igpu") for d in host_buft_from)
+        and not config.no_host,
+        use_extra_bufts=config.use_extra_bufts,
+        repack_types=frozenset(host.repack_types) if host is not None else frozenset())
     weights = {n: tp.weights.get(n, 0) for n in names}
 
     full_cells, swa_cells = kv_cells(profile, config)
@@ -250,7 +252,6 @@ def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | Non
         kv_dev = dev if config.offload_kqv else HOST_NAME
         kv[kv_dev] += (swa_cells if layer.is_swa else full_cells) * per_cell[layer.index]
 
-    ffn_sites, stray, ffn_parts = compute_sites(profile, layer_devices, tp.moved)
     compute = estimate_compute_bytes(profile, config, layer_devices, names,
                                      ffn_devices=ffn_sites if tp.moved else None, stray=stray,
                                      ffn_parts=ffn_parts, n_outputs=n_outputs)

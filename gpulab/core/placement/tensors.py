@@ -146,7 +146,7 @@ def _all_tensors(profile: ModelProfile) -> list[TensorInfo]:
     return [*profile.input_tensors, *(t for layer in profile.layers for t in layer.tensors), *profile.output_tensors]
 
 
-_MEMOS = ("pattern-matches", "group", "where")     # kept when the table is cleared (see _memo)
+_MEMOS = ("pattern-matches", "group", "where", "placed", "by-block")     # kept when the table is cleared (see _memo)
 
 
 def _table(profile: ModelProfile) -> dict:
@@ -174,21 +174,33 @@ def _memo(profile: ModelProfile, name: str) -> dict:
     return memo
 
 
-def _matches(profile: ModelProfile, pattern: str) -> tuple[str, ...]:
+def _matches(profile: ModelProfile, pattern: str, memo: dict | None = None) -> tuple[str, ...]:
     """Every tensor name `pattern` finds (std::regex_search), in the model's order."""
-    memo = _memo(profile, "pattern-matches")
+    memo = _memo(profile, "pattern-matches") if memo is None else memo
     got = memo.get(pattern)
     if got is not None:
         return got
-    names = [t.name for t in _all_tensors(profile)]
     lit = _literal_prefix(pattern)
     blk = _BLK.search(lit)
     if blk:
-        pool = [n for n in names if blk.group(0) in n and any(m.group(0) == blk.group(0) for m in _BLK.finditer(n))]
+        pool = _by_block(profile).get(blk.group(0), [])
     else:
-        pool = names
+        pool = [t.name for t in _all_tensors(profile)]
     rx = _compile(pattern)
     got = memo[pattern] = tuple(n for n in pool if (not lit or lit in n) and rx.search(n))
+    return got
+
+
+def _by_block(profile: ModelProfile) -> dict[str, list[str]]:
+    """'blk.N.' -> every tensor name holding that block token, in the model's order (cached per
+    profile): the names a pattern with a literal block number can match."""
+    table = _table(profile)
+    got = table.get("by-block")
+    if got is None:
+        got = table["by-block"] = {}
+        for t in _all_tensors(profile):
+            for tok in dict.fromkeys(m.group(0) for m in _BLK.finditer(t.name)):
+                got.setdefault(tok, []).append(t.name)
     return got
 
 
@@ -200,8 +212,9 @@ def _rule_of(profile: ModelProfile, rules: tuple[OverrideRule, ...]) -> dict[str
     if got is not None:
         return got
     decided: dict[str, int] = {}
+    memo = _memo(profile, "pattern-matches")
     for i, r in enumerate(rules):
-        for n in _matches(profile, r.pattern):
+        for n in _matches(profile, r.pattern, memo):
             if n not in decided:
                 decided[n] = i
     table[key] = decided
@@ -421,6 +434,27 @@ def place_tensors(profile: ModelProfile, rules: tuple[OverrideRule, ...], layer_
                          "them all); llama.cpp ignores it, but it still turns pipeline parallelism off")
     return TensorPlacement(weights=weights, expert_weights=experts, moved=moved, matches=tuple(matches),
                            mapped_bytes=span, repack_bytes=repack, host_tensor_bytes=host_bytes, notes=tuple(notes))
+
+
+def place_layers(profile: ModelProfile, rules: tuple[OverrideRule, ...], layer_devices: list[str],
+                 devices: list[Device], all_devices: list[Device], *, host_buffer: bool, use_extra_bufts: bool,
+                 repack_types: frozenset[str]):
+    """(place_tensors, compute_sites) of one layer split, cached per profile: neither depends on the
+    context, the batch or the KV types, so fit's dry runs at another -c (its context step, or the
+    lab's next -c) and its repeated splits are looked up, not placed again. The placement is
+    shared between the plans that ask for it: read it, never change it."""
+    memo = _memo(profile, "placed")
+    key = (tuple(rules), tuple(layer_devices), tuple(devices), tuple(all_devices), host_buffer, use_extra_bufts,
+           repack_types)
+    got = memo.get(key)
+    if got is None:
+        if len(memo) >= 512:
+            memo.clear()
+        tp = place_tensors(profile, rules, layer_devices, devices, all_devices, host_buffer=host_buffer,
+                           use_extra_bufts=use_extra_bufts, repack_types=repack_types)
+        got = memo[key] = (tp, compute_sites(profile, layer_devices, tp.moved))
+    tp, (ffn, stray, partial) = got
+    return tp, (list(ffn), stray, dict(partial))
 
 
 def rule_matches(profile: ModelProfile, rules: tuple[OverrideRule, ...]) -> tuple[RuleMatch, ...]:
