@@ -146,7 +146,8 @@ def _all_tensors(profile: ModelProfile) -> list[TensorInfo]:
     return [*profile.input_tensors, *(t for layer in profile.layers for t in layer.tensors), *profile.output_tensors]
 
 
-_MEMOS = ("pattern-matches", "group", "where", "placed", "by-block")     # kept when the table is cleared (see _memo)
+# sub-caches kept when the table is cleared (see _memo)
+_MEMOS = ("pattern-matches", "group", "where", "placed", "by-block", "rules-of", "groups-of")
 
 
 def _table(profile: ModelProfile) -> dict:
@@ -163,13 +164,13 @@ def _table(profile: ModelProfile) -> dict:
     return hit[1]
 
 
-def _memo(profile: ModelProfile, name: str) -> dict:
+def _memo(profile: ModelProfile, name: str, limit: int = 20000) -> dict:
     """A sub-cache of this profile's table that survives the table's clearing (fit's dry runs add
     one rule at a time: what one pattern matches, or one layer's group, is asked for again and
     again); bounded on its own."""
     table = _table(profile)
     memo = table.get(name)
-    if memo is None or len(memo) > 20000:
+    if memo is None or len(memo) > limit:
         memo = table[name] = {}
     return memo
 
@@ -206,8 +207,8 @@ def _by_block(profile: ModelProfile) -> dict[str, list[str]]:
 
 def _rule_of(profile: ModelProfile, rules: tuple[OverrideRule, ...]) -> dict[str, int]:
     """tensor name -> index of the rule that decides it (first match), for matched tensors only."""
-    table = _table(profile)
-    key = ("rules", tuple(r.pattern for r in rules))
+    table = _memo(profile, "rules-of", 2048)       # kept across fits: its rule lists recur at another -c
+    key = tuple(r.pattern for r in rules)
     got = table.get(key)
     if got is not None:
         return got
@@ -267,8 +268,8 @@ def _by_rule(pairs):
 
 def _groups(profile: ModelProfile, rules: tuple[OverrideRule, ...], repack_types: frozenset[str]):
     """(input group, layer groups, output group), cached per profile, rules and repack types."""
-    table = _table(profile)
-    key = ("groups", tuple(r.pattern for r in rules), repack_types)
+    table = _memo(profile, "groups-of", 2048)
+    key = (tuple(r.pattern for r in rules), repack_types)
     got = table.get(key)
     if got is None:
         index = _rule_of(profile, rules) if rules else {}
