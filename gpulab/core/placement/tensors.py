@@ -445,7 +445,7 @@ def place_layers(profile: ModelProfile, rules: tuple[OverrideRule, ...], layer_d
     lab's next -c) and its repeated splits are looked up, not placed again. The placement is
     shared between the plans that ask for it: read it, never change it."""
     memo = _memo(profile, "placed")
-    key = (tuple(rules), tuple(layer_devices), tuple(devices), tuple(all_devices), host_buffer, use_extra_bufts,
+    key = (tuple(rules), tuple(layer_devices), _names(devices), _names(all_devices), host_buffer, use_extra_bufts,
            repack_types)
     got = memo.get(key)
     if got is None:
@@ -456,6 +456,11 @@ def place_layers(profile: ModelProfile, rules: tuple[OverrideRule, ...], layer_d
         got = memo[key] = (tp, compute_sites(profile, layer_devices, tp.moved))
     tp, (ffn, stray, partial) = got
     return tp, (list(ffn), stray, dict(partial))
+
+
+def _names(devices: list[Device]) -> tuple:
+    """What of the devices placing tensors reads (resolve_target: names, RPC endpoints)."""
+    return tuple((d.name, d.kind, d.endpoint, d.server_index) for d in devices)
 
 
 def rule_matches(profile: ModelProfile, rules: tuple[OverrideRule, ...]) -> tuple[RuleMatch, ...]:
