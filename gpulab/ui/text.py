@@ -11,6 +11,7 @@ from ..core.units import format_bytes
 __all__ = [
     "calibration_text",
     "devices_text",
+    "fleet_search_lines",
     "fleet_text",
     "layer_ranges",
     "layers_text",
@@ -72,11 +73,13 @@ def plan_rows(p: Plan) -> list[dict]:
         for name in p.tensor_parallel.devices:
             ranges[name] = f"{cut} (a slice of each)"
     rows = []
+    state = any(d.state_bytes for d in p.devices)   # a column only for models with recurrent layers
     base = any(d.overhead_bytes for d in p.devices)   # the base cost column only where a device has one
     for d in p.devices:
         rows.append({
             "device": d.name, "layers": ranges.get(d.name, "-") if not d.is_host or d.name in ranges else "input",
             "weights": format_bytes(d.weights_bytes), "KV": format_bytes(d.kv_bytes),
+            **({"state": format_bytes(d.state_bytes)} if state else {}),
             "compute": format_bytes(d.compute_bytes),
             **({"base": format_bytes(d.overhead_bytes) + (" (default)" if d.overhead_is_default else "")}
                if base else {}),
@@ -140,9 +143,9 @@ def plan_text(p: Plan, speed: SpeedPrediction | None = None, *, n_prompt: int = 
             f"{format_bytes(p.profile.file_bytes)} | -ngl {c.n_gpu_layers} -sm {c.split_mode} "
             f"-mg {c.main_gpu} -ts {ts} -c {c.n_ctx} -ctk {c.type_k} -ctv {c.type_v} "
             f"({p.kv_cells} KV cells)")
-    body = render_table(plan_rows(p), right=("weights", "KV", "compute", "base", "used", "free"))
+    body = render_table(plan_rows(p), right=("weights", "KV", "state", "compute", "base", "used", "free"))
     verdict = "fits" if p.fits else "DOES NOT FIT: " + "; ".join(p.deficits())
-    parts = [head, body]
+    parts = [head, body, *(f"not exact: {d}" for d in p.doubts)]
     if p.rule_matches:
         parts.append(rules_text(p.rule_matches))
     if speed is not None:
@@ -289,6 +292,24 @@ def ctx_table_text(rows, config) -> str:
             f"steps of {256 * config.n_streams} ({kv}; llama-server's defaults are -np 4 -kvu):")
     return head + "\n" + render_table([{"-ctk/-ctv": r.type_k, "largest -c": str(r.n_ctx)} for r in rows],
                                        right=("largest -c",))
+def fleet_search_lines(fp) -> list[str]:
+    """What the fleet search did: its limit, and for the heuristic the value against the bound."""
+    if fp.search == "exhaustive":
+        return ["exhaustive: every device set of every model tried (optimal for this objective)"]
+    out = [fp.search_limit] if fp.search_limit else []
+    if fp.value is not None and fp.bound is not None:
+        if fp.objective == "fewest":
+            what = f"{fp.value:.0f} device slots; no plan needs fewer than {fp.bound:.0f}"
+        elif fp.objective == "balanced":
+            what = (f"{format_bytes(int(fp.value))} left on the tightest device; no plan leaves more than "
+                    f"{format_bytes(int(fp.bound))} (the average)")
+        else:
+            what = (f"{fp.value:.1f} tokens/s for {fp.objective[3:]}; {fp.bound:.1f} alone on the empty devices")
+        gap = "" if fp.gap is None else f", gap {100 * fp.gap:.1f}%"
+        out.append(what + gap)
+    return out
+
+
 def fleet_text(fp) -> str:
     """`gpulab fleet plan`: the models (devices, split, context, bytes per device), then the
     devices (the sum over models against free memory less keep_free), then what would fit."""
@@ -306,6 +327,7 @@ def fleet_text(fp) -> str:
                 "fits": "yes" if d.fits else f"NO, short by {format_bytes(d.deficit_bytes)}"} for d in fp.devices]
     out = [render_table(models, right=("-c",)), "",
            render_table(devices, right=("free", "keep free", "used", "left")), ""]
+    out += [f"search: {line}" for line in fleet_search_lines(fp)]
     out.append(f"fleet {'fits' if fp.fits else 'DOES NOT FIT'} (objective {fp.objective}, {fp.search} search, "
                f"{fp.evaluated} model plans)")
     out += [f"  - {a.text}" for a in fp.advice]

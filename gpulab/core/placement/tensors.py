@@ -453,7 +453,10 @@ def place_layers(profile: ModelProfile, rules: tuple[OverrideRule, ...], layer_d
             memo.clear()
         tp = place_tensors(profile, rules, layer_devices, devices, all_devices, host_buffer=host_buffer,
                            use_extra_bufts=use_extra_bufts, repack_types=repack_types)
-        got = memo[key] = (tp, compute_sites(profile, layer_devices, tp.moved))
+        # the FFN sites of the graph, which runs the trunk only (MTP off: nextn layers are placed, not run)
+        trunk = profile.trunk
+        graph_devices = list(layer_devices[:trunk.n_layer]) + [layer_devices[-1]]
+        got = memo[key] = (tp, compute_sites(trunk, graph_devices, tp.moved))
     tp, (ffn, stray, partial) = got
     return tp, (list(ffn), stray, dict(partial))
 
