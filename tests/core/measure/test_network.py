@@ -19,8 +19,8 @@ HOST = Device(name="CPU", total_bytes=64 << 30, free_bytes=64 << 30, source="hos
 def cluster(gbit: float = 1.0, rtt_ms: float = 1.0, same_host: bool = False) -> Cluster:
     link = Link(gbit * 1e9 / 8, rtt_ms / 1e3)
     if same_host:
-        return Cluster((Host("head", ()), Host("a", (HostDevice("4GiB", "CPU", 50052), HostDevice("4GiB", "CPU", 50053)),
-                                                  address="10.0.0.2", link=link)), head="head")
+        two = (HostDevice("4GiB", "CPU", 50052), HostDevice("4GiB", "CPU", 50053))
+        return Cluster((Host("head", ()), Host("a", two, address="10.0.0.2", link=link)), head="head")
     return Cluster((Host("head", ()), Host("a", (HostDevice("4GiB", "CPU", 50052),), address="10.0.0.2", link=link),
                     Host("b", (HostDevice("4GiB", "CPU", 50052),), address="10.0.0.3", link=link)), head="head")
 
