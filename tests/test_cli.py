@@ -196,3 +196,18 @@ def test_devices_without_gpu_says_so_and_lists_the_host(capsys):
     assert code == 0 and d["host"]["name"] == "CPU"
     if not d["devices"]:
         assert "no GPU found" in d["note"]
+
+
+def test_plan_cluster_compares_host_choices(smollm2, tmp_path):
+    from gpulab.cli import main
+    f = tmp_path / "c.toml"
+    f.write_text('version = 1\nhead = "desk"\n[[hosts]]\nname = "desk"\ndevices = [{ spec = "250MiB:400GB/s" }]\n'
+                 '[[hosts]]\nname = "box"\naddress = "10.0.0.2"\nlink = { gbit_per_s = 10.0, rtt_ms = 0.1 }\n'
+                 'devices = [{ spec = "250MiB:400GB/s", port = 50052 }]\n')
+    import contextlib
+    import io
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["plan", str(smollm2), "-c", "4096", "--cluster", str(f)]) == 0
+    text = out.getvalue()
+    assert "*desk + box" in text and "why: spans 2 hosts: predicted tg" in text
