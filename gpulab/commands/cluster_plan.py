@@ -39,5 +39,19 @@ def run(a, config) -> Result:
              "link_ms_per_token": o.network.tg_seconds * 1e3,
              "dominant": o.network.dominant("tg") if o.network.tg else "", "chosen": o is chosen,
              "rpc": ",".join(o.endpoints), "layer_devices": list(o.plan.layer_devices)} for o in options]
-    return Result(text=options_text(options, chosen, why), data={"options": rows, "why": why}, rows=rows,
-                  exit_code=0 if chosen else 1, objects={"options": options, "chosen": chosen})
+    text = options_text(options, chosen, why)
+    data: dict = {"options": rows, "why": why}
+    objects: dict = {"options": options, "chosen": chosen}
+    if getattr(a, "commands", False) and chosen is not None:
+        from pathlib import Path
+
+        from ..core.exports.cluster import cluster_export
+        devices, _ = cluster.devices(list(chosen.hosts[1:]))
+        exp = cluster_export(chosen.plan, cluster, chosen.hosts, devices, model_path=str(model_path(a.model)),
+                             name=Path(a.model).stem)
+        text += "\n\n" + exp.text()
+        data["commands"] = {"servers": [{"host": s.host, "command": s.text, "exposes": s.exposure}
+                                        for s in exp.servers],
+                            "head": exp.head.text, "llama_swap": exp.llama_swap}
+        objects["export"] = exp
+    return Result(text=text, data=data, rows=rows, exit_code=0 if chosen else 1, objects=objects)

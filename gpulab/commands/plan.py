@@ -48,6 +48,9 @@ def register(sub, frontend: str) -> None:
                    help="cluster description (TOML): choose the hosts to span and compare them over their links")
     p.add_argument("--objective", choices=("tg", "hosts"), default="tg",
                    help="with --cluster: the best predicted tg (default) or the fewest hosts")
+    p.add_argument("--commands", action="store_true",
+                   help="with --cluster: the chosen option's rpc-server command per host, the head's llama-server "
+                        "and a llama-swap entry")
     add_json_flag(p, frontend)
     if frontend == "magic":
         p.add_argument("--no-figures", action="store_true", help="the table only")
