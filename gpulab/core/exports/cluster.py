@@ -18,7 +18,7 @@ from ..devices import Device
 from ..placement.plan import Plan
 from .render import render
 
-__all__ = ["HostCommand", "ClusterExport", "cluster_export", "exposure_line"]
+__all__ = ["HostCommand", "ClusterExport", "cluster_export", "exposure_line", "SERVER_TOOLS"]
 
 
 @dataclass(frozen=True)
@@ -67,15 +67,27 @@ def _tensor_split(plan: Plan) -> tuple[float, ...]:
     return tuple(float(sum(1 for x in plan.layer_devices if x == n)) for n in names)
 
 
+SERVER_TOOLS = ("rpc-server", "gpulab")
+
+
 def cluster_export(plan: Plan, cluster: Cluster, hosts: tuple[str, ...] | list[str], devices: list[Device],
-                   *, model_path: str, name: str = "model") -> ClusterExport:
+                   *, model_path: str, name: str = "model", server_tool: str = "rpc-server") -> ClusterExport:
     """Commands for `plan` over `devices` (Cluster.devices(hosts), llama.cpp's order): the plan's
-    layers per device as -ts, its -ngl, --rpc with the chosen hosts' servers."""
+    layers per device as -ts, its -ngl, --rpc with the chosen hosts' servers. server_tool:
+    llama.cpp's `rpc-server` or `gpulab rpc-server` (the same server through libggml-rpc, for a
+    host with llama-cpp-python and no llama.cpp build)."""
     servers = []
     for h in cluster.remote(list(hosts)):
         for d in h.devices:
-            argv: tuple[str, ...] = ("rpc-server", "-H", h.address, "-p", str(d.port), "-d", d.device or "CPU")
             env: tuple[tuple[str, str], ...] = ()
+            if server_tool == "gpulab":
+                argv: tuple[str, ...] = ("gpulab", "rpc-server", "--host", h.address, "--port", str(d.port),
+                                         "--device", d.device or "CPU")
+                if h.cache_dir:
+                    argv += ("--cache-dir", h.cache_dir)
+                servers.append(HostCommand(h.name, argv, env, exposure_line(h.address, d.port)))
+                continue
+            argv = ("rpc-server", "-H", h.address, "-p", str(d.port), "-d", d.device or "CPU")
             if h.cache_dir:
                 # rpc-server -c caches under fs_get_cache_directory() (tools/rpc/rpc-server.cpp), which
                 # LLAMA_CACHE sets
