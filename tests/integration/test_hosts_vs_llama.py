@@ -23,6 +23,7 @@ import pytest
 
 pytest.importorskip("llama_cpp")
 
+from builders import close_to_llama
 from gpulab.core.cluster import Cluster, Host, HostDevice, Link
 from gpulab.core.config import SplitConfig
 from gpulab.core.measure.network import network_cost
@@ -30,7 +31,6 @@ from gpulab.core.placement.planner import plan
 from gpulab.netem import PROFILES, ShapingProxy
 from gpulab.sources.host import host_device
 from gpulab.sources.read import read_profile
-from builders import close_to_llama
 from llama_tools import NOT_BUILT, tools_bin
 from processes import stop
 
