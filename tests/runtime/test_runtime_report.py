@@ -142,7 +142,8 @@ def test_empty_log():
 
 def test_parse_load_log_reads_llama_server_lines_with_timestamps():
     from gpulab.runtime.logcapture import parse_load_log
-    text = ("0.00.132.131 I llama_prepare_model_devices: using device RPC0 (127.0.0.1:37977) (unknown id) - 24105 MiB free\n"
+    text = ("0.00.132.131 I llama_prepare_model_devices: using device RPC0 (127.0.0.1:37977) (unknown id) "
+            "- 24105 MiB free\n"
             "0.00.398.298 D load_tensors: layer   0 assigned to device RPC0, is_swa = 0\n"
             "0.00.428.543 I load_tensors: RPC0[127.0.0.1:37977] model buffer size =    33.82 MiB\n")
     r = parse_load_log(text)
