@@ -22,9 +22,11 @@ import socket
 import threading
 import time
 
-__all__ = ["ShapingProxy", "LinkProfile", "PROFILES"]
+__all__ = ["ShapingProxy", "LinkProfile", "PROFILES", "UNSHAPED"]
 
 _CHUNK = 64 * 1024
+_MAX_EARLY = 0.3e-3  # seconds: the most a chunk is sent ahead of its time to make up for late wake-ups
+UNSHAPED = 1e13      # bytes/s: no shaping (a finite rate keeps the bucket's arithmetic finite)
 
 
 class LinkProfile:
@@ -79,11 +81,12 @@ class ShapingProxy:
     pipes. bytes_per_s: each direction's rate; delay_s: each direction's one-way delay (a round
     trip: 2 x delay_s). Stops by itself after lifetime_s or max_connections connections."""
 
-    def __init__(self, target: tuple[str, int], *, bytes_per_s: float, delay_s: float,
+    def __init__(self, target: tuple[str, int], *, bytes_per_s: float | None, delay_s: float = 0.0,
                  burst_bytes: int = 16 * 1024, lifetime_s: float = 900.0, max_connections: int = 64):
         if target[0] not in ("127.0.0.1", "localhost"):
             raise ValueError("the shaping proxy forwards to this machine only (127.0.0.1)")
-        self.target, self.rate, self.delay, self.burst = target, float(bytes_per_s), float(delay_s), int(burst_bytes)
+        self.target, self.burst = target, int(burst_bytes)
+        self.rate, self.delay = float(bytes_per_s) if bytes_per_s else UNSHAPED, float(delay_s)
         self.lifetime_s, self.max_connections = lifetime_s, max_connections
         self._stop = threading.Event()
         self._lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -94,6 +97,7 @@ class ShapingProxy:
         self.bytes_up = [0]     # head -> server
         self.bytes_down = [0]   # server -> head
         self._socks: list[socket.socket] = []
+        self._dirs: dict = {}    # socket -> _Direction, of the open connections
         # select(), not epoll: its timeout has microseconds, epoll's whole milliseconds
         self._sel = selectors.SelectSelector()
         self._deadline = time.monotonic() + lifetime_s
@@ -102,6 +106,17 @@ class ShapingProxy:
     @classmethod
     def for_profile(cls, target: tuple[str, int], profile: LinkProfile, **kw) -> ShapingProxy:
         return cls(target, bytes_per_s=profile.bytes_per_s, delay_s=profile.rtt_s / 2, **kw)
+
+    def shape(self, bytes_per_s: float | None, delay_s: float = 0.0) -> None:
+        """Change the link from now on, on open connections too (None: as fast as loopback, no
+        delay): a model loads over a fast link, then is measured over the slow one."""
+        self.rate = float(bytes_per_s) if bytes_per_s else UNSHAPED
+        self.delay = float(delay_s)
+        for d in list(self._dirs.values()):
+            d.rate, d.delay = self.rate, self.delay
+
+    def shape_as(self, profile: LinkProfile | None) -> None:
+        self.shape(profile.bytes_per_s if profile else None, profile.rtt_s / 2 if profile else 0.0)
 
     @property
     def endpoint(self) -> str:
@@ -130,7 +145,7 @@ class ShapingProxy:
     def _loop(self) -> None:
         """One thread for every connection: read what is ready, send what is due, sleep until the
         next is due. Ends at stop(), at the deadline, or after max_connections."""
-        dirs: dict[socket.socket, _Direction] = {}
+        dirs = self._dirs
         n = 0
         late = 0.0
         self._sel.register(self._lsock, selectors.EVENT_READ)
@@ -143,10 +158,13 @@ class ShapingProxy:
                 due = [t for t in nxt if t is not None]
                 first = min(due, default=None)
                 timeout = 0.2 if first is None else min(0.2, max(0.0, first - late - time.monotonic()))
+                t_sel = time.monotonic()
                 ready = self._sel.select(timeout)
-                if first is not None and not ready:
-                    # woke for a due chunk: how late select() returned (a loaded machine's wake-up)
-                    late = 0.9 * late + 0.1 * max(0.0, time.monotonic() - (first - late))
+                if first is not None and not ready and timeout > 0:
+                    # woke for a due chunk: how much longer select() slept than asked (a loaded
+                    # machine's wake-up), bounded so that a stall elsewhere cannot eat the delay
+                    over = time.monotonic() - t_sel - timeout
+                    late = min(_MAX_EARLY, 0.9 * late + 0.1 * max(0.0, over))
                 for key, _ in ready:
                     sock = key.fileobj
                     if sock is self._lsock:
@@ -154,7 +172,7 @@ class ShapingProxy:
                             n += 1
                             self._accept(dirs)
                         continue
-                    d = dirs.get(sock)  # type: ignore[call-overload]
+                    d = dirs.get(sock)
                     if d is None:
                         continue
                     try:
