@@ -91,7 +91,7 @@ def main(argv=None) -> int:
                 host = host_device()
                 m = w.open(path, base.replace(n_gpu_layers=0))
                 try:
-                    r = m.measure(n_prompt=a.n_prompt, n_gen=a.n_gen, repetitions=a.repetitions)
+                    r = m.measure(n_prompt=a.n_prompt, n_gen=a.n_gen, repetitions=a.repetitions, n_threads=1)
                     out["head_alone"] = {"tg": r.tg.avg_ts, "pp": r.pp.avg_ts}
                 finally:
                     m.close()
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
                             for n in names:
                                 for px in proxies:
                                     px.shape_as(PROFILES.get(n))
-                                r = m.measure(n_prompt=a.n_prompt, n_gen=a.n_gen, repetitions=a.repetitions)
+                                r = m.measure(n_prompt=a.n_prompt, n_gen=a.n_gen, repetitions=a.repetitions, n_threads=1)
                                 got[n]["tg"].append(r.tg.avg_ts)
                                 got[n]["pp"].append(r.pp.avg_ts)
                     finally:

@@ -15,7 +15,7 @@ def register(sub, frontend: str) -> None:
                    help="the servers to probe (default: every remote host's servers in --cluster)")
     p.add_argument("--cluster", metavar="FILE", help="cluster description (TOML) to write the measured links into")
     p.add_argument("--sizes", default="64KiB,256KiB,1MiB", help="upload sizes (default 64KiB,256KiB,1MiB)")
-    p.add_argument("--repeats", type=int, default=5, help="uploads per size (the median counts)")
+    p.add_argument("--repeats", type=int, default=5, help="uploads per size (the fastest counts)")
     p.add_argument("--json", action="store_true", help="print the measurements as JSON")
     p.set_defaults(run=run)
 

@@ -11,6 +11,8 @@ request = | cmd (1 byte) | size (8 bytes) | payload |, answer = | size (8 bytes)
   command at a time). Time = round trip + n / rate: a line through the sizes gives the rate
   (its slope) apart from the round trip (its intercept). This is the direction a model load and
   the activations to a server take; the way back (get_tensor) crosses the same link.
+The fastest of the repetitions counts, as ping's minimum does: anything else on either machine
+only ever adds time.
 
 The server serves one client at a time: probe before llama.cpp connects to it, not during.
 """
@@ -42,9 +44,9 @@ DEFAULT_SIZES = (64 * 1024, 256 * 1024, 1024 * 1024)
 @dataclass(frozen=True)
 class LinkMeasurement:
     endpoint: str
-    rtt_s: float                 # median round trip of GET_DEVICE_MEMORY
+    rtt_s: float                 # fastest round trip of GET_DEVICE_MEMORY
     bytes_per_s: float          # upload rate: the slope of time against bytes
-    samples: tuple[tuple[int, float], ...]   # (bytes, median seconds of upload + round trip)
+    samples: tuple[tuple[int, float], ...]   # (bytes, fastest seconds of upload + round trip)
 
     def describe(self) -> str:
         return (f"{self.endpoint}: round trip {self.rtt_s * 1e3:.3g} ms, "
@@ -69,11 +71,6 @@ def _device_memory(s: socket.socket) -> None:
 def _tensor(buffer: int, base: int, n: int) -> bytes:
     return _RPC_TENSOR.pack(1, _GGML_TYPE_F32, buffer, n // 4, 1, 1, 1, 4, n, n, n, 0, *([0] * 16), 0,
                             *([0] * 10), 0, 0, base, b"gpulab-probe", 0)
-
-
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    return xs[len(xs) // 2]
 
 
 def probe_link(endpoint: str, *, sizes: tuple[int, ...] = DEFAULT_SIZES, repeats: int = 5, n_rtt: int = 20,
@@ -114,7 +111,7 @@ def probe_link(endpoint: str, *, sizes: tuple[int, ...] = DEFAULT_SIZES, repeats
                         times.append(time.perf_counter() - t0)
                         if time.monotonic() > deadline:
                             break
-                    samples.append((n, _median(times)))
+                    samples.append((n, min(times)))
             finally:
                 _call(s, _FREE_BUFFER, struct.pack("<Q", ptr), None)
                 _device_memory(s)
@@ -134,4 +131,4 @@ def probe_link(endpoint: str, *, sizes: tuple[int, ...] = DEFAULT_SIZES, repeats
     if slope <= 0:
         raise DeviceError(f"uploads to {endpoint} took no longer for more bytes ({samples}): the link is too fast "
                           "to measure with these sizes; give larger --sizes")
-    return LinkMeasurement(endpoint, _median(rtts), 1.0 / slope, tuple(samples))
+    return LinkMeasurement(endpoint, min(rtts), 1.0 / slope, tuple(samples))
