@@ -148,6 +148,7 @@ class ShapingProxy:
         dirs = self._dirs
         n = 0
         late = 0.0
+        overs: collections.deque[float] = collections.deque(maxlen=32)
         self._sel.register(self._lsock, selectors.EVENT_READ)
         try:
             while not self._stop.is_set():
@@ -162,9 +163,10 @@ class ShapingProxy:
                 ready = self._sel.select(timeout)
                 if first is not None and not ready and timeout > 0:
                     # woke for a due chunk: how much longer select() slept than asked (a loaded
-                    # machine's wake-up), bounded so that a stall elsewhere cannot eat the delay
-                    over = time.monotonic() - t_sel - timeout
-                    late = min(_MAX_EARLY, 0.9 * late + 0.1 * max(0.0, over))
+                    # machine's wake-up). Aim early by the least of the recent oversleeps, so that
+                    # a chunk is almost never delivered before its time; bounded besides
+                    overs.append(max(0.0, time.monotonic() - t_sel - timeout))
+                    late = min(_MAX_EARLY, min(overs))
                 for key, _ in ready:
                     sock = key.fileobj
                     if sock is self._lsock:
