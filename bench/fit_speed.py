@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # this checkout's gpulab
 from gpulab import SplitConfig, parse_sim_spec, plan
-from gpulab.core.policies.server_fit import fit
+from gpulab.core.policies.server_fit import server_fit
 from gpulab.testing import MiB, make_hand_moe_profile
 
 
@@ -30,13 +30,13 @@ def main() -> None:
     prof = make_hand_moe_profile(n_layer=127, expert_bytes=600 * MiB, dense_bytes=50 * MiB, n_embd=4096)
     devices = parse_sim_spec("8x10GiB")
     config = SplitConfig(n_ctx=0)
-    r = fit(prof, devices, config)
+    r = server_fit(prof, devices, config)
     assert r.ok and r.overrides, r.reasons          # the long path: MoE with overflow layers
-    t_fit = best_ms(lambda: fit(prof, devices, config), number=3)
+    t_fit = best_ms(lambda: server_fit(prof, devices, config), number=3)
     t_plan = best_ms(lambda: plan(prof, devices, SplitConfig(n_ctx=4096)), number=50)
     print("| case | time per call | ratio to one plain plan |")
     print("|---|---|---|")
-    print(f"| fit(), 128-layer MoE x 8 devices ({r.n_dry_runs} dry runs, {len(r.overrides)} -ot rules chosen) "
+    print(f"| server_fit(), 128-layer MoE x 8 devices ({r.n_dry_runs} dry runs, {len(r.overrides)} -ot rules chosen) "
           f"| {t_fit:.1f} ms | {t_fit / t_plan:.0f}x |")
     print(f"| reference: plan(), same model, no rules | {t_plan:.2f} ms | 1x |")
     print(f"python {sys.version.split()[0]}; budget: 20 ms per fit ({'met' if t_fit <= 20 else 'MISSED'})")

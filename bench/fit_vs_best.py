@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from gpulab import plan, read_profile  # noqa: E402
 from gpulab.core.config import SplitConfig  # noqa: E402
-from gpulab.core.policies.server_fit import fit  # noqa: E402
+from gpulab.core.policies.server_fit import server_fit  # noqa: E402
 from gpulab.sources.synth import SynthSpec, write_model  # noqa: E402
 
 N_PROMPT, N_GEN, REPS, THREADS, ROUNDS = 64, 16, 3, 1, 3
@@ -49,7 +49,7 @@ def main() -> int:
         devices = [d for d in w.devices() if d.kind == "rpc"]
         full = plan(prof, devices, SplitConfig(n_ctx=4096))
         budgets = [int(0.5 * d.used_bytes / MiB) for d in full.offload_devices]
-        r = fit(prof, devices, SplitConfig(n_ctx=0, fit_target=tuple(d.total_bytes // MiB - b
+        r = server_fit(prof, devices, SplitConfig(n_ctx=0, fit_target=tuple(d.total_bytes // MiB - b
                                                                       for d, b in zip(devices, budgets))))
         assert r.ok and r.config.n_gpu_layers < prof.n_layer + 1, r.reasons
         server_ctx = r.config.n_ctx

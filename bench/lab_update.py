@@ -1,11 +1,17 @@
-"""Lab redraw: the Python-side time of one SplitLab update, 128 layers on 8 devices.
+"""Lab update: what one drag on the layer strip costs the kernel, 128 layers on 8 devices.
 
-One update is what a slider move costs the kernel: re-plan, copy the new data into the layer
-map and the memory bars (FigureWidgets), the share labels, the status line and the export
-panel, including building and JSON-encoding every widget message (the widgets get a comm that
-serialises what it would send, as ipykernel's session does; nothing goes over a socket).
-Reported as a ratio to the bare plan() call measured in the same run, as docs/BENCHMARKS.md
-asks; the target is under 30 ms per update.
+A drag sends the strip's layer counts (gpulab.ui.strip); the lab writes the -ts that gives them,
+re-plans and redraws. Two times per drag, from the same drags:
+- drag -> figures redrawn: plan, layer map and memory bars (FigureWidgets, plotly_restyle), their
+  saved state, the strip, the share labels, status and export panel (`lab.last_update_s`);
+- drag -> live fit line: llama-server's -fit for the current -c/-fitt and the plan of its result,
+  for the thin strip (`lab.last_fit_s`). Fit chooses -ngl and -ts itself, so a drag leaves its
+  input unchanged and the lab keeps its last answer; a -c step (the next row) runs fit again.
+Every widget message is built and JSON-encoded as ipykernel would (nothing is sent). Each drag
+moves one boundary by one layer (what a mouse move or an arrow key does). Profiles: a dense
+128-layer model (127 blocks + output) on 8x80GiB, and bench/fit_speed.py's 128-layer MoE on
+8x10GiB (fit's long path: overflow layers, -ot rules). Medians, with the ratio to one plain
+`plan()` measured in the same run and the load average.
 
     .venv/bin/python bench/lab_update.py
 """
@@ -16,18 +22,17 @@ import json
 import os
 import statistics
 import sys
-import time
 import timeit
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # this checkout's gpulab
-from gpulab.testing import make_profile
+from gpulab.testing import MiB, make_hand_moe_profile, make_profile
 
-TARGET_MS = 30.0
+N_DRAGS = 120
 
 
 def _serialising_comms() -> list[int]:
-    """Make every widget's comm JSON-encode what it would publish; returns a byte counter."""
+    """Make every widget's comm JSON-encode what it would publish; returns a counter."""
     import comm
 
     sent = [0, 0]   # messages, bytes
@@ -41,60 +46,64 @@ def _serialising_comms() -> list[int]:
     return sent
 
 
+def drags(lab, n: int) -> tuple[list[float], list[float]]:
+    """n one-layer boundary moves, back and forth across the 7 boundaries; (figure times, fit times)."""
+    counts = [16] * 8
+    counts[-1] = lab.profile.n_layer + 1 - 16 * 7
+    draw, fit = [], []
+    for k in range(n):
+        b = k % 7
+        step = 1 if (k // 7) % 2 == 0 else -1
+        counts[b] += step
+        counts[b + 1] -= step
+        lab.strip.request = {"counts": list(counts), "seq": k}
+        assert lab.error is None, lab.error
+        draw.append(lab.last_update_s)
+        fit.append(lab.last_fit_s)
+    return draw, fit
+
+
+def ctx_steps(lab, n: int) -> list[float]:
+    """n changes of -c (up and down the slider's options): the live fit runs each time."""
+    opts = [c for c in lab.n_ctx.options if 1024 <= c <= 32768]
+    out = []
+    for k in range(n):
+        lab.n_ctx.value = opts[k % len(opts)] if (k // len(opts)) % 2 == 0 else opts[-1 - k % len(opts)]
+        assert lab.error is None, lab.error
+        out.append(lab.last_fit_s)
+    return out
+
+
 def main() -> None:
     sent = _serialising_comms()
     from gpulab import SplitConfig, parse_sim_spec, plan
     from gpulab.ui.lab import SplitLab
 
-    prof = make_profile(n_layer=127)            # 127 blocks + output = 128 placed layers
-    devices = parse_sim_spec("8x80GiB")
-    lab = SplitLab(prof, sim="8x80GiB", debounce=0)    # debounce 0: every change redraws at once
-    host = lab.host
-
-    # reference: the bare planner call for the same kind of change
-    configs = [SplitConfig(tensor_split=tuple(float(1 + (i + k) % 3) for i in range(8))) for k in range(16)]
-    it = iter(range(1 << 30))
-    t_plan = min(timeit.repeat(lambda: plan(prof, devices, configs[next(it) % 16], host), number=200, repeat=5)) / 200
-
-    # one slider move = one update; values cycle so every move changes the placement
-    times, k0 = [], sent[0]
-    n_moves = 300
-    for k in range(n_moves):
-        slider = lab.split_sliders[k % 8]
-        t0 = time.perf_counter()
-        slider.value = round(0.05 + ((k * 7) % 19) / 19, 2)
-        times.append(time.perf_counter() - t0)
-    msgs = (sent[0] - k0) / n_moves
-    assert lab.error is None and lab.plan is not None
-
-    # parts, for the table: figures only, the export panel only
-    from gpulab.ui import figures as F
-    from gpulab.ui.html import exports_html
-    p = lab.plan
-    t_fig = min(timeit.repeat(lambda: (F.apply(lab.layer_fig, p, "layers", order=lab.order),
-                                       F.apply(lab.memory_fig, p, "memory", order=lab.order, unit=lab.unit)),
-                              number=50, repeat=5)) / 50
-    t_exp = min(timeit.repeat(lambda: exports_html(lab.exports(p)), number=50, repeat=5)) / 50
-    t_sync = min(timeit.repeat(lambda: (F.sync_widget_state(lab.layer_fig), F.sync_widget_state(lab.memory_fig)),
-                               number=50, repeat=5)) / 50
-
-    med = statistics.median(times)
-    p90 = sorted(times)[int(0.9 * len(times))]
+    cases = [("dense, 8x80GiB", make_profile(n_layer=127), "8x80GiB"),
+             ("MoE, 8x10GiB", make_hand_moe_profile(n_layer=127, expert_bytes=600 * MiB, dense_bytes=50 * MiB,
+                                                    n_embd=4096), "8x10GiB")]
     ms = 1e3
-    print("| case (128 layers x 8 devices) | time | ratio to plan() |")
-    print("|---|---|---|")
-    print(f"| one lab update (slider move), median of {n_moves} | {med * ms:.1f} ms | {med / t_plan:.0f}x |")
-    print(f"| one lab update, 90th percentile | {p90 * ms:.1f} ms | {p90 / t_plan:.0f}x |")
-    print(f"| of which: both figures (`figures.apply`) | {t_fig * ms:.1f} ms | {t_fig / t_plan:.0f}x |")
-    print(f"| of which: saved state for later views (`sync_widget_state`) | {t_sync * ms:.1f} ms | "
-          f"{t_sync / t_plan:.0f}x |")
-    print(f"| of which: export panel (`exports_html(lab.exports())`) | {t_exp * ms:.1f} ms | {t_exp / t_plan:.0f}x |")
-    print(f"| reference: `plan()` alone | {t_plan * ms:.2f} ms | 1x |")
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"{msgs:.1f} widget messages per update (JSON-encoded, not sent); python {sys.version.split()[0]}; "
-          f"{os.cpu_count()} CPUs, load average {load:.1f}; "
-          f"target < {TARGET_MS:.0f} ms per update: {'met' if p90 * ms < TARGET_MS else 'MISSED'} (90th percentile)")
-    lab.close()
+    print("| 128 layers x 8 devices, one-layer drags | drag -> figures redrawn | drag -> live fit line "
+          "| ratio to plan() (figures / fit) |")
+    print("|---|---|---|---|")
+    for name, prof, spec in cases:
+        lab = SplitLab(prof, sim=spec, debounce=0)       # debounce 0: every drag redraws at once
+        k0 = sent[0]
+        draw, fit = drags(lab, N_DRAGS)
+        msgs = (sent[0] - k0) / N_DRAGS
+        devices = parse_sim_spec(spec)
+        cfg = SplitConfig(tensor_split=tuple(float(x) for x in [16] * 7 + [prof.n_layer + 1 - 112]))
+        t_plan = min(timeit.repeat(lambda p=prof, d=devices, c=cfg, h=lab.host: plan(p, d, c, h), number=50,
+                                   repeat=5)) / 50
+        d, f = statistics.median(draw), statistics.median(fit)
+        c = statistics.median(ctx_steps(lab, 24))
+        print(f"| {name}: drags, median of {N_DRAGS} ({msgs:.0f} widget messages a drag) | {d * ms:.1f} ms "
+              f"| {f * ms:.2f} ms | {d / t_plan:.0f}x / {f / t_plan:.1f}x (plan {t_plan * ms:.2f} ms) |")
+        print(f"| {name}: -c steps, median of 24 | | {c * ms:.1f} ms | - / {c / t_plan:.0f}x |")
+        lab.close()
+    load = os.getloadavg()
+    print(f"python {sys.version.split()[0]}; {os.cpu_count()} CPUs; load average {load[0]:.1f} {load[1]:.1f} "
+          f"{load[2]:.1f}")
 
 
 if __name__ == "__main__":

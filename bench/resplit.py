@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 _CHILD = r"""
 import sys, json
 sys.path.insert(0, {repo!r})
-from gpulab.core.measure.results import config_from_dict
+from gpulab.core.config import config_from_dict
 from gpulab.runtime.model import open_model
 cfg = config_from_dict(json.loads({cfg!r}))
 eps = {eps!r}
@@ -44,7 +44,7 @@ with open_model({path!r}, cfg) as m:
 def fresh_process_seconds(path: str, cfg, endpoints: list[str]) -> float:
     import json
 
-    from gpulab.core.measure.results import config_to_dict
+    from gpulab.core.config import config_to_dict
     code = _CHILD.format(repo=str(REPO), cfg=json.dumps(config_to_dict(cfg)), eps=list(endpoints), path=path)
     t0 = time.perf_counter()
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

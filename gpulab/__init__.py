@@ -6,30 +6,60 @@
     p = gpulab.plan(profile, devices, gpulab.SplitConfig(tensor_split=(3, 1, 1)))
     fp = gpulab.plan_fleet(gpulab.read_fleet("fleet.toml"), {name: profile, ...}, devices)
 
-Nothing heavy happens at import: NVML, llama.cpp, ipywidgets and plotly load on first use
-(tests/test_layering.py checks it).
+Nothing heavy happens at import: the names above load on first use, and NVML, llama.cpp,
+ipywidgets, plotly (and numpy, for what needs it) later still (tests/test_layering.py checks it).
 """
 
 from __future__ import annotations
 
-from .core.config import SplitConfig
-from .core.devices import Device, parse_sim_spec
+from typing import TYPE_CHECKING
+
 from .core.errors import *  # noqa: F403
 from .core.errors import __all__ as _errors_all
-from .core.fleet.model import Fleet, FleetModel
-from .core.fleet.planner import FleetPlan, plan_fleet
-from .core.placement.plan import DevicePlan, Plan
-from .core.placement.planner import plan
-from .core.profile import LayerProfile, ModelProfile, TensorInfo
-from .sources.read import read_profile
+
+if TYPE_CHECKING:   # what _LAZY provides, for type checkers and editors
+    from .core.config import SplitConfig
+    from .core.devices import Device, parse_sim_spec
+    from .core.fleet.model import Fleet, FleetModel
+    from .core.fleet.planner import FleetPlan, plan_fleet
+    from .core.memory import DevicePlan
+    from .core.placement.plan import Plan
+    from .core.placement.planner import plan
+    from .core.profile import LayerProfile, ModelProfile, TensorInfo
+    from .sources.read import read_profile
 
 __version__ = "0.1.0"
+
+# name -> module that defines it: imported on first use (module __getattr__, PEP 562), so that
+# `import gpulab` and `gpulab plan` do not pay for the fleet planner they do not use.
+_LAZY = {
+    "SplitConfig": "core.config", "Device": "core.devices", "parse_sim_spec": "core.devices",
+    "Plan": "core.placement.plan", "DevicePlan": "core.memory", "plan": "core.placement.planner",
+    "ModelProfile": "core.profile", "LayerProfile": "core.profile", "TensorInfo": "core.profile",
+    "read_profile": "sources.read",
+    "Fleet": "core.fleet.model", "FleetModel": "core.fleet.model",
+    "FleetPlan": "core.fleet.planner", "plan_fleet": "core.fleet.planner",
+}
 
 __all__ = [
     "SplitConfig", "Device", "parse_sim_spec", "Plan", "DevicePlan", "plan",
     "ModelProfile", "LayerProfile", "TensorInfo", "read_profile", "load", *_errors_all,
     "Fleet", "FleetModel", "FleetPlan", "plan_fleet", "read_fleet",
 ]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gpulab' has no attribute {name!r}")
+    from importlib import import_module
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value   # later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def read_fleet(path):

@@ -11,19 +11,25 @@ import argparse
 import json
 import sys
 
+from .commands import COMMAND_MODULES
 from .commands import build_parser as _build
 from .core.errors import GpulabError
 
 __all__ = ["main", "build_parser"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    return _build("gpulab", "cli")
+_COMMANDS = frozenset(name.replace("_", "-") for name, frontends in COMMAND_MODULES if "cli" in frontends)
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    return _build("gpulab", "cli", only=only)
 
 
 def main(argv: list[str] | None = None) -> int:
     from .runtime.session import Session
-    a = build_parser().parse_args(argv)
+    args = sys.argv[1:] if argv is None else argv
+    # `gpulab plan ...` imports the plan command only; anything else (-h, a typo) gets every command
+    a = build_parser(only=args[0] if args and args[0] in _COMMANDS else None).parse_args(args)
     try:
         with Session() as session:
             res = a.run(a, session)

@@ -2,7 +2,7 @@
 # JupyterLab on a notebook, the way `make lab` starts it (the browser test starts it this way too).
 #   scripts/lab.sh [NOTEBOOK] [extra jupyter lab arguments...]
 # - as root (containers, VMs, CI) it passes --allow-root, and says so;
-# - with no display it starts no browser and prints the URL with its token;
+# - with no display it starts no browser; it prints the URL with its token once Jupyter answers;
 # - it binds to 127.0.0.1 unless GPULAB_LAB_IP says otherwise (the kernel runs code: do not expose it).
 #   GPULAB_LAB_IP, GPULAB_LAB_PORT (default: the first free port from 8888), GPULAB_LAB_TOKEN
 #   (default: a random one; set it empty for no token, as the browser test does).
@@ -50,6 +50,35 @@ fi
 
 # the URL opens the notebook itself; JupyterLab resolves it against its root (this folder)
 rel=${NOTEBOOK#./}
-say "open http://$IP:$PORT/lab/tree/$rel${TOKEN:+?token=$TOKEN}"
-[ "$browser" = no ] && say "(no display here: no browser started; open the URL above in yours, through an SSH tunnel if remote)"
-exec "$PY" -m jupyterlab "$NOTEBOOK" "${args[@]}" "$@"
+URL="http://$IP:$PORT/lab/tree/$rel${TOKEN:+?token=$TOKEN}"
+"$PY" -m jupyterlab "$NOTEBOOK" "${args[@]}" "$@" &
+JUPYTER=$!
+trap 'kill -TERM "$JUPYTER" 2>/dev/null; wait "$JUPYTER"; exit 143' TERM
+trap 'kill -INT "$JUPYTER" 2>/dev/null; wait "$JUPYTER"; exit 130' INT
+# the URL only once Jupyter answers: opened sooner, the browser would be refused
+probe=$IP; [ "$IP" = 0.0.0.0 ] && probe=127.0.0.1
+if "$PY" - "http://$probe:$PORT/api/status" "$JUPYTER" <<'PYEOF'
+import os, sys, time, urllib.error, urllib.request
+url, pid = sys.argv[1], int(sys.argv[2])
+deadline = time.monotonic() + 180
+while time.monotonic() < deadline:
+    try:
+        urllib.request.urlopen(url, timeout=2).read()
+        sys.exit(0)
+    except urllib.error.HTTPError:
+        sys.exit(0)             # any HTTP answer (403 without the token): it listens
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            sys.exit(2)         # Jupyter ended: its own message says why
+        time.sleep(0.25)
+sys.exit(1)
+PYEOF
+then
+  say "open $URL"
+  [ "$browser" = no ] && say "(no display here: no browser started; open the URL above in yours, through an SSH tunnel if remote)"
+else
+  say "Jupyter did not answer on $probe:$PORT (its log is above)"
+fi
+wait "$JUPYTER"

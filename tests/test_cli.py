@@ -111,12 +111,12 @@ def test_inspect_ot_lists_what_each_rule_matches_first_match_wins(capsys, moe_mo
 def test_plan_without_split_flags_shows_what_llama_server_fits_and_the_plain_split(capsys, model):
     from gpulab.core.config import SplitConfig
     from gpulab.core.devices import parse_sim_spec
-    from gpulab.core.policies.server_fit import fit
+    from gpulab.core.policies.server_fit import server_fit
     from gpulab.sources.read import read_profile
     code, out, err = run(capsys, "plan", model, "--sim", "2x600MiB", "-fitt", "595", "--json")
     d = json.loads(out)
     # llama-server's defaults where -c and -np are not given: -c 0, -np 4 -kvu
-    expected = fit(read_profile(str(model)), parse_sim_spec("2x600MiB"),
+    expected = server_fit(read_profile(str(model)), parse_sim_spec("2x600MiB"),
                    SplitConfig(n_ctx=0, n_seq_max=4, kv_unified=True, fit_target=(595,)))
     assert d["fit"]["flags"] == expected.flags() and d["fit"]["status"] == "success"
     assert d["config"]["n_ctx"] == 4096 and d["config"]["tensor_split"] == []       # the plain split
@@ -196,6 +196,28 @@ def test_devices_without_gpu_says_so_and_lists_the_host(capsys):
     assert code == 0 and d["host"]["name"] == "CPU"
     if not d["devices"]:
         assert "no GPU found" in d["note"]
+
+
+# What a `gpulab plan` / `gpulab inspect` process must not load: the fleet planner and exports, the
+# notebook stack, llama.cpp, -sm tensor's rules, and numpy and gguf (the header walker and the planner
+# need neither).
+NOT_FOR_PLAN = ("numpy", "gguf", "gpulab.core.fleet", "gpulab.core.fleet.planner", "gpulab.core.exports.fleet",
+                "gpulab.core.placement.tensor_parallel",
+                "gpulab.runtime.worker", "gpulab.storage.overheads", "plotly", "ipywidgets", "anywidget",
+                "llama_cpp", "pandas", "IPython")
+
+
+@pytest.mark.parametrize("argv", [("plan", "--sim", "2x24GiB", "-c", "4096", "-fit", "off"), ("inspect",)])
+def test_plan_and_inspect_processes_import_only_what_they_use(model, argv):
+    """sys.modules of a child process that ran the command (a contract, not a timing)."""
+    code = ("import json, sys\nfrom gpulab.cli import main\nrc = main(sys.argv[1:])\n"
+            "print(json.dumps(sorted(sys.modules)))\nsys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code, argv[0], str(model), *argv[1:]],
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr
+    loaded = set(json.loads(r.stdout.splitlines()[-1]))
+    assert "gpulab.sources.gguf_header" in loaded   # the check sees what the command imported
+    assert sorted(loaded & set(NOT_FOR_PLAN)) == []
 
 
 def test_plan_cluster_compares_host_choices(smollm2, tmp_path):

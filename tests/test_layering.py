@@ -168,8 +168,22 @@ def test_the_contract_catches_an_upward_import_and_a_cycle(tmp_path):
         ["gpulab.runtime.b_mod", "gpulab.runtime.a_mod", "gpulab.runtime.b_mod"] in cycles(copy)
 
 
-@pytest.mark.parametrize("heavy", ["llama_cpp", "ipywidgets", "plotly", "pynvml", "IPython", "pandas"])
+@pytest.mark.parametrize("heavy", ["llama_cpp", "ipywidgets", "plotly", "pynvml", "IPython", "pandas",
+                                   "numpy", "gguf", "gpulab.core.fleet.planner"])
 def test_import_gpulab_is_light(heavy):
+    """`import gpulab` and its planner load none of these (the fleet planner loads on first use)."""
     code = f"import sys, gpulab; gpulab.plan; sys.exit(1 if {heavy!r} in sys.modules else 0)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, f"`import gpulab` loads {heavy}: {r.stderr}"
+
+
+def test_lazy_names_of_gpulab():
+    """Every name in gpulab.__all__ resolves (the lazy ones on first use) to the object it names."""
+    code = ("import gpulab\nfrom gpulab.core.fleet.planner import plan_fleet\n"
+            "from gpulab.core.placement.planner import plan\n"
+            "assert gpulab.plan_fleet is plan_fleet and gpulab.plan is plan\n"
+            "missing = [n for n in gpulab.__all__ if not hasattr(gpulab, n)]\n"
+            "assert not missing, missing\nassert set(gpulab.__all__) <= set(dir(gpulab))\n"
+            "try:\n    gpulab.no_such_name\nexcept AttributeError:\n    pass\nelse:\n    raise SystemExit(1)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from html import escape as html_escape
+
 import pytest
 
 pytest.importorskip("IPython")
@@ -131,6 +133,23 @@ def test_plan_matches_the_planner_and_shows_figures(ip, model):
     assert "fits" in r._repr_html_()
 
 
+def test_plan_shows_what_the_command_line_shows(ip, model):
+    """With no -ts/-ngl, `gpulab plan` prints fit's section, then the plain split, then the speed
+    line: the notebook shows the same sections in the same order, and fit's memory figure first."""
+    from gpulab.ui.text import FIT_HEAD, PLAIN_HEAD
+    with capture_output() as cap:
+        r = magic(ip, f"plan {model} --sim 2x8GiB")
+    assert r.text.startswith(FIT_HEAD) and PLAIN_HEAD in r.text and "speed (predicted" in r.text
+    page = r._repr_html_()
+    at = 0
+    for mark in (html_escape(FIT_HEAD), "fit&#x27;s log:", "<table", html_escape(PLAIN_HEAD), "<table",
+                 "speed (predicted"):
+        assert mark in page[at:], mark
+        at = page.index(mark, at) + 1
+    titles = [o.data[PLOTLY]["layout"]["title"]["text"] for o in cap.outputs if PLOTLY in o.data]
+    assert len(titles) == 3 and titles[0].startswith("llama-server (fit): ")
+
+
 def test_results_are_the_cell_value(ip, model):
     ip.run_cell(f"%gpulab plan {model} --sim 3x24GiB --policy pack --no-figures", store_history=True)
     r = ip.user_ns["_"]
@@ -200,3 +219,13 @@ def test_unload_removes_the_magic(ip):
     assert ip.find_line_magic("gpulab") is None
     ip.run_line_magic("load_ext", "gpulab")
     assert ip.find_line_magic("gpulab") is not None
+
+
+def test_a_pasted_llama_server_command_in_a_notebook(ip, model):
+    """%gpulab plan -- llama-server ...: the same parser and process plan as the command line."""
+    with capture_output():
+        r = magic(ip, f"plan --sim 2x1GiB -- llama-server -m {model} -md {model} -devd SIM1 -ngl 99 -ts 1,1 "
+                      "-c 2048 -np 1 --port 8080")
+    assert r.command.program == "llama-server" and r.command.ignored == ("--port 8080",)
+    assert r.process.row("SIM1").draft_bytes > 0 and r.process.row("SIM0").draft_bytes == 0
+    assert list(r.to_dataframe()["device"]) == ["SIM0", "SIM1", "CPU"]

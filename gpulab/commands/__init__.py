@@ -31,11 +31,14 @@ COMMAND_MODULES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
-def build_parser(prog: str, frontend: str, parser_class=argparse.ArgumentParser) -> argparse.ArgumentParser:
+def build_parser(prog: str, frontend: str, parser_class=argparse.ArgumentParser,
+                 only: str | None = None) -> argparse.ArgumentParser:
+    """The parser tree of a front end; with `only`, of that one command (a front end that knows
+    which command it runs imports that command's module, not all of them)."""
     top = parser_class(prog=prog, description="See where llama.cpp puts each layer of a GGUF model.")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=parser_class)
     for name, frontends in COMMAND_MODULES:
-        if frontend in frontends:
+        if frontend in frontends and only in (None, name.replace("_", "-")):
             importlib.import_module(f"{__name__}.{name}").register(sub, frontend)
     return top
 

@@ -1,6 +1,5 @@
 """`gpulab alloc list|show|save|delete`: saved allocations, which settings to load a model with on
-a given set of devices (gpulab.storage.allocations). `gpulab profile ...` is the old spelling,
-kept for one release.
+a given set of devices (gpulab.storage.allocations).
 
     gpulab alloc save model.gguf --rpc 127.0.0.1:50052,127.0.0.1:50053 -ts 3,1 -c 8192
     gpulab alloc show model.gguf --rpc ...        # the allocation that applies here, as TOML
@@ -28,7 +27,7 @@ __all__ = ["register", "run"]
 
 
 def register(sub, frontend: str) -> None:
-    p = sub.add_parser("alloc", aliases=["profile"],
+    p = sub.add_parser("alloc",
                        help="saved allocations (per model and device set): list, show, save, delete")
     psub = p.add_subparsers(dest="alloc_command", required=True, metavar="ACTION",
                             parser_class=type(p))

@@ -96,17 +96,16 @@ def run(a, session) -> Result:
     bar = _Bar()
     try:
         run = choice.worker.measure(path, config, n_prompt=a.n_prompt, n_gen=a.n_gen, repetitions=a.repetitions,
-                                    n_threads=a.threads, warmup=not a.no_warmup, progress=bar)
+                                    n_threads=a.threads, warmup=not a.no_warmup, progress=bar, plan=p.memory())
     finally:
         bar.clear()
     if run.plan is None:
-        run = replace(run, plan=p.to_dict())
+        run = replace(run, plan=p.memory())
     notes = list(getattr(run, "notes", ()))
-    from .plan import server_would_fit
-    if not getattr(a, "policy", None) and server_would_fit(config):
+    from ..core.policies.server_fit import server_fit, server_would_fit
+    if not getattr(a, "policy", None) and server_would_fit(config, list(choice.devices)):
         # llama-bench and llama-cpp-python load the settings as given; llama-server fits first
-        from ..core.policies.server_fit import fit
-        fitted = fit(prof, list(choice.devices), config.replace(n_ctx=0), choice.host)
+        fitted = server_fit(prof, list(choice.devices), config.replace(n_ctx=0), choice.host)
         if fitted.ok and fitted.changed != ("n_ctx",):
             notes.append(f"note: measured without -fit, as llama-bench does; llama-server would load "
                          f"{fitted.flags(list(choice.devices))} (gpulab plan shows why; --policy fit measures it)")

@@ -24,7 +24,7 @@ def register(sub, frontend: str) -> None:
     add_config_flags(p)
     add_device_flags(p)
     p.add_argument("--to", default="all", choices=(*TARGETS, "all"), help="target (default: all)")
-    p.add_argument("--from-alloc", "--from-profile", dest="from_alloc", action="store_true",
+    p.add_argument("--from-alloc", action="store_true",
                    help="use the saved allocation of this model on these devices")
     add_policy_flag(p)
     p.add_argument("--strict", action="store_true", help="fail when a target cannot express a setting")

@@ -13,8 +13,19 @@ from ..core.config import SplitConfig
 from ..core.policies.apply import ALL_POLICIES
 from ..core.settings import SETTINGS, check_settings_cover_config, value_from_text
 
-__all__ = ["RULE_SETTINGS", "add_config_flags", "config_from_args", "add_device_flags", "devices_from_args",
-           "add_bench_flags", "add_model_arg", "model_path", "add_json_flag"]
+__all__ = [
+    "RULE_SETTINGS",
+    "add_bench_flags",
+    "add_config_flags",
+    "add_device_flags",
+    "add_json_flag",
+    "add_model_arg",
+    "add_process_flags",
+    "config_from_args",
+    "devices_from_args",
+    "model_path",
+    "process_argv",
+]
 
 
 RULE_SETTINGS = ("tensor_overrides", "cpu_moe", "n_cpu_moe", "n_cpu_ffn")   # what makes tensor override rules
@@ -61,6 +72,52 @@ def config_from_args(a: argparse.Namespace, *, only: tuple[str, ...] = ()) -> Sp
             v = tuple(item for text in (v or ()) for item in value_from_text(s, text))
         values[s.attr] = v
     return SplitConfig(**values)
+
+
+def add_process_flags(p: argparse.ArgumentParser) -> None:
+    """llama-server's projector and draft-model flags (common/arg.cpp), as gpulab.core.command_line
+    reads them in a pasted command: plan then shows the whole process."""
+    g = p.add_argument_group("the rest of the llama-server process (projector, draft model)")
+    g.add_argument("-mm", "--mmproj", metavar="FILE", default=None, help="the vision/audio projector (clip GGUF)")
+    g.add_argument("--no-mmproj-offload", dest="mmproj_offload", action="store_false",
+                   help="keep the projector on the CPU")
+    g.add_argument("-mmdev", "--mmproj-device", metavar="DEV", default="", help="the projector's device")
+    g.add_argument("-md", "--model-draft", metavar="FILE", default=None, help="the draft model (speculative decoding)")
+    g.add_argument("-devd", "--device-draft", metavar="DEV,...", default=None, help="the draft's devices "
+                   "(default: --device)")
+    g.add_argument("-ngld", "--gpu-layers-draft", metavar="N", default=None, help="the draft's -ngl (default: all)")
+    g.add_argument("-otd", "--override-tensor-draft", metavar="PATTERN=TYPE,...", action="append", default=None,
+                   help="the draft's tensor overrides")
+    g.add_argument("-ctkd", "--cache-type-k-draft", metavar="TYPE", default=None, help="the draft's K cache (f16)")
+    g.add_argument("-ctvd", "--cache-type-v-draft", metavar="TYPE", default=None, help="the draft's V cache (f16)")
+    g.add_argument("--spec-type", metavar="TYPE,...", default=None,
+                   help="speculative decoding types (draft-simple, draft-mtp, ...): llama-server reserves logits "
+                        "for the drafted tokens")
+    g.add_argument("--spec-draft-n-max", metavar="N", type=int, default=None, help="tokens to draft (default 3)")
+
+
+def process_argv(a: argparse.Namespace) -> list[str]:
+    """The process flags given, spelled as llama-server spells them (for gpulab.core.command_line)."""
+    out: list[str] = []
+    if getattr(a, "mmproj", None):
+        out += ["--mmproj", a.mmproj]
+        if not a.mmproj_offload:
+            out.append("--no-mmproj-offload")
+        if a.mmproj_device:
+            out += ["-mmdev", a.mmproj_device]
+    if getattr(a, "spec_type", None):
+        out += ["--spec-type", a.spec_type]
+    if getattr(a, "spec_draft_n_max", None) is not None:
+        out += ["--spec-draft-n-max", str(a.spec_draft_n_max)]
+    if getattr(a, "model_draft", None):
+        out += ["-md", a.model_draft]
+        for flag, v in (("-devd", a.device_draft), ("-ngld", a.gpu_layers_draft), ("-ctkd", a.cache_type_k_draft),
+                        ("-ctvd", a.cache_type_v_draft)):
+            if v is not None:
+                out += [flag, str(v)]
+        for rule in a.override_tensor_draft or ():
+            out += ["-otd", rule]
+    return out
 
 
 def add_device_flags(p: argparse.ArgumentParser, *, sim: bool = True, virtual: bool = False) -> None:

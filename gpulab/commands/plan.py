@@ -13,6 +13,7 @@ Exit status (CLI): 0 when the plain plan fits, 1 when it does not, 2 on bad inpu
 
 from __future__ import annotations
 
+import os
 import shlex
 from html import escape as _escape
 
@@ -22,18 +23,27 @@ from .flags import (
     add_json_flag,
     add_model_arg,
     add_policy_flag,
+    add_process_flags,
     config_from_args,
     devices_from_args,
     model_path,
+    process_argv,
 )
 from .result import Result
 
-__all__ = ["register", "run", "planned"]
+__all__ = ["planned", "register", "run"]
 
 
 def register(sub, frontend: str) -> None:
-    p = sub.add_parser("plan", help="predict llama.cpp's placement and per-device memory")
+    p = sub.add_parser("plan", help="predict llama.cpp's placement and per-device memory",
+                       epilog="paste a command: gpulab plan [device flags] -- llama-server -m A.gguf --mmproj P.gguf "
+                              "-md D.gguf -ngl 99 ... (llama-server, llama-cli, llama-bench): the whole process, "
+                              "every flag read as that program reads it")
     add_model_arg(p)
+    p.add_argument("pasted", nargs="*", metavar="ARG", help="after `--`: the rest of a pasted command")
+    add_process_flags(p)
+    p.add_argument("--llama-swap", metavar="CONFIG", default=None,
+                   help="plan the cmd of the llama-swap model named MODEL in this config.yaml (the whole process)")
     # None: -c / -np not given (llama-server's defaults are -c 0 and -np auto: 4 slots, unified KV)
     add_config_flags(p, n_ctx=None, n_seq_max=None)
     add_device_flags(p)
@@ -67,7 +77,7 @@ def planned(a, session, *, for_load: bool = False, virtual_if_no_gpu: bool = Fal
     choice = devices_from_args(a, session, for_load=for_load, virtual_if_no_gpu=virtual_if_no_gpu)
     config = config_from_args(_with_ctx(a))
     if getattr(a, "policy", None) == "fit":
-        config = server_fit(a, prof, choice, config, path).config
+        config = fit_as_server(a, prof, choice, config, path).config
     elif getattr(a, "policy", None):
         config = apply_policy(a.policy, prof, list(choice.devices), config, choice.host)
     return path, prof, choice, config, plan(prof, list(choice.devices), config, choice.host)
@@ -91,15 +101,12 @@ def _with_ctx(a):
     return Namespace(**{**vars(a), **missing}) if missing else a
 
 
-def server_fit(a, prof, choice, config, path=None):
+def fit_as_server(a, prof, choice, config, path=None):
     """common_fit_params as llama-server runs it on these flags, with its defaults for what was not
-    given: -c 0 (an explicit -c 0 asks for the full context: fit's minimum becomes UINT32_MAX,
-    common/arg.cpp) and -np auto, which is 4 slots sharing one unified KV cache (tools/server/server.cpp)."""
-    from ..core.policies.server_fit import UINT32_MAX, fit
-    ctx_given = getattr(a, "ctx_size", None) is not None
-    server = config if ctx_given else config.replace(n_ctx=0)
-    if getattr(a, "parallel", 1) is None:
-        server = server.replace(n_seq_max=4, kv_unified=True)
+    given (gpulab.core.policies.server_fit.server_config)."""
+    from ..core.policies.server_fit import server_config, server_fit
+    server, n_ctx_min = server_config(config, ctx_given=getattr(a, "ctx_size", None) is not None,
+                                      parallel_given=getattr(a, "parallel", 1) is not None)
     measure = None
     if getattr(a, "fit_dry_run", False):
         if choice.worker is None or not choice.can_load or path is None:
@@ -108,24 +115,44 @@ def server_fit(a, prof, choice, config, path=None):
                               f"(--rpc, --llama-devices){': ' + choice.why_not if choice.why_not else ''}")
         from ..runtime.fit_dry_run import dry_run_measure
         measure = dry_run_measure(choice.worker, path, prof, list(choice.devices), choice.host)
-    return fit(prof, list(choice.devices), server, choice.host,
-               n_ctx_min=UINT32_MAX if ctx_given and config.n_ctx == 0 else None, measure=measure)
+    from ..core.command_line import server_n_outputs
+    return server_fit(prof, list(choice.devices), server, choice.host, n_ctx_min=n_ctx_min, measure=measure,
+                      n_outputs=server_n_outputs(server))
 
 
-def server_would_fit(config) -> bool:
-    """llama-server would choose something here: -fit on and -ngl, -ts and the overrides unset."""
-    return (config.fit == "on" and config.n_gpu_layers == -1 and not any(config.tensor_split)
-            and not config.has_tensor_overrides and config.split_mode == "layer")
+def _is_program(name: str) -> bool:
+    from ..core.command_line import PROGRAMS
+    base = os.path.basename(str(name))
+    return any(base == p or base.startswith(p + ".") for p in PROGRAMS)
 
 
 def run(a, session) -> Result:
     if getattr(a, "cluster", None):
         from .cluster_plan import run as cluster_run
         return cluster_run(a, config_from_args(_with_ctx(a)))
+    if getattr(a, "llama_swap", None):
+        from argparse import Namespace
+
+        from ..core.fleet.from_tools import llama_swap_commands
+        from ..storage.fleet_files import read_yaml
+        cmds = llama_swap_commands(read_yaml(a.llama_swap))
+        if a.model not in cmds:
+            from ..core.errors import ConfigError
+            raise ConfigError(f"{a.llama_swap} has no model {a.model!r}; its models: {', '.join(cmds)}")
+        argv = cmds[a.model]
+        return run_pasted(Namespace(**{**vars(a), "model": argv[0], "pasted": argv[1:]}), session)
+    if _is_program(a.model):
+        return run_pasted(a, session)
+    if process_argv(a):
+        return run_pasted(a, session, command=command_from_args(a))
+    if getattr(a, "pasted", None):
+        from ..core.errors import ConfigError
+        raise ConfigError(f"unexpected arguments {' '.join(a.pasted)}: to paste a command, write "
+                          "`gpulab plan -- llama-server -m MODEL ...`")
     from ..core.measure.speed import predict_speed
     from ..storage.speed_cache import speed_model_for
-    from ..ui.html import plan_frame_rows, plan_html
-    from ..ui.text import plan_text, rules_text
+    from ..ui.html import plan_frame_rows, plan_html, pre_html
+    from ..ui.text import PLAIN_HEAD, plan_text, rules_text, speed_text
     path, prof, choice, config, p = planned(a, session, for_load=getattr(a, "fit_dry_run", False))
     flags = policy_flags(path, config, list(choice.devices)) if getattr(a, "policy", None) else ""
     speed, speed_error = None, ""
@@ -136,39 +163,67 @@ def run(a, session) -> Result:
     notes = [f"warning: {w}" for w in (*choice.warnings, *p.notes)]
     if choice.note and not choice.devices:
         notes.append(choice.note)
-    figures = []
-    if a.figures and not getattr(a, "no_figures", False):
-        from ..ui import figures as F
-        figures = [F.layer_map(p), F.memory_bars(p)]
+    want_figures = a.figures and not getattr(a, "no_figures", False)
+    # the notebook's HTML carries the CLI text's sections, in its order
     html = plan_html(p)
     if p.rule_matches:
-        html += f"<pre>{_escape(rules_text(p.rule_matches))}</pre>"
+        html += pre_html(rules_text(p.rule_matches))
+    if speed is not None:
+        html += pre_html(speed_text(speed))
+    elif speed_error:
+        html += pre_html(f"speed: not predicted ({speed_error})")
     if flags:
-        html += f"<pre>flags: {_escape(flags)}</pre>"
+        html += pre_html(f"flags: {flags}")
     text, data, objects = plan_text(p, speed, speed_error=speed_error, flags=flags), p.to_dict(), {}
+    figures = []
+    if want_figures:
+        from ..ui import figures as F
+        figures = [F.layer_map(p), F.memory_bars(p)]
     if flags:
         data["flags"] = flags
-    if not getattr(a, "policy", None) and server_would_fit(config):
+    from ..core.policies.server_fit import server_would_fit
+    if not getattr(a, "policy", None) and server_would_fit(config, list(choice.devices)):
+        from ..core.command_line import server_n_outputs
         from ..core.placement.planner import plan as make_plan
-        from ..ui.text import fit_text
-        fitted = server_fit(a, prof, choice, config, path)
-        fitted_plan = make_plan(prof, list(choice.devices), fitted.config, choice.host)
         from ..core.policies.context import largest_ctx
+        from ..ui.text import FIT_HEAD, fit_lines, fit_text
+        fitted = fit_as_server(a, prof, choice, config, path)
+        # llama-server's context: n_outputs_max = its slots (server_output_limits)
+        fitted_plan = make_plan(prof, list(choice.devices), fitted.config, choice.host,
+                                n_outputs=server_n_outputs(fitted.config))
         most = (largest_ctx(prof, list(choice.devices), fitted.config, choice.host)
                 if fitted.ok and fitted.device_names else None)
-        text = (fit_text(fitted, fitted_plan, list(choice.devices), most) + "\n\n"
-                + "plain layer split, no fit (llama-bench, llama-cpp-python, llama-server -fit off):\n" + text)
+        text = fit_text(fitted, fitted_plan, list(choice.devices), most) + "\n\n" + PLAIN_HEAD + "\n" + text
+        log = "\n".join(x.removeprefix("  ") for x in fit_lines(fitted, list(choice.devices), most))
+        html = _section(FIT_HEAD) + pre_html(log) + plan_html(fitted_plan) + _section(PLAIN_HEAD) + html
+        if want_figures:
+            from ..ui import figures as F
+            figures = [_titled(F.memory_bars(fitted_plan), "llama-server (fit)"), *figures]
         data["fit"] = {**fit_data(fitted, fitted_plan, list(choice.devices)), "largest_ctx": most}
         objects = {"fit": fitted, "fitted_plan": fitted_plan}
     if getattr(a, "ctx_table", False):
         from ..core.policies.context import ctx_table
+        from ..ui.html import table_html
         from ..ui.text import ctx_table_text
         rows = ctx_table(prof, list(choice.devices), config, choice.host)
-        text += "\n\n" + ctx_table_text(rows, config)
+        table = ctx_table_text(rows, config)
+        text += "\n\n" + table
+        html += table_html([{"-ctk/-ctv": r.type_k, "largest -c": r.n_ctx} for r in rows], right=("largest -c",),
+                           caption=table.split("\n", 1)[0])
         data["ctx_table"] = [{"type_k": r.type_k, "type_v": r.type_v, "n_ctx": r.n_ctx} for r in rows]
     return Result(text=text, data=data, html=html,
                   rows=plan_frame_rows(p), notes=notes, exit_code=0 if p.fits else 1, figures=figures,
                   objects={"plan": p, "profile": prof, "note": choice.note, "speed": speed, **objects})
+
+
+def _section(title: str) -> str:
+    return f"<div style='font-weight:bold;margin:10px 0 2px 0'>{_escape(title)}</div>"
+
+
+def _titled(fig, prefix: str):
+    """The figure with `prefix: ` before its title: which section of the plan it belongs to."""
+    fig.update_layout(title_text=f"{prefix}: {fig.layout.title.text}")
+    return fig
 
 
 def fit_data(r, fitted_plan, devices) -> dict:
@@ -176,3 +231,56 @@ def fit_data(r, fitted_plan, devices) -> dict:
     return {"status": r.status, "flags": r.flags(devices), "changed": list(r.changed), "reasons": list(r.reasons),
             "near_boundary": list(r.near_boundary), "layers_per_device": list(r.layers_per_device),
             "overrides": [f"{p}={t}" for p, t in r.overrides], "plan": fitted_plan.to_dict()}
+
+
+def command_from_args(a):
+    """The llama-server Command of gpulab's own flags (plan MODEL ... --mmproj P -md D): the settings
+    through the flag table, llama-server's defaults for -c and -np where they are not given."""
+    from ..core.command_line import Command, parse_command, program_defaults
+    given = {k: v for k, v in (("n_ctx", a.ctx_size), ("n_seq_max", a.parallel)) if v is not None}
+    config = config_from_args(_with_ctx(a))
+    config = config.replace(**{k: v for k, v in program_defaults("llama-server", given).items() if k not in given})
+    # the projector and draft flags read as a pasted command reads them: one parser for both
+    extras = parse_command(["llama-server", "-m", model_path(a.model), *process_argv(a)])
+    draft = None
+    if extras.draft is not None:
+        from ..core.command_line import Draft, draft_config
+        d = extras.draft.config
+        draft = Draft(extras.draft.path, draft_config(config, {
+            "devices": d.devices, "n_gpu_layers": d.n_gpu_layers, "rules": d.tensor_overrides,
+            "type_k": d.type_k, "type_v": d.type_v} if a.device_draft else {
+            "n_gpu_layers": d.n_gpu_layers, "rules": d.tensor_overrides, "type_k": d.type_k, "type_v": d.type_v}))
+    return Command(program="llama-server", model=model_path(a.model), config=config, given=frozenset(given),
+                   projector=extras.projector, draft=draft, spec_types=extras.spec_types,
+                   draft_n_max=extras.draft_n_max)
+
+
+def run_pasted(a, session, command=None) -> Result:
+    """`gpulab plan -- llama-server ...`: the pasted command's whole process (gpulab.core.policies.process)."""
+    from argparse import Namespace
+
+    from ..core.command_line import parse_command
+    from ..core.policies.process import plan_command
+    from ..sources.projector import read_projector
+    from ..sources.read import read_profile
+    from ..ui.text import process_text
+    cmd = command or parse_command([a.model, *a.pasted])
+    if cmd.rpc and not a.rpc and not getattr(a, "sim", None):
+        a = Namespace(**{**vars(a), "rpc": ",".join(cmd.rpc)})   # the devices the command itself adds
+    choice = devices_from_args(a, session)
+    prof = read_profile(model_path(cmd.model))
+    draft = read_profile(cmd.draft.path) if cmd.draft is not None else None
+    proj = read_projector(cmd.projector.path) if cmd.projector is not None else None
+    cp = plan_command(cmd, prof, list(choice.devices), choice.host, draft=draft, projector=proj)
+    notes = [*(f"ignored (no effect on memory): {x}" for x in cmd.ignored),
+             *(f"not modelled: {x}" for x in cmd.unmodelled), *(f"warning: {w}" for w in choice.warnings)]
+    data = {"command": {"program": cmd.program, "model": cmd.model, "ignored": list(cmd.ignored),
+                        "unmodelled": list(cmd.unmodelled)},
+            "plan": cp.process.main.to_dict(), "process": cp.process.to_dict(), "notes": list(cp.notes)}
+    if cp.fit is not None:
+        data["fit"] = {"status": cp.fit.status, "changed": list(cp.fit.changed)}
+    return Result(text=process_text(cp), data=data, notes=notes, exit_code=0 if cp.process.fits else 1,
+                  rows=[{"device": r.name, "main": r.main_bytes, "draft": r.draft_bytes, "projector": r.projector_bytes,
+                         "base cost": r.overhead_bytes, "free": r.free_bytes, "fits": r.fits}
+                        for r in cp.process.rows],
+                  objects={"plan": cp.process.main, "process": cp.process, "command": cmd, "fit": cp.fit})

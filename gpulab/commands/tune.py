@@ -127,8 +127,8 @@ def _fit_candidate(prof, devices, base, one, a, best_value):
     and this says how far that is from the fastest placement found."""
     from ..core.config import SplitConfig
     from ..core.measure.tune import objective_value
-    from ..core.policies.server_fit import fit
-    r = fit(prof, devices, SplitConfig(n_ctx=0))
+    from ..core.policies.server_fit import server_fit
+    r = server_fit(prof, devices, SplitConfig(n_ctx=0))
     if not r.ok:
         return f"llama-server's -fit gives up here ({r.reasons[-1]})", {"status": r.status}
     cfg = r.config.replace(n_ctx=base.n_ctx)

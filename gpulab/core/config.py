@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
 
 from .errors import ConfigError
 from .ggml_types import KV_CACHE_TYPES
 
-__all__ = ["SplitConfig", "SPLIT_MODES", "FLASH_ATTN_MODES", "parse_tensor_split", "parse_ngl", "parse_mib_list"]
+__all__ = ["SplitConfig", "config_to_dict", "config_from_dict", "SPLIT_MODES", "FLASH_ATTN_MODES", "parse_tensor_split",
+           "parse_ngl", "parse_mib_list"]
 
 SPLIT_MODES = ("none", "layer", "row", "tensor")   # -sm, enum llama_split_mode 0..3
 FLASH_ATTN_MODES = ("auto", "on", "off")      # -fa, enum llama_flash_attn_type
@@ -174,3 +176,19 @@ def parse_tensor_split(text: str) -> tuple[float, ...]:
         if not math.isfinite(x) or x < 0:
             raise ConfigError(f"tensor split {text!r}: entries must be finite and >= 0")
     return values
+
+
+def config_to_dict(c: SplitConfig) -> dict:
+    """The one plain form of a SplitConfig (JSON, TOML, the worker's pipe, stored runs): field names
+    as keys, tuples as lists, -ts entries as floats."""
+    d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(c).items()}
+    d["tensor_split"] = [float(x) for x in c.tensor_split]
+    return d
+
+
+def config_from_dict(d: dict) -> SplitConfig:
+    """Inverse of config_to_dict. Keys that are not SplitConfig fields (a newer or older writer's)
+    are ignored; missing ones take the defaults."""
+    known = {f.name for f in fields(SplitConfig)}
+    kw: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known}
+    return SplitConfig(**kw)

@@ -40,6 +40,9 @@ class Device:
     # runtime memory beyond llama.cpp's buffers (CUDA context, cuBLAS workspaces), learned from
     # NVML by earlier runs on this device (gpulab.storage.overheads); the planner counts it
     overhead_bytes: int = 0
+    # overhead_bytes is gpulab's CUDA default (gpulab.core.placement.process.DEFAULT_CUDA_OVERHEAD_BYTES),
+    # nothing learned on this GPU yet: shown as a default wherever it appears
+    overhead_is_default: bool = False
     server_index: int = 0     # RPC: the device's index within its server (buffer type RPC<i>[endpoint])
     # the host: the weight types llama.cpp's CPU backend repacks into CPU_REPACK on this CPU
     # (ggml-cpu/repack.cpp, decided by the instruction sets the backend was built for)

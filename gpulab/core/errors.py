@@ -15,7 +15,6 @@ __all__ = [
     "LoadError",
     "StoreError",
     "AllocationMismatchError",
-    "ProfileMismatchError",
 ]
 
 
@@ -63,4 +62,3 @@ class AllocationMismatchError(GpulabError):
     """A saved allocation exists for this model, but for devices that are not all present now."""
 
 
-ProfileMismatchError = AllocationMismatchError   # the name before 0.2 ("allocation profile")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -138,5 +139,29 @@ class ModelProfile:
         return sum(t.n_elements for t in mats)
 
     @property
+    def title(self) -> str:
+        """The model's name as its authors write it, for people: general.name, unless that is a slug
+        gguf-py made from a repository id ('Smollm2 135M 8k Lc100K Mix1 Ep2'); then the file name
+        and its quant ('SmolLM2-135M-Instruct Q4_1')."""
+        if self.name and not _is_slug_title(self.name):
+            return self.name
+        stem = re.split(r"[/\\]", self.path.split("?", 1)[0].rstrip("/"))[-1].removesuffix(".gguf") or self.arch
+        quant = self.file_type.removeprefix("MOSTLY_")
+        if not quant:
+            return stem
+        bare = re.sub(rf"[-_. ]{re.escape(quant)}$", "", stem, flags=re.IGNORECASE)
+        return f"{bare} {quant}"
+
+    @property
     def is_moe(self) -> bool:
         return self.n_expert > 0
+
+
+def _is_slug_title(name: str) -> bool:
+    """True for a name gguf-py's Metadata.id_to_title made from a repository id (gguf/metadata.py):
+    hyphens made spaces, every word title-cased from lower case or a version / number kept as it
+    was. A name with its authors' casing ('SmolLM2', 'Qwen3-30B-A3B', 'LLaMA') is not one; a plain
+    one ('Llama 3.1 8B') may be taken for one, and then shows as its file name, also the authors'."""
+    words = name.split()
+    kept = re.compile(r"^(v\d+(?:\.\d+)*|\d.*)$")     # id_to_title leaves versions and numbers as they are
+    return bool(words) and "-" not in name and all(kept.match(w) or w == w.lower().title() for w in words)

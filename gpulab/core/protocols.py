@@ -14,6 +14,7 @@ from typing import Protocol, runtime_checkable
 
 from .config import SplitConfig
 from .devices import Device
+from .memory import PlannedMemory
 from .report import LoadReport
 from .run import Run
 
@@ -48,6 +49,7 @@ class Runtime(Protocol):
 
     def measure(self, path: str | os.PathLike, config: SplitConfig | None = None, *, n_prompt: int = 512,
                 n_gen: int = 128, repetitions: int = 5, n_threads: int | None = None, warmup: bool = True,
-                progress: Progress | None = None, seed: int | None = None, nvml: bool = True) -> Run: ...
+                progress: Progress | None = None, seed: int | None = None, nvml: bool = True,
+                plan: PlannedMemory | None = None) -> Run: ...
 
     def close(self) -> None: ...

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .config import SplitConfig
+from .memory import PlannedMemory
 from .report import LoadReport
 
 __all__ = ["Throughput", "Run"]
@@ -42,6 +43,6 @@ class Run:
     n_threads: int = 0
     devices: tuple[str, ...] = ()        # offload devices llama.cpp used, in its order
     nvml_peak_bytes: dict = field(default_factory=dict)   # device name -> peak used bytes during the run
-    plan: dict | None = None             # Plan.to_dict() of the prediction this run checks
+    plan: PlannedMemory | None = None    # the prediction this run checks (Plan.memory())
     timestamp: str = ""                  # ISO 8601, UTC
     build: str = ""                      # llama.cpp build / commit as llama.cpp reports it

@@ -42,12 +42,13 @@ from typing import Any
 
 from ..core.config import SplitConfig
 from ..core.devices import Device
-from ..core.errors import ConfigError, LoadError
+from ..core.errors import ConfigError, LoadError, RuntimeUnavailableError
 from ..core.measure.results import BenchRun, throughput_from_samples
+from ..core.memory import PlannedMemory
 from ..sources.host import default_threads
-from . import llama_lib
+from . import ggml, llama_lib
 from .crash import guard
-from .model import LoadedModel, open_model
+from .model import LoadedModel, open_model, plan_load
 
 __all__ = ["measure", "measure_loaded", "resplit", "system_facts", "Progress"]
 
@@ -75,11 +76,8 @@ def _threadpool_fns():
             return _extras["tp"]
         fns = None
         try:
-            d = llama_lib.lib_dir()
-            base = ctypes.CDLL(str(next(p for p in (d / "libggml-base.so.0", d / "libggml-base.so") if p.exists())))
-            cpu = ctypes.CDLL(str(next(p for p in (d / "libggml-cpu.so.0", d / "libggml-cpu.so") if p.exists())))
-            lc = llama_lib.llama_cpp()
-            lib = lc._lib
+            base, cpu = llama_lib.ggml_base(), llama_lib.ggml_cpu()
+            lib = llama_lib.llama_cpp().llama_cpp._lib    # libllama as llama-cpp-python loaded it
             pd = base.ggml_threadpool_params_default
             pd.argtypes, pd.restype = [ctypes.c_int], _ThreadpoolParams
             new = cpu.ggml_threadpool_new
@@ -91,7 +89,7 @@ def _threadpool_fns():
             detach = lib.llama_detach_threadpool
             detach.argtypes, detach.restype = [ctypes.c_void_p], None
             fns = (pd, new, free, attach, detach)
-        except (OSError, AttributeError, StopIteration):
+        except (RuntimeUnavailableError, AttributeError):
             fns = None
         _extras["tp"] = fns
         return fns
@@ -109,26 +107,23 @@ def system_facts() -> dict:
             _extras["reg_dev_count"] = fn
     reg_dev_count = _extras["reg_dev_count"]
     cpu, gpu = [], []
-    for i in range(g.ggml_backend_dev_count()):
-        dev = g.ggml_backend_dev_get(i)
+    for dev in ggml.device_handles(g):
         t = g.ggml_backend_dev_type(dev)
-        desc = (g.ggml_backend_dev_description(dev) or b"").decode(errors="replace")
+        desc = ggml.dev_description(g, dev)
         if t in (0, 3):      # CPU, ACCEL
             cpu.append(desc)
         elif t in (1, 2):    # GPU, IGPU (RPC devices are GPU-type)
             gpu.append(desc)
     backends, rpc_used = [], False
-    for i in range(g.ggml_backend_reg_count()):
-        reg = g.ggml_backend_reg_get(i)
-        name = (g.ggml_backend_reg_name(reg) or b"").decode()
+    for reg in ggml.reg_handles(g):
+        name = ggml.reg_name(g, reg)
         if name.startswith("RPC"):
             rpc_used = rpc_used or reg_dev_count(reg) > 0
         elif name != "CPU":
             backends.append(name)
     if rpc_used:
         backends.append("RPC")
-    info = lc.llama_print_system_info()
-    info = (info.decode(errors="replace") if isinstance(info, bytes) else str(info)).strip()
+    info = ggml.text(lc.llama_print_system_info()).strip()
     lcp = f"llama-cpp-python {getattr(lc, '__version__', '') or _lcp_version()}"
     return {"cpu_info": ", ".join(cpu), "gpu_info": ", ".join(gpu),
             "backends": ",".join(backends) if backends else "CPU",
@@ -142,12 +137,10 @@ def _ggml_commit() -> str:
         if "commit" not in _extras:
             commit = ""
             try:
-                d = llama_lib.lib_dir()
-                lib = ctypes.CDLL(str(next(p for p in (d / "libggml-base.so.0", d / "libggml-base.so") if p.exists())))
-                fn = lib.ggml_commit
+                fn = llama_lib.ggml_base().ggml_commit
                 fn.argtypes, fn.restype = [], ctypes.c_char_p
-                commit = (fn() or b"").decode(errors="replace")
-            except (OSError, AttributeError, StopIteration):
+                commit = ggml.text(fn())
+            except (RuntimeUnavailableError, AttributeError):
                 pass
             _extras["commit"] = "" if commit in ("", "unknown") else commit
         return _extras["commit"]
@@ -164,7 +157,7 @@ def _lcp_version() -> str:
 def _model_facts(lc, model) -> dict:
     buf = ctypes.create_string_buffer(256)
     lc.llama_model_desc(model, buf, ctypes.sizeof(buf))
-    return {"model_type": buf.value.decode(errors="replace"), "model_size": int(lc.llama_model_size(model)),
+    return {"model_type": ggml.text(buf.value), "model_size": int(lc.llama_model_size(model)),
             "model_n_params": int(lc.llama_model_n_params(model))}
 
 
@@ -250,16 +243,13 @@ def _now_iso() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _plan_dict(loaded: LoadedModel) -> tuple[dict | None, str | None]:
-    """The planner's prediction for the config llama.cpp got, on the devices it saw at load."""
+def _planned(loaded: LoadedModel) -> tuple[PlannedMemory | None, str | None]:
+    """The prediction the load was checked against, else the planner's for the config llama.cpp
+    got, on the devices it saw at load."""
+    if loaded.plan is not None:
+        return loaded.plan, None
     try:
-        from ..core.placement.planner import plan
-        from ..sources.read import read_profile
-        devices = list(loaded.devices)
-        host = next((d for d in devices if d.kind == "cpu"), None)
-        offload = [d for d in devices if d.is_offload]
-        p = plan(read_profile(loaded.path), offload, loaded.effective_config, host)
-        return p.to_dict(), None
+        return plan_load(loaded.path, loaded.effective_config, list(loaded.devices)), None
     except Exception as e:  # noqa: BLE001 - a run without a prediction is still a run
         return None, f"no plan for this run: {type(e).__name__}: {e}"
 
@@ -359,7 +349,7 @@ def measure_loaded(loaded: LoadedModel, *, n_prompt: int = 512, n_gen: int = 128
     started = _now_iso()
     facts = system_facts()
     mfacts = _model_facts(lc, model)
-    plan, plan_note = _plan_dict(loaded)
+    plan, plan_note = _planned(loaded)
     try:
         with guard(f"the measurement of {Path(loaded.path).name}"):
             pp, tg = _timed_tests(lc, ctx, model, n_batch, n_threads, seed, n_prompt=n_prompt, n_gen=n_gen,
@@ -380,7 +370,7 @@ def measure_loaded(loaded: LoadedModel, *, n_prompt: int = 512, n_gen: int = 128
         nvml_peak_bytes=dict(sampler.peak_bytes) if sampler is not None else {},
         plan=plan, timestamp=started, build=facts["build"],
         model_type=mfacts["model_type"], model_n_params=mfacts["model_n_params"],
-        model_hash=_model_hash(loaded.path), cpu_info=facts["cpu_info"], gpu_info=facts["gpu_info"],
+        model_fingerprint=_model_fingerprint(loaded.path), cpu_info=facts["cpu_info"], gpu_info=facts["gpu_info"],
         backends=facts["backends"], system_info=facts["system_info"], context_seconds=loaded.context_seconds,
         warmup=warmup, device_uuids=dict(sampler.uuids) if sampler is not None else {},
         nvml_baseline_bytes=dict(sampler.baseline_bytes) if sampler is not None else {},
@@ -396,7 +386,7 @@ def measure_loaded(loaded: LoadedModel, *, n_prompt: int = 512, n_gen: int = 128
     return run
 
 
-def _model_hash(path: str) -> str:
+def _model_fingerprint(path: str) -> str:
     from ..sources.fingerprint import model_fingerprint
     try:
         return model_fingerprint(path)
@@ -407,13 +397,16 @@ def _model_hash(path: str) -> str:
 def measure(path: str | os.PathLike, config: SplitConfig | None = None, *, n_prompt: int = 512,
             n_gen: int = 128, repetitions: int = 5, n_threads: int | None = None,
             devices: list[Device] | None = None, progress: Progress | None = None, warmup: bool = True,
-            seed: int | None = None, nvml: bool = True, verbose: bool = False) -> BenchRun:
+            seed: int | None = None, nvml: bool = True, verbose: bool = False,
+            plan: PlannedMemory | None = None) -> BenchRun:
     """Load `path` with `config`, measure pp and tg as llama-bench does, close; the Run.
 
     config: default SplitConfig(n_ctx=n_prompt + n_gen), llama-bench's context size.
     devices: the devices llama.cpp sees (default llama_devices()), as open_model takes them.
     progress(phase, fraction): 'load', 'warmup', 'pp', 'tg'.
     nvml: sample GPU memory with NVML during load and run, where NVML is available.
+    plan: the caller's prediction for this load (Plan.memory()): checked and kept instead of
+      planning again (open_model's `plan`).
     """
     config = config or SplitConfig(n_ctx=max(1, n_prompt + n_gen))
     sampler = None
@@ -422,7 +415,8 @@ def measure(path: str | os.PathLike, config: SplitConfig | None = None, *, n_pro
         sampler = NvmlSampler().start()
     try:
         load_progress = (lambda f: progress("load", f)) if progress is not None else None
-        with open_model(path, config, devices=devices, progress=load_progress, verbose=verbose) as m:
+        with open_model(path, config, devices=devices, progress=load_progress, verbose=verbose,
+                        plan=plan) as m:
             return measure_loaded(m, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions, n_threads=n_threads,
                                   progress=progress, warmup=warmup, seed=seed, nvml=nvml, _sampler=sampler)
     finally:

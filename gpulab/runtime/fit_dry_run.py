@@ -1,5 +1,5 @@
-"""Fit's dry runs made by llama.cpp itself: a `measure` for gpulab.core.policies.server_fit.fit that loads the model
-with `no_alloc` in a worker, as common_get_device_memory_data does (common/fit.cpp).
+"""Fit's dry runs made by llama.cpp itself: a `measure` for gpulab.core.policies.server_fit.server_fit that loads
+the model with `no_alloc` in a worker, as common_get_device_memory_data does (common/fit.cpp).
 
 gpulab's fit plans each dry run (milliseconds); where a decision lies within the compute-buffer
 estimate's uncertainty (FitResult.near_boundary) this gives llama.cpp's own numbers instead, on
@@ -10,7 +10,7 @@ allocates, see gpulab.core.placement.compute.dry_run_extra_bytes).
 
     from gpulab.runtime.fit_dry_run import dry_run_measure
     with Worker(endpoints) as w:
-        r = fit(profile, devices, config, measure=dry_run_measure(w, path, profile, devices))
+        r = server_fit(profile, devices, config, measure=dry_run_measure(w, path, profile, devices))
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from typing import Any
 
 from ..core.devices import Device, DeviceKind, split_endpoint
 from ..core.errors import ConfigError, DeviceSpecError, RuntimeUnavailableError
+from .ggml import buft_name, dev_description, dev_name, device_handles, device_names, reg_name, text
 
 __all__ = [
     "require", "lib_dir", "llama_cpp", "ggml", "rpc_lib", "rpc_supported", "llama_devices",
@@ -150,6 +151,19 @@ def ggml() -> ctypes.CDLL:
                  f"llama-cpp-python's lib/ has no libggml; {_INSTALL_HINT}")
 
 
+def ggml_base() -> ctypes.CDLL:
+    """libggml-base.so.0 (threadpool parameters, ggml_commit), loaded once; signatures are set by
+    the caller (gpulab.runtime.bench), as this llama.cpp may not export them."""
+    ggml()
+    return _open("ggml-base", {}, f"llama-cpp-python's lib/ has no libggml-base; {_INSTALL_HINT}")
+
+
+def ggml_cpu() -> ctypes.CDLL:
+    """libggml-cpu.so.0 (the CPU backend's threadpools), loaded once."""
+    ggml()
+    return _open("ggml-cpu", {}, f"llama-cpp-python's lib/ has no libggml-cpu; {_INSTALL_HINT}")
+
+
 def rpc_lib() -> ctypes.CDLL:
     """libggml-rpc.so.0; RuntimeUnavailableError when llama-cpp-python was built without RPC."""
     ggml()
@@ -227,18 +241,17 @@ def endpoint_reachable(endpoint: str, timeout: float = 1.0) -> bool:
 
 def _is_rpc(g, dev) -> bool:
     reg = g.ggml_backend_dev_backend_reg(dev)
-    return bool(reg) and (g.ggml_backend_reg_name(reg) or b"") == b"RPC"
+    return reg_name(g, reg) == "RPC"
 
 
 def _dev_handles(g, *, skip_unreachable: bool = True) -> list[tuple[int, bool]]:
     """(handle, is_rpc) for every registered device, leaving out RPC devices whose server does
     not accept connections (their props would make llama.cpp abort)."""
     out, alive = [], {}
-    for i in range(g.ggml_backend_dev_count()):
-        dev = g.ggml_backend_dev_get(i)
+    for dev in device_handles(g):
         rpc = _is_rpc(g, dev)
         if rpc and skip_unreachable:
-            ep = (g.ggml_backend_dev_description(dev) or b"").decode()
+            ep = dev_description(g, dev)
             if ep not in alive:
                 alive[ep] = endpoint_reachable(ep)
             if not alive[ep]:
@@ -250,17 +263,15 @@ def _dev_handles(g, *, skip_unreachable: bool = True) -> list[tuple[int, bool]]:
 def _device(g, dev: int, rpc: bool) -> Device:
     props = _DevProps()
     g.ggml_backend_dev_get_props(dev, ctypes.byref(props))
-    name = (props.name or b"").decode()
-    desc = (props.description or b"").decode()
+    name, desc = text(props.name), text(props.description)
     total, free = int(props.memory_total), int(props.memory_free)
     free = min(free, total) if total else free
     total = max(total, free)
     kind: DeviceKind = "rpc" if rpc else _KIND_OF_TYPE.get(props.type, "gpu")
-    dev_id = (props.device_id or b"").decode()
+    dev_id = text(props.device_id)
     server_index = 0
     if rpc:   # its buffer type is 'RPC<index within its server>[<endpoint>]' (ggml_backend_rpc_buffer_type)
-        buft = g.ggml_backend_dev_buffer_type(dev)
-        bname = (g.ggml_backend_buft_name(buft) or b"").decode() if buft else ""
+        bname = buft_name(g, g.ggml_backend_dev_buffer_type(dev))
         if bname.startswith("RPC") and "[" in bname and bname[3:bname.index("[")].isdigit():
             server_index = int(bname[3:bname.index("[")])
     return Device(name=name, total_bytes=total, free_bytes=free, source="rpc" if rpc else "llama",
@@ -286,9 +297,7 @@ def device_handle(name: str) -> int:
     g = ggml()
     h = g.ggml_backend_dev_by_name(name.encode())
     if not h:
-        names = [(g.ggml_backend_dev_name(g.ggml_backend_dev_get(i)) or b"").decode()
-                 for i in range(g.ggml_backend_dev_count())]
-        raise ConfigError(f"llama.cpp has no device {name!r}; it has {', '.join(names) or 'none'}")
+        raise ConfigError(f"llama.cpp has no device {name!r}; it has {', '.join(device_names(g)) or 'none'}")
     return h
 
 
@@ -302,14 +311,14 @@ def default_device_names(*, skip_unreachable: bool = True) -> list[str]:
     gpus: list[tuple[str, str]] = []
     igpus: list[tuple[str, int]] = []
     for dev, rpc in _dev_handles(g, skip_unreachable=skip_unreachable):
-        name = (g.ggml_backend_dev_name(dev) or b"").decode()
+        name = dev_name(g, dev)
         t = g.ggml_backend_dev_type(dev)
         if rpc:
             rpcs.append(name)
         elif t == 1:
             props = _DevProps()
             g.ggml_backend_dev_get_props(dev, ctypes.byref(props))
-            dev_id = (props.device_id or b"").decode()
+            dev_id = text(props.device_id)
             if not dev_id or all(dev_id != other for _, other in gpus):
                 gpus.append((name, dev_id))
         elif t == 2:

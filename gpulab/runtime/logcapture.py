@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 
 from ..core.devices import HOST_NAME, Device
 from ..core.report import BufferReport, LoadReport
+from . import ggml
 
 __all__ = ["LogCapture", "capture_log", "parse_load_log", "install_quiet_logger",
            "LEVEL_DEBUG", "LEVEL_INFO", "LEVEL_WARN", "LEVEL_ERROR", "LEVEL_CONT"]
@@ -37,7 +38,7 @@ def _dispatch(level: int, text: bytes | None, _user) -> None:
     # Called from C, possibly on a llama.cpp thread: must never raise.
     global _last_level
     try:
-        s = text.decode("utf-8", "replace") if text else ""
+        s = ggml.text(text)
         sink = _sinks[-1] if _sinks else None
         if sink is not None:
             sink._write(level, s)

@@ -23,8 +23,9 @@ from pathlib import Path
 from ..core.config import SplitConfig
 from ..core.devices import Device
 from ..core.errors import ConfigError, DeviceError, DoesNotFitError, LoadError
+from ..core.memory import PlannedMemory
 from ..core.report import LoadReport
-from . import llama_lib
+from . import ggml, llama_lib
 from .crash import guard
 from .logcapture import LogCapture, parse_load_log
 from .params import llama_params
@@ -40,7 +41,8 @@ class LoadedModel:
 
     def __init__(self, *, path: str, config: SplitConfig, effective_config: SplitConfig,
                  devices: list[Device], report: LoadReport, model, ctx, dry_run: bool,
-                 load_seconds: float, context_seconds: float, notes: tuple[str, ...]):
+                 load_seconds: float, context_seconds: float, notes: tuple[str, ...],
+                 plan: PlannedMemory | None = None):
         self.path = path
         self.config = config                      # as asked
         self.effective_config = effective_config  # as passed to llama.cpp (see notes)
@@ -53,6 +55,7 @@ class LoadedModel:
         # of the previous model included)
         self.ready_seconds = load_seconds + context_seconds
         self.notes = notes
+        self.plan = plan                          # the prediction the load was checked against, if any
         self._model = model
         self._ctx = ctx
         # RPC servers this model has buffers on: known alive while it is loaded (llama_lib.hold_endpoints)
@@ -114,14 +117,11 @@ def _safe_config(config: SplitConfig) -> tuple[SplitConfig, tuple[str, ...]]:
     """
     g = llama_lib.ggml()
     if config.devices:
-        by_name = {}
-        for i in range(g.ggml_backend_dev_count()):
-            dev = g.ggml_backend_dev_get(i)
-            by_name[(g.ggml_backend_dev_name(dev) or b"").decode()] = dev
+        by_name = {ggml.dev_name(g, dev): dev for dev in ggml.device_handles(g)}
         for name in config.devices:
             dev = by_name.get(name)  # unknown names are llama_params' to report
             if dev is not None and llama_lib._is_rpc(g, dev):
-                ep = (g.ggml_backend_dev_description(dev) or b"").decode()
+                ep = ggml.dev_description(g, dev)
                 if not llama_lib.endpoint_reachable(ep):
                     raise DeviceError(f"--device {name}: its RPC server {ep} does not accept connections "
                                       "(llama.cpp would abort the process)")
@@ -139,7 +139,8 @@ def _safe_config(config: SplitConfig) -> tuple[SplitConfig, tuple[str, ...]]:
 def open_model(path: str | os.PathLike, config: SplitConfig | None = None, *,
                devices: list[Device] | None = None, dry_run: bool = False,
                progress: Callable[[float], object] | None = None, verbose: bool = False,
-               context_params: dict | None = None, check_fit: bool = True) -> LoadedModel:
+               context_params: dict | None = None, check_fit: bool = True,
+               plan: PlannedMemory | None = None) -> LoadedModel:
     """Load `path` with llama.cpp as `config` says; a `LoadedModel` with the parsed `.report`.
 
     devices: the devices llama.cpp sees (default: `llama_devices()`); used to check the config
@@ -161,6 +162,9 @@ def open_model(path: str | os.PathLike, config: SplitConfig | None = None, *,
       cannot fit; llama.cpp is then not called, so a CUDA out-of-memory mid-load is avoided
       rather than survived. On by default; False leaves the judgement to llama.cpp. Ignored
       for dry runs.
+    plan: the caller's prediction for this config on these devices (Plan.memory()), so that the
+      load is checked against it instead of planning again; ignored when the config llama.cpp
+      gets differs from `config` (see _safe_config).
 
     Raises LoadError (with llama.cpp's last error lines) when llama.cpp refuses the file or the
     settings; nothing stays allocated then.
@@ -173,8 +177,11 @@ def open_model(path: str | os.PathLike, config: SplitConfig | None = None, *,
     lc = llama_lib.llama_cpp()
     devs = list(devices) if devices is not None else llama_lib.llama_devices()
     effective, notes = _safe_config(config)
+    if effective != config:
+        plan = None
     if check_fit and not dry_run:
-        _check_fit(path, effective, devs)
+        plan = plan or plan_load(path, effective, devs)
+        _check_fit(path, plan)
     mp, cp = llama_params(effective, devs, dry_run=dry_run)
     for name, value in (context_params or {}).items():
         if name not in {f[0] for f in cp._fields_}:
@@ -228,17 +235,21 @@ def open_model(path: str | os.PathLike, config: SplitConfig | None = None, *,
         raise
     loaded = LoadedModel(path=path, config=config, effective_config=effective, devices=devs, report=report,
                          model=model, ctx=ctx, dry_run=dry_run, load_seconds=t1 - t0,
-                         context_seconds=t2 - t1, notes=notes)
+                         context_seconds=t2 - t1, notes=notes, plan=plan)
     loaded.ready_seconds = time.perf_counter() - t_call
     return loaded
 
 
-def _check_fit(path: str, config: SplitConfig, devices: list[Device]) -> None:
+def plan_load(path: str, config: SplitConfig, devices: list[Device]) -> PlannedMemory:
+    """The planner's prediction for loading `path` with `config` on the devices llama.cpp sees."""
     from ..core.placement.planner import plan
-    from ..sources.gguf_file import read_profile
+    from ..sources.read import read_profile
     host = next((d for d in devices if d.kind == "cpu"), None)
     offload = [d for d in devices if d.is_offload]
-    p = plan(read_profile(path), offload, config, host)
+    return plan(read_profile(path), offload, config, host).memory()
+
+
+def _check_fit(path: str, p: PlannedMemory) -> None:
     if not p.fits:
         raise DoesNotFitError(f"{Path(path).name} does not fit with this configuration: "
                               + "; ".join(p.deficits())

@@ -21,6 +21,7 @@ from ..core.exports.render import python_gaps, python_kwargs
 from ..core.overrides import effective_rules
 from ..core.placement.planner import select_devices
 from ..core.settings import SETTINGS, check_settings_cover_config
+from . import ggml
 
 __all__ = ["llama_params", "llama_kwargs", "llama_kwargs_gaps"]
 
@@ -37,11 +38,9 @@ def _buffer_type(g, target: str) -> int:
     type of the device by gpulab's name or by llama.cpp's buffer type name ('RPC0[host:port]')."""
     if target == "CPU":
         return g.ggml_backend_cpu_buffer_type()
-    for i in range(g.ggml_backend_dev_count()):
-        dev = g.ggml_backend_dev_get(i)
-        name = (g.ggml_backend_dev_name(dev) or b"").decode()
+    for dev in ggml.device_handles(g):
         buft = g.ggml_backend_dev_buffer_type(dev)
-        if target == name or (buft and (g.ggml_backend_buft_name(buft) or b"").decode() == target):
+        if target in (ggml.dev_name(g, dev), ggml.buft_name(g, buft) or None):
             return buft
     raise ConfigError(f"tensor override buffer type {target!r}: llama.cpp has no such device")
 
@@ -58,11 +57,11 @@ def llama_params(config: SplitConfig, devices: list[Device] | None = None, *,
     structs point to (tensor_split, the NULL-terminated --device list) are kept alive on the
     model params object (`_gpulab_keep`).
     """
-    from .llama_lib import device_handle, ggml, llama_cpp
+    from . import llama_lib
 
     check_settings_cover_config()
-    lc = llama_cpp()
-    g = ggml()
+    lc = llama_lib.llama_cpp()
+    g = llama_lib.ggml()
     if devices is not None:
         # the planner's checks of names, -ts length and -mg; whether llama.cpp takes -sm row is
         # llama.cpp's to say here (the planner predicts its refusal, and is tested against it)
@@ -89,7 +88,7 @@ def llama_params(config: SplitConfig, devices: list[Device] | None = None, *,
             if value:
                 # common/arg.cpp parse_device_list: 'none' is the empty list (CPU only), and
                 # the CPU itself is not a device one can pass
-                handles = [] if tuple(value) == ("none",) else [device_handle(n) for n in value]
+                handles = [] if tuple(value) == ("none",) else [llama_lib.device_handle(n) for n in value]
                 for name, h in zip(value, handles):
                     if g.ggml_backend_dev_type(h) == 0:   # GGML_BACKEND_DEVICE_TYPE_CPU
                         raise ConfigError(f"--device {name}: the CPU is not an offload device; layers "

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from ..core.devices import Device, split_endpoint
 from ..core.errors import DeviceError
-from . import llama_lib
+from . import ggml, llama_lib
 
 __all__ = ["serve", "RpcServer", "RpcCluster", "start_servers", "register", "probe",
            "registered_endpoints", "is_loopback", "insecure_bind_warning", "ServerBuffers", "server_buffers"]
@@ -111,9 +111,7 @@ def serve(host: str = "127.0.0.1", port: int = 50052, device: str = "CPU",
     rpc = llama_lib.rpc_lib()
     dev = g.ggml_backend_dev_by_name(device.encode())
     if not dev:
-        names = [(g.ggml_backend_dev_name(g.ggml_backend_dev_get(i)) or b"").decode()
-                 for i in range(g.ggml_backend_dev_count())]
-        raise DeviceError(f"no device {device!r} to serve; this llama.cpp has {', '.join(names)}")
+        raise DeviceError(f"no device {device!r} to serve; this llama.cpp has {', '.join(ggml.device_names(g))}")
     n_threads = int(threads) if threads else (os.cpu_count() or 1)
     if cache_dir is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING
 from ..core.devices import Device, parse_endpoints
 from ..core.errors import DeviceSpecError
 from ..sources.detect import detect_devices
-from ..storage.overheads import learned_overhead
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -135,5 +134,13 @@ class Session:
 
 
 def _with_overhead(d: Device) -> Device:
+    """The learned overhead; for a CUDA GPU with none learned yet, gpulab's labelled default.
+    Detected devices only: --sim plans skip the learned overheads (imported here, off their path)."""
+    from ..storage.overheads import learned_overhead
     over = learned_overhead(d)
-    return replace(d, overhead_bytes=over) if over else d
+    if over:
+        return replace(d, overhead_bytes=over)
+    if d.kind == "gpu" and (d.source == "nvml" or d.name.startswith("CUDA")):
+        from ..core.placement.process import DEFAULT_CUDA_OVERHEAD_BYTES
+        return replace(d, overhead_bytes=DEFAULT_CUDA_OVERHEAD_BYTES, overhead_is_default=True)
+    return d

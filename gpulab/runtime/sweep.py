@@ -26,10 +26,10 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from ..core.config import SplitConfig
+from ..core.config import SplitConfig, config_from_dict, config_to_dict
 from ..core.errors import GpulabError
 from ..core.measure.llama_bench import format_results
-from ..core.measure.results import BenchRun, config_from_dict, config_to_dict
+from ..core.measure.results import BenchRun
 from ..core.measure.sweep_grid import Grid
 from ..core.run import Run
 
@@ -40,9 +40,9 @@ Measure = Callable[..., Run]
 _KEY_NOTE = "gpulab-sweep-key="
 
 
-def sweep_key(model_hash: str, config: SplitConfig, n_prompt: int, n_gen: int, repetitions: int) -> str:
+def sweep_key(model_fingerprint: str, config: SplitConfig, n_prompt: int, n_gen: int, repetitions: int) -> str:
     """What makes two measurements the same point: model, config, tests, repetitions."""
-    text = json.dumps([model_hash, config_to_dict(config), n_prompt, n_gen, repetitions], sort_keys=True)
+    text = json.dumps([model_fingerprint, config_to_dict(config), n_prompt, n_gen, repetitions], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
@@ -186,15 +186,15 @@ def _label(values: dict) -> str:
     return " ".join(f"{short.get(k, k)}={_cell(v)}" for k, v in values.items())
 
 
-def _as_bench_run(run: Run, model_hash: str, key: str) -> BenchRun:
+def _as_bench_run(run: Run, model_fingerprint: str, key: str) -> BenchRun:
     """The run as a BenchRun carrying the model fingerprint and the sweep key (a note), so the
     store can find it again whatever config llama.cpp finally got."""
     if not isinstance(run, BenchRun):
         base = {f.name: getattr(run, f.name) for f in fields(Run)}
         run = BenchRun(**base)
     notes = tuple(n for n in run.notes if not n.startswith(_KEY_NOTE)) + (_KEY_NOTE + key,)
-    return replace(run, model_hash=run.model_hash or model_hash, run_id=run.run_id or uuid.uuid4().hex,
-                   notes=notes)
+    return replace(run, model_fingerprint=run.model_fingerprint or model_fingerprint,
+                   run_id=run.run_id or uuid.uuid4().hex, notes=notes)
 
 
 def _stored(records_by_key: dict, key: str, want_tests: set[str]) -> list[dict] | None:
@@ -208,9 +208,9 @@ def _stored(records_by_key: dict, key: str, want_tests: set[str]) -> list[dict] 
     return None
 
 
-def _index_store(store, model_hash: str, n_prompt: int, n_gen: int, repetitions: int) -> dict[str, list[dict]]:
+def _index_store(store, model_fingerprint: str, n_prompt: int, n_gen: int, repetitions: int) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
-    for r in store.records(model_hash=model_hash):
+    for r in store.records(model_fingerprint=model_fingerprint):
         g = r.get("gpulab") or {}
         keys = [n[len(_KEY_NOTE):] for n in g.get("notes", []) if n.startswith(_KEY_NOTE)]
         if not keys:
@@ -223,7 +223,7 @@ def _index_store(store, model_hash: str, n_prompt: int, n_gen: int, repetitions:
                 cfg = config_from_dict(g["config"])
             except GpulabError:
                 continue
-            keys = [sweep_key(model_hash, cfg, n_prompt, n_gen, repetitions)]
+            keys = [sweep_key(model_fingerprint, cfg, n_prompt, n_gen, repetitions)]
         for k in keys:
             out.setdefault(k, []).append(r)
     return out

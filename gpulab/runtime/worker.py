@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from ..core import errors as gerrors
-from ..core.config import SplitConfig
+from ..core.config import SplitConfig, config_to_dict
 from ..core.devices import Device
 from ..core.errors import GpulabError, LoadError
+from ..core.memory import PlannedMemory
 from ..core.report import LoadReport
 from ..core.run import Run
 from .crash import describe_death
@@ -218,30 +219,34 @@ class Worker:
              use_devices: bool = True, check_fit: bool = True) -> tuple[LoadReport, dict]:
         """Load, report, close. Returns the LoadReport and the raw answer (notes, timings).
         check_fit: refuse (DoesNotFitError) what the plan says cannot fit, before loading."""
-        raw = self.call("load", path=str(path), config=asdict(config), dry_run=dry_run, use_devices=use_devices,
+        raw = self.call("load", path=str(path), config=config_to_dict(config), dry_run=dry_run, use_devices=use_devices,
                         check_fit=check_fit)
         return LoadReport.from_dict(raw["report"]), raw
 
     def measure(self, path: str | os.PathLike, config: SplitConfig | None = None, *, n_prompt: int = 512,
                 n_gen: int = 128, repetitions: int = 5, n_threads: int | None = None, warmup: bool = True,
-                progress=None, seed: int | None = None, nvml: bool = True) -> Run:
+                progress=None, seed: int | None = None, nvml: bool = True,
+                plan: PlannedMemory | None = None) -> Run:
         """gpulab.runtime.bench.measure in the worker; the Run (a BenchRun) comes back as JSON.
 
         If llama.cpp aborts the worker (an RPC server died mid-run), this raises LoadError and
         the calling process carries on; the next call starts a fresh worker.
-        progress(phase, fraction) is called here as the worker reports it."""
-        from ..core.measure.results import config_to_dict, run_from_dict
+        progress(phase, fraction) is called here as the worker reports it.
+        plan: this process's prediction for the load (Plan.memory()): the worker checks the load
+        against it and keeps it in the Run instead of reading the header and planning again."""
+        from ..core.config import config_to_dict
+        from ..core.measure.results import run_from_dict
         cfg = config_to_dict(config) if config is not None else None
         raw = self.call("measure", _on_progress=progress, path=str(path), config=cfg, n_prompt=n_prompt,
                         n_gen=n_gen, repetitions=repetitions, n_threads=n_threads, warmup=warmup, seed=seed,
-                        nvml=nvml)
+                        nvml=nvml, plan=plan.to_dict() if plan is not None else None)
         return run_from_dict(raw)
 
     def open(self, path: str | os.PathLike, config: SplitConfig | None = None) -> RemoteModel:
         """Load a model in the worker and keep it open there: measure it, re-split it, close it.
 
         The in-worker counterpart of open_model + measure_loaded + resplit, for RPC devices."""
-        from ..core.measure.results import config_to_dict
+        from ..core.config import config_to_dict
         raw = self.call("open", path=str(path), config=config_to_dict(config or SplitConfig()))
         return RemoteModel(self, raw)
 
@@ -255,7 +260,7 @@ class RemoteModel:
         self._update(raw)
 
     def _update(self, raw: dict) -> None:
-        from ..core.measure.results import config_from_dict
+        from ..core.config import config_from_dict
         self.id = raw["id"]
         self.path = raw["path"]
         self.config = config_from_dict(raw["config"])
@@ -290,7 +295,7 @@ class RemoteModel:
     def resplit(self, config: SplitConfig) -> RemoteModel:
         """Close and reload with `config` in the worker (gpulab.runtime.bench.resplit); `ready_seconds`
         is then the time from this call's start in the worker to a context ready to measure."""
-        from ..core.measure.results import config_to_dict
+        from ..core.config import config_to_dict
         self._update(self._call("resplit", config=config_to_dict(config)))
         return self
 
@@ -318,7 +323,7 @@ def _serve() -> None:
     out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)   # llama.cpp/ggml printf must not corrupt the answers
 
-    from . import llama_lib, rpc
+    from . import ggml, llama_lib, rpc
     from .model import open_model
 
     def op_register(endpoints):
@@ -328,7 +333,7 @@ def _serve() -> None:
         return [asdict(d) for d in llama_lib.llama_devices()]
 
     def op_dev_count():
-        return int(llama_lib.ggml().ggml_backend_dev_count())
+        return len(ggml.device_handles(llama_lib.ggml()))
 
     def op_default_device_names():
         return llama_lib.default_device_names()
@@ -336,15 +341,17 @@ def _serve() -> None:
     def op_load(path, config, dry_run=False, use_devices=True, check_fit=True):
         devices = llama_lib.llama_devices() if use_devices else None
         fractions: list[float] = []
-        with open_model(path, SplitConfig(**config), devices=devices, dry_run=dry_run,
+        from ..core.config import config_from_dict
+        with open_model(path, config_from_dict(config), devices=devices, dry_run=dry_run,
                         progress=fractions.append, check_fit=check_fit) as m:
             return {"report": m.report.to_dict(), "notes": list(m.notes),
                     "effective_devices": list(m.effective_config.devices),
                     "load_seconds": m.load_seconds, "context_seconds": m.context_seconds,
                     "n_progress": len(fractions), "last_progress": fractions[-1] if fractions else None}
 
-    def op_measure(path, config=None, **kw):
-        from ..core.measure.results import config_from_dict, run_to_dict
+    def op_measure(path, config=None, plan=None, **kw):
+        from ..core.config import config_from_dict
+        from ..core.measure.results import run_to_dict
         from .bench import measure
 
         last: dict[str, float] = {}
@@ -357,12 +364,13 @@ def _serve() -> None:
             out.write(json.dumps({"progress": [phase, fraction]}) + "\n")
 
         cfg = config_from_dict(config) if config is not None else None
-        return run_to_dict(measure(path, cfg, progress=progress, **kw))
+        planned = PlannedMemory.from_dict(plan) if plan is not None else None
+        return run_to_dict(measure(path, cfg, progress=progress, plan=planned, **kw))
 
     models: dict[int, LoadedModel] = {}    # open models by id (Worker.open)
 
     def _answer(mid, m):
-        from ..core.measure.results import config_to_dict
+        from ..core.config import config_to_dict
         return {"id": mid, "path": m.path, "config": config_to_dict(m.config), "report": m.report.to_dict(),
                 "load_seconds": m.load_seconds, "context_seconds": m.context_seconds,
                 "ready_seconds": m.ready_seconds, "notes": list(m.notes)}
@@ -374,7 +382,7 @@ def _serve() -> None:
         return m
 
     def op_open(path, config):
-        from ..core.measure.results import config_from_dict
+        from ..core.config import config_from_dict
         m = open_model(path, config_from_dict(config), devices=llama_lib.llama_devices())
         mid = max(models, default=0) + 1
         models[mid] = m
@@ -389,7 +397,7 @@ def _serve() -> None:
         return run_to_dict(measure_loaded(_model(id), progress=progress, **kw))
 
     def op_resplit(id, config):
-        from ..core.measure.results import config_from_dict
+        from ..core.config import config_from_dict
         from .bench import resplit
         old = _model(id)
         try:

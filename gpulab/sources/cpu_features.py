@@ -22,12 +22,9 @@ installed:
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import os
-import platform
 import shlex
-import subprocess
 import sys
 from dataclasses import dataclass, field
 
@@ -184,8 +181,22 @@ def _xcomp_supp() -> tuple[int | None, str]:
         return None, f"no arch_prctl: {e}"
 
 
+def uname() -> tuple[str, str]:
+    """(platform.system(), platform.machine()), without importing `platform` where os.uname has them."""
+    try:
+        u = os.uname()
+    except AttributeError:   # Windows
+        import platform
+
+        return platform.system(), platform.machine()
+    return u.sysname, u.machine
+
+
 def _xcr0() -> int | None:
     """XCR0 by XGETBV, in a child process: where XGETBV is not allowed the child dies, not us."""
+    # here and in _native_macros only: the planner's host row seldom needs subprocess
+    import subprocess
+
     try:
         out = subprocess.run([sys.executable, "-c", _XCR0_CHILD], capture_output=True, text=True, timeout=20)
         return int(out.stdout.strip()) if out.returncode == 0 else None
@@ -196,7 +207,7 @@ def _xcr0() -> int | None:
 def probe() -> HostCpu:
     """This host's advertised flags and OS-enabled XSAVE mask (the kernel's own answer first,
     XCR0 where the kernel is too old to give it)."""
-    system, machine = platform.system(), platform.machine()
+    system, machine = uname()
     if system != "Linux" or machine not in ("x86_64", "AMD64"):
         return HostCpu(system, machine)
     flags = _cpuinfo_flags()
@@ -222,6 +233,8 @@ def host_decision() -> BuildDecision:
 def _native_macros(compiler: str, flags: tuple[str, ...]) -> str | None:
     """The predefined macros of `compiler -march=native FLAGS`: exactly the ISA a native build
     of llama.cpp assumes (__AVX2__, __AMX_INT8__, ...)."""
+    import subprocess
+
     try:
         out = subprocess.run([compiler, "-march=native", *flags, "-dM", "-E", "-x", "c", os.devnull],
                              capture_output=True, text=True, timeout=60)
@@ -244,6 +257,7 @@ def build_key(lcp_version: str, cmake_args: str, decision: BuildDecision, host: 
     isa = _native_macros(compiler, decision.compiler_flags)
     if isa is None:
         isa = "flags:" + " ".join(sorted(host.flags))
+    import hashlib  # the set-up's build key only, not the planner's host row
     h = hashlib.sha256()
     for part in (lcp_version, cmake_args, " ".join(decision.compiler_flags), host.machine, isa):
         h.update(part.encode() + b"\0")

@@ -11,25 +11,20 @@ from __future__ import annotations
 import hashlib
 import os
 
-__all__ = ["sampled_sha256", "model_fingerprint"]
+__all__ = ["model_fingerprint"]
 
 SAMPLE_BYTES = 1 << 20
 
 
-def sampled_sha256(path: str | os.PathLike, prefix: bytes = b""):
-    """A sha256 object fed with `prefix`, the file size, its first and (if distinct) last MiB.
-    Raises OSError when the file cannot be read."""
+def model_fingerprint(path: str | os.PathLike) -> str:
+    """A cheap identity for a GGUF, 16 hex digits: sha256 of its size, first and (if distinct)
+    last MiB (the header, which names every tensor, its type, shape and offset, and the end of
+    the weights). Raises OSError when the file cannot be read."""
     size = os.stat(path).st_size
-    h = hashlib.sha256(prefix + str(size).encode() + b":")
+    h = hashlib.sha256(str(size).encode() + b":")
     with open(path, "rb") as f:
         h.update(f.read(SAMPLE_BYTES))
         if size > SAMPLE_BYTES:
             f.seek(max(SAMPLE_BYTES, size - SAMPLE_BYTES))
             h.update(f.read(SAMPLE_BYTES))
-    return h
-
-
-def model_fingerprint(path: str | os.PathLike) -> str:
-    """A cheap identity for a GGUF, 16 hex digits: its size, first and last MiB (the header,
-    which names every tensor, its type, shape and offset, and the end of the weights)."""
-    return sampled_sha256(path).hexdigest()[:16]
+    return h.hexdigest()[:16]

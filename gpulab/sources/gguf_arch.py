@@ -9,10 +9,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import gguf
-
 from ..core.profile import LayerProfile, ModelProfile, TensorInfo
 from .gguf_header import INT_TYPES, Array, Header
+from .gguf_tables import BOOL, FILE_TYPE_NAMES
 
 __all__ = ["build_profile"]
 
@@ -99,7 +98,7 @@ def _per_layer(kv: dict, key: str, n_layer: int, default: list[int], fail) -> li
     if not isinstance(v, Array):
         c = _count(kv, key, None, fail)
         return list(default) if c is None else [c] * n_layer
-    if v.values is None or v.elem_type not in INT_TYPES | {gguf.GGUFValueType.BOOL} or v.length != n_layer:
+    if v.values is None or v.elem_type not in INT_TYPES | {BOOL} or v.length != n_layer:
         raise fail(f"{key} has {v.length} entries, expected {n_layer} integers (one per layer)")
     if any(x < 0 for x in v.values):
         raise fail(f"{key} has a negative entry")
@@ -111,7 +110,7 @@ def _flags(kv: dict, key: str, n_layer: int, fail) -> list[bool] | None:
     v = kv.get(key)
     if not isinstance(v, Array):
         return None
-    if v.values is None or v.elem_type not in INT_TYPES | {gguf.GGUFValueType.BOOL} or v.length > _MAX_LAYERS:
+    if v.values is None or v.elem_type not in INT_TYPES | {BOOL} or v.length > _MAX_LAYERS:
         raise fail(f"{key} has {v.length} entries, expected up to {_MAX_LAYERS} per-layer flags")
     return ([bool(x) for x in v.values] + [False] * n_layer)[:n_layer]
 
@@ -253,7 +252,7 @@ def build_profile(h: Header, path: str, file_bytes: int, fail) -> ModelProfile:
 
     names = {t.name for t in h.tensors}
     tokens = kv.get("tokenizer.ggml.tokens")
-    if isinstance(tokens, Array):
+    if isinstance(tokens, Array):   # its count: the strings themselves are skipped, never read
         n_vocab = tokens.length
     else:
         embd = next((t for t in h.tensors if t.name == "token_embd.weight"), None)
@@ -262,10 +261,7 @@ def build_profile(h: Header, path: str, file_bytes: int, fail) -> ModelProfile:
 
     file_type = kv.get("general.file_type")
     if isinstance(file_type, int) and not isinstance(file_type, bool):
-        try:
-            file_type = gguf.LlamaFileType(file_type).name
-        except ValueError:
-            file_type = str(file_type)
+        file_type = FILE_TYPE_NAMES.get(file_type, str(file_type))
     else:
         file_type = ""
     name = kv.get("general.name")

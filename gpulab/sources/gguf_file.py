@@ -1,4 +1,5 @@
-"""Read a ModelProfile from a local GGUF file: the header only, never the weights.
+"""Read a ModelProfile from a local GGUF file: the header only, never the weights. (gpulab.sources.read.
+read_profile takes a path or a URL and comes here for paths.)
 
 The header is walked over a read-only memory map (gguf_header: bounded, as llama.cpp's
 gguf_init_from_reader checks it) and turned into a profile by llama.cpp's rules (gguf_arch).
@@ -15,10 +16,10 @@ from ..core.profile import ModelProfile
 from .gguf_arch import build_profile
 from .gguf_header import Truncated, parse_header
 
-__all__ = ["read_profile"]
+__all__ = ["read_local_profile"]
 
 
-def read_profile(path: str | os.PathLike) -> ModelProfile:
+def read_local_profile(path: str | os.PathLike) -> ModelProfile:
     """The ModelProfile of a local GGUF, read from its header (the weights are never read).
 
     Raises ModelFormatError, one line naming the file, for a missing or unreadable file and for

@@ -3,10 +3,15 @@
 Not `gguf.GGUFReader`: it loops once per array element while it parses (about 2 s for
 SmolLM2-135M's 49k-token vocabulary), and an array claiming 2**60 elements makes that loop run
 past the end of the map without ever failing, so it hangs. This walker mirrors the checks of
-llama.cpp's `gguf_init_from_reader` (ggml/src/gguf.cpp) instead; the `gguf` package still
-supplies the type tables. It reads a whole file's map (gguf_file) or the prefix remote.py
-fetched by HTTP range requests (raising Truncated with the bytes it needs), so a URL and a local
-copy give identical headers. What the header means for llama.cpp is gguf_arch's.
+llama.cpp's `gguf_init_from_reader` (ggml/src/gguf.cpp) instead, with the type tables of
+gguf_tables (not `gguf`, which imports numpy). It reads a whole file's map (gguf_file) or the
+bytes remote.py fetched by HTTP range requests (raising Truncated with the bytes it needs), so a
+URL and a local copy give identical headers. What the header means for llama.cpp is gguf_arch's.
+
+What the planner does not read is skipped by its length, not parsed: a numeric array longer
+than _MAX_ARRAY_KEEP (a tokenizer's scores and token types) by its element size, without
+touching its bytes (so remote.py does not fetch them), and a string array (tokens, merges) by
+hopping over its length prefixes in one tight loop, checked once at the end.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-import gguf
+from . import gguf_tables as T
 
 __all__ = ["Header", "Array", "Truncated", "parse_header", "INT_TYPES"]
 
@@ -34,27 +39,21 @@ _MIN_KV_BYTES = 8 + 4 + 1     # key length, type, smallest value
 _MIN_TENSOR_BYTES = 8 + 4 + 4 + 8   # name length, n_dims, type, offset
 _HEADER_FIXED = 24            # magic, version, n_tensors, n_kv
 
-_VT = gguf.GGUFValueType
-_SCALAR_FMT = {_VT.UINT8: "B", _VT.INT8: "b", _VT.UINT16: "H", _VT.INT16: "h", _VT.UINT32: "I",
-               _VT.INT32: "i", _VT.FLOAT32: "f", _VT.BOOL: "?", _VT.UINT64: "Q", _VT.INT64: "q",
-               _VT.FLOAT64: "d"}
+_SCALAR_FMT = {T.UINT8: "B", T.INT8: "b", T.UINT16: "H", T.INT16: "h", T.UINT32: "I", T.INT32: "i",
+               T.FLOAT32: "f", T.BOOL: "?", T.UINT64: "Q", T.INT64: "q", T.FLOAT64: "d"}
 _U64 = struct.Struct("<Q")
-INT_TYPES = {_VT.UINT8, _VT.INT8, _VT.UINT16, _VT.INT16, _VT.UINT32, _VT.INT32, _VT.UINT64, _VT.INT64}
-
-# name, block size, bytes per block. gguf-py lags the vendored ggml: Q2_0 (ggml.h, id 42) is
-# block_q2_0 in ggml-common.h, 64 elements in a half scale plus 16 bytes.
-_GGML_TYPES: dict[int, tuple[str, int, int]] = {
-    int(t): (t.name, *gguf.GGML_QUANT_SIZES[t]) for t in gguf.GGMLQuantizationType
-    if t in gguf.GGML_QUANT_SIZES}
-_GGML_TYPES.setdefault(42, ("Q2_0", 64, 18))
+INT_TYPES = {T.UINT8, T.INT8, T.UINT16, T.INT16, T.UINT32, T.INT32, T.UINT64, T.INT64}
+_GGML_TYPES = T.GGML_TYPES   # id -> (name, block size, bytes per block)
 
 
 class Truncated(Exception):
-    """The bytes at hand end before the header does; `needed` is how many it takes to go on."""
+    """The bytes at hand end before the header does: the walker goes on once it has bytes
+    `start` to `needed` (it never reads the bytes it skipped before `start`). Inside a string
+    array, `hint` guesses where the array ends, from the strings read so far (0: no guess)."""
 
-    def __init__(self, needed: int):
+    def __init__(self, needed: int, start: int = 0, hint: int = 0):
         super().__init__(needed)
-        self.needed = needed
+        self.needed, self.start, self.hint = needed, start, hint
 
 
 @dataclass(frozen=True)
@@ -95,9 +94,15 @@ class _Walker:
         if end > self.total:
             raise self.fail(f"truncated: the header needs byte {end} but the file has {self.total}")
         if end > self.avail:
-            raise Truncated(end)
+            raise Truncated(end, start)
         self.off = end
         return start
+
+    def skip(self, n: int) -> None:
+        """Step over n bytes without reading them (they may lie past the bytes at hand)."""
+        if self.off + n > self.total:
+            raise self.fail(f"truncated: the header needs byte {self.off + n} but the file has {self.total}")
+        self.off += n
 
     def scalar(self, fmt: str):
         size = struct.calcsize("<" + fmt)
@@ -164,10 +169,10 @@ def parse_header(buf, avail: int, total: int, fail) -> Header:
         if key in kv:
             raise fail(f"duplicate key {key!r}")
         vtype, kv[key] = _read_value(w, key)
-        if key == "general.alignment" and vtype != _VT.UINT32:
+        if key == "general.alignment" and vtype != T.UINT32:
             raise fail("general.alignment is not a uint32")   # gguf.cpp insists on the type
 
-    alignment = kv.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
+    alignment = kv.get("general.alignment", T.DEFAULT_ALIGNMENT)
     if alignment <= 0 or alignment & (alignment - 1):
         raise fail(f"alignment {alignment} is not a power of two")
 
@@ -196,28 +201,18 @@ def parse_header(buf, avail: int, total: int, fail) -> Header:
 def _read_value(w: _Walker, key: str) -> tuple[int, object]:
     """(GGUF type, value): a scalar, a string (None when too long to keep) or an Array."""
     vtype = w.scalar("I")
-    if vtype == _VT.STRING:
+    if vtype == T.STRING:
         return vtype, w.string(f"value of {key!r}", _MAX_STR_KEEP, strict=False)
     if vtype in _SCALAR_FMT:
         return vtype, w.scalar(_SCALAR_FMT[vtype])
-    if vtype != _VT.ARRAY:
+    if vtype != T.ARRAY:
         raise w.fail(f"key {key!r} has invalid GGUF type {vtype}")
     etype, n = w.scalar("I"), w.scalar("Q")
-    if etype == _VT.STRING:
+    if etype == T.STRING:
         if n * 8 > w.total - w.off:
             raise w.fail(f"array {key!r} claims {n} strings, more than the file can hold")
         w.count_item(n)
-        # The one per-element loop (each string's length locates the next), kept tight: it runs
-        # 10**5..10**6 times for a tokenizer. Out of bounds, skip_string raises the right error.
-        unpack, buf, off, end = _U64.unpack_from, w.buf, w.off, min(w.avail, w.total)
-        for i in range(n):
-            if off + 8 > end or off + 8 + unpack(buf, off)[0] > end:
-                w.off = off
-                w.skip_string(f"element {i} of {key!r}")   # raises: past the end
-                off = w.off
-                continue
-            off += 8 + unpack(buf, off)[0]
-        w.off = off
+        _skip_strings(w, key, n)
         return vtype, Array(etype, n, None)
     if etype not in _SCALAR_FMT:   # nested arrays included: gguf.cpp rejects them too
         raise w.fail(f"array {key!r} has invalid element type {etype}")
@@ -225,9 +220,37 @@ def _read_value(w: _Walker, key: str) -> tuple[int, object]:
     size = struct.calcsize("<" + fmt)
     if n * size > w.total - w.off:
         raise w.fail(f"array {key!r} claims {n} elements, more than the file can hold")
+    if n > _MAX_ARRAY_KEEP:   # a tokenizer's scores or token types: nothing gpulab reads
+        w.skip(n * size)
+        return vtype, Array(etype, n, None)
     start = w.take(n * size)
-    values = struct.unpack_from(f"<{n}{fmt}", w.buf, start) if n <= _MAX_ARRAY_KEEP else None
-    return vtype, Array(etype, n, values)
+    return vtype, Array(etype, n, struct.unpack_from(f"<{n}{fmt}", w.buf, start))
+
+
+def _skip_strings(w: _Walker, key: str, n: int) -> None:
+    """Step over n length-prefixed strings: each length locates the next, so this is the one
+    per-element loop (10**5..10**6 times for a tokenizer), kept as tight as Python allows.
+
+    The offsets only grow, so when the last one lies within the bytes at hand, so did every
+    length read on the way; only then is the bound checked. A lying length makes unpack_from
+    fail or the end overshoot; the careful walk then finds the element and raises its error."""
+    unpack, buf, off = _U64.unpack_from, w.buf, w.off
+    try:
+        for _ in range(n):
+            off += unpack(buf, off)[0] + 8
+    except (struct.error, OverflowError):   # an offset past the buffer, or past ssize_t
+        off = -1
+    if 0 <= off <= min(w.avail, w.total):
+        w.off = off
+        return
+    first = w.off
+    for i in range(n):   # raises for the element that reaches past the end
+        try:
+            w.skip_string(f"element {i} of {key!r}")
+        except Truncated as t:   # the strings to come are likely as long as those read
+            t.hint = w.off + (w.off - first) * (n - i) * 9 // (8 * max(i, 1)) + 4096   # +1/8: later ones run longer
+            raise
+    raise AssertionError("unreachable: the fast walk overshot but the careful one did not")
 
 
 def _read_tensor_info(w: _Walker, fail) -> _Tensor:

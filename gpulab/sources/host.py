@@ -64,11 +64,10 @@ def repack_types(flags: frozenset[str] | None = None, off: tuple[str, ...] | Non
     with the set-up's CPU-feature decision (ggml-cpu/repack.cpp ggml_repack_get_optimal_repack_type,
     x86: Q4_0, Q4_K, IQ4_NL and MXFP4 need AVX2, Q2_K AVX-512). Other architectures: () (not
     modelled yet; the host row then shows no CPU_REPACK copy)."""
-    import platform
+    from .cpu_features import _cpuinfo_flags, host_decision, uname
 
-    from .cpu_features import _cpuinfo_flags, host_decision
     if flags is None:
-        if platform.machine() not in ("x86_64", "AMD64"):
+        if uname()[1] not in ("x86_64", "AMD64"):
             return ()
         flags = _cpuinfo_flags()
     if off is None:

@@ -14,5 +14,5 @@ def read_profile(source: str | os.PathLike, **kwargs) -> ModelProfile:
     if str(source).startswith(("http://", "https://")):
         from .remote import read_remote_profile
         return read_remote_profile(str(source), **kwargs)
-    from .gguf_file import read_profile as read_local
-    return read_local(source, **kwargs)
+    from .gguf_file import read_local_profile
+    return read_local_profile(source, **kwargs)

@@ -1,8 +1,12 @@
 """Read a ModelProfile from a GGUF at an http(s) URL by fetching only its header.
 
-HTTP Range requests fetch a growing prefix (1 MiB, then doubling) until the header walker of
-`gguf_file` gets through the KV pairs and tensor infos; the total size comes from
-Content-Range. The walker is the same one the local reader uses, so both give the same profile.
+HTTP Range requests fetch the header (1 MiB, then doubling) until the header walker of
+`gguf_header` gets through the KV pairs and tensor infos; the total size comes from
+Content-Range. The bytes the walker skips (a tokenizer's scores and token types) are not
+fetched: the walker says where it goes on (Truncated.start), and the buffer keeps zeros there,
+which it never reads. Inside a string array the next request ends where the walker guesses the
+array ends (Truncated.hint); after a skip the doubling starts again from _AFTER_SKIP. The
+walker is the same one the local reader uses, so both give the same profile.
 Standard library only: `opener` is anything with urllib's `OpenerDirector.open(request,
 timeout=...)`, which lets tests inject a fake transport.
 """
@@ -23,6 +27,7 @@ from .gguf_header import Truncated, parse_header
 __all__ = ["read_remote_profile"]
 
 _FIRST_FETCH = 1 << 20
+_AFTER_SKIP = 1 << 16    # after a skipped array: the next KV pair, or tensor infos (~100 bytes each)
 _READ_CHUNK = 1 << 16
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
 
@@ -43,22 +48,31 @@ def read_remote_profile(url: str, *, max_bytes: int = 64 * 1024**2, timeout_s: f
     def fail(msg: str) -> ModelFormatError:
         return ModelFormatError(f"{url}: {msg}")
 
-    prefix = bytearray()
+    buf = bytearray()   # bytes 0..len(buf) of the file, but for the holes the walker skipped
     total = None
-    want = min(_FIRST_FETCH, max_bytes)
+    start, want = 0, min(_FIRST_FETCH, max_bytes)
+    run = 0   # bytes fetched since the last hole
     while True:
-        chunk, total = fetch(len(prefix), want - 1)   # inclusive range, clamped by the server
-        prefix += chunk
+        if start > len(buf):
+            buf += bytes(start - len(buf))   # a hole: skipped by the walker, never read
+        chunk, total = fetch(start, want - 1)   # inclusive range, clamped by the server
+        buf[start:] = chunk
+        run += len(chunk)
         try:
-            header = parse_header(prefix, len(prefix), total, fail)
+            header = parse_header(buf, len(buf), total, fail)
             return build_profile(header, url, total, fail)
         except Truncated as t:
-            needed = t.needed
+            needed, hint = t.needed, t.hint
+            hole = t.start > len(buf)
+            start = max(t.start, len(buf))
         if needed > max_bytes:
             raise RemoteModelError(f"{url}: the GGUF header is larger than max_bytes={max_bytes} "
                                    f"(at least {needed} bytes); raise max_bytes to read it")
-        # Doubling keeps the number of round trips logarithmic in the header size.
-        want = min(max(needed, 2 * len(prefix)), max_bytes, total)
+        if hole:
+            run = 0
+        # Doubling what was fetched keeps the number of round trips logarithmic in the header size.
+        guess = hint or start + max(run, _AFTER_SKIP)
+        want = min(max(needed, guess), max_bytes, total)
 
 
 class _Fetcher:

@@ -8,27 +8,22 @@ One TOML file per model and device set in <config dir>/allocations/ (gpulab.stor
 named <model fingerprint>-<device set>.toml: the model by gpulab.sources.fingerprint (the same
 identity the results store keys runs by, so results and allocations join), the devices by what
 identifies them across renumbering (NVML UUID, RPC endpoint, else name) and their size. Written
-atomically with tomli-w, read with tomllib.
-
-Before 0.2 these were "allocation profiles" in <config dir>/profiles/, keyed by a longer hash
-that also covered the parsed header; those files are still found and used (`_V1_FOLDER`).
-"""
+atomically with tomli-w, read with tomllib."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
-from ..core.config import SplitConfig
+from ..core.config import SplitConfig, config_from_dict, config_to_dict
 from ..core.devices import Device
 from ..core.errors import AllocationMismatchError, ConfigError, GpulabError
 from ..core.units import format_bytes
-from ..sources.fingerprint import model_fingerprint, sampled_sha256
+from ..sources.fingerprint import model_fingerprint
 from .files import TOMLDecodeError, atomic_write_text, read_toml, to_toml
 from .paths import config_dir
 
@@ -36,15 +31,10 @@ __all__ = ["Allocation", "AllocationDevice", "allocations_dir", "save_allocation
            "allocations_for", "list_allocations", "delete_allocation", "config_for"]
 
 _VERSION = 2
-_V1_FOLDER = "profiles"
 
 
 def allocations_dir() -> Path:
     return config_dir() / "allocations"
-
-
-def _folders() -> list[Path]:
-    return [allocations_dir(), config_dir() / _V1_FOLDER]
 
 
 # -- devices --------------------------------------------------------------------------------------
@@ -160,9 +150,7 @@ def _fingerprint(model_path) -> str:
 
 
 def _doc(a: Allocation) -> dict:
-    cfg = asdict(a.config)
-    cfg["tensor_split"] = [float(x) for x in a.config.tensor_split]
-    cfg["devices"] = list(a.config.devices)
+    cfg = config_to_dict(a.config)
     return {"version": _VERSION, "model_fingerprint": a.model_fingerprint, "model_path": a.model_path,
             "model_bytes": a.model_bytes, "created": a.created, "source": a.source,
             "config": cfg, "devices": [asdict(d) for d in a.devices], "measurement": a.measurement}
@@ -171,13 +159,10 @@ def _doc(a: Allocation) -> dict:
 def _load(path: Path) -> Allocation:
     try:
         doc = read_toml(path)
-        known = {f.name for f in fields(SplitConfig)}
-        cfg: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v)
-                               for k, v in doc["config"].items() if k in known}
-        version = int(doc.get("version", 1))
-        return Allocation(model_fingerprint=doc["model_fingerprint"] if version >= 2 else doc["model_hash"],
+        version = int(doc.get("version", _VERSION))
+        return Allocation(model_fingerprint=doc["model_fingerprint"],
                           model_path=doc.get("model_path", ""), model_bytes=int(doc.get("model_bytes", 0)),
-                          config=SplitConfig(**cfg),
+                          config=config_from_dict(doc["config"]),
                           devices=tuple(AllocationDevice(**d) for d in doc.get("devices", [])),
                           measurement=dict(doc.get("measurement", {})), created=doc.get("created", ""),
                           source=doc.get("source", ""), path=path, version=version)
@@ -186,21 +171,13 @@ def _load(path: Path) -> Allocation:
 
 
 def list_allocations() -> list[Allocation]:
-    return [_load(p) for folder in _folders() if folder.is_dir() for p in sorted(folder.glob("*.toml"))]
+    folder = allocations_dir()
+    return [_load(p) for p in sorted(folder.glob("*.toml"))] if folder.is_dir() else []
 
 
 def allocations_for(model_path: str | os.PathLike) -> list[Allocation]:
     fp = _fingerprint(model_path)
-    out = []
-    for folder in _folders():
-        if not folder.is_dir():
-            continue
-        for a in (_load(f) for f in sorted(folder.glob("*.toml"))):
-            if a.version >= 2 and a.model_fingerprint == fp:
-                out.append(a)
-            elif a.version == 1 and a.model_fingerprint == _v1_model_hash(model_path):
-                out.append(a)
-    return out
+    return [a for a in list_allocations() if a.model_fingerprint == fp]
 
 
 def find_allocation(model_path: str | os.PathLike, devices: Sequence[Device]) -> Allocation | None:
@@ -231,25 +208,3 @@ def config_for(model_path: str | os.PathLike, devices: Sequence[Device], default
 def delete_allocation(allocation: Allocation) -> None:
     if allocation.path is not None:
         allocation.path.unlink(missing_ok=True)
-
-
-# -- version 1 files ("allocation profiles", gpulab 0.1) ----------------------------------------
-_v1_cache: dict[tuple[str, int, int], str] = {}
-
-
-def _v1_model_hash(path: str | os.PathLike) -> str:
-    """The fingerprint version 1 files carry: sha256 over the sampled file and the parsed header
-    (every tensor's name, type and shape, and the metadata). Only to find those files."""
-    from ..sources.gguf_file import read_profile
-    p = os.fspath(path)
-    st = os.stat(p)
-    key = (os.path.realpath(p), st.st_size, st.st_mtime_ns)
-    if key not in _v1_cache:
-        prof = read_profile(p)
-        h = sampled_sha256(p, prefix=b"gpulab-model-hash-1\0")
-        for t in [*prof.input_tensors, *(t for layer in prof.layers for t in layer.tensors),
-                  *prof.output_tensors, *prof.other_tensors]:
-            h.update(f"{t.name}|{t.ggml_type}|{','.join(map(str, t.shape))}\n".encode())
-        h.update(repr(sorted((k, repr(v)) for k, v in prof.metadata.items())).encode())
-        _v1_cache[key] = h.hexdigest()
-    return _v1_cache[key]

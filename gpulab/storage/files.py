@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     file is either its old content or the new, never half of it (also across a crash)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # writers only: readers (every `gpulab plan`) skip tempfile, shutil, random
+    import tempfile
+
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:

@@ -37,9 +37,17 @@ def write_fleet(path: str | os.PathLike, fleet: Fleet) -> Path:
 
 
 def llama_swap_yaml(doc: dict) -> str:
-    """llama-swap's config.yaml for the dict gpulab.core.exports.fleet.llama_swap_doc returns."""
+    """llama-swap's config.yaml for the dict gpulab.core.exports.fleet.llama_swap_doc returns.
+
+    Written out in full: one list shared by two keys (a group's members, the preload hook) would
+    otherwise become an anchor and an alias (&id001 / *id001), valid YAML that a person reads badly."""
     import yaml
-    return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=1 << 16)
+
+    class _NoAliases(yaml.SafeDumper):
+        def ignore_aliases(self, data) -> bool:
+            return True
+
+    return yaml.dump(doc, Dumper=_NoAliases, sort_keys=False, default_flow_style=False, width=1 << 16)
 
 
 def read_yaml(path: str | os.PathLike):

@@ -2,7 +2,7 @@
 
     store = ResultsStore()                      # <data dir>/results.jsonl (gpulab.storage.paths)
     store.append_run(run)                       # one llama-bench record per test, fsync'd each
-    store.records(model_hash=run.model_hash)    # read back, filtered
+    store.records(model_fingerprint=run.model_fingerprint)    # read back, filtered
     store.runs(config=cfg)                      # as Runs again
 
 Lines are llama-bench JSONL records (its fields, plus the "gpulab" object), so `jq` and
@@ -20,9 +20,9 @@ import json
 import os
 from pathlib import Path
 
-from ..core.config import SplitConfig
+from ..core.config import SplitConfig, config_to_dict
 from ..core.errors import StoreError
-from ..core.measure.results import config_to_dict, runs_from_records, to_llama_bench_records
+from ..core.measure.results import runs_from_records, stored_fingerprint, to_llama_bench_records
 from ..core.run import Run
 from .paths import data_dir
 
@@ -110,7 +110,7 @@ class ResultsStore:
         return records
 
     # -- reading ------------------------------------------------------------------------------
-    def records(self, *, model_hash: str | None = None, config: SplitConfig | dict | None = None,
+    def records(self, *, model_fingerprint: str | None = None, config: SplitConfig | dict | None = None,
                 model_path: str | None = None, test: str | None = None) -> list[dict]:
         """Stored records, oldest first, filtered by model fingerprint, config (all of
         SplitConfig's fields equal), model path, or test name ('pp512', 'tg128')."""
@@ -130,7 +130,7 @@ class ResultsStore:
                         self.skipped_lines += 1
                         continue
                     g = rec.get("gpulab") or {}
-                    if model_hash is not None and g.get("model_hash") != model_hash:
+                    if model_fingerprint is not None and stored_fingerprint(g) != model_fingerprint:
                         continue
                     if model_path is not None and rec.get("model_filename") != model_path:
                         continue

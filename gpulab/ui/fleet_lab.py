@@ -26,9 +26,16 @@ from ..core.fleet.planner import FleetPlan, plan_fleet
 from ..core.profile import ModelProfile
 from . import figures as F
 
-__all__ = ["FleetLab"]
+__all__ = ["FleetLab", "ctx_choices"]
 
 _CTX = (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144)
+
+
+def ctx_choices(n_ctx_train: int, current: int) -> list[int]:
+    """The contexts to offer a model: the usual powers of two up to what it was trained at (more is
+    past what it was trained for: llama.cpp warns), that context itself, and the current one."""
+    cap = n_ctx_train if n_ctx_train > 0 else _CTX[-1]
+    return sorted({c for c in _CTX if c <= cap} | ({n_ctx_train} if n_ctx_train > 0 else set()) | {current})
 
 
 class FleetLab(W.VBox):
@@ -47,7 +54,7 @@ class FleetLab(W.VBox):
         self.rows: dict[str, dict] = {}
         row_boxes = []
         for m in fleet.models:
-            ctx_options = sorted(set(_CTX) | {m.ctx})
+            ctx_options = ctx_choices(self._profiles[m.name].n_ctx_train if m.name in self._profiles else 0, m.ctx)
             c = {
                 "devices": W.SelectMultiple(options=names, value=tuple(d for d in m.devices if d in names),
                                             rows=min(4, max(1, len(names))), description="pin",

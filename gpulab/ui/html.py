@@ -38,7 +38,9 @@ def table_html(rows: Sequence[dict], *, right: Sequence[str] = (), caption: str 
         cells = "".join(f"<td{' class=r' if c in right else ''}>{html.escape(str(r.get(c, '')))}</td>" for c in cols)
         body.append(f"<tr{cls}>{cells}</tr>")
     cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
-    return f"{_STYLE}<table class='gpulab-t'>{cap}<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    # a table wider than its cell scrolls sideways instead of being cut off on the right
+    return (f"{_STYLE}<div class='gpulab-tw' style='overflow-x:auto;max-width:100%'><table class='gpulab-t'>{cap}"
+            f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>")
 
 
 def pre_html(text: str, title: str | None = None) -> str:
@@ -50,7 +52,7 @@ def pre_html(text: str, title: str | None = None) -> str:
 def plan_html(p: Plan) -> str:
     c = p.config
     ts = ",".join(f"{x:g}" for x in c.tensor_split) if c.tensor_split else "default (free memory)"
-    head = (f"{p.profile.name or p.profile.arch}: {p.profile.n_layer} layers + output, "
+    head = (f"{p.profile.title}: {p.profile.n_layer} layers + output, "
             f"{format_bytes(p.profile.file_bytes)} | -ngl {c.n_gpu_layers} -sm {c.split_mode} -mg {c.main_gpu} "
             f"-ts {ts} -c {c.n_ctx} -ctk {c.type_k} -ctv {c.type_v} ({p.kv_cells} KV cells)")
     verdict = ("<div style='color:#2a7d2a;font-weight:bold'>fits</div>" if p.fits else
@@ -102,7 +104,7 @@ def profile_rows(prof: ModelProfile) -> list[dict]:
 
 
 def profile_html(prof: ModelProfile, max_rows: int = 200) -> str:
-    head = (f"{prof.name or '(unnamed)'} — arch {prof.arch}, {prof.file_type or '?'}, {format_bytes(prof.file_bytes)}; "
+    head = (f"{prof.title} — arch {prof.arch}, {prof.file_type or '?'}, {format_bytes(prof.file_bytes)}; "
             f"n_layer {prof.n_layer}, n_embd {prof.n_embd}, n_ff {prof.n_ff}, vocab {prof.n_vocab}, "
             f"ctx_train {prof.n_ctx_train}; input (CPU) {format_bytes(prof.input_weights_bytes)}, output layer "
             f"{format_bytes(prof.output_weights_bytes)}" + (" (tied)" if prof.tied_output else ""))
@@ -111,7 +113,7 @@ def profile_html(prof: ModelProfile, max_rows: int = 200) -> str:
              "head_k/v": f"{layer.n_embd_head_k}/{layer.n_embd_head_v}",
              "swa": "yes" if layer.is_swa else "", "kv": "" if layer.has_kv else "none"}
             for layer in prof.layers[:max_rows]]
-    more = f"<div>… {len(prof.layers) - max_rows} more layers</div>" if len(prof.layers) > max_rows else ""
+    more = f"<div>the first {max_rows} of {prof.n_layer} layers</div>" if len(prof.layers) > max_rows else ""
     return table_html(rows, right=("weights",), caption=head) + more
 
 
@@ -120,18 +122,18 @@ def run_rows(runs: list[Run], plans: list[dict | None] | None = None) -> list[di
     rows = []
     for i, r in enumerate(runs, 1):
         c = r.config
-        p = r.plan or {}
+        p = r.plan
         match = None
-        if p.get("layers") and r.report.layer_devices:
-            match = tuple(x["device"] for x in p["layers"]) == tuple(r.report.layer_devices)
+        if p is not None and p.layer_devices and r.report.layer_devices:
+            match = p.layer_devices == tuple(r.report.layer_devices)
         row = {"run": i, "tensor_split": ",".join(f"{x:g}" for x in c.tensor_split) or "auto",
                "n_gpu_layers": c.n_gpu_layers, "split_mode": c.split_mode, "main_gpu": c.main_gpu,
                "n_ctx": c.n_ctx, "type_k": c.type_k, "type_v": c.type_v, "flash_attn": c.flash_attn,
-               "devices": ",".join(r.devices or r.report.devices), "predicted_fits": p.get("fits"),
+               "devices": ",".join(r.devices or r.report.devices), "predicted_fits": p.fits if p is not None else None,
                "placement_as_planned": match, "load_s": round(r.load_seconds, 3),
                "pp_ts": round(r.pp.avg_ts, 2) if r.pp else None, "tg_ts": round(r.tg.avg_ts, 2) if r.tg else None}
-        for d in (p.get("devices") or []):
-            row[f"{d['name']}_pred_MiB"] = round(d["used_bytes"] / 2**20, 2)
-            row[f"{d['name']}_llama_MiB"] = round(r.report.bytes_on(d["name"]) / 2**20, 2)
+        for d in (p.devices if p is not None else ()):
+            row[f"{d.name}_pred_MiB"] = round(d.used_bytes / 2**20, 2)
+            row[f"{d.name}_llama_MiB"] = round(r.report.bytes_on(d.name) / 2**20, 2)
         rows.append(row)
     return rows

@@ -1,4 +1,4 @@
-"""SplitLab: drag a model's tensor_split across devices and watch llama.cpp's placement change.
+"""SplitLab: drag a model's layers across devices and watch llama.cpp's placement change.
 
     from gpulab.ui.lab import SplitLab
     lab = SplitLab("model.gguf")                    # GPUs from NVML; with none, 2 virtual RPC devices
@@ -6,24 +6,30 @@
     lab = SplitLab("model.gguf", worker=w)          # devices (and loads) of an existing Worker
     lab                                             # in a notebook: the widget
 
-Every control change re-plans (gpulab.core.placement.planner.plan, well under a millisecond) and copies the
-new data into the two FigureWidgets inside `batch_update`; slider drags are throttled to one
-redraw per `debounce` seconds, always ending on the latest value. `lab.plan` is the current Plan,
-`lab.config` the current SplitConfig, `lab.runs` this session's measured runs. Every llama.cpp
-setting without a control of its own here gets a generic one from gpulab.core.settings, so a
-setting added there appears in the lab too.
+The split control is a layer strip (gpulab.ui.strip): one cell per block and the output layer, in
+the colour of the device llama.cpp puts it on. Dragging the boundary between two devices writes the
+-ts that gives exactly those layer counts (planner.split_for_counts); the handle at the strip's
+start is -ngl; -ts stays editable as text. Under it, a thin strip shows what llama-server's -fit
+would load for the current -c/-fitt. The other settings sit in collapsible groups (split, context &
+cache, experts & overrides, fit), every llama.cpp setting from gpulab.core.settings.
 
-Devices come from a gpulab.runtime.session.Session (the magics pass theirs), by the same rules as
-the CLI's. Loads never happen in the notebook kernel: they go to a gpulab worker process
-(gpulab.runtime.worker), because llama.cpp aborts a process whose RPC server dies and ggml cannot
-unregister an RPC backend. RPC endpoints are registered only in the worker.
+Every control change re-plans (gpulab.core.placement.planner.plan) and copies the new data into the
+FigureWidgets inside `batch_update`; drags are throttled to one redraw per `debounce` seconds,
+always ending on the latest value. `lab.plan` is the current Plan, `lab.config` the current
+SplitConfig, `lab.runs` this session's measured runs. Policy buttons set every control a policy owns
+(gpulab.core.policies.choose); a note or a measurement made for other settings is cleared or marked
+stale as soon as a control changes.
+
+Devices come from the one resolver, gpulab.runtime.session.Session.devices (the CLI and magics reach
+it through gpulab.commands.flags.devices_from_args and pass its DeviceChoice as `choice`). Loads
+never happen in the notebook kernel: they go to a gpulab worker process (gpulab.runtime.worker),
+because llama.cpp aborts a process whose RPC server dies and ggml cannot unregister an RPC backend.
 """
 
 from __future__ import annotations
 
 import asyncio
 import html
-import math
 import threading
 import time
 import weakref
@@ -42,27 +48,41 @@ from ..core.ggml_types import KV_CACHE_TYPES
 from ..core.measure.reconcile import comparison_rows
 from ..core.placement.plan import Plan
 from ..core.placement.planner import plan as make_plan
-from ..core.policies.apply import ALL_POLICIES, apply_policy, policy_split
+from ..core.placement.planner import select_devices, split_for_counts
+from ..core.policies.apply import ALL_POLICIES
+from ..core.policies.choose import LABELS, choose
 from ..core.profile import ModelProfile
 from ..core.run import Run
 from ..core.settings import SETTINGS, value_from_text
 from ..core.units import format_bytes
 from . import figures as F
 from .html import exports_html, run_rows, table_html
+from .strip import LayerStrip
+from .text import layers_text
 
 if TYPE_CHECKING:
     from ..runtime.session import Session
 
-__all__ = ["SplitLab"]
+__all__ = ["GROUPS", "SplitLab"]
 
-_POLICY_LABELS = {"llama": "llama.cpp default", "ollama-spread": "ollama spread", "pack": "pack",
-                  "balanced": "balanced", "moe-balance": "MoE balance", "fit": "llama-server -fit",
-                  "ollama": "ollama (today)"}
+_TOOLTIPS = {"fit": "set every device, -sm layer, -c 0, -ngl auto, no -ts/-ot, then what llama-server's -fit "
+                    "chooses from them",
+             "ollama": "set the devices and every flag to what today's Ollama (0.30-0.33) launches llama-server "
+                       "with, and what its -fit then chooses"}
 # settings with a control of their own below; every other one gets a generic control
 _CUSTOM = {"tensor_split", "devices", "main_gpu", "n_gpu_layers", "split_mode", "n_ctx", "type_k", "type_v",
            "flash_attn"}
 _EXPORT_TARGETS = tuple(t for t in TARGETS if t != "llama-cli")
-_PROMINENT = ("n_cpu_moe", "tensor_overrides")     # on their own rows; the rest share one
+# the collapsible groups, by SplitConfig attribute; a setting not named here joins "experts & overrides"
+GROUPS = {"split": ("devices", "tensor_split", "n_gpu_layers", "split_mode", "main_gpu"),
+          "context & cache": ("n_ctx", "type_k", "type_v", "flash_attn", "n_batch", "n_ubatch", "n_seq_max",
+                              "kv_unified", "swa_full", "offload_kqv"),
+          "experts & overrides": ("tensor_overrides", "cpu_moe", "n_cpu_moe", "n_cpu_ffn", "op_offload", "no_host",
+                                  "use_extra_bufts"),
+          "fit": ("fit", "fit_target", "fit_ctx")}
+_OPEN = ("split", "context & cache")      # groups open at the start
+_STYLE = {"description_width": "initial"}  # full labels, never cut
+_GREY = "<span style='color:#666;font-size:12px'>{}</span>"
 
 
 def _cleanup(session) -> None:
@@ -83,14 +103,22 @@ def _ctx_options(n_ctx_train: int, current: int) -> list[int]:
     return sorted(set(opts))
 
 
+def _ts_text(values) -> str:
+    return ",".join(f"{float(v):g}" for v in values)
+
+
+def _group_of(attr: str) -> str:
+    return next((g for g, attrs in GROUPS.items() if attr in attrs), "experts & overrides")
+
+
 class SplitLab(W.VBox):
     """The split lab widget (see the module docstring)."""
 
     def __init__(self, model: str | Path | ModelProfile, devices: list[Device] | None = None, *,
                  config: SplitConfig | None = None, host: Device | None = None, sim: str | None = None,
                  rpc: list[str] | str | None = None, virtual: int | None = None, llama_devices: bool = False,
-                 worker=None, session=None, debounce: float = 0.05, background: bool = True, monitor=None,
-                 n_prompt: int = 128, n_gen: int = 32, repetitions: int = 2):
+                 worker=None, session=None, choice=None, debounce: float = 0.05, background: bool = True,
+                 monitor=None, n_prompt: int = 128, n_gen: int = 32, repetitions: int = 2, live_fit: bool = True):
         super().__init__()
         if isinstance(model, ModelProfile):
             self.profile = model
@@ -102,12 +130,20 @@ class SplitLab(W.VBox):
         self.debounce = debounce
         self.background = background
         self.monitor = monitor
+        self.live_fit = live_fit
         self.runs: list[Run] = []
+        self._run_configs: list[SplitConfig] = []
         self.plan: Plan | None = None
         self.error: str | None = None
+        self.note: str = ""                 # the last policy's line, shown while its settings stand
+        self._note_config: SplitConfig | None = None
         self.last_update_s = 0.0
+        self.last_fit_s = 0.0
+        self.live_fit_result: object | None = None
+        self._fit_given: SplitConfig | None = None
         self._suspend = 0
         self._handle: asyncio.TimerHandle | None = None
+        self._fit_handle: asyncio.TimerHandle | None = None
         self._last_draw = 0.0
         self._busy = False
         self._thread: threading.Thread | None = None
@@ -115,111 +151,114 @@ class SplitLab(W.VBox):
         self.worker = worker
         self.notes: list[str] = []
         self.devices, self.host, self.can_load, self.load_reason = self._resolve_devices(
-            devices, host, sim, rpc, virtual, llama_devices, worker, session)
+            devices, host, sim, rpc, virtual, llama_devices, worker, session, choice)
         self._finalizer = weakref.finalize(self, _cleanup, self._own_session)
         self._build(config or SplitConfig(), n_prompt, n_gen, repetitions)
         self.redraw()
 
     # -- devices ---------------------------------------------------------------------------
-    def _resolve_devices(self, devices, host, sim, rpc, virtual, llama_devices, worker, session):
-        load_ok = isinstance(self.profile.path, str) and Path(self.profile.path).is_file()
-        no_file = "the model is a profile without a file to load"
-        if devices is not None or worker is not None:
+    def _resolve_devices(self, devices, host, sim, rpc, virtual, llama_devices, worker, session, choice):
+        """(devices, host, can_load, why not) from a DeviceChoice: the one given, else
+        Session.devices' (the resolver the CLI uses); explicit devices or a worker make one here."""
+        from ..runtime.session import DeviceChoice
+        if choice is None and (devices is not None or worker is not None):
             if host is None:
                 from ..sources.host import host_device
                 host = host_device()
-            devs = [d for d in (devices if devices is not None else worker.devices()) if d.is_offload]
-            if any(d.source == "sim" for d in devs):
-                return devs, host, False, "simulated devices cannot load a model (plan only)"
-            if worker is None:
-                why = ("RPC devices given without their worker: pass worker=Worker(endpoints)"
-                       if any(d.kind == "rpc" for d in devs) else "no worker to load with: pass worker=Worker()")
-                return devs, host, False, why
-            return devs, host, load_ok, "" if load_ok else no_file
-        if session is None:
-            from ..runtime.session import Session
-            session = self._own_session = Session()
-        try:
-            choice = session.devices(sim=sim, rpc=rpc, llama_devices=llama_devices, virtual=virtual,
-                                     for_load=sim is None, virtual_if_no_gpu=sim is None)
-        except GpulabError as e:
-            if sim is not None or rpc:
-                raise
-            # no RPC runtime for the virtual devices: still teach, with simulated ones
-            self.notes.append(f"could not start virtual devices ({e}); showing 2 simulated 8 GiB devices")
-            return parse_sim_spec("2x8GiB"), host, False, "no virtual devices: plan only"
+            devs = tuple(d for d in (devices if devices is not None else worker.devices()) if d.is_offload)
+            why = ("simulated devices cannot load a model (plan only)" if any(d.source == "sim" for d in devs) else
+                   "" if worker is not None else
+                   "RPC devices given without their worker: pass worker=Worker(endpoints)"
+                   if any(d.kind == "rpc" for d in devs) else "no worker to load with: pass worker=Worker()")
+            choice = DeviceChoice(devs, host, "", (), worker, not why, why)
+        if choice is None:
+            if session is None:
+                from ..runtime.session import Session
+                session = self._own_session = Session()
+            try:
+                choice = session.devices(sim=sim, rpc=rpc, llama_devices=llama_devices, virtual=virtual,
+                                         for_load=sim is None, virtual_if_no_gpu=sim is None)
+            except GpulabError as e:
+                if sim is not None or rpc:
+                    raise
+                # no RPC runtime for the virtual devices: still teach, with simulated ones
+                self.notes.append(f"could not start virtual devices ({e}); showing 2 simulated 8 GiB devices")
+                return parse_sim_spec("2x8GiB"), host, False, "no virtual devices: plan only"
         if choice.note:
             self.notes.append(choice.note)
-        self.worker = choice.worker
-        can = choice.can_load and load_ok
-        return list(choice.devices), host or choice.host, can, choice.why_not or ("" if load_ok else no_file)
+        self.worker = choice.worker if choice.worker is not None else self.worker
+        load_ok = isinstance(self.profile.path, str) and Path(self.profile.path).is_file()
+        why = choice.why_not or ("" if load_ok else "the model is a profile without a file to load")
+        return list(choice.devices), host or choice.host, choice.can_load and load_ok, why
 
     # -- building --------------------------------------------------------------------------
     def _build(self, config: SplitConfig, n_prompt: int, n_gen: int, repetitions: int) -> None:
         prof = self.profile
         names = [d.name for d in self.devices]
         self.order = names
-        ts = list(config.tensor_split) + [0.0] * (len(names) - len(config.tensor_split))
+        self.colors = F.device_colors([*names, HOST_NAME])
         chosen = set(config.devices) if config.devices and config.devices != ("none",) else (
             set() if config.devices == ("none",) else set(names))
-        self.use_boxes, self.split_sliders, self.share_labels = [], [], []
-        rows = []
-        sel_i = 0
+        # -ts by device name; the text field shows it in llama.cpp's order of the ticked devices
+        try:
+            used = [d.name for d in select_devices(self.devices, config.replace(tensor_split=()))]
+        except GpulabError:
+            used = [n for n in names if n in chosen]
+        self._ts = {n: 0.0 for n in names}
+        self._ts.update({n: float(v) for n, v in zip(used, config.tensor_split)})
+        self.use_boxes, self.share_labels, rows = [], [], []
         for d in self.devices:
-            use = W.Checkbox(value=d.name in chosen, indent=False, layout=W.Layout(width="22px"),
-                             tooltip=f"use {d.name}")
-            val = 0.0
-            if d.name in chosen:
-                val = float(ts[sel_i]) if sel_i < len(ts) else 0.0
-                sel_i += 1
-            sl = W.FloatSlider(value=val, min=0.0, max=max(1.0, math.ceil(val)), step=0.01, description=d.name,
-                               continuous_update=True, readout_format=".2f",
-                               style={"description_width": "60px"}, layout=W.Layout(width="330px"))
-            share = W.HTML(layout=W.Layout(width="260px"))
-            free = W.HTML(f"<span style='color:#666;font-size:11px'>{format_bytes(d.free_bytes)} free of "
-                          f"{format_bytes(d.total_bytes)}</span>", layout=W.Layout(width="200px"))
-            use.observe(self._changed, "value")
-            sl.observe(self._changed, "value")
+            use = W.Checkbox(value=d.name in chosen, description=d.name, indent=False, style=_STYLE,
+                             tooltip=f"use {d.name}", layout=W.Layout(width="auto"))
+            swatch = W.HTML(f"<span style='display:inline-block;width:14px;height:14px;margin-top:5px;"
+                            f"background:{self.colors[d.name]}'></span>", layout=W.Layout(width="18px"))
+            share = W.HTML(layout=W.Layout(width="auto", min_width="150px"))
+            free = W.HTML(_GREY.format(f"{format_bytes(d.free_bytes)} free of {format_bytes(d.total_bytes)}"),
+                          layout=W.Layout(width="auto"))
+            use.observe(self._ticked, "value")
             self.use_boxes.append(use)
-            self.split_sliders.append(sl)
             self.share_labels.append(share)
-            rows.append(W.HBox([use, sl, share, free]))
+            rows.append(W.HBox([swatch, use, share, free], layout=W.Layout(margin="0 24px 0 0")))
+        self.strip = LayerStrip(colors={**self.colors, "Meta()": "#555"})
+        self.strip.layout = W.Layout(width="100%", min_width="600px")
+        self._request_seq = -1
+        self.strip.observe(self._strip_request, "request")
+        self.ts_text = W.Text(value=_ts_text(config.tensor_split), description="-ts (tensor split, e.g. 3,1)",
+                              placeholder="empty: by free memory", continuous_update=False, style=_STYLE,
+                              tooltip=next(s.help for s in SETTINGS if s.attr == "tensor_split"),
+                              layout=W.Layout(width="420px"))
+        self.ts_text.observe(self._ts_typed, "value")
         self.policy_buttons = {}
-        tooltips = {"fit": "set -c, -ngl, -ts and -ot to what llama-server's -fit chooses from its defaults "
-                           "(-c 0, -ngl auto, no -ts, no -ot)",
-                    "ollama": "set the devices and every flag to what today's Ollama (0.30-0.33) launches "
-                              "llama-server with, and what its -fit then chooses"}
         for p in ALL_POLICIES:
             if p == "moe-balance" and not prof.is_moe:
                 continue        # it places expert tensors: a dense model has none
-            b = W.Button(description=_POLICY_LABELS.get(p, p),
-                         tooltip=tooltips.get(p, f"set the sliders by the {p} policy"),
-                         layout=W.Layout(width="auto", min_width="90px"))
+            b = W.Button(description=LABELS.get(p, p), tooltip=_TOOLTIPS.get(p, f"set -ts by the {p} policy "
+                         "(every device, -sm layer)"), layout=W.Layout(width="auto", min_width="90px"))
             b.on_click(lambda _b, p=p: self.apply_policy(p))
             self.policy_buttons[p] = b
         n_max = prof.n_layer + 1
         ngl = n_max if config.n_gpu_layers < 0 else min(config.n_gpu_layers, n_max)
-        self.ngl_slider = W.IntSlider(value=ngl, min=0, max=n_max, description="-ngl", continuous_update=True,
-                                      style={"description_width": "60px"}, layout=W.Layout(width="330px"))
-        self.split_mode = W.ToggleButtons(options=list(SPLIT_MODES), value=config.split_mode, description="-sm",
-                                          style={"description_width": "60px", "button_width": "60px"})
+        self.ngl_slider = W.IntSlider(value=ngl, min=0, max=n_max, description="-ngl (layers on the devices)",
+                                      continuous_update=True, style=_STYLE, layout=W.Layout(width="460px"))
+        self.split_mode = W.ToggleButtons(options=list(SPLIT_MODES), value=config.split_mode,
+                                          description="-sm (split mode)",
+                                          style={**_STYLE, "button_width": "auto"})
         self.main_gpu = W.Dropdown(options=[(f"{i}: {n}", i) for i, n in enumerate(names)] or [("0", 0)],
                                    value=config.main_gpu if config.main_gpu < max(len(names), 1) else 0,
-                                   description="-mg", style={"description_width": "60px"},
-                                   layout=W.Layout(width="200px"))
+                                   description="-mg (main device)", style=_STYLE, layout=W.Layout(width="auto"))
         self.n_ctx = W.SelectionSlider(options=_ctx_options(prof.n_ctx_train, config.n_ctx), value=config.n_ctx,
-                                       description="-c", continuous_update=True,
-                                       style={"description_width": "60px"}, layout=W.Layout(width="330px"))
-        self.type_k = W.Dropdown(options=list(KV_CACHE_TYPES), value=config.type_k, description="-ctk",
-                                 style={"description_width": "60px"}, layout=W.Layout(width="160px"))
-        self.type_v = W.Dropdown(options=list(KV_CACHE_TYPES), value=config.type_v, description="-ctv",
-                                 style={"description_width": "60px"}, layout=W.Layout(width="160px"))
+                                       description="-c (context)", continuous_update=True, style=_STYLE,
+                                       layout=W.Layout(width="460px"))
+        self.type_k = W.Dropdown(options=list(KV_CACHE_TYPES), value=config.type_k, description="-ctk (K type)",
+                                 style=_STYLE, layout=W.Layout(width="auto"))
+        self.type_v = W.Dropdown(options=list(KV_CACHE_TYPES), value=config.type_v, description="-ctv (V type)",
+                                 style=_STYLE, layout=W.Layout(width="auto"))
         self.flash_attn = W.ToggleButtons(options=list(FLASH_ATTN_MODES), value=config.flash_attn,
-                                          description="-fa", style={"description_width": "60px",
-                                                                    "button_width": "50px"})
+                                          description="-fa (flash attention)",
+                                          style={**_STYLE, "button_width": "auto"})
         self.y_scale = W.ToggleButtons(options=[("device memory", "device"), ("used only", "used")],
-                                       value=self._default_scale(), description="y-axis",
-                                       style={"description_width": "60px", "button_width": "100px"})
+                                       value=self._default_scale(), description="memory axis",
+                                       style={**_STYLE, "button_width": "auto"})
         # every other setting: a generic control, named by its llama.cpp flag
         self.setting_controls: dict[str, W.ValueWidget] = {}
         for st in SETTINGS:
@@ -229,26 +268,28 @@ class SplitLab(W.VBox):
             label = st.flags[-1] if st.flags[-1].startswith("--") else st.flags[0]
             if st.kind in ("off", "on"):
                 ctl = W.Checkbox(value=(not value) if st.kind == "off" else bool(value), description=label,
-                                 indent=False, tooltip=st.help, layout=W.Layout(width="auto"))
+                                 indent=False, tooltip=st.help, style=_STYLE, layout=W.Layout(width="auto"))
             elif st.attr == "n_cpu_moe" and prof.is_moe:
                 # the experts-on-CPU slider: the experts of layers 0..N-1 go to the host
-                ctl = W.IntSlider(value=int(value), min=0, max=prof.n_layer, description="-ncmoe",
-                                  tooltip=st.help, continuous_update=True, style={"description_width": "60px"},
-                                  layout=W.Layout(width="330px"))
+                ctl = W.IntSlider(value=int(value), min=0, max=prof.n_layer,
+                                  description="-ncmoe (expert layers on CPU)",
+                                  tooltip=st.help, continuous_update=True, style=_STYLE,
+                                  layout=W.Layout(width="460px"))
             elif st.kind == "int":
                 ctl = W.BoundedIntText(value=int(value), min=0 if st.default == 0 else 1, max=1 << 20,
-                                       description=st.flags[0], tooltip=st.help,
-                                       style={"description_width": "50px"}, layout=W.Layout(width="150px"))
+                                       description=label, tooltip=st.help, style=_STYLE,
+                                       layout=W.Layout(width="auto"))
             elif st.kind == "mibs":
-                ctl = W.Text(value=",".join(str(x) for x in value), description=st.flags[0], tooltip=st.help,
-                             placeholder="1024", continuous_update=False,
-                             style={"description_width": "60px"}, layout=W.Layout(width="200px"))
+                ctl = W.Text(value=",".join(str(x) for x in value), description=f"{label} (MiB)", tooltip=st.help,
+                             placeholder="1024", continuous_update=False, style=_STYLE,
+                             layout=W.Layout(width="auto"))
             elif st.kind == "rules":
-                ctl = W.Text(value=",".join(value), description=st.flags[0], tooltip=st.help,
+                ctl = W.Text(value=",".join(value), description=label, tooltip=st.help,
                              placeholder=r"blk\.[0-9]\.ffn_.*_exps=CPU,...", continuous_update=False,
-                             style={"description_width": "60px"}, layout=W.Layout(width="660px"))
+                             style=_STYLE, layout=W.Layout(width="660px"))
             else:
-                ctl = W.Dropdown(options=list(st.choices), value=value, description=st.flags[0], tooltip=st.help)
+                ctl = W.Dropdown(options=list(st.choices), value=value, description=label, tooltip=st.help,
+                                 style=_STYLE, layout=W.Layout(width="auto"))
             ctl.observe(self._changed, "value")
             self.setting_controls[st.attr] = ctl
         for w in (self.ngl_slider, self.split_mode, self.main_gpu, self.n_ctx, self.type_k, self.type_v,
@@ -256,6 +297,7 @@ class SplitLab(W.VBox):
             w.observe(self._changed, "value")
         self._base_config = config
         self.status = W.HTML()
+        self.policy_note = W.HTML()
 
         # figures: built once, updated in place
         first = self._safe_plan(self.current_config()) or make_plan(prof, self.devices, SplitConfig(
@@ -270,13 +312,13 @@ class SplitLab(W.VBox):
                                        "load the model with these settings in a worker process")
         self.measure_button.on_click(lambda _b: self.measure(wait=not self.background))
         self.force_load = W.Checkbox(value=False, description="load even if the plan says it does not fit",
-                                     indent=False, layout=W.Layout(width="auto"))
-        self.n_prompt = W.BoundedIntText(value=n_prompt, min=0, max=65536, description="-p",
-                                         style={"description_width": "30px"}, layout=W.Layout(width="120px"))
-        self.n_gen = W.BoundedIntText(value=n_gen, min=0, max=65536, description="-n",
-                                      style={"description_width": "30px"}, layout=W.Layout(width="120px"))
-        self.repetitions = W.BoundedIntText(value=repetitions, min=1, max=100, description="-r",
-                                            style={"description_width": "30px"}, layout=W.Layout(width="120px"))
+                                     indent=False, style=_STYLE, layout=W.Layout(width="auto"))
+        self.n_prompt = W.BoundedIntText(value=n_prompt, min=0, max=65536, description="-p (prompt tokens)",
+                                         style=_STYLE, layout=W.Layout(width="auto"))
+        self.n_gen = W.BoundedIntText(value=n_gen, min=0, max=65536, description="-n (generated tokens)",
+                                      style=_STYLE, layout=W.Layout(width="auto"))
+        self.repetitions = W.BoundedIntText(value=repetitions, min=1, max=100, description="-r (repetitions)",
+                                            style=_STYLE, layout=W.Layout(width="auto"))
         self.progress = W.FloatProgress(value=0.0, min=0.0, max=1.0, description="", layout=W.Layout(width="300px"))
         self.progress_label = W.HTML()
         self.result_html = W.HTML()
@@ -285,31 +327,52 @@ class SplitLab(W.VBox):
         self.throughput_fig = go.FigureWidget(F.throughput_chart([]))
         self.export_html = W.HTML()
 
-        title = (f"<b>{html.escape(prof.name or prof.arch)}</b> — {prof.n_layer} layers + output, "
+        title = (f"<b>{html.escape(prof.title)}</b> — {prof.n_layer} layers + output, "
                  f"{format_bytes(prof.file_bytes)}")
         if self.notes:
-            title += "<br><span style='color:#666;font-size:12px'>" + html.escape("; ".join(self.notes)) + "</span>"
+            title += "<br>" + _GREY.format(html.escape("; ".join(self.notes)))
         if not self.devices:
             title += ("<br><span style='color:#b35c00'>no offload devices: everything stays on the CPU "
                       "(try sim='2x24GiB' or virtual=2)</span>")
-        left = W.VBox([W.HTML("<b>tensor_split</b> <span style='color:#666;font-size:12px'>(tick = use this "
-                              "device; all at 0 = llama.cpp's default, by free memory)</span>"), *rows])
-        right = W.VBox([W.HTML("<b>policies</b> set the sliders"),
-                        W.HBox(list(self.policy_buttons.values()), layout=W.Layout(flex_flow="row wrap")),
-                        self.ngl_slider, self.split_mode, self.main_gpu, self.n_ctx,
-                        W.HBox([self.type_k, self.type_v]), self.flash_attn, self.y_scale,
-                        *[c for a, c in self.setting_controls.items() if a in _PROMINENT],
-                        W.HBox([c for a, c in self.setting_controls.items() if a not in _PROMINENT],
-                               layout=W.Layout(flex_flow="row wrap"))])
+        wrap = W.Layout(flex_flow="row wrap", align_items="center", grid_gap="4px 18px")
+        controls: dict[str, list] = {g: [] for g in GROUPS}
+        for attr, ctl in self.setting_controls.items():
+            controls[_group_of(attr)].append(ctl)
+        split = W.VBox([
+            W.HBox(rows, layout=wrap),
+            W.HTML(_GREY.format("drag a boundary between two colours to move layers (or focus it and use the arrow "
+                                "keys); the white handle is -ngl; the thin strip below is what llama-server's -fit "
+                                "would load")),
+            self.strip,
+            W.HBox([self.ts_text, self.ngl_slider], layout=wrap),
+            W.HBox([self.split_mode, self.main_gpu], layout=wrap),
+            W.HBox([W.HTML("<b>policies</b>"), *self.policy_buttons.values()], layout=wrap),
+            self.policy_note])
+        ctx = W.VBox([W.HBox([self.n_ctx, self.flash_attn], layout=wrap),
+                      W.HBox([self.type_k, self.type_v, *controls["context & cache"]], layout=wrap)])
+        experts = W.VBox([c for c in controls["experts & overrides"] if c.layout.width == "460px"] +
+                         [W.HBox([c for c in controls["experts & overrides"] if c.layout.width != "460px"],
+                                 layout=wrap)])
+        fit_box = W.VBox([W.HBox(controls["fit"], layout=wrap),
+                          W.HTML(_GREY.format("the thin strip under the layer strip is llama-server's -fit for "
+                                              "these values and the current -c (gpulab.core.policies.server_fit)"))])
+        self.groups: dict[str, W.Accordion] = {}
+        for name, box in (("split", split), ("context & cache", ctx), ("experts & overrides", experts),
+                          ("fit", fit_box)):
+            acc = W.Accordion(children=[box], titles=(name,), selected_index=0 if name in _OPEN else None,
+                              layout=W.Layout(width="100%"))
+            acc.add_class("gpulab-group")
+            self.groups[name] = acc
         measure_box = W.VBox([
-            W.HTML("<b>Load &amp; measure</b> <span style='color:#666;font-size:12px'>(in a worker process: the "
-                   "kernel survives whatever llama.cpp does)</span>"),
-            W.HBox([self.measure_button, self.n_prompt, self.n_gen, self.repetitions, self.force_load]),
+            W.HTML("<b>Load &amp; measure</b> " + _GREY.format("(in a worker process: the kernel survives whatever "
+                                                               "llama.cpp does)")),
+            W.HBox([self.measure_button, self.n_prompt, self.n_gen, self.repetitions, self.force_load], layout=wrap),
             W.HBox([self.progress, self.progress_label]), self.result_html, self.compare_box,
             self.results_html, self.throughput_fig])
-        self.children = [W.HTML(title), W.HBox([left, right]), self.status, self.layer_fig, self.memory_fig,
-                         measure_box, W.HTML("<b>Export</b> (copy-ready, for the current settings)"),
+        self.children = [W.HTML(title), *self.groups.values(), self.status, self.y_scale, self.layer_fig,
+                         self.memory_fig, measure_box, W.HTML("<b>Export</b> (copy-ready, for the current settings)"),
                          self.export_html]
+        self.layout.padding = "0 0 0 6px"       # labels at the left edge are not cut by the output area
         self.add_class("gpulab-splitlab")
 
     def _default_scale(self) -> str:
@@ -327,19 +390,26 @@ class SplitLab(W.VBox):
     def config(self) -> SplitConfig:
         return self.current_config()
 
+    def _device_setting(self) -> tuple[str, ...]:
+        sel = self.selected
+        if len(sel) == len(self.devices):
+            return ()
+        return tuple(sel) or ("none",)
+
+    def _split_order(self) -> list[str]:
+        """The ticked devices in llama.cpp's order (select_devices, -sm ignored): -ts's order."""
+        try:
+            return [d.name for d in select_devices(self.devices, SplitConfig(devices=self._device_setting()))]
+        except GpulabError:
+            return self.selected
+
     def current_config(self) -> SplitConfig:
         """The SplitConfig the controls describe (raises ConfigError for impossible values)."""
-        names = [d.name for d in self.devices]
-        sel = [i for i, b in enumerate(self.use_boxes) if b.value]
-        ts = tuple(float(self.split_sliders[i].value) for i in sel)
+        ts = tuple(self._ts.get(n, 0.0) for n in self._split_order())
         while ts and ts[-1] == 0.0 and any(ts):
             ts = ts[:-1]
         if not any(ts):
             ts = ()
-        if len(sel) == len(names):
-            devices: tuple[str, ...] = ()
-        else:
-            devices = tuple(names[i] for i in sel) or ("none",)
         n_max = self.profile.n_layer + 1
         ngl = self.ngl_slider.value
         generic = {}
@@ -354,9 +424,47 @@ class SplitLab(W.VBox):
             else:
                 generic[st.attr] = ctl.value
         return self._base_config.replace(
-            tensor_split=ts, devices=devices, n_gpu_layers=-1 if ngl >= n_max else ngl,
+            tensor_split=ts, devices=self._device_setting(), n_gpu_layers=-1 if ngl >= n_max else ngl,
             split_mode=self.split_mode.value, main_gpu=self.main_gpu.value or 0, n_ctx=self.n_ctx.value,
             type_k=self.type_k.value, type_v=self.type_v.value, flash_attn=self.flash_attn.value, **generic)
+
+    def set_config(self, config: SplitConfig) -> Plan | None:
+        """Set every control to `config` (one redraw)."""
+        self._suspend += 1
+        try:
+            chosen = set(config.devices) if config.devices and config.devices != ("none",) else (
+                set() if config.devices == ("none",) else {d.name for d in self.devices})
+            for d, box in zip(self.devices, self.use_boxes):
+                box.value = d.name in chosen
+            self._sync_main_gpu()
+            order = self._split_order()
+            self._ts = {n: 0.0 for n in self._ts}
+            self._ts.update({n: float(v) for n, v in zip(order, config.tensor_split)})
+            self.ts_text.value = _ts_text(config.tensor_split)
+            self.split_mode.value = config.split_mode
+            self.main_gpu.value = config.main_gpu if config.main_gpu < len(self.main_gpu.options) else 0
+            if config.n_ctx not in self.n_ctx.options:
+                self.n_ctx.options = sorted({*self.n_ctx.options, config.n_ctx})
+            self.n_ctx.value = config.n_ctx
+            n_max = self.ngl_slider.max
+            self.ngl_slider.value = n_max if config.n_gpu_layers < 0 else min(config.n_gpu_layers, n_max)
+            self.type_k.value, self.type_v.value = config.type_k, config.type_v
+            self.flash_attn.value = config.flash_attn
+            for st in SETTINGS:
+                ctl = self.setting_controls.get(st.attr)
+                if ctl is None:
+                    continue
+                v = getattr(config, st.attr)
+                if st.kind == "off":
+                    v = not v
+                elif st.kind == "rules":
+                    v = ",".join(v)
+                elif st.kind == "mibs":
+                    v = ",".join(str(x) for x in v)
+                ctl.value = v
+        finally:
+            self._suspend -= 1
+        return self.redraw()
 
     def _plan(self, config: SplitConfig) -> Plan:
         return make_plan(self.profile, self.devices, config, self.host)
@@ -367,11 +475,89 @@ class SplitLab(W.VBox):
         except GpulabError:
             return None
 
+    # -- the split: strip, -ts text, ticks --------------------------------------------------
+    def set_split(self, values) -> Plan | None:
+        """Set -ts of the ticked devices to `values` (in llama.cpp's order of them), one redraw."""
+        order = self._split_order()
+        values = [float(v) for v in values]
+        for i, n in enumerate(order):
+            self._ts[n] = values[i] if i < len(values) else 0.0
+        self._show_ts()
+        return self.redraw()
+
+    def set_counts(self, counts) -> Plan | None:
+        """Put exactly counts[i] offloaded layers on the i-th device of the strip (what a drag does)."""
+        segs = [s["name"] for s in self.strip.segments]
+        if len(counts) != len(segs):
+            self._set_error(f"{len(counts)} layer counts for {len(segs)} devices on the strip")
+            return None
+        by_name = dict(zip(segs, split_for_counts(list(counts)) + (0.0,) * len(segs)))
+        for n in self._ts:
+            self._ts[n] = by_name.get(n, 0.0)
+        self._show_ts()
+        return self._schedule_or_draw()
+
+    def set_ngl(self, ngl: int) -> None:
+        self.ngl_slider.value = max(0, min(int(ngl), self.ngl_slider.max))
+
+    def _show_ts(self) -> None:
+        ts = [self._ts.get(n, 0.0) for n in self._split_order()]
+        while ts and ts[-1] == 0.0:
+            ts.pop()
+        self._suspend += 1
+        try:
+            self.ts_text.value = _ts_text(ts)
+        finally:
+            self._suspend -= 1
+
+    def _strip_request(self, change) -> None:
+        req = change["new"] or {}
+        self._request_seq = int(req.get("seq", -1))
+        if "counts" in req:
+            self.set_counts([int(c) for c in req["counts"]])
+        elif "ngl" in req:
+            self.set_ngl(int(req["ngl"]))
+
+    def _ts_typed(self, change) -> None:
+        if self._suspend:
+            return
+        st = next(s for s in SETTINGS if s.attr == "tensor_split")
+        try:
+            values = value_from_text(st, change["new"].strip())
+        except (GpulabError, ValueError) as e:
+            self._set_error(f"-ts {change['new']!r}: {e}")
+            return
+        order = self._split_order()
+        if len(values) > len(order):
+            self._set_error(f"-ts has {len(values)} values for {len(order)} ticked devices ({', '.join(order)})")
+            return
+        for i, n in enumerate(order):
+            self._ts[n] = float(values[i]) if i < len(values) else 0.0
+        self._schedule()
+
+    def _ticked(self, change) -> None:
+        if self._suspend:
+            return
+        # a device ticked back in while -ts is explicit gets the mean share, not 0 ("not used")
+        box = change["owner"]
+        name = box.description
+        if change["new"] and self._ts.get(name, 0.0) == 0.0:
+            others = [self._ts[n] for n in self.selected if n != name and self._ts.get(n, 0.0) > 0]
+            if others:
+                self._ts[name] = sum(others) / len(others)
+        self._sync_main_gpu()
+        self._show_ts()
+        self._schedule()
+
     # -- redrawing -------------------------------------------------------------------------
     def _changed(self, change) -> None:
         if self._suspend:
             return
         self._schedule()
+
+    def _schedule_or_draw(self) -> Plan | None:
+        self._schedule()
+        return self.plan
 
     def _schedule(self) -> None:
         """Throttle: redraw now if the last redraw is `debounce` old, else once when it is."""
@@ -420,10 +606,11 @@ class SplitLab(W.VBox):
         self.error = None
         self.plan = p
         self._sync_main_gpu()
-        for w, sl in zip(self.use_boxes, self.split_sliders):
-            sl.disabled = not w.value
         self._draw(p)
         self.last_update_s = time.perf_counter() - t0
+        if self.live_fit:
+            self._schedule_fit(cfg)
+        self._mark_stale(cfg)
         return p
 
     def _draw(self, p: Plan) -> None:
@@ -436,9 +623,85 @@ class SplitLab(W.VBox):
         F.apply(self.memory_fig, p, "memory", order=self.order, unit=self.unit, y_range=y_range)
         F.sync_widget_state(self.layer_fig)
         F.sync_widget_state(self.memory_fig)
+        self._draw_strip(p)
         self._update_shares(p)
         self._update_status(p)
         self.export_html.value = exports_html(self.exports(p))
+
+    def _draw_strip(self, p: Plan) -> None:
+        tp = p.tensor_parallel is not None
+        segs = [] if tp else [{"name": d.name} for d in p.offload_devices]
+        n_max = self.profile.n_layer + 1
+        with self.strip.hold_sync():
+            self.strip.cells = list(p.layer_devices)
+            self.strip.segments = segs
+            self.strip.ngl = n_max if p.config.n_gpu_layers < 0 else min(p.config.n_gpu_layers, n_max)
+            self.strip.draggable = p.config.split_mode == "layer" and len(segs) > 1
+            self.strip.applied = self._request_seq
+
+    def _schedule_fit(self, cfg: SplitConfig) -> None:
+        """The live fit after the figures: at once in plain Python; in a notebook once the controls
+        rest for `debounce` seconds (fit takes up to hundreds of ms on a large MoE: a -c drag must
+        not wait for it at every step)."""
+        if self._fit_handle is not None:
+            self._fit_handle.cancel()
+            self._fit_handle = None
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is None or not self.debounce:
+            self._draw_fit(cfg)
+            return
+        self._fit_handle = loop.call_later(self.debounce, self._fit_now)
+
+    def _fit_now(self) -> None:
+        self._fit_handle = None
+        try:
+            self._draw_fit(self.current_config())
+        except GpulabError:
+            pass        # the status line already says what is wrong with the settings
+
+    def _draw_fit(self, cfg: SplitConfig) -> None:
+        """The thin strip: what llama-server's -fit loads for the current -c/-fitt (its own -ngl/-ts)."""
+        from ..core.policies.server_fit import fit_flags, server_fit
+        t0 = time.perf_counter()
+        # fit chooses -ngl and -ts itself: a drag leaves its input as it was, and the last answer stands
+        given = cfg.replace(n_gpu_layers=-1, tensor_split=(), fit="on")
+        if given == self._fit_given:
+            self.last_fit_s = time.perf_counter() - t0
+            return
+        try:
+            r = server_fit(self.profile, self.devices, given, self.host)
+            self.live_fit_result = r
+            if r.ok:
+                cells = list(self._plan(r.config).layer_devices)
+                label = (f"llama-server -fit at -c {cfg.n_ctx}: "
+                         f"{fit_flags(r.config, r.overrides, self.devices) or 'nothing to change'}")
+            else:
+                cells, label = [], f"llama-server -fit at -c {cfg.n_ctx} gives up: {r.reasons[-1]}"
+        except GpulabError as e:
+            cells, label = [], f"llama-server -fit: {e}"
+        self._fit_given = given
+        with self.strip.hold_sync():
+            self.strip.fit_cells = cells
+            self.strip.fit_label = label
+        self.last_fit_s = time.perf_counter() - t0
+
+    def _mark_stale(self, cfg: SplitConfig) -> None:
+        """A policy's note goes once its settings change; measurements of other settings say so."""
+        if self.note and cfg != self._note_config:
+            self.note, self._note_config = "", None
+            self.policy_note.value = ""
+        if self.runs:
+            stale = self._run_configs[-1] != cfg
+            banner = ("<div class='gpulab-stale' style='color:#b35c00'>measured with earlier settings: "
+                      "press Load &amp; measure for these</div>")
+            has = self.result_html.value.startswith("<div class='gpulab-stale'")
+            if stale and not has:
+                self.result_html.value = banner + self.result_html.value
+            elif not stale and has:
+                self.result_html.value = self.result_html.value[len(banner):]
 
     def exports(self, p: Plan | None = None) -> dict:
         """{target: Export} of the current (or a given) plan's settings (gpulab.core.exports.render)."""
@@ -466,12 +729,10 @@ class SplitLab(W.VBox):
             dp = p.device(d.name)
             if ts is not None:
                 lab.value = (f"<b>{shares[d.name] * 100:.1f}%</b> of the split bytes, a slice of each of "
-                             f"{dp.n_layers} layers" + (" +out" if dp.has_output else ""))
+                             f"{layers_text(dp.n_layers, dp.has_output)}")
                 continue
-            layers = dp.n_layers + (1 if dp.has_output else 0)
             how = " by free memory" if default else ""
-            lab.value = (f"<b>{shares[d.name] * 100:.1f}%</b>{how} → {layers} layer{'s' if layers != 1 else ''}"
-                         + (" +out" if dp.has_output else ""))
+            lab.value = f"<b>{shares[d.name] * 100:.1f}%</b>{how} → {layers_text(dp.n_layers, dp.has_output)}"
 
     def _update_status(self, p: Plan) -> None:
         notes = []
@@ -485,7 +746,7 @@ class SplitLab(W.VBox):
             notes.append(f"split mode none: only -mg's device ({mg}) is used")
         on_cpu = sum(1 for x in p.layer_devices if x == HOST_NAME)
         if on_cpu:
-            notes.append(f"{on_cpu} of {p.profile.n_layer + 1} layers stay on the CPU")
+            notes.append(f"{on_cpu} of {p.profile.n_layer + 1} layers (blocks and output) stay on the CPU")
         extra = "".join(f"<div style='color:#666;font-size:12px'>{html.escape(n)}</div>" for n in notes)
         if p.fits:
             self.status.value = f"<div style='color:#2a7d2a;font-weight:bold'>fits</div>{extra}"
@@ -495,6 +756,8 @@ class SplitLab(W.VBox):
 
     def _set_error(self, msg: str) -> None:
         self.error = msg
+        if hasattr(self, "strip"):
+            self.strip.applied = self._request_seq     # the strip drops its preview: the plan stays
         self.status.value = (f"<div class='gpulab-error' style='color:#d62728;font-weight:bold'>"
                              f"{html.escape(msg)}</div><div style='color:#666;font-size:12px'>the figures show "
                              "the last valid settings</div>")
@@ -512,127 +775,34 @@ class SplitLab(W.VBox):
                 self._suspend -= 1
 
     # -- policies --------------------------------------------------------------------------
-    def set_split(self, values) -> None:
-        """Set the selected devices' sliders to `values` (in selection order), one redraw."""
-        sel = [i for i, b in enumerate(self.use_boxes) if b.value]
-        values = list(values) + [0.0] * (len(sel) - len(values))
-        self._suspend += 1
-        try:
-            for i, v in zip(sel, values):
-                sl = self.split_sliders[i]
-                if v > sl.max:
-                    sl.max = float(math.ceil(v))
-                sl.value = float(v)
-        finally:
-            self._suspend -= 1
-        self.redraw()
-
     def apply_policy(self, name: str) -> Plan | None:
-        """Set the sliders to what a policy (gpulab.core.policies.apply) chooses for the selected devices;
-        moe-balance also writes its rules into the -ot field (and clears -cmoe and -ncmoe, whose
-        experts it places itself). 'fit': llama-server's common_fit_params from its defaults
-        (gpulab.core.policies.server_fit), which also sets -c, -ngl and the -ot rules; `last_fit` keeps its result
-        (flags, log, near-boundary notes)."""
-        if name == "fit":
-            return self._apply_fit()
-        if name == "ollama":
-            return self._apply_ollama()
-        rules = None
+        """Set every control policy `name` owns (gpulab.core.policies.choose): -ts, the device ticks,
+        -sm, -mg; moe-balance its -ot rules; fit and ollama also -c, -ngl and -ot. A policy that
+        cannot choose says why in one line and changes nothing. `last_fit` / `last_ollama` keep
+        fit's / Ollama's result."""
         try:
             cfg = self.current_config()
-            devices = [] if cfg.devices == ("none",) else self.devices
-            if name == "moe-balance":
-                cfg = cfg.replace(tensor_overrides=(), cpu_moe=False, n_cpu_moe=0)
-                chosen = apply_policy(name, self.profile, devices, cfg.replace(tensor_split=()), self.host)
-                split, rules = chosen.tensor_split, chosen.tensor_overrides
-            else:
-                split = policy_split(name, self.profile, devices, cfg.replace(tensor_split=()), self.host)
         except GpulabError as e:
-            self._set_error(f"policy {name}: {e}")
+            cfg = self.plan.config if self.plan is not None else SplitConfig()
+            self.error = str(e)
+        c = choose(name, self.profile, self.devices, cfg, self.host)
+        if name == "fit" and c.result is not None:
+            self.last_fit = c.result
+        if name == "ollama" and c.result is not None:
+            self.last_ollama = c.result
+        if c.config is None:
+            self._show_note(c.note, "warning", cfg)
             return None
-        except Exception as e:  # noqa: BLE001
-            self._set_error(f"policy {name}: {type(e).__name__}: {e}")
-            return None
-        if rules is not None:
-            self._suspend += 1
-            try:
-                for attr, value in (("tensor_overrides", ",".join(rules)), ("cpu_moe", False), ("n_cpu_moe", 0)):
-                    if attr in self.setting_controls:
-                        self.setting_controls[attr].value = value
-            finally:
-                self._suspend -= 1
-        self.set_split(split or [0.0] * len(self.selected))
-        return self.plan
+        p = self.set_config(c.config)
+        self.result_html.value = ""
+        self._show_note(c.note, "info", self.current_config())
+        return p
 
-    def _apply_fit(self) -> Plan | None:
-        from ..core.policies.server_fit import fit
-        try:
-            cfg = self.current_config().replace(n_ctx=0, n_gpu_layers=-1, tensor_split=(), tensor_overrides=(),
-                                                cpu_moe=False, n_cpu_moe=0, n_cpu_ffn=0, fit="on")
-            devices = [] if cfg.devices == ("none",) else self.devices
-            r = fit(self.profile, devices, cfg, self.host)
-        except GpulabError as e:
-            self._set_error(f"fit: {e}")
-            return None
-        self.last_fit = r
-        c = r.config
-        used = [d for d in self.selected]
-        self._suspend += 1
-        try:
-            if c.n_ctx not in self.n_ctx.options:
-                self.n_ctx.options = sorted({*self.n_ctx.options, c.n_ctx})
-            self.n_ctx.value = c.n_ctx
-            self.ngl_slider.value = self.ngl_slider.max if c.n_gpu_layers < 0 else min(c.n_gpu_layers,
-                                                                                        self.ngl_slider.max)
-            ot = self.setting_controls.get("tensor_overrides")
-            if ot is not None:
-                ot.value = ",".join(c.tensor_overrides)
-        finally:
-            self._suspend -= 1
-        self.set_split(c.tensor_split or [0.0] * len(used))
-        if not r.ok:
-            self._say(f"llama-server's fit gives up: {r.reasons[-1]}", "warning")
-        elif r.near_boundary:
-            self._say(f"fit: {r.flags(self.devices)} ({len(r.near_boundary)} decision(s) within gpulab's "
-                      "compute-buffer uncertainty: llama.cpp may choose one layer or context step differently)", "info")
-        return self.plan
-
-    def _apply_ollama(self) -> Plan | None:
-        """Today's Ollama (gpulab.core.policies.ollama) on every device the lab has: tick the GPUs it
-        lets llama-server see and set every flag it passes, then what llama-server's fit chose;
-        `last_ollama` keeps its result (Ollama's flags and reasons)."""
-        from ..core.policies.ollama import ollama
-        try:
-            r = ollama(self.profile, self.devices, host=self.host)
-        except GpulabError as e:
-            self._set_error(f"ollama: {e}")
-            return None
-        self.last_ollama = r
-        c = r.config
-        chosen = set(c.devices) if c.devices else {d.name for d in self.devices}
-        self._suspend += 1
-        try:
-            for d, box in zip(self.devices, self.use_boxes):
-                box.value = d.name in chosen
-            self._sync_main_gpu()
-            self.split_mode.value, self.main_gpu.value = c.split_mode, c.main_gpu
-            if c.n_ctx not in self.n_ctx.options:
-                self.n_ctx.options = sorted({*self.n_ctx.options, c.n_ctx})
-            self.n_ctx.value = c.n_ctx
-            self.ngl_slider.value = self.ngl_slider.max if c.n_gpu_layers < 0 else min(c.n_gpu_layers,
-                                                                                        self.ngl_slider.max)
-            self.flash_attn.value, self.type_k.value, self.type_v.value = c.flash_attn, c.type_k, c.type_v
-            for attr, value in (("n_batch", c.n_batch), ("n_ubatch", c.n_ubatch), ("n_seq_max", c.n_seq_max),
-                                ("tensor_overrides", ",".join(c.tensor_overrides)),
-                                ("fit_target", ",".join(str(x) for x in c.fit_target))):
-                if attr in self.setting_controls:
-                    self.setting_controls[attr].value = value
-        finally:
-            self._suspend -= 1
-        self.set_split(c.tensor_split or [0.0] * len(self.selected))
-        why = next(x for x in r.reasons if x.startswith("selectLlamaServerPlacement"))
-        self._say(f"ollama passes {' '.join(r.args)} ({why})", "info")
-        return self.plan
+    def _show_note(self, msg: str, style: str, config: SplitConfig | None) -> None:
+        color = {"warning": "#b35c00", "info": "#333"}[style]
+        self.note, self._note_config = msg, config
+        self.policy_note.value = (f"<div class='gpulab-note gpulab-{style}' style='color:{color};font-size:12px'>"
+                                  f"{html.escape(msg)}</div>")
 
     # -- load & measure --------------------------------------------------------------------
     def measure(self, *, wait: bool = True) -> Run | None:
@@ -707,7 +877,7 @@ class SplitLab(W.VBox):
             run = self.worker.measure(self.model_path, cfg, n_prompt=self.n_prompt.value, n_gen=self.n_gen.value,
                                       repetitions=self.repetitions.value, progress=self._progress)
             if run.plan is None:
-                run = replace(run, plan=p.to_dict())
+                run = replace(run, plan=p.memory())
         except GpulabError as e:
             self.progress.bar_style = "danger"
             self.progress_label.value = "failed"
@@ -724,6 +894,7 @@ class SplitLab(W.VBox):
             if self.monitor is not None:
                 self.monitor.mark_phase(None)
         self.runs.append(run)
+        self._run_configs.append(cfg)
         self.progress.value = 1.0
         self.progress.bar_style = "success"
         tps = []
@@ -765,14 +936,15 @@ class SplitLab(W.VBox):
     # -- closing ---------------------------------------------------------------------------
     def close(self) -> None:
         """Close the widget and stop what the lab started (its worker, its virtual devices)."""
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+        for h in (self._handle, self._fit_handle):
+            if h is not None:
+                h.cancel()
+        self._handle = self._fit_handle = None
         self.wait(30)
         if self.monitor is not None and hasattr(self.monitor, "close"):
             self.monitor.close()
         self._finalizer()
-        for fig in (self.layer_fig, self.memory_fig, self.throughput_fig):
+        for fig in (self.layer_fig, self.memory_fig, self.throughput_fig, self.strip):
             try:
                 fig.close()
             except Exception:  # noqa: BLE001

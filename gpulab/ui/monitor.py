@@ -23,8 +23,8 @@ import plotly.graph_objects as go
 
 from ..core.units import MiB, format_bytes
 from . import figures as F
-from .figures import device_colors
 from .html import table_html
+from .palette import BOTTOM_MARGIN, device_colors, legend_below
 
 __all__ = ["Monitor"]
 
@@ -71,10 +71,9 @@ class Monitor(W.VBox):
                          + " and no llama.cpp worker was given (Monitor(worker=...) shows RPC/CPU device memory)")
         self.header = W.HTML(f"<b>monitor</b> <span style='color:#666;font-size:12px'>{html.escape(self.note)}</span>")
         self.mem_fig = go.FigureWidget(layout=dict(
-            height=260, template="plotly_white", margin=dict(l=60, r=10, t=30, b=35),
+            height=300, template="plotly_white", margin=dict(l=60, r=10, t=30, b=BOTTOM_MARGIN),
             title=dict(text="memory used", font=dict(size=13)), xaxis=dict(title="seconds"),
-            yaxis=dict(title="MiB", rangemode="tozero"),
-            legend=dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom")))
+            yaxis=dict(title="MiB", rangemode="tozero"), legend=legend_below()))
         self.util_fig = go.FigureWidget(layout=dict(
             height=200, template="plotly_white", margin=dict(l=60, r=10, t=30, b=35),
             title=dict(text="GPU utilisation", font=dict(size=13)), xaxis=dict(title="seconds"),

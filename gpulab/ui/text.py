@@ -8,8 +8,21 @@ from ..core.placement.plan import Plan
 from ..core.profile import ModelProfile
 from ..core.units import format_bytes
 
-__all__ = ["render_table", "plan_rows", "plan_text", "rules_text", "tensor_list", "speed_text", "profile_text",
-           "devices_text", "layer_ranges", "calibration_text", "speed_cache_text", "fleet_text"]
+__all__ = [
+    "calibration_text",
+    "devices_text",
+    "fleet_text",
+    "layer_ranges",
+    "layers_text",
+    "plan_rows",
+    "plan_text",
+    "profile_text",
+    "render_table",
+    "rules_text",
+    "speed_cache_text",
+    "speed_text",
+    "tensor_list",
+]
 
 
 def render_table(rows: list[dict], right: tuple[str, ...] = ()) -> str:
@@ -23,6 +36,14 @@ def render_table(rows: list[dict], right: tuple[str, ...] = ()) -> str:
         return "  ".join(v.rjust(w) if c in right else v.ljust(w)
                          for v, w, c in zip(values, widths, cols)).rstrip()
     return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def layers_text(n_blocks: int, has_output: bool) -> str:
+    """'22 layers + output', '1 layer', 'the output layer': what a device holds, the repeating layers
+    (blocks) counted apart from the output layer, as the layer tables number them."""
+    if n_blocks == 0:
+        return "the output layer" if has_output else "no layers"
+    return f"{n_blocks} layer{'s' if n_blocks != 1 else ''}" + (" + output" if has_output else "")
 
 
 def layer_ranges(layer_devices: tuple[str, ...] | list[str], n_layer: int) -> dict[str, str]:
@@ -51,11 +72,15 @@ def plan_rows(p: Plan) -> list[dict]:
         for name in p.tensor_parallel.devices:
             ranges[name] = f"{cut} (a slice of each)"
     rows = []
+    base = any(d.overhead_bytes for d in p.devices)   # the base cost column only where a device has one
     for d in p.devices:
         rows.append({
             "device": d.name, "layers": ranges.get(d.name, "-") if not d.is_host or d.name in ranges else "input",
             "weights": format_bytes(d.weights_bytes), "KV": format_bytes(d.kv_bytes),
-            "compute": format_bytes(d.compute_bytes), "used": format_bytes(d.used_bytes),
+            "compute": format_bytes(d.compute_bytes),
+            **({"base": format_bytes(d.overhead_bytes) + (" (default)" if d.overhead_is_default else "")}
+               if base else {}),
+            "used": format_bytes(d.used_bytes),
             "free": format_bytes(d.free_bytes) if d.free_bytes else "?",
             "fits": "yes" if d.fits else f"NO (-{format_bytes(d.deficit_bytes)})",
         })
@@ -111,11 +136,11 @@ def plan_text(p: Plan, speed: SpeedPrediction | None = None, *, n_prompt: int = 
     speed_error: why there is no prediction, said in its place."""
     c = p.config
     ts = ",".join(f"{x:g}" for x in c.tensor_split) if c.tensor_split else "default (free memory)"
-    head = (f"{p.profile.name or p.profile.arch}: {p.profile.n_layer} layers + output, "
+    head = (f"{p.profile.title}: {p.profile.n_layer} layers + output, "
             f"{format_bytes(p.profile.file_bytes)} | -ngl {c.n_gpu_layers} -sm {c.split_mode} "
             f"-mg {c.main_gpu} -ts {ts} -c {c.n_ctx} -ctk {c.type_k} -ctv {c.type_v} "
             f"({p.kv_cells} KV cells)")
-    body = render_table(plan_rows(p), right=("weights", "KV", "compute", "used", "free"))
+    body = render_table(plan_rows(p), right=("weights", "KV", "compute", "base", "used", "free"))
     verdict = "fits" if p.fits else "DOES NOT FIT: " + "; ".join(p.deficits())
     parts = [head, body]
     if p.rule_matches:
@@ -129,9 +154,11 @@ def plan_text(p: Plan, speed: SpeedPrediction | None = None, *, n_prompt: int = 
     return "\n".join(parts + [verdict])
 
 
-def profile_text(prof: ModelProfile) -> str:
+def profile_text(prof: ModelProfile, max_rows: int | None = None) -> str:
+    """The model's header, then one row per layer: all of them, or the first `max_rows` and a
+    line that says how many of how many are shown."""
     head = [
-        f"{prof.name or '(unnamed)'} — arch {prof.arch}, {prof.file_type or '?'}, {format_bytes(prof.file_bytes)}",
+        f"{prof.title} — arch {prof.arch}, {prof.file_type or '?'}, {format_bytes(prof.file_bytes)}",
         f"n_layer {prof.n_layer}, n_embd {prof.n_embd}, n_ff {prof.n_ff}, vocab {prof.n_vocab}, "
         f"ctx_train {prof.n_ctx_train}" + (f", experts {prof.n_expert_used}/{prof.n_expert}" if prof.n_expert else "")
         + (f", sliding window {prof.n_swa}" if prof.n_swa else ""),
@@ -143,8 +170,10 @@ def profile_text(prof: ModelProfile) -> str:
         "experts": format_bytes(layer.expert_bytes) if layer.expert_bytes else "", "heads": layer.n_head,
         "kv_heads": layer.n_head_kv, "head_k/v": f"{layer.n_embd_head_k}/{layer.n_embd_head_v}",
         "swa": "yes" if layer.is_swa else "", "kv": "" if layer.has_kv else "none",
-    } for layer in prof.layers]
-    return "\n".join(head) + "\n" + render_table(rows, right=("weights", "experts"))
+    } for layer in prof.layers[:max_rows]]
+    more = (f"\n(the first {max_rows} of {prof.n_layer} layers; the output layer is layer {prof.n_layer})"
+            if max_rows is not None and max_rows < prof.n_layer else "")
+    return "\n".join(head) + "\n" + render_table(rows, right=("weights", "experts")) + more
 
 
 def devices_text(devices: list[Device], host: Device | None = None) -> str:
@@ -210,10 +239,19 @@ def _setting_text(attr: str, value) -> str:
     return f"{len(value)} rule(s)" if value else "none"
 
 
+FIT_HEAD = "llama-server / llama-cli (-fit on, their default) would load:"
+PLAIN_HEAD = "plain layer split, no fit (llama-bench, llama-cpp-python, llama-server -fit off):"
+
+
 def fit_text(r, fitted_plan: Plan, devices, largest_ctx: int | None = None) -> str:
     """What llama-server/llama-cli load after common_fit_params (gpulab.core.policies.server_fit): the flags
     llama-fit-params would print, what changed, fit's log, and the fitted plan."""
-    lines = ["llama-server / llama-cli (-fit on, their default) would load:"]
+    return "\n".join([FIT_HEAD, *fit_lines(r, devices, largest_ctx), plan_text(fitted_plan)])
+
+
+def fit_lines(r, devices, largest_ctx: int | None = None) -> list[str]:
+    """fit_text less its heading and the fitted plan: the flags, what changed, fit's log, warnings."""
+    lines = []
     if r.ok:
         lines.append(f"  {r.flags(devices)}" + ("   (nothing needed changing)" if r.status == "unchanged" else ""))
     elif r.status == "off":
@@ -227,7 +265,7 @@ def fit_text(r, fitted_plan: Plan, devices, largest_ctx: int | None = None) -> s
     lines.append("  fit's log:")
     lines += [f"    {x}" for x in r.reasons]
     for name, over in r.over_target:
-        lines.append(f"  warning: with these settings {name} is projected {over / 1024**2:.0f} MiB over its -fitt "
+        lines.append(f"  warning: with these settings {name} is projected {format_bytes(over)} over its -fitt "
                      "target: fit checked it when it filled it, and filling the devices ahead of it changed what it "
                      "uses (offloading every layer turns on pipeline parallelism: 4 copies of the compute inputs)")
     near = r.near_boundary
@@ -238,8 +276,7 @@ def fit_text(r, fitted_plan: Plan, devices, largest_ctx: int | None = None) -> s
     if largest_ctx is not None:
         lines.append(f"  the largest context that leaves -fitt free with fit's -ngl/-ts/-ot: {largest_ctx} "
                      f"(fit chose {r.config.n_ctx}: it interpolates, in steps of {256 * r.config.n_streams})")
-    lines.append(plan_text(fitted_plan))
-    return "\n".join(lines)
+    return lines
 
 
 def ctx_table_text(rows, config) -> str:
@@ -273,3 +310,34 @@ def fleet_text(fp) -> str:
                f"{fp.evaluated} model plans)")
     out += [f"  - {a.text}" for a in fp.advice]
     return "\n".join(out)
+
+
+def process_text(cp) -> str:
+    """A pasted command's whole process (gpulab.core.policies.process.CommandPlan): per device the
+    main model, the draft, the projector and the base cost, against free memory."""
+    pp, cmd = cp.process, cp.command
+    lines = [f"{cmd.program}: {cmd.model}" + (f" + draft {cmd.draft.path}" if cmd.draft else "")
+             + (f" + projector {cmd.projector.path}" if cmd.projector else "")]
+    if cp.fit is not None:
+        lines.append(f"fit: {cp.fit.status}" + (f" ({', '.join(cp.fit.changed)})" if cp.fit.changed else ""))
+    c = pp.main.config
+    lines.append(f"main: -ngl {c.n_gpu_layers} -c {c.n_ctx} -np {c.n_seq_max}{' -kvu' if c.kv_unified else ''} "
+                 f"-ctk {c.type_k} -ctv {c.type_v}" + (f" -ts {','.join(f'{x:g}' for x in c.tensor_split)}"
+                                                      if c.tensor_split else ""))
+    if pp.projector is not None:
+        pr = pp.projector
+        lines.append(f"projector on {pr.device} ({pr.why}): weights {format_bytes(pr.weights_bytes)}, "
+                     f"compute {format_bytes(pr.compute_bytes)} (estimate)")
+    head = f"{'device':<10}{'main':>12}{'draft':>12}{'projector':>12}{'base cost':>14}{'total':>12}{'free':>12}  fits"
+    lines += ["", head]
+    for r in pp.rows:
+        base = format_bytes(r.overhead_bytes) + ("*" if r.overhead_is_default else "")
+        free = "-" if r.is_host else format_bytes(r.free_bytes)
+        lines.append(f"{r.name:<10}{format_bytes(r.main_bytes):>12}{format_bytes(r.draft_bytes):>12}"
+                     f"{format_bytes(r.projector_bytes):>12}{base:>14}{format_bytes(r.used_bytes):>12}{free:>12}  "
+                     f"{'yes' if r.fits else 'NO'}")
+    if any(r.overhead_is_default for r in pp.rows):
+        lines.append("* default base cost for a CUDA device (nothing learned on it yet)")
+    lines += [""] + list(cp.notes) if cp.notes else []
+    lines.append("fits" if pp.fits else "does NOT fit")
+    return "\n".join(lines)

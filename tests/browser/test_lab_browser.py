@@ -1,64 +1,20 @@
 """The tour in a real browser: JupyterLab started here, headless Debian Chromium driven by
-Playwright; the notebook is run, a split slider dragged, and the memory bars must change.
+Playwright; the notebook is run, a boundary of the layer strip dragged, and the memory bars must change.
 Screenshots go to test-artifacts/ (lab_browser_before.png, lab_browser_after.png)."""
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
-import sys
-
 import pytest
 
-from browser.kit import (
-    ARTIFACTS,
-    MEMORY_PLOT,
-    REPO,
-    bar_paths,
-    drag_first_split_slider,
-    free_port,
-    wait_changed,
-    wait_http,
-)
-from processes import stop
+from browser.kit import ARTIFACTS, MEMORY_PLOT, REPO, bar_paths, drag_first_split_slider, start_lab, wait_changed
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def lab_server(tmp_path_factory):
-    """JupyterLab on a free loopback port, no token, rooted in a temp dir holding the tour."""
-    root = tmp_path_factory.mktemp("lab-root")
-    shutil.copy(REPO / "notebooks" / "01-tour.ipynb", root / "tour.ipynb")
-    home = tmp_path_factory.mktemp("lab-home")
-    # no "get notified about Jupyter news?" toast over the page (and no request for the news)
-    note = home / "settings" / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
-    note.parent.mkdir(parents=True)
-    note.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
-    port = free_port()
-    env = dict(os.environ, JUPYTER_CONFIG_DIR=str(home / "config"), JUPYTER_RUNTIME_DIR=str(home / "runtime"),
-               IPYTHONDIR=str(home / "ipython"), GPULAB_PYTHON=sys.executable, GPULAB_LAB_PORT=str(port),
-               GPULAB_LAB_TOKEN="", GPULAB_LAB_BROWSER="no")
-    # started as `make lab` starts it (scripts/lab.sh: --allow-root as root, loopback, no browser
-    # without a display), so that a lab `make lab` cannot serve cannot pass this test
-    cmd = [str(REPO / "scripts" / "lab.sh"), "tour.ipynb", "--ServerApp.password=",
-           "--ServerApp.disable_check_xsrf=True", f"--ServerApp.root_dir={root}",
-           f"--LabApp.workspaces_dir={home / 'workspaces'}", f"--LabApp.user_settings_dir={home / 'settings'}",
-           "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-           "--LabApp.extension_manager=readonly"]
-    log = home / "jupyter.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root)
-        url = f"http://127.0.0.1:{port}"
-        wait_http(f"{url}/api/status", proc, log)
-        said = log.read_text()
-        assert f"open http://127.0.0.1:{port}/lab/tree/tour.ipynb" in said, said
-        if os.geteuid() == 0:
-            assert "running as root: passing --allow-root" in said, said
-        yield url
-        stop(proc)
+    """JupyterLab (as `make lab` starts it) rooted in a temp dir holding the tour."""
+    yield from start_lab(tmp_path_factory, REPO / "notebooks" / "01-tour.ipynb", "tour.ipynb")
 
 
 def test_tour_lab_slider_moves_the_memory_bars(browser_page, lab_server):
@@ -85,11 +41,11 @@ def test_tour_lab_slider_moves_the_memory_bars(browser_page, lab_server):
         assert before, "no memory bars rendered"
         lab.screenshot(path=str(ARTIFACTS / "lab_browser_before.png"))
 
-        # the tour left the first slider at its maximum: drag it to the left
-        drag_first_split_slider(page, lab, dx=-80)
+        # the tour set -ts 1,3: drag the first boundary to the right
+        drag_first_split_slider(page, lab, dx=80)
         after = wait_changed(page, before)
         lab.screenshot(path=str(ARTIFACTS / "lab_browser_after.png"))
-        assert after != before, "the memory bars did not change after moving the slider"
+        assert after != before, "the memory bars did not change after dragging the boundary"
     except Exception:
         page.screenshot(path=str(ARTIFACTS / "lab_browser_failure.png"))
         raise

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import pytest
 
 from gpulab import SplitConfig, plan, read_profile
-from gpulab.core.policies.server_fit import fit
+from gpulab.core.policies.server_fit import server_fit
 from gpulab.sources.synth import SynthSpec, write_model
 from llama_tools import NOT_BUILT, tools_bin
 
@@ -132,7 +132,7 @@ def _settled(prof, devices, budgets, config_for, n_ctx_min=None):
     budgets = list(budgets)
     names = [d.name for d in devices]
     for _ in range(64):
-        r = fit(prof, devices, config_for(budgets), n_ctx_min=n_ctx_min)
+        r = server_fit(prof, devices, config_for(budgets), n_ctx_min=n_ctx_min)
         near = [d for d in r.decisions if d.near and (d.tokens_to_step is None or d.tokens_to_step < 72)]
         if not near:
             return budgets, r
@@ -218,7 +218,8 @@ def test_fit_overshoots_where_gpulab_says_it_does(rpc, models):
     endpoints, devices = rpc
     prof = read_profile(models["dense"])
     budgets = [320, 275, 238]
-    r = fit(prof, devices, _config_of((), fit_target=tuple(d.total_bytes // MiB - b for d, b in zip(devices, budgets))))
+    targets = tuple(d.total_bytes // MiB - b for d, b in zip(devices, budgets))
+    r = server_fit(prof, devices, _config_of((), fit_target=targets))
     assert r.ok and r.over_target, "this case should overshoot"
     flags = [f.strip('"') for f in r.flags(devices).split()]
     used = _fit_print(models["dense"], endpoints, flags)
@@ -246,7 +247,7 @@ def test_fit_on_llama_cpps_own_dry_runs_needs_no_settling(case_id, rpc, models):
     budgets = [max(8, int(s * d.used_bytes / MiB) + case.add_mib) for s, d in zip(case.scale, base.offload_devices)]
     targets = tuple(d.total_bytes // MiB - b for d, b in zip(devices, budgets))
     with Worker(endpoints[:case.n_dev]) as w:
-        ours = fit(prof, devices, _config_of(case.flags, fit_target=targets),
+        ours = server_fit(prof, devices, _config_of(case.flags, fit_target=targets),
                    measure=dry_run_measure(w, path, prof, devices))
     argv = [str(tools_bin() / "llama-fit-params"), "-m", str(path), "--rpc", ",".join(endpoints[:case.n_dev]),
             "-fitt", ",".join(map(str, targets)), *case.flags]

@@ -23,7 +23,7 @@ from gpulab.core.placement.planner import plan
 from gpulab.runtime import llama_lib
 from gpulab.runtime.rpc import RpcServer, start_servers
 from gpulab.runtime.worker import Worker
-from gpulab.sources.gguf_file import read_profile
+from gpulab.sources.gguf_file import read_local_profile
 from gpulab.storage.results import ResultsStore
 
 pytestmark = pytest.mark.skipif(not llama_lib.rpc_supported(),
@@ -171,7 +171,7 @@ def test_model_file_changed_between_plan_and_load(fault, smollm2_path, tmp_path,
     shutil.copyfile(smollm2_path, model)
     with RpcServer() as s, Worker([s.endpoint]) as w:
         cfg = CFG.replace(tensor_split=())
-        p = plan(read_profile(model), w.devices(), cfg)       # the plan, from the intact file
+        p = plan(read_local_profile(model), w.devices(), cfg)       # the plan, from the intact file
         assert p is not None
         if fault == "removed":
             model.unlink()

@@ -38,7 +38,7 @@ def test_run_structure(cpu_run, smollm2_path):
     assert 130e6 < run.model_n_params < 140e6 and 90 * 2**20 < run.model_bytes < 95 * 2**20
     assert run.backends == "CPU" and run.cpu_info and run.build and "llama-cpp-python" in run.system_info
     assert run.load_seconds > 0 and run.context_seconds > 0 and run.timestamp.endswith("Z")
-    assert len(run.model_hash) == 16 and run.run_id
+    assert len(run.model_fingerprint) == 16 and run.run_id
     assert run.nvml_peak_bytes == {} and any("NVML" in n for n in run.notes)   # no GPU here
 
 
@@ -63,9 +63,9 @@ def test_progress_phases_in_order(cpu_run):
 
 def test_run_carries_its_plan_and_placement_agrees(cpu_run):
     run, _ = cpu_run
-    assert run.plan["config"]["n_gpu_layers"] == 0
-    assert [x["device"] for x in run.plan["layers"]] == list(run.report.layer_devices) == ["CPU"] * (N_LAYER + 1)
-    kv_pred = next(d["kv_bytes"] for d in run.plan["devices"] if d["name"] == "CPU")
+    assert run.config.n_gpu_layers == 0
+    assert list(run.plan.layer_devices) == list(run.report.layer_devices) == ["CPU"] * (N_LAYER + 1)
+    kv_pred = next(d.kv_bytes for d in run.plan.devices if d.name == "CPU")
     assert abs(kv_pred - run.report.bytes_on("CPU", "kv")) <= 6 * 1024   # llama.cpp logs MiB, 2 decimals
 
 
@@ -84,7 +84,7 @@ def test_records(cpu_run):
         assert list(r)[:len(LLAMA_BENCH_FIELDS)] == list(LLAMA_BENCH_FIELDS)
         assert r["n_threads"] == 1 and r["n_gpu_layers"] == 0 and r["n_batch"] == 16
         assert r["model_size"] == run.model_bytes and r["model_n_params"] == run.model_n_params
-        assert r["gpulab"]["plan"] == run.plan and r["gpulab"]["run_id"] == run.run_id
+        assert r["gpulab"]["plan"] == run.plan.to_dict() and r["gpulab"]["run_id"] == run.run_id
 
 
 def test_measure_loaded_again_and_resplit(smollm2_path):

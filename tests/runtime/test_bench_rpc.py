@@ -52,7 +52,7 @@ def runs(cluster, smollm2_path, tmp_path_factory):
 def test_placement_equals_plan(runs, ts):
     run = runs[0][ts]
     assert run.devices == ("RPC0", "RPC1") and run.backends == "RPC"
-    planned = [x["device"] for x in run.plan["layers"]]
+    planned = list(run.plan.layer_devices)
     assert list(run.report.layer_devices) == planned
     n0 = planned.count("RPC0")
     assert 0 < n0 < N_LAYER + 1 and planned == ["RPC0"] * n0 + ["RPC1"] * (N_LAYER + 1 - n0)
@@ -91,8 +91,8 @@ def test_results_in_the_store(runs):
     back = store.runs(config=one.config)
     assert len(back) == 1 and back[0].pp == one.pp and back[0].tg == one.tg
     assert back[0].report.layer_devices == one.report.layer_devices and back[0].plan == one.plan
-    assert len(store.records(model_hash=one.model_hash)) == 2 * len(SPLITS)
-    assert store.records(model_hash="0" * 16) == []
+    assert len(store.records(model_fingerprint=one.model_fingerprint)) == 2 * len(SPLITS)
+    assert store.records(model_fingerprint="0" * 16) == []
 
 
 def test_killing_a_server_mid_run_fails_the_run_not_this_process(smollm2_path):
@@ -130,7 +130,7 @@ def test_resplit_live_in_the_worker(cluster, smollm2_path):
             assert m.ready_seconds >= m.load_seconds > 0 and m.config.tensor_split == (1, 3)
             second = m.measure(n_prompt=8, n_gen=2, repetitions=1, n_threads=1)
             assert second.report.layer_devices == m.report.layer_devices != before
-            assert list(second.report.layer_devices) == [x["device"] for x in second.plan["layers"]]
+            assert list(second.report.layer_devices) == list(second.plan.layer_devices)
             assert second.report.layer_devices.count("RPC0") == 8 and second.tg.avg_ts > 0
         assert m.closed
         with pytest.raises(LoadError, match="closed"):

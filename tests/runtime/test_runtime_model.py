@@ -173,3 +173,24 @@ def test_nested_captures_and_quiet_default(smollm2_path, capsys):
         assert "info line" in err and "error line continued" in err and "debug line" not in err
     finally:
         lcp_logger.setLevel(saved)
+
+
+def test_a_load_given_its_plan_neither_rereads_the_header_nor_plans(smollm2_path, monkeypatch):
+    """What `gpulab bench` relies on: it plans once and hands the plan to the load."""
+    from gpulab.core.memory import PlannedMemory
+    from gpulab.runtime import llama_lib
+    from gpulab.runtime import model as model_mod
+    devices = llama_lib.llama_devices()
+    given = model_mod.plan_load(smollm2_path, CPU_ONLY, devices)
+
+    def no_planning(*_a, **_k):
+        raise AssertionError("planned again")
+    monkeypatch.setattr(model_mod, "plan_load", no_planning)
+    with open_model(smollm2_path, CPU_ONLY, devices=devices, plan=given) as m:
+        assert m.plan is given and isinstance(given, PlannedMemory)
+    # the plan given is the one the load is checked against: over-full, refused before llama.cpp is called
+    from gpulab.core.errors import DoesNotFitError
+    full = PlannedMemory.from_dict({**given.to_dict(), "devices": [
+        {**d, "free_bytes": MiB, "total_bytes": MiB} for d in given.to_dict()["devices"]]})
+    with pytest.raises(DoesNotFitError, match=r"CPU: needs .* more than its 1.00 MiB free"):
+        open_model(smollm2_path, CPU_ONLY, devices=devices, plan=full)

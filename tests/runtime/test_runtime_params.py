@@ -127,3 +127,14 @@ def test_llama_kwargs_give_llama_the_same_structs(tmp_path):
         theirs = getattr(llm.model_params if f.struct == "model" else llm.context_params, f.c_field)
         assert ours == theirs, f.attr
     assert _ts(mp) == [llm.model_params.tensor_split[i] for i in range(llama_cpp.llama_max_devices())]
+
+
+def test_llama_without_swa_full_loads_the_full_cache_so_gpulab_always_passes_it():
+    """llama_cpp.Llama(swa_full=None) leaves the C default, which is true (a full-size cache for
+    sliding-window layers); llama-server and llama-bench use false, and so does gpulab's plan. The
+    export and gpulab's own loads therefore always pass it."""
+    assert llama_cpp.llama_context_default_params().swa_full is True
+    import inspect
+    assert inspect.signature(llama_cpp.Llama.__init__).parameters["swa_full"].default is None
+    assert llama_kwargs(SplitConfig())["swa_full"] is False
+    assert llama_params(SplitConfig())[1].swa_full is False

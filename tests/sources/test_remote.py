@@ -22,14 +22,15 @@ gguf = pytest.importorskip("gguf")
 
 import gpulab  # noqa: E402
 from gpulab.core.errors import ModelFormatError, RemoteModelError  # noqa: E402
-from gpulab.sources.gguf_file import read_profile  # noqa: E402
+from gpulab.sources.gguf_file import read_local_profile  # noqa: E402
 from gpulab.sources.remote import read_remote_profile  # noqa: E402
 
 MiB = 1024**2
 
 
-def write_gguf(path: Path, n_vocab: int, n_embd: int = 16, n_layer: int = 2) -> Path:
-    """A small llama GGUF whose header size is set by its vocabulary (one string per token)."""
+def write_gguf(path: Path, n_vocab: int, n_embd: int = 16, n_layer: int = 2, scores: bool = False) -> Path:
+    """A small llama GGUF whose header size is set by its vocabulary (one string per token; with
+    `scores`, a float32 score and an int32 token type per token after them, as SentencePiece's)."""
     rng = np.random.default_rng(0)
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name("remote-test")
@@ -40,6 +41,9 @@ def write_gguf(path: Path, n_vocab: int, n_embd: int = 16, n_layer: int = 2) -> 
     w.add_head_count(2)
     w.add_head_count_kv(1)
     w.add_token_list([f"token-{i:07d}" for i in range(n_vocab)])
+    if scores:
+        w.add_token_scores([float(-i) for i in range(n_vocab)])
+        w.add_token_types([1] * n_vocab)
     w.add_tensor("token_embd.weight", rng.standard_normal((n_vocab, n_embd)).astype(np.float16))
     for i in range(n_layer):
         for name, shape in (("attn_q", (n_embd, n_embd)), ("attn_k", (n_embd // 2, n_embd)),
@@ -146,21 +150,40 @@ def same_profile(remote, local, url):
 
 def test_remote_equals_local_and_reads_only_the_header(server, big):
     server.payload = big.read_bytes()
-    local = read_profile(big)
+    local = read_local_profile(big)
     remote = read_remote_profile(server.url)
     same_profile(remote, local, server.url)
     assert remote.file_bytes == len(server.payload) and remote.n_vocab == 100_000
     header = local.file_bytes - local.weights_bytes   # data padding aside
     assert header > 2 * MiB   # the test needs a header past the first 1 MiB fetch
-    # prefix doubling: 1 MiB, then up to 2 MiB, then up to 4 MiB: bounded, and not the weights
+    # 1 MiB, then to where the token array ends by the strings read so far (+ 1/8, + 4 KiB)
     assert server.served <= max(2 * header, MiB) and server.served < len(server.payload)
-    assert server.requests == ["bytes=0-1048575", "bytes=1048576-2097151", "bytes=2097152-4194303"]
+    assert server.requests == ["bytes=0-1048575", "bytes=1048576-2235982"]
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory) -> Path:
+    """100k tokens (2.1 MiB), then 400 KB of scores and 400 KB of token types, then tensor infos."""
+    return write_gguf(tmp_path_factory.mktemp("remote") / "scored.gguf", n_vocab=100_000, scores=True)
+
+
+def test_skipped_arrays_are_not_fetched(server, scored):
+    server.payload = scored.read_bytes()
+    local = read_local_profile(scored)
+    same_profile(read_remote_profile(server.url), local, server.url)
+    header = local.file_bytes - local.weights_bytes
+    skipped = 100_000 * 4 * 2   # scores and token types
+    # 1 MiB; the rest of the tokens (+ 1/8 + 4 KiB); past the scores, 64 KiB for the next KV pair;
+    # past the token types, 64 KiB for the tensor infos. Never the 800 KB in between.
+    assert server.requests == ["bytes=0-1048575", "bytes=1048576-2235982",
+                               "bytes=2500437-2565972", "bytes=2900486-2966021"]
+    assert header - skipped < server.served < header - skipped + 2 * 65536 + 140_000
 
 
 def test_small_file_in_one_request(server, small):
     server.payload = small.read_bytes()
     remote = read_remote_profile(server.url)
-    same_profile(remote, read_profile(small), server.url)
+    same_profile(remote, read_local_profile(small), server.url)
     assert len(server.requests) == 1 and server.served == len(server.payload)
 
 
@@ -189,7 +212,7 @@ def test_server_ignoring_range(server, small):
 def test_server_without_range_support_and_a_small_file(server, small):
     # the 200 body is the whole file and announced to fit max_bytes: take it
     server.mode, server.payload = "no-range-small", small.read_bytes()
-    same_profile(read_remote_profile(server.url), read_profile(small), server.url)
+    same_profile(read_remote_profile(server.url), read_local_profile(small), server.url)
     with pytest.raises(RemoteModelError, match="does not support range requests"):
         read_remote_profile(server.url, max_bytes=len(server.payload) - 1)
 
@@ -267,7 +290,7 @@ class FakeOpener:
 def test_fake_opener(small):
     opener = FakeOpener(small.read_bytes())
     remote = read_remote_profile("https://models.example/m.gguf", opener=opener, timeout_s=7)
-    same_profile(remote, read_profile(small), "https://models.example/m.gguf")
+    same_profile(remote, read_local_profile(small), "https://models.example/m.gguf")
     assert opener.calls[0][0] == "bytes=0-1048575" and 0 < opener.calls[0][1] <= 7
 
 
@@ -322,7 +345,7 @@ def test_fuzz_remote_equals_local(small, scratch, cut, flips):
     data = bytes(data[:len(data) - cut % 64 if cut % 3 else len(data)])
     scratch.write_bytes(data)
     url = "https://models.example/f.gguf"
-    local = outcome(lambda: read_profile(scratch), str(scratch))
+    local = outcome(lambda: read_local_profile(scratch), str(scratch))
     remote = outcome(lambda: read_remote_profile(url, opener=FakeOpener(data)), url)
     if isinstance(local, tuple):
         assert remote == local

@@ -10,7 +10,7 @@ import pytest
 from gpulab.cli import main
 from gpulab.core.config import SplitConfig
 from gpulab.core.devices import Device, parse_sim_spec
-from gpulab.core.errors import AllocationMismatchError, ProfileMismatchError
+from gpulab.core.errors import AllocationMismatchError
 from gpulab.sources.fingerprint import model_fingerprint
 from gpulab.sources.synth import SynthSpec, write_model
 from gpulab.storage.allocations import (
@@ -142,24 +142,6 @@ def test_a_fingerprint_follows_the_content_not_the_name(model, other_model, tmp_
     assert model_fingerprint(changed) != h
 
 
-def test_version_1_profiles_are_still_found(model, config_home):
-    """A file gpulab 0.1 wrote (<config>/profiles/, keyed by the header hash) still applies."""
-    from gpulab.storage.allocations import _v1_model_hash
-    old = config_home / "profiles" / f"{_v1_model_hash(model)[:16]}-abc.toml"
-    old.parent.mkdir(parents=True)
-    old.write_text(to_toml({"version": 1, "model_hash": _v1_model_hash(model), "model_path": str(model),
-                            "model_bytes": 1, "created": "2026-11-24T00:00:00Z", "source": "cli",
-                            "config": {"tensor_split": [2.0, 1.0], "devices": ["CUDA0", "CUDA1"], "n_ctx": 3333},
-                            "devices": [{"name": "CUDA0", "total_bytes": 24 * GiB, "uuid": "GPU-000-uuid"},
-                                        {"name": "CUDA1", "total_bytes": 24 * GiB, "uuid": "GPU-111-uuid"}],
-                            "measurement": {}}))
-    cfg = config_for(model, [gpu(0), gpu(1)])
-    assert cfg.n_ctx == 3333 and cfg.tensor_split == (2.0, 1.0)
-    assert [a.version for a in list_allocations()] == [1]
-    with pytest.raises(ProfileMismatchError):            # the old name is the same error
-        config_for(model, [gpu(0)])
-
-
 def test_toml_writer_round_trips_through_tomllib():
     doc = {"s": 'a "quoted"\\ \n\ttab \x01 ü', "i": -3, "f": 0.1, "big": 1e300, "inf": float("inf"), "b": True,
            "l": [1.5, 2.0], "e": [], "ls": ["x", "y"],
@@ -169,8 +151,7 @@ def test_toml_writer_round_trips_through_tomllib():
     assert back == doc
 
 
-@pytest.mark.parametrize("word", ["alloc", "profile"])      # `profile`: the spelling before 0.2
-def test_cli_save_show_list_delete(model, capsys, word):
+def test_cli_save_show_list_delete(model, capsys, word="alloc"):
     assert main([word, "save", str(model), "--sim", "24GiB,12GiB", "-ts", "2,1", "-c", "2048"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("saved ")

@@ -43,17 +43,26 @@ def test_the_next_plan_counts_it(monkeypatch, tmp_path, profile_factory):
     prof = profile_factory(n_layer=4)
     with Session(probe=NvmlProbe(one_gpu_nvml()), env={}) as s:
         before = s.devices()
-    assert before.devices[0].name == "CUDA0" and before.devices[0].overhead_bytes == 0
+    # nothing learned: gpulab's default for a CUDA device (the H200 run's 523 MiB), labelled as one
+    assert before.devices[0].name == "CUDA0" and before.devices[0].overhead_bytes == 523 * MiB
+    assert before.devices[0].overhead_is_default
     p0 = plan(prof, list(before.devices), SplitConfig(n_ctx=512))
-    assert p0.device("CUDA0").overhead_bytes == 0
+    assert p0.device("CUDA0").overhead_bytes == 523 * MiB and p0.device("CUDA0").overhead_is_default
+    assert any(n.startswith("CUDA0: counts a base cost of 523.00 MiB, gpulab's default") for n in p0.notes)
+    assert p0.to_dict()["devices"][0]["overhead_is_default"] is True
+    from gpulab.ui.text import plan_text
+    assert "523.00 MiB (default)" in plan_text(p0)          # the table's base column says it is a default
 
     learn_overhead(gpu_run(900 * MiB))
     with Session(probe=NvmlProbe(one_gpu_nvml()), env={}) as s:
         after = s.devices()
-    assert after.devices[0].overhead_bytes == 236 * MiB
+    assert after.devices[0].overhead_bytes == 236 * MiB and not after.devices[0].overhead_is_default
     p1 = plan(prof, list(after.devices), SplitConfig(n_ctx=512))
     d0, d1 = p0.device("CUDA0"), p1.device("CUDA0")
-    assert d1.overhead_bytes == 236 * MiB and d1.used_bytes == d0.used_bytes + 236 * MiB
+    # the learned value replaces the default
+    assert d1.overhead_bytes == 236 * MiB and d1.used_bytes == d0.used_bytes - 523 * MiB + 236 * MiB
+    assert not d1.overhead_is_default and not any("default" in n for n in p1.notes)
+    d0 = plan(prof, [Device("CUDA0", 80 << 30, 79 << 30, "nvml", uuid=UUID)], SplitConfig(n_ctx=512)).device("CUDA0")
     # a GPU with less free memory than buffers + overhead no longer "fits"
     tight = [Device("CUDA0", 80 << 30, d0.used_bytes + MiB, "nvml", uuid=UUID, overhead_bytes=236 * MiB)]
     assert plan(prof, [Device("CUDA0", 80 << 30, d0.used_bytes + MiB, "nvml", uuid=UUID)],

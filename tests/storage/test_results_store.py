@@ -35,18 +35,29 @@ def test_append_read_filter(monkeypatch, tmp_path):
     monkeypatch.setenv("GPULAB_DATA_DIR", str(tmp_path / "data"))
     s = ResultsStore()
     assert s.path == tmp_path / "data" / "results.jsonl" and s.records() == []
-    a = make_run(run_id="a", model_hash="h1")
-    b = make_run(run_id="b", model_hash="h2", config=SplitConfig(tensor_split=(1, 1), n_ctx=640))
+    a = make_run(run_id="a", model_fingerprint="h1")
+    b = make_run(run_id="b", model_fingerprint="h2", config=SplitConfig(tensor_split=(1, 1), n_ctx=640))
     s.append_run(a)
     s.append_run(b)
     lines = s.path.read_text().splitlines()
     assert len(lines) == 4 and all(json.loads(ln)["build_commit"] for ln in lines)   # llama-bench JSONL
     assert len(s.records()) == 4
-    assert [r["gpulab"]["run_id"] for r in s.records(model_hash="h2")] == ["b", "b"]
+    assert [r["gpulab"]["run_id"] for r in s.records(model_fingerprint="h2")] == ["b", "b"]
     assert len(s.records(config=a.config)) == 2 and len(s.records(config=SplitConfig())) == 0
     assert [r["n_gen"] for r in s.records(test="tg128")] == [128, 128]
     runs = s.runs()
     assert [r.run_id for r in runs] == ["a", "b"] and runs[1].config == b.config and runs[0].pp == a.pp
+
+
+def test_records_stored_before_the_fingerprint_rename_are_still_found(tmp_path):
+    s = ResultsStore(tmp_path / "r.jsonl")
+    s.append_run(make_run(run_id="old", model_fingerprint="h1"))
+    old = [json.loads(ln) for ln in s.path.read_text().splitlines()]
+    for r in old:   # what gpulab wrote before: the same value under "model_hash"
+        r["gpulab"]["model_hash"] = r["gpulab"].pop("model_fingerprint")
+    s.path.write_text("".join(json.dumps(r) + "\n" for r in old))
+    assert len(s.records(model_fingerprint="h1")) == 2
+    assert [r.model_fingerprint for r in s.runs()] == ["h1"]
 
 
 def test_fsync_per_record(monkeypatch, tmp_path):

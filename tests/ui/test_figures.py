@@ -174,3 +174,114 @@ def test_layer_map_stacks_every_devices_slice_of_each_layer_under_tensor_split()
     assert list(by["CPU"].x) == [0, 1]
     rows = {r["device"]: r["layers"] for r in plan_rows(p)}
     assert rows["SIM0"] == rows["SIM1"] == "2-3,out (a slice of each)" and rows["CPU"] == "0-1"
+
+
+# -- one scale rule, one palette --------------------------------------------------------------
+
+def test_a_small_model_gets_an_axis_that_fits_it_and_its_free_memory_written(profile_factory):
+    MiB = 1024**2
+    prof = profile_factory(n_layer=4, layer_bytes=10 * MiB)
+    p = plan(prof, parse_sim_spec("2x24GiB"), SplitConfig(tensor_split=(1, 1), n_ctx=512))
+    assert all(d.used_bytes < 0.25 * d.free_bytes for d in p.offload_devices)
+    unit, y_range = F.memory_scale(p)
+    assert unit == ("MiB", MiB)
+    top = max(d.used_bytes for d in p.devices) / MiB
+    assert y_range == pytest.approx([0.0, 1.3 * top])
+    fig = F.memory_bars(p)
+    assert fig.layout.yaxis.title.text == "MiB" and list(fig.layout.yaxis.range) == pytest.approx(y_range)
+    written = {x: t for x, t in zip(fig.data[-1].x, fig.data[-1].text)}
+    assert written == {"SIM0": "free 24.00 GiB ↑", "SIM1": "free 24.00 GiB ↑", "CPU": ""}
+    # hover in the axis's unit
+    assert next(t for t in fig.data if t.name == "weights").hovertext[0].endswith(" MiB")
+
+
+def test_a_model_that_fills_its_devices_is_drawn_to_scale(profile_factory):
+    prof = profile_factory(n_layer=20)              # ~1.6 GiB of layers on 2 GiB + 1 GiB
+    p = plan(prof, parse_sim_spec("2GiB,2GiB"), SplitConfig(tensor_split=(1, 1)))
+    assert F.memory_scale(p) == (("GiB", 1024**3), None)
+    fig = F.memory_bars(p)
+    assert fig.layout.yaxis.range is None and set(fig.data[-1].text) == {""}
+
+
+def test_apply_follows_the_scale_rule(profile_factory):
+    prof = profile_factory(n_layer=4)
+    devs = parse_sim_spec("2x24GiB")
+    small = plan(prof, devs, SplitConfig(tensor_split=(1, 1), n_ctx=512))
+    fig = go.FigureWidget(F.memory_bars(small))
+    F.apply(fig, plan(prof, devs, SplitConfig(tensor_split=(1, 3), n_ctx=512)), "memory")
+    assert fig.layout.yaxis.range is not None and "free 24.00 GiB" in fig.data[-1].text[0]
+    F.apply(fig, small, "memory", y_range=None)      # the caller's choice: autorange
+    assert fig.layout.yaxis.autorange is True and set(fig.data[-1].text) == {""}
+
+
+def test_memory_terms_are_shades_of_the_device_colour(profile_factory):
+    from gpulab.ui.palette import DEVICE_COLORS, tint
+    p = plan(profile_factory(n_layer=6), parse_sim_spec("2x24GiB"), SplitConfig(tensor_split=(1, 1)))
+    by = {t.name: t for t in F.memory_bars(p).data}
+    blue, orange = DEVICE_COLORS[0], DEVICE_COLORS[1]
+    assert list(by["weights"].marker.color) == [blue, orange, F.HOST_COLOR]      # SIM0, SIM1, CPU
+    assert list(by["KV"].marker.color) == [tint(blue, 0.6), tint(orange, 0.6), tint(F.HOST_COLOR, 0.6)]
+    assert tint("#0072B2", 0.6) == "#66aad1" and tint("#0072B2", 1.0) == "#0072B2"
+    assert by["weights"].marker.pattern.shape in (None, "") and by["KV"].marker.pattern.shape == "/"
+    assert by["compute"].marker.pattern.shape == "."
+    # a device keeps its colour from the layer map to the memory bars
+    layer_colors = {t.name: t.marker.color for t in F.layer_map(p).data}
+    assert layer_colors["SIM1"] == orange
+
+
+def test_legends_sit_below_every_figure_clear_of_the_toolbar(profile_factory):
+    p = plan(profile_factory(n_layer=4), parse_sim_spec("2x24GiB"), SplitConfig(tensor_split=(1, 1)))
+    runs = [_run((1, 1), 100.0, 20.0)]
+    for fig in (F.layer_map(p), F.memory_bars(p), F.throughput_chart(runs), F.memory_compare(p),
+                F.runs_compare(["a"], [p], runs)):
+        leg = fig.layout.legend
+        assert (leg.orientation, leg.yref, leg.y, leg.yanchor) == ("h", "container", 0, "bottom"), fig.layout.title.text
+
+
+def test_predicted_and_measured_differ_by_marker_pp_and_tg_by_line(profile_factory):
+    p = plan(profile_factory(n_layer=4), parse_sim_spec("2x8GiB"), SplitConfig(tensor_split=(1, 1)))
+    rep = LoadReport(layer_devices=p.layer_devices, devices=("SIM0", "SIM1"),
+                     buffers=(BufferReport("SIM0", "SIM0", "model", 2 << 20),))
+    pred, got = F.memory_compare(p, rep).data
+    assert pred.type == "bar" and got.type == "scatter" and got.marker.symbol == "x-thin-open"
+    assert list(got.x) == list(pred.x)                  # each cross over its own device's bar
+    assert list(got.marker.color) == list(pred.marker.color)
+    pp, tg = F.throughput_chart([_run((1, 1), 100.0, 20.0)]).data
+    assert (pp.line.dash, tg.line.dash) == ("solid", "dash") and pp.line.color == tg.line.color
+
+
+def test_runs_compare_puts_each_cross_over_its_devices_bar(profile_factory):
+    prof = profile_factory(n_layer=4)
+    devs = parse_sim_spec("2x8GiB")
+    plans = [plan(prof, devs, SplitConfig(tensor_split=ts)) for ts in ((1,), (1, 1))]
+    runs = [_run((1,), 1.0, 1.0), _run((1, 1), 1.0, 1.0)]
+    fig = F.runs_compare(["one", "two"], plans, runs)
+    assert fig.layout.barmode == "group" and fig.layout.scattermode == "group"
+    for bar, cross in zip(fig.data[::2], fig.data[1::2]):
+        assert bar.offsetgroup == cross.offsetgroup and bar.marker.color == cross.marker.color
+
+
+def test_fleet_terms_of_one_model_are_told_apart(profile_factory):
+    from gpulab.core.fleet.model import Fleet, FleetModel
+    from gpulab.core.fleet.planner import plan_fleet
+    fp = plan_fleet(Fleet((FleetModel("a", "a.gguf"),)), {"a": profile_factory(n_layer=4)}, parse_sim_spec("8GiB"))
+    w, kv, c = (t for t in F.fleet_bars(fp).data if t.type == "bar")
+    assert len({w.marker.color, kv.marker.color, c.marker.color}) == 3
+    assert (kv.marker.pattern.shape, c.marker.pattern.shape) == ("/", ".")
+
+
+def test_layer_counts_say_blocks_and_the_output_apart():
+    from gpulab.ui.text import layers_text
+    assert layers_text(30, True) == "30 layers + output"
+    assert layers_text(22, False) == "22 layers"
+    assert layers_text(1, False) == "1 layer"
+    assert layers_text(0, True) == "the output layer"
+
+
+def test_a_hand_built_figure_is_shown_with_its_legend_below():
+    raw = go.Figure(go.Bar(x=[1], y=[2], name="a"))
+    shown = F.mimebundle(F.styled(raw))["application/vnd.plotly.v1+json"]["layout"]
+    assert shown["legend"]["yref"] == "container" and shown["legend"]["yanchor"] == "bottom"
+    assert raw.layout.legend.yref is None                            # the caller's figure is untouched
+    placed = go.Figure(layout=dict(legend=dict(orientation="v", x=1.1)))
+    assert F.styled(placed).layout.legend.x == 1.1                    # a legend placed on purpose stays

@@ -62,3 +62,13 @@ def test_an_infeasible_change_shows_the_explanation():
     assert not lab.plan.fits
     assert "DOES NOT FIT" in lab.status.value and "short by" in lab.status.value
     assert "DOES NOT FIT" in lab.figure.layout.title.text
+
+
+def test_contexts_offered_stop_at_the_training_context():
+    from gpulab.ui.fleet_lab import ctx_choices
+    assert ctx_choices(32768, 4096) == [512, 1024, 2048, 4096, 8192, 16384, 32768]
+    assert ctx_choices(40960, 4096)[-2:] == [32768, 40960]     # the training context itself is offered
+    assert ctx_choices(2048, 4096) == [512, 1024, 2048, 4096]  # the fleet file's choice stays
+    assert ctx_choices(0, 4096)[-1] == 262144                  # unknown: the usual range
+    lab, _, _ = _lab()                                         # make_profile: trained at 8192
+    assert max(lab.rows["chat"]["ctx"].options) == 8192

@@ -1,4 +1,10 @@
-"""SplitLab through its Python state: set a control, check the plan and the figures' data."""
+"""SplitLab through its Python state: set a control (or send what the strip sends), check the
+plan, the strip and the figures' data against placements worked out by hand.
+
+The test model (tests/builders.make_profile, n_layer=24): 24 blocks of 60 MiB, each with 16 MiB of
+KV at -c 4096 (8 KV heads x 128 x K and V x f16 x 4096 cells), and an output layer of 400 MiB
+(+16 KiB of norm). llama.cpp's rule: of the 25 layers, layer k of the offloaded ones goes to the
+first device whose split point is above k / 25 (upper_bound)."""
 
 from __future__ import annotations
 
@@ -6,20 +12,21 @@ import asyncio
 
 import pytest
 
-from gpulab import SplitConfig, parse_sim_spec, plan
 from gpulab.core.errors import LoadError
-from gpulab.core.policies.apply import policy_split
-from gpulab.ui.lab import SplitLab
+from gpulab.ui.lab import GROUPS, SplitLab
 from ui.conftest import FakeWorker
+
+MiB = 1 << 20
 
 
 @pytest.fixture
 def prof(profile_factory):
-    return profile_factory(n_layer=24)    # 24 x 60 MiB layers + a 400 MiB output layer
+    return profile_factory(n_layer=24)
 
 
 def make_lab(prof, spec="4x24GiB", **kw):
     kw.setdefault("debounce", 0)
+    kw.setdefault("live_fit", False)
     return SplitLab(prof, sim=spec, **kw)
 
 
@@ -28,139 +35,98 @@ def layer_x(lab, name):
     return sorted(t.x)
 
 
-def memory_y(lab, term):
+def memory_mib(lab, term):
     t = next(t for t in lab.memory_fig.data if t.name == term)
-    return list(t.y)
+    return [round(y * lab.unit[1] / MiB, 2) for y in t.y]
 
 
-def test_slider_changes_plan_and_figures_as_the_planner_says(prof):
+def blocks(lab):
+    return {d.name: (d.n_layers, d.has_output) for d in lab.plan.offload_devices}
+
+
+def test_the_strip_shows_each_layer_on_its_device(prof):
+    # 4 equal devices, no -ts: split points 1/4, 2/4, 3/4, 1 -> layers 0-6, 7-12, 13-18, 19-24
     lab = make_lab(prof)
-    devs = parse_sim_spec("4x24GiB")
-    for values in ([1, 0, 0, 0], [1, 1, 0, 0], [0.25, 0.5, 0.75, 1.0], [0, 0, 0, 1]):
-        for s, v in zip(lab.split_sliders, values):
-            s.value = v
-        ts = tuple(float(v) for v in values)
-        while ts and ts[-1] == 0:
-            ts = ts[:-1]
-        want = plan(prof, devs, SplitConfig(tensor_split=ts), lab.host)
-        assert lab.plan.layer_devices == want.layer_devices
-        assert lab.config.tensor_split == ts
-        for d in want.offload_devices:
-            assert layer_x(lab, d.name) == want.layers_on(d.name)
-        assert memory_y(lab, "weights")[:4] == pytest.approx([d.weights_bytes / lab.unit[1]
-                                                              for d in want.offload_devices])
-        assert memory_y(lab, "KV")[:4] == pytest.approx([d.kv_bytes / lab.unit[1] for d in want.offload_devices])
+    assert lab.strip.cells == ["SIM0"] * 7 + ["SIM1"] * 6 + ["SIM2"] * 6 + ["SIM3"] * 6
+    assert [s["name"] for s in lab.strip.segments] == ["SIM0", "SIM1", "SIM2", "SIM3"]
+    assert lab.strip.ngl == 25 and lab.strip.draggable
+    assert lab.strip.colors["CPU"] == "#8c8c8c"                       # the host is grey
+    assert len({lab.strip.colors[n] for n in ("SIM0", "SIM1", "SIM2", "SIM3")}) == 4
+    assert "by free memory" in lab.share_labels[0].value and "7 layers" in lab.share_labels[0].value
+    assert "5 layers + output" in lab.share_labels[3].value          # the output is said apart
+    assert memory_mib(lab, "weights")[:4] == [420.0, 360.0, 360.0, 700.02]
+    assert memory_mib(lab, "KV")[:4] == [112.0, 96.0, 96.0, 80.0]
     lab.close()
 
 
-def test_share_labels_show_the_normalised_split(prof):
-    lab = make_lab(prof, "2x24GiB")
-    assert "50.0%" in lab.share_labels[0].value and "by free memory" in lab.share_labels[0].value
-    lab.split_sliders[0].value = 1.0
-    lab.split_sliders[1].value = 3.0 if lab.split_sliders[1].max >= 3 else 0.75
-    share = lab.split_sliders[0].value / (lab.split_sliders[0].value + lab.split_sliders[1].value)
-    assert f"{share * 100:.1f}%" in lab.share_labels[0].value
+def test_a_dragged_boundary_writes_the_ts_that_places_exactly_the_dragged_counts(prof):
+    lab = make_lab(prof)
+    # what strip.js sends after the SIM0|SIM1 boundary moved from 7 to 10 layers and the others
+    # were dragged to 5 each: the counts per device, the output layer counted in the last
+    lab.strip.request = {"counts": [10, 5, 5, 5], "seq": 1}
+    assert lab.ts_text.value == "10,5,5,5" and lab.config.tensor_split == (10.0, 5.0, 5.0, 5.0)
+    assert blocks(lab) == {"SIM0": (10, False), "SIM1": (5, False), "SIM2": (5, False), "SIM3": (4, True)}
+    assert lab.strip.cells == ["SIM0"] * 10 + ["SIM1"] * 5 + ["SIM2"] * 5 + ["SIM3"] * 5
+    assert layer_x(lab, "SIM1") == [10, 11, 12, 13, 14]
+    assert memory_mib(lab, "weights")[:4] == [600.0, 300.0, 300.0, 640.02]
+    # a device dragged down to nothing: it drops off the strip's placement, -ts keeps its 0
+    lab.strip.request = {"counts": [10, 0, 10, 5], "seq": 2}
+    assert lab.ts_text.value == "10,0,10,5"
+    assert blocks(lab) == {"SIM0": (10, False), "SIM1": (0, False), "SIM2": (10, False), "SIM3": (4, True)}
+    # the last device given nothing: -ts ends before it (llama.cpp pads with zeros)
+    lab.strip.request = {"counts": [20, 5, 0, 0], "seq": 3}
+    assert lab.ts_text.value == "20,5" and blocks(lab)["SIM1"] == (4, True)
 
 
-def test_ngl_slider_keeps_layers_on_the_cpu_and_offloads_the_output_first(prof):
+def test_the_ngl_handle_keeps_the_first_layers_on_the_cpu(prof):
     lab = make_lab(prof, "2x24GiB")
-    lab.ngl_slider.value = 1
-    assert lab.plan.layer_devices[-1] != "CPU"
-    assert set(lab.plan.layer_devices[:-1]) == {"CPU"}
+    lab.strip.request = {"ngl": 1, "seq": 1}          # only the output layer offloaded
+    assert lab.config.n_gpu_layers == 1 and lab.ngl_slider.value == 1
+    assert lab.strip.cells == ["CPU"] * 24 + ["SIM0"]
     assert layer_x(lab, "CPU") == list(range(24))
-    lab.ngl_slider.value = 0
-    assert set(lab.plan.layer_devices) == {"CPU"}
-    lab.ngl_slider.value = lab.ngl_slider.max
+    lab.strip.request = {"ngl": 20, "seq": 2}          # 20 of 25: split points 1/2, 1 -> 10 and 10
+    assert lab.strip.cells == ["CPU"] * 5 + ["SIM0"] * 10 + ["SIM1"] * 10
+    lab.strip.request = {"ngl": 0, "seq": 3}
+    assert set(lab.plan.layer_devices) == {"CPU"} and lab.strip.segments == [{"name": "SIM0"}, {"name": "SIM1"}]
+    lab.strip.request = {"ngl": 25, "seq": 4}
     assert lab.config.n_gpu_layers == -1 and "CPU" not in lab.plan.layer_devices
 
 
-@pytest.mark.parametrize("policy", ["llama", "ollama-spread", "pack", "balanced"])
-def test_policy_buttons_set_the_sliders(prof, policy):
-    lab = make_lab(prof, "24GiB,16GiB,8GiB@6GiB,24GiB")
-    lab.policy_buttons[policy].click()
-    want = policy_split(policy, prof, parse_sim_spec("24GiB,16GiB,8GiB@6GiB,24GiB"),
-                        lab.config.replace(tensor_split=()),
-                        lab.host)
-    got = [s.value for s in lab.split_sliders]
-    if want:
-        assert got == pytest.approx(list(want))
-    else:
-        assert got == [0, 0, 0, 0]      # llama.cpp's default: by free memory
-    expected = plan(prof, parse_sim_spec("24GiB,16GiB,8GiB@6GiB,24GiB"), SplitConfig(tensor_split=want), lab.host)
-    assert lab.plan.layer_devices == expected.layer_devices
-    assert lab.error is None
+def test_ts_typed_as_text_shows_the_proportions_as_they_are(prof):
+    lab = make_lab(prof, "2x24GiB")
+    lab.ts_text.value = "3,1"                  # points 0.75, 1: layers 0-18 (k/25 < 0.75) on SIM0
+    assert lab.config.tensor_split == (3.0, 1.0)
+    assert lab.strip.cells == ["SIM0"] * 19 + ["SIM1"] * 6
+    assert "75.0%" in lab.share_labels[0].value and "19 layers" in lab.share_labels[0].value
+    assert lab.ts_text.value == "3,1"          # not rewritten as layer counts
+    lab.ts_text.value = "3,x"
+    assert lab.error and "-ts '3,x'" in lab.error and "gpulab-error" in lab.status.value
+    assert lab.plan.config.tensor_split == (3.0, 1.0)       # the last valid settings stay
+    lab.ts_text.value = "1,2,3"
+    assert "3 values for 2 ticked devices" in lab.error
+    lab.ts_text.value = ""
+    assert lab.error is None and lab.config.tensor_split == ()
 
 
-def test_moe_balance_button_writes_the_split_and_the_rules(prof):
-    from builders import make_moe_profile
-    from gpulab.core.policies.apply import apply_policy
-    moe = make_moe_profile()
-    assert "moe-balance" not in make_lab(prof).policy_buttons       # a dense model has no experts
-    lab = make_lab(moe, "2x8GiB", config=SplitConfig(n_ctx=8192, n_cpu_moe=30))
-    assert lab.plan.config.n_cpu_moe == 30
-    lab.policy_buttons["moe-balance"].click()
-    assert lab.error is None
-    want = apply_policy("moe-balance", moe, parse_sim_spec("2x8GiB"), SplitConfig(n_ctx=8192), lab.host)
-    assert lab.setting_controls["n_cpu_moe"].value == 0
-    assert lab.setting_controls["tensor_overrides"].value == ",".join(want.tensor_overrides)
-    assert lab.config.tensor_overrides == want.tensor_overrides
-    assert [s.value for s in lab.split_sliders] == pytest.approx(list(want.tensor_split))
-    assert lab.plan.layer_devices == plan(moe, parse_sim_spec("2x8GiB"), want, lab.host).layer_devices
-    assert lab.plan.fits and set(lab.plan.moved_tensors.values()) == {"CPU"}
-    # the layer map shows the experts that went to the CPU
-    cpu = next(t for t in lab.layer_fig.data if t.name == "CPU experts")
-    assert len(cpu.x) > 0
-def test_the_fit_button_sets_what_llama_server_would_load(prof):
-    from gpulab.core.policies.server_fit import fit
-    spec = "2500MiB,2000MiB@1900MiB"
-    lab = make_lab(prof, spec)
-    lab.policy_buttons["fit"].click()
-    want = fit(prof, parse_sim_spec(spec), SplitConfig(n_ctx=0), lab.host)
-    assert want.ok and 0 < want.config.n_gpu_layers < prof.n_layer + 1     # too small for the whole model
-    assert lab.last_fit.flags() == want.flags()
-    c = lab.current_config()
-    assert (c.n_ctx, c.n_gpu_layers, c.tensor_split) == (want.config.n_ctx, want.config.n_gpu_layers,
-                                                        want.config.tensor_split)
-    assert lab.plan.layer_devices == plan(prof, parse_sim_spec(spec), want.config, lab.host).layer_devices
-
-
-def test_the_ollama_button_ticks_ollamas_gpus_and_sets_its_flags(prof):
-    # gpulab.core.policies.ollama: a model that fits one GPU goes to the one with most free memory, alone
-    from gpulab.core.policies.ollama import ollama
-    spec = "24GiB@10GiB,24GiB@20GiB,24GiB@16GiB"
-    lab = make_lab(prof, spec)
-    lab.policy_buttons["ollama"].click()
-    assert lab.error is None
-    want = ollama(prof, parse_sim_spec(spec), host=lab.host)
-    assert lab.selected == ["SIM1"] == list(want.gpus)
-    c = lab.current_config()
-    assert (c.split_mode, c.main_gpu, c.n_ctx, c.n_batch, c.n_ubatch) == (
-        "none", 0, want.config.n_ctx, want.config.n_batch, want.config.n_ubatch)
-    assert lab.plan.layer_devices == plan(prof, parse_sim_spec(spec), want.config, lab.host).layer_devices
-    assert "--split-mode none --main-gpu 0" in lab.result_html.value
-
-
-def test_pack_uses_fewer_devices_than_ollama_spread(prof):
-    lab = make_lab(prof, "8x24GiB")
-    lab.apply_policy("ollama-spread")
-    assert len({d for d in lab.plan.layer_devices if d != "CPU"}) == 8
-    lab.apply_policy("pack")
-    assert len({d for d in lab.plan.layer_devices if d != "CPU"}) == 1
-
-
-def test_device_selection_uses_only_the_ticked_devices(prof):
-    lab = make_lab(prof, "4x24GiB")
+def test_ticking_a_device_out_removes_its_segment_and_back_in_gives_it_layers(prof):
+    lab = make_lab(prof)
+    lab.set_counts([10, 5, 5, 5])
     lab.use_boxes[1].value = False
-    lab.use_boxes[3].value = False
-    assert lab.config.devices == ("SIM0", "SIM2")
-    assert set(lab.plan.layer_devices) == {"SIM0", "SIM2"}
-    assert layer_x(lab, "SIM1") == [] and layer_x(lab, "SIM3") == []
-    assert lab.split_sliders[1].disabled and not lab.split_sliders[0].disabled
-    assert [o[0] for o in lab.main_gpu.options] == ["0: SIM0", "1: SIM2"]
+    assert lab.config.devices == ("SIM0", "SIM2", "SIM3")
+    assert [s["name"] for s in lab.strip.segments] == ["SIM0", "SIM2", "SIM3"]
+    assert "SIM1" not in lab.strip.cells and lab.ts_text.value == "10,5,5"
+    assert [o[0] for o in lab.main_gpu.options] == ["0: SIM0", "1: SIM2", "2: SIM3"]
+    assert "not used" in lab.share_labels[1].value
+    lab.use_boxes[1].value = True            # back in: its -ts value returns
+    assert lab.ts_text.value == "10,5,5,5" and blocks(lab)["SIM1"] == (5, False)
+    lab.set_counts([10, 0, 10, 5])           # dragged to nothing, out and in: the others' mean, not 0
+    lab.use_boxes[1].value = False
+    lab.use_boxes[1].value = True
+    assert lab.ts_text.value == "10,8.33333,10,5" and "not used" not in lab.share_labels[1].value
     for b in lab.use_boxes:
         b.value = False
-    assert lab.config.devices == ("none",)
-    assert set(lab.plan.layer_devices) == {"CPU"}
+    assert lab.config.devices == ("none",) and set(lab.plan.layer_devices) == {"CPU"}
+    assert lab.strip.segments == [] and not lab.strip.draggable
     assert "--device none" in lab.export_html.value
 
 
@@ -168,16 +134,18 @@ def test_split_mode_none_uses_the_main_gpu(prof):
     lab = make_lab(prof, "3x24GiB")
     lab.split_mode.value = "none"
     lab.main_gpu.value = 2
-    assert set(lab.plan.layer_devices) == {"SIM2"}
+    assert set(lab.plan.layer_devices) == {"SIM2"} and lab.strip.cells == ["SIM2"] * 25
+    assert not lab.strip.draggable
     assert "-sm none" in lab.export_html.value and "-mg 2" in lab.export_html.value
 
 
-def test_split_mode_tensor_cuts_every_layer_across_the_devices(profile_factory):
+def test_split_mode_tensor_cuts_every_layer_across_the_devices():
     from builders import make_llama_profile
-    lab = SplitLab(make_llama_profile(n_layer=6), sim="2x24GiB", debounce=0)
+    lab = SplitLab(make_llama_profile(n_layer=6), sim="2x24GiB", debounce=0, live_fit=False)
     lab.split_mode.value = "tensor"
     p = lab.plan
     assert lab.error is None and set(p.layer_devices) == {"Meta()"}
+    assert lab.strip.cells == ["Meta()"] * 7 and lab.strip.segments == [] and not lab.strip.draggable
     assert lab.layer_fig.layout.barmode == "stack"
     assert layer_x(lab, "SIM0") == layer_x(lab, "SIM1") == list(range(7))   # every layer on both
     assert "split mode tensor" in lab.status.value and "a slice of each" in lab.share_labels[0].value
@@ -191,25 +159,24 @@ def test_split_mode_tensor_cuts_every_layer_across_the_devices(profile_factory):
 
 def test_context_and_kv_types_change_the_kv_bars(prof):
     lab = make_lab(prof, "2x24GiB")
-    kv = sum(memory_y(lab, "KV"))
-    lab.n_ctx.value = 2 * lab.n_ctx.value
-    assert sum(memory_y(lab, "KV")) == pytest.approx(2 * kv)
+    assert sum(memory_mib(lab, "KV")) == 24 * 16
+    lab.n_ctx.value = 8192
+    assert sum(memory_mib(lab, "KV")) == 24 * 32
     lab.type_k.value = "q8_0"
     lab.type_v.value = "q8_0"
-    assert sum(memory_y(lab, "KV")) == pytest.approx(2 * kv * 34 / 64)
+    assert sum(memory_mib(lab, "KV")) == 24 * 17          # q8_0: 34 bytes per 32 values
     assert lab.plan.config.type_k == "q8_0"
 
 
 def test_an_overfull_setting_shows_the_deficit(prof):
     lab = make_lab(prof, "4GiB,1GiB")
-    lab.split_sliders[0].value = 0.1
-    lab.split_sliders[1].value = 1.0
+    lab.set_split([0.1, 1.0])
     assert not lab.plan.fits
     assert "does not fit" in lab.status.value and "SIM1: needs" in lab.status.value
     deficit = next(t for t in lab.memory_fig.data if t.name == "deficit")
     assert deficit.text[1].startswith("needs") and deficit.text[0] == ""
     assert "DOES NOT FIT" in lab.memory_fig.layout.title.text
-    lab.split_sliders[1].value = 0.0          # all on SIM0 again: fits, the red goes away
+    lab.set_split([1.0])          # all on SIM0 again: fits, the red goes away
     assert lab.plan.fits and "fits" in lab.status.value
     assert next(t for t in lab.memory_fig.data if t.name == "deficit").text[1] == ""
 
@@ -226,6 +193,44 @@ def test_an_impossible_setting_shows_the_message_and_the_lab_recovers(prof):
     assert lab.error is None and lab.plan.config.type_v == "q4_0"
 
 
+def test_controls_sit_in_four_groups_with_full_labels(prof):
+    from builders import make_moe_profile
+    lab = make_lab(make_moe_profile(), "2x24GiB")
+    assert [a.titles[0] for a in lab.groups.values()] == ["split", "context & cache", "experts & overrides", "fit"]
+    assert [a.selected_index for a in lab.groups.values()] == [0, 0, None, None]
+    # every llama.cpp setting of the flag table has its control in the group it belongs to
+    def inside(w):
+        kids = getattr(w, "children", ())
+        return {id(w)} | {i for k in kids for i in inside(k)}
+    for group, attrs in GROUPS.items():
+        ids = inside(lab.groups[group])
+        for a in attrs:
+            if a in lab.setting_controls:
+                assert id(lab.setting_controls[a]) in ids, (group, a)
+    assert id(lab.strip) in inside(lab.groups["split"]) and id(lab.n_ctx) in inside(lab.groups["context & cache"])
+    # no label is cut to a fixed width (the browser test measures the rendered ones)
+    for w in [lab.ngl_slider, lab.split_mode, lab.main_gpu, lab.n_ctx, lab.flash_attn, *lab.use_boxes,
+              *lab.setting_controls.values()]:
+        assert w.style.description_width == "initial", w.description
+    assert lab.split_mode.style.button_width == "auto"
+
+
+def test_the_live_fit_strip_shows_what_llama_server_would_load(prof):
+    # 2500 MiB + 2000 MiB (1900 free): fit leaves 1024 MiB per device, so the 1840 MiB of blocks
+    # and KV plus the 400 MiB output cannot all go: it keeps blocks on the CPU
+    lab = make_lab(prof, "2500MiB,2000MiB@1900MiB", live_fit=True)
+    r = lab.live_fit_result
+    assert r.ok and 0 < r.config.n_gpu_layers < 25
+    cells = lab.strip.fit_cells
+    assert len(cells) == 25 and cells[0] == "CPU" and cells[-1] != "CPU"
+    assert cells.count("CPU") == 25 - r.config.n_gpu_layers
+    assert lab.strip.fit_label.startswith("llama-server -fit at -c 4096: -c 4096 -ngl ")
+    lab.n_ctx.value = 1024                      # less KV: fit offloads more
+    assert lab.strip.fit_cells.count("CPU") < cells.count("CPU")
+    lab.setting_controls["fit_target"].value = "100000"     # a margin bigger than any device: all on the CPU
+    assert lab.strip.fit_cells == ["CPU"] * 25 and " -ngl 0" in lab.strip.fit_label
+
+
 def test_simulated_devices_cannot_load(prof):
     lab = make_lab(prof)
     assert lab.measure_button.disabled
@@ -240,21 +245,21 @@ def test_throttled_drags_end_on_the_latest_value(prof):
     lab._draw = lambda p: (draws.append(p.config.tensor_split), orig(p))
 
     async def drag():
-        for v in [i / 20 for i in range(1, 21)]:
-            lab.split_sliders[0].value = v
+        for k in range(1, 21):
+            lab.strip.request = {"counts": [k, 25 - k], "seq": k}
             await asyncio.sleep(0.001)
         await asyncio.sleep(0.15)
 
     asyncio.run(drag())
     assert 1 <= len(draws) < 20                  # not one redraw per value
-    assert draws[-1] == (1.0,)                   # but the last one is the final value
-    assert lab.plan.config.tensor_split == (1.0,)
+    assert draws[-1] == (20.0, 5.0)              # but the last one is the final value
+    assert lab.strip.cells == ["SIM0"] * 20 + ["SIM1"] * 5
 
 
 def test_redraw_time_is_recorded(profile_factory):
     lab = SplitLab(profile_factory(n_layer=127), sim="8x80GiB", debounce=0)
-    lab.split_sliders[3].value = 0.5
-    assert 0 < lab.last_update_s < 1.0
+    lab.set_counts([16] * 8)
+    assert 0 < lab.last_update_s < 1.0 and 0 < lab.last_fit_s < 1.0
 
 
 # -- load & measure with a fake worker -------------------------------------------------------
@@ -264,8 +269,7 @@ def test_load_appends_a_run_and_compares_memory(tiny_gguf, fake_worker):
     assert isinstance(fake_worker, Runtime)
     lab = SplitLab(tiny_gguf, worker=fake_worker, debounce=0)
     assert [d.name for d in lab.devices] == ["RPC0", "RPC1"]
-    lab.split_sliders[0].value = 1.0
-    lab.split_sliders[1].value = 1.0
+    lab.set_split([1, 1])
     run = lab.measure(wait=True)
     assert run is not None and fake_worker.loads[-1] == lab.config
     assert "placement exactly as planned" in lab.result_html.value
@@ -294,7 +298,7 @@ def test_a_worker_death_is_a_message_not_a_dead_widget(tiny_gguf, fake_worker):
     fake_worker.fail_with = RuntimeError("something unexpected")
     assert lab.measure(wait=True) is None and "unexpected RuntimeError" in lab.result_html.value
     fake_worker.fail_with = None                # the next load works: the widget is alive
-    lab.split_sliders[0].value = 0.5
+    lab.set_split([0.5])
     assert lab.measure(wait=True) is not None and len(lab.runs) == 1
 
 
@@ -349,8 +353,7 @@ def test_close_closes_only_what_the_lab_started(tiny_gguf, fake_worker):
 def test_a_view_made_later_starts_from_the_current_state(prof):
     """Voilà, a reloaded page or a second display build their view from the synced state."""
     lab = make_lab(prof, "2x24GiB")
-    lab.split_sliders[0].value = 1.0
-    lab.split_sliders[1].value = 0.0
+    lab.set_split([1, 0])
     for fig in (lab.layer_fig, lab.memory_fig):
         synced = fig._widget_data
         assert [list(t.get("x", ())) for t in synced] == [list(t.x) if t.x is not None else [] for t in fig.data]
@@ -374,3 +377,20 @@ def test_an_attached_monitor_is_shown_and_closed_with_the_lab(tiny_gguf, fake_wo
     assert [p[0] for p in m.phases] == ["load", "warmup", "pp", "tg"] and all(p[2] is not None for p in m.phases)
     lab.close()
     assert not m.running
+
+
+def test_in_a_notebook_the_live_fit_waits_for_the_controls_to_rest(prof):
+    lab = make_lab(prof, "2500MiB,2000MiB@1900MiB", debounce=0.05, live_fit=True)
+    fits = []
+    orig = lab._draw_fit
+    lab._draw_fit = lambda cfg: (fits.append(cfg.n_ctx), orig(cfg))
+
+    async def steps():
+        for c in (1024, 2048, 512, 1024):
+            lab.n_ctx.value = c
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.2)
+
+    asyncio.run(steps())
+    assert fits == [1024]                        # once, for the settings the controls rest on
+    assert lab.strip.fit_label.startswith("llama-server -fit at -c 1024:")

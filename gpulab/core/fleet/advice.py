@@ -65,10 +65,12 @@ def _short(result) -> list:
     for d in result.devices:
         if d.fits:
             continue
-        who = ", ".join(f"{n} {format_bytes(b)} ({b} B)" for n, b in d.by_model) or "nothing"
-        out.append(Advice("short", f"{d.name} is short by {format_bytes(d.deficit_bytes)} ({d.deficit_bytes} B): "
-                                   f"the models need {d.used_bytes} B of its {d.budget_bytes} B "
-                                   f"({d.free_bytes} B free less keep_free {d.keep_free_bytes} B); on it: {who}",
+        who = ", ".join(f"{n} {format_bytes(b)}" for n, b in d.by_model) or "nothing"
+        out.append(Advice("short", f"{d.name} is short by {format_bytes(d.deficit_bytes)}: "
+                                   f"the models need {format_bytes(d.used_bytes)} of its "
+                                   f"{format_bytes(d.budget_bytes)} "
+                                   f"({format_bytes(d.free_bytes)} free less keep_free "
+                                   f"{format_bytes(d.keep_free_bytes)}); on it: {who}",
                           device=d.name, bytes=d.deficit_bytes))
     return out
 
@@ -83,7 +85,7 @@ def _swappable(result, pr) -> list:
         alt = pr.replan(replace(result.fleet, models=models))
         if alt.fits:
             p = alt.placement(m.name)
-            where = ", ".join(f"{d.name} {d.used_bytes} B" for d in p.plan.offload_devices) or "the CPU"
+            where = ", ".join(f"{d.name} {format_bytes(d.used_bytes)}" for d in p.plan.offload_devices) or "the CPU"
             out.append(Advice("swappable", f"make {m.name!r} swappable (keep_loaded = false): the resident models "
                                            f"then fit, and {m.name!r} fits beside them when loaded ({where})",
                               model=m.name, bytes=sum(d.used_bytes for d in p.plan.offload_devices)))
@@ -108,7 +110,8 @@ def _shrink(result, pr) -> list:
                         hi = k - 1
                 if best is not None and best[0] < cfg.n_ctx:
                     out.append(Advice("shrink", f"shrink {name!r} to ctx = {best[0]} (from {cfg.n_ctx}): saves "
-                                                f"{best[1]} B on {d.name}, which is short by {d.deficit_bytes} B",
+                                                f"{format_bytes(best[1])} on {d.name}, which is short by "
+                                                f"{format_bytes(d.deficit_bytes)}",
                                       model=name, device=d.name, bytes=best[1]))
             if cfg.type_k == "f16" and cfg.type_v == "f16" and cfg.flash_attn != "off":
                 try:
@@ -116,10 +119,10 @@ def _shrink(result, pr) -> list:
                 except ConfigError:
                     continue
                 enough = ("enough" if saved >= d.deficit_bytes
-                          else f"not enough alone: it is short by {d.deficit_bytes} B")
+                          else f"not enough alone: it is short by {format_bytes(d.deficit_bytes)}")
                 out.append(Advice("shrink", f"give {name!r} a q8_0 KV cache (type_k = type_v = \"q8_0\"): saves "
-                                            f"{saved} B on {d.name} ({enough})",
-                                  model=name, device=d.name, bytes=saved))
+                                            f"{format_bytes(saved)} on {d.name} ({enough})", model=name,
+                                  device=d.name, bytes=saved))
     return out
 
 
@@ -145,7 +148,7 @@ def _shrink_fleet(result, pr) -> list:
             if alt.fits:
                 after = sum(d.used_bytes for d in alt.placement(m.name).plan.offload_devices)
                 out.append(Advice("shrink", f"give {m.name!r} {words}: then the whole fleet fits (re-planned; "
-                                            f"{m.name!r} takes {now - after} B less)", model=m.name,
+                                            f"{m.name!r} takes {format_bytes(now - after)} less)", model=m.name,
                                   bytes=now - after))
                 break
     return out
@@ -171,7 +174,8 @@ def _move(result, pr) -> list:
             for subset in subsets(free_names):
                 p = place_model(m, pr.profiles[name], subset, pr.devices, left, pr.host)
                 if fits_budget(p):
-                    need = ", ".join(f"{x.name} {x.used_bytes} B of {left[x.name]} B left" for x in p.offload_devices)
+                    need = ", ".join(f"{x.name} {format_bytes(x.used_bytes)} of {format_bytes(left[x.name])} left"
+                                     for x in p.offload_devices)
                     pin = " (unpin it: devices = [...])" if m.devices else ""
                     out.append(Advice("move", f"move {name!r} from {', '.join(mine.devices)} to {', '.join(subset)}"
                                               f"{pin}: it needs {need}", model=name, device=",".join(subset),

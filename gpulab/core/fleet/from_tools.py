@@ -2,8 +2,9 @@
 parsed dict) or a llama-server --models-preset INI (as text).
 
 Each model's llama-server arguments become a FleetModel: the model (-m, or -hf as a llama.cpp
-cache entry), -c, -ctk, -ctv, -np, --device (a pin), -ot, -fa, -ngl. The split (-ts, -sm, -mg)
-is dropped: choosing it is the planner's job; every argument left out is named in the notes,
+cache entry) and every flag of the flag table (gpulab.core.settings: -c, -ctk, -np, --device as a
+pin, -ot, -fa, -ngl, -b, -ub, -kvu, ...). The split (-ts, -sm, -mg) and -fit are dropped: choosing
+them is the planner's job; every argument left out is named in the notes,
 never dropped silently.
 
 Which models run together:
@@ -19,25 +20,21 @@ import re
 import shlex
 
 from ..errors import ConfigError
-from .model import Fleet, fleet_from_dict
+from ..settings import SETTINGS, value_from_text
+from .model import Fleet, fleet_from_dict, fleet_key
 
-__all__ = ["model_from_server_args", "fleet_from_llama_swap", "fleet_from_router_ini", "parse_preset_ini"]
+__all__ = ["fleet_from_llama_swap", "fleet_from_router_ini", "llama_swap_commands", "model_from_server_args",
+           "parse_preset_ini"]
 
-# llama-server spellings (common/arg.cpp) of what a FleetModel holds -> its key
-_KEYS = {
-    "-m": "model", "--model": "model", "-hf": "hf", "--hf-repo": "hf", "-hfr": "hf",
-    "-c": "ctx", "--ctx-size": "ctx",
-    "-ctk": "type_k", "--cache-type-k": "type_k", "-ctv": "type_v", "--cache-type-v": "type_v",
-    "-np": "parallel", "--parallel": "parallel",
-    "-dev": "devices", "--device": "devices",
-    "-ot": "overrides", "--override-tensor": "overrides",
-    "-fa": "flash_attn", "--flash-attn": "flash_attn",
-    "-ngl": "n_gpu_layers", "--gpu-layers": "n_gpu_layers", "--n-gpu-layers": "n_gpu_layers",
-}
+# llama-server spellings (common/arg.cpp) -> the fleet key: the model, and every row of the flag
+# table (gpulab.core.settings) but the split, which the planner chooses
 _PLANNED = {"-ts", "--tensor-split", "-sm", "--split-mode", "-mg", "--main-gpu", "-fit", "--fit"}
+_SETTING = {flag: s for s in SETTINGS for flag in s.flags if flag not in _PLANNED}
+_KEYS = {"-m": "model", "--model": "model", "-hf": "hf", "--hf-repo": "hf", "-hfr": "hf",
+         "--gpu-layers": "n_gpu_layers", **{flag: fleet_key(s.attr) for flag, s in _SETTING.items()}}
+_BY_KEY = {fleet_key(s.attr): s for s in SETTINGS}
 # flags without a value that a fleet model does not hold
-_FLAGS = {"-nkvo", "--no-kv-offload", "--swa-full", "--no-op-offload", "-nr", "--no-repack", "--no-host",
-          "--jinja", "--no-webui", "--metrics", "--no-mmap", "--mlock", "-cb", "--cont-batching", "--verbose", "-v"}
+_FLAGS = {"--jinja", "--no-webui", "--metrics", "--no-mmap", "--mlock", "-cb", "--cont-batching", "--verbose", "-v"}
 
 
 def model_from_server_args(name: str, argv: list[str], *, keep_loaded: bool) -> tuple[dict, list[str]]:
@@ -54,7 +51,11 @@ def model_from_server_args(name: str, argv: list[str], *, keep_loaded: bool) -> 
         flag = args[i]
         value = args[i + 1] if i + 1 < len(args) else None
         key = _KEYS.get(flag)
-        if key is not None:
+        setting = _SETTING.get(flag)
+        if setting is not None and setting.kind in ("on", "off"):     # -kvu, -nkvo, ...: no value
+            doc[key] = setting.kind == "on"
+            i += 1
+        elif key is not None:
             if value is None:
                 raise ConfigError(f"{name}: {flag} needs a value")
             _put(doc, key, value, name)
@@ -80,36 +81,30 @@ def model_from_server_args(name: str, argv: list[str], *, keep_loaded: bool) -> 
 def _put(doc: dict, key: str, value: str, name: str) -> None:
     if key == "hf":
         doc["model"] = "hf:" + value
-    elif key in ("ctx", "parallel"):
-        if not re.fullmatch(r"\d+", value):
-            raise ConfigError(f"{name}: {key} {value!r} is not a number")
-        doc[key] = int(value)
-    elif key == "n_gpu_layers":
-        doc[key] = -1 if value in ("all", "auto") else int(value) if re.fullmatch(r"-?\d+", value) else None
-        if doc[key] is None:
-            raise ConfigError(f"{name}: -ngl {value!r} is not a number, 'auto' or 'all'")
-        if doc[key] < 0:
-            del doc[key]      # all layers: the default
-    elif key == "devices":
-        doc[key] = [d for d in value.split(",") if d]
-    elif key == "overrides":
-        doc.setdefault(key, []).extend(x for x in value.split(",") if x)
+    elif key == "model":
+        doc[key] = value
     elif key == "flash_attn":
         doc[key] = {"1": "on", "0": "off", "true": "on", "false": "off"}.get(value, value)
     else:
-        doc[key] = value
+        s = _BY_KEY[key]
+        try:
+            v = value_from_text(s, value)
+        except (ValueError, ConfigError):
+            raise ConfigError(f"{name}: {s.flags[0]} {value!r} is not {s.metavar or 'a number'}") from None
+        if key == "n_gpu_layers" and v < 0:
+            doc.pop(key, None)      # all layers: the default
+        elif s.kind == "rules":
+            doc.setdefault(key, []).extend(x for x in v if x)
+        else:
+            doc[key] = list(v) if isinstance(v, tuple) else v
 
 
-def fleet_from_llama_swap(doc) -> tuple[Fleet, list[str]]:
-    """(Fleet, notes) from a parsed llama-swap config.yaml: `models.NAME.cmd`, `groups`, `macros`."""
+def llama_swap_commands(doc) -> dict[str, list[str]]:
+    """{model name: its cmd as argv, macros expanded (${PORT} as 0)} of a parsed llama-swap config.yaml."""
     if not isinstance(doc, dict) or not isinstance(doc.get("models"), dict) or not doc["models"]:
         raise ConfigError("a llama-swap config needs a `models:` map with at least one model")
     macros = {k: str(v) for k, v in (doc.get("macros") or {}).items()}
-    resident: set[str] = set()
-    for g in (doc.get("groups") or {}).values():
-        if isinstance(g, dict) and g.get("swap") is False:
-            resident.update(g.get("members") or [])
-    models, notes = [], []
+    out = {}
     for name, m in doc["models"].items():
         cmd = m.get("cmd") if isinstance(m, dict) else None
         if not isinstance(cmd, str):
@@ -120,7 +115,21 @@ def fleet_from_llama_swap(doc) -> tuple[Fleet, list[str]]:
         left = re.findall(r"\$\{[^}]*\}", cmd)
         if left:
             raise ConfigError(f"llama-swap model {name!r}: unknown macro(s) {', '.join(left)} in its cmd")
-        table, n = model_from_server_args(str(name), shlex.split(cmd), keep_loaded=name in resident)
+        out[str(name)] = shlex.split(cmd)
+    return out
+
+
+def fleet_from_llama_swap(doc) -> tuple[Fleet, list[str]]:
+    """(Fleet, notes) from a parsed llama-swap config.yaml: `models.NAME.cmd`, `groups`, `macros`."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("models"), dict) or not doc["models"]:
+        raise ConfigError("a llama-swap config needs a `models:` map with at least one model")
+    resident: set[str] = set()
+    for g in (doc.get("groups") or {}).values():
+        if isinstance(g, dict) and g.get("swap") is False:
+            resident.update(g.get("members") or [])
+    models, notes = [], []
+    for name, argv in llama_swap_commands(doc).items():
+        table, n = model_from_server_args(str(name), argv, keep_loaded=name in resident)
         models.append(table)
         notes += [x for x in n if not x.endswith("--port 0 left out (not part of a fleet model)")]
     return fleet_from_dict({"models": models}), notes

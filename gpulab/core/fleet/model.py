@@ -10,6 +10,10 @@ minimum, spelled as issue 15 fixes it so that scripts can rely on it:
     ctx = 8192
     # optional: type_k, type_v, parallel, devices = ["CUDA0"], overrides = ["PATTERN=CPU"],
     #           keep_loaded (default true), flash_attn, n_gpu_layers
+    # and every other llama.cpp setting of the flag table (gpulab.core.settings.SETTINGS) by its
+    # SplitConfig name: n_batch = 1024, n_ubatch = 256, kv_unified = true, swa_full, op_offload,
+    # offload_kqv, cpu_moe, n_cpu_moe, n_cpu_ffn, no_host, use_extra_bufts, split_mode, main_gpu,
+    # fit, fit_target = [1024], fit_ctx (all but tensor_split: the fleet planner chooses the split)
     [devices.CUDA0]
     keep_free = "2GiB"
 
@@ -22,17 +26,32 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..config import FLASH_ATTN_MODES, SplitConfig
 from ..errors import ConfigError
+from ..settings import SETTINGS, Setting
 from ..units import GiB, KiB, MiB, parse_bytes
 
-__all__ = ["FLEET_VERSION", "Fleet", "FleetModel", "ModelRef", "parse_model_ref", "fleet_from_dict",
+__all__ = ["FLEET_VERSION", "Fleet", "FleetModel", "ModelRef", "parse_model_ref", "fleet_from_dict", "fleet_key",
            "fleet_to_dict", "format_keep_free"]
 
 FLEET_VERSION = 1
-_MODEL_KEYS = ("name", "model", "ctx", "type_k", "type_v", "parallel", "devices", "overrides", "keep_loaded",
-               "flash_attn", "n_gpu_layers")
+# A fleet spells a setting by its SplitConfig name, except the three names issue 15 fixed
+_FLEET_NAMES = {"n_ctx": "ctx", "n_seq_max": "parallel", "tensor_overrides": "overrides"}
+_NOT_IN_FLEETS = ("tensor_split",)    # the fleet planner chooses each model's split
+# the settings FleetModel has a field of its own for; every other row of SETTINGS goes in `settings`
+_FIELDS = ("ctx", "type_k", "type_v", "parallel", "devices", "overrides", "flash_attn", "n_gpu_layers")
+
+
+def fleet_key(attr: str) -> str:
+    """The fleet TOML's key for a SplitConfig field."""
+    return _FLEET_NAMES.get(attr, attr)
+
+
+_OTHER_SETTINGS = {fleet_key(s.attr): s for s in SETTINGS
+                   if s.attr not in _NOT_IN_FLEETS and fleet_key(s.attr) not in _FIELDS}
+_MODEL_KEYS = ("name", "model", *_FIELDS[:6], "keep_loaded", *_FIELDS[6:], *_OTHER_SETTINGS)
 _DEVICE_KEYS = ("keep_free",)
 _TOP_KEYS = ("version", "models", "devices")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]*$")   # a llama-swap model id, an INI section, a file name
@@ -89,6 +108,8 @@ class FleetModel:
     keep_loaded: bool = True           # False: may be swapped out (one swappable model at a time)
     flash_attn: str = "auto"           # -fa
     n_gpu_layers: int = -1             # -ngl; negative: all
+    # every other setting the TOML gives other than its default, (SplitConfig field, value) in SETTINGS' order
+    settings: tuple[tuple[str, Any], ...] = ()
 
     @property
     def ref(self) -> ModelRef:
@@ -98,7 +119,7 @@ class FleetModel:
         """The model's llama.cpp settings before the planner chooses devices and split."""
         return SplitConfig(n_ctx=self.ctx, type_k=self.type_k, type_v=self.type_v, n_seq_max=self.parallel,
                            tensor_overrides=self.overrides, flash_attn=self.flash_attn,
-                           n_gpu_layers=self.n_gpu_layers, devices=self.devices)
+                           n_gpu_layers=self.n_gpu_layers, devices=self.devices, **dict(self.settings))
 
 
 @dataclass(frozen=True)
@@ -134,6 +155,28 @@ def _strings(value, what: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(x, str) and x for x in value):
         raise ConfigError(f"{what} must be a list of strings, got {value!r}")
     return tuple(value)
+
+
+def _setting_value(s: Setting, value, what: str):
+    """A TOML value of a flag table row, checked by the row's kind (SplitConfig checks the rest)."""
+    if s.kind in ("on", "off"):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{what} must be true or false, got {value!r}")
+        return value
+    if s.kind in ("int", "ngl"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{what} must be an integer, got {value!r}")
+        return value
+    if s.kind == "choice":
+        if value not in s.choices:
+            raise ConfigError(f"{what} must be one of {', '.join(s.choices)}, got {value!r}")
+        return value
+    if s.kind == "mibs":
+        values = value if isinstance(value, list) else [value]
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in values):
+            raise ConfigError(f"{what} must be MiB as an integer or a list of integers, got {value!r}")
+        return tuple(values)
+    return _strings(value, what)       # names, rules
 
 
 def _model_from_dict(i: int, doc) -> FleetModel:
@@ -181,6 +224,9 @@ def _model_from_dict(i: int, doc) -> FleetModel:
         if not isinstance(doc["keep_loaded"], bool):
             raise ConfigError(f"{where}: keep_loaded must be true or false, got {doc['keep_loaded']!r}")
         kw["keep_loaded"] = doc["keep_loaded"]
+    given = [(s, _setting_value(s, doc[key], f"{where}: {key}")) for key, s in _OTHER_SETTINGS.items()
+             if key in doc]
+    kw["settings"] = tuple((s.attr, v) for s, v in given if v != s.default)   # as the fields: defaults unwritten
     m = FleetModel(**kw)
     try:
         m.config()    # every llama.cpp value checked where SplitConfig checks it
@@ -243,9 +289,13 @@ def fleet_to_dict(fleet: Fleet) -> dict:
     for m in fleet.models:
         d: dict = {"name": m.name, "model": m.model, "ctx": m.ctx}
         for key in _MODEL_KEYS[3:]:
+            if key in _OTHER_SETTINGS:
+                continue
             v = getattr(m, key)
             if v != getattr(default, key):
                 d[key] = list(v) if isinstance(v, tuple) else v
+        for attr, v in m.settings:
+            d[attr] = list(v) if isinstance(v, tuple) else v
         models.append(d)
     doc: dict = {"version": fleet.version, "models": models}
     if fleet.keep_free:

@@ -2,7 +2,7 @@
 per device and per term, with the errors; and the runtime overhead learned per device.
 
     rec = reconcile(run)                  # run.plan is the prediction the run carries
-    rec = reconcile(run, plan)            # or any Plan / Plan.to_dict() for the same config
+    rec = reconcile(run, plan)            # or a Plan / PlannedMemory for the same config
     rec.rows                              # TermRow(device, term, predicted, reported, measured)
     print(rec.text())
 
@@ -22,11 +22,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..memory import DevicePlan, PlannedMemory
 from ..run import Run
 from ..units import format_bytes
 from .results import BenchRun
 
-__all__ = ["TermRow", "Reconciliation", "reconcile", "comparison_rows", "TERMS"]
+__all__ = ["TermRow", "Reconciliation", "reconcile", "as_planned_memory", "comparison_rows", "TERMS"]
 
 TERMS = ("weights", "kv", "compute", "output", "overhead", "total")
 _KIND = {"weights": "model", "kv": "kv", "compute": "compute", "output": "output"}
@@ -107,28 +108,29 @@ class Reconciliation:
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
 
-def _plan_devices(plan) -> dict[str, dict]:
+def as_planned_memory(plan) -> PlannedMemory | None:
+    """A Plan (live), a PlannedMemory (a run's) or its stored dict, as the one type reconcile reads."""
+    if plan is None or isinstance(plan, PlannedMemory):
+        return plan
+    if isinstance(plan, dict):
+        return PlannedMemory.from_dict(plan)
+    return plan.memory()
+
+
+def _plan_devices(plan: PlannedMemory | None) -> dict[str, DevicePlan]:
     if plan is None:
         return {}
-    d = plan if isinstance(plan, dict) else plan.to_dict()
-    out = {}
-    for dev in d.get("devices", []):
-        out[dev["name"]] = dev
-    if not isinstance(plan, dict):   # a Plan object also knows the overhead it assumed
-        for dp in plan.devices:
-            out[dp.name]["overhead_bytes"] = dp.overhead_bytes
-    ts = d.get("tensor_parallel")
-    if ts:
-        out[ts["meta_device"]] = _meta_row([out[n] for n in ts["devices"]])
+    out = {d.name: d for d in plan.devices}
+    if plan.meta_device:
+        out[plan.meta_device] = _meta_row(plan.meta_device, [out[n] for n in plan.meta_members])
     return out
 
 
-def _meta_row(members: list[dict]) -> dict:
+def _meta_row(name: str, members: list[DevicePlan]) -> DevicePlan:
     """-sm tensor: llama.cpp logs each buffer of the Meta() device at its largest member's size
     (ggml_backend_meta_alloc_ctx_tensors_from_buft); the prediction of that line."""
-    row = {k: max(m[k] for m in members) for k in ("weights_bytes", "kv_bytes", "compute_bytes")}
-    row["used_bytes"] = sum(row.values())
-    return row
+    return DevicePlan(name, 0, 0, max(m.weights_bytes for m in members), max(m.kv_bytes for m in members),
+                      max(m.compute_bytes for m in members))
 
 
 _META_NOTE = ("-sm tensor: llama.cpp logs one Meta() device, each buffer the size of its largest member's; the "
@@ -137,7 +139,7 @@ _META_NOTE = ("-sm tensor: llama.cpp logs one Meta() device, each buffer the siz
 
 def reconcile(run: Run, plan=None) -> Reconciliation:
     """The error table for `run` against `plan` (default: the plan the run carries)."""
-    plan = run.plan if plan is None else plan
+    plan = as_planned_memory(run.plan if plan is None else plan)
     pdevs = _plan_devices(plan)
     report = run.report
     by_dev = report.kinds_by_device()
@@ -159,7 +161,7 @@ def reconcile(run: Run, plan=None) -> Reconciliation:
         measured_total = nvml.get(name)
         reported_total = sum(kinds.values()) if kinds else (0 if name in by_dev else None)
         for term in ("weights", "kv", "compute", "output"):
-            pred = p.get(_PLAN_KEY[term]) if (p is not None and term in _PLAN_KEY) else None
+            pred = getattr(p, _PLAN_KEY[term]) if (p is not None and term in _PLAN_KEY) else None
             rep = kinds.get(_KIND[term], 0) if name in by_dev else None
             note = ""
             if term == "weights" and name == "CPU":
@@ -167,7 +169,7 @@ def reconcile(run: Run, plan=None) -> Reconciliation:
             if term == "output" and pred is None:
                 note = "not modelled by the planner"
             rows.append(TermRow(name, term, pred, rep, None, note))
-        pred_over = p.get("overhead_bytes", 0) if p is not None else None
+        pred_over = p.overhead_bytes if p is not None else None
         if measured_total is not None and reported_total is not None:
             over = measured_total - reported_total
             overheads[name] = over
@@ -176,9 +178,7 @@ def reconcile(run: Run, plan=None) -> Reconciliation:
             why = ("no NVML on the CPU and RPC devices: overhead unknown" if name == "CPU" or name.startswith("RPC")
                    else "no NVML figure for this device: overhead unknown")
             rows.append(TermRow(name, "overhead", pred_over, None, None, why))
-        pred_total = p.get("used_bytes") if p is not None else None
-        if p is not None and pred_total is None:
-            pred_total = sum(p.get(k, 0) for k in ("weights_bytes", "kv_bytes", "compute_bytes", "overhead_bytes"))
+        pred_total = p.used_bytes if p is not None else None
         rows.append(TermRow(name, "total", pred_total, reported_total, measured_total,
                             "" if measured_total is not None else "llama.cpp's buffers only"))
     if no_nvml:
@@ -197,11 +197,8 @@ def comparison_rows(plan, run: Run) -> list[dict]:
     rows = []
     devices = list(plan.devices)
     if plan.tensor_parallel is not None:     # the line llama.cpp logs: the largest member's buffers
-        from ..placement.plan import DevicePlan
-        m = _meta_row([{"weights_bytes": d.weights_bytes, "kv_bytes": d.kv_bytes, "compute_bytes": d.compute_bytes}
-                       for d in devices if d.name in plan.tensor_parallel.devices])
-        devices.insert(len(devices) - 1, DevicePlan(plan.tensor_parallel.meta_name, 0, 0, m["weights_bytes"],
-                                                    m["kv_bytes"], m["compute_bytes"]))
+        devices.insert(len(devices) - 1, _meta_row(plan.tensor_parallel.meta_name,
+                                                   [d for d in devices if d.name in plan.tensor_parallel.devices]))
     for d in devices:
         k = kinds.get(d.name, {})
         got = sum(k.values())

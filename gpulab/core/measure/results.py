@@ -16,18 +16,18 @@ Standard library only, like the rest of gpulab.core.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
-from typing import Any
 
-from ..config import SplitConfig
+from ..config import SplitConfig, config_from_dict, config_to_dict
+from ..memory import PlannedMemory
 from ..report import LoadReport
 from ..run import Run, Throughput
 
 __all__ = [
     "BenchRun", "run_to_dict", "run_from_dict", "to_llama_bench_records", "runs_from_records",
     "LLAMA_BENCH_FIELDS", "LLAMA_BENCH_SAMPLE_FIELDS", "INT_FIELDS", "BOOL_FIELDS", "FLOAT_FIELDS",
-    "format_tensor_split", "throughput_from_samples", "config_to_dict", "config_from_dict",
+    "format_tensor_split", "throughput_from_samples", "stored_fingerprint",
 ]
 
 # test::get_fields() of the vendored llama-bench.cpp, in order (tests/runtime/test_bench_results.py
@@ -67,7 +67,7 @@ class BenchRun(Run):
 
     model_type: str = ""               # llama_model_desc: 'llama 135M Q4_1'
     model_n_params: int = 0            # llama_model_n_params
-    model_hash: str = ""               # a fingerprint of the GGUF (gpulab.sources.fingerprint)
+    model_fingerprint: str = ""        # the GGUF's fingerprint (gpulab.sources.fingerprint)
     cpu_info: str = ""                 # llama-bench get_cpu_info: CPU/ACCEL device descriptions
     gpu_info: str = ""                 # llama-bench get_gpu_info: GPU/IGPU device descriptions
     backends: str = ""                 # llama-bench test::get_backend: 'CPU', 'CUDA', 'RPC', ...
@@ -128,17 +128,6 @@ def _overrides_str(c: SplitConfig) -> str:
     return ";".join(r.text for r in rules) or "none"
 
 
-def config_to_dict(c: SplitConfig) -> dict:
-    """Plain JSON types: tuples as lists (what json.loads gives back)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(c).items()}
-
-
-def config_from_dict(d: dict) -> SplitConfig:
-    known = {f.name for f in fields(SplitConfig)}
-    kw: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known}
-    return SplitConfig(**kw)
-
-
 _RUN_FIELDS = tuple(f.name for f in fields(Run))
 _BENCH_FIELDS = tuple(f.name for f in fields(BenchRun) if f.name not in _RUN_FIELDS)
 
@@ -151,7 +140,7 @@ def run_to_dict(run: Run, *, include_log: bool = True) -> dict:
     d = {"model_path": run.model_path, "model_bytes": run.model_bytes, "config": config_to_dict(run.config),
          "report": report, "pp": _throughput_dict(run.pp), "tg": _throughput_dict(run.tg),
          "load_seconds": run.load_seconds, "n_threads": run.n_threads, "devices": list(run.devices),
-         "nvml_peak_bytes": dict(run.nvml_peak_bytes), "plan": run.plan, "timestamp": run.timestamp,
+         "nvml_peak_bytes": dict(run.nvml_peak_bytes), "plan": _plan_dict(run), "timestamp": run.timestamp,
          "build": run.build}
     if isinstance(run, BenchRun):
         for name in _BENCH_FIELDS:
@@ -160,13 +149,24 @@ def run_to_dict(run: Run, *, include_log: bool = True) -> dict:
     return d
 
 
+def stored_fingerprint(g: dict) -> str:
+    """The model fingerprint of a stored record's "gpulab" object (records written before the field
+    was named model_fingerprint call it model_hash)."""
+    return g.get("model_fingerprint") or g.get("model_hash", "")
+
+
+def _plan_dict(run: Run) -> dict | None:
+    return run.plan.to_dict() if run.plan is not None else None
+
+
 def run_from_dict(d: dict) -> Run:
     """Inverse of run_to_dict: a BenchRun when the dict has BenchRun's fields, else a Run."""
     kw = dict(model_path=d["model_path"], model_bytes=d["model_bytes"], config=config_from_dict(d["config"]),
               report=LoadReport.from_dict(d["report"]), pp=_throughput(d.get("pp")), tg=_throughput(d.get("tg")),
               load_seconds=d.get("load_seconds", 0.0), n_threads=d.get("n_threads", 0),
               devices=tuple(d.get("devices", ())), nvml_peak_bytes=dict(d.get("nvml_peak_bytes", {})),
-              plan=d.get("plan"), timestamp=d.get("timestamp", ""), build=d.get("build", ""))
+              plan=PlannedMemory.from_dict(d["plan"]) if d.get("plan") else None,
+              timestamp=d.get("timestamp", ""), build=d.get("build", ""))
     extra = {k: d[k] for k in _BENCH_FIELDS if k in d}
     if not extra:
         return Run(**kw)
@@ -208,12 +208,12 @@ def _test_time(ts: str) -> str:
 def _gpulab_object(run: Run, t: Throughput) -> dict:
     report = run.report.to_dict()
     report.pop("log", None)
-    g = {"test": t.name, "config": config_to_dict(run.config), "plan": run.plan, "report": report,
+    g = {"test": t.name, "config": config_to_dict(run.config), "plan": _plan_dict(run), "report": report,
          "buffers": run.report.kinds_by_device(), "nvml_peak_bytes": dict(run.nvml_peak_bytes),
          "load_seconds": run.load_seconds, "devices": list(run.devices), "model_path": run.model_path,
          "timestamp": run.timestamp, "build": run.build}
     if isinstance(run, BenchRun):
-        g.update(model_hash=run.model_hash, run_id=run.run_id, context_seconds=run.context_seconds,
+        g.update(model_fingerprint=run.model_fingerprint, run_id=run.run_id, context_seconds=run.context_seconds,
                  warmup=run.warmup, device_uuids=dict(run.device_uuids),
                  nvml_baseline_bytes=dict(run.nvml_baseline_bytes), nvml_per_process=run.nvml_per_process,
                  system_info=run.system_info, notes=list(run.notes))
@@ -228,7 +228,7 @@ def to_llama_bench_records(run: Run, *, include_gpulab: bool = True) -> list[dic
     """
     c = run.config
     bench = run if isinstance(run, BenchRun) else None
-    model_type = bench.model_type if bench and bench.model_type else (run.plan or {}).get("model", {}).get("arch", "")
+    model_type = bench.model_type if bench and bench.model_type else (run.plan.arch if run.plan else "")
     out = []
     for t in (run.pp, run.tg):
         if t is None:
@@ -310,7 +310,7 @@ def runs_from_records(records: list[dict]) -> list[Run]:
              "plan": g.get("plan"), "timestamp": g.get("timestamp", ""), "build": g.get("build", "")}
         if "run_id" in g:
             d.update(model_type=r0["model_type"], model_n_params=r0["model_n_params"], cpu_info=r0["cpu_info"],
-                     gpu_info=r0["gpu_info"], backends=r0["backends"], model_hash=g.get("model_hash", ""),
+                     gpu_info=r0["gpu_info"], backends=r0["backends"], model_fingerprint=stored_fingerprint(g),
                      run_id=g["run_id"], context_seconds=g.get("context_seconds", 0.0),
                      warmup=g.get("warmup", True), device_uuids=g.get("device_uuids", {}),
                      nvml_baseline_bytes=g.get("nvml_baseline_bytes", {}),

@@ -168,8 +168,14 @@ def dry_run_extra_bytes(profile: ModelProfile, config: SplitConfig, layer_device
 def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_devices: list[str],
                            names: list[str], ffn_devices: list[str] | None = None,
                            stray: frozenset[str] = frozenset(),
-                           ffn_parts: dict[str, frozenset[str]] | None = None) -> dict[str, int]:
+                           ffn_parts: dict[str, frozenset[str]] | None = None,
+                           n_outputs: int | None = None) -> dict[str, int]:
     """Bytes of the compute buffer of every backend in `names` (0 where nothing runs).
+
+    `n_outputs`: llama_context_params.n_outputs_max where a program sets it (llama-server: its slots
+    x (1 + the draft length), tools/server/server-context.cpp server_output_limits); None: n_batch,
+    llama.cpp's default, so every token of the reserved ubatch is an output (graph_reserve gets
+    min(n_tokens, n_outputs_max) outputs, llama_context::sched_reserve).
 
     `layer_devices` is the device of each layer 0..n_layer (the last entry is the output
     layer, 'CPU' the host); `names` the offload devices in llama.cpp's order, then 'CPU'.
@@ -201,11 +207,12 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     q = _a(4 * g.q * T)                # Q (before and after RoPE), the attention output
     kvh = _a(4 * g.kv * T)             # K or V of the ubatch
     f = _a(4 * g.n_ff * T)             # ffn_gate, ffn_up, the GLU output
-    logits = _a(4 * g.n_vocab * T)     # result_output: sched_reserve makes every token an output
+    T_out = T if n_outputs is None else max(1, min(T, n_outputs))
+    logits = _a(4 * g.n_vocab * T_out)  # result_output: min(n_tokens, n_outputs_max) rows
     # graph inputs (llm_graph_input_*): built on the host, copied to each backend that uses them
     tok = _a(4 * T)                    # inp_tokens (i32)
     pos = _a(4 * T)                    # inp_pos (i32)
-    out_ids = _a(4 * T)                # inp_out_ids (i32): the model's last layer gathers these
+    out_ids = _a(4 * T_out)            # inp_out_ids (i32): the model's last layer gathers these
     k_idxs = _a(8 * T)                 # attn_inp_k_idxs (i64): KV rows to store K in
     # attn_inp_v_idxs (i64): with a transposed V cache (no flash attention) one per element
     v_idxs = _a(8 * T * (1 if fa else g.v_gqa_max))

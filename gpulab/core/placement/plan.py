@@ -4,43 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from ..config import SplitConfig
+from ..config import SplitConfig, config_to_dict
+from ..memory import DevicePlan, PlannedMemory, deficit_lines
 from ..profile import ModelProfile
-from .tensor_parallel import TensorParallel
 
-__all__ = ["DevicePlan", "Plan"]
+if TYPE_CHECKING:   # -sm tensor's module loads with the -sm tensor plans that carry one
+    from .tensor_parallel import TensorParallel
 
-
-@dataclass(frozen=True)
-class DevicePlan:
-    name: str
-    total_bytes: int
-    free_bytes: int
-    weights_bytes: int
-    kv_bytes: int
-    compute_bytes: int
-    overhead_bytes: int = 0       # runtime overhead (CUDA context, ...), learned from runs
-    n_layers: int = 0             # repeating layers placed here
-    has_output: bool = False      # holds the output layer (index n_layer)
-    is_host: bool = False
-    expert_bytes: int = 0         # of weights_bytes: MoE expert tensors
-    # the host only, its weights as llama.cpp allocates them (weights_bytes = the two together):
-    mapped_bytes: int = 0         # CPU_Mapped: the file span from its first to its last host tensor
-    repack_bytes: int = 0         # CPU_REPACK: copies of the weights the CPU backend repacks
-
-    @property
-    def used_bytes(self) -> int:
-        return self.weights_bytes + self.kv_bytes + self.compute_bytes + self.overhead_bytes
-
-    @property
-    def fits(self) -> bool:
-        # the host's free memory is advisory (mmap pages can be evicted), devices' is not
-        return self.used_bytes <= self.free_bytes or (self.is_host and self.free_bytes == 0)
-
-    @property
-    def deficit_bytes(self) -> int:
-        return max(0, self.used_bytes - self.free_bytes)
+__all__ = ["Plan"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +34,8 @@ class Plan:
 
     @property
     def fits(self) -> bool:
+        """Memory fitting: every device's bytes within its free memory. Not llama-server's -fit,
+        which changes the settings until they fit (gpulab.core.policies.server_fit)."""
         return all(d.fits for d in self.devices)
 
     @property
@@ -82,25 +57,23 @@ class Plan:
 
     def deficits(self) -> list[str]:
         """Human lines for every device that is over-full, e.g. 'CUDA1: needs 1.20 GiB more'."""
-        from ..units import format_bytes
-        return [f"{d.name}: needs {format_bytes(d.deficit_bytes)} more than its "
-                f"{format_bytes(d.free_bytes)} free" for d in self.devices if not d.fits]
+        return deficit_lines(self.devices)
+
+    def memory(self) -> PlannedMemory:
+        """The prediction as a run keeps it (and the results store writes it)."""
+        return PlannedMemory.from_dict(self.to_dict())
 
     def to_dict(self) -> dict:
         """The `gpulab plan --json` object (schema documented in the README)."""
         p, c = self.profile, self.config
         return {
             "model": {"path": p.path, "arch": p.arch, "n_layer": p.n_layer, "size_bytes": p.file_bytes},
-            "config": {
-                "n_gpu_layers": c.n_gpu_layers, "split_mode": c.split_mode, "main_gpu": c.main_gpu,
-                "tensor_split": list(c.tensor_split), "n_ctx": c.n_ctx, "type_k": c.type_k,
-                "type_v": c.type_v, "n_batch": c.n_batch, "n_ubatch": c.n_ubatch,
-                "flash_attn": c.flash_attn, "tensor_overrides": list(c.tensor_overrides),
-            },
+            "config": config_to_dict(c),     # every SplitConfig field, by its name
             "devices": [
                 {"name": d.name, "total_bytes": d.total_bytes, "free_bytes": d.free_bytes,
                  "weights_bytes": d.weights_bytes, "kv_bytes": d.kv_bytes,
-                 "compute_bytes": d.compute_bytes, "used_bytes": d.used_bytes, "fits": d.fits}
+                 "compute_bytes": d.compute_bytes, "overhead_bytes": d.overhead_bytes,
+                 "overhead_is_default": d.overhead_is_default, "used_bytes": d.used_bytes, "fits": d.fits}
                 for d in self.devices
             ],
             "layers": [{"index": i, "device": name} for i, name in enumerate(self.layer_devices)],

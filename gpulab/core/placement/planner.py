@@ -8,26 +8,21 @@ llama.cpp does, so that layers on a split boundary land where llama.cpp puts the
 from __future__ import annotations
 
 import weakref
-
-import numpy as np
+from bisect import bisect_right
 
 from ..config import SplitConfig
 from ..devices import HOST_NAME, Device
 from ..errors import ConfigError
+from ..float32 import cumsum_f32, f32
 from ..ggml_types import row_bytes
+from ..memory import DevicePlan
 from ..overrides import effective_rules
 from ..profile import ModelProfile
 from .compute import estimate_compute_bytes
-from .plan import DevicePlan, Plan
-from .tensor_parallel import (
-    check_overrides_for_tensor_parallel,
-    check_tensor_parallel,
-    meta_device_name,
-    plan_tensor_parallel,
-)
+from .plan import Plan
 from .tensors import compute_sites, place_tensors
 
-__all__ = ["plan", "select_devices", "kv_cells", "kv_cell_bytes", "split_points", "assign_layers"]
+__all__ = ["plan", "select_devices", "kv_cells", "kv_cell_bytes", "split_points", "assign_layers", "split_for_counts"]
 
 _PAD = 256  # llama_context: cparams.n_ctx = GGML_PAD(n_ctx, 256)
 
@@ -86,17 +81,14 @@ def split_points(devices: list[Device], config: SplitConfig) -> list[float]:
     """
     n = len(devices)
     ts = list(config.tensor_split[:n]) + [0.0] * (n - len(config.tensor_split[:n]))
-    if not any(ts):
-        raw = np.array([d.free_bytes for d in devices], dtype=np.float32)
-    else:
-        raw = np.array(ts, dtype=np.float32)
-    cum = np.cumsum(raw, dtype=np.float32)  # float split_sum += splits[i], sequentially
+    raw = [d.free_bytes for d in devices] if not any(ts) else ts
+    cum = cumsum_f32(raw)  # float split_sum += splits[i], sequentially
     if n == 0 or cum[-1] == 0:
         if n:
             raise ConfigError("every device has 0 bytes free, so llama.cpp's default split is undefined; "
                               "give -ts explicitly")
         return []
-    return [float(x) for x in (cum / cum[-1]).astype(np.float32)]
+    return [f32(x / cum[-1]) for x in cum]
 
 
 def assign_layers(n_layer: int, n_gpu_layers: int, devices: list[Device],
@@ -113,12 +105,29 @@ def assign_layers(n_layer: int, n_gpu_layers: int, devices: list[Device],
     if act == 0:
         return names
     # float(il - i_gpu_start) / act_gpu_layers, in float32 like llama.cpp
-    fracs = np.arange(act, dtype=np.float32) / np.float32(act)
-    idx = np.searchsorted(np.asarray(points, dtype=np.float32), fracs, side="right")  # upper_bound
+    pts = [f32(x) for x in points]
     last = len(devices) - 1
-    for k, i in enumerate(idx.tolist()):
+    for k in range(act):
+        i = bisect_right(pts, f32(k / act))   # std::upper_bound
         names[i_gpu_start + k] = devices[min(i, last)].name
     return names
+
+
+def split_for_counts(counts: list[int] | tuple[int, ...]) -> tuple[float, ...]:
+    """The -ts that puts exactly counts[i] offloaded layers on device i (counts sum to the layers
+    offloaded, the output layer included).
+
+    The counts themselves: split point i is then float32(c_i) / float32(total) with c_i the running
+    sum, and assign_layers' fraction of layer c_i is float32(c_i) / float32(total), the same two
+    float32 operands, so upper_bound sends layer c_i - 1 to device i and layer c_i past it. A device
+    with 0 layers repeats the previous point and upper_bound skips it. Trailing zeros are dropped
+    (llama.cpp pads -ts with zeros); an all-zero list is () (the free-memory default)."""
+    ts = [float(c) for c in counts]
+    if any(c < 0 for c in ts):
+        raise ConfigError(f"layer counts must not be negative: {list(counts)}")
+    while ts and ts[-1] == 0.0:
+        ts.pop()
+    return tuple(ts)
 
 
 def kv_cells(profile: ModelProfile, config: SplitConfig) -> tuple[int, int]:
@@ -179,7 +188,7 @@ def _flash_attn_on(config: SplitConfig) -> bool:
 
 
 def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | None = None,
-         host: Device | None = None) -> Plan:
+         host: Device | None = None, *, n_outputs: int | None = None) -> Plan:
     """Predict llama.cpp's placement and per-device memory for `config` on `devices`.
 
     `devices` are the offload devices (GPUs, RPC servers, simulated); `host` is the CPU with
@@ -190,6 +199,12 @@ def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | Non
     rules = effective_rules(config)
     tensor_mode = config.split_mode == "tensor" and bool(used)
     if config.split_mode == "tensor":
+        # -sm tensor's rules (and their regexes) load only for -sm tensor plans
+        from .tensor_parallel import (
+            check_overrides_for_tensor_parallel,
+            check_tensor_parallel,
+        )
+
         check_tensor_parallel(profile, config, used)
         check_overrides_for_tensor_parallel({i: r.target for i, r in enumerate(rules)})
     # -sm tensor: llama_prepare_model_devices makes the devices one meta device, and layers are
@@ -228,13 +243,15 @@ def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | Non
     ffn_sites, stray, ffn_parts = compute_sites(profile, layer_devices, tp.moved)
     compute = estimate_compute_bytes(profile, config, layer_devices, names,
                                      ffn_devices=ffn_sites if tp.moved else None, stray=stray,
-                                     ffn_parts=ffn_parts)
+                                     ffn_parts=ffn_parts, n_outputs=n_outputs)
     experts = {n: tp.expert_weights.get(n, 0) for n in names}
     split = None
     if tensor_mode:
         # each member of the meta device: its slices and mirrors (the meta figures replaced);
         # compute buffers are allocated at the meta buffer's size on every member
         meta = names[0]
+        from .tensor_parallel import plan_tensor_parallel
+
         split = plan_tensor_parallel(profile, config, used, layer_devices, tp.moved, (full_cells, swa_cells))
         names = [d.name for d in used] + [HOST_NAME]
         for i, d in enumerate(used):
@@ -253,16 +270,24 @@ def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | Non
             weights_bytes=weights[name], kv_bytes=kv[name], compute_bytes=compute.get(name, 0),
             # learned from NVML by earlier runs (CUDA context, workspaces): what "fits" must leave
             overhead_bytes=src.overhead_bytes if src is not None and not is_host else 0,
+            overhead_is_default=bool(src is not None and not is_host and src.overhead_is_default),
             n_layers=n_layers[name], has_output=out_dev == name or (split is not None and out_dev == split.meta_name
                                                                    and not is_host),
             is_host=is_host, expert_bytes=experts[name],
             mapped_bytes=tp.mapped_bytes if is_host else 0, repack_bytes=tp.repack_bytes if is_host else 0))
+    from ..units import format_bytes
+    defaults = tuple(f"{r.name}: counts a base cost of {format_bytes(r.overhead_bytes)}, gpulab's default for a CUDA "
+                     "device (nothing learned on it yet; a run with NVML replaces it)"
+                     for r in rows if r.overhead_is_default)
     return Plan(profile=profile, config=config, devices=tuple(rows), layer_devices=tuple(layer_devices),
                 split_points=tuple(points), kv_cells=full_cells, kv_cells_swa=swa_cells,
-                moved_tensors=tp.moved, rule_matches=tp.matches, notes=tp.notes, tensor_parallel=split)
+                moved_tensors=tp.moved, rule_matches=tp.matches, notes=tuple(tp.notes) + defaults,
+                tensor_parallel=split)
 
 
 def _meta_device(used: list[Device]) -> Device:
     """The meta device llama.cpp makes of `used` (ggml_backend_meta_device_get_memory: the sums)."""
+    from .tensor_parallel import meta_device_name
+
     return Device(name=meta_device_name(used), total_bytes=sum(d.total_bytes for d in used),
                   free_bytes=sum(d.free_bytes for d in used), source="meta", kind="meta")

@@ -40,11 +40,10 @@ import math
 import re
 from dataclasses import dataclass
 
-import numpy as np
-
 from ..config import SplitConfig
 from ..devices import HOST_NAME, Device
 from ..errors import ConfigError
+from ..float32 import cumsum_f32, f32
 from ..ggml_types import block_size, row_bytes
 from ..profile import LayerProfile, ModelProfile, TensorInfo
 
@@ -267,8 +266,7 @@ def split_tensor(ctx: _Ctx, name: str, shape: tuple[int, ...]) -> tuple[int, tup
     segments = _segments(ctx, name, ne_axis, layer)
     gran = _granularity(ctx, name, blck, layer, len(segments))
     # tensor_split_scan: float, -ts rotated by `rotation`, summed in order
-    scan = np.cumsum(np.array([ctx.tensor_split[(j + rotation) % n] for j in range(n)], dtype=np.float32),
-                     dtype=np.float32)
+    scan = cumsum_f32(ctx.tensor_split[(j + rotation) % n] for j in range(n))
     per_dev = [0] * n
     for (ne_s, nr_s), g_s in zip(segments, gran):
         low = 0
@@ -276,7 +274,7 @@ def split_tensor(ctx: _Ctx, name: str, shape: tuple[int, ...]) -> tuple[int, tup
             if scan[-1] == 0:
                 high = ne_s * (j + 1) // n
             else:   # int64 * float / float: float32 arithmetic, truncated back to int64
-                high = int(np.float32(ne_s) * scan[j] / scan[-1])
+                high = int(f32(f32(f32(ne_s) * scan[j]) / scan[-1]))
             high -= high % g_s
             per_dev[(j + rotation) % n] += (high - low) * nr_s
             low = high

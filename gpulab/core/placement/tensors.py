@@ -146,6 +146,9 @@ def _all_tensors(profile: ModelProfile) -> list[TensorInfo]:
     return [*profile.input_tensors, *(t for layer in profile.layers for t in layer.tensors), *profile.output_tensors]
 
 
+_MEMOS = ("pattern-matches", "group")     # sub-caches kept when the table is cleared (see _memo)
+
+
 def _table(profile: ModelProfile) -> dict:
     """This profile's cache (rule matches, tensor groups), dropped with the profile."""
     hit = _CACHE.get(id(profile))
@@ -154,8 +157,39 @@ def _table(profile: ModelProfile) -> dict:
         hit = (weakref.ref(profile, lambda _r: _CACHE.pop(pid, None)), {})
         _CACHE[pid] = hit
     if len(hit[1]) > 128:
+        keep = {k: hit[1][k] for k in _MEMOS if k in hit[1]}
         hit[1].clear()
+        hit[1].update(keep)
     return hit[1]
+
+
+def _memo(profile: ModelProfile, name: str) -> dict:
+    """A sub-cache of this profile's table that survives the table's clearing (fit's dry runs add
+    one rule at a time: what one pattern matches, or one layer's group, is asked for again and
+    again); bounded on its own."""
+    table = _table(profile)
+    memo = table.get(name)
+    if memo is None or len(memo) > 20000:
+        memo = table[name] = {}
+    return memo
+
+
+def _matches(profile: ModelProfile, pattern: str) -> tuple[str, ...]:
+    """Every tensor name `pattern` finds (std::regex_search), in the model's order."""
+    memo = _memo(profile, "pattern-matches")
+    got = memo.get(pattern)
+    if got is not None:
+        return got
+    names = [t.name for t in _all_tensors(profile)]
+    lit = _literal_prefix(pattern)
+    blk = _BLK.search(lit)
+    if blk:
+        pool = [n for n in names if blk.group(0) in n and any(m.group(0) == blk.group(0) for m in _BLK.finditer(n))]
+    else:
+        pool = names
+    rx = _compile(pattern)
+    got = memo[pattern] = tuple(n for n in pool if (not lit or lit in n) and rx.search(n))
+    return got
 
 
 def _rule_of(profile: ModelProfile, rules: tuple[OverrideRule, ...]) -> dict[str, int]:
@@ -165,19 +199,10 @@ def _rule_of(profile: ModelProfile, rules: tuple[OverrideRule, ...]) -> dict[str
     got = table.get(key)
     if got is not None:
         return got
-    names = [t.name for t in _all_tensors(profile)]
-    by_blk: dict[str, list[str]] = {}
-    for n in names:
-        for m in _BLK.finditer(n):
-            by_blk.setdefault(m.group(0), []).append(n)
     decided: dict[str, int] = {}
     for i, r in enumerate(rules):
-        lit = _literal_prefix(r.pattern)
-        blk = _BLK.search(lit)
-        pool = by_blk.get(blk.group(0), []) if blk else names
-        rx = _compile(r.pattern)
-        for n in pool:
-            if n not in decided and (not lit or lit in n) and rx.search(n):
+        for n in _matches(profile, r.pattern):
+            if n not in decided:
                 decided[n] = i
     table[key] = decided
     return decided
@@ -231,10 +256,20 @@ def _groups(profile: ModelProfile, rules: tuple[OverrideRule, ...], repack_types
     got = table.get(key)
     if got is None:
         decided = _rule_of(profile, rules) if rules else {}
+        memo = _memo(profile, "group")
+
+        def group(where, tensors, output: bool) -> _Group:
+            # a group depends only on which of its own tensors rules decide, and by which rule
+            sig = (where, tuple((t.name, decided[t.name]) for t in tensors if t.name in decided), repack_types)
+            g = memo.get(sig)
+            if g is None:
+                g = memo[sig] = _group(tensors, decided, repack_types, output=output)
+            return g
+
         got = table[key] = (
-            _group(profile.input_tensors, decided, repack_types, output=False),
-            tuple(_group(layer.tensors, decided, repack_types, output=False) for layer in profile.layers),
-            _group(profile.output_tensors, decided, repack_types, output=True))
+            group("input", profile.input_tensors, False),
+            tuple(group(i, layer.tensors, False) for i, layer in enumerate(profile.layers)),
+            group("output", profile.output_tensors, True))
     return got
 
 

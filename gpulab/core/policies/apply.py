@@ -133,8 +133,8 @@ def apply_policy(name: str, profile: ModelProfile, devices: list[Device], config
         from .moe_balance import moe_balance
         return moe_balance(profile, devices, config, host).config
     if name == "fit":
-        from .server_fit import fit
-        return fit(profile, devices, config, host).config
+        from .server_fit import server_fit
+        return server_fit(profile, devices, config, host).config
     if name == "ollama":
         # Ollama sets every placement flag itself, from its own defaults (OllamaSettings); `config`
         # is not what it would pass, so it is not read

@@ -71,7 +71,7 @@ from ..devices import Device
 from ..errors import ConfigError
 from ..profile import ModelProfile
 from ..units import GiB, MiB
-from .server_fit import FitResult, fit
+from .server_fit import FitResult, server_fit
 
 __all__ = ["OllamaSettings", "OllamaLaunch", "ollama", "default_num_ctx", "predict_server_vram",
            "select_placement", "automatic_batch"]
@@ -312,7 +312,7 @@ def ollama(profile: ModelProfile, devices: list[Device], settings: OllamaSetting
         flash_attn=flash_attn, n_gpu_layers=s.num_gpu if s.num_gpu >= 0 else -1,
         split_mode="none" if main_gpu is not None else "layer", main_gpu=main_gpu or 0,
         devices=tuple(d.name for d in chosen), fit_target=fit_target)
-    fitted = fit(profile, devices, launch, host)
+    fitted = server_fit(profile, devices, launch, host)
     reasons.extend(f"llama-server fit: {r}" for r in fitted.reasons)
     return OllamaLaunch(config=fitted.config, launch=launch, fit=fitted, gpus=tuple(d.name for d in chosen),
                         args=tuple(args), env=tuple(env), predicted_bytes=predicted, reasons=tuple(reasons))

@@ -66,8 +66,19 @@ from ..placement.compute import dry_run_extra_bytes
 from ..placement.planner import plan, select_devices
 from ..profile import ModelProfile
 
-__all__ = ["FitResult", "fit", "fit_flags", "DEFAULT_TARGET_MIB", "UINT32_MAX", "fit_margins",
-           "MOE_ALL_PATTERN", "overflow_pattern"]
+__all__ = [
+    "DEFAULT_TARGET_MIB",
+    "MOE_ALL_PATTERN",
+    "UINT32_MAX",
+    "FitResult",
+    "fit_flags",
+    "fit_margins",
+    "overflow_pattern",
+    "server_config",
+    "server_fit",
+    "server_would_fit",
+    "user_placement",
+]
 
 MiB = 1024 * 1024
 DEFAULT_TARGET_MIB = 1024            # common_params.fit_params_target
@@ -232,6 +243,40 @@ def fit_margins(config: SplitConfig, n_devices: int) -> list[int]:
     return [(t[i] if i < len(t) else DEFAULT_TARGET_MIB) * MiB for i in range(max(n_devices, 1))]
 
 
+def server_config(config: SplitConfig, *, ctx_given: bool, parallel_given: bool) -> tuple[SplitConfig, int | None]:
+    """(the config llama-server fits, fit's minimum context or None for -fitc) with llama-server's
+    defaults for the flags not given (gpulab.core.command_line.program_defaults: -c 0, and -np auto,
+    4 slots sharing one unified KV cache). An explicit -c 0 asks for the full context: fit's
+    minimum becomes UINT32_MAX (common/arg.cpp)."""
+    from ..command_line import program_defaults
+    given = {k for k, g in (("n_ctx", ctx_given), ("n_seq_max", parallel_given)) if g}
+    server = replace(config, **{k: v for k, v in program_defaults("llama-server", given).items() if k not in given})
+    return server, (UINT32_MAX if ctx_given and config.n_ctx == 0 else None)
+
+
+def user_placement(config: SplitConfig, n_devices: int) -> str | None:
+    """Why fit leaves the weights where the user put them (common_params_fit_impl's checks before it
+    fills devices, its words), or None when fit may place them: -ngl, -ts (several devices), split
+    mode row (several devices), tensor overrides."""
+    if config.n_gpu_layers != -1:
+        return f"n_gpu_layers already set by user to {config.n_gpu_layers}, abort"
+    if n_devices > 1:
+        if any(config.tensor_split):
+            return "model_params::tensor_split already set by user, abort"
+        if config.split_mode == "row":
+            return "changing weight allocation for LLAMA_SPLIT_MODE_ROW not implemented, abort"
+    if config.has_tensor_overrides:
+        return "model_params::tensor_buft_overrides already set by user, abort"
+    return None
+
+
+def server_would_fit(config: SplitConfig, devices: list[Device]) -> bool:
+    """llama-server's fit would place the weights itself here: -fit on, a split mode it implements,
+    and nothing of the placement set by the user (user_placement)."""
+    return (config.fit == "on" and config.split_mode != "tensor"
+            and user_placement(config, len(select_devices(devices, config))) is None)
+
+
 class _Abort(Exception):
     """common_params_fit_exception (status failure) or runtime_error (status error)."""
 
@@ -240,15 +285,21 @@ class _Abort(Exception):
         self.status = status
 
 
-def fit(profile: ModelProfile, devices: list[Device], config: SplitConfig | None = None,
+def server_fit(profile: ModelProfile, devices: list[Device], config: SplitConfig | None = None,
         host: Device | None = None, *, n_ctx_min: int | None = None,
-        measure: Callable[[SplitConfig], list[int]] | None = None) -> FitResult:
-    """common_params_fit for `config` on `devices` (their free memory as llama.cpp would see it).
+        measure: Callable[[SplitConfig], list[int]] | None = None,
+        extra: Callable[[SplitConfig], list[int]] | None = None, n_outputs: int | None = None) -> FitResult:
+    """common_params_fit for `config` on `devices` (their free memory as llama.cpp would see it):
+    llama-server's -fit, which changes the settings left unset until they fit. Whether a given
+    plan fits in memory is Plan.fits.
 
     config.fit_target / fit_ctx are -fitt / -fitc; n_ctx_min overrides fit_ctx (UINT32_MAX: what an
     explicit `-c 0` sets). `measure(config)` returns the bytes (model + context + compute) of each
     device the config uses; default: gpulab's planner. The result's config is what llama-server
-    loads."""
+    loads. `extra(config)`: the bytes a second model (the draft) adds to each device the config uses,
+    measured at config's context, as common_fit_extra_model's add_extra_memory adds them to every
+    dry run (common/fit.cpp). `n_outputs`: the context's n_outputs_max as the program sets it
+    (llama-server does, llama-fit-params does not: gpulab.core.placement.compute)."""
     config = config or SplitConfig()
     if config.fit == "off":
         return FitResult("off", config, config, ("-fit off: llama.cpp uses the settings as given",), (), (), (),
@@ -256,6 +307,8 @@ def fit(profile: ModelProfile, devices: list[Device], config: SplitConfig | None
     used = select_devices(devices, config)
     run = _Fit(profile, list(devices), used, config, host, measure,
                config.fit_ctx if n_ctx_min is None else n_ctx_min)
+    run.extra_fn = extra
+    run.n_outputs = n_outputs
     try:
         run.go()
     except _Abort as e:
@@ -270,6 +323,8 @@ class _Fit:
                  host: Device | None, measure, n_ctx_min: int):
         self.profile, self.devices, self.used, self.given, self.host = profile, devices, used, config, host
         self.measure_fn = measure
+        self.extra_fn: Callable[[SplitConfig], list[int]] | None = None
+        self.n_outputs: int | None = None
         self.compute: dict[SplitConfig, list[int]] = {}   # the planner's compute buffers per dry run
         self.n_ctx_min = n_ctx_min
         self.cfg = config                  # cparams/mparams as fit changes them
@@ -291,14 +346,15 @@ class _Fit:
     def measure(self, cfg: SplitConfig) -> list[int]:
         """One dry run (common_get_device_memory_data): model + context + compute per device."""
         self.n_dry_runs += 1
+        added = self.extra_fn(cfg) if self.extra_fn is not None else [0] * self.nd
         if self.measure_fn is not None:
-            return list(self.measure_fn(cfg))
-        p = plan(self.profile, self.devices, cfg, self.host)
+            return [m + a for m, a in zip(self.measure_fn(cfg), added)]
+        p = plan(self.profile, self.devices, cfg, self.host, n_outputs=self.n_outputs)
         # a dry run's breakdown is not quite a real load's (gpulab.core.placement.compute.dry_run_extra_bytes)
         extra = dry_run_extra_bytes(self.profile, p.config, list(p.layer_devices), [d.name for d in p.devices])
         compute = [d.compute_bytes + extra.get(d.name, 0) for d in p.offload_devices]
         self.compute[cfg] = compute
-        return [d.weights_bytes + d.kv_bytes + c for d, c in zip(p.offload_devices, compute)]
+        return [d.weights_bytes + d.kv_bytes + c + a for d, c, a in zip(p.offload_devices, compute, added)]
 
     def _uncertainty(self, cfg: SplitConfig, dev: int) -> int:
         """How far gpulab's compute buffer (gpulab.core.placement.compute) may be from llama.cpp's, plus the
@@ -335,7 +391,7 @@ class _Fit:
         free = [d.free_bytes for d in self.used]
         sum_free = sum(free)
         if nd == 0:
-            host_plan = plan(prof, [], cfg, self.host)
+            host_plan = plan(prof, [], cfg, self.host, n_outputs=self.n_outputs)
             sum_used = host_plan.host.weights_bytes + host_plan.host.kv_bytes + host_plan.host.compute_bytes
             sum_free = self.host.total_bytes if self.host is not None else 0
             sum_projected_free = sum_free - sum_used
@@ -394,7 +450,7 @@ class _Fit:
                         sum_used_target -= (nd + 1) * model_per_layer // (2 if hp_nex == 0 else 6)
                     cfg_min = self.cfg = replace(cfg, n_ctx=n_ctx_min_total)
                     if nd == 0:
-                        hp = plan(prof, [], cfg_min, self.host).host
+                        hp = plan(prof, [], cfg_min, self.host, n_outputs=self.n_outputs).host
                         used_min = hp.weights_bytes + hp.kv_bytes + hp.compute_bytes
                     else:
                         used_min = sum(self.measure(cfg_min))
@@ -429,15 +485,9 @@ class _Fit:
             raise _Abort("was unable to fit model into system memory by reducing context, abort")
 
         # step 3: the checks
-        if cfg.n_gpu_layers != -1:
-            raise _Abort(f"n_gpu_layers already set by user to {cfg.n_gpu_layers}, abort")
-        if nd > 1:
-            if any(cfg.tensor_split):
-                raise _Abort("model_params::tensor_split already set by user, abort")
-            if cfg.split_mode == "row":
-                raise _Abort("changing weight allocation for LLAMA_SPLIT_MODE_ROW not implemented, abort")
-        if cfg.has_tensor_overrides:
-            raise _Abort("model_params::tensor_buft_overrides already set by user, abort")
+        why = user_placement(cfg, nd)
+        if why:
+            raise _Abort(why)
         self._fill(cfg, hp_ngl, hp_nex, free, margins)
 
     def _rounding(self, raw: int, align: int, lo: int, hi: int, used_max: int, used_min: int,
@@ -457,7 +507,7 @@ class _Fit:
         return sum(self._uncertainty(cfg, i) for i in range(self.nd))
 
     def _model_bytes(self, cfg: SplitConfig) -> int:
-        p = plan(self.profile, self.devices, cfg, self.host)
+        p = plan(self.profile, self.devices, cfg, self.host, n_outputs=self.n_outputs)
         return sum(d.weights_bytes for d in p.offload_devices)
 
     # -- steps 3 and 4 -----------------------------------------------------------------------
@@ -550,7 +600,7 @@ class _Fit:
         self.log("converting dense-only layers to full layers and filling them front-to-back with overflow to "
                  "next device/system memory:")
         id_ = 0
-        while id_ <= id_dense_start and id_dense_start < nd:
+        while id_ <= id_dense_start < nd:
             high = _copy(ngl)
             for jd in range(id_dense_start, nd):
                 n_move = high[jd].n_layer if jd < nd - 1 else high[jd].n_layer - 1

@@ -25,7 +25,7 @@ from builders import make_profile
 from gpulab.core.devices import Device
 from gpulab.core.exports.fleet import llama_swap_doc, ollama_fleet, router_ini, server_commands
 from gpulab.core.fleet.from_tools import parse_preset_ini
-from gpulab.core.fleet.model import Fleet, FleetModel
+from gpulab.core.fleet.model import Fleet, FleetModel, fleet_from_dict
 from gpulab.core.fleet.planner import plan_fleet
 from gpulab.storage.fleet_files import llama_swap_yaml
 from llama_args import kv_cache_types_from_source, preset_only_keys_from_source, server_options_from_source
@@ -138,6 +138,15 @@ def test_llama_swap_yaml_round_trips_and_groups_what_runs_together(fplan):
     assert "${PORT}" in doc["models"]["chat"]["cmd"] and "'${PORT}'" not in doc["models"]["chat"]["cmd"]
 
 
+def test_llama_swap_yaml_writes_shared_lists_in_full_without_anchors(fplan):
+    fp, devices = fplan
+    doc, _ = llama_swap_doc(fp, PATHS, devices)
+    assert doc["hooks"]["on_startup"]["preload"] is doc["groups"]["fleet"]["members"]   # one list, two keys
+    text = llama_swap_yaml(doc)
+    assert "&id" not in text and "*id" not in text
+    assert text.count("  - chat\n") == 2        # the members and the preload list, each written out
+
+
 @needs_src
 def test_router_ini_keys_are_the_ones_load_from_ini_accepts(fplan):
     fp, devices = fplan
@@ -219,3 +228,16 @@ def test_rpc_devices_are_named_as_the_exported_process_sees_them():
     fp = plan_fleet(shared, profs, devs)
     _, gaps = llama_swap_doc(fp, {"a": "/a.gguf", "b": "/b.gguf"}, devs)
     assert any("127.0.0.1:50050 is used by a, b" in g for g in gaps)
+
+
+def test_settings_beyond_the_fixed_keys_reach_the_exports():
+    fleet = fleet_from_dict({"models": [{"name": "chat", "model": "chat.gguf", "ctx": 4096, "n_batch": 1024,
+                                         "n_ubatch": 256, "kv_unified": True, "parallel": 2}]})
+    devices = [cuda(0)]
+    fp = plan_fleet(fleet, {"chat": make_profile(n_layer=8)}, devices)
+    doc, _ = llama_swap_doc(fp, {"chat": "/models/chat.gguf"}, devices)
+    cmd = doc["models"]["chat"]["cmd"].split()
+    for flags in (["-b", "1024"], ["-ub", "256"], ["-np", "2"]):
+        i = cmd.index(flags[0])
+        assert cmd[i:i + 2] == flags
+    assert "-kvu" in cmd

@@ -65,7 +65,7 @@ models:
       ${server} -hf ggml-org/Qwen2.5-Coder-7B-GGUF:Q4_K_M
       -c 8192 --device CUDA1 -fa on
   draft:
-    cmd: ${server} -m ${models}/draft.gguf
+    cmd: ${server} -m ${models}/draft.gguf -b 1024 -ub 256 -np 4 -kvu -nkvo
 groups:
   together:
     swap: false
@@ -78,6 +78,8 @@ groups:
     assert coder.model == "hf:ggml-org/Qwen2.5-Coder-7B-GGUF:Q4_K_M" and coder.devices == ("CUDA1",)
     assert coder.flash_attn == "on" and coder.keep_loaded is True
     assert draft.keep_loaded is False        # not in a swap: false group: llama-swap swaps it
+    cfg = draft.config()     # every flag of the flag table reaches the fleet
+    assert (cfg.n_batch, cfg.n_ubatch, cfg.n_seq_max, cfg.kv_unified, cfg.offload_kqv) == (1024, 256, 4, True, False)
     assert any("--jinja" in n for n in notes) and any("-ts 3,1" in n for n in notes)
 
 

@@ -143,3 +143,32 @@ def test_model_references():
     assert parse_model_ref("hf:org/repo:q4_k_m").tag == "Q4_K_M"
     assert parse_model_ref("http://host/m.gguf").kind == "url"
     assert parse_model_ref("models/m.gguf").kind == "path"
+
+
+# one value other than the default for every row of the flag table, as a fleet TOML spells it
+# (a new row fails test_every_setting_round_trips_through_a_fleet_toml until it has one here)
+EXAMPLES = {"n_gpu_layers": 20, "split_mode": "none", "main_gpu": 1, "devices": ["CUDA1"], "ctx": 2048,
+            "n_batch": 1024, "n_ubatch": 256, "type_k": "q8_0", "type_v": "q8_0", "flash_attn": "on",
+            "offload_kqv": False, "parallel": 3, "kv_unified": True, "swa_full": True, "op_offload": False,
+            "overrides": ["blk\\.1\\.ffn_up\\.weight=CPU"], "cpu_moe": True, "n_cpu_moe": 2, "n_cpu_ffn": 1,
+            "no_host": True, "use_extra_bufts": False, "fit": "off", "fit_target": [2048], "fit_ctx": 8192}
+SPLIT_CONFIG_NAME = {"ctx": "n_ctx", "parallel": "n_seq_max", "overrides": "tensor_overrides"}
+
+
+def test_every_setting_round_trips_through_a_fleet_toml(tmp_path):
+    from gpulab.core.settings import SETTINGS
+    assert {SPLIT_CONFIG_NAME.get(k, k) for k in EXAMPLES} == {s.attr for s in SETTINGS} - {"tensor_split"}
+    for key, value in EXAMPLES.items():
+        doc = {"models": [{"name": "m", "model": "m.gguf", key: value}]}
+        path = write_fleet(tmp_path / f"{key}.toml", fleet_from_dict(doc))
+        back = read_fleet(path)
+        assert tomllib.loads(path.read_text())["models"][0][key] == value, key
+        got = getattr(back.models[0].config(), SPLIT_CONFIG_NAME.get(key, key))
+        assert (list(got) if isinstance(got, tuple) else got) == value, key
+
+
+def test_a_setting_of_the_wrong_type_is_named():
+    with pytest.raises(ConfigError, match=r"models\[0\] \('m'\): kv_unified must be true or false, got 'yes'"):
+        fleet_from_dict({"models": [{"name": "m", "model": "m.gguf", "kv_unified": "yes"}]})
+    with pytest.raises(ConfigError, match="unknown key.*tensor_split"):
+        fleet_from_dict({"models": [{"name": "m", "model": "m.gguf", "tensor_split": [1, 1]}]})

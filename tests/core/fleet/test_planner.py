@@ -6,6 +6,8 @@ planner that tests/integration checks against llama.cpp), never from a number wr
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from builders import make_profile
@@ -15,6 +17,7 @@ from gpulab.core.errors import ConfigError
 from gpulab.core.fleet.model import Fleet, FleetModel
 from gpulab.core.fleet.planner import plan_fleet
 from gpulab.core.placement.planner import plan
+from gpulab.core.units import format_bytes
 
 GiB = 1024**3
 MiB = 1024**2
@@ -163,7 +166,8 @@ def test_infeasible_fleet_is_explained_with_exact_bytes():
     assert d.deficit_bytes == used - budget == alone["small"] - MiB
     short = [a for a in fp.advice if a.kind == "short"]
     assert len(short) == 1 and short[0].device == "SIM0" and short[0].bytes == alone["small"] - MiB
-    assert f"{alone['small'] - MiB} B" in short[0].text
+    assert f"short by {format_bytes(alone['small'] - MiB)}:" in short[0].text    # people's units; bytes in .bytes
+    assert not re.search(r"\d B\b", " ".join(a.text for a in fp.advice))          # no raw byte counts
 
     # swappable: exactly the resident models whose swapping out fits (resident - x + max(x, mid) <= budget)
     resident = ["big", "small", "small2"]

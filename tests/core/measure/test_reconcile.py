@@ -11,6 +11,7 @@ from builders import UUID, MiB, gpu_run
 from gpulab.core.config import SplitConfig
 from gpulab.core.devices import Device
 from gpulab.core.measure.reconcile import reconcile
+from gpulab.core.measure.results import run_from_dict, run_to_dict
 from gpulab.core.report import BufferReport, LoadReport
 
 
@@ -72,6 +73,18 @@ def test_reconcile_with_a_plan_object(profile_factory):
     assert rec.row("CUDA0", "overhead").predicted == 0
 
 
+def test_a_stored_run_reconciles_as_the_live_one(profile_factory):
+    """The overhead the planner assumed (learned from earlier runs) is predicted in both."""
+    from gpulab.core.placement.planner import plan
+    devs = [Device("CUDA0", 80 << 30, 80 << 30, "nvml", uuid=UUID, overhead_bytes=300 * MiB)]
+    p = plan(profile_factory(n_layer=4), devs, SplitConfig(n_ctx=512))
+    live = gpu_run(plan=p.memory())
+    stored = run_from_dict(json.loads(json.dumps(run_to_dict(live))))
+    assert stored.plan == live.plan
+    assert reconcile(stored).table() == reconcile(live).table() == reconcile(live, p).table()
+    assert reconcile(stored).row("CUDA0", "overhead").predicted == 300 * MiB
+
+
 def test_tensor_split_is_compared_on_the_meta_line_llama_cpp_logs():
     from builders import make_llama_profile
     from gpulab import parse_sim_spec
@@ -85,7 +98,7 @@ def test_tensor_split_is_compared_on_the_meta_line_llama_cpp_logs():
                         buffers=(BufferReport("Meta()", "Meta()", "model", 20 * MiB),
                                  BufferReport("Meta()", "Meta()", "kv", 6 * MiB),
                                  BufferReport("CPU", "CPU_Mapped", "model", 4 * MiB)))
-    run = Run(model_path="m.gguf", model_bytes=0, config=p.config, report=report, plan=p.to_dict(),
+    run = Run(model_path="m.gguf", model_bytes=0, config=p.config, report=report, plan=p.memory(),
               devices=("SIM0", "SIM1"))
     rec = reconcile(run)
     # the prediction on that line is SIM0's 3/4 share (20.27 MiB), not SIM1's (6.77 MiB) nor the sum

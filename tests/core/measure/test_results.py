@@ -85,7 +85,7 @@ def test_record_fields_types_and_formats():
     assert pp["test_time"] == "2025-01-02T03:04:05Z" and pp["model_size"] == 123 * MiB
     g = pp["gpulab"]
     assert g["test"] == "pp512" and g["buffers"]["RPC0"] == {"model": 30 * MiB, "kv": 3 * MiB, "compute": 10 * MiB}
-    assert g["plan"] == make_run().plan and g["load_seconds"] == 1.5 and "log" not in g["report"]
+    assert g["plan"] == make_run().plan.to_dict() and g["load_seconds"] == 1.5 and "log" not in g["report"]
     json.dumps(recs, allow_nan=False)
 
 

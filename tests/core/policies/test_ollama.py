@@ -12,7 +12,7 @@ from gpulab import ConfigError, parse_sim_spec, plan
 from gpulab.core.devices import Device
 from gpulab.core.policies.apply import ALL_POLICIES, POLICIES, apply_policy, policy_split
 from gpulab.core.policies.ollama import OllamaSettings, automatic_batch, default_num_ctx, ollama, predict_server_vram
-from gpulab.core.policies.server_fit import fit
+from gpulab.core.policies.server_fit import server_fit
 
 GiB = 1024**3
 MiB = 1024**2
@@ -63,7 +63,7 @@ def test_a_model_too_big_for_one_gpu_spreads_and_fit_chooses_the_split():
     r = ollama(prof, devs)
     assert r.gpus == ("SIM0", "SIM1") and "-ngl" not in r.args and "-ts" not in r.args
     assert r.launch.n_gpu_layers == -1 and r.launch.tensor_split == ()
-    assert r.config == fit(prof, devs, r.launch).config
+    assert r.config == server_fit(prof, devs, r.launch).config
     p = plan(prof, devs, r.config)
     assert p.fits and all(d.n_layers > 0 for d in p.offload_devices)
 

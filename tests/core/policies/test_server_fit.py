@@ -14,7 +14,15 @@ from gpulab.core.config import SplitConfig, parse_mib_list, parse_ngl
 from gpulab.core.devices import parse_sim_spec
 from gpulab.core.errors import ConfigError
 from gpulab.core.placement.planner import plan
-from gpulab.core.policies.server_fit import UINT32_MAX, fit, fit_margins, overflow_pattern
+from gpulab.core.policies.server_fit import (
+    UINT32_MAX,
+    fit_margins,
+    overflow_pattern,
+    server_config,
+    server_fit,
+    server_would_fit,
+    user_placement,
+)
 
 
 def _moe_profile():
@@ -29,7 +37,7 @@ def _left(p, i):
 def test_nothing_to_change_keeps_the_settings_and_resolves_c_0():
     prof = make_profile(n_layer=10, layer_bytes=50 * MiB)
     devs = parse_sim_spec("2x24GiB")
-    r = fit(prof, devs, SplitConfig(n_ctx=0))
+    r = server_fit(prof, devs, SplitConfig(n_ctx=0))
     assert r.status == "unchanged" and r.ok
     assert r.config.n_ctx == prof.n_ctx_train and r.config.n_gpu_layers == -1 and r.config.fit == "off"
     assert r.flags(devs) == f"-c {prof.n_ctx_train} -ngl -1"
@@ -40,7 +48,7 @@ def test_one_device_shrinks_the_context_in_steps_of_256_and_no_further():
     prof = make_profile(n_layer=10, layer_bytes=50 * MiB)
     need = plan(prof, parse_sim_spec("80GiB"), SplitConfig(n_ctx=4096)).offload_devices[0].used_bytes
     devs = parse_sim_spec(f"{(need + 1104 * MiB) // MiB}MiB")     # 80 MiB above what -c 4096 needs
-    r = fit(prof, devs, SplitConfig(n_ctx=0))
+    r = server_fit(prof, devs, SplitConfig(n_ctx=0))
     assert r.status == "success" and r.changed == ("n_ctx",)
     assert r.config.n_ctx % 256 == 0 and 4096 < r.config.n_ctx < prof.n_ctx_train
     assert _left(plan(prof, devs, r.config), 0) >= 1024 * MiB
@@ -50,17 +58,17 @@ def test_one_device_shrinks_the_context_in_steps_of_256_and_no_further():
 def test_an_explicit_c_0_is_full_context_and_fit_ctx_is_the_floor():
     prof = make_profile(n_layer=10, layer_bytes=50 * MiB)
     devs = parse_sim_spec("1600MiB,1600MiB")
-    full = fit(prof, devs, SplitConfig(n_ctx=0), n_ctx_min=UINT32_MAX)
+    full = server_fit(prof, devs, SplitConfig(n_ctx=0), n_ctx_min=UINT32_MAX)
     assert full.config.n_ctx == prof.n_ctx_train
     assert any("user has requested full context size" in x for x in full.reasons)
-    floor = fit(prof, devs, SplitConfig(n_ctx=0, fit_ctx=6144))
+    floor = server_fit(prof, devs, SplitConfig(n_ctx=0, fit_ctx=6144))
     assert floor.config.n_ctx >= 6144
 
 
 def test_dense_layers_fill_the_last_device_first_and_every_device_meets_its_target():
     prof = make_profile(n_layer=30, layer_bytes=400 * MiB)
     devs = parse_sim_spec("4GiB,6GiB,3GiB")
-    r = fit(prof, devs, SplitConfig(n_ctx=0, fit_target=(512, 256, 768)))
+    r = server_fit(prof, devs, SplitConfig(n_ctx=0, fit_target=(512, 256, 768)))
     assert r.status == "success" and set(r.changed) >= {"n_gpu_layers", "tensor_split"}
     assert r.config.n_gpu_layers == sum(r.layers_per_device) < prof.n_layer + 1
     assert r.config.tensor_split == tuple(float(x) for x in r.layers_per_device)
@@ -82,7 +90,7 @@ def test_user_settings_make_fit_give_up_after_the_context_step():
                      (SplitConfig(n_ctx=0, n_gpu_layers=-2), "n_gpu_layers already set by user to -2"),
                      (SplitConfig(n_ctx=0, tensor_split=(1, 1)), "tensor_split already set by user"),
                      (SplitConfig(n_ctx=0, tensor_overrides=(r"blk\.0\.=CPU",)), "tensor_buft_overrides already set")):
-        r = fit(prof, devs, cfg)
+        r = server_fit(prof, devs, cfg)
         assert r.status == "failure" and why in r.reasons[-1] and r.flags(devs) == ""
         # llama-server still loads the reduced context fit chose before giving up
         assert r.config.n_ctx == 4096 and r.config.n_gpu_layers == cfg.n_gpu_layers
@@ -90,14 +98,14 @@ def test_user_settings_make_fit_give_up_after_the_context_step():
 
 def test_fit_off_changes_nothing():
     prof = make_profile(n_layer=30, layer_bytes=200 * MiB)
-    r = fit(prof, parse_sim_spec("2x4GiB"), SplitConfig(n_ctx=0, fit="off"))
+    r = server_fit(prof, parse_sim_spec("2x4GiB"), SplitConfig(n_ctx=0, fit="off"))
     assert r.status == "off" and r.config == r.given and r.flags() == ""
 
 
 def test_moe_experts_go_to_the_cpu_and_each_rule_names_a_layer():
     prof = _moe_profile()
     devs = parse_sim_spec("2x1300MiB")
-    r = fit(prof, devs, SplitConfig(n_ctx=0, fit_target=(1024,)))
+    r = server_fit(prof, devs, SplitConfig(n_ctx=0, fit_target=(1024,)))
     assert r.status == "success", r.reasons
     assert r.overrides and all(t in ("CPU", "SIM0", "SIM1") for _, t in r.overrides)
     assert any("with only dense weights in device memory" in x for x in r.reasons)
@@ -130,7 +138,7 @@ def test_flags_parse_as_common_arg_does():
 def test_near_boundary_decisions_are_reported():
     prof = make_profile(n_layer=30, layer_bytes=200 * MiB)
     devs = parse_sim_spec("2x4GiB")
-    r = fit(prof, devs, SplitConfig(n_ctx=0, fit_target=(512,)))
+    r = server_fit(prof, devs, SplitConfig(n_ctx=0, fit_target=(512,)))
     # fit settles on 16 + 14 layers; SIM0's 16th lands 12 MiB under its target, inside what gpulab's
     # compute buffers may be off by: that decision, and no other (SIM1's 14 layers leave 117 MiB), is flagged
     assert (r.config.n_gpu_layers, r.config.tensor_split) == (30, (16.0, 14.0))
@@ -138,4 +146,28 @@ def test_near_boundary_decisions_are_reported():
         "16 layers on SIM0: projected 3572.0 MiB vs target 3584.0 MiB, within gpulab's compute-buffer "
         "uncertainty (12.1 MiB): fit's dry run may decide the other way",)
     # with a 1 GiB margin no decision is that close
-    assert fit(prof, devs, SplitConfig(n_ctx=0, fit_target=(1024,))).near_boundary == ()
+    assert server_fit(prof, devs, SplitConfig(n_ctx=0, fit_target=(1024,))).near_boundary == ()
+
+
+def test_llama_servers_defaults_fill_what_was_not_given():
+    given = SplitConfig(n_ctx=4096, n_seq_max=2)
+    assert server_config(given, ctx_given=False, parallel_given=False) == (
+        SplitConfig(n_ctx=0, n_seq_max=4, kv_unified=True), None)
+    assert server_config(given, ctx_given=True, parallel_given=True) == (given, None)
+    # an explicit -c 0 asks for the full context: fit may not shrink it
+    assert server_config(SplitConfig(n_ctx=0), ctx_given=True, parallel_given=True)[1] == UINT32_MAX
+
+
+def test_fit_places_the_weights_only_where_the_user_did_not():
+    two, one = parse_sim_spec("2x24GiB"), parse_sim_spec("1x24GiB")
+    assert server_would_fit(SplitConfig(), two)
+    assert not server_would_fit(SplitConfig(fit="off"), two)
+    assert not server_would_fit(SplitConfig(n_gpu_layers=10), one)
+    assert not server_would_fit(SplitConfig(tensor_split=(1.0, 1.0)), two)
+    assert server_would_fit(SplitConfig(split_mode="none"), two)      # one device: fit places its layers
+    # row (SYCL devices only) is refused with several devices, not with one
+    assert user_placement(SplitConfig(split_mode="row"), 2) == (
+        "changing weight allocation for LLAMA_SPLIT_MODE_ROW not implemented, abort")
+    assert user_placement(SplitConfig(split_mode="row"), 1) is None
+    assert not server_would_fit(SplitConfig(split_mode="tensor"), two)
+    assert not server_would_fit(SplitConfig(tensor_overrides=("blk\\.0\\..*=CPU",)), one)

@@ -1,0 +1,138 @@
+"""A pasted command planned as llama-server runs it: fit (with the draft as its extra model and the
+projector in its targets), then the main model, the draft and the projector per device.
+
+llama-server (tools/server/server-context.cpp load_model), in order:
+1. with -fit on and --mmproj: mtmd_get_memory_usage, added to fit_params_target[i] where i is the
+   projector device's index in ggml's *registry* (GPU backends, then the CPU, then the RPC servers'
+   devices, which --rpc registers last), not in the model's device list (RPC servers first): on
+   CUDA-only machines the two agree; with RPC servers the margin lands on another device, or none;
+2. common_fit_params with the draft as common_fit_extra_model: the draft measured on its devices
+   at the main context, counted only where those are the main model's devices (common/fit.cpp);
+3. the main model and context; 4. the draft (common_base_params_to_speculative, n_ctx = the main
+   context, -ts as fit left it); 5. the projector (clip_ctx on its device).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..command_line import Command
+from ..devices import HOST_NAME, Device
+from ..placement.planner import plan, select_devices
+from ..placement.process import (
+    ProcessPlan,
+    ProjectorPlacement,
+    ProjectorProfile,
+    plan_process,
+    projector_device,
+)
+from ..profile import ModelProfile
+from ..units import format_bytes
+from .server_fit import UINT32_MAX, FitResult, fit_margins, server_fit
+
+__all__ = ["CommandPlan", "plan_command", "registry_index"]
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class CommandPlan:
+    command: Command
+    process: ProcessPlan
+    fit: FitResult | None            # None: the program does not fit (llama-bench) or -fit off
+    notes: tuple[str, ...]           # what fit does not count, with the bytes
+
+
+def registry_index(devices: Sequence[Device], name: str) -> int | None:
+    """The device's index in ggml_backend_dev_get's order: GPU backends' devices, the CPU, then
+    the RPC servers' devices (ggml_backend_registry ctor, then common/arg.cpp add_rpc_devices)."""
+    order = [d.name for d in devices if d.kind in ("gpu", "igpu")] + [HOST_NAME] + \
+            [d.name for d in devices if d.kind == "rpc"]
+    return order.index(name) if name in order else None
+
+
+def plan_command(cmd: Command, profile: ModelProfile, devices: list[Device], host: Device | None = None, *,
+                 draft: ModelProfile | None = None, projector: ProjectorProfile | None = None) -> CommandPlan:
+    config = cmd.config
+    n_out, n_out_draft = cmd.n_outputs()
+    notes: list[str] = []
+    main_names = [d.name for d in select_devices(devices, config)]
+    proj_place = None
+    if projector is not None and cmd.projector is not None:
+        where, why = projector_device(devices, offload=cmd.projector.offload, device=cmd.projector.device,
+                                      main_devices=config.devices)
+        fa = config.flash_attn != "off"     # mtmd gets params_base.flash_attn_type
+        proj_place = ProjectorPlacement(where, projector.weights_bytes, projector.compute_bytes(fa), why,
+                                        host_compute_bytes=projector.host_compute_bytes())
+    fitted = None
+    extra = None
+    if cmd.program != "llama-bench" and config.fit == "on":
+        fit_cfg = config
+        if proj_place is not None and proj_place.device != HOST_NAME:
+            # server-context.cpp: fit_params_target[registry index] += the projector's bytes
+            margins = fit_margins(config, max(len(main_names), 1))
+            i = registry_index(devices, proj_place.device)
+            size = proj_place.weights_bytes + proj_place.compute_bytes
+            # mtmd_get_memory_usage counts clip's CPU compute buffer too, at the CPU's registry index
+            widened = False
+            for j, b in ((i, size), (registry_index(devices, HOST_NAME), proj_place.host_compute_bytes)):
+                if j is not None and j < len(margins) and b:
+                    margins[j] += b
+                    widened = True
+            if widened:
+                fit_cfg = config.replace(fit_target=tuple(-(-m // MiB) for m in margins))
+                target = main_names[i] if i is not None and i < len(main_names) else f"device #{i}"
+                if i is not None and target != proj_place.device:
+                    notes.append(f"fit adds the projector's {format_bytes(size)} to the margin of {target} "
+                                 f"(ggml registry index {i}), not of {proj_place.device}, where clip puts it")
+        if draft is not None and cmd.draft is not None:
+            d0 = cmd.draft.config.replace(tensor_split=())
+            d0 = d0.replace(tensor_split=cmd.config.tensor_split[:len(select_devices(devices, d0))])
+
+            def extra(cfg, _d=d0):
+                p = plan(draft, devices, _d.replace(n_ctx=cfg.n_ctx, fit="off"), host, n_outputs=n_out_draft)
+                by = {x.name: x.weights_bytes + x.kv_bytes + x.compute_bytes for x in p.offload_devices}
+                return [by.get(n, 0) for n in main_names]
+        n_ctx_min = UINT32_MAX if "n_ctx" in cmd.given and config.n_ctx == 0 else None
+        fitted = server_fit(profile, devices, fit_cfg, host, n_ctx_min=n_ctx_min, extra=extra, n_outputs=n_out)
+        config = fitted.config.replace(fit_target=config.fit_target)
+    main_plan = plan(profile, devices, config, host, n_outputs=n_out)
+    draft_plan = None
+    if draft is not None and cmd.draft is not None:
+        # the draft context holds llama_n_ctx(ctx_tgt) tokens; -ts is params.tensor_split as fit left it
+        dcfg = cmd.draft.config.replace(n_ctx=main_plan.config.n_ctx, tensor_split=())
+        # llama.cpp reads -ts for as many devices as the draft has (llama_model_base::load_tensors)
+        dcfg = dcfg.replace(tensor_split=config.tensor_split[:len(select_devices(devices, dcfg))])
+        draft_plan = plan(draft, devices, dcfg, host, n_outputs=n_out_draft)
+        if fitted is not None and extra is not None:
+            # fit measured the draft with the -ts given; it loads with the -ts fit wrote: the gap
+            counted = dict(zip(main_names, extra(main_plan.config)))
+            for d in draft_plan.offload_devices:
+                real = d.weights_bytes + d.kv_bytes + d.compute_bytes
+                if d.name in counted and abs(real - counted[d.name]) > MiB:
+                    notes.append(f"fit counted {format_bytes(counted[d.name])} of the draft on {d.name}; llama-server "
+                                 f"allocates {format_bytes(real)} there (the draft loads with the -ts fit wrote)")
+        def _bytes(name: str) -> int:
+            d = draft_plan.device(name)
+            return d.weights_bytes + d.kv_bytes + d.compute_bytes
+
+        off_main = [d.name for d in draft_plan.offload_devices if d.name not in main_names and
+                    d.weights_bytes + d.kv_bytes + d.compute_bytes]
+        if fitted is not None and off_main:
+            notes.append("fit counts the draft only on the main model's devices (common_fit_extra_model): its "
+                         + ", ".join(f"{format_bytes(_bytes(n))} on {n}" for n in off_main) + " are not in fit's sums")
+    pp = plan_process(main_plan, draft_plan, proj_place, devices)
+    if fitted is not None and proj_place is not None:
+        row = next((r for r in pp.rows if r.name == proj_place.device), None)
+        if row is not None and not row.is_host:
+            left = row.free_bytes - (row.used_bytes - row.projector_bytes)
+            size = proj_place.weights_bytes + proj_place.compute_bytes
+            if size > left:
+                notes.append(f"fit leaves {format_bytes(max(left, 0))} free on {row.name}; the projector takes "
+                             f"{format_bytes(size)}: this load will fail there")
+    for r in pp.rows:
+        if r.overhead_is_default:
+            notes.append(f"{r.name}: base cost {format_bytes(r.overhead_bytes)} is gpulab's default for a CUDA "
+                         "device (nothing learned on it yet); a run with NVML replaces it")
+    return CommandPlan(command=cmd, process=pp, fit=fitted, notes=tuple(notes))
