@@ -165,3 +165,33 @@ def test_exported_commands_start_and_place_as_planned(smollm2, tmp_path):
         for x in proxies:
             x.stop()
     assert shlex.split(exp.llama_swap["models"]["model"]["cmd"])[:3] == ["llama-server", "--port", "${PORT}"]
+
+
+def test_tensor_split_bytes_per_link_match_llama(smollm2, emulated):
+    """-sm tensor over RPC: the all-reduces through the head, and the meta device's small graphs
+    sent in full every token (19.6 MB per member per token for SmolLM2's 30 layers)."""
+    from gpulab.runtime.worker import Worker
+    _servers, proxies, cluster = emulated
+    cfg = CONFIG.replace(split_mode="tensor", flash_attn="auto")
+    with Worker(cluster.endpoints()) as w:
+        devices = [d for d in w.devices() if d.kind == "rpc"]
+        m = w.open(smollm2, cfg)
+        try:
+            m.measure(n_prompt=0, n_gen=4, repetitions=1, warmup=False)
+            counts = []
+            for n_gen in (8, 24):
+                before = [(x.bytes_up[0], x.bytes_down[0]) for x in proxies]
+                m.measure(n_prompt=0, n_gen=n_gen, repetitions=1, warmup=False)
+                counts.append([(x.bytes_up[0] - b[0], x.bytes_down[0] - b[1]) for x, b in zip(proxies, before)])
+        finally:
+            m.close()
+    by_ep = {ep: h.name for h in cluster.remote() for ep in h.endpoints()}
+    p = plan(read_profile(smollm2), devices, cfg, host_device())
+    net = network_cost(p, cluster, {d.name: by_ep[d.endpoint] for d in devices},
+                       {d.name: d.endpoint for d in devices}, n_prompt=0, n_gen=24)
+    for i, host in enumerate(("h0", "h1")):
+        up = (counts[1][i][0] - counts[0][i][0]) / 16
+        down = (counts[1][i][1] - counts[0][i][1]) / 16
+        assert up == pytest.approx(net.tg[host].bytes_up, rel=0.05), host
+        assert down == pytest.approx(net.tg[host].bytes_down, rel=0.02), host
+    assert net.dominant("tg") == "graphs"

@@ -20,7 +20,14 @@ ggml_backend_sched_compute_splits):
   layer's device: n_vocab x 4 bytes per token that asks for them), which waits for the compute.
 - -sm tensor: each all-reduce stage gets every member's partial sums to the head and sets them
   to its partner (ggml-backend-meta.cpp's allreduce_fallback through RPC buffers): per member
-  and stage one round trip and n_embd x tokens x 4 bytes each way.
+  and stage one round trip and n_embd x tokens x 4 bytes each way. And the meta device runs
+  each layer as several small graphs (about 4 per layer, 16 more around them), a different one
+  each time, so each is a full GRAPH_COMPUTE, never a GRAPH_RECOMPUTE; serialize_graph sends
+  every tensor a graph's nodes reach through their sources (add_tensor recurses), which reaches
+  back through the earlier layers: the graph at layer l carries about 31 x l + 33 tensors of 296
+  bytes. Counted on a server's debug log (SmolLM2-135M, two members: 136 graphs and 65552
+  tensors per token, 19.4 MB per member): the term grows with the square of the layers and
+  dwarfs everything else over a network.
 Checked against the byte counters of gpulab.netem's proxies (tests/integration/test_hosts_vs_llama.py):
 besides the tensors' data, each split costs about 3.4 KB of commands per step (SET_TENSOR
 headers of 314 bytes, the GET_TENSOR request, GRAPH_RECOMPUTE).
@@ -43,7 +50,11 @@ __all__ = ["LinkUse", "NetworkCost", "network_cost", "predict_over", "SPLIT_COMM
 
 SPLIT_COMMAND_BYTES = 3400      # per split and step: command headers beside the tensors' data (measured)
 _KV_PAD = 256                   # llama_kv_cache::get_n_kv pads the cells it reads to 256
-TERMS = ("round trips", "activations", "logits", "inputs", "all-reduce")
+TERMS = ("round trips", "activations", "logits", "inputs", "all-reduce", "graphs")
+# -sm tensor over RPC, per member and step (measured, see the module docstring): graphs per layer,
+# graphs besides, tensors a layer adds to every later graph, tensors of a graph besides
+_TP_GRAPHS_PER_LAYER, _TP_GRAPHS_EXTRA, _TP_TENSORS_PER_LAYER, _TP_TENSORS_BASE = 4, 16, 31, 33
+_RPC_TENSOR_BYTES = 296         # sizeof(rpc_tensor), ggml-rpc.cpp
 
 
 @dataclass
@@ -112,29 +123,34 @@ def _step(plan: Plan, cluster: Cluster, host_of: dict, endpoint_of: dict, uses: 
     mask_elt = 2 if cfg.flash_attn == "on" else 4
     inputs = tokens * (4 + 16) + n_kv * tokens * mask_elt   # positions, K and V row indices, the KQ mask
     splits = _splits(plan)
-    for i, dev in enumerate(splits):
-        host = host_of.get(dev, cluster.head)
-        if host == cluster.head or dev == HOST_NAME:
-            continue
-        u = uses[host]
-        prev = splits[i - 1] if i else None
-        same_server = prev is not None and endpoint_of.get(prev) == endpoint_of.get(dev)
-        if same_server:
-            u.round_trips += times          # COPY_TENSOR on the server, answered
-        else:
-            u.up["activations"] += times * act
-        u.up["inputs"] += times * (inputs + SPLIT_COMMAND_BYTES)
-        last = i == len(splits) - 1
-        if last:
-            u.down["logits"] += times * 4.0 * prof.n_vocab * n_out
-        elif endpoint_of.get(splits[i + 1]) != endpoint_of.get(dev):
-            u.down["activations"] += times * act
-        if not last or n_out:
-            u.round_trips += times          # the GET_TENSOR that waits for this split's compute
     ts = plan.tensor_parallel
+    for i, split_dev in enumerate(splits):
+        # -sm tensor: the meta device's split runs on every member; the first member returns its output
+        members = list(ts.devices) if ts is not None and split_dev == ts.meta_name else [split_dev]
+        for j, dev in enumerate(members):
+            host = host_of.get(dev, cluster.head)
+            if host == cluster.head or dev == HOST_NAME:
+                continue
+            u = uses[host]
+            prev = splits[i - 1] if i else None
+            same_server = prev is not None and endpoint_of.get(prev) == endpoint_of.get(dev)
+            if same_server:
+                u.round_trips += times          # COPY_TENSOR on the server, answered
+            else:
+                u.up["activations"] += times * act
+            u.up["inputs"] += times * (inputs + SPLIT_COMMAND_BYTES)
+            last = i == len(splits) - 1
+            if j == 0 and last:
+                u.down["logits"] += times * 4.0 * prof.n_vocab * n_out
+            elif j == 0 and endpoint_of.get(splits[i + 1]) != endpoint_of.get(dev):
+                u.down["activations"] += times * act
+            if not last or n_out:
+                u.round_trips += times          # the GET_TENSOR that waits for this split's compute
     if ts is not None:
         n_layers = sum(1 for d in plan.layer_devices[:prof.n_layer] if d == ts.meta_name)
         stages = allreduce_stages(len(ts.devices)) * 2 * n_layers
+        tensors = (_TP_GRAPHS_PER_LAYER * sum(_TP_TENSORS_PER_LAYER * il + _TP_TENSORS_BASE for il in range(n_layers))
+                   + _TP_GRAPHS_EXTRA * (_TP_TENSORS_PER_LAYER * (n_layers // 2) + _TP_TENSORS_BASE))
         for member in ts.devices:
             host = host_of.get(member, cluster.head)
             if host == cluster.head:
@@ -143,6 +159,7 @@ def _step(plan: Plan, cluster: Cluster, host_of: dict, endpoint_of: dict, uses: 
             u.round_trips += times * stages
             u.up["all-reduce"] += times * stages * act
             u.down["all-reduce"] += times * stages * act
+            u.up["graphs"] += times * tensors * _RPC_TENSOR_BYTES
 
 
 def _price(cluster: Cluster, uses: dict) -> None:
