@@ -1,29 +1,36 @@
-"""Fleet planner speed and the greedy heuristic's gap (issue 15).
+"""Fleet planner speed at cluster size, before and after issue 28, and the heuristic's gap.
 
-1. 8 models on 8 simulated 24 GiB devices (255 device subsets per model, so 255^8 assignments:
-   the greedy search): the time of one plan_fleet, against one plan() of the largest model
-   measured in the same run, and the number of model plans it made.
-2. The gap of the greedy heuristic: random fleets small enough for the exhaustive search
-   (3-4 models on 3-4 devices of mixed sizes), planned both ways: how often greedy finds no fit
-   where one exists, and how many more devices it uses when both fit.
+1. The table: models x devices up to 32 x 32 (the 8-model set below repeated; 24 GiB simulated
+   cards, 2 GiB kept free on the first), for each objective (fewest, balanced, tg:chat70-0): the
+   time of one plan_fleet now ("after") and with the planner of --before (default: main's,
+   extracted with `git archive` into a temporary folder and run in a subprocess capped at --cap
+   seconds and 3 GiB of memory: with 32 devices the old planner lists 2^32 - 1 subsets per model).
+   A cell whose smaller neighbour (fewer models or devices) already hit the cap is not run
+   ("> cap", implied). The growth from 8 to 32 devices is the ratio of the times (same models).
+2. The gap: random fleets small enough for the exhaustive search (2-3 models, 3-4 devices of
+   mixed sizes, tight), planned exhaustively and by the heuristic (exhaustive_limit=0), per
+   objective: how often the heuristic misses a fit, and the distribution of how much worse its
+   objective value is (tests/core/fleet/test_search.py asserts the same on fewer fleets); then
+   again with only the candidate sets of a cluster (SMALL_DEVICES = 0), as on more than 5 devices.
 
-    .venv/bin/python bench/fleet_speed.py [--instances N]
+The load average is printed with each part (2 shared CPUs: timings are noisy).
+
+    PYTHONPATH=$PWD .venv/bin/python bench/fleet_speed.py [--before main] [--cap 15] [--instances 40]
 """
 
 from __future__ import annotations
 
 import argparse
-import random
+import json
+import os
+import resource
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # this checkout's gpulab
-from gpulab import SplitConfig, parse_sim_spec, plan
-from gpulab.core.devices import Device
-from gpulab.core.fleet.model import Fleet, FleetModel
-from gpulab.core.fleet.planner import plan_fleet
-from gpulab.testing import make_profile
+ROOT = Path(__file__).resolve().parents[1]
 
 MiB = 1024**2
 GiB = 1024**3
@@ -33,87 +40,132 @@ GiB = 1024**3
 EIGHT = [("chat70", 80, 500, 8192), ("coder32", 64, 250, 16384), ("general8", 32, 120, 8192),
          ("vision8", 32, 120, 4096), ("reason14", 48, 150, 8192), ("small3", 28, 60, 4096),
          ("draft1", 16, 30, 4096), ("embed", 12, 25, 2048)]
+CELLS = [(8, 8), (16, 8), (8, 16), (16, 16), (8, 32), (16, 32), (32, 16), (32, 32)]
+OBJECTIVES = ("fewest", "balanced", "tg:chat70-0")
 
 
-def best_s(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-def eight_on_eight() -> None:
-    profs = {n: make_profile(n_layer=L, layer_bytes=b * MiB) for n, L, b, _ in EIGHT}
-    fleet = Fleet(tuple(FleetModel(n, f"{n}.gguf", ctx=c) for n, _, _, c in EIGHT), keep_free={"SIM0": 2 * GiB})
-    devices = parse_sim_spec("8x24GiB")
-    big = profs["chat70"]
-    t_one = best_s(lambda: plan(big, devices, SplitConfig(n_ctx=8192, tensor_split=(1, 1))), 20)
-    print("| case | time | model plans | ratio to one plan() of chat70 |")
-    print("|---|---|---|---|")
-    for objective in ("fewest", "balanced"):
-        fp = plan_fleet(fleet, profs, devices, objective=objective)
-        t = best_s(lambda o=objective: plan_fleet(fleet, profs, devices, objective=o), 3)
-        used = sum(len(p.devices) for p in fp.placements)
-        print(f"| 8 models x 8 devices, {objective} ({fp.search}; fits: {fp.fits}, {used} device slots) "
-              f"| {t * 1e3:.0f} ms | {fp.evaluated} | {t / t_one:.0f}x |")
-    print(f"| reference: one plan() of chat70 (81 layers, 2 devices) | {t_one * 1e6:.0f} µs | 1 | 1x |")
-
-
-def random_fleet(rng: random.Random) -> tuple[Fleet, dict, list[Device]]:
-    n_models, n_dev = rng.randint(3, 4), rng.randint(3, 4)
+def cell(n_models: int, n_devices: int, objective: str) -> dict:
+    """One plan_fleet of the table, timed; works with the planner before issue 28 too."""
+    from gpulab.core.devices import parse_sim_spec
+    from gpulab.core.fleet.model import Fleet, FleetModel
+    from gpulab.core.fleet.planner import plan_fleet
+    from gpulab.testing import make_profile
     profs, models = {}, []
-    for i in range(n_models):
-        name = f"m{i}"
-        profs[name] = make_profile(n_layer=rng.randint(8, 40), layer_bytes=rng.randint(40, 400) * MiB)
-        models.append(FleetModel(name, f"{name}.gguf", ctx=rng.choice((2048, 4096, 8192))))
-    total = sum(plan(p, parse_sim_spec("1TiB"), SplitConfig(n_ctx=4096)).offload_devices[0].used_bytes
-                for p in profs.values())
-    # devices sized so that the fleet is tight: the sum of free memory 1.0-1.4x what is needed
-    shares = [rng.uniform(0.5, 1.5) for _ in range(n_dev)]
-    scale = rng.uniform(1.0, 1.4) * total / sum(shares)
-    devices = [Device(f"SIM{i}", int(s * scale), int(s * scale), "sim") for i, s in enumerate(shares)]
-    return Fleet(tuple(models)), profs, devices
+    for r in range(n_models // 8):
+        for n, blocks, mib, ctx in EIGHT:
+            profs[f"{n}-{r}"] = make_profile(n_layer=blocks, layer_bytes=mib * MiB)
+            models.append(FleetModel(f"{n}-{r}", f"{n}.gguf", ctx=ctx))
+    fleet = Fleet(tuple(models), keep_free={"SIM0": 2 * GiB})
+    devices = parse_sim_spec(f"{n_devices}x24GiB")
+    t0 = time.perf_counter()
+    fp = plan_fleet(fleet, profs, devices, objective=objective)
+    t = time.perf_counter() - t0
+    return {"s": t, "plans": fp.evaluated, "search": fp.search, "fits": fp.fits,
+            "slots": sum(len(p.devices) for p in fp.placements), "gap": getattr(fp, "gap", None),
+            "planner": sys.modules[plan_fleet.__module__].__file__}
 
 
-def greedy_gap(n: int) -> None:
-    rng = random.Random(15)
-    both = greedy_missed = neither = extra = 0
-    t_ex = t_gr = 0.0
-    for _ in range(n):
-        fleet, profs, devices = random_fleet(rng)
-        t0 = time.perf_counter()
-        ex = plan_fleet(fleet, profs, devices, exhaustive_limit=10**5, advise=False)
-        t1 = time.perf_counter()
-        gr = plan_fleet(fleet, profs, devices, exhaustive_limit=0, advise=False)
-        t2 = time.perf_counter()
-        t_ex += t1 - t0
-        t_gr += t2 - t1
-        assert ex.search == "exhaustive" and gr.search == "greedy"
-        assert not (gr.fits and not ex.fits), "greedy found a fit the exhaustive search missed"
-        if ex.fits and gr.fits:
-            both += 1
-            extra += sum(len(p.devices) for p in gr.placements) - sum(len(p.devices) for p in ex.placements)
-        elif ex.fits:
-            greedy_missed += 1
-        else:
-            neither += 1
-    fits = both + greedy_missed
-    print()
-    print(f"greedy vs exhaustive, {n} random tight fleets (3-4 models, 3-4 devices, seed 15):")
-    print("| fleets | exhaustive fits | greedy misses a fit | extra devices (greedy, when both fit) | time exhaustive / greedy |")
+def before_tree(ref: str) -> str:
+    d = tempfile.mkdtemp(prefix="fleet-before-")
+    tar = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "gpulab"], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", d], input=tar, check=True)
+    return d
+
+
+def _limit_memory() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (3 * GiB, 3 * GiB))
+
+
+def run_before(tree: str, n_models: int, n_devices: int, objective: str, cap: float) -> dict | str:
+    env = dict(os.environ, PYTHONPATH=tree)
+    try:
+        r = subprocess.run([sys.executable, __file__, "--cell", str(n_models), str(n_devices), objective],
+                           env=env, capture_output=True, text=True, timeout=cap, preexec_fn=_limit_memory,
+                           check=False)
+    except subprocess.TimeoutExpired:
+        return f"> {cap:g} s"
+    if r.returncode != 0:
+        return "out of memory" if "MemoryError" in r.stderr else f"failed: {r.stderr.strip().splitlines()[-1:]}"
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def table(ref: str, cap: float) -> None:
+    tree = before_tree(ref)
+    print(f"load average at the start: {load()}")
+    print("| models x devices | objective | before | after | after: model plans, search, fits, device slots, gap |")
     print("|---|---|---|---|---|")
-    print(f"| {n} | {fits} | {greedy_missed} ({100 * greedy_missed / max(1, fits):.1f}% of those that fit) "
-          f"| {extra} over {both} fleets | {t_ex / n * 1e3:.0f} ms / {t_gr / n * 1e3:.0f} ms |")
+    capped: set = set()
+    after_s: dict = {}
+    for nm, nd in CELLS:
+        for obj in OBJECTIVES:
+            implied = any(o == obj and m <= nm and d <= nd for m, d, o in capped)
+            if implied:
+                before = f"> {cap:g} s (implied)"
+            else:
+                b = run_before(tree, nm, nd, obj, cap)
+                if isinstance(b, str):
+                    capped.add((nm, nd, obj))
+                    before = b
+                else:
+                    before = f"{b['s']:.2f} s ({b['plans']} plans)"
+            a = min((cell(nm, nd, obj) for _ in range(2)), key=lambda x: x["s"])
+            after_s[nm, nd, obj] = a["s"], a["plans"]
+            gap = "-" if a["gap"] is None else f"{100 * a['gap']:.1f}%"
+            print(f"| {nm} x {nd} | {obj} | {before} | {a['s']:.2f} s | {a['plans']}, {a['search']}, "
+                  f"{'fits' if a['fits'] else 'DOES NOT FIT'}, {a['slots']}, {gap} |", flush=True)
+    print(f"load average at the end: {load()}")
+    print()
+    print("growth from 8 to 32 devices (after, the same models; time at 32 / time at 8, and model plans,")
+    print("which the load does not change):")
+    for nm in (8, 16):
+        print("  " + ", ".join(f"{nm} models {obj}: {after_s[nm, 32, obj][0] / after_s[nm, 8, obj][0]:.1f}x "
+                               f"({after_s[nm, 32, obj][1] / after_s[nm, 8, obj][1]:.1f}x plans)"
+                               for obj in OBJECTIVES))
+
+
+def gaps(n: int) -> None:
+    import gpulab.core.fleet.search as search
+    from gpulab.testing import heuristic_vs_exhaustive
+    print()
+    print(f"heuristic vs exhaustive, {n} random small fleets per objective (2-3 models, 3-4 devices, seed 28); "
+          f"load average {load()}:")
+    print("| objective | exhaustive fits | heuristic misses | loss = 0 | 0 < loss <= 1% | 1% < loss <= 5% | > 5% | max loss |")
+    print("|---|---|---|---|---|---|---|---|")
+    small = search.SMALL_DEVICES
+    for obj, every in [(o, e) for e in (True, False) for o in ("fewest", "balanced", "tg")]:
+        # every=False: the candidate sets of a cluster (contiguous by memory left, WIDTH per model)
+        # even on these few devices, which the planner would search more widely
+        search.SMALL_DEVICES = small if every else 0
+        try:
+            fits, missed, losses = heuristic_vs_exhaustive(obj, n, seed=28)
+        finally:
+            search.SMALL_DEVICES = small
+        obj = obj if every else f"{obj}, cluster sets only"
+        b = [sum(1 for x in losses if x <= 0), sum(1 for x in losses if 0 < x <= 0.01),
+             sum(1 for x in losses if 0.01 < x <= 0.05), sum(1 for x in losses if x > 0.05)]
+        print(f"| {obj} | {fits} of {n} | {missed} | {b[0]} | {b[1]} | {b[2]} | {b[3]} | "
+              f"{100 * max(losses, default=0):.2f}% |", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--instances", type=int, default=200)
+    ap.add_argument("--before", default="main", help="the git ref whose planner is 'before'")
+    ap.add_argument("--cap", type=float, default=15.0, help="seconds a 'before' cell may take")
+    ap.add_argument("--instances", type=int, default=40)
+    ap.add_argument("--cell", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--skip-table", action="store_true")
     a = ap.parse_args()
-    eight_on_eight()
-    greedy_gap(a.instances)
+    if a.cell:   # the gpulab on PYTHONPATH: 'before' runs here with the old planner
+        print(json.dumps(cell(int(a.cell[0]), int(a.cell[1]), a.cell[2])))
+        return
+    sys.path.insert(0, str(ROOT))   # this checkout's gpulab
+    if not a.skip_table:
+        table(a.before, a.cap)
+    gaps(a.instances)
     print(f"python {sys.version.split()[0]}")
 
 

@@ -345,3 +345,57 @@ OVERRIDE_CASES = [
     ("tied-q4", "no-rules-ngl-3", SplitConfig(n_gpu_layers=3, tensor_split=(1, 1), **_CTX)),
     ("tied-q4", "no-repack", SplitConfig(n_gpu_layers=0, use_extra_bufts=False, **_CTX)),
 ]
+
+
+# -- fleets: random small fleets for the fleet search against the exhaustive one (issue 28) -------
+def random_small_fleet(rng):
+    """(Fleet, profiles, devices): 2-3 models of 8-40 layers on 3-4 devices of mixed sizes whose
+    memory adds up to 1.0-1.5x the models' weights: tight, so that the choice of device sets
+    matters, and small enough for the exhaustive search."""
+    from .core.fleet.model import Fleet, FleetModel
+    n_models, n_dev = rng.randint(2, 3), rng.randint(3, 4)
+    profs, models = {}, []
+    for i in range(n_models):
+        name = f"m{i}"
+        layers, size = rng.randint(8, 40), rng.randint(40, 400)
+        profs[name] = make_profile(n_layer=layers, layer_bytes=size * MiB)
+        models.append(FleetModel(name, f"{name}.gguf", ctx=rng.choice((2048, 4096, 8192))))
+    need = sum(p.weights_bytes for p in profs.values())
+    shares = [rng.uniform(0.5, 1.5) for _ in range(n_dev)]
+    scale = rng.uniform(1.0, 1.5) * need / sum(shares)
+    devices = [Device(f"SIM{i}", int(s * scale), int(s * scale), "sim") for i, s in enumerate(shares)]
+    return Fleet(tuple(models)), profs, devices
+
+
+def heuristic_loss(objective: str, heuristic: float, exhaustive: float) -> float:
+    """How much worse the heuristic's objective value is than the exhaustive optimum, relative
+    (0: as good). fewest counts device slots (fewer is better); balanced (bytes left on the
+    tightest device) and tg (tokens/s) are better larger."""
+    if objective == "fewest":
+        return (heuristic - exhaustive) / exhaustive
+    return (exhaustive - heuristic) / exhaustive if exhaustive > 0 else 0.0
+
+
+def heuristic_vs_exhaustive(objective: str, n: int, seed: int) -> tuple[int, int, list[float]]:
+    """On n random small fleets (seeded): (fleets the exhaustive search fits, those the heuristic
+    then misses, the heuristic's loss on each fleet both fit). objective 'tg' targets the first
+    model. Raises AssertionError where the heuristic fits a fleet the exhaustive search does not."""
+    import random
+
+    from .core.fleet.planner import plan_fleet
+    rng = random.Random(seed)
+    fits, missed, losses = 0, 0, []
+    for _ in range(n):
+        fleet, profs, devices = random_small_fleet(rng)
+        obj = objective if objective != "tg" else f"tg:{fleet.models[0].name}"
+        ex = plan_fleet(fleet, profs, devices, objective=obj, exhaustive_limit=10**6, advise=False)
+        he = plan_fleet(fleet, profs, devices, objective=obj, exhaustive_limit=0, advise=False)
+        assert ex.search == "exhaustive" and he.search == "heuristic"
+        assert not (he.fits and not ex.fits), "the heuristic fit a fleet the exhaustive search did not"
+        if ex.fits:
+            fits += 1
+            if not he.fits:
+                missed += 1
+            elif he.value is not None and ex.value is not None:
+                losses.append(heuristic_loss(objective, he.value, ex.value))
+    return fits, missed, losses

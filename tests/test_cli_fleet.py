@@ -105,6 +105,8 @@ def test_fleet_that_does_not_fit_exits_1_with_the_explanation(capsys, models):
     (FLEET.replace('"SIM0", "SIM1"', '"CUDA7"'), [], "pinned to CUDA7"),
     (FLEET.replace("chat.gguf", "missing.gguf"), [], "no such file"),
     ("[[models]\n", [], "not valid TOML"),
+    (FLEET, ["--time-budget", "0"], "--time-budget takes seconds > 0"),
+    (FLEET, ["--time-budget", "soon"], "--time-budget takes seconds > 0"),
 ])
 def test_bad_input_exits_2(capsys, models, text, extra, fragment):
     root, _ = models
@@ -198,3 +200,46 @@ def test_fleet_plan_tg_objective(capsys, models):
     d = json.loads(out)
     assert d["objective"] == "tg:chat"
     assert d["models"][0]["devices"] == ["SIM1"]     # the fastest device, alone: no hop
+
+
+CLUSTER = "".join(f"""
+[[models]]
+name = "{n}{i}"
+model = "{n}.gguf"
+ctx = 1024
+""" for i in range(6) for n in ("chat", "coder", "embed"))
+
+
+def test_fleet_plan_on_a_cluster_says_what_the_search_did(capsys, models):
+    """18 models on 16 equal cards: beyond the exhaustive search; the text and --json say the
+    heuristic's limit, its value and the bound (every model fits on one card: 18 slots, and no
+    plan needs fewer), and a time budget still returns a whole plan."""
+    root, _ = models
+    path = _fleet(root, CLUSTER)
+    code, out, err = run(capsys, "fleet", "plan", path, "--sim", "16x4GiB", "--json", "--time-budget", "30")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["search"] == "heuristic" and doc["fits"] is True
+    assert len(doc["models"]) == 18 and all(len(m["devices"]) == 1 for m in doc["models"])
+    detail = doc["search_detail"]
+    assert detail["value"] == 18 and detail["bound"] == 18 and detail["gap"] == 0
+    assert "branch and bound" in detail["limit"]
+    code, out, _ = run(capsys, "fleet", "plan", path, "--sim", "16x4GiB", "--objective", "balanced")
+    assert code == 0
+    line = [x for x in out.splitlines() if "left on the tightest device" in x]
+    assert len(line) == 1 and "gap" in line[0]
+
+
+def test_the_progress_line_goes_to_a_terminal_and_is_cleared():
+    import io
+
+    from gpulab.commands.fleet import _Progress
+    stream = io.StringIO()
+    bar = _Progress(True, stream)
+    bar(0.5, "greedy 3/18 models")
+    assert "fleet plan [##########..........]  50% greedy 3/18 models" in stream.getvalue()
+    bar.clear()
+    assert stream.getvalue().endswith("\r")
+    quiet = io.StringIO()
+    _Progress(False, quiet)(0.5, "x")
+    assert quiet.getvalue() == ""

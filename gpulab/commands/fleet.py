@@ -2,6 +2,7 @@
 
     gpulab fleet plan fleet.toml --sim 2x24GiB,12GiB            # a table; --json: one object
     gpulab fleet plan fleet.toml --rpc 127.0.0.1:50052,... --objective balanced
+    gpulab fleet plan fleet.toml --sim 32x24GiB --time-budget 2    # a cluster: the best plan after 2 s
     gpulab fleet export fleet.toml --sim 2x24GiB,12GiB --to llama-swap > config.yaml
     gpulab fleet import config.yaml -o fleet.toml       # a llama-swap config or a router INI as a start
 
@@ -15,6 +16,8 @@ exports gpulab.core.exports.fleet. Exit status (CLI): 0 when the fleet fits, 1 w
 
 from __future__ import annotations
 
+import math
+import sys
 from pathlib import Path
 
 from ..core.exports.fleet import FLEET_TARGETS
@@ -59,6 +62,47 @@ def _common(q) -> None:
     add_device_flags(q)
     q.add_argument("--objective", default="fewest", metavar="{fewest,balanced,tg:NAME}",
                    help="fewest devices per model (default), balanced headroom, or the best predicted tg of model NAME")
+    q.add_argument("--time-budget", default=None, metavar="SECONDS",
+                   help="stop improving the plan after this long and keep the best so far (large fleets; "
+                        "the first greedy plan is always completed)")
+    q.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+
+
+def _seconds(text: str | None) -> float | None:
+    if text is None:
+        return None
+    from ..core.errors import ConfigError
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not (v > 0 and math.isfinite(v)):
+        raise ConfigError(f"--time-budget takes seconds > 0, e.g. 2 or 0.5, got {text!r}")
+    return v
+
+
+class _Progress:
+    """A `\\r`-updated line on stderr while the search runs (only when stderr is a terminal, or
+    always with force), cleared at the end."""
+
+    def __init__(self, enabled: bool, stream=None):
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.shown = False
+
+    def __call__(self, fraction: float, text: str) -> None:
+        if not self.enabled:
+            return
+        done = int(round(max(0.0, min(1.0, fraction)) * 20))
+        self.stream.write(f"\rfleet plan [{'#' * done}{'.' * (20 - done)}] {100 * fraction:3.0f}% {text[:50]:<50}")
+        self.stream.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            self.stream.write("\r" + " " * 90 + "\r")
+            self.stream.flush()
+            self.shown = False
 
 
 def run(a, session) -> Result:
@@ -72,6 +116,7 @@ def planned_fleet(a, session):
     from ..sources.read import read_profile
     from ..storage.fleet_files import read_any_fleet
     from .flags import devices_from_args
+    budget = _seconds(getattr(a, "time_budget", None))
     fleet, read_notes = read_any_fleet(a.fleet)
     base = Path(a.fleet).resolve().parent
     paths = {m.name: resolve_model(m.model, base=base) for m in fleet.models}
@@ -83,7 +128,13 @@ def planned_fleet(a, session):
         from ..storage.speed_cache import speed_model_for
         model = speed_model_for(choice.all_devices)
         speed = lambda p: predict_speed(p, model).tg_tokens_per_s   # noqa: E731
-    fplan = plan_fleet(fleet, profiles, list(choice.devices), choice.host, objective=a.objective, speed=speed)
+    stream = getattr(a, "progress_stream", None) or sys.stderr
+    bar = _Progress(not getattr(a, "no_progress", False) and hasattr(stream, "isatty") and stream.isatty(), stream)
+    try:
+        fplan = plan_fleet(fleet, profiles, list(choice.devices), choice.host, objective=a.objective, speed=speed,
+                           time_budget=budget, progress=bar)
+    finally:
+        bar.clear()
     return fleet, paths, choice, fplan, [f"note: {n}" for n in read_notes]
 
 
@@ -97,6 +148,9 @@ def _notes(choice, more=()) -> list[str]:
 def _plan(a, session) -> Result:
     from ..ui.text import fleet_text
     _, _, choice, fplan, read_notes = planned_fleet(a, session)
+    if "time budget" in fplan.search_limit:
+        gap = "" if fplan.gap is None else f" (gap to the bound {100 * fplan.gap:.1f}%)"
+        read_notes = read_notes + [f"note: the time budget ended the search; this is the best plan found{gap}"]
     rows = [{"device": d.name, "model": n, "used_bytes": b} for d in fplan.devices for n, b in d.by_model]
     figures = []
     if getattr(a, "figures", False) and not getattr(a, "no_figures", False):
@@ -120,7 +174,8 @@ def _lab(a, session) -> Result:
     from ..ui.fleet_lab import FleetLab
     fleet, _, choice, fplan, read_notes = planned_fleet(a, session)
     profiles = {p.name: p.plan.profile for p in fplan.placements}
-    lab = FleetLab(fleet, profiles, list(choice.devices), choice.host, objective=a.objective)
+    lab = FleetLab(fleet, profiles, list(choice.devices), choice.host, objective=a.objective,
+                   time_budget=_seconds(getattr(a, "time_budget", None)))
     return Result(widget=lab, notes=_notes(choice, read_notes), objects={"lab": lab})
 
 

@@ -25,6 +25,7 @@ from ..core.fleet.model import Fleet
 from ..core.fleet.planner import FleetPlan, plan_fleet
 from ..core.profile import ModelProfile
 from . import figures as F
+from .text import fleet_search_lines
 
 __all__ = ["FleetLab", "ctx_choices"]
 
@@ -40,7 +41,7 @@ def ctx_choices(n_ctx_train: int, current: int) -> list[int]:
 
 class FleetLab(W.VBox):
     def __init__(self, fleet: Fleet, profiles: Mapping[str, ModelProfile], devices: Sequence[Device],
-                 host: Device | None = None, *, objective: str = "fewest"):
+                 host: Device | None = None, *, objective: str = "fewest", time_budget: float | None = None):
         super().__init__()
         self._fleet = fleet
         self._profiles = dict(profiles)
@@ -68,9 +69,17 @@ class FleetLab(W.VBox):
             for w in c.values():
                 w.observe(self._changed, names="value")
         self.objective.observe(self._changed, names="value")
+        # large fleets: the search stops improving after this many seconds (0: no budget) and keeps
+        # the best plan so far; the bar shows how far it got
+        self.time_budget = W.BoundedFloatText(value=time_budget or 0.0, min=0.0, max=600.0, step=0.5,
+                                              description="budget s", layout=W.Layout(width="160px"))
+        self.time_budget.observe(self._changed, names="value")
+        self.progress = W.FloatProgress(value=0.0, min=0.0, max=1.0, description="search",
+                                        layout=W.Layout(width="300px"))
         self.figure = go.FigureWidget()
         self.status = W.HTML()
-        self.children = [self.objective, *row_boxes, self.figure, self.status]
+        self.children = [W.HBox([self.objective, self.time_budget, self.progress]), *row_boxes, self.figure,
+                         self.status]
         self.redraw()
 
     # -- the fleet the controls describe --------------------------------------------------------
@@ -99,6 +108,10 @@ class FleetLab(W.VBox):
         self.rows[name]["keep_loaded"].value = bool(keep)
         return self.plan
 
+    def _progress(self, fraction: float, text: str) -> None:
+        self.progress.value = max(0.0, min(1.0, fraction))
+        self.progress.description = "search"
+
     # -- re-plan and draw --------------------------------------------------------------------
     def _changed(self, _change) -> None:
         if not self._busy:
@@ -106,11 +119,13 @@ class FleetLab(W.VBox):
 
     def redraw(self) -> FleetPlan | None:
         try:
-            p = plan_fleet(self.fleet, self._profiles, self._devices, self._host, objective=self.objective.value)
+            p = plan_fleet(self.fleet, self._profiles, self._devices, self._host, objective=self.objective.value,
+                           time_budget=self.time_budget.value or None, progress=self._progress)
         except GpulabError as e:
             self.status.value = f"<span style='color:#d62728'>{html.escape(str(e))}</span>"
             return None
         self.plan = p
+        self.progress.value = 1.0
         new = F.fleet_bars(p)
         with self.figure.batch_update():
             self.figure.data = ()
@@ -120,6 +135,7 @@ class FleetLab(W.VBox):
         for pl in p.placements:
             ts = ",".join(f"{x:g}" for x in pl.plan.config.tensor_split)
             lines.append(f"{html.escape(pl.name)}: {', '.join(pl.devices) or 'CPU'}" + (f" (-ts {ts})" if ts else ""))
+        lines += [f"<i>search: {html.escape(x)}</i>" for x in fleet_search_lines(p)]
         lines += [html.escape(a.text) for a in p.advice]
         self.status.value = "<br>".join(lines)
         return p

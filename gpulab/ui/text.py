@@ -11,6 +11,7 @@ from ..core.units import format_bytes
 __all__ = [
     "calibration_text",
     "devices_text",
+    "fleet_search_lines",
     "fleet_text",
     "layer_ranges",
     "layers_text",
@@ -289,6 +290,24 @@ def ctx_table_text(rows, config) -> str:
             f"steps of {256 * config.n_streams} ({kv}; llama-server's defaults are -np 4 -kvu):")
     return head + "\n" + render_table([{"-ctk/-ctv": r.type_k, "largest -c": str(r.n_ctx)} for r in rows],
                                        right=("largest -c",))
+def fleet_search_lines(fp) -> list[str]:
+    """What the fleet search did: its limit, and for the heuristic the value against the bound."""
+    if fp.search == "exhaustive":
+        return ["exhaustive: every device set of every model tried (optimal for this objective)"]
+    out = [fp.search_limit] if fp.search_limit else []
+    if fp.value is not None and fp.bound is not None:
+        if fp.objective == "fewest":
+            what = f"{fp.value:.0f} device slots; no plan needs fewer than {fp.bound:.0f}"
+        elif fp.objective == "balanced":
+            what = (f"{format_bytes(int(fp.value))} left on the tightest device; no plan leaves more than "
+                    f"{format_bytes(int(fp.bound))} (the average)")
+        else:
+            what = (f"{fp.value:.1f} tokens/s for {fp.objective[3:]}; {fp.bound:.1f} alone on the empty devices")
+        gap = "" if fp.gap is None else f", gap {100 * fp.gap:.1f}%"
+        out.append(what + gap)
+    return out
+
+
 def fleet_text(fp) -> str:
     """`gpulab fleet plan`: the models (devices, split, context, bytes per device), then the
     devices (the sum over models against free memory less keep_free), then what would fit."""
@@ -306,6 +325,7 @@ def fleet_text(fp) -> str:
                 "fits": "yes" if d.fits else f"NO, short by {format_bytes(d.deficit_bytes)}"} for d in fp.devices]
     out = [render_table(models, right=("-c",)), "",
            render_table(devices, right=("free", "keep free", "used", "left")), ""]
+    out += [f"search: {line}" for line in fleet_search_lines(fp)]
     out.append(f"fleet {'fits' if fp.fits else 'DOES NOT FIT'} (objective {fp.objective}, {fp.search} search, "
                f"{fp.evaluated} model plans)")
     out += [f"  - {a.text}" for a in fp.advice]

@@ -64,6 +64,20 @@ def test_an_infeasible_change_shows_the_explanation():
     assert "DOES NOT FIT" in lab.figure.layout.title.text
 
 
+def test_a_cluster_in_the_lab_shows_the_search_its_budget_and_progress():
+    """12 models on 12 equal cards: the heuristic search; the status says what it did, the
+    progress bar ends full, and a time budget set in the lab still gives a whole plan."""
+    profs = {f"m{i}": make_profile(n_layer=8, layer_bytes=50 * MiB) for i in range(12)}
+    fleet = Fleet(tuple(FleetModel(n, f"{n}.gguf") for n in profs))
+    lab = FleetLab(fleet, profs, parse_sim_spec("12x2GiB"), time_budget=5.0)
+    assert lab.plan.search == "heuristic" and lab.plan.fits
+    assert "search: greedy, then branch and bound" in lab.status.value
+    assert "12 device slots; no plan needs fewer than 12, gap 0.0%" in lab.status.value
+    assert lab.progress.value == 1.0 and lab.time_budget.value == 5.0
+    lab.time_budget.value = 0.5
+    assert lab.plan.fits and len(lab.plan.placements) == 12
+
+
 def test_contexts_offered_stop_at_the_training_context():
     from gpulab.ui.fleet_lab import ctx_choices
     assert ctx_choices(32768, 4096) == [512, 1024, 2048, 4096, 8192, 16384, 32768]

@@ -25,7 +25,7 @@ from ..errors import ConfigError
 from ..placement.planner import plan
 from ..profile import ModelProfile
 from ..units import format_bytes
-from .placement import fits_budget, place_model, subsets
+from .placement import contiguous_sets, fits_budget, place_model, subsets
 
 __all__ = ["Advice", "advise"]
 
@@ -47,7 +47,7 @@ class _Ctx:
     profiles: Mapping[str, ModelProfile]
     devices: Sequence[Device]
     host: Device | None
-    replan: Callable     # Fleet -> FleetPlan, without advice
+    replan: Callable     # Fleet -> FleetPlan without advice, or None where it finds no fit
 
 _STEP = 256   # llama_context pads n_ctx to 256
 
@@ -83,7 +83,7 @@ def _swappable(result, pr) -> list:
     for m in resident:
         models = tuple(replace(x, keep_loaded=False) if x.name == m.name else x for x in result.fleet.models)
         alt = pr.replan(replace(result.fleet, models=models))
-        if alt.fits:
+        if alt is not None and alt.fits:
             p = alt.placement(m.name)
             where = ", ".join(f"{d.name} {format_bytes(d.used_bytes)}" for d in p.plan.offload_devices) or "the CPU"
             out.append(Advice("swappable", f"make {m.name!r} swappable (keep_loaded = false): the resident models "
@@ -145,7 +145,7 @@ def _shrink_fleet(result, pr) -> list:
                 alt = pr.replan(replace(result.fleet, models=models))
             except ConfigError:
                 continue
-            if alt.fits:
+            if alt is not None and alt.fits:
                 after = sum(d.used_bytes for d in alt.placement(m.name).plan.offload_devices)
                 out.append(Advice("shrink", f"give {m.name!r} {words}: then the whole fleet fits (re-planned; "
                                             f"{m.name!r} takes {format_bytes(now - after)} less)", model=m.name,
@@ -171,7 +171,9 @@ def _move(result, pr) -> list:
             m = result.fleet.model(name)
             mine = result.placement(name)
             left = {x.name: x.budget_bytes - x.used_bytes + mine.bytes_on(x.name) for x in result.devices}
-            for subset in subsets(free_names):
+            names = [x.name for x in pr.devices]
+            sets = subsets(free_names) if len(free_names) <= 8 else contiguous_sets(free_names, left, names)
+            for subset in sets:
                 p = place_model(m, pr.profiles[name], subset, pr.devices, left, pr.host)
                 if fits_budget(p):
                     need = ", ".join(f"{x.name} {format_bytes(x.used_bytes)} of {format_bytes(left[x.name])} left"
@@ -187,6 +189,6 @@ def _move(result, pr) -> list:
 def advise(result, profiles: Mapping[str, ModelProfile], devices: Sequence[Device], host: Device | None,
            replan: Callable) -> list[Advice]:
     """Advice for a FleetPlan with short devices. replan(fleet) plans another fleet on the same
-    devices (without advice): how 'make it swappable' is checked."""
+    devices (without advice; None where it finds no fit): how 'make it swappable' is checked."""
     pr = _Ctx(profiles, devices, host, replan)
     return _short(result) + _swappable(result, pr) + _shrink_fleet(result, pr) + _shrink(result, pr) + _move(result, pr)

@@ -21,7 +21,7 @@ from ..policies.apply import policy_split
 from ..profile import ModelProfile
 from .model import FleetModel
 
-__all__ = ["place_model", "subsets", "fits_budget", "deficit_bytes"]
+__all__ = ["place_model", "subsets", "contiguous_sets", "fits_budget", "deficit_bytes"]
 
 
 def _budget_devices(devices: Sequence[Device], left: Mapping[str, int]) -> list[Device]:
@@ -49,8 +49,11 @@ def place_model(m: FleetModel, profile: ModelProfile, subset: Sequence[str], dev
                 config: SplitConfig | None = None) -> Plan:
     """The model's plan on `subset` (device names, llama.cpp's order) with the split the fleet
     gives it, each device's free_bytes being `left[name]` (its budget once the others are counted)."""
-    budget = _budget_devices(devices, left)
     base = (config or m.config()).replace(devices=tuple(subset) if subset else ("none",), tensor_split=())
+    # the planner reads the devices of the set only, and every device where a tensor override may
+    # name one (tensors.place_tensors' all_devices): the others need no budget copy (a cluster has many)
+    chosen = set(subset)
+    budget = _budget_devices(devices if base.tensor_overrides else [d for d in devices if d.name in chosen], left)
 
     def attempt(cfg: SplitConfig) -> Plan:
         if counter is not None:
@@ -81,3 +84,16 @@ def subsets(names: Sequence[str]) -> list[tuple[str, ...]]:
     return out
 
 
+
+
+def contiguous_sets(names: Sequence[str], left: Mapping[str, int], order: Sequence[str]) -> list[tuple[str, ...]]:
+    """Device sets of `names` contiguous when sorted by memory left (most first), smallest sets
+    first, each in llama.cpp's `order`: what a cluster offers instead of every subset."""
+    ranked = sorted(names, key=lambda n: (-left.get(n, 0), order.index(n)))
+    out: list[tuple[str, ...]] = []
+    for k in range(1, len(ranked) + 1):
+        for s in range(len(ranked) - k + 1):
+            w = tuple(sorted(ranked[s:s + k], key=order.index))
+            if w not in out:
+                out.append(w)
+    return out

@@ -19,12 +19,13 @@ Search. Resident models are placed largest first (weight bytes). Where the produ
 candidate device sets over the models is at most `exhaustive_limit`, every assignment of
 device sets is tried (depth first, an infeasible prefix cut off), and the best by the
 objective is kept: EXHAUSTIVE over device subsets (the split on each subset is the one above,
-chosen given the models before it, not searched). Otherwise GREEDY, the stated heuristic: each
-model, largest first, takes the device set the objective prefers among those that hold it
-given the models already placed, with no going back; for 'fewest' also a best-fit pass (each
-model on the fewest devices it fills tightest), the better of the two kept. It can miss a fit
-that exists; its gap against the exhaustive search is measured by bench/fleet_speed.py
-(docs/BENCHMARKS.md: on 60 random tight fleets it missed none, and used 2 more devices in all).
+chosen given the models before it, not searched). Otherwise the HEURISTIC of
+gpulab.core.fleet.search (issue 28): device sets contiguous by memory left, equal devices as one
+class, a plan cache, greedy passes and a bounded branch and bound, limited by `plan_limit` and
+`time_budget`; the plan says what limited it (search_limit), its objective value, a bound on
+the best value any plan could reach, and the gap between the two. Its loss against the
+exhaustive search is measured by bench/fleet_speed.py (docs/BENCHMARKS.md) and asserted by
+tests/core/fleet/test_search.py.
 
 Objectives:
 - fewest     (default) the fewest devices per model: no split when one device holds a model;
@@ -53,11 +54,15 @@ from .advice import Advice
 from .advice import advise as advice_for
 from .model import Fleet, FleetModel
 from .placement import fits_budget, place_model, subsets
+from .search import SMALL_DEVICES, WIDTH, Search
 
 __all__ = ["OBJECTIVES", "ModelPlacement", "FleetDevice", "Advice", "FleetPlan", "plan_fleet"]
 
 OBJECTIVES = ("fewest", "balanced", "tg:NAME")
-EXHAUSTIVE_LIMIT = 20000     # assignments of device sets; beyond this, the greedy heuristic
+EXHAUSTIVE_LIMIT = 20000     # assignments of device sets; beyond this, the heuristic (search.py)
+VALUE_IS = {"fewest": "device slots (bound: the fewest any plan needs)",
+            "balanced": "bytes left on the tightest device (bound: the average left, the most it can be)",
+            "tg:": "predicted tg tokens/s of the target (bound: the target alone on the empty devices)"}
 
 
 @dataclass(frozen=True)
@@ -104,9 +109,15 @@ class FleetPlan:
     placements: tuple[ModelPlacement, ...]   # in the fleet's order
     devices: tuple[FleetDevice, ...]         # every offload device, in llama.cpp's order
     objective: str
-    search: str                              # 'exhaustive' | 'greedy'
+    search: str                              # 'exhaustive' | 'heuristic'
     evaluated: int                           # model plans computed (a balanced-policy split counted as 7)
     advice: tuple[Advice, ...] = ()
+    # what the search did (issue 28): the heuristic's limit, the plan's objective value, the
+    # bound on the best value any plan could reach, and the relative gap between the two
+    search_limit: str = ""
+    value: float | None = None               # fewest: device slots; balanced: bytes left on the tightest
+    bound: float | None = None               # device; tg: tokens/s of the target. fewest: a lower bound;
+    gap: float | None = None                 # balanced, tg: an upper bound. gap = |value - bound| / bound
 
     @property
     def fits(self) -> bool:
@@ -141,6 +152,8 @@ class FleetPlan:
             "fits": self.fits,
             "objective": self.objective,
             "search": self.search,
+            "search_detail": {"limit": self.search_limit, "value": self.value, "bound": self.bound, "gap": self.gap,
+                              "value_is": VALUE_IS["tg:" if self.objective.startswith("tg:") else self.objective]},
             "advice": [a.to_dict() for a in self.advice],
         }
 
@@ -230,89 +243,41 @@ def _exhaustive(pr: _Problem) -> dict[str, Plan] | None:
     return best[1]
 
 
-def _best_single(pr: _Problem, m: FleetModel, left: dict[str, int], placed: dict[str, Plan], *,
-                 best_fit: bool = False) -> Plan | None:
-    """The device set the objective prefers for `m` among those that hold it now (greedy step).
-    best_fit: among the fewest devices, the set it fills tightest (best-fit decreasing), which keeps
-    large holes open for the models after it, instead of the objective's headroom."""
-    best = None
-    size_found = None
-    for subset in pr.candidates[m.name]:
-        if pr.objective == "fewest" and size_found is not None and len(subset) > size_found:
-            break   # candidates come smallest first: no larger set can beat a fitting smaller one
-        p = pr.place(m, subset, left)
-        if not fits_budget(p):
-            continue
-        size_found = len(subset)
-        after = _take(left, p)
-        s = (len(subset), sum(after[n] for n in subset)) if best_fit else _score(pr, {**placed, m.name: p}, after)
-        if best is None or s < best[0]:
-            best = (s, p)
-    return best[1] if best else None
-
-
-def _greedy_pass(pr: _Problem, best_fit: bool) -> dict[str, Plan] | None:
-    left = dict(pr.budgets)
-    placed: dict[str, Plan] = {}
-    for m in pr.order:
-        p = _best_single(pr, m, left, placed, best_fit=best_fit)
-        if p is None:
-            return None
-        placed[m.name] = p
-        left = _take(left, p)
-    return placed
-
-
-def _greedy(pr: _Problem) -> dict[str, Plan] | None:
-    """Largest first, each model where the objective prefers it, no going back; for 'fewest' a
-    second pass by best fit, and the better of the two by the objective."""
-    passes = [False, True] if pr.objective == "fewest" else [False]
-    results = [r for r in (_greedy_pass(pr, bf) for bf in passes) if r is not None]
-    if not results:
-        return None
-
-    def key(placed):
-        left = dict(pr.budgets)
-        for p in placed.values():
-            left = _take(left, p)
-        return _score(pr, placed, left)
-    return min(results, key=key)
-
-
-def _least_short(pr: _Problem, models: Sequence[FleetModel], left: dict[str, int]) -> dict[str, Plan]:
+def _least_short(sr: Search, models: Sequence[FleetModel], left: dict[str, int]) -> dict[str, Plan]:
     """When nothing fits: each model, largest first, where it leaves the least memory missing."""
     placed: dict[str, Plan] = {}
+    few = len(sr.devices) <= SMALL_DEVICES
     for m in models:
         best: tuple[tuple[int, int, int], Plan] | None = None
-        for subset in pr.candidates[m.name]:
-            p = pr.place(m, subset, left)
+        sizes: set[int] = set()
+        for subset in sr.candidates(m, left, prune=False):
+            if not few and len(subset) in sizes:
+                continue    # a cluster: the set with the most memory left of each size
+            sizes.add(len(subset))
+            p = sr.place(m, subset, left)
             after = _take(left, p)
             missing = sum(max(0, -after[d.name]) - max(0, -left[d.name]) for d in p.offload_devices)
             key = (missing, len(subset), -min(after.values(), default=0))
             if best is None or key < best[0]:
                 best = (key, p)
-        assert best is not None   # every model has at least one candidate subset
+        assert best is not None   # every model has at least one candidate set
         placed[m.name] = best[1]
         left = _take(left, best[1])
     return placed
 
 
-def _tree_size(pr: _Problem) -> int:
-    return math.prod(len(pr.candidates[m.name]) for m in pr.order)
+def _tree_size(pr: _Problem, n_devices: int) -> int:
+    """Assignments of device sets the exhaustive search would walk (without listing them)."""
+    every = (1 << n_devices) - 1
+    return math.prod(1 if (m.n_gpu_layers == 0 or m.devices) else every for m in pr.order)
 
 
-def _place_resident(pr: _Problem, exhaustive_limit: int) -> tuple[dict[str, Plan] | None, str]:
-    if _tree_size(pr) <= exhaustive_limit:
-        return _exhaustive(pr), "exhaustive"
-    return _greedy(pr), "greedy"
-
-
-def _place_swappable(pr: _Problem, swappable: Sequence[FleetModel], left: dict[str, int]) -> dict[str, Plan]:
+def _place_swappable(sr: Search, swappable: Sequence[FleetModel], left: dict[str, int]) -> dict[str, Plan]:
     """Each swappable model beside the resident ones, on its own (one is loaded at a time)."""
     placed = {}
     for m in swappable:
-        p = _best_single(pr, m, left, {})
-        placed[m.name] = p if p is not None else _least_short(pr, [m], dict(left))[m.name]
+        opts = sr.options(m, left, {})
+        placed[m.name] = opts[0][1] if opts else _least_short(sr, [m], dict(left))[m.name]
     return placed
 
 
@@ -335,14 +300,79 @@ def _on(p: Plan, device: str) -> int:
     return 0
 
 
+def _value(pr: _Problem, placed: Mapping[str, Plan]) -> float:
+    """The objective's value of the resident models' plans (VALUE_IS says what it is)."""
+    left = dict(pr.budgets)
+    for p in placed.values():
+        left = _take(left, p)
+    if pr.objective == "balanced":
+        return float(min(left.values(), default=0))
+    if pr.objective.startswith("tg:"):
+        target = placed.get(pr.objective[3:])
+        return float(pr.speed(target)) if target is not None and pr.speed is not None else 0.0
+    return float(sum(len(p.offload_devices) for p in placed.values()))
+
+
+def _bound(pr: _Problem, sr: Search) -> float:
+    """The best value any plan could reach (VALUE_IS), without searching."""
+    if pr.objective == "balanced":
+        n = max(1, len(pr.budgets))
+        need = sum(sr.need[m.name] for m in pr.order)
+        return float((sum(pr.budgets.values()) - need) // n)
+    if pr.objective.startswith("tg:"):
+        target = [m for m in pr.order if m.name == pr.objective[3:]]
+        if not target or pr.speed is None:
+            return 0.0
+        opts = sr.options(target[0], dict(pr.budgets), {}, all_sizes=True)
+        return max((float(pr.speed(p)) for _, p in opts), default=0.0)
+    return float(sum(sr.least_slots(m) for m in pr.order))
+
+
+def _memo(speed: Callable[[Plan], float]) -> Callable[[Plan], float]:
+    """The speed of a plan computed once: the search scores the same cached plans many times."""
+    seen: dict[int, tuple[Plan, float]] = {}
+
+    def f(p: Plan) -> float:
+        hit = seen.get(id(p))
+        if hit is None or hit[0] is not p:
+            hit = seen[id(p)] = (p, speed(p))
+        return hit[1]
+    return f
+
+
+def _gap(objective: str, value: float, bound: float) -> float | None:
+    if bound <= 0:
+        return None if value else 0.0
+    return (value - bound) / bound if objective == "fewest" else (bound - value) / bound
+
+
 def plan_fleet(fleet: Fleet, profiles: Mapping[str, ModelProfile], devices: Sequence[Device],
                host: Device | None = None, *, objective: str = "fewest",
                speed: Callable[[Plan], float] | None = None,
-               exhaustive_limit: int = EXHAUSTIVE_LIMIT, advise: bool = True) -> FleetPlan:
+               exhaustive_limit: int = EXHAUSTIVE_LIMIT, advise: bool = True,
+               time_budget: float | None = None, plan_limit: int | None = None,
+               progress: Callable[[float, str], None] | None = None) -> FleetPlan:
     """Plan every model of `fleet` (profiles by model name) on the offload `devices`.
 
     speed: plan -> predicted tg tokens/s, for objective 'tg:NAME' (gpulab.core.measure.speed.predict_speed
-    with a SpeedModel; the command passes the calibrated one)."""
+    with a SpeedModel; the command passes the calibrated one).
+    time_budget (seconds) and plan_limit bound the heuristic's improvement after its first greedy
+    pass (which always completes: the best plan so far is returned, never nothing); progress(fraction,
+    text) is called as it goes."""
+    result = _plan_fleet(fleet, profiles, devices, host, objective=objective, speed=speed,
+                         exhaustive_limit=exhaustive_limit, advise=advise, time_budget=time_budget,
+                         plan_limit=plan_limit, progress=progress, fit_only=False)
+    assert result is not None   # fit_only=False: a fleet that does not fit is planned as least short
+    return result
+
+
+def _plan_fleet(fleet: Fleet, profiles: Mapping[str, ModelProfile], devices: Sequence[Device],
+                host: Device | None, *, objective: str, speed: Callable[[Plan], float] | None,
+                exhaustive_limit: int, advise: bool, time_budget: float | None, plan_limit: int | None,
+                progress: Callable[[float, str], None] | None, fit_only: bool) -> FleetPlan | None:
+    """plan_fleet; fit_only: None when no fit is found (what advice asks of each change it tries:
+    placing every model of a fleet that does not fit where it is least short costs more than the
+    search on a cluster)."""
     devices = [d for d in devices if d.is_offload]
     _check(fleet, profiles, devices, objective)
     if objective.startswith("tg:") and speed is None:
@@ -350,36 +380,65 @@ def plan_fleet(fleet: Fleet, profiles: Mapping[str, ModelProfile], devices: Sequ
         hints = {d.name: d.bandwidth_bytes_per_s for d in devices if d.bandwidth_bytes_per_s}
         # gpulab's default device speeds, or the bandwidth a device spec gives
         speed = lambda p: predict_speed(p, bandwidth_hints=hints).tg_tokens_per_s   # noqa: E731
+    if speed is not None:
+        speed = _memo(speed)
     names = [d.name for d in devices]
     budgets = {d.name: d.free_bytes - fleet.keep_free_bytes(d.name) for d in devices}
-
-    def candidates(m: FleetModel) -> list[tuple[str, ...]]:
-        if m.n_gpu_layers == 0:
-            return [()]
-        if m.devices:
-            return [m.devices]
-        return subsets(names)
-
     resident = [m for m in fleet.models if m.keep_loaded]
     swappable = [m for m in fleet.models if not m.keep_loaded]
     by_size = lambda ms: sorted(ms, key=lambda m: (-profiles[m.name].weights_bytes, m.name))   # noqa: E731
-    pr = _Problem(fleet, profiles, devices, host, objective, speed, budgets, by_size(resident),
-                  {m.name: candidates(m) for m in fleet.models})
-    placed, search = _place_resident(pr, exhaustive_limit)
+    pr = _Problem(fleet, profiles, devices, host, objective, speed, budgets, by_size(resident), {})
+    sr = Search(pr.order, profiles, devices, host, budgets, lambda placed, left: _score(pr, placed, left),
+                objective, pr.counter, time_budget=time_budget, plan_limit=plan_limit, progress=progress)
+
+    limit, bound, gap = "", None, None
+    if _tree_size(pr, len(devices)) <= exhaustive_limit:
+        everything = subsets(names)
+        pr.candidates = {m.name: [()] if m.n_gpu_layers == 0 else [m.devices] if m.devices else everything
+                         for m in pr.order}
+        placed, search = _exhaustive(pr), "exhaustive"
+    else:
+        out = sr.run()
+        placed, search = out.placed, "heuristic"
+        how = (f"greedy, then branch and bound over the {WIDTH} best device sets per model "
+               "(contiguous by memory left, equal devices as one class)")
+        if out.stopped == "time budget":
+            limit = f"{how}: stopped at the time budget ({time_budget:g} s)"
+        elif out.stopped:
+            limit = f"{how}: stopped at the plan limit ({sr.limit_plans} model plans)"
+        else:
+            limit = f"{how}: explored" + ("" if out.complete else " (within that width)")
     if placed is None:
-        placed = _least_short(pr, pr.order, dict(budgets))
-    left = budgets
-    for p in placed.values():
-        left = _take(left, p)
-    swapped = _place_swappable(pr, by_size(swappable), left)
+        if fit_only:
+            return None
+        placed = _least_short(sr, pr.order, dict(budgets))
+    # every kept plan planned again on its own devices, in the order it was placed (the cache may
+    # have lent it from equal devices)
+    left = dict(budgets)
+    exact: dict[str, Plan] = {}
+    for m in pr.order:
+        subset = tuple(d.name for d in placed[m.name].offload_devices)
+        exact[m.name] = place_model(m, profiles[m.name], subset, devices, left, host, counter=pr.counter)
+        left = _take(left, exact[m.name])
+    placed = exact
+    swapped = _place_swappable(sr, by_size(swappable), left)
+    swapped = {n: place_model(fleet.model(n), profiles[n], tuple(d.name for d in p.offload_devices), devices,
+                              left, host, counter=pr.counter) for n, p in swapped.items()}
+    value = _value(pr, placed)
+    if search == "heuristic":
+        bound = _bound(pr, sr)
+        gap = _gap(objective, value, bound)
 
     placements = tuple(ModelPlacement(m.name, m.keep_loaded, (placed if m.keep_loaded else swapped)[m.name])
                        for m in fleet.models)
     rows = _devices_use(pr, placed, swapped)
-    result = FleetPlan(fleet, placements, rows, objective, search, pr.counter[0])
+    result = FleetPlan(fleet, placements, rows, objective, search, pr.counter[0], search_limit=limit,
+                       value=value, bound=bound, gap=gap)
     if advise and not result.fits:
-        def replan(other: Fleet) -> FleetPlan:
-            return plan_fleet(other, profiles, devices, host, objective=objective, speed=speed,
-                              exhaustive_limit=exhaustive_limit, advise=False)
+        def replan(other: Fleet) -> FleetPlan | None:
+            # the greedy passes only, and None for no fit: advice re-plans the fleet once per change it tries
+            return _plan_fleet(other, profiles, devices, host, objective=objective, speed=speed,
+                               exhaustive_limit=exhaustive_limit, advise=False, time_budget=None, plan_limit=0,
+                               progress=None, fit_only=True)
         result = replace(result, advice=tuple(advice_for(result, profiles, devices, host, replan)))
     return result

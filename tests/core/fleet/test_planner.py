@@ -107,12 +107,17 @@ def test_balanced_leaves_at_least_as_much_on_the_tightest_device():
     _check_sums(balanced)
 
 
-def test_greedy_beyond_the_exhaustive_limit_still_fits_an_easy_fleet():
+def test_the_heuristic_beyond_the_exhaustive_limit_fits_an_easy_fleet_and_says_what_it_did():
     profs = _profiles()
     devs = parse_sim_spec("8GiB,8GiB,8GiB")
     fleet = Fleet(tuple(FleetModel(n, f"{n}.gguf") for n in profs))
     fp = plan_fleet(fleet, profs, devs, exhaustive_limit=0)
-    assert fp.search == "greedy" and fp.fits
+    assert fp.search == "heuristic" and fp.fits
+    # three models, one device each: 3 slots, and no plan can use fewer
+    assert fp.value == 3 and fp.bound == 3 and fp.gap == 0
+    assert "explored" in fp.search_limit
+    detail = fp.to_dict()["search_detail"]
+    assert detail["value"] == 3 and detail["gap"] == 0 and detail["value_is"].startswith("device slots")
     _check_sums(fp)
 
 
