@@ -121,12 +121,13 @@ class Cluster:
                 name = f"RPC{n_rpc}"
                 n_rpc += 1
                 out.append(replace(sim, name=name, kind="rpc", source="sim", endpoint=f"{h.address}:{d.port}",
-                                   description=f"{h.name} {d.device or 'device'}"))
+                                   description=f"{h.name} {d.device or 'device'}", host=h.name))
                 host_of[name] = h.name
         head = self.head_host
         for i, d in enumerate(head.devices):
             name = f"SIM{i}"
-            out.append(replace(_one(d.spec, head.name), name=name, description=f"{head.name} {d.device or 'GPU'}"))
+            out.append(replace(_one(d.spec, head.name), name=name, description=f"{head.name} {d.device or 'GPU'}",
+                               host=head.name))
             host_of[name] = head.name
         return out, host_of
 
