@@ -28,10 +28,16 @@ class DevicePlan:
     # the host only, its weights as llama.cpp allocates them (weights_bytes = the two together):
     mapped_bytes: int = 0         # CPU_Mapped: the file span from its first to its last host tensor
     repack_bytes: int = 0         # CPU_REPACK: copies of the weights the CPU backend repacks
+    state_bytes: int = 0          # recurrent state (llama_memory_recurrent's RS buffer): r_l and s_l rows
+
+    @property
+    def buffer_bytes(self) -> int:
+        """What llama.cpp allocates here: weights, KV, recurrent state and compute (no base cost)."""
+        return self.weights_bytes + self.kv_bytes + self.state_bytes + self.compute_bytes
 
     @property
     def used_bytes(self) -> int:
-        return self.weights_bytes + self.kv_bytes + self.compute_bytes + self.overhead_bytes
+        return self.buffer_bytes + self.overhead_bytes
 
     @property
     def fits(self) -> bool:
@@ -71,7 +77,8 @@ class PlannedMemory:
         d: dict = {"model": {"path": self.model_path, "arch": self.arch},
                    "devices": [{"name": x.name, "total_bytes": x.total_bytes, "free_bytes": x.free_bytes,
                                 "weights_bytes": x.weights_bytes, "kv_bytes": x.kv_bytes,
-                                "compute_bytes": x.compute_bytes, "overhead_bytes": x.overhead_bytes,
+                                "state_bytes": x.state_bytes, "compute_bytes": x.compute_bytes,
+                                "overhead_bytes": x.overhead_bytes,
                                 "overhead_is_default": x.overhead_is_default,
                                 "used_bytes": x.used_bytes, "fits": x.fits} for x in self.devices],
                    "layers": [{"index": i, "device": n} for i, n in enumerate(self.layer_devices)],
@@ -90,6 +97,7 @@ class PlannedMemory:
         devices = tuple(DevicePlan(
             name=x["name"], total_bytes=int(x.get("total_bytes", 0)), free_bytes=int(x.get("free_bytes", 0)),
             weights_bytes=int(x.get("weights_bytes", 0)), kv_bytes=int(x.get("kv_bytes", 0)),
+            state_bytes=int(x.get("state_bytes", 0)),
             compute_bytes=int(x.get("compute_bytes", 0)), overhead_bytes=int(x.get("overhead_bytes", 0)),
             overhead_is_default=bool(x.get("overhead_is_default", False)),
             is_host=i == len(rows) - 1) for i, x in enumerate(rows))

@@ -42,6 +42,15 @@ class LayerProfile:
     n_embd_head_v: int
     is_swa: bool = False     # sliding-window attention layer (smaller KV cache)
     has_kv: bool = True      # False for layers without attention (recurrent, shared KV)
+    # MLA (kv_lora_rank): llama.cpp caches the compressed K row only, no V (llama_kv_cache ctor: has_v = !is_mla)
+    has_v: bool = True
+    # recurrent state per cell (llama_memory_recurrent ctor: r_l and s_l rows, f32): elements of each; 0: none
+    n_embd_r: int = 0
+    n_embd_s: int = 0
+    # an MTP (nextn) layer: llama.cpp creates its tensors with TENSOR_SKIP unless MTP is on, so they are
+    # here, not in `tensors`; the layer still counts in -ngl/-ts placement (n_layer_all)
+    is_nextn: bool = False
+    mtp_tensors: tuple[TensorInfo, ...] = ()
 
     @cached_property  # the planner reads this for every layer on every slider move
     def weights_bytes(self) -> int:
@@ -58,6 +67,10 @@ class LayerProfile:
     @cached_property
     def n_embd_v_gqa(self) -> int:
         return self.n_embd_head_v * self.n_head_kv
+
+    @property
+    def is_recurrent(self) -> bool:
+        return self.n_embd_r + self.n_embd_s > 0
 
 
 @dataclass(frozen=True)
@@ -84,6 +97,28 @@ class ModelProfile:
     file_type: str = ""      # 'Q4_1', 'MOSTLY_Q4_0', ... as the GGUF names it
     other_tensors: tuple[TensorInfo, ...] = ()   # not placed by the planner (e.g. rope_freqs)
     metadata: dict = field(default_factory=dict, compare=False, hash=False)  # scalar KV pairs
+    n_nextn: int = 0         # {arch}.nextn_predict_layers: the last n_nextn layers are MTP heads
+    # the arch's loader skips its MTP layers even with MTP on (no MTP graph yet in this llama.cpp)
+    mtp_never_loaded: bool = False
+
+    @property
+    def n_layer_main(self) -> int:
+        """llama_hparams::n_layer(): the layers the graph runs (the MTP layers excluded)."""
+        return self.n_layer - self.n_nextn
+
+    @property
+    def mtp_weights_bytes(self) -> int:
+        """Bytes of the MTP layers' tensors, which llama.cpp loads only with MTP on."""
+        return sum(t.n_bytes for layer in self.layers for t in layer.mtp_tensors)
+
+    @cached_property
+    def trunk(self) -> ModelProfile:
+        """This model as the graph sees it with MTP off: the nextn layers dropped (for the compute
+        buffers: llm_build_* loops over n_layer(), then the output layer)."""
+        if not self.n_nextn:
+            return self
+        from dataclasses import replace
+        return replace(self, n_layer=self.n_layer_main, layers=self.layers[:self.n_layer_main], n_nextn=0)
 
     @property
     def output_layer(self) -> int:
@@ -113,7 +148,7 @@ class ModelProfile:
     @cached_property
     def max_n_embd_v_gqa(self) -> int:
         """The V row llama.cpp pads every layer to when V is transposed (no flash attention)."""
-        return max((layer.n_embd_v_gqa for layer in self.layers if layer.has_kv), default=0)
+        return max((layer.n_embd_v_gqa for layer in self.layers if layer.has_kv and layer.has_v), default=0)
 
     @cached_property
     def active_bytes_per_layer(self) -> tuple[int, ...]:

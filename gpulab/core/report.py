@@ -15,10 +15,11 @@ from dataclasses import asdict, dataclass, field
 __all__ = ["BufferReport", "LoadReport", "BUFFER_KINDS"]
 
 # 'model': weights (load_tensors ... model buffer size)
-# 'kv': the KV cache (llama_kv_cache ... KV buffer size; recurrent state 'RS buffer' counts here too)
+# 'kv': the KV cache (llama_kv_cache ... KV buffer size)
+# 'state': the recurrent state (llama_memory_recurrent ... RS buffer size)
 # 'compute': the scheduler's compute buffers (sched_reserve ... compute buffer size)
 # 'output': logits/embeddings output buffer (llama_context ... output buffer size)
-BUFFER_KINDS = ("model", "kv", "compute", "output")
+BUFFER_KINDS = ("model", "kv", "state", "compute", "output")
 
 
 @dataclass(frozen=True)

@@ -34,5 +34,6 @@ def dry_run_measure(worker, path: str | os.PathLike, profile: ModelProfile, devi
         report, _ = worker.load(path, config, dry_run=True, check_fit=False)
         compute = report.kinds_by_device()
         p = plan(profile, devices, config, host)
-        return [d.weights_bytes + d.kv_bytes + compute.get(d.name, {}).get("compute", 0) for d in p.offload_devices]
+        return [d.weights_bytes + d.kv_bytes + d.state_bytes + compute.get(d.name, {}).get("compute", 0)
+                for d in p.offload_devices]
     return measure

@@ -150,7 +150,7 @@ _OVERRIDDEN = re.compile(r"tensor (\S+) \(\d+ MiB \S+\) buffer type overridden t
 _NO_ALLOC = re.compile(r"print_info: no_alloc += (\d)")
 _RESERVING = re.compile(r"sched_reserve: reserving \.\.\.")
 _RPC_BUF = re.compile(r"^RPC(\d+)\[(.+)\]$")
-_KIND = {"model": "model", "KV": "kv", "RS": "kv", "compute": "compute", "output": "output"}
+_KIND = {"model": "model", "KV": "kv", "RS": "state", "compute": "compute", "output": "output"}
 
 
 def _mib(text: str) -> int:

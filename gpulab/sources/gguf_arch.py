@@ -45,6 +45,18 @@ _HYBRID_BY_HEADS = frozenset({"jamba", "granitehybrid", "lfm2", "lfm2moe", "plam
 # Hybrids with {arch}.attention.recurrent_layers, or else attention on every
 # {arch}.full_attention_interval-th layer (this default otherwise).
 _HYBRID_BY_INTERVAL = {"qwen3next": 4, "qwen35": 4, "qwen35moe": 4, "qwen4exp": 4, "minimax-01": 8}
+# Archs whose load_arch_hparams reads key_length_mla / value_length_mla (src/models/<arch>.cpp):
+# llama_hparams::is_mla() when both are non-zero.
+_MLA_ARCHS = frozenset({"deepseek2", "deepseek32", "dots3note", "glm-dsa", "glm5-next", "hy_v4", "kimi-k3",
+                        "kimi-linear", "bailingmoe3"})
+# Archs whose load_arch_tensors give the nextn layers mtp_flags |= TENSOR_SKIP unless MTP is on
+# (grep mtp_flags src/models/*.cpp): "model has unused tensor ... -- ignoring".
+_MTP_SKIP_ARCHS = frozenset({"bailingmoe3", "cohere2moe", "deepseek2", "deepseek32", "deepseek4", "glm-dsa",
+                             "glm4moe", "glm5-next", "hy_v3", "mimo2", "nemotron_h", "nemotron_h_moe", "qwen35",
+                             "qwen35moe", "qwen3next", "step35"}) | frozenset({
+    # ... and those that skip them whatever MTP says ("preserved in GGUF but not executed yet")
+    "bailingmoe2", "dots3note", "exaone-moe", "exaone4", "glm4"})
+_MTP_NEVER_LOADED = frozenset({"bailingmoe2", "dots3note", "exaone-moe", "exaone4", "glm4"})
 
 
 @dataclass(frozen=True)
@@ -188,6 +200,46 @@ def _kv_layers(arch, kv, n_layer, n_main, n_head_kv, n_ff, fail) -> list[bool]:
     return has
 
 
+def _recurrent_layers(arch, kv, n_layer, n_main, n_head_kv, n_ff, has_kv, fail) -> list[bool]:
+    """hparams.is_recr per layer, as create_memory's recurrent filter sees it (il < n_layer())."""
+    if arch in _RECURRENT_ARCHS:
+        return [i < n_main for i in range(n_layer)]
+    if arch == "falcon-h1":
+        return [i < n_main for i in range(n_layer)]
+    if arch in ("nemotron_h", "nemotron_h_moe"):
+        return [i < n_main and n_head_kv[i] == 0 and n_ff[i] == 0 for i in range(n_layer)]
+    if arch in _HYBRID_BY_HEADS or arch in _HYBRID_BY_INTERVAL:
+        return [i < n_main and not has_kv[i] for i in range(n_layer)]
+    return [False] * n_layer
+
+
+def _state_row(arch: str, kv: dict, n_embd: int, n_head: int, key_length: int, fail) -> tuple[int, int]:
+    """(n_embd_r, n_embd_s): llama_hparams::n_embd_r() / n_embd_s() (src/llama-hparams.cpp)."""
+    def key(k: str, default: int = 0) -> int:
+        return _count(kv, f"{arch}.{k}", default, fail)
+    d_conv, d_inner, d_state, n_group = (key("ssm.conv_kernel"), key("ssm.inner_size"), key("ssm.state_size"),
+                                         key("ssm.group_count"))
+    wkv = key("wkv.head_size")
+    if wkv:                                   # RWKV: token shift and wkv state
+        return key("token_shift_count", 2) * n_embd, n_embd * wkv
+    kda = key("kda.head_dim")
+    la = key_length if arch == "minimax-01" else 0    # minimax-01: n_embd_head_la = key_length
+    l_cache = key("shortconv.l_cache")
+    if l_cache:                               # LFM2 short convolutions
+        r = n_embd * (l_cache - 1)
+    elif kda:                                 # Kimi KDA: conv state for Q, K and V
+        r = 3 * (d_conv - 1 if d_conv > 0 else 3) * n_head * kda
+    else:                                     # Mamba's conv_states
+        r = (d_conv - 1 if d_conv > 0 else 0) * (d_inner + 2 * n_group * d_state)
+    if kda:
+        s = kda * kda * n_head
+    elif la:
+        s = la * la * n_head
+    else:
+        s = d_state * d_inner
+    return r, s
+
+
 def _base_name(name: str) -> str:
     return name.rsplit(".", 1)[0] if name.endswith((".weight", ".bias")) else name
 
@@ -229,6 +281,12 @@ def build_profile(h: Header, path: str, file_bytes: int, fail) -> ModelProfile:
     v_swa = _count(kv, f"{arch}.attention.value_length_swa", v_full, fail)
     is_swa, n_swa = _swa_layers(arch, kv, n_layer, n_main, n_head_kv, fail)
     has_kv = _kv_layers(arch, kv, n_layer, n_main, n_head_kv, n_ff, fail)
+
+    is_mla = (arch in _MLA_ARCHS and _count(kv, f"{arch}.attention.key_length_mla", 0, fail) > 0
+              and _count(kv, f"{arch}.attention.value_length_mla", 0, fail) > 0)
+    recurrent = _recurrent_layers(arch, kv, n_layer, n_main, n_head_kv, n_ff, has_kv, fail)
+    state_row = _state_row(arch, kv, n_embd, n_head[0], k_full, fail) if any(recurrent) else (0, 0)
+    skip_mtp = arch in _MTP_SKIP_ARCHS
 
     per_layer: list[list[TensorInfo]] = [[] for _ in range(n_layer)]
     inputs, outputs, others = [], [], []
@@ -274,12 +332,15 @@ def build_profile(h: Header, path: str, file_bytes: int, fail) -> ModelProfile:
     metadata = {k: (v.values if isinstance(v, Array) else v) for k, v in kv.items()
                 if v is not None and not (isinstance(v, Array) and v.values is None)}
 
+    nextn = [il >= n_main and skip_mtp for il in range(n_layer)]
     layers = tuple(
         LayerProfile(
-            index=il, tensors=tuple(per_layer[il]), n_head=n_head[il], n_head_kv=n_head_kv[il],
+            index=il, tensors=() if nextn[il] else tuple(per_layer[il]), n_head=n_head[il], n_head_kv=n_head_kv[il],
             n_embd_head_k=k_swa if is_swa[il] else k_full,
             n_embd_head_v=v_swa if is_swa[il] else v_full,
-            is_swa=is_swa[il], has_kv=has_kv[il])
+            is_swa=is_swa[il], has_kv=has_kv[il], has_v=not is_mla,
+            n_embd_r=state_row[0] if recurrent[il] else 0, n_embd_s=state_row[1] if recurrent[il] else 0,
+            is_nextn=il >= n_main, mtp_tensors=tuple(per_layer[il]) if nextn[il] else ())
         for il in range(n_layer))
     return ModelProfile(
         path=path, arch=arch, name=name, file_bytes=file_bytes, n_layer=n_layer, n_embd=n_embd,
@@ -290,6 +351,7 @@ def build_profile(h: Header, path: str, file_bytes: int, fail) -> ModelProfile:
         tied_output=("output.weight" not in names and "token_embd.weight" in names
                      and arch not in _NO_OUTPUT_ARCHS),
         n_expert=n_expert, n_expert_used=n_expert_used, n_swa=n_swa, file_type=file_type,
-        other_tensors=tuple(others), metadata=metadata)
+        other_tensors=tuple(others), metadata=metadata, n_nextn=n_nextn,
+        mtp_never_loaded=n_nextn > 0 and arch in _MTP_NEVER_LOADED)
 
 

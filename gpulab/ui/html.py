@@ -58,8 +58,10 @@ def plan_html(p: Plan) -> str:
     verdict = ("<div style='color:#2a7d2a;font-weight:bold'>fits</div>" if p.fits else
                "<div style='color:#d62728;font-weight:bold'>DOES NOT FIT: "
                + html.escape("; ".join(p.deficits())) + "</div>")
-    return (table_html(plan_rows(p), right=("weights", "KV", "compute", "used", "free"), caption=head,
-                       bad=[not d.fits for d in p.devices]) + verdict)
+    doubts = "".join(f"<div style='color:#b35c00;font-size:12px'>not exact: {html.escape(str(d))}</div>"
+                     for d in p.doubts)
+    return (table_html(plan_rows(p), right=("weights", "KV", "state", "compute", "base", "used", "free"), caption=head,
+                       bad=[not d.fits for d in p.devices]) + doubts + verdict)
 
 
 EXPORT_LABELS = {"llama-server": "llama-server", "llama-cli": "llama-cli", "llama-bench": "llama-bench",
@@ -77,7 +79,8 @@ def plan_frame_rows(p: Plan) -> list[dict]:
     from .text import layer_ranges
     ranges = layer_ranges(p.layer_devices, p.profile.n_layer)
     return [{"device": d.name, "layers": ranges.get(d.name, ""), "n_layers": d.n_layers, "has_output": d.has_output,
-             "weights_bytes": d.weights_bytes, "kv_bytes": d.kv_bytes, "compute_bytes": d.compute_bytes,
+             "weights_bytes": d.weights_bytes, "kv_bytes": d.kv_bytes, "state_bytes": d.state_bytes,
+             "compute_bytes": d.compute_bytes,
              "overhead_bytes": d.overhead_bytes, "used_bytes": d.used_bytes, "free_bytes": d.free_bytes,
              "total_bytes": d.total_bytes, "fits": d.fits, "deficit_bytes": d.deficit_bytes}
             for d in p.devices]

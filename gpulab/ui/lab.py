@@ -748,6 +748,8 @@ class SplitLab(W.VBox):
         if on_cpu:
             notes.append(f"{on_cpu} of {p.profile.n_layer + 1} layers (blocks and output) stay on the CPU")
         extra = "".join(f"<div style='color:#666;font-size:12px'>{html.escape(n)}</div>" for n in notes)
+        extra += "".join(f"<div style='color:#b35c00;font-size:12px'>not exact: {html.escape(str(d))}</div>"
+                         for d in p.doubts)
         if p.fits:
             self.status.value = f"<div style='color:#2a7d2a;font-weight:bold'>fits</div>{extra}"
         else:

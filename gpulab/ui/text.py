@@ -73,11 +73,13 @@ def plan_rows(p: Plan) -> list[dict]:
         for name in p.tensor_parallel.devices:
             ranges[name] = f"{cut} (a slice of each)"
     rows = []
+    state = any(d.state_bytes for d in p.devices)   # a column only for models with recurrent layers
     base = any(d.overhead_bytes for d in p.devices)   # the base cost column only where a device has one
     for d in p.devices:
         rows.append({
             "device": d.name, "layers": ranges.get(d.name, "-") if not d.is_host or d.name in ranges else "input",
             "weights": format_bytes(d.weights_bytes), "KV": format_bytes(d.kv_bytes),
+            **({"state": format_bytes(d.state_bytes)} if state else {}),
             "compute": format_bytes(d.compute_bytes),
             **({"base": format_bytes(d.overhead_bytes) + (" (default)" if d.overhead_is_default else "")}
                if base else {}),
@@ -141,9 +143,9 @@ def plan_text(p: Plan, speed: SpeedPrediction | None = None, *, n_prompt: int = 
             f"{format_bytes(p.profile.file_bytes)} | -ngl {c.n_gpu_layers} -sm {c.split_mode} "
             f"-mg {c.main_gpu} -ts {ts} -c {c.n_ctx} -ctk {c.type_k} -ctv {c.type_v} "
             f"({p.kv_cells} KV cells)")
-    body = render_table(plan_rows(p), right=("weights", "KV", "compute", "base", "used", "free"))
+    body = render_table(plan_rows(p), right=("weights", "KV", "state", "compute", "base", "used", "free"))
     verdict = "fits" if p.fits else "DOES NOT FIT: " + "; ".join(p.deficits())
-    parts = [head, body]
+    parts = [head, body, *(f"not exact: {d}" for d in p.doubts)]
     if p.rule_matches:
         parts.append(rules_text(p.rule_matches))
     if speed is not None:

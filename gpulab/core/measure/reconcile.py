@@ -29,9 +29,9 @@ from .results import BenchRun
 
 __all__ = ["TermRow", "Reconciliation", "reconcile", "as_planned_memory", "comparison_rows", "TERMS"]
 
-TERMS = ("weights", "kv", "compute", "output", "overhead", "total")
-_KIND = {"weights": "model", "kv": "kv", "compute": "compute", "output": "output"}
-_PLAN_KEY = {"weights": "weights_bytes", "kv": "kv_bytes", "compute": "compute_bytes"}
+TERMS = ("weights", "kv", "state", "compute", "output", "overhead", "total")
+_KIND = {"weights": "model", "kv": "kv", "state": "state", "compute": "compute", "output": "output"}
+_PLAN_KEY = {"weights": "weights_bytes", "kv": "kv_bytes", "state": "state_bytes", "compute": "compute_bytes"}
 
 
 @dataclass(frozen=True)
@@ -160,9 +160,11 @@ def reconcile(run: Run, plan=None) -> Reconciliation:
         kinds = by_dev.get(name, {})
         measured_total = nvml.get(name)
         reported_total = sum(kinds.values()) if kinds else (0 if name in by_dev else None)
-        for term in ("weights", "kv", "compute", "output"):
+        for term in ("weights", "kv", "state", "compute", "output"):
             pred = getattr(p, _PLAN_KEY[term]) if (p is not None and term in _PLAN_KEY) else None
             rep = kinds.get(_KIND[term], 0) if name in by_dev else None
+            if term == "state" and not pred and not rep:    # a row only for models with recurrent layers
+                continue
             note = ""
             if term == "weights" and name == "CPU":
                 note = "llama.cpp maps the file's whole tensor data on the host (CPU_Mapped)"

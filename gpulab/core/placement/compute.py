@@ -85,6 +85,8 @@ class _Geom:
     swa: tuple[bool, ...]        # per layer: uses the sliding-window KV cache
     swa_prefix: tuple[int, ...]  # swa_prefix[i] = sliding-window layers among layers 0..i-1
     has_swa: bool
+    # attn_prefix[i] = layers with attention (a KV cache) among layers 0..i-1; None when every layer has one
+    attn_prefix: tuple[int, ...] | None = None
 
 
 _GEOM: dict[int, tuple[weakref.ref, _Geom]] = {}
@@ -113,7 +115,10 @@ def _geom(profile: ModelProfile) -> _Geom:
         moe=moe, n_expert_used=max(profile.n_expert_used, 1) if moe else 0,
         n_ff_exp=n_ff_exp or profile.n_ff,
         swa=swa, swa_prefix=(0, *accumulate(int(x) for x in swa)),
-        has_swa=any(swa) and profile.n_swa > 0)
+        has_swa=any(swa) and profile.n_swa > 0,
+        # recurrent (hybrid) models: a device may hold no attention layer at all
+        attn_prefix=(0, *accumulate(int(layer.has_kv) for layer in layers))
+        if any(layer.is_recurrent for layer in layers) else None)
     key = id(profile)
     _GEOM[key] = (weakref.ref(profile, lambda _r: _GEOM.pop(key, None)), g)
     return g
@@ -242,7 +247,10 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         # as fit into their range
         room = host_boundary - 2 * e - 2 * max(0, q - e)
         n_fit = min(2, max(0, room) // fe) if fe else 0
-        ffn_after_host = host_boundary + (3 - n_fit) * fe + (fd if down_on_top else 0)
+        # the expert outputs reuse up's and gate's range only where the two lie side by side: with
+        # one of them in the host operands' range they do not (measured: RPC devices, n_embd 1024,
+        # qwen3moe and gpt-oss, fd = 2 fe; issue 27)
+        ffn_after_host = host_boundary + (3 - n_fit) * fe + (fd if down_on_top or (n_fit == 1 and fd > fe) else 0)
         ffn_unit = fe
         part_out = {"gate": fe, "up": fe, "down": fd}
     else:
@@ -264,9 +272,12 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         n = len(list(run))
         n_swa = pre[i + n] - pre[i] if g.has_swa else 0
         n_swa_later = n_swa - (1 if g.has_swa and g.swa[i] else 0)
+        n_attn = g.attn_prefix[i + n] - g.attn_prefix[i] if g.attn_prefix is not None else n
         s = stats.get(d)
         if s is None:
-            stats[d] = [n, n_swa < n, n_swa > 0, prev, n - 1 - n_swa_later > 0, n_swa_later > 0]
+            # a device of recurrent layers only has no attention inputs (mask, KV indices) and no KQ
+            stats[d] = [n, n_swa < n_attn, n_swa > 0, prev, n - 1 - n_swa_later > 0 and n_attn > 0,
+                        n_swa_later > 0]
         else:                           # not a llama.cpp placement; count it sensibly
             s[0] += n
             s[1] = s[4] = s[1] or n_swa < n
@@ -316,7 +327,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         if last_dev == name:
             inputs += out_ids
         own_inputs[name] = inputs
-        kq_dev = kq_full if has_full else kq_swa
+        kq_dev = kq_full if has_full else kq_swa if has_swa else 0
         # what the layer before sends: the host's closing add operands, embd (layer 0) or
         # the previous device's l_out (norm pinned), or that device's norm and l_out
         if before == HOST_NAME:

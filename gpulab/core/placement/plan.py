@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from ..config import SplitConfig, config_to_dict
 from ..memory import DevicePlan, PlannedMemory, deficit_lines
 from ..profile import ModelProfile
+from .coverage import Doubt
 
 if TYPE_CHECKING:   # -sm tensor's module loads with the -sm tensor plans that carry one
     from .tensor_parallel import TensorParallel
@@ -31,6 +32,10 @@ class Plan:
     # -sm tensor: what each member of the meta device holds (layer_devices then names the meta
     # device, 'Meta()', as llama.cpp's log does); None for the other split modes
     tensor_parallel: TensorParallel | None = None
+    # what this plan does not model exactly for this architecture and these settings, one line each
+    # (str(doubt)) with the term and the largest error measured (gpulab.core.placement.coverage);
+    # empty: every term is exact
+    doubts: tuple[Doubt, ...] = ()
 
     @property
     def fits(self) -> bool:
@@ -71,7 +76,7 @@ class Plan:
             "config": config_to_dict(c),     # every SplitConfig field, by its name
             "devices": [
                 {"name": d.name, "total_bytes": d.total_bytes, "free_bytes": d.free_bytes,
-                 "weights_bytes": d.weights_bytes, "kv_bytes": d.kv_bytes,
+                 "weights_bytes": d.weights_bytes, "kv_bytes": d.kv_bytes, "state_bytes": d.state_bytes,
                  "compute_bytes": d.compute_bytes, "overhead_bytes": d.overhead_bytes,
                  "overhead_is_default": d.overhead_is_default, "used_bytes": d.used_bytes, "fits": d.fits}
                 for d in self.devices
@@ -80,6 +85,7 @@ class Plan:
             # every tensor override in the order llama.cpp tries them (-ot, then -cmoe, -ncmoe, -ncffn)
             "rules": [m.to_dict() for m in self.rule_matches],
             "fits": self.fits,
+            "doubts": [d.text for d in self.doubts],
             **({"tensor_parallel": self._tensor_parallel_dict()} if self.tensor_parallel is not None else {}),
         }
 

@@ -18,11 +18,13 @@ from ..ggml_types import row_bytes
 from ..memory import DevicePlan
 from ..overrides import effective_rules
 from ..profile import ModelProfile
-from .compute import estimate_compute_bytes
+from .compute import estimate_compute_bytes, pipeline_copies
+from .coverage import doubts
 from .plan import Plan
 from .tensors import compute_sites, place_tensors
 
-__all__ = ["plan", "select_devices", "kv_cells", "kv_cell_bytes", "split_points", "assign_layers", "split_for_counts"]
+__all__ = ["plan", "select_devices", "kv_cells", "kv_cell_bytes", "split_points", "assign_layers", "split_for_counts",
+           "state_cells", "state_bytes_per_layer"]
 
 _PAD = 256  # llama_context: cparams.n_ctx = GGML_PAD(n_ctx, 256)
 
@@ -154,7 +156,8 @@ def kv_cell_bytes(profile: ModelProfile, config: SplitConfig) -> tuple[int, ...]
     """Bytes of one KV cell (K row + V row) of each layer; 0 for layers without a KV cache.
 
     llama_kv_cache ctor: K is n_embd_k_gqa(il) of type_k; V is n_embd_v_gqa(il) of type_v, or,
-    when V is transposed (no flash attention), padded to the widest V row (n_embd_v_gqa_max).
+    when V is transposed (no flash attention), padded to the widest V row (n_embd_v_gqa_max);
+    MLA caches K only (has_v = !is_mla): its K row is key_length (kv_lora_rank + the RoPE part).
     """
     v_trans = not _flash_attn_on(config)
     key = (config.type_k, config.type_v, v_trans)
@@ -167,7 +170,8 @@ def kv_cell_bytes(profile: ModelProfile, config: SplitConfig) -> tuple[int, ...]
         if not layer.has_kv:
             out.append(0)
             continue
-        shape = (layer.n_embd_k_gqa, profile.max_n_embd_v_gqa if v_trans else layer.n_embd_v_gqa)
+        shape = (layer.n_embd_k_gqa, 0 if not layer.has_v else
+                 profile.max_n_embd_v_gqa if v_trans else layer.n_embd_v_gqa)
         b = by_shape.get(shape)
         if b is None:
             b = by_shape[shape] = row_bytes(config.type_k, shape[0]) + row_bytes(config.type_v, shape[1])
@@ -180,6 +184,19 @@ def kv_cell_bytes(profile: ModelProfile, config: SplitConfig) -> tuple[int, ...]
 
 
 _KV_BYTES: dict[int, tuple] = {}
+
+_STATE_ELT = 4   # create_memory: recurrent_type_r and recurrent_type_s are GGML_TYPE_F32
+
+
+def state_cells(config: SplitConfig) -> int:
+    """create_memory: recurrent_rs_size = max(1, n_seq_max) cells (times 1 + n_rs_seq rows, n_rs_seq 0)."""
+    return max(1, config.n_seq_max)
+
+
+def state_bytes_per_layer(profile: ModelProfile, config: SplitConfig) -> tuple[int, ...]:
+    """llama_memory_recurrent ctor: r_l [n_embd_r, cells] and s_l [n_embd_s, cells] f32 per recurrent layer."""
+    n = state_cells(config)
+    return tuple(_STATE_ELT * (layer.n_embd_r + layer.n_embd_s) * n for layer in profile.layers)
 
 
 def _flash_attn_on(config: SplitConfig) -> bool:
@@ -195,6 +212,10 @@ def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | Non
     system memory (None: unknown, then the host row has 0 free and is never "over-full").
     """
     config = (config or SplitConfig()).with_ctx(profile.n_ctx_train)   # -c 0: the training context
+    if config.type_k != config.type_v and any(layer.has_kv and not layer.has_v for layer in profile.layers):
+        # llama_init_from_model (src/llama-context.cpp): MLA keeps one cache; it refuses the load
+        raise ConfigError(f"{profile.arch} uses MLA, and llama.cpp refuses different K ({config.type_k}) and "
+                          f"V ({config.type_v}) cache types for it; give -ctk and -ctv the same type")
     used = select_devices(devices, config)
     rules = effective_rules(config)
     tensor_mode = config.split_mode == "tensor" and bool(used)
@@ -215,6 +236,7 @@ def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | Non
 
     names = [d.name for d in layer_used] + [HOST_NAME]
     kv = dict.fromkeys(names, 0)
+    state = dict.fromkeys(names, 0)
     n_layers = dict.fromkeys(names, 0)
     out_dev = layer_devices[profile.n_layer]
 
@@ -232,16 +254,21 @@ def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | Non
 
     full_cells, swa_cells = kv_cells(profile, config)
     per_cell = kv_cell_bytes(profile, config)
+    per_state = state_bytes_per_layer(profile, config)
     for layer in profile.layers:
         dev = layer_devices[layer.index]
         n_layers[dev] += 1
         # llama_kv_cache ctor: a layer's K/V live on model.dev_layer(il) when offloading, whatever
-        # the tensor overrides moved
+        # the tensor overrides moved; llama_memory_recurrent ctor: the same for r_l/s_l
         kv_dev = dev if config.offload_kqv else HOST_NAME
         kv[kv_dev] += (swa_cells if layer.is_swa else full_cells) * per_cell[layer.index]
+        state[kv_dev] += per_state[layer.index]
 
-    ffn_sites, stray, ffn_parts = compute_sites(profile, layer_devices, tp.moved)
-    compute = estimate_compute_bytes(profile, config, layer_devices, names,
+    # the graph runs the trunk only (MTP off): nextn layers take part in placement, not in compute
+    trunk = profile.trunk
+    graph_devices = list(layer_devices[:trunk.n_layer]) + [layer_devices[-1]]
+    ffn_sites, stray, ffn_parts = compute_sites(trunk, graph_devices, tp.moved)
+    compute = estimate_compute_bytes(trunk, config, graph_devices, names,
                                      ffn_devices=ffn_sites if tp.moved else None, stray=stray,
                                      ffn_parts=ffn_parts, n_outputs=n_outputs)
     experts = {n: tp.expert_weights.get(n, 0) for n in names}
@@ -268,6 +295,7 @@ def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | Non
             total_bytes=src.total_bytes if src else 0,
             free_bytes=src.free_bytes if src else 0,
             weights_bytes=weights[name], kv_bytes=kv[name], compute_bytes=compute.get(name, 0),
+            state_bytes=state.get(name, 0),
             # learned from NVML by earlier runs (CUDA context, workspaces): what "fits" must leave
             overhead_bytes=src.overhead_bytes if src is not None and not is_host else 0,
             overhead_is_default=bool(src is not None and not is_host and src.overhead_is_default),
@@ -282,7 +310,10 @@ def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | Non
     return Plan(profile=profile, config=config, devices=tuple(rows), layer_devices=tuple(layer_devices),
                 split_points=tuple(points), kv_cells=full_cells, kv_cells_swa=swa_cells,
                 moved_tensors=tp.moved, rule_matches=tp.matches, notes=tuple(tp.notes) + defaults,
-                tensor_parallel=split)
+                tensor_parallel=split,
+                doubts=doubts(profile, config, layer_devices, output_shares_layers=(
+                    pipeline_copies(config, graph_devices, len(layer_used)) > 1
+                    and out_dev in graph_devices[:trunk.n_layer])))
 
 
 def _meta_device(used: list[Device]) -> Device:

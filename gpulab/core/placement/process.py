@@ -189,7 +189,7 @@ def plan_process(main: Plan, draft: Plan | None, projector: ProjectorPlacement |
         if p is None:
             return 0
         d = next((x for x in p.devices if x.name == name), None)
-        return 0 if d is None else d.weights_bytes + d.kv_bytes + d.compute_bytes
+        return 0 if d is None else d.buffer_bytes
 
     rows = []
     for name in names:

@@ -68,7 +68,7 @@ def _balanced(used: list[Device], try_split) -> tuple[float, ...]:
     base = try_split(tuple(free))
     # compute buffers follow the layers (the logits buffer follows the output layer), so they are
     # part of what is placed, not a fixed cost per device
-    need = float(sum(d.weights_bytes + d.kv_bytes + d.compute_bytes for d in base.offload_devices))
+    need = float(sum(d.weights_bytes + d.kv_bytes + d.state_bytes + d.compute_bytes for d in base.offload_devices))
     active = list(range(len(used)))
     take: dict[int, float] = {}
     while active:

@@ -92,7 +92,7 @@ def plan_command(cmd: Command, profile: ModelProfile, devices: list[Device], hos
 
             def extra(cfg, _d=d0):
                 p = plan(draft, devices, _d.replace(n_ctx=cfg.n_ctx, fit="off"), host, n_outputs=n_out_draft)
-                by = {x.name: x.weights_bytes + x.kv_bytes + x.compute_bytes for x in p.offload_devices}
+                by = {x.name: x.buffer_bytes for x in p.offload_devices}
                 return [by.get(n, 0) for n in main_names]
         n_ctx_min = UINT32_MAX if "n_ctx" in cmd.given and config.n_ctx == 0 else None
         fitted = server_fit(profile, devices, fit_cfg, host, n_ctx_min=n_ctx_min, extra=extra, n_outputs=n_out)
@@ -109,16 +109,16 @@ def plan_command(cmd: Command, profile: ModelProfile, devices: list[Device], hos
             # fit measured the draft with the -ts given; it loads with the -ts fit wrote: the gap
             counted = dict(zip(main_names, extra(main_plan.config)))
             for d in draft_plan.offload_devices:
-                real = d.weights_bytes + d.kv_bytes + d.compute_bytes
+                real = d.buffer_bytes
                 if d.name in counted and abs(real - counted[d.name]) > MiB:
                     notes.append(f"fit counted {format_bytes(counted[d.name])} of the draft on {d.name}; llama-server "
                                  f"allocates {format_bytes(real)} there (the draft loads with the -ts fit wrote)")
         def _bytes(name: str) -> int:
             d = draft_plan.device(name)
-            return d.weights_bytes + d.kv_bytes + d.compute_bytes
+            return d.buffer_bytes
 
         off_main = [d.name for d in draft_plan.offload_devices if d.name not in main_names and
-                    d.weights_bytes + d.kv_bytes + d.compute_bytes]
+                    d.buffer_bytes]
         if fitted is not None and off_main:
             notes.append("fit counts the draft only on the main model's devices (common_fit_extra_model): its "
                          + ", ".join(f"{format_bytes(_bytes(n))} on {n}" for n in off_main) + " are not in fit's sums")

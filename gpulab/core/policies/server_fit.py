@@ -354,7 +354,8 @@ class _Fit:
         extra = dry_run_extra_bytes(self.profile, p.config, list(p.layer_devices), [d.name for d in p.devices])
         compute = [d.compute_bytes + extra.get(d.name, 0) for d in p.offload_devices]
         self.compute[cfg] = compute
-        return [d.weights_bytes + d.kv_bytes + c + a for d, c, a in zip(p.offload_devices, compute, added)]
+        return [d.weights_bytes + d.kv_bytes + d.state_bytes + c + a
+                for d, c, a in zip(p.offload_devices, compute, added)]
 
     def _uncertainty(self, cfg: SplitConfig, dev: int) -> int:
         """How far gpulab's compute buffer (gpulab.core.placement.compute) may be from llama.cpp's, plus the
@@ -376,7 +377,9 @@ class _Fit:
             raise _Abort("llama_params_fit is not implemented for SPLIT_MODE_TENSOR, abort")
         n_streams = cfg.n_streams   # 1 with a unified KV cache, else n_seq_max
         n_ctx_auto = cfg.n_ctx == 0
-        hp_ngl, hp_nct, hp_nex = prof.n_layer, prof.n_ctx_train or 4096, prof.n_expert
+        # common/fit.cpp: hp_ngl = llama_model_n_layer (hparams.n_layer(): MTP layers not counted unless
+        # load_mtp), so a model with nextn layers is fitted as if it had n_layer_main layers
+        hp_ngl, hp_nct, hp_nex = prof.n_layer_main, prof.n_ctx_train or 4096, prof.n_expert
         n_ctx_max = min(hp_nct * n_streams, UINT32_MAX)
         n_ctx_min_total = min(self.n_ctx_min * n_streams, UINT32_MAX)
         nd = self.nd
@@ -392,7 +395,8 @@ class _Fit:
         sum_free = sum(free)
         if nd == 0:
             host_plan = plan(prof, [], cfg, self.host, n_outputs=self.n_outputs)
-            sum_used = host_plan.host.weights_bytes + host_plan.host.kv_bytes + host_plan.host.compute_bytes
+            sum_used = (host_plan.host.weights_bytes + host_plan.host.kv_bytes + host_plan.host.state_bytes
+                        + host_plan.host.compute_bytes)
             sum_free = self.host.total_bytes if self.host is not None else 0
             sum_projected_free = sum_free - sum_used
             self.log(f"projected to use {sum_used // MiB} MiB of host memory vs. {sum_free // MiB} MiB of total "
@@ -451,7 +455,7 @@ class _Fit:
                     cfg_min = self.cfg = replace(cfg, n_ctx=n_ctx_min_total)
                     if nd == 0:
                         hp = plan(prof, [], cfg_min, self.host, n_outputs=self.n_outputs).host
-                        used_min = hp.weights_bytes + hp.kv_bytes + hp.compute_bytes
+                        used_min = hp.weights_bytes + hp.kv_bytes + hp.state_bytes + hp.compute_bytes
                     else:
                         used_min = sum(self.measure(cfg_min))
                     if sum_used_target > used_min:
@@ -513,7 +517,7 @@ class _Fit:
     # -- steps 3 and 4 -----------------------------------------------------------------------
     def _config_for(self, ngl: list[_Ngl], bufts: list[str]) -> tuple[SplitConfig, tuple[tuple[str, str], ...]]:
         """set_ngl_tensor_split_tbo: -ngl, -ts (layer counts) and the overflow overrides."""
-        nd, hp_ngl = self.nd, self.profile.n_layer
+        nd, hp_ngl = self.nd, self.profile.n_layer_main
         n_gpu_layers = sum(x.n_layer for x in ngl)
         ts = tuple(float(x.n_layer) for x in ngl) if nd > 1 else ()
         il0 = hp_ngl + 1 - n_gpu_layers

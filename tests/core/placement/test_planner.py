@@ -162,14 +162,15 @@ def test_quantized_v_cache_without_flash_attention_is_refused():
 def test_plan_json_has_the_documented_shape():
     prof = make_profile(n_layer=5)
     d = plan(prof, parse_sim_spec("24GiB,24GiB"), SplitConfig(tensor_split=(1, 1))).to_dict()
-    assert set(d) == {"model", "config", "devices", "layers", "rules", "fits"}
+    assert set(d) == {"model", "config", "devices", "layers", "rules", "fits", "doubts"}
     assert set(d["model"]) == {"path", "arch", "n_layer", "size_bytes"}
     assert d["config"] == {**config_to_dict(SplitConfig()), "tensor_split": [1.0, 1.0]}     # every field
     assert {"n_gpu_layers", "split_mode", "main_gpu", "tensor_split", "n_ctx", "type_k", "type_v", "n_batch",
             "n_ubatch", "flash_attn", "tensor_overrides", "kv_unified", "n_seq_max"} <= set(d["config"])
     assert [x["name"] for x in d["devices"]] == ["SIM0", "SIM1", "CPU"]
     assert set(d["devices"][0]) == {"name", "total_bytes", "free_bytes", "weights_bytes", "kv_bytes",
-                                    "compute_bytes", "overhead_bytes", "overhead_is_default", "used_bytes", "fits"}
+                                    "state_bytes", "compute_bytes", "overhead_bytes", "overhead_is_default",
+                                    "used_bytes", "fits"}
     assert len(d["layers"]) == 6 and d["layers"][-1] == {"index": 5, "device": "SIM1"}
 
 

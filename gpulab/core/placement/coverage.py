@@ -1,0 +1,106 @@
+"""What gpulab models exactly, architecture by architecture, and the one-line doubts a plan carries.
+
+A plan is silent when every term (placement, weights, KV, recurrent state, compute) is what
+llama.cpp allocates, to its log's rounding (32 KiB; compute within 1 MiB), as the integration
+matrix checked (tests/integration/test_arch_matrix_vs_llama.py, docs/COVERAGE.md). Anything else
+says so in one line: the term, why, and how large the doubt is where it was measured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import SplitConfig
+from ..profile import ModelProfile
+from .compute import compute_tokens
+
+__all__ = ["CACHE_NOT_MODELLED", "COMPUTE_CHECKED", "Doubt", "doubts"]
+
+# Architectures whose compute buffers the closed forms of gpulab.core.placement.compute were
+# derived from (llama, gemma2/3, qwen3moe) or checked on by the architecture matrix with the same
+# errors as llama's (qwen2, qwen3, mistral3, granite, gpt-oss, olmoe, internlm2, exaone, maincoder,
+# nanbeige, xverse; smollm3's RoPE-less layers, olmo2's norms and baichuan differ). The others get a
+# compute doubt.
+COMPUTE_CHECKED = frozenset({"llama", "gemma2", "gemma3", "qwen3moe", "qwen2", "qwen3", "mistral3", "granite",
+                             "gpt-oss", "olmoe", "internlm2", "exaone", "maincoder", "nanbeige", "xverse"})
+
+# Architectures whose memory is not llama_kv_cache / llama_memory_recurrent as gpulab sizes them
+# (llama_model::create_memory, src/llama-model.cpp): a lightning-indexer cache beside MLA, the
+# DSV4 compressed cache, KDA/linear-attention states gpulab sizes from the formula but has not run.
+CACHE_NOT_MODELLED = {
+    "deepseek32": "the lightning indexer's K cache (llama_memory_hybrid_idx) is not counted",
+    "glm-dsa": "the lightning indexer's K cache (llama_memory_hybrid_idx) is not counted",
+    "deepseek4": "the DSV4 compressed KV cache (llama_kv_cache_dsv4) is not modelled",
+    "hy_v4": "the DSV4 compressed KV cache (llama_kv_cache_dsv4) is not modelled",
+    "kimi-k3": "its hybrid cache with an indexer is not modelled",
+    "glm5-next": "its hybrid cache with an indexer is not modelled",
+    "dflash": "its draft-stage cache is not modelled",
+}
+
+
+@dataclass(frozen=True)
+class Doubt:
+    term: str              # 'weights', 'kv', 'state', 'compute'
+    text: str              # the one line a person reads
+    bound_bytes: int       # the largest error measured where this doubt applies (0: not measured)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+_MiB = 1 << 20
+_QUANTIZED_FREE = ("f32", "f16", "bf16")
+
+
+def doubts(profile: ModelProfile, config: SplitConfig, layer_devices: list[str] | None = None,
+           output_shares_layers: bool = False) -> tuple[Doubt, ...]:
+    """The terms of a plan of `profile` under `config` that are not exact, each with the largest error
+    the architecture matrix measured where it applies (tests/integration/test_arch_matrix_vs_llama.py,
+    CPU RPC devices, n_embd 1024). `layer_devices`: the plan's placement (for settings that matter
+    only on some devices); `output_shares_layers`: pipelined, and the output layer's device holds
+    repeating layers too."""
+    out: list[Doubt] = []
+    arch = profile.arch
+    if arch in CACHE_NOT_MODELLED:
+        out.append(Doubt("kv", f"KV: {CACHE_NOT_MODELLED[arch]} for {arch}", 0))
+    recurrent = any(layer.is_recurrent for layer in profile.layers)
+    mla = any(layer.has_kv and not layer.has_v for layer in profile.layers)
+    if recurrent and not any(layer.has_kv for layer in profile.layers):
+        out.append(Doubt("compute", f"compute: {arch}'s recurrent graph is not modelled (mamba2 at n_embd 1024: up to "
+                         "75 MiB too low per device)", 0))
+    elif recurrent:
+        out.append(Doubt("compute", f"compute: {arch}'s recurrent layers are not modelled "
+                         "(measured up to 17 MiB too low per device at n_embd 1024: lfm2, qwen3next)", 18 * _MiB))
+    elif mla:
+        out.append(Doubt("compute", f"compute: {arch}'s MLA attention is sized as plain attention "
+                         "(measured up to 16.1 MiB too low per device)", 17 * _MiB))
+    elif arch not in COMPUTE_CHECKED:
+        out.append(Doubt("compute", f"compute: {arch}'s graph is sized as a llama-like graph "
+                         "(measured up to 15 MiB off per device where checked)", 16 * _MiB))
+    else:
+        if config.type_k not in _QUANTIZED_FREE or config.type_v not in _QUANTIZED_FREE:
+            out.append(Doubt("compute", "compute: with a quantized KV cache, up to 2.1 MiB off per device "
+                             "(measured; the rule is not derived)", int(2.2 * _MiB)))
+        if profile.n_expert and layer_devices is not None and "CPU" in layer_devices \
+                and any(d != "CPU" for d in layer_devices):
+            out.append(Doubt("compute", "compute: MoE layers split between the host and devices, up to 9 MiB "
+                             "too low on a device (measured: gpt-oss, -ngl 2 on one device)", int(9.1 * _MiB)))
+        if layer_devices and layer_devices[-1] == "CPU":
+            # -ngl 0: ggml-alloc puts the logits above what the last layer left, not at the bottom
+            # (SmolLM2 on RPC devices: 0 to 4.26 MiB, not monotonic in -c; at most two row sets and
+            # the KQ mask, tests/integration/test_real_models_exact_vs_llama.py)
+            T, _, _ = compute_tokens(config)
+            n_kv = -(-max(config.n_ctx, 1) // 256) * 256
+            bound = 2 * 4 * profile.n_embd * T + n_kv * T * (2 if config.flash_attn != "off" else 4) + 64 * 1024
+            out.append(Doubt("compute", f"compute: the host's buffer with the output layer on it can be up to "
+                             f"{bound / _MiB:.1f} MiB higher (where ggml-alloc puts the logits; measured)", bound))
+        if output_shares_layers:
+            out.append(Doubt("compute", "compute: pipelined, the output layer's device is up to 2 MiB off "
+                             "(measured)", int(2.1 * _MiB)))
+    if profile.n_nextn and any(layer.is_nextn and layer.tensors for layer in profile.layers):
+        out.append(Doubt("compute", f"compute: {arch} loads its {profile.n_nextn} MTP layer(s) with the "
+                         "model; their graph is not modelled", 0))
+    if not config.offload_kqv:
+        out.append(Doubt("compute", "compute: with the KV cache on the host (-nkvo) the attention runs there; "
+                         "not modelled", 0))
+    return tuple(out)

@@ -1,0 +1,98 @@
+"""Every architecture gpulab.sources.arch_models writes, against llama.cpp on CPU RPC devices.
+
+For each architecture and setting (full and partial -ngl, unequal -ts, -sm none, contexts past the
+sliding window, f16 and quantized caches with flash attention on and off):
+  - the device of every layer must be llama.cpp's;
+  - weights, KV and recurrent state per device within the log's rounding (32 KiB);
+  - compute per device within 1 MiB wherever the plan states no compute doubt
+    (gpulab.core.placement.coverage): a plan that is silent must be exact; where it states one,
+    within the errors the doubts name, added up.
+Every figure is written to test-artifacts/arch_matrix.json; scripts/arch_coverage.py turns it into
+docs/COVERAGE.md. One setting per architecture runs by default; the rest is marked slow
+(`-m slow` runs it, `-m "not slow"` skips it). The whole matrix: see docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gpulab import ConfigError, LoadError, SplitConfig, plan, read_profile
+from gpulab.sources.arch_models import ARCH_MODELS, write_arch_model
+from gpulab.sources.host import host_device
+
+KiB, MiB = 1024, 1024**2
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+
+CONFIGS = {
+    # unequal split, quantized cache, flash attention: the first setting runs by default
+    "ts-3-1-q8-fa": SplitConfig(tensor_split=(3, 1), n_ctx=2048, devices=("RPC0", "RPC1"), type_k="q8_0",
+                                type_v="q8_0", flash_attn="on"),
+    "ts-1-1": SplitConfig(tensor_split=(1, 1), n_ctx=1024, devices=("RPC0", "RPC1")),
+    "ngl4-ts-1-1-1": SplitConfig(n_gpu_layers=4, tensor_split=(1, 1, 1), n_ctx=1024),
+    "none-main-1-fa-off": SplitConfig(split_mode="none", main_gpu=1, n_ctx=1024, flash_attn="off"),
+    # past every sliding window here (512 at most), quantized K, transposed V
+    "ts-1-2-1-q8k-fa-off": SplitConfig(tensor_split=(1, 2, 1), n_ctx=4096, type_k="q8_0", flash_attn="off"),
+    "ts-1-1-1-q4-fa": SplitConfig(tensor_split=(1, 1, 1), n_ctx=4096, type_k="q4_0", type_v="q4_0", flash_attn="on"),
+}
+DEFAULT = "ts-3-1-q8-fa"
+CASES = [pytest.param(a, c, marks=() if c == DEFAULT else pytest.mark.slow, id=f"{a}-{c}")
+         for a in ARCH_MODELS for c in CONFIGS]
+
+_rows: list[dict] = []
+
+
+@pytest.fixture(scope="module")
+def arch_paths(tmp_path_factory):
+    """The models, written once per run (sparse files: milliseconds each)."""
+    root = tmp_path_factory.mktemp("arch-models")
+    return {a: write_arch_model(root / f"{a}.gguf", a) for a in ARCH_MODELS}
+
+
+@pytest.mark.parametrize("arch,config_name", CASES)
+def test_arch_matches_llama_cpp(arch, config_name, arch_paths, worker):
+    config = CONFIGS[config_name]
+    profile = read_profile(arch_paths[arch])
+    devices = [d for d in worker.devices() if d.kind == "rpc"]
+    try:
+        predicted = plan(profile, devices, config, host_device())
+    except ConfigError as e:       # gpulab refuses: llama.cpp must refuse the same load
+        with pytest.raises(LoadError):
+            worker.load(arch_paths[arch], config, check_fit=False)
+        _rows.append({"arch": arch, "config": config_name, "refused": str(e)})
+        return
+    report, _ = worker.load(arch_paths[arch], config, check_fit=False)
+
+    placement = list(report.layer_devices) == list(predicted.layer_devices)
+    compute_doubts = [x for x in predicted.doubts if x.term == "compute"]
+    # where several doubts apply their errors add (a quantized cache on the pipelined output device)
+    bound = sum(x.bound_bytes for x in compute_doubts) if compute_doubts else 1 * MiB
+    if any(x.bound_bytes == 0 for x in compute_doubts):
+        bound = 0        # stated as not modelled at all
+    figures = []
+    for d in predicted.devices:
+        got = {k: report.bytes_on(d.name, k) for k in ("model", "kv", "state", "compute")}
+        want = {"model": d.weights_bytes, "kv": d.kv_bytes, "state": d.state_bytes, "compute": d.compute_bytes}
+        figures.append((d.name, want, got))
+        _rows.append({"arch": arch, "config": config_name, "device": d.name, "predicted": want, "llama_cpp": got,
+                      "placement": placement, "doubts": [x.text for x in predicted.doubts]})
+    assert placement, f"placement differs from llama.cpp: {report.layer_devices} against {predicted.layer_devices}"
+    for name, want, got in figures:
+        for term in ("model", "kv", "state"):
+            assert abs(want[term] - got[term]) <= 32 * KiB, \
+                f"{name} {term}: predicted {want[term]}, llama.cpp {got[term]}"
+        if bound:
+            assert abs(want["compute"] - got["compute"]) <= bound, \
+                f"{name} compute: predicted {want['compute']}, llama.cpp {got['compute']}; doubts: {compute_doubts}"
+
+
+def teardown_module(module):
+    """Merged into what earlier runs wrote: a run of a few cases (-k) replaces those cases only."""
+    if _rows:
+        ARTIFACTS.mkdir(exist_ok=True)
+        path = ARTIFACTS / "arch_matrix.json"
+        done = {(r["arch"], r["config"]) for r in _rows}
+        old = json.loads(path.read_text()) if path.exists() else []
+        path.write_text(json.dumps([r for r in old if (r["arch"], r["config"]) not in done] + _rows, indent=1))

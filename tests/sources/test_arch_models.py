@@ -1,0 +1,116 @@
+"""The architecture models (gpulab.sources.arch_models) as gpulab reads them: MLA's K-only cache,
+the MTP layers llama.cpp skips, the recurrent state, and the doubts a plan states. Expected values
+are written out from llama.cpp's formulas (and its log of the same files on CPU RPC devices:
+tests/integration/test_arch_matrix_vs_llama.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from gpulab import ConfigError, SplitConfig, parse_sim_spec, plan, read_profile
+from gpulab.sources.arch_models import ARCH_MODELS, write_arch_model
+
+MiB = 1024**2
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("arch")
+    return {a: read_profile(write_arch_model(root / f"{a}.gguf", a)) for a in ARCH_MODELS}
+
+
+def test_mla_caches_k_only_at_kv_lora_rank_plus_rope(models):
+    ds = models["deepseek2"]
+    main = [layer for layer in ds.layers if not layer.is_nextn]
+    assert all(not layer.has_v and layer.n_embd_k_gqa == 256 + 64 for layer in main)
+    # 6 trunk layers x 4096 cells x 320 f16 values; no V cache (llama.cpp logs K (f16): 15.00 MiB)
+    p = plan(ds, parse_sim_spec("24GiB"), SplitConfig(n_ctx=4096))
+    assert p.device("SIM0").kv_bytes == 6 * 4096 * 320 * 2 == 15 * MiB
+    q = plan(ds, parse_sim_spec("24GiB"), SplitConfig(n_ctx=4096, type_k="q8_0", type_v="q8_0"))
+    assert q.device("SIM0").kv_bytes == 6 * 4096 * 320 // 32 * 34
+
+
+def test_mla_refuses_different_k_and_v_types_as_llama_cpp_does(models):
+    with pytest.raises(ConfigError, match="different K \\(q8_0\\) and V \\(f16\\)"):
+        plan(models["deepseek2"], parse_sim_spec("24GiB"), SplitConfig(type_k="q8_0"))
+
+
+@pytest.mark.parametrize("arch", ["deepseek2", "glm4moe"])
+def test_mtp_layer_is_placed_but_not_loaded(models, arch):
+    prof = models[arch]
+    assert prof.n_nextn == 1 and prof.n_layer == 7 and prof.n_layer_main == 6
+    mtp = prof.layers[6]
+    assert mtp.is_nextn and mtp.tensors == () and mtp.weights_bytes == 0 and not mtp.has_kv
+    assert {t.name for t in mtp.mtp_tensors} >= {"blk.6.nextn.eh_proj.weight", "blk.6.ffn_gate_exps.weight"}
+    assert prof.mtp_weights_bytes > 30 * MiB
+    # -ts 5,2: the MTP layer (and the output) alone on SIM1: weights are only the output layer's
+    p = plan(prof, parse_sim_spec("24GiB,24GiB"), SplitConfig(tensor_split=(5, 2)))
+    assert p.layers_on("SIM1") == [6, 7]
+    assert p.device("SIM1").weights_bytes == prof.output_weights_bytes
+    assert p.device("SIM1").kv_bytes == 0
+
+
+def test_recurrent_state_per_layer_and_sequence(models):
+    qn = models["qwen3next"]
+    # n_embd_r = (d_conv - 1) * (d_inner + 2 * n_group * d_state) = 3 * (1024 + 2 * 4 * 128);
+    # n_embd_s = d_state * d_inner = 128 * 1024; f32; attention every 4th layer
+    assert [layer.n_embd_r for layer in qn.layers] == [6144, 6144, 6144, 0] * 2
+    assert [layer.n_embd_s for layer in qn.layers] == [131072, 131072, 131072, 0] * 2
+    per_layer = 4 * (6144 + 131072)
+    p = plan(qn, parse_sim_spec("24GiB,24GiB"), SplitConfig(tensor_split=(1, 1), n_ctx=1024))
+    assert p.layers_on("SIM0") == [0, 1, 2, 3, 4] and p.device("SIM0").state_bytes == 4 * per_layer
+    assert p.device("SIM1").state_bytes == 2 * per_layer
+    assert p.device("SIM0").used_bytes == (p.device("SIM0").weights_bytes + p.device("SIM0").kv_bytes
+                                           + 4 * per_layer + p.device("SIM0").compute_bytes)
+    four = plan(qn, parse_sim_spec("24GiB,24GiB"), SplitConfig(tensor_split=(1, 1), n_ctx=1024, n_seq_max=4))
+    assert four.device("SIM0").state_bytes == 4 * 4 * per_layer      # one cell per sequence
+    assert plan(qn, parse_sim_spec("24GiB"), SplitConfig(n_ctx=1024)).to_dict()["devices"][0]["state_bytes"] \
+        == 6 * per_layer
+
+
+def test_pure_recurrent_model_has_state_and_no_kv(models):
+    mb = models["mamba2"]
+    # (d_conv - 1) * (d_inner + 2 * n_group * d_state) and d_state * d_inner, f32: llama.cpp logs 6.16 MiB
+    rows = {(layer.n_embd_r, layer.n_embd_s, layer.has_kv) for layer in mb.layers}
+    assert rows == {(3 * (2048 + 2 * 128), 128 * 2048, False)}
+    p = plan(mb, parse_sim_spec("24GiB"), SplitConfig(n_ctx=4096))
+    assert p.device("SIM0").state_bytes == 6 * 4 * (6912 + 262144) and p.device("SIM0").kv_bytes == 0
+    assert [d.bound_bytes for d in p.doubts] == [0]      # its compute: not modelled, said so
+
+
+def test_doubts_are_silent_where_exact_and_one_line_per_term_elsewhere(models):
+    sim = parse_sim_spec("24GiB,24GiB")
+    assert plan(models["llama"], sim, SplitConfig(split_mode="none")).doubts == ()
+    assert plan(models["gemma3"], sim, SplitConfig(n_gpu_layers=5, tensor_split=(1, 1))).doubts == ()
+    # pipelined, the output layer's device also holds layers: measured 2 MiB off there
+    assert [d.bound_bytes for d in plan(models["llama"], sim, SplitConfig()).doubts] == [int(2.1 * MiB)]
+    qn = plan(models["qwen3next"], sim, SplitConfig()).doubts
+    assert len(qn) == 1 and qn[0].text.startswith("compute: qwen3next's recurrent layers") and qn[0].term == "compute"
+    ds = plan(models["deepseek2"], sim, SplitConfig())
+    assert len(ds.doubts) == 1 and "MLA" in str(ds.doubts[0])
+    assert ds.to_dict()["doubts"] == [ds.doubts[0].text]
+    assert plan(models["llama"], sim, SplitConfig(offload_kqv=False)).doubts[0].text.startswith("compute: with the KV")
+    # settings: a quantized cache; a MoE split between host and devices
+    quantized = plan(models["llama"], sim, SplitConfig(type_k="q8_0", split_mode="none"))
+    assert [d.bound_bytes for d in quantized.doubts] == [int(2.2 * MiB)]
+    moe = plan(models["qwen3moe"], sim, SplitConfig(n_gpu_layers=4, tensor_split=(1, 1))).doubts
+    assert [d.text.split(",")[0] for d in moe] == ["compute: MoE layers split between the host and devices"]
+
+
+@pytest.mark.parametrize("arch,kv,expected", [
+    # Mamba-130m: (d_conv - 1) * d_inner conv rows, d_state * d_inner SSM state
+    ("mamba", {"mamba.ssm.conv_kernel": 4, "mamba.ssm.inner_size": 1536, "mamba.ssm.state_size": 16}, (4608, 24576)),
+    # RWKV-6 1.6B: token_shift_count (default 2) x n_embd, n_embd x head size
+    ("rwkv6", {"rwkv6.wkv.head_size": 64}, (2 * 2048, 2048 * 64)),
+    # LFM2: n_embd x (l_cache - 1) short-convolution rows, no SSM state
+    ("lfm2", {"lfm2.shortconv.l_cache": 3}, (2 * 2048, 0)),
+])
+def test_state_rows_follow_llama_hparams(arch, kv, expected):
+    from gpulab.sources.gguf_arch import _state_row
+    assert _state_row(arch, kv, 2048, 32, 64, ValueError) == expected
+
+
+def test_exaone4_never_loads_its_mtp_layer(models):
+    ex = models["exaone4"]
+    assert ex.n_nextn == 1 and ex.mtp_never_loaded and ex.layers[6].tensors == () and ex.layers[6].mtp_tensors
+    assert not models["glm4moe"].mtp_never_loaded      # glm4moe loads them with MTP on
