@@ -243,3 +243,16 @@ def test_the_progress_line_goes_to_a_terminal_and_is_cleared():
     quiet = io.StringIO()
     _Progress(False, quiet)(0.5, "x")
     assert quiet.getvalue() == ""
+
+
+def test_fleet_plan_on_a_cluster_says_why_a_model_spans(smollm2, tmp_path, capsys):
+    from gpulab.cli import main
+    (tmp_path / "fleet.toml").write_text(f'version = 1\n[[models]]\nname = "chat"\nmodel = "{smollm2}"\nctx = 512\n')
+    (tmp_path / "c.toml").write_text(
+        'version = 1\nhead = "desk"\n[[hosts]]\nname = "desk"\ndevices = [{ spec = "150MiB" }]\n'
+        '[[hosts]]\nname = "box"\naddress = "10.0.0.2"\nlink = { gbit_per_s = 1.0, rtt_ms = 1.0 }\n'
+        'devices = [{ spec = "150MiB", port = 50052 }]\n')
+    code = main(["fleet", "plan", str(tmp_path / "fleet.toml"), "--cluster", str(tmp_path / "c.toml"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert "chat spans hosts box + desk: no plan within one host holds it (spanning is the last resort)" in err
