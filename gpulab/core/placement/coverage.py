@@ -19,8 +19,8 @@ __all__ = ["CACHE_NOT_MODELLED", "COMPUTE_CHECKED", "COMPUTE_EXACT", "Doubt", "d
 # Architectures whose compute buffers the closed forms of gpulab.core.placement.compute were
 # derived from (llama, gemma2/3, qwen3moe) or checked on by the architecture matrix with the same
 # errors as llama's (qwen2, qwen3, mistral3, granite, gpt-oss, olmoe, internlm2, exaone, maincoder,
-# nanbeige, xverse; smollm3's RoPE-less layers, olmo2's norms and baichuan differ). The others get a
-# compute doubt.
+# nanbeige, xverse; olmo2's norms and baichuan differ), and those of COMPUTE_EXACT (smollm3's
+# RoPE-less layers and exaone4's norms are modelled). The others get a compute doubt.
 COMPUTE_CHECKED = frozenset({"llama", "gemma2", "gemma3", "qwen3moe", "qwen2", "qwen3", "mistral3", "granite",
                              "gpt-oss", "olmoe", "internlm2", "exaone", "maincoder", "nanbeige", "xverse"})
 
@@ -81,7 +81,7 @@ def doubts(profile: ModelProfile, config: SplitConfig, layer_devices: list[str] 
     elif mla:
         out.append(Doubt("compute", f"compute: {arch}'s MLA attention is sized as plain attention "
                          "(measured up to 16.1 MiB too low per device)", 17 * _MiB))
-    elif arch not in COMPUTE_CHECKED:
+    elif arch not in COMPUTE_CHECKED and arch not in COMPUTE_EXACT:
         out.append(Doubt("compute", f"compute: {arch}'s graph is sized as a llama-like graph "
                          "(measured up to 15 MiB off per device where checked)", 16 * _MiB))
     else:
