@@ -202,3 +202,58 @@ def test_fit_adds_the_projector_to_another_devices_target(servers, smollm2, tmp_
     assert abs(targets["RPC1"] - (1024 + proj_mib)) <= 1, (targets, proj_mib)
     assert abs(targets["RPC0"] - (1024 + host_mib)) <= 1, (targets, host_mib)
     assert targets["RPC0"] < targets["RPC1"]
+
+
+# --spec-type draft-mtp on a generated glm4moe (6 layers and one nextn layer, gpulab.sources.arch_models):
+# (flags, the nextn layer's device, written-out MiB that llama-server logged: that device's model buffer,
+# the MTP context's KV and compute there)
+MTP_CASES = {
+    # two devices: pipeline parallelism (4 copies of each input)
+    "2dev": ("-dev RPC0,RPC1 -ts 1,1 -c 4096 -np 1", "RPC1", 203.26, 8.00, 52.04),
+    # one device (1 copy), -ub 256, 2 slots, a q8_0 cache for the draft (so the MTP context)
+    "1dev-q8": ("-dev RPC2 -ub 256 -c 4096 -np 2 -ctkd q8_0 -ctvd q8_0", "RPC2", 414.53, 4.25, None),
+}
+
+
+@pytest.mark.parametrize("case", list(MTP_CASES))
+def test_mtp_heads_and_context_vs_llama_server(case, servers, tmp_path):
+    """With --spec-type draft-mtp llama-server loads the nextn layer's tensors on its device
+    (load_mtp) and creates a second context on the main model holding KV for the nextn layer only
+    (common_speculative_init_result, llama_model::create_memory). Main model per device: weights and
+    KV; the MTP context: its KV and compute, each against llama-server's log lines."""
+    from gpulab.sources.arch_models import write_arch_model
+    flags, nextn_dev, model_mib, kv_mib, compute_mib = MTP_CASES[case]
+    path = write_arch_model(tmp_path / "glm4moe.gguf", "glm4moe")
+    profile = read_profile(path)
+    assert profile.n_nextn == 1 and round(profile.mtp_weights_bytes / MiB, 2) == 65.09
+    devices = _devices(servers.endpoints)
+    cmd = (f"llama-server --rpc {','.join(servers.endpoints)} -m {path} {flags} -ngl 99 -fit off "
+           f"--spec-type draft-mtp --no-webui -lv 5")
+    cp = plan_command(parse_command(shlex.split(cmd)), profile, devices)
+    log = re.sub(r"(?m)^\d+\.\d+\.\d+\.\d+ [A-Z] ", "", _serve(shlex.split(cmd), tmp_path / "server.log"))
+    at = log.find("creating MTP draft context")
+    assert at > 0, log[-3000:]
+    main, mtp_log = parse_load_log(log[:at], devices), parse_load_log(log[at:], devices)
+    names = [d.name for d in cp.process.main.offload_devices]
+    assert list(main.layer_devices) == list(cp.process.main.layer_devices)
+    assert cp.process.main.layer_devices[profile.n_layer - 1] == nextn_dev
+    for d in cp.process.main.devices:
+        got_w, got_kv = main.bytes_on(d.name, "model"), main.bytes_on(d.name, "kv")
+        _records.append({"who": f"mtp {case} main", "device": d.name, "weights": [d.weights_bytes, got_w],
+                         "kv": [d.kv_bytes, got_kv], "compute": [d.compute_bytes, main.bytes_on(d.name, "compute")]})
+        assert close_to_llama(d.weights_bytes, got_w), (d.name, d.weights_bytes, got_w)
+        assert close_to_llama(d.kv_bytes, got_kv), (d.name, d.kv_bytes, got_kv)
+    # the nextn layer's device holds its 65.09 MiB of MTP tensors (written out: llama-server's figure)
+    assert abs(main.bytes_on(nextn_dev, "model") - model_mib * MiB) <= 0.01 * MiB
+    ctx = cp.process.mtp
+    for name in [*names, "CPU"]:
+        got_kv, got_c = mtp_log.bytes_on(name, "kv"), mtp_log.bytes_on(name, "compute")
+        _records.append({"who": f"mtp {case} MTP context", "device": name, "kv": [ctx.kv_bytes.get(name, 0), got_kv],
+                         "compute": [ctx.compute_bytes.get(name, 0), got_c]})
+        assert close_to_llama(ctx.kv_bytes.get(name, 0), got_kv), (name, ctx.kv_bytes, got_kv)
+        assert abs(ctx.compute_bytes.get(name, 0) - got_c) <= max(MiB, 0.10 * got_c), (name, ctx.compute_bytes, got_c)
+    assert abs(mtp_log.bytes_on(nextn_dev, "kv") - kv_mib * MiB) <= 0.01 * MiB
+    if compute_mib is not None:
+        assert abs(mtp_log.bytes_on(nextn_dev, "compute") - compute_mib * MiB) <= 0.01 * MiB
+    # the process row of the nextn layer's device counts the MTP context beside the main model
+    assert cp.process.row(nextn_dev).mtp_bytes == ctx.kv_bytes[nextn_dev] + ctx.compute_bytes[nextn_dev]

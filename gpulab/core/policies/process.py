@@ -9,7 +9,10 @@ llama-server (tools/server/server-context.cpp load_model), in order:
 2. common_fit_params with the draft as common_fit_extra_model: the draft measured on its devices
    at the main context, counted only where those are the main model's devices (common/fit.cpp);
 3. the main model and context; 4. the draft (common_base_params_to_speculative, n_ctx = the main
-   context, -ts as fit left it); 5. the projector (clip_ctx on its device).
+   context, -ts as fit left it), or with --spec-type draft-mtp and no draft, the MTP context on the
+   main model (gpulab.core.placement.mtp; fit counts it as the extra model with shares_model: its
+   KV and compute, not its weights, which the main model loads with load_mtp);
+5. the projector (clip_ctx on its device).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from dataclasses import dataclass
 
 from ..command_line import Command
 from ..devices import HOST_NAME, Device
+from ..errors import ConfigError
+from ..placement.mtp import MtpContext, mtp_config, plan_mtp_context, with_mtp
 from ..placement.planner import plan, select_devices
 from ..placement.process import (
     ProcessPlan,
@@ -52,11 +57,29 @@ def registry_index(devices: Sequence[Device], name: str) -> int | None:
     return order.index(name) if name in order else None
 
 
+def _check_mtp(profile: ModelProfile) -> None:
+    """llama_init_from_model refuses a context of type MTP on a model without nextn layers, and
+    llama-server stops ('failed to create MTP context'); archs whose loader never loads them
+    (glm4, exaone4, ...) build no MTP graph (src/models/glm4.cpp)."""
+    if not profile.n_nextn:
+        raise ConfigError(f"--spec-type draft-mtp: {profile.name} has no MTP (nextn) layers "
+                          f"({profile.arch}.nextn_predict_layers is 0); llama-server fails to create the MTP "
+                          "context: drop --spec-type draft-mtp or give a model with MTP heads")
+    if profile.mtp_never_loaded:
+        raise ConfigError(f"--spec-type draft-mtp: the vendored llama.cpp never loads {profile.arch}'s MTP layers "
+                          "and has no MTP graph for it, so gpulab does not plan one: drop --spec-type draft-mtp")
+
+
 def plan_command(cmd: Command, profile: ModelProfile, devices: list[Device], host: Device | None = None, *,
                  draft: ModelProfile | None = None, projector: ProjectorProfile | None = None) -> CommandPlan:
     config = cmd.config
     n_out, n_out_draft = cmd.n_outputs()
     notes: list[str] = []
+    mtp_on = "draft-mtp" in cmd.spec_types and cmd.draft is None
+    if mtp_on:
+        _check_mtp(profile)
+        # common_model_params_to_llama: mparams.load_mtp loads the nextn layers' tensors
+        profile = with_mtp(profile)
     main_names = [d.name for d in select_devices(devices, config)]
     proj_place = None
     if projector is not None and cmd.projector is not None:
@@ -94,6 +117,15 @@ def plan_command(cmd: Command, profile: ModelProfile, devices: list[Device], hos
                 p = plan(draft, devices, _d.replace(n_ctx=cfg.n_ctx, fit="off"), host, n_outputs=n_out_draft)
                 by = {x.name: x.buffer_bytes for x in p.offload_devices}
                 return [by.get(n, 0) for n in main_names]
+        if mtp_on:
+            # common_init_result: the MTP context as common_fit_extra_model (shares_model: no weights),
+            # measured with the parameters given (mparams_dft is taken before fit changes mparams)
+            given, n_mtp = config, n_out_draft or config.n_seq_max
+
+            def extra(cfg, _g=given, _n=n_mtp):
+                p = plan(profile, devices, _g.replace(n_ctx=cfg.n_ctx, fit="off"), host, n_outputs=n_out)
+                m = plan_mtp_context(profile, p, mtp_config(p.config, *cmd.draft_cache), _n)
+                return [m.bytes_on(n) for n in main_names]
         n_ctx_min = UINT32_MAX if "n_ctx" in cmd.given and config.n_ctx == 0 else None
         fitted = server_fit(profile, devices, fit_cfg, host, n_ctx_min=n_ctx_min, extra=extra, n_outputs=n_out)
         config = fitted.config.replace(fit_target=config.fit_target)
@@ -122,7 +154,21 @@ def plan_command(cmd: Command, profile: ModelProfile, devices: list[Device], hos
         if fitted is not None and off_main:
             notes.append("fit counts the draft only on the main model's devices (common_fit_extra_model): its "
                          + ", ".join(f"{format_bytes(_bytes(n))} on {n}" for n in off_main) + " are not in fit's sums")
-    pp = plan_process(main_plan, draft_plan, proj_place, devices)
+    mtp: MtpContext | None = None
+    if mtp_on:
+        # common_speculative_init_result: a second context on the main model, llama_n_ctx(ctx_tgt) tokens
+        mtp = plan_mtp_context(profile, main_plan, mtp_config(main_plan.config, *cmd.draft_cache),
+                               n_out_draft or main_plan.config.n_seq_max)
+        if fitted is not None and extra is not None:
+            # fit measured the MTP context on the placement given; it runs on the one fit wrote
+            counted = dict(zip(main_names, extra(main_plan.config)))
+            for name in main_names:
+                real = mtp.bytes_on(name)
+                if abs(real - counted[name]) > MiB:
+                    notes.append(f"fit counted {format_bytes(counted[name])} of the MTP context on {name}; "
+                                 f"llama-server allocates {format_bytes(real)} there (fit measures the MTP context "
+                                 "once per context size, on the -ngl/-ts given, not on those it writes)")
+    pp = plan_process(main_plan, draft_plan, proj_place, devices, mtp)
     if fitted is not None and proj_place is not None:
         row = next((r for r in pp.rows if r.name == proj_place.device), None)
         if row is not None and not row.is_host:
