@@ -257,3 +257,62 @@ def test_mtp_heads_and_context_vs_llama_server(case, servers, tmp_path):
         assert abs(mtp_log.bytes_on(nextn_dev, "compute") - compute_mib * MiB) <= 0.01 * MiB
     # the process row of the nextn layer's device counts the MTP context beside the main model
     assert cp.process.row(nextn_dev).mtp_bytes == ctx.kv_bytes[nextn_dev] + ctx.compute_bytes[nextn_dev]
+
+
+def _free_mib(endpoints) -> dict[str, int]:
+    """What each RPC device reports free (host memory), as llama-server lists it."""
+    out = subprocess.run([str(tools_bin() / "llama-server"), "--rpc", ",".join(endpoints), "--list-devices"],
+                         capture_output=True, text=True, timeout=60).stdout
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"(RPC\d+): .*?, (\d+) MiB free", out)}
+
+
+def test_a_load_fit_accepts_and_the_projector_breaks(servers, smollm2, tmp_path):
+    """Two small GPUs emulated on RPC devices: llama-server's -fitt is set so that fit's budget on
+    each is what a GPU with 122 and 120 MiB free and a 16 MiB margin would give. The projector
+    (46.56 MiB on RPC0, the first --device) is added to fit's target at its ggml registry index,
+    which is RPC1's; so fit fills RPC0 up to its margin, and clip then puts the projector there.
+    gpulab predicts the failure with the bytes; llama-server's log confirms fit's RPC0 target left
+    the projector out and RPC0's total after the load is past the budget by the projector's bytes."""
+    mmproj = write_projector(tmp_path / "mmproj.gguf", projector_type="mlp", image_size=336, patch_size=14,
+                             n_embd=512, n_ff=2048, n_head=8, n_layer=6, proj_dim=576)
+    free = _free_mib(servers.endpoints)
+    emulated = {"RPC0": 122, "RPC1": 120, "RPC2": 120}     # MiB free on the GPUs gpulab is told about
+    margin = 16
+    real_fitt = [free[n] - emulated[n] + margin for n in ("RPC0", "RPC1")]
+    base = (f"llama-server --rpc {','.join(servers.endpoints)} -m {smollm2} --mmproj {mmproj} -dev RPC0,RPC1 "
+            f"-c 4096 -np 1 --verbose --no-webui")
+    gpus = [Device(n, emulated[n] * MiB, emulated[n] * MiB, "rpc", kind="rpc", endpoint=e)
+            for n, e in zip(("RPC0", "RPC1", "RPC2"), servers.endpoints)]
+    cp = plan_command(parse_command(shlex.split(base + f" -fitt {margin}")), read_profile(smollm2), gpus,
+                      projector=read_projector(mmproj))
+    # fit: 3 layers on RPC1 (its target carries the projector), 17 and the output on RPC0
+    assert cp.process.main.layer_devices.count("RPC0") == 17 and cp.process.main.layer_devices.count("RPC1") == 3
+    row = cp.process.row("RPC0")
+    assert abs(row.main_bytes - 102.19 * MiB) <= 0.01 * MiB          # 35.93 weights + 51 KV + 15.26 compute
+    assert abs(row.projector_bytes - 46.37 * MiB) <= 0.01 * MiB      # 38.50 weights + 7.87 compute (estimate)
+    assert "fit leaves 19.81 MiB free on RPC0; the projector takes 46.37 MiB: this load will fail there" in cp.notes, \
+        cp.notes
+    assert not cp.process.fits and not row.fits
+
+    log = _serve(shlex.split(base + " -fitt " + ",".join(map(str, real_fitt))), tmp_path / "server.log")
+    targets = {m.group(1): int(m.group(2)) for m in
+               re.finditer(r"- (RPC\d) \(.*?\): +-?\d+ total, +-?\d+ used, +-?\d+ free vs\. target of +(\d+)", log)}
+    # RPC0's target: the margin and clip's 1.30 MiB CPU buffer (registry index 0 is the CPU), not the projector
+    assert targets["RPC0"] - real_fitt[0] == 1, (targets, real_fitt)
+    assert targets["RPC1"] - real_fitt[1] == 46, (targets, real_fitt)     # the projector's 46.56 MiB
+    main_log, _, clip_log = _parts(log)
+    report = parse_load_log(main_log, gpus)
+    loaded = sum(report.bytes_on("RPC0", k) for k in ("model", "kv", "compute"))
+    device, weights, compute, _ = _clip(clip_log, gpus)
+    assert device == "RPC0"
+    assert abs(loaded - 102.19 * MiB) <= 0.01 * MiB and abs(loaded - row.main_bytes) <= 0.01 * MiB
+    assert abs(weights + compute - 46.56 * MiB) <= 0.01 * MiB
+    total, budget = loaded + weights + compute, (emulated["RPC0"] - margin) * MiB
+    _records.append({"who": "fit and the projector", "device": "RPC0", "loaded_mib": loaded / MiB,
+                     "projector_mib": (weights + compute) / MiB, "budget_mib": budget / MiB,
+                     "targets_mib": targets, "predicted_notes": list(cp.notes)})
+    # 148.75 MiB on a device with 122 free: past the budget fit kept (106 MiB) by 42.75 MiB and past
+    # the device's free memory by 26.75 MiB; without the projector it is 3.81 MiB under the budget
+    assert abs(total - 148.75 * MiB) <= 0.02 * MiB
+    assert total - budget > 0 and loaded <= budget
+    assert total > emulated["RPC0"] * MiB

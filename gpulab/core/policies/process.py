@@ -91,7 +91,7 @@ def plan_command(cmd: Command, profile: ModelProfile, devices: list[Device], hos
     fitted = None
     extra = None
     if cmd.program != "llama-bench" and config.fit == "on":
-        fit_cfg = config
+        fit_margin_bytes: list[int] | None = None
         if proj_place is not None and proj_place.device != HOST_NAME:
             # server-context.cpp: fit_params_target[registry index] += the projector's bytes
             margins = fit_margins(config, max(len(main_names), 1))
@@ -104,7 +104,8 @@ def plan_command(cmd: Command, profile: ModelProfile, devices: list[Device], hos
                     margins[j] += b
                     widened = True
             if widened:
-                fit_cfg = config.replace(fit_target=tuple(-(-m // MiB) for m in margins))
+                # in bytes, as fit_params_target holds them (whole MiB would move fit's boundary)
+                fit_margin_bytes = margins
                 target = main_names[i] if i is not None and i < len(main_names) else f"device #{i}"
                 if i is not None and target != proj_place.device:
                     notes.append(f"fit adds the projector's {format_bytes(size)} to the margin of {target} "
@@ -127,7 +128,8 @@ def plan_command(cmd: Command, profile: ModelProfile, devices: list[Device], hos
                 m = plan_mtp_context(profile, p, mtp_config(p.config, *cmd.draft_cache), _n)
                 return [m.bytes_on(n) for n in main_names]
         n_ctx_min = UINT32_MAX if "n_ctx" in cmd.given and config.n_ctx == 0 else None
-        fitted = server_fit(profile, devices, fit_cfg, host, n_ctx_min=n_ctx_min, extra=extra, n_outputs=n_out)
+        fitted = server_fit(profile, devices, config, host, n_ctx_min=n_ctx_min, extra=extra, n_outputs=n_out,
+                            margins=fit_margin_bytes)
         config = fitted.config.replace(fit_target=config.fit_target)
     main_plan = plan(profile, devices, config, host, n_outputs=n_out)
     draft_plan = None
@@ -174,9 +176,17 @@ def plan_command(cmd: Command, profile: ModelProfile, devices: list[Device], hos
         if row is not None and not row.is_host:
             left = row.free_bytes - (row.used_bytes - row.projector_bytes)
             size = proj_place.weights_bytes + proj_place.compute_bytes
+            asked = fit_margins(cmd.config, max(len(main_names), 1))
+            margin = asked[main_names.index(row.name)] if row.name in main_names else 0
             if size > left:
                 notes.append(f"fit leaves {format_bytes(max(left, 0))} free on {row.name}; the projector takes "
                              f"{format_bytes(size)}: this load will fail there")
+            elif size > left - margin:
+                # fit kept the -fitt margin without the projector: clip's buffers come out of it
+                above = left - margin
+                notes.append(f"fit leaves {format_bytes(max(above, 0))} free on {row.name} above its -fitt margin of "
+                             f"{format_bytes(margin)}; the projector takes {format_bytes(size)}: the load ends "
+                             f"{format_bytes(size - above)} inside that margin there")
     for r in pp.rows:
         if r.overhead_is_default:
             notes.append(f"{r.name}: base cost {format_bytes(r.overhead_bytes)} is gpulab's default for a CUDA "
