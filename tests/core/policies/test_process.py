@@ -104,6 +104,20 @@ def test_a_projector_that_fit_leaves_no_room_for_is_named_with_bytes():
     assert cuda.process.row("CUDA0").fits and not any("will fail" in n for n in cuda.notes)
 
 
+def test_a_projector_inside_fits_margin_is_named_with_the_margin():
+    """Where the device has the projector's room only inside the -fitt margin (the default 1024 MiB
+    on a GPU), the load succeeds but spends the margin the user kept: said with the bytes."""
+    main = make_profile(n_layer=30, layer_bytes=100 * MiB)
+    proj = ProjectorProfile("P", "mlp", weights_bytes=300 * MiB, has_vision=True, has_audio=False)
+    cp = plan_command(parse_command(shlex.split("llama-server -m A --mmproj P -c 4096 -np 1")), main,
+                      _rpc(2, free=3 * GiB), projector=proj)
+    left = cp.process.row("RPC0").free_bytes - cp.process.row("RPC0").main_bytes - 1024 * MiB
+    assert 0 <= left < 300 * MiB
+    assert any(n.startswith("fit leaves ") and "free on RPC0 above its -fitt margin of 1.00 GiB; the projector "
+               "takes 300.00 MiB: the load ends " in n for n in cp.notes), cp.notes
+    assert cp.process.row("RPC0").fits
+
+
 def test_cuda_base_cost_is_a_labelled_default_until_learned():
     main = make_profile(n_layer=4)
     cmd = parse_command(shlex.split("llama-server -m A -c 4096 -np 1 -ngl 99 -fit off"))
