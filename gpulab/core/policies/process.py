@@ -21,9 +21,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..command_line import Command
+from ..config import SplitConfig
 from ..devices import HOST_NAME, Device
 from ..errors import ConfigError
 from ..placement.mtp import MtpContext, mtp_config, plan_mtp_context, with_mtp
+from ..placement.plan import Plan
 from ..placement.planner import plan, select_devices
 from ..placement.process import (
     ProcessPlan,
@@ -36,7 +38,7 @@ from ..profile import ModelProfile
 from ..units import format_bytes
 from .server_fit import UINT32_MAX, FitResult, fit_margins, server_fit
 
-__all__ = ["CommandPlan", "plan_command", "registry_index"]
+__all__ = ["CommandPlan", "around", "plan_command", "registry_index"]
 
 MiB = 1024 * 1024
 
@@ -70,6 +72,48 @@ def _check_mtp(profile: ModelProfile) -> None:
                           "and has no MTP graph for it, so gpulab does not plan one: drop --spec-type draft-mtp")
 
 
+def _projector_placement(cmd: Command, projector: ProjectorProfile | None, devices: Sequence[Device],
+                         config: SplitConfig) -> ProjectorPlacement | None:
+    if projector is None or cmd.projector is None:
+        return None
+    where, why = projector_device(devices, offload=cmd.projector.offload, device=cmd.projector.device,
+                                  main_devices=config.devices)
+    fa = config.flash_attn != "off"     # mtmd gets params_base.flash_attn_type
+    return ProjectorPlacement(where, projector.weights_bytes, projector.compute_bytes(fa), why,
+                              host_compute_bytes=projector.host_compute_bytes())
+
+
+def _draft_plan(cmd: Command, draft: ModelProfile, main_plan: Plan, devices: list[Device],
+                host: Device | None) -> Plan:
+    """common_speculative_init_result: the draft context holds llama_n_ctx(ctx_tgt) tokens; -ts is
+    params.tensor_split as fit left it, read for as many devices as the draft has
+    (llama_model_base::load_tensors)."""
+    assert cmd.draft is not None
+    dcfg = cmd.draft.config.replace(n_ctx=main_plan.config.n_ctx, tensor_split=())
+    dcfg = dcfg.replace(tensor_split=main_plan.config.tensor_split[:len(select_devices(devices, dcfg))])
+    return plan(draft, devices, dcfg, host, n_outputs=cmd.n_outputs()[1])
+
+
+def _mtp_context(cmd: Command, profile: ModelProfile, main_plan: Plan) -> MtpContext:
+    """common_speculative_init_result: a second context on the main model, llama_n_ctx(ctx_tgt) tokens."""
+    return plan_mtp_context(profile, main_plan, mtp_config(main_plan.config, *cmd.draft_cache),
+                            cmd.n_outputs()[1] or main_plan.config.n_seq_max)
+
+
+def around(cmd: Command, main_plan: Plan, devices: list[Device], host: Device | None = None, *,
+           draft: ModelProfile | None = None, projector: ProjectorProfile | None = None) -> ProcessPlan:
+    """The process around a main model's plan made elsewhere (the fleet planner's, its -ts chosen,
+    no fit): the draft on its devices, the MTP context, the projector, per device, as plan_command
+    adds them. `main_plan` was planned on with_mtp(profile) where the command runs draft-mtp."""
+    mtp = None
+    if "draft-mtp" in cmd.spec_types and cmd.draft is None:
+        _check_mtp(main_plan.profile)
+        mtp = _mtp_context(cmd, main_plan.profile, main_plan)
+    draft_plan = _draft_plan(cmd, draft, main_plan, devices, host) if draft is not None and cmd.draft else None
+    proj = _projector_placement(cmd, projector, devices, main_plan.config)
+    return plan_process(main_plan, draft_plan, proj, devices, mtp)
+
+
 def plan_command(cmd: Command, profile: ModelProfile, devices: list[Device], host: Device | None = None, *,
                  draft: ModelProfile | None = None, projector: ProjectorProfile | None = None) -> CommandPlan:
     config = cmd.config
@@ -81,13 +125,7 @@ def plan_command(cmd: Command, profile: ModelProfile, devices: list[Device], hos
         # common_model_params_to_llama: mparams.load_mtp loads the nextn layers' tensors
         profile = with_mtp(profile)
     main_names = [d.name for d in select_devices(devices, config)]
-    proj_place = None
-    if projector is not None and cmd.projector is not None:
-        where, why = projector_device(devices, offload=cmd.projector.offload, device=cmd.projector.device,
-                                      main_devices=config.devices)
-        fa = config.flash_attn != "off"     # mtmd gets params_base.flash_attn_type
-        proj_place = ProjectorPlacement(where, projector.weights_bytes, projector.compute_bytes(fa), why,
-                                        host_compute_bytes=projector.host_compute_bytes())
+    proj_place = _projector_placement(cmd, projector, devices, config)
     fitted = None
     extra = None
     if cmd.program != "llama-bench" and config.fit == "on":
@@ -134,11 +172,7 @@ def plan_command(cmd: Command, profile: ModelProfile, devices: list[Device], hos
     main_plan = plan(profile, devices, config, host, n_outputs=n_out)
     draft_plan = None
     if draft is not None and cmd.draft is not None:
-        # the draft context holds llama_n_ctx(ctx_tgt) tokens; -ts is params.tensor_split as fit left it
-        dcfg = cmd.draft.config.replace(n_ctx=main_plan.config.n_ctx, tensor_split=())
-        # llama.cpp reads -ts for as many devices as the draft has (llama_model_base::load_tensors)
-        dcfg = dcfg.replace(tensor_split=config.tensor_split[:len(select_devices(devices, dcfg))])
-        draft_plan = plan(draft, devices, dcfg, host, n_outputs=n_out_draft)
+        draft_plan = _draft_plan(cmd, draft, main_plan, devices, host)
         if fitted is not None and extra is not None:
             # fit measured the draft with the -ts given; it loads with the -ts fit wrote: the gap
             counted = dict(zip(main_names, extra(main_plan.config)))
@@ -159,8 +193,7 @@ def plan_command(cmd: Command, profile: ModelProfile, devices: list[Device], hos
     mtp: MtpContext | None = None
     if mtp_on:
         # common_speculative_init_result: a second context on the main model, llama_n_ctx(ctx_tgt) tokens
-        mtp = plan_mtp_context(profile, main_plan, mtp_config(main_plan.config, *cmd.draft_cache),
-                               n_out_draft or main_plan.config.n_seq_max)
+        mtp = _mtp_context(cmd, profile, main_plan)
         if fitted is not None and extra is not None:
             # fit measured the MTP context on the placement given; it runs on the one fit wrote
             counted = dict(zip(main_names, extra(main_plan.config)))
