@@ -11,7 +11,8 @@ from ..core.errors import ConfigError
 from ..core.fleet.model import Fleet, fleet_from_dict, fleet_to_dict
 from .files import TOMLDecodeError, atomic_write_text, read_toml, to_toml
 
-__all__ = ["read_fleet", "read_any_fleet", "write_fleet", "fleet_text", "llama_swap_yaml", "read_yaml"]
+__all__ = ["read_fleet", "read_any_fleet", "write_fleet", "fleet_text", "llama_swap_yaml", "read_yaml",
+           "with_companions"]
 
 
 def read_fleet(path: str | os.PathLike) -> Fleet:
@@ -77,3 +78,28 @@ def read_any_fleet(path: str | os.PathLike) -> tuple[Fleet, list[str]]:
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     return read_fleet(path), []
+
+
+def with_companions(fleet: Fleet, base: str | os.PathLike | None = None) -> Fleet:
+    """The fleet with each model's draft (-md) and projector (--mmproj) profiles read from their
+    files (relative paths from `base`), which the fleet planner counts per device."""
+    from dataclasses import replace
+
+    from ..core.fleet.model import Companions
+    from ..sources.projector import read_projector
+    from ..sources.read import read_profile
+
+    def path(p: str) -> str:
+        return str(Path(base) / p) if base is not None and not os.path.isabs(p) and "://" not in p else p
+
+    models = []
+    for m in fleet.models:
+        if m.draft or m.mmproj:
+            try:
+                c = Companions(draft=read_profile(path(m.draft)) if m.draft else None,
+                               projector=read_projector(path(m.mmproj)) if m.mmproj else None)
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"{m.name}: cannot read its draft or projector: {e}") from None
+            m = replace(m, companions=c)
+        models.append(m)
+    return replace(fleet, models=tuple(models))

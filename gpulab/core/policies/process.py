@@ -89,15 +89,23 @@ def _draft_plan(cmd: Command, draft: ModelProfile, main_plan: Plan, devices: lis
     params.tensor_split as fit left it, read for as many devices as the draft has
     (llama_model_base::load_tensors)."""
     assert cmd.draft is not None
-    dcfg = cmd.draft.config.replace(n_ctx=main_plan.config.n_ctx, tensor_split=())
-    dcfg = dcfg.replace(tensor_split=main_plan.config.tensor_split[:len(select_devices(devices, dcfg))])
-    return plan(draft, devices, dcfg, host, n_outputs=cmd.n_outputs()[1])
+    main, d, given = main_plan.config, cmd.draft.config, cmd.config
+    # the draft's own flags over the main model's settings as they are loaded (after fit, or as the
+    # fleet planner chose them); -devd and the -sm layer a single -devd forces, where given
+    dcfg = main.replace(devices=d.devices if d.devices != given.devices else main.devices,
+                        split_mode=d.split_mode if d.split_mode != given.split_mode else main.split_mode,
+                        n_gpu_layers=d.n_gpu_layers, tensor_overrides=d.tensor_overrides, cpu_moe=d.cpu_moe,
+                        n_cpu_moe=d.n_cpu_moe, n_cpu_ffn=0, type_k=d.type_k, type_v=d.type_v, fit="off",
+                        tensor_split=())
+    dcfg = dcfg.replace(tensor_split=main.tensor_split[:len(select_devices(devices, dcfg))])
+    # common_base_params_to_speculative: n_outputs_max = n_parallel
+    return plan(draft, devices, dcfg, host, n_outputs=main.n_seq_max)
 
 
 def _mtp_context(cmd: Command, profile: ModelProfile, main_plan: Plan) -> MtpContext:
     """common_speculative_init_result: a second context on the main model, llama_n_ctx(ctx_tgt) tokens."""
     return plan_mtp_context(profile, main_plan, mtp_config(main_plan.config, *cmd.draft_cache),
-                            cmd.n_outputs()[1] or main_plan.config.n_seq_max)
+                            main_plan.config.n_seq_max)
 
 
 def around(cmd: Command, main_plan: Plan, devices: list[Device], host: Device | None = None, *,
