@@ -14,6 +14,7 @@ moves one boundary by one layer (what a mouse move or an arrow key does). Profil
 `plan()` measured in the same run and the load average.
 
     .venv/bin/python bench/lab_update.py
+    GPULAB_BENCH_SRC=/tmp/before .venv/bin/python bench/lab_update.py    # another checkout's gpulab
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import sys
 import timeit
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # this checkout's gpulab
+# this checkout's gpulab, or another's (GPULAB_BENCH_SRC=DIR: a before/after pair in one shell run)
+sys.path.insert(0, os.environ.get("GPULAB_BENCH_SRC") or str(Path(__file__).resolve().parents[1]))
 from gpulab.testing import MiB, make_hand_moe_profile, make_profile
 
 N_DRAGS = 120

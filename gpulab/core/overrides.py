@@ -110,6 +110,7 @@ def _compile(pattern: str) -> re.Pattern:
 
 # -- parsing and expanding --------------------------------------------------------------------------
 @lru_cache(maxsize=8192)   # fit re-plans the same rules many times (gpulab.core.policies.server_fit)
+@lru_cache(maxsize=8192)     # fit writes the same rules into dry run after dry run
 def parse_override_text(text: str, source: str = "-ot") -> tuple[OverrideRule, ...]:
     """One -ot value ('PAT=BUFT,PAT=BUFT'), as parse_tensor_buffer_overrides splits it."""
     rules = []
@@ -143,6 +144,19 @@ def n_cpu_ffn_rules(n: int, regex: str, source: str) -> tuple[OverrideRule, ...]
 
 def effective_rules(config) -> tuple[OverrideRule, ...]:
     """Every rule a SplitConfig gives llama.cpp, in the order they are tried."""
+    key = (config.tensor_overrides, config.cpu_moe, config.n_cpu_moe, config.n_cpu_ffn)
+    got = _EFFECTIVE.get(key)
+    if got is None:
+        if len(_EFFECTIVE) >= 1024:
+            _EFFECTIVE.clear()
+        got = _EFFECTIVE[key] = _effective_rules(config)
+    return got
+
+
+_EFFECTIVE: dict[tuple, tuple[OverrideRule, ...]] = {}     # plan asks once per dry run of fit's
+
+
+def _effective_rules(config) -> tuple[OverrideRule, ...]:
     rules: list[OverrideRule] = []
     for text in config.tensor_overrides:
         rules.extend(parse_override_text(text))

@@ -399,7 +399,7 @@ def apply(fig: go.Figure, plan: Plan, kind: str, *, order: Sequence[str] | None 
         fig.plotly_restyle({"text": [traces[n + 2]["text"], traces[n + 3]["text"]]}, [n + 2, n + 3])
         relayout = {"title.text": patch["title"]["text"], "xaxis.tickvals": patch["xaxis"]["tickvals"],
                     "xaxis.ticktext": patch["xaxis"]["ticktext"], "yaxis.title.text": patch["yaxis"]["title"]}
-        if y_range is not None:     # a fixed range (the model fitted, or the lab's 'used only')
+        if y_range is not None:     # a fixed range (the model fitted to the axis)
             relayout["yaxis.range"] = y_range
         else:
             relayout["yaxis.autorange"] = True

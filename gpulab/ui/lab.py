@@ -256,9 +256,15 @@ class SplitLab(W.VBox):
         self.flash_attn = W.ToggleButtons(options=list(FLASH_ATTN_MODES), value=config.flash_attn,
                                           description="-fa (flash attention)",
                                           style={**_STYLE, "button_width": "auto"})
-        self.y_scale = W.ToggleButtons(options=[("device memory", "device"), ("used only", "used")],
-                                       value=self._default_scale(), description="memory axis",
+        # auto: the one scale rule (figures.memory_scale: a small model fills the axis, the free memory
+        # is written above it); whole device: the axis to the devices' free and total memory
+        self.y_scale = W.ToggleButtons(options=[("auto", "auto"), ("whole device", "device")],
+                                       value="auto", description="memory axis",
+                                       tooltips=["the axis fits the model when it uses a small part of the "
+                                                 "free memory (the free amount is written above the bar)",
+                                                 "the axis runs to each device's free and total memory"],
                                        style={**_STYLE, "button_width": "auto"})
+        self.y_scale.add_class("gpulab-memory-axis")
         # every other setting: a generic control, named by its llama.cpp flag
         self.setting_controls: dict[str, W.ValueWidget] = {}
         for st in SETTINGS:
@@ -302,9 +308,9 @@ class SplitLab(W.VBox):
         # figures: built once, updated in place
         first = self._safe_plan(self.current_config()) or make_plan(prof, self.devices, SplitConfig(
             n_gpu_layers=config.n_gpu_layers), self.host)
-        self.unit = F.memory_unit(max([d.total_bytes for d in self.devices] + [first.host.used_bytes, 1]))
         self.layer_fig = go.FigureWidget(F.layer_map(first, order=self.order))
-        self.memory_fig = go.FigureWidget(F.memory_bars(first, order=self.order, unit=self.unit))
+        self.unit, y_range = self._memory_axis(first)
+        self.memory_fig = go.FigureWidget(F.memory_bars(first, order=self.order, unit=self.unit, y_range=y_range))
 
         # load & measure
         self.measure_button = W.Button(description="Load & measure", button_style="primary", icon="play",
@@ -375,11 +381,12 @@ class SplitLab(W.VBox):
         self.layout.padding = "0 0 0 6px"       # labels at the left edge are not cut by the output area
         self.add_class("gpulab-splitlab")
 
-    def _default_scale(self) -> str:
-        # virtual devices report the host's memory: a 100 MiB model would be invisible against it
-        total = sum(layer.weights_bytes for layer in self.profile.layers) or 1
-        small = min([d.free_bytes for d in self.devices] or [0])
-        return "used" if small and total < 0.05 * small else "device"
+    def _memory_axis(self, p: Plan) -> tuple[tuple[str, int], list[float] | None]:
+        """The memory bars' unit and y range: the scale rule (auto), or the whole devices
+        (autorange, in the unit of the largest total)."""
+        if self.y_scale.value == "device":
+            return F.memory_unit(max([max(d.total_bytes, d.used_bytes) for d in p.devices] or [0])), None
+        return F.memory_scale(p)
 
     # -- the current settings --------------------------------------------------------------
     @property
@@ -616,10 +623,7 @@ class SplitLab(W.VBox):
     def _draw(self, p: Plan) -> None:
         # plotly_restyle / plotly_relayout messages only (see figures.apply), in one fixed order
         F.apply(self.layer_fig, p, "layers", order=self.order)
-        y_range = None
-        if self.y_scale.value == "used":
-            top = max(d.used_bytes for d in p.devices) / self.unit[1]
-            y_range = [0, top * 1.25 or 1]
+        self.unit, y_range = self._memory_axis(p)
         F.apply(self.memory_fig, p, "memory", order=self.order, unit=self.unit, y_range=y_range)
         F.sync_widget_state(self.layer_fig)
         F.sync_widget_state(self.memory_fig)

@@ -24,6 +24,17 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 # the lab's memory-bar figure (its title says whether the plan fits) and its bars
 MEMORY_PLOT = ".gpulab-splitlab .js-plotly-plot:has(.gtitle:text-matches('memory per device|DOES NOT FIT'))"
 
+# every label of the lab's controls that the page cuts (text wider than its box)
+LABELS_CUT = """root => {
+  const sel = ['.widget-label', '.widget-label-basic', '.widget-toggle-button', '.widget-button',
+               '.jupyter-widget-Collapse-header', '.lm-AccordionPanel-title', '.widget-checkbox label',
+               '.widget-readout'];
+  return Array.from(root.querySelectorAll(sel.join(',')))
+    .filter(e => e.offsetParent !== null && e.clientWidth > 0)
+    .filter(e => e.scrollWidth > e.clientWidth + 1)
+    .map(e => `${e.textContent.trim()} (${e.scrollWidth} > ${e.clientWidth})`);
+}"""
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -161,3 +172,25 @@ def wait_changed(page, before: list[str], timeout: float = 30) -> list[str]:
         page.wait_for_timeout(250)
         after = bar_paths(page)
     return after
+
+
+def show_memory_plot(page, lab) -> None:
+    """Bring the memory bars into view and wait for them: JupyterLab lays out output only near the
+    view, and plotly draws a figure once its box has a size (a resize event makes it look again)."""
+    for k in range(90):
+        if page.locator(MEMORY_PLOT).count():
+            break
+        plots = lab.locator(".js-plotly-plot")
+        if plots.count() > 1:
+            plots.nth(1).scroll_into_view_if_needed()
+            page.evaluate("() => window.dispatchEvent(new Event('resize'))")
+        if k == 30:
+            # Seen under load 9-11: the FigureWidget views came up as empty axes until the next
+            # update. A person's next change redraws them: switch the memory axis and back, recorded.
+            (ARTIFACTS / "lab_strip_retry.txt").write_text("the figures came up empty; switched the memory axis\n")
+            lab.locator(".gpulab-memory-axis .widget-toggle-button", has_text="whole device").first.click()
+            page.wait_for_timeout(1500)
+            lab.locator(".gpulab-memory-axis .widget-toggle-button", has_text="auto").first.click()
+        page.wait_for_timeout(2000)
+    page.wait_for_selector(MEMORY_PLOT, state="attached", timeout=60_000)
+    page.locator(MEMORY_PLOT).first.scroll_into_view_if_needed()

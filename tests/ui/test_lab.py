@@ -168,6 +168,32 @@ def test_context_and_kv_types_change_the_kv_bars(prof):
     assert lab.plan.config.type_k == "q8_0"
 
 
+def test_the_memory_axis_follows_the_one_scale_rule(prof):
+    # 4x24GiB, no -ts, -c 4096: SIM3 (the fullest) holds 5 blocks + output = 700.02 MiB of weights,
+    # 80 MiB of KV and 306.55 MiB of compute = 1086.56 MiB, under 25% of its 24 GiB free: the axis
+    # fits the model, in GiB (the fullest device is over 1 GiB), to 1.3x that; the free memory is
+    # written at the top of each device's bar
+    lab = make_lab(prof)
+    y = lab.memory_fig.layout.yaxis
+    assert lab.y_scale.value == "auto" and y.title.text == "GiB"
+    assert y.range == pytest.approx((0.0, 1.3 * 1086.5625 / 1024))
+    above = next(t for t in lab.memory_fig.data if t.name == "free (above the axis)")
+    assert above.text[:4] == ("free 24.00 GiB ↑",) * 4
+    assert "the axis fitted to the model" in lab.memory_fig.layout.title.text
+    # -c 512: SIM3 = 700.02 + 10 (KV) + 292.55 (compute) = 1002.56 MiB, below 1 GiB: MiB ticks
+    lab.n_ctx.value = 512
+    assert y.title.text == "MiB" and y.range == pytest.approx((0.0, 1.3 * 1002.5625))
+    assert memory_mib(lab, "weights")[:4] == [420.0, 360.0, 360.0, 700.02]
+    # whole device: the axis runs to the devices' 24 GiB (autorange, in GiB), nothing written above
+    lab.y_scale.value = "device"
+    assert y.title.text == "GiB" and y.autorange is True
+    assert memory_mib(lab, "free")[:4] == [24576.0] * 4
+    assert set(next(t for t in lab.memory_fig.data if t.name == "free (above the axis)").text) == {""}
+    lab.y_scale.value = "auto"
+    assert y.title.text == "MiB" and y.range == pytest.approx((0.0, 1.3 * 1002.5625))
+    lab.close()
+
+
 def test_an_overfull_setting_shows_the_deficit(prof):
     lab = make_lab(prof, "4GiB,1GiB")
     lab.set_split([0.1, 1.0])

@@ -21,7 +21,7 @@ from ..profile import ModelProfile
 from .compute import estimate_compute_bytes, pipeline_copies
 from .coverage import doubts
 from .plan import Plan
-from .tensors import compute_sites, place_tensors
+from .tensors import place_layers
 
 __all__ = ["plan", "select_devices", "kv_cells", "kv_cell_bytes", "split_points", "assign_layers", "split_for_counts",
            "state_cells", "state_bytes_per_layer"]
@@ -103,16 +103,26 @@ def assign_layers(n_layer: int, n_gpu_layers: int, devices: list[Device],
     ngl = n_gpu_layers if n_gpu_layers >= 0 else n_layer + 1   # llama_model::n_gpu_layers
     i_gpu_start = max(n_layer + 1 - ngl, 0)
     act = min(ngl, n_layer + 1) if devices else 0
-    names = [HOST_NAME] * (n_layer + 1)
     if act == 0:
-        return names
-    # float(il - i_gpu_start) / act_gpu_layers, in float32 like llama.cpp
-    pts = [f32(x) for x in points]
-    last = len(devices) - 1
-    for k in range(act):
-        i = bisect_right(pts, f32(k / act))   # std::upper_bound
-        names[i_gpu_start + k] = devices[min(i, last)].name
-    return names
+        return [HOST_NAME] * (n_layer + 1)
+    # fit's dry runs ask for the same split again and again (only its -ot rules change)
+    key = (n_layer, i_gpu_start, act, tuple(d.name for d in devices), tuple(points))
+    got = _ASSIGNED.get(key)
+    if got is None:
+        names = [HOST_NAME] * (n_layer + 1)
+        # float(il - i_gpu_start) / act_gpu_layers, in float32 like llama.cpp
+        pts = [f32(x) for x in points]
+        last = len(devices) - 1
+        for k in range(act):
+            i = bisect_right(pts, f32(k / act))   # std::upper_bound
+            names[i_gpu_start + k] = devices[min(i, last)].name
+        if len(_ASSIGNED) > 256:
+            _ASSIGNED.clear()
+        got = _ASSIGNED[key] = tuple(names)
+    return list(got)
+
+
+_ASSIGNED: dict[tuple, tuple[str, ...]] = {}
 
 
 def split_for_counts(counts: list[int] | tuple[int, ...]) -> tuple[float, ...]:
@@ -245,11 +255,13 @@ def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | Non
     # the host's pinned buffer type: the first model device's (make_cpu_buft_list); the meta
     # device has one only where all its members share it (ggml_backend_meta_device_get_host_buffer_type)
     host_buft_from = used if tensor_mode else used[:1]
-    tp = place_tensors(profile, rules, layer_devices, layer_used, list(devices),
-                       host_buffer=bool(host_buft_from) and all(d.kind in ("gpu", "igpu") for d in host_buft_from)
-                       and not config.no_host,
-                       use_extra_bufts=config.use_extra_bufts,
-                       repack_types=frozenset(host.repack_types) if host is not None else frozenset())
+    # with the sites of each layer's FFN: both depend on the layer split and rules only (cached)
+    tp, (ffn_sites, stray, ffn_parts) = place_layers(
+        profile, rules, layer_devices, layer_used, list(devices),
+        host_buffer=bool(host_buft_from) and all(d.kind in ("gpu", "igpu") for d in host_buft_from)
+        and not config.no_host,
+        use_extra_bufts=config.use_extra_bufts,
+        repack_types=frozenset(host.repack_types) if host is not None else frozenset())
     weights = {n: tp.weights.get(n, 0) for n in names}
 
     full_cells, swa_cells = kv_cells(profile, config)
@@ -265,9 +277,9 @@ def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | Non
         state[kv_dev] += per_state[layer.index]
 
     # the graph runs the trunk only (MTP off): nextn layers take part in placement, not in compute
+    # (place_layers' FFN sites are the trunk's)
     trunk = profile.trunk
     graph_devices = list(layer_devices[:trunk.n_layer]) + [layer_devices[-1]]
-    ffn_sites, stray, ffn_parts = compute_sites(trunk, graph_devices, tp.moved)
     compute = estimate_compute_bytes(trunk, config, graph_devices, names,
                                      ffn_devices=ffn_sites if tp.moved else None, stray=stray,
                                      ffn_parts=ffn_parts, n_outputs=n_outputs)

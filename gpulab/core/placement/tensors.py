@@ -146,7 +146,8 @@ def _all_tensors(profile: ModelProfile) -> list[TensorInfo]:
     return [*profile.input_tensors, *(t for layer in profile.layers for t in layer.tensors), *profile.output_tensors]
 
 
-_MEMOS = ("pattern-matches", "group")     # sub-caches kept when the table is cleared (see _memo)
+# sub-caches kept when the table is cleared (see _memo)
+_MEMOS = ("pattern-matches", "group", "where", "placed", "by-block", "rules-of", "groups-of")
 
 
 def _table(profile: ModelProfile) -> dict:
@@ -163,45 +164,58 @@ def _table(profile: ModelProfile) -> dict:
     return hit[1]
 
 
-def _memo(profile: ModelProfile, name: str) -> dict:
+def _memo(profile: ModelProfile, name: str, limit: int = 20000) -> dict:
     """A sub-cache of this profile's table that survives the table's clearing (fit's dry runs add
     one rule at a time: what one pattern matches, or one layer's group, is asked for again and
     again); bounded on its own."""
     table = _table(profile)
     memo = table.get(name)
-    if memo is None or len(memo) > 20000:
+    if memo is None or len(memo) > limit:
         memo = table[name] = {}
     return memo
 
 
-def _matches(profile: ModelProfile, pattern: str) -> tuple[str, ...]:
+def _matches(profile: ModelProfile, pattern: str, memo: dict | None = None) -> tuple[str, ...]:
     """Every tensor name `pattern` finds (std::regex_search), in the model's order."""
-    memo = _memo(profile, "pattern-matches")
+    memo = _memo(profile, "pattern-matches") if memo is None else memo
     got = memo.get(pattern)
     if got is not None:
         return got
-    names = [t.name for t in _all_tensors(profile)]
     lit = _literal_prefix(pattern)
     blk = _BLK.search(lit)
     if blk:
-        pool = [n for n in names if blk.group(0) in n and any(m.group(0) == blk.group(0) for m in _BLK.finditer(n))]
+        pool = _by_block(profile).get(blk.group(0), [])
     else:
-        pool = names
+        pool = [t.name for t in _all_tensors(profile)]
     rx = _compile(pattern)
     got = memo[pattern] = tuple(n for n in pool if (not lit or lit in n) and rx.search(n))
     return got
 
 
+def _by_block(profile: ModelProfile) -> dict[str, list[str]]:
+    """'blk.N.' -> every tensor name holding that block token, in the model's order (cached per
+    profile): the names a pattern with a literal block number can match."""
+    table = _table(profile)
+    got = table.get("by-block")
+    if got is None:
+        got = table["by-block"] = {}
+        for t in _all_tensors(profile):
+            for tok in dict.fromkeys(m.group(0) for m in _BLK.finditer(t.name)):
+                got.setdefault(tok, []).append(t.name)
+    return got
+
+
 def _rule_of(profile: ModelProfile, rules: tuple[OverrideRule, ...]) -> dict[str, int]:
     """tensor name -> index of the rule that decides it (first match), for matched tensors only."""
-    table = _table(profile)
-    key = ("rules", tuple(r.pattern for r in rules))
+    table = _memo(profile, "rules-of", 2048)       # kept across fits: its rule lists recur at another -c
+    key = tuple(r.pattern for r in rules)
     got = table.get(key)
     if got is not None:
         return got
     decided: dict[str, int] = {}
+    memo = _memo(profile, "pattern-matches")
     for i, r in enumerate(rules):
-        for n in _matches(profile, r.pattern):
+        for n in _matches(profile, r.pattern, memo):
             if n not in decided:
                 decided[n] = i
     table[key] = decided
@@ -217,9 +231,11 @@ class _Group:
     repack_bytes: int          # padded CPU_REPACK copies, where repacking applies
     mapped_span: tuple[int, int] | None     # (first offset, last end) of what is mapped otherwise
     all_span: tuple[int, int] | None        # ... of all of them (no repacking)
-    # the tensors rules decide, by rule (in order of first use): (rule index, tensors, their names,
-    # bytes, expert bytes, file span), so placing them costs one step per rule, not per tensor
-    decided: tuple[tuple[int, tuple[TensorInfo, ...], tuple[str, ...], int, int, tuple[int, int]], ...]
+    # the tensors rules decide, by rule (in order of first use): (the rule's pattern, tensors, their
+    # names, bytes, expert bytes, file span), so placing them costs one step per rule, not per
+    # tensor. The pattern, not the rule's index: fit adds one rule at a time, which shifts the
+    # indices of the rules after it but leaves what each pattern decides in a group alone
+    decided: tuple[tuple[str, tuple[TensorInfo, ...], tuple[str, ...], int, int, tuple[int, int]], ...]
 
 
 def _span(ts) -> tuple[int, int] | None:
@@ -231,7 +247,8 @@ def _pad32(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
-def _group(tensors, decided: dict[str, int], repack_types: frozenset[str], *, output: bool) -> _Group:
+def _group(tensors, decided: dict[str, str], repack_types: frozenset[str], *, output: bool) -> _Group:
+    """decided: tensor name -> the pattern of the rule that decides it."""
     rest = [t for t in tensors if t.name not in decided]
     rep = [t for t in rest if repackable(t, _op(t, as_output=output), repack_types)]
     rep_names = {t.name for t in rep}
@@ -242,7 +259,7 @@ def _group(tensors, decided: dict[str, int], repack_types: frozenset[str], *, ou
 
 
 def _by_rule(pairs):
-    out: dict[int, list[TensorInfo]] = {}
+    out: dict[str, list[TensorInfo]] = {}
     for t, i in pairs:
         out.setdefault(i, []).append(t)
     return tuple((i, tuple(ts), tuple(t.name for t in ts), sum(t.n_bytes for t in ts),
@@ -251,26 +268,64 @@ def _by_rule(pairs):
 
 def _groups(profile: ModelProfile, rules: tuple[OverrideRule, ...], repack_types: frozenset[str]):
     """(input group, layer groups, output group), cached per profile, rules and repack types."""
-    table = _table(profile)
-    key = ("groups", tuple(r.pattern for r in rules), repack_types)
+    table = _memo(profile, "groups-of", 2048)
+    key = (tuple(r.pattern for r in rules), repack_types)
     got = table.get(key)
     if got is None:
-        decided = _rule_of(profile, rules) if rules else {}
+        index = _rule_of(profile, rules) if rules else {}
+        pats = [r.pattern for r in rules]
+        decided: dict[str, str] = {n: pats[i] for n, i in index.items()}
         memo = _memo(profile, "group")
 
         def group(where, tensors, output: bool) -> _Group:
-            # a group depends only on which of its own tensors rules decide, and by which rule
-            sig = (where, tuple((t.name, decided[t.name]) for t in tensors if t.name in decided), repack_types)
+            # a group depends only on which of its own tensors rules decide, and by which pattern
+            sig = (where, tuple((t.name, decided[t.name]) for t in tensors if t.name in decided), repack_types, "all")
             g = memo.get(sig)
             if g is None:
                 g = memo[sig] = _group(tensors, decided, repack_types, output=output)
             return g
 
+        # a layer group's signature from the decided tensors alone (fit's rules name one layer
+        # each: most groups have none); its pairs come in rule order, then the model's order, so
+        # the same decided set always gives the same signature
+        where = _where(profile)
+        by_group: dict[object, list[tuple[str, str]]] | None = None
+        if where is not None:
+            by_group = {}
+            for n, pat in decided.items():
+                by_group.setdefault(where[n], []).append((n, pat))
+
+        def layer_group(i: int, tensors) -> _Group:
+            if by_group is None:
+                return group(i, tensors, False)
+            pairs = by_group.get(i, ())
+            sig = (i, tuple(pairs), repack_types)
+            g = memo.get(sig)
+            if g is None:
+                g = memo[sig] = _group(tensors, dict(pairs), repack_types, output=False)
+            return g
+
         got = table[key] = (
             group("input", profile.input_tensors, False),
-            tuple(group(i, layer.tensors, False) for i, layer in enumerate(profile.layers)),
+            tuple(layer_group(i, layer.tensors) for i, layer in enumerate(profile.layers)),
             group("output", profile.output_tensors, True))
     return got
+
+
+def _where(profile: ModelProfile) -> dict[str, str | int] | None:
+    """tensor name -> its group ('input', the layer index, 'output'), cached per profile; None when
+    a name is in two groups (then every group is read tensor by tensor)."""
+    table = _table(profile)
+    if "where" not in table:
+        out: dict[str, str | int] = {}
+        pairs: list[tuple[str | int, TensorInfo]] = [
+            *(("input", t) for t in profile.input_tensors),
+            *((i, t) for i, layer in enumerate(profile.layers) for t in layer.tensors),
+            *(("output", t) for t in profile.output_tensors)]
+        for w, t in pairs:
+            out[t.name] = w
+        table["where"] = out if len(out) == len(pairs) else None
+    return table["where"]
 
 
 def place_tensors(profile: ModelProfile, rules: tuple[OverrideRule, ...], layer_devices: list[str],
@@ -287,12 +342,15 @@ def place_tensors(profile: ModelProfile, rules: tuple[OverrideRule, ...], layer_
         if r.target not in by_name:
             by_name[r.target] = resolve_target(r.target, devices, all_devices)
     targets = {i: by_name[r.target] for i, r in enumerate(rules)}
+    first_rule: dict[str, int] = {}   # pattern -> the first rule with it (a later twin decides nothing)
+    for k, r in enumerate(rules):
+        first_rule.setdefault(r.pattern, k)
     repacking = use_extra_bufts and not host_buffer
     g_in, g_layers, g_out = _groups(profile, rules, repack_types if repacking else frozenset())
     weights: dict[str, int] = {}
     experts: dict[str, int] = {}
     moved: dict[str, str] = {}
-    per_rule: dict[int, list[TensorInfo]] = {}
+    per_rule: dict[int, list[tuple[tuple[str, ...], int]]] = {}    # (names, bytes) per group, in order
     spans: list[tuple[int, int]] = []
     repack = 0
     host_bytes = 0
@@ -314,6 +372,11 @@ def place_tensors(profile: ModelProfile, rules: tuple[OverrideRule, ...], layer_
 
     def place(g: _Group, home: str, *, output: bool = False) -> None:
         nonlocal repack, host_bytes
+        if not g.decided and home != HOST_NAME:      # most layers: their whole group on their device
+            weights[home] = weights.get(home, 0) + g.n_bytes
+            if g.expert_bytes:
+                experts[home] = experts.get(home, 0) + g.expert_bytes
+            return
         if home == HOST_NAME:
             host_bytes += g.n_bytes
             if g.expert_bytes:
@@ -324,9 +387,10 @@ def place_tensors(profile: ModelProfile, rules: tuple[OverrideRule, ...], layer_
                 spans.append(span)
         else:
             add(home, g.n_bytes, g.expert_bytes)
-        for i, ts, names, n_bytes, e_bytes, span in g.decided:
+        for pat, ts, names, n_bytes, e_bytes, span in g.decided:
+            i = first_rule[pat]
             dev = targets[i]
-            per_rule.setdefault(i, []).extend(ts)
+            per_rule.setdefault(i, []).append((names, n_bytes))
             if dev != home:
                 moved.update(dict.fromkeys(names, dev))
             if dev != HOST_NAME:
@@ -364,12 +428,42 @@ def place_tensors(profile: ModelProfile, rules: tuple[OverrideRule, ...], layer_
     matches, notes = [], []
     for i, r in enumerate(rules):
         got = per_rule.get(i, [])
-        matches.append(RuleMatch(r, targets[i], tuple(t.name for t in got), sum(t.n_bytes for t in got)))
+        names = got[0][0] if len(got) == 1 else tuple(n for chunk, _ in got for n in chunk)
+        matches.append(RuleMatch(r, targets[i], names, sum(b for _, b in got)))
         if not got and r.source == "-ot":
             notes.append(f"tensor override {r.text!r} matches no tensor of this model (or earlier rules take "
                          "them all); llama.cpp ignores it, but it still turns pipeline parallelism off")
     return TensorPlacement(weights=weights, expert_weights=experts, moved=moved, matches=tuple(matches),
                            mapped_bytes=span, repack_bytes=repack, host_tensor_bytes=host_bytes, notes=tuple(notes))
+
+
+def place_layers(profile: ModelProfile, rules: tuple[OverrideRule, ...], layer_devices: list[str],
+                 devices: list[Device], all_devices: list[Device], *, host_buffer: bool, use_extra_bufts: bool,
+                 repack_types: frozenset[str]):
+    """(place_tensors, compute_sites) of one layer split, cached per profile: neither depends on the
+    context, the batch or the KV types, so fit's dry runs at another -c (its context step, or the
+    lab's next -c) and its repeated splits are looked up, not placed again. The placement is
+    shared between the plans that ask for it: read it, never change it."""
+    memo = _memo(profile, "placed")
+    key = (tuple(rules), tuple(layer_devices), _names(devices), _names(all_devices), host_buffer, use_extra_bufts,
+           repack_types)
+    got = memo.get(key)
+    if got is None:
+        if len(memo) >= 512:
+            memo.clear()
+        tp = place_tensors(profile, rules, layer_devices, devices, all_devices, host_buffer=host_buffer,
+                           use_extra_bufts=use_extra_bufts, repack_types=repack_types)
+        # the FFN sites of the graph, which runs the trunk only (MTP off: nextn layers are placed, not run)
+        trunk = profile.trunk
+        graph_devices = list(layer_devices[:trunk.n_layer]) + [layer_devices[-1]]
+        got = memo[key] = (tp, compute_sites(trunk, graph_devices, tp.moved))
+    tp, (ffn, stray, partial) = got
+    return tp, (list(ffn), stray, dict(partial))
+
+
+def _names(devices: list[Device]) -> tuple:
+    """What of the devices placing tensors reads (resolve_target: names, RPC endpoints)."""
+    return tuple((d.name, d.kind, d.endpoint, d.server_index) for d in devices)
 
 
 def rule_matches(profile: ModelProfile, rules: tuple[OverrideRule, ...]) -> tuple[RuleMatch, ...]:
@@ -425,7 +519,11 @@ def compute_sites(profile: ModelProfile, layer_devices: list[str],
     get = moved.get
     kinds = _layer_kinds(profile)
     # only layers with a moved tensor can run anything away from home ('blk.<il>.' names)
-    touched = sorted({int(n.split(".", 2)[1]) for n in moved if n.startswith("blk.")})
+    group_of = _where(profile)
+    if group_of is not None:
+        touched = sorted({w for w in map(group_of.get, moved) if isinstance(w, int)})
+    else:
+        touched = sorted({int(n.split(".", 2)[1]) for n in moved if n.startswith("blk.")})
     for il in touched:
         if il >= len(kinds):
             continue

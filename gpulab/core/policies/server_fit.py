@@ -59,6 +59,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 
 from ..config import SplitConfig
 from ..devices import HOST_NAME, Device
@@ -91,6 +92,7 @@ COMPUTE_UNCERTAINTY_OVERRIDES = 0.25  # with tensor overrides (tests/integration
 ATTN, UP, GATE, MOE = 1, 2, 3, 4
 
 
+@lru_cache(maxsize=4096)     # fit writes the same patterns into every dry run
 def overflow_pattern(il: int, fraction: int) -> str:
     """get_overflow_pattern: the tensors of layer `il` that leave the device for this fraction."""
     if fraction == ATTN:

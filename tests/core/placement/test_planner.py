@@ -199,3 +199,28 @@ def test_row_split_is_refused_where_llama_cpp_refuses_it():
         plan(make_profile(), cuda, SplitConfig(split_mode="row", n_gpu_layers=0))
     cpu_only = plan(make_profile(n_layer=3), [], SplitConfig(split_mode="row"))   # no devices: nothing to refuse
     assert set(cpu_only.layer_devices) == {"CPU"}
+
+
+def test_a_placement_reused_between_plans_follows_the_devices_names():
+    # fit's dry runs reuse a layer split's tensor placement (tensors.place_layers); devices built by
+    # the RPC code carry a list (repack_types=[]) and must not break that, and other devices of the
+    # same sizes must not get the first devices' placement. 4 blocks of 60 MiB + a 400 MiB output on
+    # two equal devices (-ts 1,1, -ot of block 0's FFN to the second): the split point 0.5, layer k
+    # of 5 goes to the first while k/5 < 0.5: blocks 0-2, then block 3 and the output
+    prof = make_profile(n_layer=4)
+    cfg = SplitConfig(tensor_split=(1.0, 1.0), tensor_overrides=(r"blk\.0\.ffn_.*=B1",))
+    mib = 1 << 20
+    for a, b in (("A0", "A1"), ("B0", "B1")):
+        devs = [Device(a, 8 << 30, 8 << 30, "rpc", kind="rpc", endpoint="127.0.0.1:1", repack_types=[]),  # type: ignore[arg-type]
+                Device(b, 8 << 30, 8 << 30, "rpc", kind="rpc", endpoint="127.0.0.1:2", repack_types=[])]  # type: ignore[arg-type]
+        if a == "A0":
+            with pytest.raises(ConfigError, match="B1"):     # no device B1 here
+                plan(prof, devs, cfg)
+            p = plan(prof, devs, SplitConfig(tensor_split=(1.0, 1.0)))
+        else:
+            p = plan(prof, devs, cfg)
+            assert set(p.moved_tensors.values()) == {"B1"}
+        assert list(p.layer_devices) == [a, a, a, b, b]
+        assert [d.name for d in p.offload_devices] == [a, b]
+    assert p.device("B0").weights_bytes < 180 * mib                 # block 0's FFN went to B1
+    assert p.device("B1").weights_bytes > (60 + 400) * mib
