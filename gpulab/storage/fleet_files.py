@@ -82,7 +82,8 @@ def read_any_fleet(path: str | os.PathLike) -> tuple[Fleet, list[str]]:
 
 def with_companions(fleet: Fleet, base: str | os.PathLike | None = None) -> Fleet:
     """The fleet with each model's draft (-md) and projector (--mmproj) profiles read from their
-    files (relative paths from `base`), which the fleet planner counts per device."""
+    files (relative paths from `base`, and made absolute for the exports), which the fleet planner
+    counts per device."""
     from dataclasses import replace
 
     from ..core.fleet.model import Companions
@@ -100,6 +101,8 @@ def with_companions(fleet: Fleet, base: str | os.PathLike | None = None) -> Flee
                                projector=read_projector(path(m.mmproj)) if m.mmproj else None)
             except (OSError, ValueError) as e:
                 raise ConfigError(f"{m.name}: cannot read its draft or projector: {e}") from None
-            m = replace(m, companions=c)
+            # the paths as the process will open them (the exports write these)
+            m = replace(m, companions=c, draft=path(m.draft) if m.draft else "",
+                        mmproj=path(m.mmproj) if m.mmproj else "")
         models.append(m)
     return replace(fleet, models=tuple(models))
