@@ -20,7 +20,7 @@ from ..placement.mtp import with_mtp
 from ..placement.plan import Plan
 from ..placement.planner import plan
 from ..policies.apply import policy_split
-from ..policies.process import around
+from ..policies.process import with_process
 from ..profile import ModelProfile
 from .model import Companions, FleetModel
 
@@ -81,8 +81,8 @@ def place_model(m: FleetModel, profile: ModelProfile, subset: Sequence[str], dev
 
 
 def _with_process(m: FleetModel, p: Plan, devices: list[Device], host: Device | None) -> Plan:
-    """The plan with its process's draft, projector and MTP context added to each of its devices
-    (DevicePlan.process_bytes), as gpulab.core.policies.process plans a pasted command."""
+    """The plan with its process's draft, projector and MTP context on its devices
+    (gpulab.core.policies.process.with_process)."""
     c = m.companions or Companions()
     missing = [what for what, path, prof in (("draft", m.draft, c.draft), ("projector", m.mmproj, c.projector))
                if path and prof is None]
@@ -90,15 +90,9 @@ def _with_process(m: FleetModel, p: Plan, devices: list[Device], host: Device | 
         raise ConfigError(f"{m.name}: the fleet counts its {' and '.join(missing)} from the file(s): read them "
                           "(FleetModel.companions; gpulab fleet does)")
     try:
-        pp = around(m.command(), p, devices, host, draft=c.draft, projector=c.projector)
+        return with_process(m.command(), p, devices, host, draft=c.draft, projector=c.projector)
     except ConfigError as e:
-        raise ConfigError(f"{m.name}: {e}") from None
-    extra = {r.name: r.draft_bytes + r.projector_bytes + r.mtp_bytes for r in pp.rows}
-    outside = [n for n, b in extra.items() if b and n not in {d.name for d in p.devices}]
-    if outside:
-        raise ConfigError(f"{m.name}: its draft or projector goes to {', '.join(outside)}, outside the model's "
-                          "devices, where the fleet plans its process: pin devices = [...] to include them")
-    return replace(p, devices=tuple(replace(d, process_bytes=extra.get(d.name, 0)) for d in p.devices))
+        raise ConfigError(f"{m.name}: {e} (pin devices = [...] to include them)") from None
 
 
 def deficit_bytes(p: Plan) -> int:

@@ -18,7 +18,7 @@ llama-server (tools/server/server-context.cpp load_model), in order:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..command_line import Command
 from ..config import SplitConfig
@@ -38,7 +38,7 @@ from ..profile import ModelProfile
 from ..units import format_bytes
 from .server_fit import UINT32_MAX, FitResult, fit_margins, server_fit
 
-__all__ = ["CommandPlan", "around", "plan_command", "registry_index"]
+__all__ = ["CommandPlan", "around", "plan_command", "registry_index", "with_process"]
 
 MiB = 1024 * 1024
 
@@ -120,6 +120,21 @@ def around(cmd: Command, main_plan: Plan, devices: list[Device], host: Device | 
     draft_plan = _draft_plan(cmd, draft, main_plan, devices, host) if draft is not None and cmd.draft else None
     proj = _projector_placement(cmd, projector, devices, main_plan.config)
     return plan_process(main_plan, draft_plan, proj, devices, mtp)
+
+
+def with_process(cmd: Command, main_plan: Plan, devices: list[Device], host: Device | None = None, *,
+                 draft: ModelProfile | None = None, projector: ProjectorProfile | None = None) -> Plan:
+    """`main_plan` with its process's draft, projector and MTP context added to each of its devices
+    (DevicePlan.process_bytes): what the fleet planner and the lab count. A part that lands on a
+    device outside the plan's is refused in one line."""
+    pp = around(cmd, main_plan, devices, host, draft=draft, projector=projector)
+    extra = {r.name: r.draft_bytes + r.projector_bytes + r.mtp_bytes for r in pp.rows}
+    outside = [n for n, b in extra.items() if b and n not in {d.name for d in main_plan.devices}]
+    if outside:
+        raise ConfigError(f"its draft or projector goes to {', '.join(outside)}, outside the model's devices: "
+                          "give the model those devices too")
+    return replace(main_plan, devices=tuple(replace(d, process_bytes=extra.get(d.name, 0))
+                                            for d in main_plan.devices))
 
 
 def plan_command(cmd: Command, profile: ModelProfile, devices: list[Device], host: Device | None = None, *,
