@@ -218,3 +218,18 @@ def test_plan_and_inspect_processes_import_only_what_they_use(model, argv):
     loaded = set(json.loads(r.stdout.splitlines()[-1]))
     assert "gpulab.sources.gguf_header" in loaded   # the check sees what the command imported
     assert sorted(loaded & set(NOT_FOR_PLAN)) == []
+
+
+def test_plan_cluster_compares_host_choices(smollm2, tmp_path):
+    from gpulab.cli import main
+    f = tmp_path / "c.toml"
+    f.write_text('version = 1\nhead = "desk"\n[[hosts]]\nname = "desk"\ndevices = [{ spec = "250MiB:400GB/s" }]\n'
+                 '[[hosts]]\nname = "box"\naddress = "10.0.0.2"\nlink = { gbit_per_s = 10.0, rtt_ms = 0.1 }\n'
+                 'devices = [{ spec = "250MiB:400GB/s", port = 50052 }]\n')
+    import contextlib
+    import io
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["plan", str(smollm2), "-c", "4096", "--cluster", str(f)]) == 0
+    text = out.getvalue()
+    assert "*desk + box" in text and "why: spans 2 hosts: predicted tg" in text

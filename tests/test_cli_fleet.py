@@ -268,3 +268,16 @@ def test_a_fleet_models_projector_and_draft_are_read_and_counted(capsys, models)
     bad = text.replace("mmproj-chat.gguf", "missing.gguf")
     code, out, err = run(capsys, "fleet", "plan", _fleet(root, bad), "--sim", "4GiB")
     assert code == 2 and "missing.gguf" in err, err
+
+
+def test_fleet_plan_on_a_cluster_says_why_a_model_spans(smollm2, tmp_path, capsys):
+    from gpulab.cli import main
+    (tmp_path / "fleet.toml").write_text(f'version = 1\n[[models]]\nname = "chat"\nmodel = "{smollm2}"\nctx = 512\n')
+    (tmp_path / "c.toml").write_text(
+        'version = 1\nhead = "desk"\n[[hosts]]\nname = "desk"\ndevices = [{ spec = "150MiB" }]\n'
+        '[[hosts]]\nname = "box"\naddress = "10.0.0.2"\nlink = { gbit_per_s = 1.0, rtt_ms = 1.0 }\n'
+        'devices = [{ spec = "150MiB", port = 50052 }]\n')
+    code = main(["fleet", "plan", str(tmp_path / "fleet.toml"), "--cluster", str(tmp_path / "c.toml"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert "chat spans hosts box + desk: no plan within one host holds it (spanning is the last resort)" in err

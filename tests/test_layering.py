@@ -22,7 +22,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "gpulab"
 LAYERS = {"core": 0, "sources": 1, "storage": 2, "runtime": 3, "ui": 4, "commands": 4,
-          "cli": 5, "magics": 5, "__init__": 5, "__main__": 5, "testing": 5}
+          "cli": 5, "magics": 5, "__init__": 5, "__main__": 5, "testing": 5, "netem": 5}
 # inside core: the types (core's own modules) first, then each package on those before it
 CORE_PACKAGES = {"placement": 1, "policies": 2, "measure": 3, "fleet": 4, "exports": 5}
 # third-party imports allowed per layer (core: standard library and numpy only)

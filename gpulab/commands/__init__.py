@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("alloc", ("cli", "magic")),
     ("calibrate", ("cli", "magic")),
     ("rpc_server", ("cli",)),
+    ("rpc_probe", ("cli",)),
     ("lab", ("magic",)),
     ("monitor", ("magic",)),
 )

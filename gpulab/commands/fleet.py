@@ -66,6 +66,9 @@ def _common(q) -> None:
                    help="stop improving the plan after this long and keep the best so far (large fleets; "
                         "the first greedy plan is always completed)")
     q.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    q.add_argument("--cluster", metavar="FILE",
+                   help="the devices of a cluster description (TOML) instead: a model stays within one host "
+                        "unless it must span")
 
 
 def _seconds(text: str | None) -> float | None:
@@ -122,7 +125,7 @@ def planned_fleet(a, session):
     fleet = with_companions(fleet, base)     # drafts and projectors, counted per device
     paths = {m.name: resolve_model(m.model, base=base) for m in fleet.models}
     profiles = {name: read_profile(path) for name, path in paths.items()}
-    choice = devices_from_args(a, session)
+    choice = _cluster_choice(a.cluster) if getattr(a, "cluster", None) else devices_from_args(a, session)
     speed = None
     if a.objective.startswith("tg:"):
         from ..core.measure.speed import predict_speed
@@ -136,7 +139,20 @@ def planned_fleet(a, session):
                            time_budget=budget, progress=bar)
     finally:
         bar.clear()
-    return fleet, paths, choice, fplan, [f"note: {n}" for n in read_notes]
+    from ..core.fleet.planner import spanning
+    spans = [f"note: {why}" for why in spanning(fplan, list(choice.devices)).values()]
+    return fleet, paths, choice, fplan, [f"note: {n}" for n in read_notes] + spans
+
+
+def _cluster_choice(path: str):
+    """A DeviceChoice of a cluster file's devices (llama.cpp's order, each naming its host); the head's
+    system memory is this machine's."""
+    from ..runtime.session import DeviceChoice
+    from ..sources.host import host_device
+    from ..storage.cluster_files import read_cluster
+    devices, _ = read_cluster(path).devices()
+    return DeviceChoice(tuple(devices), host_device(), f"devices of the cluster {path}", (), None, False,
+                        "a cluster description plans only")
 
 
 def _notes(choice, more=()) -> list[str]:

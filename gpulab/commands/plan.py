@@ -54,6 +54,13 @@ def register(sub, frontend: str) -> None:
     p.add_argument("--ctx-table", action="store_true",
                    help="the largest context that leaves -fitt free on every device, for KV types f16, q8_0, q4_0 "
                         "(steps of 256 x streams; llama-server's defaults are -np 4 -kvu: one stream)")
+    p.add_argument("--cluster", metavar="FILE",
+                   help="cluster description (TOML): choose the hosts to span and compare them over their links")
+    p.add_argument("--objective", choices=("tg", "hosts"), default="tg",
+                   help="with --cluster: the best predicted tg (default) or the fewest hosts")
+    p.add_argument("--commands", action="store_true",
+                   help="with --cluster: the chosen option's rpc-server command per host, the head's llama-server "
+                        "and a llama-swap entry")
     add_json_flag(p, frontend)
     if frontend == "magic":
         p.add_argument("--no-figures", action="store_true", help="the table only")
@@ -120,6 +127,9 @@ def _is_program(name: str) -> bool:
 
 
 def run(a, session) -> Result:
+    if getattr(a, "cluster", None):
+        from .cluster_plan import run as cluster_run
+        return cluster_run(a, config_from_args(_with_ctx(a)))
     if getattr(a, "llama_swap", None):
         from argparse import Namespace
 

@@ -47,6 +47,7 @@ class Device:
     # the host: the weight types llama.cpp's CPU backend repacks into CPU_REPACK on this CPU
     # (ggml-cpu/repack.cpp, decided by the instruction sets the backend was built for)
     repack_types: tuple[str, ...] = ()
+    host: str = ""            # the host it sits on, where a cluster description says (gpulab.core.cluster)
 
     def __post_init__(self) -> None:
         if self.total_bytes < 0 or self.free_bytes < 0:

@@ -201,6 +201,9 @@ def _rpc_number(name: str) -> int:
     return int(digits) if digits.isdigit() else 1 << 30
 
 
+_TOOL_PREFIX = re.compile(r"^\d+\.\d+\.\d+\.\d+ [DIWE] ")
+
+
 def parse_load_log(text: str, devices: list[Device] | None = None) -> LoadReport:
     """Parse llama.cpp's log of `llama_model_load_from_file` + `llama_init_from_model`.
 
@@ -211,9 +214,10 @@ def parse_load_log(text: str, devices: list[Device] | None = None) -> LoadReport
     and from the log's own 'using device' lines); host buffers (CPU, CPU_Mapped, CUDA_Host...)
     to 'CPU'. Compute buffers are those of the last 'sched_reserve' (a context reserves again
     when its graph changes); the '~llama_context: ... compute buffer size is' lines written
-    when a context is freed are not counted.
+    when a context is freed are not counted. The tools' own prefix ('0.00.428.543 I ', common/log.cpp
+    with timestamps, as llama-server writes) is dropped first.
     """
-    lines = text.splitlines()
+    lines = [_TOOL_PREFIX.sub("", ln, count=1) for ln in text.splitlines()]
     using: list[tuple[str, str]] = []
     layers: dict[int, str] = {}
     kv_layers: dict[int, str] = {}

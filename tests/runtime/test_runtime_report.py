@@ -138,3 +138,13 @@ def test_report_is_frozen_and_log_not_in_repr():
 def test_empty_log():
     r = parse_load_log("")
     assert r.layer_devices == () and r.buffers == () and r.devices == () and r.n_layer == 0
+
+
+def test_parse_load_log_reads_llama_server_lines_with_timestamps():
+    from gpulab.runtime.logcapture import parse_load_log
+    text = ("0.00.132.131 I llama_prepare_model_devices: using device RPC0 (127.0.0.1:37977) (unknown id) "
+            "- 24105 MiB free\n"
+            "0.00.398.298 D load_tensors: layer   0 assigned to device RPC0, is_swa = 0\n"
+            "0.00.428.543 I load_tensors: RPC0[127.0.0.1:37977] model buffer size =    33.82 MiB\n")
+    r = parse_load_log(text)
+    assert r.layer_devices == ("RPC0",) and r.bytes_on("RPC0", "model") == round(33.82 * 1024 * 1024)

@@ -56,7 +56,8 @@ from .model import Fleet, FleetModel
 from .placement import fits_budget, place_model, subsets
 from .search import SMALL_DEVICES, WIDTH, Search
 
-__all__ = ["OBJECTIVES", "ModelPlacement", "FleetDevice", "Advice", "FleetPlan", "plan_fleet"]
+__all__ = ["OBJECTIVES", "ModelPlacement", "FleetDevice", "Advice", "FleetPlan", "plan_fleet", "host_spans",
+           "spanning"]
 
 OBJECTIVES = ("fewest", "balanced", "tg:NAME")
 EXHAUSTIVE_LIMIT = 20000     # assignments of device sets; beyond this, the heuristic (search.py)
@@ -198,16 +199,47 @@ def _check(fleet: Fleet, profiles: Mapping[str, ModelProfile], devices: Sequence
 
 def _score(pr: _Problem, placed: Mapping[str, Plan], left: Mapping[str, int]) -> tuple:
     """Smaller is better. Headroom is compared leximin: the memory left on the tightest device,
-    then on the next tightest, and so on (so spare devices are used rather than piled on)."""
+    then on the next tightest, and so on (so spare devices are used rather than piled on). On
+    devices that name their hosts (a cluster), each host spanned beyond one per model weighs more
+    than anything else in the first element, whatever the objective: a model stays within one
+    host unless it must span. (Folded into the first element, not put before it, so the search's
+    bounds on that element hold as they are: the penalty only grows as models are added.)"""
     n_devices = sum(len(p.offload_devices) for p in placed.values())
     headroom = tuple(-v for v in sorted(left.values()))
+    spans = host_spans(pr.devices, placed)
+    penalty = spans * _SPAN_WEIGHT
     if pr.objective == "balanced":
-        return (headroom, n_devices)
+        return (tuple(h + penalty for h in headroom), n_devices)
     if pr.objective.startswith("tg:"):
         target = placed.get(pr.objective[3:])
         tg = pr.speed(target) if target is not None and pr.speed is not None else 0.0
-        return (-tg, n_devices, headroom)
-    return (n_devices, headroom)
+        return (-tg + spans * _SPAN_WEIGHT_TG, n_devices, headroom)
+    return (n_devices + penalty, headroom)
+
+
+_SPAN_WEIGHT = 1 << 62   # more than any device count or byte count (ints: exact)
+_SPAN_WEIGHT_TG = 1e9    # more than any tokens/s, small enough that a float keeps tg's differences
+
+
+def host_spans(devices: Sequence[Device], placed: Mapping[str, Plan]) -> int:
+    """Hosts beyond the first that the placed models use, summed (0 where devices name no host)."""
+    host_of = {d.name: d.host for d in devices if d.host}
+    if not host_of:
+        return 0
+    return sum(max(0, len({host_of.get(d.name, "") for d in p.offload_devices}) - 1) for p in placed.values())
+
+
+def spanning(fplan: FleetPlan, devices: Sequence[Device]) -> dict[str, str]:
+    """{model: why it spans} for each model placed on devices of more than one host."""
+    host_of = {d.name: d.host for d in devices if d.host}
+    out = {}
+    for pl in fplan.placements:
+        hosts = list(dict.fromkeys(host_of[d] for d in pl.devices if d in host_of))
+        if len(hosts) > 1:
+            how = "no plan within one host holds it" if fplan.search == "exhaustive" else \
+                "the search found no plan within one host that holds it"
+            out[pl.name] = f"{pl.name} spans hosts {' + '.join(hosts)}: {how} (spanning is the last resort)"
+    return out
 
 
 def _take(left: dict[str, int], p: Plan) -> dict[str, int]:
