@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..core.errors import ConfigError
 from ..core.fleet.model import Fleet, fleet_from_dict, fleet_to_dict
-from .files import TOMLDecodeError, atomic_write_text, read_toml, to_toml
+from .files import atomic_write_text, read_toml_as, to_toml
 
 __all__ = ["read_fleet", "read_any_fleet", "write_fleet", "fleet_text", "llama_swap_yaml", "read_yaml",
            "with_companions"]
@@ -17,16 +17,7 @@ __all__ = ["read_fleet", "read_any_fleet", "write_fleet", "fleet_text", "llama_s
 
 def read_fleet(path: str | os.PathLike) -> Fleet:
     """The Fleet in a TOML file; ConfigError naming the file for anything wrong with it."""
-    try:
-        doc = read_toml(path)
-    except OSError as e:
-        raise ConfigError(f"cannot read the fleet {path}: {e.strerror or e}") from None
-    except TOMLDecodeError as e:
-        raise ConfigError(f"{path} is not valid TOML: {e}") from None
-    try:
-        return fleet_from_dict(doc)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    return read_toml_as(path, "fleet", fleet_from_dict)
 
 
 def fleet_text(fleet: Fleet) -> str:
