@@ -94,6 +94,14 @@ class _Geom:
 _GEOM: dict[int, tuple[weakref.ref, _Geom]] = {}
 # hparams.n_no_rope_layer_step where the model's graph skips RoPE on every n-th layer (llama_model_smollm3)
 _NO_ROPE_STEP = {"smollm3": 4}
+
+
+def _no_rope_step(profile: ModelProfile) -> int:
+    """Every how many layers the graph skips RoPE (0: never). Baichuan ropes only its 7B (32 layers,
+    LLM_TYPE_7B; src/models/baichuan.cpp): 13B uses ALiBi, other sizes neither."""
+    if profile.arch == "baichuan":
+        return 0 if profile.n_layer == 32 else 1
+    return _NO_ROPE_STEP.get(profile.arch, 0)
 # graphs with their norms after attention and the FFN, none before (src/models/olmo2.cpp, exaone4.cpp)
 _POST_NORM = frozenset({"olmo2", "exaone4"})
 
@@ -111,6 +119,7 @@ def _geom(profile: ModelProfile) -> _Geom:
         if n_ff_exp:
             break
     moe = profile.n_expert > 0
+    step = _no_rope_step(profile)
     swa = tuple(bool(layer.is_swa) for layer in layers)
     g = _Geom(
         n_embd=profile.n_embd, n_vocab=profile.n_vocab, n_ff=profile.n_ff,
@@ -125,8 +134,7 @@ def _geom(profile: ModelProfile) -> _Geom:
         # recurrent (hybrid) models: a device may hold no attention layer at all
         attn_prefix=(0, *accumulate(int(layer.has_kv) for layer in layers))
         if any(layer.is_recurrent for layer in layers) else None,
-        nope_prefix=(0, *accumulate(int((i + 1) % _NO_ROPE_STEP[profile.arch] == 0) for i in range(len(layers))))
-        if profile.arch in _NO_ROPE_STEP else None)
+        nope_prefix=(0, *accumulate(int((i + 1) % step == 0) for i in range(len(layers)))) if step else None)
     key = id(profile)
     _GEOM[key] = (weakref.ref(profile, lambda _r: _GEOM.pop(key, None)), g)
     return g
