@@ -104,6 +104,8 @@ def _no_rope_step(profile: ModelProfile) -> int:
     return _NO_ROPE_STEP.get(profile.arch, 0)
 # graphs with their norms after attention and the FFN, none before (src/models/olmo2.cpp, exaone4.cpp)
 _POST_NORM = frozenset({"olmo2", "exaone4"})
+# graphs that run attention and the FFN side by side on the same normed input (src/models/cohere2.cpp)
+_PARALLEL = frozenset({"cohere2"})
 
 
 def _geom(profile: ModelProfile) -> _Geom:
@@ -225,6 +227,9 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
 
     E = g.n_embd
     e = _a(4 * E * T)                  # a row set: [n_embd, T] f32
+    # attention and the FFN both read the layer's norm and are summed at the end (cohere2): the attention
+    # output stays live through the FFN, one row set more there
+    par_e = e if profile.arch in _PARALLEL else 0
     q = _a(4 * g.q * T)                # Q (before and after RoPE), the attention output
     kvh = _a(4 * g.kv * T)             # K or V of the ubatch
     f = _a(4 * g.n_ff * T)             # ffn_gate, ffn_up, the GLU output
@@ -271,7 +276,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         part_out = {"gate": fe, "up": fe, "down": fd}
     else:
         ffn_big = 3 * f
-        ffn_slots = 3 * e
+        ffn_slots = 3 * e + par_e
         host_boundary = 2 * e           # ffn_out and ffn_inp of the host layer's closing add
         ffn_after_host = 0
         ffn_unit = f
@@ -372,7 +377,8 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             # SmolLM2 (test_real_models_exact_vs_llama.py); issue 27.
             quant_v = config.type_v not in ("f32", "f16", "bf16")
             holds_last = last_dev == name
-            slots = ffn_slots - (e if (holds_last and has_out) or (quant_v and not holds_last and not post) else 0)
+            closed = (holds_last and has_out and not par_e) or (quant_v and not holds_last and not post)
+            slots = ffn_slots - (e if closed else 0)
             peaks = [base + slots + ffn_big, base + 2 * e + 2 * q]
             if not fa:
                 quant_k = config.type_k not in ("f32", "f16", "bf16")
@@ -387,7 +393,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             # their range (after the host's operands, the model's last layer gathers its
             # ffn_inp into it: one more row set); K and V land above Q, not in older holes
             below = 3 * e if last_dev == name and before == HOST_NAME else 2 * e
-            peaks = [below + ffn_big, boundary + e + inputs + 2 * q]
+            peaks = [below + par_e + ffn_big, boundary + e + inputs + 2 * q]
             if not fa:
                 peaks.append(inputs + 3 * e - post_e + 2 * kvh + q + kq_dev)
         else:
@@ -402,7 +408,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             else:
                 # the residual and one hole below the FFN; two host operands leave room for both
                 # (a layer without RoPE leaves the hole: smollm3, -ngl 4 in the arch matrix)
-                ffn = (2 * e if boundary >= 2 * e and name not in nope_devs else 3 * e) + ffn_big
+                ffn = (2 * e if boundary >= 2 * e and name not in nope_devs else 3 * e) + par_e + ffn_big
             # attention: Q before and after RoPE (a ROPE of a reshaped view is not in place)
             peaks = [ffn_inputs + ffn, inputs + 2 * e + 2 * q]
             if not fa:
