@@ -142,6 +142,40 @@ def _geom(profile: ModelProfile) -> _Geom:
     return g
 
 
+def _rot_bytes(heads: set[int], quantized: bool, k: bool) -> int:
+    """One KV cache's Hadamard rotation input (attn_inp_k_rot / attn_inp_v_rot, [nrot, nrot] f32).
+
+    llama_kv_cache ctor (src/llama-kv-cache.cpp): attn_rot_k / attn_rot_v when that cache is quantized
+    and every one of its layers has the same head size, a multiple of 64; build_input_k_rot takes the
+    largest power of two >= 64 dividing the head size, build_input_v_rot always 64."""
+    if not quantized or len(heads) != 1:
+        return 0
+    head = next(iter(heads))
+    if head <= 0 or head % 64:
+        return 0
+    nrot = 64
+    if k:
+        while head % (nrot * 2) == 0:
+            nrot *= 2
+    return _a(4 * nrot * nrot)
+
+
+def _rot_inputs(profile: ModelProfile, config: SplitConfig, g: _Geom) -> tuple[int, int]:
+    """Bytes of the rotation inputs of the full-attention and the sliding-window cache: graph inputs
+    like the KV mask (llm_graph_input_attn_kv(_iswa), build_attn_inp_kv*_impl in src/llama-graph.cpp), so
+    held on the host and copied to every backend whose layers use that cache, GGML_SCHED_MAX_COPIES
+    times when pipelining. Gemma 3 (head 256) with a q8_0 K cache: 256 KiB per cache, 2 MiB in all."""
+    qk = config.type_k not in ("f32", "f16", "bf16")
+    qv = config.type_v not in ("f32", "f16", "bf16")
+    out = []
+    for want_swa in (False, True):
+        layers = [layer for i, layer in enumerate(profile.layers)
+                  if layer.has_kv and (g.has_swa and g.swa[i]) == want_swa]
+        out.append(_rot_bytes({layer.n_embd_head_k for layer in layers}, qk, True)
+                   + _rot_bytes({layer.n_embd_head_v for layer in layers}, qv, False))
+    return out[0], out[1]
+
+
 def compute_tokens(config: SplitConfig) -> tuple[int, int, int]:
     """(n_tokens, n_seqs, n_ubatch) of the graph llama_context::sched_reserve reserves.
 
@@ -243,8 +277,9 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     # attn_inp_v_idxs (i64): with a transposed V cache (no flash attention) one per element
     v_idxs = _a(8 * T * (1 if fa else g.v_gqa_max))
     mask_elt = 2 if fa else 4          # build_attn_inp_kq_mask: f16 for flash attention
-    kv_in_full = k_idxs + v_idxs + _a(n_kv * T * mask_elt)
-    kv_in_swa = k_idxs + v_idxs + _a(n_kv_swa * T * mask_elt) if g.has_swa else 0
+    rot_full, rot_swa = _rot_inputs(profile, config, g)
+    kv_in_full = k_idxs + v_idxs + _a(n_kv * T * mask_elt) + rot_full
+    kv_in_swa = k_idxs + v_idxs + _a(n_kv_swa * T * mask_elt) + rot_swa if g.has_swa else 0
     all_inputs = pos + kv_in_full + kv_in_swa + out_ids
     # KQ of build_attn_mha: [n_kv, T / n_stream, n_head, n_stream] f32, one stream per sequence
     kq_full = _a(4 * n_kv * (T // n_stream) * g.n_head * n_stream)
