@@ -176,6 +176,21 @@ def _rot_inputs(profile: ModelProfile, config: SplitConfig, g: _Geom) -> tuple[i
     return out[0], out[1]
 
 
+def _mask_hole(fa: bool, swa: bool, mask: int, e: int, f: int, kvh: int) -> int:
+    """What stays below the logits on the host when it runs the whole graph (-ngl 0): the KQ mask's
+    range, freed after the last layer's attention (ggml_gallocr_free_node, ggml/src/ggml-alloc.c), is
+    reused best-fit by the last layer's tensors, and the result_norm the logits read can end up above
+    it instead of at the bottom. Measured, not derived (SmolLM2-135M on the host, -c 512..4096, -ub
+    128..512; tests/integration/test_real_models_exact_vs_llama.py):
+      flash attention off (f32 mask): one row set more once an FFN tensor fits in the mask's range, on
+        a graph with one mask (Gemma 3 270M, with a sliding-window mask beside it, shows none);
+      flash attention on (f16 mask): the mask and two row sets when the range holds a row set and the
+        ubatch's K and V but not two row sets (seen at -c 2048 only)."""
+    if not fa:
+        return e if mask >= f and not swa else 0
+    return mask + 2 * e if e + 2 * kvh <= mask < 2 * e else 0
+
+
 def compute_tokens(config: SplitConfig) -> tuple[int, int, int]:
     """(n_tokens, n_seqs, n_ubatch) of the graph llama_context::sched_reserve reserves.
 
@@ -278,7 +293,8 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     v_idxs = _a(8 * T * (1 if fa else g.v_gqa_max))
     mask_elt = 2 if fa else 4          # build_attn_inp_kq_mask: f16 for flash attention
     rot_full, rot_swa = _rot_inputs(profile, config, g)
-    kv_in_full = k_idxs + v_idxs + _a(n_kv * T * mask_elt) + rot_full
+    mask = _a(n_kv * T * mask_elt)
+    kv_in_full = k_idxs + v_idxs + mask + rot_full
     kv_in_swa = k_idxs + v_idxs + _a(n_kv_swa * T * mask_elt) + rot_swa if g.has_swa else 0
     all_inputs = pos + kv_in_full + kv_in_swa + out_ids
     # KQ of build_attn_mha: [n_kv, T / n_stream, n_head, n_stream] f32, one stream per sequence
@@ -369,7 +385,8 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             if not fa:
                 peaks.append(persist + 3 * e + q + (kq_full if s[1] else kq_swa))
             if has_out:        # ngl 0: inputs only used here are freed after the last layer
-                peaks.append(tok + e + (all_inputs if offloaded else 0) + e + logits)
+                peaks.append(tok + e + (all_inputs if offloaded else 0) + e + _mask_hole(fa, g.has_swa, mask, e, f, kvh)
+                             + logits)
             out[name] = max(peaks)
             continue
 
