@@ -58,6 +58,8 @@ class _Direction:
         self.q: collections.deque[tuple[float, bytes]] = collections.deque()
         self.tokens, self.t_last = float(burst), time.monotonic()
         self.eof = False
+        self.peer: _Direction | None = None     # the other direction of the same connection
+        self.spoke = False                      # data came this way since the peer last answered
 
     def take(self, data: bytes, now: float) -> None:
         # token bucket: tokens refill at the rate up to the burst; a chunk takes its bytes and,
@@ -75,6 +77,32 @@ class _Direction:
             self.dst.sendall(data)
             self.counter[0] += len(data)
         return self.q[0][0] if self.q else None
+
+
+class _Commands:
+    """Counts the RPC commands in the head -> server stream (ggml-rpc.cpp's send_rpc_cmd: a
+    command byte, a u64 size, that many bytes), so that a test can see how many SET_TENSOR,
+    GET_TENSOR and GRAPH_COMPUTE a step sends; not a validating parser."""
+
+    def __init__(self, counts: collections.Counter, sizes: collections.Counter):
+        self.counts, self.sizes, self.head, self.left = counts, sizes, b"", 0
+
+    def feed(self, data: bytes) -> None:
+        i = 0
+        while i < len(data):
+            if self.left:
+                k = min(self.left, len(data) - i)
+                self.left -= k
+                i += k
+                continue
+            k = min(9 - len(self.head), len(data) - i)
+            self.head += data[i:i + k]
+            i += k
+            if len(self.head) == 9:
+                self.counts[self.head[0]] += 1
+                self.left = int.from_bytes(self.head[1:], "little")
+                self.sizes[self.head[0]] += 9 + self.left
+                self.head = b""
 
 
 class ShapingProxy:
@@ -97,6 +125,12 @@ class ShapingProxy:
         self.port = self._lsock.getsockname()[1]
         self.bytes_up = [0]     # head -> server
         self.bytes_down = [0]   # server -> head
+        # turns: how often the server answered after the head spoke (a round trip on the link);
+        # commands, command_bytes: RPC commands sent and their bytes, by ggml-rpc.cpp's command number
+        self.turns = [0]
+        self.commands: collections.Counter = collections.Counter()
+        self.command_bytes: collections.Counter = collections.Counter()
+        self._parsers: dict = {}
         self._socks: list[socket.socket] = []
         self._dirs: dict = {}    # socket -> _Direction, of the open connections
         # select(), not epoll: its timeout has microseconds, epoll's whole milliseconds
@@ -140,8 +174,10 @@ class ShapingProxy:
             s.settimeout(5)
             self._socks.append(s)
             self._sel.register(s, selectors.EVENT_READ)
-        dirs[client] = _Direction(client, server, self.rate, self.delay, self.burst, self.bytes_up)
-        dirs[server] = _Direction(server, client, self.rate, self.delay, self.burst, self.bytes_down)
+        up = dirs[client] = _Direction(client, server, self.rate, self.delay, self.burst, self.bytes_up)
+        down = dirs[server] = _Direction(server, client, self.rate, self.delay, self.burst, self.bytes_down)
+        up.peer, down.peer = down, up
+        self._parsers[client] = _Commands(self.commands, self.command_bytes)
 
     def _loop(self) -> None:
         """One thread for every connection: read what is ready, send what is due, sleep until the
@@ -184,6 +220,12 @@ class ShapingProxy:
                         data = b""
                     if data:
                         d.take(data, time.monotonic())
+                        d.spoke = True
+                        if d.peer is not None and d.peer.spoke and sock not in self._parsers:
+                            self.turns[0] += 1      # the server answers what the head sent
+                            d.peer.spoke = False
+                        if sock in self._parsers:
+                            self._parsers[sock].feed(data)
                     else:
                         self._sel.unregister(sock)
                         d.eof = True
