@@ -64,7 +64,8 @@ def main(argv=None) -> int:
     shaped = PROFILES[a.profile]
     out: dict = {"args": vars(a), "placements": {}}
     with start_servers(2, threads=1) as servers:
-        proxies = [ShapingProxy(("127.0.0.1", s.port), bytes_per_s=None, lifetime_s=1800).start() for s in servers]
+        proxies = [ShapingProxy(("127.0.0.1", s.port), bytes_per_s=None, lifetime_s=1800,
+                                count_commands=True).start() for s in servers]
         try:
             ports = [p.port for p in proxies]
             with Worker([p.endpoint for p in proxies]) as w:
