@@ -21,7 +21,7 @@ say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 SETUP_STAMP="$VENV/gpulab-setup"
 inputs_key() {
   { cat pyproject.toml scripts/setup.sh scripts/llama-wheel.sh "$VENV/gpulab-llama-build" 2>/dev/null
-    env | grep -E '^GPULAB_(REBUILD|CMAKE_ARGS|CPU_OFF)=' | sort; } | sha256sum | cut -d' ' -f1
+    env | grep -E '^GPULAB_(REBUILD|CMAKE_ARGS|CPU_OFF)=' | sort || true; } | sha256sum | cut -d' ' -f1
 }
 if [ "${GPULAB_SETUP:-}" != force ] && [ -x "$VENV/bin/python" ] && [ "$(cat "$SETUP_STAMP" 2>/dev/null)" = "$(inputs_key)" ] \
    && "$VENV/bin/python" -c "import gpulab, llama_cpp" 2>/dev/null; then

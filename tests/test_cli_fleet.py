@@ -245,6 +245,31 @@ def test_the_progress_line_goes_to_a_terminal_and_is_cleared():
     assert quiet.getvalue() == ""
 
 
+def test_a_fleet_models_projector_and_draft_are_read_and_counted(capsys, models):
+    """mmproj and draft paths in the fleet TOML (relative to it): gpulab fleet reads them and counts
+    them on the model's devices (per_device process_bytes), and the llama-swap export writes them."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent))
+    from projectors import write_projector
+    root, _ = models
+    write_projector(root / "mmproj-chat.gguf", projector_type="mlp", image_size=336, patch_size=14, n_embd=256,
+                    n_ff=1024, n_head=4, n_layer=2, proj_dim=512)
+    text = ('[[models]]\nname = "chat"\nmodel = "chat.gguf"\nctx = 2048\nmmproj = "mmproj-chat.gguf"\n'
+            'draft = "embed.gguf"\ndraft_flags = "-ngld 99"\n')
+    code, out, err = run(capsys, "fleet", "plan", _fleet(root, text), "--sim", "4GiB", "--json")
+    assert code == 0, err
+    row = json.loads(out)["models"][0]["per_device"][0]
+    assert row["process_bytes"] > 0
+    assert row["used_bytes"] == row["weights_bytes"] + row["kv_bytes"] + row["compute_bytes"] + row["process_bytes"]
+    code, out, err = run(capsys, "fleet", "export", _fleet(root, text), "--sim", "4GiB", "--to", "llama-swap")
+    assert code == 0, err
+    assert f"--mmproj {root / 'mmproj-chat.gguf'} -md {root / 'embed.gguf'} -ngld 99" in out
+    bad = text.replace("mmproj-chat.gguf", "missing.gguf")
+    code, out, err = run(capsys, "fleet", "plan", _fleet(root, bad), "--sim", "4GiB")
+    assert code == 2 and "missing.gguf" in err, err
+
+
 def test_fleet_plan_on_a_cluster_says_why_a_model_spans(smollm2, tmp_path, capsys):
     from gpulab.cli import main
     (tmp_path / "fleet.toml").write_text(f'version = 1\n[[models]]\nname = "chat"\nmodel = "{smollm2}"\nctx = 512\n')

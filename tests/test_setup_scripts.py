@@ -101,3 +101,23 @@ os.execv({sys.executable!r}, [{sys.executable!r}, *args])
     assert call["CMAKE_ARGS"].startswith("-DGGML_RPC=ON")
     build = json.loads((want.parent / "build.json").read_text())
     assert build["off"] == ["AMX"] and want.parent.name.endswith(build["build_key"])
+
+
+def _setup_inputs_key(cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """scripts/setup.sh's inputs_key, run as the script runs it (set -euo pipefail)."""
+    body = (REPO / "scripts" / "setup.sh").read_text()
+    fn = body[body.index("inputs_key() {"):]
+    fn = fn[: fn.index("\n}\n") + 3]
+    base = {k: v for k, v in os.environ.items() if not k.startswith("GPULAB_")}
+    return subprocess.run(["bash", "-c", f"set -euo pipefail\nVENV=.venv\n{fn}\ninputs_key"], cwd=cwd,
+                          capture_output=True, text=True, timeout=60, env={**base, **env})
+
+
+def test_the_set_up_stamp_is_written_when_no_build_flag_is_set():
+    """With no GPULAB_ build flag in the environment (CI's case) the key must still come out: a grep
+    that matches nothing once failed the whole set-up after its last step under pipefail."""
+    plain = _setup_inputs_key(REPO)
+    assert plain.returncode == 0, plain.stderr
+    assert len(plain.stdout.strip()) == 64
+    other = _setup_inputs_key(REPO, GPULAB_CPU_OFF="AMX")
+    assert other.returncode == 0 and other.stdout.strip() != plain.stdout.strip()

@@ -117,11 +117,12 @@ def planned_fleet(a, session):
     from ..core.fleet.planner import plan_fleet
     from ..sources.model_refs import resolve_model
     from ..sources.read import read_profile
-    from ..storage.fleet_files import read_any_fleet
+    from ..storage.fleet_files import read_any_fleet, with_companions
     from .flags import devices_from_args
     budget = _seconds(getattr(a, "time_budget", None))
     fleet, read_notes = read_any_fleet(a.fleet)
     base = Path(a.fleet).resolve().parent
+    fleet = with_companions(fleet, base)     # drafts and projectors, counted per device
     paths = {m.name: resolve_model(m.model, base=base) for m in fleet.models}
     profiles = {name: read_profile(path) for name, path in paths.items()}
     choice = _cluster_choice(a.cluster) if getattr(a, "cluster", None) else devices_from_args(a, session)

@@ -280,7 +280,8 @@ def run_pasted(a, session, command=None) -> Result:
     if cp.fit is not None:
         data["fit"] = {"status": cp.fit.status, "changed": list(cp.fit.changed)}
     return Result(text=process_text(cp), data=data, notes=notes, exit_code=0 if cp.process.fits else 1,
-                  rows=[{"device": r.name, "main": r.main_bytes, "draft": r.draft_bytes, "projector": r.projector_bytes,
+                  rows=[{"device": r.name, "main": r.main_bytes, "draft": r.draft_bytes, "mtp": r.mtp_bytes,
+                         "projector": r.projector_bytes,
                          "base cost": r.overhead_bytes, "free": r.free_bytes, "fits": r.fits}
                         for r in cp.process.rows],
                   objects={"plan": cp.process.main, "process": cp.process, "command": cmd, "fit": cp.fit})

@@ -72,6 +72,8 @@ class Command:
     unmodelled: tuple[str, ...] = ()           # one line each: changes memory, not modelled
     bench_tests: tuple[str, ...] = ()          # llama-bench: the tests it runs (pp512, tg128)
     draft_n_max: int = 3                       # --spec-draft-n-max (common_params_speculative_draft)
+    # -ctkd/-ctvd: the draft's cache types, which the MTP context takes too (common_base_params_to_speculative)
+    draft_cache: tuple[str, str] = ("f16", "f16")
 
     def n_outputs(self) -> tuple[int | None, int | None]:
         """(main, draft) llama_context_params.n_outputs_max as the program sets them; None: n_batch.
@@ -357,17 +359,13 @@ def _parse_server(program: str, args: list[str]) -> Command:
         dcfg = Draft(path=draft["path"], config=draft_config(config, draft))
     elif len(set(draft) - {"n_max"}) > 1:
         unmodelled.append("draft flags without -md: llama-server loads no draft model; they change nothing here")
-    if "draft-mtp" in spec_types:
-        # common_init_result: mparams.load_mtp (the nextn layers' tensors) and a second context of
-        # ctx_type MTP holding KV for the nextn layers only (llama_model::create_memory)
-        unmodelled.append("--spec-type draft-mtp: the MTP context (KV and compute of the model's nextn layers) "
-                          "is not planned yet; the main model is")
     if any(t.startswith("ngram") for t in spec_types):
         unmodelled.append("--spec-type " + ",".join(spec_types) + ": n-gram drafts add outputs to the main "
                           "context (n_outputs_max), not modelled")
     return Command(program=program, model=model, config=config, given=frozenset(values), rpc=tuple(rpc),
                    projector=projector, draft=dcfg, spec_types=tuple(spec_types), ignored=tuple(ignored),
-                   unmodelled=tuple(unmodelled), draft_n_max=draft.get("n_max", 3))
+                   unmodelled=tuple(unmodelled), draft_n_max=draft.get("n_max", 3),
+                   draft_cache=(draft.get("type_k", "f16"), draft.get("type_v", "f16")))
 
 
 def _value(args: list[str], i: int) -> str:

@@ -29,6 +29,9 @@ class DevicePlan:
     mapped_bytes: int = 0         # CPU_Mapped: the file span from its first to its last host tensor
     repack_bytes: int = 0         # CPU_REPACK: copies of the weights the CPU backend repacks
     state_bytes: int = 0          # recurrent state (llama_memory_recurrent's RS buffer): r_l and s_l rows
+    # the same llama-server process's other buffers here: its draft model, projector and MTP context
+    # (gpulab.core.policies.process.around; the fleet planner counts them per device)
+    process_bytes: int = 0
 
     @property
     def buffer_bytes(self) -> int:
@@ -37,7 +40,7 @@ class DevicePlan:
 
     @property
     def used_bytes(self) -> int:
-        return self.buffer_bytes + self.overhead_bytes
+        return self.buffer_bytes + self.overhead_bytes + self.process_bytes
 
     @property
     def fits(self) -> bool:

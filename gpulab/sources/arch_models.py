@@ -406,7 +406,7 @@ def write_arch_model(path, arch: str) -> pathlib.Path:
     """Write the model of `arch` at `path` (zero weights, a sparse file) and return the path."""
     import gguf
 
-    from .synth import _vocab
+    from .synth import add_vocab
     kv, tensors = ARCH_MODELS[arch]()
     path = pathlib.Path(path)
     w = gguf.GGUFWriter(path, arch)
@@ -426,13 +426,7 @@ def write_arch_model(path, arch: str) -> pathlib.Path:
                 w.add_float32(full, value)
             else:
                 w.add_uint32(full, value)
-        toks, scores, types = _vocab(_V)
-        w.add_tokenizer_model("llama")
-        w.add_token_list(toks)
-        w.add_token_scores(scores)
-        w.add_token_types(types)
-        w.add_bos_token_id(1)
-        w.add_eos_token_id(2)
+        add_vocab(w, _V)
         for name, shape, gtype in tensors:
             w.add_tensor_info(name, tuple(reversed(shape)), np.dtype(np.float32), _n_bytes(shape, gtype),
                               raw_dtype=gguf.GGMLQuantizationType[gtype])

@@ -150,6 +150,17 @@ def _vocab(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
     return toks, scores, [int(t) for t in types]
 
 
+def add_vocab(w, n_vocab: int) -> None:
+    """The SentencePiece vocab of `_vocab` into GGUFWriter `w`, with <s> and </s> as BOS and EOS."""
+    toks, scores, types = _vocab(n_vocab)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(toks)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+
+
 def _pool(gtype: str, rng: np.random.Generator) -> memoryview:
     """A few MiB of valid data of one ggml type, a whole number of blocks long."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -260,13 +271,7 @@ def _write(w, s: SynthSpec, tensors: list[tuple[str, tuple[int, ...], str, int]]
         # Which layers slide is llama.cpp's default pattern (load_swa_pattern), not written.
         w.add_sliding_window(s.sliding_window)
 
-    toks, scores, types = _vocab(s.n_vocab)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(toks)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    add_vocab(w, s.n_vocab)
     w.add_unk_token_id(0)
     w.add_add_bos_token(True)
 

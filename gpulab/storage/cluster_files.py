@@ -6,24 +6,14 @@ import os
 from pathlib import Path
 
 from ..core.cluster import Cluster, cluster_from_dict, cluster_to_dict
-from ..core.errors import ConfigError
-from .files import TOMLDecodeError, atomic_write_text, read_toml, to_toml
+from .files import atomic_write_text, read_toml_as, to_toml
 
 __all__ = ["read_cluster", "write_cluster", "cluster_text"]
 
 
 def read_cluster(path: str | os.PathLike) -> Cluster:
     """The Cluster in a TOML file; ConfigError naming the file for anything wrong with it."""
-    try:
-        doc = read_toml(path)
-    except OSError as e:
-        raise ConfigError(f"cannot read the cluster {path}: {e.strerror or e}") from None
-    except TOMLDecodeError as e:
-        raise ConfigError(f"{path} is not valid TOML: {e}") from None
-    try:
-        return cluster_from_dict(doc)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    return read_toml_as(path, "cluster", cluster_from_dict)
 
 
 def cluster_text(cluster: Cluster) -> str:

@@ -9,17 +9,19 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:                      # the same parser, from PyPI (pyproject.toml)
     import tomli as tomllib
 
-__all__ = ["atomic_write_text", "write_json", "read_json", "to_toml", "read_toml", "TOMLDecodeError"]
+__all__ = ["atomic_write_text", "write_json", "read_json", "to_toml", "read_toml", "read_toml_as", "TOMLDecodeError"]
 
 TOMLDecodeError = tomllib.TOMLDecodeError
+T = TypeVar("T")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -67,3 +69,19 @@ def to_toml(doc: dict) -> str:
 def read_toml(path: str | os.PathLike) -> dict:
     """Raises OSError or TOMLDecodeError."""
     return tomllib.loads(Path(path).read_text())
+
+
+def read_toml_as(path: str | os.PathLike, what: str, from_dict: Callable[[dict], T]) -> T:
+    """A TOML file of gpulab's (a fleet, a cluster) as its type; ConfigError naming the file for
+    anything wrong with it: unreadable, not TOML, or refused by `from_dict`."""
+    from ..core.errors import ConfigError
+    try:
+        doc = read_toml(path)
+    except OSError as e:
+        raise ConfigError(f"cannot read the {what} {path}: {e.strerror or e}") from None
+    except TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    try:
+        return from_dict(doc)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

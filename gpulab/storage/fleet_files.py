@@ -9,23 +9,15 @@ from pathlib import Path
 
 from ..core.errors import ConfigError
 from ..core.fleet.model import Fleet, fleet_from_dict, fleet_to_dict
-from .files import TOMLDecodeError, atomic_write_text, read_toml, to_toml
+from .files import atomic_write_text, read_toml_as, to_toml
 
-__all__ = ["read_fleet", "read_any_fleet", "write_fleet", "fleet_text", "llama_swap_yaml", "read_yaml"]
+__all__ = ["read_fleet", "read_any_fleet", "write_fleet", "fleet_text", "llama_swap_yaml", "read_yaml",
+           "with_companions"]
 
 
 def read_fleet(path: str | os.PathLike) -> Fleet:
     """The Fleet in a TOML file; ConfigError naming the file for anything wrong with it."""
-    try:
-        doc = read_toml(path)
-    except OSError as e:
-        raise ConfigError(f"cannot read the fleet {path}: {e.strerror or e}") from None
-    except TOMLDecodeError as e:
-        raise ConfigError(f"{path} is not valid TOML: {e}") from None
-    try:
-        return fleet_from_dict(doc)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    return read_toml_as(path, "fleet", fleet_from_dict)
 
 
 def fleet_text(fleet: Fleet) -> str:
@@ -77,3 +69,31 @@ def read_any_fleet(path: str | os.PathLike) -> tuple[Fleet, list[str]]:
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     return read_fleet(path), []
+
+
+def with_companions(fleet: Fleet, base: str | os.PathLike | None = None) -> Fleet:
+    """The fleet with each model's draft (-md) and projector (--mmproj) profiles read from their
+    files (relative paths from `base`, and made absolute for the exports), which the fleet planner
+    counts per device."""
+    from dataclasses import replace
+
+    from ..core.fleet.model import Companions
+    from ..sources.projector import read_projector
+    from ..sources.read import read_profile
+
+    def path(p: str) -> str:
+        return str(Path(base) / p) if base is not None and not os.path.isabs(p) and "://" not in p else p
+
+    models = []
+    for m in fleet.models:
+        if m.draft or m.mmproj:
+            try:
+                c = Companions(draft=read_profile(path(m.draft)) if m.draft else None,
+                               projector=read_projector(path(m.mmproj)) if m.mmproj else None)
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"{m.name}: cannot read its draft or projector: {e}") from None
+            # the paths as the process will open them (the exports write these)
+            m = replace(m, companions=c, draft=path(m.draft) if m.draft else "",
+                        mmproj=path(m.mmproj) if m.mmproj else "")
+        models.append(m)
+    return replace(fleet, models=tuple(models))

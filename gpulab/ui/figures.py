@@ -55,7 +55,9 @@ def memory_terms() -> list[tuple[str, str]]:
     terms = [("weights", "weights_bytes"), ("KV", "kv_bytes")]
     if "state_bytes" in getattr(DevicePlan, "__dataclass_fields__", {}):
         terms.append(("state", "state_bytes"))
-    return terms + [("compute", "compute_bytes"), ("overhead", "overhead_bytes")]
+    # the same llama-server process's draft, projector and MTP context (DevicePlan.process_bytes)
+    return terms + [("compute", "compute_bytes"), ("draft & projector", "process_bytes"),
+                    ("overhead", "overhead_bytes")]
 
 
 def _q(n: int | float, unit: tuple[str, int]) -> str:

@@ -42,7 +42,7 @@ import plotly.graph_objects as go
 
 from ..core.config import FLASH_ATTN_MODES, SPLIT_MODES, SplitConfig
 from ..core.devices import HOST_NAME, Device, parse_sim_spec
-from ..core.errors import GpulabError
+from ..core.errors import ConfigError, GpulabError
 from ..core.exports.render import TARGETS, render
 from ..core.ggml_types import KV_CACHE_TYPES
 from ..core.measure.reconcile import comparison_rows
@@ -298,8 +298,21 @@ class SplitLab(W.VBox):
                                  style=_STYLE, layout=W.Layout(width="auto"))
             ctl.observe(self._changed, "value")
             self.setting_controls[st.attr] = ctl
+        # what the llama-server process loads beside the model, as a pasted command spells it
+        # (gpulab.core.command_line; counted per device by gpulab.core.policies.process.with_process)
+        self.process_controls = {
+            "mmproj": W.Text(value="", description="--mmproj (projector GGUF)", continuous_update=False,
+                             style=_STYLE, layout=W.Layout(width="460px")),
+            "draft": W.Text(value="", description="-md (draft GGUF)", continuous_update=False, style=_STYLE,
+                            layout=W.Layout(width="460px")),
+            "draft_flags": W.Text(value="", description="draft flags", placeholder="-ngld 99 -devd CUDA1 -ctkd q8_0",
+                                  continuous_update=False, style=_STYLE, layout=W.Layout(width="460px")),
+            "spec_type": W.Dropdown(options=["", "draft-mtp"], value="", description="--spec-type", style=_STYLE,
+                                    layout=W.Layout(width="auto")),
+        }
+        self._companions: dict[tuple[str, str], object] = {}
         for w in (self.ngl_slider, self.split_mode, self.main_gpu, self.n_ctx, self.type_k, self.type_v,
-                  self.flash_attn, self.y_scale):
+                  self.flash_attn, self.y_scale, *self.process_controls.values()):
             w.observe(self._changed, "value")
         self._base_config = config
         self.status = W.HTML()
@@ -362,9 +375,13 @@ class SplitLab(W.VBox):
         fit_box = W.VBox([W.HBox(controls["fit"], layout=wrap),
                           W.HTML(_GREY.format("the thin strip under the layer strip is llama-server's -fit for "
                                               "these values and the current -c (gpulab.core.policies.server_fit)"))])
+        process_box = W.VBox([*self.process_controls.values(),
+                              W.HTML(_GREY.format("what llama-server loads beside the model: the draft, the "
+                                                  "projector and the MTP context, in the bars as 'draft & "
+                                                  "projector' (gpulab.core.policies.process)"))])
         self.groups: dict[str, W.Accordion] = {}
         for name, box in (("split", split), ("context & cache", ctx), ("experts & overrides", experts),
-                          ("fit", fit_box)):
+                          ("fit", fit_box), ("process", process_box)):
             acc = W.Accordion(children=[box], titles=(name,), selected_index=0 if name in _OPEN else None,
                               layout=W.Layout(width="100%"))
             acc.add_class("gpulab-group")
@@ -474,7 +491,47 @@ class SplitLab(W.VBox):
         return self.redraw()
 
     def _plan(self, config: SplitConfig) -> Plan:
-        return make_plan(self.profile, self.devices, config, self.host)
+        cmd = self._process_command()
+        if cmd is None:
+            return make_plan(self.profile, self.devices, config, self.host)
+        from ..core.placement.mtp import with_mtp
+        from ..core.policies.process import with_process
+        profile = with_mtp(self.profile) if "draft-mtp" in cmd.spec_types else self.profile
+        p = make_plan(profile, self.devices, config, self.host)
+        return with_process(cmd, p, self.devices, self.host, draft=self._companion("draft", cmd.draft),
+                            projector=self._companion("projector", cmd.projector))
+
+    def _process_command(self):
+        """The process fields as a pasted llama-server command (None: the model alone)."""
+        import shlex
+
+        from ..core.command_line import parse_command
+        v = {k: (w.value or "").strip() for k, w in self.process_controls.items()}
+        if not any(v.values()):
+            return None
+        argv = ["llama-server", "-m", self.profile.path]
+        argv += ["--mmproj", v["mmproj"]] if v["mmproj"] else []
+        argv += ["-md", v["draft"]] if v["draft"] else []
+        try:
+            argv += shlex.split(v["draft_flags"])
+        except ValueError as e:
+            raise ConfigError(f"draft flags: {e}") from None
+        argv += ["--spec-type", v["spec_type"]] if v["spec_type"] else []
+        cmd = parse_command(argv)
+        if cmd.unmodelled:
+            raise ConfigError(cmd.unmodelled[0])
+        return cmd
+
+    def _companion(self, kind: str, part):
+        """The draft's or projector's profile, read once per path."""
+        if part is None:
+            return None
+        key = (kind, part.path)
+        if key not in self._companions:
+            from ..sources.projector import read_projector
+            from ..sources.read import read_profile
+            self._companions[key] = read_profile(part.path) if kind == "draft" else read_projector(part.path)
+        return self._companions[key]
 
     def _safe_plan(self, config) -> Plan | None:
         try:

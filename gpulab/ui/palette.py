@@ -28,7 +28,7 @@ INK = "#333333"          # what is not a device: reference lines, throughput, te
 # memory term -> (share of the device colour kept, plotly bar pattern): weights, KV, compute,
 # runtime overhead, and the recurrent state of SSM/hybrid models
 TERMS = {"weights": (1.0, ""), "KV": (0.6, "/"), "compute": (0.35, "."), "overhead": (0.2, "x"),
-         "state": (0.5, "\\")}
+         "state": (0.5, "\\"), "draft & projector": (0.8, "+")}
 
 # what a point is -> its marker symbol (plotly names)
 MEASURE_SYMBOLS = {"predicted": "circle", "llama.cpp": "x-thin-open", "NVML": "circle-open"}

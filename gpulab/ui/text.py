@@ -336,7 +336,7 @@ def fleet_text(fp) -> str:
 
 def process_text(cp) -> str:
     """A pasted command's whole process (gpulab.core.policies.process.CommandPlan): per device the
-    main model, the draft, the projector and the base cost, against free memory."""
+    main model, the draft, the MTP context, the projector and the base cost, against free memory."""
     pp, cmd = cp.process, cp.command
     lines = [f"{cmd.program}: {cmd.model}" + (f" + draft {cmd.draft.path}" if cmd.draft else "")
              + (f" + projector {cmd.projector.path}" if cmd.projector else "")]
@@ -350,13 +350,19 @@ def process_text(cp) -> str:
         pr = pp.projector
         lines.append(f"projector on {pr.device} ({pr.why}): weights {format_bytes(pr.weights_bytes)}, "
                      f"compute {format_bytes(pr.compute_bytes)} (estimate)")
-    head = f"{'device':<10}{'main':>12}{'draft':>12}{'projector':>12}{'base cost':>14}{'total':>12}{'free':>12}  fits"
+    if pp.mtp is not None:
+        lines.append(f"MTP heads: the nextn layer(s) on {', '.join(dict.fromkeys(pp.mtp.layer_devices[:-1]))} "
+                     "(weights in main); the MTP context's KV and compute in the 'mtp' column")
+    mtp = pp.mtp is not None
+    head = (f"{'device':<10}{'main':>12}{'draft':>12}" + (f"{'mtp':>12}" if mtp else "")
+            + f"{'projector':>12}{'base cost':>14}{'total':>12}{'free':>12}  fits")
     lines += ["", head]
     for r in pp.rows:
         base = format_bytes(r.overhead_bytes) + ("*" if r.overhead_is_default else "")
         free = "-" if r.is_host else format_bytes(r.free_bytes)
         lines.append(f"{r.name:<10}{format_bytes(r.main_bytes):>12}{format_bytes(r.draft_bytes):>12}"
-                     f"{format_bytes(r.projector_bytes):>12}{base:>14}{format_bytes(r.used_bytes):>12}{free:>12}  "
+                     + (f"{format_bytes(r.mtp_bytes):>12}" if mtp else "")
+                     + f"{format_bytes(r.projector_bytes):>12}{base:>14}{format_bytes(r.used_bytes):>12}{free:>12}  "
                      f"{'yes' if r.fits else 'NO'}")
     if any(r.overhead_is_default for r in pp.rows):
         lines.append("* default base cost for a CUDA device (nothing learned on it yet)")

@@ -128,9 +128,10 @@ def test_a_device_named_before_rpc_registers_it_is_refused_as_llama_server_refus
     assert c.rpc == ("127.0.0.1:50052",) and c.draft.config.devices == ("RPC0",)
 
 
-def test_mtp_is_named_as_not_planned():
+def test_mtp_is_planned_with_the_drafts_cache_types():
     c = cl.parse_command(shlex.split("llama-server -m A --spec-type draft-mtp"))
     assert c.spec_types == ("draft-mtp",) and c.draft is None
-    assert c.unmodelled == ("--spec-type draft-mtp: the MTP context (KV and compute of the model's nextn layers) "
-                            "is not planned yet; the main model is",)
+    assert c.unmodelled == () and c.draft_cache == ("f16", "f16")
     assert c.n_outputs() == (4 * (1 + 3), 4)     # -np auto: 4 slots, 3 drafted tokens each
+    c = cl.parse_command(shlex.split("llama-server -m A --spec-type draft-mtp -ctk q4_0 -ctkd q8_0 -ctvd q8_0"))
+    assert c.draft_cache == ("q8_0", "q8_0") and c.config.type_k == "q4_0"

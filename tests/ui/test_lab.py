@@ -219,11 +219,12 @@ def test_an_impossible_setting_shows_the_message_and_the_lab_recovers(prof):
     assert lab.error is None and lab.plan.config.type_v == "q4_0"
 
 
-def test_controls_sit_in_four_groups_with_full_labels(prof):
+def test_controls_sit_in_five_groups_with_full_labels(prof):
     from builders import make_moe_profile
     lab = make_lab(make_moe_profile(), "2x24GiB")
-    assert [a.titles[0] for a in lab.groups.values()] == ["split", "context & cache", "experts & overrides", "fit"]
-    assert [a.selected_index for a in lab.groups.values()] == [0, 0, None, None]
+    assert [a.titles[0] for a in lab.groups.values()] == ["split", "context & cache", "experts & overrides", "fit",
+                                                           "process"]
+    assert [a.selected_index for a in lab.groups.values()] == [0, 0, None, None, None]
     # every llama.cpp setting of the flag table has its control in the group it belongs to
     def inside(w):
         kids = getattr(w, "children", ())
@@ -420,3 +421,40 @@ def test_in_a_notebook_the_live_fit_waits_for_the_controls_to_rest(prof):
     asyncio.run(steps())
     assert fits == [1024]                        # once, for the settings the controls rest on
     assert lab.strip.fit_label.startswith("llama-server -fit at -c 1024:")
+
+
+def test_a_projector_and_a_draft_typed_in_the_process_group_join_the_bars(prof, tmp_path):
+    """The 'process' group takes the paths as llama-server's flags do; the bars gain the draft and the
+    projector on their devices, as gpulab.core.policies.process plans them (the same pasted command)."""
+    import shlex
+
+    from gpulab.core.command_line import parse_command
+    from gpulab.core.policies.process import plan_command
+    from gpulab.sources.projector import read_projector
+    from gpulab.sources.synth import SynthSpec, write_model
+    from projectors import write_projector
+    mm = write_projector(tmp_path / "mm.gguf", projector_type="mlp", image_size=336, patch_size=14, n_embd=256,
+                         n_ff=1024, n_head=4, n_layer=2, proj_dim=4096)
+    draft = write_model(tmp_path / "d.gguf", SynthSpec(n_layer=2, n_embd=256, n_ff=512, n_head=4, n_head_kv=4,
+                                                      n_vocab=512))
+    lab = make_lab(prof, "2x24GiB")
+    before = memory_mib(lab, "draft & projector")
+    assert before == [0.0, 0.0, 0.0]
+    lab.process_controls["mmproj"].value = str(mm)
+    lab.process_controls["draft"].value = str(draft)
+    lab.process_controls["draft_flags"].value = "-ngld 99"
+    lab.redraw()
+    assert lab.error is None
+    ts = ",".join(f"{x:g}" for x in lab.plan.config.tensor_split) or "1,1"
+    from gpulab.sources.read import read_profile
+    ref = plan_command(parse_command(shlex.split(
+        f"llama-server -m M --mmproj {mm} -md {draft} -ngld 99 -dev SIM0,SIM1 -ts {ts} -c {lab.plan.config.n_ctx} "
+        f"-np {lab.plan.config.n_seq_max} -fit off")), prof, lab.devices, draft=read_profile(draft),
+        projector=read_projector(mm)).process
+    for d in lab.plan.offload_devices:
+        r = ref.row(d.name)
+        assert d.process_bytes == r.draft_bytes + r.projector_bytes, d.name
+    assert lab.plan.device("SIM0").process_bytes > lab.plan.device("SIM1").process_bytes > 0   # the projector on SIM0
+    lab.process_controls["draft_flags"].value = "-ngld"
+    lab.redraw()
+    assert lab.error and "needs a value" in lab.error

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..devices import Device
+from ..fleet.model import FleetModel
 from ..fleet.planner import FleetPlan
 from .render import render
 
@@ -56,8 +57,23 @@ class FleetExport:
 
 def _server_argv(fplan: FleetPlan, name: str, paths: Mapping[str, str], devices: Sequence[Device]) -> list[str]:
     p = fplan.placement(name).plan
-    return render(p.config, "llama-server", model_path=paths[name], n_layer=p.profile.n_layer,
+    argv = render(p.config, "llama-server", model_path=paths[name], n_layer=p.profile.n_layer,
                   devices=list(devices)).data
+    return argv + process_argv(fplan.fleet.model(name))
+
+
+def process_argv(m: FleetModel) -> list[str]:
+    """The model's projector, draft and speculative mode as llama-server spells them (the paths as
+    the fleet file gives them)."""
+    out: list[str] = []
+    if m.mmproj:
+        out += ["--mmproj", m.mmproj] + ([] if m.mmproj_offload else ["--no-mmproj-offload"])
+    if m.draft:
+        out += ["-md", m.draft]
+    out += list(m.draft_flags)
+    if m.spec_type:
+        out += ["--spec-type", m.spec_type]
+    return out
 
 
 def server_commands(fplan: FleetPlan, paths: Mapping[str, str], devices: Sequence[Device]) -> dict[str, list[str]]:
@@ -227,6 +243,9 @@ def ollama_fleet(fplan: FleetPlan, paths: Mapping[str, str], devices: Sequence[D
         if len(ports) > 1:
             gaps.append(f"{d} is used by the instances on ports {', '.join(map(str, ports))}: each Ollama schedules "
                         "by the free memory it sees at load time and does not know the others' plans")
+    gaps += [f"{pl.name}: its projector and draft (--mmproj, -md) are not written: an Ollama model carries its "
+             "projector in its own blob and Ollama has no draft model" for pl in fplan.placements
+             if fplan.fleet.model(pl.name).has_process]
     gaps.append("Ollama has no tensor_split: within an instance its scheduler splits layers by free memory, "
                 "not by the planned -ts")
     gaps.append("Ollama has no per-model pinning: a model reaches its devices only through the instance it is "

@@ -3,9 +3,10 @@ parsed dict) or a llama-server --models-preset INI (as text).
 
 Each model's llama-server arguments become a FleetModel: the model (-m, or -hf as a llama.cpp
 cache entry) and every flag of the flag table (gpulab.core.settings: -c, -ctk, -np, --device as a
-pin, -ot, -fa, -ngl, -b, -ub, -kvu, ...). The split (-ts, -sm, -mg) and -fit are dropped: choosing
-them is the planner's job; every argument left out is named in the notes,
-never dropped silently.
+pin, -ot, -fa, -ngl, -b, -ub, -kvu, ...), the projector (--mmproj, --no-mmproj-offload), the draft
+(-md and its flags: -ngld, -devd, -otd, -ctkd, ...) and --spec-type. The split (-ts, -sm, -mg)
+and -fit are dropped: choosing them is the planner's job; every argument left out is named in
+the notes, never dropped silently.
 
 Which models run together:
 - llama-swap: the members of a group with `swap: false` are resident (keep_loaded); every
@@ -19,6 +20,7 @@ from __future__ import annotations
 import re
 import shlex
 
+from ..command_line import PROCESS_FLAGS
 from ..errors import ConfigError
 from ..settings import SETTINGS, value_from_text
 from .model import Fleet, fleet_from_dict, fleet_key
@@ -33,6 +35,9 @@ _SETTING = {flag: s for s in SETTINGS for flag in s.flags if flag not in _PLANNE
 _KEYS = {"-m": "model", "--model": "model", "-hf": "hf", "--hf-repo": "hf", "-hfr": "hf",
          "--gpu-layers": "n_gpu_layers", **{flag: fleet_key(s.attr) for flag, s in _SETTING.items()}}
 _BY_KEY = {fleet_key(s.attr): s for s in SETTINGS}
+# the projector and the draft: the fleet model's process keys (mmproj, draft, draft_flags, spec_type);
+# -mmdev (the projector's own device) is left out: the fleet puts it where llama-server does by default
+_PROCESS = {f for f in PROCESS_FLAGS if f not in ("-m", "--model", "--rpc", "-mmdev", "--mmproj-device")}
 # flags without a value that a fleet model does not hold
 _FLAGS = {"--jinja", "--no-webui", "--metrics", "--no-mmap", "--mlock", "-cb", "--cont-batching", "--verbose", "-v"}
 
@@ -41,6 +46,7 @@ def model_from_server_args(name: str, argv: list[str], *, keep_loaded: bool) -> 
     """([[models]] table, notes) for one model's llama-server arguments (argv[0] may be the program)."""
     doc: dict = {"name": name}
     notes: list[str] = []
+    draft: list[str] = []
     args: list[str] = []
     for t in argv:                          # --ctx-size=8192 is --ctx-size 8192
         args += t.split("=", 1) if t.startswith("--") and "=" in t else [t]
@@ -60,6 +66,22 @@ def model_from_server_args(name: str, argv: list[str], *, keep_loaded: bool) -> 
                 raise ConfigError(f"{name}: {flag} needs a value")
             _put(doc, key, value, name)
             i += 2
+        elif flag in _PROCESS:
+            # the projector, the draft and the speculative mode: the fleet model's process keys
+            takes = PROCESS_FLAGS[flag]
+            if takes and value is None:
+                raise ConfigError(f"{name}: {flag} needs a value")
+            if flag in ("-mm", "--mmproj"):
+                doc["mmproj"] = value
+            elif flag == "--no-mmproj-offload":
+                doc["mmproj_offload"] = False
+            elif flag in ("--spec-draft-model", "-md", "--model-draft"):
+                doc["draft"] = value
+            elif flag == "--spec-type":
+                doc["spec_type"] = value
+            elif flag != "--mmproj-offload":       # the default
+                draft += [flag, value] if takes and value is not None else [flag]
+            i += 2 if takes else 1
         elif flag in _FLAGS or not flag.startswith("-"):
             notes.append(f"{name}: {flag} left out (not part of a fleet model)")
             i += 1
@@ -71,6 +93,8 @@ def model_from_server_args(name: str, argv: list[str], *, keep_loaded: bool) -> 
             else:
                 notes.append(f"{name}: {flag} left out ({why})")
                 i += 1
+    if draft:
+        doc["draft_flags"] = shlex.join(draft)
     if "model" not in doc:
         raise ConfigError(f"{name}: no -m MODEL or -hf REPO in its arguments")
     if not keep_loaded:
@@ -167,10 +191,11 @@ def fleet_from_router_ini(text: str) -> tuple[Fleet, list[str]]:
         argv: list[str] = []
         start = keys.pop("load-on-startup", "false").lower() in ("1", "true", "on", "yes")
         for k, v in keys.items():
-            flag = ("-" if len(k) <= 3 and f"-{k}" in _KEYS or f"-{k}" in _PLANNED else "--") + k
+            short = len(k) <= 3 and f"-{k}" in _KEYS or f"-{k}" in _PROCESS or f"-{k}" in _PLANNED
+            flag = ("-" if short else "--") + k
             if flag == "--model":
                 flag = "-m"
-            if v.lower() == "true" and flag not in _KEYS:
+            if v.lower() == "true" and flag not in _KEYS and not PROCESS_FLAGS.get(flag, False):
                 argv.append(flag)
             else:
                 argv += [flag, v]

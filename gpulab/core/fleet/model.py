@@ -10,6 +10,10 @@ minimum, spelled as issue 15 fixes it so that scripts can rely on it:
     ctx = 8192
     # optional: type_k, type_v, parallel, devices = ["CUDA0"], overrides = ["PATTERN=CPU"],
     #           keep_loaded (default true), flash_attn, n_gpu_layers
+    # what else the model's llama-server process loads (as a pasted command spells it):
+    #           mmproj = "P.gguf", mmproj_offload = false (--no-mmproj-offload),
+    #           draft = "D.gguf" (-md), draft_flags = "-ngld 99 -devd CUDA1 -ctkd q8_0",
+    #           spec_type = "draft-mtp" (the model's own MTP heads)
     # and every other llama.cpp setting of the flag table (gpulab.core.settings.SETTINGS) by its
     # SplitConfig name: n_batch = 1024, n_ubatch = 256, kv_unified = true, swa_full, op_offload,
     # offload_kqv, cpu_moe, n_cpu_moe, n_cpu_ffn, no_host, use_extra_bufts, split_mode, main_gpu,
@@ -25,16 +29,20 @@ Ollama name or a llama.cpp cache entry is gpulab.sources.model_refs.
 from __future__ import annotations
 
 import re
+import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..command_line import Command, parse_command
 from ..config import FLASH_ATTN_MODES, SplitConfig
 from ..errors import ConfigError
+from ..placement.process import ProjectorProfile
+from ..profile import ModelProfile
 from ..settings import SETTINGS, Setting
 from ..units import GiB, KiB, MiB, parse_bytes
 
-__all__ = ["FLEET_VERSION", "Fleet", "FleetModel", "ModelRef", "parse_model_ref", "fleet_from_dict", "fleet_key",
-           "fleet_to_dict", "format_keep_free"]
+__all__ = ["FLEET_VERSION", "Companions", "Fleet", "FleetModel", "ModelRef", "parse_model_ref", "fleet_from_dict",
+           "fleet_key", "fleet_to_dict", "format_keep_free"]
 
 FLEET_VERSION = 1
 # A fleet spells a setting by its SplitConfig name, except the three names issue 15 fixed
@@ -51,7 +59,9 @@ def fleet_key(attr: str) -> str:
 
 _OTHER_SETTINGS = {fleet_key(s.attr): s for s in SETTINGS
                    if s.attr not in _NOT_IN_FLEETS and fleet_key(s.attr) not in _FIELDS}
-_MODEL_KEYS = ("name", "model", *_FIELDS[:6], "keep_loaded", *_FIELDS[6:], *_OTHER_SETTINGS)
+# the process's other models (gpulab.core.command_line spells them; gpulab.core.policies.process plans them)
+_PROCESS_KEYS = ("mmproj", "mmproj_offload", "draft", "draft_flags", "spec_type")
+_MODEL_KEYS = ("name", "model", *_FIELDS[:6], "keep_loaded", *_FIELDS[6:], *_PROCESS_KEYS, *_OTHER_SETTINGS)
 _DEVICE_KEYS = ("keep_free",)
 _TOP_KEYS = ("version", "models", "devices")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]*$")   # a llama-swap model id, an INI section, a file name
@@ -96,6 +106,13 @@ def parse_model_ref(text: str) -> ModelRef:
 
 
 @dataclass(frozen=True)
+class Companions:
+    """The profiles of what a model's process loads beside it (-md, --mmproj)."""
+    draft: ModelProfile | None = None
+    projector: ProjectorProfile | None = None
+
+
+@dataclass(frozen=True)
 class FleetModel:
     name: str
     model: str                         # the reference as written (see ModelRef)
@@ -110,6 +127,30 @@ class FleetModel:
     n_gpu_layers: int = -1             # -ngl; negative: all
     # every other setting the TOML gives other than its default, (SplitConfig field, value) in SETTINGS' order
     settings: tuple[tuple[str, Any], ...] = ()
+    mmproj: str = ""                   # --mmproj
+    mmproj_offload: bool = True        # False: --no-mmproj-offload
+    draft: str = ""                    # -md
+    draft_flags: tuple[str, ...] = ()  # the draft's flags as llama-server spells them (-ngld 99 -devd CUDA1 ...)
+    spec_type: str = ""                # --spec-type (draft-mtp: the model's MTP heads)
+    # the draft's and the projector's profiles, read by whoever reads the model files (not in the TOML)
+    companions: Companions | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def has_process(self) -> bool:
+        """Whether its llama-server process loads more than the model."""
+        return bool(self.mmproj or self.draft or self.spec_type)
+
+    def command(self) -> Command:
+        """The model's process as a pasted llama-server command (the one flag table's reading)."""
+        argv = ["llama-server", "-m", self.model]
+        if self.mmproj:
+            argv += ["--mmproj", self.mmproj] + ([] if self.mmproj_offload else ["--no-mmproj-offload"])
+        if self.draft:
+            argv += ["-md", self.draft]
+        argv += list(self.draft_flags)
+        if self.spec_type:
+            argv += ["--spec-type", self.spec_type]
+        return parse_command(argv)
 
     @property
     def ref(self) -> ModelRef:
@@ -224,15 +265,42 @@ def _model_from_dict(i: int, doc) -> FleetModel:
         if not isinstance(doc["keep_loaded"], bool):
             raise ConfigError(f"{where}: keep_loaded must be true or false, got {doc['keep_loaded']!r}")
         kw["keep_loaded"] = doc["keep_loaded"]
+    for key in ("mmproj", "draft", "spec_type"):
+        if key in doc:
+            if not isinstance(doc[key], str):
+                raise ConfigError(f"{where}: {key} must be a string, got {doc[key]!r}")
+            kw[key] = doc[key].strip()
+    if "mmproj_offload" in doc:
+        if not isinstance(doc["mmproj_offload"], bool):
+            raise ConfigError(f"{where}: mmproj_offload must be true or false, got {doc['mmproj_offload']!r}")
+        kw["mmproj_offload"] = doc["mmproj_offload"]
+    if "draft_flags" in doc:
+        v = doc["draft_flags"]
+        kw["draft_flags"] = tuple(shlex.split(v)) if isinstance(v, str) else _strings(v, f"{where}: draft_flags")
     given = [(s, _setting_value(s, doc[key], f"{where}: {key}")) for key, s in _OTHER_SETTINGS.items()
              if key in doc]
     kw["settings"] = tuple((s.attr, v) for s, v in given if v != s.default)   # as the fields: defaults unwritten
     m = FleetModel(**kw)
     try:
         m.config()    # every llama.cpp value checked where SplitConfig checks it
+        if m.has_process or m.draft_flags:
+            _check_process(m)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     return m
+
+
+def _check_process(m: FleetModel) -> None:
+    """draft_flags and spec_type read as llama-server reads them; the main model's settings have
+    keys of their own."""
+    if m.draft_flags and not m.draft and any(f in m.draft_flags for f in ("-ngld", "-devd", "-otd", "-md")):
+        raise ConfigError("draft_flags without draft: llama-server loads no draft model; give draft = \"D.gguf\"")
+    cmd = m.command()
+    if cmd.given:
+        flags = [s.flags[0] for s in SETTINGS if s.attr in cmd.given]
+        raise ConfigError(f"draft_flags: {', '.join(flags)} set(s) the main model; give it as its own key")
+    if cmd.unmodelled:
+        raise ConfigError(f"draft_flags: {cmd.unmodelled[0]}")
 
 
 def fleet_from_dict(doc) -> Fleet:
@@ -296,6 +364,10 @@ def fleet_to_dict(fleet: Fleet) -> dict:
                 d[key] = list(v) if isinstance(v, tuple) else v
         for attr, v in m.settings:
             d[attr] = list(v) if isinstance(v, tuple) else v
+        for key in _PROCESS_KEYS:
+            v = getattr(m, key)
+            if v != getattr(default, key):
+                d[key] = shlex.join(v) if key == "draft_flags" else v
         models.append(d)
     doc: dict = {"version": fleet.version, "models": models}
     if fleet.keep_free:

@@ -15,11 +15,14 @@ from dataclasses import replace
 
 from ..config import SplitConfig
 from ..devices import Device
+from ..errors import ConfigError
+from ..placement.mtp import with_mtp
 from ..placement.plan import Plan
 from ..placement.planner import plan
 from ..policies.apply import policy_split
+from ..policies.process import with_process
 from ..profile import ModelProfile
-from .model import FleetModel
+from .model import Companions, FleetModel
 
 __all__ = ["place_model", "subsets", "contiguous_sets", "fits_budget", "deficit_bytes"]
 
@@ -55,10 +58,14 @@ def place_model(m: FleetModel, profile: ModelProfile, subset: Sequence[str], dev
     chosen = set(subset)
     budget = _budget_devices(devices if base.tensor_overrides else [d for d in devices if d.name in chosen], left)
 
+    if m.has_process and "draft-mtp" in m.command().spec_types:
+        profile = with_mtp(profile)      # load_mtp: the nextn layers' tensors load
+
     def attempt(cfg: SplitConfig) -> Plan:
         if counter is not None:
             counter[0] += 1
-        return plan(profile, budget, cfg, host)
+        p = plan(profile, budget, cfg, host)
+        return _with_process(m, p, budget, host) if m.has_process else p
 
     if len(subset) <= 1:
         return attempt(base)
@@ -71,6 +78,21 @@ def place_model(m: FleetModel, profile: ModelProfile, subset: Sequence[str], dev
         counter[0] += 7   # the balanced policy plans about seven splits
     second = attempt(base.replace(tensor_split=ts))
     return second if fits_budget(second) or deficit_bytes(second) < deficit_bytes(first) else first
+
+
+def _with_process(m: FleetModel, p: Plan, devices: list[Device], host: Device | None) -> Plan:
+    """The plan with its process's draft, projector and MTP context on its devices
+    (gpulab.core.policies.process.with_process)."""
+    c = m.companions or Companions()
+    missing = [what for what, path, prof in (("draft", m.draft, c.draft), ("projector", m.mmproj, c.projector))
+               if path and prof is None]
+    if missing:
+        raise ConfigError(f"{m.name}: the fleet counts its {' and '.join(missing)} from the file(s): read them "
+                          "(FleetModel.companions; gpulab fleet does)")
+    try:
+        return with_process(m.command(), p, devices, host, draft=c.draft, projector=c.projector)
+    except ConfigError as e:
+        raise ConfigError(f"{m.name}: {e} (pin devices = [...] to include them)") from None
 
 
 def deficit_bytes(p: Plan) -> int:

@@ -144,7 +144,8 @@ class FleetPlan:
                 "config": p.plan.to_dict()["config"],
                 "per_device": [{"name": d.name, "weights_bytes": d.weights_bytes, "kv_bytes": d.kv_bytes,
                                 "compute_bytes": d.compute_bytes, "overhead_bytes": d.overhead_bytes,
-                                "used_bytes": d.used_bytes}
+                                # its process's draft, projector and MTP context here
+                                "process_bytes": d.process_bytes, "used_bytes": d.used_bytes}
                                for d in p.plan.offload_devices],
             } for p in self.placements],
             "devices": [{"name": d.name, "free_bytes": d.free_bytes, "keep_free_bytes": d.keep_free_bytes,

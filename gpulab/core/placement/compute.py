@@ -87,9 +87,25 @@ class _Geom:
     has_swa: bool
     # attn_prefix[i] = layers with attention (a KV cache) among layers 0..i-1; None when every layer has one
     attn_prefix: tuple[int, ...] | None = None
+    # nope_prefix[i] = layers without RoPE among layers 0..i-1 (smollm3: every 4th, src/models/smollm3.cpp)
+    nope_prefix: tuple[int, ...] | None = None
 
 
 _GEOM: dict[int, tuple[weakref.ref, _Geom]] = {}
+# hparams.n_no_rope_layer_step where the model's graph skips RoPE on every n-th layer (llama_model_smollm3)
+_NO_ROPE_STEP = {"smollm3": 4}
+
+
+def _no_rope_step(profile: ModelProfile) -> int:
+    """Every how many layers the graph skips RoPE (0: never). Baichuan ropes only its 7B (32 layers,
+    LLM_TYPE_7B; src/models/baichuan.cpp): 13B uses ALiBi, other sizes neither."""
+    if profile.arch == "baichuan":
+        return 0 if profile.n_layer == 32 else 1
+    return _NO_ROPE_STEP.get(profile.arch, 0)
+# graphs with their norms after attention and the FFN, none before (src/models/olmo2.cpp, exaone4.cpp)
+_POST_NORM = frozenset({"olmo2", "exaone4"})
+# graphs that run attention and the FFN side by side on the same normed input (src/models/cohere2.cpp)
+_PARALLEL = frozenset({"cohere2"})
 
 
 def _geom(profile: ModelProfile) -> _Geom:
@@ -105,6 +121,7 @@ def _geom(profile: ModelProfile) -> _Geom:
         if n_ff_exp:
             break
     moe = profile.n_expert > 0
+    step = _no_rope_step(profile)
     swa = tuple(bool(layer.is_swa) for layer in layers)
     g = _Geom(
         n_embd=profile.n_embd, n_vocab=profile.n_vocab, n_ff=profile.n_ff,
@@ -118,7 +135,8 @@ def _geom(profile: ModelProfile) -> _Geom:
         has_swa=any(swa) and profile.n_swa > 0,
         # recurrent (hybrid) models: a device may hold no attention layer at all
         attn_prefix=(0, *accumulate(int(layer.has_kv) for layer in layers))
-        if any(layer.is_recurrent for layer in layers) else None)
+        if any(layer.is_recurrent for layer in layers) else None,
+        nope_prefix=(0, *accumulate(int((i + 1) % step == 0) for i in range(len(layers)))) if step else None)
     key = id(profile)
     _GEOM[key] = (weakref.ref(profile, lambda _r: _GEOM.pop(key, None)), g)
     return g
@@ -209,6 +227,9 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
 
     E = g.n_embd
     e = _a(4 * E * T)                  # a row set: [n_embd, T] f32
+    # attention and the FFN both read the layer's norm and are summed at the end (cohere2): the attention
+    # output stays live through the FFN, one row set more there
+    par_e = e if profile.arch in _PARALLEL else 0
     q = _a(4 * g.q * T)                # Q (before and after RoPE), the attention output
     kvh = _a(4 * g.kv * T)             # K or V of the ubatch
     f = _a(4 * g.n_ff * T)             # ffn_gate, ffn_up, the GLU output
@@ -255,7 +276,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         part_out = {"gate": fe, "up": fe, "down": fd}
     else:
         ffn_big = 3 * f
-        ffn_slots = 3 * e
+        ffn_slots = 3 * e + par_e
         host_boundary = 2 * e           # ffn_out and ffn_inp of the host layer's closing add
         ffn_after_host = 0
         ffn_unit = f
@@ -268,11 +289,14 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     prev = None
     i = 0
     pre = g.swa_prefix
+    nope_devs: set[str] = set()
     for d, run in groupby(layer_devices[:n_layer]):
         n = len(list(run))
         n_swa = pre[i + n] - pre[i] if g.has_swa else 0
         n_swa_later = n_swa - (1 if g.has_swa and g.swa[i] else 0)
         n_attn = g.attn_prefix[i + n] - g.attn_prefix[i] if g.attn_prefix is not None else n
+        if g.nope_prefix is not None and g.nope_prefix[i + n] > g.nope_prefix[i]:
+            nope_devs.add(d)
         s = stats.get(d)
         if s is None:
             # a device of recurrent layers only has no attention inputs (mask, KV indices) and no KQ
@@ -289,6 +313,10 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     offloaded = any(d != HOST_NAME for d in stats)
 
     out = dict.fromkeys(names, 0)
+    # no norm before attention (the norms follow attention and the FFN: olmo2, exaone4): one row set
+    # less below KQ, and no hole the quantized V cache closes below the FFN
+    post = profile.arch in _POST_NORM
+    post_e = e if post else 0
     own_inputs: dict[str, int] = {}
     for name in names:
         s = stats.get(name)
@@ -340,13 +368,21 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         if nc > 1:
             # pipelined: every input copy is kept 4 times and none is ever freed
             base = nc * (boundary + inputs)
-            # a quantized V cache leaves no hole below the FFN on a device without the output layer:
-            # one row set less (measured on RPC devices, n_embd 512 real loads and 1024 dry runs,
-            # q8_0 and q4_0; the output layer's device did not follow one rule; issue 14)
-            slots = ffn_slots - (e if config.type_v not in ("f32", "f16", "bf16") and not has_out else 0)
+            # The hole below the FFN: a quantized V cache leaves none on a device without the model's
+            # last layer (n_embd 512 real loads and 1024 dry runs, q8_0 and q4_0; issue 14), nor does
+            # the device of the last layer and the output (f16 and quantized); the last layer's device
+            # without the output keeps it. With flash attention off, a quantized K cache leaves none
+            # below KQ either. Measured on RPC devices over llama's dense graph, within 1 MiB on every
+            # device of the architecture matrix (tests/integration/test_arch_matrix_vs_llama.py) and on
+            # SmolLM2 (test_real_models_exact_vs_llama.py); issue 27.
+            quant_v = config.type_v not in ("f32", "f16", "bf16")
+            holds_last = last_dev == name
+            closed = (holds_last and has_out and not par_e) or (quant_v and not holds_last and not post)
+            slots = ffn_slots - (e if closed else 0)
             peaks = [base + slots + ffn_big, base + 2 * e + 2 * q]
             if not fa:
-                peaks.append(base + 3 * e + q + kq_dev)
+                quant_k = config.type_k not in ("f32", "f16", "bf16")
+                peaks.append(base + (2 * e if quant_k and name not in nope_devs else 3 * e) - post_e + q + kq_dev)
             if has_out:
                 peaks.append(base + e + logits)
             out[name] = max(peaks)
@@ -357,9 +393,9 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             # their range (after the host's operands, the model's last layer gathers its
             # ffn_inp into it: one more row set); K and V land above Q, not in older holes
             below = 3 * e if last_dev == name and before == HOST_NAME else 2 * e
-            peaks = [below + ffn_big, boundary + e + inputs + 2 * q]
+            peaks = [below + par_e + ffn_big, boundary + e + inputs + 2 * q]
             if not fa:
-                peaks.append(inputs + 3 * e + 2 * kvh + q + kq_dev)
+                peaks.append(inputs + 3 * e - post_e + 2 * kvh + q + kq_dev)
         else:
             # during the FFN of the first layer, the inputs of a KV kind with no later layer on
             # this device are already freed, and reused when an FFN tensor fits in them
@@ -371,11 +407,12 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
                 ffn = ffn_after_host if before == HOST_NAME else ffn_slots + ffn_big
             else:
                 # the residual and one hole below the FFN; two host operands leave room for both
-                ffn = (2 * e if boundary >= 2 * e else 3 * e) + ffn_big
+                # (a layer without RoPE leaves the hole: smollm3, -ngl 4 in the arch matrix)
+                ffn = (2 * e if boundary >= 2 * e and name not in nope_devs else 3 * e) + par_e + ffn_big
             # attention: Q before and after RoPE (a ROPE of a reshaped view is not in place)
             peaks = [ffn_inputs + ffn, inputs + 2 * e + 2 * q]
             if not fa:
-                peaks.append(inputs + 3 * e + q + kq_dev)
+                peaks.append(inputs + 3 * e - post_e + q + kq_dev)
 
         # The model's last layer: when its input copies are smaller than a row set, its
         # ffn_inp (the gathered attention output) lands above them and the FFN on top.
@@ -383,6 +420,10 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         glu_low = not g.moe and inputs < e and f <= low
         if last_dev == name and not g.moe and inputs < e:
             peaks.append(low + e + (2 * f if glu_low else 3 * f))
+        elif last_dev == name and g.moe and n_l == 1 and inputs < e:
+            # MoE, the model's last layer alone: the gathered rows land above the input copies (out_ids
+            # is still live), the FFN on top (qwen3moe, olmoe: arch matrix, -ngl 4 over 3 devices)
+            peaks.append(low + e + ffn_big)
         if has_out:
             # After the last layer only the hidden state is live: result_norm is where the last
             # ffn_down went, the logits above it. That is the bottom of the buffer unless the

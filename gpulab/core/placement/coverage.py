@@ -14,15 +14,22 @@ from ..config import SplitConfig
 from ..profile import ModelProfile
 from .compute import compute_tokens
 
-__all__ = ["CACHE_NOT_MODELLED", "COMPUTE_CHECKED", "Doubt", "doubts"]
+__all__ = ["CACHE_NOT_MODELLED", "COMPUTE_CHECKED", "COMPUTE_EXACT", "Doubt", "doubts"]
 
 # Architectures whose compute buffers the closed forms of gpulab.core.placement.compute were
 # derived from (llama, gemma2/3, qwen3moe) or checked on by the architecture matrix with the same
 # errors as llama's (qwen2, qwen3, mistral3, granite, gpt-oss, olmoe, internlm2, exaone, maincoder,
-# nanbeige, xverse; smollm3's RoPE-less layers, olmo2's norms and baichuan differ). The others get a
-# compute doubt.
+# nanbeige, xverse; olmo2's norms and baichuan differ), and those of COMPUTE_EXACT (smollm3's
+# RoPE-less layers and exaone4's norms are modelled). The others get a compute doubt.
 COMPUTE_CHECKED = frozenset({"llama", "gemma2", "gemma3", "qwen3moe", "qwen2", "qwen3", "mistral3", "granite",
                              "gpt-oss", "olmoe", "internlm2", "exaone", "maincoder", "nanbeige", "xverse"})
+
+# Architectures whose compute buffers the architecture matrix found within 1 MiB of llama.cpp's on every
+# device in every setting (llama's dense graph: src/models/llama.cpp and the loaders that build it; the
+# qwen3moe/olmoe MoE graph), f16
+# and quantized caches and the pipelined output device included: no compute doubt in those settings.
+COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "internlm2", "exaone", "maincoder",
+                           "nanbeige", "xverse", "qwen3moe", "olmoe", "smollm3", "exaone4"})
 
 # Architectures whose memory is not llama_kv_cache / llama_memory_recurrent as gpulab sizes them
 # (llama_model::create_memory, src/llama-model.cpp): a lightning-indexer cache beside MLA, the
@@ -74,11 +81,12 @@ def doubts(profile: ModelProfile, config: SplitConfig, layer_devices: list[str] 
     elif mla:
         out.append(Doubt("compute", f"compute: {arch}'s MLA attention is sized as plain attention "
                          "(measured up to 16.1 MiB too low per device)", 17 * _MiB))
-    elif arch not in COMPUTE_CHECKED:
+    elif arch not in COMPUTE_CHECKED and arch not in COMPUTE_EXACT:
         out.append(Doubt("compute", f"compute: {arch}'s graph is sized as a llama-like graph "
                          "(measured up to 15 MiB off per device where checked)", 16 * _MiB))
     else:
-        if config.type_k not in _QUANTIZED_FREE or config.type_v not in _QUANTIZED_FREE:
+        exact = arch in COMPUTE_EXACT
+        if not exact and (config.type_k not in _QUANTIZED_FREE or config.type_v not in _QUANTIZED_FREE):
             out.append(Doubt("compute", "compute: with a quantized KV cache, up to 2.1 MiB off per device "
                              "(measured; the rule is not derived)", int(2.2 * _MiB)))
         if profile.n_expert and layer_devices is not None and "CPU" in layer_devices \
@@ -94,7 +102,7 @@ def doubts(profile: ModelProfile, config: SplitConfig, layer_devices: list[str] 
             bound = 2 * 4 * profile.n_embd * T + n_kv * T * (2 if config.flash_attn != "off" else 4) + 64 * 1024
             out.append(Doubt("compute", f"compute: the host's buffer with the output layer on it can be up to "
                              f"{bound / _MiB:.1f} MiB higher (where ggml-alloc puts the logits; measured)", bound))
-        if output_shares_layers:
+        if output_shares_layers and not exact:
             out.append(Doubt("compute", "compute: pipelined, the output layer's device is up to 2 MiB off "
                              "(measured)", int(2.1 * _MiB)))
     if profile.n_nextn and any(layer.is_nextn and layer.tensors for layer in profile.layers):

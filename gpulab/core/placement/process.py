@@ -1,5 +1,6 @@
-"""A whole llama-server process: the main model's Plan, the draft model's Plan (-md), the vision /
-audio projector (--mmproj) and each GPU's own base cost, added up per device.
+"""A whole llama-server process: the main model's Plan, the draft model's Plan (-md), the MTP
+context (--spec-type draft-mtp, gpulab.core.placement.mtp), the vision / audio projector (--mmproj)
+and each GPU's own base cost, added up per device.
 
     pp = plan_process(main_plan, draft_plan, projector, devices)
     pp.rows          # one ProcessRow per device: main, draft, projector, base cost, free, fits
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..devices import HOST_NAME, Device
+from .mtp import MtpContext
 from .plan import Plan
 
 __all__ = [
@@ -122,10 +124,11 @@ class ProcessRow:
     overhead_bytes: int
     overhead_is_default: bool
     is_host: bool
+    mtp_bytes: int = 0       # --spec-type draft-mtp: the MTP context's KV and compute (its weights are main's)
 
     @property
     def used_bytes(self) -> int:
-        return self.main_bytes + self.draft_bytes + self.projector_bytes + self.overhead_bytes
+        return self.main_bytes + self.draft_bytes + self.projector_bytes + self.mtp_bytes + self.overhead_bytes
 
     @property
     def fits(self) -> bool:
@@ -138,6 +141,7 @@ class ProcessPlan:
     draft: Plan | None
     projector: ProjectorPlacement | None
     rows: tuple[ProcessRow, ...]
+    mtp: MtpContext | None = None
 
     @property
     def fits(self) -> bool:
@@ -150,9 +154,13 @@ class ProcessPlan:
         return {
             "devices": [{"name": r.name, "free_bytes": r.free_bytes, "main_bytes": r.main_bytes,
                          "draft_bytes": r.draft_bytes, "projector_bytes": r.projector_bytes,
+                         "mtp_bytes": r.mtp_bytes,
                          "overhead_bytes": r.overhead_bytes, "overhead_is_default": r.overhead_is_default,
                          "used_bytes": r.used_bytes, "fits": r.fits} for r in self.rows],
             "draft": self.draft.to_dict() if self.draft is not None else None,
+            "mtp": None if self.mtp is None else {
+                "layer_devices": list(self.mtp.layer_devices), "kv_bytes": dict(self.mtp.kv_bytes),
+                "compute_bytes": dict(self.mtp.compute_bytes)},
             "projector": None if self.projector is None else {
                 "device": self.projector.device, "weights_bytes": self.projector.weights_bytes,
                 "compute_bytes": self.projector.compute_bytes, "compute_is_estimate": True,
@@ -173,7 +181,7 @@ def base_cost(d: Device) -> tuple[int, bool]:
 
 
 def plan_process(main: Plan, draft: Plan | None, projector: ProjectorPlacement | None,
-                 devices: Sequence[Device]) -> ProcessPlan:
+                 devices: Sequence[Device], mtp: MtpContext | None = None) -> ProcessPlan:
     """The per-device sum. The main Plan's rows already count a learned overhead; the base cost is
     counted once per device here (learned or the CUDA default), the plans' own overhead left out."""
     by_name = {d.name: d for d in devices}
@@ -203,5 +211,6 @@ def plan_process(main: Plan, draft: Plan | None, projector: ProjectorPlacement |
             proj += projector.host_compute_bytes
         rows.append(ProcessRow(name=name, free_bytes=host_free if is_host else (dev.free_bytes if dev else 0),
                                main_bytes=part(main, name), draft_bytes=part(draft, name), projector_bytes=proj,
-                               overhead_bytes=over, overhead_is_default=default, is_host=is_host))
-    return ProcessPlan(main=main, draft=draft, projector=projector, rows=tuple(rows))
+                               overhead_bytes=over, overhead_is_default=default, is_host=is_host,
+                               mtp_bytes=mtp.bytes_on(name) if mtp is not None else 0))
+    return ProcessPlan(main=main, draft=draft, projector=projector, rows=tuple(rows), mtp=mtp)

@@ -290,7 +290,8 @@ class _Abort(Exception):
 def server_fit(profile: ModelProfile, devices: list[Device], config: SplitConfig | None = None,
         host: Device | None = None, *, n_ctx_min: int | None = None,
         measure: Callable[[SplitConfig], list[int]] | None = None,
-        extra: Callable[[SplitConfig], list[int]] | None = None, n_outputs: int | None = None) -> FitResult:
+        extra: Callable[[SplitConfig], list[int]] | None = None, n_outputs: int | None = None,
+        margins: list[int] | None = None) -> FitResult:
     """common_params_fit for `config` on `devices` (their free memory as llama.cpp would see it):
     llama-server's -fit, which changes the settings left unset until they fit. Whether a given
     plan fits in memory is Plan.fits.
@@ -301,7 +302,9 @@ def server_fit(profile: ModelProfile, devices: list[Device], config: SplitConfig
     loads. `extra(config)`: the bytes a second model (the draft) adds to each device the config uses,
     measured at config's context, as common_fit_extra_model's add_extra_memory adds them to every
     dry run (common/fit.cpp). `n_outputs`: the context's n_outputs_max as the program sets it
-    (llama-server does, llama-fit-params does not: gpulab.core.placement.compute)."""
+    (llama-server does, llama-fit-params does not: gpulab.core.placement.compute). `margins`: bytes
+    to leave free per device where they are not whole MiB (llama-server adds the projector's bytes
+    to fit_params_target); default: fit_margins of config.fit_target."""
     config = config or SplitConfig()
     if config.fit == "off":
         return FitResult("off", config, config, ("-fit off: llama.cpp uses the settings as given",), (), (), (),
@@ -311,6 +314,7 @@ def server_fit(profile: ModelProfile, devices: list[Device], config: SplitConfig
                config.fit_ctx if n_ctx_min is None else n_ctx_min)
     run.extra_fn = extra
     run.n_outputs = n_outputs
+    run.margins = margins
     try:
         run.go()
     except _Abort as e:
@@ -327,6 +331,7 @@ class _Fit:
         self.measure_fn = measure
         self.extra_fn: Callable[[SplitConfig], list[int]] | None = None
         self.n_outputs: int | None = None
+        self.margins: list[int] | None = None
         self.compute: dict[SplitConfig, list[int]] = {}   # the planner's compute buffers per dry run
         self.n_ctx_min = n_ctx_min
         self.cfg = config                  # cparams/mparams as fit changes them
@@ -392,7 +397,7 @@ class _Fit:
             if n_streams > 1:
                 self.log(f"context size unset and KV cache not unified -> using {n_ctx_max} for {n_streams} sequences")
         full = self.measure(cfg)
-        margins = fit_margins(cfg, nd)
+        margins = self.margins[:nd] if self.margins is not None else fit_margins(cfg, nd)
         free = [d.free_bytes for d in self.used]
         sum_free = sum(free)
         if nd == 0:

@@ -102,3 +102,26 @@ def test_router_ini_global_section_and_bad_lines():
     assert (a.ctx, a.keep_loaded, b.ctx, b.keep_loaded) == (4096, True, 1024, False)
     with pytest.raises(ConfigError, match="line 2"):
         fleet_from_router_ini("[a]\nthis is not ini\n")
+
+
+def test_a_projector_and_a_draft_go_out_to_llama_swap_and_the_router_and_come_back():
+    """--mmproj / -md and the draft's flags: imported into the fleet's process keys, written back
+    by both exports, and read back as the same fleet (before, imports named them as left out)."""
+    from gpulab.core.fleet.model import Companions
+    from gpulab.core.placement.process import ProjectorProfile
+
+    proj = ProjectorProfile("P", "mlp", weights_bytes=600 * MiB, has_vision=True, has_audio=False)
+    m = FleetModel("vl", "/m/vl.gguf", ctx=8192, mmproj="/m/mmproj-vl.gguf", mmproj_offload=False, draft="/m/d.gguf",
+                   draft_flags=("-ngld", "99", "-ctkd", "q8_0", "-ctvd", "q8_0"),
+                   companions=Companions(draft=make_profile(n_layer=4, layer_bytes=20 * MiB), projector=proj))
+    devices = [Device(f"CUDA{i}", 24 * GiB, 20 * GiB, "nvml", "gpu") for i in range(2)]
+    fp = plan_fleet(Fleet((m,)), {"vl": make_profile(n_layer=20)}, devices)
+    pinned = Fleet((replace(m, devices=fp.placement("vl").devices),))
+    doc, _ = llama_swap_doc(fp, {"vl": m.model}, devices)
+    cmd = doc["models"]["vl"]["cmd"]
+    assert "--mmproj /m/mmproj-vl.gguf --no-mmproj-offload -md /m/d.gguf -ngld 99 -ctkd q8_0 -ctvd q8_0" in cmd
+    fleet, notes = fleet_from_llama_swap(yaml.safe_load(llama_swap_yaml(doc)))
+    assert fleet == pinned and not any("mmproj" in n or "-md" in n for n in notes), notes
+    text, _ = router_ini(fp, {"vl": m.model}, devices)
+    assert "mmproj = /m/mmproj-vl.gguf" in text and "md = /m/d.gguf" in text and "ngld = 99" in text
+    assert fleet_from_router_ini(text)[0] == pinned

@@ -172,3 +172,34 @@ def test_a_setting_of_the_wrong_type_is_named():
         fleet_from_dict({"models": [{"name": "m", "model": "m.gguf", "kv_unified": "yes"}]})
     with pytest.raises(ConfigError, match="unknown key.*tensor_split"):
         fleet_from_dict({"models": [{"name": "m", "model": "m.gguf", "tensor_split": [1, 1]}]})
+
+
+def test_a_models_projector_draft_and_mtp_round_trip_and_read_as_a_pasted_command(tmp_path):
+    doc = {"models": [{"name": "vl", "model": "A.gguf", "mmproj": "mmproj-A.gguf", "mmproj_offload": False,
+                       "draft": "D.gguf", "draft_flags": "-ngld 99 -devd CUDA1 -ctkd q8_0 -ctvd q8_0"},
+                      {"name": "glm", "model": "G.gguf", "spec_type": "draft-mtp"}]}
+    f = fleet_from_dict(doc)
+    vl = f.model("vl")
+    assert vl.draft_flags == ("-ngld", "99", "-devd", "CUDA1", "-ctkd", "q8_0", "-ctvd", "q8_0")
+    cmd = vl.command()
+    assert cmd.projector.path == "mmproj-A.gguf" and not cmd.projector.offload
+    assert cmd.draft.path == "D.gguf" and cmd.draft.config.devices == ("CUDA1",)
+    assert cmd.draft.config.n_gpu_layers == 99 and cmd.draft.config.type_k == "q8_0"
+    assert f.model("glm").command().spec_types == ("draft-mtp",)
+    written = fleet_to_dict(f)["models"]
+    assert written[0]["draft_flags"] == "-ngld 99 -devd CUDA1 -ctkd q8_0 -ctvd q8_0"
+    assert written[0]["mmproj_offload"] is False and written[1] == {"name": "glm", "model": "G.gguf", "ctx": 4096,
+                                                                   "spec_type": "draft-mtp"}
+    path = write_fleet(tmp_path / "f.toml", f)
+    assert read_fleet(path) == f
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({"draft": "D.gguf", "draft_flags": "-c 8192"}, r"draft_flags: -c set\(s\) the main model; give it as its own key"),
+    ({"draft_flags": "-ngld 99"}, r"draft_flags without draft: llama-server loads no draft model"),
+    ({"draft": "D.gguf", "draft_flags": "--no-such-flag"}, r"--no-such-flag: not a flag of the vendored llama-server"),
+    ({"mmproj_offload": "no"}, r"mmproj_offload must be true or false"),
+])
+def test_bad_process_keys_are_named(extra, match):
+    with pytest.raises(ConfigError, match=r"^models\[0\] \('m'\): " + match):
+        fleet_from_dict({"models": [{"name": "m", "model": "A.gguf", **extra}]})

@@ -226,3 +226,39 @@ def test_a_cpu_only_model_takes_no_device_and_the_rest_still_plan():
     assert all(len(fp.placement(n).devices) == 1 for n in ("big", "mid"))
     assert fp.placement("big").devices != fp.placement("mid").devices    # leximin: both devices used
     _check_sums(fp)
+
+
+def test_a_models_draft_and_projector_are_counted_on_its_devices_as_the_process_plan_counts_them():
+    """mmproj / draft in the fleet: the fleet planner adds what gpulab.core.policies.process plans for
+    the same pasted command, per device (DevicePlan.process_bytes), and chooses devices with them."""
+    from dataclasses import replace
+
+    from gpulab.core.command_line import parse_command
+    from gpulab.core.fleet.model import Companions
+    from gpulab.core.placement.process import ProjectorProfile
+    from gpulab.core.policies.process import plan_command
+
+    main, draft = make_profile(n_layer=16, layer_bytes=150 * MiB), make_profile(n_layer=4, layer_bytes=20 * MiB)
+    proj = ProjectorProfile("P", "mlp", weights_bytes=600 * MiB, has_vision=True, has_audio=False)
+    m = FleetModel("chat", "A.gguf", ctx=4096, parallel=1, mmproj="P.gguf", draft="D.gguf",
+                   draft_flags=("-ngld", "99"), companions=Companions(draft=draft, projector=proj))
+    devices = parse_sim_spec("4GiB,4GiB")
+    # the model alone (3.1 GiB) takes one 4 GiB device; with its projector (600 MiB) and draft (668 MiB) two
+    alone = plan_fleet(Fleet((FleetModel("chat", "A.gguf", ctx=4096, parallel=1),)), {"chat": main}, devices)
+    assert alone.placement("chat").plan.config.devices == ("SIM0",)
+    fp = plan_fleet(Fleet((m,)), {"chat": main}, devices)
+    pl = fp.placement("chat").plan
+    assert fp.fits and pl.config.devices == ("SIM0", "SIM1")
+    ts = ",".join(f"{x:g}" for x in pl.config.tensor_split)
+    ref = plan_command(parse_command(["llama-server", "-m", "A", "--mmproj", "P", "-md", "D", "-ngld", "99",
+                                      "-dev", "SIM0,SIM1", "-ts", ts, "-c", "4096", "-np", "1", "-fit", "off"]),
+                       main, devices, draft=draft, projector=proj).process
+    for name in ("SIM0", "SIM1"):
+        r, d = ref.row(name), pl.device(name)
+        assert d.process_bytes == r.draft_bytes + r.projector_bytes, name
+        # (the main model's own rows are the fleet's plan of it: its outputs as plan() counts them)
+        assert fp.device(name).used_bytes == d.buffer_bytes + r.draft_bytes + r.projector_bytes, name
+    assert ref.row("SIM0").projector_bytes == 600 * MiB and ref.row("SIM1").projector_bytes == 0
+    # without the companions read, the fleet says so rather than count nothing
+    with pytest.raises(ConfigError, match=r"^chat: the fleet counts its draft and projector from the file"):
+        plan_fleet(Fleet((replace(m, companions=None),)), {"chat": main}, devices)

@@ -104,6 +104,20 @@ def test_a_projector_that_fit_leaves_no_room_for_is_named_with_bytes():
     assert cuda.process.row("CUDA0").fits and not any("will fail" in n for n in cuda.notes)
 
 
+def test_a_projector_inside_fits_margin_is_named_with_the_margin():
+    """Where the device has the projector's room only inside the -fitt margin (the default 1024 MiB
+    on a GPU), the load succeeds but spends the margin the user kept: said with the bytes."""
+    main = make_profile(n_layer=30, layer_bytes=100 * MiB)
+    proj = ProjectorProfile("P", "mlp", weights_bytes=300 * MiB, has_vision=True, has_audio=False)
+    cp = plan_command(parse_command(shlex.split("llama-server -m A --mmproj P -c 4096 -np 1")), main,
+                      _rpc(2, free=3 * GiB), projector=proj)
+    left = cp.process.row("RPC0").free_bytes - cp.process.row("RPC0").main_bytes - 1024 * MiB
+    assert 0 <= left < 300 * MiB
+    assert any(n.startswith("fit leaves ") and "free on RPC0 above its -fitt margin of 1.00 GiB; the projector "
+               "takes 300.00 MiB: the load ends " in n for n in cp.notes), cp.notes
+    assert cp.process.row("RPC0").fits
+
+
 def test_cuda_base_cost_is_a_labelled_default_until_learned():
     main = make_profile(n_layer=4)
     cmd = parse_command(shlex.split("llama-server -m A -c 4096 -np 1 -ngl 99 -fit off"))
@@ -158,3 +172,56 @@ def test_llama_server_reserves_logits_for_its_slots_not_for_the_ubatch():
     logits = 4 * 128256 * 512                       # llama-bench: [n_vocab, 512] f32 logits are its peak
     assert logits <= b <= logits + 16 * MiB
     assert s < b - 100 * MiB                        # llama-server: 2 rows of logits; another phase peaks
+
+
+def _with_nextn(n_layer: int = 8) -> object:
+    """make_profile's last layer made an MTP (nextn) head, as gguf_arch reads one: its tensors
+    skipped unless MTP is on, no KV in the main context."""
+    from dataclasses import replace as _r
+    p = make_profile(n_layer=n_layer, layer_bytes=60 * MiB)
+    last = p.layers[-1]
+    layers = (*p.layers[:-1], _r(last, tensors=(), mtp_tensors=last.tensors, has_kv=False, is_nextn=True))
+    return _r(p, layers=layers, n_nextn=1)
+
+
+def test_mtp_loads_the_nextn_layer_and_adds_a_context_holding_its_kv_only():
+    profile = _with_nextn()
+    devs = _rpc(2)
+    flags = "llama-server -m A -ngl 99 -ts 1,1 -c 8192 -np 1 -fit off"
+    off = plan_command(parse_command(shlex.split(flags)), profile, devs)
+    on = plan_command(parse_command(shlex.split(flags + " --spec-type draft-mtp")), profile, devs)
+    # layers 4..7 and the output on RPC1: the nextn layer's 60 MiB load only with the mode
+    assert on.process.main.device("RPC1").weights_bytes - off.process.main.device("RPC1").weights_bytes == 60 * MiB
+    assert on.process.main.device("RPC0").weights_bytes == off.process.main.device("RPC0").weights_bytes
+    # the main context's KV is the trunk's either way: 7 layers x 8192 cells x 2 x 1024 f16 = 224 MiB
+    assert sum(d.kv_bytes for d in on.process.main.devices) == 7 * 32 * MiB
+    # the MTP context: the nextn layer's KV alone, 8192 x 2 x 1024 x 2 bytes, on its device
+    assert on.process.mtp.kv_bytes == {"RPC0": 0, "RPC1": 32 * MiB, "CPU": 0}
+    assert on.process.row("RPC1").mtp_bytes == 32 * MiB + on.process.mtp.compute_bytes["RPC1"]
+    assert off.process.mtp is None and off.process.row("RPC1").mtp_bytes == 0
+    # the draft's cache types (-ctkd/-ctvd) are the MTP context's: q8_0 is 34/64 of f16's bytes
+    q8 = plan_command(parse_command(shlex.split(flags + " --spec-type draft-mtp -ctkd q8_0 -ctvd q8_0")), profile, devs)
+    assert q8.process.mtp.kv_bytes["RPC1"] == 17 * MiB
+
+
+def test_mtp_on_a_model_without_nextn_layers_is_refused_in_one_line():
+    from gpulab.core.errors import ConfigError
+    cmd = parse_command(shlex.split("llama-server -m A -ngl 99 --spec-type draft-mtp"))
+    with pytest.raises(ConfigError, match=r"^--spec-type draft-mtp: hand-built has no MTP \(nextn\) layers"):
+        plan_command(cmd, make_profile(n_layer=4), _rpc(2))
+
+
+def test_fit_counts_the_mtp_context_on_the_placement_given_and_the_gap_is_named():
+    """common_fit_extra_model with shares_model: the MTP context's KV and compute (not its weights)
+    join fit's sums, measured once per context size with the -ngl/-ts given (mparams_dft is taken
+    before fit writes its own), so where fit moves the nextn layer the count is wrong."""
+    profile = _with_nextn()
+    cmd = parse_command(shlex.split("llama-server -m A -c 8192 -np 1 -fitt 256 --spec-type draft-mtp"))
+    roomy = plan_command(cmd, profile, _rpc(2, 2000 * MiB))
+    assert roomy.fit.config.n_gpu_layers == -1 and roomy.notes == ()
+    assert roomy.process.row("RPC1").main_bytes + roomy.process.row("RPC1").mtp_bytes <= (2000 - 256) * MiB
+    tight = plan_command(cmd, profile, _rpc(2, 900 * MiB))
+    # fit offloads 2 layers (the output and the nextn layer) to RPC0, having counted the MTP context on RPC1
+    assert tight.process.main.layer_devices[-2:] == ("RPC0", "RPC0") and tight.process.row("RPC1").mtp_bytes == 0
+    assert any(n.startswith("fit counted 0 B of the MTP context on RPC0; llama-server allocates 232.04 MiB there")
+               for n in tight.notes), tight.notes
