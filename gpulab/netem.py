@@ -11,7 +11,9 @@ after `lifetime_s`) and in count (connections accepted); `stop()` ends it at onc
 
 A chunk read from one side leaves the proxy's queue when the bucket has room for it (the rate,
 with a burst of `burst_bytes`) and is delivered `delay_s` later, in order: a round trip costs
-2 x delay_s, and a transfer of n bytes n / rate more.
+2 x delay_s, and a transfer of n bytes n / rate more. The burst is one Ethernet frame, as a
+link's serialisation has it: a larger one (it was 16 KiB) lets every reply of a request/response
+protocol start that many bytes ahead (a 196 KB logits reply at 40 Mbit/s came 3.3 ms early).
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ class _Direction:
         self.q: collections.deque[tuple[float, bytes]] = collections.deque()
         self.tokens, self.t_last = float(burst), time.monotonic()
         self.eof = False
+        self.peer: _Direction | None = None     # the other direction of the same connection
+        self.spoke = False                      # data came this way since the peer last answered
 
     def take(self, data: bytes, now: float) -> None:
         # token bucket: tokens refill at the rate up to the burst; a chunk takes its bytes and,
@@ -77,18 +81,48 @@ class _Direction:
         return self.q[0][0] if self.q else None
 
 
+class _Commands:
+    """Counts the RPC commands in the head -> server stream (ggml-rpc.cpp's send_rpc_cmd: a
+    command byte, a u64 size, that many bytes), so that a test can see how many SET_TENSOR,
+    GET_TENSOR and GRAPH_COMPUTE a step sends; not a validating parser."""
+
+    def __init__(self, counts: collections.Counter, sizes: collections.Counter):
+        self.counts, self.sizes, self.head, self.left = counts, sizes, b"", 0
+
+    def feed(self, data: bytes) -> None:
+        i = 0
+        while i < len(data):
+            if self.left:
+                k = min(self.left, len(data) - i)
+                self.left -= k
+                i += k
+                continue
+            k = min(9 - len(self.head), len(data) - i)
+            self.head += data[i:i + k]
+            i += k
+            if len(self.head) == 9:
+                self.counts[self.head[0]] += 1
+                self.left = int.from_bytes(self.head[1:], "little")
+                self.sizes[self.head[0]] += 9 + self.left
+                self.head = b""
+
+
 class ShapingProxy:
     """Listens on 127.0.0.1 (a free port), forwards each connection to `target` through two shaped
     pipes. bytes_per_s: each direction's rate; delay_s: each direction's one-way delay (a round
     trip: 2 x delay_s). Stops by itself after lifetime_s or max_connections connections."""
 
     def __init__(self, target: tuple[str, int], *, bytes_per_s: float | None, delay_s: float = 0.0,
-                 burst_bytes: int = 16 * 1024, lifetime_s: float = 900.0, max_connections: int = 64):
+                 burst_bytes: int = 1500, lifetime_s: float = 900.0, max_connections: int = 64,
+                 count_commands: bool = False):
         if target[0] not in ("127.0.0.1", "localhost"):
             raise ValueError("the shaping proxy forwards to this machine only (127.0.0.1)")
         self.target, self.burst = target, int(burst_bytes)
         self.rate, self.delay = float(bytes_per_s) if bytes_per_s else UNSHAPED, float(delay_s)
         self.lifetime_s, self.max_connections = lifetime_s, max_connections
+        # parse the head's stream into RPC commands (commands, command_bytes): off by default, since
+        # a stream that is not ggml-rpc's would cost a Python step per 9 bytes
+        self.count_commands = count_commands
         self._stop = threading.Event()
         self._lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -97,6 +131,12 @@ class ShapingProxy:
         self.port = self._lsock.getsockname()[1]
         self.bytes_up = [0]     # head -> server
         self.bytes_down = [0]   # server -> head
+        # turns: how often the server answered after the head spoke (a round trip on the link);
+        # commands, command_bytes: RPC commands sent and their bytes, by ggml-rpc.cpp's command number
+        self.turns = [0]
+        self.commands: collections.Counter = collections.Counter()
+        self.command_bytes: collections.Counter = collections.Counter()
+        self._parsers: dict = {}
         self._socks: list[socket.socket] = []
         self._dirs: dict = {}    # socket -> _Direction, of the open connections
         # select(), not epoll: its timeout has microseconds, epoll's whole milliseconds
@@ -140,8 +180,11 @@ class ShapingProxy:
             s.settimeout(5)
             self._socks.append(s)
             self._sel.register(s, selectors.EVENT_READ)
-        dirs[client] = _Direction(client, server, self.rate, self.delay, self.burst, self.bytes_up)
-        dirs[server] = _Direction(server, client, self.rate, self.delay, self.burst, self.bytes_down)
+        up = dirs[client] = _Direction(client, server, self.rate, self.delay, self.burst, self.bytes_up)
+        down = dirs[server] = _Direction(server, client, self.rate, self.delay, self.burst, self.bytes_down)
+        up.peer, down.peer = down, up
+        if self.count_commands:
+            self._parsers[client] = _Commands(self.commands, self.command_bytes)
 
     def _loop(self) -> None:
         """One thread for every connection: read what is ready, send what is due, sleep until the
@@ -184,6 +227,12 @@ class ShapingProxy:
                         data = b""
                     if data:
                         d.take(data, time.monotonic())
+                        d.spoke = True
+                        if d.peer is not None and d.peer.spoke and d.counter is self.bytes_down:
+                            self.turns[0] += 1      # the server answers what the head sent
+                            d.peer.spoke = False
+                        if sock in self._parsers:
+                            self._parsers[sock].feed(data)
                     else:
                         self._sel.unregister(sock)
                         d.eof = True

@@ -32,6 +32,26 @@ def test_probe_measures_the_emulated_link(server):
     assert up >= 3 * ((64 << 10) + (256 << 10) + (1 << 20))
 
 
+def test_probe_reads_the_configured_link_within_what_the_path_itself_adds(server):
+    """The issue's 10%, against a tolerance measured here: the same proxy unshaped first (what the
+    proxy's hops and the server add to a round trip, and the path's own rate, on this machine at
+    this load), then shaped to 10 ms and 40 Mbit/s. The probe takes the fastest of its samples, so
+    a loaded machine's late wake-ups mostly fall out."""
+    from gpulab.runtime.rpc_probe import probe_link
+    host, port = server.split(":")
+    sizes = (64 << 10, 256 << 10, 1 << 20)
+    rtt_set, rate_set = 10e-3, 5e6
+    with ShapingProxy((host, int(port)), bytes_per_s=None, lifetime_s=120) as px:
+        bare = probe_link(px.endpoint, sizes=sizes, repeats=3, n_rtt=10)
+        px.shape(rate_set, rtt_set / 2)
+        m = probe_link(px.endpoint, sizes=sizes, repeats=3, n_rtt=20)
+    # the proxy may send a chunk up to 0.3 ms early per direction; the path adds bare.rtt_s
+    assert rtt_set - 0.6e-3 <= m.rtt_s <= 1.1 * rtt_set + bare.rtt_s
+    # the bytes cross the bucket and then the path: n / rate_set + n / bare rate
+    expected = 1 / (1 / rate_set + 1 / bare.bytes_per_s)
+    assert 0.9 * expected <= m.bytes_per_s <= 1.1 * rate_set
+
+
 def test_cli_writes_the_link_into_the_cluster(server, tmp_path):
     from gpulab.cli import main
     from gpulab.storage.cluster_files import read_cluster

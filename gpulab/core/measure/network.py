@@ -28,9 +28,17 @@ ggml_backend_sched_compute_splits):
   bytes. Counted on a server's debug log (SmolLM2-135M, two members: 136 graphs and 65552
   tensors per token, 19.4 MB per member): the term grows with the square of the layers and
   dwarfs everything else over a network.
-Checked against the byte counters of gpulab.netem's proxies (tests/integration/test_hosts_vs_llama.py):
-besides the tensors' data, each split costs about 3.4 KB of commands per step (SET_TENSOR
-headers of 314 bytes, the GET_TENSOR request, GRAPH_RECOMPUTE).
+- A split's graph inputs, each its own SET_TENSOR: positions (I32), the K and V cache's row
+  indices (I64; llama_kv_cache::build_input_v_idxs gives V one index per element of a row,
+  n_embd_v_gqa per token, when V is transposed, i.e. flash attention off: 98 KB for a 64-token
+  SmolLM2 prompt, as much as the KQ mask), the KQ mask (n_kv x tokens, F32, F16 with flash
+  attention) and, on the output's split, the output ids (I32 per output).
+Checked against the byte counters and the command parser of gpulab.netem's proxies
+(tests/integration/test_hosts_vs_llama.py, bench/hosts_pp.py): every command's header is
+counted from ggml-rpc.cpp's messages (a command byte and a u64 size; SET_TENSOR: rpc_tensor and
+a cache flag and an offset (serialize_set_tensor); GET_TENSOR: rpc_tensor, offset and size, its
+answer a u64 size; GRAPH_RECOMPUTE: a device id), within 0.1%
+per token and per prompt.
 
 Cost of a link per step: round trips x its RTT + bytes / its rate (both directions share the
 rate's budget one way each; the data of a step are sent in sequence, so they add). The head's
@@ -46,16 +54,19 @@ from ..devices import HOST_NAME
 from ..placement.plan import Plan
 from .speed import LinkSpeed, SpeedModel, SpeedPrediction, allreduce_stages, predict_speed
 
-__all__ = ["LinkUse", "NetworkCost", "network_cost", "predict_over", "SPLIT_COMMAND_BYTES", "TERMS"]
+__all__ = ["LinkUse", "NetworkCost", "network_cost", "predict_over", "split_inputs_up", "TERMS"]
 
-SPLIT_COMMAND_BYTES = 3400      # per split and step: command headers beside the tensors' data (measured)
+_RPC_TENSOR_BYTES = 296         # sizeof(rpc_tensor), ggml-rpc.cpp
+_CMD_HEADER = 1 + 8             # send_rpc_cmd: the command byte and the u64 request size
+SET_TENSOR_HEADER = _CMD_HEADER + _RPC_TENSOR_BYTES + 1 + 8             # + cache flag, offset: 314 bytes
+GET_TENSOR_REQUEST = _CMD_HEADER + _RPC_TENSOR_BYTES + 8 + 8            # + offset, size: 321 bytes
+GRAPH_RECOMPUTE_REQUEST = _CMD_HEADER + 4                               # the device id: 13 bytes
+_ANSWER_HEADER = 8              # a response's u64 size
 _KV_PAD = 256                   # llama_kv_cache::get_n_kv pads the cells it reads to 256
 TERMS = ("round trips", "activations", "logits", "inputs", "all-reduce", "graphs")
 # -sm tensor over RPC, per member and step (measured, see the module docstring): graphs per layer,
 # graphs besides, tensors a layer adds to every later graph, tensors of a graph besides
 _TP_GRAPHS_PER_LAYER, _TP_GRAPHS_EXTRA, _TP_TENSORS_PER_LAYER, _TP_TENSORS_BASE = 4, 16, 31, 33
-_RPC_TENSOR_BYTES = 296         # sizeof(rpc_tensor), ggml-rpc.cpp
-
 
 @dataclass
 class LinkUse:
@@ -118,10 +129,8 @@ def _n_kv(cells_used: int, kv_cells: int) -> int:
 def _step(plan: Plan, cluster: Cluster, host_of: dict, endpoint_of: dict, uses: dict, *, tokens: int,
           n_out: int, n_kv: int, times: float) -> None:
     """Add `times` steps of `tokens` tokens (n_out of them asking for logits) to uses."""
-    prof, cfg = plan.profile, plan.config
+    prof = plan.profile
     act = 4.0 * prof.n_embd * tokens
-    mask_elt = 2 if cfg.flash_attn == "on" else 4
-    inputs = tokens * (4 + 16) + n_kv * tokens * mask_elt   # positions, K and V row indices, the KQ mask
     splits = _splits(plan)
     ts = plan.tensor_parallel
     for i, split_dev in enumerate(splits):
@@ -138,12 +147,13 @@ def _step(plan: Plan, cluster: Cluster, host_of: dict, endpoint_of: dict, uses: 
                 u.round_trips += times          # COPY_TENSOR on the server, answered
             else:
                 u.up["activations"] += times * act
-            u.up["inputs"] += times * (inputs + SPLIT_COMMAND_BYTES)
             last = i == len(splits) - 1
+            u.up["inputs"] += times * split_inputs_up(plan, tokens=tokens, n_kv=n_kv, n_out=n_out if last else 0,
+                                                      activations=not same_server, answer=not last or n_out > 0)
             if j == 0 and last:
-                u.down["logits"] += times * 4.0 * prof.n_vocab * n_out
+                u.down["logits"] += times * (4.0 * prof.n_vocab * n_out + _ANSWER_HEADER * (n_out > 0))
             elif j == 0 and endpoint_of.get(splits[i + 1]) != endpoint_of.get(dev):
-                u.down["activations"] += times * act
+                u.down["activations"] += times * (act + _ANSWER_HEADER)
             if not last or n_out:
                 u.round_trips += times          # the GET_TENSOR that waits for this split's compute
     if ts is not None:
@@ -160,6 +170,23 @@ def _step(plan: Plan, cluster: Cluster, host_of: dict, endpoint_of: dict, uses: 
             u.up["all-reduce"] += times * stages * act
             u.down["all-reduce"] += times * stages * act
             u.up["graphs"] += times * tensors * _RPC_TENSOR_BYTES
+
+
+def split_inputs_up(plan: Plan, *, tokens: int, n_kv: int, n_out: int, activations: bool = True,
+                    answer: bool = True) -> int:
+    """Bytes one split sends up per step besides its activations' data: its graph inputs with
+    their SET_TENSOR headers, the activations' header (activations: they come by SET_TENSOR, not
+    by a COPY_TENSOR on the same server, counted as a round trip), the GET_TENSOR request (answer:
+    something is read back) and GRAPH_RECOMPUTE. n_out: outputs asked of this split (its output
+    ids; 0 for a split without the output layer)."""
+    prof = plan.profile
+    fa = plan.config.flash_attn != "off"        # 'auto' resolves to on for CPU, CUDA and RPC
+    v_row = 1 if fa else prof.max_n_embd_v_gqa  # build_input_v_idxs: one index per V element when transposed
+    data = [4 * tokens, 8 * tokens, 8 * tokens * v_row, (2 if fa else 4) * n_kv * tokens]
+    if n_out:
+        data.append(4 * n_out)
+    return (sum(data) + (len(data) + activations) * SET_TENSOR_HEADER
+            + answer * GET_TENSOR_REQUEST + GRAPH_RECOMPUTE_REQUEST)
 
 
 def _price(cluster: Cluster, uses: dict) -> None:

@@ -1,7 +1,9 @@
 """What crosses each link, per token and per prompt, for the demo model split over two hosts; the
 figures written out are the byte counters of gpulab.netem's proxies in front of two real RPC
 servers holding SmolLM2-135M (-ts 1/1, -c 256, -fa off): up 6780 and 7098 bytes per token, down
-2312 (activations) and 196616 (logits)."""
+2312 (activations) and 196616 (logits); per 64-token prompt (one ubatch) up 313968 and 314286, down
+147464 and 196616 (bench/hosts_pp.py, the proxies' command parser: 5 and 6 SET_TENSOR, one
+GET_TENSOR, one GRAPH_RECOMPUTE per server)."""
 
 from __future__ import annotations
 
@@ -43,10 +45,13 @@ def test_bytes_per_token_match_the_proxies(profile):
     assert p.layer_devices[:16] == ("RPC0",) * 16 and p.layer_devices[16:] == ("RPC1",) * 15
     net = network_cost(p, c, host_of, ep, n_prompt=64, n_gen=64)
     a, b = net.tg["a"], net.tg["b"]
-    # within 5% of the counted bytes (the command overhead is an average over splits)
-    assert a.bytes_up == pytest.approx(6780, rel=0.05) and b.bytes_up == pytest.approx(7098, rel=0.05)
-    assert a.bytes_down == pytest.approx(2312, rel=0.01) and b.bytes_down == pytest.approx(196616, rel=0.01)
+    # every byte the proxies counted: data and ggml-rpc.cpp's command headers
+    assert (a.bytes_up, b.bytes_up, a.bytes_down, b.bytes_down) == (6780, 7098, 2312, 196616)
     assert a.round_trips == 1 and b.round_trips == 1
+    # the prompt: V's row indices are one I64 per element of a transposed V row (192 per token)
+    pa, pb = net.pp["a"], net.pp["b"]
+    assert (pa.bytes_up, pb.bytes_up, pa.bytes_down, pb.bytes_down) == (313968, 314286, 147464, 196616)
+    assert pa.round_trips == 1 and pb.round_trips == 1
     # at 1 Gbit/s two round trips of 1 ms cost more than the logits (196 KB per token: 1.6 ms); at 100 Mbit/s not
     assert net.dominant("tg") == "round trips"
     assert cluster(gbit=0.1).host("a").link.bytes_per_s == 12.5e6
@@ -61,7 +66,7 @@ def test_two_servers_on_one_host_still_go_through_the_head(profile):
     # one link carries both servers' traffic: the activations go down and up again
     u = net.tg["a"]
     assert u.round_trips == 2
-    assert u.down["activations"] == 2304 and u.up["activations"] == 2 * 2304
+    assert u.down["activations"] == 2304 + 8 and u.up["activations"] == 2 * 2304   # + the answer's u64 size
 
 
 def test_remote_links_slow_generation_the_head_alone_does_not(profile):
@@ -72,8 +77,8 @@ def test_remote_links_slow_generation_the_head_alone_does_not(profile):
     assert slow.tg_tokens_per_s < fast.tg_tokens_per_s
     assert 1 / slow.tg_tokens_per_s - 1 / fast.tg_tokens_per_s == pytest.approx(
         net.tg_seconds - network_cost(p, cluster(gbit=10, rtt_ms=0.1), host_of, ep, n_prompt=64, n_gen=64).tg_seconds)
-    # 2 round trips of 1 ms, 2 x 6.7 KB up, 2.3 KB + 196.6 KB down at 125 MB/s
-    assert net.tg_seconds == pytest.approx(2e-3 + (2 * 6748 + 2304 + 196608) / 125e6, rel=0.01)
+    # 2 round trips of 1 ms, 6.8 + 7.1 KB up, 2.3 KB + 196.6 KB down at 125 MB/s
+    assert net.tg_seconds == pytest.approx(2e-3 + (6780 + 7098 + 2312 + 196616) / 125e6, rel=1e-6)
 
 
 def test_tensor_split_sends_its_graphs_every_token(profile):
