@@ -89,7 +89,12 @@ NGL0 = {  # -ngl 0: the host runs the whole graph; where the KQ mask's freed ran
     ("smollm2", SplitConfig(n_gpu_layers=0, n_ctx=3584, n_ubatch=256, flash_attn="off")): {"CPU": 49.69},
     ("gemma3", SplitConfig(n_gpu_layers=0, n_ctx=4096, n_ubatch=256, flash_attn="off")): {"CPU": 257.25},
 }
-TABLE = {**ROT, **NGL0}
+FIRST = {  # Gemma 3 with flash attention: the hole below the FFN is the freed attention output (q wider than e)
+    ("gemma3", SplitConfig(tensor_split=(1, 1), n_ctx=2048, n_ubatch=128, devices=("RPC0", "RPC1"))): {"RPC0": 8.14},
+    ("gemma3", SplitConfig(tensor_split=(1, 1), n_ctx=4096, n_ubatch=512, devices=("RPC0", "RPC1"))): {"RPC0": 41.57},
+    ("gemma3", SplitConfig(tensor_split=(3, 1, 1), n_ctx=4096, n_ubatch=512)): {"RPC0": 41.57, "RPC1": 25.54},
+}
+TABLE = {**ROT, **NGL0, **FIRST}
 
 
 @pytest.mark.slow

@@ -430,7 +430,10 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             quant_v = config.type_v not in ("f32", "f16", "bf16")
             holds_last = last_dev == name
             closed = (holds_last and has_out and not par_e) or (quant_v and not holds_last and not post)
-            slots = ffn_slots - (e if closed else 0)
+            # with flash attention the hole is the freed attention output (kqv_out, [n_head * n_embd_head, T]),
+            # wider than a row set where Q is (Gemma 3 270M: 1024 against 640; its first devices were
+            # 0.75 MiB low at -ub 512, exact with this over -c 2048/4096, -ub 128..512, 2 and 3 devices)
+            slots = ffn_slots - e if closed else ffn_slots + (max(q - e, 0) if fa and not g.moe else 0)
             peaks = [base + slots + ffn_big, base + 2 * e + 2 * q]
             if not fa:
                 quant_k = config.type_k not in ("f32", "f16", "bf16")
