@@ -93,6 +93,13 @@ FIRST = {  # Gemma 3 with flash attention: the hole below the FFN is the freed a
     ("gemma3", SplitConfig(tensor_split=(1, 1), n_ctx=2048, n_ubatch=128, devices=("RPC0", "RPC1"))): {"RPC0": 8.14},
     ("gemma3", SplitConfig(tensor_split=(1, 1), n_ctx=4096, n_ubatch=512, devices=("RPC0", "RPC1"))): {"RPC0": 41.57},
     ("gemma3", SplitConfig(tensor_split=(3, 1, 1), n_ctx=4096, n_ubatch=512)): {"RPC0": 41.57, "RPC1": 25.54},
+    # quantized K alone closes that hole (its rotation's products), K and V both leave it open
+    ("gemma3", SplitConfig(tensor_split=(3, 1, 1), n_ctx=4096, n_ubatch=512, type_k="q8_0")): {"RPC0": 41.57,
+                                                                                            "RPC1": 24.54},
+    ("gemma3", SplitConfig(tensor_split=(3, 1, 1), n_ctx=4096, n_ubatch=512, type_k="q8_0", type_v="q8_0")):
+        {"RPC0": 43.70, "RPC1": 26.60},
+    ("gemma3", SplitConfig(tensor_split=(3, 1, 1), n_ctx=4096, n_ubatch=256, type_k="q4_0", type_v="q4_0")):
+        {"RPC0": 22.41, "RPC1": 13.33},
 }
 TABLE = {**ROT, **NGL0, **FIRST}
 

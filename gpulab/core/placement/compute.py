@@ -293,6 +293,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     v_idxs = _a(8 * T * (1 if fa else g.v_gqa_max))
     mask_elt = 2 if fa else 4          # build_attn_inp_kq_mask: f16 for flash attention
     rot_full, rot_swa = _rot_inputs(profile, config, g)
+    rot_k = _rot_inputs(profile, config.replace(type_v="f16"), g) != (0, 0)    # attn_rot_k on some cache
     mask = _a(n_kv * T * mask_elt)
     kv_in_full = k_idxs + v_idxs + mask + rot_full
     kv_in_swa = k_idxs + v_idxs + _a(n_kv_swa * T * mask_elt) + rot_swa if g.has_swa else 0
@@ -430,6 +431,10 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             quant_v = config.type_v not in ("f32", "f16", "bf16")
             holds_last = last_dev == name
             closed = (holds_last and has_out and not par_e) or (quant_v and not holds_last and not post)
+            if fa and q > e and not holds_last and not post:
+                # wide Q (Gemma 3 270M): the K rotation's extra Q/K products (attn_inp_k_rot) close the hole as a
+                # quantized V does, and with both it stays open (measured: -ub 256/512, 2 and 3 RPC devices)
+                closed = quant_v != rot_k
             # with flash attention the hole is the freed attention output (kqv_out, [n_head * n_embd_head, T]),
             # wider than a row set where Q is (Gemma 3 270M: 1024 against 640; its first devices were
             # 0.75 MiB low at -ub 512, exact with this over -c 2048/4096, -ub 128..512, 2 and 3 devices)
