@@ -120,6 +120,17 @@ def run_all(page, url: str, name: str) -> None:
     page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
 
 
+def run_to_strip(page, url: str, name: str):
+    """Run the notebook until the lab's strip is drawn and the kernel idle; the lab's locator, with
+    its memory plot shown."""
+    run_all(page, url, name)
+    page.wait_for_selector(".gpulab-splitlab .gls-main .gls-cell", timeout=240_000)
+    page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").wait_for(timeout=240_000)
+    lab = page.locator(".gpulab-splitlab").first
+    show_memory_plot(page, lab)
+    return lab
+
+
 def strip_cells(lab) -> list[str]:
     """The device of each cell of the layer strip, read from the page (each cell's tooltip)."""
     return lab.locator(".gls-main .gls-cell").evaluate_all("els => els.map(e => e.title.split(': ')[1])")

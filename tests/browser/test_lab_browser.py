@@ -6,7 +6,16 @@ from __future__ import annotations
 
 import pytest
 
-from browser.kit import ARTIFACTS, MEMORY_PLOT, REPO, bar_paths, drag_first_split_slider, start_lab, wait_changed
+from browser.kit import (
+    ARTIFACTS,
+    MEMORY_PLOT,
+    REPO,
+    bar_paths,
+    drag_first_split_slider,
+    run_all,
+    start_lab,
+    wait_changed,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -20,16 +29,7 @@ def lab_server(tmp_path_factory):
 def test_tour_lab_slider_moves_the_memory_bars(browser_page, lab_server):
     page = browser_page
     try:
-        page.goto(f"{lab_server}/lab/tree/tour.ipynb")
-        # a fresh JupyterLab asks which kernel to start: accept the default (Python 3)
-        try:
-            page.locator(".jp-Dialog .jp-mod-accept").click(timeout=60_000)
-        except Exception:  # noqa: BLE001 - the dialog does not always appear
-            pass
-        page.wait_for_selector(".jp-Notebook", timeout=60_000)
-        page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").wait_for(timeout=120_000)
-        page.locator("li.lm-MenuBar-item", has_text="Run").first.click()
-        page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+        run_all(page, lab_server, "tour.ipynb")
 
         # the lab widget renders with its figures; then the last cell (the export) finishes
         page.wait_for_selector(MEMORY_PLOT, timeout=240_000)

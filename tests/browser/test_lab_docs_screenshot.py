@@ -16,7 +16,7 @@ import os
 import nbformat
 import pytest
 
-from browser.kit import ARTIFACTS, LABELS_CUT, MEMORY_PLOT, REPO, run_all, show_memory_plot, start_lab, strip_cells
+from browser.kit import ARTIFACTS, LABELS_CUT, MEMORY_PLOT, REPO, run_to_strip, start_lab, strip_cells
 
 pytestmark = pytest.mark.slow
 NAME = "lab.ipynb"
@@ -48,11 +48,7 @@ def test_the_readme_picture_shows_the_demo_model_on_three_devices(playwright_api
     browser = playwright_api.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
     page = browser.new_page(viewport={"width": 1280, "height": 1500})
     try:
-        run_all(page, lab_server, NAME)
-        page.wait_for_selector(".gpulab-splitlab .gls-main .gls-cell", timeout=240_000)
-        page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").wait_for(timeout=240_000)
-        lab = page.locator(".gpulab-splitlab").first
-        show_memory_plot(page, lab)
+        lab = run_to_strip(page, lab_server, NAME)
         # -ngl 26 of 31 layers: the first 5 stay on the host; -ts 1,2,1 puts the split points at
         # 0.25, 0.75, 1 of 26: layer k < 6.5 -> SIM0 (7), k < 19.5 -> SIM1 (13), the rest SIM2 (5 + output)
         want = ["CPU"] * 5 + ["SIM0"] * 7 + ["SIM1"] * 13 + ["SIM2"] * 6

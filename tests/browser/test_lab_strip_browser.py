@@ -22,7 +22,7 @@ from browser.kit import (
     MEMORY_PLOT,
     drag_boundary,
     plot_trace,
-    run_all,
+    run_to_strip,
     show_memory_plot,
     start_lab,
     strip_cells,
@@ -77,11 +77,7 @@ def test_drag_and_keys_move_layers_as_llama_cpp_places_them(playwright_api, lab_
     browser = playwright_api.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
     page = browser.new_page(viewport={"width": 1280, "height": 800})
     try:
-        run_all(page, lab_server, NAME)
-        page.wait_for_selector(".gpulab-splitlab .gls-main .gls-cell", timeout=240_000)
-        page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").wait_for(timeout=240_000)
-        lab = page.locator(".gpulab-splitlab").first
-        show_memory_plot(page, lab)
+        lab = run_to_strip(page, lab_server, NAME)
         # no -ts: by free memory, points 1/4, 2/4, 3/4 -> layers 0-6, 7-12, 13-18, 19-24 (the output)
         assert wait_cells(page, lab, ["SIM0"] * 7 + ["SIM1"] * 6 + ["SIM2"] * 6 + ["SIM3"] * 6) == \
             ["SIM0"] * 7 + ["SIM1"] * 6 + ["SIM2"] * 6 + ["SIM3"] * 6
