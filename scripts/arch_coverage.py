@@ -3,6 +3,7 @@ tests/integration/test_arch_matrix_vs_llama.py) and the architectures the vendor
 (src/llama-arch.cpp LLM_ARCH_NAMES; GPULAB_LLAMA_CPP_SRC points at the source).
 
     python scripts/arch_coverage.py [test-artifacts/arch_matrix.json] > docs/COVERAGE.md
+    python scripts/arch_coverage.py --bounds [test-artifacts/arch_matrix.json]   # coverage.py's tables
 
 A term is exact for an architecture when every device in every setting is within the log's rounding
 (weights, KV, state: 32 KiB) or 1 MiB (compute); otherwise the worst error is given.
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 
 MiB, KiB = 1 << 20, 1 << 10
+DISCOVERED = Path(__file__).resolve().parents[1] / "gpulab" / "sources" / "arch_models.json"
 TERMS = (("weights", "model", 32 * KiB), ("KV", "kv", 32 * KiB), ("state", "state", 32 * KiB),
          ("compute", "compute", MiB))
 # names in LLM_ARCH_NAMES that are no model llama.cpp loads as one (a projector, the unknown marker)
@@ -89,12 +91,38 @@ def main(path: str) -> str:
         lines.append(f"| {arch} | {'exact' if a['placement'] else 'differs'} | " + " | ".join(cells)
                      + f" | {', '.join(a['refused']) or ''} |")
     rest = [n for n in names if n not in by_arch]
+    found = json.loads(DISCOVERED.read_text()) if DISCOVERED.exists() else {}
     lines += ["", f"## Not checked ({len(rest)})", "",
-              "No generated model yet: gpulab reads and plans them with the same rules (placement, weights and the",
-              "KV/state geometry from the header), and states a compute doubt for any architecture whose graph was not",
-              "checked, but nothing here proves them against llama.cpp.", "", ", ".join(rest), ""]
+              "No generated model that llama.cpp builds a context for: gpulab reads and plans them with the same",
+              "rules (placement, weights and the KV/state geometry from the header), and says that their compute",
+              "was not checked, but nothing here proves them against llama.cpp. Why, as",
+              "`scripts/discover_arch_models.py` recorded what the vendored llama.cpp answered:", "",
+              "| arch | why |", "|---|---|"]
+    for n in rest:
+        f = found.get(n, {})
+        why = f.get("error") or (f"loads; its context: {f.get('context')}" if f.get("context") != "ok"
+                                 else f"decode: {f.get('decode')}") if f else "no model written yet"
+        lines.append(f"| {n} | {why.replace('|', '/')} |")
+    lines.append("")
     return "\n".join(lines)
 
 
+def bounds(path: str) -> str:
+    """coverage.COMPUTE_MEASURED_MIB: the worst compute error of each architecture sized as a llama-like
+    graph, rounded up to 0.5 MiB (at least 1 MiB: the matrix's tolerance)."""
+    from gpulab.core.placement.coverage import COMPUTE_CHECKED, COMPUTE_EXACT
+    by_arch = summarize(json.loads(Path(path).read_text()))
+    out = {}
+    for arch, a in sorted(by_arch.items()):
+        if arch in COMPUTE_CHECKED or arch in COMPUTE_EXACT:
+            continue
+        worst = abs(a["worst"].get("compute", 0)) / MiB
+        out[arch] = max(1.0, -(-worst * 2 // 1) / 2)
+    return "COMPUTE_MEASURED_MIB: dict[str, float] = {\n" + "".join(
+        f'    "{a}": {v:g},\n' for a, v in out.items()) + "}"
+
+
 if __name__ == "__main__":
-    print(main(sys.argv[1] if len(sys.argv) > 1 else "test-artifacts/arch_matrix.json"))
+    args = [a for a in sys.argv[1:] if a != "--bounds"]
+    path = args[0] if args else "test-artifacts/arch_matrix.json"
+    print(bounds(path) if "--bounds" in sys.argv else main(path))

@@ -48,6 +48,8 @@ SEEDS = ("LLM_KV_EXPERT_COUNT", "LLM_KV_EXPERT_USED_COUNT", "LLM_KV_EXPERT_FEED_
          "LLM_KV_SSM_INNER_SIZE", "LLM_KV_SSM_STATE_SIZE", "LLM_KV_SSM_TIME_STEP_RANK", "LLM_KV_SSM_GROUP_COUNT")
 
 
+QKV = "(separate Q, K and V)"
+
 # What to add when llama.cpp stops on a value it did not ask for by name (an assert, an abort): the
 # message it stops with, and the keys to write on the next try.
 RETRIES = [
@@ -56,6 +58,9 @@ RETRIES = [
     ("n_embd_head_qk_nope >= 1", {"attention.q_lora_rank": 512, "attention.kv_lora_rank": 256,
                                   "attention.key_length": 192, "attention.value_length": 128}),
     ("sections[0] > 0", {"rope.dimension_sections": [16, 8, 8, 0]}),
+    # a loader whose Q/K/V are all optional (create_tensor_qkv(..., TENSOR_NOT_REQUIRED), phi3) accepts
+    # a file without attention and crashes building the graph: write separate Q, K and V
+    ("exit -11", {QKV: True}),
 ]
 
 
@@ -63,8 +68,8 @@ def arch_source(arch: str) -> str:
     """The text of the vendored llama.cpp's src/models/*.cpp that defines `arch`'s llama_model class."""
     src = Path(os.environ.get("GPULAB_LLAMA_CPP_SRC", "/work/src/llama_cpp_python-0.3.36/vendor/llama.cpp")) / "src"
     names = (src / "llama-arch.cpp").read_text()
-    enum = re.search(r'\{\s*(LLM_ARCH_\w+),\s*"%s"' % re.escape(arch), names)
-    cls = enum and re.search(r"case %s:\s*return new (llama_model_\w+)\(" % enum.group(1),
+    enum = re.search(r'\{\s*(LLM_ARCH_\w+),\s*"' + re.escape(arch) + '"', names)
+    cls = enum and re.search(r"case " + enum.group(1) + r":\s*return new (llama_model_\w+)\(",
                              (src / "llama-model.cpp").read_text())
     if not cls:
         return ""
@@ -168,11 +173,15 @@ def child(arch: str, out: Path, extra: dict) -> None:
     lc = llama_lib.llama_cpp()
     kv: dict[str, object] = {f"{arch}.{k}": v for k, v in BASE.items()}
     kv.update(seeds(arch))
-    kv.update({f"{arch}.{k}": v for k, v in extra.items()})
+    kv.update({f"{arch}.{k}": v for k, v in extra.items() if k != QKV})
     types: dict[str, str] = {}
     tensors: dict[str, tuple[tuple[int, ...], bool]] = {}   # name -> (ggml shape, asked for by the loader)
     n_layer = BASE["block_count"]
-    result: dict = {"error": "gave up after %d loads" % MAX_LOADS}
+    # real checkpoints ship token_embd even where the loader takes output.weight in its place (codeshell)
+    tensors["token_embd.weight"] = (_BOGUS, False)
+    if extra.get(QKV):     # asked for by nobody yet: the loader says their shapes when it reaches them
+        tensors.update({f"blk.{i}.attn_{x}.weight": (_BOGUS, False) for i in range(n_layer) for x in "qkv"})
+    result: dict = {"error": f"gave up after {MAX_LOADS} loads"}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{arch}.gguf"
         for _ in range(MAX_LOADS):

@@ -476,7 +476,7 @@ def write_gguf(path, arch: str, kv: dict[str, tuple[str | None, object]], tensor
             elif isinstance(value, float):
                 w.add_float32(key, value)
             else:
-                w.add_uint32(key, value)
+                w.add_uint32(key, int(value))  # type: ignore[call-overload]
         add_vocab(w, _V)
         for name, shape, gtype in tensors:
             w.add_tensor_info(name, tuple(reversed(shape)), np.dtype(np.float32), _n_bytes(shape, gtype),

@@ -22,6 +22,11 @@ _MAX_EXPERTS = 1024           # LLAMA_MAX_EXPERTS
 # Base names (the tensor name without '.weight' / '.bias') of the INPUT and OUTPUT layers.
 _INPUT_NAMES = frozenset({"token_embd", "position_embd", "token_types", "per_layer_token_embd",
                           "masked_embd_centroids", "masked_embd_ordering"})
+# Repeating tensors named without "blk.N": llama.cpp puts each with the layer its create_tensor call
+# numbers (the buffer list of dev_layer[bid], llama_model_base::create_tensor): gemma3n/gemma4 create the
+# per-layer-input projection with bid 0, wavtokenizer-dec its posnet.N and convnext.N blocks with bid N.
+_LAYER0_NAMES = frozenset({"per_layer_model_proj", "per_layer_proj_norm"})
+_NUMBERED_BLOCKS = ("posnet", "convnext")
 _OUTPUT_NAMES = frozenset({
     "output", "output_norm", "cls", "cls.output", "cls.norm", "dense_2", "dense_3",
     "dec.output_norm", "enc.output_norm", "output_res_score", "output_hc_fn", "output_hc_base",
@@ -34,6 +39,9 @@ _LFM2_ARCHS = frozenset({"lfm2", "lfm2moe"})
 # Encoders that have no output matrix at all: a missing output.weight is not a tied one there.
 _NO_OUTPUT_ARCHS = frozenset({"bert", "jina-bert-v2", "jina-bert-v3", "nomic-bert",
                               "nomic-bert-moe", "neo-bert", "eurobert", "modern-bert"})
+# Decoders whose graph multiplies by token_embd itself for the logits, where the input layer holds it
+# (src/models/bitnet.cpp: no output tensor, no TENSOR_DUPLICATED copy on the output device).
+_OUTPUT_IS_TOKEN_EMBD = frozenset({"bitnet"})
 # llama_model::create_memory (src/llama-model.cpp): no memory at all for these.
 _NO_MEMORY_ARCHS = _NO_OUTPUT_ARCHS | {"wavtokenizer-dec", "gemma-embedding", "dream", "llada",
                                        "llada-moe", "rnd1"}
@@ -300,6 +308,11 @@ def build_profile(h: Header, path: str, file_bytes: int, fail) -> ModelProfile:
             per_layer[il].append(info)
             continue
         base = _base_name(t.name)
+        if base in _LAYER0_NAMES or (parts[0] in _NUMBERED_BLOCKS and len(parts) == 3 and parts[1].isdigit()):
+            il = 0 if base in _LAYER0_NAMES else int(parts[1])
+            if il < n_layer:
+                per_layer[il].append(info)
+                continue
         if base in _INPUT_NAMES:
             inputs.append(info)
         elif base in _OUTPUT_NAMES or t.name in _OUTPUT_NAMES or (
@@ -349,7 +362,7 @@ def build_profile(h: Header, path: str, file_bytes: int, fail) -> ModelProfile:
         layers=layers, input_tensors=tuple(inputs), output_tensors=tuple(outputs),
         # llama.cpp loads token_embd a second time as the output matrix (TENSOR_DUPLICATED)
         tied_output=("output.weight" not in names and "token_embd.weight" in names
-                     and arch not in _NO_OUTPUT_ARCHS),
+                     and arch not in _NO_OUTPUT_ARCHS and arch not in _OUTPUT_IS_TOKEN_EMBD),
         n_expert=n_expert, n_expert_used=n_expert_used, n_swa=n_swa, file_type=file_type,
         other_tensors=tuple(others), metadata=metadata, n_nextn=n_nextn,
         mtp_never_loaded=n_nextn > 0 and arch in _MTP_NEVER_LOADED)
