@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "gpulab" / "sources" / "arch_models.json"
+OUT = Path(os.environ.get("GPULAB_ARCH_MODELS_OUT", ROOT / "gpulab" / "sources" / "arch_models.json"))
 MAX_LOADS = 1500
 _BOGUS = (3, 5, 7)          # a shape no loader asks for: the first load that reaches it names the real one
 
@@ -49,6 +49,7 @@ SEEDS = ("LLM_KV_EXPERT_COUNT", "LLM_KV_EXPERT_USED_COUNT", "LLM_KV_EXPERT_FEED_
 
 
 QKV = "(separate Q, K and V)"
+OPTIONAL = "(the optional tensors of the loader)"
 
 # What to add when llama.cpp stops on a value it did not ask for by name (an assert, an abort): the
 # message it stops with, and the keys to write on the next try.
@@ -61,6 +62,12 @@ RETRIES = [
     # a loader whose Q/K/V are all optional (create_tensor_qkv(..., TENSOR_NOT_REQUIRED), phi3) accepts
     # a file without attention and crashes building the graph: write separate Q, K and V
     ("exit -11", {QKV: True}),
+    # ... or other tensors it creates only when present (qwen35's fused QKV and gate on recurrent layers)
+    ("exit -11", {OPTIONAL: True}),
+    ("n_group == 0", {"ssm.group_count": 0}),                  # plamo2's Mamba layers have no groups
+    ("indexer_kpool > 1", {"attention.indexer.kpool": 2, "attention.indexer.top_k": 64}),
+    ("n_layer() == n_slot", {"hrm.layers_per_stack": 1, "hrm.h_cycles": 2, "hrm.l_cycles": 2}),  # 1 x 2 x 3 = 6
+    ("kda_gate_lower_bound < 0.0f", {"kda.safe_gate": True, "kda.gate_lower_bound": -5.0}),
 ]
 
 
@@ -73,11 +80,29 @@ def arch_source(arch: str) -> str:
                              (src / "llama-model.cpp").read_text())
     if not cls:
         return ""
-    for f in sorted((src / "models").glob("*.cpp")):
-        text = f.read_text()
-        if f"{cls.group(1)}::load_arch_hparams" in text or f"{cls.group(1)}::load_arch_tensors" in text:
-            return text
+    name = cls.group(1)
+    header = (src / "models" / "models.h").read_text()
+    for _ in range(4):       # a class without its own loader is its base class's (mistral4: deepseek2)
+        for f in sorted((src / "models").glob("*.cpp")):
+            text = f.read_text()
+            if f"{name}::load_arch_hparams" in text or f"{name}::load_arch_tensors" in text:
+                return text
+        base = re.search(r"struct " + name + r"\s*:\s*public (llama_model_\w+)", header)
+        if not base:
+            break
+        name = base.group(1)
     return ""
+
+
+def optional_tensors(arch: str) -> list[str]:
+    """The names of the tensors `arch`'s loader creates with TENSOR_NOT_REQUIRED ("%d": the block)."""
+    src = Path(os.environ.get("GPULAB_LLAMA_CPP_SRC", "/work/src/llama_cpp_python-0.3.36/vendor/llama.cpp")) / "src"
+    names = dict(re.findall(r'\{\s*(LLM_TENSOR_\w+),\s*"([^"]+)"\s*\}', (src / "llama-arch.cpp").read_text()))
+    out = []
+    for m in re.finditer(r"create_tensor\(tn\((LLM_TENSOR_\w+),\s*\"(\w+)\"([^;]*);", arch_source(arch)):
+        if "TENSOR_NOT_REQUIRED" in m.group(3) and m.group(1) in names and "rope_factors" not in names[m.group(1)]:
+            out.append(f"{names[m.group(1)]}.{m.group(2)}")
+    return list(dict.fromkeys(out))
 
 
 def seeds(arch: str) -> dict[str, object]:
@@ -173,7 +198,7 @@ def child(arch: str, out: Path, extra: dict) -> None:
     lc = llama_lib.llama_cpp()
     kv: dict[str, object] = {f"{arch}.{k}": v for k, v in BASE.items()}
     kv.update(seeds(arch))
-    kv.update({f"{arch}.{k}": v for k, v in extra.items() if k != QKV})
+    kv.update({f"{arch}.{k}": v for k, v in extra.items() if k not in (QKV, OPTIONAL)})
     types: dict[str, str] = {}
     tensors: dict[str, tuple[tuple[int, ...], bool]] = {}   # name -> (ggml shape, asked for by the loader)
     n_layer = BASE["block_count"]
@@ -181,6 +206,10 @@ def child(arch: str, out: Path, extra: dict) -> None:
     tensors["token_embd.weight"] = (_BOGUS, False)
     if extra.get(QKV):     # asked for by nobody yet: the loader says their shapes when it reaches them
         tensors.update({f"blk.{i}.attn_{x}.weight": (_BOGUS, False) for i in range(n_layer) for x in "qkv"})
+    if extra.get(OPTIONAL):
+        for pattern in optional_tensors(arch):
+            for i in range(n_layer) if "%d" in pattern else [0]:
+                tensors.setdefault(pattern.replace("%d", str(i)), (_BOGUS, False))
     result: dict = {"error": f"gave up after {MAX_LOADS} loads"}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{arch}.gguf"
@@ -288,7 +317,8 @@ def _run_child(arch: str, extra: dict) -> dict:
         got = json.loads(text) if text else {}
         if p.returncode != 0:
             lines = p.stderr.strip().splitlines()
-            why = [x for x in lines if "GGML_ASSERT" in x or "what()" in x or "error" in x.lower()]
+            why = [x for x in lines if "GGML_ASSERT" in x or "what()" in x or "error" in x.lower()
+                   or re.search(r"\.(cpp|c):\d+: ", x)]         # ggml_abort: file:line: message
             tail = ((why or lines or [f"exit {p.returncode}"])[-1]).strip()
             tail = re.sub(r"^\S*/vendor/llama\.cpp/", "", tail)     # the build's temporary path says nothing
             if not got:

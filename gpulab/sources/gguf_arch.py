@@ -54,13 +54,13 @@ _HYBRID_BY_HEADS = frozenset({"jamba", "granitehybrid", "lfm2", "lfm2moe", "plam
 # {arch}.full_attention_interval-th layer (this default otherwise).
 _HYBRID_BY_INTERVAL = {"qwen3next": 4, "qwen35": 4, "qwen35moe": 4, "qwen4exp": 4, "minimax-01": 8}
 # Archs whose load_arch_hparams reads key_length_mla / value_length_mla (src/models/<arch>.cpp):
-# llama_hparams::is_mla() when both are non-zero.
+# llama_hparams::is_mla() when both are non-zero; mistral4 is deepseek2's loader (models.h: a subclass).
 _MLA_ARCHS = frozenset({"deepseek2", "deepseek32", "dots3note", "glm-dsa", "glm5-next", "hy_v4", "kimi-k3",
-                        "kimi-linear", "bailingmoe3"})
+                        "kimi-linear", "bailingmoe3", "mistral4"})
 # Archs whose load_arch_tensors give the nextn layers mtp_flags |= TENSOR_SKIP unless MTP is on
-# (grep mtp_flags src/models/*.cpp): "model has unused tensor ... -- ignoring".
+# (grep mtp_flags src/models/*.cpp; mistral4 is deepseek2's): "model has unused tensor ... -- ignoring".
 _MTP_SKIP_ARCHS = frozenset({"bailingmoe3", "cohere2moe", "deepseek2", "deepseek32", "deepseek4", "glm-dsa",
-                             "glm4moe", "glm5-next", "hy_v3", "mimo2", "nemotron_h", "nemotron_h_moe", "qwen35",
+                             "glm4moe", "glm5-next", "hy_v3", "mimo2", "mistral4", "nemotron_h", "nemotron_h_moe", "qwen35",
                              "qwen35moe", "qwen3next", "step35"}) | frozenset({
     # ... and those that skip them whatever MTP says ("preserved in GGUF but not executed yet")
     "bailingmoe2", "dots3note", "exaone-moe", "exaone4", "glm4"})

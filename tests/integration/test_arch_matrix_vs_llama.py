@@ -9,21 +9,19 @@ sliding window, f16 and quantized caches with flash attention on and off):
     added up; compute within 1 MiB always for coverage.COMPUTE_EXACT.
 Every figure is written to test-artifacts/arch_matrix.json; scripts/arch_coverage.py turns it into
 docs/COVERAGE.md. One setting per architecture runs by default; the rest is marked slow
-(`-m slow` runs it, `-m "not slow"` skips it); for the architectures scripts/discover_arch_models.py
-wrote, the other settings also need GPULAB_ARCH_MATRIX=full. The whole matrix: see docs/BENCHMARKS.md.
+(`-m slow` runs it, `-m "not slow"` skips it). The whole matrix: see docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from gpulab import ConfigError, LoadError, SplitConfig, plan, read_profile
 from gpulab.core.placement.coverage import COMPUTE_EXACT
-from gpulab.sources.arch_models import ARCH_MODELS, CURATED, write_arch_model
+from gpulab.sources.arch_models import ARCH_MODELS, write_arch_model
 from gpulab.sources.host import host_device
 
 KiB, MiB = 1024, 1024**2
@@ -41,19 +39,8 @@ CONFIGS = {
     "ts-1-1-1-q4-fa": SplitConfig(tensor_split=(1, 1, 1), n_ctx=4096, type_k="q4_0", type_v="q4_0", flash_attn="on"),
 }
 DEFAULT = "ts-3-1-q8-fa"
-# The discovered architectures (scripts/discover_arch_models.py) run their other settings on request: the
-# suite stays in its time, and docs/COVERAGE.md says which settings each architecture ran.
-_FULL = pytest.mark.skipif(os.environ.get("GPULAB_ARCH_MATRIX") != "full",
-                           reason="a discovered architecture's other settings run with GPULAB_ARCH_MATRIX=full")
-
-
-def _marks(arch: str, config: str) -> tuple:
-    if config == DEFAULT:
-        return ()
-    return (pytest.mark.slow,) if arch in CURATED else (pytest.mark.slow, _FULL)
-
-
-CASES = [pytest.param(a, c, marks=_marks(a, c), id=f"{a}-{c}") for a in ARCH_MODELS for c in CONFIGS]
+CASES = [pytest.param(a, c, marks=() if c == DEFAULT else pytest.mark.slow, id=f"{a}-{c}")
+         for a in ARCH_MODELS for c in CONFIGS]
 
 _rows: list[dict] = []
 
