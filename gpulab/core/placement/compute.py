@@ -53,6 +53,7 @@ from itertools import accumulate, groupby
 from ..config import SplitConfig
 from ..devices import HOST_NAME
 from ..profile import ModelProfile
+from .recurrent import RECURRENT_GRAPHS, recurrent_compute_bytes
 
 __all__ = ["estimate_compute_bytes", "compute_tokens", "pipeline_copies", "SCHED_MAX_COPIES", "dry_run_extra_bytes"]
 
@@ -265,6 +266,11 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     # whole model is offloaded or the ubatch is small. Otherwise the scheduler computes a
     # device's first norm on the device before it, which then sends the norm and the residual.
     pinned_norm = HOST_NAME not in layer_devices or T < 32
+    if profile.arch in RECURRENT_GRAPHS:
+        # a graph whose layers leave ggml-alloc's buffer unlike each other: replayed (placement.recurrent)
+        return recurrent_compute_bytes(profile, config, layer_devices, names, T=T, n_seqs=n_seqs,
+                                       T_out=T if n_outputs is None else max(1, min(T, n_outputs)),
+                                       n_copies=nc, pin_norm=pinned_norm)
 
     # KV cells per stream (llama_context ctor: n_ctx_seq), and the sliding-window cache
     # (llama_kv_cache_iswa: pad(min(size_base, n_swa + n_ubatch), 256) unless --swa-full)
