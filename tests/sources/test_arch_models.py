@@ -75,7 +75,7 @@ def test_pure_recurrent_model_has_state_and_no_kv(models):
     assert rows == {(3 * (2048 + 2 * 128), 128 * 2048, False)}
     p = plan(mb, parse_sim_spec("24GiB"), SplitConfig(n_ctx=4096))
     assert p.device("SIM0").state_bytes == 6 * 4 * (6912 + 262144) and p.device("SIM0").kv_bytes == 0
-    assert [d.bound_bytes for d in p.doubts] == [0]      # its compute: not modelled, said so
+    assert p.doubts == ()      # its compute: replayed (gpulab.core.placement.recurrent), exact
 
 
 def test_doubts_are_silent_where_exact_and_one_line_per_term_elsewhere(models):

@@ -1,0 +1,86 @@
+"""Compute buffers of recurrent graphs (gpulab/core/placement/recurrent.py) against llama.cpp's.
+
+The expected figures are the `compute buffer size` lines llama.cpp logged (MiB, two decimals) for the
+Mamba-2 model of gpulab.sources.arch_models (n_embd 1024, d_inner 2048, d_state 128, 32 heads, one group,
+d_conv 4, n_vocab 8192, 6 layers) on CPU RPC devices, as tests/integration/test_arch_matrix_vs_llama.py
+loads it; the 24-layer and small-ubatch rows come from the same model with those settings.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from gpulab import SplitConfig, plan
+from gpulab.core.devices import Device
+from gpulab.core.placement.recurrent import _Alloc
+from gpulab.core.profile import LayerProfile, ModelProfile
+
+MiB = 1024**2
+
+
+def mamba2(n_layer: int = 6) -> ModelProfile:
+    d_conv, d_inner, d_state, n_group, n_head = 4, 2048, 128, 1, 32
+    layers = tuple(LayerProfile(index=i, tensors=(), n_head=0, n_head_kv=0, n_embd_head_k=0, n_embd_head_v=0,
+                                has_kv=False, n_embd_r=(d_conv - 1) * (d_inner + 2 * n_group * d_state),
+                                n_embd_s=d_state * d_inner) for i in range(n_layer))
+    md = {"mamba2.ssm.conv_kernel": d_conv, "mamba2.ssm.inner_size": d_inner, "mamba2.ssm.state_size": d_state,
+          "mamba2.ssm.time_step_rank": n_head, "mamba2.ssm.group_count": n_group}
+    return ModelProfile(path="mamba2", arch="mamba2", name="mamba2", file_bytes=0, n_layer=n_layer, n_embd=1024,
+                        n_ff=0, n_vocab=8192, n_ctx_train=32768, layers=layers, input_tensors=(),
+                        output_tensors=(), tied_output=False, metadata=md)
+
+
+def rpc(n: int) -> list[Device]:
+    return [Device(name=f"RPC{i}", total_bytes=64 << 30, free_bytes=64 << 30, source="rpc", kind="rpc")
+            for i in range(n)]
+
+
+def logged(profile: ModelProfile, config: SplitConfig, n_devices: int) -> dict[str, float]:
+    """The plan's compute buffers as llama.cpp prints them."""
+    p = plan(profile, rpc(n_devices), config)
+    return {d.name: round(d.compute_bytes / MiB, 2) for d in p.devices}
+
+
+@pytest.mark.parametrize("config,n_devices,expected", [
+    # pipelined over two devices: 4 copies of what crosses (embd, cont(z) back, the z view over)
+    (SplitConfig(tensor_split=(1, 1), n_ctx=1024, devices=("RPC0", "RPC1")), 2,
+     {"RPC0": 52.62, "RPC1": 70.84, "CPU": 10.02}),
+    (SplitConfig(tensor_split=(3, 1), n_ctx=2048, devices=("RPC0", "RPC1"), type_k="q8_0", type_v="q8_0",
+                 flash_attn="on"), 2, {"RPC0": 36.62, "RPC1": 26.00, "CPU": 10.02}),
+    (SplitConfig(tensor_split=(1, 1, 1), n_ctx=4096), 3, {"RPC0": 52.62, "RPC1": 86.83, "RPC2": 66.84, "CPU": 10.02}),
+    # one device: the peak is the second layer's scan, above the holes the first layer left
+    (SplitConfig(split_mode="none", main_gpu=1, n_ctx=1024), 2, {"RPC1": 30.62, "CPU": 4.00}),
+    # layers on the host: not pipelined, each device's first norm runs where the layer before it ran
+    (SplitConfig(n_gpu_layers=4, tensor_split=(1, 1, 1), n_ctx=1024), 3,
+     {"RPC0": 26.62, "RPC1": 26.64, "RPC2": 18.00, "CPU": 29.12}),
+    (SplitConfig(n_gpu_layers=0, n_ctx=1024), 1, {"RPC0": 0.0, "CPU": 29.12}),
+    (SplitConfig(tensor_split=(1, 1), n_ctx=2048, n_seq_max=2, devices=("RPC0", "RPC1")), 2,
+     {"RPC0": 53.67, "RPC1": 71.89, "CPU": 10.02}),
+    (SplitConfig(tensor_split=(2, 1), n_ctx=4096, n_ubatch=128, devices=("RPC0", "RPC1")), 2,
+     {"RPC0": 13.94, "RPC1": 17.47, "CPU": 2.50}),
+    (SplitConfig(n_gpu_layers=3, tensor_split=(1, 1), n_ctx=1024, n_ubatch=16, devices=("RPC0", "RPC1")), 2,
+     {"RPC0": 1.89, "RPC1": 0.56, "CPU": 1.93}),
+])
+def test_mamba2_compute_buffers_are_llama_cpps(config, n_devices, expected):
+    assert logged(mamba2(), config, n_devices) == expected
+
+
+def test_more_layers_do_not_raise_the_peak():
+    # 24 layers on one device: the same 30.62 MiB llama.cpp logs for 6 (the holes repeat every few layers)
+    assert logged(mamba2(24), SplitConfig(split_mode="none", main_gpu=1, n_ctx=1024), 2) == {"RPC1": 30.62, "CPU": 4.00}
+    assert logged(mamba2(24), SplitConfig(tensor_split=(1, 2, 1), n_ctx=4096, type_k="q8_0", flash_attn="off"), 3) \
+        == {"RPC0": 52.62, "RPC1": 86.83, "RPC2": 70.84, "CPU": 10.02}
+
+
+def test_the_allocator_is_best_fit_below_the_top_and_merges_freed_neighbours():
+    a = _Alloc()
+    x, y, z = a.alloc(100), a.alloc(64), a.alloc(32)     # sizes pad to 32 bytes
+    assert (x, y, z, a.top) == (0, 128, 192, 224)
+    a.free(x, 100)
+    a.free(z, 32)                  # the top one goes back to the endless last block
+    assert a.alloc(96) == 0        # best fit: the 128-byte hole, not the top
+    assert a.alloc(64) == 192 and a.top == 256
+    a.free(y, 64)
+    a.free(0, 96)                  # merges with its freed neighbour above: one 192-byte hole
+    assert a.alloc(160) == 0 and a.top == 256
+
