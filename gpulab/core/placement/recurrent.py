@@ -27,292 +27,218 @@ the buffers llama.cpp logs (tests/integration/test_arch_matrix_vs_llama.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from ..config import SplitConfig
 from ..devices import HOST_NAME
 from ..profile import ModelProfile
+from .ggml_replay import Graph, Tensor, _schedule, buffer_peaks
 
 __all__ = ["RECURRENT_GRAPHS", "recurrent_compute_bytes"]
 
-RECURRENT_GRAPHS = frozenset({"mamba2"})
-_ALIGN = 32                      # TENSOR_ALIGNMENT of CPU and RPC buffers
-_BIG = 1 << 62                   # the last free block of a chunk (SIZE_MAX / 2)
+RECURRENT_GRAPHS = frozenset({"mamba2", "lfm2"})
+_QUANT_FREE = ("f32", "f16", "bf16")
+# bytes per element of a cache type, and elements per block (ggml_type_size / ggml_blck_size)
+_TYPE = {"f32": (4, 1), "f16": (2, 1), "bf16": (2, 1), "q8_0": (34, 32), "q4_0": (18, 32), "q4_1": (20, 32),
+         "q5_0": (22, 32), "q5_1": (24, 32), "iq4_nl": (18, 32)}
 
 
-def _a(n: int) -> int:
-    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+def _row(type_name: str, n: int) -> int:
+    size, blck = _TYPE.get(type_name, (2, 1))
+    return n // blck * size
 
 
-@dataclass
-class _Node:
-    size: int                    # bytes it allocates (for a view: its ggml_nbytes, what a copy of it takes)
-    src: list[int]               # the graph's own tensors it reads (weights and caches are left out)
-    dev: str | None = None       # pass 1: the device of its weight, cache or input; a pinned norm
-    view: int = -1               # a view: the tensor it views (ggml's view_src, always the root)
-    alloc: bool = True           # False: writes into a cache (ggml_cpy into the state), nothing to allocate
-    inplace: bool = False        # ggml_op_can_inplace
-    out: bool = False            # GGML_TENSOR_FLAG_OUTPUT: never freed, never reused
-    leaf: bool = False           # a graph input (llm_graph_input_*): on the host, allocated first
+class _Ctx:
+    """What every graph builder needs: the graph, the ubatch, where each layer runs."""
+
+    def __init__(self, profile: ModelProfile, config: SplitConfig, layer_devices: list[str], T: int, ns: int,
+                 T_out: int, pin_norm: bool) -> None:
+        self.g = Graph()
+        self.p, self.config, self.dev = profile, config, layer_devices
+        self.T, self.ns, self.T_out, self.pin = T, ns, T_out, pin_norm
+        self.E = profile.n_embd
+
+    def norm(self, x: Tensor, il: int, size: int | None = None) -> Tensor:
+        """build_norm (RMS, with a weight): the norm named "norm" is pinned to its layer's device
+        (llama_context::graph_get_cb) under full offload or small ubatches; the weight's MUL is in place."""
+        d = self.dev[il] if il >= 0 else self.dev[self.p.n_layer]
+        n = self.g.op(size or x.size, x, w=d if self.pin and il >= 0 else None, inplace=True)
+        return self.g.op(n.size, n, w=d, inplace=True)
+
+    def rs(self, il: int, s_main: Tensor, s_extra: Tensor, rows: int, scan=None) -> Tensor:
+        """llm_graph_context::build_rs: clear a state (in place on the cache), this ubatch's rows (or the
+        scan that reads them), the other rows copied back."""
+        g, d = self.g, self.dev[il]
+        cache = g.view(g.ext(d))
+        g.expand(g.set(d, g.view(cache)))
+        out = scan(cache) if scan else g.op(rows, cache, s_main)
+        g.expand(out)
+        g.expand(g.set(d, g.op(0, cache, s_extra), g.view(g.ext(d))))
+        return out
 
 
-@dataclass
-class _Graph:
-    nodes: list[_Node] = field(default_factory=list)
-
-    def add(self, size: int, src: list[int], **kw) -> int:
-        self.nodes.append(_Node(size, src, **kw))
-        return len(self.nodes) - 1
-
-    def view(self, of: int, nbytes: int = 0) -> int:
-        root = self.nodes[of].view if self.nodes[of].view >= 0 else of
-        return self.add(nbytes, [of], view=root, alloc=False)
-
-
-def _mamba2_graph(profile: ModelProfile, layer_devices: list[str], T: int, ns: int, T_out: int,
-                  pin_norm: bool) -> _Graph:
-    md, arch = profile.metadata, profile.arch
-    d_conv = int(md[f"{arch}.ssm.conv_kernel"])
-    d_inner = int(md[f"{arch}.ssm.inner_size"])
-    d_state = int(md[f"{arch}.ssm.state_size"])
-    n_head = int(md[f"{arch}.ssm.time_step_rank"])
+def _mamba2(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, il: int) -> Tensor:
+    """llm_build_mamba_base::build_mamba2_layer (src/models/mamba-base.cpp)."""
+    g, d, T, ns = c.g, c.dev[il], c.T, c.ns
+    md, arch = c.p.metadata, c.p.arch
+    d_conv, d_inner = int(md[f"{arch}.ssm.conv_kernel"]), int(md[f"{arch}.ssm.inner_size"])
+    d_state, n_head = int(md[f"{arch}.ssm.state_size"]), int(md[f"{arch}.ssm.time_step_rank"])
     n_group = int(md.get(f"{arch}.ssm.group_count", 1))
-    E, n_layer = profile.n_embd, profile.n_layer
     conv_dim = d_inner + 2 * n_group * d_state
     d_in_proj = 2 * d_inner + 2 * n_group * d_state + n_head
-    e = 4 * E * T
-    g = _Graph()
-    host = HOST_NAME
-    # graph inputs: inp_tokens, inp_embd (never read by a text batch, never freed), the state copy ids, out_ids
-    tokens = g.add(4 * T, [], dev=host, leaf=True)
-    g.add(e, [], dev=host, leaf=True)
-    s_copy = g.add(4 * ns, [], dev=host, leaf=True)
-    out_ids = g.add(4 * T_out, [], dev=host, leaf=True)
-    s_main = g.view(s_copy, 4 * ns)                       # build_inp_s_copy: s_copy_main
-    inp = g.add(e, [tokens], dev=host)                    # embd = get_rows(token_embd, tokens)
-    zx_prev = ys_prev = silu_prev = -1
+    conv = g.view(c.rs(il, s_main, s_extra, 4 * (d_conv - 1) * conv_dim * ns))
+    zx = g.view(g.op(4 * d_in_proj * T, cur, w=d))
+    z = g.view(zx, 4 * d_inner + 4 * d_in_proj * (T - 1))
+    xbc, dt = g.view(zx), g.view(zx)
+    conv_x = g.op(4 * (d_conv - 1 + T // ns) * conv_dim * ns, conv, g.view(xbc))
+    g.expand(g.set(d, g.view(conv_x), g.view(g.ext(d))))
+    xbc = g.op(4 * conv_dim * T, conv_x, w=d)
+    xbc = g.op(xbc.size, xbc, w=d, inplace=True)
+    xbc = g.op(xbc.size, xbc, inplace=True)                    # silu
+    x, B, C = g.view(xbc), g.view(xbc), g.view(xbc)
+    dt = g.op(4 * n_head * T, g.op(4 * n_head * T, dt), w=d, inplace=True)
+    ys = c.rs(il, s_main, s_extra, 0,
+              lambda states: g.op(4 * (d_inner * T + d_state * d_inner * ns), g.view(states), x, dt, B, C, s_main,
+                                  w=d))
+    g.expand(g.set(d, g.view(ys), g.view(g.ext(d))))
+    yd = 4 * d_inner * T
+    y = g.op(yd, g.view(ys, yd), g.op(yd, x, w=d), inplace=True)     # y + x * D
+    y = g.op(yd, g.op(yd, z), y)                                     # swiglu_split(cont(z), y)
+    y = c.norm(g.view(y), il)                                        # grouped RMS norm
+    return g.op(4 * c.E * T, g.view(y), w=d)                         # ssm_out
 
-    def tail(il: int, resid: int, zx: int, silu: int, ys: int, dev_next: str | None) -> int:
-        d = layer_devices[il]
-        z = g.view(zx, 4 * d_inner + 4 * d_in_proj * (T - 1))
-        zc = g.add(4 * d_inner * T, [z])                  # ggml_cont(z): goes where the op before it runs
-        y = g.view(ys, 4 * d_inner * T)
-        xd = g.add(4 * d_inner * T, [g.view(silu)], dev=d)            # x * ssm_d
-        ya = g.add(4 * d_inner * T, [y, xd], inplace=True)            # mamba2_y_add_d
-        sw = g.add(4 * d_inner * T, [zc, ya])                         # swiglu_split
-        nrm = g.add(4 * d_inner * T, [g.view(sw)], inplace=True, dev=d if pin_norm else None)
-        nw = g.add(4 * d_inner * T, [nrm], dev=d, inplace=True)       # * ssm_norm
-        cur = g.add(e, [g.view(nw)], dev=d)                           # ssm_out
-        if il == n_layer - 1:                                         # build_inp_out_ids: keep the outputs
-            cur = g.add(4 * E * T_out, [cur, out_ids])
-            resid = g.add(4 * E * T_out, [resid, out_ids])
-        return g.add(4 * E * T_out if il == n_layer - 1 else e, [cur, resid], inplace=True)   # l_out
 
-    resid = inp
+def _shortconv(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, il: int) -> Tensor:
+    """llama_model_lfm2::graph, build_shortconv_block (src/models/lfm2.cpp)."""
+    g, d, T, ns, E = c.g, c.dev[il], c.T, c.ns, c.E
+    l_cache = int(c.p.metadata[f"{c.p.arch}.shortconv.l_cache"])
+    bcx = g.op(4 * 3 * E * T, g.view(cur), w=d)                      # in_proj
+    b, cc, x = g.view(bcx), g.view(bcx), g.view(bcx)
+    bx = g.view(g.op(4 * E * T, b, x))                               # transpose(b * x)
+    conv = g.view(c.rs(il, s_main, s_extra, 4 * (l_cache - 1) * E * ns))
+    bx = g.op(4 * (l_cache - 1 + T // ns) * E * ns, conv, bx)       # concat
+    g.expand(g.set(d, g.view(bx), g.view(g.ext(d))))
+    y = g.op(4 * E * T, cc, g.op(4 * E * T, bx, w=d))               # c * ssm_conv(bx)
+    return g.view(g.op(4 * E * T, y, w=d))                           # out_proj
+
+
+class _Attn:
+    """The inputs of the KV cache (llm_graph_input_attn_kv) and build_attn / build_attn_mha
+    (src/llama-graph.cpp), llama_kv_cache's cpy_k / cpy_v / get_k / get_v (src/llama-kv-cache.cpp)."""
+
+    def __init__(self, c: _Ctx, fa: bool, v_trans: bool) -> None:
+        cfg, g, T = c.config, c.g, c.T
+        self.c, self.fa, self.v_trans = c, fa, v_trans
+        self.n_kv = -(-cfg.n_ctx // 256) * 256
+        layer = next(la for la in c.p.layers if la.has_kv)
+        self.hd, self.n_head = layer.n_embd_head_k, layer.n_head
+        self.k_idxs = g.inp(8 * T)
+        self.v_idxs = g.inp(8 * T * (layer.n_embd_v_gqa if v_trans else 1))
+        self.mask = g.inp(self.n_kv * T * (2 if fa else 4))
+        # Hadamard rotations of a quantized cache (llama_kv_cache ctor: attn_rot_k / attn_rot_v)
+        nrot = 64
+        while self.hd % (nrot * 2) == 0:
+            nrot *= 2
+        quant_k, quant_v = cfg.type_k not in _QUANT_FREE, cfg.type_v not in _QUANT_FREE
+        self.k_rot = g.inp(4 * nrot * nrot) if quant_k and self.hd % 64 == 0 else None
+        self.v_rot = g.inp(4 * 64 * 64) if quant_v and self.hd % 64 == 0 else None
+        self.fa_nodes: list[tuple[Tensor | None, str]] = []     # each flash-attention node and its layer's device
+
+    def __call__(self, cur: Tensor, pos: Tensor, il: int) -> Tensor:
+        c, g, T = self.c, self.c.g, self.c.T
+        d, layer, cfg = c.dev[il], c.p.layers[il], c.config
+        hd, n_head, n_kv_head = layer.n_embd_head_k, layer.n_head, layer.n_head_kv
+        q = g.op(4 * hd * n_head * T, cur, w=d)
+        q = g.op(q.size, c.norm(g.view(q), il), pos, inplace=True)          # q norm, RoPE
+        k = g.op(4 * hd * n_kv_head * T, cur, w=d)
+        k = g.op(k.size, c.norm(g.view(k), il), pos, inplace=True)
+        v = g.view(g.op(4 * hd * n_kv_head * T, cur, w=d))
+        if self.k_rot is not None:
+            q = g.view(g.op(q.size, self.k_rot, g.view(q)))
+            k = g.view(g.op(k.size, self.k_rot, g.view(k)))
+        if self.v_rot is not None:
+            v = g.view(g.op(v.size, self.v_rot, g.view(v)))
+        g.expand(q)
+        g.expand(v)
+        g.expand(k)
+        g.expand(g.set(d, g.view(k), self.k_idxs))
+        g.expand(g.set(d, g.view(v), self.v_idxs))
+        n_kv = self.n_kv
+        kc = g.view(g.view(g.ext(d)), _row(cfg.type_k, hd) * n_kv_head * n_kv)
+        vc = g.view(g.view(g.ext(d)), _row(cfg.type_v, hd) * n_kv_head * n_kv)
+        qp = g.view(g.view(q))
+        if self.fa:
+            out = g.op(4 * hd * n_head * T, qp, kc, vc, self.mask)
+            fa_node = out
+            out = g.view(out)
+        else:
+            kq = g.op(4 * n_kv * T * n_head, kc, qp)
+            kq = g.op(kq.size, kq, self.mask, inplace=True)                  # soft_max_ext
+            if not self.v_trans:
+                vc = g.op(_row(cfg.type_v, hd) * n_kv_head * n_kv, g.view(vc))   # v_cont
+            out = g.op(4 * hd * n_head * T, g.view(g.op(4 * hd * n_head * T, vc, kq)))   # cont(permute(kqv))
+            fa_node = None
+        if self.v_rot is not None:
+            out = g.view(g.op(out.size, self.v_rot, g.view(out)))
+        out = g.op(4 * c.E * T, out, w=d)                                    # wo
+        self.fa_nodes.append((fa_node, d))
+        return out
+
+
+def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
+    g, T, E, p = c.g, c.T, c.E, c.p
+    tokens = g.inp(4 * T)
+    g.expand(g.inp(4 * E * T))               # inp_embd: a text batch never reads it, it is allocated
+    cur = g.expand(g.op(4 * E * T, tokens, w=HOST_NAME))              # get_rows(token_embd)
+    attn = _Attn(c, fa, v_trans) if any(la.has_kv for la in p.layers) else None
+    s_copy = g.inp(4 * c.ns)
+    s_main, s_extra = g.view(s_copy, 4 * c.ns), g.view(s_copy, 0)
+    pos = g.inp(4 * T) if attn is not None else None
+    out_ids = g.inp(4 * c.T_out)
+    n_layer = p.n_layer
     for il in range(n_layer):
-        d = layer_devices[il]
-        # build_rs(conv states): an in-place scale of the cache, the rows of this ubatch's sequences, the
-        # rows of the others (none here) copied back
-        g.add(0, [], dev=d, alloc=False)
-        conv = g.add(_a(4 * (d_conv - 1) * conv_dim * ns), [s_main])
-        g.add(0, [], dev=d, alloc=False)
-        if il > 0:
-            resid = tail(il - 1, resid, zx_prev, silu_prev, ys_prev, d)
-        n0 = g.add(e, [resid], inplace=True, dev=d if pin_norm else None)   # "norm"
-        n1 = g.add(e, [n0], dev=d, inplace=True)                            # attn_norm
-        zx = g.add(4 * d_in_proj * T, [n1], dev=d)                          # ssm_in
-        zr = g.view(zx)
-        xbc_t = g.view(g.view(zr))
-        cx = g.add(4 * (d_conv - 1 + T // ns) * conv_dim * ns, [g.view(conv), xbc_t])   # concat
-        g.add(0, [g.view(cx)], dev=d, alloc=False)                           # last conv rows -> cache
-        xc = g.add(4 * conv_dim * T, [cx], dev=d)                            # ssm_conv
-        xc = g.add(4 * conv_dim * T, [xc], dev=d, inplace=True)              # + conv bias
-        silu = g.add(4 * conv_dim * T, [xc], inplace=True)
-        x = g.view(silu)
-        dt = g.add(4 * n_head * T, [g.view(zr)])                             # cont(dt)
-        dt = g.add(4 * n_head * T, [dt], dev=d, inplace=True)                # + dt bias
-        ys = g.add(4 * (d_inner * T + d_state * d_inner * ns), [x, dt, g.view(silu), g.view(silu), s_main],
-                   dev=d)                                                    # ssm_scan
-        g.add(0, [], dev=d, alloc=False)                                     # other rows' states
-        g.add(0, [g.view(ys)], dev=d, alloc=False)                           # last states -> cache
-        zx_prev, silu_prev, ys_prev = zx, silu, ys
-    resid = tail(n_layer - 1, resid, zx_prev, silu_prev, ys_prev, None) if n_layer else inp
-    out_dev = layer_devices[n_layer]
-    nrm = g.add(4 * E * T_out, [resid], inplace=True)                         # output norm (il -1: not pinned)
-    nrm = g.add(4 * E * T_out, [nrm], dev=out_dev, inplace=True)
-    g.add(4 * profile.n_vocab * T_out, [nrm], dev=out_dev, out=True)          # result_output
-    return g
-
-
-def _schedule(g: _Graph) -> list[str]:
-    """ggml_backend_sched_split_graph passes 1, 2 and 4: the backend of every node."""
-    be = [n.dev for n in g.nodes]
-    ops = [i for i, n in enumerate(g.nodes) if n.view < 0 and not n.leaf]
-    for gpu_only in (True, False):
-        for seq in (ops, ops[::-1]):
-            cur = None
-            for i in seq:
-                if be[i] is not None:
-                    cur = None if gpu_only and be[i] == HOST_NAME else be[i]
-                elif cur is not None:
-                    be[i] = cur
-    for i, n in enumerate(g.nodes):
-        if n.view >= 0:
-            be[i] = be[n.view]
-    return [b if b is not None else HOST_NAME for b in be]
-
-
-class _Alloc:
-    """ggml_dyn_tallocr of one buffer: free blocks sorted by offset, the last one endless."""
-
-    def __init__(self) -> None:
-        self.blocks = [[0, _BIG]]
-        self.top = 0
-
-    def alloc(self, size: int) -> int:
-        size = _a(size)
-        best, best_size = -1, None
-        for i, (_, bsize) in enumerate(self.blocks[:-1]):
-            if bsize >= size and (best_size is None or bsize <= best_size):
-                best, best_size = i, bsize
-        block = self.blocks[best]            # -1: the last block
-        off = block[0]
-        block[0] += size
-        block[1] -= size
-        if block[1] == 0:
-            self.blocks.remove(block)
-        self.top = max(self.top, off + size)
-        return off
-
-    def free(self, off: int, size: int) -> None:
-        size = _a(size)
-        bl = self.blocks
-        for i, b in enumerate(bl):
-            if b[0] + b[1] == off:
-                b[1] += size
-                if i + 1 < len(bl) and b[0] + b[1] == bl[i + 1][0]:
-                    b[1] += bl[i + 1][1]
-                    del bl[i + 1]
-                return
-            if off + size == b[0]:
-                b[0] = off
-                b[1] += size
-                if i > 0 and bl[i - 1][0] + bl[i - 1][1] == b[0]:
-                    bl[i - 1][1] += b[1]
-                    del bl[i]
-                return
-        k = 0
-        while k < len(bl) and bl[k][0] < off:
-            k += 1
-        bl.insert(k, [off, size])
-
-
-def _replay(g: _Graph, be: list[str], n_copies: int, log: list | None = None) -> dict[str, int]:
-    """Split the graph (pass 5: a copy of each tensor a backend reads from another, made at the start of
-    the split that first reads it), then run ggml-alloc over graph_copy; the high-water mark of each
-    backend's buffer."""
-    nodes = list(g.nodes)
-    be = list(be)
-    copies: dict[tuple[int, str], int] = {}
-    order: list[int] = []          # graph_copy: per split, the input deps and copies, then the split's nodes
-    pinned_leaves: list[int] = [i for i, n in enumerate(nodes) if n.leaf]
-    first_copies: list[int] = []
-    split_dev = None
-    split_start = len(order)
-    for i, n in enumerate(g.nodes):
-        if n.leaf:
+        d = c.dev[il]
+        last = il == n_layer - 1
+        if p.arch == "mamba2":
+            y = _mamba2(c, s_main, s_extra, c.norm(cur, il), il)
+            if last:
+                y, cur = g.op(4 * E * c.T_out, y, out_ids), g.op(4 * E * c.T_out, cur, out_ids)
+            cur = g.op(y.size, y, cur, inplace=True)                  # l_out
             continue
-        if n.view >= 0:
-            order.append(i)
-            continue
-        b = be[i]
-        if b != split_dev:
-            split_dev, split_start = b, len(order)
-        new_src = []
-        for s in n.src:
-            if be[s] == b:
-                new_src.append(s)
-                continue
-            key = (s, b)
-            if key not in copies:
-                # the input_dep node (a view with op NONE: one more child of s, none of its views) and the copy
-                nodes.append(_Node(0, [s], alloc=False))
-                be.append(be[s])
-                nodes.append(_Node(_a(nodes[s].size), [], out=n_copies > 1, leaf=n_copies > 1))
-                be.append(b)
-                c = len(nodes) - 1
-                copies[key] = c
-                if n_copies > 1:
-                    first_copies.append(c)
-                order[split_start:split_start] = [c - 1] if n_copies > 1 else [c - 1, c]
-                split_start += 1 if n_copies > 1 else 2
-            new_src.append(copies[key])
-        nodes[i] = _Node(n.size, new_src, n.dev, n.view, n.alloc, n.inplace, n.out, n.leaf)
-        order.append(i)
-
-    allocs: dict[str, _Alloc] = {}
-    addr: dict[int, int] = {}
-    children = [0] * len(nodes)
-    views = [0] * len(nodes)
-    for i in order:
-        n = nodes[i]
-        if n.view >= 0:
-            views[n.view] += 1
-        for s in n.src:
-            children[s] += 1
-
-    def allocate(i: int) -> None:
-        allocs.setdefault(be[i], _Alloc())
-        addr[i] = allocs[be[i]].alloc(nodes[i].size)
-        if log is not None:
-            log.append((i, be[i], addr[i], nodes[i].size))
-
-    def free(i: int) -> None:
-        if log is not None:
-            log.append((i, be[i], -addr[i] - 1, nodes[i].size))
-        allocs[be[i]].free(addr.pop(i), nodes[i].size)
-
-    # leaves first: the graph inputs, and (pipelining) GGML_SCHED_MAX_COPIES of every input and copy
-    for i in pinned_leaves:
-        for _ in range(n_copies):
-            allocate(i)
-    for c in first_copies:
-        for _ in range(n_copies):
-            allocate(c)
-    for i in order:
-        n = nodes[i]
-        if n.view < 0 and n.alloc and i not in addr:
-            done = False
-            if n.inplace:
-                for s in n.src:
-                    p = nodes[s]
-                    if s not in addr or p.out or p.leaf or p.size != n.size:
-                        continue
-                    if children[s] == 1 and views[s] == 0:
-                        addr[i] = addr.pop(s)
-                        done = True
-                        break
-            if not done:
-                allocate(i)
-        for s in n.src:
-            children[s] -= 1
-            if children[s] or views[s]:
-                continue
-            p = nodes[s]
-            if p.view >= 0:
-                r = p.view
-                views[r] -= 1
-                if views[r] == 0 and children[r] == 0 and r in addr and not nodes[r].out and not nodes[r].leaf:
-                    free(r)
-            elif s in addr and not p.out and not (p.leaf and n_copies > 1):
-                free(s)
-    return {d: a.top for d, a in allocs.items()}
+        # lfm2: operator norm, short convolution or attention, residual, FFN norm, dense SwiGLU FFN, residual
+        h = c.norm(cur, il)
+        if p.layers[il].is_recurrent:
+            y = _shortconv(c, s_main, s_extra, h, il)
+        else:
+            assert attn is not None and pos is not None
+            y = attn(h, pos, il)
+        if last:
+            y, cur = g.op(4 * E * c.T_out, y, out_ids), g.op(4 * E * c.T_out, cur, out_ids)
+        cur = g.op(y.size, cur, y, inplace=True)
+        h = c.norm(cur, il)
+        rows = cur.size // (4 * E)
+        f = 4 * p.n_ff * rows
+        ff = g.op(f, g.op(f, h, w=d), g.op(f, h, w=d))                   # swiglu(gate, up)
+        cur = g.op(cur.size, cur, g.op(cur.size, ff, w=d), inplace=True)
+    out_dev = c.dev[n_layer]
+    h = c.norm(cur, -1, 4 * E * c.T_out) if n_layer else cur
+    g.expand(g.op(4 * p.n_vocab * c.T_out, h, w=out_dev, out=True))   # result_output
+    return g, [(n, d) for n, d in (attn.fa_nodes if attn is not None else []) if n is not None]
 
 
 def recurrent_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_devices: list[str],
                             names: list[str], *, T: int, n_seqs: int, T_out: int, n_copies: int,
                             pin_norm: bool) -> dict[str, int]:
     """Compute buffer bytes of every backend in `names` for a graph of RECURRENT_GRAPHS."""
-    g = _mamba2_graph(profile, layer_devices, T, n_seqs, T_out, pin_norm)
-    tops = _replay(g, _schedule(g), n_copies)
+    fa = config.flash_attn != "off"
+    # the KV cache transposes V when flash attention is off when it is made (llama_model::create_memory)
+    v_trans = config.flash_attn == "off"
+    c = _Ctx(profile, config, layer_devices, T, n_seqs, T_out, pin_norm)
+    g, fa_nodes = _graph(c, fa, v_trans)
+    be = _schedule(g)
+    if config.flash_attn == "auto" and any(be[n] != d for n, d in fa_nodes):
+        # llama_context::resolve_fused_ops: flash attention scheduled away from its layer's device is
+        # turned off (and the reserve graph built again without it)
+        c = _Ctx(profile, config, layer_devices, T, n_seqs, T_out, pin_norm)
+        g, _ = _graph(c, False, v_trans)
+        be = _schedule(g)
+    tops = buffer_peaks(g, n_copies, be)
     return {name: tops.get(name, 0) for name in names}
