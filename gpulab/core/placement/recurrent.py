@@ -100,7 +100,7 @@ def _mamba2(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, il: int) -> T
                                   w=d))
     g.expand(g.set(d, g.view(ys), g.view(g.ext(d))))
     yd = 4 * d_inner * T
-    y = g.op(yd, g.view(ys, yd), g.op(yd, x, w=d), inplace=True)     # y + x * D
+    y = g.op(yd, g.view(ys, yd), g.op(yd, x, w=d, inplace=True), inplace=True)     # y + x * D
     y = g.op(yd, g.op(yd, z), y)                                     # swiglu_split(cont(z), y)
     y = c.norm(g.view(y), il)                                        # grouped RMS norm
     return g.op(4 * c.E * T, g.view(y), w=d)                         # ssm_out
@@ -112,11 +112,11 @@ def _shortconv(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, il: int) -
     l_cache = int(c.p.metadata[f"{c.p.arch}.shortconv.l_cache"])
     bcx = g.op(4 * 3 * E * T, g.view(cur), w=d)                      # in_proj
     b, cc, x = g.view(bcx), g.view(bcx), g.view(bcx)
-    bx = g.view(g.op(4 * E * T, b, x))                               # transpose(b * x)
+    bx = g.view(g.op(4 * E * T, b, x, inplace=True))                 # transpose(b * x)
     conv = g.view(c.rs(il, s_main, s_extra, 4 * (l_cache - 1) * E * ns))
     bx = g.op(4 * (l_cache - 1 + T // ns) * E * ns, conv, bx)       # concat
     g.expand(g.set(d, g.view(bx), g.view(g.ext(d))))
-    y = g.op(4 * E * T, cc, g.op(4 * E * T, bx, w=d))               # c * ssm_conv(bx)
+    y = g.op(4 * E * T, cc, g.op(4 * E * T, bx, w=d), inplace=True)  # c * ssm_conv(bx)
     return g.view(g.op(4 * E * T, y, w=d))                           # out_proj
 
 
@@ -176,6 +176,7 @@ class _Attn:
                 vc = g.op(_row(cfg.type_v, hd) * n_kv_head * n_kv, g.view(vc))   # v_cont
             out = g.op(4 * hd * n_head * T, g.view(g.op(4 * hd * n_head * T, vc, kq)))   # cont(permute(kqv))
             fa_node = None
+        g.expand(out)                  # build_attn_mha expands its result
         if self.v_rot is not None:
             out = g.view(g.op(out.size, self.v_rot, g.view(out)))
         out = g.op(4 * c.E * T, out, w=d)                                    # wo
