@@ -270,7 +270,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         # a graph whose layers leave ggml-alloc's buffer unlike each other: replayed (placement.recurrent)
         return recurrent_compute_bytes(profile, config, layer_devices, names, T=T, n_seqs=n_seqs,
                                        T_out=T if n_outputs is None else max(1, min(T, n_outputs)),
-                                       n_copies=nc, pin_norm=pinned_norm)
+                                       n_copies=nc, pin_norm=pinned_norm, ffn_devices=ffn_devices)
 
     # KV cells per stream (llama_context ctor: n_ctx_seq), and the sliding-window cache
     # (llama_kv_cache_iswa: pad(min(size_base, n_swa + n_ubatch), 256) unless --swa-full)

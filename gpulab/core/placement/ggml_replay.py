@@ -43,7 +43,8 @@ class Tensor:
     def __init__(self, kind: str, size: int, src: tuple[Tensor, ...] = (), dev: str | None = None,
                  inplace: bool = False, out: bool = False, root: Tensor | None = None) -> None:
         self.kind, self.size, self.src, self.dev = kind, size, src, dev
-        self.inplace, self.out, self.root, self.i = inplace, out, root, -1     # i: -1 until in the graph
+        self.inplace, self.out, self.i = inplace, out, -1     # i: -1 until in the graph
+        self.root: Tensor = root if root is not None else self
 
 
 class Graph:
@@ -61,7 +62,7 @@ class Graph:
         return Tensor("op", size, src, w, inplace, out)
 
     def view(self, t: Tensor, size: int = 0) -> Tensor:
-        return Tensor("view", size or t.size, (t,), root=t.root or t if t.kind == "view" else t)
+        return Tensor("view", size or t.size, (t,), root=t.root)
 
     def set(self, dev: str, *src: Tensor) -> Tensor:
         return Tensor("set", 0, src, dev)
@@ -170,10 +171,10 @@ def buffer_peaks(g: Graph, n_copies: int, backends: dict[Tensor, str] | None = N
         b = be[n]
         if b != split_dev:
             split_dev, start = b, len(order)
-        srcs = []
+        new: list[Tensor] = []
         for s in n.src:
             if be[s] == b:
-                srcs.append(s)
+                new.append(s)
                 continue
             c = copies.get((s, b))
             if c is None:
@@ -188,8 +189,8 @@ def buffer_peaks(g: Graph, n_copies: int, backends: dict[Tensor, str] | None = N
                 else:
                     order[start:start] = [dep, c]
                     start += 2
-            srcs.append(c)
-        src_of[n] = tuple(srcs)
+            new.append(c)
+        src_of[n] = tuple(new)
         order.append(n)
 
     allocs: dict[str, _Alloc] = {}
@@ -215,6 +216,9 @@ def buffer_peaks(g: Graph, n_copies: int, backends: dict[Tensor, str] | None = N
     for t in first:            # the graph inputs (and, pipelining, every copy) first, n_copies of each
         for _ in range(n_copies if t.kind == "in" else 1):
             allocate(t)
+    def freeable(t: Tensor) -> bool:   # graph outputs and (pipelining) inputs stay; weights and caches are not ours
+        return t in addr and not t.out and (t.kind == "op" or n_copies == 1)
+
     for n in order:
         srcs = src_of.get(n, n.src)
         if n.kind == "op" and n not in addr:
@@ -232,8 +236,8 @@ def buffer_peaks(g: Graph, n_copies: int, backends: dict[Tensor, str] | None = N
             if s.kind == "view":
                 r = s.root
                 views[r] -= 1
-                if not views[r] and not children.get(r) and r in addr and not r.out and r.kind == "op":
+                if not views[r] and not children.get(r) and freeable(r):
                     free(r)
-            elif s in addr and not s.out and (s.kind == "op" or n_copies == 1):
+            elif freeable(s):
                 free(s)
     return {d: a.top for d, a in allocs.items()}

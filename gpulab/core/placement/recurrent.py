@@ -50,9 +50,10 @@ class _Ctx:
     """What every graph builder needs: the graph, the ubatch, where each layer runs."""
 
     def __init__(self, profile: ModelProfile, config: SplitConfig, layer_devices: list[str], T: int, ns: int,
-                 T_out: int, pin_norm: bool) -> None:
+                 T_out: int, pin_norm: bool, ffn_devices: list[str] | None = None) -> None:
         self.g = Graph()
         self.p, self.config, self.dev = profile, config, layer_devices
+        self.ffn_dev = ffn_devices or layer_devices       # where each layer's FFN weights are (tensor overrides)
         self.T, self.ns, self.T_out, self.pin = T, ns, T_out, pin_norm
         self.E = profile.n_embd
 
@@ -127,7 +128,10 @@ class _Attn:
     def __init__(self, c: _Ctx, fa: bool, v_trans: bool) -> None:
         cfg, g, T = c.config, c.g, c.T
         self.c, self.fa, self.v_trans = c, fa, v_trans
-        self.n_kv = -(-cfg.n_ctx // 256) * 256
+        # KV cells per stream (llama_context ctor: n_ctx_seq), one stream per sequence unless unified (-kvu)
+        n_ctx = -(-cfg.n_ctx // 256) * 256
+        self.n_kv = n_ctx if cfg.kv_unified else -(-(n_ctx // c.ns) // 256) * 256
+        self.n_stream = cfg.n_streams
         layer = next(la for la in c.p.layers if la.has_kv)
         self.hd, self.n_head = layer.n_embd_head_k, layer.n_head
         self.k_idxs = g.inp(8 * T)
@@ -161,7 +165,7 @@ class _Attn:
         g.expand(k)
         g.expand(g.set(d, g.view(k), self.k_idxs))
         g.expand(g.set(d, g.view(v), self.v_idxs))
-        n_kv = self.n_kv
+        n_kv = self.n_kv * self.n_stream                                     # the views span every stream
         kc = g.view(g.view(g.ext(d)), _row(cfg.type_k, hd) * n_kv_head * n_kv)
         vc = g.view(g.view(g.ext(d)), _row(cfg.type_v, hd) * n_kv_head * n_kv)
         qp = g.view(g.view(q))
@@ -170,7 +174,7 @@ class _Attn:
             fa_node = out
             out = g.view(out)
         else:
-            kq = g.op(4 * n_kv * T * n_head, kc, qp)
+            kq = g.op(4 * self.n_kv * T * n_head, kc, qp)
             kq = g.op(kq.size, kq, self.mask, inplace=True)                  # soft_max_ext
             if not self.v_trans:
                 vc = g.op(_row(cfg.type_v, hd) * n_kv_head * n_kv, g.view(vc))   # v_cont
@@ -196,7 +200,6 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
     out_ids = g.inp(4 * c.T_out)
     n_layer = p.n_layer
     for il in range(n_layer):
-        d = c.dev[il]
         last = il == n_layer - 1
         if p.arch == "mamba2":
             y = _mamba2(c, s_main, s_extra, c.norm(cur, il), il)
@@ -215,10 +218,10 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
             y, cur = g.op(4 * E * c.T_out, y, out_ids), g.op(4 * E * c.T_out, cur, out_ids)
         cur = g.op(y.size, cur, y, inplace=True)
         h = c.norm(cur, il)
-        rows = cur.size // (4 * E)
+        rows, fd = cur.size // (4 * E), c.ffn_dev[il]
         f = 4 * p.n_ff * rows
-        ff = g.op(f, g.op(f, h, w=d), g.op(f, h, w=d))                   # swiglu(gate, up)
-        cur = g.op(cur.size, cur, g.op(cur.size, ff, w=d), inplace=True)
+        ff = g.op(f, g.op(f, h, w=fd), g.op(f, h, w=fd))                 # swiglu(gate, up)
+        cur = g.op(cur.size, cur, g.op(cur.size, ff, w=fd), inplace=True)
     out_dev = c.dev[n_layer]
     h = c.norm(cur, -1, 4 * E * c.T_out) if n_layer else cur
     g.expand(g.op(4 * p.n_vocab * c.T_out, h, w=out_dev, out=True))   # result_output
@@ -227,18 +230,19 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
 
 def recurrent_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_devices: list[str],
                             names: list[str], *, T: int, n_seqs: int, T_out: int, n_copies: int,
-                            pin_norm: bool) -> dict[str, int]:
-    """Compute buffer bytes of every backend in `names` for a graph of RECURRENT_GRAPHS."""
+                            pin_norm: bool, ffn_devices: list[str] | None = None) -> dict[str, int]:
+    """Compute buffer bytes of every backend in `names` for a graph of RECURRENT_GRAPHS (`ffn_devices`: where
+    tensor overrides put each layer's FFN weights)."""
     fa = config.flash_attn != "off"
     # the KV cache transposes V when flash attention is off when it is made (llama_model::create_memory)
     v_trans = config.flash_attn == "off"
-    c = _Ctx(profile, config, layer_devices, T, n_seqs, T_out, pin_norm)
+    c = _Ctx(profile, config, layer_devices, T, n_seqs, T_out, pin_norm, ffn_devices)
     g, fa_nodes = _graph(c, fa, v_trans)
     be = _schedule(g)
     if config.flash_attn == "auto" and any(be[n] != d for n, d in fa_nodes):
         # llama_context::resolve_fused_ops: flash attention scheduled away from its layer's device is
         # turned off (and the reserve graph built again without it)
-        c = _Ctx(profile, config, layer_devices, T, n_seqs, T_out, pin_norm)
+        c = _Ctx(profile, config, layer_devices, T, n_seqs, T_out, pin_norm, ffn_devices)
         g, _ = _graph(c, False, v_trans)
         be = _schedule(g)
     tops = buffer_peaks(g, n_copies, be)

@@ -1,9 +1,9 @@
-"""Compute buffers of recurrent graphs (gpulab/core/placement/recurrent.py) against llama.cpp's.
+"""Compute buffers of recurrent graphs (gpulab/core/placement/recurrent.py, ggml_replay.py) against llama.cpp's.
 
 The expected figures are the `compute buffer size` lines llama.cpp logged (MiB, two decimals) for the
-Mamba-2 model of gpulab.sources.arch_models (n_embd 1024, d_inner 2048, d_state 128, 32 heads, one group,
-d_conv 4, n_vocab 8192, 6 layers) on CPU RPC devices, as tests/integration/test_arch_matrix_vs_llama.py
-loads it; the 24-layer and small-ubatch rows come from the same model with those settings.
+Mamba-2 and LFM2 models of gpulab.sources.arch_models on CPU RPC devices, as
+tests/integration/test_arch_matrix_vs_llama.py loads them; the 24-layer, small-ubatch and two-sequence rows
+come from the same models with those settings.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 
 from gpulab import SplitConfig, plan
 from gpulab.core.devices import Device
-from gpulab.core.placement.recurrent import _Alloc
+from gpulab.core.placement.ggml_replay import _Alloc
 from gpulab.core.profile import LayerProfile, ModelProfile
 
 MiB = 1024**2
@@ -28,6 +28,17 @@ def mamba2(n_layer: int = 6) -> ModelProfile:
     return ModelProfile(path="mamba2", arch="mamba2", name="mamba2", file_bytes=0, n_layer=n_layer, n_embd=1024,
                         n_ff=0, n_vocab=8192, n_ctx_train=32768, layers=layers, input_tensors=(),
                         output_tensors=(), tied_output=False, metadata=md)
+
+
+def lfm2() -> ModelProfile:
+    """LFM2: short-convolution layers (l_cache 3) and attention at layers 2 and 5 (16 heads, 4 KV heads of 64),
+    a 3072-wide SwiGLU FFN after each, n_embd 1024, n_vocab 8192, the output tied to the embeddings."""
+    heads_kv = (0, 0, 4, 0, 0, 4)
+    layers = tuple(LayerProfile(index=i, tensors=(), n_head=16, n_head_kv=h, n_embd_head_k=64, n_embd_head_v=64,
+                                has_kv=h > 0, n_embd_r=0 if h else 2 * 1024) for i, h in enumerate(heads_kv))
+    return ModelProfile(path="lfm2", arch="lfm2", name="lfm2", file_bytes=0, n_layer=6, n_embd=1024, n_ff=3072,
+                        n_vocab=8192, n_ctx_train=32768, layers=layers, input_tensors=(), output_tensors=(),
+                        tied_output=True, metadata={"lfm2.shortconv.l_cache": 3})
 
 
 def rpc(n: int) -> list[Device]:
@@ -63,6 +74,29 @@ def logged(profile: ModelProfile, config: SplitConfig, n_devices: int) -> dict[s
 ])
 def test_mamba2_compute_buffers_are_llama_cpps(config, n_devices, expected):
     assert logged(mamba2(), config, n_devices) == expected
+
+
+@pytest.mark.parametrize("config,n_devices,expected", [
+    (SplitConfig(tensor_split=(3, 1), n_ctx=2048, devices=("RPC0", "RPC1"), type_k="q8_0", type_v="q8_0",
+                 flash_attn="on"), 2, {"RPC0": 40.18, "RPC1": 26.00, "CPU": 18.18}),
+    (SplitConfig(tensor_split=(1, 1), n_ctx=1024, devices=("RPC0", "RPC1")), 2,
+     {"RPC0": 34.05, "RPC1": 36.05, "CPU": 14.05}),
+    # layer 2's attention (on the host) runs on RPC0 from KQ to its output: the scheduler gives its weightless
+    # ops the backend of layer 3's state reads; flash attention ('auto') is then turned off
+    (SplitConfig(n_gpu_layers=4, tensor_split=(1, 1, 1), n_ctx=1024), 3,
+     {"RPC0": 37.50, "RPC1": 42.01, "RPC2": 18.00, "CPU": 26.02}),
+    (SplitConfig(split_mode="none", main_gpu=1, n_ctx=1024, flash_attn="off"), 2, {"RPC1": 43.01, "CPU": 7.01}),
+    (SplitConfig(tensor_split=(1, 2, 1), n_ctx=4096, type_k="q8_0", flash_attn="off"), 3,
+     {"RPC0": 30.01, "RPC1": 178.09, "RPC2": 26.00, "CPU": 46.10}),
+    # a quantized V cache: the Hadamard rotation of layer 2's attention output runs on RPC1, which sends it back
+    (SplitConfig(tensor_split=(1, 1, 1), n_ctx=4096, type_k="q4_0", type_v="q4_0", flash_attn="on"), 3,
+     {"RPC0": 54.17, "RPC1": 38.07, "RPC2": 46.17, "CPU": 26.18}),
+    (SplitConfig(tensor_split=(1, 1), n_ctx=2048, n_seq_max=2, devices=("RPC0", "RPC1"), flash_attn="off"), 2,
+     {"RPC0": 60.04, "RPC1": 60.03, "CPU": 22.04}),
+    (SplitConfig(n_gpu_layers=0, n_ctx=1024), 1, {"RPC0": 0.0, "CPU": 27.01}),
+])
+def test_lfm2_compute_buffers_are_llama_cpps(config, n_devices, expected):
+    assert logged(lfm2(), config, n_devices) == expected
 
 
 def test_more_layers_do_not_raise_the_peak():
