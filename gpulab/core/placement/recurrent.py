@@ -30,11 +30,11 @@ from __future__ import annotations
 from ..config import SplitConfig
 from ..devices import HOST_NAME
 from ..profile import ModelProfile
-from .ggml_replay import Graph, Tensor, _schedule, buffer_peaks
+from .ggml_replay import Graph, Tensor, _a, _schedule, buffer_peaks
 
 __all__ = ["RECURRENT_GRAPHS", "recurrent_compute_bytes"]
 
-RECURRENT_GRAPHS = frozenset({"mamba2", "lfm2"})
+RECURRENT_GRAPHS = frozenset({"mamba2", "lfm2", "qwen3next"})
 _QUANT_FREE = ("f32", "f16", "bf16")
 # bytes per element of a cache type, and elements per block (ggml_type_size / ggml_blck_size)
 _TYPE = {"f32": (4, 1), "f16": (2, 1), "bf16": (2, 1), "q8_0": (34, 32), "q4_0": (18, 32), "q4_1": (20, 32),
@@ -121,6 +121,68 @@ def _shortconv(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, il: int) -
     return g.view(g.op(4 * E * T, y, w=d))                           # out_proj
 
 
+def _gated_delta_net(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, il: int) -> Tensor:
+    """llama_model_qwen3next::graph::build_layer_attn_linear (src/models/qwen3next.cpp; fused QKV and gate
+    projections), build_conv_state and the fused build_delta_net (src/models/delta-net-base.cpp)."""
+    g, d, T, ns, E = c.g, c.dev[il], c.T, c.ns, c.E
+    md, arch = c.p.metadata, c.p.arch
+    d_conv, d_inner = int(md[f"{arch}.ssm.conv_kernel"]), int(md[f"{arch}.ssm.inner_size"])
+    hk, nv, nk = int(md[f"{arch}.ssm.state_size"]), int(md[f"{arch}.ssm.time_step_rank"]), \
+        int(md[f"{arch}.ssm.group_count"])
+    hv = d_inner // nv
+    ch = d_inner + 2 * nk * hk
+    qkv = g.view(g.op(4 * ch * T, cur, w=d))
+    z = g.op(4 * d_inner * T, cur, w=d)
+    ba = g.view(g.op(4 * 2 * nv * T, cur, w=d))
+    beta = g.view(g.op(4 * nv * T, g.op(4 * nv * T, g.view(ba)), inplace=True))      # sigmoid(cont(b))
+    alpha = g.op(4 * nv * T, g.op(4 * nv * T, g.view(ba)), w=d, inplace=True)         # cont(a) + dt bias
+    gate = g.view(g.op(alpha.size, g.op(alpha.size, alpha, inplace=True), w=d, inplace=True))   # softplus * A
+    conv = g.view(c.rs(il, s_main, s_extra, 4 * (d_conv - 1) * ch * ns))
+    ci = g.op(4 * (d_conv - 1 + T // ns) * ch * ns, conv, g.view(qkv))               # concat(states, qkv^T)
+    g.expand(g.set(d, g.view(ci), g.view(g.ext(d))))
+    state = g.view(c.rs(il, s_main, s_extra, 4 * hv * hv * nv * ns))
+    co = g.op(4 * ch * T, g.op(4 * ch * T, ci, w=d), inplace=True)                    # silu(ssm_conv)
+    q, k = (g.op(4 * hk * nk * T, g.op(4 * hk * nk * T, g.view(co)), inplace=True) for _ in range(2))  # l2 norms
+    if nk != nv:                                                                      # repeat to the V heads
+        q, k = g.view(g.op(4 * hk * nv * T, g.view(q))), g.view(g.op(4 * hk * nv * T, g.view(k)))
+    out = g.op(4 * hv * nv * (T + hv * ns), q, k, g.view(co), gate, beta, state)      # ggml_gated_delta_net
+    g.expand(g.set(d, g.view(out), g.view(g.ext(d))))                                 # the new state
+    y = c.norm(g.view(out), il, 4 * d_inner * T)
+    y = g.op(y.size, y, g.op(y.size, g.view(z), inplace=True), inplace=True)          # * silu(z)
+    return g.view(g.op(4 * E * T, g.view(y), w=d))                                    # ssm_out
+
+
+def _moe(c: _Ctx, h: Tensor, il: int) -> Tensor:
+    """llm_graph_context::build_moe_ffn (src/llama-graph.cpp): softmax gating, top-k, normalized weights, and
+    qwen3next's gated shared expert (build_layer_ffn)."""
+    g, E, p, fd = c.g, c.E, c.p, c.ffn_dev[il]
+    md, arch = p.metadata, p.arch
+    rows = h.size // (4 * E)
+    n_exp, U = p.n_expert, p.n_expert_used
+    n_ff = int(md.get(f"{arch}.expert_feed_forward_length", p.n_ff))
+    probs = g.op(4 * n_exp * rows, g.op(4 * n_exp * rows, h, w=fd), inplace=True)    # softmax(router logits)
+    sel = g.view(g.op(4 * n_exp * rows, probs), 4 * U * rows)                         # argsort, top k
+    w = g.view(g.op(4 * U * rows, g.view(probs), sel))                                # get_rows: the weights
+    wsum = g.op(_a(4 * rows), g.op(_a(4 * rows), w), inplace=True)                    # clamp(sum_rows)
+    w = g.view(g.op(4 * U * rows, w, wsum, inplace=True))                             # w / sum
+    g.expand(w)
+    x = g.view(h)
+    f = 4 * n_ff * U * rows
+    ex = g.op(4 * E * U * rows, g.op(f, g.op(f, x, sel, w=fd), g.op(f, x, sel, w=fd)), sel, w=fd)
+    ex = g.expand(g.op(ex.size, ex, w, inplace=True))                                 # * weights
+    slots = [g.expand(g.view(ex, 4 * E + (rows - 1) * 4 * E * U)) for _ in range(U)]
+    out = g.expand(g.op(4 * E * rows, slots[0], slots[1], inplace=True) if U > 1 else g.op(4 * E * rows, slots[0]))
+    for v in slots[2:]:
+        out = g.expand(g.op(out.size, out, v, inplace=True))
+    n_sh = int(md.get(f"{arch}.expert_shared_feed_forward_length", 0))
+    if n_sh:
+        fs = 4 * n_sh * rows
+        sh = g.op(4 * E * rows, g.op(fs, g.op(fs, h, w=fd), g.op(fs, h, w=fd)), w=fd)
+        sg = g.op(_a(4 * rows), g.op(_a(4 * rows), h, w=fd), inplace=True)          # sigmoid(shared gate)
+        out = g.op(out.size, out, g.op(sh.size, sh, sg, inplace=True), inplace=True)
+    return out
+
+
 class _Attn:
     """The inputs of the KV cache (llm_graph_input_attn_kv) and build_attn / build_attn_mha
     (src/llama-graph.cpp), llama_kv_cache's cpy_k / cpy_v / get_k / get_v (src/llama-kv-cache.cpp)."""
@@ -146,12 +208,14 @@ class _Attn:
         self.v_rot = g.inp(4 * 64 * 64) if quant_v and self.hd % 64 == 0 else None
         self.fa_nodes: list[tuple[Tensor | None, str]] = []     # each flash-attention node and its layer's device
 
-    def __call__(self, cur: Tensor, pos: Tensor, il: int) -> Tensor:
+    def __call__(self, cur: Tensor, pos: Tensor, il: int, gated: bool = False) -> Tensor:
+        """gated: Q is twice as wide, its second half gates the attention output (qwen3next.cpp build_layer_attn)."""
         c, g, T = self.c, self.c.g, self.c.T
         d, layer, cfg = c.dev[il], c.p.layers[il], c.config
         hd, n_head, n_kv_head = layer.n_embd_head_k, layer.n_head, layer.n_head_kv
-        q = g.op(4 * hd * n_head * T, cur, w=d)
-        q = g.op(q.size, c.norm(g.view(q), il), pos, inplace=True)          # q norm, RoPE
+        q_full = g.op(4 * hd * n_head * T * (2 if gated else 1), cur, w=d)
+        gate = g.view(g.view(q_full), 4 * hd * n_head * T)
+        q = g.op(4 * hd * n_head * T, c.norm(g.view(q_full), il, 4 * hd * n_head * T), pos, inplace=True)  # RoPE
         k = g.op(4 * hd * n_kv_head * T, cur, w=d)
         k = g.op(k.size, c.norm(g.view(k), il), pos, inplace=True)
         v = g.view(g.op(4 * hd * n_kv_head * T, cur, w=d))
@@ -183,6 +247,9 @@ class _Attn:
         g.expand(out)                  # build_attn_mha expands its result
         if self.v_rot is not None:
             out = g.view(g.op(out.size, self.v_rot, g.view(out)))
+        if gated:
+            gate = g.op(gate.size, g.op(gate.size, gate), inplace=True)     # sigmoid(cont(gate))
+            out = g.op(gate.size, out, gate, inplace=True)
         out = g.op(4 * c.E * T, out, w=d)                                    # wo
         self.fa_nodes.append((fa_node, d))
         return out
@@ -207,6 +274,18 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
                 y, cur = g.op(4 * E * c.T_out, y, out_ids), g.op(4 * E * c.T_out, cur, out_ids)
             cur = g.op(y.size, y, cur, inplace=True)                  # l_out
             continue
+        if p.arch == "qwen3next":
+            # llama_model_qwen3next::graph: the norm expanded first, gated delta net or gated attention, the
+            # residual, the post-attention norm, the MoE with its shared expert, the residual
+            h = g.expand(c.norm(cur, il))
+            if p.layers[il].is_recurrent:
+                y = _gated_delta_net(c, s_main, s_extra, h, il)
+            else:
+                assert attn is not None and pos is not None
+                y = attn(h, pos, il, gated=True)
+            cur = g.op(y.size, y, cur, inplace=True)
+            cur = g.op(cur.size, _moe(c, c.norm(cur, il), il), cur, inplace=True)
+            continue
         # lfm2: operator norm, short convolution or attention, residual, FFN norm, dense SwiGLU FFN, residual
         h = c.norm(cur, il)
         if p.layers[il].is_recurrent:
@@ -223,7 +302,9 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
         ff = g.op(f, g.op(f, h, w=fd), g.op(f, h, w=fd))                 # swiglu(gate, up)
         cur = g.op(cur.size, cur, g.op(cur.size, ff, w=fd), inplace=True)
     out_dev = c.dev[n_layer]
-    h = c.norm(cur, -1, 4 * E * c.T_out) if n_layer else cur
+    h = c.norm(cur, -1, cur.size) if n_layer else cur
+    if p.arch == "qwen3next":                    # it keeps the output rows after the output norm
+        h = g.op(4 * E * c.T_out, h, out_ids)
     g.expand(g.op(4 * p.n_vocab * c.T_out, h, w=out_dev, out=True))   # result_output
     return g, [(n, d) for n, d in (attn.fa_nodes if attn is not None else []) if n is not None]
 
