@@ -303,7 +303,9 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
         cur = g.op(cur.size, cur, g.op(cur.size, ff, w=fd), inplace=True)
     out_dev = c.dev[n_layer]
     h = c.norm(cur, -1, cur.size) if n_layer else cur
-    if p.arch == "qwen3next":                    # it keeps the output rows after the output norm
+    if p.arch == "qwen3next":
+        # the normed hidden state is an output (t_h_nextn, for MTP); the output rows are kept after the norm
+        h.out = True
         h = g.op(4 * E * c.T_out, h, out_ids)
     g.expand(g.op(4 * p.n_vocab * c.T_out, h, w=out_dev, out=True))   # result_output
     return g, [(n, d) for n, d in (attn.fa_nodes if attn is not None else []) if n is not None]
