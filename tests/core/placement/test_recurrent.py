@@ -41,6 +41,21 @@ def lfm2() -> ModelProfile:
                         tied_output=True, metadata={"lfm2.shortconv.l_cache": 3})
 
 
+def qwen3next() -> ModelProfile:
+    """Qwen3-Next shaped: 8 layers, gated delta nets (d_inner 1024, 4 key heads and 8 value heads of 128, d_conv 4)
+    with gated attention every 4th layer (16 heads of 128, 2 KV heads), each with a 16-expert MoE (4 used,
+    512 wide) and a 512-wide shared expert; n_embd 1024, n_vocab 8192."""
+    layers = tuple(LayerProfile(index=i, tensors=(), n_head=16, n_head_kv=2, n_embd_head_k=128, n_embd_head_v=128,
+                                has_kv=(i + 1) % 4 == 0, n_embd_r=0 if (i + 1) % 4 == 0 else 3 * (1024 + 2 * 4 * 128),
+                                n_embd_s=0 if (i + 1) % 4 == 0 else 128 * 1024) for i in range(8))
+    md = {"qwen3next.ssm.conv_kernel": 4, "qwen3next.ssm.inner_size": 1024, "qwen3next.ssm.state_size": 128,
+          "qwen3next.ssm.time_step_rank": 8, "qwen3next.ssm.group_count": 4,
+          "qwen3next.expert_feed_forward_length": 512, "qwen3next.expert_shared_feed_forward_length": 512}
+    return ModelProfile(path="qwen3next", arch="qwen3next", name="qwen3next", file_bytes=0, n_layer=8, n_embd=1024,
+                        n_ff=3072, n_vocab=8192, n_ctx_train=32768, layers=layers, input_tensors=(),
+                        output_tensors=(), tied_output=False, n_expert=16, n_expert_used=4, metadata=md)
+
+
 def rpc(n: int) -> list[Device]:
     return [Device(name=f"RPC{i}", total_bytes=64 << 30, free_bytes=64 << 30, source="rpc", kind="rpc")
             for i in range(n)]
@@ -97,6 +112,29 @@ def test_mamba2_compute_buffers_are_llama_cpps(config, n_devices, expected):
 ])
 def test_lfm2_compute_buffers_are_llama_cpps(config, n_devices, expected):
     assert logged(lfm2(), config, n_devices) == expected
+
+
+@pytest.mark.parametrize("config,n_devices,expected", [
+    (SplitConfig(tensor_split=(3, 1), n_ctx=2048, devices=("RPC0", "RPC1"), type_k="q8_0", type_v="q8_0",
+                 flash_attn="on"), 2, {"RPC0": 38.41, "RPC1": 46.42, "CPU": 18.37}),
+    # pipelined, the device of the output layer: the normed hidden state is a graph output (t_h_nextn), kept
+    # under the logits
+    (SplitConfig(tensor_split=(1, 1), n_ctx=1024, devices=("RPC0", "RPC1")), 2,
+     {"RPC0": 34.10, "RPC1": 42.11, "CPU": 14.05}),
+    # RPC0 and RPC2 hold gated delta nets only (the issue's "-ngl 4": 45.0 MiB planned before, 18.00 logged)
+    (SplitConfig(n_gpu_layers=4, tensor_split=(1, 1, 1), n_ctx=1024), 3,
+     {"RPC0": 18.00, "RPC1": 21.01, "RPC2": 20.00, "CPU": 25.08}),
+    (SplitConfig(split_mode="none", main_gpu=1, n_ctx=1024, flash_attn="off"), 2, {"RPC1": 53.07, "CPU": 7.01}),
+    (SplitConfig(tensor_split=(1, 2, 1), n_ctx=4096, type_k="q8_0", flash_attn="off"), 3,
+     {"RPC0": 26.06, "RPC1": 190.27, "RPC2": 190.28, "CPU": 46.29}),
+    (SplitConfig(tensor_split=(1, 1, 1), n_ctx=4096, type_k="q4_0", type_v="q4_0", flash_attn="on"), 3,
+     {"RPC0": 26.06, "RPC1": 42.41, "RPC2": 54.42, "CPU": 26.37}),
+    (SplitConfig(tensor_split=(1, 1), n_ctx=2048, n_seq_max=2, devices=("RPC0", "RPC1"), flash_attn="off"), 2,
+     {"RPC0": 70.09, "RPC1": 68.09, "CPU": 22.04}),
+    (SplitConfig(n_gpu_layers=0, n_ctx=1024), 1, {"RPC0": 0.0, "CPU": 33.01}),
+])
+def test_qwen3next_compute_buffers_are_llama_cpps(config, n_devices, expected):
+    assert logged(qwen3next(), config, n_devices) == expected
 
 
 def test_more_layers_do_not_raise_the_peak():
