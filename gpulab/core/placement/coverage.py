@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from ..config import SplitConfig
 from ..profile import ModelProfile
 from .compute import compute_tokens
-from .recurrent import RECURRENT_GRAPHS
+from .recurrent import RECURRENT_GRAPHS, replayable
 
 __all__ = ["CACHE_NOT_MODELLED", "COMPUTE_CHECKED", "COMPUTE_EXACT", "Doubt", "doubts"]
 
@@ -75,7 +75,7 @@ def doubts(profile: ModelProfile, config: SplitConfig, layer_devices: list[str] 
         out.append(Doubt("kv", f"KV: {CACHE_NOT_MODELLED[arch]} for {arch}", 0))
     recurrent = any(layer.is_recurrent for layer in profile.layers)
     mla = any(layer.has_kv and not layer.has_v for layer in profile.layers)
-    if arch in RECURRENT_GRAPHS:
+    if replayable(profile):
         pass                   # replayed op by op (placement.recurrent): exact wherever it was checked
     elif recurrent and not any(layer.has_kv for layer in profile.layers):
         out.append(Doubt("compute", f"compute: {arch}'s recurrent graph is not modelled (mamba2's, before it was "

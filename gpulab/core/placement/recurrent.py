@@ -1,41 +1,50 @@
-"""Compute buffers of recurrent graphs (Mamba-2): the graph, llama.cpp's scheduler and ggml-alloc, replayed.
+"""Compute buffers of recurrent graphs (mamba2, lfm2, qwen3next): their ggml graph, replayed.
 
-The closed forms of gpulab.core.placement.compute hold because attention layers leave ggml-alloc's
-buffer the same from one layer to the next. A Mamba-2 layer does not: its ssm_in product, the
-convolution's concat and the scan's output (y and the last states) are of unlike sizes, so the holes
-they leave move from layer to layer (the peak of a device is reached at its second layer, not its
-first), and the scheduler runs the last layer's cont(z) on the next device, which copies the z view
-(nearly the whole ssm_in product) over and the result back. So the graph is replayed, one node per
-ggml op, in llama.cpp's order:
+The closed forms of gpulab.core.placement.compute hold because attention layers leave ggml-alloc's buffer
+the same from one layer to the next. Recurrent layers do not: a Mamba-2 layer's ssm_in product, its
+convolution's concat and its scan output are of unlike sizes, so the holes they leave move from layer to
+layer (a device's peak is at its second layer, not its first); and the scheduler runs a layer's trailing
+weightless ops on the next device when that device's state reads come first in the graph (Mamba-2's
+cont(z), LFM2's Hadamard rotation of an attention output, a host attention layer's KQ before a device's
+short convolution), copying their inputs over and the result back. So the graph of these architectures is
+built op by op in llama.cpp's order and handed to gpulab.core.placement.ggml_replay (the scheduler's split
+and ggml-alloc):
 
-  graph      llm_build_mamba_base::build_mamba2_layer (src/models/mamba-base.cpp), the layer loop of
-             llama_model_mamba::graph (src/models/mamba.cpp), build_rs / build_inp_s_copy and
-             build_inp_out_ids (src/llama-graph.cpp); a norm named "norm" is pinned to its layer's
-             device under full offload or small ubatches (llama_context::graph_get_cb)
-  scheduler  ggml_backend_sched_split_graph (ggml/src/ggml-backend.cpp): ops on their weights'
-             device, the gpu-down/up and rest-down/up expansions, views on their source's device, one
-             copy of each tensor a backend reads from another, GGML_SCHED_MAX_COPIES of each when
-             pipelining (inputs and outputs then: allocated first, never freed); a tensor copied away
-             is freed there once copied (the input_dep node, its last user, opens the split)
-  allocator  ggml_gallocr_alloc_graph_impl and ggml_dyn_tallocr (ggml/src/ggml-alloc.c): best fit
-             among the free blocks but the last, else the last; in place where the op allows it and
-             the parent has no other user; freed after the last user, merged with its neighbours
+  mamba2     llm_build_mamba_base::build_mamba2_layer (src/models/mamba-base.cpp), llama_model_mamba::graph
+             (src/models/mamba.cpp)
+  lfm2       llama_model_lfm2::graph, build_shortconv_block (src/models/lfm2.cpp)
+  qwen3next  llama_model_qwen3next::graph (src/models/qwen3next.cpp), build_conv_state and the fused delta
+             net (src/models/delta-net-base.cpp), build_moe_ffn
+  shared     build_rs / build_inp_s_copy, build_attn / build_attn_mha, build_inp_out_ids (src/llama-graph.cpp),
+             llama_kv_cache::cpy_k / cpy_v / get_k / get_v (src/llama-kv-cache.cpp); a norm named "norm" is
+             pinned to its layer's device under full offload or small ubatches (llama_context::graph_get_cb);
+             flash attention 'auto' is turned off when the scheduler puts a layer's attention on another
+             device (llama_context::resolve_fused_ops)
 
-About 40 nodes per layer: a few milliseconds for a 64-layer model. Checked on CPU RPC devices against
-the buffers llama.cpp logs (tests/integration/test_arch_matrix_vs_llama.py).
+Every device of the architecture matrix within the log's rounding (tests/integration/
+test_arch_matrix_vs_llama.py, CPU RPC devices), and tests/core/placement/test_recurrent.py. Not replayed:
+sliding-window caches (lfm2's iswa variant) and op offload (CUDA); such a profile falls back to the closed
+forms (see `replayable`).
 """
 
 from __future__ import annotations
+
+import weakref
 
 from ..config import SplitConfig
 from ..devices import HOST_NAME
 from ..profile import ModelProfile
 from .ggml_replay import Graph, Tensor, _a, _schedule, buffer_peaks
 
-__all__ = ["RECURRENT_GRAPHS", "recurrent_compute_bytes"]
+__all__ = ["RECURRENT_GRAPHS", "recurrent_compute_bytes", "replayable"]
 
 RECURRENT_GRAPHS = frozenset({"mamba2", "lfm2", "qwen3next"})
+# the hyperparameters each graph reads from the GGUF ({arch}.<key>)
+_KEYS = {"mamba2": ("ssm.conv_kernel", "ssm.inner_size", "ssm.state_size", "ssm.time_step_rank"),
+         "lfm2": ("shortconv.l_cache",),
+         "qwen3next": ("ssm.conv_kernel", "ssm.inner_size", "ssm.state_size", "ssm.time_step_rank", "ssm.group_count")}
 _QUANT_FREE = ("f32", "f16", "bf16")
+_CACHE: dict[tuple, tuple[weakref.ref, dict[str, int]]] = {}
 # bytes per element of a cache type, and elements per block (ggml_type_size / ggml_blck_size)
 _TYPE = {"f32": (4, 1), "f16": (2, 1), "bf16": (2, 1), "q8_0": (34, 32), "q4_0": (18, 32), "q4_1": (20, 32),
          "q5_0": (22, 32), "q5_1": (24, 32), "iq4_nl": (18, 32)}
@@ -155,12 +164,12 @@ def _gated_delta_net(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, il: 
 def _moe(c: _Ctx, h: Tensor, il: int) -> Tensor:
     """llm_graph_context::build_moe_ffn (src/llama-graph.cpp): softmax gating, top-k, normalized weights, and
     qwen3next's gated shared expert (build_layer_ffn)."""
-    g, E, p, fd = c.g, c.E, c.p, c.ffn_dev[il]
+    g, E, p, d, fd = c.g, c.E, c.p, c.dev[il], c.ffn_dev[il]      # fd: the experts' device (-cmoe and the like)
     md, arch = p.metadata, p.arch
     rows = h.size // (4 * E)
     n_exp, U = p.n_expert, p.n_expert_used
     n_ff = int(md.get(f"{arch}.expert_feed_forward_length", p.n_ff))
-    probs = g.op(4 * n_exp * rows, g.op(4 * n_exp * rows, h, w=fd), inplace=True)    # softmax(router logits)
+    probs = g.op(4 * n_exp * rows, g.op(4 * n_exp * rows, h, w=d), inplace=True)     # softmax(router logits)
     sel = g.view(g.op(4 * n_exp * rows, probs), 4 * U * rows)                         # argsort, top k
     w = g.view(g.op(4 * U * rows, g.view(probs), sel))                                # get_rows: the weights
     wsum = g.op(_a(4 * rows), g.op(_a(4 * rows), w), inplace=True)                    # clamp(sum_rows)
@@ -177,8 +186,8 @@ def _moe(c: _Ctx, h: Tensor, il: int) -> Tensor:
     n_sh = int(md.get(f"{arch}.expert_shared_feed_forward_length", 0))
     if n_sh:
         fs = 4 * n_sh * rows
-        sh = g.op(4 * E * rows, g.op(fs, g.op(fs, h, w=fd), g.op(fs, h, w=fd)), w=fd)
-        sg = g.op(_a(4 * rows), g.op(_a(4 * rows), h, w=fd), inplace=True)          # sigmoid(shared gate)
+        sh = g.op(4 * E * rows, g.op(fs, g.op(fs, h, w=d), g.op(fs, h, w=d)), w=d)
+        sg = g.op(_a(4 * rows), g.op(_a(4 * rows), h, w=d), inplace=True)            # sigmoid(shared gate)
         out = g.op(out.size, out, g.op(sh.size, sh, sg, inplace=True), inplace=True)
     return out
 
@@ -314,8 +323,14 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
 def recurrent_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_devices: list[str],
                             names: list[str], *, T: int, n_seqs: int, T_out: int, n_copies: int,
                             pin_norm: bool, ffn_devices: list[str] | None = None) -> dict[str, int]:
-    """Compute buffer bytes of every backend in `names` for a graph of RECURRENT_GRAPHS (`ffn_devices`: where
-    tensor overrides put each layer's FFN weights)."""
+    """Compute buffer bytes of every backend in `names` for a `replayable` profile (`ffn_devices`: where tensor
+    overrides put each layer's FFN weights, its experts for MoE). Remembered per profile and arguments: a
+    48-layer MoE graph takes some 20 ms to replay."""
+    key = (id(profile), config, tuple(layer_devices), tuple(names), T, n_seqs, T_out, n_copies, pin_norm,
+           tuple(ffn_devices) if ffn_devices else None)
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0]() is profile:
+        return dict(hit[1])
     fa = config.flash_attn != "off"
     # the KV cache transposes V when flash attention is off when it is made (llama_model::create_memory)
     v_trans = config.flash_attn == "off"
@@ -329,4 +344,16 @@ def recurrent_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_de
         g, _ = _graph(c, False, v_trans)
         be = _schedule(g)
     tops = buffer_peaks(g, n_copies, be)
-    return {name: tops.get(name, 0) for name in names}
+    out = {name: tops.get(name, 0) for name in names}
+    if len(_CACHE) > 256:
+        _CACHE.clear()
+    _CACHE[key] = (weakref.ref(profile), out)
+    return dict(out)
+
+
+def replayable(profile: ModelProfile) -> bool:
+    """Whether `profile`'s compute buffers are replayed here: a graph of RECURRENT_GRAPHS whose hyperparameters
+    the file carries, without a sliding window (lfm2's iswa graph is not built)."""
+    arch = profile.arch
+    return (arch in RECURRENT_GRAPHS and not profile.n_swa
+            and all(f"{arch}.{k}" in profile.metadata for k in _KEYS[arch]))

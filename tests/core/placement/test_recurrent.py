@@ -8,11 +8,14 @@ come from the same models with those settings.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from gpulab import SplitConfig, plan
 from gpulab.core.devices import Device
 from gpulab.core.placement.ggml_replay import _Alloc
+from gpulab.core.placement.recurrent import replayable
 from gpulab.core.profile import LayerProfile, ModelProfile
 
 MiB = 1024**2
@@ -156,3 +159,14 @@ def test_the_allocator_is_best_fit_below_the_top_and_merges_freed_neighbours():
     a.free(0, 96)                  # merges with its freed neighbour above: one 192-byte hole
     assert a.alloc(160) == 0 and a.top == 256
 
+
+
+def test_a_graph_that_is_not_replayed_falls_back_and_says_so():
+    # no SSM sizes in the file: the closed forms, and the plan states its compute as not modelled
+    bare = replace(mamba2(), metadata={})
+    assert not replayable(bare) and replayable(mamba2()) and replayable(lfm2()) and replayable(qwen3next())
+    doubts = plan(bare, rpc(1), SplitConfig(n_ctx=1024)).doubts
+    assert [d.term for d in doubts] == ["compute"] and "not modelled" in doubts[0].text
+    assert plan(mamba2(), rpc(1), SplitConfig(n_ctx=1024)).doubts == ()
+    # a sliding window (lfm2's iswa graph) is not built
+    assert not replayable(replace(lfm2(), n_swa=512))
