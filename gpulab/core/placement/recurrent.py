@@ -30,6 +30,7 @@ forms (see `replayable`).
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 
 from ..config import SplitConfig
 from ..devices import HOST_NAME
@@ -73,7 +74,8 @@ class _Ctx:
         n = self.g.op(size or x.size, x, w=d if self.pin and il >= 0 else None, inplace=True)
         return self.g.op(n.size, n, w=d, inplace=True)
 
-    def rs(self, il: int, s_main: Tensor, s_extra: Tensor, rows: int, scan=None) -> Tensor:
+    def rs(self, il: int, s_main: Tensor, s_extra: Tensor, rows: int,
+           scan: Callable[[Tensor], Tensor] | None = None) -> Tensor:
         """llm_graph_context::build_rs: clear a state (in place on the cache), this ubatch's rows (or the
         scan that reads them), the other rows copied back."""
         g, d = self.g, self.dev[il]
