@@ -172,7 +172,7 @@ def _moe(c: _Ctx, h: Tensor, il: int) -> Tensor:
     n_exp, U = p.n_expert, p.n_expert_used
     n_ff = int(md.get(f"{arch}.expert_feed_forward_length", p.n_ff))
     probs = g.op(4 * n_exp * rows, g.op(4 * n_exp * rows, h, w=d), inplace=True)     # softmax(router logits)
-    sel = g.view(g.op(4 * n_exp * rows, probs), 4 * U * rows)                         # argsort, top k
+    sel = g.view(g.op(4 * n_exp * rows, probs), 4 * U + 4 * n_exp * (rows - 1))      # argsort, its top-k view
     w = g.view(g.op(4 * U * rows, g.view(probs), sel))                                # get_rows: the weights
     wsum = g.op(_a(4 * rows), g.op(_a(4 * rows), w), inplace=True)                    # clamp(sum_rows)
     w = g.view(g.op(4 * U * rows, w, wsum, inplace=True))                             # w / sum
