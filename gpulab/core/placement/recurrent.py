@@ -355,7 +355,15 @@ def recurrent_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_de
 
 def replayable(profile: ModelProfile) -> bool:
     """Whether `profile`'s compute buffers are replayed here: a graph of RECURRENT_GRAPHS whose hyperparameters
-    the file carries, without a sliding window (lfm2's iswa graph is not built)."""
+    the file carries, without a sliding window (lfm2's iswa graph is not built), and with the tensors the
+    graph built here reads where the profile lists them: qwen3next's fused QKV and gate projections (a file
+    with the mixed ssm_in projection runs another graph), mamba2's grouped norm (ssm_norm, optional)."""
     arch = profile.arch
-    return (arch in RECURRENT_GRAPHS and not profile.n_swa
-            and all(f"{arch}.{k}" in profile.metadata for k in _KEYS[arch]))
+    if arch not in RECURRENT_GRAPHS or profile.n_swa or not all(f"{arch}.{k}" in profile.metadata
+                                                               for k in _KEYS[arch]):
+        return False
+    names = {t.name.split(".", 2)[-1] for layer in profile.layers if layer.is_recurrent for t in layer.tensors}
+    if not names:
+        return True            # a profile without its tensor list (built in code): the graph as written here
+    return {"qwen3next": "attn_qkv.weight" in names and "ssm_in.weight" not in names,
+            "mamba2": "ssm_norm.weight" in names}.get(arch, True)

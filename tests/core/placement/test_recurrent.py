@@ -16,7 +16,7 @@ from gpulab import SplitConfig, plan
 from gpulab.core.devices import Device
 from gpulab.core.placement.ggml_replay import _Alloc
 from gpulab.core.placement.recurrent import replayable
-from gpulab.core.profile import LayerProfile, ModelProfile
+from gpulab.core.profile import LayerProfile, ModelProfile, TensorInfo
 
 MiB = 1024**2
 
@@ -170,3 +170,12 @@ def test_a_graph_that_is_not_replayed_falls_back_and_says_so():
     assert plan(mamba2(), rpc(1), SplitConfig(n_ctx=1024)).doubts == ()
     # a sliding window (lfm2's iswa graph) is not built
     assert not replayable(replace(lfm2(), n_swa=512))
+    # a Qwen3-Next file with the mixed ssm_in projection (another graph: conts and concats) instead of the
+    # fused QKV and gate ones
+    q = qwen3next()
+
+    def with_tensors(*names: str) -> ModelProfile:
+        return replace(q, layers=(replace(q.layers[0], tensors=tuple(TensorInfo(f"blk.0.{n}", "F16", (1024, 64), 1)
+                                                                     for n in names)), *q.layers[1:]))
+    assert replayable(with_tensors("attn_qkv.weight", "attn_gate.weight"))
+    assert not replayable(with_tensors("ssm_in.weight"))
