@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 
 from gpulab import ConfigError, SplitConfig, parse_sim_spec, plan, read_profile
+from gpulab.core.devices import Device
 from gpulab.sources.arch_models import ARCH_MODELS, write_arch_model
 
 MiB = 1024**2
@@ -122,3 +123,21 @@ def test_exaone4_never_loads_its_mtp_layer(models):
     ex = models["exaone4"]
     assert ex.n_nextn == 1 and ex.mtp_never_loaded and ex.layers[6].tensors == () and ex.layers[6].mtp_tensors
     assert not models["glm4moe"].mtp_never_loaded      # glm4moe loads them with MTP on
+
+
+@pytest.mark.parametrize("arch,config,expected", [
+    # -cmoe: the experts' products run on the host, with the router's choice (the argsort's top-k view, all
+    # of its rows) and the normed hidden state copied there
+    ("qwen3next", SplitConfig(tensor_split=(1, 1), n_ctx=1024, devices=("RPC0", "RPC1"), cpu_moe=True),
+     {"RPC0": 23.02, "RPC1": 30.62, "CPU": 17.04}),
+    ("qwen3next", SplitConfig(tensor_split=(1, 1), n_ctx=1024, devices=("RPC0", "RPC1"), n_cpu_moe=3),
+     {"RPC0": 23.02, "RPC1": 31.01, "CPU": 17.04}),
+    ("lfm2", SplitConfig(tensor_split=(1, 1), n_ctx=1024, devices=("RPC0", "RPC1"), n_cpu_ffn=2),
+     {"RPC0": 22.01, "RPC1": 25.02, "CPU": 23.01}),
+])
+def test_replayed_recurrent_graphs_follow_tensor_overrides(models, arch, config, expected):
+    """Compute buffers (MiB, as llama.cpp logs them for these files on two CPU RPC devices) with FFN weights
+    moved by overrides: gpulab.core.placement.recurrent runs each product where its weight is."""
+    p = plan(models[arch], [Device(name=f"RPC{i}", total_bytes=64 << 30, free_bytes=64 << 30, source="rpc",
+                                   kind="rpc") for i in range(2)], config)
+    assert {d.name: round(d.compute_bytes / MiB, 2) for d in p.devices} == expected

@@ -61,8 +61,9 @@ class Graph:
     def op(self, size: int, *src: Tensor, w: str | None = None, inplace: bool = False, out: bool = False) -> Tensor:
         return Tensor("op", size, src, w, inplace, out)
 
-    def view(self, t: Tensor, size: int = 0) -> Tensor:
-        return Tensor("view", size or t.size, (t,), root=t.root)
+    def view(self, t: Tensor, size: int | None = None) -> Tensor:
+        """A view of t (`size`: its ggml_nbytes where it is not t's)."""
+        return Tensor("view", t.size if size is None else size, (t,), root=t.root)
 
     def set(self, dev: str, *src: Tensor) -> Tensor:
         return Tensor("set", 0, src, dev)
