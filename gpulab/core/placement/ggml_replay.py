@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from ..devices import HOST_NAME
 
-__all__ = ["Graph", "Tensor", "buffer_peaks"]
+__all__ = ["Graph", "Tensor", "buffer_peaks", "schedule"]
 
 _ALIGN = 32                      # TENSOR_ALIGNMENT of CPU and RPC buffers
 _BIG = 1 << 62                   # the last free block of a chunk (SIZE_MAX / 2)
@@ -38,13 +38,17 @@ class Tensor:
     `size`: bytes (a view's ggml_nbytes: what a copy of it takes). `dev`: pass 1's backend (its weight's, its
     cache's, a pinned norm's)."""
 
-    __slots__ = ("kind", "size", "src", "root", "dev", "inplace", "out", "i")
+    __slots__ = ("kind", "size", "src", "root", "dev", "inplace", "out", "i", "be", "nch", "nvw", "addr")
 
     def __init__(self, kind: str, size: int, src: tuple[Tensor, ...] = (), dev: str | None = None,
                  inplace: bool = False, out: bool = False, root: Tensor | None = None) -> None:
         self.kind, self.size, self.src, self.dev = kind, size, src, dev
         self.inplace, self.out, self.i = inplace, out, -1     # i: -1 until in the graph
         self.root: Tensor = root if root is not None else self
+        # set by the replay: the backend, ggml-alloc's counts of children and views, the offset (-1: none)
+        self.be: str = HOST_NAME
+        self.nch = self.nvw = 0
+        self.addr = -1
 
 
 class Graph:
@@ -91,23 +95,26 @@ class Graph:
         return t
 
 
-def _schedule(g: Graph) -> dict[Tensor, str]:
-    """ggml_backend_sched_split_graph passes 1, 2 and 4: the backend of every node."""
-    be: dict[Tensor, str | None] = {n: n.dev for n in g.nodes}
+def schedule(g: Graph) -> None:
+    """ggml_backend_sched_split_graph passes 1, 2 and 4: sets the backend (`be`) of every tensor."""
     ops = [n for n in g.nodes if n.kind != "view"]
+    be: dict[Tensor, str | None] = {n: n.dev for n in ops}
     for gpu_only in (True, False):
         for seq in (ops, ops[::-1]):
             cur = None
             for n in seq:
-                if be[n] is not None:
-                    cur = None if gpu_only and be[n] == HOST_NAME else be[n]
+                b = be[n]
+                if b is not None:
+                    cur = None if gpu_only and b == HOST_NAME else b
                 elif cur is not None:
                     be[n] = cur
-    out: dict[Tensor, str] = {t: t.dev or HOST_NAME for t in g.leafs}
+    for t in g.leafs:
+        t.be = t.dev or HOST_NAME
+    for n in ops:
+        n.be = be[n] or HOST_NAME
     for n in g.nodes:
-        out[n] = (out[n.root] if n.root.kind in ("in", "ext") else be[n.root] or HOST_NAME) \
-            if n.kind == "view" else be[n] or HOST_NAME
-    return out
+        if n.kind == "view":
+            n.be = n.root.be
 
 
 class _Alloc:
@@ -155,10 +162,8 @@ class _Alloc:
         bl.insert(k, [off, size])
 
 
-def buffer_peaks(g: Graph, n_copies: int, backends: dict[Tensor, str] | None = None,
-                 log: list | None = None) -> dict[str, int]:
-    """The high-water mark of each backend's compute buffer for graph `g` (its output expanded)."""
-    be = dict(backends or _schedule(g))
+def buffer_peaks(g: Graph, n_copies: int, log: list | None = None) -> dict[str, int]:
+    """The high-water mark of each backend's compute buffer for graph `g`, scheduled (`schedule`)."""
     copies: dict[tuple[Tensor, str], Tensor] = {}
     src_of: dict[Tensor, tuple[Tensor, ...]] = {}
     order: list[Tensor] = []               # graph_copy: per split its input deps and copies, then its nodes
@@ -169,20 +174,23 @@ def buffer_peaks(g: Graph, n_copies: int, backends: dict[Tensor, str] | None = N
         if n.kind == "view":
             order.append(n)
             continue
-        b = be[n]
+        b = n.be
         if b != split_dev:
             split_dev, start = b, len(order)
+        if all(s.be == b for s in n.src):
+            order.append(n)
+            continue
         new: list[Tensor] = []
         for s in n.src:
-            if be[s] == b:
+            if s.be == b:
                 new.append(s)
                 continue
             c = copies.get((s, b))
             if c is None:
                 dep = Tensor("dep", 0, (s,))
-                be[dep] = be[s]
+                dep.be = s.be
                 c = copies[(s, b)] = Tensor("in" if n_copies > 1 else "op", _a(s.size), out=n_copies > 1)
-                be[c] = b
+                c.be = b
                 if n_copies > 1:
                     first.append(c)
                     order[start:start] = [dep]
@@ -194,51 +202,51 @@ def buffer_peaks(g: Graph, n_copies: int, backends: dict[Tensor, str] | None = N
         src_of[n] = tuple(new)
         order.append(n)
 
-    allocs: dict[str, _Alloc] = {}
-    addr: dict[Tensor, int] = {}
-    children: dict[Tensor, int] = {}
-    views: dict[Tensor, int] = {}
     for n in order:
         if n.kind == "view":
-            views[n.root] = views.get(n.root, 0) + 1
+            n.root.nvw += 1
         for s in src_of.get(n, n.src):
-            children[s] = children.get(s, 0) + 1
+            s.nch += 1
+    allocs: dict[str, _Alloc] = {}
 
     def allocate(t: Tensor) -> None:
-        addr[t] = allocs.setdefault(be[t], _Alloc()).alloc(t.size)
+        a = allocs.get(t.be)
+        if a is None:
+            a = allocs[t.be] = _Alloc()
+        t.addr = a.alloc(t.size)
         if log is not None:
-            log.append((t, be[t], addr[t], t.size))
+            log.append((t, t.be, t.addr, t.size))
 
     def free(t: Tensor) -> None:
+        # graph outputs and (pipelining) inputs stay; weights and caches were never ours
+        if t.addr < 0 or t.out or not (t.kind == "op" or n_copies == 1):
+            return
         if log is not None:
-            log.append((t, be[t], -addr[t] - 1, t.size))
-        allocs[be[t]].free(addr.pop(t), t.size)
+            log.append((t, t.be, -t.addr - 1, t.size))
+        allocs[t.be].free(t.addr, t.size)
+        t.addr = -1
 
     for t in first:            # the graph inputs (and, pipelining, every copy) first, n_copies of each
         for _ in range(n_copies if t.kind == "in" else 1):
             allocate(t)
-    def freeable(t: Tensor) -> bool:   # graph outputs and (pipelining) inputs stay; weights and caches are not ours
-        return t in addr and not t.out and (t.kind == "op" or n_copies == 1)
-
     for n in order:
         srcs = src_of.get(n, n.src)
-        if n.kind == "op" and n not in addr:
+        if n.kind == "op" and n.addr < 0:
             for s in srcs if n.inplace else ():
-                if s in addr and s.kind == "op" and not s.out and s.size == n.size \
-                        and children[s] == 1 and not views.get(s):
-                    addr[n] = addr.pop(s)
+                if s.addr >= 0 and s.kind == "op" and not s.out and s.size == n.size and s.nch == 1 and not s.nvw:
+                    n.addr, s.addr = s.addr, -1
                     break
             else:
                 allocate(n)
         for s in srcs:
-            children[s] -= 1
-            if children[s] or views.get(s):
+            s.nch -= 1
+            if s.nch or s.nvw:
                 continue
             if s.kind == "view":
                 r = s.root
-                views[r] -= 1
-                if not views[r] and not children.get(r) and freeable(r):
+                r.nvw -= 1
+                if not r.nvw and not r.nch:
                     free(r)
-            elif freeable(s):
+            else:
                 free(s)
     return {d: a.top for d, a in allocs.items()}

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from ..config import SplitConfig
 from ..devices import HOST_NAME
 from ..profile import ModelProfile
-from .ggml_replay import Graph, Tensor, _a, _schedule, buffer_peaks
+from .ggml_replay import Graph, Tensor, _a, buffer_peaks, schedule
 
 __all__ = ["RECURRENT_GRAPHS", "recurrent_compute_bytes", "replayable"]
 
@@ -338,14 +338,14 @@ def recurrent_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_de
     v_trans = config.flash_attn == "off"
     c = _Ctx(profile, config, layer_devices, T, n_seqs, T_out, pin_norm, ffn_devices)
     g, fa_nodes = _graph(c, fa, v_trans)
-    be = _schedule(g)
-    if config.flash_attn == "auto" and any(be[n] != d for n, d in fa_nodes):
+    schedule(g)
+    if config.flash_attn == "auto" and any(n.be != d for n, d in fa_nodes):
         # llama_context::resolve_fused_ops: flash attention scheduled away from its layer's device is
         # turned off (and the reserve graph built again without it)
         c = _Ctx(profile, config, layer_devices, T, n_seqs, T_out, pin_norm, ffn_devices)
         g, _ = _graph(c, False, v_trans)
-        be = _schedule(g)
-    tops = buffer_peaks(g, n_copies, be)
+        schedule(g)
+    tops = buffer_peaks(g, n_copies)
     out = {name: tops.get(name, 0) for name in names}
     if len(_CACHE) > 256:
         _CACHE.clear()
