@@ -362,6 +362,8 @@ def replayable(profile: ModelProfile) -> bool:
     if arch not in RECURRENT_GRAPHS or profile.n_swa or not all(f"{arch}.{k}" in profile.metadata
                                                                for k in _KEYS[arch]):
         return False
+    if not any(layer.is_recurrent for layer in profile.layers):
+        return False           # not the model's graph (the MTP head of placement.mtp: graph_mtp is not built here)
     names = {t.name.split(".", 2)[-1] for layer in profile.layers if layer.is_recurrent for t in layer.tensors}
     if not names:
         return True            # a profile without its tensor list (built in code): the graph as written here

@@ -170,6 +170,8 @@ def test_a_graph_that_is_not_replayed_falls_back_and_says_so():
     assert plan(mamba2(), rpc(1), SplitConfig(n_ctx=1024)).doubts == ()
     # a sliding window (lfm2's iswa graph) is not built
     assert not replayable(replace(lfm2(), n_swa=512))
+    # the attention layers alone (an MTP head's profile, placement.mtp) are another graph
+    assert not replayable(replace(qwen3next(), n_layer=2, layers=qwen3next().layers[3::4]))
     # a Qwen3-Next file with the mixed ssm_in projection (another graph: conts and concats) instead of the
     # fused QKV and gate ones
     q = qwen3next()
