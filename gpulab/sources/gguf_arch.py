@@ -60,8 +60,8 @@ _MLA_ARCHS = frozenset({"deepseek2", "deepseek32", "dots3note", "glm-dsa", "glm5
 # Archs whose load_arch_tensors give the nextn layers mtp_flags |= TENSOR_SKIP unless MTP is on
 # (grep mtp_flags src/models/*.cpp; mistral4 is deepseek2's): "model has unused tensor ... -- ignoring".
 _MTP_SKIP_ARCHS = frozenset({"bailingmoe3", "cohere2moe", "deepseek2", "deepseek32", "deepseek4", "glm-dsa",
-                             "glm4moe", "glm5-next", "hy_v3", "mimo2", "mistral4", "nemotron_h", "nemotron_h_moe", "qwen35",
-                             "qwen35moe", "qwen3next", "step35"}) | frozenset({
+                             "glm4moe", "glm5-next", "hy_v3", "mimo2", "mistral4", "nemotron_h", "nemotron_h_moe",
+                             "qwen35", "qwen35moe", "qwen3next", "step35"}) | frozenset({
     # ... and those that skip them whatever MTP says ("preserved in GGUF but not executed yet")
     "bailingmoe2", "dots3note", "exaone-moe", "exaone4", "glm4"})
 _MTP_NEVER_LOADED = frozenset({"bailingmoe2", "dots3note", "exaone-moe", "exaone4", "glm4"})

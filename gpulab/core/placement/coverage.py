@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from ..config import SplitConfig
 from ..profile import ModelProfile
 from .compute import compute_tokens
+from .recurrent import RECURRENT_GRAPHS, replayable
 
 __all__ = ["CACHE_NOT_MODELLED", "COMPUTE_CHECKED", "COMPUTE_EXACT", "COMPUTE_MEASURED_MIB", "Doubt",
            "WEIGHTS_NOT_EXACT", "doubts"]
@@ -28,9 +29,11 @@ COMPUTE_CHECKED = frozenset({"llama", "gemma2", "gemma3", "qwen3moe", "qwen2", "
 # Architectures whose compute buffers the architecture matrix found within 1 MiB of llama.cpp's on every
 # device in every setting (llama's dense graph: src/models/llama.cpp and the loaders that build it; the
 # qwen3moe/olmoe MoE graph), f16
-# and quantized caches and the pipelined output device included: no compute doubt in those settings.
+# and quantized caches and the pipelined output device included: no compute doubt in those settings. The
+# recurrent graphs gpulab replays (placement.recurrent: mamba2, lfm2, qwen3next) are exact wherever they were
+# checked.
 COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "internlm2", "exaone", "maincoder",
-                           "nanbeige", "xverse", "qwen3moe", "olmoe", "smollm3", "exaone4"})
+                           "nanbeige", "xverse", "qwen3moe", "olmoe", "smollm3", "exaone4", *RECURRENT_GRAPHS})
 
 # Architectures whose memory is not llama_kv_cache / llama_memory_recurrent as gpulab sizes them
 # (llama_model::create_memory, src/llama-model.cpp): a lightning-indexer cache beside MLA, the
@@ -179,12 +182,19 @@ def doubts(profile: ModelProfile, config: SplitConfig, layer_devices: list[str] 
         out.append(Doubt("kv", f"KV: {CACHE_NOT_MODELLED[arch]} for {arch}", 0))
     recurrent = any(layer.is_recurrent for layer in profile.layers)
     mla = any(layer.has_kv and not layer.has_v for layer in profile.layers)
-    if recurrent and not any(layer.has_kv for layer in profile.layers):
-        out.append(Doubt("compute", f"compute: {arch}'s recurrent graph is not modelled (mamba2 at n_embd 1024: up to "
-                         "75 MiB too low per device)", 0))
+    if replayable(profile):
+        pass                   # replayed op by op (placement.recurrent): exact wherever it was checked
     elif recurrent:
-        out.append(Doubt("compute", f"compute: {arch}'s recurrent layers are not modelled "
-                         "(measured up to 17 MiB too low per device at n_embd 1024: lfm2, qwen3next)", 18 * _MiB))
+        pure = not any(layer.has_kv for layer in profile.layers)
+        what = "recurrent graph is" if pure else "recurrent layers are"
+        if arch in COMPUTE_MEASURED_MIB:
+            mib = COMPUTE_MEASURED_MIB[arch]
+            out.append(Doubt("compute", f"compute: {arch}'s {what} not modelled "
+                             f"(measured up to {mib:g} MiB off per device)", int(mib * _MiB)))
+        else:
+            out.append(Doubt("compute", f"compute: {arch}'s {what} not modelled (mamba2's, lfm2's and "
+                             "qwen3next's, before they were replayed: up to 75 MiB too low per device at n_embd "
+                             "1024)", 0))
     elif mla:
         mib = max(17.0, COMPUTE_MEASURED_MIB.get(arch, 0))
         out.append(Doubt("compute", f"compute: {arch}'s MLA attention is sized as plain attention "
