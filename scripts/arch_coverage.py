@@ -95,8 +95,11 @@ def main(path: str) -> str:
     lines += ["", f"## Not checked ({len(rest)})", "",
               "No generated model that llama.cpp builds a context for: gpulab reads and plans them with the same",
               "rules (placement, weights and the KV/state geometry from the header), and says that their compute",
-              "was not checked, but nothing here proves them against llama.cpp. Why, as",
-              "`scripts/discover_arch_models.py` recorded what the vendored llama.cpp answered:", "",
+              "was not checked, but nothing here proves them against llama.cpp. Why: the first check of the",
+              "vendored llama.cpp that the generated file did not pass, as `scripts/discover_arch_models.py`",
+              "recorded it. The generator guesses hyperparameter values from their names; these architectures",
+              "need values, shapes or metadata (a draft model's target layers) it does not guess yet. gptj is",
+              "named by llama.cpp but not loaded by it.", "",
               "| arch | why |", "|---|---|"]
     for n in rest:
         f = found.get(n, {})
@@ -112,14 +115,18 @@ def bounds(path: str) -> str:
     graph, rounded up to 0.5 MiB (at least 1 MiB: the matrix's tolerance)."""
     from gpulab.core.placement.coverage import COMPUTE_CHECKED, COMPUTE_EXACT
     by_arch = summarize(json.loads(Path(path).read_text()))
-    out = {}
+    out, exact = {}, []
     for arch, a in sorted(by_arch.items()):
         if arch in COMPUTE_CHECKED or arch in COMPUTE_EXACT:
             continue
         worst = abs(a["worst"].get("compute", 0)) / MiB
-        out[arch] = max(1.0, -(-worst * 2 // 1) / 2)
-    return "COMPUTE_MEASURED_MIB: dict[str, float] = {\n" + "".join(
-        f'    "{a}": {v:g},\n' for a, v in out.items()) + "}"
+        if worst <= 1:
+            exact.append(arch)         # belongs in COMPUTE_EXACT: its plans say nothing
+        else:
+            out[arch] = -(-worst * 2 // 1) / 2
+    return (f"# exact in every setting, for COMPUTE_EXACT: {', '.join(exact) or 'none'}\n"
+            "COMPUTE_MEASURED_MIB: dict[str, float] = {\n"
+            + "".join(f'    "{a}": {v:g},\n' for a, v in out.items()) + "}")
 
 
 if __name__ == "__main__":
