@@ -68,6 +68,8 @@ RETRIES = [
     ("indexer_kpool > 1", {"attention.indexer.kpool": 2, "attention.indexer.top_k": 64}),
     ("n_layer() == n_slot", {"hrm.layers_per_stack": 1, "hrm.h_cycles": 2, "hrm.l_cycles": 2}),  # 1 x 2 x 3 = 6
     ("kda_gate_lower_bound < 0.0f", {"kda.safe_gate": True, "kda.gate_lower_bound": -5.0}),
+    ("n_embd == hparams.n_embd_r()", {"token_shift_count": 1}),    # rwkv6qwen2, arwkv7: one shifted row
+    ("time_mix_lerp_fused == NULL", {OPTIONAL: True}),             # rwkv6: its lerp tensors are optional
 ]
 
 
