@@ -110,6 +110,42 @@ _POST_NORM = frozenset({"olmo2", "exaone4"})
 _PARALLEL = frozenset({"cohere2"})
 
 
+def _ungated_ffn(profile: ModelProfile) -> bool:
+    """Every layer's dense FFN is up and down only: no ffn_gate, and ffn_up as wide as ffn_down reads (not
+    phi3's fused gate+up). build_ffn (src/llama-graph.cpp) then keeps one [n_ff, T] tensor live: ffn_up,
+    its bias add and its activation (GELU, RELU_SQR's relu and sqr, apertus' xielu) are ops that
+    ggml-alloc runs in place (ggml_op_can_inplace: ADD, UNARY, SQR), where llama's gate, up and GLU output
+    are three (src/models/starcoder2.cpp, nemotron.cpp, arcee.cpp, jais2.cpp, codeshell.cpp, apertus.cpp)."""
+    if profile.n_expert:
+        return False
+    seen = False
+    for layer in profile.layers:
+        up = down = None
+        for t in layer.tensors:
+            kind = t.name.split(".")[-2] if t.name.count(".") >= 2 else ""
+            if kind == "ffn_gate":
+                return False
+            if kind == "ffn_up" and t.name.endswith(".weight"):
+                up = t
+            elif kind == "ffn_down" and t.name.endswith(".weight"):
+                down = t
+        if up is None or down is None:
+            continue
+        if len(up.shape) < 2 or up.shape[1] != down.shape[0]:
+            return False
+        seen = True
+    return seen
+
+
+def _norm_out_of_place(profile: ModelProfile) -> bool:
+    """The output norm is a LayerNorm (build_norm with LLM_NORM, src/llama-graph.cpp: ggml_norm, then the
+    weight's MUL and the bias' ADD): GGML_OP_NORM is not among the ops ggml-alloc runs in place
+    (ggml_op_can_inplace, ggml/src/ggml-alloc.c), so result_norm is a new row set beside the last layer's
+    output, where llama's RMS_NORM overwrites it. llama.cpp's loaders create output_norm.bias only for these
+    graphs (src/models/starcoder2.cpp, nemotron.cpp, codeshell.cpp, jais2.cpp, ...)."""
+    return any(t.name == "output_norm.bias" for t in profile.output_tensors)
+
+
 def _geom(profile: ModelProfile) -> _Geom:
     hit = _GEOM.get(id(profile))
     if hit is not None and hit[0]() is profile:
@@ -309,6 +345,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     kq_full = _a(4 * n_kv * (T // n_stream) * g.n_head * n_stream)
     kq_swa = _a(4 * n_kv_swa * (T // n_stream) * g.n_head * n_stream)
 
+    ungated = _ungated_ffn(profile)
     if g.moe:
         # build_moe_ffn: up, gate and GLU [n_ff_exp, n_expert_used, T]; the expert outputs
         # [n_embd, n_expert_used, T] reuse up's and gate's range if they fit, else go on top
@@ -334,7 +371,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         ffn_unit = fe
         part_out = {"gate": fe, "up": fe, "down": fd}
     else:
-        ffn_big = 3 * f
+        ffn_big = f if ungated else 3 * f
         ffn_slots = 3 * e + par_e
         host_boundary = 2 * e           # ffn_out and ffn_inp of the host layer's closing add
         ffn_after_host = 0
@@ -375,6 +412,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     # no norm before attention (the norms follow attention and the FFN: olmo2, exaone4): one row set
     # less below KQ, and no hole the quantized V cache closes below the FFN
     post = profile.arch in _POST_NORM
+    norm_e = e if _norm_out_of_place(profile) else 0     # result_norm beside the last l_out
     post_e = e if post else 0
     own_inputs: dict[str, int] = {}
     for name in names:
@@ -451,7 +489,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
                 quant_k = config.type_k not in ("f32", "f16", "bf16")
                 peaks.append(base + (2 * e if quant_k and name not in nope_devs else 3 * e) - post_e + q + kq_dev)
             if has_out:
-                peaks.append(base + e + logits)
+                peaks.append(base + e + norm_e + logits)
             out[name] = max(peaks)
             continue
 
@@ -486,7 +524,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         low = 2 * e + inputs
         glu_low = not g.moe and inputs < e and f <= low
         if last_dev == name and not g.moe and inputs < e:
-            peaks.append(low + e + (2 * f if glu_low else 3 * f))
+            peaks.append(low + e + (ffn_big if ungated else 2 * f if glu_low else 3 * f))
         elif last_dev == name and g.moe and n_l == 1 and inputs < e:
             # MoE, the model's last layer alone: the gathered rows land above the input copies (out_ids
             # is still live), the FFN on top (qwen3moe, olmoe: arch matrix, -ngl 4 over 3 devices)
@@ -495,7 +533,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             # After the last layer only the hidden state is live: result_norm is where the last
             # ffn_down went, the logits above it. That is the bottom of the buffer unless the
             # GLU output fitted below ffn_inp: then ffn_down went on top of everything.
-            peaks.append((low + 2 * e if glu_low else e) + logits)
+            peaks.append((low + 2 * e if glu_low else e) + norm_e + logits)
         out[name] = max(peaks)
     if ffn_devices is not None:
         _moved_ffn(out, profile, layer_devices, ffn_devices, stray, own_inputs, nc * (tok + e + all_inputs),
