@@ -137,13 +137,25 @@ def _ungated_ffn(profile: ModelProfile) -> bool:
     return seen
 
 
+# LayerNorm output norms whose bias a checkpoint may leave out (mpt: output_norm_b TENSOR_NOT_REQUIRED, src/models/mpt.cpp)
+_LAYER_NORM_NO_BIAS = frozenset({"mpt"})
+
+
+def _dense_ff(profile: ModelProfile) -> int:
+    """The dense FFN's width as the graph sees it: what ffn_down reads (its ne0), the widest layer's.
+    qwen's loader makes its FFN n_ff / 2 wide (src/models/qwen.cpp: ffn_gate {n_embd, n_ff / 2}), so
+    feed_forward_length is not it there. A profile without its tensor list: feed_forward_length."""
+    return max((t.shape[0] for layer in profile.layers for t in layer.tensors
+                if t.name.endswith(".ffn_down.weight") and len(t.shape) >= 2), default=profile.n_ff)
+
+
 def _norm_out_of_place(profile: ModelProfile) -> bool:
     """The output norm is a LayerNorm (build_norm with LLM_NORM, src/llama-graph.cpp: ggml_norm, then the
     weight's MUL and the bias' ADD): GGML_OP_NORM is not among the ops ggml-alloc runs in place
     (ggml_op_can_inplace, ggml/src/ggml-alloc.c), so result_norm is a new row set beside the last layer's
     output, where llama's RMS_NORM overwrites it. llama.cpp's loaders create output_norm.bias only for these
     graphs (src/models/starcoder2.cpp, nemotron.cpp, codeshell.cpp, jais2.cpp, ...)."""
-    return any(t.name == "output_norm.bias" for t in profile.output_tensors)
+    return profile.arch in _LAYER_NORM_NO_BIAS or any(t.name == "output_norm.bias" for t in profile.output_tensors)
 
 
 def _geom(profile: ModelProfile) -> _Geom:
@@ -162,7 +174,7 @@ def _geom(profile: ModelProfile) -> _Geom:
     step = _no_rope_step(profile)
     swa = tuple(bool(layer.is_swa) for layer in layers)
     g = _Geom(
-        n_embd=profile.n_embd, n_vocab=profile.n_vocab, n_ff=profile.n_ff,
+        n_embd=profile.n_embd, n_vocab=profile.n_vocab, n_ff=_dense_ff(profile),
         q=max((layer.n_head * layer.n_embd_head_k for layer in layers), default=profile.n_embd),
         kv=max((layer.n_head_kv * layer.n_embd_head_k for layer in layers), default=profile.n_embd),
         n_head=max((layer.n_head for layer in layers), default=1),
