@@ -158,6 +158,33 @@ def _norm_out_of_place(profile: ModelProfile) -> bool:
     return profile.arch in _LAYER_NORM_NO_BIAS or any(t.name == "output_norm.bias" for t in profile.output_tensors)
 
 
+# graphs without RoPE (ALiBi or learned positions: src/models/bloom.cpp, mpt.cpp, jais.cpp, starcoder.cpp,
+# gpt2.cpp, refact.cpp call no ggml_rope_ext): Q stays a view of a fused QKV product
+_NO_ROPE = frozenset({"bloom", "mpt", "jais", "starcoder", "gpt2", "refact"})
+
+
+def _fused_qkv_width(profile: ModelProfile) -> int:
+    """Values per token of the widest fused QKV product (attn_qkv, [n_embd_q + 2 n_embd_k, T]); 0: separate Q/K/V."""
+    return max((t.shape[1] for layer in profile.layers for t in layer.tensors
+                if t.name.endswith(".attn_qkv.weight") and len(t.shape) >= 2), default=0)
+
+
+def _below_kq_fused(profile: ModelProfile, e: int, q: int, T: int, quant_k: bool) -> int | None:
+    """What lies below KQ (flash attention off) in a layer with a fused QKV projection (build_qkv's fused path,
+    src/llama-graph.cpp: Q, K, V are views of one product), None for separate Q/K/V. The product sits above the
+    residual and the norm's range (which Q or its RoPE reuses) and is freed after its last view is read: with a
+    quantized K cache Q's Hadamard rotation (attn_inp_k_rot) lands above it, so it stays; with an f16 K cache
+    a RoPE'd Q and K were copied out of it and KQ reuses its range, but ALiBi's Q (no RoPE) is read by KQ
+    itself (_NO_ROPE). Measured on RPC devices, n_embd 1024 (bloom, mpt, gptneox, qwen; bench/compute_trace.py)."""
+    width = _fused_qkv_width(profile)
+    if not width:
+        return None
+    qkv = _a(4 * width * T)
+    if quant_k:
+        return 2 * e + qkv + q
+    return 2 * e + (qkv if profile.arch in _NO_ROPE else 0)
+
+
 def _geom(profile: ModelProfile) -> _Geom:
     hit = _GEOM.get(id(profile))
     if hit is not None and hit[0]() is profile:
@@ -499,7 +526,9 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             peaks = [base + slots + ffn_big, base + 2 * e + 2 * q]
             if not fa:
                 quant_k = config.type_k not in ("f32", "f16", "bf16")
-                peaks.append(base + (2 * e if quant_k and name not in nope_devs else 3 * e) - post_e + q + kq_dev)
+                fused = _below_kq_fused(profile, e, q, T, quant_k)
+                peaks.append(base + (fused if fused is not None else
+                                     (2 * e if quant_k and name not in nope_devs else 3 * e) - post_e + q) + kq_dev)
             if has_out:
                 peaks.append(base + e + norm_e + logits)
             out[name] = max(peaks)
@@ -529,7 +558,8 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             # attention: Q before and after RoPE (a ROPE of a reshaped view is not in place)
             peaks = [ffn_inputs + ffn, inputs + 2 * e + 2 * q]
             if not fa:
-                peaks.append(inputs + 3 * e - post_e + q + kq_dev)
+                fused = _below_kq_fused(profile, e, q, T, config.type_k not in ("f32", "f16", "bf16"))
+                peaks.append(inputs + (fused if fused is not None else 3 * e - post_e + q) + kq_dev)
 
         # The model's last layer: when its input copies are smaller than a row set, its
         # ffn_inp (the gathered attention output) lands above them and the FFN on top.
