@@ -137,7 +137,8 @@ def _ungated_ffn(profile: ModelProfile) -> bool:
     return seen
 
 
-# LayerNorm output norms whose bias a checkpoint may leave out (mpt: output_norm_b TENSOR_NOT_REQUIRED, src/models/mpt.cpp)
+# LayerNorm output norms whose bias a checkpoint may leave out (mpt: output_norm_b TENSOR_NOT_REQUIRED,
+# src/models/mpt.cpp)
 _LAYER_NORM_NO_BIAS = frozenset({"mpt"})
 
 
@@ -183,6 +184,23 @@ def _below_kq_fused(profile: ModelProfile, e: int, q: int, T: int, quant_k: bool
     if quant_k:
         return 2 * e + qkv + q
     return 2 * e + (qkv if profile.arch in _NO_ROPE else 0)
+
+
+def _fa_reads_qkv(profile: ModelProfile, fa: bool) -> bool:
+    """Flash attention reads Q as a view of the fused QKV product (no RoPE, _NO_ROPE): the product is still live
+    when the attention output is made, which takes the attention norm's freed range, and the output projection
+    then lands where the product was, above the device's input copies; the residual add (ffn_inp) writes in
+    place there. So a layer after the host's two operands gets no room for ffn_inp below the inputs (one row
+    set more under the FFN), and the model's last layer has its ffn_inp at the bottom rather than above its
+    input copies. Measured: bloom, mpt, jais on RPC devices, -ngl 4 over 3 devices (bench/compute_trace.py)."""
+    return fa and profile.arch in _NO_ROPE and _fused_qkv_width(profile) > 0
+
+
+def _learned_positions(profile: ModelProfile) -> bool:
+    """The input is token plus learned position embeddings (position_embd: src/models/starcoder.cpp, gpt2.cpp):
+    the host gathers both rows ([n_embd, T] f32 each) and, pipelined with no layer on the host, the add runs
+    on the first device, which then receives both (GGML_SCHED_MAX_COPIES times). Measured on RPC devices."""
+    return any(t.name.startswith("position_embd.") for t in profile.input_tensors)
 
 
 def _geom(profile: ModelProfile) -> _Geom:
@@ -452,6 +470,8 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     # less below KQ, and no hole the quantized V cache closes below the FFN
     post = profile.arch in _POST_NORM
     norm_e = e if _norm_out_of_place(profile) else 0     # result_norm beside the last l_out
+    qkv_view = _fa_reads_qkv(profile, fa)
+    pos_e = e if _learned_positions(profile) else 0
     post_e = e if post else 0
     own_inputs: dict[str, int] = {}
     for name in names:
@@ -464,7 +484,8 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             # (the split graph keeps a view of it). embd = get_rows(token_embd) runs here.
             persist = nc * (tok + e + all_inputs)
             if s is None:
-                out[name] = persist + e
+                out[name] = persist + e + pos_e     # the rows the first device's add reads stay
+
                 continue
             peaks = [persist + ffn_slots + ffn_big]
             if not fa:
@@ -504,7 +525,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
 
         if nc > 1:
             # pipelined: every input copy is kept 4 times and none is ever freed
-            base = nc * (boundary + inputs)
+            base = nc * (boundary + (pos_e if before is None else 0) + inputs)
             # The hole below the FFN: a quantized V cache leaves none on a device without the model's
             # last layer (n_embd 512 real loads and 1024 dry runs, q8_0 and q4_0; issue 14), nor does
             # the device of the last layer and the output (f16 and quantized); the last layer's device
@@ -539,7 +560,9 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             # their range (after the host's operands, the model's last layer gathers its
             # ffn_inp into it: one more row set); K and V land above Q, not in older holes
             below = 3 * e if last_dev == name and before == HOST_NAME else 2 * e
-            peaks = [below + par_e + ffn_big, boundary + e + inputs + 2 * q]
+            # attention: Q before and after RoPE; a Q that is a view of the fused QKV product has neither
+            attn = _a(4 * _fused_qkv_width(profile) * T) if qkv_view else 2 * q
+            peaks = [below + par_e + ffn_big, boundary + e + inputs + attn]
             if not fa:
                 peaks.append(inputs + 3 * e - post_e + 2 * kvh + q + kq_dev)
         else:
@@ -554,7 +577,8 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             else:
                 # the residual and one hole below the FFN; two host operands leave room for both
                 # (a layer without RoPE leaves the hole: smollm3, -ngl 4 in the arch matrix)
-                ffn = (2 * e if boundary >= 2 * e and name not in nope_devs else 3 * e) + par_e + ffn_big
+                room = boundary >= 2 * e and name not in nope_devs and not qkv_view
+                ffn = (2 * e if room else 3 * e) + par_e + ffn_big
             # attention: Q before and after RoPE (a ROPE of a reshaped view is not in place)
             peaks = [ffn_inputs + ffn, inputs + 2 * e + 2 * q]
             if not fa:
@@ -565,7 +589,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         # ffn_inp (the gathered attention output) lands above them and the FFN on top.
         low = 2 * e + inputs
         glu_low = not g.moe and inputs < e and f <= low
-        if last_dev == name and not g.moe and inputs < e:
+        if last_dev == name and not g.moe and inputs < e and not qkv_view:
             peaks.append(low + e + (ffn_big if ungated else 2 * f if glu_low else 3 * f))
         elif last_dev == name and g.moe and n_l == 1 and inputs < e:
             # MoE, the model's last layer alone: the gathered rows land above the input copies (out_ids
