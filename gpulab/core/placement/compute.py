@@ -145,9 +145,17 @@ _LAYER_NORM_NO_BIAS = frozenset({"mpt"})
 def _dense_ff(profile: ModelProfile) -> int:
     """The dense FFN's width as the graph sees it: what ffn_down reads (its ne0), the widest layer's.
     qwen's loader makes its FFN n_ff / 2 wide (src/models/qwen.cpp: ffn_gate {n_embd, n_ff / 2}), so
-    feed_forward_length is not it there. A profile without its tensor list: feed_forward_length."""
-    return max((t.shape[0] for layer in profile.layers for t in layer.tensors
-                if t.name.endswith(".ffn_down.weight") and len(t.shape) >= 2), default=profile.n_ff)
+    feed_forward_length is not it there. Only a layer whose ffn_up agrees (as wide, or twice: a fused gate+up)
+    counts; a profile without them (hand-built, placeholder shapes): feed_forward_length."""
+    widths = []
+    for layer in profile.layers:
+        shapes = {t.name.rsplit(".", 2)[-2]: t.shape for t in layer.tensors
+                  if t.name.endswith((".ffn_down.weight", ".ffn_up.weight")) and len(t.shape) >= 2}
+        if "ffn_down" in shapes and "ffn_up" in shapes:
+            w = shapes["ffn_down"][0]
+            if shapes["ffn_up"][1] in (w, 2 * w):
+                widths.append(w)
+    return max(widths, default=profile.n_ff)
 
 
 def _norm_out_of_place(profile: ModelProfile) -> bool:
