@@ -107,7 +107,11 @@ def _no_rope_step(profile: ModelProfile) -> int:
 # graphs with their norms after attention and the FFN, none before (src/models/olmo2.cpp, exaone4.cpp)
 _POST_NORM = frozenset({"olmo2", "exaone4"})
 # graphs that run attention and the FFN side by side on the same normed input (src/models/cohere2.cpp)
-_PARALLEL = frozenset({"cohere2"})
+_PARALLEL = frozenset({"cohere2", "phi2", "falcon"})
+# ... of those, the graphs that add attention and FFN outputs first and the residual last (src/models/phi2.cpp,
+# falcon.cpp; cohere2 adds the residual first): after the host, all three operands come over (phi2's trace,
+# bench/compute_trace.py, -ngl 4), the third one's range a hole under the next layer's FFN
+_SUM_THEN_RESIDUAL = frozenset({"phi2", "falcon"})
 
 
 def _ungated_ffn(profile: ModelProfile) -> bool:
@@ -387,6 +391,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     # attention and the FFN both read the layer's norm and are summed at the end (cohere2): the attention
     # output stays live through the FFN, one row set more there
     par_e = e if profile.arch in _PARALLEL else 0
+    sum_last = profile.arch in _SUM_THEN_RESIDUAL
     q = _a(4 * g.q * T)                # Q (before and after RoPE), the attention output
     kvh = _a(4 * g.kv * T)             # K or V of the ubatch
     f = _a(4 * g.n_ff * T)             # ffn_gate, ffn_up, the GLU output
@@ -438,7 +443,8 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     else:
         ffn_big = f if ungated else 3 * f
         ffn_slots = 3 * e + par_e
-        host_boundary = 2 * e           # ffn_out and ffn_inp of the host layer's closing add
+        # ffn_out and ffn_inp of the host layer's closing add (or the three of _SUM_THEN_RESIDUAL's)
+        host_boundary = 3 * e if sum_last else 2 * e
         ffn_after_host = 0
         ffn_unit = f
         part_out = {"gate": f, "up": f, "down": e}
@@ -585,7 +591,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             else:
                 # the residual and one hole below the FFN; two host operands leave room for both
                 # (a layer without RoPE leaves the hole: smollm3, -ngl 4 in the arch matrix)
-                room = boundary >= 2 * e and name not in nope_devs and not qkv_view
+                room = boundary >= 2 * e and name not in nope_devs and not qkv_view and not sum_last
                 ffn = (2 * e if room else 3 * e) + par_e + ffn_big
             # attention: Q before and after RoPE (a ROPE of a reshaped view is not in place)
             peaks = [ffn_inputs + ffn, inputs + 2 * e + 2 * q]
@@ -598,7 +604,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         low = 2 * e + inputs
         glu_low = not g.moe and inputs < e and f <= low
         if last_dev == name and not g.moe and inputs < e and not qkv_view:
-            peaks.append(low + e + (ffn_big if ungated else 2 * f if glu_low else 3 * f))
+            peaks.append(low + e + par_e + (ffn_big if ungated else 2 * f if glu_low else 3 * f))
         elif last_dev == name and g.moe and n_l == 1 and inputs < e:
             # MoE, the model's last layer alone: the gathered rows land above the input copies (out_ids
             # is still live), the FFN on top (qwen3moe, olmoe: arch matrix, -ngl 4 over 3 devices)
