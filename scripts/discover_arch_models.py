@@ -40,6 +40,20 @@ BASE = {"context_length": 32768, "embedding_length": 1024, "vocab_size": 8192, "
         "rope.dimension_count": 64, "attention.layer_norm_rms_epsilon": 1e-5}
 
 
+def llama_src() -> Path:
+    """The vendored llama.cpp: GPULAB_LLAMA_CPP_SRC, or the source scripts/llama-tools.sh built the tools from."""
+    given = os.environ.get("GPULAB_LLAMA_CPP_SRC")
+    if given:
+        return Path(given)
+    found = subprocess.run([str(ROOT / "scripts" / "llama-tools.sh"), "--find-only", "llama-server"],
+                           capture_output=True, text=True, env=dict(os.environ, PY=sys.executable))
+    src = Path(found.stdout.strip()).parents[1] / "src" / "vendor" / "llama.cpp" if found.returncode == 0 else None
+    if src is None or not (src / "src" / "llama-arch.cpp").is_file():
+        sys.exit("the vendored llama.cpp is not at hand: set GPULAB_LLAMA_CPP_SRC to vendor/llama.cpp of the "
+                 "pinned llama-cpp-python sdist, or run scripts/llama-tools.sh")
+    return src
+
+
 # Keys a loader reads as optional but its tensors need (n_expert == 0 throws or asserts): written
 # whenever the architecture's source (src/models/<arch>.cpp) names them.
 SEEDS = ("LLM_KV_EXPERT_COUNT", "LLM_KV_EXPERT_USED_COUNT", "LLM_KV_EXPERT_FEED_FORWARD_LENGTH",
@@ -75,7 +89,7 @@ RETRIES = [
 
 def arch_source(arch: str) -> str:
     """The text of the vendored llama.cpp's src/models/*.cpp that defines `arch`'s llama_model class."""
-    src = Path(os.environ.get("GPULAB_LLAMA_CPP_SRC", "/work/src/llama_cpp_python-0.3.36/vendor/llama.cpp")) / "src"
+    src = llama_src() / "src"
     names = (src / "llama-arch.cpp").read_text()
     enum = re.search(r'\{\s*(LLM_ARCH_\w+),\s*"' + re.escape(arch) + '"', names)
     cls = enum and re.search(r"case " + enum.group(1) + r":\s*return new (llama_model_\w+)\(",
@@ -98,7 +112,7 @@ def arch_source(arch: str) -> str:
 
 def optional_tensors(arch: str) -> list[str]:
     """The names of the tensors `arch`'s loader creates with TENSOR_NOT_REQUIRED ("%d": the block)."""
-    src = Path(os.environ.get("GPULAB_LLAMA_CPP_SRC", "/work/src/llama_cpp_python-0.3.36/vendor/llama.cpp")) / "src"
+    src = llama_src() / "src"
     names = dict(re.findall(r'\{\s*(LLM_TENSOR_\w+),\s*"([^"]+)"\s*\}', (src / "llama-arch.cpp").read_text()))
     out = []
     for m in re.finditer(r"create_tensor\(tn\((LLM_TENSOR_\w+),\s*\"(\w+)\"([^;]*);", arch_source(arch)):
@@ -108,7 +122,7 @@ def optional_tensors(arch: str) -> list[str]:
 
 
 def seeds(arch: str) -> dict[str, object]:
-    src = Path(os.environ.get("GPULAB_LLAMA_CPP_SRC", "/work/src/llama_cpp_python-0.3.36/vendor/llama.cpp")) / "src"
+    src = llama_src() / "src"
     names = dict(re.findall(r'\{\s*(LLM_KV_\w+),\s*"%s\.([^"]+)"', (src / "llama-arch.cpp").read_text()))
     text = arch_source(arch)
     wanted = [k for k in SEEDS if k in text]
