@@ -12,11 +12,15 @@ llama.cpp accepts it, reading what to add from the loader's own errors
   tensor 'T' has wrong shape; expected S -> ... the next load says its shape
   wrong number of tensors                -> drop the block tensors the loader never asked for
 
-then decodes a few tokens with the accepted file. Weights are zeros in a sparse file; the loader
-never reads them. The result, gpulab/sources/arch_models.json, is what write_arch_model writes for
-those architectures; the architectures llama.cpp did not accept are listed with the reason.
+Where llama.cpp stops on an assert instead of naming a key (no experts, MLA geometry, a hybrid's
+recurrent layers), the architecture's source supplies seeds (SEEDS, seeds()) and the assert's text a
+retry with the values it asks for (RETRIES). Then the child creates a context (what the matrix
+measures) and decodes 8 tokens. Weights are zeros in a sparse file; the loader never reads them.
+The result, gpulab/sources/arch_models.json, is what write_arch_model writes for those architectures;
+those llama.cpp did not accept keep the first check they failed (docs/COVERAGE.md lists them).
 
-    GPULAB_LLAMA_CPP_SRC=.../vendor/llama.cpp python scripts/discover_arch_models.py [arch ...]
+    python scripts/discover_arch_models.py [arch ...]      # all by default: about 8 min on one core
+    GPULAB_ARCH_MODELS_OUT=/tmp/x.json ...                 # somewhere else than the package's file
 """
 
 from __future__ import annotations
