@@ -88,6 +88,8 @@ RETRIES = [
     ("kda_gate_lower_bound < 0.0f", {"kda.safe_gate": True, "kda.gate_lower_bound": -5.0}),
     ("n_embd == hparams.n_embd_r()", {"token_shift_count": 1}),    # rwkv6qwen2, arwkv7: one shifted row
     ("time_mix_lerp_fused == NULL", {OPTIONAL: True}),             # rwkv6: its lerp tensors are optional
+    # a reshape of Q that assumes as many KV heads as query heads (t5's n_embd_k_gqa-wide Q)
+    ("ggml_nelements(a) == ne0*ne1*ne2)", {"attention.head_count_kv": 16}),
 ]
 
 
