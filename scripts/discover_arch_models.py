@@ -58,8 +58,8 @@ def llama_src() -> Path:
     return src
 
 
-# Keys a loader reads as optional but its tensors need (n_expert == 0 throws or asserts): written
-# whenever the architecture's source (src/models/<arch>.cpp) names them.
+# Keys a loader reads as optional but its tensors need: written whenever the architecture's source
+# (src/models/<arch>.cpp) names them.
 SEEDS = ("LLM_KV_EXPERT_COUNT", "LLM_KV_EXPERT_USED_COUNT", "LLM_KV_EXPERT_FEED_FORWARD_LENGTH",
          "LLM_KV_EXPERT_SHARED_FEED_FORWARD_LENGTH", "LLM_KV_EXPERT_SHARED_COUNT", "LLM_KV_LEADING_DENSE_BLOCK_COUNT",
          "LLM_KV_ATTENTION_KV_LORA_RANK", "LLM_KV_ATTENTION_Q_LORA_RANK", "LLM_KV_SSM_CONV_KERNEL",
@@ -68,11 +68,16 @@ SEEDS = ("LLM_KV_EXPERT_COUNT", "LLM_KV_EXPERT_USED_COUNT", "LLM_KV_EXPERT_FEED_
 
 QKV = "(separate Q, K and V)"
 OPTIONAL = "(the optional tensors of the loader)"
+NO_FFN = "(accepted without an FFN)"
 
 # What to add when llama.cpp stops on a value it did not ask for by name (an assert, an abort): the
 # message it stops with, and the keys to write on the next try.
 RETRIES = [
+    # a loader that needs experts (the base loader reads their counts as optional); one that builds a dense
+    # or a MoE model from the same code stays dense, as most checkpoints of those architectures are
     ("n_ids_used > 0", {"expert_count": 8, "expert_used_count": 2}),
+    ("zero experts", {"expert_count": 8, "expert_used_count": 2}),
+    ("n_expert must be > 0", {"expert_count": 8, "expert_used_count": 2}),
     ("fatal error", {"expert_gating_func": 1}),                 # llm_graph_context::build_moe_ffn: no gating
     ("n_embd_head_qk_nope >= 1", {"attention.q_lora_rank": 512, "attention.kv_lora_rank": 256,
                                   "attention.key_length": 192, "attention.value_length": 128}),
@@ -92,6 +97,9 @@ RETRIES = [
     ("ggml_nelements(a) == ne0*ne1*ne2)", {"attention.head_count_kv": 16}),
     ("a->ne[0] == b->ne[0]", {"attention.head_count_kv": 16}),     # ... or a product of them (minicpm3)
     ("expects sqrtsoftplus MoE scoring", {"expert_gating_func": 4}),  # LLAMA_EXPERT_GATING_FUNC_TYPE_SQRT_SOFTPLUS
+    # accepted without any FFN, because every FFN tensor of the loader is optional (mimo2, step35, hy_v3):
+    # real checkpoints have one, so the optional tensors are written too
+    (NO_FFN, {OPTIONAL: True}),
 ]
 
 
@@ -134,8 +142,6 @@ def seeds(arch: str) -> dict[str, object]:
     names = dict(re.findall(r'\{\s*(LLM_KV_\w+),\s*"%s\.([^"]+)"', (src / "llama-arch.cpp").read_text()))
     text = arch_source(arch)
     wanted = [k for k in SEEDS if k in text]
-    if re.search(r"\bn_expert\b|LLM_KV_EXPERT|_exps\b", text):    # MoE: the base loader reads the counts
-        wanted += ["LLM_KV_EXPERT_COUNT", "LLM_KV_EXPERT_USED_COUNT"]
     out = {f"{arch}.{names[k]}": _guess(f"{arch}.{names[k]}", False) for k in wanted if k in names}
     if re.search(r"kv_lora_rank|LLM_KV_ATTENTION_KV_LORA_RANK|is_mla", text):
         # the curated deepseek2's low-rank attention (DeepSeek-V3's proportions): 128 + 64 RoPE dims per
@@ -370,8 +376,11 @@ def main(argv: list[str]) -> int:
         for _ in range(len(RETRIES) + 1):
             got = _run_child(arch, extra)
             said = " ".join(str(v) for v in got.values() if isinstance(v, str))
+            if got.get("context") == "ok" and "LLM_TENSOR_FFN_UP" in arch_source(arch) and not any(
+                    re.search(r"blk\.\d+\.ffn_(up|down)", n) for n, _ in got.get("tensors", [])):
+                said += " " + NO_FFN
             more = {k: v for pattern, keys in RETRIES if pattern in said for k, v in keys.items() if k not in extra}
-            if not more or (got.get("context") == "ok" and got.get("decode") == "ok"):
+            if not more or (got.get("context") == "ok" and got.get("decode") == "ok" and NO_FFN not in said):
                 break
             extra.update(more)
         found[arch] = got

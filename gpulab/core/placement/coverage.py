@@ -101,7 +101,6 @@ COMPUTE_MEASURED_MIB: dict[str, float] = {
     "grovemoe": 2.5,
     "hrm_text": 36,
     "hunyuan-moe": 4.5,
-    "hy_v3": 34.5,
     "hy_v4": 22,
     "jais": 3.5,
     "jais2": 12.5,
