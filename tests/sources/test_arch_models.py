@@ -5,6 +5,8 @@ tests/integration/test_arch_matrix_vs_llama.py)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from gpulab import ConfigError, SplitConfig, parse_sim_spec, plan, read_profile
@@ -89,9 +91,14 @@ def test_doubts_are_silent_where_exact_and_one_line_per_term_elsewhere(models):
     assert plan(models["llama"], sim, SplitConfig(type_k="q8_0", type_v="q8_0", flash_attn="on")).doubts == ()
     qn = plan(models["qwen3next"], sim, SplitConfig()).doubts
     assert len(qn) == 1 and qn[0].text.startswith("compute: qwen3next's recurrent layers") and qn[0].term == "compute"
-    ds = plan(models["deepseek2"], sim, SplitConfig())
-    assert len(ds.doubts) == 1 and "MLA" in str(ds.doubts[0])
-    assert ds.to_dict()["doubts"] == [ds.doubts[0].text]
+    # absorbed MLA (attn_k_b/attn_v_b) is modelled; the older graph (one attn_kv_b) is not
+    assert plan(models["deepseek2"], sim, SplitConfig()).doubts == ()
+    ds = models["deepseek2"]
+    kv_b = dataclasses.replace(ds, layers=tuple(dataclasses.replace(
+        layer, tensors=tuple(t for t in layer.tensors if "attn_k_b" not in t.name)) for layer in ds.layers))
+    old = plan(kv_b, sim, SplitConfig())
+    assert len(old.doubts) == 1 and "MLA" in str(old.doubts[0])
+    assert old.to_dict()["doubts"] == [old.doubts[0].text]
     assert plan(models["llama"], sim, SplitConfig(offload_kqv=False)).doubts[0].text.startswith("compute: with the KV")
     # settings: a quantized cache; a MoE split between host and devices
     quantized = plan(models["gemma3"], sim, SplitConfig(type_k="q8_0", split_mode="none"))

@@ -53,6 +53,7 @@ from itertools import accumulate, groupby
 from ..config import SplitConfig
 from ..devices import HOST_NAME
 from ..profile import ModelProfile
+from .compute_mla import after_two_moe, mla_geom, mla_host_peaks, mla_peaks
 
 __all__ = ["estimate_compute_bytes", "compute_tokens", "pipeline_copies", "SCHED_MAX_COPIES", "dry_run_extra_bytes"]
 
@@ -294,6 +295,11 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     mask_elt = 2 if fa else 4          # build_attn_inp_kq_mask: f16 for flash attention
     rot_full, rot_swa = _rot_inputs(profile, config, g)
     rot_k = _rot_inputs(profile, config.replace(type_v="f16"), g) != (0, 0)    # attn_rot_k on some cache
+    mla = mla_geom(profile)
+    if mla is not None:
+        # MLA's K-only cache (build_attn_inp_k, src/llama-graph.cpp): K row indices and the mask, no V row
+        # indices and no rotation inputs
+        v_idxs = rot_full = 0
     mask = _a(n_kv * T * mask_elt)
     kv_in_full = k_idxs + v_idxs + mask + rot_full
     kv_in_swa = k_idxs + v_idxs + _a(n_kv_swa * T * mask_elt) + rot_swa if g.has_swa else 0
@@ -365,6 +371,8 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     offloaded = any(d != HOST_NAME for d in stats)
 
     out = dict.fromkeys(names, 0)
+    # build_moe_ffn's router: logits (probs in place), the biased probs (exp_probs_b) and the argsort, [n_expert, T]
+    router = 3 * _a(4 * profile.n_expert * T)
     # no norm before attention (the norms follow attention and the FFN: olmo2, exaone4): one row set
     # less below KQ, and no hole the quantized V cache closes below the FFN
     post = profile.arch in _POST_NORM
@@ -388,6 +396,9 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             if has_out:        # ngl 0: inputs only used here are freed after the last layer
                 peaks.append(tok + e + (all_inputs if offloaded else 0) + e + _mask_hole(fa, g.has_swa, mask, e, f, kvh)
                              + logits)
+            if mla is not None:
+                peaks += mla_host_peaks(mla, T, persist=persist + e, n_layers=s[0], e=e, kq=0 if fa else kq_full,
+                                        first_dense=not any(t.is_expert for t in profile.layers[0].tensors))
             out[name] = max(peaks)
             continue
 
@@ -445,6 +456,10 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
                 peaks.append(base + (2 * e if quant_k and name not in nope_devs else 3 * e) - post_e + q + kq_dev)
             if has_out:
                 peaks.append(base + e + logits)
+            if mla is not None:
+                peaks += mla_peaks(mla, T, bottom=base, n_layers=n_l, pipelined=True,
+                                   after_moe=after_two_moe(profile, layer_devices, name), e=e, kq=0 if fa else kq_dev,
+                                   ffn_base=base + 2 * e + router, fe=ffn_unit if g.moe else 0, fd=part_out["down"])
             out[name] = max(peaks)
             continue
 
@@ -489,6 +504,13 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             # ffn_down went, the logits above it. That is the bottom of the buffer unless the
             # GLU output fitted below ffn_inp: then ffn_down went on top of everything.
             peaks.append((low + 2 * e if glu_low else e) + logits)
+        if mla is not None:
+            # the input copies the layer before sent are freed once read: the stack starts above the rest
+            # (after host layers the KQ mask's copy lands above, in what the host's operands left)
+            bottom = inputs + e - (mask if before == HOST_NAME and has_full else 0)
+            peaks += mla_peaks(mla, T, bottom=bottom, n_layers=n_l, pipelined=False,
+                               after_moe=after_two_moe(profile, layer_devices, name), e=e, kq=0 if fa else kq_dev,
+                               ffn_base=bottom + e + router, fe=ffn_unit if g.moe else 0, fd=part_out["down"])
         out[name] = max(peaks)
     if ffn_devices is not None:
         _moved_ffn(out, profile, layer_devices, ffn_devices, stray, own_inputs, nc * (tok + e + all_inputs),

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from ..config import SplitConfig
 from ..profile import ModelProfile
 from .compute import compute_tokens
+from .compute_mla import mla_geom
 
 __all__ = ["CACHE_NOT_MODELLED", "COMPUTE_CHECKED", "COMPUTE_EXACT", "Doubt", "doubts"]
 
@@ -26,10 +27,10 @@ COMPUTE_CHECKED = frozenset({"llama", "gemma2", "gemma3", "qwen3moe", "qwen2", "
 
 # Architectures whose compute buffers the architecture matrix found within 1 MiB of llama.cpp's on every
 # device in every setting (llama's dense graph: src/models/llama.cpp and the loaders that build it; the
-# qwen3moe/olmoe MoE graph), f16
+# qwen3moe/olmoe MoE graph; deepseek2's absorbed MLA: compute_mla), f16
 # and quantized caches and the pipelined output device included: no compute doubt in those settings.
 COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "internlm2", "exaone", "maincoder",
-                           "nanbeige", "xverse", "qwen3moe", "olmoe", "smollm3", "exaone4"})
+                           "nanbeige", "xverse", "qwen3moe", "olmoe", "smollm3", "exaone4", "deepseek2"})
 
 # Architectures whose memory is not llama_kv_cache / llama_memory_recurrent as gpulab sizes them
 # (llama_model::create_memory, src/llama-model.cpp): a lightning-indexer cache beside MLA, the
@@ -71,7 +72,9 @@ def doubts(profile: ModelProfile, config: SplitConfig, layer_devices: list[str] 
     if arch in CACHE_NOT_MODELLED:
         out.append(Doubt("kv", f"KV: {CACHE_NOT_MODELLED[arch]} for {arch}", 0))
     recurrent = any(layer.is_recurrent for layer in profile.layers)
-    mla = any(layer.has_kv and not layer.has_v for layer in profile.layers)
+    # absorbed MLA (attn_k_b/attn_v_b) is modelled (compute_mla); the older graph with attn_kv_b is not
+    mla = any(layer.has_kv and not layer.has_v for layer in profile.layers) \
+        and (arch not in COMPUTE_EXACT or mla_geom(profile) is None)
     if recurrent and not any(layer.has_kv for layer in profile.layers):
         out.append(Doubt("compute", f"compute: {arch}'s recurrent graph is not modelled (mamba2 at n_embd 1024: up to "
                          "75 MiB too low per device)", 0))
@@ -79,8 +82,9 @@ def doubts(profile: ModelProfile, config: SplitConfig, layer_devices: list[str] 
         out.append(Doubt("compute", f"compute: {arch}'s recurrent layers are not modelled "
                          "(measured up to 17 MiB too low per device at n_embd 1024: lfm2, qwen3next)", 18 * _MiB))
     elif mla:
-        out.append(Doubt("compute", f"compute: {arch}'s MLA attention is sized as plain attention "
-                         "(measured up to 16.1 MiB too low per device)", 17 * _MiB))
+        out.append(Doubt("compute", f"compute: {arch}'s MLA attention is sized as deepseek2's absorbed MLA "
+                         "or as plain attention (not measured; plain attention was up to 16.1 MiB too low per "
+                         "device on deepseek2)", 0))
     elif arch not in COMPUTE_CHECKED and arch not in COMPUTE_EXACT:
         out.append(Doubt("compute", f"compute: {arch}'s graph is sized as a llama-like graph "
                          "(measured up to 15 MiB off per device where checked)", 16 * _MiB))
