@@ -110,9 +110,9 @@ def mla_peaks(m: MlaGeom, T: int, *, bottom: int, n_layers: int, after_moe: bool
 
 def mla_host_peaks(m: MlaGeom, T: int, *, persist: int, n_layers: int, first_dense: bool, e: int,
                    kq: int) -> list[int]:
-    """The host running the first layers (-ngl below n_layer): A on its input copies and embeddings
-    (`persist`: the graph inputs, inp_embd and the embeddings); after a dense first layer, the layer output lands above the v_mla product's range and
-    the FFN input, and q_b, q_absorbed and Qcur stack on it (q_a and q_pe fit below)."""
+    """The host running the first layers (-ngl below n_layer): A on `persist` (the graph inputs, inp_embd
+    and the embeddings); after a dense first layer, the layer output lands above the v_mla product's range
+    and the FFN input, and q_b, q_absorbed and Qcur stack on it (q_a and q_pe fit below)."""
     qa, qb, qabs, qpe, qc, vm = _sizes(m, T)
     peaks = [persist + e + qa + qb + qabs + qpe + qc + kq]
     if first_dense and n_layers > 1:
