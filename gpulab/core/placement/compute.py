@@ -54,6 +54,7 @@ from ..config import SplitConfig
 from ..devices import HOST_NAME
 from ..profile import ModelProfile
 from .compute_mla import after_two_moe, mla_geom, mla_host_peaks, mla_peaks
+from .compute_moe import moe_flags, router_bytes, shared_expert_peaks
 
 __all__ = ["estimate_compute_bytes", "compute_tokens", "pipeline_copies", "SCHED_MAX_COPIES", "dry_run_extra_bytes"]
 
@@ -330,6 +331,11 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         # one of them in the host operands' range they do not (measured: RPC devices, n_embd 1024,
         # qwen3moe and gpt-oss, fd = 2 fe; issue 27)
         ffn_after_host = host_boundary + (3 - n_fit) * fe + (fd if down_on_top or (n_fit == 1 and fd > fe) else 0)
+        shx, shx_gate, probs_bias = moe_flags(profile)
+        if shx_gate:
+            # the host layer's shared expert gate, product and adds run on the next device (compute_moe)
+            host_boundary = 3 * e
+            ffn_after_host = host_boundary + ffn_big
         ffn_unit = fe
         part_out = {"gate": fe, "up": fe, "down": fd}
     else:
@@ -337,6 +343,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         ffn_slots = 3 * e + par_e
         host_boundary = 2 * e           # ffn_out and ffn_inp of the host layer's closing add
         ffn_after_host = 0
+        shx = probs_bias = False
         ffn_unit = f
         part_out = {"gate": f, "up": f, "down": e}
 
@@ -371,8 +378,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     offloaded = any(d != HOST_NAME for d in stats)
 
     out = dict.fromkeys(names, 0)
-    # build_moe_ffn's router: logits (probs in place), the biased probs (exp_probs_b) and the argsort, [n_expert, T]
-    router = 3 * _a(4 * profile.n_expert * T)
+    router = router_bytes(profile.n_expert, g.n_expert_used, T, probs_bias) if g.moe else 0
     # no norm before attention (the norms follow attention and the FFN: olmo2, exaone4): one row set
     # less below KQ, and no hole the quantized V cache closes below the FFN
     post = profile.arch in _POST_NORM
@@ -456,6 +462,13 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
                 peaks.append(base + (2 * e if quant_k and name not in nope_devs else 3 * e) - post_e + q + kq_dev)
             if has_out:
                 peaks.append(base + e + logits)
+            if shx:
+                # the FFN's range starts above the residual, the norm and the router (compute_moe)
+                peaks[0] = base + 2 * e + router + ffn_big
+                peaks += shared_expert_peaks(ffn_base=base + 2 * e + router, fe=ffn_unit, fd=part_out["down"], e=e,
+                                             kq=0 if fa or mla is not None else kq_dev, logits=logits,
+                                             next_layer=n_l > 1, has_out=has_out and (
+                                                 mla is None or after_two_moe(profile, layer_devices, name)))
             if mla is not None:
                 peaks += mla_peaks(mla, T, bottom=base, n_layers=n_l, pipelined=True,
                                    after_moe=after_two_moe(profile, layer_devices, name), e=e, kq=0 if fa else kq_dev,
@@ -479,7 +492,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
                 if present and not later and size >= ffn_unit:
                     ffn_inputs -= size
             if g.moe:
-                ffn = ffn_after_host if before == HOST_NAME else ffn_slots + ffn_big
+                ffn = ffn_after_host if before == HOST_NAME else (2 * e + router if shx else ffn_slots) + ffn_big
             else:
                 # the residual and one hole below the FFN; two host operands leave room for both
                 # (a layer without RoPE leaves the hole: smollm3, -ngl 4 in the arch matrix)
@@ -504,6 +517,11 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             # ffn_down went, the logits above it. That is the bottom of the buffer unless the
             # GLU output fitted below ffn_inp: then ffn_down went on top of everything.
             peaks.append((low + 2 * e if glu_low else e) + logits)
+        if shx and n_l > 1 and before != HOST_NAME:
+            peaks += shared_expert_peaks(ffn_base=inputs + 2 * e + router, fe=ffn_unit, fd=part_out["down"], e=e,
+                                         kq=0 if fa or mla is not None else kq_dev, logits=logits, next_layer=True,
+                                         has_out=has_out and (mla is None
+                                                              or after_two_moe(profile, layer_devices, name)))
         if mla is not None:
             # the input copies the layer before sent are freed once read: the stack starts above the rest
             # (after host layers the KQ mask's copy lands above, in what the host's operands left)
