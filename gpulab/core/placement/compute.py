@@ -54,7 +54,7 @@ from ..config import SplitConfig
 from ..devices import HOST_NAME
 from ..profile import ModelProfile
 from .compute_mla import after_two_moe, mla_geom, mla_host_peaks, mla_peaks
-from .compute_moe import moe_flags, router_bytes, shared_expert_peaks
+from .compute_moe import moe_flags, moe_then_layer, router_bytes, shared_expert_peaks
 
 __all__ = ["estimate_compute_bytes", "compute_tokens", "pipeline_copies", "SCHED_MAX_COPIES", "dry_run_extra_bytes"]
 
@@ -331,9 +331,10 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         # one of them in the host operands' range they do not (measured: RPC devices, n_embd 1024,
         # qwen3moe and gpt-oss, fd = 2 fe; issue 27)
         ffn_after_host = host_boundary + (3 - n_fit) * fe + (fd if down_on_top or (n_fit == 1 and fd > fe) else 0)
-        shx, shx_gate, probs_bias = moe_flags(profile)
-        if shx_gate:
-            # the host layer's shared expert gate, product and adds run on the next device (compute_moe)
+        mf = moe_flags(profile)
+        shx, probs_bias = mf.shared, mf.probs_bias
+        if shx:
+            # the host layer's adds of the shared expert (and its gate) run on the next device (compute_moe)
             host_boundary = 3 * e
             ffn_after_host = host_boundary + ffn_big
         ffn_unit = fe
@@ -344,6 +345,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         host_boundary = 2 * e           # ffn_out and ffn_inp of the host layer's closing add
         ffn_after_host = 0
         shx = probs_bias = False
+        mf = None
         ffn_unit = f
         part_out = {"gate": f, "up": f, "down": e}
 
@@ -379,6 +381,9 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
 
     out = dict.fromkeys(names, 0)
     router = router_bytes(profile.n_expert, g.n_expert_used, T, probs_bias) if g.moe else 0
+    # a shared-expert MoE layer's output lands above its expert outputs (compute_moe), but with flash attention
+    # a Q wider than a row set (glm4moe) leaves a hole below that takes it every other layer
+    high_out = shx and (not fa or q <= e)
     # no norm before attention (the norms follow attention and the FFN: olmo2, exaone4): one row set
     # less below KQ, and no hole the quantized V cache closes below the FFN
     post = profile.arch in _POST_NORM
@@ -405,6 +410,10 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             if mla is not None:
                 peaks += mla_host_peaks(mla, T, persist=persist + e, n_layers=s[0], e=e, kq=0 if fa else kq_full,
                                         first_dense=not any(t.is_expert for t in profile.layers[0].tensors))
+            elif mf is not None and fa and not mf.layer_moe[0]:
+                # a leading dense layer: its FFN input above the embeddings and the freed attention output, gate
+                # and up on it; the GLU output takes the range those two left where it fits (glm4moe)
+                peaks.append(persist + 2 * e + q + (2 * f if e + q >= f else 3 * f))
             out[name] = max(peaks)
             continue
 
@@ -462,13 +471,21 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
                 peaks.append(base + (2 * e if quant_k and name not in nope_devs else 3 * e) - post_e + q + kq_dev)
             if has_out:
                 peaks.append(base + e + logits)
-            if shx:
+            if high_out:
                 # the FFN's range starts above the residual, the norm and the router (compute_moe)
                 peaks[0] = base + 2 * e + router + ffn_big
                 peaks += shared_expert_peaks(ffn_base=base + 2 * e + router, fe=ffn_unit, fd=part_out["down"], e=e,
                                              kq=0 if fa or mla is not None else kq_dev, logits=logits,
-                                             next_layer=n_l > 1, has_out=has_out and (
-                                                 mla is None or after_two_moe(profile, layer_devices, name)))
+                                             next_layer=moe_then_layer(mf.device_layers(layer_devices, name)),
+                                             has_out=has_out and (mla is None
+                                                                  or after_two_moe(profile, layer_devices, name)))
+            elif shx and has_out and mla is None:
+                # the last layer's output in the hole above the FFN's norm, the logits on top (glm4moe, -fa on)
+                peaks.append(base + 2 * e + logits)
+            if mf is not None and fa and mla is None and not mf.device_layers(layer_devices, name)[0]:
+                # a leading dense layer first on the device: the freed attention output (Q wide) and the FFN
+                # input below its gate, up and GLU output (glm4moe)
+                peaks.append(base + max(q, e) + e + 3 * f)
             if mla is not None:
                 peaks += mla_peaks(mla, T, bottom=base, n_layers=n_l, pipelined=True,
                                    after_moe=after_two_moe(profile, layer_devices, name), e=e, kq=0 if fa else kq_dev,
@@ -492,7 +509,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
                 if present and not later and size >= ffn_unit:
                     ffn_inputs -= size
             if g.moe:
-                ffn = ffn_after_host if before == HOST_NAME else (2 * e + router if shx else ffn_slots) + ffn_big
+                ffn = ffn_after_host if before == HOST_NAME else (2 * e + router if high_out else ffn_slots) + ffn_big
             else:
                 # the residual and one hole below the FFN; two host operands leave room for both
                 # (a layer without RoPE leaves the hole: smollm3, -ngl 4 in the arch matrix)
@@ -517,9 +534,10 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             # ffn_down went, the logits above it. That is the bottom of the buffer unless the
             # GLU output fitted below ffn_inp: then ffn_down went on top of everything.
             peaks.append((low + 2 * e if glu_low else e) + logits)
-        if shx and n_l > 1 and before != HOST_NAME:
+        if high_out and n_l > 1 and before != HOST_NAME:
             peaks += shared_expert_peaks(ffn_base=inputs + 2 * e + router, fe=ffn_unit, fd=part_out["down"], e=e,
-                                         kq=0 if fa or mla is not None else kq_dev, logits=logits, next_layer=True,
+                                         kq=0 if fa or mla is not None else kq_dev, logits=logits,
+                                         next_layer=moe_then_layer(mf.device_layers(layer_devices, name)),
                                          has_out=has_out and (mla is None
                                                               or after_two_moe(profile, layer_devices, name)))
         if mla is not None:

@@ -10,39 +10,63 @@ gate's range), and the layer's output stays there. So:
     below it (`ffn_base`);
   - the next layer's KQ (no flash attention) and the logits go on top of that layer output, at
     ffn_base + the expert outputs + a row set;
-  - with the shared expert's sigmoid gate (ffn_gate_inp_shexp, qwen2moe), a host layer's closing ops
-    that run on the next device are the gate, the shared expert's product and the two adds: that device
-    receives three row sets (the shared expert's output, the routed sum, the FFN input), not the expert
-    outputs.
+  - a host layer's closing ops that run on the next device are the adds of the shared expert (and its
+    sigmoid gate, ffn_gate_inp_shexp: qwen2moe): that device receives three row sets (the shared expert's
+    output, the routed sum, the FFN input), not the expert outputs.
+With flash attention and a Q wider than a row set (glm4moe: 16 heads of 128 over n_embd 1024) the freed
+attention output leaves a hole below the FFN that takes the layer output every other layer: the FFN keeps
+the hole below it (as without a shared expert) and the logits go above the last layer's output in it. A
+leading dense layer (glm4moe, deepseek2) first on a device puts its gate, up and GLU output above the FFN
+input and the freed attention output.
 Measured layer by layer (every tensor's offset in the compute buffer, read through the scheduler's eval
-callback on a real decode of the reserved shape) on the arch matrix's qwen2moe (n_embd 1024, 16 experts of
-512, 4 used; tests/integration/test_arch_matrix_vs_llama.py), where the expert outputs fill up's and gate's
-range exactly (n_embd = 2 n_ff_exp); other shapes are not measured, so the later peaks are only added there.
+callback on a real decode of the reserved shape) on the arch matrix's qwen2moe and glm4moe (n_embd 1024,
+16 experts of 512, 4 used; tests/integration/test_arch_matrix_vs_llama.py), where the expert outputs fill
+up's and gate's range exactly (n_embd = 2 n_ff_exp); other shapes are not measured, so the later peaks are
+only added there.
 """
 
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 
 from ..profile import ModelProfile
 
-__all__ = ["moe_flags", "router_bytes", "shared_expert_peaks"]
-
-_CACHE: dict[int, tuple[weakref.ref, tuple[bool, bool, bool]]] = {}
+__all__ = ["MoeFlags", "moe_flags", "moe_then_layer", "router_bytes", "shared_expert_peaks"]
 
 
-def moe_flags(profile: ModelProfile) -> tuple[bool, bool, bool]:
-    """(some layer has a shared expert, with the sigmoid gate ffn_gate_inp_shexp, a router bias
-    exp_probs_b); once per profile."""
+@dataclass(frozen=True)
+class MoeFlags:
+    shared: bool               # some layer has a shared expert (ffn_*_shexp)
+    gated: bool                # ... with the sigmoid gate ffn_gate_inp_shexp (qwen2moe)
+    probs_bias: bool           # the router has a bias (exp_probs_b)
+    layer_moe: tuple[bool, ...]  # per layer: routed experts (else a dense FFN: leading dense layers)
+
+    def device_layers(self, layer_devices: list[str], name: str) -> list[bool]:
+        """Per layer `name` runs, in order: whether it is a MoE layer."""
+        return [m for m, d in zip(self.layer_moe, layer_devices) if d == name]
+
+
+_CACHE: dict[int, tuple[weakref.ref, MoeFlags]] = {}
+
+
+def moe_flags(profile: ModelProfile) -> MoeFlags:
+    """The profile's MoE flags, once per profile (the planner asks for every placement it tries)."""
     hit = _CACHE.get(id(profile))
     if hit is not None and hit[0]() is profile:
         return hit[1]
     names = [t.name for layer in profile.layers for t in layer.tensors if "_shexp" in t.name or "exp_probs_b" in t.name]
-    flags = (any("_shexp" in n for n in names), any("ffn_gate_inp_shexp" in n for n in names),
-             any("exp_probs_b" in n for n in names))
+    flags = MoeFlags(shared=any("_shexp" in n for n in names), gated=any("ffn_gate_inp_shexp" in n for n in names),
+                     probs_bias=any("exp_probs_b" in n for n in names),
+                     layer_moe=tuple(any(t.is_expert for t in layer.tensors) for layer in profile.layers))
     key = id(profile)
     _CACHE[key] = (weakref.ref(profile, lambda _r: _CACHE.pop(key, None)), flags)
     return flags
+
+
+def moe_then_layer(layer_moe: list[bool]) -> bool:
+    """Whether a MoE layer is followed by another layer on the device (`layer_moe`: its layers, in order)."""
+    return any(layer_moe[:-1])
 
 
 def router_bytes(n_expert: int, n_expert_used: int, T: int, probs_bias: bool) -> int:

@@ -1,7 +1,8 @@
 """Compute buffers of the graphs with their own rules (MLA attention: gpulab/core/placement/compute_mla.py;
-MoE with a shared expert: compute_moe.py) against the buffers llama.cpp logged for the architecture matrix's
-models (gpulab.sources.arch_models; CPU RPC devices, tests/integration/test_arch_matrix_vs_llama.py). The
-figures are llama.cpp's `compute buffer size` lines, in MiB as it prints them."""
+MoE with a shared expert and leading dense layers: compute_moe.py) against the buffers llama.cpp logged
+for the architecture matrix's models (gpulab.sources.arch_models; CPU RPC devices,
+tests/integration/test_arch_matrix_vs_llama.py). The figures are llama.cpp's `compute buffer size` lines,
+in MiB as it prints them."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ MiB = 1024**2
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("arch")
-    return {a: read_profile(write_arch_model(root / f"{a}.gguf", a)) for a in ("deepseek2", "qwen2moe")}
+    return {a: read_profile(write_arch_model(root / f"{a}.gguf", a)) for a in ("deepseek2", "qwen2moe", "glm4moe")}
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +75,13 @@ LOGGED = {
     ("qwen2moe", "none-main-1-fa-off"): {"RPC1": 49.08, "CPU": 7.01},
     ("qwen2moe", "ts-1-2-1-q8k-fa-off"): {"RPC0": 186.16, "RPC1": 186.16, "RPC2": 26.00, "CPU": 46.10},
     ("qwen2moe", "ts-1-1-1-q4-fa"): {"RPC0": 40.23, "RPC1": 40.23, "RPC2": 54.24, "CPU": 26.18},
+    # glm4moe: 1 dense + 5 MoE layers with a shared expert, Q twice n_embd wide (16 heads of 128)
+    ("glm4moe", "ts-3-1-q8-fa"): {"RPC0": 40.36, "RPC1": 26.00, "CPU": 18.37},
+    ("glm4moe", "ts-1-1"): {"RPC0": 36.04, "RPC1": 32.05, "CPU": 14.05},
+    ("glm4moe", "ngl4-ts-1-1-1"): {"RPC0": 19.01, "RPC1": 0.0, "RPC2": 18.00, "CPU": 23.01},
+    ("glm4moe", "none-main-1-fa-off"): {"RPC1": 50.10, "CPU": 8.01},
+    ("glm4moe", "ts-1-2-1-q8k-fa-off"): {"RPC0": 184.27, "RPC1": 190.38, "RPC2": 26.00, "CPU": 50.29},
+    ("glm4moe", "ts-1-1-1-q4-fa"): {"RPC0": 48.35, "RPC1": 42.36, "RPC2": 26.00, "CPU": 26.37},
 }
 
 
