@@ -302,8 +302,9 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         # indices and no rotation inputs
         v_idxs = rot_full = 0
     mask = _a(n_kv * T * mask_elt)
+    mask_swa = _a(n_kv_swa * T * mask_elt) if g.has_swa else 0
     kv_in_full = k_idxs + v_idxs + mask + rot_full
-    kv_in_swa = k_idxs + v_idxs + _a(n_kv_swa * T * mask_elt) + rot_swa if g.has_swa else 0
+    kv_in_swa = k_idxs + v_idxs + mask_swa + rot_swa if g.has_swa else 0
     all_inputs = pos + kv_in_full + kv_in_swa + out_ids
     # KQ of build_attn_mha: [n_kv, T / n_stream, n_head, n_stream] f32, one stream per sequence
     kq_full = _a(4 * n_kv * (T // n_stream) * g.n_head * n_stream)
@@ -332,7 +333,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         # qwen3moe and gpt-oss, fd = 2 fe; issue 27)
         ffn_after_host = host_boundary + (3 - n_fit) * fe + (fd if down_on_top or (n_fit == 1 and fd > fe) else 0)
         mf = moe_flags(profile)
-        shx, probs_bias = mf.shared, mf.probs_bias
+        shx = mf.shared
         if shx:
             # the host layer's adds of the shared expert (and its gate) run on the next device (compute_moe)
             host_boundary = 3 * e
@@ -344,7 +345,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         ffn_slots = 3 * e + par_e
         host_boundary = 2 * e           # ffn_out and ffn_inp of the host layer's closing add
         ffn_after_host = 0
-        shx = probs_bias = False
+        shx = False
         mf = None
         ffn_unit = f
         part_out = {"gate": f, "up": f, "down": e}
@@ -380,7 +381,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     offloaded = any(d != HOST_NAME for d in stats)
 
     out = dict.fromkeys(names, 0)
-    router = router_bytes(profile.n_expert, g.n_expert_used, T, probs_bias) if g.moe else 0
+    router = router_bytes(profile.n_expert, g.n_expert_used, T, mf.router_rows) if mf is not None else 0
     # a shared-expert MoE layer's output lands above its expert outputs (compute_moe), but with flash attention
     # a Q wider than a row set (glm4moe) leaves a hole below that takes it every other layer
     high_out = shx and (not fa or q <= e)
@@ -475,16 +476,18 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
                 # the FFN's range starts above the residual, the norm and the router (compute_moe)
                 peaks[0] = base + 2 * e + router + ffn_big
                 peaks += shared_expert_peaks(ffn_base=base + 2 * e + router, fe=ffn_unit, fd=part_out["down"], e=e,
+                                             offset=mf.output_offset(ffn_unit, part_out["down"]),
                                              kq=0 if fa or mla is not None else kq_dev, logits=logits,
-                                             next_layer=moe_then_layer(mf.device_layers(layer_devices, name)),
+                                             next_layer=moe_then_layer(mf.device_layers(layer_devices, name),
+                                                                       pipelined=True, weight_before=mf.weight_before),
                                              has_out=has_out and (mla is None
                                                                   or after_two_moe(profile, layer_devices, name)))
             elif shx and has_out and mla is None:
                 # the last layer's output in the hole above the FFN's norm, the logits on top (glm4moe, -fa on)
                 peaks.append(base + 2 * e + logits)
-            if mf is not None and fa and mla is None and not mf.device_layers(layer_devices, name)[0]:
-                # a leading dense layer first on the device: the freed attention output (Q wide) and the FFN
-                # input below its gate, up and GLU output (glm4moe)
+            if mf is not None and fa and mla is None and not all(mf.device_layers(layer_devices, name)):
+                # a dense layer of a MoE model (leading: glm4moe; interleaved: llama4): the freed attention output
+                # (where Q is wide) and the FFN input below its gate, up and GLU output
                 peaks.append(base + max(q, e) + e + 3 * f)
             if mla is not None:
                 peaks += mla_peaks(mla, T, bottom=base, n_layers=n_l, pipelined=True,
@@ -498,7 +501,9 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             # their range (after the host's operands, the model's last layer gathers its
             # ffn_inp into it: one more row set); K and V land above Q, not in older holes
             below = 3 * e if last_dev == name and before == HOST_NAME else 2 * e
-            peaks = [below + par_e + ffn_big, boundary + e + inputs + 2 * q]
+            # the norm the device before sent (not pinned) is scaled in place: no row set more for it
+            attn_in = boundary if before not in (None, HOST_NAME) and not pinned_norm else boundary + e
+            peaks = [below + par_e + ffn_big, attn_in + inputs + 2 * q]
             if not fa:
                 peaks.append(inputs + 3 * e - post_e + 2 * kvh + q + kq_dev)
         else:
@@ -527,8 +532,9 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             peaks.append(low + e + (2 * f if glu_low else 3 * f))
         elif last_dev == name and g.moe and n_l == 1 and inputs < e:
             # MoE, the model's last layer alone: the gathered rows land above the input copies (out_ids
-            # is still live), the FFN on top (qwen3moe, olmoe: arch matrix, -ngl 4 over 3 devices)
-            peaks.append(low + e + ffn_big)
+            # is still live), the FFN on top (qwen3moe, olmoe: arch matrix, -ngl 4 over 3 devices); llama4's input
+            # weighted before the experts (n_expert_used 1) takes a hole, its up and gate go on top
+            peaks.append(low + e + ffn_big - (ffn_unit if mf is not None and mf.weight_before else 0))
         if has_out:
             # After the last layer only the hidden state is live: result_norm is where the last
             # ffn_down went, the logits above it. That is the bottom of the buffer unless the
@@ -536,10 +542,16 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             peaks.append((low + 2 * e if glu_low else e) + logits)
         if high_out and n_l > 1 and before != HOST_NAME:
             peaks += shared_expert_peaks(ffn_base=inputs + 2 * e + router, fe=ffn_unit, fd=part_out["down"], e=e,
+                                         offset=mf.output_offset(ffn_unit, part_out["down"]),
                                          kq=0 if fa or mla is not None else kq_dev, logits=logits,
                                          next_layer=moe_then_layer(mf.device_layers(layer_devices, name)),
                                          has_out=has_out and (mla is None
                                                               or after_two_moe(profile, layer_devices, name)))
+        if mf is not None and fa and mla is None and before == HOST_NAME \
+                and not all(mf.device_layers(layer_devices, name)):
+            # a dense layer after host layers (llama4): its FFN input and norm, then gate, up and GLU output; the
+            # KQ mask's copy lands in what the host's operands left
+            peaks.append(inputs - (mask if has_full else 0) - (mask_swa if has_swa else 0) + 2 * e + 3 * f)
         if mla is not None:
             # the input copies the layer before sent are freed once read: the stack starts above the rest
             # (after host layers the KQ mask's copy lands above, in what the host's operands left)

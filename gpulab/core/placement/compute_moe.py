@@ -41,6 +41,20 @@ class MoeFlags:
     gated: bool                # ... with the sigmoid gate ffn_gate_inp_shexp (qwen2moe)
     probs_bias: bool           # the router has a bias (exp_probs_b)
     layer_moe: tuple[bool, ...]  # per layer: routed experts (else a dense FFN: leading dense layers)
+    # llama4 scales the FFN input by the router weight before the experts (build_moe_ffn: weight_before_ffn)
+    weight_before: bool = False
+
+    @property
+    def router_rows(self) -> int:
+        """[n_expert, T] tensors of the router below the experts: the logits (probabilities in place), the
+        argsort, and the biased probabilities (exp_probs_b) or, weighting before the FFN, the probabilities."""
+        return 3 if self.probs_bias or self.weight_before else 2
+
+    def output_offset(self, fe: int, fd: int) -> int:
+        """Where a shared-expert MoE layer's output lands above the FFN's base: above the expert outputs (which
+        took up's and gate's range), and with the weighting before the FFN (n_expert_used 1: the weighted
+        input, up and gate, the GLU output in the input's place) above the expert outputs and the GLU output."""
+        return fd + (fe if self.weight_before else 0)
 
     def device_layers(self, layer_devices: list[str], name: str) -> list[bool]:
         """Per layer `name` runs, in order: whether it is a MoE layer."""
@@ -58,30 +72,35 @@ def moe_flags(profile: ModelProfile) -> MoeFlags:
     names = [t.name for layer in profile.layers for t in layer.tensors if "_shexp" in t.name or "exp_probs_b" in t.name]
     flags = MoeFlags(shared=any("_shexp" in n for n in names), gated=any("ffn_gate_inp_shexp" in n for n in names),
                      probs_bias=any("exp_probs_b" in n for n in names),
-                     layer_moe=tuple(any(t.is_expert for t in layer.tensors) for layer in profile.layers))
+                     layer_moe=tuple(any(t.is_expert for t in layer.tensors) for layer in profile.layers),
+                     weight_before=profile.arch == "llama4")
     key = id(profile)
     _CACHE[key] = (weakref.ref(profile, lambda _r: _CACHE.pop(key, None)), flags)
     return flags
 
 
-def moe_then_layer(layer_moe: list[bool]) -> bool:
-    """Whether a MoE layer is followed by another layer on the device (`layer_moe`: its layers, in order)."""
-    return any(layer_moe[:-1])
+def moe_then_layer(layer_moe: list[bool], *, pipelined: bool = False, weight_before: bool = False) -> bool:
+    """Whether a MoE layer whose output lands above its FFN is followed by another layer on the device
+    (`layer_moe`: its layers, in order). Pipelined, a llama4 MoE layer after a dense one on the same device
+    puts its output in the hole the dense layer's output left (measured: -ts 1,2,1 without flash attention)."""
+    return any(moe and not (pipelined and weight_before and k and not layer_moe[k - 1])
+               for k, moe in enumerate(layer_moe[:-1]))
 
 
-def router_bytes(n_expert: int, n_expert_used: int, T: int, probs_bias: bool) -> int:
-    """build_moe_ffn's router tensors below the experts' up/gate: the logits (softmax/sigmoid in place),
-    the biased probabilities (exp_probs_b) and the argsort, [n_expert, T] each; without a bias the
-    selected weights [n_expert_used, T] land there too (with one, in what the probabilities left)."""
+def router_bytes(n_expert: int, n_expert_used: int, T: int, rows: int) -> int:
+    """build_moe_ffn's router tensors below the experts' up/gate: `rows` [n_expert, T] tensors
+    (MoeFlags.router_rows); with two the selected weights [n_expert_used, T] land there too (with three,
+    in what the logits left)."""
     row = (4 * n_expert * T + 31) // 32 * 32
-    return 3 * row if probs_bias else 2 * row + (4 * n_expert_used * T + 31) // 32 * 32
+    return 3 * row if rows == 3 else 2 * row + (4 * n_expert_used * T + 31) // 32 * 32
 
 
 def shared_expert_peaks(*, ffn_base: int, fe: int, fd: int, e: int, kq: int, logits: int, next_layer: bool,
-                        has_out: bool) -> list[int]:
-    """What goes on top of a shared-expert MoE layer's output (at ffn_base + fd): the next layer's KQ
-    (`kq`, 0 with flash attention; `next_layer`: the device runs a layer after a MoE one) and the logits."""
+                        has_out: bool, offset: int | None = None) -> list[int]:
+    """What goes on top of a shared-expert MoE layer's output (at ffn_base + `offset`, by default fd: see
+    MoeFlags.output_offset): the next layer's KQ (`kq`, 0 with flash attention; `next_layer`: the device
+    runs a layer after a MoE one) and the logits."""
     if not fe or fd > 2 * fe:
         return []
-    out = ffn_base + fd + e
+    out = ffn_base + (fd if offset is None else offset) + e
     return ([out + kq] if next_layer and kq else []) + ([out + logits] if has_out else [])

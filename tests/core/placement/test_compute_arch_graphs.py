@@ -12,6 +12,7 @@ from gpulab import SplitConfig, plan, read_profile
 from gpulab.core.devices import Device
 from gpulab.core.placement.compute_mla import after_two_moe, mla_geom
 from gpulab.core.placement.compute_moe import router_bytes, shared_expert_peaks
+from gpulab.core.placement.coverage import COMPUTE_EXACT
 from gpulab.sources.arch_models import write_arch_model
 
 MiB = 1024**2
@@ -20,7 +21,8 @@ MiB = 1024**2
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("arch")
-    return {a: read_profile(write_arch_model(root / f"{a}.gguf", a)) for a in ("deepseek2", "qwen2moe", "glm4moe")}
+    return {a: read_profile(write_arch_model(root / f"{a}.gguf", a))
+            for a in ("deepseek2", "qwen2moe", "glm4moe", "llama4")}
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +84,18 @@ LOGGED = {
     ("glm4moe", "none-main-1-fa-off"): {"RPC1": 50.10, "CPU": 8.01},
     ("glm4moe", "ts-1-2-1-q8k-fa-off"): {"RPC0": 184.27, "RPC1": 190.38, "RPC2": 26.00, "CPU": 50.29},
     ("glm4moe", "ts-1-1-1-q4-fa"): {"RPC0": 48.35, "RPC1": 42.36, "RPC2": 26.00, "CPU": 26.37},
+    # llama4: dense and MoE layers interleaved (16 experts of 512, 1 used, a shared expert), 3 chunked : 1 full
+    # attention layers, every 4th without RoPE
+    ("llama4", "ts-3-1-q8-fa"): {"RPC0": 46.33, "RPC1": 41.27, "CPU": 26.34},
+    ("llama4", "ts-1-1"): {"RPC0": 38.08, "RPC1": 41.18, "CPU": 18.09},
+    ("llama4", "ngl4-ts-1-1-1"): {"RPC0": 22.00, "RPC1": 9.01, "RPC2": 18.00, "CPU": 28.02},
+    ("llama4", "none-main-1-fa-off"): {"RPC1": 47.11, "CPU": 10.02},
+    ("llama4", "ts-1-2-1-q8k-fa-off"): {"RPC0": 178.09, "RPC1": 217.27, "RPC2": 176.09, "CPU": 82.19},
+    ("llama4", "ts-1-1-1-q4-fa"): {"RPC0": 46.16, "RPC1": 62.33, "RPC2": 62.34, "CPU": 42.34},
 }
+# where gpulab is not exact: (arch, setting, device) -> MiB it predicts above llama.cpp's log, within the
+# doubt the plan states (coverage._QUANTIZED_BOUND)
+ABOVE = {("llama4", "ts-1-2-1-q8k-fa-off", "RPC2"): 2.0, ("llama4", "ts-1-1-1-q4-fa", "RPC2"): 3.08}
 
 
 @pytest.mark.parametrize("arch,setting", list(LOGGED))
@@ -90,18 +103,23 @@ def test_compute_buffers_match_llama_cpp_logs(models, arch, setting):
     config, n = SETTINGS[setting]
     logged = LOGGED[arch, setting]
     p = plan(models[arch], rpc(n), config)
-    got = {d.name: round(d.compute_bytes / MiB, 2) for d in p.devices if d.name in logged}
-    assert got == logged
-    # silent but for the doubt every MoE model keeps with layers on the host and on devices (-ngl 4)
-    assert [d.text.split(",")[0] for d in p.doubts] == (
-        ["compute: MoE layers split between the host and devices"] if config.n_gpu_layers == 4 else [])
+    for d in p.devices:
+        if d.name in logged:
+            above = ABOVE.get((arch, setting, d.name), 0.0)
+            assert d.compute_bytes / MiB == pytest.approx(logged[d.name] + above, abs=0.02), d.name
+            if above:
+                assert above * MiB <= sum(x.bound_bytes for x in p.doubts if x.term == "compute")
+    if arch in COMPUTE_EXACT:
+        # silent but for the doubt every MoE model keeps with layers on the host and on devices (-ngl 4)
+        assert [d.text.split(",")[0] for d in p.doubts] == (
+            ["compute: MoE layers split between the host and devices"] if config.n_gpu_layers == 4 else [])
 
 
 def test_router_tensors_below_the_experts():
     # 16 experts, 4 used, 512 tokens: logits, biased probabilities, argsort (deepseek2) or logits, argsort and
     # the selected weights (qwen2moe), as the compute buffers' offsets showed
-    assert router_bytes(16, 4, 512, probs_bias=True) == 3 * 32 * 1024
-    assert router_bytes(16, 4, 512, probs_bias=False) == 2 * 32 * 1024 + 8 * 1024
+    assert router_bytes(16, 4, 512, rows=3) == 3 * 32 * 1024
+    assert router_bytes(16, 4, 512, rows=2) == 2 * 32 * 1024 + 8 * 1024
 
 
 def test_shared_expert_output_carries_the_next_kq_and_the_logits():
