@@ -108,6 +108,9 @@ def _no_rope_step(profile: ModelProfile) -> int:
 _POST_NORM = frozenset({"olmo2", "exaone4"})
 # graphs that run attention and the FFN side by side on the same normed input (src/models/cohere2.cpp)
 _PARALLEL = frozenset({"cohere2"})
+# graphs that gather the output rows (inp_out_ids) after the last layer, not inside it (src/models/openai-moe.cpp):
+# the last layer is a whole layer, and the gathered rows are one row set more below the logits
+_GATHER_AFTER = frozenset({"gpt-oss"})
 
 
 def _geom(profile: ModelProfile) -> _Geom:
@@ -457,7 +460,9 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             # SmolLM2 (test_real_models_exact_vs_llama.py); issue 27.
             quant_v = config.type_v not in ("f32", "f16", "bf16")
             holds_last = last_dev == name
-            closed = (holds_last and has_out and not par_e) or (quant_v and not holds_last and not post)
+            gather_after = profile.arch in _GATHER_AFTER
+            closed = (holds_last and has_out and not par_e) or (quant_v and (not holds_last or gather_after)
+                                                                and not post)
             if fa and q > e and not holds_last and not post:
                 # wide Q (Gemma 3 270M): the K rotation's extra Q/K products (attn_inp_k_rot) close the hole as a
                 # quantized V does, and with both it stays open (measured: -ub 256/512, 2 and 3 RPC devices)
@@ -471,7 +476,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
                 quant_k = config.type_k not in ("f32", "f16", "bf16")
                 peaks.append(base + (2 * e if quant_k and name not in nope_devs else 3 * e) - post_e + q + kq_dev)
             if has_out:
-                peaks.append(base + e + logits)
+                peaks.append(base + (2 * e if gather_after and holds_last else e) + logits)
             if high_out:
                 # the FFN's range starts above the residual, the norm and the router (compute_moe)
                 peaks[0] = base + 2 * e + router + ffn_big
@@ -527,8 +532,12 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         # The model's last layer: when its input copies are smaller than a row set, its
         # ffn_inp (the gathered attention output) lands above them and the FFN on top.
         low = 2 * e + inputs
-        glu_low = not g.moe and inputs < e and f <= low
-        if last_dev == name and not g.moe and inputs < e:
+        gather_after = profile.arch in _GATHER_AFTER
+        glu_low = not g.moe and inputs < e and f <= low and not gather_after
+        if gather_after and last_dev == name:
+            # no gather inside the last layer: its FFN on its input, norm and the input copies (gpt-oss, -ngl 4)
+            peaks.append(inputs + 2 * e + ffn_big)
+        elif last_dev == name and not g.moe and inputs < e:
             peaks.append(low + e + (2 * f if glu_low else 3 * f))
         elif last_dev == name and g.moe and n_l == 1 and inputs < e:
             # MoE, the model's last layer alone: the gathered rows land above the input copies (out_ids
@@ -539,7 +548,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             # After the last layer only the hidden state is live: result_norm is where the last
             # ffn_down went, the logits above it. That is the bottom of the buffer unless the
             # GLU output fitted below ffn_inp: then ffn_down went on top of everything.
-            peaks.append((low + 2 * e if glu_low else e) + logits)
+            peaks.append((low + 2 * e if glu_low else 2 * e if gather_after and last_dev == name else e) + logits)
         if high_out and n_l > 1 and before != HOST_NAME:
             peaks += shared_expert_peaks(ffn_base=inputs + 2 * e + router, fe=ffn_unit, fd=part_out["down"], e=e,
                                          offset=mf.output_offset(ffn_unit, part_out["down"]),
