@@ -108,6 +108,9 @@ def _no_rope_step(profile: ModelProfile) -> int:
 _POST_NORM = frozenset({"olmo2", "exaone4"})
 # graphs that run attention and the FFN side by side on the same normed input (src/models/cohere2.cpp)
 _PARALLEL = frozenset({"cohere2"})
+# graphs with norms after attention and the FFN besides those before (src/models/gemma2.cpp, gemma3.cpp):
+# the device of the last layer and the output keeps the hole below the FFN
+_SANDWICH = frozenset({"gemma2", "gemma3"})
 # graphs that gather the output rows (inp_out_ids) after the last layer, not inside it (src/models/openai-moe.cpp):
 # the last layer is a whole layer, and the gathered rows are one row set more below the logits
 _GATHER_AFTER = frozenset({"gpt-oss"})
@@ -461,8 +464,9 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             quant_v = config.type_v not in ("f32", "f16", "bf16")
             holds_last = last_dev == name
             gather_after = profile.arch in _GATHER_AFTER
-            closed = (holds_last and has_out and not par_e) or (quant_v and (not holds_last or gather_after)
-                                                                and not post)
+            quant_k = config.type_k not in ("f32", "f16", "bf16")
+            closed = (holds_last and has_out and not par_e and not (profile.arch in _SANDWICH and n_l > 1)) \
+                or ((quant_v or (quant_k and not fa)) and (not holds_last or gather_after) and not post)
             if fa and q > e and not holds_last and not post:
                 # wide Q (Gemma 3 270M): the K rotation's extra Q/K products (attn_inp_k_rot) close the hole as a
                 # quantized V does, and with both it stays open (measured: -ub 256/512, 2 and 3 RPC devices)
@@ -473,8 +477,12 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             slots = ffn_slots - e if closed else ffn_slots + (max(q - e, 0) if fa and not g.moe else 0)
             peaks = [base + slots + ffn_big, base + 2 * e + 2 * q]
             if not fa:
-                quant_k = config.type_k not in ("f32", "f16", "bf16")
-                peaks.append(base + (2 * e if quant_k and name not in nope_devs else 3 * e) - post_e + q + kq_dev)
+                # one row set less below KQ with a quantized K: the norm, or (gemma's layer alone on its device)
+                # the rotated Q in Q's place
+                below_kq = 2 * e if quant_k and name not in nope_devs else 3 * e
+                if quant_k and profile.arch in _SANDWICH and n_l == 1:
+                    below_kq = e
+                peaks.append(base + below_kq - post_e + q + kq_dev)
             if has_out:
                 peaks.append(base + (2 * e if gather_after and holds_last else e) + logits)
             if high_out:

@@ -1,8 +1,8 @@
 """Compute buffers of the graphs with their own rules (MLA attention: gpulab/core/placement/compute_mla.py;
-MoE with a shared expert and leading dense layers: compute_moe.py; rows gathered after the last layer)
-against the buffers llama.cpp logged for the architecture matrix's models (gpulab.sources.arch_models; CPU
-RPC devices, tests/integration/test_arch_matrix_vs_llama.py). The figures are llama.cpp's `compute buffer
-size` lines, in MiB as it prints them."""
+MoE with a shared expert and leading dense layers: compute_moe.py; rows gathered after the last layer;
+norms after attention and the FFN) against the buffers llama.cpp logged for the architecture matrix's
+models (gpulab.sources.arch_models; CPU RPC devices, tests/integration/test_arch_matrix_vs_llama.py). The
+figures are llama.cpp's `compute buffer size` lines, in MiB as it prints them."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ MiB = 1024**2
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("arch")
     return {a: read_profile(write_arch_model(root / f"{a}.gguf", a))
-            for a in ("deepseek2", "qwen2moe", "glm4moe", "llama4", "gpt-oss")}
+            for a in ("deepseek2", "qwen2moe", "glm4moe", "llama4", "gpt-oss", "gemma2", "gemma3")}
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +100,19 @@ LOGGED = {
     ("gpt-oss", "none-main-1-fa-off"): {"RPC1": 45.51, "CPU": 9.51},
     ("gpt-oss", "ts-1-2-1-q8k-fa-off"): {"RPC0": 188.16, "RPC1": 188.17, "RPC2": 26.00, "CPU": 56.18},
     ("gpt-oss", "ts-1-1-1-q4-fa"): {"RPC0": 43.38, "RPC1": 43.38, "RPC2": 44.17, "CPU": 29.34},
+    # gemma2, gemma3: norms before and after attention and the FFN, sliding-window layers (window 512)
+    ("gemma2", "ts-3-1-q8-fa"): {"RPC0": 42.70, "RPC1": 38.36, "CPU": 22.71},
+    ("gemma2", "ts-1-1"): {"RPC0": 40.07, "RPC1": 40.08, "CPU": 18.09},
+    ("gemma2", "ngl4-ts-1-1-1"): {"RPC0": 24.02, "RPC1": 25.01, "RPC2": 18.00, "CPU": 28.02},
+    ("gemma2", "none-main-1-fa-off"): {"RPC1": 32.01, "CPU": 12.01},
+    ("gemma2", "ts-1-2-1-q8k-fa-off"): {"RPC0": 134.54, "RPC1": 134.54, "RPC2": 116.28, "CPU": 66.55},
+    ("gemma2", "ts-1-1-1-q4-fa"): {"RPC0": 50.70, "RPC1": 50.70, "RPC2": 52.70, "CPU": 30.71},
+    ("gemma3", "ts-3-1-q8-fa"): {"RPC0": 42.70, "RPC1": 34.36, "CPU": 22.71},
+    ("gemma3", "ts-1-1"): {"RPC0": 36.04, "RPC1": 40.08, "CPU": 18.09},
+    ("gemma3", "ngl4-ts-1-1-1"): {"RPC0": 24.02, "RPC1": 25.01, "RPC2": 18.00, "CPU": 28.02},
+    ("gemma3", "none-main-1-fa-off"): {"RPC1": 32.01, "CPU": 12.01},
+    ("gemma3", "ts-1-2-1-q8k-fa-off"): {"RPC0": 46.27, "RPC1": 134.54, "RPC2": 46.28, "CPU": 66.55},
+    ("gemma3", "ts-1-1-1-q4-fa"): {"RPC0": 34.35, "RPC1": 50.70, "RPC2": 36.36, "CPU": 30.71},
 }
 # where gpulab is not exact: (arch, setting, device) -> MiB it predicts above llama.cpp's log, within the
 # doubt the plan states (coverage._QUANTIZED_BOUND)
@@ -122,7 +135,8 @@ def test_compute_buffers_match_llama_cpp_logs(models, arch, setting):
     if arch in COMPUTE_EXACT:
         # silent but for the doubt every MoE model keeps with layers on the host and on devices (-ngl 4)
         assert [d.text.split(",")[0] for d in p.doubts] == (
-            ["compute: MoE layers split between the host and devices"] if config.n_gpu_layers == 4 else [])
+            ["compute: MoE layers split between the host and devices"]
+            if config.n_gpu_layers == 4 and models[arch].n_expert else [])
 
 
 def test_router_tensors_below_the_experts():
