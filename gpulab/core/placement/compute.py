@@ -446,7 +446,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         # the previous device's l_out (norm pinned), or that device's norm and l_out
         if before == HOST_NAME:
             boundary = host_boundary
-        elif before is None or pinned_norm:
+        elif before is None or pinned_norm or post:        # no norm before attention (olmo2): none sent
             boundary = e
         else:
             boundary = 2 * e
@@ -474,7 +474,9 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             # with flash attention the hole is the freed attention output (kqv_out, [n_head * n_embd_head, T]),
             # wider than a row set where Q is (Gemma 3 270M: 1024 against 640; its first devices were
             # 0.75 MiB low at -ub 512, exact with this over -c 2048/4096, -ub 128..512, 2 and 3 devices)
-            slots = ffn_slots - e if closed else ffn_slots + (max(q - e, 0) if fa and not g.moe else 0)
+            # (a layer alone without a norm before its FFN (olmo2): its input straight below the FFN)
+            slots = ffn_slots - e - (post_e if n_l == 1 else 0) if closed \
+                else ffn_slots + (max(q - e, 0) if fa and not g.moe else 0)
             peaks = [base + slots + ffn_big, base + 2 * e + 2 * q]
             if not fa:
                 # one row set less below KQ with a quantized K: the norm, or (gemma's layer alone on its device)
@@ -531,7 +533,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             else:
                 # the residual and one hole below the FFN; two host operands leave room for both
                 # (a layer without RoPE leaves the hole: smollm3, -ngl 4 in the arch matrix)
-                ffn = (2 * e if boundary >= 2 * e and name not in nope_devs else 3 * e) + par_e + ffn_big
+                ffn = (2 * e if boundary >= 2 * e and name not in nope_devs and not post else 3 * e) + par_e + ffn_big
             # attention: Q before and after RoPE (a ROPE of a reshaped view is not in place)
             peaks = [ffn_inputs + ffn, inputs + 2 * e + 2 * q]
             if not fa:
@@ -539,7 +541,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
 
         # The model's last layer: when its input copies are smaller than a row set, its
         # ffn_inp (the gathered attention output) lands above them and the FFN on top.
-        low = 2 * e + inputs
+        low = (e if post else 2 * e) + inputs
         gather_after = profile.arch in _GATHER_AFTER
         glu_low = not g.moe and inputs < e and f <= low and not gather_after
         if gather_after and last_dev == name:

@@ -1,6 +1,6 @@
 """Compute buffers of the graphs with their own rules (MLA attention: gpulab/core/placement/compute_mla.py;
 MoE with a shared expert and leading dense layers: compute_moe.py; rows gathered after the last layer;
-norms after attention and the FFN) against the buffers llama.cpp logged for the architecture matrix's
+norms after attention and the FFN, or after only) against the buffers llama.cpp logged for the architecture matrix's
 models (gpulab.sources.arch_models; CPU RPC devices, tests/integration/test_arch_matrix_vs_llama.py). The
 figures are llama.cpp's `compute buffer size` lines, in MiB as it prints them."""
 
@@ -22,7 +22,7 @@ MiB = 1024**2
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("arch")
     return {a: read_profile(write_arch_model(root / f"{a}.gguf", a))
-            for a in ("deepseek2", "qwen2moe", "glm4moe", "llama4", "gpt-oss", "gemma2", "gemma3")}
+            for a in ("deepseek2", "qwen2moe", "glm4moe", "llama4", "gpt-oss", "gemma2", "gemma3", "olmo2")}
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +113,13 @@ LOGGED = {
     ("gemma3", "none-main-1-fa-off"): {"RPC1": 32.01, "CPU": 12.01},
     ("gemma3", "ts-1-2-1-q8k-fa-off"): {"RPC0": 46.27, "RPC1": 134.54, "RPC2": 46.28, "CPU": 66.55},
     ("gemma3", "ts-1-1-1-q4-fa"): {"RPC0": 34.35, "RPC1": 50.70, "RPC2": 36.36, "CPU": 30.71},
+    # olmo2: norms after attention and the FFN only (none before)
+    ("olmo2", "ts-3-1-q8-fa"): {"RPC0": 40.17, "RPC1": 26.00, "CPU": 18.18},
+    ("olmo2", "ts-1-1"): {"RPC0": 36.04, "RPC1": 34.05, "CPU": 14.05},
+    ("olmo2", "ngl4-ts-1-1-1"): {"RPC0": 25.01, "RPC1": 23.01, "RPC2": 18.00, "CPU": 27.01},
+    ("olmo2", "none-main-1-fa-off"): {"RPC1": 41.01, "CPU": 7.01},
+    ("olmo2", "ts-1-2-1-q8k-fa-off"): {"RPC0": 176.09, "RPC1": 176.09, "RPC2": 26.00, "CPU": 46.10},
+    ("olmo2", "ts-1-1-1-q4-fa"): {"RPC0": 48.16, "RPC1": 48.16, "RPC2": 44.17, "CPU": 26.18},
 }
 # where gpulab is not exact: (arch, setting, device) -> MiB it predicts above llama.cpp's log, within the
 # doubt the plan states (coverage._QUANTIZED_BOUND)
