@@ -364,6 +364,8 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     i = 0
     pre = g.swa_prefix
     nope_devs: set[str] = set()
+    # no layer ropes (baichuan below 32 layers): Q is the product itself, one tensor less in every attention
+    all_nope = _no_rope_step(profile) == 1
     for d, run in groupby(layer_devices[:n_layer]):
         n = len(list(run))
         n_swa = pre[i + n] - pre[i] if g.has_swa else 0
@@ -467,9 +469,10 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             quant_k = config.type_k not in ("f32", "f16", "bf16")
             closed = (holds_last and has_out and not par_e and not (profile.arch in _SANDWICH and n_l > 1)) \
                 or ((quant_v or (quant_k and not fa)) and (not holds_last or gather_after) and not post)
-            if fa and q > e and not holds_last and not post:
-                # wide Q (Gemma 3 270M): the K rotation's extra Q/K products (attn_inp_k_rot) close the hole as a
-                # quantized V does, and with both it stays open (measured: -ub 256/512, 2 and 3 RPC devices)
+            if fa and (q > e or all_nope) and not holds_last and not post:
+                # wide Q (Gemma 3 270M), or Q not roped (baichuan): the K rotation's extra Q/K products
+                # (attn_inp_k_rot) close the hole as a quantized V does, and with both it stays open (measured:
+                # -ub 256/512, 2 and 3 RPC devices)
                 closed = quant_v != rot_k
             # with flash attention the hole is the freed attention output (kqv_out, [n_head * n_embd_head, T]),
             # wider than a row set where Q is (Gemma 3 270M: 1024 against 640; its first devices were
@@ -537,14 +540,16 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             # attention: Q before and after RoPE (a ROPE of a reshaped view is not in place)
             peaks = [ffn_inputs + ffn, inputs + 2 * e + 2 * q]
             if not fa:
-                peaks.append(inputs + 3 * e - post_e + q + kq_dev)
+                peaks.append(inputs + 3 * e - post_e + (0 if all_nope else q) + kq_dev)
 
         # The model's last layer: when its input copies are smaller than a row set, its
         # ffn_inp (the gathered attention output) lands above them and the FFN on top.
         low = (e if post else 2 * e) + inputs
         gather_after = profile.arch in _GATHER_AFTER
         glu_low = not g.moe and inputs < e and f <= low and not gather_after
-        if gather_after and last_dev == name:
+        if all_nope:
+            pass        # the gathered attention output takes the bottom the attention left (baichuan, -ngl 4)
+        elif gather_after and last_dev == name:
             # no gather inside the last layer: its FFN on its input, norm and the input copies (gpt-oss, -ngl 4)
             peaks.append(inputs + 2 * e + ffn_big)
         elif last_dev == name and not g.moe and inputs < e:

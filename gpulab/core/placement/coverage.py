@@ -20,7 +20,7 @@ __all__ = ["CACHE_NOT_MODELLED", "COMPUTE_CHECKED", "COMPUTE_EXACT", "Doubt", "d
 # Architectures whose compute buffers the closed forms of gpulab.core.placement.compute were
 # derived from (llama, gemma2/3, qwen3moe) or checked on by the architecture matrix with the same
 # errors as llama's (qwen2, qwen3, mistral3, granite, gpt-oss, olmoe, internlm2, exaone, maincoder,
-# nanbeige, xverse; baichuan differs; llama4's interleaved MoE: exact with f16 caches), and
+# nanbeige, xverse; llama4's interleaved MoE: exact with f16 caches), and
 # those of COMPUTE_EXACT (smollm3's RoPE-less layers and exaone4's norms are modelled). The others get a
 # compute doubt.
 COMPUTE_CHECKED = frozenset({"llama", "gemma2", "gemma3", "qwen3moe", "qwen2", "qwen3", "mistral3", "granite",
@@ -32,14 +32,14 @@ COMPUTE_CHECKED = frozenset({"llama", "gemma2", "gemma3", "qwen3moe", "qwen2", "
 _QUANTIZED_BOUND = {"llama4": 3.2}
 
 # Architectures whose compute buffers the architecture matrix found within 1 MiB of llama.cpp's on every
-# device in every setting (llama's dense graph: src/models/llama.cpp and the loaders that build it; the
-# qwen3moe/olmoe MoE graph; deepseek2's absorbed MLA: compute_mla; qwen2moe's and glm4moe's shared expert:
-# compute_moe; gpt-oss's rows gathered after the last layer; gemma2/3's and olmo2's norms after attention
-# and the FFN), f16 and quantized caches and the pipelined output device included: no compute doubt in those
-# settings.
+# device in every setting, f16 and quantized caches and the pipelined output device included: no compute
+# doubt in those settings. Llama's dense graph (src/models/llama.cpp and the loaders that build it), the
+# qwen3moe/olmoe MoE graph, deepseek2's absorbed MLA (compute_mla), qwen2moe's and glm4moe's shared expert
+# (compute_moe), gpt-oss's rows gathered after the last layer, gemma2/3's and olmo2's norms after attention
+# and the FFN, baichuan's RoPE-less layers.
 COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "internlm2", "exaone", "maincoder",
                            "nanbeige", "xverse", "qwen3moe", "olmoe", "smollm3", "exaone4", "deepseek2", "qwen2moe",
-                           "glm4moe", "gpt-oss", "gemma2", "gemma3", "olmo2"})
+                           "glm4moe", "gpt-oss", "gemma2", "gemma3", "olmo2", "baichuan"})
 
 # Architectures whose memory is not llama_kv_cache / llama_memory_recurrent as gpulab sizes them
 # (llama_model::create_memory, src/llama-model.cpp): a lightning-indexer cache beside MLA, the

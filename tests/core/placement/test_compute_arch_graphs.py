@@ -1,8 +1,9 @@
 """Compute buffers of the graphs with their own rules (MLA attention: gpulab/core/placement/compute_mla.py;
-MoE with a shared expert and leading dense layers: compute_moe.py; rows gathered after the last layer;
-norms after attention and the FFN, or after only) against the buffers llama.cpp logged for the architecture matrix's
-models (gpulab.sources.arch_models; CPU RPC devices, tests/integration/test_arch_matrix_vs_llama.py). The
-figures are llama.cpp's `compute buffer size` lines, in MiB as it prints them."""
+MoE with a shared expert and leading dense layers: compute_moe.py; rows gathered after the last layer; norms
+after attention and the FFN, or after only; no RoPE) against the buffers llama.cpp logged for the
+architecture matrix's models (gpulab.sources.arch_models; CPU RPC devices,
+tests/integration/test_arch_matrix_vs_llama.py). The figures are llama.cpp's `compute buffer size` lines, in
+MiB as it prints them."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ MiB = 1024**2
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("arch")
     return {a: read_profile(write_arch_model(root / f"{a}.gguf", a))
-            for a in ("deepseek2", "qwen2moe", "glm4moe", "llama4", "gpt-oss", "gemma2", "gemma3", "olmo2")}
+            for a in ("deepseek2", "qwen2moe", "glm4moe", "llama4", "gpt-oss", "gemma2", "gemma3", "olmo2",
+                      "baichuan")}
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +122,13 @@ LOGGED = {
     ("olmo2", "none-main-1-fa-off"): {"RPC1": 41.01, "CPU": 7.01},
     ("olmo2", "ts-1-2-1-q8k-fa-off"): {"RPC0": 176.09, "RPC1": 176.09, "RPC2": 26.00, "CPU": 46.10},
     ("olmo2", "ts-1-1-1-q4-fa"): {"RPC0": 48.16, "RPC1": 48.16, "RPC2": 44.17, "CPU": 26.18},
+    # baichuan below 32 layers: llama's blocks, no RoPE at all (src/models/baichuan.cpp)
+    ("baichuan", "ts-3-1-q8-fa"): {"RPC0": 40.16, "RPC1": 26.00, "CPU": 18.17},
+    ("baichuan", "ts-1-1"): {"RPC0": 36.03, "RPC1": 34.04, "CPU": 14.05},
+    ("baichuan", "ngl4-ts-1-1-1"): {"RPC0": 25.01, "RPC1": 22.00, "RPC2": 18.00, "CPU": 27.01},
+    ("baichuan", "none-main-1-fa-off"): {"RPC1": 41.01, "CPU": 7.01},
+    ("baichuan", "ts-1-2-1-q8k-fa-off"): {"RPC0": 180.08, "RPC1": 180.09, "RPC2": 26.00, "CPU": 46.09},
+    ("baichuan", "ts-1-1-1-q4-fa"): {"RPC0": 48.16, "RPC1": 48.16, "RPC2": 46.16, "CPU": 26.17},
 }
 # where gpulab is not exact: (arch, setting, device) -> MiB it predicts above llama.cpp's log, within the
 # doubt the plan states (coverage._QUANTIZED_BOUND)
