@@ -469,7 +469,11 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             quant_k = config.type_k not in ("f32", "f16", "bf16")
             closed = (holds_last and has_out and not par_e and not (profile.arch in _SANDWICH and n_l > 1)) \
                 or ((quant_v or (quant_k and not fa)) and (not holds_last or gather_after) and not post)
-            if fa and (q > e or all_nope) and not holds_last and not post:
+            if par_e:
+                # attention and the FFN side by side (cohere2): a quantized V closes no hole; the last layer alone
+                # with the output does (measured: -ts 3,1 q8_0 and 1,1,1 q4_0)
+                closed = holds_last and has_out and n_l == 1
+            elif fa and (q > e or all_nope) and not holds_last and not post:
                 # wide Q (Gemma 3 270M), or Q not roped (baichuan): the K rotation's extra Q/K products
                 # (attn_inp_k_rot) close the hole as a quantized V does, and with both it stays open (measured:
                 # -ub 256/512, 2 and 3 RPC devices)
@@ -553,7 +557,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             # no gather inside the last layer: its FFN on its input, norm and the input copies (gpt-oss, -ngl 4)
             peaks.append(inputs + 2 * e + ffn_big)
         elif last_dev == name and not g.moe and inputs < e:
-            peaks.append(low + e + (2 * f if glu_low else 3 * f))
+            peaks.append(low + e + par_e + (2 * f if glu_low else 3 * f))
         elif last_dev == name and g.moe and n_l == 1 and inputs < e:
             # MoE, the model's last layer alone: the gathered rows land above the input copies (out_ids
             # is still live), the FFN on top (qwen3moe, olmoe: arch matrix, -ngl 4 over 3 devices); llama4's input

@@ -36,10 +36,10 @@ _QUANTIZED_BOUND = {"llama4": 3.2}
 # doubt in those settings. Llama's dense graph (src/models/llama.cpp and the loaders that build it), the
 # qwen3moe/olmoe MoE graph, deepseek2's absorbed MLA (compute_mla), qwen2moe's and glm4moe's shared expert
 # (compute_moe), gpt-oss's rows gathered after the last layer, gemma2/3's and olmo2's norms after attention
-# and the FFN, baichuan's RoPE-less layers.
+# and the FFN, baichuan's RoPE-less layers, cohere2's attention beside the FFN.
 COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "internlm2", "exaone", "maincoder",
                            "nanbeige", "xverse", "qwen3moe", "olmoe", "smollm3", "exaone4", "deepseek2", "qwen2moe",
-                           "glm4moe", "gpt-oss", "gemma2", "gemma3", "olmo2", "baichuan"})
+                           "glm4moe", "gpt-oss", "gemma2", "gemma3", "olmo2", "baichuan", "cohere2"})
 
 # Architectures whose memory is not llama_kv_cache / llama_memory_recurrent as gpulab sizes them
 # (llama_model::create_memory, src/llama-model.cpp): a lightning-indexer cache beside MLA, the

@@ -1,7 +1,7 @@
 """Compute buffers of the graphs with their own rules (MLA attention: gpulab/core/placement/compute_mla.py;
 MoE with a shared expert and leading dense layers: compute_moe.py; rows gathered after the last layer; norms
-after attention and the FFN, or after only; no RoPE) against the buffers llama.cpp logged for the
-architecture matrix's models (gpulab.sources.arch_models; CPU RPC devices,
+after attention and the FFN, or after only; no RoPE; attention beside the FFN) against the buffers llama.cpp
+logged for the architecture matrix's models (gpulab.sources.arch_models; CPU RPC devices,
 tests/integration/test_arch_matrix_vs_llama.py). The figures are llama.cpp's `compute buffer size` lines, in
 MiB as it prints them."""
 
@@ -24,7 +24,7 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("arch")
     return {a: read_profile(write_arch_model(root / f"{a}.gguf", a))
             for a in ("deepseek2", "qwen2moe", "glm4moe", "llama4", "gpt-oss", "gemma2", "gemma3", "olmo2",
-                      "baichuan")}
+                      "baichuan", "cohere2")}
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +129,13 @@ LOGGED = {
     ("baichuan", "none-main-1-fa-off"): {"RPC1": 41.01, "CPU": 7.01},
     ("baichuan", "ts-1-2-1-q8k-fa-off"): {"RPC0": 180.08, "RPC1": 180.09, "RPC2": 26.00, "CPU": 46.09},
     ("baichuan", "ts-1-1-1-q4-fa"): {"RPC0": 48.16, "RPC1": 48.16, "RPC2": 46.16, "CPU": 26.17},
+    # cohere2: attention and the FFN side by side on one norm, 3 sliding-window layers : 1 global
+    ("cohere2", "ts-3-1-q8-fa"): {"RPC0": 46.32, "RPC1": 40.16, "CPU": 22.34},
+    ("cohere2", "ts-1-1"): {"RPC0": 42.07, "RPC1": 42.08, "CPU": 18.09},
+    ("cohere2", "ngl4-ts-1-1-1"): {"RPC0": 25.01, "RPC1": 27.01, "RPC2": 18.00, "CPU": 30.02},
+    ("cohere2", "none-main-1-fa-off"): {"RPC1": 46.01, "CPU": 10.01},
+    ("cohere2", "ts-1-2-1-q8k-fa-off"): {"RPC0": 58.09, "RPC1": 190.16, "RPC2": 178.09, "CPU": 58.18},
+    ("cohere2", "ts-1-1-1-q4-fa"): {"RPC0": 38.16, "RPC1": 54.32, "RPC2": 54.33, "CPU": 30.34},
 }
 # where gpulab is not exact: (arch, setting, device) -> MiB it predicts above llama.cpp's log, within the
 # doubt the plan states (coverage._QUANTIZED_BOUND)
