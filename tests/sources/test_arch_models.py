@@ -5,11 +5,12 @@ tests/integration/test_arch_matrix_vs_llama.py)."""
 
 from __future__ import annotations
 
-import dataclasses
+from dataclasses import replace
 
 import pytest
 
 from gpulab import ConfigError, SplitConfig, parse_sim_spec, plan, read_profile
+from gpulab.core.devices import Device
 from gpulab.sources.arch_models import ARCH_MODELS, write_arch_model
 
 MiB = 1024**2
@@ -77,7 +78,7 @@ def test_pure_recurrent_model_has_state_and_no_kv(models):
     assert rows == {(3 * (2048 + 2 * 128), 128 * 2048, False)}
     p = plan(mb, parse_sim_spec("24GiB"), SplitConfig(n_ctx=4096))
     assert p.device("SIM0").state_bytes == 6 * 4 * (6912 + 262144) and p.device("SIM0").kv_bytes == 0
-    assert [d.bound_bytes for d in p.doubts] == [0]      # its compute: not modelled, said so
+    assert p.doubts == ()      # its compute: replayed (gpulab.core.placement.recurrent), exact
 
 
 def test_doubts_are_silent_where_exact_and_one_line_per_term_elsewhere(models):
@@ -90,13 +91,16 @@ def test_doubts_are_silent_where_exact_and_one_line_per_term_elsewhere(models):
     assert plan(models["gemma3"], sim, SplitConfig()).doubts == ()
     assert plan(models["llama"], sim, SplitConfig()).doubts == ()
     assert plan(models["llama"], sim, SplitConfig(type_k="q8_0", type_v="q8_0", flash_attn="on")).doubts == ()
-    qn = plan(models["qwen3next"], sim, SplitConfig()).doubts
-    assert len(qn) == 1 and qn[0].text.startswith("compute: qwen3next's recurrent layers") and qn[0].term == "compute"
+    # hybrid recurrent graphs: replayed (placement.recurrent), so silent; one that gpulab does not replay says so
+    assert plan(models["qwen3next"], sim, SplitConfig()).doubts == ()
+    jd = plan(replace(models["qwen3next"], arch="jamba"), sim, SplitConfig()).doubts
+    assert len(jd) == 1 and jd[0].text.startswith("compute: jamba's recurrent layers are not modelled") \
+        and jd[0].term == "compute"
     # absorbed MLA (attn_k_b/attn_v_b) is modelled; the older graph (one attn_kv_b) is not
     assert plan(models["deepseek2"], sim, SplitConfig()).doubts == ()
     ds = models["deepseek2"]
-    kv_b = dataclasses.replace(ds, layers=tuple(dataclasses.replace(
-        layer, tensors=tuple(t for t in layer.tensors if "attn_k_b" not in t.name)) for layer in ds.layers))
+    kv_b = replace(ds, layers=tuple(replace(layer, tensors=tuple(t for t in layer.tensors if "attn_k_b" not in t.name))
+                                    for layer in ds.layers))
     old = plan(kv_b, sim, SplitConfig())
     assert len(old.doubts) == 1 and "MLA" in str(old.doubts[0])
     assert old.to_dict()["doubts"] == [old.doubts[0].text]
@@ -126,3 +130,21 @@ def test_exaone4_never_loads_its_mtp_layer(models):
     ex = models["exaone4"]
     assert ex.n_nextn == 1 and ex.mtp_never_loaded and ex.layers[6].tensors == () and ex.layers[6].mtp_tensors
     assert not models["glm4moe"].mtp_never_loaded      # glm4moe loads them with MTP on
+
+
+@pytest.mark.parametrize("arch,config,expected", [
+    # -cmoe: the experts' products run on the host, with the router's choice (the argsort's top-k view, all
+    # of its rows) and the normed hidden state copied there
+    ("qwen3next", SplitConfig(tensor_split=(1, 1), n_ctx=1024, devices=("RPC0", "RPC1"), cpu_moe=True),
+     {"RPC0": 23.02, "RPC1": 30.62, "CPU": 17.04}),
+    ("qwen3next", SplitConfig(tensor_split=(1, 1), n_ctx=1024, devices=("RPC0", "RPC1"), n_cpu_moe=3),
+     {"RPC0": 23.02, "RPC1": 31.01, "CPU": 17.04}),
+    ("lfm2", SplitConfig(tensor_split=(1, 1), n_ctx=1024, devices=("RPC0", "RPC1"), n_cpu_ffn=2),
+     {"RPC0": 22.01, "RPC1": 25.02, "CPU": 23.01}),
+])
+def test_replayed_recurrent_graphs_follow_tensor_overrides(models, arch, config, expected):
+    """Compute buffers (MiB, as llama.cpp logs them for these files on two CPU RPC devices) with FFN weights
+    moved by overrides: gpulab.core.placement.recurrent runs each product where its weight is."""
+    p = plan(models[arch], [Device(name=f"RPC{i}", total_bytes=64 << 30, free_bytes=64 << 30, source="rpc",
+                                   kind="rpc") for i in range(2)], config)
+    assert {d.name: round(d.compute_bytes / MiB, 2) for d in p.devices} == expected

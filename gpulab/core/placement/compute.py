@@ -38,10 +38,11 @@ the byte; these closed forms stay within 10% of that replay for 99.9% of backend
 shapes of Llama 2/3, Qwen2.5, Phi-3, SmolLM2, Gemma 2/3, Mixtral and Qwen3-30B-A3B (max 10.3%).
 bench/compute_calibration.py measures them against real llama.cpp (RPC devices).
 
-Not modelled: op offload (CUDA, with layers on the host and n_ubatch >= 32, runs the host
-layers' matrix products on the first GPU and copies their weights into its compute buffer),
-split_mode row, KV cache not offloaded (-nkvo), recurrent/hybrid layers (no KV): these are
-treated like a layer split of attention layers.
+Recurrent graphs (mamba2, lfm2, qwen3next) are replayed op by op instead (gpulab.core.placement.recurrent):
+their layers leave the buffer unlike each other. Not modelled: op offload (CUDA, with layers on the host and
+n_ubatch >= 32, runs the host layers' matrix products on the first GPU and copies their weights into its
+compute buffer), split_mode row, KV cache not offloaded (-nkvo), the recurrent layers of other hybrids (no
+KV): these are treated like a layer split of attention layers.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from ..devices import HOST_NAME
 from ..profile import ModelProfile
 from .compute_mla import after_two_moe, mla_geom, mla_host_peaks, mla_peaks
 from .compute_moe import moe_flags, moe_then_layer, router_bytes, shared_expert_peaks
+from .recurrent import recurrent_compute_bytes, replayable
 
 __all__ = ["estimate_compute_bytes", "compute_tokens", "pipeline_copies", "SCHED_MAX_COPIES", "dry_run_extra_bytes"]
 
@@ -273,6 +275,11 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     # whole model is offloaded or the ubatch is small. Otherwise the scheduler computes a
     # device's first norm on the device before it, which then sends the norm and the residual.
     pinned_norm = HOST_NAME not in layer_devices or T < 32
+    if replayable(profile):
+        # a graph whose layers leave ggml-alloc's buffer unlike each other: replayed (placement.recurrent)
+        return recurrent_compute_bytes(profile, config, layer_devices, names, T=T, n_seqs=n_seqs,
+                                       T_out=T if n_outputs is None else max(1, min(T, n_outputs)),
+                                       n_copies=nc, pin_norm=pinned_norm, ffn_devices=ffn_devices)
 
     # KV cells per stream (llama_context ctor: n_ctx_seq), and the sliding-window cache
     # (llama_kv_cache_iswa: pad(min(size_base, n_swa + n_ubatch), 256) unless --swa-full)

@@ -14,6 +14,7 @@ from ..config import SplitConfig
 from ..profile import ModelProfile
 from .compute import compute_tokens
 from .compute_mla import mla_geom
+from .recurrent import RECURRENT_GRAPHS, replayable
 
 __all__ = ["CACHE_NOT_MODELLED", "COMPUTE_CHECKED", "COMPUTE_EXACT", "Doubt", "doubts"]
 
@@ -36,10 +37,12 @@ _QUANTIZED_BOUND = {"llama4": 3.2}
 # doubt in those settings. Llama's dense graph (src/models/llama.cpp and the loaders that build it), the
 # qwen3moe/olmoe MoE graph, deepseek2's absorbed MLA (compute_mla), qwen2moe's and glm4moe's shared expert
 # (compute_moe), gpt-oss's rows gathered after the last layer, gemma2/3's and olmo2's norms after attention
-# and the FFN, baichuan's RoPE-less layers, cohere2's attention beside the FFN.
+# and the FFN, baichuan's RoPE-less layers, cohere2's attention beside the FFN. The recurrent graphs gpulab
+# replays (placement.recurrent: mamba2, lfm2, qwen3next) are exact wherever they were checked.
 COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "internlm2", "exaone", "maincoder",
                            "nanbeige", "xverse", "qwen3moe", "olmoe", "smollm3", "exaone4", "deepseek2", "qwen2moe",
-                           "glm4moe", "gpt-oss", "gemma2", "gemma3", "olmo2", "baichuan", "cohere2"})
+                           "glm4moe", "gpt-oss", "gemma2", "gemma3", "olmo2", "baichuan", "cohere2",
+                           *RECURRENT_GRAPHS})
 
 # Architectures whose memory is not llama_kv_cache / llama_memory_recurrent as gpulab sizes them
 # (llama_model::create_memory, src/llama-model.cpp): a lightning-indexer cache beside MLA, the
@@ -84,12 +87,14 @@ def doubts(profile: ModelProfile, config: SplitConfig, layer_devices: list[str] 
     # absorbed MLA (attn_k_b/attn_v_b) is modelled (compute_mla); the older graph with attn_kv_b is not
     mla = any(layer.has_kv and not layer.has_v for layer in profile.layers) \
         and (arch not in COMPUTE_EXACT or mla_geom(profile) is None)
-    if recurrent and not any(layer.has_kv for layer in profile.layers):
-        out.append(Doubt("compute", f"compute: {arch}'s recurrent graph is not modelled (mamba2 at n_embd 1024: up to "
-                         "75 MiB too low per device)", 0))
+    if replayable(profile):
+        pass                   # replayed op by op (placement.recurrent): exact wherever it was checked
+    elif recurrent and not any(layer.has_kv for layer in profile.layers):
+        out.append(Doubt("compute", f"compute: {arch}'s recurrent graph is not modelled (mamba2's, before it was "
+                         "replayed: up to 75 MiB too low per device at n_embd 1024)", 0))
     elif recurrent:
-        out.append(Doubt("compute", f"compute: {arch}'s recurrent layers are not modelled "
-                         "(measured up to 17 MiB too low per device at n_embd 1024: lfm2, qwen3next)", 18 * _MiB))
+        out.append(Doubt("compute", f"compute: {arch}'s recurrent layers are not modelled (lfm2 and qwen3next, "
+                         "before they were replayed: up to 17 MiB off per device at n_embd 1024)", 0))
     elif mla:
         out.append(Doubt("compute", f"compute: {arch}'s MLA attention is sized as deepseek2's absorbed MLA "
                          "or as plain attention (not measured; plain attention was up to 16.1 MiB too low per "
