@@ -501,7 +501,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
                 peaks.append(base + below_kq - post_e + q + kq_dev)
             if has_out:
                 peaks.append(base + (2 * e if gather_after and holds_last else e) + logits)
-            if high_out:
+            if high_out and mf is not None:
                 # the FFN's range starts above the residual, the norm and the router (compute_moe)
                 peaks[0] = base + 2 * e + router + ffn_big
                 peaks += shared_expert_peaks(ffn_base=base + 2 * e + router, fe=ffn_unit, fd=part_out["down"], e=e,
@@ -575,7 +575,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             # ffn_down went, the logits above it. That is the bottom of the buffer unless the
             # GLU output fitted below ffn_inp: then ffn_down went on top of everything.
             peaks.append((low + 2 * e if glu_low else 2 * e if gather_after and last_dev == name else e) + logits)
-        if high_out and n_l > 1 and before != HOST_NAME:
+        if high_out and mf is not None and n_l > 1 and before != HOST_NAME:
             peaks += shared_expert_peaks(ffn_base=inputs + 2 * e + router, fe=ffn_unit, fd=part_out["down"], e=e,
                                          offset=mf.output_offset(ffn_unit, part_out["down"]),
                                          kq=0 if fa or mla is not None else kq_dev, logits=logits,
