@@ -11,6 +11,7 @@ import pytest
 
 from gpulab import ConfigError, SplitConfig, parse_sim_spec, plan, read_profile
 from gpulab.core.devices import Device
+from gpulab.core.placement import coverage
 from gpulab.sources.arch_models import ARCH_MODELS, write_arch_model
 
 MiB = 1024**2
@@ -81,14 +82,18 @@ def test_pure_recurrent_model_has_state_and_no_kv(models):
     assert p.doubts == ()      # its compute: replayed (gpulab.core.placement.recurrent), exact
 
 
-def test_doubts_are_silent_where_exact_and_one_line_per_term_elsewhere(models):
+def test_doubts_are_silent_where_exact_and_one_line_per_term_elsewhere(models, monkeypatch):
     sim = parse_sim_spec("24GiB,24GiB")
     assert plan(models["llama"], sim, SplitConfig(split_mode="none")).doubts == ()
     assert plan(models["gemma3"], sim, SplitConfig(n_gpu_layers=5, tensor_split=(1, 1))).doubts == ()
-    # pipelined, the output layer's device also holds layers: stated for the graphs the matrix did not find exact
-    # (llama4); exact for llama's and gemma3's graphs (coverage.COMPUTE_EXACT), quantized cache or not
-    assert [d.bound_bytes for d in plan(models["llama4"], sim, SplitConfig()).doubts] == [int(2.1 * MiB)]
+    # pipelined, the output layer's device also holds layers: stated for a checked graph the matrix did not find
+    # exact (none is left: a checked architecture stands in); exact for llama's and gemma3's graphs
+    # (coverage.COMPUTE_EXACT), quantized cache or not
+    checked = replace(models["gemma3"], arch="checked-only")
+    monkeypatch.setattr(coverage, "COMPUTE_CHECKED", coverage.COMPUTE_CHECKED | {"checked-only"})
+    assert [d.bound_bytes for d in plan(checked, sim, SplitConfig()).doubts] == [int(2.1 * MiB)]
     assert plan(models["gemma3"], sim, SplitConfig()).doubts == ()
+    assert plan(models["llama4"], sim, SplitConfig(type_k="q4_0", type_v="q4_0", flash_attn="on")).doubts == ()
     assert plan(models["llama"], sim, SplitConfig()).doubts == ()
     assert plan(models["llama"], sim, SplitConfig(type_k="q8_0", type_v="q8_0", flash_attn="on")).doubts == ()
     # hybrid recurrent graphs: replayed (placement.recurrent), so silent; one that gpulab does not replay says so
@@ -106,9 +111,8 @@ def test_doubts_are_silent_where_exact_and_one_line_per_term_elsewhere(models):
     assert old.to_dict()["doubts"] == [old.doubts[0].text]
     assert plan(models["llama"], sim, SplitConfig(offload_kqv=False)).doubts[0].text.startswith("compute: with the KV")
     # settings: a quantized cache; a MoE split between host and devices
-    quantized = plan(models["llama4"], sim, SplitConfig(type_k="q8_0", split_mode="none"))
-    assert [d.bound_bytes for d in quantized.doubts] == [int(3.2 * MiB)]
-    assert quantized.doubts[0].text.startswith("compute: with a quantized KV cache, up to 3.1 MiB off")
+    quantized = plan(checked, sim, SplitConfig(type_k="q8_0", split_mode="none"))
+    assert [d.bound_bytes for d in quantized.doubts] == [int(2.2 * MiB)]
     moe = plan(models["qwen3moe"], sim, SplitConfig(n_gpu_layers=4, tensor_split=(1, 1))).doubts
     assert [d.text.split(",")[0] for d in moe] == ["compute: MoE layers split between the host and devices"]
 

@@ -55,7 +55,7 @@ from ..config import SplitConfig
 from ..devices import HOST_NAME
 from ..profile import ModelProfile
 from .compute_mla import after_two_moe, mla_geom, mla_host_peaks, mla_peaks
-from .compute_moe import moe_flags, moe_then_layer, router_bytes, shared_expert_peaks
+from .compute_moe import moe_flags, moe_then_layer, output_in_dense_hole, router_bytes, shared_expert_peaks
 from .recurrent import recurrent_compute_bytes, replayable
 
 __all__ = ["estimate_compute_bytes", "compute_tokens", "pipeline_copies", "SCHED_MAX_COPIES", "dry_run_extra_bytes"]
@@ -493,11 +493,11 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
                 else ffn_slots + (max(q - e, 0) if fa and not g.moe else 0)
             peaks = [base + slots + ffn_big, base + 2 * e + 2 * q]
             if not fa:
-                # one row set less below KQ with a quantized K: the norm, or (gemma's layer alone on its device)
-                # the rotated Q in Q's place
+                # one row set less below KQ with a quantized K: the norm; a layer alone on its device (its input
+                # among the copies) has only its norm there, the rotated Q in Q's place (gemma2, llama4: -ts 1,2,1)
                 below_kq = 2 * e if quant_k and name not in nope_devs else 3 * e
-                if quant_k and profile.arch in _SANDWICH and n_l == 1:
-                    below_kq = e
+                if quant_k and n_l == 1:
+                    below_kq = e + par_e
                 peaks.append(base + below_kq - post_e + q + kq_dev)
             if has_out:
                 peaks.append(base + (2 * e if gather_after and holds_last else e) + logits)
@@ -510,7 +510,9 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
                                              next_layer=moe_then_layer(mf.device_layers(layer_devices, name),
                                                                        pipelined=True, weight_before=mf.weight_before),
                                              has_out=has_out and (mla is None
-                                                                  or after_two_moe(profile, layer_devices, name)))
+                                                                  or after_two_moe(profile, layer_devices, name))
+                                             and not (fa and output_in_dense_hole(
+                                                 mf, mf.device_layers(layer_devices, name), rot_k)))
             elif shx and has_out and mla is None:
                 # the last layer's output in the hole above the FFN's norm, the logits on top (glm4moe, -fa on)
                 peaks.append(base + 2 * e + logits)

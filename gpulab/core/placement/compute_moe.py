@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from ..profile import ModelProfile
 
-__all__ = ["MoeFlags", "moe_flags", "moe_then_layer", "router_bytes", "shared_expert_peaks"]
+__all__ = ["MoeFlags", "moe_flags", "moe_then_layer", "output_in_dense_hole", "router_bytes", "shared_expert_peaks"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,13 @@ def moe_then_layer(layer_moe: list[bool], *, pipelined: bool = False, weight_bef
     puts its output in the hole the dense layer's output left (measured: -ts 1,2,1 without flash attention)."""
     return any(moe and not (pipelined and weight_before and k and not layer_moe[k - 1])
                for k, moe in enumerate(layer_moe[:-1]))
+
+
+def output_in_dense_hole(flags: MoeFlags, layer_moe: list[bool], rotated_k: bool) -> bool:
+    """llama4, -fa on with a quantized K: the K rotation's products leave the dense layer's output hole open
+    when the model's last layer (MoE) follows a dense layer on its device, and the last layer's output takes
+    it instead of landing above its FFN (measured: -ts 1,1,1 -c 4096, q4_0 low, f16 high)."""
+    return flags.weight_before and rotated_k and len(layer_moe) >= 2 and layer_moe[-1] and not layer_moe[-2]
 
 
 def router_bytes(n_expert: int, n_expert_used: int, T: int, rows: int) -> int:

@@ -21,27 +21,22 @@ __all__ = ["CACHE_NOT_MODELLED", "COMPUTE_CHECKED", "COMPUTE_EXACT", "Doubt", "d
 # Architectures whose compute buffers the closed forms of gpulab.core.placement.compute were
 # derived from (llama, gemma2/3, qwen3moe) or checked on by the architecture matrix with the same
 # errors as llama's (qwen2, qwen3, mistral3, granite, gpt-oss, olmoe, internlm2, exaone, maincoder,
-# nanbeige, xverse; llama4's interleaved MoE: exact with f16 caches), and
-# those of COMPUTE_EXACT (smollm3's RoPE-less layers and exaone4's norms are modelled). The others get a
-# compute doubt.
+# nanbeige, xverse), and those of COMPUTE_EXACT. The others get a compute doubt. (Every architecture of the
+# matrix is now exact: the doubts for a checked graph that is not exact apply to none of them.)
 COMPUTE_CHECKED = frozenset({"llama", "gemma2", "gemma3", "qwen3moe", "qwen2", "qwen3", "mistral3", "granite",
-                             "gpt-oss", "olmoe", "internlm2", "exaone", "maincoder", "nanbeige", "xverse", "llama4"})
-
-# The largest compute error the matrix measured with a quantized KV cache where it is over 2.1 MiB: llama4, its
-# output device after a dense layer (-fa on, q4_0: the K rotation's products leave a hole that takes the last
-# layer's output) and a RoPE-less layer alone (-fa off, q8_0 K): 3.1 MiB too high.
-_QUANTIZED_BOUND = {"llama4": 3.2}
+                             "gpt-oss", "olmoe", "internlm2", "exaone", "maincoder", "nanbeige", "xverse"})
 
 # Architectures whose compute buffers the architecture matrix found within 1 MiB of llama.cpp's on every
 # device in every setting, f16 and quantized caches and the pipelined output device included: no compute
 # doubt in those settings. Llama's dense graph (src/models/llama.cpp and the loaders that build it), the
 # qwen3moe/olmoe MoE graph, deepseek2's absorbed MLA (compute_mla), qwen2moe's and glm4moe's shared expert
 # (compute_moe), gpt-oss's rows gathered after the last layer, gemma2/3's and olmo2's norms after attention
-# and the FFN, baichuan's RoPE-less layers, cohere2's attention beside the FFN. The recurrent graphs gpulab
+# and the FFN, baichuan's RoPE-less layers, cohere2's attention beside the FFN, llama4's interleaved dense and
+# MoE layers with the input weighted before the experts. The recurrent graphs gpulab
 # replays (placement.recurrent: mamba2, lfm2, qwen3next) are exact wherever they were checked.
 COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "internlm2", "exaone", "maincoder",
                            "nanbeige", "xverse", "qwen3moe", "olmoe", "smollm3", "exaone4", "deepseek2", "qwen2moe",
-                           "glm4moe", "gpt-oss", "gemma2", "gemma3", "olmo2", "baichuan", "cohere2",
+                           "glm4moe", "gpt-oss", "gemma2", "gemma3", "olmo2", "baichuan", "cohere2", "llama4",
                            *RECURRENT_GRAPHS})
 
 # Architectures whose memory is not llama_kv_cache / llama_memory_recurrent as gpulab sizes them
@@ -105,9 +100,8 @@ def doubts(profile: ModelProfile, config: SplitConfig, layer_devices: list[str] 
     else:
         exact = arch in COMPUTE_EXACT
         if not exact and (config.type_k not in _QUANTIZED_FREE or config.type_v not in _QUANTIZED_FREE):
-            bound = _QUANTIZED_BOUND.get(arch, 2.2)
-            out.append(Doubt("compute", f"compute: with a quantized KV cache, up to {bound - 0.1:.1f} MiB off per "
-                             "device (measured; the rule is not derived)", int(bound * _MiB)))
+            out.append(Doubt("compute", "compute: with a quantized KV cache, up to 2.1 MiB off per device "
+                             "(measured; the rule is not derived)", int(2.2 * _MiB)))
         if profile.n_expert and layer_devices is not None and "CPU" in layer_devices \
                 and any(d != "CPU" for d in layer_devices):
             out.append(Doubt("compute", "compute: MoE layers split between the host and devices, up to 9 MiB "

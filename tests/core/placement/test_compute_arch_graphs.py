@@ -63,6 +63,8 @@ SETTINGS = {
     "ts-1-2-1-q8k-fa-off": (SplitConfig(tensor_split=(1, 2, 1), n_ctx=4096, type_k="q8_0", flash_attn="off"), 3),
     "ts-1-1-1-q4-fa": (SplitConfig(tensor_split=(1, 1, 1), n_ctx=4096, type_k="q4_0", type_v="q4_0",
                                    flash_attn="on"), 3),
+    # not in the matrix: checked once after llama4's rules were written (the q4_0 setting's f16 twin)
+    "ts-1-1-1-f16-fa": (SplitConfig(tensor_split=(1, 1, 1), n_ctx=4096, flash_attn="on"), 3),
 }
 LOGGED = {
     # deepseek2: n_embd 1024, 16 heads, q_lora 512, kv_lora 256, rope 64, 1 dense + 5 MoE layers with a shared
@@ -94,6 +96,7 @@ LOGGED = {
     ("llama4", "none-main-1-fa-off"): {"RPC1": 47.11, "CPU": 10.02},
     ("llama4", "ts-1-2-1-q8k-fa-off"): {"RPC0": 178.09, "RPC1": 217.27, "RPC2": 176.09, "CPU": 82.19},
     ("llama4", "ts-1-1-1-q4-fa"): {"RPC0": 46.16, "RPC1": 62.33, "RPC2": 62.34, "CPU": 42.34},
+    ("llama4", "ts-1-1-1-f16-fa"): {"RPC0": 46.04, "RPC1": 62.08, "RPC2": 65.18, "CPU": 42.09},
     # gpt-oss: 6 MoE layers with biased experts, SWA every other layer, the output rows gathered after the last
     # layer (src/models/openai-moe.cpp)
     ("gpt-oss", "ts-3-1-q8-fa"): {"RPC0": 35.39, "RPC1": 26.00, "CPU": 21.34},
@@ -137,9 +140,6 @@ LOGGED = {
     ("cohere2", "ts-1-2-1-q8k-fa-off"): {"RPC0": 58.09, "RPC1": 190.16, "RPC2": 178.09, "CPU": 58.18},
     ("cohere2", "ts-1-1-1-q4-fa"): {"RPC0": 38.16, "RPC1": 54.32, "RPC2": 54.33, "CPU": 30.34},
 }
-# where gpulab is not exact: (arch, setting, device) -> MiB it predicts above llama.cpp's log, within the
-# doubt the plan states (coverage._QUANTIZED_BOUND)
-ABOVE = {("llama4", "ts-1-2-1-q8k-fa-off", "RPC2"): 2.0, ("llama4", "ts-1-1-1-q4-fa", "RPC2"): 3.08}
 
 
 @pytest.mark.parametrize("arch,setting", list(LOGGED))
@@ -149,17 +149,14 @@ def test_compute_buffers_match_llama_cpp_logs(models, arch, setting):
     p = plan(models[arch], rpc(n), config)
     for d in p.devices:
         if d.name in logged:
-            above = ABOVE.get((arch, setting, d.name), 0.0)
             # the log's two decimals, and the router's [n_expert, T] tensors below the experts that the MoE
             # graph without a shared expert leaves out (64 KiB here)
-            assert d.compute_bytes / MiB == pytest.approx(logged[d.name] + above, abs=0.07), d.name
-            if above:
-                assert above * MiB <= sum(x.bound_bytes for x in p.doubts if x.term == "compute")
-    if arch in COMPUTE_EXACT:
-        # silent but for the doubt every MoE model keeps with layers on the host and on devices (-ngl 4)
-        assert [d.text.split(",")[0] for d in p.doubts] == (
-            ["compute: MoE layers split between the host and devices"]
-            if config.n_gpu_layers == 4 and models[arch].n_expert else [])
+            assert d.compute_bytes / MiB == pytest.approx(logged[d.name], abs=0.07), d.name
+    assert arch in COMPUTE_EXACT
+    # silent but for the doubt every MoE model keeps with layers on the host and on devices (-ngl 4)
+    assert [d.text.split(",")[0] for d in p.doubts] == (
+        ["compute: MoE layers split between the host and devices"]
+        if config.n_gpu_layers == 4 and models[arch].n_expert else [])
 
 
 def test_router_tensors_below_the_experts():
