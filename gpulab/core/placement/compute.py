@@ -36,7 +36,12 @@ llama, gemma2/gemma3 (sliding window), qwen3moe and Mixtral-style graphs (too sl
 plan, so not part of gpulab) matched every buffer llama.cpp logged in the calibration runs to
 the byte; these closed forms stay within 10% of that replay for 99.9% of backends over the
 shapes of Llama 2/3, Qwen2.5, Phi-3, SmolLM2, Gemma 2/3, Mixtral and Qwen3-30B-A3B (max 10.3%).
-bench/compute_calibration.py measures them against real llama.cpp (RPC devices).
+bench/compute_calibration.py measures them against real llama.cpp (RPC devices). The rules of the other
+graphs (MLA: compute_mla; shared experts, dense layers in MoE models: compute_moe; norms after attention
+and the FFN, RoPE-less layers, outputs gathered after the last layer, attention beside the FFN) were read
+from ggml-alloc's layout of llama.cpp's own graph per device (bench/compute_trace.py: each tensor's
+offset in the compute buffer through the scheduler's eval callback) on the architecture matrix
+(tests/integration/test_arch_matrix_vs_llama.py).
 
 Recurrent graphs (mamba2, lfm2, qwen3next) are replayed op by op instead (gpulab.core.placement.recurrent):
 their layers leave the buffer unlike each other. Not modelled: op offload (CUDA, with layers on the host and
@@ -403,6 +408,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     # no norm before attention (the norms follow attention and the FFN: olmo2, exaone4): one row set
     # less below KQ, and no hole the quantized V cache closes below the FFN
     post = profile.arch in _POST_NORM
+    gather_after = profile.arch in _GATHER_AFTER
     post_e = e if post else 0
     own_inputs: dict[str, int] = {}
     for name in names:
@@ -472,7 +478,6 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             # SmolLM2 (test_real_models_exact_vs_llama.py); issue 27.
             quant_v = config.type_v not in ("f32", "f16", "bf16")
             holds_last = last_dev == name
-            gather_after = profile.arch in _GATHER_AFTER
             quant_k = config.type_k not in ("f32", "f16", "bf16")
             closed = (holds_last and has_out and not par_e and not (profile.arch in _SANDWICH and n_l > 1)) \
                 or ((quant_v or (quant_k and not fa)) and (not holds_last or gather_after) and not post)
@@ -558,7 +563,6 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         # The model's last layer: when its input copies are smaller than a row set, its
         # ffn_inp (the gathered attention output) lands above them and the FFN on top.
         low = (e if post else 2 * e) + inputs
-        gather_after = profile.arch in _GATHER_AFTER
         glu_low = not g.moe and inputs < e and f <= low and not gather_after
         if all_nope:
             pass        # the gathered attention output takes the bottom the attention left (baichuan, -ngl 4)
