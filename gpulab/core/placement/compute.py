@@ -405,6 +405,8 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     # a shared-expert MoE layer's output lands above its expert outputs (compute_moe), but with flash attention
     # a Q wider than a row set (glm4moe) leaves a hole below that takes it every other layer
     high_out = shx and (not fa or q <= e)
+    # ... on pipelined devices only: on one whose input copies are freed no such hole is left (glm4moe -sm none)
+    high_out_np = shx
     # no norm before attention (the norms follow attention and the FFN: olmo2, exaone4): one row set
     # less below KQ, and no hole the quantized V cache closes below the FFN
     post = profile.arch in _POST_NORM
@@ -432,7 +434,12 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             if mla is not None:
                 peaks += mla_host_peaks(mla, T, persist=persist + e, n_layers=s[0], e=e, kq=0 if fa else kq_full,
                                         first_dense=not any(t.is_expert for t in profile.layers[0].tensors))
-            elif mf is not None and fa and not mf.layer_moe[0]:
+            if has_out and high_out and mf is not None and mla is None:
+                # -ngl 0: the last shared-expert MoE layer's output above its expert outputs, the logits on top
+                peaks += shared_expert_peaks(ffn_base=persist + 2 * e, fe=ffn_unit, fd=part_out["down"], e=e,
+                                             offset=mf.output_offset(ffn_unit, part_out["down"]), kq=0,
+                                             logits=logits, next_layer=False, has_out=True)
+            if mf is not None and mla is None and fa and not mf.layer_moe[0]:
                 # a leading dense layer: its FFN input above the embeddings and the freed attention output, gate
                 # and up on it; the GLU output takes the range those two left where it fits (glm4moe)
                 peaks.append(persist + 2 * e + q + (2 * f if e + q >= f else 3 * f))
@@ -444,7 +451,9 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
                 # the output layer alone: the hidden state comes over, is normed in place,
                 # and the logits go above it
                 after_host = n_layer == 0 or layer_devices[n_layer - 1] == HOST_NAME
-                if g.moe and after_host and nc == 1:
+                # (with a shared expert the host's layer ends on the host: only the output norm's input comes
+                # over; deepseek2 -sm none -ngl 2, where the MTP layer is the device's)
+                if g.moe and after_host and nc == 1 and not shx:
                     out[name] = host_boundary + e + logits   # + the new sum over the experts
                 else:
                     out[name] = nc * e + (e if nc > 1 else 0) + logits
@@ -550,7 +559,8 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
                 if present and not later and size >= ffn_unit:
                     ffn_inputs -= size
             if g.moe:
-                ffn = ffn_after_host if before == HOST_NAME else (2 * e + router if high_out else ffn_slots) + ffn_big
+                ffn = (ffn_after_host if before == HOST_NAME
+                       else (2 * e + router if high_out_np else ffn_slots) + ffn_big)
             else:
                 # the residual and one hole below the FFN; two host operands leave room for both
                 # (a layer without RoPE leaves the hole: smollm3, -ngl 4 in the arch matrix)
@@ -581,7 +591,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             # ffn_down went, the logits above it. That is the bottom of the buffer unless the
             # GLU output fitted below ffn_inp: then ffn_down went on top of everything.
             peaks.append((low + 2 * e if glu_low else 2 * e if gather_after and last_dev == name else e) + logits)
-        if high_out and mf is not None and n_l > 1 and before != HOST_NAME:
+        if high_out_np and mf is not None and n_l > 1 and before != HOST_NAME:
             peaks += shared_expert_peaks(ffn_base=inputs + 2 * e + router, fe=ffn_unit, fd=part_out["down"], e=e,
                                          offset=mf.output_offset(ffn_unit, part_out["down"]),
                                          kq=0 if fa or mla is not None else kq_dev, logits=logits,
