@@ -159,6 +159,27 @@ def test_compute_buffers_match_llama_cpp_logs(models, arch, setting):
         if config.n_gpu_layers == 4 and models[arch].n_expert else [])
 
 
+# settings outside the matrix where a random sweep (bench/recurrent_sweep.py --archs deepseek2,qwen2moe,...)
+# found a rule missing; llama.cpp's logged buffers, MiB
+OUTSIDE = [
+    # -ngl 0, shared expert: the logits above the last layer's output on the host (was 12 MiB low)
+    ("qwen2moe", SplitConfig(n_gpu_layers=0, split_mode="none", main_gpu=1, n_ctx=1024, type_k="q8_0",
+                             flash_attn="on"), {"RPC1": 0.0, "CPU": 33.03}),
+    # the output layer alone after host layers (and the MTP layer): only the norm's input comes over (was 6 high)
+    ("deepseek2", SplitConfig(n_gpu_layers=2, split_mode="none", main_gpu=1, n_ctx=512), {"RPC1": 18.00, "CPU": 36.51}),
+    # one device, wide Q with flash attention: no hole below the MoE output (was 6 low)
+    ("glm4moe", SplitConfig(split_mode="none", main_gpu=1, n_ctx=1024, n_ubatch=256, type_k="q8_0", type_v="q8_0"),
+     {"RPC1": 15.58, "CPU": 2.58}),
+]
+
+
+@pytest.mark.parametrize("arch,config,logged", OUTSIDE, ids=[a for a, _, _ in OUTSIDE])
+def test_compute_buffers_outside_the_matrix(models, arch, config, logged):
+    p = plan(models[arch], rpc(3), config)
+    assert {d.name: d.compute_bytes / MiB for d in p.devices} == {k: pytest.approx(v, abs=0.07)
+                                                                  for k, v in logged.items()}
+
+
 def test_router_tensors_below_the_experts():
     # 16 experts, 4 used, 512 tokens: logits, biased probabilities, argsort (deepseek2) or logits, argsort and
     # the selected weights (qwen2moe), as the compute buffers' offsets showed
