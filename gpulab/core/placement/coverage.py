@@ -14,6 +14,7 @@ from ..config import SplitConfig
 from ..profile import ModelProfile
 from .compute import compute_tokens
 from .compute_mla import mla_geom
+from .compute_moe import moe_flags
 from .recurrent import RECURRENT_GRAPHS, replayable
 
 __all__ = ["CACHE_NOT_MODELLED", "COMPUTE_CHECKED", "COMPUTE_EXACT", "Doubt", "doubts"]
@@ -51,6 +52,16 @@ CACHE_NOT_MODELLED = {
     "glm5-next": "its hybrid cache with an indexer is not modelled",
     "dflash": "its draft-stage cache is not modelled",
 }
+
+
+def _wide_expert_outputs(profile: ModelProfile) -> float:
+    """n_embd / n_ff_exp where a MoE graph with a shared expert or MLA (compute_moe, compute_mla) has expert
+    outputs wider than an expert's up and gate together (DeepSeek-V3: 3.5; the matrix's models: 2); else 0."""
+    if not profile.n_expert or not moe_flags(profile).shared:
+        return 0.0
+    ff_exp = next((t.shape[1] for layer in profile.layers for t in layer.tensors
+                   if "up_exps" in t.name and len(t.shape) >= 2), 0)
+    return profile.n_embd / ff_exp if ff_exp and profile.n_embd > 2 * ff_exp else 0.0
 
 
 @dataclass(frozen=True)
@@ -118,6 +129,13 @@ def doubts(profile: ModelProfile, config: SplitConfig, layer_devices: list[str] 
         if output_shares_layers and not exact:
             out.append(Doubt("compute", "compute: pipelined, the output layer's device is up to 2 MiB off "
                              "(measured)", int(2.1 * _MiB)))
+        wide = _wide_expert_outputs(profile)
+        if wide:
+            T, _, _ = compute_tokens(config)
+            bound = 2 * 4 * profile.n_embd * T + 64 * 1024
+            out.append(Doubt("compute", f"compute: {arch}'s expert outputs are {wide:.1f}x as wide as an expert's "
+                             "up projection; its MoE rules were derived at 2x (variants of the matrix's models at 4x: "
+                             f"up to two row sets off per device, {bound / _MiB:.1f} MiB here)", bound))
     if profile.n_nextn and any(layer.is_nextn and layer.tensors for layer in profile.layers):
         out.append(Doubt("compute", f"compute: {arch} loads its {profile.n_nextn} MTP layer(s) with the "
                          "model; their graph is not modelled", 0))
