@@ -15,12 +15,13 @@ Dimensions are chosen so that every layer holds several MiB: a misplaced tensor 
 
 from __future__ import annotations
 
+import json
 import pathlib
 from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["ARCH_MODELS", "arch_tensors", "write_arch_model"]
+__all__ = ["ARCH_MODELS", "CURATED", "DISCOVERED", "arch_tensors", "tensor_type", "write_arch_model", "write_gguf"]
 
 _Tensor = tuple[str, tuple[int, ...], str]      # name, ggml shape (ne0 first), ggml type
 _E, _V = 1024, 8192                             # n_embd, n_vocab of every model here
@@ -378,7 +379,7 @@ def _cohere2() -> tuple[dict, list[_Tensor]]:
     return kv, head + body + tail
 
 
-ARCH_MODELS: dict[str, Callable[[], tuple[dict, list[_Tensor]]]] = {
+CURATED: dict[str, Callable[[], tuple[dict, list[_Tensor]]]] = {
     "llama": _dense_llama(), "qwen2": _dense_llama(bias=True), "qwen3": _dense_llama(qk_norm=True, tied=True),
     "mistral3": _dense_llama(), "smollm3": _dense_llama(tied=True),
     "granite": _dense_llama(extra={"logit_scale": 8.0, "residual_scale": 0.22, "embedding_scale": 12.0,
@@ -393,9 +394,51 @@ ARCH_MODELS: dict[str, Callable[[], tuple[dict, list[_Tensor]]]] = {
 }
 
 
+_VALUE_TYPES = {"u8": "UINT8", "i8": "INT8", "u16": "UINT16", "i16": "INT16", "u32": "UINT32", "i32": "INT32",
+                "u64": "UINT64", "i64": "INT64", "f32": "FLOAT32", "f64": "FLOAT64", "bool": "BOOL", "str": "STRING"}
+_F32_TENSORS = ("ffn_gate_inp", "exp_probs_b", "ssm_a", "ssm_d", "ssm_conv1d", "ssm_dt", "shortconv.conv",
+                "time_mix", "channel_mix", "conv1d", "ssm_norm", "_norm", "norm.", "bias")
+
+
+def tensor_type(name: str, shape: tuple[int, ...]) -> str:
+    """The ggml type a generated tensor is written in: F16 for matrices, F32 for vectors and for the
+    tensors ggml's recurrent and routing ops read as F32 (ssm_conv, ssm_scan, rwkv_wkv, the router)."""
+    if len([n for n in shape if n > 1]) <= 1 or any(k in name for k in _F32_TENSORS):
+        return "F32"
+    return "F16"
+
+
+def _discovered() -> dict[str, dict]:
+    """The architectures scripts/discover_arch_models.py found llama.cpp loads and makes a context for."""
+    path = pathlib.Path(__file__).with_name("arch_models.json")
+    if not path.exists():
+        return {}
+    found = json.loads(path.read_text())
+    return {a: f for a, f in found.items() if a not in CURATED and f.get("context") == "ok"}
+
+
+DISCOVERED = _discovered()
+ARCH_MODELS: tuple[str, ...] = (*CURATED, *sorted(DISCOVERED))
+
+
+def _model(arch: str) -> tuple[dict[str, tuple[str | None, object]], list[_Tensor]]:
+    """(full key -> (value type or None to infer, value), tensors) of `arch`'s model."""
+    if arch in CURATED:
+        kv, tensors = CURATED[arch]()
+        keys: dict[str, tuple[str | None, object]] = {
+            f"{arch}.context_length": (None, 32768), f"{arch}.embedding_length": (None, _E),
+            f"{arch}.vocab_size": (None, _V)}
+        keys.update({f"{arch}.{k}": (None, v) for k, v in kv.items()})
+        return keys, tensors
+    found = DISCOVERED[arch]
+    types = found.get("types", {})
+    return ({k: (types.get(k), v) for k, v in found["kv"].items()},
+            [(n, tuple(s), tensor_type(n, tuple(s))) for n, s in found["tensors"]])
+
+
 def arch_tensors(arch: str) -> list[_Tensor]:
     """The tensors write_arch_model writes for `arch`, in file order."""
-    return ARCH_MODELS[arch]()[1]
+    return _model(arch)[1]
 
 
 def _n_bytes(shape: tuple[int, ...], gtype: str) -> int:
@@ -404,28 +447,36 @@ def _n_bytes(shape: tuple[int, ...], gtype: str) -> int:
 
 def write_arch_model(path, arch: str) -> pathlib.Path:
     """Write the model of `arch` at `path` (zero weights, a sparse file) and return the path."""
+    kv, tensors = _model(arch)
+    return write_gguf(path, arch, kv, tensors)
+
+
+def write_gguf(path, arch: str, kv: dict[str, tuple[str | None, object]], tensors: list[_Tensor]) -> pathlib.Path:
+    """A GGUF of `arch` with keys `kv` (full key -> (value type, value)), the test vocab, and zero
+    `tensors` (a sparse file: only the header is written)."""
     import gguf
 
     from .synth import add_vocab
-    kv, tensors = ARCH_MODELS[arch]()
     path = pathlib.Path(path)
     w = gguf.GGUFWriter(path, arch)
     try:
-        w.add_name(f"gpulab-{arch}")
+        w.add_name("gpulab generated model")  # not the arch: llama-vocab sets per-name token attributes (phi3)
         w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-        w.add_context_length(32768)
-        w.add_embedding_length(_E)
-        w.add_vocab_size(_V)
-        for key, value in kv.items():
-            full = f"{arch}.{key}"
-            if isinstance(value, list):
-                w.add_array(full, value)
+        for key, (vtype, value) in kv.items():
+            if vtype is not None:
+                t = gguf.GGUFValueType[_VALUE_TYPES[vtype]]
+                if isinstance(value, list):
+                    w.add_key_value(key, value, gguf.GGUFValueType.ARRAY, sub_type=t)
+                else:
+                    w.add_key_value(key, value, t)
+            elif isinstance(value, list):
+                w.add_array(key, value)
             elif isinstance(value, bool):
-                w.add_bool(full, value)
+                w.add_bool(key, value)
             elif isinstance(value, float):
-                w.add_float32(full, value)
+                w.add_float32(key, value)
             else:
-                w.add_uint32(full, value)
+                w.add_uint32(key, int(value))  # type: ignore[call-overload]
         add_vocab(w, _V)
         for name, shape, gtype in tensors:
             w.add_tensor_info(name, tuple(reversed(shape)), np.dtype(np.float32), _n_bytes(shape, gtype),

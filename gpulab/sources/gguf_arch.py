@@ -22,6 +22,11 @@ _MAX_EXPERTS = 1024           # LLAMA_MAX_EXPERTS
 # Base names (the tensor name without '.weight' / '.bias') of the INPUT and OUTPUT layers.
 _INPUT_NAMES = frozenset({"token_embd", "position_embd", "token_types", "per_layer_token_embd",
                           "masked_embd_centroids", "masked_embd_ordering"})
+# Repeating tensors named without "blk.N": llama.cpp puts each with the layer its create_tensor call
+# numbers (the buffer list of dev_layer[bid], llama_model_base::create_tensor): gemma3n/gemma4 create the
+# per-layer-input projection with bid 0, wavtokenizer-dec its posnet.N and convnext.N blocks with bid N.
+_LAYER0_NAMES = frozenset({"per_layer_model_proj", "per_layer_proj_norm"})
+_NUMBERED_BLOCKS = ("posnet", "convnext")
 _OUTPUT_NAMES = frozenset({
     "output", "output_norm", "cls", "cls.output", "cls.norm", "dense_2", "dense_3",
     "dec.output_norm", "enc.output_norm", "output_res_score", "output_hc_fn", "output_hc_base",
@@ -34,6 +39,9 @@ _LFM2_ARCHS = frozenset({"lfm2", "lfm2moe"})
 # Encoders that have no output matrix at all: a missing output.weight is not a tied one there.
 _NO_OUTPUT_ARCHS = frozenset({"bert", "jina-bert-v2", "jina-bert-v3", "nomic-bert",
                               "nomic-bert-moe", "neo-bert", "eurobert", "modern-bert"})
+# Decoders whose graph multiplies by token_embd itself for the logits, where the input layer holds it
+# (src/models/bitnet.cpp: no output tensor, no TENSOR_DUPLICATED copy on the output device).
+_OUTPUT_IS_TOKEN_EMBD = frozenset({"bitnet"})
 # llama_model::create_memory (src/llama-model.cpp): no memory at all for these.
 _NO_MEMORY_ARCHS = _NO_OUTPUT_ARCHS | {"wavtokenizer-dec", "gemma-embedding", "dream", "llada",
                                        "llada-moe", "rnd1"}
@@ -46,14 +54,14 @@ _HYBRID_BY_HEADS = frozenset({"jamba", "granitehybrid", "lfm2", "lfm2moe", "plam
 # {arch}.full_attention_interval-th layer (this default otherwise).
 _HYBRID_BY_INTERVAL = {"qwen3next": 4, "qwen35": 4, "qwen35moe": 4, "qwen4exp": 4, "minimax-01": 8}
 # Archs whose load_arch_hparams reads key_length_mla / value_length_mla (src/models/<arch>.cpp):
-# llama_hparams::is_mla() when both are non-zero.
+# llama_hparams::is_mla() when both are non-zero; mistral4 is deepseek2's loader (models.h: a subclass).
 _MLA_ARCHS = frozenset({"deepseek2", "deepseek32", "dots3note", "glm-dsa", "glm5-next", "hy_v4", "kimi-k3",
-                        "kimi-linear", "bailingmoe3"})
+                        "kimi-linear", "bailingmoe3", "mistral4"})
 # Archs whose load_arch_tensors give the nextn layers mtp_flags |= TENSOR_SKIP unless MTP is on
-# (grep mtp_flags src/models/*.cpp): "model has unused tensor ... -- ignoring".
+# (grep mtp_flags src/models/*.cpp; mistral4 is deepseek2's): "model has unused tensor ... -- ignoring".
 _MTP_SKIP_ARCHS = frozenset({"bailingmoe3", "cohere2moe", "deepseek2", "deepseek32", "deepseek4", "glm-dsa",
-                             "glm4moe", "glm5-next", "hy_v3", "mimo2", "nemotron_h", "nemotron_h_moe", "qwen35",
-                             "qwen35moe", "qwen3next", "step35"}) | frozenset({
+                             "glm4moe", "glm5-next", "hy_v3", "mimo2", "mistral4", "nemotron_h", "nemotron_h_moe",
+                             "qwen35", "qwen35moe", "qwen3next", "step35"}) | frozenset({
     # ... and those that skip them whatever MTP says ("preserved in GGUF but not executed yet")
     "bailingmoe2", "dots3note", "exaone-moe", "exaone4", "glm4"})
 _MTP_NEVER_LOADED = frozenset({"bailingmoe2", "dots3note", "exaone-moe", "exaone4", "glm4"})
@@ -300,6 +308,11 @@ def build_profile(h: Header, path: str, file_bytes: int, fail) -> ModelProfile:
             per_layer[il].append(info)
             continue
         base = _base_name(t.name)
+        if base in _LAYER0_NAMES or (parts[0] in _NUMBERED_BLOCKS and len(parts) == 3 and parts[1].isdigit()):
+            il = 0 if base in _LAYER0_NAMES else int(parts[1])
+            if il < n_layer:
+                per_layer[il].append(info)
+                continue
         if base in _INPUT_NAMES:
             inputs.append(info)
         elif base in _OUTPUT_NAMES or t.name in _OUTPUT_NAMES or (
@@ -349,7 +362,7 @@ def build_profile(h: Header, path: str, file_bytes: int, fail) -> ModelProfile:
         layers=layers, input_tensors=tuple(inputs), output_tensors=tuple(outputs),
         # llama.cpp loads token_embd a second time as the output matrix (TENSOR_DUPLICATED)
         tied_output=("output.weight" not in names and "token_embd.weight" in names
-                     and arch not in _NO_OUTPUT_ARCHS),
+                     and arch not in _NO_OUTPUT_ARCHS and arch not in _OUTPUT_IS_TOKEN_EMBD),
         n_expert=n_expert, n_expert_used=n_expert_used, n_swa=n_swa, file_type=file_type,
         other_tensors=tuple(others), metadata=metadata, n_nextn=n_nextn,
         mtp_never_loaded=n_nextn > 0 and arch in _MTP_NEVER_LOADED)

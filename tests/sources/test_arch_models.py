@@ -144,6 +144,28 @@ def test_exaone4_never_loads_its_mtp_layer(models):
     assert not models["glm4moe"].mtp_never_loaded      # glm4moe loads them with MTP on
 
 
+def test_discovered_models_hold_the_tensors_llama_cpp_asked_for(models):
+    """scripts/discover_arch_models.py wrote what the vendored llama.cpp's loader asked for: falcon
+    (src/models/falcon.cpp) has a fused QKV of n_embd + 2 x 4 KV heads x 64 columns and no FFN gate."""
+    from gpulab.sources.arch_models import DISCOVERED
+    assert len(DISCOVERED) >= 85 and "falcon" in DISCOVERED and "llama" not in DISCOVERED
+    falcon = models["falcon"]
+    assert [(t.name, t.shape) for t in falcon.layers[0].tensors] == [
+        ("blk.0.attn_norm.weight", (1024,)), ("blk.0.attn_norm.bias", (1024,)),
+        ("blk.0.attn_qkv.weight", (1024, 1536)), ("blk.0.attn_output.weight", (1024, 1024)),
+        ("blk.0.ffn_down.weight", (3072, 1024)), ("blk.0.ffn_up.weight", (1024, 3072))]
+    assert falcon.layers[0].weights_bytes == 2 * 4096 + (1536 + 1024 + 2 * 3072) * 1024 * 2 == 17833984
+    # gemma4 creates its per-layer-input projection with layer 0 (create_tensor(..., "weight", 0))
+    assert "per_layer_model_proj.weight" in {t.name for t in models["gemma4"].layers[0].tensors}
+
+
+def test_a_discovered_architecture_states_its_measured_compute_doubt(models):
+    sim = parse_sim_spec("24GiB,24GiB")
+    (d,) = plan(models["falcon"], sim, SplitConfig()).doubts
+    assert d.term == "compute" and d.text == "compute: falcon's graph is sized as a llama-like graph " \
+        "(measured up to 12.5 MiB off per device)" and d.bound_bytes == int(12.5 * MiB)
+
+
 @pytest.mark.parametrize("arch,config,expected", [
     # -cmoe: the experts' products run on the host, with the router's choice (the argsort's top-k view, all
     # of its rows) and the normed hidden state copied there
@@ -160,3 +182,8 @@ def test_replayed_recurrent_graphs_follow_tensor_overrides(models, arch, config,
     p = plan(models[arch], [Device(name=f"RPC{i}", total_bytes=64 << 30, free_bytes=64 << 30, source="rpc",
                                    kind="rpc") for i in range(2)], config)
     assert {d.name: round(d.compute_bytes / MiB, 2) for d in p.devices} == expected
+
+
+def test_a_discovered_architecture_found_exact_is_silent(models):
+    """glm4's loader builds llama's graph: the matrix found it within 1 MiB in every setting."""
+    assert plan(models["glm4"], parse_sim_spec("24GiB,24GiB"), SplitConfig(split_mode="none")).doubts == ()

@@ -7,6 +7,7 @@ llama.cpp does, so that layers on a split boundary land where llama.cpp puts the
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from bisect import bisect_right
 
@@ -209,6 +210,9 @@ def state_bytes_per_layer(profile: ModelProfile, config: SplitConfig) -> tuple[i
     return tuple(_STATE_ELT * (layer.n_embd_r + layer.n_embd_s) * n for layer in profile.layers)
 
 
+_FLASH_ATTN_FORCED_OFF = frozenset({"grok"})
+
+
 def _flash_attn_on(config: SplitConfig) -> bool:
     # 'auto' resolves to on wherever the device supports it (CPU, CUDA, RPC all do)
     return config.flash_attn != "off"
@@ -226,6 +230,13 @@ def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | Non
         # llama_init_from_model (src/llama-context.cpp): MLA keeps one cache; it refuses the load
         raise ConfigError(f"{profile.arch} uses MLA, and llama.cpp refuses different K ({config.type_k}) and "
                           f"V ({config.type_v}) cache types for it; give -ctk and -ctv the same type")
+    if profile.arch in _FLASH_ATTN_FORCED_OFF and config.flash_attn != "off":
+        # llama_init_from_model (src/llama-context.cpp): "flash_attn is not compatible with Grok - forcing
+        # off"; then a quantized V cache is refused
+        if config.type_v not in ("f32", "f16", "bf16"):
+            raise ConfigError(f"llama.cpp turns flash attention off for {profile.arch}, and a quantized V cache "
+                              f"(type_v={config.type_v}) needs it; use -ctv f16")
+        config = dataclasses.replace(config, flash_attn="off")
     used = select_devices(devices, config)
     rules = effective_rules(config)
     tensor_mode = config.split_mode == "tensor" and bool(used)
