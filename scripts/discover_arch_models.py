@@ -88,6 +88,10 @@ RETRIES = [
     ("kda_gate_lower_bound < 0.0f", {"kda.safe_gate": True, "kda.gate_lower_bound": -5.0}),
     ("n_embd == hparams.n_embd_r()", {"token_shift_count": 1}),    # rwkv6qwen2, arwkv7: one shifted row
     ("time_mix_lerp_fused == NULL", {OPTIONAL: True}),             # rwkv6: its lerp tensors are optional
+    # a reshape of Q that assumes as many KV heads as query heads (t5's n_embd_k_gqa-wide Q)
+    ("ggml_nelements(a) == ne0*ne1*ne2)", {"attention.head_count_kv": 16}),
+    ("a->ne[0] == b->ne[0]", {"attention.head_count_kv": 16}),     # ... or a product of them (minicpm3)
+    ("expects sqrtsoftplus MoE scoring", {"expert_gating_func": 4}),  # LLAMA_EXPERT_GATING_FUNC_TYPE_SQRT_SOFTPLUS
 ]
 
 
@@ -255,6 +259,9 @@ def child(arch: str, out: Path, extra: dict) -> None:
                     result = {"error": f"loader asks for {key} again"}
                     break
                 kv[key] = _guess(key, "array key" in m.group(0))
+            elif (m := re.search(r"key (\S+) has wrong type (\w+) but expected type arr", log)) and m.group(1) in kv:
+                v = kv[m.group(1)]             # an array where a scalar was written: one per block
+                kv[m.group(1)] = v if isinstance(v, list) else [v] * n_layer
             elif m := re.search(r"key (\S+) has wrong type (\w+) but expected type (\w+)", log):
                 types[m.group(1)] = _GGUF_TYPES.get(m.group(3), m.group(3))
                 kv[m.group(1)] = _retype(kv[m.group(1)], types[m.group(1)])

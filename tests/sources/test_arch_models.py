@@ -163,7 +163,7 @@ def test_a_discovered_architecture_states_its_measured_compute_doubt(models):
     sim = parse_sim_spec("24GiB,24GiB")
     (d,) = plan(models["falcon"], sim, SplitConfig()).doubts
     assert d.term == "compute" and d.text == "compute: falcon's graph is sized as a llama-like graph " \
-        "(measured up to 12.5 MiB off per device)" and d.bound_bytes == int(12.5 * MiB)
+        "(measured up to 12.50 MiB off per device)" and d.bound_bytes == int(12.5 * MiB)
 
 
 @pytest.mark.parametrize("arch,config,expected", [

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from ..config import SplitConfig
 from ..profile import ModelProfile
+from ..units import format_bytes
 from .compute import compute_tokens
 from .compute_mla import mla_geom
 from .compute_moe import moe_flags
@@ -91,7 +92,9 @@ COMPUTE_MEASURED_MIB: dict[str, float] = {
     "command-r": 4.5,
     "dbrx": 3.5,
     "deepseek": 2,
+    "deepseek2-ocr": 12,
     "deepseek32": 19.5,
+    "dots1": 12,
     "dream": 138.5,
     "ernie4_5": 20.5,
     "ernie4_5-moe": 2.5,
@@ -126,6 +129,7 @@ COMPUTE_MEASURED_MIB: dict[str, float] = {
     "mellum": 4.5,
     "mimo2": 36.5,
     "minicpm": 20.5,
+    "minicpm3": 9.5,
     "minimax-01": 77,
     "minimax-m2": 2,
     "mistral4": 3.5,
@@ -160,6 +164,8 @@ COMPUTE_MEASURED_MIB: dict[str, float] = {
     "starcoder": 15.5,
     "starcoder2": 12.5,
     "step35": 36.5,
+    "t5": 2176,
+    "t5encoder": 114.5,
     "talkie": 16.5,
     "wavtokenizer-dec": 146.5,
 }
@@ -196,7 +202,8 @@ def doubts(profile: ModelProfile, config: SplitConfig, layer_devices: list[str] 
     arch = profile.arch
     if arch in WEIGHTS_NOT_EXACT:
         why, mib = WEIGHTS_NOT_EXACT[arch]
-        out.append(Doubt("weights", f"weights: {why} (measured up to {mib:g} MiB off per device)", int(mib * _MiB)))
+        out.append(Doubt("weights", f"weights: {why} (measured up to {format_bytes(mib * _MiB)} off per device)",
+                         int(mib * _MiB)))
     if arch in CACHE_NOT_MODELLED:
         out.append(Doubt("kv", f"KV: {CACHE_NOT_MODELLED[arch]} for {arch}", 0))
     recurrent = any(layer.is_recurrent for layer in profile.layers)
@@ -211,7 +218,7 @@ def doubts(profile: ModelProfile, config: SplitConfig, layer_devices: list[str] 
         if arch in COMPUTE_MEASURED_MIB:
             mib = COMPUTE_MEASURED_MIB[arch]
             out.append(Doubt("compute", f"compute: {arch}'s {what} not modelled "
-                             f"(measured up to {mib:g} MiB off per device)", int(mib * _MiB)))
+                             f"(measured up to {format_bytes(mib * _MiB)} off per device)", int(mib * _MiB)))
         else:
             out.append(Doubt("compute", f"compute: {arch}'s {what} not modelled (mamba2's, lfm2's and "
                              "qwen3next's, before they were replayed: up to 75 MiB too low per device at n_embd "
@@ -220,13 +227,13 @@ def doubts(profile: ModelProfile, config: SplitConfig, layer_devices: list[str] 
         mib = COMPUTE_MEASURED_MIB.get(arch, 0)
         out.append(Doubt("compute", f"compute: {arch}'s MLA attention is sized as deepseek2's absorbed MLA "
                          "(compute_mla) or as plain attention "
-                         + (f"(measured up to {mib:g} MiB off per device)" if mib else "(not measured)"),
+                         + (f"(measured up to {format_bytes(mib * _MiB)} off per device)" if mib else "(not measured)"),
                          int(mib * _MiB)))
     elif arch not in COMPUTE_CHECKED and arch not in COMPUTE_EXACT:
         if arch in COMPUTE_MEASURED_MIB:
             mib = COMPUTE_MEASURED_MIB[arch]
             out.append(Doubt("compute", f"compute: {arch}'s graph is sized as a llama-like graph "
-                             f"(measured up to {mib:g} MiB off per device)", int(mib * _MiB)))
+                             f"(measured up to {format_bytes(mib * _MiB)} off per device)", int(mib * _MiB)))
         else:
             out.append(Doubt("compute", f"compute: {arch}'s graph is sized as a llama-like graph; not checked "
                              "against llama.cpp", 0))
