@@ -12,7 +12,6 @@ A term is exact for an architecture when every device in every setting is within
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -26,7 +25,8 @@ _NOT_MODELS = {"clip", "(unknown)"}
 
 
 def llama_archs() -> list[str]:
-    src = Path(os.environ.get("GPULAB_LLAMA_CPP_SRC", "/work/src/llama_cpp_python-0.3.36/vendor/llama.cpp"))
+    from discover_arch_models import llama_src  # scripts/ is this script's own folder on sys.path
+    src = llama_src()
     text = (src / "src" / "llama-arch.cpp").read_text()
     block = text[text.index("LLM_ARCH_NAMES"):]
     block = block[:block.index("};")]

@@ -12,11 +12,15 @@ llama.cpp accepts it, reading what to add from the loader's own errors
   tensor 'T' has wrong shape; expected S -> ... the next load says its shape
   wrong number of tensors                -> drop the block tensors the loader never asked for
 
-then decodes a few tokens with the accepted file. Weights are zeros in a sparse file; the loader
-never reads them. The result, gpulab/sources/arch_models.json, is what write_arch_model writes for
-those architectures; the architectures llama.cpp did not accept are listed with the reason.
+Where llama.cpp stops on an assert instead of naming a key (no experts, MLA geometry, a hybrid's
+recurrent layers), the architecture's source supplies seeds (SEEDS, seeds()) and the assert's text a
+retry with the values it asks for (RETRIES). Then the child creates a context (what the matrix
+measures) and decodes 8 tokens. Weights are zeros in a sparse file; the loader never reads them.
+The result, gpulab/sources/arch_models.json, is what write_arch_model writes for those architectures;
+those llama.cpp did not accept keep the first check they failed (docs/COVERAGE.md lists them).
 
-    GPULAB_LLAMA_CPP_SRC=.../vendor/llama.cpp python scripts/discover_arch_models.py [arch ...]
+    python scripts/discover_arch_models.py [arch ...]      # all by default: about 8 min on one core
+    GPULAB_ARCH_MODELS_OUT=/tmp/x.json ...                 # somewhere else than the package's file
 """
 
 from __future__ import annotations
@@ -40,8 +44,22 @@ BASE = {"context_length": 32768, "embedding_length": 1024, "vocab_size": 8192, "
         "rope.dimension_count": 64, "attention.layer_norm_rms_epsilon": 1e-5}
 
 
-# Keys a loader reads as optional but its tensors need (n_expert == 0 throws or asserts): written
-# whenever the architecture's source (src/models/<arch>.cpp) names them.
+def llama_src() -> Path:
+    """The vendored llama.cpp: GPULAB_LLAMA_CPP_SRC, or the source scripts/llama-tools.sh built the tools from."""
+    given = os.environ.get("GPULAB_LLAMA_CPP_SRC")
+    if given:
+        return Path(given)
+    found = subprocess.run([str(ROOT / "scripts" / "llama-tools.sh"), "--find-only", "llama-server"],
+                           capture_output=True, text=True, env=dict(os.environ, PY=sys.executable))
+    src = Path(found.stdout.strip()).parents[1] / "src" / "vendor" / "llama.cpp" if found.returncode == 0 else None
+    if src is None or not (src / "src" / "llama-arch.cpp").is_file():
+        sys.exit("the vendored llama.cpp is not at hand: set GPULAB_LLAMA_CPP_SRC to vendor/llama.cpp of the "
+                 "pinned llama-cpp-python sdist, or run scripts/llama-tools.sh")
+    return src
+
+
+# Keys a loader reads as optional but its tensors need: written whenever the architecture's source
+# (src/models/<arch>.cpp) names them.
 SEEDS = ("LLM_KV_EXPERT_COUNT", "LLM_KV_EXPERT_USED_COUNT", "LLM_KV_EXPERT_FEED_FORWARD_LENGTH",
          "LLM_KV_EXPERT_SHARED_FEED_FORWARD_LENGTH", "LLM_KV_EXPERT_SHARED_COUNT", "LLM_KV_LEADING_DENSE_BLOCK_COUNT",
          "LLM_KV_ATTENTION_KV_LORA_RANK", "LLM_KV_ATTENTION_Q_LORA_RANK", "LLM_KV_SSM_CONV_KERNEL",
@@ -50,11 +68,16 @@ SEEDS = ("LLM_KV_EXPERT_COUNT", "LLM_KV_EXPERT_USED_COUNT", "LLM_KV_EXPERT_FEED_
 
 QKV = "(separate Q, K and V)"
 OPTIONAL = "(the optional tensors of the loader)"
+NO_FFN = "(accepted without an FFN)"
 
 # What to add when llama.cpp stops on a value it did not ask for by name (an assert, an abort): the
 # message it stops with, and the keys to write on the next try.
 RETRIES = [
+    # a loader that needs experts (the base loader reads their counts as optional); one that builds a dense
+    # or a MoE model from the same code stays dense, as most checkpoints of those architectures are
     ("n_ids_used > 0", {"expert_count": 8, "expert_used_count": 2}),
+    ("zero experts", {"expert_count": 8, "expert_used_count": 2}),
+    ("n_expert must be > 0", {"expert_count": 8, "expert_used_count": 2}),
     ("fatal error", {"expert_gating_func": 1}),                 # llm_graph_context::build_moe_ffn: no gating
     ("n_embd_head_qk_nope >= 1", {"attention.q_lora_rank": 512, "attention.kv_lora_rank": 256,
                                   "attention.key_length": 192, "attention.value_length": 128}),
@@ -70,12 +93,19 @@ RETRIES = [
     ("kda_gate_lower_bound < 0.0f", {"kda.safe_gate": True, "kda.gate_lower_bound": -5.0}),
     ("n_embd == hparams.n_embd_r()", {"token_shift_count": 1}),    # rwkv6qwen2, arwkv7: one shifted row
     ("time_mix_lerp_fused == NULL", {OPTIONAL: True}),             # rwkv6: its lerp tensors are optional
+    # a reshape of Q that assumes as many KV heads as query heads (t5's n_embd_k_gqa-wide Q)
+    ("ggml_nelements(a) == ne0*ne1*ne2)", {"attention.head_count_kv": 16}),
+    ("a->ne[0] == b->ne[0]", {"attention.head_count_kv": 16}),     # ... or a product of them (minicpm3)
+    ("expects sqrtsoftplus MoE scoring", {"expert_gating_func": 4}),  # LLAMA_EXPERT_GATING_FUNC_TYPE_SQRT_SOFTPLUS
+    # accepted without any FFN, because every FFN tensor of the loader is optional (mimo2, step35, hy_v3):
+    # real checkpoints have one, so the optional tensors are written too
+    (NO_FFN, {OPTIONAL: True}),
 ]
 
 
 def arch_source(arch: str) -> str:
     """The text of the vendored llama.cpp's src/models/*.cpp that defines `arch`'s llama_model class."""
-    src = Path(os.environ.get("GPULAB_LLAMA_CPP_SRC", "/work/src/llama_cpp_python-0.3.36/vendor/llama.cpp")) / "src"
+    src = llama_src() / "src"
     names = (src / "llama-arch.cpp").read_text()
     enum = re.search(r'\{\s*(LLM_ARCH_\w+),\s*"' + re.escape(arch) + '"', names)
     cls = enum and re.search(r"case " + enum.group(1) + r":\s*return new (llama_model_\w+)\(",
@@ -98,7 +128,7 @@ def arch_source(arch: str) -> str:
 
 def optional_tensors(arch: str) -> list[str]:
     """The names of the tensors `arch`'s loader creates with TENSOR_NOT_REQUIRED ("%d": the block)."""
-    src = Path(os.environ.get("GPULAB_LLAMA_CPP_SRC", "/work/src/llama_cpp_python-0.3.36/vendor/llama.cpp")) / "src"
+    src = llama_src() / "src"
     names = dict(re.findall(r'\{\s*(LLM_TENSOR_\w+),\s*"([^"]+)"\s*\}', (src / "llama-arch.cpp").read_text()))
     out = []
     for m in re.finditer(r"create_tensor\(tn\((LLM_TENSOR_\w+),\s*\"(\w+)\"([^;]*);", arch_source(arch)):
@@ -108,12 +138,10 @@ def optional_tensors(arch: str) -> list[str]:
 
 
 def seeds(arch: str) -> dict[str, object]:
-    src = Path(os.environ.get("GPULAB_LLAMA_CPP_SRC", "/work/src/llama_cpp_python-0.3.36/vendor/llama.cpp")) / "src"
+    src = llama_src() / "src"
     names = dict(re.findall(r'\{\s*(LLM_KV_\w+),\s*"%s\.([^"]+)"', (src / "llama-arch.cpp").read_text()))
     text = arch_source(arch)
     wanted = [k for k in SEEDS if k in text]
-    if re.search(r"\bn_expert\b|LLM_KV_EXPERT|_exps\b", text):    # MoE: the base loader reads the counts
-        wanted += ["LLM_KV_EXPERT_COUNT", "LLM_KV_EXPERT_USED_COUNT"]
     out = {f"{arch}.{names[k]}": _guess(f"{arch}.{names[k]}", False) for k in wanted if k in names}
     if re.search(r"kv_lora_rank|LLM_KV_ATTENTION_KV_LORA_RANK|is_mla", text):
         # the curated deepseek2's low-rank attention (DeepSeek-V3's proportions): 128 + 64 RoPE dims per
@@ -237,6 +265,9 @@ def child(arch: str, out: Path, extra: dict) -> None:
                     result = {"error": f"loader asks for {key} again"}
                     break
                 kv[key] = _guess(key, "array key" in m.group(0))
+            elif (m := re.search(r"key (\S+) has wrong type (\w+) but expected type arr", log)) and m.group(1) in kv:
+                v = kv[m.group(1)]             # an array where a scalar was written: one per block
+                kv[m.group(1)] = v if isinstance(v, list) else [v] * n_layer
             elif m := re.search(r"key (\S+) has wrong type (\w+) but expected type (\w+)", log):
                 types[m.group(1)] = _GGUF_TYPES.get(m.group(3), m.group(3))
                 kv[m.group(1)] = _retype(kv[m.group(1)], types[m.group(1)])
@@ -345,8 +376,11 @@ def main(argv: list[str]) -> int:
         for _ in range(len(RETRIES) + 1):
             got = _run_child(arch, extra)
             said = " ".join(str(v) for v in got.values() if isinstance(v, str))
+            if got.get("context") == "ok" and "LLM_TENSOR_FFN_UP" in arch_source(arch) and not any(
+                    re.search(r"blk\.\d+\.ffn_(up|down)", n) for n, _ in got.get("tensors", [])):
+                said += " " + NO_FFN
             more = {k: v for pattern, keys in RETRIES if pattern in said for k, v in keys.items() if k not in extra}
-            if not more or (got.get("context") == "ok" and got.get("decode") == "ok"):
+            if not more or (got.get("context") == "ok" and got.get("decode") == "ok" and NO_FFN not in said):
                 break
             extra.update(more)
         found[arch] = got

@@ -24,9 +24,11 @@ _INPUT_NAMES = frozenset({"token_embd", "position_embd", "token_types", "per_lay
                           "masked_embd_centroids", "masked_embd_ordering"})
 # Repeating tensors named without "blk.N": llama.cpp puts each with the layer its create_tensor call
 # numbers (the buffer list of dev_layer[bid], llama_model_base::create_tensor): gemma3n/gemma4 create the
-# per-layer-input projection with bid 0, wavtokenizer-dec its posnet.N and convnext.N blocks with bid N.
+# per-layer-input projection with bid 0, wavtokenizer-dec its posnet.N and convnext.N blocks with bid N,
+# t5 its encoder's and decoder's enc.blk.N and dec.blk.N with bid N (src/models/t5.cpp).
 _LAYER0_NAMES = frozenset({"per_layer_model_proj", "per_layer_proj_norm"})
 _NUMBERED_BLOCKS = ("posnet", "convnext")
+_CODER_PREFIXES = ("enc", "dec")
 _OUTPUT_NAMES = frozenset({
     "output", "output_norm", "cls", "cls.output", "cls.norm", "dense_2", "dense_3",
     "dec.output_norm", "enc.output_norm", "output_res_score", "output_hc_fn", "output_hc_base",
@@ -301,6 +303,8 @@ def build_profile(h: Header, path: str, file_bytes: int, fail) -> ModelProfile:
     for t in h.tensors:
         info = TensorInfo(t.name, t.type_name, t.shape, t.n_bytes, offset=h.data_offset + t.offset)
         parts = t.name.split(".", 2)
+        if parts[0] in _CODER_PREFIXES and parts[1:2] == ["blk"]:     # t5's enc.blk.N / dec.blk.N: layer N
+            parts = t.name.split(".", 3)[1:]
         if parts[0] == "blk" and len(parts) == 3 and parts[1].isdigit():
             il = int(parts[1])
             if il >= n_layer:

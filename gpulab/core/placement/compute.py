@@ -36,7 +36,12 @@ llama, gemma2/gemma3 (sliding window), qwen3moe and Mixtral-style graphs (too sl
 plan, so not part of gpulab) matched every buffer llama.cpp logged in the calibration runs to
 the byte; these closed forms stay within 10% of that replay for 99.9% of backends over the
 shapes of Llama 2/3, Qwen2.5, Phi-3, SmolLM2, Gemma 2/3, Mixtral and Qwen3-30B-A3B (max 10.3%).
-bench/compute_calibration.py measures them against real llama.cpp (RPC devices).
+bench/compute_calibration.py measures them against real llama.cpp (RPC devices). The rules of the other
+graphs (MLA: compute_mla; shared experts, dense layers in MoE models: compute_moe; norms after attention
+and the FFN, RoPE-less layers, outputs gathered after the last layer, attention beside the FFN) were read
+from ggml-alloc's layout of llama.cpp's own graph per device (bench/compute_trace.py: each tensor's
+offset in the compute buffer through the scheduler's eval callback) on the architecture matrix
+(tests/integration/test_arch_matrix_vs_llama.py).
 
 Recurrent graphs (mamba2, lfm2, qwen3next) are replayed op by op instead (gpulab.core.placement.recurrent):
 their layers leave the buffer unlike each other. Not modelled: op offload (CUDA, with layers on the host and
@@ -54,6 +59,8 @@ from itertools import accumulate, groupby
 from ..config import SplitConfig
 from ..devices import HOST_NAME
 from ..profile import ModelProfile
+from .compute_mla import after_two_moe, mla_geom, mla_host_peaks, mla_peaks
+from .compute_moe import moe_flags, moe_then_layer, output_in_dense_hole, router_bytes, shared_expert_peaks
 from .recurrent import recurrent_compute_bytes, replayable
 
 __all__ = ["estimate_compute_bytes", "compute_tokens", "pipeline_copies", "SCHED_MAX_COPIES", "dry_run_extra_bytes"]
@@ -112,6 +119,12 @@ _PARALLEL = frozenset({"cohere2", "phi2", "falcon"})
 # falcon.cpp; cohere2 adds the residual first): after the host, all three operands come over (phi2's trace,
 # bench/compute_trace.py, -ngl 4), the third one's range a hole under the next layer's FFN
 _SUM_THEN_RESIDUAL = frozenset({"phi2", "falcon"})
+# graphs with norms after attention and the FFN besides those before (src/models/gemma2.cpp, gemma3.cpp):
+# the device of the last layer and the output keeps the hole below the FFN
+_SANDWICH = frozenset({"gemma2", "gemma3"})
+# graphs that gather the output rows (inp_out_ids) after the last layer, not inside it (src/models/openai-moe.cpp):
+# the last layer is a whole layer, and the gathered rows are one row set more below the logits
+_GATHER_AFTER = frozenset({"gpt-oss"})
 
 
 def _ungated_ffn(profile: ModelProfile) -> bool:
@@ -407,9 +420,15 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     mask_elt = 2 if fa else 4          # build_attn_inp_kq_mask: f16 for flash attention
     rot_full, rot_swa = _rot_inputs(profile, config, g)
     rot_k = _rot_inputs(profile, config.replace(type_v="f16"), g) != (0, 0)    # attn_rot_k on some cache
+    mla = mla_geom(profile)
+    if mla is not None:
+        # MLA's K-only cache (build_attn_inp_k, src/llama-graph.cpp): K row indices and the mask, no V row
+        # indices and no rotation inputs
+        v_idxs = rot_full = 0
     mask = _a(n_kv * T * mask_elt)
+    mask_swa = _a(n_kv_swa * T * mask_elt) if g.has_swa else 0
     kv_in_full = k_idxs + v_idxs + mask + rot_full
-    kv_in_swa = k_idxs + v_idxs + _a(n_kv_swa * T * mask_elt) + rot_swa if g.has_swa else 0
+    kv_in_swa = k_idxs + v_idxs + mask_swa + rot_swa if g.has_swa else 0
     all_inputs = pos + kv_in_full + kv_in_swa + out_ids
     # KQ of build_attn_mha: [n_kv, T / n_stream, n_head, n_stream] f32, one stream per sequence
     kq_full = _a(4 * n_kv * (T // n_stream) * g.n_head * n_stream)
@@ -438,6 +457,12 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         # one of them in the host operands' range they do not (measured: RPC devices, n_embd 1024,
         # qwen3moe and gpt-oss, fd = 2 fe; issue 27)
         ffn_after_host = host_boundary + (3 - n_fit) * fe + (fd if down_on_top or (n_fit == 1 and fd > fe) else 0)
+        mf = moe_flags(profile)
+        shx = mf.shared
+        if shx:
+            # the host layer's adds of the shared expert (and its gate) run on the next device (compute_moe)
+            host_boundary = 3 * e
+            ffn_after_host = host_boundary + ffn_big
         ffn_unit = fe
         part_out = {"gate": fe, "up": fe, "down": fd}
     else:
@@ -446,6 +471,8 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         # ffn_out and ffn_inp of the host layer's closing add (or the three of _SUM_THEN_RESIDUAL's)
         host_boundary = 3 * e if sum_last else 2 * e
         ffn_after_host = 0
+        shx = False
+        mf = None
         ffn_unit = f
         part_out = {"gate": f, "up": f, "down": e}
 
@@ -457,6 +484,8 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     i = 0
     pre = g.swa_prefix
     nope_devs: set[str] = set()
+    # no layer ropes (baichuan below 32 layers): Q is the product itself, one tensor less in every attention
+    all_nope = _no_rope_step(profile) == 1
     for d, run in groupby(layer_devices[:n_layer]):
         n = len(list(run))
         n_swa = pre[i + n] - pre[i] if g.has_swa else 0
@@ -480,12 +509,19 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     offloaded = any(d != HOST_NAME for d in stats)
 
     out = dict.fromkeys(names, 0)
+    router = router_bytes(profile.n_expert, g.n_expert_used, T, mf.router_rows) if mf is not None else 0
+    # a shared-expert MoE layer's output lands above its expert outputs (compute_moe), but with flash attention
+    # a Q wider than a row set (glm4moe) leaves a hole below that takes it every other layer
+    high_out = shx and (not fa or q <= e)
+    # ... on pipelined devices only: on one whose input copies are freed no such hole is left (glm4moe -sm none)
+    high_out_np = shx
     # no norm before attention (the norms follow attention and the FFN: olmo2, exaone4): one row set
     # less below KQ, and no hole the quantized V cache closes below the FFN
     post = profile.arch in _POST_NORM
     norm_e = e if _norm_out_of_place(profile) else 0     # result_norm beside the last l_out
     qkv_view = _fa_reads_qkv(profile, fa)
     pos_e = e if _learned_positions(profile) else 0
+    gather_after = profile.arch in _GATHER_AFTER
     post_e = e if post else 0
     own_inputs: dict[str, int] = {}
     for name in names:
@@ -507,6 +543,18 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             if has_out:        # ngl 0: inputs only used here are freed after the last layer
                 peaks.append(tok + e + (all_inputs if offloaded else 0) + e + _mask_hole(fa, g.has_swa, mask, e, f, kvh)
                              + logits)
+            if mla is not None:
+                peaks += mla_host_peaks(mla, T, persist=persist + e, n_layers=s[0], e=e, kq=0 if fa else kq_full,
+                                        first_dense=not any(t.is_expert for t in profile.layers[0].tensors))
+            if has_out and high_out and mf is not None and mla is None:
+                # -ngl 0: the last shared-expert MoE layer's output above its expert outputs, the logits on top
+                peaks += shared_expert_peaks(ffn_base=persist + 2 * e, fe=ffn_unit, fd=part_out["down"], e=e,
+                                             offset=mf.output_offset(ffn_unit, part_out["down"]), kq=0,
+                                             logits=logits, next_layer=False, has_out=True)
+            if mf is not None and mla is None and fa and not mf.layer_moe[0]:
+                # a leading dense layer: its FFN input above the embeddings and the freed attention output, gate
+                # and up on it; the GLU output takes the range those two left where it fits (glm4moe)
+                peaks.append(persist + 2 * e + q + (2 * f if e + q >= f else 3 * f))
             out[name] = max(peaks)
             continue
 
@@ -515,7 +563,9 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
                 # the output layer alone: the hidden state comes over, is normed in place,
                 # and the logits go above it
                 after_host = n_layer == 0 or layer_devices[n_layer - 1] == HOST_NAME
-                if g.moe and after_host and nc == 1:
+                # (with a shared expert the host's layer ends on the host: only the output norm's input comes
+                # over; deepseek2 -sm none -ngl 2, where the MTP layer is the device's)
+                if g.moe and after_host and nc == 1 and not shx:
                     out[name] = host_boundary + e + logits   # + the new sum over the experts
                 else:
                     out[name] = nc * e + (e if nc > 1 else 0) + logits
@@ -532,7 +582,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         # the previous device's l_out (norm pinned), or that device's norm and l_out
         if before == HOST_NAME:
             boundary = host_boundary
-        elif before is None or pinned_norm:
+        elif before is None or pinned_norm or post:        # no norm before attention (olmo2): none sent
             boundary = e
         else:
             boundary = 2 * e
@@ -549,23 +599,58 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             # SmolLM2 (test_real_models_exact_vs_llama.py); issue 27.
             quant_v = config.type_v not in ("f32", "f16", "bf16")
             holds_last = last_dev == name
-            closed = (holds_last and has_out and not par_e) or (quant_v and not holds_last and not post)
-            if fa and q > e and not holds_last and not post:
-                # wide Q (Gemma 3 270M): the K rotation's extra Q/K products (attn_inp_k_rot) close the hole as a
-                # quantized V does, and with both it stays open (measured: -ub 256/512, 2 and 3 RPC devices)
+            quant_k = config.type_k not in ("f32", "f16", "bf16")
+            closed = (holds_last and has_out and not par_e and not (profile.arch in _SANDWICH and n_l > 1)) \
+                or ((quant_v or (quant_k and not fa)) and (not holds_last or gather_after) and not post)
+            if par_e:
+                # attention and the FFN side by side (cohere2): a quantized V closes no hole; the last layer alone
+                # with the output does (measured: -ts 3,1 q8_0 and 1,1,1 q4_0)
+                closed = holds_last and has_out and n_l == 1
+            elif fa and (q > e or all_nope) and not holds_last and not post:
+                # wide Q (Gemma 3 270M), or Q not roped (baichuan): the K rotation's extra Q/K products
+                # (attn_inp_k_rot) close the hole as a quantized V does, and with both it stays open (measured:
+                # -ub 256/512, 2 and 3 RPC devices)
                 closed = quant_v != rot_k
             # with flash attention the hole is the freed attention output (kqv_out, [n_head * n_embd_head, T]),
             # wider than a row set where Q is (Gemma 3 270M: 1024 against 640; its first devices were
             # 0.75 MiB low at -ub 512, exact with this over -c 2048/4096, -ub 128..512, 2 and 3 devices)
-            slots = ffn_slots - e if closed else ffn_slots + (max(q - e, 0) if fa and not g.moe else 0)
+            # (a layer alone without a norm before its FFN (olmo2): its input straight below the FFN)
+            slots = ffn_slots - e - (post_e if n_l == 1 else 0) if closed \
+                else ffn_slots + (max(q - e, 0) if fa and not g.moe else 0)
             peaks = [base + slots + ffn_big, base + 2 * e + 2 * q]
             if not fa:
-                quant_k = config.type_k not in ("f32", "f16", "bf16")
+                # one row set less below KQ with a quantized K: the norm; a layer alone on its device (its input
+                # among the copies) has only its norm there, the rotated Q in Q's place (gemma2, llama4: -ts 1,2,1)
+                below_kq = 2 * e if quant_k and name not in nope_devs else 3 * e
+                if quant_k and n_l == 1:
+                    below_kq = e + par_e
                 fused = _below_kq_fused(profile, e, q, T, quant_k)
-                peaks.append(base + (fused if fused is not None else
-                                     (2 * e if quant_k and name not in nope_devs else 3 * e) - post_e + q) + kq_dev)
+                peaks.append(base + (fused if fused is not None else below_kq - post_e + q) + kq_dev)
             if has_out:
-                peaks.append(base + e + norm_e + logits)
+                peaks.append(base + (2 * e if gather_after and holds_last else e) + norm_e + logits)
+            if high_out and mf is not None:
+                # the FFN's range starts above the residual, the norm and the router (compute_moe)
+                peaks[0] = base + 2 * e + router + ffn_big
+                peaks += shared_expert_peaks(ffn_base=base + 2 * e + router, fe=ffn_unit, fd=part_out["down"], e=e,
+                                             offset=mf.output_offset(ffn_unit, part_out["down"]),
+                                             kq=0 if fa or mla is not None else kq_dev, logits=logits,
+                                             next_layer=moe_then_layer(mf.device_layers(layer_devices, name),
+                                                                       pipelined=True, weight_before=mf.weight_before),
+                                             has_out=has_out and (mla is None
+                                                                  or after_two_moe(profile, layer_devices, name))
+                                             and not (fa and output_in_dense_hole(
+                                                 mf, mf.device_layers(layer_devices, name), rot_k)))
+            elif shx and has_out and mla is None:
+                # the last layer's output in the hole above the FFN's norm, the logits on top (glm4moe, -fa on)
+                peaks.append(base + 2 * e + logits)
+            if mf is not None and fa and mla is None and not all(mf.device_layers(layer_devices, name)):
+                # a dense layer of a MoE model (leading: glm4moe; interleaved: llama4): the freed attention output
+                # (where Q is wide) and the FFN input below its gate, up and GLU output
+                peaks.append(base + max(q, e) + e + 3 * f)
+            if mla is not None:
+                peaks += mla_peaks(mla, T, bottom=base, n_layers=n_l, pipelined=True,
+                                   after_moe=after_two_moe(profile, layer_devices, name), e=e, kq=0 if fa else kq_dev,
+                                   ffn_base=base + 2 * e + router, fe=ffn_unit if g.moe else 0, fd=part_out["down"])
             out[name] = max(peaks)
             continue
 
@@ -574,9 +659,11 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             # their range (after the host's operands, the model's last layer gathers its
             # ffn_inp into it: one more row set); K and V land above Q, not in older holes
             below = 3 * e if last_dev == name and before == HOST_NAME else 2 * e
+            # the norm the device before sent (not pinned) is scaled in place: no row set more for it
+            attn_in = boundary if before not in (None, HOST_NAME) and not pinned_norm else boundary + e
             # attention: Q before and after RoPE; a Q that is a view of the fused QKV product has neither
             attn = _a(4 * _fused_qkv_width(profile) * T) if qkv_view else 2 * q
-            peaks = [below + par_e + ffn_big, boundary + e + inputs + attn]
+            peaks = [below + par_e + ffn_big, attn_in + inputs + attn]
             if not fa:
                 peaks.append(inputs + 3 * e - post_e + 2 * kvh + q + kq_dev)
         else:
@@ -587,33 +674,61 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
                 if present and not later and size >= ffn_unit:
                     ffn_inputs -= size
             if g.moe:
-                ffn = ffn_after_host if before == HOST_NAME else ffn_slots + ffn_big
+                ffn = (ffn_after_host if before == HOST_NAME
+                       else (2 * e + router if high_out_np else ffn_slots) + ffn_big)
             else:
                 # the residual and one hole below the FFN; two host operands leave room for both
                 # (a layer without RoPE leaves the hole: smollm3, -ngl 4 in the arch matrix)
-                room = boundary >= 2 * e and name not in nope_devs and not qkv_view and not sum_last
+                room = boundary >= 2 * e and name not in nope_devs and not post and not qkv_view and not sum_last
                 ffn = (2 * e if room else 3 * e) + par_e + ffn_big
             # attention: Q before and after RoPE (a ROPE of a reshaped view is not in place)
             peaks = [ffn_inputs + ffn, inputs + 2 * e + 2 * q]
             if not fa:
                 fused = _below_kq_fused(profile, e, q, T, config.type_k not in ("f32", "f16", "bf16"))
-                peaks.append(inputs + (fused if fused is not None else 3 * e - post_e + q) + kq_dev)
+                below_kq = fused if fused is not None else 3 * e - post_e + (0 if all_nope else q)
+                peaks.append(inputs + below_kq + kq_dev)
 
         # The model's last layer: when its input copies are smaller than a row set, its
         # ffn_inp (the gathered attention output) lands above them and the FFN on top.
-        low = 2 * e + inputs
-        glu_low = not g.moe and inputs < e and f <= low
-        if last_dev == name and not g.moe and inputs < e and not qkv_view:
+        low = (e if post else 2 * e) + inputs
+        glu_low = not g.moe and inputs < e and f <= low and not gather_after
+        if all_nope:
+            pass        # the gathered attention output takes the bottom the attention left (baichuan, -ngl 4)
+        elif gather_after and last_dev == name:
+            # no gather inside the last layer: its FFN on its input, norm and the input copies (gpt-oss, -ngl 4)
+            peaks.append(inputs + 2 * e + ffn_big)
+        elif last_dev == name and not g.moe and inputs < e and not qkv_view:
             peaks.append(low + e + par_e + (ffn_big if ungated else 2 * f if glu_low else 3 * f))
         elif last_dev == name and g.moe and n_l == 1 and inputs < e:
             # MoE, the model's last layer alone: the gathered rows land above the input copies (out_ids
-            # is still live), the FFN on top (qwen3moe, olmoe: arch matrix, -ngl 4 over 3 devices)
-            peaks.append(low + e + ffn_big)
+            # is still live), the FFN on top (qwen3moe, olmoe: arch matrix, -ngl 4 over 3 devices); llama4's input
+            # weighted before the experts (n_expert_used 1) takes a hole, its up and gate go on top
+            peaks.append(low + e + ffn_big - (ffn_unit if mf is not None and mf.weight_before else 0))
         if has_out:
             # After the last layer only the hidden state is live: result_norm is where the last
             # ffn_down went, the logits above it. That is the bottom of the buffer unless the
             # GLU output fitted below ffn_inp: then ffn_down went on top of everything.
-            peaks.append((low + 2 * e if glu_low else e) + norm_e + logits)
+            below_out = low + 2 * e if glu_low else 2 * e if gather_after and last_dev == name else e
+            peaks.append(below_out + norm_e + logits)
+        if high_out_np and mf is not None and n_l > 1 and before != HOST_NAME:
+            peaks += shared_expert_peaks(ffn_base=inputs + 2 * e + router, fe=ffn_unit, fd=part_out["down"], e=e,
+                                         offset=mf.output_offset(ffn_unit, part_out["down"]),
+                                         kq=0 if fa or mla is not None else kq_dev, logits=logits,
+                                         next_layer=moe_then_layer(mf.device_layers(layer_devices, name)),
+                                         has_out=has_out and (mla is None
+                                                              or after_two_moe(profile, layer_devices, name)))
+        if mf is not None and fa and mla is None and before == HOST_NAME \
+                and not all(mf.device_layers(layer_devices, name)):
+            # a dense layer after host layers (llama4): its FFN input and norm, then gate, up and GLU output; the
+            # KQ mask's copy lands in what the host's operands left
+            peaks.append(inputs - (mask if has_full else 0) - (mask_swa if has_swa else 0) + 2 * e + 3 * f)
+        if mla is not None:
+            # the input copies the layer before sent are freed once read: the stack starts above the rest
+            # (after host layers the KQ mask's copy lands above, in what the host's operands left)
+            bottom = inputs + e - (mask if before == HOST_NAME and has_full else 0)
+            peaks += mla_peaks(mla, T, bottom=bottom, n_layers=n_l, pipelined=False,
+                               after_moe=after_two_moe(profile, layer_devices, name), e=e, kq=0 if fa else kq_dev,
+                               ffn_base=bottom + e + router, fe=ffn_unit if g.moe else 0, fd=part_out["down"])
         out[name] = max(peaks)
     if ffn_devices is not None:
         _moved_ffn(out, profile, layer_devices, ffn_devices, stray, own_inputs, nc * (tok + e + all_inputs),

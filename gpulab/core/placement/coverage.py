@@ -12,7 +12,10 @@ from dataclasses import dataclass
 
 from ..config import SplitConfig
 from ..profile import ModelProfile
+from ..units import format_bytes
 from .compute import compute_tokens
+from .compute_mla import mla_geom
+from .compute_moe import moe_flags
 from .recurrent import RECURRENT_GRAPHS, replayable
 
 __all__ = ["CACHE_NOT_MODELLED", "COMPUTE_CHECKED", "COMPUTE_EXACT", "COMPUTE_MEASURED_MIB", "Doubt",
@@ -21,19 +24,23 @@ __all__ = ["CACHE_NOT_MODELLED", "COMPUTE_CHECKED", "COMPUTE_EXACT", "COMPUTE_ME
 # Architectures whose compute buffers the closed forms of gpulab.core.placement.compute were
 # derived from (llama, gemma2/3, qwen3moe) or checked on by the architecture matrix with the same
 # errors as llama's (qwen2, qwen3, mistral3, granite, gpt-oss, olmoe, internlm2, exaone, maincoder,
-# nanbeige, xverse; olmo2's norms and baichuan differ), and those of COMPUTE_EXACT (smollm3's
-# RoPE-less layers and exaone4's norms are modelled). The others get a compute doubt.
+# nanbeige, xverse), and those of COMPUTE_EXACT. The others get a compute doubt. (Every architecture of the
+# matrix is now exact: the doubts for a checked graph that is not exact apply to none of them.)
 COMPUTE_CHECKED = frozenset({"llama", "gemma2", "gemma3", "qwen3moe", "qwen2", "qwen3", "mistral3", "granite",
                              "gpt-oss", "olmoe", "internlm2", "exaone", "maincoder", "nanbeige", "xverse"})
 
 # Architectures whose compute buffers the architecture matrix found within 1 MiB of llama.cpp's on every
-# device in every setting (llama's dense graph: src/models/llama.cpp and the loaders that build it; the
-# qwen3moe/olmoe MoE graph), f16
-# and quantized caches and the pipelined output device included: no compute doubt in those settings. The
-# recurrent graphs gpulab replays (placement.recurrent: mamba2, lfm2, qwen3next) are exact wherever they were
-# checked.
+# device in every setting, f16 and quantized caches and the pipelined output device included: no compute
+# doubt in those settings. Llama's dense graph (src/models/llama.cpp and the loaders that build it), the
+# qwen3moe/olmoe MoE graph, deepseek2's absorbed MLA (compute_mla), qwen2moe's and glm4moe's shared expert
+# (compute_moe), gpt-oss's rows gathered after the last layer, gemma2/3's and olmo2's norms after attention
+# and the FFN, baichuan's RoPE-less layers, cohere2's attention beside the FFN, llama4's interleaved dense and
+# MoE layers with the input weighted before the experts. The recurrent graphs gpulab
+# replays (placement.recurrent: mamba2, lfm2, qwen3next) are exact wherever they were checked.
 COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "internlm2", "exaone", "maincoder",
-                           "nanbeige", "xverse", "qwen3moe", "olmoe", "smollm3", "exaone4", *RECURRENT_GRAPHS,
+                           "nanbeige", "xverse", "qwen3moe", "olmoe", "smollm3", "exaone4", "deepseek2", "qwen2moe",
+                           "glm4moe", "gpt-oss", "gemma2", "gemma3", "olmo2", "baichuan", "cohere2", "llama4",
+                           *RECURRENT_GRAPHS,
                            # discovered models (scripts/discover_arch_models.py) the matrix found exact in every
                            # setting: loaders that build llama's dense or MoE graph under another name
                            "chatglm", "deci", "gemma", "glm4", "hunyuan-dense", "hunyuan_vl", "orion", "paddleocr",
@@ -41,7 +48,10 @@ COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "in
                            # graphs whose differences from llama's placement.compute models: an FFN without a
                            # gate, a LayerNorm output norm, a fused QKV product, learned positions
                            "apertus", "arcee", "bloom", "codeshell", "gpt2", "jais", "jais2", "mpt", "nemotron",
-                           "pockettts", "starcoder", "starcoder2"})
+                           "pockettts", "starcoder", "starcoder2",
+                           # discovered, exact since the MLA/MoE round (compute_moe: a shared expert)
+                           "hunyuan-moe"})
+
 
 # Architectures whose memory is not llama_kv_cache / llama_memory_recurrent as gpulab sizes them
 # (llama_model::create_memory, src/llama-model.cpp): a lightning-indexer cache beside MLA, the
@@ -57,63 +67,69 @@ CACHE_NOT_MODELLED = {
 }
 
 
+def _wide_expert_outputs(profile: ModelProfile) -> float:
+    """n_embd / n_ff_exp where a MoE graph with a shared expert or MLA (compute_moe, compute_mla) has expert
+    outputs wider than an expert's up and gate together (DeepSeek-V3: 3.5; the matrix's models: 2); else 0."""
+    if not profile.n_expert or not moe_flags(profile).shared:
+        return 0.0
+    ff_exp = next((t.shape[1] for layer in profile.layers for t in layer.tensors
+                   if "up_exps" in t.name and len(t.shape) >= 2), 0)
+    return profile.n_embd / ff_exp if ff_exp and profile.n_embd > 2 * ff_exp else 0.0
+
+
 # The largest compute error per device the architecture matrix measured (all its settings) for the
 # architectures whose graph gpulab sizes as a llama-like one, in MiB, rounded up to 0.5 MiB
 # (`scripts/arch_coverage.py --bounds` prints this table from test-artifacts/arch_matrix.json).
 COMPUTE_MEASURED_MIB: dict[str, float] = {
     "arctic": 2.5,
     "arwkv7": 55,
-    "baichuan": 3.5,
-    "bailingmoe": 8.5,
-    "bailingmoe2": 12,
+    "bailingmoe": 2,
+    "bailingmoe2": 3.5,
     "bert": 141,
     "bitnet": 22.5,
     "chameleon": 16.5,
     "cogvlm": 3.5,
-    "cohere2": 2.5,
-    "cohere2moe": 14,
+    "cohere2moe": 6.5,
     "command-r": 4.5,
     "dbrx": 2.5,
-    "deepseek": 12,
-    "deepseek2": 16.5,
-    "deepseek32": 26,
+    "deepseek": 2,
+    "deepseek2-ocr": 2,
+    "deepseek32": 19.5,
+    "dots1": 2,
     "dream": 138.5,
     "ernie4_5": 20.5,
     "ernie4_5-moe": 2.5,
     "eurobert": 138.5,
-    "exaone-moe": 12,
+    "exaone-moe": 2.5,
     "falcon": 5.5,
     "falcon-h1": 7.5,
     "gemma-embedding": 142.5,
     "gemma3n": 100.5,
     "gemma4": 33.5,
-    "glm-dsa": 26,
-    "glm4moe": 6.5,
+    "glm-dsa": 19.5,
     "gptneox": 2.5,
     "granite_swa": 36.5,
     "granitehybrid": 4.5,
-    "granitemoe": 22,
+    "granitemoe": 20.5,
     "grok": 2,
     "grovemoe": 2.5,
     "hrm_text": 36,
-    "hunyuan-moe": 4.5,
-    "hy_v3": 34.5,
-    "hy_v4": 22,
+    "hy_v4": 15.5,
     "jamba": 18.5,
     "jina-bert-v3": 140.5,
     "lfm2moe": 12.5,
     "llada": 138.5,
     "llada-moe": 138.5,
     "llama-embed": 142.5,
-    "llama4": 15,
     "mamba": 51,
     "maple": 36.5,
     "mellum": 4.5,
     "mimo2": 36.5,
     "minicpm": 20.5,
+    "minicpm3": 9.5,
     "minimax-01": 77,
     "minimax-m2": 2,
-    "mistral4": 22,
+    "mistral4": 3.5,
     "modern-bert": 141.5,
     "muse-glimmer": 3.5,
     "nemotron_h": 27,
@@ -122,7 +138,6 @@ COMPUTE_MEASURED_MIB: dict[str, float] = {
     "nomic-bert": 140.5,
     "nomic-bert-moe": 140.5,
     "olmo": 8.5,
-    "olmo2": 2.5,
     "openelm": 3.5,
     "phi2": 4.5,
     "phi3": 20.5,
@@ -131,9 +146,8 @@ COMPUTE_MEASURED_MIB: dict[str, float] = {
     "plamo2": 66.5,
     "plamo3": 2.5,
     "qwen": 6.5,
-    "qwen2moe": 12.5,
     "qwen35": 9.5,
-    "qwen35moe": 10.5,
+    "qwen35moe": 8.5,
     "qwen3vlmoe": 4,
     "refact": 35.5,
     "rnd1": 138.5,
@@ -142,6 +156,8 @@ COMPUTE_MEASURED_MIB: dict[str, float] = {
     "spark2_5": 36.5,
     "stablelm": 4.5,
     "step35": 36.5,
+    "t5": 2176,
+    "t5encoder": 114.5,
     "talkie": 16.5,
     "wavtokenizer-dec": 146.5,
 }
@@ -178,11 +194,14 @@ def doubts(profile: ModelProfile, config: SplitConfig, layer_devices: list[str] 
     arch = profile.arch
     if arch in WEIGHTS_NOT_EXACT:
         why, mib = WEIGHTS_NOT_EXACT[arch]
-        out.append(Doubt("weights", f"weights: {why} (measured up to {mib:g} MiB off per device)", int(mib * _MiB)))
+        out.append(Doubt("weights", f"weights: {why} (measured up to {format_bytes(mib * _MiB)} off per device)",
+                         int(mib * _MiB)))
     if arch in CACHE_NOT_MODELLED:
         out.append(Doubt("kv", f"KV: {CACHE_NOT_MODELLED[arch]} for {arch}", 0))
     recurrent = any(layer.is_recurrent for layer in profile.layers)
-    mla = any(layer.has_kv and not layer.has_v for layer in profile.layers)
+    # absorbed MLA (attn_k_b/attn_v_b) is modelled (compute_mla); the older graph with attn_kv_b is not
+    mla = any(layer.has_kv and not layer.has_v for layer in profile.layers) \
+        and (arch not in COMPUTE_EXACT or mla_geom(profile) is None)
     if replayable(profile):
         pass                   # replayed op by op (placement.recurrent): exact wherever it was checked
     elif recurrent:
@@ -191,20 +210,22 @@ def doubts(profile: ModelProfile, config: SplitConfig, layer_devices: list[str] 
         if arch in COMPUTE_MEASURED_MIB:
             mib = COMPUTE_MEASURED_MIB[arch]
             out.append(Doubt("compute", f"compute: {arch}'s {what} not modelled "
-                             f"(measured up to {mib:g} MiB off per device)", int(mib * _MiB)))
+                             f"(measured up to {format_bytes(mib * _MiB)} off per device)", int(mib * _MiB)))
         else:
             out.append(Doubt("compute", f"compute: {arch}'s {what} not modelled (mamba2's, lfm2's and "
                              "qwen3next's, before they were replayed: up to 75 MiB too low per device at n_embd "
                              "1024)", 0))
     elif mla:
-        mib = max(17.0, COMPUTE_MEASURED_MIB.get(arch, 0))
-        out.append(Doubt("compute", f"compute: {arch}'s MLA attention is sized as plain attention "
-                         f"(measured up to {mib:g} MiB too low per device)", int(mib * _MiB)))
+        mib = COMPUTE_MEASURED_MIB.get(arch, 0)
+        out.append(Doubt("compute", f"compute: {arch}'s MLA attention is sized as deepseek2's absorbed MLA "
+                         "(compute_mla) or as plain attention "
+                         + (f"(measured up to {format_bytes(mib * _MiB)} off per device)" if mib else "(not measured)"),
+                         int(mib * _MiB)))
     elif arch not in COMPUTE_CHECKED and arch not in COMPUTE_EXACT:
         if arch in COMPUTE_MEASURED_MIB:
             mib = COMPUTE_MEASURED_MIB[arch]
             out.append(Doubt("compute", f"compute: {arch}'s graph is sized as a llama-like graph "
-                             f"(measured up to {mib:g} MiB off per device)", int(mib * _MiB)))
+                             f"(measured up to {format_bytes(mib * _MiB)} off per device)", int(mib * _MiB)))
         else:
             out.append(Doubt("compute", f"compute: {arch}'s graph is sized as a llama-like graph; not checked "
                              "against llama.cpp", 0))
@@ -229,6 +250,13 @@ def doubts(profile: ModelProfile, config: SplitConfig, layer_devices: list[str] 
         if output_shares_layers and not exact:
             out.append(Doubt("compute", "compute: pipelined, the output layer's device is up to 2 MiB off "
                              "(measured)", int(2.1 * _MiB)))
+        wide = _wide_expert_outputs(profile)
+        if wide:
+            T, _, _ = compute_tokens(config)
+            bound = 2 * 4 * profile.n_embd * T + 64 * 1024
+            out.append(Doubt("compute", f"compute: {arch}'s expert outputs are {wide:.1f}x as wide as an expert's "
+                             "up projection; its MoE rules were derived at 2x (variants of the matrix's models at 4x: "
+                             f"up to two row sets off per device, {bound / _MiB:.1f} MiB here)", bound))
     if profile.n_nextn and any(layer.is_nextn and layer.tensors for layer in profile.layers):
         out.append(Doubt("compute", f"compute: {arch} loads its {profile.n_nextn} MTP layer(s) with the "
                          "model; their graph is not modelled", 0))
