@@ -41,7 +41,10 @@ graphs (MLA: compute_mla; shared experts, dense layers in MoE models: compute_mo
 and the FFN, RoPE-less layers, outputs gathered after the last layer, attention beside the FFN) were read
 from ggml-alloc's layout of llama.cpp's own graph per device (bench/compute_trace.py: each tensor's
 offset in the compute buffer through the scheduler's eval callback) on the architecture matrix
-(tests/integration/test_arch_matrix_vs_llama.py).
+(tests/integration/test_arch_matrix_vs_llama.py). So were the variants of the older dense graphs, keyed on the
+profile's tensors: an FFN without a gate (one [n_ff, T] tensor, not three), a LayerNorm output norm (not in
+place), a fused QKV product (what it leaves below KQ, and flash attention reading Q as its view), learned
+position embeddings, and the dense FFN's width as ffn_down reads it.
 
 Recurrent graphs (mamba2, lfm2, qwen3next) are replayed op by op instead (gpulab.core.placement.recurrent):
 their layers leave the buffer unlike each other. Not modelled: op offload (CUDA, with layers on the host and
