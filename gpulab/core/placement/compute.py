@@ -521,7 +521,9 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     # no norm before attention (the norms follow attention and the FFN: olmo2, exaone4): one row set
     # less below KQ, and no hole the quantized V cache closes below the FFN
     post = profile.arch in _POST_NORM
-    norm_e = e if _norm_out_of_place(profile) else 0     # result_norm beside the last l_out
+    # result_norm beside the last l_out; a parallel graph's freed attention output leaves a row set's hole
+    # below, which takes it (phi2, falcon: the pipelined output device, arch matrix)
+    norm_e = e if _norm_out_of_place(profile) and not par_e else 0
     qkv_view = _fa_reads_qkv(profile, fa)
     pos_e = e if _learned_positions(profile) else 0
     gather_after = profile.arch in _GATHER_AFTER

@@ -48,7 +48,7 @@ COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "in
                            # graphs whose differences from llama's placement.compute models: an FFN without a
                            # gate, a LayerNorm output norm, a fused QKV product, learned positions
                            "apertus", "arcee", "bloom", "codeshell", "gpt2", "jais", "jais2", "mpt", "nemotron",
-                           "pockettts", "starcoder", "starcoder2",
+                           "phi2", "pockettts", "starcoder", "starcoder2",
                            # discovered, exact since the MLA/MoE round (compute_moe: a shared expert)
                            "hunyuan-moe"})
 
@@ -140,7 +140,6 @@ COMPUTE_MEASURED_MIB: dict[str, float] = {
     "nomic-bert-moe": 140.5,
     "olmo": 8.5,
     "openelm": 3.5,
-    "phi2": 2.5,
     "phi3": 20.5,
     "phimoe": 2.5,
     "plamo": 4.5,

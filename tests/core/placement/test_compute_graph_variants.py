@@ -62,6 +62,10 @@ CASES = [
     ("bloom", NGL4, 3, {"RPC0": 13641974, "RPC1": 10485760, "RPC2": 18874368, "CPU": 15739126}),
     # qwen's FFN is n_ff / 2 wide (was 12 MiB high on RPC1)
     ("qwen", NGL4, 3, {"RPC0": 14690550, "RPC1": 13641974, "RPC2": 18874368}),
+    # attention beside the FFN, residual added last (phi2): three host operands, the attention output live
+    # through the last layer's FFN, result_norm in its freed range (was 4 MiB low after the host, 2 high at the end)
+    ("phi2", NGL4, 3, {"RPC0": 15739126, "RPC1": 15739126, "RPC2": 18874368, "CPU": 17836278}),
+    ("phi2", TS_1_1, 2, {"RPC0": 27304919, "RPC1": 31509709, "CPU": 14732493}),
     # learned positions: the host's two gathered rows, both sent to the first device 4 times (was 8 MiB low)
     ("gpt2", TS_3_1_Q8_FA, 2, {"RPC0": 37916508, "RPC1": 27262976, "CPU": 21160264}),
     ("gpt2", NONE_FA_OFF, 2, {"RPC1": 44050678, "CPU": 9447670}),
