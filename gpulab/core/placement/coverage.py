@@ -44,7 +44,7 @@ COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "in
                            # discovered models (scripts/discover_arch_models.py) the matrix found exact in every
                            # setting: loaders that build llama's dense or MoE graph under another name
                            "chatglm", "deci", "gemma", "glm4", "hunyuan-dense", "hunyuan_vl", "orion", "paddleocr",
-                           "pangu-embedded", "qwen2vl", "qwen3tts", "qwen3vl", "seed_oss",
+                           "pangu-embedded", "qwen2vl", "qwen3tts", "qwen3vl", "seed_oss", "minicpm",
                            # discovered, exact since the MLA/MoE round (compute_moe: a shared expert)
                            "hunyuan-moe"})
 
@@ -97,7 +97,7 @@ COMPUTE_MEASURED_MIB: dict[str, float] = {
     "dots1": 2,
     "dream": 138.5,
     "ernie4_5": 20.5,
-    "ernie4_5-moe": 2.5,
+    "ernie4_5-moe": 4.5,
     "eurobert": 138.5,
     "exaone-moe": 2.5,
     "falcon": 12.5,
@@ -109,7 +109,7 @@ COMPUTE_MEASURED_MIB: dict[str, float] = {
     "gpt2": 15.5,
     "gptneox": 12.5,
     "granite_swa": 36.5,
-    "granitehybrid": 4.5,
+    "granitehybrid": 35.5,
     "granitemoe": 20.5,
     "grok": 2,
     "grovemoe": 2.5,
@@ -127,7 +127,6 @@ COMPUTE_MEASURED_MIB: dict[str, float] = {
     "maple": 36.5,
     "mellum": 4.5,
     "mimo2": 36.5,
-    "minicpm": 20.5,
     "minicpm3": 9.5,
     "minimax-01": 77,
     "minimax-m2": 2,
@@ -136,7 +135,7 @@ COMPUTE_MEASURED_MIB: dict[str, float] = {
     "mpt": 15.5,
     "muse-glimmer": 3.5,
     "nemotron": 12.5,
-    "nemotron_h": 27,
+    "nemotron_h": 15.5,
     "nemotron_h_moe": 156.5,
     "neo-bert": 138.5,
     "nomic-bert": 140.5,
@@ -154,7 +153,7 @@ COMPUTE_MEASURED_MIB: dict[str, float] = {
     "qwen35": 9.5,
     "qwen35moe": 8.5,
     "qwen3vlmoe": 4,
-    "refact": 35.5,
+    "refact": 3.5,
     "rnd1": 138.5,
     "rwkv6qwen2": 32.5,
     "smallthinker": 4.5,
