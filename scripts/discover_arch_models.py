@@ -78,6 +78,7 @@ RETRIES = [
     ("n_ids_used > 0", {"expert_count": 8, "expert_used_count": 2}),
     ("zero experts", {"expert_count": 8, "expert_used_count": 2}),
     ("n_expert must be > 0", {"expert_count": 8, "expert_used_count": 2}),
+    ("n_expert && n_expert_used", {"expert_count": 8, "expert_used_count": 2}),
     ("fatal error", {"expert_gating_func": 1}),                 # llm_graph_context::build_moe_ffn: no gating
     ("n_embd_head_qk_nope >= 1", {"attention.q_lora_rank": 512, "attention.kv_lora_rank": 256,
                                   "attention.key_length": 192, "attention.value_length": 128}),
@@ -142,6 +143,8 @@ def seeds(arch: str) -> dict[str, object]:
     names = dict(re.findall(r'\{\s*(LLM_KV_\w+),\s*"%s\.([^"]+)"', (src / "llama-arch.cpp").read_text()))
     text = arch_source(arch)
     wanted = [k for k in SEEDS if k in text]
+    if "moe" in arch:            # named for its experts (granitemoe loads without them, but no checkpoint does)
+        wanted += ["LLM_KV_EXPERT_COUNT", "LLM_KV_EXPERT_USED_COUNT"]
     out = {f"{arch}.{names[k]}": _guess(f"{arch}.{names[k]}", False) for k in wanted if k in names}
     if re.search(r"kv_lora_rank|LLM_KV_ATTENTION_KV_LORA_RANK|is_mla", text):
         # the curated deepseek2's low-rank attention (DeepSeek-V3's proportions): 128 + 64 RoPE dims per
