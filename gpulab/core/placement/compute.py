@@ -136,7 +136,9 @@ def _ungated_ffn(profile: ModelProfile) -> bool:
     its bias add and its activation (GELU, RELU_SQR's relu and sqr, apertus' xielu) are ops that
     ggml-alloc runs in place (ggml_op_can_inplace: ADD, UNARY, SQR), where llama's gate, up and GLU output
     are three (src/models/starcoder2.cpp, nemotron.cpp, arcee.cpp, jais2.cpp, codeshell.cpp, apertus.cpp)."""
-    if profile.n_expert:
+    if profile.n_expert or any(layer.is_recurrent for layer in profile.layers):
+        # a hybrid not replayed (nemotron_h) keeps llama's sizing: its recurrent layers are not modelled, and
+        # the error it states was measured with that sizing
         return False
     seen = False
     for layer in profile.layers:

@@ -114,7 +114,6 @@ COMPUTE_MEASURED_MIB: dict[str, float] = {
     "grok": 2,
     "grovemoe": 2.5,
     "hrm_text": 36,
-    "hy_v3": 34.5,
     "hy_v4": 15.5,
     "jamba": 18.5,
     "jina-bert-v3": 140.5,
