@@ -176,7 +176,10 @@ def test_real_sweep_on_rpc_devices_interrupted_and_resumed(smollm2_path, tmp_pat
     with start_servers(2) as cluster:
         argv = [sys.executable, "-m", "gpulab", "sweep", smollm2_path, "--rpc", ",".join(cluster.endpoints),
                 *GRID, "-p", "16", "-n", "4", "-r", "1", "-t", "1", "--store", str(store_path), "-o", "json"]
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        # Ctrl-C as a terminal sends it; a runner that started the suite in the background has SIGINT
+        # ignored, and a child inherits that (Python then installs no KeyboardInterrupt handler)
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
             if store_path.exists() and store_path.read_text().count("\n") >= 8:   # 4 points, pp + tg
