@@ -7,9 +7,7 @@ CPU RPC devices (tests/integration/test_arch_matrix_vs_llama.py); before these r
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 
 import pytest
 
@@ -17,6 +15,7 @@ from gpulab import SplitConfig, plan, read_profile
 from gpulab.core.devices import Device
 from gpulab.core.placement import compute
 from gpulab.sources.arch_models import write_arch_model
+from llama_tools import vendored_src
 
 MiB = 1024**2
 
@@ -93,14 +92,15 @@ def test_rules_key_on_the_profiles_tensors(profiles):
     assert compute._learned_positions(profiles("gpt2")) and not compute._learned_positions(profiles("bloom"))
 
 
-SRC = os.environ.get("GPULAB_LLAMA_CPP_SRC")
+SRC = vendored_src()      # GPULAB_LLAMA_CPP_SRC, or the source the suite's llama.cpp tools were built from
 
 
-@pytest.mark.skipif(not SRC, reason="GPULAB_LLAMA_CPP_SRC (the vendored llama.cpp) is not set")
+@pytest.mark.skipif(SRC is None, reason="the vendored llama.cpp source is not at hand")
 def test_name_keyed_sets_match_llama_cpps_graphs():
     """_NO_ROPE's graphs call no ggml_rope and build a fused QKV with build_qkv; _LAYER_NORM_NO_BIAS's output
     norm is an LLM_NORM (src/models/<arch>.cpp of the vendored llama.cpp)."""
-    models = Path(SRC) / "src" / "models"
+    assert SRC is not None
+    models = SRC / "src" / "models"
     for arch in compute._NO_ROPE:
         text = (models / f"{arch}.cpp").read_text()
         assert "ggml_rope" not in text and "build_qkv" in text, arch
