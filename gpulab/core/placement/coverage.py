@@ -181,6 +181,16 @@ _MiB = 1 << 20
 _QUANTIZED_FREE = ("f32", "f16", "bf16")
 
 
+def _measured(arch: str, what: str, unmeasured: str) -> Doubt:
+    """A compute doubt: `what`, with the largest error the matrix measured for `arch`
+    (COMPUTE_MEASURED_MIB), or followed by `unmeasured` and no bound where it was not measured."""
+    mib = COMPUTE_MEASURED_MIB.get(arch, 0)
+    if mib:
+        return Doubt("compute", f"compute: {what} (measured up to {format_bytes(mib * _MiB)} off per device)",
+                     int(mib * _MiB))
+    return Doubt("compute", f"compute: {what}{unmeasured}", 0)
+
+
 def doubts(profile: ModelProfile, config: SplitConfig, layer_devices: list[str] | None = None,
            output_shares_layers: bool = False) -> tuple[Doubt, ...]:
     """The terms of a plan of `profile` under `config` that are not exact, each with the largest error
@@ -205,28 +215,13 @@ def doubts(profile: ModelProfile, config: SplitConfig, layer_devices: list[str] 
     elif recurrent:
         pure = not any(layer.has_kv for layer in profile.layers)
         what = "recurrent graph is" if pure else "recurrent layers are"
-        if arch in COMPUTE_MEASURED_MIB:
-            mib = COMPUTE_MEASURED_MIB[arch]
-            out.append(Doubt("compute", f"compute: {arch}'s {what} not modelled "
-                             f"(measured up to {format_bytes(mib * _MiB)} off per device)", int(mib * _MiB)))
-        else:
-            out.append(Doubt("compute", f"compute: {arch}'s {what} not modelled (mamba2's, lfm2's and "
-                             "qwen3next's, before they were replayed: up to 75 MiB too low per device at n_embd "
-                             "1024)", 0))
+        out.append(_measured(arch, f"{arch}'s {what} not modelled", " (mamba2's, lfm2's and qwen3next's, before "
+                             "they were replayed: up to 75 MiB too low per device at n_embd 1024)"))
     elif mla:
-        mib = COMPUTE_MEASURED_MIB.get(arch, 0)
-        out.append(Doubt("compute", f"compute: {arch}'s MLA attention is sized as deepseek2's absorbed MLA "
-                         "(compute_mla) or as plain attention "
-                         + (f"(measured up to {format_bytes(mib * _MiB)} off per device)" if mib else "(not measured)"),
-                         int(mib * _MiB)))
+        out.append(_measured(arch, f"{arch}'s MLA attention is sized as deepseek2's absorbed MLA (compute_mla) or "
+                             "as plain attention", " (not measured)"))
     elif arch not in COMPUTE_CHECKED and arch not in COMPUTE_EXACT:
-        if arch in COMPUTE_MEASURED_MIB:
-            mib = COMPUTE_MEASURED_MIB[arch]
-            out.append(Doubt("compute", f"compute: {arch}'s graph is sized as a llama-like graph "
-                             f"(measured up to {format_bytes(mib * _MiB)} off per device)", int(mib * _MiB)))
-        else:
-            out.append(Doubt("compute", f"compute: {arch}'s graph is sized as a llama-like graph; not checked "
-                             "against llama.cpp", 0))
+        out.append(_measured(arch, f"{arch}'s graph is sized as a llama-like graph", "; not checked against llama.cpp"))
     else:
         exact = arch in COMPUTE_EXACT
         if not exact and (config.type_k not in _QUANTIZED_FREE or config.type_v not in _QUANTIZED_FREE):
