@@ -214,14 +214,10 @@ def _retype(value: object, want: str) -> object:
 
 
 def write(path: Path, arch: str, kv: dict, types: dict, tensors: dict) -> None:
-    from gpulab.sources.arch_models import write_gguf
-    write_gguf(path, arch, {k: (types.get(k), v) for k, v in kv.items()},
-               [(n, tuple(s), _tensor_type(n, s)) for n, (s, _) in tensors.items()])
-
-
-def _tensor_type(name: str, shape) -> str:
-    from gpulab.sources.arch_models import tensor_type
-    return tensor_type(name, tuple(shape))
+    """The file of this try, written as write_arch_model will write the accepted entry."""
+    from gpulab.sources.arch_models import discovered_model, write_gguf
+    write_gguf(path, arch, *discovered_model({"kv": kv, "types": types,
+                                              "tensors": [(n, s) for n, (s, _) in tensors.items()]}))
 
 
 def child(arch: str, out: Path, extra: dict) -> None:

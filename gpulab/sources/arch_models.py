@@ -21,7 +21,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["ARCH_MODELS", "CURATED", "DISCOVERED", "arch_tensors", "tensor_type", "write_arch_model", "write_gguf"]
+__all__ = ["ARCH_MODELS", "CURATED", "DISCOVERED", "arch_tensors", "discovered_model", "tensor_type",
+           "write_arch_model", "write_gguf"]
 
 _Tensor = tuple[str, tuple[int, ...], str]      # name, ggml shape (ne0 first), ggml type
 _E, _V = 1024, 8192                             # n_embd, n_vocab of every model here
@@ -52,8 +53,10 @@ def _attn(b: str, n_q: int, n_kv: int, *, bias: bool = False, qk_norm: int = 0) 
     return out
 
 
-def _experts(b: str, n_ff_exp: int, n_expert: int) -> list[_Tensor]:
+def _experts(b: str, n_ff_exp: int, n_expert: int, router_bias: bool = False) -> list[_Tensor]:
+    """The router (and its bias, exp_probs_b, where the loader creates one right after it), then the experts."""
     return [(b + "ffn_gate_inp.weight", (_E, n_expert), "F32"),
+            *([_norm(b + "exp_probs_b.bias", n_expert)] if router_bias else []),
             _mat(b + "ffn_gate_exps.weight", _E, n_ff_exp, n_expert),
             _mat(b + "ffn_down_exps.weight", n_ff_exp, _E, n_expert),
             _mat(b + "ffn_up_exps.weight", _E, n_ff_exp, n_expert)]
@@ -166,8 +169,7 @@ def _deepseek2() -> tuple[dict, list[_Tensor]]:
         if i < 1:
             body += _dense(b, n_ff)
         else:
-            body += [*_experts(b, n_ff_exp, n_exp)[:1], _norm(b + "exp_probs_b.bias", n_exp),
-                     *_experts(b, n_ff_exp, n_exp)[1:], *_shared(b, n_ff_exp * n_shared)]
+            body += [*_experts(b, n_ff_exp, n_exp, router_bias=True), *_shared(b, n_ff_exp * n_shared)]
         if i >= n_layer:
             body += _nextn(b)
     kv = dict(block_count=n_layer + n_nextn, nextn_predict_layers=n_nextn, feed_forward_length=n_ff,
@@ -194,8 +196,7 @@ def _glm4moe() -> tuple[dict, list[_Tensor]]:
         if i < 1:
             body += _dense(b, n_ff)
         else:
-            body += [*_experts(b, n_ff_exp, n_exp)[:1], _norm(b + "exp_probs_b.bias", n_exp),
-                     *_experts(b, n_ff_exp, n_exp)[1:], *_shared(b, n_ff_exp)]
+            body += [*_experts(b, n_ff_exp, n_exp, router_bias=True), *_shared(b, n_ff_exp)]
         if i >= n_layer:
             body += _nextn(b)
     kv = dict(block_count=n_layer + n_nextn, nextn_predict_layers=n_nextn, feed_forward_length=n_ff,
@@ -430,7 +431,11 @@ def _model(arch: str) -> tuple[dict[str, tuple[str | None, object]], list[_Tenso
             f"{arch}.vocab_size": (None, _V)}
         keys.update({f"{arch}.{k}": (None, v) for k, v in kv.items()})
         return keys, tensors
-    found = DISCOVERED[arch]
+    return discovered_model(DISCOVERED[arch])
+
+
+def discovered_model(found: dict) -> tuple[dict[str, tuple[str | None, object]], list[_Tensor]]:
+    """An entry of arch_models.json ({"kv", "types", "tensors"}) as write_gguf's keys and tensors."""
     types = found.get("types", {})
     return ({k: (types.get(k), v) for k, v in found["kv"].items()},
             [(n, tuple(s), tensor_type(n, tuple(s))) for n, s in found["tensors"]])
