@@ -25,6 +25,7 @@ those llama.cpp did not accept keep the first check they failed (docs/COVERAGE.m
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -44,6 +45,7 @@ BASE = {"context_length": 32768, "embedding_length": 1024, "vocab_size": 8192, "
         "rope.dimension_count": 64, "attention.layer_norm_rms_epsilon": 1e-5}
 
 
+@functools.lru_cache(maxsize=1)
 def llama_src() -> Path:
     """The vendored llama.cpp: GPULAB_LLAMA_CPP_SRC, or the source scripts/llama-tools.sh built the tools from."""
     given = os.environ.get("GPULAB_LLAMA_CPP_SRC")
@@ -104,23 +106,28 @@ RETRIES = [
 ]
 
 
+@functools.cache
+def _source(relative: str) -> str:
+    """A file of the vendored llama.cpp's src/, read once per process."""
+    return (llama_src() / "src" / relative).read_text()
+
+
+@functools.cache
 def arch_source(arch: str) -> str:
     """The text of the vendored llama.cpp's src/models/*.cpp that defines `arch`'s llama_model class."""
-    src = llama_src() / "src"
-    names = (src / "llama-arch.cpp").read_text()
-    enum = re.search(r'\{\s*(LLM_ARCH_\w+),\s*"' + re.escape(arch) + '"', names)
+    enum = re.search(r'\{\s*(LLM_ARCH_\w+),\s*"' + re.escape(arch) + '"', _source("llama-arch.cpp"))
     cls = enum and re.search(r"case " + enum.group(1) + r":\s*return new (llama_model_\w+)\(",
-                             (src / "llama-model.cpp").read_text())
+                             _source("llama-model.cpp"))
     if not cls:
         return ""
     name = cls.group(1)
-    header = (src / "models" / "models.h").read_text()
+    models = sorted(f"models/{f.name}" for f in (llama_src() / "src" / "models").glob("*.cpp"))
     for _ in range(4):       # a class without its own loader is its base class's (mistral4: deepseek2)
-        for f in sorted((src / "models").glob("*.cpp")):
-            text = f.read_text()
+        for f in models:
+            text = _source(f)
             if f"{name}::load_arch_hparams" in text or f"{name}::load_arch_tensors" in text:
                 return text
-        base = re.search(r"struct " + name + r"\s*:\s*public (llama_model_\w+)", header)
+        base = re.search(r"struct " + name + r"\s*:\s*public (llama_model_\w+)", _source("models/models.h"))
         if not base:
             break
         name = base.group(1)
@@ -129,8 +136,7 @@ def arch_source(arch: str) -> str:
 
 def optional_tensors(arch: str) -> list[str]:
     """The names of the tensors `arch`'s loader creates with TENSOR_NOT_REQUIRED ("%d": the block)."""
-    src = llama_src() / "src"
-    names = dict(re.findall(r'\{\s*(LLM_TENSOR_\w+),\s*"([^"]+)"\s*\}', (src / "llama-arch.cpp").read_text()))
+    names = dict(re.findall(r'\{\s*(LLM_TENSOR_\w+),\s*"([^"]+)"\s*\}', _source("llama-arch.cpp")))
     out = []
     for m in re.finditer(r"create_tensor\(tn\((LLM_TENSOR_\w+),\s*\"(\w+)\"([^;]*);", arch_source(arch)):
         if "TENSOR_NOT_REQUIRED" in m.group(3) and m.group(1) in names and "rope_factors" not in names[m.group(1)]:
@@ -139,8 +145,7 @@ def optional_tensors(arch: str) -> list[str]:
 
 
 def seeds(arch: str) -> dict[str, object]:
-    src = llama_src() / "src"
-    names = dict(re.findall(r'\{\s*(LLM_KV_\w+),\s*"%s\.([^"]+)"', (src / "llama-arch.cpp").read_text()))
+    names = dict(re.findall(r'\{\s*(LLM_KV_\w+),\s*"%s\.([^"]+)"', _source("llama-arch.cpp")))
     text = arch_source(arch)
     wanted = [k for k in SEEDS if k in text]
     if "moe" in arch:            # named for its experts (granitemoe loads without them, but no checkpoint does)
