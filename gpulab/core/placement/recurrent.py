@@ -230,6 +230,19 @@ class _Attn:
         k = g.op(4 * hd * n_kv_head * T, cur, w=d)
         k = g.op(k.size, c.norm(g.view(k), il), pos, inplace=True)
         v = g.view(g.op(4 * hd * n_kv_head * T, cur, w=d))
+        out = self.attend(q, k, v, il)
+        if gated:
+            gate = g.op(gate.size, g.op(gate.size, gate), inplace=True)     # sigmoid(cont(gate))
+            out = g.op(gate.size, out, gate, inplace=True)
+        return g.op(4 * c.E * T, out, w=d)                                   # wo
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, il: int, v_cont: bool = False) -> Tensor:
+        """build_attn from the cache's rotations to the attention output, before wo: the cache writes and
+        build_attn_mha. v_cont: V is a strided view (of a fused QKV product), which the transposed V cache copies
+        contiguous first (llama_kv_cache::cpy_v's ggml_cont_2d)."""
+        c, g, T = self.c, self.c.g, self.c.T
+        d, layer, cfg = c.dev[il], c.p.layers[il], c.config
+        hd, n_head, n_kv_head = layer.n_embd_head_k, layer.n_head, layer.n_head_kv
         if self.k_rot is not None:
             q = g.view(g.op(q.size, self.k_rot, g.view(q)))
             k = g.view(g.op(k.size, self.k_rot, g.view(k)))
@@ -239,7 +252,8 @@ class _Attn:
         g.expand(v)
         g.expand(k)
         g.expand(g.set(d, g.view(k), self.k_idxs))
-        g.expand(g.set(d, g.view(v), self.v_idxs))
+        v_copy = v_cont and self.v_trans and self.v_rot is None
+        g.expand(g.set(d, g.op(v.size, v) if v_copy else g.view(v), self.v_idxs))
         n_kv = self.n_kv * self.n_stream                                     # the views span every stream
         kc = g.view(g.view(g.ext(d)), _row(cfg.type_k, hd) * n_kv_head * n_kv)
         vc = g.view(g.view(g.ext(d)), _row(cfg.type_v, hd) * n_kv_head * n_kv)
@@ -258,10 +272,6 @@ class _Attn:
         g.expand(out)                  # build_attn_mha expands its result
         if self.v_rot is not None:
             out = g.view(g.op(out.size, self.v_rot, g.view(out)))
-        if gated:
-            gate = g.op(gate.size, g.op(gate.size, gate), inplace=True)     # sigmoid(cont(gate))
-            out = g.op(gate.size, out, gate, inplace=True)
-        out = g.op(4 * c.E * T, out, w=d)                                    # wo
         self.fa_nodes.append((fa_node, d))
         return out
 

@@ -1,0 +1,199 @@
+"""Compute buffers of the older dense attention graphs, replayed op by op (gpulab.core.placement.ggml_replay).
+
+Their layers repeat, but the closed forms of gpulab.core.placement.compute missed a row set here and there on
+graphs unlike llama's: LayerNorms (GGML_OP_NORM is not run in place), fused QKV products whose Q and K are roped
+out of a strided view, attention beside the FFN with its sums in the graph's order, biases. So these graphs are
+built in llama.cpp's order and handed to the scheduler's split and ggml-alloc, like the recurrent ones
+(placement.recurrent, whose attention (`_Attn`) is shared):
+
+  qwen       llama_model_qwen::graph (src/models/qwen.cpp): RMS norms, fused QKV with its bias, SwiGLU FFN
+  falcon     llama_model_falcon::graph (src/models/falcon.cpp): one LayerNorm read by attention and the
+             GELU FFN, the FFN output plus the attention output plus the residual
+  gptneox    llama_model_gptneox::graph (src/models/gptneox.cpp): LayerNorms with biases, fused QKV and its
+             bias, the output bias, sequential residual (use_par_res: the parallel one), GELU FFN with biases
+  command-r  llama_model_command_r::graph (src/models/command-r.cpp): one LayerNorm (no bias) read by
+             attention and the SwiGLU FFN, the FFN output plus the residual plus the attention output
+
+  shared     build_norm, build_qkv, build_ffn, build_attn, build_inp_out_ids (src/llama-graph.cpp)
+"""
+
+from __future__ import annotations
+
+import weakref
+
+from ..config import SplitConfig
+from ..devices import HOST_NAME
+from ..profile import ModelProfile
+from .ggml_replay import Graph, Tensor, buffer_peaks, schedule
+from .recurrent import _Attn, _Ctx
+
+__all__ = ["DENSE_GRAPHS", "dense_compute_bytes", "dense_replayable"]
+
+DENSE_GRAPHS = frozenset({"qwen", "falcon", "gptneox", "command-r"})
+_CACHE: dict[tuple, tuple[weakref.ref, dict[str, int]]] = {}
+
+
+class _Layer:
+    """The tensors a layer has (optional biases and norms decide the ops the graph builds)."""
+
+    def __init__(self, profile: ModelProfile, il: int) -> None:
+        self.shapes = {t.name.split(".", 2)[-1]: t.shape for t in profile.layers[il].tensors}
+        self.names = set(self.shapes)
+
+    def width(self, name: str) -> int:
+        """A matrix's output width (its ne1)."""
+        return int(self.shapes[name][1])
+
+    def has(self, name: str) -> bool:
+        return name in self.names
+
+
+def _norm(c: _Ctx, x: Tensor, il: int, *, rms: bool, bias: bool) -> Tensor:
+    """build_norm: the norm (named "norm": pinned to the layer's device under full offload or small ubatches,
+    llama_context::graph_get_cb), the weight's MUL and the bias' ADD in place. GGML_OP_NORM is not among the ops
+    ggml-alloc runs in place (ggml_op_can_inplace, ggml/src/ggml-alloc.c); RMS_NORM is."""
+    g = c.g
+    d = c.dev[il] if il >= 0 else c.dev[c.p.n_layer]
+    n = g.op(x.size, x, w=d if c.pin and il >= 0 else None, inplace=rms)
+    n = g.op(n.size, n, w=d, inplace=True)
+    return g.op(n.size, n, w=d, inplace=True) if bias else n
+
+
+def _qkv(c: _Ctx, attn: _Attn, h: Tensor, pos: Tensor, il: int, lay: _Layer) -> tuple[Tensor, Tensor, Tensor, bool]:
+    """build_qkv and the RoPE of Q and K (a RoPE of a view is never in place: ggml_gallocr_allocate_node reuses
+    only a parent it allocated itself). Returns Q, K, V and whether V is a strided view of a fused product."""
+    g, T, d = c.g, c.T, c.dev[il]
+    layer = c.p.layers[il]
+    nq, nk = 4 * layer.n_head * layer.n_embd_head_k * T, 4 * layer.n_head_kv * layer.n_embd_head_k * T
+    nv = 4 * layer.n_head_kv * layer.n_embd_head_v * T
+    if lay.has("attn_qkv.weight"):
+        # the product is as wide as the weight (qwen's is 3 n_embd whatever n_head_kv says: src/models/qwen.cpp)
+        qkv = g.op(4 * lay.width("attn_qkv.weight") * T, h, w=d)
+        if lay.has("attn_qkv.bias"):
+            qkv = g.op(qkv.size, qkv, w=d, inplace=True)
+        q, k, v = g.view(qkv, nq), g.view(qkv, nk), g.view(qkv, nv)
+        fused = True
+    else:
+        proj = []
+        for name, size in (("attn_q", nq), ("attn_k", nk), ("attn_v", nv)):
+            t = g.op(size, h, w=d)
+            if lay.has(f"{name}.bias"):
+                t = g.op(size, t, w=d, inplace=True)
+            proj.append(g.view(t))             # ggml_reshape_3d
+        q, k, v = proj
+        fused = False
+    q = g.op(q.size, q, pos, inplace=True)
+    k = g.op(k.size, k, pos, inplace=True)
+    return q, k, v, fused
+
+
+def _ffn(c: _Ctx, h: Tensor, il: int, lay: _Layer, n_ff: int) -> Tensor:
+    """build_ffn: gated (LLM_FFN_PAR: gate and up products, the GLU's new tensor) or up and its activation in
+    place; biases added in place; ffn_down."""
+    g, fd = c.g, c.ffn_dev[il]
+    f = 4 * n_ff * (h.size // (4 * c.E))
+    up = g.op(f, h, w=fd)
+    if lay.has("ffn_up.bias"):
+        up = g.op(f, up, w=fd, inplace=True)
+    if lay.has("ffn_gate.weight"):
+        cur = g.op(f, g.op(f, h, w=fd), up)                     # swiglu_split(gate, up)
+    else:
+        cur = g.op(f, up, inplace=True)                          # GELU
+    out = g.op(h.size, cur, w=fd)
+    if lay.has("ffn_down.bias"):
+        out = g.op(out.size, out, w=fd, inplace=True)
+    return out
+
+
+def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
+    g, T, E, p = c.g, c.T, c.E, c.p
+    arch = p.arch
+    tokens = g.inp(4 * T)
+    g.expand(g.inp(4 * E * T))               # inp_embd: a text batch never reads it, it is allocated
+    cur = g.expand(g.op(4 * E * T, tokens, w=HOST_NAME))              # get_rows(token_embd)
+    attn = _Attn(c, fa, v_trans)
+    pos = g.inp(4 * T)
+    out_ids = g.inp(4 * c.T_out)
+    n_layer = p.n_layer
+    rms = arch == "qwen"
+    par_res = bool(p.metadata.get(f"{arch}.use_parallel_residual", False))
+    for il in range(n_layer):
+        lay = _Layer(p, il)
+        last = il == n_layer - 1
+        d = c.dev[il]
+        n_ff = _ffn_width(p, il)
+        h = _norm(c, cur, il, rms=rms, bias=lay.has("attn_norm.bias"))
+        q, k, v, fused = _qkv(c, attn, h, pos, il, lay)
+        y = attn.attend(q, k, v, il, v_cont=fused)
+        y = g.op(4 * E * T, y, w=d)                                     # wo
+        if lay.has("attn_output.bias"):
+            y = g.op(y.size, y, w=d, inplace=True)
+        rows = 4 * E * c.T_out
+        if arch in ("falcon", "command-r"):
+            # the FFN reads the attention's norm; falcon: ffn + attn + inpL, command-r: ffn + inpL + attn
+            if last:
+                y, cur, h = g.op(rows, y, out_ids), g.op(rows, cur, out_ids), g.op(rows, h, out_ids)
+            ff = _ffn(c, h, il, lay, n_ff)
+            first, second = (y, cur) if arch == "falcon" else (cur, y)
+            cur = g.op(ff.size, g.op(ff.size, ff, first, inplace=True), second, inplace=True)
+            continue
+        if last:
+            y, cur = g.op(rows, y, out_ids), g.op(rows, cur, out_ids)
+        if par_res:
+            # gptneox use_par_res: x + attn(ln1(x)) + ffn(ln2(x)), the FFN output plus x plus attention
+            ff = _ffn(c, _norm(c, cur, il, rms=rms, bias=lay.has("ffn_norm.bias")), il, lay, n_ff)
+            cur = g.op(ff.size, g.op(ff.size, ff, cur, inplace=True), y, inplace=True)
+            continue
+        ffn_inp = g.op(y.size, y, cur, inplace=True)
+        ff = _ffn(c, _norm(c, ffn_inp, il, rms=rms, bias=lay.has("ffn_norm.bias")), il, lay, n_ff)
+        cur = g.op(ff.size, ff, ffn_inp, inplace=True)
+    out_names = {t.name for t in p.output_tensors}
+    h = _norm(c, cur, -1, rms=rms, bias="output_norm.bias" in out_names) if n_layer else cur
+    g.expand(g.op(4 * p.n_vocab * c.T_out, h, w=c.dev[n_layer], out=True))   # result_output
+    return g, [(n, d) for n, d in attn.fa_nodes if n is not None]
+
+
+def _ffn_width(p: ModelProfile, il: int) -> int:
+    """The FFN's width as ffn_down reads it (qwen's loader makes it n_ff / 2: src/models/qwen.cpp)."""
+    for t in p.layers[il].tensors:
+        if t.name.endswith(".ffn_down.weight") and len(t.shape) >= 2:
+            return int(t.shape[0])
+    return p.n_ff
+
+
+def dense_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_devices: list[str],
+                        names: list[str], *, T: int, n_seqs: int, T_out: int, n_copies: int,
+                        pin_norm: bool, ffn_devices: list[str] | None = None) -> dict[str, int]:
+    """Compute buffer bytes of every backend in `names` for a `dense_replayable` profile, remembered per profile
+    and arguments."""
+    key = (id(profile), config, tuple(layer_devices), tuple(names), T, n_seqs, T_out, n_copies, pin_norm,
+           tuple(ffn_devices) if ffn_devices else None)
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0]() is profile:
+        return dict(hit[1])
+    fa = config.flash_attn != "off"
+    v_trans = config.flash_attn == "off"         # llama_model::create_memory
+    c = _Ctx(profile, config, layer_devices, T, n_seqs, T_out, pin_norm, ffn_devices)
+    g, fa_nodes = _graph(c, fa, v_trans)
+    schedule(g)
+    if config.flash_attn == "auto" and any(n.be != d for n, d in fa_nodes):
+        # llama_context::resolve_fused_ops: flash attention scheduled away from its layer's device is turned off
+        c = _Ctx(profile, config, layer_devices, T, n_seqs, T_out, pin_norm, ffn_devices)
+        g, _ = _graph(c, False, v_trans)
+        schedule(g)
+    tops = buffer_peaks(g, n_copies)
+    out = {name: tops.get(name, 0) for name in names}
+    if len(_CACHE) > 256:
+        _CACHE.clear()
+    _CACHE[key] = (weakref.ref(profile), out)
+    return dict(out)
+
+
+def dense_replayable(profile: ModelProfile) -> bool:
+    """Whether `profile`'s compute buffers are replayed here: a graph of DENSE_GRAPHS, every layer with attention
+    and a KV cache, no sliding window, and the tensor list read from the file (attention and FFN weights)."""
+    if profile.arch not in DENSE_GRAPHS or profile.n_swa or profile.n_expert or not profile.layers:
+        return False
+    return all(layer.has_kv and not layer.is_recurrent and any(t.name.endswith(".ffn_down.weight")
+                                                               for t in layer.tensors)
+               for layer in profile.layers)
