@@ -6,13 +6,18 @@ out of a strided view, attention beside the FFN with its sums in the graph's ord
 built in llama.cpp's order and handed to the scheduler's split and ggml-alloc, like the recurrent ones
 (placement.recurrent, whose attention (`_Attn`) is shared):
 
-  qwen       llama_model_qwen::graph (src/models/qwen.cpp): RMS norms, fused QKV with its bias, SwiGLU FFN
-  falcon     llama_model_falcon::graph (src/models/falcon.cpp): one LayerNorm read by attention and the
-             GELU FFN, the FFN output plus the attention output plus the residual
-  gptneox    llama_model_gptneox::graph (src/models/gptneox.cpp): LayerNorms with biases, fused QKV and its
-             bias, the output bias, sequential residual (use_par_res: the parallel one), GELU FFN with biases
-  command-r  llama_model_command_r::graph (src/models/command-r.cpp): one LayerNorm (no bias) read by
-             attention and the SwiGLU FFN, the FFN output plus the residual plus the attention output
+  qwen       src/models/qwen.cpp: RMS norms, fused QKV with its bias (3 n_embd wide), SwiGLU FFN
+  falcon     src/models/falcon.cpp: one LayerNorm read by attention and the GELU FFN, ffn + attn + residual
+  gptneox    src/models/gptneox.cpp: LayerNorms with biases, fused QKV and its bias, the output bias, GELU FFN
+             with biases; use_parallel_residual: ffn(ln2(x)) + x + attn(ln1(x))
+  command-r  src/models/command-r.cpp: one LayerNorm (no bias) read by attention and the FFN, ffn + residual + attn
+  plamo      src/models/plamo.cpp: RMS norm read by attention and the FFN, ffn + attn + residual
+  stablelm   src/models/stablelm.cpp: LayerNorms with biases; without ffn_norm the FFN reads the attention's norm
+  refact     src/models/refact.cpp: ALiBi, no RoPE
+  olmo       src/models/olmo.cpp: LayerNorms without weights (not named "norm", so never pinned)
+  openelm    src/models/openelm.cpp: fused QKV, RMS Q/K norms of its views, residual + attention
+  plamo3     src/models/plamo3.cpp: fused QKV, Q/K norms, norms after attention and the FFN, fused SwiGLU
+  cogvlm     src/models/cogvlm.cpp: fused QKV, no output rows gathered (no inp_out_ids)
 
   shared     build_norm, build_qkv, build_ffn, build_attn, build_inp_out_ids (src/llama-graph.cpp)
 """
@@ -20,6 +25,7 @@ built in llama.cpp's order and handed to the scheduler's split and ggml-alloc, l
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 
 from ..config import SplitConfig
 from ..devices import HOST_NAME
@@ -29,7 +35,6 @@ from .recurrent import _Attn, _Ctx
 
 __all__ = ["DENSE_GRAPHS", "dense_compute_bytes", "dense_replayable"]
 
-DENSE_GRAPHS = frozenset({"qwen", "falcon", "gptneox", "command-r"})
 _CACHE: dict[tuple, tuple[weakref.ref, dict[str, int]]] = {}
 
 
@@ -48,18 +53,20 @@ class _Layer:
         return name in self.names
 
 
-def _norm(c: _Ctx, x: Tensor, il: int, *, rms: bool, bias: bool) -> Tensor:
+def _norm(c: _Ctx, x: Tensor, il: int, *, rms: bool, bias: bool, weight: bool = True) -> Tensor:
     """build_norm: the norm (named "norm": pinned to the layer's device under full offload or small ubatches,
     llama_context::graph_get_cb), the weight's MUL and the bias' ADD in place. GGML_OP_NORM is not among the ops
     ggml-alloc runs in place (ggml_op_can_inplace, ggml/src/ggml-alloc.c); RMS_NORM is."""
     g = c.g
     d = c.dev[il] if il >= 0 else c.dev[c.p.n_layer]
-    n = g.op(x.size, x, w=d if c.pin and il >= 0 else None, inplace=rms)
-    n = g.op(n.size, n, w=d, inplace=True)
+    named = weight or bias                   # build_norm names it "norm" only with a weight or a bias
+    n = g.op(x.size, x, w=d if c.pin and il >= 0 and named else None, inplace=rms)
+    if weight:
+        n = g.op(n.size, n, w=d, inplace=True)
     return g.op(n.size, n, w=d, inplace=True) if bias else n
 
 
-def _qkv(c: _Ctx, attn: _Attn, h: Tensor, pos: Tensor, il: int, lay: _Layer) -> tuple[Tensor, Tensor, Tensor, bool]:
+def _qkv(c: _Ctx, h: Tensor, pos: Tensor, il: int, lay: _Layer, spec: _Spec) -> tuple[Tensor, Tensor, Tensor, bool]:
     """build_qkv and the RoPE of Q and K (a RoPE of a view is never in place: ggml_gallocr_allocate_node reuses
     only a parent it allocated itself). Returns Q, K, V and whether V is a strided view of a fused product."""
     g, T, d = c.g, c.T, c.dev[il]
@@ -82,21 +89,30 @@ def _qkv(c: _Ctx, attn: _Attn, h: Tensor, pos: Tensor, il: int, lay: _Layer) -> 
             proj.append(g.view(t))             # ggml_reshape_3d
         q, k, v = proj
         fused = False
-    q = g.op(q.size, q, pos, inplace=True)
-    k = g.op(k.size, k, pos, inplace=True)
+    if lay.has("attn_q_norm.weight"):
+        q = _norm(c, q, il, rms=spec.rms, bias=False)
+    if lay.has("attn_k_norm.weight"):
+        k = _norm(c, k, il, rms=spec.rms, bias=False)
+    if spec.rope:
+        q = g.op(q.size, q, pos, inplace=True)
+        k = g.op(k.size, k, pos, inplace=True)
     return q, k, v, fused
 
 
 def _ffn(c: _Ctx, h: Tensor, il: int, lay: _Layer, n_ff: int) -> Tensor:
-    """build_ffn: gated (LLM_FFN_PAR: gate and up products, the GLU's new tensor) or up and its activation in
-    place; biases added in place; ffn_down."""
+    """build_ffn: gated (LLM_FFN_PAR: gate and up products, the GLU's new tensor), an up product twice as wide
+    as ffn_down reads split by the GLU (LLM_FFN_SWIGLU, plamo3), or up and its activation in place (GELU);
+    biases added in place; ffn_down."""
     g, fd = c.g, c.ffn_dev[il]
-    f = 4 * n_ff * (h.size // (4 * c.E))
-    up = g.op(f, h, w=fd)
+    rows = h.size // (4 * c.E)
+    f = 4 * n_ff * rows
+    up = g.op(4 * lay.width("ffn_up.weight") * rows, h, w=fd)
     if lay.has("ffn_up.bias"):
-        up = g.op(f, up, w=fd, inplace=True)
+        up = g.op(up.size, up, w=fd, inplace=True)
     if lay.has("ffn_gate.weight"):
         cur = g.op(f, g.op(f, h, w=fd), up)                     # swiglu_split(gate, up)
+    elif up.size > f:
+        cur = g.op(f, up)                                        # swiglu(up): halves it
     else:
         cur = g.op(f, up, inplace=True)                          # GELU
     out = g.op(h.size, cur, w=fd)
@@ -105,9 +121,38 @@ def _ffn(c: _Ctx, h: Tensor, il: int, lay: _Layer, n_ff: int) -> Tensor:
     return out
 
 
+@dataclass(frozen=True)
+class _Spec:
+    """How an architecture's layer differs from llama's (read from src/models/<arch>.cpp)."""
+    rms: bool = True              # LLM_NORM_RMS, else LLM_NORM (LayerNorm)
+    norm_weight: bool = True      # the norms have weights (olmo's have none: not named "norm", not pinned)
+    rope: bool = True             # refact: ALiBi, no RoPE
+    qkv_reshape: bool = False     # fused QKV views taken of a reshape (openelm): a view of a view, same sizes
+    parallel: str = ""            # the FFN reads the attention's norm: the adds after the FFN, in order
+    par_res: bool = False         # gptneox use_parallel_residual: ffn(ln2(x)) + x + attn(ln1(x))
+    residual_first: bool = False  # ffn_inp = residual + attention (openelm), not attention + residual
+    post_norms: bool = False      # RMS norms after attention and the FFN (plamo3)
+    gather: bool = True           # the last layer gathers the output rows (cogvlm builds no inp_out_ids)
+
+
+_SPECS = {
+    "qwen": _Spec(),
+    "falcon": _Spec(rms=False, parallel="attn,residual"),
+    "gptneox": _Spec(rms=False),
+    "command-r": _Spec(rms=False, parallel="residual,attn"),
+    "plamo": _Spec(parallel="attn,residual"),
+    "stablelm": _Spec(rms=False),
+    "refact": _Spec(rope=False),
+    "olmo": _Spec(rms=False, norm_weight=False),
+    "openelm": _Spec(residual_first=True),
+    "plamo3": _Spec(residual_first=False, post_norms=True),
+    "cogvlm": _Spec(gather=False),
+}
+
+
 def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
     g, T, E, p = c.g, c.T, c.E, c.p
-    arch = p.arch
+    spec = _SPECS[p.arch]
     tokens = g.inp(4 * T)
     g.expand(g.inp(4 * E * T))               # inp_embd: a text batch never reads it, it is allocated
     cur = g.expand(g.op(4 * E * T, tokens, w=HOST_NAME))              # get_rows(token_embd)
@@ -115,41 +160,55 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
     pos = g.inp(4 * T)
     out_ids = g.inp(4 * c.T_out)
     n_layer = p.n_layer
-    rms = arch == "qwen"
-    par_res = bool(p.metadata.get(f"{arch}.use_parallel_residual", False))
+    rms = spec.rms
+    par_res = spec.par_res or bool(p.metadata.get(f"{p.arch}.use_parallel_residual", False))
+
+    def norm(x: Tensor, il: int, lay: _Layer | None, name: str) -> Tensor:
+        # (plamo3's post norms are named without ".weight": LLM_TENSOR_ATTN_POST_NORM, llama-arch.cpp)
+        has_w = spec.norm_weight and (lay is None or lay.has(f"{name}.weight") or lay.has(name))
+        bias = lay.has(f"{name}.bias") if lay is not None else f"{name}.bias" in out_names
+        return _norm(c, x, il, rms=rms, bias=bias, weight=has_w)
+
+    out_names = {t.name for t in p.output_tensors}
     for il in range(n_layer):
         lay = _Layer(p, il)
-        last = il == n_layer - 1
+        last = il == n_layer - 1 and spec.gather
         d = c.dev[il]
         n_ff = _ffn_width(p, il)
-        h = _norm(c, cur, il, rms=rms, bias=lay.has("attn_norm.bias"))
-        q, k, v, fused = _qkv(c, attn, h, pos, il, lay)
+        h = norm(cur, il, lay, "attn_norm")
+        q, k, v, fused = _qkv(c, h, pos, il, lay, spec)
         y = attn.attend(q, k, v, il, v_cont=fused)
         y = g.op(4 * E * T, y, w=d)                                     # wo
         if lay.has("attn_output.bias"):
             y = g.op(y.size, y, w=d, inplace=True)
         rows = 4 * E * c.T_out
-        if arch in ("falcon", "command-r"):
-            # the FFN reads the attention's norm; falcon: ffn + attn + inpL, command-r: ffn + inpL + attn
+        if spec.parallel:
+            # the FFN reads the attention's norm; then ffn + the two others in the graph's order
             if last:
                 y, cur, h = g.op(rows, y, out_ids), g.op(rows, cur, out_ids), g.op(rows, h, out_ids)
             ff = _ffn(c, h, il, lay, n_ff)
-            first, second = (y, cur) if arch == "falcon" else (cur, y)
+            first, second = (y, cur) if spec.parallel == "attn,residual" else (cur, y)
             cur = g.op(ff.size, g.op(ff.size, ff, first, inplace=True), second, inplace=True)
             continue
         if last:
             y, cur = g.op(rows, y, out_ids), g.op(rows, cur, out_ids)
+            if not lay.has("ffn_norm.weight"):
+                h = g.op(rows, h, out_ids)
+        if spec.post_norms:
+            y = norm(y, il, lay, "post_attention_norm")
         if par_res:
-            # gptneox use_par_res: x + attn(ln1(x)) + ffn(ln2(x)), the FFN output plus x plus attention
-            ff = _ffn(c, _norm(c, cur, il, rms=rms, bias=lay.has("ffn_norm.bias")), il, lay, n_ff)
+            ff = _ffn(c, norm(cur, il, lay, "ffn_norm"), il, lay, n_ff)
             cur = g.op(ff.size, g.op(ff.size, ff, cur, inplace=True), y, inplace=True)
             continue
-        ffn_inp = g.op(y.size, y, cur, inplace=True)
-        ff = _ffn(c, _norm(c, ffn_inp, il, rms=rms, bias=lay.has("ffn_norm.bias")), il, lay, n_ff)
+        ffn_inp = g.op(y.size, cur, y, inplace=True) if spec.residual_first else g.op(y.size, y, cur, inplace=True)
+        # stablelm without ffn_norm: the FFN reads the attention's norm
+        ffn_in = norm(ffn_inp, il, lay, "ffn_norm") if lay.has("ffn_norm.weight") or not spec.norm_weight else h
+        ff = _ffn(c, ffn_in, il, lay, n_ff)
+        if spec.post_norms:
+            ff = norm(ff, il, lay, "post_ffw_norm")
         cur = g.op(ff.size, ff, ffn_inp, inplace=True)
-    out_names = {t.name for t in p.output_tensors}
-    h = _norm(c, cur, -1, rms=rms, bias="output_norm.bias" in out_names) if n_layer else cur
-    g.expand(g.op(4 * p.n_vocab * c.T_out, h, w=c.dev[n_layer], out=True))   # result_output
+    h = norm(cur, -1, None, "output_norm") if n_layer else cur
+    g.expand(g.op(4 * p.n_vocab * (c.T_out if spec.gather else T), h, w=c.dev[n_layer], out=True))  # result_output
     return g, [(n, d) for n, d in attn.fa_nodes if n is not None]
 
 
@@ -192,8 +251,11 @@ def dense_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_device
 def dense_replayable(profile: ModelProfile) -> bool:
     """Whether `profile`'s compute buffers are replayed here: a graph of DENSE_GRAPHS, every layer with attention
     and a KV cache, no sliding window, and the tensor list read from the file (attention and FFN weights)."""
-    if profile.arch not in DENSE_GRAPHS or profile.n_swa or profile.n_expert or not profile.layers:
+    if profile.arch not in _SPECS or profile.n_swa or profile.n_expert or not profile.layers:
         return False
     return all(layer.has_kv and not layer.is_recurrent and any(t.name.endswith(".ffn_down.weight")
                                                                for t in layer.tensors)
                for layer in profile.layers)
+
+
+DENSE_GRAPHS = frozenset(_SPECS)
