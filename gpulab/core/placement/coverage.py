@@ -50,7 +50,10 @@ COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "in
                            "apertus", "arcee", "bloom", "codeshell", "gpt2", "jais", "jais2", "mpt", "nemotron",
                            "phi2", "pockettts", "starcoder", "starcoder2",
                            # discovered, exact since the MLA/MoE round (compute_moe: a shared expert)
-                           "hunyuan-moe"})
+                           "hunyuan-moe",
+                           # branch small: the older dense graphs replayed op by op (placement.dense)
+                           "qwen", "falcon", "gptneox", "command-r", "plamo", "stablelm", "refact", "olmo",
+                           "openelm", "plamo3", "cogvlm"})
 
 
 # Architectures whose memory is not llama_kv_cache / llama_memory_recurrent as gpulab sizes them
