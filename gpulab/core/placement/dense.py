@@ -31,7 +31,7 @@ from ..config import SplitConfig
 from ..devices import HOST_NAME
 from ..profile import ModelProfile
 from .ggml_replay import Graph, Tensor, buffer_peaks, schedule
-from .recurrent import _Attn, _Ctx
+from .recurrent import _Attn, _Ctx, _moe
 
 __all__ = ["DENSE_GRAPHS", "dense_compute_bytes", "dense_replayable"]
 
@@ -133,6 +133,8 @@ class _Spec:
     residual_first: bool = False  # ffn_inp = residual + attention (openelm), not attention + residual
     post_norms: bool = False      # RMS norms after attention and the FFN (plamo3)
     gather: bool = True           # the last layer gathers the output rows (cogvlm builds no inp_out_ids)
+    gating: int = 0               # build_moe_ffn's gating as the graph passes it (0: hparams.expert_gating_func)
+    norm_w: bool | None = None    # ... its weight normalization (None: hparams.expert_weights_norm)
 
 
 _SPECS = {
@@ -147,6 +149,12 @@ _SPECS = {
     "openelm": _Spec(residual_first=True),
     "plamo3": _Spec(residual_first=False, post_norms=True),
     "cogvlm": _Spec(gather=False),
+    # MoE layers (ffn_gate_inp) after leading dense ones, a shared expert added as it is
+    "deepseek": _Spec(gating=1, norm_w=False),
+    "bailingmoe": _Spec(gating=1),
+    "dots1": _Spec(),
+    "bailingmoe2": _Spec(),
+    "exaone-moe": _Spec(),
 }
 
 
@@ -203,13 +211,25 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
         ffn_inp = g.op(y.size, cur, y, inplace=True) if spec.residual_first else g.op(y.size, y, cur, inplace=True)
         # stablelm without ffn_norm: the FFN reads the attention's norm
         ffn_in = norm(ffn_inp, il, lay, "ffn_norm") if lay.has("ffn_norm.weight") or not spec.norm_weight else h
-        ff = _ffn(c, ffn_in, il, lay, n_ff)
+        ff = _moe_ffn(c, ffn_in, il, lay, spec) if lay.has("ffn_gate_inp.weight") else _ffn(c, ffn_in, il, lay, n_ff)
         if spec.post_norms:
             ff = norm(ff, il, lay, "post_ffw_norm")
         cur = g.op(ff.size, ff, ffn_inp, inplace=True)
     h = norm(cur, -1, None, "output_norm") if n_layer else cur
     g.expand(g.op(4 * p.n_vocab * (c.T_out if spec.gather else T), h, w=c.dev[n_layer], out=True))  # result_output
     return g, [(n, d) for n, d in attn.fa_nodes if n is not None]
+
+
+def _moe_ffn(c: _Ctx, h: Tensor, il: int, lay: _Layer, spec: _Spec) -> Tensor:
+    """build_moe_ffn with the hyperparameters the loader reads (llama_model_*::load_arch_hparams), and the
+    shared expert's build_ffn added to its output (src/models/deepseek.cpp, dots1.cpp, bailingmoe*.cpp, ...)."""
+    md, arch = c.p.metadata, c.p.arch
+    scale = float(md.get(f"{arch}.expert_weights_scale", 0.0))
+    norm_w = spec.norm_w if spec.norm_w is not None else bool(md.get(f"{arch}.expert_weights_norm", False))
+    return _moe(c, h, il, gating=spec.gating or int(md.get(f"{arch}.expert_gating_func", 1)),
+                probs_bias=lay.has("exp_probs_b.bias"), norm_w=norm_w, scale=scale not in (0.0, 1.0),
+                n_ff=lay.width("ffn_up_exps.weight"),
+                shared=lay.width("ffn_up_shexp.weight") if lay.has("ffn_up_shexp.weight") else 0, shared_gate=False)
 
 
 def _ffn_width(p: ModelProfile, il: int) -> int:
@@ -251,10 +271,10 @@ def dense_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_device
 def dense_replayable(profile: ModelProfile) -> bool:
     """Whether `profile`'s compute buffers are replayed here: a graph of DENSE_GRAPHS, every layer with attention
     and a KV cache, no sliding window, and the tensor list read from the file (attention and FFN weights)."""
-    if profile.arch not in _SPECS or profile.n_swa or profile.n_expert or not profile.layers:
+    if profile.arch not in _SPECS or profile.n_swa or not profile.layers:
         return False
-    return all(layer.has_kv and not layer.is_recurrent and any(t.name.endswith(".ffn_down.weight")
-                                                               for t in layer.tensors)
+    return all(layer.has_kv and not layer.is_recurrent
+               and any(t.name.endswith((".ffn_down.weight", ".ffn_down_exps.weight")) for t in layer.tensors)
                for layer in profile.layers)
 
 

@@ -163,19 +163,32 @@ def _gated_delta_net(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, il: 
     return g.view(g.op(4 * E * T, g.view(y), w=d))                                    # ssm_out
 
 
-def _moe(c: _Ctx, h: Tensor, il: int) -> Tensor:
-    """llm_graph_context::build_moe_ffn (src/llama-graph.cpp): softmax gating, top-k, normalized weights, and
-    qwen3next's gated shared expert (build_layer_ffn)."""
+def _moe(c: _Ctx, h: Tensor, il: int, *, gating: int = 1, probs_bias: bool = False, norm_w: bool = True,
+         scale: bool = False, n_ff: int | None = None, shared: int = 0, shared_gate: bool = True) -> Tensor:
+    """llm_graph_context::build_moe_ffn (src/llama-graph.cpp): the router, its gating (`gating`: 1 softmax,
+    2 sigmoid, 3 softmax over the chosen weights: llama_expert_gating_func_type), the selection bias
+    (exp_probs_b), top-k, the weights (normalized: norm_w; scaled: expert_weights_scale not 0 or 1), the experts
+    (`n_ff` wide) and their sum; then a shared expert `shared` wide (0: none), gated by a sigmoid
+    (qwen3next's build_layer_ffn) or added as it is (deepseek.cpp and the graphs like it)."""
     g, E, p, d, fd = c.g, c.E, c.p, c.dev[il], c.ffn_dev[il]      # fd: the experts' device (-cmoe and the like)
     md, arch = p.metadata, p.arch
     rows = h.size // (4 * E)
     n_exp, U = p.n_expert, p.n_expert_used
-    n_ff = int(md.get(f"{arch}.expert_feed_forward_length", p.n_ff))
-    probs = g.op(4 * n_exp * rows, g.op(4 * n_exp * rows, h, w=d), inplace=True)     # softmax(router logits)
-    sel = g.view(g.op(4 * n_exp * rows, probs), 4 * U + 4 * n_exp * (rows - 1))      # argsort, its top-k view
-    w = g.view(g.op(4 * U * rows, g.view(probs), sel))                                # get_rows: the weights
-    wsum = g.op(_a(4 * rows), g.op(_a(4 * rows), w), inplace=True)                    # clamp(sum_rows)
-    w = g.view(g.op(4 * U * rows, w, wsum, inplace=True))                             # w / sum
+    if n_ff is None:
+        n_ff = int(md.get(f"{arch}.expert_feed_forward_length", p.n_ff))
+    logits = g.op(4 * n_exp * rows, h, w=d)
+    probs = logits if gating == 3 else g.op(logits.size, logits, inplace=True)       # softmax / sigmoid
+    select = g.op(probs.size, probs, w=d, inplace=True) if probs_bias else probs       # + exp_probs_b
+    sel = g.view(g.op(4 * n_exp * rows, select), 4 * U + 4 * n_exp * (rows - 1))     # argsort, its top-k view
+    w = g.op(4 * U * rows, g.view(probs), sel)                                        # get_rows: the weights
+    if gating == 3:
+        w = g.view(g.op(w.size, g.view(w), inplace=True))                             # softmax of the chosen
+    if norm_w:
+        w2 = g.view(w)                                                                # reshape_2d
+        wsum = g.op(_a(4 * rows), g.op(_a(4 * rows), w2), inplace=True)               # clamp(sum_rows)
+        w = g.view(g.op(4 * U * rows, w2, wsum, inplace=True))                        # w / sum
+    if scale:
+        w = g.op(w.size, w, inplace=True)
     g.expand(w)
     x = g.view(h)
     f = 4 * n_ff * U * rows
@@ -185,12 +198,13 @@ def _moe(c: _Ctx, h: Tensor, il: int) -> Tensor:
     out = g.expand(g.op(4 * E * rows, slots[0], slots[1], inplace=True) if U > 1 else g.op(4 * E * rows, slots[0]))
     for v in slots[2:]:
         out = g.expand(g.op(out.size, out, v, inplace=True))
-    n_sh = int(md.get(f"{arch}.expert_shared_feed_forward_length", 0))
-    if n_sh:
-        fs = 4 * n_sh * rows
+    if shared:
+        fs = 4 * shared * rows
         sh = g.op(4 * E * rows, g.op(fs, g.op(fs, h, w=d), g.op(fs, h, w=d)), w=d)
-        sg = g.op(_a(4 * rows), g.op(_a(4 * rows), h, w=d), inplace=True)            # sigmoid(shared gate)
-        out = g.op(out.size, out, g.op(sh.size, sh, sg, inplace=True), inplace=True)
+        if shared_gate:
+            sg = g.op(_a(4 * rows), g.op(_a(4 * rows), h, w=d), inplace=True)        # sigmoid(shared gate)
+            sh = g.op(sh.size, sh, sg, inplace=True)
+        out = g.op(out.size, out, sh, inplace=True)
     return out
 
 
@@ -305,7 +319,9 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
                 assert attn is not None and pos is not None
                 y = attn(h, pos, il, gated=True)
             cur = g.op(y.size, y, cur, inplace=True)
-            cur = g.op(cur.size, _moe(c, c.norm(cur, il), il), cur, inplace=True)
+            cur = g.op(cur.size, _moe(c, c.norm(cur, il), il,
+                                      shared=int(p.metadata.get(f"{p.arch}.expert_shared_feed_forward_length", 0))),
+                       cur, inplace=True)
             continue
         # lfm2: operator norm, short convolution or attention, residual, FFN norm, dense SwiGLU FFN, residual
         h = c.norm(cur, il)
