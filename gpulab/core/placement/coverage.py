@@ -53,7 +53,7 @@ COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "in
                            "hunyuan-moe",
                            # branch small: the older dense graphs replayed op by op (placement.dense)
                            "qwen", "falcon", "gptneox", "command-r", "plamo", "stablelm", "refact", "olmo",
-                           "openelm", "plamo3", "cogvlm"})
+                           "openelm", "plamo3", "cogvlm", "deepseek", "bailingmoe", "bailingmoe2", "dots1"})
 
 
 # Architectures whose memory is not llama_kv_cache / llama_memory_recurrent as gpulab sizes them

@@ -18,6 +18,10 @@ built in llama.cpp's order and handed to the scheduler's split and ggml-alloc, l
   openelm    src/models/openelm.cpp: fused QKV, RMS Q/K norms of its views, residual + attention
   plamo3     src/models/plamo3.cpp: fused QKV, Q/K norms, norms after attention and the FFN, fused SwiGLU
   cogvlm     src/models/cogvlm.cpp: fused QKV, no output rows gathered (no inp_out_ids)
+  MoE        build_moe_ffn (placement.recurrent._moe) with the loader's gating, weight norm and scale, after
+             leading dense layers, a shared expert added as it is: deepseek.cpp, bailingmoe.cpp, bailingmoe2.cpp,
+             dots1.cpp; mellum.cpp and qwen3vlmoe.cpp (no shared expert; qwen3vlmoe without deepstack layers),
+             smallthinker.cpp (the router reads the layer's input, before its norm)
 
   shared     build_norm, build_qkv, build_ffn, build_attn, build_inp_out_ids (src/llama-graph.cpp)
 """
@@ -135,6 +139,7 @@ class _Spec:
     gather: bool = True           # the last layer gathers the output rows (cogvlm builds no inp_out_ids)
     gating: int = 0               # build_moe_ffn's gating as the graph passes it (0: hparams.expert_gating_func)
     norm_w: bool | None = None    # ... its weight normalization (None: hparams.expert_weights_norm)
+    router_first: bool = False    # the router reads the layer's input, before its norm (smallthinker's probs_in)
 
 
 _SPECS = {
@@ -154,7 +159,10 @@ _SPECS = {
     "bailingmoe": _Spec(gating=1),
     "dots1": _Spec(),
     "bailingmoe2": _Spec(),
-    "exaone-moe": _Spec(),
+    # MoE layers only, no shared expert
+    "mellum": _Spec(gating=1, norm_w=True),
+    "qwen3vlmoe": _Spec(gating=1, norm_w=True),
+    "smallthinker": _Spec(norm_w=True, router_first=True),
 }
 
 
@@ -198,8 +206,12 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
             first, second = (y, cur) if spec.parallel == "attn,residual" else (cur, y)
             cur = g.op(ff.size, g.op(ff.size, ff, first, inplace=True), second, inplace=True)
             continue
+        # smallthinker: the router's product of the layer's input (gathered with it in the last layer)
+        router = g.op(4 * p.n_expert * T, cur, w=d) if spec.router_first else None
         if last:
             y, cur = g.op(rows, y, out_ids), g.op(rows, cur, out_ids)
+            if router is not None:
+                router = g.op(4 * p.n_expert * c.T_out, router, out_ids)
             if not lay.has("ffn_norm.weight"):
                 h = g.op(rows, h, out_ids)
         if spec.post_norms:
@@ -211,7 +223,8 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
         ffn_inp = g.op(y.size, cur, y, inplace=True) if spec.residual_first else g.op(y.size, y, cur, inplace=True)
         # stablelm without ffn_norm: the FFN reads the attention's norm
         ffn_in = norm(ffn_inp, il, lay, "ffn_norm") if lay.has("ffn_norm.weight") or not spec.norm_weight else h
-        ff = _moe_ffn(c, ffn_in, il, lay, spec) if lay.has("ffn_gate_inp.weight") else _ffn(c, ffn_in, il, lay, n_ff)
+        ff = _moe_ffn(c, ffn_in, il, lay, spec, router) if lay.has("ffn_gate_inp.weight") \
+            else _ffn(c, ffn_in, il, lay, n_ff)
         if spec.post_norms:
             ff = norm(ff, il, lay, "post_ffw_norm")
         cur = g.op(ff.size, ff, ffn_inp, inplace=True)
@@ -220,7 +233,7 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
     return g, [(n, d) for n, d in attn.fa_nodes if n is not None]
 
 
-def _moe_ffn(c: _Ctx, h: Tensor, il: int, lay: _Layer, spec: _Spec) -> Tensor:
+def _moe_ffn(c: _Ctx, h: Tensor, il: int, lay: _Layer, spec: _Spec, logits: Tensor | None = None) -> Tensor:
     """build_moe_ffn with the hyperparameters the loader reads (llama_model_*::load_arch_hparams), and the
     shared expert's build_ffn added to its output (src/models/deepseek.cpp, dots1.cpp, bailingmoe*.cpp, ...)."""
     md, arch = c.p.metadata, c.p.arch
@@ -229,7 +242,8 @@ def _moe_ffn(c: _Ctx, h: Tensor, il: int, lay: _Layer, spec: _Spec) -> Tensor:
     return _moe(c, h, il, gating=spec.gating or int(md.get(f"{arch}.expert_gating_func", 1)),
                 probs_bias=lay.has("exp_probs_b.bias"), norm_w=norm_w, scale=scale not in (0.0, 1.0),
                 n_ff=lay.width("ffn_up_exps.weight"),
-                shared=lay.width("ffn_up_shexp.weight") if lay.has("ffn_up_shexp.weight") else 0, shared_gate=False)
+                shared=lay.width("ffn_up_shexp.weight") if lay.has("ffn_up_shexp.weight") else 0, shared_gate=False,
+                logits=logits)
 
 
 def _ffn_width(p: ModelProfile, il: int) -> int:
@@ -273,6 +287,8 @@ def dense_replayable(profile: ModelProfile) -> bool:
     and a KV cache, no sliding window, and the tensor list read from the file (attention and FFN weights)."""
     if profile.arch not in _SPECS or profile.n_swa or not profile.layers:
         return False
+    if int(profile.metadata.get(f"{profile.arch}.n_deepstack_layers", 0)):
+        return False           # qwen3vlmoe's deepstack adds (a wider inp_embd) are not built here
     return all(layer.has_kv and not layer.is_recurrent
                and any(t.name.endswith((".ffn_down.weight", ".ffn_down_exps.weight")) for t in layer.tensors)
                for layer in profile.layers)
