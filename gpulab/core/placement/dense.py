@@ -90,13 +90,16 @@ def _qkv(c: _Ctx, h: Tensor, pos: Tensor, il: int, lay: _Layer, spec: _Spec) -> 
             t = g.op(size, h, w=d)
             if lay.has(f"{name}.bias"):
                 t = g.op(size, t, w=d, inplace=True)
+            if spec.qk_norm_flat and lay.has(f"{name}_norm.weight"):
+                t = _norm(c, t, il, rms=spec.rms, bias=False)
             proj.append(g.view(t))             # ggml_reshape_3d
         q, k, v = proj
         fused = False
-    if lay.has("attn_q_norm.weight"):
-        q = _norm(c, q, il, rms=spec.rms, bias=False)
-    if lay.has("attn_k_norm.weight"):
-        k = _norm(c, k, il, rms=spec.rms, bias=False)
+    if not spec.qk_norm_flat:
+        if lay.has("attn_q_norm.weight"):
+            q = _norm(c, q, il, rms=spec.rms, bias=False)
+        if lay.has("attn_k_norm.weight"):
+            k = _norm(c, k, il, rms=spec.rms, bias=False)
     if spec.rope:
         q = g.op(q.size, q, pos, inplace=True)
         k = g.op(k.size, k, pos, inplace=True)
@@ -140,6 +143,7 @@ class _Spec:
     gating: int = 0               # build_moe_ffn's gating as the graph passes it (0: hparams.expert_gating_func)
     norm_w: bool | None = None    # ... its weight normalization (None: hparams.expert_weights_norm)
     router_first: bool = False    # the router reads the layer's input, before its norm (smallthinker's probs_in)
+    qk_norm_flat: bool = False    # Q/K norms of the products before their reshape (build_qkv reshape=false): in place
 
 
 _SPECS = {
@@ -163,6 +167,8 @@ _SPECS = {
     "mellum": _Spec(gating=1, norm_w=True),
     "qwen3vlmoe": _Spec(gating=1, norm_w=True),
     "smallthinker": _Spec(norm_w=True, router_first=True),
+    "ernie4_5-moe": _Spec(gating=1, norm_w=True),
+    "minimax-m2": _Spec(norm_w=True, qk_norm_flat=True),
 }
 
 
@@ -243,7 +249,7 @@ def _moe_ffn(c: _Ctx, h: Tensor, il: int, lay: _Layer, spec: _Spec, logits: Tens
                 probs_bias=lay.has("exp_probs_b.bias"), norm_w=norm_w, scale=scale not in (0.0, 1.0),
                 n_ff=lay.width("ffn_up_exps.weight"),
                 shared=lay.width("ffn_up_shexp.weight") if lay.has("ffn_up_shexp.weight") else 0, shared_gate=False,
-                logits=logits)
+                logits=logits, gated=lay.has("ffn_gate_exps.weight"))
 
 
 def _ffn_width(p: ModelProfile, il: int) -> int:

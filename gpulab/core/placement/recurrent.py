@@ -165,13 +165,14 @@ def _gated_delta_net(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, il: 
 
 def _moe(c: _Ctx, h: Tensor, il: int, *, gating: int = 1, probs_bias: bool = False, norm_w: bool = True,
          scale: bool = False, n_ff: int | None = None, shared: int = 0, shared_gate: bool = True,
-         logits: Tensor | None = None) -> Tensor:
+         logits: Tensor | None = None, gated: bool = True) -> Tensor:
     """llm_graph_context::build_moe_ffn (src/llama-graph.cpp): the router, its gating (`gating`: 1 softmax,
     2 sigmoid, 3 softmax over the chosen weights: llama_expert_gating_func_type), the selection bias
     (exp_probs_b), top-k, the weights (normalized: norm_w; scaled: expert_weights_scale not 0 or 1), the experts
     (`n_ff` wide) and their sum; then a shared expert `shared` wide (0: none), gated by a sigmoid
     (qwen3next's build_layer_ffn) or added as it is (deepseek.cpp and the graphs like it). `logits`: the router's
-    output where the graph computes it itself (probs_in: smallthinker's router reads the layer's input)."""
+    output where the graph computes it itself (probs_in: smallthinker's router reads the layer's input). Without
+    gate_exps (`gated` False: ernie4_5-moe's files) the up product's activation runs in place."""
     g, E, p, d, fd = c.g, c.E, c.p, c.dev[il], c.ffn_dev[il]      # fd: the experts' device (-cmoe and the like)
     md, arch = p.metadata, p.arch
     rows = h.size // (4 * E)
@@ -195,7 +196,9 @@ def _moe(c: _Ctx, h: Tensor, il: int, *, gating: int = 1, probs_bias: bool = Fal
     g.expand(w)
     x = g.view(h)
     f = 4 * n_ff * U * rows
-    ex = g.op(4 * E * U * rows, g.op(f, g.op(f, x, sel, w=fd), g.op(f, x, sel, w=fd)), sel, w=fd)
+    act = g.op(f, g.op(f, x, sel, w=fd), g.op(f, x, sel, w=fd)) if gated \
+        else g.op(f, g.op(f, x, sel, w=fd), inplace=True)                           # swiglu(gate, up) / silu(up)
+    ex = g.op(4 * E * U * rows, act, sel, w=fd)
     ex = g.expand(g.op(ex.size, ex, w, inplace=True))                                 # * weights
     slots = [g.expand(g.view(ex, 4 * E + (rows - 1) * 4 * E * U)) for _ in range(U)]
     out = g.expand(g.op(4 * E * rows, slots[0], slots[1], inplace=True) if U > 1 else g.op(4 * E * rows, slots[0]))
