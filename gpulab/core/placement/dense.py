@@ -138,7 +138,10 @@ class _Spec:
     parallel: str = ""            # the FFN reads the attention's norm: the adds after the FFN, in order
     par_res: bool = False         # gptneox use_parallel_residual: ffn(ln2(x)) + x + attn(ln1(x))
     residual_first: bool = False  # ffn_inp = residual + attention (openelm), not attention + residual
-    post_norms: bool = False      # RMS norms after attention and the FFN (plamo3)
+    post_attn: str = ""           # the norm after attention (plamo3, grok), after the FFN (plamo3, grok)
+    post_ffn: str = ""
+    ffn_norm: str = "ffn_norm"    # the FFN's norm (dbrx: attn_output_norm)
+    arctic: bool = False          # a dense FFN and its residual, then the MoE of the normed layer input added
     gather: bool = True           # the last layer gathers the output rows (cogvlm builds no inp_out_ids)
     gating: int = 0               # build_moe_ffn's gating as the graph passes it (0: hparams.expert_gating_func)
     norm_w: bool | None = None    # ... its weight normalization (None: hparams.expert_weights_norm)
@@ -156,7 +159,7 @@ _SPECS = {
     "refact": _Spec(rope=False),
     "olmo": _Spec(rms=False, norm_weight=False),
     "openelm": _Spec(residual_first=True),
-    "plamo3": _Spec(residual_first=False, post_norms=True),
+    "plamo3": _Spec(post_attn="post_attention_norm", post_ffn="post_ffw_norm"),
     "cogvlm": _Spec(gather=False),
     # MoE layers (ffn_gate_inp) after leading dense ones, a shared expert added as it is
     "deepseek": _Spec(gating=1, norm_w=False),
@@ -169,6 +172,9 @@ _SPECS = {
     "smallthinker": _Spec(norm_w=True, router_first=True),
     "ernie4_5-moe": _Spec(gating=1, norm_w=True),
     "minimax-m2": _Spec(norm_w=True, qk_norm_flat=True),
+    "dbrx": _Spec(rms=False, gating=1, norm_w=True, ffn_norm="attn_output_norm"),
+    "grok": _Spec(gating=1, norm_w=True, post_attn="attn_output_norm", post_ffn="post_ffw_norm"),
+    "arctic": _Spec(gating=1, norm_w=True, arctic=True),
 }
 
 
@@ -218,21 +224,34 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
             y, cur = g.op(rows, y, out_ids), g.op(rows, cur, out_ids)
             if router is not None:
                 router = g.op(4 * p.n_expert * c.T_out, router, out_ids)
-            if not lay.has("ffn_norm.weight"):
+            if not lay.has(f"{spec.ffn_norm}.weight"):
                 h = g.op(rows, h, out_ids)
-        if spec.post_norms:
-            y = norm(y, il, lay, "post_attention_norm")
+        if spec.post_attn:
+            y = norm(y, il, lay, spec.post_attn)
         if par_res:
             ff = _ffn(c, norm(cur, il, lay, "ffn_norm"), il, lay, n_ff)
             cur = g.op(ff.size, g.op(ff.size, ff, cur, inplace=True), y, inplace=True)
             continue
         ffn_inp = g.op(y.size, cur, y, inplace=True) if spec.residual_first else g.op(y.size, y, cur, inplace=True)
+        if spec.arctic:
+            # src/models/arctic.cpp: ffn_out = ffn(norm(ffn_inp)) + ffn_inp; moe(norm_exps(inpSA)) + ffn_out
+            ffn_out = g.op(ffn_inp.size, _ffn(c, norm(ffn_inp, il, lay, "ffn_norm"), il, lay, n_ff), ffn_inp,
+                           inplace=True)
+            moe = _moe_ffn(c, norm(cur, il, lay, "ffn_norm_exps"), il, lay, spec)
+            cur = g.op(moe.size, moe, ffn_out, inplace=True)
+            continue
         # stablelm without ffn_norm: the FFN reads the attention's norm
-        ffn_in = norm(ffn_inp, il, lay, "ffn_norm") if lay.has("ffn_norm.weight") or not spec.norm_weight else h
-        ff = _moe_ffn(c, ffn_in, il, lay, spec, router) if lay.has("ffn_gate_inp.weight") \
-            else _ffn(c, ffn_in, il, lay, n_ff)
-        if spec.post_norms:
-            ff = norm(ff, il, lay, "post_ffw_norm")
+        has_norm = lay.has(f"{spec.ffn_norm}.weight") or not spec.norm_weight
+        ffn_in = norm(ffn_inp, il, lay, spec.ffn_norm) if has_norm else h
+        if lay.has("ffn_gate_inp.weight"):
+            ff = _moe_ffn(c, ffn_in, il, lay, spec, router)
+            if lay.has("ffn_up.weight"):
+                # grok: a dense FFN beside the experts, (ffn + moe) * sqrt(2) / 2
+                ff = g.op(ff.size, g.op(ff.size, _ffn(c, ffn_in, il, lay, n_ff), ff, inplace=True), inplace=True)
+        else:
+            ff = _ffn(c, ffn_in, il, lay, n_ff)
+        if spec.post_ffn:
+            ff = norm(ff, il, lay, spec.post_ffn)
         cur = g.op(ff.size, ff, ffn_inp, inplace=True)
     h = norm(cur, -1, None, "output_norm") if n_layer else cur
     g.expand(g.op(4 * p.n_vocab * (c.T_out if spec.gather else T), h, w=c.dev[n_layer], out=True))  # result_output
