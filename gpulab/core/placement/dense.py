@@ -142,6 +142,7 @@ class _Spec:
     post_ffn: str = ""
     ffn_norm: str = "ffn_norm"    # the FFN's norm (dbrx: attn_output_norm)
     arctic: bool = False          # a dense FFN and its residual, then the MoE of the normed layer input added
+    out_residual_first: bool = False  # l_out = residual + FFN (phi3's graph, which phimoe builds), not FFN + residual
     gather: bool = True           # the last layer gathers the output rows (cogvlm builds no inp_out_ids)
     gating: int = 0               # build_moe_ffn's gating as the graph passes it (0: hparams.expert_gating_func)
     norm_w: bool | None = None    # ... its weight normalization (None: hparams.expert_weights_norm)
@@ -175,6 +176,8 @@ _SPECS = {
     "dbrx": _Spec(rms=False, gating=1, norm_w=True, ffn_norm="attn_output_norm"),
     "grok": _Spec(gating=1, norm_w=True, post_attn="attn_output_norm", post_ffn="post_ffw_norm"),
     "arctic": _Spec(gating=1, norm_w=True, arctic=True),
+    "phimoe": _Spec(gating=1, norm_w=True, out_residual_first=True),
+    "deepseek2-ocr": _Spec(),       # deepseek2.cpp's OCR attention (separate Q, K, V; no MLA)
 }
 
 
@@ -252,7 +255,8 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
             ff = _ffn(c, ffn_in, il, lay, n_ff)
         if spec.post_ffn:
             ff = norm(ff, il, lay, spec.post_ffn)
-        cur = g.op(ff.size, ff, ffn_inp, inplace=True)
+        cur = g.op(ff.size, ffn_inp, ff, inplace=True) if spec.out_residual_first else \
+            g.op(ff.size, ff, ffn_inp, inplace=True)
     h = norm(cur, -1, None, "output_norm") if n_layer else cur
     g.expand(g.op(4 * p.n_vocab * (c.T_out if spec.gather else T), h, w=c.dev[n_layer], out=True))  # result_output
     return g, [(n, d) for n, d in attn.fa_nodes if n is not None]
@@ -309,13 +313,15 @@ def dense_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_device
 
 def dense_replayable(profile: ModelProfile) -> bool:
     """Whether `profile`'s compute buffers are replayed here: a graph of DENSE_GRAPHS, every layer with attention
-    and a KV cache, no sliding window, and the tensor list read from the file (attention and FFN weights)."""
+    (Q, K, V products or a fused one: no MLA) and a KV cache, no sliding window, and the tensor list read from
+    the file (attention and FFN weights)."""
     if profile.arch not in _SPECS or profile.n_swa or not profile.layers:
         return False
     if int(profile.metadata.get(f"{profile.arch}.n_deepstack_layers", 0)):
         return False           # qwen3vlmoe's deepstack adds (a wider inp_embd) are not built here
     return all(layer.has_kv and not layer.is_recurrent
                and any(t.name.endswith((".ffn_down.weight", ".ffn_down_exps.weight")) for t in layer.tensors)
+               and any(t.name.endswith((".attn_qkv.weight", ".attn_q.weight")) for t in layer.tensors)
                for layer in profile.layers)
 
 
