@@ -18,6 +18,12 @@ built in llama.cpp's order and handed to the scheduler's split and ggml-alloc, l
   openelm    src/models/openelm.cpp: fused QKV, RMS Q/K norms of its views, residual + attention
   plamo3     src/models/plamo3.cpp: fused QKV, Q/K norms, norms after attention and the FFN, fused SwiGLU
   cogvlm     src/models/cogvlm.cpp: fused QKV, no output rows gathered (no inp_out_ids)
+  phimoe     phi3.cpp's graph: residual + FFN; deepseek2-ocr: deepseek2.cpp's OCR attention; dbrx: LayerNorms, the
+             FFN's norm named attn_output_norm; grok: norms after attention and the experts; arctic: a dense FFN and
+             its residual, then the experts of the normed layer input; minimax-m2: Q/K norms before the reshape
+  sliding    two caches (llm_graph_input_attn_kv_iswa): exaone-moe and muse-glimmer rope their window layers only,
+             muse-glimmer gates attention and norms after it with plain RMS norms; cohere2moe (attention beside
+             the MoE) gathers the output rows after the output norm, which is an output (t_h_nextn)
   MoE        build_moe_ffn (placement.recurrent._moe) with the loader's gating, weight norm and scale, after
              leading dense layers, a shared expert added as it is: deepseek.cpp, bailingmoe.cpp, bailingmoe2.cpp,
              dots1.cpp; mellum.cpp and qwen3vlmoe.cpp (no shared expert; qwen3vlmoe without deepstack layers),
@@ -100,10 +106,22 @@ def _qkv(c: _Ctx, h: Tensor, pos: Tensor, il: int, lay: _Layer, spec: _Spec) -> 
             q = _norm(c, q, il, rms=spec.rms, bias=False)
         if lay.has("attn_k_norm.weight"):
             k = _norm(c, k, il, rms=spec.rms, bias=False)
-    if spec.rope:
+    if _ropes(c.p, il, spec):
         q = g.op(q.size, q, pos, inplace=True)
         k = g.op(k.size, k, pos, inplace=True)
     return q, k, v, fused
+
+
+def _ropes(p: ModelProfile, il: int, spec: _Spec) -> bool:
+    """Whether layer il ropes Q and K: exaone-moe and muse-glimmer rope their sliding-window layers only, cohere2moe
+    those and its leading dense ones (hparams.n_layer_dense_lead)."""
+    if not spec.rope:
+        return False
+    if not spec.rope_only:
+        return True
+    swa = bool(p.n_swa and p.layers[il].is_swa)
+    lead = int(p.metadata.get(f"{p.arch}.leading_dense_block_count", 0))
+    return swa or ("dense" in spec.rope_only and il < lead)
 
 
 def _ffn(c: _Ctx, h: Tensor, il: int, lay: _Layer, n_ff: int) -> Tensor:
@@ -131,7 +149,7 @@ def _ffn(c: _Ctx, h: Tensor, il: int, lay: _Layer, n_ff: int) -> Tensor:
 @dataclass(frozen=True)
 class _Spec:
     """How an architecture's layer differs from llama's (read from src/models/<arch>.cpp)."""
-    rms: bool = True              # LLM_NORM_RMS, else LLM_NORM (LayerNorm)
+    rms: bool | None = True       # LLM_NORM_RMS, else LLM_NORM (LayerNorm); None: RMS where the file has an RMS eps
     norm_weight: bool = True      # the norms have weights (olmo's have none: not named "norm", not pinned)
     rope: bool = True             # refact: ALiBi, no RoPE
     qkv_reshape: bool = False     # fused QKV views taken of a reshape (openelm): a view of a view, same sizes
@@ -143,6 +161,12 @@ class _Spec:
     ffn_norm: str = "ffn_norm"    # the FFN's norm (dbrx: attn_output_norm)
     arctic: bool = False          # a dense FFN and its residual, then the MoE of the normed layer input added
     out_residual_first: bool = False  # l_out = residual + FFN (phi3's graph, which phimoe builds), not FFN + residual
+    rope_only: str = ""           # RoPE only on sliding-window layers ("swa"), or those and leading dense ones
+    gather_after_norm: bool = False   # rows gathered after the output norm, the norm an output (t_h_nextn)
+    embd_norm: bool = False       # the embeddings RMS-normed without a weight (muse-glimmer)
+    attn_gate: bool = False       # attention output * sigmoid(attn_gate product), before wo (muse-glimmer)
+    post_plain: bool = False      # the post norms are ggml_rms_norm and a MUL, not build_norm (never pinned), and
+                                  # the one after attention comes before the last layer's gather (muse-glimmer)
     gather: bool = True           # the last layer gathers the output rows (cogvlm builds no inp_out_ids)
     gating: int = 0               # build_moe_ffn's gating as the graph passes it (0: hparams.expert_gating_func)
     norm_w: bool | None = None    # ... its weight normalization (None: hparams.expert_weights_norm)
@@ -178,6 +202,11 @@ _SPECS = {
     "arctic": _Spec(gating=1, norm_w=True, arctic=True),
     "phimoe": _Spec(gating=1, norm_w=True, out_residual_first=True),
     "deepseek2-ocr": _Spec(),       # deepseek2.cpp's OCR attention (separate Q, K, V; no MLA)
+    # sliding-window graphs (llm_graph_input_attn_kv_iswa)
+    "exaone-moe": _Spec(rope_only="swa"),
+    "cohere2moe": _Spec(rms=None, parallel="residual,attn", rope_only="swa,dense", gather_after_norm=True),
+    "muse-glimmer": _Spec(rope_only="swa", embd_norm=True, attn_gate=True, post_attn="post_attention_norm",
+                          post_ffn="post_ffw_norm", post_plain=True),
 }
 
 
@@ -191,7 +220,10 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
     pos = g.inp(4 * T)
     out_ids = g.inp(4 * c.T_out)
     n_layer = p.n_layer
-    rms = spec.rms
+    rms = spec.rms if spec.rms is not None else \
+        bool(float(p.metadata.get(f"{p.arch}.attention.layer_norm_rms_epsilon", 0.0)))
+    if spec.embd_norm:
+        cur = g.op(cur.size, cur, inplace=True)                       # build_norm(inpL, none, none, RMS, -1)
     par_res = spec.par_res or bool(p.metadata.get(f"{p.arch}.use_parallel_residual", False))
 
     def norm(x: Tensor, il: int, lay: _Layer | None, name: str) -> Tensor:
@@ -203,12 +235,15 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
     out_names = {t.name for t in p.output_tensors}
     for il in range(n_layer):
         lay = _Layer(p, il)
-        last = il == n_layer - 1 and spec.gather
+        last = il == n_layer - 1 and spec.gather and not spec.gather_after_norm
         d = c.dev[il]
         n_ff = _ffn_width(p, il)
         h = norm(cur, il, lay, "attn_norm")
         q, k, v, fused = _qkv(c, h, pos, il, lay, spec)
         y = attn.attend(q, k, v, il, v_cont=fused)
+        if spec.attn_gate:
+            gate = g.op(4 * lay.width("attn_gate.weight") * T, h, w=d)
+            y = g.op(y.size, y, g.op(gate.size, gate, inplace=True), inplace=True)    # * sigmoid(gate)
         y = g.op(4 * E * T, y, w=d)                                     # wo
         if lay.has("attn_output.bias"):
             y = g.op(y.size, y, w=d, inplace=True)
@@ -217,10 +252,12 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
             # the FFN reads the attention's norm; then ffn + the two others in the graph's order
             if last:
                 y, cur, h = g.op(rows, y, out_ids), g.op(rows, cur, out_ids), g.op(rows, h, out_ids)
-            ff = _ffn(c, h, il, lay, n_ff)
+            ff = _moe_ffn(c, h, il, lay, spec) if lay.has("ffn_gate_inp.weight") else _ffn(c, h, il, lay, n_ff)
             first, second = (y, cur) if spec.parallel == "attn,residual" else (cur, y)
             cur = g.op(ff.size, g.op(ff.size, ff, first, inplace=True), second, inplace=True)
             continue
+        if spec.post_plain:
+            y = g.op(y.size, g.op(y.size, y, inplace=True), w=d, inplace=True)        # rms_norm, * attn_post_norm
         # smallthinker: the router's product of the layer's input (gathered with it in the last layer)
         router = g.op(4 * p.n_expert * T, cur, w=d) if spec.router_first else None
         if last:
@@ -229,7 +266,7 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
                 router = g.op(4 * p.n_expert * c.T_out, router, out_ids)
             if not lay.has(f"{spec.ffn_norm}.weight"):
                 h = g.op(rows, h, out_ids)
-        if spec.post_attn:
+        if spec.post_attn and not spec.post_plain:
             y = norm(y, il, lay, spec.post_attn)
         if par_res:
             ff = _ffn(c, norm(cur, il, lay, "ffn_norm"), il, lay, n_ff)
@@ -253,11 +290,16 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
                 ff = g.op(ff.size, g.op(ff.size, _ffn(c, ffn_in, il, lay, n_ff), ff, inplace=True), inplace=True)
         else:
             ff = _ffn(c, ffn_in, il, lay, n_ff)
-        if spec.post_ffn:
+        if spec.post_plain:
+            ff = g.op(ff.size, g.op(ff.size, ff, inplace=True), w=c.ffn_dev[il], inplace=True)
+        elif spec.post_ffn:
             ff = norm(ff, il, lay, spec.post_ffn)
         cur = g.op(ff.size, ffn_inp, ff, inplace=True) if spec.out_residual_first else \
             g.op(ff.size, ff, ffn_inp, inplace=True)
     h = norm(cur, -1, None, "output_norm") if n_layer else cur
+    if spec.gather_after_norm:
+        h.out = True                        # t_h_nextn: ggml_set_output (llm_graph_result::set_outputs)
+        h = g.op(4 * E * c.T_out, h, out_ids)
     g.expand(g.op(4 * p.n_vocab * (c.T_out if spec.gather else T), h, w=c.dev[n_layer], out=True))  # result_output
     return g, [(n, d) for n, d in attn.fa_nodes if n is not None]
 
@@ -313,9 +355,9 @@ def dense_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_device
 
 def dense_replayable(profile: ModelProfile) -> bool:
     """Whether `profile`'s compute buffers are replayed here: a graph of DENSE_GRAPHS, every layer with attention
-    (Q, K, V products or a fused one: no MLA) and a KV cache, no sliding window, and the tensor list read from
-    the file (attention and FFN weights)."""
-    if profile.arch not in _SPECS or profile.n_swa or not profile.layers:
+    (Q, K, V products or a fused one: no MLA) and a KV cache, and the tensor list read from the file (attention
+    and FFN weights). smallthinker with a sliding window skips RoPE every n_no_rope_layer_step layers: not built."""
+    if profile.arch not in _SPECS or not profile.layers or (profile.arch == "smallthinker" and profile.n_swa):
         return False
     if int(profile.metadata.get(f"{profile.arch}.n_deepstack_layers", 0)):
         return False           # qwen3vlmoe's deepstack adds (a wider inp_embd) are not built here

@@ -214,29 +214,49 @@ def _moe(c: _Ctx, h: Tensor, il: int, *, gating: int = 1, probs_bias: bool = Fal
     return out
 
 
+class _Cache:
+    """One KV cache's graph inputs: its K and V row indices, its KQ mask, the Hadamard rotations of a quantized
+    cache (llama_kv_cache::build_input_k_idxs / v_idxs / k_rot / v_rot, build_attn_inp_kq_mask). The rotations
+    exist where every layer of the cache has one head size, a multiple of 64 (llama_kv_cache ctor: attn_rot_k /
+    attn_rot_v; K rotates by the largest power of two dividing it, V by 64)."""
+
+    def __init__(self, g: Graph, layers: list, n_kv: int, T: int, fa: bool, v_trans: bool,
+                 config: SplitConfig) -> None:
+        self.n_kv = n_kv
+        self.k_idxs = g.inp(8 * T)
+        self.v_idxs = g.inp(8 * T * (layers[0].n_embd_v_gqa if v_trans else 1))
+        self.mask = g.inp(n_kv * T * (2 if fa else 4))
+        hk, hv = {la.n_embd_head_k for la in layers}, {la.n_embd_head_v for la in layers}
+        nrot = 64
+        while len(hk) == 1 and next(iter(hk)) % (nrot * 2) == 0:
+            nrot *= 2
+        quant_k, quant_v = config.type_k not in _QUANT_FREE, config.type_v not in _QUANT_FREE
+        self.k_rot = g.inp(4 * nrot * nrot) if quant_k and len(hk) == 1 and next(iter(hk)) % 64 == 0 else None
+        self.v_rot = g.inp(4 * 64 * 64) if quant_v and len(hv) == 1 and next(iter(hv)) % 64 == 0 else None
+
+
 class _Attn:
-    """The inputs of the KV cache (llm_graph_input_attn_kv) and build_attn / build_attn_mha
-    (src/llama-graph.cpp), llama_kv_cache's cpy_k / cpy_v / get_k / get_v (src/llama-kv-cache.cpp)."""
+    """The inputs of the KV cache (llm_graph_input_attn_kv, or _iswa: a full and a sliding-window cache) and
+    build_attn / build_attn_mha (src/llama-graph.cpp), llama_kv_cache's cpy_k / cpy_v / get_k / get_v
+    (src/llama-kv-cache.cpp)."""
 
     def __init__(self, c: _Ctx, fa: bool, v_trans: bool) -> None:
-        cfg, g, T = c.config, c.g, c.T
+        cfg, g, T, p = c.config, c.g, c.T, c.p
         self.c, self.fa, self.v_trans = c, fa, v_trans
         # KV cells per stream (llama_context ctor: n_ctx_seq), one stream per sequence unless unified (-kvu)
         n_ctx = -(-cfg.n_ctx // 256) * 256
-        self.n_kv = n_ctx if cfg.kv_unified else -(-(n_ctx // c.ns) // 256) * 256
+        n_kv = n_ctx if cfg.kv_unified else -(-(n_ctx // c.ns) // 256) * 256
         self.n_stream = cfg.n_streams
-        layer = next(la for la in c.p.layers if la.has_kv)
-        self.hd, self.n_head = layer.n_embd_head_k, layer.n_head
-        self.k_idxs = g.inp(8 * T)
-        self.v_idxs = g.inp(8 * T * (layer.n_embd_v_gqa if v_trans else 1))
-        self.mask = g.inp(self.n_kv * T * (2 if fa else 4))
-        # Hadamard rotations of a quantized cache (llama_kv_cache ctor: attn_rot_k / attn_rot_v)
-        nrot = 64
-        while self.hd % (nrot * 2) == 0:
-            nrot *= 2
-        quant_k, quant_v = cfg.type_k not in _QUANT_FREE, cfg.type_v not in _QUANT_FREE
-        self.k_rot = g.inp(4 * nrot * nrot) if quant_k and self.hd % 64 == 0 else None
-        self.v_rot = g.inp(4 * 64 * 64) if quant_v and self.hd % 64 == 0 else None
+        kv_layers = [la for la in p.layers if la.has_kv]
+        self.swa = [bool(p.n_swa and la.is_swa) for la in p.layers]
+        full = [la for la, w in zip(p.layers, self.swa) if la.has_kv and not w]
+        self.caches = {False: _Cache(g, full or kv_layers, n_kv, T, fa, v_trans, cfg)}
+        swa = [la for la, w in zip(p.layers, self.swa) if la.has_kv and w]
+        if swa:
+            # llama_kv_cache_iswa: the window's cells, pad(n_swa + n_ubatch, 256), unless --swa-full
+            n_swa = n_kv if cfg.swa_full else \
+                min(n_kv, -(-(p.n_swa * (cfg.n_seq_max if cfg.kv_unified else 1) + cfg.effective_n_ubatch) // 256) * 256)
+            self.caches[True] = _Cache(g, swa, n_swa, T, fa, v_trans, cfg)
         self.fa_nodes: list[tuple[Tensor | None, str]] = []     # each flash-attention node and its layer's device
 
     def __call__(self, cur: Tensor, pos: Tensor, il: int, gated: bool = False) -> Tensor:
@@ -263,35 +283,36 @@ class _Attn:
         c, g, T = self.c, self.c.g, self.c.T
         d, layer, cfg = c.dev[il], c.p.layers[il], c.config
         hd, n_head, n_kv_head = layer.n_embd_head_k, layer.n_head, layer.n_head_kv
-        if self.k_rot is not None:
-            q = g.view(g.op(q.size, self.k_rot, g.view(q)))
-            k = g.view(g.op(k.size, self.k_rot, g.view(k)))
-        if self.v_rot is not None:
-            v = g.view(g.op(v.size, self.v_rot, g.view(v)))
+        kv = self.caches[self.swa[il]]
+        if kv.k_rot is not None:
+            q = g.view(g.op(q.size, kv.k_rot, g.view(q)))
+            k = g.view(g.op(k.size, kv.k_rot, g.view(k)))
+        if kv.v_rot is not None:
+            v = g.view(g.op(v.size, kv.v_rot, g.view(v)))
         g.expand(q)
         g.expand(v)
         g.expand(k)
-        g.expand(g.set(d, g.view(k), self.k_idxs))
-        v_copy = v_cont and self.v_trans and self.v_rot is None
-        g.expand(g.set(d, g.op(v.size, v) if v_copy else g.view(v), self.v_idxs))
-        n_kv = self.n_kv * self.n_stream                                     # the views span every stream
+        g.expand(g.set(d, g.view(k), kv.k_idxs))
+        v_copy = v_cont and self.v_trans and kv.v_rot is None
+        g.expand(g.set(d, g.op(v.size, v) if v_copy else g.view(v), kv.v_idxs))
+        n_kv = kv.n_kv * self.n_stream                                       # the views span every stream
         kc = g.view(g.view(g.ext(d)), _row(cfg.type_k, hd) * n_kv_head * n_kv)
         vc = g.view(g.view(g.ext(d)), _row(cfg.type_v, hd) * n_kv_head * n_kv)
         qp = g.view(g.view(q))
         if self.fa:
-            out = g.op(4 * hd * n_head * T, qp, kc, vc, self.mask)
+            out = g.op(4 * hd * n_head * T, qp, kc, vc, kv.mask)
             fa_node = out
             out = g.view(out)
         else:
-            kq = g.op(4 * self.n_kv * T * n_head, kc, qp)
-            kq = g.op(kq.size, kq, self.mask, inplace=True)                  # soft_max_ext
+            kq = g.op(4 * kv.n_kv * T * n_head, kc, qp)
+            kq = g.op(kq.size, kq, kv.mask, inplace=True)                    # soft_max_ext
             if not self.v_trans:
                 vc = g.op(_row(cfg.type_v, hd) * n_kv_head * n_kv, g.view(vc))   # v_cont
             out = g.op(4 * hd * n_head * T, g.view(g.op(4 * hd * n_head * T, vc, kq)))   # cont(permute(kqv))
             fa_node = None
         g.expand(out)                  # build_attn_mha expands its result
-        if self.v_rot is not None:
-            out = g.view(g.op(out.size, self.v_rot, g.view(out)))
+        if kv.v_rot is not None:
+            out = g.view(g.op(out.size, kv.v_rot, g.view(out)))
         self.fa_nodes.append((fa_node, d))
         return out
 
