@@ -83,6 +83,8 @@ def _qkv(c: _Ctx, h: Tensor, pos: Tensor, il: int, lay: _Layer, spec: _Spec) -> 
     layer = c.p.layers[il]
     nq, nk = 4 * layer.n_head * layer.n_embd_head_k * T, 4 * layer.n_head_kv * layer.n_embd_head_k * T
     nv = 4 * layer.n_head_kv * layer.n_embd_head_v * T
+    if lay.has("attn_q_a.weight"):
+        return _lora_qkv(c, h, pos, il, lay)
     if lay.has("attn_qkv.weight"):
         # the product is as wide as the weight (qwen's is 3 n_embd whatever n_head_kv says: src/models/qwen.cpp)
         qkv = g.op(4 * lay.width("attn_qkv.weight") * T, h, w=d)
@@ -110,6 +112,29 @@ def _qkv(c: _Ctx, h: Tensor, pos: Tensor, il: int, lay: _Layer, spec: _Spec) -> 
         q = g.op(q.size, q, pos, inplace=True)
         k = g.op(k.size, k, pos, inplace=True)
     return q, k, v, fused
+
+
+def _lora_qkv(c: _Ctx, h: Tensor, pos: Tensor, il: int, lay: _Layer) -> tuple[Tensor, Tensor, Tensor, bool]:
+    """minicpm3's low-rank Q and KV (src/models/minicpm3.cpp): Q through q_a, its norm (in place on the product)
+    and q_b, roped out of its reshape; the compressed KV and the RoPE part views of one kv_a_mqa product, the
+    compressed part normed into a new tensor and expanded by kv_b; V a contiguous copy of its view of that; K the
+    concat of its no-RoPE view and the roped RoPE part repeated over the heads."""
+    g, T, d = c.g, c.T, c.dev[il]
+    layer = c.p.layers[il]
+    n_head, hk, hv = layer.n_head, layer.n_embd_head_k, layer.n_embd_head_v
+    kv_rank = int(lay.shapes["attn_kv_a_norm.weight"][0])
+    n_rope = lay.width("attn_kv_a_mqa.weight") - kv_rank
+    q = _norm(c, g.op(4 * lay.width("attn_q_a.weight") * T, h, w=d), il, rms=True, bias=False)
+    q = g.op(4 * lay.width("attn_q_b.weight") * T, q, w=d)
+    kv_pe = g.op(4 * lay.width("attn_kv_a_mqa.weight") * T, h, w=d)
+    kv = g.op(4 * lay.width("attn_kv_b.weight") * T,
+              _norm(c, g.view(kv_pe, 4 * kv_rank * T), il, rms=True, bias=False), w=d)
+    v = g.op(4 * hv * n_head * T, g.view(kv, 4 * hv * n_head * T))                   # cont(v_states)
+    q = g.op(q.size, g.view(q), pos, inplace=True)                                    # RoPE of the reshape
+    k_pe = g.op(4 * n_rope * T, g.view(kv_pe, 4 * n_rope * T), pos, inplace=True)
+    k = g.op(4 * hk * n_head * T, g.view(kv, 4 * (hk - n_rope) * n_head * T),
+             g.op(4 * n_rope * n_head * T, k_pe))                                     # concat(k_nope, repeat(k_pe))
+    return q, k, v, False
 
 
 def _ropes(p: ModelProfile, il: int, spec: _Spec) -> bool:
@@ -164,6 +189,8 @@ class _Spec:
     rope_only: str = ""           # RoPE only on sliding-window layers ("swa"), or those and leading dense ones
     gather_after_norm: bool = False   # rows gathered after the output norm, the norm an output (t_h_nextn)
     embd_norm: bool = False       # the embeddings RMS-normed without a weight (muse-glimmer)
+    head_scale: bool = False      # result_norm scaled before the output product: a new tensor, result_norm being
+                                  # an output (minicpm3's scale_lmhead)
     attn_gate: bool = False       # attention output * sigmoid(attn_gate product), before wo (muse-glimmer)
     post_plain: bool = False      # the post norms are ggml_rms_norm and a MUL, not build_norm (never pinned), and
                                   # the one after attention comes before the last layer's gather (muse-glimmer)
@@ -202,6 +229,7 @@ _SPECS = {
     "arctic": _Spec(gating=1, norm_w=True, arctic=True),
     "phimoe": _Spec(gating=1, norm_w=True, out_residual_first=True),
     "deepseek2-ocr": _Spec(),       # deepseek2.cpp's OCR attention (separate Q, K, V; no MLA)
+    "minicpm3": _Spec(head_scale=True),     # low-rank Q and KV (_lora_qkv)
     # sliding-window graphs (llm_graph_input_attn_kv_iswa)
     "exaone-moe": _Spec(rope_only="swa"),
     "cohere2moe": _Spec(rms=None, parallel="residual,attn", rope_only="swa,dense", gather_after_norm=True),
@@ -297,9 +325,14 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
         cur = g.op(ff.size, ffn_inp, ff, inplace=True) if spec.out_residual_first else \
             g.op(ff.size, ff, ffn_inp, inplace=True)
     h = norm(cur, -1, None, "output_norm") if n_layer else cur
+    # result_norm (t_embd), and t_h_nextn where the graph sets it, are outputs (llm_graph_result::set_outputs):
+    # never reused in place, never freed
+    h.out = True
     if spec.gather_after_norm:
-        h.out = True                        # t_h_nextn: ggml_set_output (llm_graph_result::set_outputs)
         h = g.op(4 * E * c.T_out, h, out_ids)
+        h.out = True
+    if spec.head_scale:
+        h = g.op(h.size, h, inplace=True)
     g.expand(g.op(4 * p.n_vocab * (c.T_out if spec.gather else T), h, w=c.dev[n_layer], out=True))  # result_output
     return g, [(n, d) for n, d in attn.fa_nodes if n is not None]
 
@@ -363,7 +396,8 @@ def dense_replayable(profile: ModelProfile) -> bool:
         return False           # qwen3vlmoe's deepstack adds (a wider inp_embd) are not built here
     return all(layer.has_kv and not layer.is_recurrent
                and any(t.name.endswith((".ffn_down.weight", ".ffn_down_exps.weight")) for t in layer.tensors)
-               and any(t.name.endswith((".attn_qkv.weight", ".attn_q.weight")) for t in layer.tensors)
+               and any(t.name.endswith((".attn_qkv.weight", ".attn_q.weight", ".attn_q_a.weight"))
+                       for t in layer.tensors)
                for layer in profile.layers)
 
 

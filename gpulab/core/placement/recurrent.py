@@ -283,6 +283,7 @@ class _Attn:
         c, g, T = self.c, self.c.g, self.c.T
         d, layer, cfg = c.dev[il], c.p.layers[il], c.config
         hd, n_head, n_kv_head = layer.n_embd_head_k, layer.n_head, layer.n_head_kv
+        hv = layer.n_embd_head_v          # the attention output's head size (minicpm3: V narrower than K)
         kv = self.caches[self.swa[il]]
         if kv.k_rot is not None:
             q = g.view(g.op(q.size, kv.k_rot, g.view(q)))
@@ -297,18 +298,18 @@ class _Attn:
         g.expand(g.set(d, g.op(v.size, v) if v_copy else g.view(v), kv.v_idxs))
         n_kv = kv.n_kv * self.n_stream                                       # the views span every stream
         kc = g.view(g.view(g.ext(d)), _row(cfg.type_k, hd) * n_kv_head * n_kv)
-        vc = g.view(g.view(g.ext(d)), _row(cfg.type_v, hd) * n_kv_head * n_kv)
+        vc = g.view(g.view(g.ext(d)), _row(cfg.type_v, hv) * n_kv_head * n_kv)
         qp = g.view(g.view(q))
         if self.fa:
-            out = g.op(4 * hd * n_head * T, qp, kc, vc, kv.mask)
+            out = g.op(4 * hv * n_head * T, qp, kc, vc, kv.mask)
             fa_node = out
             out = g.view(out)
         else:
             kq = g.op(4 * kv.n_kv * T * n_head, kc, qp)
             kq = g.op(kq.size, kq, kv.mask, inplace=True)                    # soft_max_ext
             if not self.v_trans:
-                vc = g.op(_row(cfg.type_v, hd) * n_kv_head * n_kv, g.view(vc))   # v_cont
-            out = g.op(4 * hd * n_head * T, g.view(g.op(4 * hd * n_head * T, vc, kq)))   # cont(permute(kqv))
+                vc = g.op(_row(cfg.type_v, hv) * n_kv_head * n_kv, g.view(vc))   # v_cont
+            out = g.op(4 * hv * n_head * T, g.view(g.op(4 * hv * n_head * T, vc, kq)))   # cont(permute(kqv))
             fa_node = None
         g.expand(out)                  # build_attn_mha expands its result
         if kv.v_rot is not None:
