@@ -185,6 +185,7 @@ class _Spec:
     post_ffn: str = ""
     ffn_norm: str = "ffn_norm"    # the FFN's norm (dbrx: attn_output_norm)
     arctic: bool = False          # a dense FFN and its residual, then the MoE of the normed layer input added
+    grove: bool = False           # grovemoe: the experts, then its chunk experts of their output (_grove_moe)
     out_residual_first: bool = False  # l_out = residual + FFN (phi3's graph, which phimoe builds), not FFN + residual
     rope_only: str = ""           # RoPE only on sliding-window layers ("swa"), or those and leading dense ones
     gather_after_norm: bool = False   # rows gathered after the output norm, the norm an output (t_h_nextn)
@@ -230,6 +231,7 @@ _SPECS = {
     "phimoe": _Spec(gating=1, norm_w=True, out_residual_first=True),
     "deepseek2-ocr": _Spec(),       # deepseek2.cpp's OCR attention (separate Q, K, V; no MLA)
     "minicpm3": _Spec(head_scale=True),     # low-rank Q and KV (_lora_qkv)
+    "grovemoe": _Spec(gating=1, norm_w=True, grove=True),
     # sliding-window graphs (llm_graph_input_attn_kv_iswa)
     "exaone-moe": _Spec(rope_only="swa"),
     "cohere2moe": _Spec(rms=None, parallel="residual,attn", rope_only="swa,dense", gather_after_norm=True),
@@ -311,7 +313,9 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
         # stablelm without ffn_norm: the FFN reads the attention's norm
         has_norm = lay.has(f"{spec.ffn_norm}.weight") or not spec.norm_weight
         ffn_in = norm(ffn_inp, il, lay, spec.ffn_norm) if has_norm else h
-        if lay.has("ffn_gate_inp.weight"):
+        if lay.has("ffn_gate_inp.weight") and spec.grove:
+            ff = _grove_moe(c, ffn_in, il, lay, spec)
+        elif lay.has("ffn_gate_inp.weight"):
             ff = _moe_ffn(c, ffn_in, il, lay, spec, router)
             if lay.has("ffn_up.weight"):
                 # grok: a dense FFN beside the experts, (ffn + moe) * sqrt(2) / 2
@@ -348,6 +352,21 @@ def _moe_ffn(c: _Ctx, h: Tensor, il: int, lay: _Layer, spec: _Spec, logits: Tens
                 n_ff=lay.width("ffn_up_exps.weight"),
                 shared=lay.width("ffn_up_shexp.weight") if lay.has("ffn_up_shexp.weight") else 0, shared_gate=False,
                 logits=logits, gated=lay.has("ffn_gate_exps.weight"))
+
+
+def _grove_moe(c: _Ctx, h: Tensor, il: int, lay: _Layer, spec: _Spec) -> Tensor:
+    """src/models/grovemoe.cpp: one router product, build_moe_ffn over the experts, then over the chunk experts
+    (n_expert / n_group_experts of them) of that output, which is added scaled (in place)."""
+    g, p = c.g, c.p
+    md, arch = p.metadata, p.arch
+    logits = g.op(4 * p.n_expert * (h.size // (4 * c.E)), h, w=c.dev[il])
+    scale = float(md.get(f"{arch}.expert_weights_scale", 0.0)) not in (0.0, 1.0)
+    out = _moe(c, h, il, gating=1, norm_w=True, scale=scale, n_ff=lay.width("ffn_up_exps.weight"), logits=logits,
+               grove=True)
+    n_chunk = p.n_expert // max(1, int(md.get(f"{arch}.experts_per_group", 1)))
+    ch = _moe(c, out, il, gating=1, norm_w=True, scale=scale, n_ff=lay.width("ffn_up_chexps.weight"), logits=logits,
+              grove=True, n_used=min(p.n_expert_used, n_chunk), remap=n_chunk != p.n_expert)
+    return g.op(out.size, out, g.op(ch.size, ch, inplace=True), inplace=True)
 
 
 def _ffn_width(p: ModelProfile, il: int) -> int:

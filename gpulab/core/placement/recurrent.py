@@ -165,25 +165,32 @@ def _gated_delta_net(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, il: 
 
 def _moe(c: _Ctx, h: Tensor, il: int, *, gating: int = 1, probs_bias: bool = False, norm_w: bool = True,
          scale: bool = False, n_ff: int | None = None, shared: int = 0, shared_gate: bool = True,
-         logits: Tensor | None = None, gated: bool = True) -> Tensor:
+         logits: Tensor | None = None, gated: bool = True, n_used: int | None = None,
+         grove: bool = False, remap: bool = False) -> Tensor:
     """llm_graph_context::build_moe_ffn (src/llama-graph.cpp): the router, its gating (`gating`: 1 softmax,
     2 sigmoid, 3 softmax over the chosen weights: llama_expert_gating_func_type), the selection bias
     (exp_probs_b), top-k, the weights (normalized: norm_w; scaled: expert_weights_scale not 0 or 1), the experts
     (`n_ff` wide) and their sum; then a shared expert `shared` wide (0: none), gated by a sigmoid
     (qwen3next's build_layer_ffn) or added as it is (deepseek.cpp and the graphs like it). `logits`: the router's
     output where the graph computes it itself (probs_in: smallthinker's router reads the layer's input). Without
-    gate_exps (`gated` False: ernie4_5-moe's files) the up product's activation runs in place."""
+    gate_exps (`gated` False: ernie4_5-moe's files) the up product's activation runs in place. `grove`: GROVEMOE's
+    selection by a sigmoid of the logits, and for its chunk experts where they are fewer than the router's
+    (`remap`) the selected ids cast to f32, scaled and cast back."""
     g, E, p, d, fd = c.g, c.E, c.p, c.dev[il], c.ffn_dev[il]      # fd: the experts' device (-cmoe and the like)
     md, arch = p.metadata, p.arch
     rows = h.size // (4 * E)
-    n_exp, U = p.n_expert, p.n_expert_used
+    n_exp, U = p.n_expert, n_used or p.n_expert_used
     if n_ff is None:
         n_ff = int(md.get(f"{arch}.expert_feed_forward_length", p.n_ff))
     if logits is None:
         logits = g.op(4 * n_exp * rows, h, w=d)
     probs = logits if gating == 3 else g.op(logits.size, logits, inplace=True)       # softmax / sigmoid
     select = g.op(probs.size, probs, w=d, inplace=True) if probs_bias else probs       # + exp_probs_b
+    if grove:
+        select = g.op(logits.size, logits, inplace=True)                              # sigmoid(logits)
     sel = g.view(g.op(4 * n_exp * rows, select), 4 * U + 4 * n_exp * (rows - 1))     # argsort, its top-k view
+    if remap:
+        sel = g.op(4 * U * rows, g.op(4 * U * rows, g.op(4 * U * rows, sel), inplace=True))  # cast, scale, cast
     w = g.op(4 * U * rows, g.view(probs), sel)                                        # get_rows: the weights
     if gating == 3:
         w = g.view(g.op(w.size, g.view(w), inplace=True))                             # softmax of the chosen
