@@ -24,6 +24,9 @@ built in llama.cpp's order and handed to the scheduler's split and ggml-alloc, l
   sliding    two caches (llm_graph_input_attn_kv_iswa): exaone-moe and muse-glimmer rope their window layers only,
              muse-glimmer gates attention and norms after it with plain RMS norms; cohere2moe (attention beside
              the MoE) gathers the output rows after the output norm, which is an output (t_h_nextn)
+  minicpm3   low-rank Q and KV (V narrower than K), the lm-head scale of result_norm (an output: a new tensor)
+  mistral4   deepseek2.cpp's absorbed MLA over a K-only cache (_Mla; deepseek2 itself keeps compute_mla)
+  grovemoe   the experts, then the chunk experts of their output (_grove_moe)
   MoE        build_moe_ffn (placement.recurrent._moe) with the loader's gating, weight norm and scale, after
              leading dense layers, a shared expert added as it is: deepseek.cpp, bailingmoe.cpp, bailingmoe2.cpp,
              dots1.cpp; mellum.cpp and qwen3vlmoe.cpp (no shared expert; qwen3vlmoe without deepstack layers),
@@ -137,6 +140,65 @@ def _lora_qkv(c: _Ctx, h: Tensor, pos: Tensor, il: int, lay: _Layer) -> tuple[Te
     return q, k, v, False
 
 
+class _Mla:
+    """Absorbed MLA attention (llama_hparams::is_mla: attn_k_b, attn_v_b) over a K-only cache: its inputs (K row
+    indices and the mask: build_attn_inp_k, src/llama-graph.cpp) and the layer's graph (the MLA branch of
+    llama_model_deepseek2::graph, src/models/deepseek2.cpp; build_attn with llm_graph_input_attn_k and
+    build_attn_mha's v_mla product)."""
+
+    def __init__(self, c: _Ctx, attn: _Attn, fa: bool) -> None:
+        self.c, self.attn, self.fa = c, attn, fa
+        self.n_kv = attn.caches[False].n_kv
+        self.k_idxs = c.g.inp(8 * c.T)
+        self.mask = c.g.inp(self.n_kv * c.T * (2 if fa else 4))
+
+    def __call__(self, h: Tensor, pos: Tensor, il: int, lay: _Layer) -> Tensor:
+        """The attention output before wo."""
+        c, g, T, d = self.c, self.c.g, self.c.T, self.c.dev[il]
+        layer, cfg, md, arch = c.p.layers[il], c.config, c.p.metadata, c.p.arch
+        n_head = layer.n_head
+        kv_rank = int(lay.shapes["attn_kv_a_norm.weight"][0])
+        n_rope = lay.width("attn_kv_a_mqa.weight") - kv_rank
+        hv_mla = int(md.get(f"{arch}.attention.value_length_mla", lay.shapes["attn_v_b.weight"][1]))
+        if lay.has("attn_q_a.weight"):
+            q = _norm(c, g.op(4 * lay.width("attn_q_a.weight") * T, h, w=d), il, rms=True, bias=False)
+            q = g.op(4 * lay.width("attn_q_b.weight") * T, q, w=d)
+        else:
+            q = g.op(4 * lay.width("attn_q.weight") * T, h, w=d)                     # the lite models' wq
+        kv_pe = g.op(4 * (kv_rank + n_rope) * T, h, w=d)
+        k_pe = g.op(4 * n_rope * T, g.view(kv_pe, 4 * n_rope * T), pos, inplace=True)  # RoPE of a view
+        kv_cmpr = _norm(c, g.view(kv_pe, 4 * kv_rank * T), il, rms=True, bias=False)
+        q_pe = g.op(4 * n_rope * n_head * T, g.view(q, 4 * n_rope * n_head * T), pos, inplace=True)
+        q_abs = g.op(4 * kv_rank * n_head * T, g.view(g.view(q)), w=d)                # wk_b x q_nope
+        qcur = g.op(4 * (kv_rank + n_rope) * n_head * T, g.view(q_abs), q_pe)         # concat
+        v = g.view(kv_cmpr)                                                            # reshape_3d
+        kcur = g.op(4 * (kv_rank + n_rope) * T, v, k_pe)                              # concat
+        g.expand(qcur)
+        g.expand(v)
+        g.expand(kcur)
+        g.expand(g.set(d, g.view(kcur), self.k_idxs))
+        n_kv = self.n_kv * self.attn.n_stream
+        from .recurrent import _row
+        k = g.view(g.ext(d), _row(cfg.type_k, kv_rank + n_rope) * n_kv)
+        vk = g.view(k, _row(cfg.type_k, kv_rank) * n_kv)
+        qp = g.view(g.view(qcur))
+        if self.fa:
+            out = g.op(4 * kv_rank * n_head * T, qp, g.view(k), g.view(vk), self.mask)
+            fa_node = out
+            out = g.op(4 * hv_mla * n_head * T, g.view(g.op(4 * hv_mla * n_head * T, g.view(out), w=d)))  # v_mla, cont
+            out = g.view(out)
+        else:
+            kq = g.op(4 * self.n_kv * T * n_head, g.view(k), qp)
+            kq = g.op(kq.size, kq, self.mask, inplace=True)                            # soft_max_ext
+            vt = g.op(_row(cfg.type_k, kv_rank) * n_kv, g.view(g.view(vk)))            # cont(transpose(v))
+            kqv = g.op(4 * hv_mla * n_head * T, g.op(4 * kv_rank * n_head * T, vt, kq), w=d)   # v, then v_mla
+            out = g.op(kqv.size, g.view(kqv))                                           # cont_2d(permute)
+            fa_node = None
+        g.expand(out)
+        self.attn.fa_nodes.append((fa_node, d))
+        return out
+
+
 def _ropes(p: ModelProfile, il: int, spec: _Spec) -> bool:
     """Whether layer il ropes Q and K: exaone-moe and muse-glimmer rope their sliding-window layers only, cohere2moe
     those and its leading dense ones (hparams.n_layer_dense_lead)."""
@@ -185,6 +247,7 @@ class _Spec:
     post_ffn: str = ""
     ffn_norm: str = "ffn_norm"    # the FFN's norm (dbrx: attn_output_norm)
     arctic: bool = False          # a dense FFN and its residual, then the MoE of the normed layer input added
+    mla: bool = False             # absorbed MLA over a K-only cache (_Mla)
     grove: bool = False           # grovemoe: the experts, then its chunk experts of their output (_grove_moe)
     out_residual_first: bool = False  # l_out = residual + FFN (phi3's graph, which phimoe builds), not FFN + residual
     rope_only: str = ""           # RoPE only on sliding-window layers ("swa"), or those and leading dense ones
@@ -232,6 +295,7 @@ _SPECS = {
     "deepseek2-ocr": _Spec(),       # deepseek2.cpp's OCR attention (separate Q, K, V; no MLA)
     "minicpm3": _Spec(head_scale=True),     # low-rank Q and KV (_lora_qkv)
     "grovemoe": _Spec(gating=1, norm_w=True, grove=True),
+    "mistral4": _Spec(mla=True, gather_after_norm=False),   # deepseek2.cpp's graph
     # sliding-window graphs (llm_graph_input_attn_kv_iswa)
     "exaone-moe": _Spec(rope_only="swa"),
     "cohere2moe": _Spec(rms=None, parallel="residual,attn", rope_only="swa,dense", gather_after_norm=True),
@@ -247,6 +311,7 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
     g.expand(g.inp(4 * E * T))               # inp_embd: a text batch never reads it, it is allocated
     cur = g.expand(g.op(4 * E * T, tokens, w=HOST_NAME))              # get_rows(token_embd)
     attn = _Attn(c, fa, v_trans)
+    mla = _Mla(c, attn, fa) if spec.mla else None
     pos = g.inp(4 * T)
     out_ids = g.inp(4 * c.T_out)
     n_layer = p.n_layer
@@ -269,8 +334,11 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
         d = c.dev[il]
         n_ff = _ffn_width(p, il)
         h = norm(cur, il, lay, "attn_norm")
-        q, k, v, fused = _qkv(c, h, pos, il, lay, spec)
-        y = attn.attend(q, k, v, il, v_cont=fused)
+        if mla is not None:
+            y = mla(h, pos, il, lay)
+        else:
+            q, k, v, fused = _qkv(c, h, pos, il, lay, spec)
+            y = attn.attend(q, k, v, il, v_cont=fused)
         if spec.attn_gate:
             gate = g.op(4 * lay.width("attn_gate.weight") * T, h, w=d)
             y = g.op(y.size, y, g.op(gate.size, gate, inplace=True), inplace=True)    # * sigmoid(gate)
@@ -413,9 +481,11 @@ def dense_replayable(profile: ModelProfile) -> bool:
         return False
     if int(profile.metadata.get(f"{profile.arch}.n_deepstack_layers", 0)):
         return False           # qwen3vlmoe's deepstack adds (a wider inp_embd) are not built here
+    if int(profile.metadata.get(f"{profile.arch}.nextn_predict_layers", 0)):
+        return False           # MTP layers (placement.mtp) run a graph of their own, not built here
     return all(layer.has_kv and not layer.is_recurrent
                and any(t.name.endswith((".ffn_down.weight", ".ffn_down_exps.weight")) for t in layer.tensors)
-               and any(t.name.endswith((".attn_qkv.weight", ".attn_q.weight", ".attn_q_a.weight"))
+               and any(t.name.endswith((".attn_qkv.weight", ".attn_q.weight", ".attn_q_a.weight", ".attn_k_b.weight"))
                        for t in layer.tensors)
                for layer in profile.layers)
 
