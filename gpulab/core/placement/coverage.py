@@ -51,9 +51,13 @@ COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "in
                            "phi2", "pockettts", "starcoder", "starcoder2",
                            # discovered, exact since the MLA/MoE round (compute_moe: a shared expert)
                            "hunyuan-moe",
-                           # branch small: the older dense graphs replayed op by op (placement.dense)
+                           # branch small: graphs replayed op by op (placement.dense), every device of the 6
+                           # settings within 1 MiB
                            "qwen", "falcon", "gptneox", "command-r", "plamo", "stablelm", "refact", "olmo",
-                           "openelm", "plamo3", "cogvlm", "deepseek", "bailingmoe", "bailingmoe2", "dots1"})
+                           "openelm", "plamo3", "cogvlm", "minicpm3", "deepseek", "bailingmoe", "bailingmoe2",
+                           "dots1", "mellum", "qwen3vlmoe", "smallthinker", "ernie4_5-moe", "minimax-m2", "dbrx",
+                           "grok", "arctic", "phimoe", "deepseek2-ocr", "exaone-moe", "cohere2moe", "muse-glimmer",
+                           "grovemoe", "mistral4"})
 
 
 # Architectures whose memory is not llama_kv_cache / llama_memory_recurrent as gpulab sizes them

@@ -44,7 +44,7 @@ from ..config import SplitConfig
 from ..devices import HOST_NAME
 from ..profile import ModelProfile
 from .ggml_replay import Graph, Tensor, buffer_peaks, schedule
-from .recurrent import _Attn, _Ctx, _moe
+from .recurrent import _Attn, _Ctx, _moe, _row
 
 __all__ = ["DENSE_GRAPHS", "dense_compute_bytes", "dense_replayable"]
 
@@ -79,7 +79,8 @@ def _norm(c: _Ctx, x: Tensor, il: int, *, rms: bool, bias: bool, weight: bool = 
     return g.op(n.size, n, w=d, inplace=True) if bias else n
 
 
-def _qkv(c: _Ctx, h: Tensor, pos: Tensor, il: int, lay: _Layer, spec: _Spec) -> tuple[Tensor, Tensor, Tensor, bool]:
+def _qkv(c: _Ctx, h: Tensor, pos: Tensor, il: int, lay: _Layer, spec: _Spec,
+         rms: bool) -> tuple[Tensor, Tensor, Tensor, bool]:
     """build_qkv and the RoPE of Q and K (a RoPE of a view is never in place: ggml_gallocr_allocate_node reuses
     only a parent it allocated itself). Returns Q, K, V and whether V is a strided view of a fused product."""
     g, T, d = c.g, c.T, c.dev[il]
@@ -102,15 +103,15 @@ def _qkv(c: _Ctx, h: Tensor, pos: Tensor, il: int, lay: _Layer, spec: _Spec) -> 
             if lay.has(f"{name}.bias"):
                 t = g.op(size, t, w=d, inplace=True)
             if spec.qk_norm_flat and lay.has(f"{name}_norm.weight"):
-                t = _norm(c, t, il, rms=spec.rms, bias=False)
+                t = _norm(c, t, il, rms=rms, bias=False)
             proj.append(g.view(t))             # ggml_reshape_3d
         q, k, v = proj
         fused = False
     if not spec.qk_norm_flat:
         if lay.has("attn_q_norm.weight"):
-            q = _norm(c, q, il, rms=spec.rms, bias=False)
+            q = _norm(c, q, il, rms=rms, bias=False)
         if lay.has("attn_k_norm.weight"):
-            k = _norm(c, k, il, rms=spec.rms, bias=False)
+            k = _norm(c, k, il, rms=rms, bias=False)
     if _ropes(c.p, il, spec):
         q = g.op(q.size, q, pos, inplace=True)
         k = g.op(k.size, k, pos, inplace=True)
@@ -178,7 +179,6 @@ class _Mla:
         g.expand(kcur)
         g.expand(g.set(d, g.view(kcur), self.k_idxs))
         n_kv = self.n_kv * self.attn.n_stream
-        from .recurrent import _row
         k = g.view(g.ext(d), _row(cfg.type_k, kv_rank + n_rope) * n_kv)
         vk = g.view(k, _row(cfg.type_k, kv_rank) * n_kv)
         qp = g.view(g.view(qcur))
@@ -337,7 +337,7 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
         if mla is not None:
             y = mla(h, pos, il, lay)
         else:
-            q, k, v, fused = _qkv(c, h, pos, il, lay, spec)
+            q, k, v, fused = _qkv(c, h, pos, il, lay, spec, rms)
             y = attn.attend(q, k, v, il, v_cont=fused)
         if spec.attn_gate:
             gate = g.op(4 * lay.width("attn_gate.weight") * T, h, w=d)

@@ -261,15 +261,15 @@ class _Attn:
         swa = [la for la, w in zip(p.layers, self.swa) if la.has_kv and w]
         if swa:
             # llama_kv_cache_iswa: the window's cells, pad(n_swa + n_ubatch, 256), unless --swa-full
-            n_swa = n_kv if cfg.swa_full else \
-                min(n_kv, -(-(p.n_swa * (cfg.n_seq_max if cfg.kv_unified else 1) + cfg.effective_n_ubatch) // 256) * 256)
+            window = p.n_swa * (cfg.n_seq_max if cfg.kv_unified else 1) + cfg.effective_n_ubatch
+            n_swa = n_kv if cfg.swa_full else min(n_kv, -(-window // 256) * 256)
             self.caches[True] = _Cache(g, swa, n_swa, T, fa, v_trans, cfg)
         self.fa_nodes: list[tuple[Tensor | None, str]] = []     # each flash-attention node and its layer's device
 
     def __call__(self, cur: Tensor, pos: Tensor, il: int, gated: bool = False) -> Tensor:
         """gated: Q is twice as wide, its second half gates the attention output (qwen3next.cpp build_layer_attn)."""
         c, g, T = self.c, self.c.g, self.c.T
-        d, layer, cfg = c.dev[il], c.p.layers[il], c.config
+        d, layer = c.dev[il], c.p.layers[il]
         hd, n_head, n_kv_head = layer.n_embd_head_k, layer.n_head, layer.n_head_kv
         q_full = g.op(4 * hd * n_head * T * (2 if gated else 1), cur, w=d)
         gate = g.view(g.view(q_full), 4 * hd * n_head * T)
