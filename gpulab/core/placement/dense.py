@@ -334,13 +334,15 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
         d = c.dev[il]
         n_ff = _ffn_width(p, il)
         h = norm(cur, il, lay, "attn_norm")
+        # Falcon-40B: attention reads a second norm of the layer input, the FFN the first (falcon.cpp)
+        h_attn = norm(cur, il, lay, "attn_norm_2") if lay.has("attn_norm_2.weight") else h
         if mla is not None:
-            y = mla(h, pos, il, lay)
+            y = mla(h_attn, pos, il, lay)
         else:
-            q, k, v, fused = _qkv(c, h, pos, il, lay, spec, rms)
+            q, k, v, fused = _qkv(c, h_attn, pos, il, lay, spec, rms)
             y = attn.attend(q, k, v, il, v_cont=fused)
         if spec.attn_gate:
-            gate = g.op(4 * lay.width("attn_gate.weight") * T, h, w=d)
+            gate = g.op(4 * lay.width("attn_gate.weight") * T, h_attn, w=d)
             y = g.op(y.size, y, g.op(gate.size, gate, inplace=True), inplace=True)    # * sigmoid(gate)
         y = g.op(4 * E * T, y, w=d)                                     # wo
         if lay.has("attn_output.bias"):
