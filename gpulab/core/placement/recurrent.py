@@ -389,7 +389,20 @@ def recurrent_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_de
     """Compute buffer bytes of every backend in `names` for a `replayable` profile (`ffn_devices`: where tensor
     overrides put each layer's FFN weights, its experts for MoE). Remembered per profile and arguments: a
     48-layer MoE graph takes some 20 ms to replay."""
-    key = (id(profile), config, tuple(layer_devices), tuple(names), T, n_seqs, T_out, n_copies, pin_norm,
+    return replay_compute_bytes(_graph, profile, config, layer_devices, names, T=T, n_seqs=n_seqs, T_out=T_out,
+                                n_copies=n_copies, pin_norm=pin_norm, ffn_devices=ffn_devices)
+
+
+GraphBuilder = Callable[[_Ctx, bool, bool], tuple[Graph, list]]
+
+
+def replay_compute_bytes(build: GraphBuilder, profile: ModelProfile, config: SplitConfig,
+                         layer_devices: list[str], names: list[str], *, T: int, n_seqs: int, T_out: int,
+                         n_copies: int, pin_norm: bool, ffn_devices: list[str] | None = None) -> dict[str, int]:
+    """The compute buffers of the graph `build` makes (with flash attention or not, V transposed or not; it
+    returns the graph and each flash-attention node with its layer's device), scheduled and allocated, remembered
+    per builder, profile and arguments."""
+    key = (build, id(profile), config, tuple(layer_devices), tuple(names), T, n_seqs, T_out, n_copies, pin_norm,
            tuple(ffn_devices) if ffn_devices else None)
     hit = _CACHE.get(key)
     if hit is not None and hit[0]() is profile:
@@ -398,13 +411,13 @@ def recurrent_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_de
     # the KV cache transposes V when flash attention is off when it is made (llama_model::create_memory)
     v_trans = config.flash_attn == "off"
     c = _Ctx(profile, config, layer_devices, T, n_seqs, T_out, pin_norm, ffn_devices)
-    g, fa_nodes = _graph(c, fa, v_trans)
+    g, fa_nodes = build(c, fa, v_trans)
     schedule(g)
     if config.flash_attn == "auto" and any(n.be != d for n, d in fa_nodes):
         # llama_context::resolve_fused_ops: flash attention scheduled away from its layer's device is
         # turned off (and the reserve graph built again without it)
         c = _Ctx(profile, config, layer_devices, T, n_seqs, T_out, pin_norm, ffn_devices)
-        g, _ = _graph(c, False, v_trans)
+        g, _ = build(c, False, v_trans)
         schedule(g)
     tops = buffer_peaks(g, n_copies)
     out = {name: tops.get(name, 0) for name in names}
