@@ -50,7 +50,14 @@ COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "in
                            "apertus", "arcee", "bloom", "codeshell", "gpt2", "jais", "jais2", "mpt", "nemotron",
                            "phi2", "pockettts", "starcoder", "starcoder2",
                            # discovered, exact since the MLA/MoE round (compute_moe: a shared expert)
-                           "hunyuan-moe"})
+                           "hunyuan-moe",
+                           # branch small: graphs replayed op by op (placement.dense), every device of the 6
+                           # settings within 1 MiB
+                           "qwen", "falcon", "gptneox", "command-r", "plamo", "stablelm", "refact", "olmo",
+                           "openelm", "plamo3", "cogvlm", "minicpm3", "deepseek", "bailingmoe", "bailingmoe2",
+                           "dots1", "mellum", "qwen3vlmoe", "smallthinker", "ernie4_5-moe", "minimax-m2", "dbrx",
+                           "grok", "arctic", "phimoe", "deepseek2-ocr", "exaone-moe", "cohere2moe", "muse-glimmer",
+                           "grovemoe", "mistral4"})
 
 
 # Architectures whose memory is not llama_kv_cache / llama_memory_recurrent as gpulab sizes them
