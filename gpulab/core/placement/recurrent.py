@@ -163,9 +163,9 @@ def _gated_delta_net(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, il: 
     return g.view(g.op(4 * E * T, g.view(y), w=d))                                    # ssm_out
 
 
-def _moe(c: _Ctx, h: Tensor, il: int) -> Tensor:
-    """llm_graph_context::build_moe_ffn (src/llama-graph.cpp): softmax gating, top-k, normalized weights, and
-    qwen3next's gated shared expert (build_layer_ffn)."""
+def _moe(c: _Ctx, h: Tensor, il: int, norm_w: bool = True) -> Tensor:
+    """llm_graph_context::build_moe_ffn (src/llama-graph.cpp): softmax gating, top-k, the weights normalized
+    (norm_w), and qwen3next's gated shared expert (build_layer_ffn)."""
     g, E, p, d, fd = c.g, c.E, c.p, c.dev[il], c.ffn_dev[il]      # fd: the experts' device (-cmoe and the like)
     md, arch = p.metadata, p.arch
     rows = h.size // (4 * E)
@@ -174,8 +174,9 @@ def _moe(c: _Ctx, h: Tensor, il: int) -> Tensor:
     probs = g.op(4 * n_exp * rows, g.op(4 * n_exp * rows, h, w=d), inplace=True)     # softmax(router logits)
     sel = g.view(g.op(4 * n_exp * rows, probs), 4 * U + 4 * n_exp * (rows - 1))      # argsort, its top-k view
     w = g.view(g.op(4 * U * rows, g.view(probs), sel))                                # get_rows: the weights
-    wsum = g.op(_a(4 * rows), g.op(_a(4 * rows), w), inplace=True)                    # clamp(sum_rows)
-    w = g.view(g.op(4 * U * rows, w, wsum, inplace=True))                             # w / sum
+    if norm_w:
+        wsum = g.op(_a(4 * rows), g.op(_a(4 * rows), w), inplace=True)                # clamp(sum_rows)
+        w = g.view(g.op(4 * U * rows, w, wsum, inplace=True))                         # w / sum
     g.expand(w)
     x = g.view(h)
     f = 4 * n_ff * U * rows
