@@ -21,6 +21,8 @@ scheduler's split and ggml-alloc), as placement.recurrent does for the recurrent
   eurobert          src/models/eurobert.cpp (no lm_head)
   rnd1, llada-moe   src/models/rnd1.cpp, llada-moe.cpp (Q/K norms, build_moe_ffn with softmax gating;
                     rnd1 normalizes the expert weights, llada-moe does not)
+  gemma-embedding   src/models/gemma-embedding.cpp (scaled input, Q/K norms, Q scaled, norms after attention
+                    and the FFN, a second mask for the sliding-window layers, no lm_head)
 
 Checked on the architecture matrix (tests/integration/test_arch_matrix_vs_llama.py, CPU RPC devices).
 """
@@ -37,14 +39,15 @@ from .recurrent import _Ctx, _moe
 
 __all__ = ["ENCODER_GRAPHS", "encoder_compute_bytes", "encoder_replayable"]
 
-# arch -> (has an lm_head, Q/K norms, MoE expert weights normalized)
+# arch -> (has an lm_head, Q/K norms, MoE expert weights normalized, gemma's sandwich norms and scaled input)
 _LLAMA_LIKE = {
-    "dream": (True, False, False),
-    "llada": (True, False, False),
-    "llama-embed": (False, False, False),
-    "eurobert": (False, False, False),
-    "rnd1": (True, True, True),
-    "llada-moe": (True, True, False),
+    "dream": (True, False, False, False),
+    "llada": (True, False, False, False),
+    "llama-embed": (False, False, False, False),
+    "eurobert": (False, False, False, False),
+    "rnd1": (True, True, True, False),
+    "llada-moe": (True, True, False, False),
+    "gemma-embedding": (False, True, False, True),
 }
 ENCODER_GRAPHS = frozenset(_LLAMA_LIKE)
 _CACHE: dict[tuple, tuple[weakref.ref, dict[str, int]]] = {}
@@ -55,10 +58,13 @@ class _NoCacheAttn:
 
     def __init__(self, c: _Ctx, fa: bool) -> None:
         self.c, self.fa = c, fa
-        self.mask = c.g.inp(c.T * c.T * (2 if fa else 4))
+        size = c.T * c.T * (2 if fa else 4)
+        self.mask = c.g.inp(size)
+        # a sliding-window model gets a second [T, T] mask (hparams.swa_type != LLAMA_SWA_TYPE_NONE)
+        self.mask_swa = c.g.inp(size) if any(layer.is_swa for layer in c.p.layers) else self.mask
         self.fa_nodes: list[tuple[Tensor, str]] = []
 
-    def __call__(self, cur: Tensor, pos: Tensor, il: int, qk_norm: bool) -> Tensor:
+    def __call__(self, cur: Tensor, pos: Tensor, il: int, qk_norm: bool, q_scale: bool = False) -> Tensor:
         c, g, T = self.c, self.c.g, self.c.T
         d, layer = c.dev[il], c.p.layers[il]
         hd, n_head, n_kv_head = layer.n_embd_head_k, layer.n_head, layer.n_head_kv
@@ -70,17 +76,20 @@ class _NoCacheAttn:
             q, k = c.norm(q, il, qs), c.norm(k, il, ks)
         q = g.op(qs, q, pos, inplace=True)                   # RoPE (in place only on a norm's output)
         k = g.op(ks, k, pos, inplace=True)
+        if q_scale:
+            q = g.op(qs, q, inplace=True)                    # ggml_scale(Q, f_attention_scale)
+        mask = self.mask_swa if layer.is_swa else self.mask
         for t in (q, k, v):                                  # build_attn expands Q, K, V first
             g.expand(t)
         qp, kp, vp = g.view(g.view(q)), g.view(k), g.view(v)
         if self.fa:
             # K and V are f32 products: cast to f16 for flash attention
-            out = g.op(qs, qp, g.op(ks // 2, kp), g.op(ks // 2, vp), self.mask)
+            out = g.op(qs, qp, g.op(ks // 2, kp), g.op(ks // 2, vp), mask)
             self.fa_nodes.append((out, d))
             out = g.view(out)
         else:
             kq = g.op(4 * T * T * n_head, kp, qp)
-            kq = g.op(kq.size, kq, self.mask, inplace=True)  # soft_max_ext
+            kq = g.op(kq.size, kq, mask, inplace=True)  # soft_max_ext
             vc = g.op(ks, g.view(vp))                        # v_cont: cont(transpose(v))
             out = g.op(qs, g.view(g.op(qs, vc, kq)))         # cont_2d(permute(kqv))
         g.expand(out)
@@ -89,19 +98,23 @@ class _NoCacheAttn:
 
 def _llama_like(c: _Ctx, fa: bool) -> tuple[Graph, list]:
     g, T, E, p = c.g, c.T, c.E, c.p
-    logits, qk_norm, norm_w = _LLAMA_LIKE[p.arch]
+    logits, qk_norm, norm_w, sandwich = _LLAMA_LIKE[p.arch]
     tokens = g.inp(4 * T)
     g.expand(g.inp(4 * E * T))               # inp_embd: a text batch never reads it, it is allocated
     cur = g.expand(g.op(4 * E * T, tokens, w=HOST_NAME))              # get_rows(token_embd)
+    if sandwich:
+        cur = g.expand(g.op(cur.size, cur, inplace=True))             # ggml_scale(inpL, sqrt(n_embd))
     pos = g.inp(4 * T)
     attn = _NoCacheAttn(c, fa)
     out_ids = g.inp(4 * c.T_out)
     n_layer = p.n_layer
     for il in range(n_layer):
         res = cur
-        y = attn(c.norm(cur, il), pos, il, qk_norm)
+        y = attn(c.norm(cur, il), pos, il, qk_norm, q_scale=sandwich)
         if il == n_layer - 1:
             y, res = g.op(4 * E * c.T_out, y, out_ids), g.op(4 * E * c.T_out, res, out_ids)
+        if sandwich:
+            y = c.norm(y, il)                                          # attn_post_norm
         ffn_inp = g.op(y.size, y, res, inplace=True)
         h = c.norm(ffn_inp, il)
         if p.n_expert:
@@ -110,6 +123,9 @@ def _llama_like(c: _Ctx, fa: bool) -> tuple[Graph, list]:
             rows, fd = ffn_inp.size // (4 * E), c.ffn_dev[il]
             f = 4 * p.n_ff * rows
             ff = g.op(ffn_inp.size, g.op(f, g.op(f, h, w=fd), g.op(f, h, w=fd)), w=fd)   # down(swiglu(gate, up))
+        if sandwich:
+            # ffn_post_norm is built with il -1: not pinned, its weight's MUL runs on the layer's device
+            ff = g.op(ff.size, g.op(ff.size, ff, inplace=True), w=c.dev[il], inplace=True)
         cur = g.op(ffn_inp.size, ff, ffn_inp, inplace=True)
     out_dev = c.dev[n_layer]
     h = c.norm(cur, -1, cur.size) if n_layer else cur
