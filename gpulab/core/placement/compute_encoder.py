@@ -49,7 +49,8 @@ _LLAMA_LIKE = {
     "llada-moe": (True, True, False, False),
     "gemma-embedding": (False, True, False, True),
 }
-ENCODER_GRAPHS = frozenset(_LLAMA_LIKE)
+_BERT = frozenset({"bert", "jina-bert-v3", "nomic-bert", "nomic-bert-moe"})
+ENCODER_GRAPHS = frozenset(_LLAMA_LIKE) | _BERT
 _CACHE: dict[tuple, tuple[weakref.ref, dict[str, int]]] = {}
 
 
@@ -64,18 +65,19 @@ class _NoCacheAttn:
         self.mask_swa = c.g.inp(size) if any(layer.is_swa for layer in c.p.layers) else self.mask
         self.fa_nodes: list[tuple[Tensor, str]] = []
 
-    def __call__(self, cur: Tensor, pos: Tensor, il: int, qk_norm: bool, q_scale: bool = False) -> Tensor:
+    def __call__(self, cur: Tensor, pos: Tensor | None, il: int, qk_norm: bool, q_scale: bool = False) -> Tensor:
+        """pos None: no RoPE (bert). Biases where the layer has them (build_qkv's separate path)."""
         c, g, T = self.c, self.c.g, self.c.T
         d, layer = c.dev[il], c.p.layers[il]
         hd, n_head, n_kv_head = layer.n_embd_head_k, layer.n_head, layer.n_head_kv
         qs, ks = 4 * hd * n_head * T, 4 * hd * n_kv_head * T
-        q = g.view(g.op(qs, cur, w=d))                       # wq, reshaped
-        k = g.view(g.op(ks, cur, w=d))
-        v = g.view(g.op(ks, cur, w=d))
+        q, k, v = (g.view(_biased(c, g.op(size, cur, w=d), il, name))        # wq/wk/wv (+ bias), reshaped
+                   for size, name in ((qs, "attn_q"), (ks, "attn_k"), (ks, "attn_v")))
         if qk_norm:
             q, k = c.norm(q, il, qs), c.norm(k, il, ks)
-        q = g.op(qs, q, pos, inplace=True)                   # RoPE (in place only on a norm's output)
-        k = g.op(ks, k, pos, inplace=True)
+        if pos is not None:
+            q = g.op(qs, q, pos, inplace=True)               # RoPE (in place only on a norm's output)
+            k = g.op(ks, k, pos, inplace=True)
         if q_scale:
             q = g.op(qs, q, inplace=True)                    # ggml_scale(Q, f_attention_scale)
         mask = self.mask_swa if layer.is_swa else self.mask
@@ -93,7 +95,65 @@ class _NoCacheAttn:
             vc = g.op(ks, g.view(vp))                        # v_cont: cont(transpose(v))
             out = g.op(qs, g.view(g.op(qs, vc, kq)))         # cont_2d(permute(kqv))
         g.expand(out)
-        return g.op(4 * c.E * T, out, w=d)                   # wo
+        return _biased(c, g.op(4 * c.E * T, out, w=d), il, "attn_output")   # wo (+ bias)
+
+
+def _has(c: _Ctx, il: int, name: str) -> bool:
+    return any(t.name.endswith(f".{name}") for t in c.p.layers[il].tensors)
+
+
+def _biased(c: _Ctx, x: Tensor, il: int, name: str) -> Tensor:
+    """x + the layer's `name`.bias where it has one (an ADD in place, on the layer's device)."""
+    return c.g.op(x.size, x, w=c.dev[il], inplace=True) if _has(c, il, f"{name}.bias") else x
+
+
+def _layer_norm(c: _Ctx, x: Tensor, il: int, dev: str, bias: bool = True) -> Tensor:
+    """build_norm with LLM_NORM (src/llama-graph.cpp): ggml_norm is not run in place (ggml_op_can_inplace),
+    its result is the "norm" pinned to the layer's device; the weight's MUL and the bias' ADD are."""
+    g = c.g
+    n = g.op(x.size, x, w=c.dev[il] if c.pin and il >= 0 else None)
+    n = g.op(n.size, n, w=dev, inplace=True)
+    return g.op(n.size, n, w=dev, inplace=True) if bias else n
+
+
+def _bert(c: _Ctx, fa: bool) -> tuple[Graph, list]:
+    """llama_model_bert::graph (src/models/bert.cpp): bert, jina-bert-v3, nomic-bert, nomic-bert-moe. Norms
+    after attention and the FFN (LayerNorm), no norm before them, no output norm, no lm_head."""
+    g, T, E, p = c.g, c.T, c.E, c.p
+    arch = p.arch
+    tokens = g.inp(4 * T)
+    g.expand(g.inp(4 * E * T))               # inp_embd
+    pos = g.inp(4 * T)
+    cur = g.expand(g.op(4 * E * T, tokens, w=HOST_NAME))              # get_rows(token_embd)
+    if any(t.name == "token_types.weight" for t in p.input_tensors):
+        cur = g.op(cur.size, cur, w=HOST_NAME, inplace=True)          # + type_embd's row 0
+    if arch == "bert":
+        cur = g.op(cur.size, g.op(cur.size, pos, w=HOST_NAME), cur, inplace=True)   # + get_rows(pos_embd, pos)
+    # token_embd_norm is a tensor of layer 0 (llama-arch.cpp: LLM_TENSOR_LAYER_REPEATING, "do the norms on the
+    # first layer"): its MUL and ADD run on layer 0's device, and pull the position add there too
+    cur = _layer_norm(c, cur, 0, c.dev[0])
+    attn = _NoCacheAttn(c, fa)
+    out_ids = g.inp(4 * c.T_out)
+    rope = arch in ("nomic-bert", "nomic-bert-moe", "jina-bert-v3")
+    n_layer = p.n_layer
+    for il in range(n_layer):
+        d = c.dev[il]
+        res = cur
+        y = attn(cur, pos if rope else None, il, False)
+        if il == n_layer - 1:
+            y, res = g.op(4 * E * c.T_out, y, out_ids), g.op(4 * E * c.T_out, res, out_ids)
+        cur = _layer_norm(c, g.op(y.size, y, res, inplace=True), il, d)   # attn_output_norm
+        rows, fd = cur.size // (4 * E), c.ffn_dev[il]
+        f = 4 * p.n_ff * rows
+        if arch == "nomic-bert":
+            ff = g.op(cur.size, g.op(f, g.op(f, cur, w=fd), g.op(f, cur, w=fd)), w=fd)  # down(swiglu(gate, up))
+        else:
+            up = g.op(f, _biased(c, g.op(f, cur, w=fd), il, "ffn_up"), inplace=True)   # gelu(up + b)
+            ff = _biased(c, g.op(cur.size, up, w=fd), il, "ffn_down")
+        cur = _layer_norm(c, g.op(cur.size, ff, cur, inplace=True), il, d)       # layer_output_norm
+    cur.out = True
+    g.expand(cur)
+    return g, attn.fa_nodes
 
 
 def _llama_like(c: _Ctx, fa: bool) -> tuple[Graph, list]:
@@ -147,14 +207,15 @@ def encoder_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_devi
     if hit is not None and hit[0]() is profile:
         return dict(hit[1])
     fa = config.flash_attn != "off"
+    build = _bert if profile.arch in _BERT else _llama_like
     c = _Ctx(profile, config, layer_devices, T, n_seqs, T_out, pin_norm, ffn_devices)
-    g, fa_nodes = _llama_like(c, fa)
+    g, fa_nodes = build(c, fa)
     schedule(g)
     if config.flash_attn == "auto" and any(n.be != d for n, d in fa_nodes):
         # llama_context::resolve_fused_ops: flash attention scheduled away from its layer's device is
         # turned off (and the reserve graph built again without it)
         c = _Ctx(profile, config, layer_devices, T, n_seqs, T_out, pin_norm, ffn_devices)
-        g, _ = _llama_like(c, False)
+        g, _ = build(c, False)
         schedule(g)
     tops = buffer_peaks(g, n_copies)
     out = {name: tops.get(name, 0) for name in names}
@@ -167,9 +228,11 @@ def encoder_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_devi
 def encoder_replayable(profile: ModelProfile) -> bool:
     """Whether `profile`'s compute buffers are replayed here: a graph of ENCODER_GRAPHS with the tensors the
     graph built here reads (separate Q/K/V products; Q/K norms where the graph has them)."""
-    if profile.arch not in _LLAMA_LIKE or not profile.layers:
+    if profile.arch not in ENCODER_GRAPHS or not profile.layers:
         return False
     names = {t.name.split(".", 2)[-1] for layer in profile.layers for t in layer.tensors}
     if not names:
         return True            # a profile without its tensor list (built in code): the graph as written here
+    if profile.arch in _BERT and profile.metadata.get(f"{profile.arch}.moe_every_n_layers"):
+        return False           # nomic-bert-moe's expert layers (ungated GELU experts) are not built here
     return "attn_qkv.weight" not in names and "attn_q.weight" in names
