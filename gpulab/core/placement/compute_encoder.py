@@ -23,6 +23,10 @@ scheduler's split and ggml-alloc), as placement.recurrent does for the recurrent
                     rnd1 normalizes the expert weights, llada-moe does not)
   gemma-embedding   src/models/gemma-embedding.cpp (scaled input, Q/K norms, Q scaled, norms after attention
                     and the FFN, a second mask for the sliding-window layers, no lm_head)
+  neo-bert          src/models/neo-bert.cpp (fused QKV, gate and up in one product, no lm_head)
+  modern-bert       src/models/modern-bert.cpp (neo-bert's with LayerNorms, the token embeddings normed)
+  bert & co         src/models/bert.cpp: bert, jina-bert-v3, nomic-bert, nomic-bert-moe (LayerNorms after
+                    attention and the FFN, none before; learned positions for bert)
 
 Checked on the architecture matrix (tests/integration/test_arch_matrix_vs_llama.py, CPU RPC devices).
 """
@@ -39,15 +43,18 @@ from .recurrent import _Ctx, _moe
 
 __all__ = ["ENCODER_GRAPHS", "encoder_compute_bytes", "encoder_replayable"]
 
-# arch -> (has an lm_head, Q/K norms, MoE expert weights normalized, gemma's sandwich norms and scaled input)
+# arch -> (has an lm_head, Q/K norms, MoE expert weights normalized, gemma's sandwich norms and scaled input,
+#          LayerNorms (not RMS), a norm of the token embeddings)
 _LLAMA_LIKE = {
-    "dream": (True, False, False, False),
-    "llada": (True, False, False, False),
-    "llama-embed": (False, False, False, False),
-    "eurobert": (False, False, False, False),
-    "rnd1": (True, True, True, False),
-    "llada-moe": (True, True, False, False),
-    "gemma-embedding": (False, True, False, True),
+    "dream": (True, False, False, False, False, False),
+    "llada": (True, False, False, False, False, False),
+    "llama-embed": (False, False, False, False, False, False),
+    "eurobert": (False, False, False, False, False, False),
+    "rnd1": (True, True, True, False, False, False),
+    "llada-moe": (True, True, False, False, False, False),
+    "gemma-embedding": (False, True, False, True, False, False),
+    "neo-bert": (False, False, False, False, False, False),
+    "modern-bert": (False, False, False, False, True, True),
 }
 _BERT = frozenset({"bert", "jina-bert-v3", "nomic-bert", "nomic-bert-moe"})
 ENCODER_GRAPHS = frozenset(_LLAMA_LIKE) | _BERT
@@ -71,8 +78,14 @@ class _NoCacheAttn:
         d, layer = c.dev[il], c.p.layers[il]
         hd, n_head, n_kv_head = layer.n_embd_head_k, layer.n_head, layer.n_head_kv
         qs, ks = 4 * hd * n_head * T, 4 * hd * n_kv_head * T
-        q, k, v = (g.view(_biased(c, g.op(size, cur, w=d), il, name))        # wq/wk/wv (+ bias), reshaped
-                   for size, name in ((qs, "attn_q"), (ks, "attn_k"), (ks, "attn_v")))
+        qkv_w = next((t.shape[1] for t in layer.tensors if t.name.endswith(".attn_qkv.weight")), 0)
+        if qkv_w:
+            # build_qkv's fused path: Q, K and V are views of one product
+            qkv = _biased(c, g.op(4 * qkv_w * T, cur, w=d), il, "attn_qkv")
+            q, k, v = g.view(qkv, qs), g.view(qkv, ks), g.view(qkv, ks)
+        else:
+            q, k, v = (g.view(_biased(c, g.op(size, cur, w=d), il, name))    # wq/wk/wv (+ bias), reshaped
+                       for size, name in ((qs, "attn_q"), (ks, "attn_k"), (ks, "attn_v")))
         if qk_norm:
             q, k = c.norm(q, il, qs), c.norm(k, il, ks)
         if pos is not None:
@@ -158,37 +171,50 @@ def _bert(c: _Ctx, fa: bool) -> tuple[Graph, list]:
 
 def _llama_like(c: _Ctx, fa: bool) -> tuple[Graph, list]:
     g, T, E, p = c.g, c.T, c.E, c.p
-    logits, qk_norm, norm_w, sandwich = _LLAMA_LIKE[p.arch]
+    logits, qk_norm, norm_w, sandwich, layer_norm, tok_norm = _LLAMA_LIKE[p.arch]
+
+    def norm(x: Tensor, il: int) -> Tensor:
+        """build_norm without a bias: RMS (in place) or LayerNorm (modern-bert: ggml_norm not in place)."""
+        if not layer_norm:
+            return c.norm(x, il, x.size)
+        return _layer_norm(c, x, il, c.dev[il] if il >= 0 else c.dev[p.n_layer], bias=False)
+
     tokens = g.inp(4 * T)
     g.expand(g.inp(4 * E * T))               # inp_embd: a text batch never reads it, it is allocated
     cur = g.expand(g.op(4 * E * T, tokens, w=HOST_NAME))              # get_rows(token_embd)
     if sandwich:
         cur = g.expand(g.op(cur.size, cur, inplace=True))             # ggml_scale(inpL, sqrt(n_embd))
+    if tok_norm:
+        cur = norm(cur, 0)                   # token_embd_norm: a tensor of layer 0 (see _bert)
     pos = g.inp(4 * T)
     attn = _NoCacheAttn(c, fa)
     out_ids = g.inp(4 * c.T_out)
     n_layer = p.n_layer
     for il in range(n_layer):
         res = cur
-        y = attn(c.norm(cur, il), pos, il, qk_norm, q_scale=sandwich)
+        h = norm(cur, il) if _has(c, il, "attn_norm.weight") else cur   # modern-bert's first layer may have none
+        y = attn(h, pos, il, qk_norm, q_scale=sandwich)
         if il == n_layer - 1:
             y, res = g.op(4 * E * c.T_out, y, out_ids), g.op(4 * E * c.T_out, res, out_ids)
         if sandwich:
             y = c.norm(y, il)                                          # attn_post_norm
         ffn_inp = g.op(y.size, y, res, inplace=True)
-        h = c.norm(ffn_inp, il)
+        h = norm(ffn_inp, il)
+        rows, fd = ffn_inp.size // (4 * E), c.ffn_dev[il]
+        f = 4 * p.n_ff * rows
         if p.n_expert:
             ff = _moe(c, h, il, norm_w=norm_w)
-        else:
-            rows, fd = ffn_inp.size // (4 * E), c.ffn_dev[il]
-            f = 4 * p.n_ff * rows
+        elif _has(c, il, "ffn_gate.weight"):
             ff = g.op(ffn_inp.size, g.op(f, g.op(f, h, w=fd), g.op(f, h, w=fd)), w=fd)   # down(swiglu(gate, up))
+        else:
+            # gate and up in one product (neo-bert's SWIGLU, modern-bert's GEGLU, LLM_FFN_SEQ): one GLU input
+            ff = g.op(ffn_inp.size, g.op(f, g.op(2 * f, h, w=fd)), w=fd)
         if sandwich:
             # ffn_post_norm is built with il -1: not pinned, its weight's MUL runs on the layer's device
             ff = g.op(ff.size, g.op(ff.size, ff, inplace=True), w=c.dev[il], inplace=True)
         cur = g.op(ffn_inp.size, ff, ffn_inp, inplace=True)
     out_dev = c.dev[n_layer]
-    h = c.norm(cur, -1, cur.size) if n_layer else cur
+    h = norm(cur, -1) if n_layer else cur
     if logits:
         h = g.op(4 * p.n_vocab * c.T_out, h, w=out_dev)                 # result_output
     h.out = True
@@ -235,4 +261,4 @@ def encoder_replayable(profile: ModelProfile) -> bool:
         return True            # a profile without its tensor list (built in code): the graph as written here
     if profile.arch in _BERT and profile.metadata.get(f"{profile.arch}.moe_every_n_layers"):
         return False           # nomic-bert-moe's expert layers (ungated GELU experts) are not built here
-    return "attn_qkv.weight" not in names and "attn_q.weight" in names
+    return "attn_qkv.weight" in names or "attn_q.weight" in names
