@@ -57,7 +57,7 @@ _LLAMA_LIKE = {
     "modern-bert": (False, False, False, False, True, True),
 }
 _BERT = frozenset({"bert", "jina-bert-v3", "nomic-bert", "nomic-bert-moe"})
-ENCODER_GRAPHS = frozenset(_LLAMA_LIKE) | _BERT
+ENCODER_GRAPHS = frozenset(_LLAMA_LIKE) | _BERT | {"t5encoder"}
 _CACHE: dict[tuple, tuple[weakref.ref, dict[str, int]]] = {}
 
 
@@ -72,8 +72,10 @@ class _NoCacheAttn:
         self.mask_swa = c.g.inp(size) if any(layer.is_swa for layer in c.p.layers) else self.mask
         self.fa_nodes: list[tuple[Tensor, str]] = []
 
-    def __call__(self, cur: Tensor, pos: Tensor | None, il: int, qk_norm: bool, q_scale: bool = False) -> Tensor:
-        """pos None: no RoPE (bert). Biases where the layer has them (build_qkv's separate path)."""
+    def __call__(self, cur: Tensor, pos: Tensor | None, il: int, qk_norm: bool, q_scale: bool = False,
+                 pos_bucket: Tensor | None = None) -> Tensor:
+        """pos None: no RoPE (bert). Biases where the layer has them (build_qkv's separate path). pos_bucket: T5's
+        relative position bias (build_pos_bias, added to KQ: no flash attention with a KQ bias, build_attn_mha)."""
         c, g, T = self.c, self.c.g, self.c.T
         d, layer = c.dev[il], c.p.layers[il]
         hd, n_head, n_kv_head = layer.n_embd_head_k, layer.n_head, layer.n_head_kv
@@ -97,14 +99,18 @@ class _NoCacheAttn:
         for t in (q, k, v):                                  # build_attn expands Q, K, V first
             g.expand(t)
         qp, kp, vp = g.view(g.view(q)), g.view(k), g.view(v)
-        if self.fa:
+        if self.fa and pos_bucket is None:
             # K and V are f32 products: cast to f16 for flash attention
             out = g.op(qs, qp, g.op(ks // 2, kp), g.op(ks // 2, vp), mask)
             self.fa_nodes.append((out, d))
             out = g.view(out)
         else:
             kq = g.op(4 * T * T * n_head, kp, qp)
-            kq = g.op(kq.size, kq, mask, inplace=True)  # soft_max_ext
+            if pos_bucket is not None:
+                # get_rows(attn_rel_b, pos_bucket) [n_head, T * T] f32, then cont(permute): as large as KQ each
+                bias = g.op(kq.size, g.op(kq.size, g.view(pos_bucket), w=d))
+                kq = g.op(kq.size, kq, bias, inplace=True)
+            kq = g.op(kq.size, kq, mask, inplace=True)       # soft_max_ext
             vc = g.op(ks, g.view(vp))                        # v_cont: cont(transpose(v))
             out = g.op(qs, g.view(g.op(qs, vc, kq)))         # cont_2d(permute(kqv))
         g.expand(out)
@@ -222,6 +228,37 @@ def _llama_like(c: _Ctx, fa: bool) -> tuple[Graph, list]:
     return g, attn.fa_nodes
 
 
+def _t5_encoder(c: _Ctx, fa: bool) -> tuple[Graph, list]:
+    """llama_model_t5::graph<true> (src/models/t5.cpp), t5encoder's graph: RMS norms before attention and the FFN,
+    the relative position bias on KQ, GEGLU (with ffn_gate) or RELU, the encoder's output norm, no lm_head."""
+    g, T, E, p = c.g, c.T, c.E, c.p
+    tokens = g.inp(4 * T)
+    g.expand(g.inp(4 * E * T))               # inp_embd
+    cur = g.expand(g.op(4 * E * T, tokens, w=HOST_NAME))              # get_rows(token_embd)
+    pos_bucket = g.inp(4 * T * T)                                      # inp_pos_bucket_enc [T, T] i32
+    attn = _NoCacheAttn(c, fa)
+    out_ids = g.inp(4 * c.T_out)
+    n_layer = p.n_layer
+    for il in range(n_layer):
+        res = cur
+        y = attn(c.norm(cur, il), None, il, False, pos_bucket=pos_bucket)
+        if il == n_layer - 1:
+            y, res = g.op(4 * E * c.T_out, y, out_ids), g.op(4 * E * c.T_out, res, out_ids)
+        ffn_inp = g.op(y.size, y, res, inplace=True)
+        h = c.norm(ffn_inp, il)
+        fd = c.ffn_dev[il]
+        f = 4 * p.n_ff * (ffn_inp.size // (4 * E))
+        if _has(c, il, "ffn_gate.weight"):
+            ff = g.op(ffn_inp.size, g.op(f, g.op(f, h, w=fd), g.op(f, h, w=fd)), w=fd)   # down(geglu(gate, up))
+        else:
+            ff = g.op(ffn_inp.size, g.op(f, g.op(f, h, w=fd), inplace=True), w=fd)       # down(relu(up))
+        cur = g.op(ffn_inp.size, ff, ffn_inp, inplace=True)
+    h = c.norm(cur, -1, cur.size) if n_layer else cur
+    h.out = True
+    g.expand(h)
+    return g, []
+
+
 def encoder_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_devices: list[str],
                           names: list[str], *, T: int, n_seqs: int, T_out: int, n_copies: int,
                           pin_norm: bool, ffn_devices: list[str] | None = None) -> dict[str, int]:
@@ -233,7 +270,7 @@ def encoder_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_devi
     if hit is not None and hit[0]() is profile:
         return dict(hit[1])
     fa = config.flash_attn != "off"
-    build = _bert if profile.arch in _BERT else _llama_like
+    build = _bert if profile.arch in _BERT else _t5_encoder if profile.arch == "t5encoder" else _llama_like
     c = _Ctx(profile, config, layer_devices, T, n_seqs, T_out, pin_norm, ffn_devices)
     g, fa_nodes = build(c, fa)
     schedule(g)
@@ -256,7 +293,8 @@ def encoder_replayable(profile: ModelProfile) -> bool:
     graph built here reads (separate Q/K/V products; Q/K norms where the graph has them)."""
     if profile.arch not in ENCODER_GRAPHS or not profile.layers:
         return False
-    names = {t.name.split(".", 2)[-1] for layer in profile.layers for t in layer.tensors}
+    names = {t.name.rsplit(".", 2)[-2] + "." + t.name.rsplit(".", 1)[-1] for layer in profile.layers
+             for t in layer.tensors if t.name.count(".") >= 2}
     if not names:
         return True            # a profile without its tensor list (built in code): the graph as written here
     if profile.arch in _BERT and profile.metadata.get(f"{profile.arch}.moe_every_n_layers"):
