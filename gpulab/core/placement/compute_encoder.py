@@ -39,7 +39,7 @@ from ..config import SplitConfig
 from ..devices import HOST_NAME
 from ..profile import ModelProfile
 from .ggml_replay import Graph, Tensor, buffer_peaks, schedule
-from .recurrent import _Ctx, _moe
+from .recurrent import _Attn, _Ctx, _moe
 
 __all__ = ["ENCODER_GRAPHS", "encoder_compute_bytes", "encoder_replayable"]
 
@@ -57,7 +57,7 @@ _LLAMA_LIKE = {
     "modern-bert": (False, False, False, False, True, True),
 }
 _BERT = frozenset({"bert", "jina-bert-v3", "nomic-bert", "nomic-bert-moe"})
-ENCODER_GRAPHS = frozenset(_LLAMA_LIKE) | _BERT | {"t5encoder"}
+ENCODER_GRAPHS = frozenset(_LLAMA_LIKE) | _BERT | {"t5encoder", "t5"}
 _CACHE: dict[tuple, tuple[weakref.ref, dict[str, int]]] = {}
 
 
@@ -96,6 +96,16 @@ class _NoCacheAttn:
         if q_scale:
             q = g.op(qs, q, inplace=True)                    # ggml_scale(Q, f_attention_scale)
         mask = self.mask_swa if layer.is_swa else self.mask
+        out = self.mha(q, k, v, il, T, mask, pos_bucket)
+        return _biased(c, g.op(4 * c.E * T, out, w=d), il, "attn_output")   # wo (+ bias)
+
+    def mha(self, q: Tensor, k: Tensor, v: Tensor, il: int, n_kv: int, mask: Tensor,
+            pos_bucket: Tensor | None = None) -> Tensor:
+        """build_attn's expands and build_attn_mha over `n_kv` rows of K and V (the ubatch's, or the encoder
+        output's for T5's cross-attention, build_attn with llm_graph_input_attn_cross): the output before wo."""
+        c, g, T = self.c, self.c.g, self.c.T
+        d, layer = c.dev[il], c.p.layers[il]
+        qs, ks = 4 * layer.n_embd_head_k * layer.n_head * T, 4 * layer.n_embd_head_k * layer.n_head_kv * n_kv
         for t in (q, k, v):                                  # build_attn expands Q, K, V first
             g.expand(t)
         qp, kp, vp = g.view(g.view(q)), g.view(k), g.view(v)
@@ -105,7 +115,7 @@ class _NoCacheAttn:
             self.fa_nodes.append((out, d))
             out = g.view(out)
         else:
-            kq = g.op(4 * T * T * n_head, kp, qp)
+            kq = g.op(4 * n_kv * T * layer.n_head, kp, qp)
             if pos_bucket is not None:
                 # get_rows(attn_rel_b, pos_bucket) [n_head, T * T] f32, then cont(permute): as large as KQ each
                 bias = g.op(kq.size, g.op(kq.size, g.view(pos_bucket), w=d))
@@ -114,7 +124,7 @@ class _NoCacheAttn:
             vc = g.op(ks, g.view(vp))                        # v_cont: cont(transpose(v))
             out = g.op(qs, g.view(g.op(qs, vc, kq)))         # cont_2d(permute(kqv))
         g.expand(out)
-        return _biased(c, g.op(4 * c.E * T, out, w=d), il, "attn_output")   # wo (+ bias)
+        return out
 
 
 def _has(c: _Ctx, il: int, name: str) -> bool:
@@ -246,17 +256,60 @@ def _t5_encoder(c: _Ctx, fa: bool) -> tuple[Graph, list]:
             y, res = g.op(4 * E * c.T_out, y, out_ids), g.op(4 * E * c.T_out, res, out_ids)
         ffn_inp = g.op(y.size, y, res, inplace=True)
         h = c.norm(ffn_inp, il)
-        fd = c.ffn_dev[il]
-        f = 4 * p.n_ff * (ffn_inp.size // (4 * E))
-        if _has(c, il, "ffn_gate.weight"):
-            ff = g.op(ffn_inp.size, g.op(f, g.op(f, h, w=fd), g.op(f, h, w=fd)), w=fd)   # down(geglu(gate, up))
-        else:
-            ff = g.op(ffn_inp.size, g.op(f, g.op(f, h, w=fd), inplace=True), w=fd)       # down(relu(up))
-        cur = g.op(ffn_inp.size, ff, ffn_inp, inplace=True)
+        cur = g.op(ffn_inp.size, _t5_ffn(c, h, il), ffn_inp, inplace=True)
     h = c.norm(cur, -1, cur.size) if n_layer else cur
     h.out = True
     g.expand(h)
     return g, []
+
+
+def _t5_decoder(c: _Ctx, fa: bool) -> tuple[Graph, list]:
+    """llama_model_t5::graph<false> (src/models/t5.cpp), the graph t5 reserves (llama_context::graph_reserve builds
+    the default graph type, the decoder): self-attention over the KV cache with the relative position bias, then
+    cross-attention over the encoder output, which the reserve sizes at n_ctx_train rows (build_inp_cross_embd and
+    build_attn_inp_cross: no encoder output yet), the FFN, the output norm and the lm_head."""
+    g, T, E, p = c.g, c.T, c.E, c.p
+    n_enc = int(p.metadata.get(f"{p.arch}.context_length", 0) or 0)            # hparams.n_ctx_train
+    tokens = g.inp(4 * T)
+    g.expand(g.inp(4 * E * T))               # inp_embd
+    cur = g.expand(g.op(4 * E * T, tokens, w=HOST_NAME))              # get_rows(token_embd)
+    embd_enc = g.inp(4 * E * n_enc)                                    # cross_embd
+    # the KV cache is made before flash attention 'auto' is resolved: V is transposed only with it off
+    self_attn = _Attn(c, fa, v_trans=c.config.flash_attn == "off")
+    pos_bucket = g.inp(4 * self_attn.n_kv * T)                         # inp_pos_bucket_dec [n_kv, T] i32
+    cross = _NoCacheAttn(c, fa)
+    cross_mask = g.inp(n_enc * T * (2 if fa else 4))                   # cross_kq_mask [n_enc, T]
+    out_ids = g.inp(4 * c.T_out)
+    n_layer = p.n_layer
+    for il in range(n_layer):
+        d, layer = c.dev[il], p.layers[il]
+        qs, ks = 4 * layer.n_embd_head_k * layer.n_head * T, 4 * layer.n_embd_head_k * layer.n_head_kv * T
+        res = cur
+        h = c.norm(cur, il)
+        q, k, v = g.view(g.op(qs, h, w=d)), g.view(g.op(ks, h, w=d)), g.view(g.op(ks, h, w=d))
+        y, _ = self_attn.attend(q, k, v, il, pos_bucket=pos_bucket)
+        res = g.op(res.size, g.op(4 * E * T, y, w=d), res, inplace=True)   # wo, + inpSA
+        h = c.norm(res, il)                                                  # attn_norm_cross
+        ke = 4 * layer.n_embd_head_k * layer.n_head_kv * n_enc
+        q, k, v = g.view(g.op(qs, h, w=d)), g.view(g.op(ke, embd_enc, w=d)), g.view(g.op(ke, embd_enc, w=d))
+        y = g.op(4 * E * T, cross.mha(q, k, v, il, n_enc, cross_mask), w=d)   # wo_cross
+        if il == n_layer - 1:
+            y, res = g.op(4 * E * c.T_out, y, out_ids), g.op(4 * E * c.T_out, res, out_ids)
+        ffn_inp = g.op(y.size, y, res, inplace=True)
+        cur = g.op(ffn_inp.size, _t5_ffn(c, c.norm(ffn_inp, il), il), ffn_inp, inplace=True)
+    h = c.norm(cur, -1, cur.size) if n_layer else cur
+    h = g.op(4 * p.n_vocab * c.T_out, h, w=c.dev[n_layer], out=True)  # result_output
+    g.expand(h)
+    return g, cross.fa_nodes
+
+
+def _t5_ffn(c: _Ctx, h: Tensor, il: int) -> Tensor:
+    """T5's FFN (build_ffn): GEGLU where the layer has ffn_gate (flan-T5), else RELU."""
+    g, fd = c.g, c.ffn_dev[il]
+    f = 4 * c.p.n_ff * (h.size // (4 * c.E))
+    if _has(c, il, "ffn_gate.weight"):
+        return g.op(h.size, g.op(f, g.op(f, h, w=fd), g.op(f, h, w=fd)), w=fd)     # down(geglu(gate, up))
+    return g.op(h.size, g.op(f, g.op(f, h, w=fd), inplace=True), w=fd)             # down(relu(up))
 
 
 def encoder_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_devices: list[str],
@@ -270,7 +323,8 @@ def encoder_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_devi
     if hit is not None and hit[0]() is profile:
         return dict(hit[1])
     fa = config.flash_attn != "off"
-    build = _bert if profile.arch in _BERT else _t5_encoder if profile.arch == "t5encoder" else _llama_like
+    build = {"t5encoder": _t5_encoder, "t5": _t5_decoder}.get(profile.arch, _bert if profile.arch in _BERT
+                                                              else _llama_like)
     c = _Ctx(profile, config, layer_devices, T, n_seqs, T_out, pin_norm, ffn_devices)
     g, fa_nodes = build(c, fa)
     schedule(g)

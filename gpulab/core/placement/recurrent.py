@@ -223,7 +223,7 @@ class _Attn:
     def __call__(self, cur: Tensor, pos: Tensor, il: int, gated: bool = False) -> Tensor:
         """gated: Q is twice as wide, its second half gates the attention output (qwen3next.cpp build_layer_attn)."""
         c, g, T = self.c, self.c.g, self.c.T
-        d, layer, cfg = c.dev[il], c.p.layers[il], c.config
+        d, layer = c.dev[il], c.p.layers[il]
         hd, n_head, n_kv_head = layer.n_embd_head_k, layer.n_head, layer.n_head_kv
         q_full = g.op(4 * hd * n_head * T * (2 if gated else 1), cur, w=d)
         gate = g.view(g.view(q_full), 4 * hd * n_head * T)
@@ -231,6 +231,22 @@ class _Attn:
         k = g.op(4 * hd * n_kv_head * T, cur, w=d)
         k = g.op(k.size, c.norm(g.view(k), il), pos, inplace=True)
         v = g.view(g.op(4 * hd * n_kv_head * T, cur, w=d))
+        out, fa_node = self.attend(q, k, v, il)
+        if gated:
+            gate = g.op(gate.size, g.op(gate.size, gate), inplace=True)     # sigmoid(cont(gate))
+            out = g.op(gate.size, out, gate, inplace=True)
+        out = g.op(4 * c.E * T, out, w=d)                                    # wo
+        self.fa_nodes.append((fa_node, d))
+        return out
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, il: int,
+               pos_bucket: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """build_attn with a KV cache from Q, K and V: the rotations, the cache writes and views, build_attn_mha.
+        pos_bucket: T5's relative position bias (build_pos_bias) added to KQ, which rules flash attention out.
+        Returns the attention output (before wo) and the flash-attention node (None without)."""
+        c, g, T = self.c, self.c.g, self.c.T
+        d, layer, cfg = c.dev[il], c.p.layers[il], c.config
+        hd, n_head, n_kv_head = layer.n_embd_head_k, layer.n_head, layer.n_head_kv
         if self.k_rot is not None:
             q = g.view(g.op(q.size, self.k_rot, g.view(q)))
             k = g.view(g.op(k.size, self.k_rot, g.view(k)))
@@ -245,26 +261,25 @@ class _Attn:
         kc = g.view(g.view(g.ext(d)), _row(cfg.type_k, hd) * n_kv_head * n_kv)
         vc = g.view(g.view(g.ext(d)), _row(cfg.type_v, hd) * n_kv_head * n_kv)
         qp = g.view(g.view(q))
-        if self.fa:
+        fa_node = None
+        if self.fa and pos_bucket is None:
             out = g.op(4 * hd * n_head * T, qp, kc, vc, self.mask)
             fa_node = out
             out = g.view(out)
         else:
             kq = g.op(4 * self.n_kv * T * n_head, kc, qp)
+            if pos_bucket is not None:
+                # get_rows(attn_rel_b, pos_bucket) [n_head, n_kv * T] f32, then cont(permute): as large as KQ each
+                bias = g.op(kq.size, g.op(kq.size, g.view(pos_bucket), w=d))
+                kq = g.op(kq.size, kq, bias, inplace=True)
             kq = g.op(kq.size, kq, self.mask, inplace=True)                  # soft_max_ext
             if not self.v_trans:
                 vc = g.op(_row(cfg.type_v, hd) * n_kv_head * n_kv, g.view(vc))   # v_cont
             out = g.op(4 * hd * n_head * T, g.view(g.op(4 * hd * n_head * T, vc, kq)))   # cont(permute(kqv))
-            fa_node = None
         g.expand(out)                  # build_attn_mha expands its result
         if self.v_rot is not None:
             out = g.view(g.op(out.size, self.v_rot, g.view(out)))
-        if gated:
-            gate = g.op(gate.size, g.op(gate.size, gate), inplace=True)     # sigmoid(cont(gate))
-            out = g.op(gate.size, out, gate, inplace=True)
-        out = g.op(4 * c.E * T, out, w=d)                                    # wo
-        self.fa_nodes.append((fa_node, d))
-        return out
+        return out, fa_node
 
 
 def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
