@@ -208,7 +208,8 @@ def _llama_like(c: _Ctx, fa: bool) -> tuple[Graph, list]:
     n_layer = p.n_layer
     for il in range(n_layer):
         res = cur
-        h = norm(cur, il) if _has(c, il, "attn_norm.weight") else cur   # modern-bert's first layer may have none
+        # modern-bert's first layer may have no attention norm (attn_norm TENSOR_NOT_REQUIRED)
+        h = cur if p.arch == "modern-bert" and not _has(c, il, "attn_norm.weight") else norm(cur, il)
         y = attn(h, pos, il, qk_norm, q_scale=sandwich)
         if il == n_layer - 1:
             y, res = g.op(4 * E * c.T_out, y, out_ids), g.op(4 * E * c.T_out, res, out_ids)
@@ -220,11 +221,11 @@ def _llama_like(c: _Ctx, fa: bool) -> tuple[Graph, list]:
         f = 4 * p.n_ff * rows
         if p.n_expert:
             ff = _moe(c, h, il, norm_w=norm_w)
-        elif _has(c, il, "ffn_gate.weight"):
-            ff = g.op(ffn_inp.size, g.op(f, g.op(f, h, w=fd), g.op(f, h, w=fd)), w=fd)   # down(swiglu(gate, up))
-        else:
+        elif p.arch in ("neo-bert", "modern-bert"):
             # gate and up in one product (neo-bert's SWIGLU, modern-bert's GEGLU, LLM_FFN_SEQ): one GLU input
             ff = g.op(ffn_inp.size, g.op(f, g.op(2 * f, h, w=fd)), w=fd)
+        else:
+            ff = g.op(ffn_inp.size, g.op(f, g.op(f, h, w=fd), g.op(f, h, w=fd)), w=fd)   # down(swiglu(gate, up))
         if sandwich:
             # ffn_post_norm is built with il -1: not pinned, its weight's MUL runs on the layer's device
             ff = g.op(ff.size, g.op(ff.size, ff, inplace=True), w=c.dev[il], inplace=True)

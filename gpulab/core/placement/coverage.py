@@ -14,6 +14,7 @@ from ..config import SplitConfig
 from ..profile import ModelProfile
 from ..units import format_bytes
 from .compute import compute_tokens
+from .compute_encoder import encoder_replayable
 from .compute_mla import mla_geom
 from .compute_moe import moe_flags
 from .recurrent import RECURRENT_GRAPHS, replayable
@@ -213,8 +214,8 @@ def doubts(profile: ModelProfile, config: SplitConfig, layer_devices: list[str] 
     # absorbed MLA (attn_k_b/attn_v_b) is modelled (compute_mla); the older graph with attn_kv_b is not
     mla = any(layer.has_kv and not layer.has_v for layer in profile.layers) \
         and (arch not in COMPUTE_EXACT or mla_geom(profile) is None)
-    if replayable(profile):
-        pass                   # replayed op by op (placement.recurrent): exact wherever it was checked
+    if replayable(profile) or encoder_replayable(profile):
+        pass                   # replayed op by op (placement.recurrent, compute_encoder): exact wherever checked
     elif recurrent:
         pure = not any(layer.has_kv for layer in profile.layers)
         what = "recurrent graph is" if pure else "recurrent layers are"
