@@ -62,9 +62,9 @@ from itertools import accumulate, groupby
 from ..config import SplitConfig
 from ..devices import HOST_NAME
 from ..profile import ModelProfile
+from .compute_encoder import encoder_compute_bytes, encoder_replayable
 from .compute_mla import after_two_moe, mla_geom, mla_host_peaks, mla_peaks
 from .compute_moe import moe_flags, moe_then_layer, output_in_dense_hole, router_bytes, shared_expert_peaks
-from .compute_encoder import encoder_compute_bytes, encoder_replayable
 from .recurrent import recurrent_compute_bytes, replayable
 
 __all__ = ["estimate_compute_bytes", "compute_tokens", "pipeline_copies", "SCHED_MAX_COPIES", "dry_run_extra_bytes"]
