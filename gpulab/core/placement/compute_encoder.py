@@ -27,6 +27,10 @@ scheduler's split and ggml-alloc), as placement.recurrent does for the recurrent
   modern-bert       src/models/modern-bert.cpp (neo-bert's with LayerNorms, the token embeddings normed)
   bert & co         src/models/bert.cpp: bert, jina-bert-v3, nomic-bert, nomic-bert-moe (LayerNorms after
                     attention and the FFN, none before; learned positions for bert)
+  t5encoder, t5     src/models/t5.cpp graph<true> (the relative position bias on KQ) and graph<false>, the
+                    decoder t5 reserves (cross-attention over n_ctx_train encoder rows)
+  wavtokenizer-dec  src/models/wavtokenizer-dec.cpp (convolutions as im2col and a product, group norms pinned
+                    to layer 0's device, the posnet and convnext blocks on their layer's device)
 
 Checked on the architecture matrix (tests/integration/test_arch_matrix_vs_llama.py, CPU RPC devices).
 """
@@ -57,7 +61,7 @@ _LLAMA_LIKE = {
     "modern-bert": (False, False, False, False, True, True),
 }
 _BERT = frozenset({"bert", "jina-bert-v3", "nomic-bert", "nomic-bert-moe"})
-ENCODER_GRAPHS = frozenset(_LLAMA_LIKE) | _BERT | {"t5encoder", "t5"}
+ENCODER_GRAPHS = frozenset(_LLAMA_LIKE) | _BERT | {"t5encoder", "t5", "wavtokenizer-dec"}
 _CACHE: dict[tuple, tuple[weakref.ref, dict[str, int]]] = {}
 
 
@@ -145,7 +149,7 @@ def _layer_norm(c: _Ctx, x: Tensor, il: int, dev: str, bias: bool = True) -> Ten
     return g.op(n.size, n, w=dev, inplace=True) if bias else n
 
 
-def _bert(c: _Ctx, fa: bool) -> tuple[Graph, list]:
+def _bert(c: _Ctx, fa: bool) -> tuple[Graph, list, list]:
     """llama_model_bert::graph (src/models/bert.cpp): bert, jina-bert-v3, nomic-bert, nomic-bert-moe. Norms
     after attention and the FFN (LayerNorm), no norm before them, no output norm, no lm_head."""
     g, T, E, p = c.g, c.T, c.E, c.p
@@ -182,10 +186,10 @@ def _bert(c: _Ctx, fa: bool) -> tuple[Graph, list]:
         cur = _layer_norm(c, g.op(cur.size, ff, cur, inplace=True), il, d)       # layer_output_norm
     cur.out = True
     g.expand(cur)
-    return g, attn.fa_nodes
+    return g, attn.fa_nodes, []
 
 
-def _llama_like(c: _Ctx, fa: bool) -> tuple[Graph, list]:
+def _llama_like(c: _Ctx, fa: bool) -> tuple[Graph, list, list]:
     g, T, E, p = c.g, c.T, c.E, c.p
     logits, qk_norm, norm_w, sandwich, layer_norm, tok_norm = _LLAMA_LIKE[p.arch]
 
@@ -236,10 +240,10 @@ def _llama_like(c: _Ctx, fa: bool) -> tuple[Graph, list]:
         h = g.op(4 * p.n_vocab * c.T_out, h, w=out_dev)                 # result_output
     h.out = True
     g.expand(h)
-    return g, attn.fa_nodes
+    return g, attn.fa_nodes, []
 
 
-def _t5_encoder(c: _Ctx, fa: bool) -> tuple[Graph, list]:
+def _t5_encoder(c: _Ctx, fa: bool) -> tuple[Graph, list, list]:
     """llama_model_t5::graph<true> (src/models/t5.cpp), t5encoder's graph: RMS norms before attention and the FFN,
     the relative position bias on KQ, GEGLU (with ffn_gate) or RELU, the encoder's output norm, no lm_head."""
     g, T, E, p = c.g, c.T, c.E, c.p
@@ -261,10 +265,10 @@ def _t5_encoder(c: _Ctx, fa: bool) -> tuple[Graph, list]:
     h = c.norm(cur, -1, cur.size) if n_layer else cur
     h.out = True
     g.expand(h)
-    return g, []
+    return g, [], []
 
 
-def _t5_decoder(c: _Ctx, fa: bool) -> tuple[Graph, list]:
+def _t5_decoder(c: _Ctx, fa: bool) -> tuple[Graph, list, list]:
     """llama_model_t5::graph<false> (src/models/t5.cpp), the graph t5 reserves (llama_context::graph_reserve builds
     the default graph type, the decoder): self-attention over the KV cache with the relative position bias, then
     cross-attention over the encoder output, which the reserve sizes at n_ctx_train rows (build_inp_cross_embd and
@@ -301,7 +305,7 @@ def _t5_decoder(c: _Ctx, fa: bool) -> tuple[Graph, list]:
     h = c.norm(cur, -1, cur.size) if n_layer else cur
     h = g.op(4 * p.n_vocab * c.T_out, h, w=c.dev[n_layer], out=True)  # result_output
     g.expand(h)
-    return g, cross.fa_nodes
+    return g, cross.fa_nodes, []
 
 
 def _t5_ffn(c: _Ctx, h: Tensor, il: int) -> Tensor:
@@ -311,6 +315,87 @@ def _t5_ffn(c: _Ctx, h: Tensor, il: int) -> Tensor:
     if _has(c, il, "ffn_gate.weight"):
         return g.op(h.size, g.op(f, g.op(f, h, w=fd), g.op(f, h, w=fd)), w=fd)     # down(geglu(gate, up))
     return g.op(h.size, g.op(f, g.op(f, h, w=fd), inplace=True), w=fd)             # down(relu(up))
+
+
+def _wavtokenizer(c: _Ctx, fa: bool) -> tuple[Graph, list, list]:
+    """llama_model_wavtokenizer_dec::graph (src/models/wavtokenizer-dec.cpp): a 1-D convolution, the posnet blocks
+    (group norms, convolutions, one attention block), LayerNorms, the convnext blocks (depthwise convolution, an
+    ungated GELU FFN), the output norm and projection. Channels-first: a row set is [T, C]. A convolution
+    (ggml_conv_1d_ph, ggml/src/ggml.c) is an f16 im2col [C_in * K, T] and a product [T, C_out] f32; the posnet and
+    convnext blocks of index i hold layer i's weights (their device), conv1d and token_embd_norm layer 0's. No
+    attention mask, no output rows gathered: every op runs on all T tokens."""
+    g, T, p = c.g, c.T, c.p
+    md, arch = p.metadata, p.arch
+    C = int(md.get(f"{arch}.posnet.embedding_length", p.n_embd))
+    n_pos = int(md.get(f"{arch}.posnet.block_count", 0))
+    n_cnx = int(md.get(f"{arch}.convnext.block_count", 0))
+    n_out = next((t.shape[1] for t in p.output_tensors if t.name == "output.weight" and len(t.shape) > 1), C)
+    rs = 4 * C * T                                                     # a row set, [T, C] f32
+    d0 = c.dev[0]
+
+    def conv(x: Tensor, k: int, d: str) -> Tensor:
+        col = g.op(2 * C * k * T, x, w=d)                              # im2col (f16)
+        return g.op(rs, g.view(col), w=d)                              # mul_mat(im2col, kernel)
+
+    def biased(x: Tensor, d: str) -> Tensor:
+        return g.op(x.size, x, w=d, inplace=True)
+
+    pinned: list[tuple[Tensor, str]] = []
+
+    def group_norm(x: Tensor, d: str) -> Tensor:
+        # reshape, ggml_group_norm (not in place), reshape: the last view is the "norm", built with il 0 and so
+        # pinned to layer 0's device (llama_context::graph_get_cb) whichever block it is; the scheduler leaves
+        # the group norm where its neighbours run, but a reader elsewhere than the pinned view copies it over
+        n = g.view(g.op(rs, g.view(x)))
+        if c.pin:
+            pinned.append((n, d0))
+        return g.op(rs, g.op(rs, n, w=d, inplace=True), w=d, inplace=True)
+
+    def swish(x: Tensor) -> Tensor:
+        return g.op(rs, g.op(rs, x, inplace=True), x, inplace=True)    # sigmoid(x) * x
+
+    tokens = g.inp(4 * T)
+    g.expand(g.inp(4 * C * T))               # inp_embd
+    cur = g.expand(g.op(4 * p.n_embd * T, tokens, w=HOST_NAME))       # get_rows(token_embd)
+    cur = g.op(4 * p.n_embd * T, g.view(cur))                          # cont(transpose)
+    cur = biased(conv(cur, 7, d0), d0)                                 # conv1d + b
+    for il in range(n_pos):
+        d = c.dev[il]
+        inp = cur
+        if il == 5:
+            cur = group_norm(cur, d)
+        elif il == 2:
+            h = group_norm(cur, d)
+            q, k, v = (biased(conv(h, 1, d), d) for _ in range(3))
+            q, k = g.op(rs, g.view(q)), g.op(rs, g.view(k))            # cont(transpose)
+            kq = g.op(4 * T * T, k, q)
+            kq = g.op(kq.size, kq, inplace=True)                       # soft_max_ext, no mask
+            cur = g.op(rs, kq, v)
+            cur = g.op(rs, biased(conv(cur, 1, d), d), inp, inplace=True)
+        else:
+            h = conv(swish(group_norm(cur, d)), 3, d)
+            h = conv(swish(group_norm(biased(h, d), d)), 3, d)
+            cur = g.op(rs, biased(h, d), inp, inplace=True)
+    cur = g.op(rs, g.view(cur))                                        # cont(transpose): [C, T]
+    cur = _layer_norm(c, cur, 0, d0)                                   # token_embd_norm (layer 0's)
+    cur = g.op(rs, g.view(cur))                                        # cont(transpose)
+    f = 4 * p.n_ff * T
+    for il in range(n_cnx):
+        d = c.dev[il]
+        inp = cur
+        col = g.op(2 * 7 * C * T, g.view(cur), w=d)                    # conv_1d_dw: im2col [7, T, C] f16
+        h = biased(g.view(g.op(rs, col, w=d)), d)                      # mul_mat(im2col, dw), + b
+        h = g.op(rs, g.view(h))                                        # cont(transpose)
+        h = _layer_norm(c, h, -1, d)                                   # built with il -1: not pinned
+        h = g.op(f, biased(g.op(f, h, w=d), d), inplace=True)          # gelu(pw1 + b)
+        h = g.op(rs, biased(g.op(rs, h, w=d), d), w=d, inplace=True)   # (pw2 + b) * gamma
+        cur = g.op(rs, g.op(rs, g.view(h)), inp, inplace=True)         # cont(transpose), + inpL
+    out_dev = c.dev[p.n_layer]
+    cur = _layer_norm(c, g.op(rs, g.view(cur)), -1, out_dev)
+    cur = biased(g.op(4 * n_out * T, cur, w=out_dev), out_dev)          # output + b
+    cur.out = True
+    g.expand(cur)
+    return g, [], pinned
 
 
 def encoder_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_devices: list[str],
@@ -324,17 +409,19 @@ def encoder_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_devi
     if hit is not None and hit[0]() is profile:
         return dict(hit[1])
     fa = config.flash_attn != "off"
-    build = {"t5encoder": _t5_encoder, "t5": _t5_decoder}.get(profile.arch, _bert if profile.arch in _BERT
-                                                              else _llama_like)
+    build = {"t5encoder": _t5_encoder, "t5": _t5_decoder, "wavtokenizer-dec": _wavtokenizer}.get(
+        profile.arch, _bert if profile.arch in _BERT else _llama_like)
     c = _Ctx(profile, config, layer_devices, T, n_seqs, T_out, pin_norm, ffn_devices)
-    g, fa_nodes = build(c, fa)
+    g, fa_nodes, pinned = build(c, fa)
     schedule(g)
     if config.flash_attn == "auto" and any(n.be != d for n, d in fa_nodes):
         # llama_context::resolve_fused_ops: flash attention scheduled away from its layer's device is
         # turned off (and the reserve graph built again without it)
         c = _Ctx(profile, config, layer_devices, T, n_seqs, T_out, pin_norm, ffn_devices)
-        g, _ = build(c, False)
+        g, _, pinned = build(c, False)
         schedule(g)
+    for view, dev in pinned:
+        view.be = dev          # a pinned view: its readers elsewhere copy it (ggml_backend_sched_split_graph)
     tops = buffer_peaks(g, n_copies)
     out = {name: tops.get(name, 0) for name in names}
     if len(_CACHE) > 256:
@@ -348,6 +435,9 @@ def encoder_replayable(profile: ModelProfile) -> bool:
     graph built here reads (separate Q/K/V products; Q/K norms where the graph has them)."""
     if profile.arch not in ENCODER_GRAPHS or not profile.layers:
         return False
+    if profile.arch == "wavtokenizer-dec":
+        # the posnet is llama.cpp's fixed six blocks (resnet, resnet, attention, resnet, resnet, norm)
+        return int(profile.metadata.get("wavtokenizer-dec.posnet.block_count", 0) or 0) == 6
     names = {t.name.rsplit(".", 2)[-2] + "." + t.name.rsplit(".", 1)[-1] for layer in profile.layers
              for t in layer.tensors if t.name.count(".") >= 2}
     if not names:

@@ -58,6 +58,11 @@ LOGGED = [
     ("t5", "ts-1-2-1-q8k-fa-off", {"RPC0": 2302.08, "RPC1": 2366.09, "RPC2": 26.0, "CPU": 858.09}),
     ("t5", "ts-1-1-1-q4-fa", {"RPC0": 1152.16, "RPC1": 1120.16, "RPC2": 1086.16, "CPU": 698.17}),
     ("t5", "ngl4-ts-1-1-1", {"RPC0": 489.01, "RPC1": 423.01, "RPC2": 18.0, "CPU": 491.01}),
+    # wavtokenizer-dec: every posnet group norm is pinned to layer 0's device (built with il 0), so with the whole
+    # model offloaded the later devices receive it (4 copies of 2 MiB per norm); no lm_head, no mask
+    ("wavtokenizer-dec", "ts-1-1", {"RPC0": 29.0, "RPC1": 60.0, "CPU": 10.01}),
+    ("wavtokenizer-dec", "ts-1-2-1-q8k-fa-off", {"RPC0": 28.0, "RPC1": 85.0, "RPC2": 12.0, "CPU": 10.01}),
+    ("wavtokenizer-dec", "ngl4-ts-1-1-1", {"RPC0": 13.0, "RPC1": 12.0, "RPC2": 4.0, "CPU": 15.0}),
 ]
 
 
