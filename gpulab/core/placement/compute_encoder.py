@@ -25,8 +25,8 @@ scheduler's split and ggml-alloc), as placement.recurrent does for the recurrent
                     and the FFN, a second mask for the sliding-window layers, no lm_head)
   neo-bert          src/models/neo-bert.cpp (fused QKV, gate and up in one product, no lm_head)
   modern-bert       src/models/modern-bert.cpp (neo-bert's with LayerNorms, the token embeddings normed)
-  bert & co         src/models/bert.cpp: bert, jina-bert-v3, nomic-bert, nomic-bert-moe (LayerNorms after
-                    attention and the FFN, none before; learned positions for bert)
+  bert & co         src/models/bert.cpp: bert, jina-bert-v2, jina-bert-v3, nomic-bert, nomic-bert-moe
+                    (LayerNorms after attention and the FFN, none before; learned positions for bert)
   t5encoder, t5     src/models/t5.cpp graph<true> (the relative position bias on KQ) and graph<false>, the
                     decoder t5 reserves (cross-attention over n_ctx_train encoder rows)
   wavtokenizer-dec  src/models/wavtokenizer-dec.cpp (convolutions as im2col and a product, group norms pinned
@@ -60,7 +60,7 @@ _LLAMA_LIKE = {
     "neo-bert": (False, False, False, False, False, False),
     "modern-bert": (False, False, False, False, True, True),
 }
-_BERT = frozenset({"bert", "jina-bert-v3", "nomic-bert", "nomic-bert-moe"})
+_BERT = frozenset({"bert", "jina-bert-v2", "jina-bert-v3", "nomic-bert", "nomic-bert-moe"})
 ENCODER_GRAPHS = frozenset(_LLAMA_LIKE) | _BERT | {"t5encoder", "t5", "wavtokenizer-dec"}
 _CACHE: dict[tuple, tuple[weakref.ref, dict[str, int]]] = {}
 
@@ -140,6 +140,13 @@ def _biased(c: _Ctx, x: Tensor, il: int, name: str) -> Tensor:
     return c.g.op(x.size, x, w=c.dev[il], inplace=True) if _has(c, il, f"{name}.bias") else x
 
 
+def _fused_up(c: _Ctx, il: int) -> bool:
+    """jina-bert-v2's up_contains_gate: no ffn_gate and ffn_up wider than n_ff (src/models/bert.cpp)."""
+    return not _has(c, il, "ffn_gate.weight") and any(
+        t.name.endswith(".ffn_up.weight") and len(t.shape) > 1 and t.shape[1] != c.p.n_ff
+        for t in c.p.layers[il].tensors)
+
+
 def _layer_norm(c: _Ctx, x: Tensor, il: int, dev: str, bias: bool = True) -> Tensor:
     """build_norm with LLM_NORM (src/llama-graph.cpp): ggml_norm is not run in place (ggml_op_can_inplace),
     its result is the "norm" pinned to the layer's device; the weight's MUL and the bias' ADD are."""
@@ -159,7 +166,9 @@ def _bert(c: _Ctx, fa: bool) -> tuple[Graph, list, list]:
     pos = g.inp(4 * T)
     cur = g.expand(g.op(4 * E * T, tokens, w=HOST_NAME))              # get_rows(token_embd)
     if any(t.name == "token_types.weight" for t in p.input_tensors):
-        cur = g.op(cur.size, cur, w=HOST_NAME, inplace=True)          # + type_embd's row 0
+        # + type_embd's row 0: a view of a weight has no buffer yet when the scheduler runs (views are set up at
+        # allocation), so the add is not held on the host: the norm pinned to layer 0 pulls it over, with the row
+        cur = g.op(cur.size, cur, g.view(g.ext(HOST_NAME), 4 * E), inplace=True)
     if arch == "bert":
         cur = g.op(cur.size, g.op(cur.size, pos, w=HOST_NAME), cur, inplace=True)   # + get_rows(pos_embd, pos)
     # token_embd_norm is a tensor of layer 0 (llama-arch.cpp: LLM_TENSOR_LAYER_REPEATING, "do the norms on the
@@ -180,6 +189,11 @@ def _bert(c: _Ctx, fa: bool) -> tuple[Graph, list, list]:
         f = 4 * p.n_ff * rows
         if arch == "nomic-bert":
             ff = g.op(cur.size, g.op(f, g.op(f, cur, w=fd), g.op(f, cur, w=fd)), w=fd)  # down(swiglu(gate, up))
+        elif arch == "jina-bert-v2":
+            up = _biased(c, g.op(2 * f if _fused_up(c, il) else f, cur, w=fd), il, "ffn_up")
+            # GEGLU: gate and up in one product (up_contains_gate), else geglu_split(gate, up)
+            glu = g.op(f, up) if _fused_up(c, il) else g.op(f, g.op(f, cur, w=fd), up)
+            ff = _biased(c, g.op(cur.size, glu, w=fd), il, "ffn_down")
         else:
             up = g.op(f, _biased(c, g.op(f, cur, w=fd), il, "ffn_up"), inplace=True)   # gelu(up + b)
             ff = _biased(c, g.op(cur.size, up, w=fd), il, "ffn_down")
@@ -444,4 +458,6 @@ def encoder_replayable(profile: ModelProfile) -> bool:
         return True            # a profile without its tensor list (built in code): the graph as written here
     if profile.arch in _BERT and profile.metadata.get(f"{profile.arch}.moe_every_n_layers"):
         return False           # nomic-bert-moe's expert layers (ungated GELU experts) are not built here
+    if profile.arch in _BERT and names & {"attn_q_norm.weight", "attn_k_norm.weight", "attn_norm_2.weight"}:
+        return False           # bert.cpp's Q/K LayerNorms and second attention norm are not built here
     return "attn_qkv.weight" in names or "attn_q.weight" in names

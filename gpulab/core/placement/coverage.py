@@ -55,7 +55,7 @@ COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "in
                            # branch encoders: attention without a KV cache, replayed (compute_encoder)
                            "dream", "llada", "llama-embed", "eurobert", "rnd1", "llada-moe", "gemma-embedding",
                            "bert", "jina-bert-v3", "nomic-bert", "nomic-bert-moe", "neo-bert", "modern-bert",
-                           "t5encoder", "t5", "wavtokenizer-dec"})
+                           "t5encoder", "t5", "wavtokenizer-dec", "jina-bert-v2"})
 
 
 # Architectures whose memory is not llama_kv_cache / llama_memory_recurrent as gpulab sizes them
