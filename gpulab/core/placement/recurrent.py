@@ -283,10 +283,12 @@ class _Attn:
             out = g.op(gate.size, out, gate, inplace=True)
         return g.op(4 * c.E * T, out, w=d)                                   # wo
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, il: int, v_cont: bool = False) -> Tensor:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, il: int, v_cont: bool = False,
+               pos_bucket: Tensor | None = None) -> Tensor:
         """build_attn from the cache's rotations to the attention output, before wo: the cache writes and
         build_attn_mha. v_cont: V is a strided view (of a fused QKV product), which the transposed V cache copies
-        contiguous first (llama_kv_cache::cpy_v's ggml_cont_2d)."""
+        contiguous first (llama_kv_cache::cpy_v's ggml_cont_2d). pos_bucket: T5's relative position bias
+        (build_pos_bias) added to KQ, which rules flash attention out."""
         c, g, T = self.c, self.c.g, self.c.T
         d, layer, cfg = c.dev[il], c.p.layers[il], c.config
         hd, n_head, n_kv_head = layer.n_embd_head_k, layer.n_head, layer.n_head_kv
@@ -307,12 +309,16 @@ class _Attn:
         kc = g.view(g.view(g.ext(d)), _row(cfg.type_k, hd) * n_kv_head * n_kv)
         vc = g.view(g.view(g.ext(d)), _row(cfg.type_v, hv) * n_kv_head * n_kv)
         qp = g.view(g.view(q))
-        if self.fa:
+        if self.fa and pos_bucket is None:
             out = g.op(4 * hv * n_head * T, qp, kc, vc, kv.mask)
             fa_node = out
             out = g.view(out)
         else:
             kq = g.op(4 * kv.n_kv * T * n_head, kc, qp)
+            if pos_bucket is not None:
+                # get_rows(attn_rel_b, pos_bucket) [n_head, n_kv * T] f32, then cont(permute): as large as KQ each
+                bias = g.op(kq.size, g.op(kq.size, g.view(pos_bucket), w=d))
+                kq = g.op(kq.size, kq, bias, inplace=True)
             kq = g.op(kq.size, kq, kv.mask, inplace=True)                    # soft_max_ext
             if not self.v_trans:
                 vc = g.op(_row(cfg.type_v, hv) * n_kv_head * n_kv, g.view(vc))   # v_cont
