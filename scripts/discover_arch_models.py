@@ -127,6 +127,10 @@ RETRIES = [
 ]
 
 
+# ... and when those are spent and llama.cpp still makes no context: a graph that reads a value the loader took as
+# optional (afmoe builds the sliding-window inputs whether or not attention.sliding_window was given)
+LAST_RETRIES = [("exit -11", {OPTIONAL_KEYS: True})]
+
 
 @functools.cache
 def _source(relative: str) -> str:
@@ -438,6 +442,9 @@ def main(argv: list[str]) -> int:
             if got.get("context") == "ok" and NO_FFN not in said:      # (a model without its FFN is no fallback)
                 built = got
             more = {k: v for pattern, keys in RETRIES if pattern in said for k, v in keys.items() if k not in extra}
+            if not more and got.get("context") != "ok":
+                more = {k: v for pattern, keys in LAST_RETRIES if pattern in said for k, v in keys.items()
+                        if k not in extra}
             if TRACE:
                 print(f"{arch}: {said[:300]} -> {more}", file=sys.stderr, flush=True)
             if not more or (got.get("context") == "ok" and got.get("decode") == "ok" and NO_FFN not in said):
