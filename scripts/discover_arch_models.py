@@ -86,6 +86,7 @@ RETRIES = [
     ("zero experts", {"expert_count": 8, "expert_used_count": 2}),
     ("n_expert must be > 0", {"expert_count": 8, "expert_used_count": 2}),
     ("n_expert && n_expert_used", {"expert_count": 8, "expert_used_count": 2}),
+    ("n_expert and n_expert_used must be > 0", {"expert_count": 8, "expert_used_count": 2}),
     ("fatal error", {"expert_gating_func": 1}),                 # llm_graph_context::build_moe_ffn: no gating
     ("n_embd_head_qk_nope >= 1", {"attention.q_lora_rank": 512, "attention.kv_lora_rank": 256,
                                   "attention.key_length": 192, "attention.value_length": 128}),
@@ -210,6 +211,7 @@ _GUESSED: dict[str, object] = {
     "expert_shared_count": 1, "expert_shared_feed_forward_length": 512, "leading_dense_block_count": 1,
     "expert_group_count": 1, "expert_group_used_count": 1, "expert_gating_func": 1,
     "attention.kv_lora_rank": 256, "attention.q_lora_rank": 384, "attention.key_length": 64,
+    "attention.kv_lora_rank_swa": 256, "attention.key_length_mla_swa": 192, "attention.value_length_mla_swa": 128,
     "attention.value_length": 64, "attention.sliding_window": 512, "attention.layer_norm_epsilon": 1e-5,
     "attention.layer_norm_rms_epsilon": 1e-5, "attention.group_norm_epsilon": 1e-5,
     "attention.group_norm_groups": 32, "attention.chunk_size": 512,
