@@ -113,7 +113,7 @@ RETRIES = [
     # abort the loader's op test (ggml_mul_mat of a "transposed" weight), so the optional keys are written
     (ZERO_WIDTH, {OPTIONAL_KEYS: True}),
     ("HKV == Hd", {"attention.indexer.head_count": 4}),           # minimax-m3: one indexer head per KV head
-    ("MLA is nope-only", {"rope.dimension_count": 0}),           # glm5-next: no RoPE dimensions
+    ("MLA is nope-only", {"rope.dimension_count": 0, "attention.key_length": 256}),  # glm5-next: K is kv_lora alone
     # keys a loader reads as optional and then requires (draft models: the target's layers and width)
     ("requires 'extract_layers'", {"target_layers": [1, 3, 5]}),    # eagle3: exactly 3
     ("requires 'target_layers'", {"target_layers": [1, 3, 5]}),     # dflash
