@@ -130,13 +130,20 @@ _SANDWICH = frozenset({"gemma2", "gemma3"})
 _GATHER_AFTER = frozenset({"gpt-oss"})
 
 
+def _has_experts(profile: ModelProfile) -> bool:
+    """The graph runs build_moe_ffn: expert tensors, not only an expert count. llama_model::load_hparams reads
+    expert_count for every architecture, but phi3's and ernie4_5's graphs (src/models/phi3.cpp, ernie4-5.cpp)
+    build a dense FFN where their loaders created no expert tensors (phi3 with n_expert 8: dense)."""
+    return profile.n_expert > 0 and any(t.is_expert for layer in profile.layers for t in layer.tensors)
+
+
 def _ungated_ffn(profile: ModelProfile) -> bool:
     """Every layer's dense FFN is up and down only: no ffn_gate, and ffn_up as wide as ffn_down reads (not
     phi3's fused gate+up). build_ffn (src/llama-graph.cpp) then keeps one [n_ff, T] tensor live: ffn_up,
     its bias add and its activation (GELU, RELU_SQR's relu and sqr, apertus' xielu) are ops that
     ggml-alloc runs in place (ggml_op_can_inplace: ADD, UNARY, SQR), where llama's gate, up and GLU output
     are three (src/models/starcoder2.cpp, nemotron.cpp, arcee.cpp, jais2.cpp, codeshell.cpp, apertus.cpp)."""
-    if profile.n_expert or any(layer.is_recurrent for layer in profile.layers):
+    if _has_experts(profile) or any(layer.is_recurrent for layer in profile.layers):
         # a hybrid not replayed (nemotron_h) keeps llama's sizing: its recurrent layers are not modelled, and
         # the error it states was measured with that sizing
         return False
@@ -245,7 +252,7 @@ def _geom(profile: ModelProfile) -> _Geom:
                        default=0)
         if n_ff_exp:
             break
-    moe = profile.n_expert > 0
+    moe = _has_experts(profile)
     step = _no_rope_step(profile)
     swa = tuple(bool(layer.is_swa) for layer in layers)
     g = _Geom(
