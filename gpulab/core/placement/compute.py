@@ -128,6 +128,10 @@ _SANDWICH = frozenset({"gemma2", "gemma3"})
 # graphs that gather the output rows (inp_out_ids) after the last layer, not inside it (src/models/openai-moe.cpp):
 # the last layer is a whole layer, and the gathered rows are one row set more below the logits
 _GATHER_AFTER = frozenset({"gpt-oss"})
+# graphs whose closing residual add reads the residual first (src/models/phi3.cpp: ggml_add(ctx0, residual, cur)):
+# l_out is written in place over ffn_inp, not over ffn_out, and the last layer's gathered residual then leaves
+# a row set's hole below its FFN on the device of the output (bench/compute_trace.py, phi3 -ts 1,1)
+_RESIDUAL_FIRST = frozenset({"phi3"})
 
 
 def _has_experts(profile: ModelProfile) -> bool:
@@ -614,7 +618,10 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             quant_v = config.type_v not in ("f32", "f16", "bf16")
             holds_last = last_dev == name
             quant_k = config.type_k not in ("f32", "f16", "bf16")
-            closed = (holds_last and has_out and not par_e and not (profile.arch in _SANDWICH and n_l > 1)) \
+            # (a residual-first add keeps it open unless a quantized V cache closes it: phi3, -ts 1,1 f16 against
+            # -ts 1,1,1 q4_0)
+            closed = (holds_last and has_out and not par_e and not (profile.arch in _SANDWICH and n_l > 1)
+                      and (quant_v or profile.arch not in _RESIDUAL_FIRST)) \
                 or ((quant_v or (quant_k and not fa)) and (not holds_last or gather_after) and not post)
             if par_e:
                 # attention and the FFN side by side (cohere2): a quantized V closes no hole; the last layer alone
