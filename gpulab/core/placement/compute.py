@@ -462,6 +462,11 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         fd = _a(4 * E * U * T)
         down_on_top = fd > 2 * fe
         ffn_big = 3 * fe + (fd if down_on_top else 0)
+        mf = moe_flags(profile)
+        if not mf.gated_experts:
+            # no gate (granitemoe's optional ffn_gate_exps left out): up, its activation in place, and the expert
+            # outputs on top while up is read (build_moe_ffn: cur = up; ggml_silu)
+            ffn_big = fe + fd
         # row sets below the FFN: residual, norm, a hole, and the router's small tensors
         # (logits, argsort, weights) take one more when the expert outputs go on top
         ffn_slots = 3 * e + (e if down_on_top else 0)
@@ -476,7 +481,6 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         # one of them in the host operands' range they do not (measured: RPC devices, n_embd 1024,
         # qwen3moe and gpt-oss, fd = 2 fe; issue 27)
         ffn_after_host = host_boundary + (3 - n_fit) * fe + (fd if down_on_top or (n_fit == 1 and fd > fe) else 0)
-        mf = moe_flags(profile)
         shx = mf.shared
         if shx:
             # the host layer's adds of the shared expert (and its gate) run on the next device (compute_moe)
