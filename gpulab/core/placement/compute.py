@@ -128,6 +128,9 @@ _SANDWICH = frozenset({"gemma2", "gemma3"})
 # graphs that gather the output rows (inp_out_ids) after the last layer, not inside it (src/models/openai-moe.cpp):
 # the last layer is a whole layer, and the gathered rows are one row set more below the logits
 _GATHER_AFTER = frozenset({"gpt-oss"})
+# graphs that overwrite a range of the logits after the output product: how many values (src/models/chameleon.cpp:
+# img_token_end_idx - img_token_start_idx)
+_IMAGE_LOGITS_SUPPRESSED = {"chameleon": 8196 - 4}
 # graphs whose closing residual add reads the residual first (src/models/phi3.cpp: ggml_add(ctx0, residual, cur)):
 # l_out is written in place over ffn_inp, not over ffn_out, and the last layer's gathered residual then leaves
 # a row set's hole below its FFN on the device of the output (bench/compute_trace.py, phi3 -ts 1,1)
@@ -426,6 +429,10 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     f = _a(4 * g.n_ff * T)             # ffn_gate, ffn_up, the GLU output
     T_out = T if n_outputs is None else max(1, min(T, n_outputs))
     logits = _a(4 * g.n_vocab * T_out)  # result_output: min(n_tokens, n_outputs_max) rows
+    if profile.arch in _IMAGE_LOGITS_SUPPRESSED:
+        # chameleon sets its image tokens' logits with ggml_set_1d, not in place: a second copy of the logits on
+        # top of the first, and the 8192 -FLT_MAX values (img_logits, clamped in place) beside (src/models/chameleon.cpp)
+        logits = 2 * logits + _a(4 * _IMAGE_LOGITS_SUPPRESSED[profile.arch])
     # graph inputs (llm_graph_input_*): built on the host, copied to each backend that uses them
     tok = _a(4 * T)                    # inp_tokens (i32)
     pos = _a(4 * T)                    # inp_pos (i32)
