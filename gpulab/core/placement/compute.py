@@ -128,6 +128,19 @@ _SANDWICH = frozenset({"gemma2", "gemma3"})
 # graphs that gather the output rows (inp_out_ids) after the last layer, not inside it (src/models/openai-moe.cpp):
 # the last layer is a whole layer, and the gathered rows are one row set more below the logits
 _GATHER_AFTER = frozenset({"gpt-oss"})
+# graphs whose every layer adds a scaled copy of the normed input embeddings (src/models/talkie.cpp: embd_skip): that
+# row set stays live through the whole graph on every device holding layers
+_EMBD_SKIP = frozenset({"talkie"})
+
+
+def _weightless_norms(profile: ModelProfile) -> bool:
+    """The layers' norms carry no weight (talkie's build_norm(inpL, nullptr, ...)): build_norm names only a norm
+    with a weight "norm" (src/llama-graph.cpp), so llama_context::graph_get_cb pins none of them to the layer's
+    device and the device before computes the first one and sends it, as with layers on the host."""
+    return bool(profile.layers) and profile.arch in _EMBD_SKIP and not any(
+        t.name.endswith(".attn_norm.weight") for t in profile.layers[0].tensors)
+
+
 # graphs that overwrite a range of the logits after the output product: how many values (src/models/chameleon.cpp:
 # img_token_end_idx - img_token_start_idx)
 _IMAGE_LOGITS_SUPPRESSED = {"chameleon": 8196 - 4}
@@ -403,7 +416,8 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     # llama_context::graph_get_cb pins each layer's "norm" to the layer's device when the
     # whole model is offloaded or the ubatch is small. Otherwise the scheduler computes a
     # device's first norm on the device before it, which then sends the norm and the residual.
-    pinned_norm = HOST_NAME not in layer_devices or T < 32
+    # (only a norm with a weight is named "norm": build_norm, src/llama-graph.cpp; talkie's weightless norms are not)
+    pinned_norm = (HOST_NAME not in layer_devices or T < 32) and not _weightless_norms(profile)
     if replayable(profile):
         # a graph whose layers leave ggml-alloc's buffer unlike each other: replayed (placement.recurrent)
         return recurrent_compute_bytes(profile, config, layer_devices, names, T=T, n_seqs=n_seqs,
@@ -555,6 +569,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     pos_e = e if _learned_positions(profile) else 0
     gather_after = profile.arch in _GATHER_AFTER
     post_e = e if post else 0
+    skip_e = e if profile.arch in _EMBD_SKIP else 0
     own_inputs: dict[str, int] = {}
     for name in names:
         s = stats.get(name)
@@ -569,6 +584,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
                 out[name] = persist + e + pos_e     # the rows the first device's add reads stay
 
                 continue
+            persist += skip_e
             peaks = [persist + ffn_slots + ffn_big]
             if not fa:
                 peaks.append(persist + 3 * e + q + (kq_full if s[1] else kq_swa))
@@ -600,7 +616,8 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
                 if g.moe and after_host and nc == 1 and not shx:
                     out[name] = host_boundary + e + logits   # + the new sum over the experts
                 else:
-                    out[name] = nc * e + (e if nc > 1 else 0) + logits
+                    # a weightless output norm runs on the device before, which sends result_norm itself (talkie)
+                    out[name] = nc * e + (e if nc > 1 and not _weightless_norms(profile) else 0) + logits
             continue
 
         n_l, has_full, has_swa, before, full_later, swa_later = s
@@ -618,10 +635,14 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             boundary = e
         else:
             boundary = 2 * e
+        if skip_e and nc == 1:
+            inputs += skip_e        # the normed embeddings every layer reads, computed here or a copy
 
         if nc > 1:
             # pipelined: every input copy is kept 4 times and none is ever freed
             base = nc * (boundary + (pos_e if before is None else 0) + inputs)
+            # the normed embeddings every layer reads: computed on the first device, copied to the others
+            base += skip_e if before is None else nc * skip_e
             # The hole below the FFN: a quantized V cache leaves none on a device without the model's
             # last layer (n_embd 512 real loads and 1024 dry runs, q8_0 and q4_0; issue 14), nor does
             # the device of the last layer and the output (f16 and quantized); the last layer's device
@@ -726,15 +747,15 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         # The model's last layer: when its input copies are smaller than a row set, its
         # ffn_inp (the gathered attention output) lands above them and the FFN on top.
         low = (e if post else 2 * e) + inputs
-        glu_low = not g.moe and inputs < e and f <= low and not gather_after
+        glu_low = not g.moe and inputs - skip_e < e and f <= low - skip_e and not gather_after
         if all_nope:
             pass        # the gathered attention output takes the bottom the attention left (baichuan, -ngl 4)
         elif gather_after and last_dev == name:
             # no gather inside the last layer: its FFN on its input, norm and the input copies (gpt-oss, -ngl 4)
             peaks.append(inputs + 2 * e + ffn_big)
-        elif last_dev == name and not g.moe and inputs < e and not qkv_view:
+        elif last_dev == name and not g.moe and inputs - skip_e < e and not qkv_view:
             peaks.append(low + e + par_e + (ffn_big if ungated else 2 * f if glu_low else 3 * f))
-        elif last_dev == name and g.moe and n_l == 1 and inputs < e:
+        elif last_dev == name and g.moe and n_l == 1 and inputs - skip_e < e:
             # MoE, the model's last layer alone: the gathered rows land above the input copies (out_ids
             # is still live), the FFN on top (qwen3moe, olmoe: arch matrix, -ngl 4 over 3 devices); llama4's input
             # weighted before the experts (n_expert_used 1) takes a hole, its up and gate go on top
