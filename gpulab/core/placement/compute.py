@@ -484,6 +484,11 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         down_on_top = fd > 2 * fe
         ffn_big = 3 * fe + (fd if down_on_top else 0)
         mf = moe_flags(profile)
+        # a GLU output no wider than a row set takes the FFN norm's range, freed once up has read it, and the
+        # expert outputs take gate's and up's (maple, mimo2: 512-wide experts, two used, over n_embd 1024)
+        glu_in_norm = mf.gated_experts and fe <= e and not down_on_top and not mf.shared
+        if glu_in_norm:
+            ffn_big = 2 * fe
         if not mf.gated_experts:
             # no gate (granitemoe's optional ffn_gate_exps left out): up, its activation in place, and the expert
             # outputs on top while up is read (build_moe_ffn: cur = up; ggml_silu)
@@ -502,6 +507,8 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         # one of them in the host operands' range they do not (measured: RPC devices, n_embd 1024,
         # qwen3moe and gpt-oss, fd = 2 fe; issue 27)
         ffn_after_host = host_boundary + (3 - n_fit) * fe + (fd if down_on_top or (n_fit == 1 and fd > fe) else 0)
+        if glu_in_norm:
+            ffn_after_host = host_boundary + ffn_big    # gate and up above the host's operands (maple, -ngl 4)
         shx = mf.shared
         if shx:
             # the host layer's adds of the shared expert (and its gate) run on the next device (compute_moe)
