@@ -154,6 +154,9 @@ def _has_experts(profile: ModelProfile) -> bool:
     """The graph runs build_moe_ffn: expert tensors, not only an expert count. llama_model::load_hparams reads
     expert_count for every architecture, but phi3's and ernie4_5's graphs (src/models/phi3.cpp, ernie4-5.cpp)
     build a dense FFN where their loaders created no expert tensors (phi3 with n_expert 8: dense)."""
+    if any(layer.is_recurrent for layer in profile.layers):
+        # a hybrid not replayed (jamba) keeps MoE sizing: the error it states was measured with it
+        return profile.n_expert > 0
     return profile.n_expert > 0 and any(t.is_expert for layer in profile.layers for t in layer.tensors)
 
 
@@ -475,6 +478,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     kq_swa = _a(4 * n_kv_swa * (T // n_stream) * g.n_head * n_stream)
 
     ungated = _ungated_ffn(profile)
+    recurrent = any(layer.is_recurrent for layer in profile.layers)
     if g.moe:
         # build_moe_ffn: up, gate and GLU [n_ff_exp, n_expert_used, T]; the expert outputs
         # [n_embd, n_expert_used, T] reuse up's and gate's range if they fit, else go on top
@@ -486,10 +490,13 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         mf = moe_flags(profile)
         # a GLU output no wider than a row set takes the FFN norm's range, freed once up has read it, and the
         # expert outputs take gate's and up's (maple, mimo2: 512-wide experts, two used, over n_embd 1024)
-        glu_in_norm = mf.gated_experts and fe <= e and not down_on_top and not mf.shared
+        # (not where a shared expert or grovemoe's chunk experts read the norm after the routed experts, nor in a
+        # graph with recurrent layers, whose stated error was measured with llama's sizing)
+        glu_in_norm = (mf.gated_experts and fe <= e and not down_on_top and not mf.shared and not recurrent
+                       and not any("_chexps" in t.name for layer in profile.layers for t in layer.tensors))
         if glu_in_norm:
             ffn_big = 2 * fe
-        if not mf.gated_experts:
+        if not mf.gated_experts and not recurrent:
             # no gate (granitemoe's optional ffn_gate_exps left out): up, its activation in place, and the expert
             # outputs on top while up is read (build_moe_ffn: cur = up; ggml_silu)
             ffn_big = fe + fd
