@@ -141,6 +141,13 @@ def _weightless_norms(profile: ModelProfile) -> bool:
         t.name.endswith(".attn_norm.weight") for t in profile.layers[0].tensors)
 
 
+# graphs whose attention output is scaled by a per-head gate computed from the attention's input norm after attention
+# (src/models/spark2-5.cpp: wqkv_gate on attn_inp): the norm stays live through attention, and a quantized V cache
+# closes no hole below the FFN (measured: -ts 1,1,1 q4_0, bench/compute_trace.py); after host layers the gated output
+# leaves no room below the FFN, and the model's last layer gathers its rows into that output's range (-ngl 4)
+_GATE_READS_NORM = frozenset({"spark2_5"})
+
+
 # graphs that overwrite a range of the logits after the output product: how many values (src/models/chameleon.cpp:
 # img_token_end_idx - img_token_start_idx)
 _IMAGE_LOGITS_SUPPRESSED = {"chameleon": 8196 - 4}
@@ -584,6 +591,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     gather_after = profile.arch in _GATHER_AFTER
     post_e = e if post else 0
     skip_e = e if profile.arch in _EMBD_SKIP else 0
+    gate_norm = profile.arch in _GATE_READS_NORM
     own_inputs: dict[str, int] = {}
     for name in names:
         s = stats.get(name)
@@ -671,7 +679,8 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             # -ts 1,1,1 q4_0)
             closed = (holds_last and has_out and not par_e and not (profile.arch in _SANDWICH and n_l > 1)
                       and (quant_v or profile.arch not in _RESIDUAL_FIRST)) \
-                or ((quant_v or (quant_k and not fa)) and (not holds_last or gather_after) and not post)
+                or ((quant_v or (quant_k and not fa)) and (not holds_last or gather_after) and not post
+                    and not gate_norm)
             if par_e:
                 # attention and the FFN side by side (cohere2): a quantized V closes no hole; the last layer alone
                 # with the output does (measured: -ts 3,1 q8_0 and 1,1,1 q4_0)
@@ -749,7 +758,8 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             else:
                 # the residual and one hole below the FFN; two host operands leave room for both
                 # (a layer without RoPE leaves the hole: smollm3, -ngl 4 in the arch matrix)
-                room = boundary >= 2 * e and name not in nope_devs and not post and not qkv_view and not sum_last
+                room = boundary >= 2 * e and name not in nope_devs and not post and not qkv_view and not sum_last \
+                    and not gate_norm
                 ffn = (2 * e if room else 3 * e) + par_e + ffn_big
             # attention: Q before and after RoPE (a ROPE of a reshaped view is not in place)
             peaks = [ffn_inputs + ffn, inputs + 2 * e + 2 * q]
@@ -762,8 +772,10 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         # ffn_inp (the gathered attention output) lands above them and the FFN on top.
         low = (e if post else 2 * e) + inputs
         glu_low = not g.moe and inputs - skip_e < e and f <= low - skip_e and not gather_after
-        if all_nope:
-            pass        # the gathered attention output takes the bottom the attention left (baichuan, -ngl 4)
+        if all_nope or gate_norm:
+            # the gathered attention output takes the bottom the attention left (baichuan, -ngl 4), or the gated
+            # attention output's range (spark2_5, -ngl 4)
+            pass
         elif gather_after and last_dev == name:
             # no gather inside the last layer: its FFN on its input, norm and the input copies (gpt-oss, -ngl 4)
             peaks.append(inputs + 2 * e + ffn_big)
