@@ -145,7 +145,7 @@ def _weightless_norms(profile: ModelProfile) -> bool:
 # (src/models/spark2-5.cpp: wqkv_gate on attn_inp): the norm stays live through attention, and a quantized V cache
 # closes no hole below the FFN (measured: -ts 1,1,1 q4_0, bench/compute_trace.py); after host layers the gated output
 # leaves no room below the FFN, and the model's last layer gathers its rows into that output's range (-ngl 4)
-_GATE_READS_NORM = frozenset({"spark2_5"})
+_GATE_READS_NORM = frozenset({"spark2_5", "step35"})
 
 
 # graphs that overwrite a range of the logits after the output product: how many values (src/models/chameleon.cpp:
@@ -579,7 +579,8 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     # a Q wider than a row set (glm4moe) leaves a hole below that takes it every other layer
     high_out = shx and (not fa or q <= e)
     # ... on pipelined devices only: on one whose input copies are freed no such hole is left (glm4moe -sm none)
-    high_out_np = shx
+    # (not with the attention norm kept for a gate: the layer output takes the residual's range at the bottom, step35)
+    high_out_np = shx and profile.arch not in _GATE_READS_NORM
     # no norm before attention (the norms follow attention and the FFN: olmo2, exaone4): one row set
     # less below KQ, and no hole the quantized V cache closes below the FFN
     post = profile.arch in _POST_NORM
@@ -772,7 +773,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         # ffn_inp (the gathered attention output) lands above them and the FFN on top.
         low = (e if post else 2 * e) + inputs
         glu_low = not g.moe and inputs - skip_e < e and f <= low - skip_e and not gather_after
-        if all_nope or gate_norm:
+        if all_nope or (gate_norm and not g.moe):
             # the gathered attention output takes the bottom the attention left (baichuan, -ngl 4), or the gated
             # attention output's range (spark2_5, -ngl 4)
             pass
