@@ -141,11 +141,19 @@ def _weightless_norms(profile: ModelProfile) -> bool:
         t.name.endswith(".attn_norm.weight") for t in profile.layers[0].tensors)
 
 
-# graphs whose attention output is scaled by a per-head gate computed from the attention's input norm after attention
-# (src/models/spark2-5.cpp: wqkv_gate on attn_inp): the norm stays live through attention, and a quantized V cache
-# closes no hole below the FFN (measured: -ts 1,1,1 q4_0, bench/compute_trace.py); after host layers the gated output
-# leaves no room below the FFN, and the model's last layer gathers its rows into that output's range (-ngl 4)
-_GATE_READS_NORM = frozenset({"spark2_5", "step35"})
+# graphs that make one more row set between attention and its output projection: a per-head gate computed from the
+# attention's input norm, which stays live through attention (src/models/spark2-5.cpp, step35.cpp: wqkv_gate), or a
+# norm of the attention output (src/models/bitnet.cpp: attn_sub_norm, not in place over the reshaped output). A
+# quantized V cache then closes no hole below the FFN (-ts 1,1,1 q4_0); after host layers that row set leaves no room
+# below the FFN, and the model's last layer gathers its rows into its range (-ngl 4). Measured: bench/compute_trace.py
+_ATTN_OUT_EXTRA = frozenset({"spark2_5", "step35", "bitnet"})
+# ... of those, the graphs whose attention output projection takes the attention output's range back, right above
+# the residual: on the host no hole is left below the FFN (bitnet -ngl 4)
+_ATTN_OUT_BACK = frozenset({"bitnet"})
+
+
+# graphs whose output product reads the token embeddings, not an output tensor of the output layer
+_OUTPUT_READS_TOKEN_EMBD = frozenset({"bitnet"})
 
 
 # graphs that overwrite a range of the logits after the output product: how many values (src/models/chameleon.cpp:
@@ -453,6 +461,11 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     f = _a(4 * g.n_ff * T)             # ffn_gate, ffn_up, the GLU output
     T_out = T if n_outputs is None else max(1, min(T, n_outputs))
     logits = _a(4 * g.n_vocab * T_out)  # result_output: min(n_tokens, n_outputs_max) rows
+    # bitnet's output product reads token_embd itself (src/models/bitnet.cpp: build_lora_mm(model.tok_embd, cur)),
+    # which stays in host memory: the scheduler runs it on the host, which receives result_norm and holds the logits
+    host_logits = 0
+    if profile.arch in _OUTPUT_READS_TOKEN_EMBD:
+        host_logits, logits = logits, 0
     if profile.arch in _IMAGE_LOGITS_SUPPRESSED:
         # chameleon sets its image tokens' logits with ggml_set_1d, not in place: a second copy of the logits on
         # top of the first, and the 8192 -FLT_MAX values (img_logits, clamped in place) beside (src/models/chameleon.cpp)
@@ -580,7 +593,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     high_out = shx and (not fa or q <= e)
     # ... on pipelined devices only: on one whose input copies are freed no such hole is left (glm4moe -sm none)
     # (not with the attention norm kept for a gate: the layer output takes the residual's range at the bottom, step35)
-    high_out_np = shx and profile.arch not in _GATE_READS_NORM
+    high_out_np = shx and profile.arch not in _ATTN_OUT_EXTRA
     # no norm before attention (the norms follow attention and the FFN: olmo2, exaone4): one row set
     # less below KQ, and no hole the quantized V cache closes below the FFN
     post = profile.arch in _POST_NORM
@@ -592,7 +605,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     gather_after = profile.arch in _GATHER_AFTER
     post_e = e if post else 0
     skip_e = e if profile.arch in _EMBD_SKIP else 0
-    gate_norm = profile.arch in _GATE_READS_NORM
+    attn_extra = profile.arch in _ATTN_OUT_EXTRA
     own_inputs: dict[str, int] = {}
     for name in names:
         s = stats.get(name)
@@ -603,12 +616,15 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             # batch never reads) is never freed; nor is an input copied to another backend
             # (the split graph keeps a view of it). embd = get_rows(token_embd) runs here.
             persist = nc * (tok + e + all_inputs)
+            # the output product on the host (bitnet): result_norm's copies come in, the logits above them; an
+            # embedding row set is freed for them, and without pipelining the inputs the devices copied too
+            # (measured: -ts 1,1 and 3,1 pipelined; -sm none)
+            out_here = (persist + nc * e if nc > 1 else tok + 2 * e) + host_logits if host_logits else 0
             if s is None:
-                out[name] = persist + e + pos_e     # the rows the first device's add reads stay
-
+                out[name] = max(persist + e + pos_e, out_here)     # the rows the first device's add reads stay
                 continue
             persist += skip_e
-            peaks = [persist + ffn_slots + ffn_big]
+            peaks = [persist + ffn_slots - (e if profile.arch in _ATTN_OUT_BACK else 0) + ffn_big, out_here]
             if not fa:
                 peaks.append(persist + 3 * e + q + (kq_full if s[1] else kq_swa))
             if has_out:        # ngl 0: inputs only used here are freed after the last layer
@@ -681,7 +697,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             closed = (holds_last and has_out and not par_e and not (profile.arch in _SANDWICH and n_l > 1)
                       and (quant_v or profile.arch not in _RESIDUAL_FIRST)) \
                 or ((quant_v or (quant_k and not fa)) and (not holds_last or gather_after) and not post
-                    and not gate_norm)
+                    and not attn_extra)
             if par_e:
                 # attention and the FFN side by side (cohere2): a quantized V closes no hole; the last layer alone
                 # with the output does (measured: -ts 3,1 q8_0 and 1,1,1 q4_0)
@@ -760,7 +776,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
                 # the residual and one hole below the FFN; two host operands leave room for both
                 # (a layer without RoPE leaves the hole: smollm3, -ngl 4 in the arch matrix)
                 room = boundary >= 2 * e and name not in nope_devs and not post and not qkv_view and not sum_last \
-                    and not gate_norm
+                    and not attn_extra
                 ffn = (2 * e if room else 3 * e) + par_e + ffn_big
             # attention: Q before and after RoPE (a ROPE of a reshaped view is not in place)
             peaks = [ffn_inputs + ffn, inputs + 2 * e + 2 * q]
@@ -773,7 +789,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         # ffn_inp (the gathered attention output) lands above them and the FFN on top.
         low = (e if post else 2 * e) + inputs
         glu_low = not g.moe and inputs - skip_e < e and f <= low - skip_e and not gather_after
-        if all_nope or (gate_norm and not g.moe):
+        if all_nope or (attn_extra and not g.moe):
             # the gathered attention output takes the bottom the attention left (baichuan, -ngl 4), or the gated
             # attention output's range (spark2_5, -ngl 4)
             pass
