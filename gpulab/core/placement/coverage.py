@@ -50,7 +50,15 @@ COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "in
                            "apertus", "arcee", "bloom", "codeshell", "gpt2", "jais", "jais2", "mpt", "nemotron",
                            "phi2", "pockettts", "starcoder", "starcoder2",
                            # discovered, exact since the MLA/MoE round (compute_moe: a shared expert)
-                           "hunyuan-moe"})
+                           "hunyuan-moe",
+                           # branch attn (round 3): every layer sliding-window, an expert count without experts,
+                           # experts without a gate, a GLU output in the norm's range, a residual-first add, a gate
+                           # or sub-norm between attention and its projection, the output product on the host, a
+                           # skip connection, chameleon's image logits
+                           "granite_swa", "maple", "mimo2", "spark2_5", "phi3", "ernie4_5", "granitemoe", "bitnet",
+                           "chameleon", "talkie",
+                           # ... and, by the GLU-in-the-norm rule, archs outside that branch's list
+                           "mellum", "qwen3vlmoe", "smallthinker"})
 
 
 # Architectures whose memory is not llama_kv_cache / llama_memory_recurrent as gpulab sizes them
