@@ -44,7 +44,9 @@ offset in the compute buffer through the scheduler's eval callback) on the archi
 (tests/integration/test_arch_matrix_vs_llama.py). So were the variants of the older dense graphs, keyed on the
 profile's tensors: an FFN without a gate (one [n_ff, T] tensor, not three), a LayerNorm output norm (not in
 place), a fused QKV product (what it leaves below KQ, and flash attention reading Q as its view), learned
-position embeddings, and the dense FFN's width as ffn_down reads it.
+position embeddings, and the dense FFN's width as ffn_down reads it; and (round 3) sliding-window-only models, an
+expert count without experts, experts without a gate, a GLU output in the norm's range, a residual-first add, a
+row set between attention and its projection, the output product on the host, a skip connection, copied logits.
 
 Recurrent graphs (mamba2, lfm2, qwen3next) are replayed op by op instead (gpulab.core.placement.recurrent):
 their layers leave the buffer unlike each other. Not modelled: op offload (CUDA, with layers on the host and
