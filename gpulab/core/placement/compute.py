@@ -470,7 +470,8 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         host_logits, logits = logits, 0
     if profile.arch in _IMAGE_LOGITS_SUPPRESSED:
         # chameleon sets its image tokens' logits with ggml_set_1d, not in place: a second copy of the logits on
-        # top of the first, and the 8192 -FLT_MAX values (img_logits, clamped in place) beside (src/models/chameleon.cpp)
+        # top of the first, and the 8192 -FLT_MAX values (img_logits, clamped in place) beside
+        # (src/models/chameleon.cpp)
         logits = 2 * logits + _a(4 * _IMAGE_LOGITS_SUPPRESSED[profile.arch])
     # graph inputs (llm_graph_input_*): built on the host, copied to each backend that uses them
     tok = _a(4 * T)                    # inp_tokens (i32)
