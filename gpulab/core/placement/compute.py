@@ -66,6 +66,7 @@ from ..devices import HOST_NAME
 from ..profile import ModelProfile
 from .compute_mla import after_two_moe, mla_geom, mla_host_peaks, mla_peaks
 from .compute_moe import moe_flags, moe_then_layer, output_in_dense_hole, router_bytes, shared_expert_peaks
+from .hrm import hrm_compute_bytes, hrm_replayable
 from .recurrent import recurrent_compute_bytes, replayable
 
 __all__ = ["estimate_compute_bytes", "compute_tokens", "pipeline_copies", "SCHED_MAX_COPIES", "dry_run_extra_bytes"]
@@ -438,6 +439,10 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     # device's first norm on the device before it, which then sends the norm and the residual.
     # (only a norm with a weight is named "norm": build_norm, src/llama-graph.cpp; talkie's weightless norms are not)
     pinned_norm = (HOST_NAME not in layer_devices or T < 32) and not _weightless_norms(profile)
+    if hrm_replayable(profile):
+        # passes of two weight stacks over cache slots: replayed (placement.hrm)
+        return hrm_compute_bytes(profile, config, layer_devices, names, T=T,
+                                 T_out=T if n_outputs is None else max(1, min(T, n_outputs)), n_copies=nc)
     if replayable(profile):
         # a graph whose layers leave ggml-alloc's buffer unlike each other: replayed (placement.recurrent)
         return recurrent_compute_bytes(profile, config, layer_devices, names, T=T, n_seqs=n_seqs,

@@ -57,6 +57,8 @@ COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "in
                            # skip connection, chameleon's image logits
                            "granite_swa", "maple", "mimo2", "spark2_5", "phi3", "ernie4_5", "granitemoe", "bitnet",
                            "chameleon", "talkie",
+                           # ... replayed (placement.hrm): passes of two weight stacks over cache slots
+                           "hrm_text",
                            # ... and, by the GLU-in-the-norm rule, archs outside that branch's list
                            "mellum", "qwen3vlmoe", "smallthinker"})
 

@@ -2,7 +2,7 @@
 gpulab/core/placement/compute.py now name: every layer sliding-window, an expert count without experts, experts
 without a gate, a GLU output that fits the norm's range, a residual-first closing add, a row set more between
 attention and its projection (a per-head gate or a sub-norm), the output product on the host, talkie's skip
-connection and weightless norms, chameleon's image-logit suppression. The expected figures are llama.cpp's
+connection and weightless norms, chameleon's image-logit suppression; and hrm_text's passes, replayed. The expected figures are llama.cpp's
 logged compute buffers (`sched_reserve: ... compute buffer size`) for the architecture-matrix models
 (gpulab.sources.arch_models: 6 layers, n_embd 1024, 16/4 heads of 64, n_ff 3072, n_vocab 8192) on CPU RPC
 devices (tests/integration/test_arch_matrix_vs_llama.py); before these rules gpulab was 2 to 36 MiB off on each
@@ -76,6 +76,12 @@ CASES = [
     ("bitnet", TS_3_1_Q8_FA, 2, {"RPC0": 42121298, "RPC1": 10485760, "CPU": 42131784}),
     ("bitnet", NONE_FA_OFF, 2, {"RPC1": 45099254, "CPU": 20971520}),
     ("bitnet", NGL4, 3, {"RPC0": 26224886, "RPC1": 23068672, "RPC2": 2097152, "CPU": 26224886}),
+    # hrm_text, replayed (placement.hrm): passes of two weight stacks over six cache slots; the devices holding only
+    # later slots keep their caches' inputs and what the scheduler hands them (was 16 to 36 MiB off)
+    ("hrm_text", TS_1_1, 2, {"RPC0": 54578381, "RPC1": 54557409, "CPU": 14732493}),
+    ("hrm_text", NGL4, 3, {"RPC0": 6301942, "RPC1": 6301942, "RPC2": 20971520, "CPU": 28322038}),
+    ("hrm_text", Q8K_FA_OFF, 3, {"RPC0": 220295332, "RPC1": 224416236, "RPC2": 25165824, "CPU": 48339354}),
+    ("hrm_text", Q4_FA, 3, {"RPC0": 75675730, "RPC1": 46231716, "RPC2": 54620324, "CPU": 27451720}),
 ]
 
 
