@@ -24,7 +24,8 @@ from ..config import SplitConfig
 from ..devices import HOST_NAME
 from ..profile import ModelProfile
 from .ggml_replay import Graph, Tensor, buffer_peaks, schedule
-from .recurrent import _QUANT_FREE, _row  # a cache row's bytes by type: one table for both replays
+from .replay_attn import KvInputs
+from .replay_attn import attention as attention_ops
 
 __all__ = ["hrm_compute_bytes", "hrm_replayable"]
 
@@ -48,21 +49,12 @@ def _graph(profile: ModelProfile, config: SplitConfig, dev: list[str], T: int, T
     q_size, kv_size = 4 * hd * n_head * T, 4 * hd * n_head_kv * T
     n_ctx = -(-config.n_ctx // 256) * 256
     n_kv = n_ctx if config.kv_unified else -(-(n_ctx // max(1, config.n_seq_max)) // 256) * 256
-    n_kv_all = n_kv * config.n_streams
-    # build_inp_embd, build_inp_pos, build_attn_inp_kv (K/V row indices, the mask, a quantized cache's
-    # rotations), build_inp_out_ids (src/llama-graph.cpp)
+    # build_inp_embd, build_inp_pos, build_attn_inp_kv, build_inp_out_ids (src/llama-graph.cpp)
     tokens = g.inp(4 * T)
     g.expand(g.inp(4 * E * T))                      # inp_embd: a text batch never reads it, it is allocated
     zh = g.expand(g.op(4 * E * T, tokens, w=HOST_NAME))           # get_rows(token_embd)
     pos = g.inp(4 * T)
-    k_idxs = g.inp(8 * T)
-    v_idxs = g.inp(8 * T * (1 if fa else layer.n_embd_v_gqa))
-    mask = g.inp(n_kv * T * (2 if fa else 4))
-    nrot = 64
-    while hd % (nrot * 2) == 0:
-        nrot *= 2
-    k_rot = g.inp(4 * nrot * nrot) if config.type_k not in _QUANT_FREE and hd % 64 == 0 else None
-    v_rot = g.inp(4 * 64 * 64) if config.type_v not in _QUANT_FREE and hd % 64 == 0 else None
+    kv = KvInputs(g, config, T, n_kv, hd, layer.n_embd_v_gqa, fa)
     out_ids = g.inp(4 * T_out)
     # hrm.z_l_init: a repeating-layer tensor created with block 0 (LLM_TENSOR_LAYER_REPEATING, llama-arch.cpp)
     z_l: Tensor = g.ext(dev[0])
@@ -71,32 +63,10 @@ def _graph(profile: ModelProfile, config: SplitConfig, dev: list[str], T: int, T
         return g.op(x.size, x, inplace=True)
 
     def attention(cur: Tensor, slot: int, wd: str) -> Tensor:
-        cd = dev[slot]
         q = g.op(q_size, g.view(g.op(q_size, cur, w=wd)), pos)          # RoPE of the reshaped product
         k = g.op(kv_size, g.view(g.op(kv_size, cur, w=wd)), pos)
         v = g.view(g.op(kv_size, cur, w=wd))
-        if k_rot is not None:
-            q = g.view(g.op(q.size, k_rot, g.view(q)))
-            k = g.view(g.op(k.size, k_rot, g.view(k)))
-        if v_rot is not None:
-            v = g.view(g.op(v.size, v_rot, g.view(v)))
-        g.expand(q)
-        g.expand(v)
-        g.expand(k)
-        g.expand(g.set(cd, g.view(k), k_idxs))
-        g.expand(g.set(cd, g.view(v), v_idxs))
-        kc = g.view(g.view(g.ext(cd)), _row(config.type_k, hd) * n_head_kv * n_kv_all)
-        vc = g.view(g.view(g.ext(cd)), _row(config.type_v, hd) * n_head_kv * n_kv_all)
-        qp = g.view(g.view(q))
-        if fa:
-            out = g.view(g.op(q_size, qp, kc, vc, mask))
-        else:
-            kq = g.op(4 * n_kv * T * n_head, kc, qp)
-            kq = g.op(kq.size, kq, mask, inplace=True)                         # soft_max_ext
-            out = g.op(q_size, g.view(g.op(q_size, vc, kq)))                   # cont(permute(kqv))
-        g.expand(out)
-        if v_rot is not None:
-            out = g.view(g.op(out.size, v_rot, g.view(out)))
+        out = attention_ops(g, kv, q, k, v, cache_dev=dev[slot], T=T, hd=hd, n_head=n_head, n_head_kv=n_head_kv)
         gate = g.op(q_size, g.op(q_size, cur, w=wd), inplace=True)            # sigmoid(wqkv_gate x)
         return g.op(4 * E * T, g.op(q_size, out, gate, inplace=True), w=wd)   # wo(out * gate)
 
