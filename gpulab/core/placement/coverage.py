@@ -59,6 +59,8 @@ COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "in
                            "chameleon", "talkie",
                            # ... replayed (placement.hrm): passes of two weight stacks over cache slots
                            "hrm_text",
+                           # ... replayed (placement.gemma4): per-layer inputs, norms around every phase
+                           "gemma4",
                            # ... and, by the GLU-in-the-norm rule, archs outside that branch's list
                            "mellum", "qwen3vlmoe", "smallthinker"})
 

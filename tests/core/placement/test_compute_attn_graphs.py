@@ -2,11 +2,11 @@
 gpulab/core/placement/compute.py now name: every layer sliding-window, an expert count without experts, experts
 without a gate, a GLU output that fits the norm's range, a residual-first closing add, a row set more between
 attention and its projection (a per-head gate or a sub-norm), the output product on the host, talkie's skip
-connection and weightless norms, chameleon's image-logit suppression; and hrm_text's passes, replayed. The expected figures are llama.cpp's
-logged compute buffers (`sched_reserve: ... compute buffer size`) for the architecture-matrix models
-(gpulab.sources.arch_models: 6 layers, n_embd 1024, 16/4 heads of 64, n_ff 3072, n_vocab 8192) on CPU RPC
-devices (tests/integration/test_arch_matrix_vs_llama.py); before these rules gpulab was 2 to 36 MiB off on each
-device named here (the comment says how much)."""
+connection and weightless norms, chameleon's image-logit suppression; and hrm_text's passes and gemma4's per-layer
+inputs, replayed op by op. The expected figures are llama.cpp's logged compute buffers (`sched_reserve: ...
+compute buffer size`) for the architecture-matrix models (gpulab.sources.arch_models: 6 layers, n_embd 1024, 16/4
+heads of 64, n_ff 3072, n_vocab 8192) on CPU RPC devices (tests/integration/test_arch_matrix_vs_llama.py); before
+these rules gpulab was 2 to 36 MiB off on each device named here (the comment says how much)."""
 
 from __future__ import annotations
 
@@ -82,6 +82,11 @@ CASES = [
     ("hrm_text", NGL4, 3, {"RPC0": 6301942, "RPC1": 6301942, "RPC2": 20971520, "CPU": 28322038}),
     ("hrm_text", Q8K_FA_OFF, 3, {"RPC0": 220295332, "RPC1": 224416236, "RPC2": 25165824, "CPU": 48339354}),
     ("hrm_text", Q4_FA, 3, {"RPC0": 75675730, "RPC1": 46231716, "RPC2": 54620324, "CPU": 27451720}),
+    # gemma4, replayed (placement.gemma4): per-layer inputs live through every layer, norms around each phase (was
+    # 1 to 33 MiB off)
+    ("gemma4", TS_1_1, 2, {"RPC0": 55092183, "RPC1": 41995469, "CPU": 17888707}),
+    ("gemma4", NGL4, 3, {"RPC0": 25176310, "RPC1": 24652022, "RPC2": 20971520, "CPU": 32526828}),
+    ("gemma4", Q8K_FA_OFF, 3, {"RPC0": 79786148, "RPC1": 69300388, "RPC2": 29370614, "CPU": 26329743}),
 ]
 
 
