@@ -66,6 +66,7 @@ from ..devices import HOST_NAME
 from ..profile import ModelProfile
 from .compute_mla import after_two_moe, mla_geom, mla_host_peaks, mla_peaks
 from .compute_moe import moe_flags, moe_then_layer, output_in_dense_hole, router_bytes, shared_expert_peaks
+from .gemma3n import gemma3n_compute_bytes, gemma3n_replayable
 from .gemma4 import gemma4_compute_bytes, gemma4_replayable
 from .hrm import hrm_compute_bytes, hrm_replayable
 from .recurrent import recurrent_compute_bytes, replayable
@@ -444,6 +445,11 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         # passes of two weight stacks over cache slots: replayed (placement.hrm)
         return hrm_compute_bytes(profile, config, layer_devices, names, T=T,
                                  T_out=T if n_outputs is None else max(1, min(T, n_outputs)), n_copies=nc)
+    if gemma3n_replayable(profile):
+        # AltUp's copies of the hidden state, LAuReL, per-layer inputs: replayed (placement.gemma3n)
+        return gemma3n_compute_bytes(profile, config, layer_devices, names, T=T,
+                                     T_out=T if n_outputs is None else max(1, min(T, n_outputs)), n_copies=nc,
+                                     pin_norm=pinned_norm)
     if gemma4_replayable(profile):
         # per-layer inputs and norms around every phase: replayed (placement.gemma4)
         return gemma4_compute_bytes(profile, config, layer_devices, names, T=T,

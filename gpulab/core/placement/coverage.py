@@ -61,6 +61,8 @@ COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "in
                            "hrm_text",
                            # ... replayed (placement.gemma4): per-layer inputs, norms around every phase
                            "gemma4",
+                           # ... replayed (placement.gemma3n): AltUp, LAuReL, per-layer inputs
+                           "gemma3n",
                            # ... and, by the GLU-in-the-norm rule, archs outside that branch's list
                            "mellum", "qwen3vlmoe", "smallthinker"})
 

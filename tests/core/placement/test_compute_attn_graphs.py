@@ -2,9 +2,9 @@
 gpulab/core/placement/compute.py now name: every layer sliding-window, an expert count without experts, experts
 without a gate, a GLU output that fits the norm's range, a residual-first closing add, a row set more between
 attention and its projection (a per-head gate or a sub-norm), the output product on the host, talkie's skip
-connection and weightless norms, chameleon's image-logit suppression; and hrm_text's passes and gemma4's per-layer
-inputs, replayed op by op. The expected figures are llama.cpp's logged compute buffers (`sched_reserve: ...
-compute buffer size`) for the architecture-matrix models (gpulab.sources.arch_models: 6 layers, n_embd 1024, 16/4
+connection and weightless norms, chameleon's image-logit suppression; and hrm_text's passes, gemma4's per-layer
+inputs and gemma3n's AltUp, replayed op by op. The expected figures are llama.cpp's logged compute buffers
+(`sched_reserve: ... compute buffer size`) for the architecture-matrix models (gpulab.sources.arch_models: 6 layers, n_embd 1024, 16/4
 heads of 64, n_ff 3072, n_vocab 8192) on CPU RPC devices (tests/integration/test_arch_matrix_vs_llama.py); before
 these rules gpulab was 2 to 36 MiB off on each device named here (the comment says how much)."""
 
@@ -87,6 +87,10 @@ CASES = [
     ("gemma4", TS_1_1, 2, {"RPC0": 55092183, "RPC1": 41995469, "CPU": 17888707}),
     ("gemma4", NGL4, 3, {"RPC0": 25176310, "RPC1": 24652022, "RPC2": 20971520, "CPU": 32526828}),
     ("gemma4", Q8K_FA_OFF, 3, {"RPC0": 79786148, "RPC1": 69300388, "RPC2": 29370614, "CPU": 26329743}),
+    # gemma3n, replayed (placement.gemma3n): AltUp"s four copies of the hidden state (was 3 to 100 MiB low)
+    ("gemma3n", TS_1_1, 2, {"RPC0": 137929687, "RPC1": 144818831, "CPU": 22114468}),
+    ("gemma3n", NGL4, 3, {"RPC0": 36721132, "RPC1": 39332086, "RPC2": 24117248, "CPU": 47206892}),
+    ("gemma3n", Q8K_FA_OFF, 3, {"RPC0": 159509381, "RPC1": 281186140, "RPC2": 87042294, "CPU": 64162365}),
 ]
 
 
