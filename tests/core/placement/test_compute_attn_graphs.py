@@ -4,9 +4,10 @@ without a gate, a GLU output that fits the norm's range, a residual-first closin
 attention and its projection (a per-head gate or a sub-norm), the output product on the host, talkie's skip
 connection and weightless norms, chameleon's image-logit suppression; and hrm_text's passes, gemma4's per-layer
 inputs and gemma3n's AltUp, replayed op by op. The expected figures are llama.cpp's logged compute buffers
-(`sched_reserve: ... compute buffer size`) for the architecture-matrix models (gpulab.sources.arch_models: 6 layers, n_embd 1024, 16/4
-heads of 64, n_ff 3072, n_vocab 8192) on CPU RPC devices (tests/integration/test_arch_matrix_vs_llama.py); before
-these rules gpulab was 2 to 36 MiB off on each device named here (the comment says how much)."""
+(`sched_reserve: ... compute buffer size`) for the architecture-matrix models (gpulab.sources.arch_models:
+6 layers, n_embd 1024, 16/4 heads of 64, n_ff 3072, n_vocab 8192) on CPU RPC devices
+(tests/integration/test_arch_matrix_vs_llama.py); before these rules gpulab was 2 to 100 MiB off on each device
+named here (the comment says how much)."""
 
 from __future__ import annotations
 
