@@ -49,7 +49,8 @@ expert count without experts, experts without a gate, a GLU output in the norm's
 row set between attention and its projection, the output product on the host, a skip connection, copied logits.
 
 Recurrent graphs (mamba2, lfm2, qwen3next) are replayed op by op instead (gpulab.core.placement.recurrent):
-their layers leave the buffer unlike each other. Not modelled: op offload (CUDA, with layers on the host and
+their layers leave the buffer unlike each other; so are hrm_text, gemma4 and gemma3n (placement.hrm, .gemma4,
+.gemma3n), whose graphs differ from llama's in every phase. Not modelled: op offload (CUDA, with layers on the host and
 n_ubatch >= 32, runs the host layers' matrix products on the first GPU and copies their weights into its
 compute buffer), split_mode row, KV cache not offloaded (-nkvo), the recurrent layers of other hybrids (no
 KV): these are treated like a layer split of attention layers.
