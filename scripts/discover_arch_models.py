@@ -71,6 +71,7 @@ SEEDS = ("LLM_KV_EXPERT_COUNT", "LLM_KV_EXPERT_USED_COUNT", "LLM_KV_EXPERT_FEED_
 QKV = "(separate Q, K and V)"
 OPTIONAL = "(the optional tensors of the loader)"
 NO_FFN = "(accepted without an FFN)"
+SHAPES = "(block tensors' shapes)"
 
 # What to add when llama.cpp stops on a value it did not ask for by name (an assert, an abort): the
 # message it stops with, and the keys to write on the next try.
@@ -103,7 +104,20 @@ RETRIES = [
     # accepted without any FFN, because every FFN tensor of the loader is optional (mimo2, step35, hy_v3):
     # real checkpoints have one, so the optional tensors are written too
     (NO_FFN, {OPTIONAL: True}),
+    ("HKV == Hd", {"attention.indexer.head_count": 4}),           # minimax-m3: one indexer head per KV head
+    # keys a loader reads as optional and then requires (draft models: the target's layers and width)
+    ("requires 'extract_layers'", {"target_layers": [1, 3, 5]}),    # eagle3: exactly 3
+    ("requires 'target_layers'", {"target_layers": [1, 3, 5]}),     # dflash
+    ("requires embedding_length_out", {"embedding_length_out": 2048}),  # gemma4-assistant: the target is wider
+    # a loader that reads a tensor's width from the file (ml.get_tensor_meta) and aborts on the impossible
+    # shape offered first: that tensor in every block, in ggml order (BASE: n_embd 1024, n_ff 3072, 16 heads)
+    ("unexpected attention gate width", {SHAPES: {"attn_gate.weight": [1024, 16]}}),  # laguna: one per head
+    ("n_ffn_up == n_ff", {SHAPES: {"ffn_up.weight": [1024, 2 * 3072]}}),  # jina-bert-v2: GEGLU, up and gate fused
+    # a token-type table the loader sizes by an optional vocabulary key: zero rows, and the graph's view of
+    # row 0 is out of bounds (jina-bert-v2; bert asks for the key by name)
+    ("data_size + view_offs <= ggml_nbytes(view_src)", {"tokenizer.ggml.token_type_count": 2}),
 ]
+
 
 
 @functools.cache
@@ -188,6 +202,10 @@ def _guess(key: str, array: bool) -> object:
         "posnet.embedding_length": 1024, "posnet.block_count": 6, "convnext.embedding_length": 1024,
         "convnext.block_count": 6, "features_length": 1024, "vocab_size": 8192, "nextn_predict_layers": 1,
         "decoder_start_token_id": 0, "attention.relative_buckets_count": 32, "pooling_type": 1,
+        # deepseek4.cpp accepts 0 (dense), 4 (with the indexer) and 128 per layer; one of each, twice
+        "attention.compress_ratios": [0, 4, 128, 0, 4, 128],
+        "hyper_connection.count": 4,                         # glm5-next.cpp asserts 4
+        "adapters.count": 1, "adapters.token_ids_activate": [1], "adapters.token_ids_substitute": [2],
     }
     if k in table:
         value = table[k]
@@ -232,7 +250,8 @@ def child(arch: str, out: Path, extra: dict) -> None:
     lc = llama_lib.llama_cpp()
     kv: dict[str, object] = {f"{arch}.{k}": v for k, v in BASE.items()}
     kv.update(seeds(arch))
-    kv.update({f"{arch}.{k}": v for k, v in extra.items() if k not in (QKV, OPTIONAL)})
+    kv.update({k if k.startswith("tokenizer.") else f"{arch}.{k}": v for k, v in extra.items()
+               if k not in (QKV, OPTIONAL, SHAPES)})
     types: dict[str, str] = {}
     tensors: dict[str, tuple[tuple[int, ...], bool]] = {}   # name -> (ggml shape, asked for by the loader)
     n_layer = BASE["block_count"]
@@ -240,6 +259,8 @@ def child(arch: str, out: Path, extra: dict) -> None:
     tensors["token_embd.weight"] = (_BOGUS, False)
     if extra.get(QKV):     # asked for by nobody yet: the loader says their shapes when it reaches them
         tensors.update({f"blk.{i}.attn_{x}.weight": (_BOGUS, False) for i in range(n_layer) for x in "qkv"})
+    for suffix, shape in extra.get(SHAPES, {}).items():
+        tensors.update({f"blk.{i}.{suffix}": (tuple(shape), True) for i in range(n_layer)})
     if extra.get(OPTIONAL):
         for pattern in optional_tensors(arch):
             for i in range(n_layer) if "%d" in pattern else [0]:

@@ -68,16 +68,14 @@ COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "in
 
 
 # Architectures whose memory is not llama_kv_cache / llama_memory_recurrent as gpulab sizes them
-# (llama_model::create_memory, src/llama-model.cpp): a lightning-indexer cache beside MLA, the
-# DSV4 compressed cache, KDA/linear-attention states gpulab sizes from the formula but has not run.
+# (llama_model::create_memory, src/llama-model.cpp): the DSV4 compressed cache, KDA/linear-attention
+# states gpulab sizes from the formula but has not run. (The lightning indexers' key caches of
+# deepseek32, glm-dsa and minimax-m3 are counted: LayerProfile.n_embd_k_idx.)
 CACHE_NOT_MODELLED = {
-    "deepseek32": "the lightning indexer's K cache (llama_memory_hybrid_idx) is not counted",
-    "glm-dsa": "the lightning indexer's K cache (llama_memory_hybrid_idx) is not counted",
     "deepseek4": "the DSV4 compressed KV cache (llama_kv_cache_dsv4) is not modelled",
     "hy_v4": "the DSV4 compressed KV cache (llama_kv_cache_dsv4) is not modelled",
     "kimi-k3": "its hybrid cache with an indexer is not modelled",
     "glm5-next": "its hybrid cache with an indexer is not modelled",
-    "dflash": "its draft-stage cache is not modelled",
 }
 
 
