@@ -510,7 +510,9 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     mask_swa = _a(n_kv_swa * T * mask_elt) if g.has_swa else 0
     # a KV kind no layer uses (every layer sliding-window: granite_swa, maple, step35...) has its inputs built
     # (build_attn_inp_kv_iswa) but no op reads them, so they are not in the graph and take no memory
-    any_full = any(layer.has_kv and not (g.has_swa and g.swa[i]) for i, layer in enumerate(profile.layers))
+    # (a graph with recurrent layers keeps them counted: the error it states was measured so, minimax-01)
+    any_full = g.attn_prefix is not None or any(layer.has_kv and not (g.has_swa and g.swa[i])
+                                                for i, layer in enumerate(profile.layers))
     kv_in_full = k_idxs + v_idxs + mask + rot_full if any_full else 0
     kv_in_swa = k_idxs + v_idxs + mask_swa + rot_swa if g.has_swa else 0
     all_inputs = pos + kv_in_full + kv_in_swa + out_ids
