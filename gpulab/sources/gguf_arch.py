@@ -25,8 +25,11 @@ _INPUT_NAMES = frozenset({"token_embd", "position_embd", "token_types", "per_lay
 # Repeating tensors named without "blk.N": llama.cpp puts each with the layer its create_tensor call
 # numbers (the buffer list of dev_layer[bid], llama_model_base::create_tensor): gemma3n/gemma4 create the
 # per-layer-input projection with bid 0, wavtokenizer-dec its posnet.N and convnext.N blocks with bid N,
-# t5 its encoder's and decoder's enc.blk.N and dec.blk.N with bid N (src/models/t5.cpp).
-_LAYER0_NAMES = frozenset({"per_layer_model_proj", "per_layer_proj_norm"})
+# t5 its encoder's and decoder's enc.blk.N and dec.blk.N with bid N (src/models/t5.cpp); token_embd_norm
+# (LLM_TENSOR_TOKEN_EMBD_NORM, "do the norms on the first layer") and wavtokenizer-dec's conv1d are
+# LLM_TENSOR_LAYER_REPEATING tensors every loader creates with bid 0 (llama-arch.cpp; src/models/bert.cpp,
+# bloom.cpp, rwkv6.cpp, wavtokenizer-dec.cpp).
+_LAYER0_NAMES = frozenset({"per_layer_model_proj", "per_layer_proj_norm", "conv1d", "token_embd_norm"})
 _NUMBERED_BLOCKS = ("posnet", "convnext")
 _CODER_PREFIXES = ("enc", "dec")
 _OUTPUT_NAMES = frozenset({
@@ -337,7 +340,8 @@ def build_profile(h: Header, path: str, file_bytes: int, fail) -> ModelProfile:
             per_layer[il].append(info)
             continue
         base = _base_name(t.name)
-        if base in _LAYER0_NAMES or (parts[0] in _NUMBERED_BLOCKS and len(parts) == 3 and parts[1].isdigit()):
+        if (base in _LAYER0_NAMES and not (base == "token_embd_norm" and arch in _LFM2_ARCHS)) or (
+                parts[0] in _NUMBERED_BLOCKS and len(parts) == 3 and parts[1].isdigit()):
             il = 0 if base in _LAYER0_NAMES else int(parts[1])
             if il < n_layer:
                 per_layer[il].append(info)
