@@ -150,11 +150,11 @@ def _weightless_norms(profile: ModelProfile) -> bool:
 
 
 # graphs that make one more row set between attention and its output projection: a per-head gate computed from the
-# attention's input norm, which stays live through attention (src/models/spark2-5.cpp, step35.cpp: wqkv_gate), or a
+# attention's input norm, which stays live through attention (src/models/spark2-5.cpp: wqkv_gate), or a
 # norm of the attention output (src/models/bitnet.cpp: attn_sub_norm, not in place over the reshaped output). A
 # quantized V cache then closes no hole below the FFN (-ts 1,1,1 q4_0); after host layers that row set leaves no room
 # below the FFN, and the model's last layer gathers its rows into its range (-ngl 4). Measured: bench/compute_trace.py
-_ATTN_OUT_EXTRA = frozenset({"spark2_5", "step35", "bitnet"})
+_ATTN_OUT_EXTRA = frozenset({"spark2_5", "bitnet"})
 # ... of those, the graphs whose attention output projection takes the attention output's range back, right above
 # the residual: on the host no hole is left below the FFN (bitnet -ngl 4)
 _ATTN_OUT_BACK = frozenset({"bitnet"})
@@ -627,8 +627,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     # a Q wider than a row set (glm4moe) leaves a hole below that takes it every other layer
     high_out = shx and (not fa or q <= e)
     # ... on pipelined devices only: on one whose input copies are freed no such hole is left (glm4moe -sm none)
-    # (not with the attention norm kept for a gate: the layer output takes the residual's range at the bottom, step35)
-    high_out_np = shx and profile.arch not in _ATTN_OUT_EXTRA
+    high_out_np = shx
     # no norm before attention (the norms follow attention and the FFN: olmo2, exaone4): one row set
     # less below KQ, and no hole the quantized V cache closes below the FFN
     post = profile.arch in _POST_NORM
@@ -824,7 +823,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         # ffn_inp (the gathered attention output) lands above them and the FFN on top.
         low = (e if post else 2 * e) + inputs
         glu_low = not g.moe and inputs - skip_e < e and f <= low - skip_e and not gather_after
-        if all_nope or (attn_extra and not g.moe):
+        if all_nope or attn_extra:
             # the gathered attention output takes the bottom the attention left (baichuan, -ngl 4), or the gated
             # attention output's range (spark2_5, -ngl 4)
             pass

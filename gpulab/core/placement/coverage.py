@@ -64,6 +64,8 @@ COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "in
                            "gemma4",
                            # ... replayed (placement.gemma3n): AltUp, LAuReL, per-layer inputs
                            "gemma3n",
+                           # ... replayed (placement.dense): step35's head-wise gate, rows gathered after the last layer
+                           "step35",
                            # branch small: graphs replayed op by op (placement.dense), every device of the 6
                            # settings within 1 MiB
                            "qwen", "falcon", "gptneox", "command-r", "plamo", "stablelm", "refact", "olmo",
