@@ -127,6 +127,10 @@ RETRIES = [
 ]
 
 
+# ... and when those are spent and llama.cpp still makes no context: a graph that reads a value the loader took as
+# optional (afmoe builds the sliding-window inputs whether or not attention.sliding_window was given)
+LAST_RETRIES = [("exit -11", {OPTIONAL_KEYS: True})]
+
 
 @functools.cache
 def _source(relative: str) -> str:
@@ -192,7 +196,9 @@ def seeds(arch: str) -> dict[str, object]:
                         f"{arch}.attention.value_length_mla": 128})
     if re.search(r"is_recr_impl\[\w+\]\s*=\s*[^;]*n_head_kv\(\w+\) == 0", text):
         # a hybrid that marks recurrent layers by 0 KV heads: 2 recurrent layers to 1 attention layer
-        out[f"{arch}.attention.head_count_kv"] = [0, 0, 4, 0, 0, 4]
+        # (MLA attention layers keep their one KV head: kimi-linear, bailingmoe3)
+        kvh = out.get(f"{arch}.attention.head_count_kv", 4)
+        out[f"{arch}.attention.head_count_kv"] = [0, 0, kvh, 0, 0, kvh]
         if "n_ff(i) == 0" in text:       # nemotron_h: recurrent, FFN-only and attention-only layers
             out[f"{arch}.feed_forward_length"] = [0, 3072, 0, 0, 3072, 0]
     return out
@@ -436,6 +442,9 @@ def main(argv: list[str]) -> int:
             if got.get("context") == "ok" and NO_FFN not in said:      # (a model without its FFN is no fallback)
                 built = got
             more = {k: v for pattern, keys in RETRIES if pattern in said for k, v in keys.items() if k not in extra}
+            if not more and got.get("context") != "ok":
+                more = {k: v for pattern, keys in LAST_RETRIES if pattern in said for k, v in keys.items()
+                        if k not in extra}
             if TRACE:
                 print(f"{arch}: {said[:300]} -> {more}", file=sys.stderr, flush=True)
             if not more or (got.get("context") == "ok" and got.get("decode") == "ok" and NO_FFN not in said):
