@@ -52,6 +52,20 @@ COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "in
                            "phi2", "pockettts", "starcoder", "starcoder2",
                            # discovered, exact since the MLA/MoE round (compute_moe: a shared expert)
                            "hunyuan-moe",
+                           # branch attn (round 3): every layer sliding-window, an expert count without experts,
+                           # experts without a gate, a GLU output in the norm's range, a residual-first add, a gate
+                           # or sub-norm between attention and its projection, the output product on the host, a
+                           # skip connection, chameleon's image logits
+                           "granite_swa", "maple", "mimo2", "spark2_5", "phi3", "ernie4_5", "granitemoe", "bitnet",
+                           "chameleon", "talkie",
+                           # ... replayed (placement.hrm): passes of two weight stacks over cache slots
+                           "hrm_text",
+                           # ... replayed (placement.gemma4): per-layer inputs, norms around every phase
+                           "gemma4",
+                           # ... replayed (placement.gemma3n): AltUp, LAuReL, per-layer inputs
+                           "gemma3n",
+                           # ... replayed (placement.dense): step35's head-wise gate, rows gathered after the last layer
+                           "step35",
                            # branch small: graphs replayed op by op (placement.dense), every device of the 6
                            # settings within 1 MiB
                            "qwen", "falcon", "gptneox", "command-r", "plamo", "stablelm", "refact", "olmo",
