@@ -39,11 +39,14 @@ from .ggml_replay import Graph, Tensor, _a, buffer_peaks, schedule
 
 __all__ = ["RECURRENT_GRAPHS", "recurrent_compute_bytes", "replayable"]
 
-RECURRENT_GRAPHS = frozenset({"mamba2", "lfm2", "qwen3next"})
+RECURRENT_GRAPHS = frozenset({"mamba", "mamba2", "jamba", "lfm2", "qwen3next"})
 # the hyperparameters each graph reads from the GGUF ({arch}.<key>)
-_KEYS = {"mamba2": ("ssm.conv_kernel", "ssm.inner_size", "ssm.state_size", "ssm.time_step_rank"),
+_KEYS = {"mamba": ("ssm.conv_kernel", "ssm.inner_size", "ssm.state_size", "ssm.time_step_rank"),
+         "jamba": ("ssm.conv_kernel", "ssm.inner_size", "ssm.state_size", "ssm.time_step_rank"),
+         "mamba2": ("ssm.conv_kernel", "ssm.inner_size", "ssm.state_size", "ssm.time_step_rank"),
          "lfm2": ("shortconv.l_cache",),
          "qwen3next": ("ssm.conv_kernel", "ssm.inner_size", "ssm.state_size", "ssm.time_step_rank", "ssm.group_count")}
+_ROPE = frozenset({"lfm2", "qwen3next"})     # the graphs whose attention is rotated (build_inp_pos)
 _QUANT_FREE = ("f32", "f16", "bf16")
 _CACHE: dict[tuple, tuple[weakref.ref, dict[str, int]]] = {}
 # bytes per element of a cache type, and elements per block (ggml_type_size / ggml_blck_size)
@@ -66,6 +69,7 @@ class _Ctx:
         self.ffn_dev = ffn_devices or layer_devices       # where each layer's FFN weights are (tensor overrides)
         self.T, self.ns, self.T_out, self.pin = T, ns, T_out, pin_norm
         self.E = profile.n_embd
+        self.names = {t.name for layer in profile.layers for t in layer.tensors}
 
     def norm(self, x: Tensor, il: int, size: int | None = None) -> Tensor:
         """build_norm (RMS, with a weight): the norm named "norm" is pinned to its layer's device
@@ -85,6 +89,38 @@ class _Ctx:
         g.expand(out)
         g.expand(g.set(d, g.op(0, cache, s_extra), g.view(g.ext(d))))
         return out
+
+
+def _mamba1(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, il: int) -> Tensor:
+    """llm_build_mamba_base::build_mamba_layer (src/models/mamba-base.cpp): Mamba-1, one head per channel;
+    B, C and dt RMS-normed where the layer has their norms (Jamba)."""
+    g, d, T, ns = c.g, c.dev[il], c.T, c.ns
+    md, arch = c.p.metadata, c.p.arch
+    d_conv, d_inner = int(md[f"{arch}.ssm.conv_kernel"]), int(md[f"{arch}.ssm.inner_size"])
+    d_state, dt_rank = int(md[f"{arch}.ssm.state_size"]), int(md[f"{arch}.ssm.time_step_rank"])
+    conv = g.view(c.rs(il, s_main, s_extra, 4 * (d_conv - 1) * d_inner * ns))
+    xz = g.op(4 * 2 * d_inner * T, g.view(cur), w=d)                # ssm_in
+    x, z = g.view(xz), g.view(xz)
+    conv_x = g.op(4 * (d_conv - 1 + T // ns) * d_inner * ns, conv, g.view(x))   # concat(conv, x^T)
+    g.expand(g.set(d, g.view(conv_x), g.view(g.ext(d))))
+    x = g.op(4 * d_inner * T, conv_x, w=d)                          # ssm_conv
+    x = g.op(x.size, g.op(x.size, x, w=d, inplace=True), inplace=True)   # silu(x + conv bias)
+    x_db = g.op(4 * (dt_rank + 2 * d_state) * T, x, w=d)            # ssm_x
+    dt, B, C = g.view(x_db), g.view(x_db), g.view(x_db)
+    if f"blk.{il}.ssm_dt_norm.weight" in c.names:
+        dt, B, C = (c.norm(v, il, 4 * n * T) for v, n in ((dt, dt_rank), (B, d_state), (C, d_state)))
+    else:
+        dt = g.op(4 * dt_rank * T, dt)                              # cont
+    dt = g.op(4 * d_inner * T, g.op(4 * d_inner * T, dt, w=d), w=d, inplace=True)   # ssm_dt + bias
+    x4 = g.view(x)
+    ys = c.rs(il, s_main, s_extra, 0,
+              lambda states: g.op(4 * (d_inner * T + d_state * d_inner * ns), g.view(states), x4, dt, B, C, s_main,
+                                  w=d))
+    g.expand(g.set(d, g.view(ys), g.view(g.ext(d))))
+    yd = 4 * d_inner * T
+    y = g.op(yd, g.view(ys, yd), g.op(yd, x, w=d, inplace=True), inplace=True)     # y + x * D
+    y = g.op(yd, g.op(yd, z), y)                                     # swiglu_split(cont(z), y)
+    return g.view(g.op(4 * c.E * T, y, w=d))                         # ssm_out
 
 
 def _mamba2(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, il: int) -> Tensor:
@@ -219,16 +255,21 @@ class _Attn:
         self.v_rot = g.inp(4 * 64 * 64) if quant_v and self.hd % 64 == 0 else None
         self.fa_nodes: list[tuple[Tensor | None, str]] = []     # each flash-attention node and its layer's device
 
-    def __call__(self, cur: Tensor, pos: Tensor, il: int, gated: bool = False) -> Tensor:
-        """gated: Q is twice as wide, its second half gates the attention output (qwen3next.cpp build_layer_attn)."""
+    def __call__(self, cur: Tensor, pos: Tensor | None, il: int, gated: bool = False, qk_norm: bool = True) -> Tensor:
+        """build_qkv's separate Q, K and V products (src/llama-graph.cpp), Q and K RMS-normed (`qk_norm`) and
+        rotated (where `pos`: RoPE). gated: Q is twice as wide, its second half gates the attention output
+        (qwen3next.cpp build_layer_attn)."""
         c, g, T = self.c, self.c.g, self.c.T
         d, layer, cfg = c.dev[il], c.p.layers[il], c.config
         hd, n_head, n_kv_head = layer.n_embd_head_k, layer.n_head, layer.n_head_kv
         q_full = g.op(4 * hd * n_head * T * (2 if gated else 1), cur, w=d)
         gate = g.view(g.view(q_full), 4 * hd * n_head * T)
-        q = g.op(4 * hd * n_head * T, c.norm(g.view(q_full), il, 4 * hd * n_head * T), pos, inplace=True)  # RoPE
-        k = g.op(4 * hd * n_kv_head * T, cur, w=d)
-        k = g.op(k.size, c.norm(g.view(k), il), pos, inplace=True)
+        q = g.view(q_full, 4 * hd * n_head * T)
+        k = g.view(g.op(4 * hd * n_kv_head * T, cur, w=d))
+        if qk_norm:
+            q, k = c.norm(q, il), c.norm(k, il)
+        if pos is not None:
+            q, k = g.op(q.size, q, pos, inplace=True), g.op(k.size, k, pos, inplace=True)
         v = g.view(g.op(4 * hd * n_kv_head * T, cur, w=d))
         if self.k_rot is not None:
             q = g.view(g.op(q.size, self.k_rot, g.view(q)))
@@ -274,13 +315,13 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
     attn = _Attn(c, fa, v_trans) if any(la.has_kv for la in p.layers) else None
     s_copy = g.inp(4 * c.ns)
     s_main, s_extra = g.view(s_copy, 4 * c.ns), g.view(s_copy, 0)
-    pos = g.inp(4 * T) if attn is not None else None
+    pos = g.inp(4 * T) if attn is not None and p.arch in _ROPE else None
     out_ids = g.inp(4 * c.T_out)
     n_layer = p.n_layer
     for il in range(n_layer):
         last = il == n_layer - 1
-        if p.arch == "mamba2":
-            y = _mamba2(c, s_main, s_extra, c.norm(cur, il), il)
+        if p.arch in ("mamba", "mamba2"):
+            y = (_mamba1 if p.arch == "mamba" else _mamba2)(c, s_main, s_extra, c.norm(cur, il), il)
             if last:
                 y, cur = g.op(4 * E * c.T_out, y, out_ids), g.op(4 * E * c.T_out, cur, out_ids)
             cur = g.op(y.size, y, cur, inplace=True)                  # l_out
@@ -297,13 +338,13 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
             cur = g.op(y.size, y, cur, inplace=True)
             cur = g.op(cur.size, _moe(c, c.norm(cur, il), il), cur, inplace=True)
             continue
-        # lfm2: operator norm, short convolution or attention, residual, FFN norm, dense SwiGLU FFN, residual
+        # lfm2, jamba: norm, recurrent block or attention, residual, FFN norm, dense SwiGLU FFN, residual
         h = c.norm(cur, il)
         if p.layers[il].is_recurrent:
-            y = _shortconv(c, s_main, s_extra, h, il)
+            y = (_shortconv if p.arch == "lfm2" else _mamba1)(c, s_main, s_extra, h, il)
         else:
-            assert attn is not None and pos is not None
-            y = attn(h, pos, il)
+            assert attn is not None
+            y = attn(h, pos, il, qk_norm=p.arch == "lfm2")     # jamba: no RoPE, no Q/K norms
         if last:
             y, cur = g.op(4 * E * c.T_out, y, out_ids), g.op(4 * E * c.T_out, cur, out_ids)
         cur = g.op(y.size, cur, y, inplace=True)
@@ -368,4 +409,5 @@ def replayable(profile: ModelProfile) -> bool:
     if not names:
         return True            # a profile without its tensor list (built in code): the graph as written here
     return {"qwen3next": "attn_qkv.weight" in names and "ssm_in.weight" not in names,
-            "mamba2": "ssm_norm.weight" in names}.get(arch, True)
+            "jamba": ("ssm.conv_kernel", "ssm.inner_size", "ssm.state_size", "ssm.time_step_rank"),
+         "mamba2": "ssm_norm.weight" in names}.get(arch, True)
