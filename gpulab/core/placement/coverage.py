@@ -50,7 +50,9 @@ COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "in
                            "apertus", "arcee", "bloom", "codeshell", "gpt2", "jais", "jais2", "mpt", "nemotron",
                            "phi2", "pockettts", "starcoder", "starcoder2",
                            # discovered, exact since the MLA/MoE round (compute_moe: a shared expert)
-                           "hunyuan-moe"})
+                           "hunyuan-moe",
+                           # branch recurrent2: replayed (placement.recurrent), in RECURRENT_GRAPHS
+                           "mamba", "jamba", "falcon-h1"})
 
 
 # Architectures whose memory is not llama_kv_cache / llama_memory_recurrent as gpulab sizes them

@@ -39,14 +39,12 @@ from .ggml_replay import Graph, Tensor, _a, buffer_peaks, schedule
 
 __all__ = ["RECURRENT_GRAPHS", "recurrent_compute_bytes", "replayable"]
 
-RECURRENT_GRAPHS = frozenset({"mamba", "mamba2", "jamba", "lfm2", "qwen3next"})
+RECURRENT_GRAPHS = frozenset({"mamba", "mamba2", "jamba", "falcon-h1", "lfm2", "qwen3next"})
 # the hyperparameters each graph reads from the GGUF ({arch}.<key>)
-_KEYS = {"mamba": ("ssm.conv_kernel", "ssm.inner_size", "ssm.state_size", "ssm.time_step_rank"),
-         "jamba": ("ssm.conv_kernel", "ssm.inner_size", "ssm.state_size", "ssm.time_step_rank"),
-         "mamba2": ("ssm.conv_kernel", "ssm.inner_size", "ssm.state_size", "ssm.time_step_rank"),
-         "lfm2": ("shortconv.l_cache",),
-         "qwen3next": ("ssm.conv_kernel", "ssm.inner_size", "ssm.state_size", "ssm.time_step_rank", "ssm.group_count")}
-_ROPE = frozenset({"lfm2", "qwen3next"})     # the graphs whose attention is rotated (build_inp_pos)
+_SSM = ("ssm.conv_kernel", "ssm.inner_size", "ssm.state_size", "ssm.time_step_rank")
+_KEYS = {"mamba": _SSM, "jamba": _SSM, "falcon-h1": _SSM, "mamba2": _SSM, "lfm2": ("shortconv.l_cache",),
+         "qwen3next": (*_SSM, "ssm.group_count")}
+_ROPE = frozenset({"lfm2", "qwen3next", "falcon-h1"})     # the graphs whose attention is rotated (build_inp_pos)
 _QUANT_FREE = ("f32", "f16", "bf16")
 _CACHE: dict[tuple, tuple[weakref.ref, dict[str, int]]] = {}
 # bytes per element of a cache type, and elements per block (ggml_type_size / ggml_blck_size)
@@ -199,6 +197,19 @@ def _gated_delta_net(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, il: 
     return g.view(g.op(4 * E * T, g.view(y), w=d))                                    # ssm_out
 
 
+def _ffn(c: _Ctx, h: Tensor, il: int, bias: bool = False) -> Tensor:
+    """llm_graph_context::build_ffn (src/llama-graph.cpp), SiLU with a parallel gate: up, gate, swiglu_split,
+    down; each product's bias added in place (`bias`)."""
+    g, fd = c.g, c.ffn_dev[il]
+    f = 4 * c.p.n_ff * (h.size // (4 * c.E))
+
+    def mm(size: int, x: Tensor) -> Tensor:
+        y = g.op(size, x, w=fd)
+        return g.op(size, y, w=fd, inplace=True) if bias else y
+
+    return mm(h.size, g.op(f, mm(f, h), mm(f, h)))                       # down(swiglu(gate, up))
+
+
 def _moe(c: _Ctx, h: Tensor, il: int) -> Tensor:
     """llm_graph_context::build_moe_ffn (src/llama-graph.cpp): softmax gating, top-k, normalized weights, and
     qwen3next's gated shared expert (build_layer_ffn)."""
@@ -326,6 +337,17 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
                 y, cur = g.op(4 * E * c.T_out, y, out_ids), g.op(4 * E * c.T_out, cur, out_ids)
             cur = g.op(y.size, y, cur, inplace=True)                  # l_out
             continue
+        if p.arch == "falcon-h1":
+            # llama_model_falcon_h1::graph (src/models/falcon-h1.cpp): attention and Mamba-2 side by side on
+            # the layer's norm (built twice), summed, the residual, the FFN with biases, the residual
+            assert attn is not None
+            y = attn(c.norm(cur, il), pos, il, qk_norm=False)
+            y = g.op(y.size, y, _mamba2(c, s_main, s_extra, c.norm(cur, il), il), inplace=True)
+            cur = g.op(y.size, y, cur, inplace=True)
+            if last:
+                cur = g.op(4 * E * c.T_out, cur, out_ids)
+            cur = g.op(cur.size, _ffn(c, c.norm(cur, il), il, bias=True), cur, inplace=True)
+            continue
         if p.arch == "qwen3next":
             # llama_model_qwen3next::graph: the norm expanded first, gated delta net or gated attention, the
             # residual, the post-attention norm, the MoE with its shared expert, the residual
@@ -348,11 +370,7 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
         if last:
             y, cur = g.op(4 * E * c.T_out, y, out_ids), g.op(4 * E * c.T_out, cur, out_ids)
         cur = g.op(y.size, cur, y, inplace=True)
-        h = c.norm(cur, il)
-        rows, fd = cur.size // (4 * E), c.ffn_dev[il]
-        f = 4 * p.n_ff * rows
-        ff = g.op(f, g.op(f, h, w=fd), g.op(f, h, w=fd))                 # swiglu(gate, up)
-        cur = g.op(cur.size, cur, g.op(cur.size, ff, w=fd), inplace=True)
+        cur = g.op(cur.size, cur, _ffn(c, c.norm(cur, il), il), inplace=True)
     out_dev = c.dev[n_layer]
     h = c.norm(cur, -1, cur.size) if n_layer else cur
     if p.arch == "qwen3next":
@@ -409,5 +427,4 @@ def replayable(profile: ModelProfile) -> bool:
     if not names:
         return True            # a profile without its tensor list (built in code): the graph as written here
     return {"qwen3next": "attn_qkv.weight" in names and "ssm_in.weight" not in names,
-            "jamba": ("ssm.conv_kernel", "ssm.inner_size", "ssm.state_size", "ssm.time_step_rank"),
-         "mamba2": "ssm_norm.weight" in names}.get(arch, True)
+            "mamba2": "ssm_norm.weight" in names, "falcon-h1": "ssm_norm.weight" in names}.get(arch, True)
