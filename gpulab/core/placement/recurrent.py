@@ -39,12 +39,12 @@ from .ggml_replay import Graph, Tensor, _a, buffer_peaks, schedule
 
 __all__ = ["RECURRENT_GRAPHS", "recurrent_compute_bytes", "replayable"]
 
-RECURRENT_GRAPHS = frozenset({"mamba", "mamba2", "jamba", "falcon-h1", "lfm2", "qwen3next"})
+RECURRENT_GRAPHS = frozenset({"mamba", "mamba2", "jamba", "falcon-h1", "granitehybrid", "lfm2", "qwen3next"})
 # the hyperparameters each graph reads from the GGUF ({arch}.<key>)
 _SSM = ("ssm.conv_kernel", "ssm.inner_size", "ssm.state_size", "ssm.time_step_rank")
-_KEYS = {"mamba": _SSM, "jamba": _SSM, "falcon-h1": _SSM, "mamba2": _SSM, "lfm2": ("shortconv.l_cache",),
+_KEYS = {"mamba": _SSM, "jamba": _SSM, "falcon-h1": _SSM, "granitehybrid": _SSM, "mamba2": _SSM, "lfm2": ("shortconv.l_cache",),
          "qwen3next": (*_SSM, "ssm.group_count")}
-_ROPE = frozenset({"lfm2", "qwen3next", "falcon-h1"})     # the graphs whose attention is rotated (build_inp_pos)
+_ROPE = frozenset({"lfm2", "qwen3next", "falcon-h1", "granitehybrid"})     # the graphs whose attention is rotated (build_inp_pos)
 _QUANT_FREE = ("f32", "f16", "bf16")
 _CACHE: dict[tuple, tuple[weakref.ref, dict[str, int]]] = {}
 # bytes per element of a cache type, and elements per block (ggml_type_size / ggml_blck_size)
@@ -199,15 +199,15 @@ def _gated_delta_net(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, il: 
 
 def _ffn(c: _Ctx, h: Tensor, il: int, bias: bool = False) -> Tensor:
     """llm_graph_context::build_ffn (src/llama-graph.cpp), SiLU with a parallel gate: up, gate, swiglu_split,
-    down; each product's bias added in place (`bias`)."""
+    down; each product's bias the file has added in place (`bias`: the graph passes them)."""
     g, fd = c.g, c.ffn_dev[il]
     f = 4 * c.p.n_ff * (h.size // (4 * c.E))
 
-    def mm(size: int, x: Tensor) -> Tensor:
+    def mm(size: int, x: Tensor, name: str) -> Tensor:
         y = g.op(size, x, w=fd)
-        return g.op(size, y, w=fd, inplace=True) if bias else y
+        return g.op(size, y, w=fd, inplace=True) if bias and f"blk.{il}.{name}.bias" in c.names else y
 
-    return mm(h.size, g.op(f, mm(f, h), mm(f, h)))                       # down(swiglu(gate, up))
+    return mm(h.size, g.op(f, mm(f, h, "ffn_gate"), mm(f, h, "ffn_up")), "ffn_down")   # down(swiglu(gate, up))
 
 
 def _moe(c: _Ctx, h: Tensor, il: int) -> Tensor:
@@ -266,10 +266,11 @@ class _Attn:
         self.v_rot = g.inp(4 * 64 * 64) if quant_v and self.hd % 64 == 0 else None
         self.fa_nodes: list[tuple[Tensor | None, str]] = []     # each flash-attention node and its layer's device
 
-    def __call__(self, cur: Tensor, pos: Tensor | None, il: int, gated: bool = False, qk_norm: bool = True) -> Tensor:
+    def __call__(self, cur: Tensor, pos: Tensor | None, il: int, gated: bool = False, qk_norm: bool = True,
+                 wo_bias: bool = False) -> Tensor:
         """build_qkv's separate Q, K and V products (src/llama-graph.cpp), Q and K RMS-normed (`qk_norm`) and
         rotated (where `pos`: RoPE). gated: Q is twice as wide, its second half gates the attention output
-        (qwen3next.cpp build_layer_attn)."""
+        (qwen3next.cpp build_layer_attn). wo_bias: the graph adds the output's bias where the file has it."""
         c, g, T = self.c, self.c.g, self.c.T
         d, layer, cfg = c.dev[il], c.p.layers[il], c.config
         hd, n_head, n_kv_head = layer.n_embd_head_k, layer.n_head, layer.n_head_kv
@@ -314,6 +315,8 @@ class _Attn:
             gate = g.op(gate.size, g.op(gate.size, gate), inplace=True)     # sigmoid(cont(gate))
             out = g.op(gate.size, out, gate, inplace=True)
         out = g.op(4 * c.E * T, out, w=d)                                    # wo
+        if wo_bias and f"blk.{il}.attn_output.bias" in c.names:
+            out = g.op(out.size, out, w=d, inplace=True)
         self.fa_nodes.append((fa_node, d))
         return out
 
@@ -346,6 +349,20 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
             cur = g.op(y.size, y, cur, inplace=True)
             if last:
                 cur = g.op(4 * E * c.T_out, cur, out_ids)
+            cur = g.op(cur.size, _ffn(c, c.norm(cur, il), il, bias=True), cur, inplace=True)
+            continue
+        if p.arch == "granitehybrid":
+            # llama_model_granite_hybrid::graph (src/models/granite-hybrid.cpp): Mamba-2 or attention (RoPE, the
+            # output's bias), the residual, build_layer_ffn: the FFN with biases, the residual
+            h = c.norm(cur, il)
+            if p.layers[il].is_recurrent:
+                y = _mamba2(c, s_main, s_extra, h, il)
+            else:
+                assert attn is not None
+                y = attn(h, pos, il, qk_norm=False, wo_bias=True)
+            if last:
+                y, cur = g.op(4 * E * c.T_out, y, out_ids), g.op(4 * E * c.T_out, cur, out_ids)
+            cur = g.op(y.size, y, cur, inplace=True)
             cur = g.op(cur.size, _ffn(c, c.norm(cur, il), il, bias=True), cur, inplace=True)
             continue
         if p.arch == "qwen3next":
@@ -427,4 +444,5 @@ def replayable(profile: ModelProfile) -> bool:
     if not names:
         return True            # a profile without its tensor list (built in code): the graph as written here
     return {"qwen3next": "attn_qkv.weight" in names and "ssm_in.weight" not in names,
-            "mamba2": "ssm_norm.weight" in names, "falcon-h1": "ssm_norm.weight" in names}.get(arch, True)
+            "mamba2": "ssm_norm.weight" in names, "falcon-h1": "ssm_norm.weight" in names,
+            "granitehybrid": "ssm_norm.weight" in names}.get(arch, True)
