@@ -39,10 +39,11 @@ from .ggml_replay import Graph, Tensor, _a, buffer_peaks, schedule
 
 __all__ = ["RECURRENT_GRAPHS", "recurrent_compute_bytes", "replayable"]
 
-RECURRENT_GRAPHS = frozenset({"mamba", "mamba2", "jamba", "falcon-h1", "granitehybrid", "lfm2", "qwen3next"})
+RECURRENT_GRAPHS = frozenset({"mamba", "mamba2", "jamba", "falcon-h1", "granitehybrid", "nemotron_h", "lfm2", "qwen3next"})
 # the hyperparameters each graph reads from the GGUF ({arch}.<key>)
 _SSM = ("ssm.conv_kernel", "ssm.inner_size", "ssm.state_size", "ssm.time_step_rank")
-_KEYS = {"mamba": _SSM, "jamba": _SSM, "falcon-h1": _SSM, "granitehybrid": _SSM, "mamba2": _SSM, "lfm2": ("shortconv.l_cache",),
+_KEYS = {"mamba": _SSM, "jamba": _SSM, "falcon-h1": _SSM, "granitehybrid": _SSM, "nemotron_h": _SSM,
+         "mamba2": _SSM, "lfm2": ("shortconv.l_cache",),
          "qwen3next": (*_SSM, "ssm.group_count")}
 _ROPE = frozenset({"lfm2", "qwen3next", "falcon-h1", "granitehybrid"})     # the graphs whose attention is rotated (build_inp_pos)
 _QUANT_FREE = ("f32", "f16", "bf16")
@@ -67,7 +68,8 @@ class _Ctx:
         self.ffn_dev = ffn_devices or layer_devices       # where each layer's FFN weights are (tensor overrides)
         self.T, self.ns, self.T_out, self.pin = T, ns, T_out, pin_norm
         self.E = profile.n_embd
-        self.names = {t.name for layer in profile.layers for t in layer.tensors}
+        self.shapes = {t.name: t.shape for layer in profile.layers for t in layer.tensors}
+        self.names = self.shapes.keys()
 
     def norm(self, x: Tensor, il: int, size: int | None = None) -> Tensor:
         """build_norm (RMS, with a weight): the norm named "norm" is pinned to its layer's device
@@ -208,6 +210,20 @@ def _ffn(c: _Ctx, h: Tensor, il: int, bias: bool = False) -> Tensor:
         return g.op(size, y, w=fd, inplace=True) if bias and f"blk.{il}.{name}.bias" in c.names else y
 
     return mm(h.size, g.op(f, mm(f, h, "ffn_gate"), mm(f, h, "ffn_up")), "ffn_down")   # down(swiglu(gate, up))
+
+
+def _relu_sqr_ffn(c: _Ctx, h: Tensor, il: int) -> Tensor:
+    """build_ffn without a gate, LLM_FFN_RELU_SQR (src/llama-graph.cpp; nemotron_h's FFN layers): up and its
+    bias, relu and sqr in place, down and its bias."""
+    g, fd = c.g, c.ffn_dev[il]
+    f = 4 * c.shapes[f"blk.{il}.ffn_up.weight"][1] * (h.size // (4 * c.E))
+
+    def mm(size: int, x: Tensor, name: str) -> Tensor:
+        y = g.op(size, x, w=fd)
+        return g.op(size, y, w=fd, inplace=True) if f"blk.{il}.{name}.bias" in c.names else y
+
+    up = mm(f, h, "ffn_up")
+    return mm(h.size, g.op(f, g.op(f, up, inplace=True), inplace=True), "ffn_down")
 
 
 def _moe(c: _Ctx, h: Tensor, il: int) -> Tensor:
@@ -365,6 +381,19 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
             cur = g.op(y.size, y, cur, inplace=True)
             cur = g.op(cur.size, _ffn(c, c.norm(cur, il), il, bias=True), cur, inplace=True)
             continue
+        if p.arch == "nemotron_h":
+            # llama_model_nemotron_h::graph (src/models/nemotron-h.cpp): each layer is Mamba-2, attention (no
+            # RoPE, the output's bias) or an FFN, then the residual; the output rows are kept after the norm
+            h = c.norm(cur, il)
+            if p.layers[il].is_recurrent:
+                y = _mamba2(c, s_main, s_extra, h, il)
+            elif p.layers[il].has_kv:
+                assert attn is not None
+                y = attn(h, None, il, qk_norm=False, wo_bias=True)
+            else:
+                y = _relu_sqr_ffn(c, h, il)
+            cur = g.op(y.size, y, cur, inplace=True)
+            continue
         if p.arch == "qwen3next":
             # llama_model_qwen3next::graph: the norm expanded first, gated delta net or gated attention, the
             # residual, the post-attention norm, the MoE with its shared expert, the residual
@@ -390,7 +419,7 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
         cur = g.op(cur.size, cur, _ffn(c, c.norm(cur, il), il), inplace=True)
     out_dev = c.dev[n_layer]
     h = c.norm(cur, -1, cur.size) if n_layer else cur
-    if p.arch == "qwen3next":
+    if p.arch in ("qwen3next", "nemotron_h"):
         # the normed hidden state is an output (t_h_nextn, for MTP); the output rows are kept after the norm
         h.out = True
         h = g.op(4 * E * c.T_out, h, out_ids)
@@ -445,4 +474,4 @@ def replayable(profile: ModelProfile) -> bool:
         return True            # a profile without its tensor list (built in code): the graph as written here
     return {"qwen3next": "attn_qkv.weight" in names and "ssm_in.weight" not in names,
             "mamba2": "ssm_norm.weight" in names, "falcon-h1": "ssm_norm.weight" in names,
-            "granitehybrid": "ssm_norm.weight" in names}.get(arch, True)
+            "granitehybrid": "ssm_norm.weight" in names, "nemotron_h": "ssm_norm.weight" in names}.get(arch, True)
