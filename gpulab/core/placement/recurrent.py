@@ -39,12 +39,14 @@ from .ggml_replay import Graph, Tensor, _a, buffer_peaks, schedule
 
 __all__ = ["RECURRENT_GRAPHS", "recurrent_compute_bytes", "replayable"]
 
-RECURRENT_GRAPHS = frozenset({"mamba", "mamba2", "jamba", "falcon-h1", "granitehybrid", "nemotron_h", "lfm2", "qwen3next"})
+_NEMOTRON_H = ("nemotron_h", "nemotron_h_moe")      # one graph (llama_model_nemotron_h_moe is a nemotron_h)
+RECURRENT_GRAPHS = frozenset({"mamba", "mamba2", "jamba", "falcon-h1", "granitehybrid", *_NEMOTRON_H, "lfm2", "qwen3next"})
 # the hyperparameters each graph reads from the GGUF ({arch}.<key>)
 _SSM = ("ssm.conv_kernel", "ssm.inner_size", "ssm.state_size", "ssm.time_step_rank")
-_KEYS = {"mamba": _SSM, "jamba": _SSM, "falcon-h1": _SSM, "granitehybrid": _SSM, "nemotron_h": _SSM,
+_KEYS = {"mamba": _SSM, "jamba": _SSM, "falcon-h1": _SSM, "granitehybrid": _SSM, "nemotron_h": _SSM, "nemotron_h_moe": _SSM,
          "mamba2": _SSM, "lfm2": ("shortconv.l_cache",),
          "qwen3next": (*_SSM, "ssm.group_count")}
+_MOE_BUILT = frozenset({"qwen3next"})       # the graphs whose MoE layers are built here (_moe)
 _ROPE = frozenset({"lfm2", "qwen3next", "falcon-h1", "granitehybrid"})     # the graphs whose attention is rotated (build_inp_pos)
 _QUANT_FREE = ("f32", "f16", "bf16")
 _CACHE: dict[tuple, tuple[weakref.ref, dict[str, int]]] = {}
@@ -381,7 +383,7 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
             cur = g.op(y.size, y, cur, inplace=True)
             cur = g.op(cur.size, _ffn(c, c.norm(cur, il), il, bias=True), cur, inplace=True)
             continue
-        if p.arch == "nemotron_h":
+        if p.arch in _NEMOTRON_H:
             # llama_model_nemotron_h::graph (src/models/nemotron-h.cpp): each layer is Mamba-2, attention (no
             # RoPE, the output's bias) or an FFN, then the residual; the output rows are kept after the norm
             h = c.norm(cur, il)
@@ -419,7 +421,7 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
         cur = g.op(cur.size, cur, _ffn(c, c.norm(cur, il), il), inplace=True)
     out_dev = c.dev[n_layer]
     h = c.norm(cur, -1, cur.size) if n_layer else cur
-    if p.arch in ("qwen3next", "nemotron_h"):
+    if p.arch in ("qwen3next", *_NEMOTRON_H):
         # the normed hidden state is an output (t_h_nextn, for MTP); the output rows are kept after the norm
         h.out = True
         h = g.op(4 * E * c.T_out, h, out_ids)
@@ -462,13 +464,20 @@ def replayable(profile: ModelProfile) -> bool:
     """Whether `profile`'s compute buffers are replayed here: a graph of RECURRENT_GRAPHS whose hyperparameters
     the file carries, without a sliding window (lfm2's iswa graph is not built), and with the tensors the
     graph built here reads where the profile lists them: qwen3next's fused QKV and gate projections (a file
-    with the mixed ssm_in projection runs another graph), mamba2's grouped norm (ssm_norm, optional)."""
+    with the mixed ssm_in projection runs another graph), the Mamba-2 layers' grouped norm (ssm_norm,
+    optional), and no MoE layer (a router, ffn_gate_inp) but in the graphs whose MoE is built (_MOE_BUILT)."""
     arch = profile.arch
     if arch not in RECURRENT_GRAPHS or profile.n_swa or not all(f"{arch}.{k}" in profile.metadata
                                                                for k in _KEYS[arch]):
         return False
     if not any(layer.is_recurrent for layer in profile.layers):
-        return False           # not the model's graph (the MTP head of placement.mtp: graph_mtp is not built here)
+        # not the model's graph (the MTP head of placement.mtp: graph_mtp is not built here), except nemotron_h's
+        # graph, which builds what each layer is, recurrent or not (a file of FFN layers only)
+        if arch not in _NEMOTRON_H or any(".nextn." in t.name for layer in profile.layers for t in layer.tensors):
+            return False
+    if arch not in _MOE_BUILT and any(t.name.endswith(".ffn_gate_inp.weight")
+                                      for layer in profile.layers for t in layer.tensors):
+        return False           # the MoE branch of jamba's, granitehybrid's, nemotron_h's graph is not built here
     names = {t.name.split(".", 2)[-1] for layer in profile.layers if layer.is_recurrent for t in layer.tensors}
     if not names:
         return True            # a profile without its tensor list (built in code): the graph as written here
