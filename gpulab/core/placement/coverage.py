@@ -52,7 +52,8 @@ COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "in
                            # discovered, exact since the MLA/MoE round (compute_moe: a shared expert)
                            "hunyuan-moe",
                            # branch recurrent2: replayed (placement.recurrent), in RECURRENT_GRAPHS
-                           "mamba", "jamba", "falcon-h1", "granitehybrid", "nemotron_h", "nemotron_h_moe"})
+                           "mamba", "jamba", "falcon-h1", "granitehybrid", "nemotron_h", "nemotron_h_moe",
+                           "lfm2moe"})
 
 
 # Architectures whose memory is not llama_kv_cache / llama_memory_recurrent as gpulab sizes them

@@ -40,14 +40,16 @@ from .ggml_replay import Graph, Tensor, _a, buffer_peaks, schedule
 __all__ = ["RECURRENT_GRAPHS", "recurrent_compute_bytes", "replayable"]
 
 _NEMOTRON_H = ("nemotron_h", "nemotron_h_moe")      # one graph (llama_model_nemotron_h_moe is a nemotron_h)
-RECURRENT_GRAPHS = frozenset({"mamba", "mamba2", "jamba", "falcon-h1", "granitehybrid", *_NEMOTRON_H, "lfm2", "qwen3next"})
+RECURRENT_GRAPHS = frozenset({"mamba", "mamba2", "jamba", "falcon-h1", "granitehybrid", *_NEMOTRON_H, "lfm2", "lfm2moe",
+                              "qwen3next"})
 # the hyperparameters each graph reads from the GGUF ({arch}.<key>)
 _SSM = ("ssm.conv_kernel", "ssm.inner_size", "ssm.state_size", "ssm.time_step_rank")
 _KEYS = {"mamba": _SSM, "jamba": _SSM, "falcon-h1": _SSM, "granitehybrid": _SSM, "nemotron_h": _SSM, "nemotron_h_moe": _SSM,
          "mamba2": _SSM, "lfm2": ("shortconv.l_cache",),
+         "lfm2moe": ("shortconv.l_cache",),
          "qwen3next": (*_SSM, "ssm.group_count")}
-_MOE_BUILT = frozenset({"qwen3next"})       # the graphs whose MoE layers are built here (_moe)
-_ROPE = frozenset({"lfm2", "qwen3next", "falcon-h1", "granitehybrid"})     # the graphs whose attention is rotated (build_inp_pos)
+_MOE_BUILT = frozenset({"qwen3next", "lfm2moe"})       # the graphs whose MoE layers are built here (_moe)
+_ROPE = frozenset({"lfm2", "lfm2moe", "qwen3next", "falcon-h1", "granitehybrid"})     # the graphs whose attention is rotated (build_inp_pos)
 _QUANT_FREE = ("f32", "f16", "bf16")
 _CACHE: dict[tuple, tuple[weakref.ref, dict[str, int]]] = {}
 # bytes per element of a cache type, and elements per block (ggml_type_size / ggml_blck_size)
@@ -229,15 +231,19 @@ def _relu_sqr_ffn(c: _Ctx, h: Tensor, il: int) -> Tensor:
 
 
 def _moe(c: _Ctx, h: Tensor, il: int) -> Tensor:
-    """llm_graph_context::build_moe_ffn (src/llama-graph.cpp): softmax gating, top-k, normalized weights, and
-    qwen3next's gated shared expert (build_layer_ffn)."""
+    """llm_graph_context::build_moe_ffn (src/llama-graph.cpp): softmax or sigmoid gating (both in place), the
+    selection bias where the file has one (exp_probs_b), top-k, normalized weights, and qwen3next's gated shared
+    expert (build_layer_ffn)."""
     g, E, p, d, fd = c.g, c.E, c.p, c.dev[il], c.ffn_dev[il]      # fd: the experts' device (-cmoe and the like)
     md, arch = p.metadata, p.arch
     rows = h.size // (4 * E)
     n_exp, U = p.n_expert, p.n_expert_used
     n_ff = int(md.get(f"{arch}.expert_feed_forward_length", p.n_ff))
     probs = g.op(4 * n_exp * rows, g.op(4 * n_exp * rows, h, w=d), inplace=True)     # softmax(router logits)
-    sel = g.view(g.op(4 * n_exp * rows, probs), 4 * U + 4 * n_exp * (rows - 1))      # argsort, its top-k view
+    sel_probs = probs
+    if f"blk.{il}.exp_probs_b.bias" in c.names:
+        sel_probs = g.op(probs.size, probs, w=d, inplace=True)                        # + the selection bias
+    sel = g.view(g.op(4 * n_exp * rows, sel_probs), 4 * U + 4 * n_exp * (rows - 1))  # argsort, its top-k view
     w = g.view(g.op(4 * U * rows, g.view(probs), sel))                                # get_rows: the weights
     wsum = g.op(_a(4 * rows), g.op(_a(4 * rows), w), inplace=True)                    # clamp(sum_rows)
     w = g.view(g.op(4 * U * rows, w, wsum, inplace=True))                             # w / sum
@@ -408,17 +414,20 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
             cur = g.op(y.size, y, cur, inplace=True)
             cur = g.op(cur.size, _moe(c, c.norm(cur, il), il), cur, inplace=True)
             continue
-        # lfm2, jamba: norm, recurrent block or attention, residual, FFN norm, dense SwiGLU FFN, residual
+        # lfm2, lfm2moe, jamba: norm, recurrent block or attention, residual, FFN norm, dense SwiGLU FFN (lfm2moe:
+        # MoE past its leading dense layers), residual
         h = c.norm(cur, il)
         if p.layers[il].is_recurrent:
-            y = (_shortconv if p.arch == "lfm2" else _mamba1)(c, s_main, s_extra, h, il)
+            y = (_mamba1 if p.arch == "jamba" else _shortconv)(c, s_main, s_extra, h, il)
         else:
             assert attn is not None
-            y = attn(h, pos, il, qk_norm=p.arch == "lfm2")     # jamba: no RoPE, no Q/K norms
+            y = attn(h, pos, il, qk_norm=p.arch != "jamba")     # jamba: no RoPE, no Q/K norms
         if last:
             y, cur = g.op(4 * E * c.T_out, y, out_ids), g.op(4 * E * c.T_out, cur, out_ids)
         cur = g.op(y.size, cur, y, inplace=True)
-        cur = g.op(cur.size, cur, _ffn(c, c.norm(cur, il), il), inplace=True)
+        h = c.norm(cur, il)
+        moe = f"blk.{il}.ffn_gate_inp.weight" in c.names
+        cur = g.op(cur.size, cur, _moe(c, h, il) if moe else _ffn(c, h, il), inplace=True)
     out_dev = c.dev[n_layer]
     h = c.norm(cur, -1, cur.size) if n_layer else cur
     if p.arch in ("qwen3next", *_NEMOTRON_H):
