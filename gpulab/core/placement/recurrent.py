@@ -40,16 +40,17 @@ from .ggml_replay import Graph, Tensor, _a, buffer_peaks, schedule
 __all__ = ["RECURRENT_GRAPHS", "recurrent_compute_bytes", "replayable"]
 
 _NEMOTRON_H = ("nemotron_h", "nemotron_h_moe")      # one graph (llama_model_nemotron_h_moe is a nemotron_h)
-RECURRENT_GRAPHS = frozenset({"mamba", "mamba2", "jamba", "falcon-h1", "granitehybrid", *_NEMOTRON_H, "lfm2", "lfm2moe",
-                              "qwen3next"})
+_QWEN3NEXT = ("qwen3next", "qwen35", "qwen35moe")   # one graph but for the linear attention's beta/alpha and FFN
+RECURRENT_GRAPHS = frozenset({"mamba", "mamba2", "jamba", "falcon-h1", "granitehybrid", *_NEMOTRON_H, "lfm2",
+                              "lfm2moe", *_QWEN3NEXT})
 # the hyperparameters each graph reads from the GGUF ({arch}.<key>)
 _SSM = ("ssm.conv_kernel", "ssm.inner_size", "ssm.state_size", "ssm.time_step_rank")
-_KEYS = {"mamba": _SSM, "jamba": _SSM, "falcon-h1": _SSM, "granitehybrid": _SSM, "nemotron_h": _SSM, "nemotron_h_moe": _SSM,
-         "mamba2": _SSM, "lfm2": ("shortconv.l_cache",),
-         "lfm2moe": ("shortconv.l_cache",),
-         "qwen3next": (*_SSM, "ssm.group_count")}
-_MOE_BUILT = frozenset({"qwen3next", "lfm2moe"})       # the graphs whose MoE layers are built here (_moe)
-_ROPE = frozenset({"lfm2", "lfm2moe", "qwen3next", "falcon-h1", "granitehybrid"})     # the graphs whose attention is rotated (build_inp_pos)
+_KEYS = {**dict.fromkeys(("mamba", "mamba2", "jamba", "falcon-h1", "granitehybrid", *_NEMOTRON_H), _SSM),
+         **dict.fromkeys(("lfm2", "lfm2moe"), ("shortconv.l_cache",)),
+         **dict.fromkeys(_QWEN3NEXT, (*_SSM, "ssm.group_count"))}
+_MOE_BUILT = frozenset({*_QWEN3NEXT, "lfm2moe"})     # the graphs whose MoE layers are built here (_moe)
+_ROPE = frozenset({*_QWEN3NEXT, "lfm2", "lfm2moe", "falcon-h1", "granitehybrid"})   # attention rotated (build_inp_pos)
+_MROPE = frozenset({"qwen35", "qwen35moe"})          # llama_model_rope_type: LLAMA_ROPE_TYPE_IMROPE
 _QUANT_FREE = ("f32", "f16", "bf16")
 _CACHE: dict[tuple, tuple[weakref.ref, dict[str, int]]] = {}
 # bytes per element of a cache type, and elements per block (ggml_type_size / ggml_blck_size)
@@ -74,6 +75,8 @@ class _Ctx:
         self.E = profile.n_embd
         self.shapes = {t.name: t.shape for layer in profile.layers for t in layer.tensors}
         self.names = self.shapes.keys()
+        self.fused_gdn = True                    # cparams.fused_gdn_ar / _ch (llama_context::resolve_fused_ops)
+        self.gdn_nodes: list[tuple[Tensor, str]] = []   # each fused delta net that could be unfused, its device
 
     def norm(self, x: Tensor, il: int, size: int | None = None) -> Tensor:
         """build_norm (RMS, with a weight): the norm named "norm" is pinned to its layer's device
@@ -174,7 +177,8 @@ def _shortconv(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, il: int) -
 
 def _gated_delta_net(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, il: int) -> Tensor:
     """llama_model_qwen3next::graph::build_layer_attn_linear (src/models/qwen3next.cpp; fused QKV and gate
-    projections), build_conv_state and the fused build_delta_net (src/models/delta-net-base.cpp)."""
+    projections) and llama_model_qwen35(moe)'s, build_conv_state and the fused build_delta_net
+    (src/models/delta-net-base.cpp)."""
     g, d, T, ns, E = c.g, c.dev[il], c.T, c.ns, c.E
     md, arch = c.p.metadata, c.p.arch
     d_conv, d_inner = int(md[f"{arch}.ssm.conv_kernel"]), int(md[f"{arch}.ssm.inner_size"])
@@ -184,9 +188,14 @@ def _gated_delta_net(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, il: 
     ch = d_inner + 2 * nk * hk
     qkv = g.view(g.op(4 * ch * T, cur, w=d))
     z = g.op(4 * d_inner * T, cur, w=d)
-    ba = g.view(g.op(4 * 2 * nv * T, cur, w=d))
-    beta = g.view(g.op(4 * nv * T, g.op(4 * nv * T, g.view(ba)), inplace=True))      # sigmoid(cont(b))
-    alpha = g.op(4 * nv * T, g.op(4 * nv * T, g.view(ba)), w=d, inplace=True)         # cont(a) + dt bias
+    if arch == "qwen3next":
+        ba = g.view(g.op(4 * 2 * nv * T, cur, w=d))
+        beta = g.view(g.op(4 * nv * T, g.op(4 * nv * T, g.view(ba)), inplace=True))  # sigmoid(cont(b))
+        alpha = g.op(4 * nv * T, g.op(4 * nv * T, g.view(ba)), w=d, inplace=True)     # cont(a) + dt bias
+    else:
+        # qwen35 (src/models/qwen35.cpp): beta and alpha products of their own, read through reshapes
+        beta = g.op(4 * nv * T, g.view(g.op(4 * nv * T, cur, w=d)))                   # sigmoid
+        alpha = g.op(4 * nv * T, g.view(g.op(4 * nv * T, cur, w=d)), w=d)             # + dt bias
     gate = g.view(g.op(alpha.size, g.op(alpha.size, alpha, inplace=True), w=d, inplace=True))   # softplus * A
     conv = g.view(c.rs(il, s_main, s_extra, 4 * (d_conv - 1) * ch * ns))
     ci = g.op(4 * (d_conv - 1 + T // ns) * ch * ns, conv, g.view(qkv))               # concat(states, qkv^T)
@@ -194,9 +203,13 @@ def _gated_delta_net(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, il: 
     state = g.view(c.rs(il, s_main, s_extra, 4 * hv * hv * nv * ns))
     co = g.op(4 * ch * T, g.op(4 * ch * T, ci, w=d), inplace=True)                    # silu(ssm_conv)
     q, k = (g.op(4 * hk * nk * T, g.op(4 * hk * nk * T, g.view(co)), inplace=True) for _ in range(2))  # l2 norms
-    if nk != nv:                                                                      # repeat to the V heads
+    if nk != nv and (arch == "qwen3next" or not c.fused_gdn):
+        # repeated to the V heads; qwen35's graph repeats only where the fused delta net is off (it is on
+        # wherever the scheduler keeps it on its layer's device: llama_context::resolve_fused_ops)
         q, k = g.view(g.op(4 * hk * nv * T, g.view(q))), g.view(g.op(4 * hk * nv * T, g.view(k)))
     out = g.op(4 * hv * nv * (T + hv * ns), q, k, g.view(co), gate, beta, state)      # ggml_gated_delta_net
+    if arch != "qwen3next" and nk != nv:
+        c.gdn_nodes.append((out, d))
     g.expand(g.set(d, g.view(out), g.view(g.ext(d))))                                 # the new state
     y = c.norm(g.view(out), il, 4 * d_inner * T)
     y = g.op(y.size, y, g.op(y.size, g.view(z), inplace=True), inplace=True)          # * silu(z)
@@ -292,21 +305,29 @@ class _Attn:
 
     def __call__(self, cur: Tensor, pos: Tensor | None, il: int, gated: bool = False, qk_norm: bool = True,
                  wo_bias: bool = False) -> Tensor:
-        """build_qkv's separate Q, K and V products (src/llama-graph.cpp), Q and K RMS-normed (`qk_norm`) and
+        """build_qkv's Q, K and V products (src/llama-graph.cpp), Q and K RMS-normed (`qk_norm`) and
         rotated (where `pos`: RoPE). gated: Q is twice as wide, its second half gates the attention output
         (qwen3next.cpp build_layer_attn). wo_bias: the graph adds the output's bias where the file has it."""
         c, g, T = self.c, self.c.g, self.c.T
         d, layer, cfg = c.dev[il], c.p.layers[il], c.config
         hd, n_head, n_kv_head = layer.n_embd_head_k, layer.n_head, layer.n_head_kv
-        q_full = g.op(4 * hd * n_head * T * (2 if gated else 1), cur, w=d)
+        q_size, kv_size = 4 * hd * n_head * T * (2 if gated else 1), 4 * hd * n_kv_head * T
+        if f"blk.{il}.attn_qkv.weight" in c.names:
+            # one QKV product, each part made contiguous (build_qkv with reshape = false: qwen35)
+            qkv = g.op(q_size + 2 * kv_size, cur, w=d)
+            q_full = g.op(q_size, g.view(qkv))
+            k = g.view(g.op(kv_size, g.view(qkv)))
+            v = g.view(g.op(kv_size, g.view(qkv)))
+        else:
+            q_full = g.op(q_size, cur, w=d)
+            k = g.view(g.op(kv_size, cur, w=d))
+            v = g.view(g.op(kv_size, cur, w=d))
         gate = g.view(g.view(q_full), 4 * hd * n_head * T)
         q = g.view(q_full, 4 * hd * n_head * T)
-        k = g.view(g.op(4 * hd * n_kv_head * T, cur, w=d))
         if qk_norm:
             q, k = c.norm(q, il), c.norm(k, il)
         if pos is not None:
             q, k = g.op(q.size, q, pos, inplace=True), g.op(k.size, k, pos, inplace=True)
-        v = g.view(g.op(4 * hd * n_kv_head * T, cur, w=d))
         if self.k_rot is not None:
             q = g.view(g.op(q.size, self.k_rot, g.view(q)))
             k = g.view(g.op(k.size, self.k_rot, g.view(k)))
@@ -353,7 +374,8 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
     attn = _Attn(c, fa, v_trans) if any(la.has_kv for la in p.layers) else None
     s_copy = g.inp(4 * c.ns)
     s_main, s_extra = g.view(s_copy, 4 * c.ns), g.view(s_copy, 0)
-    pos = g.inp(4 * T) if attn is not None and p.arch in _ROPE else None
+    # positions: four per token for multi-section RoPE (llama_hparams::n_pos_per_embd)
+    pos = g.inp(4 * T * (4 if p.arch in _MROPE else 1)) if attn is not None and p.arch in _ROPE else None
     out_ids = g.inp(4 * c.T_out)
     n_layer = p.n_layer
     for il in range(n_layer):
@@ -402,9 +424,10 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
                 y = _relu_sqr_ffn(c, h, il)
             cur = g.op(y.size, y, cur, inplace=True)
             continue
-        if p.arch == "qwen3next":
-            # llama_model_qwen3next::graph: the norm expanded first, gated delta net or gated attention, the
-            # residual, the post-attention norm, the MoE with its shared expert, the residual
+        if p.arch in _QWEN3NEXT:
+            # llama_model_qwen3next::graph (and qwen35's, qwen35moe's): the norm expanded first, gated delta net
+            # or gated attention, the residual, the post-attention norm, the MoE with its shared expert (qwen35:
+            # a dense FFN), the residual
             h = g.expand(c.norm(cur, il))
             if p.layers[il].is_recurrent:
                 y = _gated_delta_net(c, s_main, s_extra, h, il)
@@ -412,7 +435,9 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
                 assert attn is not None and pos is not None
                 y = attn(h, pos, il, gated=True)
             cur = g.op(y.size, y, cur, inplace=True)
-            cur = g.op(cur.size, _moe(c, c.norm(cur, il), il), cur, inplace=True)
+            h = c.norm(cur, il)
+            moe = f"blk.{il}.ffn_gate_inp.weight" in c.names
+            cur = g.op(cur.size, _moe(c, h, il) if moe else _ffn(c, h, il), cur, inplace=True)
             continue
         # lfm2, lfm2moe, jamba: norm, recurrent block or attention, residual, FFN norm, dense SwiGLU FFN (lfm2moe:
         # MoE past its leading dense layers), residual
@@ -430,7 +455,7 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
         cur = g.op(cur.size, cur, _moe(c, h, il) if moe else _ffn(c, h, il), inplace=True)
     out_dev = c.dev[n_layer]
     h = c.norm(cur, -1, cur.size) if n_layer else cur
-    if p.arch in ("qwen3next", *_NEMOTRON_H):
+    if p.arch in (*_QWEN3NEXT, *_NEMOTRON_H):
         # the normed hidden state is an output (t_h_nextn, for MTP); the output rows are kept after the norm
         h.out = True
         h = g.op(4 * E * c.T_out, h, out_ids)
@@ -455,11 +480,14 @@ def recurrent_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_de
     c = _Ctx(profile, config, layer_devices, T, n_seqs, T_out, pin_norm, ffn_devices)
     g, fa_nodes = _graph(c, fa, v_trans)
     schedule(g)
-    if config.flash_attn == "auto" and any(n.be != d for n, d in fa_nodes):
-        # llama_context::resolve_fused_ops: flash attention scheduled away from its layer's device is
-        # turned off (and the reserve graph built again without it)
+    # llama_context::resolve_fused_ops: flash attention ('auto') or the fused delta net scheduled away from its
+    # layer's device is turned off, and the reserve graph built again without it
+    fa_off = config.flash_attn == "auto" and any(n.be != d for n, d in fa_nodes)
+    gdn_off = any(n.be != d for n, d in c.gdn_nodes)
+    if fa_off or gdn_off:
         c = _Ctx(profile, config, layer_devices, T, n_seqs, T_out, pin_norm, ffn_devices)
-        g, _ = _graph(c, False, v_trans)
+        c.fused_gdn = not gdn_off
+        g, _ = _graph(c, fa and not fa_off, v_trans)
         schedule(g)
     tops = buffer_peaks(g, n_copies)
     out = {name: tops.get(name, 0) for name in names}
@@ -490,6 +518,6 @@ def replayable(profile: ModelProfile) -> bool:
     names = {t.name.split(".", 2)[-1] for layer in profile.layers if layer.is_recurrent for t in layer.tensors}
     if not names:
         return True            # a profile without its tensor list (built in code): the graph as written here
-    return {"qwen3next": "attn_qkv.weight" in names and "ssm_in.weight" not in names,
+    return {**dict.fromkeys(_QWEN3NEXT, "attn_qkv.weight" in names and "ssm_in.weight" not in names),
             "mamba2": "ssm_norm.weight" in names, "falcon-h1": "ssm_norm.weight" in names,
             "granitehybrid": "ssm_norm.weight" in names, "nemotron_h": "ssm_norm.weight" in names}.get(arch, True)
