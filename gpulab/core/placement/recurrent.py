@@ -42,12 +42,12 @@ __all__ = ["RECURRENT_GRAPHS", "recurrent_compute_bytes", "replayable"]
 _NEMOTRON_H = ("nemotron_h", "nemotron_h_moe")      # one graph (llama_model_nemotron_h_moe is a nemotron_h)
 _QWEN3NEXT = ("qwen3next", "qwen35", "qwen35moe")   # one graph but for the linear attention's beta/alpha and FFN
 RECURRENT_GRAPHS = frozenset({"mamba", "mamba2", "jamba", "falcon-h1", "granitehybrid", *_NEMOTRON_H, "lfm2",
-                              "lfm2moe", *_QWEN3NEXT})
+                              "lfm2moe", *_QWEN3NEXT, "rwkv6qwen2"})
 # the hyperparameters each graph reads from the GGUF ({arch}.<key>)
 _SSM = ("ssm.conv_kernel", "ssm.inner_size", "ssm.state_size", "ssm.time_step_rank")
 _KEYS = {**dict.fromkeys(("mamba", "mamba2", "jamba", "falcon-h1", "granitehybrid", *_NEMOTRON_H), _SSM),
          **dict.fromkeys(("lfm2", "lfm2moe"), ("shortconv.l_cache",)),
-         **dict.fromkeys(_QWEN3NEXT, (*_SSM, "ssm.group_count"))}
+         **dict.fromkeys(_QWEN3NEXT, (*_SSM, "ssm.group_count")), "rwkv6qwen2": ("wkv.head_size",)}
 _MOE_BUILT = frozenset({*_QWEN3NEXT, "lfm2moe"})     # the graphs whose MoE layers are built here (_moe)
 _ROPE = frozenset({*_QWEN3NEXT, "lfm2", "lfm2moe", "falcon-h1", "granitehybrid"})   # attention rotated (build_inp_pos)
 _MROPE = frozenset({"qwen35", "qwen35moe"})          # llama_model_rope_type: LLAMA_ROPE_TYPE_IMROPE
@@ -214,6 +214,44 @@ def _gated_delta_net(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, il: 
     y = c.norm(g.view(out), il, 4 * d_inner * T)
     y = g.op(y.size, y, g.op(y.size, g.view(z), inplace=True), inplace=True)          # * silu(z)
     return g.view(g.op(4 * E * T, g.view(y), w=d))                                    # ssm_out
+
+
+def _rwkv6_time_mix(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, x_prev: Tensor, il: int) -> Tensor:
+    """llm_build_rwkv6_base::build_rwkv6_time_mix (src/models/rwkv6-base.cpp) as rwkv6qwen2 runs it: fused
+    lerps, no time_mix_first (gated linear attention, sigmoid gate), K and V repeated to the heads."""
+    g, d, T, ns, E = c.g, c.dev[il], c.T, c.ns, c.E
+    md, arch = c.p.metadata, c.p.arch
+    n_head, n_head_kv = E // int(md[f"{arch}.wkv.head_size"]), c.p.layers[il].n_head_kv
+    w1 = c.shapes[f"blk.{il}.time_mix_w1.weight"][1]
+    kv = c.shapes[f"blk.{il}.time_mix_key.weight"][1]
+    sx = g.op(4 * E * T, x_prev, cur, inplace=True)                               # x_prev - x
+    sx_v, cur_v = g.view(sx), g.view(cur)
+    xxx = g.op(4 * E * T, g.op(4 * E * T, sx_v, w=d, inplace=True), cur_v, inplace=True)   # sx * lerp_x + x
+    xxx = g.op(4 * w1 * T, g.op(4 * w1 * T, xxx, w=d), inplace=True)              # tanh(w1 xxx)
+    xxx = g.op(4 * w1 * T, g.view(g.view(xxx)))                                  # cont(permute)
+    xxx = g.op(4 * 5 * E * T, xxx, w=d)                                           # w2
+    xxx = g.op(xxx.size, g.op(xxx.size, xxx, w=d, inplace=True), g.view(sx), inplace=True)  # (xxx + lerp) * sx
+    xxx = g.op(xxx.size, xxx, g.view(cur), inplace=True)                          # + x
+    xw, xk, xv, xr, xg = (g.view(xxx, 4 * E * T) for _ in range(5))
+    r = g.op(4 * E * T, xr, w=d)
+    k = g.op(4 * kv * T, xk, w=d)
+    v = g.op(4 * kv * T, xv, w=d)
+    gate = g.op(4 * E * T, g.op(4 * E * T, xg, w=d), inplace=True)               # sigmoid(time_mix_gate xg)
+    if n_head_kv and n_head_kv != n_head:                                         # repeated to the heads
+        k, v = g.op(4 * E * T, g.view(k)), g.op(4 * E * T, g.view(v))
+    k, v, r = g.view(k), g.view(v), g.view(r)
+    wd = c.shapes[f"blk.{il}.time_mix_decay_w1.weight"][1]
+    w = g.op(4 * E * T, g.op(4 * wd * T, g.op(4 * wd * T, xw, w=d), inplace=True), w=d)   # w2 tanh(w1 xw)
+    w = g.op(w.size, w, w=d, inplace=True)                                        # + decay
+    for _ in range(3):                                                            # exp(-exp(w))
+        w = g.op(w.size, w, inplace=True)
+    w = g.view(w)
+    k = g.op(4 * E * T, k, g.op(4 * E * T, k, w, inplace=True), inplace=True)    # k - k * w
+    state = c.rs(il, s_main, s_extra, 4 * c.p.layers[il].n_embd_s * ns)
+    out = g.op(4 * E * (T + E // n_head * ns), k, v, r, w, state)                 # ggml_gated_linear_attn
+    g.expand(g.set(d, g.view(out), g.view(g.ext(d))))                             # the new state
+    y = g.op(4 * E * T, g.view(g.view(out, 4 * E * T)), gate, inplace=True)       # * gate
+    return g.view(g.op(4 * E * T, y, w=d))                                        # time_mix_output
 
 
 def _ffn(c: _Ctx, h: Tensor, il: int, bias: bool = False) -> Tensor:
@@ -423,6 +461,19 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
             else:
                 y = _relu_sqr_ffn(c, h, il)
             cur = g.op(y.size, y, cur, inplace=True)
+            continue
+        if p.arch == "rwkv6qwen2":
+            # llama_model_rwkv6qwen2::graph (src/models/rwkv6qwen2.cpp): the token shift read, the norm, the
+            # shifted input, the time mix, the token shift written, the residual, the SwiGLU FFN, the residual
+            inp = g.view(cur)
+            shift = g.view(c.rs(il, s_main, s_extra, 4 * p.layers[il].n_embd_r * c.ns))
+            att = c.norm(inp, il)
+            x_prev = g.op(4 * E * T, shift, g.view(att))                            # concat
+            y = _rwkv6_time_mix(c, s_main, s_extra, att, x_prev, il)
+            g.expand(g.set(c.dev[il], g.view(g.view(att)), g.view(g.ext(c.dev[il]))))
+            ffn_inp = g.op(4 * E * T, y, inp, inplace=True)
+            ffn_inp = g.op(4 * E * c.T_out, g.view(ffn_inp), out_ids) if last else g.view(ffn_inp)
+            cur = g.op(ffn_inp.size, _ffn(c, c.norm(ffn_inp, il), il), ffn_inp, inplace=True)
             continue
         if p.arch in _QWEN3NEXT:
             # llama_model_qwen3next::graph (and qwen35's, qwen35moe's): the norm expanded first, gated delta net
