@@ -42,12 +42,13 @@ __all__ = ["RECURRENT_GRAPHS", "recurrent_compute_bytes", "replayable"]
 _NEMOTRON_H = ("nemotron_h", "nemotron_h_moe")      # one graph (llama_model_nemotron_h_moe is a nemotron_h)
 _QWEN3NEXT = ("qwen3next", "qwen35", "qwen35moe")   # one graph but for the linear attention's beta/alpha and FFN
 RECURRENT_GRAPHS = frozenset({"mamba", "mamba2", "jamba", "falcon-h1", "granitehybrid", *_NEMOTRON_H, "lfm2",
-                              "lfm2moe", *_QWEN3NEXT, "rwkv6qwen2"})
+                              "lfm2moe", *_QWEN3NEXT, "rwkv6qwen2", "arwkv7"})
 # the hyperparameters each graph reads from the GGUF ({arch}.<key>)
 _SSM = ("ssm.conv_kernel", "ssm.inner_size", "ssm.state_size", "ssm.time_step_rank")
 _KEYS = {**dict.fromkeys(("mamba", "mamba2", "jamba", "falcon-h1", "granitehybrid", *_NEMOTRON_H), _SSM),
          **dict.fromkeys(("lfm2", "lfm2moe"), ("shortconv.l_cache",)),
-         **dict.fromkeys(_QWEN3NEXT, (*_SSM, "ssm.group_count")), "rwkv6qwen2": ("wkv.head_size",)}
+         **dict.fromkeys(_QWEN3NEXT, (*_SSM, "ssm.group_count")), "rwkv6qwen2": ("wkv.head_size",),
+         "arwkv7": ("wkv.head_size",)}
 _MOE_BUILT = frozenset({*_QWEN3NEXT, "lfm2moe"})     # the graphs whose MoE layers are built here (_moe)
 _ROPE = frozenset({*_QWEN3NEXT, "lfm2", "lfm2moe", "falcon-h1", "granitehybrid"})   # attention rotated (build_inp_pos)
 _MROPE = frozenset({"qwen35", "qwen35moe"})          # llama_model_rope_type: LLAMA_ROPE_TYPE_IMROPE
@@ -77,6 +78,7 @@ class _Ctx:
         self.names = self.shapes.keys()
         self.fused_gdn = True                    # cparams.fused_gdn_ar / _ch (llama_context::resolve_fused_ops)
         self.gdn_nodes: list[tuple[Tensor, str]] = []   # each fused delta net that could be unfused, its device
+        self.v_first: Tensor | None = None        # RWKV-7: the first layer's V, read by every later layer
 
     def norm(self, x: Tensor, il: int, size: int | None = None) -> Tensor:
         """build_norm (RMS, with a weight): the norm named "norm" is pinned to its layer's device
@@ -229,7 +231,7 @@ def _rwkv6_time_mix(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, x_pre
     xxx = g.op(4 * E * T, g.op(4 * E * T, sx_v, w=d, inplace=True), cur_v, inplace=True)   # sx * lerp_x + x
     xxx = g.op(4 * w1 * T, g.op(4 * w1 * T, xxx, w=d), inplace=True)              # tanh(w1 xxx)
     xxx = g.op(4 * w1 * T, g.view(g.view(xxx)))                                  # cont(permute)
-    xxx = g.op(4 * 5 * E * T, xxx, w=d)                                           # w2
+    xxx = g.op(4 * 5 * E * T, xxx)             # w2, reshaped: a view of a weight is no weight to the scheduler
     xxx = g.op(xxx.size, g.op(xxx.size, xxx, w=d, inplace=True), g.view(sx), inplace=True)  # (xxx + lerp) * sx
     xxx = g.op(xxx.size, xxx, g.view(cur), inplace=True)                          # + x
     xw, xk, xv, xr, xg = (g.view(xxx, 4 * E * T) for _ in range(5))
@@ -252,6 +254,48 @@ def _rwkv6_time_mix(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, x_pre
     g.expand(g.set(d, g.view(out), g.view(g.ext(d))))                             # the new state
     y = g.op(4 * E * T, g.view(g.view(out, 4 * E * T)), gate, inplace=True)       # * gate
     return g.view(g.op(4 * E * T, y, w=d))                                        # time_mix_output
+
+
+def _rwkv7_time_mix(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, x_prev: Tensor, il: int) -> Tensor:
+    """llm_build_rwkv7_base::build_rwkv7_time_mix (src/models/rwkv7-base.cpp) as arwkv7 runs it: no gate, no
+    group norm; the first layer's V (c.v_first) mixed into every later layer's."""
+    g, d, T, ns, E = c.g, c.dev[il], c.T, c.ns, c.E
+    md, arch = c.p.metadata, c.p.arch
+    head = int(md[f"{arch}.wkv.head_size"])
+    sh = c.shapes
+    e = 4 * E * T
+
+    def lora(x: Tensor, name: str, tanh: bool = False) -> Tensor:                 # x2(x1 x): a low-rank product
+        mid = g.op(4 * sh[f"blk.{il}.time_mix_{name}1.weight"][1] * T, x, w=d)
+        return g.op(e, g.op(mid.size, mid, inplace=True) if tanh else mid, w=d)
+
+    sx = g.op(e, x_prev, cur, inplace=True)                                       # x_prev - x
+    sx = g.op(5 * e, sx)                                                          # repeat: one per lerp
+    xxx = g.op(5 * e, g.op(5 * e, sx, w=d, inplace=True), cur, inplace=True)      # sx * lerp_fused + x
+    xr, xw, xk, xv, xa = (g.view(xxx, e) for _ in range(5))
+    r = g.op(e, xr, w=d)
+    w = g.op(e, g.op(e, lora(xw, "w", tanh=True), w=d, inplace=True), inplace=True)   # sigmoid(w2 tanh(w1 xw) + w0)
+    for _ in range(2):                                                            # exp(scale(.))
+        w = g.op(e, w, inplace=True)
+    k = g.op(e, xk, w=d)
+    v = g.op(e, xv, w=d)
+    if c.v_first is None:
+        c.v_first = v
+    else:
+        mix = g.op(e, g.op(e, lora(xv, "v"), w=d, inplace=True), inplace=True)   # sigmoid(v2 v1 xv + v0)
+        v = g.op(e, v, g.op(e, g.op(e, c.v_first, v, inplace=True), mix, inplace=True), inplace=True)
+    a = g.op(e, g.op(e, lora(xa, "a"), w=d, inplace=True), inplace=True)         # sigmoid(a2 a1 xa + a0)
+    kk = g.op(e, g.view(g.op(e, k, w=d, inplace=True)))                           # l2_norm(k * k_k)
+    ka = g.op(e, k, w=d, inplace=True)                                            # k * k_a
+    k = g.op(e, k, g.op(e, g.op(e, a, ka, inplace=True), ka, inplace=True), inplace=True)   # k + (a * ka - ka)
+    r, w, k, v, a = (g.view(x) for x in (r, w, k, v, a))
+    state = c.rs(il, s_main, s_extra, 4 * c.p.layers[il].n_embd_s * ns)
+    neg = g.op(e, kk, inplace=True)
+    out = g.op(4 * E * (T + head * ns), r, w, k, v, neg, g.op(e, kk, a, inplace=True), state)  # ggml_rwkv_wkv7
+    g.expand(g.set(d, g.view(out), g.view(g.ext(d))))                             # the new state
+    rk = g.op(4 * (E // head) * T, g.op(e, g.op(e, k, r, inplace=True), g.view(g.ext(d)), inplace=True))  # sum_rows
+    y = g.op(e, g.view(g.view(out, e)), g.view(g.op(e, v, rk, inplace=True)), inplace=True)
+    return g.view(g.op(e, y, w=d))                                                # time_mix_output
 
 
 def _ffn(c: _Ctx, h: Tensor, il: int, bias: bool = False) -> Tensor:
@@ -462,14 +506,14 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
                 y = _relu_sqr_ffn(c, h, il)
             cur = g.op(y.size, y, cur, inplace=True)
             continue
-        if p.arch == "rwkv6qwen2":
+        if p.arch in ("rwkv6qwen2", "arwkv7"):
             # llama_model_rwkv6qwen2::graph (src/models/rwkv6qwen2.cpp): the token shift read, the norm, the
             # shifted input, the time mix, the token shift written, the residual, the SwiGLU FFN, the residual
             inp = g.view(cur)
             shift = g.view(c.rs(il, s_main, s_extra, 4 * p.layers[il].n_embd_r * c.ns))
             att = c.norm(inp, il)
             x_prev = g.op(4 * E * T, shift, g.view(att))                            # concat
-            y = _rwkv6_time_mix(c, s_main, s_extra, att, x_prev, il)
+            y = (_rwkv6_time_mix if p.arch == "rwkv6qwen2" else _rwkv7_time_mix)(c, s_main, s_extra, att, x_prev, il)
             g.expand(g.set(c.dev[il], g.view(g.view(att)), g.view(g.ext(c.dev[il]))))
             ffn_inp = g.op(4 * E * T, y, inp, inplace=True)
             ffn_inp = g.op(4 * E * c.T_out, g.view(ffn_inp), out_ids) if last else g.view(ffn_inp)
