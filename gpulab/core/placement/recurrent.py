@@ -42,15 +42,16 @@ __all__ = ["RECURRENT_GRAPHS", "recurrent_compute_bytes", "replayable"]
 _NEMOTRON_H = ("nemotron_h", "nemotron_h_moe")      # one graph (llama_model_nemotron_h_moe is a nemotron_h)
 _QWEN3NEXT = ("qwen3next", "qwen35", "qwen35moe")   # one graph but for the linear attention's beta/alpha and FFN
 RECURRENT_GRAPHS = frozenset({"mamba", "mamba2", "jamba", "falcon-h1", "granitehybrid", *_NEMOTRON_H, "lfm2",
-                              "lfm2moe", *_QWEN3NEXT, "rwkv6qwen2", "arwkv7"})
+                              "lfm2moe", *_QWEN3NEXT, "rwkv6qwen2", "arwkv7",
+                              "plamo2"})
 # the hyperparameters each graph reads from the GGUF ({arch}.<key>)
 _SSM = ("ssm.conv_kernel", "ssm.inner_size", "ssm.state_size", "ssm.time_step_rank")
-_KEYS = {**dict.fromkeys(("mamba", "mamba2", "jamba", "falcon-h1", "granitehybrid", *_NEMOTRON_H), _SSM),
+_KEYS = {**dict.fromkeys(("mamba", "mamba2", "jamba", "falcon-h1", "granitehybrid", *_NEMOTRON_H, "plamo2"), _SSM),
          **dict.fromkeys(("lfm2", "lfm2moe"), ("shortconv.l_cache",)),
          **dict.fromkeys(_QWEN3NEXT, (*_SSM, "ssm.group_count")), "rwkv6qwen2": ("wkv.head_size",),
          "arwkv7": ("wkv.head_size",)}
 _MOE_BUILT = frozenset({*_QWEN3NEXT, "lfm2moe"})     # the graphs whose MoE layers are built here (_moe)
-_ROPE = frozenset({*_QWEN3NEXT, "lfm2", "lfm2moe", "falcon-h1", "granitehybrid"})   # attention rotated (build_inp_pos)
+_ROPE = frozenset({*_QWEN3NEXT, "lfm2", "lfm2moe", "falcon-h1", "granitehybrid", "plamo2"})   # attention rotated (build_inp_pos)
 _MROPE = frozenset({"qwen35", "qwen35moe"})          # llama_model_rope_type: LLAMA_ROPE_TYPE_IMROPE
 _QUANT_FREE = ("f32", "f16", "bf16")
 _CACHE: dict[tuple, tuple[weakref.ref, dict[str, int]]] = {}
@@ -298,6 +299,36 @@ def _rwkv7_time_mix(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, x_pre
     return g.view(g.op(e, y, w=d))                                                # time_mix_output
 
 
+def _plamo2_mamba(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, il: int) -> Tensor:
+    """llama_model_plamo2::graph::build_plamo2_mamba_layer (src/models/plamo2.cpp): Mamba with heads, z and x
+    interleaved per head (made contiguous), dt, B and C RMS-normed, A and D reshaped weights."""
+    g, d, T, ns = c.g, c.dev[il], c.T, c.ns
+    md, arch = c.p.metadata, c.p.arch
+    d_conv, d_inner = int(md[f"{arch}.ssm.conv_kernel"]), int(md[f"{arch}.ssm.inner_size"])
+    d_state, n_heads = int(md[f"{arch}.ssm.state_size"]), int(md[f"{arch}.ssm.time_step_rank"])
+    dt_dim = max(64, c.E // 16)
+    conv = g.view(c.rs(il, s_main, s_extra, 4 * (d_conv - 1) * d_inner * ns))
+    zx = g.op(4 * 2 * d_inner * T, g.view(g.op(4 * 2 * d_inner * T, g.view(cur), w=d)))   # cont(permute(ssm_in))
+    x = g.op(4 * d_inner * T, g.view(zx))                                         # cont(x)
+    z = g.view(zx)
+    conv_x = g.op(4 * (d_conv - 1 + T // ns) * d_inner * ns, conv, g.view(x))   # concat(conv, x^T)
+    g.expand(g.set(d, g.view(conv_x), g.view(g.ext(d))))
+    x = g.op(4 * d_inner * T, g.op(4 * d_inner * T, conv_x, w=d), inplace=True)   # silu(ssm_conv)
+    x_bcdt = g.op(4 * c.shapes[f"blk.{il}.ssm_x.weight"][1] * T, x, w=d)         # ssm_x
+    B, C = c.norm(g.view(x_bcdt), il, 4 * d_state * T), c.norm(g.view(x_bcdt), il, 4 * d_state * T)
+    dt = c.norm(g.view(x_bcdt), il, 4 * dt_dim * T)
+    dt = g.op(4 * n_heads * T, g.op(4 * n_heads * T, dt, w=d), w=d, inplace=True)  # ssm_dt + bias
+    x4, B, C = g.view(x), g.view(B), g.view(C)
+    # the scan's A is a reshaped weight: no weight to the scheduler
+    ys = c.rs(il, s_main, s_extra, 0,
+              lambda states: g.op(4 * (d_inner * T + d_state * d_inner * ns), g.view(states), x4, dt, B, C, s_main))
+    g.expand(g.set(d, g.view(ys), g.view(g.ext(d))))
+    yd = 4 * d_inner * T
+    y = g.op(yd, g.view(ys, yd), g.op(yd, x4, inplace=True), inplace=True)       # y + x * D
+    y = g.op(yd, g.op(yd, z), y)                                                  # swiglu_split(cont(z), y)
+    return g.view(g.op(4 * c.E * T, g.view(y), w=d))                              # ssm_out
+
+
 def _ffn(c: _Ctx, h: Tensor, il: int, bias: bool = False) -> Tensor:
     """llm_graph_context::build_ffn (src/llama-graph.cpp), SiLU with a parallel gate: up, gate, swiglu_split,
     down; each product's bias the file has added in place (`bias`: the graph passes them)."""
@@ -386,20 +417,25 @@ class _Attn:
         self.fa_nodes: list[tuple[Tensor | None, str]] = []     # each flash-attention node and its layer's device
 
     def __call__(self, cur: Tensor, pos: Tensor | None, il: int, gated: bool = False, qk_norm: bool = True,
-                 wo_bias: bool = False) -> Tensor:
+                 wo_bias: bool = False, qkv_views: bool = False) -> Tensor:
         """build_qkv's Q, K and V products (src/llama-graph.cpp), Q and K RMS-normed (`qk_norm`) and
         rotated (where `pos`: RoPE). gated: Q is twice as wide, its second half gates the attention output
-        (qwen3next.cpp build_layer_attn). wo_bias: the graph adds the output's bias where the file has it."""
+        (qwen3next.cpp build_layer_attn). wo_bias: the graph adds the output's bias where the file has it.
+        qkv_views: a fused QKV product read through strided views (plamo2), not made contiguous."""
         c, g, T = self.c, self.c.g, self.c.T
         d, layer, cfg = c.dev[il], c.p.layers[il], c.config
         hd, n_head, n_kv_head = layer.n_embd_head_k, layer.n_head, layer.n_head_kv
         q_size, kv_size = 4 * hd * n_head * T * (2 if gated else 1), 4 * hd * n_kv_head * T
+        strided = False
         if f"blk.{il}.attn_qkv.weight" in c.names:
-            # one QKV product, each part made contiguous (build_qkv with reshape = false: qwen35)
+            # one QKV product, each part made contiguous (build_qkv with reshape = false: qwen35) or not
             qkv = g.op(q_size + 2 * kv_size, cur, w=d)
-            q_full = g.op(q_size, g.view(qkv))
-            k = g.view(g.op(kv_size, g.view(qkv)))
-            v = g.view(g.op(kv_size, g.view(qkv)))
+            if qkv_views:
+                q_full, k, v, strided = qkv, g.view(qkv, kv_size), g.view(qkv, kv_size), True
+            else:
+                q_full = g.op(q_size, g.view(qkv))
+                k = g.view(g.op(kv_size, g.view(qkv)))
+                v = g.view(g.op(kv_size, g.view(qkv)))
         else:
             q_full = g.op(q_size, cur, w=d)
             k = g.view(g.op(kv_size, cur, w=d))
@@ -419,7 +455,8 @@ class _Attn:
         g.expand(v)
         g.expand(k)
         g.expand(g.set(d, g.view(k), self.k_idxs))
-        g.expand(g.set(d, g.view(v), self.v_idxs))
+        # a transposed V cache takes a strided V made contiguous first (llama_kv_cache::cpy_v)
+        g.expand(g.set(d, g.op(v.size, v) if strided and self.v_trans else g.view(v), self.v_idxs))
         n_kv = self.n_kv * self.n_stream                                     # the views span every stream
         kc = g.view(g.view(g.ext(d)), _row(cfg.type_k, hd) * n_kv_head * n_kv)
         vc = g.view(g.view(g.ext(d)), _row(cfg.type_v, hd) * n_kv_head * n_kv)
@@ -505,6 +542,24 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
             else:
                 y = _relu_sqr_ffn(c, h, il)
             cur = g.op(y.size, y, cur, inplace=True)
+            continue
+        if p.arch == "plamo2":
+            # llama_model_plamo2::graph (src/models/plamo2.cpp): norm, Mamba or attention (fused QKV read through
+            # views, Q/K norms, RoPE), the post-mixer norm, the residual, the FFN norm, up and a SwiGLU of its two
+            # halves, down, the post-FFN norm, the residual
+            h = c.norm(cur, il)
+            if p.layers[il].is_recurrent:
+                y = _plamo2_mamba(c, s_main, s_extra, h, il)
+            else:
+                assert attn is not None
+                y = attn(h, pos, il, qkv_views=True)
+            if last:
+                y, cur = g.op(4 * E * c.T_out, y, out_ids), g.op(4 * E * c.T_out, cur, out_ids)
+            cur = g.op(y.size, c.norm(y, il), cur, inplace=True)
+            rows, fd = cur.size // (4 * E), c.ffn_dev[il]
+            up = g.op(4 * c.shapes[f"blk.{il}.ffn_up.weight"][1] * rows, c.norm(cur, il), w=fd)
+            y = g.op(cur.size, g.op(up.size // 2, up), w=fd)                         # down(swiglu(up))
+            cur = g.op(cur.size, c.norm(y, il), cur, inplace=True)
             continue
         if p.arch in ("rwkv6qwen2", "arwkv7"):
             # llama_model_rwkv6qwen2::graph (src/models/rwkv6qwen2.cpp): the token shift read, the norm, the
