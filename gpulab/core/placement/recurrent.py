@@ -43,14 +43,14 @@ _NEMOTRON_H = ("nemotron_h", "nemotron_h_moe")      # one graph (llama_model_nem
 _QWEN3NEXT = ("qwen3next", "qwen35", "qwen35moe")   # one graph but for the linear attention's beta/alpha and FFN
 RECURRENT_GRAPHS = frozenset({"mamba", "mamba2", "jamba", "falcon-h1", "granitehybrid", *_NEMOTRON_H, "lfm2",
                               "lfm2moe", *_QWEN3NEXT, "rwkv6qwen2", "arwkv7",
-                              "plamo2"})
+                              "plamo2", "minimax-01"})
 # the hyperparameters each graph reads from the GGUF ({arch}.<key>)
 _SSM = ("ssm.conv_kernel", "ssm.inner_size", "ssm.state_size", "ssm.time_step_rank")
 _KEYS = {**dict.fromkeys(("mamba", "mamba2", "jamba", "falcon-h1", "granitehybrid", *_NEMOTRON_H, "plamo2"), _SSM),
          **dict.fromkeys(("lfm2", "lfm2moe"), ("shortconv.l_cache",)),
-         **dict.fromkeys(_QWEN3NEXT, (*_SSM, "ssm.group_count")), "rwkv6qwen2": ("wkv.head_size",),
+         **dict.fromkeys(_QWEN3NEXT, (*_SSM, "ssm.group_count")), "rwkv6qwen2": ("wkv.head_size",), "minimax-01": (),
          "arwkv7": ("wkv.head_size",)}
-_MOE_BUILT = frozenset({*_QWEN3NEXT, "lfm2moe"})     # the graphs whose MoE layers are built here (_moe)
+_MOE_BUILT = frozenset({*_QWEN3NEXT, "lfm2moe", "minimax-01"})     # the graphs whose MoE layers are built here (_moe)
 _ROPE = frozenset({*_QWEN3NEXT, "lfm2", "lfm2moe", "falcon-h1", "granitehybrid", "plamo2"})   # attention rotated (build_inp_pos)
 _MROPE = frozenset({"qwen35", "qwen35moe"})          # llama_model_rope_type: LLAMA_ROPE_TYPE_IMROPE
 _QUANT_FREE = ("f32", "f16", "bf16")
@@ -329,6 +329,48 @@ def _plamo2_mamba(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, il: int
     return g.view(g.op(4 * c.E * T, g.view(y), w=d))                              # ssm_out
 
 
+class _Lightning:
+    """The inputs of minimax-01's lightning attention (llm_graph_input_la: the slopes, the decays of Q, K and of
+    the diagonal blocks) and its layer (llama_model_minimax_01::graph, src/models/minimax-01.cpp)."""
+
+    def __init__(self, c: _Ctx) -> None:
+        g, T, ns = c.g, c.T, c.ns
+        H = c.p.layers[0].n_head
+        self.c, self.H = c, H
+        self.slopes = g.inp(4 * H)
+        self.q_decay, self.k_decay = g.inp(4 * H * T), g.inp(4 * H * T)
+        self.diag_decay = g.inp(4 * (T // ns) * (T // ns) * H * ns)
+
+    def __call__(self, s_main: Tensor, s_extra: Tensor, cur: Tensor, il: int) -> Tensor:
+        c, H = self.c, self.H
+        g, d, T, ns, E = c.g, c.dev[il], c.T, c.ns, c.E
+        e = 4 * E * T
+        layer = c.p.layers[il]
+        c.rs(il, s_main, s_extra, 4 * layer.n_embd_r * ns)             # the (empty) conv state, expanded
+        cur = g.view(cur)
+        qkv_all = g.view(g.op(3 * e, g.op(3 * e, cur, w=d), inplace=True))   # silu(wqkv)
+        q, k, v = g.view(qkv_all, e), g.view(qkv_all, e), g.view(qkv_all, e)
+        kv_old = g.view(c.rs(il, s_main, s_extra, 4 * layer.n_embd_s * ns))
+
+        def decay(x: Tensor) -> Tensor:                                 # exp(scale(x))
+            return g.op(x.size, g.op(x.size, x, inplace=True), inplace=True)
+
+        q_decay, k_decay, diag_decay = decay(self.q_decay), decay(self.k_decay), decay(self.diag_decay)
+        none_diag = g.op(e, kv_old, g.view(g.op(e, q, q_decay)))         # kv_old x permute(q * q_decay)
+        qk = g.op(diag_decay.size, g.view(k), g.view(q))                  # k^T q per head
+        qk = g.op(qk.size, qk, diag_decay, inplace=True)
+        v_trans = g.op(e, g.view(v))                                      # cont(permute(v))
+        qkv = g.expand(g.op(e, none_diag, g.op(e, v_trans, qk), inplace=True))
+        block_decay = g.view(decay(g.op(4 * H, self.slopes, inplace=True)))   # exp(scale(scale(slopes)))
+        kv_old_s = g.op(kv_old.size, kv_old, block_decay, inplace=True)
+        k_trans = g.op(e, g.view(g.op(e, k, k_decay)))                    # cont(permute(k * k_decay))
+        kv_new = g.op(kv_old.size, kv_old_s, g.op(kv_old.size, k_trans, v_trans), inplace=True)
+        g.expand(g.set(d, kv_new, g.view(g.ext(d))))                      # the new state
+        qkv = c.norm(g.view(g.op(e, g.view(qkv))), il)                    # norm(cont(permute(qkv)))
+        gate = g.op(e, g.op(e, cur, w=d), inplace=True)                   # sigmoid(wg)
+        return g.view(g.op(e, g.op(e, gate, qkv, inplace=True), w=d))     # wo(gate * qkv)
+
+
 def _ffn(c: _Ctx, h: Tensor, il: int, bias: bool = False) -> Tensor:
     """llm_graph_context::build_ffn (src/llama-graph.cpp), SiLU with a parallel gate: up, gate, swiglu_split,
     down; each product's bias the file has added in place (`bias`: the graph passes them)."""
@@ -358,8 +400,8 @@ def _relu_sqr_ffn(c: _Ctx, h: Tensor, il: int) -> Tensor:
 
 def _moe(c: _Ctx, h: Tensor, il: int) -> Tensor:
     """llm_graph_context::build_moe_ffn (src/llama-graph.cpp): softmax or sigmoid gating (both in place), the
-    selection bias where the file has one (exp_probs_b), top-k, normalized weights, and qwen3next's gated shared
-    expert (build_layer_ffn)."""
+    selection bias where the file has one (exp_probs_b), top-k, normalized weights, experts with a gate (SwiGLU)
+    or without (SiLU of the up product: minimax-01), and qwen3next's gated shared expert (build_layer_ffn)."""
     g, E, p, d, fd = c.g, c.E, c.p, c.dev[il], c.ffn_dev[il]      # fd: the experts' device (-cmoe and the like)
     md, arch = p.metadata, p.arch
     rows = h.size // (4 * E)
@@ -376,7 +418,11 @@ def _moe(c: _Ctx, h: Tensor, il: int) -> Tensor:
     g.expand(w)
     x = g.view(h)
     f = 4 * n_ff * U * rows
-    ex = g.op(4 * E * U * rows, g.op(f, g.op(f, x, sel, w=fd), g.op(f, x, sel, w=fd)), sel, w=fd)
+    if f"blk.{il}.ffn_gate_exps.weight" in c.names:
+        act = g.op(f, g.op(f, x, sel, w=fd), g.op(f, x, sel, w=fd))                  # swiglu(gate, up)
+    else:
+        act = g.op(f, g.op(f, x, sel, w=fd), inplace=True)                          # silu(up): no gate
+    ex = g.op(4 * E * U * rows, act, sel, w=fd)
     ex = g.expand(g.op(ex.size, ex, w, inplace=True))                                 # * weights
     slots = [g.expand(g.view(ex, 4 * E + (rows - 1) * 4 * E * U)) for _ in range(U)]
     out = g.expand(g.op(4 * E * rows, slots[0], slots[1], inplace=True) if U > 1 else g.op(4 * E * rows, slots[0]))
@@ -491,6 +537,7 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
     g.expand(g.inp(4 * E * T))               # inp_embd: a text batch never reads it, it is allocated
     cur = g.expand(g.op(4 * E * T, tokens, w=HOST_NAME))              # get_rows(token_embd)
     attn = _Attn(c, fa, v_trans) if any(la.has_kv for la in p.layers) else None
+    la = _Lightning(c) if p.arch == "minimax-01" else None
     s_copy = g.inp(4 * c.ns)
     s_main, s_extra = g.view(s_copy, 4 * c.ns), g.view(s_copy, 0)
     # positions: four per token for multi-section RoPE (llama_hparams::n_pos_per_embd)
@@ -542,6 +589,17 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
             else:
                 y = _relu_sqr_ffn(c, h, il)
             cur = g.op(y.size, y, cur, inplace=True)
+            continue
+        if p.arch == "minimax-01":
+            # llama_model_minimax_01::graph: norm, lightning attention (or softmax attention, not built here), the
+            # scaled normed input as the residual, the FFN norm, the MoE, the scaled normed input as the residual
+            assert la is not None
+            h = c.norm(cur, il)
+            y = la(s_main, s_extra, h, il)
+            if last:
+                y, h = g.op(4 * E * c.T_out, y, out_ids), g.op(4 * E * c.T_out, h, out_ids)
+            h = c.norm(g.op(y.size, y, g.op(h.size, h, inplace=True), inplace=True), il)   # norm(y + scale(h))
+            cur = g.op(h.size, _moe(c, h, il), g.op(h.size, h, inplace=True), inplace=True)
             continue
         if p.arch == "plamo2":
             # llama_model_plamo2::graph (src/models/plamo2.cpp): norm, Mamba or attention (fused QKV read through
@@ -662,6 +720,8 @@ def replayable(profile: ModelProfile) -> bool:
         # graph, which builds what each layer is, recurrent or not (a file of FFN layers only)
         if arch not in _NEMOTRON_H or any(".nextn." in t.name for layer in profile.layers for t in layer.tensors):
             return False
+    if arch == "minimax-01" and any(layer.has_kv for layer in profile.layers):
+        return False           # its softmax attention layers are not built here
     if arch not in _MOE_BUILT and any(t.name.endswith(".ffn_gate_inp.weight")
                                       for layer in profile.layers for t in layer.tensors):
         return False           # the MoE branch of jamba's, granitehybrid's, nemotron_h's graph is not built here
