@@ -216,7 +216,8 @@ def doubts(profile: ModelProfile, config: SplitConfig, layer_devices: list[str] 
         and (arch not in COMPUTE_EXACT or mla_geom(profile) is None)
     if replayable(profile):
         pass                   # replayed op by op (placement.recurrent): exact wherever it was checked
-    elif recurrent:
+    elif recurrent or arch in RECURRENT_GRAPHS:
+        # (a graph replayed elsewhere but not for this file: a branch the replay does not build)
         pure = not any(layer.has_kv for layer in profile.layers)
         what = "recurrent graph is" if pure else "recurrent layers are"
         out.append(_measured(arch, f"{arch}'s {what} not modelled", " (mamba2's, lfm2's and qwen3next's, before "

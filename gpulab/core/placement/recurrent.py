@@ -81,6 +81,10 @@ class _Ctx:
         self.gdn_nodes: list[tuple[Tensor, str]] = []   # each fused delta net that could be unfused, its device
         self.v_first: Tensor | None = None        # RWKV-7: the first layer's V, read by every later layer
 
+    def has(self, name: str, default: bool) -> bool:
+        """Whether the file has tensor `name`; `default` for a profile without its tensor list (built in code)."""
+        return name in self.names if self.names else default
+
     def norm(self, x: Tensor, il: int, size: int | None = None) -> Tensor:
         """build_norm (RMS, with a weight): the norm named "norm" is pinned to its layer's device
         (llama_context::graph_get_cb) under full offload or small ubatches; the weight's MUL is in place."""
@@ -418,7 +422,7 @@ def _moe(c: _Ctx, h: Tensor, il: int) -> Tensor:
     g.expand(w)
     x = g.view(h)
     f = 4 * n_ff * U * rows
-    if f"blk.{il}.ffn_gate_exps.weight" in c.names:
+    if c.has(f"blk.{il}.ffn_gate_exps.weight", True):
         act = g.op(f, g.op(f, x, sel, w=fd), g.op(f, x, sel, w=fd))                  # swiglu(gate, up)
     else:
         act = g.op(f, g.op(f, x, sel, w=fd), inplace=True)                          # silu(up): no gate
@@ -644,7 +648,7 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
                 y = attn(h, pos, il, gated=True)
             cur = g.op(y.size, y, cur, inplace=True)
             h = c.norm(cur, il)
-            moe = f"blk.{il}.ffn_gate_inp.weight" in c.names
+            moe = c.has(f"blk.{il}.ffn_gate_inp.weight", p.n_expert > 0)
             cur = g.op(cur.size, _moe(c, h, il) if moe else _ffn(c, h, il), cur, inplace=True)
             continue
         # lfm2, lfm2moe, jamba: norm, recurrent block or attention, residual, FFN norm, dense SwiGLU FFN (lfm2moe:
@@ -659,7 +663,7 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
             y, cur = g.op(4 * E * c.T_out, y, out_ids), g.op(4 * E * c.T_out, cur, out_ids)
         cur = g.op(y.size, cur, y, inplace=True)
         h = c.norm(cur, il)
-        moe = f"blk.{il}.ffn_gate_inp.weight" in c.names
+        moe = c.has(f"blk.{il}.ffn_gate_inp.weight", p.n_expert > 0)
         cur = g.op(cur.size, cur, _moe(c, h, il) if moe else _ffn(c, h, il), inplace=True)
     out_dev = c.dev[n_layer]
     h = c.norm(cur, -1, cur.size) if n_layer else cur
@@ -726,8 +730,10 @@ def replayable(profile: ModelProfile) -> bool:
                                       for layer in profile.layers for t in layer.tensors):
         return False           # the MoE branch of jamba's, granitehybrid's, nemotron_h's graph is not built here
     names = {t.name.split(".", 2)[-1] for layer in profile.layers if layer.is_recurrent for t in layer.tensors}
-    if not names:
-        return True            # a profile without its tensor list (built in code): the graph as written here
+    if not any(layer.tensors for layer in profile.layers):
+        # a profile without its tensor list (built in code): the graph as written here, where it reads no
+        # tensor's shape
+        return arch in ("mamba", "mamba2", "lfm2", "qwen3next")
     return {**dict.fromkeys(_QWEN3NEXT, "attn_qkv.weight" in names and "ssm_in.weight" not in names),
             "mamba2": "ssm_norm.weight" in names, "falcon-h1": "ssm_norm.weight" in names,
             "granitehybrid": "ssm_norm.weight" in names, "nemotron_h": "ssm_norm.weight" in names}.get(arch, True)
