@@ -1,4 +1,4 @@
-"""Compute buffers of recurrent graphs (mamba2, lfm2, qwen3next): their ggml graph, replayed.
+"""Compute buffers of recurrent and hybrid graphs: their ggml graph, replayed.
 
 The closed forms of gpulab.core.placement.compute hold because attention layers leave ggml-alloc's buffer
 the same from one layer to the next. Recurrent layers do not: a Mamba-2 layer's ssm_in product, its
@@ -10,21 +10,36 @@ short convolution), copying their inputs over and the result back. So the graph 
 built op by op in llama.cpp's order and handed to gpulab.core.placement.ggml_replay (the scheduler's split
 and ggml-alloc):
 
-  mamba2     llm_build_mamba_base::build_mamba2_layer (src/models/mamba-base.cpp), llama_model_mamba::graph
-             (src/models/mamba.cpp)
-  lfm2       llama_model_lfm2::graph, build_shortconv_block (src/models/lfm2.cpp)
-  qwen3next  llama_model_qwen3next::graph (src/models/qwen3next.cpp), build_conv_state and the fused delta
-             net (src/models/delta-net-base.cpp), build_moe_ffn
-  shared     build_rs / build_inp_s_copy, build_attn / build_attn_mha, build_inp_out_ids (src/llama-graph.cpp),
-             llama_kv_cache::cpy_k / cpy_v / get_k / get_v (src/llama-kv-cache.cpp); a norm named "norm" is
-             pinned to its layer's device under full offload or small ubatches (llama_context::graph_get_cb);
-             flash attention 'auto' is turned off when the scheduler puts a layer's attention on another
-             device (llama_context::resolve_fused_ops)
+  mamba, mamba2   llama_model_mamba::graph (src/models/mamba.cpp), llm_build_mamba_base::build_mamba_layer
+                  and build_mamba2_layer (src/models/mamba-base.cpp)
+  jamba           llama_model_jamba::graph (src/models/jamba.cpp): Mamba-1 or RoPE-less attention, dense FFN
+  falcon-h1       llama_model_falcon_h1::graph: attention beside Mamba-2 in every layer, FFN with biases
+  granitehybrid   llama_model_granite_hybrid::graph: Mamba-2 or attention with the output's bias
+  nemotron_h(_moe) llama_model_nemotron_h::graph: Mamba-2, attention or a ReLU-squared FFN per layer
+  lfm2, lfm2moe   llama_model_lfm2::graph, build_shortconv_block (src/models/lfm2.cpp), MoE past the
+                  leading dense layers (lfm2moe.cpp)
+  qwen3next, qwen35, qwen35moe
+                  llama_model_qwen3next::graph (src/models/qwen3next.cpp), qwen35.cpp / qwen35moe.cpp (beta
+                  and alpha products, a fused QKV attention), build_conv_state and the fused delta net
+                  (src/models/delta-net-base.cpp), build_moe_ffn
+  rwkv6qwen2      llm_build_rwkv6_base::build_rwkv6_time_mix (src/models/rwkv6-base.cpp), rwkv6qwen2.cpp
+  arwkv7          llm_build_rwkv7_base::build_rwkv7_time_mix (src/models/rwkv7-base.cpp), arwkv7.cpp
+  plamo2          llama_model_plamo2::graph, build_plamo2_mamba_layer / build_plamo2_attn_layer (plamo2.cpp)
+  minimax-01      llama_model_minimax_01::graph (src/models/minimax-01.cpp): lightning attention
+  shared          build_rs / build_inp_s_copy, build_rwkv_token_shift_load / _store, build_attn /
+                  build_attn_mha, build_qkv, build_ffn, build_moe_ffn, build_inp_out_ids (src/llama-graph.cpp),
+                  llama_kv_cache::cpy_k / cpy_v / get_k / get_v (src/llama-kv-cache.cpp); a norm named "norm"
+                  is pinned to its layer's device under full offload or small ubatches
+                  (llama_context::graph_get_cb); flash attention 'auto' and the fused delta net are turned off
+                  when the scheduler puts them on another device than their layer's
+                  (llama_context::resolve_fused_ops); a reshaped weight is no weight to the scheduler (pass 1
+                  reads a source's buffer, and a view has none yet)
 
-Every device of the architecture matrix within the log's rounding (tests/integration/
-test_arch_matrix_vs_llama.py, CPU RPC devices), and tests/core/placement/test_recurrent.py. Not replayed:
-sliding-window caches (lfm2's iswa variant) and op offload (CUDA); such a profile falls back to the closed
-forms (see `replayable`).
+Every device of the architecture matrix within 0.04 MiB of llama.cpp's log (tests/integration/
+test_arch_matrix_vs_llama.py, CPU RPC devices), and tests/core/placement/test_recurrent.py and
+test_recurrent_graphs.py. Not replayed: sliding-window caches (lfm2's iswa variant), op offload (CUDA), and
+the branches no matrix model exercises (jamba's, granitehybrid's, nemotron_h's MoE layers, minimax-01's
+softmax attention layers); such a profile falls back to the closed forms with a doubt (see `replayable`).
 """
 
 from __future__ import annotations
@@ -51,7 +66,8 @@ _KEYS = {**dict.fromkeys(("mamba", "mamba2", "jamba", "falcon-h1", "granitehybri
          **dict.fromkeys(_QWEN3NEXT, (*_SSM, "ssm.group_count")), "rwkv6qwen2": ("wkv.head_size",), "minimax-01": (),
          "arwkv7": ("wkv.head_size",)}
 _MOE_BUILT = frozenset({*_QWEN3NEXT, "lfm2moe", "minimax-01"})     # the graphs whose MoE layers are built here (_moe)
-_ROPE = frozenset({*_QWEN3NEXT, "lfm2", "lfm2moe", "falcon-h1", "granitehybrid", "plamo2"})   # attention rotated (build_inp_pos)
+# the graphs whose attention is rotated (build_inp_pos)
+_ROPE = frozenset({*_QWEN3NEXT, "lfm2", "lfm2moe", "falcon-h1", "granitehybrid", "plamo2"})
 _MROPE = frozenset({"qwen35", "qwen35moe"})          # llama_model_rope_type: LLAMA_ROPE_TYPE_IMROPE
 _QUANT_FREE = ("f32", "f16", "bf16")
 _CACHE: dict[tuple, tuple[weakref.ref, dict[str, int]]] = {}
