@@ -33,9 +33,11 @@ and ggml-alloc):
                   (llama_context::graph_get_cb); flash attention 'auto' and the fused delta net are turned off
                   when the scheduler puts them on another device than their layer's
                   (llama_context::resolve_fused_ops); a reshaped weight is no weight to the scheduler (pass 1
-                  reads a source's buffer, and a view has none yet)
+                  reads a source's buffer, and a view has none yet): the op takes its neighbours' device and
+                  copies the weight there; a strided view sent to another device is copied as ggml_nbytes
+                  counts it (Mamba's z)
 
-Every device of the architecture matrix within 0.04 MiB of llama.cpp's log (tests/integration/
+Every device of the architecture matrix within the rounding of llama.cpp's log (tests/integration/
 test_arch_matrix_vs_llama.py, CPU RPC devices), and tests/core/placement/test_recurrent.py and
 test_recurrent_graphs.py. Not replayed: sliding-window caches (lfm2's iswa variant), op offload (CUDA), and
 the branches no matrix model exercises (jamba's, granitehybrid's, nemotron_h's MoE layers, minimax-01's
@@ -92,10 +94,17 @@ class _Ctx:
         self.T, self.ns, self.T_out, self.pin = T, ns, T_out, pin_norm
         self.E = profile.n_embd
         self.shapes = {t.name: t.shape for layer in profile.layers for t in layer.tensors}
+        self.wbytes = {t.name: t.n_bytes for layer in profile.layers for t in layer.tensors}
         self.names = self.shapes.keys()
         self.fused_gdn = True                    # cparams.fused_gdn_ar / _ch (llama_context::resolve_fused_ops)
         self.gdn_nodes: list[tuple[Tensor, str]] = []   # each fused delta net that could be unfused, its device
         self.v_first: Tensor | None = None        # RWKV-7: the first layer's V, read by every later layer
+
+    def reshaped(self, il: int, name: str) -> Tensor:
+        """A reshape of layer il's weight `name`: no weight to the scheduler's pass 1 (a view has no buffer
+        yet), so the op reading it takes its neighbours' backend, and a copy of the weight where that is
+        another device."""
+        return self.g.view(self.g.ext(self.dev[il], self.wbytes[f"blk.{il}.{name}"]))
 
     def has(self, name: str, default: bool) -> bool:
         """Whether the file has tensor `name`; `default` for a profile without its tensor list (built in code)."""
@@ -130,7 +139,8 @@ def _mamba1(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, il: int) -> T
     d_state, dt_rank = int(md[f"{arch}.ssm.state_size"]), int(md[f"{arch}.ssm.time_step_rank"])
     conv = g.view(c.rs(il, s_main, s_extra, 4 * (d_conv - 1) * d_inner * ns))
     xz = g.op(4 * 2 * d_inner * T, g.view(cur), w=d)                # ssm_in
-    x, z = g.view(xz), g.view(xz)
+    # x and z: strided halves of each row (ggml_nbytes: what a copy of one to another device takes)
+    x, z = (g.view(xz, 4 * d_inner + 4 * 2 * d_inner * (T - 1)) for _ in range(2))
     conv_x = g.op(4 * (d_conv - 1 + T // ns) * d_inner * ns, conv, g.view(x))   # concat(conv, x^T)
     g.expand(g.set(d, g.view(conv_x), g.view(g.ext(d))))
     x = g.op(4 * d_inner * T, conv_x, w=d)                          # ssm_conv
@@ -252,7 +262,7 @@ def _rwkv6_time_mix(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, x_pre
     xxx = g.op(4 * E * T, g.op(4 * E * T, sx_v, w=d, inplace=True), cur_v, inplace=True)   # sx * lerp_x + x
     xxx = g.op(4 * w1 * T, g.op(4 * w1 * T, xxx, w=d), inplace=True)              # tanh(w1 xxx)
     xxx = g.op(4 * w1 * T, g.view(g.view(xxx)))                                  # cont(permute)
-    xxx = g.op(4 * 5 * E * T, xxx)             # w2, reshaped: a view of a weight is no weight to the scheduler
+    xxx = g.op(4 * 5 * E * T, c.reshaped(il, "time_mix_w2.weight"), xxx)
     xxx = g.op(xxx.size, g.op(xxx.size, xxx, w=d, inplace=True), g.view(sx), inplace=True)  # (xxx + lerp) * sx
     xxx = g.op(xxx.size, xxx, g.view(cur), inplace=True)                          # + x
     xw, xk, xv, xr, xg = (g.view(xxx, 4 * E * T) for _ in range(5))
@@ -314,7 +324,8 @@ def _rwkv7_time_mix(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, x_pre
     neg = g.op(e, kk, inplace=True)
     out = g.op(4 * E * (T + head * ns), r, w, k, v, neg, g.op(e, kk, a, inplace=True), state)  # ggml_rwkv_wkv7
     g.expand(g.set(d, g.view(out), g.view(g.ext(d))))                             # the new state
-    rk = g.op(4 * (E // head) * T, g.op(e, g.op(e, k, r, inplace=True), g.view(g.ext(d)), inplace=True))  # sum_rows
+    rk = g.op(e, g.op(e, k, r, inplace=True), c.reshaped(il, "time_mix_r_k.weight"), inplace=True)
+    rk = g.op(4 * (E // head) * T, rk)                                            # sum_rows(k * r * r_k)
     y = g.op(e, g.view(g.view(out, e)), g.view(g.op(e, v, rk, inplace=True)), inplace=True)
     return g.view(g.op(e, y, w=d))                                                # time_mix_output
 
@@ -339,12 +350,13 @@ def _plamo2_mamba(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, il: int
     dt = c.norm(g.view(x_bcdt), il, 4 * dt_dim * T)
     dt = g.op(4 * n_heads * T, g.op(4 * n_heads * T, dt, w=d), w=d, inplace=True)  # ssm_dt + bias
     x4, B, C = g.view(x), g.view(B), g.view(C)
-    # the scan's A is a reshaped weight: no weight to the scheduler
+    A = c.reshaped(il, "ssm_a")
     ys = c.rs(il, s_main, s_extra, 0,
-              lambda states: g.op(4 * (d_inner * T + d_state * d_inner * ns), g.view(states), x4, dt, B, C, s_main))
+              lambda states: g.op(4 * (d_inner * T + d_state * d_inner * ns), g.view(states), x4, dt, A, B, C,
+                                  s_main))
     g.expand(g.set(d, g.view(ys), g.view(g.ext(d))))
     yd = 4 * d_inner * T
-    y = g.op(yd, g.view(ys, yd), g.op(yd, x4, inplace=True), inplace=True)       # y + x * D
+    y = g.op(yd, g.view(ys, yd), g.op(yd, x4, c.reshaped(il, "ssm_d"), inplace=True), inplace=True)  # y + x * D
     y = g.op(yd, g.op(yd, z), y)                                                  # swiglu_split(cont(z), y)
     return g.view(g.op(4 * c.E * T, g.view(y), w=d))                              # ssm_out
 
