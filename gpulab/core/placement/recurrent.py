@@ -71,6 +71,7 @@ _MOE_BUILT = frozenset({*_QWEN3NEXT, "lfm2moe", "minimax-01"})     # the graphs 
 # the graphs whose attention is rotated (build_inp_pos)
 _ROPE = frozenset({*_QWEN3NEXT, "lfm2", "lfm2moe", "falcon-h1", "granitehybrid", "plamo2"})
 _MROPE = frozenset({"qwen35", "qwen35moe"})          # llama_model_rope_type: LLAMA_ROPE_TYPE_IMROPE
+_RESERVE_ONE_SEQ = frozenset({"minimax-01"})         # reserved last as one sequence (llama_context::sched_reserve)
 _QUANT_FREE = ("f32", "f16", "bf16")
 _CACHE: dict[tuple, tuple[weakref.ref, dict[str, int]]] = {}
 # bytes per element of a cache type, and elements per block (ggml_type_size / ggml_blck_size)
@@ -722,7 +723,9 @@ def recurrent_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_de
     schedule(g)
     # llama_context::resolve_fused_ops: flash attention ('auto') or the fused delta net scheduled away from its
     # layer's device is turned off, and the reserve graph built again without it
-    fa_off = config.flash_attn == "auto" and any(n.be != d for n, d in fa_nodes)
+    # (a quantized V cache turns 'auto' into 'on' before that: llama_init_from_model)
+    fa_auto = config.flash_attn == "auto" and config.type_v in _QUANT_FREE
+    fa_off = fa_auto and any(n.be != d for n, d in fa_nodes)
     gdn_off = any(n.be != d for n, d in c.gdn_nodes)
     if fa_off or gdn_off:
         c = _Ctx(profile, config, layer_devices, T, n_seqs, T_out, pin_norm, ffn_devices)
@@ -731,6 +734,14 @@ def recurrent_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_de
         schedule(g)
     tops = buffer_peaks(g, n_copies)
     out = {name: tops.get(name, 0) for name in names}
+    if profile.arch in _RESERVE_ONE_SEQ and n_seqs > 1:
+        # llama_context::sched_reserve reserves these graphs last with the ubatch as one sequence (the diagonal
+        # decay grows with the tokens per sequence squared: [TAG_RESERVE_DIAG_DECAY]); a buffer only grows
+        c = _Ctx(profile, config, layer_devices, T, 1, T_out, pin_norm, ffn_devices)
+        g, _ = _graph(c, fa and not fa_off, v_trans)
+        schedule(g)
+        one = buffer_peaks(g, n_copies)
+        out = {name: max(out[name], one.get(name, 0)) for name in names}
     if len(_CACHE) > 256:
         _CACHE.clear()
     _CACHE[key] = (weakref.ref(profile), out)
