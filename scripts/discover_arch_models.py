@@ -21,6 +21,7 @@ those llama.cpp did not accept keep the first check they failed (docs/COVERAGE.m
 
     python scripts/discover_arch_models.py [arch ...]      # all by default: about 8 min on one core
     GPULAB_ARCH_MODELS_OUT=/tmp/x.json ...                 # somewhere else than the package's file
+    GPULAB_DISCOVER_TRACE=1 python scripts/discover_arch_models.py --child ARCH OUT.json '{}'   # each load's answer
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(os.environ.get("GPULAB_ARCH_MODELS_OUT", ROOT / "gpulab" / "sources" / "arch_models.json"))
 MAX_LOADS = 1500
+TRACE = bool(os.environ.get("GPULAB_DISCOVER_TRACE"))
 _BOGUS = (3, 5, 7)          # a shape no loader asks for: the first load that reaches it names the real one
 
 # Base hyperparameters: the curated models' sizes (n_embd 1024, 8192 tokens), 6 blocks.
@@ -71,6 +73,9 @@ SEEDS = ("LLM_KV_EXPERT_COUNT", "LLM_KV_EXPERT_USED_COUNT", "LLM_KV_EXPERT_FEED_
 QKV = "(separate Q, K and V)"
 OPTIONAL = "(the optional tensors of the loader)"
 NO_FFN = "(accepted without an FFN)"
+SHAPES = "(block tensors' shapes)"
+ZERO_WIDTH = "(a shape with a zero dimension expected)"
+OPTIONAL_KEYS = "(the optional keys of the loader)"
 
 # What to add when llama.cpp stops on a value it did not ask for by name (an assert, an abort): the
 # message it stops with, and the keys to write on the next try.
@@ -103,7 +108,24 @@ RETRIES = [
     # accepted without any FFN, because every FFN tensor of the loader is optional (mimo2, step35, hy_v3):
     # real checkpoints have one, so the optional tensors are written too
     (NO_FFN, {OPTIONAL: True}),
+    # a width from a key the loader reads as optional (rwkv7's gate LoRA rank): a zero-wide tensor would
+    # abort the loader's op test (ggml_mul_mat of a "transposed" weight), so the optional keys are written
+    (ZERO_WIDTH, {OPTIONAL_KEYS: True}),
+    ("HKV == Hd", {"attention.indexer.head_count": 4}),           # minimax-m3: one indexer head per KV head
+    ("MLA is nope-only", {"rope.dimension_count": 0}),           # glm5-next: no RoPE dimensions
+    # keys a loader reads as optional and then requires (draft models: the target's layers and width)
+    ("requires 'extract_layers'", {"target_layers": [1, 3, 5]}),    # eagle3: exactly 3
+    ("requires 'target_layers'", {"target_layers": [1, 3, 5]}),     # dflash
+    ("requires embedding_length_out", {"embedding_length_out": 2048}),  # gemma4-assistant: the target is wider
+    # a loader that reads a tensor's width from the file (ml.get_tensor_meta) and aborts on the impossible
+    # shape offered first: that tensor in every block, in ggml order (BASE: n_embd 1024, n_ff 3072, 16 heads)
+    ("unexpected attention gate width", {SHAPES: {"attn_gate.weight": [1024, 16]}}),  # laguna: one per head
+    ("n_ffn_up == n_ff", {SHAPES: {"ffn_up.weight": [1024, 2 * 3072]}}),  # jina-bert-v2: GEGLU, up and gate fused
+    # a token-type table the loader sizes by an optional vocabulary key: zero rows, and the graph's view of
+    # row 0 is out of bounds (jina-bert-v2; bert asks for the key by name)
+    ("data_size + view_offs <= ggml_nbytes(view_src)", {"tokenizer.ggml.token_type_count": 2}),
 ]
+
 
 
 @functools.cache
@@ -144,6 +166,14 @@ def optional_tensors(arch: str) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def optional_keys(arch: str) -> list[str]:
+    """The keys `arch`'s loader reads with required = false (ml.get_key(LLM_KV_..., x, false)) that the
+    generator has a value for (_guess's table)."""
+    names = dict(re.findall(r'\{\s*(LLM_KV_\w+),\s*"%s\.([^"]+)"', _source("llama-arch.cpp")))
+    found = re.findall(r"get_key\((LLM_KV_\w+),[^;]*?,\s*(?:/\*[^*]*\*/\s*)?false\s*\)", arch_source(arch))
+    return [f"{arch}.{names[k]}" for k in dict.fromkeys(found) if k in names and names[k] in _GUESSED]
+
+
 def seeds(arch: str) -> dict[str, object]:
     names = dict(re.findall(r'\{\s*(LLM_KV_\w+),\s*"%s\.([^"]+)"', _source("llama-arch.cpp")))
     text = arch_source(arch)
@@ -156,7 +186,7 @@ def seeds(arch: str) -> dict[str, object]:
         # head; with MLA, GGUFs store the absorbed K (kv_lora + rope) and V (kv_lora), one KV head
         out.update({f"{arch}.attention.q_lora_rank": 512, f"{arch}.attention.kv_lora_rank": 256,
                     f"{arch}.attention.key_length": 192, f"{arch}.attention.value_length": 128})
-        if "is_mla" in text:
+        if "is_mla" in text or "LLM_KV_ATTENTION_KEY_LENGTH_MLA" in text:   # (bailingmoe3 reads it unasked)
             out.update({f"{arch}.attention.head_count_kv": 1, f"{arch}.attention.key_length": 320,
                         f"{arch}.attention.value_length": 256, f"{arch}.attention.key_length_mla": 192,
                         f"{arch}.attention.value_length_mla": 128})
@@ -168,29 +198,36 @@ def seeds(arch: str) -> dict[str, object]:
     return out
 
 
+# The values _guess gives keys it knows by name (the sizes of the curated models).
+_GUESSED: dict[str, object] = {
+    "expert_count": 8, "expert_used_count": 2, "expert_feed_forward_length": 512,
+    "expert_shared_count": 1, "expert_shared_feed_forward_length": 512, "leading_dense_block_count": 1,
+    "expert_group_count": 1, "expert_group_used_count": 1, "expert_gating_func": 1,
+    "attention.kv_lora_rank": 256, "attention.q_lora_rank": 384, "attention.key_length": 64,
+    "attention.value_length": 64, "attention.sliding_window": 512, "attention.layer_norm_epsilon": 1e-5,
+    "attention.layer_norm_rms_epsilon": 1e-5, "attention.group_norm_epsilon": 1e-5,
+    "attention.group_norm_groups": 32, "attention.chunk_size": 512,
+    "ssm.conv_kernel": 4, "ssm.inner_size": 2048, "ssm.state_size": 64, "ssm.time_step_rank": 32,
+    "ssm.group_count": 1, "shortconv.l_cache": 3, "wkv.head_size": 64, "time_mix_extra_dim": 32,
+    "time_decay_extra_dim": 64, "rescale_every_n_layers": 6, "token_shift_count": 2,
+    "attention.decay_lora_rank": 64, "attention.iclr_lora_rank": 64,
+    "attention.value_residual_mix_lora_rank": 32, "attention.gate_lora_rank": 128,
+    "rope.dimension_sections": [16, 8, 8, 0], "embedding_length_per_layer_input": 256,
+    "posnet.embedding_length": 1024, "posnet.block_count": 6, "convnext.embedding_length": 1024,
+    "convnext.block_count": 6, "features_length": 1024, "vocab_size": 8192, "nextn_predict_layers": 1,
+    "decoder_start_token_id": 0, "attention.relative_buckets_count": 32, "pooling_type": 1,
+    # deepseek4.cpp accepts 0 (dense), 4 (with the indexer) and 128 per layer; one of each, twice
+    "attention.compress_ratios": [0, 4, 128, 0, 4, 128],
+    "hyper_connection.count": 4,                         # glm5-next.cpp asserts 4
+    "adapters.count": 1, "adapters.token_ids_activate": [1], "adapters.token_ids_substitute": [2],
+}
+
+
 def _guess(key: str, array: bool) -> object:
     """A value for a key the loader asked for, from its name (the sizes of the curated models)."""
     k = key.split(".", 1)[1] if "." in key else key
-    table = {
-        "expert_count": 8, "expert_used_count": 2, "expert_feed_forward_length": 512,
-        "expert_shared_count": 1, "expert_shared_feed_forward_length": 512, "leading_dense_block_count": 1,
-        "expert_group_count": 1, "expert_group_used_count": 1, "expert_gating_func": 1,
-        "attention.kv_lora_rank": 256, "attention.q_lora_rank": 384, "attention.key_length": 64,
-        "attention.value_length": 64, "attention.sliding_window": 512, "attention.layer_norm_epsilon": 1e-5,
-        "attention.layer_norm_rms_epsilon": 1e-5, "attention.group_norm_epsilon": 1e-5,
-        "attention.group_norm_groups": 32, "attention.chunk_size": 512,
-        "ssm.conv_kernel": 4, "ssm.inner_size": 2048, "ssm.state_size": 64, "ssm.time_step_rank": 32,
-        "ssm.group_count": 1, "shortconv.l_cache": 3, "wkv.head_size": 64, "time_mix_extra_dim": 32,
-        "time_decay_extra_dim": 64, "rescale_every_n_layers": 6, "token_shift_count": 2,
-        "attention.decay_lora_rank": 64, "attention.iclr_lora_rank": 64,
-        "attention.value_residual_mix_lora_rank": 32, "attention.gate_lora_rank": 128,
-        "rope.dimension_sections": [16, 8, 8, 0], "embedding_length_per_layer_input": 256,
-        "posnet.embedding_length": 1024, "posnet.block_count": 6, "convnext.embedding_length": 1024,
-        "convnext.block_count": 6, "features_length": 1024, "vocab_size": 8192, "nextn_predict_layers": 1,
-        "decoder_start_token_id": 0, "attention.relative_buckets_count": 32, "pooling_type": 1,
-    }
-    if k in table:
-        value = table[k]
+    if k in _GUESSED:
+        value = _GUESSED[k]
     elif "epsilon" in k:
         value = 1e-5
     elif any(w in k for w in ("scale", "factor", "multiplier", "softcap", "base", "temperature")):
@@ -232,7 +269,8 @@ def child(arch: str, out: Path, extra: dict) -> None:
     lc = llama_lib.llama_cpp()
     kv: dict[str, object] = {f"{arch}.{k}": v for k, v in BASE.items()}
     kv.update(seeds(arch))
-    kv.update({f"{arch}.{k}": v for k, v in extra.items() if k not in (QKV, OPTIONAL)})
+    kv.update({k if k.startswith("tokenizer.") else f"{arch}.{k}": v for k, v in extra.items()
+               if k not in (QKV, OPTIONAL, SHAPES, OPTIONAL_KEYS)})
     types: dict[str, str] = {}
     tensors: dict[str, tuple[tuple[int, ...], bool]] = {}   # name -> (ggml shape, asked for by the loader)
     n_layer = BASE["block_count"]
@@ -240,6 +278,11 @@ def child(arch: str, out: Path, extra: dict) -> None:
     tensors["token_embd.weight"] = (_BOGUS, False)
     if extra.get(QKV):     # asked for by nobody yet: the loader says their shapes when it reaches them
         tensors.update({f"blk.{i}.attn_{x}.weight": (_BOGUS, False) for i in range(n_layer) for x in "qkv"})
+    if extra.get(OPTIONAL_KEYS):
+        for key in optional_keys(arch):
+            kv.setdefault(key, _guess(key, False))
+    for suffix, shape in extra.get(SHAPES, {}).items():
+        tensors.update({f"blk.{i}.{suffix}": (tuple(shape), True) for i in range(n_layer)})
     if extra.get(OPTIONAL):
         for pattern in optional_tensors(arch):
             for i in range(n_layer) if "%d" in pattern else [0]:
@@ -262,6 +305,8 @@ def child(arch: str, out: Path, extra: dict) -> None:
                 break
             m = re.search(r"error loading model: (.*)", log) or re.search(r"error: (.*)", log)
             msg = m.group(1).strip() if m else log.strip().splitlines()[-1:]
+            if TRACE:      # each load's answer, for a load that ends in an abort (the child dies with it)
+                print(msg, file=sys.stderr, flush=True)
             if (m := re.search(r"array key not found in model: (\S+)", log)) or \
                     (m := re.search(r"key not found in model: (\S+)", log)):
                 key = m.group(1)
@@ -291,7 +336,11 @@ def child(arch: str, out: Path, extra: dict) -> None:
                     for i in range(n_layer + int(kv.get(f"{arch}.nextn_predict_layers", 0) or 0)):
                         tensors.setdefault(f"blk.{i}.{b.group(2)}", (_BOGUS, False))
             elif m := re.search(r"tensor '([^']+)' has wrong shape; expected ([\d, ]+), got", log):
-                tensors[m.group(1)] = (tuple(int(x) for x in m.group(2).split(",")), True)
+                shape = tuple(int(x) for x in m.group(2).split(","))
+                if 0 in shape and not extra.get(OPTIONAL_KEYS):
+                    result = {"error": f"{ZERO_WIDTH} {m.group(1)}: {shape}"}
+                    break
+                tensors[m.group(1)] = (shape, True)
             elif "needs to define token type count" in log and "tokenizer.ggml.token_type_count" not in kv:
                 kv["tokenizer.ggml.token_type_count"] = 2
             elif (m := re.search(r"(\S+) must be greater than one, got", log)) and m.group(1) in kv:
@@ -377,16 +426,23 @@ def main(argv: list[str]) -> int:
     found = json.loads(OUT.read_text()) if OUT.exists() else {}
     for arch in archs:
         extra: dict = {}
+        built = None        # the last try llama.cpp made a context for: a retry for its decode may lose it
         for _ in range(len(RETRIES) + 1):
             got = _run_child(arch, extra)
             said = " ".join(str(v) for v in got.values() if isinstance(v, str))
             if got.get("context") == "ok" and "LLM_TENSOR_FFN_UP" in arch_source(arch) and not any(
                     re.search(r"blk\.\d+\.ffn_(up|down)", n) for n, _ in got.get("tensors", [])):
                 said += " " + NO_FFN
+            if got.get("context") == "ok" and NO_FFN not in said:      # (a model without its FFN is no fallback)
+                built = got
             more = {k: v for pattern, keys in RETRIES if pattern in said for k, v in keys.items() if k not in extra}
+            if TRACE:
+                print(f"{arch}: {said[:300]} -> {more}", file=sys.stderr, flush=True)
             if not more or (got.get("context") == "ok" and got.get("decode") == "ok" and NO_FFN not in said):
                 break
             extra.update(more)
+        if got.get("context") != "ok" and built is not None:
+            got = built
         found[arch] = got
         said = got.get("error") or f"context {got.get('context')}, decode {got.get('decode')}"
         print(f"{arch}: {said} ({len(got.get('tensors', []))} tensors)", flush=True)

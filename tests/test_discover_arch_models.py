@@ -48,3 +48,17 @@ def test_hybrids_marked_by_zero_kv_heads_get_recurrent_layers(discover):
 def test_optional_tensors_come_from_the_loaders_create_tensor_calls(discover):
     # qwen35's recurrent layers have a fused QKV and a gate created TENSOR_NOT_REQUIRED
     assert {"blk.%d.attn_qkv.weight", "blk.%d.attn_gate.weight"} <= set(discover.optional_tensors("qwen35"))
+
+
+@pytest.mark.parametrize("arch,tensor,shape", [
+    # laguna.cpp aborts on a gate width that is neither per head (16) nor per element (1024)
+    ("laguna", "attn_gate.weight", [1024, 16]),
+    # jina-bert-v2.cpp asserts n_ffn_up == n_ff || n_ffn_up == n_ff * 2: up and gate fused
+    ("jina-bert-v2", "ffn_up.weight", [1024, 6144]),
+])
+def test_a_width_the_loader_reads_from_the_file_is_answered_with_its_shape(discover, arch, tensor, shape):
+    # the message each loader stops with is in its own source; the retry that answers it names the shape
+    source = discover.arch_source(arch)
+    retry = [keys[discover.SHAPES] for pattern, keys in discover.RETRIES
+             if discover.SHAPES in keys and pattern in source]
+    assert retry == [{tensor: shape}]

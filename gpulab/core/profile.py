@@ -47,6 +47,9 @@ class LayerProfile:
     # recurrent state per cell (llama_memory_recurrent ctor: r_l and s_l rows, f32): elements of each; 0: none
     n_embd_r: int = 0
     n_embd_s: int = 0
+    # a lightning indexer's key cache beside the KV cache (llama_kv_cache_dsa, llama_kv_cache_msa): a second
+    # llama_kv_cache with one KV head of indexer_head_size K (and, without MLA, n_embd_head_v V); 0: none
+    n_embd_k_idx: int = 0
     # an MTP (nextn) layer: llama.cpp creates its tensors with TENSOR_SKIP unless MTP is on, so they are
     # here, not in `tensors`; the layer still counts in -ngl/-ts placement (n_layer_all)
     is_nextn: bool = False

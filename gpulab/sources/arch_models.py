@@ -398,7 +398,8 @@ CURATED: dict[str, Callable[[], tuple[dict, list[_Tensor]]]] = {
 _VALUE_TYPES = {"u8": "UINT8", "i8": "INT8", "u16": "UINT16", "i16": "INT16", "u32": "UINT32", "i32": "INT32",
                 "u64": "UINT64", "i64": "INT64", "f32": "FLOAT32", "f64": "FLOAT64", "bool": "BOOL", "str": "STRING"}
 _F32_TENSORS = ("ffn_gate_inp", "exp_probs_b", "ssm_a", "ssm_d", "ssm_conv1d", "ssm_dt", "shortconv.conv",
-                "time_mix", "channel_mix", "conv1d", "ssm_norm", "_norm", "norm.", "bias")
+                "time_mix", "channel_mix", "conv1d", "ssm_norm", "_norm", "norm.", "bias",
+                "token_types")    # ggml_add of its row: the CPU adds no F16 operand (bert.cpp; converters write F32)
 
 
 def tensor_type(name: str, shape: tuple[int, ...]) -> str:

@@ -25,8 +25,11 @@ _INPUT_NAMES = frozenset({"token_embd", "position_embd", "token_types", "per_lay
 # Repeating tensors named without "blk.N": llama.cpp puts each with the layer its create_tensor call
 # numbers (the buffer list of dev_layer[bid], llama_model_base::create_tensor): gemma3n/gemma4 create the
 # per-layer-input projection with bid 0, wavtokenizer-dec its posnet.N and convnext.N blocks with bid N,
-# t5 its encoder's and decoder's enc.blk.N and dec.blk.N with bid N (src/models/t5.cpp).
-_LAYER0_NAMES = frozenset({"per_layer_model_proj", "per_layer_proj_norm"})
+# t5 its encoder's and decoder's enc.blk.N and dec.blk.N with bid N (src/models/t5.cpp); token_embd_norm
+# (LLM_TENSOR_TOKEN_EMBD_NORM, "do the norms on the first layer") and wavtokenizer-dec's conv1d are
+# LLM_TENSOR_LAYER_REPEATING tensors every loader creates with bid 0 (llama-arch.cpp; src/models/bert.cpp,
+# bloom.cpp, rwkv6.cpp, wavtokenizer-dec.cpp).
+_LAYER0_NAMES = frozenset({"per_layer_model_proj", "per_layer_proj_norm", "conv1d", "token_embd_norm"})
 _NUMBERED_BLOCKS = ("posnet", "convnext")
 _CODER_PREFIXES = ("enc", "dec")
 _OUTPUT_NAMES = frozenset({
@@ -59,6 +62,12 @@ _HYBRID_BY_INTERVAL = {"qwen3next": 4, "qwen35": 4, "qwen35moe": 4, "qwen4exp": 
 # llama_hparams::is_mla() when both are non-zero; mistral4 is deepseek2's loader (models.h: a subclass).
 _MLA_ARCHS = frozenset({"deepseek2", "deepseek32", "dots3note", "glm-dsa", "glm5-next", "hy_v4", "kimi-k3",
                         "kimi-linear", "bailingmoe3", "mistral4"})
+# Archs with a lightning indexer's key cache beside the KV cache (_indexer_rows)
+_INDEXER_CACHE_ARCHS = frozenset({"deepseek32", "glm-dsa", "minimax-m3"})
+
+# Archs that add a layer past block_count (granite-switch.cpp: the adapter router's attention layer)
+_ROUTER_LAYER_ARCHS = frozenset({"graniteswitch"})
+
 # Archs whose load_arch_tensors give the nextn layers mtp_flags |= TENSOR_SKIP unless MTP is on
 # (grep mtp_flags src/models/*.cpp; mistral4 is deepseek2's): "model has unused tensor ... -- ignoring".
 _MTP_SKIP_ARCHS = frozenset({"bailingmoe3", "cohere2moe", "deepseek2", "deepseek32", "deepseek4", "glm-dsa",
@@ -250,6 +259,25 @@ def _state_row(arch: str, kv: dict, n_embd: int, n_head: int, key_length: int, f
     return r, s
 
 
+def _indexer_rows(arch: str, kv: dict, n_layer: int, n_main: int, fail) -> list[int]:
+    """The indexer cache's K row per layer (0: none): create_memory's layer filters in src/llama-model.cpp.
+    deepseek32 and glm-dsa (llama_kv_cache_dsa): the trunk's layers, glm-dsa's only where the indexer is full
+    (attention.indexer.types; without it every layer before GLM 5.2's 1M context, then GLM_5_2_DEFAULT_INDEXER_TYPES
+    of src/models/glm-dsa.cpp); minimax-m3 (llama_kv_cache_msa): the layers after the leading dense ones."""
+    if arch not in _INDEXER_CACHE_ARCHS:
+        return [0] * n_layer
+    row = _count(kv, f"{arch}.attention.indexer.key_length", 0, fail)
+    if arch == "minimax-m3":
+        lead = _count(kv, f"{arch}.leading_dense_block_count", 0, fail)
+        return [row if il >= lead else 0 for il in range(n_layer)]
+    full = [1] * n_layer
+    if arch == "glm-dsa":
+        if _count(kv, f"{arch}.context_length", 0, fail) >= 1048576:
+            full = [int(il < 2 or (il - 2) % 4 == 0) if il < 78 else 0 for il in range(n_layer)]
+        full = _per_layer(kv, f"{arch}.attention.indexer.types", n_main, full[:n_main], fail) + full[n_main:]
+    return [row if il < n_main and full[il] else 0 for il in range(n_layer)]
+
+
 def _base_name(name: str) -> str:
     return name.rsplit(".", 1)[0] if name.endswith((".weight", ".bias")) else name
 
@@ -312,7 +340,8 @@ def build_profile(h: Header, path: str, file_bytes: int, fail) -> ModelProfile:
             per_layer[il].append(info)
             continue
         base = _base_name(t.name)
-        if base in _LAYER0_NAMES or (parts[0] in _NUMBERED_BLOCKS and len(parts) == 3 and parts[1].isdigit()):
+        if (base in _LAYER0_NAMES and not (base == "token_embd_norm" and arch in _LFM2_ARCHS)) or (
+                parts[0] in _NUMBERED_BLOCKS and len(parts) == 3 and parts[1].isdigit()):
             il = 0 if base in _LAYER0_NAMES else int(parts[1])
             if il < n_layer:
                 per_layer[il].append(info)
@@ -350,6 +379,7 @@ def build_profile(h: Header, path: str, file_bytes: int, fail) -> ModelProfile:
                 if v is not None and not (isinstance(v, Array) and v.values is None)}
 
     nextn = [il >= n_main and skip_mtp for il in range(n_layer)]
+    k_idx = _indexer_rows(arch, kv, n_layer, n_main, fail)
     layers = tuple(
         LayerProfile(
             index=il, tensors=() if nextn[il] else tuple(per_layer[il]), n_head=n_head[il], n_head_kv=n_head_kv[il],
@@ -357,8 +387,16 @@ def build_profile(h: Header, path: str, file_bytes: int, fail) -> ModelProfile:
             n_embd_head_v=v_swa if is_swa[il] else v_full,
             is_swa=is_swa[il], has_kv=has_kv[il], has_v=not is_mla,
             n_embd_r=state_row[0] if recurrent[il] else 0, n_embd_s=state_row[1] if recurrent[il] else 0,
+            n_embd_k_idx=k_idx[il],
             is_nextn=il >= n_main, mtp_tensors=tuple(per_layer[il]) if nextn[il] else ())
         for il in range(n_layer))
+    if arch in _ROUTER_LAYER_ARCHS:
+        # llama_model_granite_switch::load_arch_hparams (src/models/granite-switch.cpp): one more layer at
+        # index block_count, without weights, holds the adapter router's K/V (one head, one KV head, no RoPE);
+        # n_layer_all = block_count + 1 places it as any layer, and its cache is not filtered
+        layers += (LayerProfile(index=n_layer, tensors=(), n_head=1, n_head_kv=1, n_embd_head_k=k_full,
+                                n_embd_head_v=v_full),)
+        n_layer += 1
     return ModelProfile(
         path=path, arch=arch, name=name, file_bytes=file_bytes, n_layer=n_layer, n_embd=n_embd,
         n_ff=max(n_ff), n_vocab=n_vocab,

@@ -39,6 +39,30 @@ def test_mla_refuses_different_k_and_v_types_as_llama_cpp_does(models):
         plan(models["deepseek2"], parse_sim_spec("24GiB"), SplitConfig(type_k="q8_0"))
 
 
+@pytest.mark.parametrize("arch,expected", [
+    # MLA: 6 trunk layers x 1024 cells x (K 320 + indexer K 64) f16 (llama.cpp logs 4.50 MiB, -sm none)
+    ("deepseek32", 6 * 1024 * (320 + 64) * 2),
+    ("glm-dsa", 6 * 1024 * (320 + 64) * 2),
+    # K and V 256 on 6 layers, and the indexer's K 64 and V 64 on the 5 after the leading dense one (7.25 MiB)
+    ("minimax-m3", 1024 * (6 * (256 + 256) + 5 * (64 + 64)) * 2),
+])
+def test_indexer_key_cache_is_counted_beside_the_kv_cache(models, arch, expected):
+    p = plan(models[arch], parse_sim_spec("24GiB"), SplitConfig(n_ctx=1024, flash_attn="on"))
+    assert p.device("SIM0").kv_bytes == expected
+    assert not [d for d in p.doubts if d.term == "kv"]
+
+
+def test_granite_switch_router_layer_is_placed_with_its_own_cache(models):
+    prof = models["graniteswitch"]
+    # block_count 6, and the router's attention layer at index 6: no weights, one head, one KV head
+    assert prof.n_layer == 7 and prof.layers[6].tensors == () and prof.layers[6].n_embd_k_gqa == 64
+    p = plan(prof, parse_sim_spec("24GiB,24GiB"), SplitConfig(n_ctx=1024, flash_attn="on", tensor_split=(1, 1)))
+    # llama.cpp -ts 1,1 on 2 RPC devices: layers 0-3 and 4-6 + output; KV 4.00 and 2.25 MiB
+    assert p.layers_on("SIM1") == [4, 5, 6, 7]
+    assert p.device("SIM0").kv_bytes == 4 * 1024 * 512 * 2 == 4 * MiB
+    assert p.device("SIM1").kv_bytes == (2 * 512 + 128) * 1024 * 2 == 2.25 * MiB
+
+
 @pytest.mark.parametrize("arch", ["deepseek2", "glm4moe"])
 def test_mtp_layer_is_placed_but_not_loaded(models, arch):
     prof = models[arch]
@@ -159,11 +183,23 @@ def test_discovered_models_hold_the_tensors_llama_cpp_asked_for(models):
     assert "per_layer_model_proj.weight" in {t.name for t in models["gemma4"].layers[0].tensors}
 
 
+def test_token_norm_and_conv1d_are_layer_zeros(models):
+    """token_embd_norm and wavtokenizer-dec's conv1d are LLM_TENSOR_LAYER_REPEATING tensors created with bid 0
+    (llama-arch.cpp; src/models/bert.cpp, wavtokenizer-dec.cpp): llama.cpp puts them on layer 0's device. The
+    conv1d kernel (7 x 1024 x 1024 f32, 28 MiB) was left unplaced before: 28.02 MiB low on that device."""
+    layer0 = {t.name: t.n_bytes for t in models["wavtokenizer-dec"].layers[0].tensors}
+    assert layer0["conv1d.weight"] == 7 * 1024 * 1024 * 4 and layer0["token_embd_norm.weight"] == 4096
+    assert {"token_embd_norm.weight", "token_embd_norm.bias"} <= {t.name for t in models["bert"].layers[0].tensors}
+    assert not models["wavtokenizer-dec"].other_tensors and not models["bert"].other_tensors
+    # lfm2's token_embd_norm is its output norm (LLM_TENSOR_OUTPUT_NORM_LFM2)
+    assert "token_embd_norm.weight" in {t.name for t in models["lfm2"].output_tensors}
+
+
 def test_a_discovered_architecture_states_its_measured_compute_doubt(models):
     sim = parse_sim_spec("24GiB,24GiB")
-    (d,) = plan(models["falcon"], sim, SplitConfig()).doubts
-    assert d.term == "compute" and d.text == "compute: falcon's graph is sized as a llama-like graph " \
-        "(measured up to 5.50 MiB off per device)" and d.bound_bytes == int(5.5 * MiB)
+    (d,) = plan(models["gemma3n"], sim, SplitConfig()).doubts
+    assert d.term == "compute" and d.text == "compute: gemma3n's graph is sized as a llama-like graph " \
+        "(measured up to 100.50 MiB off per device)" and d.bound_bytes == int(100.5 * MiB)
 
 
 @pytest.mark.parametrize("arch,config,expected", [

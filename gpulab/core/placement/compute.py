@@ -62,8 +62,10 @@ from itertools import accumulate, groupby
 from ..config import SplitConfig
 from ..devices import HOST_NAME
 from ..profile import ModelProfile
+from .compute_encoder import encoder_compute_bytes, encoder_replayable
 from .compute_mla import after_two_moe, mla_geom, mla_host_peaks, mla_peaks
 from .compute_moe import moe_flags, moe_then_layer, output_in_dense_hole, router_bytes, shared_expert_peaks
+from .dense import dense_compute_bytes, dense_replayable
 from .recurrent import recurrent_compute_bytes, replayable
 
 __all__ = ["estimate_compute_bytes", "compute_tokens", "pipeline_copies", "SCHED_MAX_COPIES", "dry_run_extra_bytes"]
@@ -390,11 +392,21 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     # whole model is offloaded or the ubatch is small. Otherwise the scheduler computes a
     # device's first norm on the device before it, which then sends the norm and the residual.
     pinned_norm = HOST_NAME not in layer_devices or T < 32
+    if encoder_replayable(profile):
+        # attention without a KV cache (embedding and diffusion models): replayed (placement.compute_encoder)
+        return encoder_compute_bytes(profile, config, layer_devices, names, T=T, n_seqs=n_seqs,
+                                     T_out=T if n_outputs is None else max(1, min(T, n_outputs)),
+                                     n_copies=nc, pin_norm=pinned_norm, ffn_devices=ffn_devices)
     if replayable(profile):
         # a graph whose layers leave ggml-alloc's buffer unlike each other: replayed (placement.recurrent)
         return recurrent_compute_bytes(profile, config, layer_devices, names, T=T, n_seqs=n_seqs,
                                        T_out=T if n_outputs is None else max(1, min(T, n_outputs)),
                                        n_copies=nc, pin_norm=pinned_norm, ffn_devices=ffn_devices)
+    if dense_replayable(profile) and not stray and not ffn_parts:
+        # an older dense graph, replayed op by op (placement.dense)
+        return dense_compute_bytes(profile, config, layer_devices, names, T=T, n_seqs=n_seqs,
+                                   T_out=T if n_outputs is None else max(1, min(T, n_outputs)),
+                                   n_copies=nc, pin_norm=pinned_norm, ffn_devices=ffn_devices)
 
     # KV cells per stream (llama_context ctor: n_ctx_seq), and the sliding-window cache
     # (llama_kv_cache_iswa: pad(min(size_base, n_swa + n_ubatch), 256) unless --swa-full)

@@ -235,6 +235,8 @@ def buffer_peaks(g: Graph, n_copies: int, log: list | None = None) -> dict[str, 
             for s in srcs if n.inplace else ():
                 if s.addr >= 0 and s.kind == "op" and not s.out and s.size == n.size and s.nch == 1 and not s.nvw:
                     n.addr, s.addr = s.addr, -1
+                    if log is not None:          # in place: the parent's range passes to the node
+                        log += [(s, n.be, -n.addr - 1, s.size), (n, n.be, n.addr, n.size)]
                     break
             else:
                 allocate(n)

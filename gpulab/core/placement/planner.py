@@ -169,23 +169,26 @@ def kv_cell_bytes(profile: ModelProfile, config: SplitConfig) -> tuple[int, ...]
     llama_kv_cache ctor: K is n_embd_k_gqa(il) of type_k; V is n_embd_v_gqa(il) of type_v, or,
     when V is transposed (no flash attention), padded to the widest V row (n_embd_v_gqa_max);
     MLA caches K only (has_v = !is_mla): its K row is key_length (kv_lora_rank + the RoPE part).
+    An indexer cache (llama_kv_cache_dsa and _msa ctors) is one more llama_kv_cache of the same types and
+    cells, with one KV head: K indexer_head_size, V n_embd_head_v where the model has V.
     """
     v_trans = not _flash_attn_on(config)
     key = (config.type_k, config.type_v, v_trans)
     hit = _KV_BYTES.get(id(profile))
     if hit is not None and hit[0]() is profile and key in hit[1]:
         return hit[1][key]
-    by_shape: dict[tuple[int, int], int] = {}
+    by_shape: dict[tuple[int, int, int, int], int] = {}
     out = []
     for layer in profile.layers:
         if not layer.has_kv:
             out.append(0)
             continue
         shape = (layer.n_embd_k_gqa, 0 if not layer.has_v else
-                 profile.max_n_embd_v_gqa if v_trans else layer.n_embd_v_gqa)
+                 profile.max_n_embd_v_gqa if v_trans else layer.n_embd_v_gqa,
+                 layer.n_embd_k_idx, layer.n_embd_head_v if layer.n_embd_k_idx and layer.has_v else 0)
         b = by_shape.get(shape)
         if b is None:
-            b = by_shape[shape] = row_bytes(config.type_k, shape[0]) + row_bytes(config.type_v, shape[1])
+            b = by_shape[shape] = sum(row_bytes(t, n) for t, n in zip((config.type_k, config.type_v) * 2, shape))
         out.append(b)
     if hit is None or hit[0]() is not profile:   # cached per profile and KV types: fit re-plans often
         pid = id(profile)

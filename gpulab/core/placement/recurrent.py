@@ -431,83 +431,122 @@ def _relu_sqr_ffn(c: _Ctx, h: Tensor, il: int) -> Tensor:
     return mm(h.size, g.op(f, g.op(f, up, inplace=True), inplace=True), "ffn_down")
 
 
-def _moe(c: _Ctx, h: Tensor, il: int) -> Tensor:
-    """llm_graph_context::build_moe_ffn (src/llama-graph.cpp): softmax or sigmoid gating (both in place), the
-    selection bias where the file has one (exp_probs_b), top-k, normalized weights, experts with a gate (SwiGLU)
-    or without (SiLU of the up product: minimax-01), and qwen3next's gated shared expert (build_layer_ffn)."""
+def _moe(c: _Ctx, h: Tensor, il: int, *, gating: int = 1, probs_bias: bool = False, norm_w: bool = True,
+         scale: bool = False, n_ff: int | None = None, shared: int = 0, shared_gate: bool = True,
+         logits: Tensor | None = None, gated: bool = True, n_used: int | None = None,
+         grove: bool = False, remap: bool = False) -> Tensor:
+    """llm_graph_context::build_moe_ffn (src/llama-graph.cpp): the router, its gating (`gating`: 1 softmax,
+    2 sigmoid, 3 softmax over the chosen weights: llama_expert_gating_func_type), the selection bias
+    (exp_probs_b), top-k, the weights (normalized: norm_w; scaled: expert_weights_scale not 0 or 1), the experts
+    (`n_ff` wide) and their sum; then a shared expert `shared` wide (0: none), gated by a sigmoid
+    (qwen3next's build_layer_ffn) or added as it is (deepseek.cpp and the graphs like it). `logits`: the router's
+    output where the graph computes it itself (probs_in: smallthinker's router reads the layer's input). Without
+    gate_exps (`gated` False: ernie4_5-moe's files) the up product's activation runs in place. `grove`: GROVEMOE's
+    selection by a sigmoid of the logits, and for its chunk experts where they are fewer than the router's
+    (`remap`) the selected ids cast to f32, scaled and cast back."""
     g, E, p, d, fd = c.g, c.E, c.p, c.dev[il], c.ffn_dev[il]      # fd: the experts' device (-cmoe and the like)
     md, arch = p.metadata, p.arch
     rows = h.size // (4 * E)
-    n_exp, U = p.n_expert, p.n_expert_used
-    n_ff = int(md.get(f"{arch}.expert_feed_forward_length", p.n_ff))
-    probs = g.op(4 * n_exp * rows, g.op(4 * n_exp * rows, h, w=d), inplace=True)     # softmax(router logits)
-    sel_probs = probs
-    if f"blk.{il}.exp_probs_b.bias" in c.names:
-        sel_probs = g.op(probs.size, probs, w=d, inplace=True)                        # + the selection bias
-    sel = g.view(g.op(4 * n_exp * rows, sel_probs), 4 * U + 4 * n_exp * (rows - 1))  # argsort, its top-k view
-    w = g.view(g.op(4 * U * rows, g.view(probs), sel))                                # get_rows: the weights
-    wsum = g.op(_a(4 * rows), g.op(_a(4 * rows), w), inplace=True)                    # clamp(sum_rows)
-    w = g.view(g.op(4 * U * rows, w, wsum, inplace=True))                             # w / sum
+    n_exp, U = p.n_expert, n_used or p.n_expert_used
+    if n_ff is None:
+        n_ff = int(md.get(f"{arch}.expert_feed_forward_length", p.n_ff))
+    if logits is None:
+        logits = g.op(4 * n_exp * rows, h, w=d)
+    probs = logits if gating == 3 else g.op(logits.size, logits, inplace=True)       # softmax / sigmoid
+    select = g.op(probs.size, probs, w=d, inplace=True) if probs_bias else probs       # + exp_probs_b
+    if grove:
+        select = g.op(logits.size, logits, inplace=True)                              # sigmoid(logits)
+    sel = g.view(g.op(4 * n_exp * rows, select), 4 * U + 4 * n_exp * (rows - 1))     # argsort, its top-k view
+    if remap:
+        sel = g.op(4 * U * rows, g.op(4 * U * rows, g.op(4 * U * rows, sel), inplace=True))  # cast, scale, cast
+    w = g.op(4 * U * rows, g.view(probs), sel)                                        # get_rows: the weights
+    if gating == 3:
+        w = g.view(g.op(w.size, g.view(w), inplace=True))                             # softmax of the chosen
+    if norm_w:
+        w2 = g.view(w)                                                                # reshape_2d
+        wsum = g.op(_a(4 * rows), g.op(_a(4 * rows), w2), inplace=True)               # clamp(sum_rows)
+        w = g.view(g.op(4 * U * rows, w2, wsum, inplace=True))                        # w / sum
+    if scale:
+        w = g.op(w.size, w, inplace=True)
     g.expand(w)
     x = g.view(h)
     f = 4 * n_ff * U * rows
-    if c.has(f"blk.{il}.ffn_gate_exps.weight", True):
-        act = g.op(f, g.op(f, x, sel, w=fd), g.op(f, x, sel, w=fd))                  # swiglu(gate, up)
-    else:
-        act = g.op(f, g.op(f, x, sel, w=fd), inplace=True)                          # silu(up): no gate
+    act = g.op(f, g.op(f, x, sel, w=fd), g.op(f, x, sel, w=fd)) if gated \
+        else g.op(f, g.op(f, x, sel, w=fd), inplace=True)                           # swiglu(gate, up) / silu(up)
     ex = g.op(4 * E * U * rows, act, sel, w=fd)
     ex = g.expand(g.op(ex.size, ex, w, inplace=True))                                 # * weights
     slots = [g.expand(g.view(ex, 4 * E + (rows - 1) * 4 * E * U)) for _ in range(U)]
     out = g.expand(g.op(4 * E * rows, slots[0], slots[1], inplace=True) if U > 1 else g.op(4 * E * rows, slots[0]))
     for v in slots[2:]:
         out = g.expand(g.op(out.size, out, v, inplace=True))
-    n_sh = int(md.get(f"{arch}.expert_shared_feed_forward_length", 0))
-    if n_sh:
-        fs = 4 * n_sh * rows
+    if shared:
+        fs = 4 * shared * rows
         sh = g.op(4 * E * rows, g.op(fs, g.op(fs, h, w=d), g.op(fs, h, w=d)), w=d)
-        sg = g.op(_a(4 * rows), g.op(_a(4 * rows), h, w=d), inplace=True)            # sigmoid(shared gate)
-        out = g.op(out.size, out, g.op(sh.size, sh, sg, inplace=True), inplace=True)
+        if shared_gate:
+            sg = g.op(_a(4 * rows), g.op(_a(4 * rows), h, w=d), inplace=True)        # sigmoid(shared gate)
+            sh = g.op(sh.size, sh, sg, inplace=True)
+        out = g.op(out.size, out, sh, inplace=True)
     return out
 
 
+class _Cache:
+    """One KV cache's graph inputs: its K and V row indices, its KQ mask, the Hadamard rotations of a quantized
+    cache (llama_kv_cache::build_input_k_idxs / v_idxs / k_rot / v_rot, build_attn_inp_kq_mask). The rotations
+    exist where every layer of the cache has one head size, a multiple of 64 (llama_kv_cache ctor: attn_rot_k /
+    attn_rot_v; K rotates by the largest power of two dividing it, V by 64)."""
+
+    def __init__(self, g: Graph, layers: list, n_kv: int, T: int, fa: bool, v_trans: bool,
+                 config: SplitConfig) -> None:
+        self.n_kv = n_kv
+        self.k_idxs = g.inp(8 * T)
+        self.v_idxs = g.inp(8 * T * (layers[0].n_embd_v_gqa if v_trans else 1))
+        self.mask = g.inp(n_kv * T * (2 if fa else 4))
+        hk, hv = {la.n_embd_head_k for la in layers}, {la.n_embd_head_v for la in layers}
+        nrot = 64
+        while len(hk) == 1 and next(iter(hk)) % (nrot * 2) == 0:
+            nrot *= 2
+        quant_k, quant_v = config.type_k not in _QUANT_FREE, config.type_v not in _QUANT_FREE
+        self.k_rot = g.inp(4 * nrot * nrot) if quant_k and len(hk) == 1 and next(iter(hk)) % 64 == 0 else None
+        self.v_rot = g.inp(4 * 64 * 64) if quant_v and len(hv) == 1 and next(iter(hv)) % 64 == 0 else None
+
+
 class _Attn:
-    """The inputs of the KV cache (llm_graph_input_attn_kv) and build_attn / build_attn_mha
-    (src/llama-graph.cpp), llama_kv_cache's cpy_k / cpy_v / get_k / get_v (src/llama-kv-cache.cpp)."""
+    """The inputs of the KV cache (llm_graph_input_attn_kv, or _iswa: a full and a sliding-window cache) and
+    build_attn / build_attn_mha (src/llama-graph.cpp), llama_kv_cache's cpy_k / cpy_v / get_k / get_v
+    (src/llama-kv-cache.cpp)."""
 
     def __init__(self, c: _Ctx, fa: bool, v_trans: bool) -> None:
-        cfg, g, T = c.config, c.g, c.T
+        cfg, g, T, p = c.config, c.g, c.T, c.p
         self.c, self.fa, self.v_trans = c, fa, v_trans
         # KV cells per stream (llama_context ctor: n_ctx_seq), one stream per sequence unless unified (-kvu)
         n_ctx = -(-cfg.n_ctx // 256) * 256
-        self.n_kv = n_ctx if cfg.kv_unified else -(-(n_ctx // c.ns) // 256) * 256
+        n_kv = n_ctx if cfg.kv_unified else -(-(n_ctx // c.ns) // 256) * 256
         self.n_stream = cfg.n_streams
-        layer = next(la for la in c.p.layers if la.has_kv)
-        self.hd, self.n_head = layer.n_embd_head_k, layer.n_head
-        self.k_idxs = g.inp(8 * T)
-        self.v_idxs = g.inp(8 * T * (layer.n_embd_v_gqa if v_trans else 1))
-        self.mask = g.inp(self.n_kv * T * (2 if fa else 4))
-        # Hadamard rotations of a quantized cache (llama_kv_cache ctor: attn_rot_k / attn_rot_v)
-        nrot = 64
-        while self.hd % (nrot * 2) == 0:
-            nrot *= 2
-        quant_k, quant_v = cfg.type_k not in _QUANT_FREE, cfg.type_v not in _QUANT_FREE
-        self.k_rot = g.inp(4 * nrot * nrot) if quant_k and self.hd % 64 == 0 else None
-        self.v_rot = g.inp(4 * 64 * 64) if quant_v and self.hd % 64 == 0 else None
+        kv_layers = [la for la in p.layers if la.has_kv]
+        self.swa = [bool(p.n_swa and la.is_swa) for la in p.layers]
+        full = [la for la, w in zip(p.layers, self.swa) if la.has_kv and not w]
+        self.caches = {False: _Cache(g, full or kv_layers, n_kv, T, fa, v_trans, cfg)}
+        swa = [la for la, w in zip(p.layers, self.swa) if la.has_kv and w]
+        if swa:
+            # llama_kv_cache_iswa: the window's cells, pad(n_swa + n_ubatch, 256), unless --swa-full
+            window = p.n_swa * (cfg.n_seq_max if cfg.kv_unified else 1) + cfg.effective_n_ubatch
+            n_swa = n_kv if cfg.swa_full else min(n_kv, -(-window // 256) * 256)
+            self.caches[True] = _Cache(g, swa, n_swa, T, fa, v_trans, cfg)
         self.fa_nodes: list[tuple[Tensor | None, str]] = []     # each flash-attention node and its layer's device
 
     def __call__(self, cur: Tensor, pos: Tensor | None, il: int, gated: bool = False, qk_norm: bool = True,
                  wo_bias: bool = False, qkv_views: bool = False) -> Tensor:
-        """build_qkv's Q, K and V products (src/llama-graph.cpp), Q and K RMS-normed (`qk_norm`) and
-        rotated (where `pos`: RoPE). gated: Q is twice as wide, its second half gates the attention output
-        (qwen3next.cpp build_layer_attn). wo_bias: the graph adds the output's bias where the file has it.
-        qkv_views: a fused QKV product read through strided views (plamo2), not made contiguous."""
+        """build_qkv's Q, K and V products (src/llama-graph.cpp), Q and K RMS-normed (`qk_norm`) and rotated
+        (where `pos`: RoPE), attended (`attend`), the output product. gated: Q is twice as wide, its second half
+        gates the attention output (qwen3next.cpp build_layer_attn). wo_bias: the graph adds the output's bias
+        where the file has it. A fused QKV product (attn_qkv) is made contiguous part by part (build_qkv with
+        reshape = false: qwen35) or, `qkv_views`, read through strided views (plamo2)."""
         c, g, T = self.c, self.c.g, self.c.T
-        d, layer, cfg = c.dev[il], c.p.layers[il], c.config
+        d, layer = c.dev[il], c.p.layers[il]
         hd, n_head, n_kv_head = layer.n_embd_head_k, layer.n_head, layer.n_head_kv
         q_size, kv_size = 4 * hd * n_head * T * (2 if gated else 1), 4 * hd * n_kv_head * T
         strided = False
         if f"blk.{il}.attn_qkv.weight" in c.names:
-            # one QKV product, each part made contiguous (build_qkv with reshape = false: qwen35) or not
             qkv = g.op(q_size + 2 * kv_size, cur, w=d)
             if qkv_views:
                 q_full, k, v, strided = qkv, g.view(qkv, kv_size), g.view(qkv, kv_size), True
@@ -525,41 +564,59 @@ class _Attn:
             q, k = c.norm(q, il), c.norm(k, il)
         if pos is not None:
             q, k = g.op(q.size, q, pos, inplace=True), g.op(k.size, k, pos, inplace=True)
-        if self.k_rot is not None:
-            q = g.view(g.op(q.size, self.k_rot, g.view(q)))
-            k = g.view(g.op(k.size, self.k_rot, g.view(k)))
-        if self.v_rot is not None:
-            v = g.view(g.op(v.size, self.v_rot, g.view(v)))
-        g.expand(q)
-        g.expand(v)
-        g.expand(k)
-        g.expand(g.set(d, g.view(k), self.k_idxs))
-        # a transposed V cache takes a strided V made contiguous first (llama_kv_cache::cpy_v)
-        g.expand(g.set(d, g.op(v.size, v) if strided and self.v_trans else g.view(v), self.v_idxs))
-        n_kv = self.n_kv * self.n_stream                                     # the views span every stream
-        kc = g.view(g.view(g.ext(d)), _row(cfg.type_k, hd) * n_kv_head * n_kv)
-        vc = g.view(g.view(g.ext(d)), _row(cfg.type_v, hd) * n_kv_head * n_kv)
-        qp = g.view(g.view(q))
-        if self.fa:
-            out = g.op(4 * hd * n_head * T, qp, kc, vc, self.mask)
-            fa_node = out
-            out = g.view(out)
-        else:
-            kq = g.op(4 * self.n_kv * T * n_head, kc, qp)
-            kq = g.op(kq.size, kq, self.mask, inplace=True)                  # soft_max_ext
-            if not self.v_trans:
-                vc = g.op(_row(cfg.type_v, hd) * n_kv_head * n_kv, g.view(vc))   # v_cont
-            out = g.op(4 * hd * n_head * T, g.view(g.op(4 * hd * n_head * T, vc, kq)))   # cont(permute(kqv))
-            fa_node = None
-        g.expand(out)                  # build_attn_mha expands its result
-        if self.v_rot is not None:
-            out = g.view(g.op(out.size, self.v_rot, g.view(out)))
+        out = self.attend(q, k, v, il, v_cont=strided)
         if gated:
             gate = g.op(gate.size, g.op(gate.size, gate), inplace=True)     # sigmoid(cont(gate))
             out = g.op(gate.size, out, gate, inplace=True)
         out = g.op(4 * c.E * T, out, w=d)                                    # wo
         if wo_bias and f"blk.{il}.attn_output.bias" in c.names:
             out = g.op(out.size, out, w=d, inplace=True)
+        return out
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, il: int, v_cont: bool = False,
+               pos_bucket: Tensor | None = None) -> Tensor:
+        """build_attn from the cache's rotations to the attention output, before wo: the cache writes and
+        build_attn_mha. v_cont: V is a strided view (of a fused QKV product), which the transposed V cache copies
+        contiguous first (llama_kv_cache::cpy_v's ggml_cont_2d). pos_bucket: T5's relative position bias
+        (build_pos_bias) added to KQ, which rules flash attention out."""
+        c, g, T = self.c, self.c.g, self.c.T
+        d, layer, cfg = c.dev[il], c.p.layers[il], c.config
+        hd, n_head, n_kv_head = layer.n_embd_head_k, layer.n_head, layer.n_head_kv
+        hv = layer.n_embd_head_v          # the attention output's head size (minicpm3: V narrower than K)
+        kv = self.caches[self.swa[il]]
+        if kv.k_rot is not None:
+            q = g.view(g.op(q.size, kv.k_rot, g.view(q)))
+            k = g.view(g.op(k.size, kv.k_rot, g.view(k)))
+        if kv.v_rot is not None:
+            v = g.view(g.op(v.size, kv.v_rot, g.view(v)))
+        g.expand(q)
+        g.expand(v)
+        g.expand(k)
+        g.expand(g.set(d, g.view(k), kv.k_idxs))
+        v_copy = v_cont and self.v_trans and kv.v_rot is None
+        g.expand(g.set(d, g.op(v.size, v) if v_copy else g.view(v), kv.v_idxs))
+        n_kv = kv.n_kv * self.n_stream                                       # the views span every stream
+        kc = g.view(g.view(g.ext(d)), _row(cfg.type_k, hd) * n_kv_head * n_kv)
+        vc = g.view(g.view(g.ext(d)), _row(cfg.type_v, hv) * n_kv_head * n_kv)
+        qp = g.view(g.view(q))
+        if self.fa and pos_bucket is None:
+            out = g.op(4 * hv * n_head * T, qp, kc, vc, kv.mask)
+            fa_node = out
+            out = g.view(out)
+        else:
+            kq = g.op(4 * kv.n_kv * T * n_head, kc, qp)
+            if pos_bucket is not None:
+                # get_rows(attn_rel_b, pos_bucket) [n_head, n_kv * T] f32, then cont(permute): as large as KQ each
+                bias = g.op(kq.size, g.op(kq.size, g.view(pos_bucket), w=d))
+                kq = g.op(kq.size, kq, bias, inplace=True)
+            kq = g.op(kq.size, kq, kv.mask, inplace=True)                    # soft_max_ext
+            if not self.v_trans:
+                vc = g.op(_row(cfg.type_v, hv) * n_kv_head * n_kv, g.view(vc))   # v_cont
+            out = g.op(4 * hv * n_head * T, g.view(g.op(4 * hv * n_head * T, vc, kq)))   # cont(permute(kqv))
+            fa_node = None
+        g.expand(out)                  # build_attn_mha expands its result
+        if kv.v_rot is not None:
+            out = g.view(g.op(out.size, kv.v_rot, g.view(out)))
         self.fa_nodes.append((fa_node, d))
         return out
 
@@ -632,7 +689,9 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
             if last:
                 y, h = g.op(4 * E * c.T_out, y, out_ids), g.op(4 * E * c.T_out, h, out_ids)
             h = c.norm(g.op(y.size, y, g.op(h.size, h, inplace=True), inplace=True), il)   # norm(y + scale(h))
-            cur = g.op(h.size, _moe(c, h, il), g.op(h.size, h, inplace=True), inplace=True)
+            ff = _moe(c, h, il, gated=c.has(f"blk.{il}.ffn_gate_exps.weight", True),
+                      probs_bias=c.has(f"blk.{il}.exp_probs_b.bias", False))
+            cur = g.op(h.size, ff, g.op(h.size, h, inplace=True), inplace=True)
             continue
         if p.arch == "plamo2":
             # llama_model_plamo2::graph (src/models/plamo2.cpp): norm, Mamba or attention (fused QKV read through
@@ -678,7 +737,8 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
             cur = g.op(y.size, y, cur, inplace=True)
             h = c.norm(cur, il)
             moe = c.has(f"blk.{il}.ffn_gate_inp.weight", p.n_expert > 0)
-            cur = g.op(cur.size, _moe(c, h, il) if moe else _ffn(c, h, il), cur, inplace=True)
+            shared = int(p.metadata.get(f"{p.arch}.expert_shared_feed_forward_length", 0))
+            cur = g.op(cur.size, _moe(c, h, il, shared=shared) if moe else _ffn(c, h, il), cur, inplace=True)
             continue
         # lfm2, lfm2moe, jamba: norm, recurrent block or attention, residual, FFN norm, dense SwiGLU FFN (lfm2moe:
         # MoE past its leading dense layers), residual
@@ -693,7 +753,9 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
         cur = g.op(y.size, cur, y, inplace=True)
         h = c.norm(cur, il)
         moe = c.has(f"blk.{il}.ffn_gate_inp.weight", p.n_expert > 0)
-        cur = g.op(cur.size, cur, _moe(c, h, il) if moe else _ffn(c, h, il), inplace=True)
+        ff = _moe(c, h, il, gating=int(p.metadata.get(f"{p.arch}.expert_gating_func", 1)),
+                  probs_bias=c.has(f"blk.{il}.exp_probs_b.bias", False)) if moe else _ffn(c, h, il)
+        cur = g.op(cur.size, cur, ff, inplace=True)
     out_dev = c.dev[n_layer]
     h = c.norm(cur, -1, cur.size) if n_layer else cur
     if p.arch in (*_QWEN3NEXT, *_NEMOTRON_H):
@@ -710,7 +772,20 @@ def recurrent_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_de
     """Compute buffer bytes of every backend in `names` for a `replayable` profile (`ffn_devices`: where tensor
     overrides put each layer's FFN weights, its experts for MoE). Remembered per profile and arguments: a
     48-layer MoE graph takes some 20 ms to replay."""
-    key = (id(profile), config, tuple(layer_devices), tuple(names), T, n_seqs, T_out, n_copies, pin_norm,
+    return replay_compute_bytes(_graph, profile, config, layer_devices, names, T=T, n_seqs=n_seqs, T_out=T_out,
+                                n_copies=n_copies, pin_norm=pin_norm, ffn_devices=ffn_devices)
+
+
+GraphBuilder = Callable[[_Ctx, bool, bool], tuple[Graph, list]]
+
+
+def replay_compute_bytes(build: GraphBuilder, profile: ModelProfile, config: SplitConfig,
+                         layer_devices: list[str], names: list[str], *, T: int, n_seqs: int, T_out: int,
+                         n_copies: int, pin_norm: bool, ffn_devices: list[str] | None = None) -> dict[str, int]:
+    """The compute buffers of the graph `build` makes (with flash attention or not, V transposed or not; it
+    returns the graph and each flash-attention node with its layer's device), scheduled and allocated, remembered
+    per builder, profile and arguments."""
+    key = (build, id(profile), config, tuple(layer_devices), tuple(names), T, n_seqs, T_out, n_copies, pin_norm,
            tuple(ffn_devices) if ffn_devices else None)
     hit = _CACHE.get(key)
     if hit is not None and hit[0]() is profile:
@@ -719,7 +794,7 @@ def recurrent_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_de
     # the KV cache transposes V when flash attention is off when it is made (llama_model::create_memory)
     v_trans = config.flash_attn == "off"
     c = _Ctx(profile, config, layer_devices, T, n_seqs, T_out, pin_norm, ffn_devices)
-    g, fa_nodes = _graph(c, fa, v_trans)
+    g, fa_nodes = build(c, fa, v_trans)
     schedule(g)
     # llama_context::resolve_fused_ops: flash attention ('auto') or the fused delta net scheduled away from its
     # layer's device is turned off, and the reserve graph built again without it
@@ -730,7 +805,7 @@ def recurrent_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_de
     if fa_off or gdn_off:
         c = _Ctx(profile, config, layer_devices, T, n_seqs, T_out, pin_norm, ffn_devices)
         c.fused_gdn = not gdn_off
-        g, _ = _graph(c, fa and not fa_off, v_trans)
+        g, _ = build(c, fa and not fa_off, v_trans)
         schedule(g)
     tops = buffer_peaks(g, n_copies)
     out = {name: tops.get(name, 0) for name in names}
@@ -738,7 +813,7 @@ def recurrent_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_de
         # llama_context::sched_reserve reserves these graphs last with the ubatch as one sequence (the diagonal
         # decay grows with the tokens per sequence squared: [TAG_RESERVE_DIAG_DECAY]); a buffer only grows
         c = _Ctx(profile, config, layer_devices, T, 1, T_out, pin_norm, ffn_devices)
-        g, _ = _graph(c, fa and not fa_off, v_trans)
+        g, _ = build(c, fa and not fa_off, v_trans)
         schedule(g)
         one = buffer_peaks(g, n_copies)
         out = {name: max(out[name], one.get(name, 0)) for name in names}

@@ -1,0 +1,475 @@
+"""Compute buffers of the older dense attention graphs, replayed op by op (gpulab.core.placement.ggml_replay).
+
+Their layers repeat, but the closed forms of gpulab.core.placement.compute missed a row set here and there on
+graphs unlike llama's: LayerNorms (GGML_OP_NORM is not run in place), fused QKV products whose Q and K are roped
+out of a strided view, attention beside the FFN with its sums in the graph's order, biases. So these graphs are
+built in llama.cpp's order and handed to the scheduler's split and ggml-alloc, like the recurrent ones
+(placement.recurrent, whose attention (`_Attn`) is shared):
+
+  qwen       src/models/qwen.cpp: RMS norms, fused QKV with its bias (3 n_embd wide), SwiGLU FFN
+  falcon     src/models/falcon.cpp: one LayerNorm read by attention and the GELU FFN, ffn + attn + residual
+  gptneox    src/models/gptneox.cpp: LayerNorms with biases, fused QKV and its bias, the output bias, GELU FFN
+             with biases; use_parallel_residual: ffn(ln2(x)) + x + attn(ln1(x))
+  command-r  src/models/command-r.cpp: one LayerNorm (no bias) read by attention and the FFN, ffn + residual + attn
+  plamo      src/models/plamo.cpp: RMS norm read by attention and the FFN, ffn + attn + residual
+  stablelm   src/models/stablelm.cpp: LayerNorms with biases; without ffn_norm the FFN reads the attention's norm
+  refact     src/models/refact.cpp: ALiBi, no RoPE
+  olmo       src/models/olmo.cpp: LayerNorms without weights (not named "norm", so never pinned)
+  openelm    src/models/openelm.cpp: fused QKV, RMS Q/K norms of its views, residual + attention
+  plamo3     src/models/plamo3.cpp: fused QKV, Q/K norms, norms after attention and the FFN, fused SwiGLU
+  cogvlm     src/models/cogvlm.cpp: fused QKV, no output rows gathered (no inp_out_ids)
+  phimoe     phi3.cpp's graph: residual + FFN; deepseek2-ocr: deepseek2.cpp's OCR attention; dbrx: LayerNorms, the
+             FFN's norm named attn_output_norm; grok: norms after attention and the experts; arctic: a dense FFN and
+             its residual, then the experts of the normed layer input; minimax-m2: Q/K norms before the reshape
+  sliding    two caches (llm_graph_input_attn_kv_iswa): exaone-moe and muse-glimmer rope their window layers only,
+             muse-glimmer gates attention and norms after it with plain RMS norms; cohere2moe (attention beside
+             the MoE) gathers the output rows after the output norm, which is an output (t_h_nextn)
+  minicpm3   low-rank Q and KV (V narrower than K), the lm-head scale of result_norm (an output: a new tensor)
+  mistral4   deepseek2.cpp's absorbed MLA over a K-only cache (_Mla; deepseek2 itself keeps compute_mla)
+  grovemoe   the experts, then the chunk experts of their output (_grove_moe)
+  MoE        build_moe_ffn (placement.recurrent._moe) with the loader's gating, weight norm and scale, after
+             leading dense layers, a shared expert added as it is: deepseek.cpp, bailingmoe.cpp, bailingmoe2.cpp,
+             dots1.cpp; mellum.cpp and qwen3vlmoe.cpp (no shared expert; qwen3vlmoe without deepstack layers),
+             smallthinker.cpp (the router reads the layer's input, before its norm)
+
+  shared     build_norm, build_qkv, build_ffn, build_attn, build_inp_out_ids (src/llama-graph.cpp)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import SplitConfig
+from ..devices import HOST_NAME
+from ..profile import ModelProfile
+from .ggml_replay import Graph, Tensor
+from .recurrent import _Attn, _Ctx, _moe, _row, replay_compute_bytes
+
+__all__ = ["DENSE_GRAPHS", "dense_compute_bytes", "dense_replayable"]
+
+
+
+class _Layer:
+    """The tensors a layer has (optional biases and norms decide the ops the graph builds)."""
+
+    def __init__(self, profile: ModelProfile, il: int) -> None:
+        self.shapes = {t.name.split(".", 2)[-1]: t.shape for t in profile.layers[il].tensors}
+        self.names = set(self.shapes)
+
+    def width(self, name: str) -> int:
+        """A matrix's output width (its ne1)."""
+        return int(self.shapes[name][1])
+
+    def has(self, name: str) -> bool:
+        return name in self.names
+
+
+def _norm(c: _Ctx, x: Tensor, il: int, *, rms: bool, bias: bool, weight: bool = True) -> Tensor:
+    """build_norm: the norm (named "norm": pinned to the layer's device under full offload or small ubatches,
+    llama_context::graph_get_cb), the weight's MUL and the bias' ADD in place. GGML_OP_NORM is not among the ops
+    ggml-alloc runs in place (ggml_op_can_inplace, ggml/src/ggml-alloc.c); RMS_NORM is."""
+    g = c.g
+    d = c.dev[il] if il >= 0 else c.dev[c.p.n_layer]
+    named = weight or bias                   # build_norm names it "norm" only with a weight or a bias
+    n = g.op(x.size, x, w=d if c.pin and il >= 0 and named else None, inplace=rms)
+    if weight:
+        n = g.op(n.size, n, w=d, inplace=True)
+    return g.op(n.size, n, w=d, inplace=True) if bias else n
+
+
+def _qkv(c: _Ctx, h: Tensor, pos: Tensor, il: int, lay: _Layer, spec: _Spec,
+         rms: bool) -> tuple[Tensor, Tensor, Tensor, bool]:
+    """build_qkv and the RoPE of Q and K (a RoPE of a view is never in place: ggml_gallocr_allocate_node reuses
+    only a parent it allocated itself). Returns Q, K, V and whether V is a strided view of a fused product."""
+    g, T, d = c.g, c.T, c.dev[il]
+    layer = c.p.layers[il]
+    nq, nk = 4 * layer.n_head * layer.n_embd_head_k * T, 4 * layer.n_head_kv * layer.n_embd_head_k * T
+    nv = 4 * layer.n_head_kv * layer.n_embd_head_v * T
+    if lay.has("attn_q_a.weight"):
+        return _lora_qkv(c, h, pos, il, lay)
+    if lay.has("attn_qkv.weight"):
+        # the product is as wide as the weight (qwen's is 3 n_embd whatever n_head_kv says: src/models/qwen.cpp)
+        qkv = g.op(4 * lay.width("attn_qkv.weight") * T, h, w=d)
+        if lay.has("attn_qkv.bias"):
+            qkv = g.op(qkv.size, qkv, w=d, inplace=True)
+        q, k, v = g.view(qkv, nq), g.view(qkv, nk), g.view(qkv, nv)
+        fused = True
+    else:
+        proj = []
+        for name, size in (("attn_q", nq), ("attn_k", nk), ("attn_v", nv)):
+            t = g.op(size, h, w=d)
+            if lay.has(f"{name}.bias"):
+                t = g.op(size, t, w=d, inplace=True)
+            if spec.qk_norm_flat and lay.has(f"{name}_norm.weight"):
+                t = _norm(c, t, il, rms=rms, bias=False)
+            proj.append(g.view(t))             # ggml_reshape_3d
+        q, k, v = proj
+        fused = False
+    if not spec.qk_norm_flat:
+        if lay.has("attn_q_norm.weight"):
+            q = _norm(c, q, il, rms=rms, bias=False)
+        if lay.has("attn_k_norm.weight"):
+            k = _norm(c, k, il, rms=rms, bias=False)
+    if _ropes(c.p, il, spec):
+        q = g.op(q.size, q, pos, inplace=True)
+        k = g.op(k.size, k, pos, inplace=True)
+    return q, k, v, fused
+
+
+def _lora_qkv(c: _Ctx, h: Tensor, pos: Tensor, il: int, lay: _Layer) -> tuple[Tensor, Tensor, Tensor, bool]:
+    """minicpm3's low-rank Q and KV (src/models/minicpm3.cpp): Q through q_a, its norm (in place on the product)
+    and q_b, roped out of its reshape; the compressed KV and the RoPE part views of one kv_a_mqa product, the
+    compressed part normed into a new tensor and expanded by kv_b; V a contiguous copy of its view of that; K the
+    concat of its no-RoPE view and the roped RoPE part repeated over the heads."""
+    g, T, d = c.g, c.T, c.dev[il]
+    layer = c.p.layers[il]
+    n_head, hk, hv = layer.n_head, layer.n_embd_head_k, layer.n_embd_head_v
+    kv_rank = int(lay.shapes["attn_kv_a_norm.weight"][0])
+    n_rope = lay.width("attn_kv_a_mqa.weight") - kv_rank
+    q = _norm(c, g.op(4 * lay.width("attn_q_a.weight") * T, h, w=d), il, rms=True, bias=False)
+    q = g.op(4 * lay.width("attn_q_b.weight") * T, q, w=d)
+    kv_pe = g.op(4 * lay.width("attn_kv_a_mqa.weight") * T, h, w=d)
+    kv = g.op(4 * lay.width("attn_kv_b.weight") * T,
+              _norm(c, g.view(kv_pe, 4 * kv_rank * T), il, rms=True, bias=False), w=d)
+    v = g.op(4 * hv * n_head * T, g.view(kv, 4 * hv * n_head * T))                   # cont(v_states)
+    q = g.op(q.size, g.view(q), pos, inplace=True)                                    # RoPE of the reshape
+    k_pe = g.op(4 * n_rope * T, g.view(kv_pe, 4 * n_rope * T), pos, inplace=True)
+    k = g.op(4 * hk * n_head * T, g.view(kv, 4 * (hk - n_rope) * n_head * T),
+             g.op(4 * n_rope * n_head * T, k_pe))                                     # concat(k_nope, repeat(k_pe))
+    return q, k, v, False
+
+
+class _Mla:
+    """Absorbed MLA attention (llama_hparams::is_mla: attn_k_b, attn_v_b) over a K-only cache: its inputs (K row
+    indices and the mask: build_attn_inp_k, src/llama-graph.cpp) and the layer's graph (the MLA branch of
+    llama_model_deepseek2::graph, src/models/deepseek2.cpp; build_attn with llm_graph_input_attn_k and
+    build_attn_mha's v_mla product)."""
+
+    def __init__(self, c: _Ctx, attn: _Attn, fa: bool) -> None:
+        self.c, self.attn, self.fa = c, attn, fa
+        self.n_kv = attn.caches[False].n_kv
+        self.k_idxs = c.g.inp(8 * c.T)
+        self.mask = c.g.inp(self.n_kv * c.T * (2 if fa else 4))
+
+    def __call__(self, h: Tensor, pos: Tensor, il: int, lay: _Layer) -> Tensor:
+        """The attention output before wo."""
+        c, g, T, d = self.c, self.c.g, self.c.T, self.c.dev[il]
+        layer, cfg, md, arch = c.p.layers[il], c.config, c.p.metadata, c.p.arch
+        n_head = layer.n_head
+        kv_rank = int(lay.shapes["attn_kv_a_norm.weight"][0])
+        n_rope = lay.width("attn_kv_a_mqa.weight") - kv_rank
+        hv_mla = int(md.get(f"{arch}.attention.value_length_mla", lay.shapes["attn_v_b.weight"][1]))
+        if lay.has("attn_q_a.weight"):
+            q = _norm(c, g.op(4 * lay.width("attn_q_a.weight") * T, h, w=d), il, rms=True, bias=False)
+            q = g.op(4 * lay.width("attn_q_b.weight") * T, q, w=d)
+        else:
+            q = g.op(4 * lay.width("attn_q.weight") * T, h, w=d)                     # the lite models' wq
+        kv_pe = g.op(4 * (kv_rank + n_rope) * T, h, w=d)
+        k_pe = g.op(4 * n_rope * T, g.view(kv_pe, 4 * n_rope * T), pos, inplace=True)  # RoPE of a view
+        kv_cmpr = _norm(c, g.view(kv_pe, 4 * kv_rank * T), il, rms=True, bias=False)
+        q_pe = g.op(4 * n_rope * n_head * T, g.view(q, 4 * n_rope * n_head * T), pos, inplace=True)
+        q_abs = g.op(4 * kv_rank * n_head * T, g.view(g.view(q)), w=d)                # wk_b x q_nope
+        qcur = g.op(4 * (kv_rank + n_rope) * n_head * T, g.view(q_abs), q_pe)         # concat
+        v = g.view(kv_cmpr)                                                            # reshape_3d
+        kcur = g.op(4 * (kv_rank + n_rope) * T, v, k_pe)                              # concat
+        g.expand(qcur)
+        g.expand(v)
+        g.expand(kcur)
+        g.expand(g.set(d, g.view(kcur), self.k_idxs))
+        n_kv = self.n_kv * self.attn.n_stream
+        k = g.view(g.ext(d), _row(cfg.type_k, kv_rank + n_rope) * n_kv)
+        vk = g.view(k, _row(cfg.type_k, kv_rank) * n_kv)
+        qp = g.view(g.view(qcur))
+        if self.fa:
+            out = g.op(4 * kv_rank * n_head * T, qp, g.view(k), g.view(vk), self.mask)
+            fa_node = out
+            out = g.op(4 * hv_mla * n_head * T, g.view(g.op(4 * hv_mla * n_head * T, g.view(out), w=d)))  # v_mla, cont
+            out = g.view(out)
+        else:
+            kq = g.op(4 * self.n_kv * T * n_head, g.view(k), qp)
+            kq = g.op(kq.size, kq, self.mask, inplace=True)                            # soft_max_ext
+            vt = g.op(_row(cfg.type_k, kv_rank) * n_kv, g.view(g.view(vk)))            # cont(transpose(v))
+            kqv = g.op(4 * hv_mla * n_head * T, g.op(4 * kv_rank * n_head * T, vt, kq), w=d)   # v, then v_mla
+            out = g.op(kqv.size, g.view(kqv))                                           # cont_2d(permute)
+            fa_node = None
+        g.expand(out)
+        self.attn.fa_nodes.append((fa_node, d))
+        return out
+
+
+def _ropes(p: ModelProfile, il: int, spec: _Spec) -> bool:
+    """Whether layer il ropes Q and K: exaone-moe and muse-glimmer rope their sliding-window layers only, cohere2moe
+    those and its leading dense ones (hparams.n_layer_dense_lead)."""
+    if not spec.rope:
+        return False
+    if not spec.rope_only:
+        return True
+    swa = bool(p.n_swa and p.layers[il].is_swa)
+    lead = int(p.metadata.get(f"{p.arch}.leading_dense_block_count", 0))
+    return swa or ("dense" in spec.rope_only and il < lead)
+
+
+def _ffn(c: _Ctx, h: Tensor, il: int, lay: _Layer, n_ff: int) -> Tensor:
+    """build_ffn: gated (LLM_FFN_PAR: gate and up products, the GLU's new tensor), an up product twice as wide
+    as ffn_down reads split by the GLU (LLM_FFN_SWIGLU, plamo3), or up and its activation in place (GELU);
+    biases added in place; ffn_down."""
+    g, fd = c.g, c.ffn_dev[il]
+    rows = h.size // (4 * c.E)
+    f = 4 * n_ff * rows
+    up = g.op(4 * lay.width("ffn_up.weight") * rows, h, w=fd)
+    if lay.has("ffn_up.bias"):
+        up = g.op(up.size, up, w=fd, inplace=True)
+    if lay.has("ffn_gate.weight"):
+        cur = g.op(f, g.op(f, h, w=fd), up)                     # swiglu_split(gate, up)
+    elif up.size > f:
+        cur = g.op(f, up)                                        # swiglu(up): halves it
+    else:
+        cur = g.op(f, up, inplace=True)                          # GELU
+    out = g.op(h.size, cur, w=fd)
+    if lay.has("ffn_down.bias"):
+        out = g.op(out.size, out, w=fd, inplace=True)
+    return out
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """How an architecture's layer differs from llama's (read from src/models/<arch>.cpp)."""
+    rms: bool | None = True       # LLM_NORM_RMS, else LLM_NORM (LayerNorm); None: RMS where the file has an RMS eps
+    norm_weight: bool = True      # the norms have weights (olmo's have none: not named "norm", not pinned)
+    rope: bool = True             # refact: ALiBi, no RoPE
+    qkv_reshape: bool = False     # fused QKV views taken of a reshape (openelm): a view of a view, same sizes
+    parallel: str = ""            # the FFN reads the attention's norm: the adds after the FFN, in order
+    par_res: bool = False         # gptneox use_parallel_residual: ffn(ln2(x)) + x + attn(ln1(x))
+    residual_first: bool = False  # ffn_inp = residual + attention (openelm), not attention + residual
+    post_attn: str = ""           # the norm after attention (plamo3, grok), after the FFN (plamo3, grok)
+    post_ffn: str = ""
+    ffn_norm: str = "ffn_norm"    # the FFN's norm (dbrx: attn_output_norm)
+    arctic: bool = False          # a dense FFN and its residual, then the MoE of the normed layer input added
+    mla: bool = False             # absorbed MLA over a K-only cache (_Mla)
+    grove: bool = False           # grovemoe: the experts, then its chunk experts of their output (_grove_moe)
+    out_residual_first: bool = False  # l_out = residual + FFN (phi3's graph, which phimoe builds), not FFN + residual
+    rope_only: str = ""           # RoPE only on sliding-window layers ("swa"), or those and leading dense ones
+    gather_after_norm: bool = False   # rows gathered after the output norm, the norm an output (t_h_nextn)
+    embd_norm: bool = False       # the embeddings RMS-normed without a weight (muse-glimmer)
+    head_scale: bool = False      # result_norm scaled before the output product: a new tensor, result_norm being
+                                  # an output (minicpm3's scale_lmhead)
+    attn_gate: bool = False       # attention output * sigmoid(attn_gate product), before wo (muse-glimmer)
+    post_plain: bool = False      # the post norms are ggml_rms_norm and a MUL, not build_norm (never pinned), and
+                                  # the one after attention comes before the last layer's gather (muse-glimmer)
+    gather: bool = True           # the last layer gathers the output rows (cogvlm builds no inp_out_ids)
+    gating: int = 0               # build_moe_ffn's gating as the graph passes it (0: hparams.expert_gating_func)
+    norm_w: bool | None = None    # ... its weight normalization (None: hparams.expert_weights_norm)
+    router_first: bool = False    # the router reads the layer's input, before its norm (smallthinker's probs_in)
+    qk_norm_flat: bool = False    # Q/K norms of the products before their reshape (build_qkv reshape=false): in place
+
+
+_SPECS = {
+    "qwen": _Spec(),
+    "falcon": _Spec(rms=False, parallel="attn,residual"),
+    "gptneox": _Spec(rms=False),
+    "command-r": _Spec(rms=False, parallel="residual,attn"),
+    "plamo": _Spec(parallel="attn,residual"),
+    "stablelm": _Spec(rms=False),
+    "refact": _Spec(rope=False),
+    "olmo": _Spec(rms=False, norm_weight=False),
+    "openelm": _Spec(residual_first=True),
+    "plamo3": _Spec(post_attn="post_attention_norm", post_ffn="post_ffw_norm"),
+    "cogvlm": _Spec(gather=False),
+    # MoE layers (ffn_gate_inp) after leading dense ones, a shared expert added as it is
+    "deepseek": _Spec(gating=1, norm_w=False),
+    "bailingmoe": _Spec(gating=1),
+    "dots1": _Spec(),
+    "bailingmoe2": _Spec(),
+    # MoE layers only, no shared expert
+    "mellum": _Spec(gating=1, norm_w=True),
+    "qwen3vlmoe": _Spec(gating=1, norm_w=True),
+    "smallthinker": _Spec(norm_w=True, router_first=True),
+    "ernie4_5-moe": _Spec(gating=1, norm_w=True),
+    "minimax-m2": _Spec(norm_w=True, qk_norm_flat=True),
+    "dbrx": _Spec(rms=False, gating=1, norm_w=True, ffn_norm="attn_output_norm"),
+    "grok": _Spec(gating=1, norm_w=True, post_attn="attn_output_norm", post_ffn="post_ffw_norm"),
+    "arctic": _Spec(gating=1, norm_w=True, arctic=True),
+    "phimoe": _Spec(gating=1, norm_w=True, out_residual_first=True),
+    "deepseek2-ocr": _Spec(),       # deepseek2.cpp's OCR attention (separate Q, K, V; no MLA)
+    "minicpm3": _Spec(head_scale=True),     # low-rank Q and KV (_lora_qkv)
+    "grovemoe": _Spec(gating=1, norm_w=True, grove=True),
+    "mistral4": _Spec(mla=True, gather_after_norm=False),   # deepseek2.cpp's graph
+    # sliding-window graphs (llm_graph_input_attn_kv_iswa)
+    "exaone-moe": _Spec(rope_only="swa"),
+    "cohere2moe": _Spec(rms=None, parallel="residual,attn", rope_only="swa,dense", gather_after_norm=True),
+    "muse-glimmer": _Spec(rope_only="swa", embd_norm=True, attn_gate=True, post_attn="post_attention_norm",
+                          post_ffn="post_ffw_norm", post_plain=True),
+}
+
+
+def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
+    g, T, E, p = c.g, c.T, c.E, c.p
+    spec = _SPECS[p.arch]
+    tokens = g.inp(4 * T)
+    g.expand(g.inp(4 * E * T))               # inp_embd: a text batch never reads it, it is allocated
+    cur = g.expand(g.op(4 * E * T, tokens, w=HOST_NAME))              # get_rows(token_embd)
+    attn = _Attn(c, fa, v_trans)
+    mla = _Mla(c, attn, fa) if spec.mla else None
+    pos = g.inp(4 * T)
+    out_ids = g.inp(4 * c.T_out)
+    n_layer = p.n_layer
+    rms = spec.rms if spec.rms is not None else \
+        bool(float(p.metadata.get(f"{p.arch}.attention.layer_norm_rms_epsilon", 0.0)))
+    if spec.embd_norm:
+        cur = g.op(cur.size, cur, inplace=True)                       # build_norm(inpL, none, none, RMS, -1)
+    par_res = spec.par_res or bool(p.metadata.get(f"{p.arch}.use_parallel_residual", False))
+
+    def norm(x: Tensor, il: int, lay: _Layer | None, name: str) -> Tensor:
+        # (plamo3's post norms are named without ".weight": LLM_TENSOR_ATTN_POST_NORM, llama-arch.cpp)
+        has_w = spec.norm_weight and (lay is None or lay.has(f"{name}.weight") or lay.has(name))
+        bias = lay.has(f"{name}.bias") if lay is not None else f"{name}.bias" in out_names
+        return _norm(c, x, il, rms=rms, bias=bias, weight=has_w)
+
+    out_names = {t.name for t in p.output_tensors}
+    for il in range(n_layer):
+        lay = _Layer(p, il)
+        last = il == n_layer - 1 and spec.gather and not spec.gather_after_norm
+        d = c.dev[il]
+        n_ff = _ffn_width(p, il)
+        h = norm(cur, il, lay, "attn_norm")
+        # Falcon-40B: attention reads a second norm of the layer input, the FFN the first (falcon.cpp)
+        h_attn = norm(cur, il, lay, "attn_norm_2") if lay.has("attn_norm_2.weight") else h
+        if mla is not None:
+            y = mla(h_attn, pos, il, lay)
+        else:
+            q, k, v, fused = _qkv(c, h_attn, pos, il, lay, spec, rms)
+            y = attn.attend(q, k, v, il, v_cont=fused)
+        if spec.attn_gate:
+            gate = g.op(4 * lay.width("attn_gate.weight") * T, h_attn, w=d)
+            y = g.op(y.size, y, g.op(gate.size, gate, inplace=True), inplace=True)    # * sigmoid(gate)
+        y = g.op(4 * E * T, y, w=d)                                     # wo
+        if lay.has("attn_output.bias"):
+            y = g.op(y.size, y, w=d, inplace=True)
+        rows = 4 * E * c.T_out
+        if spec.parallel:
+            # the FFN reads the attention's norm; then ffn + the two others in the graph's order
+            if last:
+                y, cur, h = g.op(rows, y, out_ids), g.op(rows, cur, out_ids), g.op(rows, h, out_ids)
+            ff = _moe_ffn(c, h, il, lay, spec) if lay.has("ffn_gate_inp.weight") else _ffn(c, h, il, lay, n_ff)
+            first, second = (y, cur) if spec.parallel == "attn,residual" else (cur, y)
+            cur = g.op(ff.size, g.op(ff.size, ff, first, inplace=True), second, inplace=True)
+            continue
+        if spec.post_plain:
+            y = g.op(y.size, g.op(y.size, y, inplace=True), w=d, inplace=True)        # rms_norm, * attn_post_norm
+        # smallthinker: the router's product of the layer's input (gathered with it in the last layer)
+        router = g.op(4 * p.n_expert * T, cur, w=d) if spec.router_first else None
+        if last:
+            y, cur = g.op(rows, y, out_ids), g.op(rows, cur, out_ids)
+            if router is not None:
+                router = g.op(4 * p.n_expert * c.T_out, router, out_ids)
+            if not lay.has(f"{spec.ffn_norm}.weight"):
+                h = g.op(rows, h, out_ids)
+        if spec.post_attn and not spec.post_plain:
+            y = norm(y, il, lay, spec.post_attn)
+        if par_res:
+            ff = _ffn(c, norm(cur, il, lay, "ffn_norm"), il, lay, n_ff)
+            cur = g.op(ff.size, g.op(ff.size, ff, cur, inplace=True), y, inplace=True)
+            continue
+        ffn_inp = g.op(y.size, cur, y, inplace=True) if spec.residual_first else g.op(y.size, y, cur, inplace=True)
+        if spec.arctic:
+            # src/models/arctic.cpp: ffn_out = ffn(norm(ffn_inp)) + ffn_inp; moe(norm_exps(inpSA)) + ffn_out
+            ffn_out = g.op(ffn_inp.size, _ffn(c, norm(ffn_inp, il, lay, "ffn_norm"), il, lay, n_ff), ffn_inp,
+                           inplace=True)
+            moe = _moe_ffn(c, norm(cur, il, lay, "ffn_norm_exps"), il, lay, spec)
+            cur = g.op(moe.size, moe, ffn_out, inplace=True)
+            continue
+        # stablelm without ffn_norm: the FFN reads the attention's norm
+        has_norm = lay.has(f"{spec.ffn_norm}.weight") or not spec.norm_weight
+        ffn_in = norm(ffn_inp, il, lay, spec.ffn_norm) if has_norm else h
+        if lay.has("ffn_gate_inp.weight") and spec.grove:
+            ff = _grove_moe(c, ffn_in, il, lay, spec)
+        elif lay.has("ffn_gate_inp.weight"):
+            ff = _moe_ffn(c, ffn_in, il, lay, spec, router)
+            if lay.has("ffn_up.weight"):
+                # grok: a dense FFN beside the experts, (ffn + moe) * sqrt(2) / 2
+                ff = g.op(ff.size, g.op(ff.size, _ffn(c, ffn_in, il, lay, n_ff), ff, inplace=True), inplace=True)
+        else:
+            ff = _ffn(c, ffn_in, il, lay, n_ff)
+        if spec.post_plain:
+            ff = g.op(ff.size, g.op(ff.size, ff, inplace=True), w=c.ffn_dev[il], inplace=True)
+        elif spec.post_ffn:
+            ff = norm(ff, il, lay, spec.post_ffn)
+        cur = g.op(ff.size, ffn_inp, ff, inplace=True) if spec.out_residual_first else \
+            g.op(ff.size, ff, ffn_inp, inplace=True)
+    h = norm(cur, -1, None, "output_norm") if n_layer else cur
+    # result_norm (t_embd), and t_h_nextn where the graph sets it, are outputs (llm_graph_result::set_outputs):
+    # never reused in place, never freed
+    h.out = True
+    if spec.gather_after_norm:
+        h = g.op(4 * E * c.T_out, h, out_ids)
+        h.out = True
+    if spec.head_scale:
+        h = g.op(h.size, h, inplace=True)
+    g.expand(g.op(4 * p.n_vocab * (c.T_out if spec.gather else T), h, w=c.dev[n_layer], out=True))  # result_output
+    return g, [(n, d) for n, d in attn.fa_nodes if n is not None]
+
+
+def _moe_ffn(c: _Ctx, h: Tensor, il: int, lay: _Layer, spec: _Spec, logits: Tensor | None = None) -> Tensor:
+    """build_moe_ffn with the hyperparameters the loader reads (llama_model_*::load_arch_hparams), and the
+    shared expert's build_ffn added to its output (src/models/deepseek.cpp, dots1.cpp, bailingmoe*.cpp, ...)."""
+    md, arch = c.p.metadata, c.p.arch
+    scale = float(md.get(f"{arch}.expert_weights_scale", 0.0))
+    norm_w = spec.norm_w if spec.norm_w is not None else bool(md.get(f"{arch}.expert_weights_norm", False))
+    return _moe(c, h, il, gating=spec.gating or int(md.get(f"{arch}.expert_gating_func", 1)),
+                probs_bias=lay.has("exp_probs_b.bias"), norm_w=norm_w, scale=scale not in (0.0, 1.0),
+                n_ff=lay.width("ffn_up_exps.weight"),
+                shared=lay.width("ffn_up_shexp.weight") if lay.has("ffn_up_shexp.weight") else 0, shared_gate=False,
+                logits=logits, gated=lay.has("ffn_gate_exps.weight"))
+
+
+def _grove_moe(c: _Ctx, h: Tensor, il: int, lay: _Layer, spec: _Spec) -> Tensor:
+    """src/models/grovemoe.cpp: one router product, build_moe_ffn over the experts, then over the chunk experts
+    (n_expert / n_group_experts of them) of that output, which is added scaled (in place)."""
+    g, p = c.g, c.p
+    md, arch = p.metadata, p.arch
+    logits = g.op(4 * p.n_expert * (h.size // (4 * c.E)), h, w=c.dev[il])
+    scale = float(md.get(f"{arch}.expert_weights_scale", 0.0)) not in (0.0, 1.0)
+    out = _moe(c, h, il, gating=1, norm_w=True, scale=scale, n_ff=lay.width("ffn_up_exps.weight"), logits=logits,
+               grove=True)
+    n_chunk = p.n_expert // max(1, int(md.get(f"{arch}.experts_per_group", 1)))
+    ch = _moe(c, out, il, gating=1, norm_w=True, scale=scale, n_ff=lay.width("ffn_up_chexps.weight"), logits=logits,
+              grove=True, n_used=min(p.n_expert_used, n_chunk), remap=n_chunk != p.n_expert)
+    return g.op(out.size, out, g.op(ch.size, ch, inplace=True), inplace=True)
+
+
+def _ffn_width(p: ModelProfile, il: int) -> int:
+    """The FFN's width as ffn_down reads it (qwen's loader makes it n_ff / 2: src/models/qwen.cpp)."""
+    for t in p.layers[il].tensors:
+        if t.name.endswith(".ffn_down.weight") and len(t.shape) >= 2:
+            return int(t.shape[0])
+    return p.n_ff
+
+
+def dense_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_devices: list[str],
+                        names: list[str], *, T: int, n_seqs: int, T_out: int, n_copies: int,
+                        pin_norm: bool, ffn_devices: list[str] | None = None) -> dict[str, int]:
+    """Compute buffer bytes of every backend in `names` for a `dense_replayable` profile (`ffn_devices`: where
+    tensor overrides put each layer's FFN weights, its experts for MoE), remembered per profile and arguments:
+    a 60-layer graph takes 14-27 ms to replay (dense to MoE; measured at load 4.3)."""
+    return replay_compute_bytes(_graph, profile, config, layer_devices, names, T=T, n_seqs=n_seqs, T_out=T_out,
+                                n_copies=n_copies, pin_norm=pin_norm, ffn_devices=ffn_devices)
+
+
+def dense_replayable(profile: ModelProfile) -> bool:
+    """Whether `profile`'s compute buffers are replayed here: a graph of DENSE_GRAPHS, every layer with attention
+    (Q, K, V products or a fused one: no MLA) and a KV cache, and the tensor list read from the file (attention
+    and FFN weights). smallthinker with a sliding window skips RoPE every n_no_rope_layer_step layers: not built."""
+    if profile.arch not in _SPECS or not profile.layers or (profile.arch == "smallthinker" and profile.n_swa):
+        return False
+    if int(profile.metadata.get(f"{profile.arch}.n_deepstack_layers", 0)):
+        return False           # qwen3vlmoe's deepstack adds (a wider inp_embd) are not built here
+    if int(profile.metadata.get(f"{profile.arch}.nextn_predict_layers", 0)):
+        return False           # MTP layers (placement.mtp) run a graph of their own, not built here
+    return all(layer.has_kv and not layer.is_recurrent
+               and any(t.name.endswith((".ffn_down.weight", ".ffn_down_exps.weight")) for t in layer.tensors)
+               and any(t.name.endswith((".attn_qkv.weight", ".attn_q.weight", ".attn_q_a.weight", ".attn_k_b.weight"))
+                       for t in layer.tensors)
+               for layer in profile.layers)
+
+
+DENSE_GRAPHS = frozenset(_SPECS)

@@ -1,0 +1,112 @@
+"""Compute buffers of the graphs replayed op by op (gpulab/core/placement/dense.py) against llama.cpp's.
+
+The expected figures are the `compute buffer size` lines llama.cpp logged (MiB, two decimals) for the models of
+gpulab.sources.arch_models on CPU RPC devices, as tests/integration/test_arch_matrix_vs_llama.py loads them
+(branch small's matrix run), in the setting where gpulab's closed forms were furthest off before the replay
+(2-12 MiB: one or more [n_embd, n_ubatch] row sets of 2 MiB). One row per graph rule of placement.dense.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from gpulab import SplitConfig, plan, read_profile
+from gpulab.core.devices import Device
+from gpulab.core.placement.dense import DENSE_GRAPHS, dense_replayable
+from gpulab.sources.arch_models import write_arch_model
+
+MiB = 1024**2
+
+# the settings of the architecture matrix (tests/integration/test_arch_matrix_vs_llama.py CONFIGS)
+TS31_Q8_FA = SplitConfig(tensor_split=(3, 1), n_ctx=2048, devices=("RPC0", "RPC1"), type_k="q8_0", type_v="q8_0",
+                         flash_attn="on")
+TS11 = SplitConfig(tensor_split=(1, 1), n_ctx=1024, devices=("RPC0", "RPC1"))
+NGL4 = SplitConfig(n_gpu_layers=4, tensor_split=(1, 1, 1), n_ctx=1024)
+NONE = SplitConfig(split_mode="none", main_gpu=1, n_ctx=1024, flash_attn="off")
+TS121_Q8K = SplitConfig(tensor_split=(1, 2, 1), n_ctx=4096, type_k="q8_0", flash_attn="off")
+TS111_Q4_FA = SplitConfig(tensor_split=(1, 1, 1), n_ctx=4096, type_k="q4_0", type_v="q4_0", flash_attn="on")
+
+CASES = [
+    # LayerNorm not in place, fused QKV roped out of strided views, attention beside the GELU FFN (falcon.cpp)
+    ("falcon", NGL4, {"RPC0": 15.01, "RPC1": 15.01, "RPC2": 18.0, "CPU": 15.01}),
+    # LayerNorms with biases, fused QKV + bias, output and FFN biases (gptneox.cpp)
+    ("gptneox", NGL4, {"RPC0": 13.01, "RPC1": 13.01, "RPC2": 18.0, "CPU": 15.01}),
+    # fused QKV 3 n_embd wide whatever n_head_kv says, the FFN n_ff / 2 (qwen.cpp)
+    ("qwen", NGL4, {"RPC0": 14.01, "RPC1": 13.01, "RPC2": 18.0, "CPU": 16.01}),
+    # one LayerNorm read by attention and the FFN: ffn + residual + attention (command-r.cpp)
+    ("command-r", TS11, {"RPC0": 36.04, "RPC1": 38.05, "CPU": 14.05}),
+    # ... RMS: ffn + attention + residual (plamo.cpp)
+    ("plamo", TS11, {"RPC0": 36.04, "RPC1": 38.05, "CPU": 14.05}),
+    # no ffn_norm: the FFN reads the attention's norm (stablelm.cpp)
+    ("stablelm", TS11, {"RPC0": 36.04, "RPC1": 38.05, "CPU": 14.05}),
+    # norms without weights: never named "norm", never pinned (olmo.cpp)
+    ("olmo", TS11, {"RPC0": 36.04, "RPC1": 42.05, "CPU": 14.05}),
+    # ALiBi: no RoPE (refact.cpp)
+    ("refact", NGL4, {"RPC0": 25.01, "RPC1": 22.0, "RPC2": 18.0, "CPU": 27.01}),
+    # Q/K norms of a reshaped fused product, residual + attention (openelm.cpp)
+    ("openelm", NONE, {"RPC1": 39.01, "CPU": 7.01}),
+    # norms after attention and the FFN, fused SwiGLU (plamo3.cpp)
+    ("plamo3", NONE, {"RPC1": 39.01, "CPU": 7.01}),
+    # no output rows gathered (cogvlm.cpp)
+    ("cogvlm", TS121_Q8K, {"RPC0": 184.09, "RPC1": 184.09, "RPC2": 26.0, "CPU": 46.09}),
+    # low-rank Q and KV, V narrower than K, result_norm scaled into a new tensor (minicpm3.cpp)
+    ("minicpm3", TS11, {"RPC0": 43.04, "RPC1": 43.05, "CPU": 14.05}),
+    # MoE after a leading dense layer, a shared expert added as it is (deepseek.cpp)
+    ("deepseek", NGL4, {"RPC0": 13.01, "RPC1": 15.01, "RPC2": 18.0, "CPU": 27.01}),
+    # experts without a gate: up and its SiLU in place (ernie4-5-moe.cpp)
+    ("ernie4_5-moe", TS121_Q8K, {"RPC0": 178.09, "RPC1": 178.09, "RPC2": 26.0, "CPU": 46.1}),
+    # the router reads the layer's input before its norm (smallthinker.cpp)
+    ("smallthinker", NGL4, {"RPC0": 11.01, "RPC1": 11.01, "RPC2": 18.0, "CPU": 13.04}),
+    # Q/K norms of the products before their reshape: in place (minimax-m2.cpp)
+    ("minimax-m2", NONE, {"RPC1": 43.05, "CPU": 7.01}),
+    # a dense FFN and its residual, then the experts of the normed layer input (arctic.cpp)
+    ("arctic", TS111_Q4_FA, {"RPC0": 66.2, "RPC1": 66.2, "RPC2": 66.2, "CPU": 26.18}),
+    # norms after attention and the experts (grok.cpp)
+    ("grok", TS121_Q8K, {"RPC0": 178.09, "RPC1": 180.09, "RPC2": 26.0, "CPU": 46.1}),
+    # phi3's graph: residual + FFN (phi3.cpp, which phimoe builds)
+    ("phimoe", TS11, {"RPC0": 54.04, "RPC1": 54.05, "CPU": 14.05}),
+    # the experts, then the chunk experts of their output (grovemoe.cpp)
+    ("grovemoe", NGL4, {"RPC0": 13.01, "RPC1": 11.01, "RPC2": 18.0, "CPU": 13.01}),
+    # a sliding-window cache beside the full one, RoPE on window layers only (exaone-moe.cpp)
+    ("exaone-moe", NGL4, {"RPC0": 16.02, "RPC1": 15.01, "RPC2": 18.0, "CPU": 28.02}),
+    # ... attention beside the MoE, rows gathered after the output norm, itself an output (cohere2moe.cpp)
+    ("cohere2moe", TS111_Q4_FA, {"RPC0": 52.32, "RPC1": 40.36, "RPC2": 32.17, "CPU": 30.34}),
+    # ... embedding norm, gated attention, plain RMS norms after attention and the FFN (muse-glimmer.cpp)
+    ("muse-glimmer", NGL4, {"RPC0": 26.02, "RPC1": 22.0, "RPC2": 18.0, "CPU": 26.02}),
+    # absorbed MLA over a K-only cache (deepseek2.cpp's graph, which mistral4 builds)
+    ("mistral4", TS31_Q8_FA, {"RPC0": 50.07, "RPC1": 26.0, "CPU": 18.04}),
+]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dense")
+    return {a: read_profile(write_arch_model(root / f"{a}.gguf", a)) for a, _, _ in CASES}
+
+
+def rpc(n: int) -> list[Device]:
+    return [Device(name=f"RPC{i}", total_bytes=64 << 30, free_bytes=64 << 30, source="rpc", kind="rpc")
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("arch,config,expected", CASES, ids=[a for a, _, _ in CASES])
+def test_replayed_compute_buffers_are_llama_cpps(models, arch, config, expected):
+    profile = models[arch]
+    assert dense_replayable(profile)
+    p = plan(profile, rpc(3), config)
+    got = {d.name: round(d.compute_bytes / MiB, 2) for d in p.devices}
+    assert got == expected
+
+
+def test_every_graph_replayed_has_a_case():
+    assert {a for a, _, _ in CASES} <= DENSE_GRAPHS
+
+
+def test_graphs_not_built_here_stay_with_the_closed_forms(models):
+    # an MTP layer (nextn_predict_layers) runs a graph of its own; qwen3vlmoe's deepstack adds widen inp_embd
+    ds = models["deepseek"]
+    assert not dense_replayable(replace(ds, metadata={**ds.metadata, "deepseek.nextn_predict_layers": 1}))
+    vl = models["exaone-moe"]
+    assert not dense_replayable(replace(vl, arch="qwen3vlmoe", metadata={"qwen3vlmoe.n_deepstack_layers": 3}))
