@@ -192,7 +192,9 @@ def seeds(arch: str) -> dict[str, object]:
                         f"{arch}.attention.value_length_mla": 128})
     if re.search(r"is_recr_impl\[\w+\]\s*=\s*[^;]*n_head_kv\(\w+\) == 0", text):
         # a hybrid that marks recurrent layers by 0 KV heads: 2 recurrent layers to 1 attention layer
-        out[f"{arch}.attention.head_count_kv"] = [0, 0, 4, 0, 0, 4]
+        # (MLA attention layers keep their one KV head: kimi-linear, bailingmoe3)
+        kvh = out.get(f"{arch}.attention.head_count_kv", 4)
+        out[f"{arch}.attention.head_count_kv"] = [0, 0, kvh, 0, 0, kvh]
         if "n_ff(i) == 0" in text:       # nemotron_h: recurrent, FFN-only and attention-only layers
             out[f"{arch}.feed_forward_length"] = [0, 3072, 0, 0, 3072, 0]
     return out
