@@ -375,8 +375,11 @@ def _decode(lc, model, out: Path, result: dict) -> None:
     cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_threads, cp.n_threads_batch = 512, 64, 64, 1, 1
     result["context"] = "aborted"
     out.write_text(json.dumps(result))
-    ctx = lc.llama_init_from_model(model, cp)
-    result["context"] = "ok" if ctx else "refused"
+    from gpulab.runtime.logcapture import LogCapture
+    with LogCapture() as cap:
+        ctx = lc.llama_init_from_model(model, cp)
+    why = re.search(r"failed to initialize the context: ([^(\n]*)", cap.text)   # (a draft asks for its target's)
+    result["context"] = "ok" if ctx else f"refused: {why.group(1).strip()}" if why else "refused"
     result["decode"] = "aborted"
     out.write_text(json.dumps(result))
     if not ctx:

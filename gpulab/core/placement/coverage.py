@@ -76,7 +76,11 @@ COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "in
                            # branch encoders: attention without a KV cache, replayed (compute_encoder)
                            "dream", "llada", "llama-embed", "eurobert", "rnd1", "llada-moe", "gemma-embedding",
                            "bert", "jina-bert-v3", "nomic-bert", "nomic-bert-moe", "neo-bert", "modern-bert",
-                           "t5encoder", "t5", "wavtokenizer-dec", "jina-bert-v2"})
+                           "t5encoder", "t5", "wavtokenizer-dec", "jina-bert-v2",
+                           # branch recurrent2: replayed (placement.recurrent), in RECURRENT_GRAPHS
+                           "mamba", "jamba", "falcon-h1", "granitehybrid", "nemotron_h", "nemotron_h_moe",
+                           "lfm2moe", "qwen35", "qwen35moe", "rwkv6qwen2", "arwkv7",
+                           "plamo2", "minimax-01"})
 
 
 # Architectures whose memory is not llama_kv_cache / llama_memory_recurrent as gpulab sizes them
@@ -234,7 +238,8 @@ def doubts(profile: ModelProfile, config: SplitConfig, layer_devices: list[str] 
         and (arch not in COMPUTE_EXACT or mla_geom(profile) is None)
     if replayable(profile) or encoder_replayable(profile):
         pass                   # replayed op by op (placement.recurrent, compute_encoder): exact wherever checked
-    elif recurrent:
+    elif recurrent or arch in RECURRENT_GRAPHS:
+        # (a graph replayed elsewhere but not for this file: a branch the replay does not build)
         pure = not any(layer.has_kv for layer in profile.layers)
         what = "recurrent graph is" if pure else "recurrent layers are"
         out.append(_measured(arch, f"{arch}'s {what} not modelled", " (mamba2's, lfm2's and qwen3next's, before "
