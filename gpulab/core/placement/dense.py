@@ -207,6 +207,8 @@ def _ropes(p: ModelProfile, il: int, spec: _Spec) -> bool:
         return False
     if not spec.rope_only:
         return True
+    if spec.rope_only == "step":
+        return (il + 1) % 4 != 0             # llama_hparams::n_no_rope_layer_step, which afmoe's loader keeps at 4
     swa = bool(p.n_swa and p.layers[il].is_swa)
     lead = int(p.metadata.get(f"{p.arch}.leading_dense_block_count", 0))
     return swa or ("dense" in spec.rope_only and il < lead)
@@ -251,7 +253,10 @@ class _Spec:
     mla: bool = False             # absorbed MLA over a K-only cache (_Mla)
     grove: bool = False           # grovemoe: the experts, then its chunk experts of their output (_grove_moe)
     out_residual_first: bool = False  # l_out = residual + FFN (phi3's graph, which phimoe builds), not FFN + residual
-    rope_only: str = ""           # RoPE only on sliding-window layers ("swa"), or those and leading dense ones
+    rope_only: str = ""           # RoPE only on sliding-window layers ("swa"), or those and leading dense ones,
+                                  # or every layer but each hparams.n_no_rope_layer_step-th ("step": its default 4)
+    embd_scale: bool = False      # the embeddings scaled (ggml_scale, in place: afmoe's MuP scale)
+    post_attn_first: bool = False  # the norm after attention comes before the last layer's gather (afmoe)
     gather_after_norm: bool = False   # rows gathered after the output norm, the norm an output (t_h_nextn)
     gather_before_norm: bool = False  # rows gathered after the last layer, before the output norm, the last layer's
                                       # output an output (t_h_nextn: step35)
@@ -309,6 +314,13 @@ _SPECS = {
     # src/models/step35.cpp: a head-wise attention gate, sigmoid gating of the experts (the loader's default), a
     # shared expert, the rows gathered after the last layer (branch attn)
     "step35": _Spec(attn_gate=True, gate_heads=True, gating=2, gather_before_norm=True, dense_unused=True),
+    # src/models/laguna.cpp: the attention gate's softplus, head-wise where the gate is n_head wide, sigmoid
+    # gating (the loader's default), a shared expert added as it is (branch newarchs)
+    "laguna": _Spec(attn_gate=True, gating=2),
+    # src/models/afmoe.cpp: embeddings scaled, no RoPE every 4th layer, a sigmoid attention gate, norms after
+    # attention (before the gather) and the FFN (branch newarchs)
+    "afmoe": _Spec(rope_only="step", embd_scale=True, attn_gate=True, post_attn="post_attention_norm",
+                   post_attn_first=True, post_ffn="post_ffw_norm"),
 }
 
 
@@ -325,7 +337,7 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
     n_layer = p.n_layer
     rms = spec.rms if spec.rms is not None else \
         bool(float(p.metadata.get(f"{p.arch}.attention.layer_norm_rms_epsilon", 0.0)))
-    if spec.embd_norm:
+    if spec.embd_norm or spec.embd_scale:
         cur = g.op(cur.size, cur, inplace=True)                       # build_norm(inpL, none, none, RMS, -1)
     par_res = spec.par_res or bool(p.metadata.get(f"{p.arch}.use_parallel_residual", False))
 
@@ -352,7 +364,8 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
         if spec.attn_gate:
             gate = g.op(4 * lay.width("attn_gate.weight") * T, h_attn, w=d)
             # * sigmoid(gate); a head-wise gate multiplies a 3-D reshape (a view: not in place, step35)
-            y = g.op(y.size, g.view(y) if spec.gate_heads else y, g.op(gate.size, gate, inplace=True), inplace=True)
+            heads = spec.gate_heads or lay.width("attn_gate.weight") == c.p.layers[il].n_head
+            y = g.op(y.size, g.view(y) if heads else y, g.op(gate.size, gate, inplace=True), inplace=True)
         y = g.op(4 * E * T, y, w=d)                                     # wo
         if lay.has("attn_output.bias"):
             y = g.op(y.size, y, w=d, inplace=True)
@@ -367,6 +380,8 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
             continue
         if spec.post_plain:
             y = g.op(y.size, g.op(y.size, y, inplace=True), w=d, inplace=True)        # rms_norm, * attn_post_norm
+        elif spec.post_attn_first:
+            y = norm(y, il, lay, spec.post_attn)
         # smallthinker: the router's product of the layer's input (gathered with it in the last layer)
         router = g.op(4 * p.n_expert * T, cur, w=d) if spec.router_first else None
         if last:
@@ -375,7 +390,7 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
                 router = g.op(4 * p.n_expert * c.T_out, router, out_ids)
             if not lay.has(f"{spec.ffn_norm}.weight"):
                 h = g.op(rows, h, out_ids)
-        if spec.post_attn and not spec.post_plain:
+        if spec.post_attn and not spec.post_plain and not spec.post_attn_first:
             y = norm(y, il, lay, spec.post_attn)
         if par_res:
             ff = _ffn(c, norm(cur, il, lay, "ffn_norm"), il, lay, n_ff)
