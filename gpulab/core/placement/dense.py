@@ -114,8 +114,10 @@ def _qkv(c: _Ctx, h: Tensor, pos: Tensor, il: int, lay: _Layer, spec: _Spec,
         if lay.has("attn_k_norm.weight"):
             k = _norm(c, k, il, rms=rms, bias=False)
     if _ropes(c.p, il, spec):
-        q = g.op(q.size, q, pos, inplace=True)
-        k = g.op(k.size, k, pos, inplace=True)
+        # the rope factors, where the graph passes them, are a source of each RoPE (layer 0's tensor)
+        rf = (c.rope_w,) if c.rope_w is not None else ()
+        q = g.op(q.size, q, pos, *rf, inplace=True)
+        k = g.op(k.size, k, pos, *rf, inplace=True)
     return q, k, v, fused
 
 
@@ -269,6 +271,8 @@ class _Spec:
     post_plain: bool = False      # the post norms are ggml_rms_norm and a MUL, not build_norm (never pinned), and
                                   # the one after attention comes before the last layer's gather (muse-glimmer)
     gather: bool = True           # the last layer gathers the output rows (cogvlm builds no inp_out_ids)
+    inp_embd: bool = True         # build_inp_embd's embeddings input exists (dflash makes its tokens input alone)
+    rope_factors: bool = False    # every RoPE reads layer 0's rope_freqs where the file has it (dflash)
     gating: int = 0               # build_moe_ffn's gating as the graph passes it (0: hparams.expert_gating_func)
     norm_w: bool | None = None    # ... its weight normalization (None: hparams.expert_weights_norm)
     router_first: bool = False    # the router reads the layer's input, before its norm (smallthinker's probs_in)
@@ -319,6 +323,9 @@ _SPECS = {
     "laguna": _Spec(attn_gate=True, gating=2),
     # src/models/afmoe.cpp: embeddings scaled, no RoPE every 4th layer, a sigmoid attention gate, norms after
     # attention (before the gather) and the FFN (branch newarchs)
+    # src/models/dflash.cpp graph<false>: the draft's token graph (a text batch: no target features), no output
+    # rows gathered, norms after attention and the FFN, the layer's output scaled (branch newarchs)
+    "dflash": _Spec(gather=False, inp_embd=False, rope_factors=True, post_attn="post_attention_norm", post_ffn="post_ffw_norm"),
     "afmoe": _Spec(rope_only="step", embd_scale=True, attn_gate=True, post_attn="post_attention_norm",
                    post_attn_first=True, post_ffn="post_ffw_norm"),
 }
@@ -328,9 +335,13 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
     g, T, E, p = c.g, c.T, c.E, c.p
     spec = _SPECS[p.arch]
     tokens = g.inp(4 * T)
-    g.expand(g.inp(4 * E * T))               # inp_embd: a text batch never reads it, it is allocated
+    if spec.inp_embd:
+        g.expand(g.inp(4 * E * T))           # inp_embd: a text batch never reads it, it is allocated
     cur = g.expand(g.op(4 * E * T, tokens, w=HOST_NAME))              # get_rows(token_embd)
     attn = _Attn(c, fa, v_trans)
+    rf = next((t for t in p.other_tensors if t.name == "rope_freqs.weight"), None)
+    if spec.rope_factors and rf is not None:
+        c.rope_w = g.weight(c.dev[0], rf.n_bytes)          # created with layer 0 (llama_model loader), on its device
     mla = _Mla(c, attn, fa) if spec.mla else None
     pos = g.inp(4 * T)
     out_ids = g.inp(4 * c.T_out)
@@ -422,6 +433,8 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
             ff = norm(ff, il, lay, spec.post_ffn)
         cur = g.op(ff.size, ffn_inp, ff, inplace=True) if spec.out_residual_first else \
             g.op(ff.size, ff, ffn_inp, inplace=True)
+        if lay.has("layer_output_scale.weight"):
+            cur = g.op(cur.size, cur, w=d, inplace=True)               # * out_scale (dflash)
     if spec.gather_before_norm and n_layer:
         cur.out = True
         cur = g.op(4 * E * c.T_out, cur, out_ids)

@@ -100,6 +100,7 @@ class _Ctx:
         self.fused_gdn = True                    # cparams.fused_gdn_ar / _ch (llama_context::resolve_fused_ops)
         self.gdn_nodes: list[tuple[Tensor, str]] = []   # each fused delta net that could be unfused, its device
         self.v_first: Tensor | None = None        # RWKV-7: the first layer's V, read by every later layer
+        self.rope_w: Tensor | None = None         # the rope factors every RoPE reads (placement.dense: dflash)
 
     def reshaped(self, il: int, name: str) -> Tensor:
         """A reshape of layer il's weight `name`: no weight to the scheduler's pass 1 (a view has no buffer
