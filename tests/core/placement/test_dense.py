@@ -77,13 +77,33 @@ CASES = [
     ("muse-glimmer", NGL4, {"RPC0": 26.02, "RPC1": 22.0, "RPC2": 18.0, "CPU": 26.02}),
     # absorbed MLA over a K-only cache (deepseek2.cpp's graph, which mistral4 builds)
     ("mistral4", TS31_Q8_FA, {"RPC0": 50.07, "RPC1": 26.0, "CPU": 18.04}),
+    # branch newarchs (llama.cpp's logged figures from its matrix run; the closed forms' error before in brackets):
+    # a head-wise softplus attention gate, sigmoid gating, a shared expert (laguna.cpp; RPC1 +2.96 MiB)
+    ("laguna", NGL4, {"RPC0": 13.01, "RPC1": 10.05, "RPC2": 18.0, "CPU": 27.01}),
+    # scaled embeddings, no RoPE every 4th layer, an element-wise gate, the post-attention norm before the gather
+    # (afmoe.cpp; RPC1 -5.95 MiB)
+    ("afmoe", TS111_Q4_FA, {"RPC0": 34.16, "RPC1": 44.32, "RPC2": 38.22, "CPU": 30.34}),
+    # the draft's token graph: no inp_embd input (the host's copies of it, pipelined: CPU +8.00 MiB), no rows
+    # gathered (dflash.cpp graph<false>)
+    ("dflash", TS31_Q8_FA, {"RPC0": 38.16, "RPC1": 26.0, "CPU": 10.17}),
 ]
+
+# Every RoPE of dflash's graph reads layer 0's rope factors: with layer 0 on the host each RoPE on a device copies
+# them and starts a split (ggml_backend_sched_split_graph's need_new_split), which moves where the residual's copy
+# lands (llama.cpp's log; before the rule: RPC0 -0.50, RPC1 -1.00 MiB)
+WEIGHT_SPLITS = ("dflash", NGL4, {"RPC0": 25.51, "RPC1": 23.0, "RPC2": 18.0, "CPU": 25.01})
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("dense")
     return {a: read_profile(write_arch_model(root / f"{a}.gguf", a)) for a, _, _ in CASES}
+
+
+def test_a_weight_read_on_another_backend_starts_a_split(models):
+    arch, config, expected = WEIGHT_SPLITS
+    p = plan(models[arch], rpc(3), config)
+    assert {d.name: round(d.compute_bytes / MiB, 2) for d in p.devices} == expected
 
 
 def rpc(n: int) -> list[Device]:
