@@ -325,7 +325,8 @@ _SPECS = {
     # attention (before the gather) and the FFN (branch newarchs)
     # src/models/dflash.cpp graph<false>: the draft's token graph (a text batch: no target features), no output
     # rows gathered, norms after attention and the FFN, the layer's output scaled (branch newarchs)
-    "dflash": _Spec(gather=False, inp_embd=False, rope_factors=True, post_attn="post_attention_norm", post_ffn="post_ffw_norm"),
+    "dflash": _Spec(gather=False, inp_embd=False, rope_factors=True, post_attn="post_attention_norm",
+                    post_ffn="post_ffw_norm"),
     "afmoe": _Spec(rope_only="step", embd_scale=True, attn_gate=True, post_attn="post_attention_norm",
                    post_attn_first=True, post_ffn="post_ffw_norm"),
 }
