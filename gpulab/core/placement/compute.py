@@ -71,6 +71,7 @@ from .compute_moe import moe_flags, moe_then_layer, output_in_dense_hole, router
 from .dense import dense_compute_bytes, dense_replayable
 from .gemma3n import gemma3n_compute_bytes, gemma3n_replayable
 from .gemma4 import gemma4_compute_bytes, gemma4_replayable
+from .granite_switch import switch_compute_bytes, switch_replayable
 from .hrm import hrm_compute_bytes, hrm_replayable
 from .recurrent import recurrent_compute_bytes, replayable
 
@@ -468,6 +469,11 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         return recurrent_compute_bytes(profile, config, layer_devices, names, T=T, n_seqs=n_seqs,
                                        T_out=T if n_outputs is None else max(1, min(T, n_outputs)),
                                        n_copies=nc, pin_norm=pinned_norm, ffn_devices=ffn_devices)
+    if switch_replayable(profile) and not stray and not ffn_parts:
+        # the router's attention and switched LoRA deltas on every product: replayed (placement.granite_switch)
+        return switch_compute_bytes(profile, config, layer_devices, names, T=T, n_seqs=n_seqs,
+                                    T_out=T if n_outputs is None else max(1, min(T, n_outputs)),
+                                    n_copies=nc, pin_norm=pinned_norm, ffn_devices=ffn_devices)
     if dense_replayable(profile) and not stray and not ffn_parts:
         # an older dense graph, replayed op by op (placement.dense)
         return dense_compute_bytes(profile, config, layer_devices, names, T=T, n_seqs=n_seqs,

@@ -84,17 +84,18 @@ COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "in
                            # branch newarchs: replayed op by op (placement.dense), every device of the 6 settings
                            # within 1 MiB
                            "laguna", "afmoe", "dflash",
+                           # ... replayed (placement.granite_switch): the router layer, switched LoRA deltas
+                           "graniteswitch",
                            })
 
 
 # Architectures whose memory is not llama_kv_cache / llama_memory_recurrent as gpulab sizes them
 # (llama_model::create_memory, src/llama-model.cpp): the DSV4 compressed cache, KDA/linear-attention
 # states gpulab sizes from the formula but has not run. (The lightning indexers' key caches of
-# deepseek32, glm-dsa, minimax-m3 and glm5-next are counted: LayerProfile.n_embd_k_idx.)
+# deepseek32, glm-dsa, minimax-m3, glm5-next and dots3note are counted: LayerProfile.n_embd_k_idx.)
 CACHE_NOT_MODELLED = {
     "deepseek4": "the DSV4 compressed KV cache (llama_kv_cache_dsv4) is not modelled",
     "hy_v4": "the DSV4 compressed KV cache (llama_kv_cache_dsv4) is not modelled",
-    "dots3note": "its indexer and sliding-window caches (llama_kv_cache_dsa_iswa) are not modelled",
 }
 
 
