@@ -50,7 +50,8 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
     # ggml_pad of each lane's [1, 1, T] reshape to [hd, 1, T]
     kr, vr, qr = (g.op(4 * hd * T, g.view(x)) for x in lanes)
     router = attn.attend(qr, kr, vr, R)
-    slot = g.op(4 * T, g.view(router, 4 * T))                            # cont(view_2d(router_out, 1, T))
+    # cont(view_2d(router_out, 1, T)): a strided view, copied whole (ggml_nbytes) where the cont runs elsewhere
+    slot = g.op(4 * T, g.view(router, 4 * hd * (T - 1) + 4))
     slot = g.op(slot.size, g.op(slot.size, g.view(slot), inplace=True), inplace=True)   # clamp, round
     ids = g.op(4 * T, slot)                                              # cast to I32
     out_ids = g.inp(4 * c.T_out)
