@@ -212,8 +212,10 @@ def test_token_norm_and_conv1d_are_layer_zeros(models):
 
 
 def test_a_discovered_architecture_states_its_measured_compute_doubt(models, monkeypatch):
-    # minimax-m3's graph is sized as llama's; the worst error the matrix measured (scripts/arch_coverage.py --bounds
-    # writes the table) is the doubt's bound, in units a person reads
+    # a graph sized as llama's states the worst error the matrix measured (scripts/arch_coverage.py --bounds
+    # writes the table) as the doubt's bound, in units a person reads. Every matrix architecture whose graph is not
+    # replayed is now exact or states another doubt, so minimax-m3 stands in with its exactness taken away.
+    monkeypatch.setattr(coverage, "COMPUTE_EXACT", coverage.COMPUTE_EXACT - {"minimax-m3"})
     sim = parse_sim_spec("24GiB,24GiB")
     monkeypatch.setitem(coverage.COMPUTE_MEASURED_MIB, "minimax-m3", 5.5)
     (d,) = plan(models["minimax-m3"], sim, SplitConfig()).doubts

@@ -83,7 +83,7 @@ COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "in
                            "plamo2", "minimax-01",
                            # branch newarchs: replayed op by op (placement.dense), every device of the 6 settings
                            # within 1 MiB
-                           "laguna", "afmoe", "dflash",
+                           "laguna", "afmoe", "dflash", "minimax-m3",
                            # ... replayed (placement.granite_switch): the router layer, switched LoRA deltas
                            "graniteswitch",
                            })

@@ -46,6 +46,7 @@ from ..config import SplitConfig
 from ..devices import HOST_NAME
 from ..profile import ModelProfile
 from .ggml_replay import Graph, Tensor
+from .minimax_msa import Msa
 from .recurrent import _Attn, _Ctx, _moe, _row, replay_compute_bytes
 
 __all__ = ["DENSE_GRAPHS", "dense_compute_bytes", "dense_replayable"]
@@ -253,6 +254,7 @@ class _Spec:
     ffn_norm: str = "ffn_norm"    # the FFN's norm (dbrx: attn_output_norm)
     arctic: bool = False          # a dense FFN and its residual, then the MoE of the normed layer input added
     mla: bool = False             # absorbed MLA over a K-only cache (_Mla)
+    msa: bool = False             # minimax-m3's sparse attention past the leading dense layers (minimax_msa.Msa)
     grove: bool = False           # grovemoe: the experts, then its chunk experts of their output (_grove_moe)
     out_residual_first: bool = False  # l_out = residual + FFN (phi3's graph, which phimoe builds), not FFN + residual
     rope_only: str = ""           # RoPE only on sliding-window layers ("swa"), or those and leading dense ones,
@@ -327,6 +329,9 @@ _SPECS = {
     # rows gathered, norms after attention and the FFN, the layer's output scaled (branch newarchs)
     "dflash": _Spec(gather=False, inp_embd=False, rope_factors=True, post_attn="post_attention_norm",
                     post_ffn="post_ffw_norm"),
+    # src/models/minimax-m3.cpp: Q/K norms of the reshapes, SwiGLU-OAI experts and shared expert; with flash
+    # attention its sparse attention (minimax_msa) past the leading dense layers (branch newarchs)
+    "minimax-m3": _Spec(msa=True),
     "afmoe": _Spec(rope_only="step", embd_scale=True, attn_gate=True, post_attn="post_attention_norm",
                    post_attn_first=True, post_ffn="post_ffw_norm"),
 }
@@ -344,6 +349,9 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
     if spec.rope_factors and rf is not None:
         c.rope_w = g.weight(c.dev[0], rf.n_bytes)          # created with layer 0 (llama_model loader), on its device
     mla = _Mla(c, attn, fa) if spec.mla else None
+    # minimax-m3: MSA with flash attention and a stream per sequence (msa_enabled), else dense attention
+    msa = Msa(c, attn) if spec.msa and fa and (c.config.n_seq_max == 1 or not c.config.kv_unified) else None
+    lead = int(p.metadata.get(f"{p.arch}.leading_dense_block_count", 0))
     pos = g.inp(4 * T)
     out_ids = g.inp(4 * c.T_out)
     n_layer = p.n_layer
@@ -370,6 +378,9 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
         h_attn = norm(cur, il, lay, "attn_norm_2") if lay.has("attn_norm_2.weight") else h
         if mla is not None:
             y = mla(h_attn, pos, il, lay)
+        elif msa is not None and il >= lead:
+            q, k, v, _ = _qkv(c, h_attn, pos, il, lay, spec, rms)
+            y = msa(h_attn, q, k, v, pos, il)
         else:
             q, k, v, fused = _qkv(c, h_attn, pos, il, lay, spec, rms)
             y = attn.attend(q, k, v, il, v_cont=fused)

@@ -86,6 +86,11 @@ CASES = [
     # the draft's token graph: no inp_embd input (the host's copies of it, pipelined: CPU +8.00 MiB), no rows
     # gathered (dflash.cpp graph<false>)
     ("dflash", TS31_Q8_FA, {"RPC0": 38.16, "RPC1": 26.0, "CPU": 10.17}),
+    # MSA past the leading dense layer (minimax-m3.cpp, minimax_msa): the block mask expanded to [n_kv, T, Hd]
+    # f32 and f16, the f32 copy of the KQ mask sent to every device with a sparse layer (RPC1 -116.21 MiB)
+    ("minimax-m3", TS111_Q4_FA, {"RPC0": 106.38, "RPC1": 150.42, "RPC2": 110.29, "CPU": 28.29}),
+    # ... without flash attention every layer's attention is dense (no MSA inputs)
+    ("minimax-m3", NONE, {"RPC1": 45.05, "CPU": 7.01}),
 ]
 
 # Every RoPE of dflash's graph reads layer 0's rope factors: with layer 0 on the host each RoPE on a device copies
@@ -97,7 +102,7 @@ WEIGHT_SPLITS = ("dflash", NGL4, {"RPC0": 25.51, "RPC1": 23.0, "RPC2": 18.0, "CP
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("dense")
-    return {a: read_profile(write_arch_model(root / f"{a}.gguf", a)) for a, _, _ in CASES}
+    return {a: read_profile(write_arch_model(root / f"{a}.gguf", a)) for a in {a for a, _, _ in CASES}}
 
 
 def test_a_weight_read_on_another_backend_starts_a_split(models):
@@ -111,7 +116,7 @@ def rpc(n: int) -> list[Device]:
             for i in range(n)]
 
 
-@pytest.mark.parametrize("arch,config,expected", CASES, ids=[a for a, _, _ in CASES])
+@pytest.mark.parametrize("arch,config,expected", CASES, ids=[f"{a}-{i}" for i, (a, _, _) in enumerate(CASES)])
 def test_replayed_compute_buffers_are_llama_cpps(models, arch, config, expected):
     profile = models[arch]
     assert dense_replayable(profile)
