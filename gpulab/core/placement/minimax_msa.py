@@ -44,7 +44,7 @@ class Msa:
         """The attention output before wo: `h` the attention's norm, q/k/v normed and roped as build_attn gets them."""
         c, g, T, d = self.c, self.c.g, self.c.T, self.c.dev[il]
         layer, cfg = c.p.layers[il], c.config
-        Hd, n_idx, blk, nblk, K, n_kv, ns = self.Hd, self.n_idx, self.blk, self.nblk, self.K, self.n_kv, self.ns
+        Hd, n_idx, nblk, K, n_kv, ns = self.Hd, self.n_idx, self.nblk, self.K, self.n_kv, self.ns
         n_tps = T // ns
         D, HKV, HQ = layer.n_embd_head_k, layer.n_head_kv, layer.n_head
         kv = self.attn.caches[False]
@@ -67,7 +67,7 @@ class Msa:
         kc = g.view(g.ext(d), _row(cfg.type_k, D) * HKV * n_kv * self.attn.n_stream)
         vc = g.view(g.ext(d), _row(cfg.type_v, D) * HKV * n_kv * self.attn.n_stream)
         outs = []
-        for st in range(ns):
+        for _ in range(ns):                                                  # one attention per stream
             iq_s = g.view(iq, 4 * n_idx * Hd * n_tps)
             ik_s = g.view(ik_kv, _row(cfg.type_k, n_idx) * n_kv)
             pm_s = g.view(self.pos_mask, 4 * self.n_ps * n_tps)
