@@ -17,6 +17,8 @@ from .compute import compute_tokens
 from .compute_encoder import encoder_replayable
 from .compute_mla import mla_geom
 from .compute_moe import moe_flags
+from .dense import DENSE_GRAPHS, dense_replayable
+from .granite_switch import switch_replayable
 from .recurrent import RECURRENT_GRAPHS, replayable
 
 __all__ = ["CACHE_NOT_MODELLED", "COMPUTE_CHECKED", "COMPUTE_EXACT", "COMPUTE_MEASURED_MIB", "Doubt",
@@ -83,7 +85,7 @@ COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "in
                            "plamo2", "minimax-01",
                            # branch newarchs: replayed op by op (placement.dense), every device of the 6 settings
                            # within 1 MiB
-                           "laguna", "afmoe", "dflash", "minimax-m3",
+                           "laguna", "afmoe", "dflash", "minimax-m3", "dots3note",
                            # ... replayed (placement.granite_switch): the router layer, switched LoRA deltas
                            "graniteswitch",
                            })
@@ -249,6 +251,12 @@ def doubts(profile: ModelProfile, config: SplitConfig, layer_devices: list[str] 
         what = "recurrent graph is" if pure else "recurrent layers are"
         out.append(_measured(arch, f"{arch}'s {what} not modelled", " (mamba2's, lfm2's and qwen3next's, before "
                              "they were replayed: up to 75 MiB too low per device at n_embd 1024)"))
+    elif (arch in DENSE_GRAPHS and not dense_replayable(profile.trunk)) or \
+            (arch == "graniteswitch" and not switch_replayable(profile)):
+        # a graph replayed op by op, but this file takes a branch the replay does not build (dots3note's DSA
+        # layers, MTP layers, deepstack layers, ...): the closed forms size it
+        out.append(_measured(arch, f"{arch}'s graph takes a branch that placement.dense does not build for this "
+                             "file, sized by the closed forms", " (not measured)"))
     elif mla:
         out.append(_measured(arch, f"{arch}'s MLA attention is sized as deepseek2's absorbed MLA (compute_mla) or "
                              "as plain attention", " (not measured)"))

@@ -153,9 +153,10 @@ class _Mla:
 
     def __init__(self, c: _Ctx, attn: _Attn, fa: bool) -> None:
         self.c, self.attn, self.fa = c, attn, fa
-        self.n_kv = attn.caches[False].n_kv
-        self.k_idxs = c.g.inp(8 * c.T)
-        self.mask = c.g.inp(self.n_kv * c.T * (2 if fa else 4))
+        # each cache's K row indices and mask (dots3note's window layers: the SWA cache of llama_kv_cache_dsa_iswa);
+        # an input no layer reads is not in the graph
+        self.inputs = {swa: (cache.n_kv, c.g.inp(8 * c.T), c.g.inp(cache.n_kv * c.T * (2 if fa else 4)))
+                       for swa, cache in attn.caches.items()}
 
     def __call__(self, h: Tensor, pos: Tensor, il: int, lay: _Layer) -> Tensor:
         """The attention output before wo."""
@@ -164,14 +165,20 @@ class _Mla:
         n_head = layer.n_head
         kv_rank = int(lay.shapes["attn_kv_a_norm.weight"][0])
         n_rope = lay.width("attn_kv_a_mqa.weight") - kv_rank
-        hv_mla = int(md.get(f"{arch}.attention.value_length_mla", lay.shapes["attn_v_b.weight"][1]))
+        swa = self.attn.swa[il]
+        n_kv1, k_idxs, mask = self.inputs[swa]
+        hv_mla = int(md.get(f"{arch}.attention.value_length_mla{'_swa' if swa else ''}",
+                            lay.shapes["attn_v_b.weight"][1]))
         if lay.has("attn_q_a.weight"):
             q = _norm(c, g.op(4 * lay.width("attn_q_a.weight") * T, h, w=d), il, rms=True, bias=False)
             q = g.op(4 * lay.width("attn_q_b.weight") * T, q, w=d)
         else:
             q = g.op(4 * lay.width("attn_q.weight") * T, h, w=d)                     # the lite models' wq
         kv_pe = g.op(4 * (kv_rank + n_rope) * T, h, w=d)
-        k_pe = g.op(4 * n_rope * T, g.view(kv_pe, 4 * n_rope * T), pos, inplace=True)  # RoPE of a view
+        k_pe = g.view(kv_pe, 4 * n_rope * T)
+        if lay.has("attn_k_norm.weight"):
+            k_pe = _norm(c, k_pe, il, rms=True, bias=False)                             # dots3note's k_pe norm
+        k_pe = g.op(4 * n_rope * T, k_pe, pos, inplace=True)                           # RoPE (of a view: new)
         kv_cmpr = _norm(c, g.view(kv_pe, 4 * kv_rank * T), il, rms=True, bias=False)
         q_pe = g.op(4 * n_rope * n_head * T, g.view(q, 4 * n_rope * n_head * T), pos, inplace=True)
         q_abs = g.op(4 * kv_rank * n_head * T, g.view(g.view(q)), w=d)                # wk_b x q_nope
@@ -181,19 +188,19 @@ class _Mla:
         g.expand(qcur)
         g.expand(v)
         g.expand(kcur)
-        g.expand(g.set(d, g.view(kcur), self.k_idxs))
-        n_kv = self.n_kv * self.attn.n_stream
+        g.expand(g.set(d, g.view(kcur), k_idxs))
+        n_kv = n_kv1 * self.attn.n_stream
         k = g.view(g.ext(d), _row(cfg.type_k, kv_rank + n_rope) * n_kv)
         vk = g.view(k, _row(cfg.type_k, kv_rank) * n_kv)
         qp = g.view(g.view(qcur))
         if self.fa:
-            out = g.op(4 * kv_rank * n_head * T, qp, g.view(k), g.view(vk), self.mask)
+            out = g.op(4 * kv_rank * n_head * T, qp, g.view(k), g.view(vk), mask)
             fa_node = out
             out = g.op(4 * hv_mla * n_head * T, g.view(g.op(4 * hv_mla * n_head * T, g.view(out), w=d)))  # v_mla, cont
             out = g.view(out)
         else:
-            kq = g.op(4 * self.n_kv * T * n_head, g.view(k), qp)
-            kq = g.op(kq.size, kq, self.mask, inplace=True)                            # soft_max_ext
+            kq = g.op(4 * n_kv1 * T * n_head, g.view(k), qp)
+            kq = g.op(kq.size, kq, mask, inplace=True)                                 # soft_max_ext
             vt = g.op(_row(cfg.type_k, kv_rank) * n_kv, g.view(g.view(vk)))            # cont(transpose(v))
             kqv = g.op(4 * hv_mla * n_head * T, g.op(4 * kv_rank * n_head * T, vt, kq), w=d)   # v, then v_mla
             out = g.op(kqv.size, g.view(kqv))                                           # cont_2d(permute)
@@ -332,6 +339,9 @@ _SPECS = {
     # src/models/minimax-m3.cpp: Q/K norms of the reshapes, SwiGLU-OAI experts and shared expert; with flash
     # attention its sparse attention (minimax_msa) past the leading dense layers (branch newarchs)
     "minimax-m3": _Spec(msa=True),
+    # src/models/dots3note.cpp: absorbed MLA (its window layers over the SWA cache), k_pe RMS-normed, a head-wise
+    # sigmoid gate; the DSA indexer of its full layers is not built here (dense_replayable) (branch newarchs)
+    "dots3note": _Spec(mla=True, attn_gate=True),
     "afmoe": _Spec(rope_only="step", embd_scale=True, attn_gate=True, post_attn="post_attention_norm",
                    post_attn_first=True, post_ffn="post_ffw_norm"),
 }
@@ -519,6 +529,8 @@ def dense_replayable(profile: ModelProfile) -> bool:
         return False           # qwen3vlmoe's deepstack adds (a wider inp_embd) are not built here
     if int(profile.metadata.get(f"{profile.arch}.nextn_predict_layers", 0)):
         return False           # MTP layers (placement.mtp) run a graph of their own, not built here
+    if profile.arch == "dots3note" and not all(layer.is_swa for layer in profile.layers):
+        return False           # its full layers' DSA indexer (deepseek32's) is not built here
     return all(layer.has_kv and not layer.is_recurrent
                and any(t.name.endswith((".ffn_down.weight", ".ffn_down_exps.weight")) for t in layer.tensors)
                and any(t.name.endswith((".attn_qkv.weight", ".attn_q.weight", ".attn_q_a.weight", ".attn_k_b.weight"))

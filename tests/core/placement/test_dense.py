@@ -91,6 +91,9 @@ CASES = [
     ("minimax-m3", TS111_Q4_FA, {"RPC0": 106.38, "RPC1": 150.42, "RPC2": 110.29, "CPU": 28.29}),
     # ... without flash attention every layer's attention is dense (no MSA inputs)
     ("minimax-m3", NONE, {"RPC1": 45.05, "CPU": 7.01}),
+    # absorbed MLA over the window cache of llama_kv_cache_dsa_iswa, k_pe RMS-normed, a head-wise sigmoid gate
+    # (dots3note.cpp; sized as deepseek2's MLA before: -3.05 MiB on both devices)
+    ("dots3note", TS11, {"RPC0": 46.07, "RPC1": 46.08, "CPU": 14.04}),
 ]
 
 # Every RoPE of dflash's graph reads layer 0's rope factors: with layer 0 on the host each RoPE on a device copies
@@ -133,5 +136,11 @@ def test_graphs_not_built_here_stay_with_the_closed_forms(models):
     # an MTP layer (nextn_predict_layers) runs a graph of its own; qwen3vlmoe's deepstack adds widen inp_embd
     ds = models["deepseek"]
     assert not dense_replayable(replace(ds, metadata={**ds.metadata, "deepseek.nextn_predict_layers": 1}))
+    # dots3note's full-attention layers run deepseek32's DSA indexer: not built, and the plan says so
+    d3 = models["dots3note"]
+    d3_full = replace(d3, layers=(replace(d3.layers[0], is_swa=False), *d3.layers[1:]))
+    assert not dense_replayable(d3_full)
+    (doubt,) = plan(d3_full, rpc(2), TS11).doubts
+    assert doubt.term == "compute" and "does not build" in doubt.text and doubt.bound_bytes == 0
     vl = models["exaone-moe"]
     assert not dense_replayable(replace(vl, arch="qwen3vlmoe", metadata={"qwen3vlmoe.n_deepstack_layers": 3}))
