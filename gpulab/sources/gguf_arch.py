@@ -63,7 +63,7 @@ _HYBRID_BY_INTERVAL = {"qwen3next": 4, "qwen35": 4, "qwen35moe": 4, "qwen4exp": 
 _MLA_ARCHS = frozenset({"deepseek2", "deepseek32", "dots3note", "glm-dsa", "glm5-next", "hy_v4", "kimi-k3",
                         "kimi-linear", "bailingmoe3", "mistral4"})
 # Archs with a lightning indexer's key cache beside the KV cache (_indexer_rows)
-_INDEXER_CACHE_ARCHS = frozenset({"deepseek32", "glm-dsa", "minimax-m3", "glm5-next", "dots3note"})
+_INDEXER_CACHE_ARCHS = frozenset({"deepseek32", "glm-dsa", "minimax-m3", "glm5-next", "dots3note", "hy_v4"})
 
 # Archs that add a layer past block_count (granite-switch.cpp: the adapter router's attention layer)
 _ROUTER_LAYER_ARCHS = frozenset({"graniteswitch"})
@@ -270,10 +270,16 @@ def _indexer_rows(arch: str, kv: dict, n_layer: int, n_main: int, recurrent: lis
     layers where the indexer is full (attention.indexer.types), sliding-window ones too, whose row is
     n_embd_head_k_swa: llama_kv_cache_dsa sets only n_embd_head_k_full of the indexer's hparams to
     indexer_head_size (src/llama-kv-cache-dsa.cpp). The indexer cache holds every cell (no window) whatever the
-    layer's kind."""
+    layer's kind. hy_v4: none without an indexer (attention.indexer.top_k 0: llama_kv_cache), else
+    llama_kv_cache_dsa's for the layers attention.indexer.types marks full (none without it: hparams' default)."""
     if arch not in _INDEXER_CACHE_ARCHS:
         return [0] * n_layer
     row = _count(kv, f"{arch}.attention.indexer.key_length", 0, fail)
+    if arch == "hy_v4":
+        if not _count(kv, f"{arch}.attention.indexer.top_k", 0, fail):
+            return [0] * n_layer
+        full_hy = _per_layer(kv, f"{arch}.attention.indexer.types", n_main, [0] * n_main, fail)
+        return [row if il < n_main and full_hy[il] else 0 for il in range(n_layer)]
     if arch == "minimax-m3":
         lead = _count(kv, f"{arch}.leading_dense_block_count", 0, fail)
         return [row if il >= lead else 0 for il in range(n_layer)]

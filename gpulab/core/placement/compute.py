@@ -73,6 +73,7 @@ from .gemma3n import gemma3n_compute_bytes, gemma3n_replayable
 from .gemma4 import gemma4_compute_bytes, gemma4_replayable
 from .granite_switch import switch_compute_bytes, switch_replayable
 from .hrm import hrm_compute_bytes, hrm_replayable
+from .hy_v4 import hy_v4_compute_bytes, hy_v4_replayable
 from .recurrent import recurrent_compute_bytes, replayable
 
 __all__ = ["estimate_compute_bytes", "compute_tokens", "pipeline_copies", "SCHED_MAX_COPIES", "dry_run_extra_bytes"]
@@ -469,6 +470,11 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         return recurrent_compute_bytes(profile, config, layer_devices, names, T=T, n_seqs=n_seqs,
                                        T_out=T if n_outputs is None else max(1, min(T, n_outputs)),
                                        n_copies=nc, pin_norm=pinned_norm, ffn_devices=ffn_devices)
+    if hy_v4_replayable(profile) and not stray and not ffn_parts:
+        # hyper-connections around absorbed MLA and the FFN: replayed (placement.hy_v4)
+        return hy_v4_compute_bytes(profile, config, layer_devices, names, T=T, n_seqs=n_seqs,
+                                   T_out=T if n_outputs is None else max(1, min(T, n_outputs)),
+                                   n_copies=nc, pin_norm=pinned_norm, ffn_devices=ffn_devices)
     if switch_replayable(profile) and not stray and not ffn_parts:
         # the router's attention and switched LoRA deltas on every product: replayed (placement.granite_switch)
         return switch_compute_bytes(profile, config, layer_devices, names, T=T, n_seqs=n_seqs,

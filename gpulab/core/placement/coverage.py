@@ -19,6 +19,7 @@ from .compute_mla import mla_geom
 from .compute_moe import moe_flags
 from .dense import DENSE_GRAPHS, dense_replayable
 from .granite_switch import switch_replayable
+from .hy_v4 import hy_v4_replayable
 from .recurrent import RECURRENT_GRAPHS, replayable
 
 __all__ = ["CACHE_NOT_MODELLED", "COMPUTE_CHECKED", "COMPUTE_EXACT", "COMPUTE_MEASURED_MIB", "Doubt",
@@ -88,16 +89,18 @@ COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "in
                            "laguna", "afmoe", "dflash", "minimax-m3", "dots3note",
                            # ... replayed (placement.granite_switch): the router layer, switched LoRA deltas
                            "graniteswitch",
+                           # ... replayed (placement.hy_v4): hyper-connections around absorbed MLA and the FFN
+                           "hy_v4",
                            })
 
 
 # Architectures whose memory is not llama_kv_cache / llama_memory_recurrent as gpulab sizes them
 # (llama_model::create_memory, src/llama-model.cpp): the DSV4 compressed cache, KDA/linear-attention
 # states gpulab sizes from the formula but has not run. (The lightning indexers' key caches of
-# deepseek32, glm-dsa, minimax-m3, glm5-next and dots3note are counted: LayerProfile.n_embd_k_idx.)
+# deepseek32, glm-dsa, minimax-m3, glm5-next, dots3note and hy_v4 are counted: LayerProfile.n_embd_k_idx; hy_v4's
+# cache is llama_kv_cache or llama_kv_cache_dsa, not the DSV4 one: create_memory, src/llama-model.cpp.)
 CACHE_NOT_MODELLED = {
     "deepseek4": "the DSV4 compressed KV cache (llama_kv_cache_dsv4) is not modelled",
-    "hy_v4": "the DSV4 compressed KV cache (llama_kv_cache_dsv4) is not modelled",
 }
 
 
@@ -252,9 +255,10 @@ def doubts(profile: ModelProfile, config: SplitConfig, layer_devices: list[str] 
         out.append(_measured(arch, f"{arch}'s {what} not modelled", " (mamba2's, lfm2's and qwen3next's, before "
                              "they were replayed: up to 75 MiB too low per device at n_embd 1024)"))
     elif (arch in DENSE_GRAPHS and not dense_replayable(profile.trunk)) or \
-            (arch == "graniteswitch" and not switch_replayable(profile)):
+            (arch == "graniteswitch" and not switch_replayable(profile)) or \
+            (arch == "hy_v4" and not hy_v4_replayable(profile)):
         # a graph replayed op by op, but this file takes a branch the replay does not build (dots3note's DSA
-        # layers, MTP layers, deepstack layers, ...): the closed forms size it
+        # layers, MTP layers, deepstack layers, hy_v4's DSA indexer, ...): the closed forms size it
         out.append(_measured(arch, f"{arch}'s graph takes a branch that placement.dense does not build for this "
                              "file, sized by the closed forms", " (not measured)"))
     elif mla:
