@@ -60,12 +60,20 @@ class _Ctx:
     """What every graph builder needs: the graph, the ubatch, where each layer runs."""
 
     def __init__(self, profile: ModelProfile, config: SplitConfig, layer_devices: list[str], T: int, ns: int,
-                 T_out: int, pin_norm: bool, ffn_devices: list[str] | None = None) -> None:
+                 T_out: int, pin_norm: bool, ffn_devices: list[str] | None = None,
+                 ffn_split: tuple[tuple[int, str, str], ...] = ()) -> None:
         self.g = Graph()
         self.p, self.config, self.dev = profile, config, layer_devices
         self.ffn_dev = ffn_devices or layer_devices       # where each layer's FFN weights are (tensor overrides)
+        # the FFN products a tensor override put away from their layer's FFN (placement.tensors.compute_sites)
+        self.ffn_split = {(il, part): dev for il, part, dev in ffn_split}
         self.T, self.ns, self.T_out, self.pin = T, ns, T_out, pin_norm
         self.E = profile.n_embd
+
+    def ffn_at(self, il: int, part: str) -> str:
+        """Where layer il's FFN product 'gate', 'up' or 'down' runs: where its weight is
+        (ggml_backend_sched_backend_id_from_cur)."""
+        return self.ffn_split.get((il, part), self.ffn_dev[il])
 
     def norm(self, x: Tensor, il: int, size: int | None = None) -> Tensor:
         """build_norm (RMS, with a weight): the norm named "norm" is pinned to its layer's device
@@ -176,7 +184,7 @@ def _moe(c: _Ctx, h: Tensor, il: int, *, gating: int = 1, probs_bias: bool = Fal
     gate_exps (`gated` False: ernie4_5-moe's files) the up product's activation runs in place. `grove`: GROVEMOE's
     selection by a sigmoid of the logits, and for its chunk experts where they are fewer than the router's
     (`remap`) the selected ids cast to f32, scaled and cast back."""
-    g, E, p, d, fd = c.g, c.E, c.p, c.dev[il], c.ffn_dev[il]      # fd: the experts' device (-cmoe and the like)
+    g, E, p, d = c.g, c.E, c.p, c.dev[il]          # the experts run where c.ffn_at says (-cmoe, -ot)
     md, arch = p.metadata, p.arch
     rows = h.size // (4 * E)
     n_exp, U = p.n_expert, n_used or p.n_expert_used
@@ -203,9 +211,10 @@ def _moe(c: _Ctx, h: Tensor, il: int, *, gating: int = 1, probs_bias: bool = Fal
     g.expand(w)
     x = g.view(h)
     f = 4 * n_ff * U * rows
-    act = g.op(f, g.op(f, x, sel, w=fd), g.op(f, x, sel, w=fd)) if gated \
-        else g.op(f, g.op(f, x, sel, w=fd), inplace=True)                           # swiglu(gate, up) / silu(up)
-    ex = g.op(4 * E * U * rows, act, sel, w=fd)
+    up = g.op(f, x, sel, w=c.ffn_at(il, "up"))                                      # up first, then gate
+    act = g.op(f, g.op(f, x, sel, w=c.ffn_at(il, "gate")), up) if gated \
+        else g.op(f, up, inplace=True)                                               # swiglu_split(gate, up) / silu
+    ex = g.op(4 * E * U * rows, act, sel, w=c.ffn_at(il, "down"))
     ex = g.expand(g.op(ex.size, ex, w, inplace=True))                                 # * weights
     slots = [g.expand(g.view(ex, 4 * E + (rows - 1) * 4 * E * U)) for _ in range(U)]
     out = g.expand(g.op(4 * E * rows, slots[0], slots[1], inplace=True) if U > 1 else g.op(4 * E * rows, slots[0]))
@@ -404,25 +413,27 @@ GraphBuilder = Callable[[_Ctx, bool, bool], tuple[Graph, list]]
 
 def replay_compute_bytes(build: GraphBuilder, profile: ModelProfile, config: SplitConfig,
                          layer_devices: list[str], names: list[str], *, T: int, n_seqs: int, T_out: int,
-                         n_copies: int, pin_norm: bool, ffn_devices: list[str] | None = None) -> dict[str, int]:
+                         n_copies: int, pin_norm: bool, ffn_devices: list[str] | None = None,
+                         ffn_split: tuple[tuple[int, str, str], ...] = ()) -> dict[str, int]:
     """The compute buffers of the graph `build` makes (with flash attention or not, V transposed or not; it
     returns the graph and each flash-attention node with its layer's device), scheduled and allocated, remembered
-    per builder, profile and arguments."""
+    per builder, profile and arguments. `ffn_split`: FFN products run away from their layer's FFN device
+    ((layer, 'gate' | 'up' | 'down', device): one expert tensor moved by an override)."""
     key = (build, id(profile), config, tuple(layer_devices), tuple(names), T, n_seqs, T_out, n_copies, pin_norm,
-           tuple(ffn_devices) if ffn_devices else None)
+           tuple(ffn_devices) if ffn_devices else None, ffn_split)
     hit = _CACHE.get(key)
     if hit is not None and hit[0]() is profile:
         return dict(hit[1])
     fa = config.flash_attn != "off"
     # the KV cache transposes V when flash attention is off when it is made (llama_model::create_memory)
     v_trans = config.flash_attn == "off"
-    c = _Ctx(profile, config, layer_devices, T, n_seqs, T_out, pin_norm, ffn_devices)
+    c = _Ctx(profile, config, layer_devices, T, n_seqs, T_out, pin_norm, ffn_devices, ffn_split)
     g, fa_nodes = build(c, fa, v_trans)
     schedule(g)
     if config.flash_attn == "auto" and any(n.be != d for n, d in fa_nodes):
         # llama_context::resolve_fused_ops: flash attention scheduled away from its layer's device is
         # turned off (and the reserve graph built again without it)
-        c = _Ctx(profile, config, layer_devices, T, n_seqs, T_out, pin_norm, ffn_devices)
+        c = _Ctx(profile, config, layer_devices, T, n_seqs, T_out, pin_norm, ffn_devices, ffn_split)
         g, _ = build(c, False, v_trans)
         schedule(g)
     tops = buffer_peaks(g, n_copies)

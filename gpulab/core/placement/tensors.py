@@ -457,8 +457,8 @@ def place_layers(profile: ModelProfile, rules: tuple[OverrideRule, ...], layer_d
         trunk = profile.trunk
         graph_devices = list(layer_devices[:trunk.n_layer]) + [layer_devices[-1]]
         got = memo[key] = (tp, compute_sites(trunk, graph_devices, tp.moved))
-    tp, (ffn, stray, partial) = got
-    return tp, (list(ffn), stray, dict(partial))
+    tp, (ffn, stray, partial, split) = got
+    return tp, (list(ffn), stray, dict(partial), split)
 
 
 def _names(devices: list[Device]) -> tuple:
@@ -504,18 +504,23 @@ def _ffn_part(name: str) -> str:
     return "gate" if part == "gate" and "gate_up" not in base else ("up" if "up" in base else part)
 
 
+FfnSplit = tuple[tuple[int, str, str], ...]
+
+
 def compute_sites(profile: ModelProfile, layer_devices: list[str],
-                  moved: dict) -> tuple[list[str], frozenset[str], dict[str, frozenset[str]]]:
+                  moved: dict) -> tuple[list[str], frozenset[str], dict[str, frozenset[str]], FfnSplit]:
     """(the device each layer's FFN runs on, the devices that run other ops of layers not theirs,
     the devices that run only some of a layer's FFN products: device -> the largest set of them,
-    'gate', 'up', 'down'): an op runs where its weight is (ggml_backend_sched_backend_id_from_cur),
-    so moving a layer's experts (or dense FFN) moves its FFN, moving one of its three expert
-    tensors moves that product alone, and moving one attention matrix moves that product."""
+    'gate', 'up', 'down', and each such product as (layer, product, device)): an op runs where its
+    weight is (ggml_backend_sched_backend_id_from_cur), so moving a layer's experts (or dense FFN)
+    moves its FFN, moving one of its three expert tensors moves that product alone, and moving one
+    attention matrix moves that product."""
     ffn = list(layer_devices[:profile.n_layer])
     stray = set()
     partial: dict[str, frozenset[str]] = {}
+    split: list[tuple[int, str, str]] = []
     if not moved:
-        return ffn, frozenset(), partial
+        return ffn, frozenset(), partial, ()
     get = moved.get
     kinds = _layer_kinds(profile)
     # only layers with a moved tensor can run anything away from home ('blk.<il>.' names)
@@ -545,8 +550,11 @@ def compute_sites(profile: ModelProfile, layer_devices: list[str],
         site = ffn[il] = max(where, key=lambda d: where[d])
         parts: dict[str, set[str]] = {}      # a layer split over devices: which products run where
         for name, _n_bytes, part in ffn_tensors:
-            parts.setdefault(get(name, home), set()).add(part)
+            dev = get(name, home)
+            parts.setdefault(dev, set()).add(part)
+            if dev != site and name.endswith(".weight"):
+                split.append((il, part, dev))
         for dev, ps in parts.items():
             if dev != site and len(ps) > len(partial.get(dev, ())):
                 partial[dev] = frozenset(ps)
-    return ffn, frozenset(stray), partial
+    return ffn, frozenset(stray), partial, tuple(split)
