@@ -214,14 +214,14 @@ def _ffn(c: _Ctx, h: Tensor, il: int, lay: _Layer, n_ff: int) -> Tensor:
     """build_ffn: gated (LLM_FFN_PAR: gate and up products, the GLU's new tensor), an up product twice as wide
     as ffn_down reads split by the GLU (LLM_FFN_SWIGLU, plamo3), or up and its activation in place (GELU);
     biases added in place; ffn_down."""
-    g, fu, fd = c.g, c.ffn_at(il, "up"), c.ffn_at(il, "down")
+    g, fu, fd = c.g, c.at(il, "ffn_up"), c.at(il, "ffn_down")
     rows = h.size // (4 * c.E)
     f = 4 * n_ff * rows
     up = g.op(4 * lay.width("ffn_up.weight") * rows, h, w=fu)
     if lay.has("ffn_up.bias"):
         up = g.op(up.size, up, w=fu, inplace=True)
     if lay.has("ffn_gate.weight"):
-        cur = g.op(f, g.op(f, h, w=c.ffn_at(il, "gate")), up)   # swiglu_split(gate, up)
+        cur = g.op(f, g.op(f, h, w=c.at(il, "ffn_gate")), up)   # swiglu_split(gate, up)
     elif up.size > f:
         cur = g.op(f, up)                                        # swiglu(up): halves it
     else:
@@ -452,13 +452,13 @@ def _ffn_width(p: ModelProfile, il: int) -> int:
 def dense_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_devices: list[str],
                         names: list[str], *, T: int, n_seqs: int, T_out: int, n_copies: int,
                         pin_norm: bool, ffn_devices: list[str] | None = None,
-                        ffn_split: tuple[tuple[int, str, str], ...] = ()) -> dict[str, int]:
+                        ffn_moved: tuple[tuple[int, str, str], ...] | None = None) -> dict[str, int]:
     """Compute buffer bytes of every backend in `names` for a `dense_replayable` profile (`ffn_devices`: where
-    tensor overrides put each layer's FFN weights, its experts for MoE; `ffn_split`: the products of a layer
-    split over devices, each where its weight is), remembered per profile and arguments: a 60-layer graph takes
+    tensor overrides put each layer's FFN weights, its experts for MoE; `ffn_moved`: each FFN weight an override
+    moved, its product run where it is), remembered per profile and arguments: a 60-layer graph takes
     14-27 ms to replay (dense to MoE; measured at load 4.3)."""
     return replay_compute_bytes(_graph, profile, config, layer_devices, names, T=T, n_seqs=n_seqs, T_out=T_out,
-                                n_copies=n_copies, pin_norm=pin_norm, ffn_devices=ffn_devices, ffn_split=ffn_split)
+                                n_copies=n_copies, pin_norm=pin_norm, ffn_devices=ffn_devices, ffn_moved=ffn_moved)
 
 
 def dense_replayable(profile: ModelProfile) -> bool:
