@@ -187,7 +187,7 @@ def _moe(c: _Ctx, h: Tensor, il: int, *, gating: int = 1, probs_bias: bool = Fal
     gate_exps (`gated` False: ernie4_5-moe's files) the up product's activation runs in place. `grove`: GROVEMOE's
     selection by a sigmoid of the logits, and for its chunk experts where they are fewer than the router's
     (`remap`) the selected ids cast to f32, scaled and cast back."""
-    g, E, p, d = c.g, c.E, c.p, c.dev[il]          # the experts run where c.ffn_at says (-cmoe, -ot)
+    g, E, p = c.g, c.E, c.p          # each weight's product runs where c.at says (-cmoe, -ot)
     md, arch = p.metadata, p.arch
     rows = h.size // (4 * E)
     n_exp, U = p.n_expert, n_used or p.n_expert_used
