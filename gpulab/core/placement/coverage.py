@@ -72,8 +72,8 @@ COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "in
 CACHE_NOT_MODELLED = {
     "deepseek4": "the DSV4 compressed KV cache (llama_kv_cache_dsv4) is not modelled",
     "hy_v4": "the DSV4 compressed KV cache (llama_kv_cache_dsv4) is not modelled",
-    "kimi-k3": "its hybrid cache with an indexer is not modelled",
     "glm5-next": "its hybrid cache with an indexer is not modelled",
+    "dots3note": "its indexer and sliding-window caches (llama_kv_cache_dsa_iswa) are not modelled",
 }
 
 
