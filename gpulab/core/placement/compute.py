@@ -404,7 +404,8 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         # a graph whose layers leave ggml-alloc's buffer unlike each other: replayed (placement.recurrent)
         return recurrent_compute_bytes(profile, config, layer_devices, names, T=T, n_seqs=n_seqs,
                                        T_out=T if n_outputs is None else max(1, min(T, n_outputs)),
-                                       n_copies=nc, pin_norm=pinned_norm, ffn_devices=ffn_devices)
+                                       n_copies=nc, pin_norm=pinned_norm, ffn_devices=ffn_devices,
+                                       ffn_moved=ffn_moved)
     if dense_replayable(profile) and (not stray and not ffn_parts or ffn_moved is not None):
         # an older dense graph, replayed op by op (placement.dense), each FFN product where its weight is
         return dense_compute_bytes(profile, config, layer_devices, names, T=T, n_seqs=n_seqs,

@@ -407,12 +407,14 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
 
 def recurrent_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_devices: list[str],
                             names: list[str], *, T: int, n_seqs: int, T_out: int, n_copies: int,
-                            pin_norm: bool, ffn_devices: list[str] | None = None) -> dict[str, int]:
+                            pin_norm: bool, ffn_devices: list[str] | None = None,
+                            ffn_moved: tuple[tuple[int, str, str], ...] | None = None) -> dict[str, int]:
     """Compute buffer bytes of every backend in `names` for a `replayable` profile (`ffn_devices`: where tensor
-    overrides put each layer's FFN weights, its experts for MoE). Remembered per profile and arguments: a
-    48-layer MoE graph takes some 20 ms to replay."""
+    overrides put each layer's FFN weights, its experts for MoE; `ffn_moved`: each MoE weight an override moved,
+    its product run where it is). Remembered per profile and arguments: a 48-layer MoE graph takes some 20 ms to
+    replay."""
     return replay_compute_bytes(_graph, profile, config, layer_devices, names, T=T, n_seqs=n_seqs, T_out=T_out,
-                                n_copies=n_copies, pin_norm=pin_norm, ffn_devices=ffn_devices)
+                                n_copies=n_copies, pin_norm=pin_norm, ffn_devices=ffn_devices, ffn_moved=ffn_moved)
 
 
 GraphBuilder = Callable[[_Ctx, bool, bool], tuple[Graph, list]]
