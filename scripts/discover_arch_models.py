@@ -113,7 +113,7 @@ RETRIES = [
     # abort the loader's op test (ggml_mul_mat of a "transposed" weight), so the optional keys are written
     (ZERO_WIDTH, {OPTIONAL_KEYS: True}),
     ("HKV == Hd", {"attention.indexer.head_count": 4}),           # minimax-m3: one indexer head per KV head
-    ("MLA is nope-only", {"rope.dimension_count": 0}),           # glm5-next: no RoPE dimensions
+    ("MLA is nope-only", {"rope.dimension_count": 0, "attention.key_length": 256}),  # glm5-next: K is kv_lora alone
     # keys a loader reads as optional and then requires (draft models: the target's layers and width)
     ("requires 'extract_layers'", {"target_layers": [1, 3, 5]}),    # eagle3: exactly 3
     ("requires 'target_layers'", {"target_layers": [1, 3, 5]}),     # dflash
@@ -375,8 +375,11 @@ def _decode(lc, model, out: Path, result: dict) -> None:
     cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_threads, cp.n_threads_batch = 512, 64, 64, 1, 1
     result["context"] = "aborted"
     out.write_text(json.dumps(result))
-    ctx = lc.llama_init_from_model(model, cp)
-    result["context"] = "ok" if ctx else "refused"
+    from gpulab.runtime.logcapture import LogCapture
+    with LogCapture() as cap:
+        ctx = lc.llama_init_from_model(model, cp)
+    why = re.search(r"failed to initialize the context: ([^(\n]*)", cap.text)   # (a draft asks for its target's)
+    result["context"] = "ok" if ctx else f"refused: {why.group(1).strip()}" if why else "refused"
     result["decode"] = "aborted"
     out.write_text(json.dumps(result))
     if not ctx:
