@@ -419,6 +419,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
                            names: list[str], ffn_devices: list[str] | None = None,
                            stray: frozenset[str] = frozenset(),
                            ffn_parts: dict[str, frozenset[str]] | None = None,
+                           ffn_moved: tuple[tuple[int, str, str], ...] | None = None,
                            n_outputs: int | None = None) -> dict[str, int]:
     """Bytes of the compute buffer of every backend in `names` (0 where nothing runs).
 
@@ -432,7 +433,9 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     With tensor overrides: `ffn_devices` is where each layer's FFN weights are (an op runs where
     its weight is: ggml_backend_sched_backend_id_from_cur), `stray` the devices that got other
     weights of layers that are not theirs (an attention matrix moved alone), `ffn_parts` the
-    devices that run some of a layer's FFN products but not its FFN (one expert tensor moved).
+    devices that run some of a layer's FFN products but not its FFN (one expert tensor moved), and
+    `ffn_moved` each FFN weight away from its layer as (layer, name, device) (placement.tensors.
+    compute_sites; None where other weights moved too), whose products a replayed graph runs there.
     """
     g = _geom(profile)
     n_layer = profile.n_layer
@@ -467,12 +470,13 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         # a graph whose layers leave ggml-alloc's buffer unlike each other: replayed (placement.recurrent)
         return recurrent_compute_bytes(profile, config, layer_devices, names, T=T, n_seqs=n_seqs,
                                        T_out=T if n_outputs is None else max(1, min(T, n_outputs)),
-                                       n_copies=nc, pin_norm=pinned_norm, ffn_devices=ffn_devices)
-    if dense_replayable(profile) and not stray and not ffn_parts:
-        # an older dense graph, replayed op by op (placement.dense)
+                                       n_copies=nc, pin_norm=pinned_norm, ffn_devices=ffn_devices,
+                                       ffn_moved=ffn_moved)
+    if dense_replayable(profile) and (not stray and not ffn_parts or ffn_moved is not None):
+        # an older dense graph, replayed op by op (placement.dense), each FFN product where its weight is
         return dense_compute_bytes(profile, config, layer_devices, names, T=T, n_seqs=n_seqs,
                                    T_out=T if n_outputs is None else max(1, min(T, n_outputs)),
-                                   n_copies=nc, pin_norm=pinned_norm, ffn_devices=ffn_devices)
+                                   n_copies=nc, pin_norm=pinned_norm, ffn_devices=ffn_devices, ffn_moved=ffn_moved)
 
     # KV cells per stream (llama_context ctor: n_ctx_seq), and the sliding-window cache
     # (llama_kv_cache_iswa: pad(min(size_base, n_swa + n_ubatch), 256) unless --swa-full)
