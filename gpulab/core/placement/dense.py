@@ -485,10 +485,12 @@ def dense_replayable(profile: ModelProfile) -> bool:
         return False           # qwen3vlmoe's deepstack adds (a wider inp_embd) are not built here
     if profile.n_nextn or not _is_trunk(profile):
         return False           # MTP layers (placement.mtp) run a graph of their own, not built here
+    # an MLA layer (a K-only cache) is built as absorbed MLA (attn_k_b, attn_v_b), not the older graph with attn_kv_b
     return all(layer.has_kv and not layer.is_recurrent
                and any(t.name.endswith((".ffn_down.weight", ".ffn_down_exps.weight")) for t in layer.tensors)
                and any(t.name.endswith((".attn_qkv.weight", ".attn_q.weight", ".attn_q_a.weight", ".attn_k_b.weight"))
                        for t in layer.tensors)
+               and (layer.has_v or any(t.name.endswith(".attn_k_b.weight") for t in layer.tensors))
                for layer in profile.layers)
 
 

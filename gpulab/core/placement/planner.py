@@ -19,7 +19,7 @@ from ..ggml_types import row_bytes
 from ..memory import DevicePlan
 from ..overrides import effective_rules
 from ..profile import ModelProfile
-from .compute import estimate_compute_bytes, pipeline_copies
+from .compute import estimate_compute_bytes, pipeline_copies, replay_for
 from .coverage import doubts
 from .plan import Plan
 from .tensors import place_layers
@@ -339,7 +339,8 @@ def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | Non
                 tensor_parallel=split,
                 doubts=doubts(profile, config, layer_devices, output_shares_layers=(
                     pipeline_copies(config, graph_devices, len(layer_used)) > 1
-                    and out_dev in graph_devices[:trunk.n_layer])))
+                    and out_dev in graph_devices[:trunk.n_layer]),
+                    replayed=replay_for(trunk, stray, ffn_parts, ffn_moved) is not None))
 
 
 def _meta_device(used: list[Device]) -> Device:
