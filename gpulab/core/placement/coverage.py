@@ -228,12 +228,13 @@ def _measured(arch: str, what: str, unmeasured: str) -> Doubt:
 
 
 def doubts(profile: ModelProfile, config: SplitConfig, layer_devices: list[str] | None = None,
-           output_shares_layers: bool = False) -> tuple[Doubt, ...]:
+           output_shares_layers: bool = False, replayed: bool = False) -> tuple[Doubt, ...]:
     """The terms of a plan of `profile` under `config` that are not exact, each with the largest error
     the architecture matrix measured where it applies (tests/integration/test_arch_matrix_vs_llama.py,
     CPU RPC devices, n_embd 1024). `layer_devices`: the plan's placement (for settings that matter
     only on some devices); `output_shares_layers`: pipelined, and the output layer's device holds
-    repeating layers too."""
+    repeating layers too; `replayed`: the plan's compute buffers come from an op-by-op replay of the graph
+    (compute.replay_for), so the closed forms' doubts do not apply."""
     out: list[Doubt] = []
     arch = profile.arch
     if arch in WEIGHTS_NOT_EXACT:
@@ -246,14 +247,17 @@ def doubts(profile: ModelProfile, config: SplitConfig, layer_devices: list[str] 
     # absorbed MLA (attn_k_b/attn_v_b) is modelled (compute_mla); the older graph with attn_kv_b is not
     mla = any(layer.has_kv and not layer.has_v for layer in profile.layers) \
         and (arch not in COMPUTE_EXACT or mla_geom(profile) is None)
-    if replayable(profile) or encoder_replayable(profile):
-        pass                   # replayed op by op (placement.recurrent, compute_encoder): exact wherever checked
+    if replayed or replayable(profile) or encoder_replayable(profile):
+        pass                   # replayed op by op (compute.replay_for): exact wherever checked
     elif recurrent or arch in RECURRENT_GRAPHS:
         # (a graph replayed elsewhere but not for this file: a branch the replay does not build)
         pure = not any(layer.has_kv for layer in profile.layers)
         what = "recurrent graph is" if pure else "recurrent layers are"
         out.append(_measured(arch, f"{arch}'s {what} not modelled", " (mamba2's, lfm2's and qwen3next's, before "
                              "they were replayed: up to 75 MiB too low per device at n_embd 1024)"))
+    elif mla:
+        out.append(_measured(arch, f"{arch}'s MLA attention is sized as deepseek2's absorbed MLA (compute_mla) or "
+                             "as plain attention", " (not measured)"))
     elif (arch in DENSE_GRAPHS and not dense_replayable(profile.trunk)) or \
             (arch == "graniteswitch" and not switch_replayable(profile)) or \
             (arch == "hy_v4" and not hy_v4_replayable(profile)):
@@ -261,9 +265,6 @@ def doubts(profile: ModelProfile, config: SplitConfig, layer_devices: list[str] 
         # layers, MTP layers, deepstack layers, hy_v4's DSA indexer, ...): the closed forms size it
         out.append(_measured(arch, f"{arch}'s graph takes a branch that placement.dense does not build for this "
                              "file, sized by the closed forms", " (not measured)"))
-    elif mla:
-        out.append(_measured(arch, f"{arch}'s MLA attention is sized as deepseek2's absorbed MLA (compute_mla) or "
-                             "as plain attention", " (not measured)"))
     elif arch not in COMPUTE_CHECKED and arch not in COMPUTE_EXACT:
         out.append(_measured(arch, f"{arch}'s graph is sized as a llama-like graph", "; not checked against llama.cpp"))
     else:
