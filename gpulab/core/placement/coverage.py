@@ -80,7 +80,10 @@ COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "in
                            # branch recurrent2: replayed (placement.recurrent), in RECURRENT_GRAPHS
                            "mamba", "jamba", "falcon-h1", "granitehybrid", "nemotron_h", "nemotron_h_moe",
                            "lfm2moe", "qwen35", "qwen35moe", "rwkv6qwen2", "arwkv7",
-                           "plamo2", "minimax-01"})
+                           "plamo2", "minimax-01",
+                           # branch hybrid3: replayed (placement.recurrent): RWKV-7 with LayerNorms, a gated time
+                           # mix with a group norm, two token shifts, the channel mix
+                           "rwkv7"})
 
 
 # Architectures whose memory is not llama_kv_cache / llama_memory_recurrent as gpulab sizes them
