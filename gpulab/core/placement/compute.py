@@ -72,6 +72,7 @@ from .dense import dense_compute_bytes, dense_replayable
 from .gemma3n import gemma3n_compute_bytes, gemma3n_replayable
 from .gemma4 import gemma4_compute_bytes, gemma4_replayable
 from .hrm import hrm_compute_bytes, hrm_replayable
+from .kda import kda_compute_bytes, kda_replayable
 from .recurrent import recurrent_compute_bytes, replayable
 
 __all__ = ["estimate_compute_bytes", "compute_tokens", "pipeline_copies", "SCHED_MAX_COPIES", "dry_run_extra_bytes"]
@@ -463,6 +464,11 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         return gemma4_compute_bytes(profile, config, layer_devices, names, T=T,
                                     T_out=T if n_outputs is None else max(1, min(T, n_outputs)), n_copies=nc,
                                     pin_norm=pinned_norm)
+    if kda_replayable(profile):
+        # KDA/MLA hybrids: replayed (placement.kda)
+        return kda_compute_bytes(profile, config, layer_devices, names, T=T, n_seqs=n_seqs,
+                                 T_out=T if n_outputs is None else max(1, min(T, n_outputs)),
+                                 n_copies=nc, pin_norm=pinned_norm, ffn_devices=ffn_devices)
     if replayable(profile):
         # a graph whose layers leave ggml-alloc's buffer unlike each other: replayed (placement.recurrent)
         return recurrent_compute_bytes(profile, config, layer_devices, names, T=T, n_seqs=n_seqs,

@@ -17,6 +17,7 @@ from .compute import compute_tokens
 from .compute_encoder import encoder_replayable
 from .compute_mla import mla_geom
 from .compute_moe import moe_flags
+from .kda import kda_replayable
 from .recurrent import RECURRENT_GRAPHS, replayable
 
 __all__ = ["CACHE_NOT_MODELLED", "COMPUTE_CHECKED", "COMPUTE_EXACT", "COMPUTE_MEASURED_MIB", "Doubt",
@@ -83,7 +84,10 @@ COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "in
                            "plamo2", "minimax-01",
                            # branch hybrid3: replayed (placement.recurrent): RWKV-7 with LayerNorms, a gated time
                            # mix with a group norm, two token shifts, the channel mix
-                           "rwkv7"})
+                           "rwkv7",
+                           # ... replayed (placement.kda): KDA layers (a gated delta net behind causal convolutions
+                           # of Q, K and V) beside absorbed MLA over a K-only cache, MoE
+                           "kimi-linear"})
 
 
 # Architectures whose memory is not llama_kv_cache / llama_memory_recurrent as gpulab sizes them
@@ -239,7 +243,7 @@ def doubts(profile: ModelProfile, config: SplitConfig, layer_devices: list[str] 
     # absorbed MLA (attn_k_b/attn_v_b) is modelled (compute_mla); the older graph with attn_kv_b is not
     mla = any(layer.has_kv and not layer.has_v for layer in profile.layers) \
         and (arch not in COMPUTE_EXACT or mla_geom(profile) is None)
-    if replayable(profile) or encoder_replayable(profile):
+    if replayable(profile) or encoder_replayable(profile) or kda_replayable(profile):
         pass                   # replayed op by op (placement.recurrent, compute_encoder): exact wherever checked
     elif recurrent or arch in RECURRENT_GRAPHS:
         # (a graph replayed elsewhere but not for this file: a branch the replay does not build)

@@ -154,8 +154,8 @@ class _Mla:
         self.k_idxs = c.g.inp(8 * c.T)
         self.mask = c.g.inp(self.n_kv * c.T * (2 if fa else 4))
 
-    def __call__(self, h: Tensor, pos: Tensor, il: int, lay: _Layer) -> Tensor:
-        """The attention output before wo."""
+    def __call__(self, h: Tensor, pos: Tensor | None, il: int, lay: _Layer) -> Tensor:
+        """The attention output before wo (`pos` None: no RoPE)."""
         c, g, T, d = self.c, self.c.g, self.c.T, self.c.dev[il]
         layer, cfg, md, arch = c.p.layers[il], c.config, c.p.metadata, c.p.arch
         n_head = layer.n_head
@@ -168,9 +168,13 @@ class _Mla:
         else:
             q = g.op(4 * lay.width("attn_q.weight") * T, h, w=d)                     # the lite models' wq
         kv_pe = g.op(4 * (kv_rank + n_rope) * T, h, w=d)
-        k_pe = g.op(4 * n_rope * T, g.view(kv_pe, 4 * n_rope * T), pos, inplace=True)  # RoPE of a view
+        k_pe = g.view(kv_pe, 4 * n_rope * T)
+        q_pe = g.view(q, 4 * n_rope * n_head * T)
+        if pos is not None:                     # RoPE of the views (kimi-linear's MLA has none: kda)
+            k_pe = g.op(k_pe.size, k_pe, pos, inplace=True)
         kv_cmpr = _norm(c, g.view(kv_pe, 4 * kv_rank * T), il, rms=True, bias=False)
-        q_pe = g.op(4 * n_rope * n_head * T, g.view(q, 4 * n_rope * n_head * T), pos, inplace=True)
+        if pos is not None:
+            q_pe = g.op(q_pe.size, q_pe, pos, inplace=True)
         q_abs = g.op(4 * kv_rank * n_head * T, g.view(g.view(q)), w=d)                # wk_b x q_nope
         qcur = g.op(4 * (kv_rank + n_rope) * n_head * T, g.view(q_abs), q_pe)         # concat
         v = g.view(kv_cmpr)                                                            # reshape_3d

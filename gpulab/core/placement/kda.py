@@ -1,0 +1,132 @@
+"""Compute buffers of the KDA/MLA hybrids, replayed op by op (gpulab.core.placement.ggml_replay).
+
+Kimi Delta Attention (KDA) layers are a gated delta net whose Q, K and V each run through a causal convolution
+with its own slice of the layer's convolution state; the other layers are MLA over a K-only cache (absorbed:
+attn_k_b, attn_v_b), then a dense FFN (the leading layers) or MoE. The delta net and the state reads are
+placement.recurrent's (_Ctx.rs, _moe, _ffn), the MLA attention placement.dense's (_Mla):
+
+  kimi-linear  llama_model_kimi_linear::graph (src/models/kimi-linear.cpp): causal_conv1d for Q, K and V (the
+               projection, the concat with the state's slice, the slice written back, ssm_conv with a reshaped
+               weight, silu), g1 = softplus(f_b(f_a(x)) + dt_bias) * A (A a reshaped weight), beta = sigmoid of a
+               reshape, the state read, Q and K L2-normed (build_gdn_l2_norm: rms_norm, scale), the fused delta net
+               (build_delta_net_fused, src/models/delta-net-base.cpp), the state written, the output normed
+               (ssm_o_norm, named "norm") and gated by sigmoid(g_b(g_a(x))), made contiguous, wo; MLA without
+               RoPE; the shared expert's build_ffn where the file has it (without it build_ffn is silu of its
+               input: src/llama-graph.cpp build_ffn)
+
+Every device of the architecture matrix within the rounding of llama.cpp's log (tests/integration/
+test_arch_matrix_vs_llama.py, CPU RPC devices) and tests/core/placement/test_hybrid_graphs.py.
+"""
+
+from __future__ import annotations
+
+from ..config import SplitConfig
+from ..devices import HOST_NAME
+from ..profile import ModelProfile
+from .dense import _Layer, _Mla
+from .ggml_replay import Graph, Tensor
+from .recurrent import _Attn, _Ctx, _ffn, _moe, replay_compute_bytes
+
+__all__ = ["KDA_GRAPHS", "kda_compute_bytes", "kda_replayable"]
+
+KDA_GRAPHS = frozenset({"kimi-linear"})
+_KEYS = ("ssm.conv_kernel", "kda.head_dim")
+
+
+def _kda(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, il: int) -> Tensor:
+    """One KDA layer of llama_model_kimi_linear::graph, up to and with wo."""
+    g, d, T, ns = c.g, c.dev[il], c.T, c.ns
+    md, arch, layer = c.p.metadata, c.p.arch, c.p.layers[il]
+    hd, n_head = int(md[f"{arch}.kda.head_dim"]), layer.n_head
+    d_conv, d_inner = int(md[f"{arch}.ssm.conv_kernel"]), hd * n_head
+    n_embd_r = layer.n_embd_r
+    conv_all = c.rs(il, s_main, s_extra, 4 * n_embd_r * ns)
+    conv_x = []
+    for _ in "qkv":          # causal_conv1d: its state's slice (a strided view), the projection, the concat
+        state = g.view(conv_all, 4 * (d_conv - 1) * d_inner + (ns - 1) * 4 * n_embd_r)
+        x = g.op(4 * d_inner * T, cur, w=d)
+        cx = g.op(4 * (d_conv - 1 + T // ns) * d_inner * ns, state, g.view(g.view(x)))
+        g.expand(g.set(d, g.view(cx), g.view(g.ext(d))))                 # the last d_conv - 1 columns stored
+        conv_x.append(cx)
+    e_in = 4 * d_inner * T
+    beta_w = 4 * n_head * T
+    f_a = g.op(4 * c.shapes[f"blk.{il}.ssm_f_a.weight"][1] * T, cur, w=d)
+    g1 = g.op(e_in, f_a, w=d)                                            # f_b(f_a(x))
+    g1 = g.op(e_in, g.op(e_in, g1, w=d, inplace=True), inplace=True)     # softplus(+ dt_bias)
+    g1 = g.op(e_in, g.view(g1), c.reshaped(il, "ssm_a"), inplace=True)    # * A (a reshaped weight)
+    beta = g.op(beta_w, g.view(g.op(beta_w, cur, w=d)))                  # sigmoid of a reshape
+    state = g.view(c.rs(il, s_main, s_extra, 4 * layer.n_embd_s * ns))
+
+    def conv(cx: Tensor, name: str) -> Tensor:                           # silu(ssm_conv(conv_x, reshaped w))
+        return g.view(g.op(e_in, g.view(g.op(e_in, cx, c.reshaped(il, f"ssm_conv1d_{name}.weight"))), inplace=True))
+
+    def l2(x: Tensor) -> Tensor:                                         # build_gdn_l2_norm: scale(rms_norm)
+        return g.op(e_in, g.op(e_in, x, inplace=True), inplace=True)
+
+    q, k, v = l2(conv(conv_x[0], "q")), l2(conv(conv_x[1], "k")), conv(conv_x[2], "v")
+    out = g.op(4 * hd * n_head * (T + hd * ns), q, k, v, g.view(g1), beta, state)   # ggml_gated_delta_net
+    o = g.op(e_in, g.view(out, e_in))                                    # cont(output)
+    g.expand(g.set(d, g.view(out), g.view(g.ext(d))))                    # the new state
+    normed = c.norm(g.view(o), il)                                       # ssm_o_norm
+    g2 = g.op(e_in, g.op(4 * c.shapes[f"blk.{il}.ssm_g_a.weight"][1] * T, g.view(cur), w=d), w=d)
+    y = g.op(e_in, normed, g.op(e_in, g.view(g2)), inplace=True)         # * sigmoid(g2)
+    return g.op(4 * c.E * T, g.op(e_in, y), w=d)                         # wo(cont_2d)
+
+
+def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
+    g, T, E, p = c.g, c.T, c.E, c.p
+    md, arch = p.metadata, p.arch
+    tokens = g.inp(4 * T)
+    g.expand(g.inp(4 * E * T))               # inp_embd: a text batch never reads it, it is allocated
+    cur = g.expand(g.op(4 * E * T, tokens, w=HOST_NAME))              # get_rows(token_embd)
+    attn = _Attn(c, fa, v_trans)
+    mla = _Mla(c, attn, fa)
+    s_copy = g.inp(4 * c.ns)
+    s_main, s_extra = g.view(s_copy, 4 * c.ns), g.view(s_copy, 0)
+    out_ids = g.inp(4 * c.T_out)
+    n_dense = int(md.get(f"{arch}.leading_dense_block_count", 0))
+    scale = float(md.get(f"{arch}.expert_weights_scale", 0.0)) not in (0.0, 1.0)
+    for il in range(p.n_layer):
+        lay = _Layer(p, il)
+        d = c.dev[il]
+        inp_sa = cur
+        h = g.expand(c.norm(cur, il))
+        if p.layers[il].is_recurrent:
+            y = _kda(c, s_main, s_extra, h, il)
+        else:
+            y = g.op(4 * E * T, mla(h, None, il, lay), w=d)               # MLA without RoPE, wo
+        if il == p.n_layer - 1:
+            y, inp_sa = g.op(4 * E * c.T_out, y, out_ids), g.op(4 * E * c.T_out, inp_sa, out_ids)
+        ffn_inp = g.op(y.size, y, inp_sa, inplace=True)
+        h = c.norm(ffn_inp, il)
+        if il < n_dense:
+            ff = _ffn(c, h, il)
+        else:
+            shared = lay.width("ffn_up_shexp.weight") if lay.has("ffn_up_shexp.weight") else 0
+            ff = _moe(c, h, il, gating=int(md.get(f"{arch}.expert_gating_func", 1)),
+                      probs_bias=lay.has("exp_probs_b.bias"), norm_w=True, scale=scale,
+                      n_ff=lay.width("ffn_up_exps.weight"), shared=shared, shared_gate=False)
+            if not shared:                                               # build_ffn without tensors: silu(x)
+                ff = g.op(ff.size, ff, g.op(h.size, h), inplace=True)
+        cur = g.op(ff.size, ff, ffn_inp, inplace=True)
+    h = c.norm(cur, -1, cur.size) if p.n_layer else cur
+    g.expand(g.op(4 * p.n_vocab * c.T_out, h, w=c.dev[p.n_layer], out=True))   # result_output
+    return g, [(n, d) for n, d in attn.fa_nodes if n is not None]
+
+
+def kda_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_devices: list[str], names: list[str], *,
+                      T: int, n_seqs: int, T_out: int, n_copies: int, pin_norm: bool,
+                      ffn_devices: list[str] | None = None) -> dict[str, int]:
+    """Compute buffer bytes of every backend in `names` for a `kda_replayable` profile."""
+    return replay_compute_bytes(_graph, profile, config, layer_devices, names, T=T, n_seqs=n_seqs, T_out=T_out,
+                                n_copies=n_copies, pin_norm=pin_norm, ffn_devices=ffn_devices)
+
+
+def kda_replayable(profile: ModelProfile) -> bool:
+    """Whether `profile`'s graph is built here: a KDA_GRAPHS file with its hyperparameters and tensor list, KDA
+    layers with separate Q, K, V products (not the fused attn_qkv), attention layers with absorbed MLA."""
+    arch = profile.arch
+    if arch not in KDA_GRAPHS or not all(f"{arch}.{k}" in profile.metadata for k in _KEYS):
+        return False
+    names = {t.name.split(".", 2)[-1] for layer in profile.layers for t in layer.tensors}
+    return "attn_q.weight" in names and "attn_qkv.weight" not in names and "attn_k_b.weight" in names
