@@ -13,6 +13,12 @@ placement.recurrent's (_Ctx.rs, _moe, _ffn), the MLA attention placement.dense's
                (ssm_o_norm, named "norm") and gated by sigmoid(g_b(g_a(x))), made contiguous, wo; MLA without
                RoPE; the shared expert's build_ffn where the file has it (without it build_ffn is silu of its
                input: src/llama-graph.cpp build_ffn)
+  bailingmoe3  llama_model_bailingmoe3::graph (src/models/bailingmoe3.cpp): the layer's norm not expanded first,
+               one gate product f_a(x) + dt_bias, lower_bound * sigmoid(x * A), one output gate product g_a(x);
+               MLA with RoPE and a low-rank Q (attn_q_a), no wo in build_attn: the output times sigmoid of a
+               head-wise gate of the normed input, cont_2d, wo; the shared expert; no rows gathered in the last
+               layer: the output norm is an output (t_h_nextn) and the rows are gathered after it. Files with
+               a loaded MTP layer (nextn) are not built here (its graph, graph_mtp, is another)
 
 Every device of the architecture matrix within the rounding of llama.cpp's log (tests/integration/
 test_arch_matrix_vs_llama.py, CPU RPC devices) and tests/core/placement/test_hybrid_graphs.py.
@@ -29,7 +35,7 @@ from .recurrent import _Attn, _Ctx, _ffn, _moe, replay_compute_bytes
 
 __all__ = ["KDA_GRAPHS", "kda_compute_bytes", "kda_replayable"]
 
-KDA_GRAPHS = frozenset({"kimi-linear"})
+KDA_GRAPHS = frozenset({"kimi-linear", "bailingmoe3"})
 _KEYS = ("ssm.conv_kernel", "kda.head_dim")
 
 
@@ -51,9 +57,14 @@ def _kda(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, il: int) -> Tens
     e_in = 4 * d_inner * T
     beta_w = 4 * n_head * T
     f_a = g.op(4 * c.shapes[f"blk.{il}.ssm_f_a.weight"][1] * T, cur, w=d)
-    g1 = g.op(e_in, f_a, w=d)                                            # f_b(f_a(x))
-    g1 = g.op(e_in, g.op(e_in, g1, w=d, inplace=True), inplace=True)     # softplus(+ dt_bias)
-    g1 = g.op(e_in, g.view(g1), c.reshaped(il, "ssm_a"), inplace=True)    # * A (a reshaped weight)
+    g1 = g.op(e_in, f_a, w=d) if f"blk.{il}.ssm_f_b.weight" in c.names else f_a   # f_b(f_a(x)) or f_a(x)
+    g1 = g.op(e_in, g1, w=d, inplace=True)                               # + dt_bias
+    if f"{arch}.kda.gate_lower_bound" in md:
+        # bailingmoe3: lower_bound * sigmoid(x * A), A a reshaped weight, x a reshape (a view: no MUL in place)
+        g1 = g.op(e_in, g.op(e_in, g.op(e_in, g.view(g1), c.reshaped(il, "ssm_a")), inplace=True), inplace=True)
+    else:
+        g1 = g.op(e_in, g1, inplace=True)                                # softplus
+        g1 = g.op(e_in, g.view(g1), c.reshaped(il, "ssm_a"), inplace=True)    # * A (a reshaped weight)
     beta = g.op(beta_w, g.view(g.op(beta_w, cur, w=d)))                  # sigmoid of a reshape
     state = g.view(c.rs(il, s_main, s_extra, 4 * layer.n_embd_s * ns))
 
@@ -68,7 +79,9 @@ def _kda(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, il: int) -> Tens
     o = g.op(e_in, g.view(out, e_in))                                    # cont(output)
     g.expand(g.set(d, g.view(out), g.view(g.ext(d))))                    # the new state
     normed = c.norm(g.view(o), il)                                       # ssm_o_norm
-    g2 = g.op(e_in, g.op(4 * c.shapes[f"blk.{il}.ssm_g_a.weight"][1] * T, g.view(cur), w=d), w=d)
+    g2 = g.op(4 * c.shapes[f"blk.{il}.ssm_g_a.weight"][1] * T, g.view(cur), w=d)
+    if f"blk.{il}.ssm_g_b.weight" in c.names:                            # g_b(g_a(x)), or bailingmoe3's g_a(x)
+        g2 = g.op(e_in, g2, w=d)
     y = g.op(e_in, normed, g.op(e_in, g.view(g2)), inplace=True)         # * sigmoid(g2)
     return g.op(4 * c.E * T, g.op(e_in, y), w=d)                         # wo(cont_2d)
 
@@ -83,6 +96,8 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
     mla = _Mla(c, attn, fa)
     s_copy = g.inp(4 * c.ns)
     s_main, s_extra = g.view(s_copy, 4 * c.ns), g.view(s_copy, 0)
+    kimi = arch == "kimi-linear"
+    pos = None if kimi else g.inp(4 * T)          # kimi-linear's MLA has no RoPE
     out_ids = g.inp(4 * c.T_out)
     n_dense = int(md.get(f"{arch}.leading_dense_block_count", 0))
     scale = float(md.get(f"{arch}.expert_weights_scale", 0.0)) not in (0.0, 1.0)
@@ -90,12 +105,19 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
         lay = _Layer(p, il)
         d = c.dev[il]
         inp_sa = cur
-        h = g.expand(c.norm(cur, il))
+        h = c.norm(cur, il)
+        if kimi:
+            g.expand(h)
         if p.layers[il].is_recurrent:
             y = _kda(c, s_main, s_extra, h, il)
-        else:
+        elif kimi:
             y = g.op(4 * E * T, mla(h, None, il, lay), w=d)               # MLA without RoPE, wo
-        if il == p.n_layer - 1:
+        else:
+            # bailingmoe3: MLA without wo, * sigmoid(a head-wise gate of the normed input), cont_2d, wo
+            y = mla(h, pos, il, lay)
+            gate = g.op(4 * p.layers[il].n_head * T, g.view(g.op(4 * p.layers[il].n_head * T, h, w=d)))
+            y = g.op(4 * E * T, g.op(y.size, g.op(y.size, g.view(y), gate)), w=d)
+        if kimi and il == p.n_layer - 1:
             y, inp_sa = g.op(4 * E * c.T_out, y, out_ids), g.op(4 * E * c.T_out, inp_sa, out_ids)
         ffn_inp = g.op(y.size, y, inp_sa, inplace=True)
         h = c.norm(ffn_inp, il)
@@ -103,13 +125,19 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
             ff = _ffn(c, h, il)
         else:
             shared = lay.width("ffn_up_shexp.weight") if lay.has("ffn_up_shexp.weight") else 0
+            # kimi-linear renormalizes the chosen weights always, bailingmoe3 as its file says
+            norm_w = kimi or bool(md.get(f"{arch}.expert_weights_norm", False))
             ff = _moe(c, h, il, gating=int(md.get(f"{arch}.expert_gating_func", 1)),
-                      probs_bias=lay.has("exp_probs_b.bias"), norm_w=True, scale=scale,
+                      probs_bias=lay.has("exp_probs_b.bias"), norm_w=norm_w, scale=scale,
                       n_ff=lay.width("ffn_up_exps.weight"), shared=shared, shared_gate=False)
             if not shared:                                               # build_ffn without tensors: silu(x)
                 ff = g.op(ff.size, ff, g.op(h.size, h), inplace=True)
         cur = g.op(ff.size, ff, ffn_inp, inplace=True)
     h = c.norm(cur, -1, cur.size) if p.n_layer else cur
+    if not kimi:
+        # bailingmoe3: the normed state is an output (t_h_nextn, for MTP); the output rows gathered after it
+        h.out = True
+        h = g.op(4 * E * c.T_out, h, out_ids)
     g.expand(g.op(4 * p.n_vocab * c.T_out, h, w=c.dev[p.n_layer], out=True))   # result_output
     return g, [(n, d) for n, d in attn.fa_nodes if n is not None]
 
@@ -129,4 +157,5 @@ def kda_replayable(profile: ModelProfile) -> bool:
     if arch not in KDA_GRAPHS or not all(f"{arch}.{k}" in profile.metadata for k in _KEYS):
         return False
     names = {t.name.split(".", 2)[-1] for layer in profile.layers for t in layer.tensors}
-    return "attn_q.weight" in names and "attn_qkv.weight" not in names and "attn_k_b.weight" in names
+    return "attn_q.weight" in names and "attn_qkv.weight" not in names and "attn_k_b.weight" in names \
+        and not any(layer.is_nextn and layer.tensors for layer in profile.layers)

@@ -1,7 +1,7 @@
 """Compute buffers of the hybrid and recurrent graphs replayed by branch hybrid3 (gpulab/core/placement/
 recurrent.py): rwkv7 (src/models/rwkv7.cpp: LayerNorms with biases, the gated time mix with its group norm, two
 token shifts stored as one concat, the relu-squared channel mix); kimi-linear (gpulab/core/placement/kda.py:
-src/models/kimi-linear.cpp, KDA beside absorbed MLA without RoPE).
+src/models/kimi-linear.cpp, KDA beside absorbed MLA without RoPE) and bailingmoe3 (src/models/bailingmoe3.cpp).
 
 The expected figures are llama.cpp's `compute buffer size` lines (MiB, two decimals) for the architecture
 matrix's models (gpulab.sources.arch_models) on CPU RPC devices, as tests/integration/
@@ -46,6 +46,11 @@ LOGGED = {
     "kimi-linear": _rows({"RPC0": 44.07, "RPC1": 26.0, "CPU": 18.03}, {"RPC0": 40.02, "RPC1": 40.07, "CPU": 14.03},
                          {"RPC0": 18.25, "RPC1": 29.01, "RPC2": 18.0, "CPU": 31.01}, {"RPC1": 62.05, "CPU": 6.01},
                          None, {"RPC0": 52.02, "RPC1": 26.3, "RPC2": 50.07, "CPU": 26.03}),
+    # the same layout with one low-rank gate product, a sigmoid decay gate with a lower bound, MLA with RoPE, a
+    # low-rank Q and a head-wise output gate before wo, a shared expert, the output rows gathered after the norm
+    "bailingmoe3": _rows({"RPC0": 50.07, "RPC1": 28.01, "CPU": 18.04}, {"RPC0": 43.02, "RPC1": 46.08, "CPU": 14.04},
+                         {"RPC0": 18.3, "RPC1": 32.01, "RPC2": 20.0, "CPU": 37.06}, {"RPC1": 68.05, "CPU": 6.01},
+                         None, {"RPC0": 55.02, "RPC1": 26.3, "RPC2": 53.03, "CPU": 26.04}),
 }
 
 
