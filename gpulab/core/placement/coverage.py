@@ -87,7 +87,7 @@ COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "in
                            "rwkv7",
                            # ... replayed (placement.kda): KDA layers (a gated delta net behind causal convolutions
                            # of Q, K and V) beside absorbed MLA over a K-only cache, MoE
-                           "kimi-linear", "bailingmoe3"})
+                           "kimi-linear", "bailingmoe3", "kimi-k3"})
 
 
 # Architectures whose memory is not llama_kv_cache / llama_memory_recurrent as gpulab sizes them

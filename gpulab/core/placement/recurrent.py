@@ -442,10 +442,21 @@ def _relu_sqr_ffn(c: _Ctx, h: Tensor, il: int) -> Tensor:
     return mm(h.size, g.op(f, g.op(f, up, inplace=True), inplace=True), "ffn_down")
 
 
+def _situ(g: Graph, gate: Tensor, up: Tensor, linear: bool) -> Tensor:
+    """kimi_k3_situ (src/models/kimi-k3.cpp) and build_moe_ffn's LLM_FFN_SITU: beta tanh(gate / beta) *
+    sigmoid(gate) * (lb tanh(up / lb) where `linear`, else up); scales, tanh, sigmoid and the products run in
+    place where their input has no other reader left (ggml_op_can_inplace)."""
+    a = g.op(gate.size, g.op(gate.size, g.op(gate.size, gate, inplace=True), inplace=True), inplace=True)
+    a = g.op(a.size, a, g.op(gate.size, gate, inplace=True), inplace=True)
+    if linear:
+        up = g.op(up.size, g.op(up.size, g.op(up.size, up, inplace=True), inplace=True), inplace=True)
+    return g.op(a.size, a, up, inplace=True)
+
+
 def _moe(c: _Ctx, h: Tensor, il: int, *, gating: int = 1, probs_bias: bool = False, norm_w: bool = True,
          scale: bool = False, n_ff: int | None = None, shared: int = 0, shared_gate: bool = True,
          logits: Tensor | None = None, gated: bool = True, n_used: int | None = None,
-         grove: bool = False, remap: bool = False) -> Tensor:
+         grove: bool = False, remap: bool = False, situ: bool | None = None) -> Tensor:
     """llm_graph_context::build_moe_ffn (src/llama-graph.cpp): the router, its gating (`gating`: 1 softmax,
     2 sigmoid, 3 softmax over the chosen weights: llama_expert_gating_func_type), the selection bias
     (exp_probs_b), top-k, the weights (normalized: norm_w; scaled: expert_weights_scale not 0 or 1), the experts
@@ -454,7 +465,8 @@ def _moe(c: _Ctx, h: Tensor, il: int, *, gating: int = 1, probs_bias: bool = Fal
     output where the graph computes it itself (probs_in: smallthinker's router reads the layer's input). Without
     gate_exps (`gated` False: ernie4_5-moe's files) the up product's activation runs in place. `grove`: GROVEMOE's
     selection by a sigmoid of the logits, and for its chunk experts where they are fewer than the router's
-    (`remap`) the selected ids cast to f32, scaled and cast back."""
+    (`remap`) the selected ids cast to f32, scaled and cast back. `situ`: LLM_FFN_SITU (kimi-k3) in place of
+    the SwiGLU, its up product's tanh where True (situ_linear_beta > 0)."""
     g, E, p, d, fd = c.g, c.E, c.p, c.dev[il], c.ffn_dev[il]      # fd: the experts' device (-cmoe and the like)
     md, arch = p.metadata, p.arch
     rows = h.size // (4 * E)
@@ -482,8 +494,11 @@ def _moe(c: _Ctx, h: Tensor, il: int, *, gating: int = 1, probs_bias: bool = Fal
     g.expand(w)
     x = g.view(h)
     f = 4 * n_ff * U * rows
-    act = g.op(f, g.op(f, x, sel, w=fd), g.op(f, x, sel, w=fd)) if gated \
-        else g.op(f, g.op(f, x, sel, w=fd), inplace=True)                           # swiglu(gate, up) / silu(up)
+    if situ is not None:
+        act = _situ(g, g.op(f, x, sel, w=fd), g.op(f, x, sel, w=fd), situ)
+    else:
+        act = g.op(f, g.op(f, x, sel, w=fd), g.op(f, x, sel, w=fd)) if gated \
+            else g.op(f, g.op(f, x, sel, w=fd), inplace=True)                       # swiglu(gate, up) / silu(up)
     ex = g.op(4 * E * U * rows, act, sel, w=fd)
     ex = g.expand(g.op(ex.size, ex, w, inplace=True))                                 # * weights
     slots = [g.expand(g.view(ex, 4 * E + (rows - 1) * 4 * E * U)) for _ in range(U)]

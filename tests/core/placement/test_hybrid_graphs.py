@@ -1,7 +1,8 @@
 """Compute buffers of the hybrid and recurrent graphs replayed by branch hybrid3 (gpulab/core/placement/
 recurrent.py): rwkv7 (src/models/rwkv7.cpp: LayerNorms with biases, the gated time mix with its group norm, two
 token shifts stored as one concat, the relu-squared channel mix); kimi-linear (gpulab/core/placement/kda.py:
-src/models/kimi-linear.cpp, KDA beside absorbed MLA without RoPE) and bailingmoe3 (src/models/bailingmoe3.cpp).
+src/models/kimi-linear.cpp, KDA beside absorbed MLA without RoPE) bailingmoe3 (src/models/bailingmoe3.cpp) and kimi-k3
+(src/models/kimi-k3.cpp: attention residuals, SiTU).
 
 The expected figures are llama.cpp's `compute buffer size` lines (MiB, two decimals) for the architecture
 matrix's models (gpulab.sources.arch_models) on CPU RPC devices, as tests/integration/
@@ -51,6 +52,11 @@ LOGGED = {
     "bailingmoe3": _rows({"RPC0": 50.07, "RPC1": 28.01, "CPU": 18.04}, {"RPC0": 43.02, "RPC1": 46.08, "CPU": 14.04},
                          {"RPC0": 18.3, "RPC1": 32.01, "RPC2": 20.0, "CPU": 37.06}, {"RPC1": 68.05, "CPU": 6.01},
                          None, {"RPC0": 55.02, "RPC1": 26.3, "RPC2": 53.03, "CPU": 26.04}),
+    # kimi-linear's layout with attention residuals (the embeddings banked, mixed before every norm), one
+    # full-rank KDA output gate, SiTU activations in the dense FFN and the experts (no shared expert)
+    "kimi-k3": _rows({"RPC0": 54.02, "RPC1": 50.01, "CPU": 18.03}, {"RPC0": 50.02, "RPC1": 64.03, "CPU": 14.03},
+                     {"RPC0": 16.57, "RPC1": 33.0, "RPC2": 24.0, "CPU": 35.01}, {"RPC1": 64.01, "CPU": 6.01},
+                     None, {"RPC0": 62.02, "RPC1": 50.33, "RPC2": 76.03, "CPU": 26.03}),
 }
 
 
