@@ -1,7 +1,7 @@
-"""Compute buffers of the hybrid and recurrent graphs replayed by branch hybrid3 (gpulab/core/placement/
-recurrent.py): rwkv7 (src/models/rwkv7.cpp: LayerNorms with biases, the gated time mix with its group norm, two
-token shifts stored as one concat, the relu-squared channel mix); kimi-linear (gpulab/core/placement/kda.py:
-src/models/kimi-linear.cpp, KDA beside absorbed MLA without RoPE) bailingmoe3 (src/models/bailingmoe3.cpp) and kimi-k3
+"""Compute buffers of the hybrid and recurrent graphs replayed by branch hybrid3: rwkv7 (gpulab/core/placement/
+recurrent.py, src/models/rwkv7.cpp: LayerNorms with biases, the gated time mix with its group norm, two token
+shifts stored as one concat, the relu-squared channel mix) and the KDA/MLA hybrids of gpulab/core/placement/kda.py:
+kimi-linear (src/models/kimi-linear.cpp), bailingmoe3 (src/models/bailingmoe3.cpp) and kimi-k3
 (src/models/kimi-k3.cpp: attention residuals, SiTU).
 
 The expected figures are llama.cpp's `compute buffer size` lines (MiB, two decimals) for the architecture
