@@ -87,7 +87,9 @@ COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "in
                            "rwkv7",
                            # ... replayed (placement.kda): KDA layers (a gated delta net behind causal convolutions
                            # of Q, K and V) beside absorbed MLA over a K-only cache, MoE
-                           "kimi-linear", "bailingmoe3", "kimi-k3"})
+                           "kimi-linear", "bailingmoe3", "kimi-k3",
+                           # ... and glm5-next's hyper-connections around KDA and DSA with its k-pool indexer
+                           "glm5-next"})
 
 
 # Architectures whose memory is not llama_kv_cache / llama_memory_recurrent as gpulab sizes them

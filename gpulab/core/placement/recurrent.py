@@ -99,6 +99,10 @@ class _Ctx:
         self.names = self.shapes.keys()
         self.fused_gdn = True                    # cparams.fused_gdn_ar / _ch (llama_context::resolve_fused_ops)
         self.gdn_nodes: list[tuple[Tensor, str]] = []   # each fused delta net that could be unfused, its device
+        # other fused ops resolve_fused_ops turns off where one lands off its layer's device (glm5-next's DeepSeek V4
+        # hyper-connection ops): each kind's nodes with their layer's device, and the kinds turned off
+        self.fused_nodes: dict[str, list[tuple[Tensor, str]]] = {}
+        self.unfused: frozenset[str] = frozenset()
         self.v_first: Tensor | None = None        # RWKV-7: the first layer's V, read by every later layer
 
     def reshaped(self, il: int, name: str) -> Tensor:
@@ -860,9 +864,11 @@ def replay_compute_bytes(build: GraphBuilder, profile: ModelProfile, config: Spl
     fa_auto = config.flash_attn == "auto" and config.type_v in _QUANT_FREE
     fa_off = fa_auto and any(n.be != d for n, d in fa_nodes)
     gdn_off = any(n.be != d for n, d in c.gdn_nodes)
-    if fa_off or gdn_off:
+    unfused = frozenset(k for k, nodes in c.fused_nodes.items() if any(n.be != d for n, d in nodes))
+    if fa_off or gdn_off or unfused:
         c = _Ctx(profile, config, layer_devices, T, n_seqs, T_out, pin_norm, ffn_devices)
         c.fused_gdn = not gdn_off
+        c.unfused = unfused
         g, _ = build(c, fa and not fa_off, v_trans)
         schedule(g)
     tops = buffer_peaks(g, n_copies)

@@ -1,8 +1,9 @@
 """Compute buffers of the hybrid and recurrent graphs replayed by branch hybrid3: rwkv7 (gpulab/core/placement/
 recurrent.py, src/models/rwkv7.cpp: LayerNorms with biases, the gated time mix with its group norm, two token
 shifts stored as one concat, the relu-squared channel mix) and the KDA/MLA hybrids of gpulab/core/placement/kda.py:
-kimi-linear (src/models/kimi-linear.cpp), bailingmoe3 (src/models/bailingmoe3.cpp) and kimi-k3
-(src/models/kimi-k3.cpp: attention residuals, SiTU).
+kimi-linear (src/models/kimi-linear.cpp), bailingmoe3 (src/models/bailingmoe3.cpp), kimi-k3
+(src/models/kimi-k3.cpp: attention residuals, SiTU) and glm5-next (src/models/glm5-next.cpp: hyper-connections,
+DSA with a k-pool indexer).
 
 The expected figures are llama.cpp's `compute buffer size` lines (MiB, two decimals) for the architecture
 matrix's models (gpulab.sources.arch_models) on CPU RPC devices, as tests/integration/
@@ -15,6 +16,8 @@ import pytest
 from gpulab import SplitConfig, plan, read_profile
 from gpulab.core.devices import Device
 from gpulab.core.placement.coverage import COMPUTE_EXACT
+from gpulab.core.placement.ggml_replay import Graph, buffer_peaks, schedule
+from gpulab.core.placement.kda import kda_replayable
 from gpulab.sources.arch_models import write_arch_model
 
 MiB = 1024**2
@@ -57,6 +60,11 @@ LOGGED = {
     "kimi-k3": _rows({"RPC0": 54.02, "RPC1": 50.01, "CPU": 18.03}, {"RPC0": 50.02, "RPC1": 64.03, "CPU": 14.03},
                      {"RPC0": 16.57, "RPC1": 33.0, "RPC2": 24.0, "CPU": 35.01}, {"RPC1": 64.01, "CPU": 6.01},
                      None, {"RPC0": 62.02, "RPC1": 50.33, "RPC2": 76.03, "CPU": 26.03}),
+    # 4 hyper-connection streams around KDA and DSA (nope-only MLA masked by a k-pool indexer, kpool 2, top-k 64);
+    # -ngl 4 puts layer 2 on the host and its fused hc_post on RPC0, so llama.cpp unfuses hc_post everywhere
+    "glm5-next": _rows({"RPC0": 65.71, "RPC1": 26.0, "CPU": 22.92}, {"RPC0": 50.98, "RPC1": 105.03, "CPU": 16.87},
+                       {"RPC0": 134.34, "RPC1": 153.7, "RPC2": 18.0, "CPU": 39.84}, {"RPC1": 65.1, "CPU": 6.72},
+                       None, {"RPC0": 69.14, "RPC1": 90.05, "RPC2": 115.03, "CPU": 35.03}),
 }
 
 
@@ -79,3 +87,36 @@ def test_compute_buffers_match_llama_cpp_logs(models, arch, setting):
     assert {d.name: d.compute_bytes / MiB for d in p.devices} == \
         {k: pytest.approx(v, abs=0.006) for k, v in logged.items()}
     assert arch in COMPUTE_EXACT and not [d for d in p.doubts if d.term == "compute"]
+
+
+def test_a_leaf_made_without_an_op_is_allocated_after_the_pipelined_input_copies_once():
+    """glm5-next's zero block (ggml_fill of a new tensor): one allocation on its device after the split inputs'
+    copies (n_copies of each), not one per copy; it is what made llama.cpp's RPC2 115.03 MiB, not 115.15, at
+    ts 1:1:1 with q4_0 (the leaf placed before the copies left a 128 KiB hole under the logits)."""
+    g = Graph()
+    x = g.inp(1024)                                   # a host input read on RPC0: 4 copies when pipelined
+    leaf = g.leaf("RPC0", 4096)
+    y = g.op(2048, x, g.view(leaf), w="RPC0")
+    g.expand(g.op(6144, g.op(32, y, w="RPC0"), w="RPC0", out=True))
+    schedule(g)
+    # the copies (4 x 1024), the leaf once, y and the 32 bytes above them; the leaf's and y's ranges, freed and
+    # adjacent, then hold the last 6144 bytes (before the copies, the leaf's hole would not touch y's)
+    assert buffer_peaks(g, 4)["RPC0"] == 4 * 1024 + 4096 + 2048 + 32
+    g = Graph()
+    x = g.inp(1024)
+    leaf = g.leaf("RPC0", 4096)
+    y = g.op(2048, x, g.view(leaf), w="RPC0")
+    g.expand(g.op(8192, y, w="RPC0", out=True))
+    schedule(g)
+    # one copy (not pipelined): the copy and the leaf are freed after y, y after the last op; its 8192 bytes go
+    # above the leaf's freed 4096 (best fit finds no block that large)
+    assert buffer_peaks(g, 1)["RPC0"] == 1024 + 4096 + 2048 + 8192
+
+
+def test_glm5_next_unfuses_hc_post_where_the_scheduler_moves_it(models):
+    """-ngl 4: layer 2 on the host, its fused hc_post scheduled on RPC0 (llama_context::resolve_fused_ops logs
+    "fused DeepSeek V4 HC post not supported, set to disabled"): the unfused loops are what reaches 153.70 MiB on
+    RPC1; with them fused it would be some 120 MiB less."""
+    p = plan(models["glm5-next"], rpc(3), SETTINGS["ngl4-ts-1-1-1"])
+    assert {d.name: d.compute_bytes / MiB for d in p.devices}["RPC1"] == pytest.approx(153.70, abs=0.006)
+    assert kda_replayable(models["glm5-next"])
