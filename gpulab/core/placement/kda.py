@@ -1,4 +1,4 @@
-"""Compute buffers of the KDA/MLA hybrids (and glm5-next's KDA/DSA), replayed op by op (gpulab.core.placement.ggml_replay).
+"""Compute buffers of the KDA/MLA hybrids and glm5-next, replayed op by op (gpulab.core.placement.ggml_replay).
 
 Kimi Delta Attention (KDA) layers are a gated delta net whose Q, K and V each run through a causal convolution
 with its own slice of the layer's convolution state; the other layers are MLA over a K-only cache (absorbed:
