@@ -471,11 +471,13 @@ def _graph_glm5(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
 
 def kda_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_devices: list[str], names: list[str], *,
                       T: int, n_seqs: int, T_out: int, n_copies: int, pin_norm: bool,
-                      ffn_devices: list[str] | None = None) -> dict[str, int]:
-    """Compute buffer bytes of every backend in `names` for a `kda_replayable` profile."""
+                      ffn_devices: list[str] | None = None,
+                      ffn_moved: tuple[tuple[int, str, str], ...] | None = None) -> dict[str, int]:
+    """Compute buffer bytes of every backend in `names` for a `kda_replayable` profile (`ffn_moved`: the FFN
+    weights tensor overrides put away from their layer, each expert product run there: recurrent._moe)."""
     build = {"kimi-k3": _graph_k3, "glm5-next": _graph_glm5}.get(profile.arch, _graph)
     return replay_compute_bytes(build, profile, config, layer_devices, names, T=T, n_seqs=n_seqs, T_out=T_out,
-                                n_copies=n_copies, pin_norm=pin_norm, ffn_devices=ffn_devices)
+                                n_copies=n_copies, pin_norm=pin_norm, ffn_devices=ffn_devices, ffn_moved=ffn_moved)
 
 
 def kda_replayable(profile: ModelProfile) -> bool:

@@ -88,10 +88,13 @@ class _Ctx:
     """What every graph builder needs: the graph, the ubatch, where each layer runs."""
 
     def __init__(self, profile: ModelProfile, config: SplitConfig, layer_devices: list[str], T: int, ns: int,
-                 T_out: int, pin_norm: bool, ffn_devices: list[str] | None = None) -> None:
+                 T_out: int, pin_norm: bool, ffn_devices: list[str] | None = None,
+                 ffn_moved: tuple[tuple[int, str, str], ...] | None = None) -> None:
         self.g = Graph()
         self.p, self.config, self.dev = profile, config, layer_devices
         self.ffn_dev = ffn_devices or layer_devices       # where each layer's FFN weights are (tensor overrides)
+        # each FFN weight a tensor override put away from its layer (placement.tensors.compute_sites), where given
+        self.ffn_moved = {(il, name): dev for il, name, dev in ffn_moved} if ffn_moved is not None else None
         self.T, self.ns, self.T_out, self.pin = T, ns, T_out, pin_norm
         self.E = profile.n_embd
         self.shapes = {t.name: t.shape for layer in profile.layers for t in layer.tensors}
@@ -114,6 +117,14 @@ class _Ctx:
     def has(self, name: str, default: bool) -> bool:
         """Whether the file has tensor `name`; `default` for a profile without its tensor list (built in code)."""
         return name in self.names if self.names else default
+
+    def at(self, il: int, name: str, ffn: bool = True) -> str:
+        """Where the product of layer il's FFN weight `name` ('ffn_up_exps', 'ffn_gate_inp', ...) runs: where
+        the weight is (ggml_backend_sched_backend_id_from_cur). Without the weights' list: the layer's FFN device
+        for an expert or dense FFN matrix (`ffn`), else the layer's."""
+        if self.ffn_moved is not None:
+            return self.ffn_moved.get((il, name), self.dev[il])
+        return self.ffn_dev[il] if ffn else self.dev[il]
 
     def norm(self, x: Tensor, il: int, size: int | None = None, ln: bool = False) -> Tensor:
         """build_norm (RMS, with a weight; `ln`: LLM_NORM, a LayerNorm with a weight and a bias): the norm named
@@ -471,16 +482,17 @@ def _moe(c: _Ctx, h: Tensor, il: int, *, gating: int = 1, probs_bias: bool = Fal
     selection by a sigmoid of the logits, and for its chunk experts where they are fewer than the router's
     (`remap`) the selected ids cast to f32, scaled and cast back. `situ`: LLM_FFN_SITU (kimi-k3) in place of
     the SwiGLU, its up product's tanh where True (situ_linear_beta > 0)."""
-    g, E, p, d, fd = c.g, c.E, c.p, c.dev[il], c.ffn_dev[il]      # fd: the experts' device (-cmoe and the like)
+    g, E, p = c.g, c.E, c.p          # each weight's product runs where c.at says (-cmoe, -ot)
     md, arch = p.metadata, p.arch
     rows = h.size // (4 * E)
     n_exp, U = p.n_expert, n_used or p.n_expert_used
     if n_ff is None:
         n_ff = int(md.get(f"{arch}.expert_feed_forward_length", p.n_ff))
     if logits is None:
-        logits = g.op(4 * n_exp * rows, h, w=d)
+        logits = g.op(4 * n_exp * rows, h, w=c.at(il, "ffn_gate_inp", ffn=False))
     probs = logits if gating == 3 else g.op(logits.size, logits, inplace=True)       # softmax / sigmoid
-    select = g.op(probs.size, probs, w=d, inplace=True) if probs_bias else probs       # + exp_probs_b
+    select = g.op(probs.size, probs, w=c.at(il, "exp_probs_b", ffn=False), inplace=True) if probs_bias \
+        else probs                                                                    # + exp_probs_b
     if grove:
         select = g.op(logits.size, logits, inplace=True)                              # sigmoid(logits)
     sel = g.view(g.op(4 * n_exp * rows, select), 4 * U + 4 * n_exp * (rows - 1))     # argsort, its top-k view
@@ -498,12 +510,13 @@ def _moe(c: _Ctx, h: Tensor, il: int, *, gating: int = 1, probs_bias: bool = Fal
     g.expand(w)
     x = g.view(h)
     f = 4 * n_ff * U * rows
+    up = g.op(f, x, sel, w=c.at(il, "ffn_up_exps"))                                 # up first, then gate
     if situ is not None:
-        act = _situ(g, g.op(f, x, sel, w=fd), g.op(f, x, sel, w=fd), situ)
+        act = _situ(g, g.op(f, x, sel, w=c.at(il, "ffn_gate_exps")), up, situ)
     else:
-        act = g.op(f, g.op(f, x, sel, w=fd), g.op(f, x, sel, w=fd)) if gated \
-            else g.op(f, g.op(f, x, sel, w=fd), inplace=True)                       # swiglu(gate, up) / silu(up)
-    ex = g.op(4 * E * U * rows, act, sel, w=fd)
+        act = g.op(f, g.op(f, x, sel, w=c.at(il, "ffn_gate_exps")), up) if gated \
+            else g.op(f, up, inplace=True)                                           # swiglu_split(gate, up) / silu
+    ex = g.op(4 * E * U * rows, act, sel, w=c.at(il, "ffn_down_exps"))
     ex = g.expand(g.op(ex.size, ex, w, inplace=True))                                 # * weights
     slots = [g.expand(g.view(ex, 4 * E + (rows - 1) * 4 * E * U)) for _ in range(U)]
     out = g.expand(g.op(4 * E * rows, slots[0], slots[1], inplace=True) if U > 1 else g.op(4 * E * rows, slots[0]))
@@ -511,9 +524,12 @@ def _moe(c: _Ctx, h: Tensor, il: int, *, gating: int = 1, probs_bias: bool = Fal
         out = g.expand(g.op(out.size, out, v, inplace=True))
     if shared:
         fs = 4 * shared * rows
-        sh = g.op(4 * E * rows, g.op(fs, g.op(fs, h, w=d), g.op(fs, h, w=d)), w=d)
+        up = g.op(fs, h, w=c.at(il, "ffn_up_shexp", ffn=False))                     # build_ffn: up, then gate
+        sh = g.op(4 * E * rows, g.op(fs, g.op(fs, h, w=c.at(il, "ffn_gate_shexp", ffn=False)), up),
+                  w=c.at(il, "ffn_down_shexp", ffn=False))
         if shared_gate:
-            sg = g.op(_a(4 * rows), g.op(_a(4 * rows), h, w=d), inplace=True)        # sigmoid(shared gate)
+            sg = g.op(_a(4 * rows), g.op(_a(4 * rows), h, w=c.at(il, "ffn_gate_inp_shexp", ffn=False)),
+                      inplace=True)                                                   # sigmoid(shared gate)
             sh = g.op(sh.size, sh, sg, inplace=True)
         out = g.op(out.size, out, sh, inplace=True)
     return out
@@ -830,12 +846,14 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
 
 def recurrent_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_devices: list[str],
                             names: list[str], *, T: int, n_seqs: int, T_out: int, n_copies: int,
-                            pin_norm: bool, ffn_devices: list[str] | None = None) -> dict[str, int]:
+                            pin_norm: bool, ffn_devices: list[str] | None = None,
+                            ffn_moved: tuple[tuple[int, str, str], ...] | None = None) -> dict[str, int]:
     """Compute buffer bytes of every backend in `names` for a `replayable` profile (`ffn_devices`: where tensor
-    overrides put each layer's FFN weights, its experts for MoE). Remembered per profile and arguments: a
-    48-layer MoE graph takes some 20 ms to replay."""
+    overrides put each layer's FFN weights, its experts for MoE; `ffn_moved`: each MoE weight an override moved,
+    its product run where it is). Remembered per profile and arguments: a 48-layer MoE graph takes some 20 ms to
+    replay."""
     return replay_compute_bytes(_graph, profile, config, layer_devices, names, T=T, n_seqs=n_seqs, T_out=T_out,
-                                n_copies=n_copies, pin_norm=pin_norm, ffn_devices=ffn_devices)
+                                n_copies=n_copies, pin_norm=pin_norm, ffn_devices=ffn_devices, ffn_moved=ffn_moved)
 
 
 GraphBuilder = Callable[[_Ctx, bool, bool], tuple[Graph, list]]
@@ -843,19 +861,21 @@ GraphBuilder = Callable[[_Ctx, bool, bool], tuple[Graph, list]]
 
 def replay_compute_bytes(build: GraphBuilder, profile: ModelProfile, config: SplitConfig,
                          layer_devices: list[str], names: list[str], *, T: int, n_seqs: int, T_out: int,
-                         n_copies: int, pin_norm: bool, ffn_devices: list[str] | None = None) -> dict[str, int]:
+                         n_copies: int, pin_norm: bool, ffn_devices: list[str] | None = None,
+                         ffn_moved: tuple[tuple[int, str, str], ...] | None = None) -> dict[str, int]:
     """The compute buffers of the graph `build` makes (with flash attention or not, V transposed or not; it
     returns the graph and each flash-attention node with its layer's device), scheduled and allocated, remembered
-    per builder, profile and arguments."""
+    per builder, profile and arguments. `ffn_moved`: the FFN weights tensor overrides put away from their layer
+    ((layer, name, device): placement.tensors.compute_sites), each product run there; None: `ffn_devices` only."""
     key = (build, id(profile), config, tuple(layer_devices), tuple(names), T, n_seqs, T_out, n_copies, pin_norm,
-           tuple(ffn_devices) if ffn_devices else None)
+           tuple(ffn_devices) if ffn_devices else None, ffn_moved)
     hit = _CACHE.get(key)
     if hit is not None and hit[0]() is profile:
         return dict(hit[1])
     fa = config.flash_attn != "off"
     # the KV cache transposes V when flash attention is off when it is made (llama_model::create_memory)
     v_trans = config.flash_attn == "off"
-    c = _Ctx(profile, config, layer_devices, T, n_seqs, T_out, pin_norm, ffn_devices)
+    c = _Ctx(profile, config, layer_devices, T, n_seqs, T_out, pin_norm, ffn_devices, ffn_moved)
     g, fa_nodes = build(c, fa, v_trans)
     schedule(g)
     # llama_context::resolve_fused_ops: flash attention ('auto') or the fused delta net scheduled away from its
@@ -866,7 +886,7 @@ def replay_compute_bytes(build: GraphBuilder, profile: ModelProfile, config: Spl
     gdn_off = any(n.be != d for n, d in c.gdn_nodes)
     unfused = frozenset(k for k, nodes in c.fused_nodes.items() if any(n.be != d for n, d in nodes))
     if fa_off or gdn_off or unfused:
-        c = _Ctx(profile, config, layer_devices, T, n_seqs, T_out, pin_norm, ffn_devices)
+        c = _Ctx(profile, config, layer_devices, T, n_seqs, T_out, pin_norm, ffn_devices, ffn_moved)
         c.fused_gdn = not gdn_off
         c.unfused = unfused
         g, _ = build(c, fa and not fa_off, v_trans)
