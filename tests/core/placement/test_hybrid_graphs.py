@@ -11,6 +11,8 @@ test_arch_matrix_vs_llama.py loads them (branch hybrid3's run), to the log's rou
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from gpulab import SplitConfig, plan, read_profile
@@ -18,6 +20,7 @@ from gpulab.core.devices import Device
 from gpulab.core.placement.coverage import COMPUTE_EXACT
 from gpulab.core.placement.ggml_replay import Graph, buffer_peaks, schedule
 from gpulab.core.placement.kda import kda_replayable
+from gpulab.core.profile import TensorInfo
 from gpulab.sources.arch_models import write_arch_model
 
 MiB = 1024**2
@@ -120,3 +123,21 @@ def test_glm5_next_unfuses_hc_post_where_the_scheduler_moves_it(models):
     p = plan(models["glm5-next"], rpc(3), SETTINGS["ngl4-ts-1-1-1"])
     assert {d.name: d.compute_bytes / MiB for d in p.devices}["RPC1"] == pytest.approx(153.70, abs=0.006)
     assert kda_replayable(models["glm5-next"])
+
+
+def test_kda_files_whose_graph_is_not_built_here_state_a_compute_doubt(models):
+    """A fused QKV product in a KDA layer (kimi-linear's attn_qkv branch) or a loaded MTP layer (bailingmoe3's
+    graph_mtp) is not replayed by placement.kda: the plan says its compute is not modelled."""
+    def with_layer_tensor(arch: str, il: int, name: str):
+        m = models[arch]
+        layer = m.layers[il]
+        extra = TensorInfo(f"blk.{il}.{name}", "F16", (1024, 3072), 1)
+        return replace(m, layers=(*m.layers[:il], replace(layer, tensors=(*layer.tensors, extra)), *m.layers[il + 1:]))
+
+    assert all(kda_replayable(models[a]) for a in ("kimi-linear", "bailingmoe3", "kimi-k3", "glm5-next"))
+    fused = with_layer_tensor("kimi-linear", 0, "attn_qkv.weight")
+    assert not kda_replayable(fused)
+    assert "compute" in [d.term for d in plan(fused, rpc(1), SplitConfig(n_ctx=1024)).doubts]
+    m = models["bailingmoe3"]
+    mtp = replace(m, layers=(*m.layers[:-1], replace(m.layers[-1], is_nextn=True)))
+    assert not kda_replayable(mtp)
