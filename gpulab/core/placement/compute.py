@@ -74,6 +74,7 @@ from .gemma4 import gemma4_compute_bytes, gemma4_replayable
 from .granite_switch import switch_compute_bytes, switch_replayable
 from .hrm import hrm_compute_bytes, hrm_replayable
 from .hy_v4 import hy_v4_compute_bytes, hy_v4_replayable
+from .kda import kda_compute_bytes, kda_replayable
 from .recurrent import recurrent_compute_bytes, replayable
 
 __all__ = ["estimate_compute_bytes", "compute_tokens", "pipeline_copies", "SCHED_MAX_COPIES", "dry_run_extra_bytes",
@@ -431,6 +432,8 @@ def replay_for(profile: ModelProfile, stray: frozenset[str] = frozenset(), ffn_p
         return "gemma3n"
     if gemma4_replayable(profile):
         return "gemma4"
+    if kda_replayable(profile):
+        return "kda"
     if replayable(profile):
         return "recurrent"
     if hy_v4_replayable(profile) and not stray and not ffn_parts:
@@ -494,6 +497,11 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         return gemma4_compute_bytes(profile, config, layer_devices, names, T=T,
                                     T_out=T if n_outputs is None else max(1, min(T, n_outputs)), n_copies=nc,
                                     pin_norm=pinned_norm)
+    if replay == "kda":
+        # KDA/MLA hybrids and glm5-next: replayed (placement.kda)
+        return kda_compute_bytes(profile, config, layer_devices, names, T=T, n_seqs=n_seqs,
+                                 T_out=T if n_outputs is None else max(1, min(T, n_outputs)),
+                                 n_copies=nc, pin_norm=pinned_norm, ffn_devices=ffn_devices, ffn_moved=ffn_moved)
     if replay == "recurrent":
         # a graph whose layers leave ggml-alloc's buffer unlike each other: replayed (placement.recurrent)
         return recurrent_compute_bytes(profile, config, layer_devices, names, T=T, n_seqs=n_seqs,

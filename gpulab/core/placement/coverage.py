@@ -20,6 +20,7 @@ from .compute_moe import moe_flags
 from .dense import DENSE_GRAPHS, dense_replayable
 from .granite_switch import switch_replayable
 from .hy_v4 import hy_v4_replayable
+from .kda import kda_replayable
 from .recurrent import RECURRENT_GRAPHS, replayable
 
 __all__ = ["CACHE_NOT_MODELLED", "COMPUTE_CHECKED", "COMPUTE_EXACT", "COMPUTE_MEASURED_MIB", "Doubt",
@@ -91,7 +92,14 @@ COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "in
                            "graniteswitch",
                            # ... replayed (placement.hy_v4): hyper-connections around absorbed MLA and the FFN
                            "hy_v4",
-                           })
+                           # branch hybrid3: replayed (placement.recurrent): RWKV-7 with LayerNorms, a gated time
+                           # mix with a group norm, two token shifts, the channel mix
+                           "rwkv7",
+                           # ... replayed (placement.kda): KDA layers (a gated delta net behind causal convolutions
+                           # of Q, K and V) beside absorbed MLA over a K-only cache, MoE
+                           "kimi-linear", "bailingmoe3", "kimi-k3",
+                           # ... and glm5-next's hyper-connections around KDA and DSA with its k-pool indexer
+                           "glm5-next"})
 
 
 # Architectures whose memory is not llama_kv_cache / llama_memory_recurrent as gpulab sizes them
@@ -247,7 +255,7 @@ def doubts(profile: ModelProfile, config: SplitConfig, layer_devices: list[str] 
     # absorbed MLA (attn_k_b/attn_v_b) is modelled (compute_mla); the older graph with attn_kv_b is not
     mla = any(layer.has_kv and not layer.has_v for layer in profile.layers) \
         and (arch not in COMPUTE_EXACT or mla_geom(profile) is None)
-    if replayed or replayable(profile) or encoder_replayable(profile):
+    if replayed or replayable(profile) or encoder_replayable(profile) or kda_replayable(profile):
         pass                   # replayed op by op (compute.replay_for): exact wherever checked
     elif recurrent or arch in RECURRENT_GRAPHS:
         # (a graph replayed elsewhere but not for this file: a branch the replay does not build)

@@ -158,9 +158,11 @@ class _Mla:
         # an input no layer reads is not in the graph
         self.inputs = {swa: (cache.n_kv, c.g.inp(8 * c.T), c.g.inp(cache.n_kv * c.T * (2 if fa else 4)))
                        for swa, cache in attn.caches.items()}
+        # the full cache's (glm5-next's DSA reads them: placement.kda)
+        self.n_kv, self.k_idxs, self.mask = self.inputs[False]
 
-    def __call__(self, h: Tensor, pos: Tensor, il: int, lay: _Layer) -> Tensor:
-        """The attention output before wo."""
+    def __call__(self, h: Tensor, pos: Tensor | None, il: int, lay: _Layer) -> Tensor:
+        """The attention output before wo (`pos` None: no RoPE)."""
         c, g, T, d = self.c, self.c.g, self.c.T, self.c.dev[il]
         layer, cfg, md, arch = c.p.layers[il], c.config, c.p.metadata, c.p.arch
         n_head = layer.n_head
@@ -179,9 +181,12 @@ class _Mla:
         k_pe = g.view(kv_pe, 4 * n_rope * T)
         if lay.has("attn_k_norm.weight"):
             k_pe = _norm(c, k_pe, il, rms=True, bias=False)                             # dots3note's k_pe norm
-        k_pe = g.op(4 * n_rope * T, k_pe, pos, inplace=True)                           # RoPE (of a view: new)
+        q_pe = g.view(q, 4 * n_rope * n_head * T)
+        if pos is not None:                     # RoPE of the views (kimi-linear's MLA has none: kda)
+            k_pe = g.op(k_pe.size, k_pe, pos, inplace=True)
         kv_cmpr = _norm(c, g.view(kv_pe, 4 * kv_rank * T), il, rms=True, bias=False)
-        q_pe = g.op(4 * n_rope * n_head * T, g.view(q, 4 * n_rope * n_head * T), pos, inplace=True)
+        if pos is not None:
+            q_pe = g.op(q_pe.size, q_pe, pos, inplace=True)
         q_abs = g.op(4 * kv_rank * n_head * T, g.view(g.view(q)), w=d)                # wk_b x q_nope
         qcur = g.op(4 * (kv_rank + n_rope) * n_head * T, g.view(q_abs), q_pe)         # concat
         v = g.view(kv_cmpr)                                                            # reshape_3d

@@ -32,7 +32,8 @@ def _a(n: int) -> int:
 
 
 class Tensor:
-    """kind: 'in' a graph input (a host leaf, allocated first), 'ext' a tensor of a weights or cache buffer
+    """kind: 'in' a graph input (a host leaf, allocated first), 'leaf' a tensor made without an op (allocated
+    first, once, freed after its last reader), 'ext' a tensor of a weights or cache buffer
     (never allocated here), 'op' an op's result, 'view' a view ('root': what it views, never a view),
     'set' an op whose result is a view of a cache (ggml_cpy, ggml_set_rows into it: scheduled, not allocated).
     `size`: bytes (a view's ggml_nbytes: what a copy of it takes). `dev`: pass 1's backend (its weight's, its
@@ -68,6 +69,12 @@ class Graph:
         starts a new split once the split has inputs (ggml_backend_sched_split_graph, need_new_split)."""
         return Tensor("w", size, dev=dev)
 
+    def leaf(self, dev: str, size: int) -> Tensor:
+        """A tensor the graph makes without an op (ggml_new_tensor, e.g. what ggml_fill fills): allocated with
+        the leafs before any node, once (ggml_gallocr_alloc_graph_impl's leaf loop), freed after its last reader
+        like a node."""
+        return Tensor("leaf", size, dev=dev)
+
     def op(self, size: int, *src: Tensor, w: str | None = None, inplace: bool = False, out: bool = False) -> Tensor:
         return Tensor("op", size, src, w, inplace, out)
 
@@ -92,7 +99,7 @@ class Graph:
                 continue
             if x.i != -1:
                 continue
-            if x.kind in ("in", "ext", "w"):
+            if x.kind in ("in", "ext", "w", "leaf"):
                 x.i = -2 - len(self.leafs)
                 self.leafs.append(x)
             else:
@@ -173,7 +180,7 @@ def buffer_peaks(g: Graph, n_copies: int, log: list | None = None) -> dict[str, 
     copies: dict[tuple[Tensor, str], Tensor] = {}
     src_of: dict[Tensor, tuple[Tensor, ...]] = {}
     order: list[Tensor] = []               # graph_copy: per split its input deps and copies, then its nodes
-    first: list[Tensor] = [t for t in g.leafs if t.kind == "in"]
+    first: list[Tensor] = [t for t in g.leafs if t.kind in ("in", "leaf")]
     split_dev = None
     start = n_inputs = 0
     for n in g.nodes:
@@ -226,14 +233,17 @@ def buffer_peaks(g: Graph, n_copies: int, log: list | None = None) -> dict[str, 
 
     def free(t: Tensor) -> None:
         # graph outputs and (pipelining) inputs stay; weights and caches were never ours
-        if t.addr < 0 or t.out or not (t.kind == "op" or n_copies == 1):
+        if t.addr < 0 or t.out or not (t.kind in ("op", "leaf") or n_copies == 1):
             return
         if log is not None:
             log.append((t, t.be, -t.addr - 1, t.size))
         allocs[t.be].free(t.addr, t.size)
         t.addr = -1
 
-    for t in first:            # the graph inputs (and, pipelining, every copy) first, n_copies of each
+    # the graph inputs (and, pipelining, every copy) first, n_copies of each; the leafs made without an op after
+    # them (the scheduler's graph copy lists the split inputs' copies before the original graph's leafs)
+    first.sort(key=lambda t: t.kind == "leaf")
+    for t in first:
         for _ in range(n_copies if t.kind == "in" else 1):
             allocate(t)
     for n in order:
