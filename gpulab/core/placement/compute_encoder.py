@@ -42,7 +42,7 @@ import weakref
 from ..config import SplitConfig
 from ..devices import HOST_NAME
 from ..profile import ModelProfile
-from .ggml_replay import Graph, Tensor, buffer_peaks, schedule
+from .ggml_replay import Graph, Tensor, replay
 from .recurrent import _Attn, _Ctx, _moe
 
 __all__ = ["ENCODER_GRAPHS", "encoder_compute_bytes", "encoder_replayable"]
@@ -422,21 +422,15 @@ def encoder_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_devi
     hit = _CACHE.get(key)
     if hit is not None and hit[0]() is profile:
         return dict(hit[1])
-    fa = config.flash_attn != "off"
     build = {"t5encoder": _t5_encoder, "t5": _t5_decoder, "wavtokenizer-dec": _wavtokenizer}.get(
         profile.arch, _bert if profile.arch in _BERT else _llama_like)
-    c = _Ctx(profile, config, layer_devices, T, n_seqs, T_out, pin_norm, ffn_devices)
-    g, fa_nodes, pinned = build(c, fa)
-    schedule(g)
-    if config.flash_attn == "auto" and any(n.be != d for n, d in fa_nodes):
-        # llama_context::resolve_fused_ops: flash attention scheduled away from its layer's device is
-        # turned off (and the reserve graph built again without it)
-        c = _Ctx(profile, config, layer_devices, T, n_seqs, T_out, pin_norm, ffn_devices)
-        g, _, pinned = build(c, False)
-        schedule(g)
-    for view, dev in pinned:
-        view.be = dev          # a pinned view: its readers elsewhere copy it (ggml_backend_sched_split_graph)
-    tops = buffer_peaks(g, n_copies)
+
+    def make(devs: list[str], ffn: list[str] | None, cfg: SplitConfig, fa: bool) -> tuple[Graph, list, list]:
+        return build(_Ctx(profile, cfg, devs, T, n_seqs, T_out, pin_norm, ffn), fa)
+
+    # a pinned view: its readers elsewhere copy it (ggml_backend_sched_split_graph); flash attention 'auto'
+    # scheduled away from its layer's device is turned off (llama_context::resolve_fused_ops): ggml_replay.replay
+    tops = replay(make, profile, (build, T, n_seqs, T_out, pin_norm), config, layer_devices, ffn_devices, n_copies)
     out = {name: tops.get(name, 0) for name in names}
     if len(_CACHE) > 256:
         _CACHE.clear()

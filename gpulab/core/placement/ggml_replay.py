@@ -19,9 +19,13 @@ placement.recurrent builds them). Only sizes, sources and devices are kept, one 
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
+from typing import Any
+
 from ..devices import HOST_NAME
 
-__all__ = ["Graph", "Tensor", "buffer_peaks", "schedule"]
+__all__ = ["Graph", "Tensor", "buffer_peaks", "replay", "schedule"]
 
 _ALIGN = 32                      # TENSOR_ALIGNMENT of CPU and RPC buffers
 _BIG = 1 << 62                   # the last free block of a chunk (SIZE_MAX / 2)
@@ -95,28 +99,6 @@ class Graph:
         return t
 
 
-def schedule(g: Graph) -> None:
-    """ggml_backend_sched_split_graph passes 1, 2 and 4: sets the backend (`be`) of every tensor."""
-    ops = [n for n in g.nodes if n.kind != "view"]
-    be: dict[Tensor, str | None] = {n: n.dev for n in ops}
-    for gpu_only in (True, False):
-        for seq in (ops, ops[::-1]):
-            cur = None
-            for n in seq:
-                b = be[n]
-                if b is not None:
-                    cur = None if gpu_only and b == HOST_NAME else b
-                elif cur is not None:
-                    be[n] = cur
-    for t in g.leafs:
-        t.be = t.dev or HOST_NAME
-    for n in ops:
-        n.be = be[n] or HOST_NAME
-    for n in g.nodes:
-        if n.kind == "view":
-            n.be = n.root.be
-
-
 class _Alloc:
     """ggml_dyn_tallocr of one buffer: free blocks sorted by offset, the last one endless."""
 
@@ -162,93 +144,298 @@ class _Alloc:
         bl.insert(k, [off, size])
 
 
-def buffer_peaks(g: Graph, n_copies: int, log: list | None = None) -> dict[str, int]:
-    """The high-water mark of each backend's compute buffer for graph `g`, scheduled (`schedule`)."""
-    copies: dict[tuple[Tensor, str], Tensor] = {}
-    src_of: dict[Tensor, tuple[Tensor, ...]] = {}
-    order: list[Tensor] = []               # graph_copy: per split its input deps and copies, then its nodes
-    first: list[Tensor] = [t for t in g.leafs if t.kind == "in"]
-    split_dev = None
-    start = 0
-    for n in g.nodes:
-        if n.kind == "view":
-            order.append(n)
-            continue
-        b = n.be
-        if b != split_dev:
-            split_dev, start = b, len(order)
-        if all(s.be == b for s in n.src):
-            order.append(n)
-            continue
-        new: list[Tensor] = []
-        for s in n.src:
-            if s.be == b:
-                new.append(s)
+class _Flat:
+    """A graph as index lists (leafs, then nodes in graph order): what scheduling and allocating read, built
+    once per graph. Both run over these lists rather than the Tensor objects, so that a graph built once (a
+    `replay` template) is scheduled and allocated for many device placements without being touched."""
+
+    __slots__ = ("tensors", "n", "kind", "size", "src", "root", "dev", "inplace", "out", "n_leaf", "ops", "views",
+                 "inputs")
+
+    def __init__(self, g: Graph) -> None:
+        ts = self.tensors = g.leafs + g.nodes
+        self.n = len(ts)
+        ix = {t: i for i, t in enumerate(ts)}
+        self.kind = [t.kind for t in ts]
+        self.size = [t.size for t in ts]
+        self.src = [tuple([ix[s] for s in t.src]) for t in ts]
+        self.root = [ix[t.root] for t in ts]
+        self.dev = [t.dev for t in ts]
+        self.inplace = [t.inplace for t in ts]
+        self.out = [t.out for t in ts]
+        self.n_leaf = len(g.leafs)
+        self.ops = [i for i in range(self.n_leaf, len(ts)) if self.kind[i] != "view"]
+        self.views = [i for i in range(self.n_leaf, len(ts)) if self.kind[i] == "view"]
+        self.inputs = [i for i in range(self.n_leaf) if self.kind[i] == "in"]
+
+    def schedule(self, dev: list[str | None]) -> list[str]:
+        """ggml_backend_sched_split_graph passes 1, 2 and 4 for pass 1's backends `dev` (one per tensor):
+        the backend of every tensor."""
+        bel = [dev[i] for i in self.ops]
+        n = len(bel)
+        for gpu_only in (True, False):
+            for seq in (range(n), range(n - 1, -1, -1)):
+                cur = None
+                for k in seq:
+                    b = bel[k]
+                    if b is not None:
+                        cur = None if gpu_only and b == HOST_NAME else b
+                    elif cur is not None:
+                        bel[k] = cur
+        be: list[str] = [d or HOST_NAME for d in dev]          # leafs: their own device or the host
+        for i, b in zip(self.ops, bel):
+            be[i] = b or HOST_NAME
+        root = self.root
+        for i in self.views:
+            be[i] = be[root[i]]
+        return be
+
+    def peaks(self, be: list[str], n_copies: int, log: list | None = None) -> dict[str, int]:
+        """The split's copies and ggml-alloc over the graph with backends `be` (see buffer_peaks)."""
+        kind, size, src, root = self.kind[:], self.size[:], self.src[:], self.root[:]
+        out, inplace, be = self.out[:], self.inplace[:], be[:]
+        pipe = n_copies > 1
+        order: list[int] = []       # graph_copy: per split its input deps and copies, then its nodes
+        first = list(self.inputs)
+        copies: dict[tuple[int, str], int] = {}
+        split_dev = None
+        start = 0
+        for n in range(self.n_leaf, self.n):
+            if kind[n] == "view":
+                order.append(n)
                 continue
-            c = copies.get((s, b))
-            if c is None:
-                dep = Tensor("dep", 0, (s,))
-                dep.be = s.be
-                c = copies[(s, b)] = Tensor("in" if n_copies > 1 else "op", _a(s.size), out=n_copies > 1)
-                c.be = b
-                if n_copies > 1:
-                    first.append(c)
-                    order[start:start] = [dep]
-                    start += 1
-                else:
-                    order[start:start] = [dep, c]
-                    start += 2
-            new.append(c)
-        src_of[n] = tuple(new)
-        order.append(n)
+            b = be[n]
+            if b != split_dev:
+                split_dev, start = b, len(order)
+            sn = src[n]
+            if all(be[s] == b for s in sn):
+                order.append(n)
+                continue
+            new: list[int] = []
+            for s in sn:
+                if be[s] == b:
+                    new.append(s)
+                    continue
+                c = copies.get((s, b))
+                if c is None:
+                    dep = len(kind)         # an input_dep node: the original's last user on its backend
+                    kind.append("dep")
+                    size.append(0)
+                    src.append((s,))
+                    be.append(be[s])
+                    c = copies[(s, b)] = dep + 1
+                    kind.append("in" if pipe else "op")
+                    size.append(_a(size[s]))
+                    src.append(())
+                    be.append(b)
+                    root += [dep, c]
+                    out += [False, pipe]
+                    inplace += [False, False]
+                    if pipe:
+                        first.append(c)
+                        order.insert(start, dep)
+                        start += 1
+                    else:
+                        order[start:start] = [dep, c]
+                        start += 2
+                new.append(c)
+            src[n] = tuple(new)
+            order.append(n)
 
-    for n in order:
-        if n.kind == "view":
-            n.root.nvw += 1
-        for s in src_of.get(n, n.src):
-            s.nch += 1
-    allocs: dict[str, _Alloc] = {}
-
-    def allocate(t: Tensor) -> None:
-        a = allocs.get(t.be)
-        if a is None:
-            a = allocs[t.be] = _Alloc()
-        t.addr = a.alloc(t.size)
-        if log is not None:
-            log.append((t, t.be, t.addr, t.size))
-
-    def free(t: Tensor) -> None:
+        nt = len(kind)
+        nch, nvw, addr = [0] * nt, [0] * nt, [-1] * nt
+        for n in order:
+            if kind[n] == "view":
+                nvw[root[n]] += 1
+            for s in src[n]:
+                nch[s] += 1
         # graph outputs and (pipelining) inputs stay; weights and caches were never ours
-        if t.addr < 0 or t.out or not (t.kind == "op" or n_copies == 1):
-            return
-        if log is not None:
-            log.append((t, t.be, -t.addr - 1, t.size))
-        allocs[t.be].free(t.addr, t.size)
-        t.addr = -1
+        freeable = [not o and (k == "op" or not pipe) for k, o in zip(kind, out)]
+        is_op = [k == "op" for k in kind]
+        allocs: dict[str, _Alloc] = {}
+        tensors = self.tensors
+        made: dict[int, Tensor] = {}
 
-    for t in first:            # the graph inputs (and, pipelining, every copy) first, n_copies of each
-        for _ in range(n_copies if t.kind == "in" else 1):
-            allocate(t)
-    for n in order:
-        srcs = src_of.get(n, n.src)
-        if n.kind == "op" and n.addr < 0:
-            for s in srcs if n.inplace else ():
-                if s.addr >= 0 and s.kind == "op" and not s.out and s.size == n.size and s.nch == 1 and not s.nvw:
-                    n.addr, s.addr = s.addr, -1
-                    if log is not None:          # in place: the parent's range passes to the node
-                        log += [(s, n.be, -n.addr - 1, s.size), (n, n.be, n.addr, n.size)]
-                    break
-            else:
-                allocate(n)
-        for s in srcs:
-            s.nch -= 1
-            if s.nch or s.nvw:
-                continue
-            if s.kind == "view":
-                r = s.root
-                r.nvw -= 1
-                if not r.nvw and not r.nch:
-                    free(r)
-            else:
-                free(s)
-    return {d: a.top for d, a in allocs.items()}
+        def obj(i: int) -> Tensor:          # the Tensor a log entry names (copies and deps made on demand)
+            if i < self.n:
+                return tensors[i]
+            t = made.get(i)
+            if t is None:
+                t = made[i] = Tensor(kind[i], size[i], tuple(obj(s) for s in src[i]), out=out[i])
+                t.be = be[i]
+            return t
+
+        def allocate(t: int) -> None:
+            a = allocs.get(be[t])
+            if a is None:
+                a = allocs[be[t]] = _Alloc()
+            addr[t] = a.alloc(size[t])
+            if log is not None:
+                log.append((obj(t), be[t], addr[t], size[t]))
+
+        for t in first:            # the graph inputs (and, pipelining, every copy) first, n_copies of each
+            for _ in range(n_copies):
+                allocate(t)
+        for n in order:
+            srcs = src[n]
+            if is_op[n] and addr[n] < 0:
+                for s in srcs if inplace[n] else ():
+                    if addr[s] >= 0 and is_op[s] and not out[s] and size[s] == size[n] and nch[s] == 1 \
+                            and not nvw[s]:
+                        addr[n], addr[s] = addr[s], -1
+                        if log is not None:          # in place: the parent's range passes to the node
+                            log += [(obj(s), be[n], -addr[n] - 1, size[s]), (obj(n), be[n], addr[n], size[n])]
+                        break
+                else:
+                    allocate(n)
+            for s in srcs:
+                nch[s] -= 1
+                if nch[s] or nvw[s]:
+                    continue
+                if kind[s] == "view":
+                    s = root[s]
+                    nvw[s] -= 1
+                    if nvw[s] or nch[s]:
+                        continue
+                if addr[s] >= 0 and freeable[s]:
+                    if log is not None:
+                        log.append((obj(s), be[s], -addr[s] - 1, size[s]))
+                    allocs[be[s]].free(addr[s], size[s])
+                    addr[s] = -1
+        return {d: a.top for d, a in allocs.items()}
+
+
+def _flat(g: Graph) -> _Flat:
+    return _Flat(g)
+
+
+def schedule(g: Graph) -> None:
+    """ggml_backend_sched_split_graph passes 1, 2 and 4: sets the backend (`be`) of every tensor."""
+    f = _flat(g)
+    for t, b in zip(f.tensors, f.schedule(f.dev)):
+        t.be = b
+
+
+def buffer_peaks(g: Graph, n_copies: int, log: list | None = None) -> dict[str, int]:
+    """The high-water mark of each backend's compute buffer for graph `g`, scheduled (`schedule`, then any
+    backend set by hand). `log`: gets (tensor, backend, offset, size) per allocation, (..., -offset - 1, ...)
+    per free."""
+    f = _flat(g)
+    return f.peaks([t.be for t in f.tensors], n_copies, log)
+
+
+# --- one graph, many placements -----------------------------------------------------------------------------
+# A builder's graph depends on where layers run only through the device labels it writes on tensors (a
+# weight's, a cache's, a pinned norm's). So it is built once with stand-in labels (Slot: "the k-th entry of
+# the placement") and each placement only relabels, schedules and allocates: the same graph, the same bytes.
+# A builder that compares or hashes a label (its graph would depend on the placement) is seen doing it and is
+# built per placement instead; a template also serves only settings whose attributes the builder read are
+# equal to those it was built with (_Reads).
+
+_SLOT_SEEN = [False]
+
+
+class Slot(str):
+    """A stand-in device label while a template is built: "\\x00<k>", the k-th device of the placement."""
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        _SLOT_SEEN[0] = True
+        return str.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        _SLOT_SEEN[0] = True
+        return str.__ne__(self, other)
+
+    def __hash__(self) -> int:
+        _SLOT_SEEN[0] = True
+        return str.__hash__(self)
+
+
+class _Reads:
+    """Stands for a settings object while a template is built and records every attribute the builder reads."""
+
+    def __init__(self, obj: object) -> None:
+        self._obj = obj
+        self._read: dict[str, object] = {}
+
+    def __getattr__(self, name: str) -> object:
+        v = getattr(self._obj, name)
+        self._read[name] = v
+        return v
+
+
+class _Template:
+    """A built graph (_Flat, without its Tensor objects) and, per tensor, the placement entry its label stands
+    for (-1: a literal label); the flash-attention nodes and pinned views likewise, as indices."""
+
+    __slots__ = ("flat", "slot", "fa", "pinned", "read")
+
+    def __init__(self, g: Graph, fa_nodes: list, pinned: list, read: dict[str, object]) -> None:
+        f = self.flat = _Flat(g)
+        ix = {id(t): i for i, t in enumerate(f.tensors)}
+        self.slot = [_slot(d) for d in f.dev]
+        self.fa = [(ix[id(t)], _slot(d), d) for t, d in fa_nodes if t is not None]
+        self.pinned = [(ix[id(t)], _slot(d), d) for t, d in pinned]
+        self.read = read
+        f.tensors = []              # a template is never logged: its Tensor objects are not kept
+
+    def backends(self, table: list[str]) -> list[str]:
+        f = self.flat
+        return f.schedule([d if k < 0 else table[k] for d, k in zip(f.dev, self.slot)])
+
+
+def _slot(d: Any) -> int:
+    return int(str.__getitem__(d, slice(1, None))) if type(d) is Slot else -1
+
+
+Builder = Callable[[list[Any], list[Any] | None, Any, bool], tuple[Graph, list, list]]
+_TEMPLATES: dict[tuple, list[tuple[weakref.ref, _Template]]] = {}
+_PER_PLACEMENT: set[tuple] = set()      # builders seen comparing labels
+
+
+def replay(build: Builder, owner: object, key: tuple, config: Any, layer_devices: list[str],
+           ffn_devices: list[str] | None, n_copies: int) -> dict[str, int]:
+    """The compute buffers of the graph build(layer devices, FFN devices, settings, flash attention) makes (with
+    its flash-attention nodes and pinned views, each with its layer's device), scheduled and allocated. `owner`
+    (the profile) and `key` name what else the graph depends on. Flash attention 'auto' that the scheduler puts
+    on another device than its layer's is turned off, the graph built again without it
+    (llama_context::resolve_fused_ops)."""
+    flash = config.flash_attn
+    table = list(layer_devices) + list(ffn_devices or ())
+    tpl = _template(build, owner, key, config, layer_devices, ffn_devices, flash != "off")
+    be = tpl.backends(table)
+    if flash == "auto" and any(be[i] != (d if k < 0 else table[k]) for i, k, d in tpl.fa):
+        tpl = _template(build, owner, key, config, layer_devices, ffn_devices, False)
+        be = tpl.backends(table)
+    for i, k, d in tpl.pinned:
+        be[i] = d if k < 0 else table[k]    # a pinned view: its readers elsewhere copy it
+    return tpl.flat.peaks(be, n_copies)
+
+
+def _template(build: Builder, owner: object, key: tuple, config: object, layer_devices: list[str],
+              ffn_devices: list[str] | None, fa: bool) -> _Template:
+    tkey = (id(owner), key, len(layer_devices), len(ffn_devices or ()), fa)
+    if tkey in _PER_PLACEMENT:
+        g, fa_nodes, pinned = build(layer_devices, ffn_devices, config, fa)
+        return _Template(g, fa_nodes, pinned, {})
+    entries = _TEMPLATES.setdefault(tkey, [])
+    for ref, tpl in entries:
+        if ref() is owner and all(getattr(config, a) == v for a, v in tpl.read.items()):
+            return tpl
+    n = len(layer_devices)
+    reads = _Reads(config)
+    _SLOT_SEEN[0] = False
+    g, fa_nodes, pinned = build([Slot(f"\x00{k}") for k in range(n)],
+                                [Slot(f"\x00{n + k}") for k in range(len(ffn_devices))] if ffn_devices else None,
+                                reads, fa)
+    if _SLOT_SEEN[0]:
+        _PER_PLACEMENT.add(tkey)
+        return _template(build, owner, key, config, layer_devices, ffn_devices, fa)
+    tpl = _Template(g, fa_nodes, pinned, reads._read)
+    if sum(len(e) for e in _TEMPLATES.values()) >= 24:      # some MiB each at 128 layers
+        _TEMPLATES.clear()
+        entries = _TEMPLATES[tkey] = []
+    entries.insert(0, (weakref.ref(owner), tpl))
+    return tpl

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from ..config import SplitConfig
 from ..devices import HOST_NAME
 from ..profile import ModelProfile
-from .ggml_replay import Graph, Tensor, _a, buffer_peaks, schedule
+from .ggml_replay import Graph, Tensor, _a, replay
 
 __all__ = ["RECURRENT_GRAPHS", "recurrent_compute_bytes", "replayable"]
 
@@ -413,19 +413,13 @@ def replay_compute_bytes(build: GraphBuilder, profile: ModelProfile, config: Spl
     hit = _CACHE.get(key)
     if hit is not None and hit[0]() is profile:
         return dict(hit[1])
-    fa = config.flash_attn != "off"
-    # the KV cache transposes V when flash attention is off when it is made (llama_model::create_memory)
-    v_trans = config.flash_attn == "off"
-    c = _Ctx(profile, config, layer_devices, T, n_seqs, T_out, pin_norm, ffn_devices)
-    g, fa_nodes = build(c, fa, v_trans)
-    schedule(g)
-    if config.flash_attn == "auto" and any(n.be != d for n, d in fa_nodes):
-        # llama_context::resolve_fused_ops: flash attention scheduled away from its layer's device is
-        # turned off (and the reserve graph built again without it)
-        c = _Ctx(profile, config, layer_devices, T, n_seqs, T_out, pin_norm, ffn_devices)
-        g, _ = build(c, False, v_trans)
-        schedule(g)
-    tops = buffer_peaks(g, n_copies)
+
+    def make(devs: list[str], ffn: list[str] | None, cfg: SplitConfig, fa: bool) -> tuple[Graph, list, list]:
+        # the KV cache transposes V when flash attention is off when it is made (llama_model::create_memory)
+        g, fa_nodes = build(_Ctx(profile, cfg, devs, T, n_seqs, T_out, pin_norm, ffn), fa, cfg.flash_attn == "off")
+        return g, fa_nodes, []
+
+    tops = replay(make, profile, (build, T, n_seqs, T_out, pin_norm), config, layer_devices, ffn_devices, n_copies)
     out = {name: tops.get(name, 0) for name in names}
     if len(_CACHE) > 256:
         _CACHE.clear()
