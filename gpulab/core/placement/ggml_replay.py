@@ -107,22 +107,25 @@ class _Alloc:
         self.top = 0
 
     def alloc(self, size: int) -> int:
-        size = _a(size)
+        size = (size + _ALIGN - 1) // _ALIGN * _ALIGN
+        bl = self.blocks
         best, best_size = -1, _BIG
-        for i, (_, bsize) in enumerate(self.blocks[:-1]):
+        for i in range(len(bl) - 1):
+            bsize = bl[i][1]
             if size <= bsize <= best_size:
                 best, best_size = i, bsize
-        block = self.blocks[best]            # -1: the last block
+        block = bl[best]                     # -1: the last block
         off = block[0]
         block[0] += size
         block[1] -= size
         if block[1] == 0:
-            del self.blocks[best]
-        self.top = max(self.top, off + size)
+            del bl[best]
+        if off + size > self.top:
+            self.top = off + size
         return off
 
     def free(self, off: int, size: int) -> None:
-        size = _a(size)
+        size = (size + _ALIGN - 1) // _ALIGN * _ALIGN
         bl = self.blocks
         for i, b in enumerate(bl):
             if b[0] + b[1] == off:
@@ -149,52 +152,93 @@ class _Flat:
     once per graph. Both run over these lists rather than the Tensor objects, so that a graph built once (a
     `replay` template) is scheduled and allocated for many device placements without being touched."""
 
-    __slots__ = ("tensors", "n", "kind", "size", "src", "root", "dev", "inplace", "out", "n_leaf", "ops", "views",
-                 "inputs")
+    __slots__ = ("tensors", "n", "kind", "size", "src", "root", "inplace", "out", "n_leaf", "inputs", "nch", "nvw",
+                 "literals", "lab", "gaps", "pick")
 
     def __init__(self, g: Graph) -> None:
         ts = self.tensors = g.leafs + g.nodes
-        self.n = len(ts)
+        n = self.n = len(ts)
+        nl = self.n_leaf = len(g.leafs)
         ix = {t: i for i, t in enumerate(ts)}
         self.kind = [t.kind for t in ts]
         self.size = [t.size for t in ts]
         self.src = [tuple([ix[s] for s in t.src]) for t in ts]
         self.root = [ix[t.root] for t in ts]
-        self.dev = [t.dev for t in ts]
         self.inplace = [t.inplace for t in ts]
         self.out = [t.out for t in ts]
-        self.n_leaf = len(g.leafs)
-        self.ops = [i for i in range(self.n_leaf, len(ts)) if self.kind[i] != "view"]
-        self.views = [i for i in range(self.n_leaf, len(ts)) if self.kind[i] == "view"]
-        self.inputs = [i for i in range(self.n_leaf) if self.kind[i] == "in"]
+        self.inputs = [i for i in range(nl) if self.kind[i] == "in"]
+        # ggml-alloc's counts of children and views, before the split's copies move some reads
+        self.nch, self.nvw = [0] * n, [0] * n
+        for i in range(nl, n):
+            for s in self.src[i]:
+                self.nch[s] += 1
+            if self.kind[i] == "view":
+                self.nvw[self.root[i]] += 1
+        # pass 1's backend of each tensor as an index into literals + a placement (Slot k: the k-th entry)
+        self.literals: list[str | None] = []
+        seen: dict[str | None, int] = {}
+        lab = []
+        for i, t in enumerate(ts):
+            d = t.dev
+            if type(d) is Slot:
+                lab.append(-1 - int(str.__getitem__(d, slice(1, None))))
+                continue
+            if i < nl and d is None:
+                d = HOST_NAME           # a leaf without a device: the host
+            k = seen.get(d)
+            if k is None:
+                k = seen[d] = len(self.literals)
+                self.literals.append(d)
+            lab.append(k)
+        self.lab = [k if k >= 0 else len(self.literals) - 1 - k for k in lab]
+        # passes 2 and 4 fill each run of ops without a backend (a gap) from the op before or after it; which
+        # ops have none does not depend on the placement, so the gaps are found once: (op before, op after)
+        self.gaps: list[tuple[int, int]] = []
+        pick = list(range(n))
+        prev, run = -1, []
+        for i in range(nl, n):
+            if self.kind[i] == "view":
+                continue
+            if ts[i].dev is None:
+                run.append(i)
+            else:
+                if run:
+                    self._gap(pick, run, prev, i)
+                    run = []
+                prev = i
+        if run:
+            self._gap(pick, run, prev, -1)
+        for i in range(nl, n):
+            if self.kind[i] == "view":
+                pick[i] = pick[self.root[i]]       # a view goes with what it views
+        self.pick = pick
 
-    def schedule(self, dev: list[str | None]) -> list[str]:
-        """ggml_backend_sched_split_graph passes 1, 2 and 4 for pass 1's backends `dev` (one per tensor):
-        the backend of every tensor."""
-        bel = [dev[i] for i in self.ops]
-        n = len(bel)
-        for gpu_only in (True, False):
-            for seq in (range(n), range(n - 1, -1, -1)):
-                cur = None
-                for k in seq:
-                    b = bel[k]
-                    if b is not None:
-                        cur = None if gpu_only and b == HOST_NAME else b
-                    elif cur is not None:
-                        bel[k] = cur
-        be: list[str] = [d or HOST_NAME for d in dev]          # leafs: their own device or the host
-        for i, b in zip(self.ops, bel):
-            be[i] = b or HOST_NAME
-        root = self.root
-        for i in self.views:
-            be[i] = be[root[i]]
-        return be
+    def _gap(self, pick: list[int], run: list[int], before: int, after: int) -> None:
+        for i in run:
+            pick[i] = self.n + len(self.gaps)
+        self.gaps.append((before, after))
+
+    def schedule(self, table: list[str]) -> list[str]:
+        """ggml_backend_sched_split_graph passes 1, 2 and 4 for a placement (`table`: the devices a Slot
+        stands for): the backend of every tensor. Pass 1 puts an op where its weight or cache is; then a gap
+        takes the GPU before it (gpu-down), else the GPU after it (gpu-up), else the backend before it
+        (rest-down, the host), else the one after (rest-up), else the host."""
+        lut = self.literals + table
+        vals: list = list(map(lut.__getitem__, self.lab))
+        for p, q in self.gaps:
+            a = vals[p] if p >= 0 else None
+            if a is None or a == HOST_NAME:
+                b = vals[q] if q >= 0 else None
+                a = b if b is not None and b != HOST_NAME else a if a is not None else b
+            vals.append(a or HOST_NAME)
+        return list(map(vals.__getitem__, self.pick))
 
     def peaks(self, be: list[str], n_copies: int, log: list | None = None) -> dict[str, int]:
         """The split's copies and ggml-alloc over the graph with backends `be` (see buffer_peaks)."""
         kind, size, src, root = self.kind[:], self.size[:], self.src[:], self.root[:]
         out, inplace, be = self.out[:], self.inplace[:], be[:]
         pipe = n_copies > 1
+        nch, nvw = self.nch[:], self.nvw[:]
         order: list[int] = []       # graph_copy: per split its input deps and copies, then its nodes
         first = list(self.inputs)
         copies: dict[tuple[int, str], int] = {}
@@ -208,7 +252,10 @@ class _Flat:
             if b != split_dev:
                 split_dev, start = b, len(order)
             sn = src[n]
-            if all(be[s] == b for s in sn):
+            for s in sn:
+                if be[s] != b:
+                    break
+            else:
                 order.append(n)
                 continue
             new: list[int] = []
@@ -216,9 +263,11 @@ class _Flat:
                 if be[s] == b:
                     new.append(s)
                     continue
+                nch[s] -= 1                 # read from its copy instead
                 c = copies.get((s, b))
                 if c is None:
                     dep = len(kind)         # an input_dep node: the original's last user on its backend
+                    nch[s] += 1
                     kind.append("dep")
                     size.append(0)
                     src.append((s,))
@@ -231,6 +280,8 @@ class _Flat:
                     root += [dep, c]
                     out += [False, pipe]
                     inplace += [False, False]
+                    nch += [0, 0]
+                    nvw += [0, 0]
                     if pipe:
                         first.append(c)
                         order.insert(start, dep)
@@ -238,17 +289,13 @@ class _Flat:
                     else:
                         order[start:start] = [dep, c]
                         start += 2
+                nch[c] += 1
                 new.append(c)
             src[n] = tuple(new)
             order.append(n)
 
         nt = len(kind)
-        nch, nvw, addr = [0] * nt, [0] * nt, [-1] * nt
-        for n in order:
-            if kind[n] == "view":
-                nvw[root[n]] += 1
-            for s in src[n]:
-                nch[s] += 1
+        addr = [-1] * nt
         # graph outputs and (pipelining) inputs stay; weights and caches were never ours
         freeable = [not o and (k == "op" or not pipe) for k, o in zip(kind, out)]
         is_op = [k == "op" for k in kind]
@@ -279,13 +326,22 @@ class _Flat:
         for n in order:
             srcs = src[n]
             if is_op[n] and addr[n] < 0:
-                for s in srcs if inplace[n] else ():
-                    if addr[s] >= 0 and is_op[s] and not out[s] and size[s] == size[n] and nch[s] == 1 \
-                            and not nvw[s]:
-                        addr[n], addr[s] = addr[s], -1
-                        if log is not None:          # in place: the parent's range passes to the node
-                            log += [(obj(s), be[n], -addr[n] - 1, size[s]), (obj(n), be[n], addr[n], size[n])]
-                        break
+                if inplace[n]:
+                    sz = size[n]
+                    for s in srcs:
+                        if addr[s] >= 0 and is_op[s] and not out[s] and size[s] == sz and nch[s] == 1 \
+                                and not nvw[s]:
+                            addr[n], addr[s] = addr[s], -1
+                            if log is not None:          # in place: the parent's range passes to the node
+                                log += [(obj(s), be[n], -addr[n] - 1, size[s]), (obj(n), be[n], addr[n], sz)]
+                            break
+                    else:
+                        allocate(n)
+                elif log is None:
+                    a = allocs.get(be[n])
+                    if a is None:
+                        a = allocs[be[n]] = _Alloc()
+                    addr[n] = a.alloc(size[n])
                 else:
                     allocate(n)
             for s in srcs:
@@ -312,7 +368,7 @@ def _flat(g: Graph) -> _Flat:
 def schedule(g: Graph) -> None:
     """ggml_backend_sched_split_graph passes 1, 2 and 4: sets the backend (`be`) of every tensor."""
     f = _flat(g)
-    for t, b in zip(f.tensors, f.schedule(f.dev)):
+    for t, b in zip(f.tensors, f.schedule([])):
         t.be = b
 
 
@@ -370,20 +426,15 @@ class _Template:
     """A built graph (_Flat, without its Tensor objects) and, per tensor, the placement entry its label stands
     for (-1: a literal label); the flash-attention nodes and pinned views likewise, as indices."""
 
-    __slots__ = ("flat", "slot", "fa", "pinned", "read")
+    __slots__ = ("flat", "fa", "pinned", "read")
 
     def __init__(self, g: Graph, fa_nodes: list, pinned: list, read: dict[str, object]) -> None:
         f = self.flat = _Flat(g)
         ix = {id(t): i for i, t in enumerate(f.tensors)}
-        self.slot = [_slot(d) for d in f.dev]
         self.fa = [(ix[id(t)], _slot(d), d) for t, d in fa_nodes if t is not None]
         self.pinned = [(ix[id(t)], _slot(d), d) for t, d in pinned]
         self.read = read
         f.tensors = []              # a template is never logged: its Tensor objects are not kept
-
-    def backends(self, table: list[str]) -> list[str]:
-        f = self.flat
-        return f.schedule([d if k < 0 else table[k] for d, k in zip(f.dev, self.slot)])
 
 
 def _slot(d: Any) -> int:
@@ -405,10 +456,10 @@ def replay(build: Builder, owner: object, key: tuple, config: Any, layer_devices
     flash = config.flash_attn
     table = list(layer_devices) + list(ffn_devices or ())
     tpl = _template(build, owner, key, config, layer_devices, ffn_devices, flash != "off")
-    be = tpl.backends(table)
+    be = tpl.flat.schedule(table)
     if flash == "auto" and any(be[i] != (d if k < 0 else table[k]) for i, k, d in tpl.fa):
         tpl = _template(build, owner, key, config, layer_devices, ffn_devices, False)
-        be = tpl.backends(table)
+        be = tpl.flat.schedule(table)
     for i, k, d in tpl.pinned:
         be[i] = d if k < 0 else table[k]    # a pinned view: its readers elsewhere copy it
     return tpl.flat.peaks(be, n_copies)
