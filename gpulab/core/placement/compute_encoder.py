@@ -42,7 +42,7 @@ import weakref
 from ..config import SplitConfig
 from ..devices import HOST_NAME
 from ..profile import ModelProfile
-from .ggml_replay import Graph, Tensor, replay
+from .ggml_replay import Graph, Tensor, per_profile, replay
 from .recurrent import _Attn, _Ctx, _moe
 
 __all__ = ["ENCODER_GRAPHS", "encoder_compute_bytes", "encoder_replayable"]
@@ -438,6 +438,7 @@ def encoder_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_devi
     return dict(out)
 
 
+@per_profile
 def encoder_replayable(profile: ModelProfile) -> bool:
     """Whether `profile`'s compute buffers are replayed here: a graph of ENCODER_GRAPHS with the tensors the
     graph built here reads (separate Q/K/V products; Q/K norms where the graph has them)."""

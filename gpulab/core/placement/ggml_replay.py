@@ -19,13 +19,14 @@ placement.recurrent builds them). Only sizes, sources and devices are kept, one 
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from ..devices import HOST_NAME
 
-__all__ = ["Graph", "Tensor", "buffer_peaks", "replay", "schedule"]
+__all__ = ["Graph", "Tensor", "buffer_peaks", "per_profile", "replay", "schedule"]
 
 _ALIGN = 32                      # TENSOR_ALIGNMENT of CPU and RPC buffers
 _BIG = 1 << 62                   # the last free block of a chunk (SIZE_MAX / 2)
@@ -490,3 +491,24 @@ def _template(build: Builder, owner: object, key: tuple, config: object, layer_d
         entries = _TEMPLATES[tkey] = []
     entries.insert(0, (weakref.ref(owner), tpl))
     return tpl
+
+
+_R = TypeVar("_R")
+
+
+def per_profile(fn: Callable[[Any], _R]) -> Callable[[Any], _R]:
+    """fn(profile), remembered per profile object (a profile is not changed once read): what a plan asks of
+    the profile alone (is its graph replayed here?) is not worked out again on every slider move."""
+    memo: dict[int, tuple[weakref.ref, _R]] = {}
+
+    @functools.wraps(fn)
+    def once(profile: Any) -> _R:
+        hit = memo.get(id(profile))
+        if hit is not None and hit[0]() is profile:
+            return hit[1]
+        value = fn(profile)
+        if len(memo) > 64:
+            memo.clear()
+        memo[id(profile)] = (weakref.ref(profile), value)
+        return value
+    return once

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from ..config import SplitConfig
 from ..devices import HOST_NAME
 from ..profile import ModelProfile
-from .ggml_replay import Graph, Tensor, _a, replay
+from .ggml_replay import Graph, Tensor, _a, per_profile, replay
 
 __all__ = ["RECURRENT_GRAPHS", "recurrent_compute_bytes", "replayable"]
 
@@ -427,6 +427,7 @@ def replay_compute_bytes(build: GraphBuilder, profile: ModelProfile, config: Spl
     return dict(out)
 
 
+@per_profile
 def replayable(profile: ModelProfile) -> bool:
     """Whether `profile`'s compute buffers are replayed here: a graph of RECURRENT_GRAPHS whose hyperparameters
     the file carries, without a sliding window (lfm2's iswa graph is not built), and with the tensors the
