@@ -300,6 +300,7 @@ class _Flat:
         # graph outputs and (pipelining) inputs stay; weights and caches were never ours
         freeable = [not o and (k == "op" or not pipe) for k, o in zip(kind, out)]
         is_op = [k == "op" for k in kind]
+        is_view = [k == "view" for k in kind]
         allocs: dict[str, _Alloc] = {}
         tensors = self.tensors
         made: dict[int, Tensor] = {}
@@ -336,20 +337,18 @@ class _Flat:
                             if log is not None:          # in place: the parent's range passes to the node
                                 log += [(obj(s), be[n], -addr[n] - 1, size[s]), (obj(n), be[n], addr[n], sz)]
                             break
-                    else:
-                        allocate(n)
-                elif log is None:
+                if addr[n] < 0:
                     a = allocs.get(be[n])
                     if a is None:
                         a = allocs[be[n]] = _Alloc()
                     addr[n] = a.alloc(size[n])
-                else:
-                    allocate(n)
+                    if log is not None:
+                        log.append((obj(n), be[n], addr[n], size[n]))
             for s in srcs:
                 nch[s] -= 1
                 if nch[s] or nvw[s]:
                     continue
-                if kind[s] == "view":
+                if is_view[s]:
                     s = root[s]
                     nvw[s] -= 1
                     if nvw[s] or nch[s]:
