@@ -42,7 +42,7 @@ import weakref
 from ..config import SplitConfig
 from ..devices import HOST_NAME
 from ..profile import ModelProfile
-from .ggml_replay import Graph, Tensor, per_profile, replay
+from .ggml_replay import Graph, Tensor, per_profile, template
 from .recurrent import _Attn, _Ctx, _moe
 
 __all__ = ["ENCODER_GRAPHS", "encoder_compute_bytes", "encoder_replayable"]
@@ -425,12 +425,19 @@ def encoder_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_devi
     build = {"t5encoder": _t5_encoder, "t5": _t5_decoder, "wavtokenizer-dec": _wavtokenizer}.get(
         profile.arch, _bert if profile.arch in _BERT else _llama_like)
 
-    def make(devs: list[str], ffn: list[str] | None, cfg: SplitConfig, fa: bool) -> tuple[Graph, list, list]:
-        return build(_Ctx(profile, cfg, devs, T, n_seqs, T_out, pin_norm, ffn), fa)
+    def make(devs: list[str], ffn: list[str] | None, cfg: SplitConfig, fa: bool) -> tuple[Graph, dict, list]:
+        g, fa_nodes, pinned = build(_Ctx(profile, cfg, devs, T, n_seqs, T_out, pin_norm, ffn), fa)
+        return g, {"fa": fa_nodes}, pinned      # a pinned view: its readers elsewhere copy it
 
-    # a pinned view: its readers elsewhere copy it (ggml_backend_sched_split_graph); flash attention 'auto'
-    # scheduled away from its layer's device is turned off (llama_context::resolve_fused_ops): ggml_replay.replay
-    tops = replay(make, profile, (build, T, n_seqs, T_out, pin_norm), config, layer_devices, ffn_devices, n_copies)
+    key = (build, T, n_seqs, T_out, pin_norm)
+    run = template(make, profile, key, config, layer_devices, ffn_devices, config.flash_attn != "off").place(
+        layer_devices, ffn_devices)
+    if config.flash_attn == "auto" and run.moved("fa"):
+        # llama_context::resolve_fused_ops: flash attention scheduled away from its layer's device is
+        # turned off (and the reserve graph built again without it)
+        run = template(make, profile, key, config, layer_devices, ffn_devices, False).place(layer_devices,
+                                                                                          ffn_devices)
+    tops = run.peaks(n_copies)
     out = {name: tops.get(name, 0) for name in names}
     if len(_CACHE) > 256:
         _CACHE.clear()

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 from ..devices import HOST_NAME
 
-__all__ = ["Graph", "Tensor", "buffer_peaks", "per_profile", "replay", "schedule"]
+__all__ = ["Graph", "Placed", "Tensor", "buffer_peaks", "per_profile", "schedule", "template"]
 
 _ALIGN = 32                      # TENSOR_ALIGNMENT of CPU and RPC buffers
 _BIG = 1 << 62                   # the last free block of a chunk (SIZE_MAX / 2)
@@ -423,54 +423,68 @@ class _Reads:
 
 
 class _Template:
-    """A built graph (_Flat, without its Tensor objects) and, per tensor, the placement entry its label stands
-    for (-1: a literal label); the flash-attention nodes and pinned views likewise, as indices."""
+    """A built graph (_Flat, without its Tensor objects) and, as indices with the placement entry their label
+    stands for, the nodes whose backend the entry point checks (by name: flash attention, a fused op) and the
+    views pinned to a device."""
 
-    __slots__ = ("flat", "fa", "pinned", "read")
+    __slots__ = ("flat", "checks", "pinned", "read")
 
-    def __init__(self, g: Graph, fa_nodes: list, pinned: list, read: dict[str, object]) -> None:
+    def __init__(self, g: Graph, checks: dict[str, list], pinned: list, read: dict[str, object]) -> None:
         f = self.flat = _Flat(g)
         ix = {id(t): i for i, t in enumerate(f.tensors)}
-        self.fa = [(ix[id(t)], _slot(d), d) for t, d in fa_nodes if t is not None]
+        self.checks = {name: [(ix[id(t)], _slot(d), d) for t, d in nodes if t is not None]
+                       for name, nodes in checks.items()}
         self.pinned = [(ix[id(t)], _slot(d), d) for t, d in pinned]
         self.read = read
         f.tensors = []              # a template is never logged: its Tensor objects are not kept
+
+    def place(self, layer_devices: list[str], ffn_devices: list[str] | None) -> Placed:
+        """The graph scheduled for a placement (`schedule`), its pinned views on their devices."""
+        table = list(layer_devices) + list(ffn_devices or ())
+        be = self.flat.schedule(table)
+        for i, k, d in self.pinned:
+            be[i] = d if k < 0 else table[k]    # a pinned view: its readers elsewhere copy it
+        return Placed(self, table, be)
+
+
+class Placed:
+    """A template scheduled for one placement: `be` the backend of every tensor."""
+
+    __slots__ = ("tpl", "table", "be")
+
+    def __init__(self, tpl: _Template, table: list[str], be: list[str]) -> None:
+        self.tpl, self.table, self.be = tpl, table, be
+
+    def moved(self, name: str) -> bool:
+        """Whether the scheduler put any node of the checked list `name` on another backend than its layer's
+        device (llama_context::resolve_fused_ops then turns that fused op off)."""
+        be, table = self.be, self.table
+        return any(be[i] != (d if k < 0 else table[k]) for i, k, d in self.tpl.checks.get(name, ()))
+
+    def peaks(self, n_copies: int) -> dict[str, int]:
+        """The high-water mark of each backend's compute buffer (see buffer_peaks)."""
+        return self.tpl.flat.peaks(self.be, n_copies)
 
 
 def _slot(d: Any) -> int:
     return int(str.__getitem__(d, slice(1, None))) if type(d) is Slot else -1
 
 
-Builder = Callable[[list[Any], list[Any] | None, Any, bool], tuple[Graph, list, list]]
+# build(layer devices, FFN devices, settings, *variant) -> (graph, {name: [(node, its layer's device)]}, pinned views)
+Builder = Callable[..., tuple[Graph, dict[str, list], list]]
 _TEMPLATES: dict[tuple, list[tuple[weakref.ref, _Template]]] = {}
 _PER_PLACEMENT: set[tuple] = set()      # builders seen comparing labels
 
 
-def replay(build: Builder, owner: object, key: tuple, config: Any, layer_devices: list[str],
-           ffn_devices: list[str] | None, n_copies: int) -> dict[str, int]:
-    """The compute buffers of the graph build(layer devices, FFN devices, settings, flash attention) makes (with
-    its flash-attention nodes and pinned views, each with its layer's device), scheduled and allocated. `owner`
-    (the profile) and `key` name what else the graph depends on. Flash attention 'auto' that the scheduler puts
-    on another device than its layer's is turned off, the graph built again without it
-    (llama_context::resolve_fused_ops)."""
-    flash = config.flash_attn
-    table = list(layer_devices) + list(ffn_devices or ())
-    tpl = _template(build, owner, key, config, layer_devices, ffn_devices, flash != "off")
-    be = tpl.flat.schedule(table)
-    if flash == "auto" and any(be[i] != (d if k < 0 else table[k]) for i, k, d in tpl.fa):
-        tpl = _template(build, owner, key, config, layer_devices, ffn_devices, False)
-        be = tpl.flat.schedule(table)
-    for i, k, d in tpl.pinned:
-        be[i] = d if k < 0 else table[k]    # a pinned view: its readers elsewhere copy it
-    return tpl.flat.peaks(be, n_copies)
-
-
-def _template(build: Builder, owner: object, key: tuple, config: object, layer_devices: list[str],
-              ffn_devices: list[str] | None, fa: bool) -> _Template:
-    tkey = (id(owner), key, len(layer_devices), len(ffn_devices or ()), fa)
+def template(build: Builder, owner: object, key: tuple, config: Any, layer_devices: list[str],
+             ffn_devices: list[str] | None, *variant: object) -> _Template:
+    """The graph build(layer devices, FFN devices, settings, *variant) makes, for any placement with as many
+    layers (and FFN devices): built once per `owner` (the profile), `key` (what else the graph depends on),
+    `variant` and the settings the builder reads, with stand-in labels. `.place(...)` schedules it."""
+    tkey = (id(owner), key, len(layer_devices), len(ffn_devices or ()), variant)
     if tkey in _PER_PLACEMENT:
-        g, fa_nodes, pinned = build(layer_devices, ffn_devices, config, fa)
-        return _Template(g, fa_nodes, pinned, {})
+        g, checks, pinned = build(layer_devices, ffn_devices, config, *variant)
+        return _Template(g, checks, pinned, {})
     entries = _TEMPLATES.setdefault(tkey, [])
     for ref, tpl in entries:
         if ref() is owner and all(getattr(config, a) == v for a, v in tpl.read.items()):
@@ -478,13 +492,13 @@ def _template(build: Builder, owner: object, key: tuple, config: object, layer_d
     n = len(layer_devices)
     reads = _Reads(config)
     _SLOT_SEEN[0] = False
-    g, fa_nodes, pinned = build([Slot(f"\x00{k}") for k in range(n)],
-                                [Slot(f"\x00{n + k}") for k in range(len(ffn_devices))] if ffn_devices else None,
-                                reads, fa)
+    g, checks, pinned = build([Slot(f"\x00{k}") for k in range(n)],
+                              [Slot(f"\x00{n + k}") for k in range(len(ffn_devices))] if ffn_devices else None,
+                              reads, *variant)
     if _SLOT_SEEN[0]:
         _PER_PLACEMENT.add(tkey)
-        return _template(build, owner, key, config, layer_devices, ffn_devices, fa)
-    tpl = _Template(g, fa_nodes, pinned, reads._read)
+        return template(build, owner, key, config, layer_devices, ffn_devices, *variant)
+    tpl = _Template(g, checks, pinned, reads._read)
     if sum(len(e) for e in _TEMPLATES.values()) >= 24:      # some MiB each at 128 layers
         _TEMPLATES.clear()
         entries = _TEMPLATES[tkey] = []

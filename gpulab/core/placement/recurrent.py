@@ -35,7 +35,7 @@ from collections.abc import Callable
 from ..config import SplitConfig
 from ..devices import HOST_NAME
 from ..profile import ModelProfile
-from .ggml_replay import Graph, Tensor, _a, per_profile, replay
+from .ggml_replay import Graph, Tensor, _a, per_profile, template
 
 __all__ = ["RECURRENT_GRAPHS", "recurrent_compute_bytes", "replayable"]
 
@@ -414,12 +414,20 @@ def replay_compute_bytes(build: GraphBuilder, profile: ModelProfile, config: Spl
     if hit is not None and hit[0]() is profile:
         return dict(hit[1])
 
-    def make(devs: list[str], ffn: list[str] | None, cfg: SplitConfig, fa: bool) -> tuple[Graph, list, list]:
+    def make(devs: list[str], ffn: list[str] | None, cfg: SplitConfig, fa: bool) -> tuple[Graph, dict, list]:
         # the KV cache transposes V when flash attention is off when it is made (llama_model::create_memory)
         g, fa_nodes = build(_Ctx(profile, cfg, devs, T, n_seqs, T_out, pin_norm, ffn), fa, cfg.flash_attn == "off")
-        return g, fa_nodes, []
+        return g, {"fa": fa_nodes}, []
 
-    tops = replay(make, profile, (build, T, n_seqs, T_out, pin_norm), config, layer_devices, ffn_devices, n_copies)
+    key = (build, T, n_seqs, T_out, pin_norm)
+    run = template(make, profile, key, config, layer_devices, ffn_devices, config.flash_attn != "off").place(
+        layer_devices, ffn_devices)
+    if config.flash_attn == "auto" and run.moved("fa"):
+        # llama_context::resolve_fused_ops: flash attention scheduled away from its layer's device is
+        # turned off (and the reserve graph built again without it)
+        run = template(make, profile, key, config, layer_devices, ffn_devices, False).place(layer_devices,
+                                                                                          ffn_devices)
+    tops = run.peaks(n_copies)
     out = {name: tops.get(name, 0) for name in names}
     if len(_CACHE) > 256:
         _CACHE.clear()
