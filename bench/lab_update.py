@@ -85,12 +85,10 @@ def ctx_steps(lab, n: int) -> list[float]:
 
 def main() -> None:
     sent = _serialising_comms()
-    from gpulab import SplitConfig, parse_sim_spec, plan
-    from gpulab.ui.lab import SplitLab
-
     import tempfile
 
-    from gpulab import read_profile
+    from gpulab import SplitConfig, parse_sim_spec, plan, read_profile
+    from gpulab.ui.lab import SplitLab
     sys.path.insert(1, str(Path(__file__).resolve().parent))
     from replay_speed import scaled_model
 

@@ -29,11 +29,11 @@ from pathlib import Path
 
 sys.path.insert(0, os.environ.get("GPULAB_BENCH_SRC") or str(Path(__file__).resolve().parents[1]))
 sys.path.insert(1, str(Path(__file__).resolve().parent))
-from benchkit import loadavg  # noqa: E402
+from benchkit import loadavg
 
-from gpulab import SplitConfig, parse_sim_spec, plan, read_profile  # noqa: E402
-from gpulab.core.policies.server_fit import server_fit  # noqa: E402
-from gpulab.sources.arch_models import _model, write_gguf  # noqa: E402
+from gpulab import SplitConfig, parse_sim_spec, plan, read_profile
+from gpulab.core.policies.server_fit import server_fit
+from gpulab.sources.arch_models import _model, write_gguf
 
 # architecture -> the period of its layer pattern (attention every 4th layer for qwen3next, ...)
 ARCHS = {"llama": 1, "qwen3next": 4, "mamba2": 1, "lfm2": 3, "falcon": 1, "dbrx": 1, "dots1": 1, "bert": 1}

@@ -86,6 +86,7 @@ RETRIES = [
     ("zero experts", {"expert_count": 8, "expert_used_count": 2}),
     ("n_expert must be > 0", {"expert_count": 8, "expert_used_count": 2}),
     ("n_expert && n_expert_used", {"expert_count": 8, "expert_used_count": 2}),
+    ("n_expert and n_expert_used must be > 0", {"expert_count": 8, "expert_used_count": 2}),
     ("fatal error", {"expert_gating_func": 1}),                 # llm_graph_context::build_moe_ffn: no gating
     ("n_embd_head_qk_nope >= 1", {"attention.q_lora_rank": 512, "attention.kv_lora_rank": 256,
                                   "attention.key_length": 192, "attention.value_length": 128}),
@@ -112,7 +113,7 @@ RETRIES = [
     # abort the loader's op test (ggml_mul_mat of a "transposed" weight), so the optional keys are written
     (ZERO_WIDTH, {OPTIONAL_KEYS: True}),
     ("HKV == Hd", {"attention.indexer.head_count": 4}),           # minimax-m3: one indexer head per KV head
-    ("MLA is nope-only", {"rope.dimension_count": 0}),           # glm5-next: no RoPE dimensions
+    ("MLA is nope-only", {"rope.dimension_count": 0, "attention.key_length": 256}),  # glm5-next: K is kv_lora alone
     # keys a loader reads as optional and then requires (draft models: the target's layers and width)
     ("requires 'extract_layers'", {"target_layers": [1, 3, 5]}),    # eagle3: exactly 3
     ("requires 'target_layers'", {"target_layers": [1, 3, 5]}),     # dflash
@@ -126,6 +127,10 @@ RETRIES = [
     ("data_size + view_offs <= ggml_nbytes(view_src)", {"tokenizer.ggml.token_type_count": 2}),
 ]
 
+
+# ... and when those are spent and llama.cpp still makes no context: a graph that reads a value the loader took as
+# optional (afmoe builds the sliding-window inputs whether or not attention.sliding_window was given)
+LAST_RETRIES = [("exit -11", {OPTIONAL_KEYS: True})]
 
 
 @functools.cache
@@ -192,7 +197,9 @@ def seeds(arch: str) -> dict[str, object]:
                         f"{arch}.attention.value_length_mla": 128})
     if re.search(r"is_recr_impl\[\w+\]\s*=\s*[^;]*n_head_kv\(\w+\) == 0", text):
         # a hybrid that marks recurrent layers by 0 KV heads: 2 recurrent layers to 1 attention layer
-        out[f"{arch}.attention.head_count_kv"] = [0, 0, 4, 0, 0, 4]
+        # (MLA attention layers keep their one KV head: kimi-linear, bailingmoe3)
+        kvh = out.get(f"{arch}.attention.head_count_kv", 4)
+        out[f"{arch}.attention.head_count_kv"] = [0, 0, kvh, 0, 0, kvh]
         if "n_ff(i) == 0" in text:       # nemotron_h: recurrent, FFN-only and attention-only layers
             out[f"{arch}.feed_forward_length"] = [0, 3072, 0, 0, 3072, 0]
     return out
@@ -204,6 +211,7 @@ _GUESSED: dict[str, object] = {
     "expert_shared_count": 1, "expert_shared_feed_forward_length": 512, "leading_dense_block_count": 1,
     "expert_group_count": 1, "expert_group_used_count": 1, "expert_gating_func": 1,
     "attention.kv_lora_rank": 256, "attention.q_lora_rank": 384, "attention.key_length": 64,
+    "attention.kv_lora_rank_swa": 256, "attention.key_length_mla_swa": 192, "attention.value_length_mla_swa": 128,
     "attention.value_length": 64, "attention.sliding_window": 512, "attention.layer_norm_epsilon": 1e-5,
     "attention.layer_norm_rms_epsilon": 1e-5, "attention.group_norm_epsilon": 1e-5,
     "attention.group_norm_groups": 32, "attention.chunk_size": 512,
@@ -367,8 +375,11 @@ def _decode(lc, model, out: Path, result: dict) -> None:
     cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_threads, cp.n_threads_batch = 512, 64, 64, 1, 1
     result["context"] = "aborted"
     out.write_text(json.dumps(result))
-    ctx = lc.llama_init_from_model(model, cp)
-    result["context"] = "ok" if ctx else "refused"
+    from gpulab.runtime.logcapture import LogCapture
+    with LogCapture() as cap:
+        ctx = lc.llama_init_from_model(model, cp)
+    why = re.search(r"failed to initialize the context: ([^(\n]*)", cap.text)   # (a draft asks for its target's)
+    result["context"] = "ok" if ctx else f"refused: {why.group(1).strip()}" if why else "refused"
     result["decode"] = "aborted"
     out.write_text(json.dumps(result))
     if not ctx:
@@ -436,6 +447,9 @@ def main(argv: list[str]) -> int:
             if got.get("context") == "ok" and NO_FFN not in said:      # (a model without its FFN is no fallback)
                 built = got
             more = {k: v for pattern, keys in RETRIES if pattern in said for k, v in keys.items() if k not in extra}
+            if not more and got.get("context") != "ok":
+                more = {k: v for pattern, keys in LAST_RETRIES if pattern in said for k, v in keys.items()
+                        if k not in extra}
             if TRACE:
                 print(f"{arch}: {said[:300]} -> {more}", file=sys.stderr, flush=True)
             if not more or (got.get("context") == "ok" and got.get("decode") == "ok" and NO_FFN not in said):

@@ -44,10 +44,13 @@ offset in the compute buffer through the scheduler's eval callback) on the archi
 (tests/integration/test_arch_matrix_vs_llama.py). So were the variants of the older dense graphs, keyed on the
 profile's tensors: an FFN without a gate (one [n_ff, T] tensor, not three), a LayerNorm output norm (not in
 place), a fused QKV product (what it leaves below KQ, and flash attention reading Q as its view), learned
-position embeddings, and the dense FFN's width as ffn_down reads it.
+position embeddings, and the dense FFN's width as ffn_down reads it; and (round 3) sliding-window-only models, an
+expert count without experts, experts without a gate, a GLU output in the norm's range, a residual-first add, a
+row set between attention and its projection, the output product on the host, a skip connection, copied logits.
 
 Recurrent graphs (mamba2, lfm2, qwen3next) are replayed op by op instead (gpulab.core.placement.recurrent):
-their layers leave the buffer unlike each other. Not modelled: op offload (CUDA, with layers on the host and
+their layers leave the buffer unlike each other; so are hrm_text, gemma4 and gemma3n (placement.hrm, .gemma4,
+.gemma3n), whose graphs differ from llama's in every phase. Not modelled: op offload (CUDA, with layers on the host and
 n_ubatch >= 32, runs the host layers' matrix products on the first GPU and copies their weights into its
 compute buffer), split_mode row, KV cache not offloaded (-nkvo), the recurrent layers of other hybrids (no
 KV): these are treated like a layer split of attention layers.
@@ -66,6 +69,9 @@ from .compute_encoder import encoder_compute_bytes, encoder_replayable
 from .compute_mla import after_two_moe, mla_geom, mla_host_peaks, mla_peaks
 from .compute_moe import moe_flags, moe_then_layer, output_in_dense_hole, router_bytes, shared_expert_peaks
 from .dense import dense_compute_bytes, dense_replayable
+from .gemma3n import gemma3n_compute_bytes, gemma3n_replayable
+from .gemma4 import gemma4_compute_bytes, gemma4_replayable
+from .hrm import hrm_compute_bytes, hrm_replayable
 from .recurrent import recurrent_compute_bytes, replayable
 
 __all__ = ["estimate_compute_bytes", "compute_tokens", "pipeline_copies", "SCHED_MAX_COPIES", "dry_run_extra_bytes"]
@@ -130,6 +136,51 @@ _SANDWICH = frozenset({"gemma2", "gemma3"})
 # graphs that gather the output rows (inp_out_ids) after the last layer, not inside it (src/models/openai-moe.cpp):
 # the last layer is a whole layer, and the gathered rows are one row set more below the logits
 _GATHER_AFTER = frozenset({"gpt-oss"})
+# graphs whose every layer adds a scaled copy of the normed input embeddings (src/models/talkie.cpp: embd_skip): that
+# row set stays live through the whole graph on every device holding layers
+_EMBD_SKIP = frozenset({"talkie"})
+
+
+def _weightless_norms(profile: ModelProfile) -> bool:
+    """The layers' norms carry no weight (talkie's build_norm(inpL, nullptr, ...)): build_norm names only a norm
+    with a weight "norm" (src/llama-graph.cpp), so llama_context::graph_get_cb pins none of them to the layer's
+    device and the device before computes the first one and sends it, as with layers on the host."""
+    return bool(profile.layers) and profile.arch in _EMBD_SKIP and not any(
+        t.name.endswith(".attn_norm.weight") for t in profile.layers[0].tensors)
+
+
+# graphs that make one more row set between attention and its output projection: a per-head gate computed from the
+# attention's input norm, which stays live through attention (src/models/spark2-5.cpp: wqkv_gate), or a
+# norm of the attention output (src/models/bitnet.cpp: attn_sub_norm, not in place over the reshaped output). A
+# quantized V cache then closes no hole below the FFN (-ts 1,1,1 q4_0); after host layers that row set leaves no room
+# below the FFN, and the model's last layer gathers its rows into its range (-ngl 4). Measured: bench/compute_trace.py
+_ATTN_OUT_EXTRA = frozenset({"spark2_5", "bitnet"})
+# ... of those, the graphs whose attention output projection takes the attention output's range back, right above
+# the residual: on the host no hole is left below the FFN (bitnet -ngl 4)
+_ATTN_OUT_BACK = frozenset({"bitnet"})
+
+
+# graphs whose output product reads the token embeddings, not an output tensor of the output layer
+_OUTPUT_READS_TOKEN_EMBD = frozenset({"bitnet"})
+
+
+# graphs that overwrite a range of the logits after the output product: how many values (src/models/chameleon.cpp:
+# img_token_end_idx - img_token_start_idx)
+_IMAGE_LOGITS_SUPPRESSED = {"chameleon": 8196 - 4}
+# graphs whose closing residual add reads the residual first (src/models/phi3.cpp: ggml_add(ctx0, residual, cur)):
+# l_out is written in place over ffn_inp, not over ffn_out, and the last layer's gathered residual then leaves
+# a row set's hole below its FFN on the device of the output (bench/compute_trace.py, phi3 -ts 1,1)
+_RESIDUAL_FIRST = frozenset({"phi3"})
+
+
+def _has_experts(profile: ModelProfile) -> bool:
+    """The graph runs build_moe_ffn: expert tensors, not only an expert count. llama_model::load_hparams reads
+    expert_count for every architecture, but phi3's and ernie4_5's graphs (src/models/phi3.cpp, ernie4-5.cpp)
+    build a dense FFN where their loaders created no expert tensors (phi3 with n_expert 8: dense)."""
+    if any(layer.is_recurrent for layer in profile.layers):
+        # a hybrid not replayed (jamba) keeps MoE sizing: the error it states was measured with it
+        return profile.n_expert > 0
+    return profile.n_expert > 0 and any(t.is_expert for layer in profile.layers for t in layer.tensors)
 
 
 def _ungated_ffn(profile: ModelProfile) -> bool:
@@ -138,7 +189,7 @@ def _ungated_ffn(profile: ModelProfile) -> bool:
     its bias add and its activation (GELU, RELU_SQR's relu and sqr, apertus' xielu) are ops that
     ggml-alloc runs in place (ggml_op_can_inplace: ADD, UNARY, SQR), where llama's gate, up and GLU output
     are three (src/models/starcoder2.cpp, nemotron.cpp, arcee.cpp, jais2.cpp, codeshell.cpp, apertus.cpp)."""
-    if profile.n_expert or any(layer.is_recurrent for layer in profile.layers):
+    if _has_experts(profile) or any(layer.is_recurrent for layer in profile.layers):
         # a hybrid not replayed (nemotron_h) keeps llama's sizing: its recurrent layers are not modelled, and
         # the error it states was measured with that sizing
         return False
@@ -247,7 +298,7 @@ def _geom(profile: ModelProfile) -> _Geom:
                        default=0)
         if n_ff_exp:
             break
-    moe = profile.n_expert > 0
+    moe = _has_experts(profile)
     step = _no_rope_step(profile)
     swa = tuple(bool(layer.is_swa) for layer in layers)
     g = _Geom(
@@ -391,12 +442,27 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     # llama_context::graph_get_cb pins each layer's "norm" to the layer's device when the
     # whole model is offloaded or the ubatch is small. Otherwise the scheduler computes a
     # device's first norm on the device before it, which then sends the norm and the residual.
-    pinned_norm = HOST_NAME not in layer_devices or T < 32
+    # (only a norm with a weight is named "norm": build_norm, src/llama-graph.cpp; talkie's weightless norms are not)
+    pinned_norm = (HOST_NAME not in layer_devices or T < 32) and not _weightless_norms(profile)
     if encoder_replayable(profile):
         # attention without a KV cache (embedding and diffusion models): replayed (placement.compute_encoder)
         return encoder_compute_bytes(profile, config, layer_devices, names, T=T, n_seqs=n_seqs,
                                      T_out=T if n_outputs is None else max(1, min(T, n_outputs)),
                                      n_copies=nc, pin_norm=pinned_norm, ffn_devices=ffn_devices)
+    if hrm_replayable(profile):
+        # passes of two weight stacks over cache slots: replayed (placement.hrm)
+        return hrm_compute_bytes(profile, config, layer_devices, names, T=T,
+                                 T_out=T if n_outputs is None else max(1, min(T, n_outputs)), n_copies=nc)
+    if gemma3n_replayable(profile):
+        # AltUp's copies of the hidden state, LAuReL, per-layer inputs: replayed (placement.gemma3n)
+        return gemma3n_compute_bytes(profile, config, layer_devices, names, T=T,
+                                     T_out=T if n_outputs is None else max(1, min(T, n_outputs)), n_copies=nc,
+                                     pin_norm=pinned_norm)
+    if gemma4_replayable(profile):
+        # per-layer inputs and norms around every phase: replayed (placement.gemma4)
+        return gemma4_compute_bytes(profile, config, layer_devices, names, T=T,
+                                    T_out=T if n_outputs is None else max(1, min(T, n_outputs)), n_copies=nc,
+                                    pin_norm=pinned_norm)
     if replayable(profile):
         # a graph whose layers leave ggml-alloc's buffer unlike each other: replayed (placement.recurrent)
         return recurrent_compute_bytes(profile, config, layer_devices, names, T=T, n_seqs=n_seqs,
@@ -427,6 +493,16 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     f = _a(4 * g.n_ff * T)             # ffn_gate, ffn_up, the GLU output
     T_out = T if n_outputs is None else max(1, min(T, n_outputs))
     logits = _a(4 * g.n_vocab * T_out)  # result_output: min(n_tokens, n_outputs_max) rows
+    # bitnet's output product reads token_embd itself (src/models/bitnet.cpp: build_lora_mm(model.tok_embd, cur)),
+    # which stays in host memory: the scheduler runs it on the host, which receives result_norm and holds the logits
+    host_logits = 0
+    if profile.arch in _OUTPUT_READS_TOKEN_EMBD:
+        host_logits, logits = logits, 0
+    if profile.arch in _IMAGE_LOGITS_SUPPRESSED:
+        # chameleon sets its image tokens' logits with ggml_set_1d, not in place: a second copy of the logits on
+        # top of the first, and the 8192 -FLT_MAX values (img_logits, clamped in place) beside
+        # (src/models/chameleon.cpp)
+        logits = 2 * logits + _a(4 * _IMAGE_LOGITS_SUPPRESSED[profile.arch])
     # graph inputs (llm_graph_input_*): built on the host, copied to each backend that uses them
     tok = _a(4 * T)                    # inp_tokens (i32)
     pos = _a(4 * T)                    # inp_pos (i32)
@@ -444,7 +520,12 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         v_idxs = rot_full = 0
     mask = _a(n_kv * T * mask_elt)
     mask_swa = _a(n_kv_swa * T * mask_elt) if g.has_swa else 0
-    kv_in_full = k_idxs + v_idxs + mask + rot_full
+    # a KV kind no layer uses (every layer sliding-window: granite_swa, maple, step35...) has its inputs built
+    # (build_attn_inp_kv_iswa) but no op reads them, so they are not in the graph and take no memory
+    # (a graph with recurrent layers keeps them counted: the error it states was measured so, minimax-01)
+    any_full = g.attn_prefix is not None or any(layer.has_kv and not (g.has_swa and g.swa[i])
+                                                for i, layer in enumerate(profile.layers))
+    kv_in_full = k_idxs + v_idxs + mask + rot_full if any_full else 0
     kv_in_swa = k_idxs + v_idxs + mask_swa + rot_swa if g.has_swa else 0
     all_inputs = pos + kv_in_full + kv_in_swa + out_ids
     # KQ of build_attn_mha: [n_kv, T / n_stream, n_head, n_stream] f32, one stream per sequence
@@ -452,6 +533,7 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     kq_swa = _a(4 * n_kv_swa * (T // n_stream) * g.n_head * n_stream)
 
     ungated = _ungated_ffn(profile)
+    recurrent = any(layer.is_recurrent for layer in profile.layers)
     if g.moe:
         # build_moe_ffn: up, gate and GLU [n_ff_exp, n_expert_used, T]; the expert outputs
         # [n_embd, n_expert_used, T] reuse up's and gate's range if they fit, else go on top
@@ -460,6 +542,19 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         fd = _a(4 * E * U * T)
         down_on_top = fd > 2 * fe
         ffn_big = 3 * fe + (fd if down_on_top else 0)
+        mf = moe_flags(profile)
+        # a GLU output no wider than a row set takes the FFN norm's range, freed once up has read it, and the
+        # expert outputs take gate's and up's (maple, mimo2: 512-wide experts, two used, over n_embd 1024)
+        # (not where a shared expert or grovemoe's chunk experts read the norm after the routed experts, nor in a
+        # graph with recurrent layers, whose stated error was measured with llama's sizing)
+        glu_in_norm = (mf.gated_experts and fe <= e and not down_on_top and not mf.shared and not recurrent
+                       and not any("_chexps" in t.name for layer in profile.layers for t in layer.tensors))
+        if glu_in_norm:
+            ffn_big = 2 * fe
+        if not mf.gated_experts and not recurrent:
+            # no gate (granitemoe's optional ffn_gate_exps left out): up, its activation in place, and the expert
+            # outputs on top while up is read (build_moe_ffn: cur = up; ggml_silu)
+            ffn_big = fe + fd
         # row sets below the FFN: residual, norm, a hole, and the router's small tensors
         # (logits, argsort, weights) take one more when the expert outputs go on top
         ffn_slots = 3 * e + (e if down_on_top else 0)
@@ -474,7 +569,8 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         # one of them in the host operands' range they do not (measured: RPC devices, n_embd 1024,
         # qwen3moe and gpt-oss, fd = 2 fe; issue 27)
         ffn_after_host = host_boundary + (3 - n_fit) * fe + (fd if down_on_top or (n_fit == 1 and fd > fe) else 0)
-        mf = moe_flags(profile)
+        if glu_in_norm:
+            ffn_after_host = host_boundary + ffn_big    # gate and up above the host's operands (maple, -ngl 4)
         shx = mf.shared
         if shx:
             # the host layer's adds of the shared expert (and its gate) run on the next device (compute_moe)
@@ -542,6 +638,8 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     pos_e = e if _learned_positions(profile) else 0
     gather_after = profile.arch in _GATHER_AFTER
     post_e = e if post else 0
+    skip_e = e if profile.arch in _EMBD_SKIP else 0
+    attn_extra = profile.arch in _ATTN_OUT_EXTRA
     own_inputs: dict[str, int] = {}
     for name in names:
         s = stats.get(name)
@@ -552,11 +650,15 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             # batch never reads) is never freed; nor is an input copied to another backend
             # (the split graph keeps a view of it). embd = get_rows(token_embd) runs here.
             persist = nc * (tok + e + all_inputs)
+            # the output product on the host (bitnet): result_norm's copies come in, the logits above them; an
+            # embedding row set is freed for them, and without pipelining the inputs the devices copied too
+            # (measured: -ts 1,1 and 3,1 pipelined; -sm none)
+            out_here = (persist + nc * e if nc > 1 else tok + 2 * e) + host_logits if host_logits else 0
             if s is None:
-                out[name] = persist + e + pos_e     # the rows the first device's add reads stay
-
+                out[name] = max(persist + e + pos_e, out_here)     # the rows the first device's add reads stay
                 continue
-            peaks = [persist + ffn_slots + ffn_big]
+            persist += skip_e
+            peaks = [persist + ffn_slots - (e if profile.arch in _ATTN_OUT_BACK else 0) + ffn_big, out_here]
             if not fa:
                 peaks.append(persist + 3 * e + q + (kq_full if s[1] else kq_swa))
             if has_out:        # ngl 0: inputs only used here are freed after the last layer
@@ -587,7 +689,8 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
                 if g.moe and after_host and nc == 1 and not shx:
                     out[name] = host_boundary + e + logits   # + the new sum over the experts
                 else:
-                    out[name] = nc * e + (e if nc > 1 else 0) + logits
+                    # a weightless output norm runs on the device before, which sends result_norm itself (talkie)
+                    out[name] = nc * e + (e if nc > 1 and not _weightless_norms(profile) else 0) + logits
             continue
 
         n_l, has_full, has_swa, before, full_later, swa_later = s
@@ -605,10 +708,14 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             boundary = e
         else:
             boundary = 2 * e
+        if skip_e and nc == 1:
+            inputs += skip_e        # the normed embeddings every layer reads, computed here or a copy
 
         if nc > 1:
             # pipelined: every input copy is kept 4 times and none is ever freed
             base = nc * (boundary + (pos_e if before is None else 0) + inputs)
+            # the normed embeddings every layer reads: computed on the first device, copied to the others
+            base += skip_e if before is None else nc * skip_e
             # The hole below the FFN: a quantized V cache leaves none on a device without the model's
             # last layer (n_embd 512 real loads and 1024 dry runs, q8_0 and q4_0; issue 14), nor does
             # the device of the last layer and the output (f16 and quantized); the last layer's device
@@ -619,8 +726,12 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             quant_v = config.type_v not in ("f32", "f16", "bf16")
             holds_last = last_dev == name
             quant_k = config.type_k not in ("f32", "f16", "bf16")
-            closed = (holds_last and has_out and not par_e and not (profile.arch in _SANDWICH and n_l > 1)) \
-                or ((quant_v or (quant_k and not fa)) and (not holds_last or gather_after) and not post)
+            # (a residual-first add keeps it open unless a quantized V cache closes it: phi3, -ts 1,1 f16 against
+            # -ts 1,1,1 q4_0)
+            closed = (holds_last and has_out and not par_e and not (profile.arch in _SANDWICH and n_l > 1)
+                      and (quant_v or profile.arch not in _RESIDUAL_FIRST)) \
+                or ((quant_v or (quant_k and not fa)) and (not holds_last or gather_after) and not post
+                    and not attn_extra)
             if par_e:
                 # attention and the FFN side by side (cohere2): a quantized V closes no hole; the last layer alone
                 # with the output does (measured: -ts 3,1 q8_0 and 1,1,1 q4_0)
@@ -698,7 +809,8 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
             else:
                 # the residual and one hole below the FFN; two host operands leave room for both
                 # (a layer without RoPE leaves the hole: smollm3, -ngl 4 in the arch matrix)
-                room = boundary >= 2 * e and name not in nope_devs and not post and not qkv_view and not sum_last
+                room = boundary >= 2 * e and name not in nope_devs and not post and not qkv_view and not sum_last \
+                    and not attn_extra
                 ffn = (2 * e if room else 3 * e) + par_e + ffn_big
             # attention: Q before and after RoPE (a ROPE of a reshaped view is not in place)
             peaks = [ffn_inputs + ffn, inputs + 2 * e + 2 * q]
@@ -710,15 +822,17 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         # The model's last layer: when its input copies are smaller than a row set, its
         # ffn_inp (the gathered attention output) lands above them and the FFN on top.
         low = (e if post else 2 * e) + inputs
-        glu_low = not g.moe and inputs < e and f <= low and not gather_after
-        if all_nope:
-            pass        # the gathered attention output takes the bottom the attention left (baichuan, -ngl 4)
+        glu_low = not g.moe and inputs - skip_e < e and f <= low - skip_e and not gather_after
+        if all_nope or attn_extra:
+            # the gathered attention output takes the bottom the attention left (baichuan, -ngl 4), or the gated
+            # attention output's range (spark2_5, -ngl 4)
+            pass
         elif gather_after and last_dev == name:
             # no gather inside the last layer: its FFN on its input, norm and the input copies (gpt-oss, -ngl 4)
             peaks.append(inputs + 2 * e + ffn_big)
-        elif last_dev == name and not g.moe and inputs < e and not qkv_view:
+        elif last_dev == name and not g.moe and inputs - skip_e < e and not qkv_view:
             peaks.append(low + e + par_e + (ffn_big if ungated else 2 * f if glu_low else 3 * f))
-        elif last_dev == name and g.moe and n_l == 1 and inputs < e:
+        elif last_dev == name and g.moe and n_l == 1 and inputs - skip_e < e:
             # MoE, the model's last layer alone: the gathered rows land above the input copies (out_ids
             # is still live), the FFN on top (qwen3moe, olmoe: arch matrix, -ngl 4 over 3 devices); llama4's input
             # weighted before the experts (n_expert_used 1) takes a hole, its up and gate go on top

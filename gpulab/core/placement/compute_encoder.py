@@ -429,14 +429,14 @@ def encoder_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_devi
         g, fa_nodes, pinned = build(_Ctx(profile, cfg, devs, T, n_seqs, T_out, pin_norm, ffn), fa)
         return g, {"fa": fa_nodes}, pinned      # a pinned view: its readers elsewhere copy it
 
-    key = (build, T, n_seqs, T_out, pin_norm)
-    run = template(make, profile, key, config, layer_devices, ffn_devices, config.flash_attn != "off").place(
+    tkey = (build, T, n_seqs, T_out, pin_norm)     # the graph, built once for every placement
+    run = template(make, profile, tkey, config, layer_devices, ffn_devices, config.flash_attn != "off").place(
         layer_devices, ffn_devices)
     if config.flash_attn == "auto" and run.moved("fa"):
         # llama_context::resolve_fused_ops: flash attention scheduled away from its layer's device is
         # turned off (and the reserve graph built again without it)
-        run = template(make, profile, key, config, layer_devices, ffn_devices, False).place(layer_devices,
-                                                                                          ffn_devices)
+        run = template(make, profile, tkey, config, layer_devices, ffn_devices, False).place(layer_devices,
+                                                                                           ffn_devices)
     tops = run.peaks(n_copies)
     out = {name: tops.get(name, 0) for name in names}
     if len(_CACHE) > 256:

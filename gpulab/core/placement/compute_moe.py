@@ -43,6 +43,9 @@ class MoeFlags:
     layer_moe: tuple[bool, ...]  # per layer: routed experts (else a dense FFN: leading dense layers)
     # llama4 scales the FFN input by the router weight before the experts (build_moe_ffn: weight_before_ffn)
     weight_before: bool = False
+    # build_moe_ffn multiplies a gate beside up (ffn_gate_exps, or a fused ffn_gate_up_exps); granitemoe's loader
+    # makes ffn_gate_exps optional (TENSOR_NOT_REQUIRED, src/models/granite-moe.cpp)
+    gated_experts: bool = True
 
     @property
     def router_rows(self) -> int:
@@ -54,6 +57,10 @@ class MoeFlags:
         """Where a shared-expert MoE layer's output lands above the FFN's base: above the expert outputs (which
         took up's and gate's range), and with the weighting before the FFN (n_expert_used 1: the weighted
         input, up and gate, the GLU output in the input's place) above the expert outputs and the GLU output."""
+        if not self.gated_experts:
+            # up alone, its SILU in place, the expert outputs above it: the output takes up's freed range, right
+            # at the FFN's base (granitemoe, -ts 1,1: bench/compute_trace.py)
+            return 0
         return fd + (fe if self.weight_before else 0)
 
     def device_layers(self, layer_devices: list[str], name: str) -> list[bool]:
@@ -73,7 +80,9 @@ def moe_flags(profile: ModelProfile) -> MoeFlags:
     flags = MoeFlags(shared=any("_shexp" in n for n in names), gated=any("ffn_gate_inp_shexp" in n for n in names),
                      probs_bias=any("exp_probs_b" in n for n in names),
                      layer_moe=tuple(any(t.is_expert for t in layer.tensors) for layer in profile.layers),
-                     weight_before=profile.arch == "llama4")
+                     weight_before=profile.arch == "llama4",
+                     gated_experts=any("gate_exps" in t.name or "gate_up_exps" in t.name
+                                       for layer in profile.layers for t in layer.tensors if t.is_expert))
     key = id(profile)
     _CACHE[key] = (weakref.ref(profile, lambda _r: _CACHE.pop(key, None)), flags)
     return flags

@@ -52,6 +52,20 @@ COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "in
                            "phi2", "pockettts", "starcoder", "starcoder2",
                            # discovered, exact since the MLA/MoE round (compute_moe: a shared expert)
                            "hunyuan-moe",
+                           # branch attn (round 3): every layer sliding-window, an expert count without experts,
+                           # experts without a gate, a GLU output in the norm's range, a residual-first add, a gate
+                           # or sub-norm between attention and its projection, the output product on the host, a
+                           # skip connection, chameleon's image logits
+                           "granite_swa", "maple", "mimo2", "spark2_5", "phi3", "ernie4_5", "granitemoe", "bitnet",
+                           "chameleon", "talkie",
+                           # ... replayed (placement.hrm): passes of two weight stacks over cache slots
+                           "hrm_text",
+                           # ... replayed (placement.gemma4): per-layer inputs, norms around every phase
+                           "gemma4",
+                           # ... replayed (placement.gemma3n): AltUp, LAuReL, per-layer inputs
+                           "gemma3n",
+                           # ... replayed (placement.dense): step35's head-wise gate, rows gathered after the last layer
+                           "step35",
                            # branch small: graphs replayed op by op (placement.dense), every device of the 6
                            # settings within 1 MiB
                            "qwen", "falcon", "gptneox", "command-r", "plamo", "stablelm", "refact", "olmo",
@@ -62,18 +76,21 @@ COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "in
                            # branch encoders: attention without a KV cache, replayed (compute_encoder)
                            "dream", "llada", "llama-embed", "eurobert", "rnd1", "llada-moe", "gemma-embedding",
                            "bert", "jina-bert-v3", "nomic-bert", "nomic-bert-moe", "neo-bert", "modern-bert",
-                           "t5encoder", "t5", "wavtokenizer-dec", "jina-bert-v2"})
+                           "t5encoder", "t5", "wavtokenizer-dec", "jina-bert-v2",
+                           # branch recurrent2: replayed (placement.recurrent), in RECURRENT_GRAPHS
+                           "mamba", "jamba", "falcon-h1", "granitehybrid", "nemotron_h", "nemotron_h_moe",
+                           "lfm2moe", "qwen35", "qwen35moe", "rwkv6qwen2", "arwkv7",
+                           "plamo2", "minimax-01"})
 
 
 # Architectures whose memory is not llama_kv_cache / llama_memory_recurrent as gpulab sizes them
 # (llama_model::create_memory, src/llama-model.cpp): the DSV4 compressed cache, KDA/linear-attention
 # states gpulab sizes from the formula but has not run. (The lightning indexers' key caches of
-# deepseek32, glm-dsa and minimax-m3 are counted: LayerProfile.n_embd_k_idx.)
+# deepseek32, glm-dsa, minimax-m3 and glm5-next are counted: LayerProfile.n_embd_k_idx.)
 CACHE_NOT_MODELLED = {
     "deepseek4": "the DSV4 compressed KV cache (llama_kv_cache_dsv4) is not modelled",
     "hy_v4": "the DSV4 compressed KV cache (llama_kv_cache_dsv4) is not modelled",
-    "kimi-k3": "its hybrid cache with an indexer is not modelled",
-    "glm5-next": "its hybrid cache with an indexer is not modelled",
+    "dots3note": "its indexer and sliding-window caches (llama_kv_cache_dsa_iswa) are not modelled",
 }
 
 
@@ -221,7 +238,8 @@ def doubts(profile: ModelProfile, config: SplitConfig, layer_devices: list[str] 
         and (arch not in COMPUTE_EXACT or mla_geom(profile) is None)
     if replayable(profile) or encoder_replayable(profile):
         pass                   # replayed op by op (placement.recurrent, compute_encoder): exact wherever checked
-    elif recurrent:
+    elif recurrent or arch in RECURRENT_GRAPHS:
+        # (a graph replayed elsewhere but not for this file: a branch the replay does not build)
         pure = not any(layer.has_kv for layer in profile.layers)
         what = "recurrent graph is" if pure else "recurrent layers are"
         out.append(_measured(arch, f"{arch}'s {what} not modelled", " (mamba2's, lfm2's and qwen3next's, before "

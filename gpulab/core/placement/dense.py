@@ -24,6 +24,9 @@ built in llama.cpp's order and handed to the scheduler's split and ggml-alloc, l
   sliding    two caches (llm_graph_input_attn_kv_iswa): exaone-moe and muse-glimmer rope their window layers only,
              muse-glimmer gates attention and norms after it with plain RMS norms; cohere2moe (attention beside
              the MoE) gathers the output rows after the output norm, which is an output (t_h_nextn)
+  step35     src/models/step35.cpp: a head-wise attention gate over a 3-D view of the output, sigmoid expert
+             gating and a shared expert, the dense FFN tensors of MoE layers unused, rows gathered after the last
+             layer and the layer's output an output (t_h_nextn) (branch attn)
   minicpm3   low-rank Q and KV (V narrower than K), the lm-head scale of result_norm (an output: a new tensor)
   mistral4   deepseek2.cpp's absorbed MLA over a K-only cache (_Mla; deepseek2 itself keeps compute_mla)
   grovemoe   the experts, then the chunk experts of their output (_grove_moe)
@@ -250,6 +253,10 @@ class _Spec:
     out_residual_first: bool = False  # l_out = residual + FFN (phi3's graph, which phimoe builds), not FFN + residual
     rope_only: str = ""           # RoPE only on sliding-window layers ("swa"), or those and leading dense ones
     gather_after_norm: bool = False   # rows gathered after the output norm, the norm an output (t_h_nextn)
+    gather_before_norm: bool = False  # rows gathered after the last layer, before the output norm, the last layer's
+                                      # output an output (t_h_nextn: step35)
+    gate_heads: bool = False      # the attention gate is head-wise, over a 3-D reshape of the output (step35)
+    dense_unused: bool = False    # a MoE layer's dense FFN tensors are loaded but not run (step35), not grok's sum
     embd_norm: bool = False       # the embeddings RMS-normed without a weight (muse-glimmer)
     head_scale: bool = False      # result_norm scaled before the output product: a new tensor, result_norm being
                                   # an output (minicpm3's scale_lmhead)
@@ -299,6 +306,9 @@ _SPECS = {
     "cohere2moe": _Spec(rms=None, parallel="residual,attn", rope_only="swa,dense", gather_after_norm=True),
     "muse-glimmer": _Spec(rope_only="swa", embd_norm=True, attn_gate=True, post_attn="post_attention_norm",
                           post_ffn="post_ffw_norm", post_plain=True),
+    # src/models/step35.cpp: a head-wise attention gate, sigmoid gating of the experts (the loader's default), a
+    # shared expert, the rows gathered after the last layer (branch attn)
+    "step35": _Spec(attn_gate=True, gate_heads=True, gating=2, gather_before_norm=True, dense_unused=True),
 }
 
 
@@ -328,7 +338,7 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
     out_names = {t.name for t in p.output_tensors}
     for il in range(n_layer):
         lay = _Layer(p, il)
-        last = il == n_layer - 1 and spec.gather and not spec.gather_after_norm
+        last = il == n_layer - 1 and spec.gather and not spec.gather_after_norm and not spec.gather_before_norm
         d = c.dev[il]
         n_ff = _ffn_width(p, il)
         h = norm(cur, il, lay, "attn_norm")
@@ -341,7 +351,8 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
             y = attn.attend(q, k, v, il, v_cont=fused)
         if spec.attn_gate:
             gate = g.op(4 * lay.width("attn_gate.weight") * T, h_attn, w=d)
-            y = g.op(y.size, y, g.op(gate.size, gate, inplace=True), inplace=True)    # * sigmoid(gate)
+            # * sigmoid(gate); a head-wise gate multiplies a 3-D reshape (a view: not in place, step35)
+            y = g.op(y.size, g.view(y) if spec.gate_heads else y, g.op(gate.size, gate, inplace=True), inplace=True)
         y = g.op(4 * E * T, y, w=d)                                     # wo
         if lay.has("attn_output.bias"):
             y = g.op(y.size, y, w=d, inplace=True)
@@ -385,7 +396,7 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
             ff = _grove_moe(c, ffn_in, il, lay, spec)
         elif lay.has("ffn_gate_inp.weight"):
             ff = _moe_ffn(c, ffn_in, il, lay, spec, router)
-            if lay.has("ffn_up.weight"):
+            if lay.has("ffn_up.weight") and not spec.dense_unused:
                 # grok: a dense FFN beside the experts, (ffn + moe) * sqrt(2) / 2
                 ff = g.op(ff.size, g.op(ff.size, _ffn(c, ffn_in, il, lay, n_ff), ff, inplace=True), inplace=True)
         else:
@@ -396,6 +407,9 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
             ff = norm(ff, il, lay, spec.post_ffn)
         cur = g.op(ff.size, ffn_inp, ff, inplace=True) if spec.out_residual_first else \
             g.op(ff.size, ff, ffn_inp, inplace=True)
+    if spec.gather_before_norm and n_layer:
+        cur.out = True
+        cur = g.op(4 * E * c.T_out, cur, out_ids)
     h = norm(cur, -1, None, "output_norm") if n_layer else cur
     # result_norm (t_embd), and t_h_nextn where the graph sets it, are outputs (llm_graph_result::set_outputs):
     # never reused in place, never freed

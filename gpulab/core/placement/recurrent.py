@@ -1,4 +1,4 @@
-"""Compute buffers of recurrent graphs (mamba2, lfm2, qwen3next): their ggml graph, replayed.
+"""Compute buffers of recurrent and hybrid graphs: their ggml graph, replayed.
 
 The closed forms of gpulab.core.placement.compute hold because attention layers leave ggml-alloc's buffer
 the same from one layer to the next. Recurrent layers do not: a Mamba-2 layer's ssm_in product, its
@@ -10,21 +10,38 @@ short convolution), copying their inputs over and the result back. So the graph 
 built op by op in llama.cpp's order and handed to gpulab.core.placement.ggml_replay (the scheduler's split
 and ggml-alloc):
 
-  mamba2     llm_build_mamba_base::build_mamba2_layer (src/models/mamba-base.cpp), llama_model_mamba::graph
-             (src/models/mamba.cpp)
-  lfm2       llama_model_lfm2::graph, build_shortconv_block (src/models/lfm2.cpp)
-  qwen3next  llama_model_qwen3next::graph (src/models/qwen3next.cpp), build_conv_state and the fused delta
-             net (src/models/delta-net-base.cpp), build_moe_ffn
-  shared     build_rs / build_inp_s_copy, build_attn / build_attn_mha, build_inp_out_ids (src/llama-graph.cpp),
-             llama_kv_cache::cpy_k / cpy_v / get_k / get_v (src/llama-kv-cache.cpp); a norm named "norm" is
-             pinned to its layer's device under full offload or small ubatches (llama_context::graph_get_cb);
-             flash attention 'auto' is turned off when the scheduler puts a layer's attention on another
-             device (llama_context::resolve_fused_ops)
+  mamba, mamba2   llama_model_mamba::graph (src/models/mamba.cpp), llm_build_mamba_base::build_mamba_layer
+                  and build_mamba2_layer (src/models/mamba-base.cpp)
+  jamba           llama_model_jamba::graph (src/models/jamba.cpp): Mamba-1 or RoPE-less attention, dense FFN
+  falcon-h1       llama_model_falcon_h1::graph: attention beside Mamba-2 in every layer, FFN with biases
+  granitehybrid   llama_model_granite_hybrid::graph: Mamba-2 or attention with the output's bias
+  nemotron_h(_moe) llama_model_nemotron_h::graph: Mamba-2, attention or a ReLU-squared FFN per layer
+  lfm2, lfm2moe   llama_model_lfm2::graph, build_shortconv_block (src/models/lfm2.cpp), MoE past the
+                  leading dense layers (lfm2moe.cpp)
+  qwen3next, qwen35, qwen35moe
+                  llama_model_qwen3next::graph (src/models/qwen3next.cpp), qwen35.cpp / qwen35moe.cpp (beta
+                  and alpha products, a fused QKV attention), build_conv_state and the fused delta net
+                  (src/models/delta-net-base.cpp), build_moe_ffn
+  rwkv6qwen2      llm_build_rwkv6_base::build_rwkv6_time_mix (src/models/rwkv6-base.cpp), rwkv6qwen2.cpp
+  arwkv7          llm_build_rwkv7_base::build_rwkv7_time_mix (src/models/rwkv7-base.cpp), arwkv7.cpp
+  plamo2          llama_model_plamo2::graph, build_plamo2_mamba_layer / build_plamo2_attn_layer (plamo2.cpp)
+  minimax-01      llama_model_minimax_01::graph (src/models/minimax-01.cpp): lightning attention
+  shared          build_rs / build_inp_s_copy, build_rwkv_token_shift_load / _store, build_attn /
+                  build_attn_mha, build_qkv, build_ffn, build_moe_ffn, build_inp_out_ids (src/llama-graph.cpp),
+                  llama_kv_cache::cpy_k / cpy_v / get_k / get_v (src/llama-kv-cache.cpp); a norm named "norm"
+                  is pinned to its layer's device under full offload or small ubatches
+                  (llama_context::graph_get_cb); flash attention 'auto' and the fused delta net are turned off
+                  when the scheduler puts them on another device than their layer's
+                  (llama_context::resolve_fused_ops); a reshaped weight is no weight to the scheduler (pass 1
+                  reads a source's buffer, and a view has none yet): the op takes its neighbours' device and
+                  copies the weight there; a strided view sent to another device is copied as ggml_nbytes
+                  counts it (Mamba's z)
 
-Every device of the architecture matrix within the log's rounding (tests/integration/
-test_arch_matrix_vs_llama.py, CPU RPC devices), and tests/core/placement/test_recurrent.py. Not replayed:
-sliding-window caches (lfm2's iswa variant) and op offload (CUDA); such a profile falls back to the closed
-forms (see `replayable`).
+Every device of the architecture matrix within the rounding of llama.cpp's log (tests/integration/
+test_arch_matrix_vs_llama.py, CPU RPC devices), and tests/core/placement/test_recurrent.py and
+test_recurrent_graphs.py. Not replayed: sliding-window caches (lfm2's iswa variant), op offload (CUDA), and
+the branches no matrix model exercises (jamba's, granitehybrid's, nemotron_h's MoE layers, minimax-01's
+softmax attention layers); such a profile falls back to the closed forms with a doubt (see `replayable`).
 """
 
 from __future__ import annotations
@@ -39,11 +56,22 @@ from .ggml_replay import Graph, Tensor, _a, per_profile, template
 
 __all__ = ["RECURRENT_GRAPHS", "recurrent_compute_bytes", "replayable"]
 
-RECURRENT_GRAPHS = frozenset({"mamba2", "lfm2", "qwen3next"})
+_NEMOTRON_H = ("nemotron_h", "nemotron_h_moe")      # one graph (llama_model_nemotron_h_moe is a nemotron_h)
+_QWEN3NEXT = ("qwen3next", "qwen35", "qwen35moe")   # one graph but for the linear attention's beta/alpha and FFN
+RECURRENT_GRAPHS = frozenset({"mamba", "mamba2", "jamba", "falcon-h1", "granitehybrid", *_NEMOTRON_H, "lfm2",
+                              "lfm2moe", *_QWEN3NEXT, "rwkv6qwen2", "arwkv7",
+                              "plamo2", "minimax-01"})
 # the hyperparameters each graph reads from the GGUF ({arch}.<key>)
-_KEYS = {"mamba2": ("ssm.conv_kernel", "ssm.inner_size", "ssm.state_size", "ssm.time_step_rank"),
-         "lfm2": ("shortconv.l_cache",),
-         "qwen3next": ("ssm.conv_kernel", "ssm.inner_size", "ssm.state_size", "ssm.time_step_rank", "ssm.group_count")}
+_SSM = ("ssm.conv_kernel", "ssm.inner_size", "ssm.state_size", "ssm.time_step_rank")
+_KEYS = {**dict.fromkeys(("mamba", "mamba2", "jamba", "falcon-h1", "granitehybrid", *_NEMOTRON_H, "plamo2"), _SSM),
+         **dict.fromkeys(("lfm2", "lfm2moe"), ("shortconv.l_cache",)),
+         **dict.fromkeys(_QWEN3NEXT, (*_SSM, "ssm.group_count")), "rwkv6qwen2": ("wkv.head_size",), "minimax-01": (),
+         "arwkv7": ("wkv.head_size",)}
+_MOE_BUILT = frozenset({*_QWEN3NEXT, "lfm2moe", "minimax-01"})     # the graphs whose MoE layers are built here (_moe)
+# the graphs whose attention is rotated (build_inp_pos)
+_ROPE = frozenset({*_QWEN3NEXT, "lfm2", "lfm2moe", "falcon-h1", "granitehybrid", "plamo2"})
+_MROPE = frozenset({"qwen35", "qwen35moe"})          # llama_model_rope_type: LLAMA_ROPE_TYPE_IMROPE
+_RESERVE_ONE_SEQ = frozenset({"minimax-01"})         # reserved last as one sequence (llama_context::sched_reserve)
 _QUANT_FREE = ("f32", "f16", "bf16")
 _CACHE: dict[tuple, tuple[weakref.ref, dict[str, int]]] = {}
 # bytes per element of a cache type, and elements per block (ggml_type_size / ggml_blck_size)
@@ -66,6 +94,22 @@ class _Ctx:
         self.ffn_dev = ffn_devices or layer_devices       # where each layer's FFN weights are (tensor overrides)
         self.T, self.ns, self.T_out, self.pin = T, ns, T_out, pin_norm
         self.E = profile.n_embd
+        self.shapes = {t.name: t.shape for layer in profile.layers for t in layer.tensors}
+        self.wbytes = {t.name: t.n_bytes for layer in profile.layers for t in layer.tensors}
+        self.names = self.shapes.keys()
+        self.fused_gdn = True                    # cparams.fused_gdn_ar / _ch (llama_context::resolve_fused_ops)
+        self.gdn_nodes: list[tuple[Tensor, str]] = []   # each fused delta net that could be unfused, its device
+        self.v_first: Tensor | None = None        # RWKV-7: the first layer's V, read by every later layer
+
+    def reshaped(self, il: int, name: str) -> Tensor:
+        """A reshape of layer il's weight `name`: no weight to the scheduler's pass 1 (a view has no buffer
+        yet), so the op reading it takes its neighbours' backend, and a copy of the weight where that is
+        another device."""
+        return self.g.view(self.g.ext(self.dev[il], self.wbytes[f"blk.{il}.{name}"]))
+
+    def has(self, name: str, default: bool) -> bool:
+        """Whether the file has tensor `name`; `default` for a profile without its tensor list (built in code)."""
+        return name in self.names if self.names else default
 
     def norm(self, x: Tensor, il: int, size: int | None = None) -> Tensor:
         """build_norm (RMS, with a weight): the norm named "norm" is pinned to its layer's device
@@ -85,6 +129,39 @@ class _Ctx:
         g.expand(out)
         g.expand(g.set(d, g.op(0, cache, s_extra), g.view(g.ext(d))))
         return out
+
+
+def _mamba1(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, il: int) -> Tensor:
+    """llm_build_mamba_base::build_mamba_layer (src/models/mamba-base.cpp): Mamba-1, one head per channel;
+    B, C and dt RMS-normed where the layer has their norms (Jamba)."""
+    g, d, T, ns = c.g, c.dev[il], c.T, c.ns
+    md, arch = c.p.metadata, c.p.arch
+    d_conv, d_inner = int(md[f"{arch}.ssm.conv_kernel"]), int(md[f"{arch}.ssm.inner_size"])
+    d_state, dt_rank = int(md[f"{arch}.ssm.state_size"]), int(md[f"{arch}.ssm.time_step_rank"])
+    conv = g.view(c.rs(il, s_main, s_extra, 4 * (d_conv - 1) * d_inner * ns))
+    xz = g.op(4 * 2 * d_inner * T, g.view(cur), w=d)                # ssm_in
+    # x and z: strided halves of each row (ggml_nbytes: what a copy of one to another device takes)
+    x, z = (g.view(xz, 4 * d_inner + 4 * 2 * d_inner * (T - 1)) for _ in range(2))
+    conv_x = g.op(4 * (d_conv - 1 + T // ns) * d_inner * ns, conv, g.view(x))   # concat(conv, x^T)
+    g.expand(g.set(d, g.view(conv_x), g.view(g.ext(d))))
+    x = g.op(4 * d_inner * T, conv_x, w=d)                          # ssm_conv
+    x = g.op(x.size, g.op(x.size, x, w=d, inplace=True), inplace=True)   # silu(x + conv bias)
+    x_db = g.op(4 * (dt_rank + 2 * d_state) * T, x, w=d)            # ssm_x
+    dt, B, C = g.view(x_db), g.view(x_db), g.view(x_db)
+    if f"blk.{il}.ssm_dt_norm.weight" in c.names:
+        dt, B, C = (c.norm(v, il, 4 * n * T) for v, n in ((dt, dt_rank), (B, d_state), (C, d_state)))
+    else:
+        dt = g.op(4 * dt_rank * T, dt)                              # cont
+    dt = g.op(4 * d_inner * T, g.op(4 * d_inner * T, dt, w=d), w=d, inplace=True)   # ssm_dt + bias
+    x4 = g.view(x)
+    ys = c.rs(il, s_main, s_extra, 0,
+              lambda states: g.op(4 * (d_inner * T + d_state * d_inner * ns), g.view(states), x4, dt, B, C, s_main,
+                                  w=d))
+    g.expand(g.set(d, g.view(ys), g.view(g.ext(d))))
+    yd = 4 * d_inner * T
+    y = g.op(yd, g.view(ys, yd), g.op(yd, x, w=d, inplace=True), inplace=True)     # y + x * D
+    y = g.op(yd, g.op(yd, z), y)                                     # swiglu_split(cont(z), y)
+    return g.view(g.op(4 * c.E * T, y, w=d))                         # ssm_out
 
 
 def _mamba2(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, il: int) -> Tensor:
@@ -134,7 +211,8 @@ def _shortconv(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, il: int) -
 
 def _gated_delta_net(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, il: int) -> Tensor:
     """llama_model_qwen3next::graph::build_layer_attn_linear (src/models/qwen3next.cpp; fused QKV and gate
-    projections), build_conv_state and the fused build_delta_net (src/models/delta-net-base.cpp)."""
+    projections) and llama_model_qwen35(moe)'s, build_conv_state and the fused build_delta_net
+    (src/models/delta-net-base.cpp)."""
     g, d, T, ns, E = c.g, c.dev[il], c.T, c.ns, c.E
     md, arch = c.p.metadata, c.p.arch
     d_conv, d_inner = int(md[f"{arch}.ssm.conv_kernel"]), int(md[f"{arch}.ssm.inner_size"])
@@ -144,9 +222,14 @@ def _gated_delta_net(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, il: 
     ch = d_inner + 2 * nk * hk
     qkv = g.view(g.op(4 * ch * T, cur, w=d))
     z = g.op(4 * d_inner * T, cur, w=d)
-    ba = g.view(g.op(4 * 2 * nv * T, cur, w=d))
-    beta = g.view(g.op(4 * nv * T, g.op(4 * nv * T, g.view(ba)), inplace=True))      # sigmoid(cont(b))
-    alpha = g.op(4 * nv * T, g.op(4 * nv * T, g.view(ba)), w=d, inplace=True)         # cont(a) + dt bias
+    if arch == "qwen3next":
+        ba = g.view(g.op(4 * 2 * nv * T, cur, w=d))
+        beta = g.view(g.op(4 * nv * T, g.op(4 * nv * T, g.view(ba)), inplace=True))  # sigmoid(cont(b))
+        alpha = g.op(4 * nv * T, g.op(4 * nv * T, g.view(ba)), w=d, inplace=True)     # cont(a) + dt bias
+    else:
+        # qwen35 (src/models/qwen35.cpp): beta and alpha products of their own, read through reshapes
+        beta = g.op(4 * nv * T, g.view(g.op(4 * nv * T, cur, w=d)))                   # sigmoid
+        alpha = g.op(4 * nv * T, g.view(g.op(4 * nv * T, cur, w=d)), w=d)             # + dt bias
     gate = g.view(g.op(alpha.size, g.op(alpha.size, alpha, inplace=True), w=d, inplace=True))   # softplus * A
     conv = g.view(c.rs(il, s_main, s_extra, 4 * (d_conv - 1) * ch * ns))
     ci = g.op(4 * (d_conv - 1 + T // ns) * ch * ns, conv, g.view(qkv))               # concat(states, qkv^T)
@@ -154,13 +237,198 @@ def _gated_delta_net(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, il: 
     state = g.view(c.rs(il, s_main, s_extra, 4 * hv * hv * nv * ns))
     co = g.op(4 * ch * T, g.op(4 * ch * T, ci, w=d), inplace=True)                    # silu(ssm_conv)
     q, k = (g.op(4 * hk * nk * T, g.op(4 * hk * nk * T, g.view(co)), inplace=True) for _ in range(2))  # l2 norms
-    if nk != nv:                                                                      # repeat to the V heads
+    if nk != nv and (arch == "qwen3next" or not c.fused_gdn):
+        # repeated to the V heads; qwen35's graph repeats only where the fused delta net is off (it is on
+        # wherever the scheduler keeps it on its layer's device: llama_context::resolve_fused_ops)
         q, k = g.view(g.op(4 * hk * nv * T, g.view(q))), g.view(g.op(4 * hk * nv * T, g.view(k)))
     out = g.op(4 * hv * nv * (T + hv * ns), q, k, g.view(co), gate, beta, state)      # ggml_gated_delta_net
+    if arch != "qwen3next" and nk != nv:
+        c.gdn_nodes.append((out, d))
     g.expand(g.set(d, g.view(out), g.view(g.ext(d))))                                 # the new state
     y = c.norm(g.view(out), il, 4 * d_inner * T)
     y = g.op(y.size, y, g.op(y.size, g.view(z), inplace=True), inplace=True)          # * silu(z)
     return g.view(g.op(4 * E * T, g.view(y), w=d))                                    # ssm_out
+
+
+def _rwkv6_time_mix(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, x_prev: Tensor, il: int) -> Tensor:
+    """llm_build_rwkv6_base::build_rwkv6_time_mix (src/models/rwkv6-base.cpp) as rwkv6qwen2 runs it: fused
+    lerps, no time_mix_first (gated linear attention, sigmoid gate), K and V repeated to the heads."""
+    g, d, T, ns, E = c.g, c.dev[il], c.T, c.ns, c.E
+    md, arch = c.p.metadata, c.p.arch
+    n_head, n_head_kv = E // int(md[f"{arch}.wkv.head_size"]), c.p.layers[il].n_head_kv
+    w1 = c.shapes[f"blk.{il}.time_mix_w1.weight"][1]
+    kv = c.shapes[f"blk.{il}.time_mix_key.weight"][1]
+    sx = g.op(4 * E * T, x_prev, cur, inplace=True)                               # x_prev - x
+    sx_v, cur_v = g.view(sx), g.view(cur)
+    xxx = g.op(4 * E * T, g.op(4 * E * T, sx_v, w=d, inplace=True), cur_v, inplace=True)   # sx * lerp_x + x
+    xxx = g.op(4 * w1 * T, g.op(4 * w1 * T, xxx, w=d), inplace=True)              # tanh(w1 xxx)
+    xxx = g.op(4 * w1 * T, g.view(g.view(xxx)))                                  # cont(permute)
+    xxx = g.op(4 * 5 * E * T, c.reshaped(il, "time_mix_w2.weight"), xxx)
+    xxx = g.op(xxx.size, g.op(xxx.size, xxx, w=d, inplace=True), g.view(sx), inplace=True)  # (xxx + lerp) * sx
+    xxx = g.op(xxx.size, xxx, g.view(cur), inplace=True)                          # + x
+    xw, xk, xv, xr, xg = (g.view(xxx, 4 * E * T) for _ in range(5))
+    r = g.op(4 * E * T, xr, w=d)
+    k = g.op(4 * kv * T, xk, w=d)
+    v = g.op(4 * kv * T, xv, w=d)
+    gate = g.op(4 * E * T, g.op(4 * E * T, xg, w=d), inplace=True)               # sigmoid(time_mix_gate xg)
+    if n_head_kv and n_head_kv != n_head:                                         # repeated to the heads
+        k, v = g.op(4 * E * T, g.view(k)), g.op(4 * E * T, g.view(v))
+    k, v, r = g.view(k), g.view(v), g.view(r)
+    wd = c.shapes[f"blk.{il}.time_mix_decay_w1.weight"][1]
+    w = g.op(4 * E * T, g.op(4 * wd * T, g.op(4 * wd * T, xw, w=d), inplace=True), w=d)   # w2 tanh(w1 xw)
+    w = g.op(w.size, w, w=d, inplace=True)                                        # + decay
+    for _ in range(3):                                                            # exp(-exp(w))
+        w = g.op(w.size, w, inplace=True)
+    w = g.view(w)
+    k = g.op(4 * E * T, k, g.op(4 * E * T, k, w, inplace=True), inplace=True)    # k - k * w
+    state = c.rs(il, s_main, s_extra, 4 * c.p.layers[il].n_embd_s * ns)
+    out = g.op(4 * E * (T + E // n_head * ns), k, v, r, w, state)                 # ggml_gated_linear_attn
+    g.expand(g.set(d, g.view(out), g.view(g.ext(d))))                             # the new state
+    y = g.op(4 * E * T, g.view(g.view(out, 4 * E * T)), gate, inplace=True)       # * gate
+    return g.view(g.op(4 * E * T, y, w=d))                                        # time_mix_output
+
+
+def _rwkv7_time_mix(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, x_prev: Tensor, il: int) -> Tensor:
+    """llm_build_rwkv7_base::build_rwkv7_time_mix (src/models/rwkv7-base.cpp) as arwkv7 runs it: no gate, no
+    group norm; the first layer's V (c.v_first) mixed into every later layer's."""
+    g, d, T, ns, E = c.g, c.dev[il], c.T, c.ns, c.E
+    md, arch = c.p.metadata, c.p.arch
+    head = int(md[f"{arch}.wkv.head_size"])
+    sh = c.shapes
+    e = 4 * E * T
+
+    def lora(x: Tensor, name: str, tanh: bool = False) -> Tensor:                 # x2(x1 x): a low-rank product
+        mid = g.op(4 * sh[f"blk.{il}.time_mix_{name}1.weight"][1] * T, x, w=d)
+        return g.op(e, g.op(mid.size, mid, inplace=True) if tanh else mid, w=d)
+
+    sx = g.op(e, x_prev, cur, inplace=True)                                       # x_prev - x
+    sx = g.op(5 * e, sx)                                                          # repeat: one per lerp
+    xxx = g.op(5 * e, g.op(5 * e, sx, w=d, inplace=True), cur, inplace=True)      # sx * lerp_fused + x
+    xr, xw, xk, xv, xa = (g.view(xxx, e) for _ in range(5))
+    r = g.op(e, xr, w=d)
+    w = g.op(e, g.op(e, lora(xw, "w", tanh=True), w=d, inplace=True), inplace=True)   # sigmoid(w2 tanh(w1 xw) + w0)
+    for _ in range(2):                                                            # exp(scale(.))
+        w = g.op(e, w, inplace=True)
+    k = g.op(e, xk, w=d)
+    v = g.op(e, xv, w=d)
+    if c.v_first is None:
+        c.v_first = v
+    else:
+        mix = g.op(e, g.op(e, lora(xv, "v"), w=d, inplace=True), inplace=True)   # sigmoid(v2 v1 xv + v0)
+        v = g.op(e, v, g.op(e, g.op(e, c.v_first, v, inplace=True), mix, inplace=True), inplace=True)
+    a = g.op(e, g.op(e, lora(xa, "a"), w=d, inplace=True), inplace=True)         # sigmoid(a2 a1 xa + a0)
+    kk = g.op(e, g.view(g.op(e, k, w=d, inplace=True)))                           # l2_norm(k * k_k)
+    ka = g.op(e, k, w=d, inplace=True)                                            # k * k_a
+    k = g.op(e, k, g.op(e, g.op(e, a, ka, inplace=True), ka, inplace=True), inplace=True)   # k + (a * ka - ka)
+    r, w, k, v, a = (g.view(x) for x in (r, w, k, v, a))
+    state = c.rs(il, s_main, s_extra, 4 * c.p.layers[il].n_embd_s * ns)
+    neg = g.op(e, kk, inplace=True)
+    out = g.op(4 * E * (T + head * ns), r, w, k, v, neg, g.op(e, kk, a, inplace=True), state)  # ggml_rwkv_wkv7
+    g.expand(g.set(d, g.view(out), g.view(g.ext(d))))                             # the new state
+    rk = g.op(e, g.op(e, k, r, inplace=True), c.reshaped(il, "time_mix_r_k.weight"), inplace=True)
+    rk = g.op(4 * (E // head) * T, rk)                                            # sum_rows(k * r * r_k)
+    y = g.op(e, g.view(g.view(out, e)), g.view(g.op(e, v, rk, inplace=True)), inplace=True)
+    return g.view(g.op(e, y, w=d))                                                # time_mix_output
+
+
+def _plamo2_mamba(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, il: int) -> Tensor:
+    """llama_model_plamo2::graph::build_plamo2_mamba_layer (src/models/plamo2.cpp): Mamba with heads, z and x
+    interleaved per head (made contiguous), dt, B and C RMS-normed, A and D reshaped weights."""
+    g, d, T, ns = c.g, c.dev[il], c.T, c.ns
+    md, arch = c.p.metadata, c.p.arch
+    d_conv, d_inner = int(md[f"{arch}.ssm.conv_kernel"]), int(md[f"{arch}.ssm.inner_size"])
+    d_state, n_heads = int(md[f"{arch}.ssm.state_size"]), int(md[f"{arch}.ssm.time_step_rank"])
+    dt_dim = max(64, c.E // 16)
+    conv = g.view(c.rs(il, s_main, s_extra, 4 * (d_conv - 1) * d_inner * ns))
+    zx = g.op(4 * 2 * d_inner * T, g.view(g.op(4 * 2 * d_inner * T, g.view(cur), w=d)))   # cont(permute(ssm_in))
+    x = g.op(4 * d_inner * T, g.view(zx))                                         # cont(x)
+    z = g.view(zx)
+    conv_x = g.op(4 * (d_conv - 1 + T // ns) * d_inner * ns, conv, g.view(x))   # concat(conv, x^T)
+    g.expand(g.set(d, g.view(conv_x), g.view(g.ext(d))))
+    x = g.op(4 * d_inner * T, g.op(4 * d_inner * T, conv_x, w=d), inplace=True)   # silu(ssm_conv)
+    x_bcdt = g.op(4 * c.shapes[f"blk.{il}.ssm_x.weight"][1] * T, x, w=d)         # ssm_x
+    B, C = c.norm(g.view(x_bcdt), il, 4 * d_state * T), c.norm(g.view(x_bcdt), il, 4 * d_state * T)
+    dt = c.norm(g.view(x_bcdt), il, 4 * dt_dim * T)
+    dt = g.op(4 * n_heads * T, g.op(4 * n_heads * T, dt, w=d), w=d, inplace=True)  # ssm_dt + bias
+    x4, B, C = g.view(x), g.view(B), g.view(C)
+    A = c.reshaped(il, "ssm_a")
+    ys = c.rs(il, s_main, s_extra, 0,
+              lambda states: g.op(4 * (d_inner * T + d_state * d_inner * ns), g.view(states), x4, dt, A, B, C,
+                                  s_main))
+    g.expand(g.set(d, g.view(ys), g.view(g.ext(d))))
+    yd = 4 * d_inner * T
+    y = g.op(yd, g.view(ys, yd), g.op(yd, x4, c.reshaped(il, "ssm_d"), inplace=True), inplace=True)  # y + x * D
+    y = g.op(yd, g.op(yd, z), y)                                                  # swiglu_split(cont(z), y)
+    return g.view(g.op(4 * c.E * T, g.view(y), w=d))                              # ssm_out
+
+
+class _Lightning:
+    """The inputs of minimax-01's lightning attention (llm_graph_input_la: the slopes, the decays of Q, K and of
+    the diagonal blocks) and its layer (llama_model_minimax_01::graph, src/models/minimax-01.cpp)."""
+
+    def __init__(self, c: _Ctx) -> None:
+        g, T, ns = c.g, c.T, c.ns
+        H = c.p.layers[0].n_head
+        self.c, self.H = c, H
+        self.slopes = g.inp(4 * H)
+        self.q_decay, self.k_decay = g.inp(4 * H * T), g.inp(4 * H * T)
+        self.diag_decay = g.inp(4 * (T // ns) * (T // ns) * H * ns)
+
+    def __call__(self, s_main: Tensor, s_extra: Tensor, cur: Tensor, il: int) -> Tensor:
+        c, H = self.c, self.H
+        g, d, T, ns, E = c.g, c.dev[il], c.T, c.ns, c.E
+        e = 4 * E * T
+        layer = c.p.layers[il]
+        c.rs(il, s_main, s_extra, 4 * layer.n_embd_r * ns)             # the (empty) conv state, expanded
+        cur = g.view(cur)
+        qkv_all = g.view(g.op(3 * e, g.op(3 * e, cur, w=d), inplace=True))   # silu(wqkv)
+        q, k, v = g.view(qkv_all, e), g.view(qkv_all, e), g.view(qkv_all, e)
+        kv_old = g.view(c.rs(il, s_main, s_extra, 4 * layer.n_embd_s * ns))
+
+        def decay(x: Tensor) -> Tensor:                                 # exp(scale(x))
+            return g.op(x.size, g.op(x.size, x, inplace=True), inplace=True)
+
+        q_decay, k_decay, diag_decay = decay(self.q_decay), decay(self.k_decay), decay(self.diag_decay)
+        none_diag = g.op(e, kv_old, g.view(g.op(e, q, q_decay)))         # kv_old x permute(q * q_decay)
+        qk = g.op(diag_decay.size, g.view(k), g.view(q))                  # k^T q per head
+        qk = g.op(qk.size, qk, diag_decay, inplace=True)
+        v_trans = g.op(e, g.view(v))                                      # cont(permute(v))
+        qkv = g.expand(g.op(e, none_diag, g.op(e, v_trans, qk), inplace=True))
+        block_decay = g.view(decay(g.op(4 * H, self.slopes, inplace=True)))   # exp(scale(scale(slopes)))
+        kv_old_s = g.op(kv_old.size, kv_old, block_decay, inplace=True)
+        k_trans = g.op(e, g.view(g.op(e, k, k_decay)))                    # cont(permute(k * k_decay))
+        kv_new = g.op(kv_old.size, kv_old_s, g.op(kv_old.size, k_trans, v_trans), inplace=True)
+        g.expand(g.set(d, kv_new, g.view(g.ext(d))))                      # the new state
+        qkv = c.norm(g.view(g.op(e, g.view(qkv))), il)                    # norm(cont(permute(qkv)))
+        gate = g.op(e, g.op(e, cur, w=d), inplace=True)                   # sigmoid(wg)
+        return g.view(g.op(e, g.op(e, gate, qkv, inplace=True), w=d))     # wo(gate * qkv)
+
+
+def _ffn(c: _Ctx, h: Tensor, il: int, bias: bool = False) -> Tensor:
+    """llm_graph_context::build_ffn (src/llama-graph.cpp), SiLU with a parallel gate: up, gate, swiglu_split,
+    down; each product's bias the file has added in place (`bias`: the graph passes them)."""
+    g, fd = c.g, c.ffn_dev[il]
+    f = 4 * c.p.n_ff * (h.size // (4 * c.E))
+
+    def mm(size: int, x: Tensor, name: str) -> Tensor:
+        y = g.op(size, x, w=fd)
+        return g.op(size, y, w=fd, inplace=True) if bias and f"blk.{il}.{name}.bias" in c.names else y
+
+    return mm(h.size, g.op(f, mm(f, h, "ffn_gate"), mm(f, h, "ffn_up")), "ffn_down")   # down(swiglu(gate, up))
+
+
+def _relu_sqr_ffn(c: _Ctx, h: Tensor, il: int) -> Tensor:
+    """build_ffn without a gate, LLM_FFN_RELU_SQR (src/llama-graph.cpp; nemotron_h's FFN layers): up and its
+    bias, relu and sqr in place, down and its bias."""
+    g, fd = c.g, c.ffn_dev[il]
+    f = 4 * c.shapes[f"blk.{il}.ffn_up.weight"][1] * (h.size // (4 * c.E))
+
+    def mm(size: int, x: Tensor, name: str) -> Tensor:
+        y = g.op(size, x, w=fd)
+        return g.op(size, y, w=fd, inplace=True) if f"blk.{il}.{name}.bias" in c.names else y
+
+    up = mm(f, h, "ffn_up")
+    return mm(h.size, g.op(f, g.op(f, up, inplace=True), inplace=True), "ffn_down")
 
 
 def _moe(c: _Ctx, h: Tensor, il: int, *, gating: int = 1, probs_bias: bool = False, norm_w: bool = True,
@@ -266,22 +534,44 @@ class _Attn:
             self.caches[True] = _Cache(g, swa, n_swa, T, fa, v_trans, cfg)
         self.fa_nodes: list[tuple[Tensor | None, str]] = []     # each flash-attention node and its layer's device
 
-    def __call__(self, cur: Tensor, pos: Tensor, il: int, gated: bool = False) -> Tensor:
-        """gated: Q is twice as wide, its second half gates the attention output (qwen3next.cpp build_layer_attn)."""
+    def __call__(self, cur: Tensor, pos: Tensor | None, il: int, gated: bool = False, qk_norm: bool = True,
+                 wo_bias: bool = False, qkv_views: bool = False) -> Tensor:
+        """build_qkv's Q, K and V products (src/llama-graph.cpp), Q and K RMS-normed (`qk_norm`) and rotated
+        (where `pos`: RoPE), attended (`attend`), the output product. gated: Q is twice as wide, its second half
+        gates the attention output (qwen3next.cpp build_layer_attn). wo_bias: the graph adds the output's bias
+        where the file has it. A fused QKV product (attn_qkv) is made contiguous part by part (build_qkv with
+        reshape = false: qwen35) or, `qkv_views`, read through strided views (plamo2)."""
         c, g, T = self.c, self.c.g, self.c.T
         d, layer = c.dev[il], c.p.layers[il]
         hd, n_head, n_kv_head = layer.n_embd_head_k, layer.n_head, layer.n_head_kv
-        q_full = g.op(4 * hd * n_head * T * (2 if gated else 1), cur, w=d)
+        q_size, kv_size = 4 * hd * n_head * T * (2 if gated else 1), 4 * hd * n_kv_head * T
+        strided = False
+        if f"blk.{il}.attn_qkv.weight" in c.names:
+            qkv = g.op(q_size + 2 * kv_size, cur, w=d)
+            if qkv_views:
+                q_full, k, v, strided = qkv, g.view(qkv, kv_size), g.view(qkv, kv_size), True
+            else:
+                q_full = g.op(q_size, g.view(qkv))
+                k = g.view(g.op(kv_size, g.view(qkv)))
+                v = g.view(g.op(kv_size, g.view(qkv)))
+        else:
+            q_full = g.op(q_size, cur, w=d)
+            k = g.view(g.op(kv_size, cur, w=d))
+            v = g.view(g.op(kv_size, cur, w=d))
         gate = g.view(g.view(q_full), 4 * hd * n_head * T)
-        q = g.op(4 * hd * n_head * T, c.norm(g.view(q_full), il, 4 * hd * n_head * T), pos, inplace=True)  # RoPE
-        k = g.op(4 * hd * n_kv_head * T, cur, w=d)
-        k = g.op(k.size, c.norm(g.view(k), il), pos, inplace=True)
-        v = g.view(g.op(4 * hd * n_kv_head * T, cur, w=d))
-        out = self.attend(q, k, v, il)
+        q = g.view(q_full, 4 * hd * n_head * T)
+        if qk_norm:
+            q, k = c.norm(q, il), c.norm(k, il)
+        if pos is not None:
+            q, k = g.op(q.size, q, pos, inplace=True), g.op(k.size, k, pos, inplace=True)
+        out = self.attend(q, k, v, il, v_cont=strided)
         if gated:
             gate = g.op(gate.size, g.op(gate.size, gate), inplace=True)     # sigmoid(cont(gate))
             out = g.op(gate.size, out, gate, inplace=True)
-        return g.op(4 * c.E * T, out, w=d)                                   # wo
+        out = g.op(4 * c.E * T, out, w=d)                                    # wo
+        if wo_bias and f"blk.{il}.attn_output.bias" in c.names:
+            out = g.op(out.size, out, w=d, inplace=True)
+        return out
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, il: int, v_cont: bool = False,
                pos_bucket: Tensor | None = None) -> Tensor:
@@ -337,22 +627,107 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
     g.expand(g.inp(4 * E * T))               # inp_embd: a text batch never reads it, it is allocated
     cur = g.expand(g.op(4 * E * T, tokens, w=HOST_NAME))              # get_rows(token_embd)
     attn = _Attn(c, fa, v_trans) if any(la.has_kv for la in p.layers) else None
+    la = _Lightning(c) if p.arch == "minimax-01" else None
     s_copy = g.inp(4 * c.ns)
     s_main, s_extra = g.view(s_copy, 4 * c.ns), g.view(s_copy, 0)
-    pos = g.inp(4 * T) if attn is not None else None
+    # positions: four per token for multi-section RoPE (llama_hparams::n_pos_per_embd)
+    pos = g.inp(4 * T * (4 if p.arch in _MROPE else 1)) if attn is not None and p.arch in _ROPE else None
     out_ids = g.inp(4 * c.T_out)
     n_layer = p.n_layer
     for il in range(n_layer):
         last = il == n_layer - 1
-        if p.arch == "mamba2":
-            y = _mamba2(c, s_main, s_extra, c.norm(cur, il), il)
+        if p.arch in ("mamba", "mamba2"):
+            y = (_mamba1 if p.arch == "mamba" else _mamba2)(c, s_main, s_extra, c.norm(cur, il), il)
             if last:
                 y, cur = g.op(4 * E * c.T_out, y, out_ids), g.op(4 * E * c.T_out, cur, out_ids)
             cur = g.op(y.size, y, cur, inplace=True)                  # l_out
             continue
-        if p.arch == "qwen3next":
-            # llama_model_qwen3next::graph: the norm expanded first, gated delta net or gated attention, the
-            # residual, the post-attention norm, the MoE with its shared expert, the residual
+        if p.arch == "falcon-h1":
+            # llama_model_falcon_h1::graph (src/models/falcon-h1.cpp): attention and Mamba-2 side by side on
+            # the layer's norm (built twice), summed, the residual, the FFN with biases, the residual
+            assert attn is not None
+            y = attn(c.norm(cur, il), pos, il, qk_norm=False)
+            y = g.op(y.size, y, _mamba2(c, s_main, s_extra, c.norm(cur, il), il), inplace=True)
+            cur = g.op(y.size, y, cur, inplace=True)
+            if last:
+                cur = g.op(4 * E * c.T_out, cur, out_ids)
+            cur = g.op(cur.size, _ffn(c, c.norm(cur, il), il, bias=True), cur, inplace=True)
+            continue
+        if p.arch == "granitehybrid":
+            # llama_model_granite_hybrid::graph (src/models/granite-hybrid.cpp): Mamba-2 or attention (RoPE, the
+            # output's bias), the residual, build_layer_ffn: the FFN with biases, the residual
+            h = c.norm(cur, il)
+            if p.layers[il].is_recurrent:
+                y = _mamba2(c, s_main, s_extra, h, il)
+            else:
+                assert attn is not None
+                y = attn(h, pos, il, qk_norm=False, wo_bias=True)
+            if last:
+                y, cur = g.op(4 * E * c.T_out, y, out_ids), g.op(4 * E * c.T_out, cur, out_ids)
+            cur = g.op(y.size, y, cur, inplace=True)
+            cur = g.op(cur.size, _ffn(c, c.norm(cur, il), il, bias=True), cur, inplace=True)
+            continue
+        if p.arch in _NEMOTRON_H:
+            # llama_model_nemotron_h::graph (src/models/nemotron-h.cpp): each layer is Mamba-2, attention (no
+            # RoPE, the output's bias) or an FFN, then the residual; the output rows are kept after the norm
+            h = c.norm(cur, il)
+            if p.layers[il].is_recurrent:
+                y = _mamba2(c, s_main, s_extra, h, il)
+            elif p.layers[il].has_kv:
+                assert attn is not None
+                y = attn(h, None, il, qk_norm=False, wo_bias=True)
+            else:
+                y = _relu_sqr_ffn(c, h, il)
+            cur = g.op(y.size, y, cur, inplace=True)
+            continue
+        if p.arch == "minimax-01":
+            # llama_model_minimax_01::graph: norm, lightning attention (or softmax attention, not built here), the
+            # scaled normed input as the residual, the FFN norm, the MoE, the scaled normed input as the residual
+            assert la is not None
+            h = c.norm(cur, il)
+            y = la(s_main, s_extra, h, il)
+            if last:
+                y, h = g.op(4 * E * c.T_out, y, out_ids), g.op(4 * E * c.T_out, h, out_ids)
+            h = c.norm(g.op(y.size, y, g.op(h.size, h, inplace=True), inplace=True), il)   # norm(y + scale(h))
+            ff = _moe(c, h, il, gated=c.has(f"blk.{il}.ffn_gate_exps.weight", True),
+                      probs_bias=c.has(f"blk.{il}.exp_probs_b.bias", False))
+            cur = g.op(h.size, ff, g.op(h.size, h, inplace=True), inplace=True)
+            continue
+        if p.arch == "plamo2":
+            # llama_model_plamo2::graph (src/models/plamo2.cpp): norm, Mamba or attention (fused QKV read through
+            # views, Q/K norms, RoPE), the post-mixer norm, the residual, the FFN norm, up and a SwiGLU of its two
+            # halves, down, the post-FFN norm, the residual
+            h = c.norm(cur, il)
+            if p.layers[il].is_recurrent:
+                y = _plamo2_mamba(c, s_main, s_extra, h, il)
+            else:
+                assert attn is not None
+                y = attn(h, pos, il, qkv_views=True)
+            if last:
+                y, cur = g.op(4 * E * c.T_out, y, out_ids), g.op(4 * E * c.T_out, cur, out_ids)
+            cur = g.op(y.size, c.norm(y, il), cur, inplace=True)
+            rows, fd = cur.size // (4 * E), c.ffn_dev[il]
+            up = g.op(4 * c.shapes[f"blk.{il}.ffn_up.weight"][1] * rows, c.norm(cur, il), w=fd)
+            y = g.op(cur.size, g.op(up.size // 2, up), w=fd)                         # down(swiglu(up))
+            cur = g.op(cur.size, c.norm(y, il), cur, inplace=True)
+            continue
+        if p.arch in ("rwkv6qwen2", "arwkv7"):
+            # llama_model_rwkv6qwen2::graph (src/models/rwkv6qwen2.cpp): the token shift read, the norm, the
+            # shifted input, the time mix, the token shift written, the residual, the SwiGLU FFN, the residual
+            inp = g.view(cur)
+            shift = g.view(c.rs(il, s_main, s_extra, 4 * p.layers[il].n_embd_r * c.ns))
+            att = c.norm(inp, il)
+            x_prev = g.op(4 * E * T, shift, g.view(att))                            # concat
+            y = (_rwkv6_time_mix if p.arch == "rwkv6qwen2" else _rwkv7_time_mix)(c, s_main, s_extra, att, x_prev, il)
+            g.expand(g.set(c.dev[il], g.view(g.view(att)), g.view(g.ext(c.dev[il]))))
+            ffn_inp = g.op(4 * E * T, y, inp, inplace=True)
+            ffn_inp = g.op(4 * E * c.T_out, g.view(ffn_inp), out_ids) if last else g.view(ffn_inp)
+            cur = g.op(ffn_inp.size, _ffn(c, c.norm(ffn_inp, il), il), ffn_inp, inplace=True)
+            continue
+        if p.arch in _QWEN3NEXT:
+            # llama_model_qwen3next::graph (and qwen35's, qwen35moe's): the norm expanded first, gated delta net
+            # or gated attention, the residual, the post-attention norm, the MoE with its shared expert (qwen35:
+            # a dense FFN), the residual
             h = g.expand(c.norm(cur, il))
             if p.layers[il].is_recurrent:
                 y = _gated_delta_net(c, s_main, s_extra, h, il)
@@ -360,28 +735,30 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
                 assert attn is not None and pos is not None
                 y = attn(h, pos, il, gated=True)
             cur = g.op(y.size, y, cur, inplace=True)
-            cur = g.op(cur.size, _moe(c, c.norm(cur, il), il,
-                                      shared=int(p.metadata.get(f"{p.arch}.expert_shared_feed_forward_length", 0))),
-                       cur, inplace=True)
+            h = c.norm(cur, il)
+            moe = c.has(f"blk.{il}.ffn_gate_inp.weight", p.n_expert > 0)
+            shared = int(p.metadata.get(f"{p.arch}.expert_shared_feed_forward_length", 0))
+            cur = g.op(cur.size, _moe(c, h, il, shared=shared) if moe else _ffn(c, h, il), cur, inplace=True)
             continue
-        # lfm2: operator norm, short convolution or attention, residual, FFN norm, dense SwiGLU FFN, residual
+        # lfm2, lfm2moe, jamba: norm, recurrent block or attention, residual, FFN norm, dense SwiGLU FFN (lfm2moe:
+        # MoE past its leading dense layers), residual
         h = c.norm(cur, il)
         if p.layers[il].is_recurrent:
-            y = _shortconv(c, s_main, s_extra, h, il)
+            y = (_mamba1 if p.arch == "jamba" else _shortconv)(c, s_main, s_extra, h, il)
         else:
-            assert attn is not None and pos is not None
-            y = attn(h, pos, il)
+            assert attn is not None
+            y = attn(h, pos, il, qk_norm=p.arch != "jamba")     # jamba: no RoPE, no Q/K norms
         if last:
             y, cur = g.op(4 * E * c.T_out, y, out_ids), g.op(4 * E * c.T_out, cur, out_ids)
         cur = g.op(y.size, cur, y, inplace=True)
         h = c.norm(cur, il)
-        rows, fd = cur.size // (4 * E), c.ffn_dev[il]
-        f = 4 * p.n_ff * rows
-        ff = g.op(f, g.op(f, h, w=fd), g.op(f, h, w=fd))                 # swiglu(gate, up)
-        cur = g.op(cur.size, cur, g.op(cur.size, ff, w=fd), inplace=True)
+        moe = c.has(f"blk.{il}.ffn_gate_inp.weight", p.n_expert > 0)
+        ff = _moe(c, h, il, gating=int(p.metadata.get(f"{p.arch}.expert_gating_func", 1)),
+                  probs_bias=c.has(f"blk.{il}.exp_probs_b.bias", False)) if moe else _ffn(c, h, il)
+        cur = g.op(cur.size, cur, ff, inplace=True)
     out_dev = c.dev[n_layer]
     h = c.norm(cur, -1, cur.size) if n_layer else cur
-    if p.arch == "qwen3next":
+    if p.arch in (*_QWEN3NEXT, *_NEMOTRON_H):
         # the normed hidden state is an output (t_h_nextn, for MTP); the output rows are kept after the norm
         h.out = True
         h = g.op(4 * E * c.T_out, h, out_ids)
@@ -414,21 +791,36 @@ def replay_compute_bytes(build: GraphBuilder, profile: ModelProfile, config: Spl
     if hit is not None and hit[0]() is profile:
         return dict(hit[1])
 
-    def make(devs: list[str], ffn: list[str] | None, cfg: SplitConfig, fa: bool) -> tuple[Graph, dict, list]:
+    def make(devs: list[str], ffn: list[str] | None, cfg: SplitConfig, fa: bool, fused_gdn: bool,
+             ns: int) -> tuple[Graph, dict, list]:
+        c = _Ctx(profile, cfg, devs, T, ns, T_out, pin_norm, ffn)
+        c.fused_gdn = fused_gdn
         # the KV cache transposes V when flash attention is off when it is made (llama_model::create_memory)
-        g, fa_nodes = build(_Ctx(profile, cfg, devs, T, n_seqs, T_out, pin_norm, ffn), fa, cfg.flash_attn == "off")
-        return g, {"fa": fa_nodes}, []
+        g, fa_nodes = build(c, fa, cfg.flash_attn == "off")
+        return g, {"fa": fa_nodes, "gdn": c.gdn_nodes}, []
 
-    key = (build, T, n_seqs, T_out, pin_norm)
-    run = template(make, profile, key, config, layer_devices, ffn_devices, config.flash_attn != "off").place(
+    # the graph is built once per profile and settings, and scheduled for each placement (ggml_replay.template)
+    tkey = (build, T, T_out, pin_norm)
+    fa = config.flash_attn != "off"
+    run = template(make, profile, tkey, config, layer_devices, ffn_devices, fa, True, n_seqs).place(
         layer_devices, ffn_devices)
-    if config.flash_attn == "auto" and run.moved("fa"):
-        # llama_context::resolve_fused_ops: flash attention scheduled away from its layer's device is
-        # turned off (and the reserve graph built again without it)
-        run = template(make, profile, key, config, layer_devices, ffn_devices, False).place(layer_devices,
-                                                                                          ffn_devices)
+    # llama_context::resolve_fused_ops: flash attention ('auto') or the fused delta net scheduled away from its
+    # layer's device is turned off, and the reserve graph built again without it
+    # (a quantized V cache turns 'auto' into 'on' before that: llama_init_from_model)
+    fa_auto = config.flash_attn == "auto" and config.type_v in _QUANT_FREE
+    fa_off = fa_auto and run.moved("fa")
+    gdn_off = run.moved("gdn")
+    if fa_off or gdn_off:
+        run = template(make, profile, tkey, config, layer_devices, ffn_devices, fa and not fa_off, not gdn_off,
+                       n_seqs).place(layer_devices, ffn_devices)
     tops = run.peaks(n_copies)
     out = {name: tops.get(name, 0) for name in names}
+    if profile.arch in _RESERVE_ONE_SEQ and n_seqs > 1:
+        # llama_context::sched_reserve reserves these graphs last with the ubatch as one sequence (the diagonal
+        # decay grows with the tokens per sequence squared: [TAG_RESERVE_DIAG_DECAY]); a buffer only grows
+        one = template(make, profile, tkey, config, layer_devices, ffn_devices, fa and not fa_off, True, 1).place(
+            layer_devices, ffn_devices).peaks(n_copies)
+        out = {name: max(out[name], one.get(name, 0)) for name in names}
     if len(_CACHE) > 256:
         _CACHE.clear()
     _CACHE[key] = (weakref.ref(profile), out)
@@ -440,15 +832,27 @@ def replayable(profile: ModelProfile) -> bool:
     """Whether `profile`'s compute buffers are replayed here: a graph of RECURRENT_GRAPHS whose hyperparameters
     the file carries, without a sliding window (lfm2's iswa graph is not built), and with the tensors the
     graph built here reads where the profile lists them: qwen3next's fused QKV and gate projections (a file
-    with the mixed ssm_in projection runs another graph), mamba2's grouped norm (ssm_norm, optional)."""
+    with the mixed ssm_in projection runs another graph), the Mamba-2 layers' grouped norm (ssm_norm,
+    optional), and no MoE layer (a router, ffn_gate_inp) but in the graphs whose MoE is built (_MOE_BUILT)."""
     arch = profile.arch
     if arch not in RECURRENT_GRAPHS or profile.n_swa or not all(f"{arch}.{k}" in profile.metadata
                                                                for k in _KEYS[arch]):
         return False
     if not any(layer.is_recurrent for layer in profile.layers):
-        return False           # not the model's graph (the MTP head of placement.mtp: graph_mtp is not built here)
+        # not the model's graph (the MTP head of placement.mtp: graph_mtp is not built here), except nemotron_h's
+        # graph, which builds what each layer is, recurrent or not (a file of FFN layers only)
+        if arch not in _NEMOTRON_H or any(".nextn." in t.name for layer in profile.layers for t in layer.tensors):
+            return False
+    if arch == "minimax-01" and any(layer.has_kv for layer in profile.layers):
+        return False           # its softmax attention layers are not built here
+    if arch not in _MOE_BUILT and any(t.name.endswith(".ffn_gate_inp.weight")
+                                      for layer in profile.layers for t in layer.tensors):
+        return False           # the MoE branch of jamba's, granitehybrid's, nemotron_h's graph is not built here
     names = {t.name.split(".", 2)[-1] for layer in profile.layers if layer.is_recurrent for t in layer.tensors}
-    if not names:
-        return True            # a profile without its tensor list (built in code): the graph as written here
-    return {"qwen3next": "attn_qkv.weight" in names and "ssm_in.weight" not in names,
-            "mamba2": "ssm_norm.weight" in names}.get(arch, True)
+    if not any(layer.tensors for layer in profile.layers):
+        # a profile without its tensor list (built in code): the graph as written here, where it reads no
+        # tensor's shape
+        return arch in ("mamba", "mamba2", "lfm2", "qwen3next")
+    return {**dict.fromkeys(_QWEN3NEXT, "attn_qkv.weight" in names and "ssm_in.weight" not in names),
+            "mamba2": "ssm_norm.weight" in names, "falcon-h1": "ssm_norm.weight" in names,
+            "granitehybrid": "ssm_norm.weight" in names, "nemotron_h": "ssm_norm.weight" in names}.get(arch, True)
