@@ -25,6 +25,7 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, os.environ.get("GPULAB_BENCH_SRC") or str(Path(__file__).resolve().parents[1]))
@@ -70,22 +71,25 @@ def scaled_model(arch: str, n_layer: int, path: Path) -> Path:
     return write_gguf(path, arch, new_kv, head + body + tail)
 
 
-_MOVES = itertools.product(range(-6, 7), repeat=3)    # boundary moves, each used once per process
+def moves() -> Iterator[tuple[int, ...]]:
+    """Boundary moves of up to 3 layers (343), each used once per profile."""
+    return itertools.product(range(-3, 4), repeat=3)
 
 
-def _configs(n_layer: int, n: int) -> list[SplitConfig]:
-    """n 4-device splits by layer counts (as the lab's strip sends), each a placement not seen before in this
-    process: no call finds its answer remembered from an earlier one."""
+def _configs(n_layer: int, n: int, mv: Iterator[tuple[int, ...]]) -> list[SplitConfig]:
+    """n 4-device splits by layer counts (as the lab's strip sends), each a placement not seen before for this
+    profile: no call finds its answer remembered from an earlier one."""
     q = (n_layer + 1) // 4
     out = []
-    for d1, d2, d3 in itertools.islice(_MOVES, n):
+    for d1, d2, d3 in itertools.islice(mv, n):
         counts = (q + d1, q - d1 + d2, q - d2 + d3, n_layer + 1 - 3 * q - d3)
         out.append(SplitConfig(tensor_split=tuple(float(c) for c in counts), n_ctx=8192))
     return out
 
 
-def time_plans(prof, devices, n: int) -> float:
-    cfgs = _configs(prof.n_layer, n)
+def time_plans(prof, devices, n: int, mv: Iterator[tuple[int, ...]]) -> float:
+    cfgs = _configs(prof.n_layer, n, mv)
+    assert len(cfgs) == n
     t = time.perf_counter()
     for c in cfgs:
         plan(prof, devices, c)
@@ -109,7 +113,8 @@ def measure(layers: list[int], archs: list[str], rounds: int, n_plans: int) -> d
     for n in layers:
         for arch in ["llama"] + [x for x in archs if x != "llama"]:
             prof = read_profile(scaled_model(arch, n, tmp / f"{arch}-{n}.gguf"))
-            tp = min(time_plans(prof, devices, n_plans) for _ in range(rounds))
+            mv = moves()
+            tp = min(time_plans(prof, devices, n_plans, mv) for _ in range(rounds))
             fits = [time_fit(prof, r + 1) for r in range(rounds)]
             out[f"{arch}/{n}"] = [tp, min(f[0] for f in fits), fits[0][1]]
     return out
@@ -126,8 +131,10 @@ def run_pair(a: argparse.Namespace) -> None:
         for side, src in (("ref", a.ref), ("here", here)):
             env = dict(os.environ, GPULAB_BENCH_SRC=src)
             r = subprocess.run([sys.executable, __file__, "--layers", a.layers, "--arch", a.arch, "--rounds",
-                                str(a.rounds), "--plans", str(a.plans), "--json", "-"], env=env, check=True,
+                                str(a.rounds), "--plans", str(a.plans), "--json", "-"], env=env,
                                capture_output=True, text=True)
+            if r.returncode:
+                raise SystemExit(f"{side} ({src}) failed:\n{r.stderr[-3000:]}")
             for k, v in json.loads(r.stdout).items():
                 old = best[side].get(k)
                 best[side][k] = v if old is None else [min(old[0], v[0]), min(old[1], v[1]), v[2]]
@@ -167,7 +174,7 @@ def main() -> None:
         arch, n = a.profile.split(":")
         prof = read_profile(scaled_model(arch, int(n), tmp / "m.gguf"))
         devices = parse_sim_spec("4x80GiB")
-        cProfile.runctx("time_plans(prof, devices, a.plans)", globals(), locals(), str(tmp / "p.out"))
+        cProfile.runctx("time_plans(prof, devices, a.plans, moves())", globals(), locals(), str(tmp / "p.out"))
         pstats.Stats(str(tmp / "p.out")).sort_stats("tottime").print_stats(25)
         return
     layers = [int(x) for x in a.layers.split(",")]
