@@ -499,7 +499,7 @@ def template(build: Builder, owner: object, key: tuple, config: Any, layer_devic
         _PER_PLACEMENT.add(tkey)
         return template(build, owner, key, config, layer_devices, ffn_devices, *variant)
     tpl = _Template(g, checks, pinned, reads._read)
-    if sum(len(e) for e in _TEMPLATES.values()) >= 24:      # some MiB each at 128 layers
+    if sum(len(e) for e in _TEMPLATES.values()) >= 16:      # 5.5 MiB each for a 128-layer Qwen3-Next
         _TEMPLATES.clear()
         entries = _TEMPLATES[tkey] = []
     entries.insert(0, (weakref.ref(owner), tpl))
