@@ -1,5 +1,5 @@
-"""gpulab's fit against llama-fit-params on an MLA model (deepseek2, with an MTP layer) and a hybrid
-(qwen3next), over a sweep of budgets on 2 CPU RPC devices (issue 27).
+"""gpulab's fit against llama-fit-params on an MLA model (deepseek2, with an MTP layer), a MoE model with an MTP
+layer (glm4moe) and a hybrid (qwen3next), over a sweep of budgets on 2 CPU RPC devices (issue 27).
 
     PYTHONPATH=$PWD .venv/bin/python bench/fit_arch_sweep.py
 
@@ -36,7 +36,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, start_servers(2) as cluster:
         with Worker(cluster.endpoints) as w:
             devices = [d for d in w.devices() if d.kind == "rpc"]
-        for arch in ("deepseek2", "qwen3next"):
+        for arch in ("deepseek2", "glm4moe", "qwen3next"):
             path = write_arch_model(Path(tmp) / f"{arch}.gguf", arch)
             prof = read_profile(path)
             base = plan(prof, devices, SplitConfig(n_ctx=16384, tensor_split=(1, 1)))

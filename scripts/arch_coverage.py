@@ -97,9 +97,10 @@ def main(path: str) -> str:
               "rules (placement, weights and the KV/state geometry from the header), and says that their compute",
               "was not checked, but nothing here proves them against llama.cpp. Why: the first check of the",
               "vendored llama.cpp that the generated file did not pass, as `scripts/discover_arch_models.py`",
-              "recorded it. The generator guesses hyperparameter values from their names; these architectures",
-              "need values, shapes or metadata (a draft model's target layers) it does not guess yet. gptj is",
-              "named by llama.cpp but not loaded by it.", "",
+              "recorded it. The generator guesses hyperparameter values from their names; some of these",
+              "architectures need values or shapes it does not guess yet, and the draft heads (eagle3,",
+              "gemma4-assistant) get a context only beside their target model's, which the matrix does not load.",
+              "gptj is named by llama.cpp but not loaded by it.", "",
               "| arch | why |", "|---|---|"]
     for n in rest:
         f = found.get(n, {})

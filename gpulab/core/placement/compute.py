@@ -72,9 +72,11 @@ from .dense import dense_compute_bytes, dense_replayable
 from .gemma3n import gemma3n_compute_bytes, gemma3n_replayable
 from .gemma4 import gemma4_compute_bytes, gemma4_replayable
 from .hrm import hrm_compute_bytes, hrm_replayable
+from .kda import kda_compute_bytes, kda_replayable
 from .recurrent import recurrent_compute_bytes, replayable
 
-__all__ = ["estimate_compute_bytes", "compute_tokens", "pipeline_copies", "SCHED_MAX_COPIES", "dry_run_extra_bytes"]
+__all__ = ["estimate_compute_bytes", "compute_tokens", "pipeline_copies", "SCHED_MAX_COPIES", "dry_run_extra_bytes",
+           "replay_for"]
 
 SCHED_MAX_COPIES = 4          # GGML_SCHED_MAX_COPIES (ggml-backend.cpp)
 _ALIGN = 32                   # TENSOR_ALIGNMENT: CPU and RPC buffers (CUDA pads to 128)
@@ -415,10 +417,33 @@ def dry_run_extra_bytes(profile: ModelProfile, config: SplitConfig, layer_device
     return {d: nc * e for d in dict.fromkeys(layer_devices[:profile.n_layer]) if d != first and d != HOST_NAME}
 
 
+def replay_for(profile: ModelProfile, stray: frozenset[str] = frozenset(), ffn_parts: dict | None = None,
+               ffn_moved: tuple | None = None) -> str | None:
+    """Which op-by-op replay sizes `profile`'s compute buffers (None: the closed forms below), given
+    estimate_compute_bytes' view of the tensor overrides: the dense replay runs FFN products where their
+    weights are, not a product split from its FFN's other weights."""
+    if encoder_replayable(profile):
+        return "encoder"
+    if hrm_replayable(profile):
+        return "hrm"
+    if gemma3n_replayable(profile):
+        return "gemma3n"
+    if gemma4_replayable(profile):
+        return "gemma4"
+    if kda_replayable(profile):
+        return "kda"
+    if replayable(profile):
+        return "recurrent"
+    if dense_replayable(profile) and (not stray and not ffn_parts or ffn_moved is not None):
+        return "dense"
+    return None
+
+
 def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_devices: list[str],
                            names: list[str], ffn_devices: list[str] | None = None,
                            stray: frozenset[str] = frozenset(),
                            ffn_parts: dict[str, frozenset[str]] | None = None,
+                           ffn_moved: tuple[tuple[int, str, str], ...] | None = None,
                            n_outputs: int | None = None) -> dict[str, int]:
     """Bytes of the compute buffer of every backend in `names` (0 where nothing runs).
 
@@ -432,7 +457,9 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     With tensor overrides: `ffn_devices` is where each layer's FFN weights are (an op runs where
     its weight is: ggml_backend_sched_backend_id_from_cur), `stray` the devices that got other
     weights of layers that are not theirs (an attention matrix moved alone), `ffn_parts` the
-    devices that run some of a layer's FFN products but not its FFN (one expert tensor moved).
+    devices that run some of a layer's FFN products but not its FFN (one expert tensor moved), and
+    `ffn_moved` each FFN weight away from its layer as (layer, name, device) (placement.tensors.
+    compute_sites; None where other weights moved too), whose products a replayed graph runs there.
     """
     g = _geom(profile)
     n_layer = profile.n_layer
@@ -444,35 +471,42 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
     # device's first norm on the device before it, which then sends the norm and the residual.
     # (only a norm with a weight is named "norm": build_norm, src/llama-graph.cpp; talkie's weightless norms are not)
     pinned_norm = (HOST_NAME not in layer_devices or T < 32) and not _weightless_norms(profile)
-    if encoder_replayable(profile):
+    replay = replay_for(profile, stray, ffn_parts, ffn_moved)
+    if replay == "encoder":
         # attention without a KV cache (embedding and diffusion models): replayed (placement.compute_encoder)
         return encoder_compute_bytes(profile, config, layer_devices, names, T=T, n_seqs=n_seqs,
                                      T_out=T if n_outputs is None else max(1, min(T, n_outputs)),
                                      n_copies=nc, pin_norm=pinned_norm, ffn_devices=ffn_devices)
-    if hrm_replayable(profile):
+    if replay == "hrm":
         # passes of two weight stacks over cache slots: replayed (placement.hrm)
         return hrm_compute_bytes(profile, config, layer_devices, names, T=T,
                                  T_out=T if n_outputs is None else max(1, min(T, n_outputs)), n_copies=nc)
-    if gemma3n_replayable(profile):
+    if replay == "gemma3n":
         # AltUp's copies of the hidden state, LAuReL, per-layer inputs: replayed (placement.gemma3n)
         return gemma3n_compute_bytes(profile, config, layer_devices, names, T=T,
                                      T_out=T if n_outputs is None else max(1, min(T, n_outputs)), n_copies=nc,
                                      pin_norm=pinned_norm)
-    if gemma4_replayable(profile):
+    if replay == "gemma4":
         # per-layer inputs and norms around every phase: replayed (placement.gemma4)
         return gemma4_compute_bytes(profile, config, layer_devices, names, T=T,
                                     T_out=T if n_outputs is None else max(1, min(T, n_outputs)), n_copies=nc,
                                     pin_norm=pinned_norm)
-    if replayable(profile):
+    if replay == "kda":
+        # KDA/MLA hybrids and glm5-next: replayed (placement.kda)
+        return kda_compute_bytes(profile, config, layer_devices, names, T=T, n_seqs=n_seqs,
+                                 T_out=T if n_outputs is None else max(1, min(T, n_outputs)),
+                                 n_copies=nc, pin_norm=pinned_norm, ffn_devices=ffn_devices, ffn_moved=ffn_moved)
+    if replay == "recurrent":
         # a graph whose layers leave ggml-alloc's buffer unlike each other: replayed (placement.recurrent)
         return recurrent_compute_bytes(profile, config, layer_devices, names, T=T, n_seqs=n_seqs,
                                        T_out=T if n_outputs is None else max(1, min(T, n_outputs)),
-                                       n_copies=nc, pin_norm=pinned_norm, ffn_devices=ffn_devices)
-    if dense_replayable(profile) and not stray and not ffn_parts:
-        # an older dense graph, replayed op by op (placement.dense)
+                                       n_copies=nc, pin_norm=pinned_norm, ffn_devices=ffn_devices,
+                                       ffn_moved=ffn_moved)
+    if replay == "dense":
+        # an older dense graph, replayed op by op (placement.dense), each FFN product where its weight is
         return dense_compute_bytes(profile, config, layer_devices, names, T=T, n_seqs=n_seqs,
                                    T_out=T if n_outputs is None else max(1, min(T, n_outputs)),
-                                   n_copies=nc, pin_norm=pinned_norm, ffn_devices=ffn_devices)
+                                   n_copies=nc, pin_norm=pinned_norm, ffn_devices=ffn_devices, ffn_moved=ffn_moved)
 
     # KV cells per stream (llama_context ctor: n_ctx_seq), and the sliding-window cache
     # (llama_kv_cache_iswa: pad(min(size_base, n_swa + n_ubatch), 256) unless --swa-full)

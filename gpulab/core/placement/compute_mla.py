@@ -1,5 +1,8 @@
 """Compute-buffer peaks of MLA attention (deepseek2 and the graphs that build it: src/models/deepseek2.cpp).
 
+deepseek2 itself (and mistral4) are replayed op by op (placement.dense); these closed forms size the MLA
+graphs the replay does not take (other architectures with a K-only cache, an attention weight moved by -ot).
+
 With absorbed MLA (attn_k_b/attn_v_b, llama_hparams::is_mla) a layer's attention builds, in
 llm_build_deepseek2 (src/models/deepseek2.cpp), all [*, n_tokens] f32:
   q_a        [q_lora_rank]                      wq_a, normed in place

@@ -17,6 +17,7 @@ from .compute import compute_tokens
 from .compute_encoder import encoder_replayable
 from .compute_mla import mla_geom
 from .compute_moe import moe_flags
+from .kda import kda_replayable
 from .recurrent import RECURRENT_GRAPHS, replayable
 
 __all__ = ["CACHE_NOT_MODELLED", "COMPUTE_CHECKED", "COMPUTE_EXACT", "COMPUTE_MEASURED_MIB", "Doubt",
@@ -80,7 +81,15 @@ COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "in
                            # branch recurrent2: replayed (placement.recurrent), in RECURRENT_GRAPHS
                            "mamba", "jamba", "falcon-h1", "granitehybrid", "nemotron_h", "nemotron_h_moe",
                            "lfm2moe", "qwen35", "qwen35moe", "rwkv6qwen2", "arwkv7",
-                           "plamo2", "minimax-01"})
+                           "plamo2", "minimax-01",
+                           # branch hybrid3: replayed (placement.recurrent): RWKV-7 with LayerNorms, a gated time
+                           # mix with a group norm, two token shifts, the channel mix
+                           "rwkv7",
+                           # ... replayed (placement.kda): KDA layers (a gated delta net behind causal convolutions
+                           # of Q, K and V) beside absorbed MLA over a K-only cache, MoE
+                           "kimi-linear", "bailingmoe3", "kimi-k3",
+                           # ... and glm5-next's hyper-connections around KDA and DSA with its k-pool indexer
+                           "glm5-next"})
 
 
 # Architectures whose memory is not llama_kv_cache / llama_memory_recurrent as gpulab sizes them
@@ -218,12 +227,13 @@ def _measured(arch: str, what: str, unmeasured: str) -> Doubt:
 
 
 def doubts(profile: ModelProfile, config: SplitConfig, layer_devices: list[str] | None = None,
-           output_shares_layers: bool = False) -> tuple[Doubt, ...]:
+           output_shares_layers: bool = False, replayed: bool = False) -> tuple[Doubt, ...]:
     """The terms of a plan of `profile` under `config` that are not exact, each with the largest error
     the architecture matrix measured where it applies (tests/integration/test_arch_matrix_vs_llama.py,
     CPU RPC devices, n_embd 1024). `layer_devices`: the plan's placement (for settings that matter
     only on some devices); `output_shares_layers`: pipelined, and the output layer's device holds
-    repeating layers too."""
+    repeating layers too; `replayed`: the plan's compute buffers come from an op-by-op replay of the graph
+    (compute.replay_for), so the closed forms' doubts do not apply."""
     out: list[Doubt] = []
     arch = profile.arch
     if arch in WEIGHTS_NOT_EXACT:
@@ -236,8 +246,8 @@ def doubts(profile: ModelProfile, config: SplitConfig, layer_devices: list[str] 
     # absorbed MLA (attn_k_b/attn_v_b) is modelled (compute_mla); the older graph with attn_kv_b is not
     mla = any(layer.has_kv and not layer.has_v for layer in profile.layers) \
         and (arch not in COMPUTE_EXACT or mla_geom(profile) is None)
-    if replayable(profile) or encoder_replayable(profile):
-        pass                   # replayed op by op (placement.recurrent, compute_encoder): exact wherever checked
+    if replayed or replayable(profile) or encoder_replayable(profile) or kda_replayable(profile):
+        pass                   # replayed op by op (compute.replay_for): exact wherever checked
     elif recurrent or arch in RECURRENT_GRAPHS:
         # (a graph replayed elsewhere but not for this file: a branch the replay does not build)
         pure = not any(layer.has_kv for layer in profile.layers)

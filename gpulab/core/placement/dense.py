@@ -28,7 +28,8 @@ built in llama.cpp's order and handed to the scheduler's split and ggml-alloc, l
              gating and a shared expert, the dense FFN tensors of MoE layers unused, rows gathered after the last
              layer and the layer's output an output (t_h_nextn) (branch attn)
   minicpm3   low-rank Q and KV (V narrower than K), the lm-head scale of result_norm (an output: a new tensor)
-  mistral4   deepseek2.cpp's absorbed MLA over a K-only cache (_Mla; deepseek2 itself keeps compute_mla)
+  mistral4   deepseek2.cpp's absorbed MLA over a K-only cache (_Mla); deepseek2 itself, its nextn layers left out
+  glm4moe    glm4-moe.cpp: the FFN's norm is post_attention_norm; its nextn layers left out (the trunk's graph)
   grovemoe   the experts, then the chunk experts of their output (_grove_moe)
   MoE        build_moe_ffn (placement.recurrent._moe) with the loader's gating, weight norm and scale, after
              leading dense layers, a shared expert added as it is: deepseek.cpp, bailingmoe.cpp, bailingmoe2.cpp,
@@ -154,8 +155,8 @@ class _Mla:
         self.k_idxs = c.g.inp(8 * c.T)
         self.mask = c.g.inp(self.n_kv * c.T * (2 if fa else 4))
 
-    def __call__(self, h: Tensor, pos: Tensor, il: int, lay: _Layer) -> Tensor:
-        """The attention output before wo."""
+    def __call__(self, h: Tensor, pos: Tensor | None, il: int, lay: _Layer) -> Tensor:
+        """The attention output before wo (`pos` None: no RoPE)."""
         c, g, T, d = self.c, self.c.g, self.c.T, self.c.dev[il]
         layer, cfg, md, arch = c.p.layers[il], c.config, c.p.metadata, c.p.arch
         n_head = layer.n_head
@@ -168,9 +169,13 @@ class _Mla:
         else:
             q = g.op(4 * lay.width("attn_q.weight") * T, h, w=d)                     # the lite models' wq
         kv_pe = g.op(4 * (kv_rank + n_rope) * T, h, w=d)
-        k_pe = g.op(4 * n_rope * T, g.view(kv_pe, 4 * n_rope * T), pos, inplace=True)  # RoPE of a view
+        k_pe = g.view(kv_pe, 4 * n_rope * T)
+        q_pe = g.view(q, 4 * n_rope * n_head * T)
+        if pos is not None:                     # RoPE of the views (kimi-linear's MLA has none: kda)
+            k_pe = g.op(k_pe.size, k_pe, pos, inplace=True)
         kv_cmpr = _norm(c, g.view(kv_pe, 4 * kv_rank * T), il, rms=True, bias=False)
-        q_pe = g.op(4 * n_rope * n_head * T, g.view(q, 4 * n_rope * n_head * T), pos, inplace=True)
+        if pos is not None:
+            q_pe = g.op(q_pe.size, q_pe, pos, inplace=True)
         q_abs = g.op(4 * kv_rank * n_head * T, g.view(g.view(q)), w=d)                # wk_b x q_nope
         qcur = g.op(4 * (kv_rank + n_rope) * n_head * T, g.view(q_abs), q_pe)         # concat
         v = g.view(kv_cmpr)                                                            # reshape_3d
@@ -216,14 +221,14 @@ def _ffn(c: _Ctx, h: Tensor, il: int, lay: _Layer, n_ff: int) -> Tensor:
     """build_ffn: gated (LLM_FFN_PAR: gate and up products, the GLU's new tensor), an up product twice as wide
     as ffn_down reads split by the GLU (LLM_FFN_SWIGLU, plamo3), or up and its activation in place (GELU);
     biases added in place; ffn_down."""
-    g, fd = c.g, c.ffn_dev[il]
+    g, fu, fd = c.g, c.at(il, "ffn_up"), c.at(il, "ffn_down")
     rows = h.size // (4 * c.E)
     f = 4 * n_ff * rows
-    up = g.op(4 * lay.width("ffn_up.weight") * rows, h, w=fd)
+    up = g.op(4 * lay.width("ffn_up.weight") * rows, h, w=fu)
     if lay.has("ffn_up.bias"):
-        up = g.op(up.size, up, w=fd, inplace=True)
+        up = g.op(up.size, up, w=fu, inplace=True)
     if lay.has("ffn_gate.weight"):
-        cur = g.op(f, g.op(f, h, w=fd), up)                     # swiglu_split(gate, up)
+        cur = g.op(f, g.op(f, h, w=c.at(il, "ffn_gate")), up)   # swiglu_split(gate, up)
     elif up.size > f:
         cur = g.op(f, up)                                        # swiglu(up): halves it
     else:
@@ -301,6 +306,9 @@ _SPECS = {
     "minicpm3": _Spec(head_scale=True),     # low-rank Q and KV (_lora_qkv)
     "grovemoe": _Spec(gating=1, norm_w=True, grove=True),
     "mistral4": _Spec(mla=True, gather_after_norm=False),   # deepseek2.cpp's graph
+    # graphs whose nextn (MTP) layers the trunk's graph leaves out (dense_replayable: the trunk only)
+    "deepseek2": _Spec(mla=True),                             # src/models/deepseek2.cpp
+    "glm4moe": _Spec(ffn_norm="post_attention_norm"),         # src/models/glm4-moe.cpp
     # sliding-window graphs (llm_graph_input_attn_kv_iswa)
     "exaone-moe": _Spec(rope_only="swa"),
     "cohere2moe": _Spec(rms=None, parallel="residual,attn", rope_only="swa,dense", gather_after_norm=True),
@@ -461,12 +469,14 @@ def _ffn_width(p: ModelProfile, il: int) -> int:
 
 def dense_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_devices: list[str],
                         names: list[str], *, T: int, n_seqs: int, T_out: int, n_copies: int,
-                        pin_norm: bool, ffn_devices: list[str] | None = None) -> dict[str, int]:
+                        pin_norm: bool, ffn_devices: list[str] | None = None,
+                        ffn_moved: tuple[tuple[int, str, str], ...] | None = None) -> dict[str, int]:
     """Compute buffer bytes of every backend in `names` for a `dense_replayable` profile (`ffn_devices`: where
-    tensor overrides put each layer's FFN weights, its experts for MoE), remembered per profile and arguments:
-    a 60-layer graph takes 14-27 ms to replay (dense to MoE; measured at load 4.3)."""
+    tensor overrides put each layer's FFN weights, its experts for MoE; `ffn_moved`: each FFN weight an override
+    moved, its product run where it is), remembered per profile and arguments: a 60-layer graph takes
+    14-27 ms to replay (dense to MoE; measured at load 4.3)."""
     return replay_compute_bytes(_graph, profile, config, layer_devices, names, T=T, n_seqs=n_seqs, T_out=T_out,
-                                n_copies=n_copies, pin_norm=pin_norm, ffn_devices=ffn_devices)
+                                n_copies=n_copies, pin_norm=pin_norm, ffn_devices=ffn_devices, ffn_moved=ffn_moved)
 
 
 @per_profile
@@ -478,13 +488,24 @@ def dense_replayable(profile: ModelProfile) -> bool:
         return False
     if int(profile.metadata.get(f"{profile.arch}.n_deepstack_layers", 0)):
         return False           # qwen3vlmoe's deepstack adds (a wider inp_embd) are not built here
-    if int(profile.metadata.get(f"{profile.arch}.nextn_predict_layers", 0)):
+    if profile.n_nextn or not _is_trunk(profile):
         return False           # MTP layers (placement.mtp) run a graph of their own, not built here
+    # an MLA layer (a K-only cache) is built as absorbed MLA (attn_k_b, attn_v_b), not the older graph with attn_kv_b
     return all(layer.has_kv and not layer.is_recurrent
                and any(t.name.endswith((".ffn_down.weight", ".ffn_down_exps.weight")) for t in layer.tensors)
                and any(t.name.endswith((".attn_qkv.weight", ".attn_q.weight", ".attn_q_a.weight", ".attn_k_b.weight"))
                        for t in layer.tensors)
+               and (layer.has_v or any(t.name.endswith(".attn_k_b.weight") for t in layer.tensors))
                for layer in profile.layers)
+
+
+def _is_trunk(profile: ModelProfile) -> bool:
+    """Whether `profile` is the graph llm_build_* runs with MTP off: every layer when the file has no nextn
+    layers, else its first n_layer() (ModelProfile.trunk; the nextn layers run graph_mtp, e.g.
+    src/models/glm4-moe.cpp, in a context of their own: placement.mtp)."""
+    md, arch = profile.metadata, profile.arch
+    nextn = int(md.get(f"{arch}.nextn_predict_layers", 0))
+    return not nextn or profile.n_layer == int(md.get(f"{arch}.block_count", 0)) - nextn
 
 
 DENSE_GRAPHS = frozenset(_SPECS)

@@ -37,7 +37,8 @@ def _a(n: int) -> int:
 
 
 class Tensor:
-    """kind: 'in' a graph input (a host leaf, allocated first), 'ext' a tensor of a weights or cache buffer
+    """kind: 'in' a graph input (a host leaf, allocated first), 'leaf' a tensor made without an op (allocated
+    first, once, freed after its last reader), 'ext' a tensor of a weights or cache buffer
     (never allocated here), 'op' an op's result, 'view' a view ('root': what it views, never a view),
     'set' an op whose result is a view of a cache (ggml_cpy, ggml_set_rows into it: scheduled, not allocated).
     `size`: bytes (a view's ggml_nbytes: what a copy of it takes). `dev`: pass 1's backend (its weight's, its
@@ -67,6 +68,12 @@ class Graph:
     def ext(self, dev: str, size: int = 0) -> Tensor:
         return Tensor("ext", size, dev=dev)
 
+    def leaf(self, dev: str, size: int) -> Tensor:
+        """A tensor the graph makes without an op (ggml_new_tensor, e.g. what ggml_fill fills): allocated with
+        the leafs before any node, once (ggml_gallocr_alloc_graph_impl's leaf loop), freed after its last reader
+        like a node."""
+        return Tensor("leaf", size, dev=dev)
+
     def op(self, size: int, *src: Tensor, w: str | None = None, inplace: bool = False, out: bool = False) -> Tensor:
         return Tensor("op", size, src, w, inplace, out)
 
@@ -91,7 +98,7 @@ class Graph:
                 continue
             if x.i != -1:
                 continue
-            if x.kind in ("in", "ext"):
+            if x.kind in ("in", "ext", "leaf"):
                 x.i = -2 - len(self.leafs)
                 self.leafs.append(x)
             else:
@@ -167,7 +174,7 @@ class _Flat:
         self.root = [ix[t.root] for t in ts]
         self.inplace = [t.inplace for t in ts]
         self.out = [t.out for t in ts]
-        self.inputs = [i for i in range(nl) if self.kind[i] == "in"]
+        self.inputs = [i for i in range(nl) if self.kind[i] in ("in", "leaf")]
         # ggml-alloc's counts of children and views, before the split's copies move some reads
         self.nch, self.nvw = [0] * n, [0] * n
         for i in range(nl, n):
@@ -298,7 +305,7 @@ class _Flat:
         nt = len(kind)
         addr = [-1] * nt
         # graph outputs and (pipelining) inputs stay; weights and caches were never ours
-        freeable = [not o and (k == "op" or not pipe) for k, o in zip(kind, out)]
+        freeable = [not o and (k in ("op", "leaf") or not pipe) for k, o in zip(kind, out)]
         is_op = [k == "op" for k in kind]
         is_view = [k == "view" for k in kind]
         allocs: dict[str, _Alloc] = {}
@@ -322,8 +329,11 @@ class _Flat:
             if log is not None:
                 log.append((obj(t), be[t], addr[t], size[t]))
 
-        for t in first:            # the graph inputs (and, pipelining, every copy) first, n_copies of each
-            for _ in range(n_copies):
+        # the graph inputs (and, pipelining, every copy) first, n_copies of each; the leafs made without an op after
+        # them (the scheduler's graph copy lists the split inputs' copies before the original graph's leafs)
+        first.sort(key=lambda t: kind[t] == "leaf")
+        for t in first:
+            for _ in range(n_copies if kind[t] == "in" else 1):
                 allocate(t)
         for n in order:
             srcs = src[n]
@@ -460,6 +470,10 @@ class Placed:
         device (llama_context::resolve_fused_ops then turns that fused op off)."""
         be, table = self.be, self.table
         return any(be[i] != (d if k < 0 else table[k]) for i, k, d in self.tpl.checks.get(name, ()))
+
+    def moved_checks(self) -> set[str]:
+        """The names of the checked lists with a node moved (see `moved`)."""
+        return {name for name in self.tpl.checks if self.moved(name)}
 
     def peaks(self, n_copies: int) -> dict[str, int]:
         """The high-water mark of each backend's compute buffer (see buffer_peaks)."""

@@ -19,7 +19,7 @@ from ..ggml_types import row_bytes
 from ..memory import DevicePlan
 from ..overrides import effective_rules
 from ..profile import ModelProfile
-from .compute import estimate_compute_bytes, pipeline_copies
+from .compute import estimate_compute_bytes, pipeline_copies, replay_for
 from .coverage import doubts
 from .plan import Plan
 from .tensors import place_layers
@@ -270,7 +270,7 @@ def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | Non
     # device has one only where all its members share it (ggml_backend_meta_device_get_host_buffer_type)
     host_buft_from = used if tensor_mode else used[:1]
     # with the sites of each layer's FFN: both depend on the layer split and rules only (cached)
-    tp, (ffn_sites, stray, ffn_parts) = place_layers(
+    tp, (ffn_sites, stray, ffn_parts, ffn_moved) = place_layers(
         profile, rules, layer_devices, layer_used, list(devices),
         host_buffer=bool(host_buft_from) and all(d.kind in ("gpu", "igpu") for d in host_buft_from)
         and not config.no_host,
@@ -296,7 +296,7 @@ def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | Non
     graph_devices = list(layer_devices[:trunk.n_layer]) + [layer_devices[-1]]
     compute = estimate_compute_bytes(trunk, config, graph_devices, names,
                                      ffn_devices=ffn_sites if tp.moved else None, stray=stray,
-                                     ffn_parts=ffn_parts, n_outputs=n_outputs)
+                                     ffn_parts=ffn_parts, ffn_moved=ffn_moved, n_outputs=n_outputs)
     experts = {n: tp.expert_weights.get(n, 0) for n in names}
     split = None
     if tensor_mode:
@@ -339,7 +339,8 @@ def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | Non
                 tensor_parallel=split,
                 doubts=doubts(profile, config, layer_devices, output_shares_layers=(
                     pipeline_copies(config, graph_devices, len(layer_used)) > 1
-                    and out_dev in graph_devices[:trunk.n_layer])))
+                    and out_dev in graph_devices[:trunk.n_layer]),
+                    replayed=replay_for(trunk, stray, ffn_parts, ffn_moved) is not None))
 
 
 def _meta_device(used: list[Device]) -> Device:

@@ -60,13 +60,13 @@ _NEMOTRON_H = ("nemotron_h", "nemotron_h_moe")      # one graph (llama_model_nem
 _QWEN3NEXT = ("qwen3next", "qwen35", "qwen35moe")   # one graph but for the linear attention's beta/alpha and FFN
 RECURRENT_GRAPHS = frozenset({"mamba", "mamba2", "jamba", "falcon-h1", "granitehybrid", *_NEMOTRON_H, "lfm2",
                               "lfm2moe", *_QWEN3NEXT, "rwkv6qwen2", "arwkv7",
-                              "plamo2", "minimax-01"})
+                              "plamo2", "minimax-01", "rwkv7"})
 # the hyperparameters each graph reads from the GGUF ({arch}.<key>)
 _SSM = ("ssm.conv_kernel", "ssm.inner_size", "ssm.state_size", "ssm.time_step_rank")
 _KEYS = {**dict.fromkeys(("mamba", "mamba2", "jamba", "falcon-h1", "granitehybrid", *_NEMOTRON_H, "plamo2"), _SSM),
          **dict.fromkeys(("lfm2", "lfm2moe"), ("shortconv.l_cache",)),
          **dict.fromkeys(_QWEN3NEXT, (*_SSM, "ssm.group_count")), "rwkv6qwen2": ("wkv.head_size",), "minimax-01": (),
-         "arwkv7": ("wkv.head_size",)}
+         "arwkv7": ("wkv.head_size",), "rwkv7": ("wkv.head_size",)}
 _MOE_BUILT = frozenset({*_QWEN3NEXT, "lfm2moe", "minimax-01"})     # the graphs whose MoE layers are built here (_moe)
 # the graphs whose attention is rotated (build_inp_pos)
 _ROPE = frozenset({*_QWEN3NEXT, "lfm2", "lfm2moe", "falcon-h1", "granitehybrid", "plamo2"})
@@ -88,10 +88,13 @@ class _Ctx:
     """What every graph builder needs: the graph, the ubatch, where each layer runs."""
 
     def __init__(self, profile: ModelProfile, config: SplitConfig, layer_devices: list[str], T: int, ns: int,
-                 T_out: int, pin_norm: bool, ffn_devices: list[str] | None = None) -> None:
+                 T_out: int, pin_norm: bool, ffn_devices: list[str] | None = None,
+                 ffn_moved: tuple[tuple[int, str, str], ...] | None = None) -> None:
         self.g = Graph()
         self.p, self.config, self.dev = profile, config, layer_devices
         self.ffn_dev = ffn_devices or layer_devices       # where each layer's FFN weights are (tensor overrides)
+        # each FFN weight a tensor override put away from its layer (placement.tensors.compute_sites), where given
+        self.ffn_moved = {(il, name): dev for il, name, dev in ffn_moved} if ffn_moved is not None else None
         self.T, self.ns, self.T_out, self.pin = T, ns, T_out, pin_norm
         self.E = profile.n_embd
         self.shapes = {t.name: t.shape for layer in profile.layers for t in layer.tensors}
@@ -99,6 +102,10 @@ class _Ctx:
         self.names = self.shapes.keys()
         self.fused_gdn = True                    # cparams.fused_gdn_ar / _ch (llama_context::resolve_fused_ops)
         self.gdn_nodes: list[tuple[Tensor, str]] = []   # each fused delta net that could be unfused, its device
+        # other fused ops resolve_fused_ops turns off where one lands off its layer's device (glm5-next's DeepSeek V4
+        # hyper-connection ops): each kind's nodes with their layer's device, and the kinds turned off
+        self.fused_nodes: dict[str, list[tuple[Tensor, str]]] = {}
+        self.unfused: frozenset[str] = frozenset()
         self.v_first: Tensor | None = None        # RWKV-7: the first layer's V, read by every later layer
 
     def reshaped(self, il: int, name: str) -> Tensor:
@@ -111,12 +118,22 @@ class _Ctx:
         """Whether the file has tensor `name`; `default` for a profile without its tensor list (built in code)."""
         return name in self.names if self.names else default
 
-    def norm(self, x: Tensor, il: int, size: int | None = None) -> Tensor:
-        """build_norm (RMS, with a weight): the norm named "norm" is pinned to its layer's device
-        (llama_context::graph_get_cb) under full offload or small ubatches; the weight's MUL is in place."""
+    def at(self, il: int, name: str, ffn: bool = True) -> str:
+        """Where the product of layer il's FFN weight `name` ('ffn_up_exps', 'ffn_gate_inp', ...) runs: where
+        the weight is (ggml_backend_sched_backend_id_from_cur). Without the weights' list: the layer's FFN device
+        for an expert or dense FFN matrix (`ffn`), else the layer's."""
+        if self.ffn_moved is not None:
+            return self.ffn_moved.get((il, name), self.dev[il])
+        return self.ffn_dev[il] if ffn else self.dev[il]
+
+    def norm(self, x: Tensor, il: int, size: int | None = None, ln: bool = False) -> Tensor:
+        """build_norm (RMS, with a weight; `ln`: LLM_NORM, a LayerNorm with a weight and a bias): the norm named
+        "norm" is pinned to its layer's device (llama_context::graph_get_cb) under full offload or small
+        ubatches; the weight's MUL and the bias's ADD are in place, GGML_OP_NORM is not (ggml_op_can_inplace)."""
         d = self.dev[il] if il >= 0 else self.dev[self.p.n_layer]
-        n = self.g.op(size or x.size, x, w=d if self.pin and il >= 0 else None, inplace=True)
-        return self.g.op(n.size, n, w=d, inplace=True)
+        n = self.g.op(size or x.size, x, w=d if self.pin and il >= 0 else None, inplace=not ln)
+        n = self.g.op(n.size, n, w=d, inplace=True)
+        return self.g.op(n.size, n, w=d, inplace=True) if ln else n
 
     def rs(self, il: int, s_main: Tensor, s_extra: Tensor, rows: int,
            scan: Callable[[Tensor], Tensor] | None = None) -> Tensor:
@@ -289,8 +306,9 @@ def _rwkv6_time_mix(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, x_pre
 
 
 def _rwkv7_time_mix(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, x_prev: Tensor, il: int) -> Tensor:
-    """llm_build_rwkv7_base::build_rwkv7_time_mix (src/models/rwkv7-base.cpp) as arwkv7 runs it: no gate, no
-    group norm; the first layer's V (c.v_first) mixed into every later layer's."""
+    """llm_build_rwkv7_base::build_rwkv7_time_mix (src/models/rwkv7-base.cpp): the first layer's V (c.v_first)
+    mixed into every later layer's; where the layer has them (rwkv7, not arwkv7) the gate's low-rank product
+    (time_mix_g1/g2, a sixth lerp) and the group norm of the output (time_mix_ln)."""
     g, d, T, ns, E = c.g, c.dev[il], c.T, c.ns, c.E
     md, arch = c.p.metadata, c.p.arch
     head = int(md[f"{arch}.wkv.head_size"])
@@ -301,10 +319,12 @@ def _rwkv7_time_mix(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, x_pre
         mid = g.op(4 * sh[f"blk.{il}.time_mix_{name}1.weight"][1] * T, x, w=d)
         return g.op(e, g.op(mid.size, mid, inplace=True) if tanh else mid, w=d)
 
+    gating = f"blk.{il}.time_mix_g1.weight" in c.names
+    n_lerp = 6 if gating else 5
     sx = g.op(e, x_prev, cur, inplace=True)                                       # x_prev - x
-    sx = g.op(5 * e, sx)                                                          # repeat: one per lerp
-    xxx = g.op(5 * e, g.op(5 * e, sx, w=d, inplace=True), cur, inplace=True)      # sx * lerp_fused + x
-    xr, xw, xk, xv, xa = (g.view(xxx, e) for _ in range(5))
+    sx = g.op(n_lerp * e, sx)                                                     # repeat: one per lerp
+    xxx = g.op(n_lerp * e, g.op(n_lerp * e, sx, w=d, inplace=True), cur, inplace=True)   # sx * lerp_fused + x
+    xr, xw, xk, xv, xa, xg = (g.view(xxx, e) for _ in range(6))
     r = g.op(e, xr, w=d)
     w = g.op(e, g.op(e, lora(xw, "w", tanh=True), w=d, inplace=True), inplace=True)   # sigmoid(w2 tanh(w1 xw) + w0)
     for _ in range(2):                                                            # exp(scale(.))
@@ -325,9 +345,15 @@ def _rwkv7_time_mix(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, x_pre
     neg = g.op(e, kk, inplace=True)
     out = g.op(4 * E * (T + head * ns), r, w, k, v, neg, g.op(e, kk, a, inplace=True), state)  # ggml_rwkv_wkv7
     g.expand(g.set(d, g.view(out), g.view(g.ext(d))))                             # the new state
+    y = g.view(g.view(out, e))
+    if f"blk.{il}.time_mix_ln.weight" in c.names:                                 # group norm, weight, bias
+        y = g.op(e, g.op(e, g.view(g.op(e, y)), w=d, inplace=True), w=d, inplace=True)
     rk = g.op(e, g.op(e, k, r, inplace=True), c.reshaped(il, "time_mix_r_k.weight"), inplace=True)
     rk = g.op(4 * (E // head) * T, rk)                                            # sum_rows(k * r * r_k)
-    y = g.op(e, g.view(g.view(out, e)), g.view(g.op(e, v, rk, inplace=True)), inplace=True)
+    y = g.op(e, y, g.view(g.op(e, v, rk, inplace=True)), inplace=True)
+    if gating:                                                                    # * g2 sigmoid(g1 xg)
+        mid = g.op(4 * sh[f"blk.{il}.time_mix_g1.weight"][1] * T, xg, w=d)
+        y = g.op(e, y, g.op(e, g.op(mid.size, mid, inplace=True), w=d), inplace=True)
     return g.view(g.op(e, y, w=d))                                                # time_mix_output
 
 
@@ -431,10 +457,21 @@ def _relu_sqr_ffn(c: _Ctx, h: Tensor, il: int) -> Tensor:
     return mm(h.size, g.op(f, g.op(f, up, inplace=True), inplace=True), "ffn_down")
 
 
+def _situ(g: Graph, gate: Tensor, up: Tensor, linear: bool) -> Tensor:
+    """kimi_k3_situ (src/models/kimi-k3.cpp) and build_moe_ffn's LLM_FFN_SITU: beta tanh(gate / beta) *
+    sigmoid(gate) * (lb tanh(up / lb) where `linear`, else up); scales, tanh, sigmoid and the products run in
+    place where their input has no other reader left (ggml_op_can_inplace)."""
+    a = g.op(gate.size, g.op(gate.size, g.op(gate.size, gate, inplace=True), inplace=True), inplace=True)
+    a = g.op(a.size, a, g.op(gate.size, gate, inplace=True), inplace=True)
+    if linear:
+        up = g.op(up.size, g.op(up.size, g.op(up.size, up, inplace=True), inplace=True), inplace=True)
+    return g.op(a.size, a, up, inplace=True)
+
+
 def _moe(c: _Ctx, h: Tensor, il: int, *, gating: int = 1, probs_bias: bool = False, norm_w: bool = True,
          scale: bool = False, n_ff: int | None = None, shared: int = 0, shared_gate: bool = True,
          logits: Tensor | None = None, gated: bool = True, n_used: int | None = None,
-         grove: bool = False, remap: bool = False) -> Tensor:
+         grove: bool = False, remap: bool = False, situ: bool | None = None) -> Tensor:
     """llm_graph_context::build_moe_ffn (src/llama-graph.cpp): the router, its gating (`gating`: 1 softmax,
     2 sigmoid, 3 softmax over the chosen weights: llama_expert_gating_func_type), the selection bias
     (exp_probs_b), top-k, the weights (normalized: norm_w; scaled: expert_weights_scale not 0 or 1), the experts
@@ -443,17 +480,19 @@ def _moe(c: _Ctx, h: Tensor, il: int, *, gating: int = 1, probs_bias: bool = Fal
     output where the graph computes it itself (probs_in: smallthinker's router reads the layer's input). Without
     gate_exps (`gated` False: ernie4_5-moe's files) the up product's activation runs in place. `grove`: GROVEMOE's
     selection by a sigmoid of the logits, and for its chunk experts where they are fewer than the router's
-    (`remap`) the selected ids cast to f32, scaled and cast back."""
-    g, E, p, d, fd = c.g, c.E, c.p, c.dev[il], c.ffn_dev[il]      # fd: the experts' device (-cmoe and the like)
+    (`remap`) the selected ids cast to f32, scaled and cast back. `situ`: LLM_FFN_SITU (kimi-k3) in place of
+    the SwiGLU, its up product's tanh where True (situ_linear_beta > 0)."""
+    g, E, p = c.g, c.E, c.p          # each weight's product runs where c.at says (-cmoe, -ot)
     md, arch = p.metadata, p.arch
     rows = h.size // (4 * E)
     n_exp, U = p.n_expert, n_used or p.n_expert_used
     if n_ff is None:
         n_ff = int(md.get(f"{arch}.expert_feed_forward_length", p.n_ff))
     if logits is None:
-        logits = g.op(4 * n_exp * rows, h, w=d)
+        logits = g.op(4 * n_exp * rows, h, w=c.at(il, "ffn_gate_inp", ffn=False))
     probs = logits if gating == 3 else g.op(logits.size, logits, inplace=True)       # softmax / sigmoid
-    select = g.op(probs.size, probs, w=d, inplace=True) if probs_bias else probs       # + exp_probs_b
+    select = g.op(probs.size, probs, w=c.at(il, "exp_probs_b", ffn=False), inplace=True) if probs_bias \
+        else probs                                                                    # + exp_probs_b
     if grove:
         select = g.op(logits.size, logits, inplace=True)                              # sigmoid(logits)
     sel = g.view(g.op(4 * n_exp * rows, select), 4 * U + 4 * n_exp * (rows - 1))     # argsort, its top-k view
@@ -471,9 +510,13 @@ def _moe(c: _Ctx, h: Tensor, il: int, *, gating: int = 1, probs_bias: bool = Fal
     g.expand(w)
     x = g.view(h)
     f = 4 * n_ff * U * rows
-    act = g.op(f, g.op(f, x, sel, w=fd), g.op(f, x, sel, w=fd)) if gated \
-        else g.op(f, g.op(f, x, sel, w=fd), inplace=True)                           # swiglu(gate, up) / silu(up)
-    ex = g.op(4 * E * U * rows, act, sel, w=fd)
+    up = g.op(f, x, sel, w=c.at(il, "ffn_up_exps"))                                 # up first, then gate
+    if situ is not None:
+        act = _situ(g, g.op(f, x, sel, w=c.at(il, "ffn_gate_exps")), up, situ)
+    else:
+        act = g.op(f, g.op(f, x, sel, w=c.at(il, "ffn_gate_exps")), up) if gated \
+            else g.op(f, up, inplace=True)                                           # swiglu_split(gate, up) / silu
+    ex = g.op(4 * E * U * rows, act, sel, w=c.at(il, "ffn_down_exps"))
     ex = g.expand(g.op(ex.size, ex, w, inplace=True))                                 # * weights
     slots = [g.expand(g.view(ex, 4 * E + (rows - 1) * 4 * E * U)) for _ in range(U)]
     out = g.expand(g.op(4 * E * rows, slots[0], slots[1], inplace=True) if U > 1 else g.op(4 * E * rows, slots[0]))
@@ -481,9 +524,12 @@ def _moe(c: _Ctx, h: Tensor, il: int, *, gating: int = 1, probs_bias: bool = Fal
         out = g.expand(g.op(out.size, out, v, inplace=True))
     if shared:
         fs = 4 * shared * rows
-        sh = g.op(4 * E * rows, g.op(fs, g.op(fs, h, w=d), g.op(fs, h, w=d)), w=d)
+        up = g.op(fs, h, w=c.at(il, "ffn_up_shexp", ffn=False))                     # build_ffn: up, then gate
+        sh = g.op(4 * E * rows, g.op(fs, g.op(fs, h, w=c.at(il, "ffn_gate_shexp", ffn=False)), up),
+                  w=c.at(il, "ffn_down_shexp", ffn=False))
         if shared_gate:
-            sg = g.op(_a(4 * rows), g.op(_a(4 * rows), h, w=d), inplace=True)        # sigmoid(shared gate)
+            sg = g.op(_a(4 * rows), g.op(_a(4 * rows), h, w=c.at(il, "ffn_gate_inp_shexp", ffn=False)),
+                      inplace=True)                                                   # sigmoid(shared gate)
             sh = g.op(sh.size, sh, sg, inplace=True)
         out = g.op(out.size, out, sh, inplace=True)
     return out
@@ -626,6 +672,8 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
     tokens = g.inp(4 * T)
     g.expand(g.inp(4 * E * T))               # inp_embd: a text batch never reads it, it is allocated
     cur = g.expand(g.op(4 * E * T, tokens, w=HOST_NAME))              # get_rows(token_embd)
+    if p.arch == "rwkv7":
+        cur = c.norm(cur, 0, ln=True)                                 # tok_norm (LN0)
     attn = _Attn(c, fa, v_trans) if any(la.has_kv for la in p.layers) else None
     la = _Lightning(c) if p.arch == "minimax-01" else None
     s_copy = g.inp(4 * c.ns)
@@ -711,6 +759,36 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
             y = g.op(cur.size, g.op(up.size // 2, up), w=fd)                         # down(swiglu(up))
             cur = g.op(cur.size, c.norm(y, il), cur, inplace=True)
             continue
+        if p.arch == "rwkv7":
+            # llama_model_rwkv7::graph (src/models/rwkv7.cpp): LayerNorms with biases (the embeddings' first),
+            # two token shifts (attention's, the channel mix's) read as one state, the time mix, the residual,
+            # the FFN norm, both shifts written as one concat, the channel mix (relu-squared key), the residual
+            # the views' ggml_nbytes (what a copy of one to another device takes): one token of each sequence
+            # in the shift's rows of 2 n_embd, all tokens but the last (or the last) of each sequence
+            ns, nst = c.ns, T // c.ns
+            one_shift, one_tok = 4 * E * (1 + 2 * (ns - 1)), 4 * E * (1 + nst * (ns - 1))
+            but_last = 4 * E * ((nst - 1) + nst * (ns - 1))
+            inp = g.view(cur)
+            shift = g.view(c.rs(il, s_main, s_extra, 4 * p.layers[il].n_embd_r * ns))
+            att = c.norm(inp, il, ln=True)
+            x_prev = g.op(4 * E * T, g.view(shift, one_shift), g.view(att, but_last))     # concat
+            y = _rwkv7_time_mix(c, s_main, s_extra, att, x_prev, il)
+            ffn_inp = g.op(4 * E * T, y, inp, inplace=True)
+            ffn_norm = c.norm(ffn_inp, il, ln=True)
+            x_prev = g.op(4 * E * T, g.view(shift, one_shift), g.view(ffn_norm, but_last))    # concat
+            ts = g.op(4 * 2 * E * ns, g.view(att, one_tok), g.view(ffn_norm, one_tok))       # the last tokens
+            g.expand(g.set(c.dev[il], g.view(ts), g.view(g.ext(c.dev[il]))))
+            ffn_inp, ffn_norm, x_prev = g.view(ffn_inp), g.view(ffn_norm), g.view(x_prev)
+            if last:
+                ffn_inp, ffn_norm, x_prev = (g.op(4 * E * c.T_out, x, out_ids) for x in (ffn_inp, ffn_norm, x_prev))
+            d, rows = c.dev[il], ffn_inp.size // (4 * E)
+            # build_rwkv7_channel_mix: sx = x_prev - x, xk = sx * lerp_k + x, value(sqr(relu(key(xk))))
+            xk = g.op(ffn_norm.size, g.op(ffn_norm.size, g.op(ffn_norm.size, x_prev, ffn_norm, inplace=True),
+                                          w=d, inplace=True), ffn_norm, inplace=True)
+            k = g.op(4 * c.shapes[f"blk.{il}.channel_mix_key.weight"][1] * rows, xk, w=d)
+            k = g.op(k.size, g.op(k.size, k, inplace=True), inplace=True)
+            cur = g.op(ffn_inp.size, g.op(ffn_inp.size, k, w=d), ffn_inp, inplace=True)
+            continue
         if p.arch in ("rwkv6qwen2", "arwkv7"):
             # llama_model_rwkv6qwen2::graph (src/models/rwkv6qwen2.cpp): the token shift read, the norm, the
             # shifted input, the time mix, the token shift written, the residual, the SwiGLU FFN, the residual
@@ -757,7 +835,7 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
                   probs_bias=c.has(f"blk.{il}.exp_probs_b.bias", False)) if moe else _ffn(c, h, il)
         cur = g.op(cur.size, cur, ff, inplace=True)
     out_dev = c.dev[n_layer]
-    h = c.norm(cur, -1, cur.size) if n_layer else cur
+    h = c.norm(cur, -1, cur.size, ln=p.arch == "rwkv7") if n_layer else cur
     if p.arch in (*_QWEN3NEXT, *_NEMOTRON_H):
         # the normed hidden state is an output (t_h_nextn, for MTP); the output rows are kept after the norm
         h.out = True
@@ -768,12 +846,14 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
 
 def recurrent_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_devices: list[str],
                             names: list[str], *, T: int, n_seqs: int, T_out: int, n_copies: int,
-                            pin_norm: bool, ffn_devices: list[str] | None = None) -> dict[str, int]:
+                            pin_norm: bool, ffn_devices: list[str] | None = None,
+                            ffn_moved: tuple[tuple[int, str, str], ...] | None = None) -> dict[str, int]:
     """Compute buffer bytes of every backend in `names` for a `replayable` profile (`ffn_devices`: where tensor
-    overrides put each layer's FFN weights, its experts for MoE). Remembered per profile and arguments: a
-    48-layer MoE graph takes some 20 ms to replay."""
+    overrides put each layer's FFN weights, its experts for MoE; `ffn_moved`: each MoE weight an override moved,
+    its product run where it is). Remembered per profile and arguments: a 48-layer MoE graph takes some 20 ms to
+    replay."""
     return replay_compute_bytes(_graph, profile, config, layer_devices, names, T=T, n_seqs=n_seqs, T_out=T_out,
-                                n_copies=n_copies, pin_norm=pin_norm, ffn_devices=ffn_devices)
+                                n_copies=n_copies, pin_norm=pin_norm, ffn_devices=ffn_devices, ffn_moved=ffn_moved)
 
 
 GraphBuilder = Callable[[_Ctx, bool, bool], tuple[Graph, list]]
@@ -781,45 +861,50 @@ GraphBuilder = Callable[[_Ctx, bool, bool], tuple[Graph, list]]
 
 def replay_compute_bytes(build: GraphBuilder, profile: ModelProfile, config: SplitConfig,
                          layer_devices: list[str], names: list[str], *, T: int, n_seqs: int, T_out: int,
-                         n_copies: int, pin_norm: bool, ffn_devices: list[str] | None = None) -> dict[str, int]:
+                         n_copies: int, pin_norm: bool, ffn_devices: list[str] | None = None,
+                         ffn_moved: tuple[tuple[int, str, str], ...] | None = None) -> dict[str, int]:
     """The compute buffers of the graph `build` makes (with flash attention or not, V transposed or not; it
     returns the graph and each flash-attention node with its layer's device), scheduled and allocated, remembered
-    per builder, profile and arguments."""
+    per builder, profile and arguments. `ffn_moved`: the FFN weights tensor overrides put away from their layer
+    ((layer, name, device): placement.tensors.compute_sites), each product run there; None: `ffn_devices` only."""
     key = (build, id(profile), config, tuple(layer_devices), tuple(names), T, n_seqs, T_out, n_copies, pin_norm,
-           tuple(ffn_devices) if ffn_devices else None)
+           tuple(ffn_devices) if ffn_devices else None, ffn_moved)
     hit = _CACHE.get(key)
     if hit is not None and hit[0]() is profile:
         return dict(hit[1])
 
     def make(devs: list[str], ffn: list[str] | None, cfg: SplitConfig, fa: bool, fused_gdn: bool,
-             ns: int) -> tuple[Graph, dict, list]:
-        c = _Ctx(profile, cfg, devs, T, ns, T_out, pin_norm, ffn)
-        c.fused_gdn = fused_gdn
+             unfused: frozenset[str], ns: int, moved: tuple | None) -> tuple[Graph, dict, list]:
+        c = _Ctx(profile, cfg, devs, T, ns, T_out, pin_norm, ffn, moved)
+        c.fused_gdn, c.unfused = fused_gdn, unfused
         # the KV cache transposes V when flash attention is off when it is made (llama_model::create_memory)
         g, fa_nodes = build(c, fa, cfg.flash_attn == "off")
-        return g, {"fa": fa_nodes, "gdn": c.gdn_nodes}, []
+        return g, {"fa": fa_nodes, "gdn": c.gdn_nodes, **{"fused " + k: v for k, v in c.fused_nodes.items()}}, []
 
-    # the graph is built once per profile and settings, and scheduled for each placement (ggml_replay.template)
+    # the graph is built once per profile and settings, and scheduled for each placement (ggml_replay.template);
+    # the devices `ffn_moved` names are in the graph as they are (a variant)
     tkey = (build, T, T_out, pin_norm)
     fa = config.flash_attn != "off"
-    run = template(make, profile, tkey, config, layer_devices, ffn_devices, fa, True, n_seqs).place(
-        layer_devices, ffn_devices)
-    # llama_context::resolve_fused_ops: flash attention ('auto') or the fused delta net scheduled away from its
-    # layer's device is turned off, and the reserve graph built again without it
+    run = template(make, profile, tkey, config, layer_devices, ffn_devices, fa, True, frozenset(), n_seqs,
+                   ffn_moved).place(layer_devices, ffn_devices)
+    # llama_context::resolve_fused_ops: flash attention ('auto'), the fused delta net or another fused op scheduled
+    # away from its layer's device is turned off, and the reserve graph built again without it
     # (a quantized V cache turns 'auto' into 'on' before that: llama_init_from_model)
     fa_auto = config.flash_attn == "auto" and config.type_v in _QUANT_FREE
-    fa_off = fa_auto and run.moved("fa")
-    gdn_off = run.moved("gdn")
-    if fa_off or gdn_off:
+    moved = run.moved_checks()
+    fa_off = fa_auto and "fa" in moved
+    gdn_off = "gdn" in moved
+    unfused = frozenset(k.split(" ", 1)[1] for k in moved if k.startswith("fused "))
+    if fa_off or gdn_off or unfused:
         run = template(make, profile, tkey, config, layer_devices, ffn_devices, fa and not fa_off, not gdn_off,
-                       n_seqs).place(layer_devices, ffn_devices)
+                       unfused, n_seqs, ffn_moved).place(layer_devices, ffn_devices)
     tops = run.peaks(n_copies)
     out = {name: tops.get(name, 0) for name in names}
     if profile.arch in _RESERVE_ONE_SEQ and n_seqs > 1:
         # llama_context::sched_reserve reserves these graphs last with the ubatch as one sequence (the diagonal
         # decay grows with the tokens per sequence squared: [TAG_RESERVE_DIAG_DECAY]); a buffer only grows
-        one = template(make, profile, tkey, config, layer_devices, ffn_devices, fa and not fa_off, True, 1).place(
-            layer_devices, ffn_devices).peaks(n_copies)
+        one = template(make, profile, tkey, config, layer_devices, ffn_devices, fa and not fa_off, True, frozenset(),
+                       1, None).place(layer_devices, ffn_devices).peaks(n_copies)
         out = {name: max(out[name], one.get(name, 0)) for name in names}
     if len(_CACHE) > 256:
         _CACHE.clear()

@@ -457,8 +457,8 @@ def place_layers(profile: ModelProfile, rules: tuple[OverrideRule, ...], layer_d
         trunk = profile.trunk
         graph_devices = list(layer_devices[:trunk.n_layer]) + [layer_devices[-1]]
         got = memo[key] = (tp, compute_sites(trunk, graph_devices, tp.moved))
-    tp, (ffn, stray, partial) = got
-    return tp, (list(ffn), stray, dict(partial))
+    tp, (ffn, stray, partial, split) = got
+    return tp, (list(ffn), stray, dict(partial), split)
 
 
 def _names(devices: list[Device]) -> tuple:
@@ -504,18 +504,25 @@ def _ffn_part(name: str) -> str:
     return "gate" if part == "gate" and "gate_up" not in base else ("up" if "up" in base else part)
 
 
+FfnMoved = tuple[tuple[int, str, str], ...]
+
+
 def compute_sites(profile: ModelProfile, layer_devices: list[str],
-                  moved: dict) -> tuple[list[str], frozenset[str], dict[str, frozenset[str]]]:
+                  moved: dict) -> tuple[list[str], frozenset[str], dict[str, frozenset[str]], FfnMoved | None]:
     """(the device each layer's FFN runs on, the devices that run other ops of layers not theirs,
     the devices that run only some of a layer's FFN products: device -> the largest set of them,
-    'gate', 'up', 'down'): an op runs where its weight is (ggml_backend_sched_backend_id_from_cur),
-    so moving a layer's experts (or dense FFN) moves its FFN, moving one of its three expert
-    tensors moves that product alone, and moving one attention matrix moves that product."""
+    'gate', 'up', 'down', and each FFN weight away from its layer as (layer, name, device), name as
+    'ffn_up_exps', 'ffn_gate_inp', 'ffn_down_shexp', 'exp_probs_b': None where a weight outside the FFN
+    left its layer): an op runs where its weight is (ggml_backend_sched_backend_id_from_cur), so moving a
+    layer's experts (or dense FFN) moves its FFN, moving one of its three expert tensors moves that product
+    alone, and moving one attention matrix moves that product. fit's overflow patterns move FFN weights
+    only, the router and the shared expert's among them (common/fit.cpp get_overflow_pattern)."""
     ffn = list(layer_devices[:profile.n_layer])
     stray = set()
     partial: dict[str, frozenset[str]] = {}
+    ffn_moved: list[tuple[int, str, str]] | None = []
     if not moved:
-        return ffn, frozenset(), partial
+        return ffn, frozenset(), partial, ()
     get = moved.get
     kinds = _layer_kinds(profile)
     # only layers with a moved tensor can run anything away from home ('blk.<il>.' names)
@@ -533,6 +540,15 @@ def compute_sites(profile: ModelProfile, layer_devices: list[str],
             dev = get(name)
             if dev is not None and dev != home:
                 stray.add(dev)
+                base, kind = name.split(".", 2)[-1].rsplit(".", 1)
+                if not base.startswith(("ffn_", "exp_probs_b")):
+                    ffn_moved = None
+                elif ffn_moved is not None and (kind == "weight" or base == "exp_probs_b"):
+                    ffn_moved.append((il, base, dev))
+        for name, _n_bytes, _part in ffn_tensors:
+            dev = get(name, home)
+            if dev != home and ffn_moved is not None and name.endswith(".weight"):
+                ffn_moved.append((il, name.split(".", 2)[-1].rsplit(".", 1)[0], dev))
         if not ffn_tensors:
             continue
         where: dict[str, int] = {}
@@ -549,4 +565,4 @@ def compute_sites(profile: ModelProfile, layer_devices: list[str],
         for dev, ps in parts.items():
             if dev != site and len(ps) > len(partial.get(dev, ())):
                 partial[dev] = frozenset(ps)
-    return ffn, frozenset(stray), partial
+    return ffn, frozenset(stray), partial, None if ffn_moved is None else tuple(ffn_moved)

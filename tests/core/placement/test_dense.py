@@ -77,13 +77,45 @@ CASES = [
     ("muse-glimmer", NGL4, {"RPC0": 26.02, "RPC1": 22.0, "RPC2": 18.0, "CPU": 26.02}),
     # absorbed MLA over a K-only cache (deepseek2.cpp's graph, which mistral4 builds)
     ("mistral4", TS31_Q8_FA, {"RPC0": 50.07, "RPC1": 26.0, "CPU": 18.04}),
+    # deepseek2.cpp and glm4-moe.cpp with their nextn (MTP) layer left out of the graph: -ngl 4 puts layers 3-6
+    # offloaded, the nextn layer 6 and the output on RPC2, which runs the output only (branch fitmla's matrix run)
+    ("deepseek2", NGL4, {"RPC0": 31.01, "RPC1": 0.0, "RPC2": 18.0, "CPU": 37.01}),
+    ("glm4moe", NGL4, {"RPC0": 19.01, "RPC1": 0.0, "RPC2": 18.0, "CPU": 23.01}),
+]
+
+# llama-fit-params' dry runs on 2 CPU RPC devices (bench/fit_arch_sweep.py's budgets): fit moves a layer's experts
+# to the host (LAYER_FRACTION_MOE), or all of its FFN but up (UP: the router and the shared expert's gate and
+# down go along, "ffn_(gate|gate_up|down).*") or its down products (GATE) to the next device. Expected: the
+# compute buffer sizes llama.cpp logged loading each (-fa auto, 2 CPU RPC servers, branch fitmla); the closed
+# forms gave RPC0 36.51 / 36.51 / 32.10, RPC1 30.01 / 32.01 for deepseek2, RPC0 22.01 and RPC1 20.00 / 24.01 for
+# glm4moe.
+MOE5 = r"blk\.5\.ffn_(up|down|gate_up|gate)_(ch|)exps=CPU"
+FIT_CASES = [
+    ("deepseek2", SplitConfig(n_ctx=4096, n_gpu_layers=3, tensor_split=(0, 3),
+                              tensor_overrides=(MOE5, r"blk\.6\.ffn_(up|down|gate_up|gate)_(ch|)exps=CPU")),
+     {"RPC0": 0.0, "RPC1": 34.01, "CPU": 40.01}),
+    ("deepseek2", SplitConfig(n_ctx=12800, n_gpu_layers=7, tensor_split=(5, 2),
+                              tensor_overrides=(r"blk\.4\.ffn_(gate|gate_up|down).*=RPC1",)),
+     {"RPC0": 44.6, "RPC1": 18.0, "CPU": 45.51}),
+    ("deepseek2", SplitConfig(n_ctx=12800, n_gpu_layers=7, tensor_split=(5, 2),
+                              tensor_overrides=(r"blk\.4\.ffn_down.*=RPC1",)),
+     {"RPC0": 44.6, "RPC1": 18.0, "CPU": 45.51}),
+    ("deepseek2", SplitConfig(n_ctx=4096, n_gpu_layers=7, tensor_split=(4, 3),
+                              tensor_overrides=(r"blk\.3\.ffn_(gate|gate_up|down).*=RPC1", MOE5)),
+     {"RPC0": 36.1, "RPC1": 35.01, "CPU": 37.01}),
+    ("glm4moe", SplitConfig(n_ctx=4096, n_gpu_layers=7, tensor_split=(4, 3),
+                            tensor_overrides=(r"blk\.3\.ffn_(gate|gate_up|down).*=RPC1", MOE5)),
+     {"RPC0": 20.1, "RPC1": 30.05, "CPU": 26.01}),
+    ("glm4moe", SplitConfig(n_ctx=4096, n_gpu_layers=7, tensor_split=(4, 3),
+                            tensor_overrides=(r"blk\.3\.ffn_down.*=RPC1",)),
+     {"RPC0": 20.1, "RPC1": 30.09, "CPU": 26.01}),
 ]
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("dense")
-    return {a: read_profile(write_arch_model(root / f"{a}.gguf", a)) for a, _, _ in CASES}
+    return {a: read_profile(write_arch_model(root / f"{a}.gguf", a)) for a, _, _ in CASES + FIT_CASES}
 
 
 def rpc(n: int) -> list[Device]:
@@ -94,10 +126,34 @@ def rpc(n: int) -> list[Device]:
 @pytest.mark.parametrize("arch,config,expected", CASES, ids=[a for a, _, _ in CASES])
 def test_replayed_compute_buffers_are_llama_cpps(models, arch, config, expected):
     profile = models[arch]
-    assert dense_replayable(profile)
+    assert dense_replayable(profile.trunk)      # the graph runs the trunk (MTP off)
     p = plan(profile, rpc(3), config)
     got = {d.name: round(d.compute_bytes / MiB, 2) for d in p.devices}
     assert got == expected
+
+
+@pytest.mark.parametrize("arch,config,expected", FIT_CASES, ids=[f"{a}-{i}" for i, (a, _, _) in enumerate(FIT_CASES)])
+def test_fits_overflow_overrides_are_replayed(models, arch, config, expected):
+    # each FFN weight runs its product where the override put it, the router and the shared expert's included
+    p = plan(models[arch], rpc(2), config)
+    assert {d.name: round(d.compute_bytes / MiB, 2) for d in p.devices} == expected
+
+
+def test_ffn_weights_an_override_moves_are_listed(models):
+    from gpulab.core.placement.tensors import compute_sites
+
+    p = plan(models["deepseek2"], rpc(2), FIT_CASES[1][1])
+    trunk = models["deepseek2"].trunk
+    _ffn, _stray, _parts, moved = compute_sites(trunk, list(p.layer_devices[:trunk.n_layer]) + [p.layer_devices[-1]],
+                                                dict(p.moved_tensors))
+    # UP's pattern takes the router and the shared expert's gate and down along, not up
+    assert moved is not None
+    assert sorted(name for il, name, dev in moved if il == 4 and dev == "RPC1") == [
+        "ffn_down_exps", "ffn_down_shexp", "ffn_gate_exps", "ffn_gate_inp", "ffn_gate_shexp"]
+    # an attention matrix moved: not an FFN weight, the replay does not place it (the closed forms do)
+    _f, _s, _p, moved = compute_sites(trunk, list(p.layer_devices[:trunk.n_layer]) + [p.layer_devices[-1]],
+                                      {**p.moved_tensors, "blk.2.attn_q_b.weight": "RPC1"})
+    assert moved is None
 
 
 def test_every_graph_replayed_has_a_case():
@@ -108,5 +164,11 @@ def test_graphs_not_built_here_stay_with_the_closed_forms(models):
     # an MTP layer (nextn_predict_layers) runs a graph of its own; qwen3vlmoe's deepstack adds widen inp_embd
     ds = models["deepseek"]
     assert not dense_replayable(replace(ds, metadata={**ds.metadata, "deepseek.nextn_predict_layers": 1}))
+    # deepseek2's trunk is replayed, its whole layer list (nextn layer included) and its MTP head are not
+    ds2 = models["deepseek2"]
+    assert ds2.n_nextn == 1 and dense_replayable(ds2.trunk)
+    assert not dense_replayable(ds2)
+    from gpulab.core.placement.mtp import mtp_head
+    assert not dense_replayable(mtp_head(ds2))
     vl = models["exaone-moe"]
     assert not dense_replayable(replace(vl, arch="qwen3vlmoe", metadata={"qwen3vlmoe.n_deepstack_layers": 3}))

@@ -181,3 +181,26 @@ def test_a_graph_that_is_not_replayed_falls_back_and_says_so():
                                                                      for n in names)), *q.layers[1:]))
     assert replayable(with_tensors("attn_qkv.weight", "attn_gate.weight"))
     assert not replayable(with_tensors("ssm_in.weight"))
+
+
+# fit's UP overflow on gpulab.sources.arch_models' qwen3next (2 CPU RPC devices, bench/fit_arch_sweep.py's budgets):
+# "ffn_(gate|gate_up|down).*" takes the layer's router, shared-expert gate (ffn_gate_inp_shexp) and shared expert's
+# gate and down to the next device with the experts' gate and down. Expected: the compute buffer sizes llama.cpp
+# logged loading each (branch fitmla); before the router and shared expert were placed by name, RPC1 was 31.76 and
+# 30.62 MiB.
+@pytest.mark.parametrize("config,expected", [
+    (SplitConfig(n_ctx=12032, n_gpu_layers=9, tensor_split=(7, 2),
+                 tensor_overrides=(r"blk\.6\.ffn_(gate|gate_up|down).*=RPC1",
+                                   r"blk\.8\.ffn_(up|down|gate_up|gate)_(ch|)exps=CPU")),
+     {"RPC0": 33.82, "RPC1": 34.76, "CPU": 15.76}),
+    (SplitConfig(n_ctx=4096, n_gpu_layers=9, tensor_split=(5, 4),
+                 tensor_overrides=(r"blk\.4\.ffn_(gate|gate_up|down).*=RPC1",
+                                   *(rf"blk\.{il}\.ffn_(up|down|gate_up|gate)_(ch|)exps=CPU" for il in (6, 7, 8)))),
+     {"RPC0": 26.07, "RPC1": 29.52, "CPU": 20.04}),
+], ids=["up-overflow", "up-overflow-and-experts-on-host"])
+def test_qwen3next_router_and_shared_expert_run_where_fit_moved_them(tmp_path, config, expected):
+    from gpulab import read_profile
+    from gpulab.sources.arch_models import write_arch_model
+
+    profile = read_profile(write_arch_model(tmp_path / "qwen3next.gguf", "qwen3next"))
+    assert logged(profile, config, 2) == expected
