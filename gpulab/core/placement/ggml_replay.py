@@ -167,64 +167,58 @@ class _Flat:
         ts = self.tensors = g.leafs + g.nodes
         n = self.n = len(ts)
         nl = self.n_leaf = len(g.leafs)
-        ix = {t: i for i, t in enumerate(ts)}
-        self.kind = [t.kind for t in ts]
+        # each tensor's index: expand numbered them (leaf k: -2 - k, node k: k)
+        kind = self.kind = [t.kind for t in ts]
         self.size = [t.size for t in ts]
-        self.src = [tuple([ix[s] for s in t.src]) for t in ts]
-        self.root = [ix[t.root] for t in ts]
+        src = self.src = [tuple([-2 - s.i if s.i < 0 else nl + s.i for s in t.src]) for t in ts]
+        root = self.root = [-2 - t.root.i if t.root.i < 0 else nl + t.root.i for t in ts]
         self.inplace = [t.inplace for t in ts]
         self.out = [t.out for t in ts]
-        self.inputs = [i for i in range(nl) if self.kind[i] in ("in", "leaf")]
+        self.inputs = [i for i in range(nl) if kind[i] in ("in", "leaf")]
         # ggml-alloc's counts of children and views, before the split's copies move some reads
-        self.nch, self.nvw = [0] * n, [0] * n
+        nch, nvw = self.nch, self.nvw = [0] * n, [0] * n
         for i in range(nl, n):
-            for s in self.src[i]:
-                self.nch[s] += 1
-            if self.kind[i] == "view":
-                self.nvw[self.root[i]] += 1
+            for s in src[i]:
+                nch[s] += 1
+            if kind[i] == "view":
+                nvw[root[i]] += 1
         # pass 1's backend of each tensor as an index into literals + a placement (Slot k: the k-th entry)
-        self.literals: list[str | None] = []
-        seen: dict[str | None, int] = {}
-        lab = []
-        for i, t in enumerate(ts):
-            d = t.dev
-            if type(d) is Slot:
-                lab.append(-1 - int(str.__getitem__(d, slice(1, None))))
-                continue
-            if i < nl and d is None:
-                d = HOST_NAME           # a leaf without a device: the host
-            k = seen.get(d)
-            if k is None:
-                k = seen[d] = len(self.literals)
-                self.literals.append(d)
-            lab.append(k)
-        self.lab = [k if k >= 0 else len(self.literals) - 1 - k for k in lab]
+        devs = [t.dev for t in ts]
+        literals = self.literals = list(dict.fromkeys(d for d in devs if type(d) is not Slot))
+        seen = {d: k for k, d in enumerate(literals)}
+        if HOST_NAME not in seen:
+            seen[HOST_NAME] = len(literals)
+            literals.append(HOST_NAME)
+        nlit = len(literals)
+        lab = [nlit + int(str.__getitem__(d, slice(1, None))) if type(d) is Slot else seen[d] for d in devs]
+        host = seen[HOST_NAME]
+        for i in range(nl):
+            if devs[i] is None:
+                lab[i] = host           # a leaf without a device: the host
+        self.lab = lab
         # passes 2 and 4 fill each run of ops without a backend (a gap) from the op before or after it; which
         # ops have none does not depend on the placement, so the gaps are found once: (op before, op after)
-        self.gaps: list[tuple[int, int]] = []
+        gaps: list[tuple[int, int]] = []
         pick = list(range(n))
-        prev, run = -1, []
+        prev, start = -1, -1
         for i in range(nl, n):
-            if self.kind[i] == "view":
+            if kind[i] == "view":
                 continue
-            if ts[i].dev is None:
-                run.append(i)
+            if devs[i] is None:
+                if start < 0:
+                    start = i
+                pick[i] = n + len(gaps)
             else:
-                if run:
-                    self._gap(pick, run, prev, i)
-                    run = []
+                if start >= 0:
+                    gaps.append((prev, i))
+                    start = -1
                 prev = i
-        if run:
-            self._gap(pick, run, prev, -1)
+        if start >= 0:
+            gaps.append((prev, -1))
         for i in range(nl, n):
-            if self.kind[i] == "view":
-                pick[i] = pick[self.root[i]]       # a view goes with what it views
-        self.pick = pick
-
-    def _gap(self, pick: list[int], run: list[int], before: int, after: int) -> None:
-        for i in run:
-            pick[i] = self.n + len(self.gaps)
-        self.gaps.append((before, after))
+            if kind[i] == "view":
+                pick[i] = pick[root[i]]       # a view goes with what it views
+        self.gaps, self.pick = gaps, pick
 
     def schedule(self, table: list[str]) -> list[str]:
         """ggml_backend_sched_split_graph passes 1, 2 and 4 for a placement (`table`: the devices a Slot
@@ -491,12 +485,13 @@ _PER_PLACEMENT: set[tuple] = set()      # builders seen comparing labels
 
 
 def template(build: Builder, owner: object, key: tuple, config: Any, layer_devices: list[str],
-             ffn_devices: list[str] | None, *variant: object) -> _Template:
+             ffn_devices: list[str] | None, *variant: object, keep: bool = True) -> _Template:
     """The graph build(layer devices, FFN devices, settings, *variant) makes, for any placement with as many
     layers (and FFN devices): built once per `owner` (the profile), `key` (what else the graph depends on),
-    `variant` and the settings the builder reads, with stand-in labels. `.place(...)` schedules it."""
+    `variant` and the settings the builder reads, with stand-in labels. `.place(...)` schedules it. keep=False:
+    a graph for this placement alone (a variant seldom seen twice), built with its devices and not kept."""
     tkey = (id(owner), key, len(layer_devices), len(ffn_devices or ()), variant)
-    if tkey in _PER_PLACEMENT:
+    if not keep or tkey in _PER_PLACEMENT:
         g, checks, pinned = build(layer_devices, ffn_devices, config, *variant)
         return _Template(g, checks, pinned, {})
     entries = _TEMPLATES.setdefault(tkey, [])

@@ -882,11 +882,13 @@ def replay_compute_bytes(build: GraphBuilder, profile: ModelProfile, config: Spl
         return g, {"fa": fa_nodes, "gdn": c.gdn_nodes, **{"fused " + k: v for k, v in c.fused_nodes.items()}}, []
 
     # the graph is built once per profile and settings, and scheduled for each placement (ggml_replay.template);
-    # the devices `ffn_moved` names are in the graph as they are (a variant)
+    # FFN weights moved by -ot (fit's overflow layers: another set on nearly every dry run) make a graph of their
+    # own, not kept
     tkey = (build, T, T_out, pin_norm)
     fa = config.flash_attn != "off"
+    keep = not ffn_moved
     run = template(make, profile, tkey, config, layer_devices, ffn_devices, fa, True, frozenset(), n_seqs,
-                   ffn_moved).place(layer_devices, ffn_devices)
+                   ffn_moved, keep=keep).place(layer_devices, ffn_devices)
     # llama_context::resolve_fused_ops: flash attention ('auto'), the fused delta net or another fused op scheduled
     # away from its layer's device is turned off, and the reserve graph built again without it
     # (a quantized V cache turns 'auto' into 'on' before that: llama_init_from_model)
@@ -897,7 +899,7 @@ def replay_compute_bytes(build: GraphBuilder, profile: ModelProfile, config: Spl
     unfused = frozenset(k.split(" ", 1)[1] for k in moved if k.startswith("fused "))
     if fa_off or gdn_off or unfused:
         run = template(make, profile, tkey, config, layer_devices, ffn_devices, fa and not fa_off, not gdn_off,
-                       unfused, n_seqs, ffn_moved).place(layer_devices, ffn_devices)
+                       unfused, n_seqs, ffn_moved, keep=keep).place(layer_devices, ffn_devices)
     tops = run.peaks(n_copies)
     out = {name: tops.get(name, 0) for name in names}
     if profile.arch in _RESERVE_ONE_SEQ and n_seqs > 1:
