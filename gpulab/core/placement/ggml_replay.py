@@ -68,6 +68,12 @@ class Graph:
     def ext(self, dev: str, size: int = 0) -> Tensor:
         return Tensor("ext", size, dev=dev)
 
+    def weight(self, dev: str, size: int) -> Tensor:
+        """A weight an op reads as a source where no rule puts the op with it (ROPE's frequency factors: pass 1
+        skips ROPE, ggml_backend_sched_backend_id_from_cur): read on another backend, it is copied there and
+        starts a new split once the split has inputs (ggml_backend_sched_split_graph, need_new_split)."""
+        return Tensor("w", size, dev=dev)
+
     def leaf(self, dev: str, size: int) -> Tensor:
         """A tensor the graph makes without an op (ggml_new_tensor, e.g. what ggml_fill fills): allocated with
         the leafs before any node, once (ggml_gallocr_alloc_graph_impl's leaf loop), freed after its last reader
@@ -98,7 +104,7 @@ class Graph:
                 continue
             if x.i != -1:
                 continue
-            if x.kind in ("in", "ext", "leaf"):
+            if x.kind in ("in", "ext", "w", "leaf"):
                 x.i = -2 - len(self.leafs)
                 self.leafs.append(x)
             else:
@@ -245,15 +251,15 @@ class _Flat:
         first = list(self.inputs)
         copies: dict[tuple[int, str], int] = {}
         split_dev = None
-        start = 0
+        start = n_inputs = 0
         for n in range(self.n_leaf, self.n):
             if kind[n] == "view":
                 order.append(n)
                 continue
             b = be[n]
-            if b != split_dev:
-                split_dev, start = b, len(order)
             sn = src[n]
+            if b != split_dev or (n_inputs and any(kind[s] == "w" and be[s] != b for s in sn)):
+                split_dev, start, n_inputs = b, len(order), 0
             for s in sn:
                 if be[s] != b:
                     break
@@ -265,6 +271,7 @@ class _Flat:
                 if be[s] == b:
                     new.append(s)
                     continue
+                n_inputs += 1
                 nch[s] -= 1                 # read from its copy instead
                 c = copies.get((s, b))
                 if c is None:
