@@ -99,7 +99,10 @@ COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "in
                            # of Q, K and V) beside absorbed MLA over a K-only cache, MoE
                            "kimi-linear", "bailingmoe3", "kimi-k3",
                            # ... and glm5-next's hyper-connections around KDA and DSA with its k-pool indexer
-                           "glm5-next"})
+                           "glm5-next",
+                           # branch dsa: replayed (placement.dense): deepseek2's absorbed MLA masked by the DSA
+                           # lightning indexer's top-k (_Indexer)
+                           "deepseek32", "glm-dsa"})
 
 
 # Architectures whose memory is not llama_kv_cache / llama_memory_recurrent as gpulab sizes them
