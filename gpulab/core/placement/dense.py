@@ -621,8 +621,9 @@ def dense_replayable(profile: ModelProfile) -> bool:
         return False           # qwen3vlmoe's deepstack adds (a wider inp_embd) are not built here
     if profile.n_nextn or not _is_trunk(profile):
         return False           # MTP layers (placement.mtp) run a graph of their own, not built here
-    if _SPECS[profile.arch].dsa and (dsa_full_layers(profile) is None or not all(
-            f"{profile.arch}.attention.indexer.{k}" in profile.metadata for k in ("key_length", "head_count", "top_k"))):
+    indexer = (f"{profile.arch}.attention.indexer.{k}" for k in ("key_length", "head_count", "top_k"))
+    if _SPECS[profile.arch].dsa and (dsa_full_layers(profile) is None or not all(k in profile.metadata
+                                                                                 for k in indexer)):
         return False           # GLM 5.2's default indexer pattern (not read here), or no indexer
     if profile.arch == "dots3note" and not all(layer.is_swa for layer in profile.layers):
         return False           # its full layers' DSA indexer (deepseek32's) is not built here
