@@ -200,11 +200,13 @@ class _Mla:
         g.expand(g.set(d, g.view(kcur), k_idxs))
         if top_k is not None:
             # build_attn(llm_graph_input_attn_k_dsa): the mask filled with -inf (a new tensor), zeros (a new
-            # tensor filled in place) set at the selected cells (set_rows: a view of the filled mask), + the mask
+            # tensor filled in place) set at the selected cells (set_rows: an op whose result is a view of the
+            # filled mask; it runs on a backend, so a top-k made on another device, glm-dsa's shared layers, is
+            # copied there, once per layer: each reads its own view), + the mask
             mask_all = g.op(mask.size, mask)
             zeros = g.view(g.leaf(d, 4 * (top_k.size // (4 * T)) * T))
-            sel = Tensor("view", mask_all.size, (zeros, g.view(top_k), g.view(mask_all)), root=mask_all)
-            mask = g.op(mask.size, g.view(sel), mask)
+            sel = Tensor("set", 0, (zeros, g.view(top_k), g.view(mask_all)))
+            mask = g.op(mask.size, Tensor("view", mask_all.size, (sel,), root=mask_all), mask)
         n_kv = n_kv1 * self.attn.n_stream
         k = g.view(g.ext(d), _row(cfg.type_k, kv_rank + n_rope) * n_kv)
         vk = g.view(k, _row(cfg.type_k, kv_rank) * n_kv)
@@ -245,7 +247,7 @@ class _Indexer:
             nrot *= 2
         self.k_idxs, self.mask = g.inp(8 * c.T), g.inp(2 * mla.n_kv * c.T)
         self.k_rot = g.inp(4 * nrot * nrot)
-        self.full = dsa_full_layers(c.p)
+        self.full = dsa_full_layers(c.p) or []      # never None here: dense_replayable
         self.prev: Tensor | None = None
 
     def __call__(self, h: Tensor, qr: Tensor, pos: Tensor, il: int) -> Tensor:

@@ -63,6 +63,24 @@ def test_dsa_compute_buffers_are_llama_cpps(models, arch, config, expected):
     assert not p.doubts
 
 
+@pytest.mark.parametrize("config,expected", [
+    (TS11, {"RPC0": 50.16, "RPC1": 43.05, "CPU": 18.12}),
+    (NGL4, {"RPC0": 34.03, "RPC1": 32.01, "RPC2": 18.0, "CPU": 38.08}),
+    (TS111_Q4_FA, {"RPC0": 74.16, "RPC1": 74.16, "RPC2": 53.04, "CPU": 42.12}),
+    (NONE_FA_OFF, {"RPC1": 69.09, "CPU": 7.03}),
+])
+def test_glm_dsa_shared_indexer_layers_reuse_the_last_top_k(models, config, expected):
+    """GLM 5.2's shared indexer layers (attention.indexer.types 1,0,0,1,0,0 written into the matrix's glm-dsa model,
+    u32 array; its indexer tensors kept: loaded, not read): llama.cpp's logged compute buffers, the same run on
+    CPU RPC devices (branch dsa). Layers 1, 2, 4 and 5 run no indexer and mask with the last full layer's top-k,
+    so the second device's buffer is 4 MiB below the all-full file's at -ts 1,1."""
+    glm = models["glm-dsa"]
+    shared = replace(glm, metadata={**glm.metadata, "glm-dsa.attention.indexer.types": [1, 0, 0, 1, 0, 0]})
+    p = plan(shared, rpc(3), config)
+    assert {d.name: round(d.compute_bytes / MiB, 2) for d in p.devices} == expected
+    assert not p.doubts
+
+
 def test_glm_dsa_indexer_layers_follow_its_types(models):
     """glm-dsa's loader: attention.indexer.types where the file has it; without it every layer is a full indexer
     below 1M tokens of context (GLM 5, 5.1), GLM 5.2's built-in pattern above (not read: not replayed, a doubt)."""
