@@ -250,11 +250,11 @@ class _Indexer:
         self.full = dsa_full_layers(c.p) or []      # never None here: dense_replayable
         self.prev: Tensor | None = None
 
-    def __call__(self, h: Tensor, qr: Tensor, pos: Tensor, il: int) -> Tensor:
-        """The layer's top-k cell indices (h: the normed layer input, qr: the normed low-rank Q)."""
+    def __call__(self, h: Tensor, qr: Tensor, pos: Tensor, il: int) -> Tensor | None:
+        """The layer's top-k cell indices (h: the normed layer input, qr: the normed low-rank Q); None: a dots3note
+        window layer, which runs no indexer and attends over its window unmasked by one."""
         if not self.full[il]:
-            assert self.prev is not None
-            return self.prev
+            return self.prev if self.c.p.arch == "glm-dsa" else None
         c, g, T, d = self.c, self.c.g, self.c.T, self.c.dev[il]
         iq = g.op(4 * self.ih * self.n_ih * T, qr, w=d)                    # indexer_attn_q_b
         iq = g.op(iq.size, g.view(iq), pos)                                # RoPE of the reshape
@@ -274,10 +274,13 @@ class _Indexer:
 
 
 def dsa_full_layers(p: ModelProfile) -> list[bool] | None:
-    """Which layers run the indexer (the others reuse the last one's top-k): every deepseek32 layer; glm-dsa's
-    attention.indexer.types, else every layer of a file trained below 1M tokens (GLM 5, 5.1: load_arch_hparams,
-    src/models/glm-dsa.cpp; GLM 5.2's default pattern is not read here: None)."""
+    """Which layers run the indexer (glm-dsa's others reuse the last one's top-k): every deepseek32 layer;
+    dots3note's full-attention layers (src/models/dots3note.cpp: `!is_swa`); glm-dsa's attention.indexer.types,
+    else every layer of a file trained below 1M tokens (GLM 5, 5.1: load_arch_hparams, src/models/glm-dsa.cpp;
+    GLM 5.2's default pattern is not read here: None)."""
     md, arch, n = p.metadata, p.arch, p.n_layer
+    if arch == "dots3note":
+        return [not layer.is_swa for layer in p.layers]
     types = md.get(f"{arch}.attention.indexer.types")
     if arch == "glm-dsa" and types is not None:
         return [bool(t) for t in list(types)[:n]]
@@ -427,7 +430,7 @@ _SPECS = {
     "minimax-m3": _Spec(msa=True),
     # src/models/dots3note.cpp: absorbed MLA (its window layers over the SWA cache), k_pe RMS-normed, a head-wise
     # sigmoid gate; the DSA indexer of its full layers is not built here (dense_replayable) (branch newarchs)
-    "dots3note": _Spec(mla=True, attn_gate=True),
+    "dots3note": _Spec(mla=True, dsa=True, attn_gate=True),
     "afmoe": _Spec(rope_only="step", embd_scale=True, attn_gate=True, post_attn="post_attention_norm",
                    post_attn_first=True, post_ffn="post_ffw_norm"),
 }
@@ -627,8 +630,6 @@ def dense_replayable(profile: ModelProfile) -> bool:
     if _SPECS[profile.arch].dsa and (dsa_full_layers(profile) is None or not all(k in profile.metadata
                                                                                  for k in indexer)):
         return False           # GLM 5.2's default indexer pattern (not read here), or no indexer
-    if profile.arch == "dots3note" and not all(layer.is_swa for layer in profile.layers):
-        return False           # its full layers' DSA indexer (deepseek32's) is not built here
     # an MLA layer (a K-only cache) is built as absorbed MLA (attn_k_b, attn_v_b), not the older graph with attn_kv_b
     return all(layer.has_kv and not layer.is_recurrent
                and any(t.name.endswith((".ffn_down.weight", ".ffn_down_exps.weight")) for t in layer.tensors)
