@@ -272,8 +272,8 @@ def doubts(profile: ModelProfile, config: SplitConfig, layer_devices: list[str] 
     elif (arch in DENSE_GRAPHS and not dense_replayable(profile.trunk)) or \
             (arch == "graniteswitch" and not switch_replayable(profile)) or \
             (arch == "hy_v4" and not hy_v4_replayable(profile)):
-        # a graph replayed op by op, but this file takes a branch the replay does not build (dots3note's DSA
-        # layers, MTP layers, deepstack layers, hy_v4's DSA indexer, ...): the closed forms size it
+        # a graph replayed op by op, but this file takes a branch the replay does not build (MTP layers,
+        # deepstack layers, hy_v4's DSA indexer, GLM 5.2's default indexer pattern, ...): the closed forms size it
         out.append(_measured(arch, f"{arch}'s graph takes a branch that placement.dense does not build for this "
                              "file, sized by the closed forms", " (not measured)"))
     elif arch not in COMPUTE_CHECKED and arch not in COMPUTE_EXACT:

@@ -30,6 +30,8 @@ built in llama.cpp's order and handed to the scheduler's split and ggml-alloc, l
   minicpm3   low-rank Q and KV (V narrower than K), the lm-head scale of result_norm (an output: a new tensor)
   mistral4   deepseek2.cpp's absorbed MLA over a K-only cache (_Mla); deepseek2 itself, its nextn layers left out
   glm4moe    glm4-moe.cpp: the FFN's norm is post_attention_norm; its nextn layers left out (the trunk's graph)
+  DSA        deepseek32.cpp, glm-dsa.cpp and dots3note's full-attention layers: _Mla masked by the lightning
+             indexer's top-k (_Indexer); glm-dsa's shared indexer layers reuse the last full layer's
   grovemoe   the experts, then the chunk experts of their output (_grove_moe)
   MoE        build_moe_ffn (placement.recurrent._moe) with the loader's gating, weight norm and scale, after
              leading dense layers, a shared expert added as it is: deepseek.cpp, bailingmoe.cpp, bailingmoe2.cpp,
@@ -429,7 +431,7 @@ _SPECS = {
     # attention its sparse attention (minimax_msa) past the leading dense layers (branch newarchs)
     "minimax-m3": _Spec(msa=True),
     # src/models/dots3note.cpp: absorbed MLA (its window layers over the SWA cache), k_pe RMS-normed, a head-wise
-    # sigmoid gate; the DSA indexer of its full layers is not built here (dense_replayable) (branch newarchs)
+    # sigmoid gate (branch newarchs); its full layers' DSA indexer (_Indexer, branch dsa)
     "dots3note": _Spec(mla=True, dsa=True, attn_gate=True),
     "afmoe": _Spec(rope_only="step", embd_scale=True, attn_gate=True, post_attn="post_attention_norm",
                    post_attn_first=True, post_ffn="post_ffw_norm"),
