@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from ..config import SplitConfig
 from ..devices import HOST_NAME
 from ..profile import ModelProfile
-from .ggml_replay import Graph, Tensor
+from .ggml_replay import Graph, Tensor, per_profile
 from .minimax_msa import Msa
 from .recurrent import _Attn, _Ctx, _moe, _row, replay_compute_bytes
 
@@ -618,6 +618,7 @@ def dense_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_device
                                 n_copies=n_copies, pin_norm=pin_norm, ffn_devices=ffn_devices, ffn_moved=ffn_moved)
 
 
+@per_profile
 def dense_replayable(profile: ModelProfile) -> bool:
     """Whether `profile`'s compute buffers are replayed here: a graph of DENSE_GRAPHS, every layer with attention
     (Q, K, V products or a fused one: no MLA) and a KV cache, and the tensor list read from the file (attention
