@@ -99,7 +99,10 @@ COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "in
                            # of Q, K and V) beside absorbed MLA over a K-only cache, MoE
                            "kimi-linear", "bailingmoe3", "kimi-k3",
                            # ... and glm5-next's hyper-connections around KDA and DSA with its k-pool indexer
-                           "glm5-next"})
+                           "glm5-next",
+                           # branch dsa: replayed (placement.dense): deepseek2's absorbed MLA masked by the DSA
+                           # lightning indexer's top-k (_Indexer)
+                           "deepseek32", "glm-dsa"})
 
 
 # Architectures whose memory is not llama_kv_cache / llama_memory_recurrent as gpulab sizes them
@@ -194,8 +197,8 @@ def doubts(profile: ModelProfile, config: SplitConfig, layer_devices: list[str] 
     elif (arch in DENSE_GRAPHS and not dense_replayable(profile.trunk)) or \
             (arch == "graniteswitch" and not switch_replayable(profile)) or \
             (arch == "hy_v4" and not hy_v4_replayable(profile)):
-        # a graph replayed op by op, but this file takes a branch the replay does not build (dots3note's DSA
-        # layers, MTP layers, deepstack layers, hy_v4's DSA indexer, ...): the closed forms size it
+        # a graph replayed op by op, but this file takes a branch the replay does not build (MTP layers,
+        # deepstack layers, hy_v4's DSA indexer, GLM 5.2's default indexer pattern, ...): the closed forms size it
         out.append(_measured(arch, f"{arch}'s graph takes a branch that placement.dense does not build for this "
                              "file, sized by the closed forms", " (not measured)"))
     elif arch not in COMPUTE_CHECKED and arch not in COMPUTE_EXACT:
