@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from arch_settings import ArchModels
 from builders import make_profile
 
 
@@ -35,3 +36,9 @@ def gemma3() -> Path:
         return gemma3_path()
     except GpulabError as e:
         pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def arch_models(tmp_path_factory) -> ArchModels:
+    """The architecture matrix's models (tests/arch_settings.py), each written and read once a run."""
+    return ArchModels(tmp_path_factory.mktemp("arch-models"))

@@ -9,32 +9,18 @@ from __future__ import annotations
 
 import pytest
 
-from gpulab import SplitConfig, plan, read_profile
-from gpulab.core.devices import Device
+from arch_settings import SETTINGS, rpc, servers
+from gpulab import SplitConfig, plan
 from gpulab.core.placement.compute_mla import after_two_moe, mla_geom
 from gpulab.core.placement.compute_moe import router_bytes, shared_expert_peaks
 from gpulab.core.placement.coverage import COMPUTE_EXACT
-from gpulab.sources.arch_models import write_arch_model
 
 MiB = 1024**2
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("arch")
-    return {a: read_profile(write_arch_model(root / f"{a}.gguf", a))
-            for a in ("deepseek2", "qwen2moe", "glm4moe", "llama4", "gpt-oss", "gemma2", "gemma3", "olmo2",
-                      "baichuan", "cohere2")}
-
-
-@pytest.fixture(scope="module")
-def deepseek2(models):
-    return models["deepseek2"]
-
-
-def rpc(n: int) -> list[Device]:
-    return [Device(name=f"RPC{i}", total_bytes=64 << 30, free_bytes=64 << 30, source="rpc", kind="rpc")
-            for i in range(n)]
+def deepseek2(arch_models):
+    return arch_models["deepseek2"]
 
 
 def test_geometry_is_read_from_the_absorbed_weights(deepseek2):
@@ -53,18 +39,10 @@ def test_layers_after_two_moe_layers_on_one_device(deepseek2):
     assert not after_two_moe(trunk, ["RPC0"] * 4 + ["RPC1"] * 2, "RPC1")
 
 
-SETTINGS = {
-    # the matrix's settings: (config, RPC devices)
-    "ts-3-1-q8-fa": (SplitConfig(tensor_split=(3, 1), n_ctx=2048, devices=("RPC0", "RPC1"), type_k="q8_0",
-                                 type_v="q8_0", flash_attn="on"), 2),
-    "ts-1-1": (SplitConfig(tensor_split=(1, 1), n_ctx=1024, devices=("RPC0", "RPC1")), 2),
-    "ngl4-ts-1-1-1": (SplitConfig(n_gpu_layers=4, tensor_split=(1, 1, 1), n_ctx=1024), 3),
-    "none-main-1-fa-off": (SplitConfig(split_mode="none", main_gpu=1, n_ctx=1024, flash_attn="off"), 3),
-    "ts-1-2-1-q8k-fa-off": (SplitConfig(tensor_split=(1, 2, 1), n_ctx=4096, type_k="q8_0", flash_attn="off"), 3),
-    "ts-1-1-1-q4-fa": (SplitConfig(tensor_split=(1, 1, 1), n_ctx=4096, type_k="q4_0", type_v="q4_0",
-                                   flash_attn="on"), 3),
+CHECKED = {
+    **SETTINGS,
     # not in the matrix: checked once after llama4's rules were written (the q4_0 setting's f16 twin)
-    "ts-1-1-1-f16-fa": (SplitConfig(tensor_split=(1, 1, 1), n_ctx=4096, flash_attn="on"), 3),
+    "ts-1-1-1-f16-fa": SplitConfig(tensor_split=(1, 1, 1), n_ctx=4096, flash_attn="on"),
 }
 LOGGED = {
     # deepseek2: n_embd 1024, 16 heads, q_lora 512, kv_lora 256, rope 64, 1 dense + 5 MoE layers with a shared
@@ -143,10 +121,10 @@ LOGGED = {
 
 
 @pytest.mark.parametrize("arch,setting", list(LOGGED))
-def test_compute_buffers_match_llama_cpp_logs(models, arch, setting):
-    config, n = SETTINGS[setting]
+def test_compute_buffers_match_llama_cpp_logs(arch_models, arch, setting):
+    config = CHECKED[setting]
     logged = LOGGED[arch, setting]
-    p = plan(models[arch], rpc(n), config)
+    p = plan(arch_models[arch], rpc(servers(config)), config)
     for d in p.devices:
         if d.name in logged:
             # the log's two decimals, and the router's [n_expert, T] tensors below the experts that the MoE
@@ -175,8 +153,8 @@ OUTSIDE = [
 
 
 @pytest.mark.parametrize("arch,config,logged", OUTSIDE, ids=[a for a, _, _ in OUTSIDE])
-def test_compute_buffers_outside_the_matrix(models, arch, config, logged):
-    p = plan(models[arch], rpc(3), config)
+def test_compute_buffers_outside_the_matrix(arch_models, arch, config, logged):
+    p = plan(arch_models[arch], rpc(3), config)
     assert {d.name: d.compute_bytes / MiB for d in p.devices} == {k: pytest.approx(v, abs=0.07)
                                                                   for k, v in logged.items()}
 

@@ -9,25 +9,13 @@ from dataclasses import replace
 
 import pytest
 
-from gpulab import SplitConfig, plan, read_profile
-from gpulab.core.devices import Device
+from arch_settings import SETTINGS, rpc, servers
+from gpulab import plan
 from gpulab.core.placement.compute_encoder import ENCODER_GRAPHS, encoder_replayable
 from gpulab.core.placement.coverage import COMPUTE_EXACT
-from gpulab.sources.arch_models import write_arch_model
 
 MiB = 1024**2
 
-SETTINGS = {
-    # the matrix's settings: (config, RPC devices)
-    "ts-3-1-q8-fa": (SplitConfig(tensor_split=(3, 1), n_ctx=2048, devices=("RPC0", "RPC1"), type_k="q8_0",
-                                 type_v="q8_0", flash_attn="on"), 2),
-    "ts-1-1": (SplitConfig(tensor_split=(1, 1), n_ctx=1024, devices=("RPC0", "RPC1")), 2),
-    "ngl4-ts-1-1-1": (SplitConfig(n_gpu_layers=4, tensor_split=(1, 1, 1), n_ctx=1024), 3),
-    "none-main-1-fa-off": (SplitConfig(split_mode="none", main_gpu=1, n_ctx=1024, flash_attn="off"), 3),
-    "ts-1-2-1-q8k-fa-off": (SplitConfig(tensor_split=(1, 2, 1), n_ctx=4096, type_k="q8_0", flash_attn="off"), 3),
-    "ts-1-1-1-q4-fa": (SplitConfig(tensor_split=(1, 1, 1), n_ctx=4096, type_k="q4_0", type_v="q4_0",
-                                   flash_attn="on"), 3),
-}
 # All models: n_embd 1024, 6 layers, 16 heads of 64 (4 KV heads; T5 16), n_ff 3072, n_vocab 8192, n_ubatch 512.
 LOGGED = [
     # the no-cache attention: KQ [512, 512, 16] f32 (16 MiB) and a [512, 512] mask whatever n_ctx, K and V cast
@@ -70,21 +58,10 @@ LOGGED = [
 ]
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("arch")
-    return {a: read_profile(write_arch_model(root / f"{a}.gguf", a)) for a in sorted({a for a, _, _ in LOGGED})}
-
-
-def rpc(n: int) -> list[Device]:
-    return [Device(name=f"RPC{i}", total_bytes=64 << 30, free_bytes=64 << 30, source="rpc", kind="rpc")
-            for i in range(n)]
-
-
 @pytest.mark.parametrize("arch,setting,expected", LOGGED, ids=[f"{a}-{s}" for a, s, _ in LOGGED])
-def test_compute_matches_llama_cpp_log(models, arch, setting, expected):
-    config, n = SETTINGS[setting]
-    p = plan(models[arch], rpc(n), config)
+def test_compute_matches_llama_cpp_log(arch_models, arch, setting, expected):
+    config = SETTINGS[setting]
+    p = plan(arch_models[arch], rpc(servers(config)), config)
     got = {d.name: d.compute_bytes for d in p.devices}
     assert set(got) == set(expected)
     for name, mib in expected.items():
@@ -93,13 +70,13 @@ def test_compute_matches_llama_cpp_log(models, arch, setting, expected):
     assert not [x for x in p.doubts if x.term == "compute"]
 
 
-def test_every_replayed_graph_is_exact_and_replayed(models):
+def test_every_replayed_graph_is_exact_and_replayed(arch_models):
     assert ENCODER_GRAPHS <= COMPUTE_EXACT
-    assert all(encoder_replayable(m) for m in models.values())
+    assert all(encoder_replayable(m) for m in (arch_models[a] for a, _, _ in LOGGED))
 
 
-def test_bert_experts_are_not_replayed(models):
+def test_bert_experts_are_not_replayed(arch_models):
     """nomic-bert-moe's expert layers (moe_every_n_layers) are not built by the replay: the profile falls back."""
-    m = models["bert"]
+    m = arch_models["bert"]
     moe = replace(m, arch="nomic-bert-moe", metadata={**m.metadata, "nomic-bert-moe.moe_every_n_layers": 2})
     assert not encoder_replayable(moe)

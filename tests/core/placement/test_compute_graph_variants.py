@@ -11,85 +11,62 @@ import re
 
 import pytest
 
-from gpulab import SplitConfig, plan, read_profile
-from gpulab.core.devices import Device
+from arch_settings import SETTINGS, rpc
+from gpulab import plan
 from gpulab.core.placement import compute
-from gpulab.sources.arch_models import write_arch_model
 from llama_tools import vendored_src
 
 MiB = 1024**2
 
-
-def rpc(n: int) -> list[Device]:
-    return [Device(name=f"RPC{i}", total_bytes=64 << 30, free_bytes=64 << 30, source="rpc", kind="rpc")
-            for i in range(n)]
-
-
-@pytest.fixture(scope="module")
-def profiles(tmp_path_factory):
-    root = tmp_path_factory.mktemp("graph-variants")
-    cache: dict = {}
-
-    def get(arch: str):
-        if arch not in cache:
-            cache[arch] = read_profile(write_arch_model(root / f"{arch}.gguf", arch))
-        return cache[arch]
-    return get
-
-
-TS_3_1_Q8_FA = SplitConfig(tensor_split=(3, 1), n_ctx=2048, devices=("RPC0", "RPC1"), type_k="q8_0", type_v="q8_0",
-                           flash_attn="on")
-TS_1_1 = SplitConfig(tensor_split=(1, 1), n_ctx=1024, devices=("RPC0", "RPC1"))
-NGL4 = SplitConfig(n_gpu_layers=4, tensor_split=(1, 1, 1), n_ctx=1024)
-NONE_FA_OFF = SplitConfig(split_mode="none", main_gpu=1, n_ctx=1024, flash_attn="off")
-Q8K_FA_OFF = SplitConfig(tensor_split=(1, 2, 1), n_ctx=4096, type_k="q8_0", flash_attn="off")
-
 CASES = [
     # arch, config, RPC devices, {device: llama.cpp's bytes}
     # no gate: one [n_ff, T] tensor in the FFN, not three (was 12 MiB high)
-    ("starcoder2", TS_3_1_Q8_FA, 2, {"RPC0": 29538386, "RPC1": 27262976, "CPU": 19063112}),
-    ("arcee", NGL4, 3, {"RPC0": 11544822, "RPC1": 13641974, "RPC2": 18874368, "CPU": 15739126}),
+    ("starcoder2", SETTINGS["ts-3-1-q8-fa"], 2, {"RPC0": 29538386, "RPC1": 27262976, "CPU": 19063112}),
+    ("arcee", SETTINGS["ngl4-ts-1-1-1"], 3, {"RPC0": 11544822, "RPC1": 13641974, "RPC2": 18874368, "CPU": 15739126}),
     # LayerNorm output: result_norm beside the last layer's output on the pipelined output device (was 2 MiB low)
-    ("starcoder2", TS_1_1, 2, {"RPC0": 25207767, "RPC1": 33606861, "CPU": 14732493}),
-    ("mpt", TS_1_1, 2, {"RPC0": 25197281, "RPC1": 33596375, "CPU": 14732493}),
+    ("starcoder2", SETTINGS["ts-1-1"], 2, {"RPC0": 25207767, "RPC1": 33606861, "CPU": 14732493}),
+    ("mpt", SETTINGS["ts-1-1"], 2, {"RPC0": 25197281, "RPC1": 33596375, "CPU": 14732493}),
     # fused QKV, flash attention off: the product under Q's K rotation (was 3 MiB low; qwen's 6 MiB product, 6)
-    ("bloom", Q8K_FA_OFF, 3, {"RPC0": 189876142, "RPC1": 189886628, "RPC2": 27262976, "CPU": 48328868}),
-    ("qwen", Q8K_FA_OFF, 3, {"RPC0": 193032356, "RPC1": 193032356, "RPC2": 27262976, "CPU": 48339354}),
+    ("bloom", SETTINGS["ts-1-2-1-q8k-fa-off"], 3,
+     {"RPC0": 189876142, "RPC1": 189886628, "RPC2": 27262976, "CPU": 48328868}),
+    ("qwen", SETTINGS["ts-1-2-1-q8k-fa-off"], 3,
+     {"RPC0": 193032356, "RPC1": 193032356, "RPC2": 27262976, "CPU": 48339354}),
     # ... and with an f16 K, RoPE'd Q and K copied out and the product freed below KQ (was 4 MiB high)
-    ("gptneox", NONE_FA_OFF, 2, {"RPC1": 40904950, "CPU": 7350518}),
+    ("gptneox", SETTINGS["none-main-1-fa-off"], 2, {"RPC1": 40904950, "CPU": 7350518}),
     # flash attention reading Q as a view of the product (no RoPE) (was 2 MiB low on RPC0, 3 MiB high on RPC1)
-    ("bloom", NGL4, 3, {"RPC0": 13641974, "RPC1": 10485760, "RPC2": 18874368, "CPU": 15739126}),
+    ("bloom", SETTINGS["ngl4-ts-1-1-1"], 3, {"RPC0": 13641974, "RPC1": 10485760, "RPC2": 18874368, "CPU": 15739126}),
     # qwen's FFN is n_ff / 2 wide (was 12 MiB high on RPC1)
-    ("qwen", NGL4, 3, {"RPC0": 14690550, "RPC1": 13641974, "RPC2": 18874368}),
+    ("qwen", SETTINGS["ngl4-ts-1-1-1"], 3, {"RPC0": 14690550, "RPC1": 13641974, "RPC2": 18874368}),
     # attention beside the FFN, residual added last (phi2): three host operands, the attention output live
     # through the last layer's FFN, result_norm in its freed range (was 4 MiB low after the host, 2 high at the end)
-    ("phi2", NGL4, 3, {"RPC0": 15739126, "RPC1": 15739126, "RPC2": 18874368, "CPU": 17836278}),
-    ("phi2", TS_1_1, 2, {"RPC0": 27304919, "RPC1": 31509709, "CPU": 14732493}),
+    ("phi2", SETTINGS["ngl4-ts-1-1-1"], 3, {"RPC0": 15739126, "RPC1": 15739126, "RPC2": 18874368, "CPU": 17836278}),
+    ("phi2", SETTINGS["ts-1-1"], 2, {"RPC0": 27304919, "RPC1": 31509709, "CPU": 14732493}),
     # learned positions: the host's two gathered rows, both sent to the first device 4 times (was 8 MiB low)
-    ("gpt2", TS_3_1_Q8_FA, 2, {"RPC0": 37916508, "RPC1": 27262976, "CPU": 21160264}),
-    ("gpt2", NONE_FA_OFF, 2, {"RPC1": 44050678, "CPU": 9447670}),
+    ("gpt2", SETTINGS["ts-3-1-q8-fa"], 2, {"RPC0": 37916508, "RPC1": 27262976, "CPU": 21160264}),
+    ("gpt2", SETTINGS["none-main-1-fa-off"], 2, {"RPC1": 44050678, "CPU": 9447670}),
 ]
 
 
 @pytest.mark.parametrize("arch,config,n_dev,measured", CASES,
                          ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
-def test_graph_variant_is_within_a_mib_of_llama_cpp(profiles, arch, config, n_dev, measured):
-    p = plan(profiles(arch), rpc(n_dev), config)
+def test_graph_variant_is_within_a_mib_of_llama_cpp(arch_models, arch, config, n_dev, measured):
+    p = plan(arch_models[arch], rpc(n_dev), config)
     got = {d.name: d.compute_bytes for d in p.devices}
     for name, want in measured.items():
         assert abs(got[name] - want) <= MiB, (arch, name, got[name], want)
 
 
-def test_rules_key_on_the_profiles_tensors(profiles):
+def test_rules_key_on_the_profiles_tensors(arch_models):
     """The rules follow the tensors llama.cpp's loaders create, not the architecture's name (but where the
     tensors cannot tell: RoPE, a LayerNorm without bias)."""
-    assert compute._ungated_ffn(profiles("starcoder2"))
-    assert not compute._ungated_ffn(profiles("llama"))       # ffn_gate
-    assert not compute._ungated_ffn(profiles("phi3"))        # fused gate+up: ffn_up twice as wide as ffn_down reads
-    assert compute._norm_out_of_place(profiles("bloom")) and not compute._norm_out_of_place(profiles("llama"))
-    assert compute._dense_ff(profiles("qwen")) == 1536 and compute._dense_ff(profiles("llama")) == 3072
-    assert compute._fused_qkv_width(profiles("bloom")) == 1536 and compute._fused_qkv_width(profiles("llama")) == 0
-    assert compute._learned_positions(profiles("gpt2")) and not compute._learned_positions(profiles("bloom"))
+    assert compute._ungated_ffn(arch_models["starcoder2"])
+    assert not compute._ungated_ffn(arch_models["llama"])       # ffn_gate
+    assert not compute._ungated_ffn(arch_models["phi3"])        # fused gate+up: ffn_up twice as wide as ffn_down reads
+    assert compute._norm_out_of_place(arch_models["bloom"]) and not compute._norm_out_of_place(arch_models["llama"])
+    assert compute._dense_ff(arch_models["qwen"]) == 1536 and compute._dense_ff(arch_models["llama"]) == 3072
+    assert compute._fused_qkv_width(arch_models["bloom"]) == 1536
+    assert compute._fused_qkv_width(arch_models["llama"]) == 0
+    assert compute._learned_positions(arch_models["gpt2"]) and not compute._learned_positions(arch_models["bloom"])
 
 
 SRC = vendored_src()      # GPULAB_LLAMA_CPP_SRC, or the source the suite's llama.cpp tools were built from

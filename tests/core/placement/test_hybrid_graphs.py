@@ -15,24 +15,14 @@ from dataclasses import replace
 
 import pytest
 
-from gpulab import SplitConfig, plan, read_profile
-from gpulab.core.devices import Device
+from arch_settings import SETTINGS, rpc
+from gpulab import SplitConfig, plan
 from gpulab.core.placement.coverage import COMPUTE_EXACT
 from gpulab.core.placement.ggml_replay import Graph, buffer_peaks, schedule
 from gpulab.core.placement.kda import kda_replayable
 from gpulab.core.profile import TensorInfo
-from gpulab.sources.arch_models import write_arch_model
 
 MiB = 1024**2
-SETTINGS = {
-    "ts-3-1-q8-fa": SplitConfig(tensor_split=(3, 1), n_ctx=2048, devices=("RPC0", "RPC1"), type_k="q8_0",
-                                type_v="q8_0", flash_attn="on"),
-    "ts-1-1": SplitConfig(tensor_split=(1, 1), n_ctx=1024, devices=("RPC0", "RPC1")),
-    "ngl4-ts-1-1-1": SplitConfig(n_gpu_layers=4, tensor_split=(1, 1, 1), n_ctx=1024),
-    "none-main-1-fa-off": SplitConfig(split_mode="none", main_gpu=1, n_ctx=1024, flash_attn="off"),
-    "ts-1-2-1-q8k-fa-off": SplitConfig(tensor_split=(1, 2, 1), n_ctx=4096, type_k="q8_0", flash_attn="off"),
-    "ts-1-1-1-q4-fa": SplitConfig(tensor_split=(1, 1, 1), n_ctx=4096, type_k="q4_0", type_v="q4_0", flash_attn="on"),
-}
 
 
 def _rows(*per_setting: dict[str, float] | None) -> dict[str, dict[str, float] | None]:
@@ -71,20 +61,9 @@ LOGGED = {
 }
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("arch")
-    return {a: read_profile(write_arch_model(root / f"{a}.gguf", a)) for a in LOGGED}
-
-
-def rpc(n: int) -> list[Device]:
-    return [Device(name=f"RPC{i}", total_bytes=64 << 30, free_bytes=64 << 30, source="rpc", kind="rpc")
-            for i in range(n)]
-
-
 @pytest.mark.parametrize("arch,setting", [(a, s) for a in LOGGED for s in SETTINGS if LOGGED[a][s] is not None])
-def test_compute_buffers_match_llama_cpp_logs(models, arch, setting):
-    p = plan(models[arch], rpc(3), SETTINGS[setting])
+def test_compute_buffers_match_llama_cpp_logs(arch_models, arch, setting):
+    p = plan(arch_models[arch], rpc(3), SETTINGS[setting])
     logged = LOGGED[arch][setting]
     assert logged is not None
     assert {d.name: d.compute_bytes / MiB for d in p.devices} == \
@@ -116,28 +95,28 @@ def test_a_leaf_made_without_an_op_is_allocated_after_the_pipelined_input_copies
     assert buffer_peaks(g, 1)["RPC0"] == 1024 + 4096 + 2048 + 8192
 
 
-def test_glm5_next_unfuses_hc_post_where_the_scheduler_moves_it(models):
+def test_glm5_next_unfuses_hc_post_where_the_scheduler_moves_it(arch_models):
     """-ngl 4: layer 2 on the host, its fused hc_post scheduled on RPC0 (llama_context::resolve_fused_ops logs
     "fused DeepSeek V4 HC post not supported, set to disabled"): the unfused loops are what reaches 153.70 MiB on
     RPC1; with them fused it would be some 120 MiB less."""
-    p = plan(models["glm5-next"], rpc(3), SETTINGS["ngl4-ts-1-1-1"])
+    p = plan(arch_models["glm5-next"], rpc(3), SETTINGS["ngl4-ts-1-1-1"])
     assert {d.name: d.compute_bytes / MiB for d in p.devices}["RPC1"] == pytest.approx(153.70, abs=0.006)
-    assert kda_replayable(models["glm5-next"])
+    assert kda_replayable(arch_models["glm5-next"])
 
 
-def test_kda_files_whose_graph_is_not_built_here_state_a_compute_doubt(models):
+def test_kda_files_whose_graph_is_not_built_here_state_a_compute_doubt(arch_models):
     """A fused QKV product in a KDA layer (kimi-linear's attn_qkv branch) or a loaded MTP layer (bailingmoe3's
     graph_mtp) is not replayed by placement.kda: the plan says its compute is not modelled."""
     def with_layer_tensor(arch: str, il: int, name: str):
-        m = models[arch]
+        m = arch_models[arch]
         layer = m.layers[il]
         extra = TensorInfo(f"blk.{il}.{name}", "F16", (1024, 3072), 1)
         return replace(m, layers=(*m.layers[:il], replace(layer, tensors=(*layer.tensors, extra)), *m.layers[il + 1:]))
 
-    assert all(kda_replayable(models[a]) for a in ("kimi-linear", "bailingmoe3", "kimi-k3", "glm5-next"))
+    assert all(kda_replayable(arch_models[a]) for a in ("kimi-linear", "bailingmoe3", "kimi-k3", "glm5-next"))
     fused = with_layer_tensor("kimi-linear", 0, "attn_qkv.weight")
     assert not kda_replayable(fused)
     assert "compute" in [d.term for d in plan(fused, rpc(1), SplitConfig(n_ctx=1024)).doubts]
-    m = models["bailingmoe3"]
+    m = arch_models["bailingmoe3"]
     mtp = replace(m, layers=(*m.layers[:-1], replace(m.layers[-1], is_nextn=True)))
     assert not kda_replayable(mtp)

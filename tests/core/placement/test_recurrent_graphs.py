@@ -13,38 +13,17 @@ from dataclasses import replace
 
 import pytest
 
-from gpulab import SplitConfig, plan, read_profile
-from gpulab.core.devices import Device
+from arch_settings import SETTINGS, rpc
+from gpulab import SplitConfig, plan
 from gpulab.core.placement.coverage import COMPUTE_EXACT
 from gpulab.core.placement.recurrent import replayable
 from gpulab.core.profile import TensorInfo
-from gpulab.sources.arch_models import write_arch_model
 
 MiB = 1024**2
 ARCHS = ("mamba", "jamba", "falcon-h1", "granitehybrid", "nemotron_h", "nemotron_h_moe", "lfm2moe", "qwen35",
          "qwen35moe", "rwkv6qwen2", "arwkv7", "plamo2", "minimax-01")
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("arch")
-    return {a: read_profile(write_arch_model(root / f"{a}.gguf", a)) for a in ARCHS}
-
-
-def rpc(n: int) -> list[Device]:
-    return [Device(name=f"RPC{i}", total_bytes=64 << 30, free_bytes=64 << 30, source="rpc", kind="rpc")
-            for i in range(n)]
-
-
-SETTINGS = {
-    "ts-3-1-q8-fa": SplitConfig(tensor_split=(3, 1), n_ctx=2048, devices=("RPC0", "RPC1"), type_k="q8_0",
-                                type_v="q8_0", flash_attn="on"),
-    "ts-1-1": SplitConfig(tensor_split=(1, 1), n_ctx=1024, devices=("RPC0", "RPC1")),
-    "ngl4-ts-1-1-1": SplitConfig(n_gpu_layers=4, tensor_split=(1, 1, 1), n_ctx=1024),
-    "none-main-1-fa-off": SplitConfig(split_mode="none", main_gpu=1, n_ctx=1024, flash_attn="off"),
-    "ts-1-2-1-q8k-fa-off": SplitConfig(tensor_split=(1, 2, 1), n_ctx=4096, type_k="q8_0", flash_attn="off"),
-    "ts-1-1-1-q4-fa": SplitConfig(tensor_split=(1, 1, 1), n_ctx=4096, type_k="q4_0", type_v="q4_0", flash_attn="on"),
-}
 _NAMES = tuple(SETTINGS)
 
 
@@ -123,21 +102,21 @@ LOGGED = {
 
 
 @pytest.mark.parametrize("arch,setting", [(a, s) for a in ARCHS for s in SETTINGS])
-def test_compute_buffers_match_llama_cpp_logs(models, arch, setting):
-    p = plan(models[arch], rpc(3), SETTINGS[setting])
+def test_compute_buffers_match_llama_cpp_logs(arch_models, arch, setting):
+    p = plan(arch_models[arch], rpc(3), SETTINGS[setting])
     assert {d.name: d.compute_bytes / MiB for d in p.devices} == \
         {k: pytest.approx(v, abs=0.006) for k, v in LOGGED[arch][setting].items()}
     assert arch in COMPUTE_EXACT and not [d for d in p.doubts if d.term == "compute"]
 
 
-def test_branches_not_built_fall_back_to_a_doubt(models):
+def test_branches_not_built_fall_back_to_a_doubt(arch_models):
     def with_layer_tensor(arch: str, il: int, name: str):
-        m = models[arch]
+        m = arch_models[arch]
         layer = m.layers[il]
         extra = TensorInfo(f"blk.{il}.{name}", "F16", (1024, 8), 1)
         return replace(m, layers=(*m.layers[:il], replace(layer, tensors=(*layer.tensors, extra)), *m.layers[il + 1:]))
 
-    assert all(replayable(models[a]) for a in ARCHS)
+    assert all(replayable(arch_models[a]) for a in ARCHS)
     # a router (MoE layer) where the graph's MoE branch is not built: jamba's, granitehybrid's, nemotron_h's
     for arch in ("jamba", "granitehybrid", "nemotron_h", "nemotron_h_moe"):
         moe = with_layer_tensor(arch, 1, "ffn_gate_inp.weight")
@@ -146,10 +125,10 @@ def test_branches_not_built_fall_back_to_a_doubt(models):
     # lfm2moe's and qwen35moe's MoE is built
     assert replayable(with_layer_tensor("qwen35", 1, "ffn_gate_inp.weight"))
     # minimax-01's softmax attention layers are not
-    mm = models["minimax-01"]
+    mm = arch_models["minimax-01"]
     assert not replayable(replace(mm, layers=(replace(mm.layers[0], has_kv=True), *mm.layers[1:])))
     # nemotron_h's graph builds layers that are none recurrent (nemotron_h_moe's file), not an MTP head
-    assert not any(la.is_recurrent for la in models["nemotron_h_moe"].layers)
+    assert not any(la.is_recurrent for la in arch_models["nemotron_h_moe"].layers)
     assert not replayable(with_layer_tensor("nemotron_h_moe", 0, "nextn.eh_proj.weight"))
 
 
@@ -172,7 +151,7 @@ OUTSIDE = [
 
 
 @pytest.mark.parametrize("arch,config,logged", OUTSIDE, ids=[a for a, _, _ in OUTSIDE])
-def test_compute_buffers_outside_the_matrix(models, arch, config, logged):
-    p = plan(models[arch], rpc(3), config)
+def test_compute_buffers_outside_the_matrix(arch_models, arch, config, logged):
+    p = plan(arch_models[arch], rpc(3), config)
     assert {d.name: d.compute_bytes / MiB for d in p.devices} == {k: pytest.approx(v, abs=0.006)
                                                                   for k, v in logged.items()}
