@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from gpulab import ConfigError, LoadError, SplitConfig, plan, read_profile
+from arch_settings import SETTINGS
+from gpulab import ConfigError, LoadError, plan, read_profile
 from gpulab.core.placement.coverage import COMPUTE_EXACT
 from gpulab.sources.arch_models import ARCH_MODELS, write_arch_model
 from gpulab.sources.host import host_device
@@ -27,20 +28,9 @@ from gpulab.sources.host import host_device
 KiB, MiB = 1024, 1024**2
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
-CONFIGS = {
-    # unequal split, quantized cache, flash attention: the first setting runs by default
-    "ts-3-1-q8-fa": SplitConfig(tensor_split=(3, 1), n_ctx=2048, devices=("RPC0", "RPC1"), type_k="q8_0",
-                                type_v="q8_0", flash_attn="on"),
-    "ts-1-1": SplitConfig(tensor_split=(1, 1), n_ctx=1024, devices=("RPC0", "RPC1")),
-    "ngl4-ts-1-1-1": SplitConfig(n_gpu_layers=4, tensor_split=(1, 1, 1), n_ctx=1024),
-    "none-main-1-fa-off": SplitConfig(split_mode="none", main_gpu=1, n_ctx=1024, flash_attn="off"),
-    # past every sliding window here (512 at most), quantized K, transposed V
-    "ts-1-2-1-q8k-fa-off": SplitConfig(tensor_split=(1, 2, 1), n_ctx=4096, type_k="q8_0", flash_attn="off"),
-    "ts-1-1-1-q4-fa": SplitConfig(tensor_split=(1, 1, 1), n_ctx=4096, type_k="q4_0", type_v="q4_0", flash_attn="on"),
-}
-DEFAULT = "ts-3-1-q8-fa"
+DEFAULT = "ts-3-1-q8-fa"  # of tests/arch_settings.py's SETTINGS, the one that runs by default
 CASES = [pytest.param(a, c, marks=() if c == DEFAULT else pytest.mark.slow, id=f"{a}-{c}")
-         for a in ARCH_MODELS for c in CONFIGS]
+         for a in ARCH_MODELS for c in SETTINGS]
 
 _rows: list[dict] = []
 
@@ -54,7 +44,7 @@ def arch_paths(tmp_path_factory):
 
 @pytest.mark.parametrize("arch,config_name", CASES)
 def test_arch_matches_llama_cpp(arch, config_name, arch_paths, worker):
-    config = CONFIGS[config_name]
+    config = SETTINGS[config_name]
     profile = read_profile(arch_paths[arch])
     devices = [d for d in worker.devices() if d.kind == "rpc"]
     try:
