@@ -8,8 +8,11 @@ from pathlib import Path
 
 from gpulab import SplitConfig, read_profile
 from gpulab.core.devices import Device
+from gpulab.core.placement.plan import Plan
 from gpulab.core.profile import ModelProfile
 from gpulab.sources.arch_models import write_arch_model
+
+MiB = 1024**2
 
 SETTINGS = {
     # unequal split, quantized cache, flash attention: the matrix runs this one by default
@@ -46,3 +49,14 @@ class ArchModels:
 def servers(config: SplitConfig) -> int:
     """The RPC devices a placement test plans a setting over: those it names (--device), else three."""
     return len(config.devices) or 3
+
+
+def logged(*per_setting: dict[str, float] | None) -> dict[str, dict[str, float] | None]:
+    """llama.cpp's figures for one model, one per setting in SETTINGS' order (None: a setting llama.cpp refuses)."""
+    return dict(zip(SETTINGS, per_setting, strict=True))
+
+
+def off_by_more_than_a_mib(plan: Plan, measured: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """The devices whose planned compute buffer is more than 1 MiB from llama.cpp's: {device: (planned, logged)}."""
+    got = {d.name: d.compute_bytes for d in plan.devices}
+    return {name: (got[name], want) for name, want in measured.items() if abs(got[name] - want) > MiB}

@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import pytest
 
-from arch_settings import SETTINGS, rpc
+from arch_settings import SETTINGS, logged, rpc
 from gpulab import SplitConfig, plan
 from gpulab.core.placement.coverage import COMPUTE_EXACT
 from gpulab.core.placement.ggml_replay import Graph, buffer_peaks, schedule
@@ -25,39 +25,34 @@ from gpulab.core.profile import TensorInfo
 MiB = 1024**2
 
 
-def _rows(*per_setting: dict[str, float] | None) -> dict[str, dict[str, float] | None]:
-    """llama.cpp's figures per setting (None: a setting llama.cpp refuses for the model)."""
-    return dict(zip(SETTINGS, per_setting, strict=True))
-
-
 LOGGED = {
     # 6 RWKV-7 layers, n_embd 1024, head 64, gate rank 128, n_ff 3072, n_vocab 8192: the first layer's V copied to
     # every later device, the channel mix's shifted input made on the next device at a boundary
-    "rwkv7": _rows({"RPC0": 44.64, "RPC1": 26.0, "CPU": 10.02}, {"RPC0": 52.63, "RPC1": 64.65, "CPU": 10.02},
-                   {"RPC0": 34.63, "RPC1": 32.63, "RPC2": 18.0, "CPU": 38.64}, {"RPC1": 36.63, "CPU": 4.0},
-                   {"RPC0": 52.63, "RPC1": 64.65, "RPC2": 26.0, "CPU": 10.02},
-                   {"RPC0": 52.63, "RPC1": 72.64, "RPC2": 62.64, "CPU": 10.02}),
+    "rwkv7": logged({"RPC0": 44.64, "RPC1": 26.0, "CPU": 10.02}, {"RPC0": 52.63, "RPC1": 64.65, "CPU": 10.02},
+                    {"RPC0": 34.63, "RPC1": 32.63, "RPC2": 18.0, "CPU": 38.64}, {"RPC1": 36.63, "CPU": 4.0},
+                    {"RPC0": 52.63, "RPC1": 64.65, "RPC2": 26.0, "CPU": 10.02},
+                    {"RPC0": 52.63, "RPC1": 72.64, "RPC2": 62.64, "CPU": 10.02}),
     # 4 KDA layers (16 heads of 64, d_conv 4) and 2 absorbed-MLA layers (kv rank 256, no RoPE) over a K-only
     # cache, a leading dense layer, then 8 experts (2 used) without a shared expert; -ctk q8_0 with an f16 V
     # (the fifth setting) is refused by llama.cpp for MLA, and by gpulab (the matrix records both refusals)
-    "kimi-linear": _rows({"RPC0": 44.07, "RPC1": 26.0, "CPU": 18.03}, {"RPC0": 40.02, "RPC1": 40.07, "CPU": 14.03},
-                         {"RPC0": 18.25, "RPC1": 29.01, "RPC2": 18.0, "CPU": 31.01}, {"RPC1": 62.05, "CPU": 6.01},
-                         None, {"RPC0": 52.02, "RPC1": 26.3, "RPC2": 50.07, "CPU": 26.03}),
+    "kimi-linear": logged({"RPC0": 44.07, "RPC1": 26.0, "CPU": 18.03}, {"RPC0": 40.02, "RPC1": 40.07, "CPU": 14.03},
+                          {"RPC0": 18.25, "RPC1": 29.01, "RPC2": 18.0, "CPU": 31.01}, {"RPC1": 62.05, "CPU": 6.01},
+                          None, {"RPC0": 52.02, "RPC1": 26.3, "RPC2": 50.07, "CPU": 26.03}),
     # the same layout with one low-rank gate product, a sigmoid decay gate with a lower bound, MLA with RoPE, a
     # low-rank Q and a head-wise output gate before wo, a shared expert, the output rows gathered after the norm
-    "bailingmoe3": _rows({"RPC0": 50.07, "RPC1": 28.01, "CPU": 18.04}, {"RPC0": 43.02, "RPC1": 46.08, "CPU": 14.04},
-                         {"RPC0": 18.3, "RPC1": 32.01, "RPC2": 20.0, "CPU": 37.06}, {"RPC1": 68.05, "CPU": 6.01},
-                         None, {"RPC0": 55.02, "RPC1": 26.3, "RPC2": 53.03, "CPU": 26.04}),
+    "bailingmoe3": logged({"RPC0": 50.07, "RPC1": 28.01, "CPU": 18.04}, {"RPC0": 43.02, "RPC1": 46.08, "CPU": 14.04},
+                          {"RPC0": 18.3, "RPC1": 32.01, "RPC2": 20.0, "CPU": 37.06}, {"RPC1": 68.05, "CPU": 6.01},
+                          None, {"RPC0": 55.02, "RPC1": 26.3, "RPC2": 53.03, "CPU": 26.04}),
     # kimi-linear's layout with attention residuals (the embeddings banked, mixed before every norm), one
     # full-rank KDA output gate, SiTU activations in the dense FFN and the experts (no shared expert)
-    "kimi-k3": _rows({"RPC0": 54.02, "RPC1": 50.01, "CPU": 18.03}, {"RPC0": 50.02, "RPC1": 64.03, "CPU": 14.03},
-                     {"RPC0": 16.57, "RPC1": 33.0, "RPC2": 24.0, "CPU": 35.01}, {"RPC1": 64.01, "CPU": 6.01},
-                     None, {"RPC0": 62.02, "RPC1": 50.33, "RPC2": 76.03, "CPU": 26.03}),
+    "kimi-k3": logged({"RPC0": 54.02, "RPC1": 50.01, "CPU": 18.03}, {"RPC0": 50.02, "RPC1": 64.03, "CPU": 14.03},
+                      {"RPC0": 16.57, "RPC1": 33.0, "RPC2": 24.0, "CPU": 35.01}, {"RPC1": 64.01, "CPU": 6.01},
+                      None, {"RPC0": 62.02, "RPC1": 50.33, "RPC2": 76.03, "CPU": 26.03}),
     # 4 hyper-connection streams around KDA and DSA (nope-only MLA masked by a k-pool indexer, kpool 2, top-k 64);
     # -ngl 4 puts layer 2 on the host and its fused hc_post on RPC0, so llama.cpp unfuses hc_post everywhere
-    "glm5-next": _rows({"RPC0": 65.71, "RPC1": 26.0, "CPU": 22.92}, {"RPC0": 50.98, "RPC1": 105.03, "CPU": 16.87},
-                       {"RPC0": 134.34, "RPC1": 153.7, "RPC2": 18.0, "CPU": 39.84}, {"RPC1": 65.1, "CPU": 6.72},
-                       None, {"RPC0": 69.14, "RPC1": 90.05, "RPC2": 115.03, "CPU": 35.03}),
+    "glm5-next": logged({"RPC0": 65.71, "RPC1": 26.0, "CPU": 22.92}, {"RPC0": 50.98, "RPC1": 105.03, "CPU": 16.87},
+                        {"RPC0": 134.34, "RPC1": 153.7, "RPC2": 18.0, "CPU": 39.84}, {"RPC1": 65.1, "CPU": 6.72},
+                        None, {"RPC0": 69.14, "RPC1": 90.05, "RPC2": 115.03, "CPU": 35.03}),
 }
 
 

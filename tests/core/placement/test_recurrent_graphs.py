@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import pytest
 
-from arch_settings import SETTINGS, rpc
+from arch_settings import SETTINGS, logged, rpc
 from gpulab import SplitConfig, plan
 from gpulab.core.placement.coverage import COMPUTE_EXACT
 from gpulab.core.placement.recurrent import replayable
@@ -24,80 +24,73 @@ ARCHS = ("mamba", "jamba", "falcon-h1", "granitehybrid", "nemotron_h", "nemotron
          "qwen35moe", "rwkv6qwen2", "arwkv7", "plamo2", "minimax-01")
 
 
-_NAMES = tuple(SETTINGS)
-
-
-def _rows(*per_setting: dict[str, float]) -> dict[str, dict[str, float]]:
-    return dict(zip(_NAMES, per_setting, strict=True))
-
-
 LOGGED = {
     # 6 Mamba-1 layers (d_inner 2048, d_state 64, dt_rank 32), n_embd 1024, n_vocab 8192
-    "mamba": _rows({"RPC0": 32.55, "RPC1": 26.0, "CPU": 10.02}, {"RPC0": 48.55, "RPC1": 64.52, "CPU": 10.02},
-                   {"RPC0": 24.55, "RPC1": 24.52, "RPC2": 18.0, "CPU": 26.55}, {"RPC1": 24.55, "CPU": 4.0},
-                   {"RPC0": 48.55, "RPC1": 64.52, "RPC2": 26.0, "CPU": 10.02},
-                   {"RPC0": 48.55, "RPC1": 80.52, "RPC2": 62.52, "CPU": 10.02}),
+    "mamba": logged({"RPC0": 32.55, "RPC1": 26.0, "CPU": 10.02}, {"RPC0": 48.55, "RPC1": 64.52, "CPU": 10.02},
+                    {"RPC0": 24.55, "RPC1": 24.52, "RPC2": 18.0, "CPU": 26.55}, {"RPC1": 24.55, "CPU": 4.0},
+                    {"RPC0": 48.55, "RPC1": 64.52, "RPC2": 26.0, "CPU": 10.02},
+                    {"RPC0": 48.55, "RPC1": 80.52, "RPC2": 62.52, "CPU": 10.02}),
     # Mamba-1 with dt/B/C norms, attention (no RoPE) at layers 2 and 5, a dense SwiGLU FFN after each layer
-    "jamba": _rows({"RPC0": 40.71, "RPC1": 26.0, "CPU": 18.17}, {"RPC0": 52.58, "RPC1": 68.01, "CPU": 14.05},
-                   {"RPC0": 37.5, "RPC1": 40.01, "RPC2": 18.0, "CPU": 28.56}, {"RPC1": 41.01, "CPU": 7.01},
-                   {"RPC0": 32.55, "RPC1": 180.09, "RPC2": 26.0, "CPU": 46.09},
-                   {"RPC0": 56.7, "RPC1": 40.61, "RPC2": 46.16, "CPU": 26.17}),
+    "jamba": logged({"RPC0": 40.71, "RPC1": 26.0, "CPU": 18.17}, {"RPC0": 52.58, "RPC1": 68.01, "CPU": 14.05},
+                    {"RPC0": 37.5, "RPC1": 40.01, "RPC2": 18.0, "CPU": 28.56}, {"RPC1": 41.01, "CPU": 7.01},
+                    {"RPC0": 32.55, "RPC1": 180.09, "RPC2": 26.0, "CPU": 46.09},
+                    {"RPC0": 56.7, "RPC1": 40.61, "RPC2": 46.16, "CPU": 26.17}),
     # attention and Mamba-2 side by side in every layer, an FFN with biases
-    "falcon-h1": _rows({"RPC0": 43.53, "RPC1": 26.0, "CPU": 18.18}, {"RPC0": 39.4, "RPC1": 39.41, "CPU": 14.05},
-                       {"RPC0": 30.35, "RPC1": 28.35, "RPC2": 18.0, "CPU": 30.38}, {"RPC1": 43.01, "CPU": 7.01},
-                       {"RPC0": 178.09, "RPC1": 182.09, "RPC2": 26.0, "CPU": 46.1},
-                       {"RPC0": 51.53, "RPC1": 51.53, "RPC2": 49.53, "CPU": 26.18}),
+    "falcon-h1": logged({"RPC0": 43.53, "RPC1": 26.0, "CPU": 18.18}, {"RPC0": 39.4, "RPC1": 39.41, "CPU": 14.05},
+                        {"RPC0": 30.35, "RPC1": 28.35, "RPC2": 18.0, "CPU": 30.38}, {"RPC1": 43.01, "CPU": 7.01},
+                        {"RPC0": 178.09, "RPC1": 182.09, "RPC2": 26.0, "CPU": 46.1},
+                        {"RPC0": 51.53, "RPC1": 51.53, "RPC2": 49.53, "CPU": 26.18}),
     # Mamba-2 or RoPE attention with the output's bias, an FFN with biases
-    "granitehybrid": _rows({"RPC0": 41.53, "RPC1": 26.0, "CPU": 18.18}, {"RPC0": 53.4, "RPC1": 69.26, "CPU": 14.05},
-                           {"RPC0": 37.5, "RPC1": 42.01, "RPC2": 18.0, "CPU": 30.04}, {"RPC1": 43.01, "CPU": 7.01},
-                           {"RPC0": 33.36, "RPC1": 178.09, "RPC2": 26.0, "CPU": 46.1},
-                           {"RPC0": 57.53, "RPC1": 41.42, "RPC2": 46.17, "CPU": 26.18}),
+    "granitehybrid": logged({"RPC0": 41.53, "RPC1": 26.0, "CPU": 18.18}, {"RPC0": 53.4, "RPC1": 69.26, "CPU": 14.05},
+                            {"RPC0": 37.5, "RPC1": 42.01, "RPC2": 18.0, "CPU": 30.04}, {"RPC1": 43.01, "CPU": 7.01},
+                            {"RPC0": 33.36, "RPC1": 178.09, "RPC2": 26.0, "CPU": 46.1},
+                            {"RPC0": 57.53, "RPC1": 41.42, "RPC2": 46.17, "CPU": 26.18}),
     # Mamba-2, a ReLU-squared FFN, attention without RoPE: one block per layer
-    "nemotron_h": _rows({"RPC0": 41.52, "RPC1": 28.01, "CPU": 18.17}, {"RPC0": 39.39, "RPC1": 34.04, "CPU": 14.05},
-                        {"RPC0": 37.5, "RPC1": 40.01, "RPC2": 20.0, "CPU": 29.37}, {"RPC1": 41.01, "CPU": 7.01},
-                        {"RPC0": 31.36, "RPC1": 180.08, "RPC2": 28.01, "CPU": 46.09},
-                        {"RPC0": 55.52, "RPC1": 39.42, "RPC2": 44.16, "CPU": 26.17}),
+    "nemotron_h": logged({"RPC0": 41.52, "RPC1": 28.01, "CPU": 18.17}, {"RPC0": 39.39, "RPC1": 34.04, "CPU": 14.05},
+                         {"RPC0": 37.5, "RPC1": 40.01, "RPC2": 20.0, "CPU": 29.37}, {"RPC1": 41.01, "CPU": 7.01},
+                         {"RPC0": 31.36, "RPC1": 180.08, "RPC2": 28.01, "CPU": 46.09},
+                         {"RPC0": 55.52, "RPC1": 39.42, "RPC2": 44.16, "CPU": 26.17}),
     # nemotron_h's graph; the matrix's file has ReLU-squared FFN layers only
-    "nemotron_h_moe": _rows({"RPC0": 18.0, "RPC1": 28.01, "CPU": 10.02}, {"RPC0": 18.0, "RPC1": 28.01, "CPU": 10.02},
-                            {"RPC0": 10.0, "RPC1": 10.0, "RPC2": 20.0, "CPU": 12.0}, {"RPC1": 20.0, "CPU": 4.0},
-                            {"RPC0": 18.0, "RPC1": 18.0, "RPC2": 28.01, "CPU": 10.02},
-                            {"RPC0": 18.0, "RPC1": 18.0, "RPC2": 28.01, "CPU": 10.02}),
+    "nemotron_h_moe": logged({"RPC0": 18.0, "RPC1": 28.01, "CPU": 10.02}, {"RPC0": 18.0, "RPC1": 28.01, "CPU": 10.02},
+                             {"RPC0": 10.0, "RPC1": 10.0, "RPC2": 20.0, "CPU": 12.0}, {"RPC1": 20.0, "CPU": 4.0},
+                             {"RPC0": 18.0, "RPC1": 18.0, "RPC2": 28.01, "CPU": 10.02},
+                             {"RPC0": 18.0, "RPC1": 18.0, "RPC2": 28.01, "CPU": 10.02}),
     # lfm2's graph, MoE (8 experts of 512, 2 used, a selection bias) past one leading dense layer
-    "lfm2moe": _rows({"RPC0": 38.18, "RPC1": 26.0, "CPU": 18.18}, {"RPC0": 34.05, "RPC1": 42.05, "CPU": 14.05},
-                     {"RPC0": 14.01, "RPC1": 9.01, "RPC2": 18.0, "CPU": 25.02}, {"RPC1": 43.01, "CPU": 7.01},
-                     {"RPC0": 30.01, "RPC1": 178.09, "RPC2": 26.0, "CPU": 46.1},
-                     {"RPC0": 46.17, "RPC1": 28.02, "RPC2": 44.17, "CPU": 26.18}),
+    "lfm2moe": logged({"RPC0": 38.18, "RPC1": 26.0, "CPU": 18.18}, {"RPC0": 34.05, "RPC1": 42.05, "CPU": 14.05},
+                      {"RPC0": 14.01, "RPC1": 9.01, "RPC2": 18.0, "CPU": 25.02}, {"RPC1": 43.01, "CPU": 7.01},
+                      {"RPC0": 30.01, "RPC1": 178.09, "RPC2": 26.0, "CPU": 46.1},
+                      {"RPC0": 46.17, "RPC1": 28.02, "RPC2": 44.17, "CPU": 26.18}),
     # gated delta nets (1 key head, 32 value heads: the fused delta net reads them unrepeated) and gated attention
     # on a fused QKV at layer 3, a dense FFN
-    "qwen35": _rows({"RPC0": 40.19, "RPC1": 28.01, "CPU": 18.2}, {"RPC0": 36.06, "RPC1": 30.01, "CPU": 14.08},
-                    {"RPC0": 25.02, "RPC1": 22.0, "RPC2": 20.0, "CPU": 25.02}, {"RPC1": 48.01, "CPU": 7.02},
-                    {"RPC0": 30.0, "RPC1": 187.11, "RPC2": 28.01, "CPU": 46.13},
-                    {"RPC0": 30.0, "RPC1": 46.19, "RPC2": 30.01, "CPU": 26.2}),
+    "qwen35": logged({"RPC0": 40.19, "RPC1": 28.01, "CPU": 18.2}, {"RPC0": 36.06, "RPC1": 30.01, "CPU": 14.08},
+                     {"RPC0": 25.02, "RPC1": 22.0, "RPC2": 20.0, "CPU": 25.02}, {"RPC1": 48.01, "CPU": 7.02},
+                     {"RPC0": 30.0, "RPC1": 187.11, "RPC2": 28.01, "CPU": 46.13},
+                     {"RPC0": 30.0, "RPC1": 46.19, "RPC2": 30.01, "CPU": 26.2}),
     # qwen35's layers with qwen3next's MoE and gated shared expert
-    "qwen35moe": _rows({"RPC0": 34.22, "RPC1": 28.01, "CPU": 18.2}, {"RPC0": 30.09, "RPC1": 32.04, "CPU": 14.08},
-                       {"RPC0": 16.02, "RPC1": 17.44, "RPC2": 20.0, "CPU": 21.05}, {"RPC1": 49.04, "CPU": 7.02},
-                       {"RPC0": 26.03, "RPC1": 188.14, "RPC2": 28.01, "CPU": 46.13},
-                       {"RPC0": 26.03, "RPC1": 42.22, "RPC2": 34.04, "CPU": 26.2}),
+    "qwen35moe": logged({"RPC0": 34.22, "RPC1": 28.01, "CPU": 18.2}, {"RPC0": 30.09, "RPC1": 32.04, "CPU": 14.08},
+                        {"RPC0": 16.02, "RPC1": 17.44, "RPC2": 20.0, "CPU": 21.05}, {"RPC1": 49.04, "CPU": 7.02},
+                        {"RPC0": 26.03, "RPC1": 188.14, "RPC2": 28.01, "CPU": 46.13},
+                        {"RPC0": 26.03, "RPC1": 42.22, "RPC2": 34.04, "CPU": 26.2}),
     # RWKV-6 time mix (gated linear attention, K and V repeated to 16 heads), a SwiGLU FFN
-    "rwkv6qwen2": _rows({"RPC0": 32.82, "RPC1": 26.0, "CPU": 10.02}, {"RPC0": 32.82, "RPC1": 32.82, "CPU": 10.02},
-                        {"RPC0": 24.82, "RPC1": 24.82, "RPC2": 18.0, "CPU": 26.82}, {"RPC1": 24.82, "CPU": 4.0},
-                        {"RPC0": 32.82, "RPC1": 32.82, "RPC2": 26.0, "CPU": 10.02},
-                        {"RPC0": 32.82, "RPC1": 32.82, "RPC2": 30.82, "CPU": 10.02}),
+    "rwkv6qwen2": logged({"RPC0": 32.82, "RPC1": 26.0, "CPU": 10.02}, {"RPC0": 32.82, "RPC1": 32.82, "CPU": 10.02},
+                         {"RPC0": 24.82, "RPC1": 24.82, "RPC2": 18.0, "CPU": 26.82}, {"RPC1": 24.82, "CPU": 4.0},
+                         {"RPC0": 32.82, "RPC1": 32.82, "RPC2": 26.0, "CPU": 10.02},
+                         {"RPC0": 32.82, "RPC1": 32.82, "RPC2": 30.82, "CPU": 10.02}),
     # RWKV-7 time mix, the first layer's V read by every later layer (across devices), a SwiGLU FFN
-    "arwkv7": _rows({"RPC0": 40.39, "RPC1": 26.0, "CPU": 10.02}, {"RPC0": 48.38, "RPC1": 76.53, "CPU": 10.02},
-                    {"RPC0": 30.38, "RPC1": 28.38, "RPC2": 18.0, "CPU": 34.38}, {"RPC1": 32.38, "CPU": 4.0},
-                    {"RPC0": 48.38, "RPC1": 76.79, "RPC2": 26.0, "CPU": 10.02},
-                    {"RPC0": 48.38, "RPC1": 84.52, "RPC2": 74.4, "CPU": 10.02}),
+    "arwkv7": logged({"RPC0": 40.39, "RPC1": 26.0, "CPU": 10.02}, {"RPC0": 48.38, "RPC1": 76.53, "CPU": 10.02},
+                     {"RPC0": 30.38, "RPC1": 28.38, "RPC2": 18.0, "CPU": 34.38}, {"RPC1": 32.38, "CPU": 4.0},
+                     {"RPC0": 48.38, "RPC1": 76.79, "RPC2": 26.0, "CPU": 10.02},
+                     {"RPC0": 48.38, "RPC1": 84.52, "RPC2": 74.4, "CPU": 10.02}),
     # plamo2's Mamba with heads, attention on a fused QKV read through views, post-mixer and post-FFN norms
-    "plamo2": _rows({"RPC0": 42.2, "RPC1": 26.0, "CPU": 18.18}, {"RPC0": 54.04, "RPC1": 100.05, "CPU": 14.05},
-                    {"RPC0": 37.5, "RPC1": 38.51, "RPC2": 18.0, "CPU": 30.04}, {"RPC1": 39.01, "CPU": 7.01},
-                    {"RPC0": 32.52, "RPC1": 181.09, "RPC2": 26.0, "CPU": 46.1},
-                    {"RPC0": 56.69, "RPC1": 40.59, "RPC2": 46.17, "CPU": 26.18}),
+    "plamo2": logged({"RPC0": 42.2, "RPC1": 26.0, "CPU": 18.18}, {"RPC0": 54.04, "RPC1": 100.05, "CPU": 14.05},
+                     {"RPC0": 37.5, "RPC1": 38.51, "RPC2": 18.0, "CPU": 30.04}, {"RPC1": 39.01, "CPU": 7.01},
+                     {"RPC0": 32.52, "RPC1": 181.09, "RPC2": 26.0, "CPU": 46.1},
+                     {"RPC0": 56.69, "RPC1": 40.59, "RPC2": 46.17, "CPU": 26.18}),
     # lightning attention in every layer (a 16 MiB diagonal-decay input copied to each device), gate-less MoE
-    "minimax-01": _rows({"RPC0": 116.54, "RPC1": 26.0, "CPU": 74.27}, {"RPC0": 116.53, "RPC1": 124.54, "CPU": 74.27},
-                        {"RPC0": 62.07, "RPC1": 44.31, "RPC2": 18.0, "CPU": 62.35}, {"RPC1": 60.35, "CPU": 20.07},
-                        {"RPC0": 116.53, "RPC1": 124.54, "RPC2": 26.0, "CPU": 74.27},
-                        {"RPC0": 116.53, "RPC1": 124.53, "RPC2": 124.54, "CPU": 74.27}),
+    "minimax-01": logged({"RPC0": 116.54, "RPC1": 26.0, "CPU": 74.27}, {"RPC0": 116.53, "RPC1": 124.54, "CPU": 74.27},
+                         {"RPC0": 62.07, "RPC1": 44.31, "RPC2": 18.0, "CPU": 62.35}, {"RPC1": 60.35, "CPU": 20.07},
+                         {"RPC0": 116.53, "RPC1": 124.54, "RPC2": 26.0, "CPU": 74.27},
+                         {"RPC0": 116.53, "RPC1": 124.53, "RPC2": 124.54, "CPU": 74.27}),
 }
 
 
