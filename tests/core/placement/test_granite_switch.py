@@ -19,11 +19,6 @@ from gpulab.core.placement.granite_switch import switch_replayable
 MiB = 1024**2
 
 
-@pytest.fixture(scope="module")
-def switch(arch_models):
-    return arch_models["graniteswitch"]
-
-
 @pytest.mark.parametrize("config,expected", [
     # pipelined, a quantized cache and flash attention: the router's attention on the output device
     (SETTINGS["ts-3-1-q8-fa"], {"RPC0": 41.68, "RPC1": 34.18, "CPU": 10.2}),
@@ -33,7 +28,8 @@ def switch(arch_models):
     # device, where the slot's cont runs
     (SETTINGS["ts-1-1"], {"RPC0": 37.54, "CPU": 6.08}),
 ])
-def test_switch_compute_buffers_are_llama_cpps(switch, config, expected):
+def test_switch_compute_buffers_are_llama_cpps(arch_models, config, expected):
+    switch = arch_models["graniteswitch"]
     assert switch_replayable(switch)
     p = plan(switch, rpc(3), config)
     got = {d.name: round(d.compute_bytes / MiB, 2) for d in p.devices if d.name in expected}
@@ -41,7 +37,8 @@ def test_switch_compute_buffers_are_llama_cpps(switch, config, expected):
     assert not [d for d in p.doubts if d.term == "compute"]
 
 
-def test_a_switch_file_without_its_lora_slots_is_not_replayed(switch):
+def test_a_switch_file_without_its_lora_slots_is_not_replayed(arch_models):
+    switch = arch_models["graniteswitch"]
     layers = (replace(switch.layers[0], tensors=tuple(t for t in switch.layers[0].tensors if ".lora_" not in t.name)),
               *switch.layers[1:])
     assert not switch_replayable(replace(switch, layers=layers))

@@ -19,11 +19,6 @@ from gpulab.core.placement.hy_v4 import hy_v4_replayable
 MiB = 1024**2
 
 
-@pytest.fixture(scope="module")
-def hy(arch_models):
-    return arch_models["hy_v4"]
-
-
 @pytest.mark.parametrize("config,expected", [
     (SETTINGS["ts-1-1"], {"RPC0": 42.03, "RPC1": 58.04, "CPU": 14.04}),
     # layers on the host: the reduce of the output's copies runs on the last layer's device and its view is
@@ -31,13 +26,15 @@ def hy(arch_models):
     (SETTINGS["ngl4-ts-1-1-1"],
      {"RPC0": 31.01, "RPC1": 31.01, "RPC2": 18.0, "CPU": 33.01}),
 ])
-def test_hy_v4_compute_buffers_are_llama_cpps(hy, config, expected):
+def test_hy_v4_compute_buffers_are_llama_cpps(arch_models, config, expected):
+    hy = arch_models["hy_v4"]
     assert hy_v4_replayable(hy)
     p = plan(hy, rpc(3), config)
     assert {d.name: round(d.compute_bytes / MiB, 2) for d in p.devices} == expected
 
 
-def test_hy_v4_cache_without_an_indexer_is_the_plain_mla_cache(hy):
+def test_hy_v4_cache_without_an_indexer_is_the_plain_mla_cache(arch_models):
+    hy = arch_models["hy_v4"]
     # create_memory (src/llama-model.cpp): attention.indexer.top_k 0 makes a llama_kv_cache, K 320 only (MLA);
     # llama.cpp logs 2.50 and 1.25 MiB at -ts 1,1 -c 1024 (4 and 2 layers)
     p = plan(hy, rpc(2), SETTINGS["ts-1-1"])
@@ -45,7 +42,8 @@ def test_hy_v4_cache_without_an_indexer_is_the_plain_mla_cache(hy):
     assert not p.doubts
 
 
-def test_hy_v4_with_the_dsa_indexer_is_not_replayed_and_says_so(hy):
+def test_hy_v4_with_the_dsa_indexer_is_not_replayed_and_says_so(arch_models):
+    hy = arch_models["hy_v4"]
     dsa = replace(hy, metadata={**hy.metadata, "hy_v4.attention.indexer.top_k": 64})
     assert not hy_v4_replayable(dsa)
     (doubt,) = plan(dsa, rpc(2), SETTINGS["ts-1-1"]).doubts
