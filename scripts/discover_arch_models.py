@@ -105,6 +105,14 @@ RETRIES = [
     # a reshape of Q that assumes as many KV heads as query heads (t5's n_embd_k_gqa-wide Q)
     ("ggml_nelements(a) == ne0*ne1*ne2)", {"attention.head_count_kv": 16}),
     ("a->ne[0] == b->ne[0]", {"attention.head_count_kv": 16}),     # ... or a product of them (minicpm3)
+    # ... but deepseek4's raw (uncompressed) cache holds one MQA head (deepseek4.cpp build_attention_impl reshapes
+    # its KV to [n_embd_head, 1, n_tokens]; V is K), 128 wide with 64 RoPE dims (DeepSeek-V4: 512, 64), and must
+    # come after the line above: the later retry's value wins
+    ("build_raw_attention", {"attention.head_count_kv": 1, "attention.key_length": 128,
+                             "attention.value_length": 128}),
+    # rwkv6's time mix repeats K and V per KV head unless n_head_kv is 0 or n_embd / head_size: its converter
+    # (convert_hf_to_gguf.py Rwkv6Model) writes head_count 0, "required by llama.cpp, unused"
+    ("ggml_nelements(a) == ne0*ne1*ne2*ne3", {"attention.head_count": 0, "attention.head_count_kv": 0}),
     ("expects sqrtsoftplus MoE scoring", {"expert_gating_func": 4}),  # LLAMA_EXPERT_GATING_FUNC_TYPE_SQRT_SOFTPLUS
     # accepted without any FFN, because every FFN tensor of the loader is optional (mimo2, step35, hy_v3):
     # real checkpoints have one, so the optional tensors are written too
@@ -342,6 +350,10 @@ def child(arch: str, out: Path, extra: dict) -> None:
                 tensors[name] = (_BOGUS, False)
                 if b := re.match(r"blk\.(\d+)\.(.*)", name):       # the same tensor in every block
                     for i in range(n_layer + int(kv.get(f"{arch}.nextn_predict_layers", 0) or 0)):
+                        # ... but a fused QKV only where the loader asks for it: a hybrid's attention layers
+                        # take a fused one in place of the separate Q, K and V their graph reads (qwen4exp)
+                        if extra.get(QKV) and b.group(2).startswith("attn_qkv.") and f"blk.{i}.attn_q.weight" in tensors:
+                            continue
                         tensors.setdefault(f"blk.{i}.{b.group(2)}", (_BOGUS, False))
             elif m := re.search(r"tensor '([^']+)' has wrong shape; expected ([\d, ]+), got", log):
                 shape = tuple(int(x) for x in m.group(2).split(","))
@@ -418,6 +430,9 @@ def _run_child(arch: str, extra: dict) -> dict:
                    or re.search(r"\.(cpp|c):\d+: ", x)]         # ggml_abort: file:line: message
             tail = ((why or lines or [f"exit {p.returncode}"])[-1]).strip()
             tail = re.sub(r"^\S*/vendor/llama\.cpp/", "", tail)     # the build's temporary path says nothing
+            # the graph function ggml_abort's backtrace (gdb's, on stdout) names: where a row width went wrong
+            if frame := re.search(r" in (llama_model_\w+::graph::\w+)\(", p.stdout + p.stderr):
+                tail += f" in {frame.group(1)}"
             if not got:
                 got = {"error": f"llama.cpp aborted: {tail}"}
             else:
