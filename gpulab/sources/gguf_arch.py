@@ -63,7 +63,7 @@ _HYBRID_BY_INTERVAL = {"qwen3next": 4, "qwen35": 4, "qwen35moe": 4, "qwen4exp": 
 _MLA_ARCHS = frozenset({"deepseek2", "deepseek32", "dots3note", "glm-dsa", "glm5-next", "hy_v4", "kimi-k3",
                         "kimi-linear", "bailingmoe3", "mistral4"})
 # Archs with a lightning indexer's key cache beside the KV cache (_indexer_rows)
-_INDEXER_CACHE_ARCHS = frozenset({"deepseek32", "glm-dsa", "minimax-m3", "glm5-next"})
+_INDEXER_CACHE_ARCHS = frozenset({"deepseek32", "glm-dsa", "minimax-m3", "glm5-next", "qwen4exp"})
 
 # Archs that add a layer past block_count (granite-switch.cpp: the adapter router's attention layer)
 _ROUTER_LAYER_ARCHS = frozenset({"graniteswitch"})
@@ -265,13 +265,16 @@ def _indexer_rows(arch: str, kv: dict, n_layer: int, n_main: int, recurrent: lis
     (attention.indexer.types; without it every layer before GLM 5.2's 1M context, then GLM_5_2_DEFAULT_INDEXER_TYPES
     of src/models/glm-dsa.cpp); minimax-m3 (llama_kv_cache_msa): the layers after the leading dense ones;
     glm5-next (llama_memory_hybrid_idx): the trunk's attention layers where the indexer is full, each row the key,
-    gate and pooled value (3 x indexer_head_size with a kpool)."""
+    gate and pooled value (3 x indexer_head_size with a kpool); qwen4exp (llama_memory_hybrid_idx, its filter_idx in
+    llama_model::create_memory): the trunk's attention layers, each row the key (its loader reads no kpool)."""
     if arch not in _INDEXER_CACHE_ARCHS:
         return [0] * n_layer
     row = _count(kv, f"{arch}.attention.indexer.key_length", 0, fail)
     if arch == "minimax-m3":
         lead = _count(kv, f"{arch}.leading_dense_block_count", 0, fail)
         return [row if il >= lead else 0 for il in range(n_layer)]
+    if arch == "qwen4exp":
+        return [row if il < n_main and not recurrent[il] else 0 for il in range(n_layer)]
     full = [1] * n_layer
     if arch == "glm-dsa" and _count(kv, f"{arch}.context_length", 0, fail) >= 1048576:
         full = [int(il < 2 or (il - 2) % 4 == 0) if il < 78 else 0 for il in range(n_layer)]
