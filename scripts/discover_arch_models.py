@@ -176,6 +176,14 @@ def optional_tensors(arch: str) -> list[str]:
     for m in re.finditer(r"create_tensor\(tn\((LLM_TENSOR_\w+),\s*\"(\w+)\"([^;]*);", arch_source(arch)):
         if "TENSOR_NOT_REQUIRED" in m.group(3) and m.group(1) in names and "rope_factors" not in names[m.group(1)]:
             out.append(f"{names[m.group(1)]}.{m.group(2)}")
+    # ... a block tensor named without a suffix (hy_v3's router bias: tn(LLM_TENSOR_FFN_EXP_PROBS_B, i))
+    for m in re.finditer(r"create_tensor\(tn\((LLM_TENSOR_\w+),\s*\w+\)([^;]*);", arch_source(arch)):
+        if "TENSOR_NOT_REQUIRED" in m.group(2) and "%d" in names.get(m.group(1), ""):
+            out.append(names[m.group(1)])
+    # ... and the experts' gate and up where create_tensor_gate_up_exps takes them as optional (hy_v3): separate,
+    # as converters write them (llama-model.cpp: the fused gate_up is read first, then these)
+    if re.search(r"create_tensor_gate_up_exps\([^;]*TENSOR_NOT_REQUIRED", arch_source(arch)):
+        out += [f"{names['LLM_TENSOR_FFN_GATE_EXPS']}.weight", f"{names['LLM_TENSOR_FFN_UP_EXPS']}.weight"]
     return list(dict.fromkeys(out))
 
 
