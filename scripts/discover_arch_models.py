@@ -76,6 +76,7 @@ NO_FFN = "(accepted without an FFN)"
 SHAPES = "(block tensors' shapes)"
 ZERO_WIDTH = "(a shape with a zero dimension expected)"
 OPTIONAL_KEYS = "(the optional keys of the loader)"
+FA_OFF = "(a context with flash attention off)"
 
 # What to add when llama.cpp stops on a value it did not ask for by name (an assert, an abort): the
 # message it stops with, and the keys to write on the next try.
@@ -138,7 +139,10 @@ RETRIES = [
 
 # ... and when those are spent and llama.cpp still makes no context: a graph that reads a value the loader took as
 # optional (afmoe builds the sliding-window inputs whether or not attention.sliding_window was given)
-LAST_RETRIES = [("exit -11", {OPTIONAL_KEYS: True})]
+LAST_RETRIES = [("exit -11", {OPTIONAL_KEYS: True}),
+                # ... or a graph llama.cpp cannot build with flash attention, whatever the values (plm.cpp gives
+                # build_attn a 2-D V, which llama_kv_cache::cpy_v reads as n_tokens heads): the context without it
+                ("a->ne[0] == b->ne[0]", {FA_OFF: True})]
 
 
 @functools.cache
@@ -294,7 +298,7 @@ def child(arch: str, out: Path, extra: dict) -> None:
     kv: dict[str, object] = {f"{arch}.{k}": v for k, v in BASE.items()}
     kv.update(seeds(arch))
     kv.update({k if k.startswith("tokenizer.") else f"{arch}.{k}": v for k, v in extra.items()
-               if k not in (QKV, OPTIONAL, SHAPES, OPTIONAL_KEYS)})
+               if k not in (QKV, OPTIONAL, SHAPES, OPTIONAL_KEYS, FA_OFF)})
     types: dict[str, str] = {}
     tensors: dict[str, tuple[tuple[int, ...], bool]] = {}   # name -> (ggml shape, asked for by the loader)
     n_layer = BASE["block_count"]
@@ -324,7 +328,7 @@ def child(arch: str, out: Path, extra: dict) -> None:
             if model:
                 result = {"kv": kv, "types": types,
                           "tensors": [[n, list(s)] for n, (s, _) in tensors.items()]}
-                _decode(lc, model, out, result)
+                _decode(lc, model, out, result, flash_attn=not extra.get(FA_OFF))
                 lc.llama_model_free(model)
                 break
             m = re.search(r"error loading model: (.*)", log) or re.search(r"error: (.*)", log)
@@ -386,13 +390,16 @@ def child(arch: str, out: Path, extra: dict) -> None:
     out.write_text(json.dumps(result))
 
 
-def _decode(lc, model, out: Path, result: dict) -> None:
+def _decode(lc, model, out: Path, result: dict, flash_attn: bool = True) -> None:
     """Create a context (what the matrix measures: llama.cpp reserves its graphs there), then decode
     8 tokens (after encoding them, for an encoder-decoder). Each outcome is written before the next
     step: an abort kills the child, and the parent says which step it was."""
     import ctypes
     cp = lc.llama_context_default_params()
     cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_threads, cp.n_threads_batch = 512, 64, 64, 1, 1
+    if not flash_attn:       # (the default is auto: on where the devices support it)
+        cp.flash_attn_type = 0       # LLAMA_FLASH_ATTN_TYPE_DISABLED
+        result["flash_attn"] = "off"
     result["context"] = "aborted"
     out.write_text(json.dumps(result))
     from gpulab.runtime.logcapture import LogCapture

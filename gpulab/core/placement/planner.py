@@ -218,6 +218,8 @@ def state_bytes_per_layer(profile: ModelProfile, config: SplitConfig) -> tuple[i
 
 
 _FLASH_ATTN_FORCED_OFF = frozenset({"grok"})
+# Archs whose graph llama.cpp cannot build with flash attention on (or auto): the context aborts
+_FLASH_ATTN_ABORTS = frozenset({"plm"})
 
 
 def _flash_attn_on(config: SplitConfig) -> bool:
@@ -239,6 +241,12 @@ def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | Non
         # (llama_kv_cache_dsv4), keep one cache; it refuses the load
         raise ConfigError(f"{profile.arch} keeps K alone (MLA), and llama.cpp refuses different K ({config.type_k}) and "
                           f"V ({config.type_v}) cache types for it; give -ctk and -ctv the same type")
+    if profile.arch in _FLASH_ATTN_ABORTS and config.flash_attn != "off":
+        # llama_context's reserve (auto tries flash attention first) aborts: plm.cpp gives build_attn a 2-D V,
+        # which llama_kv_cache::cpy_v (src/llama-kv-cache.cpp) reads as n_tokens heads of one token when V is
+        # not transposed: GGML_ASSERT(a->ne[0] == b->ne[0]) in ggml_set_rows
+        raise ConfigError(f"llama.cpp aborts building {profile.arch}'s graph with flash attention "
+                          f"(flash_attn={config.flash_attn}); use -fa off")
     if profile.arch in _FLASH_ATTN_FORCED_OFF and config.flash_attn != "off":
         # llama_init_from_model (src/llama-context.cpp): "flash_attn is not compatible with Grok - forcing
         # off"; then a quantized V cache is refused
