@@ -455,6 +455,15 @@ def _run_child(arch: str, extra: dict) -> dict:
         return got
 
 
+def retry(said: str, extra: dict, context: bool) -> dict:
+    """The keys to add for the next try, from what the last one `said` (RETRIES, a later match winning; then
+    LAST_RETRIES where they are spent and llama.cpp made no context)."""
+    more = {k: v for pattern, keys in RETRIES if pattern in said for k, v in keys.items() if k not in extra}
+    if not more and not context:
+        more = {k: v for pattern, keys in LAST_RETRIES if pattern in said for k, v in keys.items() if k not in extra}
+    return more
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--child"]:
         child(argv[1], Path(argv[2]), json.loads(argv[3]))
@@ -476,10 +485,7 @@ def main(argv: list[str]) -> int:
                 said += " " + NO_FFN
             if got.get("context") == "ok" and NO_FFN not in said:      # (a model without its FFN is no fallback)
                 built = got
-            more = {k: v for pattern, keys in RETRIES if pattern in said for k, v in keys.items() if k not in extra}
-            if not more and got.get("context") != "ok":
-                more = {k: v for pattern, keys in LAST_RETRIES if pattern in said for k, v in keys.items()
-                        if k not in extra}
+            more = retry(said, extra, got.get("context") == "ok")
             if TRACE:
                 print(f"{arch}: {said[:300]} -> {more}", file=sys.stderr, flush=True)
             if not more or (got.get("context") == "ok" and got.get("decode") == "ok" and NO_FFN not in said):
