@@ -364,7 +364,8 @@ def child(arch: str, out: Path, extra: dict) -> None:
                     for i in range(n_layer + int(kv.get(f"{arch}.nextn_predict_layers", 0) or 0)):
                         # ... but a fused QKV only where the loader asks for it: a hybrid's attention layers
                         # take a fused one in place of the separate Q, K and V their graph reads (qwen4exp)
-                        if extra.get(QKV) and b.group(2).startswith("attn_qkv.") and f"blk.{i}.attn_q.weight" in tensors:
+                        if extra.get(QKV) and b.group(2).startswith("attn_qkv.") and \
+                                f"blk.{i}.attn_q.weight" in tensors:
                             continue
                         tensors.setdefault(f"blk.{i}.{b.group(2)}", (_BOGUS, False))
             elif m := re.search(r"tensor '([^']+)' has wrong shape; expected ([\d, ]+), got", log):

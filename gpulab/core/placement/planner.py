@@ -239,8 +239,8 @@ def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | Non
             layer.has_kv and not layer.has_v for layer in profile.layers)):
         # llama_init_from_model (src/llama-context.cpp): MLA, and DeepSeek-V4's K-only caches
         # (llama_kv_cache_dsv4), keep one cache; it refuses the load
-        raise ConfigError(f"{profile.arch} keeps K alone (MLA), and llama.cpp refuses different K ({config.type_k}) and "
-                          f"V ({config.type_v}) cache types for it; give -ctk and -ctv the same type")
+        raise ConfigError(f"{profile.arch} keeps K alone (MLA), and llama.cpp refuses different K ({config.type_k}) "
+                          f"and V ({config.type_v}) cache types for it; give -ctk and -ctv the same type")
     if profile.arch in _FLASH_ATTN_ABORTS and config.flash_attn != "off":
         # llama_context's reserve (auto tries flash attention first) aborts: plm.cpp gives build_attn a 2-D V,
         # which llama_kv_cache::cpy_v (src/llama-kv-cache.cpp) reads as n_tokens heads of one token when V is
