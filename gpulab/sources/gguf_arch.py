@@ -63,7 +63,8 @@ _HYBRID_BY_INTERVAL = {"qwen3next": 4, "qwen35": 4, "qwen35moe": 4, "qwen4exp": 
 _MLA_ARCHS = frozenset({"deepseek2", "deepseek32", "dots3note", "glm-dsa", "glm5-next", "hy_v4", "kimi-k3",
                         "kimi-linear", "bailingmoe3", "mistral4"})
 # Archs with a lightning indexer's key cache beside the KV cache (_indexer_rows)
-_INDEXER_CACHE_ARCHS = frozenset({"deepseek32", "glm-dsa", "minimax-m3", "glm5-next", "qwen4exp"})
+_INDEXER_CACHE_ARCHS = frozenset({"deepseek32", "glm-dsa", "minimax-m3", "glm5-next", "dots3note", "hy_v4",
+                                  "qwen4exp"})
 
 # Archs that add a layer past block_count (granite-switch.cpp: the adapter router's attention layer)
 _ROUTER_LAYER_ARCHS = frozenset({"graniteswitch"})
@@ -259,17 +260,29 @@ def _state_row(arch: str, kv: dict, n_embd: int, n_head: int, key_length: int, f
     return r, s
 
 
-def _indexer_rows(arch: str, kv: dict, n_layer: int, n_main: int, recurrent: list[bool], fail) -> list[int]:
+def _indexer_rows(arch: str, kv: dict, n_layer: int, n_main: int, recurrent: list[bool], is_swa: list[bool],
+                  k_swa: int, fail) -> list[int]:
     """The indexer cache's K row per layer (0: none): create_memory's layer filters in src/llama-model.cpp.
     deepseek32 and glm-dsa (llama_kv_cache_dsa): the trunk's layers, glm-dsa's only where the indexer is full
     (attention.indexer.types; without it every layer before GLM 5.2's 1M context, then GLM_5_2_DEFAULT_INDEXER_TYPES
     of src/models/glm-dsa.cpp); minimax-m3 (llama_kv_cache_msa): the layers after the leading dense ones;
     glm5-next (llama_memory_hybrid_idx): the trunk's attention layers where the indexer is full, each row the key,
-    gate and pooled value (3 x indexer_head_size with a kpool); qwen4exp (llama_memory_hybrid_idx, its filter_idx in
-    llama_model::create_memory): the trunk's attention layers, each row the key (its loader reads no kpool)."""
+    gate and pooled value (3 x indexer_head_size with a kpool); dots3note (llama_kv_cache_dsa_iswa): the trunk's
+    layers where the indexer is full (attention.indexer.types), sliding-window ones too, whose row is
+    n_embd_head_k_swa: llama_kv_cache_dsa sets only n_embd_head_k_full of the indexer's hparams to
+    indexer_head_size (src/llama-kv-cache-dsa.cpp). The indexer cache holds every cell (no window) whatever the
+    layer's kind. hy_v4: none without an indexer (attention.indexer.top_k 0: llama_kv_cache), else
+    llama_kv_cache_dsa's for the layers attention.indexer.types marks full (none without it: hparams' default).
+    qwen4exp (llama_memory_hybrid_idx, its filter_idx in llama_model::create_memory): the trunk's attention layers,
+    each row the key (its loader reads no kpool)."""
     if arch not in _INDEXER_CACHE_ARCHS:
         return [0] * n_layer
     row = _count(kv, f"{arch}.attention.indexer.key_length", 0, fail)
+    if arch == "hy_v4":
+        if not _count(kv, f"{arch}.attention.indexer.top_k", 0, fail):
+            return [0] * n_layer
+        full_hy = _per_layer(kv, f"{arch}.attention.indexer.types", n_main, [0] * n_main, fail)
+        return [row if il < n_main and full_hy[il] else 0 for il in range(n_layer)]
     if arch == "minimax-m3":
         lead = _count(kv, f"{arch}.leading_dense_block_count", 0, fail)
         return [row if il >= lead else 0 for il in range(n_layer)]
@@ -279,6 +292,8 @@ def _indexer_rows(arch: str, kv: dict, n_layer: int, n_main: int, recurrent: lis
     if arch == "glm-dsa" and _count(kv, f"{arch}.context_length", 0, fail) >= 1048576:
         full = [int(il < 2 or (il - 2) % 4 == 0) if il < 78 else 0 for il in range(n_layer)]
     full = _per_layer(kv, f"{arch}.attention.indexer.types", n_main, full[:n_main], fail) + full[n_main:]
+    if arch == "dots3note":
+        return [(k_swa if is_swa[il] else row) if il < n_main and full[il] else 0 for il in range(n_layer)]
     if arch == "glm5-next":
         row *= 3 if _count(kv, f"{arch}.attention.indexer.kpool", 0, fail) > 0 else 1
         full = [f and not r for f, r in zip(full, recurrent)]
@@ -386,7 +401,7 @@ def build_profile(h: Header, path: str, file_bytes: int, fail) -> ModelProfile:
                 if v is not None and not (isinstance(v, Array) and v.values is None)}
 
     nextn = [il >= n_main and skip_mtp for il in range(n_layer)]
-    k_idx = _indexer_rows(arch, kv, n_layer, n_main, recurrent, fail)
+    k_idx = _indexer_rows(arch, kv, n_layer, n_main, recurrent, is_swa, k_swa, fail)
     layers = tuple(
         LayerProfile(
             index=il, tensors=() if nextn[il] else tuple(per_layer[il]), n_head=n_head[il], n_head_kv=n_head_kv[il],

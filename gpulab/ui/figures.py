@@ -20,7 +20,7 @@ import plotly.graph_objects as go
 
 from ..core.devices import HOST_NAME
 from ..core.placement.plan import DevicePlan, Plan
-from ..core.placement.planner import kv_cell_bytes, kv_cells
+from ..core.placement.planner import kv_layer_bytes
 from ..core.units import GiB, MiB, format_bytes
 from .palette import (
     BOTTOM_MARGIN,
@@ -108,11 +108,10 @@ def layer_bytes(plan: Plan) -> tuple[np.ndarray, np.ndarray]:
     n = prof.n_layer
     weights = np.zeros(n + 1, dtype=np.int64)
     kv = np.zeros(n + 1, dtype=np.int64)
-    full_cells, swa_cells = kv_cells(prof, config)
-    per_cell = kv_cell_bytes(prof, config)
+    per_layer_kv = kv_layer_bytes(prof, config)
     for layer in prof.layers:
         weights[layer.index] = layer.weights_bytes
-        kv[layer.index] = (swa_cells if layer.is_swa else full_cells) * per_cell[layer.index]
+        kv[layer.index] = per_layer_kv[layer.index]
     out = sum(t.n_bytes for t in prof.output_tensors)
     if prof.tied_output and plan.layer_devices[n] != HOST_NAME and prof.token_embd is not None:
         out += prof.token_embd.n_bytes   # llama.cpp duplicates token_embd on the output device

@@ -78,6 +78,22 @@ def test_indexer_key_cache_is_counted_beside_the_kv_cache(models, arch, expected
     assert not [d for d in p.doubts if d.term == "kv"]
 
 
+def test_dots3note_indexer_cache_holds_every_cell_of_its_window_layers(models):
+    """llama_kv_cache_dsa_iswa (src/llama-kv-cache-dsa-iswa.cpp): the window layers' MLA K (320) in the SWA cache,
+    pad(512 + 512, 256) = 1024 cells; the indexer cache (llama_kv_cache_dsa, no window) holds every cell of every
+    layer whose indexer is full, its row n_embd_head_k_swa (320: only n_embd_head_k_full is set to the indexer's
+    64, src/llama-kv-cache-dsa.cpp). llama.cpp -ts 1,1 -c 1024 on 2 RPC devices logs 5.00 and 2.50 MiB (the
+    window's half alone: 2.50 and 1.25); -c 2048 -ctk q8_0 -ts 3,1: 5.97 MiB on RPC0."""
+    prof = models["dots3note"]
+    assert all(la.is_swa and la.n_embd_k_idx == 320 for la in prof.layers)
+    p = plan(prof, parse_sim_spec("24GiB,24GiB"), SplitConfig(n_ctx=1024, tensor_split=(1, 1)))
+    assert p.device("SIM0").kv_bytes == 4 * (1024 + 1024) * 320 * 2 == 5 * MiB
+    assert p.device("SIM1").kv_bytes == 2 * (1024 + 1024) * 320 * 2 == 2.5 * MiB
+    q8 = SplitConfig(n_ctx=2048, tensor_split=(3, 1), type_k="q8_0", type_v="q8_0", flash_attn="on")
+    assert plan(prof, parse_sim_spec("24GiB,24GiB"), q8).device("SIM0").kv_bytes == 6 * (1024 + 2048) * 340
+    assert not [d for d in p.doubts if d.term == "kv"]
+
+
 def test_granite_switch_router_layer_is_placed_with_its_own_cache(models):
     prof = models["graniteswitch"]
     # block_count 6, and the router's attention layer at index 6: no weights, one head, one KV head
@@ -225,16 +241,18 @@ def test_token_norm_and_conv1d_are_layer_zeros(models):
 
 
 def test_a_discovered_architecture_states_its_measured_compute_doubt(models, monkeypatch):
-    # afmoe's graph is sized as llama's; the worst error the matrix measured (scripts/arch_coverage.py --bounds
-    # writes the table) is the doubt's bound, in units a person reads
+    # a graph sized as llama's states the worst error the matrix measured (scripts/arch_coverage.py --bounds
+    # writes the table) as the doubt's bound, in units a person reads. Every matrix architecture is now replayed,
+    # exact or states another doubt, so llama's graph under a name gpulab does not know stands in.
     sim = parse_sim_spec("24GiB,24GiB")
-    monkeypatch.setitem(coverage.COMPUTE_MEASURED_MIB, "afmoe", 5.5)
-    (d,) = plan(models["afmoe"], sim, SplitConfig()).doubts
-    assert d.term == "compute" and d.text == "compute: afmoe's graph is sized as a llama-like graph " \
+    other = replace(models["llama"], arch="discovered")
+    monkeypatch.setitem(coverage.COMPUTE_MEASURED_MIB, "discovered", 5.5)
+    (d,) = plan(other, sim, SplitConfig()).doubts
+    assert d.term == "compute" and d.text == "compute: discovered's graph is sized as a llama-like graph " \
         "(measured up to 5.50 MiB off per device)" and d.bound_bytes == int(5.5 * MiB)
-    monkeypatch.delitem(coverage.COMPUTE_MEASURED_MIB, "afmoe")
-    (d,) = plan(models["afmoe"], sim, SplitConfig()).doubts
-    assert d.text == "compute: afmoe's graph is sized as a llama-like graph; not checked against llama.cpp" \
+    monkeypatch.delitem(coverage.COMPUTE_MEASURED_MIB, "discovered")
+    (d,) = plan(other, sim, SplitConfig()).doubts
+    assert d.text == "compute: discovered's graph is sized as a llama-like graph; not checked against llama.cpp" \
         and d.bound_bytes == 0
 
 

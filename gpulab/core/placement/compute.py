@@ -71,7 +71,9 @@ from .compute_moe import moe_flags, moe_then_layer, output_in_dense_hole, router
 from .dense import dense_compute_bytes, dense_replayable
 from .gemma3n import gemma3n_compute_bytes, gemma3n_replayable
 from .gemma4 import gemma4_compute_bytes, gemma4_replayable
+from .granite_switch import switch_compute_bytes, switch_replayable
 from .hrm import hrm_compute_bytes, hrm_replayable
+from .hy_v4 import hy_v4_compute_bytes, hy_v4_replayable
 from .kda import kda_compute_bytes, kda_replayable
 from .recurrent import recurrent_compute_bytes, replayable
 
@@ -434,6 +436,10 @@ def replay_for(profile: ModelProfile, stray: frozenset[str] = frozenset(), ffn_p
         return "kda"
     if replayable(profile):
         return "recurrent"
+    if hy_v4_replayable(profile) and not stray and not ffn_parts:
+        return "hy_v4"
+    if switch_replayable(profile) and not stray and not ffn_parts:
+        return "switch"
     if dense_replayable(profile) and (not stray and not ffn_parts or ffn_moved is not None):
         return "dense"
     return None
@@ -502,6 +508,16 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
                                        T_out=T if n_outputs is None else max(1, min(T, n_outputs)),
                                        n_copies=nc, pin_norm=pinned_norm, ffn_devices=ffn_devices,
                                        ffn_moved=ffn_moved)
+    if replay == "hy_v4":
+        # hyper-connections around absorbed MLA and the FFN: replayed (placement.hy_v4)
+        return hy_v4_compute_bytes(profile, config, layer_devices, names, T=T, n_seqs=n_seqs,
+                                   T_out=T if n_outputs is None else max(1, min(T, n_outputs)),
+                                   n_copies=nc, pin_norm=pinned_norm, ffn_devices=ffn_devices)
+    if replay == "switch":
+        # the router's attention and switched LoRA deltas on every product: replayed (placement.granite_switch)
+        return switch_compute_bytes(profile, config, layer_devices, names, T=T, n_seqs=n_seqs,
+                                    T_out=T if n_outputs is None else max(1, min(T, n_outputs)),
+                                    n_copies=nc, pin_norm=pinned_norm, ffn_devices=ffn_devices)
     if replay == "dense":
         # an older dense graph, replayed op by op (placement.dense), each FFN product where its weight is
         return dense_compute_bytes(profile, config, layer_devices, names, T=T, n_seqs=n_seqs,

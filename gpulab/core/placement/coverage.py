@@ -17,6 +17,9 @@ from .compute import compute_tokens
 from .compute_encoder import encoder_replayable
 from .compute_mla import mla_geom
 from .compute_moe import moe_flags
+from .dense import DENSE_GRAPHS, dense_replayable
+from .granite_switch import switch_replayable
+from .hy_v4 import hy_v4_replayable
 from .kda import kda_replayable
 from .recurrent import RECURRENT_GRAPHS, replayable
 
@@ -82,6 +85,13 @@ COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "in
                            "mamba", "jamba", "falcon-h1", "granitehybrid", "nemotron_h", "nemotron_h_moe",
                            "lfm2moe", "qwen35", "qwen35moe", "rwkv6qwen2", "arwkv7",
                            "plamo2", "minimax-01",
+                           # branch newarchs: replayed op by op (placement.dense), every device of the 6 settings
+                           # within 1 MiB
+                           "laguna", "afmoe", "dflash", "minimax-m3", "dots3note",
+                           # ... replayed (placement.granite_switch): the router layer, switched LoRA deltas
+                           "graniteswitch",
+                           # ... replayed (placement.hy_v4): hyper-connections around absorbed MLA and the FFN
+                           "hy_v4",
                            # branch hybrid3: replayed (placement.recurrent): RWKV-7 with LayerNorms, a gated time
                            # mix with a group norm, two token shifts, the channel mix
                            "rwkv7",
@@ -95,11 +105,10 @@ COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "in
 # Architectures whose memory is not llama_kv_cache / llama_memory_recurrent as gpulab sizes them
 # (llama_model::create_memory, src/llama-model.cpp): the DSV4 compressed cache, KDA/linear-attention
 # states gpulab sizes from the formula but has not run. (The lightning indexers' key caches of
-# deepseek32, glm-dsa, minimax-m3, glm5-next and qwen4exp are counted: LayerProfile.n_embd_k_idx.)
+# deepseek32, glm-dsa, minimax-m3, glm5-next, dots3note, hy_v4 and qwen4exp are counted: LayerProfile.n_embd_k_idx;
+# hy_v4's cache is llama_kv_cache or llama_kv_cache_dsa, not the DSV4 one: create_memory, src/llama-model.cpp.)
 CACHE_NOT_MODELLED = {
     "deepseek4": "the DSV4 compressed KV cache (llama_kv_cache_dsv4) is not modelled",
-    "hy_v4": "the DSV4 compressed KV cache (llama_kv_cache_dsv4) is not modelled",
-    "dots3note": "its indexer and sliding-window caches (llama_kv_cache_dsa_iswa) are not modelled",
 }
 
 
@@ -257,6 +266,13 @@ def doubts(profile: ModelProfile, config: SplitConfig, layer_devices: list[str] 
     elif mla:
         out.append(_measured(arch, f"{arch}'s MLA attention is sized as deepseek2's absorbed MLA (compute_mla) or "
                              "as plain attention", " (not measured)"))
+    elif (arch in DENSE_GRAPHS and not dense_replayable(profile.trunk)) or \
+            (arch == "graniteswitch" and not switch_replayable(profile)) or \
+            (arch == "hy_v4" and not hy_v4_replayable(profile)):
+        # a graph replayed op by op, but this file takes a branch the replay does not build (dots3note's DSA
+        # layers, MTP layers, deepstack layers, hy_v4's DSA indexer, ...): the closed forms size it
+        out.append(_measured(arch, f"{arch}'s graph takes a branch that placement.dense does not build for this "
+                             "file, sized by the closed forms", " (not measured)"))
     elif arch not in COMPUTE_CHECKED and arch not in COMPUTE_EXACT:
         out.append(_measured(arch, f"{arch}'s graph is sized as a llama-like graph", "; not checked against llama.cpp"))
     else:

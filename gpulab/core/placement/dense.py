@@ -47,6 +47,7 @@ from ..config import SplitConfig
 from ..devices import HOST_NAME
 from ..profile import ModelProfile
 from .ggml_replay import Graph, Tensor
+from .minimax_msa import Msa
 from .recurrent import _Attn, _Ctx, _moe, _row, replay_compute_bytes
 
 __all__ = ["DENSE_GRAPHS", "dense_compute_bytes", "dense_replayable"]
@@ -115,8 +116,10 @@ def _qkv(c: _Ctx, h: Tensor, pos: Tensor, il: int, lay: _Layer, spec: _Spec,
         if lay.has("attn_k_norm.weight"):
             k = _norm(c, k, il, rms=rms, bias=False)
     if _ropes(c.p, il, spec):
-        q = g.op(q.size, q, pos, inplace=True)
-        k = g.op(k.size, k, pos, inplace=True)
+        # the rope factors, where the graph passes them, are a source of each RoPE (layer 0's tensor)
+        rf = (c.rope_w,) if c.rope_w is not None else ()
+        q = g.op(q.size, q, pos, *rf, inplace=True)
+        k = g.op(k.size, k, pos, *rf, inplace=True)
     return q, k, v, fused
 
 
@@ -151,9 +154,12 @@ class _Mla:
 
     def __init__(self, c: _Ctx, attn: _Attn, fa: bool) -> None:
         self.c, self.attn, self.fa = c, attn, fa
-        self.n_kv = attn.caches[False].n_kv
-        self.k_idxs = c.g.inp(8 * c.T)
-        self.mask = c.g.inp(self.n_kv * c.T * (2 if fa else 4))
+        # each cache's K row indices and mask (dots3note's window layers: the SWA cache of llama_kv_cache_dsa_iswa);
+        # an input no layer reads is not in the graph
+        self.inputs = {swa: (cache.n_kv, c.g.inp(8 * c.T), c.g.inp(cache.n_kv * c.T * (2 if fa else 4)))
+                       for swa, cache in attn.caches.items()}
+        # the full cache's (glm5-next's DSA reads them: placement.kda)
+        self.n_kv, self.k_idxs, self.mask = self.inputs[False]
 
     def __call__(self, h: Tensor, pos: Tensor | None, il: int, lay: _Layer) -> Tensor:
         """The attention output before wo (`pos` None: no RoPE)."""
@@ -162,7 +168,10 @@ class _Mla:
         n_head = layer.n_head
         kv_rank = int(lay.shapes["attn_kv_a_norm.weight"][0])
         n_rope = lay.width("attn_kv_a_mqa.weight") - kv_rank
-        hv_mla = int(md.get(f"{arch}.attention.value_length_mla", lay.shapes["attn_v_b.weight"][1]))
+        swa = self.attn.swa[il]
+        n_kv1, k_idxs, mask = self.inputs[swa]
+        hv_mla = int(md.get(f"{arch}.attention.value_length_mla{'_swa' if swa else ''}",
+                            lay.shapes["attn_v_b.weight"][1]))
         if lay.has("attn_q_a.weight"):
             q = _norm(c, g.op(4 * lay.width("attn_q_a.weight") * T, h, w=d), il, rms=True, bias=False)
             q = g.op(4 * lay.width("attn_q_b.weight") * T, q, w=d)
@@ -170,6 +179,8 @@ class _Mla:
             q = g.op(4 * lay.width("attn_q.weight") * T, h, w=d)                     # the lite models' wq
         kv_pe = g.op(4 * (kv_rank + n_rope) * T, h, w=d)
         k_pe = g.view(kv_pe, 4 * n_rope * T)
+        if lay.has("attn_k_norm.weight"):
+            k_pe = _norm(c, k_pe, il, rms=True, bias=False)                             # dots3note's k_pe norm
         q_pe = g.view(q, 4 * n_rope * n_head * T)
         if pos is not None:                     # RoPE of the views (kimi-linear's MLA has none: kda)
             k_pe = g.op(k_pe.size, k_pe, pos, inplace=True)
@@ -183,19 +194,19 @@ class _Mla:
         g.expand(qcur)
         g.expand(v)
         g.expand(kcur)
-        g.expand(g.set(d, g.view(kcur), self.k_idxs))
-        n_kv = self.n_kv * self.attn.n_stream
+        g.expand(g.set(d, g.view(kcur), k_idxs))
+        n_kv = n_kv1 * self.attn.n_stream
         k = g.view(g.ext(d), _row(cfg.type_k, kv_rank + n_rope) * n_kv)
         vk = g.view(k, _row(cfg.type_k, kv_rank) * n_kv)
         qp = g.view(g.view(qcur))
         if self.fa:
-            out = g.op(4 * kv_rank * n_head * T, qp, g.view(k), g.view(vk), self.mask)
+            out = g.op(4 * kv_rank * n_head * T, qp, g.view(k), g.view(vk), mask)
             fa_node = out
             out = g.op(4 * hv_mla * n_head * T, g.view(g.op(4 * hv_mla * n_head * T, g.view(out), w=d)))  # v_mla, cont
             out = g.view(out)
         else:
-            kq = g.op(4 * self.n_kv * T * n_head, g.view(k), qp)
-            kq = g.op(kq.size, kq, self.mask, inplace=True)                            # soft_max_ext
+            kq = g.op(4 * n_kv1 * T * n_head, g.view(k), qp)
+            kq = g.op(kq.size, kq, mask, inplace=True)                                 # soft_max_ext
             vt = g.op(_row(cfg.type_k, kv_rank) * n_kv, g.view(g.view(vk)))            # cont(transpose(v))
             kqv = g.op(4 * hv_mla * n_head * T, g.op(4 * kv_rank * n_head * T, vt, kq), w=d)   # v, then v_mla
             out = g.op(kqv.size, g.view(kqv))                                           # cont_2d(permute)
@@ -212,6 +223,8 @@ def _ropes(p: ModelProfile, il: int, spec: _Spec) -> bool:
         return False
     if not spec.rope_only:
         return True
+    if spec.rope_only == "step":
+        return (il + 1) % 4 != 0             # llama_hparams::n_no_rope_layer_step, which afmoe's loader keeps at 4
     swa = bool(p.n_swa and p.layers[il].is_swa)
     lead = int(p.metadata.get(f"{p.arch}.leading_dense_block_count", 0))
     return swa or ("dense" in spec.rope_only and il < lead)
@@ -254,9 +267,13 @@ class _Spec:
     ffn_norm: str = "ffn_norm"    # the FFN's norm (dbrx: attn_output_norm)
     arctic: bool = False          # a dense FFN and its residual, then the MoE of the normed layer input added
     mla: bool = False             # absorbed MLA over a K-only cache (_Mla)
+    msa: bool = False             # minimax-m3's sparse attention past the leading dense layers (minimax_msa.Msa)
     grove: bool = False           # grovemoe: the experts, then its chunk experts of their output (_grove_moe)
     out_residual_first: bool = False  # l_out = residual + FFN (phi3's graph, which phimoe builds), not FFN + residual
-    rope_only: str = ""           # RoPE only on sliding-window layers ("swa"), or those and leading dense ones
+    rope_only: str = ""           # RoPE only on sliding-window layers ("swa"), or those and leading dense ones,
+                                  # or every layer but each hparams.n_no_rope_layer_step-th ("step": its default 4)
+    embd_scale: bool = False      # the embeddings scaled (ggml_scale, in place: afmoe's MuP scale)
+    post_attn_first: bool = False  # the norm after attention comes before the last layer's gather (afmoe)
     gather_after_norm: bool = False   # rows gathered after the output norm, the norm an output (t_h_nextn)
     gather_before_norm: bool = False  # rows gathered after the last layer, before the output norm, the last layer's
                                       # output an output (t_h_nextn: step35)
@@ -269,6 +286,8 @@ class _Spec:
     post_plain: bool = False      # the post norms are ggml_rms_norm and a MUL, not build_norm (never pinned), and
                                   # the one after attention comes before the last layer's gather (muse-glimmer)
     gather: bool = True           # the last layer gathers the output rows (cogvlm builds no inp_out_ids)
+    inp_embd: bool = True         # build_inp_embd's embeddings input exists (dflash makes its tokens input alone)
+    rope_factors: bool = False    # every RoPE reads layer 0's rope_freqs where the file has it (dflash)
     gating: int = 0               # build_moe_ffn's gating as the graph passes it (0: hparams.expert_gating_func)
     norm_w: bool | None = None    # ... its weight normalization (None: hparams.expert_weights_norm)
     router_first: bool = False    # the router reads the layer's input, before its norm (smallthinker's probs_in)
@@ -317,6 +336,23 @@ _SPECS = {
     # src/models/step35.cpp: a head-wise attention gate, sigmoid gating of the experts (the loader's default), a
     # shared expert, the rows gathered after the last layer (branch attn)
     "step35": _Spec(attn_gate=True, gate_heads=True, gating=2, gather_before_norm=True, dense_unused=True),
+    # src/models/laguna.cpp: the attention gate's softplus, head-wise where the gate is n_head wide, sigmoid
+    # gating (the loader's default), a shared expert added as it is (branch newarchs)
+    "laguna": _Spec(attn_gate=True, gating=2),
+    # src/models/afmoe.cpp: embeddings scaled, no RoPE every 4th layer, a sigmoid attention gate, norms after
+    # attention (before the gather) and the FFN (branch newarchs)
+    # src/models/dflash.cpp graph<false>: the draft's token graph (a text batch: no target features), no output
+    # rows gathered, norms after attention and the FFN, the layer's output scaled (branch newarchs)
+    "dflash": _Spec(gather=False, inp_embd=False, rope_factors=True, post_attn="post_attention_norm",
+                    post_ffn="post_ffw_norm"),
+    # src/models/minimax-m3.cpp: Q/K norms of the reshapes, SwiGLU-OAI experts and shared expert; with flash
+    # attention its sparse attention (minimax_msa) past the leading dense layers (branch newarchs)
+    "minimax-m3": _Spec(msa=True),
+    # src/models/dots3note.cpp: absorbed MLA (its window layers over the SWA cache), k_pe RMS-normed, a head-wise
+    # sigmoid gate; the DSA indexer of its full layers is not built here (dense_replayable) (branch newarchs)
+    "dots3note": _Spec(mla=True, attn_gate=True),
+    "afmoe": _Spec(rope_only="step", embd_scale=True, attn_gate=True, post_attn="post_attention_norm",
+                   post_attn_first=True, post_ffn="post_ffw_norm"),
 }
 
 
@@ -324,16 +360,23 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
     g, T, E, p = c.g, c.T, c.E, c.p
     spec = _SPECS[p.arch]
     tokens = g.inp(4 * T)
-    g.expand(g.inp(4 * E * T))               # inp_embd: a text batch never reads it, it is allocated
+    if spec.inp_embd:
+        g.expand(g.inp(4 * E * T))           # inp_embd: a text batch never reads it, it is allocated
     cur = g.expand(g.op(4 * E * T, tokens, w=HOST_NAME))              # get_rows(token_embd)
     attn = _Attn(c, fa, v_trans)
+    rf = next((t for t in p.other_tensors if t.name == "rope_freqs.weight"), None)
+    if spec.rope_factors and rf is not None:
+        c.rope_w = g.weight(c.dev[0], rf.n_bytes)          # created with layer 0 (llama_model loader), on its device
     mla = _Mla(c, attn, fa) if spec.mla else None
+    # minimax-m3: MSA with flash attention and a stream per sequence (msa_enabled), else dense attention
+    msa = Msa(c, attn) if spec.msa and fa and (c.config.n_seq_max == 1 or not c.config.kv_unified) else None
+    lead = int(p.metadata.get(f"{p.arch}.leading_dense_block_count", 0))
     pos = g.inp(4 * T)
     out_ids = g.inp(4 * c.T_out)
     n_layer = p.n_layer
     rms = spec.rms if spec.rms is not None else \
         bool(float(p.metadata.get(f"{p.arch}.attention.layer_norm_rms_epsilon", 0.0)))
-    if spec.embd_norm:
+    if spec.embd_norm or spec.embd_scale:
         cur = g.op(cur.size, cur, inplace=True)                       # build_norm(inpL, none, none, RMS, -1)
     par_res = spec.par_res or bool(p.metadata.get(f"{p.arch}.use_parallel_residual", False))
 
@@ -354,13 +397,17 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
         h_attn = norm(cur, il, lay, "attn_norm_2") if lay.has("attn_norm_2.weight") else h
         if mla is not None:
             y = mla(h_attn, pos, il, lay)
+        elif msa is not None and il >= lead:
+            q, k, v, _ = _qkv(c, h_attn, pos, il, lay, spec, rms)
+            y = msa(h_attn, q, k, v, pos, il)
         else:
             q, k, v, fused = _qkv(c, h_attn, pos, il, lay, spec, rms)
             y = attn.attend(q, k, v, il, v_cont=fused)
         if spec.attn_gate:
             gate = g.op(4 * lay.width("attn_gate.weight") * T, h_attn, w=d)
             # * sigmoid(gate); a head-wise gate multiplies a 3-D reshape (a view: not in place, step35)
-            y = g.op(y.size, g.view(y) if spec.gate_heads else y, g.op(gate.size, gate, inplace=True), inplace=True)
+            heads = spec.gate_heads or lay.width("attn_gate.weight") == c.p.layers[il].n_head
+            y = g.op(y.size, g.view(y) if heads else y, g.op(gate.size, gate, inplace=True), inplace=True)
         y = g.op(4 * E * T, y, w=d)                                     # wo
         if lay.has("attn_output.bias"):
             y = g.op(y.size, y, w=d, inplace=True)
@@ -375,6 +422,8 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
             continue
         if spec.post_plain:
             y = g.op(y.size, g.op(y.size, y, inplace=True), w=d, inplace=True)        # rms_norm, * attn_post_norm
+        elif spec.post_attn_first:
+            y = norm(y, il, lay, spec.post_attn)
         # smallthinker: the router's product of the layer's input (gathered with it in the last layer)
         router = g.op(4 * p.n_expert * T, cur, w=d) if spec.router_first else None
         if last:
@@ -383,7 +432,7 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
                 router = g.op(4 * p.n_expert * c.T_out, router, out_ids)
             if not lay.has(f"{spec.ffn_norm}.weight"):
                 h = g.op(rows, h, out_ids)
-        if spec.post_attn and not spec.post_plain:
+        if spec.post_attn and not spec.post_plain and not spec.post_attn_first:
             y = norm(y, il, lay, spec.post_attn)
         if par_res:
             ff = _ffn(c, norm(cur, il, lay, "ffn_norm"), il, lay, n_ff)
@@ -415,6 +464,8 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
             ff = norm(ff, il, lay, spec.post_ffn)
         cur = g.op(ff.size, ffn_inp, ff, inplace=True) if spec.out_residual_first else \
             g.op(ff.size, ff, ffn_inp, inplace=True)
+        if lay.has("layer_output_scale.weight"):
+            cur = g.op(cur.size, cur, w=d, inplace=True)               # * out_scale (dflash)
     if spec.gather_before_norm and n_layer:
         cur.out = True
         cur = g.op(4 * E * c.T_out, cur, out_ids)
@@ -489,6 +540,8 @@ def dense_replayable(profile: ModelProfile) -> bool:
         return False           # qwen3vlmoe's deepstack adds (a wider inp_embd) are not built here
     if profile.n_nextn or not _is_trunk(profile):
         return False           # MTP layers (placement.mtp) run a graph of their own, not built here
+    if profile.arch == "dots3note" and not all(layer.is_swa for layer in profile.layers):
+        return False           # its full layers' DSA indexer (deepseek32's) is not built here
     # an MLA layer (a K-only cache) is built as absorbed MLA (attn_k_b, attn_v_b), not the older graph with attn_kv_b
     return all(layer.has_kv and not layer.is_recurrent
                and any(t.name.endswith((".ffn_down.weight", ".ffn_down_exps.weight")) for t in layer.tensors)

@@ -63,6 +63,12 @@ class Graph:
     def ext(self, dev: str, size: int = 0) -> Tensor:
         return Tensor("ext", size, dev=dev)
 
+    def weight(self, dev: str, size: int) -> Tensor:
+        """A weight an op reads as a source where no rule puts the op with it (ROPE's frequency factors: pass 1
+        skips ROPE, ggml_backend_sched_backend_id_from_cur): read on another backend, it is copied there and
+        starts a new split once the split has inputs (ggml_backend_sched_split_graph, need_new_split)."""
+        return Tensor("w", size, dev=dev)
+
     def leaf(self, dev: str, size: int) -> Tensor:
         """A tensor the graph makes without an op (ggml_new_tensor, e.g. what ggml_fill fills): allocated with
         the leafs before any node, once (ggml_gallocr_alloc_graph_impl's leaf loop), freed after its last reader
@@ -93,7 +99,7 @@ class Graph:
                 continue
             if x.i != -1:
                 continue
-            if x.kind in ("in", "ext", "leaf"):
+            if x.kind in ("in", "ext", "w", "leaf"):
                 x.i = -2 - len(self.leafs)
                 self.leafs.append(x)
             else:
@@ -176,14 +182,14 @@ def buffer_peaks(g: Graph, n_copies: int, log: list | None = None) -> dict[str, 
     order: list[Tensor] = []               # graph_copy: per split its input deps and copies, then its nodes
     first: list[Tensor] = [t for t in g.leafs if t.kind in ("in", "leaf")]
     split_dev = None
-    start = 0
+    start = n_inputs = 0
     for n in g.nodes:
         if n.kind == "view":
             order.append(n)
             continue
         b = n.be
-        if b != split_dev:
-            split_dev, start = b, len(order)
+        if b != split_dev or (n_inputs and any(s.kind == "w" and s.be != b for s in n.src)):
+            split_dev, start, n_inputs = b, len(order), 0
         if all(s.be == b for s in n.src):
             order.append(n)
             continue
@@ -192,6 +198,7 @@ def buffer_peaks(g: Graph, n_copies: int, log: list | None = None) -> dict[str, 
             if s.be == b:
                 new.append(s)
                 continue
+            n_inputs += 1
             c = copies.get((s, b))
             if c is None:
                 dep = Tensor("dep", 0, (s,))

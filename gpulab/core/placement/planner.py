@@ -24,8 +24,8 @@ from .coverage import doubts
 from .plan import Plan
 from .tensors import place_layers
 
-__all__ = ["plan", "select_devices", "kv_cells", "kv_cell_bytes", "split_points", "assign_layers", "split_for_counts",
-           "state_cells", "state_bytes_per_layer"]
+__all__ = ["plan", "select_devices", "kv_cells", "kv_cell_bytes", "kv_layer_bytes", "split_points", "assign_layers",
+           "split_for_counts", "state_cells", "state_bytes_per_layer"]
 
 _PAD = 256  # llama_context: cparams.n_ctx = GGML_PAD(n_ctx, 256)
 
@@ -163,7 +163,18 @@ def kv_cells(profile: ModelProfile, config: SplitConfig) -> tuple[int, int]:
     return base * n_stream, swa * n_stream
 
 
-def kv_cell_bytes(profile: ModelProfile, config: SplitConfig) -> tuple[int, ...]:
+def kv_layer_bytes(profile: ModelProfile, config: SplitConfig) -> tuple[int, ...]:
+    """Bytes of each layer's KV cache: its cells (the window's on a sliding-window layer) times its cell's bytes;
+    an indexer's key cache holds every cell, whatever the layer (llama_kv_cache_dsa_iswa builds its
+    llama_kv_cache_dsa, and so its indexer cache, without a window: src/llama-kv-cache-dsa-iswa.cpp)."""
+    full_cells, swa_cells = kv_cells(profile, config)
+    per_cell = kv_cell_bytes(profile, config)
+    idx = kv_cell_bytes(profile, config, indexer=True)
+    return tuple((swa_cells if layer.is_swa else full_cells) * (per_cell[layer.index] - idx[layer.index])
+                 + full_cells * idx[layer.index] for layer in profile.layers)
+
+
+def kv_cell_bytes(profile: ModelProfile, config: SplitConfig, indexer: bool = False) -> tuple[int, ...]:
     """Bytes of one KV cell (K row + V row) of each layer; 0 for layers without a KV cache.
 
     llama_kv_cache ctor: K is n_embd_k_gqa(il) of type_k; V is n_embd_v_gqa(il) of type_v, or,
@@ -171,10 +182,11 @@ def kv_cell_bytes(profile: ModelProfile, config: SplitConfig) -> tuple[int, ...]
     MLA caches K only (has_v = !is_mla): its K row is key_length (kv_lora_rank + the RoPE part).
     An indexer cache (llama_kv_cache_dsa and _msa ctors) is one more llama_kv_cache of the same types and
     cells, with one KV head: K indexer_head_size, V n_embd_head_v where the model has V; llama_memory_hybrid_idx's
-    (glm5-next, qwen4exp) is K only ("fool llama_kv_cache into thinking this is a MLA cache").
+    (glm5-next, qwen4exp) is K only ("fool llama_kv_cache into thinking this is a MLA cache"). `indexer`: that
+    part only.
     """
     v_trans = not _flash_attn_on(config)
-    key = (config.type_k, config.type_v, v_trans)
+    key = (config.type_k, config.type_v, v_trans, indexer)
     hit = _KV_BYTES.get(id(profile))
     if hit is not None and hit[0]() is profile and key in hit[1]:
         return hit[1][key]
@@ -185,7 +197,7 @@ def kv_cell_bytes(profile: ModelProfile, config: SplitConfig) -> tuple[int, ...]
         if not layer.has_kv:
             out.append(0)
             continue
-        shape = (layer.n_embd_k_gqa, 0 if not layer.has_v else
+        shape = (0 if indexer else layer.n_embd_k_gqa, 0 if not layer.has_v or indexer else
                  profile.max_n_embd_v_gqa if v_trans else layer.n_embd_v_gqa,
                  layer.n_embd_k_idx, layer.n_embd_head_v if layer.n_embd_k_idx and layer.has_v and idx_v else 0)
         b = by_shape.get(shape)
@@ -293,7 +305,7 @@ def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | Non
     weights = {n: tp.weights.get(n, 0) for n in names}
 
     full_cells, swa_cells = kv_cells(profile, config)
-    per_cell = kv_cell_bytes(profile, config)
+    per_layer_kv = kv_layer_bytes(profile, config)
     per_state = state_bytes_per_layer(profile, config)
     for layer in profile.layers:
         dev = layer_devices[layer.index]
@@ -301,7 +313,7 @@ def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | Non
         # llama_kv_cache ctor: a layer's K/V live on model.dev_layer(il) when offloading, whatever
         # the tensor overrides moved; llama_memory_recurrent ctor: the same for r_l/s_l
         kv_dev = dev if config.offload_kqv else HOST_NAME
-        kv[kv_dev] += (swa_cells if layer.is_swa else full_cells) * per_cell[layer.index]
+        kv[kv_dev] += per_layer_kv[layer.index]
         state[kv_dev] += per_state[layer.index]
 
     # the graph runs the trunk only (MTP off): nextn layers take part in placement, not in compute

@@ -107,6 +107,7 @@ class _Ctx:
         self.fused_nodes: dict[str, list[tuple[Tensor, str]]] = {}
         self.unfused: frozenset[str] = frozenset()
         self.v_first: Tensor | None = None        # RWKV-7: the first layer's V, read by every later layer
+        self.rope_w: Tensor | None = None         # the rope factors every RoPE reads (placement.dense: dflash)
 
     def reshaped(self, il: int, name: str) -> Tensor:
         """A reshape of layer il's weight `name`: no weight to the scheduler's pass 1 (a view has no buffer

@@ -77,6 +77,23 @@ CASES = [
     ("muse-glimmer", NGL4, {"RPC0": 26.02, "RPC1": 22.0, "RPC2": 18.0, "CPU": 26.02}),
     # absorbed MLA over a K-only cache (deepseek2.cpp's graph, which mistral4 builds)
     ("mistral4", TS31_Q8_FA, {"RPC0": 50.07, "RPC1": 26.0, "CPU": 18.04}),
+    # branch newarchs (llama.cpp's logged figures from its matrix run; the closed forms' error before in brackets):
+    # a head-wise softplus attention gate, sigmoid gating, a shared expert (laguna.cpp; RPC1 +2.96 MiB)
+    ("laguna", NGL4, {"RPC0": 13.01, "RPC1": 10.05, "RPC2": 18.0, "CPU": 27.01}),
+    # scaled embeddings, no RoPE every 4th layer, an element-wise gate, the post-attention norm before the gather
+    # (afmoe.cpp; RPC1 -5.95 MiB)
+    ("afmoe", TS111_Q4_FA, {"RPC0": 34.16, "RPC1": 44.32, "RPC2": 38.22, "CPU": 30.34}),
+    # the draft's token graph: no inp_embd input (the host's copies of it, pipelined: CPU +8.00 MiB), no rows
+    # gathered (dflash.cpp graph<false>)
+    ("dflash", TS31_Q8_FA, {"RPC0": 38.16, "RPC1": 26.0, "CPU": 10.17}),
+    # MSA past the leading dense layer (minimax-m3.cpp, minimax_msa): the block mask expanded to [n_kv, T, Hd]
+    # f32 and f16, the f32 copy of the KQ mask sent to every device with a sparse layer (RPC1 -116.21 MiB)
+    ("minimax-m3", TS111_Q4_FA, {"RPC0": 106.38, "RPC1": 150.42, "RPC2": 110.29, "CPU": 28.29}),
+    # ... without flash attention every layer's attention is dense (no MSA inputs)
+    ("minimax-m3", NONE, {"RPC1": 45.05, "CPU": 7.01}),
+    # absorbed MLA over the window cache of llama_kv_cache_dsa_iswa, k_pe RMS-normed, a head-wise sigmoid gate
+    # (dots3note.cpp; sized as deepseek2's MLA before: -3.05 MiB on both devices)
+    ("dots3note", TS11, {"RPC0": 46.07, "RPC1": 46.08, "CPU": 14.04}),
     # deepseek2.cpp and glm4-moe.cpp with their nextn (MTP) layer left out of the graph: -ngl 4 puts layers 3-6
     # offloaded, the nextn layer 6 and the output on RPC2, which runs the output only (branch fitmla's matrix run)
     ("deepseek2", NGL4, {"RPC0": 31.01, "RPC1": 0.0, "RPC2": 18.0, "CPU": 37.01}),
@@ -111,11 +128,22 @@ FIT_CASES = [
      {"RPC0": 20.1, "RPC1": 30.09, "CPU": 26.01}),
 ]
 
+# Every RoPE of dflash's graph reads layer 0's rope factors: with layer 0 on the host each RoPE on a device copies
+# them and starts a split (ggml_backend_sched_split_graph's need_new_split), which moves where the residual's copy
+# lands (llama.cpp's log; before the rule: RPC0 -0.50, RPC1 -1.00 MiB)
+WEIGHT_SPLITS = ("dflash", NGL4, {"RPC0": 25.51, "RPC1": 23.0, "RPC2": 18.0, "CPU": 25.01})
+
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("dense")
-    return {a: read_profile(write_arch_model(root / f"{a}.gguf", a)) for a, _, _ in CASES + FIT_CASES}
+    return {a: read_profile(write_arch_model(root / f"{a}.gguf", a)) for a in {a for a, _, _ in CASES + FIT_CASES}}
+
+
+def test_a_weight_read_on_another_backend_starts_a_split(models):
+    arch, config, expected = WEIGHT_SPLITS
+    p = plan(models[arch], rpc(3), config)
+    assert {d.name: round(d.compute_bytes / MiB, 2) for d in p.devices} == expected
 
 
 def rpc(n: int) -> list[Device]:
@@ -123,7 +151,7 @@ def rpc(n: int) -> list[Device]:
             for i in range(n)]
 
 
-@pytest.mark.parametrize("arch,config,expected", CASES, ids=[a for a, _, _ in CASES])
+@pytest.mark.parametrize("arch,config,expected", CASES, ids=[f"{a}-{i}" for i, (a, _, _) in enumerate(CASES)])
 def test_replayed_compute_buffers_are_llama_cpps(models, arch, config, expected):
     profile = models[arch]
     assert dense_replayable(profile.trunk)      # the graph runs the trunk (MTP off)
@@ -164,6 +192,12 @@ def test_graphs_not_built_here_stay_with_the_closed_forms(models):
     # an MTP layer (nextn_predict_layers) runs a graph of its own; qwen3vlmoe's deepstack adds widen inp_embd
     ds = models["deepseek"]
     assert not dense_replayable(replace(ds, metadata={**ds.metadata, "deepseek.nextn_predict_layers": 1}))
+    # dots3note's full-attention layers run deepseek32's DSA indexer: not built, and the plan says so
+    d3 = models["dots3note"]
+    d3_full = replace(d3, layers=(replace(d3.layers[0], is_swa=False), *d3.layers[1:]))
+    assert not dense_replayable(d3_full)
+    (doubt,) = plan(d3_full, rpc(2), TS11).doubts
+    assert doubt.term == "compute" and "does not build" in doubt.text and doubt.bound_bytes == 0
     # deepseek2's trunk is replayed, its whole layer list (nextn layer included) and its MTP head are not
     ds2 = models["deepseek2"]
     assert ds2.n_nextn == 1 and dense_replayable(ds2.trunk)
