@@ -445,6 +445,11 @@ def replay_for(profile: ModelProfile, stray: frozenset[str] = frozenset(), ffn_p
     return None
 
 
+# hrm: passes of two weight stacks over cache slots; gemma3n: AltUp's copies of the hidden state, LAuReL,
+# per-layer inputs; gemma4: per-layer inputs and norms around every phase
+_OWN_GRAPHS = {"hrm": hrm_compute_bytes, "gemma3n": gemma3n_compute_bytes, "gemma4": gemma4_compute_bytes}
+
+
 def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_devices: list[str],
                            names: list[str], ffn_devices: list[str] | None = None,
                            stray: frozenset[str] = frozenset(),
@@ -483,20 +488,11 @@ def estimate_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_dev
         return encoder_compute_bytes(profile, config, layer_devices, names, T=T, n_seqs=n_seqs,
                                      T_out=T if n_outputs is None else max(1, min(T, n_outputs)),
                                      n_copies=nc, pin_norm=pinned_norm, ffn_devices=ffn_devices)
-    if replay == "hrm":
-        # passes of two weight stacks over cache slots: replayed (placement.hrm)
-        return hrm_compute_bytes(profile, config, layer_devices, names, T=T,
-                                 T_out=T if n_outputs is None else max(1, min(T, n_outputs)), n_copies=nc)
-    if replay == "gemma3n":
-        # AltUp's copies of the hidden state, LAuReL, per-layer inputs: replayed (placement.gemma3n)
-        return gemma3n_compute_bytes(profile, config, layer_devices, names, T=T,
-                                     T_out=T if n_outputs is None else max(1, min(T, n_outputs)), n_copies=nc,
-                                     pin_norm=pinned_norm)
-    if replay == "gemma4":
-        # per-layer inputs and norms around every phase: replayed (placement.gemma4)
-        return gemma4_compute_bytes(profile, config, layer_devices, names, T=T,
-                                    T_out=T if n_outputs is None else max(1, min(T, n_outputs)), n_copies=nc,
-                                    pin_norm=pinned_norm)
+    if replay in _OWN_GRAPHS:
+        # graphs of one architecture each, replayed op by op (placement.hrm, gemma3n, gemma4)
+        return _OWN_GRAPHS[replay](profile, config, layer_devices, names, T=T, n_seqs=n_seqs,
+                                   T_out=T if n_outputs is None else max(1, min(T, n_outputs)), n_copies=nc,
+                                   pin_norm=pinned_norm)
     if replay == "kda":
         # KDA/MLA hybrids and glm5-next: replayed (placement.kda)
         return kda_compute_bytes(profile, config, layer_devices, names, T=T, n_seqs=n_seqs,

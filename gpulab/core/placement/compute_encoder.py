@@ -42,7 +42,7 @@ import weakref
 from ..config import SplitConfig
 from ..devices import HOST_NAME
 from ..profile import ModelProfile
-from .ggml_replay import Graph, Tensor, buffer_peaks, schedule
+from .ggml_replay import Graph, Tensor, per_profile, template
 from .recurrent import _Attn, _Ctx, _moe
 
 __all__ = ["ENCODER_GRAPHS", "encoder_compute_bytes", "encoder_replayable"]
@@ -422,21 +422,22 @@ def encoder_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_devi
     hit = _CACHE.get(key)
     if hit is not None and hit[0]() is profile:
         return dict(hit[1])
-    fa = config.flash_attn != "off"
     build = {"t5encoder": _t5_encoder, "t5": _t5_decoder, "wavtokenizer-dec": _wavtokenizer}.get(
         profile.arch, _bert if profile.arch in _BERT else _llama_like)
-    c = _Ctx(profile, config, layer_devices, T, n_seqs, T_out, pin_norm, ffn_devices)
-    g, fa_nodes, pinned = build(c, fa)
-    schedule(g)
-    if config.flash_attn == "auto" and any(n.be != d for n, d in fa_nodes):
+
+    def make(devs: list[str], ffn: list[str] | None, cfg: SplitConfig, fa: bool) -> tuple[Graph, dict, list]:
+        g, fa_nodes, pinned = build(_Ctx(profile, cfg, devs, T, n_seqs, T_out, pin_norm, ffn), fa)
+        return g, {"fa": fa_nodes}, pinned      # a pinned view: its readers elsewhere copy it
+
+    tkey = (build, T, n_seqs, T_out, pin_norm)     # the graph, built once for every placement
+    run = template(make, profile, tkey, config, layer_devices, ffn_devices, config.flash_attn != "off").place(
+        layer_devices, ffn_devices)
+    if config.flash_attn == "auto" and run.moved("fa"):
         # llama_context::resolve_fused_ops: flash attention scheduled away from its layer's device is
         # turned off (and the reserve graph built again without it)
-        c = _Ctx(profile, config, layer_devices, T, n_seqs, T_out, pin_norm, ffn_devices)
-        g, _, pinned = build(c, False)
-        schedule(g)
-    for view, dev in pinned:
-        view.be = dev          # a pinned view: its readers elsewhere copy it (ggml_backend_sched_split_graph)
-    tops = buffer_peaks(g, n_copies)
+        run = template(make, profile, tkey, config, layer_devices, ffn_devices, False).place(layer_devices,
+                                                                                           ffn_devices)
+    tops = run.peaks(n_copies)
     out = {name: tops.get(name, 0) for name in names}
     if len(_CACHE) > 256:
         _CACHE.clear()
@@ -444,6 +445,7 @@ def encoder_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_devi
     return dict(out)
 
 
+@per_profile
 def encoder_replayable(profile: ModelProfile) -> bool:
     """Whether `profile`'s compute buffers are replayed here: a graph of ENCODER_GRAPHS with the tensors the
     graph built here reads (separate Q/K/V products; Q/K norms where the graph has them)."""

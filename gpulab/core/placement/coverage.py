@@ -99,7 +99,10 @@ COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "in
                            # of Q, K and V) beside absorbed MLA over a K-only cache, MoE
                            "kimi-linear", "bailingmoe3", "kimi-k3",
                            # ... and glm5-next's hyper-connections around KDA and DSA with its k-pool indexer
-                           "glm5-next"})
+                           "glm5-next",
+                           # branch dsa: replayed (placement.dense): deepseek2's absorbed MLA masked by the DSA
+                           # lightning indexer's top-k (_Indexer)
+                           "deepseek32", "glm-dsa"})
 
 
 # Architectures whose memory is not llama_kv_cache / llama_memory_recurrent as gpulab sizes them
@@ -124,86 +127,10 @@ def _wide_expert_outputs(profile: ModelProfile) -> float:
 
 # The largest compute error per device the architecture matrix measured (all its settings) for the
 # architectures whose graph gpulab sizes as a llama-like one, in MiB, rounded up to 0.5 MiB
-# (`scripts/arch_coverage.py --bounds` prints this table from test-artifacts/arch_matrix.json).
-COMPUTE_MEASURED_MIB: dict[str, float] = {
-    "arctic": 2.5,
-    "arwkv7": 55,
-    "bailingmoe": 2,
-    "bailingmoe2": 3.5,
-    "bert": 141,
-    "bitnet": 22.5,
-    "chameleon": 16.5,
-    "cogvlm": 3.5,
-    "cohere2moe": 6.5,
-    "command-r": 4.5,
-    "dbrx": 2.5,
-    "deepseek": 2,
-    "deepseek2-ocr": 2,
-    "deepseek32": 19.5,
-    "dots1": 2,
-    "dream": 138.5,
-    "ernie4_5": 20.5,
-    "ernie4_5-moe": 4.5,
-    "eurobert": 138.5,
-    "exaone-moe": 2.5,
-    "falcon": 5.5,
-    "falcon-h1": 7.5,
-    "gemma-embedding": 142.5,
-    "gemma3n": 100.5,
-    "gemma4": 33.5,
-    "glm-dsa": 19.5,
-    "gptneox": 2.5,
-    "granite_swa": 36.5,
-    "granitehybrid": 35.5,
-    "granitemoe": 20.5,
-    "grok": 2,
-    "grovemoe": 2.5,
-    "hrm_text": 36,
-    "hy_v4": 15.5,
-    "jamba": 18.5,
-    "jina-bert-v3": 140.5,
-    "lfm2moe": 12.5,
-    "llada": 138.5,
-    "llada-moe": 138.5,
-    "llama-embed": 142.5,
-    "mamba": 51,
-    "maple": 36.5,
-    "mellum": 4.5,
-    "mimo2": 36.5,
-    "minicpm3": 9.5,
-    "minimax-01": 77,
-    "minimax-m2": 2,
-    "mistral4": 3.5,
-    "modern-bert": 141.5,
-    "muse-glimmer": 3.5,
-    "nemotron_h": 15.5,
-    "nemotron_h_moe": 156.5,
-    "neo-bert": 141.5,
-    "nomic-bert": 140.5,
-    "nomic-bert-moe": 140.5,
-    "olmo": 8.5,
-    "openelm": 3.5,
-    "phi3": 20.5,
-    "phimoe": 2.5,
-    "plamo": 4.5,
-    "plamo2": 66.5,
-    "plamo3": 2.5,
-    "qwen": 6.5,
-    "qwen35": 9.5,
-    "qwen35moe": 8.5,
-    "qwen3vlmoe": 4,
-    "refact": 3.5,
-    "rnd1": 138.5,
-    "rwkv6qwen2": 32.5,
-    "smallthinker": 4.5,
-    "spark2_5": 36.5,
-    "stablelm": 4.5,
-    "step35": 36.5,
-    "t5": 2176,
-    "t5encoder": 114.5,
-    "talkie": 16.5,
-    "wavtokenizer-dec": 146.5,
-}
+# (`scripts/arch_coverage.py --bounds` prints this table from test-artifacts/arch_matrix.json). Empty since
+# issue 27's third round: every architecture of the matrix is exact; a plan of one the matrix has not run, or of
+# a graph branch no replay builds, states its compute doubt as not checked.
+COMPUTE_MEASURED_MIB: dict[str, float] = {}
 
 # Weights gpulab places otherwise than llama.cpp, as the matrix measured them: why, and the largest
 # error per device in MiB.
@@ -269,8 +196,8 @@ def doubts(profile: ModelProfile, config: SplitConfig, layer_devices: list[str] 
     elif (arch in DENSE_GRAPHS and not dense_replayable(profile.trunk)) or \
             (arch == "graniteswitch" and not switch_replayable(profile)) or \
             (arch == "hy_v4" and not hy_v4_replayable(profile)):
-        # a graph replayed op by op, but this file takes a branch the replay does not build (dots3note's DSA
-        # layers, MTP layers, deepstack layers, hy_v4's DSA indexer, ...): the closed forms size it
+        # a graph replayed op by op, but this file takes a branch the replay does not build (MTP layers,
+        # deepstack layers, hy_v4's DSA indexer, GLM 5.2's default indexer pattern, ...): the closed forms size it
         out.append(_measured(arch, f"{arch}'s graph takes a branch that placement.dense does not build for this "
                              "file, sized by the closed forms", " (not measured)"))
     elif arch not in COMPUTE_CHECKED and arch not in COMPUTE_EXACT:

@@ -30,6 +30,8 @@ built in llama.cpp's order and handed to the scheduler's split and ggml-alloc, l
   minicpm3   low-rank Q and KV (V narrower than K), the lm-head scale of result_norm (an output: a new tensor)
   mistral4   deepseek2.cpp's absorbed MLA over a K-only cache (_Mla); deepseek2 itself, its nextn layers left out
   glm4moe    glm4-moe.cpp: the FFN's norm is post_attention_norm; its nextn layers left out (the trunk's graph)
+  DSA        deepseek32.cpp, glm-dsa.cpp and dots3note's full-attention layers: _Mla masked by the lightning
+             indexer's top-k (_Indexer); glm-dsa's shared indexer layers reuse the last full layer's
   grovemoe   the experts, then the chunk experts of their output (_grove_moe)
   MoE        build_moe_ffn (placement.recurrent._moe) with the loader's gating, weight norm and scale, after
              leading dense layers, a shared expert added as it is: deepseek.cpp, bailingmoe.cpp, bailingmoe2.cpp,
@@ -46,7 +48,7 @@ from dataclasses import dataclass
 from ..config import SplitConfig
 from ..devices import HOST_NAME
 from ..profile import ModelProfile
-from .ggml_replay import Graph, Tensor
+from .ggml_replay import Graph, Tensor, per_profile
 from .minimax_msa import Msa
 from .recurrent import _Attn, _Ctx, _moe, _row, replay_compute_bytes
 
@@ -161,8 +163,10 @@ class _Mla:
         # the full cache's (glm5-next's DSA reads them: placement.kda)
         self.n_kv, self.k_idxs, self.mask = self.inputs[False]
 
-    def __call__(self, h: Tensor, pos: Tensor | None, il: int, lay: _Layer) -> Tensor:
-        """The attention output before wo (`pos` None: no RoPE)."""
+    def __call__(self, h: Tensor, pos: Tensor | None, il: int, lay: _Layer, qr: Tensor | None = None,
+                 top_k: Tensor | None = None) -> Tensor:
+        """The attention output before wo (`pos` None: no RoPE; `qr`: the normed low-rank Q where the graph made
+        it first, `top_k`: the lightning indexer's selection masking the attention, _Indexer)."""
         c, g, T, d = self.c, self.c.g, self.c.T, self.c.dev[il]
         layer, cfg, md, arch = c.p.layers[il], c.config, c.p.metadata, c.p.arch
         n_head = layer.n_head
@@ -173,8 +177,9 @@ class _Mla:
         hv_mla = int(md.get(f"{arch}.attention.value_length_mla{'_swa' if swa else ''}",
                             lay.shapes["attn_v_b.weight"][1]))
         if lay.has("attn_q_a.weight"):
-            q = _norm(c, g.op(4 * lay.width("attn_q_a.weight") * T, h, w=d), il, rms=True, bias=False)
-            q = g.op(4 * lay.width("attn_q_b.weight") * T, q, w=d)
+            if qr is None:
+                qr = _norm(c, g.op(4 * lay.width("attn_q_a.weight") * T, h, w=d), il, rms=True, bias=False)
+            q = g.op(4 * lay.width("attn_q_b.weight") * T, qr, w=d)
         else:
             q = g.op(4 * lay.width("attn_q.weight") * T, h, w=d)                     # the lite models' wq
         kv_pe = g.op(4 * (kv_rank + n_rope) * T, h, w=d)
@@ -195,6 +200,15 @@ class _Mla:
         g.expand(v)
         g.expand(kcur)
         g.expand(g.set(d, g.view(kcur), k_idxs))
+        if top_k is not None:
+            # build_attn(llm_graph_input_attn_k_dsa): the mask filled with -inf (a new tensor), zeros (a new
+            # tensor filled in place) set at the selected cells (set_rows: an op whose result is a view of the
+            # filled mask; it runs on a backend, so a top-k made on another device, glm-dsa's shared layers, is
+            # copied there, once per layer: each reads its own view), + the mask
+            mask_all = g.op(mask.size, mask)
+            zeros = g.view(g.leaf(d, 4 * (top_k.size // (4 * T)) * T))
+            sel = Tensor("set", 0, (zeros, g.view(top_k), g.view(mask_all)))
+            mask = g.op(mask.size, Tensor("view", mask_all.size, (sel,), root=mask_all), mask)
         n_kv = n_kv1 * self.attn.n_stream
         k = g.view(g.ext(d), _row(cfg.type_k, kv_rank + n_rope) * n_kv)
         vk = g.view(k, _row(cfg.type_k, kv_rank) * n_kv)
@@ -214,6 +228,67 @@ class _Mla:
         g.expand(out)
         self.attn.fa_nodes.append((fa_node, d))
         return out
+
+
+class _Indexer:
+    """The DSA lightning indexer of deepseek32 and glm-dsa (llama_model_deepseek32::graph, src/models/deepseek32.cpp;
+    llama_model_glm_dsa::graph, src/models/glm-dsa.cpp): its inputs (build_attn_inp_k_dsa_impl, src/llama-graph.cpp:
+    the indexer cache's K row indices, its mask (f16: the fused lightning indexer, cparams.fused_lid) and the
+    Hadamard matrix, llama_kv_cache::build_input_k_rot: nrot x nrot f32, nrot the largest power of two from 64
+    dividing the indexer's head size) and each layer's top-k selection. glm-dsa's shared layers reuse the last
+    full layer's (hparams.is_indexer_full)."""
+
+    def __init__(self, c: _Ctx, mla: _Mla) -> None:
+        md, arch, g = c.p.metadata, c.p.arch, c.g
+        self.c, self.mla = c, mla
+        self.ih = int(md[f"{arch}.attention.indexer.key_length"])
+        self.n_ih = int(md[f"{arch}.attention.indexer.head_count"])
+        self.n_top = min(mla.n_kv, int(md[f"{arch}.attention.indexer.top_k"]))
+        nrot = 64
+        while self.ih % (nrot * 2) == 0:
+            nrot *= 2
+        self.k_idxs, self.mask = g.inp(8 * c.T), g.inp(2 * mla.n_kv * c.T)
+        self.k_rot = g.inp(4 * nrot * nrot)
+        self.full = dsa_full_layers(c.p) or []      # never None here: dense_replayable
+        self.prev: Tensor | None = None
+
+    def __call__(self, h: Tensor, qr: Tensor, pos: Tensor, il: int) -> Tensor | None:
+        """The layer's top-k cell indices (h: the normed layer input, qr: the normed low-rank Q); None: a dots3note
+        window layer, which runs no indexer and attends over its window unmasked by one."""
+        if not self.full[il]:
+            return self.prev if self.c.p.arch == "glm-dsa" else None
+        c, g, T, d = self.c, self.c.g, self.c.T, self.c.dev[il]
+        iq = g.op(4 * self.ih * self.n_ih * T, qr, w=d)                    # indexer_attn_q_b
+        iq = g.op(iq.size, g.view(iq), pos)                                # RoPE of the reshape
+        ik = _norm(c, g.op(4 * self.ih * T, h, w=d), il, rms=False, bias=True)   # indexer_attn_k, LayerNorm
+        ik = g.op(ik.size, g.view(ik), pos)                                # RoPE of the reshape
+        iq = g.op(iq.size, self.k_rot, iq)                                 # the Hadamard transforms
+        ik = g.op(ik.size, self.k_rot, ik)
+        g.expand(g.set(d, g.view(ik), self.k_idxs))                        # stored in the indexer cache
+        weights = g.op(4 * self.n_ih * T, h, w=d)                          # indexer_proj
+        weights = g.op(weights.size, g.view(weights))                      # scale of a view: a new tensor
+        n_kv = self.mla.n_kv * self.mla.attn.n_stream
+        k = g.view(g.ext(d), _row(c.config.type_k, self.ih) * n_kv)        # the cached indexer keys
+        score = g.op(4 * self.mla.n_kv * T, g.view(iq), k, weights, self.mask)   # ggml_lightning_indexer
+        top = g.op(4 * self.n_top * T, g.op(4 * self.n_top * T, score))   # cont(top_k)
+        self.prev = top
+        return top
+
+
+def dsa_full_layers(p: ModelProfile) -> list[bool] | None:
+    """Which layers run the indexer (glm-dsa's others reuse the last one's top-k): every deepseek32 layer;
+    dots3note's full-attention layers (src/models/dots3note.cpp: `!is_swa`); glm-dsa's attention.indexer.types,
+    else every layer of a file trained below 1M tokens (GLM 5, 5.1: load_arch_hparams, src/models/glm-dsa.cpp;
+    GLM 5.2's default pattern is not read here: None)."""
+    md, arch, n = p.metadata, p.arch, p.n_layer
+    if arch == "dots3note":
+        return [not layer.is_swa for layer in p.layers]
+    types = md.get(f"{arch}.attention.indexer.types")
+    if arch == "glm-dsa" and types is not None:
+        return [bool(t) for t in list(types)[:n]]
+    if arch == "glm-dsa" and int(md.get(f"{arch}.context_length", 0)) >= 1048576:
+        return None
+    return [True] * n
 
 
 def _ropes(p: ModelProfile, il: int, spec: _Spec) -> bool:
@@ -267,6 +342,9 @@ class _Spec:
     ffn_norm: str = "ffn_norm"    # the FFN's norm (dbrx: attn_output_norm)
     arctic: bool = False          # a dense FFN and its residual, then the MoE of the normed layer input added
     mla: bool = False             # absorbed MLA over a K-only cache (_Mla)
+    dsa: bool = False             # ... masked by the lightning indexer's top-k (_Indexer: deepseek32, glm-dsa)
+    gating_none: int = 0          # the gating the loader puts for LLAMA_EXPERT_GATING_FUNC_TYPE_NONE or no key
+                                  # (glm-dsa: sigmoid, 2; 0: the key as read, softmax without it)
     msa: bool = False             # minimax-m3's sparse attention past the leading dense layers (minimax_msa.Msa)
     grove: bool = False           # grovemoe: the experts, then its chunk experts of their output (_grove_moe)
     out_residual_first: bool = False  # l_out = residual + FFN (phi3's graph, which phimoe builds), not FFN + residual
@@ -327,6 +405,10 @@ _SPECS = {
     "mistral4": _Spec(mla=True, gather_after_norm=False),   # deepseek2.cpp's graph
     # graphs whose nextn (MTP) layers the trunk's graph leaves out (dense_replayable: the trunk only)
     "deepseek2": _Spec(mla=True),                             # src/models/deepseek2.cpp
+    # deepseek2's absorbed MLA masked by the DSA lightning indexer's top-k (_Indexer): src/models/deepseek32.cpp,
+    # glm-dsa.cpp (branch dsa)
+    "deepseek32": _Spec(mla=True, dsa=True),
+    "glm-dsa": _Spec(mla=True, dsa=True, gating_none=2),
     "glm4moe": _Spec(ffn_norm="post_attention_norm"),         # src/models/glm4-moe.cpp
     # sliding-window graphs (llm_graph_input_attn_kv_iswa)
     "exaone-moe": _Spec(rope_only="swa"),
@@ -349,8 +431,8 @@ _SPECS = {
     # attention its sparse attention (minimax_msa) past the leading dense layers (branch newarchs)
     "minimax-m3": _Spec(msa=True),
     # src/models/dots3note.cpp: absorbed MLA (its window layers over the SWA cache), k_pe RMS-normed, a head-wise
-    # sigmoid gate; the DSA indexer of its full layers is not built here (dense_replayable) (branch newarchs)
-    "dots3note": _Spec(mla=True, attn_gate=True),
+    # sigmoid gate (branch newarchs); its full layers' DSA indexer (_Indexer, branch dsa)
+    "dots3note": _Spec(mla=True, dsa=True, attn_gate=True),
     "afmoe": _Spec(rope_only="step", embd_scale=True, attn_gate=True, post_attn="post_attention_norm",
                    post_attn_first=True, post_ffn="post_ffw_norm"),
 }
@@ -368,6 +450,7 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
     if spec.rope_factors and rf is not None:
         c.rope_w = g.weight(c.dev[0], rf.n_bytes)          # created with layer 0 (llama_model loader), on its device
     mla = _Mla(c, attn, fa) if spec.mla else None
+    indexer = _Indexer(c, mla) if spec.dsa and mla is not None else None
     # minimax-m3: MSA with flash attention and a stream per sequence (msa_enabled), else dense attention
     msa = Msa(c, attn) if spec.msa and fa and (c.config.n_seq_max == 1 or not c.config.kv_unified) else None
     lead = int(p.metadata.get(f"{p.arch}.leading_dense_block_count", 0))
@@ -395,7 +478,11 @@ def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
         h = norm(cur, il, lay, "attn_norm")
         # Falcon-40B: attention reads a second norm of the layer input, the FFN the first (falcon.cpp)
         h_attn = norm(cur, il, lay, "attn_norm_2") if lay.has("attn_norm_2.weight") else h
-        if mla is not None:
+        if indexer is not None and mla is not None:
+            # the normed low-rank Q, read by the indexer and then by the attention
+            qr = _norm(c, g.op(4 * lay.width("attn_q_a.weight") * T, h_attn, w=d), il, rms=True, bias=False)
+            y = mla(h_attn, pos, il, lay, qr=qr, top_k=indexer(h_attn, qr, pos, il))
+        elif mla is not None:
             y = mla(h_attn, pos, il, lay)
         elif msa is not None and il >= lead:
             q, k, v, _ = _qkv(c, h_attn, pos, il, lay, spec, rms)
@@ -488,7 +575,8 @@ def _moe_ffn(c: _Ctx, h: Tensor, il: int, lay: _Layer, spec: _Spec, logits: Tens
     md, arch = c.p.metadata, c.p.arch
     scale = float(md.get(f"{arch}.expert_weights_scale", 0.0))
     norm_w = spec.norm_w if spec.norm_w is not None else bool(md.get(f"{arch}.expert_weights_norm", False))
-    return _moe(c, h, il, gating=spec.gating or int(md.get(f"{arch}.expert_gating_func", 1)),
+    gating = spec.gating or int(md.get(f"{arch}.expert_gating_func", spec.gating_none or 1))
+    return _moe(c, h, il, gating=gating or spec.gating_none,
                 probs_bias=lay.has("exp_probs_b.bias"), norm_w=norm_w, scale=scale not in (0.0, 1.0),
                 n_ff=lay.width("ffn_up_exps.weight"),
                 shared=lay.width("ffn_up_shexp.weight") if lay.has("ffn_up_shexp.weight") else 0, shared_gate=False,
@@ -530,6 +618,7 @@ def dense_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_device
                                 n_copies=n_copies, pin_norm=pin_norm, ffn_devices=ffn_devices, ffn_moved=ffn_moved)
 
 
+@per_profile
 def dense_replayable(profile: ModelProfile) -> bool:
     """Whether `profile`'s compute buffers are replayed here: a graph of DENSE_GRAPHS, every layer with attention
     (Q, K, V products or a fused one: no MLA) and a KV cache, and the tensor list read from the file (attention
@@ -540,8 +629,10 @@ def dense_replayable(profile: ModelProfile) -> bool:
         return False           # qwen3vlmoe's deepstack adds (a wider inp_embd) are not built here
     if profile.n_nextn or not _is_trunk(profile):
         return False           # MTP layers (placement.mtp) run a graph of their own, not built here
-    if profile.arch == "dots3note" and not all(layer.is_swa for layer in profile.layers):
-        return False           # its full layers' DSA indexer (deepseek32's) is not built here
+    indexer = (f"{profile.arch}.attention.indexer.{k}" for k in ("key_length", "head_count", "top_k"))
+    if _SPECS[profile.arch].dsa and (dsa_full_layers(profile) is None or not all(k in profile.metadata
+                                                                                 for k in indexer)):
+        return False           # GLM 5.2's default indexer pattern (not read here), or no indexer
     # an MLA layer (a K-only cache) is built as absorbed MLA (attn_k_b, attn_v_b), not the older graph with attn_kv_b
     return all(layer.has_kv and not layer.is_recurrent
                and any(t.name.endswith((".ffn_down.weight", ".ffn_down_exps.weight")) for t in layer.tensors)

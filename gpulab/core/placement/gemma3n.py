@@ -12,13 +12,11 @@ its own KV (n_layer_kv_from_start is 20, so models of up to 20 layers).
 
 from __future__ import annotations
 
-import weakref
-
 from ..config import SplitConfig
 from ..devices import HOST_NAME
 from ..profile import LayerProfile, ModelProfile
-from .ggml_replay import Graph, Tensor, buffer_peaks, schedule
-from .replay_attn import KvInputs, attention
+from .ggml_replay import Graph, Tensor
+from .recurrent import _Attn, _Ctx, replay_compute_bytes
 
 __all__ = ["gemma3n_compute_bytes", "gemma3n_replayable"]
 
@@ -27,7 +25,6 @@ _I_ALTUP_ACT = 0             # hparams.i_altup_act
 _N_EMBD_ALTUP = 256          # hparams.n_embd_altup
 _N_LAYER_SPARSITY = 10       # llama_model_gemma3n::graph::n_layer_sparsity (src/models/models.h)
 _N_LAYER_KV_FROM_START = 20  # set by load_arch_hparams
-_CACHE: dict[tuple, tuple[weakref.ref, dict[str, int]]] = {}
 
 
 def gemma3n_replayable(profile: ModelProfile) -> bool:
@@ -40,19 +37,11 @@ def gemma3n_replayable(profile: ModelProfile) -> bool:
             and ple.shape[0] == _N_EMBD_ALTUP * profile.n_layer and all(la.has_kv for la in profile.layers))
 
 
-def _graph(p: ModelProfile, config: SplitConfig, dev: list[str], T: int, T_out: int, fa: bool, pin: bool) -> Graph:
-    g, E, L, A = Graph(), p.n_embd, p.n_layer, _N_ALTUP
+def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
+    p, dev, T, T_out, pin = c.p, c.dev, c.T, c.T_out, c.pin
+    g, E, L, A = c.g, p.n_embd, p.n_layer, _N_ALTUP
     e, P = 4 * E * T, 4 * _N_EMBD_ALTUP * L * T
-    n_ctx = -(-config.n_ctx // 256) * 256
-    n_kv = n_ctx if config.kv_unified else -(-(n_ctx // max(1, config.n_seq_max)) // 256) * 256
-    n_kv_swa = n_kv
-    if p.n_swa and not config.swa_full:
-        n_kv_swa = min(n_kv, -(-(p.n_swa * (config.n_seq_max if config.kv_unified else 1) + config.effective_n_ubatch)
-                               // 256) * 256)
-    swa = [bool(layer.is_swa) and p.n_swa > 0 for layer in p.layers]
-    head = {s: next((la for la, w in zip(p.layers, swa) if w == s), None) for s in (False, True)}
-    kvs = {s: KvInputs(g, config, T, n_kv_swa if s else n_kv, la.n_embd_head_k, la.n_embd_v_gqa, fa)
-           for s, la in head.items() if la is not None}
+    attn = _Attn(c, fa, v_trans)        # the full and the sliding-window caches' inputs
     out_dev = dev[L]
 
     def norm(x: Tensor, il: int, d: str) -> Tensor:
@@ -100,7 +89,7 @@ def _graph(p: ModelProfile, config: SplitConfig, dev: list[str], T: int, T_out: 
         q = g.op(q_size, norm(g.view(g.op(q_size, h, w=d)), il, d), pos, inplace=True)      # q_norm, RoPE
         k = g.op(kv_size, norm(g.view(g.op(kv_size, h, w=d)), il, d), pos, inplace=True)    # k_norm, RoPE
         v = g.op(kv_size, g.view(g.op(kv_size, h, w=d)))                                    # rms_norm(V)
-        out = attention(g, kvs[swa[il]], q, k, v, cache_dev=d, T=T, hd=hd, n_head=n_head, n_head_kv=n_head_kv)
+        out = attn.attend(q, k, v, il)
         a = g.op(e, norm(g.op(e, out, w=d), il, d), active, inplace=True)                  # wo, post norm, +
         # LAuReL beside attention on the same norm: laurel_r(laurel_l h), normed, + h
         laurel = g.op(e, norm(g.op(e, g.op(4 * _laurel_rank(layer) * T, h, w=d), w=d), il, d), h, inplace=True)
@@ -144,7 +133,7 @@ def _graph(p: ModelProfile, config: SplitConfig, dev: list[str], T: int, T_out: 
     # final logit softcapping: scale, tanh, scale, in place
     g.expand(g.op(logits.size, g.op(logits.size, g.op(logits.size, logits, inplace=True), inplace=True),
                   inplace=True, out=True))
-    return g
+    return g, [(n, d) for n, d in attn.fa_nodes if n is not None]
 
 
 def _laurel_rank(layer: LayerProfile) -> int:
@@ -153,18 +142,7 @@ def _laurel_rank(layer: LayerProfile) -> int:
 
 
 def gemma3n_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_devices: list[str], names: list[str], *,
-                          T: int, T_out: int, n_copies: int, pin_norm: bool) -> dict[str, int]:
-    """Compute buffer bytes of every backend in `names` for a `gemma3n_replayable` profile, remembered per
-    arguments."""
-    key = (id(profile), config, tuple(layer_devices), tuple(names), T, T_out, n_copies, pin_norm)
-    hit = _CACHE.get(key)
-    if hit is not None and hit[0]() is profile:
-        return dict(hit[1])
-    g = _graph(profile, config, layer_devices, T, T_out, config.flash_attn != "off", pin_norm)
-    schedule(g)
-    tops = buffer_peaks(g, n_copies)
-    out = {name: tops.get(name, 0) for name in names}
-    if len(_CACHE) > 256:
-        _CACHE.clear()
-    _CACHE[key] = (weakref.ref(profile), out)
-    return dict(out)
+                          T: int, n_seqs: int, T_out: int, n_copies: int, pin_norm: bool) -> dict[str, int]:
+    """Compute buffer bytes of every backend in `names` for a `gemma3n_replayable` profile."""
+    return replay_compute_bytes(_graph, profile, config, layer_devices, names, T=T, n_seqs=n_seqs, T_out=T_out,
+                                n_copies=n_copies, pin_norm=pin_norm)

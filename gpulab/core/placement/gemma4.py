@@ -11,17 +11,14 @@ graph) and every layer with its own KV (no shared-KV tail).
 
 from __future__ import annotations
 
-import weakref
-
 from ..config import SplitConfig
 from ..devices import HOST_NAME
 from ..profile import ModelProfile
-from .ggml_replay import Graph, Tensor, buffer_peaks, schedule
-from .replay_attn import KvInputs, attention
+from .ggml_replay import Graph, Tensor
+from .recurrent import _Attn, _Ctx, replay_compute_bytes
 
 __all__ = ["gemma4_compute_bytes", "gemma4_replayable"]
 
-_CACHE: dict[tuple, tuple[weakref.ref, dict[str, int]]] = {}
 
 
 def gemma4_replayable(profile: ModelProfile) -> bool:
@@ -34,19 +31,11 @@ def gemma4_replayable(profile: ModelProfile) -> bool:
             and any(t.name == "per_layer_token_embd.weight" for t in profile.input_tensors))
 
 
-def _graph(p: ModelProfile, config: SplitConfig, dev: list[str], T: int, T_out: int, fa: bool, pin: bool) -> Graph:
-    g, E, L = Graph(), p.n_embd, p.n_layer
+def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
+    p, dev, T, T_out, pin = c.p, c.dev, c.T, c.T_out, c.pin
+    g, E, L = c.g, p.n_embd, p.n_layer
     ple = int(p.metadata["gemma4.embedding_length_per_layer_input"])
-    n_ctx = -(-config.n_ctx // 256) * 256
-    n_kv = n_ctx if config.kv_unified else -(-(n_ctx // max(1, config.n_seq_max)) // 256) * 256
-    n_kv_swa = n_kv
-    if p.n_swa and not config.swa_full:
-        n_kv_swa = min(n_kv, -(-(p.n_swa * (config.n_seq_max if config.kv_unified else 1) + config.effective_n_ubatch)
-                               // 256) * 256)
-    swa = [bool(layer.is_swa) and p.n_swa > 0 for layer in p.layers]
-    head = {s: next((la for la, w in zip(p.layers, swa) if w == s), None) for s in (False, True)}
-    kvs = {s: KvInputs(g, config, T, n_kv_swa if s else n_kv, la.n_embd_head_k, la.n_embd_v_gqa, fa)
-           for s, la in head.items() if la is not None}
+    attn = _Attn(c, fa, v_trans)        # the full and the sliding-window caches' inputs
     has_v = {i: any(t.name.endswith(".attn_v.weight") for t in layer.tensors) for i, layer in enumerate(p.layers)}
 
     def norm(x: Tensor, il: int, d: str, pinned: bool = True) -> Tensor:
@@ -83,7 +72,7 @@ def _graph(p: ModelProfile, config: SplitConfig, dev: list[str], T: int, T_out: 
         v_src = g.op(kv_size, h, w=d) if has_v[il] else k_mm            # no attn_v: V is K's product
         k = g.op(kv_size, norm(g.view(k_mm), il, d), pos, inplace=True)                      # k_norm, RoPE
         v = g.op(kv_size, g.view(v_src))                                                     # rms_norm(V)
-        out = attention(g, kvs[swa[il]], q, k, v, cache_dev=d, T=T, hd=hd, n_head=n_head, n_head_kv=n_head_kv)
+        out = attn.attend(q, k, v, il)
         attn_out = g.op(4 * E * T, norm(g.op(4 * E * T, out, w=d), il, d), cur, inplace=True)   # wo, post norm, +
         hf = norm(attn_out, il, d)
         f = 4 * p.n_ff * T
@@ -105,22 +94,11 @@ def _graph(p: ModelProfile, config: SplitConfig, dev: list[str], T: int, T_out: 
         logits = g.op(logits.size, g.op(logits.size, g.op(logits.size, logits, inplace=True), inplace=True),
                       inplace=True, out=True)
     g.expand(logits)
-    return g
+    return g, [(n, d) for n, d in attn.fa_nodes if n is not None]
 
 
 def gemma4_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_devices: list[str], names: list[str], *,
-                         T: int, T_out: int, n_copies: int, pin_norm: bool) -> dict[str, int]:
-    """Compute buffer bytes of every backend in `names` for a `gemma4_replayable` profile, remembered per
-    arguments."""
-    key = (id(profile), config, tuple(layer_devices), tuple(names), T, T_out, n_copies, pin_norm)
-    hit = _CACHE.get(key)
-    if hit is not None and hit[0]() is profile:
-        return dict(hit[1])
-    g = _graph(profile, config, layer_devices, T, T_out, config.flash_attn != "off", pin_norm)
-    schedule(g)
-    tops = buffer_peaks(g, n_copies)
-    out = {name: tops.get(name, 0) for name in names}
-    if len(_CACHE) > 256:
-        _CACHE.clear()
-    _CACHE[key] = (weakref.ref(profile), out)
-    return dict(out)
+                         T: int, n_seqs: int, T_out: int, n_copies: int, pin_norm: bool) -> dict[str, int]:
+    """Compute buffer bytes of every backend in `names` for a `gemma4_replayable` profile."""
+    return replay_compute_bytes(_graph, profile, config, layer_devices, names, T=T, n_seqs=n_seqs, T_out=T_out,
+                                n_copies=n_copies, pin_norm=pin_norm)

@@ -19,9 +19,14 @@ placement.recurrent builds them). Only sizes, sources and devices are kept, one 
 
 from __future__ import annotations
 
+import functools
+import weakref
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 from ..devices import HOST_NAME
 
-__all__ = ["Graph", "Tensor", "buffer_peaks", "schedule"]
+__all__ = ["Graph", "Placed", "Tensor", "buffer_peaks", "per_profile", "schedule", "template"]
 
 _ALIGN = 32                      # TENSOR_ALIGNMENT of CPU and RPC buffers
 _BIG = 1 << 62                   # the last free block of a chunk (SIZE_MAX / 2)
@@ -108,28 +113,6 @@ class Graph:
         return t
 
 
-def schedule(g: Graph) -> None:
-    """ggml_backend_sched_split_graph passes 1, 2 and 4: sets the backend (`be`) of every tensor."""
-    ops = [n for n in g.nodes if n.kind != "view"]
-    be: dict[Tensor, str | None] = {n: n.dev for n in ops}
-    for gpu_only in (True, False):
-        for seq in (ops, ops[::-1]):
-            cur = None
-            for n in seq:
-                b = be[n]
-                if b is not None:
-                    cur = None if gpu_only and b == HOST_NAME else b
-                elif cur is not None:
-                    be[n] = cur
-    for t in g.leafs:
-        t.be = t.dev or HOST_NAME
-    for n in ops:
-        n.be = be[n] or HOST_NAME
-    for n in g.nodes:
-        if n.kind == "view":
-            n.be = n.root.be
-
-
 class _Alloc:
     """ggml_dyn_tallocr of one buffer: free blocks sorted by offset, the last one endless."""
 
@@ -138,22 +121,25 @@ class _Alloc:
         self.top = 0
 
     def alloc(self, size: int) -> int:
-        size = _a(size)
+        size = (size + _ALIGN - 1) // _ALIGN * _ALIGN
+        bl = self.blocks
         best, best_size = -1, _BIG
-        for i, (_, bsize) in enumerate(self.blocks[:-1]):
+        for i in range(len(bl) - 1):
+            bsize = bl[i][1]
             if size <= bsize <= best_size:
                 best, best_size = i, bsize
-        block = self.blocks[best]            # -1: the last block
+        block = bl[best]                     # -1: the last block
         off = block[0]
         block[0] += size
         block[1] -= size
         if block[1] == 0:
-            del self.blocks[best]
-        self.top = max(self.top, off + size)
+            del bl[best]
+        if off + size > self.top:
+            self.top = off + size
         return off
 
     def free(self, off: int, size: int) -> None:
-        size = _a(size)
+        size = (size + _ALIGN - 1) // _ALIGN * _ALIGN
         bl = self.blocks
         for i, b in enumerate(bl):
             if b[0] + b[1] == off:
@@ -175,97 +161,383 @@ class _Alloc:
         bl.insert(k, [off, size])
 
 
-def buffer_peaks(g: Graph, n_copies: int, log: list | None = None) -> dict[str, int]:
-    """The high-water mark of each backend's compute buffer for graph `g`, scheduled (`schedule`)."""
-    copies: dict[tuple[Tensor, str], Tensor] = {}
-    src_of: dict[Tensor, tuple[Tensor, ...]] = {}
-    order: list[Tensor] = []               # graph_copy: per split its input deps and copies, then its nodes
-    first: list[Tensor] = [t for t in g.leafs if t.kind in ("in", "leaf")]
-    split_dev = None
-    start = n_inputs = 0
-    for n in g.nodes:
-        if n.kind == "view":
-            order.append(n)
-            continue
-        b = n.be
-        if b != split_dev or (n_inputs and any(s.kind == "w" and s.be != b for s in n.src)):
-            split_dev, start, n_inputs = b, len(order), 0
-        if all(s.be == b for s in n.src):
-            order.append(n)
-            continue
-        new: list[Tensor] = []
-        for s in n.src:
-            if s.be == b:
-                new.append(s)
+class _Flat:
+    """A graph as index lists (leafs, then nodes in graph order): what scheduling and allocating read, built
+    once per graph. Both run over these lists rather than the Tensor objects, so that a graph built once (a
+    `replay` template) is scheduled and allocated for many device placements without being touched."""
+
+    __slots__ = ("tensors", "n", "kind", "size", "src", "root", "inplace", "out", "n_leaf", "inputs", "nch", "nvw",
+                 "literals", "lab", "gaps", "pick")
+
+    def __init__(self, g: Graph) -> None:
+        ts = self.tensors = g.leafs + g.nodes
+        n = self.n = len(ts)
+        nl = self.n_leaf = len(g.leafs)
+        # each tensor's index: expand numbered them (leaf k: -2 - k, node k: k)
+        kind = self.kind = [t.kind for t in ts]
+        self.size = [t.size for t in ts]
+        src = self.src = [tuple([-2 - s.i if s.i < 0 else nl + s.i for s in t.src]) for t in ts]
+        root = self.root = [-2 - t.root.i if t.root.i < 0 else nl + t.root.i for t in ts]
+        self.inplace = [t.inplace for t in ts]
+        self.out = [t.out for t in ts]
+        self.inputs = [i for i in range(nl) if kind[i] in ("in", "leaf")]
+        # ggml-alloc's counts of children and views, before the split's copies move some reads
+        nch, nvw = self.nch, self.nvw = [0] * n, [0] * n
+        for i in range(nl, n):
+            for s in src[i]:
+                nch[s] += 1
+            if kind[i] == "view":
+                nvw[root[i]] += 1
+        # pass 1's backend of each tensor as an index into literals + a placement (Slot k: the k-th entry)
+        devs = [t.dev for t in ts]
+        literals = self.literals = list(dict.fromkeys(d for d in devs if type(d) is not Slot))
+        seen = {d: k for k, d in enumerate(literals)}
+        if HOST_NAME not in seen:
+            seen[HOST_NAME] = len(literals)
+            literals.append(HOST_NAME)
+        nlit = len(literals)
+        lab = [nlit + int(str.__getitem__(d, slice(1, None))) if type(d) is Slot else seen[d] for d in devs]
+        host = seen[HOST_NAME]
+        for i in range(nl):
+            if devs[i] is None:
+                lab[i] = host           # a leaf without a device: the host
+        self.lab = lab
+        # passes 2 and 4 fill each run of ops without a backend (a gap) from the op before or after it; which
+        # ops have none does not depend on the placement, so the gaps are found once: (op before, op after)
+        gaps: list[tuple[int, int]] = []
+        pick = list(range(n))
+        prev, start = -1, -1
+        for i in range(nl, n):
+            if kind[i] == "view":
                 continue
-            n_inputs += 1
-            c = copies.get((s, b))
-            if c is None:
-                dep = Tensor("dep", 0, (s,))
-                dep.be = s.be
-                c = copies[(s, b)] = Tensor("in" if n_copies > 1 else "op", _a(s.size), out=n_copies > 1)
-                c.be = b
-                if n_copies > 1:
-                    first.append(c)
-                    order[start:start] = [dep]
-                    start += 1
-                else:
-                    order[start:start] = [dep, c]
-                    start += 2
-            new.append(c)
-        src_of[n] = tuple(new)
-        order.append(n)
+            if devs[i] is None:
+                if start < 0:
+                    start = i
+                pick[i] = n + len(gaps)
+            else:
+                if start >= 0:
+                    gaps.append((prev, i))
+                    start = -1
+                prev = i
+        if start >= 0:
+            gaps.append((prev, -1))
+        for i in range(nl, n):
+            if kind[i] == "view":
+                pick[i] = pick[root[i]]       # a view goes with what it views
+        self.gaps, self.pick = gaps, pick
 
-    for n in order:
-        if n.kind == "view":
-            n.root.nvw += 1
-        for s in src_of.get(n, n.src):
-            s.nch += 1
-    allocs: dict[str, _Alloc] = {}
+    def schedule(self, table: list[str]) -> list[str]:
+        """ggml_backend_sched_split_graph passes 1, 2 and 4 for a placement (`table`: the devices a Slot
+        stands for): the backend of every tensor. Pass 1 puts an op where its weight or cache is; then a gap
+        takes the GPU before it (gpu-down), else the GPU after it (gpu-up), else the backend before it
+        (rest-down, the host), else the one after (rest-up), else the host."""
+        lut = self.literals + table
+        vals: list = list(map(lut.__getitem__, self.lab))
+        for p, q in self.gaps:
+            a = vals[p] if p >= 0 else None
+            if a is None or a == HOST_NAME:
+                b = vals[q] if q >= 0 else None
+                a = b if b is not None and b != HOST_NAME else a if a is not None else b
+            vals.append(a or HOST_NAME)
+        return list(map(vals.__getitem__, self.pick))
 
-    def allocate(t: Tensor) -> None:
-        a = allocs.get(t.be)
-        if a is None:
-            a = allocs[t.be] = _Alloc()
-        t.addr = a.alloc(t.size)
-        if log is not None:
-            log.append((t, t.be, t.addr, t.size))
-
-    def free(t: Tensor) -> None:
-        # graph outputs and (pipelining) inputs stay; weights and caches were never ours
-        if t.addr < 0 or t.out or not (t.kind in ("op", "leaf") or n_copies == 1):
-            return
-        if log is not None:
-            log.append((t, t.be, -t.addr - 1, t.size))
-        allocs[t.be].free(t.addr, t.size)
-        t.addr = -1
-
-    # the graph inputs (and, pipelining, every copy) first, n_copies of each; the leafs made without an op after
-    # them (the scheduler's graph copy lists the split inputs' copies before the original graph's leafs)
-    first.sort(key=lambda t: t.kind == "leaf")
-    for t in first:
-        for _ in range(n_copies if t.kind == "in" else 1):
-            allocate(t)
-    for n in order:
-        srcs = src_of.get(n, n.src)
-        if n.kind == "op" and n.addr < 0:
-            for s in srcs if n.inplace else ():
-                if s.addr >= 0 and s.kind == "op" and not s.out and s.size == n.size and s.nch == 1 and not s.nvw:
-                    n.addr, s.addr = s.addr, -1
-                    if log is not None:          # in place: the parent's range passes to the node
-                        log += [(s, n.be, -n.addr - 1, s.size), (n, n.be, n.addr, n.size)]
+    def peaks(self, be: list[str], n_copies: int, log: list | None = None) -> dict[str, int]:
+        """The split's copies and ggml-alloc over the graph with backends `be` (see buffer_peaks)."""
+        kind, size, src, root = self.kind[:], self.size[:], self.src[:], self.root[:]
+        out, inplace, be = self.out[:], self.inplace[:], be[:]
+        pipe = n_copies > 1
+        nch, nvw = self.nch[:], self.nvw[:]
+        order: list[int] = []       # graph_copy: per split its input deps and copies, then its nodes
+        first = list(self.inputs)
+        copies: dict[tuple[int, str], int] = {}
+        split_dev = None
+        start = n_inputs = 0
+        for n in range(self.n_leaf, self.n):
+            if kind[n] == "view":
+                order.append(n)
+                continue
+            b = be[n]
+            sn = src[n]
+            if b != split_dev or (n_inputs and any(kind[s] == "w" and be[s] != b for s in sn)):
+                split_dev, start, n_inputs = b, len(order), 0
+            for s in sn:
+                if be[s] != b:
                     break
             else:
-                allocate(n)
-        for s in srcs:
-            s.nch -= 1
-            if s.nch or s.nvw:
+                order.append(n)
                 continue
-            if s.kind == "view":
-                r = s.root
-                r.nvw -= 1
-                if not r.nvw and not r.nch:
-                    free(r)
-            else:
-                free(s)
-    return {d: a.top for d, a in allocs.items()}
+            new: list[int] = []
+            for s in sn:
+                if be[s] == b:
+                    new.append(s)
+                    continue
+                n_inputs += 1
+                nch[s] -= 1                 # read from its copy instead
+                c = copies.get((s, b))
+                if c is None:
+                    dep = len(kind)         # an input_dep node: the original's last user on its backend
+                    nch[s] += 1
+                    kind.append("dep")
+                    size.append(0)
+                    src.append((s,))
+                    be.append(be[s])
+                    c = copies[(s, b)] = dep + 1
+                    kind.append("in" if pipe else "op")
+                    size.append(_a(size[s]))
+                    src.append(())
+                    be.append(b)
+                    root += [dep, c]
+                    out += [False, pipe]
+                    inplace += [False, False]
+                    nch += [0, 0]
+                    nvw += [0, 0]
+                    if pipe:
+                        first.append(c)
+                        order.insert(start, dep)
+                        start += 1
+                    else:
+                        order[start:start] = [dep, c]
+                        start += 2
+                nch[c] += 1
+                new.append(c)
+            src[n] = tuple(new)
+            order.append(n)
+
+        nt = len(kind)
+        addr = [-1] * nt
+        # graph outputs and (pipelining) inputs stay; weights and caches were never ours
+        freeable = [not o and (k in ("op", "leaf") or not pipe) for k, o in zip(kind, out)]
+        is_op = [k == "op" for k in kind]
+        is_view = [k == "view" for k in kind]
+        allocs: dict[str, _Alloc] = {}
+        tensors = self.tensors
+        made: dict[int, Tensor] = {}
+
+        def obj(i: int) -> Tensor:          # the Tensor a log entry names (copies and deps made on demand)
+            if i < self.n:
+                return tensors[i]
+            t = made.get(i)
+            if t is None:
+                t = made[i] = Tensor(kind[i], size[i], tuple(obj(s) for s in src[i]), out=out[i])
+                t.be = be[i]
+            return t
+
+        def allocate(t: int) -> None:
+            a = allocs.get(be[t])
+            if a is None:
+                a = allocs[be[t]] = _Alloc()
+            addr[t] = a.alloc(size[t])
+            if log is not None:
+                log.append((obj(t), be[t], addr[t], size[t]))
+
+        # the graph inputs (and, pipelining, every copy) first, n_copies of each; the leafs made without an op after
+        # them (the scheduler's graph copy lists the split inputs' copies before the original graph's leafs)
+        first.sort(key=lambda t: kind[t] == "leaf")
+        for t in first:
+            for _ in range(n_copies if kind[t] == "in" else 1):
+                allocate(t)
+        for n in order:
+            srcs = src[n]
+            if is_op[n] and addr[n] < 0:
+                if inplace[n]:
+                    sz = size[n]
+                    for s in srcs:
+                        if addr[s] >= 0 and is_op[s] and not out[s] and size[s] == sz and nch[s] == 1 \
+                                and not nvw[s]:
+                            addr[n], addr[s] = addr[s], -1
+                            if log is not None:          # in place: the parent's range passes to the node
+                                log += [(obj(s), be[n], -addr[n] - 1, size[s]), (obj(n), be[n], addr[n], sz)]
+                            break
+                if addr[n] < 0:
+                    a = allocs.get(be[n])
+                    if a is None:
+                        a = allocs[be[n]] = _Alloc()
+                    addr[n] = a.alloc(size[n])
+                    if log is not None:
+                        log.append((obj(n), be[n], addr[n], size[n]))
+            for s in srcs:
+                nch[s] -= 1
+                if nch[s] or nvw[s]:
+                    continue
+                if is_view[s]:
+                    s = root[s]
+                    nvw[s] -= 1
+                    if nvw[s] or nch[s]:
+                        continue
+                if addr[s] >= 0 and freeable[s]:
+                    if log is not None:
+                        log.append((obj(s), be[s], -addr[s] - 1, size[s]))
+                    allocs[be[s]].free(addr[s], size[s])
+                    addr[s] = -1
+        return {d: a.top for d, a in allocs.items()}
+
+
+def _flat(g: Graph) -> _Flat:
+    return _Flat(g)
+
+
+def schedule(g: Graph) -> None:
+    """ggml_backend_sched_split_graph passes 1, 2 and 4: sets the backend (`be`) of every tensor."""
+    f = _flat(g)
+    for t, b in zip(f.tensors, f.schedule([])):
+        t.be = b
+
+
+def buffer_peaks(g: Graph, n_copies: int, log: list | None = None) -> dict[str, int]:
+    """The high-water mark of each backend's compute buffer for graph `g`, scheduled (`schedule`, then any
+    backend set by hand). `log`: gets (tensor, backend, offset, size) per allocation, (..., -offset - 1, ...)
+    per free."""
+    f = _flat(g)
+    return f.peaks([t.be for t in f.tensors], n_copies, log)
+
+
+# --- one graph, many placements -----------------------------------------------------------------------------
+# A builder's graph depends on where layers run only through the device labels it writes on tensors (a
+# weight's, a cache's, a pinned norm's). So it is built once with stand-in labels (Slot: "the k-th entry of
+# the placement") and each placement only relabels, schedules and allocates: the same graph, the same bytes.
+# A builder that compares or hashes a label (its graph would depend on the placement) is seen doing it and is
+# built per placement instead; a template also serves only settings whose attributes the builder read are
+# equal to those it was built with (_Reads).
+
+_SLOT_SEEN = [False]
+
+
+class Slot(str):
+    """A stand-in device label while a template is built: "\\x00<k>", the k-th device of the placement."""
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        _SLOT_SEEN[0] = True
+        return str.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        _SLOT_SEEN[0] = True
+        return str.__ne__(self, other)
+
+    def __hash__(self) -> int:
+        _SLOT_SEEN[0] = True
+        return str.__hash__(self)
+
+
+class _Reads:
+    """Stands for a settings object while a template is built and records every attribute the builder reads."""
+
+    def __init__(self, obj: object) -> None:
+        self._obj = obj
+        self._read: dict[str, object] = {}
+
+    def __getattr__(self, name: str) -> object:
+        v = getattr(self._obj, name)
+        self._read[name] = v
+        return v
+
+
+class _Template:
+    """A built graph (_Flat, without its Tensor objects) and, as indices with the placement entry their label
+    stands for, the nodes whose backend the entry point checks (by name: flash attention, a fused op) and the
+    views pinned to a device."""
+
+    __slots__ = ("flat", "checks", "pinned", "read")
+
+    def __init__(self, g: Graph, checks: dict[str, list], pinned: list, read: dict[str, object]) -> None:
+        f = self.flat = _Flat(g)
+        ix = {id(t): i for i, t in enumerate(f.tensors)}
+        self.checks = {name: [(ix[id(t)], _slot(d), d) for t, d in nodes if t is not None]
+                       for name, nodes in checks.items()}
+        self.pinned = [(ix[id(t)], _slot(d), d) for t, d in pinned]
+        self.read = read
+        f.tensors = []              # a template is never logged: its Tensor objects are not kept
+
+    def place(self, layer_devices: list[str], ffn_devices: list[str] | None) -> Placed:
+        """The graph scheduled for a placement (`schedule`), its pinned views on their devices."""
+        table = list(layer_devices) + list(ffn_devices or ())
+        be = self.flat.schedule(table)
+        for i, k, d in self.pinned:
+            be[i] = d if k < 0 else table[k]    # a pinned view: its readers elsewhere copy it
+        return Placed(self, table, be)
+
+
+class Placed:
+    """A template scheduled for one placement: `be` the backend of every tensor."""
+
+    __slots__ = ("tpl", "table", "be")
+
+    def __init__(self, tpl: _Template, table: list[str], be: list[str]) -> None:
+        self.tpl, self.table, self.be = tpl, table, be
+
+    def moved(self, name: str) -> bool:
+        """Whether the scheduler put any node of the checked list `name` on another backend than its layer's
+        device (llama_context::resolve_fused_ops then turns that fused op off)."""
+        be, table = self.be, self.table
+        return any(be[i] != (d if k < 0 else table[k]) for i, k, d in self.tpl.checks.get(name, ()))
+
+    def moved_checks(self) -> set[str]:
+        """The names of the checked lists with a node moved (see `moved`)."""
+        return {name for name in self.tpl.checks if self.moved(name)}
+
+    def peaks(self, n_copies: int) -> dict[str, int]:
+        """The high-water mark of each backend's compute buffer (see buffer_peaks)."""
+        return self.tpl.flat.peaks(self.be, n_copies)
+
+
+def _slot(d: Any) -> int:
+    return int(str.__getitem__(d, slice(1, None))) if type(d) is Slot else -1
+
+
+# build(layer devices, FFN devices, settings, *variant) -> (graph, {name: [(node, its layer's device)]}, pinned views)
+Builder = Callable[..., tuple[Graph, dict[str, list], list]]
+_TEMPLATES: dict[tuple, list[tuple[weakref.ref, _Template]]] = {}
+_PER_PLACEMENT: set[tuple] = set()      # builders seen comparing labels
+
+
+def template(build: Builder, owner: object, key: tuple, config: Any, layer_devices: list[str],
+             ffn_devices: list[str] | None, *variant: object, keep: bool = True) -> _Template:
+    """The graph build(layer devices, FFN devices, settings, *variant) makes, for any placement with as many
+    layers (and FFN devices): built once per `owner` (the profile), `key` (what else the graph depends on),
+    `variant` and the settings the builder reads, with stand-in labels. `.place(...)` schedules it. keep=False:
+    a graph for this placement alone (a variant seldom seen twice), built with its devices and not kept."""
+    tkey = (id(owner), key, len(layer_devices), len(ffn_devices or ()), variant)
+    if not keep or tkey in _PER_PLACEMENT:
+        g, checks, pinned = build(layer_devices, ffn_devices, config, *variant)
+        return _Template(g, checks, pinned, {})
+    entries = _TEMPLATES.setdefault(tkey, [])
+    for ref, tpl in entries:
+        if ref() is owner and all(getattr(config, a) == v for a, v in tpl.read.items()):
+            return tpl
+    n = len(layer_devices)
+    reads = _Reads(config)
+    _SLOT_SEEN[0] = False
+    g, checks, pinned = build([Slot(f"\x00{k}") for k in range(n)],
+                              [Slot(f"\x00{n + k}") for k in range(len(ffn_devices))] if ffn_devices else None,
+                              reads, *variant)
+    if _SLOT_SEEN[0]:
+        _PER_PLACEMENT.add(tkey)
+        return template(build, owner, key, config, layer_devices, ffn_devices, *variant)
+    tpl = _Template(g, checks, pinned, reads._read)
+    if sum(len(e) for e in _TEMPLATES.values()) >= 16:      # 5.5 MiB each for a 128-layer Qwen3-Next
+        _TEMPLATES.clear()
+        entries = _TEMPLATES[tkey] = []
+    entries.insert(0, (weakref.ref(owner), tpl))
+    return tpl
+
+
+_R = TypeVar("_R")
+
+
+def per_profile(fn: Callable[[Any], _R]) -> Callable[[Any], _R]:
+    """fn(profile), remembered per profile object (a profile is not changed once read): what a plan asks of
+    the profile alone (is its graph replayed here?) is not worked out again on every slider move."""
+    memo: dict[int, tuple[weakref.ref, _R]] = {}
+
+    @functools.wraps(fn)
+    def once(profile: Any) -> _R:
+        hit = memo.get(id(profile))
+        if hit is not None and hit[0]() is profile:
+            return hit[1]
+        value = fn(profile)
+        if len(memo) > 64:
+            memo.clear()
+        memo[id(profile)] = (weakref.ref(profile), value)
+        return value
+    return once

@@ -18,19 +18,15 @@ last pass, then the output product.
 
 from __future__ import annotations
 
-import weakref
-
 from ..config import SplitConfig
 from ..devices import HOST_NAME
 from ..profile import ModelProfile
-from .ggml_replay import Graph, Tensor, buffer_peaks, schedule
-from .replay_attn import KvInputs
-from .replay_attn import attention as attention_ops
+from .ggml_replay import Graph, Tensor
+from .recurrent import _Attn, _Ctx, replay_compute_bytes
 
 __all__ = ["hrm_compute_bytes", "hrm_replayable"]
 
 _KEYS = ("hrm.layers_per_stack", "hrm.h_cycles", "hrm.l_cycles")
-_CACHE: dict[tuple, tuple[weakref.ref, dict[str, int]]] = {}
 
 
 def hrm_replayable(profile: ModelProfile) -> bool:
@@ -41,21 +37,19 @@ def hrm_replayable(profile: ModelProfile) -> bool:
     return lps > 0 and profile.n_layer == lps * h * (l_ + 1) and all(layer.has_kv for layer in profile.layers)
 
 
-def _graph(profile: ModelProfile, config: SplitConfig, dev: list[str], T: int, T_out: int, fa: bool) -> Graph:
-    g, p, E = Graph(), profile, profile.n_embd
+def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
+    g, p, E, T, dev = c.g, c.p, c.E, c.T, c.dev
     lps, h_cycles, l_cycles = (int(p.metadata[f"hrm_text.{k}"]) for k in _KEYS)
     layer = p.layers[0]
     hd, n_head, n_head_kv = layer.n_embd_head_k, layer.n_head, layer.n_head_kv
     q_size, kv_size = 4 * hd * n_head * T, 4 * hd * n_head_kv * T
-    n_ctx = -(-config.n_ctx // 256) * 256
-    n_kv = n_ctx if config.kv_unified else -(-(n_ctx // max(1, config.n_seq_max)) // 256) * 256
     # build_inp_embd, build_inp_pos, build_attn_inp_kv, build_inp_out_ids (src/llama-graph.cpp)
     tokens = g.inp(4 * T)
     g.expand(g.inp(4 * E * T))                      # inp_embd: a text batch never reads it, it is allocated
     zh = g.expand(g.op(4 * E * T, tokens, w=HOST_NAME))           # get_rows(token_embd)
     pos = g.inp(4 * T)
-    kv = KvInputs(g, config, T, n_kv, hd, layer.n_embd_v_gqa, fa)
-    out_ids = g.inp(4 * T_out)
+    attn = _Attn(c, fa, v_trans)                    # one KV cache; a pass's slot is its cache layer
+    out_ids = g.inp(4 * c.T_out)
     # hrm.z_l_init: a repeating-layer tensor created with block 0 (LLM_TENSOR_LAYER_REPEATING, llama-arch.cpp)
     z_l: Tensor = g.ext(dev[0])
 
@@ -66,7 +60,7 @@ def _graph(profile: ModelProfile, config: SplitConfig, dev: list[str], T: int, T
         q = g.op(q_size, g.view(g.op(q_size, cur, w=wd)), pos)          # RoPE of the reshaped product
         k = g.op(kv_size, g.view(g.op(kv_size, cur, w=wd)), pos)
         v = g.view(g.op(kv_size, cur, w=wd))
-        out = attention_ops(g, kv, q, k, v, cache_dev=dev[slot], T=T, hd=hd, n_head=n_head, n_head_kv=n_head_kv)
+        out = attn.attend(q, k, v, slot)              # stored in the slot's cache, on dev[slot]
         gate = g.op(q_size, g.op(q_size, cur, w=wd), inplace=True)            # sigmoid(wqkv_gate x)
         return g.op(4 * E * T, g.op(q_size, out, gate, inplace=True), w=wd)   # wo(out * gate)
 
@@ -85,23 +79,14 @@ def _graph(profile: ModelProfile, config: SplitConfig, dev: list[str], T: int, T
         for l_ in range(l_cycles):
             z_l = stack(g.op(4 * E * T, zh, z_l, inplace=True), (h * (l_cycles + 1) + l_) * lps, 0)
         zh = stack(g.op(4 * E * T, zh, z_l, inplace=True), (h * (l_cycles + 1) + l_cycles) * lps, lps)
-    rows = g.op(4 * E * T_out, zh, out_ids)
-    g.expand(g.op(4 * p.n_vocab * T_out, rows, w=dev[p.n_layer], out=True))     # result_output
-    return g
+    rows = g.op(4 * E * c.T_out, zh, out_ids)
+    g.expand(g.op(4 * p.n_vocab * c.T_out, rows, w=dev[p.n_layer], out=True))     # result_output
+    return g, [(n, d) for n, d in attn.fa_nodes if n is not None]
 
 
 def hrm_compute_bytes(profile: ModelProfile, config: SplitConfig, layer_devices: list[str], names: list[str], *,
-                      T: int, T_out: int, n_copies: int) -> dict[str, int]:
-    """Compute buffer bytes of every backend in `names` for an `hrm_replayable` profile, remembered per arguments."""
-    key = (id(profile), config, tuple(layer_devices), tuple(names), T, T_out, n_copies)
-    hit = _CACHE.get(key)
-    if hit is not None and hit[0]() is profile:
-        return dict(hit[1])
-    g = _graph(profile, config, layer_devices, T, T_out, config.flash_attn != "off")
-    schedule(g)
-    tops = buffer_peaks(g, n_copies)
-    out = {name: tops.get(name, 0) for name in names}
-    if len(_CACHE) > 256:
-        _CACHE.clear()
-    _CACHE[key] = (weakref.ref(profile), out)
-    return dict(out)
+                      T: int, n_seqs: int, T_out: int, n_copies: int, pin_norm: bool) -> dict[str, int]:
+    """Compute buffer bytes of every backend in `names` for an `hrm_replayable` profile (its norms have no
+    weight, so none is named "norm" and none is pinned: `pin_norm` is not read)."""
+    return replay_compute_bytes(_graph, profile, config, layer_devices, names, T=T, n_seqs=n_seqs, T_out=T_out,
+                                n_copies=n_copies, pin_norm=False)

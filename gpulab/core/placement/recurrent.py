@@ -52,7 +52,7 @@ from collections.abc import Callable
 from ..config import SplitConfig
 from ..devices import HOST_NAME
 from ..profile import ModelProfile
-from .ggml_replay import Graph, Tensor, _a, buffer_peaks, schedule
+from .ggml_replay import Graph, Tensor, _a, per_profile, template
 
 __all__ = ["RECURRENT_GRAPHS", "recurrent_compute_bytes", "replayable"]
 
@@ -873,34 +873,41 @@ def replay_compute_bytes(build: GraphBuilder, profile: ModelProfile, config: Spl
     hit = _CACHE.get(key)
     if hit is not None and hit[0]() is profile:
         return dict(hit[1])
+
+    def make(devs: list[str], ffn: list[str] | None, cfg: SplitConfig, fa: bool, fused_gdn: bool,
+             unfused: frozenset[str], ns: int, moved: tuple | None) -> tuple[Graph, dict, list]:
+        c = _Ctx(profile, cfg, devs, T, ns, T_out, pin_norm, ffn, moved)
+        c.fused_gdn, c.unfused = fused_gdn, unfused
+        # the KV cache transposes V when flash attention is off when it is made (llama_model::create_memory)
+        g, fa_nodes = build(c, fa, cfg.flash_attn == "off")
+        return g, {"fa": fa_nodes, "gdn": c.gdn_nodes, **{"fused " + k: v for k, v in c.fused_nodes.items()}}, []
+
+    # the graph is built once per profile and settings, and scheduled for each placement (ggml_replay.template);
+    # FFN weights moved by -ot (fit's overflow layers: another set on nearly every dry run) make a graph of their
+    # own, not kept
+    tkey = (build, T, T_out, pin_norm)
     fa = config.flash_attn != "off"
-    # the KV cache transposes V when flash attention is off when it is made (llama_model::create_memory)
-    v_trans = config.flash_attn == "off"
-    c = _Ctx(profile, config, layer_devices, T, n_seqs, T_out, pin_norm, ffn_devices, ffn_moved)
-    g, fa_nodes = build(c, fa, v_trans)
-    schedule(g)
-    # llama_context::resolve_fused_ops: flash attention ('auto') or the fused delta net scheduled away from its
-    # layer's device is turned off, and the reserve graph built again without it
+    keep = not ffn_moved
+    run = template(make, profile, tkey, config, layer_devices, ffn_devices, fa, True, frozenset(), n_seqs,
+                   ffn_moved, keep=keep).place(layer_devices, ffn_devices)
+    # llama_context::resolve_fused_ops: flash attention ('auto'), the fused delta net or another fused op scheduled
+    # away from its layer's device is turned off, and the reserve graph built again without it
     # (a quantized V cache turns 'auto' into 'on' before that: llama_init_from_model)
     fa_auto = config.flash_attn == "auto" and config.type_v in _QUANT_FREE
-    fa_off = fa_auto and any(n.be != d for n, d in fa_nodes)
-    gdn_off = any(n.be != d for n, d in c.gdn_nodes)
-    unfused = frozenset(k for k, nodes in c.fused_nodes.items() if any(n.be != d for n, d in nodes))
+    moved = run.moved_checks()
+    fa_off = fa_auto and "fa" in moved
+    gdn_off = "gdn" in moved
+    unfused = frozenset(k.split(" ", 1)[1] for k in moved if k.startswith("fused "))
     if fa_off or gdn_off or unfused:
-        c = _Ctx(profile, config, layer_devices, T, n_seqs, T_out, pin_norm, ffn_devices, ffn_moved)
-        c.fused_gdn = not gdn_off
-        c.unfused = unfused
-        g, _ = build(c, fa and not fa_off, v_trans)
-        schedule(g)
-    tops = buffer_peaks(g, n_copies)
+        run = template(make, profile, tkey, config, layer_devices, ffn_devices, fa and not fa_off, not gdn_off,
+                       unfused, n_seqs, ffn_moved, keep=keep).place(layer_devices, ffn_devices)
+    tops = run.peaks(n_copies)
     out = {name: tops.get(name, 0) for name in names}
     if profile.arch in _RESERVE_ONE_SEQ and n_seqs > 1:
         # llama_context::sched_reserve reserves these graphs last with the ubatch as one sequence (the diagonal
         # decay grows with the tokens per sequence squared: [TAG_RESERVE_DIAG_DECAY]); a buffer only grows
-        c = _Ctx(profile, config, layer_devices, T, 1, T_out, pin_norm, ffn_devices)
-        g, _ = build(c, fa and not fa_off, v_trans)
-        schedule(g)
-        one = buffer_peaks(g, n_copies)
+        one = template(make, profile, tkey, config, layer_devices, ffn_devices, fa and not fa_off, True, frozenset(),
+                       1, None).place(layer_devices, ffn_devices).peaks(n_copies)
         out = {name: max(out[name], one.get(name, 0)) for name in names}
     if len(_CACHE) > 256:
         _CACHE.clear()
@@ -908,6 +915,7 @@ def replay_compute_bytes(build: GraphBuilder, profile: ModelProfile, config: Spl
     return dict(out)
 
 
+@per_profile
 def replayable(profile: ModelProfile) -> bool:
     """Whether `profile`'s compute buffers are replayed here: a graph of RECURRENT_GRAPHS whose hyperparameters
     the file carries, without a sliding window (lfm2's iswa graph is not built), and with the tensors the

@@ -184,6 +184,26 @@ def test_ffn_weights_an_override_moves_are_listed(models):
     assert moved is None
 
 
+@pytest.mark.parametrize("config,expected", [
+    (TS31_Q8_FA, {"RPC0": 62.18, "RPC1": 26.0, "CPU": 30.13}),
+    (TS11, {"RPC0": 54.16, "RPC1": 54.17, "CPU": 22.13}),
+    (NGL4, {"RPC0": 33.03, "RPC1": 32.01, "RPC2": 18.0, "CPU": 39.08}),
+    (TS111_Q4_FA, {"RPC0": 78.16, "RPC1": 78.17, "RPC2": 41.03, "CPU": 46.13}),
+    (NONE, {"RPC1": 71.08, "CPU": 9.03}),
+])
+def test_dots3note_full_layers_run_the_dsa_indexer(models, config, expected):
+    """dots3note with full-attention layers 1 and 4 (sliding_window_pattern 1,0,1,1,0,1 written into the matrix's
+    model, bool array): they run deepseek32's lightning indexer (dense._Indexer) and attend over the full cache
+    masked by its top-k, the window layers over the SWA cache (llm_graph_input_attn_k_dsa_iswa). The figures are
+    llama.cpp's logged compute buffers, that file on CPU RPC devices (branch dsa); not replayed before."""
+    d3 = models["dots3note"]
+    mixed = replace(d3, layers=tuple(replace(layer, is_swa=il not in (1, 4)) for il, layer in enumerate(d3.layers)))
+    assert dense_replayable(mixed)
+    p = plan(mixed, rpc(3), config)
+    assert {d.name: round(d.compute_bytes / MiB, 2) for d in p.devices} == expected
+    assert not p.doubts
+
+
 def test_every_graph_replayed_has_a_case():
     assert {a for a, _, _ in CASES} <= DENSE_GRAPHS
 
@@ -192,12 +212,6 @@ def test_graphs_not_built_here_stay_with_the_closed_forms(models):
     # an MTP layer (nextn_predict_layers) runs a graph of its own; qwen3vlmoe's deepstack adds widen inp_embd
     ds = models["deepseek"]
     assert not dense_replayable(replace(ds, metadata={**ds.metadata, "deepseek.nextn_predict_layers": 1}))
-    # dots3note's full-attention layers run deepseek32's DSA indexer: not built, and the plan says so
-    d3 = models["dots3note"]
-    d3_full = replace(d3, layers=(replace(d3.layers[0], is_swa=False), *d3.layers[1:]))
-    assert not dense_replayable(d3_full)
-    (doubt,) = plan(d3_full, rpc(2), TS11).doubts
-    assert doubt.term == "compute" and "does not build" in doubt.text and doubt.bound_bytes == 0
     # deepseek2's trunk is replayed, its whole layer list (nextn layer included) and its MTP head are not
     ds2 = models["deepseek2"]
     assert ds2.n_nextn == 1 and dense_replayable(ds2.trunk)
