@@ -19,6 +19,12 @@ measures) and decodes 8 tokens. Weights are zeros in a sparse file; the loader n
 The result, gpulab/sources/arch_models.json, is what write_arch_model writes for those architectures;
 those llama.cpp did not accept keep the first check they failed (docs/COVERAGE.md lists them).
 
+The committed file is the one the architecture matrix proved. Run over every architecture today, the script
+rewrites 14 of its entries (bert, deepseek2-ocr, ernie4_5, gemma4, glm-dsa, hy_v4, jamba, laguna, mellum, mistral4,
+nemotron_h_moe, paddleocr, phi3, step35: expert counts, gating and sliding-window keys, hy_v4's hyper-connection
+count), because later retries and guesses answer their loaders otherwise: name the architectures you mean to
+change, and rerun their matrix rows after.
+
     python scripts/discover_arch_models.py [arch ...]      # all by default: about 8 min on one core
     GPULAB_ARCH_MODELS_OUT=/tmp/x.json ...                 # somewhere else than the package's file
     GPULAB_DISCOVER_TRACE=1 python scripts/discover_arch_models.py --child ARCH OUT.json '{}'   # each load's answer
