@@ -19,6 +19,12 @@ measures) and decodes 8 tokens. Weights are zeros in a sparse file; the loader n
 The result, gpulab/sources/arch_models.json, is what write_arch_model writes for those architectures;
 those llama.cpp did not accept keep the first check they failed (docs/COVERAGE.md lists them).
 
+The committed file is the one the architecture matrix proved. Run over every architecture today, the script
+rewrites 14 of its entries (bert, deepseek2-ocr, ernie4_5, gemma4, glm-dsa, hy_v4, jamba, laguna, mellum, mistral4,
+nemotron_h_moe, paddleocr, phi3, step35: expert counts, gating and sliding-window keys, hy_v4's hyper-connection
+count), because later retries and guesses answer their loaders otherwise: name the architectures you mean to
+change, and rerun their matrix rows after.
+
     python scripts/discover_arch_models.py [arch ...]      # all by default: about 8 min on one core
     GPULAB_ARCH_MODELS_OUT=/tmp/x.json ...                 # somewhere else than the package's file
     GPULAB_DISCOVER_TRACE=1 python scripts/discover_arch_models.py --child ARCH OUT.json '{}'   # each load's answer
@@ -76,6 +82,7 @@ NO_FFN = "(accepted without an FFN)"
 SHAPES = "(block tensors' shapes)"
 ZERO_WIDTH = "(a shape with a zero dimension expected)"
 OPTIONAL_KEYS = "(the optional keys of the loader)"
+FA_OFF = "(a context with flash attention off)"
 
 # What to add when llama.cpp stops on a value it did not ask for by name (an assert, an abort): the
 # message it stops with, and the keys to write on the next try.
@@ -105,6 +112,14 @@ RETRIES = [
     # a reshape of Q that assumes as many KV heads as query heads (t5's n_embd_k_gqa-wide Q)
     ("ggml_nelements(a) == ne0*ne1*ne2)", {"attention.head_count_kv": 16}),
     ("a->ne[0] == b->ne[0]", {"attention.head_count_kv": 16}),     # ... or a product of them (minicpm3)
+    # ... but deepseek4's raw (uncompressed) cache holds one MQA head (deepseek4.cpp build_attention_impl reshapes
+    # its KV to [n_embd_head, 1, n_tokens]; V is K), 128 wide with 64 RoPE dims (DeepSeek-V4: 512, 64), and must
+    # come after the line above: the later retry's value wins
+    ("build_raw_attention", {"attention.head_count_kv": 1, "attention.key_length": 128,
+                             "attention.value_length": 128}),
+    # rwkv6's time mix repeats K and V per KV head unless n_head_kv is 0 or n_embd / head_size: its converter
+    # (convert_hf_to_gguf.py Rwkv6Model) writes head_count 0, "required by llama.cpp, unused"
+    ("ggml_nelements(a) == ne0*ne1*ne2*ne3", {"attention.head_count": 0, "attention.head_count_kv": 0}),
     ("expects sqrtsoftplus MoE scoring", {"expert_gating_func": 4}),  # LLAMA_EXPERT_GATING_FUNC_TYPE_SQRT_SOFTPLUS
     # accepted without any FFN, because every FFN tensor of the loader is optional (mimo2, step35, hy_v3):
     # real checkpoints have one, so the optional tensors are written too
@@ -130,7 +145,10 @@ RETRIES = [
 
 # ... and when those are spent and llama.cpp still makes no context: a graph that reads a value the loader took as
 # optional (afmoe builds the sliding-window inputs whether or not attention.sliding_window was given)
-LAST_RETRIES = [("exit -11", {OPTIONAL_KEYS: True})]
+LAST_RETRIES = [("exit -11", {OPTIONAL_KEYS: True}),
+                # ... or a graph llama.cpp cannot build with flash attention, whatever the values (plm.cpp gives
+                # build_attn a 2-D V, which llama_kv_cache::cpy_v reads as n_tokens heads): the context without it
+                ("a->ne[0] == b->ne[0]", {FA_OFF: True})]
 
 
 @functools.cache
@@ -168,6 +186,14 @@ def optional_tensors(arch: str) -> list[str]:
     for m in re.finditer(r"create_tensor\(tn\((LLM_TENSOR_\w+),\s*\"(\w+)\"([^;]*);", arch_source(arch)):
         if "TENSOR_NOT_REQUIRED" in m.group(3) and m.group(1) in names and "rope_factors" not in names[m.group(1)]:
             out.append(f"{names[m.group(1)]}.{m.group(2)}")
+    # ... a block tensor named without a suffix (hy_v3's router bias: tn(LLM_TENSOR_FFN_EXP_PROBS_B, i))
+    for m in re.finditer(r"create_tensor\(tn\((LLM_TENSOR_\w+),\s*\w+\)([^;]*);", arch_source(arch)):
+        if "TENSOR_NOT_REQUIRED" in m.group(2) and "%d" in names.get(m.group(1), ""):
+            out.append(names[m.group(1)])
+    # ... and the experts' gate and up where create_tensor_gate_up_exps takes them as optional (hy_v3): separate,
+    # as converters write them (llama-model.cpp: the fused gate_up is read first, then these)
+    if re.search(r"create_tensor_gate_up_exps\([^;]*TENSOR_NOT_REQUIRED", arch_source(arch)):
+        out += [f"{names['LLM_TENSOR_FFN_GATE_EXPS']}.weight", f"{names['LLM_TENSOR_FFN_UP_EXPS']}.weight"]
     return list(dict.fromkeys(out))
 
 
@@ -278,7 +304,7 @@ def child(arch: str, out: Path, extra: dict) -> None:
     kv: dict[str, object] = {f"{arch}.{k}": v for k, v in BASE.items()}
     kv.update(seeds(arch))
     kv.update({k if k.startswith("tokenizer.") else f"{arch}.{k}": v for k, v in extra.items()
-               if k not in (QKV, OPTIONAL, SHAPES, OPTIONAL_KEYS)})
+               if k not in (QKV, OPTIONAL, SHAPES, OPTIONAL_KEYS, FA_OFF)})
     types: dict[str, str] = {}
     tensors: dict[str, tuple[tuple[int, ...], bool]] = {}   # name -> (ggml shape, asked for by the loader)
     n_layer = BASE["block_count"]
@@ -308,7 +334,7 @@ def child(arch: str, out: Path, extra: dict) -> None:
             if model:
                 result = {"kv": kv, "types": types,
                           "tensors": [[n, list(s)] for n, (s, _) in tensors.items()]}
-                _decode(lc, model, out, result)
+                _decode(lc, model, out, result, flash_attn=not extra.get(FA_OFF))
                 lc.llama_model_free(model)
                 break
             m = re.search(r"error loading model: (.*)", log) or re.search(r"error: (.*)", log)
@@ -342,6 +368,11 @@ def child(arch: str, out: Path, extra: dict) -> None:
                 tensors[name] = (_BOGUS, False)
                 if b := re.match(r"blk\.(\d+)\.(.*)", name):       # the same tensor in every block
                     for i in range(n_layer + int(kv.get(f"{arch}.nextn_predict_layers", 0) or 0)):
+                        # ... but a fused QKV only where the loader asks for it: a hybrid's attention layers
+                        # take a fused one in place of the separate Q, K and V their graph reads (qwen4exp)
+                        if extra.get(QKV) and b.group(2).startswith("attn_qkv.") and \
+                                f"blk.{i}.attn_q.weight" in tensors:
+                            continue
                         tensors.setdefault(f"blk.{i}.{b.group(2)}", (_BOGUS, False))
             elif m := re.search(r"tensor '([^']+)' has wrong shape; expected ([\d, ]+), got", log):
                 shape = tuple(int(x) for x in m.group(2).split(","))
@@ -366,13 +397,16 @@ def child(arch: str, out: Path, extra: dict) -> None:
     out.write_text(json.dumps(result))
 
 
-def _decode(lc, model, out: Path, result: dict) -> None:
+def _decode(lc, model, out: Path, result: dict, flash_attn: bool = True) -> None:
     """Create a context (what the matrix measures: llama.cpp reserves its graphs there), then decode
     8 tokens (after encoding them, for an encoder-decoder). Each outcome is written before the next
     step: an abort kills the child, and the parent says which step it was."""
     import ctypes
     cp = lc.llama_context_default_params()
     cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_threads, cp.n_threads_batch = 512, 64, 64, 1, 1
+    if not flash_attn:       # (the default is auto: on where the devices support it)
+        cp.flash_attn_type = 0       # LLAMA_FLASH_ATTN_TYPE_DISABLED
+        result["flash_attn"] = "off"
     result["context"] = "aborted"
     out.write_text(json.dumps(result))
     from gpulab.runtime.logcapture import LogCapture
@@ -418,11 +452,23 @@ def _run_child(arch: str, extra: dict) -> dict:
                    or re.search(r"\.(cpp|c):\d+: ", x)]         # ggml_abort: file:line: message
             tail = ((why or lines or [f"exit {p.returncode}"])[-1]).strip()
             tail = re.sub(r"^\S*/vendor/llama\.cpp/", "", tail)     # the build's temporary path says nothing
+            # the graph function ggml_abort's backtrace (gdb's, on stdout) names: where a row width went wrong
+            if frame := re.search(r" in (llama_model_\w+::graph::\w+)\(", p.stdout + p.stderr):
+                tail += f" in {frame.group(1)}"
             if not got:
                 got = {"error": f"llama.cpp aborted: {tail}"}
             else:
                 got = {k: (f"aborted: {tail}" if v == "aborted" else v) for k, v in got.items()}
         return got
+
+
+def retry(said: str, extra: dict, context: bool) -> dict:
+    """The keys to add for the next try, from what the last one `said` (RETRIES, a later match winning; then
+    LAST_RETRIES where they are spent and llama.cpp made no context)."""
+    more = {k: v for pattern, keys in RETRIES if pattern in said for k, v in keys.items() if k not in extra}
+    if not more and not context:
+        more = {k: v for pattern, keys in LAST_RETRIES if pattern in said for k, v in keys.items() if k not in extra}
+    return more
 
 
 def main(argv: list[str]) -> int:
@@ -446,10 +492,7 @@ def main(argv: list[str]) -> int:
                 said += " " + NO_FFN
             if got.get("context") == "ok" and NO_FFN not in said:      # (a model without its FFN is no fallback)
                 built = got
-            more = {k: v for pattern, keys in RETRIES if pattern in said for k, v in keys.items() if k not in extra}
-            if not more and got.get("context") != "ok":
-                more = {k: v for pattern, keys in LAST_RETRIES if pattern in said for k, v in keys.items()
-                        if k not in extra}
+            more = retry(said, extra, got.get("context") == "ok")
             if TRACE:
                 print(f"{arch}: {said[:300]} -> {more}", file=sys.stderr, flush=True)
             if not more or (got.get("context") == "ok" and got.get("decode") == "ok" and NO_FFN not in said):

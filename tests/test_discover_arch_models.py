@@ -62,3 +62,56 @@ def test_a_width_the_loader_reads_from_the_file_is_answered_with_its_shape(disco
     retry = [keys[discover.SHAPES] for pattern, keys in discover.RETRIES
              if discover.SHAPES in keys and pattern in source]
     assert retry == [{tensor: shape}]
+
+
+def _said(discover, arch: str, assert_text: str, where: str) -> str:
+    """What the parent reads from a child that aborted making the context: ggml's assert, and the graph function
+    its backtrace names (both checked to be in the vendored source first)."""
+    ggml = (discover.llama_src() / "ggml" / "src" / "ggml.c").read_text()
+    assert f"GGML_ASSERT({assert_text})" in ggml
+    assert where.rsplit("::", 1)[1] in discover.arch_source(arch)
+    return f"aborted: ggml/src/ggml.c:1: GGML_ASSERT({assert_text}) failed in {where}"
+
+
+def test_rwkv6_is_written_without_attention_heads_as_its_converter_does(discover):
+    # rwkv6-base.cpp repeats K per KV head unless n_head_kv is 0 (or n_embd / head_size): with the base
+    # file's 4 KV heads the 4-D reshape of K aborts
+    assert "ggml_reshape_4d(ctx0, k, head_size, 1, n_head_kv, n_tokens)" in discover._source("models/rwkv6-base.cpp")
+    said = _said(discover, "rwkv6", "ggml_nelements(a) == ne0*ne1*ne2*ne3", "llama_model_rwkv6::graph::graph")
+    assert discover.retry(said, {}, False) == {"attention.head_count": 0, "attention.head_count_kv": 0}
+
+
+def test_deepseek4_raw_cache_holds_one_mqa_head(discover):
+    # build_raw_attention stores a [n_embd_head, 1, n_tokens] KV: one KV head, whatever the other ggml_set_rows
+    # abort's answer (16, minicpm3's) says; the head keeps 64 of its 128 values unrotated
+    said = _said(discover, "deepseek4", "a->ne[0] == b->ne[0]", "llama_model_deepseek4::graph::build_raw_attention")
+    assert discover.retry(said, {}, False) == {"attention.head_count_kv": 1, "attention.key_length": 128,
+                                               "attention.value_length": 128}
+    minicpm3 = said.replace("llama_model_deepseek4::graph::build_raw_attention", "llama_model_minicpm3::graph::graph")
+    assert discover.retry(minicpm3, {}, False) == {"attention.head_count_kv": 16}
+
+
+def test_plm_context_is_made_with_flash_attention_off(discover):
+    # plm.cpp gives build_attn a 2-D V: with flash attention llama_kv_cache::cpy_v reads it as n_tokens heads,
+    # whatever the heads; once the head-count retry is spent, the context is made without flash attention
+    said = _said(discover, "plm", "a->ne[0] == b->ne[0]", "llama_model_plm::graph::graph")
+    assert discover.retry(said, {"attention.head_count_kv": 16}, False) == {discover.FA_OFF: True}
+    assert discover.retry(said, {"attention.head_count_kv": 16}, True) == {}    # (a context: nothing to retry)
+
+
+def test_hy_v3_optional_experts_and_router_bias_are_written(discover):
+    # hy-v3.cpp: create_tensor_gate_up_exps(..., TENSOR_NOT_REQUIRED) and tn(LLM_TENSOR_FFN_EXP_PROBS_B, i)
+    # (no suffix); without them the loader counts 117 tensors in the file and creates 99
+    assert {"blk.%d.ffn_gate_exps.weight", "blk.%d.ffn_up_exps.weight", "blk.%d.exp_probs_b"} <= set(
+        discover.optional_tensors("hy_v3"))
+
+
+def test_qwen4exp_attention_layers_keep_separate_q_k_v():
+    # qwen4exp's graph reads wq/wk/wv on its attention layers (build_layer_attn) though create_tensor_qkv takes a
+    # fused QKV first: the linear layers' fused QKV is not copied to them (a null wq segfaulted the context)
+    import json
+    entry = json.loads((REPO / "gpulab" / "sources" / "arch_models.json").read_text())["qwen4exp"]
+    names = {n for n, _ in entry["tensors"]}
+    assert entry["context"] == "ok"
+    assert {"blk.3.attn_q.weight", "blk.3.attn_k.weight", "blk.3.attn_v.weight"} <= names
+    assert "blk.3.attn_qkv.weight" not in names and "blk.2.attn_qkv.weight" in names

@@ -404,7 +404,10 @@ _F32_TENSORS = ("ffn_gate_inp", "exp_probs_b", "ssm_a", "ssm_d", "ssm_conv1d", "
 
 def tensor_type(name: str, shape: tuple[int, ...]) -> str:
     """The ggml type a generated tensor is written in: F16 for matrices, F32 for vectors and for the
-    tensors ggml's recurrent and routing ops read as F32 (ssm_conv, ssm_scan, rwkv_wkv, the router)."""
+    tensors ggml's recurrent and routing ops read as F32 (ssm_conv, ssm_scan, rwkv_wkv, the router), I32
+    for a table of expert ids."""
+    if "tid2eid" in name:      # deepseek4's hash routing: expert ids by token, read by ggml_get_rows as its rows
+        return "I32"
     if len([n for n in shape if n > 1]) <= 1 or any(k in name for k in _F32_TENSORS):
         return "F32"
     return "F16"
@@ -448,7 +451,7 @@ def arch_tensors(arch: str) -> list[_Tensor]:
 
 
 def _n_bytes(shape: tuple[int, ...], gtype: str) -> int:
-    return int(np.prod(shape)) * (4 if gtype == "F32" else 2)
+    return int(np.prod(shape)) * (4 if gtype in ("F32", "I32") else 2)
 
 
 def write_arch_model(path, arch: str) -> pathlib.Path:

@@ -63,7 +63,8 @@ _HYBRID_BY_INTERVAL = {"qwen3next": 4, "qwen35": 4, "qwen35moe": 4, "qwen4exp": 
 _MLA_ARCHS = frozenset({"deepseek2", "deepseek32", "dots3note", "glm-dsa", "glm5-next", "hy_v4", "kimi-k3",
                         "kimi-linear", "bailingmoe3", "mistral4"})
 # Archs with a lightning indexer's key cache beside the KV cache (_indexer_rows)
-_INDEXER_CACHE_ARCHS = frozenset({"deepseek32", "glm-dsa", "minimax-m3", "glm5-next", "dots3note", "hy_v4"})
+_INDEXER_CACHE_ARCHS = frozenset({"deepseek32", "glm-dsa", "minimax-m3", "glm5-next", "dots3note", "hy_v4",
+                                  "qwen4exp"})
 
 # Archs that add a layer past block_count (granite-switch.cpp: the adapter router's attention layer)
 _ROUTER_LAYER_ARCHS = frozenset({"graniteswitch"})
@@ -271,7 +272,9 @@ def _indexer_rows(arch: str, kv: dict, n_layer: int, n_main: int, recurrent: lis
     n_embd_head_k_swa: llama_kv_cache_dsa sets only n_embd_head_k_full of the indexer's hparams to
     indexer_head_size (src/llama-kv-cache-dsa.cpp). The indexer cache holds every cell (no window) whatever the
     layer's kind. hy_v4: none without an indexer (attention.indexer.top_k 0: llama_kv_cache), else
-    llama_kv_cache_dsa's for the layers attention.indexer.types marks full (none without it: hparams' default)."""
+    llama_kv_cache_dsa's for the layers attention.indexer.types marks full (none without it: hparams' default).
+    qwen4exp (llama_memory_hybrid_idx, its filter_idx in llama_model::create_memory): the trunk's attention layers,
+    each row the key (its loader reads no kpool)."""
     if arch not in _INDEXER_CACHE_ARCHS:
         return [0] * n_layer
     row = _count(kv, f"{arch}.attention.indexer.key_length", 0, fail)
@@ -283,6 +286,8 @@ def _indexer_rows(arch: str, kv: dict, n_layer: int, n_main: int, recurrent: lis
     if arch == "minimax-m3":
         lead = _count(kv, f"{arch}.leading_dense_block_count", 0, fail)
         return [row if il >= lead else 0 for il in range(n_layer)]
+    if arch == "qwen4exp":
+        return [row if il < n_main and not recurrent[il] else 0 for il in range(n_layer)]
     full = [1] * n_layer
     if arch == "glm-dsa" and _count(kv, f"{arch}.context_length", 0, fail) >= 1048576:
         full = [int(il < 2 or (il - 2) % 4 == 0) if il < 78 else 0 for il in range(n_layer)]

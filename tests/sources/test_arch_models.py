@@ -39,12 +39,38 @@ def test_mla_refuses_different_k_and_v_types_as_llama_cpp_does(models):
         plan(models["deepseek2"], parse_sim_spec("24GiB"), SplitConfig(type_k="q8_0"))
 
 
+def test_deepseek4_refuses_different_k_and_v_types_as_llama_cpp_does(models):
+    # llama_init_from_model: "model does not support different K (q8_0) and V (f16) cache types"
+    with pytest.raises(ConfigError, match="different K \\(q8_0\\) and V \\(f16\\)"):
+        plan(models["deepseek4"], parse_sim_spec("24GiB"), SplitConfig(type_k="q8_0", flash_attn="off"))
+
+
+@pytest.mark.parametrize("flash_attn", ["on", "auto"])
+def test_plm_refuses_flash_attention_where_llama_cpp_aborts(models, flash_attn):
+    # llama.cpp aborts making the context (GGML_ASSERT(a->ne[0] == b->ne[0]) in ggml_set_rows from build_attn)
+    with pytest.raises(ConfigError, match="use -fa off"):
+        plan(models["plm"], parse_sim_spec("24GiB"), SplitConfig(flash_attn=flash_attn))
+    # with it off: K 192 and V 128 per head, 16 KV heads, 6 layers, 1024 cells (llama.cpp logs 60.00 MiB)
+    p = plan(models["plm"], parse_sim_spec("24GiB"), SplitConfig(n_ctx=1024, flash_attn="off"))
+    assert p.device("SIM0").kv_bytes == 6 * 1024 * 16 * (192 + 128) * 2 == 60 * MiB
+
+
+def test_expert_id_tables_are_written_as_i32():
+    # deepseek4's hash routing reads ffn_gate_tid2eid with ggml_get_rows as expert ids: ggml asserts I32
+    from gpulab.sources.arch_models import tensor_type
+    assert tensor_type("blk.0.ffn_gate_tid2eid.weight", (2, 8192)) == "I32"
+    assert tensor_type("blk.0.ffn_gate_inp.weight", (1024, 8)) == "F32"
+
+
 @pytest.mark.parametrize("arch,expected", [
     # MLA: 6 trunk layers x 1024 cells x (K 320 + indexer K 64) f16 (llama.cpp logs 4.50 MiB, -sm none)
     ("deepseek32", 6 * 1024 * (320 + 64) * 2),
     ("glm-dsa", 6 * 1024 * (320 + 64) * 2),
     # K and V 256 on 6 layers, and the indexer's K 64 and V 64 on the 5 after the leading dense one (7.25 MiB)
     ("minimax-m3", 1024 * (6 * (256 + 256) + 5 * (64 + 64)) * 2),
+    # llama_memory_hybrid_idx: K and V 256 on the one attention layer of 6 (full_attention_interval 4), the
+    # indexer's K 64 there and no V (llama.cpp logs 1.12 MiB on the device that holds it)
+    ("qwen4exp", 1024 * (256 + 256 + 64) * 2),
 ])
 def test_indexer_key_cache_is_counted_beside_the_kv_cache(models, arch, expected):
     p = plan(models[arch], parse_sim_spec("24GiB"), SplitConfig(n_ctx=1024, flash_attn="on"))

@@ -108,8 +108,8 @@ COMPUTE_EXACT = frozenset({"llama", "qwen2", "qwen3", "mistral3", "granite", "in
 # Architectures whose memory is not llama_kv_cache / llama_memory_recurrent as gpulab sizes them
 # (llama_model::create_memory, src/llama-model.cpp): the DSV4 compressed cache, KDA/linear-attention
 # states gpulab sizes from the formula but has not run. (The lightning indexers' key caches of
-# deepseek32, glm-dsa, minimax-m3, glm5-next, dots3note and hy_v4 are counted: LayerProfile.n_embd_k_idx; hy_v4's
-# cache is llama_kv_cache or llama_kv_cache_dsa, not the DSV4 one: create_memory, src/llama-model.cpp.)
+# deepseek32, glm-dsa, minimax-m3, glm5-next, dots3note, hy_v4 and qwen4exp are counted: LayerProfile.n_embd_k_idx;
+# hy_v4's cache is llama_kv_cache or llama_kv_cache_dsa, not the DSV4 one: create_memory, src/llama-model.cpp.)
 CACHE_NOT_MODELLED = {
     "deepseek4": "the DSV4 compressed KV cache (llama_kv_cache_dsv4) is not modelled",
 }

@@ -181,7 +181,9 @@ def kv_cell_bytes(profile: ModelProfile, config: SplitConfig, indexer: bool = Fa
     when V is transposed (no flash attention), padded to the widest V row (n_embd_v_gqa_max);
     MLA caches K only (has_v = !is_mla): its K row is key_length (kv_lora_rank + the RoPE part).
     An indexer cache (llama_kv_cache_dsa and _msa ctors) is one more llama_kv_cache of the same types and
-    cells, with one KV head: K indexer_head_size, V n_embd_head_v where the model has V. `indexer`: that part only.
+    cells, with one KV head: K indexer_head_size, V n_embd_head_v where the model has V; llama_memory_hybrid_idx's
+    (glm5-next, qwen4exp) is K only ("fool llama_kv_cache into thinking this is a MLA cache"). `indexer`: that
+    part only.
     """
     v_trans = not _flash_attn_on(config)
     key = (config.type_k, config.type_v, v_trans, indexer)
@@ -189,6 +191,7 @@ def kv_cell_bytes(profile: ModelProfile, config: SplitConfig, indexer: bool = Fa
     if hit is not None and hit[0]() is profile and key in hit[1]:
         return hit[1][key]
     by_shape: dict[tuple[int, int, int, int], int] = {}
+    idx_v = profile.arch not in _IDX_K_ONLY_ARCHS
     out = []
     for layer in profile.layers:
         if not layer.has_kv:
@@ -196,7 +199,7 @@ def kv_cell_bytes(profile: ModelProfile, config: SplitConfig, indexer: bool = Fa
             continue
         shape = (0 if indexer else layer.n_embd_k_gqa, 0 if not layer.has_v or indexer else
                  profile.max_n_embd_v_gqa if v_trans else layer.n_embd_v_gqa,
-                 layer.n_embd_k_idx, layer.n_embd_head_v if layer.n_embd_k_idx and layer.has_v else 0)
+                 layer.n_embd_k_idx, layer.n_embd_head_v if layer.n_embd_k_idx and layer.has_v and idx_v else 0)
         b = by_shape.get(shape)
         if b is None:
             b = by_shape[shape] = sum(row_bytes(t, n) for t, n in zip((config.type_k, config.type_v) * 2, shape))
@@ -209,6 +212,8 @@ def kv_cell_bytes(profile: ModelProfile, config: SplitConfig, indexer: bool = Fa
 
 
 _KV_BYTES: dict[int, tuple] = {}
+# The archs whose indexer cache is llama_memory_hybrid_idx's (src/llama-memory-hybrid-idx.cpp): no V rows
+_IDX_K_ONLY_ARCHS = frozenset({"glm5-next", "qwen4exp"})
 
 _STATE_ELT = 4   # create_memory: recurrent_type_r and recurrent_type_s are GGML_TYPE_F32
 
@@ -225,6 +230,8 @@ def state_bytes_per_layer(profile: ModelProfile, config: SplitConfig) -> tuple[i
 
 
 _FLASH_ATTN_FORCED_OFF = frozenset({"grok"})
+# Archs whose graph llama.cpp cannot build with flash attention on (or auto): the context aborts
+_FLASH_ATTN_ABORTS = frozenset({"plm"})
 
 
 def _flash_attn_on(config: SplitConfig) -> bool:
@@ -240,10 +247,18 @@ def plan(profile: ModelProfile, devices: list[Device], config: SplitConfig | Non
     system memory (None: unknown, then the host row has 0 free and is never "over-full").
     """
     config = (config or SplitConfig()).with_ctx(profile.n_ctx_train)   # -c 0: the training context
-    if config.type_k != config.type_v and any(layer.has_kv and not layer.has_v for layer in profile.layers):
-        # llama_init_from_model (src/llama-context.cpp): MLA keeps one cache; it refuses the load
-        raise ConfigError(f"{profile.arch} uses MLA, and llama.cpp refuses different K ({config.type_k}) and "
-                          f"V ({config.type_v}) cache types for it; give -ctk and -ctv the same type")
+    if config.type_k != config.type_v and (profile.arch == "deepseek4" or any(
+            layer.has_kv and not layer.has_v for layer in profile.layers)):
+        # llama_init_from_model (src/llama-context.cpp): MLA, and DeepSeek-V4's K-only caches
+        # (llama_kv_cache_dsv4), keep one cache; it refuses the load
+        raise ConfigError(f"{profile.arch} keeps K alone (MLA), and llama.cpp refuses different K ({config.type_k}) "
+                          f"and V ({config.type_v}) cache types for it; give -ctk and -ctv the same type")
+    if profile.arch in _FLASH_ATTN_ABORTS and config.flash_attn != "off":
+        # llama_context's reserve (auto tries flash attention first) aborts: plm.cpp gives build_attn a 2-D V,
+        # which llama_kv_cache::cpy_v (src/llama-kv-cache.cpp) reads as n_tokens heads of one token when V is
+        # not transposed: GGML_ASSERT(a->ne[0] == b->ne[0]) in ggml_set_rows
+        raise ConfigError(f"llama.cpp aborts building {profile.arch}'s graph with flash attention "
+                          f"(flash_attn={config.flash_attn}); use -fa off")
     if profile.arch in _FLASH_ATTN_FORCED_OFF and config.flash_attn != "off":
         # llama_init_from_model (src/llama-context.cpp): "flash_attn is not compatible with Grok - forcing
         # off"; then a quantized V cache is refused
