@@ -107,16 +107,24 @@ def _kda(c: _Ctx, s_main: Tensor, s_extra: Tensor, cur: Tensor, il: int) -> Tens
     return g.op(4 * c.E * T, g.op(e_in, y), w=d)                         # wo(cont_2d)
 
 
-def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
-    g, T, E, p = c.g, c.T, c.E, c.p
-    md, arch = p.metadata, p.arch
+def _inputs(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Tensor, _Attn, _Mla, Tensor, Tensor]:
+    """What every KDA hybrid's graph starts with, in llama.cpp's order: the token ids, inp_embd (a text batch never
+    reads it, it is allocated), get_rows(token_embd) on the host, the KV cache's inputs (with MLA's) and the
+    recurrent state's copy indices (s_main, s_extra views). Returns (embeddings, attention, MLA, s_main, s_extra)."""
+    g, T, E = c.g, c.T, c.E
     tokens = g.inp(4 * T)
-    g.expand(g.inp(4 * E * T))               # inp_embd: a text batch never reads it, it is allocated
-    cur = g.expand(g.op(4 * E * T, tokens, w=HOST_NAME))              # get_rows(token_embd)
+    g.expand(g.inp(4 * E * T))
+    cur = g.expand(g.op(4 * E * T, tokens, w=HOST_NAME))
     attn = _Attn(c, fa, v_trans)
     mla = _Mla(c, attn, fa)
     s_copy = g.inp(4 * c.ns)
-    s_main, s_extra = g.view(s_copy, 4 * c.ns), g.view(s_copy, 0)
+    return cur, attn, mla, g.view(s_copy, 4 * c.ns), g.view(s_copy, 0)
+
+
+def _graph(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
+    g, T, E, p = c.g, c.T, c.E, c.p
+    md, arch = p.metadata, p.arch
+    cur, attn, mla, s_main, s_extra = _inputs(c, fa, v_trans)
     kimi = arch == "kimi-linear"
     pos = None if kimi else g.inp(4 * T)          # kimi-linear's MLA has no RoPE
     out_ids = g.inp(4 * c.T_out)
@@ -204,13 +212,7 @@ def _graph_k3(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
     SiTU; the shared expert's where the file has one), the rows gathered after the last mix."""
     g, T, E, p = c.g, c.T, c.E, c.p
     md = p.metadata
-    tokens = g.inp(4 * T)
-    g.expand(g.inp(4 * E * T))
-    cur = g.expand(g.op(4 * E * T, tokens, w=HOST_NAME))              # get_rows(token_embd)
-    attn = _Attn(c, fa, v_trans)
-    mla = _Mla(c, attn, fa)
-    s_copy = g.inp(4 * c.ns)
-    s_main, s_extra = g.view(s_copy, 4 * c.ns), g.view(s_copy, 0)
+    cur, attn, mla, s_main, s_extra = _inputs(c, fa, v_trans)
     out_ids = g.inp(4 * c.T_out)
     n_dense = int(md.get("kimi-k3.leading_dense_block_count", 0))
     block = int(md.get("kimi-k3.attn_res.block_size", 0))
@@ -375,13 +377,7 @@ def _graph_glm5(c: _Ctx, fa: bool, v_trans: bool) -> tuple[Graph, list]:
     g, T, E, p = c.g, c.T, c.E, c.p
     md = p.metadata
     hc = int(md["glm5-next.hyper_connection.count"])
-    tokens = g.inp(4 * T)
-    g.expand(g.inp(4 * E * T))
-    cur = g.expand(g.op(4 * E * T, tokens, w=HOST_NAME))              # get_rows(token_embd)
-    attn = _Attn(c, fa, v_trans)
-    mla = _Mla(c, attn, fa)
-    s_copy = g.inp(4 * c.ns)
-    s_main, s_extra = g.view(s_copy, 4 * c.ns), g.view(s_copy, 0)
+    cur, attn, mla, s_main, s_extra = _inputs(c, fa, v_trans)
     kp = _KPool(c, mla.n_kv)
     out_ids = g.inp(4 * c.T_out)
     n_dense = int(md.get("glm5-next.leading_dense_block_count", 0))

@@ -54,11 +54,7 @@ class Msa:
         ik = g.op(ik.size, c.norm(g.view(ik), il), pos, inplace=True)
         g.expand(g.set(d, g.view(ik), self.k_idxs_idx))                   # cpy_k into the indexer cache
         ik_kv = g.view(g.ext(d))
-        if kv.k_rot is not None:
-            q = g.view(g.op(q.size, kv.k_rot, g.view(q)))
-            k = g.view(g.op(k.size, kv.k_rot, g.view(k)))
-        if kv.v_rot is not None:
-            v = g.view(g.op(v.size, kv.v_rot, g.view(v)))
+        q, k, v = kv.rotate(g, q, k, v)
         g.expand(q)
         g.expand(k)
         g.expand(v)

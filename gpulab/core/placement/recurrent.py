@@ -556,6 +556,16 @@ class _Cache:
         self.k_rot = g.inp(4 * nrot * nrot) if quant_k and len(hk) == 1 and next(iter(hk)) % 64 == 0 else None
         self.v_rot = g.inp(4 * 64 * 64) if quant_v and len(hv) == 1 and next(iter(hv)) % 64 == 0 else None
 
+    def rotate(self, g: Graph, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """build_attn's rotations of a quantized cache before the cache writes: Q and K by k_rot, V by v_rot
+        (each a product of a reshaped view, viewed back)."""
+        if self.k_rot is not None:
+            q = g.view(g.op(q.size, self.k_rot, g.view(q)))
+            k = g.view(g.op(k.size, self.k_rot, g.view(k)))
+        if self.v_rot is not None:
+            v = g.view(g.op(v.size, self.v_rot, g.view(v)))
+        return q, k, v
+
 
 class _Attn:
     """The inputs of the KV cache (llm_graph_input_attn_kv, or _iswa: a full and a sliding-window cache) and
@@ -631,11 +641,7 @@ class _Attn:
         hd, n_head, n_kv_head = layer.n_embd_head_k, layer.n_head, layer.n_head_kv
         hv = layer.n_embd_head_v          # the attention output's head size (minicpm3: V narrower than K)
         kv = self.caches[self.swa[il]]
-        if kv.k_rot is not None:
-            q = g.view(g.op(q.size, kv.k_rot, g.view(q)))
-            k = g.view(g.op(k.size, kv.k_rot, g.view(k)))
-        if kv.v_rot is not None:
-            v = g.view(g.op(v.size, kv.v_rot, g.view(v)))
+        q, k, v = kv.rotate(g, q, k, v)
         g.expand(q)
         g.expand(v)
         g.expand(k)
